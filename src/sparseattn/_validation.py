@@ -1,0 +1,124 @@
+"""Input validation shared by every public entry point.
+
+One error format everywhere::
+
+    <function>: <argument> <problem>; expected <X>, got <Y>
+
+``ValueError`` for bad shapes, dtypes, devices or values; ``NotImplementedError`` is raised by the
+dispatchers for valid but unsupported combinations. Nothing here uses ``assert``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sparseattn.layout.block_layout import BlockLayout
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def fail(func: str, arg: str, problem: str, expected: Any, got: Any) -> ValueError:
+    """Build the project's standard ``ValueError`` (returned, so callers write ``raise fail(...)``)."""
+    return ValueError(f"{func}: {arg} {problem}; expected {expected}, got {got}")
+
+
+def check_positive_int(func: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise fail(func, name, "must be a positive integer", "an int > 0", repr(value))
+    return value
+
+
+def check_nonneg_int(func: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise fail(func, name, "must be a non-negative integer", "an int >= 0", repr(value))
+    return value
+
+
+def check_fraction(func: str, name: str, value: Any, *, low_open: bool = False) -> float:
+    """Check a number in [0, 1] (or (0, 1] with ``low_open``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise fail(func, name, "must be a number", "a float in [0, 1]", repr(value))
+    v = float(value)
+    if not (0.0 <= v <= 1.0) or (low_open and v == 0.0) or v != v:
+        rng = "(0, 1]" if low_open else "[0, 1]"
+        raise fail(func, name, "is out of range", f"a float in {rng}", repr(value))
+    return v
+
+
+def check_tensor(func: str, name: str, t: Any, *, ndim: int | None = None, shape_desc: str = "") -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise fail(func, name, "must be a torch.Tensor", "torch.Tensor", type(t).__name__)
+    if ndim is not None and t.dim() != ndim:
+        raise fail(func, name, "has the wrong rank", f"{ndim} dims {shape_desc}".strip(), f"{name}.shape={tuple(t.shape)}")
+    return t
+
+
+def check_qkv(
+    func: str,
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    allowed_dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES,
+) -> tuple[int, int, int, int, int, int]:
+    """Validate attention inputs in (B, H, N, D) layout.
+
+    Returns:
+        ``(B, H, H_kv, N_q, N_kv, D)``.
+
+    Raises:
+        ValueError: wrong type/rank, mismatched batch/head_dim/length, ``H % H_kv != 0``,
+            non-float or mixed dtypes, mixed devices, empty dimensions.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(func, name, t, ndim=4, shape_desc="(B, H, N, D)")
+        if t.dtype not in allowed_dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in allowed_dtypes)
+            raise fail(func, f"{name}.dtype", "is not supported", f"one of {names}", str(t.dtype).replace("torch.", ""))
+    if not (q.dtype == k.dtype == v.dtype):
+        raise fail(func, "q/k/v dtypes", "must all be equal", "one dtype", f"q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise fail(func, "q/k/v devices", "must all be equal", "one device", f"q={q.device}, k={k.device}, v={v.device}")
+    B, H, Nq, D = q.shape
+    Bk, Hkv, Nkv, Dk = k.shape
+    if tuple(v.shape) != tuple(k.shape):
+        raise fail(func, "v", "must have the same shape as k", f"v.shape={tuple(k.shape)}", f"v.shape={tuple(v.shape)}")
+    if Bk != B:
+        raise fail(func, "k", "batch size differs from q", f"k.shape[0]={B}", f"k.shape[0]={Bk}")
+    if Dk != D:
+        raise fail(func, "k", "head_dim differs from q", f"k.shape[3]={D}", f"k.shape[3]={Dk}")
+    if min(B, H, Nq, D, Hkv, Nkv) <= 0:
+        raise fail(func, "q/k", "has an empty dimension", "all dims > 0", f"q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
+    if H % Hkv != 0:
+        raise fail(func, "k", "heads must divide q heads (GQA)", f"H % H_kv == 0 with H={H}", f"H_kv={Hkv}")
+    return B, H, Hkv, Nq, Nkv, D
+
+
+def check_scale(func: str, scale: Any) -> float | None:
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (float(scale) > 0) or scale != scale:
+        raise fail(func, "scale", "must be a positive finite number or None", "float > 0", repr(scale))
+    return float(scale)
+
+
+def check_layout_for(
+    func: str, layout: "BlockLayout", B: int, H: int, Nq: int, Nkv: int, device: torch.device | None = None
+) -> None:
+    """Check that ``layout`` was built for these shapes (never broadcast silently)."""
+    from sparseattn.layout.block_layout import BlockLayout
+
+    if not isinstance(layout, BlockLayout):
+        raise fail(func, "layout", "must be a BlockLayout", "BlockLayout", type(layout).__name__)
+    if (layout.seqlen_q, layout.seqlen_kv) != (Nq, Nkv):
+        raise fail(
+            func, "layout", "was built for other sequence lengths",
+            f"seqlen_q={Nq}, seqlen_kv={Nkv}", f"seqlen_q={layout.seqlen_q}, seqlen_kv={layout.seqlen_kv}",
+        )
+    if (layout.batch, layout.heads) != (B, H):
+        raise fail(func, "layout", "was built for another batch/head count", f"(B, H)=({B}, {H})", f"({layout.batch}, {layout.heads})")
+    if device is not None and layout.kv_indices.device.type != torch.device(device).type:
+        raise fail(func, "layout", "is on another device than q", str(device), str(layout.kv_indices.device))

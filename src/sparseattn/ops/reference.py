@@ -1,0 +1,190 @@
+"""Pure-PyTorch reference attention: the ground truth every kernel is compared with.
+
+Blockwise online softmax over key chunks, so memory stays ``O(N_q · chunk)`` per head even at long
+lengths (never an ``N_q × N_kv`` matrix). Runs on CPU and GPU, in float64 when given float64.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+
+from sparseattn._validation import check_layout_for, check_positive_int, check_qkv, check_scale, fail
+from sparseattn.layout.block_layout import BlockLayout
+
+__all__ = ["AttentionState", "reference_attention", "sdpa_reference"]
+
+
+class AttentionState(NamedTuple):
+    """Attention output and its natural-log logsumexp.
+
+    Shapes:
+        out: ``(B, H, N_q, D)`` in the input dtype.
+        lse: ``(B, H, N_q)`` float32 (float64 for float64 inputs), natural-log
+            ``logsumexp(scale * q·k)`` over the attended keys; ``-inf`` for rows that attend nothing.
+    """
+
+    out: torch.Tensor
+    lse: torch.Tensor
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    layout: BlockLayout | None = None,
+    scale: float | None = None,
+    chunk_size: int = 256,
+    upcast: bool = True,
+    pv_threshold: float | None = None,
+    stats: dict[str, Any] | None = None,
+) -> AttentionState:
+    """Dense or block-sparse attention, computed blockwise in PyTorch.
+
+    Args:
+        q: ``(B, H, N_q, D)``.
+        k: ``(B, H_kv, N_kv, D)`` with ``H % H_kv == 0`` (GQA, never copied per head).
+        v: same shape as ``k``.
+        causal: bottom-right aligned causal mask: query ``i`` sees keys ``<= i + N_kv - N_q``.
+        layout: restrict attention to the layout's selected blocks (``None`` = dense).
+        scale: softmax scale, default ``D ** -0.5``.
+        chunk_size: keys per step when ``layout`` is None (with a layout the step is ``block_n``).
+        upcast: compute in float32 (float64 for float64 inputs). ``False`` keeps the matmul operands
+            in the input dtype, like a kernel does; used as the "same dtype" yardstick of the ratio
+            rule in parity tests.
+        pv_threshold: softmax-aware skip. For each (query block, key block) tile visited in ascending
+            key order, if every row ``r`` of the tile has ``max_c s[r, c] - m_new[r] < -pv_threshold``
+            (``s`` = scaled natural-log scores, ``m_new`` = running row maximum including this tile),
+            the tile's ``P·V`` product is skipped; its probability mass still enters the row sum, so
+            ``lse`` stays exact. Requires ``layout`` (tiles are the layout's blocks). The Triton
+            kernel implements the identical rule.
+        stats: optional dict filled with ``visited_tiles`` and ``pv_skipped_tiles`` (int).
+
+    Returns:
+        ``AttentionState(out, lse)`` — ``lse`` is the natural-log logsumexp, float32 (float64 for
+        float64 inputs). Rows with no attended key: ``out = 0``, ``lse = -inf``.
+
+    Shapes:
+        q ``(B, H, N_q, D)``, k/v ``(B, H_kv, N_kv, D)`` → out ``(B, H, N_q, D)``, lse ``(B, H, N_q)``.
+    """
+    fn = "reference_attention"
+    B, H, Hkv, Nq, Nkv, D = check_qkv(fn, q, k, v)
+    scale = check_scale(fn, scale)
+    if scale is None:
+        scale = D ** -0.5
+    if not isinstance(causal, bool):
+        raise fail(fn, "causal", "must be a bool", "True or False", repr(causal))
+    check_positive_int(fn, "chunk_size", chunk_size)
+    if layout is not None:
+        check_layout_for(fn, layout, B, H, Nq, Nkv, q.device)
+    if pv_threshold is not None:
+        if layout is None:
+            raise fail(fn, "pv_threshold", "needs a layout (its tiles are the layout's blocks)", "layout=BlockLayout", "layout=None")
+        if isinstance(pv_threshold, bool) or not isinstance(pv_threshold, (int, float)) or not pv_threshold > 0:
+            raise fail(fn, "pv_threshold", "must be a positive number", "float > 0", repr(pv_threshold))
+
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    mm_dtype = acc_dtype if upcast else q.dtype
+    G = H // Hkv
+    dev = q.device
+    qf = q.to(mm_dtype).reshape(B, Hkv, G, Nq, D)
+    kf = k.to(mm_dtype)
+    vf = v.to(mm_dtype)
+
+    m = torch.full((B, Hkv, G, Nq), -math.inf, dtype=acc_dtype, device=dev)
+    l = torch.zeros((B, Hkv, G, Nq), dtype=acc_dtype, device=dev)
+    acc = torch.zeros((B, Hkv, G, Nq, D), dtype=acc_dtype, device=dev)
+    rows = torch.arange(Nq, device=dev)
+    off = Nkv - Nq
+
+    if layout is not None:
+        step = layout.block_n
+        block_mask = layout.to_dense_mask()  # [B, H, Mb, Nb]
+        row_block = rows // layout.block_m
+    else:
+        step = chunk_size
+        block_mask = None
+        row_block = None
+    visited = skipped = 0
+
+    for start in range(0, Nkv, step):
+        stop = min(start + step, Nkv)
+        cols = torch.arange(start, stop, device=dev)
+        allowed = None  # broadcastable to [B, Hkv, G, Nq, C]
+        if block_mask is not None:
+            sel = block_mask[:, :, :, start // step]  # [B, H, Mb]
+            if not bool(sel.any()):
+                continue
+            allowed = sel[:, :, row_block].reshape(B, Hkv, G, Nq, 1)
+        if causal:
+            cm = cols[None, :] <= rows[:, None] + off  # [Nq, C]
+            if not bool(cm.any()):
+                continue
+            allowed = cm if allowed is None else (allowed & cm)
+        s = torch.einsum("bhgnd,bhcd->bhgnc", qf, kf[:, :, start:stop]).to(acc_dtype) * scale
+        if allowed is not None:
+            s = s.masked_fill(~allowed, -math.inf)
+        m_new = torch.maximum(m, s.amax(-1))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        p = torch.exp(s - m_safe.unsqueeze(-1))
+        alpha = torch.exp(m - m_safe)
+        l = l * alpha + p.sum(-1)
+        acc = acc * alpha.unsqueeze(-1)
+        if pv_threshold is not None:
+            # per (query block) tile: skip P·V if every row's tile max is far below its running max
+            Mb = layout.num_q_blocks  # type: ignore[union-attr]
+            tile_gap = s.amax(-1) - m_safe  # [B, Hkv, G, Nq]; -inf for fully masked rows
+            pad = Mb * layout.block_m - Nq  # type: ignore[union-attr]
+            gap = torch.nn.functional.pad(tile_gap, (0, pad), value=-math.inf).reshape(B, Hkv, G, Mb, -1)
+            skip_tile = (gap < -float(pv_threshold)).all(-1)  # [B, Hkv, G, Mb]
+            sel_t = block_mask[:, :, :, start // step].reshape(B, Hkv, G, Mb)  # type: ignore[index]
+            visited += int(sel_t.sum())
+            skipped += int((skip_tile & sel_t).sum())
+            keep_rows = (~skip_tile)[..., row_block].unsqueeze(-1)  # [B, Hkv, G, Nq, 1]
+            p = p * keep_rows
+        acc = acc + torch.einsum("bhgnc,bhcd->bhgnd", p.to(mm_dtype), vf[:, :, start:stop]).to(acc_dtype)
+        m = m_new
+    if stats is not None:
+        stats["visited_tiles"] = visited
+        stats["pv_skipped_tiles"] = skipped
+
+    has = l > 0
+    out = torch.where(has.unsqueeze(-1), acc / torch.where(has, l, torch.ones_like(l)).unsqueeze(-1), torch.zeros_like(acc))
+    lse = torch.where(has, m + torch.log(torch.where(has, l, torch.ones_like(l))), torch.full_like(m, -math.inf))
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return AttentionState(out.reshape(B, H, Nq, D).to(q.dtype), lse.reshape(B, H, Nq).to(lse_dtype))
+
+
+def sdpa_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    layout: BlockLayout | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention`` with the same (element-level) mask.
+
+    Materialises the ``N_q × N_kv`` mask: for tests and small shapes only. Rows with no attended
+    key are returned as 0 (SDPA itself gives NaN there).
+    """
+    B, H, Hkv, Nq, Nkv, D = check_qkv("sdpa_reference", q, k, v)
+    G = H // Hkv
+    mask = torch.ones(B, H, Nq, Nkv, dtype=torch.bool, device=q.device)
+    if layout is not None:
+        check_layout_for("sdpa_reference", layout, B, H, Nq, Nkv, q.device)
+        mask = layout.element_mask(causal=causal)
+    elif causal:
+        r = torch.arange(Nq, device=q.device)[:, None]
+        c = torch.arange(Nkv, device=q.device)[None, :]
+        mask = mask & (c <= r + (Nkv - Nq))
+    kk = k.repeat_interleave(G, dim=1)
+    vv = v.repeat_interleave(G, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale)
+    empty = ~mask.any(-1, keepdim=True)
+    return out.masked_fill(empty, 0.0)

@@ -1,0 +1,99 @@
+"""Exact merging of attention states computed over disjoint key sets.
+
+If ``(o_a, lse_a)`` is attention over key set A and ``(o_b, lse_b)`` over a disjoint set B (both
+natural-log lse), attention over A ∪ B is::
+
+    lse = logaddexp(lse_a, lse_b)
+    out = exp(lse_a - lse) * o_a + exp(lse_b - lse) * o_b
+
+A state with ``lse = -inf`` (no keys) is the identity of this operation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from sparseattn._validation import check_qkv, fail
+from sparseattn.ops.reference import AttentionState
+
+__all__ = ["merge_state", "merge_states", "segmented_attention"]
+
+
+def _check_state(fn: str, name: str, s: object) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (isinstance(s, tuple) and len(s) == 2 and all(isinstance(t, torch.Tensor) for t in s)):
+        raise fail(fn, name, "must be an (out, lse) pair of tensors", "AttentionState(out, lse)", type(s).__name__)
+    out, lse = s  # type: ignore[misc]
+    if out.dim() != 4 or tuple(lse.shape) != tuple(out.shape[:3]):
+        raise fail(fn, name, "has inconsistent shapes", "out (B, H, N, D) and lse (B, H, N)",
+                   f"out {tuple(out.shape)}, lse {tuple(lse.shape)}")
+    return out, lse
+
+
+def merge_state(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> AttentionState:
+    """Merge two attention states over disjoint key sets (exact; ``-inf`` lse is the identity).
+
+    Shapes:
+        out ``(B, H, N, D)``, lse ``(B, H, N)`` natural-log; both states the same shapes.
+    """
+    return merge_states([a, b])
+
+
+def merge_states(states: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> AttentionState:
+    """Merge any number of states over disjoint key sets in one pass (numerically stable).
+
+    Returns:
+        ``AttentionState(out, lse)``; ``out`` in the first state's dtype, ``lse`` natural-log in
+        float32 (float64 if the inputs' lse are float64).
+    """
+    fn = "merge_states"
+    if not isinstance(states, (list, tuple)) or len(states) == 0:
+        raise fail(fn, "states", "must be a non-empty sequence of (out, lse)", ">= 1 state", repr(type(states).__name__))
+    pairs = [_check_state(fn, f"states[{i}]", s) for i, s in enumerate(states)]
+    out0, lse0 = pairs[0]
+    for i, (o, l) in enumerate(pairs[1:], start=1):
+        if o.shape != out0.shape or l.shape != lse0.shape:
+            raise fail(fn, f"states[{i}]", "has different shapes from states[0]", f"out {tuple(out0.shape)}",
+                       f"out {tuple(o.shape)}")
+        if o.device != out0.device:
+            raise fail(fn, f"states[{i}]", "is on another device", str(out0.device), str(o.device))
+    acc_dtype = torch.float64 if any(l.dtype == torch.float64 for _, l in pairs) else torch.float32
+    lses = torch.stack([l.to(acc_dtype) for _, l in pairs])  # [S, B, H, N]
+    lse = torch.logsumexp(lses, dim=0)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    w = torch.exp(lses - safe)  # exp(-inf) = 0 for empty states
+    out = sum(w[i].unsqueeze(-1) * o.to(acc_dtype) for i, (o, _) in enumerate(pairs))
+    out = torch.where(torch.isinf(lse).unsqueeze(-1), torch.zeros_like(out), out)
+    lse_dtype = torch.float64 if acc_dtype == torch.float64 else torch.float32
+    return AttentionState(out.to(out0.dtype), lse.to(lse_dtype))
+
+
+def segmented_attention(
+    q: torch.Tensor,
+    k_segments: Sequence[torch.Tensor],
+    v_segments: Sequence[torch.Tensor],
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> AttentionState:
+    """Non-causal attention of ``q`` over KV given as consecutive segments, merged exactly.
+
+    Equal to attention over ``torch.cat(k_segments, dim=2)`` (up to rounding).
+
+    Shapes:
+        q ``(B, H, N_q, D)``; each segment ``(B, H_kv, N_i, D)``.
+    """
+    from sparseattn.ops.attention import attention
+
+    fn = "segmented_attention"
+    if len(k_segments) == 0 or len(k_segments) != len(v_segments):
+        raise fail(fn, "k_segments/v_segments", "must be non-empty and of equal length", "equal non-zero counts",
+                   f"{len(k_segments)} and {len(v_segments)}")
+    states = []
+    for i, (k, v) in enumerate(zip(k_segments, v_segments)):
+        check_qkv(f"{fn}[segment {i}]", q, k, v)
+        states.append(attention(q, k, v, scale=scale, backend=backend))
+    return merge_states(states)
+
+
