@@ -24,6 +24,7 @@ __all__ = [
     "block_diagonal_layout",
     "sink_window_layout",
     "make_pattern",
+    "pattern_at_density",
     "PATTERNS",
 ]
 
@@ -188,3 +189,47 @@ def make_pattern(name: str, seqlen_q: int, seqlen_kv: int | None = None, **kwarg
     if name not in PATTERNS:
         raise fail("make_pattern", "name", "is not a known pattern", f"one of {sorted(PATTERNS)}", repr(name))
     return PATTERNS[name](seqlen_q, seqlen_kv, **kwargs)
+
+
+# the integer knob of each pattern that trades density for coverage, and its direction
+_DENSITY_KNOB = {
+    "sliding_window": "window_blocks",
+    "local": "window_blocks",
+    "sink_window": "window_blocks",
+    "strided": "stride",
+    "block_diagonal": "group_blocks",
+}
+
+
+def pattern_at_density(name: str, seqlen_q: int, seqlen_kv: int | None = None, *, density: float,
+                       causal: bool = True, **kwargs) -> BlockLayout:
+    """Build pattern ``name`` with its size knob chosen so its density is closest to ``density``.
+
+    ``density`` is measured as :meth:`BlockLayout.density` does (over the causal region when
+    ``causal``). The knob is ``window_blocks`` (sliding_window, sink_window), ``stride`` (strided)
+    or ``group_blocks`` (block_diagonal); ``random`` takes ``density`` directly; ``dense`` and
+    ``causal`` ignore it. Ties go to the denser layout. The achieved density is
+    ``layout.density(causal)`` — patterns are discrete, so it can differ from the target.
+    """
+    fn = "pattern_at_density"
+    density = check_fraction(fn, "density", density)
+    if name not in PATTERNS:
+        raise fail(fn, "name", "is not a known pattern", f"one of {sorted(PATTERNS)}", repr(name))
+    if name == "random":
+        return random_layout(seqlen_q, seqlen_kv, density=density, causal=causal, **kwargs)
+    if name in ("dense", "causal"):
+        if name == "dense":
+            return dense_layout(seqlen_q, seqlen_kv, causal=causal, **kwargs)
+        return causal_layout(seqlen_q, seqlen_kv, **kwargs)
+    knob = _DENSITY_KNOB[name]
+    if knob in kwargs:
+        raise fail(fn, knob, "is chosen from density; do not pass it", "no explicit " + knob, kwargs[knob])
+    seqlen_kv = seqlen_q if seqlen_kv is None else seqlen_kv
+    nb = cdiv(seqlen_kv, kwargs.get("block_n", 64))
+    best: tuple[float, BlockLayout] | None = None
+    for val in range(1, nb + 1):
+        lay = PATTERNS[name](seqlen_q, seqlen_kv, causal=causal, **{knob: val}, **kwargs)
+        gap = abs(lay.density(causal) - density)
+        if best is None or gap < best[0] - 1e-12 or (abs(gap - best[0]) <= 1e-12 and lay.density(causal) > best[1].density(causal)):
+            best = (gap, lay)
+    return best[1]  # type: ignore[index]  # nb >= 1, so the loop ran
