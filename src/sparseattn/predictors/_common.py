@@ -1,0 +1,248 @@
+"""Shared, vectorised building blocks of the predictors (no Python loops over blocks or heads).
+
+Everything here works on whole ``[B, H, Mb, Nb]`` score tensors at once so a predictor costs a few
+kernel launches on the GPU: block pooling (one pass over q/k), per-row top-k / CDF selection (one
+segmented sort), and a linear-time bool-mask → :class:`BlockLayout` compaction (cumsum + scatter,
+no sort).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from sparseattn._validation import check_tensor, fail
+from sparseattn.layout.block_layout import BlockLayout, causal_block_region, cdiv
+
+__all__ = [
+    "check_qk", "check_block", "check_opt_fraction", "check_bool", "check_version", "block_pool", "causal_region",
+    "diagonal_blocks", "local_mask", "select_topk", "select_cdf", "mask_to_layout", "dense_predicted_layout",
+]
+
+
+# --------------------------------------------------------------------------- config validation
+def check_block(cls: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise fail(cls, name, "must be a positive integer", "an int > 0 (e.g. 64)", repr(value))
+
+
+def check_opt_fraction(cls: str, name: str, value: Any, *, low_open: bool = True) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise fail(cls, name, "must be a number or None", "a float in (0, 1]", repr(value))
+    v = float(value)
+    if not (0.0 < v <= 1.0) if low_open else not (0.0 <= v <= 1.0):
+        raise fail(cls, name, "is out of range", "a float in (0, 1]" if low_open else "a float in [0, 1]", repr(value))
+
+
+def check_bool(cls: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise fail(cls, name, "must be a bool", "True or False", repr(value))
+
+
+def check_version(cls: str, value: Any, supported: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value != supported:
+        raise fail(cls, "version", "is not supported", supported, repr(value))
+
+
+def check_nonneg(cls: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise fail(cls, name, "must be a non-negative integer", "an int >= 0", repr(value))
+
+
+def check_pv_threshold(cls: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (float(value) > 0) or math.isinf(value):
+        raise fail(cls, "pv_threshold", "must be a positive finite number or None", "float > 0 (natural-log gap)", repr(value))
+
+
+def frozen_replace(config: Any, **changes: Any) -> Any:
+    return dataclasses.replace(config, **changes)
+
+
+# --------------------------------------------------------------------------- inputs
+def check_qk(fn: str, q: Any, k: Any, causal: Any) -> tuple[int, int, int, int, int, int]:
+    """Validate predictor inputs: q ``(B, H, N_q, D)``, k ``(B, H_kv, N_kv, D)``, ``H % H_kv == 0``."""
+    check_tensor(fn, "q", q, ndim=4, shape_desc="(B, H, N_q, D)")
+    check_tensor(fn, "k", k, ndim=4, shape_desc="(B, H_kv, N_kv, D)")
+    if not q.dtype.is_floating_point or not k.dtype.is_floating_point:
+        raise fail(fn, "q/k dtype", "must be floating point", "float16, bfloat16, float32 or float64", f"{q.dtype}, {k.dtype}")
+    if q.device != k.device:
+        raise fail(fn, "q/k devices", "must be equal", "one device", f"q={q.device}, k={k.device}")
+    B, H, Nq, D = q.shape
+    Bk, Hkv, Nkv, Dk = k.shape
+    if Bk != B:
+        raise fail(fn, "k", "batch size differs from q", f"k.shape[0]={B}", f"k.shape[0]={Bk}")
+    if Dk != D:
+        raise fail(fn, "k", "head_dim differs from q", f"k.shape[3]={D}", f"k.shape[3]={Dk}")
+    if min(B, H, Nq, D, Hkv, Nkv) <= 0:
+        raise fail(fn, "q/k", "has an empty dimension", "all dims > 0", f"q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
+    if H % Hkv != 0:
+        raise fail(fn, "k", "heads must divide q heads (GQA)", f"H % H_kv == 0 with H={H}", f"H_kv={Hkv}")
+    if not isinstance(causal, bool):
+        raise fail(fn, "causal", "must be a bool", "True or False", repr(causal))
+    return B, H, Hkv, Nq, Nkv, D
+
+
+# --------------------------------------------------------------------------- pooling
+def block_pool(x: torch.Tensor, block: int, *, normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Per-block sums of ``x`` (and of its unit-normalised rows), in one pass over ``x``.
+
+    Args:
+        x: ``(B, H, N, D)`` in any float dtype (read once; never copied or padded as a whole).
+        block: tokens per block; the last block may be partial.
+        normalized: also return ``Σ x_i / ||x_i||`` per block.
+
+    Returns:
+        ``(sums, unit_sums, counts)``: float32 ``(B, H, nb, D)``, float32 ``(B, H, nb, D)`` or None,
+        and float32 ``(nb,)`` token counts per block.
+
+    Shapes:
+        ``nb = ceil(N / block)``.
+    """
+    B, H, N, D = x.shape
+    full = N // block
+    parts_s: list[torch.Tensor] = []
+    parts_u: list[torch.Tensor] = []
+    for start, nblk, size in ((0, full, block), (full * block, 1 if N % block else 0, N % block)):
+        if nblk == 0:
+            continue
+        seg = x[:, :, start:start + nblk * size].reshape(B, H, nblk, size, D)
+        if normalized:
+            inv = torch.linalg.vector_norm(seg, dim=-1, dtype=torch.float32).clamp_min(1e-12).reciprocal()
+            w = torch.stack((torch.ones_like(inv), inv), dim=-2).to(x.dtype)  # [B, H, nblk, 2, size]
+            both = torch.matmul(w, seg).to(torch.float32)  # [B, H, nblk, 2, D] (fp32 accumulate)
+            parts_s.append(both[..., 0, :])
+            parts_u.append(both[..., 1, :])
+        else:
+            parts_s.append(seg.sum(dim=3, dtype=torch.float32))
+    sums = parts_s[0] if len(parts_s) == 1 else torch.cat(parts_s, dim=2)
+    unit = None
+    if normalized:
+        unit = parts_u[0] if len(parts_u) == 1 else torch.cat(parts_u, dim=2)
+    nb = cdiv(N, block)
+    counts = torch.full((nb,), float(block), dtype=torch.float32, device=x.device)
+    if N % block:
+        counts[-1] = float(N % block)
+    return sums, unit, counts
+
+
+# --------------------------------------------------------------------------- geometry
+def causal_region(seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int, causal: bool,
+                  device: torch.device) -> torch.Tensor:
+    """Bool ``[Mb, Nb]``: blocks a query block may use (the causal block region, or all when not causal)."""
+    if causal:
+        return causal_block_region(seqlen_q, seqlen_kv, block_m, block_n, device)[0]
+    return torch.ones(cdiv(seqlen_q, block_m), cdiv(seqlen_kv, block_n), dtype=torch.bool, device=device)
+
+
+def diagonal_blocks(seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int, device: torch.device) -> torch.Tensor:
+    """Key block holding the last key each query block's last row may see (bottom-right aligned), ``[Mb]``.
+
+    Negative when the whole query block sees no key (``N_q > N_kv``).
+    """
+    Mb, Nb = cdiv(seqlen_q, block_m), cdiv(seqlen_kv, block_n)
+    i = torch.arange(Mb, device=device)
+    row_last = torch.clamp((i + 1) * block_m, max=seqlen_q) - 1
+    last_key = row_last + (seqlen_kv - seqlen_q)
+    return torch.clamp(torch.div(last_key, block_n, rounding_mode="floor"), max=Nb - 1)
+
+
+def local_mask(seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int, n_blocks: int, causal: bool,
+               device: torch.device) -> torch.Tensor:
+    """Bool ``[Mb, Nb]``: the diagonal key block and the ``n_blocks - 1`` before it (and after, if not causal)."""
+    Nb = cdiv(seqlen_kv, block_n)
+    d = diagonal_blocks(seqlen_q, seqlen_kv, block_m, block_n, device)[:, None]
+    j = torch.arange(Nb, device=device)[None, :]
+    m = (j <= d) & (j > d - n_blocks)
+    if not causal:
+        m = m | ((j > d) & (j < d + n_blocks))
+    return m
+
+
+# --------------------------------------------------------------------------- selection
+def _count(avail: torch.Tensor, fraction: float) -> torch.Tensor:
+    k = torch.ceil(avail.to(torch.float64) * fraction - 1e-9).to(torch.long)
+    return torch.where(avail > 0, k.clamp(min=1), torch.zeros_like(k))
+
+
+def select_topk(scores: torch.Tensor, allowed: torch.Tensor, fraction: float,
+                *, base: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row keep the ``ceil(fraction · n)`` highest-scoring allowed blocks (at least one).
+
+    Args:
+        scores: float ``[..., Nb]``.
+        allowed: bool broadcastable to ``scores``: candidate blocks.
+        fraction: in (0, 1].
+        base: bool broadcastable to ``scores``: number of blocks the fraction is taken of
+            (default: ``allowed``).
+
+    Returns:
+        bool mask like ``scores`` (a subset of ``allowed``).
+    """
+    allowed = allowed.expand_as(scores)
+    base = allowed if base is None else base.expand_as(scores)
+    k = _count(base.sum(-1), fraction).clamp(max=allowed.sum(-1))
+    s = scores.masked_fill(~allowed, -math.inf)
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    pos = torch.arange(scores.shape[-1], device=scores.device)
+    keep_sorted = pos < k.unsqueeze(-1)
+    out = torch.zeros_like(allowed)
+    out.scatter_(-1, order, keep_sorted)
+    return out & allowed
+
+
+def select_cdf(probs: torch.Tensor, allowed: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Per row keep the smallest set of allowed blocks whose mass reaches ``threshold`` of the row's mass.
+
+    A block is kept iff the mass of the strictly larger blocks before it (descending order, ties in
+    index order) is below ``threshold · total``; so at least one block is kept in every row with mass.
+    """
+    allowed = allowed.expand_as(probs)
+    p = probs.masked_fill(~allowed, 0.0).to(torch.float32)
+    srt = torch.sort(p, dim=-1, descending=True, stable=True)
+    before = torch.cumsum(srt.values, dim=-1) - srt.values
+    total = p.sum(-1, keepdim=True)
+    keep_sorted = (before < threshold * total) & (srt.values > 0)
+    out = torch.zeros_like(allowed)
+    out.scatter_(-1, srt.indices, keep_sorted)
+    return out & allowed
+
+
+# --------------------------------------------------------------------------- mask -> layout
+def mask_to_layout(mask: torch.Tensor, *, block_m: int, block_n: int, seqlen_q: int, seqlen_kv: int,
+                   batch: int | None = None, heads: int | None = None) -> BlockLayout:
+    """Bool block mask ``[B', H', Mb, Nb]`` → :class:`BlockLayout` in linear time (no sort).
+
+    Selected blocks come first in ascending order, then the unselected ones (ascending), the same
+    convention as :meth:`BlockLayout.from_dense_mask`. ``batch``/``heads`` expand a mask with
+    ``B' = 1`` / ``H' = 1`` as a stride-0 view.
+    """
+    B_, H_, Mb, Nb = mask.shape
+    m = mask.to(torch.int32)
+    num = m.sum(-1, dtype=torch.int32)
+    pos_sel = torch.cumsum(m, -1, dtype=torch.int32) - 1
+    pos_uns = num.unsqueeze(-1) + torch.cumsum(1 - m, -1, dtype=torch.int32) - 1
+    pos = torch.where(mask, pos_sel, pos_uns).long()
+    src = torch.arange(Nb, device=mask.device, dtype=torch.int32).expand(B_, H_, Mb, Nb)
+    idx = torch.empty((B_, H_, Mb, Nb), dtype=torch.int32, device=mask.device)
+    idx.scatter_(-1, pos, src)
+    B = B_ if batch is None else batch
+    H = H_ if heads is None else heads
+    if (B, H) != (B_, H_):
+        num = num.expand(B, H, Mb)
+        idx = idx.expand(B, H, Mb, Nb)
+    return BlockLayout(num, idx, block_m, block_n, seqlen_q, seqlen_kv, validate=False)
+
+
+def dense_predicted_layout(B: int, H: int, seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int, causal: bool,
+                           device: torch.device) -> BlockLayout:
+    """Every allowed block (the causal region when ``causal``), shared by all heads (stride-0)."""
+    region = causal_region(seqlen_q, seqlen_kv, block_m, block_n, causal, device)
+    return mask_to_layout(region[None, None], block_m=block_m, block_n=block_n, seqlen_q=seqlen_q,
+                          seqlen_kv=seqlen_kv, batch=B, heads=H)

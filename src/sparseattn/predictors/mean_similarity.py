@@ -1,0 +1,174 @@
+"""Mean-similarity predictor (the idea of SpargeAttn, Zhang et al. 2025), per query head.
+
+Per block of ``n`` tokens with unit-normalised rows ``x̂_i = x_i / ||x_i||``:
+
+* mean-pooled vector ``x̄ = (1/n) Σ x_i``;
+* self-similarity, the mean pairwise cosine similarity of the block's tokens::
+
+      sim = (1 / (n (n−1))) Σ_{i≠j} x̂_i·x̂_j = (||Σ_i x̂_i||² − n) / (n (n−1))      (sim = 1 when n = 1)
+
+  computed from one extra pooled sum, never the ``n × n`` Gram matrix. ``sim`` is in
+  ``[−1/(n−1), 1]``; 1 means every token points the same way, so the mean stands for the block.
+
+A block whose ``sim < sim_threshold`` is *not trusted* (its mean does not represent its tokens):
+a dissimilar query block keeps its whole (causal) row, a dissimilar key block is kept for every
+query block of its head. For the rest, the compressed attention over key blocks::
+
+    P = softmax(scale · q̄ k̄ᵀ)   over the allowed key blocks (block-level causal mask when causal)
+
+selects per row the smallest set of key blocks whose cumulative ``P`` reaches ``cdf_threshold``
+(or the ``ceil(topk · n)`` largest). ``keep_sink`` adds the first key block and ``keep_local`` the
+diagonal block and the ``keep_local − 1`` blocks before it. GQA: each query head is predicted
+with its KV head's pooled keys (never copied per head).
+
+``pv_threshold`` is not used by the predictor; the model integration passes
+``getattr(predictor.config, "pv_threshold", None)`` to the attention call, which then skips the
+``P·V`` product of tiles whose scores sit far below the running row maximum (see
+:func:`sparseattn.ops.reference.reference_attention`).
+
+Spec: ``mean_sim:cdf_threshold=0.9,sim_threshold=0.5,keep_local=1`` (or ``topk=0.3``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparseattn._validation import fail
+from sparseattn.layout.block_layout import BlockLayout
+from sparseattn.predictors._common import (
+    block_pool,
+    causal_region,
+    check_block,
+    check_bool,
+    check_nonneg,
+    check_opt_fraction,
+    check_pv_threshold,
+    check_qk,
+    check_version,
+    local_mask,
+    mask_to_layout,
+    select_cdf,
+    select_topk,
+)
+from sparseattn.predictors.base import register_predictor
+
+__all__ = ["MeanSimilarityConfig", "MeanSimilarityPredictor", "block_self_similarity"]
+
+
+def block_self_similarity(unit_sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean pairwise cosine similarity per block from ``Σ x̂_i`` and the token count ``n``.
+
+    Returns ``(||Σ x̂||² − n) / (n (n − 1))`` (1 for single-token blocks), float32, shape of
+    ``unit_sums`` without its last dimension.
+    """
+    sq = (unit_sums.to(torch.float32) ** 2).sum(-1)
+    n = counts.to(torch.float32)
+    den = (n * (n - 1)).clamp_min(1.0)
+    return torch.where(n > 1, (sq - n) / den, torch.ones_like(sq))
+
+
+@dataclass(frozen=True)
+class MeanSimilarityConfig:
+    """SpargeAttn-style prediction (see module docstring).
+
+    Args:
+        cdf_threshold: keep the smallest set of key blocks holding this share of the compressed
+            attention mass per row; or None.
+        topk: keep this fraction of the allowed key blocks per row instead; or None. Exactly one of
+            ``cdf_threshold`` / ``topk`` is set.
+        sim_threshold: blocks with self-similarity below this are not trusted (``-1`` trusts
+            every block, ``> 1`` trusts none, i.e. dense).
+        keep_sink: always keep key block 0.
+        keep_local: always keep the diagonal key block and the ``keep_local − 1`` before it (0 = off).
+        pv_threshold: natural-log gap for the attention call's softmax-aware P·V skip; None = off.
+        block_m: query rows per block.
+        block_n: key columns per block.
+        version: config schema version (1).
+    """
+
+    cdf_threshold: float | None = 0.9
+    topk: float | None = None
+    sim_threshold: float = 0.5
+    keep_sink: bool = True
+    keep_local: int = 1
+    pv_threshold: float | None = None
+    block_m: int = 64
+    block_n: int = 64
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        c = "MeanSimilarityConfig"
+        check_opt_fraction(c, "cdf_threshold", self.cdf_threshold)
+        check_opt_fraction(c, "topk", self.topk)
+        if (self.topk is None) == (self.cdf_threshold is None):
+            raise fail(c, "topk/cdf_threshold", "exactly one must be set", "cdf_threshold=<frac> or topk=<frac>",
+                       f"cdf_threshold={self.cdf_threshold}, topk={self.topk}")
+        if isinstance(self.sim_threshold, bool) or not isinstance(self.sim_threshold, (int, float)) \
+                or not (-1.0 <= float(self.sim_threshold) <= 2.0):
+            raise fail(c, "sim_threshold", "is out of range", "a float in [-1, 2]", repr(self.sim_threshold))
+        check_bool(c, "keep_sink", self.keep_sink)
+        check_nonneg(c, "keep_local", self.keep_local)
+        check_pv_threshold(c, self.pv_threshold)
+        check_block(c, "block_m", self.block_m)
+        check_block(c, "block_n", self.block_n)
+        check_version(c, self.version, 1)
+
+
+@register_predictor("mean_sim", MeanSimilarityConfig)
+class MeanSimilarityPredictor:
+    """Per-head block selection from mean-pooled q/k and block self-similarity.
+
+    ``last_scores`` holds the compressed attention ``P`` ``[B, H, Mb, Nb]`` of the last call.
+
+    Shapes:
+        q ``(B, H, N_q, D)``, k ``(B, H_kv, N_kv, D)`` → layout with ``B`` batches and ``H`` heads.
+    """
+
+    name = "mean_sim"
+
+    def __init__(self, config: MeanSimilarityConfig | None = None) -> None:
+        self.config = config if config is not None else MeanSimilarityConfig()
+        if not isinstance(self.config, MeanSimilarityConfig):
+            raise fail("MeanSimilarityPredictor", "config", "must be a MeanSimilarityConfig", "MeanSimilarityConfig",
+                       type(self.config).__name__)
+        self.last_scores: torch.Tensor | None = None
+
+    def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:
+        fn = "MeanSimilarityPredictor.predict"
+        B, H, Hkv, Nq, Nkv, D = check_qk(fn, q, k, causal)
+        cfg = self.config
+        G = H // Hkv
+        dev = q.device
+        q_sum, q_unit, q_cnt = block_pool(q, cfg.block_m, normalized=True)
+        k_sum, k_unit, k_cnt = block_pool(k, cfg.block_n, normalized=True)
+        q_sim = block_self_similarity(q_unit, q_cnt)  # [B, H, Mb]
+        k_sim = block_self_similarity(k_unit, k_cnt)  # [B, Hkv, Nb]
+        q_mean = q_sum / q_cnt[:, None]
+        k_mean = k_sum / k_cnt[:, None]
+        Mb, Nb = q_mean.shape[2], k_mean.shape[2]
+
+        region = causal_region(Nq, Nkv, cfg.block_m, cfg.block_n, causal, dev)  # [Mb, Nb]
+        s = torch.matmul(q_mean.reshape(B, Hkv, G * Mb, D), k_mean.transpose(-1, -2)) * (D ** -0.5)
+        s = s.reshape(B, Hkv, G, Mb, Nb).masked_fill(~region, float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # rows without an allowed block -> 0
+        if cfg.topk is not None:
+            mask = select_topk(p, region, cfg.topk)
+        else:
+            mask = select_cdf(p, region, float(cfg.cdf_threshold))  # type: ignore[arg-type]
+
+        forced = torch.zeros(Mb, Nb, dtype=torch.bool, device=dev)
+        if cfg.keep_sink:
+            forced[:, 0] = True
+        if cfg.keep_local > 0:
+            forced |= local_mask(Nq, Nkv, cfg.block_m, cfg.block_n, cfg.keep_local, causal, dev)
+        untrusted_q = (q_sim < cfg.sim_threshold).reshape(B, Hkv, G, Mb, 1)
+        untrusted_k = (k_sim < cfg.sim_threshold).reshape(B, Hkv, 1, 1, Nb)
+        mask = (mask | forced | untrusted_q | untrusted_k) & region
+        self.last_scores = p.reshape(B, H, Mb, Nb)
+        return mask_to_layout(mask.reshape(B, H, Mb, Nb), block_m=cfg.block_m, block_n=cfg.block_n,
+                              seqlen_q=Nq, seqlen_kv=Nkv)
+
+    def reset(self) -> None:
+        """Stateless: nothing to clear."""

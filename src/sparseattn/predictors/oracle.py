@@ -1,0 +1,195 @@
+"""Oracle predictor: exact block attention mass from full attention (the upper bound).
+
+The exact *block mass* of query block ``i`` and key block ``j`` is the average over the block's
+query rows ``r`` of the softmax probability mass row ``r`` puts on the keys of block ``j``::
+
+    mass[i, j] = (1 / |rows(i)|) · Σ_{r ∈ rows(i)} Σ_{c ∈ cols(j), c allowed} exp(scale·q_r·k_c − lse_r)
+
+so each row of ``mass`` sums to 1 (0 for query blocks that see no key). It is computed blockwise
+in two passes over key chunks — pass 1 the exact natural-log ``lse`` per row (online logsumexp),
+pass 2 the exact probabilities summed per block — never materialising ``N_q × N_kv``.
+
+Selecting blocks by this mass (top-k fraction or CDF) is the best any block predictor can do for a
+given density, which is what ``sparseattn compare`` measures other predictors against.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from sparseattn._validation import fail
+from sparseattn.layout.block_layout import BlockLayout, cdiv
+from sparseattn.predictors._common import (
+    causal_region,
+    check_block,
+    check_opt_fraction,
+    check_qk,
+    check_version,
+    mask_to_layout,
+    select_cdf,
+    select_topk,
+)
+from sparseattn.predictors.base import register_predictor
+
+__all__ = ["OracleConfig", "OraclePredictor", "exact_block_mass"]
+
+
+def exact_block_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    causal: bool = True,
+    block_m: int = 64,
+    block_n: int = 64,
+    scale: float | None = None,
+    chunk_blocks: int = 4,
+) -> torch.Tensor:
+    """Exact block attention mass (see module docstring), computed blockwise.
+
+    Args:
+        q: ``(B, H, N_q, D)``.
+        k: ``(B, H_kv, N_kv, D)``, ``H % H_kv == 0`` (never copied per head).
+        causal: bottom-right aligned causal mask.
+        block_m: query rows per block.
+        block_n: key columns per block.
+        scale: softmax scale (default ``D ** -0.5``).
+        chunk_blocks: key blocks per step (memory ``O(H · N_q · chunk_blocks · block_n)``).
+
+    Returns:
+        float32 ``[B, H, Mb, Nb]``; each row sums to 1 (0 where the query block sees no key).
+
+    Shapes:
+        ``Mb = ceil(N_q / block_m)``, ``Nb = ceil(N_kv / block_n)``.
+    """
+    fn = "exact_block_mass"
+    B, H, Hkv, Nq, Nkv, D = check_qk(fn, q, k, causal)
+    check_block(fn, "block_m", block_m)
+    check_block(fn, "block_n", block_n)
+    check_block(fn, "chunk_blocks", chunk_blocks)
+    if scale is None:
+        scale = D ** -0.5
+    G = H // Hkv
+    dev = q.device
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf = q.to(acc).reshape(B, Hkv, G, Nq, D)
+    kf = k.to(acc)
+    rows = torch.arange(Nq, device=dev)
+    off = Nkv - Nq
+    step = block_n * chunk_blocks
+
+    def scores(start: int, stop: int) -> torch.Tensor | None:
+        s = torch.einsum("bhgnd,bhcd->bhgnc", qf, kf[:, :, start:stop]) * scale
+        if causal:
+            cols = torch.arange(start, stop, device=dev)
+            cm = cols[None, :] <= rows[:, None] + off
+            if not bool(cm.any()):
+                return None
+            s = s.masked_fill(~cm, -math.inf)
+        return s
+
+    # pass 1: exact natural-log lse per row (online logsumexp)
+    m = torch.full((B, Hkv, G, Nq), -math.inf, dtype=acc, device=dev)
+    l = torch.zeros((B, Hkv, G, Nq), dtype=acc, device=dev)
+    for start in range(0, Nkv, step):
+        s = scores(start, min(start + step, Nkv))
+        if s is None:
+            continue
+        m_new = torch.maximum(m, s.amax(-1))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        l = l * torch.exp(m - m_safe) + torch.exp(s - m_safe.unsqueeze(-1)).sum(-1)
+        m = m_new
+    has = l > 0
+    lse = torch.where(has, m + torch.log(torch.where(has, l, torch.ones_like(l))), torch.full_like(m, math.inf))
+
+    # pass 2: exact probabilities summed per (query block, key block)
+    Mb, Nb = cdiv(Nq, block_m), cdiv(Nkv, block_n)
+    rowblk = rows // block_m
+    counts = torch.bincount(rowblk, minlength=Mb).to(acc)
+    mass = torch.zeros((B, Hkv, G, Mb, Nb), dtype=acc, device=dev)
+    for start in range(0, Nkv, step):
+        stop = min(start + step, Nkv)
+        s = scores(start, stop)
+        if s is None:
+            continue
+        p = torch.exp(s - lse.unsqueeze(-1))  # 0 for masked entries and rows without keys (lse=+inf)
+        C = stop - start
+        nblk = cdiv(C, block_n)
+        pad = nblk * block_n - C
+        if pad:
+            p = torch.nn.functional.pad(p, (0, pad))
+        colsum = p.reshape(B, Hkv, G, Nq, nblk, block_n).sum(-1)  # [B,Hkv,G,Nq,nblk]
+        blk = torch.zeros((B, Hkv, G, Mb, nblk), dtype=acc, device=dev)
+        blk.index_add_(3, rowblk, colsum)
+        j0 = start // block_n
+        mass[..., j0:j0 + nblk] = blk
+    mass = mass / counts[:, None]
+    return mass.reshape(B, H, Mb, Nb).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class OracleConfig:
+    """Exact block mass, then top-k fraction or CDF selection per (head, query block).
+
+    Args:
+        topk: keep ``ceil(topk · n)`` of the ``n`` allowed blocks per row (at least one); or None.
+        cdf_threshold: keep the smallest set of blocks holding this share of the row's exact mass;
+            or None. Exactly one of ``topk`` / ``cdf_threshold`` is set (default: ``cdf=0.95``).
+        block_m: query rows per block.
+        block_n: key columns per block.
+        version: config schema version (1).
+    """
+
+    topk: float | None = None
+    cdf_threshold: float | None = 0.95
+    block_m: int = 64
+    block_n: int = 64
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        c = "OracleConfig"
+        check_opt_fraction(c, "topk", self.topk)
+        check_opt_fraction(c, "cdf_threshold", self.cdf_threshold)
+        if (self.topk is None) == (self.cdf_threshold is None):
+            raise fail(c, "topk/cdf_threshold", "exactly one must be set", "topk=<frac> or cdf_threshold=<frac>",
+                       f"topk={self.topk}, cdf_threshold={self.cdf_threshold}")
+        check_block(c, "block_m", self.block_m)
+        check_block(c, "block_n", self.block_n)
+        check_version(c, self.version, 1)
+
+
+@register_predictor("oracle", OracleConfig)
+class OraclePredictor:
+    """Selects blocks by their exact attention mass (costs two full attention passes: for evaluation only).
+
+    ``last_scores`` holds the exact block mass ``[B, H, Mb, Nb]`` of the last call.
+
+    Shapes:
+        q ``(B, H, N_q, D)``, k ``(B, H_kv, N_kv, D)`` → layout with ``B`` batches and ``H`` heads.
+    """
+
+    name = "oracle"
+
+    def __init__(self, config: OracleConfig | None = None) -> None:
+        self.config = config if config is not None else OracleConfig()
+        if not isinstance(self.config, OracleConfig):
+            raise fail("OraclePredictor", "config", "must be an OracleConfig", "OracleConfig", type(self.config).__name__)
+        self.last_scores: torch.Tensor | None = None
+
+    def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:
+        fn = "OraclePredictor.predict"
+        B, H, _, Nq, Nkv, _ = check_qk(fn, q, k, causal)
+        cfg = self.config
+        mass = exact_block_mass(q, k, causal=causal, block_m=cfg.block_m, block_n=cfg.block_n)
+        region = causal_region(Nq, Nkv, cfg.block_m, cfg.block_n, causal, q.device)
+        if cfg.topk is not None:
+            mask = select_topk(mass, region, cfg.topk)
+        else:
+            mask = select_cdf(mass, region, float(cfg.cdf_threshold))  # type: ignore[arg-type]
+        self.last_scores = mass
+        return mask_to_layout(mask, block_m=cfg.block_m, block_n=cfg.block_n, seqlen_q=Nq, seqlen_kv=Nkv)
+
+    def reset(self) -> None:
+        """Stateless: nothing to clear."""
