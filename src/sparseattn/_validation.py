@@ -100,8 +100,8 @@ def check_qkv(
 def check_scale(func: str, scale: Any) -> float | None:
     if scale is None:
         return None
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (float(scale) > 0) or scale != scale:
-        raise fail(func, "scale", "must be a positive finite number or None", "float > 0", repr(scale))
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < float(scale) < float("inf")):
+        raise fail(func, "scale", "must be a positive finite number or None", "a finite float > 0", repr(scale))
     return float(scale)
 
 
@@ -120,5 +120,5 @@ def check_layout_for(
         )
     if (layout.batch, layout.heads) != (B, H):
         raise fail(func, "layout", "was built for another batch/head count", f"(B, H)=({B}, {H})", f"({layout.batch}, {layout.heads})")
-    if device is not None and layout.kv_indices.device.type != torch.device(device).type:
+    if device is not None and layout.kv_indices.device != torch.device(device):
         raise fail(func, "layout", "is on another device than q", str(device), str(layout.kv_indices.device))

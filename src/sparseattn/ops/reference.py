@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 
 from sparseattn._validation import check_layout_for, check_positive_int, check_qkv, check_scale, fail
-from sparseattn.layout.block_layout import BlockLayout
+from sparseattn.layout.block_layout import BlockLayout, causal_block_region
 
 __all__ = ["AttentionState", "reference_attention", "sdpa_reference"]
 
@@ -62,7 +62,9 @@ def reference_attention(
             the tile's ``P·V`` product is skipped; its probability mass still enters the row sum, so
             ``lse`` stays exact. Requires ``layout`` (tiles are the layout's blocks). The Triton
             kernel implements the identical rule.
-        stats: optional dict filled with ``visited_tiles`` and ``pv_skipped_tiles`` (int).
+        stats: optional dict filled with ``visited_tiles`` and ``pv_skipped_tiles`` (int), counted only
+            with ``pv_threshold``. A tile is visited if the layout selects it and, with ``causal``, it
+            holds at least one allowed (row, key) pair (tiles above the diagonal are never visited).
 
     Returns:
         ``AttentionState(out, lse)`` — ``lse`` is the natural-log logsumexp, float32 (float64 for
@@ -110,6 +112,8 @@ def reference_attention(
         block_mask = None
         row_block = None
     visited = skipped = 0
+    if pv_threshold is not None and causal:
+        causal_region, _ = causal_block_region(Nq, Nkv, layout.block_m, layout.block_n, dev)  # type: ignore[union-attr]
 
     for start in range(0, Nkv, step):
         stop = min(start + step, Nkv)
@@ -142,6 +146,8 @@ def reference_attention(
             gap = torch.nn.functional.pad(tile_gap, (0, pad), value=-math.inf).reshape(B, Hkv, G, Mb, -1)
             skip_tile = (gap < -float(pv_threshold)).all(-1)  # [B, Hkv, G, Mb]
             sel_t = block_mask[:, :, :, start // step].reshape(B, Hkv, G, Mb)  # type: ignore[index]
+            if causal:
+                sel_t = sel_t & causal_region[:, start // step]
             visited += int(sel_t.sum())
             skipped += int((skip_tile & sel_t).sum())
             keep_rows = (~skip_tile)[..., row_block].unsqueeze(-1)  # [B, Hkv, G, Nq, 1]

@@ -28,6 +28,11 @@ def _check_state(fn: str, name: str, s: object) -> tuple[torch.Tensor, torch.Ten
     if out.dim() != 4 or tuple(lse.shape) != tuple(out.shape[:3]):
         raise fail(fn, name, "has inconsistent shapes", "out (B, H, N, D) and lse (B, H, N)",
                    f"out {tuple(out.shape)}, lse {tuple(lse.shape)}")
+    if not (out.dtype.is_floating_point and lse.dtype.is_floating_point):
+        raise fail(fn, name, "must hold floating-point tensors", "float out and lse",
+                   f"out {out.dtype}, lse {lse.dtype}")
+    if lse.device != out.device:
+        raise fail(fn, name, "has out and lse on different devices", "one device", f"out {out.device}, lse {lse.device}")
     return out, lse
 
 
@@ -63,7 +68,9 @@ def merge_states(states: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Attenti
     lse = torch.logsumexp(lses, dim=0)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     w = torch.exp(lses - safe)  # exp(-inf) = 0 for empty states
-    out = sum(w[i].unsqueeze(-1) * o.to(acc_dtype) for i, (o, _) in enumerate(pairs))
+    # a state with lse = -inf attended no key: weight 0, and its out is ignored even if it holds NaN/inf
+    out = sum(torch.where(w[i].unsqueeze(-1) > 0, w[i].unsqueeze(-1) * o.to(acc_dtype), torch.zeros((), dtype=acc_dtype, device=o.device))
+              for i, (o, _) in enumerate(pairs))
     out = torch.where(torch.isinf(lse).unsqueeze(-1), torch.zeros_like(out), out)
     lse_dtype = torch.float64 if acc_dtype == torch.float64 else torch.float32
     return AttentionState(out.to(out0.dtype), lse.to(lse_dtype))
