@@ -1,0 +1,129 @@
+"""Oracle block mass and mean-similarity specifics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sparseattn.layout.block_layout import causal_block_region
+from sparseattn.predictors import make_predictor
+from sparseattn.predictors._common import block_pool, mask_to_layout, select_cdf, select_topk
+from sparseattn.predictors.mean_similarity import block_self_similarity
+from sparseattn.predictors.oracle import exact_block_mass
+from sparseattn.testing.inputs import random_qkv, structured_qkv
+
+
+def _brute_mass(q, k, causal, bm, bn):
+    B, H, Nq, D = q.shape
+    Hkv, Nkv = k.shape[1], k.shape[2]
+    kk = k.double().repeat_interleave(H // Hkv, dim=1)
+    s = torch.einsum("bhnd,bhcd->bhnc", q.double(), kk) * D ** -0.5
+    if causal:
+        r = torch.arange(Nq)[:, None]
+        c = torch.arange(Nkv)[None, :]
+        s = s.masked_fill(c > r + Nkv - Nq, -math.inf)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    Mb, Nb = -(-Nq // bm), -(-Nkv // bn)
+    p = torch.nn.functional.pad(p, (0, Nb * bn - Nkv, 0, Mb * bm - Nq))
+    cnt = torch.bincount(torch.arange(Nq) // bm, minlength=Mb).double()
+    return p.reshape(B, H, Mb, bm, Nb, bn).sum((3, 5)) / cnt[:, None]
+
+
+@pytest.mark.parametrize("Nq,Nkv,causal", [(150, 150, True), (70, 201, True), (99, 130, False), (40, 40, True)])
+def test_exact_block_mass_matches_brute_force(Nq, Nkv, causal):
+    q, k, _ = random_qkv(2, 6, Nq, 16, kv_heads=2, seqlen_kv=Nkv, seed=Nq)
+    got = exact_block_mass(q, k, causal=causal, block_m=32, block_n=16, chunk_blocks=3)
+    ref = _brute_mass(q, k, causal, 32, 16)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(got.sum(-1), torch.ones(()), atol=1e-4)
+
+
+def test_oracle_recall_one_at_full_density_and_cdf_reaches_threshold():
+    q, k, _ = structured_qkv(1, 4, 260, 16, kv_heads=2, seed=4)
+    mass = exact_block_mass(q, k, causal=True, block_m=32, block_n=32)
+    full = make_predictor("oracle", topk=1.0, cdf_threshold=None, block_m=32, block_n=32).predict(q, k, causal=True)
+    region, _ = causal_block_region(260, 260, 32, 32)
+    assert torch.equal(full.to_dense_mask()[0, 0], region)
+    recall = float((mass * full.to_dense_mask()).sum() / mass.sum())
+    assert recall == pytest.approx(1.0, abs=1e-6)
+    for thr in (0.5, 0.8, 0.95):
+        lay = make_predictor("oracle", cdf_threshold=thr, block_m=32, block_n=32).predict(q, k, causal=True)
+        kept = (mass * lay.to_dense_mask()).sum(-1)
+        assert bool((kept >= thr - 1e-5).all())
+        # minimal: dropping the smallest kept block of a row falls below the threshold
+        smallest = mass.masked_fill(~lay.to_dense_mask(), math.inf).amin(-1)
+        assert bool((kept - smallest < thr + 1e-5).all())
+
+
+def test_topk_and_cdf_selection_counts():
+    scores = torch.tensor([[[[0.1, 0.5, 0.2, 0.2, 0.0]]]])
+    allowed = torch.tensor([[True, True, True, True, False]])
+    assert select_topk(scores, allowed, 0.5).tolist() == [[[[False, True, True, False, False]]]]  # ceil(0.5*4)=2, ties by index
+    assert select_cdf(scores, allowed, 0.5).tolist() == [[[[False, True, False, False, False]]]]
+    assert select_cdf(scores, allowed, 0.51).sum() == 2
+
+
+def test_mask_to_layout_matches_from_dense_mask():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(2, 3, 7, 9, generator=g) < 0.4
+    a = mask_to_layout(mask, block_m=16, block_n=16, seqlen_q=100, seqlen_kv=130)
+    a._check_values()
+    from sparseattn.layout.block_layout import BlockLayout
+
+    b = BlockLayout.from_dense_mask(mask, block_m=16, block_n=16, seqlen_q=100, seqlen_kv=130)
+    assert torch.equal(a.kv_indices, b.kv_indices) and torch.equal(a.kv_num_blocks, b.kv_num_blocks)
+
+
+def test_self_similarity_formula_matches_pairwise_cosine():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 2, 45, 8, generator=g) + torch.linspace(0, 2, 8)  # partial last block (45 = 2*16 + 13)
+    _, unit, cnt = block_pool(x, 16, normalized=True)
+    sim = block_self_similarity(unit, cnt)
+    for b in range(3):
+        blk = x[0, 1, b * 16:(b + 1) * 16]
+        xn = torch.nn.functional.normalize(blk.double(), dim=-1)
+        gram = xn @ xn.T
+        n = blk.shape[0]
+        ref = (gram.sum() - n) / (n * (n - 1))
+        assert float(sim[0, 1, b]) == pytest.approx(float(ref), abs=1e-4)
+    one = block_self_similarity(torch.randn(1, 1, 1, 8), torch.tensor([1.0]))
+    assert float(one) == 1.0
+
+
+def test_mean_sim_untrusted_blocks_and_forced_blocks():
+    B, H, N, D, bs = 1, 2, 256, 16, 32
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(D, generator=g)
+    q = base + 0.05 * torch.randn(B, H, N, D, generator=g)  # every block highly self-similar
+    k = base + 0.05 * torch.randn(B, 1, N, D, generator=g)
+    q[0, 1, 96:128] = torch.randn(32, D, generator=g)  # head 1, query block 3: dissimilar
+    k[0, 0, 32:64] = torch.randn(32, D, generator=g)  # key block 1: dissimilar (for both query heads)
+    pred = make_predictor("mean_sim", topk=0.01, cdf_threshold=None, sim_threshold=0.5, keep_sink=True, keep_local=1,
+                          block_m=bs, block_n=bs)
+    mask = pred.predict(q, k, causal=True).to_dense_mask()[0]
+    region, _ = causal_block_region(N, N, bs, bs)
+    assert torch.equal(mask[1, 3], region[3])  # dissimilar query block keeps its whole causal row
+    assert bool(mask[:, 1:, 1].all())  # dissimilar key block kept by every query block that may see it
+    assert bool(mask[:, :, 0].all())  # sink
+    assert bool(mask[:, torch.arange(8), torch.arange(8)].all())  # local (diagonal)
+    dense = make_predictor("mean_sim", sim_threshold=1.5, block_m=bs, block_n=bs).predict(q, k, causal=True)
+    assert dense.density(causal=True) == 1.0
+
+
+def test_mean_sim_gqa_equals_expanded_keys():
+    q, k, _ = structured_qkv(1, 6, 200, 16, kv_heads=2, seed=9)
+    pred = make_predictor("mean_sim", cdf_threshold=0.7, sim_threshold=0.0, block_m=32, block_n=32)
+    a = pred.predict(q, k, causal=True)
+    b = pred.predict(q, k.repeat_interleave(3, dim=1), causal=True)
+    assert a.equals(b)
+    assert a.density(causal=True) < 1.0
+
+
+def test_mean_sim_density_monotone_in_cdf():
+    q, k, _ = structured_qkv(1, 4, 512, 32, kv_heads=2, seed=3)
+    dens = [make_predictor("mean_sim", cdf_threshold=t, sim_threshold=-1.0, keep_sink=False, keep_local=0,
+                           block_m=32, block_n=32).predict(q, k, causal=True).density(causal=True)
+            for t in (0.3, 0.6, 0.9, 1.0)]
+    assert dens == sorted(dens) and dens[0] < dens[-1]
