@@ -114,7 +114,8 @@ def block_pool(x: torch.Tensor, block: int, *, normalized: bool = False) -> tupl
             continue
         seg = x[:, :, start:start + nblk * size].reshape(B, H, nblk, size, D)
         if normalized:
-            inv = torch.linalg.vector_norm(seg, dim=-1, dtype=torch.float32).clamp_min(1e-12).reciprocal()
+            ndt = torch.float64 if x.dtype == torch.float64 else torch.float32
+            inv = torch.linalg.vector_norm(seg, dim=-1, dtype=ndt).clamp_min(1e-12).reciprocal()
             w = torch.stack((torch.ones_like(inv), inv), dim=-2).to(x.dtype)  # [B, H, nblk, 2, size]
             both = torch.matmul(w, seg).to(torch.float32)  # [B, H, nblk, 2, D] (fp32 accumulate)
             parts_s.append(both[..., 0, :])
