@@ -1,19 +1,270 @@
-"""Launcher for the Triton block-sparse forward kernel (validate → allocate → grid → kernel).
+"""Launcher for the Triton block-sparse forward kernel: validate → allocate → grid → kernel.
 
-Placeholder until the Triton kernel lands: it refuses every input and says so, so the dispatcher
-falls back to the reference with a warning on CUDA and ``backend="triton"`` raises with this reason.
+:func:`refusal` says, without launching anything, whether the kernel can run the inputs (``None``)
+or why not (a precise reason the dispatcher turns into ``NotImplementedError`` or a warning).
+:func:`block_sparse_fwd` validates again (it may be called directly), allocates ``out``/``lse`` and
+launches :mod:`sparseattn.ops.triton.block_sparse_fwd`.
+
+Triton is imported lazily here, so ``import sparseattn`` never pulls it in. On CPU tensors the
+kernel runs only under Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is
+imported), which is how CI tests it.
+
+Environment:
+    ``SPARSEATTN_TRITON_AUTOTUNE=0`` — use one fixed launch config per head_dim/layout instead of
+    autotuning (saves compile time in parity sweeps; the autotuned path is the default on CUDA).
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import os
 from typing import Any
 
 import torch
 
+from sparseattn._validation import check_layout_for, check_qkv, check_scale, fail
+from sparseattn.layout.block_layout import BlockLayout
+from sparseattn.ops.reference import AttentionState
 
-def refusal(q: torch.Tensor, **_: Any) -> str | None:
-    return "the Triton block-sparse kernel is not implemented yet"
+__all__ = ["refusal", "block_sparse_fwd", "interpret_mode", "SUPPORTED_HEAD_DIMS", "SUPPORTED_BLOCK_SIZES"]
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_BLOCK_SIZES = (64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+_LOG2E = 1.4426950408889634
+_MAX_GRID_Y = 65535
 
 
-def block_sparse_fwd(*args: Any, **kwargs: Any):  # noqa: ANN201
-    raise NotImplementedError("block_sparse_fwd: the Triton block-sparse kernel is not implemented yet")
+def interpret_mode() -> bool:
+    """True when Triton's CPU interpreter is on (``TRITON_INTERPRET`` set to a non-zero value)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def refusal(
+    q: torch.Tensor,
+    *,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    layout: BlockLayout | None = None,
+    causal: bool = False,
+    pv_threshold: float | None = None,
+    **_: Any,
+) -> str | None:
+    """``None`` if the Triton kernel supports these inputs, else the reason it does not.
+
+    Only *support* is judged here (device, dtype, head_dim, block sizes, Triton availability);
+    malformed inputs are reported as ``ValueError`` by :func:`block_sparse_fwd`.
+    """
+    if not isinstance(q, torch.Tensor):
+        return f"q is a {type(q).__name__}, not a torch.Tensor"
+    if q.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(q.device)
+        if major < 8:
+            return f"needs a CUDA GPU of compute capability >= 8.0; {q.device} has {major}.{minor}"
+    elif q.device.type == "cpu":
+        if not interpret_mode():
+            return "q is on the CPU; the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+    else:
+        return f"q is on {q.device}; the Triton kernel needs CUDA tensors"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {str(q.dtype).replace('torch.', '')} is not supported (float16 or bfloat16 only)"
+    if q.dim() == 4 and q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} is not supported (one of {SUPPORTED_HEAD_DIMS})"
+    if layout is not None and isinstance(layout, BlockLayout):
+        for name, val in (("block_m", layout.block_m), ("block_n", layout.block_n)):
+            if val not in SUPPORTED_BLOCK_SIZES:
+                return f"layout {name}={val} is not supported (one of {SUPPORTED_BLOCK_SIZES})"
+    if q.dim() == 4 and q.shape[0] * q.shape[1] > _MAX_GRID_Y:
+        return f"batch * heads = {q.shape[0] * q.shape[1]} exceeds the launch grid limit {_MAX_GRID_Y}"
+    return _triton_import_error()
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels() -> tuple[Any, Any]:
+    import triton
+
+    from sparseattn.ops.triton import block_sparse_fwd as mod
+    from sparseattn.ops.triton import configs
+
+    plain = mod._block_sparse_fwd_kernel
+    tuned = triton.autotune(configs=configs.autotune_configs(), key=configs.AUTOTUNE_KEY,
+                            prune_configs_by={"early_config_prune": configs.prune})(plain)
+    return plain, tuned
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_layout_base(Nq: int, Nkv: int, bm: int, bn: int, causal: bool, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from sparseattn.layout.patterns import dense_layout
+
+    lay = dense_layout(Nq, Nkv, block_m=bm, block_n=bn, causal=causal, device=device)
+    return lay.kv_num_blocks[:1, :1].contiguous(), lay.kv_indices[:1, :1].contiguous()
+
+
+def _dense_layout(B: int, H: int, Nq: int, Nkv: int, causal: bool, device: torch.device) -> BlockLayout:
+    bm = bn = 128
+    num, idx = _dense_layout_base(Nq, Nkv, bm, bn, causal, str(device))
+    return BlockLayout(num.expand(B, H, -1), idx.expand(B, H, -1, -1), bm, bn, Nq, Nkv, validate=False)
+
+
+def _check_out(fn: str, name: str, t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
+               device: torch.device) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise fail(fn, name, "must be a torch.Tensor", "torch.Tensor", type(t).__name__)
+    if tuple(t.shape) != shape or t.dtype != dtype or t.device != device:
+        raise fail(fn, name, "has the wrong shape, dtype or device", f"{shape} {dtype} on {device}",
+                   f"{tuple(t.shape)} {t.dtype} on {t.device}")
+    if t.stride(-1) != 1:
+        raise fail(fn, name, "must have a contiguous last dimension", "stride(-1) == 1", f"stride={t.stride()}")
+
+
+def block_sparse_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    layout: BlockLayout | None,
+    causal: bool = False,
+    scale: float | None = None,
+    pv_threshold: float | None = None,
+    stats: dict[str, Any] | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    config: dict[str, int] | None = None,
+) -> AttentionState:
+    """Block-sparse attention forward on the Triton kernel.
+
+    Args:
+        q: ``(B, H, N_q, D)`` float16/bfloat16, CUDA (or CPU under ``TRITON_INTERPRET=1``).
+        k: ``(B, H_kv, N_kv, D)``; ``H % H_kv == 0`` (GQA: kv head ``h // (H // H_kv)``, never copied).
+        v: same shape as ``k``.
+        layout: key blocks per query block (block sizes 64 or 128); ``None`` = dense.
+        causal: bottom-right aligned causal mask (query ``i`` sees keys ``<= i + N_kv - N_q``).
+        scale: softmax scale, default ``D ** -0.5``.
+        pv_threshold: softmax-aware P·V skip, the rule of
+            :func:`sparseattn.ops.reference.reference_attention` (natural-log units, > 0).
+        stats: if given, filled with ``visited_tiles`` (selected layout tiles holding at least one
+            causally allowed pair) and ``pv_skipped_tiles`` (tiles whose P·V was skipped); both are
+            counted only with ``pv_threshold`` (0 otherwise), exactly as the reference counts them.
+        out: optional preallocated output ``(B, H, N_q, D)`` in q's dtype (last dim contiguous).
+        lse: optional preallocated ``(B, H, N_q)`` float32 (last dim contiguous).
+        config: fixed launch config ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}``
+            instead of autotuning (tests, experiments).
+
+    Returns:
+        ``AttentionState(out, lse)``: out ``(B, H, N_q, D)`` in q's dtype; lse ``(B, H, N_q)``
+        natural-log float32. Rows with no attended key: out 0, lse ``-inf``.
+
+    Shapes:
+        q ``(B, H, N_q, D)``, k/v ``(B, H_kv, N_kv, D)``; layout ``[B, H, ceil(N_q/block_m), ...]``.
+
+    Raises:
+        ValueError: malformed inputs (shapes, dtypes, a layout built for other lengths or batch/heads,
+            bad ``pv_threshold``, bad ``out``/``lse``/``config``).
+        NotImplementedError: valid inputs the kernel does not support (see :func:`refusal`).
+    """
+    fn = "block_sparse_fwd"
+    B, H, Hkv, Nq, Nkv, D = check_qkv(fn, q, k, v)
+    scale = check_scale(fn, scale)
+    if scale is None:
+        scale = D ** -0.5
+    if not isinstance(causal, bool):
+        raise fail(fn, "causal", "must be a bool", "True or False", repr(causal))
+    if pv_threshold is not None:
+        if layout is None:
+            raise fail(fn, "pv_threshold", "needs a layout (its tiles are the layout's blocks)", "layout=BlockLayout", "layout=None")
+        if isinstance(pv_threshold, bool) or not isinstance(pv_threshold, (int, float)) or not pv_threshold > 0 \
+                or not math.isfinite(pv_threshold):
+            raise fail(fn, "pv_threshold", "must be a positive number", "float > 0", repr(pv_threshold))
+    if layout is not None:
+        check_layout_for(fn, layout, B, H, Nq, Nkv, q.device)
+        if layout.device != q.device:
+            raise fail(fn, "layout", "is on another device than q", str(q.device), str(layout.device))
+    reason = refusal(q, k=k, v=v, layout=layout, causal=causal, pv_threshold=pv_threshold)
+    if reason is not None:
+        raise NotImplementedError(f"{fn}: the Triton kernel cannot run these inputs: {reason}")
+    if layout is None:
+        layout = _dense_layout(B, H, Nq, Nkv, causal, q.device)
+
+    # the kernel indexes rows through strides; only the last dim must be unit-stride
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    _check_out(fn, "out", out, (B, H, Nq, D), q.dtype, q.device)
+    _check_out(fn, "lse", lse, (B, H, Nq), torch.float32, q.device)
+    if out is None:
+        out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+
+    from sparseattn.ops.triton import configs as cfgs
+
+    pv = pv_threshold is not None
+    interp = interpret_mode()
+    plain, tuned = _kernels()
+    if config is not None:
+        need = {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
+        if not isinstance(config, dict) or set(config) != need:
+            raise fail(fn, "config", "must name exactly the launch parameters", sorted(need), repr(config))
+        if layout.block_m % config["BLOCK_M"] or layout.block_n % config["BLOCK_N"]:
+            raise fail(fn, "config", "tiles must divide the layout blocks", f"divisors of ({layout.block_m}, {layout.block_n})",
+                       f"({config['BLOCK_M']}, {config['BLOCK_N']})")
+        if pv and (config["BLOCK_M"], config["BLOCK_N"]) != (layout.block_m, layout.block_n):
+            raise fail(fn, "config", "must use the layout's blocks as tiles with pv_threshold",
+                       f"({layout.block_m}, {layout.block_n})", f"({config['BLOCK_M']}, {config['BLOCK_N']})")
+        cfg: dict[str, int] | None = dict(config)
+    elif pv or interp or os.environ.get("SPARSEATTN_TRITON_AUTOTUNE", "1") == "0":
+        cfg = cfgs.default_config(D, layout.block_m, layout.block_n, interpret=interp, pv_skip=pv)
+    else:
+        cfg = None  # autotune
+
+    stats_buf = None
+    if pv:  # one (visited, skipped) pair per program; tiles are layout blocks, so programs = B*H*Mb
+        stats_buf = torch.zeros((B * H * layout.num_q_blocks, 2), dtype=torch.int32, device=q.device)
+    num_t, idx_t = layout.kv_num_blocks, layout.kv_indices
+    args = (
+        q, k, v, out, lse, num_t, idx_t, stats_buf if stats_buf is not None else lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        num_t.stride(0), num_t.stride(1), num_t.stride(2),
+        idx_t.stride(0), idx_t.stride(1), idx_t.stride(2), idx_t.stride(3),
+        H, H // Hkv, Nq, Nkv, layout.num_kv_blocks,
+        float(scale) * _LOG2E, float(pv_threshold) * _LOG2E if pv else 0.0,
+        int(math.ceil(math.log2(max(Nq, Nkv, 2)))),
+    )
+    meta = dict(HEAD_DIM=D, LAYOUT_BM=layout.block_m, LAYOUT_BN=layout.block_n, CAUSAL=causal, PV_SKIP=pv)
+    if interp and q.dtype == torch.bfloat16:
+        # Triton's CPU interpreter computes bf16 tl.dot wrongly (garbage, seen with triton 3.9): widen the
+        # operands to fp32 there. Products of bf16 values are exact in fp32, so this matches the GPU's
+        # bf16 MMA with fp32 accumulation up to summation order. GPUs always take the native path.
+        meta["DOT_F32"] = True
+    if cfg is None:
+        grid = lambda META: (-(-Nq // META["BLOCK_M"]), B * H)  # noqa: E731
+        tuned[grid](*args, **meta)
+    else:
+        grid = (-(-Nq // cfg["BLOCK_M"]), B * H)
+        plain[grid](*args, **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+                    num_stages=cfg["num_stages"])
+
+    if stats is not None:
+        if stats_buf is not None:
+            tot = stats_buf.sum(0, dtype=torch.int64).tolist()
+            stats["visited_tiles"] = int(tot[0])
+            stats["pv_skipped_tiles"] = int(tot[1])
+        else:  # like the reference: tiles are counted only with pv_threshold
+            stats["visited_tiles"] = 0
+            stats["pv_skipped_tiles"] = 0
+    return AttentionState(out, lse)

@@ -1,0 +1,208 @@
+"""Triton block-sparse attention forward kernel (FlashAttention-2 style, ``@triton.jit`` code only).
+
+One program computes ``BLOCK_M`` query rows of one (batch, head). Its rows lie inside one layout
+query block, whose key-block list (``kv_indices[b, h, qb, :kv_num_blocks[b, h, qb]]``, strictly
+ascending) drives the loop. Each layout key block is processed as ``LAYOUT_BN // BLOCK_N`` kernel
+tiles.
+
+The list is split with two binary searches into
+
+* full blocks: every key is in range and (causal) at or below the diagonal for *all* rows of the
+  program — no element mask, no ``-inf`` guard;
+* masked blocks: crossing the diagonal or the end of the keys — element mask applied;
+* invisible blocks: entirely above the diagonal — never loaded.
+
+Because the indices ascend, the three groups are consecutive ranges of the list.
+
+Numerics: fp16/bf16 operands, fp32 accumulation; scores are kept in log2 units (``log2(e)`` folded
+into the scale) so the softmax uses ``exp2``; the natural-log lse is written at the end. Rows that
+attend nothing get out 0 and lse ``-inf``. No atomics: every output element is written once by one
+program, so results are deterministic.
+
+``PV_SKIP`` implements the softmax-aware rule of :func:`sparseattn.ops.reference.reference_attention`
+exactly; it requires ``BLOCK_M == LAYOUT_BM`` and ``BLOCK_N == LAYOUT_BN`` so a kernel tile *is* a
+layout tile, and writes per-program ``(visited, skipped)`` counters to ``Stats``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _lower_bound(idx_row, stride_in, num, limit):
+    """Number of entries of the ascending list ``idx_row[:num]`` that are ``< limit``."""
+    lo = num * 0
+    hi = num
+    while lo < hi:
+        mid = (lo + hi) // 2
+        val = tl.load(idx_row + mid * stride_in)
+        go_right = val < limit
+        lo = tl.where(go_right, mid + 1, lo)
+        hi = tl.where(go_right, hi, mid)
+    return lo
+
+
+@triton.jit
+def _pv(p, v, acc, in_dtype: tl.constexpr, DOT_F32: tl.constexpr):
+    """``acc + P·V`` with P rounded to the input dtype (as FlashAttention does)."""
+    p = p.to(in_dtype)
+    if DOT_F32:
+        return tl.dot(p.to(tl.float32), v.to(tl.float32), acc)
+    return tl.dot(p, v, acc)
+
+
+@triton.jit(do_not_specialize=["H", "GROUP", "N_Q", "N_KV", "NUM_KV_BLOCKS", "N_CTX_KEY"])
+def _block_sparse_fwd_kernel(
+    Q, K, V, Out, Lse, KvNum, KvIdx, Stats,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_lb, stride_lh,
+    stride_nb, stride_nh, stride_nm,
+    stride_ib, stride_ih, stride_im, stride_in,
+    H, GROUP, N_Q, N_KV, NUM_KV_BLOCKS,
+    qk_scale, pv_thr2,
+    N_CTX_KEY,  # autotune bucket only (ceil(log2(N_Q))); unused in the body
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    LAYOUT_BM: tl.constexpr,
+    LAYOUT_BN: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    PV_SKIP: tl.constexpr,
+    DOT_F32: tl.constexpr = False,  # interpreter only: widen operands before tl.dot (exact products)
+):
+    SUB: tl.constexpr = LAYOUT_BN // BLOCK_N
+    num_m = tl.num_programs(0)
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = num_m - 1 - pid_m  # longest rows first: less tail imbalance
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+    off_hk = off_h // GROUP
+    OFF = N_KV - N_Q  # bottom-right causal alignment: row r sees keys <= r + OFF
+
+    m0 = pid_m * BLOCK_M
+    qb = m0 // LAYOUT_BM
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N_Q
+
+    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+    v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+    idx_row = KvIdx + off_b.to(tl.int64) * stride_ib + off_h.to(tl.int64) * stride_ih + qb.to(tl.int64) * stride_im
+    num = tl.load(KvNum + off_b.to(tl.int64) * stride_nb + off_h.to(tl.int64) * stride_nh + qb * stride_nm)
+    num = tl.minimum(tl.maximum(num, 0), NUM_KV_BLOCKS)
+
+    # key blocks j < full_lim need no element mask; blocks j >= vis_lim are invisible to every row
+    row_last = tl.minimum(m0 + BLOCK_M, N_Q) - 1
+    if CAUSAL:
+        full_lim = tl.minimum(tl.maximum(m0 + OFF + 1, 0) // LAYOUT_BN, N_KV // LAYOUT_BN)
+        last_key = row_last + OFF
+        vis_lim = tl.where(last_key >= 0, last_key // LAYOUT_BN + 1, 0)
+        vis_lim = tl.minimum(vis_lim, NUM_KV_BLOCKS)
+    else:
+        full_lim = N_KV // LAYOUT_BN
+        vis_lim = NUM_KV_BLOCKS
+    n_full = _lower_bound(idx_row, stride_in, num, full_lim)
+    n_vis = _lower_bound(idx_row, stride_in, num, vis_lim)
+
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    in_dtype = q.dtype
+    if DOT_F32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    n_skipped = num * 0
+
+    # ---------------------------------------------------------------- full blocks: no mask
+    for t in range(0, n_full * SUB):
+        j = t // SUB
+        kb = tl.load(idx_row + j * stride_in)
+        kb = tl.minimum(tl.maximum(kb, 0), NUM_KV_BLOCKS - 1)
+        start_n = kb * LAYOUT_BN + (t % SUB) * BLOCK_N
+        cols = start_n + offs_n
+        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None])
+        if DOT_F32:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, k)
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if PV_SKIP:
+            gap = tl.max(qk, 1) * qk_scale - m_ij
+            skippable = (gap < -pv_thr2) | (offs_m >= N_Q)
+            skip = tl.min(skippable.to(tl.int32), 0) == 1
+            if skip:
+                n_skipped += 1
+            else:
+                v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
+                acc = _pv(p, v, acc, in_dtype, DOT_F32)
+        else:
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
+            acc = _pv(p, v, acc, in_dtype, DOT_F32)
+        m_i = m_ij
+
+    # ---------------------------------------------------------------- blocks crossing the diagonal / the end
+    for t in range(n_full * SUB, n_vis * SUB):
+        j = t // SUB
+        kb = tl.load(idx_row + j * stride_in)
+        kb = tl.minimum(tl.maximum(kb, 0), NUM_KV_BLOCKS - 1)
+        start_n = kb * LAYOUT_BN + (t % SUB) * BLOCK_N
+        cols = start_n + offs_n
+        col_ok = cols < N_KV
+        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        qk = tl.dot(q, k)
+        keep = col_ok[None, :]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None] + OFF)
+        s = tl.where(keep, qk * qk_scale, float("-inf"))
+        tile_max = tl.max(s, 1)
+        m_ij = tl.maximum(m_i, tile_max)
+        m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if PV_SKIP:
+            gap = tile_max - m_safe
+            skippable = (gap < -pv_thr2) | (offs_m >= N_Q)
+            skip = tl.min(skippable.to(tl.int32), 0) == 1
+            if skip:
+                n_skipped += 1
+            else:
+                v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+                acc = _pv(p, v, acc, in_dtype, DOT_F32)
+        else:
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            acc = _pv(p, v, acc, in_dtype, DOT_F32)
+        m_i = m_ij
+
+    # ---------------------------------------------------------------- epilogue
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    out = tl.where(has[:, None], out, 0.0)
+    # natural-log lse = (m2 + log2(l)) * ln(2), m2 in log2 units
+    lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    l_base = Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh
+    tl.store(l_base + offs_m, lse, mask=row_ok)
+    if PV_SKIP:
+        # as in the reference, tiles entirely above the diagonal are neither visited nor skipped
+        pid_flat = (pid_bh * num_m + pid_m).to(tl.int64)
+        tl.store(Stats + pid_flat * 2, n_vis)
+        tl.store(Stats + pid_flat * 2 + 1, n_skipped)
