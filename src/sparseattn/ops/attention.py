@@ -74,6 +74,8 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout:
         listing = "; ".join(f"{n}: {r or 'accepts'}" for n, r in reasons.items())
         raise NotImplementedError(f"{func}: backend={backend!r} cannot run these inputs ({listing})")
     for name in _AUTO_ORDER:
+        if name == "triton" and not q.is_cuda:
+            continue  # on CPU the Triton interpreter (TRITON_INTERPRET=1) is a test vehicle, never the fast path
         if reasons[name] is None:
             if name == "reference" and q.is_cuda:
                 warnings.warn(f"{func}: using the slow PyTorch reference on CUDA because the Triton kernel refused: "
