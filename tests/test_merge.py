@@ -1,0 +1,119 @@
+"""Merging attention states over disjoint key sets is exact."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sparseattn import AttentionState, merge_state, merge_states, reference_attention, segmented_attention
+from sparseattn.ops.reference import sdpa_reference
+from sparseattn.testing.inputs import random_qkv
+from sparseattn.testing.tolerances import MERGE_FP64_ATOL, SDPA_FP64_ATOL
+
+
+def _cuts(n, parts, gen):
+    inner = torch.randperm(n - 1, generator=gen)[: parts - 1] + 1
+    return [0, *sorted(int(x) for x in inner), n]
+
+
+@given(parts=st.integers(2, 8), nq=st.integers(1, 40), extra=st.integers(0, 60), group=st.sampled_from([1, 3, 4]),
+       seed=st.integers(0, 9999))
+def test_merge_of_random_segments_equals_whole(parts, nq, extra, group, seed):
+    nkv = parts + extra
+    q, k, v = random_qkv(2, 2 * group, nq, 8, kv_heads=2, seqlen_kv=nkv, dtype=torch.float64, seed=seed)
+    cuts = _cuts(nkv, parts, torch.Generator().manual_seed(seed))
+    states = [reference_attention(q, k[:, :, a:b], v[:, :, a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    whole = reference_attention(q, k, v)
+    merged = merge_states(states)
+    assert float((merged.out - whole.out).abs().max()) <= MERGE_FP64_ATOL
+    assert float((merged.lse - whole.lse).abs().max()) <= MERGE_FP64_ATOL
+    assert float((merged.out - sdpa_reference(q, k, v)).abs().max()) <= SDPA_FP64_ATOL
+    seg = segmented_attention(q, [k[:, :, a:b] for a, b in zip(cuts[:-1], cuts[1:])],
+                              [v[:, :, a:b] for a, b in zip(cuts[:-1], cuts[1:])], backend="reference")
+    assert float((seg.out - whole.out).abs().max()) <= MERGE_FP64_ATOL
+    # pairwise left fold gives the same answer
+    acc = states[0]
+    for s in states[1:]:
+        acc = merge_state(acc, s)
+    assert float((acc.out - whole.out).abs().max()) <= MERGE_FP64_ATOL
+
+
+def test_merge_of_causal_segments_equals_sdpa_with_mask():
+    # split a causal op by key ranges: each segment keeps the global causal mask as a layout-free slice
+    q, k, v = random_qkv(1, 2, 50, 8, seqlen_kv=90, dtype=torch.float64, seed=1)
+    off = 90 - 50
+    states = []
+    for a, b in ((0, 30), (30, 61), (61, 90)):
+        r = torch.arange(50)[:, None]
+        c = torch.arange(a, b)[None, :]
+        allowed = c <= r + off
+        s = torch.einsum("bhnd,bhmd->bhnm", q, k[:, :, a:b]) * 8 ** -0.5
+        s = s.masked_fill(~allowed, -math.inf)
+        lse = torch.logsumexp(s, -1)
+        p = torch.exp(s - lse.unsqueeze(-1).nan_to_num(neginf=0.0))
+        out = torch.nan_to_num(p) @ v[:, :, a:b]
+        states.append(AttentionState(out, lse))
+    merged = merge_states(states)
+    assert float((merged.out - sdpa_reference(q, k, v, causal=True)).abs().max()) <= SDPA_FP64_ATOL
+    assert float((merged.lse - reference_attention(q, k, v, causal=True).lse).abs().max()) <= MERGE_FP64_ATOL
+
+
+def test_empty_state_is_identity_even_with_garbage_out():
+    q, k, v = random_qkv(1, 2, 16, 8, dtype=torch.float64, seed=2)
+    s = reference_attention(q, k, v)
+    empty = AttentionState(torch.full_like(s.out, float("nan")), torch.full_like(s.lse, -math.inf))
+    for merged in (merge_state(s, empty), merge_state(empty, s), merge_states([empty, s, empty])):
+        assert torch.equal(merged.out, s.out) and torch.equal(merged.lse, s.lse)
+    both = merge_state(empty, empty)
+    assert torch.equal(both.out, torch.zeros_like(s.out)) and bool(torch.isneginf(both.lse).all())
+
+
+def test_partially_empty_rows():
+    q, k, v = random_qkv(1, 1, 6, 4, seqlen_kv=3, dtype=torch.float64, seed=3)
+    causal = reference_attention(q, k, v, causal=True)  # rows 0..2 empty
+    assert bool(torch.isneginf(causal.lse[0, 0, :3]).all())
+    m = merge_state(causal, causal)
+    assert torch.equal(m.out[0, 0, :3], torch.zeros(3, 4, dtype=torch.float64))
+    assert float((m.out - causal.out).abs().max()) <= MERGE_FP64_ATOL
+    assert float((m.lse[0, 0, 3:] - causal.lse[0, 0, 3:] - math.log(2)).abs().max()) <= MERGE_FP64_ATOL
+
+
+def test_merge_dtypes():
+    q, k, v = random_qkv(1, 2, 16, 8, dtype=torch.float16, seed=4)
+    a = reference_attention(q, k[:, :, :8], v[:, :, :8])
+    b = reference_attention(q, k[:, :, 8:], v[:, :, 8:])
+    m = merge_state(a, b)
+    assert m.out.dtype == torch.float16 and m.lse.dtype == torch.float32
+    whole = reference_attention(q, k, v)
+    assert float((m.out.float() - whole.out.float()).abs().max()) < 2e-3
+    assert merge_states([a]).out.dtype == torch.float16
+
+
+@pytest.mark.parametrize(
+    "states,match",
+    [
+        ([], r"merge_states: states must be a non-empty sequence"),
+        ("ab", r"merge_states: states must be a non-empty sequence"),
+        ([(torch.zeros(1, 1, 2, 4),)], r"merge_states: states\[0\] must be an \(out, lse\) pair"),
+        ([(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 3))], r"merge_states: states\[0\] has inconsistent shapes"),
+        ([(torch.zeros(1, 2, 4), torch.zeros(1, 2))], r"merge_states: states\[0\] has inconsistent shapes"),
+        ([(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2)), (torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3))],
+         r"merge_states: states\[1\] has different shapes from states\[0\]"),
+        ([(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, dtype=torch.int64))], r"merge_states: states\[0\] must hold floating"),
+    ],
+)
+def test_merge_bad_input(states, match):
+    with pytest.raises(ValueError, match=match):
+        merge_states(states)
+
+
+def test_segmented_attention_bad_input():
+    q, k, v = random_qkv(1, 2, 8, 4, seed=0)
+    with pytest.raises(ValueError, match=r"segmented_attention: k_segments/v_segments must be non-empty and of equal length"):
+        segmented_attention(q, [k], [])
+    with pytest.raises(ValueError, match=r"segmented_attention\[segment 1\]: k head_dim differs from q"):
+        segmented_attention(q, [k, k[..., :2]], [v, v[..., :2]])
