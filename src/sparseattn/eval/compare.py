@@ -1,0 +1,303 @@
+"""Compare two block predictors (or one against the oracle) on the same Q/K(/V).
+
+For every input (one layer of one sequence length) both predictors build a layout and the exact
+block attention mass is computed blockwise (:func:`sparseattn.predictors.oracle.exact_block_mass`).
+Metrics per input, all over the causal block region when ``causal``:
+
+* ``sparsity_a`` / ``sparsity_b`` — ``1 − density`` (selected / available blocks).
+* ``overlap_a_in_b`` — share of A's selected blocks that B also selects (``|A∩B| / |A|``);
+  ``overlap_b_in_a`` likewise; ``jaccard`` — ``|A∩B| / |A∪B|``.
+* ``recall_a`` / ``recall_b`` — attention-mass recall: the share of the exact attention mass that
+  falls inside the selected blocks, ``Σ mass·mask / Σ mass`` (every query-block row of ``mass``
+  sums to 1, so rows weigh equally). 1.0 means nothing the dense attention uses was dropped.
+* ``score_corr`` — Pearson correlation of the two predictors' block scores (``last_scores``) over
+  the allowed blocks, per (batch, head) then averaged; ``score_corr_a_mass`` / ``score_corr_b_mass``
+  — each predictor's scores against the exact mass. ``None`` for a predictor without scores
+  (``static``).
+* with ``v``: ``out_cosine_a`` / ``out_cosine_b`` — cosine of the sparse attention output against
+  dense attention (reference backend).
+
+``b="oracle"`` means the oracle at A's density: ``oracle:topk=<density of A>`` at A's block sizes,
+i.e. the best blocks A could have picked with the same budget.
+
+Results: :func:`compare_predictors` returns a JSON-able dict (``records`` + ``summary``);
+:func:`write_report` writes ``compare.json``, ``compare.md`` and side-by-side mask PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from sparseattn._validation import fail
+from sparseattn.eval.metrics import cosine_similarity
+from sparseattn.predictors._common import causal_region
+from sparseattn.predictors.base import config_to_json, make_predictor, parse_predictor_spec
+from sparseattn.predictors.oracle import exact_block_mass
+
+__all__ = ["compare_predictors", "compare_layouts", "random_inputs", "safetensors_inputs", "write_report", "resolve"]
+
+
+def resolve(spec_or_predictor: Any) -> Any:
+    """A predictor object, or a spec string (``"mean_sim:cdf_threshold=0.9"``) parsed into one."""
+    if isinstance(spec_or_predictor, str):
+        return parse_predictor_spec(spec_or_predictor)
+    if not hasattr(spec_or_predictor, "predict"):
+        raise fail("compare_predictors", "predictor", "must be a spec string or a predictor", "'name:key=value' or object",
+                   type(spec_or_predictor).__name__)
+    return spec_or_predictor
+
+
+def _spec_of(pred: Any) -> str:
+    cfg = getattr(pred, "config", None)
+    try:
+        fields = json.loads(config_to_json(cfg))
+    except (ValueError, TypeError):
+        return getattr(pred, "name", type(pred).__name__)
+    fields.pop("type", None)
+    fields.pop("version", None)
+    return f"{getattr(pred, 'name', '?')}:" + ",".join(f"{k}={v}" for k, v in sorted(fields.items()))
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor, allowed: torch.Tensor) -> float | None:
+    """Mean over leading dims of the Pearson correlation of ``a`` and ``b`` restricted to ``allowed``."""
+    a = a.to(torch.float64)
+    b = b.to(torch.float64)
+    w = allowed.to(torch.float64).expand_as(a)
+    n = w.sum((-1, -2)).clamp_min(1.0)
+    ma = (a * w).sum((-1, -2)) / n
+    mb = (b * w).sum((-1, -2)) / n
+    da = (a - ma[..., None, None]) * w
+    db = (b - mb[..., None, None]) * w
+    cov = (da * db).sum((-1, -2))
+    den = torch.sqrt((da * da).sum((-1, -2)) * (db * db).sum((-1, -2)))
+    ok = den > 0
+    if not bool(ok.any()):
+        return None
+    return float((cov[ok] / den[ok]).mean())
+
+
+def compare_layouts(layout_a: Any, layout_b: Any, mass: torch.Tensor, *, causal: bool = True,
+                    scores_a: torch.Tensor | None = None, scores_b: torch.Tensor | None = None) -> dict[str, Any]:
+    """Metrics of two layouts of the same geometry against the exact block mass (see module docstring).
+
+    Shapes:
+        layouts ``[B, H, Mb, Nb]`` (as masks); mass float ``[B, H, Mb, Nb]``; scores broadcastable to it.
+    """
+    geo_a = (layout_a.block_m, layout_a.block_n, layout_a.seqlen_q, layout_a.seqlen_kv)
+    geo_b = (layout_b.block_m, layout_b.block_n, layout_b.seqlen_q, layout_b.seqlen_kv)
+    if geo_a != geo_b:
+        raise fail("compare_layouts", "layout_b", "has another geometry than layout_a (block sizes must match)",
+                   f"(block_m, block_n, seqlen_q, seqlen_kv)={geo_a}", geo_b)
+    region = causal_region(layout_a.seqlen_q, layout_a.seqlen_kv, layout_a.block_m, layout_a.block_n, causal,
+                           layout_a.device)
+    ma = layout_a.to_dense_mask() & region
+    mb = layout_b.to_dense_mask() & region
+    inter = float((ma & mb).sum())
+    union = float((ma | mb).sum())
+    na, nb = float(ma.sum()), float(mb.sum())
+    total = float(mass.sum())
+    m64 = mass.to(torch.float64)
+    rec: dict[str, Any] = {
+        "density_a": layout_a.density(causal=causal),
+        "density_b": layout_b.density(causal=causal),
+        "overlap_a_in_b": inter / na if na else None,
+        "overlap_b_in_a": inter / nb if nb else None,
+        "jaccard": inter / union if union else 1.0,
+        "recall_a": float((m64 * ma).sum()) / total if total > 0 else None,
+        "recall_b": float((m64 * mb).sum()) / total if total > 0 else None,
+    }
+    rec["sparsity_a"] = 1.0 - rec["density_a"]
+    rec["sparsity_b"] = 1.0 - rec["density_b"]
+    rec["score_corr"] = _pearson(scores_a.expand_as(mass), scores_b.expand_as(mass), region) \
+        if scores_a is not None and scores_b is not None else None
+    rec["score_corr_a_mass"] = _pearson(scores_a.expand_as(mass), mass, region) if scores_a is not None else None
+    rec["score_corr_b_mass"] = _pearson(scores_b.expand_as(mass), mass, region) if scores_b is not None else None
+    return rec
+
+
+def random_inputs(lengths: Iterable[int], *, layers: int = 2, heads: int = 8, kv_heads: int = 2, head_dim: int = 64,
+                  kind: str = "structured", seed: int = 0, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu") -> Iterator[dict[str, Any]]:
+    """Seeded synthetic inputs: ``layers`` different draws per length (``kind``: ``random`` or ``structured``)."""
+    from sparseattn.testing.inputs import make_qkv
+
+    for n in lengths:
+        for layer in range(layers):
+            q, k, v = make_qkv(kind, 1, heads, n, head_dim, kv_heads=kv_heads, seed=seed + 1000 * layer + n,
+                               dtype=dtype, device=device)
+            yield {"layer": layer, "length": n, "q": q, "k": k, "v": v}
+
+
+def safetensors_inputs(path: str | Path, *, device: str | torch.device = "cpu") -> Iterator[dict[str, Any]]:
+    """Q/K/V captured by ``sparseattn collect``: a ``.safetensors`` file or a directory of them.
+
+    Tensors are matched by name: ``...q``/``...k``/``...v`` (or ``query``/``key``/``value``) with a layer
+    number in the name (``layer3.q``, ``layers.3.k``, ``3.v`` …); shapes ``(B, H, N, D)``.
+    """
+    import re
+
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+    if not files or not all(f.is_file() for f in files):
+        raise fail("safetensors_inputs", "path", "holds no .safetensors file", "a file or a directory of them", str(p))
+    role_of = {"q": "q", "query": "q", "k": "k", "key": "k", "v": "v", "value": "v"}
+    for f in files:
+        tensors = load_file(str(f), device=str(device))
+        groups: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        for name, t in tensors.items():
+            parts = re.split(r"[._/]", name)
+            role = next((role_of[x.lower()] for x in reversed(parts) if x.lower() in role_of), None)
+            nums = [int(x) for x in re.findall(r"\d+", name)]
+            if role is None or not nums or t.dim() != 4:
+                continue
+            groups.setdefault((f.stem, nums[0]), {})[role] = t
+        for (stem, layer), g in sorted(groups.items()):
+            if "q" in g and "k" in g:
+                yield {"layer": layer, "length": int(g["q"].shape[2]), "q": g["q"], "k": g["k"], "v": g.get("v"),
+                       "source": stem}
+
+
+def compare_predictors(a: Any, b: Any, inputs: Iterable[dict[str, Any]], *, causal: bool = True,
+                       with_output: bool = True, keep_masks: int = 4) -> dict[str, Any]:
+    """Run both predictors on every input and measure them (see module docstring).
+
+    Args:
+        a: predictor or spec string.
+        b: predictor, spec string, or ``"oracle"`` (the oracle at A's density).
+        inputs: dicts with ``layer``, ``length``, ``q``, ``k`` and optionally ``v`` (e.g. from
+            :func:`random_inputs` or :func:`safetensors_inputs`), in layer order per sequence.
+        causal: bottom-right aligned causal attention.
+        with_output: with ``v``, also compare each sparse output with dense attention.
+        keep_masks: keep the block masks (head 0) of the first ``keep_masks`` inputs for plots.
+
+    Returns:
+        ``{"a": spec, "b": spec, "causal": bool, "records": [...], "summary": {...}, "masks": [...]}``;
+        ``masks`` holds tensors (dropped by :func:`write_report` from the JSON).
+    """
+    pa = resolve(a)
+    density_matched = isinstance(b, str) and b.strip() == "oracle"
+    pb = None if density_matched else resolve(b)
+    records: list[dict[str, Any]] = []
+    masks: list[dict[str, Any]] = []
+    last_len: int | None = None
+    for item in inputs:
+        q, k, v = item["q"], item["k"], item.get("v")
+        layer, n = int(item["layer"]), int(item["length"])
+        if last_len != n or (records and layer <= records[-1]["layer"]):
+            pa.reset()
+            if pb is not None:
+                pb.reset()
+        last_len = n
+        lay_a = pa.predict(q, k, causal=causal, layer=layer)
+        if density_matched:
+            d = max(lay_a.density(causal=causal), 1e-6)
+            pb_now = make_predictor("oracle", topk=min(1.0, d), cdf_threshold=None, block_m=lay_a.block_m,
+                                    block_n=lay_a.block_n)
+        else:
+            pb_now = pb
+        lay_b = pb_now.predict(q, k, causal=causal, layer=layer)
+        mass = exact_block_mass(q, k, causal=causal, block_m=lay_a.block_m, block_n=lay_a.block_n)
+        rec = {"layer": layer, "length": n, **({"source": item["source"]} if "source" in item else {})}
+        rec.update(compare_layouts(lay_a, lay_b, mass, causal=causal, scores_a=getattr(pa, "last_scores", None),
+                                   scores_b=getattr(pb_now, "last_scores", None)))
+        if with_output and v is not None:
+            from sparseattn.ops.attention import attention
+
+            dense = attention(q, k, v, causal=causal, backend="reference").out
+            for tag, lay, pred in (("a", lay_a, pa), ("b", lay_b, pb_now)):
+                pv = getattr(getattr(pred, "config", None), "pv_threshold", None)
+                out = attention(q, k, v, causal=causal, layout=lay, backend="reference", pv_threshold=pv).out
+                rec[f"out_cosine_{tag}"] = cosine_similarity(out, dense)
+        records.append(rec)
+        if len(masks) < keep_masks:
+            masks.append({"layer": layer, "length": n, "a": lay_a.to_dense_mask()[0, 0].cpu(),
+                          "b": lay_b.to_dense_mask()[0, 0].cpu(), "mass": mass[0, 0].cpu()})
+    return {"a": _spec_of(pa), "b": "oracle (density-matched to a)" if density_matched else _spec_of(pb),
+            "causal": causal, "records": records, "summary": summarize(records), "masks": masks}
+
+
+_KEYS = ("sparsity_a", "sparsity_b", "overlap_a_in_b", "jaccard", "recall_a", "recall_b", "score_corr",
+         "score_corr_a_mass", "score_corr_b_mass", "out_cosine_a", "out_cosine_b")
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means of every metric per length and overall (``None`` entries skipped)."""
+
+    def mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {"inputs": len(rows)}
+        for key in _KEYS:
+            vals = [r[key] for r in rows if r.get(key) is not None and not (isinstance(r[key], float) and math.isnan(r[key]))]
+            out[key] = sum(vals) / len(vals) if vals else None
+        return out
+
+    by_len: dict[str, Any] = {}
+    for n in sorted({r["length"] for r in records}):
+        by_len[str(n)] = mean([r for r in records if r["length"] == n])
+    return {"overall": mean(records), "per_length": by_len}
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.4f}"
+    return str(x)
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """Markdown report: the two specs, a per-length summary, and per-(length, layer) rows."""
+    lines = [f"# Predictor comparison", "", f"- A: `{result['a']}`", f"- B: `{result['b']}`",
+             f"- causal: {result['causal']}", "",
+             "Recall = share of the exact attention mass inside the selected blocks; overlap = |A∩B|/|A|.", ""]
+    cols = ["length", "layer", "sparsity_a", "sparsity_b", "jaccard", "overlap_a_in_b", "recall_a", "recall_b",
+            "score_corr", "out_cosine_a", "out_cosine_b"]
+    lines += ["## Per length", "", "| " + " | ".join(["length", "inputs"] + cols[2:]) + " |",
+              "|" + "---|" * (len(cols)) ]
+    for n, row in result["summary"]["per_length"].items():
+        lines.append("| " + " | ".join([n, str(row["inputs"])] + [_fmt(row.get(c)) for c in cols[2:]]) + " |")
+    lines += ["", "## Per layer", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in result["records"]:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result: dict[str, Any], out_dir: str | Path, *, plots: bool = True) -> dict[str, str]:
+    """Write ``compare.json``, ``compare.md`` and ``masks_<length>_L<layer>.png`` files; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, str] = {}
+    data = {k: v for k, v in result.items() if k != "masks"}
+    (out / "compare.json").write_text(json.dumps(data, indent=2))
+    paths["json"] = str(out / "compare.json")
+    (out / "compare.md").write_text(to_markdown(result))
+    paths["markdown"] = str(out / "compare.md")
+    if plots and result.get("masks"):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        for i, m in enumerate(result["masks"]):
+            fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+            mass = m["mass"].to(torch.float64).clamp_min(1e-8).log10()
+            for ax, img, title, cmap in ((axes[0], m["a"], f"A: {result['a'][:48]}", "Blues"),
+                                         (axes[1], m["b"], f"B: {result['b'][:48]}", "Oranges"),
+                                         (axes[2], mass, "exact block mass (log10)", "viridis")):
+                ax.imshow(img.to(torch.float32).numpy(), cmap=cmap, interpolation="nearest")
+                ax.set_title(title, fontsize=8)
+                ax.set_xlabel("key block")
+                ax.set_ylabel("query block")
+            fig.suptitle(f"length {m['length']}, layer {m['layer']}, batch 0, head 0")
+            fig.tight_layout()
+            name = f"masks_{m['length']}_L{m['layer']}_{i}.png"
+            fig.savefig(out / name, dpi=90)
+            plt.close(fig)
+            paths[f"png{i}"] = str(out / name)
+    return paths
