@@ -1,0 +1,620 @@
+"""Run a transformers model's prefill attention through sparseattn.
+
+:func:`patch_model` registers an attention function with transformers' ``AttentionInterface``
+(name ``"sparseattn"``, or ``"sparseattn_eager"`` for models loaded with eager attention) and
+switches the model to it. Every attention layer then calls back into its :class:`PatchHandle`:
+
+* **prefill** (``N_q == N_kv``, no padding): the layer's predictor picks a
+  :class:`~sparseattn.layout.BlockLayout` from the post-RoPE ``q`` and the unexpanded GQA ``k``,
+  and :func:`sparseattn.attention` (or the exact CPU path, see ``backend``) computes causal
+  block-sparse attention;
+* **decode / chunked prefill** (``N_q < N_kv`` with a KV cache): the model's own dense attention,
+  so ``generate`` is exact given the prefill;
+* **dense layers** (``dense_layers``, ``per_layer={i: "dense"}``): the model's own attention;
+* **sliding-window layers** (Gemma-2/3, Qwen2 with ``use_sliding_window``, Mistral): the model's
+  own windowed attention, unchanged and reported as ``"model_window"``.
+
+Padded batches (an attention mask that is not plain causal) are refused with a ``ValueError``.
+The handle records the block density each prefill actually used per layer and head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, Callable
+
+import torch
+
+from sparseattn._validation import fail
+from sparseattn.layout.block_layout import BlockLayout
+
+__all__ = ["ATTN_NAME", "ATTN_NAME_EAGER", "PatchHandle", "PatternConfig", "PatternPredictor", "patch_model",
+           "unpatch_model", "get_handle", "attention_layers", "resolve_predictor", "register_attention"]
+
+ATTN_NAME = "sparseattn"
+ATTN_NAME_EAGER = "sparseattn_eager"
+_HANDLE_ATTR = "_sparseattn_handle"
+_LAYER_ATTR = "_sparseattn_layer"
+_BACKENDS = ("auto", "masked_sdpa", "reference", "triton", "attention")
+
+
+# --------------------------------------------------------------------------- static pattern predictor
+@dataclasses.dataclass(frozen=True)
+class PatternConfig:
+    """A named static pattern from :data:`sparseattn.layout.PATTERNS` with its builder arguments.
+
+    Args:
+        name: pattern name (``"sink_window"``, ``"sliding_window"``, ``"strided"``, ...).
+        kwargs: builder arguments as ``((key, value), ...)`` (e.g. ``(("window_blocks", 8),)``).
+        pv_threshold: optional softmax-aware P·V skip passed to the attention call.
+    """
+
+    name: str = "sink_window"
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    pv_threshold: float | None = None
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        from sparseattn.layout.patterns import PATTERNS
+
+        if self.name not in PATTERNS:
+            raise fail("PatternConfig", "name", "is not a known pattern", f"one of {sorted(PATTERNS)}", repr(self.name))
+        for key in dict(self.kwargs):
+            if key in ("batch", "heads", "device", "causal", "seqlen_q", "seqlen_kv"):
+                raise fail("PatternConfig", "kwargs", "sets an argument the predictor fills in itself",
+                           "builder options such as window_blocks, block_m", repr(key))
+
+
+class PatternPredictor:
+    """Predictor returning the same static pattern for every input (causal region only).
+
+    Shapes:
+        ``predict(q (B, H, N_q, D), k (B, H_kv, N_kv, D))`` → layout with ``B`` batch and ``H`` heads.
+    """
+
+    name = "pattern"
+
+    def __init__(self, config: PatternConfig) -> None:
+        self.config = config
+
+    def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:
+        from sparseattn.layout.patterns import make_pattern
+
+        kw = dict(self.config.kwargs)
+        if self.config.name != "causal":
+            kw["causal"] = causal
+        return make_pattern(self.config.name, q.shape[2], k.shape[2], batch=q.shape[0], heads=q.shape[1],
+                            device=q.device, **kw)
+
+    def reset(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"PatternPredictor({self.config.name}, {dict(self.config.kwargs)})"
+
+
+def _parse_kv(text: str, func: str) -> dict[str, Any]:
+    from sparseattn.predictors.base import _parse_value
+
+    out: dict[str, Any] = {}
+    if not text:
+        return out
+    for item in text.split(","):
+        key, eq, val = item.partition("=")
+        if not eq or not key.strip():
+            raise fail(func, "spec", "has an item that is not key=value", "'key=value'", repr(item))
+        out[key.strip()] = _parse_value(val.strip())
+    return out
+
+
+def pattern_predictor(spec: str | Mapping[str, Any]) -> PatternPredictor:
+    """``"sink_window:sink_blocks=1,window_blocks=8"`` or ``{"name": "sink_window", ...}`` → predictor."""
+    if isinstance(spec, Mapping):
+        kw = dict(spec)
+        name = kw.pop("name", None)
+    elif isinstance(spec, str) and spec.strip():
+        name, _, rest = spec.strip().partition(":")
+        kw = _parse_kv(rest, "pattern_predictor")
+    else:
+        raise fail("pattern_predictor", "spec", "must be a pattern spec", "'name:key=value,...' or a dict", repr(spec))
+    pv = kw.pop("pv_threshold", None)
+    return PatternPredictor(PatternConfig(name=str(name), kwargs=tuple(sorted(kw.items())), pv_threshold=pv))
+
+
+def resolve_predictor(spec: Any) -> Any:
+    """Turn a predictor spec into a predictor.
+
+    Accepts a predictor object (anything with ``predict`` and ``reset``), a registered predictor
+    spec ``"name:key=value,..."`` (see :func:`sparseattn.predictors.base.parse_predictor_spec`), or
+    the built-in static pattern spec ``"pattern:name=<pattern>,<builder option>=...,pv_threshold=..."``.
+    """
+    if spec is None:
+        return None
+    if hasattr(spec, "predict") and hasattr(spec, "reset"):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise fail("resolve_predictor", "spec", "must be a predictor or a spec string", "'name:key=value,...'", repr(spec))
+    name, _, rest = spec.strip().partition(":")
+    from sparseattn.predictors.base import PREDICTORS, _ensure_registered, parse_predictor_spec
+
+    _ensure_registered()
+    if name.strip() == "pattern" and "pattern" not in PREDICTORS:
+        return pattern_predictor(_parse_kv(rest, "resolve_predictor"))
+    return parse_predictor_spec(spec)
+
+
+def describe_predictor(pred: Any) -> dict[str, Any]:
+    """JSON-friendly description of a predictor (name, class and config fields)."""
+    if pred is None:
+        return {"name": "dense"}
+    cfg = getattr(pred, "config", None)
+    if dataclasses.is_dataclass(cfg):
+        fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+    else:
+        fields = repr(cfg)
+    return {"name": getattr(pred, "name", type(pred).__name__), "class": type(pred).__name__, "config": fields}
+
+
+# --------------------------------------------------------------------------- registration
+def _attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    state = getattr(module, _LAYER_ATTR, None)
+    if state is None:
+        raise RuntimeError(f"sparseattn: the model's attention implementation is {ATTN_NAME!r} but the layer "
+                           f"{type(module).__name__} was not patched by sparseattn.integrations.patch_model; "
+                           "patch the model with patch_model(model, ...) instead of setting attn_implementation by hand")
+    handle, layer = state
+    return handle._forward(module, layer, query, key, value, attention_mask, kwargs)
+
+
+_REGISTERED = False
+
+
+def register_attention() -> None:
+    """Register ``"sparseattn"`` / ``"sparseattn_eager"`` with transformers (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, _attention_forward)
+    AttentionInterface.register(ATTN_NAME_EAGER, _attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME_EAGER, eager_mask)
+    _REGISTERED = True
+
+
+# --------------------------------------------------------------------------- helpers
+def attention_layers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
+    """``(layer_idx, module)`` for every attention module of a transformers model, by layer index."""
+    found: dict[int, torch.nn.Module] = {}
+    for _, mod in model.named_modules():
+        idx = getattr(mod, "layer_idx", None)
+        if isinstance(idx, int) and not isinstance(idx, bool) and type(mod).__name__.endswith("Attention") \
+                and hasattr(mod, "config"):
+            found.setdefault(idx, mod)
+    return sorted(found.items())
+
+
+def _is_compiled(model: torch.nn.Module) -> bool:
+    if hasattr(model, "_orig_mod"):
+        return True
+    return getattr(model, "_compiled_call_impl", None) is not None
+
+
+def get_handle(model: torch.nn.Module) -> "PatchHandle | None":
+    """The active :class:`PatchHandle` of a patched model, else ``None``."""
+    return getattr(model, _HANDLE_ATTR, None)
+
+
+def _causal_equivalent(mask: torch.Tensor, nq: int, nkv: int) -> bool:
+    m = mask[..., :nkv]
+    allowed = m if m.dtype == torch.bool else (m == 0)
+    r = torch.arange(nq, device=m.device)[:, None]
+    c = torch.arange(nkv, device=m.device)[None, :]
+    causal = c <= r + (nkv - nq)
+    return bool((allowed == causal).all())
+
+
+def masked_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, *,
+                          scale: float | None = None, chunk_rows: int = 1024) -> torch.Tensor:
+    """Exact causal block-sparse attention via SDPA with the layout's element mask (CPU fast path).
+
+    Computes exactly what :func:`sparseattn.reference_attention` computes with ``causal=True`` and
+    the same layout (rows with no selected key give 0), in query chunks of ``chunk_rows`` so memory
+    stays ``O(chunk_rows · N_kv)`` per head. Used by :func:`patch_model` on CPU when no
+    ``pv_threshold`` is set; the time it takes is that of dense attention, not of the layout.
+
+    Shapes:
+        q ``(B, H, N_q, D)``, k/v ``(B, H_kv, N_kv, D)`` → out ``(B, H, N_q, D)``.
+    """
+    B, H, Nq, D = q.shape
+    Nkv = k.shape[2]
+    bm, bn = layout.block_m, layout.block_n
+    chunk_rows = max(bm, (chunk_rows // bm) * bm)
+    block_mask = layout.to_dense_mask()  # [B, H, Mb, Nb]
+    off = Nkv - Nq
+    outs = []
+    for r0 in range(0, Nq, chunk_rows):
+        r1 = min(Nq, r0 + chunk_rows)
+        kend = max(1, min(Nkv, r1 + off))
+        rows = torch.arange(r0, r1, device=q.device)
+        cols = torch.arange(kend, device=q.device)
+        em = block_mask[:, :, rows // bm][:, :, :, cols // bn]
+        em = em & (cols[None, :] <= rows[:, None] + off)
+        o = torch.nn.functional.scaled_dot_product_attention(q[:, :, r0:r1], k[:, :, :kend], v[:, :, :kend],
+                                                             attn_mask=em, scale=scale, enable_gqa=H != k.shape[1])
+        empty = ~em.any(-1, keepdim=True)
+        if bool(empty.any()):
+            o = torch.where(empty, torch.zeros((), dtype=o.dtype, device=o.device), o)
+        outs.append(o)
+    return torch.cat(outs, dim=2)
+
+
+# --------------------------------------------------------------------------- the handle
+class PatchHandle:
+    """State of one patched model; returned by :func:`patch_model`.
+
+    Attributes:
+        layer_modes: ``{layer: "sparse" | "dense" | "model_window"}``.
+        densities: ``{layer: [tensor[H] per prefill call]}`` — block density actually used per
+            head (``layout.density_per_head(causal=True)`` averaged over the batch).
+        backends_used: ``{layer: set of backend names that ran the sparse prefill}``.
+        counts: number of ``prefill_sparse``, ``prefill_dense`` and ``decode_dense`` layer calls.
+        captured: ``{layer: {"q", "k", "v"}}`` post-RoPE tensors ``(B, H|H_kv, N, D)`` when
+            :meth:`capture` is active (prefill calls only; the last one wins).
+        layouts: ``{layer: BlockLayout}`` of the last prefill when ``keep_layouts`` is True.
+        timings: ``{layer: seconds}`` summed over prefill calls (prediction + attention).
+
+    Use as a context manager to unpatch on exit.
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: list[tuple[int, torch.nn.Module]], predictors: dict[int, Any],
+                 per_head: dict[int, dict[int, Any]], layer_modes: dict[int, str], backend: str,
+                 orig_impl: str, name: str, dense_fn: Callable[..., Any], keep_layouts: bool) -> None:
+        self.model = model
+        self._layers = layers
+        self.predictors = predictors
+        self.per_head = per_head
+        self.layer_modes = layer_modes
+        self.backend = backend
+        self.orig_impl = orig_impl
+        self.impl_name = name
+        self._dense_fn = dense_fn
+        self.keep_layouts = keep_layouts
+        self.capture_layers: set[int] | None = None
+        self.capture_device: str | torch.device | None = None
+        self.captured: dict[int, dict[str, torch.Tensor]] = {}
+        self.layouts: dict[int, BlockLayout] = {}
+        self.densities: dict[int, list[torch.Tensor]] = {}
+        self.backends_used: dict[int, set[str]] = {}
+        self.timings: dict[int, float] = {}
+        self.counts = {"prefill_sparse": 0, "prefill_dense": 0, "decode_dense": 0}
+        self._hook: Any = None
+        self.active = True
+
+    # ---------------------------------------------------------------- lifecycle
+    def _on_forward(self, *_: Any, **__: Any) -> None:
+        seen: set[int] = set()
+        for pred in list(self.predictors.values()) + [p for d in self.per_head.values() for p in d.values()]:
+            if pred is not None and id(pred) not in seen:
+                seen.add(id(pred))
+                pred.reset()
+
+    def unpatch(self) -> None:
+        """Restore the model exactly: attention implementation, hooks, attributes."""
+        if not self.active:
+            return
+        if self._hook is not None:
+            self._hook.remove()
+        for _, mod in self._layers:
+            if hasattr(mod, _LAYER_ATTR):
+                delattr(mod, _LAYER_ATTR)
+        self.model.set_attn_implementation(self.orig_impl)
+        if self.model.config._attn_implementation != self.orig_impl:  # pragma: no cover - defensive
+            raise RuntimeError(f"unpatch: could not restore attn_implementation={self.orig_impl!r}")
+        if getattr(self.model, _HANDLE_ATTR, None) is self:
+            delattr(self.model, _HANDLE_ATTR)
+        self.active = False
+
+    def __enter__(self) -> "PatchHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.unpatch()
+
+    def reset_stats(self) -> None:
+        """Forget recorded densities, timings, counters, layouts and captures."""
+        self.densities.clear()
+        self.backends_used.clear()
+        self.timings.clear()
+        self.layouts.clear()
+        self.captured.clear()
+        self.counts = {k: 0 for k in self.counts}
+
+    # ---------------------------------------------------------------- capture
+    def capture(self, layers: Iterable[int] | None = None, *, device: str | torch.device | None = "cpu") -> "_Capture":
+        """Context manager recording post-RoPE q/k/v of ``layers`` (all when None) on prefill calls."""
+        return _Capture(self, layers, device)
+
+    # ---------------------------------------------------------------- reporting
+    def sparsity_report(self) -> dict[str, Any]:
+        """Per-layer mode, mean density / sparsity and per-head density actually used (JSON-friendly)."""
+        layers: dict[str, Any] = {}
+        for idx, _ in self._layers:
+            mode = self.layer_modes[idx]
+            entry: dict[str, Any] = {"mode": mode}
+            if self.densities.get(idx):
+                per_head = torch.stack(self.densities[idx]).mean(0)
+                entry["density"] = float(per_head.mean())
+                entry["sparsity"] = 1.0 - entry["density"]
+                entry["density_per_head"] = [round(float(x), 6) for x in per_head]
+                entry["backends"] = sorted(self.backends_used.get(idx, ()))
+            elif mode == "dense":
+                entry["density"] = 1.0
+                entry["sparsity"] = 0.0
+            else:
+                entry["density"] = None
+                entry["sparsity"] = None
+            if idx in self.timings:
+                entry["seconds"] = self.timings[idx]
+            layers[str(idx)] = entry
+        dens = [e["density"] for e in layers.values() if e["density"] is not None]
+        return {
+            "layers": layers,
+            "mean_density": (sum(dens) / len(dens)) if dens else None,
+            "mean_sparsity": (1.0 - sum(dens) / len(dens)) if dens else None,
+            "counts": dict(self.counts),
+            "backend": self.backend,
+            "attn_implementation": self.impl_name,
+            "original_attn_implementation": self.orig_impl,
+        }
+
+    # ---------------------------------------------------------------- the attention call
+    def _forward(self, module: torch.nn.Module, layer: int, query: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
+        nq, nkv = query.shape[2], key.shape[2]
+        prefill = nq == nkv
+        if prefill and self.capture_layers is not None and (not self.capture_layers or layer in self.capture_layers):
+            dev = self.capture_device if self.capture_device is not None else query.device
+            self.captured[layer] = {n: t.detach().to(dev, copy=True).contiguous()
+                                    for n, t in (("q", query), ("k", key), ("v", value))}
+        mode = self.layer_modes[layer]
+        if kwargs.get("sliding_window") is not None and mode == "sparse":  # a window the model applies itself
+            mode = self.layer_modes[layer] = "model_window"
+        if not prefill or mode != "sparse":
+            self.counts["decode_dense" if not prefill else "prefill_dense"] += 1
+            return self._dense_fn(module, query, key, value, attention_mask, **kwargs)
+
+        fn = "patch_model"
+        if attention_mask is not None and not _causal_equivalent(attention_mask, nq, nkv):
+            raise fail(fn, "attention_mask", "is not plain causal (padding or a custom mask); sparse prefill "
+                       "supports unpadded causal inputs only", "no padding (run one sequence per batch or equal lengths)",
+                       f"a mask of shape {tuple(attention_mask.shape)} with masked-out positions")
+        if kwargs.get("softcap") is not None:
+            raise NotImplementedError(f"{fn}: layer {layer} uses attention logit softcapping "
+                                      f"(softcap={kwargs['softcap']}), which no sparseattn backend implements; "
+                                      f"keep it dense with dense_layers=[{layer}, ...]")
+        if kwargs.get("s_aux") is not None:
+            raise NotImplementedError(f"{fn}: layer {layer} uses attention sinks (s_aux), which no sparseattn backend "
+                                      f"implements; keep it dense with dense_layers=[{layer}, ...]")
+        if module.training and float(kwargs.get("dropout", 0.0) or 0.0) > 0:
+            raise NotImplementedError(f"{fn}: attention dropout in training mode is not supported; call model.eval()")
+
+        t0 = time.perf_counter()
+        layout = self._layout(layer, query, key)
+        scale = kwargs.get("scaling")
+        pred = self.predictors[layer]
+        pv = getattr(getattr(pred, "config", None), "pv_threshold", None)
+        backend = self.backend
+        if backend == "auto":
+            backend = "attention" if (query.is_cuda or pv is not None) else "masked_sdpa"
+        if backend == "masked_sdpa":
+            if pv is not None:
+                raise NotImplementedError(f"{fn}: backend='masked_sdpa' cannot apply pv_threshold={pv}; use "
+                                          "backend='auto', 'reference' or 'triton'")
+            out = masked_sdpa_attention(query, key, value, layout, scale=scale)
+            used = "masked_sdpa"
+        else:
+            from sparseattn.ops.attention import attention, select_backend
+
+            b = "auto" if backend == "attention" else backend
+            used = select_backend(query, key, value, layout=layout, causal=True, pv_threshold=pv, backend=b)
+            out = attention(query, key, value, causal=True, layout=layout, scale=scale, backend=b, pv_threshold=pv).out
+        self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
+        self.counts["prefill_sparse"] += 1
+        self.densities.setdefault(layer, []).append(layout.density_per_head(causal=True).mean(0))
+        self.backends_used.setdefault(layer, set()).add(used)
+        if self.keep_layouts:
+            self.layouts[layer] = layout
+        return out.transpose(1, 2).contiguous(), None
+
+    def _layout(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> BlockLayout:
+        pred = self.predictors[layer]
+        layout = pred.predict(q, k, causal=True, layer=layer)
+        if not isinstance(layout, BlockLayout):
+            raise fail("patch_model", "predictor.predict", "must return a BlockLayout", "BlockLayout", type(layout).__name__)
+        overrides = self.per_head.get(layer)
+        if not overrides:
+            return layout
+        H, Hkv = q.shape[1], k.shape[1]
+        G = H // Hkv
+        mask = layout.to_dense_mask().clone()
+        for h, hp in overrides.items():
+            if hp is None:  # dense head
+                from sparseattn.layout.block_layout import causal_block_region
+
+                region, _ = causal_block_region(q.shape[2], k.shape[2], layout.block_m, layout.block_n, q.device)
+                mask[:, h] = region
+                continue
+            sub = hp.predict(q[:, h:h + 1], k[:, h // G:h // G + 1], causal=True, layer=layer)
+            if (sub.block_m, sub.block_n) != (layout.block_m, layout.block_n):
+                raise fail("patch_model", "per_head", f"predictor of head {layer}.{h} uses other block sizes than "
+                           "the layer's predictor", f"block_m={layout.block_m}, block_n={layout.block_n}",
+                           f"block_m={sub.block_m}, block_n={sub.block_n}")
+            mask[:, h] = sub.to_dense_mask()[:, 0]
+        return BlockLayout.from_dense_mask(mask, block_m=layout.block_m, block_n=layout.block_n,
+                                           seqlen_q=layout.seqlen_q, seqlen_kv=layout.seqlen_kv)
+
+
+class _Capture:
+    def __init__(self, handle: PatchHandle, layers: Iterable[int] | None, device: Any) -> None:
+        self.handle = handle
+        self.layers = set() if layers is None else {int(x) for x in layers}
+        self.device = device
+
+    def __enter__(self) -> dict[int, dict[str, torch.Tensor]]:
+        self.handle.captured.clear()
+        self.handle.capture_layers = self.layers
+        self.handle.capture_device = self.device
+        return self.handle.captured
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.capture_layers = None
+
+
+# --------------------------------------------------------------------------- patch / unpatch
+def _dense_function(model: torch.nn.Module, orig_impl: str, layers: list[tuple[int, torch.nn.Module]]) -> Callable[..., Any]:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if orig_impl == "eager":
+        mod = sys.modules[type(layers[0][1]).__module__]
+        eager = getattr(mod, "eager_attention_forward", None)
+        if eager is None:
+            raise NotImplementedError(f"patch_model: {type(model).__name__} was loaded with eager attention but "
+                                      f"{mod.__name__} has no eager_attention_forward; load it with attn_implementation='sdpa'")
+        return eager
+    if orig_impl in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[orig_impl]
+    raise NotImplementedError(f"patch_model: the model's attention implementation {orig_impl!r} is not in transformers' "
+                              "AttentionInterface; load it with attn_implementation='sdpa' or 'eager'")
+
+
+def _head_key(key: Any) -> tuple[int, int]:
+    if isinstance(key, str) and key.count(".") == 1:
+        a, b = key.split(".")
+        if a.isdigit() and b.isdigit():
+            return int(a), int(b)
+    if isinstance(key, tuple) and len(key) == 2 and all(isinstance(x, int) for x in key):
+        return key
+    raise fail("patch_model", "per_head", "has a key that is not '<layer>.<head>'", "'3.5' or (3, 5)", repr(key))
+
+
+def patch_model(
+    model: torch.nn.Module,
+    *,
+    predictor: Any = None,
+    pattern: str | Mapping[str, Any] | None = None,
+    dense_layers: Iterable[int] = (),
+    per_layer: Mapping[int, Any] | None = None,
+    per_head: Mapping[Any, Any] | None = None,
+    backend: str = "auto",
+    keep_layouts: bool = False,
+) -> PatchHandle:
+    """Route a transformers model's prefill attention through sparseattn.
+
+    Args:
+        model: a transformers model whose attention goes through ``AttentionInterface``
+            (Llama, Qwen2, Mistral, Gemma-2/3, ...), loaded with ``sdpa`` or ``eager`` attention.
+        predictor: the default predictor for every layer: a predictor object, a registered spec
+            ``"name:key=value,..."`` or ``"pattern:name=<pattern>,..."``. With neither
+            ``predictor`` nor ``pattern`` every layer stays dense (useful for :meth:`PatchHandle.capture`).
+        pattern: shorthand for a static pattern predictor, ``"sink_window:sink_blocks=1,window_blocks=8"``
+            or ``{"name": "sink_window", "window_blocks": 8}``. Mutually exclusive with ``predictor``.
+        dense_layers: layer indices that keep the model's own dense attention.
+        per_layer: ``{layer: predictor | spec | "dense"}`` overriding the default per layer.
+        per_head: ``{"<layer>.<head>": predictor | spec | "dense"}``; that head's rows of the
+            layer's layout come from this predictor (run on the head's q and its KV head's k).
+        backend: ``"auto"`` (CUDA or ``pv_threshold`` → :func:`sparseattn.attention`; CPU otherwise →
+            exact ``"masked_sdpa"``), ``"masked_sdpa"``, ``"attention"`` (sparseattn's own dispatch),
+            ``"reference"`` or ``"triton"``.
+        keep_layouts: keep the last prefill's layout per layer in ``handle.layouts`` (for plots).
+
+    Returns:
+        A :class:`PatchHandle`; ``handle.unpatch()`` (or ``with patch_model(...)``) restores the model.
+
+    Raises:
+        RuntimeError: the model is already patched, or was compiled (patch before ``torch.compile``).
+        ValueError: bad arguments; at run time, padded batches.
+    """
+    fn = "patch_model"
+    if not isinstance(model, torch.nn.Module):
+        raise fail(fn, "model", "must be a torch.nn.Module", "a transformers PreTrainedModel", type(model).__name__)
+    if _is_compiled(model):
+        raise RuntimeError(f"{fn}: the model was compiled with torch.compile; patch the uncompiled model first, "
+                           "then compile the patched model (handle = patch_model(model, ...); model = torch.compile(model))")
+    if get_handle(model) is not None:
+        raise RuntimeError(f"{fn}: the model is already patched; call handle.unpatch() (or "
+                           "sparseattn.integrations.unpatch_model(model)) before patching it again")
+    if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
+        raise fail(fn, "model", "is not a transformers PreTrainedModel", "a model with set_attn_implementation",
+                   type(model).__name__)
+    if backend not in _BACKENDS:
+        raise fail(fn, "backend", "is unknown", f"one of {list(_BACKENDS)}", repr(backend))
+    if predictor is not None and pattern is not None:
+        raise fail(fn, "predictor/pattern", "are mutually exclusive", "one of them", "both")
+    layers = attention_layers(model)
+    if not layers:
+        raise fail(fn, "model", "has no attention modules with a layer_idx", "a transformers decoder model",
+                   type(model).__name__)
+    indices = {i for i, _ in layers}
+    default = pattern_predictor(pattern) if pattern is not None else resolve_predictor(predictor)
+
+    dense = set()
+    for i in dense_layers:
+        if isinstance(i, bool) or not isinstance(i, int) or i not in indices:
+            raise fail(fn, "dense_layers", "has an unknown layer index", f"ints in [0, {max(indices)}]", repr(i))
+        dense.add(i)
+    predictors: dict[int, Any] = {i: (None if i in dense else default) for i in indices}
+    for i, spec in (per_layer or {}).items():
+        if isinstance(i, bool) or not isinstance(i, int) or i not in indices:
+            raise fail(fn, "per_layer", "has an unknown layer index", f"ints in [0, {max(indices)}]", repr(i))
+        predictors[i] = None if (isinstance(spec, str) and spec == "dense") else resolve_predictor(spec)
+    heads: dict[int, dict[int, Any]] = {}
+    for key, spec in (per_head or {}).items():
+        li, hi = _head_key(key)
+        mod = dict(layers).get(li)
+        nh = getattr(mod.config, "num_attention_heads", None) if mod is not None else None
+        if li not in indices or (nh is not None and not 0 <= hi < nh):
+            raise fail(fn, "per_head", "names a layer or head the model does not have", f"layers 0..{max(indices)}",
+                       repr(key))
+        if predictors[li] is None:
+            raise fail(fn, "per_head", f"sets head {li}.{hi} of a layer that is dense", "a sparse layer", repr(key))
+        heads.setdefault(li, {})[hi] = None if (isinstance(spec, str) and spec == "dense") else resolve_predictor(spec)
+
+    modes: dict[int, str] = {}
+    for i, mod in layers:
+        if getattr(mod, "sliding_window", None) is not None:
+            modes[i] = "model_window"
+        elif predictors[i] is None:
+            modes[i] = "dense"
+        else:
+            modes[i] = "sparse"
+
+    register_attention()
+    orig = model.config._attn_implementation
+    name = ATTN_NAME_EAGER if orig == "eager" else ATTN_NAME
+    dense_fn = _dense_function(model, orig, layers)
+    handle = PatchHandle(model, layers, predictors, heads, modes, backend, orig, name, dense_fn, keep_layouts)
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        model.set_attn_implementation(orig)
+        raise NotImplementedError(f"{fn}: {type(model).__name__} does not accept a custom attention implementation "
+                                  "(it does not use transformers' AttentionInterface)")
+    for i, mod in layers:
+        setattr(mod, _LAYER_ATTR, (handle, i))
+    handle._hook = model.register_forward_pre_hook(handle._on_forward)
+    setattr(model, _HANDLE_ATTR, handle)
+    return handle
+
+
+def unpatch_model(model: torch.nn.Module) -> None:
+    """Undo :func:`patch_model` (no-op with a ``ValueError`` if the model is not patched)."""
+    handle = get_handle(model)
+    if handle is None:
+        raise fail("unpatch_model", "model", "is not patched", "a model returned patched by patch_model", "no handle")
+    handle.unpatch()
