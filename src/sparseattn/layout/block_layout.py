@@ -182,11 +182,12 @@ class BlockLayout:
         B, H, Mb, Nb = self.kv_indices.shape
         pos = torch.arange(Nb, device=self.device)
         valid = pos < self.kv_num_blocks.unsqueeze(-1).long()
-        idx = torch.where(valid, self.kv_indices.long(), torch.zeros((), dtype=torch.long, device=self.device))
-        mask = torch.zeros(B, H, Mb, Nb, dtype=torch.bool, device=self.device)
-        # "amax" so a padding slot (pointing at block 0, value False) never clears a real selection
-        mask.scatter_reduce_(-1, idx, valid, reduce="amax", include_self=True)
-        return mask
+        # padding slots write into an extra column that is dropped; uint8 because CUDA has no bool
+        # scatter_reduce (torch 2.11: "cuda_scatter_gather_base_kernel_func not implemented for 'Bool'")
+        idx = torch.where(valid, self.kv_indices.long(), torch.full((), Nb, dtype=torch.long, device=self.device))
+        mask = torch.zeros(B, H, Mb, Nb + 1, dtype=torch.uint8, device=self.device)
+        mask.scatter_(-1, idx, 1)
+        return mask[..., :Nb].bool()
 
     @classmethod
     def from_dense_mask(
