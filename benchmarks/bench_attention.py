@@ -186,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     deadline = t_start + args.budget_s
     info = env_info()
     print(json.dumps(info), flush=True)
-    results, skipped = [], []
+    results: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    errors: list[dict[str, str]] = []
     for shape in SHAPES:
         if args.only and args.only not in shape.name:
             continue
@@ -194,13 +196,22 @@ def main(argv: list[str] | None = None) -> int:
             skipped.append(shape.name)
             continue
         t0 = time.time()
-        res = bench_shape(shape, deadline, args.parity_rows)
+        try:
+            res = bench_shape(shape, deadline, args.parity_rows)
+        except Exception as exc:  # record and go on: one broken shape must not hide the others
+            import traceback
+
+            print(f"ERROR {shape.name}: {type(exc).__name__}: {exc}\n{traceback.format_exc()[-2000:]}", flush=True)
+            errors.append({"shape": shape.name, "error": f"{type(exc).__name__}: {exc}"})
+            torch.cuda.empty_cache()
+            continue
         res["wall_s"] = time.time() - t0
         results.append(res)
         print(f"[{time.time() - t_start:6.1f}s] {shape.name}: sdpa {res['sdpa_best']} ({res['wall_s']:.1f}s)", flush=True)
     targets = evaluate_targets(results)
     all_ok = all(x["parity"]["ok"] for r in results for x in r["rows"] if "parity" in x)
-    doc = {"env": info, "results": results, "skipped_shapes": skipped, "targets": targets, "parity_all_ok": all_ok,
+    doc = {"env": info, "results": results, "skipped_shapes": skipped, "errors": errors, "targets": targets,
+           "parity_all_ok": all_ok,
            "wall_s": time.time() - t_start}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
@@ -213,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"env: {info['gpu']} torch {info['torch']} triton {info['triton']} commit {info['commit']}")
     print("TFLOPS* = dense-equivalent (dense FLOPs of the shape / our time); SDPA = best of cuDNN/flash, dense")
     print(table(results))
-    return 0 if all_ok else 1
+    for e in errors:
+        print(f"ERROR {e['shape']}: {e['error'][:300]}")
+    return 0 if all_ok and not errors else 1
 
 
 if __name__ == "__main__":
