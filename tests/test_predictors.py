@@ -33,6 +33,7 @@ SPECS = [
     "sketch_walk",
     "sketch_walk:walk=false,dense_layers=0",
     "sketch_walk:sketch_dim=8,beta=0.5,depth=2,top_fraction=0.3",
+    "sketch_walk:per_head=true,top_fraction=0.2",
 ]
 
 # (B, H, H_kv, N_q, N_kv, D, block_m, block_n)

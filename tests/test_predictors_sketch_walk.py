@@ -126,3 +126,16 @@ def test_decode_pools_last_queries():
     p.reset_sequence()
     p.predict(q[:, :, N - 1:], k, causal=True, layer=0)
     torch.testing.assert_close(p.last_scores[:, 0], p.block_matrix(q[:, :, N - 1:], k, causal=True))
+
+
+def test_per_head_walk_row_stochastic_and_heads_differ():
+    q, k = _qk(8, N=1024, H=4, Hkv=2, D=32)
+    p = make_predictor("sketch_walk", per_head=True, dense_layers=0, top_fraction=0.2)
+    for layer in range(2):
+        lay = p.predict(q, k, causal=True, layer=layer)
+        assert p.last_scores.shape == (1, 4, 16, 16)
+        torch.testing.assert_close(p.last_scores.sum(-1), torch.ones(1, 4, 16), atol=1e-5, rtol=0)
+    shared = make_predictor("sketch_walk", dense_layers=0, top_fraction=0.2).predict(q, k, causal=True, layer=0)
+    assert lay.density(causal=True) == pytest.approx(shared.density(causal=True))  # same budget per row
+    m = lay.to_dense_mask()[0]
+    assert any(not torch.equal(m[0], m[h]) for h in range(1, 4))

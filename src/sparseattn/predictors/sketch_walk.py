@@ -118,6 +118,8 @@ class SketchWalkConfig:
         beta: walk decay ``β`` in [0, 1).
         depth: walk depth ``d`` (powers of ``A_l``), >= 1.
         walk: use the walk (False: select on ``A_l`` alone — the ablation).
+        per_head: keep one block matrix (and walk) per query head instead of averaging the heads;
+            the layout then differs per head (costs ``H`` small matrix powers instead of one).
         sink_fraction: share of each row's allowed blocks kept from its start.
         window_fraction: share kept as the recent window (diagonal block and before).
         top_fraction: share of the remaining allowed blocks kept by ``W_l``.
@@ -136,6 +138,7 @@ class SketchWalkConfig:
     beta: float = 0.25
     depth: int = 3
     walk: bool = True
+    per_head: bool = False
     sink_fraction: float = 0.025
     window_fraction: float = 0.05
     top_fraction: float = 0.125
@@ -156,6 +159,7 @@ class SketchWalkConfig:
             raise fail(c, "beta", "is out of range", "a float in [0, 1)", repr(self.beta))
         check_block(c, "depth", self.depth)
         check_bool(c, "walk", self.walk)
+        check_bool(c, "per_head", self.per_head)
         for name in ("sink_fraction", "window_fraction", "top_fraction"):
             check_opt_fraction(c, name, getattr(self, name), low_open=False)
             if getattr(self, name) is None:
@@ -174,7 +178,8 @@ class SketchWalkPredictor:
     """Sketched block attention walked across layers; one layout per layer shared by all heads.
 
     Attributes:
-        last_scores: ``W_l`` (or ``A_l`` with ``walk=False``) of the last call, ``[B, 1, Mb, Nb]``.
+        last_scores: ``W_l`` (or ``A_l`` with ``walk=False``) of the last call, ``[B, 1, Mb, Nb]``
+            (``[B, H, Mb, Nb]`` with ``per_head``).
 
     Shapes:
         q ``(B, H, N_q, D)``, k ``(B, H_kv, N_kv, D)`` → layout with ``B`` batches and ``H`` heads
@@ -213,7 +218,7 @@ class SketchWalkPredictor:
 
     # ------------------------------------------------------------------ sketch
     def block_matrix(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True) -> torch.Tensor:
-        """The per-layer sketch ``A_l``: float32 ``[B, Mb, Nb]``, rows sum to 1 (0 for rows with no allowed block)."""
+        """The per-layer sketch ``A_l``: float32 ``[B, Mb, Nb]`` (``[B, H, Mb, Nb]`` with ``per_head``), rows sum to 1 (0 for rows with no allowed block)."""
         B, H, Hkv, Nq, Nkv, D = check_qk("SketchWalkPredictor.block_matrix", q, k, causal)
         return self._sketch(q, k, causal, B, H, Hkv, Nq, Nkv, D)
 
@@ -230,6 +235,8 @@ class SketchWalkPredictor:
         region = causal_region(Nq, Nkv, cfg.block_m, cfg.block_n, causal, q.device)
         s = s.reshape(B, Hkv, G, Mb, Nb).masked_fill(~region, float("-inf"))
         p = torch.softmax(s, dim=-1).nan_to_num_(0.0)
+        if cfg.per_head:
+            return p.reshape(B, H, Mb, Nb)
         return p.mean(dim=(1, 2))  # [B, Mb, Nb]
 
     def _decode_queries(self, q: torch.Tensor, Nq: int, Nkv: int, layer: int | None) -> torch.Tensor:
@@ -291,15 +298,16 @@ class SketchWalkPredictor:
             A = self._sketch(q, k, causal, B, H, Hkv, Nq, Nkv, D)
         Mb, Nb = cdiv(Nq, cfg.block_m), cdiv(Nkv, cfg.block_n)
         square = Nq == Nkv and cfg.block_m == cfg.block_n
-        geom = (B, Mb, Nb, Nq, Nkv, causal, str(dev))
+        geom = (B, H if cfg.per_head else 1, Mb, Nb, Nq, Nkv, causal, str(dev))
         W = self._walk(A, geom, square, stateful) if cfg.walk else A
         if stateful:
             self._W, self._geom, self._last_layer = W, geom, layer
-        self.last_scores = W.unsqueeze(1)
+        Wh = W if cfg.per_head else W.unsqueeze(1)  # [B, H or 1, Mb, Nb]
+        self.last_scores = Wh
         if stateful and layer < cfg.dense_layers:  # type: ignore[operator]
             return dense_predicted_layout(B, H, Nq, Nkv, cfg.block_m, cfg.block_n, causal, dev)
-        mask = self._select(W, Nq, Nkv, causal, dev)  # [B, Mb, Nb]
-        return mask_to_layout(mask.unsqueeze(1), block_m=cfg.block_m, block_n=cfg.block_n, seqlen_q=Nq,
+        mask = self._select(Wh, Nq, Nkv, causal, dev)  # [B, H or 1, Mb, Nb]
+        return mask_to_layout(mask, block_m=cfg.block_m, block_n=cfg.block_n, seqlen_q=Nq,
                               seqlen_kv=Nkv, batch=B, heads=H)
 
     def _select(self, W: torch.Tensor, Nq: int, Nkv: int, causal: bool, dev: torch.device) -> torch.Tensor:
@@ -320,7 +328,7 @@ class SketchWalkPredictor:
         forced = (sink | win) & region
         remaining = region & ~forced
         if cfg.top_fraction > 0:
-            top = select_topk(W, remaining.unsqueeze(0), cfg.top_fraction)
+            top = select_topk(W, remaining, cfg.top_fraction)
         else:
             top = torch.zeros_like(W, dtype=torch.bool)
         return (top | forced) & region
