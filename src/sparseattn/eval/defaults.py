@@ -1,0 +1,28 @@
+"""Defaults of the end-to-end evaluation (``sparseattn eval`` / ``niah``): one place to change them."""
+
+from __future__ import annotations
+
+__all__ = ["DEFAULT_PREDICTOR_SPEC", "DEFAULT_SEQ_LEN", "DEFAULT_SAMPLES", "DEFAULT_GEN_TOKENS", "EVAL_THRESHOLDS",
+           "NIAH_DEFAULT_LENGTHS", "NIAH_DEFAULT_DEPTHS"]
+
+#: The sparse configuration ``sparseattn eval`` and ``sparseattn niah`` use when no
+#: ``--predictor`` / ``--pattern`` is given. A static A-shape pattern (first key block + an 8-block
+#: local window, 64×64 blocks) until a data-dependent predictor is chosen as the default.
+DEFAULT_PREDICTOR_SPEC = "static:pattern=sink_window,sink_blocks=1,window_blocks=8"
+
+#: Tokens per sample with no arguments: small enough for a 2-core CPU in a few minutes.
+DEFAULT_SEQ_LEN = 1024
+DEFAULT_SAMPLES = 3
+DEFAULT_GEN_TOKENS = 16
+
+#: Verdict thresholds applied to the means over samples (sparse vs dense on the same input).
+EVAL_THRESHOLDS = {
+    "logits_cosine_min": 0.99,
+    "top1_agreement_min": 0.90,
+    "top5_overlap_min": 0.85,
+    "kl_max": 0.05,
+    "gen_prefix_fraction_min": 0.5,
+}
+
+NIAH_DEFAULT_LENGTHS = (1024, 2048)
+NIAH_DEFAULT_DEPTHS = (0.0, 0.5, 1.0)

@@ -1,0 +1,687 @@
+"""End-to-end accuracy: the same model and inputs, dense vs sparse prefill attention.
+
+:func:`evaluate` is the library behind ``sparseattn eval``. For each sample (``seq_len`` tokens of
+real text) it runs
+
+1. the unpatched model (dense attention) — prefill logits, then greedy generation with the cache;
+2. the same again (self-check: must give cosine 1.0 and 100 % agreement, else the pipeline is
+   non-deterministic and no other number in the report means anything);
+3. the model patched with the sparse configuration (:func:`sparseattn.integrations.patch_model`) —
+   prefill is block-sparse, decode steps are dense over the cache;
+
+and compares the prefill logits over the last ``score_last`` positions (logits cosine, relative
+L1, top-1 agreement, top-5 overlap, KL(dense‖sparse) in nats) and the greedy continuations
+(identical-prefix length over ``gen_tokens`` new tokens). The verdict applies
+:data:`sparseattn.eval.defaults.EVAL_THRESHOLDS` to the means over samples.
+
+``compare_random=True`` also runs the predictor on the first sample's captured Q/K of every
+sparse layer and on Gaussian tensors of the same shapes (same mean / std), reporting the
+density each gets and the attention-output error: structure in real attention is what lets a
+data-dependent predictor skip blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparseattn._validation import check_positive_int, fail
+from sparseattn.eval.defaults import DEFAULT_GEN_TOKENS, DEFAULT_PREDICTOR_SPEC, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, \
+    EVAL_THRESHOLDS
+
+__all__ = ["EvalResult", "evaluate", "write_report", "logits_metrics", "greedy_generate", "prefix_agreement"]
+
+_METRICS = ("logits_cosine", "logits_rel_l1", "top1_agreement", "top5_overlap", "kl_dense_sparse",
+            "gen_prefix_len", "gen_prefix_fraction")
+
+
+# --------------------------------------------------------------------------- metrics
+@torch.no_grad()
+def logits_metrics(sparse: torch.Tensor, dense: torch.Tensor, *, chunk: int = 256) -> dict[str, float]:
+    """Compare two logits tensors ``(N, V)`` position by position (in float64, chunked).
+
+    Returns:
+        ``logits_cosine`` (flattened), ``logits_rel_l1`` (sum|s-d| / sum|d|), ``top1_agreement``,
+        ``top5_overlap`` (mean |top5(s) ∩ top5(d)| / 5), ``kl_dense_sparse`` (mean over positions of
+        KL(softmax(d) ‖ softmax(s)), nats).
+    """
+    if sparse.shape != dense.shape or sparse.dim() != 2:
+        raise fail("logits_metrics", "sparse", "must match dense and be (N, V)", f"shape {tuple(dense.shape)}",
+                   f"shape {tuple(sparse.shape)}")
+    dot = ns = nd = l1 = l1d = kl = 0.0
+    top1 = top5 = 0.0
+    n = sparse.shape[0]
+    for lo in range(0, n, chunk):
+        s = sparse[lo:lo + chunk].to(torch.float64)
+        d = dense[lo:lo + chunk].to(torch.float64)
+        dot += float((s * d).sum())
+        ns += float((s * s).sum())
+        nd += float((d * d).sum())
+        l1 += float((s - d).abs().sum())
+        l1d += float(d.abs().sum())
+        ld, ls = torch.log_softmax(d, -1), torch.log_softmax(s, -1)
+        kl += float((ld.exp() * (ld - ls)).sum(-1).clamp(min=0).sum())
+        top1 += float((s.argmax(-1) == d.argmax(-1)).sum())
+        ts, td = s.topk(5, -1).indices, d.topk(5, -1).indices
+        top5 += float((ts[:, :, None] == td[:, None, :]).any(-1).sum(-1).to(torch.float64).sum() / 5)
+    cos = 1.0 if ns == 0 and nd == 0 else (dot / math.sqrt(ns * nd) if ns > 0 and nd > 0 else 0.0)
+    return {"logits_cosine": cos, "logits_rel_l1": (l1 / l1d) if l1d > 0 else (0.0 if l1 == 0 else math.inf),
+            "top1_agreement": top1 / n, "top5_overlap": top5 / n, "kl_dense_sparse": kl / n}
+
+
+def prefix_agreement(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the identical prefix of two token sequences."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def greedy_generate(model: Any, ids: torch.Tensor, *, gen_tokens: int, score_last: int) -> dict[str, Any]:
+    """Prefill ``ids`` (logits of the last ``score_last`` positions kept), then ``gen_tokens`` greedy steps.
+
+    Returns:
+        ``{"logits": (score_last, V) float32 on CPU, "tokens": [int], "prefill_s", "decode_s",
+        "peak_mem_bytes" (CUDA only, else None)}``.
+    """
+    cuda = ids.is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    out = model(ids, use_cache=True, logits_to_keep=score_last)
+    logits = out.logits[0].float()
+    if cuda:
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    past = out.past_key_values
+    tok = logits[-1].argmax()
+    tokens = [int(tok)]
+    for _ in range(gen_tokens - 1):
+        o = model(tok.view(1, 1).to(ids.device), past_key_values=past, use_cache=True)
+        past = o.past_key_values
+        tok = o.logits[0, -1].argmax()
+        tokens.append(int(tok))
+    if cuda:
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return {"logits": logits.cpu(), "tokens": tokens, "prefill_s": t1 - t0, "decode_s": t2 - t1, "peak_mem_bytes": peak}
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    vals = [float(v) for v in values]
+    if not vals:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    m = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return {"mean": m, "std": sd, "n": len(vals)}
+
+
+# --------------------------------------------------------------------------- result
+@dataclasses.dataclass
+class EvalResult:
+    """Everything :func:`evaluate` measured (JSON-friendly via :meth:`to_dict`).
+
+    Attributes:
+        config: the arguments, model description, text source, predictor description.
+        samples: per-sample metrics, timings and generated tokens.
+        summary: ``{metric: {"mean", "std", "n"}}`` sparse vs dense.
+        self_check: the same for dense vs dense (repeat run).
+        layers: per-layer mode and density actually used (averaged over samples).
+        verdict: thresholds, per-metric pass/fail and ``passed``.
+        random_comparison: per-layer density / output error on real vs random Q/K (or None).
+        timings: mean wall times (and GPU peak memory) of dense and sparse.
+        environment: versions, device, date.
+        attention_map: block-mass maps for the plot (not written to JSON).
+    """
+
+    config: dict[str, Any]
+    samples: list[dict[str, Any]]
+    summary: dict[str, dict[str, float]]
+    self_check: dict[str, dict[str, float]] | None
+    layers: dict[str, Any]
+    verdict: dict[str, Any]
+    random_comparison: dict[str, Any] | None
+    timings: dict[str, Any]
+    environment: dict[str, Any]
+    attention_map: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("attention_map", None)
+        if self.attention_map is not None:
+            d["attention_map"] = {k: v for k, v in self.attention_map.items() if not isinstance(v, torch.Tensor)}
+        return d
+
+    def to_markdown(self) -> str:
+        return _markdown(self)
+
+    def table(self) -> str:
+        """The metric table (plain text) that ``sparseattn eval`` prints."""
+        return _table(self)
+
+
+# --------------------------------------------------------------------------- attention map / random comparison
+def _block_mass(q: torch.Tensor, k: torch.Tensor, head: int, block: int, scale: float | None) -> torch.Tensor:
+    """Softmax probability mass per (query block, key block) of one head, causal. ``[Mb, Nb]`` float32."""
+    H, Hkv = q.shape[1], k.shape[1]
+    qh = q[0, head].double()
+    kh = k[0, head // (H // Hkv)].double()
+    n, nk = qh.shape[0], kh.shape[0]
+    sc = scale if scale is not None else qh.shape[-1] ** -0.5
+    Mb, Nb = -(-n // block), -(-nk // block)
+    mass = torch.zeros(Mb, Nb, dtype=torch.float64)
+    cols = torch.arange(nk)
+    for lo in range(0, n, 512):
+        hi = min(n, lo + 512)
+        s = (qh[lo:hi] @ kh.T) * sc
+        rows = torch.arange(lo, hi)
+        s = s.masked_fill(cols[None, :] > rows[:, None] + (nk - n), -math.inf)
+        p = torch.softmax(s, -1)
+        p = torch.nn.functional.pad(p, (0, Nb * block - nk)).reshape(hi - lo, Nb, block).sum(-1)
+        mass.index_add_(0, rows // block, p)
+    return (mass / mass.sum(-1, keepdim=True).clamp(min=1e-30)).float()
+
+
+@torch.no_grad()
+def _random_comparison(pred: Any, captured: dict[int, dict[str, torch.Tensor]], modes: dict[int, str],
+                       scale_of: dict[int, float | None], seed: int) -> dict[str, Any]:
+    from sparseattn.integrations.transformers_patch import masked_sdpa_attention
+    from sparseattn.eval.metrics import cosine_similarity
+
+    gen = torch.Generator().manual_seed(seed)
+    rows: dict[str, Any] = {}
+    for kind in ("real", "random"):
+        pred.reset()
+        for layer in sorted(captured):
+            if modes.get(layer) != "sparse":
+                continue
+            q, k, v = (captured[layer][n] for n in ("q", "k", "v"))
+            if kind == "random":
+                q, k, v = (torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype) * t.float().std()
+                           + t.float().mean() for t in (q, k, v))
+            layout = pred.predict(q, k, causal=True, layer=layer)
+            sc = scale_of.get(layer)
+            dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=sc,
+                                                                     enable_gqa=q.shape[1] != k.shape[1])
+            sparse = masked_sdpa_attention(q, k, v, layout, scale=sc)
+            r = rows.setdefault(str(layer), {})
+            r[f"{kind}_density"] = layout.density(causal=True)
+            r[f"{kind}_output_cosine"] = cosine_similarity(sparse, dense)
+    dens_real = [r["real_density"] for r in rows.values()]
+    dens_rand = [r["random_density"] for r in rows.values()]
+    return {"layers": rows, "mean_real_density": _mean_std(dens_real), "mean_random_density": _mean_std(dens_rand),
+            "mean_real_output_cosine": _mean_std([r["real_output_cosine"] for r in rows.values()]),
+            "mean_random_output_cosine": _mean_std([r["random_output_cosine"] for r in rows.values()])}
+
+
+# --------------------------------------------------------------------------- evaluate
+def _environment(device: Any) -> dict[str, Any]:
+    env = {"date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "python": platform.python_version(),
+           "torch": torch.__version__, "platform": platform.platform(), "device": str(device),
+           "cpu_threads": torch.get_num_threads()}
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    from sparseattn import __version__
+
+    env["sparseattn"] = __version__
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return env
+
+
+def evaluate(
+    model_name: str = "smollm2-135m",
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    predictor: Any = DEFAULT_PREDICTOR_SPEC,
+    pattern: str | Mapping[str, Any] | None = None,
+    dense_layers: Sequence[int] = (),
+    per_layer: Mapping[int, Any] | None = None,
+    per_head: Mapping[Any, Any] | None = None,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    samples: int = DEFAULT_SAMPLES,
+    gen_tokens: int = DEFAULT_GEN_TOKENS,
+    score_last: int | None = None,
+    text_files: Sequence[str] | None = None,
+    text_dir: str | None = None,
+    input_ids: Sequence[torch.Tensor] | None = None,
+    compare_random: bool = False,
+    self_check: bool = True,
+    backend: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    plot_layer: int | None = None,
+    plot_head: int = 0,
+    thresholds: Mapping[str, float] | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> EvalResult:
+    """Dense vs sparse on the same inputs; returns an :class:`EvalResult` (see module docstring).
+
+    This signature is stable: other tools (tuning, predictor accuracy targets) call it.
+
+    Args:
+        model_name: what :func:`sparseattn.models.load` loads when ``model`` is not given.
+        model, tokenizer: an already loaded transformers model (unpatched) and tokenizer.
+        predictor: predictor object or spec (``"name:key=value,..."``); default
+            :data:`~sparseattn.eval.defaults.DEFAULT_PREDICTOR_SPEC`. Ignored when ``pattern`` is set.
+        pattern: static pattern shorthand (``"sink_window:window_blocks=8"``), see ``patch_model``.
+        dense_layers, per_layer, per_head, backend: passed to :func:`~sparseattn.integrations.patch_model`.
+        seq_len: tokens per sample (prompt length, BOS included).
+        samples: number of samples (non-overlapping windows of the text source).
+        gen_tokens: greedy tokens generated after each prompt (0 skips generation metrics).
+        score_last: logits positions compared (the last ones); default ``seq_len // 2``.
+        text_files: paths / globs of text files; text_dir: a folder of ``.txt``/``.md`` files.
+            Neither: the Python standard library's source files.
+        input_ids: explicit samples instead of a text source (each ``(1, N)``).
+        compare_random: add the real-vs-random Q/K comparison (first sample).
+        self_check: run dense twice and report dense-vs-dense.
+        dtype, device: model dtype and device when loading.
+        plot_layer, plot_head: layer/head of the attention-map plot (default: middle layer, head 0).
+        thresholds: override :data:`~sparseattn.eval.defaults.EVAL_THRESHOLDS` entries.
+        progress: tqdm progress bars.
+        seed: seed for the random comparison.
+
+    Returns:
+        :class:`EvalResult`.
+    """
+    from sparseattn.integrations.capture import capture_qkv
+    from sparseattn.integrations.transformers_patch import (attention_layers, describe_predictor, patch_model,
+                                                            pattern_predictor, resolve_predictor)
+
+    fn = "evaluate"
+    check_positive_int(fn, "seq_len", seq_len)
+    check_positive_int(fn, "samples", samples)
+    if isinstance(gen_tokens, bool) or not isinstance(gen_tokens, int) or gen_tokens < 0:
+        raise fail(fn, "gen_tokens", "must be a non-negative integer", "an int >= 0", repr(gen_tokens))
+    thr = dict(EVAL_THRESHOLDS)
+    for key, val in (thresholds or {}).items():
+        if key not in thr:
+            raise fail(fn, "thresholds", "has an unknown key", f"keys of {sorted(thr)}", repr(key))
+        thr[key] = float(val)
+
+    t_start = time.perf_counter()
+    if model is None:
+        from sparseattn.models import load
+
+        model, tokenizer = load(model_name, dtype=dtype, device=device)
+    elif tokenizer is None and input_ids is None:
+        raise fail(fn, "tokenizer", "is required with a model and no input_ids", "a tokenizer", None)
+    dev = next(model.parameters()).device
+    load_s = time.perf_counter() - t_start
+
+    if input_ids is not None:
+        ids_list = [t.reshape(1, -1).to(torch.long) for t in input_ids]
+        if not ids_list:
+            raise fail(fn, "input_ids", "is empty", "at least one sample", "[]")
+        names = [["input_ids"] for _ in ids_list]
+        source = "explicit input_ids"
+        seq_len = int(ids_list[0].shape[1])
+        if any(int(t.shape[1]) != seq_len for t in ids_list):
+            raise fail(fn, "input_ids", "samples differ in length", f"all {seq_len}", [int(t.shape[1]) for t in ids_list])
+        samples = len(ids_list)
+    else:
+        from sparseattn.eval.texts import documents_for, token_samples
+
+        docs, source = documents_for(text_files, text_dir)
+        ids_list, names = token_samples(docs, tokenizer, seq_len=seq_len, samples=samples)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and seq_len + gen_tokens > max_pos:
+        raise fail(fn, "seq_len", "plus gen_tokens exceeds the model's max_position_embeddings",
+                   f"<= {max_pos}", seq_len + gen_tokens)
+    n_score = seq_len // 2 if score_last is None else int(score_last)
+    if not 1 <= n_score <= seq_len:
+        raise fail(fn, "score_last", "is out of range", f"1..{seq_len}", n_score)
+
+    pred = pattern_predictor(pattern) if pattern is not None else resolve_predictor(predictor)
+    layers = attention_layers(model)
+    n_layers = len(layers)
+    p_layer = n_layers // 2 if plot_layer is None else int(plot_layer)
+    if not 0 <= p_layer < n_layers:
+        raise fail(fn, "plot_layer", "is out of range", f"0..{n_layers - 1}", p_layer)
+    scale_of = {i: getattr(m, "scaling", None) for i, m in layers}
+
+    from tqdm.auto import tqdm
+
+    per_sample: list[dict[str, Any]] = []
+    densities: dict[int, list[torch.Tensor]] = {}
+    modes: dict[int, str] = {}
+    backends: dict[int, set[str]] = {}
+    sparse_layer_s: dict[int, float] = {}
+    random_cmp = None
+    att_map = None
+    stages = 3 if self_check else 2
+    bar = tqdm(total=len(ids_list) * stages, desc=f"eval {seq_len} tok", disable=not progress, unit="run")
+    with torch.no_grad():
+        for si, ids in enumerate(ids_list):
+            ids = ids.to(dev)
+            rec: dict[str, Any] = {"sample": si, "documents": names[si][:5], "seq_len": int(ids.shape[1])}
+            first = si == 0
+            cap_layers = None if compare_random else [p_layer]
+            if first:
+                with capture_qkv(model, cap_layers) as captured:
+                    dense = greedy_generate(model, ids, gen_tokens=max(gen_tokens, 1), score_last=n_score)
+                captured = dict(captured)
+            else:
+                dense = greedy_generate(model, ids, gen_tokens=max(gen_tokens, 1), score_last=n_score)
+            bar.update(1)
+            if self_check:
+                dense2 = greedy_generate(model, ids, gen_tokens=max(gen_tokens, 1), score_last=n_score)
+                sc = logits_metrics(dense2["logits"], dense["logits"])
+                if gen_tokens:
+                    pl = prefix_agreement(dense2["tokens"], dense["tokens"])
+                    sc.update(gen_prefix_len=pl, gen_prefix_fraction=pl / gen_tokens)
+                rec["self_check"] = sc
+                bar.update(1)
+            handle = patch_model(model, predictor=pred, dense_layers=dense_layers, per_layer=per_layer,
+                                 per_head=per_head, backend=backend, keep_layouts=first)
+            try:
+                sparse = greedy_generate(model, ids, gen_tokens=max(gen_tokens, 1), score_last=n_score)
+            finally:
+                handle.unpatch()
+            bar.update(1)
+            for li, dl in handle.densities.items():
+                densities.setdefault(li, []).extend(dl)
+            for li, b in handle.backends_used.items():
+                backends.setdefault(li, set()).update(b)
+            for li, s in handle.timings.items():
+                sparse_layer_s[li] = sparse_layer_s.get(li, 0.0) + s
+            modes = dict(handle.layer_modes)
+            m = logits_metrics(sparse["logits"], dense["logits"])
+            if gen_tokens:
+                pl = prefix_agreement(sparse["tokens"], dense["tokens"])
+                m.update(gen_prefix_len=pl, gen_prefix_fraction=pl / gen_tokens)
+                rec["dense_tokens"] = dense["tokens"][:gen_tokens]
+                rec["sparse_tokens"] = sparse["tokens"][:gen_tokens]
+                if tokenizer is not None:
+                    rec["dense_text"] = tokenizer.decode(dense["tokens"][:gen_tokens])
+                    rec["sparse_text"] = tokenizer.decode(sparse["tokens"][:gen_tokens])
+            rec["metrics"] = m
+            rec["timings"] = {"dense_prefill_s": dense["prefill_s"], "sparse_prefill_s": sparse["prefill_s"],
+                              "dense_decode_s": dense["decode_s"], "sparse_decode_s": sparse["decode_s"],
+                              "dense_peak_mem_bytes": dense["peak_mem_bytes"],
+                              "sparse_peak_mem_bytes": sparse["peak_mem_bytes"]}
+            rec["mean_density"] = float(torch.stack([handle.densities[li][-1].mean() for li in handle.densities]).mean()) \
+                if handle.densities else None
+            if first:
+                if p_layer in captured:
+                    c = captured[p_layer]
+                    head = min(plot_head, c["q"].shape[1] - 1)
+                    lay = handle.layouts.get(p_layer)
+                    pred.reset()
+                    if modes.get(p_layer) == "sparse" and hasattr(pred, "predict"):
+                        # the predictor on the dense run's q/k of this layer (what it would choose there)
+                        # (stateful predictors see this layer without the preceding ones: noted in the report)
+                        lay = pred.predict(c["q"], c["k"], causal=True, layer=p_layer)
+                    block = lay.block_m if lay is not None else 64
+                    mass = _block_mass(c["q"], c["k"], head, block, scale_of.get(p_layer))
+                    sel = lay.to_dense_mask()[0, head].float() if lay is not None else None
+                    recall = float((mass * sel[: mass.shape[0], : mass.shape[1]]).sum() / mass.sum()) if sel is not None else None
+                    att_map = {"layer": p_layer, "head": head, "block": block, "mass": mass, "selected": sel,
+                               "mass_recall": recall, "mode": modes.get(p_layer)}
+                if compare_random and hasattr(pred, "predict"):
+                    random_cmp = _random_comparison(pred, captured, modes, scale_of, seed)
+                del captured
+            per_sample.append(rec)
+    bar.close()
+
+    summary = {k: _mean_std([r["metrics"][k] for r in per_sample if k in r["metrics"]])
+               for k in _METRICS if any(k in r["metrics"] for r in per_sample)}
+    self_sum = ({k: _mean_std([r["self_check"][k] for r in per_sample if k in r["self_check"]])
+                 for k in _METRICS if any(k in r["self_check"] for r in per_sample)} if self_check else None)
+    layer_rows: dict[str, Any] = {}
+    for li, _ in layers:
+        mode = modes.get(li, "dense")
+        row: dict[str, Any] = {"mode": mode}
+        if densities.get(li):
+            ph = torch.stack(densities[li]).mean(0)
+            row.update(density=float(ph.mean()), sparsity=1 - float(ph.mean()),
+                       density_per_head=[round(float(x), 6) for x in ph], backends=sorted(backends.get(li, ())),
+                       sparse_attention_s=sparse_layer_s.get(li, 0.0) / len(per_sample))
+        else:
+            row.update(density=1.0 if mode == "dense" else None, sparsity=0.0 if mode == "dense" else None)
+        layer_rows[str(li)] = row
+    dens_all = [r["density"] for r in layer_rows.values() if r["density"] is not None]
+    sparse_dens = [r["density"] for r in layer_rows.values() if r["mode"] == "sparse" and r["density"] is not None]
+
+    checks = {
+        "logits_cosine": ("logits_cosine_min", ">="),
+        "top1_agreement": ("top1_agreement_min", ">="),
+        "top5_overlap": ("top5_overlap_min", ">="),
+        "kl_dense_sparse": ("kl_max", "<="),
+        "gen_prefix_fraction": ("gen_prefix_fraction_min", ">="),
+    }
+    verdict_rows = {}
+    for metric, (tkey, op) in checks.items():
+        if metric not in summary:
+            continue
+        val = summary[metric]["mean"]
+        ok = val >= thr[tkey] if op == ">=" else val <= thr[tkey]
+        verdict_rows[metric] = {"value": val, "threshold": thr[tkey], "op": op, "passed": bool(ok)}
+    self_ok = None
+    if self_sum is not None:
+        self_ok = bool(self_sum["logits_cosine"]["mean"] >= 1 - 1e-9 and self_sum["top1_agreement"]["mean"] == 1.0
+                       and self_sum.get("gen_prefix_fraction", {"mean": 1.0})["mean"] == 1.0)
+    verdict = {"thresholds": thr, "checks": verdict_rows, "self_check_passed": self_ok,
+               "passed": bool(all(r["passed"] for r in verdict_rows.values()) and self_ok is not False)}
+
+    def _avg(key: str) -> float | None:
+        vals = [r["timings"][key] for r in per_sample if r["timings"][key] is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    timings = {k: _avg(k) for k in ("dense_prefill_s", "sparse_prefill_s", "dense_decode_s", "sparse_decode_s",
+                                    "dense_peak_mem_bytes", "sparse_peak_mem_bytes")}
+    timings["load_s"] = load_s
+    timings["total_s"] = time.perf_counter() - t_start
+    cfg = {
+        "model": model_name if input_ids is None or model is None else getattr(model.config, "_name_or_path", model_name),
+        "model_class": type(model).__name__,
+        "layers": n_layers,
+        "heads": getattr(model.config, "num_attention_heads", None),
+        "kv_heads": getattr(model.config, "num_key_value_heads", None),
+        "head_dim": getattr(model.config, "head_dim", None),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "predictor_spec": None if pattern is not None else (predictor if isinstance(predictor, str) else None),
+        "pattern": pattern if isinstance(pattern, (str, type(None))) else dict(pattern),
+        "predictor": describe_predictor(pred),
+        "dense_layers": sorted(dense_layers),
+        "per_layer": {str(k): (v if isinstance(v, str) else describe_predictor(v)) for k, v in (per_layer or {}).items()},
+        "per_head": {str(k): (v if isinstance(v, str) else describe_predictor(v)) for k, v in (per_head or {}).items()},
+        "backend": backend,
+        "seq_len": seq_len,
+        "samples": len(per_sample),
+        "gen_tokens": gen_tokens,
+        "score_last": n_score,
+        "text_source": source,
+        "compare_random": compare_random,
+        "mean_density_all_layers": sum(dens_all) / len(dens_all) if dens_all else None,
+        "mean_density_sparse_layers": sum(sparse_dens) / len(sparse_dens) if sparse_dens else None,
+    }
+    return EvalResult(config=cfg, samples=per_sample, summary=summary, self_check=self_sum, layers=layer_rows,
+                      verdict=verdict, random_comparison=random_cmp, timings=timings,
+                      environment=_environment(dev), attention_map=att_map)
+
+
+# --------------------------------------------------------------------------- reports
+_LABELS = {
+    "logits_cosine": ("logits cosine", "{:.6f}"),
+    "logits_rel_l1": ("logits rel. L1", "{:.4g}"),
+    "top1_agreement": ("top-1 agreement", "{:.2%}"),
+    "top5_overlap": ("top-5 overlap", "{:.2%}"),
+    "kl_dense_sparse": ("KL(dense‖sparse) nats", "{:.4g}"),
+    "gen_prefix_len": ("greedy identical prefix (tokens)", "{:.2f}"),
+    "gen_prefix_fraction": ("greedy identical prefix (fraction)", "{:.2%}"),
+}
+
+
+def _fmt_ms(stat: dict[str, float] | None, key: str) -> str:
+    if not stat:
+        return "-"
+    f = _LABELS[key][1]
+    return f"{f.format(stat['mean'])} ± {f.format(stat['std'])}"
+
+
+def _table(res: EvalResult) -> str:
+    c = res.config
+    lines = [f"sparseattn eval: {c['model']} | {c['seq_len']} tokens x {c['samples']} samples | "
+             f"scored last {c['score_last']} positions | {c['gen_tokens']} greedy tokens",
+             f"sparse config: {c['predictor_spec'] or c['pattern'] or c['predictor']['name']} | "
+             f"mean density (sparse layers) {_f(c['mean_density_sparse_layers'], '{:.3f}')} | "
+             f"text: {c['text_source']}"]
+    w = max(len(v[0]) for v in _LABELS.values())
+    lines.append(f"{'metric':<{w}}  {'sparse vs dense (mean ± std)':<34}  {'dense vs dense (self-check)':<30}")
+    for key in _LABELS:
+        if key not in res.summary:
+            continue
+        sc = _fmt_ms(res.self_check.get(key), key) if res.self_check else "-"
+        lines.append(f"{_LABELS[key][0]:<{w}}  {_fmt_ms(res.summary[key], key):<34}  {sc:<30}")
+    t = res.timings
+    lines.append(f"prefill wall time: dense {_f(t['dense_prefill_s'], '{:.2f}')} s, sparse {_f(t['sparse_prefill_s'], '{:.2f}')} s"
+                 + (f" | peak mem dense {_f(t['dense_peak_mem_bytes'], '{:.3e}')} B, sparse {_f(t['sparse_peak_mem_bytes'], '{:.3e}')} B"
+                    if t.get("dense_peak_mem_bytes") else ""))
+    if res.random_comparison:
+        rc = res.random_comparison
+        lines.append(f"real vs random Q/K: density {rc['mean_real_density']['mean']:.3f} (real) vs "
+                     f"{rc['mean_random_density']['mean']:.3f} (random); output cosine "
+                     f"{rc['mean_real_output_cosine']['mean']:.5f} vs {rc['mean_random_output_cosine']['mean']:.5f}")
+    v = res.verdict
+    fails = [k for k, r in v["checks"].items() if not r["passed"]]
+    lines.append(f"verdict: {'PASS' if v['passed'] else 'FAIL'}"
+                 + (f" (failed: {', '.join(fails)})" if fails else "")
+                 + ("" if v["self_check_passed"] in (None, True) else " (SELF-CHECK FAILED: dense runs differ)"))
+    return "\n".join(lines)
+
+
+def _f(x: Any, spec: str) -> str:
+    return "-" if x is None else spec.format(x)
+
+
+def _markdown(res: EvalResult, plots: Mapping[str, str] | None = None) -> str:
+    c, v = res.config, res.verdict
+    out = ["# sparseattn eval: dense vs sparse, end to end", "",
+           f"- model: `{c['model']}` ({c['model_class']}, {c['layers']} layers, {c['heads']} q heads / "
+           f"{c['kv_heads']} kv heads, head_dim {c['head_dim']}, {c['dtype']})",
+           f"- sparse configuration: `{c['predictor_spec'] or c['pattern']}` → {json.dumps(c['predictor'])}",
+           f"- dense layers: {c['dense_layers'] or 'none'}; backend: {c['backend']}",
+           f"- text: {c['text_source']}; {c['samples']} samples × {c['seq_len']} tokens; metrics over the last "
+           f"{c['score_last']} positions; {c['gen_tokens']} greedy tokens per sample",
+           f"- mean block density: {_f(c['mean_density_sparse_layers'], '{:.4f}')} over sparse layers, "
+           f"{_f(c['mean_density_all_layers'], '{:.4f}')} over all layers",
+           f"- environment: {json.dumps(res.environment)}", "",
+           "## Metrics (mean ± std over samples)", "",
+           "| metric | sparse vs dense | dense vs dense (self-check) |", "|---|---|---|"]
+    for key in _LABELS:
+        if key in res.summary:
+            sc = _fmt_ms(res.self_check.get(key), key) if res.self_check else "-"
+            out.append(f"| {_LABELS[key][0]} | {_fmt_ms(res.summary[key], key)} | {sc} |")
+    out += ["", "## Verdict", "",
+            f"**{'PASS' if v['passed'] else 'FAIL'}** — thresholds applied to the means over samples:", "",
+            "| metric | value | rule | result |", "|---|---|---|---|"]
+    for k, r in v["checks"].items():
+        out.append(f"| {_LABELS[k][0]} | {_LABELS[k][1].format(r['value'])} | {r['op']} {r['threshold']} | "
+                   f"{'pass' if r['passed'] else 'FAIL'} |")
+    out.append(f"| self-check (dense twice identical) | {v['self_check_passed']} | cosine 1, 100 % agreement | "
+               f"{'pass' if v['self_check_passed'] in (None, True) else 'FAIL'} |")
+    t = res.timings
+    out += ["", "## Time and memory (mean per sample)", "",
+            "| | dense | sparse |", "|---|---|---|",
+            f"| prefill wall time (s) | {_f(t['dense_prefill_s'], '{:.3f}')} | {_f(t['sparse_prefill_s'], '{:.3f}')} |",
+            f"| {c['gen_tokens']} decode steps (s) | {_f(t['dense_decode_s'], '{:.3f}')} | {_f(t['sparse_decode_s'], '{:.3f}')} |",
+            f"| GPU peak memory (bytes) | {_f(t['dense_peak_mem_bytes'], '{:.4g}')} | {_f(t['sparse_peak_mem_bytes'], '{:.4g}')} |",
+            "", f"Model load {t['load_s']:.1f} s; whole run {t['total_s']:.1f} s. On CPU the sparse prefill uses the exact "
+            "masked-SDPA path, whose cost is that of dense attention: CPU times say nothing about kernel speed.",
+            "", "## Per-layer density actually used", "", "| layer | mode | density | sparsity | backend |", "|---|---|---|---|---|"]
+    for li, r in res.layers.items():
+        out.append(f"| {li} | {r['mode']} | {_f(r['density'], '{:.4f}')} | {_f(r['sparsity'], '{:.4f}')} | "
+                   f"{', '.join(r.get('backends', [])) or '-'} |")
+    if res.random_comparison:
+        rc = res.random_comparison
+        out += ["", "## Real vs random Q/K (first sample, same predictor, same shapes)", "",
+                f"Mean density {rc['mean_real_density']['mean']:.4f} on real Q/K vs {rc['mean_random_density']['mean']:.4f} "
+                f"on Gaussian Q/K; sparse-vs-dense output cosine {rc['mean_real_output_cosine']['mean']:.6f} vs "
+                f"{rc['mean_random_output_cosine']['mean']:.6f}.", "",
+                "| layer | density real | density random | out cosine real | out cosine random |", "|---|---|---|---|---|"]
+        for li, r in rc["layers"].items():
+            out.append(f"| {li} | {r['real_density']:.4f} | {r['random_density']:.4f} | {r['real_output_cosine']:.6f} | "
+                       f"{r['random_output_cosine']:.6f} |")
+    out += ["", "## Samples", "", "| # | documents | cosine | top-1 | KL | prefix | density | dense text | sparse text |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in res.samples:
+        m = r["metrics"]
+        docs = ", ".join(Path(d).name for d in r["documents"][:3])
+        out.append(f"| {r['sample']} | {docs} | {m['logits_cosine']:.6f} | {m['top1_agreement']:.2%} | "
+                   f"{m['kl_dense_sparse']:.4g} | {m.get('gen_prefix_len', '-')} | {_f(r['mean_density'], '{:.3f}')} | "
+                   f"{_md_text(r.get('dense_text'))} | {_md_text(r.get('sparse_text'))} |")
+    if res.attention_map:
+        am = res.attention_map
+        out += ["", f"Attention map: layer {am['layer']} head {am['head']} ({am['mode']}); the predictor's blocks on the "
+                f"dense run's Q/K keep {_f(am['mass_recall'], '{:.2%}')} of the softmax mass."]
+    if plots:
+        out += ["", "## Plots", ""] + [f"![{k}]({Path(p).name})" for k, p in plots.items()]
+    return "\n".join(out) + "\n"
+
+
+def _md_text(s: str | None) -> str:
+    if s is None:
+        return "-"
+    return "`" + s.replace("\n", "⏎").replace("|", "¦").replace("`", "'")[:80] + "`"
+
+
+def write_report(result: EvalResult, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
+    """Write ``eval.json``, ``eval.md`` and (with matplotlib) PNG plots into ``out_dir``.
+
+    Returns:
+        ``{"json": path, "markdown": path, <plot name>: path, ...}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    plot_paths: dict[str, str] = {}
+    if plots:
+        from sparseattn.eval import plots as P
+
+        try:
+            plot_paths["per-layer sparsity"] = str(P.layer_sparsity_bars(result.layers, out / "eval_layer_sparsity.png",
+                                                                          title=f"{result.config['model']} @ {result.config['seq_len']} tokens"))
+            if result.attention_map is not None:
+                plot_paths["attention map"] = str(P.attention_map(result.attention_map, out / "eval_attention_map.png"))
+        except ImportError as exc:  # matplotlib missing: say so, write the rest
+            import warnings
+
+            warnings.warn(f"write_report: plots skipped ({exc}); pip install 'sparseattn[viz]'", RuntimeWarning, stacklevel=2)
+    paths["json"] = out / "eval.json"
+    paths["json"].write_text(json.dumps(result.to_dict(), indent=2, default=_json_default))
+    paths["markdown"] = out / "eval.md"
+    paths["markdown"].write_text(_markdown(result, plot_paths))
+    for k, p in plot_paths.items():
+        paths[k] = Path(p)
+    return paths
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    return repr(o)

@@ -1,0 +1,124 @@
+"""Text sources for end-to-end evaluation: built-in (Python standard library source), files, folders.
+
+Every source yields ``(name, text)`` documents. :func:`token_samples` turns documents into
+``samples`` non-overlapping windows of ``seq_len`` tokens from one concatenated token stream, so
+the same source, tokenizer and arguments always give the same samples.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sysconfig
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparseattn._validation import check_positive_int, fail
+
+__all__ = ["stdlib_documents", "file_documents", "dir_documents", "token_samples", "describe_source"]
+
+_SEPARATOR = "\n\n"
+
+
+def stdlib_documents() -> Iterator[tuple[str, str]]:
+    """The Python standard library's own top-level ``.py`` files, sorted by name (exists on every machine)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py") if p.is_file())
+    if not files:
+        raise fail("stdlib_documents", "stdlib", "holds no .py files", "the standard library's source", str(root))
+    for p in files:
+        try:
+            yield p.name, p.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+
+
+def file_documents(patterns: Sequence[str]) -> Iterator[tuple[str, str]]:
+    """Files named by paths or glob patterns (``~`` expanded), in the given order, each pattern sorted."""
+    any_found = False
+    for pat in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pat), recursive=True)) or []
+        files = [m for m in matches if os.path.isfile(m)]
+        if not files:
+            raise fail("file_documents", "text file", "matches no file", "an existing path or glob", repr(pat))
+        for f in files:
+            any_found = True
+            yield f, Path(f).read_text(encoding="utf-8", errors="replace")
+    if not any_found:
+        raise fail("file_documents", "patterns", "is empty", "at least one path", repr(list(patterns)))
+
+
+def dir_documents(directory: str | os.PathLike, *, suffixes: Iterable[str] = (".txt", ".md")) -> Iterator[tuple[str, str]]:
+    """Every file with one of ``suffixes`` directly inside ``directory``, sorted (e.g. a folder of essays)."""
+    d = Path(directory).expanduser()
+    if not d.is_dir():
+        raise fail("dir_documents", "directory", "does not exist", "a folder of text files", str(d))
+    sfx = tuple(suffixes)
+    files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix in sfx)
+    if not files:
+        raise fail("dir_documents", "directory", f"holds no {'/'.join(sfx)} files", "a folder of text files", str(d))
+    for p in files:
+        yield str(p), p.read_text(encoding="utf-8", errors="replace")
+
+
+def documents_for(text_files: Sequence[str] | None = None, text_dir: str | None = None) -> tuple[Iterator[tuple[str, str]], str]:
+    """The documents for CLI-style arguments, and a one-line description of the source."""
+    if text_files and text_dir:
+        raise fail("documents_for", "text_files/text_dir", "are mutually exclusive", "one source", "both")
+    if text_files:
+        return file_documents(text_files), f"files {list(text_files)}"
+    if text_dir:
+        return dir_documents(text_dir), f"folder {text_dir}"
+    return stdlib_documents(), f"Python standard library source ({sysconfig.get_paths()['stdlib']}/*.py)"
+
+
+def describe_source(text_files: Sequence[str] | None = None, text_dir: str | None = None) -> str:
+    return documents_for(text_files, text_dir)[1]
+
+
+def token_samples(documents: Iterable[tuple[str, str]], tokenizer: Any, *, seq_len: int, samples: int,
+                  add_bos: bool = True) -> tuple[list[torch.Tensor], list[list[str]]]:
+    """``samples`` windows of ``seq_len`` token ids from the concatenated documents.
+
+    Documents are tokenised in order (joined by a blank line) until enough tokens exist; window
+    ``i`` is tokens ``[i*L, (i+1)*L)`` of the stream (with the tokenizer's BOS first when it has one
+    and ``add_bos``).
+
+    Returns:
+        ``(ids, names)``: ``ids[i]`` is a ``(1, seq_len)`` long tensor; ``names[i]`` the documents it spans.
+
+    Raises:
+        ValueError: the source holds fewer than ``samples * seq_len`` tokens.
+    """
+    fn = "token_samples"
+    check_positive_int(fn, "seq_len", seq_len)
+    check_positive_int(fn, "samples", samples)
+    bos = getattr(tokenizer, "bos_token_id", None) if add_bos else None
+    body = seq_len - (1 if bos is not None else 0)
+    if body <= 0:
+        raise fail(fn, "seq_len", "is too short", "at least 2 tokens", seq_len)
+    need = body * samples
+    stream: list[int] = []
+    spans: list[tuple[int, str]] = []
+    for name, text in documents:
+        if not text.strip():
+            continue
+        spans.append((len(stream), name))
+        stream.extend(tokenizer(text + _SEPARATOR, add_special_tokens=False)["input_ids"])
+        if len(stream) >= need:
+            break
+    if len(stream) < need:
+        raise fail(fn, "source", "holds too few tokens", f"at least {need} ({samples} x {seq_len})", len(stream))
+    ids, names = [], []
+    for i in range(samples):
+        lo, hi = i * body, (i + 1) * body
+        chunk = stream[lo:hi]
+        if bos is not None:
+            chunk = [bos] + chunk
+        ids.append(torch.tensor([chunk], dtype=torch.long))
+        names.append([n for j, (start, n) in enumerate(spans)
+                      if start < hi and (spans[j + 1][0] if j + 1 < len(spans) else len(stream)) > lo])
+    return ids, names
