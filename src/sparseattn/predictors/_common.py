@@ -193,9 +193,9 @@ def select_topk(scores: torch.Tensor, allowed: torch.Tensor, fraction: float,
     order = torch.sort(s, dim=-1, descending=True, stable=True).indices
     pos = torch.arange(scores.shape[-1], device=scores.device)
     keep_sorted = pos < k.unsqueeze(-1)
-    out = torch.zeros_like(allowed)
-    out.scatter_(-1, order, keep_sorted)
-    return out & allowed
+    out = torch.zeros(scores.shape, dtype=torch.uint8, device=scores.device)
+    out.scatter_(-1, order, keep_sorted.to(torch.uint8))  # uint8: bool scatter is not supported everywhere
+    return out.bool() & allowed
 
 
 def select_cdf(probs: torch.Tensor, allowed: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -210,9 +210,9 @@ def select_cdf(probs: torch.Tensor, allowed: torch.Tensor, threshold: float) -> 
     before = torch.cumsum(srt.values, dim=-1) - srt.values
     total = p.sum(-1, keepdim=True)
     keep_sorted = (before < threshold * total) & (srt.values > 0)
-    out = torch.zeros_like(allowed)
-    out.scatter_(-1, srt.indices, keep_sorted)
-    return out & allowed
+    out = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+    out.scatter_(-1, srt.indices, keep_sorted.to(torch.uint8))
+    return out.bool() & allowed
 
 
 # --------------------------------------------------------------------------- mask -> layout
