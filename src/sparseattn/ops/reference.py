@@ -118,42 +118,74 @@ def reference_attention(
     for start in range(0, Nkv, step):
         stop = min(start + step, Nkv)
         cols = torch.arange(start, stop, device=dev)
-        allowed = None  # broadcastable to [B, Hkv, G, Nq, C]
+        # Only rows that can attend a key of this chunk are computed (the query blocks that select
+        # this key block, and under causal the rows that see its first key); the others would only
+        # see -inf scores, which leave (m, l, acc) unchanged. Keeps the sparse reference's cost
+        # proportional to the layout's density.
+        row_ok = None  # bool [Nq], None = every row
+        sel = None
         if block_mask is not None:
             sel = block_mask[:, :, :, start // step]  # [B, H, Mb]
-            if not bool(sel.any()):
+            qb_any = sel.any(1).any(0)  # [Mb]
+            if not bool(qb_any.any()):
                 continue
-            allowed = sel[:, :, row_block].reshape(B, Hkv, G, Nq, 1)
+            row_ok = qb_any[row_block]
         if causal:
-            cm = cols[None, :] <= rows[:, None] + off  # [Nq, C]
-            if not bool(cm.any()):
+            sees = rows + off >= start  # row sees at least this chunk's first key
+            row_ok = sees if row_ok is None else (row_ok & sees)
+        ridx = None  # row indices of the subset, None = all rows
+        if row_ok is not None:
+            if not bool(row_ok.any()):
                 continue
+            if not bool(row_ok.all()):
+                ridx = row_ok.nonzero().squeeze(1)
+        r = rows if ridx is None else rows[ridx]
+        R = int(r.numel())
+        allowed = None  # broadcastable to [B, Hkv, G, R, C]
+        if sel is not None:
+            rb = row_block if ridx is None else row_block[ridx]  # type: ignore[index]
+            allowed = sel[:, :, rb].reshape(B, Hkv, G, R, 1)
+        if causal:
+            cm = cols[None, :] <= r[:, None] + off  # [R, C]
             allowed = cm if allowed is None else (allowed & cm)
-        s = torch.einsum("bhgnd,bhcd->bhgnc", qf, kf[:, :, start:stop]).to(acc_dtype) * scale
+        qs = qf if ridx is None else qf[:, :, :, ridx]
+        m_old = m if ridx is None else m[..., ridx]
+        l_old = l if ridx is None else l[..., ridx]
+        acc_old = acc if ridx is None else acc[..., ridx, :]
+        s = torch.einsum("bhgnd,bhcd->bhgnc", qs, kf[:, :, start:stop]).to(acc_dtype) * scale
         if allowed is not None:
             s = s.masked_fill(~allowed, -math.inf)
-        m_new = torch.maximum(m, s.amax(-1))
+        m_new = torch.maximum(m_old, s.amax(-1))
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
         p = torch.exp(s - m_safe.unsqueeze(-1))
-        alpha = torch.exp(m - m_safe)
-        l = l * alpha + p.sum(-1)
-        acc = acc * alpha.unsqueeze(-1)
+        alpha = torch.exp(m_old - m_safe)
+        l_new = l_old * alpha + p.sum(-1)
+        acc_new = acc_old * alpha.unsqueeze(-1)
         if pv_threshold is not None:
             # per (query block) tile: skip P·V if every row's tile max is far below its running max
             Mb = layout.num_q_blocks  # type: ignore[union-attr]
-            tile_gap = s.amax(-1) - m_safe  # [B, Hkv, G, Nq]; -inf for fully masked rows
+            tile_gap = s.amax(-1) - m_safe  # [B, Hkv, G, R]; -inf for fully masked rows
+            if ridx is not None:  # rows not computed see nothing here: gap -inf
+                full_gap = torch.full((B, Hkv, G, Nq), -math.inf, dtype=acc_dtype, device=dev)
+                full_gap[..., ridx] = tile_gap
+                tile_gap = full_gap
             pad = Mb * layout.block_m - Nq  # type: ignore[union-attr]
             gap = torch.nn.functional.pad(tile_gap, (0, pad), value=-math.inf).reshape(B, Hkv, G, Mb, -1)
             skip_tile = (gap < -float(pv_threshold)).all(-1)  # [B, Hkv, G, Mb]
-            sel_t = block_mask[:, :, :, start // step].reshape(B, Hkv, G, Mb)  # type: ignore[index]
+            sel_t = sel.reshape(B, Hkv, G, Mb)  # type: ignore[union-attr]
             if causal:
                 sel_t = sel_t & causal_region[:, start // step]
             visited += int(sel_t.sum())
             skipped += int((skip_tile & sel_t).sum())
-            keep_rows = (~skip_tile)[..., row_block].unsqueeze(-1)  # [B, Hkv, G, Nq, 1]
+            keep_rows = (~skip_tile)[..., rb].unsqueeze(-1)  # [B, Hkv, G, R, 1]
             p = p * keep_rows
-        acc = acc + torch.einsum("bhgnc,bhcd->bhgnd", p.to(mm_dtype), vf[:, :, start:stop]).to(acc_dtype)
-        m = m_new
+        acc_new = acc_new + torch.einsum("bhgnc,bhcd->bhgnd", p.to(mm_dtype), vf[:, :, start:stop]).to(acc_dtype)
+        if ridx is None:
+            m, l, acc = m_new, l_new, acc_new
+        else:
+            m[..., ridx] = m_new
+            l[..., ridx] = l_new
+            acc[..., ridx, :] = acc_new
     if stats is not None:
         stats["visited_tiles"] = visited
         stats["pv_skipped_tiles"] = skipped
