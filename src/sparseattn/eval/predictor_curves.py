@@ -1,0 +1,148 @@
+"""Sparsity-vs-accuracy curves of predictor configurations on a real model.
+
+Runs :func:`sparseattn.eval.end_to_end.evaluate` (dense vs sparse prefill on the same real text)
+for each predictor spec at one length, loading the model once, and appends one JSON line per
+configuration to ``<out>/curve_<seq_len>.jsonl`` (so an interrupted sweep keeps what it measured).
+``--plot`` turns every ``curve_*.jsonl`` in ``<out>`` into ``predictor_curves.png`` and a markdown
+table (``predictor_curves.md``).
+
+Usage::
+
+    python -m sparseattn.eval.predictor_curves --seq-len 4096 --samples 2 \\
+        --text-files '/path/to/essays/*.txt' --out docs/predictor_curves \\
+        --specs 'mean_sim:cdf_threshold=0.9' 'sketch_walk'
+    python -m sparseattn.eval.predictor_curves --plot --out docs/predictor_curves
+
+Per configuration: mean block sparsity over *all* patched layers (dense layers count as 0),
+logits cosine, top-1 agreement and KL over the last ``seq_len // 2`` positions (``evaluate``'s
+defaults), and whether the targets (cosine >= 0.99, top-1 >= 0.95, sparsity >= 0.5) are met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+TARGETS = {"logits_cosine": 0.99, "top1_agreement": 0.95, "sparsity": 0.50}
+
+
+def family(spec: str) -> str:
+    name = spec.split(":", 1)[0]
+    if name == "sketch_walk" and "walk=false" in spec.lower():
+        return "sketch_walk (walk=False)"
+    if name == "sketch_walk" and "per_head=true" in spec.lower():
+        return "sketch_walk (per_head)"
+    if name == "static":
+        return "static"
+    return name
+
+
+def run_specs(specs: list[str], *, seq_len: int, samples: int, text_files: list[str], out: Path,
+              model_name: str = "smollm2-135m") -> list[dict[str, Any]]:
+    import torch
+
+    from sparseattn.eval.end_to_end import evaluate
+    from sparseattn.models import load
+
+    torch.manual_seed(0)
+    model, tok = load(model_name)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for spec in specs:
+        t0 = time.perf_counter()
+        res = evaluate(model=model, tokenizer=tok, predictor=spec, seq_len=seq_len, samples=samples, gen_tokens=0,
+                       self_check=False, text_files=text_files, progress=False)
+        s = res.summary
+        dens_all = res.config.get("mean_density_all_layers")
+        row = {"spec": spec, "family": family(spec), "seq_len": seq_len, "samples": samples,
+               "sparsity": None if dens_all is None else 1.0 - dens_all,
+               "sparsity_sparse_layers": None if res.config.get("mean_density_sparse_layers") is None
+               else 1.0 - res.config["mean_density_sparse_layers"],
+               "logits_cosine": s["logits_cosine"]["mean"], "top1_agreement": s["top1_agreement"]["mean"],
+               "top5_overlap": s["top5_overlap"]["mean"], "kl": s["kl_dense_sparse"]["mean"],
+               "wall_s": time.perf_counter() - t0}
+        row["meets_targets"] = bool(row["sparsity"] is not None and row["sparsity"] >= TARGETS["sparsity"]
+                                    and row["logits_cosine"] >= TARGETS["logits_cosine"]
+                                    and row["top1_agreement"] >= TARGETS["top1_agreement"])
+        rows.append(row)
+        with open(out / f"curve_{seq_len}.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    return rows
+
+
+def load_rows(out: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for p in sorted(out.glob("curve_*.jsonl")):
+        for line in p.read_text().splitlines():
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| length | predictor spec | sparsity (all layers) | logits cosine | top-1 | KL | meets targets |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["seq_len"], r["family"], -(r["sparsity"] or 0))):
+        lines.append(f"| {r['seq_len']} | `{r['spec']}` | {r['sparsity']:.3f} | {r['logits_cosine']:.4f} | "
+                     f"{r['top1_agreement']:.3f} | {r['kl']:.4f} | {'yes' if r['meets_targets'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["seq_len"] for r in rows})
+    fig, axes = plt.subplots(2, len(lengths), figsize=(5.5 * len(lengths), 8), squeeze=False)
+    fams = sorted({r["family"] for r in rows})
+    markers = dict(zip(fams, "osD^vP*X"))
+    for c, n in enumerate(lengths):
+        for r_i, (metric, target) in enumerate((("logits_cosine", 0.99), ("top1_agreement", 0.95))):
+            ax = axes[r_i][c]
+            for fam in fams:
+                pts = sorted((r["sparsity"], r[metric]) for r in rows if r["seq_len"] == n and r["family"] == fam)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[fam], label=fam)
+            ax.axhline(target, color="gray", ls="--", lw=0.8)
+            ax.axvline(0.5, color="gray", ls=":", lw=0.8)
+            ax.set_xlabel("block sparsity (all patched layers)")
+            ax.set_ylabel(metric.replace("_", " "))
+            ax.set_title(f"SmolLM2-135M, {n} tokens")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sparseattn.eval.predictor_curves")
+    ap.add_argument("--specs", nargs="*", default=[])
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--samples", type=int, default=2)
+    ap.add_argument("--text-files", nargs="*", default=[])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--out", default="predictor-curves")
+    ap.add_argument("--plot", action="store_true", help="plot + markdown from every curve_*.jsonl in --out")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.specs:
+        run_specs(args.specs, seq_len=args.seq_len, samples=args.samples, text_files=args.text_files, out=out,
+                  model_name=args.model)
+    if args.plot:
+        rows = load_rows(out)
+        plot(rows, out / "predictor_curves.png")
+        (out / "predictor_curves.md").write_text(markdown(rows))
+        print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
