@@ -397,10 +397,13 @@ def _plots(cfg: AccuracyConfig, out_dir: Path) -> list[Path]:
     sparse_p = torch.softmax(s.masked_fill(~sel, -math.inf), -1).nan_to_num(0.0)
     paths = []
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.6))
-    vmax = float(dense_p.max())
-    for a, img, title in ((ax[0], dense_p, "dense (causal)"), (ax[1], sparse_p, f"sparse ({cfg.pattern}, density "
-                                                                              f"{lay.density(True):.2f})")):
-        im = a.imshow(img.numpy(), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+    from matplotlib.colors import LogNorm
+
+    floor = 1e-5  # log colour scale: the sink column and the decay away from the diagonal stay visible
+    norm = LogNorm(vmin=floor, vmax=1.0)
+    for a, img, title in ((ax[0], dense_p, "dense (causal), log scale"),
+                          (ax[1], sparse_p, f"sparse ({cfg.pattern}, density {lay.density(True):.2f}), log scale")):
+        im = a.imshow(img.clamp(min=floor).numpy(), cmap="viridis", norm=norm, interpolation="nearest")
         a.set_title(title)
         a.set_xlabel("key")
         a.set_ylabel("query")
