@@ -1,0 +1,293 @@
+"""Capture real Q/K/V (``sparseattn collect``) and validate predictors on them (``sparseattn validate``).
+
+Layout of a collection folder::
+
+    <out>/len<N>/sample<i>.safetensors   tensors "layer<L>.q" (B, H, N, D), "layer<L>.k", "layer<L>.v" (B, H_kv, N, D)
+    <out>/len<N>/sample<i>.json          metadata: model, sample, seq_len, layers, heads, kv_heads, head_dim,
+                                         dtype, scale per layer, documents, timestamp
+    <out>/len<N>/summary.json            the files, shapes and bytes of that length
+    <out>/collection.json                the lengths and the command's arguments
+
+Tensors are post-RoPE, exactly what the model's attention function receives (GQA k/v unexpanded).
+Loading reads JSON and safetensors only (no code executes). The tensor names also work with
+``sparseattn compare --inputs <folder>``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparseattn._validation import check_positive_int, fail
+
+__all__ = ["collect_qkv", "iter_collected", "validate_predictor", "validation_markdown"]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def collect_qkv(
+    out_dir: str | Path,
+    *,
+    model_name: str = "smollm2-135m",
+    model: Any = None,
+    tokenizer: Any = None,
+    layers: Sequence[int] | None = None,
+    lengths: Sequence[int] = (512,),
+    samples: int = 1,
+    text_files: Sequence[str] | None = None,
+    text_dir: str | None = None,
+    save_dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the dense model on text samples and save post-RoPE Q/K/V of ``layers`` per sample and length.
+
+    Args:
+        out_dir: collection folder (created).
+        model_name / model, tokenizer: what to run (see :func:`sparseattn.models.load`).
+        layers: layer indices (default: first, middle and last).
+        lengths: sequence lengths in tokens; each length takes its own ``samples`` windows of the text.
+        samples: samples per length.
+        text_files, text_dir: text source (default: the Python standard library's source).
+        save_dtype: dtype of the saved tensors.
+
+    Returns:
+        The collection summary (also written to ``collection.json``).
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from sparseattn.eval.texts import documents_for, token_samples
+    from sparseattn.integrations.capture import capture_qkv
+    from sparseattn.integrations.transformers_patch import attention_layers
+
+    fn = "collect_qkv"
+    check_positive_int(fn, "samples", samples)
+    lengths = [check_positive_int(fn, "lengths", int(n)) for n in lengths]
+    if model is None:
+        from sparseattn.models import load
+
+        model, tokenizer = load(model_name, dtype=dtype, device=device)
+    elif tokenizer is None:
+        raise fail(fn, "tokenizer", "is required with a model", "a tokenizer", None)
+    all_layers = attention_layers(model)
+    n_layers = len(all_layers)
+    if layers is None:
+        layers = sorted({0, n_layers // 2, n_layers - 1})
+    layers = [int(x) for x in layers]
+    for li in layers:
+        if not 0 <= li < n_layers:
+            raise fail(fn, "layers", "has an index the model does not have", f"0..{n_layers - 1}", li)
+    scale_of = {i: getattr(m, "scaling", None) for i, m in all_layers}
+    dev = next(model.parameters()).device
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    model_desc = str(model_name if model_name else getattr(cfg, "_name_or_path", type(model).__name__))
+    summary: dict[str, Any] = {"model": model_desc, "created": _now(), "layers": layers, "lengths": lengths,
+                               "samples": samples, "save_dtype": str(save_dtype).replace("torch.", ""), "per_length": {}}
+    bar = tqdm(total=len(lengths) * samples, desc="collect", unit="sample", disable=not progress)
+    for n in lengths:
+        docs, source = documents_for(text_files, text_dir)
+        ids_list, names = token_samples(docs, tokenizer, seq_len=n, samples=samples)
+        ldir = out / f"len{n}"
+        ldir.mkdir(exist_ok=True)
+        files = []
+        for si, ids in enumerate(ids_list):
+            t0 = time.perf_counter()
+            with torch.no_grad(), capture_qkv(model, layers) as cap:
+                model(ids.to(dev), use_cache=False, logits_to_keep=1)
+            tensors = {f"layer{li}.{r}": cap[li][r].to(save_dtype).contiguous() for li in layers for r in ("q", "k", "v")}
+            q0, k0 = cap[layers[0]]["q"], cap[layers[0]]["k"]
+            meta = {"model": model_desc, "sample": si, "seq_len": n, "layers": layers, "heads": int(q0.shape[1]),
+                    "kv_heads": int(k0.shape[1]), "head_dim": int(q0.shape[3]), "batch": int(q0.shape[0]),
+                    "dtype": str(save_dtype).replace("torch.", ""), "scale": {str(li): scale_of[li] for li in layers},
+                    "documents": names[si][:20], "text_source": source, "timestamp": _now(),
+                    "forward_s": time.perf_counter() - t0}
+            st = ldir / f"sample{si}.safetensors"
+            save_file(tensors, str(st), metadata={"sparseattn": json.dumps({k: meta[k] for k in ("model", "seq_len", "sample")})})
+            (ldir / f"sample{si}.json").write_text(json.dumps(meta, indent=2))
+            files.append({"tensors": st.name, "metadata": f"sample{si}.json", "bytes": st.stat().st_size})
+            bar.update(1)
+        lsum = {"model": model_desc, "seq_len": n, "samples": samples, "layers": layers,
+                "q_shape": list(q0.shape), "kv_shape": list(k0.shape), "files": files, "text_source": source,
+                "timestamp": _now()}
+        (ldir / "summary.json").write_text(json.dumps(lsum, indent=2))
+        summary["per_length"][str(n)] = {"folder": ldir.name, "files": len(files),
+                                         "bytes": sum(f["bytes"] for f in files)}
+    bar.close()
+    (out / "collection.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def iter_collected(path: str | Path, *, device: str | torch.device = "cpu",
+                   lengths: Sequence[int] | None = None, layers: Sequence[int] | None = None) -> Iterator[dict[str, Any]]:
+    """Yield ``{"q", "k", "v", "layer", "seq_len", "sample", "scale", "file", "meta"}`` from a collection.
+
+    ``path`` is a collection folder, one ``len<N>`` folder, or one ``sample<i>.safetensors`` file
+    (its ``.json`` beside it).
+    """
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(p.glob("sample*.safetensors")) or sorted(p.glob("len*/sample*.safetensors"))
+    else:
+        files = []
+    if not files:
+        raise fail("iter_collected", "path", "holds no collected sample*.safetensors", "a folder made by sparseattn collect", str(p))
+    files.sort(key=lambda f: (int(f.parent.name[3:]) if f.parent.name.startswith("len") and f.parent.name[3:].isdigit() else 0,
+                              f.name))
+    for f in files:
+        meta_path = f.with_suffix(".json")
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        tensors = load_file(str(f), device=str(device))
+        found = sorted({int(k.split(".")[0][5:]) for k in tensors if k.startswith("layer") and k.split(".")[0][5:].isdigit()})
+        n = int(meta.get("seq_len", 0)) or None
+        if lengths is not None and n is not None and n not in lengths:
+            continue
+        for li in found:
+            if layers is not None and li not in layers:
+                continue
+            q, k, v = (tensors.get(f"layer{li}.{r}") for r in ("q", "k", "v"))
+            if q is None or k is None or v is None:
+                continue
+            yield {"q": q, "k": k, "v": v, "layer": li, "seq_len": int(q.shape[2]), "sample": meta.get("sample"),
+                   "scale": (meta.get("scale") or {}).get(str(li)), "file": str(f), "meta": meta}
+
+
+def _target(cfg: Any) -> dict[str, Any] | None:
+    for attr in ("target_sparsity", "sparsity"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return {"target_sparsity": float(v), "from": f"config.{attr}"}
+    for attr in ("target_density", "density", "top_fraction", "keep_fraction"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return {"target_sparsity": 1.0 - float(v), "from": f"1 - config.{attr}"}
+    return None
+
+
+def _timed(f: Any, repeats: int, cuda: bool) -> tuple[Any, float]:
+    best = float("inf")
+    res = None
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        res = f()
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return res, best
+
+
+def validate_predictor(
+    predictor: Any,
+    path: str | Path,
+    *,
+    backend: str = "auto",
+    device: str | torch.device = "cpu",
+    repeats: int = 1,
+    lengths: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run a predictor on collected Q/K/V and measure its sparse attention against dense.
+
+    For every (sample, layer): the layout the predictor picks (``causal=True``, ``layer=<layer>``,
+    ``reset()`` before each sample), block density actually used vs the config's target (if it
+    states one), blocks selected / available (causal region, all heads), output cosine / MSE /
+    max abs error of sparse vs dense attention (same backend), and wall times (best of
+    ``repeats``) of prediction, dense attention and sparse attention.
+
+    Returns:
+        ``{"predictor", "records": [...], "summary": {...}, "environment"}`` (JSON-friendly).
+    """
+    from tqdm.auto import tqdm
+
+    from sparseattn.eval.end_to_end import _environment, _mean_std
+    from sparseattn.eval.metrics import cosine_similarity, max_abs_error
+    from sparseattn.integrations.transformers_patch import describe_predictor, resolve_predictor
+    from sparseattn.layout.block_layout import causal_block_region
+    from sparseattn.ops.attention import attention, select_backend
+
+    fn = "validate_predictor"
+    check_positive_int(fn, "repeats", repeats)
+    pred = resolve_predictor(predictor)
+    if pred is None:
+        raise fail(fn, "predictor", "is required", "a predictor or spec", None)
+    target = _target(getattr(pred, "config", None))
+    pv = getattr(getattr(pred, "config", None), "pv_threshold", None)
+    cuda = str(device).startswith("cuda")
+    records: list[dict[str, Any]] = []
+    items = list(iter_collected(path, device="cpu", lengths=lengths, layers=layers))
+    last_file = None
+    for it in tqdm(items, desc="validate", unit="layer", disable=not progress):
+        if it["file"] != last_file:
+            pred.reset()
+            last_file = it["file"]
+        q, k, v = (it[r].to(device) for r in ("q", "k", "v"))
+        scale = it["scale"]
+        layout, t_pred = _timed(lambda: pred.predict(q, k, causal=True, layer=it["layer"]), repeats, cuda)
+        dense, t_dense = _timed(lambda: attention(q, k, v, causal=True, scale=scale, backend=backend).out, repeats, cuda)
+        sparse, t_sparse = _timed(lambda: attention(q, k, v, causal=True, layout=layout, scale=scale, backend=backend,
+                                                    pv_threshold=pv).out, repeats, cuda)
+        region, _ = causal_block_region(layout.seqlen_q, layout.seqlen_kv, layout.block_m, layout.block_n, layout.device)
+        sel = int((layout.to_dense_mask() & region).sum())
+        total = int(region.sum()) * layout.batch * layout.heads
+        diff = (sparse.double() - dense.double())
+        density = layout.density(causal=True)
+        rec = {"file": Path(it["file"]).name, "seq_len": it["seq_len"], "sample": it["sample"], "layer": it["layer"],
+               "heads": int(q.shape[1]), "kv_heads": int(k.shape[1]), "head_dim": int(q.shape[3]),
+               "cosine": cosine_similarity(sparse, dense), "mse": float((diff ** 2).mean()),
+               "max_abs_error": max_abs_error(sparse, dense), "density": density, "sparsity": 1.0 - density,
+               "target_sparsity": target["target_sparsity"] if target else None,
+               "blocks_selected": sel, "blocks_total": total, "block_m": layout.block_m, "block_n": layout.block_n,
+               "predict_s": t_pred, "dense_s": t_dense, "sparse_s": t_sparse,
+               "backend": select_backend(q, k, v, layout=layout, causal=True, pv_threshold=pv, backend=backend)}
+        records.append(rec)
+    by_len: dict[str, Any] = {}
+    for n in sorted({r["seq_len"] for r in records}):
+        rs = [r for r in records if r["seq_len"] == n]
+        by_len[str(n)] = {k: _mean_std([r[k] for r in rs]) for k in
+                          ("cosine", "mse", "max_abs_error", "sparsity", "predict_s", "dense_s", "sparse_s")}
+        by_len[str(n)]["blocks_selected"] = sum(r["blocks_selected"] for r in rs)
+        by_len[str(n)]["blocks_total"] = sum(r["blocks_total"] for r in rs)
+    return {"predictor": describe_predictor(pred), "target": target, "path": str(path), "backend": backend,
+            "repeats": repeats, "records": records, "summary": by_len, "environment": _environment(device)}
+
+
+def validation_markdown(res: dict[str, Any]) -> str:
+    """Markdown report of :func:`validate_predictor`."""
+    t = res["target"]
+    lines = ["# sparseattn validate", "", f"- predictor: `{json.dumps(res['predictor'])}`",
+             f"- target sparsity: {t['target_sparsity']:.4f} ({t['from']})" if t else "- target sparsity: not stated by the config",
+             f"- data: {res['path']}; backend {res['backend']}; timings best of {res['repeats']}", "",
+             "| length | cosine | MSE | max abs err | sparsity | blocks selected / total | predict s | dense s | sparse s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for n, s in res["summary"].items():
+        lines.append(f"| {n} | {s['cosine']['mean']:.6f} | {s['mse']['mean']:.3e} | {s['max_abs_error']['mean']:.3e} | "
+                     f"{s['sparsity']['mean']:.4f} | {s['blocks_selected']} / {s['blocks_total']} | "
+                     f"{s['predict_s']['mean']:.4f} | {s['dense_s']['mean']:.4f} | {s['sparse_s']['mean']:.4f} |")
+    lines += ["", "| file | length | layer | cosine | MSE | max abs | sparsity | target | blocks | backend |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["records"]:
+        tgt = "-" if r["target_sparsity"] is None else f"{r['target_sparsity']:.3f}"
+        lines.append(f"| {r['file']} | {r['seq_len']} | {r['layer']} | {r['cosine']:.6f} | {r['mse']:.3e} | "
+                     f"{r['max_abs_error']:.3e} | {r['sparsity']:.4f} | {tgt} | {r['blocks_selected']}/{r['blocks_total']} | "
+                     f"{r['backend']} |")
+    lines.append("")
+    lines.append("On CPU both timings come from the PyTorch reference backend and say nothing about kernel speed.")
+    return "\n".join(lines) + "\n"
