@@ -157,3 +157,15 @@ def test_accuracy_config_validation_and_json():
     for kw, match in bad:
         with pytest.raises(ValueError, match=match):
             acc.AccuracyConfig(**kw)
+
+
+def test_run_case_overflowing_same_dtype_yardstick_falls_back_to_floor():
+    # float16 inputs x100: the same-dtype reference's scores overflow 65504, so the ratio rule has no
+    # yardstick; the bound becomes the dtype floor and the (upcasting) backend still passes it
+    q, k, v = random_qkv(1, 2, 64, 16, dtype=torch.float16, seed=1, scale=100.0)
+    lay = random_layout(64, density=0.5, block_m=16, block_n=16, heads=2, causal=True)
+    res = acc.run_case(q, k, v, layout=lay, causal=True, backend="reference")
+    c = res["correctness"]
+    assert c["bound_rule"].startswith("floor") and c["pass"] is True and c["nan_count"] == 0
+    ok = acc.run_case(*random_qkv(1, 2, 64, 16, dtype=torch.float16, seed=1), layout=lay, causal=True, backend="reference")
+    assert ok["correctness"]["bound_rule"] == "ratio"

@@ -65,7 +65,7 @@ class AccuracyConfig:
         device: ``"cpu"``, ``"cuda"``...; backend: passed to :func:`sparseattn.attention`.
     """
 
-    seq_lens: tuple[int, ...] = (512, 2048)
+    seq_lens: tuple[int, ...] = (256, 1024)
     levels: tuple[str, ...] = ("low", "medium", "high")
     causal: tuple[bool, ...] = (True, False)
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
@@ -172,10 +172,19 @@ def run_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: Block
     nan_count = int(torch.isnan(got.out).sum()) + int(torch.isnan(got.lse).sum())
     err = _err_stats(got.out, ref64.out)
     err_lo = _err_stats(lo.out, ref64.out)
-    bound = ratio_bound(err_lo, dtype if dtype in ATOL_FLOOR else torch.float32)
-    lse_err, lse_same_empty = _lse_err(got.lse, ref64.lse)
     lse_err_lo, _ = _lse_err(lo.lse, ref64.lse)
-    lse_bound = RATIO * lse_err_lo + LSE_ATOL.get(dtype, LSE_ATOL[torch.float32])
+    key = dtype if dtype in ATOL_FLOOR else torch.float32
+    # the same-dtype reference is the yardstick of the ratio rule; where it overflows (e.g. float16
+    # scores of inputs x100 exceed 65504) it measures nothing, and the bound is the dtype's floor alone
+    yardstick_ok = math.isfinite(err_lo) and math.isfinite(lse_err_lo)
+    if yardstick_ok:
+        bound = ratio_bound(err_lo, key)
+        lse_bound = RATIO * lse_err_lo + LSE_ATOL[key]
+    else:  # lse is stored in float32: its floor scales with its magnitude (|lse| ~ 1e4 at inputs x100)
+        fin = torch.isfinite(ref64.lse)
+        lse_mag = float(ref64.lse[fin].abs().max()) if bool(fin.any()) else 0.0
+        bound, lse_bound = ATOL_FLOOR[key], LSE_ATOL[key] * max(1.0, lse_mag)
+    lse_err, lse_same_empty = _lse_err(got.lse, ref64.lse)
     correct = bool(nan_count == 0 and err <= bound and lse_err <= lse_bound and lse_same_empty)
 
     density = layout.density(causal=causal) if layout is not None else 1.0
@@ -191,6 +200,7 @@ def run_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: Block
         "seconds": elapsed,
         "correctness": {
             "max_abs_err": err, "bound": bound, "same_dtype_ref_err": err_lo,
+            "bound_rule": "ratio" if yardstick_ok else "floor (same-dtype reference overflowed)",
             "lse_max_abs_err": lse_err, "lse_bound": lse_bound, "lse_empty_rows_agree": lse_same_empty,
             "nan_count": nan_count, "pass": correct,
         },
@@ -345,7 +355,8 @@ def _markdown(res: dict[str, Any]) -> str:
                  "run on a GPU to check the Triton kernel.")
     L += ["", "## 1. Correctness — backend vs the float64 reference of the same sparse op", "",
           f"Pass: max error <= {RATIO} x (error of the same-dtype reference) + floor, the same for lse, "
-          "no NaN, and the same empty (-inf) rows. A failure here is a bug.", "",
+          "no NaN, and the same empty (-inf) rows (where the same-dtype reference overflows, the bound is the "
+          "floor alone: see `bound_rule` in the JSON). A failure here is a bug.", "",
           "| section | case | backend | max abs err | bound | lse err | lse bound | NaN | pass |",
           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
