@@ -236,7 +236,14 @@ def masked_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
     Nkv = k.shape[2]
     bm, bn = layout.block_m, layout.block_n
     chunk_rows = max(bm, (chunk_rows // bm) * bm)
-    block_mask = layout.to_dense_mask()  # [B, H, Mb, Nb]
+    num, idx = layout.kv_num_blocks, layout.kv_indices
+    # a pattern shared by every (batch, head) is stored as a stride-0 view: build its mask once
+    shared = num.stride(0) == 0 and num.stride(1) == 0 and idx.stride(0) == 0 and idx.stride(1) == 0
+    if shared:
+        one = BlockLayout(num[:1, :1], idx[:1, :1], bm, bn, layout.seqlen_q, layout.seqlen_kv, validate=False)
+        block_mask = one.to_dense_mask()  # [1, 1, Mb, Nb]
+    else:
+        block_mask = layout.to_dense_mask()  # [B, H, Mb, Nb]
     off = Nkv - Nq
     outs = []
     for r0 in range(0, Nq, chunk_rows):
@@ -248,8 +255,8 @@ def masked_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
         em = em & (cols[None, :] <= rows[:, None] + off)
         o = torch.nn.functional.scaled_dot_product_attention(q[:, :, r0:r1], k[:, :, :kend], v[:, :, :kend],
                                                              attn_mask=em, scale=scale, enable_gqa=H != k.shape[1])
-        empty = ~em.any(-1, keepdim=True)
-        if bool(empty.any()):
+        if bool(torch.isnan(o).any()):  # rows with no selected key (SDPA gives NaN there): 0, as the reference
+            empty = ~em.any(-1, keepdim=True)
             o = torch.where(empty, torch.zeros((), dtype=o.dtype, device=o.device), o)
         outs.append(o)
     return torch.cat(outs, dim=2)
