@@ -17,7 +17,7 @@ def add_parser(subparsers: Any) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="sparseattn_out/accuracy", help="output directory (default sparseattn_out/accuracy)")
     p.add_argument("--quick", action="store_true", help="small grid (one length, float32 + bfloat16) for smoke runs")
-    p.add_argument("--seq-lens", type=int, nargs="+", default=None, help="sweep lengths (default 256 1024; quick: 384)")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=None, help="sweep lengths (default 512 1024; quick: 384)")
     p.add_argument("--levels", nargs="+", choices=("low", "medium", "high"), default=None,
                    help="sparsity levels (default all: low=0.6, medium=0.4, high=0.25 target density)")
     p.add_argument("--dtypes", nargs="+", choices=("float32", "float16", "bfloat16", "float64"), default=None)

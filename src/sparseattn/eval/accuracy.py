@@ -65,7 +65,7 @@ class AccuracyConfig:
         device: ``"cpu"``, ``"cuda"``...; backend: passed to :func:`sparseattn.attention`.
     """
 
-    seq_lens: tuple[int, ...] = (256, 1024)
+    seq_lens: tuple[int, ...] = (512, 1024)
     levels: tuple[str, ...] = ("low", "medium", "high")
     causal: tuple[bool, ...] = (True, False)
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
