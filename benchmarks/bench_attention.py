@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         res["wall_s"] = time.time() - t0
         results.append(res)
         print(f"[{time.time() - t_start:6.1f}s] {shape.name}: sdpa {res['sdpa_best']} ({res['wall_s']:.1f}s)", flush=True)
+    from sparseattn.ops.triton import configs
+
+    info["failed_autotune_configs"] = sorted(set(configs.FAILED_CONFIGS))
     targets = evaluate_targets(results)
     all_ok = all(x["parity"]["ok"] for r in results for x in r["rows"] if "parity" in x)
     doc = {"env": info, "results": results, "skipped_shapes": skipped, "errors": errors, "targets": targets,
@@ -221,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"TARGET {t['status']:>12}: {t['target']} -- {t.get('value', '')}")
     if skipped:
         print(f"skipped (time budget): {', '.join(skipped)}")
-    print(f"env: {info['gpu']} torch {info['torch']} triton {info['triton']} commit {info['commit']}")
+    print(f"env: {info['gpu']} torch {info['torch']} triton {info['triton']} commit {info['commit']}; "
+          f"autotune configs that failed: {len(info['failed_autotune_configs'])}")
     print("TFLOPS* = dense-equivalent (dense FLOPs of the shape / our time); SDPA = best of cuDNN/flash, dense")
     print(table(results))
     for e in errors:

@@ -109,9 +109,10 @@ def test_parity_random_layouts(case, request):
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1},
     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1},
     {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
-], ids=["m64n64", "m128n64", "m64n32"])
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "USE_TMA": True},
+], ids=["m64n64", "m128n64", "m64n32", "m128n64-tma"])
 def test_subtiled_configs(config, request):
-    """Kernel tiles smaller than layout blocks (BLOCK_M < block_m, several BLOCK_N per block)."""
+    """Kernel tiles smaller than layout blocks (BLOCK_M < block_m, several BLOCK_N per block); TMA loads."""
     gen = torch.Generator().manual_seed(_seed(request))
     B, H, Hkv, Nq, Nkv, D = 1, 2, 1, 280, 330, 64
     q, k, v = _qkv(B, H, Hkv, Nq, Nkv, D, torch.float16, gen)

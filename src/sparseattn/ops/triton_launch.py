@@ -12,6 +12,7 @@ imported), which is how CI tests it.
 Environment:
     ``SPARSEATTN_TRITON_AUTOTUNE=0`` — use one fixed launch config per head_dim/layout instead of
     autotuning (saves compile time in parity sweeps; the autotuned path is the default on CUDA).
+    ``SPARSEATTN_TRITON_TMA=0`` — leave the TMA (tensor-descriptor) candidates out of autotuning.
 """
 
 from __future__ import annotations
@@ -91,16 +92,43 @@ def refusal(
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels() -> tuple[Any, Any]:
+def _kernels() -> tuple[Any, Any, Any]:
+    """(plain kernel, autotuned without TMA, autotuned with TMA candidates)."""
     import triton
 
     from sparseattn.ops.triton import block_sparse_fwd as mod
     from sparseattn.ops.triton import configs
 
     plain = mod._block_sparse_fwd_kernel
-    tuned = triton.autotune(configs=configs.autotune_configs(), key=configs.AUTOTUNE_KEY,
-                            prune_configs_by={"early_config_prune": configs.prune})(plain)
-    return plain, tuned
+    tuned = [triton.autotune(configs=configs.autotune_configs(tma), key=configs.AUTOTUNE_KEY,
+                             prune_configs_by={"early_config_prune": configs.prune}, do_bench=configs.safe_bench)(plain)
+             for tma in (False, True)]
+    return plain, tuned[0], tuned[1]
+
+
+def _tma_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Device-side TMA descriptors: sm_90+, Triton with descriptors, 16-byte aligned K/V rows and heads."""
+    if not q.is_cuda or interpret_mode() or os.environ.get("SPARSEATTN_TRITON_TMA", "1") == "0":
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    import triton
+    import triton.language as tl
+
+    if not (hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")):
+        return False
+    for t in (k, v):
+        es = t.element_size()
+        if t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:3]):
+            return False
+    return True
+
+
+def _set_tma_allocator(device: torch.device) -> None:
+    """Triton needs global scratch for descriptors built inside kernels."""
+    import triton
+
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=device, dtype=torch.int8))
 
 
 @functools.lru_cache(maxsize=64)
@@ -211,10 +239,10 @@ def block_sparse_fwd(
 
     pv = pv_threshold is not None
     interp = interpret_mode()
-    plain, tuned = _kernels()
+    plain, tuned_plain, tuned_tma = _kernels()
     if config is not None:
         need = {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
-        if not isinstance(config, dict) or set(config) != need:
+        if not isinstance(config, dict) or not (need <= set(config) <= need | {"USE_TMA"}):
             raise fail(fn, "config", "must name exactly the launch parameters", sorted(need), repr(config))
         if layout.block_m % config["BLOCK_M"] or layout.block_n % config["BLOCK_N"]:
             raise fail(fn, "config", "tiles must divide the layout blocks", f"divisors of ({layout.block_m}, {layout.block_n})",
@@ -222,6 +250,9 @@ def block_sparse_fwd(
         if pv and (config["BLOCK_M"], config["BLOCK_N"]) != (layout.block_m, layout.block_n):
             raise fail(fn, "config", "must use the layout's blocks as tiles with pv_threshold",
                        f"({layout.block_m}, {layout.block_n})", f"({config['BLOCK_M']}, {config['BLOCK_N']})")
+        if config.get("USE_TMA") and q.is_cuda and not _tma_usable(q, k, v):
+            raise fail(fn, "config", "asks for TMA loads these inputs cannot use",
+                       "sm_90+, 16-byte aligned K/V, Triton with tensor descriptors", repr(config))
         cfg: dict[str, int] | None = dict(config)
     elif pv or interp or os.environ.get("SPARSEATTN_TRITON_AUTOTUNE", "1") == "0":
         cfg = cfgs.default_config(D, layout.block_m, layout.block_n, interpret=interp, pv_skip=pv)
@@ -253,10 +284,18 @@ def block_sparse_fwd(
         meta["DOT_F32"] = True
     if cfg is None:
         grid = lambda META: (-(-Nq // META["BLOCK_M"]), B * H)  # noqa: E731
-        tuned[grid](*args, **meta)
+        if _tma_usable(q, k, v):
+            _set_tma_allocator(q.device)
+            tuned_tma[grid](*args, **meta)
+        else:
+            tuned_plain[grid](*args, **meta)
     else:
         grid = (-(-Nq // cfg["BLOCK_M"]), B * H)
-        plain[grid](*args, **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+        extra = {}
+        if cfg.get("USE_TMA"):
+            _set_tma_allocator(q.device)
+            extra["USE_TMA"] = True
+        plain[grid](*args, **meta, **extra, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
                     num_stages=cfg["num_stages"])
 
     if stats is not None:

@@ -74,6 +74,7 @@ def _block_sparse_fwd_kernel(
     CAUSAL: tl.constexpr,
     PV_SKIP: tl.constexpr,
     DOT_F32: tl.constexpr = False,  # interpreter only: widen operands before tl.dot (exact products)
+    USE_TMA: tl.constexpr = False,  # K/V tiles through device-side tensor descriptors (Hopper TMA)
 ):
     SUB: tl.constexpr = LAYOUT_BN // BLOCK_N
     num_m = tl.num_programs(0)
@@ -113,6 +114,13 @@ def _block_sparse_fwd_kernel(
     n_full = _lower_bound(idx_row, stride_in, num, full_lim)
     n_vis = _lower_bound(idx_row, stride_in, num, vis_lim)
 
+    if USE_TMA:
+        # rows past N_KV are zero-filled by the copy engine; the masked loop masks their scores anyway
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[N_KV, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[N_KV, HEAD_DIM], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     in_dtype = q.dtype
     if DOT_F32:
@@ -130,7 +138,10 @@ def _block_sparse_fwd_kernel(
         kb = tl.minimum(tl.maximum(kb, 0), NUM_KV_BLOCKS - 1)
         start_n = kb * LAYOUT_BN + (t % SUB) * BLOCK_N
         cols = start_n + offs_n
-        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None])
+        if USE_TMA:
+            k = k_desc.load([start_n, 0]).T
+        else:
+            k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None])
         if DOT_F32:
             k = k.to(tl.float32)
         qk = tl.dot(q, k)
@@ -146,10 +157,16 @@ def _block_sparse_fwd_kernel(
             if skip:
                 n_skipped += 1
             else:
-                v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
+                if USE_TMA:
+                    v = v_desc.load([start_n, 0])
+                else:
+                    v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
                 acc = _pv(p, v, acc, in_dtype, DOT_F32)
         else:
-            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
+            if USE_TMA:
+                v = v_desc.load([start_n, 0])
+            else:
+                v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
             acc = _pv(p, v, acc, in_dtype, DOT_F32)
         m_i = m_ij
 
@@ -161,7 +178,10 @@ def _block_sparse_fwd_kernel(
         start_n = kb * LAYOUT_BN + (t % SUB) * BLOCK_N
         cols = start_n + offs_n
         col_ok = cols < N_KV
-        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+        if USE_TMA:
+            k = k_desc.load([start_n, 0]).T
+        else:
+            k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
         if DOT_F32:
             k = k.to(tl.float32)
         qk = tl.dot(q, k)
@@ -183,10 +203,16 @@ def _block_sparse_fwd_kernel(
             if skip:
                 n_skipped += 1
             else:
-                v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+                if USE_TMA:
+                    v = v_desc.load([start_n, 0])
+                else:
+                    v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
                 acc = _pv(p, v, acc, in_dtype, DOT_F32)
         else:
-            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            if USE_TMA:
+                v = v_desc.load([start_n, 0])
+            else:
+                v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
             acc = _pv(p, v, acc, in_dtype, DOT_F32)
         m_i = m_ij
 
