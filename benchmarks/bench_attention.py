@@ -210,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.time() - t_start:6.1f}s] {shape.name}: sdpa {res['sdpa_best']} ({res['wall_s']:.1f}s)", flush=True)
     from sparseattn.ops.triton import configs
 
+    from sparseattn.ops.triton_launch import TMA_DISABLED_REASON
+
     info["failed_autotune_configs"] = sorted(set(configs.FAILED_CONFIGS))
+    info["tma_disabled"] = TMA_DISABLED_REASON[:1]
     targets = evaluate_targets(results)
     all_ok = all(x["parity"]["ok"] for r in results for x in r["rows"] if "parity" in x)
     doc = {"env": info, "results": results, "skipped_shapes": skipped, "errors": errors, "targets": targets,
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         print(f"skipped (time budget): {', '.join(skipped)}")
     print(f"env: {info['gpu']} torch {info['torch']} triton {info['triton']} commit {info['commit']}; "
-          f"autotune configs that failed: {len(info['failed_autotune_configs'])}")
+          f"autotune configs that failed: {len(info['failed_autotune_configs'])}; TMA disabled: {info['tma_disabled']}")
     print("TFLOPS* = dense-equivalent (dense FLOPs of the shape / our time); SDPA = best of cuDNN/flash, dense")
     print(table(results))
     for e in errors:

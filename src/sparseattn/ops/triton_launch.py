@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ SUPPORTED_BLOCK_SIZES = (64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Y = 65535
+TMA_DISABLED_REASON: list[str] = []  # set once if the TMA candidates cannot run on this install
 
 
 def interpret_mode() -> bool:
@@ -284,10 +286,17 @@ def block_sparse_fwd(
         meta["DOT_F32"] = True
     if cfg is None:
         grid = lambda META: (-(-Nq // META["BLOCK_M"]), B * H)  # noqa: E731
-        if _tma_usable(q, k, v):
-            _set_tma_allocator(q.device)
-            tuned_tma[grid](*args, **meta)
-        else:
+        ran = False
+        if not TMA_DISABLED_REASON and _tma_usable(q, k, v):
+            try:
+                _set_tma_allocator(q.device)
+                tuned_tma[grid](*args, **meta)
+                ran = True
+            except Exception as exc:  # an older Triton that cannot build descriptors: pointer loads from now on
+                TMA_DISABLED_REASON.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+                warnings.warn(f"{fn}: TMA autotuning failed, using pointer loads: {TMA_DISABLED_REASON[0]}",
+                              RuntimeWarning, stacklevel=3)
+        if not ran:
             tuned_plain[grid](*args, **meta)
     else:
         grid = (-(-Nq // cfg["BLOCK_M"]), B * H)
