@@ -127,3 +127,26 @@ def test_mean_sim_density_monotone_in_cdf():
                            block_m=32, block_n=32).predict(q, k, causal=True).density(causal=True)
             for t in (0.3, 0.6, 0.9, 1.0)]
     assert dens == sorted(dens) and dens[0] < dens[-1]
+
+
+def test_minmax_score_is_an_upper_bound_of_block_scores():
+    from sparseattn.predictors._common import block_minmax
+
+    q, k, _ = random_qkv(1, 2, 100, 8, kv_heads=1, seed=5)
+    kmin, kmax = block_minmax(k, 16)
+    qbar = q[0, 0, :16].mean(0)
+    bound = qbar.clamp(min=0) @ kmax[0, 0].T + qbar.clamp(max=0) @ kmin[0, 0].T  # [Nb]
+    exact = torch.stack([(k[0, 0, j * 16:(j + 1) * 16] @ qbar).max() for j in range(7)])
+    assert bool((bound >= exact - 1e-5).all())
+    assert torch.equal(kmax[0, 0, -1], k[0, 0, 96:].amax(0))  # partial last block
+
+
+@pytest.mark.parametrize("score", ["mean", "minmax", "mixed"])
+def test_mean_sim_scores_valid_and_distribution(score):
+    q, k, _ = structured_qkv(1, 4, 300, 16, kv_heads=2, seed=6)
+    pred = make_predictor("mean_sim", score=score, sim_threshold=-1.0, block_m=32, block_n=32)
+    lay = pred.predict(q, k, causal=True)
+    lay._check_values()
+    torch.testing.assert_close(pred.last_scores.sum(-1), torch.ones(1, 4, 10), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="MeanSimilarityConfig: score is not a known block score"):
+        make_predictor("mean_sim", score="max")

@@ -18,7 +18,7 @@ from sparseattn._validation import check_tensor, fail
 from sparseattn.layout.block_layout import BlockLayout, causal_block_region, cdiv
 
 __all__ = [
-    "check_qk", "check_block", "check_opt_fraction", "check_bool", "check_version", "block_pool", "causal_region",
+    "check_qk", "check_block", "block_minmax", "check_opt_fraction", "check_bool", "check_version", "block_pool", "causal_region",
     "diagonal_blocks", "local_mask", "select_topk", "select_cdf", "mask_to_layout", "dense_predicted_layout",
 ]
 
@@ -131,6 +131,22 @@ def block_pool(x: torch.Tensor, block: int, *, normalized: bool = False) -> tupl
     if N % block:
         counts[-1] = float(N % block)
     return sums, unit, counts
+
+
+def block_minmax(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block, per-coordinate minimum and maximum of ``x`` (one pass each), float32 ``(B, H, nb, D)``."""
+    B, H, N, D = x.shape
+    full = N // block
+    mins: list[torch.Tensor] = []
+    maxs: list[torch.Tensor] = []
+    for start, nblk, size in ((0, full, block), (full * block, 1 if N % block else 0, N % block)):
+        if nblk == 0:
+            continue
+        seg = x[:, :, start:start + nblk * size].reshape(B, H, nblk, size, D)
+        mins.append(seg.amin(dim=3).to(torch.float32))
+        maxs.append(seg.amax(dim=3).to(torch.float32))
+    cat = (lambda t: t[0] if len(t) == 1 else torch.cat(t, dim=2))
+    return cat(mins), cat(maxs)
 
 
 # --------------------------------------------------------------------------- geometry

@@ -26,6 +26,14 @@ with its KV head's pooled keys (never copied per head).
 ``P·V`` product of tiles whose scores sit far below the running row maximum (see
 :func:`sparseattn.ops.reference.reference_attention`).
 
+``score`` picks the block score behind ``P`` (an extension; ``"mean"`` is SpargeAttn's):
+
+* ``"mean"`` — ``scale · q̄·k̄`` (mean-pooled keys);
+* ``"minmax"`` — the Quest-style upper bound of ``scale · q̄·k`` over the keys of the block,
+  ``Σ_d max(q̄_d·kmin_d, q̄_d·kmax_d) = relu(q̄)·kmax + min(q̄, 0)·kmin`` with per-coordinate key
+  minima/maxima per block (two small products): it does not average a single strong key away;
+* ``"mixed"`` — ``P = (P_mean + P_minmax) / 2``.
+
 Spec: ``mean_sim:cdf_threshold=0.9,sim_threshold=0.5,keep_local=1`` (or ``topk=0.3``).
 """
 
@@ -38,6 +46,7 @@ import torch
 from sparseattn._validation import fail
 from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.predictors._common import (
+    block_minmax,
     block_pool,
     causal_region,
     check_block,
@@ -55,6 +64,8 @@ from sparseattn.predictors._common import (
 from sparseattn.predictors.base import register_predictor
 
 __all__ = ["MeanSimilarityConfig", "MeanSimilarityPredictor", "block_self_similarity"]
+
+_SCORES = ("mean", "minmax", "mixed")
 
 
 def block_self_similarity(unit_sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -82,6 +93,7 @@ class MeanSimilarityConfig:
             every block, ``> 1`` trusts none, i.e. dense).
         keep_sink: always keep key block 0.
         keep_local: always keep the diagonal key block and the ``keep_local − 1`` before it (0 = off).
+        score: ``"mean"`` (SpargeAttn), ``"minmax"`` (Quest-style bound) or ``"mixed"`` (see module docstring).
         pv_threshold: natural-log gap for the attention call's softmax-aware P·V skip; None = off.
         block_m: query rows per block.
         block_n: key columns per block.
@@ -93,6 +105,7 @@ class MeanSimilarityConfig:
     sim_threshold: float = 0.5
     keep_sink: bool = True
     keep_local: int = 1
+    score: str = "mean"
     pv_threshold: float | None = None
     block_m: int = 64
     block_n: int = 64
@@ -110,6 +123,8 @@ class MeanSimilarityConfig:
             raise fail(c, "sim_threshold", "is out of range", "a float in [-1, 2]", repr(self.sim_threshold))
         check_bool(c, "keep_sink", self.keep_sink)
         check_nonneg(c, "keep_local", self.keep_local)
+        if self.score not in _SCORES:
+            raise fail(c, "score", "is not a known block score", f"one of {list(_SCORES)}", repr(self.score))
         check_pv_threshold(c, self.pv_threshold)
         check_block(c, "block_m", self.block_m)
         check_block(c, "block_n", self.block_n)
@@ -150,9 +165,19 @@ class MeanSimilarityPredictor:
         Mb, Nb = q_mean.shape[2], k_mean.shape[2]
 
         region = causal_region(Nq, Nkv, cfg.block_m, cfg.block_n, causal, dev)  # [Mb, Nb]
-        s = torch.matmul(q_mean.reshape(B, Hkv, G * Mb, D), k_mean.transpose(-1, -2)) * (D ** -0.5)
-        s = s.reshape(B, Hkv, G, Mb, Nb).masked_fill(~region, float("-inf"))
-        p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # rows without an allowed block -> 0
+        qg = q_mean.reshape(B, Hkv, G * Mb, D)
+        probs = []
+        if cfg.score in ("mean", "mixed"):
+            s = torch.matmul(qg, k_mean.transpose(-1, -2)) * (D ** -0.5)
+            s = s.reshape(B, Hkv, G, Mb, Nb).masked_fill(~region, float("-inf"))
+            probs.append(torch.softmax(s, dim=-1).nan_to_num_(0.0))  # rows without an allowed block -> 0
+        if cfg.score in ("minmax", "mixed"):
+            k_min, k_max = block_minmax(k, cfg.block_n)
+            s = (torch.matmul(qg.clamp(min=0), k_max.transpose(-1, -2))
+                 + torch.matmul(qg.clamp(max=0), k_min.transpose(-1, -2))) * (D ** -0.5)
+            s = s.reshape(B, Hkv, G, Mb, Nb).masked_fill(~region, float("-inf"))
+            probs.append(torch.softmax(s, dim=-1).nan_to_num_(0.0))
+        p = probs[0] if len(probs) == 1 else 0.5 * (probs[0] + probs[1])
         if cfg.topk is not None:
             mask = select_topk(p, region, cfg.topk)
         else:
