@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import torch
 
-    from sparseattn.ops.triton_launch import refusal
+    from sparseattn.ops.triton_launch import block_sparse_fwd, refusal
 
     dtype = getattr(torch, DTYPES[args.dtype])
     if args.heads % args.kv_heads:
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         dense_run = timing.kernel_runner(q, k, v, None, args.causal)
         dense_ms = timing.bench_ms(dense_run)
-        dense_peak = timing.peak_memory_bytes(dense_run)
+        dense_peak = timing.peak_memory_bytes(lambda: block_sparse_fwd(q, k, v, layout=None, causal=args.causal))
         sdpa = timing.sdpa_runners(q, k, v, args.causal)
         sdpa_ms = min((timing.bench_ms(r) for name, r in sdpa.items() if name in ("cudnn", "flash") and callable(r)),
                       default=float("nan"))
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
             par = timing.tail_parity(q, k, v, lay, args.causal, o, l, rows=args.parity_rows)
             ok &= par["ok"]
             ms = timing.bench_ms(run_sparse)
-            peak = timing.peak_memory_bytes(run_sparse)
+            peak = timing.peak_memory_bytes(lambda: block_sparse_fwd(q, k, v, layout=lay, causal=args.causal))
             row = {"seqlen": n, "density_target": d, "density": lay.density(args.causal), "sparse_ms": ms,
                    "dense_ms": dense_ms, "sdpa_ms": sdpa_ms, "speedup_vs_dense": dense_ms / ms,
                    "speedup_vs_sdpa": sdpa_ms / ms, "peak_bytes": peak, "dense_peak_bytes": dense_peak,
@@ -195,8 +195,8 @@ def run(args: argparse.Namespace) -> int:
                   + (f"  stress {row['stress']}" if args.stress else ""), flush=True)
         del q, k, v
         torch.cuda.empty_cache()
-    print("dense = the same Triton kernel without a layout; SDPA = best of cuDNN/flash; peak = extra CUDA memory "
-          "allocated during one call (outputs included)")
+    print("dense = the same Triton kernel without a layout; SDPA = best of cuDNN/flash; peak = CUDA memory allocated "
+          "by one call above what was allocated before it (its out and lse included)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"}, "rows": rows_out}, f, indent=1,
