@@ -150,3 +150,11 @@ def test_mean_sim_scores_valid_and_distribution(score):
     torch.testing.assert_close(pred.last_scores.sum(-1), torch.ones(1, 4, 10), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="MeanSimilarityConfig: score is not a known block score"):
         make_predictor("mean_sim", score="max")
+
+
+def test_mean_sim_dense_layers():
+    q, k, _ = structured_qkv(1, 2, 256, 16, seed=7)
+    pred = make_predictor("mean_sim", dense_layers=2, sim_threshold=-1.0, cdf_threshold=0.5, block_m=32, block_n=32)
+    assert pred.predict(q, k, causal=True, layer=1).density(causal=True) == 1.0
+    assert pred.predict(q, k, causal=True, layer=2).density(causal=True) < 1.0
+    assert pred.predict(q, k, causal=True, layer=None).density(causal=True) < 1.0

@@ -56,6 +56,7 @@ from sparseattn.predictors._common import (
     check_pv_threshold,
     check_qk,
     check_version,
+    dense_predicted_layout,
     local_mask,
     mask_to_layout,
     select_cdf,
@@ -94,6 +95,8 @@ class MeanSimilarityConfig:
         keep_sink: always keep key block 0.
         keep_local: always keep the diagonal key block and the ``keep_local − 1`` before it (0 = off).
         score: ``"mean"`` (SpargeAttn), ``"minmax"`` (Quest-style bound) or ``"mixed"`` (see module docstring).
+        dense_layers: layers with index below this return the dense (causal) layout (``layer=None``
+            calls are never dense).
         pv_threshold: natural-log gap for the attention call's softmax-aware P·V skip; None = off.
         block_m: query rows per block.
         block_n: key columns per block.
@@ -106,6 +109,7 @@ class MeanSimilarityConfig:
     keep_sink: bool = True
     keep_local: int = 1
     score: str = "mean"
+    dense_layers: int = 0
     pv_threshold: float | None = None
     block_m: int = 64
     block_n: int = 64
@@ -123,6 +127,7 @@ class MeanSimilarityConfig:
             raise fail(c, "sim_threshold", "is out of range", "a float in [-1, 2]", repr(self.sim_threshold))
         check_bool(c, "keep_sink", self.keep_sink)
         check_nonneg(c, "keep_local", self.keep_local)
+        check_nonneg(c, "dense_layers", self.dense_layers)
         if self.score not in _SCORES:
             raise fail(c, "score", "is not a known block score", f"one of {list(_SCORES)}", repr(self.score))
         check_pv_threshold(c, self.pv_threshold)
@@ -156,6 +161,9 @@ class MeanSimilarityPredictor:
         cfg = self.config
         G = H // Hkv
         dev = q.device
+        if layer is not None and layer < cfg.dense_layers:
+            self.last_scores = None
+            return dense_predicted_layout(B, H, Nq, Nkv, cfg.block_m, cfg.block_n, causal, dev)
         q_sum, q_unit, q_cnt = block_pool(q, cfg.block_m, normalized=True)
         k_sum, k_unit, k_cnt = block_pool(k, cfg.block_n, normalized=True)
         q_sim = block_self_similarity(q_unit, q_cnt)  # [B, H, Mb]
