@@ -132,3 +132,16 @@ def test_pattern_at_density_gets_close(name, target):
 def test_pattern_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("name", ["sliding_window", "sink_window", "block_diagonal", "strided"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("target", [0.05, 0.3, 0.61, 0.9])
+def test_pattern_at_density_search_matches_brute_force(name, causal, target):
+    knob = {"sliding_window": "window_blocks", "sink_window": "window_blocks", "block_diagonal": "group_blocks",
+            "strided": "stride"}[name]
+    kw = dict(block_m=16, block_n=16)
+    got = pattern_at_density(name, 400, 330, density=target, causal=causal, **kw).density(causal)
+    best = min(abs(make_pattern(name, 400, 330, causal=causal, **{knob: v}, **kw).density(causal) - target)
+               for v in range(1, 22))
+    assert abs(got - target) <= best + 1e-12

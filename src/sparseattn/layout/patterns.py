@@ -226,10 +226,32 @@ def pattern_at_density(name: str, seqlen_q: int, seqlen_kv: int | None = None, *
         raise fail(fn, knob, "is chosen from density; do not pass it", "no explicit " + knob, kwargs[knob])
     seqlen_kv = seqlen_q if seqlen_kv is None else seqlen_kv
     nb = cdiv(seqlen_kv, kwargs.get("block_n", 64))
+    cache: dict[int, BlockLayout] = {}
+
+    def build(val: int) -> BlockLayout:
+        if val not in cache:
+            cache[val] = PATTERNS[name](seqlen_q, seqlen_kv, causal=causal, **{knob: val}, **kwargs)
+        return cache[val]
+
+    def dens(val: int) -> float:
+        return build(val).density(causal)
+
+    # density grows with window_blocks / group_blocks and shrinks with stride: binary search for the
+    # first knob value on the far side of the target, then take the closer of it and its neighbour
+    increasing = knob != "stride"
+    lo, hi = 1, nb
+    while lo < hi:
+        mid = (lo + hi) // 2
+        beyond = dens(mid) >= density if increasing else dens(mid) <= density
+        if beyond:
+            hi = mid
+        else:
+            lo = mid + 1
     best: tuple[float, BlockLayout] | None = None
-    for val in range(1, nb + 1):
-        lay = PATTERNS[name](seqlen_q, seqlen_kv, causal=causal, **{knob: val}, **kwargs)
-        gap = abs(lay.density(causal) - density)
-        if best is None or gap < best[0] - 1e-12 or (abs(gap - best[0]) <= 1e-12 and lay.density(causal) > best[1].density(causal)):
-            best = (gap, lay)
+    for val in (lo - 1, lo, lo + 1):
+        if 1 <= val <= nb:
+            lay = build(val)
+            gap = abs(lay.density(causal) - density)
+            if best is None or gap < best[0] - 1e-12 or (abs(gap - best[0]) <= 1e-12 and lay.density(causal) > best[1].density(causal)):
+                best = (gap, lay)
     return best[1]  # type: ignore[index]  # nb >= 1, so the loop ran
