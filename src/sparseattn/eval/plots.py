@@ -54,6 +54,7 @@ def attention_map(am: Mapping[str, Any], path: str | Path) -> Path:
     sel = am.get("selected")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
     logm = torch.log10(mass.clamp(min=1e-8))
+    logm = torch.where(mass > 0, logm, torch.full_like(logm, float("nan")))  # blocks outside the causal region
     im = axes[0].imshow(logm.numpy(), cmap="viridis", vmin=-8, vmax=0, interpolation="nearest")
     axes[0].set_title(f"dense: log10 block mass, layer {am['layer']} head {am['head']}", fontsize=9)
     fig.colorbar(im, ax=axes[0], fraction=0.046)
