@@ -110,7 +110,12 @@ def test_parity_random_layouts(case, request):
     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1},
     {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "USE_TMA": True},
-], ids=["m64n64", "m128n64", "m64n32", "m128n64-tma"])
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "PREFETCH": True},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "OVERLAP": True},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 1, "OVERLAP": True},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "USE_TMA": True, "OVERLAP": True},
+], ids=["m64n64", "m128n64", "m64n32", "m128n64-tma", "m64n64-prefetch", "m64n64-overlap", "m128n128-overlap",
+        "m128n64-tma-overlap"])
 def test_subtiled_configs(config, request):
     """Kernel tiles smaller than layout blocks (BLOCK_M < block_m, several BLOCK_N per block); TMA loads."""
     gen = torch.Generator().manual_seed(_seed(request))

@@ -36,6 +36,7 @@ SUPPORTED_BLOCK_SIZES = (64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Y = 65535
+_CONFIG_FLAGS = {"USE_TMA", "PREFETCH", "OVERLAP"}  # optional boolean kernel switches a fixed config may set
 TMA_DISABLED_REASON: list[str] = []  # set once if the TMA candidates cannot run on this install
 
 
@@ -190,8 +191,9 @@ def block_sparse_fwd(
             counted only with ``pv_threshold`` (0 otherwise), exactly as the reference counts them.
         out: optional preallocated output ``(B, H, N_q, D)`` in q's dtype (last dim contiguous).
         lse: optional preallocated ``(B, H, N_q)`` float32 (last dim contiguous).
-        config: fixed launch config ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}``
-            instead of autotuning (tests, experiments).
+        config: fixed launch config ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}``, optionally
+            with the kernel switches ``USE_TMA`` / ``PREFETCH`` / ``OVERLAP`` (bools), instead of
+            autotuning (tests, experiments).
 
     Returns:
         ``AttentionState(out, lse)``: out ``(B, H, N_q, D)`` in q's dtype; lse ``(B, H, N_q)``
@@ -244,7 +246,7 @@ def block_sparse_fwd(
     plain, tuned_plain, tuned_tma = _kernels()
     if config is not None:
         need = {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
-        if not isinstance(config, dict) or not (need <= set(config) <= need | {"USE_TMA"}):
+        if not isinstance(config, dict) or not (need <= set(config) <= need | _CONFIG_FLAGS):
             raise fail(fn, "config", "must name exactly the launch parameters", sorted(need), repr(config))
         if layout.block_m % config["BLOCK_M"] or layout.block_n % config["BLOCK_N"]:
             raise fail(fn, "config", "tiles must divide the layout blocks", f"divisors of ({layout.block_m}, {layout.block_n})",
@@ -252,6 +254,8 @@ def block_sparse_fwd(
         if pv and (config["BLOCK_M"], config["BLOCK_N"]) != (layout.block_m, layout.block_n):
             raise fail(fn, "config", "must use the layout's blocks as tiles with pv_threshold",
                        f"({layout.block_m}, {layout.block_n})", f"({config['BLOCK_M']}, {config['BLOCK_N']})")
+        if pv and config.get("OVERLAP"):
+            raise fail(fn, "config", "OVERLAP cannot be combined with pv_threshold", "OVERLAP off", repr(config))
         if config.get("USE_TMA") and q.is_cuda and not _tma_usable(q, k, v):
             raise fail(fn, "config", "asks for TMA loads these inputs cannot use",
                        "sm_90+, 16-byte aligned K/V, Triton with tensor descriptors", repr(config))
@@ -300,10 +304,9 @@ def block_sparse_fwd(
             tuned_plain[grid](*args, **meta)
     else:
         grid = (-(-Nq // cfg["BLOCK_M"]), B * H)
-        extra = {}
+        extra = {f: True for f in _CONFIG_FLAGS if cfg.get(f)}
         if cfg.get("USE_TMA"):
             _set_tma_allocator(q.device)
-            extra["USE_TMA"] = True
         plain[grid](*args, **meta, **extra, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
                     num_stages=cfg["num_stages"])
 

@@ -1,0 +1,167 @@
+"""Kernel-variant shoot-out in one device call: parity once per variant, then timings beside SDPA and Flex.
+
+Shapes: Llama-3.1-8B 32K causal (H=32, H_kv=8, D=128) at densities 1.0 / 0.2 / 0.1 and SmolLM2-135M
+8K causal (H=9, H_kv=3, D=64) at 0.2 / 0.05 — random per-head 128x128 layouts that keep the
+diagonal, the same layouts as ``bench_attention.py``. Every variant is a fixed launch config
+(tile sizes, warps, stages and the kernel switches ``USE_TMA`` / ``PREFETCH`` / ``OVERLAP``) passed
+through ``block_sparse_fwd(config=...)``; ``auto`` is the autotuned default. Before timing, each
+variant's output is checked against the fp32 reference (ratio rule, last 1024 query rows) at the
+first density of each shape where it runs. The small shape also reports the launcher's host time per
+call (no sync) and a direct launch of the compiled kernel, to separate Python overhead from GPU time.
+
+Prints a table last and writes ``kernel_variants.json`` under ``$OUT`` (or ``--out``).
+Usage: ``PYTHONPATH=src python3 benchmarks/kernel_variants.py [--budget-s 300]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from bench_attention import env_info, layout_for  # noqa: E402
+from shapes import SHAPES  # noqa: E402
+
+from sparseattn.testing import timing  # noqa: E402
+
+
+def _cfg(bm: int, bn: int, w: int, s: int, **flags: bool) -> dict[str, Any]:
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s, **flags}
+
+
+VARIANTS: dict[int, dict[str, dict[str, Any] | None]] = {
+    128: {
+        "auto": None,
+        "p128x128w8s3": _cfg(128, 128, 8, 3),
+        "p128x128w8s3+prefetch": _cfg(128, 128, 8, 3, PREFETCH=True),
+        "p128x128w8s2": _cfg(128, 128, 8, 2),
+        "p128x64w8s3": _cfg(128, 64, 8, 3),
+        "p128x64w8s3+overlap": _cfg(128, 64, 8, 3, OVERLAP=True),
+        "p128x128w8s3+overlap": _cfg(128, 128, 8, 3, OVERLAP=True),
+        "t128x128w8s2": _cfg(128, 128, 8, 2, USE_TMA=True),
+        "t128x64w8s3+overlap": _cfg(128, 64, 8, 3, USE_TMA=True, OVERLAP=True),
+    },
+    64: {
+        "auto": None,
+        "p128x128w8s3": _cfg(128, 128, 8, 3),
+        "p128x128w8s3+prefetch": _cfg(128, 128, 8, 3, PREFETCH=True),
+        "p128x64w4s3": _cfg(128, 64, 4, 3),
+        "p64x64w4s3": _cfg(64, 64, 4, 3),
+        "t128x128w8s3": _cfg(128, 128, 8, 3, USE_TMA=True),
+    },
+}
+PLAN = [("Llama-3.1-8B/32K/causal", (1.0, 0.2, 0.1)), ("SmolLM2-135M/8K/causal", (0.2, 0.05))]
+
+
+def host_us_per_call(fn: Any, n: int = 200) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def run_shape(name: str, densities: tuple[float, ...], deadline: float, parity_rows: int) -> dict[str, Any]:
+    from sparseattn.ops import triton_launch as tlaunch
+
+    shape = next(s for s in SHAPES if s.name == name)
+    B, H, Hkv, N, D = shape.batch, shape.heads, shape.kv_heads, shape.seqlen, shape.head_dim
+    q, k, v = timing.gpu_qkv(B, H, Hkv, N, N, D, dtype=torch.bfloat16, seed=N + D + H)
+    sdpa = timing.sdpa_runners(q, k, v, shape.causal)
+    res: dict[str, Any] = {"shape": name, "sdpa_cudnn_ms": timing.bench_ms(sdpa["cudnn"]) if callable(sdpa["cudnn"]) else None,
+                           "rows": []}
+    checked: set[str] = set()
+    for d in densities:
+        lay = layout_for(shape, d, "cuda")
+        row: dict[str, Any] = {"density_target": d, "density": lay.density(shape.causal), "variants": {}}
+        try:
+            frun = timing.flex_runner(q, k, v, lay, shape.causal)
+            frun()
+            row["flex_ms"] = timing.bench_ms(frun)
+        except Exception as exc:  # report, never hide
+            row["flex_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        for vname, cfg in VARIANTS[D].items():
+            if time.time() > deadline:
+                row["variants"][vname] = {"skipped": "time budget"}
+                continue
+            ent: dict[str, Any] = {"config": cfg}
+            try:
+                run = timing.kernel_runner(q, k, v, lay, shape.causal, config=cfg)
+                o, l = run()
+                torch.cuda.synchronize()
+                if vname not in checked:
+                    par = timing.tail_parity(q, k, v, lay, shape.causal, o, l, rows=parity_rows)
+                    ent["parity"] = {kk: par[kk] for kk in ("ok", "out_err", "out_bound", "lse_err", "lse_bound", "rows_checked")}
+                    checked.add(vname)
+                    if not par["ok"]:
+                        ent["parity"]["failures"] = par.get("failures")
+                ent["ms"] = timing.bench_ms(run)
+                if "flex_ms" in row:
+                    ent["vs_flex"] = row["flex_ms"] / ent["ms"]
+                if res["sdpa_cudnn_ms"]:
+                    ent["vs_cudnn"] = res["sdpa_cudnn_ms"] / ent["ms"]
+                if cfg is None:
+                    _, tuned_plain, tuned_tma = tlaunch._kernels()
+                    best = {}
+                    for kern in (tuned_tma, tuned_plain):
+                        for key, c in getattr(kern, "cache", {}).items():
+                            best[str(key)] = str(c)
+                    ent["autotune_choices"] = best
+                if D == 64:
+                    ent["host_us_per_call"] = host_us_per_call(run)
+                del o, l
+            except Exception as exc:  # a variant that fails to compile or launch is reported, not fatal
+                ent["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+            row["variants"][vname] = ent
+            print(f"  {name} d={d} {vname:<24} {ent.get('ms', float('nan')):8.3f} ms  "
+                  f"parity {ent.get('parity', {}).get('ok', '-')}  {ent.get('error', '')[:120]}", flush=True)
+        res["rows"].append(row)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget-s", type=float, default=300.0)
+    ap.add_argument("--parity-rows", type=int, default=1024)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args(argv)
+    reason = timing.cuda_unavailable_reason()
+    if reason:
+        print(f"kernel_variants: {reason}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    info = env_info()
+    print(json.dumps(info), flush=True)
+    results = [run_shape(name, dens, t0 + args.budget_s, args.parity_rows) for name, dens in PLAN]
+    doc = {"env": info, "results": results, "wall_s": time.time() - t0}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "kernel_variants.json"), "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    print(f"\nenv: {info['gpu']} torch {info['torch']} triton {info['triton']} commit {info['commit']}")
+    bad = 0
+    for res in results:
+        print(f"{res['shape']}  cuDNN dense {res['sdpa_cudnn_ms']:.3f} ms")
+        for row in res["rows"]:
+            print(f"  density {row['density']:.3f}  Flex {row.get('flex_ms', float('nan')):.3f} ms")
+            for vname, ent in row["variants"].items():
+                par = ent.get("parity", {}).get("ok")
+                bad += par is False
+                print(f"    {vname:<24}{ent.get('ms', float('nan')):9.3f} ms  vsFlex {ent.get('vs_flex', float('nan')):5.2f}  "
+                      f"vsCuDNN {ent.get('vs_cudnn', float('nan')):5.2f}  parity {'-' if par is None else ('ok' if par else 'FAIL')}"
+                      + (f"  host {ent['host_us_per_call']:.0f} us/call" if "host_us_per_call" in ent else "")
+                      + (f"  ERR {ent['error'][:80]}" if "error" in ent else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
