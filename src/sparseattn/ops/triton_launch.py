@@ -36,7 +36,7 @@ SUPPORTED_BLOCK_SIZES = (64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Y = 65535
-_CONFIG_FLAGS = {"USE_TMA", "PREFETCH", "OVERLAP"}  # optional boolean kernel switches a fixed config may set
+_CONFIG_FLAGS = {"USE_TMA", "PREFETCH"}  # optional boolean kernel switches a fixed config may set
 TMA_DISABLED_REASON: list[str] = []  # set once if the TMA candidates cannot run on this install
 
 
@@ -73,7 +73,7 @@ def refusal(
     if not isinstance(q, torch.Tensor):
         return f"q is a {type(q).__name__}, not a torch.Tensor"
     if q.device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(q.device)
+        major, minor = _capability(q.device)
         if major < 8:
             return f"needs a CUDA GPU of compute capability >= 8.0; {q.device} has {major}.{minor}"
     elif q.device.type == "cpu":
@@ -109,16 +109,29 @@ def _kernels() -> tuple[Any, Any, Any]:
     return plain, tuned[0], tuned[1]
 
 
+@functools.lru_cache(maxsize=None)
+def _capability_of(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability, looked up once per device (this runs on every call)."""
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_has_descriptors() -> bool:
+    import triton
+    import triton.language as tl
+
+    return hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+
+
 def _tma_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Device-side TMA descriptors: sm_90+, Triton with descriptors, 16-byte aligned K/V rows and heads."""
     if not q.is_cuda or interpret_mode() or os.environ.get("SPARSEATTN_TRITON_TMA", "1") == "0":
         return False
-    if torch.cuda.get_device_capability(q.device)[0] < 9:
-        return False
-    import triton
-    import triton.language as tl
-
-    if not (hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")):
+    if _capability(q.device)[0] < 9 or not _triton_has_descriptors():
         return False
     for t in (k, v):
         es = t.element_size()
@@ -127,11 +140,23 @@ def _tma_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return True
 
 
+_ALLOCATOR_FOR: list[torch.device] = []  # the device whose scratch allocator is installed (set once, not per call)
+
+
 def _set_tma_allocator(device: torch.device) -> None:
     """Triton needs global scratch for descriptors built inside kernels."""
     import triton
 
+    if _ALLOCATOR_FOR == [device]:
+        return
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=device, dtype=torch.int8))
+    _ALLOCATOR_FOR[:] = [device]
+
+
+# Autotuned choice per (TMA usable, head_dim, layout blocks, causal, length bucket, dtype, device): after the
+# first call of a key, later calls launch the compiled kernel directly with the chosen config, skipping
+# the autotuner's dispatch and the TMA attempt (host time per call matters for sub-millisecond calls).
+_TUNED: dict[tuple[Any, ...], dict[str, Any]] = {}
 
 
 @functools.lru_cache(maxsize=64)
@@ -159,6 +184,15 @@ def _check_out(fn: str, name: str, t: torch.Tensor | None, shape: tuple[int, ...
                    f"{tuple(t.shape)} {t.dtype} on {t.device}")
     if t.stride(-1) != 1:
         raise fail(fn, name, "must have a contiguous last dimension", "stride(-1) == 1", f"stride={t.stride()}")
+
+
+def _remember(key: tuple[Any, ...] | None, tuned: Any) -> None:
+    best = getattr(tuned, "best_config", None)
+    if key is None or best is None:
+        return
+    kw = best.kwargs
+    _TUNED[key] = {"BLOCK_M": kw["BLOCK_M"], "BLOCK_N": kw["BLOCK_N"], "num_warps": best.num_warps,
+                   "num_stages": best.num_stages, "USE_TMA": bool(kw.get("USE_TMA", False))}
 
 
 def block_sparse_fwd(
@@ -192,7 +226,7 @@ def block_sparse_fwd(
         out: optional preallocated output ``(B, H, N_q, D)`` in q's dtype (last dim contiguous).
         lse: optional preallocated ``(B, H, N_q)`` float32 (last dim contiguous).
         config: fixed launch config ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}``, optionally
-            with the kernel switches ``USE_TMA`` / ``PREFETCH`` / ``OVERLAP`` (bools), instead of
+            with the kernel switches ``USE_TMA`` / ``PREFETCH`` (bools), instead of
             autotuning (tests, experiments).
 
     Returns:
@@ -254,8 +288,6 @@ def block_sparse_fwd(
         if pv and (config["BLOCK_M"], config["BLOCK_N"]) != (layout.block_m, layout.block_n):
             raise fail(fn, "config", "must use the layout's blocks as tiles with pv_threshold",
                        f"({layout.block_m}, {layout.block_n})", f"({config['BLOCK_M']}, {config['BLOCK_N']})")
-        if pv and config.get("OVERLAP"):
-            raise fail(fn, "config", "OVERLAP cannot be combined with pv_threshold", "OVERLAP off", repr(config))
         if config.get("USE_TMA") and q.is_cuda and not _tma_usable(q, k, v):
             raise fail(fn, "config", "asks for TMA loads these inputs cannot use",
                        "sm_90+, 16-byte aligned K/V, Triton with tensor descriptors", repr(config))
@@ -269,6 +301,12 @@ def block_sparse_fwd(
     if pv:  # one (visited, skipped) pair per program; tiles are layout blocks, so programs = B*H*Mb
         stats_buf = torch.zeros((B * H * layout.num_q_blocks, 2), dtype=torch.int32, device=q.device)
     num_t, idx_t = layout.kv_num_blocks, layout.kv_indices
+    n_ctx_key = int(math.ceil(math.log2(max(Nq, Nkv, 2))))
+    tune_key: tuple[Any, ...] | None = None
+    if cfg is None:
+        use_tma = not TMA_DISABLED_REASON and _tma_usable(q, k, v)
+        tune_key = (use_tma, D, layout.block_m, layout.block_n, causal, n_ctx_key, q.dtype, q.device)
+        cfg = _TUNED.get(tune_key)  # None on the first call of this key: autotune below
     args = (
         q, k, v, out, lse, num_t, idx_t, stats_buf if stats_buf is not None else lse,
         q.stride(0), q.stride(1), q.stride(2),
@@ -280,7 +318,7 @@ def block_sparse_fwd(
         idx_t.stride(0), idx_t.stride(1), idx_t.stride(2), idx_t.stride(3),
         H, H // Hkv, Nq, Nkv, layout.num_kv_blocks,
         float(scale) * _LOG2E, float(pv_threshold) * _LOG2E if pv else 0.0,
-        int(math.ceil(math.log2(max(Nq, Nkv, 2)))),
+        n_ctx_key,
     )
     meta = dict(HEAD_DIM=D, LAYOUT_BM=layout.block_m, LAYOUT_BN=layout.block_n, CAUSAL=causal, PV_SKIP=pv)
     if interp and q.dtype == torch.bfloat16:
@@ -296,18 +334,20 @@ def block_sparse_fwd(
                 _set_tma_allocator(q.device)
                 tuned_tma[grid](*args, **meta)
                 ran = True
+                _remember(tune_key, tuned_tma)
             except Exception as exc:  # an older Triton that cannot build descriptors: pointer loads from now on
                 TMA_DISABLED_REASON.append(f"{type(exc).__name__}: {str(exc)[:300]}")
                 warnings.warn(f"{fn}: TMA autotuning failed, using pointer loads: {TMA_DISABLED_REASON[0]}",
                               RuntimeWarning, stacklevel=3)
         if not ran:
             tuned_plain[grid](*args, **meta)
+            _remember(tune_key, tuned_plain)
     else:
         grid = (-(-Nq // cfg["BLOCK_M"]), B * H)
-        extra = {f: True for f in _CONFIG_FLAGS if cfg.get(f)}
+        meta.update({f: bool(cfg[f]) for f in _CONFIG_FLAGS if f in cfg})
         if cfg.get("USE_TMA"):
             _set_tma_allocator(q.device)
-        plain[grid](*args, **meta, **extra, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+        plain[grid](*args, **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
                     num_stages=cfg["num_stages"])
 
     if stats is not None:
