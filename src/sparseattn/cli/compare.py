@@ -22,7 +22,7 @@ def add_parser(subparsers: Any) -> None:
                     "correlation of block scores, output cosine vs dense; per layer and per length. Writes "
                     "compare.json, compare.md and side-by-side mask PNGs.")
     p.add_argument("--a", required=True, help="predictor spec, e.g. 'mean_sim:cdf_threshold=0.9'")
-    p.add_argument("--b", default="oracle", help="predictor spec, or 'oracle' for the oracle at A's density (default)")
+    p.add_argument("--b", default="oracle", help="predictor spec, or 'oracle' for the exact-mass upper bound at A's block budget (default)")
     p.add_argument("--input", default="structured",
                    help="'random', 'structured' (seeded synthetic), or a .safetensors file/directory from 'sparseattn collect'")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096], help="sequence lengths (synthetic inputs)")

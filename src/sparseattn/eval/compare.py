@@ -17,8 +17,10 @@ Metrics per input, all over the causal block region when ``causal``:
 * with ``v``: ``out_cosine_a`` / ``out_cosine_b`` — cosine of the sparse attention output against
   dense attention (reference backend).
 
-``b="oracle"`` means the oracle at A's density: ``oracle:topk=<density of A>`` at A's block sizes,
-i.e. the best blocks A could have picked with the same budget.
+``b="oracle"`` means the oracle at A's budget: per (batch, head), the same *number* of blocks as A
+selected, chosen as the blocks of largest exact mass over the whole causal region (a global top-K,
+not a per-row fraction). Since recall is a sum of block masses, this is the highest recall any
+layout with A's block count per head can reach — the upper bound A is measured against.
 
 Results: :func:`compare_predictors` returns a JSON-able dict (``records`` + ``summary``);
 :func:`write_report` writes ``compare.json``, ``compare.md`` and side-by-side mask PNGs.
@@ -39,7 +41,7 @@ from sparseattn.predictors._common import causal_region
 from sparseattn.predictors.base import config_to_json, make_predictor, parse_predictor_spec
 from sparseattn.predictors.oracle import exact_block_mass
 
-__all__ = ["compare_predictors", "compare_layouts", "random_inputs", "safetensors_inputs", "write_report", "resolve"]
+__all__ = ["compare_predictors", "compare_layouts", "oracle_at_budget", "random_inputs", "safetensors_inputs", "write_report", "resolve"]
 
 
 def resolve(spec_or_predictor: Any) -> Any:
@@ -120,6 +122,27 @@ def compare_layouts(layout_a: Any, layout_b: Any, mass: torch.Tensor, *, causal:
     return rec
 
 
+def oracle_at_budget(mass: torch.Tensor, layout_a: Any, *, causal: bool = True) -> Any:
+    """The exact-mass upper bound at ``layout_a``'s budget: per (batch, head) the same number of blocks,
+    those of largest exact mass in the allowed region (global top-K). Returns a BlockLayout.
+
+    Shapes:
+        mass ``[B, H, Mb, Nb]`` (from :func:`exact_block_mass` at the layout's block sizes).
+    """
+    from sparseattn.predictors._common import mask_to_layout
+
+    region = causal_region(layout_a.seqlen_q, layout_a.seqlen_kv, layout_a.block_m, layout_a.block_n, causal,
+                           mass.device)
+    B, H, Mb, Nb = mass.shape
+    budget = (layout_a.to_dense_mask() & region).sum((-1, -2)).reshape(B, H, 1)
+    flat = mass.masked_fill(~region, -1.0).reshape(B, H, Mb * Nb)
+    order = torch.sort(flat, dim=-1, descending=True, stable=True).indices
+    keep = (torch.arange(Mb * Nb, device=mass.device) < budget).to(torch.uint8)
+    sel = torch.zeros_like(flat, dtype=torch.uint8).scatter_(-1, order, keep).bool().reshape(B, H, Mb, Nb) & region
+    return mask_to_layout(sel, block_m=layout_a.block_m, block_n=layout_a.block_n, seqlen_q=layout_a.seqlen_q,
+                          seqlen_kv=layout_a.seqlen_kv)
+
+
 def random_inputs(lengths: Iterable[int], *, layers: int = 2, heads: int = 8, kv_heads: int = 2, head_dim: int = 64,
                   kind: str = "structured", seed: int = 0, dtype: torch.dtype = torch.float32,
                   device: str | torch.device = "cpu") -> Iterator[dict[str, Any]]:
@@ -196,22 +219,21 @@ def compare_predictors(a: Any, b: Any, inputs: Iterable[dict[str, Any]], *, caus
                 pb.reset()
         last_len = n
         lay_a = pa.predict(q, k, causal=causal, layer=layer)
+        mass = exact_block_mass(q, k, causal=causal, block_m=lay_a.block_m, block_n=lay_a.block_n)
         if density_matched:
-            d = max(lay_a.density(causal=causal), 1e-6)
-            pb_now = make_predictor("oracle", topk=min(1.0, d), cdf_threshold=None, block_m=lay_a.block_m,
-                                    block_n=lay_a.block_n)
+            pb_now = None
+            lay_b = oracle_at_budget(mass, lay_a, causal=causal)
         else:
             pb_now = pb
-        lay_b = pb_now.predict(q, k, causal=causal, layer=layer)
-        mass = exact_block_mass(q, k, causal=causal, block_m=lay_a.block_m, block_n=lay_a.block_n)
+            lay_b = pb_now.predict(q, k, causal=causal, layer=layer)
         rec = {"layer": layer, "length": n, **({"source": item["source"]} if "source" in item else {})}
         rec.update(compare_layouts(lay_a, lay_b, mass, causal=causal, scores_a=getattr(pa, "last_scores", None),
-                                   scores_b=getattr(pb_now, "last_scores", None)))
+                                   scores_b=mass if pb_now is None else getattr(pb_now, "last_scores", None)))
         if with_output and v is not None:
             from sparseattn.ops.attention import attention
 
             dense = attention(q, k, v, causal=causal, backend="reference").out
-            for tag, lay, pred in (("a", lay_a, pa), ("b", lay_b, pb_now)):
+            for tag, lay, pred in (("a", lay_a, pa), ("b", lay_b, pb_now or pa)):
                 pv = getattr(getattr(pred, "config", None), "pv_threshold", None)
                 out = attention(q, k, v, causal=causal, layout=lay, backend="reference", pv_threshold=pv).out
                 rec[f"out_cosine_{tag}"] = cosine_similarity(out, dense)
@@ -219,7 +241,7 @@ def compare_predictors(a: Any, b: Any, inputs: Iterable[dict[str, Any]], *, caus
         if len(masks) < keep_masks:
             masks.append({"layer": layer, "length": n, "a": lay_a.to_dense_mask()[0, 0].cpu(),
                           "b": lay_b.to_dense_mask()[0, 0].cpu(), "mass": mass[0, 0].cpu()})
-    return {"a": _spec_of(pa), "b": "oracle (density-matched to a)" if density_matched else _spec_of(pb),
+    return {"a": _spec_of(pa), "b": "oracle (A's block budget per head)" if density_matched else _spec_of(pb),
             "causal": causal, "records": records, "summary": summarize(records), "masks": masks}
 
 
