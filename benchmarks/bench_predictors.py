@@ -39,7 +39,7 @@ from sparseattn.testing import timing  # noqa: E402
 PREDICTORS = [
     "static:pattern=sink_window,sink_blocks=1,window_blocks=16",
     "mean_sim",
-    "mean_sim:score=minmax,cdf_threshold=0.99,keep_local=8",
+    "mean_sim:score=mixed,cdf_threshold=0.97,keep_local=8",
     "sketch_walk",
     "sketch_walk:walk=false",
 ]
