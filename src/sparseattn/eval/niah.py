@@ -212,9 +212,10 @@ def run_niah(
     bar = tqdm(total=len(lengths) * len(depths) * trials, desc="niah", unit="case", disable=not progress)
     with torch.no_grad():
         for n in lengths:
-            for d in depths:
+            for di, d in enumerate(depths):
                 for t in range(trials):
-                    pr = make_niah_prompt(tokenizer, length=n, depth=d, seed=seed * 100_003 + t * 7919 + n,
+                    # a different needle per (length, depth, trial), the same for dense and sparse
+                    pr = make_niah_prompt(tokenizer, length=n, depth=d, seed=seed * 100_003 + t * 7919 + di * 131 + n,
                                           sentences=sentences)
                     ids = pr["input_ids"].to(dev)
                     dense = greedy_generate(model, ids, gen_tokens=gen_tokens, score_last=1)
