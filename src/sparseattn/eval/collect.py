@@ -167,15 +167,27 @@ def iter_collected(path: str | Path, *, device: str | torch.device = "cpu",
                    "scale": (meta.get("scale") or {}).get(str(li)), "file": str(f), "meta": meta}
 
 
+def _num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _target(cfg: Any) -> dict[str, Any] | None:
-    for attr in ("target_sparsity", "sparsity"):
-        v = getattr(cfg, attr, None)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return {"target_sparsity": float(v), "from": f"config.{attr}"}
-    for attr in ("target_density", "density", "top_fraction", "keep_fraction"):
-        v = getattr(cfg, attr, None)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return {"target_sparsity": 1.0 - float(v), "from": f"1 - config.{attr}"}
+    """The sparsity a predictor's config asks for, when it states one (else None)."""
+    if cfg is None:
+        return None
+    if _num(getattr(cfg, "target_sparsity", None)):
+        return {"target_sparsity": float(cfg.target_sparsity), "from": "config.target_sparsity"}
+    if _num(getattr(cfg, "target_density", None)):
+        return {"target_sparsity": 1.0 - float(cfg.target_density), "from": "1 - config.target_density"}
+    if getattr(cfg, "pattern", None) == "random" and _num(getattr(cfg, "density", None)):
+        return {"target_sparsity": 1.0 - float(cfg.density), "from": "1 - config.density (random pattern)"}
+    topk = getattr(cfg, "topk", None)
+    if _num(topk) and 0 < float(topk) <= 1:
+        return {"target_sparsity": 1.0 - float(topk), "from": "1 - config.topk"}
+    fr = [getattr(cfg, a, None) for a in ("sink_fraction", "window_fraction", "top_fraction")]
+    if all(_num(x) for x in fr):
+        return {"target_sparsity": max(0.0, 1.0 - float(sum(fr))),
+                "from": "1 - (sink_fraction + window_fraction + top_fraction), nominal"}
     return None
 
 
