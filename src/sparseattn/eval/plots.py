@@ -84,22 +84,23 @@ def niah_heatmap(grid: Mapping[str, Sequence[Sequence[float]]], lengths: Sequenc
     import numpy as np
 
     names = list(grid)
-    fig, axes = plt.subplots(1, len(names), figsize=(2.2 + 1.1 * len(lengths) * len(names), 1.6 + 0.45 * len(depths)),
+    fig, axes = plt.subplots(1, len(names), figsize=(1.5 + (1.6 + 1.1 * len(lengths)) * len(names), 1.8 + 0.45 * len(depths)),
                              squeeze=False)
-    for ax, name in zip(axes[0], names):
+    for col, (ax, name) in enumerate(zip(axes[0], names)):
         data = np.array(grid[name], dtype=float)  # [depth, length]
         im = ax.imshow(data, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("needle depth")
+        if col == 0:
+            ax.set_ylabel("needle depth")
         for i in range(data.shape[0]):
             for j in range(data.shape[1]):
                 ax.text(j, i, f"{data[i, j]:.0%}", ha="center", va="center", fontsize=8)
         ax.set_title(f"{name}: mean {np.nanmean(data):.0%}", fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), fraction=0.03)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, y=1.04)
     p = Path(path)
     fig.savefig(p, dpi=120, bbox_inches="tight")
     plt.close(fig)
