@@ -320,6 +320,7 @@ def evaluate(
         thr[key] = float(val)
 
     t_start = time.perf_counter()
+    model_desc = model_name if model is None else str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
     if model is None:
         from sparseattn.models import load
 
@@ -493,7 +494,7 @@ def evaluate(
     timings["load_s"] = load_s
     timings["total_s"] = time.perf_counter() - t_start
     cfg = {
-        "model": model_name if input_ids is None or model is None else getattr(model.config, "_name_or_path", model_name),
+        "model": model_desc,
         "model_class": type(model).__name__,
         "layers": n_layers,
         "heads": getattr(model.config, "num_attention_heads", None),
