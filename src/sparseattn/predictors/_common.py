@@ -126,11 +126,13 @@ def block_pool(x: torch.Tensor, block: int, *, normalized: bool = False) -> tupl
     unit = None
     if normalized:
         unit = parts_u[0] if len(parts_u) == 1 else torch.cat(parts_u, dim=2)
-    nb = cdiv(N, block)
-    counts = torch.full((nb,), float(block), dtype=torch.float32, device=x.device)
-    if N % block:
-        counts[-1] = float(N % block)
-    return sums, unit, counts
+    def build() -> torch.Tensor:
+        c = torch.full((cdiv(N, block),), float(block), dtype=torch.float32, device=x.device)
+        if N % block:
+            c[-1] = float(N % block)
+        return c
+
+    return sums, unit, cached(("counts", N, block, str(x.device)), build)
 
 
 def block_minmax(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,12 +152,32 @@ def block_minmax(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 # --------------------------------------------------------------------------- geometry
+# Geometry-derived tensors (regions, local masks, block counts) depend only on the shapes, so they
+# are built once per (function, shapes, device) and reused: on the GPU a predictor call is bound by
+# kernel launches, and these would otherwise cost a dozen launches per call. Read-only by contract.
+_GEOM_CACHE: dict[tuple[Any, ...], torch.Tensor] = {}
+_GEOM_CACHE_MAX = 256
+
+
+def cached(key: tuple[Any, ...], build: Any) -> torch.Tensor:
+    """Return ``_GEOM_CACHE[key]``, building it with ``build()`` on first use (bounded, FIFO eviction)."""
+    hit = _GEOM_CACHE.get(key)
+    if hit is None:
+        if len(_GEOM_CACHE) >= _GEOM_CACHE_MAX:
+            _GEOM_CACHE.pop(next(iter(_GEOM_CACHE)))
+        hit = _GEOM_CACHE[key] = build()
+    return hit
+
+
 def causal_region(seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int, causal: bool,
                   device: torch.device) -> torch.Tensor:
-    """Bool ``[Mb, Nb]``: blocks a query block may use (the causal block region, or all when not causal)."""
-    if causal:
-        return causal_block_region(seqlen_q, seqlen_kv, block_m, block_n, device)[0]
-    return torch.ones(cdiv(seqlen_q, block_m), cdiv(seqlen_kv, block_n), dtype=torch.bool, device=device)
+    """Bool ``[Mb, Nb]``: blocks a query block may use (the causal block region, or all when not causal). Cached; do not modify."""
+    def build() -> torch.Tensor:
+        if causal:
+            return causal_block_region(seqlen_q, seqlen_kv, block_m, block_n, device)[0]
+        return torch.ones(cdiv(seqlen_q, block_m), cdiv(seqlen_kv, block_n), dtype=torch.bool, device=device)
+
+    return cached(("region", seqlen_q, seqlen_kv, block_m, block_n, causal, str(device)), build)
 
 
 def diagonal_blocks(seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int, device: torch.device) -> torch.Tensor:
@@ -172,14 +194,17 @@ def diagonal_blocks(seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int, d
 
 def local_mask(seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int, n_blocks: int, causal: bool,
                device: torch.device) -> torch.Tensor:
-    """Bool ``[Mb, Nb]``: the diagonal key block and the ``n_blocks - 1`` before it (and after, if not causal)."""
-    Nb = cdiv(seqlen_kv, block_n)
-    d = diagonal_blocks(seqlen_q, seqlen_kv, block_m, block_n, device)[:, None]
-    j = torch.arange(Nb, device=device)[None, :]
-    m = (j <= d) & (j > d - n_blocks)
-    if not causal:
-        m = m | ((j > d) & (j < d + n_blocks))
-    return m
+    """Bool ``[Mb, Nb]``: the diagonal key block and the ``n_blocks - 1`` before it (and after, if not causal). Cached; do not modify."""
+    def build() -> torch.Tensor:
+        Nb = cdiv(seqlen_kv, block_n)
+        d = diagonal_blocks(seqlen_q, seqlen_kv, block_m, block_n, device)[:, None]
+        j = torch.arange(Nb, device=device)[None, :]
+        m = (j <= d) & (j > d - n_blocks)
+        if not causal:
+            m = m | ((j > d) & (j < d + n_blocks))
+        return m
+
+    return cached(("local", seqlen_q, seqlen_kv, block_m, block_n, n_blocks, causal, str(device)), build)
 
 
 # --------------------------------------------------------------------------- selection

@@ -48,6 +48,7 @@ from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.predictors._common import (
     block_minmax,
     block_pool,
+    cached,
     causal_region,
     check_block,
     check_bool,
@@ -191,11 +192,16 @@ class MeanSimilarityPredictor:
         else:
             mask = select_cdf(p, region, float(cfg.cdf_threshold))  # type: ignore[arg-type]
 
-        forced = torch.zeros(Mb, Nb, dtype=torch.bool, device=dev)
-        if cfg.keep_sink:
-            forced[:, 0] = True
-        if cfg.keep_local > 0:
-            forced |= local_mask(Nq, Nkv, cfg.block_m, cfg.block_n, cfg.keep_local, causal, dev)
+        def build_forced() -> torch.Tensor:
+            f = torch.zeros(Mb, Nb, dtype=torch.bool, device=dev)
+            if cfg.keep_sink:
+                f[:, 0] = True
+            if cfg.keep_local > 0:
+                f |= local_mask(Nq, Nkv, cfg.block_m, cfg.block_n, cfg.keep_local, causal, dev)
+            return f & region
+
+        forced = cached(("msim_forced", Nq, Nkv, cfg.block_m, cfg.block_n, cfg.keep_sink, cfg.keep_local, causal,
+                         str(dev)), build_forced)
         untrusted_q = (q_sim < cfg.sim_threshold).reshape(B, Hkv, G, Mb, 1)
         untrusted_k = (k_sim < cfg.sim_threshold).reshape(B, Hkv, 1, 1, Nb)
         mask = (mask | forced | untrusted_q | untrusted_k) & region

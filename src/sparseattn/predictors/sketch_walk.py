@@ -58,6 +58,7 @@ from sparseattn._validation import fail
 from sparseattn.layout.block_layout import BlockLayout, cdiv
 from sparseattn.predictors._common import (
     block_pool,
+    cached,
     causal_region,
     check_block,
     check_bool,
@@ -101,11 +102,15 @@ def srht_sketch(x: torch.Tensor, sketch_dim: int, seed: int) -> torch.Tensor:
     """
     D = x.shape[-1]
     Dp = 1 << max(0, (D - 1).bit_length())
-    gen = torch.Generator().manual_seed(int(seed))
-    signs = (torch.randint(0, 2, (D,), generator=gen) * 2 - 1).to(torch.float32)
     m = min(int(sketch_dim), Dp)
-    cols = torch.randperm(Dp, generator=gen)[:m].sort().values
-    proj = (_hadamard(Dp, x.device)[:D, :] * signs.to(x.device)[:, None])[:, cols.to(x.device)] * (m ** -0.5)
+
+    def build() -> torch.Tensor:
+        gen = torch.Generator().manual_seed(int(seed))
+        signs = (torch.randint(0, 2, (D,), generator=gen) * 2 - 1).to(torch.float32)
+        cols = torch.randperm(Dp, generator=gen)[:m].sort().values
+        return (_hadamard(Dp, x.device)[:D, :] * signs.to(x.device)[:, None])[:, cols.to(x.device)] * (m ** -0.5)
+
+    proj = cached(("srht", D, m, int(seed), str(x.device)), build)  # [D, m], built once per device
     return torch.matmul(x.to(torch.float32), proj)
 
 
@@ -313,6 +318,18 @@ class SketchWalkPredictor:
     def _select(self, W: torch.Tensor, Nq: int, Nkv: int, causal: bool, dev: torch.device) -> torch.Tensor:
         cfg = self.config
         region = causal_region(Nq, Nkv, cfg.block_m, cfg.block_n, causal, dev)  # [Mb, Nb]
+        key = ("sw_forced", Nq, Nkv, cfg.block_m, cfg.block_n, cfg.sink_fraction, cfg.window_fraction,
+               cfg.min_sink_blocks, cfg.min_window_blocks, causal, str(dev))
+        forced = cached(key, lambda: self._forced(region, Nq, Nkv, causal, dev))
+        remaining = cached(key + ("remaining",), lambda: region & ~forced)
+        if cfg.top_fraction > 0:
+            top = select_topk(W, remaining, cfg.top_fraction)
+            return top | forced
+        return forced.expand_as(W)
+
+    def _forced(self, region: torch.Tensor, Nq: int, Nkv: int, causal: bool, dev: torch.device) -> torch.Tensor:
+        """Sink and recent-window blocks of every row, ``[Mb, Nb]`` (within ``region``)."""
+        cfg = self.config
         Mb, Nb = region.shape
         avail = region.sum(-1).to(torch.float64)  # [Mb]
         n_sink = torch.maximum(torch.ceil(avail * cfg.sink_fraction - 1e-9),
@@ -325,10 +342,4 @@ class SketchWalkPredictor:
         win = (j <= d) & (j > d - n_win[:, None])
         if not causal:
             win = win | ((j > d) & (j < d + n_win[:, None]))
-        forced = (sink | win) & region
-        remaining = region & ~forced
-        if cfg.top_fraction > 0:
-            top = select_topk(W, remaining, cfg.top_fraction)
-        else:
-            top = torch.zeros_like(W, dtype=torch.bool)
-        return (top | forced) & region
+        return (sink | win) & region

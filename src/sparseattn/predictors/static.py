@@ -104,10 +104,15 @@ class StaticPredictor:
         if not isinstance(self.config, StaticConfig):
             raise fail("StaticPredictor", "config", "must be a StaticConfig", "StaticConfig", type(self.config).__name__)
         self.last_scores: torch.Tensor | None = None
+        self._cache: dict[tuple, BlockLayout] = {}
 
     def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:
         B, H, _, Nq, Nkv, _ = check_qk("StaticPredictor.predict", q, k, causal)
         cfg = self.config
+        key = (B, H, Nq, Nkv, causal, str(q.device))
+        hit = self._cache.get(key)
+        if hit is not None:  # a pattern depends only on the shapes: build it once per geometry
+            return hit
         kwargs = {f: getattr(cfg, f) for f in _PATTERN_FIELDS[cfg.pattern]}
         geom = dict(block_m=cfg.block_m, block_n=cfg.block_n, batch=B, heads=H, device=q.device)
         if cfg.pattern == "causal":
@@ -118,7 +123,10 @@ class StaticPredictor:
         else:
             layout = PATTERNS[cfg.pattern](Nq, Nkv, causal=causal, **kwargs, **geom)
         self.last_scores = None
+        if len(self._cache) >= 64:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = layout
         return layout
 
     def reset(self) -> None:
-        """Stateless: nothing to clear."""
+        """Stateless (the per-geometry layout cache is kept: it depends only on shapes)."""
