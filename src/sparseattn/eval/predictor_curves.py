@@ -89,7 +89,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["seq_len"], r["family"], -(r["sparsity"] or 0))):
         lines.append(f"| {r['seq_len']} | `{r['spec']}` | {r['sparsity']:.3f} | {r['logits_cosine']:.4f} | "
-                     f"{r['top1_agreement']:.3f} | {r['kl']:.4f} | {'yes' if r['meets_targets'] else 'no'} |")
+                     f"{r['top1_agreement']:.4f} | {r['kl']:.4f} | {'yes' if r['meets_targets'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
