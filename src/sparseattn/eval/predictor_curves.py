@@ -38,6 +38,10 @@ def family(spec: str) -> str:
         return "sketch_walk (per_head)"
     if name == "static":
         return "static"
+    if name == "mean_sim":
+        low = spec.lower()
+        score = "mixed" if "score=mixed" in low else "minmax" if "score=minmax" in low else "mean"
+        return f"mean_sim (score={score})"
     return name
 
 
@@ -80,7 +84,9 @@ def load_rows(out: Path) -> list[dict[str, Any]]:
     for p in sorted(out.glob("curve_*.jsonl")):
         for line in p.read_text().splitlines():
             if line.strip():
-                rows.append(json.loads(line))
+                row = json.loads(line)
+                row["family"] = family(row["spec"])
+                rows.append(row)
     return rows
 
 
