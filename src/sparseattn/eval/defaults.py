@@ -14,7 +14,7 @@ DEFAULT_PREDICTOR_SPEC = "mean_sim:score=mixed,cdf_threshold=0.97,keep_local=8"
 
 #: Tokens per sample with no arguments: small enough for a 2-core CPU in a few minutes.
 DEFAULT_SEQ_LEN = 1024
-DEFAULT_SAMPLES = 3
+DEFAULT_SAMPLES = 2
 DEFAULT_GEN_TOKENS = 16
 
 #: Verdict thresholds applied to the means over samples (sparse vs dense on the same input).
