@@ -13,6 +13,12 @@ with its time. For each (length, predictor):
 * ``overhead_pct`` — ``pred_ms / sdpa_dense_ms``; the target is <= 10 % at 32K;
 * ``cos_vs_dense`` — cosine of the sparse output against SDPA dense (accuracy on these inputs).
 
+``graphed:<spec>`` rows wrap the predictor in :class:`~sparseattn.predictors.graphed.GraphedPredictor`
+(one CUDA graph per shape; ``pred_ms`` includes the input ``copy_`` and the output clones;
+``replay_ms`` is the bare ``graph.replay()``; ``capture_s`` the first call, warm-up + capture).
+Before timing, the graphed layout is checked equal to the eager one on two inputs
+(``graphed_equal``); a mismatch is reported and the row still timed.
+
 SDPA dense is the faster of the cuDNN and flash backends in the same run. A parity check of the
 kernel against the fp32 reference on the last rows runs once per length (``tail_parity``).
 Prints a table last and writes ``bench_predictors.json`` under ``$OUT`` (or ``--out``).
@@ -34,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from sparseattn.predictors import parse_predictor_spec  # noqa: E402
+from sparseattn.predictors.graphed import GraphedPredictor  # noqa: E402
 from sparseattn.testing import timing  # noqa: E402
 
 PREDICTORS = [
@@ -42,6 +49,9 @@ PREDICTORS = [
     "mean_sim:score=mixed,cdf_threshold=0.97,keep_local=8",
     "sketch_walk",
     "sketch_walk:walk=false",
+    "graphed:mean_sim",
+    "graphed:mean_sim:score=mixed,cdf_threshold=0.97,keep_local=8",
+    "graphed:sketch_walk:walk=false",
 ]
 
 
@@ -62,6 +72,33 @@ def env_info() -> dict[str, Any]:
     return {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(0),
             "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
             "commit": os.environ.get("SPARSEATTN_COMMIT", "unknown")}
+
+
+def make(spec: str) -> Any:
+    if spec.startswith("graphed:"):
+        return GraphedPredictor(parse_predictor_spec(spec[len("graphed:"):]))
+    return parse_predictor_spec(spec)
+
+
+def same_layout(a: Any, b: Any) -> bool:
+    return bool(torch.equal(a.kv_num_blocks, b.kv_num_blocks) and torch.equal(a.to_dense_mask(), b.to_dense_mask()))
+
+
+def graphed_check(pred: Any, spec: str, q: torch.Tensor, k: torch.Tensor) -> dict[str, Any]:
+    """First call (warm-up + capture), then graphed vs eager layouts on (q, k) and on flipped inputs."""
+    t = time.time()
+    pred.predict(q, k, causal=True)
+    torch.cuda.synchronize()
+    out: dict[str, Any] = {"capture_s": time.time() - t, "graphed": bool(pred._entries)}
+    eager = parse_predictor_spec(spec[len("graphed:"):])
+    ok = same_layout(pred.predict(q, k, causal=True), eager.predict(q, k, causal=True))
+    q2, k2 = q.flip(2).contiguous(), k.flip(2).contiguous()
+    ok = ok and same_layout(pred.predict(q2, k2, causal=True), eager.predict(q2, k2, causal=True))
+    del q2, k2
+    out["graphed_equal"] = ok
+    if pred._entries:
+        out["replay_ms"] = timing.bench_ms(lambda: pred.replay_only(q, k, causal=True))
+    return out
 
 
 def predict_fn(pred: Any, q: torch.Tensor, k: torch.Tensor):  # noqa: ANN201
@@ -107,7 +144,8 @@ def main() -> int:
             if time.time() - t0 > args.budget_s:
                 results["skipped"].append({"length": N, "predictor": spec, "why": "out of time budget"})
                 continue
-            pred = parse_predictor_spec(spec)
+            pred = make(spec)
+            extra = graphed_check(pred, spec, q, k) if spec.startswith("graphed:") else {}
             fn, calls = predict_fn(pred, q, k)
             layout = fn()
             torch.cuda.synchronize()
@@ -115,7 +153,7 @@ def main() -> int:
             row: dict[str, Any] = {"length": N, "predictor": spec, "density": layout.density(causal=True),
                                    "pred_ms": pred_ms, "sdpa_ms": sd[best], "sdpa_backend": best,
                                    "sdpa_tflops": timing.tflops(flops, sd[best]),
-                                   "overhead_pct": 100.0 * pred_ms / sd[best]}
+                                   "overhead_pct": 100.0 * pred_ms / sd[best], **extra}
             why = refusal(q, k=k, v=v, layout=layout, causal=True)
             if why is None:
                 run_k = timing.kernel_runner(q, k, v, layout, True)
@@ -147,6 +185,9 @@ def main() -> int:
             results["rows"].append(row)
             print(json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in row.items()
                               if k_ != "parity"}), flush=True)
+            os.makedirs(args.out, exist_ok=True)  # partial results survive a timeout
+            with open(os.path.join(args.out, "bench_predictors.json"), "w") as f:
+                json.dump(results, f, indent=2)
         del q, k, v, dense_out
         torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
