@@ -80,7 +80,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 
 @cuda
 @pytest.mark.parametrize("spec", ["mean_sim", "mean_sim:score=mixed,cdf_threshold=0.97,keep_local=8",
-                                  "mean_sim:topk=0.3", "sketch_walk:walk=false", "sketch_walk"])
+                                  "mean_sim:topk=0.3,cdf_threshold=none", "sketch_walk:walk=false", "sketch_walk"])
 def test_gpu_graphed_equals_eager_across_replays(spec: str) -> None:
     eager = parse_predictor_spec(spec)
     gp = GraphedPredictor(parse_predictor_spec(spec))
