@@ -50,6 +50,25 @@ __all__ = ["GraphedPredictor"]
 _PASS_THROUGH = ("static",)
 
 
+def _end_failed_capture(device: torch.device) -> None:
+    """Leave no capture state behind after a failed capture.
+
+    When ``cudaStreamEndCapture`` fails (e.g. a host sync invalidated the capture), PyTorch raises
+    before it tells the CUDA generators that capture ended, and every later ``torch.randn`` on the
+    device fails with "Offset increment outside graph capture". An empty capture that succeeds runs
+    the generators' prologue/epilogue again and restores them.
+    """
+    torch.cuda.synchronize(device)
+    with torch.cuda.device(device):
+        g = torch.cuda.CUDAGraph()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The CUDA Graph is empty")
+            with torch.cuda.graph(g):
+                pass
+        del g
+    torch.cuda.synchronize(device)
+
+
 @dataclass
 class _Entry:
     graph: Any  # torch.cuda.CUDAGraph
@@ -194,7 +213,7 @@ class GraphedPredictor:
                 warnings.warn(f"{fn}: CUDA graph capture of {self.name} failed for q{tuple(q.shape)} "
                               f"k{tuple(k.shape)} causal={causal} layer={layer} ({type(exc).__name__}: {exc}); "
                               "running it eagerly for this shape", UserWarning, stacklevel=2)
-                torch.cuda.synchronize(q.device)
+                _end_failed_capture(q.device)
                 return self.predictor.predict(q, k, causal=causal, layer=layer)
             self._entries[key] = entry
         entry.q.copy_(q)
