@@ -82,10 +82,15 @@ def check_qkv(
         raise fail(func, "q/k/v dtypes", "must all be equal", "one dtype", f"q={q.dtype}, k={k.dtype}, v={v.dtype}")
     if not (q.device == k.device == v.device):
         raise fail(func, "q/k/v devices", "must all be equal", "one device", f"q={q.device}, k={k.device}, v={v.device}")
-    B, H, Nq, D = q.shape
-    Bk, Hkv, Nkv, Dk = k.shape
     if tuple(v.shape) != tuple(k.shape):
         raise fail(func, "v", "must have the same shape as k", f"v.shape={tuple(k.shape)}", f"v.shape={tuple(v.shape)}")
+    return check_qk_geometry(func, q, k)
+
+
+def check_qk_geometry(func: str, q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    """Shape agreement of 4-D ``q (B, H, N_q, D)`` and ``k (B, H_kv, N_kv, D)``; returns ``(B, H, H_kv, N_q, N_kv, D)``."""
+    B, H, Nq, D = q.shape
+    Bk, Hkv, Nkv, Dk = k.shape
     if Bk != B:
         raise fail(func, "k", "batch size differs from q", f"k.shape[0]={B}", f"k.shape[0]={Bk}")
     if Dk != D:

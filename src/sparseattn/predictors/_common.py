@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from sparseattn._validation import check_tensor, fail
+from sparseattn._validation import check_qk_geometry, check_tensor, fail
 from sparseattn.layout.block_layout import BlockLayout, causal_block_region, cdiv
 
 __all__ = [
@@ -74,19 +74,10 @@ def check_qk(fn: str, q: Any, k: Any, causal: Any) -> tuple[int, int, int, int, 
         raise fail(fn, "q/k dtype", "must be floating point", "float16, bfloat16, float32 or float64", f"{q.dtype}, {k.dtype}")
     if q.device != k.device:
         raise fail(fn, "q/k devices", "must be equal", "one device", f"q={q.device}, k={k.device}")
-    B, H, Nq, D = q.shape
-    Bk, Hkv, Nkv, Dk = k.shape
-    if Bk != B:
-        raise fail(fn, "k", "batch size differs from q", f"k.shape[0]={B}", f"k.shape[0]={Bk}")
-    if Dk != D:
-        raise fail(fn, "k", "head_dim differs from q", f"k.shape[3]={D}", f"k.shape[3]={Dk}")
-    if min(B, H, Nq, D, Hkv, Nkv) <= 0:
-        raise fail(fn, "q/k", "has an empty dimension", "all dims > 0", f"q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
-    if H % Hkv != 0:
-        raise fail(fn, "k", "heads must divide q heads (GQA)", f"H % H_kv == 0 with H={H}", f"H_kv={Hkv}")
+    dims = check_qk_geometry(fn, q, k)
     if not isinstance(causal, bool):
         raise fail(fn, "causal", "must be a bool", "True or False", repr(causal))
-    return B, H, Hkv, Nq, Nkv, D
+    return dims
 
 
 # --------------------------------------------------------------------------- pooling
