@@ -127,3 +127,35 @@ def check_layout_for(
         raise fail(func, "layout", "was built for another batch/head count", f"(B, H)=({B}, {H})", f"({layout.batch}, {layout.heads})")
     if device is not None and layout.kv_indices.device != torch.device(device):
         raise fail(func, "layout", "is on another device than q", str(device), str(layout.kv_indices.device))
+
+
+def check_attention_args(
+    func: str,
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    causal: Any,
+    layout: "BlockLayout | None",
+    scale: Any,
+    pv_threshold: Any,
+) -> tuple[tuple[int, int, int, int, int, int], float]:
+    """Everything an attention entry point checks before it computes (one place for all of them).
+
+    Returns:
+        ``((B, H, H_kv, N_q, N_kv, D), scale)`` with ``scale`` resolved to ``D ** -0.5`` when None.
+    """
+    dims = check_qkv(func, q, k, v)
+    B, H, _, Nq, Nkv, D = dims
+    checked = check_scale(func, scale)
+    if not isinstance(causal, bool):
+        raise fail(func, "causal", "must be a bool", "True or False", repr(causal))
+    if layout is not None:
+        check_layout_for(func, layout, B, H, Nq, Nkv, q.device)
+    if pv_threshold is not None:
+        if layout is None:
+            raise fail(func, "pv_threshold", "needs a layout (its tiles are the layout's blocks)", "layout=BlockLayout",
+                       "layout=None")
+        if isinstance(pv_threshold, bool) or not isinstance(pv_threshold, (int, float)) or not pv_threshold > 0:
+            raise fail(func, "pv_threshold", "must be a positive number", "float > 0 (inf: never skip)", repr(pv_threshold))
+    return dims, (D ** -0.5 if checked is None else checked)

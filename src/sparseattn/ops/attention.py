@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from sparseattn._validation import check_layout_for, check_qkv, check_scale, fail
+from sparseattn._validation import check_attention_args, fail
 from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.ops.reference import AttentionState, reference_attention
 
@@ -116,12 +116,7 @@ def attention(
         q ``(B, H, N_q, D)``, k/v ``(B, H_kv, N_kv, D)``.
     """
     fn = "attention"
-    B, H, _, Nq, Nkv, _ = check_qkv(fn, q, k, v)
-    check_scale(fn, scale)
-    if not isinstance(causal, bool):
-        raise fail(fn, "causal", "must be a bool", "True or False", repr(causal))
-    if layout is not None:
-        check_layout_for(fn, layout, B, H, Nq, Nkv, q.device)
+    check_attention_args(fn, q, k, v, causal=causal, layout=layout, scale=scale, pv_threshold=pv_threshold)
     name = select_backend(q, k, v, layout=layout, causal=causal, pv_threshold=pv_threshold, backend=backend, func=fn)
     return BACKENDS[name][1](q, k, v, causal=causal, layout=layout, scale=scale, pv_threshold=pv_threshold, stats=stats)
 

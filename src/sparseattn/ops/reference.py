@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from sparseattn._validation import check_layout_for, check_positive_int, check_qkv, check_scale, fail
+from sparseattn._validation import check_attention_args, check_layout_for, check_positive_int, check_qkv
 from sparseattn.layout.block_layout import BlockLayout, causal_block_region
 
 __all__ = ["AttentionState", "reference_attention", "sdpa_reference"]
@@ -74,20 +74,9 @@ def reference_attention(
         q ``(B, H, N_q, D)``, k/v ``(B, H_kv, N_kv, D)`` → out ``(B, H, N_q, D)``, lse ``(B, H, N_q)``.
     """
     fn = "reference_attention"
-    B, H, Hkv, Nq, Nkv, D = check_qkv(fn, q, k, v)
-    scale = check_scale(fn, scale)
-    if scale is None:
-        scale = D ** -0.5
-    if not isinstance(causal, bool):
-        raise fail(fn, "causal", "must be a bool", "True or False", repr(causal))
+    (B, H, Hkv, Nq, Nkv, D), scale = check_attention_args(fn, q, k, v, causal=causal, layout=layout, scale=scale,
+                                                           pv_threshold=pv_threshold)
     check_positive_int(fn, "chunk_size", chunk_size)
-    if layout is not None:
-        check_layout_for(fn, layout, B, H, Nq, Nkv, q.device)
-    if pv_threshold is not None:
-        if layout is None:
-            raise fail(fn, "pv_threshold", "needs a layout (its tiles are the layout's blocks)", "layout=BlockLayout", "layout=None")
-        if isinstance(pv_threshold, bool) or not isinstance(pv_threshold, (int, float)) or not pv_threshold > 0:
-            raise fail(fn, "pv_threshold", "must be a positive number", "float > 0", repr(pv_threshold))
 
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     mm_dtype = acc_dtype if upcast else q.dtype

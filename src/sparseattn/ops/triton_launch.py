@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from sparseattn._validation import check_layout_for, check_qkv, check_scale, fail
+from sparseattn._validation import check_attention_args, fail
 from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.ops.reference import AttentionState
 
@@ -242,22 +242,8 @@ def block_sparse_fwd(
         NotImplementedError: valid inputs the kernel does not support (see :func:`refusal`).
     """
     fn = "block_sparse_fwd"
-    B, H, Hkv, Nq, Nkv, D = check_qkv(fn, q, k, v)
-    scale = check_scale(fn, scale)
-    if scale is None:
-        scale = D ** -0.5
-    if not isinstance(causal, bool):
-        raise fail(fn, "causal", "must be a bool", "True or False", repr(causal))
-    if pv_threshold is not None:
-        if layout is None:
-            raise fail(fn, "pv_threshold", "needs a layout (its tiles are the layout's blocks)", "layout=BlockLayout", "layout=None")
-        if isinstance(pv_threshold, bool) or not isinstance(pv_threshold, (int, float)) or not pv_threshold > 0 \
-                or not math.isfinite(pv_threshold):
-            raise fail(fn, "pv_threshold", "must be a positive number", "float > 0", repr(pv_threshold))
-    if layout is not None:
-        check_layout_for(fn, layout, B, H, Nq, Nkv, q.device)
-        if layout.device != q.device:
-            raise fail(fn, "layout", "is on another device than q", str(q.device), str(layout.device))
+    (B, H, Hkv, Nq, Nkv, D), scale = check_attention_args(fn, q, k, v, causal=causal, layout=layout, scale=scale,
+                                                           pv_threshold=pv_threshold)
     reason = refusal(q, k=k, v=v, layout=layout, causal=causal, pv_threshold=pv_threshold)
     if reason is not None:
         raise NotImplementedError(f"{fn}: the Triton kernel cannot run these inputs: {reason}")
