@@ -1,10 +1,12 @@
 """Kernel-variant shoot-out in one device call: parity once per variant, then timings beside SDPA and Flex.
 
-Shapes: Llama-3.1-8B 32K causal (H=32, H_kv=8, D=128) at densities 1.0 / 0.2 / 0.1 and SmolLM2-135M
-8K causal (H=9, H_kv=3, D=64) at 0.2 / 0.05 — random per-head 128x128 layouts that keep the
-diagonal, the same layouts as ``bench_attention.py``. Every variant is a fixed launch config
-(tile sizes, warps, stages and the kernel switches ``USE_TMA`` / ``PREFETCH``) passed through
-``block_sparse_fwd(config=...)``; ``auto`` is the autotuned default. (The first run, at commit
+Shapes: Llama-3.1-8B 32K causal (H=32, H_kv=8, D=128) at densities 1.0 / 0.2 / 0.1, Llama-3.1-8B 8K
+causal and full at 0.05, and SmolLM2-135M 8K causal (H=9, H_kv=3, D=64) at 0.2 / 0.05 — random
+per-head 128x128 layouts that keep the diagonal, the same layouts as ``bench_attention.py``. Every
+variant is a fixed launch config (tile sizes, warps, stages, the kernel switches ``USE_TMA`` /
+``PREFETCH`` / ``VEC_COUNT`` and optionally ``maxnreg``) passed through
+``block_sparse_fwd(config=...)``; ``auto`` is the autotuned default. Each variant's compiled
+registers, spills and shared memory are recorded (they decide how many programs share an SM). (The first run, at commit
 ``c4230ec``, also had an ``OVERLAP`` switch — the next tile's Q·K^T issued before this tile's
 softmax — which lost everywhere and was removed; its numbers are in BENCHMARKS.md.) Before timing, each
 variant's output is checked against the fp32 reference (ratio rule, last 1024 query rows) at the
@@ -39,23 +41,29 @@ def _cfg(bm: int, bn: int, w: int, s: int, **flags: bool) -> dict[str, Any]:
 
 
 VARIANTS: dict[int, dict[str, dict[str, Any] | None]] = {
+    # registers / shared memory per program from an offline Triton 3.6 compile for sm_90a decide how many
+    # programs fit on one SM (64K registers, 228 KB shared): "2/SM" variants fit two.
     128: {
         "auto": None,
-        "p128x128w8s3-noprefetch": _cfg(128, 128, 8, 3, PREFETCH=False),
-        "p128x128w8s3": _cfg(128, 128, 8, 3),
-        "p128x128w8s2": _cfg(128, 128, 8, 2),
-        "t128x128w8s2": _cfg(128, 128, 8, 2, USE_TMA=True),
+        "p128x128w8s3-bsearch": _cfg(128, 128, 8, 3, VEC_COUNT=False),  # the kernel as of 42d8af8
+        "p128x128w8s3": _cfg(128, 128, 8, 3),                # 255 regs, 224 KB: 1/SM
+        "t128x128w8s3": _cfg(128, 128, 8, 3, USE_TMA=True),  # 251 regs, 225 KB: 1/SM
+        "p128x64w8s2-r128": _cfg(128, 64, 8, 2, maxnreg=128),  # 128 regs (44 B spill), 96 KB: 2/SM
+        "t128x64w8s2-r128": _cfg(128, 64, 8, 2, USE_TMA=True, maxnreg=128),  # 128 regs (4 B spill): 2/SM
+        "p64x64w4s2": _cfg(64, 64, 4, 2),                    # 199 regs, 80 KB: 2/SM
+        "t64x64w4s2": _cfg(64, 64, 4, 2, USE_TMA=True),      # 166 regs, 81 KB: 2/SM
     },
     64: {
         "auto": None,
-        "p128x128w8s3-noprefetch": _cfg(128, 128, 8, 3, PREFETCH=False),
-        "p128x128w8s3": _cfg(128, 128, 8, 3),
-        "p128x64w4s3": _cfg(128, 64, 4, 3),
-        "p64x64w4s3": _cfg(64, 64, 4, 3),
-        "t128x128w8s3": _cfg(128, 128, 8, 3, USE_TMA=True),
+        "p128x128w8s3-bsearch": _cfg(128, 128, 8, 3, VEC_COUNT=False),
+        "p128x128w8s3": _cfg(128, 128, 8, 3),                # 222 regs, 112 KB: 1/SM
+        "p128x64w8s2-r128": _cfg(128, 64, 8, 2, maxnreg=128),  # 128 regs, 48 KB: 2/SM
+        "p64x64w4s3": _cfg(64, 64, 4, 3),                    # 156 regs, 56 KB: 3/SM
+        "p64x64w4s2": _cfg(64, 64, 4, 2),                    # 156 regs, 40 KB: 3/SM
     },
 }
-PLAN = [("Llama-3.1-8B/32K/causal", (1.0, 0.2, 0.1)), ("SmolLM2-135M/8K/causal", (0.2, 0.05))]
+PLAN = [("Llama-3.1-8B/32K/causal", (1.0, 0.2, 0.1)), ("Llama-3.1-8B/8K/causal", (0.05,)),
+        ("Llama-3.1-8B/8K/full", (0.05,)), ("SmolLM2-135M/8K/causal", (0.2, 0.05))]
 
 
 def host_us_per_call(fn: Any, n: int = 200) -> float:
@@ -97,6 +105,7 @@ def run_shape(name: str, densities: tuple[float, ...], deadline: float, parity_r
                 run = timing.kernel_runner(q, k, v, lay, shape.causal, config=cfg)
                 o, l = run()
                 torch.cuda.synchronize()
+                ent["compiled"] = dict(tlaunch.LAST_COMPILED)
                 if vname not in checked:
                     par = timing.tail_parity(q, k, v, lay, shape.causal, o, l, rows=parity_rows)
                     ent["parity"] = {kk: par[kk] for kk in ("ok", "out_err", "out_bound", "lse_err", "lse_bound", "rows_checked")}
@@ -157,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    {vname:<24}{ent.get('ms', float('nan')):9.3f} ms  vsFlex {ent.get('vs_flex', float('nan')):5.2f}  "
                       f"vsCuDNN {ent.get('vs_cudnn', float('nan')):5.2f}  parity {'-' if par is None else ('ok' if par else 'FAIL')}"
                       + (f"  host {ent['host_us_per_call']:.0f} us/call" if "host_us_per_call" in ent else "")
+                      + (f"  regs {ent['compiled'].get('n_regs')} spills {ent['compiled'].get('n_spills')} "
+                         f"smem {ent['compiled'].get('shared_bytes')}" if ent.get("compiled") else "")
                       + (f"  ERR {ent['error'][:80]}" if "error" in ent else ""))
     return 1 if bad else 0
 

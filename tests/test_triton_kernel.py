@@ -112,7 +112,10 @@ def test_parity_random_layouts(case, request):
     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "USE_TMA": True},
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "PREFETCH": False},
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 1, "PREFETCH": False},
-], ids=["m64n64", "m128n64", "m64n32", "m128n64-tma", "m64n64-noprefetch", "m128n128-noprefetch"])
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "VEC_COUNT": False},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 1, "VEC_COUNT": False, "PREFETCH": False},
+], ids=["m64n64", "m128n64", "m64n32", "m128n64-tma", "m64n64-noprefetch", "m128n128-noprefetch",
+        "m64n64-binary-search", "m128n128-binary-search-noprefetch"])
 def test_subtiled_configs(config, request):
     """Kernel tiles smaller than layout blocks (BLOCK_M < block_m, several BLOCK_N per block); TMA loads."""
     gen = torch.Generator().manual_seed(_seed(request))
@@ -121,6 +124,25 @@ def test_subtiled_configs(config, request):
     for causal in (True, False):
         lay = random_layout(Nq, Nkv, density=0.6, seed=3, block_m=128, block_n=128, heads=H, causal=causal, device=DEV)
         _check(q, k, v, lay, causal, config=config)
+
+
+@pytest.mark.parametrize("vec_count", [True, False], ids=["vector-count", "binary-search"])
+def test_long_lists_split_over_several_chunks(vec_count, request):
+    """Lists longer than one LIST_CHUNK (the prologue's count loop runs several chunks) and odd lengths.
+
+    Block 64 with 1300 keys gives Nb = 21 key blocks; chunks of 16 make the count loop run twice.
+    Dense and random rows, causal (masked diagonal) and not, N_q != N_kv.
+    """
+    gen = torch.Generator().manual_seed(_seed(request))
+    B, H, Hkv, Nq, Nkv, D = 1, 2, 1, 1000, 1300, 64
+    q, k, v = _qkv(B, H, Hkv, Nq, Nkv, D, torch.float16, gen)
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "VEC_COUNT": vec_count, "LIST_CHUNK": 16}
+    for causal in (True, False):
+        for density in (1.0, 0.8):
+            lay = random_layout(Nq, Nkv, density=density, seed=7, block_m=64, block_n=64, heads=H, causal=causal,
+                                device=DEV)
+            assert int(lay.kv_num_blocks.max()) > 16
+            _check(q, k, v, lay, causal, config=cfg)
 
 
 def test_empty_rows_and_non_causal_layout_under_causal(request):
@@ -264,6 +286,11 @@ def test_refusals_and_bad_inputs():
         _fwd(q, k, v, layout=lay, out=torch.empty(1, 2, 64, 32, dtype=torch.float16, device=DEV))
     with pytest.raises(ValueError, match="config"):
         _fwd(q, k, v, layout=lay, config={"BLOCK_M": 64})
+    base = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+    with pytest.raises(ValueError, match="LIST_CHUNK"):
+        _fwd(q, k, v, layout=lay, config={**base, "LIST_CHUNK": 24})
+    with pytest.raises(ValueError, match="maxnreg"):
+        _fwd(q, k, v, layout=lay, config={**base, "maxnreg": 1000})
     with pytest.raises(ValueError, match="kv_indices"):  # out-of-range indices never reach a launch
         BlockLayout(torch.ones(1, 2, 1, dtype=torch.int32), torch.full((1, 2, 1, 1), 5, dtype=torch.int32), 64, 64, 64, 64)
 

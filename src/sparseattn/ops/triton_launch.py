@@ -36,7 +36,12 @@ SUPPORTED_BLOCK_SIZES = (64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Y = 65535
-_CONFIG_FLAGS = {"USE_TMA", "PREFETCH"}  # optional boolean kernel switches a fixed config may set
+_CONFIG_FLAGS = {"USE_TMA", "PREFETCH", "VEC_COUNT"}  # optional boolean kernel switches a fixed config may set
+_CONFIG_OPTIONS = {"maxnreg"}  # optional compiler options a fixed config may set (register cap per thread)
+_CONFIG_INTS = {"LIST_CHUNK"}  # optional integer kernel parameters a fixed config may override
+_MAX_LIST_CHUNK = 1024  # list entries counted per vector load in the kernel's prologue
+# What the last launch compiled (registers, spills, shared memory, warps): read by benchmarks/, never by the library.
+LAST_COMPILED: dict[str, Any] = {}
 TMA_DISABLED_REASON: list[str] = []  # set once if the TMA candidates cannot run on this install
 
 
@@ -186,6 +191,16 @@ def _check_out(fn: str, name: str, t: torch.Tensor | None, shape: tuple[int, ...
         raise fail(fn, name, "must have a contiguous last dimension", "stride(-1) == 1", f"stride={t.stride()}")
 
 
+def _note_compiled(kern: Any, cfg: dict[str, Any]) -> None:
+    """Record the compiled kernel's resources (for benchmarks; cheap attribute reads, no sync)."""
+    LAST_COMPILED.clear()
+    LAST_COMPILED["config"] = dict(cfg)
+    for name in ("n_regs", "n_spills"):
+        LAST_COMPILED[name] = getattr(kern, name, None)
+    md = getattr(kern, "metadata", None)
+    LAST_COMPILED["shared_bytes"] = getattr(md, "shared", None)
+
+
 def _remember(key: tuple[Any, ...] | None, tuned: Any) -> None:
     best = getattr(tuned, "best_config", None)
     if key is None or best is None:
@@ -226,8 +241,9 @@ def block_sparse_fwd(
         out: optional preallocated output ``(B, H, N_q, D)`` in q's dtype (last dim contiguous).
         lse: optional preallocated ``(B, H, N_q)`` float32 (last dim contiguous).
         config: fixed launch config ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}``, optionally
-            with the kernel switches ``USE_TMA`` / ``PREFETCH`` (bools), instead of
-            autotuning (tests, experiments).
+            with the kernel switches ``USE_TMA`` / ``PREFETCH`` / ``VEC_COUNT`` (bools), the list
+            chunk ``LIST_CHUNK`` (power of two >= 16) and the compiler option ``maxnreg`` (int),
+            instead of autotuning (tests, experiments).
 
     Returns:
         ``AttentionState(out, lse)``: out ``(B, H, N_q, D)`` in q's dtype; lse ``(B, H, N_q)``
@@ -266,7 +282,7 @@ def block_sparse_fwd(
     plain, tuned_plain, tuned_tma = _kernels()
     if config is not None:
         need = {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
-        if not isinstance(config, dict) or not (need <= set(config) <= need | _CONFIG_FLAGS):
+        if not isinstance(config, dict) or not (need <= set(config) <= need | _CONFIG_FLAGS | _CONFIG_OPTIONS | _CONFIG_INTS):
             raise fail(fn, "config", "must name exactly the launch parameters", sorted(need), repr(config))
         if layout.block_m % config["BLOCK_M"] or layout.block_n % config["BLOCK_N"]:
             raise fail(fn, "config", "tiles must divide the layout blocks", f"divisors of ({layout.block_m}, {layout.block_n})",
@@ -274,6 +290,12 @@ def block_sparse_fwd(
         if pv and (config["BLOCK_M"], config["BLOCK_N"]) != (layout.block_m, layout.block_n):
             raise fail(fn, "config", "must use the layout's blocks as tiles with pv_threshold",
                        f"({layout.block_m}, {layout.block_n})", f"({config['BLOCK_M']}, {config['BLOCK_N']})")
+        nreg = config.get("maxnreg")
+        if nreg is not None and (isinstance(nreg, bool) or not isinstance(nreg, int) or not 24 <= nreg <= 255):
+            raise fail(fn, "config", "has a bad maxnreg", "an int in [24, 255] or None", repr(nreg))
+        chunk = config.get("LIST_CHUNK")
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 16 or chunk & (chunk - 1)):
+            raise fail(fn, "config", "has a bad LIST_CHUNK", "a power of two >= 16", repr(chunk))
         if config.get("USE_TMA") and q.is_cuda and not _tma_usable(q, k, v):
             raise fail(fn, "config", "asks for TMA loads these inputs cannot use",
                        "sm_90+, 16-byte aligned K/V, Triton with tensor descriptors", repr(config))
@@ -306,7 +328,9 @@ def block_sparse_fwd(
         float(scale) * _LOG2E, float(pv_threshold) * _LOG2E if pv else 0.0,
         n_ctx_key,
     )
-    meta = dict(HEAD_DIM=D, LAYOUT_BM=layout.block_m, LAYOUT_BN=layout.block_n, CAUSAL=causal, PV_SKIP=pv)
+    list_chunk = min(max(16, 1 << (layout.num_kv_blocks - 1).bit_length()), _MAX_LIST_CHUNK)
+    meta = dict(HEAD_DIM=D, LAYOUT_BM=layout.block_m, LAYOUT_BN=layout.block_n, CAUSAL=causal, PV_SKIP=pv,
+                LIST_CHUNK=list_chunk)
     if interp and q.dtype == torch.bfloat16:
         # Triton's CPU interpreter computes bf16 tl.dot wrongly (garbage, seen with triton 3.9): widen the
         # operands to fp32 there. Products of bf16 values are exact in fp32, so this matches the GPU's
@@ -318,23 +342,28 @@ def block_sparse_fwd(
         if not TMA_DISABLED_REASON and _tma_usable(q, k, v):
             try:
                 _set_tma_allocator(q.device)
-                tuned_tma[grid](*args, **meta)
+                kern = tuned_tma[grid](*args, **meta)
                 ran = True
                 _remember(tune_key, tuned_tma)
+                _note_compiled(kern, _TUNED.get(tune_key, {}))
             except Exception as exc:  # an older Triton that cannot build descriptors: pointer loads from now on
                 TMA_DISABLED_REASON.append(f"{type(exc).__name__}: {str(exc)[:300]}")
                 warnings.warn(f"{fn}: TMA autotuning failed, using pointer loads: {TMA_DISABLED_REASON[0]}",
                               RuntimeWarning, stacklevel=3)
         if not ran:
-            tuned_plain[grid](*args, **meta)
+            kern = tuned_plain[grid](*args, **meta)
             _remember(tune_key, tuned_plain)
+            _note_compiled(kern, _TUNED.get(tune_key, {}))
     else:
         grid = (-(-Nq // cfg["BLOCK_M"]), B * H)
         meta.update({f: bool(cfg[f]) for f in _CONFIG_FLAGS if f in cfg})
+        meta.update({f: int(cfg[f]) for f in _CONFIG_INTS if cfg.get(f) is not None})
         if cfg.get("USE_TMA"):
             _set_tma_allocator(q.device)
-        plain[grid](*args, **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
-                    num_stages=cfg["num_stages"])
+        opts = {o: int(cfg[o]) for o in _CONFIG_OPTIONS if cfg.get(o) is not None}
+        kern = plain[grid](*args, **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+                           num_stages=cfg["num_stages"], **opts)
+        _note_compiled(kern, cfg)
 
     if stats is not None:
         if stats_buf is not None:

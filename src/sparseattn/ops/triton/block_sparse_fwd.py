@@ -5,7 +5,8 @@ query block, whose key-block list (``kv_indices[b, h, qb, :kv_num_blocks[b, h, q
 ascending) drives the loop. Each layout key block is processed as ``LAYOUT_BN // BLOCK_N`` kernel
 tiles.
 
-The list is split with two binary searches into
+The list is split into three consecutive ranges (by counting entries below two limits, one vector
+load per ``LIST_CHUNK`` entries; or, with ``VEC_COUNT=False``, two binary searches):
 
 * full blocks: every key is in range and (causal) at or below the diagonal for *all* rows of the
   program — no element mask, no ``-inf`` guard;
@@ -76,6 +77,8 @@ def _block_sparse_fwd_kernel(
     DOT_F32: tl.constexpr = False,  # interpreter only: widen operands before tl.dot (exact products)
     USE_TMA: tl.constexpr = False,  # K/V tiles through device-side tensor descriptors (Hopper TMA)
     PREFETCH: tl.constexpr = True,  # carry the next key-block index through the loop (see below)
+    VEC_COUNT: tl.constexpr = True,  # split the list by counting a vector load (else two binary searches)
+    LIST_CHUNK: tl.constexpr = 64,  # power of two >= 16: entries counted per vector load (launcher: ~next_pow2(Nb))
 ):
     SUB: tl.constexpr = LAYOUT_BN // BLOCK_N
     num_m = tl.num_programs(0)
@@ -112,8 +115,24 @@ def _block_sparse_fwd_kernel(
     else:
         full_lim = N_KV // LAYOUT_BN
         vis_lim = NUM_KV_BLOCKS
-    n_full = _lower_bound(idx_row, stride_in, num, full_lim)
-    n_vis = _lower_bound(idx_row, stride_in, num, vis_lim)
+    if VEC_COUNT:
+        # The list is ascending, so "entries < limit" is a count. The first chunk's load does not wait
+        # for ``num`` (it is masked by the list width, not the count), so the program's first memory
+        # round trip fetches Q, num and the list together instead of a chain of dependent probes.
+        offs_c = tl.arange(0, LIST_CHUNK)
+        ent = tl.load(idx_row + offs_c * stride_in, mask=offs_c < NUM_KV_BLOCKS, other=0)
+        live = offs_c < num
+        n_full = tl.sum((live & (ent < full_lim)).to(tl.int32), 0)
+        n_vis = tl.sum((live & (ent < vis_lim)).to(tl.int32), 0)
+        for c0 in range(LIST_CHUNK, num, LIST_CHUNK):  # lists longer than one chunk (rare)
+            cc = c0 + offs_c
+            live = cc < num
+            ent = tl.load(idx_row + cc * stride_in, mask=live, other=0)
+            n_full += tl.sum((live & (ent < full_lim)).to(tl.int32), 0)
+            n_vis += tl.sum((live & (ent < vis_lim)).to(tl.int32), 0)
+    else:
+        n_full = _lower_bound(idx_row, stride_in, num, full_lim)
+        n_vis = _lower_bound(idx_row, stride_in, num, vis_lim)
 
     if USE_TMA:
         # rows past N_KV are zero-filled by the copy engine; the masked loop masks their scores anyway
@@ -137,7 +156,7 @@ def _block_sparse_fwd_kernel(
     # PREFETCH: the index of the next tile is loaded one iteration ahead and carried, so the K/V
     # addresses of an iteration do not depend on a load issued in that iteration. Measured on an H100
     # (benchmarks/kernel_variants.py): dense 32K causal 18.02 -> 17.05 ms; sparse rows within +-1.3%.
-    kb_nx = tl.load(idx_row, mask=n_full > 0, other=0)
+    kb_nx = tl.load(idx_row)  # entry 0 always exists (the list width is Nb >= 1); used only if n_full > 0
     for t in range(0, n_it):
         if PREFETCH:
             kb = tl.minimum(tl.maximum(kb_nx, 0), NUM_KV_BLOCKS - 1)
