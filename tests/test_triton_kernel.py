@@ -145,6 +145,26 @@ def test_long_lists_split_over_several_chunks(vec_count, request):
             _check(q, k, v, lay, causal, config=cfg)
 
 
+@pytest.mark.parametrize("tau", [0.5, 8.0])
+def test_lazy_rescale_matches_reference(tau, request):
+    """RESCALE_TAU > 0 keeps a stale reference max (p <= 2**tau): the same function up to rounding.
+
+    Large score spread (x4) and rows whose max keeps growing (a ramp added to later keys) make both
+    branches run: tiles that rescale and tiles that skip it; tau 0.5 rescales often, 8 rarely.
+    """
+    gen = torch.Generator().manual_seed(_seed(request))
+    B, H, Hkv, Nq, Nkv, D = 1, 2, 1, 300, 420, 64
+    q, k, v = _qkv(B, H, Hkv, Nq, Nkv, D, torch.float16, gen, spread=2.0)
+    ramp = torch.linspace(0, 3, Nkv).to(k.dtype).to(DEV)[None, None, :, None]
+    k = (k + ramp * q.mean(dim=(1, 2), keepdim=True)[:, :Hkv]).to(k.dtype)
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "RESCALE_TAU": tau}
+    for causal in (True, False):
+        for density in (1.0, 0.5):
+            lay = random_layout(Nq, Nkv, density=density, seed=11, block_m=64, block_n=64, heads=H, causal=causal,
+                                device=DEV)
+            _check(q, k, v, lay, causal, config=cfg)
+
+
 def test_empty_rows_and_non_causal_layout_under_causal(request):
     """Rows with no blocks give out 0 / lse -inf; blocks above the diagonal contribute nothing."""
     gen = torch.Generator().manual_seed(_seed(request))
@@ -291,6 +311,10 @@ def test_refusals_and_bad_inputs():
         _fwd(q, k, v, layout=lay, config={**base, "LIST_CHUNK": 24})
     with pytest.raises(ValueError, match="maxnreg"):
         _fwd(q, k, v, layout=lay, config={**base, "maxnreg": 1000})
+    with pytest.raises(ValueError, match="RESCALE_TAU"):
+        _fwd(q, k, v, layout=lay, config={**base, "RESCALE_TAU": -1.0})
+    with pytest.raises(ValueError, match="RESCALE_TAU"):
+        _fwd(q, k, v, layout=lay, pv_threshold=1.0, config={**base, "RESCALE_TAU": 8.0})
     with pytest.raises(ValueError, match="kv_indices"):  # out-of-range indices never reach a launch
         BlockLayout(torch.ones(1, 2, 1, dtype=torch.int32), torch.full((1, 2, 1, 1), 5, dtype=torch.int32), 64, 64, 64, 64)
 

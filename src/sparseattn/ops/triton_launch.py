@@ -39,6 +39,7 @@ _MAX_GRID_Y = 65535
 _CONFIG_FLAGS = {"USE_TMA", "PREFETCH", "VEC_COUNT"}  # optional boolean kernel switches a fixed config may set
 _CONFIG_OPTIONS = {"maxnreg"}  # optional compiler options a fixed config may set (register cap per thread)
 _CONFIG_INTS = {"LIST_CHUNK"}  # optional integer kernel parameters a fixed config may override
+_CONFIG_FLOATS = {"RESCALE_TAU"}  # optional float kernel parameters (lazy-rescale threshold, log2 units)
 _MAX_LIST_CHUNK = 1024  # list entries counted per vector load in the kernel's prologue
 # What the last launch compiled (registers, spills, shared memory, warps): read by benchmarks/, never by the library.
 LAST_COMPILED: dict[str, Any] = {}
@@ -242,8 +243,9 @@ def block_sparse_fwd(
         lse: optional preallocated ``(B, H, N_q)`` float32 (last dim contiguous).
         config: fixed launch config ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}``, optionally
             with the kernel switches ``USE_TMA`` / ``PREFETCH`` / ``VEC_COUNT`` (bools), the list
-            chunk ``LIST_CHUNK`` (power of two >= 16) and the compiler option ``maxnreg`` (int),
-            instead of autotuning (tests, experiments).
+            chunk ``LIST_CHUNK`` (power of two >= 16), the lazy-rescale threshold ``RESCALE_TAU``
+            (log2 units, 0 = off; not with ``pv_threshold``) and the compiler option ``maxnreg``
+            (int), instead of autotuning (tests, experiments).
 
     Returns:
         ``AttentionState(out, lse)``: out ``(B, H, N_q, D)`` in q's dtype; lse ``(B, H, N_q)``
@@ -282,7 +284,7 @@ def block_sparse_fwd(
     plain, tuned_plain, tuned_tma = _kernels()
     if config is not None:
         need = {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
-        if not isinstance(config, dict) or not (need <= set(config) <= need | _CONFIG_FLAGS | _CONFIG_OPTIONS | _CONFIG_INTS):
+        if not isinstance(config, dict) or not (need <= set(config) <= need | _CONFIG_FLAGS | _CONFIG_OPTIONS | _CONFIG_INTS | _CONFIG_FLOATS):
             raise fail(fn, "config", "must name exactly the launch parameters", sorted(need), repr(config))
         if layout.block_m % config["BLOCK_M"] or layout.block_n % config["BLOCK_N"]:
             raise fail(fn, "config", "tiles must divide the layout blocks", f"divisors of ({layout.block_m}, {layout.block_n})",
@@ -296,6 +298,12 @@ def block_sparse_fwd(
         chunk = config.get("LIST_CHUNK")
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 16 or chunk & (chunk - 1)):
             raise fail(fn, "config", "has a bad LIST_CHUNK", "a power of two >= 16", repr(chunk))
+        tau = config.get("RESCALE_TAU")
+        if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= tau <= 16.0):
+            raise fail(fn, "config", "has a bad RESCALE_TAU", "a number in [0, 16] (log2 units)", repr(tau))
+        if pv and tau:
+            raise fail(fn, "config", "cannot use RESCALE_TAU with pv_threshold (the skip rule needs the exact running max)",
+                       "RESCALE_TAU=0", repr(tau))
         if config.get("USE_TMA") and q.is_cuda and not _tma_usable(q, k, v):
             raise fail(fn, "config", "asks for TMA loads these inputs cannot use",
                        "sm_90+, 16-byte aligned K/V, Triton with tensor descriptors", repr(config))
@@ -358,6 +366,7 @@ def block_sparse_fwd(
         grid = (-(-Nq // cfg["BLOCK_M"]), B * H)
         meta.update({f: bool(cfg[f]) for f in _CONFIG_FLAGS if f in cfg})
         meta.update({f: int(cfg[f]) for f in _CONFIG_INTS if cfg.get(f) is not None})
+        meta.update({f: float(cfg[f]) for f in _CONFIG_FLOATS if cfg.get(f) is not None})
         if cfg.get("USE_TMA"):
             _set_tma_allocator(q.device)
         opts = {o: int(cfg[o]) for o in _CONFIG_OPTIONS if cfg.get(o) is not None}

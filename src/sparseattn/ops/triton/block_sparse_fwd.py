@@ -79,7 +79,9 @@ def _block_sparse_fwd_kernel(
     PREFETCH: tl.constexpr = True,  # carry the next key-block index through the loop (see below)
     VEC_COUNT: tl.constexpr = True,  # split the list by counting a vector load (else two binary searches)
     LIST_CHUNK: tl.constexpr = 64,  # power of two >= 16: entries counted per vector load (launcher: ~next_pow2(Nb))
+    RESCALE_TAU: tl.constexpr = 0.0,  # > 0: lazy rescaling in the unmasked loop (see below), log2 units
 ):
+    tl.static_assert(not (PV_SKIP and RESCALE_TAU > 0.0), "PV_SKIP needs the exact running max (RESCALE_TAU = 0)")
     SUB: tl.constexpr = LAYOUT_BN // BLOCK_N
     num_m = tl.num_programs(0)
     pid_m = tl.program_id(0)
@@ -175,10 +177,25 @@ def _block_sparse_fwd_kernel(
             k = k.to(tl.float32)
         qk = tl.dot(q, k)
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        if RESCALE_TAU > 0.0:
+            # Lazy rescaling (FlashAttention-4's trick): keep the reference max m_i unless some row's max
+            # grew by more than RESCALE_TAU; then p <= 2**RESCALE_TAU, and (m_i, l_i, acc) stay one
+            # consistent scaled state, so the result is the same function (only rounding differs). Once
+            # the running max settles, most tiles skip the accumulator rescale (BLOCK_M * HEAD_DIM
+            # multiplies) — the branch is uniform over the program.
+            if tl.max(m_ij - m_i, 0) > RESCALE_TAU:
+                alpha = tl.math.exp2(m_i - m_ij)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_ij
+            p = tl.math.exp2(qk * qk_scale - m_i[:, None])
+            l_i = l_i + tl.sum(p, 1)
+            m_ij = m_i
+        else:
+            p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+            alpha = tl.math.exp2(m_i - m_ij)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
         if PV_SKIP:
             gap = tl.max(qk, 1) * qk_scale - m_ij
             skippable = (gap < -pv_thr2) | (offs_m >= N_Q)
