@@ -112,10 +112,11 @@ def test_parity_random_layouts(case, request):
     {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "USE_TMA": True},
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "PREFETCH": False},
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 1, "PREFETCH": False},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "USE_TMA": True, "TMA_QO": True},
     {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1, "VEC_COUNT": False},
     {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 1, "VEC_COUNT": False, "PREFETCH": False},
 ], ids=["m64n64", "m128n64", "m64n32", "m128n64-tma", "m64n64-noprefetch", "m128n128-noprefetch",
-        "m64n64-binary-search", "m128n128-binary-search-noprefetch"])
+        "m128n64-tma-qo", "m64n64-binary-search", "m128n128-binary-search-noprefetch"])
 def test_subtiled_configs(config, request):
     """Kernel tiles smaller than layout blocks (BLOCK_M < block_m, several BLOCK_N per block); TMA loads."""
     gen = torch.Generator().manual_seed(_seed(request))

@@ -36,7 +36,7 @@ SUPPORTED_BLOCK_SIZES = (64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Y = 65535
-_CONFIG_FLAGS = {"USE_TMA", "PREFETCH", "VEC_COUNT"}  # optional boolean kernel switches a fixed config may set
+_CONFIG_FLAGS = {"USE_TMA", "PREFETCH", "VEC_COUNT", "TMA_QO"}  # optional boolean kernel switches a fixed config may set
 _CONFIG_OPTIONS = {"maxnreg"}  # optional compiler options a fixed config may set (register cap per thread)
 _CONFIG_INTS = {"LIST_CHUNK"}  # optional integer kernel parameters a fixed config may override
 _CONFIG_FLOATS = {"RESCALE_TAU"}  # optional float kernel parameters (lazy-rescale threshold, log2 units)
@@ -133,13 +133,13 @@ def _triton_has_descriptors() -> bool:
     return hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 
 
-def _tma_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Device-side TMA descriptors: sm_90+, Triton with descriptors, 16-byte aligned K/V rows and heads."""
+def _tma_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *more: torch.Tensor) -> bool:
+    """Device-side TMA descriptors: sm_90+, Triton with descriptors, 16-byte aligned K/V (and ``more``) rows and heads."""
     if not q.is_cuda or interpret_mode() or os.environ.get("SPARSEATTN_TRITON_TMA", "1") == "0":
         return False
     if _capability(q.device)[0] < 9 or not _triton_has_descriptors():
         return False
-    for t in (k, v):
+    for t in (k, v, *more):
         es = t.element_size()
         if t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:3]):
             return False
@@ -242,7 +242,7 @@ def block_sparse_fwd(
         out: optional preallocated output ``(B, H, N_q, D)`` in q's dtype (last dim contiguous).
         lse: optional preallocated ``(B, H, N_q)`` float32 (last dim contiguous).
         config: fixed launch config ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}``, optionally
-            with the kernel switches ``USE_TMA`` / ``PREFETCH`` / ``VEC_COUNT`` (bools), the list
+            with the kernel switches ``USE_TMA`` / ``TMA_QO`` / ``PREFETCH`` / ``VEC_COUNT`` (bools), the list
             chunk ``LIST_CHUNK`` (power of two >= 16), the lazy-rescale threshold ``RESCALE_TAU``
             (log2 units, 0 = off; not with ``pv_threshold``) and the compiler option ``maxnreg``
             (int), instead of autotuning (tests, experiments).
@@ -307,6 +307,9 @@ def block_sparse_fwd(
         if config.get("USE_TMA") and q.is_cuda and not _tma_usable(q, k, v):
             raise fail(fn, "config", "asks for TMA loads these inputs cannot use",
                        "sm_90+, 16-byte aligned K/V, Triton with tensor descriptors", repr(config))
+        if config.get("TMA_QO") and q.is_cuda and not _tma_usable(q, k, v, q, out):
+            raise fail(fn, "config", "asks for TMA Q/O transfers these inputs cannot use",
+                       "sm_90+, 16-byte aligned Q, K, V and out, Triton with tensor descriptors", repr(config))
         cfg: dict[str, int] | None = dict(config)
     elif pv or interp or os.environ.get("SPARSEATTN_TRITON_AUTOTUNE", "1") == "0":
         cfg = cfgs.default_config(D, layout.block_m, layout.block_n, interpret=interp, pv_skip=pv)

@@ -80,6 +80,7 @@ def _block_sparse_fwd_kernel(
     VEC_COUNT: tl.constexpr = True,  # split the list by counting a vector load (else two binary searches)
     LIST_CHUNK: tl.constexpr = 64,  # power of two >= 16: entries counted per vector load (launcher: ~next_pow2(Nb))
     RESCALE_TAU: tl.constexpr = 0.0,  # > 0: lazy rescaling in the unmasked loop (see below), log2 units
+    TMA_QO: tl.constexpr = False,  # Q load and O store through tensor descriptors too (fewer address registers)
 ):
     tl.static_assert(not (PV_SKIP and RESCALE_TAU > 0.0), "PV_SKIP needs the exact running max (RESCALE_TAU = 0)")
     SUB: tl.constexpr = LAYOUT_BN // BLOCK_N
@@ -143,7 +144,14 @@ def _block_sparse_fwd_kernel(
         v_desc = tl.make_tensor_descriptor(v_base, shape=[N_KV, HEAD_DIM], strides=[stride_vn, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM])
 
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+    if TMA_QO:
+        # rows past N_Q are zero-filled on load and clipped on store by the copy engine
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[N_Q, HEAD_DIM], strides=[stride_qm, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+        q = q_desc.load([m0, 0])
+    else:
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     in_dtype = q.dtype
     if DOT_F32:
         q = q.to(tl.float32)
@@ -274,8 +282,13 @@ def _block_sparse_fwd_kernel(
     out = tl.where(has[:, None], out, 0.0)
     # natural-log lse = (m2 + log2(l)) * ln(2), m2 in log2 units
     lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    if TMA_QO:
+        o_desc = tl.make_tensor_descriptor(o_base, shape=[N_Q, HEAD_DIM], strides=[stride_om, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+        o_desc.store([m0, 0], out.to(Out.dtype.element_ty))
+    else:
+        tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None])
     l_base = Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh
     tl.store(l_base + offs_m, lse, mask=row_ok)
     if PV_SKIP:
