@@ -207,8 +207,12 @@ def _remember(key: tuple[Any, ...] | None, tuned: Any) -> None:
     if key is None or best is None:
         return
     kw = best.kwargs
-    _TUNED[key] = {"BLOCK_M": kw["BLOCK_M"], "BLOCK_N": kw["BLOCK_N"], "num_warps": best.num_warps,
-                   "num_stages": best.num_stages, "USE_TMA": bool(kw.get("USE_TMA", False))}
+    cfg: dict[str, Any] = {"BLOCK_M": kw["BLOCK_M"], "BLOCK_N": kw["BLOCK_N"], "num_warps": best.num_warps,
+                           "num_stages": best.num_stages, "USE_TMA": bool(kw.get("USE_TMA", False))}
+    cfg.update({f: bool(kw[f]) for f in _CONFIG_FLAGS if f in kw})
+    if getattr(best, "maxnreg", None) is not None:
+        cfg["maxnreg"] = int(best.maxnreg)
+    _TUNED[key] = cfg
 
 
 def block_sparse_fwd(
@@ -323,7 +327,7 @@ def block_sparse_fwd(
     n_ctx_key = int(math.ceil(math.log2(max(Nq, Nkv, 2))))
     tune_key: tuple[Any, ...] | None = None
     if cfg is None:
-        use_tma = not TMA_DISABLED_REASON and _tma_usable(q, k, v)
+        use_tma = not TMA_DISABLED_REASON and _tma_usable(q, k, v, q, out)
         tune_key = (use_tma, D, layout.block_m, layout.block_n, causal, n_ctx_key, q.dtype, q.device)
         cfg = _TUNED.get(tune_key)  # None on the first call of this key: autotune below
     args = (
@@ -350,7 +354,7 @@ def block_sparse_fwd(
     if cfg is None:
         grid = lambda META: (-(-Nq // META["BLOCK_M"]), B * H)  # noqa: E731
         ran = False
-        if not TMA_DISABLED_REASON and _tma_usable(q, k, v):
+        if not TMA_DISABLED_REASON and _tma_usable(q, k, v, q, out):
             try:
                 _set_tma_allocator(q.device)
                 kern = tuned_tma[grid](*args, **meta)

@@ -10,38 +10,54 @@ from typing import Any
 
 import triton
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA) candidates per head_dim, Hopper-first. The
-# pointer-load candidates are the ones measured best on an H100 (benchmarks/, first run); the TMA
-# ones load K/V tiles through device-side tensor descriptors and are tried only where the launcher
-# can use TMA (sm_90+, 16-byte aligned K/V rows).
-_CANDIDATES: dict[int, list[tuple[int, int, int, int, bool]]] = {
-    64: [(128, 128, 8, 3, False), (128, 64, 4, 3, False), (64, 64, 4, 3, False),
-         (128, 128, 8, 3, True), (128, 64, 4, 3, True), (64, 64, 4, 3, True)],
-    128: [(128, 128, 8, 3, False), (128, 64, 8, 3, False), (64, 64, 4, 3, False),
-          (128, 128, 8, 3, True), (128, 128, 8, 2, True), (128, 64, 8, 3, True), (64, 64, 4, 3, True)],
-    256: [(128, 64, 8, 2, False), (64, 64, 4, 2, False), (64, 32, 4, 3, False),
-          (128, 64, 8, 2, True), (64, 64, 4, 2, True)],
+# Candidates per head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA, maxnreg, extra kernel switches).
+# Chosen from device shoot-outs on an H100 (benchmarks/kernel_variants.py; BENCHMARKS.md has the
+# numbers). The winners fit *two programs per SM*: 8 warps capped at 128 registers (maxnreg) with
+# tiles small enough for two copies in shared memory, so one program's softmax, prologue and
+# epilogue overlap the other's matmuls — something a single 255-register program per SM cannot do
+# in Triton 3.6. TMA candidates (tensor descriptors; "TMA_QO" also for Q/O) are tried only where the
+# launcher can use TMA (sm_90+, 16-byte aligned Q/K/V/out rows); the others use pointer loads.
+_Cand = tuple[int, int, int, int, bool, "int | None", tuple[tuple[str, bool], ...]]
+_NOPF_QO = (("TMA_QO", True), ("PREFETCH", False))
+_CANDIDATES: dict[int, list[_Cand]] = {
+    64: [(128, 128, 8, 2, True, 128, ()),         # 2/SM, best at 32K
+         (128, 64, 8, 2, False, 128, ()),         # 2/SM, pointer loads
+         (64, 64, 4, 3, False, None, ()),         # 3/SM, short rows; also 64-blocks
+         (128, 128, 8, 3, False, None, ())],
+    128: [(128, 64, 8, 2, True, 128, _NOPF_QO),   # 2/SM, best at 32K
+          (128, 64, 8, 2, False, 128, ()),        # 2/SM, pointer loads; best at 8K
+          (64, 64, 4, 3, False, None, ())],       # 64-blocks
+    256: [(128, 64, 8, 2, False, None, ()), (64, 64, 4, 2, False, None, ()), (64, 32, 4, 3, False, None, ()),
+          (128, 64, 8, 2, True, None, ()), (64, 64, 4, 2, True, None, ())],
 }
 
 AUTOTUNE_KEY = ["HEAD_DIM", "LAYOUT_BM", "LAYOUT_BN", "CAUSAL", "N_CTX_KEY"]
 
 
+def _config_of(cand: _Cand) -> triton.Config:
+    bm, bn, w, s, use_tma, nreg, extra = cand
+    kw: dict[str, Any] = {"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": use_tma, **dict(extra)}
+    return triton.Config(kw, num_warps=w, num_stages=s, maxnreg=nreg)
+
+
 def autotune_configs(tma: bool) -> list[triton.Config]:
     """Every candidate for every head_dim (TMA ones only with ``tma``); :func:`prune` keeps those that fit."""
-    seen: set[tuple[int, int, int, int, bool]] = set()
+    seen: set[_Cand] = set()
     out = []
     for cands in _CANDIDATES.values():
         for cand in cands:
-            bm, bn, w, s, use_tma = cand
-            if cand in seen or (use_tma and not tma):
+            if cand in seen or (cand[4] and not tma):
                 continue
             seen.add(cand)
-            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": use_tma}, num_warps=w, num_stages=s))
+            out.append(_config_of(cand))
     return out
 
 
-def _key(c: triton.Config) -> tuple[int, int, int, int, bool]:
-    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, bool(c.kwargs.get("USE_TMA", False)))
+def _key(c: triton.Config) -> _Cand:
+    kw = c.kwargs
+    extra = tuple((f, bool(kw[f])) for f in ("TMA_QO", "PREFETCH") if f in kw)
+    return (kw["BLOCK_M"], kw["BLOCK_N"], c.num_warps, c.num_stages, bool(kw.get("USE_TMA", False)),
+            getattr(c, "maxnreg", None), extra)
 
 
 def prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
@@ -68,7 +84,7 @@ def safe_bench(kernel_call: Any, quantiles: Any = None, **kwargs: Any) -> Any:
 FAILED_CONFIGS: list[str] = []
 
 
-def default_config(head_dim: int, layout_bm: int, layout_bn: int, *, interpret: bool, pv_skip: bool) -> dict[str, int]:
+def default_config(head_dim: int, layout_bm: int, layout_bn: int, *, interpret: bool, pv_skip: bool) -> dict[str, Any]:
     """A fixed config (no autotuning): for the CPU interpreter, the pv-skip path, or autotune off.
 
     ``pv_skip`` forces kernel tiles equal to layout tiles (the rule's unit).
@@ -83,7 +99,10 @@ def default_config(head_dim: int, layout_bm: int, layout_bn: int, *, interpret: 
     if interpret:
         # fewest programs and iterations: the interpreter's cost is per operation, not per element
         return {"BLOCK_M": layout_bm, "BLOCK_N": layout_bn, "num_warps": 4, "num_stages": 1}
-    for bm, bn, w, s, use_tma in _CANDIDATES[head_dim]:
-        if not use_tma and layout_bm % bm == 0 and layout_bn % bn == 0:
-            return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+    for bm, bn, w, s, use_tma, nreg, extra in _CANDIDATES[head_dim]:
+        if not use_tma and not dict(extra).get("TMA_QO") and layout_bm % bm == 0 and layout_bn % bn == 0:
+            cfg: dict[str, Any] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s, **dict(extra)}
+            if nreg is not None:
+                cfg["maxnreg"] = nreg
+            return cfg
     return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}  # pragma: no cover
