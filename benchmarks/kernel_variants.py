@@ -54,6 +54,8 @@ VARIANTS: dict[int, dict[str, dict[str, Any] | None]] = {
         "t128x64w8s2-r128-qo-tau8-nopf": _cfg(128, 64, 8, 2, USE_TMA=True, TMA_QO=True, maxnreg=128, RESCALE_TAU=8.0,
                                               PREFETCH=False),
         "p128x64w8s2-r128": _cfg(128, 64, 8, 2, maxnreg=128),
+        "p64x64w4s3": _cfg(64, 64, 4, 3),                                     # short rows (8K, 5%)
+        "t128x64w8s2-qo-nopf": _cfg(128, 64, 8, 2, USE_TMA=True, TMA_QO=True, PREFETCH=False),  # no cap: 1/SM
     },
     64: {
         "auto": None,

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One device call: the stages named in $STAGES (default: all), logs and JSON under $OUT.
+#   STAGES="variants bench parity pytest"   SPARSEATTN_COMMIT=<sha>   BENCH_BUDGET=<s>  VAR_BUDGET=<s>
+set -uo pipefail
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+OUT="${OUT:-./device_out}"; mkdir -p "$OUT"
+STAGES="${STAGES:-variants bench parity}"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/nvidia_smi.txt"
+rc=0
+for st in $STAGES; do
+  echo "=== stage $st $(date -u +%H:%M:%S)"
+  case "$st" in
+    variants) python3 benchmarks/kernel_variants.py --repeats "${VAR_REPEATS:-3}" --budget-s "${VAR_BUDGET:-200}" ${VAR_ARGS:-} \
+                --out "$OUT" > "$OUT/kernel_variants_log.txt" 2>&1 || rc=1; tail -n 60 "$OUT/kernel_variants_log.txt" ;;
+    bench) python3 benchmarks/bench_attention.py --repeats "${BENCH_REPEATS:-3}" --budget-s "${BENCH_BUDGET:-330}" \
+                --out "$OUT" > "$OUT/bench_attention_log.txt" 2>&1 || rc=1; tail -n 25 "$OUT/bench_attention_log.txt" ;;
+    parity) python3 benchmarks/gpu_parity.py --out "$OUT" > "$OUT/gpu_parity_log.txt" 2>&1 || rc=1; tail -n 30 "$OUT/gpu_parity_log.txt" ;;
+    pytest) python3 -m pytest -q -x ${PYTEST_ARGS:-tests/test_triton_kernel.py} > "$OUT/pytest_log.txt" 2>&1 || rc=1; tail -n 15 "$OUT/pytest_log.txt" ;;
+  esac
+done
+echo "=== done $(date -u +%H:%M:%S) rc=$rc"
+exit $rc
