@@ -13,9 +13,10 @@ import triton
 # Candidates per head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA, maxnreg, extra kernel switches).
 # Chosen from device shoot-outs on an H100 (benchmarks/kernel_variants.py) and re-measured on an
 # H200 (BENCHMARKS.md, "What was tried": the same config without the register cap is 15% slower).
-# The winners fit *two programs per SM*: 8 warps capped at 128 registers (maxnreg) with tiles small enough for two copies in shared memory, so one program's softmax, prologue and
-# epilogue overlap the other's matmuls — something a single 255-register program per SM cannot do
-# in Triton 3.6. TMA candidates (tensor descriptors; "TMA_QO" also for Q/O) are tried only where the
+# The winners fit *two programs per SM*: 8 warps capped at 128 registers (maxnreg) with tiles
+# small enough for two copies in shared memory, so one program's softmax, prologue and epilogue
+# overlap the other's matmuls — something a single 255-register program per SM cannot do in
+# Triton 3.6. TMA candidates (tensor descriptors; "TMA_QO" also for Q/O) are tried only where the
 # launcher can use TMA (sm_90+, 16-byte aligned Q/K/V/out rows); the others use pointer loads.
 _Cand = tuple[int, int, int, int, bool, "int | None", tuple[tuple[str, bool], ...]]
 _NOPF_QO = (("TMA_QO", True), ("PREFETCH", False))
