@@ -88,6 +88,13 @@ def reference_attention(
 
     m = torch.full((B, Hkv, G, Nq), -math.inf, dtype=acc_dtype, device=dev)
     l = torch.zeros((B, Hkv, G, Nq), dtype=acc_dtype, device=dev)
+    attends = torch.zeros((B, Hkv, G, Nq), dtype=torch.bool, device=dev)  # row attends >= 1 key
+    # Non-finite values in v: a product P·V would turn 0 · NaN (a masked key) into NaN, so the finite
+    # part is multiplied with those entries zeroed and the non-finite part added by counting (see
+    # _add_nonfinite_v). Checked once here; the reference is not a hot path.
+    v_nonfinite = not bool(torch.isfinite(v).all())
+    if v_nonfinite:
+        vf = torch.where(torch.isfinite(vf), vf, torch.zeros((), dtype=vf.dtype, device=dev))
     acc = torch.zeros((B, Hkv, G, Nq, D), dtype=acc_dtype, device=dev)
     rows = torch.arange(Nq, device=dev)
     off = Nkv - Nq
@@ -144,6 +151,9 @@ def reference_attention(
         s = torch.einsum("bhgnd,bhcd->bhgnc", qs, kf[:, :, start:stop]).to(acc_dtype) * scale
         if allowed is not None:
             s = s.masked_fill(~allowed, -math.inf)
+            att = allowed.any(-1).expand(B, Hkv, G, R)
+        else:
+            att = torch.ones((), dtype=torch.bool, device=dev).expand(B, Hkv, G, R)
         m_new = torch.maximum(m_old, s.amax(-1))
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
         p = torch.exp(s - m_safe.unsqueeze(-1))
@@ -169,21 +179,45 @@ def reference_attention(
             keep_rows = (~skip_tile)[..., rb].unsqueeze(-1)  # [B, Hkv, G, R, 1]
             p = p * keep_rows
         acc_new = acc_new + torch.einsum("bhgnc,bhcd->bhgnd", p.to(mm_dtype), vf[:, :, start:stop]).to(acc_dtype)
+        if v_nonfinite:
+            acc_new = _add_nonfinite_v(acc_new, p, v[:, :, start:stop])
         if ridx is None:
             m, l, acc = m_new, l_new, acc_new
+            attends = attends | att
         else:
             m[..., ridx] = m_new
             l[..., ridx] = l_new
             acc[..., ridx, :] = acc_new
+            attends[..., ridx] = attends[..., ridx] | att
     if stats is not None:
         stats["visited_tiles"] = visited
         stats["pv_skipped_tiles"] = skipped
 
-    has = l > 0
+    # Empty rows (no attended key) give out 0 / lse -inf. A row that attends keys but has l == 0 (all
+    # its scores -inf) or l NaN (non-finite inputs) divides through: NaN, as SDPA gives.
+    has = attends
     out = torch.where(has.unsqueeze(-1), acc / torch.where(has, l, torch.ones_like(l)).unsqueeze(-1), torch.zeros_like(acc))
     lse = torch.where(has, m + torch.log(torch.where(has, l, torch.ones_like(l))), torch.full_like(m, -math.inf))
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return AttentionState(out.reshape(B, H, Nq, D).to(q.dtype), lse.reshape(B, H, Nq).to(lse_dtype))
+
+
+def _add_nonfinite_v(acc: torch.Tensor, p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Add the contribution of ``v``'s non-finite entries to ``acc`` (finite part already added).
+
+    For each (row, channel): the attended keys (``p > 0``) whose ``v`` is NaN, ``+inf`` or ``-inf``
+    make the sum NaN (any NaN, or both infinities) or that infinity; masked keys (``p == 0``) never
+    contribute, unlike in a plain product where ``0 · NaN = NaN``.
+    """
+    att = (p > 0).to(acc.dtype)  # [B, Hkv, G, R, C]
+
+    def count(ind: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bhgnc,bhcd->bhgnd", att, ind.to(acc.dtype))
+
+    n_pos, n_neg, n_nan = count(torch.isposinf(v)), count(torch.isneginf(v)), count(torch.isnan(v))
+    acc = torch.where(n_pos > 0, torch.full_like(acc, math.inf), acc)
+    acc = torch.where(n_neg > 0, torch.full_like(acc, -math.inf), acc)
+    return torch.where((n_nan > 0) | ((n_pos > 0) & (n_neg > 0)), torch.full_like(acc, math.nan), acc)
 
 
 def sdpa_reference(

@@ -74,12 +74,13 @@ def block_self_similarity(unit_sums: torch.Tensor, counts: torch.Tensor) -> torc
     """Mean pairwise cosine similarity per block from ``Σ x̂_i`` and the token count ``n``.
 
     Returns ``(||Σ x̂||² − n) / (n (n − 1))`` (1 for single-token blocks), float32, shape of
-    ``unit_sums`` without its last dimension.
+    ``unit_sums`` without its last dimension; NaN for a block holding a NaN/inf value (its unit sum
+    is non-finite), so that block is never trusted.
     """
     sq = (unit_sums.to(torch.float32) ** 2).sum(-1)
     n = counts.to(torch.float32)
     den = (n * (n - 1)).clamp_min(1.0)
-    return torch.where(n > 1, (sq - n) / den, torch.ones_like(sq))
+    return torch.where(n > 1, (sq - n) / den, sq - sq + 1.0)  # sq - sq: 0, or NaN for non-finite
 
 
 @dataclass(frozen=True)
@@ -174,18 +175,21 @@ class MeanSimilarityPredictor:
         Mb, Nb = q_mean.shape[2], k_mean.shape[2]
 
         region = causal_region(Nq, Nkv, cfg.block_m, cfg.block_n, causal, dev)  # [Mb, Nb]
+        row_has = cached(("msim_row_has", Nq, Nkv, cfg.block_m, cfg.block_n, causal, str(dev)),
+                         lambda: region.any(-1, keepdim=True))  # [Mb, 1]
         qg = q_mean.reshape(B, Hkv, G * Mb, D)
         probs = []
         if cfg.score in ("mean", "mixed"):
             s = torch.matmul(qg, k_mean.transpose(-1, -2)) * (D ** -0.5)
             s = s.reshape(B, Hkv, G, Mb, Nb).masked_fill(~region, float("-inf"))
-            probs.append(torch.softmax(s, dim=-1).nan_to_num_(0.0))  # rows without an allowed block -> 0
+            # rows without an allowed block -> 0; NaN from non-finite q/k stays in the scores
+            probs.append(torch.softmax(s, dim=-1).masked_fill_(~row_has, 0.0))
         if cfg.score in ("minmax", "mixed"):
             k_min, k_max = block_minmax(k, cfg.block_n)
             s = (torch.matmul(qg.clamp(min=0), k_max.transpose(-1, -2))
                  + torch.matmul(qg.clamp(max=0), k_min.transpose(-1, -2))) * (D ** -0.5)
             s = s.reshape(B, Hkv, G, Mb, Nb).masked_fill(~region, float("-inf"))
-            probs.append(torch.softmax(s, dim=-1).nan_to_num_(0.0))
+            probs.append(torch.softmax(s, dim=-1).masked_fill_(~row_has, 0.0))
         p = probs[0] if len(probs) == 1 else 0.5 * (probs[0] + probs[1])
         if cfg.topk is not None:
             mask = select_topk(p, region, cfg.topk)
@@ -202,8 +206,11 @@ class MeanSimilarityPredictor:
 
         forced = cached(("msim_forced", Nq, Nkv, cfg.block_m, cfg.block_n, cfg.keep_sink, cfg.keep_local, causal,
                          str(dev)), build_forced)
-        untrusted_q = (q_sim < cfg.sim_threshold).reshape(B, Hkv, G, Mb, 1)
-        untrusted_k = (k_sim < cfg.sim_threshold).reshape(B, Hkv, 1, 1, Nb)
+        # ~(sim >= t) rather than sim < t: a block holding NaN/inf has sim NaN and is untrusted, so every
+        # block it touches is kept and the non-finite value reaches exactly the outputs dense attention
+        # would give (a predictor must not drop such a block quietly)
+        untrusted_q = (~(q_sim >= cfg.sim_threshold)).reshape(B, Hkv, G, Mb, 1)
+        untrusted_k = (~(k_sim >= cfg.sim_threshold)).reshape(B, Hkv, 1, 1, Nb)
         mask = (mask | forced | untrusted_q | untrusted_k) & region
         self.last_scores = p.reshape(B, H, Mb, Nb)
         return mask_to_layout(mask.reshape(B, H, Mb, Nb), block_m=cfg.block_m, block_n=cfg.block_n,

@@ -23,12 +23,14 @@ import torch
 from sparseattn._validation import fail
 from sparseattn.layout.block_layout import BlockLayout, cdiv
 from sparseattn.predictors._common import (
+    block_pool,
     causal_region,
     check_block,
     check_opt_fraction,
     check_qk,
     check_version,
     mask_to_layout,
+    nonfinite_block_force,
     select_cdf,
     select_topk,
 )
@@ -188,6 +190,8 @@ class OraclePredictor:
             mask = select_topk(mass, region, cfg.topk)
         else:
             mask = select_cdf(mass, region, float(cfg.cdf_threshold))  # type: ignore[arg-type]
+        # blocks holding NaN/inf are kept (their mass is NaN and the selection would drop them)
+        mask = mask | nonfinite_block_force(block_pool(q, cfg.block_m)[0], block_pool(k, cfg.block_n)[0], region)
         self.last_scores = mass
         return mask_to_layout(mask, block_m=cfg.block_m, block_n=cfg.block_n, seqlen_q=Nq, seqlen_kv=Nkv)
 

@@ -70,6 +70,7 @@ from sparseattn.predictors._common import (
     dense_predicted_layout,
     diagonal_blocks,
     mask_to_layout,
+    nonfinite_block_force,
     select_topk,
 )
 from sparseattn.predictors.base import register_predictor
@@ -203,6 +204,7 @@ class SketchWalkPredictor:
         self._geom: tuple[Any, ...] | None = None
         self._last_layer: int | None = None
         self._pool: dict[int, tuple[torch.Tensor, int]] = {}
+        self._force: torch.Tensor | None = None  # last call's blocks kept for non-finite q/k (bool [B, 1, Mb, Nb])
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -239,7 +241,9 @@ class SketchWalkPredictor:
         s = torch.matmul(qs.reshape(B, Hkv, G * Mb, -1), ks.transpose(-1, -2)) * (D ** -0.5)
         region = causal_region(Nq, Nkv, cfg.block_m, cfg.block_n, causal, q.device)
         s = s.reshape(B, Hkv, G, Mb, Nb).masked_fill(~region, float("-inf"))
-        p = torch.softmax(s, dim=-1).nan_to_num_(0.0)
+        # rows without an allowed block -> 0; NaN from non-finite q/k stays in the scores
+        p = torch.softmax(s, dim=-1).masked_fill_(~region.any(-1, keepdim=True), 0.0)
+        self._force = nonfinite_block_force(q_sum, k_sum, region)
         if cfg.per_head:
             return p.reshape(B, H, Mb, Nb)
         return p.mean(dim=(1, 2))  # [B, Mb, Nb]
@@ -311,7 +315,7 @@ class SketchWalkPredictor:
         self.last_scores = Wh
         if stateful and layer < cfg.dense_layers:  # type: ignore[operator]
             return dense_predicted_layout(B, H, Nq, Nkv, cfg.block_m, cfg.block_n, causal, dev)
-        mask = self._select(Wh, Nq, Nkv, causal, dev)  # [B, H or 1, Mb, Nb]
+        mask = self._select(Wh, Nq, Nkv, causal, dev) | self._force  # [B, H or 1, Mb, Nb]
         return mask_to_layout(mask, block_m=cfg.block_m, block_n=cfg.block_n, seqlen_q=Nq,
                               seqlen_kv=Nkv, batch=B, heads=H)
 

@@ -6,11 +6,14 @@ natural-log lse), attention over A ∪ B is::
     lse = logaddexp(lse_a, lse_b)
     out = exp(lse_a - lse) * o_a + exp(lse_b - lse) * o_b
 
-A state with ``lse = -inf`` (no keys) is the identity of this operation.
+A state with ``lse = -inf`` (no keys) is the identity of this operation, whatever its ``out`` holds.
+Any other non-finite value (NaN/inf in ``out``, NaN or ``+inf`` in ``lse``) propagates to the merged
+rows it belongs to.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -66,12 +69,16 @@ def merge_states(states: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Attenti
     acc_dtype = torch.float64 if any(l.dtype == torch.float64 for _, l in pairs) else torch.float32
     lses = torch.stack([l.to(acc_dtype) for _, l in pairs])  # [S, B, H, N]
     lse = torch.logsumexp(lses, dim=0)
-    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    w = torch.exp(lses - safe)  # exp(-inf) = 0 for empty states
-    # a state with lse = -inf attended no key: weight 0, and its out is ignored even if it holds NaN/inf
-    out = sum(torch.where(w[i].unsqueeze(-1) > 0, w[i].unsqueeze(-1) * o.to(acc_dtype), torch.zeros((), dtype=acc_dtype, device=o.device))
+    empty = lse == -math.inf  # every state empty: the identity, out 0
+    safe = torch.where(empty, torch.zeros_like(lse), lse)
+    w = torch.exp(lses - safe)  # exp(-inf) = 0 for empty states; NaN if an lse is NaN or +inf
+    # A state with lse = -inf attended no key: its out is ignored even if it holds NaN/inf (the one
+    # defined exception). Every other non-finite value propagates: a NaN/inf out, or a NaN/+inf lse
+    # (w NaN), makes the merged row non-finite, as attention over the union would be.
+    live = (lses != -math.inf).unsqueeze(-1)
+    out = sum(torch.where(live[i], w[i].unsqueeze(-1) * o.to(acc_dtype), torch.zeros((), dtype=acc_dtype, device=o.device))
               for i, (o, _) in enumerate(pairs))
-    out = torch.where(torch.isinf(lse).unsqueeze(-1), torch.zeros_like(out), out)
+    out = torch.where(empty.unsqueeze(-1), torch.zeros_like(out), out)
     lse_dtype = torch.float64 if acc_dtype == torch.float64 else torch.float32
     return AttentionState(out.to(out0.dtype), lse.to(lse_dtype))
 

@@ -54,6 +54,33 @@ def _pv(p, v, acc, in_dtype: tl.constexpr, DOT_F32: tl.constexpr):
     return tl.dot(p, v, acc)
 
 
+@triton.jit
+def _pv_masked(p, v, acc, in_dtype: tl.constexpr, DOT_F32: tl.constexpr):
+    """``acc + P·V`` for a tile with masked entries (``p == 0``), exact for non-finite ``v``.
+
+    A matrix product would turn ``0 · NaN`` into NaN, so a NaN/inf in ``v[j]`` would reach rows whose
+    mask excludes key ``j``. If the tile holds a non-finite ``v`` (a uniform branch, not taken on
+    finite inputs), the finite part goes through the product with the non-finite entries zeroed and
+    the non-finite part is added by counting, per (row, channel), the attended (``p > 0``) keys that
+    hold ``+inf`` / ``-inf`` / NaN: NaN if any NaN or both infinities, else that infinity.
+    """
+    vf = v.to(tl.float32)  # compared in fp32 (the interpreter keeps bf16 as raw bits)
+    bad = (vf != vf) | (tl.abs(vf) == float("inf"))
+    if tl.max(tl.max(bad.to(tl.int32), 1), 0) > 0:
+        acc = _pv(p, tl.where(bad, 0.0, vf).to(v.dtype), acc, in_dtype, DOT_F32)
+        att = (p > 0.0).to(tl.float32)
+        zero = tl.zeros(acc.shape, dtype=tl.float32)
+        n_pos = tl.dot(att, (vf == float("inf")).to(tl.float32), zero)
+        n_neg = tl.dot(att, (vf == float("-inf")).to(tl.float32), zero)
+        n_nan = tl.dot(att, (vf != vf).to(tl.float32), zero)
+        acc = tl.where(n_pos > 0.0, float("inf"), acc)
+        acc = tl.where(n_neg > 0.0, float("-inf"), acc)
+        acc = tl.where((n_nan > 0.0) | ((n_pos > 0.0) & (n_neg > 0.0)), float("nan"), acc)
+    else:
+        acc = _pv(p, v, acc, in_dtype, DOT_F32)
+    return acc
+
+
 @triton.jit(do_not_specialize=["H", "GROUP", "N_Q", "N_KV", "NUM_KV_BLOCKS", "N_CTX_KEY"])
 def _block_sparse_fwd_kernel(
     Q, K, V, Out, Lse, KvNum, KvIdx, Stats,
@@ -200,8 +227,11 @@ def _block_sparse_fwd_kernel(
             l_i = l_i + tl.sum(p, 1)
             m_ij = m_i
         else:
-            p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-            alpha = tl.math.exp2(m_i - m_ij)
+            # m_safe: a row whose scores so far are all -inf (only from infinite inputs) keeps p = 0
+            # instead of exp2(-inf - -inf) = NaN, as the reference does
+            m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+            p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
         if PV_SKIP:
@@ -266,17 +296,24 @@ def _block_sparse_fwd_kernel(
                     v = v_desc.load([start_n, 0])
                 else:
                     v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-                acc = _pv(p, v, acc, in_dtype, DOT_F32)
+                acc = _pv_masked(p, v, acc, in_dtype, DOT_F32)
         else:
             if USE_TMA:
                 v = v_desc.load([start_n, 0])
             else:
                 v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            acc = _pv(p, v, acc, in_dtype, DOT_F32)
+            acc = _pv_masked(p, v, acc, in_dtype, DOT_F32)
         m_i = m_ij
 
     # ---------------------------------------------------------------- epilogue
-    has = l_i > 0.0
+    # A row attends some key iff its list is non-empty and (causal) the first (smallest) selected block
+    # starts at or below the row's last visible key. Only such rows are "empty" -> out 0, lse -inf; a
+    # row that attends keys but whose l is 0 or NaN (non-finite inputs) divides through and gives NaN,
+    # as SDPA does, instead of looking like a masked row.
+    first_kb = tl.load(idx_row)
+    has = (offs_m * 0 + num) > 0
+    if CAUSAL:
+        has = has & (first_kb * LAYOUT_BN <= offs_m + OFF)
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
     out = tl.where(has[:, None], out, 0.0)
