@@ -62,9 +62,13 @@ def test_quick_test_gqa_bf16_odd_length_benchmark(capsys):
     assert "k/v (2, 2, 300, 64)" in out and "bfloat16" in out and "timing (median of 5" in out
 
 
-def test_quick_test_bad_pattern():
+def test_quick_test_bad_pattern(capsys):
+    # a user error: one line on stderr, exit status 2, no traceback (--debug re-raises it)
+    assert main(["quick-test", "--seq-len", "128", "--pattern", "diagonal-ish"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparseattn quick-test: error: --pattern is not a known pattern") and err.count("\n") == 1
     with pytest.raises(ValueError, match=r"sparseattn quick-test: --pattern is not a known pattern"):
-        main(["quick-test", "--seq-len", "128", "--pattern", "diagonal-ish"])
+        main(["--debug", "quick-test", "--seq-len", "128", "--pattern", "diagonal-ish"])
 
 
 def test_quick_test_levels_match_accuracy_levels():

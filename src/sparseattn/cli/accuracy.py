@@ -11,23 +11,25 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from sparseattn.cli._args import any_int, device, positive_int
+
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("accuracy", help="accuracy suite: correctness vs fp64 reference, cost of sparsity vs dense",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="sparseattn_out/accuracy", help="output directory (default sparseattn_out/accuracy)")
     p.add_argument("--quick", action="store_true", help="small grid (one length, float32 + bfloat16) for smoke runs")
-    p.add_argument("--seq-lens", type=int, nargs="+", default=None, help="sweep lengths (default 512 1024; quick: 384)")
+    p.add_argument("--seq-lens", type=positive_int, nargs="+", default=None, help="sweep lengths (default 512 1024; quick: 384)")
     p.add_argument("--levels", nargs="+", choices=("low", "medium", "high"), default=None,
                    help="sparsity levels (default all: low=0.6, medium=0.4, high=0.25 target density)")
     p.add_argument("--dtypes", nargs="+", choices=("float32", "float16", "bfloat16", "float64"), default=None)
     p.add_argument("--pattern", default="sink_window", help="static pattern of the layouts (default sink_window)")
     p.add_argument("--inputs", choices=("structured", "random"), default="structured",
                    help="sweep inputs (default structured synthetic: local bias + attention sink)")
-    p.add_argument("--head-dim", type=int, default=None, help="default 64 (quick: 32)")
-    p.add_argument("--block-size", type=int, default=None, help="block_m = block_n (default 64; quick: 32)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--head-dim", type=positive_int, default=None, help="default 64 (quick: 32)")
+    p.add_argument("--block-size", type=positive_int, default=None, help="block_m = block_n (default 64; quick: 32)")
+    p.add_argument("--seed", type=any_int, default=0)
+    p.add_argument("--device", type=device, default=None, help="default: cuda if available, else cpu")
     p.add_argument("--backend", default="auto", help="auto (default), triton or reference")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs (no matplotlib needed)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -22,6 +22,8 @@ import json
 import sys
 from typing import Any
 
+from sparseattn.cli._args import any_int, nonneg_int, positive_int
+
 PATTERN_CHOICES = ("random", "local", "strided", "block_diagonal", "sink_window")
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
@@ -53,18 +55,18 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--densities", type=_floats, default=[0.5, 0.2, 0.1],
                    help="comma-separated target block densities in (0, 1] (default 0.5,0.2,0.1)")
     p.add_argument("--seq-lens", type=_ints, default=[8192, 32768], help="comma-separated lengths (default 8192,32768)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=32, help="query heads (default 32, Llama-3.1-8B)")
-    p.add_argument("--kv-heads", type=int, default=8, help="key/value heads (default 8)")
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--heads", type=positive_int, default=32, help="query heads (default 32, Llama-3.1-8B)")
+    p.add_argument("--kv-heads", type=positive_int, default=8, help="key/value heads (default 8)")
     p.add_argument("--head-dim", type=int, default=128, choices=(64, 128, 256))
     p.add_argument("--block-size", type=int, default=128, choices=(64, 128), help="layout block_m = block_n")
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
                    help="causal attention (default; --no-causal for full attention)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    p.add_argument("--stress", type=int, nargs="?", const=20, default=0, metavar="N",
+    p.add_argument("--stress", type=nonneg_int, nargs="?", const=20, default=0, metavar="N",
                    help="also run N (default 20) calls with fresh inputs/layouts, checking parity, NaN and determinism")
-    p.add_argument("--parity-rows", type=int, default=512, help="query rows checked against the reference")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parity-rows", type=positive_int, default=512, help="query rows checked against the reference")
+    p.add_argument("--seed", type=any_int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=run)
 

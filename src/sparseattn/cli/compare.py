@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
+
+from sparseattn.cli._args import any_int, device, positive_int
 
 
 def add_parser(subparsers: Any) -> None:
@@ -25,16 +28,16 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--b", default="oracle", help="predictor spec, or 'oracle' for the exact-mass upper bound at A's block budget (default)")
     p.add_argument("--input", default="structured",
                    help="'random', 'structured' (seeded synthetic), or a .safetensors file/directory from 'sparseattn collect'")
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096], help="sequence lengths (synthetic inputs)")
-    p.add_argument("--layers", type=int, default=2, help="synthetic inputs per length (fed as consecutive layers)")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=[1024, 4096], help="sequence lengths (synthetic inputs)")
+    p.add_argument("--layers", type=positive_int, default=2, help="synthetic inputs per length (fed as consecutive layers)")
+    p.add_argument("--heads", type=positive_int, default=8)
+    p.add_argument("--kv-heads", type=positive_int, default=2)
+    p.add_argument("--head-dim", type=positive_int, default=64)
+    p.add_argument("--seed", type=any_int, default=0)
     p.add_argument("--no-causal", action="store_true", help="non-causal attention")
     p.add_argument("--no-output", action="store_true", help="skip the output-vs-dense comparison (faster)")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--out", default="sparseattn-compare", help="output directory")
     p.set_defaults(func=run)
 
@@ -42,10 +45,18 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from sparseattn.eval.compare import compare_predictors, random_inputs, safetensors_inputs, write_report
 
+    from sparseattn._validation import fail
+
     if args.input in ("random", "structured"):
+        if args.heads % args.kv_heads:
+            raise fail("compare", "--kv-heads", "must divide --heads (GQA)", f"a divisor of {args.heads}", args.kv_heads)
         inputs = random_inputs(args.lengths, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
                                head_dim=args.head_dim, kind=args.input, seed=args.seed, device=args.device)
     else:
+        if not Path(args.input).expanduser().exists():
+            raise fail("compare", f"--input {args.input}", "is neither a synthetic kind nor an existing path",
+                       "'random', 'structured', or a .safetensors file / folder / collection from sparseattn collect",
+                       "no such file or folder")
         inputs = safetensors_inputs(args.input, device=args.device)
     result = compare_predictors(args.a, args.b, inputs, causal=not args.no_causal, with_output=not args.no_output)
     paths = write_report(result, args.out, plots=not args.no_plots)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from sparseattn.cli._args import check_spec, check_text_source, device, nonneg_int, optional_int_list, positive_int
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.replace(" ", "").split(",") if x]
+_int_list = optional_int_list(0, "layer indices")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -22,10 +22,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text-file", nargs="+", metavar="PATH", help="text files (globs allowed) concatenated in order")
     src.add_argument("--text-dir", metavar="DIR", help="a folder of .txt/.md files (e.g. ../shared/data/essays)")
-    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help=f"tokens per sample (default {DEFAULT_SEQ_LEN})")
-    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help=f"samples (default {DEFAULT_SAMPLES})")
-    p.add_argument("--gen-tokens", type=int, default=DEFAULT_GEN_TOKENS, help=f"greedy tokens per sample (default {DEFAULT_GEN_TOKENS})")
-    p.add_argument("--score-last", type=int, default=None, help="compare logits of the last K positions (default seq-len/2)")
+    p.add_argument("--seq-len", type=positive_int, default=DEFAULT_SEQ_LEN, help=f"tokens per sample (default {DEFAULT_SEQ_LEN})")
+    p.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES, help=f"samples (default {DEFAULT_SAMPLES})")
+    p.add_argument("--gen-tokens", type=nonneg_int, default=DEFAULT_GEN_TOKENS, help=f"greedy tokens per sample (default {DEFAULT_GEN_TOKENS})")
+    p.add_argument("--score-last", type=positive_int, default=None, help="compare logits of the last K positions (default seq-len/2)")
     sp = p.add_mutually_exclusive_group()
     sp.add_argument("--predictor", default=None, help=f"predictor spec 'name:key=value,...' (default {DEFAULT_PREDICTOR_SPEC!r})")
     sp.add_argument("--pattern", default=None, help="static pattern 'name:key=value,...', e.g. 'sink_window:window_blocks=8'")
@@ -33,10 +33,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compare-random", action="store_true", help="also run the predictor on random Q/K of the same shapes")
     p.add_argument("--no-self-check", action="store_true", help="skip the dense-vs-dense repeat run")
     p.add_argument("--backend", default="auto", choices=["auto", "masked_sdpa", "attention", "reference", "triton"])
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--plot-layer", type=int, default=None, help="layer of the attention-map plot (default: middle)")
-    p.add_argument("--plot-head", type=int, default=0)
+    p.add_argument("--plot-layer", type=nonneg_int, default=None, help="layer of the attention-map plot (default: middle)")
+    p.add_argument("--plot-head", type=nonneg_int, default=0)
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--out", default="sparseattn-eval", help="report folder (default ./sparseattn-eval)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
     from sparseattn.eval.end_to_end import evaluate, write_report
 
+    check_spec(args.predictor, args.pattern, DEFAULT_PREDICTOR_SPEC)
+    check_text_source("eval", args.text_file, args.text_dir)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     res = evaluate(args.model, predictor=args.predictor or DEFAULT_PREDICTOR_SPEC, pattern=args.pattern,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from sparseattn.cli._args import any_int, check_spec, check_text_source, device, float_list, int_list, optional_int_list, positive_int
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC, NIAH_DEFAULT_DEPTHS, NIAH_DEFAULT_LENGTHS
@@ -14,22 +16,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "--text-file/--text-dir), ask the instruct model for the value, score greedy output by substring "
                     "match; dense and sparse side by side, with a heatmap.")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--lengths", default=",".join(str(n) for n in NIAH_DEFAULT_LENGTHS),
+    p.add_argument("--lengths", type=int_list(1, "prompt lengths"), default=",".join(str(n) for n in NIAH_DEFAULT_LENGTHS),
                    help="comma-separated prompt lengths in tokens")
-    p.add_argument("--depths", default=",".join(str(d) for d in NIAH_DEFAULT_DEPTHS),
+    p.add_argument("--depths", type=float_list(0.0, 1.0, "depths"), default=",".join(str(d) for d in NIAH_DEFAULT_DEPTHS),
                    help="comma-separated needle depths in [0, 1]")
-    p.add_argument("--trials", type=int, default=1, help="different needles per cell")
+    p.add_argument("--trials", type=positive_int, default=1, help="different needles per cell")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text-file", nargs="+", metavar="PATH", help="real-text haystack from these files (globs allowed)")
     src.add_argument("--text-dir", metavar="DIR", help="real-text haystack from a folder of .txt/.md files")
     sp = p.add_mutually_exclusive_group()
     sp.add_argument("--predictor", default=None, help=f"predictor spec (default {DEFAULT_PREDICTOR_SPEC!r})")
     sp.add_argument("--pattern", default=None, help="static pattern 'name:key=value,...'")
-    p.add_argument("--dense-layers", default="", help="comma-separated layers kept dense")
-    p.add_argument("--gen-tokens", type=int, default=12)
+    p.add_argument("--dense-layers", type=optional_int_list(0, "layer indices"), default="", help="comma-separated layers kept dense")
+    p.add_argument("--gen-tokens", type=positive_int, default=12)
     p.add_argument("--backend", default="auto", choices=["auto", "masked_sdpa", "attention", "reference", "triton"])
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", type=device, default=None)
+    p.add_argument("--seed", type=any_int, default=0)
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--out", default="sparseattn-niah")
     p.add_argument("--quiet", action="store_true")
@@ -42,12 +44,12 @@ def run(args: argparse.Namespace) -> int:
     from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
     from sparseattn.eval.niah import run_niah, write_niah_report
 
+    check_spec(args.predictor, args.pattern, DEFAULT_PREDICTOR_SPEC)
+    check_text_source("niah", args.text_file, args.text_dir)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     res = run_niah(args.model, predictor=args.predictor or DEFAULT_PREDICTOR_SPEC, pattern=args.pattern,
-                   dense_layers=[int(x) for x in args.dense_layers.split(",") if x.strip()],
-                   lengths=[int(x) for x in args.lengths.split(",") if x.strip()],
-                   depths=[float(x) for x in args.depths.split(",") if x.strip()], trials=args.trials,
+                   dense_layers=args.dense_layers, lengths=args.lengths, depths=args.depths, trials=args.trials,
                    text_files=args.text_file, text_dir=args.text_dir, gen_tokens=args.gen_tokens,
                    backend=args.backend, dtype=dtype, device=device, seed=args.seed, progress=not args.quiet)
     paths = write_niah_report(res, args.out, plots=not args.no_plots)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from sparseattn.cli._args import any_int, density, device, finite_float, positive_int
+
 SPARSE_LEVELS = {"low": 0.6, "medium": 0.4, "high": 0.25}  # target density of the (causal) block region
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -24,28 +26,28 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "quick-test", help="check one block-sparse attention call against dense attention",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-len", type=int, default=1024, help="query and key length (default 1024)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8, help="query heads (default 8)")
-    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads for GQA (default: --heads)")
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--block-size", type=int, default=64, help="block_m = block_n (default 64)")
+    p.add_argument("--seq-len", type=positive_int, default=1024, help="query and key length (default 1024)")
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--heads", type=positive_int, default=8, help="query heads (default 8)")
+    p.add_argument("--kv-heads", type=positive_int, default=None, help="key/value heads for GQA (default: --heads)")
+    p.add_argument("--head-dim", type=positive_int, default=64)
+    p.add_argument("--block-size", type=positive_int, default=64, help="block_m = block_n (default 64)")
     p.add_argument("--causal", action="store_true", help="causal attention (bottom-right aligned)")
     p.add_argument("--pattern", default="sink_window",
                    help="static block pattern: sink_window (default), sliding_window, strided, random, block_diagonal, dense")
     lvl = p.add_mutually_exclusive_group()
     lvl.add_argument("--sparse-level", choices=sorted(SPARSE_LEVELS), default="medium",
                      help="target density of the (causal) block region: low=0.6, medium=0.4 (default), high=0.25")
-    lvl.add_argument("--density", type=float, default=None, help="explicit target block density in (0, 1]")
+    lvl.add_argument("--density", type=density, default=None, help="explicit target block density in (0, 1]")
     p.add_argument("--inputs", choices=("structured", "random"), default="structured",
                    help="q/k generator (default structured: synthetic local bias + attention sink)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=any_int, default=0)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    p.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     p.add_argument("--benchmark", action="store_true", help="also time the sparse and dense calls")
-    p.add_argument("--min-cosine", type=float, default=0.95, help="PASS needs cosine > this (default 0.95)")
-    p.add_argument("--max-rel-l1", type=float, default=0.1, help="PASS needs relative L1 < this (default 0.1)")
-    p.add_argument("--min-sparsity", type=float, default=0.05, help="PASS needs sparsity > this (default 0.05)")
+    p.add_argument("--min-cosine", type=finite_float, default=0.95, help="PASS needs cosine > this (default 0.95)")
+    p.add_argument("--max-rel-l1", type=finite_float, default=0.1, help="PASS needs relative L1 < this (default 0.1)")
+    p.add_argument("--min-sparsity", type=finite_float, default=0.05, help="PASS needs sparsity > this (default 0.05)")
     p.set_defaults(func=run)
 
 
@@ -84,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
     kv_heads = args.kv_heads or args.heads
+    if args.heads % kv_heads:
+        raise fail(fn, "--kv-heads", "must divide --heads (GQA)", f"a divisor of {args.heads}", kv_heads)
     target = args.density if args.density is not None else SPARSE_LEVELS[args.sparse_level]
     N = args.seq_len
     gen_kw: dict[str, Any] = dict(kv_heads=kv_heads, dtype=dtype, device=device, seed=args.seed)

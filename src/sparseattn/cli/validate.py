@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from sparseattn.cli._args import device, int_list, positive_int
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
@@ -15,10 +17,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("path", help="a collection folder (or len<N> folder, or one sample .safetensors)")
     p.add_argument("--predictor", default=DEFAULT_PREDICTOR_SPEC, help=f"predictor spec (default {DEFAULT_PREDICTOR_SPEC!r})")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
-    p.add_argument("--device", default=None)
-    p.add_argument("--repeats", type=int, default=1, help="timing repeats (best of)")
-    p.add_argument("--lengths", default=None, help="only these lengths (comma-separated)")
-    p.add_argument("--layers", default=None, help="only these layers (comma-separated)")
+    p.add_argument("--device", type=device, default=None)
+    p.add_argument("--repeats", type=positive_int, default=1, help="timing repeats (best of)")
+    p.add_argument("--lengths", type=int_list(1, "lengths"), default=None, help="only these lengths (comma-separated)")
+    p.add_argument("--layers", type=int_list(0, "layer indices"), default=None, help="only these layers (comma-separated)")
     p.add_argument("--out", default=None, help="write validate.json and validate.md here (default: print JSON only)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
@@ -34,8 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     res = validate_predictor(args.predictor, args.path, backend=args.backend, device=device, repeats=args.repeats,
-                             lengths=[int(x) for x in args.lengths.split(",")] if args.lengths else None,
-                             layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
+                             lengths=args.lengths, layers=args.layers,
                              progress=not args.quiet)
     text = json.dumps(res, indent=2)
     if args.out:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,7 +27,8 @@ import torch
 
 from sparseattn._validation import check_positive_int, fail
 
-__all__ = ["collect_qkv", "iter_collected", "validate_predictor", "validation_markdown"]
+__all__ = ["collect_qkv", "collected_files", "iter_collected", "read_sample_meta", "validate_predictor",
+           "validation_markdown"]
 
 
 def _now() -> str:
@@ -129,41 +131,162 @@ def collect_qkv(
     return summary
 
 
+_EXPECTED_FILE = "a sample<i>.safetensors written by sparseattn collect"
+_EXPECTED_META = "a sample<i>.json written by sparseattn collect"
+_META_REQUIRED = ("seq_len", "layers", "heads", "kv_heads", "head_dim")
+
+
+def collected_files(func: str, path: str | Path) -> list[Path]:
+    """The ``sample*.safetensors`` files of a collection folder, one ``len<N>`` folder, or one file.
+
+    Files are ordered by length (the ``len<N>`` folder), then name.
+
+    Raises:
+        ValueError: the path does not exist, or holds no collected sample.
+    """
+    expected = "a collection folder, a len<N> folder or a .safetensors file made by sparseattn collect"
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise fail(func, "path", "must be a path", expected, repr(path))
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise fail(func, f"path {p}", "does not exist", expected, "no such file or folder")
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise fail(func, f"path {p}", "is not a .safetensors file", expected, f"a {p.suffix or 'suffix-less'} file")
+        files = [p]
+    else:
+        files = sorted(p.glob("*.safetensors")) or sorted(p.glob("len*/*.safetensors"))
+        if not files:
+            raise fail(func, f"folder {p}", "holds no .safetensors file (nor len<N>/*.safetensors)", expected,
+                       f"{sum(1 for _ in p.iterdir())} entries without one")
+
+    def order(f: Path) -> tuple[int, str]:
+        tail = f.parent.name[3:]
+        return (int(tail) if f.parent.name.startswith("len") and tail.isdigit() else 0, f.name)
+
+    return sorted(files, key=order)
+
+
+def read_sample_meta(func: str, path: str | Path) -> dict[str, Any]:
+    """Read and check a ``sample<i>.json`` written by :func:`collect_qkv` (JSON only, no code runs).
+
+    Required keys: ``seq_len``, ``layers``, ``heads``, ``kv_heads``, ``head_dim`` (integers, layers a
+    non-empty list); optional ``sample``, ``batch`` (integers) and ``scale`` (an object mapping
+    layer numbers to a finite positive number or null).
+
+    Raises:
+        ValueError: missing / empty / truncated / non-JSON file, a JSON value that is not an
+            object, a missing key, or a value of the wrong type (NaN where a number is needed).
+    """
+    from sparseattn.errors import check_meta_int, check_meta_number, read_json_file, require_keys
+
+    meta = read_json_file(func, path, "metadata", expected=_EXPECTED_META)
+    label = f"metadata {Path(path)}"
+    require_keys(func, meta, _META_REQUIRED, label)
+    check_meta_int(func, label, "seq_len", meta["seq_len"], minimum=1)
+    for key in ("heads", "kv_heads", "head_dim"):
+        check_meta_int(func, label, key, meta[key], minimum=1)
+    for key in ("sample", "batch"):
+        if key in meta:
+            check_meta_int(func, label, key, meta[key], minimum=1 if key == "batch" else 0)
+    layers = meta["layers"]
+    if not isinstance(layers, list) or not layers:
+        raise fail(func, f"{label} key 'layers'", "must be a non-empty list of layer indices", "e.g. [0, 15, 29]",
+                   repr(layers))
+    for li in layers:
+        check_meta_int(func, label, "layers", li)
+    scale = meta.get("scale")
+    if scale is not None:
+        if not isinstance(scale, dict):
+            raise fail(func, f"{label} key 'scale'", "must be an object of layer -> number", '{"0": 0.125, ...}',
+                       repr(scale))
+        for li, val in scale.items():
+            check_meta_number(func, label, f"scale.{li}", val, positive=True, allow_none=True)
+    return meta
+
+
+def check_qkv_group(func: str, file: Path, layer: int, q: Any, k: Any, v: Any,
+                    meta: dict[str, Any] | None = None) -> None:
+    """Shapes and dtypes of one layer's captured tensors (and their agreement with the metadata)."""
+    names = {"q": q, "k": k, "v": v}
+    for role, t in names.items():
+        if t is None:
+            continue
+        label = f"tensor 'layer{layer}.{role}' of {file}"
+        if t.dim() != 4:
+            raise fail(func, label, "has the wrong rank", "4 dims (B, H, N, D)", f"shape {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise fail(func, label, "has the wrong dtype", "a floating dtype (float32, float16, bfloat16)",
+                       str(t.dtype).replace("torch.", ""))
+        if t.numel() == 0:
+            raise fail(func, label, "is empty", "all dims > 0", f"shape {tuple(t.shape)}")
+    B, H, N, D = q.shape
+    for role, t in (("k", k), ("v", v)):
+        if t is None:
+            continue
+        Bk, Hk, Nk, Dk = t.shape
+        if (Bk, Nk, Dk) != (B, N, D) or H % Hk:
+            raise fail(func, f"tensor 'layer{layer}.{role}' of {file}", f"does not fit layer{layer}.q",
+                       f"(B, H_kv, N, D) = ({B}, a divisor of {H}, {N}, {D})", f"shape {tuple(t.shape)}")
+    if v is not None and tuple(v.shape) != tuple(k.shape):
+        raise fail(func, f"tensor 'layer{layer}.v' of {file}", "differs in shape from k", f"shape {tuple(k.shape)}",
+                   f"shape {tuple(v.shape)}")
+    if meta is not None:
+        want = {"seq_len": N, "heads": H, "kv_heads": int(k.shape[1]), "head_dim": D}
+        for key, got in want.items():
+            if key in meta and meta[key] != got:
+                raise fail(func, f"metadata of {file} key {key!r}", f"disagrees with the tensors of layer {layer}",
+                           f"{key}={got} (from the tensors)", f"{key}={meta[key]!r}")
+
+
 def iter_collected(path: str | Path, *, device: str | torch.device = "cpu",
                    lengths: Sequence[int] | None = None, layers: Sequence[int] | None = None) -> Iterator[dict[str, Any]]:
     """Yield ``{"q", "k", "v", "layer", "seq_len", "sample", "scale", "file", "meta"}`` from a collection.
 
     ``path`` is a collection folder, one ``len<N>`` folder, or one ``sample<i>.safetensors`` file
-    (its ``.json`` beside it).
+    (its ``.json`` beside it). Everything read is checked (JSON and safetensors only, no code
+    runs): a missing, empty, truncated or corrupt file, metadata of the wrong JSON type or with
+    missing or wrong-typed keys, a tensor missing for a layer the metadata lists, and tensors of
+    the wrong rank, dtype or shape all raise ``ValueError`` naming the file. A sample without its
+    ``.json`` is read from the tensors alone.
     """
-    from safetensors.torch import load_file
+    from sparseattn.errors import load_safetensors_file
 
-    p = Path(path)
-    if p.is_file():
-        files = [p]
-    elif p.is_dir():
-        files = sorted(p.glob("sample*.safetensors")) or sorted(p.glob("len*/sample*.safetensors"))
-    else:
-        files = []
-    if not files:
-        raise fail("iter_collected", "path", "holds no collected sample*.safetensors", "a folder made by sparseattn collect", str(p))
-    files.sort(key=lambda f: (int(f.parent.name[3:]) if f.parent.name.startswith("len") and f.parent.name[3:].isdigit() else 0,
-                              f.name))
-    for f in files:
+    fn = "iter_collected"
+    for f in collected_files(fn, path):
         meta_path = f.with_suffix(".json")
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        tensors = load_file(str(f), device=str(device))
-        found = sorted({int(k.split(".")[0][5:]) for k in tensors if k.startswith("layer") and k.split(".")[0][5:].isdigit()})
-        n = int(meta.get("seq_len", 0)) or None
-        if lengths is not None and n is not None and n not in lengths:
+        meta = read_sample_meta(fn, meta_path) if meta_path.exists() else {}
+        n_meta = meta.get("seq_len")
+        if lengths is not None and n_meta is not None and n_meta not in lengths:
             continue
+        tensors = load_safetensors_file(fn, f, "tensor file", device=str(device), expected=_EXPECTED_FILE)
+        if meta:
+            found = [int(x) for x in meta["layers"]]
+            for li in found:
+                for r in ("q", "k", "v"):
+                    if f"layer{li}.{r}" not in tensors:
+                        have = sorted(tensors)[:6]
+                        raise fail(fn, f"tensor file {f}", f"is missing tensor 'layer{li}.{r}' (its metadata lists layer {li})",
+                                   f"tensors layer{li}.q/k/v", f"tensors {have}{'...' if len(tensors) > 6 else ''}")
+        else:
+            found = sorted({int(k.split(".")[0][5:]) for k in tensors
+                            if k.startswith("layer") and k.split(".")[0][5:].isdigit()})
+            if not found:
+                raise fail(fn, f"tensor file {f}", "holds no layer<L>.q/k/v tensors", "tensors named layer<L>.q, .k, .v",
+                           f"tensors {sorted(tensors)[:6]}")
         for li in found:
             if layers is not None and li not in layers:
                 continue
             q, k, v = (tensors.get(f"layer{li}.{r}") for r in ("q", "k", "v"))
-            if q is None or k is None or v is None:
+            missing = [r for r, t in (("q", q), ("k", k), ("v", v)) if t is None]
+            if missing:
+                raise fail(fn, f"tensor file {f}", f"is missing tensor 'layer{li}.{missing[0]}'",
+                           f"tensors layer{li}.q/k/v", f"only layer{li}.{'/'.join(r for r in 'qkv' if r not in missing)}")
+            check_qkv_group(fn, f, li, q, k, v, meta or None)
+            n = int(q.shape[2])
+            if lengths is not None and n not in lengths:
                 continue
-            yield {"q": q, "k": k, "v": v, "layer": li, "seq_len": int(q.shape[2]), "sample": meta.get("sample"),
+            yield {"q": q, "k": k, "v": v, "layer": li, "seq_len": n, "sample": meta.get("sample"),
                    "scale": (meta.get("scale") or {}).get(str(li)), "file": str(f), "meta": meta}
 
 
@@ -245,6 +368,9 @@ def validate_predictor(
     cuda = str(device).startswith("cuda")
     records: list[dict[str, Any]] = []
     items = list(iter_collected(path, device="cpu", lengths=lengths, layers=layers))
+    if not items:
+        raise fail(fn, "lengths/layers", f"select nothing in {path}", "lengths and layers present in the collection",
+                   f"lengths={list(lengths) if lengths is not None else None}, layers={list(layers) if layers is not None else None}")
     last_file = None
     for it in tqdm(items, desc="validate", unit="layer", disable=not progress):
         if it["file"] != last_file:

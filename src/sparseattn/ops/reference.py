@@ -68,7 +68,9 @@ def reference_attention(
 
     Returns:
         ``AttentionState(out, lse)`` — ``lse`` is the natural-log logsumexp, float32 (float64 for
-        float64 inputs). Rows with no attended key: ``out = 0``, ``lse = -inf``.
+        float64 inputs). Rows with no attended key: ``out = 0``, ``lse = -inf``. NaN/inf inputs reach
+        exactly the outputs that attend them (a row whose attended scores are all ``-inf`` is NaN); see
+        docs/ARCHITECTURE.md, "Non-finite inputs".
 
     Shapes:
         q ``(B, H, N_q, D)``, k/v ``(B, H_kv, N_kv, D)`` → out ``(B, H, N_q, D)``, lse ``(B, H, N_q)``.

@@ -70,13 +70,34 @@ def _ensure_registered() -> None:
                 raise
 
 
+def _config_keys(cfg_cls: type) -> list[str]:
+    """The keyword arguments a config class accepts (its ``init`` dataclass fields), in declaration order."""
+    return [f.name for f in dataclasses.fields(cfg_cls) if f.init]
+
+
 def make_predictor(name: str, **kwargs: Any):
-    """Build a registered predictor from its name and config fields."""
+    """Build a registered predictor from its name and config fields.
+
+    Raises:
+        ValueError: an unknown name, a key that is not a field of the predictor's config (the
+            message lists the valid keys), or a value the config rejects.
+    """
+    fn = "make_predictor"
     _ensure_registered()
-    if name not in PREDICTORS:
-        raise fail("make_predictor", "name", "is not a registered predictor", f"one of {sorted(PREDICTORS)}", repr(name))
+    if not isinstance(name, str) or name not in PREDICTORS:
+        raise fail(fn, "name", "is not a registered predictor", f"one of {sorted(PREDICTORS)}", repr(name))
     cls, cfg_cls = PREDICTORS[name]
-    return cls(cfg_cls(**kwargs))
+    if dataclasses.is_dataclass(cfg_cls):
+        valid = _config_keys(cfg_cls)
+        for key in kwargs:
+            if key not in valid:
+                raise fail(fn, f"key {key!r}", f"is not a parameter of {name}", f"one of {valid}", repr(key))
+    try:
+        cfg = cfg_cls(**kwargs)
+    except TypeError as exc:  # a config that compares or converts a value of the wrong type
+        raise fail(fn, f"parameters of {name}", f"were rejected by {cfg_cls.__name__} ({exc})",
+                   "values of the documented types", repr(kwargs)) from exc
+    return cls(cfg)
 
 
 def _parse_value(text: str) -> Any:
@@ -98,14 +119,27 @@ def parse_predictor_spec(spec: str):
     if not isinstance(spec, str) or not spec.strip():
         raise fail("parse_predictor_spec", "spec", "must be a non-empty string", "'name:key=value,...'", repr(spec))
     name, _, rest = spec.strip().partition(":")
+    return make_predictor(name.strip(), **_parse_items(rest, "parse_predictor_spec"))
+
+
+def _parse_items(rest: str, func: str) -> dict[str, Any]:
+    """``"key=value,key=value"`` → dict (values through :func:`_parse_value`); an empty string → ``{}``.
+
+    Raises:
+        ValueError: an item without ``=`` or without a key, or a key given twice.
+    """
     kwargs: dict[str, Any] = {}
-    if rest:
-        for item in rest.split(","):
-            key, eq, val = item.partition("=")
-            if not eq or not key.strip():
-                raise fail("parse_predictor_spec", "spec", "has an item that is not key=value", "'key=value'", repr(item))
-            kwargs[key.strip()] = _parse_value(val.strip())
-    return make_predictor(name.strip(), **kwargs)
+    if not rest.strip():
+        return kwargs
+    for item in rest.split(","):
+        key, eq, val = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise fail(func, "spec", "has an item that is not key=value", "'key=value'", repr(item))
+        if key in kwargs:
+            raise fail(func, f"key {key!r}", "is given twice", "each key once", f"{kwargs[key]!r} and {val.strip()!r}")
+        kwargs[key] = _parse_value(val.strip())
+    return kwargs
 
 
 def config_to_json(config: Any) -> str:
@@ -115,9 +149,49 @@ def config_to_json(config: Any) -> str:
     return json.dumps({"type": type(config).__name__, **dataclasses.asdict(config)}, sort_keys=True)
 
 
-def config_from_json(text: str, config_cls: type) -> Any:
-    """Inverse of :func:`config_to_json` for a known config class (never executes code)."""
-    data = json.loads(text)
-    if data.pop("type", config_cls.__name__) != config_cls.__name__:
-        raise fail("config_from_json", "text", "holds another config type", config_cls.__name__, data.get("type"))
-    return config_cls(**data)
+def config_from_json(text: str | bytes, config_cls: type) -> Any:
+    """Inverse of :func:`config_to_json` for a known config class (never executes code).
+
+    Keys missing from the JSON take the field's default (a field without a default is required).
+
+    Raises:
+        ValueError: text that is not JSON or not a JSON object, another config ``type``, a key
+            that is not a field of ``config_cls`` (the valid keys are listed), a missing required
+            field, or a value the config rejects.
+    """
+    fn = "config_from_json"
+    if not (isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls)):
+        raise fail(fn, "config_cls", "must be a dataclass config class", "a <Name>Config class", repr(config_cls))
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise fail(fn, "text", "is not UTF-8", "JSON text", f"{len(text)} bytes") from None
+    if not isinstance(text, str):
+        raise fail(fn, "text", "must be JSON text", "a str", type(text).__name__)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise fail(fn, "text", f"is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})",
+                   f"a JSON object of {config_cls.__name__}", f"{len(text)} characters") from None
+    if not isinstance(data, dict):
+        raise fail(fn, "text", "holds the wrong JSON type", f"a JSON object of {config_cls.__name__}",
+                   f"a JSON {type(data).__name__}")
+    typ = data.pop("type", config_cls.__name__)
+    if typ != config_cls.__name__:
+        raise fail(fn, "text", "holds another config type", config_cls.__name__, repr(typ))
+    fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise fail(fn, f"key {unknown[0]!r}", f"is not a field of {config_cls.__name__}", f"one of {list(fields)}",
+                   repr(unknown[0]))
+    missing = [n for n, f in fields.items()
+               if n not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise fail(fn, "text", f"is missing required field(s) of {config_cls.__name__}", f"keys {missing}",
+                   f"keys {sorted(data)}")
+    try:
+        return config_cls(**data)
+    except TypeError as exc:
+        raise fail(fn, "text", f"has values {config_cls.__name__} rejects ({exc})", "values of the documented types",
+                   repr(data)) from exc

