@@ -9,9 +9,17 @@ any case is not refused the way the project promises.
 
 from __future__ import annotations
 
+import os
 import sys
 
-from sparseattn.testing.bad_inputs import main
+import torch
+
+# as tests/conftest.py: without CUDA the Triton kernel runs under the interpreter, so the kernel's own
+# refusals (head_dim, dtype) show instead of "q is on the CPU"; set before triton is first imported
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from sparseattn.testing.bad_inputs import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
