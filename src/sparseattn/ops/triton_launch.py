@@ -13,18 +13,38 @@ Environment:
     ``SPARSEATTN_TRITON_AUTOTUNE=0`` — use one fixed launch config per head_dim/layout instead of
     autotuning (saves compile time in parity sweeps; the autotuned path is the default on CUDA).
     ``SPARSEATTN_TRITON_TMA=0`` — leave the TMA (tensor-descriptor) candidates out of autotuning.
+
+Caches and threads (every cache is bounded; see :mod:`sparseattn._cache`):
+    ``_TUNED`` — remembered autotune winner per (TMA, head_dim, layout blocks, causal, length bucket,
+    dtype, device string): a :class:`~sparseattn._cache.BoundedCache` of ``_TUNED_MAX`` (256) entries
+    (an evicted key re-asks Triton's autotuner, whose own per-key cache answers without benchmarking).
+    ``_DENSE_BASE`` — the one-row dense layout used for ``layout=None``, per (lengths, blocks, causal,
+    device string): ``_DENSE_BASE_MAX`` (64) entries. ``_kernels`` / ``_triton_import_error`` /
+    ``_triton_has_descriptors`` take no arguments (one entry each); ``_capability_of`` holds one entry
+    per GPU index. ``LAST_COMPILED`` is overwritten (not grown) on each launch.
+
+    Triton's runtime is not safe under concurrent host threads: its autotuner keeps per-call state
+    on the shared autotuner object (``nargs``, ``best_config``), a JIT compile on a cache miss is not
+    serialised, and the CPU interpreter patches ``triton.language`` globally while a kernel runs.
+    The launch call itself (kernel lookup/compile/autotune + enqueue, tens of microseconds once
+    compiled) is therefore made under one process-wide lock; validation, allocation and the GPU
+    work of different threads (on their own streams) still overlap. Triton's scratch allocator for
+    TMA descriptors is a context variable (per thread), so it is installed per thread.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 import os
+import threading
 import warnings
 from typing import Any
 
 import torch
 
+from sparseattn._cache import BoundedCache
 from sparseattn._validation import check_attention_args, fail
 from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.ops.reference import AttentionState
@@ -42,6 +62,7 @@ _CONFIG_INTS = {"LIST_CHUNK"}  # optional integer kernel parameters a fixed conf
 _CONFIG_FLOATS = {"RESCALE_TAU"}  # optional float kernel parameters (lazy-rescale threshold, log2 units)
 _MAX_LIST_CHUNK = 1024  # list entries counted per vector load in the kernel's prologue
 # What the last launch compiled (registers, spills, shared memory, warps): read by benchmarks/, never by the library.
+# Always the same four keys, replaced in one dict.update under the launch lock (never grows).
 LAST_COMPILED: dict[str, Any] = {}
 TMA_DISABLED_REASON: list[str] = []  # set once if the TMA candidates cannot run on this install
 
@@ -115,7 +136,7 @@ def _kernels() -> tuple[Any, Any, Any]:
     return plain, tuned[0], tuned[1]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=64)  # one entry per GPU index
 def _capability_of(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
@@ -146,31 +167,46 @@ def _tma_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *more: torch.
     return True
 
 
-_ALLOCATOR_FOR: list[torch.device] = []  # the device whose scratch allocator is installed (set once, not per call)
+# The device whose scratch allocator this thread (context) installed. Triton keeps the allocator in a
+# ContextVar, so a new thread starts without one: the memo must be per context too, not global.
+_ALLOCATOR_FOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("sparseattn_tma_allocator", default=None)
 
 
 def _set_tma_allocator(device: torch.device) -> None:
-    """Triton needs global scratch for descriptors built inside kernels."""
+    """Triton needs global scratch for descriptors built inside kernels (installed once per thread and device)."""
     import triton
 
-    if _ALLOCATOR_FOR == [device]:
+    dev = str(device)
+    if _ALLOCATOR_FOR.get() == dev:
         return
-    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=device, dtype=torch.int8))
-    _ALLOCATOR_FOR[:] = [device]
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device=dev, dtype=torch.int8))
+    _ALLOCATOR_FOR.set(dev)
 
 
-# Autotuned choice per (TMA usable, head_dim, layout blocks, causal, length bucket, dtype, device): after the
-# first call of a key, later calls launch the compiled kernel directly with the chosen config, skipping
+# Serialises the host-side launch call (see the module docstring); re-entrant so a nested launch from an
+# autotuner hook cannot deadlock.
+_LAUNCH_LOCK = threading.RLock()
+
+# Autotuned choice per (TMA usable, head_dim, layout blocks, causal, length bucket, dtype, device string): after
+# the first call of a key, later calls launch the compiled kernel directly with the chosen config, skipping
 # the autotuner's dispatch and the TMA attempt (host time per call matters for sub-millisecond calls).
-_TUNED: dict[tuple[Any, ...], dict[str, Any]] = {}
+_TUNED_MAX = 256
+_TUNED: BoundedCache[tuple[Any, ...], dict[str, Any]] = BoundedCache(_TUNED_MAX, name="triton_launch._TUNED")
+
+# layout=None: one [1, 1, Mb] / [1, 1, Mb, Nb] dense layout per geometry, expanded (stride 0) to B x H per call.
+_DENSE_BASE_MAX = 64
+_DENSE_BASE: BoundedCache[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = BoundedCache(
+    _DENSE_BASE_MAX, name="triton_launch._DENSE_BASE")
 
 
-@functools.lru_cache(maxsize=64)
 def _dense_layout_base(Nq: int, Nkv: int, bm: int, bn: int, causal: bool, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from sparseattn.layout.patterns import dense_layout
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        from sparseattn.layout.patterns import dense_layout
 
-    lay = dense_layout(Nq, Nkv, block_m=bm, block_n=bn, causal=causal, device=device)
-    return lay.kv_num_blocks[:1, :1].contiguous(), lay.kv_indices[:1, :1].contiguous()
+        lay = dense_layout(Nq, Nkv, block_m=bm, block_n=bn, causal=causal, device=device)
+        return lay.kv_num_blocks[:1, :1].contiguous(), lay.kv_indices[:1, :1].contiguous()
+
+    return _DENSE_BASE.get_or_build((Nq, Nkv, bm, bn, causal, device), build)
 
 
 def _dense_layout(B: int, H: int, Nq: int, Nkv: int, causal: bool, device: torch.device) -> BlockLayout:
@@ -193,13 +229,13 @@ def _check_out(fn: str, name: str, t: torch.Tensor | None, shape: tuple[int, ...
 
 
 def _note_compiled(kern: Any, cfg: dict[str, Any]) -> None:
-    """Record the compiled kernel's resources (for benchmarks; cheap attribute reads, no sync)."""
-    LAST_COMPILED.clear()
-    LAST_COMPILED["config"] = dict(cfg)
-    for name in ("n_regs", "n_spills"):
-        LAST_COMPILED[name] = getattr(kern, name, None)
+    """Record the compiled kernel's resources (for benchmarks; cheap attribute reads, no sync).
+
+    The key set is fixed, so one ``dict.update`` replaces the record atomically (a reader never sees it empty).
+    """
     md = getattr(kern, "metadata", None)
-    LAST_COMPILED["shared_bytes"] = getattr(md, "shared", None)
+    LAST_COMPILED.update({"config": dict(cfg), "n_regs": getattr(kern, "n_regs", None),
+                          "n_spills": getattr(kern, "n_spills", None), "shared_bytes": getattr(md, "shared", None)})
 
 
 def _remember(key: tuple[Any, ...] | None, tuned: Any) -> None:
@@ -212,7 +248,42 @@ def _remember(key: tuple[Any, ...] | None, tuned: Any) -> None:
     cfg.update({f: bool(kw[f]) for f in _CONFIG_FLAGS if f in kw})
     if getattr(best, "maxnreg", None) is not None:
         cfg["maxnreg"] = int(best.maxnreg)
-    _TUNED[key] = cfg
+    _TUNED.put(key, cfg)
+
+
+def _launch(plain: Any, tuned_plain: Any, tuned_tma: Any, cfg: dict[str, Any] | None, tune_key: tuple[Any, ...] | None,
+            args: tuple[Any, ...], meta: dict[str, Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            out: torch.Tensor, B: int, H: int, Nq: int, fn: str) -> None:
+    """Launch the kernel: autotune (``cfg is None``) or the fixed ``cfg``. Called with ``_LAUNCH_LOCK`` held."""
+    if cfg is None:
+        grid = lambda META: (-(-Nq // META["BLOCK_M"]), B * H)  # noqa: E731
+        ran = False
+        if not TMA_DISABLED_REASON and _tma_usable(q, k, v, q, out):
+            try:
+                _set_tma_allocator(q.device)
+                kern = tuned_tma[grid](*args, **meta)
+                ran = True
+                _remember(tune_key, tuned_tma)
+                _note_compiled(kern, _TUNED.get(tune_key, {}))
+            except Exception as exc:  # an older Triton that cannot build descriptors: pointer loads from now on
+                TMA_DISABLED_REASON.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+                warnings.warn(f"{fn}: TMA autotuning failed, using pointer loads: {TMA_DISABLED_REASON[0]}",
+                              RuntimeWarning, stacklevel=4)
+        if not ran:
+            kern = tuned_plain[grid](*args, **meta)
+            _remember(tune_key, tuned_plain)
+            _note_compiled(kern, _TUNED.get(tune_key, {}))
+    else:
+        grid = (-(-Nq // cfg["BLOCK_M"]), B * H)
+        meta.update({f: bool(cfg[f]) for f in _CONFIG_FLAGS if f in cfg})
+        meta.update({f: int(cfg[f]) for f in _CONFIG_INTS if cfg.get(f) is not None})
+        meta.update({f: float(cfg[f]) for f in _CONFIG_FLOATS if cfg.get(f) is not None})
+        if cfg.get("USE_TMA"):
+            _set_tma_allocator(q.device)
+        opts = {o: int(cfg[o]) for o in _CONFIG_OPTIONS if cfg.get(o) is not None}
+        kern = plain[grid](*args, **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+                           num_stages=cfg["num_stages"], **opts)
+        _note_compiled(kern, cfg)
 
 
 def block_sparse_fwd(
@@ -328,7 +399,7 @@ def block_sparse_fwd(
     tune_key: tuple[Any, ...] | None = None
     if cfg is None:
         use_tma = not TMA_DISABLED_REASON and _tma_usable(q, k, v, q, out)
-        tune_key = (use_tma, D, layout.block_m, layout.block_n, causal, n_ctx_key, q.dtype, q.device)
+        tune_key = (use_tma, D, layout.block_m, layout.block_n, causal, n_ctx_key, q.dtype, str(q.device))
         cfg = _TUNED.get(tune_key)  # None on the first call of this key: autotune below
     args = (
         q, k, v, out, lse, num_t, idx_t, stats_buf if stats_buf is not None else lse,
@@ -351,35 +422,10 @@ def block_sparse_fwd(
         # operands to fp32 there. Products of bf16 values are exact in fp32, so this matches the GPU's
         # bf16 MMA with fp32 accumulation up to summation order. GPUs always take the native path.
         meta["DOT_F32"] = True
-    if cfg is None:
-        grid = lambda META: (-(-Nq // META["BLOCK_M"]), B * H)  # noqa: E731
-        ran = False
-        if not TMA_DISABLED_REASON and _tma_usable(q, k, v, q, out):
-            try:
-                _set_tma_allocator(q.device)
-                kern = tuned_tma[grid](*args, **meta)
-                ran = True
-                _remember(tune_key, tuned_tma)
-                _note_compiled(kern, _TUNED.get(tune_key, {}))
-            except Exception as exc:  # an older Triton that cannot build descriptors: pointer loads from now on
-                TMA_DISABLED_REASON.append(f"{type(exc).__name__}: {str(exc)[:300]}")
-                warnings.warn(f"{fn}: TMA autotuning failed, using pointer loads: {TMA_DISABLED_REASON[0]}",
-                              RuntimeWarning, stacklevel=3)
-        if not ran:
-            kern = tuned_plain[grid](*args, **meta)
-            _remember(tune_key, tuned_plain)
-            _note_compiled(kern, _TUNED.get(tune_key, {}))
-    else:
-        grid = (-(-Nq // cfg["BLOCK_M"]), B * H)
-        meta.update({f: bool(cfg[f]) for f in _CONFIG_FLAGS if f in cfg})
-        meta.update({f: int(cfg[f]) for f in _CONFIG_INTS if cfg.get(f) is not None})
-        meta.update({f: float(cfg[f]) for f in _CONFIG_FLOATS if cfg.get(f) is not None})
-        if cfg.get("USE_TMA"):
-            _set_tma_allocator(q.device)
-        opts = {o: int(cfg[o]) for o in _CONFIG_OPTIONS if cfg.get(o) is not None}
-        kern = plain[grid](*args, **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
-                           num_stages=cfg["num_stages"], **opts)
-        _note_compiled(kern, cfg)
+    with _LAUNCH_LOCK:  # Triton's launch/compile/autotune path is not thread-safe (module docstring)
+        if cfg is None:
+            cfg = _TUNED.get(tune_key)  # another thread may have tuned this key while we waited for the lock
+        _launch(plain, tuned_plain, tuned_tma, cfg, tune_key, args, meta, q, k, v, out, B, H, Nq, fn)
 
     if stats is not None:
         if stats_buf is not None:

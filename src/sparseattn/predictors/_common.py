@@ -14,12 +14,14 @@ from typing import Any
 
 import torch
 
+from sparseattn._cache import BoundedCache
 from sparseattn._validation import check_qk_geometry, check_tensor, fail
 from sparseattn.layout.block_layout import BlockLayout, causal_block_region, cdiv
 
 __all__ = [
     "check_qk", "check_block", "block_minmax", "check_opt_fraction", "check_bool", "check_version", "block_pool", "causal_region",
     "diagonal_blocks", "local_mask", "select_topk", "select_cdf", "mask_to_layout", "dense_predicted_layout",
+    "nonfinite_block_force",
 ]
 
 
@@ -146,18 +148,24 @@ def block_minmax(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tenso
 # Geometry-derived tensors (regions, local masks, block counts) depend only on the shapes, so they
 # are built once per (function, shapes, device) and reused: on the GPU a predictor call is bound by
 # kernel launches, and these would otherwise cost a dozen launches per call. Read-only by contract.
-_GEOM_CACHE: dict[tuple[Any, ...], torch.Tensor] = {}
 _GEOM_CACHE_MAX = 256
+_GEOM_CACHE: BoundedCache[tuple[Any, ...], torch.Tensor] = BoundedCache(_GEOM_CACHE_MAX, name="predictors._GEOM_CACHE")
 
 
 def cached(key: tuple[Any, ...], build: Any) -> torch.Tensor:
-    """Return ``_GEOM_CACHE[key]``, building it with ``build()`` on first use (bounded, FIFO eviction)."""
+    """Return ``_GEOM_CACHE[key]``, building it with ``build()`` on first use.
+
+    Bounded (LRU, ``_GEOM_CACHE_MAX`` entries) and thread-safe (see :class:`sparseattn._cache.BoundedCache`:
+    concurrent callers of one key may both build, all get the stored value). ``key`` must hold everything
+    the value depends on, the device as a string (``str(t.device)``, e.g. ``"cuda:0"``). A miss during CUDA
+    graph capture builds without storing: the captured build has not run yet, so its tensor would hold
+    garbage for eager callers.
+    """
     hit = _GEOM_CACHE.get(key)
-    if hit is None:
-        if len(_GEOM_CACHE) >= _GEOM_CACHE_MAX:
-            _GEOM_CACHE.pop(next(iter(_GEOM_CACHE)))
-        hit = _GEOM_CACHE[key] = build()
-    return hit
+    if hit is not None:
+        return hit
+    capturing = torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+    return _GEOM_CACHE.get_or_build(key, build, store=not capturing)
 
 
 def causal_region(seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int, causal: bool,
@@ -245,6 +253,21 @@ def select_cdf(probs: torch.Tensor, allowed: torch.Tensor, threshold: float) -> 
     out = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
     out.scatter_(-1, srt.indices, keep_sorted.to(torch.uint8))
     return out.bool() & allowed
+
+
+def nonfinite_block_force(q_pooled: torch.Tensor, k_pooled: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Blocks a predictor must keep because a query or key block holds a NaN/inf value.
+
+    ``q_pooled`` ``(B, H, Mb, D)`` / ``k_pooled`` ``(B, H_kv, Nb, D)`` are per-block sums or means (a
+    non-finite element makes its block's sum non-finite). Returns bool ``[B, 1, Mb, Nb]`` (shared by
+    the heads: any head's bad block counts): the whole allowed row of a bad query block and the
+    allowed column of a bad key block. Keeping them sends the non-finite value through the attention
+    kernel, so it reaches exactly the outputs that dense attention would make non-finite, instead of
+    being dropped quietly by the selection.
+    """
+    bad_q = (~torch.isfinite(q_pooled).all(-1)).any(1)  # [B, Mb]: some head's block holds NaN/inf
+    bad_k = (~torch.isfinite(k_pooled).all(-1)).any(1)  # [B, Nb]
+    return (bad_q[:, None, :, None] | bad_k[:, None, None, :]) & region
 
 
 # --------------------------------------------------------------------------- mask -> layout

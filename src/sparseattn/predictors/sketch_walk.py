@@ -54,6 +54,7 @@ from typing import Any
 
 import torch
 
+from sparseattn._cache import BoundedCache
 from sparseattn._validation import fail
 from sparseattn.layout.block_layout import BlockLayout, cdiv
 from sparseattn.predictors._common import (
@@ -77,17 +78,17 @@ from sparseattn.predictors.base import register_predictor
 
 __all__ = ["SketchWalkConfig", "SketchWalkPredictor", "srht_sketch"]
 
-_HADAMARD: dict[tuple[int, str], torch.Tensor] = {}
+_HADAMARD: BoundedCache[tuple[int, str], torch.Tensor] = BoundedCache(16, name="sketch_walk._HADAMARD")
 
 
 def _hadamard(n: int, device: torch.device) -> torch.Tensor:
-    key = (n, str(device))
-    if key not in _HADAMARD:
+    def build() -> torch.Tensor:
         h = torch.ones(1, 1)
         while h.shape[0] < n:
             h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-        _HADAMARD[key] = h.to(device=device, dtype=torch.float32)
-    return _HADAMARD[key]
+        return h.to(device=device, dtype=torch.float32)
+
+    return _HADAMARD.get_or_build((n, str(device)), build)
 
 
 def srht_sketch(x: torch.Tensor, sketch_dim: int, seed: int) -> torch.Tensor:
@@ -204,7 +205,6 @@ class SketchWalkPredictor:
         self._geom: tuple[Any, ...] | None = None
         self._last_layer: int | None = None
         self._pool: dict[int, tuple[torch.Tensor, int]] = {}
-        self._force: torch.Tensor | None = None  # last call's blocks kept for non-finite q/k (bool [B, 1, Mb, Nb])
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -227,10 +227,12 @@ class SketchWalkPredictor:
     def block_matrix(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True) -> torch.Tensor:
         """The per-layer sketch ``A_l``: float32 ``[B, Mb, Nb]`` (``[B, H, Mb, Nb]`` with ``per_head``), rows sum to 1 (0 for rows with no allowed block)."""
         B, H, Hkv, Nq, Nkv, D = check_qk("SketchWalkPredictor.block_matrix", q, k, causal)
-        return self._sketch(q, k, causal, B, H, Hkv, Nq, Nkv, D)
+        return self._sketch(q, k, causal, B, H, Hkv, Nq, Nkv, D)[0]
 
     def _sketch(self, q: torch.Tensor, k: torch.Tensor, causal: bool, B: int, H: int, Hkv: int, Nq: int, Nkv: int,
-                D: int) -> torch.Tensor:
+                D: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, force)``: the block matrix (see :meth:`block_matrix`) and the blocks holding NaN/inf
+        that must be kept (bool ``[B, 1, Mb, Nb]``, see ``nonfinite_block_force``)."""
         cfg = self.config
         G = H // Hkv
         q_sum, _, q_cnt = block_pool(q, cfg.block_m)
@@ -243,10 +245,10 @@ class SketchWalkPredictor:
         s = s.reshape(B, Hkv, G, Mb, Nb).masked_fill(~region, float("-inf"))
         # rows without an allowed block -> 0; NaN from non-finite q/k stays in the scores
         p = torch.softmax(s, dim=-1).masked_fill_(~region.any(-1, keepdim=True), 0.0)
-        self._force = nonfinite_block_force(q_sum, k_sum, region)
+        force = nonfinite_block_force(q_sum, k_sum, region)  # returned, not stored: predict stays thread-safe
         if cfg.per_head:
-            return p.reshape(B, H, Mb, Nb)
-        return p.mean(dim=(1, 2))  # [B, Mb, Nb]
+            return p.reshape(B, H, Mb, Nb), force
+        return p.mean(dim=(1, 2)), force  # [B, Mb, Nb]
 
     def _decode_queries(self, q: torch.Tensor, Nq: int, Nkv: int, layer: int | None) -> torch.Tensor:
         """Queries the sketch pools: the last ``decode_window`` of this layer's sequence in decode mode."""
@@ -302,9 +304,9 @@ class SketchWalkPredictor:
         q_used = self._decode_queries(q, Nq, Nkv, layer)
         Nq_used = q_used.shape[2]
         if Nq_used != Nq:  # decode: one pooled query block, aligned to the end of the keys
-            A = self._sketch(q_used, k, causal, B, H, Hkv, Nq_used, Nkv, D)
+            A, force = self._sketch(q_used, k, causal, B, H, Hkv, Nq_used, Nkv, D)
         else:
-            A = self._sketch(q, k, causal, B, H, Hkv, Nq, Nkv, D)
+            A, force = self._sketch(q, k, causal, B, H, Hkv, Nq, Nkv, D)
         Mb, Nb = cdiv(Nq, cfg.block_m), cdiv(Nkv, cfg.block_n)
         square = Nq == Nkv and cfg.block_m == cfg.block_n
         geom = (B, H if cfg.per_head else 1, Mb, Nb, Nq, Nkv, causal, str(dev))
@@ -315,7 +317,7 @@ class SketchWalkPredictor:
         self.last_scores = Wh
         if stateful and layer < cfg.dense_layers:  # type: ignore[operator]
             return dense_predicted_layout(B, H, Nq, Nkv, cfg.block_m, cfg.block_n, causal, dev)
-        mask = self._select(Wh, Nq, Nkv, causal, dev) | self._force  # [B, H or 1, Mb, Nb]
+        mask = self._select(Wh, Nq, Nkv, causal, dev) | force  # [B, H or 1, Mb, Nb]
         return mask_to_layout(mask, block_m=cfg.block_m, block_n=cfg.block_n, seqlen_q=Nq,
                               seqlen_kv=Nkv, batch=B, heads=H)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparseattn._cache import BoundedCache
 from sparseattn._validation import fail
 from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.layout.patterns import PATTERNS
@@ -104,7 +105,7 @@ class StaticPredictor:
         if not isinstance(self.config, StaticConfig):
             raise fail("StaticPredictor", "config", "must be a StaticConfig", "StaticConfig", type(self.config).__name__)
         self.last_scores: torch.Tensor | None = None
-        self._cache: dict[tuple, BlockLayout] = {}
+        self._cache: BoundedCache[tuple, BlockLayout] = BoundedCache(64)  # per-geometry layouts, thread-safe LRU
 
     def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:
         B, H, _, Nq, Nkv, _ = check_qk("StaticPredictor.predict", q, k, causal)
@@ -123,10 +124,7 @@ class StaticPredictor:
         else:
             layout = PATTERNS[cfg.pattern](Nq, Nkv, causal=causal, **kwargs, **geom)
         self.last_scores = None
-        if len(self._cache) >= 64:
-            self._cache.pop(next(iter(self._cache)))
-        self._cache[key] = layout
-        return layout
+        return self._cache.get_or_build(key, lambda: layout)
 
     def reset(self) -> None:
         """Stateless (the per-geometry layout cache is kept: it depends only on shapes)."""
