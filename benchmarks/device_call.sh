@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: the stages named in $STAGES (default: all), logs and JSON under $OUT.
-#   STAGES="variants bench parity pytest cli headline"   PYTEST_ARGS=<paths>  PYTEST_MARK=<marker expr>   SPARSEATTN_COMMIT=<sha>   BENCH_BUDGET=<s>  VAR_BUDGET=<s>
+#   STAGES="variants bench parity pytest cli headline fuzz resources"   FUZZ_ARGS=<gpu_fuzz.py flags>   PYTEST_ARGS=<paths>  PYTEST_MARK=<marker expr>   SPARSEATTN_COMMIT=<sha>   BENCH_BUDGET=<s>  VAR_BUDGET=<s>
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT="${OUT:-./device_out}"; mkdir -p "$OUT"
@@ -22,6 +22,10 @@ for st in $STAGES; do
          tail -n 30 "$OUT/cli_log.txt" ;;
     headline) python3 benchmarks/bench_attention.py --repeats 5 --only "Llama-3.1-8B/32K/causal" --out "$OUT/headline" \
                 > "$OUT/headline_log.txt" 2>&1 || rc=1; grep TARGET "$OUT/headline_log.txt" ;;
+    fuzz) python3 benchmarks/gpu_fuzz.py --out "$OUT/fuzz" ${FUZZ_ARGS:-} > "$OUT/gpu_fuzz_log.txt" 2>&1 || rc=1
+          tail -n 40 "$OUT/gpu_fuzz_log.txt" ;;
+    resources) python3 benchmarks/gpu_resources.py --out "$OUT/resources" > "$OUT/gpu_resources_log.txt" 2>&1 || rc=1
+          tail -n 30 "$OUT/gpu_resources_log.txt" ;;
     pytest) python3 -m pytest -q -rs -p no:cacheprovider -m "${PYTEST_MARK:-not model}" ${PYTEST_ARGS:-tests} > "$OUT/pytest_log.txt" 2>&1 || rc=1; tail -n 15 "$OUT/pytest_log.txt" ;;
   esac
 done
