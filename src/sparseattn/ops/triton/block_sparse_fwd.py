@@ -54,33 +54,6 @@ def _pv(p, v, acc, in_dtype: tl.constexpr, DOT_F32: tl.constexpr):
     return tl.dot(p, v, acc)
 
 
-@triton.jit
-def _pv_masked(p, v, acc, in_dtype: tl.constexpr, DOT_F32: tl.constexpr):
-    """``acc + P·V`` for a tile with masked entries (``p == 0``), exact for non-finite ``v``.
-
-    A matrix product would turn ``0 · NaN`` into NaN, so a NaN/inf in ``v[j]`` would reach rows whose
-    mask excludes key ``j``. If the tile holds a non-finite ``v`` (a uniform branch, not taken on
-    finite inputs), the finite part goes through the product with the non-finite entries zeroed and
-    the non-finite part is added by counting, per (row, channel), the attended (``p > 0``) keys that
-    hold ``+inf`` / ``-inf`` / NaN: NaN if any NaN or both infinities, else that infinity.
-    """
-    vf = v.to(tl.float32)  # compared in fp32 (the interpreter keeps bf16 as raw bits)
-    bad = (vf != vf) | (tl.abs(vf) == float("inf"))
-    if tl.max(tl.max(bad.to(tl.int32), 1), 0) > 0:
-        acc = _pv(p, tl.where(bad, 0.0, vf).to(v.dtype), acc, in_dtype, DOT_F32)
-        att = (p > 0.0).to(tl.float32)
-        zero = tl.zeros(acc.shape, dtype=tl.float32)
-        n_pos = tl.dot(att, (vf == float("inf")).to(tl.float32), zero)
-        n_neg = tl.dot(att, (vf == float("-inf")).to(tl.float32), zero)
-        n_nan = tl.dot(att, (vf != vf).to(tl.float32), zero)
-        acc = tl.where(n_pos > 0.0, float("inf"), acc)
-        acc = tl.where(n_neg > 0.0, float("-inf"), acc)
-        acc = tl.where((n_nan > 0.0) | ((n_pos > 0.0) & (n_neg > 0.0)), float("nan"), acc)
-    else:
-        acc = _pv(p, v, acc, in_dtype, DOT_F32)
-    return acc
-
-
 @triton.jit(do_not_specialize=["H", "GROUP", "N_Q", "N_KV", "NUM_KV_BLOCKS", "N_CTX_KEY"])
 def _block_sparse_fwd_kernel(
     Q, K, V, Out, Lse, KvNum, KvIdx, Stats,
@@ -123,7 +96,8 @@ def _block_sparse_fwd_kernel(
 
     m0 = pid_m * BLOCK_M
     qb = m0 // LAYOUT_BM
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = m0 + offs_r
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < N_Q
@@ -178,7 +152,8 @@ def _block_sparse_fwd_kernel(
                                            block_shape=[BLOCK_M, HEAD_DIM])
         q = q_desc.load([m0, 0])
     else:
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q = tl.load(q_base + m0.to(tl.int64) * stride_qm + offs_r[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None],
+                    other=0.0)
     in_dtype = q.dtype
     if DOT_F32:
         q = q.to(tl.float32)
@@ -207,7 +182,7 @@ def _block_sparse_fwd_kernel(
         if USE_TMA:
             k = k_desc.load([start_n, 0]).T
         else:
-            k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None])
+            k = tl.load(k_base + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None])
         if DOT_F32:
             k = k.to(tl.float32)
         qk = tl.dot(q, k)
@@ -244,13 +219,13 @@ def _block_sparse_fwd_kernel(
                 if USE_TMA:
                     v = v_desc.load([start_n, 0])
                 else:
-                    v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
+                    v = tl.load(v_base + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :])
                 acc = _pv(p, v, acc, in_dtype, DOT_F32)
         else:
             if USE_TMA:
                 v = v_desc.load([start_n, 0])
             else:
-                v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
+                v = tl.load(v_base + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :])
             acc = _pv(p, v, acc, in_dtype, DOT_F32)
         m_i = m_ij
 
@@ -270,7 +245,8 @@ def _block_sparse_fwd_kernel(
         if USE_TMA:
             k = k_desc.load([start_n, 0]).T
         else:
-            k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+            k = tl.load(k_base + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None],
+                        mask=col_ok[None, :], other=0.0)
         if DOT_F32:
             k = k.to(tl.float32)
         qk = tl.dot(q, k)
@@ -295,14 +271,16 @@ def _block_sparse_fwd_kernel(
                 if USE_TMA:
                     v = v_desc.load([start_n, 0])
                 else:
-                    v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-                acc = _pv_masked(p, v, acc, in_dtype, DOT_F32)
+                    v = tl.load(v_base + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
+                            mask=col_ok[:, None], other=0.0)
+                acc = _pv(p, v, acc, in_dtype, DOT_F32)
         else:
             if USE_TMA:
                 v = v_desc.load([start_n, 0])
             else:
-                v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            acc = _pv_masked(p, v, acc, in_dtype, DOT_F32)
+                v = tl.load(v_base + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
+                            mask=col_ok[:, None], other=0.0)
+            acc = _pv(p, v, acc, in_dtype, DOT_F32)
         m_i = m_ij
 
     # ---------------------------------------------------------------- epilogue
@@ -324,7 +302,7 @@ def _block_sparse_fwd_kernel(
                                            block_shape=[BLOCK_M, HEAD_DIM])
         o_desc.store([m0, 0], out.to(Out.dtype.element_ty))
     else:
-        tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
+        tl.store(o_base + m0.to(tl.int64) * stride_om + offs_r[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
                  mask=row_ok[:, None])
     l_base = Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh
     tl.store(l_base + offs_m, lse, mask=row_ok)
