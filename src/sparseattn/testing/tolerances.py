@@ -31,6 +31,8 @@ LSE_ATOL: dict[torch.dtype, float] = {
 SDPA_FP64_ATOL = 1e-10
 # merging segments vs attention over the whole KV, float64
 MERGE_FP64_ATOL = 1e-12
+# context-parallel attention (chunk states merged) vs single-process reference, float64
+CP_FP64_ATOL = 1e-12
 
 
 def ratio_bound(err_lowp_ref: float, dtype: torch.dtype) -> float:
