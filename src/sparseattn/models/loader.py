@@ -186,8 +186,9 @@ def check_gguf(path: str | os.PathLike, *, func: str = "load") -> Path:
         raise fail(func, label, "has an unsupported GGUF version", "version 2 or 3", version)
     # every metadata entry and tensor info takes more than 8 bytes: counts beyond that are corrupt
     if n_kv > size // 8 or n_tensors > size // 8:
-        raise fail(func, label, "is not a readable GGUF file (corrupt header counts)", _GGUF_EXPECTED,
-                   f"{n_tensors} tensors and {n_kv} metadata entries in {size} bytes")
+        raise fail(func, label, "is not a readable GGUF file (truncated or corrupt: its header announces more "
+                   "tensors and metadata entries than the file can hold)", _GGUF_EXPECTED,
+                   f"{n_tensors} tensors and {n_kv} metadata entries announced in {size} bytes")
     try:
         from gguf import GGUFReader
     except ImportError:  # pragma: no cover - transformers' GGUF support needs gguf anyway
