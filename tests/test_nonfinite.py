@@ -61,8 +61,6 @@ def _judge_bad(where: str, pos: tuple[int, ...], q, k, v, mask: torch.Tensor) ->
     faults (an infinite score may be +inf -> NaN or -inf -> weight 0, so the sign decides); for v
     faults, where a product leaks 0·NaN into masked rows, the constructed pattern (scores are finite,
     so every attended key has p > 0)."""
-    B, H, Nq, Nkv = mask.shape
-    G = H // k.shape[1]
     return _judge(where, pos, q, k, v, mask)[0]
 
 

@@ -38,7 +38,7 @@ import torch
 from sparseattn._validation import fail
 from sparseattn.eval.metrics import cosine_similarity
 from sparseattn.predictors._common import causal_region
-from sparseattn.predictors.base import config_to_json, make_predictor, parse_predictor_spec
+from sparseattn.predictors.base import config_to_json, parse_predictor_spec
 from sparseattn.predictors.oracle import exact_block_mass
 
 __all__ = ["compare_predictors", "compare_layouts", "oracle_at_budget", "random_inputs", "safetensors_inputs", "write_report", "resolve"]
@@ -294,7 +294,7 @@ def _fmt(x: Any) -> str:
 
 def to_markdown(result: dict[str, Any]) -> str:
     """Markdown report: the two specs, a per-length summary, and per-(length, layer) rows."""
-    lines = [f"# Predictor comparison", "", f"- A: `{result['a']}`", f"- B: `{result['b']}`",
+    lines = ["# Predictor comparison", "", f"- A: `{result['a']}`", f"- B: `{result['b']}`",
              f"- causal: {result['causal']}", "",
              "Recall = share of the exact attention mass inside the selected blocks; overlap = |A∩B|/|A|.", ""]
     cols = ["length", "layer", "sparsity_a", "sparsity_b", "jaccard", "overlap_a_in_b", "recall_a", "recall_b",

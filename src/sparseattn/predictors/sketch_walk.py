@@ -48,7 +48,6 @@ Spec: ``sketch_walk:top_fraction=0.125,beta=0.25,depth=3,dense_layers=2``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
