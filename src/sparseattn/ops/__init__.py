@@ -3,4 +3,13 @@
 from sparseattn.ops.attention import attention, block_sparse_attention
 from sparseattn.ops.reference import AttentionState, reference_attention
 
-__all__ = ["attention", "block_sparse_attention", "reference_attention", "AttentionState"]
+__all__ = ["attention", "attention_op", "block_sparse_attention", "reference_attention", "AttentionState"]
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    # attention_op lives in custom_ops, whose import registers the torch.library operators: on first use only
+    if name == "attention_op":
+        from sparseattn.ops.custom_ops import attention_op
+
+        return attention_op
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

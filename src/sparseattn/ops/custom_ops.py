@@ -1,0 +1,176 @@
+"""Attention as PyTorch custom operators, for ``torch.compile(fullgraph=True)`` without graph breaks.
+
+Registered when this module is imported (``import sparseattn`` does not import it; the cost is a
+few ``torch.library`` registrations, no Triton import):
+
+* ``sparseattn::block_sparse_attention_ref`` — :func:`~sparseattn.ops.reference.reference_attention`.
+* ``sparseattn::block_sparse_attention_triton`` — :func:`~sparseattn.ops.triton_launch.block_sparse_fwd`
+  wrapped with ``torch.library.custom_op`` (an opaque op: the compiler never looks inside the
+  launcher, which autotunes, caches and takes a lock; Triton is imported on the first call). It is
+  checked on the CPU under Triton's interpreter only: **not yet verified on a GPU** (CUDA graphs,
+  inductor on CUDA, the autotuned path). A ``torch.library.triton_op`` version, which would let
+  inductor see the kernel, is not done.
+
+Both take only tensors and plain scalars::
+
+    (q, k, v, kv_num_blocks: Tensor?, kv_indices: Tensor?, block_m: int, block_n: int,
+     causal: bool, scale: float?) -> (out, lse)
+
+The layout is passed as its two tensors plus its block sizes (``None`` tensors = dense; the block
+sizes are then ignored); ``seqlen_q`` / ``seqlen_kv`` are the lengths of ``q`` / ``k``. The ops do no
+validation: :func:`attention_op` validates (as :func:`~sparseattn.ops.attention.attention` does)
+before it calls them. Their fake (meta) implementations give ``out (B, H, N_q, D)`` in q's dtype and
+``lse (B, H, N_q)`` float32 (float64 for float64 inputs on the reference op), both contiguous, which
+is what the real implementations return (checked with ``torch.library.opcheck``).
+
+``pv_threshold`` / ``stats`` are not supported here (the stats are host-side counters): use
+:func:`~sparseattn.ops.attention.attention` for them. No autograd formula is registered (forward
+only, like the Triton kernel).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sparseattn._validation import check_attention_args, fail
+from sparseattn.layout.block_layout import BlockLayout
+from sparseattn.ops.reference import AttentionState, reference_attention
+
+__all__ = ["attention_op", "REF_OP", "TRITON_OP"]
+
+REF_OP = "sparseattn::block_sparse_attention_ref"
+TRITON_OP = "sparseattn::block_sparse_attention_triton"
+
+
+def _layout_from(q: torch.Tensor, k: torch.Tensor, kv_num_blocks: torch.Tensor | None, kv_indices: torch.Tensor | None,
+                 block_m: int, block_n: int) -> BlockLayout | None:
+    if kv_num_blocks is None or kv_indices is None:
+        return None
+    return BlockLayout(kv_num_blocks, kv_indices, block_m, block_n, q.shape[2], k.shape[2], validate=False)
+
+
+def _fake_outputs(q: torch.Tensor, lse_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, Nq, D = q.shape
+    out = q.new_empty((B, H, Nq, D))
+    lse = q.new_empty((B, H, Nq), dtype=lse_dtype)
+    return out, lse
+
+
+@torch.library.custom_op(REF_OP, mutates_args=())
+def _block_sparse_attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor | None,
+    kv_indices: torch.Tensor | None, block_m: int, block_n: int, causal: bool, scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    layout = _layout_from(q, k, kv_num_blocks, kv_indices, block_m, block_n)
+    out, lse = reference_attention(q, k, v, causal=causal, layout=layout, scale=scale)
+    # custom ops may not return (views of) their inputs; the reference always builds new tensors,
+    # but make it explicit and contiguous, as the fake promises
+    return out.contiguous(), lse.contiguous()
+
+
+@_block_sparse_attention_ref.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale):  # noqa: ANN001, ANN202
+    return _fake_outputs(q, torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+@torch.library.custom_op(TRITON_OP, mutates_args=())
+def _block_sparse_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor | None,
+    kv_indices: torch.Tensor | None, block_m: int, block_n: int, causal: bool, scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton kernel (opaque). Verified on the CPU interpreter only; not yet on a GPU."""
+    from sparseattn.ops import triton_launch
+
+    layout = _layout_from(q, k, kv_num_blocks, kv_indices, block_m, block_n)
+    out, lse = triton_launch.block_sparse_fwd(q, k, v, layout=layout, causal=causal, scale=scale)
+    return out, lse
+
+
+@_block_sparse_attention_triton.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale):  # noqa: ANN001, ANN202
+    return _fake_outputs(q, torch.float32)  # the kernel takes float16/bfloat16 only; lse is float32
+
+
+def _assume_constant_result(fn: Any) -> Any:
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` here.
+
+    That import costs about a second and pulls in Triton; the decorator only sets this attribute
+    (torch 2.13; tests/test_custom_ops.py checks that it still does).
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
+def _select(backend: str, device: str, dtype: torch.dtype, q_shape: tuple[int, ...], k_shape: tuple[int, ...],
+            blocks: tuple[int, int, int, int] | None, causal: bool) -> str:
+    """Backend name for inputs described by constants (evaluated once per compile, not traced).
+
+    Runs :func:`~sparseattn.ops.attention.select_backend` on stand-in tensors of the same device,
+    dtype and shape (stride 0: one element each), so the rules and messages are that function's.
+    """
+    from sparseattn.ops.attention import select_backend
+
+    def stand_in(shape: tuple[int, ...], dt: torch.dtype) -> torch.Tensor:
+        return torch.empty_strided(shape, (0,) * len(shape), dtype=dt, device=device)
+
+    q = stand_in(q_shape, dtype)
+    k = stand_in(k_shape, dtype)
+    layout = None
+    if blocks is not None:
+        bm, bn, Mb, Nb = blocks
+        layout = BlockLayout(stand_in((q_shape[0], q_shape[1], Mb), torch.int32),
+                             stand_in((q_shape[0], q_shape[1], Mb, Nb), torch.int32), bm, bn, q_shape[2], k_shape[2],
+                             validate=False)
+    return select_backend(q, k, k, layout=layout, causal=causal, backend=backend, func="attention_op")
+
+
+def attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    layout: BlockLayout | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    pv_threshold: float | None = None,
+    stats: dict[str, Any] | None = None,
+) -> AttentionState:
+    """:func:`~sparseattn.ops.attention.attention` through the registered custom operators.
+
+    Same arguments, validation, backend choice and results as ``attention()`` (natural-log lse), but
+    traceable by ``torch.compile(fullgraph=True)``: the computation is one opaque op per call.
+    ``backend="auto"`` on CPU tensors is the reference; on CUDA the Triton kernel when it accepts the
+    inputs (the choice is made once per compile, from devices, dtypes, shapes and block sizes).
+
+    ``pv_threshold`` and ``stats`` are refused (``NotImplementedError``): the skip statistics are
+    host-side counters; call :func:`~sparseattn.ops.attention.attention` for them.
+
+    Shapes:
+        q ``(B, H, N_q, D)``, k/v ``(B, H_kv, N_kv, D)`` → out ``(B, H, N_q, D)``, lse ``(B, H, N_q)``.
+    """
+    fn = "attention_op"
+    if pv_threshold is not None or stats is not None:
+        raise NotImplementedError(f"{fn}: pv_threshold/stats are not supported through the custom op (their counters "
+                                  "are host-side); use sparseattn.attention(...) for them")
+    if backend != "auto" and backend not in ("triton", "reference"):
+        raise fail(fn, "backend", "is unknown", "one of ['auto', 'triton', 'reference']", repr(backend))
+    check_attention_args(fn, q, k, v, causal=causal, layout=layout, scale=scale, pv_threshold=None)
+    blocks = None
+    if layout is not None:
+        blocks = (layout.block_m, layout.block_n, layout.num_q_blocks, layout.num_kv_blocks)
+    if backend == "reference" or (backend == "auto" and not q.is_cuda):
+        name = "reference"  # the reference accepts every valid input; auto on CPU never picks the interpreter
+    else:
+        name = _select(backend, str(q.device), q.dtype, tuple(q.shape), tuple(k.shape), blocks, causal)
+    op = torch.ops.sparseattn.block_sparse_attention_triton if name == "triton" else \
+        torch.ops.sparseattn.block_sparse_attention_ref
+    sc = None if scale is None else float(scale)
+    if layout is None:
+        out, lse = op(q, k, v, None, None, 0, 0, causal, sc)
+    else:
+        out, lse = op(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.block_m, layout.block_n, causal, sc)
+    return AttentionState(out, lse)
