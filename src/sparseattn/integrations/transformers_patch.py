@@ -298,7 +298,8 @@ class PatchHandle:
     Attributes:
         layer_modes: ``{layer: "sparse" | "dense" | "model_window"}``.
         densities: ``{layer: [tensor[H] per prefill call]}`` — block density actually used per
-            head (``layout.density_per_head(causal=True)`` averaged over the batch).
+            head (selected / available blocks of the causal region, averaged over the batch), float64
+            on the model's device: recorded without a host sync, read by :meth:`sparsity_report`.
         backends_used: ``{layer: set of backend names that ran the sparse prefill}``.
         counts: number of ``prefill_sparse``, ``prefill_dense`` and ``decode_dense`` layer calls.
         captured: ``{layer: {"q", "k", "v"}}`` post-RoPE tensors ``(B, H|H_kv, N, D)`` when
@@ -385,7 +386,7 @@ class PatchHandle:
             mode = self.layer_modes[idx]
             entry: dict[str, Any] = {"mode": mode}
             if self.densities.get(idx):
-                per_head = torch.stack(self.densities[idx]).mean(0)
+                per_head = torch.stack(self.densities[idx]).mean(0).cpu()  # the one host read, at report time
                 entry["density"] = float(per_head.mean())
                 entry["sparsity"] = 1.0 - entry["density"]
                 entry["density_per_head"] = [round(float(x), 6) for x in per_head]
@@ -463,7 +464,10 @@ class PatchHandle:
             out = attention(query, key, value, causal=True, layout=layout, scale=scale, backend=b, pv_threshold=pv).out
         self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
         self.counts["prefill_sparse"] += 1
-        self.densities.setdefault(layer, []).append(layout.density_per_head(causal=True).mean(0))
+        # accounting stays on the device (no host sync in the forward); read when reported
+        avail = max(layout.available_blocks(causal=True), 1)
+        self.densities.setdefault(layer, []).append(layout.selected_in_region(causal=True).mean(0, dtype=torch.float64)
+                                                    / avail)
         self.backends_used.setdefault(layer, set()).add(used)
         if self.keep_layouts:
             self.layouts[layer] = layout

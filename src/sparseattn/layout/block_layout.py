@@ -24,13 +24,36 @@ from typing import Any
 
 import torch
 
+from sparseattn._cache import BoundedCache
 from sparseattn._validation import check_positive_int, check_tensor, fail
 
-__all__ = ["BlockLayout", "causal_block_region", "cdiv"]
+__all__ = ["BlockLayout", "causal_block_region", "cdiv", "region_row_limits"]
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def region_row_limits(seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int, causal: bool) -> tuple[int, ...]:
+    """Per query block, the number of key blocks in its region (a prefix ``[0, lim)`` of the key blocks).
+
+    Pure Python from the shapes (no tensors, no device work): ``lim_i = clamp(floor((r_last_i + off) /
+    block_n) + 1, 0, Nb)`` under bottom-right causal alignment (the row of ``any_allowed`` of
+    :func:`causal_block_region`), ``Nb`` for every block when not causal.
+    """
+    Mb, Nb = cdiv(seqlen_q, block_m), cdiv(seqlen_kv, block_n)
+    if not causal:
+        return (Nb,) * Mb
+    off = seqlen_kv - seqlen_q
+    lims = []
+    for i in range(Mb):
+        last_key = min((i + 1) * block_m, seqlen_q) - 1 + off
+        lims.append(0 if last_key < 0 else min(last_key // block_n + 1, Nb))
+    return tuple(lims)
+
+
+# per (geometry, causal, device): the region limits as an int32 device tensor [Mb] (shape-only data, built once)
+_LIMITS: BoundedCache[tuple[Any, ...], torch.Tensor] = BoundedCache(256, name="block_layout._LIMITS")
 
 
 def causal_block_region(
@@ -241,6 +264,26 @@ class BlockLayout:
         if avail == 0:
             return torch.zeros(self.batch, self.heads, dtype=torch.float64)
         return (mask.sum(dim=(-1, -2)).to(torch.float64) / avail).cpu()
+
+    def selected_in_region(self, causal: bool = False) -> torch.Tensor:
+        """Selected blocks inside the (causal) region per (batch, head), int64 ``[B, H]`` on the layout's
+        device, with **no host synchronisation** (for accounting in hot paths; read it when reporting).
+
+        The region of each query block is a prefix of the key blocks (:func:`region_row_limits`) and a
+        row's indices ascend, so this counts the live entries below that limit.
+        """
+        key = (self.seqlen_q, self.seqlen_kv, self.block_m, self.block_n, bool(causal), str(self.device))
+        lim = _LIMITS.get_or_build(key, lambda: torch.tensor(
+            region_row_limits(self.seqlen_q, self.seqlen_kv, self.block_m, self.block_n, causal),
+            dtype=torch.int32, device=self.device))
+        Nb = self.kv_indices.shape[-1]
+        pos = torch.arange(Nb, device=self.device, dtype=torch.int32)
+        live = (pos < self.kv_num_blocks.unsqueeze(-1)) & (self.kv_indices < lim[:, None])
+        return live.sum(dim=(-1, -2))
+
+    def available_blocks(self, causal: bool = False) -> int:
+        """Blocks in the (causal) region of one (batch, head): a Python int from the shapes alone."""
+        return sum(region_row_limits(self.seqlen_q, self.seqlen_kv, self.block_m, self.block_n, causal))
 
     def density(self, causal: bool = False) -> float:
         """Fraction of available blocks that are selected (see :meth:`density_per_head`)."""
