@@ -39,6 +39,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--plot-head", type=nonneg_int, default=0)
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--out", default="sparseattn-eval", help="report folder (default ./sparseattn-eval)")
+    p.add_argument("--timing-repeats", type=nonneg_int, default=5,
+                   help="timed rounds of the steady-state prefill timing (warm-up first, median; 0 skips it; default 5)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                    score_last=args.score_last, text_files=args.text_file, text_dir=args.text_dir,
                    compare_random=args.compare_random, self_check=not args.no_self_check, backend=args.backend,
                    dtype=dtype, device=device, plot_layer=args.plot_layer, plot_head=args.plot_head,
-                   progress=not args.quiet)
+                   progress=not args.quiet, timing_repeats=args.timing_repeats)
     paths = write_report(res, args.out, plots=not args.no_plots)
     print(res.table())
     print("report: " + ", ".join(str(p) for p in paths.values()))

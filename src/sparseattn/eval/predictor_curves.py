@@ -61,7 +61,7 @@ def run_specs(specs: list[str], *, seq_len: int, samples: int, text_files: list[
     for spec in specs:
         t0 = time.perf_counter()
         res = evaluate(model=model, tokenizer=tok, predictor=spec, seq_len=seq_len, samples=samples, gen_tokens=0,
-                       self_check=False, text_files=text_files, progress=False)
+                       self_check=False, text_files=text_files, progress=False, timing_repeats=0)
         s = res.summary
         dens_all = res.config.get("mean_density_all_layers")
         row = {"spec": spec, "family": family(spec), "seq_len": seq_len, "samples": samples,

@@ -1,0 +1,85 @@
+"""Steady-state whole-model prefill times, dense vs sparse, in one process.
+
+The rule the project's benchmarks follow (BENCHMARKS.md): warm up first (Triton autotuning, lazy
+imports, allocator pools), synchronise CUDA around every timed call, take the **median** of at
+least five timed calls, and alternate the two sides round by round so slow drift (clocks, other
+load) hits both alike. A mean of cold calls measures autotuning and first-call work, not speed.
+
+:func:`steady_prefill_times` does exactly this for one input: each round times one dense prefill
+(the unpatched model) and one sparse prefill (the model patched for that call only), both
+``model(ids, use_cache=False, logits_to_keep=1)``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from sparseattn._validation import check_positive_int, fail
+
+__all__ = ["steady_prefill_times"]
+
+
+def _timed(fn: Callable[[], Any], cuda: bool) -> float:
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def steady_prefill_times(model: Any, ids: torch.Tensor, patch_kwargs: Mapping[str, Any], *, repeats: int = 5,
+                         warmup: int = 1) -> dict[str, Any]:
+    """Median dense and sparse prefill times of ``model`` on ``ids`` after ``warmup`` rounds.
+
+    Args:
+        model: an unpatched transformers model.
+        ids: ``(1, N)`` token ids on the model's device.
+        patch_kwargs: keyword arguments of :func:`~sparseattn.integrations.patch_model` for the sparse side.
+        repeats: timed rounds (>= 1; the project's rule is >= 5).
+        warmup: untimed rounds before them (>= 1).
+
+    Returns:
+        ``{"dense_s", "sparse_s"`` (medians), ``"dense_rounds_s", "sparse_rounds_s"`` (every timed
+        round), ``"ratio"`` (dense / sparse: > 1 means sparse is faster), ``"repeats", "warmup",
+        "method"`` (one sentence saying how the times were taken)}.
+    """
+    from sparseattn.integrations.transformers_patch import patch_model
+
+    fn = "steady_prefill_times"
+    check_positive_int(fn, "repeats", repeats)
+    check_positive_int(fn, "warmup", warmup)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] != 1:
+        raise fail(fn, "ids", "must be a (1, N) tensor of token ids", "shape (1, N)",
+                   tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__)
+    cuda = ids.is_cuda
+
+    def dense() -> None:
+        model(ids, use_cache=False, logits_to_keep=1)
+
+    def sparse() -> None:
+        with patch_model(model, **patch_kwargs):
+            model(ids, use_cache=False, logits_to_keep=1)
+
+    dense_s: list[float] = []
+    sparse_s: list[float] = []
+    for r in range(warmup + repeats):
+        td = _timed(dense, cuda)
+        ts = _timed(sparse, cuda)
+        if r >= warmup:
+            dense_s.append(td)
+            sparse_s.append(ts)
+    d, s = statistics.median(dense_s), statistics.median(sparse_s)
+    return {
+        "dense_s": d, "sparse_s": s, "ratio": d / s if s > 0 else None,
+        "dense_rounds_s": dense_s, "sparse_rounds_s": sparse_s, "repeats": repeats, "warmup": warmup,
+        "method": (f"median of {repeats} prefill calls after {warmup} warm-up round(s), dense and sparse alternated, "
+                   f"{'CUDA-synchronised, ' if cuda else ''}{ids.shape[1]} tokens, one process"),
+    }
