@@ -23,7 +23,8 @@ from sparseattn.layout import (
     strided_layout,
 )
 from sparseattn.ops.attention import attention, block_sparse_attention
-from sparseattn.ops.reference import AttentionState, reference_attention
+from sparseattn.ops.reference import reference_attention
+from sparseattn.state.types import AttentionState
 from sparseattn.state.merge import merge_state, merge_states, segmented_attention
 
 __version__ = "0.1.0"

@@ -37,7 +37,7 @@ import torch
 from sparseattn._validation import FLOAT_DTYPES, check_qkv, check_scale, fail
 from sparseattn.distributed.sharding import SHARDINGS, num_chunks, rank_chunks
 from sparseattn.layout.block_layout import BlockLayout, causal_block_region
-from sparseattn.ops.reference import AttentionState
+from sparseattn.state.types import AttentionState
 
 __all__ = ["CommPlan", "METHODS", "plan_communication", "context_parallel_attention"]
 

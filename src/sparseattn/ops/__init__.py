@@ -1,7 +1,8 @@
 """Attention operators: the reference, the public dispatching launchers, Triton kernels (lazy)."""
 
 from sparseattn.ops.attention import attention, block_sparse_attention
-from sparseattn.ops.reference import AttentionState, reference_attention
+from sparseattn.ops.reference import reference_attention
+from sparseattn.state.types import AttentionState
 
 __all__ = ["attention", "attention_op", "block_sparse_attention", "reference_attention", "AttentionState"]
 

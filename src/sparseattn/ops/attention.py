@@ -15,7 +15,8 @@ import torch
 
 from sparseattn._validation import check_attention_args, fail
 from sparseattn.layout.block_layout import BlockLayout
-from sparseattn.ops.reference import AttentionState, reference_attention
+from sparseattn.ops.reference import reference_attention
+from sparseattn.state.types import AttentionState
 
 __all__ = ["attention", "block_sparse_attention", "BACKENDS", "backend_refusals", "select_backend"]
 

@@ -7,27 +7,15 @@ lengths (never an ``N_q × N_kv`` matrix). Runs on CPU and GPU, in float64 when 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from sparseattn._validation import check_attention_args, check_layout_for, check_positive_int, check_qkv
 from sparseattn.layout.block_layout import BlockLayout, causal_block_region
+from sparseattn.state.types import AttentionState  # re-exported here for compatibility
 
 __all__ = ["AttentionState", "reference_attention", "sdpa_reference"]
-
-
-class AttentionState(NamedTuple):
-    """Attention output and its natural-log logsumexp.
-
-    Shapes:
-        out: ``(B, H, N_q, D)`` in the input dtype.
-        lse: ``(B, H, N_q)`` float32 (float64 for float64 inputs), natural-log
-            ``logsumexp(scale * q·k)`` over the attended keys; ``-inf`` for rows that attend nothing.
-    """
-
-    out: torch.Tensor
-    lse: torch.Tensor
 
 
 def reference_attention(

@@ -47,7 +47,7 @@ import torch
 from sparseattn._cache import BoundedCache
 from sparseattn._validation import check_attention_args, fail
 from sparseattn.layout.block_layout import BlockLayout
-from sparseattn.ops.reference import AttentionState
+from sparseattn.state.types import AttentionState
 
 __all__ = ["refusal", "block_sparse_fwd", "interpret_mode", "SUPPORTED_HEAD_DIMS", "SUPPORTED_BLOCK_SIZES"]
 

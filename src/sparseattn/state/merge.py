@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from sparseattn._validation import check_qkv, fail
-from sparseattn.ops.reference import AttentionState
+from sparseattn.state.types import AttentionState
 
 __all__ = ["merge_state", "merge_states", "segmented_attention"]
 
