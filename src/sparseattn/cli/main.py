@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "validate": "validate",
     "compare": "compare",
     "bench": "bench",
+    "bench-model": "bench_model",
 }
 
 # exceptions that mean "the input is wrong", reported as one line with exit status 2

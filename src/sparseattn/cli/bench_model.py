@@ -1,0 +1,104 @@
+"""``sparseattn bench-model``: whole-model prefill, dense vs sparse rows (see :mod:`sparseattn.eval.bench_model`).
+
+Not yet run on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sparseattn.cli._args import device, int_list, nonneg_int, optional_int_list, positive_int
+
+_lengths = int_list(1, "token counts")
+_layers = optional_int_list(0, "layer indices")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``sparseattn bench-model`` and ``benchmarks/bench_model.py``."""
+    m = p.add_mutually_exclusive_group()
+    m.add_argument("--model", default=None,
+                   help="'smollm2-135m' (default), a .gguf path, a model folder or an HF id")
+    m.add_argument("--llama-stack", type=positive_int, default=None, metavar="LAYERS",
+                   help="a Llama-3.1-8B-shaped stack of LAYERS decoder layers with random weights (use static "
+                        "--patterns; its accuracy columns compare random-weight logits and mean little)")
+    p.add_argument("--lengths", type=_lengths, default=None,
+                   help="comma-separated prefill lengths (default 4096,8192; 32768 with --llama-stack)")
+    p.add_argument("--predictors", default=None,
+                   help="';'-separated predictor specs, e.g. 'mean_sim:cdf_threshold=0.97;sketch_walk' "
+                        "(default: the eval default for a real model, none for --llama-stack)")
+    p.add_argument("--patterns", default=None,
+                   help="';'-separated static patterns, e.g. 'sink_window:window_blocks=16' "
+                        "(default for --llama-stack: 'sink_window:window_blocks=16;sink_window:window_blocks=64')")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text-dir", metavar="DIR", help="a folder of .txt/.md files (e.g. ../shared/data/essays)")
+    src.add_argument("--text-file", nargs="+", metavar="PATH", help="text files (globs allowed)")
+    src.add_argument("--random-ids", action="store_true", help="random token ids instead of text (no tokenizer needed)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed rounds per row (median; default 5)")
+    p.add_argument("--warmup", type=positive_int, default=1, help="untimed warm-up rounds per row (default 1)")
+    p.add_argument("--score-last", type=positive_int, default=512, help="positions whose logits are compared (default 512)")
+    p.add_argument("--dense-layers", type=_layers, default=[], help="comma-separated layers kept dense")
+    p.add_argument("--backend", default="auto", choices=["auto", "masked_sdpa", "attention", "reference", "triton"])
+    p.add_argument("--mode", default="eager", choices=["eager", "compile"],
+                   help="eager (default) or compile (experimental: torch.compile on both sides, graph breaks reported)")
+    p.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler forward per row")
+    p.add_argument("--no-plot", action="store_true", help="skip bench_model.png")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--out", default="sparseattn-bench-model", help="output folder (default ./sparseattn-bench-model)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench-model", help="whole-model prefill time: dense SDPA vs sparse predictors/patterns, with accuracy",
+        description="For each length, in one process: the model's own dense attention vs one row per predictor "
+                    "spec / static pattern plus an all-blocks row (noise floor): steady-state prefill time (warm-up, "
+                    "alternated, median), dense/sparse ratio, logits cosine/top-1/KL vs dense and vs all-blocks, "
+                    "block density, a torch.profiler breakdown. Writes bench_model.json/.md/.png under --out.")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from sparseattn.cli._args import check_text_source
+    from sparseattn.eval import bench_model as bm
+    from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
+
+    stack = args.llama_stack is not None
+    preds, pats = args.predictors, args.patterns
+    if preds is None and pats is None:
+        if stack:
+            pats = bm.LLAMA_STACK_DEFAULT_PATTERNS
+        else:
+            preds = DEFAULT_PREDICTOR_SPEC
+    rows = bm.parse_rows(preds, pats)  # bad specs fail here, before a model loads
+    check_text_source("bench-model", args.text_file, args.text_dir)
+    lengths = args.lengths or ([32768] if stack else [4096, 8192])
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
+    progress = not args.quiet
+    if stack:
+        name = f"llama-3.1-8b-shaped stack, {args.llama_stack} layers, random weights"
+        model = bm.build_llama_stack(args.llama_stack, device=dev, dtype=dtype, max_len=max(131072, max(lengths)),
+                                     seed=args.seed)
+        tokenizer = None
+    else:
+        name = args.model or "smollm2-135m"
+        model, tokenizer = bm.load_model(name, dtype=dtype, device=dev, need_tokenizer=not args.random_ids)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and max(lengths) > limit:
+        raise ValueError(f"--lengths {max(lengths)} exceeds the model's context "
+                         f"(max_position_embeddings {limit})")
+    res = bm.bench_model(model, rows, lengths, tokenizer=tokenizer, model_name=name,
+                         random_ids=args.random_ids or stack, text_files=args.text_file, text_dir=args.text_dir,
+                         repeats=args.repeats, warmup=args.warmup, score_last=args.score_last,
+                         dense_layers=args.dense_layers, backend=args.backend, mode=args.mode,
+                         profile=not args.no_profile, random_weights=stack, seed=args.seed, progress=progress)
+    paths = bm.write_outputs(res, args.out, plot=not args.no_plot)
+    print("report: " + ", ".join(str(p) for p in paths.values()))
+    print(bm.table(res))
+    return 0

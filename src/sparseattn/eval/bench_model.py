@@ -1,0 +1,548 @@
+"""Whole-model prefill benchmark: dense (the model's own SDPA) vs sparse rows, in one process.
+
+**Status: not yet run on a GPU.** Written and tested on a CPU (Triton interpreter / exact
+``masked_sdpa`` path), where the times say nothing about the kernel; the numbers this is for come
+from the next GPU session (``benchmarks/bench_model.py``, ``sparseattn bench-model``).
+
+For one model and each length, on the same input ids:
+
+* **rows**: one per predictor spec and per static pattern given, plus an **all-blocks** row (the
+  static ``dense`` pattern through our attention path: on CUDA the Triton kernel, in bf16 the
+  noise floor of everything else);
+* **time**: :func:`~sparseattn.eval.prefill_timing.steady_prefill_times` per row (warm-up, dense
+  and sparse alternated round by round, CUDA-synchronised, median of ``repeats``); the ratio
+  dense / sparse comes from those same rounds (``ratio_rounds`` keeps the per-round ratios);
+* **accuracy**: :func:`~sparseattn.eval.end_to_end.logits_metrics` of the last ``score_last``
+  positions' logits against dense and against the all-blocks row;
+* **density**: mean block density of the sparse layers from ``PatchHandle.sparsity_report()``;
+* **profile**: one extra forward per row (and one dense) under ``torch.profiler``: on CUDA the
+  number of device kernels launched, the GPU time summed over device events and the host wall
+  time; on a CPU the number of profiler CPU ops (labelled ``cpu_ops``, not kernels). The sparse
+  layers' attention call (prediction included) and the predictor are wrapped in
+  ``record_function`` ranges ``sparseattn::layer_attention`` and ``sparseattn::predict`` so their
+  totals are identifiable by name.
+
+Modes: ``eager``; ``compile`` (experimental) wraps the model in ``torch.compile`` for both sides
+(patched before compiling for the sparse side) and reports the graph-break count of the patched
+model from ``torch._dynamo.explain`` instead of failing when it breaks. On a CPU (tiny Llama,
+``masked_sdpa``) the patched model broke 18-19 times per forward (``Tensor.item()``, a lock context
+manager) and hit dynamo's recompile limit (a guard on the handle's per-layer ``timings`` dict), so
+its compiled sparse times there are not meaningful; the CUDA path is unmeasured.
+
+Models: anything :func:`sparseattn.models.load` accepts, or :func:`build_llama_stack` — a
+Llama-3.1-8B-shaped decoder stack with **random weights** for the long lengths, where the sparse
+rows should be static patterns (fixed densities): the accuracy columns then compare random-weight
+logits and mean little.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparseattn._validation import check_positive_int, fail
+
+__all__ = ["RowSpec", "parse_rows", "load_model", "build_llama_stack", "env_info", "bench_model", "write_outputs", "table",
+           "markdown_table", "ALL_BLOCKS_SPEC", "LLAMA_STACK_DEFAULT_PATTERNS"]
+
+ALL_BLOCKS_SPEC = "dense"  # the static pattern of the all-blocks row
+LLAMA_STACK_DEFAULT_PATTERNS = "sink_window:window_blocks=16;sink_window:window_blocks=64"
+_ATTN_KERNEL_RE = re.compile(r"sparse|_attn|attention|flash|fmha|sdpa|cudnn", re.IGNORECASE)
+
+
+# --------------------------------------------------------------------------- rows
+@dataclass
+class RowSpec:
+    """One sparse row: ``kind`` is ``"predictor"``, ``"pattern"`` or ``"all_blocks"``."""
+
+    label: str
+    kind: str
+    spec: str
+    predictor: Any = field(default=None, repr=False)
+
+
+def _split(text: str | None) -> list[str]:
+    return [s.strip() for s in (text or "").split(";") if s.strip()]
+
+
+def parse_rows(predictors: str | Sequence[str] | None, patterns: str | Sequence[str] | None) -> list[RowSpec]:
+    """``"mean_sim:...;sketch_walk"`` and ``"sink_window:window_blocks=16"`` → rows, all-blocks row first.
+
+    Every spec is parsed here (a bad one raises ``ValueError`` before any model loads).
+    """
+    from sparseattn.integrations.transformers_patch import pattern_predictor, resolve_predictor
+
+    preds = _split(predictors) if isinstance(predictors, (str, type(None))) else [s.strip() for s in predictors]
+    pats = _split(patterns) if isinstance(patterns, (str, type(None))) else [s.strip() for s in patterns]
+    rows = [RowSpec("all blocks", "all_blocks", ALL_BLOCKS_SPEC, pattern_predictor(ALL_BLOCKS_SPEC))]
+    for s in preds:
+        rows.append(RowSpec(s, "predictor", s, resolve_predictor(s)))
+    for s in pats:
+        rows.append(RowSpec(f"pattern {s}", "pattern", s, pattern_predictor(s)))
+    labels = [r.label for r in rows]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise fail("parse_rows", "specs", "repeat a row", "each spec once", dup)
+    return rows
+
+
+# --------------------------------------------------------------------------- models and inputs
+def build_llama_stack(layers: int, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                      max_len: int = 131072, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A Llama-3.1-8B-shaped decoder stack with random weights (``overrides`` change config fields).
+
+    Defaults: hidden 4096, 32 query / 8 KV heads, head_dim 128, intermediate 14336, vocab 128256,
+    rope_theta 500000, ``layers`` decoder layers, SDPA attention, eval mode.
+    """
+    import transformers
+
+    check_positive_int("build_llama_stack", "layers", layers)
+    cfg_kw: dict[str, Any] = dict(vocab_size=128256, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                                  head_dim=128, intermediate_size=14336, num_hidden_layers=layers,
+                                  max_position_embeddings=max_len, rope_theta=500000.0, tie_word_embeddings=False)
+    cfg_kw.update(overrides)
+    cfg = transformers.LlamaConfig(**cfg_kw)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_model(name_or_path: str, *, dtype: torch.dtype, device: str, need_tokenizer: bool = True) -> tuple[Any, Any]:
+    """:func:`sparseattn.models.load`, except that a local model folder loads without a tokenizer
+    when ``need_tokenizer`` is False (``--random-ids``: a folder from ``save_pretrained`` alone)."""
+    from sparseattn.models.loader import load
+
+    p = Path(str(name_or_path)).expanduser()
+    if need_tokenizer or not p.is_dir():
+        return load(name_or_path, dtype=dtype, device=device)
+    import transformers
+
+    if not (p / "config.json").is_file():
+        raise fail("load", f"model {p}", "is a folder without config.json", "a transformers model folder",
+                   "no config.json")
+    tutils = transformers.utils.logging
+    bars = tutils.is_progress_bar_enabled()
+    tutils.disable_progress_bar()  # keep stderr to one line on errors
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, attn_implementation="sdpa")
+    except (ValueError, KeyError, OSError) as exc:
+        raise fail("load", f"model {p}", f"could not be loaded by transformers ({type(exc).__name__}: "
+                   f"{' '.join(str(exc).split())[:300]})", "a causal LM model folder", type(exc).__name__) from exc
+    finally:
+        if bars:
+            tutils.enable_progress_bar()
+    return model.to(device).eval(), None
+
+
+def _max_len(model: Any) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def _input_ids(tokenizer: Any, model: Any, seq_len: int, *, random_ids: bool, text_files: Sequence[str] | None,
+               text_dir: str | None, seed: int) -> tuple[torch.Tensor, str]:
+    if random_ids or tokenizer is None:
+        vocab = int(model.config.vocab_size)
+        g = torch.Generator().manual_seed(seed + seq_len)
+        return torch.randint(0, vocab, (1, seq_len), generator=g), f"random token ids (seed {seed + seq_len})"
+    from sparseattn.eval.texts import documents_for, token_samples
+
+    docs, desc = documents_for(text_files, text_dir)
+    ids, _ = token_samples(docs, tokenizer, seq_len=seq_len, samples=1)
+    return ids[0], desc
+
+
+# --------------------------------------------------------------------------- environment
+def _git_commit() -> str:
+    env = os.environ.get("SPARSEATTN_COMMIT")
+    if env:
+        return env
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        if out.returncode == 0 and out.stdout.strip():
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
+            return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def env_info() -> dict[str, Any]:
+    """Date, device, torch / triton / transformers versions, git commit (``$SPARSEATTN_COMMIT`` wins)."""
+    info: dict[str, Any] = {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                            "torch": torch.__version__, "cuda": torch.version.cuda,
+                            "python": platform.python_version(), "commit": _git_commit()}
+    for mod in ("triton", "transformers"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional
+            info[mod] = None
+    return info
+
+
+# --------------------------------------------------------------------------- timing helpers
+def _sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def _alternating(dense: Callable[[], Any], sparse: Callable[[], Any], *, repeats: int, warmup: int, cuda: bool,
+                 seq_len: int) -> dict[str, Any]:
+    """The same protocol as ``steady_prefill_times`` for arbitrary callables (compile mode)."""
+    d_s: list[float] = []
+    s_s: list[float] = []
+    for r in range(warmup + repeats):
+        ts = []
+        for fn in (dense, sparse):
+            _sync(cuda)
+            t0 = time.perf_counter()
+            fn()
+            _sync(cuda)
+            ts.append(time.perf_counter() - t0)
+        if r >= warmup:
+            d_s.append(ts[0])
+            s_s.append(ts[1])
+    d, s = statistics.median(d_s), statistics.median(s_s)
+    return {"dense_s": d, "sparse_s": s, "ratio": d / s if s > 0 else None, "dense_rounds_s": d_s,
+            "sparse_rounds_s": s_s, "repeats": repeats, "warmup": warmup,
+            "method": (f"median of {repeats} torch.compile'd prefill calls after {warmup} warm-up round(s), dense and "
+                       f"sparse alternated, {'CUDA-synchronised, ' if cuda else ''}{seq_len} tokens, one process")}
+
+
+# --------------------------------------------------------------------------- profiling
+def _ev_attr(evt: Any, *names: str) -> float:
+    for n in names:
+        v = getattr(evt, n, None)
+        if v is not None:
+            return float(v)
+    return 0.0
+
+
+def _profile(call: Callable[[], Any], cuda: bool) -> dict[str, Any]:
+    """One forward under ``torch.profiler``: op/kernel counts, named ranges, device vs host time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(cuda)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        call()
+        _sync(cuda)
+        wall = time.perf_counter() - t0
+    events = list(prof.events())
+    out: dict[str, Any] = {"host_wall_ms": wall * 1e3}
+    ranges: dict[str, dict[str, float]] = {}
+    for evt in events:
+        if evt.name.startswith("sparseattn::") and evt.device_type == DeviceType.CPU:
+            r = ranges.setdefault(evt.name, {"calls": 0, "cpu_total_ms": 0.0})
+            r["calls"] += 1
+            r["cpu_total_ms"] += _ev_attr(evt, "cpu_time_total") / 1e3
+    if cuda:
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        dev_us = [_ev_attr(e, "self_device_time_total", "self_cuda_time_total", "device_time_total") for e in kernels]
+        attn = [t for e, t in zip(kernels, dev_us) if _ATTN_KERNEL_RE.search(e.name)]
+        out.update({"count_kind": "device_kernels", "count": len(kernels), "gpu_time_ms": sum(dev_us) / 1e3,
+                    "attention_kernel_gpu_ms": sum(attn) / 1e3, "attention_kernel_launches": len(attn),
+                    "attention_kernel_match": _ATTN_KERNEL_RE.pattern})
+        for name, r in ranges.items():  # device time of the kernels launched inside each named range
+            r["device_total_ms"] = sum(_ev_attr(e, "device_time_total", "cuda_time_total") for e in events
+                                       if e.name == name and e.device_type == DeviceType.CPU) / 1e3
+    else:
+        cpu_ops = [e for e in events if e.device_type == DeviceType.CPU and not e.name.startswith("sparseattn::")]
+        attn = [e for e in cpu_ops if "scaled_dot_product" in e.name or "sparseattn" in e.name.lower()]
+        out.update({"count_kind": "cpu_ops (profiler CPU ops, not device kernels: no GPU here)", "count": len(cpu_ops),
+                    "attention_op_self_cpu_ms": sum(_ev_attr(e, "self_cpu_time_total") for e in attn) / 1e3})
+    out["ranges"] = ranges
+    return out
+
+
+class _Instrument:
+    """Wrap a handle's layer forward and a predictor's ``predict`` in named ``record_function`` ranges."""
+
+    def __init__(self, handle: Any, predictor: Any) -> None:
+        self.handle, self.predictor = handle, predictor
+
+    def __enter__(self) -> "_Instrument":
+        from torch.profiler import record_function
+
+        orig_fwd = self.handle._forward
+        orig_pred = self.predictor.predict
+
+        def fwd(*a: Any, **k: Any) -> Any:
+            with record_function("sparseattn::layer_attention"):
+                return orig_fwd(*a, **k)
+
+        def pred(*a: Any, **k: Any) -> Any:
+            with record_function("sparseattn::predict"):
+                return orig_pred(*a, **k)
+
+        self.handle._forward = fwd
+        try:
+            self.predictor.predict = pred
+        except (AttributeError, TypeError):  # a predictor that refuses instance attributes: no predict range
+            pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for obj, name in ((self.handle, "_forward"), (self.predictor, "predict")):
+            try:
+                delattr(obj, name)
+            except AttributeError:
+                pass
+
+
+# --------------------------------------------------------------------------- the benchmark
+def _log(msg: str, progress: bool) -> None:
+    if progress:
+        print(f"[bench-model] {msg}", file=sys.stderr, flush=True)
+
+
+def _mean_sparse_density(report: dict[str, Any]) -> float | None:
+    vals = [e["density"] for e in report.get("layers", {}).values()
+            if isinstance(e, dict) and e.get("mode") == "sparse" and e.get("density") is not None]
+    return float(sum(vals) / len(vals)) if vals else None
+
+
+@torch.no_grad()
+def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, tokenizer: Any = None,
+                model_name: str = "model", random_ids: bool = False, text_files: Sequence[str] | None = None,
+                text_dir: str | None = None, repeats: int = 5, warmup: int = 1, score_last: int = 512,
+                dense_layers: Sequence[int] = (), backend: str = "auto", mode: str = "eager", profile: bool = True,
+                random_weights: bool = False, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Run the benchmark on an already loaded (unpatched) model; returns the JSON-friendly result.
+
+    Raises:
+        ValueError: a length beyond the model's ``max_position_embeddings``, a bad mode, no rows,
+            too little text.
+    """
+    from sparseattn.eval.end_to_end import logits_metrics
+    from sparseattn.eval.prefill_timing import steady_prefill_times
+    from sparseattn.integrations.transformers_patch import patch_model
+
+    fn = "bench_model"
+    if mode not in ("eager", "compile"):
+        raise fail(fn, "mode", "is unknown", "'eager' or 'compile'", repr(mode))
+    for name, val in (("repeats", repeats), ("warmup", warmup), ("score_last", score_last)):
+        check_positive_int(fn, name, val)
+    if not lengths:
+        raise fail(fn, "lengths", "is empty", "at least one length", list(lengths))
+    for n in lengths:
+        check_positive_int(fn, "length", n)
+    limit = _max_len(model)
+    too_long = [n for n in lengths if limit is not None and n > limit]
+    if too_long:
+        raise fail(fn, "lengths", "exceed the model's context (max_position_embeddings)", f"<= {limit}", too_long)
+    if not rows or rows[0].kind != "all_blocks":
+        raise fail(fn, "rows", "must start with the all-blocks row", "parse_rows(...)", [r.label for r in rows])
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    dtype = next(model.parameters()).dtype
+    result: dict[str, Any] = {
+        "tool": "sparseattn.eval.bench_model", "status_note": "script not yet run on a GPU when written",
+        "env": env_info(), "model": model_name, "random_weights": random_weights, "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""), "mode": mode, "backend": backend, "repeats": repeats,
+        "warmup": warmup, "score_last": score_last, "dense_layers": list(dense_layers),
+        "rows_spec": [{"label": r.label, "kind": r.kind, "spec": r.spec} for r in rows],
+        "lengths": [], "rows": [], "notes": [],
+    }
+    if random_weights:
+        result["notes"].append("random weights: the accuracy columns compare random-weight logits and mean little; "
+                               "the times and densities are what this model is for")
+    if not cuda:
+        result["notes"].append("CPU run: the sparse path is the exact masked SDPA / interpreter, so times do not "
+                               "measure the kernel; profile counts are profiler CPU ops, not device kernels")
+    compiled_dense = compiled_sparse = None
+    if mode == "compile":
+        result["notes"].append("compile mode is experimental: the patched model may graph-break "
+                               "(see graph_breaks per row)")
+        compiled_dense = torch.compile(model)
+        compiled_sparse = torch.compile(model)  # a second wrapper (its own frame cache entries per guard set)
+
+    for n in lengths:
+        ids, source = _input_ids(tokenizer, model, n, random_ids=random_ids, text_files=text_files,
+                                 text_dir=text_dir, seed=seed)
+        ids = ids.to(device)
+        k = min(score_last, n)
+        entry: dict[str, Any] = {"seq_len": n, "input": source, "scored_positions": k}
+        _log(f"{model_name}: {n} tokens, dense reference logits", progress)
+        fwd_dense = compiled_dense if compiled_dense is not None else model
+
+        def logits(m: Any) -> torch.Tensor:
+            return m(ids, use_cache=False, logits_to_keep=k).logits[0, -k:].float()
+
+        dense_logits = logits(fwd_dense)
+        dense_again = logits(fwd_dense)
+        entry["dense_self_check"] = logits_metrics(dense_again, dense_logits)
+        if profile:
+            entry["dense_profile"] = _profile(lambda: fwd_dense(ids, use_cache=False, logits_to_keep=1), cuda)
+        floor_logits: torch.Tensor | None = None
+        dense_rounds: list[float] = []
+        for i, row in enumerate(rows):
+            _log(f"{model_name}: {n} tokens, row {i + 1}/{len(rows)} {row.label!r}", progress)
+            kw: dict[str, Any] = {"predictor": row.predictor, "dense_layers": list(dense_layers), "backend": backend}
+            rec: dict[str, Any] = {"seq_len": n, "label": row.label, "kind": row.kind, "spec": row.spec}
+            with patch_model(model, **kw) as h:
+                fwd = compiled_sparse if compiled_sparse is not None else model
+                if mode == "compile":
+                    try:
+                        ex = torch._dynamo.explain(model)(ids, use_cache=False, logits_to_keep=1)
+                        rec["graph_breaks"] = int(ex.graph_break_count)
+                        reasons: dict[str, int] = {}
+                        for b in ex.break_reasons:
+                            first = (str(getattr(b, "reason", b)).strip().splitlines() or ["?"])[0][:160]
+                            reasons[first] = reasons.get(first, 0) + 1
+                        rec["graph_break_reasons"] = reasons
+                    except Exception as exc:  # noqa: BLE001 - experimental: report, never fail
+                        rec["graph_breaks"] = None
+                        rec["explain_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                h.reset_stats()
+                sparse_logits = logits(fwd)
+                rep = h.sparsity_report()
+                rec["density"] = _mean_sparse_density(rep)
+                rec["backends"] = sorted({b for e in rep["layers"].values() for b in e.get("backends", ())})
+                rec["layer_calls"] = dict(h.counts)
+                if profile:
+                    with _Instrument(h, row.predictor):
+                        rec["profile"] = _profile(lambda: fwd(ids, use_cache=False, logits_to_keep=1), cuda)
+            rec["vs_dense"] = logits_metrics(sparse_logits, dense_logits)
+            if row.kind == "all_blocks":
+                floor_logits = sparse_logits
+                rec["vs_all_blocks"] = None
+            else:
+                rec["vs_all_blocks"] = logits_metrics(sparse_logits, floor_logits)
+            del sparse_logits
+            if mode == "compile":
+                def d() -> None:
+                    compiled_dense(ids, use_cache=False, logits_to_keep=1)
+
+                def s() -> None:
+                    with patch_model(model, **kw):
+                        compiled_sparse(ids, use_cache=False, logits_to_keep=1)
+
+                t = _alternating(d, s, repeats=repeats, warmup=warmup, cuda=cuda, seq_len=n)
+            else:
+                t = steady_prefill_times(model, ids, kw, repeats=repeats, warmup=warmup)
+            rec.update(t)
+            rec["ratio_rounds"] = [a / b if b > 0 else None for a, b in zip(t["dense_rounds_s"], t["sparse_rounds_s"])]
+            dense_rounds += t["dense_rounds_s"]
+            result["rows"].append(rec)
+            _log(f"  dense {t['dense_s'] * 1e3:.1f} ms, sparse {t['sparse_s'] * 1e3:.1f} ms, ratio {t['ratio']:.3f}, "
+                 f"density {rec['density']}, cosine {rec['vs_dense']['logits_cosine']:.6f}", progress)
+        entry["dense_s_all_rounds_median"] = statistics.median(dense_rounds) if dense_rounds else None
+        del dense_logits, floor_logits, dense_again, ids
+        if cuda:
+            torch.cuda.empty_cache()
+        result["lengths"].append(entry)
+    return result
+
+
+# --------------------------------------------------------------------------- reporting
+def _f(x: Any, fmt: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+_COLS = ("len", "row", "density", "dense ms", "sparse ms", "ratio", "cos vs dense", "top1", "KL", "cos vs all-blocks",
+         "kernels/ops")
+
+
+def _cells(r: dict[str, Any]) -> list[str]:
+    vd, vf, pr = r.get("vs_dense") or {}, r.get("vs_all_blocks") or {}, r.get("profile") or {}
+    return [str(r["seq_len"]), r["label"], _f(r.get("density"), ".3f"), _f(r["dense_s"] * 1e3, ".1f"),
+            _f(r["sparse_s"] * 1e3, ".1f"), _f(r.get("ratio"), ".3f"), _f(vd.get("logits_cosine"), ".6f"),
+            _f(vd.get("top1_agreement"), ".3f"), _f(vd.get("kl_dense_sparse"), ".2e"), _f(vf.get("logits_cosine"), ".6f"),
+            _f(pr.get("count"), "d")]
+
+
+def markdown_table(res: dict[str, Any]) -> str:
+    """One header, one line per row (per length)."""
+    lines = ["| " + " | ".join(_COLS) + " |", "|" + "---|" * len(_COLS)]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in res["rows"]]
+    return "\n".join(lines)
+
+
+def table(res: dict[str, Any]) -> str:
+    """Plain-text table for the console."""
+    rows = [list(_COLS)] + [_cells(r) for r in res["rows"]]
+    w = [max(len(r[i]) for r in rows) for i in range(len(_COLS))]
+    return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
+
+
+def _markdown(res: dict[str, Any]) -> str:
+    e = res["env"]
+    head = [f"# Whole-model prefill: {res['model']} ({res['mode']}, {res['dtype']}, {res['device']})", "",
+            f"date {e['date_utc']}; GPU {e['gpu'] or 'none (CPU)'}; torch {e['torch']}, triton {e.get('triton')}, "
+            f"transformers {e.get('transformers')}; commit {e['commit']}", "",
+            f"Times: {res['rows'][0]['method'] if res['rows'] else '-'} (per row; ratio = dense / sparse from the same "
+            f"rounds). Accuracy: last {res['score_last']} positions' logits vs dense and vs the all-blocks row.", ""]
+    head += [f"- {n}" for n in res["notes"]]
+    if res["mode"] == "compile":
+        head += [f"- graph breaks (patched model, torch._dynamo.explain), {r['seq_len']} {r['label']}: "
+                 f"{r.get('graph_breaks', '-')}" for r in res["rows"]]
+    return "\n".join(head + ["", markdown_table(res), ""])
+
+
+def _plot(res: dict[str, Any], path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: bench_model.png skipped"
+    rows = res["rows"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["dense_s"] * 1e3 for r in rows], 0.4, label="dense (model SDPA)")
+    ax.bar([x + 0.2 for x in xs], [r["sparse_s"] * 1e3 for r in rows], 0.4, label="row")
+    for x, r in zip(xs, rows):
+        ax.annotate(f"{r['ratio']:.2f}x", (x + 0.2, r["sparse_s"] * 1e3), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([f"{r['seq_len']}\n{r['label'][:24]}" for r in rows], fontsize=7)
+    ax.set_ylabel("prefill ms (median)")
+    ax.set_title(f"{res['model']} prefill, {res['mode']}, ratio = dense / row")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def write_outputs(res: dict[str, Any], out: str | os.PathLike, *, plot: bool = True) -> dict[str, Path]:
+    """``bench_model.json``, ``bench_model.md`` and (matplotlib permitting) ``bench_model.png`` under ``out``."""
+    import json
+
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    paths = {"json": d / "bench_model.json", "md": d / "bench_model.md"}
+    if plot:
+        note = _plot(res, d / "bench_model.png")
+        if note is None:
+            paths["png"] = d / "bench_model.png"
+        else:
+            res["notes"].append(note)
+            print(f"[bench-model] {note}", file=sys.stderr)
+    paths["json"].write_text(json.dumps(res, indent=1, default=str) + "\n")
+    paths["md"].write_text(_markdown(res))
+    return paths
