@@ -19,6 +19,7 @@ nothing under causal attention and are not counted by ``density(causal=True)``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.lru_cache(maxsize=256)  # pure function of ints, called per layer per forward: a Python loop over Mb
 def region_row_limits(seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int, causal: bool) -> tuple[int, ...]:
     """Per query block, the number of key blocks in its region (a prefix ``[0, lim)`` of the key blocks).
 
@@ -52,8 +54,9 @@ def region_row_limits(seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int,
     return tuple(lims)
 
 
-# per (geometry, causal, device): the region limits as an int32 device tensor [Mb] (shape-only data, built once)
-_LIMITS: BoundedCache[tuple[Any, ...], torch.Tensor] = BoundedCache(256, name="block_layout._LIMITS")
+# per (geometry, causal, device): the region limits as an int32 device tensor [Mb, 1] and the list positions
+# [Nb] (shape-only data, built once)
+_LIMITS: BoundedCache[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = BoundedCache(256, name="block_layout._LIMITS")
 
 
 def causal_block_region(
@@ -272,18 +275,21 @@ class BlockLayout:
         The region of each query block is a prefix of the key blocks (:func:`region_row_limits`) and a
         row's indices ascend, so this counts the live entries below that limit.
         """
-        key = (self.seqlen_q, self.seqlen_kv, self.block_m, self.block_n, bool(causal), str(self.device))
-        lim = _LIMITS.get_or_build(key, lambda: torch.tensor(
-            region_row_limits(self.seqlen_q, self.seqlen_kv, self.block_m, self.block_n, causal),
-            dtype=torch.int32, device=self.device))
         Nb = self.kv_indices.shape[-1]
-        pos = torch.arange(Nb, device=self.device, dtype=torch.int32)
-        live = (pos < self.kv_num_blocks.unsqueeze(-1)) & (self.kv_indices < lim[:, None])
+        key = (self.seqlen_q, self.seqlen_kv, self.block_m, self.block_n, Nb, bool(causal), str(self.device))
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            lims = region_row_limits(self.seqlen_q, self.seqlen_kv, self.block_m, self.block_n, bool(causal))
+            return (torch.tensor(lims, dtype=torch.int32, device=self.device)[:, None],
+                    torch.arange(Nb, device=self.device, dtype=torch.int32))
+
+        lim, pos = _LIMITS.get_or_build(key, build)
+        live = (pos < self.kv_num_blocks.unsqueeze(-1)) & (self.kv_indices < lim)
         return live.sum(dim=(-1, -2))
 
     def available_blocks(self, causal: bool = False) -> int:
         """Blocks in the (causal) region of one (batch, head): a Python int from the shapes alone."""
-        return sum(region_row_limits(self.seqlen_q, self.seqlen_kv, self.block_m, self.block_n, causal))
+        return sum(region_row_limits(self.seqlen_q, self.seqlen_kv, self.block_m, self.block_n, bool(causal)))
 
     def density(self, causal: bool = False) -> float:
         """Fraction of available blocks that are selected (see :meth:`density_per_head`)."""
