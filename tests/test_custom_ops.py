@@ -267,3 +267,59 @@ def test_triton_op_under_interpreter():
     torch._dynamo.reset()
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, layout)
     assert torch.equal(out.out, ref.out) and torch.equal(out.lse, ref.lse)
+
+
+# ---------------------------------------------------------------------------------------------- sliding window
+def test_schema_has_an_optional_int_window():
+    for op in (REF, TRITON):
+        arg = op._schema.arguments[-1]
+        assert arg.name == "sliding_window" and str(arg.type) == "Optional[int]" and arg.default_value is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind,Nq,Nkv", CASES)
+def test_opcheck_reference_with_window(dtype, kind, Nq, Nkv):
+    q, k, v = _qkv(Nq=Nq, Nkv=Nkv, dtype=dtype, seed=6)
+    layout = _make(kind, Nq, Nkv)
+    torch.library.opcheck(REF, (*_op_args(q, k, v, layout, True, None), 7))
+    got = attention_op(q, k, v, causal=True, layout=layout, sliding_window=7)
+    want = sparseattn.reference_attention(q, k, v, causal=True, layout=layout, sliding_window=7)
+    assert torch.equal(got.out, want.out) and torch.equal(got.lse, want.lse)
+
+
+def test_fake_tensor_propagation_with_window():
+    with FakeTensorMode():
+        q = torch.empty(1, 4, 40, 32, dtype=torch.float16)
+        k = torch.empty(1, 2, 70, 32, dtype=torch.float16)
+        out, lse = REF(q, k, k, None, None, 0, 0, True, None, 16)
+        t_out, t_lse = TRITON(q, k, k, None, None, 0, 0, True, None, 16)
+    for o, l in ((out, lse), (t_out, t_lse)):
+        assert tuple(o.shape) == (1, 4, 40, 32) and o.dtype == torch.float16
+        assert tuple(l.shape) == (1, 4, 40) and l.dtype == torch.float32
+
+
+def test_compile_with_window_no_graph_breaks():
+    def f(x):
+        q = (x @ W[0][0]).view(B, N, H, D).transpose(1, 2)
+        k = (x @ W[0][1]).view(B, N, HKV, D).transpose(1, 2)
+        v = (x @ W[0][2]).view(B, N, HKV, D).transpose(1, 2)
+        return attention_op(q, k, v, causal=True, sliding_window=20)
+
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(f)(_x())
+    assert ex.graph_break_count == 0, ex.break_reasons
+    want = f(_x())
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(_x())
+    assert torch.equal(got.out, want.out) and torch.equal(got.lse, want.lse)
+
+
+@pytest.mark.skipif(not _triton_runs_here(), reason="Triton kernel unavailable (no CUDA and no TRITON_INTERPRET=1)")
+def test_triton_op_with_window_under_interpreter():
+    q, k, v = _qkv(H=2, Hkv=1, Nq=80, Nkv=100, D=64, dtype=torch.float16, seed=7)
+    layout = sliding_window_layout(80, 100, window_blocks=2, block_m=64, block_n=64, heads=2)
+    torch.library.opcheck(TRITON, (*_op_args(q, k, v, layout, True, None), 9))
+    torch.library.opcheck(TRITON, (*_op_args(q, k, v, None, True, 0.1), 30))
+    want = sparseattn.attention(q, k, v, causal=True, layout=layout, backend="triton", sliding_window=9)
+    got = attention_op(q, k, v, causal=True, layout=layout, backend="triton", sliding_window=9)
+    assert torch.equal(got.out, want.out) and torch.equal(got.lse, want.lse)

@@ -247,22 +247,76 @@ def _gemma3_sliding():
 
 @torch.no_grad()
 @pytest.mark.parametrize("make,sliding", [(_qwen2_sliding, [2, 3]), (_gemma3_sliding, [0, 2])])
-def test_sliding_window_layers_keep_their_window(make, sliding) -> None:
+def test_sliding_window_layers_run_exactly_on_our_path(make, sliding) -> None:
     model = make()
-    ids = _ids(150)
+    ids = _ids(150)  # longer than the window (48): a layer that ignored the window would differ
     ref = model(ids).logits
     with patch_model(model, pattern="dense:block_m=32,block_n=32") as h:
         out = model(ids).logits
         rep = h.sparsity_report()
+        calls = dict(h.counts)
     assert _rel(out, ref) <= 1e-4
     modes = {int(i): r["mode"] for i, r in rep["layers"].items()}
-    assert [i for i, m in modes.items() if m == "model_window"] == sliding
+    assert [i for i, m in modes.items() if m == "window"] == sliding
     assert all(m == "sparse" for i, m in modes.items() if i not in sliding)
-    # the windowed layers' own attention is untouched: only the full layers see the sparse pattern
+    assert calls["prefill_sparse"] == 4 and calls["prefill_dense"] == 0, calls
+    for i in sliding:  # the band: well below the causal square at 150 tokens with a 48-token window
+        assert 0 < rep["layers"][str(i)]["density"] < 0.9, rep["layers"][str(i)]
+    # a window layer named in dense_layers runs the model's own attention, which gets its window mask back
+    # (our mask builder skips it for the prefill): bitwise the unpatched logits
     with patch_model(model, pattern="sink_window:window_blocks=1,block_m=32,block_n=32",
-                     dense_layers=[i for i in range(4) if i not in sliding]) as h:
+                     dense_layers=list(range(4))) as h:
         assert torch.equal(model(ids).logits, ref)
-        assert h.counts["prefill_sparse"] == 0
+        assert h.counts["prefill_sparse"] == 0 and h.counts["prefill_dense"] == 4
+
+
+@torch.no_grad()
+def test_window_layers_with_padding_use_the_models_attention() -> None:
+    model = _gemma3_sliding()
+    ids = _ids(150)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding: a window layer hands the mask to the model's own attention
+    ref = model(ids, attention_mask=mask).logits
+    with patch_model(model, pattern="dense:block_m=32,block_n=32", dense_layers=[1, 3]) as h:
+        out = model(ids, attention_mask=mask).logits
+    assert torch.equal(out, ref)
+    assert h.counts["prefill_sparse"] == 0 and h.counts["prefill_dense"] == 4
+
+
+def test_masked_sdpa_window_matches_an_explicit_mask() -> None:
+    from sparseattn.layout.patterns import causal_layout
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 150, 16, generator=g) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]
+    lay = causal_layout(150, 150, block_m=32, block_n=32, heads=4)
+    for w in (1, 7, 48, 149):
+        out = masked_sdpa_attention(q, k, v, lay, sliding_window=w, chunk_rows=64)
+        r = torch.arange(150)[:, None]
+        c = torch.arange(150)[None, :]
+        em = (c <= r) & (c > r - w)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=em, enable_gqa=True)
+        assert _rel(out, ref) <= 1e-5, w
+
+
+@torch.no_grad()
+def test_dense_above_runs_dense_layers_above_the_crossover() -> None:
+    model = _gemma3_sliding()
+    ids = _ids(150)
+    ref = model(ids).logits
+    # every block selected (density 1) is above 0.9: the full layers run the model's attention, bitwise
+    with patch_model(model, pattern="dense:block_m=32,block_n=32", dense_above=0.9) as h:
+        out = model(ids).logits
+        rep = h.sparsity_report()
+    assert torch.equal(out, ref)
+    assert h.dense_fallbacks == {1: 1, 3: 1}
+    assert rep["layers"]["1"]["dense_fallbacks"] == 1 and rep["layers"]["1"]["density"] == 1.0
+    # a sparse pattern below the crossover stays sparse
+    with patch_model(model, pattern="sink_window:window_blocks=1,block_m=32,block_n=32", dense_above=0.9) as h:
+        model(ids)
+    assert h.dense_fallbacks == {} and h.counts["prefill_sparse"] == 4
+    with pytest.raises(ValueError, match="dense_above"):
+        patch_model(model, pattern="dense", dense_above=1.5)
 
 
 def test_resolve_predictor_specs() -> None:
@@ -284,3 +338,22 @@ def test_integrations_import_is_light() -> None:
             "sparseattn.eval.collect; print('transformers' in sys.modules, 'matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+@torch.no_grad()
+def test_window_layers_on_the_triton_kernel_match_the_model() -> None:
+    """The CUDA route (kernel under the interpreter here): band layout + token-level window, fp16."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=64, sliding_window=48,
+                                        layer_types=["sliding_attention", "full_attention"] * 2,
+                                        max_position_embeddings=512)
+    model = transformers.Gemma3ForCausalLM(cfg).eval().to(torch.float16)
+    ids = _ids(150)
+    ref = model(ids).logits.float()
+    with patch_model(model, pattern="dense:block_m=64,block_n=64", backend="triton") as h:
+        out = model(ids).logits.float()
+        rep = h.sparsity_report()
+    assert {rep["layers"][str(i)]["mode"] for i in (0, 2)} == {"window"}
+    assert all(rep["layers"][str(i)]["backends"] == ["triton"] for i in range(4))
+    assert _rel(out, ref) <= 2e-2  # fp16 rounding of two attention implementations; a missing window is O(1)

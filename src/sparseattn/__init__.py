@@ -19,6 +19,7 @@ from sparseattn.layout import (
     make_pattern,
     random_layout,
     sink_window_layout,
+    sliding_window_band_layout,
     sliding_window_layout,
     strided_layout,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "dense_layout",
     "causal_layout",
     "sliding_window_layout",
+    "sliding_window_band_layout",
     "strided_layout",
     "random_layout",
     "block_diagonal_layout",

@@ -129,6 +129,19 @@ def check_layout_for(
         raise fail(func, "layout", "is on another device than q", str(device), str(layout.kv_indices.device))
 
 
+def check_sliding_window(func: str, sliding_window: Any, causal: Any) -> int | None:
+    """``None`` or a positive int (not a bool), and only with ``causal=True``; returns it."""
+    if sliding_window is None:
+        return None
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window <= 0:
+        raise fail(func, "sliding_window", "must be a positive integer or None", "an int > 0 (keys per window) or None",
+                   repr(sliding_window))
+    if causal is not True:
+        raise fail(func, "sliding_window", "needs causal=True (the window counts back from each query's diagonal key)",
+                   "causal=True", f"causal={causal!r}")
+    return sliding_window
+
+
 def check_attention_args(
     func: str,
     q: Any,
@@ -139,8 +152,12 @@ def check_attention_args(
     layout: "BlockLayout | None",
     scale: Any,
     pv_threshold: Any,
+    sliding_window: Any = None,
 ) -> tuple[tuple[int, int, int, int, int, int], float]:
     """Everything an attention entry point checks before it computes (one place for all of them).
+
+    ``sliding_window`` (``None`` = off) must be a positive int and needs ``causal=True``: query ``i``
+    then attends keys ``j`` with ``i + OFF - W < j <= i + OFF`` (``OFF = N_kv - N_q``).
 
     Returns:
         ``((B, H, H_kv, N_q, N_kv, D), scale)`` with ``scale`` resolved to ``D ** -0.5`` when None.
@@ -158,4 +175,5 @@ def check_attention_args(
                        "layout=None")
         if isinstance(pv_threshold, bool) or not isinstance(pv_threshold, (int, float)) or not pv_threshold > 0:
             raise fail(func, "pv_threshold", "must be a positive number", "float > 0 (inf: never skip)", repr(pv_threshold))
+    check_sliding_window(func, sliding_window, causal)
     return dims, (D ** -0.5 if checked is None else checked)

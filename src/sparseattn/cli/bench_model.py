@@ -1,6 +1,5 @@
 """``sparseattn bench-model``: whole-model prefill, dense vs sparse rows (see :mod:`sparseattn.eval.bench_model`).
 
-Not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -21,6 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--llama-stack", type=positive_int, default=None, metavar="LAYERS",
                    help="a Llama-3.1-8B-shaped stack of LAYERS decoder layers with random weights (use static "
                         "--patterns; its accuracy columns compare random-weight logits and mean little)")
+    m.add_argument("--arch", default=None, choices=["smollm2-135m", "gemma3-270m", "llama-3.1-8b"],
+                   help="a model with these shapes and random weights (no download; times, window layers and static "
+                        "patterns are meaningful, accuracy columns are not); --layers trims it")
+    p.add_argument("--layers", type=positive_int, default=None, help="with --arch: keep the first LAYERS decoder layers")
     p.add_argument("--lengths", type=_lengths, default=None,
                    help="comma-separated prefill lengths (default 4096,8192; 32768 with --llama-stack)")
     p.add_argument("--predictors", default=None,
@@ -38,8 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score-last", type=positive_int, default=512, help="positions whose logits are compared (default 512)")
     p.add_argument("--dense-layers", type=_layers, default=[], help="comma-separated layers kept dense")
     p.add_argument("--backend", default="auto", choices=["auto", "masked_sdpa", "attention", "reference", "triton"])
-    p.add_argument("--mode", default="eager", choices=["eager", "compile"],
-                   help="eager (default) or compile (experimental: torch.compile on both sides, graph breaks reported)")
+    p.add_argument("--mode", default="eager", choices=["eager", "graphs", "compile"],
+                   help="eager (default); graphs (each side's whole prefill captured in a CUDA graph and replayed; "
+                        "CUDA only); compile (experimental: torch.compile on both sides, graph breaks reported)")
     p.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default float32 on CPU, bfloat16 on CUDA")
@@ -68,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseattn.eval import bench_model as bm
     from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
 
-    stack = args.llama_stack is not None
+    stack = args.llama_stack is not None or args.arch is not None
     preds, pats = args.predictors, args.patterns
     if preds is None and pats is None:
         if stack:
@@ -81,10 +85,14 @@ def run(args: argparse.Namespace) -> int:
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
     progress = not args.quiet
-    if stack:
+    if args.llama_stack is not None:
         name = f"llama-3.1-8b-shaped stack, {args.llama_stack} layers, random weights"
         model = bm.build_llama_stack(args.llama_stack, device=dev, dtype=dtype, max_len=max(131072, max(lengths)),
                                      seed=args.seed)
+        tokenizer = None
+    elif args.arch is not None:
+        model = bm.build_random_model(args.arch, layers=args.layers, device=dev, dtype=dtype, seed=args.seed)
+        name = f"{args.arch}-shaped, {model.config.num_hidden_layers} layers, random weights"
         tokenizer = None
     else:
         name = args.model or "smollm2-135m"

@@ -54,7 +54,7 @@ import torch
 
 from sparseattn._validation import check_positive_int, fail
 
-__all__ = ["RowSpec", "parse_rows", "load_model", "build_llama_stack", "env_info", "bench_model", "write_outputs", "table",
+__all__ = ["RowSpec", "parse_rows", "load_model", "build_llama_stack", "build_random_model", "RANDOM_ARCHS", "env_info", "bench_model", "write_outputs", "table",
            "markdown_table", "ALL_BLOCKS_SPEC", "LLAMA_STACK_DEFAULT_PATTERNS"]
 
 ALL_BLOCKS_SPEC = "dense"  # the static pattern of the all-blocks row
@@ -99,31 +99,67 @@ def parse_rows(predictors: str | Sequence[str] | None, patterns: str | Sequence[
 
 
 # --------------------------------------------------------------------------- models and inputs
-def build_llama_stack(layers: int, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                      max_len: int = 131072, seed: int = 0, **overrides: Any) -> torch.nn.Module:
-    """A Llama-3.1-8B-shaped decoder stack with random weights (``overrides`` change config fields).
+# random-weight architectures: (transformers model class, config class, config fields). The shapes are
+# the real models' (attention heads, head_dim, windows, layer types); weights are random, so times and
+# densities of static patterns / windows are what these are for, not accuracy.
+RANDOM_ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama-3.1-8b": ("LlamaForCausalLM", "LlamaConfig", dict(
+        vocab_size=128256, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        intermediate_size=14336, num_hidden_layers=32, max_position_embeddings=131072, tie_word_embeddings=False)),
+    "smollm2-135m": ("LlamaForCausalLM", "LlamaConfig", dict(
+        vocab_size=49152, hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+        intermediate_size=1536, num_hidden_layers=30, max_position_embeddings=8192, tie_word_embeddings=True)),
+    "gemma3-270m": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(
+        vocab_size=262144, hidden_size=640, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+        intermediate_size=2048, num_hidden_layers=18, max_position_embeddings=32768, sliding_window=512,
+        query_pre_attn_scalar=256,
+        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3)),
+}
 
-    Defaults: hidden 4096, 32 query / 8 KV heads, head_dim 128, intermediate 14336, vocab 128256,
-    rope_theta 500000, ``layers`` decoder layers, SDPA attention, eval mode.
+
+def build_random_model(arch: str, *, layers: int | None = None, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.bfloat16, max_len: int | None = None, seed: int = 0,
+                       **overrides: Any) -> torch.nn.Module:
+    """A decoder with the shapes of ``arch`` (one of :data:`RANDOM_ARCHS`) and random weights.
+
+    ``layers`` keeps the first ``layers`` decoder layers (their layer types too); ``overrides``
+    change config fields. SDPA attention, eval mode.
     """
     import transformers
 
-    check_positive_int("build_llama_stack", "layers", layers)
-    cfg_kw: dict[str, Any] = dict(vocab_size=128256, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
-                                  head_dim=128, intermediate_size=14336, num_hidden_layers=layers,
-                                  max_position_embeddings=max_len, rope_theta=500000.0, tie_word_embeddings=False)
+    fn = "build_random_model"
+    if arch not in RANDOM_ARCHS:
+        raise fail(fn, "arch", "is not a known architecture", f"one of {sorted(RANDOM_ARCHS)}", repr(arch))
+    model_cls, cfg_cls, fields = RANDOM_ARCHS[arch]
+    cfg_kw = dict(fields)
+    if layers is not None:
+        check_positive_int(fn, "layers", layers)
+        cfg_kw["num_hidden_layers"] = layers
+        if "layer_types" in cfg_kw:
+            cfg_kw["layer_types"] = list(cfg_kw["layer_types"])[:layers] + \
+                ["full_attention"] * max(0, layers - len(cfg_kw["layer_types"]))
+    if max_len is not None:
+        cfg_kw["max_position_embeddings"] = max(int(max_len), cfg_kw["max_position_embeddings"])
     cfg_kw.update(overrides)
-    cfg = transformers.LlamaConfig(**cfg_kw)
+    cfg = getattr(transformers, cfg_cls)(**cfg_kw)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = transformers.LlamaForCausalLM(cfg)
+            model = getattr(transformers, model_cls)(cfg)
     finally:
         torch.set_default_dtype(old)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def build_llama_stack(layers: int, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                      max_len: int = 131072, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A Llama-3.1-8B-shaped decoder stack of ``layers`` layers with random weights (see :func:`build_random_model`)."""
+    check_positive_int("build_llama_stack", "layers", layers)
+    return build_random_model("llama-3.1-8b", layers=layers, device=device, dtype=dtype, max_len=max_len, seed=seed,
+                              **overrides)
 
 
 def load_model(name_or_path: str, *, dtype: torch.dtype, device: str, need_tokenizer: bool = True) -> tuple[Any, Any]:
@@ -208,8 +244,8 @@ def _sync(cuda: bool) -> None:
 
 
 def _alternating(dense: Callable[[], Any], sparse: Callable[[], Any], *, repeats: int, warmup: int, cuda: bool,
-                 seq_len: int) -> dict[str, Any]:
-    """The same protocol as ``steady_prefill_times`` for arbitrary callables (compile mode)."""
+                 seq_len: int, what: str = "torch.compile'd prefill calls") -> dict[str, Any]:
+    """The same protocol as ``steady_prefill_times`` for arbitrary callables (compile and graphs modes)."""
     d_s: list[float] = []
     s_s: list[float] = []
     for r in range(warmup + repeats):
@@ -226,11 +262,26 @@ def _alternating(dense: Callable[[], Any], sparse: Callable[[], Any], *, repeats
     d, s = statistics.median(d_s), statistics.median(s_s)
     return {"dense_s": d, "sparse_s": s, "ratio": d / s if s > 0 else None, "dense_rounds_s": d_s,
             "sparse_rounds_s": s_s, "repeats": repeats, "warmup": warmup,
-            "method": (f"median of {repeats} torch.compile'd prefill calls after {warmup} warm-up round(s), dense and "
+            "method": (f"median of {repeats} {what} after {warmup} warm-up round(s), dense and "
                        f"sparse alternated, {'CUDA-synchronised, ' if cuda else ''}{seq_len} tokens, one process")}
 
 
+def _capture_graph(call: Callable[[], Any]) -> Callable[[], Any]:
+    """Capture ``call`` (a whole forward) in a CUDA graph after two warm-up calls on a side stream; returns replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph.replay
+
+
 # --------------------------------------------------------------------------- profiling
+_LAUNCH_RE = re.compile(r"^(cudaLaunchKernel|cuLaunchKernel|cudaLaunchKernelExC|cuLaunchKernelEx|cudaLaunchCooperativeKernel)")
 def _ev_attr(evt: Any, *names: str) -> float:
     for n in names:
         v = getattr(evt, n, None)
@@ -269,6 +320,20 @@ def _profile(call: Callable[[], Any], cuda: bool) -> dict[str, Any]:
         for name, r in ranges.items():  # device time of the kernels launched inside each named range
             r["device_total_ms"] = sum(_ev_attr(e, "device_time_total", "cuda_time_total") for e in events
                                        if e.name == name and e.device_type == DeviceType.CPU) / 1e3
+            r["launches"] = 0
+        # kernel launches (runtime and driver API calls) made inside each named range: per sparse layer call
+        for e in events:
+            if e.device_type != DeviceType.CPU or not _LAUNCH_RE.match(e.name):
+                continue
+            seen: set[str] = set()
+            par = getattr(e, "cpu_parent", None)
+            while par is not None:
+                if par.name in ranges and par.name not in seen:
+                    ranges[par.name]["launches"] += 1
+                    seen.add(par.name)
+                par = getattr(par, "cpu_parent", None)
+        for r in ranges.values():
+            r["launches_per_call"] = r["launches"] / r["calls"] if r["calls"] else None
     else:
         cpu_ops = [e for e in events if e.device_type == DeviceType.CPU and not e.name.startswith("sparseattn::")]
         attn = [e for e in cpu_ops if "scaled_dot_product" in e.name or "sparseattn" in e.name.lower()]
@@ -319,9 +384,9 @@ def _log(msg: str, progress: bool) -> None:
         print(f"[bench-model] {msg}", file=sys.stderr, flush=True)
 
 
-def _mean_sparse_density(report: dict[str, Any]) -> float | None:
+def _mean_sparse_density(report: dict[str, Any], mode: str = "sparse") -> float | None:
     vals = [e["density"] for e in report.get("layers", {}).values()
-            if isinstance(e, dict) and e.get("mode") == "sparse" and e.get("density") is not None]
+            if isinstance(e, dict) and e.get("mode") == mode and e.get("density") is not None]
     return float(sum(vals) / len(vals)) if vals else None
 
 
@@ -342,8 +407,8 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
     from sparseattn.integrations.transformers_patch import patch_model
 
     fn = "bench_model"
-    if mode not in ("eager", "compile"):
-        raise fail(fn, "mode", "is unknown", "'eager' or 'compile'", repr(mode))
+    if mode not in ("eager", "compile", "graphs"):
+        raise fail(fn, "mode", "is unknown", "'eager', 'compile' or 'graphs'", repr(mode))
     for name, val in (("repeats", repeats), ("warmup", warmup), ("score_last", score_last)):
         check_positive_int(fn, name, val)
     if not lengths:
@@ -359,6 +424,8 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     dtype = next(model.parameters()).dtype
+    if mode == "graphs" and not cuda:
+        raise fail(fn, "mode", "'graphs' captures CUDA graphs and needs a CUDA model", "a model on cuda", str(device))
     result: dict[str, Any] = {
         "tool": "sparseattn.eval.bench_model", "status_note": "script not yet run on a GPU when written",
         "env": env_info(), "model": model_name, "random_weights": random_weights, "device": str(device),
@@ -397,6 +464,9 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
         entry["dense_self_check"] = logits_metrics(dense_again, dense_logits)
         if profile:
             entry["dense_profile"] = _profile(lambda: fwd_dense(ids, use_cache=False, logits_to_keep=1), cuda)
+        dense_replay = None
+        if mode == "graphs":
+            dense_replay = _capture_graph(lambda: model(ids, use_cache=False, logits_to_keep=1))
         floor_logits: torch.Tensor | None = None
         dense_rounds: list[float] = []
         for i, row in enumerate(rows):
@@ -423,9 +493,23 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
                 rec["density"] = _mean_sparse_density(rep)
                 rec["backends"] = sorted({b for e in rep["layers"].values() for b in e.get("backends", ())})
                 rec["layer_calls"] = dict(h.counts)
+                modes = [e["mode"] for e in rep["layers"].values()]
+                rec["layer_modes"] = {m: modes.count(m) for m in sorted(set(modes))}
+                rec["window_density"] = _mean_sparse_density(rep, "window")
                 if profile:
                     with _Instrument(h, row.predictor):
                         rec["profile"] = _profile(lambda: fwd(ids, use_cache=False, logits_to_keep=1), cuda)
+                t = None
+                if mode == "graphs":
+                    try:
+                        sparse_replay = _capture_graph(lambda: model(ids, use_cache=False, logits_to_keep=1))
+                        t = _alternating(dense_replay, sparse_replay, repeats=repeats, warmup=warmup, cuda=cuda,
+                                         seq_len=n, what="CUDA-graph replays of whole prefills")
+                        del sparse_replay
+                    except Exception as exc:  # noqa: BLE001 - a finding to report, with the reason
+                        rec["graphs_error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+                        _log(f"  CUDA graph capture of the patched model failed: {rec['graphs_error']}; "
+                             "this row is timed eagerly (see graphs_error)", progress)
             rec["vs_dense"] = logits_metrics(sparse_logits, dense_logits)
             if row.kind == "all_blocks":
                 floor_logits = sparse_logits
@@ -442,7 +526,7 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
                         compiled_sparse(ids, use_cache=False, logits_to_keep=1)
 
                 t = _alternating(d, s, repeats=repeats, warmup=warmup, cuda=cuda, seq_len=n)
-            else:
+            elif t is None:
                 t = steady_prefill_times(model, ids, kw, repeats=repeats, warmup=warmup)
             rec.update(t)
             rec["ratio_rounds"] = [a / b if b > 0 else None for a, b in zip(t["dense_rounds_s"], t["sparse_rounds_s"])]
@@ -451,7 +535,7 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
             _log(f"  dense {t['dense_s'] * 1e3:.1f} ms, sparse {t['sparse_s'] * 1e3:.1f} ms, ratio {t['ratio']:.3f}, "
                  f"density {rec['density']}, cosine {rec['vs_dense']['logits_cosine']:.6f}", progress)
         entry["dense_s_all_rounds_median"] = statistics.median(dense_rounds) if dense_rounds else None
-        del dense_logits, floor_logits, dense_again, ids
+        del dense_logits, floor_logits, dense_again, ids, dense_replay
         if cuda:
             torch.cuda.empty_cache()
         result["lengths"].append(entry)
@@ -463,16 +547,17 @@ def _f(x: Any, fmt: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-_COLS = ("len", "row", "density", "dense ms", "sparse ms", "ratio", "cos vs dense", "top1", "KL", "cos vs all-blocks",
-         "kernels/ops")
+_COLS = ("len", "row", "density", "window dens.", "dense ms", "sparse ms", "ratio", "cos vs dense", "top1", "KL",
+         "top1 vs all-blocks", "kernels/ops", "launches/layer")
 
 
 def _cells(r: dict[str, Any]) -> list[str]:
     vd, vf, pr = r.get("vs_dense") or {}, r.get("vs_all_blocks") or {}, r.get("profile") or {}
-    return [str(r["seq_len"]), r["label"], _f(r.get("density"), ".3f"), _f(r["dense_s"] * 1e3, ".1f"),
-            _f(r["sparse_s"] * 1e3, ".1f"), _f(r.get("ratio"), ".3f"), _f(vd.get("logits_cosine"), ".6f"),
-            _f(vd.get("top1_agreement"), ".3f"), _f(vd.get("kl_dense_sparse"), ".2e"), _f(vf.get("logits_cosine"), ".6f"),
-            _f(pr.get("count"), "d")]
+    per_layer = ((pr.get("ranges") or {}).get("sparseattn::layer_attention") or {}).get("launches_per_call")
+    return [str(r["seq_len"]), r["label"], _f(r.get("density"), ".3f"), _f(r.get("window_density"), ".3f"),
+            _f(r["dense_s"] * 1e3, ".1f"), _f(r["sparse_s"] * 1e3, ".1f"), _f(r.get("ratio"), ".3f"),
+            _f(vd.get("logits_cosine"), ".6f"), _f(vd.get("top1_agreement"), ".3f"), _f(vd.get("kl_dense_sparse"), ".2e"),
+            _f(vf.get("top1_agreement"), ".3f"), _f(pr.get("count"), "d"), _f(per_layer, ".1f")]
 
 
 def markdown_table(res: dict[str, Any]) -> str:

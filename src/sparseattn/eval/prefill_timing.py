@@ -7,7 +7,9 @@ load) hits both alike. A mean of cold calls measures autotuning and first-call w
 
 :func:`steady_prefill_times` does exactly this for one input: each round times one dense prefill
 (the unpatched model) and one sparse prefill (the model patched for that call only), both
-``model(ids, use_cache=False, logits_to_keep=1)``.
+``model(ids, use_cache=False, logits_to_keep=1)``. Patching and unpatching happen outside the timed
+region (they are set-up, not prefill work), and a predictor given as a spec string is resolved once,
+so its caches persist from round to round as they would in a served model.
 """
 
 from __future__ import annotations
@@ -64,15 +66,26 @@ def steady_prefill_times(model: Any, ids: torch.Tensor, patch_kwargs: Mapping[st
     def dense() -> None:
         model(ids, use_cache=False, logits_to_keep=1)
 
-    def sparse() -> None:
-        with patch_model(model, **patch_kwargs):
-            model(ids, use_cache=False, logits_to_keep=1)
+    kw = dict(patch_kwargs)
+    from sparseattn.integrations.transformers_patch import pattern_predictor, resolve_predictor
+
+    if isinstance(kw.get("predictor"), str):
+        kw["predictor"] = resolve_predictor(kw["predictor"])
+    if kw.get("pattern") is not None and kw.get("predictor") is None:
+        kw["predictor"] = pattern_predictor(kw.pop("pattern"))
+
+    def sparse_round() -> float:
+        handle = patch_model(model, **kw)
+        try:
+            return _timed(dense, cuda)  # the same call, now through the patched attention
+        finally:
+            handle.unpatch()
 
     dense_s: list[float] = []
     sparse_s: list[float] = []
     for r in range(warmup + repeats):
         td = _timed(dense, cuda)
-        ts = _timed(sparse, cuda)
+        ts = sparse_round()
         if r >= warmup:
             dense_s.append(td)
             sparse_s.append(ts)

@@ -11,11 +11,23 @@ switches the model to it. Every attention layer then calls back into its :class:
 * **decode / chunked prefill** (``N_q < N_kv`` with a KV cache): the model's own dense attention,
   so ``generate`` is exact given the prefill;
 * **dense layers** (``dense_layers``, ``per_layer={i: "dense"}``): the model's own attention;
-* **sliding-window layers** (Gemma-2/3, Qwen2 with ``use_sliding_window``, Mistral): the model's
-  own windowed attention, unchanged and reported as ``"model_window"``.
+* **sliding-window layers** (Gemma-2/3, Qwen2 with ``use_sliding_window``, Mistral): exact
+  windowed attention on sparseattn's path (reported as ``"window"``): on CUDA the Triton kernel over
+  the band of key blocks the window touches, with the token-level window applied in the boundary
+  blocks, so such a layer costs the band and not the whole causal square; on CPU the exact masked
+  SDPA restricted to the band. The window is the model's (``kv > q - sliding_window``).
 
-Padded batches (an attention mask that is not plain causal) are refused with a ``ValueError``.
-The handle records the block density each prefill actually used per layer and head.
+Masks: the model's mask builder is transformers' ``sdpa_mask`` with one change, made only for a
+prefill with no cache (``q_offset == 0``, ``N_q == N_kv``) whose mask transformers allows to be
+skipped: a sliding-window layer's mask is skipped too (``None``) when no token is padded, since this
+module applies the window itself. A mask that is still given (padding, packed sequences, custom
+masks) is compared with the plain causal (+ window) mask once per mask object and forward (one host
+read); a sparse layer refuses anything else with a ``ValueError``, a window or dense layer hands it to
+the model's own attention, which applies it exactly.
+
+The hot path (per layer and prefill) does no host synchronisation: static layouts and routing are
+cached per shape, accounting stays on the device, and on CUDA the kernel writes its output straight
+into the ``(B, N, H, D)`` tensor transformers expects (no transpose copy).
 """
 
 from __future__ import annotations
@@ -40,6 +52,27 @@ ATTN_NAME_EAGER = "sparseattn_eager"
 _HANDLE_ATTR = "_sparseattn_handle"
 _LAYER_ATTR = "_sparseattn_layer"
 _BACKENDS = ("auto", "masked_sdpa", "reference", "triton", "attention")
+
+
+def _bands_cache() -> Any:
+    from sparseattn._cache import BoundedCache
+
+    return BoundedCache(32, name="integrations.window_bands")
+
+
+_BANDS = _bands_cache()  # exact sliding-window band layouts, per (B, H, N_q, N_kv, window, block, device)
+
+
+def _small_cache(name: str, size: int) -> Any:
+    from sparseattn._cache import BoundedCache
+
+    return BoundedCache(size, name=name)
+
+
+# shared by every handle (a benchmark patches and unpatches per round): the backend chosen per shape, and
+# the density of static layouts (held with the layout, so an id is never reused while cached)
+_ROUTES = _small_cache("integrations.routes", 256)
+_STATIC_DENSITY = _small_cache("integrations.static_density", 64)
 
 
 # --------------------------------------------------------------------------- static pattern predictor
@@ -79,9 +112,17 @@ class PatternPredictor:
     name = "pattern"
 
     def __init__(self, config: PatternConfig) -> None:
+        from sparseattn._cache import BoundedCache
+
         self.config = config
+        # the pattern depends only on the shapes: built once per (shape, device), reused by every layer and call
+        self._layouts: BoundedCache[tuple[Any, ...], BlockLayout] = BoundedCache(16)
 
     def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:
+        key = (q.shape[0], q.shape[1], q.shape[2], k.shape[2], bool(causal), str(q.device))
+        return self._layouts.get_or_build(key, lambda: self._build(q, k, causal))
+
+    def _build(self, q: torch.Tensor, k: torch.Tensor, causal: bool) -> BlockLayout:
         from sparseattn.layout.patterns import make_pattern
 
         kw = dict(self.config.kwargs)
@@ -203,9 +244,31 @@ def register_attention() -> None:
 
     AttentionInterface.register(ATTN_NAME, _attention_forward)
     AttentionInterface.register(ATTN_NAME_EAGER, _attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, _prefill_mask(sdpa_mask))
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME_EAGER, eager_mask)
     _REGISTERED = True
+
+
+def _prefill_mask(sdpa_mask: Callable[..., Any]) -> Callable[..., Any]:
+    """transformers' ``sdpa_mask``, except that a cache-free prefill may skip a sliding-window mask too.
+
+    transformers only calls the mask builder with ``allow_is_causal_skip=True`` for the plain causal
+    or sliding-window-causal mask (any extra mask function, packing or blockwise overlay turns it
+    off). ``sdpa_mask`` then returns ``None`` when no token is padded, except for a window shorter
+    than the sequence (``local_size``): SDPA would need the mask. Our attention applies the window
+    itself (from the layer's ``sliding_window`` argument), so for a prefill with no cache the window
+    is not a reason to build an ``N × N`` mask. Everything else is passed through unchanged (decode
+    steps and chunked prefill keep their materialised masks).
+    """
+
+    def mask(*args: Any, **kwargs: Any) -> Any:
+        if (not args and kwargs.get("local_size") is not None and kwargs.get("allow_is_causal_skip", True)
+                and isinstance(kwargs.get("q_offset", 0), int) and kwargs.get("q_offset", 0) == 0
+                and kwargs.get("q_length") == kwargs.get("kv_length")):
+            kwargs = dict(kwargs, local_size=None)
+        return sdpa_mask(*args, **kwargs)
+
+    return mask
 
 
 # --------------------------------------------------------------------------- helpers
@@ -231,23 +294,37 @@ def get_handle(model: torch.nn.Module) -> "PatchHandle | None":
     return getattr(model, _HANDLE_ATTR, None)
 
 
-def _causal_equivalent(mask: torch.Tensor, nq: int, nkv: int) -> bool:
+def _causal_equivalent(mask: torch.Tensor, nq: int, nkv: int, window: int | None = None) -> bool:
+    """Whether ``mask`` (bool, or float with 0 = attend) is the plain causal mask (+ the sliding window)."""
     m = mask[..., :nkv]
     allowed = m if m.dtype == torch.bool else (m == 0)
     r = torch.arange(nq, device=m.device)[:, None]
     c = torch.arange(nkv, device=m.device)[None, :]
     causal = c <= r + (nkv - nq)
-    return bool((allowed == causal).all())
+    if window is not None:
+        causal = causal & (c > r + (nkv - nq) - window)
+    return bool((allowed == causal).all())  # the one host read, once per mask object and forward (cached)
+
+
+def _window_mask(nq: int, nkv: int, window: int, device: torch.device) -> torch.Tensor:
+    """Bool ``(1, 1, N_q, N_kv)`` causal sliding-window mask (for the model's own attention on a window layer)."""
+    r = torch.arange(nq, device=device)[:, None]
+    c = torch.arange(nkv, device=device)[None, :]
+    off = nkv - nq
+    return ((c <= r + off) & (c > r + off - window))[None, None]
 
 
 def masked_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, *,
-                          scale: float | None = None, chunk_rows: int = 1024) -> torch.Tensor:
+                          scale: float | None = None, chunk_rows: int = 1024,
+                          sliding_window: int | None = None) -> torch.Tensor:
     """Exact causal block-sparse attention via SDPA with the layout's element mask (CPU fast path).
 
     Computes exactly what :func:`sparseattn.reference_attention` computes with ``causal=True`` and
     the same layout (rows with no selected key give 0), in query chunks of ``chunk_rows`` so memory
     stays ``O(chunk_rows · N_kv)`` per head. Used by :func:`patch_model` on CPU when no
     ``pv_threshold`` is set; the time it takes is that of dense attention, not of the layout.
+    ``sliding_window`` (``W``) restricts query ``i`` further to keys ``> i + N_kv - N_q - W`` (each chunk
+    then reads only the keys its rows' windows reach).
 
     Shapes:
         q ``(B, H, N_q, D)``, k/v ``(B, H_kv, N_kv, D)`` → out ``(B, H, N_q, D)``.
@@ -263,7 +340,7 @@ def masked_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
                       "so they reach exactly the rows that attend them", RuntimeWarning, stacklevel=2)
         from sparseattn.ops.reference import reference_attention
 
-        return reference_attention(q, k, v, causal=True, layout=layout, scale=scale).out
+        return reference_attention(q, k, v, causal=True, layout=layout, scale=scale, sliding_window=sliding_window).out
     bm, bn = layout.block_m, layout.block_n
     chunk_rows = max(bm, (chunk_rows // bm) * bm)
     num, idx = layout.kv_num_blocks, layout.kv_indices
@@ -279,11 +356,14 @@ def masked_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
     for r0 in range(0, Nq, chunk_rows):
         r1 = min(Nq, r0 + chunk_rows)
         kend = max(1, min(Nkv, r1 + off))
+        kbeg = 0 if sliding_window is None else min(max(0, r0 + off - sliding_window + 1), kend - 1)
         rows = torch.arange(r0, r1, device=q.device)
-        cols = torch.arange(kend, device=q.device)
+        cols = torch.arange(kbeg, kend, device=q.device)
         em = block_mask[:, :, rows // bm][:, :, :, cols // bn]
         em = em & (cols[None, :] <= rows[:, None] + off)
-        o = torch.nn.functional.scaled_dot_product_attention(q[:, :, r0:r1], k[:, :, :kend], v[:, :, :kend],
+        if sliding_window is not None:
+            em = em & (cols[None, :] > rows[:, None] + off - sliding_window)
+        o = torch.nn.functional.scaled_dot_product_attention(q[:, :, r0:r1], k[:, :, kbeg:kend], v[:, :, kbeg:kend],
                                                              attn_mask=em, scale=scale, enable_gqa=H != k.shape[1])
         if bool(torch.isnan(o).any()):  # rows with no selected key (SDPA gives NaN there): 0, as the reference
             empty = ~em.any(-1, keepdim=True)
@@ -297,7 +377,9 @@ class PatchHandle:
     """State of one patched model; returned by :func:`patch_model`.
 
     Attributes:
-        layer_modes: ``{layer: "sparse" | "dense" | "model_window"}``.
+        layer_modes: ``{layer: "sparse" | "window" | "dense" | "model_window"}`` (``"window"``: exact
+            sliding-window attention on sparseattn's path; ``"model_window"``: a window layer the model
+            runs itself because it uses a feature sparseattn lacks, e.g. logit softcapping).
         densities: ``{layer: [tensor[H] per prefill call]}`` — block density actually used per
             head (selected / available blocks of the causal region, averaged over the batch), float64
             on the model's device: recorded without a host sync, read by :meth:`sparsity_report`.
@@ -306,6 +388,8 @@ class PatchHandle:
         captured: ``{layer: {"q", "k", "v"}}`` post-RoPE tensors ``(B, H|H_kv, N, D)`` when
             :meth:`capture` is active (prefill calls only; the last one wins).
         layouts: ``{layer: BlockLayout}`` of the last prefill when ``keep_layouts`` is True.
+        dense_above: density above which a sparse layer runs the model's dense attention instead
+            (``None``: never); ``dense_fallbacks`` counts those calls per layer.
         timings: ``{layer: seconds}`` summed over prefill calls (prediction + attention).
 
     Use as a context manager to unpatch on exit.
@@ -324,6 +408,8 @@ class PatchHandle:
         self.impl_name = name
         self._dense_fn = dense_fn
         self.keep_layouts = keep_layouts
+        self.dense_above: float | None = None
+        self.dense_fallbacks: dict[int, int] = {}
         self.capture_layers: set[int] | None = None
         self.capture_device: str | torch.device | None = None
         self.captured: dict[int, dict[str, torch.Tensor]] = {}
@@ -334,9 +420,14 @@ class PatchHandle:
         self.counts = {"prefill_sparse": 0, "prefill_dense": 0, "decode_dense": 0}
         self._hook: Any = None
         self.active = True
+        # mask verdicts of the current forward (see _mask_ok); routes and static densities are module caches
+        self._mask_verdicts: dict[tuple[Any, ...], bool] = {}
+        self._mask_refs: list[torch.Tensor] = []
 
     # ---------------------------------------------------------------- lifecycle
     def _on_forward(self, *_: Any, **__: Any) -> None:
+        self._mask_verdicts.clear()  # masks are built per forward: verdicts hold for one forward only
+        self._mask_refs.clear()
         seen: set[int] = set()
         for pred in list(self.predictors.values()) + [p for d in self.per_head.values() for p in d.values()]:
             if pred is not None and id(pred) not in seen:
@@ -370,6 +461,7 @@ class PatchHandle:
         self.densities.clear()
         self.backends_used.clear()
         self.timings.clear()
+        self.dense_fallbacks.clear()
         self.layouts.clear()
         self.captured.clear()
         self.counts = {k: 0 for k in self.counts}
@@ -400,6 +492,8 @@ class PatchHandle:
                 entry["sparsity"] = None
             if idx in self.timings:
                 entry["seconds"] = self.timings[idx]
+            if self.dense_fallbacks.get(idx):
+                entry["dense_fallbacks"] = self.dense_fallbacks[idx]
             layers[str(idx)] = entry
         dens = [e["density"] for e in layers.values() if e["density"] is not None]
         return {
@@ -413,6 +507,24 @@ class PatchHandle:
         }
 
     # ---------------------------------------------------------------- the attention call
+    def _mask_ok(self, mask: torch.Tensor, nq: int, nkv: int, window: int | None) -> bool:
+        """Whether ``mask`` is plain causal (+ window); one host read per mask object, cached for the forward."""
+        key = (id(mask), mask.data_ptr(), mask._version, tuple(mask.shape), nq, nkv, window)
+        verdict = self._mask_verdicts.get(key)
+        if verdict is None:
+            verdict = self._mask_verdicts[key] = _causal_equivalent(mask, nq, nkv, window)
+            self._mask_refs.append(mask)  # keeps the object alive, so its id is not reused within the forward
+        return verdict
+
+    def _dense_call(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, kwargs: dict[str, Any], window: int | None,
+                    counter: str) -> tuple[torch.Tensor, Any]:
+        self.counts[counter] += 1
+        if attention_mask is None and window is not None and query.shape[2] > 1:
+            # our mask builder skipped this window mask (see _prefill_mask): the model's attention needs it
+            attention_mask = _window_mask(query.shape[2], key.shape[2], window, query.device)
+        return self._dense_fn(module, query, key, value, attention_mask, **kwargs)
+
     def _forward(self, module: torch.nn.Module, layer: int, query: torch.Tensor, key: torch.Tensor,
                  value: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
         nq, nkv = query.shape[2], key.shape[2]
@@ -421,58 +533,162 @@ class PatchHandle:
             dev = self.capture_device if self.capture_device is not None else query.device
             self.captured[layer] = {n: t.detach().to(dev, copy=True).contiguous()
                                     for n, t in (("q", query), ("k", key), ("v", value))}
+        window = kwargs.get("sliding_window")
+        if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+            window = None
         mode = self.layer_modes[layer]
-        if kwargs.get("sliding_window") is not None and mode == "sparse":  # a window the model applies itself
-            mode = self.layer_modes[layer] = "model_window"
-        if not prefill or mode != "sparse":
-            self.counts["decode_dense" if not prefill else "prefill_dense"] += 1
-            return self._dense_fn(module, query, key, value, attention_mask, **kwargs)
+        if window is not None and mode == "sparse":  # a window the layer announces at run time (Mistral)
+            mode = self.layer_modes[layer] = "window"
+        if not prefill:
+            return self._dense_call(module, query, key, value, attention_mask, kwargs, None, "decode_dense")
+        # a window as long as the keys restricts nothing: plain causal
+        win = window if (window is not None and window < nkv) else None
+        ok = attention_mask is None or self._mask_ok(attention_mask, nq, nkv, win)
+        if mode in ("dense", "model_window") or (mode == "window" and not ok):
+            return self._dense_call(module, query, key, value, attention_mask, kwargs, win, "prefill_dense")
 
         fn = "patch_model"
-        if attention_mask is not None and not _causal_equivalent(attention_mask, nq, nkv):
+        if not ok:
             raise fail(fn, "attention_mask", "is not plain causal (padding or a custom mask); sparse prefill "
                        "supports unpadded causal inputs only", "no padding (run one sequence per batch or equal lengths)",
                        f"a mask of shape {tuple(attention_mask.shape)} with masked-out positions")
+        unsupported = None
         if kwargs.get("softcap") is not None:
-            raise NotImplementedError(f"{fn}: layer {layer} uses attention logit softcapping "
-                                      f"(softcap={kwargs['softcap']}), which no sparseattn backend implements; "
-                                      f"keep it dense with dense_layers=[{layer}, ...]")
-        if kwargs.get("s_aux") is not None:
-            raise NotImplementedError(f"{fn}: layer {layer} uses attention sinks (s_aux), which no sparseattn backend "
+            unsupported = f"attention logit softcapping (softcap={kwargs['softcap']})"
+        elif kwargs.get("s_aux") is not None:
+            unsupported = "attention sinks (s_aux)"
+        elif module.training and float(kwargs.get("dropout", 0.0) or 0.0) > 0:
+            unsupported = "attention dropout in training mode (call model.eval())"
+        if unsupported is not None:
+            if mode == "window":  # the model's own windowed attention stays exact
+                self.layer_modes[layer] = "model_window"
+                return self._dense_call(module, query, key, value, attention_mask, kwargs, win, "prefill_dense")
+            raise NotImplementedError(f"{fn}: layer {layer} uses {unsupported}, which no sparseattn backend "
                                       f"implements; keep it dense with dense_layers=[{layer}, ...]")
-        if module.training and float(kwargs.get("dropout", 0.0) or 0.0) > 0:
-            raise NotImplementedError(f"{fn}: attention dropout in training mode is not supported; call model.eval()")
 
         t0 = time.perf_counter()
-        layout = self._layout(layer, query, key)
         scale = kwargs.get("scaling")
-        pred = self.predictors[layer]
-        pv = getattr(getattr(pred, "config", None), "pv_threshold", None)
-        backend = self.backend
-        if backend == "auto":
-            backend = "attention" if (query.is_cuda or pv is not None) else "masked_sdpa"
-        if backend == "masked_sdpa":
+        B, H, _, D = query.shape
+        if mode == "window":
+            layout, pv, static = self._band(B, H, nq, nkv, win, query), None, True
+        else:
+            pred = self.predictors[layer]
+            layout = self._layout(layer, query, key)
+            pv = getattr(getattr(pred, "config", None), "pv_threshold", None)
+            static = isinstance(pred, PatternPredictor) and not self.per_head.get(layer)
+        if self.dense_above is not None and mode == "sparse" and self._too_dense(layout, static):
+            self.dense_fallbacks[layer] = self.dense_fallbacks.get(layer, 0) + 1
+            self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
+            ones_key = ("ones", H, str(query.device))
+            ones = _STATIC_DENSITY.get(ones_key)
+            if ones is None:
+                ones = _STATIC_DENSITY.put(ones_key, (None, torch.ones(H, dtype=torch.float64, device=query.device)))
+            self.densities.setdefault(layer, []).append(ones[1])  # the layer ran every block
+            return self._dense_call(module, query, key, value, attention_mask, kwargs, None, "prefill_dense")
+        used = self._route(mode, query, key, value, layout, pv, win)
+        if used == "masked_sdpa":
             if pv is not None:
                 raise NotImplementedError(f"{fn}: backend='masked_sdpa' cannot apply pv_threshold={pv}; use "
                                           "backend='auto', 'reference' or 'triton'")
-            out = masked_sdpa_attention(query, key, value, layout, scale=scale)
-            used = "masked_sdpa"
-        else:
-            from sparseattn.ops.attention import attention, select_backend
+            out = masked_sdpa_attention(query, key, value, layout, scale=scale, sliding_window=win).transpose(1, 2)
+        elif used == "triton":
+            from sparseattn.ops import triton_launch
 
-            b = "auto" if backend == "attention" else backend
-            used = select_backend(query, key, value, layout=layout, causal=True, pv_threshold=pv, backend=b)
-            out = attention(query, key, value, causal=True, layout=layout, scale=scale, backend=b, pv_threshold=pv).out
+            # the kernel writes (B, N, H, D) directly through a transposed view: no copy afterwards
+            out = torch.empty((B, nq, H, D), dtype=query.dtype, device=query.device)
+            triton_launch.block_sparse_fwd(query, key, value, layout=layout, causal=True, scale=scale,
+                                           pv_threshold=pv, out=out.transpose(1, 2), sliding_window=win)
+        else:
+            from sparseattn.ops.attention import attention
+
+            out = attention(query, key, value, causal=True, layout=layout, scale=scale, backend=used,
+                            pv_threshold=pv, sliding_window=win).out.transpose(1, 2)
         self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
         self.counts["prefill_sparse"] += 1
-        # accounting stays on the device (no host sync in the forward); read when reported
-        avail = max(layout.available_blocks(causal=True), 1)
-        self.densities.setdefault(layer, []).append(layout.selected_in_region(causal=True).mean(0, dtype=torch.float64)
-                                                    / avail)
+        self.densities.setdefault(layer, []).append(self._density(layout, static, win))
         self.backends_used.setdefault(layer, set()).add(used)
         if self.keep_layouts:
             self.layouts[layer] = layout
-        return out.transpose(1, 2).contiguous(), None
+        return (out if out.is_contiguous() else out.contiguous()), None
+
+    def _route(self, mode: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+               pv: float | None, window: int | None) -> str:
+        """The backend for this call: decided (and the inputs validated) once per shape, then cached.
+
+        Later calls with the same shapes only check the layout's geometry (attribute reads, no sync).
+        """
+        key = (self.backend, mode, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, k.dtype, v.dtype,
+               str(q.device), q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, pv is not None, window)
+        used = _ROUTES.get(key)
+        if used is None:
+            backend = self.backend
+            if backend == "auto":
+                backend = "attention" if (q.is_cuda or pv is not None) else "masked_sdpa"
+            if backend == "masked_sdpa":
+                used = "masked_sdpa"
+            else:
+                from sparseattn._validation import check_attention_args
+                from sparseattn.ops.attention import select_backend
+
+                check_attention_args("patch_model", q, k, v, causal=True, layout=layout, scale=None, pv_threshold=pv)
+                used = select_backend(q, k, v, layout=layout, causal=True, pv_threshold=pv,
+                                      backend="auto" if backend == "attention" else backend,
+                                      sliding_window=window)
+            _ROUTES.put(key, used)
+        elif (layout.seqlen_q, layout.seqlen_kv, layout.batch, layout.heads) != (q.shape[2], k.shape[2], q.shape[0], q.shape[1]) \
+                or layout.device != q.device:
+            from sparseattn._validation import check_layout_for
+
+            check_layout_for("patch_model", layout, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
+        return used
+
+    def _band(self, B: int, H: int, nq: int, nkv: int, window: int | None, q: torch.Tensor) -> BlockLayout:
+        """The exact band of a sliding-window layer (every causal block when ``window`` is None), cached per shape."""
+        blk = 128 if q.is_cuda else 64
+        key = (B, H, nq, nkv, window, blk, str(q.device))
+
+        def build() -> BlockLayout:
+            if window is None:
+                from sparseattn.layout.patterns import causal_layout
+
+                return causal_layout(nq, nkv, block_m=blk, block_n=blk, batch=B, heads=H, device=q.device)
+            from sparseattn.layout.patterns import sliding_window_band_layout
+
+            return sliding_window_band_layout(nq, nkv, window=window, block_m=blk, block_n=blk, batch=B, heads=H,
+                                              device=q.device)
+
+        return _BANDS.get_or_build(key, build)
+
+    def _too_dense(self, layout: BlockLayout, static: bool) -> bool:
+        """Whether the layout's density is above ``dense_above`` (a host read; cached for static layouts)."""
+        dens = self._density(layout, static, None)
+        key = ("too_dense", id(layout), self.dense_above)
+        if static:
+            hit = _STATIC_DENSITY.get(key)
+            if hit is not None and hit[0] is layout:
+                return hit[1]
+        if layout.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("patch_model: dense_above reads each predicted layer's density on the host, which a CUDA "
+                               "graph capture cannot do; capture with dense_above=None (or a static pattern)")
+        verdict = bool(dens.mean() > self.dense_above)  # the one host read of this call
+        if static:
+            _STATIC_DENSITY.put(key, (layout, verdict))
+        return verdict
+
+    def _density(self, layout: BlockLayout, static: bool, window: int | None) -> torch.Tensor:
+        """Per-head density of this call, on the device (float64 ``[H]``); cached for static layouts."""
+        def compute() -> torch.Tensor:
+            avail = max(layout.available_blocks(causal=True), 1)
+            return layout.selected_in_region(causal=True).mean(0, dtype=torch.float64) / avail
+
+        if not static:
+            return compute()
+        key = (id(layout), layout.seqlen_q, layout.seqlen_kv, window)
+        hit = _STATIC_DENSITY.get(key)
+        if hit is None or hit[0] is not layout:
+            hit = (layout, compute())
+            _STATIC_DENSITY.put(key, hit)
+        return hit[1]
 
     def _layout(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> BlockLayout:
         pred = self.predictors[layer]
@@ -555,6 +771,7 @@ def patch_model(
     per_head: Mapping[Any, Any] | None = None,
     backend: str = "auto",
     keep_layouts: bool = False,
+    dense_above: float | None = None,
 ) -> PatchHandle:
     """Route a transformers model's prefill attention through sparseattn.
 
@@ -574,6 +791,12 @@ def patch_model(
             exact ``"masked_sdpa"``), ``"masked_sdpa"``, ``"attention"`` (sparseattn's own dispatch),
             ``"reference"`` or ``"triton"``.
         keep_layouts: keep the last prefill's layout per layer in ``handle.layouts`` (for plots).
+        dense_above: a density in (0, 1]: a sparse layer whose predicted layout keeps more than this
+            share of its causal blocks runs the model's own dense attention for that call (the
+            crossover where the block-sparse kernel stops paying: measure it with ``sparseattn
+            bench`` / ``bench-model``, see BENCHMARKS.md). Costs one host read per predicted layer and
+            call (static patterns: once), so it cannot be used inside a CUDA graph capture. ``None``
+            (default) never falls back. ``handle.dense_fallbacks`` and the report count the fallbacks.
 
     Returns:
         A :class:`PatchHandle`; ``handle.unpatch()`` (or ``with patch_model(...)``) restores the model.
@@ -629,8 +852,8 @@ def patch_model(
 
     modes: dict[int, str] = {}
     for i, mod in layers:
-        if getattr(mod, "sliding_window", None) is not None:
-            modes[i] = "model_window"
+        if getattr(mod, "sliding_window", None) is not None and predictors[i] is not None:
+            modes[i] = "window"
         elif predictors[i] is None:
             modes[i] = "dense"
         else:
@@ -640,7 +863,11 @@ def patch_model(
     orig = model.config._attn_implementation
     name = ATTN_NAME_EAGER if orig == "eager" else ATTN_NAME
     dense_fn = _dense_function(model, orig, layers)
+    if dense_above is not None and (isinstance(dense_above, bool) or not isinstance(dense_above, (int, float))
+                                    or not 0.0 < float(dense_above) <= 1.0):
+        raise fail(fn, "dense_above", "must be a density in (0, 1] or None", "e.g. 0.8", repr(dense_above))
     handle = PatchHandle(model, layers, predictors, heads, modes, backend, orig, name, dense_fn, keep_layouts)
+    handle.dense_above = None if dense_above is None else float(dense_above)
     model.set_attn_implementation(name)
     if model.config._attn_implementation != name:
         model.set_attn_implementation(orig)

@@ -21,6 +21,7 @@ __all__ = [
     "dense_layout",
     "causal_layout",
     "sliding_window_layout",
+    "sliding_window_band_layout",
     "strided_layout",
     "random_layout",
     "block_diagonal_layout",
@@ -89,6 +90,38 @@ def sliding_window_layout(seqlen_q: int, seqlen_kv: int | None = None, *, window
     if not causal:
         mask = mask | ((j > d) & (j < d + window_blocks))
     return _shared(mask, seqlen_q, seqlen_kv, block_m, block_n, batch, heads, causal, device)
+
+
+def sliding_window_band_layout(seqlen_q: int, seqlen_kv: int | None = None, *, window: int, block_m: int = 64,
+                               block_n: int = 64, batch: int = 1, heads: int = 1,
+                               device: torch.device | str | None = None) -> BlockLayout:
+    """The key blocks an exact causal sliding window of ``window`` keys (tokens) needs, and no more.
+
+    Query row ``i`` attends keys ``j`` with ``i + OFF - window < j <= i + OFF`` (``OFF = seqlen_kv -
+    seqlen_q``, bottom-right alignment; transformers' / Mistral's ``sliding_window``). Query block
+    ``qb`` selects exactly the key blocks holding at least one key of some row's window: the union of
+    its rows' windows is the contiguous key range ``(first_row + OFF - window, last_row + OFF]``. Pair
+    it with ``attention(..., causal=True, sliding_window=window)`` for exact results (the element mask
+    is applied by the attention call; this layout only bounds the work). Unlike
+    :func:`sliding_window_layout` (whose width is counted in blocks) it is causal by construction.
+    Shared by all batches and heads (stride 0).
+
+    Shapes:
+        ``kv_num_blocks [batch, heads, ceil(seqlen_q / block_m)]``, ``kv_indices [..., ceil(seqlen_kv / block_n)]``.
+    """
+    fn = "sliding_window_band_layout"
+    seqlen_kv = seqlen_q if seqlen_kv is None else seqlen_kv
+    Mb, Nb = _geometry(fn, seqlen_q, seqlen_kv, block_m, block_n, batch, heads)
+    check_positive_int(fn, "window", window)
+    off = seqlen_kv - seqlen_q
+    i = torch.arange(Mb)
+    row_first = i * block_m
+    row_last = torch.clamp((i + 1) * block_m, max=seqlen_q) - 1
+    j = torch.arange(Nb)
+    col_first = j * block_n
+    col_last = torch.clamp((j + 1) * block_n, max=seqlen_kv) - 1
+    mask = (col_first[None, :] <= row_last[:, None] + off) & (col_last[None, :] > row_first[:, None] + off - window)
+    return _shared(mask, seqlen_q, seqlen_kv, block_m, block_n, batch, heads, False, device)
 
 
 def strided_layout(seqlen_q: int, seqlen_kv: int | None = None, *, stride: int = 4, local_blocks: int = 1,

@@ -4,6 +4,11 @@
 tensors it supports, the PyTorch reference otherwise (with a warning that names the reason when a
 CUDA input could not use the kernel). ``backend="triton"`` / ``"reference"`` force one; a forced
 backend that refuses the inputs raises ``NotImplementedError`` listing every backend and its reason.
+
+``sliding_window=W`` (causal only) without a layout runs on the band layout
+(:func:`~sparseattn.layout.patterns.sliding_window_band_layout`, 128×128 blocks), built once per
+(lengths, W, blocks, device) and kept in ``_BAND`` (a :class:`~sparseattn._cache.BoundedCache` of
+``_BAND_MAX`` entries, stride-0 over batch and heads), so its cost is the band's, not the causal square's.
 """
 
 from __future__ import annotations
@@ -13,20 +18,22 @@ from typing import Any, Callable
 
 import torch
 
+from sparseattn._cache import BoundedCache
 from sparseattn._validation import check_attention_args, fail
 from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.ops.reference import reference_attention
 from sparseattn.state.types import AttentionState
 
-__all__ = ["attention", "block_sparse_attention", "BACKENDS", "backend_refusals", "select_backend"]
+__all__ = ["attention", "block_sparse_attention", "band_layout", "BACKENDS", "backend_refusals", "select_backend"]
 
 
 def _reference_refusal(q: torch.Tensor, **_: Any) -> str | None:
     return None
 
 
-def _reference_run(q, k, v, *, causal, layout, scale, pv_threshold, stats) -> AttentionState:  # noqa: ANN001
-    return reference_attention(q, k, v, causal=causal, layout=layout, scale=scale, pv_threshold=pv_threshold, stats=stats)
+def _reference_run(q, k, v, *, causal, layout, scale, pv_threshold, stats, sliding_window=None) -> AttentionState:  # noqa: ANN001
+    return reference_attention(q, k, v, causal=causal, layout=layout, scale=scale, pv_threshold=pv_threshold, stats=stats,
+                               sliding_window=sliding_window)
 
 
 def _triton_refusal(q: torch.Tensor, **kw: Any) -> str | None:
@@ -35,14 +42,14 @@ def _triton_refusal(q: torch.Tensor, **kw: Any) -> str | None:
     return triton_launch.refusal(q, **kw)
 
 
-def _triton_run(q, k, v, *, causal, layout, scale, pv_threshold, stats) -> AttentionState:  # noqa: ANN001
+def _triton_run(q, k, v, *, causal, layout, scale, pv_threshold, stats, sliding_window=None) -> AttentionState:  # noqa: ANN001
     from sparseattn.ops import triton_launch
 
     return triton_launch.block_sparse_fwd(q, k, v, layout=layout, causal=causal, scale=scale,
-                                          pv_threshold=pv_threshold, stats=stats)
+                                          pv_threshold=pv_threshold, stats=stats, sliding_window=sliding_window)
 
 
-# name -> (refusal(q, k=, v=, layout=, causal=, pv_threshold=) -> reason | None, run)
+# name -> (refusal(q, k=, v=, layout=, causal=, pv_threshold=, sliding_window=) -> reason | None, run)
 BACKENDS: dict[str, tuple[Callable[..., str | None], Callable[..., AttentionState]]] = {
     "triton": (_triton_refusal, _triton_run),
     "reference": (_reference_refusal, _reference_run),
@@ -51,12 +58,14 @@ _AUTO_ORDER = ("triton", "reference")
 
 
 def backend_refusals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: BlockLayout | None = None,
-                     causal: bool = False, pv_threshold: float | None = None) -> dict[str, str | None]:
+                     causal: bool = False, pv_threshold: float | None = None,
+                     sliding_window: int | None = None) -> dict[str, str | None]:
     """For each backend, ``None`` if it accepts these inputs, else the reason it refuses."""
     out: dict[str, str | None] = {}
     for name, (refusal, _) in BACKENDS.items():
         try:
-            out[name] = refusal(q, k=k, v=v, layout=layout, causal=causal, pv_threshold=pv_threshold)
+            out[name] = refusal(q, k=k, v=v, layout=layout, causal=causal, pv_threshold=pv_threshold,
+                                sliding_window=sliding_window)
         except Exception as exc:  # a backend that cannot even be imported refuses, with the reason
             out[name] = f"{type(exc).__name__}: {exc}"
     return out
@@ -64,11 +73,12 @@ def backend_refusals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layou
 
 def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: BlockLayout | None = None,
                    causal: bool = False, pv_threshold: float | None = None, backend: str = "auto",
-                   func: str = "attention") -> str:
+                   func: str = "attention", sliding_window: int | None = None) -> str:
     """Name of the backend that will run (see module docstring for the rules)."""
     if backend != "auto" and backend not in BACKENDS:
         raise fail(func, "backend", "is unknown", f"one of {['auto', *BACKENDS]}", repr(backend))
-    reasons = backend_refusals(q, k, v, layout=layout, causal=causal, pv_threshold=pv_threshold)
+    reasons = backend_refusals(q, k, v, layout=layout, causal=causal, pv_threshold=pv_threshold,
+                               sliding_window=sliding_window)
     if backend != "auto":
         if reasons[backend] is None:
             return backend
@@ -97,6 +107,7 @@ def attention(
     backend: str = "auto",
     pv_threshold: float | None = None,
     stats: dict[str, Any] | None = None,
+    sliding_window: int | None = None,
 ) -> AttentionState:
     """Dense (``layout=None``) or block-sparse attention with natural-log LSE.
 
@@ -108,6 +119,10 @@ def attention(
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
         pv_threshold: optional softmax-aware P·V skip (see :func:`reference_attention`).
         stats: optional dict the backend fills with counters (visited / skipped tiles).
+        sliding_window: exact causal sliding window of ``W`` keys (transformers' ``sliding_window``;
+            ``causal=True`` only): query ``i`` attends keys ``j`` with ``i + OFF - W < j <= i + OFF``
+            (``OFF = N_kv - N_q``), intersected with ``layout``. With ``layout=None`` the band layout
+            is built (and cached) here, so only the band is computed.
 
     Returns:
         ``AttentionState(out, lse)``: out ``(B, H, N_q, D)`` in q's dtype; lse ``(B, H, N_q)``
@@ -118,9 +133,41 @@ def attention(
         q ``(B, H, N_q, D)``, k/v ``(B, H_kv, N_kv, D)``.
     """
     fn = "attention"
-    check_attention_args(fn, q, k, v, causal=causal, layout=layout, scale=scale, pv_threshold=pv_threshold)
-    name = select_backend(q, k, v, layout=layout, causal=causal, pv_threshold=pv_threshold, backend=backend, func=fn)
-    return BACKENDS[name][1](q, k, v, causal=causal, layout=layout, scale=scale, pv_threshold=pv_threshold, stats=stats)
+    (B, H, _, Nq, Nkv, _), _ = check_attention_args(fn, q, k, v, causal=causal, layout=layout, scale=scale,
+                                                    pv_threshold=pv_threshold, sliding_window=sliding_window)
+    if sliding_window is not None and sliding_window >= Nkv:
+        sliding_window = None  # the window holds every causally visible key: plain causal attention
+    if sliding_window is not None and layout is None:
+        layout = band_layout(B, H, Nq, Nkv, sliding_window, q.device)
+    name = select_backend(q, k, v, layout=layout, causal=causal, pv_threshold=pv_threshold, backend=backend, func=fn,
+                          sliding_window=sliding_window)
+    return BACKENDS[name][1](q, k, v, causal=causal, layout=layout, scale=scale, pv_threshold=pv_threshold, stats=stats,
+                             sliding_window=sliding_window)
+
+
+_BAND_BLOCK = 128  # the blocks of the launcher's own dense layout (the kernel's fastest tiles)
+_BAND_MAX = 64
+_BAND: BoundedCache[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = BoundedCache(_BAND_MAX, name="attention._BAND")
+
+
+def band_layout(B: int, H: int, Nq: int, Nkv: int, window: int, device: torch.device | str,
+                block: int = _BAND_BLOCK) -> BlockLayout:
+    """The cached sliding-window band layout (``block`` x ``block``), expanded (stride 0) to ``B x H``.
+
+    One ``[1, 1, Mb]`` / ``[1, 1, Mb, Nb]`` pair per (lengths, window, block, device) in ``_BAND``.
+    """
+    from sparseattn._cache import device_key
+
+    dev = device_key(device)
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        from sparseattn.layout.patterns import sliding_window_band_layout
+
+        lay = sliding_window_band_layout(Nq, Nkv, window=window, block_m=block, block_n=block, device=dev)
+        return lay.kv_num_blocks[:1, :1].contiguous(), lay.kv_indices[:1, :1].contiguous()
+
+    num, idx = _BAND.get_or_build((Nq, Nkv, window, block, block, dev), build)
+    return BlockLayout(num.expand(B, H, -1), idx.expand(B, H, -1, -1), block, block, Nq, Nkv, validate=False)
 
 
 def block_sparse_attention(
@@ -134,9 +181,13 @@ def block_sparse_attention(
     backend: str = "auto",
     pv_threshold: float | None = None,
     stats: dict[str, Any] | None = None,
+    sliding_window: int | None = None,
 ) -> AttentionState:
-    """Block-sparse attention driven by ``layout`` (see :func:`attention`; returns natural-log lse)."""
+    """Block-sparse attention driven by ``layout`` (see :func:`attention`; returns natural-log lse).
+
+    ``sliding_window`` (causal only) intersects the layout with an exact window of that many keys.
+    """
     if layout is None:
         raise fail("block_sparse_attention", "layout", "is required", "a BlockLayout", "None")
     return attention(q, k, v, causal=causal, layout=layout, scale=scale, backend=backend, pv_threshold=pv_threshold,
-                     stats=stats)
+                     stats=stats, sliding_window=sliding_window)

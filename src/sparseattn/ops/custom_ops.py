@@ -14,10 +14,12 @@ few ``torch.library`` registrations, no Triton import):
 Both take only tensors and plain scalars::
 
     (q, k, v, kv_num_blocks: Tensor?, kv_indices: Tensor?, block_m: int, block_n: int,
-     causal: bool, scale: float?) -> (out, lse)
+     causal: bool, scale: float?, sliding_window: int? = None) -> (out, lse)
 
 The layout is passed as its two tensors plus its block sizes (``None`` tensors = dense; the block
-sizes are then ignored); ``seqlen_q`` / ``seqlen_kv`` are the lengths of ``q`` / ``k``. The ops do no
+sizes are then ignored); ``seqlen_q`` / ``seqlen_kv`` are the lengths of ``q`` / ``k``;
+``sliding_window`` is the exact causal window in keys (``None`` = off; a plain ``int``, not a
+``SymInt``: it is a model constant, never a traced size). The ops do no
 validation: :func:`attention_op` validates (as :func:`~sparseattn.ops.attention.attention` does)
 before it calls them. Their fake (meta) implementations give ``out (B, H, N_q, D)`` in q's dtype and
 ``lse (B, H, N_q)`` float32 (float64 for float64 inputs on the reference op), both contiguous, which
@@ -43,6 +45,9 @@ __all__ = ["attention_op", "REF_OP", "TRITON_OP"]
 
 REF_OP = "sparseattn::block_sparse_attention_ref"
 TRITON_OP = "sparseattn::block_sparse_attention_triton"
+# written out (not inferred) so the window is ``int?`` with a default: calls without it keep working
+_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? kv_num_blocks, Tensor? kv_indices, SymInt block_m, SymInt block_n, "
+           "bool causal, float? scale, int? sliding_window=None) -> (Tensor, Tensor)")
 
 
 def _layout_from(q: torch.Tensor, k: torch.Tensor, kv_num_blocks: torch.Tensor | None, kv_indices: torch.Tensor | None,
@@ -59,38 +64,41 @@ def _fake_outputs(q: torch.Tensor, lse_dtype: torch.dtype) -> tuple[torch.Tensor
     return out, lse
 
 
-@torch.library.custom_op(REF_OP, mutates_args=())
+@torch.library.custom_op(REF_OP, mutates_args=(), schema=_SCHEMA)
 def _block_sparse_attention_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor | None,
     kv_indices: torch.Tensor | None, block_m: int, block_n: int, causal: bool, scale: float | None,
+    sliding_window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     layout = _layout_from(q, k, kv_num_blocks, kv_indices, block_m, block_n)
-    out, lse = reference_attention(q, k, v, causal=causal, layout=layout, scale=scale)
+    out, lse = reference_attention(q, k, v, causal=causal, layout=layout, scale=scale, sliding_window=sliding_window)
     # custom ops may not return (views of) their inputs; the reference always builds new tensors,
     # but make it explicit and contiguous, as the fake promises
     return out.contiguous(), lse.contiguous()
 
 
 @_block_sparse_attention_ref.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale):  # noqa: ANN001, ANN202
+def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale, sliding_window=None):  # noqa: ANN001, ANN202
     return _fake_outputs(q, torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
-@torch.library.custom_op(TRITON_OP, mutates_args=())
+@torch.library.custom_op(TRITON_OP, mutates_args=(), schema=_SCHEMA)
 def _block_sparse_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor | None,
     kv_indices: torch.Tensor | None, block_m: int, block_n: int, causal: bool, scale: float | None,
+    sliding_window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton kernel (opaque). Verified on the CPU interpreter only; not yet on a GPU."""
     from sparseattn.ops import triton_launch
 
     layout = _layout_from(q, k, kv_num_blocks, kv_indices, block_m, block_n)
-    out, lse = triton_launch.block_sparse_fwd(q, k, v, layout=layout, causal=causal, scale=scale)
+    out, lse = triton_launch.block_sparse_fwd(q, k, v, layout=layout, causal=causal, scale=scale,
+                                              sliding_window=sliding_window)
     return out, lse
 
 
 @_block_sparse_attention_triton.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale):  # noqa: ANN001, ANN202
+def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale, sliding_window=None):  # noqa: ANN001, ANN202
     return _fake_outputs(q, torch.float32)  # the kernel takes float16/bfloat16 only; lse is float32
 
 
@@ -106,7 +114,7 @@ def _assume_constant_result(fn: Any) -> Any:
 
 @_assume_constant_result
 def _select(backend: str, device: str, dtype: torch.dtype, q_shape: tuple[int, ...], k_shape: tuple[int, ...],
-            blocks: tuple[int, int, int, int] | None, causal: bool) -> str:
+            blocks: tuple[int, int, int, int] | None, causal: bool, sliding_window: int | None = None) -> str:
     """Backend name for inputs described by constants (evaluated once per compile, not traced).
 
     Runs :func:`~sparseattn.ops.attention.select_backend` on stand-in tensors of the same device,
@@ -125,7 +133,8 @@ def _select(backend: str, device: str, dtype: torch.dtype, q_shape: tuple[int, .
         layout = BlockLayout(stand_in((q_shape[0], q_shape[1], Mb), torch.int32),
                              stand_in((q_shape[0], q_shape[1], Mb, Nb), torch.int32), bm, bn, q_shape[2], k_shape[2],
                              validate=False)
-    return select_backend(q, k, k, layout=layout, causal=causal, backend=backend, func="attention_op")
+    return select_backend(q, k, k, layout=layout, causal=causal, backend=backend, func="attention_op",
+                          sliding_window=sliding_window)
 
 
 def attention_op(
@@ -139,6 +148,7 @@ def attention_op(
     backend: str = "auto",
     pv_threshold: float | None = None,
     stats: dict[str, Any] | None = None,
+    sliding_window: int | None = None,
 ) -> AttentionState:
     """:func:`~sparseattn.ops.attention.attention` through the registered custom operators.
 
@@ -150,6 +160,10 @@ def attention_op(
     ``pv_threshold`` and ``stats`` are refused (``NotImplementedError``): the skip statistics are
     host-side counters; call :func:`~sparseattn.ops.attention.attention` for them.
 
+    ``sliding_window`` (causal only) is passed to the op as a plain int; with ``layout=None`` the op
+    itself bounds the work (the Triton launcher runs the band layout, the reference skips the rows a
+    key chunk's window misses), so no layout is built in the traced graph.
+
     Shapes:
         q ``(B, H, N_q, D)``, k/v ``(B, H_kv, N_kv, D)`` → out ``(B, H, N_q, D)``, lse ``(B, H, N_q)``.
     """
@@ -159,19 +173,26 @@ def attention_op(
                                   "are host-side); use sparseattn.attention(...) for them")
     if backend != "auto" and backend not in ("triton", "reference"):
         raise fail(fn, "backend", "is unknown", "one of ['auto', 'triton', 'reference']", repr(backend))
-    check_attention_args(fn, q, k, v, causal=causal, layout=layout, scale=scale, pv_threshold=None)
+    (_, _, _, _, Nkv, _), _ = check_attention_args(fn, q, k, v, causal=causal, layout=layout, scale=scale,
+                                                  pv_threshold=None, sliding_window=sliding_window)
+    win = None if sliding_window is None or sliding_window >= Nkv else int(sliding_window)
     blocks = None
     if layout is not None:
         blocks = (layout.block_m, layout.block_n, layout.num_q_blocks, layout.num_kv_blocks)
     if backend == "reference" or (backend == "auto" and not q.is_cuda):
         name = "reference"  # the reference accepts every valid input; auto on CPU never picks the interpreter
     else:
-        name = _select(backend, str(q.device), q.dtype, tuple(q.shape), tuple(k.shape), blocks, causal)
+        name = _select(backend, str(q.device), q.dtype, tuple(q.shape), tuple(k.shape), blocks, causal, win)
     op = torch.ops.sparseattn.block_sparse_attention_triton if name == "triton" else \
         torch.ops.sparseattn.block_sparse_attention_ref
     sc = None if scale is None else float(scale)
-    if layout is None:
-        out, lse = op(q, k, v, None, None, 0, 0, causal, sc)
+    if win is None:  # the window-free call has the original arity (the schema's default fills the window)
+        if layout is None:
+            out, lse = op(q, k, v, None, None, 0, 0, causal, sc)
+        else:
+            out, lse = op(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.block_m, layout.block_n, causal, sc)
+    elif layout is None:
+        out, lse = op(q, k, v, None, None, 0, 0, causal, sc, win)
     else:
-        out, lse = op(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.block_m, layout.block_n, causal, sc)
+        out, lse = op(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.block_m, layout.block_n, causal, sc, win)
     return AttentionState(out, lse)

@@ -30,6 +30,7 @@ def reference_attention(
     upcast: bool = True,
     pv_threshold: float | None = None,
     stats: dict[str, Any] | None = None,
+    sliding_window: int | None = None,
 ) -> AttentionState:
     """Dense or block-sparse attention, computed blockwise in PyTorch.
 
@@ -53,6 +54,12 @@ def reference_attention(
         stats: optional dict filled with ``visited_tiles`` and ``pv_skipped_tiles`` (int), counted only
             with ``pv_threshold``. A tile is visited if the layout selects it and, with ``causal``, it
             holds at least one allowed (row, key) pair (tiles above the diagonal are never visited).
+            With ``sliding_window`` the window counts too: a tile entirely below every row's window
+            is not visited either.
+        sliding_window: ``W`` keys per query (transformers' / Mistral's ``sliding_window``), with
+            ``causal=True`` only: query ``i`` attends keys ``j`` with ``i + OFF - W < j <= i + OFF``
+            (``OFF = N_kv - N_q``), intersected with ``layout``. A key outside a row's window is not
+            attended: its NaN/inf never reaches that row.
 
     Returns:
         ``AttentionState(out, lse)`` — ``lse`` is the natural-log logsumexp, float32 (float64 for
@@ -65,8 +72,9 @@ def reference_attention(
     """
     fn = "reference_attention"
     (B, H, Hkv, Nq, Nkv, D), scale = check_attention_args(fn, q, k, v, causal=causal, layout=layout, scale=scale,
-                                                           pv_threshold=pv_threshold)
+                                                           pv_threshold=pv_threshold, sliding_window=sliding_window)
     check_positive_int(fn, "chunk_size", chunk_size)
+    W = sliding_window
 
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     mm_dtype = acc_dtype if upcast else q.dtype
@@ -100,6 +108,12 @@ def reference_attention(
     visited = skipped = 0
     if pv_threshold is not None and causal:
         causal_region, _ = causal_block_region(Nq, Nkv, layout.block_m, layout.block_n, dev)  # type: ignore[union-attr]
+        if W is not None:
+            # a tile holds a pair inside some row's window iff its last key is above its first row's window start
+            bm_, bn_ = layout.block_m, layout.block_n  # type: ignore[union-attr]
+            first_row = torch.arange(layout.num_q_blocks, device=dev) * bm_  # type: ignore[union-attr]
+            last_key = torch.clamp((torch.arange(layout.num_kv_blocks, device=dev) + 1) * bn_, max=Nkv) - 1  # type: ignore[union-attr]
+            causal_region = causal_region & (last_key[None, :] > first_row[:, None] + off - W)
 
     for start in range(0, Nkv, step):
         stop = min(start + step, Nkv)
@@ -118,6 +132,8 @@ def reference_attention(
             row_ok = qb_any[row_block]
         if causal:
             sees = rows + off >= start  # row sees at least this chunk's first key
+            if W is not None:
+                sees = sees & (rows + off - W < stop - 1)  # and its window reaches this chunk's last key
             row_ok = sees if row_ok is None else (row_ok & sees)
         ridx = None  # row indices of the subset, None = all rows
         if row_ok is not None:
@@ -133,6 +149,8 @@ def reference_attention(
             allowed = sel[:, :, rb].reshape(B, Hkv, G, R, 1)
         if causal:
             cm = cols[None, :] <= r[:, None] + off  # [R, C]
+            if W is not None:
+                cm = cm & (cols[None, :] > r[:, None] + off - W)
             allowed = cm if allowed is None else (allowed & cm)
         qs = qf if ridx is None else qf[:, :, :, ridx]
         m_old = m if ridx is None else m[..., ridx]

@@ -16,10 +16,10 @@ Environment:
 
 Caches and threads (every cache is bounded; see :mod:`sparseattn._cache`):
     ``_TUNED`` — remembered autotune winner per (TMA, head_dim, layout blocks, causal, length bucket,
-    dtype, device string): a :class:`~sparseattn._cache.BoundedCache` of ``_TUNED_MAX`` (256) entries
+    dtype, device string, sliding window on/off): a :class:`~sparseattn._cache.BoundedCache` of ``_TUNED_MAX`` (256) entries
     (an evicted key re-asks Triton's autotuner, whose own per-key cache answers without benchmarking).
-    ``_DENSE_BASE`` — the one-row dense layout used for ``layout=None``, per (lengths, blocks, causal,
-    device string): ``_DENSE_BASE_MAX`` (64) entries. ``_kernels`` / ``_triton_import_error`` /
+    ``_DENSE_BASE`` — the one-row dense layout used for ``layout=None`` (the sliding-window band with
+    ``sliding_window``), per (lengths, blocks, causal, window, device string): ``_DENSE_BASE_MAX`` (64) entries. ``_kernels`` / ``_triton_import_error`` /
     ``_triton_has_descriptors`` take no arguments (one entry each); ``_capability_of`` holds one entry
     per GPU index. ``LAST_COMPILED`` is overwritten (not grown) on each launch.
 
@@ -74,9 +74,10 @@ def interpret_mode() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _triton_import_error() -> str | None:
+    import importlib
+
     try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
+        importlib.import_module("triton.language")  # imports triton too
     except Exception as exc:  # ImportError, or a broken install
         return f"triton is not importable ({type(exc).__name__}: {exc})"
     return None
@@ -90,12 +91,14 @@ def refusal(
     layout: BlockLayout | None = None,
     causal: bool = False,
     pv_threshold: float | None = None,
+    sliding_window: int | None = None,
     **_: Any,
 ) -> str | None:
     """``None`` if the Triton kernel supports these inputs, else the reason it does not.
 
     Only *support* is judged here (device, dtype, head_dim, block sizes, Triton availability);
-    malformed inputs are reported as ``ValueError`` by :func:`block_sparse_fwd`.
+    malformed inputs are reported as ``ValueError`` by :func:`block_sparse_fwd`. A valid
+    ``sliding_window`` (causal only; checked there) is supported on every accepted input.
     """
     if not isinstance(q, torch.Tensor):
         return f"q is a {type(q).__name__}, not a torch.Tensor"
@@ -130,7 +133,9 @@ def _kernels() -> tuple[Any, Any, Any]:
     from sparseattn.ops.triton import configs
 
     plain = mod._block_sparse_fwd_kernel
-    tuned = [triton.autotune(configs=configs.autotune_configs(tma), key=configs.AUTOTUNE_KEY,
+    # the window flag changes the kernel's work split, so it keys the autotuner's memo too
+    key = [*configs.AUTOTUNE_KEY, "HAS_WINDOW"]
+    tuned = [triton.autotune(configs=configs.autotune_configs(tma), key=key,
                              prune_configs_by={"early_config_prune": configs.prune}, do_bench=configs.safe_bench)(plain)
              for tma in (False, True)]
     return plain, tuned[0], tuned[1]
@@ -199,19 +204,24 @@ _DENSE_BASE: BoundedCache[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = 
     _DENSE_BASE_MAX, name="triton_launch._DENSE_BASE")
 
 
-def _dense_layout_base(Nq: int, Nkv: int, bm: int, bn: int, causal: bool, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _dense_layout_base(Nq: int, Nkv: int, bm: int, bn: int, causal: bool, device: str,
+                       window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     def build() -> tuple[torch.Tensor, torch.Tensor]:
-        from sparseattn.layout.patterns import dense_layout
+        from sparseattn.layout.patterns import dense_layout, sliding_window_band_layout
 
-        lay = dense_layout(Nq, Nkv, block_m=bm, block_n=bn, causal=causal, device=device)
+        if window is not None:  # only the band's blocks (causal by construction)
+            lay = sliding_window_band_layout(Nq, Nkv, window=window, block_m=bm, block_n=bn, device=device)
+        else:
+            lay = dense_layout(Nq, Nkv, block_m=bm, block_n=bn, causal=causal, device=device)
         return lay.kv_num_blocks[:1, :1].contiguous(), lay.kv_indices[:1, :1].contiguous()
 
-    return _DENSE_BASE.get_or_build((Nq, Nkv, bm, bn, causal, device), build)
+    return _DENSE_BASE.get_or_build((Nq, Nkv, bm, bn, causal, window, device), build)
 
 
-def _dense_layout(B: int, H: int, Nq: int, Nkv: int, causal: bool, device: torch.device) -> BlockLayout:
+def _dense_layout(B: int, H: int, Nq: int, Nkv: int, causal: bool, device: torch.device,
+                  window: int | None = None) -> BlockLayout:
     bm = bn = 128
-    num, idx = _dense_layout_base(Nq, Nkv, bm, bn, causal, str(device))
+    num, idx = _dense_layout_base(Nq, Nkv, bm, bn, causal, str(device), window)
     return BlockLayout(num.expand(B, H, -1), idx.expand(B, H, -1, -1), bm, bn, Nq, Nkv, validate=False)
 
 
@@ -299,6 +309,7 @@ def block_sparse_fwd(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     config: dict[str, int] | None = None,
+    sliding_window: int | None = None,
 ) -> AttentionState:
     """Block-sparse attention forward on the Triton kernel.
 
@@ -321,6 +332,10 @@ def block_sparse_fwd(
             chunk ``LIST_CHUNK`` (power of two >= 16), the lazy-rescale threshold ``RESCALE_TAU``
             (log2 units, 0 = off; not with ``pv_threshold``) and the compiler option ``maxnreg``
             (int), instead of autotuning (tests, experiments).
+        sliding_window: exact causal sliding window of ``W`` keys (``causal=True`` only): query ``i``
+            attends keys ``j`` with ``i + OFF - W < j <= i + OFF`` (``OFF = N_kv - N_q``), intersected
+            with ``layout``. Key blocks below every row's window are never loaded; ``layout=None``
+            runs on the band layout. ``W >= N_kv`` is plain causal attention (the window-free kernel).
 
     Returns:
         ``AttentionState(out, lse)``: out ``(B, H, N_q, D)`` in q's dtype; lse ``(B, H, N_q)``
@@ -336,12 +351,13 @@ def block_sparse_fwd(
     """
     fn = "block_sparse_fwd"
     (B, H, Hkv, Nq, Nkv, D), scale = check_attention_args(fn, q, k, v, causal=causal, layout=layout, scale=scale,
-                                                           pv_threshold=pv_threshold)
-    reason = refusal(q, k=k, v=v, layout=layout, causal=causal, pv_threshold=pv_threshold)
+                                                           pv_threshold=pv_threshold, sliding_window=sliding_window)
+    reason = refusal(q, k=k, v=v, layout=layout, causal=causal, pv_threshold=pv_threshold, sliding_window=sliding_window)
     if reason is not None:
         raise NotImplementedError(f"{fn}: the Triton kernel cannot run these inputs: {reason}")
+    window = sliding_window if sliding_window is not None and sliding_window < Nkv else None  # else: no cut
     if layout is None:
-        layout = _dense_layout(B, H, Nq, Nkv, causal, q.device)
+        layout = _dense_layout(B, H, Nq, Nkv, causal, q.device, window)
 
     # the kernel indexes rows through strides; only the last dim must be unit-stride
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -399,7 +415,8 @@ def block_sparse_fwd(
     tune_key: tuple[Any, ...] | None = None
     if cfg is None:
         use_tma = not TMA_DISABLED_REASON and _tma_usable(q, k, v, q, out)
-        tune_key = (use_tma, D, layout.block_m, layout.block_n, causal, n_ctx_key, q.dtype, str(q.device))
+        tune_key = (use_tma, D, layout.block_m, layout.block_n, causal, n_ctx_key, q.dtype, str(q.device),
+                    window is not None)
         cfg = _TUNED.get(tune_key)  # None on the first call of this key: autotune below
     args = (
         q, k, v, out, lse, num_t, idx_t, stats_buf if stats_buf is not None else lse,
@@ -413,10 +430,13 @@ def block_sparse_fwd(
         H, H // Hkv, Nq, Nkv, layout.num_kv_blocks,
         float(scale) * _LOG2E, float(pv_threshold) * _LOG2E if pv else 0.0,
         n_ctx_key,
+        0 if window is None else int(window),
     )
     list_chunk = min(max(16, 1 << (layout.num_kv_blocks - 1).bit_length()), _MAX_LIST_CHUNK)
     meta = dict(HEAD_DIM=D, LAYOUT_BM=layout.block_m, LAYOUT_BN=layout.block_n, CAUSAL=causal, PV_SKIP=pv,
                 LIST_CHUNK=list_chunk)
+    if window is not None:
+        meta["HAS_WINDOW"] = True  # absent otherwise: the default (False) compiles the window-free kernel
     if interp and q.dtype == torch.bfloat16:
         # Triton's CPU interpreter computes bf16 tl.dot wrongly (garbage, seen with triton 3.9): widen the
         # operands to fp32 there. Products of bf16 values are exact in fp32, so this matches the GPU's
