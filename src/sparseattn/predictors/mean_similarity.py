@@ -35,10 +35,20 @@ with its KV head's pooled keys (never copied per head).
 * ``"mixed"`` — ``P = (P_mean + P_minmax) / 2``.
 
 Spec: ``mean_sim:cdf_threshold=0.9,sim_threshold=0.5,keep_local=1`` (or ``topk=0.3``).
+
+Backends (``MeanSimilarityPredictor(config, backend=...)``; not a config field, so configs stay
+backend-neutral): ``"torch"`` runs the PyTorch ops below; ``"triton"`` runs the fused path of
+:mod:`sparseattn.predictors.fused_mean_sim` (three kernel launches, the layout written directly, no
+host sync; ``score="mean"`` only) or raises ``NotImplementedError`` naming the reason; ``"auto"``
+(default) takes the fused path for CUDA tensors when it supports the call, else the torch path, with
+a warning (once per predictor and reason) when a CUDA call falls back. Both give the same layout
+except where float rounding flips a decision sitting exactly on a threshold (see
+:mod:`sparseattn.ops.triton.mean_sim_predict`).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +78,12 @@ from sparseattn.predictors.base import register_predictor
 __all__ = ["MeanSimilarityConfig", "MeanSimilarityPredictor", "block_self_similarity"]
 
 _SCORES = ("mean", "minmax", "mixed")
+_BACKENDS = ("auto", "torch", "triton")
+
+
+def _auto_device_ok(q: torch.Tensor) -> bool:
+    """Whether ``backend="auto"`` considers the fused path for ``q`` (CUDA tensors; a hook for tests)."""
+    return q.is_cuda
 
 
 def block_self_similarity(unit_sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -144,18 +160,47 @@ class MeanSimilarityPredictor:
 
     ``last_scores`` holds the compressed attention ``P`` ``[B, H, Mb, Nb]`` of the last call.
 
+    Args:
+        config: the prediction parameters (default ``MeanSimilarityConfig()``).
+        backend: ``"auto"`` (fused Triton path for CUDA tensors when supported, else torch; a
+            fallback on CUDA warns once per reason), ``"torch"`` or ``"triton"`` (fused path, or
+            ``NotImplementedError`` with the reason; runs on CPU under ``TRITON_INTERPRET=1``).
+
     Shapes:
         q ``(B, H, N_q, D)``, k ``(B, H_kv, N_kv, D)`` → layout with ``B`` batches and ``H`` heads.
     """
 
     name = "mean_sim"
 
-    def __init__(self, config: MeanSimilarityConfig | None = None) -> None:
+    def __init__(self, config: MeanSimilarityConfig | None = None, backend: str = "auto") -> None:
         self.config = config if config is not None else MeanSimilarityConfig()
         if not isinstance(self.config, MeanSimilarityConfig):
             raise fail("MeanSimilarityPredictor", "config", "must be a MeanSimilarityConfig", "MeanSimilarityConfig",
                        type(self.config).__name__)
+        if not isinstance(backend, str) or backend not in _BACKENDS:
+            raise fail("MeanSimilarityPredictor", "backend", "is not a known backend", f"one of {list(_BACKENDS)}",
+                       repr(backend))
+        self.backend = backend
         self.last_scores: torch.Tensor | None = None
+        self.last_backend: str | None = None  # "torch" or "triton": the path the last predict() took
+        self._warned: set[str] = set()
+
+    def _fused(self, q: torch.Tensor, k: torch.Tensor) -> bool:
+        """Whether this call takes the fused Triton path (raises for ``backend="triton"`` when it cannot)."""
+        if self.backend == "torch" or (self.backend == "auto" and not _auto_device_ok(q)):
+            return False
+        from sparseattn.predictors.fused_mean_sim import fused_refusal
+
+        reason = fused_refusal(q, k, self.config)
+        if reason is None:
+            return True
+        if self.backend == "triton":
+            raise NotImplementedError(f"MeanSimilarityPredictor.predict: backend='triton' cannot run this call: {reason}")
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"MeanSimilarityPredictor: using the torch path (~100 small kernels per call) instead of "
+                          f"the fused Triton path: {reason}", RuntimeWarning, stacklevel=3)
+        return False
 
     def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:
         fn = "MeanSimilarityPredictor.predict"
@@ -166,6 +211,14 @@ class MeanSimilarityPredictor:
         if layer is not None and layer < cfg.dense_layers:
             self.last_scores = None
             return dense_predicted_layout(B, H, Nq, Nkv, cfg.block_m, cfg.block_n, causal, dev)
+        if self._fused(q, k):
+            from sparseattn.predictors.fused_mean_sim import fused_predict
+
+            layout, p_fused = fused_predict(q, k, cfg, causal=causal)
+            self.last_scores = p_fused
+            self.last_backend = "triton"
+            return layout
+        self.last_backend = "torch"
         q_sum, q_unit, q_cnt = block_pool(q, cfg.block_m, normalized=True)
         k_sum, k_unit, k_cnt = block_pool(k, cfg.block_n, normalized=True)
         q_sim = block_self_similarity(q_unit, q_cnt)  # [B, H, Mb]
