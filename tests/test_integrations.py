@@ -348,8 +348,9 @@ def test_window_layers_on_the_triton_kernel_match_the_model() -> None:
                                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, sliding_window=48,
                                         layer_types=["sliding_attention", "full_attention"] * 2,
                                         max_position_embeddings=512)
-    model = transformers.Gemma3ForCausalLM(cfg).eval().to(torch.float16)
-    ids = _ids(150)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the kernel runs under the interpreter (conftest)
+    model = transformers.Gemma3ForCausalLM(cfg).eval().to(device=dev, dtype=torch.float16)
+    ids = _ids(150).to(dev)
     ref = model(ids).logits.float()
     with patch_model(model, pattern="dense:block_m=64,block_n=64", backend="triton") as h:
         out = model(ids).logits.float()
