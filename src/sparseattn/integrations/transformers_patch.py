@@ -19,11 +19,13 @@ switches the model to it. Every attention layer then calls back into its :class:
 
 Masks: the model's mask builder is transformers' ``sdpa_mask`` with one change, made only for a
 prefill with no cache (``q_offset == 0``, ``N_q == N_kv``) whose mask transformers allows to be
-skipped: a sliding-window layer's mask is skipped too (``None``) when no token is padded, since this
-module applies the window itself. A mask that is still given (padding, packed sequences, custom
-masks) is compared with the plain causal (+ window) mask once per mask object and forward (one host
-read); a sparse layer refuses anything else with a ``ValueError``, a window or dense layer hands it to
-the model's own attention, which applies it exactly.
+skipped (plain causal or sliding-window causal): with no padding mask it returns ``None``, and a
+sliding-window mask is skipped too when no token is padded, since this module applies the causal
+mask and the window itself (see :func:`_prefill_mask`). A mask that is still given (padding, packed
+sequences, custom masks) is compared with the plain causal (+ window) mask once per mask object and
+forward (one host read; inside a CUDA graph capture, where nothing can be read, the verdict of the
+last eager forward with that mask shape); a sparse layer refuses anything else with a ``ValueError``,
+a window or dense layer hands it to the model's own attention, which applies it exactly.
 
 The hot path (per layer and prefill) does no host synchronisation: static layouts and routing are
 cached per shape, accounting stays on the device, and on CUDA the kernel writes its output straight
@@ -255,17 +257,24 @@ def _prefill_mask(sdpa_mask: Callable[..., Any]) -> Callable[..., Any]:
     transformers only calls the mask builder with ``allow_is_causal_skip=True`` for the plain causal
     or sliding-window-causal mask (any extra mask function, packing or blockwise overlay turns it
     off). ``sdpa_mask`` then returns ``None`` when no token is padded, except for a window shorter
-    than the sequence (``local_size``): SDPA would need the mask. Our attention applies the window
-    itself (from the layer's ``sliding_window`` argument), so for a prefill with no cache the window
-    is not a reason to build an ``N × N`` mask. Everything else is passed through unchanged (decode
-    steps and chunked prefill keep their materialised masks).
+    than the sequence (``local_size``): SDPA would need the mask; and except while tracing or
+    capturing a CUDA graph, when it materialises the mask. Our attention applies the causal mask and
+    the window itself (from the layer's ``sliding_window`` argument), so for a prefill with no cache
+    and no padding mask this returns ``None`` (no ``N × N`` mask, nothing to read back), and with a
+    padding mask it lets ``sdpa_mask`` skip the mask when no token is padded. Everything else is passed
+    through unchanged (decode steps and chunked prefill keep their materialised masks).
     """
 
     def mask(*args: Any, **kwargs: Any) -> Any:
-        if (not args and kwargs.get("local_size") is not None and kwargs.get("allow_is_causal_skip", True)
+        if (not args and kwargs.get("allow_is_causal_skip", True)
                 and isinstance(kwargs.get("q_offset", 0), int) and kwargs.get("q_offset", 0) == 0
                 and kwargs.get("q_length") == kwargs.get("kv_length")):
-            kwargs = dict(kwargs, local_size=None)
+            if kwargs.get("attention_mask") is None:
+                # no padding mask at all: plain causal (+ the layer's window), whatever transformers would
+                # decide while tracing or capturing a CUDA graph (where it materialises the mask)
+                return None
+            if kwargs.get("local_size") is not None:
+                kwargs = dict(kwargs, local_size=None)
         return sdpa_mask(*args, **kwargs)
 
     return mask
@@ -422,6 +431,7 @@ class PatchHandle:
         self.active = True
         # mask verdicts of the current forward (see _mask_ok); routes and static densities are module caches
         self._mask_verdicts: dict[tuple[Any, ...], bool] = {}
+        self._eager_verdicts: dict[tuple[Any, ...], bool] = {}  # per mask shape: the last eager verdict
         self._mask_refs: list[torch.Tensor] = []
 
     # ---------------------------------------------------------------- lifecycle
@@ -512,7 +522,18 @@ class PatchHandle:
         key = (id(mask), mask.data_ptr(), mask._version, tuple(mask.shape), nq, nkv, window)
         verdict = self._mask_verdicts.get(key)
         if verdict is None:
-            verdict = self._mask_verdicts[key] = _causal_equivalent(mask, nq, nkv, window)
+            shape_key = (tuple(mask.shape), mask.dtype, nq, nkv, window)
+            if mask.is_cuda and torch.cuda.is_current_stream_capturing():
+                # a capture cannot read the mask: use the verdict of the warm-up forward with this mask shape
+                verdict = self._eager_verdicts.get(shape_key)
+                if verdict is None:
+                    raise RuntimeError("patch_model: a CUDA graph capture reached a sparse layer with an attention mask "
+                                       "that no eager forward of this shape has checked; run the patched model once "
+                                       "eagerly on the same kind of input before capturing")
+            else:
+                verdict = _causal_equivalent(mask, nq, nkv, window)
+                self._eager_verdicts[shape_key] = verdict
+            self._mask_verdicts[key] = verdict
             self._mask_refs.append(mask)  # keeps the object alive, so its id is not reused within the forward
         return verdict
 
