@@ -358,3 +358,34 @@ def test_window_layers_on_the_triton_kernel_match_the_model() -> None:
     assert {rep["layers"][str(i)]["mode"] for i in (0, 2)} == {"window"}
     assert all(rep["layers"][str(i)]["backends"] == ["triton"] for i in range(4))
     assert _rel(out, ref) <= 2e-2  # fp16 rounding of two attention implementations; a missing window is O(1)
+
+
+def _tiny_llama_fp32():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("make,spec", [
+    (_tiny_llama_fp32, "pattern:name=sink_window,window_blocks=2,block_m=32,block_n=32"),
+    (_tiny_llama_fp32, "mean_sim:cdf_threshold=0.9,block_m=32,block_n=32"),
+    (_gemma3_sliding, "pattern:name=dense,block_m=32,block_n=32"),  # window layers + full layers
+])
+def test_patched_model_compiles_fullgraph_without_breaks(make, spec) -> None:
+    """torch.compile(fullgraph=True) of a patched model: predictor and attention are custom ops, no graph break."""
+    import torch._dynamo
+
+    model = make()
+    ids = _ids(150)
+    with patch_model(model, predictor=spec) as h:
+        eager = model(ids, use_cache=False).logits
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(ids, use_cache=False)
+        assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        out = compiled(ids, use_cache=False).logits
+        assert h.counts["prefill_sparse"] >= 2
+    assert _rel(out, eager) <= 1e-5
+    torch._dynamo.reset()

@@ -57,7 +57,7 @@ from sparseattn._validation import check_positive_int, fail
 __all__ = ["RowSpec", "parse_rows", "load_model", "build_llama_stack", "build_random_model", "RANDOM_ARCHS", "env_info", "bench_model", "write_outputs", "table",
            "markdown_table", "ALL_BLOCKS_SPEC", "LLAMA_STACK_DEFAULT_PATTERNS"]
 
-ALL_BLOCKS_SPEC = "dense"  # the static pattern of the all-blocks row
+ALL_BLOCKS_SPEC = "dense:block_m=128,block_n=128"  # the all-blocks row: every causal block, in the kernel's fastest tiles
 LLAMA_STACK_DEFAULT_PATTERNS = "sink_window:window_blocks=16;sink_window:window_blocks=64"
 _ATTN_KERNEL_RE = re.compile(r"sparse|_attn|attention|flash|fmha|sdpa|cudnn", re.IGNORECASE)
 
@@ -122,7 +122,8 @@ def build_random_model(arch: str, *, layers: int | None = None, device: str | to
                        **overrides: Any) -> torch.nn.Module:
     """A decoder with the shapes of ``arch`` (one of :data:`RANDOM_ARCHS`) and random weights.
 
-    ``layers`` keeps the first ``layers`` decoder layers (their layer types too); ``overrides``
+    ``layers`` keeps the first ``layers`` decoder layers (their layer types too); ``max_len`` sets
+    ``max_position_embeddings`` (default: the real model's); ``overrides``
     change config fields. SDPA attention, eval mode.
     """
     import transformers
@@ -139,7 +140,7 @@ def build_random_model(arch: str, *, layers: int | None = None, device: str | to
             cfg_kw["layer_types"] = list(cfg_kw["layer_types"])[:layers] + \
                 ["full_attention"] * max(0, layers - len(cfg_kw["layer_types"]))
     if max_len is not None:
-        cfg_kw["max_position_embeddings"] = max(int(max_len), cfg_kw["max_position_embeddings"])
+        cfg_kw["max_position_embeddings"] = int(max_len)
     cfg_kw.update(overrides)
     cfg = getattr(transformers, cfg_cls)(**cfg_kw)
     cfg._attn_implementation = "sdpa"

@@ -305,6 +305,11 @@ def get_handle(model: torch.nn.Module) -> "PatchHandle | None":
 
 def _causal_equivalent(mask: torch.Tensor, nq: int, nkv: int, window: int | None = None) -> bool:
     """Whether ``mask`` (bool, or float with 0 = attend) is the plain causal mask (+ the sliding window)."""
+    return bool(_causal_match(mask, nq, nkv, window))  # the one host read, once per mask object and forward (cached)
+
+
+def _causal_match(mask: torch.Tensor, nq: int, nkv: int, window: int | None = None) -> torch.Tensor:
+    """0-dim bool tensor: ``mask`` equals the plain causal mask (+ window) (no host read)."""
     m = mask[..., :nkv]
     allowed = m if m.dtype == torch.bool else (m == 0)
     r = torch.arange(nq, device=m.device)[:, None]
@@ -312,7 +317,7 @@ def _causal_equivalent(mask: torch.Tensor, nq: int, nkv: int, window: int | None
     causal = c <= r + (nkv - nq)
     if window is not None:
         causal = causal & (c > r + (nkv - nq) - window)
-    return bool((allowed == causal).all())  # the one host read, once per mask object and forward (cached)
+    return (allowed == causal).all()
 
 
 def _window_mask(nq: int, nkv: int, window: int, device: torch.device) -> torch.Tensor:
@@ -379,6 +384,12 @@ def masked_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
             o = torch.where(empty, torch.zeros((), dtype=o.dtype, device=o.device), o)
         outs.append(o)
     return torch.cat(outs, dim=2)
+
+
+def _compiling() -> bool:
+    """Whether dynamo is tracing this call (``torch.compiler.is_compiling``, when this torch has it)."""
+    comp = getattr(torch, "compiler", None)
+    return bool(comp is not None and hasattr(comp, "is_compiling") and comp.is_compiling())
 
 
 # --------------------------------------------------------------------------- the handle
@@ -450,6 +461,11 @@ class PatchHandle:
             return
         if self._hook is not None:
             self._hook.remove()
+        ops = sys.modules.get("sparseattn.ops.custom_ops")
+        if ops is not None:  # predictors registered for the compiled path (predict_layout_op)
+            for pred in list(self.predictors.values()):
+                if pred is not None:
+                    ops.unregister_predictor_object(id(pred))
         for _, mod in self._layers:
             if hasattr(mod, _LAYER_ATTR):
                 delattr(mod, _LAYER_ATTR)
@@ -519,6 +535,14 @@ class PatchHandle:
     # ---------------------------------------------------------------- the attention call
     def _mask_ok(self, mask: torch.Tensor, nq: int, nkv: int, window: int | None) -> bool:
         """Whether ``mask`` is plain causal (+ window); one host read per mask object, cached for the forward."""
+        if _compiling():
+            # dynamo cannot read the mask without breaking the graph (transformers materialises one while tracing,
+            # e.g. for its packed-sequence check): assert on the device instead. A mask that is not plain causal
+            # (+ window) stops the run with a device-side assertion, never a wrong answer.
+            torch._assert_async(_causal_match(mask, nq, nkv, window),
+                                "patch_model: the attention mask of a compiled sparse layer is not plain causal (padding "
+                                "or a custom mask); sparse prefill supports unpadded causal inputs only")
+            return True
         key = (id(mask), mask.data_ptr(), mask._version, tuple(mask.shape), nq, nkv, window)
         verdict = self._mask_verdicts.get(key)
         if verdict is None:
@@ -587,6 +611,8 @@ class PatchHandle:
             raise NotImplementedError(f"{fn}: layer {layer} uses {unsupported}, which no sparseattn backend "
                                       f"implements; keep it dense with dense_layers=[{layer}, ...]")
 
+        if _compiling():
+            return self._forward_traced(layer, query, key, value, kwargs, mode, win)
         t0 = time.perf_counter()
         scale = kwargs.get("scaling")
         B, H, _, D = query.shape
@@ -631,6 +657,36 @@ class PatchHandle:
         if self.keep_layouts:
             self.layouts[layer] = layout
         return (out if out.is_contiguous() else out.contiguous()), None
+
+    def _forward_traced(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        kwargs: dict[str, Any], mode: str, win: int | None) -> tuple[torch.Tensor, None]:
+        """The sparse / window path while ``torch.compile`` traces the model: custom ops only.
+
+        The predictor runs as ``sparseattn::predict_layout`` and attention as the attention custom op,
+        so dynamo keeps the whole forward in one graph (no caches behind locks, no host reads). Per-call
+        accounting (densities, timings, backends) is not recorded here: a compiled graph does not run
+        this Python on later calls. ``pv_threshold`` and per-head predictors are refused.
+        """
+        from sparseattn.ops.custom_ops import attention_op, predict_layout_op
+
+        fn = "patch_model"
+        layout = None
+        pv = None
+        if mode != "window":
+            if self.per_head.get(layer):
+                raise NotImplementedError(f"{fn}: per-head predictors (layer {layer}) are not supported under "
+                                          "torch.compile; compile a model patched without per_head")
+            pred = self.predictors[layer]
+            pv = getattr(getattr(pred, "config", None), "pv_threshold", None)
+            if pv is not None:
+                raise NotImplementedError(f"{fn}: pv_threshold (layer {layer}) is not supported under torch.compile "
+                                          "(its skip counters are host-side); compile without pv_threshold")
+            layout = predict_layout_op(pred, query, key, layer=layer, causal=True)
+        backend = {"auto": "auto", "triton": "triton", "reference": "reference", "attention": "auto",
+                   "masked_sdpa": "reference"}[self.backend]
+        out = attention_op(query, key, value, causal=True, layout=layout, scale=kwargs.get("scaling"),
+                           backend=backend, sliding_window=win).out
+        return out.transpose(1, 2).contiguous(), None
 
     def _route(self, mode: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                pv: float | None, window: int | None) -> str:
@@ -894,6 +950,11 @@ def patch_model(
         model.set_attn_implementation(orig)
         raise NotImplementedError(f"{fn}: {type(model).__name__} does not accept a custom attention implementation "
                                   "(it does not use transformers' AttentionInterface)")
+    from sparseattn.ops.custom_ops import register_predictor_object
+
+    for pred in predictors.values():  # callable from the compiled path's predictor op (unregistered on unpatch)
+        if pred is not None:
+            register_predictor_object(pred)
     for i, mod in layers:
         setattr(mod, _LAYER_ATTR, (handle, i))
     handle._hook = model.register_forward_pre_hook(handle._on_forward)

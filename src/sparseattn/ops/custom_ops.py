@@ -41,7 +41,8 @@ from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.ops.reference import reference_attention
 from sparseattn.state.types import AttentionState
 
-__all__ = ["attention_op", "REF_OP", "TRITON_OP"]
+__all__ = ["attention_op", "REF_OP", "TRITON_OP", "PREDICT_OP", "predict_layout_op", "register_predictor_object",
+           "unregister_predictor_object", "predictor_blocks"]
 
 REF_OP = "sparseattn::block_sparse_attention_ref"
 TRITON_OP = "sparseattn::block_sparse_attention_triton"
@@ -196,3 +197,80 @@ def attention_op(
     else:
         out, lse = op(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.block_m, layout.block_n, causal, sc, win)
     return AttentionState(out, lse)
+
+
+# --------------------------------------------------------------------------- predictors as an operator
+PREDICT_OP = "sparseattn::predict_layout"
+# predictor objects by the id the traced graph carries (an int constant of the compiled graph); a registry
+# entry lives as long as the PatchHandle (or caller) that registered it keeps it (see register_predictor_object)
+_PREDICTORS: dict[int, Any] = {}
+
+
+def register_predictor_object(predictor: Any) -> int:
+    """Make ``predictor`` callable from :data:`PREDICT_OP`; returns the id to pass (idempotent)."""
+    pid = id(predictor)
+    _PREDICTORS[pid] = predictor
+    return pid
+
+
+def unregister_predictor_object(pid: int) -> None:
+    """Forget a predictor registered with :func:`register_predictor_object` (no error if absent)."""
+    _PREDICTORS.pop(pid, None)
+
+
+def predictor_blocks(predictor: Any) -> tuple[int, int]:
+    """``(block_m, block_n)`` of the layouts a predictor returns, from its config (patterns: their kwargs)."""
+    cfg = getattr(predictor, "config", None)
+    kwargs = dict(getattr(cfg, "kwargs", ()) or ())
+    bm = kwargs.get("block_m", getattr(cfg, "block_m", None))
+    bn = kwargs.get("block_n", getattr(cfg, "block_n", None))
+    if bm is None or bn is None:
+        if hasattr(cfg, "name") and isinstance(getattr(cfg, "name"), str):  # a static pattern: the builders' default
+            return int(kwargs.get("block_m", 64)), int(kwargs.get("block_n", 64))
+        raise fail("predict_layout", "predictor", "does not state its block sizes in its config",
+                   "a predictor whose config has block_m and block_n", type(predictor).__name__)
+    return int(bm), int(bn)
+
+
+@torch.library.custom_op(PREDICT_OP, mutates_args=(),
+                         schema="(Tensor q, Tensor k, int predictor_id, int? layer, bool causal) -> (Tensor, Tensor)")
+def _predict_layout(q: torch.Tensor, k: torch.Tensor, predictor_id: int, layer: int | None,
+                    causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    pred = _PREDICTORS.get(predictor_id)
+    if pred is None:
+        raise RuntimeError(f"{PREDICT_OP}: no predictor is registered under id {predictor_id} (its PatchHandle was "
+                           "unpatched); re-patch the model and compile it again")
+    lay = pred.predict(q, k, causal=causal, layer=layer)
+    B, H = q.shape[0], q.shape[1]
+    # contiguous copies: an op's outputs may not alias its inputs or cached tensors
+    return (lay.kv_num_blocks.expand(B, H, -1).clone(memory_format=torch.contiguous_format),
+            lay.kv_indices.expand(B, H, -1, -1).clone(memory_format=torch.contiguous_format))
+
+
+@_predict_layout.register_fake
+def _(q, k, predictor_id, layer, causal):  # noqa: ANN001, ANN202
+    pred = _PREDICTORS.get(predictor_id)
+    if pred is None:
+        raise RuntimeError(f"{PREDICT_OP}: no predictor is registered under id {predictor_id}")
+    bm, bn = predictor_blocks(pred)
+    B, H, Nq = q.shape[0], q.shape[1], q.shape[2]
+    Nkv = k.shape[2]
+    Mb, Nb = -(-Nq // bm), -(-Nkv // bn)
+    return (q.new_empty((B, H, Mb), dtype=torch.int32), q.new_empty((B, H, Mb, Nb), dtype=torch.int32))
+
+
+def predict_layout_op(predictor: Any, q: torch.Tensor, k: torch.Tensor, *, layer: int | None = None,
+                      causal: bool = True) -> BlockLayout:
+    """``predictor.predict(q, k)`` through :data:`PREDICT_OP` (one opaque op a compiled graph can hold).
+
+    The predictor must state its block sizes in its config. Under ``torch.compile`` it must be
+    registered (:func:`register_predictor_object`) before tracing (:func:`~sparseattn.integrations.patch_model`
+    does this for its predictors); eagerly, this registers it. The layout comes back as fresh
+    ``(B, H, ...)`` tensors.
+    """
+    pid = id(predictor)
+    if _PREDICTORS.get(pid) is not predictor:  # register before compiling: a traced registration is deferred
+        register_predictor_object(predictor)
+    bm, bn = predictor_blocks(predictor)
+    num, idx = torch.ops.sparseattn.predict_layout(q, k, pid, layer, causal)
+    return BlockLayout(num, idx, bm, bn, q.shape[2], k.shape[2], validate=False)
