@@ -22,12 +22,11 @@ For one model and each length, on the same input ids:
   ``record_function`` ranges ``sparseattn::layer_attention`` and ``sparseattn::predict`` so their
   totals are identifiable by name.
 
-Modes: ``eager``; ``compile`` (experimental) wraps the model in ``torch.compile`` for both sides
-(patched before compiling for the sparse side) and reports the graph-break count of the patched
-model from ``torch._dynamo.explain`` instead of failing when it breaks. On a CPU (tiny Llama,
-``masked_sdpa``) the patched model broke 18-19 times per forward (``Tensor.item()``, a lock context
-manager) and hit dynamo's recompile limit (a guard on the handle's per-layer ``timings`` dict), so
-its compiled sparse times there are not meaningful; the CUDA path is unmeasured.
+Modes: ``eager``; ``graphs`` captures each side's whole prefill in a CUDA graph (after two warm-up
+calls) and times replays; ``compile`` compiles the dense model and, per row, a patched copy of it with
+``torch.compile`` (inductor), patched once so rounds do not re-trace, and reports the patched model's
+graph-break count from ``torch._dynamo.explain`` (0 expected: under tracing the predictor and the
+attention are custom ops).
 
 Models: anything :func:`sparseattn.models.load` accepts, or :func:`build_llama_stack` — a
 Llama-3.1-8B-shaped decoder stack with **random weights** for the long lengths, where the sparse
@@ -441,12 +440,12 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
     if not cuda:
         result["notes"].append("CPU run: the sparse path is the exact masked SDPA / interpreter, so times do not "
                                "measure the kernel; profile counts are profiler CPU ops, not device kernels")
-    compiled_dense = compiled_sparse = None
+    compiled_dense = None
     if mode == "compile":
-        result["notes"].append("compile mode is experimental: the patched model may graph-break "
-                               "(see graph_breaks per row)")
+        result["notes"].append("compile mode: torch.compile (inductor) of the dense model and, per row, of a patched "
+                               "copy of it (patched once, so no re-tracing between rounds); graph breaks of the patched "
+                               "model per row (torch._dynamo.explain)")
         compiled_dense = torch.compile(model)
-        compiled_sparse = torch.compile(model)  # a second wrapper (its own frame cache entries per guard set)
 
     for n in lengths:
         ids, source = _input_ids(tokenizer, model, n, random_ids=random_ids, text_files=text_files,
@@ -474,11 +473,16 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
             _log(f"{model_name}: {n} tokens, row {i + 1}/{len(rows)} {row.label!r}", progress)
             kw: dict[str, Any] = {"predictor": row.predictor, "dense_layers": list(dense_layers), "backend": backend}
             rec: dict[str, Any] = {"seq_len": n, "label": row.label, "kind": row.kind, "spec": row.spec}
-            with patch_model(model, **kw) as h:
-                fwd = compiled_sparse if compiled_sparse is not None else model
+            target = model
+            if mode == "compile":
+                import copy
+
+                target = copy.deepcopy(model)  # its own patched copy: the dense side's compiled graph stays valid
+            with patch_model(target, **kw) as h:
+                fwd = torch.compile(target) if mode == "compile" else model
                 if mode == "compile":
                     try:
-                        ex = torch._dynamo.explain(model)(ids, use_cache=False, logits_to_keep=1)
+                        ex = torch._dynamo.explain(target)(ids, use_cache=False, logits_to_keep=1)
                         rec["graph_breaks"] = int(ex.graph_break_count)
                         reasons: dict[str, int] = {}
                         for b in ex.break_reasons:
@@ -489,7 +493,8 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
                         rec["graph_breaks"] = None
                         rec["explain_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 h.reset_stats()
-                sparse_logits = logits(fwd)
+                # eager logits (the compiled graph records no per-call accounting; its logits are the same function)
+                sparse_logits = logits(target)
                 rep = h.sparsity_report()
                 rec["density"] = _mean_sparse_density(rep)
                 rec["backends"] = sorted({b for e in rep["layers"].values() for b in e.get("backends", ())})
@@ -497,7 +502,10 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
                 modes = [e["mode"] for e in rep["layers"].values()]
                 rec["layer_modes"] = {m: modes.count(m) for m in sorted(set(modes))}
                 rec["window_density"] = _mean_sparse_density(rep, "window")
-                if profile:
+                if profile and mode == "compile":  # no named ranges: wrapping the handle would force a re-trace
+                    fwd(ids, use_cache=False, logits_to_keep=1)
+                    rec["profile"] = _profile(lambda: fwd(ids, use_cache=False, logits_to_keep=1), cuda)
+                elif profile:
                     with _Instrument(h, row.predictor):
                         rec["profile"] = _profile(lambda: fwd(ids, use_cache=False, logits_to_keep=1), cuda)
                 t = None
@@ -511,6 +519,14 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
                         rec["graphs_error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
                         _log(f"  CUDA graph capture of the patched model failed: {rec['graphs_error']}; "
                              "this row is timed eagerly (see graphs_error)", progress)
+                if mode == "compile":
+                    def d() -> None:
+                        compiled_dense(ids, use_cache=False, logits_to_keep=1)
+
+                    def s() -> None:
+                        fwd(ids, use_cache=False, logits_to_keep=1)
+
+                    t = _alternating(d, s, repeats=repeats, warmup=warmup, cuda=cuda, seq_len=n)
             rec["vs_dense"] = logits_metrics(sparse_logits, dense_logits)
             if row.kind == "all_blocks":
                 floor_logits = sparse_logits
@@ -518,16 +534,8 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
             else:
                 rec["vs_all_blocks"] = logits_metrics(sparse_logits, floor_logits)
             del sparse_logits
-            if mode == "compile":
-                def d() -> None:
-                    compiled_dense(ids, use_cache=False, logits_to_keep=1)
-
-                def s() -> None:
-                    with patch_model(model, **kw):
-                        compiled_sparse(ids, use_cache=False, logits_to_keep=1)
-
-                t = _alternating(d, s, repeats=repeats, warmup=warmup, cuda=cuda, seq_len=n)
-            elif t is None:
+            target = fwd = None  # release the patched copy (compile mode)
+            if t is None:
                 t = steady_prefill_times(model, ids, kw, repeats=repeats, warmup=warmup)
             rec.update(t)
             rec["ratio_rounds"] = [a / b if b > 0 else None for a, b in zip(t["dense_rounds_s"], t["sparse_rounds_s"])]
@@ -536,7 +544,7 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
             _log(f"  dense {t['dense_s'] * 1e3:.1f} ms, sparse {t['sparse_s'] * 1e3:.1f} ms, ratio {t['ratio']:.3f}, "
                  f"density {rec['density']}, cosine {rec['vs_dense']['logits_cosine']:.6f}", progress)
         entry["dense_s_all_rounds_median"] = statistics.median(dense_rounds) if dense_rounds else None
-        del dense_logits, floor_logits, dense_again, ids, dense_replay
+        dense_logits = floor_logits = dense_again = dense_replay = None  # free before the next length
         if cuda:
             torch.cuda.empty_cache()
         result["lengths"].append(entry)
