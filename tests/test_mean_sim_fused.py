@@ -1,4 +1,5 @@
-"""The fused Triton mean_sim predictor (three launches, layout written directly) against the torch path.
+"""The fused Triton mean_sim predictor (three launches, layout written directly) against the torch path,
+for every block score (mean, minmax, mixed).
 
 Without CUDA the kernels run under Triton's CPU interpreter (``tests/conftest.py`` sets
 ``TRITON_INTERPRET=1`` before triton is imported). The interpreter is slow (~50–100 ms per program),
@@ -99,6 +100,16 @@ CASES = {
                                                            keep_sink=False, keep_local=0, sim_threshold=-1)),
     "topk-nq-ne-nkv": (1, 3, 1, 63, 333, 8, True, dict(block_m=64, block_n=32, topk=0.5, cdf_threshold=None,
                                                        keep_local=2)),
+    # minmax / mixed: the pooling pass adds per-block key minima/maxima, the score kernel a second product
+    "mixed-default-gqa3": (1, 3, 1, 130, 130, 16, True, dict(block_m=16, block_n=16, score="mixed", cdf_threshold=0.97,
+                                                             keep_local=8)),
+    "mixed-topk-odd": (1, 4, 2, 99, 99, 8, True, dict(block_m=16, block_n=16, score="mixed", topk=0.3,
+                                                      cdf_threshold=None)),
+    "mixed-noncausal-nq-ne-nkv": (2, 2, 1, 70, 150, 8, False, dict(block_m=32, block_n=16, score="mixed",
+                                                                    keep_local=2, sim_threshold=-1)),
+    "minmax-cdf-gqa2": (1, 4, 2, 65, 65, 16, True, dict(block_m=16, block_n=16, score="minmax", cdf_threshold=0.8)),
+    "minmax-topk-nq-gt-nkv": (1, 2, 1, 200, 63, 8, True, dict(block_m=32, block_n=16, score="minmax", topk=0.4,
+                                                             cdf_threshold=None, keep_sink=False, keep_local=0)),
 }
 
 
@@ -123,9 +134,10 @@ def test_selection_is_not_trivial(request):
     assert bool((num < lims).any()), num
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_fused_half_precision_inputs(request, dtype):
-    cfg = MeanSimilarityConfig(block_m=16, block_n=32, cdf_threshold=0.9, keep_local=1)
+@pytest.mark.parametrize("dtype,score", [(torch.float16, "mean"), (torch.bfloat16, "mean"), (torch.bfloat16, "mixed"),
+                                         (torch.float16, "minmax")])
+def test_fused_half_precision_inputs(request, dtype, score):
+    cfg = MeanSimilarityConfig(block_m=16, block_n=32, cdf_threshold=0.9, keep_local=1, score=score)
     q, k = _structured(1, 2, 1, 100, 100, 16, _gen(request), dtype=dtype)
     ref, got, p_ref, p_got = _both(q, k, True, cfg)
     _assert_same(ref, got, p_ref, p_got, dtype=dtype)
@@ -133,7 +145,7 @@ def test_fused_half_precision_inputs(request, dtype):
 
 def test_fused_noncontiguous_q(request):
     # transformers hands q as a (B, N, H, D) tensor viewed as (B, H, N, D)
-    cfg = MeanSimilarityConfig(block_m=16, block_n=16, topk=0.4, cdf_threshold=None)
+    cfg = MeanSimilarityConfig(block_m=16, block_n=16, topk=0.4, cdf_threshold=None, score="mixed")
     q, k = _structured(1, 4, 2, 65, 65, 8, _gen(request))
     q_view = q.transpose(1, 2).contiguous().transpose(1, 2)
     k_view = k.transpose(1, 2).contiguous().transpose(1, 2)
@@ -148,9 +160,15 @@ def test_fused_noncontiguous_q(request):
     ("k", float("inf"), dict(topk=0.3, cdf_threshold=None)),
     ("q", float("-inf"), dict(topk=0.3, cdf_threshold=None)),
     ("k", float("-inf"), dict(cdf_threshold=0.5, sim_threshold=-1)),
+    ("q", float("nan"), dict(cdf_threshold=0.97, score="mixed", keep_local=2)),
+    ("k", float("nan"), dict(topk=0.3, cdf_threshold=None, score="mixed")),
+    ("k", float("inf"), dict(cdf_threshold=0.9, score="mixed", sim_threshold=-1)),
+    ("k", float("-inf"), dict(cdf_threshold=0.5, score="minmax", sim_threshold=-1)),
+    ("q", float("inf"), dict(topk=0.3, cdf_threshold=None, score="minmax", sim_threshold=-1)),
+    ("q", float("-inf"), dict(cdf_threshold=0.9, score="mixed")),
 ])
 def test_fused_nonfinite_keeps_what_torch_keeps(request, where, value, spec):
-    cfg = MeanSimilarityConfig(block_m=16, block_n=16, keep_local=1, **spec)
+    cfg = MeanSimilarityConfig(block_m=16, block_n=16, **{"keep_local": 1, **spec})
     q, k = _structured(1, 2, 1, 80, 80, 8, _gen(request))
     if where == "q":
         q[0, 1, 37, 3] = value
@@ -167,37 +185,58 @@ def test_fused_nonfinite_keeps_what_torch_keeps(request, where, value, spec):
             assert bool(mask[0, :, :, 1][region[:, 1].expand(2, -1)].all())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_pool_kernel_matches_block_pool(dtype):
+def _launch_pool(q, k, block_m, block_n, minmax):
+    """The pooling launch alone (q and k in one grid): q means/sims, k means/sims/min/max (k buffers untransposed)."""
     from sparseattn.predictors.fused_mean_sim import _kernels, _pool_meta
+
+    B, H, Nq, D = q.shape
+    Hkv, Nkv = k.shape[1], k.shape[2]
+    Mb, Nb = -(-Nq // block_m), -(-Nkv // block_n)
+    qm = torch.empty(B, H, Mb, D, device=DEV)
+    qsim = torch.empty(B, H, Mb, device=DEV)
+    km, kmin, kmax = (torch.empty(B, Hkv, D, Nb, device=DEV) for _ in range(3))
+    ksim = torch.empty(B, Hkv, Nb, device=DEV)
+    pool = _kernels()[0]
+    pool[(Mb * H + Nb * Hkv, B)](q, k, qm, qsim, km, ksim, kmin, kmax, *q.stride(), *k.stride(), *qm.stride(),
+                                 *km.transpose(-1, -2).stride(), *qsim.stride()[:2], *ksim.stride()[:2], Nq, Nkv, Mb, Nb, H, D,
+                                 **_pool_meta(block_m, block_n, D, minmax))
+    return qm, qsim, km.transpose(-1, -2), ksim, kmin.transpose(-1, -2), kmax.transpose(-1, -2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_pool_kernel_matches_block_pool_and_minmax(dtype):
+    from sparseattn.predictors._common import block_minmax
 
     gen = torch.Generator().manual_seed(7)
     B, H, N, D, block = 1, 2, 45, 12, 16  # partial last block, D not a power of two
     x = torch.randn(B, H, N, D, generator=gen)
     x[0, 0, 3] = 0.0  # a zero row: contributes 0 (float32) / makes the block NaN (float16), as block_pool does
     x[0, 1, 40:] = x[0, 1, 40]  # identical rows: similarity 1 in the last (partial) block
-    x = x.to(dtype).to(DEV)
-    nb = -(-N // block)
-    sums, unit, cnt = block_pool(x, block, normalized=True)
-    sim_ref = block_self_similarity(unit, cnt)
-    mean_ref = sums / cnt[:, None]
-    mean = torch.empty(B, H, nb, D, device=DEV)
-    sim = torch.empty(B, H, nb, device=DEV)
-    pool, _ = _kernels()
-    xs = x.stride()
-    pool[(nb, H, B)](x, mean, sim, xs[0], xs[1], xs[2], xs[3], *mean.stride(), sim.stride(0), sim.stride(1), N, D,
-                     **_pool_meta(block, D))
-    torch.testing.assert_close(mean, mean_ref, atol=ATOL_FLOOR[torch.float32], rtol=1e-6)
-    torch.testing.assert_close(sim, sim_ref, atol=ATOL_FLOOR[torch.float32], rtol=1e-6, equal_nan=True)
-    assert bool(sim_ref[0, 0, 0].isnan()) == (dtype == torch.float16)
+    xk = x.clone()
+    xk[0, 1, 20, 5] = float("nan")  # min/max of that block's coordinate 5: NaN (amin/amax propagate it)
+    xk[0, 0, 33, 2] = float("inf")
+    xk[0, 0, 34, 2] = float("-inf")
+    x, xk = x.to(dtype).to(DEV), xk.to(dtype).to(DEV)
+    qm, qsim, km, ksim, kmin, kmax = _launch_pool(x, xk, block, block, True)
+    for t, mean, sim in ((x, qm, qsim), (xk, km, ksim)):
+        sums, unit, cnt = block_pool(t, block, normalized=True)
+        torch.testing.assert_close(mean, sums / cnt[:, None], atol=ATOL_FLOOR[torch.float32], rtol=1e-6, equal_nan=True)
+        torch.testing.assert_close(sim, block_self_similarity(unit, cnt), atol=ATOL_FLOOR[torch.float32], rtol=1e-6,
+                                   equal_nan=True)
+    assert bool(qsim[0, 0, 0].isnan()) == (dtype == torch.float16)
+    ref_min, ref_max = block_minmax(xk, block)
+    assert torch.equal(kmin.isnan(), ref_min.isnan()) and torch.equal(kmax.isnan(), ref_max.isnan())
+    assert torch.equal(kmin.nan_to_num(0.0, 7.0, -7.0), ref_min.nan_to_num(0.0, 7.0, -7.0))  # exact, infinities too
+    assert torch.equal(kmax.nan_to_num(0.0, 7.0, -7.0), ref_max.nan_to_num(0.0, 7.0, -7.0))
+    assert bool(kmin[0, 1, 1, 5].isnan()) and float(kmin[0, 0, 2, 2]) == float("-inf")
 
 
-@pytest.mark.parametrize("causal,topk", [(True, None), (False, 0.1)])
-def test_select_kernel_long_rows(causal, topk):
-    # 2100 key blocks (a 4096-wide register row): the score+select kernel alone on given block means,
-    # against the torch path's selection code on the same means (pooling 2100 blocks is too slow here)
+@pytest.mark.parametrize("causal,topk,score", [(True, None, "mean"), (False, 0.1, "mean"), (True, None, "mixed")])
+def test_select_kernel_long_rows(causal, topk, score):
+    # 2100 key blocks (a 4096-wide register row): the score and select kernels on given block statistics,
+    # against the torch path's scoring and selection code on the same statistics (pooling is too slow here)
     from sparseattn.predictors._common import local_mask, mask_to_layout, select_cdf, select_topk
-    from sparseattn.predictors.fused_mean_sim import _geometry, _kernels, _select_meta
+    from sparseattn.predictors.fused_mean_sim import _SCORES, _geometry, _kernels, _score_meta, _select_meta
 
     gen = torch.Generator().manual_seed(11)
     B, H, Hkv, D, bm, bn, Nq, Nkv = 1, 2, 1, 8, 64, 16, 100, 2100 * 16 - 5
@@ -207,14 +246,21 @@ def test_select_kernel_long_rows(causal, topk):
     k_mean = torch.randn(B, Hkv, Nb, D, generator=gen)
     k_mean[..., 0] += torch.linspace(-4.0, 8.0, Nb)
     q_mean[..., 0] += 2.0
+    spread = torch.rand(B, Hkv, Nb, D, generator=gen)
+    k_min, k_max = k_mean - spread, k_mean + 2.0 * spread
     q_sim = torch.tensor([[[0.9, 0.2], [0.7, 0.8]]])
     k_sim = torch.rand(B, Hkv, Nb, generator=gen) * 0.6 + 0.45  # a few untrusted key blocks
-    q_mean, k_mean, q_sim, k_sim = (t.to(DEV) for t in (q_mean, k_mean, q_sim, k_sim))
+    q_mean, k_mean, k_min, k_max, q_sim, k_sim = (t.to(DEV) for t in (q_mean, k_mean, k_min, k_max, q_sim, k_sim))
 
     region = causal_region(Nq, Nkv, bm, bn, causal, q_mean.device)
-    s = torch.matmul(q_mean.reshape(B, Hkv, G * Mb, D), k_mean.transpose(-1, -2)) * (D ** -0.5)
-    s = s.reshape(B, Hkv, G, Mb, Nb).masked_fill(~region, float("-inf"))
-    p_ref = torch.softmax(s, dim=-1).masked_fill_(~region.any(-1, keepdim=True), 0.0)
+    qg = q_mean.reshape(B, Hkv, G * Mb, D)
+    probs = []
+    for s in ([torch.matmul(qg, k_mean.transpose(-1, -2))] if score != "minmax" else []) + \
+             ([torch.matmul(qg.clamp(min=0), k_max.transpose(-1, -2))
+               + torch.matmul(qg.clamp(max=0), k_min.transpose(-1, -2))] if score != "mean" else []):
+        s = (s * (D ** -0.5)).reshape(B, Hkv, G, Mb, Nb).masked_fill(~region, float("-inf"))
+        probs.append(torch.softmax(s, dim=-1).masked_fill_(~region.any(-1, keepdim=True), 0.0))
+    p_ref = probs[0] if len(probs) == 1 else 0.5 * (probs[0] + probs[1])
     sel = select_topk(p_ref, region, topk) if topk else select_cdf(p_ref, region, 0.9)
     forced = (local_mask(Nq, Nkv, bm, bn, 2, causal, q_mean.device) | (torch.arange(Nb, device=DEV) == 0)) & region
     mask = (sel | forced | (~(q_sim >= 0.5)).reshape(B, Hkv, G, Mb, 1) | (~(k_sim >= 0.5)).reshape(B, Hkv, 1, 1, Nb))
@@ -223,16 +269,32 @@ def test_select_kernel_long_rows(causal, topk):
     p = torch.empty(B, H, Mb, Nb, device=DEV)
     num = torch.empty(B, H, Mb, dtype=torch.int32, device=DEV)
     idx = torch.empty(B, H, Mb, Nb, dtype=torch.int32, device=DEV)
-    meta = _select_meta(G, Nb)
+    geo = _geometry(Nq, Nkv, bm, bn, causal, topk, q_mean.device)
+    meta = _select_meta(Nb)
     assert meta["RPAD"] == 4096
-    _, select = _kernels()
-    select[(Mb, B * Hkv, -(-G // meta["ROWS"]))](
-        q_mean, k_mean.transpose(-1, -2).contiguous(), q_sim, k_sim, _geometry(Nq, Nkv, bm, bn, causal, topk, q_mean.device),
-        p, num, idx, H, G, Mb, Nb, D, float(D ** -0.5), 0.0 if topk else 0.9, 0.5, 2,
-        TOPK=topk is not None, KEEP_SINK=True, CAUSAL=causal, **meta)
+    sc = _score_meta(B, H, Mb, Nb, D, _SCORES[score])
+    n_jt = -(-Nb // sc["BLOCK_J"])
+    _, score_k, select = _kernels()
+    kt = [t.transpose(-1, -2).contiguous() for t in (k_mean, k_min, k_max)]
+    score_k[(-(-Mb // sc["BLOCK_QB"]) * n_jt, H, B)](q_mean, *kt, geo, p, idx, H, G, Mb, Nb, D, n_jt, float(D ** -0.5),
+                                                     **sc)
+    select[(Mb, H, B)](p, q_sim, k_sim, geo, p, num, idx, H, G, Mb, Nb, 0.0 if topk else 0.9, 0.5, 2,
+                       TOPK=topk is not None, KEEP_SINK=True, CAUSAL=causal, MIXED=score == "mixed", **meta)
     got = BlockLayout(num, idx, bm, bn, Nq, Nkv)
     _assert_same(ref, got, p_ref.reshape(B, H, Mb, Nb), p)
     assert bool((num < region.sum(-1)).any())  # the selection dropped blocks
+
+
+@pytest.mark.parametrize("topk", [None, 0.25])
+def test_select_ties_and_flat_rows(topk):
+    # equal scores: ties resolved by index like the torch path's stable sort (flat rows, repeated key blocks)
+    cfg = MeanSimilarityConfig(block_m=16, block_n=16, sim_threshold=-1, keep_sink=False, keep_local=0,
+                               **({"topk": topk, "cdf_threshold": None} if topk else {"cdf_threshold": 0.6}))
+    q = torch.zeros(1, 2, 128, 8)
+    q[:, 1, :, 0] = 1.0
+    k = torch.randn(1, 1, 16, 8, generator=torch.Generator().manual_seed(3)).repeat(1, 1, 8, 1)  # 8 equal pairs
+    ref, got, p_ref, p_got = _both(q.to(DEV), k.to(DEV), True, cfg)
+    _assert_same(ref, got, p_ref, p_got)
 
 
 # ------------------------------------------------------------------------------------------ host side
@@ -262,8 +324,8 @@ def test_fused_predict_is_three_launches_and_few_host_ops(monkeypatch):
     from sparseattn.predictors import fused_mean_sim as fm
 
     log: list = []
-    monkeypatch.setattr(fm, "_kernels", lambda: (_FakeKernel(log), _FakeKernel(log)))
-    pred = MeanSimilarityPredictor(MeanSimilarityConfig(block_m=16, block_n=16), backend="triton")
+    monkeypatch.setattr(fm, "_kernels", lambda: (_FakeKernel(log), _FakeKernel(log), _FakeKernel(log)))
+    pred = MeanSimilarityPredictor(MeanSimilarityConfig(block_m=16, block_n=16, score="mixed"), backend="triton")
     q = torch.randn(1, 4, 200, 16, device=DEV).transpose(1, 2).contiguous().transpose(1, 2)
     k = torch.randn(1, 2, 200, 16, device=DEV)
     pred.predict(q, k, causal=True)  # first call builds the cached geometry table
@@ -295,26 +357,28 @@ def test_backend_argument_and_refusals(monkeypatch):
         MeanSimilarityPredictor(backend="cuda")
     q = torch.randn(1, 2, 40, 8, device=DEV)
     k = torch.randn(1, 1, 40, 8, device=DEV)
-    mixed = MeanSimilarityPredictor(MeanSimilarityConfig(score="mixed", block_m=16, block_n=16), backend="triton")
-    with pytest.raises(NotImplementedError, match="score='mixed' is not supported by the fused Triton path"):
-        mixed.predict(q, k)
+    from sparseattn.predictors.fused_mean_sim import fused_refusal
+
+    for score in ("mean", "minmax", "mixed"):
+        assert fused_refusal(q, k, MeanSimilarityConfig(score=score)) is None
     with pytest.raises(NotImplementedError, match="float64 is not supported"):
         MeanSimilarityPredictor(MeanSimilarityConfig(block_m=16, block_n=16), backend="triton").predict(
             q.double(), k.double())
 
     # "auto" on a device the fused path would take (CUDA; faked here for the CPU interpreter): an unsupported
-    # score falls back to the torch path with one warning per predictor, never silently
+    # dtype falls back to the torch path with one warning per predictor, never silently
     monkeypatch.setattr(ms, "_auto_device_ok", lambda t: True)
-    auto = MeanSimilarityPredictor(MeanSimilarityConfig(score="minmax", block_m=16, block_n=16))
-    with pytest.warns(RuntimeWarning, match="score='minmax' is not supported"):
+    auto = MeanSimilarityPredictor(MeanSimilarityConfig(score="mixed", block_m=16, block_n=16))
+    q, k = q.double(), k.double()
+    with pytest.warns(RuntimeWarning, match="float64 is not supported"):
         auto.predict(q, k)
     assert auto.last_backend == "torch" and auto.last_scores is not None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         auto.predict(q, k)  # warned once already
-    fused_auto = MeanSimilarityPredictor(MeanSimilarityConfig(block_m=16, block_n=16))
-    fused_auto.predict(q, k)
-    assert fused_auto.last_backend == "triton"
+    fused_auto = MeanSimilarityPredictor(MeanSimilarityConfig(block_m=16, block_n=16, score="mixed"))
+    fused_auto.predict(q.float(), k.float())
+    assert fused_auto.last_backend == "triton"  # the default score runs fused, without a warning
 
 
 def test_dense_layers_unchanged_on_fused_backend():

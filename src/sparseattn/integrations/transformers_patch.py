@@ -23,8 +23,8 @@ skipped (plain causal or sliding-window causal): with no padding mask it returns
 sliding-window mask is skipped too when no token is padded, since this module applies the causal
 mask and the window itself (see :func:`_prefill_mask`). A mask that is still given (padding, packed
 sequences, custom masks) is compared with the plain causal (+ window) mask once per mask object and
-forward (one host read; inside a CUDA graph capture, where nothing can be read, the verdict of the
-last eager forward with that mask shape); a sparse layer refuses anything else with a ``ValueError``,
+forward (one host read; inside a CUDA graph capture or under ``torch.compile``, where nothing can be
+read, a device-side assertion in the graph); a sparse layer refuses anything else with a ``ValueError``,
 a window or dense layer hands it to the model's own attention, which applies it exactly.
 
 The hot path (per layer and prefill) does no host synchronisation: static layouts and routing are
@@ -442,7 +442,6 @@ class PatchHandle:
         self.active = True
         # mask verdicts of the current forward (see _mask_ok); routes and static densities are module caches
         self._mask_verdicts: dict[tuple[Any, ...], bool] = {}
-        self._eager_verdicts: dict[tuple[Any, ...], bool] = {}  # per mask shape: the last eager verdict
         self._mask_refs: list[torch.Tensor] = []
 
     # ---------------------------------------------------------------- lifecycle
@@ -546,17 +545,16 @@ class PatchHandle:
         key = (id(mask), mask.data_ptr(), mask._version, tuple(mask.shape), nq, nkv, window)
         verdict = self._mask_verdicts.get(key)
         if verdict is None:
-            shape_key = (tuple(mask.shape), mask.dtype, nq, nkv, window)
             if mask.is_cuda and torch.cuda.is_current_stream_capturing():
-                # a capture cannot read the mask: use the verdict of the warm-up forward with this mask shape
-                verdict = self._eager_verdicts.get(shape_key)
-                if verdict is None:
-                    raise RuntimeError("patch_model: a CUDA graph capture reached a sparse layer with an attention mask "
-                                       "that no eager forward of this shape has checked; run the patched model once "
-                                       "eagerly on the same kind of input before capturing")
+                # a capture cannot read the mask (transformers materialises one while capturing, e.g. for its
+                # packed-sequence check): the graph asserts on the device, once per mask object and forward, and
+                # every replay re-checks it; a mask that is not plain causal (+ window) stops the run
+                torch._assert_async(_causal_match(mask, nq, nkv, window),
+                                    "patch_model: the attention mask of a captured sparse layer is not plain causal "
+                                    "(padding or a custom mask); sparse prefill supports unpadded causal inputs only")
+                verdict = True
             else:
                 verdict = _causal_equivalent(mask, nq, nkv, window)
-                self._eager_verdicts[shape_key] = verdict
             self._mask_verdicts[key] = verdict
             self._mask_refs.append(mask)  # keeps the object alive, so its id is not reused within the forward
         return verdict

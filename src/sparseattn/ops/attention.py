@@ -141,8 +141,10 @@ def attention(
         layout = band_layout(B, H, Nq, Nkv, sliding_window, q.device)
     name = select_backend(q, k, v, layout=layout, causal=causal, pv_threshold=pv_threshold, backend=backend, func=fn,
                           sliding_window=sliding_window)
+    # the window is passed only when set, so run functions written before windows existed keep working
+    extra = {} if sliding_window is None else {"sliding_window": sliding_window}
     return BACKENDS[name][1](q, k, v, causal=causal, layout=layout, scale=scale, pv_threshold=pv_threshold, stats=stats,
-                             sliding_window=sliding_window)
+                             **extra)
 
 
 _BAND_BLOCK = 128  # the blocks of the launcher's own dense layout (the kernel's fastest tiles)

@@ -3,13 +3,17 @@
 The torch path of :class:`~sparseattn.predictors.mean_similarity.MeanSimilarityPredictor` costs
 ~60–150 small PyTorch ops per layer (pooling, softmax, a segmented sort, cumsums, scatters, the
 mask → layout compaction); on a GPU those launches cost more than they compute. This path runs
-:mod:`sparseattn.ops.triton.mean_sim_predict`:
+:mod:`sparseattn.ops.triton.mean_sim_predict` (every ``score``: ``"mean"``, ``"minmax"``, ``"mixed"``):
 
-1. ``_block_pool_kernel`` on q → block means ``(B, H, Mb, D)`` and self-similarities ``(B, H, Mb)``;
-2. ``_block_pool_kernel`` on k → block means, written transposed ``(B, H_kv, D, Nb)``, and
+1. ``_block_pool_kernel`` on q and k in one launch → q block means ``(B, H, Mb, D)`` and
+   self-similarities ``(B, H, Mb)``; k block means written transposed ``(B, H_kv, D, Nb)`` (and for
+   minmax/mixed the per-coordinate key minima/maxima, same layout, in the same pass) and
    self-similarities ``(B, H_kv, Nb)``;
-3. ``_score_select_kernel`` → ``kv_num_blocks`` / ``kv_indices`` of the
-   :class:`~sparseattn.layout.BlockLayout` directly, and ``P`` for ``last_scores``.
+2. ``_score_kernel`` → the raw block scores of the allowed region, a tiled GEMM (tiles outside the
+   causal region return at once), written into ``P``'s storage (mixed: the minmax scores into the
+   ``kv_indices`` buffer as scratch);
+3. ``_select_kernel``, one program per row → softmax, selection, ``kv_num_blocks`` / ``kv_indices``
+   of the :class:`~sparseattn.layout.BlockLayout` directly, and ``P`` for ``last_scores``.
 
 No host synchronisation (no tensor value is read on the host), no dense mask, no Python loop over
 heads or blocks. Shape-only data (the per-query-block table of allowed-prefix length, diagonal
@@ -17,6 +21,9 @@ block and top-k count) is built once per geometry by the bounded geometry cache 
 :mod:`sparseattn.predictors._common`. What the fused path computes, and where it may differ from the
 torch path (only where float rounding flips a decision sitting exactly on a threshold), is in the
 docstring of :mod:`sparseattn.ops.triton.mean_sim_predict`.
+
+Launch parameters (tile sizes, warps) are fixed by shape here, not autotuned; they were chosen by
+reasoning about registers and parallelism and have not been tuned on a GPU.
 
 Triton is imported lazily (on the first launch), never by ``import sparseattn``. On CPU tensors the
 kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is imported).
@@ -38,12 +45,8 @@ __all__ = ["fused_refusal", "fused_predict", "LAUNCHES_PER_CALL", "MAX_KV_BLOCKS
 
 LAUNCHES_PER_CALL = 3
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_KV_BLOCKS = 8192  # the score kernel keeps a row of key blocks in registers (power of two >= Nb)
-# rows per program x padded row length held in registers; with ~8 elements per thread per live
-# [ROWS, RPAD] tensor, ptxas (sm_90a, triton 3.9) fits the score kernel in <= 128 registers without spills
-# up to RPAD = 4096 (RPAD = 8192: ~130 bytes of spills)
-_ROW_BUDGET = 4096
-_MAX_ROWS = 8
+MAX_KV_BLOCKS = 8192  # the select kernel keeps a row of key blocks in registers (power of two >= Nb)
+_SCORES = {"mean": 0, "minmax": 1, "mixed": 2}
 _MAX_GRID_YZ = 65535
 
 
@@ -66,11 +69,11 @@ def _triton_import_error() -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels() -> tuple[Any, Any]:
-    """(pooling kernel, score+select kernel); imports Triton on first use."""
+def _kernels() -> tuple[Any, Any, Any]:
+    """(pooling kernel, score kernel, select kernel); imports Triton on first use."""
     from sparseattn.ops.triton import mean_sim_predict as mod
 
-    return mod._block_pool_kernel, mod._score_select_kernel
+    return mod._block_pool_kernel, mod._score_kernel, mod._select_kernel
 
 
 def fused_refusal(q: Any, k: Any, config: Any) -> str | None:
@@ -80,8 +83,8 @@ def fused_refusal(q: Any, k: Any, config: Any) -> str | None:
     the predictor's own validation.
     """
     score = getattr(config, "score", None)
-    if score != "mean":
-        return f"score={score!r} is not supported by the fused Triton path (only score='mean')"
+    if score not in _SCORES:
+        return f"score={score!r} is not supported by the fused Triton path (only {sorted(_SCORES)})"
     if getattr(config, "topk", None) is None and getattr(config, "cdf_threshold", None) is None:
         return "neither topk nor cdf_threshold is set"
     for name, t in (("q", q), ("k", k)):
@@ -99,7 +102,7 @@ def fused_refusal(q: Any, k: Any, config: Any) -> str | None:
         return (f"{nb} key blocks (N_kv={int(k.shape[2])}, block_n={config.block_n}) exceed the fused kernel's row "
                 f"limit of {MAX_KV_BLOCKS}")
     B, H, Hkv = int(q.shape[0]), int(q.shape[1]), int(k.shape[1])
-    if B * Hkv > _MAX_GRID_YZ or H > _MAX_GRID_YZ or B > _MAX_GRID_YZ:
+    if H > _MAX_GRID_YZ or B > _MAX_GRID_YZ:
         return f"batch={B}, heads={H}, kv heads={Hkv} exceed the launch grid limit {_MAX_GRID_YZ}"
     return _triton_import_error()
 
@@ -118,17 +121,36 @@ def _geometry(Nq: int, Nkv: int, bm: int, bn: int, causal: bool, topk: float | N
     return cached(("msim_fused_geo", Nq, Nkv, bm, bn, causal, topk, str(device)), build)
 
 
-def _pool_meta(block: int, D: int) -> dict[str, int]:
+def _pool_meta(block_m: int, block_n: int, D: int, minmax: bool) -> dict[str, Any]:
     d_pad = max(16, _next_pow2(D))
-    return {"BLOCK": block, "D_PAD": d_pad, "ROW_CHUNK": min(_next_pow2(block), max(1, 4096 // d_pad)), "num_warps": 4}
+    chunk = max(1, 4096 // d_pad)  # a [chunk, D_PAD] float32 tile: 32 values per thread with 4 warps
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "CHUNK_Q": min(_next_pow2(block_m), chunk),
+            "CHUNK_K": min(_next_pow2(block_n), chunk), "D_PAD": d_pad, "MINMAX": minmax, "num_warps": 4}
 
 
-def _select_meta(G: int, Nb: int) -> dict[str, int]:
+def _score_meta(B: int, H: int, Mb: int, Nb: int, D: int, score: int) -> dict[str, Any]:
+    """Tile of the score GEMM (IEEE float32 ``tl.dot``, CUDA-core FMAs).
+
+    ptxas (sm_90, triton 3.9 offline) fits without spills: mean 64 × 64 tiles, 8 warps, 16 coordinates
+    per step (149 registers); minmax/mixed (three accumulators) 32 × 32, 4 warps (152 registers). Short
+    sequences take 32 × 32 (16 × 16) tiles so that enough programs fill the GPU.
+    """
+    d_pad = max(16, _next_pow2(D))
+    if score == 0 and B * H * cdiv(Mb, 64) * cdiv(Nb, 64) >= 256:
+        tile, warps = 64, 8
+    else:  # a tile is at least 16: tl.dot's minimum
+        tile, warps = (32 if max(Mb, Nb) > 16 else 16), 4
+    return {"SCORE": score, "BLOCK_QB": tile, "BLOCK_J": tile, "BLOCK_D": 16, "D_PAD": d_pad, "num_warps": warps}
+
+
+def _select_meta(Nb: int) -> dict[str, int]:
+    """One row per program, ~8 values per thread per row-long tensor.
+
+    ptxas (sm_90, triton 3.9 offline): <= 106 registers without spills up to RPAD = 4096; RPAD = 8192
+    (16 warps, 128 registers) spills ~250 bytes.
+    """
     rpad = max(16, _next_pow2(Nb))
-    rows = max(1, min(_next_pow2(G), _MAX_ROWS, _ROW_BUDGET // rpad))
-    size = rows * rpad
-    warps = min(16, max(1, size // 256))
-    return {"ROWS": rows, "RPAD": rpad, "num_warps": warps}
+    return {"RPAD": rpad, "num_warps": max(1, min(16, rpad // 256))}
 
 
 def fused_predict(q: torch.Tensor, k: torch.Tensor, config: Any, *, causal: bool) -> tuple[BlockLayout, torch.Tensor]:
@@ -137,7 +159,7 @@ def fused_predict(q: torch.Tensor, k: torch.Tensor, config: Any, *, causal: bool
     Args:
         q: ``(B, H, N_q, D)`` float16/bfloat16/float32, any strides.
         k: ``(B, H_kv, N_kv, D)``, ``H % H_kv == 0``, any strides.
-        config: a :class:`~sparseattn.predictors.mean_similarity.MeanSimilarityConfig` with ``score="mean"``.
+        config: a :class:`~sparseattn.predictors.mean_similarity.MeanSimilarityConfig`.
         causal: bottom-right aligned causal block region (else every block is allowed).
 
     Returns:
@@ -155,35 +177,49 @@ def fused_predict(q: torch.Tensor, k: torch.Tensor, config: Any, *, causal: bool
     Mb, Nb = cdiv(Nq, bm), cdiv(Nkv, bn)
     dev = q.device
     geo = _geometry(Nq, Nkv, bm, bn, causal, config.topk, dev)
+    score = _SCORES[config.score]
+    minmax = score != 0
 
     f32 = torch.float32
     q_mean = torch.empty((B, H, Mb, D), dtype=f32, device=dev)
     q_sim = torch.empty((B, H, Mb), dtype=f32, device=dev)
     k_mean_t = torch.empty((B, Hkv, D, Nb), dtype=f32, device=dev)  # transposed: coalesced rows per coordinate
     k_sim = torch.empty((B, Hkv, Nb), dtype=f32, device=dev)
-    p = torch.empty((B, H, Mb, Nb), dtype=f32, device=dev)
+    if minmax:
+        k_min_t = torch.empty((B, Hkv, D, Nb), dtype=f32, device=dev)
+        k_max_t = torch.empty((B, Hkv, D, Nb), dtype=f32, device=dev)
+    else:
+        k_min_t = k_max_t = k_mean_t  # not read
+    p = torch.empty((B, H, Mb, Nb), dtype=f32, device=dev)  # raw scores first, then the probabilities
     num = torch.empty((B, H, Mb), dtype=torch.int32, device=dev)
-    idx = torch.empty((B, H, Mb, Nb), dtype=torch.int32, device=dev)
+    idx = torch.empty((B, H, Mb, Nb), dtype=torch.int32, device=dev)  # mixed: minmax scores first
 
-    pool, select = _kernels()
+    pool, score_k, select = _kernels()
     topk = config.topk is not None
     thr = 0.0 if topk else float(config.cdf_threshold)
-    sel_meta = _select_meta(G, Nb)
+    sc_meta = _score_meta(B, H, Mb, Nb, D, score)
+    n_jt = cdiv(Nb, sc_meta["BLOCK_J"])
     qs, ks = q.stride(), k.stride()
+    scale = float(D ** -0.5)
 
     from sparseattn.ops.triton_launch import _LAUNCH_LOCK  # Triton's launch path is not thread-safe
 
     guard = torch.cuda.device(dev) if dev.type == "cuda" else _NullContext()
     with _LAUNCH_LOCK, guard:
-        pool[(Mb, H, B)](q, q_mean, q_sim, qs[0], qs[1], qs[2], qs[3],
-                         H * Mb * D, Mb * D, D, 1, H * Mb, Mb, Nq, D, **_pool_meta(bm, D))
-        pool[(Nb, Hkv, B)](k, k_mean_t, k_sim, ks[0], ks[1], ks[2], ks[3],
-                           Hkv * D * Nb, D * Nb, 1, Nb, Hkv * Nb, Nb, Nkv, D, **_pool_meta(bn, D))
-        select[(Mb, B * Hkv, cdiv(G, sel_meta["ROWS"]))](
-            q_mean, k_mean_t, q_sim, k_sim, geo, p, num, idx,
-            H, G, Mb, Nb, D,
-            float(D ** -0.5), thr, float(config.sim_threshold), int(config.keep_local),
-            TOPK=topk, KEEP_SINK=bool(config.keep_sink), CAUSAL=bool(causal), **sel_meta)
+        pool[(Mb * H + Nb * Hkv, B)](
+            q, k, q_mean, q_sim, k_mean_t, k_sim, k_min_t, k_max_t,
+            qs[0], qs[1], qs[2], qs[3], ks[0], ks[1], ks[2], ks[3],
+            H * Mb * D, Mb * D, D, 1, Hkv * D * Nb, D * Nb, 1, Nb,
+            H * Mb, Mb, Hkv * Nb, Nb,
+            Nq, Nkv, Mb, Nb, H, D, **_pool_meta(bm, bn, D, minmax))
+        score_k[(cdiv(Mb, sc_meta["BLOCK_QB"]) * n_jt, H, B)](
+            q_mean, k_mean_t, k_min_t, k_max_t, geo, p, idx,
+            H, G, Mb, Nb, D, n_jt, scale, **sc_meta)
+        select[(Mb, H, B)](
+            p, q_sim, k_sim, geo, p, num, idx,
+            H, G, Mb, Nb, thr, float(config.sim_threshold), int(config.keep_local),
+            TOPK=topk, KEEP_SINK=bool(config.keep_sink), CAUSAL=bool(causal), MIXED=score == 2,
+            **_select_meta(Nb))
     layout = BlockLayout(num, idx, bm, bn, Nq, Nkv, validate=False)
     return layout, p
 

@@ -39,7 +39,7 @@ Spec: ``mean_sim:cdf_threshold=0.9,sim_threshold=0.5,keep_local=1`` (or ``topk=0
 Backends (``MeanSimilarityPredictor(config, backend=...)``; not a config field, so configs stay
 backend-neutral): ``"torch"`` runs the PyTorch ops below; ``"triton"`` runs the fused path of
 :mod:`sparseattn.predictors.fused_mean_sim` (three kernel launches, the layout written directly, no
-host sync; ``score="mean"`` only) or raises ``NotImplementedError`` naming the reason; ``"auto"``
+host sync; every ``score``) or raises ``NotImplementedError`` naming the reason; ``"auto"``
 (default) takes the fused path for CUDA tensors when it supports the call, else the torch path, with
 a warning (once per predictor and reason) when a CUDA call falls back. Both give the same layout
 except where float rounding flips a decision sitting exactly on a threshold (see
