@@ -82,6 +82,8 @@ def fused_refusal(q: Any, k: Any, config: Any) -> str | None:
     Judges support only (score, dtype, device, Triton, sizes); malformed inputs are reported by
     the predictor's own validation.
     """
+    if os.environ.get("SPARSEATTN_FUSED_PREDICTORS", "1") == "0":
+        return "SPARSEATTN_FUSED_PREDICTORS=0 turns the fused Triton predictors off"
     score = getattr(config, "score", None)
     if score not in _SCORES:
         return f"score={score!r} is not supported by the fused Triton path (only {sorted(_SCORES)})"
