@@ -9,7 +9,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-./device_out}"; mkdir -p "$OUT/runs"
-STAGES="${STAGES:-fused smol smol_graphs gemma gemma_graphs llama}"
+STAGES="${STAGES:-fused gemma gemma_graphs smol smol_graphs llama}"
 SMOL_PAT="${SMOL_PAT:-sink_window:window_blocks=8,block_m=128,block_n=128}"
 TEXT_DIR="${TEXT_DIR:-.carry/essays}"
 if ls .carry/whl/*.whl >/dev/null 2>&1; then
@@ -26,10 +26,15 @@ GEMMA=/tmp/m/g/gemma-3-270m-q4_k_m.gguf
 DEFAULT_PRED="$(python3 -c 'from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC as s; print(s)')"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/nvidia_smi.txt"
 rc=0
+DEADLINE=$((SECONDS + ${TOTAL_BUDGET:-520}))  # stages never run past this, so the results are always packed
+STAGE_MAX="${STAGE_MAX:-200}"
 bm() {  # bm <stage> <args...>
   local st=$1; shift
-  echo "=== $st $(date -u +%H:%M:%S)"
-  python3 benchmarks/bench_model.py --out "$OUT/runs/$st" --no-plot "$@" > "$OUT/runs/$st.log" 2>&1 || { rc=1; tail -n 20 "$OUT/runs/$st.log"; }
+  local left=$((DEADLINE - SECONDS))
+  if [ $left -lt 40 ]; then echo "=== $st skipped: ${left}s left of TOTAL_BUDGET"; rc=1; return; fi
+  [ $left -gt $STAGE_MAX ] && left=$STAGE_MAX
+  echo "=== $st $(date -u +%H:%M:%S) (at most ${left}s)"
+  timeout $left python3 benchmarks/bench_model.py --out "$OUT/runs/$st" --no-plot "$@" > "$OUT/runs/$st.log" 2>&1 || { rc=1; tail -n 20 "$OUT/runs/$st.log"; }
 }
 for st in $STAGES; do
   case "$st" in
@@ -52,7 +57,7 @@ for st in $STAGES; do
           bm arch_gemma --arch gemma3-270m --lengths 32768 --random-ids --patterns "dense" --predictors "$DEFAULT_PRED" ${ARCH_ARGS:-} ;;
   esac
 done
-for f in "$OUT"/runs/*/bench_model.md; do echo "--- $f"; sed -n '/^| len/,$p' "$f"; done
+for f in "$OUT"/runs/*/bench_model.md; do echo "--- $f"; sed -n '/^| len/,$p' "$f" | cut -c1-400; done
 tar -C "$OUT" -czf "$OUT/bench_model_runs.tar.gz" runs && rm -rf "$OUT/runs"
 echo "=== done $(date -u +%H:%M:%S) rc=$rc"
 exit $rc
