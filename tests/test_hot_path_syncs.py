@@ -80,3 +80,19 @@ def test_region_row_limits_is_the_causal_region(nq, nkv, bm, bn):
     lims = torch.tensor(region_row_limits(nq, nkv, bm, bn, True))
     j = torch.arange(any_allowed.shape[1])
     assert torch.equal(j[None, :] < lims[:, None], any_allowed)
+
+
+def test_in_region_layouts_count_with_one_reduction():
+    """A layout its producer clips to the causal region (the fused predictor) is counted by one op."""
+    from sparseattn.layout.block_layout import BlockLayout, causal_block_region
+
+    lay = random_layout(300, 300, density=0.5, block_m=64, block_n=64, batch=2, heads=3, seed=1, causal=True)
+    region, _ = causal_block_region(300, 300, 64, 64)
+    clipped = BlockLayout.from_dense_mask(lay.to_dense_mask() & region, block_m=64, block_n=64, seqlen_q=300,
+                                          seqlen_kv=300)
+    flagged = BlockLayout(clipped.kv_num_blocks, clipped.kv_indices, 64, 64, 300, 300, validate=False, in_region=True)
+    assert torch.equal(flagged.selected_in_region(causal=True), clipped.selected_in_region(causal=True))
+    counter = _CountOps()
+    with counter:
+        flagged.selected_in_region(causal=True)
+    assert sum(counter.ops.values()) == 1, dict(counter.ops)

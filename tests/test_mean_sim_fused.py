@@ -119,6 +119,12 @@ def test_fused_layout_equals_torch_path(request, case):
     q, k = _structured(B, H, Hkv, Nq, Nkv, D, _gen(request))
     ref, got, p_ref, p_got = _both(q, k, causal, MeanSimilarityConfig(**cfg))
     _assert_same(ref, got, p_ref, p_got)
+    # the fused layout says its blocks lie in the causal region (one-op accounting): check that claim
+    assert got.in_region == causal
+    unflagged = BlockLayout(got.kv_num_blocks, got.kv_indices, got.block_m, got.block_n, got.seqlen_q,
+                            got.seqlen_kv, validate=False)
+    for c in (True, False):
+        assert torch.equal(got.selected_in_region(causal=c), unflagged.selected_in_region(causal=c))
 
 
 def test_selection_is_not_trivial(request):

@@ -434,7 +434,9 @@ class PatchHandle:
         self.capture_device: str | torch.device | None = None
         self.captured: dict[int, dict[str, torch.Tensor]] = {}
         self.layouts: dict[int, BlockLayout] = {}
-        self.densities: dict[int, list[torch.Tensor]] = {}
+        # per layer and call: a finished [H] float64 density, or (selected counts [B, H] int64, available blocks)
+        # divided when read (one reduction per call on the hot path); see the ``densities`` property
+        self._density_raw: dict[int, list[Any]] = {}
         self.backends_used: dict[int, set[str]] = {}
         self.timings: dict[int, float] = {}
         self.counts = {"prefill_sparse": 0, "prefill_dense": 0, "decode_dense": 0}
@@ -483,7 +485,7 @@ class PatchHandle:
 
     def reset_stats(self) -> None:
         """Forget recorded densities, timings, counters, layouts and captures."""
-        self.densities.clear()
+        self._density_raw.clear()
         self.backends_used.clear()
         self.timings.clear()
         self.dense_fallbacks.clear()
@@ -500,11 +502,12 @@ class PatchHandle:
     def sparsity_report(self) -> dict[str, Any]:
         """Per-layer mode, mean density / sparsity and per-head density actually used (JSON-friendly)."""
         layers: dict[str, Any] = {}
+        dens_lists = self.densities
         for idx, _ in self._layers:
             mode = self.layer_modes[idx]
             entry: dict[str, Any] = {"mode": mode}
-            if self.densities.get(idx):
-                per_head = torch.stack(self.densities[idx]).mean(0).cpu()  # the one host read, at report time
+            if dens_lists.get(idx):
+                per_head = torch.stack(dens_lists[idx]).mean(0).cpu()  # the one host read, at report time
                 entry["density"] = float(per_head.mean())
                 entry["sparsity"] = 1.0 - entry["density"]
                 entry["density_per_head"] = [round(float(x), 6) for x in per_head]
@@ -628,7 +631,7 @@ class PatchHandle:
             ones = _STATIC_DENSITY.get(ones_key)
             if ones is None:
                 ones = _STATIC_DENSITY.put(ones_key, (None, torch.ones(H, dtype=torch.float64, device=query.device)))
-            self.densities.setdefault(layer, []).append(ones[1])  # the layer ran every block
+            self._density_raw.setdefault(layer, []).append(ones[1])  # the layer ran every block
             return self._dense_call(module, query, key, value, attention_mask, kwargs, None, "prefill_dense")
         used = self._route(mode, query, key, value, layout, pv, win)
         if used == "masked_sdpa":
@@ -650,7 +653,7 @@ class PatchHandle:
                             pv_threshold=pv, sliding_window=win).out.transpose(1, 2)
         self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
         self.counts["prefill_sparse"] += 1
-        self.densities.setdefault(layer, []).append(self._density(layout, static, win))
+        self._density_raw.setdefault(layer, []).append(self._density(layout, static, win))
         self.backends_used.setdefault(layer, set()).add(used)
         if self.keep_layouts:
             self.layouts[layer] = layout
@@ -737,6 +740,8 @@ class PatchHandle:
     def _too_dense(self, layout: BlockLayout, static: bool) -> bool:
         """Whether the layout's density is above ``dense_above`` (a host read; cached for static layouts)."""
         dens = self._density(layout, static, None)
+        if not isinstance(dens, torch.Tensor):
+            dens = dens[0].mean(0, dtype=torch.float64) / dens[1]
         key = ("too_dense", id(layout), self.dense_above)
         if static:
             hit = _STATIC_DENSITY.get(key)
@@ -750,14 +755,22 @@ class PatchHandle:
             _STATIC_DENSITY.put(key, (layout, verdict))
         return verdict
 
-    def _density(self, layout: BlockLayout, static: bool, window: int | None) -> torch.Tensor:
-        """Per-head density of this call, on the device (float64 ``[H]``); cached for static layouts."""
+    @property
+    def densities(self) -> dict[int, list[torch.Tensor]]:
+        """``{layer: [float64 tensor[H] per prefill call]}``: block density actually used per head (on the device)."""
+        out: dict[int, list[torch.Tensor]] = {}
+        for layer, items in self._density_raw.items():
+            out[layer] = [x if isinstance(x, torch.Tensor) else x[0].mean(0, dtype=torch.float64) / x[1] for x in items]
+        return out
+
+    def _density(self, layout: BlockLayout, static: bool, window: int | None) -> Any:
+        """This call's density entry: a cached ``[H]`` tensor (static layouts) or raw counts (one reduction)."""
         def compute() -> torch.Tensor:
             avail = max(layout.available_blocks(causal=True), 1)
             return layout.selected_in_region(causal=True).mean(0, dtype=torch.float64) / avail
 
         if not static:
-            return compute()
+            return (layout.selected_in_region(causal=True), max(layout.available_blocks(causal=True), 1))
         key = (id(layout), layout.seqlen_q, layout.seqlen_kv, window)
         hit = _STATIC_DENSITY.get(key)
         if hit is None or hit[0] is not layout:

@@ -111,6 +111,10 @@ class BlockLayout:
     seqlen_q: int
     seqlen_kv: int
     validate: bool = field(default=True, repr=False, compare=False)
+    #: the producer guarantees every listed (selected) block lies inside the causal region (hence also
+    #: the full one), so the selected-in-region count is just ``kv_num_blocks`` (one reduction instead
+    #: of four element ops); set by predictors that clip to it by construction (fused mean_sim, causal)
+    in_region: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         fn = "BlockLayout"
@@ -283,6 +287,8 @@ class BlockLayout:
             return (torch.tensor(lims, dtype=torch.int32, device=self.device)[:, None],
                     torch.arange(Nb, device=self.device, dtype=torch.int32))
 
+        if self.in_region:  # every selected block is in the (causal, hence also the full) region
+            return self.kv_num_blocks.sum(-1, dtype=torch.int64)
         lim, pos = _LIMITS.get_or_build(key, build)
         live = (pos < self.kv_num_blocks.unsqueeze(-1)) & (self.kv_indices < lim)
         return live.sum(dim=(-1, -2))

@@ -222,7 +222,8 @@ def fused_predict(q: torch.Tensor, k: torch.Tensor, config: Any, *, causal: bool
             H, G, Mb, Nb, thr, float(config.sim_threshold), int(config.keep_local),
             TOPK=topk, KEEP_SINK=bool(config.keep_sink), CAUSAL=bool(causal), MIXED=score == 2,
             **_select_meta(Nb))
-    layout = BlockLayout(num, idx, bm, bn, Nq, Nkv, validate=False)
+    # the kernel ANDs with the region: a causal prediction lists only causal-region blocks (one-op accounting)
+    layout = BlockLayout(num, idx, bm, bn, Nq, Nkv, validate=False, in_region=bool(causal))
     return layout, p
 
 
