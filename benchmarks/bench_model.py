@@ -1,6 +1,6 @@
 """Whole-model prefill benchmark: dense (the model's own SDPA) vs sparse predictor / pattern rows.
 
-Not yet run on a GPU. The work lives in :mod:`sparseattn.eval.bench_model` (also behind
+Run on an H200 (BENCHMARKS.md, "Whole model"). The work lives in :mod:`sparseattn.eval.bench_model` (also behind
 ``sparseattn bench-model``, same options); this script is the device-call entry point. Per length,
 in one process: steady-state prefill time per row (warm-up, dense/sparse alternated,
 CUDA-synchronised, median of ``--repeats``), the dense/sparse ratio from the same rounds, logits

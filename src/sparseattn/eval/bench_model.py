@@ -1,8 +1,7 @@
 """Whole-model prefill benchmark: dense (the model's own SDPA) vs sparse rows, in one process.
 
-**Status: not yet run on a GPU.** Written and tested on a CPU (Triton interpreter / exact
-``masked_sdpa`` path), where the times say nothing about the kernel; the numbers this is for come
-from the next GPU session (``benchmarks/bench_model.py``, ``sparseattn bench-model``).
+Run on an H200 on 2026-12-02 (BENCHMARKS.md, "Whole model"; ``benchmarks/device_models.sh``). On
+a CPU the sparse path is the exact ``masked_sdpa`` one and the times say nothing about the kernel.
 
 For one model and each length, on the same input ids:
 
@@ -427,7 +426,7 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
     if mode == "graphs" and not cuda:
         raise fail(fn, "mode", "'graphs' captures CUDA graphs and needs a CUDA model", "a model on cuda", str(device))
     result: dict[str, Any] = {
-        "tool": "sparseattn.eval.bench_model", "status_note": "script not yet run on a GPU when written",
+        "tool": "sparseattn.eval.bench_model",
         "env": env_info(), "model": model_name, "random_weights": random_weights, "device": str(device),
         "dtype": str(dtype).replace("torch.", ""), "mode": mode, "backend": backend, "repeats": repeats,
         "warmup": warmup, "score_last": score_last, "dense_layers": list(dense_layers),
