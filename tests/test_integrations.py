@@ -389,3 +389,23 @@ def test_patched_model_compiles_fullgraph_without_breaks(make, spec) -> None:
         assert h.counts["prefill_sparse"] >= 2
     assert _rel(out, eager) <= 1e-5
     torch._dynamo.reset()
+
+
+def test_prefill_mask_skips_only_causal_and_sliding_windows() -> None:
+    """Chunked attention (Llama 4) keeps its mask: only plain causal and true sliding windows are skipped."""
+    from transformers.masking_utils import (causal_mask_function, chunked_causal_mask_function, sdpa_mask,
+                                            sliding_window_causal_mask_function)
+
+    from sparseattn.integrations.transformers_patch import _prefill_mask
+
+    build = _prefill_mask(sdpa_mask)
+    common = dict(batch_size=1, q_length=150, kv_length=150, q_offset=0, kv_offset=0, attention_mask=None,
+                  allow_is_causal_skip=True, device="cpu")
+    assert build(mask_function=causal_mask_function, local_size=None, **common) is None
+    assert build(mask_function=sliding_window_causal_mask_function(48), local_size=48, **common) is None
+    chunked = build(mask_function=chunked_causal_mask_function(48, torch.zeros(1, dtype=torch.long)), local_size=48,
+                    **common)
+    assert chunked is not None and not bool(chunked[0, 0, 48, 47])  # key 47 is in the previous chunk
+    # a decode step is never touched
+    step = dict(common, q_length=1, q_offset=149)
+    assert build(mask_function=sliding_window_causal_mask_function(48), local_size=48, **step) is not None

@@ -25,7 +25,7 @@ from typing import Any
 from sparseattn._validation import fail
 
 __all__ = ["UserError", "FetchError", "check_input_file", "read_json_file", "load_safetensors_file", "describe_bytes",
-           "require_keys", "check_meta_int", "check_meta_number"]
+           "require_keys", "check_meta_int", "check_meta_number", "load_safetensors_with_metadata"]
 
 
 class UserError(Exception):
@@ -165,3 +165,30 @@ def load_safetensors_file(func: str, path: str | os.PathLike, what: str = "tenso
                    describe_bytes(p)) from None
     except OSError as exc:
         raise fail(func, f"{what} {p}", f"cannot be read ({exc.strerror or exc})", expected, type(exc).__name__) from None
+
+
+def load_safetensors_with_metadata(func: str, path: str | os.PathLike, what: str = "tensor file", *,
+                                   expected: str = "a .safetensors file") -> tuple[dict[str, Any], dict[str, str]]:
+    """Every tensor of a safetensors file (on the CPU) and its header's ``__metadata__`` (``{}`` if none).
+
+    Read through ``safetensors.safe_open`` only (no pickle). Failures are worded like
+    :func:`load_safetensors_file`: a missing / empty / truncated / corrupt file raises a ``ValueError``
+    naming the file and the reason.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    p = check_input_file(func, path, what, expected)
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as exc:
+        reason = str(exc).replace("Error while deserializing header: ", "").strip() or type(exc).__name__
+        raise fail(func, f"{what} {p}", f"is not a readable safetensors file ({reason})", expected,
+                   describe_bytes(p)) from None
+    except OSError as exc:
+        raise fail(func, f"{what} {p}", f"cannot be read ({exc.strerror or exc})", expected, type(exc).__name__) from None
+    except (RuntimeError, ValueError, TypeError) as exc:  # a header that parses but describes impossible tensors
+        raise fail(func, f"{what} {p}", f"is not a readable safetensors file ({type(exc).__name__}: {exc})", expected,
+                   describe_bytes(p)) from None
+    return tensors, meta

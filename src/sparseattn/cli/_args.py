@@ -54,6 +54,38 @@ def finite_float(text: str) -> float:
     return val
 
 
+def positive_float(text: str) -> float:
+    """A finite float > 0 (error budgets)."""
+    try:
+        val = float(text)
+    except (ValueError, TypeError):
+        raise _err("must be a number", "a finite float > 0", text) from None
+    if not (math.isfinite(val) and val > 0):
+        raise _err("must be a finite number > 0", "a finite float > 0", text)
+    return val
+
+
+def layer_budgets(text: str) -> str:
+    """``"0-5:0.04,21-:0.08,7:0.1"``: per-layer error budgets (``a-b``, ``a-`` or ``a``, then ``:`` a number > 0).
+
+    Only the syntax is checked here (so a typo fails before a model loads); the text is passed on as is.
+    """
+    exp = "comma-separated '<layers>:<budget>' items, layers 'a-b', 'a-' or 'a', e.g. '0-5:0.04,21-:0.08'"
+    for item in [x.strip() for x in str(text).split(",") if x.strip()]:
+        rng, sep, val = item.partition(":")
+        lo, dash, hi = rng.strip().partition("-")
+        ok = bool(sep) and lo.strip().isdigit() and (not dash or not hi.strip() or hi.strip().isdigit())
+        if ok and dash and hi.strip() and int(hi) < int(lo):
+            ok = False
+        try:
+            ok = ok and math.isfinite(float(val)) and float(val) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise _err(f"has a bad item {item!r}", exp, text)
+    return str(text).strip()
+
+
 def density(text: str) -> float:
     """A block density in (0, 1]."""
     try:

@@ -32,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patterns", default=None,
                    help="';'-separated static patterns, e.g. 'sink_window:window_blocks=16' "
                         "(default for --llama-stack: 'sink_window:window_blocks=16;sink_window:window_blocks=64')")
+    p.add_argument("--tuned", default=None, metavar="FILE",
+                   help="a per-head tuned file from 'sparseattn tune': one row (with the all-blocks row); "
+                        "not with --predictors/--patterns")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text-dir", metavar="DIR", help="a folder of .txt/.md files (e.g. ../shared/data/essays)")
     src.add_argument("--text-file", nargs="+", metavar="PATH", help="text files (globs allowed)")
@@ -74,6 +77,15 @@ def run(args: argparse.Namespace) -> int:
 
     stack = args.llama_stack is not None or args.arch is not None
     preds, pats = args.predictors, args.patterns
+    tuned = getattr(args, "tuned", None)
+    if tuned is not None:
+        from sparseattn.tuning.store import load_tuned
+
+        if preds is not None or pats is not None:
+            raise ValueError("bench-model: --tuned is mutually exclusive with --predictors/--patterns; expected "
+                             f"--tuned alone, got --tuned and {'--predictors' if preds is not None else '--patterns'}")
+        load_tuned(tuned)  # a bad file fails here, before the model loads
+        preds = pats = ""
     if preds is None and pats is None:
         if stack:
             pats = bm.LLAMA_STACK_DEFAULT_PATTERNS
@@ -101,10 +113,17 @@ def run(args: argparse.Namespace) -> int:
     if limit is not None and max(lengths) > limit:
         raise ValueError(f"--lengths {max(lengths)} exceeds the model's context "
                          f"(max_position_embeddings {limit})")
+    dense_layers = list(args.dense_layers)
+    if tuned is not None:
+        from sparseattn.integrations.transformers_patch import tuned_predictor
+
+        pred, tcfg, label = tuned_predictor(tuned, model)  # checked against this model
+        rows.append(bm.RowSpec(f"tuned {label}", "tuned", label, pred))
+        dense_layers = sorted(set(dense_layers) | set(tcfg.meta.get("dense_layers", ())))
     res = bm.bench_model(model, rows, lengths, tokenizer=tokenizer, model_name=name,
                          random_ids=args.random_ids or stack, text_files=args.text_file, text_dir=args.text_dir,
                          repeats=args.repeats, warmup=args.warmup, score_last=args.score_last,
-                         dense_layers=args.dense_layers, backend=args.backend, mode=args.mode,
+                         dense_layers=dense_layers, backend=args.backend, mode=args.mode,
                          profile=not args.no_profile, random_weights=stack, seed=args.seed, progress=progress)
     paths = bm.write_outputs(res, args.out, plot=not args.no_plot)
     print("report: " + ", ".join(str(p) for p in paths.values()))

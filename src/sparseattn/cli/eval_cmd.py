@@ -29,6 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sp = p.add_mutually_exclusive_group()
     sp.add_argument("--predictor", default=None, help=f"predictor spec 'name:key=value,...' (default {DEFAULT_PREDICTOR_SPEC!r})")
     sp.add_argument("--pattern", default=None, help="static pattern 'name:key=value,...', e.g. 'sink_window:window_blocks=8'")
+    sp.add_argument("--tuned", default=None, metavar="FILE", help="a per-head tuned file from 'sparseattn tune'")
     p.add_argument("--dense-layers", type=_int_list, default=[], help="comma-separated layers kept dense, e.g. 0,1")
     p.add_argument("--compare-random", action="store_true", help="also run the predictor on random Q/K of the same shapes")
     p.add_argument("--no-self-check", action="store_true", help="skip the dense-vs-dense repeat run")
@@ -52,11 +53,15 @@ def run(args: argparse.Namespace) -> int:
     from sparseattn.eval.end_to_end import evaluate, write_report
 
     check_spec(args.predictor, args.pattern, DEFAULT_PREDICTOR_SPEC)
+    if args.tuned is not None:
+        from sparseattn.tuning.store import load_tuned
+
+        load_tuned(args.tuned)  # a bad file fails here, before the model loads (the model check comes later)
     check_text_source("eval", args.text_file, args.text_dir)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     res = evaluate(args.model, predictor=args.predictor or DEFAULT_PREDICTOR_SPEC, pattern=args.pattern,
-                   dense_layers=args.dense_layers, seq_len=args.seq_len, samples=args.samples, gen_tokens=args.gen_tokens,
+                   dense_layers=args.dense_layers, tuned=args.tuned, seq_len=args.seq_len, samples=args.samples, gen_tokens=args.gen_tokens,
                    score_last=args.score_last, text_files=args.text_file, text_dir=args.text_dir,
                    compare_random=args.compare_random, self_check=not args.no_self_check, backend=args.backend,
                    dtype=dtype, device=device, plot_layer=args.plot_layer, plot_head=args.plot_head,

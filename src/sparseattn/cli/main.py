@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "compare": "compare",
     "bench": "bench",
     "bench-model": "bench_model",
+    "tune": "tune",
 }
 
 # exceptions that mean "the input is wrong", reported as one line with exit status 2

@@ -27,6 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sp = p.add_mutually_exclusive_group()
     sp.add_argument("--predictor", default=None, help=f"predictor spec (default {DEFAULT_PREDICTOR_SPEC!r})")
     sp.add_argument("--pattern", default=None, help="static pattern 'name:key=value,...'")
+    sp.add_argument("--tuned", default=None, metavar="FILE", help="a per-head tuned file from 'sparseattn tune'")
     p.add_argument("--dense-layers", type=optional_int_list(0, "layer indices"), default="", help="comma-separated layers kept dense")
     p.add_argument("--gen-tokens", type=positive_int, default=12)
     p.add_argument("--backend", default="auto", choices=["auto", "masked_sdpa", "attention", "reference", "triton"])
@@ -45,11 +46,15 @@ def run(args: argparse.Namespace) -> int:
     from sparseattn.eval.niah import run_niah, write_niah_report
 
     check_spec(args.predictor, args.pattern, DEFAULT_PREDICTOR_SPEC)
+    if args.tuned is not None:
+        from sparseattn.tuning.store import load_tuned
+
+        load_tuned(args.tuned)  # a bad file fails here, before the model loads (the model check comes later)
     check_text_source("niah", args.text_file, args.text_dir)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     res = run_niah(args.model, predictor=args.predictor or DEFAULT_PREDICTOR_SPEC, pattern=args.pattern,
-                   dense_layers=args.dense_layers, lengths=args.lengths, depths=args.depths, trials=args.trials,
+                   dense_layers=args.dense_layers, tuned=args.tuned, lengths=args.lengths, depths=args.depths, trials=args.trials,
                    text_files=args.text_file, text_dir=args.text_dir, gen_tokens=args.gen_tokens,
                    backend=args.backend, dtype=dtype, device=device, seed=args.seed, progress=not args.quiet)
     paths = write_niah_report(res, args.out, plots=not args.no_plots)

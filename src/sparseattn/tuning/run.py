@@ -1,0 +1,208 @@
+"""Tune a whole transformers model: capture post-RoPE q/k/v once per sample, then search layer by layer."""
+
+from __future__ import annotations
+
+import datetime
+import re
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+from sparseattn._validation import fail
+from sparseattn.predictors.mean_similarity import MeanSimilarityConfig
+from sparseattn.tuning.types import RULES, TUNED_VERSION, HeadParams, TunedConfig
+
+__all__ = ["tune_model", "parse_layer_budgets", "capture_samples", "log_lines", "build_meta"]
+
+_RANGE = re.compile(r"^\s*(\d+)\s*(?:(-)\s*(\d*)\s*)?:\s*([^\s,]+)\s*$")
+
+
+def parse_layer_budgets(spec: str, num_layers: int | None = None) -> dict[int, float]:
+    """Parse per-layer budgets ``"0-5:0.04,21-:0.08,7:0.05"`` into ``{layer: budget}``.
+
+    Ranges are inclusive; ``"21-"`` runs to the last layer (needs ``num_layers``, else only explicit
+    ends are allowed). An empty spec gives ``{}``. Raises ``ValueError`` on bad syntax, a budget that is
+    not a positive finite number, ``start > end``, a layer outside ``[0, num_layers)`` or overlapping ranges.
+    """
+    fn = "parse_layer_budgets"
+    if not isinstance(spec, str):
+        raise fail(fn, "spec", "must be a string", "e.g. '0-5:0.04,21-:0.08'", type(spec).__name__)
+    out: dict[int, float] = {}
+    if not spec.strip():
+        return out
+    for part in spec.split(","):
+        m = _RANGE.match(part)
+        if m is None:
+            raise fail(fn, "spec", f"has a malformed entry {part.strip()!r}", "'<a>:<budget>', '<a>-<b>:<budget>' or '<a>-:<budget>'",
+                       repr(spec))
+        a, dash, b, val = m.groups()
+        try:
+            budget = float(val)
+        except ValueError:
+            raise fail(fn, "spec", f"has a budget that is not a number in {part.strip()!r}", "a float > 0", repr(val)) from None
+        if not (0.0 < budget < float("inf")):
+            raise fail(fn, "spec", f"has a budget out of range in {part.strip()!r}", "a finite float > 0", repr(val))
+        start = int(a)
+        if dash is None:
+            end = start
+        elif b:
+            end = int(b)
+        else:
+            if num_layers is None:
+                raise fail(fn, "spec", f"has an open range {part.strip()!r} but the layer count is unknown",
+                           "num_layers, or a closed range", None)
+            end = num_layers - 1
+        if start > end:
+            raise fail(fn, "spec", f"has a range whose start exceeds its end in {part.strip()!r}", "start <= end",
+                       f"{start} > {end}")
+        if num_layers is not None and end >= num_layers:
+            raise fail(fn, "spec", f"names a layer the model does not have in {part.strip()!r}",
+                       f"layers 0..{num_layers - 1}", end)
+        for li in range(start, end + 1):
+            if li in out:
+                raise fail(fn, "spec", f"has overlapping ranges at layer {li}", "disjoint ranges", repr(spec))
+            out[li] = budget
+    return out
+
+
+def capture_samples(model: torch.nn.Module, input_ids_list: list[torch.Tensor], layers: list[int] | None = None
+                    ) -> dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """One forward per sample, capturing every attention layer's post-RoPE q/k/v on the CPU as float32.
+
+    Memory: all layers of all samples are held at once (``L·S·(H + 2·H_kv)·N·D`` floats), the price of
+    running the model once per sample instead of once per (sample, layer). ``layers``: only these (all when None).
+    """
+    from sparseattn.integrations.capture import capture_qkv
+
+    dev = next(model.parameters()).device
+    out: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    for ids in input_ids_list:
+        ids = ids if ids.dim() == 2 else ids[None]
+        with torch.no_grad(), capture_qkv(model, layers, device="cpu") as cap:
+            model(ids.to(dev), use_cache=False)
+        for li in sorted(cap):
+            c = cap[li]
+            out.setdefault(li, []).append(tuple(c[r].to(torch.float32) for r in ("q", "k", "v")))  # type: ignore[arg-type]
+    return out
+
+
+def log_lines(layer: int, hp: HeadParams) -> list[str]:
+    """SpargeAttn-style lines ``layer.head: sim_threshold, cdf_threshold, pv_threshold, sparsity, error``."""
+    lines = []
+    for h in range(hp.heads):
+        tag = " (dense)" if bool(hp.dense[h]) else ""
+        lines.append(f"{layer}.{h}: sim={float(hp.sim_threshold[h]):.3f}, cdf={float(hp.cdf_threshold[h]):.4f}, "
+                     f"pv={float(hp.pv_threshold[h]):.3g}, sparsity={float(hp.sparsity[h]):.3f}, "
+                     f"error={float(hp.error[h]):.4f}{tag}")
+    return lines
+
+
+def build_meta(model: torch.nn.Module, base: MeanSimilarityConfig, *, rule: str, l1: float, pv_l1: float | None,
+               layer_l1: str, seq_len: Any, samples: int, dense_layers: list[int], seconds: float) -> dict[str, Any]:
+    """The ``TunedConfig.meta`` documented in :mod:`sparseattn.tuning.types`."""
+    cfg = getattr(model, "config", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    head_dim = getattr(cfg, "head_dim", None)
+    if head_dim is None and heads:
+        head_dim = getattr(cfg, "hidden_size", 0) // heads
+    try:
+        device = str(next(model.parameters()).device)
+    except StopIteration:
+        device = "cpu"
+    return {
+        "version": TUNED_VERSION,
+        "model": str(getattr(cfg, "name_or_path", "") or getattr(cfg, "_name_or_path", "") or type(model).__name__),
+        "fingerprint": {"num_hidden_layers": getattr(cfg, "num_hidden_layers", None), "num_attention_heads": heads,
+                        "num_key_value_heads": getattr(cfg, "num_key_value_heads", heads), "head_dim": head_dim,
+                        "model_type": getattr(cfg, "model_type", None)},
+        "predictor": {"block_m": base.block_m, "block_n": base.block_n, "keep_sink": base.keep_sink,
+                      "keep_local": base.keep_local, "score": base.score},
+        "rule": rule,
+        "budgets": {"l1": float(l1), "pv_l1": None if pv_l1 is None else float(pv_l1), "layer_l1": layer_l1},
+        "seq_len": seq_len,
+        "samples": samples,
+        "dense_layers": list(dense_layers),
+        "seconds": seconds,
+        "device": device,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def tune_model(
+    model: torch.nn.Module,
+    input_ids_list: list[torch.Tensor],
+    *,
+    l1: float = 0.06,
+    pv_l1: float | None = None,
+    layer_l1: str = "",
+    rule: str = "l1",
+    dense_layers: tuple[int, ...] | list[int] = (),
+    base: MeanSimilarityConfig | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> TunedConfig:
+    """Tune every attention layer of a transformers model under an error budget (see :func:`tune_layer`).
+
+    The model runs once per calibration sample with every layer captured (post-RoPE q/k/v, CPU
+    float32, all layers held; see :func:`capture_samples`); then each layer not in ``dense_layers`` is
+    tuned with its budget (``layer_l1`` overrides ``l1`` per layer, e.g. ``"0-5:0.04,21-:0.08"``).
+
+    Args:
+        model: a transformers decoder (Llama, Qwen2, ...), unpatched.
+        input_ids_list: calibration token ids, each ``(N,)`` or ``(1, N)``.
+        l1 / pv_l1 / rule: budgets and error rule (see :func:`tune_layer`).
+        layer_l1: per-layer budget overrides.
+        dense_layers: layers kept dense (not tuned, absent from the result).
+        base: layer-wide mean_sim choices (default ``MeanSimilarityConfig()``).
+        progress: show a progress bar over layers and (when ``log`` is None) print the per-head lines.
+        log: receives each per-head line ``layer.head: sim, cdf, pv, sparsity, error``.
+
+    Returns:
+        :class:`TunedConfig` with the meta documented in :mod:`sparseattn.tuning.types`.
+    """
+    from sparseattn.integrations.transformers_patch import attention_layers
+    from sparseattn.tuning.search import tune_layer
+
+    fn = "tune_model"
+    t0 = time.perf_counter()
+    base = MeanSimilarityConfig() if base is None else base
+    if not isinstance(base, MeanSimilarityConfig):
+        raise fail(fn, "base", "must be a MeanSimilarityConfig or None", "MeanSimilarityConfig", type(base).__name__)
+    if rule not in RULES:
+        raise fail(fn, "rule", "is not a known error rule", f"one of {list(RULES)}", repr(rule))
+    if not isinstance(input_ids_list, (list, tuple)) or not input_ids_list \
+            or not all(isinstance(t, torch.Tensor) and t.dim() in (1, 2) for t in input_ids_list):
+        raise fail(fn, "input_ids_list", "must be a non-empty list of 1-D or (1, N) token tensors", "list[tensor]",
+                   type(input_ids_list).__name__)
+    layers = [i for i, _ in attention_layers(model)]
+    if not layers:
+        raise fail(fn, "model", "has no attention layers", "a transformers decoder", type(model).__name__)
+    budgets = parse_layer_budgets(layer_l1, max(layers) + 1)
+    dense = sorted({int(i) for i in dense_layers})
+    for i in dense:
+        if i not in layers:
+            raise fail(fn, "dense_layers", "has an unknown layer index", f"ints in 0..{max(layers)}", i)
+    emit = log if log is not None else (print if progress else None)
+
+    captured = capture_samples(model, list(input_ids_list))
+    todo = [li for li in layers if li not in dense]
+    from tqdm.auto import tqdm
+
+    out: dict[int, HeadParams] = {}
+    bar = tqdm(todo, desc="tune", unit="layer", disable=not progress, file=sys.stderr)
+    for li in bar:
+        hp = tune_layer(captured[li], base=base, l1=budgets.get(li, l1), pv_l1=pv_l1, rule=rule)
+        out[li] = hp
+        captured.pop(li)
+        if emit is not None:
+            for line in log_lines(li, hp):
+                emit(line)
+        bar.set_postfix(sparsity=f"{float(hp.sparsity.mean()):.3f}")
+    bar.close()
+    lens = sorted({int(t.shape[-1]) for t in input_ids_list})
+    meta = build_meta(model, base, rule=rule, l1=l1, pv_l1=pv_l1, layer_l1=layer_l1,
+                      seq_len=lens[0] if len(lens) == 1 else lens, samples=len(input_ids_list), dense_layers=dense,
+                      seconds=time.perf_counter() - t0)
+    return TunedConfig(layers=out, meta=meta)

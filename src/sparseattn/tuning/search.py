@@ -1,0 +1,347 @@
+"""Per-head search of mean_sim thresholds under an error budget (SpargeAttn's tuning), one layer at a time.
+
+How a probe is cheap: per calibration sample the dense attention is computed once, blockwise in
+float32, and kept as *tile states*: for every (head, query block ``i``, key block ``j``) tile, the
+dense-normalised contribution ``A_ij = Σ_{c∈j} exp(s_rc − lse_r) v_c`` ``[bm, D]``, its mass
+``L_ij = Σ_{c∈j} exp(s_rc − lse_r)`` ``[bm]`` and its row maximum score ``S_ij`` ``[bm]``. Attention
+restricted to a block mask ``M`` is then exactly::
+
+    o_r = Σ_j M_ij A_ij[r] / Σ_j M_ij L_ij[r]
+
+(one batched matrix product over the key blocks, ``H·Mb·Nb·bm·D`` multiply-adds instead of the
+attention's ``H·N²·D``), and the P·V skip of :func:`sparseattn.ops.reference.reference_attention` is
+reproduced per head from ``S`` (running maximum = cumulative max over the selected tiles in ascending
+key order; a selected tile whose every row has ``S_ij − running max < −pv_threshold[h]`` drops out of
+the numerator but stays in the denominator). So every probe evaluates all heads at once with per-head
+thresholds, on every sample, without recomputing attention. The dense reference ``o_ref`` is the
+same sum over all tiles (the fp32 dense attention). Memory: ``H·N·ceil(N/bn)·(D+2)`` float32 per
+sample (N=4096, H=9, D=64, bn=64: 0.6 GB), kept for the whole layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+
+from sparseattn._validation import fail
+from sparseattn.layout.block_layout import cdiv
+from sparseattn.predictors.mean_similarity import MeanSimilarityConfig
+from sparseattn.tuning.predictor import MeanSimStats, mean_sim_stats, select_per_head
+from sparseattn.tuning.types import RULES, HeadParams
+
+__all__ = ["tune_layer", "TileStates", "tile_states", "tile_attention", "head_errors", "DEFAULT_SIM_GRID"]
+
+#: sim_threshold values tried per head (-1 trusts every block; 0.9 keeps most blocks of noisy heads)
+DEFAULT_SIM_GRID = (-1.0, 0.0, 0.2, 0.4, 0.6, 0.8)
+#: the P·V gap (natural log) is bisected on a log scale between these
+PV_RANGE = (0.25, 64.0)
+
+
+class TileStates:
+    """Dense attention of one sample split into (query block, key block) tiles (see module docstring).
+
+    Shapes:
+        A ``[H, Mb, Nb, bm, D]``, L / S ``[H, Mb, Nb, bm]``, ref ``[H, N, D]``, all float32.
+    """
+
+    def __init__(self, A: torch.Tensor, L: torch.Tensor, S: torch.Tensor, seqlen: int) -> None:
+        self.A, self.L, self.S, self.seqlen = A, L, S, seqlen
+        H, Mb, Nb, bm, D = A.shape
+        self.ref = _combine(A, L, torch.ones(H, Mb, Nb, dtype=torch.bool, device=A.device), None, seqlen)
+
+
+def tile_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: int, block_n: int,
+                causal: bool = True, scale: float | None = None) -> TileStates:
+    """Dense float32 attention of one sequence, kept per tile.
+
+    Shapes:
+        q ``(H, N, D)``, k/v ``(H_kv, N, D)`` (one batch element; ``N_q == N_kv``).
+    """
+    H, N, D = q.shape
+    Hkv = k.shape[0]
+    G = H // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    bm, bn = block_m, block_n
+    Mb, Nb = cdiv(N, bm), cdiv(N, bn)
+    q = q.to(torch.float32)
+    kp = torch.nn.functional.pad(k.to(torch.float32), (0, 0, 0, Nb * bn - N))
+    vp = torch.nn.functional.pad(v.to(torch.float32), (0, 0, 0, Nb * bn - N)).reshape(Hkv, Nb, bn, D)
+    A = torch.zeros(H, Mb, Nb, bm, D)
+    L = torch.zeros(H, Mb, Nb, bm)
+    S = torch.full((H, Mb, Nb, bm), -math.inf)
+    per = max(1, (1 << 25) // max(1, H * Nb * bn * bm))  # query blocks per chunk (~128 MB of scores)
+    cols = torch.arange(Nb * bn)
+    for i0 in range(0, Mb, per):
+        i1 = min(Mb, i0 + per)
+        r0, r1 = i0 * bm, min(N, i1 * bm)
+        R = (i1 - i0) * bm
+        nkb = min(Nb, cdiv(r1, bn)) if causal else Nb  # key blocks any row of the chunk sees
+        qs = torch.nn.functional.pad(q[:, r0:r1], (0, 0, 0, R - (r1 - r0))).reshape(Hkv, G, R, D)
+        s = torch.einsum("hgrd,hcd->hgrc", qs, kp[:, :nkb * bn]) * scale
+        rows = torch.arange(r0, r0 + R)
+        ok = (cols[None, :nkb * bn] < N) & (rows[:, None] < N)
+        if causal:
+            ok = ok & (cols[None, :nkb * bn] <= rows[:, None])
+        s = s.masked_fill(~ok, -math.inf)
+        s5 = s.reshape(Hkv, G, R, nkb, bn)
+        smax = s5.amax(-1)  # [Hkv, G, R, nkb]
+        m = smax.amax(-1, keepdim=True)
+        p5 = torch.exp(s5 - torch.where(torch.isinf(m), torch.zeros_like(m), m).unsqueeze(-1))
+        lt = p5.sum(-1)  # [Hkv, G, R, nkb]
+        inv = 1.0 / lt.sum(-1, keepdim=True).clamp_min(1e-38)  # rows with no key (padding): 0 everywhere
+        # [Hkv, nkb, G*R, bn] @ [Hkv, nkb, bn, D]: one batched product per (kv head, key block)
+        a = torch.matmul(p5.permute(0, 3, 1, 2, 4).reshape(Hkv, nkb, G * R, bn), vp[:, :nkb])
+        a = a.reshape(Hkv, nkb, G, i1 - i0, bm, D) * inv.reshape(Hkv, 1, G, i1 - i0, bm, 1)
+        A[:, i0:i1, :nkb] = a.permute(0, 2, 3, 1, 4, 5).reshape(H, i1 - i0, nkb, bm, D)
+        L[:, i0:i1, :nkb] = (lt * inv).reshape(H, i1 - i0, bm, nkb).permute(0, 1, 3, 2)
+        S[:, i0:i1, :nkb] = smax.reshape(H, i1 - i0, bm, nkb).permute(0, 1, 3, 2)
+    return TileStates(A, L, S, N)
+
+
+def _combine(A: torch.Tensor, L: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | None, N: int) -> torch.Tensor:
+    """``Σ_j keep·A / Σ_j mask·L`` → ``[H, N, D]`` (``keep`` defaults to ``mask``; empty rows give 0)."""
+    H, Mb, Nb, bm, D = A.shape
+    w = mask.to(torch.float32)
+    wn = w if keep is None else keep.to(torch.float32)
+    num = torch.bmm(wn.reshape(H * Mb, 1, Nb), A.reshape(H * Mb, Nb, bm * D)).reshape(H, Mb, bm, D)
+    den = torch.einsum("hij,hijr->hir", w, L)
+    out = num / torch.where(den > 0, den, torch.ones_like(den)).unsqueeze(-1)
+    return out.reshape(H, Mb * bm, D)[:, :N]
+
+
+def tile_attention(st: TileStates, mask: torch.Tensor, pv_threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention restricted to a per-head block mask, with an optional per-head P·V skip.
+
+    Args:
+        st: the sample's tile states.
+        mask: bool ``[H, Mb, Nb]`` (within the causal region).
+        pv_threshold: float ``[H]`` natural-log gaps (``inf``: no skip), or None.
+
+    Returns:
+        float32 ``[H, N, D]``: what ``reference_attention(..., layout=mask, pv_threshold=...)`` returns.
+    """
+    keep = None
+    if pv_threshold is not None:
+        sm = st.S.masked_fill(~mask.unsqueeze(-1), -math.inf)
+        run = torch.cummax(sm, dim=2).values
+        run = torch.where(torch.isinf(run), torch.zeros_like(run), run)
+        gap = sm - run
+        skip = (gap < -pv_threshold.to(torch.float32).reshape(-1, 1, 1, 1)).all(-1) & mask
+        keep = mask & ~skip
+    return _combine(st.A, st.L, mask, keep, st.seqlen)
+
+
+def head_errors(out: torch.Tensor, ref: torch.Tensor, rule: str) -> torch.Tensor:
+    """Per-head error ``[H]`` of ``out`` against ``ref`` (both ``[H, N, D]``) under ``rule``.
+
+    ``l1``: ``‖o − o_ref‖₁ / ‖o_ref‖₁``; ``cosine``: ``1 − cos(o, o_ref)`` (flattened per head);
+    ``rmse``: ``sqrt(mean((o − o_ref)²))`` (absolute).
+    """
+    o, r = out.to(torch.float32).flatten(1), ref.to(torch.float32).flatten(1)
+    if rule == "l1":
+        return (o - r).abs().sum(-1) / r.abs().sum(-1).clamp_min(1e-30)
+    if rule == "cosine":
+        return 1.0 - torch.nn.functional.cosine_similarity(o, r, dim=-1, eps=1e-30)
+    if rule == "rmse":
+        return ((o - r) ** 2).mean(-1).sqrt()
+    raise fail("head_errors", "rule", "is not a known error rule", f"one of {list(RULES)}", repr(rule))
+
+
+def _check(fn: str, samples: Any, base: Any, l1: Any, pv_l1: Any, rule: Any, sim_grid: Any, cdf_steps: Any
+           ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    if not isinstance(base, MeanSimilarityConfig):
+        raise fail(fn, "base", "must be a MeanSimilarityConfig", "MeanSimilarityConfig", type(base).__name__)
+    for name, val, opt in (("l1", l1, False), ("pv_l1", pv_l1, True)):
+        if val is None and opt:
+            continue
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or not (0 < float(val) < math.inf):
+            raise fail(fn, name, "must be a positive finite number", "e.g. 0.06", repr(val))
+    if rule not in RULES:
+        raise fail(fn, "rule", "is not a known error rule", f"one of {list(RULES)}", repr(rule))
+    if isinstance(cdf_steps, bool) or not isinstance(cdf_steps, int) or cdf_steps < 1:
+        raise fail(fn, "cdf_steps", "must be a positive integer", "an int >= 1 (e.g. 8)", repr(cdf_steps))
+    grid = list(sim_grid) if isinstance(sim_grid, (list, tuple)) else None
+    if not grid or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not -1.0 <= s <= 2.0 for s in grid):
+        raise fail(fn, "sim_grid", "must be a non-empty sequence of numbers in [-1, 2]", "e.g. (-1, 0, 0.5, 0.8)",
+                   repr(sim_grid))
+    if not isinstance(samples, (list, tuple)) or not samples:
+        raise fail(fn, "samples", "must be a non-empty list of (q, k, v)", "list[tuple[q, k, v]]", type(samples).__name__)
+    out = []
+    shape = None
+    for i, smp in enumerate(samples):
+        if not isinstance(smp, (list, tuple)) or len(smp) != 3 or not all(isinstance(t, torch.Tensor) for t in smp):
+            raise fail(fn, f"samples[{i}]", "must be a (q, k, v) tuple of tensors", "(q, k, v)", type(smp).__name__)
+        q, k, v = smp
+        if q.dim() != 4 or k.dim() != 4 or tuple(k.shape) != tuple(v.shape) or q.shape[0] != k.shape[0] \
+                or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3] or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+            raise fail(fn, f"samples[{i}]", "has inconsistent shapes", "q (B, H, N, D), k/v (B, H_kv, N, D), H % H_kv == 0",
+                       f"q={tuple(q.shape)}, k={tuple(k.shape)}, v={tuple(v.shape)}")
+        heads = (q.shape[1], k.shape[1], q.shape[3])
+        if shape is not None and heads != shape:
+            raise fail(fn, f"samples[{i}]", "has other head counts than samples[0]", f"(H, H_kv, D) = {shape}", heads)
+        shape = heads
+        for b in range(q.shape[0]):  # each batch element is one sample
+            out.append((q[b].detach().to("cpu", torch.float32), k[b].detach().to("cpu", torch.float32),
+                        v[b].detach().to("cpu", torch.float32)))
+    return out
+
+
+class _Sample:
+    """Everything a probe needs of one sample, computed once: tile states, the dense reference, pooled q/k."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: MeanSimilarityConfig, causal: bool) -> None:
+        self.tiles = tile_states(q, k, v, block_m=base.block_m, block_n=base.block_n, causal=causal)
+        self.stats: MeanSimStats = mean_sim_stats(q[None], k[None], base, causal=causal)
+        self.available = self.stats.region.sum().to(torch.float32)
+
+    def mask(self, sim: torch.Tensor, cdf: torch.Tensor) -> torch.Tensor:
+        return select_per_head(self.stats, sim, cdf)[0]  # [H, Mb, Nb]
+
+
+def tune_layer(
+    samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    *,
+    base: MeanSimilarityConfig,
+    l1: float = 0.06,
+    pv_l1: float | None = None,
+    rule: str = "l1",
+    sim_grid: Sequence[float] = DEFAULT_SIM_GRID,
+    cdf_steps: int = 8,
+    causal: bool = True,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> HeadParams:
+    """Tune one layer's per-head mean_sim thresholds under an error budget (SpargeAttn-style).
+
+    For every head at once (the bisection state is a tensor ``[H]``; one probe evaluates every head,
+    each with its own thresholds, see the module docstring):
+
+    1. for each ``sim_threshold`` of ``sim_grid``, bisect ``cdf_threshold`` in (0, 1] (``cdf_steps``
+       halvings after a check of 1.0) for the smallest value whose error stays ``<= l1`` on **every**
+       calibration sample — the error of a setting is the **maximum over the samples**, because the
+       budget is a guarantee on the calibration set, not an average;
+    2. keep, per head, the (sim, cdf) with the highest block sparsity (mean over samples of
+       ``1 − selected / available`` blocks of the causal region; ties: the lower error);
+    3. with ``pv_l1``, bisect ``pv_threshold`` (natural-log gap, log scale in ``[0.25, 64]``) for the
+       smallest value whose error *with* the P·V skip stays ``<= pv_l1`` on every sample; ``inf``
+       (off) when even 64 breaks it or ``pv_l1`` is None.
+
+    The per-head P·V skip is evaluated by :func:`tile_attention` (the reference's rule, with one gap
+    per head), not by ``reference_attention``, which takes one scalar per call: that would need one
+    attention call per distinct threshold and probe, i.e. ``H`` calls per bisection step.
+
+    A head for which no setting meets ``l1`` (even cdf = 1.0 at every sim) is **dense**: ``dense``
+    True, ``sim_threshold``/``cdf_threshold``/``pv_threshold`` NaN, ``sparsity`` 0, ``error`` 0 (dense
+    attention is the reference). Otherwise ``error`` is the worst sample's error of the stored setting
+    (with the P·V skip when ``pv_threshold`` is finite).
+
+    Args:
+        samples: ``[(q, k, v), ...]`` post-RoPE tensors of one layer, q ``(B, H, N, D)``, k/v
+            ``(B, H_kv, N, D)`` (every batch element is a sample; lengths may differ across samples).
+            Any float dtype; errors are computed in float32 against the float32 dense attention.
+        base: layer-wide mean_sim choices (``block_m``, ``block_n``, ``keep_sink``, ``keep_local``, ``score``).
+        l1: error budget of the block selection under ``rule``.
+        pv_l1: error budget including the P·V skip (None: no skip is tuned, pv = inf).
+        rule: ``"l1"`` (relative L1), ``"cosine"`` (``1 − cos``) or ``"rmse"`` (see :func:`head_errors`).
+        sim_grid: sim_threshold values tried.
+        cdf_steps: bisection steps (for cdf, and for pv).
+        causal: causal attention (the region the sparsity is counted in).
+        callback: called after each probe with ``{"phase": "prepare"|"cdf"|"pv", "step": int, "total": int}``.
+
+    Returns:
+        :class:`HeadParams` with ``[H]`` CPU tensors.
+
+    Shapes:
+        q ``(B, H, N, D)``, k/v ``(B, H_kv, N, D)`` → HeadParams of ``H`` heads.
+    """
+    fn = "tune_layer"
+    flat = _check(fn, samples, base, l1, pv_l1, rule, sim_grid, cdf_steps)
+    if not isinstance(causal, bool):
+        raise fail(fn, "causal", "must be a bool", "True or False", repr(causal))
+    grid = [float(s) for s in sim_grid]
+    H = flat[0][0].shape[0]
+    n_pv = (cdf_steps + 1) if pv_l1 is not None else 0
+    total = len(flat) + len(grid) * (cdf_steps + 1) + n_pv
+    done = 0
+
+    def tick(phase: str) -> None:
+        nonlocal done
+        done += 1
+        if callback is not None:
+            callback({"phase": phase, "step": done, "total": total})
+
+    prepared: list[_Sample] = []
+    for q, k, v in flat:
+        prepared.append(_Sample(q, k, v, base, causal))
+        tick("prepare")
+
+    def evaluate(sim: torch.Tensor, cdf: torch.Tensor, pv: torch.Tensor | None = None,
+                 masks: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Worst error over the samples and mean sparsity, per head."""
+        err = torch.zeros(H)
+        spars = torch.zeros(H)
+        for si, smp in enumerate(prepared):
+            m = masks[si] if masks is not None else smp.mask(sim, cdf)
+            e = head_errors(tile_attention(smp.tiles, m, pv), smp.tiles.ref, rule)
+            err = torch.maximum(err, torch.nan_to_num(e, nan=math.inf))
+            spars += 1.0 - m.sum((1, 2)).to(torch.float32) / smp.available
+        return err, spars / len(prepared)
+
+    best_sp = torch.full((H,), -1.0)
+    best_err = torch.full((H,), math.inf)
+    best_sim = torch.full((H,), math.nan)
+    best_cdf = torch.full((H,), math.nan)
+    for s in grid:
+        sim = torch.full((H,), s)
+        hi = torch.ones(H)
+        lo = torch.zeros(H)
+        err_hi, sp_hi = evaluate(sim, hi)
+        feasible = err_hi <= l1
+        tick("cdf")
+        for _ in range(cdf_steps):
+            mid = 0.5 * (lo + hi)
+            err, sp = evaluate(sim, mid)
+            ok = err <= l1
+            hi = torch.where(ok, mid, hi)
+            lo = torch.where(ok, lo, mid)
+            err_hi = torch.where(ok, err, err_hi)
+            sp_hi = torch.where(ok, sp, sp_hi)
+            tick("cdf")
+        better = feasible & ((sp_hi > best_sp) | ((sp_hi == best_sp) & (err_hi < best_err)))
+        best_sp = torch.where(better, sp_hi, best_sp)
+        best_err = torch.where(better, err_hi, best_err)
+        best_sim = torch.where(better, sim, best_sim)
+        best_cdf = torch.where(better, hi, best_cdf)
+
+    dense = torch.isnan(best_sim)
+    sim_f = torch.nan_to_num(best_sim, nan=1.0)
+    cdf_f = torch.nan_to_num(best_cdf, nan=1.0)
+    pv = torch.full((H,), math.inf)
+    if pv_l1 is not None:
+        masks = [select_per_head(smp.stats, sim_f, cdf_f, dense)[0] for smp in prepared]
+        lo = torch.full((H,), math.log(PV_RANGE[0]))
+        hi = torch.full((H,), math.log(PV_RANGE[1]))
+        err_hi, _ = evaluate(sim_f, cdf_f, hi.exp(), masks)
+        feasible = (err_hi <= pv_l1) & ~dense
+        tick("pv")
+        for _ in range(cdf_steps):
+            mid = 0.5 * (lo + hi)
+            err, _ = evaluate(sim_f, cdf_f, mid.exp(), masks)
+            ok = err <= pv_l1
+            hi = torch.where(ok, mid, hi)
+            lo = torch.where(ok, lo, mid)
+            err_hi = torch.where(ok, err, err_hi)
+            tick("pv")
+        pv = torch.where(feasible, hi.exp(), pv)
+        best_err = torch.where(feasible, err_hi, best_err)
+
+    nan = torch.full((H,), math.nan)
+    return HeadParams(
+        sim_threshold=torch.where(dense, nan, best_sim).to(torch.float32),
+        cdf_threshold=torch.where(dense, nan, best_cdf).to(torch.float32),
+        pv_threshold=torch.where(dense, nan, pv).to(torch.float32),
+        dense=dense,
+        sparsity=torch.where(dense, torch.zeros(H), best_sp.clamp_min(0.0)).to(torch.float32),
+        error=torch.where(dense, torch.zeros(H), best_err).to(torch.float32),
+    )

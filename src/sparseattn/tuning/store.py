@@ -1,0 +1,291 @@
+"""The tuned-parameter file: one safetensors file, never pickle.
+
+Layout of a file written by :func:`save_tuned`:
+
+* tensors ``"<layer>.<field>"`` for every tuned layer (see :meth:`HeadParams.tensors`): ``sim_threshold``,
+  ``cdf_threshold``, ``pv_threshold``, ``sparsity``, ``error`` (float32 ``[H]``) and ``dense`` (bool ``[H]``);
+* the header's ``__metadata__`` holds one key, :data:`META_KEY` (``"sparseattn_tuned"``), whose value
+  is a JSON object: :attr:`TunedConfig.meta` plus ``"tuned_layers"`` (the sorted layer indices the
+  file holds, so a missing layer is detected).
+
+:func:`load_tuned` checks everything it reads and raises a ``ValueError`` in the project's format
+naming the file and the field: a missing, empty, truncated or corrupt file, missing metadata, a
+wrong or missing ``version``, missing metadata keys, a layer with a missing tensor or a tensor of
+the wrong shape or dtype, NaN thresholds of a non-dense head, and — with ``model`` — a model whose
+fingerprint (layers, heads, KV heads, head size, model type) differs, or layer indices it lacks.
+
+This module imports ``safetensors`` only inside its functions (``import sparseattn`` stays light).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparseattn._validation import fail
+from sparseattn.tuning.types import _FIELDS, RULES, TUNED_VERSION, HeadParams, TunedConfig
+
+__all__ = ["META_KEY", "FINGERPRINT_KEYS", "PREDICTOR_KEYS", "REQUIRED_META", "save_tuned", "load_tuned",
+           "model_fingerprint", "check_tuned_for_model", "base_config", "make_predictor"]
+
+#: the one ``__metadata__`` key of a tuned file (its value is a JSON object)
+META_KEY = "sparseattn_tuned"
+_LAYERS_KEY = "tuned_layers"
+FINGERPRINT_KEYS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "model_type")
+PREDICTOR_KEYS = ("block_m", "block_n", "keep_sink", "keep_local", "score")
+#: metadata keys a tuned file must have (the others of :class:`TunedConfig` are informative)
+REQUIRED_META = ("version", "fingerprint", "predictor", "rule", "budgets", "dense_layers")
+_EXPECTED = "a tuned-parameter .safetensors file written by sparseattn tune (save_tuned)"
+
+
+def _label(path: Path | str) -> str:
+    return f"tuned file {path}"
+
+
+# --------------------------------------------------------------------------- metadata checks
+def _check_meta(fn: str, label: str, meta: Any) -> None:
+    """Version, required keys and the types of the fields the predictor relies on."""
+    from sparseattn.errors import check_meta_int, require_keys
+
+    if not isinstance(meta, dict):
+        raise fail(fn, f"{label} metadata", "must be a JSON object", "an object", type(meta).__name__)
+    if "version" not in meta:
+        raise fail(fn, f"{label} metadata", "has no 'version'", f"version {TUNED_VERSION}", f"keys {sorted(meta)}")
+    v = meta["version"]
+    if isinstance(v, bool) or not isinstance(v, int) or v != TUNED_VERSION:
+        raise fail(fn, f"{label} metadata key 'version'", "is not supported by this sparseattn",
+                   f"version {TUNED_VERSION} (re-run sparseattn tune)", repr(v))
+    require_keys(fn, meta, REQUIRED_META, f"{label} metadata")
+    fp = meta["fingerprint"]
+    if not isinstance(fp, dict):
+        raise fail(fn, f"{label} metadata key 'fingerprint'", "must be a JSON object", f"keys {list(FINGERPRINT_KEYS)}",
+                   type(fp).__name__)
+    require_keys(fn, fp, FINGERPRINT_KEYS, f"{label} metadata 'fingerprint'")
+    for k in FINGERPRINT_KEYS[:4]:
+        check_meta_int(fn, f"{label} metadata 'fingerprint'", k, fp[k], minimum=1)
+    pr = meta["predictor"]
+    if not isinstance(pr, dict):
+        raise fail(fn, f"{label} metadata key 'predictor'", "must be a JSON object", f"keys {list(PREDICTOR_KEYS)}",
+                   type(pr).__name__)
+    require_keys(fn, pr, PREDICTOR_KEYS, f"{label} metadata 'predictor'")
+    if meta["rule"] not in RULES:
+        raise fail(fn, f"{label} metadata key 'rule'", "is unknown", f"one of {list(RULES)}", repr(meta["rule"]))
+    dl = meta["dense_layers"]
+    if not isinstance(dl, list) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in dl):
+        raise fail(fn, f"{label} metadata key 'dense_layers'", "must be a list of layer indices", "e.g. [0, 1]",
+                   repr(dl))
+
+
+def _check_layers_against_fp(fn: str, label: str, layers: dict[int, HeadParams], meta: dict[str, Any]) -> None:
+    fp = meta["fingerprint"]
+    n_layers, n_heads = fp["num_hidden_layers"], fp["num_attention_heads"]
+    bad = sorted(li for li in layers if not 0 <= li < n_layers)
+    if bad:
+        raise fail(fn, f"{label} layers", "are outside the fingerprint's num_hidden_layers",
+                   f"indices 0..{n_layers - 1}", bad)
+    for li, hp in sorted(layers.items()):
+        if hp.heads != n_heads:
+            raise fail(fn, f"{label} layer {li}", "has the wrong number of heads",
+                       f"{n_heads} (fingerprint num_attention_heads)", hp.heads)
+
+
+# --------------------------------------------------------------------------- save
+def save_tuned(path: str | os.PathLike, cfg: TunedConfig) -> Path:
+    """Write ``cfg`` as one safetensors file (tensors per layer, JSON metadata in the header).
+
+    The metadata gets ``version`` = :data:`TUNED_VERSION` when it has none; it is checked as
+    :func:`load_tuned` will check it, so a file that cannot be loaded is never written. The file
+    is written to a temporary name next to ``path`` and renamed (no half-written file on failure);
+    missing parent folders are created.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: ``cfg`` is not a :class:`TunedConfig`, a layer index is not a non-negative int,
+            the metadata is not JSON-serialisable or misses required keys.
+    """
+    from safetensors.torch import save_file
+
+    fn = "save_tuned"
+    if not isinstance(cfg, TunedConfig):
+        raise fail(fn, "cfg", "must be a TunedConfig", "TunedConfig", type(cfg).__name__)
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise fail(fn, "path", "must be a file path", "e.g. 'tuned.safetensors'", repr(path))
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise fail(fn, f"path {p}", "is a directory", "a file path", "a directory")
+    meta = dict(cfg.meta)
+    meta.setdefault("version", TUNED_VERSION)
+    if _LAYERS_KEY in meta:
+        raise fail(fn, "cfg.meta", f"uses the reserved key {_LAYERS_KEY!r}", "other keys", sorted(meta))
+    tensors: dict[str, torch.Tensor] = {}
+    for li, hp in cfg.layers.items():
+        if isinstance(li, bool) or not isinstance(li, int) or li < 0:
+            raise fail(fn, "cfg.layers", "has a key that is not a layer index", "ints >= 0", repr(li))
+        if not isinstance(hp, HeadParams):
+            raise fail(fn, f"cfg.layers[{li}]", "must be a HeadParams", "HeadParams", type(hp).__name__)
+        tensors.update(hp.tensors(li))
+    _check_meta(fn, "cfg", meta)
+    _check_layers_against_fp(fn, "cfg", cfg.layers, meta)
+    try:
+        text = json.dumps(dict(meta, **{_LAYERS_KEY: sorted(cfg.layers)}), sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise fail(fn, "cfg.meta", "is not JSON-serialisable", "JSON types (dict, list, str, number, bool, None)",
+                   str(exc)) from None
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={META_KEY: text})
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return p
+
+
+# --------------------------------------------------------------------------- load
+def load_tuned(path: str | os.PathLike, *, model: Any = None) -> TunedConfig:
+    """Read a file written by :func:`save_tuned`, checking everything (see module docstring).
+
+    Args:
+        path: the ``.safetensors`` file.
+        model: optional transformers model (or its config): its fingerprint must equal the file's
+            and it must have every tuned layer.
+
+    Returns:
+        The :class:`TunedConfig` (``meta`` as saved; tensors float32 / bool on the CPU).
+
+    Raises:
+        ValueError: ``load_tuned: tuned file <path> <what is wrong>; expected ..., got ...``.
+    """
+    from sparseattn.errors import load_safetensors_with_metadata
+
+    fn = "load_tuned"
+    tensors, header = load_safetensors_with_metadata(fn, path, "tuned file", expected=_EXPECTED)
+    p = Path(path).expanduser()
+    label = _label(p)
+    if META_KEY not in header:
+        raise fail(fn, label, f"has no {META_KEY!r} metadata (not a sparseattn tuned file?)", _EXPECTED,
+                   f"metadata keys {sorted(header)}")
+    try:
+        meta = json.loads(header[META_KEY])
+    except json.JSONDecodeError as exc:
+        raise fail(fn, f"{label} metadata {META_KEY!r}", f"is not valid JSON ({exc.msg} at column {exc.colno})",
+                   "a JSON object", f"{len(header[META_KEY])} characters") from None
+    _check_meta(fn, label, meta)
+    listed = meta.pop(_LAYERS_KEY, None)
+    if not isinstance(listed, list) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in listed):
+        raise fail(fn, f"{label} metadata key {_LAYERS_KEY!r}", "is missing or not a list of layer indices",
+                   "e.g. [2, 3, 4]", repr(listed))
+    names = (*_FIELDS, "dense")
+    expected_keys = {f"{li}.{n}" for li in listed for n in names}
+    extra = sorted(set(tensors) - expected_keys)
+    if extra:
+        raise fail(fn, label, "holds tensors of no listed layer", f"only layers {listed}", extra[:8])
+    H = meta["fingerprint"]["num_attention_heads"]
+    layers: dict[int, HeadParams] = {}
+    for li in listed:
+        missing = [f"{li}.{n}" for n in names if f"{li}.{n}" not in tensors]
+        if missing:
+            raise fail(fn, f"{label} layer {li}", f"is missing tensor{'s' if len(missing) > 1 else ''} "
+                       f"{', '.join(missing)}", f"tensors {[f'{li}.{n}' for n in names]}", "absent")
+        for n in names:
+            t = tensors[f"{li}.{n}"]
+            want = torch.bool if n == "dense" else torch.float32
+            if t.dtype != want or tuple(t.shape) != (H,):
+                raise fail(fn, f"{label} tensor '{li}.{n}'", "has the wrong shape or dtype",
+                           f"[{H}] {str(want).replace('torch.', '')} (num_attention_heads {H})",
+                           f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}")
+        try:
+            layers[li] = HeadParams.from_tensors(li, tensors)
+        except ValueError as exc:
+            raise fail(fn, f"{label} layer {li}", f"holds invalid parameters ({exc})",
+                       "valid per-head parameters", "see above") from None
+    _check_layers_against_fp(fn, label, layers, meta)
+    cfg = TunedConfig(layers=layers, meta=meta)
+    if model is not None:
+        check_tuned_for_model(cfg, model, label=label, func=fn)
+    return cfg
+
+
+# --------------------------------------------------------------------------- model checks
+def model_fingerprint(model: Any) -> dict[str, Any]:
+    """``{num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, model_type}`` of a model / config.
+
+    ``num_key_value_heads`` defaults to the attention heads and ``head_dim`` to
+    ``hidden_size // num_attention_heads`` when the config does not set them.
+    """
+    conf = getattr(model, "config", model)
+    get_text = getattr(conf, "get_text_config", None)
+    if callable(get_text):
+        try:
+            conf = get_text()
+        except TypeError:  # pragma: no cover - older transformers signature
+            pass
+    heads = getattr(conf, "num_attention_heads", None)
+    kv = getattr(conf, "num_key_value_heads", None) or heads
+    hd = getattr(conf, "head_dim", None)
+    if hd is None and heads:
+        hidden = getattr(conf, "hidden_size", None)
+        hd = hidden // heads if hidden else None
+    return {"num_hidden_layers": getattr(conf, "num_hidden_layers", None), "num_attention_heads": heads,
+            "num_key_value_heads": kv, "head_dim": hd, "model_type": getattr(conf, "model_type", None)}
+
+
+def check_tuned_for_model(cfg: TunedConfig, model: Any, *, label: str = "tuned config",
+                          func: str = "check_tuned_for_model") -> None:
+    """Raise unless ``cfg`` was tuned for a model of this shape (fingerprint equal, every layer present).
+
+    Raises:
+        ValueError: naming every differing fingerprint field, or the layer indices the model lacks.
+    """
+    _check_meta(func, label, cfg.meta)
+    got = model_fingerprint(model)
+    want = cfg.meta["fingerprint"]
+    diff = [k for k in FINGERPRINT_KEYS if want.get(k) != got.get(k)]
+    if diff:
+        raise fail(func, f"{label}", f"was tuned for another model (fingerprint {', '.join(diff)} differ)",
+                   "; ".join(f"{k}={want.get(k)!r}" for k in diff), "; ".join(f"{k}={got.get(k)!r}" for k in diff))
+    indices = None
+    if isinstance(model, torch.nn.Module):
+        from sparseattn.integrations.transformers_patch import attention_layers
+
+        indices = {i for i, _ in attention_layers(model)} or None
+    if indices is None:
+        indices = set(range(int(got["num_hidden_layers"] or 0)))
+    bad = sorted(li for li in (*cfg.layers, *cfg.meta.get("dense_layers", ())) if li not in indices)
+    if bad:
+        hi = max(indices) if indices else -1
+        raise fail(func, f"{label} layers", "name layers the model does not have", f"indices 0..{hi}", sorted(set(bad)))
+
+
+# --------------------------------------------------------------------------- the predictor
+def base_config(cfg: TunedConfig) -> Any:
+    """The layer-wide :class:`MeanSimilarityConfig` of a tuned file: the project default's fields with
+    the file's ``predictor`` metadata (``block_m``, ``block_n``, ``keep_sink``, ``keep_local``, ``score``)."""
+    import dataclasses
+
+    from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
+    from sparseattn.predictors.base import parse_predictor_spec
+
+    default = parse_predictor_spec(DEFAULT_PREDICTOR_SPEC).config
+    fields = {f.name for f in dataclasses.fields(default)}
+    over = {k: v for k, v in (cfg.meta.get("predictor") or {}).items() if k in PREDICTOR_KEYS and k in fields}
+    try:
+        return dataclasses.replace(default, pv_threshold=None, dense_layers=0, **over)
+    except (TypeError, ValueError) as exc:
+        raise fail("base_config", "tuned metadata 'predictor'", f"is not a valid mean_sim setting ({exc})",
+                   f"fields {list(PREDICTOR_KEYS)}", over) from None
+
+
+def make_predictor(cfg: TunedConfig) -> Any:
+    """A :class:`~sparseattn.tuning.predictor.TunedMeanSimPredictor` applying ``cfg``."""
+    from sparseattn.tuning.predictor import TunedMeanSimPredictor
+
+    return TunedMeanSimPredictor(dict(cfg.layers), base_config(cfg))
+

@@ -1,0 +1,75 @@
+"""tune_model_distributed on 2 gloo processes gives exactly tune_model's result."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+transformers = pytest.importorskip("transformers")
+
+
+def _model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _ids():
+    return [torch.randint(0, 97, (128,), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+
+
+def _kw():
+    from sparseattn.predictors.mean_similarity import MeanSimilarityConfig
+
+    return {"l1": 0.08, "pv_l1": 0.1, "layer_l1": "2-:0.1", "base": MeanSimilarityConfig(block_m=32, block_n=32),
+            "progress": False, "log": lambda _line: None}
+
+
+def _worker(rank: int, world: int, tmp: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        from sparseattn.tuning import tune_model_distributed
+
+        tc = tune_model_distributed(_model(), _ids(), **_kw())
+        res = {"layers": {li: hp.tensors(li) for li, hp in tc.layers.items()}, "meta": tc.meta}
+    except BaseException:
+        res = {"error": traceback.format_exc()}
+    torch.save(res, os.path.join(tmp, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_distributed_equals_single_process(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for r, res in enumerate(results):
+        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
+    from sparseattn.tuning import tune_model
+
+    torch.set_num_threads(1)
+    single = tune_model(_model(), _ids(), **_kw())
+    assert sorted(single.layers) == [0, 1, 2]
+    for res in results:
+        assert sorted(res["layers"]) == [0, 1, 2] and res["meta"]["world_size"] == 2
+        for li, hp in single.layers.items():
+            want = hp.tensors(li)
+            got = res["layers"][li]
+            assert set(got) == set(want)
+            for key in want:
+                assert torch.equal(torch.nan_to_num(got[key], nan=-7.0), torch.nan_to_num(want[key], nan=-7.0)), key
+
+
+def test_requires_initialised_group():
+    from sparseattn.tuning import tune_model_distributed
+
+    with pytest.raises(ValueError, match=r"^tune_model_distributed: group is not initialised; expected "):
+        tune_model_distributed(torch.nn.Linear(2, 2), [torch.zeros(4, dtype=torch.long)])
