@@ -195,8 +195,9 @@ class TunedMeanSimPredictor:
         return None if (math.isinf(top) or math.isnan(top)) else top
 
     def reset(self) -> None:
-        """Forget the per-device copies of the thresholds."""
-        self._dev.clear()
+        """Nothing per forward: the per-device threshold copies are derived from fixed parameters and kept
+        (clearing them here would copy host→device on every forward, which a CUDA graph capture forbids)."""
+        return None
 
     def __repr__(self) -> str:
         return f"TunedMeanSimPredictor(layers={sorted(self.layers)}, base={self.config!r})"
