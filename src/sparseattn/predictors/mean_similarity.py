@@ -75,7 +75,8 @@ from sparseattn.predictors._common import (
 )
 from sparseattn.predictors.base import register_predictor
 
-__all__ = ["MeanSimilarityConfig", "MeanSimilarityPredictor", "block_self_similarity"]
+__all__ = ["MeanSimilarityConfig", "MeanSimilarityPredictor", "MeanSimStats", "block_self_similarity",
+           "mean_sim_stats"]
 
 _SCORES = ("mean", "minmax", "mixed")
 _BACKENDS = ("auto", "torch", "triton")
@@ -97,6 +98,78 @@ def block_self_similarity(unit_sums: torch.Tensor, counts: torch.Tensor) -> torc
     n = counts.to(torch.float32)
     den = (n * (n - 1)).clamp_min(1.0)
     return torch.where(n > 1, (sq - n) / den, sq - sq + 1.0)  # sq - sq: 0, or NaN for non-finite
+
+
+@dataclass(frozen=True)
+class MeanSimStats:
+    """Threshold-independent part of a mean_sim prediction (shared by the predictor's torch path and the tuner).
+
+    Shapes:
+        probs ``[B, H_kv, G, Mb, Nb]`` (compressed attention, 0 outside the region), q_sim ``[B, H, Mb]``,
+        k_sim ``[B, H_kv, Nb]``, region / forced ``[Mb, Nb]`` bool.
+    """
+
+    probs: torch.Tensor
+    q_sim: torch.Tensor
+    k_sim: torch.Tensor
+    region: torch.Tensor
+    forced: torch.Tensor
+    block_m: int
+    block_n: int
+    seqlen_q: int
+    seqlen_kv: int
+
+
+def mean_sim_stats(q: torch.Tensor, k: torch.Tensor, cfg: "MeanSimilarityConfig", *, causal: bool = True) -> MeanSimStats:
+    """Pool q/k, score the blocks and build the forced blocks of a mean_sim prediction (no selection).
+
+    Uses ``cfg``'s ``block_m``, ``block_n``, ``keep_sink``, ``keep_local`` and ``score``; its thresholds
+    are not read. Shape-only tensors (region row masks, forced blocks) are cached per shape.
+
+    Shapes:
+        q ``(B, H, N_q, D)``, k ``(B, H_kv, N_kv, D)``.
+    """
+    B, H, Nq, D = q.shape
+    Hkv, Nkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    dev = q.device
+    bm, bn = cfg.block_m, cfg.block_n
+    q_sum, q_unit, q_cnt = block_pool(q, bm, normalized=True)
+    k_sum, k_unit, k_cnt = block_pool(k, bn, normalized=True)
+    q_sim = block_self_similarity(q_unit, q_cnt)  # [B, H, Mb]
+    k_sim = block_self_similarity(k_unit, k_cnt)  # [B, Hkv, Nb]
+    q_mean = q_sum / q_cnt[:, None]
+    k_mean = k_sum / k_cnt[:, None]
+    Mb, Nb = q_mean.shape[2], k_mean.shape[2]
+
+    region = causal_region(Nq, Nkv, bm, bn, causal, dev)  # [Mb, Nb]
+    row_has = cached(("msim_row_has", Nq, Nkv, bm, bn, causal, str(dev)),
+                     lambda: region.any(-1, keepdim=True))  # [Mb, 1]
+    qg = q_mean.reshape(B, Hkv, G * Mb, D)
+    probs = []
+    if cfg.score in ("mean", "mixed"):
+        s = torch.matmul(qg, k_mean.transpose(-1, -2)) * (D ** -0.5)
+        s = s.reshape(B, Hkv, G, Mb, Nb).masked_fill(~region, float("-inf"))
+        # rows without an allowed block -> 0; NaN from non-finite q/k stays in the scores
+        probs.append(torch.softmax(s, dim=-1).masked_fill_(~row_has, 0.0))
+    if cfg.score in ("minmax", "mixed"):
+        k_min, k_max = block_minmax(k, bn)
+        s = (torch.matmul(qg.clamp(min=0), k_max.transpose(-1, -2))
+             + torch.matmul(qg.clamp(max=0), k_min.transpose(-1, -2))) * (D ** -0.5)
+        s = s.reshape(B, Hkv, G, Mb, Nb).masked_fill(~region, float("-inf"))
+        probs.append(torch.softmax(s, dim=-1).masked_fill_(~row_has, 0.0))
+    p = probs[0] if len(probs) == 1 else 0.5 * (probs[0] + probs[1])
+
+    def build_forced() -> torch.Tensor:
+        f = torch.zeros(Mb, Nb, dtype=torch.bool, device=dev)
+        if cfg.keep_sink:
+            f[:, 0] = True
+        if cfg.keep_local > 0:
+            f |= local_mask(Nq, Nkv, bm, bn, cfg.keep_local, causal, dev)
+        return f & region
+
+    forced = cached(("msim_forced", Nq, Nkv, bm, bn, cfg.keep_sink, cfg.keep_local, causal, str(dev)), build_forced)
+    return MeanSimStats(p, q_sim, k_sim, region, forced, bm, bn, Nq, Nkv)
 
 
 @dataclass(frozen=True)
@@ -219,52 +292,19 @@ class MeanSimilarityPredictor:
             self.last_backend = "triton"
             return layout
         self.last_backend = "torch"
-        q_sum, q_unit, q_cnt = block_pool(q, cfg.block_m, normalized=True)
-        k_sum, k_unit, k_cnt = block_pool(k, cfg.block_n, normalized=True)
-        q_sim = block_self_similarity(q_unit, q_cnt)  # [B, H, Mb]
-        k_sim = block_self_similarity(k_unit, k_cnt)  # [B, Hkv, Nb]
-        q_mean = q_sum / q_cnt[:, None]
-        k_mean = k_sum / k_cnt[:, None]
-        Mb, Nb = q_mean.shape[2], k_mean.shape[2]
-
-        region = causal_region(Nq, Nkv, cfg.block_m, cfg.block_n, causal, dev)  # [Mb, Nb]
-        row_has = cached(("msim_row_has", Nq, Nkv, cfg.block_m, cfg.block_n, causal, str(dev)),
-                         lambda: region.any(-1, keepdim=True))  # [Mb, 1]
-        qg = q_mean.reshape(B, Hkv, G * Mb, D)
-        probs = []
-        if cfg.score in ("mean", "mixed"):
-            s = torch.matmul(qg, k_mean.transpose(-1, -2)) * (D ** -0.5)
-            s = s.reshape(B, Hkv, G, Mb, Nb).masked_fill(~region, float("-inf"))
-            # rows without an allowed block -> 0; NaN from non-finite q/k stays in the scores
-            probs.append(torch.softmax(s, dim=-1).masked_fill_(~row_has, 0.0))
-        if cfg.score in ("minmax", "mixed"):
-            k_min, k_max = block_minmax(k, cfg.block_n)
-            s = (torch.matmul(qg.clamp(min=0), k_max.transpose(-1, -2))
-                 + torch.matmul(qg.clamp(max=0), k_min.transpose(-1, -2))) * (D ** -0.5)
-            s = s.reshape(B, Hkv, G, Mb, Nb).masked_fill(~region, float("-inf"))
-            probs.append(torch.softmax(s, dim=-1).masked_fill_(~row_has, 0.0))
-        p = probs[0] if len(probs) == 1 else 0.5 * (probs[0] + probs[1])
+        st = mean_sim_stats(q, k, cfg, causal=causal)
+        p, region = st.probs, st.region
         if cfg.topk is not None:
             mask = select_topk(p, region, cfg.topk)
         else:
             mask = select_cdf(p, region, float(cfg.cdf_threshold))  # type: ignore[arg-type]
-
-        def build_forced() -> torch.Tensor:
-            f = torch.zeros(Mb, Nb, dtype=torch.bool, device=dev)
-            if cfg.keep_sink:
-                f[:, 0] = True
-            if cfg.keep_local > 0:
-                f |= local_mask(Nq, Nkv, cfg.block_m, cfg.block_n, cfg.keep_local, causal, dev)
-            return f & region
-
-        forced = cached(("msim_forced", Nq, Nkv, cfg.block_m, cfg.block_n, cfg.keep_sink, cfg.keep_local, causal,
-                         str(dev)), build_forced)
         # ~(sim >= t) rather than sim < t: a block holding NaN/inf has sim NaN and is untrusted, so every
         # block it touches is kept and the non-finite value reaches exactly the outputs dense attention
         # would give (a predictor must not drop such a block quietly)
-        untrusted_q = (~(q_sim >= cfg.sim_threshold)).reshape(B, Hkv, G, Mb, 1)
-        untrusted_k = (~(k_sim >= cfg.sim_threshold)).reshape(B, Hkv, 1, 1, Nb)
-        mask = (mask | forced | untrusted_q | untrusted_k) & region
+        Mb, Nb = p.shape[-2], p.shape[-1]
+        untrusted_q = (~(st.q_sim >= cfg.sim_threshold)).reshape(B, Hkv, G, Mb, 1)
+        untrusted_k = (~(st.k_sim >= cfg.sim_threshold)).reshape(B, Hkv, 1, 1, Nb)
+        mask = (mask | st.forced | untrusted_q | untrusted_k) & region
         self.last_scores = p.reshape(B, H, Mb, Nb)
         return mask_to_layout(mask.reshape(B, H, Mb, Nb), block_m=cfg.block_m, block_n=cfg.block_n,
                               seqlen_q=Nq, seqlen_kv=Nkv)

@@ -1,7 +1,7 @@
 """Apply a tuning result: mean_sim prediction with per-head thresholds.
 
-:func:`mean_sim_stats` computes everything of the mean_sim prediction that does not depend on the
-thresholds (pooled q/k, block self-similarity, the compressed attention ``P``, the causal region and
+:func:`~sparseattn.predictors.mean_similarity.mean_sim_stats` (shared with the predictor's torch
+path) computes everything of the mean_sim prediction that does not depend on the thresholds (pooled q/k, block self-similarity, the compressed attention ``P``, the causal region and
 the forced sink/local blocks); :func:`select_per_head` turns it into a block mask with one
 ``sim_threshold`` / ``cdf_threshold`` per query head (tensors ``[H]`` broadcast over blocks). The
 search (:mod:`sparseattn.tuning.search`) and :class:`TunedMeanSimPredictor` call the same two
@@ -11,95 +11,16 @@ functions, so tuning and inference select identical blocks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from sparseattn._validation import fail
 from sparseattn.layout.block_layout import BlockLayout
-from sparseattn.predictors._common import (
-    block_minmax,
-    block_pool,
-    cached,
-    causal_region,
-    check_qk,
-    dense_predicted_layout,
-    local_mask,
-    mask_to_layout,
-    select_cdf,
-)
-from sparseattn.predictors.mean_similarity import MeanSimilarityConfig, block_self_similarity
+from sparseattn.predictors._common import check_qk, dense_predicted_layout, mask_to_layout, select_cdf
+from sparseattn.predictors.mean_similarity import MeanSimilarityConfig, MeanSimStats, mean_sim_stats
 from sparseattn.tuning.types import HeadParams
 
 __all__ = ["MeanSimStats", "mean_sim_stats", "select_per_head", "TunedMeanSimPredictor"]
-
-
-@dataclass(frozen=True)
-class MeanSimStats:
-    """Threshold-independent part of a mean_sim prediction.
-
-    Shapes:
-        probs ``[B, H_kv, G, Mb, Nb]`` (compressed attention, 0 outside the region), q_sim ``[B, H, Mb]``,
-        k_sim ``[B, H_kv, Nb]``, region / forced ``[Mb, Nb]`` bool.
-    """
-
-    probs: torch.Tensor
-    q_sim: torch.Tensor
-    k_sim: torch.Tensor
-    region: torch.Tensor
-    forced: torch.Tensor
-    block_m: int
-    block_n: int
-    seqlen_q: int
-    seqlen_kv: int
-
-
-def mean_sim_stats(q: torch.Tensor, k: torch.Tensor, base: MeanSimilarityConfig, *, causal: bool = True) -> MeanSimStats:
-    """Pool q/k and score the blocks as :class:`MeanSimilarityPredictor`'s torch path does (no selection).
-
-    Uses ``base``'s ``block_m``, ``block_n``, ``keep_sink``, ``keep_local`` and ``score``; its thresholds are ignored.
-
-    Shapes:
-        q ``(B, H, N_q, D)``, k ``(B, H_kv, N_kv, D)``.
-    """
-    B, H, Nq, D = q.shape
-    Hkv, Nkv = k.shape[1], k.shape[2]
-    G = H // Hkv
-    dev = q.device
-    bm, bn = base.block_m, base.block_n
-    q_sum, q_unit, q_cnt = block_pool(q, bm, normalized=True)
-    k_sum, k_unit, k_cnt = block_pool(k, bn, normalized=True)
-    q_sim = block_self_similarity(q_unit, q_cnt)
-    k_sim = block_self_similarity(k_unit, k_cnt)
-    q_mean = q_sum / q_cnt[:, None]
-    k_mean = k_sum / k_cnt[:, None]
-    Mb, Nb = q_mean.shape[2], k_mean.shape[2]
-    region = causal_region(Nq, Nkv, bm, bn, causal, dev)
-    row_has = region.any(-1, keepdim=True)
-    qg = q_mean.reshape(B, Hkv, G * Mb, D)
-    probs = []
-    if base.score in ("mean", "mixed"):
-        s = torch.matmul(qg, k_mean.transpose(-1, -2)) * (D ** -0.5)
-        s = s.reshape(B, Hkv, G, Mb, Nb).masked_fill(~region, float("-inf"))
-        probs.append(torch.softmax(s, dim=-1).masked_fill_(~row_has, 0.0))
-    if base.score in ("minmax", "mixed"):
-        k_min, k_max = block_minmax(k, bn)
-        s = (torch.matmul(qg.clamp(min=0), k_max.transpose(-1, -2))
-             + torch.matmul(qg.clamp(max=0), k_min.transpose(-1, -2))) * (D ** -0.5)
-        s = s.reshape(B, Hkv, G, Mb, Nb).masked_fill(~region, float("-inf"))
-        probs.append(torch.softmax(s, dim=-1).masked_fill_(~row_has, 0.0))
-    p = probs[0] if len(probs) == 1 else 0.5 * (probs[0] + probs[1])
-
-    def build_forced() -> torch.Tensor:
-        f = torch.zeros(Mb, Nb, dtype=torch.bool, device=dev)
-        if base.keep_sink:
-            f[:, 0] = True
-        if base.keep_local > 0:
-            f |= local_mask(Nq, Nkv, bm, bn, base.keep_local, causal, dev)
-        return f & region
-
-    forced = cached(("msim_forced", Nq, Nkv, bm, bn, base.keep_sink, base.keep_local, causal, str(dev)), build_forced)
-    return MeanSimStats(p, q_sim, k_sim, region, forced, bm, bn, Nq, Nkv)
 
 
 def select_per_head(stats: MeanSimStats, sim_threshold: torch.Tensor, cdf_threshold: torch.Tensor,
