@@ -17,7 +17,7 @@ import torch
 
 from sparseattn._validation import fail
 from sparseattn.predictors.mean_similarity import MeanSimilarityConfig
-from sparseattn.tuning.types import RULES, HeadParams, TunedConfig
+from sparseattn.tuning.types import HeadParams, TunedConfig
 
 __all__ = ["tune_model_distributed"]
 
@@ -60,27 +60,16 @@ def tune_model_distributed(
     """
     import torch.distributed as dist
 
-    from sparseattn.integrations.transformers_patch import attention_layers
-    from sparseattn.tuning.run import build_meta, capture_samples, log_lines, parse_layer_budgets
+    from sparseattn.tuning.run import build_meta, capture_samples, log_lines, plan_tuning, seq_len_of
     from sparseattn.tuning.search import tune_layer
 
     fn = "tune_model_distributed"
     if not dist.is_available() or not dist.is_initialized():
         raise fail(fn, "group", "is not initialised", "torch.distributed.init_process_group(...) first", "no group")
     t0 = time.perf_counter()
-    base = MeanSimilarityConfig() if base is None else base
-    if not isinstance(base, MeanSimilarityConfig):
-        raise fail(fn, "base", "must be a MeanSimilarityConfig or None", "MeanSimilarityConfig", type(base).__name__)
-    if rule not in RULES:
-        raise fail(fn, "rule", "is not a known error rule", f"one of {list(RULES)}", repr(rule))
+    base, budgets, dense, todo = plan_tuning(fn, model, input_ids_list, base=base, rule=rule, layer_l1=layer_l1,
+                                             dense_layers=dense_layers)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    layers = [i for i, _ in attention_layers(model)]
-    budgets = parse_layer_budgets(layer_l1, max(layers) + 1)
-    dense = sorted({int(i) for i in dense_layers})
-    for i in dense:
-        if i not in layers:
-            raise fail(fn, "dense_layers", "has an unknown layer index", f"ints in 0..{max(layers)}", i)
-    todo = [li for li in layers if li not in dense]
     mine = todo[rank::world]
     local: dict[int, dict[str, list[Any]]] = {}
     if mine:
@@ -100,9 +89,8 @@ def tune_model_distributed(
         for li, hp in out.items():
             for line in log_lines(li, hp):
                 emit(line)
-    lens = sorted({int(t.shape[-1]) for t in input_ids_list})
     meta = build_meta(model, base, rule=rule, l1=l1, pv_l1=pv_l1, layer_l1=layer_l1,
-                      seq_len=lens[0] if len(lens) == 1 else lens, samples=len(input_ids_list), dense_layers=dense,
+                      seq_len=seq_len_of(input_ids_list), samples=len(input_ids_list), dense_layers=dense,
                       seconds=time.perf_counter() - t0)
     meta["world_size"] = world
     return TunedConfig(layers=out, meta=meta)

@@ -162,11 +162,41 @@ def tune_model(
     Returns:
         :class:`TunedConfig` with the meta documented in :mod:`sparseattn.tuning.types`.
     """
-    from sparseattn.integrations.transformers_patch import attention_layers
     from sparseattn.tuning.search import tune_layer
 
-    fn = "tune_model"
     t0 = time.perf_counter()
+    base, budgets, dense, todo = plan_tuning("tune_model", model, input_ids_list, base=base, rule=rule,
+                                             layer_l1=layer_l1, dense_layers=dense_layers)
+    emit = log if log is not None else (print if progress else None)
+
+    captured = capture_samples(model, list(input_ids_list))
+    from tqdm.auto import tqdm
+
+    out: dict[int, HeadParams] = {}
+    bar = tqdm(todo, desc="tune", unit="layer", disable=not progress, file=sys.stderr)
+    for li in bar:
+        hp = tune_layer(captured[li], base=base, l1=budgets.get(li, l1), pv_l1=pv_l1, rule=rule)
+        out[li] = hp
+        captured.pop(li)
+        if emit is not None:
+            for line in log_lines(li, hp):
+                emit(line)
+        bar.set_postfix(sparsity=f"{float(hp.sparsity.mean()):.3f}")
+    bar.close()
+    meta = build_meta(model, base, rule=rule, l1=l1, pv_l1=pv_l1, layer_l1=layer_l1,
+                      seq_len=seq_len_of(input_ids_list), samples=len(input_ids_list), dense_layers=dense,
+                      seconds=time.perf_counter() - t0)
+    return TunedConfig(layers=out, meta=meta)
+
+
+def plan_tuning(fn: str, model: torch.nn.Module, input_ids_list: Any, *, base: MeanSimilarityConfig | None, rule: str,
+                layer_l1: str, dense_layers: Any) -> tuple[MeanSimilarityConfig, dict[int, float], list[int], list[int]]:
+    """Check a tuning call's arguments; returns ``(base, per-layer budgets, dense layers, layers to tune)``.
+
+    Shared by :func:`tune_model` and :func:`~sparseattn.tuning.parallel.tune_model_distributed`.
+    """
+    from sparseattn.integrations.transformers_patch import attention_layers
+
     base = MeanSimilarityConfig() if base is None else base
     if not isinstance(base, MeanSimilarityConfig):
         raise fail(fn, "base", "must be a MeanSimilarityConfig or None", "MeanSimilarityConfig", type(base).__name__)
@@ -184,25 +214,10 @@ def tune_model(
     for i in dense:
         if i not in layers:
             raise fail(fn, "dense_layers", "has an unknown layer index", f"ints in 0..{max(layers)}", i)
-    emit = log if log is not None else (print if progress else None)
+    return base, budgets, dense, [li for li in layers if li not in dense]
 
-    captured = capture_samples(model, list(input_ids_list))
-    todo = [li for li in layers if li not in dense]
-    from tqdm.auto import tqdm
 
-    out: dict[int, HeadParams] = {}
-    bar = tqdm(todo, desc="tune", unit="layer", disable=not progress, file=sys.stderr)
-    for li in bar:
-        hp = tune_layer(captured[li], base=base, l1=budgets.get(li, l1), pv_l1=pv_l1, rule=rule)
-        out[li] = hp
-        captured.pop(li)
-        if emit is not None:
-            for line in log_lines(li, hp):
-                emit(line)
-        bar.set_postfix(sparsity=f"{float(hp.sparsity.mean()):.3f}")
-    bar.close()
+def seq_len_of(input_ids_list: Any) -> int | list[int]:
+    """The calibration length for the metadata: one int, or the sorted lengths when they differ."""
     lens = sorted({int(t.shape[-1]) for t in input_ids_list})
-    meta = build_meta(model, base, rule=rule, l1=l1, pv_l1=pv_l1, layer_l1=layer_l1,
-                      seq_len=lens[0] if len(lens) == 1 else lens, samples=len(input_ids_list), dense_layers=dense,
-                      seconds=time.perf_counter() - t0)
-    return TunedConfig(layers=out, meta=meta)
+    return lens[0] if len(lens) == 1 else lens
