@@ -441,6 +441,14 @@ def masked_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
     return torch.cat(outs, dim=2)
 
 
+def _as_density(entry: Any) -> torch.Tensor:
+    """A density entry of :meth:`PatchHandle._density` as the per-head float64 ``[H]`` density."""
+    if isinstance(entry, torch.Tensor):
+        return entry
+    counts, avail = entry
+    return counts.mean(0, dtype=torch.float64) / avail
+
+
 def _compiling() -> bool:
     """Whether dynamo is tracing this call (``torch.compiler.is_compiling``, when this torch has it)."""
     comp = getattr(torch, "compiler", None)
@@ -683,13 +691,12 @@ class PatchHandle:
             layout = self._layout(layer, query, key)
             pv = _pv_for(pred, layer)
             static = isinstance(pred, PatternPredictor) and not self.per_head.get(layer)
-        if self.dense_above is not None and mode == "sparse" and self._too_dense(layout, static):
+        density = self._density(layout, static, win)  # this call's accounting entry, computed once
+        if self.dense_above is not None and mode == "sparse" and self._too_dense(layout, static, density):
             self.dense_fallbacks[layer] = self.dense_fallbacks.get(layer, 0) + 1
             self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
-            ones_key = ("ones", H, str(query.device))
-            ones = _STATIC_DENSITY.get(ones_key)
-            if ones is None:
-                ones = _STATIC_DENSITY.put(ones_key, (None, torch.ones(H, dtype=torch.float64, device=query.device)))
+            ones = _STATIC_DENSITY.get_or_build(("ones", H, str(query.device)),
+                                                lambda: (None, torch.ones(H, dtype=torch.float64, device=query.device)))
             self._density_raw.setdefault(layer, []).append(ones[1])  # the layer ran every block
             return self._dense_call(module, query, key, value, attention_mask, kwargs, None, "prefill_dense")
         used = self._route(mode, query, key, value, layout, pv, win)
@@ -712,7 +719,7 @@ class PatchHandle:
                             pv_threshold=pv, sliding_window=win).out.transpose(1, 2)
         self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
         self.counts["prefill_sparse"] += 1
-        self._density_raw.setdefault(layer, []).append(self._density(layout, static, win))
+        self._density_raw.setdefault(layer, []).append(density)
         self.backends_used.setdefault(layer, set()).add(used)
         if self.keep_layouts:
             self.layouts[layer] = layout
@@ -796,11 +803,8 @@ class PatchHandle:
 
         return _BANDS.get_or_build(key, build)
 
-    def _too_dense(self, layout: BlockLayout, static: bool) -> bool:
-        """Whether the layout's density is above ``dense_above`` (a host read; cached for static layouts)."""
-        dens = self._density(layout, static, None)
-        if not isinstance(dens, torch.Tensor):
-            dens = dens[0].mean(0, dtype=torch.float64) / dens[1]
+    def _too_dense(self, layout: BlockLayout, static: bool, density: Any) -> bool:
+        """Whether ``density`` (this call's entry) is above ``dense_above`` (a host read; cached for static layouts)."""
         key = ("too_dense", id(layout), self.dense_above)
         if static:
             hit = _STATIC_DENSITY.get(key)
@@ -809,7 +813,7 @@ class PatchHandle:
         if layout.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("patch_model: dense_above reads each predicted layer's density on the host, which a CUDA "
                                "graph capture cannot do; capture with dense_above=None (or a static pattern)")
-        verdict = bool(dens.mean() > self.dense_above)  # the one host read of this call
+        verdict = bool(_as_density(density).mean() > self.dense_above)  # the one host read of this call
         if static:
             _STATIC_DENSITY.put(key, (layout, verdict))
         return verdict
@@ -819,21 +823,20 @@ class PatchHandle:
         """``{layer: [float64 tensor[H] per prefill call]}``: block density actually used per head (on the device)."""
         out: dict[int, list[torch.Tensor]] = {}
         for layer, items in self._density_raw.items():
-            out[layer] = [x if isinstance(x, torch.Tensor) else x[0].mean(0, dtype=torch.float64) / x[1] for x in items]
+            out[layer] = [_as_density(x) for x in items]
         return out
 
     def _density(self, layout: BlockLayout, static: bool, window: int | None) -> Any:
         """This call's density entry: a cached ``[H]`` tensor (static layouts) or raw counts (one reduction)."""
-        def compute() -> torch.Tensor:
-            avail = max(layout.available_blocks(causal=True), 1)
-            return layout.selected_in_region(causal=True).mean(0, dtype=torch.float64) / avail
+        def raw() -> tuple[torch.Tensor, int]:
+            return layout.selected_in_region(causal=True), max(layout.available_blocks(causal=True), 1)
 
         if not static:
-            return (layout.selected_in_region(causal=True), max(layout.available_blocks(causal=True), 1))
+            return raw()
         key = (id(layout), layout.seqlen_q, layout.seqlen_kv, window)
         hit = _STATIC_DENSITY.get(key)
         if hit is None or hit[0] is not layout:
-            hit = (layout, compute())
+            hit = (layout, _as_density(raw()))
             _STATIC_DENSITY.put(key, hit)
         return hit[1]
 
