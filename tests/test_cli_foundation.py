@@ -114,7 +114,7 @@ def test_run_case_detects_a_wrong_backend(monkeypatch):
     def refusal(q, **_):
         return None
 
-    def broken(q, k, v, *, causal, layout, scale, pv_threshold, stats):
+    def broken(q, k, v, *, causal, layout, scale, pv_threshold, stats, sliding_window=None):
         o, lse = reference_attention(q, k, v, causal=causal, layout=layout, scale=scale)
         return AttentionState(o + 1e-3, lse)
 
@@ -132,7 +132,7 @@ def test_run_case_detects_a_wrong_backend(monkeypatch):
 
 
 def test_run_case_flags_nan_and_wrong_empty_rows(monkeypatch):
-    def nan_backend(q, k, v, *, causal, layout, scale, pv_threshold, stats):
+    def nan_backend(q, k, v, *, causal, layout, scale, pv_threshold, stats, sliding_window=None):
         o, lse = reference_attention(q, k, v, causal=causal, layout=layout, scale=scale)
         return AttentionState(o, torch.where(torch.isinf(lse), torch.zeros_like(lse), lse))  # empty rows not -inf
 

@@ -49,7 +49,8 @@ def _triton_run(q, k, v, *, causal, layout, scale, pv_threshold, stats, sliding_
                                           pv_threshold=pv_threshold, stats=stats, sliding_window=sliding_window)
 
 
-# name -> (refusal(q, k=, v=, layout=, causal=, pv_threshold=, sliding_window=) -> reason | None, run)
+# name -> (refusal(q, k=, v=, layout=, causal=, pv_threshold=, sliding_window=) -> reason | None,
+#          run(q, k, v, *, causal, layout, scale, pv_threshold, stats, sliding_window))
 BACKENDS: dict[str, tuple[Callable[..., str | None], Callable[..., AttentionState]]] = {
     "triton": (_triton_refusal, _triton_run),
     "reference": (_reference_refusal, _reference_run),
@@ -141,10 +142,8 @@ def attention(
         layout = band_layout(B, H, Nq, Nkv, sliding_window, q.device)
     name = select_backend(q, k, v, layout=layout, causal=causal, pv_threshold=pv_threshold, backend=backend, func=fn,
                           sliding_window=sliding_window)
-    # the window is passed only when set, so run functions written before windows existed keep working
-    extra = {} if sliding_window is None else {"sliding_window": sliding_window}
     return BACKENDS[name][1](q, k, v, causal=causal, layout=layout, scale=scale, pv_threshold=pv_threshold, stats=stats,
-                             **extra)
+                             sliding_window=sliding_window)
 
 
 _BAND_BLOCK = 128  # the blocks of the launcher's own dense layout (the kernel's fastest tiles)
