@@ -16,20 +16,13 @@ from sparseattn.cli.main import main  # noqa: E402
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 2-layer Llama with a byte-level tokenizer, saved with save_pretrained, and a text file."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from sparseattn.testing.bad_inputs import byte_level_tokenizer
 
     d = tmp_path_factory.mktemp("tiny_tune")
-    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                unk_token="<unk>")
+    fast = byte_level_tokenizer()
     model_dir = d / "model"
     fast.save_pretrained(str(model_dir))
-    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                    max_position_embeddings=512)
     torch.manual_seed(0)

@@ -49,6 +49,22 @@ RAW_TYPES = ("TypeError", "KeyError", "IndexError", "AttributeError", "error", "
              "UnicodeDecodeError", "RuntimeError", "OSError", "AssertionError", "ZeroDivisionError", "OverflowError")
 
 
+def byte_level_tokenizer() -> Any:
+    """A byte-level BPE tokenizer with no merges (``<s>``, ``</s>``, ``<unk>`` + 256 byte symbols), for tiny
+    test models saved with ``save_pretrained``; needs ``transformers`` and ``tokenizers``."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+
+
 @dataclass
 class Case:
     """One bad-input class.
@@ -161,19 +177,10 @@ class Fixtures:
         """A 2-layer Llama (max_position_embeddings=128) with a byte-level tokenizer, saved locally."""
         if "model" not in self._cache:
             import transformers
-            from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
             d = self.root / "tiny_model"
-            vocab = {"<s>": 0, "</s>": 1, "<unk>": 2}
-            for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-                vocab[ch] = len(vocab)
-            tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-            tok.decoder = decoders.ByteLevel()
-            fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                        unk_token="<unk>")
+            fast = byte_level_tokenizer()
             fast.save_pretrained(str(d))
-            cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+            cfg = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64,
                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                            max_position_embeddings=128)
             torch.manual_seed(0)
