@@ -15,7 +15,9 @@ key order; a selected tile whose every row has ``S_ij − running max < −pv_th
 the numerator but stays in the denominator). So every probe evaluates all heads at once with per-head
 thresholds, on every sample, without recomputing attention. The dense reference ``o_ref`` is the
 same sum over all tiles (the fp32 dense attention). Memory: ``H·N·ceil(N/bn)·(D+2)`` float32 per
-sample (N=4096, H=9, D=64, bn=64: 0.6 GB), kept for the whole layer.
+sample without causality (N=4096, H=9, D=64, bn=64: 0.6 GB), kept for the whole layer; causal layers
+store only the key blocks left of each chunk of query blocks' diagonal (about 56% of that), and
+every probe reads only those.
 """
 
 from __future__ import annotations
@@ -42,14 +44,19 @@ PV_RANGE = (0.25, 64.0)
 class TileStates:
     """Dense attention of one sample split into (query block, key block) tiles (see module docstring).
 
-    Shapes:
-        A ``[H, Mb, Nb, bm, D]``, L / S ``[H, Mb, Nb, bm]``, ref ``[H, N, D]``, all float32.
+    Stored in causal chunks of query blocks: chunk ``c`` covers query blocks ``i0:i1`` and only the
+    key blocks ``0:nkb`` some row of it can see (all ``Nb`` when not causal), so the tiles above the
+    diagonal are neither stored nor read by a probe (about half of them).
+
+    Shapes (per chunk): A ``[H, i1-i0, nkb, bm, D]``, L / S ``[H, i1-i0, nkb, bm]``; ref ``[H, N, D]``;
+    all float32.
     """
 
-    def __init__(self, A: torch.Tensor, L: torch.Tensor, S: torch.Tensor, seqlen: int) -> None:
-        self.A, self.L, self.S, self.seqlen = A, L, S, seqlen
-        H, Mb, Nb, bm, D = A.shape
-        self.ref = _combine(A, L, torch.ones(H, Mb, Nb, dtype=torch.bool, device=A.device), None, seqlen)
+    def __init__(self, chunks: list[tuple[int, int, int, torch.Tensor, torch.Tensor, torch.Tensor]], seqlen: int,
+                 heads: int, mb: int, nb: int, bm: int, d: int) -> None:
+        self.chunks, self.seqlen = chunks, seqlen
+        self.H, self.Mb, self.Nb, self.bm, self.D = heads, mb, nb, bm, d
+        self.ref = _combine(self, torch.ones(heads, mb, nb, dtype=torch.bool), None)
 
 
 def tile_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: int, block_n: int,
@@ -68,10 +75,10 @@ def tile_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: i
     q = q.to(torch.float32)
     kp = torch.nn.functional.pad(k.to(torch.float32), (0, 0, 0, Nb * bn - N))
     vp = torch.nn.functional.pad(v.to(torch.float32), (0, 0, 0, Nb * bn - N)).reshape(Hkv, Nb, bn, D)
-    A = torch.zeros(H, Mb, Nb, bm, D)
-    L = torch.zeros(H, Mb, Nb, bm)
-    S = torch.full((H, Mb, Nb, bm), -math.inf)
+    chunks: list[tuple[int, int, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     per = max(1, (1 << 25) // max(1, H * Nb * bn * bm))  # query blocks per chunk (~128 MB of scores)
+    if causal:
+        per = min(per, cdiv(Mb, 8))  # >= 8 chunks: the stored tiles approach the causal half
     cols = torch.arange(Nb * bn)
     for i0 in range(0, Mb, per):
         i1 = min(Mb, i0 + per)
@@ -79,36 +86,39 @@ def tile_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: i
         R = (i1 - i0) * bm
         nkb = min(Nb, cdiv(r1, bn)) if causal else Nb  # key blocks any row of the chunk sees
         qs = torch.nn.functional.pad(q[:, r0:r1], (0, 0, 0, R - (r1 - r0))).reshape(Hkv, G, R, D)
-        s = torch.einsum("hgrd,hcd->hgrc", qs, kp[:, :nkb * bn]) * scale
+        s = torch.einsum("hgrd,hcd->hgrc", qs * scale, kp[:, :nkb * bn])
         rows = torch.arange(r0, r0 + R)
         ok = (cols[None, :nkb * bn] < N) & (rows[:, None] < N)
         if causal:
             ok = ok & (cols[None, :nkb * bn] <= rows[:, None])
-        s = s.masked_fill(~ok, -math.inf)
+        s.masked_fill_(~ok, -math.inf)
         s5 = s.reshape(Hkv, G, R, nkb, bn)
         smax = s5.amax(-1)  # [Hkv, G, R, nkb]
         m = smax.amax(-1, keepdim=True)
-        p5 = torch.exp(s5 - torch.where(torch.isinf(m), torch.zeros_like(m), m).unsqueeze(-1))
+        p5 = s5.sub(torch.where(torch.isinf(m), torch.zeros_like(m), m).unsqueeze(-1)).exp_()
         lt = p5.sum(-1)  # [Hkv, G, R, nkb]
         inv = 1.0 / lt.sum(-1, keepdim=True).clamp_min(1e-38)  # rows with no key (padding): 0 everywhere
         # [Hkv, nkb, G*R, bn] @ [Hkv, nkb, bn, D]: one batched product per (kv head, key block)
         a = torch.matmul(p5.permute(0, 3, 1, 2, 4).reshape(Hkv, nkb, G * R, bn), vp[:, :nkb])
         a = a.reshape(Hkv, nkb, G, i1 - i0, bm, D) * inv.reshape(Hkv, 1, G, i1 - i0, bm, 1)
-        A[:, i0:i1, :nkb] = a.permute(0, 2, 3, 1, 4, 5).reshape(H, i1 - i0, nkb, bm, D)
-        L[:, i0:i1, :nkb] = (lt * inv).reshape(H, i1 - i0, bm, nkb).permute(0, 1, 3, 2)
-        S[:, i0:i1, :nkb] = smax.reshape(H, i1 - i0, bm, nkb).permute(0, 1, 3, 2)
-    return TileStates(A, L, S, N)
+        chunks.append((i0, i1, nkb, a.permute(0, 2, 3, 1, 4, 5).reshape(H, i1 - i0, nkb, bm, D).contiguous(),
+                       (lt * inv).reshape(H, i1 - i0, bm, nkb).permute(0, 1, 3, 2).contiguous(),
+                       smax.reshape(H, i1 - i0, bm, nkb).permute(0, 1, 3, 2).contiguous()))
+    return TileStates(chunks, N, H, Mb, Nb, bm, D)
 
 
-def _combine(A: torch.Tensor, L: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | None, N: int) -> torch.Tensor:
-    """``Σ_j keep·A / Σ_j mask·L`` → ``[H, N, D]`` (``keep`` defaults to ``mask``; empty rows give 0)."""
-    H, Mb, Nb, bm, D = A.shape
-    w = mask.to(torch.float32)
-    wn = w if keep is None else keep.to(torch.float32)
-    num = torch.bmm(wn.reshape(H * Mb, 1, Nb), A.reshape(H * Mb, Nb, bm * D)).reshape(H, Mb, bm, D)
-    den = torch.einsum("hij,hijr->hir", w, L)
-    out = num / torch.where(den > 0, den, torch.ones_like(den)).unsqueeze(-1)
-    return out.reshape(H, Mb * bm, D)[:, :N]
+def _combine(st: "TileStates", mask: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``Σ_j keep·A / Σ_j mask·L`` over ``st``'s chunks → ``[H, N, D]`` (``keep`` defaults to ``mask``; empty rows give 0)."""
+    H, bm, D = st.H, st.bm, st.D
+    out = torch.empty(H, st.Mb * bm, D)
+    for i0, i1, nkb, A, L, _ in st.chunks:
+        w = mask[:, i0:i1, :nkb].to(torch.float32)
+        wn = w if keep is None else keep[:, i0:i1, :nkb].to(torch.float32)
+        mb = i1 - i0
+        num = torch.bmm(wn.reshape(H * mb, 1, nkb), A.reshape(H * mb, nkb, bm * D)).reshape(H, mb, bm, D)
+        den = torch.einsum("hij,hijr->hir", w, L)
+        out[:, i0 * bm:i1 * bm] = (num / torch.where(den > 0, den, torch.ones_like(den)).unsqueeze(-1)).reshape(H, mb * bm, D)
+    return out[:, :st.seqlen]
 
 
 def tile_attention(st: TileStates, mask: torch.Tensor, pv_threshold: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,13 +134,16 @@ def tile_attention(st: TileStates, mask: torch.Tensor, pv_threshold: torch.Tenso
     """
     keep = None
     if pv_threshold is not None:
-        sm = st.S.masked_fill(~mask.unsqueeze(-1), -math.inf)
-        run = torch.cummax(sm, dim=2).values
-        run = torch.where(torch.isinf(run), torch.zeros_like(run), run)
-        gap = sm - run
-        skip = (gap < -pv_threshold.to(torch.float32).reshape(-1, 1, 1, 1)).all(-1) & mask
-        keep = mask & ~skip
-    return _combine(st.A, st.L, mask, keep, st.seqlen)
+        gap_limit = -pv_threshold.to(torch.float32).reshape(-1, 1, 1, 1)
+        keep = mask.clone()
+        for i0, i1, nkb, _, _, S in st.chunks:
+            m = mask[:, i0:i1, :nkb]
+            sm = S.masked_fill(~m.unsqueeze(-1), -math.inf)
+            run = torch.cummax(sm, dim=2).values
+            run = torch.where(torch.isinf(run), torch.zeros_like(run), run)
+            skip = ((sm - run) < gap_limit).all(-1) & m
+            keep[:, i0:i1, :nkb] = m & ~skip
+    return _combine(st, mask, keep)
 
 
 def head_errors(out: torch.Tensor, ref: torch.Tensor, rule: str) -> torch.Tensor:
