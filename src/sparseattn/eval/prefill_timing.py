@@ -5,11 +5,12 @@ imports, allocator pools), synchronise CUDA around every timed call, take the **
 least five timed calls, and alternate the two sides round by round so slow drift (clocks, other
 load) hits both alike. A mean of cold calls measures autotuning and first-call work, not speed.
 
-:func:`steady_prefill_times` does exactly this for one input: each round times one dense prefill
-(the unpatched model) and one sparse prefill (the model patched for that call only), both
-``model(ids, use_cache=False, logits_to_keep=1)``. Patching and unpatching happen outside the timed
-region (they are set-up, not prefill work), and a predictor given as a spec string is resolved once,
-so its caches persist from round to round as they would in a served model.
+:func:`steady_prefill_times` does exactly this for one input: the model is patched once; each round
+times one dense prefill (the model's own attention, :meth:`PatchHandle.suspended`) and one sparse
+prefill, both ``model(ids, use_cache=False, logits_to_keep=1)``. One untimed sparse call comes first
+(it settles each layer's backend route, so the warm-up round captures the layer graphs of
+:mod:`sparseattn.integrations.layer_graphs` on a GPU), and caches persist from round to round as
+they would in a served model. Patching and unpatching happen outside the timed region.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def steady_prefill_times(model: Any, ids: torch.Tensor, patch_kwargs: Mapping[st
     Returns:
         ``{"dense_s", "sparse_s"`` (medians), ``"dense_rounds_s", "sparse_rounds_s"`` (every timed
         round), ``"ratio"`` (dense / sparse: > 1 means sparse is faster), ``"repeats", "warmup",
-        "method"`` (one sentence saying how the times were taken)}.
+        "layer_graphs"`` (``{status: number of layers}`` of the sparse side: ``"graphed"`` or why not;
+        empty off the GPU), ``"method"`` (one sentence saying how the times were taken)}.
     """
     from sparseattn.integrations.transformers_patch import patch_model
 
@@ -74,25 +76,27 @@ def steady_prefill_times(model: Any, ids: torch.Tensor, patch_kwargs: Mapping[st
     if kw.get("pattern") is not None and kw.get("predictor") is None:
         kw["predictor"] = pattern_predictor(kw.pop("pattern"))
 
-    def sparse_round() -> float:
-        handle = patch_model(model, **kw)
-        try:
-            return _timed(dense, cuda)  # the same call, now through the patched attention
-        finally:
-            handle.unpatch()
-
+    handle = patch_model(model, **kw)  # once: the sparse side is timed in its steady state (caches, layer graphs)
     dense_s: list[float] = []
     sparse_s: list[float] = []
-    for r in range(warmup + repeats):
-        td = _timed(dense, cuda)
-        ts = sparse_round()
-        if r >= warmup:
-            dense_s.append(td)
-            sparse_s.append(ts)
+    try:
+        dense()  # untimed: settles the sparse layers' routes, so the warm-up round(s) capture the layer graphs
+        for r in range(warmup + repeats):
+            with handle.suspended():  # the model's own attention for the dense round
+                td = _timed(dense, cuda)
+            ts = _timed(dense, cuda)  # the same call, now through the patched attention
+            if r >= warmup:
+                dense_s.append(td)
+                sparse_s.append(ts)
+        status = list(handle.layer_graph_status.values())
+    finally:
+        handle.unpatch()
     d, s = statistics.median(dense_s), statistics.median(sparse_s)
     return {
         "dense_s": d, "sparse_s": s, "ratio": d / s if s > 0 else None,
         "dense_rounds_s": dense_s, "sparse_rounds_s": sparse_s, "repeats": repeats, "warmup": warmup,
-        "method": (f"median of {repeats} prefill calls after {warmup} warm-up round(s), dense and sparse alternated, "
+        "layer_graphs": {k: status.count(k) for k in sorted(set(status))},
+        "method": (f"median of {repeats} prefill calls after {warmup} warm-up round(s) (the model patched once; "
+                   f"the sparse side's layer graphs captured before timing), dense and sparse alternated, "
                    f"{'CUDA-synchronised, ' if cuda else ''}{ids.shape[1]} tokens, one process"),
     }

@@ -34,12 +34,13 @@ into the ``(B, N, H, D)`` tensor transformers expects (no transpose copy).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable
 
 import torch
@@ -510,6 +511,12 @@ class PatchHandle:
         self._mask_refs: list[torch.Tensor] = []
         #: the tuned file the default predictor comes from (``"in-memory"`` for a TunedConfig), else None
         self.tuned: str | None = None
+        #: why layer graphs are off for the whole model (None: on where a layer allows them)
+        self.layer_graph_off: str | None = None
+        #: ``{layer: "graphed" | reason}`` for the sparse CUDA calls seen so far
+        self.layer_graph_status: dict[int, str] = {}
+        self._layer_graphs: Any = None  # LayerGraphs, created on the first graphed call
+        self._graph_warned = False
 
     # ---------------------------------------------------------------- lifecycle
     def _on_forward(self, *_: Any, **__: Any) -> None:
@@ -527,6 +534,7 @@ class PatchHandle:
             return
         if self._hook is not None:
             self._hook.remove()
+        self._layer_graphs = None  # frees the graphs and their static buffers
         ops = sys.modules.get("sparseattn.ops.custom_ops")
         if ops is not None:  # predictors registered for the compiled path (predict_layout_op)
             for pred in list(self.predictors.values()):
@@ -544,6 +552,20 @@ class PatchHandle:
 
     def __enter__(self) -> "PatchHandle":
         return self
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator["PatchHandle"]:
+        """Run the model's own attention inside the block (e.g. the dense side of a benchmark), patched again after.
+
+        Caches, layer graphs and recorded statistics are kept; only the attention implementation is switched.
+        """
+        if not self.active:
+            raise RuntimeError("PatchHandle.suspended: the model is no longer patched (unpatch() was called)")
+        self.model.set_attn_implementation(self.orig_impl)
+        try:
+            yield self
+        finally:
+            self.model.set_attn_implementation(self.impl_name)
 
     def __exit__(self, *exc: Any) -> None:
         self.unpatch()
@@ -587,6 +609,8 @@ class PatchHandle:
                 entry["seconds"] = self.timings[idx]
             if self.dense_fallbacks.get(idx):
                 entry["dense_fallbacks"] = self.dense_fallbacks[idx]
+            if idx in self.layer_graph_status:
+                entry["layer_graph"] = self.layer_graph_status[idx]
             layers[str(idx)] = entry
         dens = [e["density"] for e in layers.values() if e["density"] is not None]
         extra = {} if self.tuned is None else {"tuned": self.tuned}
@@ -684,6 +708,10 @@ class PatchHandle:
         t0 = time.perf_counter()
         scale = kwargs.get("scaling")
         B, H, _, D = query.shape
+        if query.is_cuda:
+            res = self._graphed(module, layer, mode, query, key, value, scale, win, t0)
+            if res is not None:
+                return res
         if mode == "window":
             layout, pv, static = self._band(B, H, nq, nkv, win, query), None, True
         else:
@@ -725,6 +753,86 @@ class PatchHandle:
             self.layouts[layer] = layout
         return (out if out.is_contiguous() else out.contiguous()), None
 
+    def _graph_reason(self, layer: int, mode: str, query: torch.Tensor) -> str | None:
+        """Why this sparse CUDA call cannot be replayed from a layer graph (None: it can)."""
+        if self.layer_graph_off is not None:
+            return self.layer_graph_off
+        if torch.cuda.is_current_stream_capturing():
+            return "inside the caller's own CUDA graph capture"
+        if self.dense_above is not None:
+            return "dense_above reads each layer's density on the host"
+        if self.keep_layouts:
+            return "keep_layouts keeps every call's layout object"
+        if self.per_head.get(layer):
+            return "per-head predictor overrides merge layouts on the host"
+        if mode == "sparse" and getattr(self.predictors[layer], "name", None) == "sketch_walk":
+            return "SketchWalk keeps its walk history in Python-side state"
+        from sparseattn.integrations.layer_graphs import DEFAULT_MAX_NUMEL
+
+        if query.numel() > DEFAULT_MAX_NUMEL:
+            return f"large call (q has {query.numel()} elements > {DEFAULT_MAX_NUMEL}): GPU-bound, not graphed"
+        return None
+
+    def _graphed(self, module: torch.nn.Module, layer: int, mode: str, query: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor, scale: Any, win: int | None, t0: float) -> tuple[torch.Tensor, None] | None:
+        """The layer's sparse call replayed from a CUDA graph (see :mod:`.layer_graphs`), or None to run it eagerly.
+
+        A key is graphed from its second call on: the first runs eagerly and settles the backend route
+        (validation, backend choice); only the Triton route is graphed.
+        """
+        why = self._graph_reason(layer, mode, query)
+        if why is None:
+            pred = self.predictors[layer] if mode == "sparse" else None
+            pv = _pv_for(pred, layer) if pred is not None else None
+            rkey = _route_key(self.backend, mode, query, key, value, pv, win)
+            route = _ROUTES.get(rkey)
+            if route is None:
+                return None  # first call of this shape: eager (the route is decided there)
+            if route != "triton":
+                why = f"backend route {route!r} (only the Triton kernel is graphed)"
+        if why is not None:
+            if self.layer_graph_status.get(layer) != why:
+                self.layer_graph_status[layer] = why
+                optional = why.startswith(("dense_above", "keep_layouts", "per-head", "SketchWalk"))
+                if optional and not self._graph_warned:
+                    self._graph_warned = True
+                    warnings.warn(f"patch_model: layer {layer} runs without a CUDA graph ({why}); each sparse layer "
+                                  "then pays its host work per call", UserWarning, stacklevel=5)
+            return None
+        static = mode == "window" or (isinstance(pred, PatternPredictor))
+        B, H, nq, D = query.shape
+        nkv = key.shape[2]
+        fixed = self._band(B, H, nq, nkv, win, query) if mode == "window" else (
+            self._layout(layer, query, key) if static else None)
+
+        def body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> Any:
+            from sparseattn.ops import triton_launch
+
+            layout = fixed if fixed is not None else pred.predict(q, k, causal=True, layer=layer)
+            triton_launch.block_sparse_fwd(q, k, v, layout=layout, causal=True, scale=scale, pv_threshold=pv,
+                                           out=out.transpose(1, 2), sliding_window=win)
+            if fixed is not None:
+                return None
+            return layout.selected_in_region(causal=True), max(layout.available_blocks(causal=True), 1)
+
+        if self._layer_graphs is None:
+            from sparseattn.integrations.layer_graphs import LayerGraphs
+
+            self._layer_graphs = LayerGraphs()
+        gkey = (layer, mode, win, id(pred), scale, pv)
+        res = self._layer_graphs.run(gkey, query, key, value, body, f"layer {layer}")
+        if res is None:
+            self.layer_graph_status[layer] = "capture failed (see the warning)"
+            return None
+        out, extra = res
+        density = self._density(fixed, True, win) if fixed is not None else extra
+        self.layer_graph_status[layer] = "graphed"
+        self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
+        self.counts["prefill_sparse"] += 1
+        self._density_raw.setdefault(layer, []).append(density)
+        self.backends_used.setdefault(layer, set()).add("triton")
+        return out, None
+
     def _forward_traced(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         kwargs: dict[str, Any], mode: str, win: int | None) -> tuple[torch.Tensor, None]:
         """The sparse / window path while ``torch.compile`` traces the model: custom ops only.
@@ -761,8 +869,7 @@ class PatchHandle:
 
         Later calls with the same shapes only check the layout's geometry (attribute reads, no sync).
         """
-        key = (self.backend, mode, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, k.dtype, v.dtype,
-               str(q.device), q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, pv is not None, window)
+        key = _route_key(self.backend, mode, q, k, v, pv, window)
         used = _ROUTES.get(key)
         if used is None:
             backend = self.backend
@@ -868,6 +975,13 @@ class PatchHandle:
                                            seqlen_q=layout.seqlen_q, seqlen_kv=layout.seqlen_kv)
 
 
+def _route_key(backend: str, mode: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv: float | None,
+               window: int | None) -> tuple[Any, ...]:
+    """The key of :data:`_ROUTES`: what the backend choice of a sparse call depends on."""
+    return (backend, mode, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, k.dtype, v.dtype,
+            str(q.device), q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, pv is not None, window)
+
+
 class _Capture:
     def __init__(self, handle: PatchHandle, layers: Iterable[int] | None, device: Any) -> None:
         self.handle = handle
@@ -923,6 +1037,7 @@ def patch_model(
     keep_layouts: bool = False,
     dense_above: float | None = None,
     tuned: str | os.PathLike | Any = None,
+    layer_graphs: bool | None = None,
 ) -> PatchHandle:
     """Route a transformers model's prefill attention through sparseattn.
 
@@ -955,6 +1070,11 @@ def patch_model(
             passed to the attention call); the file's ``dense_layers`` are added to ``dense_layers``.
             Mutually exclusive with ``predictor`` and ``pattern``. ``sparsity_report()`` then has
             ``"tuned"``: the file (or ``"in-memory"``).
+        layer_graphs: replay each sparse layer's prediction + kernel from a CUDA graph in eager CUDA
+            runs (one host launch instead of the predictor's and the kernel's; see
+            :mod:`sparseattn.integrations.layer_graphs` for what is not graphed and why). ``None``
+            (default): on unless the environment sets ``SPARSEATTN_LAYER_GRAPHS=0``; ``False``: off.
+            ``handle.layer_graph_status`` says per layer ``"graphed"`` or the reason it is not.
 
     Returns:
         A :class:`PatchHandle`; ``handle.unpatch()`` (or ``with patch_model(...)``) restores the model.
@@ -1036,6 +1156,12 @@ def patch_model(
     handle = PatchHandle(model, layers, predictors, heads, modes, backend, orig, name, dense_fn, keep_layouts)
     handle.dense_above = None if dense_above is None else float(dense_above)
     handle.tuned = tuned_label
+    if layer_graphs is not None and not isinstance(layer_graphs, bool):
+        raise fail(fn, "layer_graphs", "must be a bool or None", "True, False or None", repr(layer_graphs))
+    if layer_graphs is False:
+        handle.layer_graph_off = "layer_graphs=False"
+    elif os.environ.get("SPARSEATTN_LAYER_GRAPHS", "1") == "0":
+        handle.layer_graph_off = "SPARSEATTN_LAYER_GRAPHS=0"
     model.set_attn_implementation(name)
     if model.config._attn_implementation != name:
         model.set_attn_implementation(orig)

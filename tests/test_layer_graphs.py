@@ -1,0 +1,126 @@
+"""Layer graphs (integrations/layer_graphs.py): a sparse layer's prediction + kernel replayed from a CUDA graph.
+
+CPU: the switch and its errors, and that nothing is graphed off the GPU. GPU (skipped without one):
+logits, densities and counts equal to the same model patched with ``layer_graphs=False``; graphed from
+the second call of a shape on; the reasons recorded for layers that are not graphed.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from sparseattn.integrations import patch_model
+
+transformers = pytest.importorskip("transformers")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def _tiny(device: str = "cpu", dtype: torch.dtype = torch.float32, window: int | None = None) -> torch.nn.Module:
+    if window is None:
+        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=256, num_hidden_layers=3,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+        cls = transformers.LlamaForCausalLM
+    else:
+        cfg = transformers.Gemma3TextConfig(vocab_size=128, hidden_size=256, intermediate_size=256, num_hidden_layers=3,
+                                            num_attention_heads=4, num_key_value_heads=1, head_dim=64,
+                                            max_position_embeddings=4096, sliding_window=window,
+                                            layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+        cls = transformers.Gemma3ForCausalLM
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return cls(cfg).eval().to(device=device, dtype=dtype)
+
+
+def test_layer_graphs_argument_is_checked():
+    model = _tiny()
+    with pytest.raises(ValueError, match="patch_model: layer_graphs must be a bool or None"):
+        patch_model(model, pattern="sink_window:window_blocks=2", layer_graphs="yes")
+
+
+def test_layer_graphs_off_switches_and_cpu(monkeypatch):
+    model = _tiny()
+    with patch_model(model, pattern="sink_window:window_blocks=2", layer_graphs=False) as h:
+        assert h.layer_graph_off == "layer_graphs=False"
+    monkeypatch.setenv("SPARSEATTN_LAYER_GRAPHS", "0")
+    with patch_model(model, pattern="sink_window:window_blocks=2") as h:
+        assert h.layer_graph_off == "SPARSEATTN_LAYER_GRAPHS=0"
+    monkeypatch.delenv("SPARSEATTN_LAYER_GRAPHS")
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(0))
+    with patch_model(model, pattern="sink_window:window_blocks=2") as h, torch.no_grad():
+        assert h.layer_graph_off is None
+        model(ids, use_cache=False)
+        model(ids, use_cache=False)
+        assert h.layer_graph_status == {}  # CPU: never graphed, nothing to report
+        assert h._layer_graphs is None
+
+
+def _run(model: torch.nn.Module, ids: torch.Tensor, calls: int, **kw) -> tuple[list[torch.Tensor], dict]:
+    outs = []
+    with patch_model(model, **kw) as h, torch.no_grad():
+        for _ in range(calls):
+            outs.append(model(ids, use_cache=False).logits.float())
+        rep = h.sparsity_report()
+        rep["_status"] = dict(h.layer_graph_status)
+        rep["_replays"] = 0 if h._layer_graphs is None else h._layer_graphs.replays
+    return outs, rep
+
+
+@cuda
+@pytest.mark.parametrize("spec", ["mean_sim:score=mixed,cdf_threshold=0.9,keep_local=2",
+                                  "pattern:sink_window:window_blocks=2,block_m=64,block_n=64"])
+def test_graphed_equals_eager(spec):
+    model = _tiny("cuda", torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 1000), generator=torch.Generator().manual_seed(1)).cuda()
+    kw = {"pattern": spec[len("pattern:"):]} if spec.startswith("pattern:") else {"predictor": spec}
+    eager, rep_e = _run(model, ids, 4, layer_graphs=False, **kw)
+    graphed, rep_g = _run(model, ids, 4, **kw)
+    assert rep_g["_status"] == {0: "graphed", 1: "graphed", 2: "graphed"}
+    assert rep_g["_replays"] == 3 * 2  # call 1 eager (route), call 2 captured and replayed, calls 3-4 replayed
+    assert rep_e["_status"] == {0: "layer_graphs=False", 1: "layer_graphs=False", 2: "layer_graphs=False"}
+    for a, b in zip(eager, graphed):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)  # the same kernels on the same values
+    for layer, e in rep_e["layers"].items():
+        assert rep_g["layers"][layer]["density_per_head"] == e["density_per_head"]
+    assert rep_g["counts"] == rep_e["counts"]
+
+
+@cuda
+def test_graphed_window_layers_and_new_lengths():
+    model = _tiny("cuda", torch.bfloat16, window=256)
+    kw = {"predictor": "mean_sim:cdf_threshold=0.9"}
+    for n in (700, 1300):  # a second length: new static buffers and graphs
+        ids = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(n)).cuda()
+        eager, rep_e = _run(model, ids, 3, layer_graphs=False, **kw)
+        graphed, rep_g = _run(model, ids, 3, **kw)
+        assert rep_g["_status"] == {0: "graphed", 1: "graphed", 2: "graphed"}
+        for a, b in zip(eager, graphed):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@cuda
+def test_not_graphed_reasons_are_recorded_and_warned():
+    model = _tiny("cuda", torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 600), generator=torch.Generator().manual_seed(2)).cuda()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        _, rep = _run(model, ids, 3, predictor="mean_sim:cdf_threshold=0.9", dense_above=0.99)
+    assert all(v.startswith("dense_above") for v in rep["_status"].values()) and rep["_replays"] == 0
+    assert any("runs without a CUDA graph (dense_above" in str(w.message) for w in rec)
+    # a whole-model capture by the caller: the layers run their eager body inside it
+    with patch_model(model, pattern="sink_window:window_blocks=2,block_m=64,block_n=64") as h, torch.no_grad():
+        model(ids, use_cache=False)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(ids, use_cache=False)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = model(ids, use_cache=False).logits
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.isfinite(out.float()).all()
+        assert set(h.layer_graph_status.values()) == {"inside the caller's own CUDA graph capture"}
