@@ -78,7 +78,8 @@ def test_graphed_equals_eager(spec):
     eager, rep_e = _run(model, ids, 4, layer_graphs=False, **kw)
     graphed, rep_g = _run(model, ids, 4, **kw)
     assert rep_g["_status"] == {0: "graphed", 1: "graphed", 2: "graphed"}
-    assert rep_g["_replays"] == 3 * 3  # call 1 eager (settles the route); calls 2-4 replayed (2 captures first)
+    # call 1 runs eagerly unless the route of these shapes is known already (the eager run above settled it)
+    assert rep_g["_replays"] == 3 * 4
     assert rep_e["_status"] == {0: "layer_graphs=False", 1: "layer_graphs=False", 2: "layer_graphs=False"}
     for a, b in zip(eager, graphed):
         torch.testing.assert_close(b, a, rtol=0, atol=0)  # the same kernels on the same values

@@ -170,12 +170,14 @@ def tune_model(
     emit = log if log is not None else (print if progress else None)
 
     captured = capture_samples(model, list(input_ids_list))
+    search_device = next(model.parameters()).device
     from tqdm.auto import tqdm
 
     out: dict[int, HeadParams] = {}
     bar = tqdm(todo, desc="tune", unit="layer", disable=not progress, file=sys.stderr)
     for li in bar:
-        hp = tune_layer(captured[li], base=base, l1=budgets.get(li, l1), pv_l1=pv_l1, rule=rule)
+        hp = tune_layer(captured[li], base=base, l1=budgets.get(li, l1), pv_l1=pv_l1, rule=rule,
+                        device=search_device)  # captures wait on the CPU; each layer's search runs on the model's device
         out[li] = hp
         captured.pop(li)
         if emit is not None:

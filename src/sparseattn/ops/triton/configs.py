@@ -23,6 +23,7 @@ _NOPF_QO = (("TMA_QO", True), ("PREFETCH", False))
 _CANDIDATES: dict[int, list[_Cand]] = {
     64: [(128, 128, 8, 2, True, 128, ()),         # 2/SM, best at 32K
          (128, 64, 8, 2, False, 128, ()),         # 2/SM, pointer loads
+         (64, 128, 4, 3, False, None, ()),        # every causal block at 4K-8K, H=9 (sweep_configs.py, H200)
          (64, 64, 4, 3, False, None, ()),         # 3/SM, short rows; also 64-blocks
          (128, 128, 8, 3, False, None, ())],
     128: [(128, 64, 8, 2, True, 128, _NOPF_QO),   # 2/SM, best at 32K
