@@ -24,5 +24,15 @@ for n in ${TUNE_LENGTHS:-4096 8192}; do
   grep -iE "seconds|time|sparsity|top-1|top1|cosine|KL" "$OUT/tune/tuned$n.md" 2>/dev/null | head -20
   tail -n 5 "$OUT/tune/tune$n.log"
 done
+if [ -f "$OUT/tune/tuned4096.safetensors" ]; then
+  left=$(( ${SESSION_BUDGET:-560} - (SECONDS - START) ))
+  if [ $left -ge 45 ]; then
+    echo "=== niah with the 4K tuned file (at most ${left}s)"
+    timeout $left python3 -m sparseattn.cli.main niah --model "$SMOL" --tuned "$OUT/tune/tuned4096.safetensors" \
+      --lengths 4096 --depths 0.1,0.5,0.9 --trials 2 --text-dir .carry/essays --no-plots --out "$OUT/tune/niah" \
+      > "$OUT/tune/niah.log" 2>&1
+    echo "niah rc=$?"; tail -n 12 "$OUT/tune/niah.log"
+  fi
+fi
 tar -C "$OUT" -czf "$OUT/tune.tar.gz" tune && rm -rf "$OUT/tune"
 echo "=== session done in $((SECONDS - START)) s"
