@@ -68,7 +68,34 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--parity-rows", type=positive_int, default=512, help="query rows checked against the reference")
     p.add_argument("--seed", type=any_int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--quant", choices=("int8", "int8_fp8"), default=None,
+                   help="also time quantized attention (INT8 Q·K^T; int8_fp8: FP8 P·V, sm_89+) with each layout, "
+                        "quantization included, with its cosine / relative L1 against fp32 (docs/QUANT.md)")
+    p.add_argument("--quant-gran", choices=("per_warp", "per_block", "per_thread"), default="per_warp",
+                   help="scale granularity of --quant (default per_warp)")
     p.set_defaults(func=run)
+
+
+def _quant_row(args: argparse.Namespace, q: Any, k: Any, v: Any, lay: Any) -> dict[str, Any]:
+    """``--quant``: time of quantized_attention (quantization included) and its accuracy on the last rows."""
+    from sparseattn.ops.quant import quantized_attention
+    from sparseattn.ops.reference import reference_attention
+    from sparseattn.testing import timing
+    from sparseattn.testing.tolerances import quant_accuracy
+
+    def run() -> Any:
+        return quantized_attention(q, k, v, layout=lay, causal=args.causal, quant=args.quant,
+                                   quant_granularity=args.quant_gran)
+
+    out = run()
+    rows = max(lay.block_m, min(args.parity_rows, q.shape[2]) // lay.block_m * lay.block_m)
+    if q.shape[2] % lay.block_m:
+        rows = q.shape[2]
+    tail = timing._tail_layout(lay, rows) if rows < q.shape[2] else lay
+    ref = reference_attention(q[:, :, -rows:].float(), k.float(), v.float(), layout=tail, causal=args.causal).out
+    cos, rel = quant_accuracy(out[:, :, -rows:], ref)
+    return {"ms": timing.bench_ms(run), "cos": cos, "rel_l1": rel, "granularity": args.quant_gran,
+            "peak_bytes": timing.peak_memory_bytes(run)}
 
 
 def _layout(pattern: str, n: int, density: float, args: argparse.Namespace, seed: int):  # noqa: ANN202
@@ -186,6 +213,8 @@ def run(args: argparse.Namespace) -> int:
                    "dense_ms": dense_ms, "sdpa_ms": sdpa_ms, "speedup_vs_dense": dense_ms / ms,
                    "speedup_vs_sdpa": sdpa_ms / ms, "peak_bytes": peak, "dense_peak_bytes": dense_peak,
                    "layout_nbytes": lay.nbytes, "parity": par}
+            if getattr(args, "quant", None):
+                row["quant"] = _quant_row(args, q, k, v, lay)
             if args.stress:
                 row["stress"] = _stress(args, n, d, dtype)
                 st = row["stress"]
@@ -194,7 +223,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{n:>7} {row['density']:>8.3f} {ms:>10.3f} {dense_ms:>9.3f} {sdpa_ms:>8.3f} {row['speedup_vs_dense']:>8.2f}x "
                   f"{row['speedup_vs_sdpa']:>7.2f}x {peak / 2**20:>9.1f} {dense_peak / 2**20:>9.1f} "
                   f"{lay.nbytes / 1024:>10.1f} {'ok' if par['ok'] else 'FAIL':>7}"
-                  + (f"  stress {row['stress']}" if args.stress else ""), flush=True)
+                  + (f"  stress {row['stress']}" if args.stress else "")
+                  + (f"  {args.quant}/{args.quant_gran} {row['quant']['ms']:.3f} ms cos {row['quant']['cos']:.6f} "
+                     f"relL1 {row['quant']['rel_l1']:.4f}" if getattr(args, "quant", None) else ""), flush=True)
         del q, k, v
         torch.cuda.empty_cache()
     print("dense = the same Triton kernel without a layout; SDPA = best of cuDNN/flash; peak = CUDA memory allocated "

@@ -5,6 +5,10 @@ from sparseattn.ops.reference import reference_attention
 from sparseattn.state.types import AttentionState
 
 __all__ = ["attention", "attention_op", "block_sparse_attention", "reference_attention", "AttentionState"]
+# decode attention (sparseattn.ops.decode, docs/DECODE.md): imported on first use
+_DECODE = ("decode_attention", "sparse_decode_attention", "paged_decode_attention", "page_summaries",
+           "update_page_summaries", "select_pages", "decode_reference", "PageSummaries")
+__all__ += list(_DECODE)
 
 
 def __getattr__(name: str):  # noqa: ANN202
@@ -13,4 +17,8 @@ def __getattr__(name: str):  # noqa: ANN202
         from sparseattn.ops.custom_ops import attention_op
 
         return attention_op
+    if name in _DECODE:
+        from sparseattn.ops import decode
+
+        return getattr(decode, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

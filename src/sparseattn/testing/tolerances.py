@@ -62,3 +62,51 @@ def check_ratio(kernel_out: torch.Tensor, ref_hi: torch.Tensor, ref_lo: torch.Te
     if not k_max <= bound:
         raise AssertionError(f"{what}: kernel max error {k_max:.3e} > bound {bound:.3e} "
                              f"(= {RATIO} x same-dtype reference error {r_max:.3e} + floor)")
+
+
+# decode attention (sparseattn.ops.decode): two kernel results that differ only in the split-KV cut or
+# in which program reads a page (num_splits, page order, all pages vs dense), compared with each other;
+# per dtype of the inputs (the rounding of P to the input dtype and the merge's fp32 reordering)
+DECODE_SPLITS_ATOL: dict[torch.dtype, float] = {
+    torch.float16: 4e-3,
+    torch.bfloat16: 3.2e-2,
+    torch.float32: 1e-5,
+}
+
+# ---------------------------------------------------------------- quantized attention (docs/QUANT.md)
+# Emulation (sparseattn.ops.quant_reference) against fp32 attention on Gaussian inputs: what the
+# quantization itself costs. INT8 Q·Kᵀ (P·V in bf16):
+QUANT_INT8_COS_MIN = 0.9995
+QUANT_INT8_REL_L1_MAX = 0.02
+# INT8 Q·Kᵀ + FP8 e4m3 P·V. e4m3 keeps 3 mantissa bits: each rounded value is off by up to 2**-4
+# relative (rms ~3.6%), and on zero-mean Gaussian V that error does not average down relative to
+# the output (measured: cos 0.99937, rel L1 0.036 at N=1024, D=128). With a per-channel V mean (as
+# real V has) the output is far larger than the rounding noise and the INT8 bounds hold for FP8 too.
+QUANT_FP8_ZERO_MEAN_COS_MIN = 0.999
+QUANT_FP8_ZERO_MEAN_REL_L1_MAX = 0.045
+QUANT_FP8_COS_MIN = 0.9995  # V with a per-channel mean (std 1 across channels)
+QUANT_FP8_REL_L1_MAX = 0.02
+# Kernel (interpreter) against the emulation on the same quantized operands: only summation order and
+# exp2's last bit (numpy vs torch) differ; that bit can flip the bf16 rounding of one P entry (2**-8
+# relative of its term), then both round the output to bf16: |kernel - emulation| <=
+# QUANT_PARITY_RTOL * |emulation| + QUANT_PARITY_ATOL (measured: at most 2 bf16 ulps), lse within QUANT_LSE_ATOL.
+QUANT_PARITY_RTOL = 2.0 ** -6
+QUANT_PARITY_ATOL = 4e-3
+QUANT_LSE_ATOL = 1e-4
+# On a GPU the fused quantizer's mean and exp2 differ in the last bit, which can move an int8 value
+# by one unit or flip one e4m3 rounding of P; the parity bound there (benchmarks/bench_quant.py --stress)
+# is looser.
+QUANT_GPU_PARITY_RTOL = 2.0 ** -5
+QUANT_GPU_PARITY_ATOL = 2e-2
+QUANT_GPU_LSE_ATOL = 2e-3
+# fused Triton quantizer vs the PyTorch quantizer given the same smoothing mean: int8 values at most
+# this many units apart (0 under the interpreter: the same IEEE operations)
+QUANT_INT8_MAX_UNIT_DIFF = 1
+
+
+def quant_accuracy(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """``(cosine similarity, relative L1)`` of ``out`` against ``ref`` over all elements (float64)."""
+    o, r = out.to(torch.float64).flatten(), ref.to(torch.float64).flatten()
+    cos = float(torch.nn.functional.cosine_similarity(o, r, dim=0))
+    rel = float((o - r).abs().sum() / r.abs().sum().clamp_min(1e-300))
+    return cos, rel

@@ -1,0 +1,860 @@
+"""Decode attention over a KV cache: dense (split-KV "flash-decoding") and Quest-style sparse.
+
+Public functions:
+
+* :func:`decode_attention` — ``Lq`` new query tokens (1..64; speculative decoding) of each sequence
+  attend that sequence's cache ``k_cache[b, :, :seqlens[b]]``, bottom-right causal among the new
+  tokens; GQA heads of one KV head share one kernel tile; the keys are split across programs and the
+  partial states merged exactly.
+* :func:`page_summaries` / :func:`update_page_summaries` — per page of ``page_size`` keys and per KV
+  head, the elementwise min and max of the keys (Quest's page metadata), built once and kept up to
+  date as tokens are appended.
+* :func:`select_pages` — per KV head, Quest's upper bound of each page's best score,
+  ``sum_d max(q_d * min_d, q_d * max_d)``, maximised over the group's query rows; the top pages plus the
+  first (sink) and last (local) pages. On the device, no host sync (``torch.topk``).
+* :func:`paged_decode_attention` — attention over listed pages only (the kernel reads nothing else).
+* :func:`sparse_decode_attention` — :func:`select_pages` then :func:`paged_decode_attention`.
+* :func:`decode_reference` / :func:`pages_key_mask` — the pure-PyTorch ground truth (any dtype,
+  float64 included), optionally restricted to a key mask.
+
+Semantics shared by every function (the prefill kernel's, docs/ARCHITECTURE.md): natural-log float32
+lse; a row that attends no key (``seqlen == 0``, or ``seqlen < Lq`` for the first tokens) has out 0
+and lse ``-inf``; NaN/inf inputs reach exactly the rows that attend them. Keys at or beyond
+``seqlens[b]`` are never attended and never reach the output, whatever the cache holds there.
+
+Hot path: nothing here reads a device value on the host. ``seqlens`` stays on the device (its values
+are checked only when that is free: a CPU tensor, or ``check_seqlens=True``); the kernel clamps
+lengths into ``[0, N_max]`` so an out-of-range value can never read outside the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from fractions import Fraction
+from typing import Any, NamedTuple
+
+import torch
+
+from sparseattn._validation import check_scale, check_tensor, fail
+from sparseattn.state.types import AttentionState
+
+__all__ = [
+    "decode_attention",
+    "paged_decode_attention",
+    "sparse_decode_attention",
+    "page_summaries",
+    "update_page_summaries",
+    "select_pages",
+    "pages_key_mask",
+    "decode_reference",
+    "decode_refusal",
+    "decode_num_splits",
+    "PageSummaries",
+    "MAX_DECODE_QUERIES",
+]
+
+MAX_DECODE_QUERIES = 64  # Lq: new tokens per sequence (speculative decoding drafts)
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_SPLITS = 128
+MIN_KEYS_PER_SPLIT = 256  # the heuristic never gives a split fewer keys than this (per sequence)
+_LOG2E = 1.4426950408889634
+_MAX_GRID_Z = 65535
+_CONFIG_KEYS = {"BLOCK_N", "num_warps", "num_stages"}
+
+
+class PageSummaries(NamedTuple):
+    """Per-page key statistics for Quest-style page selection.
+
+    Shapes:
+        kmin, kmax: ``(B, H_kv, P, D)`` in the cache's dtype, ``P = ceil(N_max / page_size)``:
+        elementwise min/max of the keys of each page (only keys below ``seqlens`` when given; a page
+        with no such key holds 0). A NaN key makes its page's entries NaN.
+    """
+
+    kmin: torch.Tensor
+    kmax: torch.Tensor
+    page_size: int
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _check_seqlens(fn: str, seqlens: Any, B: int, n_max: int, device: torch.device,
+                   check_seqlens: bool | None) -> torch.Tensor | None:
+    """``seqlens`` as an int32 tensor on ``device`` (or None); values checked when free or asked for."""
+    if seqlens is None:
+        return None
+    check_tensor(fn, "seqlens", seqlens, ndim=1, shape_desc="(B,)")
+    if seqlens.dtype not in (torch.int32, torch.int64):
+        raise fail(fn, "seqlens.dtype", "is not supported", "int32 (or int64)", str(seqlens.dtype).replace("torch.", ""))
+    if seqlens.shape[0] != B:
+        raise fail(fn, "seqlens", "has the wrong length", f"seqlens.shape=({B},) (one length per sequence)",
+                   f"seqlens.shape={tuple(seqlens.shape)}")
+    if check_seqlens is None:
+        check_seqlens = seqlens.device.type == "cpu"
+    if check_seqlens:
+        lo, hi = (int(x) for x in torch.aminmax(seqlens))  # a host read: free on the CPU
+        if lo < 0 or hi > n_max:
+            raise fail(fn, "seqlens", "has values out of range", f"0 <= seqlens <= N_max = {n_max}",
+                       f"min {lo}, max {hi}")
+    if seqlens.device != device:
+        seqlens = seqlens.to(device)
+    if seqlens.dtype != torch.int32:
+        seqlens = seqlens.to(torch.int32)
+    return seqlens
+
+
+def _check_decode(fn: str, q: Any, k: Any, v: Any, scale: Any,
+                  allowed: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                  ) -> tuple[tuple[int, int, int, int, int, int], float]:
+    """Shapes/dtypes/devices of a decode call; returns ``((B, H, H_kv, Lq, N_max, D), scale)``."""
+    for name, t in (("q", q), ("k_cache", k), ("v_cache", v)):
+        desc = "(B, H, Lq, D)" if name == "q" else "(B, H_kv, N_max, D)"
+        check_tensor(fn, name, t, ndim=4, shape_desc=desc)
+        if t.dtype not in allowed:
+            names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+            raise fail(fn, f"{name}.dtype", "is not supported", f"one of {names}", str(t.dtype).replace("torch.", ""))
+    if not (q.dtype == k.dtype == v.dtype):
+        raise fail(fn, "q/k_cache/v_cache dtypes", "must all be equal", "one dtype",
+                   f"q={q.dtype}, k_cache={k.dtype}, v_cache={v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise fail(fn, "q/k_cache/v_cache devices", "must all be equal", "one device",
+                   f"q={q.device}, k_cache={k.device}, v_cache={v.device}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise fail(fn, "v_cache", "must have the same shape as k_cache", f"v_cache.shape={tuple(k.shape)}",
+                   f"v_cache.shape={tuple(v.shape)}")
+    B, H, Lq, D = q.shape
+    Bk, Hkv, N, Dk = k.shape
+    if Bk != B:
+        raise fail(fn, "k_cache", "batch size differs from q", f"k_cache.shape[0]={B}", f"k_cache.shape[0]={Bk}")
+    if Dk != D:
+        raise fail(fn, "k_cache", "head_dim differs from q", f"k_cache.shape[3]={D}", f"k_cache.shape[3]={Dk}")
+    if min(B, H, Lq, D, Hkv, N) <= 0:
+        raise fail(fn, "q/k_cache", "has an empty dimension", "all dims > 0",
+                   f"q.shape={tuple(q.shape)}, k_cache.shape={tuple(k.shape)}")
+    if H % Hkv != 0:
+        raise fail(fn, "k_cache", "heads must divide q heads (GQA)", f"H % H_kv == 0 with H={H}", f"H_kv={Hkv}")
+    if Lq > MAX_DECODE_QUERIES:
+        raise fail(fn, "q", "has too many query tokens for decode (use the prefill attention)",
+                   f"1 <= Lq = q.shape[2] <= {MAX_DECODE_QUERIES}", f"Lq={Lq}")
+    checked = check_scale(fn, scale)
+    return (B, H, Hkv, Lq, N, D), (D ** -0.5 if checked is None else checked)
+
+
+def _check_backend(fn: str, backend: Any) -> str:
+    if backend not in ("auto", "triton", "reference"):
+        raise fail(fn, "backend", "is not a known backend", "'auto', 'triton' or 'reference'", repr(backend))
+    return backend
+
+
+def _check_return_lse(fn: str, return_lse: Any) -> None:
+    if not isinstance(return_lse, bool):
+        raise fail(fn, "return_lse", "must be a bool", "True or False", repr(return_lse))
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+
+def pages_key_mask(page_indices: torch.Tensor, page_counts: torch.Tensor, page_size: int, n_max: int) -> torch.Tensor:
+    """Boolean key mask ``(B, H_kv, n_max)`` of the listed pages (the first ``page_counts`` entries).
+
+    Shapes:
+        page_indices ``(B, H_kv, K)`` int, page_counts ``(B, H_kv)`` int → ``(B, H_kv, n_max)`` bool.
+    """
+    B, Hkv, Kp = page_indices.shape
+    dev = page_indices.device
+    P = -(-n_max // page_size)
+    live = torch.arange(Kp, device=dev)[None, None, :] < page_counts[..., None].to(torch.int64)
+    pages = torch.zeros(B, Hkv, P + 1, dtype=torch.bool, device=dev)
+    idx = torch.where(live, page_indices.to(torch.int64).clamp(0, P), torch.full_like(page_indices, P, dtype=torch.int64))
+    pages.scatter_(2, idx, live)
+    return pages[..., :P].repeat_interleave(page_size, dim=2)[..., :n_max]
+
+
+def decode_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    upcast: bool = True,
+) -> AttentionState:
+    """Decode attention in plain PyTorch (the ground truth of the kernels; any float dtype).
+
+    Row (head ``h``, token ``i``) of sequence ``b`` attends key ``j`` iff
+    ``j < seqlens[b] - Lq + i + 1`` and (with ``key_mask``) ``key_mask[b, h // G, j]``.
+
+    Args:
+        q: ``(B, H, Lq, D)``, ``1 <= Lq <= 64``.
+        k_cache: ``(B, H_kv, N_max, D)``, ``H % H_kv == 0``.
+        v_cache: same shape as ``k_cache``.
+        seqlens: ``(B,)`` int valid lengths (``None``: every sequence is ``N_max`` long).
+        scale: softmax scale, default ``D ** -0.5``.
+        key_mask: optional ``(B, H_kv, N_max)`` bool: only these keys may be attended (sparse decode's
+            selected pages, see :func:`pages_key_mask`).
+        upcast: compute in float32 (float64 for float64 inputs); ``False`` keeps the matmul operands in
+            the input dtype (the "same dtype" yardstick of the ratio rule).
+
+    Returns:
+        ``AttentionState(out, lse)``: out ``(B, H, Lq, D)`` in q's dtype, lse ``(B, H, Lq)``
+        natural-log float32 (float64 for float64 inputs). Rows that attend nothing: out 0, lse ``-inf``.
+    """
+    fn = "decode_reference"
+    (B, H, Hkv, Lq, N, D), scale = _check_decode(fn, q, k_cache, v_cache, scale)
+    seqlens = _check_seqlens(fn, seqlens, B, N, q.device, None)
+    if key_mask is not None:
+        check_tensor(fn, "key_mask", key_mask, ndim=3, shape_desc="(B, H_kv, N_max)")
+        if tuple(key_mask.shape) != (B, Hkv, N) or key_mask.dtype != torch.bool:
+            raise fail(fn, "key_mask", "has the wrong shape or dtype", f"({B}, {Hkv}, {N}) bool",
+                       f"{tuple(key_mask.shape)} {key_mask.dtype}")
+    G = H // Hkv
+    dev = q.device
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    mm_dtype = acc_dtype if upcast else q.dtype
+    qg = q.to(mm_dtype).reshape(B, Hkv, G * Lq, D)  # row r = (head g = r // Lq, token i = r % Lq)
+    kf = k_cache.to(mm_dtype)
+    vf = v_cache.to(mm_dtype)
+    s = torch.matmul(qg, kf.transpose(-1, -2)).to(acc_dtype) * scale  # (B, Hkv, R, N)
+    lens = seqlens.to(torch.int64) if seqlens is not None else torch.full((B,), N, dtype=torch.int64, device=dev)
+    tok = torch.arange(G * Lq, device=dev) % Lq
+    lim = lens[:, None] - Lq + tok[None, :] + 1  # (B, R): row attends keys j < lim
+    allowed = torch.arange(N, device=dev)[None, None, :] < lim[:, :, None]  # (B, R, N)
+    allowed = allowed[:, None].expand(B, Hkv, G * Lq, N)
+    if key_mask is not None:
+        allowed = allowed & key_mask.to(dev)[:, :, None, :]
+    s = s.masked_fill(~allowed, -math.inf)
+    has = allowed.any(-1)
+    m = s.amax(-1)
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = torch.exp(s - m_safe[..., None])
+    l = p.sum(-1)
+    v_nonfinite = not bool(torch.isfinite(v_cache).all())
+    if v_nonfinite:  # exact: masked keys never turn 0 * NaN into NaN (counted instead, as the prefill reference)
+        vf = torch.where(torch.isfinite(vf), vf, torch.zeros((), dtype=vf.dtype, device=dev))
+    acc = torch.matmul(p.to(mm_dtype), vf).to(acc_dtype)  # (B, Hkv, R, D)
+    if v_nonfinite:
+        att = allowed.to(acc_dtype)
+
+        def count(ind: torch.Tensor) -> torch.Tensor:
+            return torch.matmul(att, ind.to(acc_dtype))
+
+        n_pos, n_neg, n_nan = count(torch.isposinf(v_cache)), count(torch.isneginf(v_cache)), count(torch.isnan(v_cache))
+        acc = torch.where(n_pos > 0, torch.full_like(acc, math.inf), acc)
+        acc = torch.where(n_neg > 0, torch.full_like(acc, -math.inf), acc)
+        acc = torch.where((n_nan > 0) | ((n_pos > 0) & (n_neg > 0)), torch.full_like(acc, math.nan), acc)
+    l_safe = torch.where(has, l, torch.ones_like(l))
+    out = torch.where(has[..., None], acc / l_safe[..., None], torch.zeros_like(acc))
+    lse = torch.where(has, m + torch.log(l_safe), torch.full_like(m, -math.inf))
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return AttentionState(out.reshape(B, H, Lq, D).to(q.dtype), lse.reshape(B, H, Lq).to(lse_dtype))
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+
+
+def decode_refusal(q: torch.Tensor) -> str | None:
+    """``None`` if the Triton decode kernels can run ``q``'s device/dtype/head_dim, else why not."""
+    from sparseattn.ops.triton_launch import _capability, _triton_import_error, interpret_mode
+
+    if q.device.type == "cuda":
+        major, minor = _capability(q.device)
+        if major < 8:
+            return f"needs a CUDA GPU of compute capability >= 8.0; {q.device} has {major}.{minor}"
+    elif q.device.type == "cpu":
+        if not interpret_mode():
+            return "q is on the CPU; the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+    else:
+        return f"q is on {q.device}; the Triton kernel needs CUDA tensors"
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {str(q.dtype).replace('torch.', '')} is not supported (float16, bfloat16 or float32)"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} is not supported (one of {SUPPORTED_HEAD_DIMS})"
+    return _triton_import_error()
+
+
+@functools.lru_cache(maxsize=64)
+def _num_sms(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def decode_num_splits(ctas: int, n_keys: int, num_sms: int = 132, *, ctas_per_sm: int = 4) -> int:
+    """Key splits per sequence so that ``ctas * splits`` programs fill the GPU (flash-decoding heuristic).
+
+    ``ctas`` programs exist without splitting (batch x KV heads x row tiles). Returns 1 when they already
+    fill ``0.8 * num_sms * ctas_per_sm`` slots; otherwise the smallest split count whose wave efficiency
+    (``waves / ceil(waves)``) is within 85% of the best, never giving a split fewer than
+    ``MIN_KEYS_PER_SPLIT`` keys nor more than ``MAX_SPLITS`` splits.
+    """
+    slots = max(1, num_sms * ctas_per_sm)
+    if ctas >= 0.8 * slots:
+        return 1
+    max_s = max(1, min(MAX_SPLITS, -(-n_keys // MIN_KEYS_PER_SPLIT)))
+    effs = []
+    for s in range(1, max_s + 1):
+        waves = ctas * s / slots
+        effs.append(waves / math.ceil(waves))
+    best = max(effs)
+    for s, e in enumerate(effs, start=1):
+        if e >= 0.85 * best:
+            return s
+    return 1  # pragma: no cover
+
+
+def _default_config(D: int, block_m: int, interp: bool) -> dict[str, int]:
+    if interp:
+        return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    if D >= 256:
+        return {"BLOCK_N": 32, "num_warps": 8 if block_m >= 64 else 4, "num_stages": 3}
+    return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+
+
+def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor | None,
+            page_idx: torch.Tensor | None, page_num: torch.Tensor | None, page_size: int,
+            dims: tuple[int, int, int, int, int, int], scale: float, num_splits: int | None,
+            config: dict[str, int] | None, n_virtual: int) -> AttentionState:
+    from sparseattn.ops.triton import decode as kern
+    from sparseattn.ops.triton_launch import _LAUNCH_LOCK, interpret_mode
+
+    B, H, Hkv, Lq, N, D = dims
+    G = H // Hkv
+    interp = interpret_mode()
+    if B * Hkv > _MAX_GRID_Z:
+        raise NotImplementedError(f"{fn}: batch * kv_heads = {B * Hkv} exceeds the launch grid limit {_MAX_GRID_Z}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    rows = G * Lq
+    block_m = min(max(16, 1 << (rows - 1).bit_length()), 64)
+    m_tiles = -(-rows // block_m)
+    if config is None:
+        cfg = _default_config(D, block_m, interp)
+    else:
+        if not isinstance(config, dict) or set(config) != _CONFIG_KEYS:
+            raise fail(fn, "config", "must name exactly the launch parameters", sorted(_CONFIG_KEYS), repr(config))
+        bn = config["BLOCK_N"]
+        if isinstance(bn, bool) or not isinstance(bn, int) or bn < 16 or bn & (bn - 1):
+            raise fail(fn, "config", "has a bad BLOCK_N", "a power of two >= 16", repr(bn))
+        cfg = dict(config)
+    if num_splits is None:
+        sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else 132
+        num_splits = decode_num_splits(B * Hkv * m_tiles, n_virtual, sms)
+    out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    if num_splits > 1:
+        o_part = torch.empty((B, H, Lq, num_splits, D), dtype=torch.float32, device=q.device)
+        l_part = torch.empty((B, H, Lq, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        o_part, l_part = out, lse  # unused
+    paged = page_idx is not None
+    pidx = page_idx if paged else lse
+    pnum = page_num if paged else lse
+    meta: dict[str, Any] = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], SPLIT=num_splits > 1,
+                                HAS_SEQLENS=seqlens is not None, PAGED=paged, PAGE=page_size if paged else 1,
+                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if interp and q.dtype == torch.bfloat16:
+        meta["DOT_F32"] = True  # the interpreter's bf16 tl.dot is wrong (see triton_launch)
+    if q.dtype == torch.float32:
+        meta["IEEE"] = True
+    args = (
+        q, k, v, seqlens if seqlens is not None else lse, pidx, pnum, out, lse, o_part, l_part,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        pidx.stride(0) if paged else 0, pidx.stride(1) if paged else 0,
+        pnum.stride(0) if paged else 0,
+        H, G, Lq, N, page_idx.shape[2] if paged else 0, num_splits,
+        float(scale) * _LOG2E,
+    )
+    with _LAUNCH_LOCK:  # Triton's launch path is not thread-safe (see triton_launch)
+        kern._decode_split_kernel[(num_splits, m_tiles, B * Hkv)](*args, **meta)
+        if num_splits > 1:
+            kern._decode_merge_kernel[(B * H * Lq,)](
+                o_part, l_part, out, lse,
+                out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+                H, Lq, num_splits, HEAD_DIM=D, BLOCK_S=max(2, 1 << (num_splits - 1).bit_length()),
+                num_warps=4, num_stages=1)
+    return AttentionState(out, lse)
+
+
+def _check_num_splits(fn: str, num_splits: Any) -> int | None:
+    if num_splits is None:
+        return None
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS:
+        raise fail(fn, "num_splits", "must be None or an int in range", f"None or 1..{MAX_SPLITS}", repr(num_splits))
+    return num_splits
+
+
+def _use_kernel(fn: str, q: torch.Tensor, backend: str) -> bool:
+    if backend == "reference":
+        return False
+    reason = decode_refusal(q)
+    if reason is None and backend == "auto" and not q.is_cuda:
+        return False  # as attention(backend="auto"): CPU tensors take the reference even under the interpreter
+    if reason is not None:
+        if backend == "triton":
+            raise NotImplementedError(f"{fn}: the Triton kernel cannot run these inputs: {reason}")
+        return False
+    return True
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    check_seqlens: bool | None = None,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor | AttentionState:
+    """Attention of ``Lq`` new tokens per sequence over that sequence's KV cache (decode step).
+
+    Row (head ``h``, token ``i``) of sequence ``b`` attends keys ``j < seqlens[b] - Lq + i + 1``
+    (the cache already holds the new tokens' keys at ``seqlens[b] - Lq .. seqlens[b] - 1``; bottom-right
+    causal among them). Query head ``h`` uses KV head ``h // (H // H_kv)`` (GQA, never copied).
+
+    Args:
+        q: ``(B, H, Lq, D)``, ``1 <= Lq <= 64``; float16/bfloat16 (float32 too; float64 reference only).
+        k_cache: ``(B, H_kv, N_max, D)``, same dtype and device as ``q``; only the last dim need be contiguous.
+        v_cache: same shape as ``k_cache``.
+        seqlens: ``(B,)`` int32 valid lengths on q's device (int64 is converted); ``None`` = all ``N_max``.
+            Keys at or beyond ``seqlens[b]`` are never read.
+        scale: softmax scale, default ``D ** -0.5``.
+        num_splits: key splits per sequence (split-KV); ``None`` picks one from the batch, the KV heads
+            and ``N_max`` to fill the GPU (:func:`decode_num_splits`). Any value gives the same result up
+            to rounding.
+        return_lse: also return the natural-log lse.
+        backend: ``"auto"`` (the Triton kernel on CUDA when supported, else the reference),
+            ``"triton"`` (raise ``NotImplementedError`` if it cannot run) or ``"reference"``.
+        check_seqlens: check ``0 <= seqlens <= N_max`` on the host; ``None`` (default) checks only a CPU
+            ``seqlens`` (free). A CUDA ``seqlens`` is not read on the host: out-of-range values are clamped
+            into ``[0, N_max]`` by the kernel.
+        config: fixed kernel config ``{"BLOCK_N", "num_warps", "num_stages"}`` (experiments, benchmarks).
+
+    Returns:
+        ``out`` ``(B, H, Lq, D)`` in q's dtype, or with ``return_lse`` ``AttentionState(out, lse)`` with
+        lse ``(B, H, Lq)`` natural-log float32. Rows that attend no key: out 0, lse ``-inf``.
+
+    Raises:
+        ValueError: malformed inputs (shapes, dtypes, devices, ``Lq > 64``, seqlens out of range when checked).
+        NotImplementedError: ``backend="triton"`` on inputs the kernel does not support (:func:`decode_refusal`).
+    """
+    fn = "decode_attention"
+    dims, scale = _check_decode(fn, q, k_cache, v_cache, scale)
+    B, H, Hkv, Lq, N, D = dims
+    seqlens = _check_seqlens(fn, seqlens, B, N, q.device, check_seqlens)
+    num_splits = _check_num_splits(fn, num_splits)
+    _check_return_lse(fn, return_lse)
+    if _use_kernel(fn, q, _check_backend(fn, backend)):
+        st = _launch(fn, q, k_cache, v_cache, seqlens, None, None, 1, dims, scale, num_splits, config, N)
+    else:
+        st = decode_reference(q, k_cache, v_cache, seqlens=seqlens, scale=scale)
+    return st if return_lse else st.out
+
+
+# ---------------------------------------------------------------------------------------------- sparse decode
+
+
+def _check_page_size(fn: str, page_size: Any) -> int:
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
+        raise fail(fn, "page_size", "must be a positive integer", "an int > 0 (16 or 32 typical)", repr(page_size))
+    return page_size
+
+
+def page_summaries(k_cache: torch.Tensor, page_size: int, *, seqlens: torch.Tensor | None = None) -> PageSummaries:
+    """Per-page, per-KV-head elementwise min and max of the keys (Quest's page metadata).
+
+    Args:
+        k_cache: ``(B, H_kv, N_max, D)``.
+        page_size: keys per page (the last page may be partial).
+        seqlens: ``(B,)`` valid lengths; keys at or beyond them are left out (a page with no valid
+            key holds 0). ``None``: every key counts.
+
+    Returns:
+        :class:`PageSummaries` with ``kmin``/``kmax`` ``(B, H_kv, ceil(N_max / page_size), D)`` in the
+        cache's dtype. Computed in chunks of pages (bounded temporary memory).
+    """
+    fn = "page_summaries"
+    check_tensor(fn, "k_cache", k_cache, ndim=4, shape_desc="(B, H_kv, N_max, D)")
+    _check_page_size(fn, page_size)
+    B, Hkv, N, D = k_cache.shape
+    seqlens = _check_seqlens(fn, seqlens, B, N, k_cache.device, None)
+    P = -(-N // page_size)
+    kmin = torch.empty((B, Hkv, P, D), dtype=k_cache.dtype, device=k_cache.device)
+    kmax = torch.empty_like(kmin)
+    per_chunk = max(1, (1 << 26) // max(1, B * Hkv * page_size * D))  # ~64M elements of temporaries
+    for p0 in range(0, P, per_chunk):
+        p1 = min(P, p0 + per_chunk)
+        pos = torch.arange(p0 * page_size, p1 * page_size, device=k_cache.device)
+        _page_minmax(k_cache, pos.view(1, p1 - p0, page_size).expand(B, -1, -1), seqlens, kmin[:, :, p0:p1],
+                     kmax[:, :, p0:p1])
+    return PageSummaries(kmin, kmax, page_size)
+
+
+def _page_minmax(k: torch.Tensor, pos: torch.Tensor, seqlens: torch.Tensor | None,
+                 out_min: torch.Tensor, out_max: torch.Tensor) -> None:
+    """Min/max over the keys at ``pos`` ``(B, T, page)``, masked to ``< seqlens`` and ``< N_max``, into ``(B, H_kv, T, D)``.
+
+    A page with no valid key gets 0.
+    """
+    B, Hkv, N, D = k.shape
+    valid = pos < N
+    if seqlens is not None:
+        valid = valid & (pos < seqlens.to(torch.int64)[:, None, None])
+    b = torch.arange(B, device=k.device)[:, None, None]
+    g = k[b, :, pos.clamp(max=N - 1)]  # (B, T, page, H_kv, D)
+    g = g.permute(0, 3, 1, 2, 4)  # (B, H_kv, T, page, D)
+    vm = valid[:, None, :, :, None]
+    hi = torch.tensor(math.inf, dtype=k.dtype, device=k.device)
+    mn = torch.where(vm, g, hi).amin(3)
+    mx = torch.where(vm, g, -hi).amax(3)
+    any_valid = valid.any(-1)[:, None, :, None]  # (B, 1, T, 1)
+    zero = torch.zeros((), dtype=k.dtype, device=k.device)
+    out_min.copy_(torch.where(any_valid, mn, zero))
+    out_max.copy_(torch.where(any_valid, mx, zero))
+
+
+def update_page_summaries(summaries: PageSummaries, k_cache: torch.Tensor, old_seqlens: torch.Tensor,
+                          new_seqlens: torch.Tensor, *, max_new: int, check_seqlens: bool | None = None) -> PageSummaries:
+    """Update ``summaries`` in place after keys ``old_seqlens[b] .. new_seqlens[b] - 1`` were appended.
+
+    Recomputes every page those keys touch from the cache (exact; the same values as
+    :func:`page_summaries` with ``seqlens=new_seqlens``). No host sync: the pages are found on the
+    device; ``max_new`` (a host int >= every ``new_seqlens[b] - old_seqlens[b]``, e.g. the tokens of
+    this step) bounds how many pages are touched. ``check_seqlens`` as in :func:`decode_attention`
+    (default: the lengths are checked only when they are CPU tensors).
+
+    Returns:
+        ``summaries`` (the same tensors, updated).
+    """
+    fn = "update_page_summaries"
+    if not isinstance(summaries, PageSummaries):
+        raise fail(fn, "summaries", "must be a PageSummaries", "page_summaries(...)", type(summaries).__name__)
+    check_tensor(fn, "k_cache", k_cache, ndim=4, shape_desc="(B, H_kv, N_max, D)")
+    B, Hkv, N, D = k_cache.shape
+    ps = summaries.page_size
+    P = -(-N // ps)
+    if tuple(summaries.kmin.shape) != (B, Hkv, P, D) or tuple(summaries.kmax.shape) != (B, Hkv, P, D):
+        raise fail(fn, "summaries", "does not match k_cache", f"kmin/kmax shape {(B, Hkv, P, D)}",
+                   f"{tuple(summaries.kmin.shape)}")
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 0:
+        raise fail(fn, "max_new", "must be a non-negative integer", "an int >= 0", repr(max_new))
+    old = _check_seqlens(fn, old_seqlens, B, N, k_cache.device, check_seqlens)
+    new = _check_seqlens(fn, new_seqlens, B, N, k_cache.device, check_seqlens)
+    if max_new == 0:
+        return summaries
+    T = -(-max_new // ps) + 1  # pages a run of max_new keys can touch
+    first = old.to(torch.int64) // ps
+    pid = (first[:, None] + torch.arange(T, device=k_cache.device)[None, :]).clamp(max=P - 1)  # (B, T)
+    pos = pid[:, :, None] * ps + torch.arange(ps, device=k_cache.device)[None, None, :]
+    mn = torch.empty((B, Hkv, T, D), dtype=k_cache.dtype, device=k_cache.device)
+    mx = torch.empty_like(mn)
+    _page_minmax(k_cache, pos, new, mn, mx)
+    b = torch.arange(B, device=k_cache.device)[:, None]
+    # clamped duplicates of page P-1 carry identical values, so the order of the writes does not matter
+    summaries.kmin[b, :, pid] = mn.permute(0, 2, 1, 3)
+    summaries.kmax[b, :, pid] = mx.permute(0, 2, 1, 3)
+    return summaries
+
+
+def _check_summaries(fn: str, summaries: Any, B: int, Hkv: int, N: int, D: int, device: torch.device,
+                     page_size: Any) -> int:
+    if not isinstance(summaries, PageSummaries):
+        raise fail(fn, "summaries", "must be a PageSummaries", "page_summaries(k_cache, page_size)",
+                   type(summaries).__name__)
+    ps = _check_page_size(fn, summaries.page_size)
+    if page_size is not None and _check_page_size(fn, page_size) != ps:
+        raise fail(fn, "page_size", "differs from the summaries' page size", f"page_size={ps}", f"page_size={page_size}")
+    P = -(-N // ps)
+    for name, t in (("summaries.kmin", summaries.kmin), ("summaries.kmax", summaries.kmax)):
+        check_tensor(fn, name, t, ndim=4, shape_desc="(B, H_kv, P, D)")
+        if tuple(t.shape) != (B, Hkv, P, D):
+            raise fail(fn, name, "does not match the cache", f"shape {(B, Hkv, P, D)}", f"shape {tuple(t.shape)}")
+        if t.device != device:
+            raise fail(fn, name, "is on another device than q", str(device), str(t.device))
+    return ps
+
+
+def _resolve_top(fn: str, top_pages: Any, keep_first: Any, keep_last: Any) -> tuple[int | None, float | None]:
+    for name, val in (("keep_first", keep_first), ("keep_last", keep_last)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+            raise fail(fn, name, "must be a non-negative integer", "an int >= 0", repr(val))
+    if isinstance(top_pages, bool) or not isinstance(top_pages, (int, float)):
+        raise fail(fn, "top_pages", "must be a page count or a fraction", "an int >= 1 or a float in (0, 1]",
+                   repr(top_pages))
+    if isinstance(top_pages, int):
+        if top_pages < 1:
+            raise fail(fn, "top_pages", "must be at least 1", "an int >= 1 or a float in (0, 1]", repr(top_pages))
+        return top_pages, None
+    if not 0.0 < top_pages <= 1.0:
+        raise fail(fn, "top_pages", "is out of range", "an int >= 1 or a float in (0, 1]", repr(top_pages))
+    return None, float(top_pages)
+
+
+def select_pages(
+    q: torch.Tensor,
+    summaries: PageSummaries,
+    *,
+    seqlens: torch.Tensor | None = None,
+    top_pages: int | float,
+    keep_first: int = 1,
+    keep_last: int = 1,
+    check_seqlens: bool | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quest page selection per (sequence, KV head), on the device.
+
+    The bound of page ``p`` is ``max_r sum_d max(q[r, d] * kmin[p, d], q[r, d] * kmax[p, d])`` over the
+    group's ``G * Lq`` query rows (an upper bound of every attended score in the page, up to ``scale``).
+    Of a sequence's ``n = ceil(seqlens[b] / page_size)`` valid pages the first ``keep_first`` and the
+    last ``keep_last`` are always kept, then the highest bounds up to ``k`` pages in all:
+    ``k = top_pages`` (int) or ``ceil(top_pages * n)`` (fraction), at least ``keep_first + keep_last``,
+    at most ``n`` (a fraction is applied exactly: ``ceil(n * num / den)`` with ``top_pages`` as the
+    nearest fraction of denominator <= 10**6). A page whose bound is NaN (a NaN key, or NaN in q) ranks
+    above every finite bound.
+
+    ``backend``: ``"auto"``/``"triton"`` compute the bounds, masks and counts in one Triton kernel
+    (:func:`sparseattn.ops.triton.decode._page_score_kernel`, q's dtype, fp32 accumulation) followed by
+    ``torch.topk``, where :func:`decode_refusal` allows (``"auto"``: CUDA only); ``"reference"`` (and
+    ``"auto"`` elsewhere) does the same in PyTorch ops (fp32, fp64 for fp64 inputs).
+
+    Returns:
+        ``(page_indices, page_counts)``: ``(B, H_kv, K)`` int32 page indices whose first
+        ``page_counts[b, h]`` entries are the selection (distinct; forced pages first, then by
+        decreasing bound on the Triton path, ascending on the reference path; the rest is padding), and
+        ``(B, H_kv)`` int32. ``K`` is fixed by the shapes and ``top_pages`` alone (no host sync).
+    """
+    fn = "select_pages"
+    check_tensor(fn, "q", q, ndim=4, shape_desc="(B, H, Lq, D)")
+    B, H, Lq, D = q.shape
+    if not isinstance(summaries, PageSummaries):
+        raise fail(fn, "summaries", "must be a PageSummaries", "page_summaries(k_cache, page_size)",
+                   type(summaries).__name__)
+    check_tensor(fn, "summaries.kmin", summaries.kmin, ndim=4, shape_desc="(B, H_kv, P, D)")
+    Hkv, P = summaries.kmin.shape[1], summaries.kmin.shape[2]
+    ps = _check_page_size(fn, summaries.page_size)
+    N = P * ps
+    if Hkv <= 0 or H % Hkv:
+        raise fail(fn, "summaries", "heads must divide q heads (GQA)", f"H % H_kv == 0 with H={H}", f"H_kv={Hkv}")
+    _check_summaries(fn, summaries, B, Hkv, N, D, q.device, None)
+    k_int, frac = _resolve_top(fn, top_pages, keep_first, keep_last)
+    seqlens = _check_seqlens(fn, seqlens, B, N, q.device, check_seqlens)
+    if _use_kernel(fn, q, _check_backend(fn, backend)):
+        return _select_kernel(q, summaries, seqlens, k_int, frac, keep_first, keep_last)
+    return _select(q, summaries, seqlens, k_int, frac, keep_first, keep_last)
+
+
+def _frac(frac: float) -> tuple[int, int]:
+    f = Fraction(frac).limit_denominator(10 ** 6)
+    return f.numerator, f.denominator
+
+
+def _k_sel(P: int, k_int: int | None, frac: float | None, floor: int) -> int:
+    """The fixed width ``K`` of the selection (host ints only)."""
+    if k_int is not None:
+        return min(P, max(k_int, floor))
+    num, den = _frac(frac)  # type: ignore[arg-type]
+    return min(P, max(-(-P * num // den), floor))
+
+
+def _select_kernel(q: torch.Tensor, summaries: PageSummaries, seqlens: torch.Tensor | None, k_int: int | None,
+                   frac: float | None, keep_first: int, keep_last: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from sparseattn.ops.triton import decode as kern
+    from sparseattn.ops.triton_launch import _LAUNCH_LOCK, interpret_mode
+
+    B, H, Lq, D = q.shape
+    Hkv, P = summaries.kmin.shape[1], summaries.kmin.shape[2]
+    G = H // Hkv
+    ps = summaries.page_size
+    floor = keep_first + keep_last
+    K = _k_sel(P, k_int, frac, floor)
+    num, den = _frac(frac) if frac is not None else (0, 1)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    kmin = summaries.kmin.to(q.dtype).contiguous()  # no-ops for summaries of the same cache
+    kmax = summaries.kmax.to(q.dtype).contiguous()
+    score = torch.empty((B, Hkv, P), dtype=torch.float32, device=q.device)
+    count = torch.empty((B, Hkv), dtype=torch.int32, device=q.device)
+    rows = G * Lq
+    block_r = min(max(16, 1 << (rows - 1).bit_length()), 64)
+    block_p = 32 if interpret_mode() else 64
+    meta: dict[str, Any] = dict(PAGE=ps, HEAD_DIM=D, BLOCK_R=block_r, BLOCK_P=block_p, HAS_SEQLENS=seqlens is not None,
+                                num_warps=4, num_stages=1)
+    if interpret_mode() and q.dtype == torch.bfloat16:
+        meta["DOT_F32"] = True
+    if q.dtype == torch.float32:
+        meta["IEEE"] = True
+    with _LAUNCH_LOCK:
+        kern._page_score_kernel[(-(-P // block_p), B * Hkv)](
+            q, kmin, kmax, seqlens if seqlens is not None else count, score, count,
+            q.stride(0), q.stride(1), q.stride(2), score.stride(0), score.stride(1), score.stride(2), count.stride(0),
+            H, G, Lq, P, P * ps, K, k_int if k_int is not None else 0, num, den, floor, keep_first, keep_last,
+            **meta)
+    _, idx = torch.topk(score, K, dim=-1, sorted=True)  # forced (+inf) first, then by bound; padding last
+    return idx.to(torch.int32), count
+
+
+def _select(q: torch.Tensor, summaries: PageSummaries, seqlens: torch.Tensor | None, k_int: int | None,
+            frac: float | None, keep_first: int, keep_last: int) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, Lq, D = q.shape
+    Hkv, P = summaries.kmin.shape[1], summaries.kmin.shape[2]
+    ps = summaries.page_size
+    G = H // Hkv
+    dev = q.device
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        mm = q.dtype
+    else:
+        mm = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg = q.reshape(B, Hkv, G * Lq, D)
+    qp = qg.clamp(min=0).to(mm)
+    qn = qg.clamp(max=0).to(mm)
+    # max(q*mn, q*mx) = q+ * mx + q- * mn elementwise, so the bound is two matmuls
+    ub = (torch.matmul(qp, summaries.kmax.to(mm).transpose(-1, -2))
+          + torch.matmul(qn, summaries.kmin.to(mm).transpose(-1, -2)))
+    ub = ub.float() if mm != torch.float64 else ub
+    ub = ub.amax(2)  # (B, Hkv, P)
+    big = torch.finfo(ub.dtype).max
+    ids = torch.arange(P, device=dev)
+    if seqlens is None:
+        n_valid = torch.full((B,), P, dtype=torch.int64, device=dev)
+    else:
+        n_valid = (seqlens.to(torch.int64) + ps - 1) // ps
+    nv = n_valid[:, None, None]
+    valid = ids[None, None, :] < nv
+    forced = valid & ((ids[None, None, :] < keep_first) | (ids[None, None, :] >= nv - keep_last))
+    score = torch.nan_to_num(ub, nan=big, posinf=big, neginf=-big)
+    score = torch.where(forced, torch.full_like(score, math.inf), score)
+    score = torch.where(valid, score, torch.full_like(score, -math.inf))
+    floor = keep_first + keep_last
+    K = _k_sel(P, k_int, frac, floor)
+    if k_int is not None:
+        count = torch.clamp(n_valid, max=K)
+    else:
+        num, den = _frac(frac)  # type: ignore[arg-type]
+        want = ((n_valid * num + den - 1) // den).clamp(min=floor)
+        count = torch.minimum(want, n_valid).clamp(max=K)
+    _, idx = torch.topk(score, K, dim=-1, sorted=True)
+    live = torch.arange(K, device=dev)[None, None, :] < count[:, None, None]
+    idx = torch.where(live, idx, torch.full_like(idx, P))
+    idx, _ = torch.sort(idx, dim=-1)
+    counts = count[:, None].expand(B, Hkv).to(torch.int32).contiguous()
+    return idx.clamp(max=P - 1).to(torch.int32).contiguous(), counts
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_indices: torch.Tensor,
+    page_counts: torch.Tensor,
+    *,
+    page_size: int,
+    seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    check_seqlens: bool | None = None,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor | AttentionState:
+    """Decode attention over the listed pages only (per sequence and KV head); other keys are never read.
+
+    Equal to :func:`decode_reference` with ``key_mask=pages_key_mask(page_indices, page_counts, ...)``:
+    the masks of :func:`decode_attention` (seqlens, causal among the ``Lq`` new tokens) still apply
+    inside the pages. Entries must be distinct valid page indices (``0 <= p < ceil(N_max / page_size)``);
+    the order does not matter (ascending reads memory in order).
+
+    Args:
+        page_indices: ``(B, H_kv, K)`` int32 page indices; the first ``page_counts[b, h]`` are used.
+        page_counts: ``(B, H_kv)`` int32, ``0 <= page_counts <= K``.
+        page_size: keys per page.
+        Others: as :func:`decode_attention`.
+
+    Returns:
+        As :func:`decode_attention`.
+    """
+    fn = "paged_decode_attention"
+    dims, scale = _check_decode(fn, q, k_cache, v_cache, scale)
+    B, H, Hkv, Lq, N, D = dims
+    _check_page_size(fn, page_size)
+    check_tensor(fn, "page_indices", page_indices, ndim=3, shape_desc="(B, H_kv, K)")
+    check_tensor(fn, "page_counts", page_counts, ndim=2, shape_desc="(B, H_kv)")
+    for name, t in (("page_indices", page_indices), ("page_counts", page_counts)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise fail(fn, f"{name}.dtype", "is not supported", "int32 (or int64)", str(t.dtype).replace("torch.", ""))
+        if t.device != q.device:
+            raise fail(fn, name, "is on another device than q", str(q.device), str(t.device))
+    if page_indices.shape[:2] != (B, Hkv) or page_indices.shape[2] < 1 or tuple(page_counts.shape) != (B, Hkv):
+        raise fail(fn, "page_indices/page_counts", "have the wrong shape", f"({B}, {Hkv}, K >= 1) and ({B}, {Hkv})",
+                   f"{tuple(page_indices.shape)} and {tuple(page_counts.shape)}")
+    seqlens = _check_seqlens(fn, seqlens, B, N, q.device, check_seqlens)
+    num_splits = _check_num_splits(fn, num_splits)
+    _check_return_lse(fn, return_lse)
+    if _use_kernel(fn, q, _check_backend(fn, backend)):
+        pidx = page_indices if page_indices.dtype == torch.int32 and page_indices.stride(-1) == 1 else \
+            page_indices.to(torch.int32).contiguous()
+        pnum = page_counts if page_counts.dtype == torch.int32 and page_counts.stride(-1) == 1 else \
+            page_counts.to(torch.int32).contiguous()
+        st = _launch(fn, q, k_cache, v_cache, seqlens, pidx, pnum, page_size, dims, scale, num_splits, config,
+                     page_indices.shape[2] * page_size)
+    else:
+        mask = pages_key_mask(page_indices, page_counts, page_size, N)
+        st = decode_reference(q, k_cache, v_cache, seqlens=seqlens, scale=scale, key_mask=mask)
+    return st if return_lse else st.out
+
+
+def sparse_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    summaries: PageSummaries,
+    *,
+    seqlens: torch.Tensor | None = None,
+    page_size: int | None = None,
+    top_pages: int | float,
+    keep_first: int = 1,
+    keep_last: int = 1,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    return_lse: bool = False,
+    return_pages: bool = False,
+    backend: str = "auto",
+    check_seqlens: bool | None = None,
+    config: dict[str, int] | None = None,
+) -> Any:
+    """Quest-style sparse decode: :func:`select_pages`, then attention over the selected pages only.
+
+    Args:
+        summaries: :func:`page_summaries` of ``k_cache`` (kept current with :func:`update_page_summaries`).
+        page_size: optional; must equal ``summaries.page_size``.
+        top_pages: pages kept per (sequence, KV head): an int, or a fraction of the sequence's pages.
+        keep_first / keep_last: sink and local pages always kept.
+        return_pages: also return ``(page_indices, page_counts)``.
+        Others: as :func:`decode_attention`.
+
+    Returns:
+        ``out`` (or ``AttentionState`` with ``return_lse``); with ``return_pages`` a tuple
+        ``(result, (page_indices, page_counts))``. Selecting every page gives dense decode.
+    """
+    fn = "sparse_decode_attention"
+    dims, scale = _check_decode(fn, q, k_cache, v_cache, scale)
+    B, H, Hkv, Lq, N, D = dims
+    ps = _check_summaries(fn, summaries, B, Hkv, N, D, q.device, page_size)
+    k_int, frac = _resolve_top(fn, top_pages, keep_first, keep_last)
+    if not isinstance(return_pages, bool):
+        raise fail(fn, "return_pages", "must be a bool", "True or False", repr(return_pages))
+    seqlens = _check_seqlens(fn, seqlens, B, N, q.device, check_seqlens)
+    if _use_kernel(fn, q, _check_backend(fn, backend)):
+        pidx, pnum = _select_kernel(q, summaries, seqlens, k_int, frac, keep_first, keep_last)
+    else:
+        pidx, pnum = _select(q, summaries, seqlens, k_int, frac, keep_first, keep_last)
+    res = paged_decode_attention(q, k_cache, v_cache, pidx, pnum, page_size=ps, seqlens=seqlens, scale=scale,
+                                 num_splits=num_splits, return_lse=return_lse, backend=backend, check_seqlens=False,
+                                 config=config)
+    return (res, (pidx, pnum)) if return_pages else res

@@ -1,0 +1,512 @@
+"""Quantized block-sparse attention (SageAttention-style INT8 Q·Kᵀ, optional FP8 P·V).
+
+API:
+
+* :func:`quantized_attention` — ``quant="int8"`` (INT8 Q·Kᵀ, P·V in the input dtype) or
+  ``"int8_fp8"`` (INT8 Q·Kᵀ, FP8 e4m3 P·V, sm_89+), any :class:`~sparseattn.layout.BlockLayout` or
+  top-k indices ``[B, H, q_blocks, top_k]``, bottom-right causal, GQA. Quantization runs on the GPU
+  in fused Triton kernels on every call (its time is part of the call).
+* :func:`quantize_qkv` — the quantization alone (returns a :class:`QuantizedQKV`).
+* :func:`quant_refusal` — why the quantized kernel cannot run some inputs (``None`` if it can).
+
+Scale granularities (``quant_granularity``), as SageAttention defines them for the MMA fragment
+layout (``m16n8k32`` INT8 MMA; on Hopper a warp owns 16 rows of a 64-row warpgroup tile):
+
+=============  =====================================================  ==============================================
+granularity    Q: one scale per                                       K: one scale per
+=============  =====================================================  ==============================================
+``per_block``  128 consecutive rows                                   64 consecutive keys
+``per_warp``   16 consecutive rows (one warp's rows)                  64 consecutive keys
+``per_thread`` rows ``r`` of one 16-row slice with equal ``r % 8``    keys ``c`` of one 64-key block with equal
+               (8 groups of 2 rows: what one thread's fragment holds) ``(c % 8) // 2`` (4 groups of 16 keys)
+=============  =====================================================  ==============================================
+
+Groups are counted from row / key 0 of each head and never cross a 64-key layout block. K is
+smoothed first (``smooth_k=True``): the per-channel mean of K over all tokens of each (batch, kv
+head) is subtracted before quantizing. That is exact for the output (a per-row constant
+``q·mean`` shifts every score of a row; softmax is shift-invariant) and the returned lse gets the
+constant back, computed from the unquantized ``q``.
+
+Numerics and non-finite inputs: see :mod:`sparseattn.ops.triton.quantize` and
+:mod:`sparseattn.ops.triton.block_sparse_fwd_quant`; the PyTorch emulation with the same scales and
+rounding is :mod:`sparseattn.ops.quant_reference`. docs/QUANT.md has the accuracy measurements.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sparseattn._validation import check_attention_args, fail
+from sparseattn.layout.block_layout import BlockLayout, cdiv
+from sparseattn.state.types import AttentionState
+
+__all__ = ["quantized_attention", "quantize_qkv", "quant_refusal", "QuantizedQKV", "QUANT_MODES", "GRANULARITIES",
+           "LAST_CONFIG"]
+
+QUANT_MODES = ("int8", "int8_fp8")
+# name -> ((Q rows per slice W, groups per slice T, consecutive rows per group period S), (same for K))
+GRANULARITIES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
+    "per_block": ((128, 1, 1), (64, 1, 1)),
+    "per_warp": ((16, 1, 1), (64, 1, 1)),
+    "per_thread": ((16, 8, 1), (64, 4, 2)),
+}
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_BLOCK_SIZES = (64, 128)
+_LOG2E = 1.4426950408889634
+_R = 128  # rows per quantization program (a multiple of every group span)
+_FP8_MAX = 448.0
+_MAX_GRID_Y = 65535
+# the launch config of the last call (read by tests and benchmarks; replaced in one update)
+LAST_CONFIG: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class QuantizedQKV:
+    """Quantized operands for the quantized attention kernel (all on q's device).
+
+    Shapes:
+        q_int8 ``(B, H, N_q, D)`` int8; q_scale ``(B, H, G_q)`` float32 (``sm_scale * log2(e)``
+        folded in); q_row ``(B, H, N_q)`` float32 (``sm_scale * q·k_mean``, NaN for a non-finite row);
+        k_int8 ``(B, H_kv, N_kv, D)`` int8 of the smoothed K; k_scale ``(B, H_kv, G_k)`` float32 (NaN
+        for a group holding a non-finite entry); k_mean ``(B, H_kv, D)`` float32 (zeros without
+        smoothing); v: the input V (``quant="int8"``) or e4m3 values stored transposed ``(B, H_kv, D,
+        N_pad)`` (float8_e4m3fn; bfloat16 holding e4m3 values when ``fp8_emulated``); v_scale
+        ``(B, H_kv, D)`` float32 per-channel scale (``amax_d / 448``) or ``None``.
+    """
+
+    q_int8: torch.Tensor
+    q_scale: torch.Tensor
+    q_row: torch.Tensor
+    k_int8: torch.Tensor
+    k_scale: torch.Tensor
+    k_mean: torch.Tensor
+    v: torch.Tensor
+    v_scale: torch.Tensor | None
+    quant: str
+    granularity: str
+    sm_scale: float
+    fp8_emulated: bool
+
+
+def _interpret() -> bool:
+    from sparseattn.ops.triton_launch import interpret_mode
+
+    return interpret_mode()
+
+
+@functools.lru_cache(maxsize=64)
+def _capability_of(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def gpu_refusal(capability: tuple[int, int], quant: str, device: str = "cuda") -> str | None:
+    """Why a GPU of this compute capability cannot run ``quant`` (``None`` if it can)."""
+    major, minor = capability
+    if (major, minor) < (8, 0):
+        return f"INT8 tensor-core attention needs compute capability >= 8.0; {device} has {major}.{minor}"
+    if quant == "int8_fp8" and (major, minor) < (8, 9):
+        return (f"quant='int8_fp8' needs FP8 (e4m3) tensor cores, compute capability >= 8.9 (Ada/Hopper); "
+                f"{device} has {major}.{minor}: use quant='int8'")
+    return None
+
+
+def quant_refusal(q: Any, *, quant: str = "int8", layout: BlockLayout | None = None, **_: Any) -> str | None:
+    """``None`` if the quantized kernel supports these inputs, else the reason (device, dtype, head_dim, GPU)."""
+    if not isinstance(q, torch.Tensor):
+        return f"q is a {type(q).__name__}, not a torch.Tensor"
+    if q.device.type == "cuda":
+        idx = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        reason = gpu_refusal(_capability_of(idx), quant, str(q.device))
+        if reason is not None:
+            return reason
+    elif q.device.type == "cpu":
+        if not _interpret():
+            return "q is on the CPU; the quantized kernel needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+    else:
+        return f"q is on {q.device}; the quantized kernel needs CUDA tensors"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {str(q.dtype).replace('torch.', '')} is not supported by the quantized kernel (float16 or bfloat16 only)"
+    if q.dim() == 4 and q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} is not supported by the quantized kernel (one of {SUPPORTED_HEAD_DIMS})"
+    if layout is not None and isinstance(layout, BlockLayout):
+        for name, val in (("block_m", layout.block_m), ("block_n", layout.block_n)):
+            if val not in SUPPORTED_BLOCK_SIZES:
+                return f"layout {name}={val} is not supported by the quantized kernel (one of {SUPPORTED_BLOCK_SIZES})"
+    if q.dim() == 4 and q.shape[0] * q.shape[1] > _MAX_GRID_Y:
+        return f"batch * heads = {q.shape[0] * q.shape[1]} exceeds the launch grid limit {_MAX_GRID_Y}"
+    from sparseattn.ops.triton_launch import _triton_import_error
+
+    return _triton_import_error()
+
+
+def _check_modes(fn: str, quant: Any, granularity: Any) -> None:
+    if quant not in QUANT_MODES:
+        raise fail(fn, "quant", "is unknown", f"one of {list(QUANT_MODES)}", repr(quant))
+    if granularity not in GRANULARITIES:
+        raise fail(fn, "quant_granularity", "is unknown", f"one of {list(GRANULARITIES)}", repr(granularity))
+
+
+def _fp8_storage(device: torch.device) -> tuple[torch.dtype, bool]:
+    """(dtype of the stored e4m3 values, emulated?): bf16 under the interpreter (numpy has no fp8)."""
+    if device.type == "cpu":
+        return torch.bfloat16, True
+    return torch.float8_e4m3fn, False
+
+
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, quant: str = "int8",
+                 quant_granularity: str = "per_warp", scale: float | None = None, smooth_k: bool = True) -> QuantizedQKV:
+    """Quantize ``q``, ``k`` (smoothed) and, for ``"int8_fp8"``, ``v`` with the fused Triton kernels.
+
+    Args:
+        q: ``(B, H, N_q, D)`` bf16/fp16; k, v: ``(B, H_kv, N_kv, D)``.
+        quant: ``"int8"`` or ``"int8_fp8"``.
+        quant_granularity: ``"per_block"``, ``"per_warp"`` or ``"per_thread"`` (module docstring).
+        scale: softmax scale (default ``D ** -0.5``), folded into the Q scales.
+        smooth_k: subtract the per-channel token mean of K before quantizing.
+
+    Returns:
+        :class:`QuantizedQKV`.
+    """
+    fn = "quantize_qkv"
+    _check_modes(fn, quant, quant_granularity)
+    (B, H, Hkv, Nq, Nkv, D), sm_scale = check_attention_args(fn, q, k, v, causal=False, layout=None, scale=scale,
+                                                              pv_threshold=None)
+    reason = quant_refusal(q, quant=quant)
+    if reason is not None:
+        raise NotImplementedError(f"{fn}: the quantized kernel cannot run these inputs: {reason}")
+    return _quantize(q, k, v, quant, quant_granularity, sm_scale, smooth_k)
+
+
+def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gran: str, sm_scale: float,
+              smooth_k: bool) -> QuantizedQKV:
+    from sparseattn.ops.triton import quantize as kq
+
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    B, H, Nq, D = q.shape
+    Hkv, Nkv = k.shape[1], k.shape[2]
+    dev = q.device
+    fp8 = quant == "int8_fp8"
+    (qw, qt, qs_), (kw, kt, ks_) = GRANULARITIES[gran]
+    n_chunks = cdiv(Nkv, _R)
+
+    ksum = vmax = None
+    if smooth_k or fp8:
+        ksum = torch.empty((B * Hkv, n_chunks, D), dtype=torch.float32, device=dev) if smooth_k else None
+        vmax = torch.empty((B * Hkv, n_chunks, D), dtype=torch.float32, device=dev) if fp8 else None
+        dummy = ksum if ksum is not None else vmax
+        kq._kv_stats_kernel[(n_chunks, B * Hkv)](
+            k, v, ksum if ksum is not None else dummy, vmax if vmax is not None else dummy,
+            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            Hkv, Nkv, n_chunks, HEAD_DIM=D, R=_R, NEED_K=smooth_k, NEED_V=fp8)
+    if smooth_k:
+        k_mean = (ksum.sum(1) / Nkv).view(B, Hkv, D)
+    else:
+        k_mean = torch.zeros((B, Hkv, D), dtype=torch.float32, device=dev)
+
+    # K
+    nkg = cdiv(Nkv, kw) * kt
+    k_int8 = torch.empty((B, Hkv, Nkv, D), dtype=torch.int8, device=dev)
+    k_scale = torch.empty((B, Hkv, nkg), dtype=torch.float32, device=dev)
+    kq._quant_rows_kernel[(n_chunks, B * Hkv)](
+        k, k_int8, k_scale, k_mean, k_scale,
+        k.stride(0), k.stride(1), k.stride(2), k_int8.stride(0), k_int8.stride(1), k_int8.stride(2),
+        k_scale.stride(0), k_scale.stride(1), k_mean.stride(0), k_mean.stride(1), k_scale.stride(0), k_scale.stride(1),
+        Hkv, 1, Nkv, nkg, 1.0,
+        HEAD_DIM=D, R=_R, W=kw, T=kt, S=ks_, IS_Q=False, HAS_MEAN=smooth_k)
+    # Q
+    nqg = cdiv(Nq, qw) * qt
+    q_int8 = torch.empty((B, H, Nq, D), dtype=torch.int8, device=dev)
+    q_scale = torch.empty((B, H, nqg), dtype=torch.float32, device=dev)
+    q_row = torch.empty((B, H, Nq), dtype=torch.float32, device=dev)
+    kq._quant_rows_kernel[(cdiv(Nq, _R), B * H)](
+        q, q_int8, q_scale, k_mean, q_row,
+        q.stride(0), q.stride(1), q.stride(2), q_int8.stride(0), q_int8.stride(1), q_int8.stride(2),
+        q_scale.stride(0), q_scale.stride(1), k_mean.stride(0), k_mean.stride(1), q_row.stride(0), q_row.stride(1),
+        H, H // Hkv, Nq, nqg, float(sm_scale) * _LOG2E,
+        HEAD_DIM=D, R=_R, W=qw, T=qt, S=qs_, IS_Q=True, HAS_MEAN=smooth_k)
+    # V
+    v_scale = None
+    emulated = False
+    vq = v
+    if fp8:
+        amax = vmax.amax(1)  # (B*Hkv, D), finite entries only
+        amax = torch.where(amax > 0, amax, torch.ones_like(amax))
+        v_scale = (amax / _FP8_MAX).view(B, Hkv, D)
+        inv = (torch.full_like(amax, _FP8_MAX) / amax).contiguous()  # not 448 / amax: that is reciprocal * 448
+        store, emulated = _fp8_storage(dev)
+        n_pad = cdiv(Nkv, 64) * 64
+        vq = torch.empty((B, Hkv, D, n_pad), dtype=store, device=dev)
+        kq._quant_v_fp8_kernel[(n_chunks, B * Hkv)](
+            v, vq, inv, v.stride(0), v.stride(1), v.stride(2), vq.stride(0), vq.stride(1), vq.stride(2),
+            Hkv, Nkv, HEAD_DIM=D, R=_R, FP8_EMU=emulated)
+    return QuantizedQKV(q_int8, q_scale, q_row, k_int8, k_scale, k_mean, vq, v_scale, quant, gran, float(sm_scale), emulated)
+
+
+def default_quant_config(head_dim: int, layout_bm: int, layout_bn: int, *, interpret: bool) -> dict[str, int]:
+    """The fixed launch config of the quantized kernel (tiles nest in the layout blocks)."""
+    if interpret:
+        return {"BLOCK_M": layout_bm, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+    if head_dim == 256:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    bm = 128 if layout_bm % 128 == 0 else 64
+    return {"BLOCK_M": bm, "BLOCK_N": 64, "num_warps": 8 if bm == 128 else 4, "num_stages": 2}
+
+
+# Autotune candidates per head_dim (CUDA only): (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg or None).
+# The first call of a key (head_dim, layout blocks, causal, quant, granularity, length bucket, dtype,
+# device) times each candidate that nests in the layout blocks (do_bench) and keeps the fastest;
+# SPARSEATTN_QUANT_AUTOTUNE=0 uses default_quant_config instead.
+_TUNE_CANDIDATES: dict[int, list[tuple[int, int, int, int, int | None]]] = {
+    64: [(128, 64, 8, 2, None), (128, 64, 8, 2, 128), (128, 128, 8, 2, None), (64, 64, 4, 3, None)],
+    128: [(128, 64, 8, 2, None), (128, 64, 8, 2, 128), (128, 128, 8, 2, None), (64, 64, 4, 3, None)],
+    256: [(64, 64, 4, 2, None), (128, 64, 8, 2, None), (64, 32, 4, 2, None)],
+}
+_TUNED_MAX = 128
+_TUNED: Any = None  # BoundedCache, built on first use
+TUNE_LOG: list[dict[str, Any]] = []  # per tuned key: every candidate's time (bounded like _TUNED)
+
+
+def _tuned_cache() -> Any:
+    global _TUNED
+    if _TUNED is None:
+        from sparseattn._cache import BoundedCache
+
+        _TUNED = BoundedCache(_TUNED_MAX, name="quant._TUNED")
+    return _TUNED
+
+
+def _autotune(key: tuple[Any, ...], D: int, layout: BlockLayout, launch: Any) -> dict[str, int]:
+    cache = _tuned_cache()
+    cfg = cache.get(key)
+    if cfg is not None:
+        return cfg
+    from triton.testing import do_bench
+
+    best: tuple[float, dict[str, int]] | None = None
+    times: dict[str, float] = {}
+    for bm, bn, w, st, nreg in _TUNE_CANDIDATES.get(D, _TUNE_CANDIDATES[128]):
+        if layout.block_m % bm or layout.block_n % bn:
+            continue
+        cand: dict[str, int] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+        if nreg is not None:
+            cand["maxnreg"] = nreg
+        try:
+            ms = float(do_bench(lambda cand=cand: launch(cand), warmup=5, rep=25, return_mode="median"))
+        except Exception as exc:  # a config that does not compile or launch here
+            ms = float("inf")
+            TUNE_LOG.append({"key": repr(key), "config": cand, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        times[repr(cand)] = ms
+        if best is None or ms < best[0]:
+            best = (ms, cand)
+    if best is None or best[0] == float("inf"):
+        best = (float("nan"), default_quant_config(D, layout.block_m, layout.block_n, interpret=False))
+    del TUNE_LOG[: max(0, len(TUNE_LOG) - _TUNED_MAX)]
+    TUNE_LOG.append({"key": repr(key), "times_ms": times, "chosen": best[1]})
+    cache.put(key, best[1])
+    return best[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel() -> Any:
+    from sparseattn.ops.triton import block_sparse_fwd_quant as mod
+
+    return mod._block_sparse_fwd_quant_kernel
+
+
+def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: torch.dtype,
+                config: dict[str, int] | None) -> AttentionState:
+    from sparseattn.ops.triton_launch import _LAUNCH_LOCK
+
+    B, H, Nq, D = qq.q_int8.shape
+    Hkv, Nkv = qq.k_int8.shape[1], qq.k_int8.shape[2]
+    dev = qq.q_int8.device
+    interp = _interpret()
+    if config is not None:
+        need = {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
+        if not isinstance(config, dict) or not need <= set(config) <= need | {"maxnreg"}:
+            raise fail("quantized_attention", "config", "must name exactly the launch parameters",
+                       sorted(need) + ["(maxnreg)"], repr(config))
+        if layout.block_m % config["BLOCK_M"] or layout.block_n % config["BLOCK_N"]:
+            raise fail("quantized_attention", "config", "tiles must divide the layout blocks",
+                       f"divisors of ({layout.block_m}, {layout.block_n})", f"({config['BLOCK_M']}, {config['BLOCK_N']})")
+    (qw, qt, qs_), (kw, kt, ks_) = GRANULARITIES[qq.granularity]
+    fp8 = qq.quant == "int8_fp8"
+    out = torch.empty((B, H, Nq, D), dtype=out_dtype, device=dev)
+    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=dev)
+    v = qq.v
+    if fp8:
+        sv = (v.stride(0), v.stride(1), v.stride(2))  # [B, Hkv, D, N_pad]: the D stride
+        vsc = (qq.v_scale / _FP8_MAX).reshape(B * Hkv, D).contiguous()
+    else:
+        sv = (v.stride(0), v.stride(1), v.stride(2))  # [B, Hkv, N, D]: the token stride
+        vsc = lse  # unused
+    num_t, idx_t = layout.kv_num_blocks, layout.kv_indices
+    list_chunk = min(max(16, 1 << (layout.num_kv_blocks - 1).bit_length()), 1024)
+    meta = dict(HEAD_DIM=D, LAYOUT_BM=layout.block_m, LAYOUT_BN=layout.block_n, CAUSAL=causal, QW=qw, QT=qt, QS=qs_,
+                KW=kw, KT=kt, KS=ks_, PV_FP8=fp8, FP8_EMU=qq.fp8_emulated,
+                DOT_F32=bool(interp and v.dtype == torch.bfloat16 and not fp8), LIST_CHUNK=list_chunk)
+    args = (
+        qq.q_int8, qq.k_int8, v, out, lse, qq.q_scale, qq.k_scale, qq.q_row, vsc, num_t, idx_t,
+        qq.q_int8.stride(0), qq.q_int8.stride(1), qq.q_int8.stride(2),
+        qq.k_int8.stride(0), qq.k_int8.stride(1), qq.k_int8.stride(2),
+        *sv,
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        qq.q_scale.stride(0), qq.q_scale.stride(1),
+        qq.k_scale.stride(0), qq.k_scale.stride(1),
+        qq.q_row.stride(0), qq.q_row.stride(1),
+        num_t.stride(0), num_t.stride(1), num_t.stride(2),
+        idx_t.stride(0), idx_t.stride(1), idx_t.stride(2), idx_t.stride(3),
+        H, H // Hkv, Nq, Nkv, layout.num_kv_blocks,
+    )
+
+    def launch(c: dict[str, int]) -> None:
+        opts = {"maxnreg": int(c["maxnreg"])} if c.get("maxnreg") is not None else {}
+        _kernel()[(cdiv(Nq, c["BLOCK_M"]), B * H)](
+            *args, **meta, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], K_SCALAR=(kt == 1 and kw % c["BLOCK_N"] == 0),
+            num_warps=c["num_warps"], num_stages=c["num_stages"], **opts)
+
+    with _LAUNCH_LOCK:
+        if config is not None:
+            cfg = dict(config)
+        elif interp or os.environ.get("SPARSEATTN_QUANT_AUTOTUNE", "1") == "0":
+            cfg = default_quant_config(D, layout.block_m, layout.block_n, interpret=interp)
+        else:
+            n_key = int(math.ceil(math.log2(max(Nq, Nkv, 2))))
+            key = (D, layout.block_m, layout.block_n, causal, qq.quant, qq.granularity, n_key, out_dtype, str(dev))
+            cfg = _autotune(key, D, layout, launch)
+        launch(cfg)
+        LAST_CONFIG.clear()
+        LAST_CONFIG.update(cfg)
+    return AttentionState(out, lse)
+
+
+def _dense(B: int, H: int, Nq: int, Nkv: int, causal: bool, device: torch.device) -> BlockLayout:
+    from sparseattn.ops.triton_launch import _dense_layout
+
+    return _dense_layout(B, H, Nq, Nkv, causal, device)
+
+
+def resolve_layout(fn: str, q: torch.Tensor, k: torch.Tensor, layout: BlockLayout | None, topk_indices: Any,
+                   block_size: int, causal: bool) -> BlockLayout:
+    """The layout to run: ``layout``, or built from ``topk_indices`` (``[B, H, q_blocks, top_k]``), or dense."""
+    B, H, Nq, _ = q.shape
+    Nkv = k.shape[2]
+    if topk_indices is not None:
+        if layout is not None:
+            raise fail(fn, "topk_indices", "cannot be given together with layout", "one of layout / topk_indices",
+                       "both")
+        if block_size not in SUPPORTED_BLOCK_SIZES:
+            raise fail(fn, "block_size", "is not supported", f"one of {SUPPORTED_BLOCK_SIZES}", repr(block_size))
+        from sparseattn.layout.convert import layout_from_topk
+
+        if isinstance(topk_indices, torch.Tensor) and topk_indices.device != q.device:
+            raise fail(fn, "topk_indices", "is on another device than q", str(q.device), str(topk_indices.device))
+        try:
+            lay = layout_from_topk(topk_indices, block_m=block_size, block_n=block_size, seqlen_q=Nq, seqlen_kv=Nkv)
+        except ValueError as exc:  # re-raise under this function's name (same format)
+            rest = str(exc).split(": ", 1)[-1]
+            rest = rest[len("indices "):] if rest.startswith("indices ") else rest
+            raise ValueError(f"{fn}: topk_indices {rest}") from None
+        if (lay.batch, lay.heads) != (B, H):
+            raise fail(fn, "topk_indices", "was built for another batch/head count", f"(B, H)=({B}, {H})",
+                       f"({lay.batch}, {lay.heads})")
+        return lay
+    if layout is None:
+        return _dense(B, H, Nq, Nkv, causal, q.device)
+    return layout
+
+
+def quantized_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    layout: BlockLayout | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    quant: str = "int8",
+    quant_granularity: str = "per_warp",
+    topk_indices: torch.Tensor | None = None,
+    block_size: int = 128,
+    smooth_k: bool = True,
+    return_lse: bool = False,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor | AttentionState:
+    """Block-sparse attention with INT8 Q·Kᵀ (and FP8 P·V with ``quant="int8_fp8"``); see the module docstring.
+
+    Args:
+        q: ``(B, H, N_q, D)`` bfloat16/float16 on a CUDA GPU (sm_80+; sm_89+ for ``"int8_fp8"``),
+            or on the CPU under ``TRITON_INTERPRET=1``. ``D`` in 64, 128, 256.
+        k, v: ``(B, H_kv, N_kv, D)``, ``H % H_kv == 0`` (GQA).
+        layout: key blocks per query block (block sizes 64 or 128); ``None`` (and no
+            ``topk_indices``) = dense.
+        causal: bottom-right aligned causal mask (query ``i`` sees keys ``<= i + N_kv - N_q``).
+        scale: softmax scale, default ``D ** -0.5``.
+        quant: ``"int8"`` or ``"int8_fp8"``.
+        quant_granularity: ``"per_block"``, ``"per_warp"`` (default) or ``"per_thread"``.
+        topk_indices: instead of ``layout``: integer ``[B, H, ceil(N_q / block_size), top_k]`` key-block
+            indices (any order, ``-1`` = none), converted by
+            :func:`~sparseattn.layout.convert.layout_from_topk`; out-of-range entries are an error.
+        block_size: the block size of ``topk_indices`` (64 or 128).
+        smooth_k: subtract K's per-channel token mean before quantizing (exact; recommended).
+        return_lse: also return the natural-log lse.
+        config: fixed launch config ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}`` (tests).
+
+    Returns:
+        out ``(B, H, N_q, D)`` in q's dtype, or ``AttentionState(out, lse)`` with ``return_lse``
+        (lse natural-log float32 ``(B, H, N_q)``; rows attending nothing: out 0, lse ``-inf``).
+
+    Shapes:
+        q ``(B, H, N_q, D)``, k/v ``(B, H_kv, N_kv, D)``, topk_indices ``[B, H, q_blocks, top_k]``.
+
+    Raises:
+        ValueError: malformed inputs (shapes, dtypes, unknown ``quant`` / ``quant_granularity``,
+            out-of-range or duplicate top-k indices, a layout for other shapes).
+        NotImplementedError: valid inputs the quantized kernel does not support, with the reason
+            (e.g. ``"int8_fp8"`` on a GPU below sm_89, float32 inputs, head_dim 96).
+    """
+    fn = "quantized_attention"
+    _check_modes(fn, quant, quant_granularity)
+    (B, H, Hkv, Nq, Nkv, D), sm_scale = check_attention_args(fn, q, k, v, causal=causal, layout=layout, scale=scale,
+                                                              pv_threshold=None)
+    if not isinstance(smooth_k, bool):
+        raise fail(fn, "smooth_k", "must be a bool", "True or False", repr(smooth_k))
+    reason = quant_refusal(q, quant=quant, layout=layout)
+    if reason is not None:
+        raise NotImplementedError(f"{fn}: the quantized kernel cannot run these inputs: {reason}")
+    lay = resolve_layout(fn, q, k, layout, topk_indices, block_size, causal)
+    qq = _quantize(q, k, v, quant, quant_granularity, sm_scale, smooth_k)
+    st = _run_kernel(qq, lay, causal, q.dtype, config)
+    return st if return_lse else st.out
+
+
+def quantized_attention_from(qq: QuantizedQKV, layout: BlockLayout, *, causal: bool = False,
+                             out_dtype: torch.dtype = torch.bfloat16, config: dict[str, int] | None = None) -> AttentionState:
+    """Run the quantized kernel on already quantized operands (tests, benchmarks of the kernel alone)."""
+    return _run_kernel(qq, layout, causal, out_dtype, config)
+
+
+def attention_delegate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, layout: BlockLayout | None,
+                       scale: float | None, backend: str, quant: str, quant_granularity: str, pv_threshold: Any,
+                       stats: Any, sliding_window: Any, attn_mask: Any) -> AttentionState:
+    """``attention(..., quant=...)``: refuse what the quantized kernel does not do, else run it (returns out and lse)."""
+    fn = "attention"
+    unsupported = [name for name, val in (("pv_threshold", pv_threshold), ("sliding_window", sliding_window),
+                                          ("attn_mask", attn_mask), ("stats", stats)) if val is not None]
+    if backend not in ("auto", "triton"):
+        unsupported.append(f"backend={backend!r}")
+    if unsupported:
+        raise NotImplementedError(f"{fn}: quant={quant!r} cannot be combined with {', '.join(unsupported)} "
+                                  "(the quantized kernel supports layout, causal, scale and GQA only)")
+    if quant not in QUANT_MODES:
+        raise fail(fn, "quant", "is unknown", f"None or one of {list(QUANT_MODES)}", repr(quant))
+    st = quantized_attention(q, k, v, layout=layout, causal=causal, scale=scale, quant=quant,
+                             quant_granularity=quant_granularity, return_lse=True)
+    return st  # type: ignore[return-value]

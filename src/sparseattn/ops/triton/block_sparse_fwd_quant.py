@@ -1,0 +1,226 @@
+"""Quantized Triton block-sparse attention forward (``@triton.jit`` code only).
+
+Same structure, index format and semantics as :mod:`sparseattn.ops.triton.block_sparse_fwd` (one
+program = ``BLOCK_M`` query rows of one (batch, head) inside one layout query block; its ascending
+key-block list split into full blocks (no element mask), masked blocks (diagonal / end of keys) and
+invisible blocks (never loaded); bottom-right causal; GQA by index; natural-log lse; rows that
+attend nothing get out 0 / lse ``-inf``), with quantized operands:
+
+* S = Q·Kᵀ in INT8 with int32 accumulation (``tl.dot`` on int8), dequantized by ``q_scale[row] *
+  k_scale[col]``. The Q scale (``sm_scale * log2(e)`` folded in) is gathered per row once per
+  program from its group (``(row // QW) * QT + (row % (QT * QS)) // QS``), so every Q granularity
+  is the same code; the K scale is one scalar per kernel tile when a K group holds whole tiles
+  (per-block / per-warp), else a per-column gather (per-thread).
+* P·V either in the input dtype (``PV_FP8=False``: P rounded to bf16/fp16, fp32 accumulation, as the
+  bf16 kernel) or in FP8 e4m3 (``PV_FP8=True``): ``P * 448`` rounded to e4m3, V pre-scaled per
+  channel into e4m3 and stored transposed (``[D, N]``: K-major for the MMA); each tile's product is
+  accumulated from zero and added to the fp32 accumulator (two-level accumulation: Hopper's FP8 MMA
+  accumulates in reduced precision), and the output is multiplied by ``v_scale[d] / 448`` at the end.
+  ``FP8_EMU`` (interpreter only) rounds to e4m3 in fp32 arithmetic and multiplies in fp32.
+* The K smoothing (``K - mean_tokens(K)``) is exact for the output; the lse gets ``QRow[row] =
+  sm_scale * q_row · mean`` added back. ``QRow`` is NaN for a row of ``q`` with a non-finite entry:
+  such a row's out and lse become NaN (when it attends any key).
+
+Non-finite ``k``: the K group's scale is NaN (set by the quantizer), so every row attending *any* key
+of that group (<= 64 keys inside one layout block) is NaN — the rows attending the key itself plus, on
+the causal diagonal, rows of the group that precede it (the same shape as the bf16 kernel's ``v``
+exception). Non-finite ``v``: as the bf16 kernel (channel ``d`` of every row of a tile that loads it).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from sparseattn.ops.triton.quantize import e4m3_round
+
+
+@triton.jit
+def _bf16_rne(x):
+    """fp32 ``x`` (finite, >= 0 here: P) rounded to the nearest bf16 value, ties to even, kept in fp32."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _q_tile(
+    q, qs, acc, m_i, l_i, kb, t_sub,
+    k_base, v_base, ks_base, stride_kn, stride_v2,
+    offs_m, offs_n, offs_d, N_KV, OFF,
+    BLOCK_N: tl.constexpr, LAYOUT_BN: tl.constexpr, KW: tl.constexpr, KT: tl.constexpr, KS: tl.constexpr,
+    K_SCALAR: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, FP8_EMU: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """One kernel tile of keys: online-softmax update of ``(acc, m_i, l_i)``."""
+    start_n = kb * LAYOUT_BN + t_sub * BLOCK_N
+    cols = start_n + offs_n
+    col_ok = cols < N_KV
+    k_ptr = k_base + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
+    if MASK:
+        k = tl.load(k_ptr, mask=col_ok[None, :], other=0)
+    else:
+        k = tl.load(k_ptr)
+    qk = tl.dot(q, k).to(tl.float32)  # int8 x int8 -> int32: exact
+    if K_SCALAR:
+        ks = tl.load(ks_base + start_n // KW)
+        s = qk * (qs * ks)[:, None]
+    else:
+        kg = (cols // KW) * KT + (cols % (KT * KS)) // KS
+        ks = tl.load(ks_base + kg, mask=col_ok, other=0.0)
+        s = qk * qs[:, None] * ks[None, :]
+    if MASK:
+        keep = col_ok[None, :]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None] + OFF)
+        s = tl.where(keep, s, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if PV_FP8:
+        # V stored transposed [D, N]: load a [D, BLOCK_N] tile (tokens contiguous), use its transpose
+        v_ptr = v_base + offs_d[:, None].to(tl.int64) * stride_v2 + cols[None, :]
+        if MASK:
+            vt = tl.load(v_ptr, mask=col_ok[None, :], other=0.0)
+        else:
+            vt = tl.load(v_ptr)
+        if FP8_EMU:
+            p8 = e4m3_round(p * 448.0)
+            acc += tl.dot(p8, tl.trans(vt.to(tl.float32)))
+        else:
+            p8 = (p * 448.0).to(tl.float8e4nv)
+            acc += tl.dot(p8, tl.trans(vt))
+    else:
+        v_ptr = v_base + start_n.to(tl.int64) * stride_v2 + offs_n[:, None] * stride_v2 + offs_d[None, :]
+        if MASK:
+            v = tl.load(v_ptr, mask=col_ok[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptr)
+        if DOT_F32:
+            # interpreter (bf16 only): its fp32 -> bf16 cast truncates; round to nearest even as GPUs do
+            acc = tl.dot(_bf16_rne(p), v.to(tl.float32), acc)
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, m_ij, l_i
+
+
+@triton.jit(do_not_specialize=["H", "GROUP", "N_Q", "N_KV", "NUM_KV_BLOCKS"])
+def _block_sparse_fwd_quant_kernel(
+    Q, K, V, Out, Lse, QScale, KScale, QRow, VScale, KvNum, KvIdx,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_v2,
+    stride_ob, stride_oh, stride_om,
+    stride_lb, stride_lh,
+    stride_qsb, stride_qsh,
+    stride_ksb, stride_ksh,
+    stride_rb, stride_rh,
+    stride_nb, stride_nh, stride_nm,
+    stride_ib, stride_ih, stride_im, stride_in,
+    H, GROUP, N_Q, N_KV, NUM_KV_BLOCKS,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    LAYOUT_BM: tl.constexpr,
+    LAYOUT_BN: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    QW: tl.constexpr, QT: tl.constexpr, QS: tl.constexpr,  # Q scale groups (see module docstring)
+    KW: tl.constexpr, KT: tl.constexpr, KS: tl.constexpr,  # K scale groups
+    K_SCALAR: tl.constexpr,  # one K group holds whole kernel tiles (KT == 1 and KW % BLOCK_N == 0)
+    PV_FP8: tl.constexpr,
+    FP8_EMU: tl.constexpr = False,  # interpreter: e4m3 rounding in fp32 arithmetic
+    DOT_F32: tl.constexpr = False,  # interpreter: widen bf16 P·V operands (its bf16 dot is wrong)
+    LIST_CHUNK: tl.constexpr = 64,
+):
+    SUB: tl.constexpr = LAYOUT_BN // BLOCK_N
+    num_m = tl.num_programs(0)
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = num_m - 1 - pid_m  # longest rows first
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+    off_hk = off_h // GROUP
+    OFF = N_KV - N_Q
+
+    m0 = pid_m * BLOCK_M
+    qb = m0 // LAYOUT_BM
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = m0 + offs_r
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N_Q
+
+    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+    v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+    ks_base = KScale + off_b.to(tl.int64) * stride_ksb + off_hk.to(tl.int64) * stride_ksh
+    idx_row = KvIdx + off_b.to(tl.int64) * stride_ib + off_h.to(tl.int64) * stride_ih + qb.to(tl.int64) * stride_im
+    num = tl.load(KvNum + off_b.to(tl.int64) * stride_nb + off_h.to(tl.int64) * stride_nh + qb * stride_nm)
+    num = tl.minimum(tl.maximum(num, 0), NUM_KV_BLOCKS)
+
+    row_last = tl.minimum(m0 + BLOCK_M, N_Q) - 1
+    if CAUSAL:
+        full_lim = tl.minimum(tl.maximum(m0 + OFF + 1, 0) // LAYOUT_BN, N_KV // LAYOUT_BN)
+        last_key = row_last + OFF
+        vis_lim = tl.where(last_key >= 0, last_key // LAYOUT_BN + 1, 0)
+        vis_lim = tl.minimum(vis_lim, NUM_KV_BLOCKS)
+    else:
+        full_lim = N_KV // LAYOUT_BN
+        vis_lim = NUM_KV_BLOCKS
+    # ascending list: "entries < limit" is a count
+    offs_c = tl.arange(0, LIST_CHUNK)
+    n_full = num * 0
+    n_vis = num * 0
+    for c0 in range(0, num, LIST_CHUNK):
+        cc = c0 + offs_c
+        live = cc < num
+        ent = tl.load(idx_row + cc * stride_in, mask=live, other=0)
+        n_full += tl.sum((live & (ent < full_lim)).to(tl.int32), 0)
+        n_vis += tl.sum((live & (ent < vis_lim)).to(tl.int32), 0)
+
+    q = tl.load(q_base + m0.to(tl.int64) * stride_qm + offs_r[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None],
+                other=0)
+    qg = (offs_m // QW) * QT + (offs_m % (QT * QS)) // QS
+    qs = tl.load(QScale + off_b.to(tl.int64) * stride_qsb + off_h.to(tl.int64) * stride_qsh + qg, mask=row_ok, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # full blocks: no element mask
+    for t in range(0, n_full * SUB):
+        kb = tl.load(idx_row + (t // SUB) * stride_in)
+        kb = tl.minimum(tl.maximum(kb, 0), NUM_KV_BLOCKS - 1)
+        acc, m_i, l_i = _q_tile(q, qs, acc, m_i, l_i, kb, t % SUB, k_base, v_base, ks_base, stride_kn, stride_v2,
+                                offs_m, offs_n, offs_d, N_KV, OFF, BLOCK_N, LAYOUT_BN, KW, KT, KS, K_SCALAR,
+                                False, CAUSAL, PV_FP8, FP8_EMU, DOT_F32)
+    # blocks crossing the diagonal / the end of the keys
+    for t in range(n_full * SUB, n_vis * SUB):
+        kb = tl.load(idx_row + (t // SUB) * stride_in)
+        kb = tl.minimum(tl.maximum(kb, 0), NUM_KV_BLOCKS - 1)
+        acc, m_i, l_i = _q_tile(q, qs, acc, m_i, l_i, kb, t % SUB, k_base, v_base, ks_base, stride_kn, stride_v2,
+                                offs_m, offs_n, offs_d, N_KV, OFF, BLOCK_N, LAYOUT_BN, KW, KT, KS, K_SCALAR,
+                                True, CAUSAL, PV_FP8, FP8_EMU, DOT_F32)
+
+    # epilogue (as the bf16 kernel): a row attends a key iff its list is non-empty and (causal) the
+    # first selected block starts at or below its last visible key
+    first_kb = tl.load(idx_row)
+    has = (offs_m * 0 + num) > 0
+    if CAUSAL:
+        has = has & (first_kb * LAYOUT_BN <= offs_m + OFF)
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    if PV_FP8:
+        vsc = tl.load(VScale + pid_bh.to(tl.int64) // GROUP * HEAD_DIM + offs_d)  # v_scale[d] / 448, per kv head
+        out = out * vsc[None, :]
+    qrow = tl.load(QRow + off_b.to(tl.int64) * stride_rb + off_h.to(tl.int64) * stride_rh + offs_m, mask=row_ok, other=0.0)
+    out = tl.where(has[:, None], out + qrow[:, None] * 0.0, 0.0)  # NaN rows of q stay NaN
+    lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453 + qrow, float("-inf"))
+    o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+    tl.store(o_base + m0.to(tl.int64) * stride_om + offs_r[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None])
+    l_base = Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh
+    tl.store(l_base + offs_m, lse, mask=row_ok)

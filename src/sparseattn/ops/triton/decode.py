@@ -1,0 +1,309 @@
+"""Triton decode-attention kernels (split-KV "flash-decoding", ``@triton.jit`` code only).
+
+:func:`_decode_split_kernel` — one program computes ``BLOCK_M`` rows of one (batch, KV head): the
+``G * LQ`` query rows of the KV head's ``G`` query heads (``G = H // H_kv``) and ``LQ`` new tokens are
+packed into one tile, row ``r`` = (head ``hkv * G + r // LQ``, token ``r % LQ``), so each K/V tile is
+read once for the whole group. The keys of one sequence are cut into ``NUM_SPLITS`` consecutive
+ranges (per sequence: the cut follows that sequence's own length), one range per program along grid
+axis 0 (``NUM_SPLITS`` is a runtime argument: changing it does not recompile). A program writes its
+range's partial state — fp32 ``out`` and natural-log ``lse`` — and :func:`_decode_merge_kernel`
+merges the ranges exactly (the rule of :func:`sparseattn.state.merge_states`). With ``NUM_SPLITS == 1``
+the split kernel writes the final output (in q's dtype) and lse directly (``SPLIT=False``) and no
+merge runs.
+
+``PAGED`` (sparse decode): the keys a program walks are the concatenation of the selected pages
+``PageIdx[b, hkv, :PageNum[b, hkv]]`` (``PAGE`` keys each); position ``t`` of that virtual sequence is
+key ``PageIdx[t // PAGE] * PAGE + t % PAGE``. K/V rows are gathered per key (pointer loads); pages
+that are not listed are never read.
+
+Masking: row (head, token ``i``) attends key ``j`` iff ``j < seqlen - LQ + i + 1`` (bottom-right
+causal among the ``LQ`` new tokens; keys at or beyond ``seqlen`` are never attended). K/V loads are
+masked to ``j < seqlen`` with zero fill, so whatever the cache holds beyond a sequence's length
+(garbage, NaN) never reaches the output. A non-finite ``v[j]`` for one of the last ``LQ - 1`` keys
+reaches the rows of the same tile that do not attend ``j`` (``0 * NaN`` in the P·V product), the
+exception the prefill kernel documents for its diagonal tile (docs/ARCHITECTURE.md, "Non-finite
+inputs").
+
+Numerics as in :mod:`sparseattn.ops.triton.block_sparse_fwd`: fp32 accumulation, scores in log2 units
+(``exp2``), natural-log lse at the end; rows that attend no key get out 0 and lse ``-inf``; a row
+that attends keys but whose sum is NaN (non-finite inputs) stays NaN. No atomics: deterministic.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["H", "G", "LQ", "N_MAX", "MAX_PAGES", "NUM_SPLITS"])
+def _decode_split_kernel(
+    Q, K, V, SeqLens, PageIdx, PageNum, Out, Lse, OPart, LPart,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_lb, stride_lh,
+    stride_pb, stride_ph,
+    stride_nb,
+    H, G, LQ, N_MAX, MAX_PAGES, NUM_SPLITS,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,  # NUM_SPLITS > 1: write partial states for the merge kernel
+    HAS_SEQLENS: tl.constexpr,
+    PAGED: tl.constexpr,
+    PAGE: tl.constexpr,
+    DOT_F32: tl.constexpr = False,  # interpreter only: widen operands before tl.dot (exact products)
+    IEEE: tl.constexpr = False,  # fp32 inputs: full-precision dot (no tf32)
+):
+    pid_s = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_bk = tl.program_id(2)
+    H_KV = H // G
+    off_b = pid_bk // H_KV
+    off_hk = pid_bk % H_KV
+
+    if HAS_SEQLENS:
+        seqlen = tl.load(SeqLens + off_b)
+        seqlen = tl.minimum(tl.maximum(seqlen, 0), N_MAX)  # out-of-range lengths can never read out of bounds
+    else:
+        seqlen = N_MAX
+
+    # ---------------------------------------------------------------- rows: (head, token) pairs of the group
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_r < G * LQ
+    g = offs_r // LQ
+    tok = offs_r % LQ
+    head = off_hk * G + g
+    # row attends keys j < lim (bottom-right causal among the LQ new tokens); padded rows attend nothing
+    lim = tl.where(row_ok, seqlen - LQ + tok + 1, 0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q_ptr = (Q + off_b.to(tl.int64) * stride_qb + head.to(tl.int64)[:, None] * stride_qh
+             + tok[:, None] * stride_qm + offs_d[None, :])
+    q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
+    in_dtype = q.dtype
+    if DOT_F32:
+        q = q.to(tl.float32)
+
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+    v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+
+    # ---------------------------------------------------------------- this program's range of the (virtual) keys
+    if PAGED:
+        idx_row = PageIdx + off_b.to(tl.int64) * stride_pb + off_hk.to(tl.int64) * stride_ph
+        n_pages = tl.load(PageNum + off_b.to(tl.int64) * stride_nb + off_hk)
+        n_pages = tl.minimum(tl.maximum(n_pages, 0), MAX_PAGES)
+        total = n_pages * PAGE
+    else:
+        total = seqlen
+    chunk = tl.cdiv(tl.cdiv(total, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = pid_s * chunk
+    hi = tl.minimum(lo + chunk, total)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    first_key = N_MAX  # smallest key this program reads (PAGED: decides which rows attend anything)
+    if not PAGED:  # row pointers of the range's first tile (64-bit base); tiles add a 32-bit offset
+        k_lo = k_base + lo.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
+        v_lo = v_base + lo.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
+
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + offs_n
+        in_rng = pos < hi
+        if PAGED:
+            ent = pos // PAGE
+            pg = tl.load(idx_row + ent, mask=in_rng, other=0)
+            key = pg * PAGE + pos % PAGE
+            key_ok = in_rng & (key >= 0) & (key < seqlen)
+            first_key = tl.minimum(first_key, tl.min(tl.where(key_ok, key, N_MAX), 0))
+            k_off = key.to(tl.int64)
+            k = tl.load(k_base + k_off[None, :] * stride_kn + offs_d[:, None], mask=key_ok[None, :], other=0.0)
+            v = tl.load(v_base + k_off[:, None] * stride_vn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+        else:
+            key = pos
+            key_ok = in_rng
+            k = tl.load(k_lo + (start - lo) * stride_kn, mask=key_ok[None, :], other=0.0)
+            # V is requested with K (before the Q·K product): both tiles are in flight together, so a
+            # program keeps twice the bytes outstanding when the compiler does not pipeline the loop
+            v = tl.load(v_lo + (start - lo) * stride_vn, mask=key_ok[:, None], other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        if IEEE:
+            qk = tl.dot(q, k, input_precision="ieee")
+        else:
+            qk = tl.dot(q, k)
+        keep = key_ok[None, :] & (key[None, :] < lim[:, None])
+        s = tl.where(keep, qk * qk_scale, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(s, 1))
+        # m_safe: a row whose scores so far are all -inf keeps p = 0 instead of exp2(-inf - -inf) = NaN
+        m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        p = p.to(in_dtype)  # P rounded to the input dtype, as FlashAttention does
+        if DOT_F32:
+            acc = tl.dot(p.to(tl.float32), v.to(tl.float32), acc)
+        elif IEEE:
+            acc = tl.dot(p, v, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p, v, acc)
+        m_i = m_ij
+
+    # ---------------------------------------------------------------- epilogue
+    # a row attends some key of this range iff the range's smallest key is below its limit (exact: the
+    # decision is by position, so a row whose scores are NaN or all -inf is NaN, not "empty")
+    if PAGED:
+        has = (lim > first_key) & (hi > lo)
+    else:
+        has = (tl.minimum(lim, hi) > lo) & (hi > lo)
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    out = tl.where(has[:, None], out, 0.0)
+    lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    if not SPLIT:
+        o_ptr = (Out + off_b.to(tl.int64) * stride_ob + head.to(tl.int64)[:, None] * stride_oh
+                 + tok[:, None] * stride_om + offs_d[None, :])
+        tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(Lse + off_b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + tok, lse, mask=row_ok)
+    else:
+        # partial buffers: contiguous (B, H, LQ, NUM_SPLITS[, HEAD_DIM]) fp32
+        flat = ((off_b * H + head).to(tl.int64) * LQ + tok) * NUM_SPLITS + pid_s
+        tl.store(OPart + flat[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+        tl.store(LPart + flat, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["H", "LQ", "NUM_SPLITS"])
+def _decode_merge_kernel(
+    OPart, LPart, Out, Lse,
+    stride_ob, stride_oh, stride_om,
+    stride_lb, stride_lh,
+    H, LQ, NUM_SPLITS,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Exact merge of the ``NUM_SPLITS`` partial states of one (batch, head, token) row.
+
+    ``lse = logsumexp_s lse_s``, ``out = sum_s exp(lse_s - lse) * out_s``. A split with lse ``-inf``
+    (no key) has weight 0 (its out is 0 by construction); every split ``-inf`` gives out 0 and lse
+    ``-inf``; a NaN lse or out makes the row NaN.
+    """
+    row = tl.program_id(0).to(tl.int64)  # flat (b, h, token)
+    tok = row % LQ
+    bh = row // LQ
+    off_h = bh % H
+    off_b = bh // H
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_ok = offs_s < NUM_SPLITS
+    lse_s = tl.load(LPart + row * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_safe)
+    w = tl.where(lse_s == float("-inf"), 0.0, w)
+    o = tl.load(OPart + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    num = tl.sum(w[:, None] * o, 0)
+    den = tl.sum(w, 0)
+    empty = m == float("-inf")
+    den_safe = tl.where(empty, 1.0, den)
+    out = tl.where(empty, 0.0, num / den_safe)
+    lse = tl.where(empty, float("-inf"), m_safe + tl.log(den_safe))
+    # tl.max ignores NaN (the GPU's max.f32; the interpreter mimics it): [NaN, -inf] would look empty.
+    # A NaN split lse (a row whose scores or sum are NaN) makes the whole row NaN, as one pass would.
+    any_nan = tl.max((lse_s != lse_s).to(tl.int32), 0) > 0
+    out = tl.where(any_nan, float("nan"), out)
+    lse = tl.where(any_nan, float("nan"), lse)
+    tl.store(Out + off_b * stride_ob + off_h * stride_oh + tok * stride_om + offs_d, out.to(Out.dtype.element_ty))
+    tl.store(Lse + off_b * stride_lb + off_h * stride_lh + tok, lse)
+
+
+@triton.jit(do_not_specialize=["H", "G", "LQ", "P", "N_MAX", "K_SEL", "K_INT", "FRAC_NUM", "FRAC_DEN", "FLOOR",
+                               "KEEP_FIRST", "KEEP_LAST"])
+def _page_score_kernel(
+    Q, KMin, KMax, SeqLens, Score, Count,
+    stride_qb, stride_qh, stride_qm,
+    stride_sb, stride_sh, stride_sp,
+    stride_cb,
+    H, G, LQ, P, N_MAX, K_SEL, K_INT, FRAC_NUM, FRAC_DEN, FLOOR, KEEP_FIRST, KEEP_LAST,
+    PAGE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr,
+    DOT_F32: tl.constexpr = False,
+    IEEE: tl.constexpr = False,
+):
+    """Quest page scores of one (batch, KV head) for ``BLOCK_P`` pages, and (program 0) the page count.
+
+    ``Score[b, hkv, p]`` (fp32) = ``max_r sum_d max(q[r, d] * kmin[p, d], q[r, d] * kmax[p, d])`` over the
+    group's ``G * LQ`` rows, computed as ``q+ · kmax + q- · kmin`` (two dots, fp32 accumulation); a NaN
+    bound and ``+inf`` become ``BIG`` (the largest finite fp32), ``-inf`` becomes ``-BIG``; forced pages
+    (the first ``KEEP_FIRST`` and last ``KEEP_LAST`` valid ones) get ``+inf`` and pages past the
+    sequence ``-inf``. ``Count[b, hkv]`` = pages to keep: ``K_INT`` if > 0, else
+    ``ceil(n * FRAC_NUM / FRAC_DEN)``, at least ``FLOOR``, at most ``n`` valid pages and ``K_SEL``.
+    Summaries are contiguous ``(B, H_kv, P, HEAD_DIM)``.
+    """
+    pid_p = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    H_KV = H // G
+    off_b = pid_bk // H_KV
+    off_hk = pid_bk % H_KV
+    if HAS_SEQLENS:
+        seqlen = tl.minimum(tl.maximum(tl.load(SeqLens + off_b), 0), N_MAX)
+    else:
+        seqlen = N_MAX
+    n_valid = (seqlen + PAGE - 1) // PAGE
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < P
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_base = pid_bk.to(tl.int64) * P * HEAD_DIM  # contiguous summaries: (b * H_kv + hkv) * P * D
+    # loaded transposed, (HEAD_DIM, BLOCK_P): the right operand of q (BLOCK_R, HEAD_DIM) · summaries
+    mn = tl.load(KMin + s_base + offs_p[None, :].to(tl.int64) * HEAD_DIM + offs_d[:, None], mask=p_ok[None, :], other=0.0)
+    mx = tl.load(KMax + s_base + offs_p[None, :].to(tl.int64) * HEAD_DIM + offs_d[:, None], mask=p_ok[None, :], other=0.0)
+    if DOT_F32:
+        mn = mn.to(tl.float32)
+        mx = mx.to(tl.float32)
+
+    best = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
+    any_nan = tl.zeros([BLOCK_P], dtype=tl.int32)
+    for r0 in range(0, G * LQ, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = offs_r < G * LQ
+        head = off_hk * G + offs_r // LQ
+        tok = offs_r % LQ
+        q = tl.load(Q + off_b.to(tl.int64) * stride_qb + head.to(tl.int64)[:, None] * stride_qh
+                    + tok[:, None] * stride_qm + offs_d[None, :], mask=r_ok[:, None], other=0.0)
+        if DOT_F32:
+            q = q.to(tl.float32)
+        qp = tl.where(q > 0, q, 0.0).to(q.dtype)
+        qn = tl.where(q < 0, q, 0.0).to(q.dtype)
+        qp = tl.where(q != q, q, qp)  # a NaN in q stays NaN in the bound
+        if IEEE:
+            ub = tl.dot(qp, mx, input_precision="ieee") + tl.dot(qn, mn, input_precision="ieee")
+        else:
+            ub = tl.dot(qp, mx) + tl.dot(qn, mn)
+        ub_nan = (ub != ub) & r_ok[:, None]
+        any_nan = any_nan | tl.max(ub_nan.to(tl.int32), 0)
+        best = tl.maximum(best, tl.max(tl.where(r_ok[:, None], ub, float("-inf")), 0))
+
+    BIG: tl.constexpr = 3.4028234663852886e38
+    score = tl.minimum(tl.maximum(best, -BIG), BIG)
+    score = tl.where(any_nan > 0, BIG, score)
+    valid = offs_p < n_valid
+    forced = valid & ((offs_p < KEEP_FIRST) | (offs_p >= n_valid - KEEP_LAST))
+    score = tl.where(forced, float("inf"), score)
+    score = tl.where(valid, score, float("-inf"))
+    tl.store(Score + off_b.to(tl.int64) * stride_sb + off_hk * stride_sh + offs_p * stride_sp, score, mask=p_ok)
+    if pid_p == 0:
+        if K_INT > 0:
+            want = n_valid * 0 + K_INT
+        else:
+            want = ((n_valid.to(tl.int64) * FRAC_NUM + FRAC_DEN - 1) // FRAC_DEN).to(tl.int32)
+        want = tl.maximum(want, FLOOR)
+        cnt = tl.minimum(tl.minimum(want, n_valid), K_SEL)
+        tl.store(Count + off_b.to(tl.int64) * stride_cb + off_hk, cnt)

@@ -1,0 +1,185 @@
+"""Triton quantization kernels for :mod:`sparseattn.ops.quant` (``@triton.jit`` code only).
+
+Three kernels, all reading the bf16/fp16 inputs once:
+
+* :func:`_kv_stats_kernel` — per chunk of ``R`` tokens of one (batch, kv head): the sum over tokens of
+  the *finite* entries of K per channel (for the smoothing mean) and, for the FP8 P·V path, the max
+  of ``|v|`` over the finite entries of V per channel. Partial results per chunk; the launcher adds
+  them up (deterministic, no atomics).
+* :func:`_quant_rows_kernel` — INT8 quantization of Q or (smoothed) K with one scale per *group* of
+  rows (see :mod:`sparseattn.ops.quant` for the groups: block, warp, thread). ``R`` rows of one head
+  are loaded as a ``[G, M, D]`` tile whose first axis *is* the group (rows gathered by index), so a
+  group's max is a plain reduction and interleaved (per-thread) groups need no reshape.
+* :func:`_quant_v_fp8_kernel` — V scaled per channel into FP8 e4m3, stored transposed
+  (``[D, N_pad]`` per head, tokens contiguous: the K-major B operand FP8 MMAs want).
+
+Rounding (mirrored exactly by :mod:`sparseattn.ops.quant_reference`):
+
+* INT8: ``inv = div_rn(127, amax)`` (IEEE division), ``y = x * inv``, ``q = trunc(y + 0.5 * sign(y))``
+  clamped to ``[-127, 127]`` (round half away from zero); the stored scale is ``amax / 127``
+  (IEEE division), for Q multiplied by ``sm_scale * log2(e)``. ``amax`` is over finite entries;
+  an all-zero group gets ``amax = 1``.
+* FP8: ``x * div_rn(448, amax_d)`` rounded to e4m3 (nearest even, saturating at 448); scale
+  ``amax_d / 448``. Under the interpreter (``FP8_EMU``) the e4m3 rounding is done in fp32
+  arithmetic (:func:`e4m3_round`) and stored in a bf16 buffer (every e4m3 value is a bf16 value).
+
+Non-finite inputs: a non-finite entry is quantized as 0 and flagged. Q: the row's ``qrow`` entry
+(``q·k_mean * sm_scale``, added to the lse) becomes NaN, which the attention kernel turns into a
+NaN row. K: the group's scale becomes NaN (every score of that group is NaN). V (FP8): the entry
+becomes an FP8 NaN.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def e4m3_round(x):
+    """Round fp32 ``x`` to the nearest FP8 e4m3 (fn) value, ties to even, saturating at ±448; NaN stays NaN.
+
+    Pure fp32/int32 arithmetic (exponent from the bit pattern; ``+/- 1.5 * 2**23`` rounds to the
+    nearest integer, ties to even), so it runs in the interpreter and matches ``torch.float8_e4m3fn``
+    conversion for every finite ``|x| <= 448``.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    e = (bits >> 23) & 0xFF  # biased exponent
+    e = tl.maximum(e, 127 - 6)  # subnormal range of e4m3: quantum 2**-9
+    # quantum = 2**(e - 127 - 3), built from bits
+    quantum = ((e - 3) << 23).to(tl.float32, bitcast=True)
+    y = x / quantum  # exact: division by a power of two
+    magic = 12582912.0  # 1.5 * 2**23
+    r = (y + magic) - magic
+    r = r * quantum
+    r = tl.minimum(tl.maximum(r, -448.0), 448.0)
+    return tl.where(x != x, x, r)
+
+
+@triton.jit
+def _kv_stats_kernel(
+    K, V, KSum, VMax,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    HKV, N, N_CHUNKS,
+    HEAD_DIM: tl.constexpr, R: tl.constexpr, NEED_K: tl.constexpr, NEED_V: tl.constexpr,
+):
+    """Partial per-channel sums of finite K and max |finite V| over ``R`` tokens: ``[B*HKV, N_CHUNKS, D]``."""
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    rows = pid_c * R + tl.arange(0, R)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = rows[:, None] < N
+    out_off = (pid_bh.to(tl.int64) * N_CHUNKS + pid_c) * HEAD_DIM + offs_d
+    if NEED_K:
+        k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + rows[:, None].to(tl.int64) * stride_kn
+                    + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+        fin = tl.abs(k) < float("inf")  # False for NaN and +-inf
+        tl.store(KSum + out_off, tl.sum(tl.where(fin, k, 0.0), 0))
+    if NEED_V:
+        v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + rows[:, None].to(tl.int64) * stride_vn
+                    + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+        av = tl.abs(v)
+        tl.store(VMax + out_off, tl.max(tl.where(av < float("inf"), av, 0.0), 0))
+
+
+@triton.jit
+def _quant_rows_kernel(
+    X, Xq, Scale, Mean, RowOut,
+    stride_xb, stride_xh, stride_xn,
+    stride_ob, stride_oh, stride_on,
+    stride_sb, stride_sh,
+    stride_mb, stride_mh,
+    stride_rb, stride_rh,
+    H, GROUP, N, N_GROUPS, out_mult,
+    HEAD_DIM: tl.constexpr,
+    R: tl.constexpr,  # rows per program (a multiple of W)
+    W: tl.constexpr,  # rows per slice (block / warp)
+    T: tl.constexpr,  # groups per slice (1, or interleaved per-thread groups)
+    S: tl.constexpr,  # consecutive rows of one group within a period of T * S rows
+    IS_Q: tl.constexpr,  # Q: write RowOut = sm_scale * q.mean (NaN for a non-finite row); K: subtract Mean
+    HAS_MEAN: tl.constexpr,
+):
+    """INT8 per-group quantization of ``R`` rows of one head of ``X`` (see the module docstring)."""
+    G: tl.constexpr = (R // W) * T  # groups in this program
+    M: tl.constexpr = W // T  # rows per group
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    g = tl.arange(0, G)
+    i = tl.arange(0, M)
+    slc = g // T
+    t = g % T
+    # row of member i of group g (within this program's R rows)
+    local = slc[:, None] * W + (i[None, :] // S) * (T * S) + t[:, None] * S + (i[None, :] % S)
+    rows = pid_c * R + local  # [G, M]
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = rows < N
+    rows3 = rows[:, :, None].to(tl.int64)
+    x = tl.load(X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh + rows3 * stride_xn + offs_d[None, None, :],
+                mask=ok[:, :, None], other=0.0).to(tl.float32)
+    if HAS_MEAN:
+        hm = h // GROUP  # kv head of this head (K: GROUP = 1)
+        mean = tl.load(Mean + b.to(tl.int64) * stride_mb + hm.to(tl.int64) * stride_mh + offs_d)
+        if not IS_Q:
+            x = x - mean[None, None, :]
+    fin = tl.abs(x) < float("inf")
+    xf = tl.where(fin, x, 0.0)
+    bad_row = tl.sum((~fin).to(tl.int32), 2) > 0  # [G, M]
+    amax = tl.max(tl.max(tl.abs(xf), 2), 1)  # [G]
+    amax = tl.where(amax > 0.0, amax, 1.0)
+    inv = tl.math.div_rn(tl.full([G], 127.0, tl.float32), amax)
+    y = xf * inv[:, None, None]
+    y = y + tl.where(y >= 0.0, 0.5, -0.5)
+    y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+    xq = y.to(tl.int8)  # truncation toward zero
+    tl.store(Xq + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows3 * stride_on + offs_d[None, None, :], xq,
+             mask=ok[:, :, None])
+    scale = tl.math.div_rn(amax, tl.full([G], 127.0, tl.float32)) * out_mult
+    if not IS_Q:
+        bad_g = tl.max(bad_row.to(tl.int32), 1) > 0
+        scale = tl.where(bad_g, float("nan"), scale)
+    gid = pid_c * G + g
+    tl.store(Scale + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh + gid, scale, mask=gid < N_GROUPS)
+    if IS_Q:
+        # natural-log lse correction of the smoothing: sm_scale * q_i . k_mean (0 without smoothing);
+        # NaN marks a row with a non-finite entry (the attention kernel makes that row NaN)
+        if HAS_MEAN:
+            corr = tl.sum(xf * mean[None, None, :], 2) * (out_mult * 0.6931471805599453)
+        else:
+            corr = tl.zeros([G, M], dtype=tl.float32)
+        corr = tl.where(bad_row, float("nan"), corr)
+        tl.store(RowOut + b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh + rows, corr, mask=ok)
+
+
+@triton.jit
+def _quant_v_fp8_kernel(
+    V, Vq, VScaleInv,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_od,
+    HKV, N,
+    HEAD_DIM: tl.constexpr, R: tl.constexpr, FP8_EMU: tl.constexpr,
+):
+    """``Vq[b, h, d, n] = e4m3(v[b, h, n, d] * inv_d)`` (NaN for a non-finite entry), transposed store."""
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    rows = pid_c * R + tl.arange(0, R)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = rows[:, None] < N
+    v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + rows[:, None].to(tl.int64) * stride_vn
+                + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    inv = tl.load(VScaleInv + pid_bh.to(tl.int64) * HEAD_DIM + offs_d)
+    y = v * inv[None, :]
+    y = tl.where(tl.abs(v) < float("inf"), y, float("nan"))
+    if FP8_EMU:
+        yq = e4m3_round(y)
+    else:
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        yq = tl.where(tl.abs(v) < float("inf"), y, float("nan"))  # min/max may drop a NaN: set it again
+    tl.store(Vq + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_d[None, :].to(tl.int64) * stride_od
+             + rows[:, None], yq.to(Vq.dtype.element_ty), mask=ok)
