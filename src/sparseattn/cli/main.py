@@ -29,12 +29,15 @@ COMMANDS: dict[str, str] = {
     "accuracy": "accuracy",
     "eval": "eval_cmd",
     "niah": "niah",
+    "ruler": "ruler",
     "collect": "collect",
     "validate": "validate",
     "compare": "compare",
     "bench": "bench",
     "bench-model": "bench_model",
     "tune": "tune",
+    "train-gate": "train_gate",
+    "state-check": "state_check",
 }
 
 # exceptions that mean "the input is wrong", reported as one line with exit status 2

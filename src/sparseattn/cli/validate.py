@@ -14,7 +14,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "validate", help="run a predictor on Q/K/V saved by 'sparseattn collect': cosine, MSE, sparsity, timings (JSON)",
         description="For every collected (sample, layer): the predictor's layout, sparse vs dense attention output "
                     "(cosine, MSE, max error), actual vs target sparsity, blocks selected/total, and wall times.")
-    p.add_argument("path", help="a collection folder (or len<N> folder, or one sample .safetensors)")
+    p.add_argument("path", help="Q/K/V from 'sparseattn collect': the collection folder, one len<N> folder or one "
+                                "sample .safetensors file (what was found is printed on stderr)")
     p.add_argument("--predictor", default=DEFAULT_PREDICTOR_SPEC, help=f"predictor spec (default {DEFAULT_PREDICTOR_SPEC!r})")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
     p.add_argument("--device", type=device, default=None)
@@ -28,12 +29,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import sys
     from pathlib import Path
 
     import torch
 
-    from sparseattn.eval.collect import validate_predictor, validation_markdown
+    from sparseattn.eval.collect import describe_collection, resolve_collection, validate_predictor, validation_markdown
 
+    # a bad path fails here, in one line; what was found is said after the run (an error stays the only stderr line)
+    found = describe_collection(resolve_collection(args.path, "validate"), args.path, "validate")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     res = validate_predictor(args.predictor, args.path, backend=args.backend, device=device, repeats=args.repeats,
                              lengths=args.lengths, layers=args.layers,
@@ -48,4 +52,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"report: {out / 'validate.json'}, {out / 'validate.md'}")
     else:
         print(text)
+    print(found, file=sys.stderr)
     return 0

@@ -9,8 +9,9 @@ Layout of a collection folder::
     <out>/collection.json                the lengths and the command's arguments
 
 Tensors are post-RoPE, exactly what the model's attention function receives (GQA k/v unexpanded).
-Loading reads JSON and safetensors only (no code executes). The tensor names also work with
-``sparseattn compare --inputs <folder>``.
+Loading reads JSON and safetensors only (no code executes). Every reader of a collection
+(``iter_collected``, ``validate``, ``compare --input``) resolves its path with
+:func:`resolve_collection`: the collection root, one ``len<N>`` folder or one ``.safetensors`` file.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,7 +29,7 @@ import torch
 
 from sparseattn._validation import check_positive_int, fail
 
-__all__ = ["collect_qkv", "collected_files", "iter_collected", "read_sample_meta", "validate_predictor",
+__all__ = ["collect_qkv", "resolve_collection", "describe_collection", "collected_files", "iter_collected", "read_sample_meta", "validate_predictor",
            "validation_markdown"]
 
 
@@ -136,35 +138,105 @@ _EXPECTED_META = "a sample<i>.json written by sparseattn collect"
 _META_REQUIRED = ("seq_len", "layers", "heads", "kv_heads", "head_dim")
 
 
-def collected_files(func: str, path: str | Path) -> list[Path]:
-    """The ``sample*.safetensors`` files of a collection folder, one ``len<N>`` folder, or one file.
+_COLLECTION_EXPECTED = ("a collection folder (with len<N>/ folders), one len<N> folder or one sample<i>.safetensors "
+                        "file made by sparseattn collect")
+_LEN_DIR = re.compile(r"len(\d+)")
 
-    Files are ordered by length (the ``len<N>`` folder), then name.
+
+def _length_of_folder(folder: Path) -> int | None:
+    m = _LEN_DIR.fullmatch(folder.name)
+    return int(m.group(1)) if m else None
+
+
+def _order(f: Path) -> tuple[int, str, int, str]:
+    """Sort key: length folder (numeric), then sample number (numeric: sample2 before sample10), then name."""
+    n = _length_of_folder(f.parent)
+    m = re.fullmatch(r"sample(\d+)", f.stem)
+    return (n if n is not None else -1, str(f.parent), int(m.group(1)) if m else -1, f.name)
+
+
+def resolve_collection(path: str | os.PathLike, func: str = "resolve_collection") -> list[Path]:
+    """The Q/K/V files a collection path stands for; the one resolver every reader of a collection uses.
+
+    ``path`` may be
+
+    * a collection root written by ``sparseattn collect --out ROOT`` (its ``len<N>/*.safetensors``),
+    * one length folder ``ROOT/len<N>`` (or any folder holding ``.safetensors`` files directly),
+    * one ``.safetensors`` file.
+
+    Files are ordered by length (the ``len<N>`` folder, numerically), then sample number.
+    :func:`describe_collection` says in one line what was found.
 
     Raises:
-        ValueError: the path does not exist, or holds no collected sample.
+        ValueError: ``<func>: ...`` for a path that is not a path, does not exist, is a file other than
+            ``.safetensors`` (a ``sample<i>.json`` / ``collection.json`` names the path to use instead),
+            or a folder without collected tensors (an interrupted collection, and a folder that holds
+            collections one level down, are named as such).
     """
-    expected = "a collection folder, a len<N> folder or a .safetensors file made by sparseattn collect"
     if not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise fail(func, "path", "must be a path", expected, repr(path))
+        raise fail(func, "path", "must be a path", _COLLECTION_EXPECTED, repr(path))
     p = Path(path).expanduser()
     if not p.exists():
-        raise fail(func, f"path {p}", "does not exist", expected, "no such file or folder")
+        parent = p.parent
+        hint = "" if parent.is_dir() else f" (its folder {parent} does not exist either)"
+        raise fail(func, f"path {p}", f"does not exist{hint}", _COLLECTION_EXPECTED, "no such file or folder")
     if p.is_file():
-        if p.suffix != ".safetensors":
-            raise fail(func, f"path {p}", "is not a .safetensors file", expected, f"a {p.suffix or 'suffix-less'} file")
-        files = [p]
-    else:
-        files = sorted(p.glob("*.safetensors")) or sorted(p.glob("len*/*.safetensors"))
-        if not files:
-            raise fail(func, f"folder {p}", "holds no .safetensors file (nor len<N>/*.safetensors)", expected,
-                       f"{sum(1 for _ in p.iterdir())} entries without one")
+        if p.suffix == ".safetensors":
+            return [p]
+        if p.suffix == ".json":
+            other = p.with_suffix(".safetensors")
+            use = other if other.is_file() else (p.parent if p.name in ("collection.json", "summary.json") else None)
+            hint = f" (pass {use} instead)" if use is not None else ""
+            raise fail(func, f"path {p}", f"is a metadata file, not Q/K/V tensors{hint}", _COLLECTION_EXPECTED,
+                       "a .json file")
+        raise fail(func, f"path {p}", "is not a .safetensors file", _COLLECTION_EXPECTED,
+                   f"a {p.suffix or 'suffix-less'} file")
+    if not p.is_dir():
+        raise fail(func, f"path {p}", "is neither a file nor a folder", _COLLECTION_EXPECTED, "a special file")
+    files = sorted(f for f in p.glob("*.safetensors") if f.is_file())
+    if not files:
+        len_dirs = sorted((d for d in p.iterdir() if d.is_dir() and _length_of_folder(d) is not None),
+                          key=_length_of_folder)
+        files = [f for d in len_dirs for f in d.glob("*.safetensors") if f.is_file()]
+        if len_dirs and not files:
+            raise fail(func, f"folder {p}", "has length folders without any .safetensors file (an interrupted or "
+                       "failed collect?)", _COLLECTION_EXPECTED,
+                       f"{len(len_dirs)} empty length folder{'s' if len(len_dirs) > 1 else ''} "
+                       f"({', '.join(d.name for d in len_dirs[:6])})")
+    if not files:
+        below = sorted({str(f.parent.parent.relative_to(p)) for f in p.glob("*/len*/*.safetensors")
+                        if _length_of_folder(f.parent) is not None})
+        if below:
+            raise fail(func, f"folder {p}", f"holds collections one level down, not one itself (pass one of: "
+                       f"{', '.join(str(p / b) for b in below[:6])})", _COLLECTION_EXPECTED,
+                       f"{len(below)} collection folder{'s' if len(below) > 1 else ''} inside it")
+        entries = sorted(x.name + ("/" if x.is_dir() else "") for x in p.iterdir())
+        shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
+        raise fail(func, f"folder {p}", "holds no .safetensors file (nor len<N>/ folders with them)",
+                   _COLLECTION_EXPECTED,
+                   f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} ({shown})" if entries else "an empty folder")
+    return sorted(files, key=_order)
 
-    def order(f: Path) -> tuple[int, str]:
-        tail = f.parent.name[3:]
-        return (int(tail) if f.parent.name.startswith("len") and tail.isdigit() else 0, f.name)
 
-    return sorted(files, key=order)
+def describe_collection(files: Sequence[Path], path: str | os.PathLike, func: str = "") -> str:
+    """One line saying what :func:`resolve_collection` found, e.g.
+    ``"compare: found 4 files in 2 length folders (len64, len128) under qkv"``."""
+    lead = f"{func}: " if func else ""
+    n = len(files)
+    if n == 1 and Path(path).expanduser().is_file():
+        return f"{lead}found 1 file ({files[0]})"
+    folders = list(dict.fromkeys(f.parent for f in files))  # in resolved (length) order
+    plural = "s" if n != 1 else ""
+    if len(folders) == 1 and folders[0] == Path(path).expanduser():
+        return f"{lead}found {n} file{plural} in {folders[0]}"
+    names = ", ".join(d.name for d in folders[:8]) + (", ..." if len(folders) > 8 else "")
+    return (f"{lead}found {n} file{plural} in {len(folders)} length folder{'s' if len(folders) != 1 else ''} "
+            f"({names}) under {path}")
+
+
+def collected_files(func: str, path: str | Path) -> list[Path]:
+    """:func:`resolve_collection` with the arguments the other way round (kept for older callers)."""
+    return resolve_collection(path, func)
 
 
 def read_sample_meta(func: str, path: str | Path) -> dict[str, Any]:
@@ -253,7 +325,7 @@ def iter_collected(path: str | Path, *, device: str | torch.device = "cpu",
     from sparseattn.errors import load_safetensors_file
 
     fn = "iter_collected"
-    for f in collected_files(fn, path):
+    for f in resolve_collection(path, fn):
         meta_path = f.with_suffix(".json")
         meta = read_sample_meta(fn, meta_path) if meta_path.exists() else {}
         n_meta = meta.get("seq_len")
@@ -367,6 +439,7 @@ def validate_predictor(
     pv = getattr(getattr(pred, "config", None), "pv_threshold", None)
     cuda = str(device).startswith("cuda")
     records: list[dict[str, Any]] = []
+    found = describe_collection(resolve_collection(path, fn), path)
     items = list(iter_collected(path, device="cpu", lengths=lengths, layers=layers))
     if not items:
         raise fail(fn, "lengths/layers", f"select nothing in {path}", "lengths and layers present in the collection",
@@ -403,7 +476,7 @@ def validate_predictor(
                           ("cosine", "mse", "max_abs_error", "sparsity", "predict_s", "dense_s", "sparse_s")}
         by_len[str(n)]["blocks_selected"] = sum(r["blocks_selected"] for r in rs)
         by_len[str(n)]["blocks_total"] = sum(r["blocks_total"] for r in rs)
-    return {"predictor": describe_predictor(pred), "target": target, "path": str(path), "backend": backend,
+    return {"predictor": describe_predictor(pred), "target": target, "path": str(path), "found": found, "backend": backend,
             "repeats": repeats, "records": records, "summary": by_len, "environment": _environment(device)}
 
 
@@ -412,7 +485,7 @@ def validation_markdown(res: dict[str, Any]) -> str:
     t = res["target"]
     lines = ["# sparseattn validate", "", f"- predictor: `{json.dumps(res['predictor'])}`",
              f"- target sparsity: {t['target_sparsity']:.4f} ({t['from']})" if t else "- target sparsity: not stated by the config",
-             f"- data: {res['path']}; backend {res['backend']}; timings best of {res['repeats']}", "",
+             f"- data: {res['path']} ({res.get('found', 'found ?')}); backend {res['backend']}; timings best of {res['repeats']}", "",
              "| length | cosine | MSE | max abs err | sparsity | blocks selected / total | predict s | dense s | sparse s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for n, s in res["summary"].items():

@@ -1,0 +1,251 @@
+"""RULER tasks generated offline (`sparseattn.eval.ruler`, `sparseattn ruler`): prompts, scoring, the dense vs
+sparse run and its report, on a byte-level tokenizer and a tiny random Llama."""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from sparseattn.cli.main import main  # noqa: E402
+from sparseattn.eval import ruler  # noqa: E402
+from sparseattn.eval.ruler import TASKS, make_ruler_sample, parse_tasks, string_match_all  # noqa: E402
+
+TEXT = ("Marmalade harbours glitter under copper lanterns. Every quiet orchard remembers autumn storms. "
+        "Seventeen violins practised beside the granite lighthouse. Curious otters negotiate with patient herons. "
+        "A velvet comet drifted past the sleepy observatory. Brave cartographers sketched unknown archipelagos. ")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from sparseattn.testing.bad_inputs import byte_level_tokenizer
+
+    return byte_level_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def sentences():
+    from sparseattn.eval.niah import _sentences
+
+    return _sentences([("t", TEXT * 3)])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tok):
+    """A 2-layer random Llama saved with the byte-level tokenizer, and a folder with one synthetic text."""
+    d = tmp_path_factory.mktemp("tiny_ruler")
+    model_dir = d / "model"
+    tok.save_pretrained(str(model_dir))
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=1400)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(model_dir))
+    texts = d / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text(TEXT * 4)
+    (texts / "b.md").write_text(TEXT[::-1])
+    return model_dir, texts
+
+
+def _text(tok, sample) -> str:
+    return tok.decode(sample["input_ids"][0].tolist())
+
+
+# --------------------------------------------------------------------------- prompts
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_fits_its_budget_holds_its_answers_and_is_seeded(tok, sentences, task):
+    for n in (1024, 1500):
+        s = make_ruler_sample(tok, task, length=n, seed=5, sentences=sentences)
+        assert s["input_ids"].shape == (1, s["prompt_tokens"])
+        if task.startswith("niah") or task == "vt":
+            assert s["prompt_tokens"] == n
+        else:  # word lists end at the last whole item: a few tokens short at most
+            assert n - 24 <= s["prompt_tokens"] <= n
+        text = _text(tok, s)
+        assert s["answers"] and all(a in text for a in s["answers"])
+        again = make_ruler_sample(tok, task, length=n, seed=5, sentences=sentences)
+        assert torch.equal(again["input_ids"], s["input_ids"]) and again["answers"] == s["answers"]
+        other = make_ruler_sample(tok, task, length=n, seed=6, sentences=sentences)
+        assert not torch.equal(other["input_ids"], s["input_ids"])
+
+
+def test_niah_variants_ask_what_they_should(tok, sentences):
+    needle = re.compile(r"One of the special magic numbers for ([a-z]+-[a-z]+) is: (\d{7})\.")
+    for task, keys, values_per_key, asked in (("niah_single", 1, 1, 1), ("niah_multikey", 4, 1, 1),
+                                              ("niah_multivalue", 1, 4, 1), ("niah_multiquery", 4, 1, 4)):
+        s = make_ruler_sample(tok, task, length=1200, seed=1, sentences=sentences)
+        text = _text(tok, s)
+        found = needle.findall(text)
+        by_key = collections.defaultdict(list)
+        for k, v in found:
+            by_key[k].append(v)
+        assert len(by_key) == keys and all(len(v) == values_per_key for v in by_key.values()), task
+        question = text[text.index("What are all the special magic numbers for"):]
+        asked_keys = [k for k in by_key if k in question]
+        assert len(asked_keys) == asked, task
+        assert sorted(s["answers"]) == sorted(v for k in asked_keys for v in by_key[k]), task
+        # the needles lie inside the haystack (real text around them), not in the question
+        assert text.index(found[0][1]) < text.index("What are all")
+        assert "Marmalade" in text or "orchard" in text
+
+
+def test_variable_tracking_chain(tok, sentences):
+    s = make_ruler_sample(tok, "vt", length=1200, seed=2, sentences=sentences)
+    text = _text(tok, s)
+    names = s["answers"]
+    assert len(set(names)) == 5 and all(re.fullmatch(r"[A-Z]{5}", x) for x in names)
+    value = s["query"]
+    pos = [text.index(f"VAR {names[0]} = {value}.")]
+    pos += [text.index(f"VAR {names[i + 1]} = VAR {names[i]}.") for i in range(4)]
+    assert pos == sorted(pos) and pos[-1] < text.index("Question: Find all variables")
+
+
+def test_common_words_counts(tok):
+    vocab = ruler._vocabulary([TEXT])
+    s = make_ruler_sample(tok, "cwe", length=1500, seed=3, vocabulary=vocab)
+    text = _text(tok, s)
+    items = re.findall(r" (\d+)\. ([a-z]+)", text)
+    assert [int(i) for i, _ in items] == list(range(1, len(items) + 1))
+    counts = collections.Counter(w for _, w in items)
+    common = set(s["answers"])
+    assert len(common) == 10
+    assert min(counts[w] for w in common) > max(c for w, c in counts.items() if w not in common)
+    assert common <= set(vocab)  # the text has enough words for the common ones; rare ones may be pseudo-words
+    assert len(set(counts) & set(vocab)) == s["meta"]["words_from_text"]
+    # no answer hides inside another listed word (substring scoring could not tell them apart)
+    assert not [(a, w) for a in common for w in counts if a != w and a in w]
+
+
+def test_frequent_words_counts(tok):
+    s = make_ruler_sample(tok, "fwe", length=1500, seed=4)
+    text = _text(tok, s)
+    body = text[text.index("coded words.") + len("coded words."): text.index("\nQuestion")]
+    counts = collections.Counter(body.split())
+    assert counts.most_common(1)[0][0] == "...."
+    ranked = [w for w, _ in counts.most_common() if w != "...."]
+    assert ranked[:3] == s["answers"]
+    assert counts[ranked[2]] > counts[ranked[3]]
+
+
+def test_chat_template_frames_the_prompt(tok, sentences):
+    chat = tok.__class__(tokenizer_object=tok.backend_tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    chat.chat_template = "{% for m in messages %}<|user|>{{ m['content'] }}\n{% endfor %}<|assistant|>\n"
+    s = make_ruler_sample(chat, "niah_single", length=1100, seed=0, sentences=sentences)
+    text = _text(chat, s)
+    assert s["prompt_tokens"] == 1100
+    assert text.startswith("<s><|user|>Some special magic numbers")
+    # (jinja drops the template's last newline: the answer prefix keeps its leading space)
+    assert text.endswith(f"<|assistant|> The special magic numbers for {s['query']} mentioned in the provided text are")
+
+
+def test_bad_arguments_are_value_errors(tok, sentences):
+    with pytest.raises(ValueError, match="too short for task 'niah_multiquery'"):
+        make_ruler_sample(tok, "niah_multiquery", length=300, sentences=sentences)
+    with pytest.raises(ValueError, match="too short for task 'cwe'"):
+        make_ruler_sample(tok, "cwe", length=260)
+    with pytest.raises(ValueError, match="task is unknown"):
+        make_ruler_sample(tok, "qa", length=1000)
+    assert parse_tasks("all") == list(TASKS) and parse_tasks("vt, cwe,vt") == ["vt", "cwe"]
+    with pytest.raises(ValueError, match="unknown task 'niah'"):
+        parse_tasks("niah,vt")
+
+
+# --------------------------------------------------------------------------- scoring
+def test_string_match_all_is_rulers_recall():
+    assert string_match_all("the numbers are 1234567 and 7654321.", ["1234567", "7654321"]) == 1.0
+    assert string_match_all("The numbers are 1234567.", ["1234567", "7654321"]) == 0.5
+    assert string_match_all("Answer: APPLE, pear", ["apple", "PEAR", "plum", "fig"]) == 0.5
+    assert string_match_all("", ["x"]) == 0.0
+    with pytest.raises(ValueError, match="answers is empty"):
+        string_match_all("x", [])
+
+
+def test_continuation_stops_at_the_first_special_token(tok):
+    ids = tok("12 34", add_special_tokens=False)["input_ids"]
+    after = tok("99", add_special_tokens=False)["input_ids"]
+    assert ruler._continuation(tok, ids + [tok.eos_token_id] + after) == "12 34"
+    assert ruler._continuation(tok, ids) == "12 34"
+
+
+# --------------------------------------------------------------------------- running
+def test_scores_follow_the_generated_text(tiny, monkeypatch):
+    """A stand-in generator that answers right on the dense model and wrong once patched: dense scores 1, sparse 0,
+    and the sparse configuration still ran its prefill (its density is recorded)."""
+    from sparseattn.eval import end_to_end
+    from sparseattn.integrations.transformers_patch import get_handle
+    from sparseattn.models.loader import load
+
+    model, tok = load(str(tiny[0]))
+    real_generate, real_make = end_to_end.greedy_generate, ruler.make_ruler_sample
+    last: dict = {}
+    made: list = []
+
+    def make(*a, **kw):
+        last.update(real_make(*a, **kw))
+        made.append(dict(last))
+        return last
+
+    def generate(model_, ids, *, gen_tokens, score_last):
+        out = real_generate(model_, ids, gen_tokens=1, score_last=score_last)
+        said = ", ".join(last["answers"]) if get_handle(model_) is None else "I do not know"
+        out["tokens"] = tok(" " + said, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        return out
+
+    monkeypatch.setattr(ruler, "make_ruler_sample", make)
+    monkeypatch.setattr(end_to_end, "greedy_generate", generate)
+    res = ruler.run_ruler("tiny", model=model, tokenizer=tok, predictors=None,
+                          patterns="sink_window:sink_blocks=1,window_blocks=2", tasks="niah_single,vt,fwe",
+                          lengths=[1100], samples=2, text_dir=str(tiny[1]), progress=False)
+    sparse = "pattern sink_window:sink_blocks=1,window_blocks=2"
+    assert res.configs == ["dense", sparse]
+    assert res.summary["mean_score"] == {"dense": 1.0, sparse: 0.0}
+    assert all(res.scores["dense"][t]["1100"] == 1.0 for t in res.tasks)
+    assert 0.0 < res.summary["sparsity"][sparse] < 1.0 and res.summary["sparsity"]["dense"] == 0.0
+    assert len(res.cases) == 3 * 2 and all(c["outputs"]["dense"] == ", ".join(c["answers"]) for c in res.cases)
+    assert made[0]["task"] == "niah_single" and "orchard" in tok.decode(made[0]["input_ids"][0])  # the --text-dir haystack
+
+
+def test_cli_end_to_end_report(tiny, tmp_path, capsys):
+    model_dir, texts = tiny
+    out = tmp_path / "r"
+    rc = main(["ruler", "--model", str(model_dir), "--text-dir", str(texts), "--lengths", "1024", "--samples", "1",
+               "--gen-tokens", "3", "--predictors", "mean_sim:cdf_threshold=0.9",
+               "--patterns", "sink_window:sink_blocks=1,window_blocks=2", "--quiet", "--out", str(out)])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    res = json.loads((out / "ruler.json").read_text())
+    configs = ["dense", "mean_sim:cdf_threshold=0.9", "pattern sink_window:sink_blocks=1,window_blocks=2"]
+    assert res["configs"] == configs and res["tasks"] == list(TASKS) and res["lengths"] == [1024]
+    assert len(res["cases"]) == len(TASKS)
+    for c in res["cases"]:  # every stored score is RULER's recall of the stored output
+        for name in configs:
+            assert c["scores"][name] == string_match_all(c["outputs"][name], c["answers"])
+    for name in configs:
+        for t in TASKS:
+            assert 0.0 <= res["scores"][name][t]["1024"] <= 1.0
+    assert 0.0 < res["summary"]["sparsity"][configs[2]] < 1.0
+    md = (out / "ruler.md").read_text()
+    assert "| cwe | 1024 |" in md and "block sparsity" in md and all(f"`{n}`" in md for n in configs)
+    assert (out / "ruler_heatmap.png").is_file() or "heatmap skipped" in cap.err
+    assert "report:" in cap.out and "mean" in cap.out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--tasks", "niah,vt"], "unknown task 'niah'"),
+    (["--predictors", "mean_sim:no_such_key=1"], "no_such_key"),
+    (["--lengths", "300", "--tasks", "niah_multiquery"], "too short for task 'niah_multiquery'"),
+    (["--lengths", "1390"], "max_position_embeddings"),
+    (["--text-dir", "/nonexistent/essays"], "does not exist"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tiny, tmp_path, capsys, argv, words):
+    rc = main(["ruler", "--model", str(tiny[0]), "--quiet", "--no-plots", "--out", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sparseattn ruler: error: ") and words in lines[0], err
