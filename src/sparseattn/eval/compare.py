@@ -24,6 +24,13 @@ layout with A's block count per head can reach — the upper bound A is measured
 
 Results: :func:`compare_predictors` returns a JSON-able dict (``records`` + ``summary``);
 :func:`write_report` writes ``compare.json``, ``compare.md`` and side-by-side mask PNGs.
+
+Sweep (:func:`sweep_predictors`): several predictor families (mean_sim, sketch_walk, the learned
+gate, ...) each at several budgets (:func:`budget_specs` fills ``{budget}`` in a spec template),
+every point against the oracle at its own block budget; the oracle's points form the frontier, and
+every family is interpolated at matched sparsities. :func:`write_sweep_report` writes
+``sweep.json``, ``sweep.md`` and ``sweep.png`` (mass recall and output cosine vs sparsity, a curve
+per family plus the oracle frontier).
 """
 
 from __future__ import annotations
@@ -41,7 +48,9 @@ from sparseattn.predictors._common import causal_region
 from sparseattn.predictors.base import config_to_json, parse_predictor_spec
 from sparseattn.predictors.oracle import exact_block_mass
 
-__all__ = ["compare_predictors", "compare_layouts", "oracle_at_budget", "random_inputs", "safetensors_inputs", "write_report", "resolve"]
+__all__ = ["compare_predictors", "compare_layouts", "oracle_at_budget", "random_inputs", "safetensors_inputs", "write_report", "resolve",
+           "budget_specs", "sweep_predictors", "sweep_markdown", "plot_sweep", "write_sweep_report", "SWEEP_TEMPLATES",
+           "SWEEP_BUDGETS"]
 
 
 def resolve(spec_or_predictor: Any) -> Any:
@@ -207,7 +216,8 @@ def safetensors_inputs(path: str | Path, *, device: str | torch.device = "cpu") 
 
 
 def compare_predictors(a: Any, b: Any, inputs: Iterable[dict[str, Any]], *, causal: bool = True,
-                       with_output: bool = True, keep_masks: int = 4) -> dict[str, Any]:
+                       with_output: bool = True, keep_masks: int = 4,
+                       cache: dict[Any, torch.Tensor] | None = None) -> dict[str, Any]:
     """Run both predictors on every input and measure them (see module docstring).
 
     Args:
@@ -218,6 +228,8 @@ def compare_predictors(a: Any, b: Any, inputs: Iterable[dict[str, Any]], *, caus
         causal: bottom-right aligned causal attention.
         with_output: with ``v``, also compare each sparse output with dense attention.
         keep_masks: keep the block masks (head 0) of the first ``keep_masks`` inputs for plots.
+        cache: a dict reused across calls on the same input objects (e.g. by :func:`sweep_predictors`):
+            the exact block mass and the dense output of each input are computed once.
 
     Returns:
         ``{"a": spec, "b": spec, "causal": bool, "records": [...], "summary": {...}, "masks": [...]}``;
@@ -238,7 +250,12 @@ def compare_predictors(a: Any, b: Any, inputs: Iterable[dict[str, Any]], *, caus
                 pb.reset()
         last_len = n
         lay_a = pa.predict(q, k, causal=causal, layer=layer)
-        mass = exact_block_mass(q, k, causal=causal, block_m=lay_a.block_m, block_n=lay_a.block_n)
+        mkey = ("mass", id(q), id(k), causal, lay_a.block_m, lay_a.block_n)
+        mass = None if cache is None else cache.get(mkey)
+        if mass is None:
+            mass = exact_block_mass(q, k, causal=causal, block_m=lay_a.block_m, block_n=lay_a.block_n)
+            if cache is not None:
+                cache[mkey] = mass
         if density_matched:
             pb_now = None
             lay_b = oracle_at_budget(mass, lay_a, causal=causal)
@@ -251,7 +268,12 @@ def compare_predictors(a: Any, b: Any, inputs: Iterable[dict[str, Any]], *, caus
         if with_output and v is not None:
             from sparseattn.ops.attention import attention
 
-            dense = attention(q, k, v, causal=causal, backend="reference").out
+            dkey = ("dense", id(q), id(k), id(v), causal)
+            dense = None if cache is None else cache.get(dkey)
+            if dense is None:
+                dense = attention(q, k, v, causal=causal, backend="reference").out
+                if cache is not None:
+                    cache[dkey] = dense
             for tag, lay, pred in (("a", lay_a, pa), ("b", lay_b, pb_now or pa)):
                 pv = getattr(getattr(pred, "config", None), "pv_threshold", None)
                 out = attention(q, k, v, causal=causal, layout=lay, backend="reference", pv_threshold=pv).out
@@ -341,4 +363,170 @@ def write_report(result: dict[str, Any], out_dir: str | Path, *, plots: bool = T
             fig.savefig(out / name, dpi=90)
             plt.close(fig)
             paths[f"png{i}"] = str(out / name)
+    return paths
+
+
+# --------------------------------------------------------------------------- sweep: every predictor at matched budgets
+#: default budget templates of :func:`sweep_predictors` (``{budget}``: the kept fraction of the allowed blocks per row)
+SWEEP_TEMPLATES = {
+    "mean_sim": "mean_sim:topk={budget},cdf_threshold=None,sim_threshold=-1,keep_local=1",
+    "sketch_walk": "sketch_walk:top_fraction={budget},dense_layers=0",
+}
+SWEEP_BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.5)
+_SWEEP_METRICS = ("recall_a", "jaccard", "score_corr_a_mass", "out_cosine_a")
+
+
+def budget_specs(templates: dict[str, str], budgets: Iterable[float]) -> dict[str, list[str]]:
+    """``{family: template with {budget}}`` × budgets → ``{family: [spec, ...]}`` (a template without
+    ``{budget}`` is one fixed point)."""
+    out: dict[str, list[str]] = {}
+    for fam, tpl in templates.items():
+        if not isinstance(tpl, str) or not tpl.strip():
+            raise fail("budget_specs", f"template of {fam!r}", "must be a non-empty spec string",
+                       "e.g. 'mean_sim:topk={budget},cdf_threshold=None'", repr(tpl))
+        out[fam] = [tpl.replace("{budget}", f"{float(b):g}") for b in budgets] if "{budget}" in tpl else [tpl]
+    return out
+
+
+def _interp(points: list[tuple[float, float]], x: float) -> float | None:
+    """Linear interpolation of ``y(x)`` over points sorted by x; None outside their range."""
+    pts = sorted(p for p in points if p[0] is not None and p[1] is not None)
+    if not pts or x < pts[0][0] - 1e-12 or x > pts[-1][0] + 1e-12:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[0][1]
+
+
+def sweep_predictors(specs: dict[str, list[str]], inputs: Iterable[dict[str, Any]], *, causal: bool = True,
+                     with_output: bool = True, matched: Iterable[float] | None = None,
+                     progress: bool = False) -> dict[str, Any]:
+    """Every predictor spec against the oracle at its own block budget, on the same inputs.
+
+    Each spec runs through :func:`compare_predictors` with ``b="oracle"`` (so per layer and length:
+    sparsity, Jaccard / overlap with the oracle's blocks at the same budget, correlation of the
+    predictor's block scores with the exact mass, attention-mass recall and output cosine; the
+    exact mass and dense output of each input are computed once). The oracle's own recall and output
+    cosine at each point give the **oracle frontier** (the best any predictor can do at that sparsity).
+
+    Args:
+        specs: ``{family: [spec, ...]}`` (e.g. from :func:`budget_specs`); families are plotted as curves.
+        inputs: as for :func:`compare_predictors`; materialised once (they are reused by every spec).
+        matched: sparsities at which every family's metrics are interpolated (default: 0.5, 0.7, 0.8, 0.9).
+
+    Returns:
+        ``{"causal", "points": [...], "frontier": [...], "matched": {...}, "lengths": [...]}``; each point
+        ``{family, spec, sparsity, recall, jaccard, score_corr_mass, out_cosine, oracle_recall,
+        oracle_out_cosine, per_length, records}``.
+    """
+    items = list(inputs)
+    if not items:
+        raise fail("sweep_predictors", "inputs", "is empty", "at least one {layer, length, q, k} input", "nothing")
+    cache: dict[Any, torch.Tensor] = {}
+    points: list[dict[str, Any]] = []
+    for fam, fam_specs in specs.items():
+        for spec in fam_specs:
+            if progress:
+                import sys
+
+                print(f"[compare] {fam}: {spec}", file=sys.stderr, flush=True)
+            res = compare_predictors(spec, "oracle", items, causal=causal, with_output=with_output, keep_masks=0,
+                                     cache=cache)
+            o = res["summary"]["overall"]
+            points.append({
+                "family": fam, "spec": spec, "resolved": res["a"], "sparsity": o["sparsity_a"], "recall": o["recall_a"],
+                "jaccard": o["jaccard"], "overlap": o["overlap_a_in_b"], "score_corr_mass": o["score_corr_a_mass"],
+                "out_cosine": o["out_cosine_a"], "oracle_recall": o["recall_b"], "oracle_out_cosine": o["out_cosine_b"],
+                "per_length": res["summary"]["per_length"], "records": res["records"]})
+    frontier = sorted(({"sparsity": p["sparsity"], "recall": p["oracle_recall"], "out_cosine": p["oracle_out_cosine"],
+                        "from": p["spec"]} for p in points if p["sparsity"] is not None),
+                      key=lambda r: r["sparsity"])
+    targets = list(matched) if matched is not None else [0.5, 0.7, 0.8, 0.9]
+    fams = list(specs) + ["oracle"]
+    table: dict[str, dict[str, dict[str, float | None]]] = {}
+    for t in targets:
+        row: dict[str, dict[str, float | None]] = {}
+        for fam in fams:
+            if fam == "oracle":
+                src = [(r["sparsity"], r) for r in frontier]
+                row[fam] = {m: _interp([(x, r[m]) for x, r in src], t) for m in ("recall", "out_cosine")}
+            else:
+                pts = [p for p in points if p["family"] == fam]
+                row[fam] = {m: _interp([(p["sparsity"], p[m]) for p in pts], t)
+                            for m in ("recall", "jaccard", "score_corr_mass", "out_cosine")}
+        table[f"{t:g}"] = row
+    return {"causal": causal, "points": points, "frontier": frontier, "matched": table,
+            "lengths": sorted({int(it["length"]) for it in items}), "inputs": len(items)}
+
+
+def sweep_markdown(result: dict[str, Any]) -> str:
+    """Markdown: every point, then the families interpolated at matched sparsities."""
+    lines = ["# Predictors at matched sparsity budgets", "",
+             f"Inputs: {result['inputs']} (lengths {result['lengths']}), causal {result['causal']}. Each point is one "
+             "spec; the oracle is the exact-mass top-K at that spec's own block budget per head (the frontier).", "",
+             "| family | spec | sparsity | mass recall | oracle recall | Jaccard vs oracle | score corr (mass) "
+             "| out cosine | oracle out cosine |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in sorted(result["points"], key=lambda p: (p["family"], p["sparsity"] or 0)):
+        lines.append(f"| {p['family']} | `{p['spec'][:70]}` | {_fmt(p['sparsity'])} | {_fmt(p['recall'])} | "
+                     f"{_fmt(p['oracle_recall'])} | {_fmt(p['jaccard'])} | {_fmt(p['score_corr_mass'])} | "
+                     f"{_fmt(p['out_cosine'])} | {_fmt(p['oracle_out_cosine'])} |")
+    lines += ["", "## Interpolated at matched sparsity", "",
+              "Linear interpolation between each family's points; – where the sparsity lies outside its range.", "",
+              "| sparsity | family | mass recall | Jaccard vs oracle | score corr (mass) | out cosine |",
+              "|---:|---|---:|---:|---:|---:|"]
+    for t, row in result["matched"].items():
+        for fam, m in row.items():
+            lines.append(f"| {t} | {fam} | {_fmt(m.get('recall'))} | {_fmt(m.get('jaccard'))} | "
+                         f"{_fmt(m.get('score_corr_mass'))} | {_fmt(m.get('out_cosine'))} |")
+    lines += ["", "## Per length", "", "| family | spec | length | sparsity | recall | Jaccard | out cosine |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for p in result["points"]:
+        for n, r in p["per_length"].items():
+            lines.append(f"| {p['family']} | `{p['spec'][:50]}` | {n} | {_fmt(r['sparsity_a'])} | {_fmt(r['recall_a'])} "
+                         f"| {_fmt(r['jaccard'])} | {_fmt(r['out_cosine_a'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(result: dict[str, Any], path: str | Path, *, title: str = "") -> Path:
+    """One PNG: mass recall and output cosine vs block sparsity, a curve per family plus the oracle frontier."""
+    from sparseattn.eval.plots import _plt
+
+    plt = _plt()
+    has_out = any(p["out_cosine"] is not None for p in result["points"])
+    panels = [("recall", "attention-mass recall")] + ([("out_cosine", "attention output cosine vs dense")] if has_out else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.4), squeeze=False)
+    fams = list(dict.fromkeys(p["family"] for p in result["points"]))
+    markers = dict(zip(fams, "osD^vP*X<>"))
+    for ax, (metric, label) in zip(axes[0], panels):
+        for fam in fams:
+            pts = sorted((p["sparsity"], p[metric]) for p in result["points"]
+                         if p["family"] == fam and p["sparsity"] is not None and p[metric] is not None)
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker=markers[fam], label=fam)
+        fr = [(r["sparsity"], r[metric]) for r in result["frontier"] if r[metric] is not None]
+        if fr:
+            ax.plot([x for x, _ in fr], [y for _, y in fr], color="black", ls="--", lw=1.0, marker=".",
+                    label="oracle frontier")
+        ax.set_xlabel("block sparsity (1 - selected / causal blocks)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or f"predictors vs the oracle, lengths {result['lengths']}", fontsize=10)
+    fig.tight_layout()
+    p = Path(path)
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    return p
+
+
+def write_sweep_report(result: dict[str, Any], out_dir: str | Path, *, plots: bool = True, title: str = "") -> dict[str, str]:
+    """Write ``sweep.json``, ``sweep.md`` and ``sweep.png`` (accuracy vs sparsity); returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": str(out / "sweep.json"), "markdown": str(out / "sweep.md")}
+    (out / "sweep.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "sweep.md").write_text(sweep_markdown(result))
+    if plots:
+        paths["png"] = str(plot_sweep(result, out / "sweep.png", title=title))
     return paths

@@ -62,7 +62,7 @@ def _ensure_registered() -> None:
     # import the built-in predictor modules so they register themselves
     import importlib
 
-    for mod in ("static", "oracle", "mean_similarity", "sketch_walk"):
+    for mod in ("static", "oracle", "mean_similarity", "sketch_walk", "gate"):
         try:
             importlib.import_module(f"sparseattn.predictors.{mod}")
         except ModuleNotFoundError as exc:

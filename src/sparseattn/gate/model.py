@@ -1,0 +1,131 @@
+"""The learned block gate: pooled features, per-layer projections and block scores.
+
+Per layer and KV head ``h`` (GQA: the query heads of a group share their KV head's projections):
+
+* query block feature ``q̄`` — the mean of the block's (post-RoPE) query rows, ``D`` values;
+* key block feature ``k̃ = [max, min, mean]`` — per-coordinate maximum, minimum and mean of the
+  block's keys, concatenated (``3·D`` values, in this order);
+* score ``s = (q̄ W_q[h]) · (k̃ W_k[h]) / sqrt(d_gate)`` with ``W_q[h]`` ``(D, d_gate)`` and
+  ``W_k[h]`` ``(3·D, d_gate)``; the predictor takes the softmax over the allowed (causal) key
+  blocks of a row as its block distribution.
+
+All heads and blocks are scored with three batched matmuls (query projection, key projection,
+scores); nothing loops over heads or blocks. Initialisation (:meth:`GateWeights.init`) makes the
+gate start from mean_sim's ``"mean"`` score (``q̄·k̄ / sqrt(D)``, exactly when ``d_gate == D``),
+so training starts from the training-free predictor and moves away from it only where that helps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sparseattn._validation import fail
+
+__all__ = ["GateWeights", "pooled_features", "gate_scores", "FEATURES"]
+
+#: human-readable description of the features (stored in the file's metadata)
+FEATURES = "q: mean over the query block; k: [max, min, mean] over the key block (concatenated, 3*D)"
+
+
+@dataclass
+class GateWeights:
+    """Projections of every trained layer, stacked.
+
+    Attributes:
+        layers: model layer indices, in the order of the first dimension of ``wq`` / ``wk``.
+        wq: float32 ``[L, H_kv, D, d_gate]``.
+        wk: float32 ``[L, H_kv, 3·D, d_gate]`` (rows: max, min, mean features).
+        block_m / block_n: the block sizes the gate was trained at (the predictor's block sizes).
+        meta: JSON metadata (fingerprint, training details, ...); see :mod:`sparseattn.gate.store`.
+    """
+
+    layers: list[int]
+    wq: torch.Tensor
+    wk: torch.Tensor
+    block_m: int = 64
+    block_n: int = 64
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kv_heads(self) -> int:
+        return int(self.wq.shape[1])
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.wq.shape[2])
+
+    @property
+    def d_gate(self) -> int:
+        return int(self.wq.shape[3])
+
+    def index(self, layer: int) -> int | None:
+        """Position of model layer ``layer`` in the stacked tensors (None when the gate has no weights for it)."""
+        try:
+            return self.layers.index(layer)
+        except ValueError:
+            return None
+
+    @staticmethod
+    def init(layers: list[int], kv_heads: int, head_dim: int, d_gate: int, *, block_m: int = 64, block_n: int = 64,
+             seed: int = 0, noise: float = 0.0) -> "GateWeights":
+        """Weights whose score equals mean_sim's mean score ``q̄·k̄/sqrt(D)`` (up to a random rotation when
+        ``d_gate != D``): ``W_q = R``, the mean rows of ``W_k`` = ``R`` and the max/min rows 0, with
+        ``R R^T = sqrt(d_gate / D) · I`` (a random orthogonal ``R`` of that scale; a projection when
+        ``d_gate < D``). ``noise`` adds Gaussian noise of that std to every weight."""
+        fn = "GateWeights.init"
+        for name, v in (("kv_heads", kv_heads), ("head_dim", head_dim), ("d_gate", d_gate)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise fail(fn, name, "must be a positive integer", "an int > 0", repr(v))
+        if not layers:
+            raise fail(fn, "layers", "is empty", "at least one layer index", repr(layers))
+        g = torch.Generator().manual_seed(seed)
+        L, D = len(layers), head_dim
+        scale = (d_gate / D) ** 0.25
+        r = torch.empty(L, kv_heads, D, d_gate)
+        for i in range(L * kv_heads):  # one-off initialisation, not a hot path
+            m = torch.randn(max(D, d_gate), max(D, d_gate), generator=g)
+            qm, _ = torch.linalg.qr(m)
+            r.view(-1, D, d_gate)[i] = qm[:D, :d_gate] * scale
+        wq = r.clone()
+        wk = torch.zeros(L, kv_heads, 3 * D, d_gate)
+        wk[:, :, 2 * D:] = r
+        if noise > 0:
+            wq += noise * torch.randn(wq.shape, generator=g)
+            wk += noise * torch.randn(wk.shape, generator=g)
+        return GateWeights(list(layers), wq, wk, block_m, block_n, {})
+
+
+def pooled_features(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block features of the gate: ``(q̄ [B, H, Mb, D], k̃ [B, H_kv, Nb, 3·D])``, float32 (torch path).
+
+    ``k̃`` is ``[max, min, mean]`` per coordinate. A partial last block pools its own rows only.
+    """
+    from sparseattn.predictors._common import block_minmax, block_pool
+
+    q_sum, _, q_cnt = block_pool(q, block_m)
+    k_sum, _, k_cnt = block_pool(k, block_n)
+    k_min, k_max = block_minmax(k, block_n)
+    q_mean = q_sum / q_cnt[:, None]
+    k_mean = k_sum / k_cnt[:, None]
+    return q_mean, torch.cat((k_max, k_min, k_mean), dim=-1)
+
+
+def gate_scores(q_mean: torch.Tensor, k_feat: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor) -> torch.Tensor:
+    """Raw block scores ``(q̄ W_q)·(k̃ W_k) / sqrt(d_gate)`` ``[..., H, Mb, Nb]`` (differentiable).
+
+    Shapes:
+        q_mean ``[..., H, Mb, D]``, k_feat ``[..., H_kv, Nb, 3D]``, wq ``[..., H_kv, D, d]``,
+        wk ``[..., H_kv, 3D, d]`` (leading dims broadcast, e.g. a layer dimension for training).
+    """
+    *lead, H, Mb, D = q_mean.shape
+    Hkv, Nb = k_feat.shape[-3], k_feat.shape[-2]
+    G = H // Hkv
+    d = wq.shape[-1]
+    qg = torch.matmul(q_mean.reshape(*lead, Hkv, G * Mb, D), wq)  # [..., Hkv, G*Mb, d]
+    kg = torch.matmul(k_feat, wk)  # [..., Hkv, Nb, d]
+    s = torch.matmul(qg, kg.transpose(-1, -2)) * (1.0 / math.sqrt(d))
+    return s.reshape(*s.shape[:-3], H, Mb, Nb)  # leading dims after broadcasting with the weights

@@ -1,0 +1,198 @@
+"""The gate file: one safetensors file (never pickle) with JSON metadata in its header.
+
+* tensors ``"wq"`` float32 ``[L, H_kv, D, d_gate]`` and ``"wk"`` float32 ``[L, H_kv, 3·D, d_gate]``
+  (see :class:`sparseattn.gate.model.GateWeights`);
+* ``__metadata__`` key :data:`META_KEY` (``"sparseattn_gate"``): a JSON object with ``version``
+  (:data:`GATE_VERSION`), ``layers`` (model layer indices, one per first-dimension entry),
+  ``block_m``, ``block_n``, ``d_gate``, ``head_dim``, ``num_key_value_heads``, ``features``,
+  ``fingerprint`` (as :func:`sparseattn.tuning.store.model_fingerprint` computes it) and the
+  informative ``model``, ``training`` (texts, steps, learning rate, losses, seconds, device) and
+  ``created``.
+
+:func:`load_gate` checks everything and raises a ``ValueError`` in the project's format naming the
+file: missing / empty / truncated / corrupt file, missing metadata or keys, a wrong version, a
+missing tensor, tensors whose shape or dtype disagree with the metadata, NaN / inf weights, and —
+with ``model`` — a model of another shape (fingerprint) or without the gate's layers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparseattn._validation import fail
+from sparseattn.gate.model import FEATURES, GateWeights
+
+__all__ = ["META_KEY", "GATE_VERSION", "REQUIRED_META", "save_gate", "load_gate", "check_gate_for_model", "gate_meta"]
+
+META_KEY = "sparseattn_gate"
+GATE_VERSION = 1
+REQUIRED_META = ("version", "layers", "block_m", "block_n", "d_gate", "head_dim", "num_key_value_heads", "fingerprint")
+_EXPECTED = "a gate .safetensors file written by sparseattn train-gate (save_gate)"
+
+
+def gate_meta(weights: GateWeights, *, model: Any = None, training: dict[str, Any] | None = None,
+              model_name: str | None = None) -> dict[str, Any]:
+    """The metadata :func:`save_gate` writes for ``weights`` (fingerprint from ``model`` when given)."""
+    from sparseattn.tuning.store import model_fingerprint
+
+    meta = dict(weights.meta)
+    meta.update(version=GATE_VERSION, layers=list(weights.layers), block_m=int(weights.block_m),
+                block_n=int(weights.block_n), d_gate=weights.d_gate, head_dim=weights.head_dim,
+                num_key_value_heads=weights.kv_heads, features=FEATURES)
+    if model is not None:
+        meta["fingerprint"] = model_fingerprint(model)
+        meta.setdefault("model", model_name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or
+                                                   type(model).__name__))
+    if model_name is not None:
+        meta["model"] = model_name
+    if training is not None:
+        meta["training"] = training
+    meta.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    return meta
+
+
+def _check_meta(fn: str, label: str, meta: Any) -> None:
+    from sparseattn.errors import check_meta_int, require_keys
+    from sparseattn.tuning.store import FINGERPRINT_KEYS
+
+    if not isinstance(meta, dict):
+        raise fail(fn, f"{label} metadata", "must be a JSON object", "an object", type(meta).__name__)
+    if "version" not in meta:
+        raise fail(fn, f"{label} metadata", "has no 'version'", f"version {GATE_VERSION}", f"keys {sorted(meta)}")
+    v = meta["version"]
+    if isinstance(v, bool) or not isinstance(v, int) or v != GATE_VERSION:
+        raise fail(fn, f"{label} metadata key 'version'", "is not supported by this sparseattn",
+                   f"version {GATE_VERSION} (re-run sparseattn train-gate)", repr(v))
+    require_keys(fn, meta, REQUIRED_META, f"{label} metadata")
+    for key in ("block_m", "block_n", "d_gate", "head_dim", "num_key_value_heads"):
+        check_meta_int(fn, f"{label} metadata", key, meta[key], minimum=1)
+    layers = meta["layers"]
+    if not isinstance(layers, list) or not layers or \
+            any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers) or len(set(layers)) != len(layers):
+        raise fail(fn, f"{label} metadata key 'layers'", "must be a non-empty list of distinct layer indices",
+                   "e.g. [0, 1, 2]", repr(layers))
+    fp = meta["fingerprint"]
+    if not isinstance(fp, dict):
+        raise fail(fn, f"{label} metadata key 'fingerprint'", "must be a JSON object", f"keys {list(FINGERPRINT_KEYS)}",
+                   type(fp).__name__)
+    require_keys(fn, fp, FINGERPRINT_KEYS, f"{label} metadata 'fingerprint'")
+
+
+def _check_tensors(fn: str, label: str, wq: Any, wk: Any, meta: dict[str, Any]) -> None:
+    L, Hkv, D, d = len(meta["layers"]), meta["num_key_value_heads"], meta["head_dim"], meta["d_gate"]
+    for name, t, shape in (("wq", wq, (L, Hkv, D, d)), ("wk", wk, (L, Hkv, 3 * D, d))):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != shape:
+            got = f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise fail(fn, f"{label} tensor {name!r}", "has the wrong shape or dtype",
+                       f"{list(shape)} float32 (layers, num_key_value_heads, {'head_dim' if name == 'wq' else '3*head_dim'}, "
+                       "d_gate from the metadata)", got)
+        if not bool(torch.isfinite(t).all()):  # load time, not a hot path
+            bad = int((~torch.isfinite(t)).sum())
+            raise fail(fn, f"{label} tensor {name!r}", "holds NaN or infinite weights", "finite values",
+                       f"{bad} non-finite of {t.numel()}")
+
+
+def save_gate(path: str | os.PathLike, weights: GateWeights, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``weights`` (and ``meta``, default ``weights.meta``) as one safetensors file.
+
+    The metadata is completed from the weights (layers, block sizes, sizes, ``version``) and checked
+    as :func:`load_gate` checks it, so a file that cannot be loaded is never written; the file is
+    written to a temporary name and renamed. Missing parent folders are created.
+
+    Raises:
+        ValueError: not a GateWeights, a directory path, metadata without a ``fingerprint``, non-JSON
+            metadata, or tensors that disagree with it.
+    """
+    from safetensors.torch import save_file
+
+    fn = "save_gate"
+    if not isinstance(weights, GateWeights):
+        raise fail(fn, "weights", "must be a GateWeights", "GateWeights", type(weights).__name__)
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise fail(fn, "path", "must be a file path", "e.g. 'gate.safetensors'", repr(path))
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise fail(fn, f"path {p}", "is a directory", "a file path", "a directory")
+    full = dict(meta if meta is not None else weights.meta)
+    full.update(version=GATE_VERSION, layers=list(weights.layers), block_m=int(weights.block_m),
+                block_n=int(weights.block_n), d_gate=weights.d_gate, head_dim=weights.head_dim,
+                num_key_value_heads=weights.kv_heads)
+    full.setdefault("features", FEATURES)
+    _check_meta(fn, "weights", full)
+    wq = weights.wq.detach().to("cpu", torch.float32).contiguous()
+    wk = weights.wk.detach().to("cpu", torch.float32).contiguous()
+    _check_tensors(fn, "weights", wq, wk, full)
+    try:
+        text = json.dumps(full, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise fail(fn, "meta", "is not JSON-serialisable (finite numbers only)", "JSON types", str(exc)) from None
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    try:
+        save_file({"wq": wq, "wk": wk}, str(tmp), metadata={META_KEY: text})
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return p
+
+
+def load_gate(path: str | os.PathLike, *, model: Any = None) -> GateWeights:
+    """Read and check a file written by :func:`save_gate` (see module docstring).
+
+    Args:
+        path: the ``.safetensors`` file.
+        model: optional transformers model (or its config): its fingerprint must equal the file's
+            and it must have every layer the gate holds.
+
+    Raises:
+        ValueError: ``load_gate: gate file <path> <what is wrong>; expected ..., got ...``.
+    """
+    from sparseattn.errors import load_safetensors_with_metadata
+
+    fn = "load_gate"
+    tensors, header = load_safetensors_with_metadata(fn, path, "gate file", expected=_EXPECTED)
+    label = f"gate file {Path(path).expanduser()}"
+    if META_KEY not in header:
+        raise fail(fn, label, f"has no {META_KEY!r} metadata (not a sparseattn gate file?)", _EXPECTED,
+                   f"metadata keys {sorted(header)}")
+    try:
+        meta = json.loads(header[META_KEY])
+    except json.JSONDecodeError as exc:
+        raise fail(fn, f"{label} metadata {META_KEY!r}", f"is not valid JSON ({exc.msg} at column {exc.colno})",
+                   "a JSON object", f"{len(header[META_KEY])} characters") from None
+    _check_meta(fn, label, meta)
+    missing = [n for n in ("wq", "wk") if n not in tensors]
+    if missing:
+        raise fail(fn, label, f"is missing tensor{'s' if len(missing) > 1 else ''} {', '.join(missing)}",
+                   "tensors ['wk', 'wq']", f"tensors {sorted(tensors)}")
+    extra = sorted(set(tensors) - {"wq", "wk"})
+    if extra:
+        raise fail(fn, label, "holds unexpected tensors", "only 'wq' and 'wk'", extra[:8])
+    _check_tensors(fn, label, tensors["wq"], tensors["wk"], meta)
+    w = GateWeights(list(meta["layers"]), tensors["wq"], tensors["wk"], int(meta["block_m"]), int(meta["block_n"]), meta)
+    if model is not None:
+        check_gate_for_model(w, model, label=label, func=fn)
+    return w
+
+
+def check_gate_for_model(weights: GateWeights, model: Any, *, label: str = "gate", func: str = "check_gate_for_model") -> None:
+    """Raise unless the gate was trained for a model of this shape (fingerprint equal, its layers present)."""
+    from sparseattn.tuning.store import FINGERPRINT_KEYS, model_fingerprint
+
+    got = model_fingerprint(model)
+    want = weights.meta.get("fingerprint") or {}
+    diff = [k for k in FINGERPRINT_KEYS if want.get(k) != got.get(k)]
+    if diff:
+        raise fail(func, label, f"was trained for another model (fingerprint {', '.join(diff)} differ)",
+                   "; ".join(f"{k}={want.get(k)!r}" for k in diff), "; ".join(f"{k}={got.get(k)!r}" for k in diff))
+    n = int(got["num_hidden_layers"] or 0)
+    bad = [li for li in weights.layers if li >= n]
+    if bad:
+        raise fail(func, f"{label} layers", "name layers the model does not have", f"indices 0..{n - 1}", bad)
