@@ -17,6 +17,10 @@ static input buffers and writes a static output. Every later call:
 3. returns a clone of the static output ``(B, N, H, D)`` and of the density counts, so results stay
    valid after the next layer's replay.
 
+A graph reads memory it does not own (the layout of a static pattern, the predictors' geometry
+tables, cached bands): each graph keeps a reference to its body and to every value of the
+project's named caches at capture time, so an eviction cannot free what a replay reads.
+
 When a layer is not graphed (the body is run as before) and why:
 
 * not CUDA, inside ``torch.compile`` or inside a caller's own CUDA-graph capture (the caller's graph
@@ -68,7 +72,11 @@ class _Buffers:
 @dataclass
 class _Entry:
     graph: Any
-    extra: Any  # the body's static side output (density counts) or None
+    extra: Any
+    # what the graph reads but does not own: the body (and the layout its closure holds) and every
+    # module-cache value at capture time (geometry tables, bands, dense layouts), so a later cache
+    # eviction cannot free memory a replay still reads
+    keep_alive: list[Any] = field(default_factory=list)  # the body's static side output (density counts) or None
 
 
 def _clone(x: Any) -> Any:
@@ -173,4 +181,9 @@ class LayerGraphs:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 extra = body(buf.q, buf.k, buf.v, buf.out)
             buf.done.record(cur)
-        return _Entry(graph, extra)
+        from sparseattn._cache import all_caches
+
+        keep: list[Any] = [body]
+        for cache in all_caches().values():
+            keep.extend(cache.values())
+        return _Entry(graph, extra, keep)
