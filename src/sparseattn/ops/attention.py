@@ -31,9 +31,10 @@ def _reference_refusal(q: torch.Tensor, **_: Any) -> str | None:
     return None
 
 
-def _reference_run(q, k, v, *, causal, layout, scale, pv_threshold, stats, sliding_window=None) -> AttentionState:  # noqa: ANN001
+def _reference_run(q, k, v, *, causal, layout, scale, pv_threshold, stats, sliding_window=None,  # noqa: ANN001
+                   attn_mask=None) -> AttentionState:  # noqa: ANN001
     return reference_attention(q, k, v, causal=causal, layout=layout, scale=scale, pv_threshold=pv_threshold, stats=stats,
-                               sliding_window=sliding_window)
+                               sliding_window=sliding_window, attn_mask=attn_mask)
 
 
 def _triton_refusal(q: torch.Tensor, **kw: Any) -> str | None:
@@ -42,11 +43,13 @@ def _triton_refusal(q: torch.Tensor, **kw: Any) -> str | None:
     return triton_launch.refusal(q, **kw)
 
 
-def _triton_run(q, k, v, *, causal, layout, scale, pv_threshold, stats, sliding_window=None) -> AttentionState:  # noqa: ANN001
+def _triton_run(q, k, v, *, causal, layout, scale, pv_threshold, stats, sliding_window=None,  # noqa: ANN001
+                attn_mask=None) -> AttentionState:  # noqa: ANN001
     from sparseattn.ops import triton_launch
 
     return triton_launch.block_sparse_fwd(q, k, v, layout=layout, causal=causal, scale=scale,
-                                          pv_threshold=pv_threshold, stats=stats, sliding_window=sliding_window)
+                                          pv_threshold=pv_threshold, stats=stats, sliding_window=sliding_window,
+                                          attn_mask=attn_mask)
 
 
 # name -> (refusal(q, k=, v=, layout=, causal=, pv_threshold=, sliding_window=) -> reason | None,
@@ -109,6 +112,9 @@ def attention(
     pv_threshold: float | None = None,
     stats: dict[str, Any] | None = None,
     sliding_window: int | None = None,
+    attn_mask: torch.Tensor | None = None,
+    quant: str | None = None,
+    quant_granularity: str = "per_warp",
 ) -> AttentionState:
     """Dense (``layout=None``) or block-sparse attention with natural-log LSE.
 
@@ -124,6 +130,14 @@ def attention(
             ``causal=True`` only): query ``i`` attends keys ``j`` with ``i + OFF - W < j <= i + OFF``
             (``OFF = N_kv - N_q``), intersected with ``layout``. With ``layout=None`` the band layout
             is built (and cached) here, so only the band is computed.
+        attn_mask: additive float mask ``(B|1, H|1, N_q, N_kv)`` (0 = attend, ``-inf`` = masked,
+            finite = bias), combined with ``layout``/``causal``/``sliding_window``; a row whose keys are
+            all ``-inf`` is empty (out 0, lse -inf). The Triton kernel loads it per tile (``HAS_FLOAT_MASK``).
+        quant: ``None`` (exact kernels), or ``"int8"`` / ``"int8_fp8"``: run
+            :func:`sparseattn.ops.quant.quantized_attention` instead (INT8 Q·Kᵀ; FP8 P·V on sm_89+;
+            docs/QUANT.md). Not combinable with ``pv_threshold``, ``sliding_window``, ``attn_mask``,
+            ``stats`` or ``backend="reference"``.
+        quant_granularity: scale groups for ``quant``: ``"per_warp"``, ``"per_block"`` or ``"per_thread"``.
 
     Returns:
         ``AttentionState(out, lse)``: out ``(B, H, N_q, D)`` in q's dtype; lse ``(B, H, N_q)``
@@ -136,14 +150,25 @@ def attention(
     fn = "attention"
     (B, H, _, Nq, Nkv, _), _ = check_attention_args(fn, q, k, v, causal=causal, layout=layout, scale=scale,
                                                     pv_threshold=pv_threshold, sliding_window=sliding_window)
+    if quant is not None:  # thin delegate; the quantized entry point checks its own arguments
+        from sparseattn.ops.quant import attention_delegate
+
+        return attention_delegate(q, k, v, causal=causal, layout=layout, scale=scale, backend=backend, quant=quant,
+                                  quant_granularity=quant_granularity, pv_threshold=pv_threshold, stats=stats,
+                                  sliding_window=sliding_window, attn_mask=attn_mask)
+    if attn_mask is not None:
+        from sparseattn.ops.reference import check_attn_mask
+
+        check_attn_mask(fn, attn_mask, B, H, Nq, Nkv, q.device)
     if sliding_window is not None and sliding_window >= Nkv:
         sliding_window = None  # the window holds every causally visible key: plain causal attention
     if sliding_window is not None and layout is None:
         layout = band_layout(B, H, Nq, Nkv, sliding_window, q.device)
     name = select_backend(q, k, v, layout=layout, causal=causal, pv_threshold=pv_threshold, backend=backend, func=fn,
                           sliding_window=sliding_window)
+    extra = {} if attn_mask is None else {"attn_mask": attn_mask}  # only then: backends without the keyword keep working
     return BACKENDS[name][1](q, k, v, causal=causal, layout=layout, scale=scale, pv_threshold=pv_threshold, stats=stats,
-                             sliding_window=sliding_window)
+                             sliding_window=sliding_window, **extra)
 
 
 _BAND_BLOCK = 128  # the blocks of the launcher's own dense layout (the kernel's fastest tiles)

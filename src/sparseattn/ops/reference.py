@@ -11,11 +11,84 @@ from typing import Any
 
 import torch
 
-from sparseattn._validation import check_attention_args, check_layout_for, check_positive_int, check_qkv
+from sparseattn._validation import check_attention_args, check_layout_for, check_positive_int, check_qkv, fail
 from sparseattn.layout.block_layout import BlockLayout, causal_block_region
-from sparseattn.state.types import AttentionState  # re-exported here for compatibility
+from sparseattn.state.types import LN2, LOG2E, AttentionState, RawState  # AttentionState re-exported for compatibility
 
-__all__ = ["AttentionState", "reference_attention", "sdpa_reference"]
+__all__ = ["AttentionState", "RawState", "reference_attention", "reference_attention_carry", "sdpa_reference",
+           "check_attn_mask", "check_raw_state", "check_segment"]
+
+
+def check_attn_mask(func: str, attn_mask: Any, B: int, H: int, Nq: int, Nkv: int,
+                    device: torch.device) -> torch.Tensor | None:
+    """Validate an additive float mask ``(B|1, H|1, N_q, N_kv)`` (0 attend, ``-inf`` masked, finite = bias).
+
+    Values are not read (no host sync); NaN / ``+inf`` entries are the caller's responsibility.
+    """
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise fail(func, "attn_mask", "must be a torch.Tensor or None", "a float tensor (B|1, H|1, N_q, N_kv)",
+                   type(attn_mask).__name__)
+    if not attn_mask.dtype.is_floating_point:
+        raise fail(func, "attn_mask", "must be an additive float mask (0 attend, -inf masked)",
+                   "a floating-point dtype", str(attn_mask.dtype).replace("torch.", ""))
+    shp = tuple(attn_mask.shape)
+    if (attn_mask.dim() != 4 or shp[0] not in (1, B) or shp[1] not in (1, H) or shp[2:] != (Nq, Nkv)):
+        raise fail(func, "attn_mask", "has the wrong shape", f"(B|1, H|1, N_q, N_kv) = ({B}|1, {H}|1, {Nq}, {Nkv})",
+                   f"{shp}")
+    if attn_mask.device != device:
+        raise fail(func, "attn_mask", "is on another device than q", str(device), str(attn_mask.device))
+    return attn_mask
+
+
+def check_segment(func: str, kv_offset: Any, kv_len: Any, Nq: int, Nkv: int) -> tuple[int, int]:
+    """Check a key segment's position; returns ``(kv_len, causal offset of the segment)``.
+
+    The segment holds global keys ``kv_offset .. kv_offset + N_kv - 1`` of a sequence of ``kv_len``
+    keys whose last ``N_q`` positions are the queries: query ``i`` sees local keys ``<= i + OFF`` with
+    ``OFF = kv_len - N_q - kv_offset``.
+    """
+    if isinstance(kv_offset, bool) or not isinstance(kv_offset, int) or kv_offset < 0:
+        raise fail(func, "kv_offset", "must be a non-negative integer", "an int >= 0", repr(kv_offset))
+    if kv_len is None:
+        kv_len = kv_offset + Nkv
+    if isinstance(kv_len, bool) or not isinstance(kv_len, int):
+        raise fail(func, "kv_len", "must be an integer or None", "an int >= kv_offset + N_kv", repr(kv_len))
+    if kv_offset + Nkv > kv_len:
+        raise fail(func, "k", "segment runs past the end of the cache (kv_offset + N_kv > kv_len)",
+                   f"kv_offset + N_kv <= kv_len = {kv_len}", f"kv_offset={kv_offset}, N_kv={Nkv}")
+    return kv_len, kv_len - Nq - kv_offset
+
+
+def check_raw_state(func: str, name: str, state: Any, B: int, H: int, Nq: int, D: int, device: torch.device,
+                    dtype: torch.dtype) -> RawState | None:
+    """Check an incoming :class:`RawState` against the call's shapes, dtype and device (``None`` passes)."""
+    if state is None:
+        return None
+    if isinstance(state, AttentionState) or not (isinstance(state, tuple) and len(state) == 3
+                                                 and all(isinstance(t, torch.Tensor) for t in state)):
+        raise fail(func, name, "must be a RawState (m, l, acc) of tensors", "RawState(m, l, acc)", type(state).__name__)
+    m, l, acc = state
+    want = {"m": (B, H, Nq), "l": (B, H, Nq), "acc": (B, H, Nq, D)}
+    for part, t in (("m", m), ("l", l), ("acc", acc)):
+        if tuple(t.shape) != want[part]:
+            raise fail(func, f"{name}.{part}", "has the wrong shape", want[part], tuple(t.shape))
+        if t.dtype != dtype:
+            raise fail(func, f"{name}.{part}", "has the wrong dtype", str(dtype).replace("torch.", ""),
+                       str(t.dtype).replace("torch.", ""))
+        if t.device != device:
+            raise fail(func, f"{name}.{part}", "is on another device than q", str(device), str(t.device))
+    return RawState(m, l, acc)
+
+
+def _mask5(attn_mask: torch.Tensor, H: int, Hkv: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(B|1, H|1, N_q, N_kv)`` → ``(B|1, H_kv|1, G|1, N_q, N_kv)`` (a view; GQA head ``h = hk·G + g``)."""
+    Bm, Hm, Nq, Nkv = attn_mask.shape
+    m = attn_mask.to(dtype)
+    if Hm == 1:
+        return m.reshape(Bm, 1, 1, Nq, Nkv)
+    return m.reshape(Bm, Hkv, H // Hkv, Nq, Nkv)
 
 
 def reference_attention(
@@ -31,6 +104,7 @@ def reference_attention(
     pv_threshold: float | None = None,
     stats: dict[str, Any] | None = None,
     sliding_window: int | None = None,
+    attn_mask: torch.Tensor | None = None,
 ) -> AttentionState:
     """Dense or block-sparse attention, computed blockwise in PyTorch.
 
@@ -60,6 +134,9 @@ def reference_attention(
             ``causal=True`` only: query ``i`` attends keys ``j`` with ``i + OFF - W < j <= i + OFF``
             (``OFF = N_kv - N_q``), intersected with ``layout``. A key outside a row's window is not
             attended: its NaN/inf never reaches that row.
+        attn_mask: additive float mask ``(B|1, H|1, N_q, N_kv)``: added to the scaled scores
+            (0 = attend, ``-inf`` = masked, finite = bias), together with ``layout``/``causal``/window.
+            A ``-inf`` entry counts as not attended (a row whose keys are all ``-inf`` is empty).
 
     Returns:
         ``AttentionState(out, lse)`` — ``lse`` is the natural-log logsumexp, float32 (float64 for
@@ -75,6 +152,9 @@ def reference_attention(
                                                            pv_threshold=pv_threshold, sliding_window=sliding_window)
     check_positive_int(fn, "chunk_size", chunk_size)
     W = sliding_window
+    mask5 = None
+    if check_attn_mask(fn, attn_mask, B, H, Nq, Nkv, q.device) is not None:
+        mask5 = _mask5(attn_mask, H, Hkv, torch.float64 if q.dtype == torch.float64 else torch.float32)  # type: ignore[arg-type]
 
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     mm_dtype = acc_dtype if upcast else q.dtype
@@ -157,6 +237,11 @@ def reference_attention(
         l_old = l if ridx is None else l[..., ridx]
         acc_old = acc if ridx is None else acc[..., ridx, :]
         s = torch.einsum("bhgnd,bhcd->bhgnc", qs, kf[:, :, start:stop]).to(acc_dtype) * scale
+        if mask5 is not None:
+            mk = (mask5 if ridx is None else mask5[..., ridx, :])[..., start:stop].to(acc_dtype)
+            s = s + mk
+            fin = mk != -math.inf
+            allowed = fin if allowed is None else (allowed & fin)
         if allowed is not None:
             s = s.masked_fill(~allowed, -math.inf)
             att = allowed.any(-1).expand(B, Hkv, G, R)
@@ -236,11 +321,13 @@ def sdpa_reference(
     causal: bool = False,
     layout: BlockLayout | None = None,
     scale: float | None = None,
+    attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``torch.nn.functional.scaled_dot_product_attention`` with the same (element-level) mask.
 
     Materialises the ``N_q × N_kv`` mask: for tests and small shapes only. Rows with no attended
-    key are returned as 0 (SDPA itself gives NaN there).
+    key are returned as 0 (SDPA itself gives NaN there). ``attn_mask``: an additive float mask
+    ``(B|1, H|1, N_q, N_kv)`` combined with the layout/causal mask (``-inf`` = not attended).
     """
     B, H, Hkv, Nq, Nkv, D = check_qkv("sdpa_reference", q, k, v)
     G = H // Hkv
@@ -254,6 +341,110 @@ def sdpa_reference(
         mask = mask & (c <= r + (Nkv - Nq))
     kk = k.repeat_interleave(G, dim=1)
     vv = v.repeat_interleave(G, dim=1)
-    out = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale)
+    sdpa_mask: torch.Tensor = mask
+    if check_attn_mask("sdpa_reference", attn_mask, B, H, Nq, Nkv, q.device) is not None:
+        fm = attn_mask.to(q.dtype).expand(B, H, Nq, Nkv)  # type: ignore[union-attr]
+        mask = mask & (fm != -math.inf)
+        sdpa_mask = fm.masked_fill(~mask, -math.inf)
+    out = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=sdpa_mask, scale=scale)
     empty = ~mask.any(-1, keepdim=True)
     return out.masked_fill(empty, 0.0)
+
+
+def reference_attention_carry(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    state: RawState | None = None,
+    kv_offset: int = 0,
+    kv_len: int | None = None,
+    causal: bool = False,
+    layout: BlockLayout | None = None,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    block_n: int = 64,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> tuple[AttentionState, RawState]:
+    """The kernel's online-softmax loop in PyTorch over one key segment, carrying a :class:`RawState`.
+
+    ``k``/``v`` hold global keys ``kv_offset .. kv_offset + N_kv - 1`` of a sequence of ``kv_len`` keys
+    (default ``kv_offset + N_kv``) whose last ``N_q`` positions are the queries (``causal``: query ``i``
+    sees global keys ``<= i + kv_len - N_q``). Key chunks of ``layout.block_n`` (else ``block_n``) are
+    processed in order with the kernel's arithmetic (log2 units, ``exp2``, the mask pre-divided by the
+    scale), in float32 (float64 for float64 inputs; the state's dtype). Carrying the state over
+    segments whose boundaries are multiples of the chunk gives bitwise the one-call result. Builds
+    ``N_q × chunk`` scores per step: for tests and small shapes.
+
+    ``k_scale``/``v_scale`` (float32, ``(B, H_kv, N_kv[, 1])``): ``k``/``v`` hold quantized values
+    (int8 / float8_e4m3fn), dequantised here in PyTorch (``value * scale``) in the state's dtype.
+
+    Returns:
+        ``(AttentionState(out, lse) over every key carried so far, outgoing RawState)``.
+    """
+    fn = "reference_attention_carry"
+    if k_scale is not None or v_scale is not None:
+        from sparseattn.ops.triton_launch import _check_kv_scales
+
+        ks, vs = _check_kv_scales(fn, q, k, v, k_scale, v_scale)
+        wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+        k = (k.to(wide) * ks.unsqueeze(-1)).to(q.dtype)  # type: ignore[union-attr]
+        v = (v.to(wide) * vs.unsqueeze(-1)).to(q.dtype)  # type: ignore[union-attr]
+    (B, H, Hkv, Nq, Nkv, D), scale = check_attention_args(fn, q, k, v, causal=causal, layout=layout, scale=scale,
+                                                           pv_threshold=None, sliding_window=sliding_window)
+    check_positive_int(fn, "block_n", block_n)
+    total, off = check_segment(fn, kv_offset, kv_len, Nq, Nkv)
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    state = check_raw_state(fn, "state", state, B, H, Nq, D, q.device, acc_dtype)
+    mask5 = None
+    if check_attn_mask(fn, attn_mask, B, H, Nq, Nkv, q.device) is not None:
+        mask5 = _mask5(attn_mask, H, Hkv, acc_dtype)  # type: ignore[arg-type]
+    W = sliding_window if sliding_window is not None and sliding_window < total else None
+    G = H // Hkv
+    dev = q.device
+    qk_scale = scale * LOG2E
+    mask_mul = LOG2E / qk_scale
+    qf = q.to(acc_dtype).reshape(B, Hkv, G, Nq, D)
+    kf, vf = k.to(acc_dtype), v.to(acc_dtype)
+    if state is None:
+        state = RawState.empty(B, H, Nq, D, device=dev, dtype=acc_dtype)
+    m = state.m.reshape(B, Hkv, G, Nq).clone()
+    l = state.l.reshape(B, Hkv, G, Nq).clone()
+    acc = state.acc.reshape(B, Hkv, G, Nq, D).clone()
+    had = m > -math.inf
+    attends = torch.zeros((B, Hkv, G, Nq), dtype=torch.bool, device=dev)
+    rows = torch.arange(Nq, device=dev)
+    step = layout.block_n if layout is not None else block_n
+    block_mask = layout.to_dense_mask().reshape(B, Hkv, G, layout.num_q_blocks, -1) if layout is not None else None
+    for start in range(0, Nkv, step):
+        stop = min(start + step, Nkv)
+        cols = torch.arange(start, stop, device=dev)
+        qk = torch.einsum("bhgnd,bhcd->bhgnc", qf, kf[:, :, start:stop])
+        allowed = torch.ones((1, 1, 1, Nq, stop - start), dtype=torch.bool, device=dev)
+        if block_mask is not None:
+            allowed = allowed & block_mask[:, :, :, rows // layout.block_m, start // step].unsqueeze(-1)  # type: ignore[union-attr]
+        if causal:
+            allowed = allowed & (cols[None, :] <= rows[:, None] + off)
+            if W is not None:
+                allowed = allowed & (cols[None, :] > rows[:, None] + off - W)
+        if mask5 is not None:
+            mk = mask5[..., start:stop]
+            qk = qk + mk * mask_mul
+            allowed = allowed & (mk != -math.inf)
+        s2 = torch.where(allowed, qk * qk_scale, torch.full((), -math.inf, dtype=acc_dtype, device=dev))
+        m_new = torch.maximum(m, s2.amax(-1))
+        m_safe = torch.where(m_new == -math.inf, torch.zeros_like(m_new), m_new)
+        p = torch.exp2(s2 - m_safe.unsqueeze(-1))
+        alpha = torch.exp2(m - m_safe)
+        l = l * alpha + p.sum(-1)
+        acc = acc * alpha.unsqueeze(-1) + torch.einsum("bhgnc,bhcd->bhgnd", p, vf[:, :, start:stop])
+        m = m_new
+        attends = attends | allowed.expand(B, Hkv, G, Nq, stop - start).any(-1)
+    has = attends | had
+    l_safe = torch.where(has, l, torch.ones_like(l))
+    out = torch.where(has.unsqueeze(-1), acc / l_safe.unsqueeze(-1), torch.zeros_like(acc))
+    lse = torch.where(has, (m + torch.log2(l_safe)) * LN2, torch.full_like(m, -math.inf))
+    raw = RawState(m.reshape(B, H, Nq), l.reshape(B, H, Nq), acc.reshape(B, H, Nq, D))
+    return AttentionState(out.reshape(B, H, Nq, D).to(q.dtype), lse.reshape(B, H, Nq)), raw

@@ -16,7 +16,7 @@ Environment:
 
 Caches and threads (every cache is bounded; see :mod:`sparseattn._cache`):
     ``_TUNED`` — remembered autotune winner per (TMA, head_dim, layout blocks, causal, length bucket,
-    dtype, device string, sliding window on/off): a :class:`~sparseattn._cache.BoundedCache` of ``_TUNED_MAX`` (256) entries
+    dtype, device string, sliding window on/off; with a carried state or a float mask also those two flags): a :class:`~sparseattn._cache.BoundedCache` of ``_TUNED_MAX`` (256) entries
     (an evicted key re-asks Triton's autotuner, whose own per-key cache answers without benchmarking).
     ``_DENSE_BASE`` — the one-row dense layout used for ``layout=None`` (the sliding-window band with
     ``sliding_window``), per (lengths, blocks, causal, window, device string): ``_DENSE_BASE_MAX`` (64) entries. ``_kernels`` / ``_triton_import_error`` /
@@ -47,7 +47,8 @@ import torch
 from sparseattn._cache import BoundedCache
 from sparseattn._validation import check_attention_args, fail
 from sparseattn.layout.block_layout import BlockLayout
-from sparseattn.state.types import AttentionState
+from sparseattn.ops.reference import check_attn_mask, check_raw_state, check_segment
+from sparseattn.state.types import AttentionState, RawState
 
 __all__ = ["refusal", "block_sparse_fwd", "interpret_mode", "SUPPORTED_HEAD_DIMS", "SUPPORTED_BLOCK_SIZES"]
 
@@ -134,7 +135,7 @@ def _kernels() -> tuple[Any, Any, Any]:
 
     plain = mod._block_sparse_fwd_kernel
     # the window flag changes the kernel's work split, so it keys the autotuner's memo too
-    key = [*configs.AUTOTUNE_KEY, "HAS_WINDOW"]
+    key = [*configs.AUTOTUNE_KEY, "HAS_WINDOW", "HAS_STATE", "HAS_FLOAT_MASK"]
     tuned = [triton.autotune(configs=configs.autotune_configs(tma), key=key,
                              prune_configs_by={"early_config_prune": configs.prune}, do_bench=configs.safe_bench)(plain)
              for tma in (False, True)]
@@ -296,6 +297,38 @@ def _launch(plain: Any, tuned_plain: Any, tuned_tma: Any, cfg: dict[str, Any] | 
         _note_compiled(kern, cfg)
 
 
+def _check_kv_scales(fn: str, q: torch.Tensor, k: Any, v: Any, k_scale: Any,
+                     v_scale: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Quantized K/V: int8 / float8_e4m3fn values with float32 per-key scales; returns contiguous ``(B, H_kv, N)`` scales."""
+    if k_scale is None and v_scale is None:
+        return None, None
+    if k_scale is None or v_scale is None:
+        raise fail(fn, "k_scale/v_scale", "must be given together (quantized K and V)", "both or neither",
+                   f"k_scale={'set' if k_scale is not None else None}, v_scale={'set' if v_scale is not None else None}")
+    qdt = [torch.int8] + ([torch.float8_e4m3fn] if hasattr(torch, "float8_e4m3fn") else [])
+    out = []
+    for name, t, sc in (("k", k, k_scale), ("v", v, v_scale)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in qdt:
+            raise fail(fn, name, "must hold quantized values with k_scale/v_scale", "int8 or float8_e4m3fn",
+                       getattr(t, "dtype", type(t).__name__))
+        if not isinstance(sc, torch.Tensor) or sc.dtype != torch.float32:
+            raise fail(fn, f"{name}_scale", "must be a float32 tensor", "float32 (B, H_kv, N_kv)",
+                       getattr(sc, "dtype", type(sc).__name__))
+        if t.dim() == 4 and sc.dim() == 4 and sc.shape[-1] == 1:
+            sc = sc.squeeze(-1)
+        if t.dim() != 4 or tuple(sc.shape) != tuple(t.shape[:3]):
+            raise fail(fn, f"{name}_scale", "does not match the quantized tensor (one scale per key and head)",
+                       tuple(t.shape[:3]) if t.dim() == 4 else "(B, H_kv, N_kv)", tuple(sc.shape))
+        if sc.device != q.device:
+            raise fail(fn, f"{name}_scale", "is on another device than q", str(q.device), str(sc.device))
+        out.append(sc.contiguous())
+    if k.dtype != v.dtype:
+        raise fail(fn, "k/v dtypes", "must be equal", "one quantized dtype", f"k={k.dtype}, v={v.dtype}")
+    if k.dtype != torch.int8 and q.is_cuda and _capability(q.device) < (8, 9):
+        raise NotImplementedError(f"{fn}: float8 K/V need a GPU of compute capability >= 8.9")
+    return out[0], out[1]
+
+
 def block_sparse_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -310,7 +343,14 @@ def block_sparse_fwd(
     lse: torch.Tensor | None = None,
     config: dict[str, int] | None = None,
     sliding_window: int | None = None,
-) -> AttentionState:
+    attn_mask: torch.Tensor | None = None,
+    state_in: RawState | None = None,
+    return_state: bool = False,
+    kv_offset: int = 0,
+    kv_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> Any:
     """Block-sparse attention forward on the Triton kernel.
 
     Args:
@@ -336,10 +376,29 @@ def block_sparse_fwd(
             attends keys ``j`` with ``i + OFF - W < j <= i + OFF`` (``OFF = N_kv - N_q``), intersected
             with ``layout``. Key blocks below every row's window are never loaded; ``layout=None``
             runs on the band layout. ``W >= N_kv`` is plain causal attention (the window-free kernel).
+        attn_mask: additive float mask ``(B|1, H|1, N_q, N_kv)`` (0 attend, ``-inf`` masked, finite =
+            bias), any float dtype (float64 is converted to float32), loaded per tile through its
+            strides (stride 0 for broadcast dims); combined with ``layout``/``causal``/``sliding_window``.
+            A row whose attended keys are all ``-inf`` is empty (out 0, lse ``-inf``).
+        state_in: incoming :class:`~sparseattn.state.types.RawState` ``(m, l, acc)`` (float32; ``m``
+            in log2 units of the scaled score) over keys of earlier segments; ``None`` = empty.
+        return_state: also return the outgoing raw state (keys of earlier segments and of ``k``).
+        kv_offset: global position of ``k``'s first key (state path; see ``kv_len``).
+        kv_len: total key length of the sequence ``k`` is a segment of (default ``kv_offset + N_kv``).
+            With ``causal`` the queries are the last ``N_q`` positions of that sequence: query ``i``
+            attends global keys ``<= i + kv_len - N_q``. Any of ``state_in`` / ``return_state`` /
+            ``kv_offset`` / ``kv_len`` selects the state path (``HAS_STATE``): segments whose
+            boundaries are multiples of the layout's ``block_n`` (128 for ``layout=None``), carried
+            with the raw state and run with one fixed ``config``, give bitwise the result of one call.
+        k_scale, v_scale: quantized K/V (``HAS_KV_SCALE``): ``k``/``v`` then hold int8 or float8_e4m3fn
+            values and these their float32 per-key scales ``(B, H_kv, N_kv)`` (or ``(..., 1)``); the kernel
+            dequantises in registers (``k`` converted to q's dtype, the scale applied to the scores;
+            ``v``'s scale folded into P). Pointer loads (no TMA); a fixed config (no autotuning).
 
     Returns:
         ``AttentionState(out, lse)``: out ``(B, H, N_q, D)`` in q's dtype; lse ``(B, H, N_q)``
-        natural-log float32. Rows with no attended key: out 0, lse ``-inf``.
+        natural-log float32. Rows with no attended key: out 0, lse ``-inf``. With ``return_state``:
+        ``(AttentionState, RawState)``; out/lse then cover every key carried so far.
 
     Shapes:
         q ``(B, H, N_q, D)``, k/v ``(B, H_kv, N_kv, D)``; layout ``[B, H, ceil(N_q/block_m), ...]``.
@@ -350,14 +409,35 @@ def block_sparse_fwd(
         NotImplementedError: valid inputs the kernel does not support (see :func:`refusal`).
     """
     fn = "block_sparse_fwd"
-    (B, H, Hkv, Nq, Nkv, D), scale = check_attention_args(fn, q, k, v, causal=causal, layout=layout, scale=scale,
+    k_scale, v_scale = _check_kv_scales(fn, q, k, v, k_scale, v_scale)
+    has_kv_scale = k_scale is not None
+    if has_kv_scale:  # validate the geometry with stand-ins of q's dtype (zero-size storage, no copy)
+        kq = torch.zeros((), dtype=q.dtype, device=k.device).expand(k.shape)
+        vq = torch.zeros((), dtype=q.dtype, device=v.device).expand(v.shape)
+    else:
+        kq, vq = k, v
+    (B, H, Hkv, Nq, Nkv, D), scale = check_attention_args(fn, q, kq, vq, causal=causal, layout=layout, scale=scale,
                                                            pv_threshold=pv_threshold, sliding_window=sliding_window)
     reason = refusal(q, k=k, v=v, layout=layout, causal=causal, pv_threshold=pv_threshold, sliding_window=sliding_window)
     if reason is not None:
         raise NotImplementedError(f"{fn}: the Triton kernel cannot run these inputs: {reason}")
-    window = sliding_window if sliding_window is not None and sliding_window < Nkv else None  # else: no cut
+    mask_t = check_attn_mask(fn, attn_mask, B, H, Nq, Nkv, q.device)
+    if mask_t is not None and mask_t.dtype == torch.float64:
+        mask_t = mask_t.to(torch.float32)  # the kernel loads fp16/bf16/fp32 masks
+    if not isinstance(return_state, bool):
+        raise fail(fn, "return_state", "must be a bool", "True or False", repr(return_state))
+    has_state = state_in is not None or return_state or kv_offset != 0 or kv_len is not None
+    total, off = check_segment(fn, kv_offset, kv_len, Nq, Nkv)
+    if has_state:
+        if pv_threshold is not None:
+            raise fail(fn, "pv_threshold", "is not supported on the state path", "None", repr(pv_threshold))
+        state_in = check_raw_state(fn, "state_in", state_in, B, H, Nq, D, q.device, torch.float32)
+    window = sliding_window if sliding_window is not None and sliding_window < total else None  # else: no cut
     if layout is None:
-        layout = _dense_layout(B, H, Nq, Nkv, causal, q.device, window)
+        if has_state:  # every key block listed; the kernel skips the blocks above a row's diagonal (offset OFF)
+            layout = _dense_layout(B, H, Nq, Nkv, False, q.device)
+        else:
+            layout = _dense_layout(B, H, Nq, Nkv, causal, q.device, window)
 
     # the kernel indexes rows through strides; only the last dim must be unit-stride
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -395,6 +475,9 @@ def block_sparse_fwd(
         if pv and tau:
             raise fail(fn, "config", "cannot use RESCALE_TAU with pv_threshold (the skip rule needs the exact running max)",
                        "RESCALE_TAU=0", repr(tau))
+        if has_kv_scale and (config.get("USE_TMA") or config.get("TMA_QO")):
+            raise fail(fn, "config", "cannot use TMA with quantized K/V (k_scale/v_scale)", "USE_TMA/TMA_QO off",
+                       repr(config))
         if config.get("USE_TMA") and q.is_cuda and not _tma_usable(q, k, v):
             raise fail(fn, "config", "asks for TMA loads these inputs cannot use",
                        "sm_90+, 16-byte aligned K/V, Triton with tensor descriptors", repr(config))
@@ -402,7 +485,7 @@ def block_sparse_fwd(
             raise fail(fn, "config", "asks for TMA Q/O transfers these inputs cannot use",
                        "sm_90+, 16-byte aligned Q, K, V and out, Triton with tensor descriptors", repr(config))
         cfg: dict[str, int] | None = dict(config)
-    elif pv or interp or os.environ.get("SPARSEATTN_TRITON_AUTOTUNE", "1") == "0":
+    elif pv or interp or has_kv_scale or os.environ.get("SPARSEATTN_TRITON_AUTOTUNE", "1") == "0":
         cfg = cfgs.default_config(D, layout.block_m, layout.block_n, interpret=interp, pv_skip=pv)
     else:
         cfg = None  # autotune
@@ -417,9 +500,29 @@ def block_sparse_fwd(
         use_tma = not TMA_DISABLED_REASON and _tma_usable(q, k, v, q, out)
         tune_key = (use_tma, D, layout.block_m, layout.block_n, causal, n_ctx_key, q.dtype, str(q.device),
                     window is not None)
+        if has_state or mask_t is not None:  # appended only then: the default path keeps its keys
+            tune_key = (*tune_key, has_state, mask_t is not None)
         cfg = _TUNED.get(tune_key)  # None on the first call of this key: autotune below
+    st_out: RawState | None = None
+    if has_state:
+        if state_in is None:
+            st_in = RawState(torch.full((B, H, Nq), -math.inf, dtype=torch.float32, device=q.device),
+                             torch.zeros((B, H, Nq), dtype=torch.float32, device=q.device),
+                             torch.zeros((B, H, Nq, D), dtype=torch.float32, device=q.device))
+        else:
+            st_in = RawState(*(t.contiguous() for t in state_in))
+        st_out = RawState(torch.empty_like(st_in.m), torch.empty_like(st_in.l), torch.empty_like(st_in.acc))
+        st_ptrs: tuple[torch.Tensor, ...] = (*st_in, *st_out)
+    else:
+        st_ptrs = (lse,) * 6  # placeholders (never read without HAS_STATE)
+    if mask_t is not None:
+        ms = [0 if mask_t.shape[i] == 1 else mask_t.stride(i) for i in range(4)]
+    else:
+        ms = [0, 0, 0, 0]
     args = (
         q, k, v, out, lse, num_t, idx_t, stats_buf if stats_buf is not None else lse,
+        mask_t if mask_t is not None else lse, *st_ptrs,
+        k_scale if k_scale is not None else lse, v_scale if v_scale is not None else lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -427,16 +530,24 @@ def block_sparse_fwd(
         lse.stride(0), lse.stride(1),
         num_t.stride(0), num_t.stride(1), num_t.stride(2),
         idx_t.stride(0), idx_t.stride(1), idx_t.stride(2), idx_t.stride(3),
+        *ms,
         H, H // Hkv, Nq, Nkv, layout.num_kv_blocks,
         float(scale) * _LOG2E, float(pv_threshold) * _LOG2E if pv else 0.0,
         n_ctx_key,
         0 if window is None else int(window),
+        off if has_state else 0,
     )
     list_chunk = min(max(16, 1 << (layout.num_kv_blocks - 1).bit_length()), _MAX_LIST_CHUNK)
     meta = dict(HEAD_DIM=D, LAYOUT_BM=layout.block_m, LAYOUT_BN=layout.block_n, CAUSAL=causal, PV_SKIP=pv,
                 LIST_CHUNK=list_chunk)
     if window is not None:
         meta["HAS_WINDOW"] = True  # absent otherwise: the default (False) compiles the window-free kernel
+    if has_state:
+        meta["HAS_STATE"] = True  # likewise: absent = the state-free kernel
+    if mask_t is not None:
+        meta["HAS_FLOAT_MASK"] = True
+    if has_kv_scale:
+        meta["HAS_KV_SCALE"] = True
     if interp and q.dtype == torch.bfloat16:
         # Triton's CPU interpreter computes bf16 tl.dot wrongly (garbage, seen with triton 3.9): widen the
         # operands to fp32 there. Products of bf16 values are exact in fp32, so this matches the GPU's
@@ -455,4 +566,6 @@ def block_sparse_fwd(
         else:  # like the reference: tiles are counted only with pv_threshold
             stats["visited_tiles"] = 0
             stats["pv_skipped_tiles"] = 0
+    if return_state:
+        return AttentionState(out, lse), st_out
     return AttentionState(out, lse)

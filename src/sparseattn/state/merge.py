@@ -90,24 +90,40 @@ def segmented_attention(
     *,
     scale: float | None = None,
     backend: str = "auto",
+    causal: bool = False,
 ) -> AttentionState:
-    """Non-causal attention of ``q`` over KV given as consecutive segments, merged exactly.
+    """Attention of ``q`` over KV given as consecutive segments: one ``(out, lse)`` per segment, merged exactly.
 
-    Equal to attention over ``torch.cat(k_segments, dim=2)`` (up to rounding).
+    Equal to attention over ``torch.cat(k_segments, dim=2)`` (up to rounding). With ``causal`` the mask
+    is bottom-right aligned to the whole KV (query ``i`` sees global keys ``<= i + N_kv_total - N_q``);
+    each segment is computed with its global key offset
+    (:func:`~sparseattn.state.segmented.attention_with_state`, no carried state) before the merge.
+    For the bitwise carry of the raw state see :func:`~sparseattn.state.segmented.attention_over_segments`.
 
     Shapes:
         q ``(B, H, N_q, D)``; each segment ``(B, H_kv, N_i, D)``.
     """
-    from sparseattn.ops.attention import attention
-
     fn = "segmented_attention"
     if len(k_segments) == 0 or len(k_segments) != len(v_segments):
         raise fail(fn, "k_segments/v_segments", "must be non-empty and of equal length", "equal non-zero counts",
                    f"{len(k_segments)} and {len(v_segments)}")
-    states = []
+    if not isinstance(causal, bool):
+        raise fail(fn, "causal", "must be a bool", "True or False", repr(causal))
     for i, (k, v) in enumerate(zip(k_segments, v_segments)):
         check_qkv(f"{fn}[segment {i}]", q, k, v)
+    states = []
+    if causal:
+        from sparseattn.state.segmented import attention_with_state
+
+        total = sum(int(k.shape[2]) for k in k_segments)
+        pos = 0
+        for k, v in zip(k_segments, v_segments):
+            res = attention_with_state(q, k, v, kv_offset=pos, kv_len=total, causal=True, scale=scale, backend=backend)
+            states.append(AttentionState(res.out, res.lse))
+            pos += int(k.shape[2])
+        return merge_states(states)
+    from sparseattn.ops.attention import attention
+
+    for k, v in zip(k_segments, v_segments):
         states.append(attention(q, k, v, scale=scale, backend=backend))
     return merge_states(states)
-
-

@@ -32,6 +32,30 @@ loaded either. The P·V exception for a non-finite ``v`` (docs/ARCHITECTURE.md, 
 applies at the window's lower edge as on the diagonal: ``v[j, d]`` also reaches channel ``d`` of the
 rows of a query tile that loads key ``j``'s tile in a masked range without attending ``j``.
 
+With ``HAS_STATE`` (docs/STATE.md) the program loads an incoming raw state ``(m, l, acc)`` (fp32,
+contiguous ``[B*H, N_Q(, HEAD_DIM)]``; ``m`` in the kernel's log2 units) from ``SmIn/SlIn/SaccIn``
+instead of starting empty, stores the outgoing one to ``SmOut/SlOut/SaccOut`` (separate buffers,
+so a launch is idempotent, as autotuning needs) and takes the causal offset from ``CAUSAL_OFF``
+(a key segment of a longer KV) instead of ``N_KV - N_Q``; a row that attended a key in an earlier
+segment (``m > -inf``) is not empty. Since the loop visits key blocks in ascending order,
+carrying the state over segments cut at multiples of ``LAYOUT_BN`` repeats the one-call loop
+exactly (same tiles, same ranges, same arithmetic): bitwise equal results with one launch config.
+
+With ``HAS_FLOAT_MASK`` an additive mask is loaded per tile through its strides (0 for broadcast
+batch/head dims) and added to the raw dot product pre-divided by the score scale
+(``qk + mask * log2(e) / qk_scale``), so the rest of the loop is unchanged; ``-inf`` entries are
+masked keys, and a row whose running max is still ``-inf`` at the end is empty (out 0, lse ``-inf``).
+The lazy rescale (``RESCALE_TAU``) is off with a mask (a fully masked tile would make its test NaN).
+With ``HAS_KV_SCALE`` K and V hold quantized values (int8, or float8 e4m3 on sm_89+) with one float32
+scale per key (``KScale``/``VScale``, contiguous ``[B, H_kv, N_KV]``): a K tile is converted to q's
+dtype (exact for both formats) and its scores multiplied by the keys' scales; the value scales are
+folded into P before the P·V product (``_pv_scaled``). Pointer loads only (no TMA).
+
+All three flags default to ``False``: the default kernel's instructions are unchanged (its
+parameter list holds the new, unused pointer/stride arguments). Checked by compiling the kernel
+before and after for sm_90 with Triton 3.9 (no GPU needed): the same PTX instructions up to the
+placement of the parameter loads, for causal / non-causal / window / TMA / lazy-rescale configs.
+
 Numerics: fp16/bf16 operands, fp32 accumulation; scores are kept in log2 units (``log2(e)`` folded
 into the scale) so the softmax uses ``exp2``; the natural-log lse is written at the end. Rows that
 attend nothing get out 0 and lse ``-inf``. No atomics: every output element is written once by one
@@ -72,10 +96,17 @@ def _pv(p, v, acc, in_dtype: tl.constexpr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _pv_scaled(p, v, vs, acc, in_dtype: tl.constexpr, DOT_F32: tl.constexpr):
+    """``acc + (P·diag(vs))·V`` for a quantized V tile (int8/fp8 values, one scale per key)."""
+    return _pv(p * vs[None, :], v.to(in_dtype), acc, in_dtype, DOT_F32)
+
+
+@triton.jit
 def _masked_blocks(
     e_lo, e_hi, t_skip, q, acc, m_i, l_i, n_skipped,
     idx_row, stride_in, num, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn,
     offs_m, offs_n, offs_d, N_Q, N_KV, NUM_KV_BLOCKS, OFF, WINDOW, qk_scale, pv_thr2,
+    mask_base, stride_mm, stride_mn, mask_mul, ks_base, vs_base,
     in_dtype: tl.constexpr,
     BLOCK_N: tl.constexpr,
     LAYOUT_BN: tl.constexpr,
@@ -86,6 +117,8 @@ def _masked_blocks(
     DOT_F32: tl.constexpr,
     USE_TMA: tl.constexpr,
     PREFETCH: tl.constexpr,
+    HAS_FLOAT_MASK: tl.constexpr,
+    HAS_KV_SCALE: tl.constexpr,
 ):
     """List entries ``e_lo .. e_hi`` (``SUB`` kernel tiles each) with the element mask; returns the new state.
 
@@ -113,9 +146,17 @@ def _masked_blocks(
         else:
             k = tl.load(k_base + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None],
                         mask=col_ok[None, :], other=0.0)
+        if HAS_KV_SCALE:
+            k = k.to(in_dtype)  # int8 (|x| <= 127) and fp8 e4m3 values are exact in fp16 and bf16
         if DOT_F32:
             k = k.to(tl.float32)
         qk = tl.dot(q, k)
+        if HAS_KV_SCALE:  # per-key scale of the quantized K: q·(s_j k_j) = s_j (q·k_j)
+            qk = qk * tl.load(ks_base + cols, mask=col_ok, other=0.0)[None, :]
+        if HAS_FLOAT_MASK:  # additive mask, pre-divided by the score scale (see the kernel)
+            bias = tl.load(mask_base + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn,
+                           mask=(offs_m < N_Q)[:, None] & col_ok[None, :], other=0.0)
+            qk = qk + bias.to(tl.float32) * mask_mul
         keep = col_ok[None, :]
         if CAUSAL:
             keep = keep & (cols[None, :] <= offs_m[:, None] + OFF)
@@ -141,21 +182,29 @@ def _masked_blocks(
                 else:
                     v = tl.load(v_base + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
                                 mask=col_ok[:, None], other=0.0)
-                acc = _pv(p, v, acc, in_dtype, DOT_F32)
+                if HAS_KV_SCALE:
+                    acc = _pv_scaled(p, v, tl.load(vs_base + cols, mask=col_ok, other=0.0), acc, in_dtype, DOT_F32)
+                else:
+                    acc = _pv(p, v, acc, in_dtype, DOT_F32)
         else:
             if USE_TMA:
                 v = v_desc.load([start_n, 0])
             else:
                 v = tl.load(v_base + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
                             mask=col_ok[:, None], other=0.0)
-            acc = _pv(p, v, acc, in_dtype, DOT_F32)
+            if HAS_KV_SCALE:
+                acc = _pv_scaled(p, v, tl.load(vs_base + cols, mask=col_ok, other=0.0), acc, in_dtype, DOT_F32)
+            else:
+                acc = _pv(p, v, acc, in_dtype, DOT_F32)
         m_i = m_ij
     return acc, m_i, l_i, n_skipped
 
 
-@triton.jit(do_not_specialize=["H", "GROUP", "N_Q", "N_KV", "NUM_KV_BLOCKS", "N_CTX_KEY", "WINDOW"])
+@triton.jit(do_not_specialize=["H", "GROUP", "N_Q", "N_KV", "NUM_KV_BLOCKS", "N_CTX_KEY", "WINDOW", "CAUSAL_OFF"])
 def _block_sparse_fwd_kernel(
     Q, K, V, Out, Lse, KvNum, KvIdx, Stats,
+    Mask, SmIn, SlIn, SaccIn, SmOut, SlOut, SaccOut,  # read only with HAS_FLOAT_MASK / HAS_STATE
+    KScale, VScale,  # read only with HAS_KV_SCALE: contiguous [B, H_kv, N_KV] fp32 per-key scales
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -163,10 +212,12 @@ def _block_sparse_fwd_kernel(
     stride_lb, stride_lh,
     stride_nb, stride_nh, stride_nm,
     stride_ib, stride_ih, stride_im, stride_in,
+    stride_mb, stride_mh, stride_mm, stride_mn,  # float mask strides (0 for broadcast dims)
     H, GROUP, N_Q, N_KV, NUM_KV_BLOCKS,
     qk_scale, pv_thr2,
     N_CTX_KEY,  # autotune bucket only (ceil(log2(N_Q))); unused in the body
     WINDOW,  # sliding window in keys (read only with HAS_WINDOW)
+    CAUSAL_OFF,  # with HAS_STATE: the causal offset of this key segment (else N_KV - N_Q)
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -182,9 +233,13 @@ def _block_sparse_fwd_kernel(
     RESCALE_TAU: tl.constexpr = 0.0,  # > 0: lazy rescaling in the unmasked loop (see below), log2 units
     TMA_QO: tl.constexpr = False,  # Q load and O store through tensor descriptors too (fewer address registers)
     HAS_WINDOW: tl.constexpr = False,  # exact causal sliding window of WINDOW keys (see the module docstring)
+    HAS_STATE: tl.constexpr = False,  # carry a raw (m, l, acc) state in and out (see the module docstring)
+    HAS_FLOAT_MASK: tl.constexpr = False,  # additive float mask, loaded per tile through strides
+    HAS_KV_SCALE: tl.constexpr = False,  # K/V hold int8/fp8 values with one fp32 scale per key (dequantised here)
 ):
     tl.static_assert(not (PV_SKIP and RESCALE_TAU > 0.0), "PV_SKIP needs the exact running max (RESCALE_TAU = 0)")
     tl.static_assert(not HAS_WINDOW or CAUSAL, "HAS_WINDOW needs CAUSAL")
+    tl.static_assert(not (HAS_KV_SCALE and USE_TMA), "HAS_KV_SCALE loads K/V through pointers (USE_TMA off)")
     SUB: tl.constexpr = LAYOUT_BN // BLOCK_N
     num_m = tl.num_programs(0)
     pid_m = tl.program_id(0)
@@ -194,7 +249,10 @@ def _block_sparse_fwd_kernel(
     off_b = pid_bh // H
     off_h = pid_bh % H
     off_hk = off_h // GROUP
-    OFF = N_KV - N_Q  # bottom-right causal alignment: row r sees keys <= r + OFF
+    if HAS_STATE:
+        OFF = CAUSAL_OFF  # a key segment: row r sees local keys <= r + OFF (global bottom-right alignment)
+    else:
+        OFF = N_KV - N_Q  # bottom-right causal alignment: row r sees keys <= r + OFF
 
     m0 = pid_m * BLOCK_M
     qb = m0 // LAYOUT_BM
@@ -285,10 +343,32 @@ def _block_sparse_fwd_kernel(
     if DOT_F32:
         q = q.to(tl.float32)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if HAS_STATE:
+        # incoming raw state (contiguous [B*H, N_Q] / [B*H, N_Q, HEAD_DIM] fp32; rows past N_Q: empty)
+        s_row = pid_bh.to(tl.int64) * N_Q + offs_m
+        m_i = tl.load(SmIn + s_row, mask=row_ok, other=float("-inf"))
+        l_i = tl.load(SlIn + s_row, mask=row_ok, other=0.0)
+        acc = tl.load(SaccIn + s_row[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        had = m_i > float("-inf")  # the row attended a key in an earlier segment
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     n_skipped = num * 0
+    if HAS_FLOAT_MASK:
+        # the mask is added to the raw dot product, divided by the score scale: s = (qk + mask / scale) * scale
+        mask_base = Mask + off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh
+        mask_mul = 1.4426950408889634 / qk_scale
+    else:
+        mask_base = Lse  # placeholders (unused without HAS_FLOAT_MASK)
+        mask_mul = qk_scale
+    if HAS_KV_SCALE:
+        sc_off = (off_b.to(tl.int64) * (H // GROUP) + off_hk) * N_KV
+        ks_base = KScale + sc_off
+        vs_base = VScale + sc_off
+    else:
+        ks_base = Lse  # placeholders (unused without HAS_KV_SCALE)
+        vs_base = Lse
 
     if HAS_WINDOW:
         # ------------------------------------------------------------ lower-edge blocks: window (+ causal) mask
@@ -301,7 +381,9 @@ def _block_sparse_fwd_kernel(
             n_below, n_edge, t_skip, q, acc, m_i, l_i, n_skipped,
             idx_row, stride_in, num, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn,
             offs_m, offs_n, offs_d, N_Q, N_KV, NUM_KV_BLOCKS, OFF, WINDOW, qk_scale, pv_thr2,
-            in_dtype, BLOCK_N, LAYOUT_BN, SUB, CAUSAL, True, PV_SKIP, DOT_F32, USE_TMA, PREFETCH)
+            mask_base, stride_mm, stride_mn, mask_mul, ks_base, vs_base,
+            in_dtype, BLOCK_N, LAYOUT_BN, SUB, CAUSAL, True, PV_SKIP, DOT_F32, USE_TMA, PREFETCH, HAS_FLOAT_MASK,
+            HAS_KV_SCALE)
         t_full = n_edge * SUB
         kb_nx = tl.load(idx_row + n_edge * stride_in, mask=n_full > n_edge, other=0)
     else:
@@ -326,11 +408,20 @@ def _block_sparse_fwd_kernel(
             k = k_desc.load([start_n, 0]).T
         else:
             k = tl.load(k_base + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None])
+        if HAS_KV_SCALE:
+            k = k.to(in_dtype)
         if DOT_F32:
             k = k.to(tl.float32)
         qk = tl.dot(q, k)
+        if HAS_KV_SCALE:
+            qk = qk * tl.load(ks_base + start_n + offs_n)[None, :]
+        if HAS_FLOAT_MASK:
+            cols_f = start_n + offs_n
+            bias = tl.load(mask_base + offs_m[:, None] * stride_mm + cols_f[None, :] * stride_mn,
+                           mask=row_ok[:, None], other=0.0)
+            qk = qk + bias.to(tl.float32) * mask_mul
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        if RESCALE_TAU > 0.0:
+        if RESCALE_TAU > 0.0 and not HAS_FLOAT_MASK:  # (a masked row's -inf max would make the lazy test NaN)
             # Lazy rescaling (FlashAttention-4's trick): keep the reference max m_i unless some row's max
             # grew by more than RESCALE_TAU; then p <= 2**RESCALE_TAU, and (m_i, l_i, acc) stay one
             # consistent scaled state, so the result is the same function (only rounding differs). Once
@@ -363,13 +454,19 @@ def _block_sparse_fwd_kernel(
                     v = v_desc.load([start_n, 0])
                 else:
                     v = tl.load(v_base + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :])
-                acc = _pv(p, v, acc, in_dtype, DOT_F32)
+                if HAS_KV_SCALE:
+                    acc = _pv_scaled(p, v, tl.load(vs_base + start_n + offs_n), acc, in_dtype, DOT_F32)
+                else:
+                    acc = _pv(p, v, acc, in_dtype, DOT_F32)
         else:
             if USE_TMA:
                 v = v_desc.load([start_n, 0])
             else:
                 v = tl.load(v_base + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :])
-            acc = _pv(p, v, acc, in_dtype, DOT_F32)
+            if HAS_KV_SCALE:
+                acc = _pv_scaled(p, v, tl.load(vs_base + start_n + offs_n), acc, in_dtype, DOT_F32)
+            else:
+                acc = _pv(p, v, acc, in_dtype, DOT_F32)
         m_i = m_ij
 
     # ---------------------------------------------------------------- blocks crossing the diagonal / the end
@@ -377,7 +474,9 @@ def _block_sparse_fwd_kernel(
         n_full, n_vis, 0, q, acc, m_i, l_i, n_skipped,
         idx_row, stride_in, num, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn,
         offs_m, offs_n, offs_d, N_Q, N_KV, NUM_KV_BLOCKS, OFF, WINDOW, qk_scale, pv_thr2,
-        in_dtype, BLOCK_N, LAYOUT_BN, SUB, CAUSAL, False, PV_SKIP, DOT_F32, USE_TMA, PREFETCH)
+        mask_base, stride_mm, stride_mn, mask_mul, ks_base, vs_base,
+        in_dtype, BLOCK_N, LAYOUT_BN, SUB, CAUSAL, False, PV_SKIP, DOT_F32, USE_TMA, PREFETCH, HAS_FLOAT_MASK,
+        HAS_KV_SCALE)
 
     # ---------------------------------------------------------------- epilogue
     # A row attends some key iff its list is non-empty and (causal) the first (smallest) selected block
@@ -399,6 +498,13 @@ def _block_sparse_fwd_kernel(
         has = (offs_m * 0 + num) > 0
         if CAUSAL:
             has = has & (first_kb * LAYOUT_BN <= offs_m + OFF)
+    if HAS_FLOAT_MASK:
+        has = has & (m_i > float("-inf"))  # every attended key masked with -inf: an empty row
+    if HAS_STATE:
+        has = has | had
+        tl.store(SmOut + s_row, m_i, mask=row_ok)
+        tl.store(SlOut + s_row, l_i, mask=row_ok)
+        tl.store(SaccOut + s_row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
     out = tl.where(has[:, None], out, 0.0)

@@ -1,0 +1,333 @@
+"""``MixedKVCache``: a transformers ``Cache`` with a recent window in the model dtype and older tokens quantized.
+
+Per layer the cache holds two key segments:
+
+* **quantized** — every token older than the recent window, as INT8 (symmetric, one float32 scale per
+  token and KV head: ``scale = max|x| / 127``) or FP8 e4m3 (``scale = max|x| / 448``);
+* **recent** — the last ``window`` tokens (plus the tokens of the current step) in the model's dtype.
+
+Tokens move from the recent window to the quantized segment at the *start* of the next ``update``
+(so the step that adds a token attends it in full precision). Attention over the cache goes through
+the state operator (:func:`sparseattn.state.segmented.attention_over_segments`) and the raw
+online-softmax state is carried exactly from the quantized segment into the recent one. Where the
+quantized segment is dequantised: **inside the Triton kernel** (``HAS_KV_SCALE``: int8/fp8 tiles
+converted in registers, the key scale applied to the scores, the value scale folded into P) when the
+kernel runs the layer (CUDA, fp16/bf16, head_dim 64/128/256; fp8 needs sm_89+); otherwise **in PyTorch
+right before the attention call** (:func:`dequantize`, then the PyTorch loop). This needs the model
+to use the ``"sparseattn_mixed"`` attention implementation
+(:func:`sparseattn.integrations.mixed_cache_attention.enable_mixed_cache`); with any other
+implementation ``update`` returns the whole dequantised KV (correct attention, no state operator;
+warned once).
+
+transformers is imported lazily (``import sparseattn`` stays light): the class is built on first
+access of ``sparseattn.state.kv_cache.MixedKVCache``. Works with the ``Cache`` / ``DynamicLayer`` API of
+transformers 5.x (checked with 5.24; only ``update``, ``get_seq_length``, ``get_mask_sizes`` via
+``DynamicLayer`` and ``reorder_cache`` are relied on).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from typing import Any
+
+import torch
+
+from sparseattn._validation import fail
+
+__all__ = ["MixedKVCache", "quantize", "dequantize", "model_fingerprint", "QUANT_MODES"]
+
+QUANT_MODES = ("int8", "fp8")
+_QMAX = {"int8": 127.0, "fp8": 448.0}
+MIXED_TAG = "_sparseattn_mixed"  # attribute set on the key tensor ``update`` returns in mixed mode
+ATTN_NAME_MIXED = "sparseattn_mixed"
+
+
+def _fp8_dtype() -> torch.dtype:
+    dt = getattr(torch, "float8_e4m3fn", None)
+    if dt is None:  # pragma: no cover - torch without float8
+        raise NotImplementedError("MixedKVCache: quant='fp8' needs torch.float8_e4m3fn (torch >= 2.1)")
+    return dt
+
+
+def quantize(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token, per-head symmetric quantization of ``x (B, H_kv, N, D)``: ``(data, scales (B, H_kv, N, 1) fp32)``."""
+    if mode not in QUANT_MODES:
+        raise fail("quantize", "mode", "is unknown", f"one of {QUANT_MODES}", repr(mode))
+    xf = x.to(torch.float32)
+    amax = xf.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / _QMAX[mode], torch.ones_like(amax))
+    y = xf / scale
+    if mode == "int8":
+        return torch.round(y).clamp_(-127, 127).to(torch.int8), scale
+    return y.clamp_(-448.0, 448.0).to(_fp8_dtype()), scale
+
+
+def dequantize(data: torch.Tensor | None, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``data * scales`` in ``dtype``; checks that the scales exist and match (one per token and head)."""
+    fn = "dequantize"
+    if data is None:
+        raise fail(fn, "data", "is missing", "a quantized tensor (B, H_kv, N, D)", "None")
+    if scales is None:
+        raise fail(fn, "scales", "are missing for a quantized segment", f"a float32 tensor {tuple(data.shape[:3]) + (1,)}",
+                   "None")
+    if not isinstance(scales, torch.Tensor) or tuple(scales.shape) != tuple(data.shape[:3]) + (1,):
+        raise fail(fn, "scales", "do not match the quantized segment (one per token and head)",
+                   tuple(data.shape[:3]) + (1,), tuple(getattr(scales, "shape", ())) or type(scales).__name__)
+    return (data.to(torch.float32) * scales).to(dtype)
+
+
+def model_fingerprint(config: Any) -> tuple[Any, ...]:
+    """What identifies a model's KV geometry: type, layers, KV heads, head_dim, hidden size, vocabulary."""
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = getattr(cfg, "num_attention_heads", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    return (getattr(cfg, "model_type", None), getattr(cfg, "num_hidden_layers", None),
+            getattr(cfg, "num_key_value_heads", heads), head_dim, hidden, getattr(cfg, "vocab_size", None))
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def _build_classes() -> tuple[type, type]:
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class MixedLayer(DynamicLayer):
+        """One layer: quantized old tokens (``qk``/``qv`` + scales) and the recent window (``keys``/``values``)."""
+
+        is_sliding = False  # every token is kept; a sliding-window layer's window is applied by the attention
+        is_croppable = False
+
+        def __init__(self, window: int, quant: str) -> None:
+            super().__init__()
+            self.window = window
+            self.quant = quant
+            self.qk: torch.Tensor | None = None
+            self.qv: torch.Tensor | None = None
+            self.qk_scale: torch.Tensor | None = None
+            self.qv_scale: torch.Tensor | None = None
+            self._owner: Any = None  # weakref to the attention module that first used this layer
+            self._cache: Any = None  # weak proxy to the MixedKVCache holding this layer
+
+        # ------------------------------------------------------------------ storage
+        @property
+        def n_quant(self) -> int:
+            return 0 if self.qk is None else int(self.qk.shape[2])
+
+        @property
+        def n_recent(self) -> int:
+            return 0 if (not self.is_initialized or self.keys is None or self.keys.numel() == 0) else int(self.keys.shape[2])
+
+        def check_quantized(self) -> None:
+            """Raise if the quantized segment lacks its scales (or they do not match it)."""
+            for data, scales, name in ((self.qk, self.qk_scale, "key"), (self.qv, self.qv_scale, "value")):
+                if data is None and scales is None:
+                    continue
+                want = None if data is None else tuple(data.shape[:3]) + (1,)
+                if data is None or scales is None or tuple(scales.shape) != want:
+                    raise fail("MixedKVCache", f"{name} scales", "are missing for a quantized segment (or do not match it)",
+                               f"float32 scales of shape {want}",
+                               "None" if scales is None else f"shape {tuple(scales.shape)}")
+
+        def _evict(self) -> None:
+            self.check_quantized()
+            over = self.n_recent - self.window
+            if over <= 0:
+                return
+            old_k, old_v = self.keys[:, :, :over], self.values[:, :, :over]
+            dk, sk = quantize(old_k, self.quant)
+            dv, sv = quantize(old_v, self.quant)
+            if self.qk is None:
+                self.qk, self.qv, self.qk_scale, self.qv_scale = dk, dv, sk, sv
+            else:
+                self.qk = torch.cat([self.qk, dk], 2)
+                self.qv = torch.cat([self.qv, dv], 2)
+                self.qk_scale = torch.cat([self.qk_scale, sk], 2)  # type: ignore[list-item]
+                self.qv_scale = torch.cat([self.qv_scale, sv], 2)  # type: ignore[list-item]
+            self.keys = self.keys[:, :, over:].contiguous()
+            self.values = self.values[:, :, over:].contiguous()
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, mixed: bool = False,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            fn = "MixedKVCache.update"
+            if self.is_initialized and self.n_recent > 0:
+                want = (self.keys.shape[0], self.keys.shape[1], self.keys.shape[3])
+                got = (key_states.shape[0], key_states.shape[1], key_states.shape[3])
+                if want != got or key_states.dtype != self.keys.dtype:
+                    raise fail(fn, "key_states", "do not match the cached keys (a cache used across models?)",
+                               f"(B, H_kv, D)={want} {self.keys.dtype}", f"{got} {key_states.dtype}")
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self._evict()
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            if mixed:
+                k, v = self.keys, self.values
+                k = k.view_as(k)  # a fresh tensor object, so the tag does not stick to the stored one
+                setattr(k, MIXED_TAG, self)
+                return k, v
+            return self.full_kv()
+
+        def get_seq_length(self) -> int:
+            return self.n_quant + self.n_recent
+
+        def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+            """The whole cache, quantized part dequantised (fallback path, tests)."""
+            if self.n_quant == 0:
+                return self.keys, self.values
+            dk, dv = self.dequantized()
+            return torch.cat([dk, self.keys], 2), torch.cat([dv, self.values], 2)
+
+        def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+            """The quantized segment dequantised (in PyTorch) to the model dtype."""
+            return (dequantize(self.qk, self.qk_scale, self.keys.dtype),
+                    dequantize(self.qv, self.qv_scale, self.values.dtype))
+
+        def segments(self, recent_k: torch.Tensor, recent_v: torch.Tensor, *, dequant: bool = True,
+                     ) -> list[tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]:
+            """Key segments in order ``(k, v, scales)``: the old tokens (if any), then the recent window.
+
+            ``dequant=True``: the old tokens dequantised in PyTorch (``scales`` None); ``False``: their
+            quantized values with ``(k_scale, v_scale)``, for the kernel to dequantise (``HAS_KV_SCALE``).
+            """
+            self.check_quantized()
+            if self.n_quant == 0:
+                return [(recent_k, recent_v, None)]
+            if dequant:
+                dk, dv = self.dequantized()
+                return [(dk, dv, None), (recent_k, recent_v, None)]
+            return [(self.qk, self.qv, (self.qk_scale, self.qv_scale)), (recent_k, recent_v, None)]  # type: ignore[list-item]
+
+        def bind(self, module: Any) -> None:
+            """Tie the layer to the first attention module that reads it (a cache used across models fails)."""
+            owner = self._owner() if self._owner is not None else None
+            if owner is None:
+                self._owner = weakref.ref(module)
+            elif owner is not module:
+                raise fail("MixedKVCache", "cache", "is used by another model than the one that filled it",
+                           f"the module {type(owner).__name__} at 0x{id(owner):x}",
+                           f"{type(module).__name__} at 0x{id(module):x}")
+
+        # ------------------------------------------------------------------ generate() helpers
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            for name in ("keys", "values", "qk", "qv", "qk_scale", "qv_scale"):
+                t = getattr(self, name)
+                if t is not None and t.numel() > 0:
+                    setattr(self, name, t.index_select(0, beam_idx.to(t.device)))
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            for name in ("keys", "values", "qk", "qv", "qk_scale", "qv_scale"):
+                t = getattr(self, name)
+                if t is not None and t.numel() > 0:
+                    setattr(self, name, t.repeat_interleave(repeats, dim=0))
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            for name in ("keys", "values", "qk", "qv", "qk_scale", "qv_scale"):
+                t = getattr(self, name)
+                if t is not None and t.numel() > 0:
+                    setattr(self, name, t[indices, ...])
+
+        def reset(self) -> None:
+            super().reset()
+            self.qk = self.qv = self.qk_scale = self.qv_scale = None
+
+        def memory(self) -> dict[str, int]:
+            n_q, n_r = self.n_quant, self.n_recent
+            quant_bytes = _nbytes(self.qk) + _nbytes(self.qv)
+            scale_bytes = _nbytes(self.qk_scale) + _nbytes(self.qv_scale)
+            recent_bytes = _nbytes(self.keys) + _nbytes(self.values) if n_r else 0
+            per_token = (recent_bytes // n_r) if n_r else (0 if self.qk is None else
+                                                            2 * self.qk[:, :, :1].numel() * 2)
+            return {"quantized_tokens": n_q, "recent_tokens": n_r, "quantized_bytes": quant_bytes,
+                    "scale_bytes": scale_bytes, "recent_bytes": recent_bytes,
+                    "unquantized_bytes": per_token * (n_q + n_r)}
+
+    class MixedKVCache(Cache):
+        """KV cache: recent ``window`` tokens in the model dtype, older tokens INT8 or FP8 (see the module docstring).
+
+        Args:
+            config: the model's config (its text config gives the layer count; its geometry is the
+                fingerprint every attention call is checked against).
+            window: recent tokens kept unquantized per layer (> 0).
+            quant: ``"int8"`` or ``"fp8"`` (e4m3).
+
+        Use with ``model.generate(..., past_key_values=MixedKVCache(model.config, ...))`` after
+        :func:`~sparseattn.integrations.mixed_cache_attention.enable_mixed_cache` (model).
+        """
+
+        def __init__(self, config: Any, *, window: int = 128, quant: str = "int8") -> None:
+            fn = "MixedKVCache"
+            if config is None or not hasattr(config, "num_hidden_layers") and not hasattr(config, "get_text_config"):
+                raise fail(fn, "config", "must be the model's config", "a transformers PretrainedConfig",
+                           type(config).__name__)
+            if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+                raise fail(fn, "window", "must be a positive integer", "an int > 0 (recent tokens kept)", repr(window))
+            if quant not in QUANT_MODES:
+                raise fail(fn, "quant", "is unknown", f"one of {QUANT_MODES}", repr(quant))
+            if quant == "fp8":
+                _fp8_dtype()
+            self.fingerprint = model_fingerprint(config)
+            self._config = config
+            self.window = window
+            self.quant = quant
+            n_layers = self.fingerprint[1]
+            if not isinstance(n_layers, int) or n_layers <= 0:
+                raise fail(fn, "config", "has no num_hidden_layers", "a positive layer count", repr(n_layers))
+            layers = [MixedLayer(window, quant) for _ in range(n_layers)]
+            for layer in layers:
+                layer._cache = weakref.proxy(self)
+            super().__init__(layers=layers)
+            self._warned = False
+
+        def _mixed_mode(self) -> bool:
+            impl = getattr(self._config, "_attn_implementation", None)
+            if impl == ATTN_NAME_MIXED:
+                return True
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"MixedKVCache: the model's attention implementation is {impl!r}, not "
+                              f"{ATTN_NAME_MIXED!r}: update() returns the whole dequantised KV and the model's own "
+                              "attention reads it (no state operator). Call "
+                              "sparseattn.integrations.mixed_cache_attention.enable_mixed_cache(model) first.",
+                              RuntimeWarning, stacklevel=3)
+            return False
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.layers):
+                raise fail("MixedKVCache.update", "layer_idx", "is out of range (a cache used across models?)",
+                           f"0 <= layer_idx < {len(self.layers)}", repr(layer_idx))
+            return self.layers[layer_idx].update(key_states, value_states, mixed=self._mixed_mode())
+
+        def check_model(self, module: Any) -> None:
+            """Raise if ``module`` (an attention layer) belongs to a model of another geometry."""
+            cfg = getattr(module, "config", None)
+            if cfg is not None and model_fingerprint(cfg) != self.fingerprint:
+                raise fail("MixedKVCache", "cache", "was built for another model",
+                           f"fingerprint {self.fingerprint}", f"{model_fingerprint(cfg)}")
+
+        def memory_report(self) -> dict[str, Any]:
+            """Token counts and bytes: quantized data + scales vs the same tokens in the model dtype."""
+            per = [layer.memory() for layer in self.layers]
+            tot = {k: sum(p[k] for p in per) for k in per[0]} if per else {}
+            used = tot.get("quantized_bytes", 0) + tot.get("scale_bytes", 0) + tot.get("recent_bytes", 0)
+            full = tot.get("unquantized_bytes", 0)
+            return {"quant": self.quant, "window": self.window, "layers": len(per), **tot, "bytes_used": used,
+                    "bytes_saved": full - used, "ratio": (used / full) if full else math.nan, "per_layer": per}
+
+    return MixedLayer, MixedKVCache
+
+
+_CLASSES: tuple[type, type] | None = None
+
+
+def __getattr__(name: str) -> Any:  # lazy: transformers is imported on first access
+    global _CLASSES
+    if name in ("MixedKVCache", "MixedLayer"):
+        if _CLASSES is None:
+            _CLASSES = _build_classes()
+        return _CLASSES[0] if name == "MixedLayer" else _CLASSES[1]
+    raise AttributeError(name)
