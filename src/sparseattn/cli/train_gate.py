@@ -86,7 +86,11 @@ def run(args: argparse.Namespace) -> int:
         raise fail(fn, "--seq-len", "exceeds the model's context (max_position_embeddings)", f"<= {limit}", args.seq_len)
     if args.val_samples < 0:
         raise fail(fn, "--val-samples", "must be >= 0", "an int >= 0", args.val_samples)
-    ids, names, source = _samples(model, tokenizer, args, args.samples + args.val_samples)
+    from sparseattn.eval.texts import sample_ids
+
+    ids, names, source = sample_ids(model, tokenizer, seq_len=args.seq_len, samples=args.samples + args.val_samples,
+                                      text_files=args.text_file, text_dir=args.text_dir,
+                                      random_ids=args.random_ids, seed=args.seed)
     ids, val_ids, names = ids[:args.samples], ids[args.samples:], names[:args.samples]
     _log(f"{len(ids)} training + {len(val_ids)} held-out samples x {args.seq_len} tokens from {source}", progress)
 
@@ -129,18 +133,3 @@ def run(args: argparse.Namespace) -> int:
     print("report: " + str(js) + ("" if plot_note else f", {png}"))
     print(f"use: --predictor gate:path={path},topk=0.1")
     return 0
-
-
-def _samples(model: Any, tokenizer: Any, args: argparse.Namespace, n: int) -> tuple[list[Any], list[list[str]], str]:
-    import torch
-
-    if args.random_ids or tokenizer is None:
-        vocab = int(model.config.vocab_size)
-        g = torch.Generator().manual_seed(args.seed)
-        ids = [torch.randint(0, vocab, (1, args.seq_len), generator=g) for _ in range(n)]
-        return ids, [[f"random ids #{i} (seed {args.seed})"] for i in range(n)], f"random ids (seed {args.seed})"
-    from sparseattn.eval.texts import documents_for, token_samples
-
-    docs, source = documents_for(args.text_file, args.text_dir)
-    ids, names = token_samples(docs, tokenizer, seq_len=args.seq_len, samples=n)
-    return ids, names, source

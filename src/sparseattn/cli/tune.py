@@ -103,7 +103,11 @@ def run(args: argparse.Namespace) -> int:
         raise fail(fn, "--seq-len", "exceeds the model's context (max_position_embeddings)", f"<= {limit}",
                    args.seq_len)
     n_cmp = args.compare_samples if args.compare else 0
-    ids, names, source = _samples(model, tokenizer, args, args.samples + n_cmp)
+    from sparseattn.eval.texts import sample_ids
+
+    ids, names, source = sample_ids(model, tokenizer, seq_len=args.seq_len, samples=args.samples + n_cmp,
+                                      text_files=args.text_file, text_dir=args.text_dir,
+                                      random_ids=args.random_ids, seed=args.seed)
     tune_ids, cmp_ids = ids[:args.samples], ids[args.samples:]
     _log(f"{len(tune_ids)} calibration samples x {args.seq_len} tokens from {source}"
          + (f"; {len(cmp_ids)} held out for --compare" if cmp_ids else ""), progress)
@@ -161,21 +165,6 @@ def run(args: argparse.Namespace) -> int:
     print("tuned: " + str(path))
     print("report: " + ", ".join(str(paths[k]) for k in ("md", "json", "png") if k != "png" or not plot_note))
     return 0
-
-
-def _samples(model: Any, tokenizer: Any, args: argparse.Namespace, n: int) -> tuple[list[Any], list[list[str]], str]:
-    import torch
-
-    if args.random_ids or tokenizer is None:
-        vocab = int(model.config.vocab_size)
-        g = torch.Generator().manual_seed(args.seed)
-        ids = [torch.randint(0, vocab, (1, args.seq_len), generator=g) for _ in range(n)]
-        return ids, [[f"random ids #{i} (seed {args.seed})"] for i in range(n)], f"random token ids (seed {args.seed})"
-    from sparseattn.eval.texts import documents_for, token_samples
-
-    docs, source = documents_for(args.text_file, args.text_dir)
-    ids, names = token_samples(docs, tokenizer, seq_len=args.seq_len, samples=n)
-    return ids, names, source
 
 
 def _compare(model: Any, path: Path, ids_list: list[Any], names: list[str], args: argparse.Namespace, dev: str,

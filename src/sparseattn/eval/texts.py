@@ -18,7 +18,7 @@ import torch
 
 from sparseattn._validation import check_positive_int, fail
 
-__all__ = ["stdlib_documents", "file_documents", "dir_documents", "token_samples", "describe_source"]
+__all__ = ["stdlib_documents", "file_documents", "dir_documents", "token_samples", "describe_source", "sample_ids"]
 
 _SEPARATOR = "\n\n"
 
@@ -122,3 +122,24 @@ def token_samples(documents: Iterable[tuple[str, str]], tokenizer: Any, *, seq_l
         names.append([n for j, (start, n) in enumerate(spans)
                       if start < hi and (spans[j + 1][0] if j + 1 < len(spans) else len(stream)) > lo])
     return ids, names
+
+
+def sample_ids(model: Any, tokenizer: Any, *, seq_len: int, samples: int, text_files: Sequence[str] | None = None,
+               text_dir: str | None = None, random_ids: bool = False, seed: int = 0) -> tuple[list[Any], list[list[str]], str]:
+    """``samples`` token-id windows of ``seq_len`` for calibration / training commands (``tune``, ``train-gate``).
+
+    From text (``text_files`` / ``text_dir``, else the Python standard library's source) through
+    :func:`token_samples`; with ``random_ids`` (or no tokenizer) seeded random ids over the model's vocabulary.
+
+    Returns:
+        ``(ids, names, source)``: ``(1, seq_len)`` int64 tensors, the document names each window came
+        from, and a one-line description of the source.
+    """
+    if random_ids or tokenizer is None:
+        vocab = int(model.config.vocab_size)
+        g = torch.Generator().manual_seed(seed)
+        ids = [torch.randint(0, vocab, (1, seq_len), generator=g) for _ in range(samples)]
+        return ids, [[f"random ids #{i} (seed {seed})"] for i in range(samples)], f"random token ids (seed {seed})"
+    docs, source = documents_for(text_files, text_dir)
+    ids, names = token_samples(docs, tokenizer, seq_len=seq_len, samples=samples)
+    return ids, names, source
