@@ -25,7 +25,7 @@ from typing import Any
 from sparseattn._validation import fail
 
 __all__ = ["UserError", "FetchError", "check_input_file", "read_json_file", "load_safetensors_file", "describe_bytes",
-           "require_keys", "check_meta_int", "check_meta_number", "load_safetensors_with_metadata"]
+           "require_keys", "check_versioned_meta", "check_meta_int", "check_meta_number", "load_safetensors_with_metadata"]
 
 
 class UserError(Exception):
@@ -121,6 +121,21 @@ def require_keys(func: str, data: dict[str, Any], keys: tuple[str, ...] | list[s
     if missing:
         raise fail(func, label, f"is missing key{'s' if len(missing) > 1 else ''} {', '.join(repr(k) for k in missing)}",
                    f"keys {sorted(keys)}", f"keys {sorted(data)}")
+
+
+def check_versioned_meta(func: str, label: str, meta: Any, version: int, rerun: str,
+                         required: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """A file's JSON metadata: an object, with this ``version`` (else: re-run ``rerun``) and the ``required`` keys."""
+    if not isinstance(meta, dict):
+        raise fail(func, f"{label} metadata", "must be a JSON object", "an object", type(meta).__name__)
+    if "version" not in meta:
+        raise fail(func, f"{label} metadata", "has no 'version'", f"version {version}", f"keys {sorted(meta)}")
+    v = meta["version"]
+    if isinstance(v, bool) or not isinstance(v, int) or v != version:
+        raise fail(func, f"{label} metadata key 'version'", "is not supported by this sparseattn",
+                   f"version {version} (re-run {rerun})", repr(v))
+    require_keys(func, meta, required, f"{label} metadata")
+    return meta
 
 
 def check_meta_int(func: str, label: str, key: str, value: Any, *, minimum: int = 0) -> int:

@@ -58,18 +58,10 @@ def gate_meta(weights: GateWeights, *, model: Any = None, training: dict[str, An
 
 
 def _check_meta(fn: str, label: str, meta: Any) -> None:
-    from sparseattn.errors import check_meta_int, require_keys
-    from sparseattn.tuning.store import FINGERPRINT_KEYS
+    from sparseattn.errors import check_meta_int, check_versioned_meta
+    from sparseattn.tuning.store import check_fingerprint_meta
 
-    if not isinstance(meta, dict):
-        raise fail(fn, f"{label} metadata", "must be a JSON object", "an object", type(meta).__name__)
-    if "version" not in meta:
-        raise fail(fn, f"{label} metadata", "has no 'version'", f"version {GATE_VERSION}", f"keys {sorted(meta)}")
-    v = meta["version"]
-    if isinstance(v, bool) or not isinstance(v, int) or v != GATE_VERSION:
-        raise fail(fn, f"{label} metadata key 'version'", "is not supported by this sparseattn",
-                   f"version {GATE_VERSION} (re-run sparseattn train-gate)", repr(v))
-    require_keys(fn, meta, REQUIRED_META, f"{label} metadata")
+    check_versioned_meta(fn, label, meta, GATE_VERSION, "sparseattn train-gate", REQUIRED_META)
     for key in ("block_m", "block_n", "d_gate", "head_dim", "num_key_value_heads"):
         check_meta_int(fn, f"{label} metadata", key, meta[key], minimum=1)
     layers = meta["layers"]
@@ -77,11 +69,7 @@ def _check_meta(fn: str, label: str, meta: Any) -> None:
             any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers) or len(set(layers)) != len(layers):
         raise fail(fn, f"{label} metadata key 'layers'", "must be a non-empty list of distinct layer indices",
                    "e.g. [0, 1, 2]", repr(layers))
-    fp = meta["fingerprint"]
-    if not isinstance(fp, dict):
-        raise fail(fn, f"{label} metadata key 'fingerprint'", "must be a JSON object", f"keys {list(FINGERPRINT_KEYS)}",
-                   type(fp).__name__)
-    require_keys(fn, fp, FINGERPRINT_KEYS, f"{label} metadata 'fingerprint'")
+    check_fingerprint_meta(fn, label, meta)
 
 
 def _check_tensors(fn: str, label: str, wq: Any, wk: Any, meta: dict[str, Any]) -> None:

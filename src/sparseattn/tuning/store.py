@@ -47,24 +47,24 @@ def _label(path: Path | str) -> str:
 
 
 # --------------------------------------------------------------------------- metadata checks
-def _check_meta(fn: str, label: str, meta: Any) -> None:
-    """Version, required keys and the types of the fields the predictor relies on."""
-    from sparseattn.errors import check_meta_int, require_keys
+def check_fingerprint_meta(fn: str, label: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """The metadata's ``fingerprint`` object (tuned and gate files): a JSON object with every fingerprint key."""
+    from sparseattn.errors import require_keys
 
-    if not isinstance(meta, dict):
-        raise fail(fn, f"{label} metadata", "must be a JSON object", "an object", type(meta).__name__)
-    if "version" not in meta:
-        raise fail(fn, f"{label} metadata", "has no 'version'", f"version {TUNED_VERSION}", f"keys {sorted(meta)}")
-    v = meta["version"]
-    if isinstance(v, bool) or not isinstance(v, int) or v != TUNED_VERSION:
-        raise fail(fn, f"{label} metadata key 'version'", "is not supported by this sparseattn",
-                   f"version {TUNED_VERSION} (re-run sparseattn tune)", repr(v))
-    require_keys(fn, meta, REQUIRED_META, f"{label} metadata")
     fp = meta["fingerprint"]
     if not isinstance(fp, dict):
         raise fail(fn, f"{label} metadata key 'fingerprint'", "must be a JSON object", f"keys {list(FINGERPRINT_KEYS)}",
                    type(fp).__name__)
     require_keys(fn, fp, FINGERPRINT_KEYS, f"{label} metadata 'fingerprint'")
+    return fp
+
+
+def _check_meta(fn: str, label: str, meta: Any) -> None:
+    """Version, required keys and the types of the fields the predictor relies on."""
+    from sparseattn.errors import check_meta_int, check_versioned_meta, require_keys
+
+    check_versioned_meta(fn, label, meta, TUNED_VERSION, "sparseattn tune", REQUIRED_META)
+    fp = check_fingerprint_meta(fn, label, meta)
     for k in FINGERPRINT_KEYS[:4]:
         check_meta_int(fn, f"{label} metadata 'fingerprint'", k, fp[k], minimum=1)
     pr = meta["predictor"]
