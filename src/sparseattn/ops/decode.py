@@ -258,17 +258,11 @@ def decode_reference(
 
 def decode_refusal(q: torch.Tensor) -> str | None:
     """``None`` if the Triton decode kernels can run ``q``'s device/dtype/head_dim, else why not."""
-    from sparseattn.ops.triton_launch import _capability, _triton_import_error, interpret_mode
+    from sparseattn.ops.triton_launch import _triton_import_error, device_refusal
 
-    if q.device.type == "cuda":
-        major, minor = _capability(q.device)
-        if major < 8:
-            return f"needs a CUDA GPU of compute capability >= 8.0; {q.device} has {major}.{minor}"
-    elif q.device.type == "cpu":
-        if not interpret_mode():
-            return "q is on the CPU; the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
-    else:
-        return f"q is on {q.device}; the Triton kernel needs CUDA tensors"
+    why = device_refusal(q)
+    if why is not None:
+        return why
     if q.dtype not in KERNEL_DTYPES:
         return f"dtype {str(q.dtype).replace('torch.', '')} is not supported (float16, bfloat16 or float32)"
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:

@@ -84,6 +84,20 @@ def _triton_import_error() -> str | None:
     return None
 
 
+def device_refusal(q: torch.Tensor, what: str = "the Triton kernel") -> str | None:
+    """Why ``q``'s device cannot run a Triton kernel of this package (None: it can): every kernel's first check."""
+    if q.device.type == "cuda":
+        major, minor = _capability(q.device)
+        if major < 8:
+            return f"needs a CUDA GPU of compute capability >= 8.0; {q.device} has {major}.{minor}"
+    elif q.device.type == "cpu":
+        if not interpret_mode():
+            return f"q is on the CPU; {what} needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
+    else:
+        return f"q is on {q.device}; {what} needs CUDA tensors"
+    return None
+
+
 def refusal(
     q: torch.Tensor,
     *,
@@ -103,15 +117,9 @@ def refusal(
     """
     if not isinstance(q, torch.Tensor):
         return f"q is a {type(q).__name__}, not a torch.Tensor"
-    if q.device.type == "cuda":
-        major, minor = _capability(q.device)
-        if major < 8:
-            return f"needs a CUDA GPU of compute capability >= 8.0; {q.device} has {major}.{minor}"
-    elif q.device.type == "cpu":
-        if not interpret_mode():
-            return "q is on the CPU; the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
-    else:
-        return f"q is on {q.device}; the Triton kernel needs CUDA tensors"
+    why = device_refusal(q)
+    if why is not None:
+        return why
     if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {str(q.dtype).replace('torch.', '')} is not supported (float16 or bfloat16 only)"
     if q.dim() == 4 and q.shape[-1] not in SUPPORTED_HEAD_DIMS:
