@@ -92,11 +92,13 @@ def steady_prefill_times(model: Any, ids: torch.Tensor, patch_kwargs: Mapping[st
     finally:
         handle.unpatch()
     d, s = statistics.median(dense_s), statistics.median(sparse_s)
+    graphs = {k: status.count(k) for k in sorted(set(status))}
     return {
         "dense_s": d, "sparse_s": s, "ratio": d / s if s > 0 else None,
         "dense_rounds_s": dense_s, "sparse_rounds_s": sparse_s, "repeats": repeats, "warmup": warmup,
-        "layer_graphs": {k: status.count(k) for k in sorted(set(status))},
-        "method": (f"median of {repeats} prefill calls after {warmup} warm-up round(s) (the model patched once; "
-                   f"the sparse side's layer graphs captured before timing), dense and sparse alternated, "
+        "layer_graphs": graphs,
+        "method": (f"median of {repeats} prefill calls after {warmup} warm-up round(s) (the model patched once"
+                   f"{'; layer graphs: ' + ', '.join(f'{v} {k}' for k, v in graphs.items()) if graphs else ''}), "
+                   f"dense and sparse alternated, "
                    f"{'CUDA-synchronised, ' if cuda else ''}{ids.shape[1]} tokens, one process"),
     }
