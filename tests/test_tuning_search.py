@@ -230,3 +230,33 @@ def test_tune_model_tiny_llama():
     tc2 = tune_model(model, ids[:1], dense_layers=(0,), base=base, progress=False, log=lines.append)
     assert sorted(tc2.layers) == [1] and tc2.meta["dense_layers"] == [0]
     assert not hasattr(model, "_sparseattn_handle") or model._sparseattn_handle is None
+
+
+def test_sim_values_that_untrust_nothing_new_are_skipped_exactly(samples, monkeypatch):
+    """A sim threshold that untrusts the same blocks as the previous evaluated one is skipped (no probe runs):
+    the result equals a search without it, exactly, and the progress still reaches its total."""
+    import sparseattn.tuning.search as search
+    from sparseattn.predictors.mean_similarity import mean_sim_stats
+
+    sims = [mean_sim_stats(q, k, BASE) for q, k, _ in samples]
+    lowest = min(min(float(torch.nan_to_num(st.q_sim, nan=9).min()), float(torch.nan_to_num(st.k_sim, nan=9).min()))
+                 for st in sims)
+    below = (lowest - 1.0) / 2  # between -1 and every self-similarity: untrusts nothing, like -1
+    assert -1.0 < below < lowest
+    probes = {"n": 0}
+    real = search.tile_attention
+
+    def counting(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        probes["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(search, "tile_attention", counting)
+    seen = []
+    with_dup = tune_layer(samples, base=BASE, cdf_steps=3, sim_grid=(-1.0, below), callback=seen.append)
+    n_dup = probes["n"]
+    alone = tune_layer(samples, base=BASE, cdf_steps=3, sim_grid=(-1.0,))
+    assert n_dup == probes["n"] - n_dup  # the second sim value ran no probe
+    for f in ("sim_threshold", "cdf_threshold", "sparsity", "error", "dense"):
+        a, b = getattr(with_dup, f), getattr(alone, f)
+        assert torch.equal(torch.nan_to_num(a.float(), nan=-7.0), torch.nan_to_num(b.float(), nan=-7.0)), f
+    assert seen[-1]["step"] == seen[-1]["total"] == len(samples) + 2 * (3 + 1)

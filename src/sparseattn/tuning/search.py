@@ -236,7 +236,8 @@ def tune_layer(
     1. for each ``sim_threshold`` of ``sim_grid``, bisect ``cdf_threshold`` in (0, 1] (``cdf_steps``
        halvings after a check of 1.0) for the smallest value whose error stays ``<= l1`` on **every**
        calibration sample — the error of a setting is the **maximum over the samples**, because the
-       budget is a guarantee on the calibration set, not an average;
+       budget is a guarantee on the calibration set, not an average (a sim value that untrusts
+       exactly the blocks of the previous evaluated one gives the same masks, so it is skipped);
     2. keep, per head, the (sim, cdf) with the highest block sparsity (mean over samples of
        ``1 − selected / available`` blocks of the causal region; ties: the lower error);
     3. with ``pv_l1``, bisect ``pv_threshold`` (natural-log gap, log scale in ``[0.25, 64]``) for the
@@ -311,7 +312,19 @@ def tune_layer(
     best_err = torch.full((H,), math.inf, device=dev)
     best_sim = torch.full((H,), math.nan, device=dev)
     best_cdf = torch.full((H,), math.nan, device=dev)
+    last_sig: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    skipped: list[float] = []
     for s in grid:
+        # the sim threshold acts only through which blocks are untrusted (self-similarity below it): a value
+        # that untrusts exactly the blocks the last evaluated one did gives the same masks on every probe,
+        # hence the same errors and sparsities, which cannot be "better" — skipped, results unchanged
+        sig = [(smp.stats.q_sim >= s, smp.stats.k_sim >= s) for smp in prepared]
+        if last_sig is not None and all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(sig, last_sig)):
+            skipped.append(s)
+            for _ in range(cdf_steps + 1):
+                tick("cdf")
+            continue
+        last_sig = sig
         sim = torch.full((H,), s, device=dev)
         hi = torch.ones(H, device=dev)
         lo = torch.zeros(H, device=dev)
