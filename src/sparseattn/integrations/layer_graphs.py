@@ -90,12 +90,11 @@ def _clone(x: Any) -> Any:
 class LayerGraphs:
     """Per-key CUDA graphs of a sparse layer body (see the module docstring).
 
-    Args:
-        max_numel: calls with ``q.numel()`` above this run eagerly.
+    Which calls come here is the caller's choice (``PatchHandle`` sends calls with ``q.numel() <=``
+    :data:`DEFAULT_MAX_NUMEL`); ``replays`` counts the replays served.
     """
 
-    def __init__(self, max_numel: int = DEFAULT_MAX_NUMEL) -> None:
-        self.max_numel = int(max_numel)
+    def __init__(self) -> None:
         # per shape: static buffers and that shape's graphs (dropping a shape drops its graphs too)
         self._buffers: BoundedCache[tuple[Any, ...], _Buffers] = BoundedCache(_MAX_SHAPES)
         self._failed: BoundedCache[tuple[Any, ...], str] = BoundedCache(_MAX_FAILED)
