@@ -3,6 +3,9 @@
 # the whole-model benchmark stages "smol smol_graphs" (benchmarks/device_models.sh) and `sparseattn tune`
 # on the GPU at 4K (and 8K if time is left), each with --compare. Results under $OUT (tune/, and the
 # bench tarball); a summary is printed last. Run from the repository root with .carry/{essays,whl}.
+# Getting SmolLM2 there: the working tree is ~10 MiB, so ../shared/tools/device_chunks.sh's 56 MiB pieces
+# overflow the 64 MiB carry limit; split the GGUF in two instead (split -n 2 -d -a 2 FILE .carry/s2/part.,
+# each piece in its own folder), carry one per call into /tmp/m/s/, and run this script in the second call.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-./device_out}"; mkdir -p "$OUT/tune"
