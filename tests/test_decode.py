@@ -328,12 +328,16 @@ def test_update_page_summaries_is_exact(ps, max_new, request):
 def test_select_pages_matches_brute_force(backend, request):
     gen = _gen(request)
     B, H, Hkv, Lq, N, D, ps = 2, 4, 2, 2, 96, 64, 8
-    q, k, _ = (t.cpu() for t in _inputs(B, H, Hkv, Lq, N, D, torch.float32, gen))
+    # the Triton selection runs where the kernel does (CUDA, or the CPU interpreter); the checks read on the host
+    dev = DEV if backend == "triton" else "cpu"
+    q, k, _ = (t.to(dev) for t in _inputs(B, H, Hkv, Lq, N, D, torch.float32, gen))
     lens = [96, 45]
-    sl = torch.tensor(lens, dtype=torch.int32)
+    sl = torch.tensor(lens, dtype=torch.int32, device=dev)
     s = page_summaries(k, ps, seqlens=sl)
     for top in (4, 0.5):
         pidx, pnum = select_pages(q, s, seqlens=sl, top_pages=top, keep_first=1, keep_last=2, backend=backend)
+        pidx, pnum, q = pidx.cpu(), pnum.cpu(), q.cpu()
+        s = s._replace(kmin=s.kmin.cpu(), kmax=s.kmax.cpu())
         assert pidx.dtype == torch.int32 and pnum.shape == (B, Hkv)
         for b in range(B):
             n_pages = -(-lens[b] // ps)
@@ -360,10 +364,11 @@ def test_select_pages_matches_brute_force(backend, request):
 def test_select_pages_prefers_nan_pages(backend, request):
     """A page holding a NaN key is never dropped (its bound is NaN): the fault reaches the output."""
     gen = _gen(request)
-    q, k, _ = (t.cpu() for t in _inputs(1, 2, 1, 1, 64, 64, torch.float32, gen))
+    dev = DEV if backend == "triton" else "cpu"
+    q, k, _ = (t.to(dev) for t in _inputs(1, 2, 1, 1, 64, 64, torch.float32, gen))
     k[0, 0, 29, 3] = float("nan")  # page 3 of 8
     s = page_summaries(k, 8)
-    pidx, pnum = select_pages(q, s, top_pages=3, backend=backend)
+    pidx, pnum = (t.cpu() for t in select_pages(q, s, top_pages=3, backend=backend))
     assert 3 in pidx[0, 0, : int(pnum[0, 0])].tolist()
 
 
