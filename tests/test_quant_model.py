@@ -345,3 +345,16 @@ def test_bench_quant_qkv_option(collection, tmp_path, capsys):
     rc = mod.main(["--qkv", str(tmp_path / "missing"), "--out", str(tmp_path)] + smoke)
     err = capsys.readouterr().err
     assert rc == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_model_script_takes_the_quant_flags(capsys):
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_model.py")
+    spec = importlib.util.spec_from_file_location("bench_model_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--model", "/nonexistent/model", "--quant", "int8", "--backend", "reference"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bench_model.py: error: bench-model: --backend cannot run --quant int8") and err.count("\n") == 1
+    with pytest.raises(SystemExit) as exc:
+        mod.main(["--quant", "fp4"])
+    assert exc.value.code == 2
