@@ -22,7 +22,15 @@ without a GPU.
 
 Writes ``quant.json`` to ``--out`` (default ``$OUT`` or ``.``) and prints a markdown table last.
 
+``--qkv PATH`` instead measures accuracy on real Q/K/V written by ``sparseattn collect`` (a collection
+root, one ``len<N>`` folder or one ``.safetensors``; :mod:`sparseattn.eval.quant_accuracy`): per file
+and layer, cosine / relative L1 of bf16 attention and of every ``--qkv-modes`` x ``--qkv-grans``
+quantized row against fp32 attention, dense causal or with ``--qkv-predictor``'s layout, and whether
+the target (cos >= 0.9995, rel L1 <= 0.02) holds. Writes ``quant_qkv.json`` / ``quant_qkv.md``; exit
+status 0 (the verdict is in the files). On a CPU add ``--cpu-smoke`` (TRITON_INTERPRET=1).
+
 Usage (GPU): ``PYTHONPATH=src python3 benchmarks/bench_quant.py --out $OUT [--stress 40] [--budget-s 220]``
+and ``PYTHONPATH=src python3 benchmarks/bench_quant.py --qkv qkv/ --qkv-grans per_warp,per_thread --out $OUT``
 """
 
 from __future__ import annotations
@@ -299,6 +307,46 @@ def table(main: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _csv(text: str | None, conv: Callable[[str], Any], what: str) -> list[Any] | None:
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        return [conv(t) for t in items]
+    except ValueError:
+        raise ValueError(f"bench_quant.py: {what} must be comma-separated integers; got {text!r}") from None
+
+
+def qkv_main(args: argparse.Namespace) -> int:
+    """``--qkv``: accuracy on captured Q/K/V (one line on a user error, exit 2)."""
+    from sparseattn.eval.quant_accuracy import captured_quant_accuracy, quant_accuracy_table
+
+    if not args.cpu_smoke and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        print("bench_quant.py: error: --qkv needs a CUDA GPU, or --cpu-smoke (TRITON_INTERPRET=1) on the CPU",
+              file=sys.stderr)
+        return 2
+    try:
+        res = captured_quant_accuracy(
+            args.qkv, modes=[m.strip() for m in args.qkv_modes.split(",") if m.strip()],
+            granularities=[g.strip() for g in args.qkv_grans.split(",") if g.strip()],
+            layers=_csv(args.qkv_layers, int, "--qkv-layers"), lengths=_csv(args.qkv_lengths, int, "--qkv-lengths"),
+            predictor=args.qkv_predictor, dtype=getattr(torch, args.qkv_dtype), progress=True)
+    except (ValueError, NotImplementedError) as exc:
+        print(f"bench_quant.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    res["env"] = _env()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "quant_qkv.json")
+    with open(path, "w") as fh:
+        json.dump(res, fh, indent=1, default=str)
+    md = quant_accuracy_table(res)
+    with open(os.path.join(args.out, "quant_qkv.md"), "w") as fh:
+        fh.write(md + "\n")
+    print(f"\nwrote {path} ({res['wall_s']} s)")
+    print(md)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -313,7 +361,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pattern-heads", type=int, default=8, help="query heads of the pattern sweep")
     ap.add_argument("--parity-rows", type=int, default=512)
     ap.add_argument("--no-patterns", action="store_true")
+    ap.add_argument("--qkv", default=None, metavar="PATH",
+                    help="accuracy on Q/K/V captured by 'sparseattn collect' (root, len<N> folder or .safetensors) "
+                         "instead of the timing tables")
+    ap.add_argument("--qkv-modes", default="int8,int8_fp8", help="comma-separated quant modes (default int8,int8_fp8)")
+    ap.add_argument("--qkv-grans", default="per_warp", help="comma-separated granularities (default per_warp)")
+    ap.add_argument("--qkv-layers", default=None, help="comma-separated layers (default: all captured)")
+    ap.add_argument("--qkv-lengths", default=None, help="comma-separated lengths (default: all captured)")
+    ap.add_argument("--qkv-predictor", default=None, metavar="SPEC",
+                    help="predictor spec whose layout every row uses (default: dense causal)")
+    ap.add_argument("--qkv-dtype", default="bfloat16", choices=("bfloat16", "float16"))
     args = ap.parse_args(argv)
+    if args.qkv is not None:
+        return qkv_main(args)
     cpu = args.cpu_smoke
     if cpu:
         args.seqlen, args.heads, args.kv_heads, args.head_dim, args.pattern_heads = 256, 4, 2, 64, 4

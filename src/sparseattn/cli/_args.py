@@ -211,3 +211,50 @@ def device(text: str) -> str:
         if dev.index is not None and dev.index >= n:
             raise _err("is not available", f"cuda:0 .. cuda:{n - 1}", text)
     return str(text)
+
+
+QUANT_CHOICES = ("int8", "int8_fp8")
+QUANT_GRAN_CHOICES = ("per_warp", "per_block", "per_thread")
+
+
+def add_quant_arguments(p: argparse.ArgumentParser) -> None:
+    """``--quant`` and ``--quant-gran`` (``sparseattn eval``, ``bench-model``; docs/QUANT.md)."""
+    p.add_argument("--quant", default=None, choices=QUANT_CHOICES,
+                   help="run the sparse layers on the quantized kernel: int8 (INT8 Q·Kᵀ, P·V in the model dtype) or "
+                        "int8_fp8 (FP8 P·V, sm_89+); quantization is inside every call. Needs a bfloat16/float16 "
+                        "model on CUDA (or TRITON_INTERPRET=1 on the CPU)")
+    p.add_argument("--quant-gran", default=None, choices=QUANT_GRAN_CHOICES,
+                   help="scale granularity of --quant (default per_warp)")
+
+
+def check_quant(func: str, quant: str | None, gran: str | None, backend: str, device: str, dtype: object,
+                dense_above: float | None = None) -> str:
+    """Check ``--quant`` / ``--quant-gran`` against the other options before a model loads; returns the granularity.
+
+    Raises:
+        ValueError: ``--quant-gran`` without ``--quant``, a ``--backend`` other than auto/triton.
+        NotImplementedError: a device / dtype the quantized kernel cannot run (CPU without
+            ``TRITON_INTERPRET=1``, float32, FP8 below sm_89), with the reason.
+    """
+    from sparseattn._validation import fail
+
+    if quant is None:
+        if gran is not None:
+            raise fail(func, "--quant-gran", "has no effect without --quant", "--quant int8|int8_fp8 with it",
+                       f"--quant-gran {gran} alone")
+        return "per_warp"
+    if backend not in ("auto", "triton"):
+        raise fail(func, "--backend", f"cannot run --quant {quant} (the quantized kernel is its own route)",
+                   "auto or triton", backend)
+    import torch
+
+    from sparseattn.ops.quant import quant_refusal
+
+    probe = torch.empty(1, dtype=dtype, device=device)  # type: ignore[call-overload]
+    reason = quant_refusal(probe, quant=quant)
+    if reason is not None:
+        raise NotImplementedError(str(fail(func, f"--quant {quant}", f"cannot run here: {reason}",
+                                           "a bfloat16/float16 model on CUDA (sm_80+, sm_89+ for int8_fp8) or "
+                                           "TRITON_INTERPRET=1 on the CPU", f"--device {device}, "
+                                           f"--dtype {str(dtype).replace('torch.', '')}")))
+    return gran or "per_warp"

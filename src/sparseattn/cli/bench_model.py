@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from sparseattn.cli._args import device, int_list, nonneg_int, optional_int_list, positive_int
+from sparseattn.cli._args import add_quant_arguments, check_quant, device, int_list, nonneg_int, optional_int_list, positive_int
 
 _lengths = int_list(1, "token counts")
 _layers = optional_int_list(0, "layer indices")
@@ -49,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "CUDA only); compile (experimental: torch.compile on both sides, graph breaks reported)")
     p.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default float32 on CPU, bfloat16 on CUDA")
+                   help="default float32 on CPU, bfloat16 on CUDA or with --quant")
+    add_quant_arguments(p)
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler forward per row")
     p.add_argument("--no-plot", action="store_true", help="skip bench_model.png")
     p.add_argument("--seed", type=nonneg_int, default=0)
@@ -95,7 +96,12 @@ def run(args: argparse.Namespace) -> int:
     check_text_source("bench-model", args.text_file, args.text_dir)
     lengths = args.lengths or ([32768] if stack else [4096, 8192])
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
+    dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.bfloat16 if (dev.startswith("cuda") or args.quant) else torch.float32)
+    gran = check_quant("bench-model", args.quant, args.quant_gran, args.backend, dev, dtype)
+    if args.quant is not None and args.mode == "compile":
+        raise ValueError("bench-model: --mode compile cannot run --quant (the quantized kernel has no custom op yet); "
+                         "expected --mode eager or graphs, got --mode compile")
     progress = not args.quiet
     if args.llama_stack is not None:
         name = f"llama-3.1-8b-shaped stack, {args.llama_stack} layers, random weights"
@@ -120,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         pred, tcfg, label = tuned_predictor(tuned, model)  # checked against this model
         rows.append(bm.RowSpec(f"tuned {label}", "tuned", label, pred))
         dense_layers = sorted(set(dense_layers) | set(tcfg.meta.get("dense_layers", ())))
+    rows = bm.with_quant(rows, args.quant, gran)  # each row followed by its quantized twin
     res = bm.bench_model(model, rows, lengths, tokenizer=tokenizer, model_name=name,
                          random_ids=args.random_ids or stack, text_files=args.text_file, text_dir=args.text_dir,
                          repeats=args.repeats, warmup=args.warmup, score_last=args.score_last,

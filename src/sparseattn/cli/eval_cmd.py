@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sparseattn.cli._args import check_spec, check_text_source, device, nonneg_int, optional_int_list, positive_int
+from sparseattn.cli._args import add_quant_arguments, check_quant, check_spec, check_text_source, device, nonneg_int, optional_int_list, positive_int
 
 _int_list = optional_int_list(0, "layer indices")
 
@@ -35,7 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-self-check", action="store_true", help="skip the dense-vs-dense repeat run")
     p.add_argument("--backend", default="auto", choices=["auto", "masked_sdpa", "attention", "reference", "triton"])
     p.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default float32 on CPU, bfloat16 on CUDA or with --quant")
+    add_quant_arguments(p)
     p.add_argument("--plot-layer", type=nonneg_int, default=None, help="layer of the attention-map plot (default: middle)")
     p.add_argument("--plot-head", type=nonneg_int, default=0)
     p.add_argument("--no-plots", action="store_true")
@@ -59,13 +61,16 @@ def run(args: argparse.Namespace) -> int:
         load_tuned(args.tuned)  # a bad file fails here, before the model loads (the model check comes later)
     check_text_source("eval", args.text_file, args.text_dir)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.bfloat16 if (device.startswith("cuda") or args.quant) else torch.float32)
+    gran = check_quant("eval", args.quant, args.quant_gran, args.backend, device, dtype)
     res = evaluate(args.model, predictor=args.predictor or DEFAULT_PREDICTOR_SPEC, pattern=args.pattern,
                    dense_layers=args.dense_layers, tuned=args.tuned, seq_len=args.seq_len, samples=args.samples, gen_tokens=args.gen_tokens,
                    score_last=args.score_last, text_files=args.text_file, text_dir=args.text_dir,
                    compare_random=args.compare_random, self_check=not args.no_self_check, backend=args.backend,
                    dtype=dtype, device=device, plot_layer=args.plot_layer, plot_head=args.plot_head,
-                   progress=not args.quiet, timing_repeats=args.timing_repeats)
+                   progress=not args.quiet, timing_repeats=args.timing_repeats, quant=args.quant,
+                   quant_granularity=gran)
     paths = write_report(res, args.out, plots=not args.no_plots)
     print(res.table())
     print("report: " + ", ".join(str(p) for p in paths.values()))

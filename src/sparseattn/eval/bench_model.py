@@ -52,7 +52,7 @@ import torch
 
 from sparseattn._validation import check_positive_int, fail
 
-__all__ = ["RowSpec", "parse_rows", "load_model", "build_llama_stack", "build_random_model", "RANDOM_ARCHS", "env_info", "bench_model", "write_outputs", "table",
+__all__ = ["RowSpec", "parse_rows", "with_quant", "load_model", "build_llama_stack", "build_random_model", "RANDOM_ARCHS", "env_info", "bench_model", "write_outputs", "table",
            "markdown_table", "ALL_BLOCKS_SPEC", "LLAMA_STACK_DEFAULT_PATTERNS"]
 
 ALL_BLOCKS_SPEC = "dense:block_m=128,block_n=128"  # the all-blocks row: every causal block, in the kernel's fastest tiles
@@ -63,12 +63,37 @@ _ATTN_KERNEL_RE = re.compile(r"sparse|_attn|attention|flash|fmha|sdpa|cudnn", re
 # --------------------------------------------------------------------------- rows
 @dataclass
 class RowSpec:
-    """One sparse row: ``kind`` is ``"predictor"``, ``"pattern"`` or ``"all_blocks"``."""
+    """One sparse row: ``kind`` is ``"predictor"``, ``"pattern"`` or ``"all_blocks"``; ``quant`` (``"int8"`` /
+    ``"int8_fp8"``) runs its sparse layers on the quantized kernel with ``quant_granularity`` scales."""
 
     label: str
     kind: str
     spec: str
     predictor: Any = field(default=None, repr=False)
+    quant: str | None = None
+    quant_granularity: str | None = None
+
+
+def with_quant(rows: Sequence[RowSpec], quant: str | None, granularity: str = "per_warp") -> list[RowSpec]:
+    """Each row followed by its quantized twin (``"<label> [int8 per_warp]"``); ``quant=None``: the rows as given.
+
+    The all-blocks row's twin measures what quantization alone costs (every causal block, quantized);
+    the bf16 all-blocks row stays the noise floor every ``vs_all_blocks`` column compares against.
+    """
+    if quant is None:
+        return list(rows)
+    from sparseattn.ops.quant import GRANULARITIES, QUANT_MODES
+
+    if quant not in QUANT_MODES:
+        raise fail("with_quant", "quant", "is unknown", f"None or one of {list(QUANT_MODES)}", repr(quant))
+    if granularity not in GRANULARITIES:
+        raise fail("with_quant", "granularity", "is unknown", f"one of {list(GRANULARITIES)}", repr(granularity))
+    out: list[RowSpec] = []
+    for r in rows:
+        out.append(r)
+        if r.quant is None:
+            out.append(RowSpec(f"{r.label} [{quant} {granularity}]", r.kind, r.spec, r.predictor, quant, granularity))
+    return out
 
 
 def _split(text: str | None) -> list[str]:
@@ -425,12 +450,23 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
     dtype = next(model.parameters()).dtype
     if mode == "graphs" and not cuda:
         raise fail(fn, "mode", "'graphs' captures CUDA graphs and needs a CUDA model", "a model on cuda", str(device))
+    if rows[0].quant is not None:
+        raise fail(fn, "rows", "must start with the unquantized all-blocks row (the noise floor)", "parse_rows(...)",
+                   rows[0].label)
+    quant_rows = [r for r in rows if r.quant is not None]
+    if quant_rows and mode == "compile":
+        raise fail(fn, "mode", "'compile' cannot run quantized rows (the quantized kernel has no custom op yet)",
+                   "'eager' or 'graphs'", repr(mode))
+    for r in quant_rows:  # patch-time refusals (pv_threshold, windows, device, dtype) before anything is timed
+        patch_model(model, predictor=r.predictor, dense_layers=list(dense_layers), backend=backend, quant=r.quant,
+                    quant_granularity=r.quant_granularity).unpatch()
     result: dict[str, Any] = {
         "tool": "sparseattn.eval.bench_model",
         "env": env_info(), "model": model_name, "random_weights": random_weights, "device": str(device),
         "dtype": str(dtype).replace("torch.", ""), "mode": mode, "backend": backend, "repeats": repeats,
         "warmup": warmup, "score_last": score_last, "dense_layers": list(dense_layers),
-        "rows_spec": [{"label": r.label, "kind": r.kind, "spec": r.spec} for r in rows],
+        "rows_spec": [{"label": r.label, "kind": r.kind, "spec": r.spec, "quant": r.quant,
+                       "quant_granularity": r.quant_granularity} for r in rows],
         "lengths": [], "rows": [], "notes": [],
     }
     if random_weights:
@@ -439,6 +475,10 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
     if not cuda:
         result["notes"].append("CPU run: the sparse path is the exact masked SDPA / interpreter, so times do not "
                                "measure the kernel; profile counts are profiler CPU ops, not device kernels")
+    if quant_rows:
+        result["notes"].append("rows labelled [<quant> <granularity>] run the sparse layers on the quantized kernel "
+                               "(INT8 Q·Kᵀ; P·V in the model dtype for int8, FP8 for int8_fp8), quantization inside "
+                               "every call; their vs_all_blocks compares with the unquantized all-blocks row")
     compiled_dense = None
     if mode == "compile":
         result["notes"].append("compile mode: torch.compile (inductor) of the dense model and, per row, of a patched "
@@ -471,7 +511,10 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
         for i, row in enumerate(rows):
             _log(f"{model_name}: {n} tokens, row {i + 1}/{len(rows)} {row.label!r}", progress)
             kw: dict[str, Any] = {"predictor": row.predictor, "dense_layers": list(dense_layers), "backend": backend}
-            rec: dict[str, Any] = {"seq_len": n, "label": row.label, "kind": row.kind, "spec": row.spec}
+            if row.quant is not None:
+                kw.update(quant=row.quant, quant_granularity=row.quant_granularity)
+            rec: dict[str, Any] = {"seq_len": n, "label": row.label, "kind": row.kind, "spec": row.spec,
+                                   "quant": row.quant, "quant_granularity": row.quant_granularity}
             target = model
             if mode == "compile":
                 import copy
@@ -498,6 +541,8 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
                 rec["density"] = _mean_sparse_density(rep)
                 rec["backends"] = sorted({b for e in rep["layers"].values() for b in e.get("backends", ())})
                 rec["layer_calls"] = dict(h.counts)
+                if row.quant is not None and h.counts["prefill_quant"] == 0 and h.counts["prefill_sparse"]:
+                    raise RuntimeError(f"bench_model: row {row.label!r} ran no quantized call")  # never silently bf16
                 modes = [e["mode"] for e in rep["layers"].values()]
                 rec["layer_modes"] = {m: modes.count(m) for m in sorted(set(modes))}
                 rec["window_density"] = _mean_sparse_density(rep, "window")
@@ -529,7 +574,7 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
 
                     t = _alternating(d, s, repeats=repeats, warmup=warmup, cuda=cuda, seq_len=n)
             rec["vs_dense"] = logits_metrics(sparse_logits, dense_logits)
-            if row.kind == "all_blocks":
+            if row.kind == "all_blocks" and row.quant is None:
                 floor_logits = sparse_logits
                 rec["vs_all_blocks"] = None
             else:

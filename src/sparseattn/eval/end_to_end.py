@@ -277,6 +277,8 @@ def evaluate(
     seed: int = 0,
     timing_repeats: int = 5,
     tuned: Any = None,
+    quant: str | None = None,
+    quant_granularity: str = "per_warp",
 ) -> EvalResult:
     """Dense vs sparse on the same inputs; returns an :class:`EvalResult` (see module docstring).
 
@@ -302,6 +304,9 @@ def evaluate(
         tuned: a tuned file from ``sparseattn tune`` (path) or a ``TunedConfig``: its predictor replaces
             ``predictor`` (``pattern`` must be None), checked against the model; its dense layers are
             added to ``dense_layers``.
+        quant, quant_granularity: passed to :func:`~sparseattn.integrations.patch_model`: the sparse
+            side's sparse layers run the quantized kernel (``"int8"`` / ``"int8_fp8"``; docs/QUANT.md),
+            so every metric is quantized + sparse vs dense. Recorded in the report's config.
         plot_layer, plot_head: layer/head of the attention-map plot (default: middle layer, head 0).
         thresholds: override :data:`~sparseattn.eval.defaults.EVAL_THRESHOLDS` entries.
         progress: tqdm progress bars.
@@ -384,6 +389,10 @@ def evaluate(
         raise fail(fn, "plot_layer", "is out of range", f"0..{n_layers - 1}", p_layer)
     scale_of = {i: getattr(m, "scaling", None) for i, m in layers}
 
+    if quant is not None:  # patch-time refusals (pv_threshold, windows, device, dtype) before any dense run
+        patch_model(model, predictor=pred, dense_layers=dense_layers, per_layer=per_layer, per_head=per_head,
+                    backend=backend, quant=quant, quant_granularity=quant_granularity).unpatch()
+
     from tqdm.auto import tqdm
 
     per_sample: list[dict[str, Any]] = []
@@ -417,7 +426,8 @@ def evaluate(
                 rec["self_check"] = sc
                 bar.update(1)
             handle = patch_model(model, predictor=pred, dense_layers=dense_layers, per_layer=per_layer,
-                                 per_head=per_head, backend=backend, keep_layouts=first)
+                                 per_head=per_head, backend=backend, keep_layouts=first, quant=quant,
+                                 quant_granularity=quant_granularity)
             try:
                 sparse = greedy_generate(model, ids, gen_tokens=max(gen_tokens, 1), score_last=n_score)
             finally:
@@ -477,7 +487,8 @@ def evaluate(
                   file=sys.stderr, flush=True)
         steady = steady_prefill_times(
             model, ids_list[0].to(dev), dict(predictor=pred, dense_layers=dense_layers, per_layer=per_layer,
-                                             per_head=per_head, backend=backend),
+                                             per_head=per_head, backend=backend, quant=quant,
+                                             quant_granularity=quant_granularity),
             repeats=timing_repeats, warmup=2 if dev.type == "cuda" else 1)
 
     summary = {k: _mean_std([r["metrics"][k] for r in per_sample if k in r["metrics"]])
@@ -547,6 +558,8 @@ def evaluate(
         "per_layer": {str(k): (v if isinstance(v, str) else describe_predictor(v)) for k, v in (per_layer or {}).items()},
         "per_head": {str(k): (v if isinstance(v, str) else describe_predictor(v)) for k, v in (per_head or {}).items()},
         "backend": backend,
+        "quant": quant,
+        "quant_granularity": quant_granularity if quant is not None else None,
         "seq_len": seq_len,
         "samples": len(per_sample),
         "gen_tokens": gen_tokens,
@@ -584,7 +597,8 @@ def _table(res: EvalResult) -> str:
     c = res.config
     lines = [f"sparseattn eval: {c['model']} | {c['seq_len']} tokens x {c['samples']} samples | "
              f"scored last {c['score_last']} positions | {c['gen_tokens']} greedy tokens",
-             f"sparse config: {c['predictor_spec'] or c['pattern'] or _tuned_label(c) or c['predictor']['name']} | "
+             f"sparse config: {c['predictor_spec'] or c['pattern'] or _tuned_label(c) or c['predictor']['name']}"
+             f"{' + ' + c['quant'] + ' ' + c['quant_granularity'] if c.get('quant') else ''} | "
              f"mean density (sparse layers) {_f(c['mean_density_sparse_layers'], '{:.3f}')} | "
              f"text: {c['text_source']}"]
     w = max(len(v[0]) for v in _LABELS.values())
@@ -627,7 +641,9 @@ def _markdown(res: EvalResult, plots: Mapping[str, str] | None = None) -> str:
            f"- model: `{c['model']}` ({c['model_class']}, {c['layers']} layers, {c['heads']} q heads / "
            f"{c['kv_heads']} kv heads, head_dim {c['head_dim']}, {c['dtype']})",
            f"- sparse configuration: `{c['predictor_spec'] or c['pattern'] or _tuned_label(c)}` → {json.dumps(c['predictor'])}",
-           f"- dense layers: {c['dense_layers'] or 'none'}; backend: {c['backend']}",
+           f"- dense layers: {c['dense_layers'] or 'none'}; backend: {c['backend']}; quantized attention: "
+           + (f"{c['quant']} ({c['quant_granularity']} scales; quantization inside every sparse layer call)"
+              if c.get("quant") else "off"),
            f"- text: {c['text_source']}; {c['samples']} samples × {c['seq_len']} tokens; metrics over the last "
            f"{c['score_last']} positions; {c['gen_tokens']} greedy tokens per sample",
            f"- mean block density: {_f(c['mean_density_sparse_layers'], '{:.4f}')} over sparse layers, "

@@ -503,7 +503,8 @@ class PatchHandle:
         self._density_raw: dict[int, list[Any]] = {}
         self.backends_used: dict[int, set[str]] = {}
         self.timings: dict[int, float] = {}
-        self.counts = {"prefill_sparse": 0, "prefill_dense": 0, "decode_dense": 0}
+        # prefill_quant: sparse prefill calls that ran the quantized kernel (also counted in prefill_sparse)
+        self.counts = {"prefill_sparse": 0, "prefill_dense": 0, "decode_dense": 0, "prefill_quant": 0}
         self._hook: Any = None
         self.active = True
         # mask verdicts of the current forward (see _mask_ok); routes and static densities are module caches
@@ -517,6 +518,10 @@ class PatchHandle:
         self.layer_graph_status: dict[int, str] = {}
         self._layer_graphs: Any = None  # LayerGraphs, created on the first graphed call
         self._graph_warned = False
+        #: ``"int8"`` / ``"int8_fp8"`` when the sparse prefill layers run the quantized kernel, else None
+        self.quant: str | None = None
+        #: the quantized kernel's scale granularity (meaningful only with ``quant``)
+        self.quant_granularity: str | None = None
 
     # ---------------------------------------------------------------- lifecycle
     def _on_forward(self, *_: Any, **__: Any) -> None:
@@ -614,6 +619,7 @@ class PatchHandle:
             layers[str(idx)] = entry
         dens = [e["density"] for e in layers.values() if e["density"] is not None]
         extra = {} if self.tuned is None else {"tuned": self.tuned}
+        extra["quant"] = None if self.quant is None else {"mode": self.quant, "granularity": self.quant_granularity}
         return {
             "layers": layers,
             "mean_density": (sum(dens) / len(dens)) if dens else None,
@@ -681,6 +687,11 @@ class PatchHandle:
         # a window as long as the keys restricts nothing: plain causal
         win = window if (window is not None and window < nkv) else None
         ok = attention_mask is None or self._mask_ok(attention_mask, nq, nkv, win)
+        if self.quant is not None and win is not None and mode in ("sparse", "window"):
+            raise NotImplementedError(str(fail(
+                "patch_model", f"quant={self.quant!r}", f"cannot run layer {layer}: it is a sliding-window layer "
+                f"(window {win}) and the quantized kernel has no window support",
+                f"that layer in dense_layers (dense_layers=[{layer}, ...]) or quant=None", f"sliding_window={win}")))
         if mode in ("dense", "model_window") or (mode == "window" and not ok):
             return self._dense_call(module, query, key, value, attention_mask, kwargs, win, "prefill_dense")
 
@@ -727,8 +738,17 @@ class PatchHandle:
                                                 lambda: (None, torch.ones(H, dtype=torch.float64, device=query.device)))
             self._density_raw.setdefault(layer, []).append(ones[1])  # the layer ran every block
             return self._dense_call(module, query, key, value, attention_mask, kwargs, None, "prefill_dense")
-        used = self._route(mode, query, key, value, layout, pv, win)
-        if used == "masked_sdpa":
+        used = self._route(mode, query, key, value, layout, pv, win) if self.quant is None else \
+            self._quant_route(layer, query, key, value, layout)
+        if self.quant is not None:
+            from sparseattn.ops.quant import quantized_prefill
+
+            # quantization + the quantized kernel, written straight into the (B, N, H, D) tensor transformers expects
+            out = torch.empty((B, nq, H, D), dtype=query.dtype, device=query.device)
+            quantized_prefill(query, key, value, layout, scale=scale, quant=self.quant,
+                              quant_granularity=self.quant_granularity, out=out.transpose(1, 2))
+            self.counts["prefill_quant"] += 1
+        elif used == "masked_sdpa":
             if pv is not None:
                 raise NotImplementedError(f"{fn}: backend='masked_sdpa' cannot apply pv_threshold={pv}; use "
                                           "backend='auto', 'reference' or 'triton'")
@@ -784,11 +804,11 @@ class PatchHandle:
         if why is None:
             pred = self.predictors[layer] if mode == "sparse" else None
             pv = _pv_for(pred, layer) if pred is not None else None
-            rkey = _route_key(self.backend, mode, query, key, value, pv, win)
+            rkey = _route_key(self._quant_label or self.backend, mode, query, key, value, pv, win)
             route = _ROUTES.get(rkey)
             if route is None:
                 return None  # first call of this shape: eager (the route is decided there)
-            if route != "triton":
+            if route not in ("triton", self._quant_label):
                 why = f"backend route {route!r} (only the Triton kernel is graphed)"
         if why is not None:
             if self.layer_graph_status.get(layer) != why:
@@ -805,12 +825,21 @@ class PatchHandle:
         fixed = self._band(B, H, nq, nkv, win, query) if mode == "window" else (
             self._layout(layer, query, key) if static else None)
 
+        quant = self.quant
+
         def body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> Any:
             from sparseattn.ops import triton_launch
 
             layout = fixed if fixed is not None else pred.predict(q, k, causal=True, layer=layer)
-            triton_launch.block_sparse_fwd(q, k, v, layout=layout, causal=True, scale=scale, pv_threshold=pv,
-                                           out=out.transpose(1, 2), sliding_window=win)
+            if quant is not None:  # quantization runs inside the graph too, on every replay
+                from sparseattn.ops.quant import quantized_prefill
+
+                self._quant_blocks(layer, layout, q)
+                quantized_prefill(q, k, v, layout, scale=scale, quant=quant, quant_granularity=self.quant_granularity,
+                                  out=out.transpose(1, 2))
+            else:
+                triton_launch.block_sparse_fwd(q, k, v, layout=layout, causal=True, scale=scale, pv_threshold=pv,
+                                               out=out.transpose(1, 2), sliding_window=win)
             if fixed is not None:
                 return None
             return layout.selected_in_region(causal=True), max(layout.available_blocks(causal=True), 1)
@@ -819,7 +848,7 @@ class PatchHandle:
             from sparseattn.integrations.layer_graphs import LayerGraphs
 
             self._layer_graphs = LayerGraphs()
-        gkey = (layer, mode, win, id(pred), scale, pv)
+        gkey = (layer, mode, win, id(pred), scale, pv, self._quant_label)
         res = self._layer_graphs.run(gkey, query, key, value, body, f"layer {layer}")
         if res is None:
             self.layer_graph_status[layer] = "capture failed (see the warning)"
@@ -829,8 +858,10 @@ class PatchHandle:
         self.layer_graph_status[layer] = "graphed"
         self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
         self.counts["prefill_sparse"] += 1
+        if quant is not None:
+            self.counts["prefill_quant"] += 1
         self._density_raw.setdefault(layer, []).append(density)
-        self.backends_used.setdefault(layer, set()).add("triton")
+        self.backends_used.setdefault(layer, set()).add(self._quant_label or "triton")
         return out, None
 
     def _forward_traced(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -845,6 +876,10 @@ class PatchHandle:
         from sparseattn.ops.custom_ops import attention_op, predict_layout_op
 
         fn = "patch_model"
+        if self.quant is not None:
+            raise NotImplementedError(str(fail(
+                fn, f"quant={self.quant!r}", "is not supported under torch.compile (the quantized kernel has no "
+                "custom op yet)", "an eager model (layer graphs replay it on CUDA) or quant=None", "torch.compile")))
         layout = None
         pv = None
         if mode != "window":
@@ -892,6 +927,45 @@ class PatchHandle:
 
             check_layout_for("patch_model", layout, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
         return used
+
+    @property
+    def _quant_label(self) -> str | None:
+        """The backend name of the quantized route (``"quant:int8:per_warp"``), None without quant."""
+        return None if self.quant is None else f"quant:{self.quant}:{self.quant_granularity}"
+
+    def _quant_blocks(self, layer: int, layout: BlockLayout, q: torch.Tensor) -> None:
+        """Refuse a layout whose block sizes the quantized kernel does not take (attribute reads only)."""
+        from sparseattn.ops.quant import SUPPORTED_BLOCK_SIZES
+
+        if layout.block_m not in SUPPORTED_BLOCK_SIZES or layout.block_n not in SUPPORTED_BLOCK_SIZES:
+            raise _quant_refused(f"layer {layer}", f"its predictor's layout blocks {layout.block_m}x{layout.block_n} "
+                                 f"are not supported by the quantized kernel (one of {SUPPORTED_BLOCK_SIZES})",
+                                 self.quant, q, layout)
+
+    def _quant_route(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> str:
+        """The quantized route: inputs validated and the kernel's refusals checked once per shape, then cached.
+
+        Never falls back to the bf16 kernel: inputs the quantized kernel cannot run raise
+        ``NotImplementedError`` naming the layer and the reason.
+        """
+        label = self._quant_label
+        key = _route_key(label, "sparse", q, k, v, None, None)
+        self._quant_blocks(layer, layout, q)
+        if _ROUTES.get(key) is None:
+            from sparseattn._validation import check_attention_args
+            from sparseattn.ops.quant import quant_refusal
+
+            check_attention_args("patch_model", q, k, v, causal=True, layout=layout, scale=None, pv_threshold=None)
+            reason = quant_refusal(q, quant=self.quant, layout=layout)
+            if reason is not None:
+                raise _quant_refused(f"layer {layer}", reason, self.quant, q, layout)
+            _ROUTES.put(key, label)
+        elif (layout.seqlen_q, layout.seqlen_kv, layout.batch, layout.heads) != (q.shape[2], k.shape[2], q.shape[0], q.shape[1]) \
+                or layout.device != q.device:
+            from sparseattn._validation import check_layout_for
+
+            check_layout_for("patch_model", layout, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
+        return label
 
     def _band(self, B: int, H: int, nq: int, nkv: int, window: int | None, q: torch.Tensor) -> BlockLayout:
         """The exact band of a sliding-window layer (every causal block when ``window`` is None), cached per shape."""
@@ -982,6 +1056,68 @@ def _route_key(backend: str, mode: str, q: torch.Tensor, k: torch.Tensor, v: tor
             str(q.device), q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, pv is not None, window)
 
 
+_QUANT_EXPECTED = ("CUDA tensors (sm_80+; sm_89+ for int8_fp8) or TRITON_INTERPRET=1 on the CPU, bfloat16/float16, "
+                   "head_dim 64/128/256, layout blocks 64/128")
+
+
+def _quant_refused(where: str, reason: str, quant: str | None, q: Any, layout: BlockLayout | None = None) -> NotImplementedError:
+    """The error for inputs the quantized kernel cannot run (project format, ``NotImplementedError``)."""
+    got = "?"
+    if isinstance(q, torch.Tensor):
+        got = f"{q.device}, {str(q.dtype).replace('torch.', '')}, head_dim {q.shape[-1]}"
+        if layout is not None:
+            got += f", layout blocks {layout.block_m}x{layout.block_n}"
+    return NotImplementedError(str(fail("patch_model", f"quant={quant!r}", f"cannot run {where}: {reason}",
+                                        _QUANT_EXPECTED, got)))
+
+
+def _check_quant(model: torch.nn.Module, layers: list[tuple[int, torch.nn.Module]], predictors: dict[int, Any],
+                 modes: dict[int, str], quant: Any, granularity: Any, backend: str, dense_above: Any) -> None:
+    """Refuse, at patch time, every ``quant`` combination the quantized route cannot run (no silent fallback)."""
+    from sparseattn.ops.quant import GRANULARITIES, QUANT_MODES, quant_refusal
+
+    fn = "patch_model"
+    if quant is not None and quant not in QUANT_MODES:
+        raise fail(fn, "quant", "is unknown", f"None or one of {list(QUANT_MODES)}", repr(quant))
+    if granularity not in GRANULARITIES:
+        raise fail(fn, "quant_granularity", "is unknown", f"one of {list(GRANULARITIES)}", repr(granularity))
+    if quant is None:
+        return
+    if backend not in ("auto", "triton"):
+        raise fail(fn, "backend", f"cannot run quant={quant!r} (the quantized kernel is its own route)",
+                   "'auto' or 'triton'", repr(backend))
+    if dense_above is not None:
+        raise fail(fn, "dense_above", f"cannot be combined with quant={quant!r} (its fallback runs the model's "
+                   "unquantized attention)", "None", repr(dense_above))
+    window = sorted(i for i, m in modes.items() if m == "window")
+    if window:
+        raise NotImplementedError(str(fail(
+            fn, f"quant={quant!r}", f"cannot run sliding-window layers {window}: the quantized kernel has no window "
+            "support", f"those layers in dense_layers (dense_layers={window}) or quant=None",
+            f"{len(window)} window layer{'s' if len(window) > 1 else ''}")))
+    for i, _ in layers:
+        if modes[i] != "sparse":
+            continue
+        pv = _pv_for(predictors[i], i)
+        if pv is not None:
+            raise fail(fn, "predictor", f"of layer {i} sets pv_threshold={pv}, which the quantized kernel does not "
+                       f"implement (quant={quant!r})", "a predictor without pv_threshold", f"pv_threshold={pv}")
+    params = next(iter(model.parameters()), None)
+    if params is None:
+        return
+    for i, mod in layers:
+        if modes[i] != "sparse":
+            continue
+        D = getattr(mod, "head_dim", None)
+        if not isinstance(D, int):
+            cfg = mod.config
+            D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        probe = torch.empty((1, 1, 1, int(D)), dtype=params.dtype, device=params.device)
+        reason = quant_refusal(probe, quant=quant)
+        if reason is not None:
+            raise _quant_refused(f"layer {i} of this model", reason, quant, probe)
+
+
 class _Capture:
     def __init__(self, handle: PatchHandle, layers: Iterable[int] | None, device: Any) -> None:
         self.handle = handle
@@ -1038,6 +1174,8 @@ def patch_model(
     dense_above: float | None = None,
     tuned: str | os.PathLike | Any = None,
     layer_graphs: bool | None = None,
+    quant: str | None = None,
+    quant_granularity: str = "per_warp",
 ) -> PatchHandle:
     """Route a transformers model's prefill attention through sparseattn.
 
@@ -1075,6 +1213,17 @@ def patch_model(
             :mod:`sparseattn.integrations.layer_graphs` for what is not graphed and why). ``None``
             (default): on unless the environment sets ``SPARSEATTN_LAYER_GRAPHS=0``; ``False``: off.
             ``handle.layer_graph_status`` says per layer ``"graphed"`` or the reason it is not.
+        quant: ``None`` (default), ``"int8"`` or ``"int8_fp8"``: the sparse prefill layers run
+            :func:`sparseattn.ops.quant.quantized_prefill` (INT8 Q·Kᵀ, P·V in the model dtype or FP8;
+            quantization included in every call) with the predicted layout. There is no fallback to the
+            bf16 kernel: what it cannot run is refused at patch time (backend other than ``"auto"`` /
+            ``"triton"``, ``dense_above``, predictors with ``pv_threshold``, sliding-window layers, a
+            CPU model without ``TRITON_INTERPRET=1``, float32, head_dim not 64/128/256, FP8 below sm_89)
+            or at the first call of a shape (layout blocks not 64/128, a window announced at run time,
+            ``torch.compile``). Dense layers and decode steps keep the model's own attention.
+            ``handle.quant`` and ``sparsity_report()["quant"]`` record it; the layers' backend is
+            ``"quant:<mode>:<granularity>"`` and ``handle.counts["prefill_quant"]`` counts the calls.
+        quant_granularity: ``"per_warp"`` (default), ``"per_block"`` or ``"per_thread"`` (docs/QUANT.md).
 
     Returns:
         A :class:`PatchHandle`; ``handle.unpatch()`` (or ``with patch_model(...)``) restores the model.
@@ -1153,8 +1302,11 @@ def patch_model(
     if dense_above is not None and (isinstance(dense_above, bool) or not isinstance(dense_above, (int, float))
                                     or not 0.0 < float(dense_above) <= 1.0):
         raise fail(fn, "dense_above", "must be a density in (0, 1] or None", "e.g. 0.8", repr(dense_above))
+    _check_quant(model, layers, predictors, modes, quant, quant_granularity, backend, dense_above)
     handle = PatchHandle(model, layers, predictors, heads, modes, backend, orig, name, dense_fn, keep_layouts)
     handle.dense_above = None if dense_above is None else float(dense_above)
+    handle.quant = quant
+    handle.quant_granularity = quant_granularity if quant is not None else None
     handle.tuned = tuned_label
     if layer_graphs is not None and not isinstance(layer_graphs, bool):
         raise fail(fn, "layer_graphs", "must be a bool or None", "True, False or None", repr(layer_graphs))

@@ -46,7 +46,7 @@ from sparseattn._validation import check_attention_args, fail
 from sparseattn.layout.block_layout import BlockLayout, cdiv
 from sparseattn.state.types import AttentionState
 
-__all__ = ["quantized_attention", "quantize_qkv", "quant_refusal", "QuantizedQKV", "QUANT_MODES", "GRANULARITIES",
+__all__ = ["quantized_attention", "quantized_prefill", "quantize_qkv", "quant_refusal", "QuantizedQKV", "QUANT_MODES", "GRANULARITIES",
            "LAST_CONFIG"]
 
 QUANT_MODES = ("int8", "int8_fp8")
@@ -320,7 +320,7 @@ def _kernel() -> Any:
 
 
 def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: torch.dtype,
-                config: dict[str, int] | None) -> AttentionState:
+                config: dict[str, int] | None, out: torch.Tensor | None = None) -> AttentionState:
     from sparseattn.ops.triton_launch import _LAUNCH_LOCK
 
     B, H, Nq, D = qq.q_int8.shape
@@ -337,7 +337,8 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
                        f"divisors of ({layout.block_m}, {layout.block_n})", f"({config['BLOCK_M']}, {config['BLOCK_N']})")
     (qw, qt, qs_), (kw, kt, ks_) = GRANULARITIES[qq.granularity]
     fp8 = qq.quant == "int8_fp8"
-    out = torch.empty((B, H, Nq, D), dtype=out_dtype, device=dev)
+    if out is None:
+        out = torch.empty((B, H, Nq, D), dtype=out_dtype, device=dev)
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=dev)
     v = qq.v
     if fp8:
@@ -485,6 +486,20 @@ def quantized_attention(
     qq = _quantize(q, k, v, quant, quant_granularity, sm_scale, smooth_k)
     st = _run_kernel(qq, lay, causal, q.dtype, config)
     return st if return_lse else st.out
+
+
+def quantized_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, *, scale: float | None,
+                      quant: str, quant_granularity: str, out: torch.Tensor) -> None:
+    """The model integration's hot path: quantize (every call) and run the kernel into ``out``; no checks.
+
+    The caller validated the inputs once per shape (:func:`quantized_attention` does the same checks)
+    and guarantees ``out`` is ``(B, H, N_q, D)`` in q's dtype with unit last stride (e.g. a transposed
+    view of the ``(B, N, H, D)`` tensor transformers expects). Causal, K smoothed, natural-log lse dropped.
+    No host reads: it can be captured in a CUDA graph once the launch config is chosen.
+    """
+    sm_scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    qq = _quantize(q, k, v, quant, quant_granularity, sm_scale, True)
+    _run_kernel(qq, layout, True, q.dtype, None, out=out)
 
 
 def quantized_attention_from(qq: QuantizedQKV, layout: BlockLayout, *, causal: bool = False,
