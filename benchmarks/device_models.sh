@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call: whole-model prefill benchmarks (benchmarks/bench_model.py) on real and random-weight models.
 # Models arrive in pieces under /tmp/m/<tag>/ (../shared/DEVICE.md); this joins and checks them first.
-#   STAGES="fused smol smol_graphs gemma gemma_graphs llama arch"   (default: all but arch; "fused" checks the fused
+#   STAGES="fused smol smol_quant smol_graphs gemma gemma_graphs llama arch"   (default: all but arch; "fused" checks the fused
 #   predictor first and, if it fails, runs the rest with SPARSEATTN_FUSED_PREDICTORS=0)
+#   SMOL_ARGS: extra bench_model.py flags of both SmolLM2 stages; SMOL_EAGER_ARGS: of the eager stage only (e.g. --quant int8)
 #   SMOL_SHA / GEMMA_SHA: sha256 of the joined files; TEXT_DIR: essays folder (default .carry/essays)
 # Everything lands under $OUT/runs/<stage>/ and is packed into $OUT/bench_model_runs.tar.gz (the device
 # returns at most 8 files); the tables are printed last.
@@ -43,7 +44,9 @@ for st in $STAGES; do
            frc=$?; tail -n 30 "$OUT/runs/fused.log"
            if [ $frc -ne 0 ]; then rc=1; export SPARSEATTN_FUSED_PREDICTORS=0; echo "fused predictor check failed (rc $frc): torch path from here on"; fi ;;
     smol) join s SmolLM2-135M-Instruct.Q4_1.gguf "${SMOL_SHA}" && bm smol --model $SMOL --lengths 4096,8192 --text-dir "$TEXT_DIR" \
-            --predictors "$DEFAULT_PRED" --patterns "$SMOL_PAT" ${SMOL_ARGS:-} ;;
+            --predictors "$DEFAULT_PRED" --patterns "$SMOL_PAT" ${SMOL_ARGS:-} ${SMOL_EAGER_ARGS:-} ;;
+    smol_quant) join s SmolLM2-135M-Instruct.Q4_1.gguf "${SMOL_SHA}" && bm smol_quant --model $SMOL --lengths 4096,8192 --text-dir "$TEXT_DIR" \
+            --predictors "$DEFAULT_PRED" --quant "${SMOL_QUANT:-int8}" ${SMOL_ARGS:-} ;;
     smol_graphs) join s SmolLM2-135M-Instruct.Q4_1.gguf "${SMOL_SHA}" && bm smol_graphs --model $SMOL --lengths 8192 --text-dir "$TEXT_DIR" \
             --mode graphs --predictors "$DEFAULT_PRED" --patterns "$SMOL_PAT" ${SMOL_ARGS:-} ;;
     gemma) join g gemma-3-270m-q4_k_m.gguf "${GEMMA_SHA}" && bm gemma --model $GEMMA --lengths 8192,16384,32000 --text-dir "$TEXT_DIR" \

@@ -38,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "tune": "tune",
     "train-gate": "train_gate",
     "state-check": "state_check",
+    "gen-check": "gen_check",
 }
 
 # exceptions that mean "the input is wrong", reported as one line with exit status 2

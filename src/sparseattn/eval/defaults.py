@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 __all__ = ["DEFAULT_PREDICTOR_SPEC", "DEFAULT_SEQ_LEN", "DEFAULT_SAMPLES", "DEFAULT_GEN_TOKENS", "EVAL_THRESHOLDS",
-           "NIAH_DEFAULT_LENGTHS", "NIAH_DEFAULT_DEPTHS"]
+           "NIAH_DEFAULT_LENGTHS", "NIAH_DEFAULT_DEPTHS", "GEN_CHECK_TARGET", "GEN_CHECK_DEFAULT_LENGTHS",
+           "GEN_CHECK_DEFAULT_MODES"]
 
 #: The sparse configuration ``sparseattn eval`` and ``sparseattn niah`` use when no
 #: ``--predictor`` / ``--pattern`` is given: the mean-similarity predictor with the mixed
@@ -28,3 +29,11 @@ EVAL_THRESHOLDS = {
 
 NIAH_DEFAULT_LENGTHS = (1024, 2048)
 NIAH_DEFAULT_DEPTHS = (0.0, 0.5, 1.0)
+
+#: ``sparseattn gen-check``: issue 14's target, greedy generation in a mode agrees with dense on at least
+#: this share of the generated positions (64 new tokens), mean over the samples of a length.
+GEN_CHECK_TARGET = 0.95
+#: 4K and 8K contexts for the default model (SmolLM2: max_position_embeddings 8192, so the longest prompt
+#: that leaves room for 64 new tokens is 8128).
+GEN_CHECK_DEFAULT_LENGTHS = (4096, 8128)
+GEN_CHECK_DEFAULT_MODES = ("sparse_decode", "kernel_decode", "mixed_int8", "mixed_fp8")

@@ -8,8 +8,10 @@ switches the model to it. Every attention layer then calls back into its :class:
   :class:`~sparseattn.layout.BlockLayout` from the post-RoPE ``q`` and the unexpanded GQA ``k``,
   and :func:`sparseattn.attention` (or the exact CPU path, see ``backend``) computes causal
   block-sparse attention;
-* **decode / chunked prefill** (``N_q < N_kv`` with a KV cache): the model's own dense attention,
-  so ``generate`` is exact given the prefill;
+* **decode / chunked prefill** (``N_q < N_kv`` with a KV cache): by default the model's own dense
+  attention, so ``generate`` is exact given the prefill; with ``decode="kernel"`` / ``"sparse"``
+  steps of 1..64 new tokens run sparseattn's dense / Quest-style sparse decode kernels
+  (:mod:`sparseattn.integrations.decode_route`);
 * **dense layers** (``dense_layers``, ``per_layer={i: "dense"}``): the model's own attention;
 * **sliding-window layers** (Gemma-2/3, Qwen2 with ``use_sliding_window``, Mistral): exact
   windowed attention on sparseattn's path (reported as ``"window"``): on CUDA the Triton kernel over
@@ -468,7 +470,15 @@ class PatchHandle:
             head (selected / available blocks of the causal region, averaged over the batch), float64
             on the model's device: recorded without a host sync, read by :meth:`sparsity_report`.
         backends_used: ``{layer: set of backend names that ran the sparse prefill}``.
-        counts: number of ``prefill_sparse``, ``prefill_dense`` and ``decode_dense`` layer calls.
+        counts: number of ``prefill_sparse``, ``prefill_dense``, ``decode_dense`` (the model's own attention),
+            ``decode_kernel``, ``decode_sparse`` and ``decode_window`` (a sliding-window layer's exact dense
+            decode on sparseattn's kernel) layer calls.
+        decode_fallbacks: ``{reason: count}`` of decode calls a ``decode="kernel"/"sparse"`` route handed to the
+            model's own attention (``"attention_mask"``, ``"sliding_window"``, ``"softcap"``, ...; see
+            :mod:`sparseattn.integrations.decode_route`).
+        decode_backends: ``{layer: {"triton" | "reference"}}`` that ran the decode route.
+        decode_stats: ``{"summary_builds", "summary_updates"}``: page summaries built from the whole cache /
+            updated incrementally (sparse decode).
         captured: ``{layer: {"q", "k", "v"}}`` post-RoPE tensors ``(B, H|H_kv, N, D)`` when
             :meth:`capture` is active (prefill calls only; the last one wins).
         layouts: ``{layer: BlockLayout}`` of the last prefill when ``keep_layouts`` is True.
@@ -504,7 +514,15 @@ class PatchHandle:
         self.backends_used: dict[int, set[str]] = {}
         self.timings: dict[int, float] = {}
         # prefill_quant: sparse prefill calls that ran the quantized kernel (also counted in prefill_sparse)
-        self.counts = {"prefill_sparse": 0, "prefill_dense": 0, "decode_dense": 0, "prefill_quant": 0}
+        self.counts = {"prefill_sparse": 0, "prefill_dense": 0, "decode_dense": 0, "decode_kernel": 0,
+                       "decode_sparse": 0, "decode_window": 0,
+                       "prefill_quant": 0}
+        #: the decode route (``patch_model(decode="kernel"|"sparse")``), None for the model's own dense decode
+        self.decode_route: Any = None
+        self.decode_fallbacks: dict[str, int] = {}
+        self.decode_backends: dict[int, set[str]] = {}
+        self.decode_stats: dict[str, int] = {}
+        self._decode_hook: Any = None
         self._hook: Any = None
         self.active = True
         # mask verdicts of the current forward (see _mask_ok); routes and static densities are module caches
@@ -539,6 +557,8 @@ class PatchHandle:
             return
         if self._hook is not None:
             self._hook.remove()
+        if self._decode_hook is not None:
+            self._decode_hook.remove()
         self._layer_graphs = None  # frees the graphs and their static buffers
         ops = sys.modules.get("sparseattn.ops.custom_ops")
         if ops is not None:  # predictors registered for the compiled path (predict_layout_op)
@@ -584,6 +604,9 @@ class PatchHandle:
         self.layouts.clear()
         self.captured.clear()
         self.counts = {k: 0 for k in self.counts}
+        self.decode_fallbacks.clear()
+        self.decode_backends.clear()
+        self.decode_stats.clear()
 
     # ---------------------------------------------------------------- capture
     def capture(self, layers: Iterable[int] | None = None, *, device: str | torch.device | None = "cpu") -> "_Capture":
@@ -628,8 +651,16 @@ class PatchHandle:
             "backend": self.backend,
             "attn_implementation": self.impl_name,
             "original_attn_implementation": self.orig_impl,
+            "decode": self._decode_report(),
             **extra,
         }
+
+    def _decode_report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mode": "dense"} if self.decode_route is None else self.decode_route.describe()
+        out["fallbacks"] = dict(self.decode_fallbacks)
+        out["backends"] = {str(k): sorted(v) for k, v in sorted(self.decode_backends.items())}
+        out.update(self.decode_stats)
+        return out
 
     # ---------------------------------------------------------------- the attention call
     def _mask_ok(self, mask: torch.Tensor, nq: int, nkv: int, window: int | None) -> bool:
@@ -683,6 +714,8 @@ class PatchHandle:
         if window is not None and mode == "sparse":  # a window the layer announces at run time (Mistral)
             mode = self.layer_modes[layer] = "window"
         if not prefill:
+            if self.decode_route is not None:
+                return self.decode_route.forward(self, module, layer, query, key, value, attention_mask, kwargs, window)
             return self._dense_call(module, query, key, value, attention_mask, kwargs, None, "decode_dense")
         # a window as long as the keys restricts nothing: plain causal
         win = window if (window is not None and window < nkv) else None
@@ -1176,6 +1209,11 @@ def patch_model(
     layer_graphs: bool | None = None,
     quant: str | None = None,
     quant_granularity: str = "per_warp",
+    decode: str = "dense",
+    decode_top_pages: int | float | None = None,
+    decode_page_size: int | None = None,
+    decode_backend: str = "auto",
+    decode_layers: Iterable[int] | None = None,
 ) -> PatchHandle:
     """Route a transformers model's prefill attention through sparseattn.
 
@@ -1224,6 +1262,19 @@ def patch_model(
             ``handle.quant`` and ``sparsity_report()["quant"]`` record it; the layers' backend is
             ``"quant:<mode>:<granularity>"`` and ``handle.counts["prefill_quant"]`` counts the calls.
         quant_granularity: ``"per_warp"`` (default), ``"per_block"`` or ``"per_thread"`` (docs/QUANT.md).
+        decode: how decode steps (``1 <= N_q <= 64`` new tokens over a KV cache) run: ``"dense"`` (default:
+            the model's own attention), ``"kernel"`` (:func:`sparseattn.ops.decode.decode_attention`) or
+            ``"sparse"`` (:func:`sparseattn.ops.decode.sparse_decode_attention`, Quest-style pages; page
+            summaries kept on the cache object, updated incrementally). Sliding-window layers get exact dense
+            decode; masks other than plain causal (padding), softcapping and attention sinks go to the model's
+            attention, counted in ``handle.decode_fallbacks``. See :mod:`sparseattn.integrations.decode_route`.
+        decode_top_pages: sparse decode: pages kept per sequence and KV head, an int or a fraction of the
+            sequence's pages (default 0.1); the first page and the pages of the new tokens are always kept.
+        decode_page_size: sparse decode: keys per page (default 16).
+        decode_backend: ``"auto"`` (the Triton decode kernels on CUDA, else the PyTorch reference),
+            ``"triton"`` or ``"reference"``.
+        decode_layers: layers that take the decode route (default: all); the others decode with the model's
+            attention. Independent of ``dense_layers`` (which is about prefill).
 
     Returns:
         A :class:`PatchHandle`; ``handle.unpatch()`` (or ``with patch_model(...)``) restores the model.
@@ -1257,6 +1308,9 @@ def patch_model(
         raise fail(fn, "model", "has no attention modules with a layer_idx", "a transformers decoder model",
                    type(model).__name__)
     indices = {i for i, _ in layers}
+    from sparseattn.integrations.decode_route import DecodeRoute, make_decode_config
+
+    decode_cfg = make_decode_config(decode, decode_top_pages, decode_page_size, decode_backend, decode_layers, indices)
     tuned_label = None
     if tuned is not None:
         default, tuned_cfg, tuned_label = tuned_predictor(tuned, model)
@@ -1327,6 +1381,9 @@ def patch_model(
     for i, mod in layers:
         setattr(mod, _LAYER_ATTR, (handle, i))
     handle._hook = model.register_forward_pre_hook(handle._on_forward)
+    if decode_cfg.mode != "dense":
+        handle.decode_route = DecodeRoute(decode_cfg)
+        handle._decode_hook = model.register_forward_pre_hook(handle.decode_route.on_forward, with_kwargs=True)
     setattr(model, _HANDLE_ATTR, handle)
     return handle
 

@@ -124,3 +124,10 @@ def quant_accuracy(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     cos = float(torch.nn.functional.cosine_similarity(o, r, dim=0))
     rel = float((o - r).abs().sum() / r.abs().sum().clamp_min(1e-300))
     return cos, rel
+
+# patch_model(decode="kernel" | "sparse" with every page) against the unpatched model's own dense decode
+# (tests/test_decode_route.py): logits of each decode step of a tiny random float32 model, max abs error
+# relative to max |logit|. Only summation order differs (split-KV merge, page order); measured on the CPU
+# (reference and Triton interpreter): at most 3e-7. A wrong mask, a missing key or a stale page summary
+# with fewer pages is O(0.1); the sparse test with few pages asserts its error is above this bound.
+DECODE_ROUTE_FP32_LOGIT_REL = 1e-4

@@ -1,0 +1,351 @@
+"""Greedy-generation agreement: dense decode vs sparse / kernel decode and the mixed-precision KV cache.
+
+``sparseattn gen-check`` (issue 14's accuracy target): for each prompt length, the same prompt is
+generated greedily for ``new_tokens`` tokens by the unpatched model (its own attention, a
+``DynamicCache``: the reference) and by each mode:
+
+* ``kernel_decode`` — ``patch_model(decode="kernel")``: decode steps on sparseattn's dense decode kernel;
+* ``sparse_decode`` — ``patch_model(decode="sparse", decode_top_pages=..., decode_page_size=...)``: Quest-style;
+* ``sparse_prefill`` — ``patch_model(predictor=...)`` with the model's dense decode (needs a predictor);
+* ``mixed_int8`` / ``mixed_fp8`` — :class:`~sparseattn.state.kv_cache.MixedKVCache` (recent ``window`` tokens
+  in the model dtype, the rest INT8 / FP8) with ``enable_mixed_cache`` (prefill dense: the cache quantizes
+  tokens after they leave the window).
+
+With a predictor (``predictor`` / ``pattern`` / ``tuned``) the ``kernel_decode`` and ``sparse_decode`` modes
+use sparse prefill too. Each mode's greedy tokens are compared position by position with the reference's:
+``agreement`` is the share of the ``new_tokens`` positions with the same token, ``first_divergence`` the
+first position that differs (``None``: identical). Generation is free-running (each run feeds back its own
+tokens), so one early divergence usually changes the rest. A mode passes a length when its mean agreement
+over the samples is at least ``target`` (default :data:`~sparseattn.eval.defaults.GEN_CHECK_TARGET`).
+
+Timing (a bonus): milliseconds per generated token over the decode steps after ``_TIMING_WARMUP`` (one
+host sync before and after the timed steps; the first steps compile kernels and build page summaries).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparseattn._validation import fail
+
+__all__ = ["GEN_CHECK_MODES", "GenCheckResult", "run_gen_check", "write_gen_check_report", "greedy_generate",
+           "token_agreement"]
+
+GEN_CHECK_MODES = ("kernel_decode", "sparse_decode", "sparse_prefill", "mixed_int8", "mixed_fp8")
+_TIMING_WARMUP = 8
+
+
+def token_agreement(ref: Sequence[int], got: Sequence[int]) -> tuple[float, int | None]:
+    """``(share of positions with the same token, first differing position or None)`` over ``len(ref)`` positions."""
+    n = len(ref)
+    if n == 0:
+        return 1.0, None
+    same = [i < len(got) and got[i] == ref[i] for i in range(n)]
+    first = next((i for i, s in enumerate(same) if not s), None)
+    return sum(same) / n, first
+
+
+def _cache_kwarg(model: Any) -> str:
+    """The model forward's cache argument: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - unusual wrappers
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _dynamic_cache(model: Any) -> Any:
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # pragma: no cover - older transformers
+        return DynamicCache()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def greedy_generate(model: Any, ids: torch.Tensor, new_tokens: int, cache: Any) -> tuple[list[int], float | None]:
+    """Greedy tokens after ``ids (1, N)`` with ``cache`` (no EOS stop, no logits processors).
+
+    Returns:
+        ``(tokens, ms_per_token)``: ``new_tokens`` ints (one host read at the end) and the mean time of the
+        decode steps after the first ``_TIMING_WARMUP`` (``None`` when there are none).
+    """
+    kw: dict[str, Any] = {_cache_kwarg(model): cache, "use_cache": True}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kw["logits_to_keep"] = 1  # no (N, vocab) logits for the prompt
+    out = model(input_ids=ids, **kw)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    toks = [nxt]
+    t0 = None
+    for i in range(1, new_tokens):
+        if i == _TIMING_WARMUP:
+            _sync(ids.device)
+            t0 = time.perf_counter()
+        out = model(input_ids=nxt, **kw)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        toks.append(nxt)
+    ms = None
+    if t0 is not None:
+        _sync(ids.device)
+        ms = (time.perf_counter() - t0) * 1e3 / (new_tokens - _TIMING_WARMUP)
+    return [int(x) for x in torch.cat(toks, dim=1)[0].tolist()], ms
+
+
+@dataclasses.dataclass
+class GenCheckResult:
+    """What :func:`run_gen_check` measured: ``config``, per-sample ``rows``, per (mode, length) ``summary``."""
+
+    config: dict[str, Any]
+    rows: list[dict[str, Any]]
+    summary: list[dict[str, Any]]
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "summary": self.summary, "rows": self.rows, "passed": self.passed}
+
+    def table(self) -> str:
+        """Markdown table of the summary (one row per mode and length)."""
+        head = ["| mode | length | agreement (mean) | min | first divergence | ms/token (mode / dense) | "
+                "KV bytes saved | verdict |", "|---|---|---|---|---|---|---|---|"]
+        lines = []
+        for s in self.summary:
+            fd = "none" if s["first_divergence"] is None else str(s["first_divergence"])
+            ms = "n/a" if s["ms_per_token"] is None else f"{s['ms_per_token']:.2f} / {s['dense_ms_per_token']:.2f}"
+            saved = "" if s.get("bytes_saved") is None else f"{s['bytes_saved']:,} ({s['bytes_ratio']:.3f} of fp)"
+            lines.append(f"| {s['mode']} | {s['length']} | {s['agreement']:.1%} | {s['min_agreement']:.1%} | {fd} | "
+                         f"{ms} | {saved} | {'PASS' if s['passed'] else 'FAIL'} |")
+        return "\n".join(head + lines)
+
+
+def _log(msg: str, on: bool) -> None:
+    if on:
+        print(f"[gen-check] {msg}", file=sys.stderr, flush=True)
+
+
+def _check_modes(modes: Sequence[str], has_predictor: bool) -> list[str]:
+    fn = "gen_check"
+    if not modes:
+        raise fail(fn, "modes", "is empty", f"some of {list(GEN_CHECK_MODES)}", repr(list(modes)))
+    out = []
+    for m in modes:
+        if m not in GEN_CHECK_MODES:
+            raise fail(fn, "modes", f"has an unknown mode {m!r}", f"some of {list(GEN_CHECK_MODES)}", repr(list(modes)))
+        if m not in out:
+            out.append(m)
+    if "sparse_prefill" in out and not has_predictor:
+        raise fail(fn, "modes", "has sparse_prefill without a predictor", "--predictor, --pattern or --tuned with it",
+                   "no predictor")
+    return out
+
+
+def _run_mode(model: Any, mode: str, ids: torch.Tensor, new_tokens: int, *, patch_kw: dict[str, Any],
+              top_pages: int | float, page_size: int, mixed_window: int, decode_backend: str,
+              decode_layers: list[int] | None) -> dict[str, Any]:
+    """One generation in ``mode``; the model is left as it was found (unpatched, its own attention)."""
+    if mode.startswith("mixed_"):
+        from sparseattn.integrations.mixed_cache_attention import enable_mixed_cache
+        from sparseattn.state.kv_cache import MixedKVCache
+
+        cache = MixedKVCache(model.config, window=mixed_window, quant=mode.split("_", 1)[1])
+        prev = enable_mixed_cache(model)
+        try:
+            toks, ms = greedy_generate(model, ids, new_tokens, cache)
+        finally:
+            model.set_attn_implementation(prev)
+        rep = cache.memory_report()
+        rep.pop("per_layer", None)
+        return {"tokens": toks, "ms_per_token": ms, "memory": rep}
+    from sparseattn.integrations import patch_model
+
+    kw = dict(patch_kw)
+    if mode == "kernel_decode":
+        kw.update(decode="kernel", decode_backend=decode_backend, decode_layers=decode_layers)
+    elif mode == "sparse_decode":
+        kw.update(decode="sparse", decode_top_pages=top_pages, decode_page_size=page_size,
+                  decode_backend=decode_backend, decode_layers=decode_layers)
+    with patch_model(model, **kw) as handle:
+        toks, ms = greedy_generate(model, ids, new_tokens, _dynamic_cache(model))
+        rep = handle.sparsity_report()
+    return {"tokens": toks, "ms_per_token": ms, "counts": rep["counts"], "decode": rep["decode"],
+            "prefill_density": rep["mean_density"]}
+
+
+def run_gen_check(
+    model_name: str = "smollm2-135m",
+    *,
+    lengths: Sequence[int] = (4096, 8192),
+    new_tokens: int = 64,
+    modes: Sequence[str] = ("sparse_decode", "kernel_decode", "mixed_int8", "mixed_fp8"),
+    top_pages: int | float = 0.1,
+    page_size: int = 16,
+    mixed_window: int = 128,
+    predictor: str | None = None,
+    pattern: str | None = None,
+    tuned: str | None = None,
+    decode_backend: str = "auto",
+    decode_layers: Sequence[int] | None = None,
+    text_files: Sequence[str] | None = None,
+    text_dir: str | None = None,
+    random_ids: bool = False,
+    samples: int = 1,
+    seed: int = 0,
+    target: float | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    progress: bool = True,
+    model: Any = None,
+    tokenizer: Any = None,
+) -> GenCheckResult:
+    """Generate ``new_tokens`` greedy tokens per prompt dense and in each mode; compare (see the module).
+
+    ``model`` / ``tokenizer``: an already loaded model (then ``model_name`` is only a label).
+
+    Raises:
+        ValueError: an unknown mode, ``sparse_prefill`` without a predictor, a bad ``top_pages`` /
+            ``page_size`` / ``mixed_window``, a prompt + new tokens beyond the model's context, too little text.
+    """
+    from sparseattn.eval.defaults import GEN_CHECK_TARGET
+    from sparseattn.integrations.decode_route import DecodeConfig
+
+    fn = "gen_check"
+    has_pred = predictor is not None or pattern is not None or tuned is not None
+    modes = _check_modes(modes, has_pred)
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+        raise fail(fn, "new_tokens", "must be a positive integer", "an int >= 1 (64 for the issue's target)",
+                   repr(new_tokens))
+    if isinstance(mixed_window, bool) or not isinstance(mixed_window, int) or mixed_window < 1:
+        raise fail(fn, "mixed_window", "must be a positive integer", "an int >= 1 (recent tokens kept)",
+                   repr(mixed_window))
+    DecodeConfig(mode="sparse", top_pages=top_pages, page_size=page_size, backend=decode_backend)  # value checks
+    target = GEN_CHECK_TARGET if target is None else float(target)
+    if not 0.0 <= target <= 1.0:
+        raise fail(fn, "target", "is out of range", "a share in [0, 1]", repr(target))
+    lengths = [int(n) for n in lengths]
+    if not lengths or min(lengths) < 2:
+        raise fail(fn, "lengths", "must be prompt lengths >= 2", "e.g. 4096,8192", repr(lengths))
+
+    t_start = time.perf_counter()
+    if model is None:
+        from sparseattn.eval.bench_model import load_model
+
+        _log(f"loading {model_name} ({str(dtype).replace('torch.', '')}, {device})", progress)
+        model, tokenizer = load_model(model_name, dtype=dtype, device=device, need_tokenizer=not random_ids)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and max(lengths) + new_tokens > limit:
+        raise fail(fn, "lengths", "plus new_tokens exceed the model's context (max_position_embeddings)",
+                   f"length + {new_tokens} <= {limit}, i.e. lengths <= {limit - new_tokens}",
+                   f"{max(lengths)} + {new_tokens}")
+    patch_kw: dict[str, Any] = {}
+    if tuned is not None:
+        patch_kw["tuned"] = tuned
+    elif pattern is not None:
+        patch_kw["pattern"] = pattern
+    elif predictor is not None:
+        patch_kw["predictor"] = predictor
+    from sparseattn.eval.texts import sample_ids
+
+    dev = torch.device(device)
+    rows: list[dict[str, Any]] = []
+    source = None
+    for n in lengths:
+        ids_list, names, source = sample_ids(model, tokenizer, seq_len=n, samples=samples, text_files=text_files,
+                                             text_dir=text_dir, random_ids=random_ids or tokenizer is None, seed=seed)
+        for si, ids in enumerate(ids_list):
+            ids = ids.to(dev)
+            t0 = time.perf_counter()
+            ref, ref_ms = greedy_generate(model, ids, new_tokens, _dynamic_cache(model))
+            _log(f"length {n} sample {si}: dense {new_tokens} tokens in {time.perf_counter() - t0:.1f} s", progress)
+            for mode in modes:
+                t0 = time.perf_counter()
+                res = _run_mode(model, mode, ids, new_tokens, patch_kw=patch_kw, top_pages=top_pages,
+                                page_size=page_size, mixed_window=mixed_window, decode_backend=decode_backend,
+                                decode_layers=None if decode_layers is None else list(decode_layers))
+                agree, first = token_agreement(ref, res["tokens"])
+                row = {"mode": mode, "length": n, "sample": si, "documents": names[si], "agreement": agree,
+                       "first_divergence": first, "ms_per_token": res["ms_per_token"], "dense_ms_per_token": ref_ms,
+                       "tokens": res["tokens"], "dense_tokens": ref,
+                       **{k: v for k, v in res.items() if k not in ("tokens", "ms_per_token")}}
+                if tokenizer is not None:
+                    row["text"] = tokenizer.decode(res["tokens"])
+                    row["dense_text"] = tokenizer.decode(ref)
+                rows.append(row)
+                _log(f"length {n} sample {si}: {mode} agreement {agree:.1%} (first divergence "
+                     f"{'none' if first is None else first}) in {time.perf_counter() - t0:.1f} s", progress)
+            del ids
+    summary = []
+    for mode in modes:
+        for n in lengths:
+            rs = [r for r in rows if r["mode"] == mode and r["length"] == n]
+            ag = [r["agreement"] for r in rs]
+            firsts = [r["first_divergence"] for r in rs if r["first_divergence"] is not None]
+            ms = [r["ms_per_token"] for r in rs if r["ms_per_token"] is not None]
+            dms = [r["dense_ms_per_token"] for r in rs if r["dense_ms_per_token"] is not None]
+            s: dict[str, Any] = {"mode": mode, "length": n, "samples": len(rs), "agreement": sum(ag) / len(ag),
+                                 "min_agreement": min(ag), "first_divergence": min(firsts) if firsts else None,
+                                 "ms_per_token": sum(ms) / len(ms) if ms else None,
+                                 "dense_ms_per_token": sum(dms) / len(dms) if dms else None}
+            mem = [r["memory"] for r in rs if "memory" in r]
+            if mem:
+                s["bytes_saved"] = mem[-1]["bytes_saved"]
+                s["bytes_ratio"] = mem[-1]["ratio"]
+            fb: dict[str, int] = {}
+            for r in rs:
+                for k, v in (r.get("decode") or {}).get("fallbacks", {}).items():
+                    fb[k] = fb.get(k, 0) + v
+            if fb:
+                s["decode_fallbacks"] = fb
+            s["passed"] = s["agreement"] >= target
+            summary.append(s)
+    config = {"model": model_name, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+              "lengths": lengths, "new_tokens": new_tokens, "modes": modes, "samples": samples, "seed": seed,
+              "top_pages": top_pages, "page_size": page_size, "mixed_window": mixed_window,
+              "decode_backend": decode_backend, "decode_layers": None if decode_layers is None else list(decode_layers),
+              "prefill": patch_kw or "dense", "source": source, "target": target,
+              "timing": f"ms per generated token over decode steps {_TIMING_WARMUP}..{new_tokens - 1} (free-running)",
+              "seconds": time.perf_counter() - t_start}
+    return GenCheckResult(config=config, rows=rows, summary=summary, passed=all(s["passed"] for s in summary))
+
+
+def write_gen_check_report(res: GenCheckResult, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``gen_check.json`` and ``gen_check.md`` into ``out_dir``."""
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "gen_check.json", "md": out / "gen_check.md"}
+    paths["json"].write_text(json.dumps(res.to_dict(), indent=2))
+    c = res.config
+    md = ["# sparseattn gen-check: greedy generation vs dense", "",
+          f"- model `{c['model']}` ({c['dtype']}, {c['device']}); prompts: {c['source']}; {c['samples']} sample(s) per "
+          f"length; {c['new_tokens']} new tokens, greedy, free-running",
+          f"- prefill: {c['prefill']}; sparse decode: top_pages {c['top_pages']}, page size {c['page_size']}; decode "
+          f"backend {c['decode_backend']}; decode layers {c['decode_layers'] or 'all'}; mixed cache window {c['mixed_window']}",
+          f"- target: agreement >= {c['target']:.0%} of positions (mean over samples); overall "
+          f"**{'PASS' if res.passed else 'FAIL'}**; run {c['seconds']:.0f} s",
+          f"- timing: {c['timing']}", "", res.table(), ""]
+    fb = [s for s in res.summary if s.get("decode_fallbacks")]
+    if fb:
+        md += ["Decode calls handed to the model's own attention (by reason):", ""]
+        md += [f"- {s['mode']} @ {s['length']}: {s['decode_fallbacks']}" for s in fb]
+        md.append("")
+    md += ["| mode | length | sample | agreement | first divergence | route counts |", "|---|---|---|---|---|---|"]
+    for r in res.rows:
+        counts = r.get("counts")
+        cs = "" if counts is None else ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+        md.append(f"| {r['mode']} | {r['length']} | {r['sample']} | {r['agreement']:.1%} | "
+                  f"{'none' if r['first_divergence'] is None else r['first_divergence']} | {cs} |")
+    paths["md"].write_text("\n".join(md) + "\n")
+    return paths

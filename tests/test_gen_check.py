@@ -1,0 +1,107 @@
+"""`sparseattn gen-check` end to end on a tiny random Llama (CPU, PyTorch reference decode)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from sparseattn.cli.main import main  # noqa: E402
+from sparseattn.eval.gen_check import token_agreement  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 2-layer Llama (head_dim 64) with a byte-level tokenizer, saved with save_pretrained, and a text file."""
+    from sparseattn.testing.bad_inputs import byte_level_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny_gen_check")
+    fast = byte_level_tokenizer()
+    model_dir = d / "model"
+    fast.save_pretrained(str(model_dir))
+    cfg = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                   max_position_embeddings=512)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(model_dir))
+    text = d / "text.txt"
+    words = "the quick brown fox jumps over the lazy dog while seven wizards quietly box jumping frogs".split()
+    g = torch.Generator().manual_seed(1)
+    text.write_text(" ".join(words[int(i)] for i in torch.randint(0, len(words), (1000,), generator=g)))
+    return model_dir, text
+
+
+def test_token_agreement():
+    assert token_agreement([1, 2, 3, 4], [1, 2, 3, 4]) == (1.0, None)
+    assert token_agreement([1, 2, 3, 4], [1, 9, 3, 4]) == (0.75, 1)
+    assert token_agreement([1, 2, 3, 4], [1, 2]) == (0.5, 2)
+
+
+def test_gen_check_end_to_end(tiny, tmp_path, capsys):
+    model_dir, text = tiny
+    out = tmp_path / "gc"
+    rc = main(["gen-check", "--model", str(model_dir), "--text-file", str(text), "--lengths", "120,200",
+               "--new-tokens", "12", "--modes", "sparse_decode,kernel_decode,mixed_int8,mixed_fp8",
+               "--top-pages", "1.0", "--mixed-window", "16", "--quiet", "--out", str(out)])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "verdict: PASS" in cap.out
+    rep = json.loads((out / "gen_check.json").read_text())
+    assert rep["passed"] is True and rep["config"]["new_tokens"] == 12 and rep["config"]["lengths"] == [120, 200]
+    assert len(rep["summary"]) == 8 and len(rep["rows"]) == 8
+    by = {(r["mode"], r["length"]): r for r in rep["rows"]}
+    for (mode, n), r in by.items():
+        assert len(r["tokens"]) == len(r["dense_tokens"]) == 12
+        # every page / the dense kernel: the same greedy tokens as the model's own decode (float32, tiny model)
+        assert r["agreement"] == 1.0 and r["first_divergence"] is None, (mode, n)
+        if mode.startswith("mixed_"):
+            assert r["memory"]["bytes_saved"] > 0 and r["memory"]["quant"] == mode.split("_")[1]
+        else:
+            key = "decode_sparse" if mode == "sparse_decode" else "decode_kernel"
+            assert r["counts"][key] == 2 * 11 and r["counts"]["decode_dense"] == 0  # 2 layers x 11 decode steps
+            assert "text" in r and "dense_text" in r
+    md = (out / "gen_check.md").read_text()
+    assert "| sparse_decode | 120 | 100.0% |" in md and "overall **PASS**" in md
+
+
+def test_gen_check_random_ids_few_pages_fails(tiny, tmp_path, capsys):
+    """Two pages of a random model's 300-token cache: the greedy tokens diverge, the verdict is FAIL (exit 1)."""
+    out = tmp_path / "gc"
+    rc = main(["gen-check", "--model", str(tiny[0]), "--random-ids", "--lengths", "300", "--new-tokens", "10",
+               "--modes", "sparse_decode", "--top-pages", "2", "--out", str(out)])
+    cap = capsys.readouterr()
+    assert rc == 1
+    assert "[gen-check] length 300 sample 0: sparse_decode agreement" in cap.err  # progress on stderr
+    rep = json.loads((out / "gen_check.json").read_text())
+    s = rep["summary"][0]
+    assert s["passed"] is False and s["agreement"] < 0.95 and s["first_divergence"] is not None
+    assert "FAIL" in (out / "gen_check.md").read_text()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--modes", "sparse_decode,turbo"], "unknown mode 'turbo'"),
+    (["--top-pages", "0"], "--top-pages: is out of range"),
+    (["--top-pages", "1.5"], "--top-pages: is out of range"),
+    (["--lengths", "600"], "exceed the model's context"),
+    (["--modes", "sparse_prefill"], "sparse_prefill without a sparse prefill"),
+    (["--predictor", "nope:x=1"], "nope"),
+    (["--new-tokens", "0"], "--new-tokens: must be a positive integer"),
+])
+def test_gen_check_user_errors(tiny, tmp_path, capsys, argv, needle):
+    rc = main(["gen-check", "--model", str(tiny[0]), "--random-ids", "--lengths", "64", "--new-tokens", "4",
+               "--quiet", "--out", str(tmp_path / "gc")] + argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and needle in lines[0], err
+
+
+def test_gen_check_missing_text_dir(tiny, tmp_path, capsys):
+    rc = main(["gen-check", "--model", str(tiny[0]), "--text-dir", str(tmp_path / "missing"), "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "does not exist" in err
