@@ -335,9 +335,8 @@ def test_select_pages_matches_brute_force(backend, request):
     sl = torch.tensor(lens, dtype=torch.int32, device=dev)
     s = page_summaries(k, ps, seqlens=sl)
     for top in (4, 0.5):
-        pidx, pnum = select_pages(q, s, seqlens=sl, top_pages=top, keep_first=1, keep_last=2, backend=backend)
-        pidx, pnum, q = pidx.cpu(), pnum.cpu(), q.cpu()
-        s = s._replace(kmin=s.kmin.cpu(), kmax=s.kmax.cpu())
+        pidx, pnum = (t.cpu() for t in select_pages(q, s, seqlens=sl, top_pages=top, keep_first=1, keep_last=2,
+                                                     backend=backend))
         assert pidx.dtype == torch.int32 and pnum.shape == (B, Hkv)
         for b in range(B):
             n_pages = -(-lens[b] // ps)

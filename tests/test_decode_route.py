@@ -1,7 +1,8 @@
 """patch_model(decode="kernel" | "sparse"): decode steps of a patched model through sparseattn's decode kernels.
 
-Tiny random float32 models on the CPU; ``decode_backend="triton"`` runs the Triton decode kernels under the
-interpreter (tests/conftest.py sets TRITON_INTERPRET), ``"reference"`` the PyTorch reference.
+Tiny random float32 models on the CPU (on CUDA when the machine has it); ``decode_backend="triton"`` runs the
+Triton decode kernels (under the interpreter on the CPU: tests/conftest.py sets TRITON_INTERPRET), ``"reference"``
+the PyTorch reference. The cache goes in as ``past_key_values`` (``cache`` only exists from transformers 5.24).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sparseattn.testing.tolerances import DECODE_ROUTE_FP32_LOGIT_REL as TOL  # 
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 
 LAYERS = 2
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _llama(seed: int = 0):
@@ -28,7 +30,7 @@ def _llama(seed: int = 0):
     cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=128, num_hidden_layers=LAYERS,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                                    max_position_embeddings=1024)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return transformers.LlamaForCausalLM(cfg).eval().to(DEV)
 
 
 def _gemma3():
@@ -37,11 +39,11 @@ def _gemma3():
                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=24,
                                         layer_types=["sliding_attention", "full_attention"] * 2,
                                         max_position_embeddings=512)
-    return transformers.Gemma3ForCausalLM(cfg).eval()
+    return transformers.Gemma3ForCausalLM(cfg).eval().to(DEV)
 
 
 def _ids(n: int, b: int = 1, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, 97, (b, n), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, 97, (b, n), generator=torch.Generator().manual_seed(seed)).to(DEV)
 
 
 def _cache(model):
@@ -54,12 +56,12 @@ def _steps(model, prompt: int = 150, steps: int = 4, cache=None):
     ids = _ids(prompt)
     cache = _cache(model) if cache is None else cache
     logits = []
-    out = model(ids, cache=cache)
+    out = model(ids, past_key_values=cache)
     for _ in range(steps):
-        out = model(out.logits[:, -1:].argmax(-1), cache=cache)
+        out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
         logits.append(out.logits[:, -1])
     for n in (4, 3):
-        out = model(ids[:, :n], cache=cache)
+        out = model(ids[:, :n], past_key_values=cache)
         logits.append(out.logits)
     return logits, cache
 
@@ -108,7 +110,7 @@ def test_sparse_summaries_are_rebuilt_for_a_new_or_cropped_cache():
     def crop_step(cache):
         cache.crop(-5)  # same cache object, 5 keys fewer
         with torch.no_grad():
-            return model(_ids(1, seed=3), cache=cache).logits
+            return model(_ids(1, seed=3), past_key_values=cache).logits
 
     _, ref_cache = _steps(model, steps=2)
     ref = crop_step(ref_cache)
@@ -149,14 +151,14 @@ def test_decode_layers_subset():
 def test_padding_mask_goes_to_the_models_attention():
     model = _llama()
     ids = _ids(40, b=2)
-    mask = torch.ones(2, 40, dtype=torch.long)
+    mask = torch.ones(2, 40, dtype=torch.long, device=DEV)
     mask[1, :7] = 0  # left padding in the second sequence
 
     def run():
         cache = _cache(model)
-        out = model(ids, attention_mask=mask, cache=cache)
-        m = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
-        out = model(out.logits[:, -1:].argmax(-1), attention_mask=m, cache=cache)
+        out = model(ids, attention_mask=mask, past_key_values=cache)
+        m = torch.cat([mask, torch.ones(2, 1, dtype=torch.long, device=DEV)], dim=1)
+        out = model(out.logits[:, -1:].argmax(-1), attention_mask=m, past_key_values=cache)
         return out.logits
 
     ref = run()
@@ -218,11 +220,11 @@ def test_decode_steps_make_no_host_reads(mode):
     kw = {"decode_top_pages": 0.3} if mode == "sparse" else {}
     with patch_model(model, decode=mode, decode_backend="triton", **kw) as h, torch.no_grad():
         cache = _cache(model)
-        model(ids, cache=cache)
-        model(ids[:, :1], cache=cache)  # first step: summaries built, kernels compiled
+        model(ids, past_key_values=cache)
+        model(ids[:, :1], past_key_values=cache)  # first step: summaries built, kernels compiled
         counter = CountOps()
         with counter:
-            model(ids[:, 1:2], cache=cache)
+            model(ids[:, 1:2], past_key_values=cache)
         assert h.counts[f"decode_{mode}"] == 2 * LAYERS
     assert counter.ops.get("aten._local_scalar_dense.default", 0) == 0, dict(counter.ops)
     if mode == "sparse":
