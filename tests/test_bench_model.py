@@ -96,3 +96,18 @@ def test_length_beyond_context_exit_2(tmp_path, capsys):
                "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "max_position_embeddings" in err
+
+
+def test_profile_counts_kernels_not_range_annotations():
+    """A range's GPU user annotation (same name as the range) is not a kernel: it must not double the attention time."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from sparseattn.eval import bench_model as bm
+
+    ev = [SimpleNamespace(name="_block_sparse_fwd_kernel", device_type=DeviceType.CUDA),
+          SimpleNamespace(name="sparseattn::layer_attention", device_type=DeviceType.CUDA),
+          SimpleNamespace(name="sparseattn::layer_attention", device_type=DeviceType.CPU),
+          SimpleNamespace(name="void at::native::elementwise_kernel", device_type=DeviceType.CUDA)]
+    assert [e.name for e in bm._device_kernels(ev)] == ["_block_sparse_fwd_kernel", "void at::native::elementwise_kernel"]

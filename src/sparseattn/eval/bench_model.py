@@ -314,6 +314,15 @@ def _ev_attr(evt: Any, *names: str) -> float:
     return 0.0
 
 
+def _device_kernels(events: list[Any]) -> list[Any]:
+    """The profiler's CUDA kernel events. The device-side events of our ``sparseattn::`` record_function ranges are
+    GPU user annotations spanning the range's kernels, not kernels: counting them doubled a sparse row's attention
+    and GPU time (their names match ``_ATTN_KERNEL_RE``)."""
+    from torch.autograd import DeviceType
+
+    return [e for e in events if e.device_type == DeviceType.CUDA and not e.name.startswith("sparseattn::")]
+
+
 def _profile(call: Callable[[], Any], cuda: bool) -> dict[str, Any]:
     """One forward under ``torch.profiler``: op/kernel counts, named ranges, device vs host time."""
     from torch.autograd import DeviceType
@@ -335,7 +344,7 @@ def _profile(call: Callable[[], Any], cuda: bool) -> dict[str, Any]:
             r["calls"] += 1
             r["cpu_total_ms"] += _ev_attr(evt, "cpu_time_total") / 1e3
     if cuda:
-        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        kernels = _device_kernels(events)
         dev_us = [_ev_attr(e, "self_device_time_total", "self_cuda_time_total", "device_time_total") for e in kernels]
         attn = [t for e, t in zip(kernels, dev_us) if _ATTN_KERNEL_RE.search(e.name)]
         out.update({"count_kind": "device_kernels", "count": len(kernels), "gpu_time_ms": sum(dev_us) / 1e3,
