@@ -179,9 +179,9 @@ def flex_row(q, k, v, timer) -> tuple[float | None, str | None, float]:
         from torch.nn.attention.flex_attention import flex_attention
 
         if "fn" not in _FLEX:
-            import torch._dynamo
+            import torch._dynamo as dynamo  # "import torch._dynamo" would make torch a local name of this function
 
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
             _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
         fn = _FLEX["fn"]
         run = lambda: fn(q, k, v, enable_gqa=True)  # noqa: E731
