@@ -595,3 +595,27 @@ def test_hot_path_reads_nothing_on_the_host(request):
         with counter:
             fn()
         assert counter.ops.get("aten._local_scalar_dense.default", 0) == 0, dict(counter.ops)
+
+
+def test_default_config_is_the_measured_sweep_winner_only_where_measured():
+    """The H200 sweep's winner is the default for the shape it was measured at (D=128, one row tile of <= 16 rows,
+    dense); other shapes, the paged kernel and the interpreter keep their configs."""
+    from sparseattn.ops.decode import _default_config
+
+    assert _default_config(128, 16, False) == {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
+    assert _default_config(128, 16, False, paged=True) == {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    assert _default_config(128, 64, False) == {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    assert _default_config(64, 16, False) == {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    assert _default_config(128, 16, True) == {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+
+
+@needs_kernel
+def test_sweep_winner_config_matches_reference(request):
+    """The (BLOCK_N 128, 4 warps, 2 stages) default of D=128 is exact too: odd lengths, per-sequence lengths, splits."""
+    gen = _gen(request)
+    q, k, v = _inputs(2, 8, 2, 1, 300, 128, torch.bfloat16, gen)
+    sl = torch.tensor([300, 131], dtype=torch.int32, device=DEV)
+    for splits in (1, 3):
+        st = decode_attention(q, k, v, seqlens=sl, num_splits=splits, return_lse=True, backend="triton",
+                              config={"BLOCK_N": 128, "num_warps": 4, "num_stages": 2})
+        _check(st, q, k, v, seqlens=sl)

@@ -298,9 +298,15 @@ def decode_num_splits(ctas: int, n_keys: int, num_sms: int = 132, *, ctas_per_sm
     return 1  # pragma: no cover
 
 
-def _default_config(D: int, block_m: int, interp: bool) -> dict[str, int]:
+def _default_config(D: int, block_m: int, interp: bool, paged: bool = False) -> dict[str, int]:
     if interp:
         return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    if D == 128 and block_m <= 16 and not paged:
+        # the measured winner of bench_decode.py's sweep on the H200 (2026-12-03, H=32, H_kv=8, Lq=1, contexts
+        # 32K/128K, batch 1/8/32): with the heuristic's split count 3-14% faster than (64, 4 warps, 3 stages) in
+        # every row, and within 2% of cuDNN at batch >= 8 (BENCHMARKS.md). Other head dims / tiles / the paged
+        # (sparse) kernel were not swept and keep the previous default.
+        return {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
     if D >= 256:
         return {"BLOCK_N": 32, "num_warps": 8 if block_m >= 64 else 4, "num_stages": 3}
     return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
@@ -323,7 +329,7 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
     block_m = min(max(16, 1 << (rows - 1).bit_length()), 64)
     m_tiles = -(-rows // block_m)
     if config is None:
-        cfg = _default_config(D, block_m, interp)
+        cfg = _default_config(D, block_m, interp, paged=page_idx is not None)
     else:
         if not isinstance(config, dict) or set(config) != _CONFIG_KEYS:
             raise fail(fn, "config", "must name exactly the launch parameters", sorted(_CONFIG_KEYS), repr(config))
