@@ -229,3 +229,22 @@ def test_decode_steps_make_no_host_reads(mode):
     assert counter.ops.get("aten._local_scalar_dense.default", 0) == 0, dict(counter.ops)
     if mode == "sparse":
         assert h.decode_stats["summary_updates"] == LAYERS
+
+
+@torch.no_grad()
+def test_sparse_step_keeps_every_page_of_its_new_tokens():
+    """A 4-token step after 30 cached tokens straddles pages 1 and 2 (page size 16): both stay selected with page 0,
+    so with the minimum budget all 3 pages are read and the step equals dense decode."""
+    model = _llama()
+    ids = _ids(34)
+
+    def run():
+        cache = _cache(model)
+        model(ids[:, :30], past_key_values=cache)
+        return model(ids[:, 30:], past_key_values=cache).logits
+
+    ref = run()
+    with patch_model(model, decode="sparse", decode_top_pages=1, decode_backend="reference") as h:
+        got = run()
+    assert h.counts["decode_sparse"] == LAYERS
+    assert _rel([got], [ref]) <= TOL

@@ -233,8 +233,9 @@ class DecodeRoute:
 
             summ = self._summaries(handle, layer, key, nq)
             ps = self.config.page_size
+            # the last nq keys (this step's tokens) may straddle a page boundary: ceil((nq - 1) / ps) + 1 pages
             out = sparse_decode_attention(query, key, value, summ, top_pages=self.config.top_pages, keep_first=1,
-                                          keep_last=-(-nq // ps), scale=scale, backend=backend)
+                                          keep_last=1 + -(-(nq - 1) // ps), scale=scale, backend=backend)
             counter = "decode_sparse"
         handle.counts[counter] += 1
         used = self._backend_used(query)
