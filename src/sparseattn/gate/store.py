@@ -97,8 +97,6 @@ def save_gate(path: str | os.PathLike, weights: GateWeights, meta: dict[str, Any
         ValueError: not a GateWeights, a directory path, metadata without a ``fingerprint``, non-JSON
             metadata, or tensors that disagree with it.
     """
-    from safetensors.torch import save_file
-
     fn = "save_gate"
     if not isinstance(weights, GateWeights):
         raise fail(fn, "weights", "must be a GateWeights", "GateWeights", type(weights).__name__)
@@ -120,15 +118,9 @@ def save_gate(path: str | os.PathLike, weights: GateWeights, meta: dict[str, Any
         text = json.dumps(full, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise fail(fn, "meta", "is not JSON-serialisable (finite numbers only)", "JSON types", str(exc)) from None
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    try:
-        save_file({"wq": wq, "wk": wk}, str(tmp), metadata={META_KEY: text})
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return p
+    from sparseattn.tuning.store import write_safetensors_atomic
+
+    return write_safetensors_atomic(p, {"wq": wq, "wk": wk}, {META_KEY: text})
 
 
 def load_gate(path: str | os.PathLike, *, model: Any = None) -> GateWeights:

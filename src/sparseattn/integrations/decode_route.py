@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from sparseattn._validation import fail
+from sparseattn.integrations.transformers_patch import _compiling
 
 __all__ = ["DECODE_MODES", "DECODE_BACKENDS", "DecodeConfig", "DecodeRoute", "make_decode_config", "SUMMARY_ATTR"]
 
@@ -143,11 +144,6 @@ class _Summaries:
         self.serial = serial
         self.owner = owner
         self.shape = shape
-
-
-def _compiling() -> bool:
-    comp = getattr(torch, "compiler", None)
-    return bool(comp is not None and hasattr(comp, "is_compiling") and comp.is_compiling())
 
 
 class DecodeRoute:

@@ -109,8 +109,6 @@ def save_tuned(path: str | os.PathLike, cfg: TunedConfig) -> Path:
         ValueError: ``cfg`` is not a :class:`TunedConfig`, a layer index is not a non-negative int,
             the metadata is not JSON-serialisable or misses required keys.
     """
-    from safetensors.torch import save_file
-
     fn = "save_tuned"
     if not isinstance(cfg, TunedConfig):
         raise fail(fn, "cfg", "must be a TunedConfig", "TunedConfig", type(cfg).__name__)
@@ -137,10 +135,18 @@ def save_tuned(path: str | os.PathLike, cfg: TunedConfig) -> Path:
     except (TypeError, ValueError) as exc:
         raise fail(fn, "cfg.meta", "is not JSON-serialisable", "JSON types (dict, list, str, number, bool, None)",
                    str(exc)) from None
+    return write_safetensors_atomic(p, tensors, {META_KEY: text})
+
+
+def write_safetensors_atomic(p: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Write ``tensors`` + string ``metadata`` to ``p`` through a temporary file and ``os.replace`` (a reader never
+    sees a half-written file); the temporary file is removed on failure. Used by the tuned and the gate stores."""
+    from safetensors.torch import save_file
+
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata={META_KEY: text})
+        save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, p)
     finally:
         if tmp.exists():
