@@ -16,17 +16,11 @@ from sparseattn.cli.main import main  # noqa: E402
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 2-layer Llama with a byte-level tokenizer, saved with save_pretrained, and a text file."""
-    from sparseattn.testing.bad_inputs import byte_level_tokenizer
+    from sparseattn.testing.bad_inputs import save_tiny_llama
 
     d = tmp_path_factory.mktemp("tiny_tune")
-    fast = byte_level_tokenizer()
-    model_dir = d / "model"
-    fast.save_pretrained(str(model_dir))
-    cfg = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                   max_position_embeddings=512)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(str(model_dir))
+    model_dir = save_tiny_llama(d / "model", hidden_size=64, intermediate_size=64, heads=4, kv_heads=2,
+                                head_dim=16)
     text = d / "text.txt"
     words = "the quick brown fox jumps over the lazy dog while seven wizards quietly box jumping frogs".split()
     g = torch.Generator().manual_seed(1)

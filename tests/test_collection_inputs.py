@@ -7,7 +7,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -21,17 +20,11 @@ LAYERS = (0, 1)
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory):
     """`sparseattn collect` on a 2-layer random Llama (byte-level tokenizer): lengths 64 and 128, 2 samples each."""
-    from sparseattn.testing.bad_inputs import byte_level_tokenizer
+    from sparseattn.testing.bad_inputs import save_tiny_llama
 
     d = tmp_path_factory.mktemp("collection_inputs")
-    fast = byte_level_tokenizer()
-    model_dir = d / "model"
-    fast.save_pretrained(str(model_dir))
-    cfg = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                   max_position_embeddings=512)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(str(model_dir))
+    model_dir = save_tiny_llama(d / "model", hidden_size=64, intermediate_size=64, heads=4, kv_heads=2,
+                                head_dim=16)
     text = d / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. Seven wizards quietly box jumping frogs. " * 40)
     root = d / "qkv"

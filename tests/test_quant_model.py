@@ -285,17 +285,11 @@ def test_bench_model_quant_rows(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory):
     """`sparseattn collect` on a 2-layer random Llama with head_dim 64 (byte-level tokenizer), 128 tokens."""
-    from sparseattn.testing.bad_inputs import byte_level_tokenizer
+    from sparseattn.testing.bad_inputs import save_tiny_llama
 
     d = tmp_path_factory.mktemp("quant_qkv")
-    fast = byte_level_tokenizer()
-    model_dir = d / "model"
-    fast.save_pretrained(str(model_dir))
-    cfg = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=128, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-                                   max_position_embeddings=512)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(str(model_dir))
+    model_dir = save_tiny_llama(d / "model", hidden_size=128, intermediate_size=64, heads=2, kv_heads=1,
+                                head_dim=64)
     text = d / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. Seven wizards quietly box jumping frogs. " * 40)
     root = d / "qkv"

@@ -65,6 +65,23 @@ def byte_level_tokenizer() -> Any:
                                                 unk_token="<unk>")
 
 
+def save_tiny_llama(directory: Path, *, hidden_size: int, intermediate_size: int, heads: int, kv_heads: int,
+                    head_dim: int, layers: int = 2, max_positions: int = 512) -> Path:
+    """Save a random Llama (seed 0) with :func:`byte_level_tokenizer` to ``directory`` (``save_pretrained``) and
+    return it: the small local model the CLI tests and the bad-input table load."""
+    import transformers
+
+    fast = byte_level_tokenizer()
+    fast.save_pretrained(str(directory))
+    cfg = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                   head_dim=head_dim, max_position_embeddings=max_positions)
+    torch.manual_seed(0)
+    with _quiet_transformers():
+        transformers.LlamaForCausalLM(cfg).save_pretrained(str(directory))
+    return directory
+
+
 @dataclass
 class Case:
     """One bad-input class.
@@ -176,17 +193,8 @@ class Fixtures:
     def tiny_model(self) -> Path:
         """A 2-layer Llama (max_position_embeddings=128) with a byte-level tokenizer, saved locally."""
         if "model" not in self._cache:
-            import transformers
-            d = self.root / "tiny_model"
-            fast = byte_level_tokenizer()
-            fast.save_pretrained(str(d))
-            cfg = transformers.LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64,
-                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                           max_position_embeddings=128)
-            torch.manual_seed(0)
-            with _quiet_transformers():
-                transformers.LlamaForCausalLM(cfg).save_pretrained(str(d))
-            self._cache["model"] = d
+            self._cache["model"] = save_tiny_llama(self.root / "tiny_model", hidden_size=32, intermediate_size=64,
+                                                   heads=4, kv_heads=2, head_dim=8, max_positions=128)
         return self._cache["model"]
 
 
