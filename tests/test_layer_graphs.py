@@ -125,3 +125,110 @@ def test_not_graphed_reasons_are_recorded_and_warned():
         torch.cuda.synchronize()
         assert torch.isfinite(out.float()).all()
         assert set(h.layer_graph_status.values()) == {"inside the caller's own CUDA graph capture"}
+
+
+class _FakeGraphs:
+    """Stands in for LayerGraphs on the CPU: its replay computes causal SDPA and records the call."""
+
+    def __init__(self) -> None:
+        self.fast: dict = {}
+        self.replays = 0
+        self.stats = {"direct": 0, "copy": 0, "direct_captures": 0, "direct_failed": 0}
+        self.direct_error = None
+        self.calls: list[tuple[int, ...]] = []
+
+    def replay(self, buf, entry, q, k, v):
+        self.calls.append(tuple(q.shape))
+        self.replays += 1
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return o.transpose(1, 2).contiguous(), None
+
+
+def test_fast_lane_is_taken_only_for_the_remembered_call(monkeypatch):
+    """CPU: the fast lane's conditions (the GPU replay itself is tested below); a fake replay records its use."""
+    from sparseattn.integrations.layer_graphs import FastLane
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    model = _tiny()
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(0))
+    with patch_model(model, pattern="sink_window:window_blocks=2,block_m=64,block_n=64") as h, torch.no_grad():
+        seen: dict[int, tuple] = {}
+        orig = h._forward
+
+        def spy(module, layer, q, k, v, mask, kwargs):
+            seen.setdefault(layer, (q, k, v, dict(kwargs)))
+            return orig(module, layer, q, k, v, mask, kwargs)
+
+        monkeypatch.setattr(h, "_forward", spy)
+        model(ids, use_cache=False)
+        fake = _FakeGraphs()
+        dens = torch.full((4,), 0.5, dtype=torch.float64)
+        for layer, (q, k, v, kw) in seen.items():
+            fake.fast[layer] = FastLane(h._fast_check(q, k, v, kw), None, None, None, dens, False, "triton")
+        h._layer_graphs = fake
+        h.reset_stats()
+        model(ids, use_cache=False)
+        assert len(fake.calls) == 3 and h.counts["prefill_sparse"] == 3
+        assert h.sparsity_report()["layers"]["0"]["density"] == pytest.approx(0.5)
+        assert h.sparsity_report()["layers"]["0"]["backends"] == ["triton"]
+        # anything else goes the general way: another length, keep_layouts, an active capture, training mode
+        model(ids[:, :150], use_cache=False)
+        h.keep_layouts = True
+        model(ids, use_cache=False)
+        h.keep_layouts = False
+        with h.capture([0]):
+            model(ids, use_cache=False)
+        assert set(h.captured) == {0}
+        model.train()
+        model(ids, use_cache=False)
+        model.eval()
+        assert len(fake.calls) == 3  # (an active capture sends every layer the general way)
+        model(ids, use_cache=False)
+        assert len(fake.calls) == 6
+
+
+@cuda
+def test_layer_graphs_direct_and_copy_replays():
+    """The direct graph (no input copies) serves calls whose tensors sit where it was captured; others copy."""
+    from sparseattn.integrations.layer_graphs import _MAX_DIRECT_TRIES, LayerGraphs
+
+    def body(q, k, v, out):
+        out.copy_((q * 2 + k - v).transpose(1, 2))
+        return None
+
+    lg = LayerGraphs()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 16, device="cuda", generator=g) for _ in range(3))
+    expect = lambda: (q * 2 + k - v).transpose(1, 2)  # noqa: E731
+    out, _ = lg.run(("L0",), q, k, v, body, "test")
+    torch.testing.assert_close(out, expect(), rtol=0, atol=0)
+    assert lg.stats["direct_captures"] == 1 and lg.stats["direct"] == 1
+    q.add_(1.0)  # same storage, new values: the direct graph reads them
+    out, _ = lg.run(("L0",), q, k, v, body, "test")
+    torch.testing.assert_close(out, expect(), rtol=0, atol=0)
+    assert lg.stats["direct"] == 2 and lg.stats["copy"] == 0
+    held = []
+    for i in range(_MAX_DIRECT_TRIES + 2):  # new addresses every call: re-captured a few times, then copies
+        q, k, v = (torch.randn(1, 2, 64, 16, device="cuda", generator=g) for _ in range(3))
+        held.append((q, k, v))  # held, so the next tensors get new addresses
+        out, _ = lg.run(("L0",), q, k, v, body, "test")
+        torch.testing.assert_close(out, expect(), rtol=0, atol=0)
+    assert lg.stats["direct_captures"] == _MAX_DIRECT_TRIES and lg.stats["copy"] >= 1
+    qv = torch.randn(1, 2, 64, 32, device="cuda", generator=g)[..., ::2]  # same shape, other strides: copy path
+    out, _ = lg.run(("L0",), qv, k, v, body, "test")
+    q = qv
+    torch.testing.assert_close(out, expect(), rtol=0, atol=0)
+
+
+@cuda
+def test_fast_lane_on_the_gpu_equals_eager():
+    model = _tiny("cuda", torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 900), generator=torch.Generator().manual_seed(3)).cuda()
+    kw = {"predictor": "mean_sim:score=mixed,cdf_threshold=0.9,keep_local=2"}
+    eager, rep_e = _run(model, ids, 5, layer_graphs=False, **kw)
+    graphed, rep_g = _run(model, ids, 5, **kw)
+    for a, b in zip(eager, graphed):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    lg = rep_g["layer_graphs"]
+    assert lg["direct"] + lg["copy"] == lg["replays"] == rep_g["_replays"]
+    assert rep_g["counts"] == rep_e["counts"]

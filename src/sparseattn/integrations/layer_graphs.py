@@ -17,6 +17,22 @@ static input buffers and writes a static output. Every later call:
 3. returns a clone of the static output ``(B, N, H, D)`` and of the density counts, so results stay
    valid after the next layer's replay.
 
+**Direct replays.** In a steady-state eager forward PyTorch's caching allocator hands each layer the
+same addresses for its ``q``, ``k``, ``v`` call after call. So each key also gets a second graph,
+captured on the call's own tensors (no static inputs): a later call whose three tensors have the
+same data pointers and strides replays it without the three copies; any other call takes the copy
+path above. The direct graph reads memory it does not own, which is why it runs only when all three
+pointers and strides match (then that memory *is* this call's input). A key whose addresses keep
+moving is re-captured at most :data:`_MAX_DIRECT_TRIES` times, then uses the copy path only.
+:attr:`LayerGraphs.stats` counts direct and copy replays.
+
+**Fast lane.** :class:`FastLane` is what :class:`~sparseattn.integrations.transformers_patch.PatchHandle`
+keeps per graphed layer so that a repeated call skips the general checks: it compares the call with
+the one it was made for (shapes, dtypes, device, scale, window, no mask, no capture, same predictor,
+no option that needs the host) and replays, or hands the call back to the general path. Captures use
+``CUDAGraph.capture_begin``/``capture_end`` directly, not ``torch.cuda.graph`` (which empties the
+allocator's cache and so moves the addresses the direct graphs rely on).
+
 A graph reads memory it does not own (the layout of a static pattern, the predictors' geometry
 tables, cached bands): each graph keeps a reference to its body and to every value of the
 project's named caches at capture time, so an eviction cannot free what a replay reads.
@@ -48,12 +64,13 @@ import torch
 
 from sparseattn._cache import BoundedCache
 
-__all__ = ["LayerGraphs", "DEFAULT_MAX_NUMEL"]
+__all__ = ["LayerGraphs", "FastLane", "DEFAULT_MAX_NUMEL"]
 
 #: largest ``q.numel()`` graphed by default (above it the GPU time dominates the host work)
 DEFAULT_MAX_NUMEL = 1 << 26
 _MAX_SHAPES = 4  # static buffer sets kept (least recently used shape dropped, with its graphs)
 _MAX_FAILED = 512  # keys remembered as "capture failed"
+_MAX_DIRECT_TRIES = 3  # captures of a key's direct graph (its input addresses moved) before it keeps to copies
 
 
 @dataclass
@@ -70,13 +87,64 @@ class _Buffers:
 
 
 @dataclass
-class _Entry:
+class _Direct:
+    """A graph captured on one call's own q/k/v: valid only for calls whose tensors sit at ``sig``."""
+
     graph: Any
     extra: Any
+    sig: tuple[Any, ...]  # data pointers and strides of q, k, v at capture
+
+
+@dataclass
+class _Entry:
+    graph: Any
+    extra: Any  # the body's static side output (density counts) or None
+    body: Callable[..., Any]
     # what the graph reads but does not own: the body (and the layout its closure holds) and every
     # module-cache value at capture time (geometry tables, bands, dense layouts), so a later cache
     # eviction cannot free memory a replay still reads
-    keep_alive: list[Any] = field(default_factory=list)  # the body's static side output (density counts) or None
+    keep_alive: list[Any] = field(default_factory=list)
+    direct: _Direct | None = None
+    direct_tries: int = 0
+
+
+def _sig(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Any, ...]:
+    return (q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(), k.stride(), v.stride())
+
+
+def _capture(body: Callable[..., Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             out: torch.Tensor) -> tuple[Any, Any]:
+    """``(graph, extra)``: ``body(q, k, v, out)`` captured on a side stream (no cache emptying, see above)."""
+    cur = torch.cuda.current_stream(q.device)
+    side = torch.cuda.Stream(device=q.device)
+    side.wait_stream(cur)
+    torch.cuda.synchronize(q.device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            extra = body(q, k, v, out)
+        finally:
+            graph.capture_end()
+    cur.wait_stream(side)
+    return graph, extra
+
+
+@dataclass
+class FastLane:
+    """One graphed layer call, remembered so that the same call again goes straight to the replay.
+
+    ``check`` holds what the call must equal (shapes, dtypes, device, scale and window keyword
+    arguments); the handle-level conditions are checked by the caller (see ``PatchHandle._forward``).
+    """
+
+    check: tuple[Any, ...]
+    buf: "_Buffers"
+    entry: _Entry
+    pred: Any  # the layer's predictor object when the graph was made (None for static layouts)
+    density: Any  # the static layout's density entry, or None: the replay's cloned counts
+    quant: bool
+    backend: str  # what ran it, for ``PatchHandle.backends_used``
 
 
 def _clone(x: Any) -> Any:
@@ -99,11 +167,20 @@ class LayerGraphs:
         self._buffers: BoundedCache[tuple[Any, ...], _Buffers] = BoundedCache(_MAX_SHAPES)
         self._failed: BoundedCache[tuple[Any, ...], str] = BoundedCache(_MAX_FAILED)
         self.replays = 0
+        #: ``{"direct": replays without input copies, "copy": replays through the static inputs,
+        #: "direct_captures": direct graphs captured, "direct_failed": direct captures that failed}``
+        self.stats = {"direct": 0, "copy": 0, "direct_captures": 0, "direct_failed": 0}
+        #: ``{layer: FastLane}`` of the last graphed call per layer (see :class:`FastLane`)
+        self.fast: dict[int, FastLane] = {}
+        self.last: tuple[_Buffers, _Entry] | None = None  # buffers and entry of the last replay
+        self.direct_error: str | None = None  # the last direct capture's failure, if any
 
     def clear(self) -> None:
         """Drop every graph and buffer (their memory is released when no call holds them)."""
         self._buffers.clear()
         self._failed.clear()
+        self.fast.clear()
+        self.last = None
 
     def _static(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> _Buffers:
         key = (tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, k.dtype, str(q.device))
@@ -149,18 +226,53 @@ class LayerGraphs:
                         _end_failed_capture(q.device)
                         return None
                     buf.graphs[key] = entry
+        self.last = (buf, entry)
+        return self.replay(buf, entry, q, k, v)
+
+    def replay(self, buf: _Buffers, entry: _Entry, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """``(out, extra)`` of one replay of ``entry``: its direct graph when q/k/v sit where it reads, else copies."""
+        sig = _sig(q, k, v)
+        d = entry.direct
+        if (d is None or d.sig != sig) and entry.direct_tries < _MAX_DIRECT_TRIES:
+            d = self._capture_direct(buf, entry, q, k, v, sig)  # captures only: nothing runs, no buffer is written
         stream = torch.cuda.current_stream(q.device)
         with buf.lock:
             stream.wait_event(buf.done)
-            buf.q.copy_(q)
-            buf.k.copy_(k)
-            buf.v.copy_(v)
-            entry.graph.replay()
+            if d is not None and d.sig == sig:
+                d.graph.replay()
+                extra = _clone(d.extra)
+                self.stats["direct"] += 1
+            else:
+                buf.q.copy_(q)
+                buf.k.copy_(k)
+                buf.v.copy_(v)
+                entry.graph.replay()
+                extra = _clone(entry.extra)
+                self.stats["copy"] += 1
             out = buf.out.clone()
-            extra = _clone(entry.extra)
             buf.done.record(stream)
         self.replays += 1
         return out, extra
+
+    def _capture_direct(self, buf: _Buffers, entry: _Entry, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        sig: tuple[Any, ...]) -> _Direct | None:
+        """Capture ``entry``'s body on these very tensors (see "Direct replays"); None if that fails."""
+        from sparseattn.predictors.graphed import _CAPTURE_LOCK, _end_failed_capture
+
+        entry.direct_tries += 1
+        with _CAPTURE_LOCK:
+            try:
+                graph, extra = _capture(entry.body, q, k, v, buf.out)
+            except Exception as exc:  # noqa: BLE001 - the copy graph (captured from the same body) still serves
+                entry.direct_tries = _MAX_DIRECT_TRIES
+                self.stats["direct_failed"] += 1
+                self.direct_error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+                _end_failed_capture(q.device)
+                return entry.direct
+        entry.direct = _Direct(graph, extra, sig)
+        self.stats["direct_captures"] += 1
+        return entry.direct
 
     def _capture(self, buf: _Buffers, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  body: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], Any]) -> _Entry:
@@ -175,14 +287,11 @@ class LayerGraphs:
             with torch.cuda.stream(side):  # compile / autotune / fill caches outside the capture
                 body(buf.q, buf.k, buf.v, buf.out)
             cur.wait_stream(side)
-            torch.cuda.synchronize(q.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                extra = body(buf.q, buf.k, buf.v, buf.out)
+            graph, extra = _capture(body, buf.q, buf.k, buf.v, buf.out)
             buf.done.record(cur)
         from sparseattn._cache import all_caches
 
         keep: list[Any] = [body]
         for cache in all_caches().values():
             keep.extend(cache.values())
-        return _Entry(graph, extra, keep)
+        return _Entry(graph, extra, body, keep)

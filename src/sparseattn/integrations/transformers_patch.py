@@ -643,6 +643,10 @@ class PatchHandle:
         dens = [e["density"] for e in layers.values() if e["density"] is not None]
         extra = {} if self.tuned is None else {"tuned": self.tuned}
         extra["quant"] = None if self.quant is None else {"mode": self.quant, "granularity": self.quant_granularity}
+        lg = self._layer_graphs
+        if lg is not None:  # replays without input copies ("direct") and through the static buffers ("copy")
+            extra["layer_graphs"] = {"replays": lg.replays, **lg.stats,
+                                     **({"direct_error": lg.direct_error} if lg.direct_error else {})}
         return {
             "layers": layers,
             "mean_density": (sum(dens) / len(dens)) if dens else None,
@@ -701,6 +705,13 @@ class PatchHandle:
 
     def _forward(self, module: torch.nn.Module, layer: int, query: torch.Tensor, key: torch.Tensor,
                  value: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
+        lg = self._layer_graphs
+        if lg is not None and attention_mask is None:
+            fl = lg.fast.get(layer)
+            if fl is not None:  # the same call as this layer's last graphed one: straight to the replay
+                res = self._fast_replay(lg, fl, module, layer, query, key, value, kwargs)
+                if res is not None:
+                    return res
         nq, nkv = query.shape[2], key.shape[2]
         prefill = nq == nkv
         if prefill and self.capture_layers is not None and (not self.capture_layers or layer in self.capture_layers):
@@ -755,6 +766,8 @@ class PatchHandle:
         if query.is_cuda:
             res = self._graphed(module, layer, mode, query, key, value, scale, win, t0)
             if res is not None:
+                if attention_mask is None:
+                    self._remember_fast(layer, mode, query, key, value, kwargs)
                 return res
         if mode == "window":
             layout, pv, static = self._band(B, H, nq, nkv, win, query), None, True
@@ -895,6 +908,53 @@ class PatchHandle:
             self.counts["prefill_quant"] += 1
         self._density_raw.setdefault(layer, []).append(density)
         self.backends_used.setdefault(layer, set()).add(self._quant_label or "triton")
+        return out, None
+
+    def _fast_check(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """What a fast-lane call must equal: shapes, dtypes, device and the keyword arguments the route depends on."""
+        return (query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device,
+                kwargs.get("scaling"), kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux"))
+
+    def _remember_fast(self, layer: int, mode: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       kwargs: dict[str, Any]) -> None:
+        """Keep this graphed call as the layer's fast lane (see :class:`~.layer_graphs.FastLane`)."""
+        from sparseattn.integrations.layer_graphs import FastLane
+
+        lg = self._layer_graphs
+        if lg is None or lg.last is None or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+            return
+        buf, entry = lg.last
+        pred = self.predictors[layer] if mode == "sparse" else None
+        static = mode == "window" or isinstance(pred, PatternPredictor)
+        density = None
+        if static:
+            density = self._density_raw[layer][-1]  # the fixed layout's entry, just recorded by _graphed
+        lg.fast[layer] = FastLane(self._fast_check(query, key, value, kwargs), buf, entry, pred, density,
+                                  self.quant is not None, self._quant_label or "triton")
+
+    def _fast_replay(self, lg: Any, fl: Any, module: torch.nn.Module, layer: int, query: torch.Tensor,
+                     key: torch.Tensor, value: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None] | None:
+        """The fast lane: this layer's graph replayed when the call equals the remembered one, else None.
+
+        Every condition under which the general path would not replay this very graph sends the call
+        back to it: another shape/dtype/device/scale/window, softcap or sinks, training mode, an active
+        :meth:`capture`, options that need the host (``dense_above``, ``keep_layouts``, graphs switched
+        off), a replaced predictor, ``torch.compile`` tracing or a caller's own CUDA-graph capture.
+        """
+        if (module.training or self.capture_layers is not None or self.dense_above is not None or self.keep_layouts
+                or self.layer_graph_off is not None or (fl.pred is not None and self.predictors.get(layer) is not fl.pred)
+                or self._fast_check(query, key, value, kwargs) != fl.check or _compiling()
+                or torch.cuda.is_current_stream_capturing()):
+            return None
+        t0 = time.perf_counter()
+        out, extra = lg.replay(fl.buf, fl.entry, query, key, value)
+        self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
+        self.counts["prefill_sparse"] += 1
+        if fl.quant:
+            self.counts["prefill_quant"] += 1
+        self._density_raw.setdefault(layer, []).append(fl.density if fl.density is not None else extra)
+        self.backends_used.setdefault(layer, set()).add(fl.backend)
         return out, None
 
     def _forward_traced(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
