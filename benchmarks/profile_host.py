@@ -78,7 +78,8 @@ def main() -> int:
         pstats.Stats(prof, stream=buf2).sort_stats("cumulative").print_stats(60)
         with open(os.path.join(args.out, f"{name}.cum.txt"), "w") as fh:
             fh.write(buf2.getvalue())
-        results.append({"row": spec, "ms": statistics.median(times), "host_ms": statistics.median(hosts)})
+        results.append({"row": spec, "ms": statistics.median(times), "host_ms": statistics.median(hosts),
+                        "layer_graphs": None if handle is None else handle.sparsity_report().get("layer_graphs")})
         print(json.dumps(results[-1]), flush=True)
         if handle is not None:
             handle.unpatch()
