@@ -70,6 +70,8 @@ def main() -> int:
     ap.add_argument("--len", type=int, default=32768)
     ap.add_argument("--specs", default=SPECS)
     ap.add_argument("--score-tiles", default="64:8,64:4,32:4,32:2")
+    ap.add_argument("--pool", default="4096:8,2048:4,2048:8,8192:8",
+                    help="pool kernel variants ELEMENTS:WARPS (a chunk of ELEMENTS // D_PAD rows), timed per spec")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -85,6 +87,29 @@ def main() -> int:
         base = {"spec": spec, "ms": round(time_ms(call, args.repeats), 4), "kernels": kernel_times(call), "density": dens}
         rows.append(base)
         print(json.dumps(base), flush=True)
+        orig_pool = fm._pool_meta
+        for ew in args.pool.split(","):
+            elems, warps = (int(x) for x in ew.split(":"))
+
+            def pmeta(bm, bn, D, minmax, _e=elems, _w=warps):  # noqa: ANN001
+                m = orig_pool(bm, bn, D, minmax)
+                chunk = max(1, _e // m["D_PAD"])
+                m.update(CHUNK_Q=min(chunk, fm._next_pow2(bm)),
+                         CHUNK_K=min(chunk, fm._next_pow2(bn)), num_warps=_w)
+                return m
+
+            fm._pool_meta = pmeta
+            try:
+                got = call()
+                same = bool(torch.equal(got.kv_num_blocks, ref.kv_num_blocks) and torch.equal(got.kv_indices, ref.kv_indices))
+                r = {"spec": spec, "pool": ew, "ms": round(time_ms(call, args.repeats), 4),
+                     "kernels": kernel_times(call), "same_layout": same}
+            except Exception as exc:  # noqa: BLE001 - a variant that does not compile is reported
+                r = {"spec": spec, "pool": ew, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            finally:
+                fm._pool_meta = orig_pool
+            rows.append(r)
+            print(json.dumps(r), flush=True)
         if "score=m" not in spec:
             continue
         for tw in args.score_tiles.split(","):
@@ -109,12 +134,12 @@ def main() -> int:
             print(json.dumps(r), flush=True)
     with open(os.path.join(args.out, "profile_predictor.json"), "w") as fh:
         json.dump(rows, fh, indent=1)
-    print("| spec | score tile | ms | pool | score | select | same layout |")
+    print("| spec | variant | ms | pool | score | select | same layout |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         ks = r.get("kernels", {})
         pick = lambda name: next((f"{v:.3f}" for key, v in ks.items() if name in key), "-")  # noqa: E731
-        print(f"| {r['spec'][9:60]} | {r.get('score_tile', 'default')} | {r.get('ms', r.get('error', ''))} | "
+        print(f"| {r['spec'][9:60]} | {r.get('score_tile') or (('pool ' + r['pool']) if 'pool' in r else 'default')} | {r.get('ms', r.get('error', ''))} | "
               f"{pick('pool')} | {pick('score')} | {pick('select')} | {r.get('same_layout', '-')} |")
     return 0
 

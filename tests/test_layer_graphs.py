@@ -214,6 +214,12 @@ def test_layer_graphs_direct_and_copy_replays():
         out, _ = lg.run(("L0",), q, k, v, body, "test")
         torch.testing.assert_close(out, expect(), rtol=0, atol=0)
     assert lg.stats["direct_captures"] == _MAX_DIRECT_TRIES and lg.stats["copy"] >= 1
+    side = torch.cuda.Stream()  # a call on another stream waits for the last one's output clone
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out_side, _ = lg.run(("L0",), q, k, v, body, "test")
+        torch.testing.assert_close(out_side, expect(), rtol=0, atol=0)
+    torch.cuda.current_stream().wait_stream(side)
     qv = torch.randn(1, 2, 64, 32, device="cuda", generator=g)[..., ::2]  # same shape, other strides: copy path
     out, _ = lg.run(("L0",), qv, k, v, body, "test")
     q = qv

@@ -82,7 +82,9 @@ class _Buffers:
     v: torch.Tensor
     out: torch.Tensor  # (B, N, H, D)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    done: Any = None  # torch.cuda.Event after the last output clone; the next call's stream waits on it
+    # the stream of the last call; a call on another stream first waits for everything queued on it (the
+    # last output clone included); calls on one stream are ordered by the stream itself
+    stream: Any = None
     graphs: dict[tuple[Any, ...], "_Entry"] = field(default_factory=dict)  # this shape's graphs, by layer key
 
 
@@ -190,7 +192,7 @@ class LayerGraphs:
             return _Buffers(torch.empty(q.shape, dtype=q.dtype, device=q.device),
                             torch.empty(k.shape, dtype=k.dtype, device=k.device),
                             torch.empty(v.shape, dtype=v.dtype, device=v.device),
-                            torch.empty((B, N, H, D), dtype=q.dtype, device=q.device), done=torch.cuda.Event())
+                            torch.empty((B, N, H, D), dtype=q.dtype, device=q.device))
 
         return self._buffers.get_or_build(key, build)
 
@@ -238,7 +240,10 @@ class LayerGraphs:
             d = self._capture_direct(buf, entry, q, k, v, sig)  # captures only: nothing runs, no buffer is written
         stream = torch.cuda.current_stream(q.device)
         with buf.lock:
-            stream.wait_event(buf.done)
+            if stream != buf.stream:  # the buffers' last user was another stream: wait for its clone
+                if buf.stream is not None:
+                    stream.wait_stream(buf.stream)
+                buf.stream = stream
             if d is not None and d.sig == sig:
                 d.graph.replay()
                 extra = _clone(d.extra)
@@ -251,7 +256,6 @@ class LayerGraphs:
                 extra = _clone(entry.extra)
                 self.stats["copy"] += 1
             out = buf.out.clone()
-            buf.done.record(stream)
         self.replays += 1
         return out, extra
 
@@ -278,7 +282,8 @@ class LayerGraphs:
                  body: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], Any]) -> _Entry:
         with buf.lock:
             cur = torch.cuda.current_stream(q.device)
-            cur.wait_event(buf.done)
+            if buf.stream is not None and buf.stream != cur:
+                cur.wait_stream(buf.stream)
             buf.q.copy_(q)
             buf.k.copy_(k)
             buf.v.copy_(v)
@@ -288,7 +293,7 @@ class LayerGraphs:
                 body(buf.q, buf.k, buf.v, buf.out)
             cur.wait_stream(side)
             graph, extra = _capture(body, buf.q, buf.k, buf.v, buf.out)
-            buf.done.record(cur)
+            buf.stream = cur
         from sparseattn._cache import all_caches
 
         keep: list[Any] = [body]

@@ -125,9 +125,11 @@ def _geometry(Nq: int, Nkv: int, bm: int, bn: int, causal: bool, topk: float | N
 
 def _pool_meta(block_m: int, block_n: int, D: int, minmax: bool) -> dict[str, Any]:
     d_pad = max(16, _next_pow2(D))
-    chunk = max(1, 4096 // d_pad)  # a [chunk, D_PAD] float32 tile: 32 values per thread with 4 warps
+    # a [chunk, D_PAD] float32 tile per accumulator (2 for q; 5 for k with min/max): 16 values per thread
+    # and accumulator with 8 warps, reduced over the rows once per block (see ``_pool_block``)
+    chunk = max(1, 4096 // d_pad)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "CHUNK_Q": min(_next_pow2(block_m), chunk),
-            "CHUNK_K": min(_next_pow2(block_n), chunk), "D_PAD": d_pad, "MINMAX": minmax, "num_warps": 4}
+            "CHUNK_K": min(_next_pow2(block_n), chunk), "D_PAD": d_pad, "MINMAX": minmax, "num_warps": 8}
 
 
 def _score_meta(B: int, H: int, Mb: int, Nb: int, D: int, score: int) -> dict[str, Any]:

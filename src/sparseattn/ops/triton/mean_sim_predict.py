@@ -108,11 +108,14 @@ def _pool_block(
     d_ok = offs_d < D
     offs_r = tl.arange(0, ROW_CHUNK)
     x_base = X + off_b.to(tl.int64) * stride_xb + off_h.to(tl.int64) * stride_xh
-    acc_s = tl.zeros([D_PAD], dtype=tl.float32)
-    acc_u = tl.zeros([D_PAD], dtype=tl.float32)
-    mn = tl.full([D_PAD], float("inf"), dtype=tl.float32)
-    mx = tl.full([D_PAD], float("-inf"), dtype=tl.float32)
-    nan_any = tl.zeros([D_PAD], dtype=tl.int32)
+    # per-element accumulators, reduced over the rows once after the loop: a reduction across rows
+    # (warps) per chunk would cost a shared-memory round trip and barrier per accumulator and chunk
+    acc_s = tl.zeros([ROW_CHUNK, D_PAD], dtype=tl.float32)
+    acc_u = tl.zeros([ROW_CHUNK, D_PAD], dtype=tl.float32)
+    if MINMAX:
+        mn2 = tl.full([ROW_CHUNK, D_PAD], float("inf"), dtype=tl.float32)
+        mx2 = tl.full([ROW_CHUNK, D_PAD], float("-inf"), dtype=tl.float32)
+        nan2 = tl.zeros([ROW_CHUNK, D_PAD], dtype=tl.int32)
     for r0 in range(0, BLOCK, ROW_CHUNK):
         rows = start + r0 + offs_r
         r_ok = ((r0 + offs_r) < BLOCK) & (rows < N)
@@ -125,13 +128,19 @@ def _pool_block(
         inv = tl.div_rn(tl.full([ROW_CHUNK], 1.0, tl.float32), tl.where(nrm > 1e-12, nrm, 1e-12))
         inv = tl.where(r_ok, inv, 0.0)  # rows past the block/sequence contribute nothing
         inv = _round_to_input(inv, X.dtype.element_ty)
-        acc_s += tl.sum(xf, 0)
-        acc_u += tl.sum(xf * inv[:, None], 0)
+        acc_s += xf
+        acc_u += xf * inv[:, None]
         if MINMAX:
             # the GPU's min/max drop NaN; amin/amax (the torch path) return it: tracked on the side
-            mn = tl.minimum(mn, tl.min(tl.where(r_ok[:, None], xf, float("inf")), 0))
-            mx = tl.maximum(mx, tl.max(tl.where(r_ok[:, None], xf, float("-inf")), 0))
-            nan_any = tl.maximum(nan_any, tl.max((r_ok[:, None] & (xf != xf)).to(tl.int32), 0))
+            mn2 = tl.minimum(mn2, tl.where(r_ok[:, None], xf, float("inf")))
+            mx2 = tl.maximum(mx2, tl.where(r_ok[:, None], xf, float("-inf")))
+            nan2 = tl.maximum(nan2, (r_ok[:, None] & (xf != xf)).to(tl.int32))
+    acc_s = tl.sum(acc_s, 0)
+    acc_u = tl.sum(acc_u, 0)
+    if MINMAX:
+        mn = tl.min(mn2, 0)
+        mx = tl.max(mx2, 0)
+        nan_any = tl.max(nan2, 0)
     # the torch path's pooling matmul returns the input dtype
     acc_s = _round_to_input(acc_s, X.dtype.element_ty)
     acc_u = _round_to_input(acc_u, X.dtype.element_ty)
