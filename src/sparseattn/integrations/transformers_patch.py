@@ -942,10 +942,10 @@ class PatchHandle:
         :meth:`capture`, options that need the host (``dense_above``, ``keep_layouts``, graphs switched
         off), a replaced predictor, ``torch.compile`` tracing or a caller's own CUDA-graph capture.
         """
-        if (module.training or self.capture_layers is not None or self.dense_above is not None or self.keep_layouts
-                or self.layer_graph_off is not None or (fl.pred is not None and self.predictors.get(layer) is not fl.pred)
-                or self._fast_check(query, key, value, kwargs) != fl.check or _compiling()
-                or torch.cuda.is_current_stream_capturing()):
+        if (_compiling() or module.training or self.capture_layers is not None or self.dense_above is not None
+                or self.keep_layouts or self.layer_graph_off is not None
+                or (fl.pred is not None and self.predictors.get(layer) is not fl.pred)
+                or self._fast_check(query, key, value, kwargs) != fl.check or torch.cuda.is_current_stream_capturing()):
             return None
         t0 = time.perf_counter()
         out, extra = lg.replay(fl.buf, fl.entry, query, key, value)
