@@ -45,7 +45,9 @@ diagonal, or the end of the keys) take the element mask, blocks above every row'
 loaded. A program inside one document therefore masks only its edge and diagonal blocks, like a
 causal one. A row attends something iff a full block exists or a masked-range block meets its
 interval (checked per entry in the epilogue); else out 0, lse ``-inf``. Not with ``PV_SKIP`` or
-``HAS_STATE`` (static asserts; the launcher refuses those combinations).
+``HAS_STATE`` (static asserts; the launcher refuses those combinations). Adding the switch left the
+flag-off kernel's sm_90 PTX (Triton 3.9, compiled without a GPU) with the same instruction multiset
+for causal / non-causal / window / TMA configs; only the order of a few parameter loads moved.
 
 With ``HAS_STATE`` (docs/STATE.md) the program loads an incoming raw state ``(m, l, acc)`` (fp32,
 contiguous ``[B*H, N_Q(, HEAD_DIM)]``; ``m`` in the kernel's log2 units) from ``SmIn/SlIn/SaccIn``
