@@ -432,6 +432,25 @@ def test_nonfinite_v_reaches_its_document_and_only_tiles_loading_it(request):
     assert not bool(torch.isnan(out[..., :d]).any()) and not bool(torch.isnan(out[..., d + 1:]).any())
 
 
+@needs_kernel
+def test_attention_row_bounds_is_the_general_form(request):
+    """``attention(row_bounds=...)`` (bounds built on the device, e.g. by an integration) gives bitwise what the
+    host spec gives; a window folds into it the same way."""
+    gen = torch.Generator().manual_seed(_seed(request))
+    N = 191
+    q, k, v = _qkv(2, 4, 2, N, N, 64, torch.float16, gen)
+    cu = [[0, 5, 70, 71, N], [0, 100, N]]
+    for W in (None, 20):
+        b = document_row_bounds(cu, sliding_window=W, device=DEV)
+        b_nowin = document_row_bounds(cu, device=DEV)
+        for backend in ("triton", "reference"):
+            a = attention(q, k, v, causal=True, cu_seqlens=cu, sliding_window=W, backend=backend)
+            c = attention(q, k, v, causal=True, row_bounds=b, backend=backend)
+            d = attention(q, k, v, causal=True, row_bounds=b_nowin, sliding_window=W, backend=backend)
+            for x in (c, d):
+                assert torch.equal(a.out, x.out) and torch.equal(a.lse, x.lse), (W, backend)
+
+
 # ---------------------------------------------------------------------------------------------- cache
 def test_exact_layout_is_built_once_per_spec():
     from sparseattn.ops import attention as att_mod  # the module (sparseattn.ops.attention is the function)
@@ -489,6 +508,12 @@ BAD = [  # (keywords, B, N, Nkv, message fragment)
     (dict(causal=True, cu_seqlens=[0, 64], pv_threshold=1.0, layout=random_layout(64, 64, heads=2)), 1, 64, 64, "attention: pv_threshold is not supported with cu_seqlens"),
     (dict(causal=True, cu_seqlens=[0, 64], quant="int8"), 1, 64, 64, "attention: quant cannot be combined with cu_seqlens/document_ids/prefix_len"),
     (dict(causal=True, cu_seqlens=[0, 32]), 1, 64, 32, "attention: cu_seqlens needs N_q <= N_kv"),
+    (dict(causal=True, cu_seqlens=[0, 64], row_bounds=(torch.zeros(64, dtype=torch.int32),) * 2), 1, 64, 64,
+     "attention: row_bounds cannot be combined with cu_seqlens/document_ids/prefix_len"),
+    (dict(causal=True, row_bounds=(torch.zeros(64), torch.zeros(64))), 1, 64, 64,
+     "attention: row_bounds.lo must hold integer key indices"),
+    (dict(causal=True, row_bounds=(torch.zeros(64, dtype=torch.int32),) * 2, pv_threshold=1.0,
+          layout=random_layout(64, 64, heads=2)), 1, 64, 64, "attention: pv_threshold is not supported with row_bounds"),
 ]
 
 

@@ -126,6 +126,7 @@ def attention(
     cu_seqlens: Any = None,
     document_ids: torch.Tensor | None = None,
     prefix_len: Any = None,
+    row_bounds: Any = None,
 ) -> AttentionState:
     """Dense (``layout=None``) or block-sparse attention with natural-log LSE.
 
@@ -165,6 +166,12 @@ def attention(
             prefix_len - 1)``. An int in ``[0, N_kv]`` or one per batch row (host ints). ``0``/``1`` is
             plain causal attention. Not with ``cu_seqlens``/``document_ids``, ``sliding_window``,
             ``pv_threshold`` or ``quant``.
+        row_bounds: the general form of the two above, for masks built on the device (e.g. from
+            ``position_ids`` / ``token_type_ids``): :class:`~sparseattn.layout.patterns.RowBounds`
+            ``(lo, hi)``, integer ``[B|1, N_q]`` key indices; query ``i`` attends key ``j`` only if
+            ``lo[i] <= j <= hi[i]`` (ANDed with ``causal``, ``sliding_window``, ``layout``, ``attn_mask``).
+            The exact layout is built per call on the device (no cache, no host read). Exclusive with
+            the three above; not with ``pv_threshold`` or ``quant``.
 
     Returns:
         ``AttentionState(out, lse)``: out ``(B, H, N_q, D)`` in q's dtype; lse ``(B, H, N_q)``
@@ -177,9 +184,10 @@ def attention(
     fn = "attention"
     (B, H, _, Nq, Nkv, _), _ = check_attention_args(fn, q, k, v, causal=causal, layout=layout, scale=scale,
                                                     pv_threshold=pv_threshold, sliding_window=sliding_window)
-    exact = cu_seqlens is not None or document_ids is not None or prefix_len is not None
+    exact = cu_seqlens is not None or document_ids is not None or prefix_len is not None or row_bounds is not None
     if exact and quant is not None:
-        raise fail(fn, "quant", "cannot be combined with cu_seqlens/document_ids/prefix_len", "quant=None", repr(quant))
+        raise fail(fn, "quant", "cannot be combined with cu_seqlens/document_ids/prefix_len/row_bounds", "quant=None",
+                   repr(quant))
     if quant is not None:  # thin delegate; the quantized entry point checks its own arguments
         from sparseattn.ops.quant import attention_delegate
 
@@ -196,7 +204,8 @@ def attention(
     if exact:
         layout, bounds, causal, sliding_window = _exact_mask(
             fn, B, H, Nq, Nkv, q.device, causal=causal, layout=layout, sliding_window=sliding_window,
-            pv_threshold=pv_threshold, cu_seqlens=cu_seqlens, document_ids=document_ids, prefix_len=prefix_len)
+            pv_threshold=pv_threshold, cu_seqlens=cu_seqlens, document_ids=document_ids, prefix_len=prefix_len,
+            row_bounds=row_bounds)
     if sliding_window is not None and layout is None:
         layout = band_layout(B, H, Nq, Nkv, sliding_window, q.device)
     name = select_backend(q, k, v, layout=layout, causal=causal, pv_threshold=pv_threshold, backend=backend, func=fn,
@@ -240,7 +249,8 @@ _EXACT: BoundedCache[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, Any]] = 
 
 def _exact_mask(fn: str, B: int, H: int, Nq: int, Nkv: int, device: torch.device, *, causal: bool,
                 layout: BlockLayout | None, sliding_window: int | None, pv_threshold: float | None, cu_seqlens: Any,
-                document_ids: Any, prefix_len: Any) -> tuple[BlockLayout | None, Any, bool, int | None]:
+                document_ids: Any, prefix_len: Any,
+                row_bounds: Any = None) -> tuple[BlockLayout | None, Any, bool, int | None]:
     """Check the structured-mask arguments; return ``(layout, row bounds, causal, sliding_window)`` to run.
 
     The returned layout is the exact one (intersected with ``layout`` if given); the window, if any, is
@@ -250,6 +260,7 @@ def _exact_mask(fn: str, B: int, H: int, Nq: int, Nkv: int, device: torch.device
     from sparseattn.layout.patterns import (
         RowBounds,
         check_cu_seqlens,
+        check_row_bounds,
         check_prefix_len,
         document_row_bounds,
         prefix_lm_row_bounds,
@@ -262,9 +273,27 @@ def _exact_mask(fn: str, B: int, H: int, Nq: int, Nkv: int, device: torch.device
     if prefix_len is not None and (cu_seqlens is not None or document_ids is not None):
         raise fail(fn, "prefix_len", "cannot be combined with cu_seqlens/document_ids", "one structured mask",
                    "prefix_len and documents")
+    if row_bounds is not None and (cu_seqlens is not None or document_ids is not None or prefix_len is not None):
+        raise fail(fn, "row_bounds", "cannot be combined with cu_seqlens/document_ids/prefix_len", "one structured mask",
+                   "row_bounds and another")
     what = "prefix_len" if prefix_len is not None else ("cu_seqlens" if cu_seqlens is not None else "document_ids")
+    what = "row_bounds" if row_bounds is not None else what
     if pv_threshold is not None:
         raise fail(fn, "pv_threshold", f"is not supported with {what}", "None", repr(pv_threshold))
+    if row_bounds is not None:  # device bounds: checked (not read), the window folded in, the layout built per call
+        rb = check_row_bounds(fn, row_bounds, B, Nq, device)
+        lo = rb.lo  # type: ignore[union-attr]
+        if sliding_window is not None:
+            first = torch.arange(Nq, device=device, dtype=torch.int32) + (Nkv - Nq - sliding_window + 1)
+            lo = torch.maximum(lo, first[None]).contiguous()
+        rb = RowBounds(lo, rb.hi)  # type: ignore[union-attr]
+        bm_ = layout.block_m if layout is not None else _BAND_BLOCK
+        bn_ = layout.block_n if layout is not None else _BAND_BLOCK
+        lay = row_bounds_layout(rb, Nq, Nkv, block_m=bm_, block_n=bn_, batch=B, heads=H, causal=bool(causal))
+        if layout is not None:
+            lay = BlockLayout.from_dense_mask(layout.to_dense_mask() & lay.to_dense_mask(), block_m=bm_, block_n=bn_,
+                                              seqlen_q=Nq, seqlen_kv=Nkv)
+        return lay, rb, bool(causal), None
     if Nq > Nkv:
         raise fail(fn, what, "needs N_q <= N_kv (the queries are the last N_q key positions)", f"N_q <= {Nkv}",
                    f"N_q={Nq}")
@@ -303,6 +332,9 @@ def _exact_mask(fn: str, B: int, H: int, Nq: int, Nkv: int, device: torch.device
             if not isinstance(ids, torch.Tensor):
                 raise fail(fn, "document_ids", "must be a torch.Tensor", "an integer tensor [N_kv] or [B, N_kv]",
                            type(ids).__name__)
+            if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+                raise fail(fn, "document_ids", "must hold integers", "an integer dtype",
+                           str(ids.dtype).replace("torch.", ""))
             if ids.device != device:
                 raise fail(fn, "document_ids", "is on another device than q", str(device), str(ids.device))
             if ids.dim() not in (1, 2) or ids.shape[-1] != Nkv or (ids.dim() == 2 and ids.shape[0] not in (1, B)):
