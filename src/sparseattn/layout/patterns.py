@@ -11,7 +11,7 @@ Patterns shared by all heads are stored once and expanded (stride 0) over batch 
 from __future__ import annotations
 
 import inspect
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
