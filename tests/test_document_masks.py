@@ -319,6 +319,59 @@ def test_kernel_configs_with_chunked_queries(cfg, request):
 
 
 @needs_kernel
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kernel_on_random_intervals_and_layouts(seed, causal):
+    """Arbitrary per-row intervals (empty, negative, past the end, straddling blocks) on a random layout, with
+    64-row tiles over 128-blocks and 32-key sub-tiles: every range of the split is exercised."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    Nq, Nkv = 150, 301
+    q, k, v = _qkv(2, 4, 2, Nq, Nkv, 64, torch.float16, gen)
+    lo = torch.randint(-10, Nkv, (2, Nq), generator=gen)
+    hi = lo + torch.randint(-5, 200, (2, Nq), generator=gen)
+    if seed == 2:  # smooth, document-like bounds: long full ranges
+        lo = (torch.arange(Nq) // 40 * 40 + Nkv - Nq).repeat(2, 1) - torch.tensor([[0], [37]])
+        hi = lo + 90
+    b = RowBounds(lo.to(DEV), hi.to(DEV))
+    lay = random_layout(Nq, Nkv, density=0.8, seed=seed, block_m=128, block_n=128, batch=2, heads=4, causal=causal,
+                        device=DEV)
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    got = _fwd(q, k, v, layout=lay, causal=causal, row_bounds=b, config=cfg)
+    _check_kernel_rb(q, k, v, got, lay, b, causal=causal)
+    j = torch.arange(Nkv)
+    m = (j >= lo[..., None]) & (j <= hi[..., None])
+    if causal:
+        m = m & (j <= torch.arange(Nq)[:, None] + Nkv - Nq)
+    m = m[:, None] & lay.element_mask().cpu()
+    assert torch.equal(torch.isneginf(got.lse.cpu()), ~m.any(-1))
+
+
+@needs_kernel
+def test_documents_with_float_mask_and_chunked_prefix(request):
+    gen = torch.Generator().manual_seed(_seed(request))
+    N = 191
+    q, k, v = _qkv(1, 2, 1, N, N, 64, torch.float16, gen)
+    bias = torch.randn(1, 2, N, N, generator=gen).to(DEV)
+    bias[..., 10:20] = -math.inf
+    kw = dict(causal=True, cu_seqlens=[0, 60, N], attn_mask=bias)
+    got = attention(q, k, v, backend="triton", **kw)
+    hi = attention(q.double(), k.double(), v.double(), backend="reference", **kw)
+    lo = reference_attention(q, k, v, upcast=False, attn_mask=bias, **_as_reference(q, kw))
+    check_ratio(got.out, hi.out, lo.out)
+    check_ratio(got.lse, hi.lse, lo.lse, "lse")
+    # a chunk of 50 queries over 191 keys with a prefix of 160: the first rows see the whole prefix
+    qc = q[:, :, -50:]
+    kw = dict(causal=True, prefix_len=160, _Nkv=N)
+    got = attention(qc, k, v, backend="triton", causal=True, prefix_len=160)
+    hi = attention(qc.double(), k.double(), v.double(), backend="reference", causal=True, prefix_len=160)
+    jo, jl = judge(qc, k, v, prefix_mask(160, 50, N))
+    torch.testing.assert_close(hi.out, jo, atol=SDPA_FP64_ATOL, rtol=0)
+    lo = reference_attention(qc, k, v, upcast=False, **_as_reference(qc, kw))
+    check_ratio(got.out, hi.out, lo.out)
+    check_ratio(got.lse, hi.lse, lo.lse, "lse")
+
+
+@needs_kernel
 def test_user_layout_is_intersected(request):
     gen = torch.Generator().manual_seed(_seed(request))
     N, H = 191, 4
