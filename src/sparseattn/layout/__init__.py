@@ -11,12 +11,18 @@ from sparseattn.layout.convert import (
 )
 from sparseattn.layout.patterns import (
     PATTERNS,
+    RowBounds,
     block_diagonal_layout,
     causal_layout,
     dense_layout,
+    document_layout,
+    document_row_bounds,
     make_pattern,
     pattern_at_density,
+    prefix_lm_layout,
+    prefix_lm_row_bounds,
     random_layout,
+    row_bounds_layout,
     sink_window_layout,
     sliding_window_band_layout,
     sliding_window_layout,
@@ -30,4 +36,6 @@ __all__ = [
     "PATTERNS", "make_pattern", "pattern_at_density", "dense_layout", "causal_layout", "sliding_window_layout",
     "sliding_window_band_layout", "strided_layout",
     "random_layout", "block_diagonal_layout", "sink_window_layout",
+    "RowBounds", "row_bounds_layout", "document_row_bounds", "document_layout", "prefix_lm_row_bounds",
+    "prefix_lm_layout",
 ]

@@ -9,6 +9,14 @@ backend that refuses the inputs raises ``NotImplementedError`` listing every bac
 (:func:`~sparseattn.layout.patterns.sliding_window_band_layout`, 128×128 blocks), built once per
 (lengths, W, blocks, device) and kept in ``_BAND`` (a :class:`~sparseattn._cache.BoundedCache` of
 ``_BAND_MAX`` entries, stride-0 over batch and heads), so its cost is the band's, not the causal square's.
+
+Exact structured masks (``cu_seqlens`` / ``document_ids`` for packed documents, ``prefix_len`` for
+prefix-LM) run as per-row key intervals (:class:`~sparseattn.layout.patterns.RowBounds`, the kernel's
+``HAS_ROW_BOUNDS``) on their exact block layout. For host specs (``cu_seqlens``, ``prefix_len``) the
+layout and bounds are built once per (spec, lengths, causal, window, blocks, device) and kept in
+``_EXACT`` (``_EXACT_MAX`` entries; stride 0 over heads, and over batch when the spec is shared);
+``document_ids`` (a device tensor, never read on the host) rebuilds them per call with device ops only.
+A user ``layout`` is intersected with the exact one.
 """
 
 from __future__ import annotations
@@ -32,9 +40,9 @@ def _reference_refusal(q: torch.Tensor, **_: Any) -> str | None:
 
 
 def _reference_run(q, k, v, *, causal, layout, scale, pv_threshold, stats, sliding_window=None,  # noqa: ANN001
-                   attn_mask=None) -> AttentionState:  # noqa: ANN001
+                   attn_mask=None, row_bounds=None) -> AttentionState:  # noqa: ANN001
     return reference_attention(q, k, v, causal=causal, layout=layout, scale=scale, pv_threshold=pv_threshold, stats=stats,
-                               sliding_window=sliding_window, attn_mask=attn_mask)
+                               sliding_window=sliding_window, attn_mask=attn_mask, row_bounds=row_bounds)
 
 
 def _triton_refusal(q: torch.Tensor, **kw: Any) -> str | None:
@@ -44,12 +52,12 @@ def _triton_refusal(q: torch.Tensor, **kw: Any) -> str | None:
 
 
 def _triton_run(q, k, v, *, causal, layout, scale, pv_threshold, stats, sliding_window=None,  # noqa: ANN001
-                attn_mask=None) -> AttentionState:  # noqa: ANN001
+                attn_mask=None, row_bounds=None) -> AttentionState:  # noqa: ANN001
     from sparseattn.ops import triton_launch
 
     return triton_launch.block_sparse_fwd(q, k, v, layout=layout, causal=causal, scale=scale,
                                           pv_threshold=pv_threshold, stats=stats, sliding_window=sliding_window,
-                                          attn_mask=attn_mask)
+                                          attn_mask=attn_mask, row_bounds=row_bounds)
 
 
 # name -> (refusal(q, k=, v=, layout=, causal=, pv_threshold=, sliding_window=) -> reason | None,
@@ -115,6 +123,10 @@ def attention(
     attn_mask: torch.Tensor | None = None,
     quant: str | None = None,
     quant_granularity: str = "per_warp",
+    cu_seqlens: Any = None,
+    document_ids: torch.Tensor | None = None,
+    prefix_len: Any = None,
+    row_bounds: Any = None,
 ) -> AttentionState:
     """Dense (``layout=None``) or block-sparse attention with natural-log LSE.
 
@@ -138,6 +150,28 @@ def attention(
             docs/QUANT.md). Not combinable with ``pv_threshold``, ``sliding_window``, ``attn_mask``,
             ``stats`` or ``backend="reference"``.
         quant_granularity: scale groups for ``quant``: ``"per_warp"``, ``"per_block"`` or ``"per_thread"``.
+        cu_seqlens: packed documents (exact document mask): boundaries ``[0, n_1, n_1 + n_2, ..., N_kv]``
+            as host ints (a list, or a CPU int tensor), shared by the batch, or one such list per batch
+            row (document counts may differ). Query ``i`` (position ``i + N_kv - N_q``) attends only keys
+            of its own document; with ``causal=True`` causally inside it, with ``causal=False``
+            bidirectionally. Combines with ``sliding_window`` (a window inside each document),
+            ``layout`` (intersected) and ``attn_mask``; needs ``N_q <= N_kv``; not with ``pv_threshold``
+            or ``quant``. A CUDA tensor is refused (reading it would sync): use ``document_ids``.
+        document_ids: packed documents given as ids per key, an integer tensor ``[N_kv]`` or
+            ``[B, N_kv]`` on q's device; a document is a maximal run of equal consecutive ids. Same
+            rules as ``cu_seqlens`` (exclusive with it); the exact layout is rebuilt per call on the device
+            (no host sync, no cache).
+        prefix_len: prefix-LM (``causal=True`` required): keys ``< prefix_len`` are seen by every query
+            (bidirectional prefix), later keys causally: query ``i`` attends ``j <= max(i + N_kv - N_q,
+            prefix_len - 1)``. An int in ``[0, N_kv]`` or one per batch row (host ints). ``0``/``1`` is
+            plain causal attention. Not with ``cu_seqlens``/``document_ids``, ``sliding_window``,
+            ``pv_threshold`` or ``quant``.
+        row_bounds: the general form of the two above, for masks built on the device (e.g. from
+            ``position_ids`` / ``token_type_ids``): :class:`~sparseattn.layout.patterns.RowBounds`
+            ``(lo, hi)``, integer ``[B|1, N_q]`` key indices; query ``i`` attends key ``j`` only if
+            ``lo[i] <= j <= hi[i]`` (ANDed with ``causal``, ``sliding_window``, ``layout``, ``attn_mask``).
+            The exact layout is built per call on the device (no cache, no host read). Exclusive with
+            the three above; not with ``pv_threshold`` or ``quant``.
 
     Returns:
         ``AttentionState(out, lse)``: out ``(B, H, N_q, D)`` in q's dtype; lse ``(B, H, N_q)``
@@ -150,6 +184,10 @@ def attention(
     fn = "attention"
     (B, H, _, Nq, Nkv, _), _ = check_attention_args(fn, q, k, v, causal=causal, layout=layout, scale=scale,
                                                     pv_threshold=pv_threshold, sliding_window=sliding_window)
+    exact = cu_seqlens is not None or document_ids is not None or prefix_len is not None or row_bounds is not None
+    if exact and quant is not None:
+        raise fail(fn, "quant", "cannot be combined with cu_seqlens/document_ids/prefix_len/row_bounds", "quant=None",
+                   repr(quant))
     if quant is not None:  # thin delegate; the quantized entry point checks its own arguments
         from sparseattn.ops.quant import attention_delegate
 
@@ -162,11 +200,19 @@ def attention(
         check_attn_mask(fn, attn_mask, B, H, Nq, Nkv, q.device)
     if sliding_window is not None and sliding_window >= Nkv:
         sliding_window = None  # the window holds every causally visible key: plain causal attention
+    bounds = None
+    if exact:
+        layout, bounds, causal, sliding_window = _exact_mask(
+            fn, B, H, Nq, Nkv, q.device, causal=causal, layout=layout, sliding_window=sliding_window,
+            pv_threshold=pv_threshold, cu_seqlens=cu_seqlens, document_ids=document_ids, prefix_len=prefix_len,
+            row_bounds=row_bounds)
     if sliding_window is not None and layout is None:
         layout = band_layout(B, H, Nq, Nkv, sliding_window, q.device)
     name = select_backend(q, k, v, layout=layout, causal=causal, pv_threshold=pv_threshold, backend=backend, func=fn,
                           sliding_window=sliding_window)
-    extra = {} if attn_mask is None else {"attn_mask": attn_mask}  # only then: backends without the keyword keep working
+    extra: dict[str, Any] = {} if attn_mask is None else {"attn_mask": attn_mask}  # only then: backends without the keyword keep working
+    if bounds is not None:
+        extra["row_bounds"] = bounds
     return BACKENDS[name][1](q, k, v, causal=causal, layout=layout, scale=scale, pv_threshold=pv_threshold, stats=stats,
                              sliding_window=sliding_window, **extra)
 
@@ -194,6 +240,124 @@ def band_layout(B: int, H: int, Nq: int, Nkv: int, window: int, device: torch.de
 
     num, idx = _BAND.get_or_build((Nq, Nkv, window, block, block, dev), build)
     return BlockLayout(num.expand(B, H, -1), idx.expand(B, H, -1, -1), block, block, Nq, Nkv, validate=False)
+
+
+_EXACT_MAX = 64
+_EXACT: BoundedCache[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, Any]] = BoundedCache(
+    _EXACT_MAX, name="attention._EXACT")
+
+
+def _exact_mask(fn: str, B: int, H: int, Nq: int, Nkv: int, device: torch.device, *, causal: bool,
+                layout: BlockLayout | None, sliding_window: int | None, pv_threshold: float | None, cu_seqlens: Any,
+                document_ids: Any, prefix_len: Any,
+                row_bounds: Any = None) -> tuple[BlockLayout | None, Any, bool, int | None]:
+    """Check the structured-mask arguments; return ``(layout, row bounds, causal, sliding_window)`` to run.
+
+    The returned layout is the exact one (intersected with ``layout`` if given); the window, if any, is
+    folded into the bounds (so ``None`` is returned for it); prefix-LM runs ``causal=False`` with bounds.
+    """
+    from sparseattn._cache import device_key
+    from sparseattn.layout.patterns import (
+        RowBounds,
+        check_cu_seqlens,
+        check_row_bounds,
+        check_prefix_len,
+        document_row_bounds,
+        prefix_lm_row_bounds,
+        row_bounds_layout,
+    )
+
+    if cu_seqlens is not None and document_ids is not None:
+        raise fail(fn, "cu_seqlens/document_ids", "are mutually exclusive (two ways to give the documents)",
+                   "at most one of them", "both")
+    if prefix_len is not None and (cu_seqlens is not None or document_ids is not None):
+        raise fail(fn, "prefix_len", "cannot be combined with cu_seqlens/document_ids", "one structured mask",
+                   "prefix_len and documents")
+    if row_bounds is not None and (cu_seqlens is not None or document_ids is not None or prefix_len is not None):
+        raise fail(fn, "row_bounds", "cannot be combined with cu_seqlens/document_ids/prefix_len", "one structured mask",
+                   "row_bounds and another")
+    what = "prefix_len" if prefix_len is not None else ("cu_seqlens" if cu_seqlens is not None else "document_ids")
+    what = "row_bounds" if row_bounds is not None else what
+    if pv_threshold is not None:
+        raise fail(fn, "pv_threshold", f"is not supported with {what}", "None", repr(pv_threshold))
+    if row_bounds is not None:  # device bounds: checked (not read), the window folded in, the layout built per call
+        rb = check_row_bounds(fn, row_bounds, B, Nq, device)
+        lo = rb.lo  # type: ignore[union-attr]
+        if sliding_window is not None:
+            first = torch.arange(Nq, device=device, dtype=torch.int32) + (Nkv - Nq - sliding_window + 1)
+            lo = torch.maximum(lo, first[None]).contiguous()
+        rb = RowBounds(lo, rb.hi)  # type: ignore[union-attr]
+        bm_ = layout.block_m if layout is not None else _BAND_BLOCK
+        bn_ = layout.block_n if layout is not None else _BAND_BLOCK
+        lay = row_bounds_layout(rb, Nq, Nkv, block_m=bm_, block_n=bn_, batch=B, heads=H, causal=bool(causal))
+        if layout is not None:
+            lay = BlockLayout.from_dense_mask(layout.to_dense_mask() & lay.to_dense_mask(), block_m=bm_, block_n=bn_,
+                                              seqlen_q=Nq, seqlen_kv=Nkv)
+        return lay, rb, bool(causal), None
+    if Nq > Nkv:
+        raise fail(fn, what, "needs N_q <= N_kv (the queries are the last N_q key positions)", f"N_q <= {Nkv}",
+                   f"N_q={Nq}")
+    bm = layout.block_m if layout is not None else _BAND_BLOCK
+    bn = layout.block_n if layout is not None else _BAND_BLOCK
+    dev = device_key(device)
+    if prefix_len is not None:
+        if causal is not True:
+            raise fail(fn, "prefix_len", "needs causal=True (prefix-LM is causal attention with a bidirectional "
+                       "prefix)", "causal=True", f"causal={causal!r}")
+        if sliding_window is not None:
+            raise fail(fn, "prefix_len", "cannot be combined with sliding_window", "sliding_window=None",
+                       f"sliding_window={sliding_window}")
+        vals = check_prefix_len(fn, prefix_len, Nkv)
+        if len(vals) not in (1, B):
+            raise fail(fn, "prefix_len", "must give one value or one per batch row", f"1 or {B} values", len(vals))
+        if max(vals) <= 1:
+            return layout, None, True, None  # no bidirectional pair: plain causal attention
+        key: tuple[Any, ...] = ("prefix", vals, Nq, Nkv, bm, bn, dev)
+        run_causal = False
+
+        def build() -> tuple[torch.Tensor, torch.Tensor, Any]:
+            b = prefix_lm_row_bounds(list(vals), Nq, Nkv, device=dev)
+            lay = row_bounds_layout(b, Nq, Nkv, block_m=bm, block_n=bn, heads=1, causal=False)
+            return lay.kv_num_blocks.contiguous(), lay.kv_indices.contiguous(), b
+    else:
+        run_causal = bool(causal)
+        if cu_seqlens is not None:
+            rows = check_cu_seqlens(fn, cu_seqlens, Nkv)
+            if len(rows) not in (1, B):
+                raise fail(fn, "cu_seqlens", "must give one split or one per batch row", f"1 or {B} rows", len(rows))
+            key = ("docs", rows, Nq, Nkv, run_causal, sliding_window, bm, bn, dev)
+            spec: Any = [list(r) for r in rows]
+        else:
+            ids = document_ids
+            if not isinstance(ids, torch.Tensor):
+                raise fail(fn, "document_ids", "must be a torch.Tensor", "an integer tensor [N_kv] or [B, N_kv]",
+                           type(ids).__name__)
+            if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+                raise fail(fn, "document_ids", "must hold integers", "an integer dtype",
+                           str(ids.dtype).replace("torch.", ""))
+            if ids.device != device:
+                raise fail(fn, "document_ids", "is on another device than q", str(device), str(ids.device))
+            if ids.dim() not in (1, 2) or ids.shape[-1] != Nkv or (ids.dim() == 2 and ids.shape[0] not in (1, B)):
+                raise fail(fn, "document_ids", "has the wrong shape", f"[N_kv] or [B|1, N_kv] = [{B}|1, {Nkv}]",
+                           tuple(ids.shape))
+            key = ()  # device values: not cached
+            spec = None
+
+        def build() -> tuple[torch.Tensor, torch.Tensor, Any]:
+            b = document_row_bounds(spec, document_ids=document_ids if spec is None else None, seqlen_q=Nq,
+                                    seqlen_kv=Nkv, sliding_window=sliding_window, device=dev)
+            lay = row_bounds_layout(b, Nq, Nkv, block_m=bm, block_n=bn, heads=1, causal=run_causal)
+            return lay.kv_num_blocks.contiguous(), lay.kv_indices.contiguous(), b
+
+    num, idx, bounds = _EXACT.get_or_build(key, build) if key else build()
+    Bb = num.shape[0]
+    if Bb == 1 and B > 1:
+        num, idx = num.expand(B, 1, -1), idx.expand(B, 1, -1, -1)
+    exact_lay = BlockLayout(num.expand(B, H, -1), idx.expand(B, H, -1, -1), bm, bn, Nq, Nkv, validate=False)
+    if layout is not None:  # only blocks both select
+        both = layout.to_dense_mask() & exact_lay.to_dense_mask()
+        exact_lay = BlockLayout.from_dense_mask(both, block_m=bm, block_n=bn, seqlen_q=Nq, seqlen_kv=Nkv)
+    return exact_lay, RowBounds(bounds.lo, bounds.hi), run_causal, None
 
 
 def block_sparse_attention(

@@ -13,6 +13,7 @@ import torch
 
 from sparseattn._validation import check_attention_args, check_layout_for, check_positive_int, check_qkv, fail
 from sparseattn.layout.block_layout import BlockLayout, causal_block_region
+from sparseattn.layout.patterns import check_row_bounds
 from sparseattn.state.types import LN2, LOG2E, AttentionState, RawState  # AttentionState re-exported for compatibility
 
 __all__ = ["AttentionState", "RawState", "reference_attention", "reference_attention_carry", "sdpa_reference",
@@ -105,6 +106,7 @@ def reference_attention(
     stats: dict[str, Any] | None = None,
     sliding_window: int | None = None,
     attn_mask: torch.Tensor | None = None,
+    row_bounds: Any = None,
 ) -> AttentionState:
     """Dense or block-sparse attention, computed blockwise in PyTorch.
 
@@ -137,6 +139,11 @@ def reference_attention(
         attn_mask: additive float mask ``(B|1, H|1, N_q, N_kv)``: added to the scaled scores
             (0 = attend, ``-inf`` = masked, finite = bias), together with ``layout``/``causal``/window.
             A ``-inf`` entry counts as not attended (a row whose keys are all ``-inf`` is empty).
+        row_bounds: per-row key interval :class:`~sparseattn.layout.patterns.RowBounds` ``(lo, hi)``,
+            integer ``[B|1, N_q]``: row ``r`` attends key ``j`` only if ``lo[r] <= j <= hi[r]`` (packed
+            documents, prefix-LM; see :func:`~sparseattn.layout.patterns.document_row_bounds`), ANDed with
+            everything else. A key outside a row's interval is not attended (its NaN/inf never reaches the
+            row). Not with ``pv_threshold``.
 
     Returns:
         ``AttentionState(out, lse)`` — ``lse`` is the natural-log logsumexp, float32 (float64 for
@@ -152,6 +159,13 @@ def reference_attention(
                                                            pv_threshold=pv_threshold, sliding_window=sliding_window)
     check_positive_int(fn, "chunk_size", chunk_size)
     W = sliding_window
+    bounds = check_row_bounds(fn, row_bounds, B, Nq, q.device)
+    if bounds is not None and pv_threshold is not None:
+        raise fail(fn, "pv_threshold", "is not supported with row_bounds (tiles are not counted per row interval)",
+                   "None", repr(pv_threshold))
+    if bounds is not None:
+        b_lo = bounds.lo.to(torch.int64).reshape(-1, 1, 1, Nq, 1)  # [B|1, 1, 1, Nq, 1]
+        b_hi = bounds.hi.to(torch.int64).reshape(-1, 1, 1, Nq, 1)
     mask5 = None
     if check_attn_mask(fn, attn_mask, B, H, Nq, Nkv, q.device) is not None:
         mask5 = _mask5(attn_mask, H, Hkv, torch.float64 if q.dtype == torch.float64 else torch.float32)  # type: ignore[arg-type]
@@ -215,6 +229,9 @@ def reference_attention(
             if W is not None:
                 sees = sees & (rows + off - W < stop - 1)  # and its window reaches this chunk's last key
             row_ok = sees if row_ok is None else (row_ok & sees)
+        if bounds is not None:  # rows (of some batch) whose interval meets this chunk
+            meets = ((b_lo[..., 0] <= stop - 1) & (b_hi[..., 0] >= start)).reshape(-1, Nq).any(0)
+            row_ok = meets if row_ok is None else (row_ok & meets)
         ridx = None  # row indices of the subset, None = all rows
         if row_ok is not None:
             if not bool(row_ok.any()):
@@ -232,6 +249,11 @@ def reference_attention(
             if W is not None:
                 cm = cm & (cols[None, :] > r[:, None] + off - W)
             allowed = cm if allowed is None else (allowed & cm)
+        if bounds is not None:
+            rl = b_lo if ridx is None else b_lo[:, :, :, ridx]
+            rh = b_hi if ridx is None else b_hi[:, :, :, ridx]
+            bm_ = (cols >= rl) & (cols <= rh)  # [B|1, 1, 1, R, C]
+            allowed = bm_ if allowed is None else (allowed & bm_)
         qs = qf if ridx is None else qf[:, :, :, ridx]
         m_old = m if ridx is None else m[..., ridx]
         l_old = l if ridx is None else l[..., ridx]

@@ -47,6 +47,7 @@ import torch
 from sparseattn._cache import BoundedCache
 from sparseattn._validation import check_attention_args, fail
 from sparseattn.layout.block_layout import BlockLayout
+from sparseattn.layout.patterns import check_row_bounds
 from sparseattn.ops.reference import check_attn_mask, check_raw_state, check_segment
 from sparseattn.state.types import AttentionState, RawState
 
@@ -143,7 +144,7 @@ def _kernels() -> tuple[Any, Any, Any]:
 
     plain = mod._block_sparse_fwd_kernel
     # the window flag changes the kernel's work split, so it keys the autotuner's memo too
-    key = [*configs.AUTOTUNE_KEY, "HAS_WINDOW", "HAS_STATE", "HAS_FLOAT_MASK"]
+    key = [*configs.AUTOTUNE_KEY, "HAS_WINDOW", "HAS_STATE", "HAS_FLOAT_MASK", "HAS_ROW_BOUNDS"]
     tuned = [triton.autotune(configs=configs.autotune_configs(tma), key=key,
                              prune_configs_by={"early_config_prune": configs.prune}, do_bench=configs.safe_bench)(plain)
              for tma in (False, True)]
@@ -358,6 +359,7 @@ def block_sparse_fwd(
     kv_len: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    row_bounds: Any = None,
 ) -> Any:
     """Block-sparse attention forward on the Triton kernel.
 
@@ -402,6 +404,13 @@ def block_sparse_fwd(
             values and these their float32 per-key scales ``(B, H_kv, N_kv)`` (or ``(..., 1)``); the kernel
             dequantises in registers (``k`` converted to q's dtype, the scale applied to the scores;
             ``v``'s scale folded into P). Pointer loads (no TMA); a fixed config (no autotuning).
+        row_bounds: per-row key interval :class:`~sparseattn.layout.patterns.RowBounds` ``(lo, hi)``,
+            integer ``[B|1, N_q]`` (``HAS_ROW_BOUNDS``): row ``r`` attends key ``j`` only if
+            ``lo[r] <= j <= hi[r]`` (packed documents, prefix-LM), ANDed with ``causal``, ``layout`` and
+            ``attn_mask``. A ``sliding_window`` is folded into ``lo`` (the kernel then runs without
+            ``HAS_WINDOW``). ``layout=None`` runs on the exact layout of the bounds
+            (:func:`~sparseattn.layout.patterns.row_bounds_layout`, built per call on the device; the
+            public :func:`sparseattn.attention` caches it). Not with ``pv_threshold`` or the state path.
 
     Returns:
         ``AttentionState(out, lse)``: out ``(B, H, N_q, D)`` in q's dtype; lse ``(B, H, N_q)``
@@ -441,6 +450,24 @@ def block_sparse_fwd(
             raise fail(fn, "pv_threshold", "is not supported on the state path", "None", repr(pv_threshold))
         state_in = check_raw_state(fn, "state_in", state_in, B, H, Nq, D, q.device, torch.float32)
     window = sliding_window if sliding_window is not None and sliding_window < total else None  # else: no cut
+    bounds = check_row_bounds(fn, row_bounds, B, Nq, q.device)
+    if bounds is not None:
+        if pv_threshold is not None:
+            raise fail(fn, "pv_threshold", "is not supported with row_bounds (the kernel's tile counters ignore them)",
+                       "None", repr(pv_threshold))
+        if has_state:
+            raise fail(fn, "row_bounds", "are not supported on the state path (state_in/return_state/kv_offset/kv_len)",
+                       "no row_bounds with a carried state", "row_bounds with the state path")
+        if window is not None:  # fold the window into lo: the kernel takes one interval per row
+            from sparseattn.layout.patterns import RowBounds
+
+            first = torch.arange(Nq, device=q.device, dtype=torch.int32) + (Nkv - Nq - window + 1)
+            bounds = RowBounds(torch.maximum(bounds.lo, first[None]).contiguous(), bounds.hi)
+            window = None
+        if layout is None:
+            from sparseattn.layout.patterns import row_bounds_layout
+
+            layout = row_bounds_layout(bounds, Nq, Nkv, block_m=128, block_n=128, batch=B, heads=H, causal=causal)
     if layout is None:
         if has_state:  # every key block listed; the kernel skips the blocks above a row's diagonal (offset OFF)
             layout = _dense_layout(B, H, Nq, Nkv, False, q.device)
@@ -510,6 +537,8 @@ def block_sparse_fwd(
                     window is not None)
         if has_state or mask_t is not None:  # appended only then: the default path keeps its keys
             tune_key = (*tune_key, has_state, mask_t is not None)
+        if bounds is not None:
+            tune_key = (*tune_key, "row_bounds")
         cfg = _TUNED.get(tune_key)  # None on the first call of this key: autotune below
     st_out: RawState | None = None
     if has_state:
@@ -531,6 +560,7 @@ def block_sparse_fwd(
         q, k, v, out, lse, num_t, idx_t, stats_buf if stats_buf is not None else lse,
         mask_t if mask_t is not None else lse, *st_ptrs,
         k_scale if k_scale is not None else lse, v_scale if v_scale is not None else lse,
+        bounds.lo if bounds is not None else lse, bounds.hi if bounds is not None else lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -539,6 +569,7 @@ def block_sparse_fwd(
         num_t.stride(0), num_t.stride(1), num_t.stride(2),
         idx_t.stride(0), idx_t.stride(1), idx_t.stride(2), idx_t.stride(3),
         *ms,
+        0 if bounds is None or bounds.lo.shape[0] == 1 else bounds.lo.stride(0),
         H, H // Hkv, Nq, Nkv, layout.num_kv_blocks,
         float(scale) * _LOG2E, float(pv_threshold) * _LOG2E if pv else 0.0,
         n_ctx_key,
@@ -556,6 +587,8 @@ def block_sparse_fwd(
         meta["HAS_FLOAT_MASK"] = True
     if has_kv_scale:
         meta["HAS_KV_SCALE"] = True
+    if bounds is not None:
+        meta["HAS_ROW_BOUNDS"] = True
     if interp and q.dtype == torch.bfloat16:
         # Triton's CPU interpreter computes bf16 tl.dot wrongly (garbage, seen with triton 3.9): widen the
         # operands to fp32 there. Products of bf16 values are exact in fp32, so this matches the GPU's

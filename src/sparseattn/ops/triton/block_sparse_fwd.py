@@ -32,6 +32,23 @@ loaded either. The P·V exception for a non-finite ``v`` (docs/ARCHITECTURE.md, 
 applies at the window's lower edge as on the diagonal: ``v[j, d]`` also reaches channel ``d`` of the
 rows of a query tile that loads key ``j``'s tile in a masked range without attending ``j``.
 
+With ``HAS_ROW_BOUNDS`` every query row ``r`` carries its own key interval: it may attend key ``j`` only
+if ``RowLo[b, r] <= j <= RowHi[b, r]`` (int32 ``[B, N_Q]``, batch stride 0 allowed), ANDed with the causal
+rule and ``j < N_KV``. That is the exact mask of packed documents (``lo`` = the row's document start,
+``hi`` = its document end; causal or not) and of prefix-LM (``lo = 0``, ``hi = max(r, prefix - 1)``,
+non-causal kernel); a sliding window folds into ``lo`` (so it is not combined with ``HAS_WINDOW``).
+The program reduces its rows' bounds once (``min``/``max`` of ``lo`` and ``hi``) and splits the list
+with the same five ranges as the window: blocks ending below every row's ``lo`` are skipped, blocks
+starting below some row's ``lo`` take the element mask (lower edge), blocks inside every row's interval
+(and below the causal diagonal) take the unmasked loop, blocks crossing some row's ``hi`` (or the
+diagonal, or the end of the keys) take the element mask, blocks above every row's ``hi`` are never
+loaded. A program inside one document therefore masks only its edge and diagonal blocks, like a
+causal one. A row attends something iff a full block exists or a masked-range block meets its
+interval (checked per entry in the epilogue); else out 0, lse ``-inf``. Not with ``PV_SKIP`` or
+``HAS_STATE`` (static asserts; the launcher refuses those combinations). Adding the switch left the
+flag-off kernel's sm_90 PTX (Triton 3.9, compiled without a GPU) with the same instruction multiset
+for causal / non-causal / window / TMA configs; only the order of a few parameter loads moved.
+
 With ``HAS_STATE`` (docs/STATE.md) the program loads an incoming raw state ``(m, l, acc)`` (fp32,
 contiguous ``[B*H, N_Q(, HEAD_DIM)]``; ``m`` in the kernel's log2 units) from ``SmIn/SlIn/SaccIn``
 instead of starting empty, stores the outgoing one to ``SmOut/SlOut/SaccOut`` (separate buffers,
@@ -51,7 +68,7 @@ scale per key (``KScale``/``VScale``, contiguous ``[B, H_kv, N_KV]``): a K tile 
 dtype (exact for both formats) and its scores multiplied by the keys' scales; the value scales are
 folded into P before the P·V product (``_pv_scaled``). Pointer loads only (no TMA).
 
-All three flags default to ``False``: the default kernel's instructions are unchanged (its
+All these flags default to ``False``: the default kernel's instructions are unchanged (its
 parameter list holds the new, unused pointer/stride arguments). Checked by compiling the kernel
 before and after for sm_90 with Triton 3.9 (no GPU needed): the same PTX instructions up to the
 placement of the parameter loads, for causal / non-causal / window / TMA / lazy-rescale configs.
@@ -106,7 +123,7 @@ def _masked_blocks(
     e_lo, e_hi, t_skip, q, acc, m_i, l_i, n_skipped,
     idx_row, stride_in, num, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn,
     offs_m, offs_n, offs_d, N_Q, N_KV, NUM_KV_BLOCKS, OFF, WINDOW, qk_scale, pv_thr2,
-    mask_base, stride_mm, stride_mn, mask_mul, ks_base, vs_base,
+    mask_base, stride_mm, stride_mn, mask_mul, ks_base, vs_base, row_lo, row_hi,
     in_dtype: tl.constexpr,
     BLOCK_N: tl.constexpr,
     LAYOUT_BN: tl.constexpr,
@@ -119,14 +136,15 @@ def _masked_blocks(
     PREFETCH: tl.constexpr,
     HAS_FLOAT_MASK: tl.constexpr,
     HAS_KV_SCALE: tl.constexpr,
+    BOUNDS_MASK: tl.constexpr = False,
 ):
     """List entries ``e_lo .. e_hi`` (``SUB`` kernel tiles each) with the element mask; returns the new state.
 
     The first ``t_skip`` kernel tiles of entry ``e_lo`` are left out (``0`` for the diagonal range; at
     the window's lower edge, the sub-tiles below every row's window).
 
-    The mask keeps keys ``< N_KV``, with ``CAUSAL`` keys ``<= row + OFF`` and with ``WIN_MASK`` keys
-    ``> row + OFF - WINDOW``. Inlined by Triton (a plain ``@triton.jit`` call), so the diagonal range
+    The mask keeps keys ``< N_KV``, with ``CAUSAL`` keys ``<= row + OFF``, with ``WIN_MASK`` keys
+    ``> row + OFF - WINDOW`` and with ``BOUNDS_MASK`` keys ``row_lo[row] <= j <= row_hi[row]``. Inlined by Triton (a plain ``@triton.jit`` call), so the diagonal range
     compiles to the same loop as before it was factored out.
     """
     kb_nx = tl.load(idx_row + e_lo * stride_in, mask=e_hi > e_lo, other=0)
@@ -162,6 +180,8 @@ def _masked_blocks(
             keep = keep & (cols[None, :] <= offs_m[:, None] + OFF)
         if WIN_MASK:
             keep = keep & (cols[None, :] > offs_m[:, None] + OFF - WINDOW)
+        if BOUNDS_MASK:
+            keep = keep & (cols[None, :] >= row_lo[:, None]) & (cols[None, :] <= row_hi[:, None])
         s = tl.where(keep, qk * qk_scale, float("-inf"))
         tile_max = tl.max(s, 1)
         m_ij = tl.maximum(m_i, tile_max)
@@ -205,6 +225,7 @@ def _block_sparse_fwd_kernel(
     Q, K, V, Out, Lse, KvNum, KvIdx, Stats,
     Mask, SmIn, SlIn, SaccIn, SmOut, SlOut, SaccOut,  # read only with HAS_FLOAT_MASK / HAS_STATE
     KScale, VScale,  # read only with HAS_KV_SCALE: contiguous [B, H_kv, N_KV] fp32 per-key scales
+    RowLo, RowHi,  # read only with HAS_ROW_BOUNDS: int32 [B, N_Q] (unit row stride), per-row key interval
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -213,6 +234,7 @@ def _block_sparse_fwd_kernel(
     stride_nb, stride_nh, stride_nm,
     stride_ib, stride_ih, stride_im, stride_in,
     stride_mb, stride_mh, stride_mm, stride_mn,  # float mask strides (0 for broadcast dims)
+    stride_rb,  # row-bound batch stride (0: one pair of bounds for every batch)
     H, GROUP, N_Q, N_KV, NUM_KV_BLOCKS,
     qk_scale, pv_thr2,
     N_CTX_KEY,  # autotune bucket only (ceil(log2(N_Q))); unused in the body
@@ -236,10 +258,14 @@ def _block_sparse_fwd_kernel(
     HAS_STATE: tl.constexpr = False,  # carry a raw (m, l, acc) state in and out (see the module docstring)
     HAS_FLOAT_MASK: tl.constexpr = False,  # additive float mask, loaded per tile through strides
     HAS_KV_SCALE: tl.constexpr = False,  # K/V hold int8/fp8 values with one fp32 scale per key (dequantised here)
+    HAS_ROW_BOUNDS: tl.constexpr = False,  # row r attends keys RowLo[r] <= j <= RowHi[r] only (see the module docstring)
 ):
     tl.static_assert(not (PV_SKIP and RESCALE_TAU > 0.0), "PV_SKIP needs the exact running max (RESCALE_TAU = 0)")
     tl.static_assert(not HAS_WINDOW or CAUSAL, "HAS_WINDOW needs CAUSAL")
     tl.static_assert(not (HAS_KV_SCALE and USE_TMA), "HAS_KV_SCALE loads K/V through pointers (USE_TMA off)")
+    tl.static_assert(not (HAS_ROW_BOUNDS and HAS_WINDOW), "HAS_ROW_BOUNDS: fold the window into RowLo instead")
+    tl.static_assert(not (HAS_ROW_BOUNDS and PV_SKIP), "HAS_ROW_BOUNDS does not count PV_SKIP tiles")
+    tl.static_assert(not (HAS_ROW_BOUNDS and HAS_STATE), "HAS_ROW_BOUNDS is not carried over key segments")
     SUB: tl.constexpr = LAYOUT_BN // BLOCK_N
     num_m = tl.num_programs(0)
     pid_m = tl.program_id(0)
@@ -285,6 +311,25 @@ def _block_sparse_fwd_kernel(
         below_lim = tl.maximum(m0 + OFF - WINDOW + 1, 0) // LAYOUT_BN
         edge_key = row_last + OFF - WINDOW
         edge_lim = tl.where(edge_key >= 0, edge_key // LAYOUT_BN + 1, 0)
+    if HAS_ROW_BOUNDS:
+        # per-row key interval [lo, hi], reduced once over the program's rows (rows past N_Q: neutral).
+        # Blocks j < below_lim end below every row's lo (skipped); blocks j < edge_lim start below some
+        # row's lo (lower-edge range: element mask); blocks past hi_min need the mask (the "diagonal"
+        # range, so full_lim drops to it) and blocks past hi_max are invisible.
+        rb_ptr = off_b.to(tl.int64) * stride_rb + offs_m
+        row_lo = tl.load(RowLo + rb_ptr, mask=row_ok, other=0)
+        row_hi = tl.load(RowHi + rb_ptr, mask=row_ok, other=-1)
+        lo_min = tl.maximum(tl.min(tl.where(row_ok, row_lo, N_KV), 0), 0)
+        lo_max = tl.maximum(tl.max(tl.where(row_ok, row_lo, 0), 0), 0)
+        hi_min = tl.min(tl.where(row_ok, row_hi, N_KV), 0)
+        hi_max = tl.max(tl.where(row_ok, row_hi, -1), 0)
+        below_lim = lo_min // LAYOUT_BN
+        edge_lim = (lo_max + LAYOUT_BN - 1) // LAYOUT_BN
+        full_lim = tl.minimum(full_lim, tl.maximum(hi_min + 1, 0) // LAYOUT_BN)
+        vis_lim = tl.minimum(vis_lim, tl.where(hi_max >= 0, hi_max // LAYOUT_BN + 1, 0))
+    else:
+        row_lo = offs_m  # placeholders for _masked_blocks' arguments (unused without HAS_ROW_BOUNDS)
+        row_hi = offs_m
     if VEC_COUNT:
         # The list is ascending, so "entries < limit" is a count. The first chunk's load does not wait
         # for ``num`` (it is masked by the list width, not the count), so the program's first memory
@@ -294,7 +339,7 @@ def _block_sparse_fwd_kernel(
         live = offs_c < num
         n_full = tl.sum((live & (ent < full_lim)).to(tl.int32), 0)
         n_vis = tl.sum((live & (ent < vis_lim)).to(tl.int32), 0)
-        if HAS_WINDOW:
+        if HAS_WINDOW or HAS_ROW_BOUNDS:
             n_below = tl.sum((live & (ent < below_lim)).to(tl.int32), 0)
             n_edge = tl.sum((live & (ent < edge_lim)).to(tl.int32), 0)
         for c0 in range(LIST_CHUNK, num, LIST_CHUNK):  # lists longer than one chunk (rare)
@@ -303,16 +348,16 @@ def _block_sparse_fwd_kernel(
             ent = tl.load(idx_row + cc * stride_in, mask=live, other=0)
             n_full += tl.sum((live & (ent < full_lim)).to(tl.int32), 0)
             n_vis += tl.sum((live & (ent < vis_lim)).to(tl.int32), 0)
-            if HAS_WINDOW:
+            if HAS_WINDOW or HAS_ROW_BOUNDS:
                 n_below += tl.sum((live & (ent < below_lim)).to(tl.int32), 0)
                 n_edge += tl.sum((live & (ent < edge_lim)).to(tl.int32), 0)
     else:
         n_full = _lower_bound(idx_row, stride_in, num, full_lim)
         n_vis = _lower_bound(idx_row, stride_in, num, vis_lim)
-        if HAS_WINDOW:
+        if HAS_WINDOW or HAS_ROW_BOUNDS:
             n_below = _lower_bound(idx_row, stride_in, num, below_lim)
             n_edge = _lower_bound(idx_row, stride_in, num, edge_lim)
-    if HAS_WINDOW:
+    if HAS_WINDOW or HAS_ROW_BOUNDS:
         # list ranges: [0, n_below) skipped, [n_below, n_edge) lower edge, [n_edge, n_full) full,
         # [n_full, n_vis) diagonal, [n_vis, num) invisible. A narrow window's edge blocks may also cross
         # the diagonal (edge_lim > full_lim): the edge loop applies the causal mask too.
@@ -370,20 +415,25 @@ def _block_sparse_fwd_kernel(
         ks_base = Lse  # placeholders (unused without HAS_KV_SCALE)
         vs_base = Lse
 
-    if HAS_WINDOW:
-        # ------------------------------------------------------------ lower-edge blocks: window (+ causal) mask
-        # sub-tiles of the first edge block that end at or below the first row's window start are not
-        # loaded either (only block below_lim can hold such sub-tiles: later blocks start above it)
+    if HAS_WINDOW or HAS_ROW_BOUNDS:
+        # ------------------------------------------------------------ lower-edge blocks: window / bounds (+ causal) mask
+        # sub-tiles of the first edge block that end below the smallest key any row may attend (the first
+        # row's window start; the smallest lo) are not loaded either (only block below_lim can hold such
+        # sub-tiles: later blocks start above it)
+        if HAS_WINDOW:
+            lo_start = m0 + OFF - WINDOW + 1
+        else:
+            lo_start = lo_min
         kb_first = tl.load(idx_row + n_below * stride_in, mask=n_edge > n_below, other=0)
-        t_skip = tl.where(kb_first == below_lim, (m0 + OFF - WINDOW + 1 - below_lim * LAYOUT_BN) // BLOCK_N, 0)
+        t_skip = tl.where(kb_first == below_lim, (lo_start - below_lim * LAYOUT_BN) // BLOCK_N, 0)
         t_skip = tl.minimum(tl.maximum(t_skip, 0), SUB - 1)
         acc, m_i, l_i, n_skipped = _masked_blocks(
             n_below, n_edge, t_skip, q, acc, m_i, l_i, n_skipped,
             idx_row, stride_in, num, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn,
             offs_m, offs_n, offs_d, N_Q, N_KV, NUM_KV_BLOCKS, OFF, WINDOW, qk_scale, pv_thr2,
-            mask_base, stride_mm, stride_mn, mask_mul, ks_base, vs_base,
-            in_dtype, BLOCK_N, LAYOUT_BN, SUB, CAUSAL, True, PV_SKIP, DOT_F32, USE_TMA, PREFETCH, HAS_FLOAT_MASK,
-            HAS_KV_SCALE)
+            mask_base, stride_mm, stride_mn, mask_mul, ks_base, vs_base, row_lo, row_hi,
+            in_dtype, BLOCK_N, LAYOUT_BN, SUB, CAUSAL, HAS_WINDOW, PV_SKIP, DOT_F32, USE_TMA, PREFETCH, HAS_FLOAT_MASK,
+            HAS_KV_SCALE, HAS_ROW_BOUNDS)
         t_full = n_edge * SUB
         kb_nx = tl.load(idx_row + n_edge * stride_in, mask=n_full > n_edge, other=0)
     else:
@@ -474,9 +524,9 @@ def _block_sparse_fwd_kernel(
         n_full, n_vis, 0, q, acc, m_i, l_i, n_skipped,
         idx_row, stride_in, num, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn,
         offs_m, offs_n, offs_d, N_Q, N_KV, NUM_KV_BLOCKS, OFF, WINDOW, qk_scale, pv_thr2,
-        mask_base, stride_mm, stride_mn, mask_mul, ks_base, vs_base,
+        mask_base, stride_mm, stride_mn, mask_mul, ks_base, vs_base, row_lo, row_hi,
         in_dtype, BLOCK_N, LAYOUT_BN, SUB, CAUSAL, False, PV_SKIP, DOT_F32, USE_TMA, PREFETCH, HAS_FLOAT_MASK,
-        HAS_KV_SCALE)
+        HAS_KV_SCALE, HAS_ROW_BOUNDS)
 
     # ---------------------------------------------------------------- epilogue
     # A row attends some key iff its list is non-empty and (causal) the first (smallest) selected block
@@ -493,6 +543,20 @@ def _block_sparse_fwd_kernel(
             has = has | ((kb_e * LAYOUT_BN <= offs_m + OFF) & (kb_e * LAYOUT_BN + LAYOUT_BN - 1 > offs_m + OFF - WINDOW))
         first_kb = tl.load(idx_row + n_edge * stride_in, mask=n_vis > n_edge, other=0)
         has = has | (((offs_m * 0 + n_vis) > n_edge) & (first_kb * LAYOUT_BN <= offs_m + OFF))
+    elif HAS_ROW_BOUNDS:
+        # with row bounds: every row attends every key of a full block; otherwise a row attends a masked
+        # block iff the block meets its interval [lo, last] (checked per entry of the two masked ranges)
+        last = tl.minimum(row_hi, N_KV - 1)
+        if CAUSAL:
+            last = tl.minimum(last, offs_m + OFF)
+        some = row_lo <= last
+        has = (offs_m * 0 + n_full) > n_edge
+        for e in range(n_below, n_edge):
+            kb_e = tl.load(idx_row + e * stride_in)
+            has = has | (some & (kb_e * LAYOUT_BN <= last) & (kb_e * LAYOUT_BN + LAYOUT_BN - 1 >= row_lo))
+        for e in range(n_full, n_vis):
+            kb_e = tl.load(idx_row + e * stride_in)
+            has = has | (some & (kb_e * LAYOUT_BN <= last) & (kb_e * LAYOUT_BN + LAYOUT_BN - 1 >= row_lo))
     else:
         first_kb = tl.load(idx_row)
         has = (offs_m * 0 + num) > 0
