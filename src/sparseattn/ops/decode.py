@@ -980,6 +980,11 @@ def sparse_decode_attention(
         ``(result, (page_indices, page_counts))``. Selecting every page gives dense decode.
     """
     fn = "sparse_decode_attention"
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if getattr(t, "dtype", None) in quantized_kv_dtypes():
+            raise fail(fn, name, "holds quantized values (not supported: page summaries need the dequantised keys)",
+                       "a float cache (or paged_decode_attention with k_scale/v_scale on pages chosen by select_pages "
+                       "over summaries of the dequantised keys)", _dt(t))
     dims, scale = _check_decode(fn, q, k_cache, v_cache, scale)
     B, H, Hkv, Lq, N, D = dims
     ps = _check_summaries(fn, summaries, B, Hkv, N, D, q.device, page_size)
