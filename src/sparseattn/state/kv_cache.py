@@ -13,7 +13,9 @@ online-softmax state is carried exactly from the quantized segment into the rece
 quantized segment is dequantised: **inside the Triton kernel** (``HAS_KV_SCALE``: int8/fp8 tiles
 converted in registers, the key scale applied to the scores, the value scale folded into P) when the
 kernel runs the layer (CUDA, fp16/bf16, head_dim 64/128/256; fp8 needs sm_89+); otherwise **in PyTorch
-right before the attention call** (:func:`dequantize`, then the PyTorch loop). This needs the model
+right before the attention call** (:func:`dequantize`, then the PyTorch loop). Decode steps (1..64 new
+tokens) instead go to the split-KV decode kernel (``decode_backend``, see :class:`MixedKVCache`): the
+quantized segment with its scales (dequantised in registers) and the recent window, merged exactly. This needs the model
 to use the ``"sparseattn_mixed"`` attention implementation
 (:func:`sparseattn.integrations.mixed_cache_attention.enable_mixed_cache`); with any other
 implementation ``update`` returns the whole dequantised KV (correct attention, no state operator;
