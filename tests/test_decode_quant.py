@@ -447,3 +447,49 @@ def test_mixed_cache_auto_on_cpu_and_padding_fallback():
     with pytest.raises(ValueError, match="MixedKVCache: decode_backend is unknown"):
         MixedKVCache(model.config, decode_backend="cuda")
 
+
+
+@needs_kernel
+@torch.no_grad()
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+def test_mixed_cache_decode_route_reads_nothing_on_the_host(monkeypatch):
+    """A one-token decode step's route (both decode calls and the merge) makes no host read."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sparseattn.integrations import mixed_cache_attention as mca
+    from sparseattn.integrations.mixed_cache_attention import enable_mixed_cache
+    from sparseattn.state.kv_cache import MixedKVCache
+
+    if ON_GPU:
+        pytest.skip("CPU test")
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: collections.Counter[str] = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    model = _llama64()
+    enable_mixed_cache(model)
+    cache = MixedKVCache(model.config, window=8, quant="int8", decode_backend="triton")
+    model(_ids(30), past_key_values=cache, use_cache=True)
+    model(_ids(1, seed=3), past_key_values=cache, use_cache=True)  # compiles / warms up the route
+    counter = CountOps()
+    orig = mca._decode_step
+    results = []
+
+    def counted(*a, **kw):
+        with counter:
+            out = orig(*a, **kw)
+        results.append(out is not None)
+        return out
+
+    monkeypatch.setattr(mca, "_decode_step", counted)
+    model(_ids(1, seed=4), past_key_values=cache, use_cache=True)
+    assert results == [True] * model.config.num_hidden_layers
+    assert counter.ops.get("aten._local_scalar_dense.default", 0) == 0, dict(counter.ops)
