@@ -203,12 +203,15 @@ def test_gpu_kernel_dequantises(quant):
     ids, nxt = _ids(300).cuda(), _ids(4, seed=2).cuda()
     ref = model(torch.cat([ids, nxt], 1)).logits[:, -4:].float()
     enable_mixed_cache(model)
-    cache = MixedKVCache(model.config, window=64, quant=quant)
-    model(ids, past_key_values=cache, use_cache=True)
-    out = model(nxt, past_key_values=cache, use_cache=True).logits.float()
-    assert mca.LAST_DEQUANT[0] == "kernel"
-    rel = float((out - ref).abs().max() / ref.abs().max())
-    assert rel < _LOGIT_REL[quant], rel
+    # a 4-token step is a decode step: by default the decode kernels (tests/test_decode_quant.py); with
+    # decode_backend="off" the prefill kernel with the state (HAS_KV_SCALE)
+    for decode_backend, where in (("off", "kernel"), ("auto", "decode_kernel")):
+        cache = MixedKVCache(model.config, window=64, quant=quant, decode_backend=decode_backend)
+        model(ids, past_key_values=cache, use_cache=True)
+        out = model(nxt, past_key_values=cache, use_cache=True).logits.float()
+        assert mca.LAST_DEQUANT[0] == where
+        rel = float((out - ref).abs().max() / ref.abs().max())
+        assert rel < _LOGIT_REL[quant], (decode_backend, rel)
     gen = model.generate(ids, max_new_tokens=8, do_sample=False,
                          past_key_values=MixedKVCache(model.config, window=64, quant=quant))
     assert gen.shape == (1, 308)

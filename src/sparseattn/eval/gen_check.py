@@ -169,7 +169,10 @@ def _run_mode(model: Any, mode: str, ids: torch.Tensor, new_tokens: int, *, patc
             model.set_attn_implementation(prev)
         rep = cache.memory_report()
         rep.pop("per_layer", None)
-        return {"tokens": toks, "ms_per_token": ms, "memory": rep}
+        # layer calls per route (decode steps on the decode kernels, or the state operator) and why a decode
+        # step did not take the decode route
+        return {"tokens": toks, "ms_per_token": ms, "memory": rep, "counts": dict(cache.attention_counts),
+                "mixed_decode_fallbacks": dict(cache.decode_fallbacks)}
     from sparseattn.integrations import patch_model
 
     kw = dict(patch_kw)

@@ -13,8 +13,22 @@ recent window, tagged with its cache layer) and computes attention through the s
    ``(m, l, acc)`` is carried into
 2. the recent segment (model dtype, ``kv_offset = n_quantized``), which finalises ``(out, lse)``.
 
-``LAST_DEQUANT`` records where the last call dequantised (``"kernel"``, ``"torch"`` or ``None``: no
-quantized tokens) — for tests and reports.
+**Decode steps** (1..64 new tokens over a non-empty cache, no mask or a plain bottom-right causal one;
+on a sliding-window layer one token) take the decode route instead, where the cache's
+``decode_backend`` allows (``"auto"``: CUDA and :func:`sparseattn.ops.decode.decode_refusal` clear;
+``"triton"``: always; ``"off"``: never): the quantized segment goes to the split-KV decode kernel
+(:func:`sparseattn.ops.decode.decode_attention` with ``k_scale``/``v_scale``, ``causal=False`` — every
+new token attends every old one — ``return_lse``), which reads the int8/fp8 bytes and dequantises in
+registers; the recent window goes to the same kernel (bottom-right causal); the two ``(out, lse)`` are
+merged exactly (:func:`sparseattn.state.merge_states`). Prefill and chunked-prefill calls (more than 64
+queries, or no cache yet) keep the state-operator path above. A decode step that cannot take the
+route (a padding mask, a multi-token step on a sliding-window layer that does not cover the cache, the
+kernel refusing the inputs on CUDA) is counted per reason in the cache's ``decode_fallbacks`` and,
+on CUDA or with ``decode_backend="triton"``, warned about once per reason.
+
+``LAST_DEQUANT`` records where the last call dequantised (``"kernel"``: the prefill kernel,
+``"decode_kernel"``: the decode kernel, ``"torch"``: PyTorch, or ``None``: no quantized tokens attended)
+— for tests and reports.
 
 Masks: with no mask (``sdpa_mask`` skipped it) the queries are the last ``N_q`` positions (causal,
 bottom-right) and the layer's ``sliding_window`` is applied; a given bool mask ``(B, 1, N_q, N_kv)``
@@ -26,6 +40,7 @@ Key/value tensors without the tag (another cache, or no cache) are attended as o
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -37,6 +52,9 @@ __all__ = ["ATTN_NAME_MIXED", "mixed_attention_forward", "register_mixed_attenti
 ATTN_NAME_MIXED = "sparseattn_mixed"
 _REGISTERED = False
 LAST_DEQUANT: list[str | None] = [None]  # overwritten (never grown) by each call
+_WARNED: set[str] = set()
+_MASK_VERDICTS: dict[tuple[Any, ...], tuple[bool, torch.Tensor]] = {}  # (mask identity, geometry) -> (plain causal?, mask)
+_MASK_VERDICTS_MAX = 16
 
 
 def _float_mask(mask: torch.Tensor, total: int, dtype: torch.dtype) -> torch.Tensor:
@@ -69,6 +87,11 @@ def mixed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         if cache is not None:
             cache.check_model(module)
         layer.bind(module)
+        out = _decode_step(module, query, key, value, layer, cache, attention_mask, scaling, sliding_window, kwargs)
+        if out is not None:
+            return out, None
+        if cache is not None:
+            cache.attention_counts["segments"] = cache.attention_counts.get("segments", 0) + 1
         segs = layer.segments(key, value, dequant=not _kernel_runs(query, layer))
     else:
         segs = [(key, value, None)]
@@ -88,6 +111,99 @@ def mixed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         res = attention_over_segments(query, [k for k, _, _ in segs], [v for _, v, _ in segs], causal=True,
                                       scale=scaling, sliding_window=window, kv_scales=scales)
     return res.out.transpose(1, 2).contiguous(), None
+
+
+def _plain_causal(mask: torch.Tensor, nq: int, nkv: int, window: int | None) -> bool:
+    """Whether ``mask`` (bool, or float with 0 = attend; ``(B, 1|H, N_q, >= N_kv)``) is the plain bottom-right
+    causal mask (+ window) over ``nkv`` keys. One host read per mask object (cached while the object lives:
+    transformers builds one mask per forward and shares it across layers)."""
+    if mask.dim() != 4 or mask.shape[-2] != nq or mask.shape[-1] < nkv:
+        return False
+    key = (id(mask), mask.data_ptr(), mask._version, tuple(mask.shape), nq, nkv, window)
+    hit = _MASK_VERDICTS.get(key)
+    if hit is not None and hit[1] is mask:
+        return hit[0]
+    m = mask[..., :nkv]
+    allowed = m if m.dtype == torch.bool else (m == 0)
+    r = torch.arange(nq, device=m.device)[:, None]
+    c = torch.arange(nkv, device=m.device)[None, :]
+    want = c <= r + (nkv - nq)
+    if window is not None:
+        want = want & (c > r + (nkv - nq) - window)
+    verdict = bool((allowed == want).all())  # the one host read
+    if len(_MASK_VERDICTS) >= _MASK_VERDICTS_MAX:
+        _MASK_VERDICTS.clear()
+    _MASK_VERDICTS[key] = (verdict, mask)  # holding the mask keeps its id from being reused while cached
+    return verdict
+
+
+def _decode_fallback(cache: Any, reason: str, loud: bool) -> None:
+    if cache is not None:
+        cache.decode_fallbacks[reason] = cache.decode_fallbacks.get(reason, 0) + 1
+    if loud and reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"sparseattn_mixed: a decode step did not take the decode-kernel route ({reason}); it runs "
+                      "through the state operator (the prefill path) instead", RuntimeWarning, stacklevel=4)
+
+
+def _decode_step(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: Any, cache: Any,
+                 attention_mask: torch.Tensor | None, scaling: float | None, sliding_window: Any,
+                 kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The decode route (see the module docstring): ``(B, N_q, H, D)`` output, or ``None`` for the other path."""
+    from sparseattn.ops.decode import MAX_DECODE_QUERIES, decode_attention, decode_refusal
+
+    mode = getattr(cache, "decode_backend", "auto") if cache is not None else "auto"
+    if mode == "off":
+        return None
+    nq, n_r, n_q = int(query.shape[2]), int(key.shape[2]), layer.n_quant
+    total = n_q + n_r
+    if nq > MAX_DECODE_QUERIES or nq >= total:
+        return None  # prefill / chunked prefill (or the first call on an empty cache): the state operator
+    forced = mode == "triton"
+    loud = forced or query.is_cuda
+    if not forced:
+        if not query.is_cuda:
+            return None  # "auto" off CUDA: the state operator (its PyTorch loop), as before
+        why = decode_refusal(query, layer.qk.dtype if n_q else None)
+        if why is not None:
+            _decode_fallback(cache, f"kernel refused: {why}", loud)
+            return None
+    window = sliding_window if isinstance(sliding_window, int) and not isinstance(sliding_window, bool) \
+        and sliding_window > 0 and sliding_window < total else None
+    if window is not None and nq > 1:
+        _decode_fallback(cache, "sliding_window (a multi-token step on a window layer)", loud)
+        return None
+    if kwargs.get("s_aux") is not None:
+        _decode_fallback(cache, "attention_sinks", loud)
+        return None
+    if attention_mask is not None:
+        if query.is_cuda and torch.cuda.is_current_stream_capturing():
+            _decode_fallback(cache, "attention_mask (cannot be checked during a CUDA graph capture)", loud)
+            return None
+        if not _plain_causal(attention_mask, nq, total, window):
+            _decode_fallback(cache, "attention_mask (not plain causal: padding or a custom mask)", loud)
+            return None
+    backend = "triton" if forced else "auto"
+    states = []
+    n_old = n_q if window is None else max(0, window - n_r)  # quantized keys this step attends (the newest ones)
+    rk, rv = (key, value) if window is None or window >= n_r else (key[:, :, n_r - window:], value[:, :, n_r - window:])
+    if n_old > 0:
+        layer.check_quantized()
+        a = n_q - n_old
+        states.append(decode_attention(query, layer.qk[:, :, a:], layer.qv[:, :, a:], k_scale=layer.qk_scale[:, :, a:],
+                                       v_scale=layer.qv_scale[:, :, a:], scale=scaling, causal=False,
+                                       return_lse=True, backend=backend))
+    states.append(decode_attention(query, rk, rv, scale=scaling, return_lse=True, backend=backend))
+    if len(states) == 1:
+        out = states[0].out
+    else:
+        from sparseattn.state.merge import merge_states
+
+        out = merge_states(states).out
+    LAST_DEQUANT[0] = "decode_kernel" if n_old > 0 else None
+    if cache is not None:
+        cache.attention_counts["decode_kernel"] = cache.attention_counts.get("decode_kernel", 0) + 1
+    return out.transpose(1, 2).contiguous()
 
 
 def _kernel_runs(query: torch.Tensor, layer: Any) -> bool:

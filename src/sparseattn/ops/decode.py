@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from fractions import Fraction
 from typing import Any, NamedTuple
 
@@ -50,6 +51,7 @@ __all__ = [
     "decode_reference",
     "decode_refusal",
     "decode_num_splits",
+    "quantized_kv_dtypes",
     "PageSummaries",
     "MAX_DECODE_QUERIES",
 ]
@@ -106,17 +108,52 @@ def _check_seqlens(fn: str, seqlens: Any, B: int, n_max: int, device: torch.devi
     return seqlens
 
 
+def quantized_kv_dtypes() -> tuple[torch.dtype, ...]:
+    """Storage dtypes of a quantized K/V cache the decode kernel reads (with per-key scales)."""
+    fp8 = getattr(torch, "float8_e4m3fn", None)
+    return (torch.int8,) if fp8 is None else (torch.int8, fp8)
+
+
+def _dt(t: Any) -> str:
+    d = t if isinstance(t, torch.dtype) else getattr(t, "dtype", type(t).__name__)
+    return str(d).replace("torch.", "")
+
+
 def _check_decode(fn: str, q: Any, k: Any, v: Any, scale: Any,
                   allowed: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                  k_scale: Any = None, v_scale: Any = None,
                   ) -> tuple[tuple[int, int, int, int, int, int], float]:
-    """Shapes/dtypes/devices of a decode call; returns ``((B, H, H_kv, Lq, N_max, D), scale)``."""
+    """Shapes/dtypes/devices of a decode call; returns ``((B, H, H_kv, Lq, N_max, D), scale)``.
+
+    K/V may hold quantized values (int8 / float8_e4m3fn) only together with ``k_scale`` and ``v_scale``
+    (checked by :func:`_check_kv_scales` after this).
+    """
+    qdts = quantized_kv_dtypes()
+    quant = k_scale is not None or v_scale is not None or getattr(k, "dtype", None) in qdts \
+        or getattr(v, "dtype", None) in qdts
     for name, t in (("q", q), ("k_cache", k), ("v_cache", v)):
         desc = "(B, H, Lq, D)" if name == "q" else "(B, H_kv, N_max, D)"
         check_tensor(fn, name, t, ndim=4, shape_desc=desc)
+        if quant and name != "q":
+            continue
         if t.dtype not in allowed:
             names = ", ".join(str(d).replace("torch.", "") for d in allowed)
             raise fail(fn, f"{name}.dtype", "is not supported", f"one of {names}", str(t.dtype).replace("torch.", ""))
-    if not (q.dtype == k.dtype == v.dtype):
+    if quant:
+        if k_scale is None or v_scale is None:
+            raise fail(fn, "k_scale/v_scale", "are missing for a quantized cache (both are needed)",
+                       "float32 per-key scales (B, H_kv, N_max) for k_cache and v_cache",
+                       f"k_cache={_dt(k)}, v_cache={_dt(v)}, k_scale={'set' if k_scale is not None else None}, "
+                       f"v_scale={'set' if v_scale is not None else None}")
+        names = " or ".join(_dt(d) for d in qdts)
+        for name, t in (("k_cache", k), ("v_cache", v)):
+            if t.dtype not in qdts:
+                raise fail(fn, f"{name}.dtype", "is not a quantized dtype (k_scale/v_scale given; K and V must both "
+                           "be quantized)", names, f"k_cache={_dt(k)}, v_cache={_dt(v)}")
+        if k.dtype != v.dtype:
+            raise fail(fn, "k_cache/v_cache dtypes", "must be equal (one quantized format)", "one of " + names,
+                       f"k_cache={_dt(k)}, v_cache={_dt(v)}")
+    elif not (q.dtype == k.dtype == v.dtype):
         raise fail(fn, "q/k_cache/v_cache dtypes", "must all be equal", "one dtype",
                    f"q={q.dtype}, k_cache={k.dtype}, v_cache={v.dtype}")
     if not (q.device == k.device == v.device):
@@ -143,15 +180,41 @@ def _check_decode(fn: str, q: Any, k: Any, v: Any, scale: Any,
     return (B, H, Hkv, Lq, N, D), (D ** -0.5 if checked is None else checked)
 
 
+def _check_kv_scales(fn: str, q: torch.Tensor, k_scale: Any, v_scale: Any, B: int, Hkv: int, N: int,
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The per-key scales as ``(B, H_kv, N_max)`` float32 views (a trailing ``1`` dim is dropped; no copy)."""
+    if k_scale is None and v_scale is None:
+        return None, None
+    out = []
+    for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not isinstance(sc, torch.Tensor):
+            raise fail(fn, name, "must be a tensor", f"float32 ({B}, {Hkv}, {N})", type(sc).__name__)
+        if sc.dtype != torch.float32:
+            raise fail(fn, f"{name}.dtype", "is not supported", "float32", _dt(sc))
+        if sc.dim() == 4 and sc.shape[-1] == 1:
+            sc = sc.squeeze(-1)  # state/kv_cache.quantize's (B, H_kv, N, 1)
+        if tuple(sc.shape) != (B, Hkv, N):
+            raise fail(fn, name, "does not match the cache (one scale per key and KV head)",
+                       f"shape ({B}, {Hkv}, {N}) (or ({B}, {Hkv}, {N}, 1))", f"shape {tuple(sc.shape)}")
+        if sc.device != q.device:
+            raise fail(fn, name, "is on another device than q", str(q.device), str(sc.device))
+        out.append(sc)
+    return out[0], out[1]
+
+
 def _check_backend(fn: str, backend: Any) -> str:
     if backend not in ("auto", "triton", "reference"):
         raise fail(fn, "backend", "is not a known backend", "'auto', 'triton' or 'reference'", repr(backend))
     return backend
 
 
+def _check_bool(fn: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise fail(fn, name, "must be a bool", "True or False", repr(value))
+
+
 def _check_return_lse(fn: str, return_lse: Any) -> None:
-    if not isinstance(return_lse, bool):
-        raise fail(fn, "return_lse", "must be a bool", "True or False", repr(return_lse))
+    _check_bool(fn, "return_lse", return_lse)
 
 
 # ---------------------------------------------------------------------------------------------- reference
@@ -182,6 +245,9 @@ def decode_reference(
     scale: float | None = None,
     key_mask: torch.Tensor | None = None,
     upcast: bool = True,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    causal: bool = True,
 ) -> AttentionState:
     """Decode attention in plain PyTorch (the ground truth of the kernels; any float dtype).
 
@@ -198,13 +264,25 @@ def decode_reference(
             selected pages, see :func:`pages_key_mask`).
         upcast: compute in float32 (float64 for float64 inputs); ``False`` keeps the matmul operands in
             the input dtype (the "same dtype" yardstick of the ratio rule).
+        k_scale, v_scale: a quantized cache: ``k_cache``/``v_cache`` hold int8 or float8_e4m3fn values
+            and these their float32 per-key scales ``(B, H_kv, N_max)`` (or ``(..., 1)``); dequantised here
+            (``value * scale`` in float32, then the computation dtype: float32 with ``upcast``, q's dtype
+            without, float64 for float64 q).
+        causal: ``False``: every row attends all keys ``j < seqlens[b]`` (no causal shift among the new
+            tokens; a segment that lies wholly before them).
 
     Returns:
         ``AttentionState(out, lse)``: out ``(B, H, Lq, D)`` in q's dtype, lse ``(B, H, Lq)``
         natural-log float32 (float64 for float64 inputs). Rows that attend nothing: out 0, lse ``-inf``.
     """
     fn = "decode_reference"
-    (B, H, Hkv, Lq, N, D), scale = _check_decode(fn, q, k_cache, v_cache, scale)
+    (B, H, Hkv, Lq, N, D), scale = _check_decode(fn, q, k_cache, v_cache, scale, k_scale=k_scale, v_scale=v_scale)
+    ks, vs = _check_kv_scales(fn, q, k_scale, v_scale, B, Hkv, N)
+    _check_bool(fn, "causal", causal)
+    if ks is not None:
+        kd = torch.float64 if q.dtype == torch.float64 else torch.float32
+        k_cache = (k_cache.to(kd) * ks.to(kd)[..., None]).to(q.dtype if not upcast else kd)
+        v_cache = (v_cache.to(kd) * vs.to(kd)[..., None]).to(q.dtype if not upcast else kd)
     seqlens = _check_seqlens(fn, seqlens, B, N, q.device, None)
     if key_mask is not None:
         check_tensor(fn, "key_mask", key_mask, ndim=3, shape_desc="(B, H_kv, N_max)")
@@ -221,7 +299,7 @@ def decode_reference(
     s = torch.matmul(qg, kf.transpose(-1, -2)).to(acc_dtype) * scale  # (B, Hkv, R, N)
     lens = seqlens.to(torch.int64) if seqlens is not None else torch.full((B,), N, dtype=torch.int64, device=dev)
     tok = torch.arange(G * Lq, device=dev) % Lq
-    lim = lens[:, None] - Lq + tok[None, :] + 1  # (B, R): row attends keys j < lim
+    lim = lens[:, None] - Lq + tok[None, :] + 1 if causal else lens[:, None].expand(B, G * Lq)  # (B, R): keys j < lim
     allowed = torch.arange(N, device=dev)[None, None, :] < lim[:, :, None]  # (B, R, N)
     allowed = allowed[:, None].expand(B, Hkv, G * Lq, N)
     if key_mask is not None:
@@ -256,9 +334,13 @@ def decode_reference(
 # ---------------------------------------------------------------------------------------------- launcher
 
 
-def decode_refusal(q: torch.Tensor) -> str | None:
-    """``None`` if the Triton decode kernels can run ``q``'s device/dtype/head_dim, else why not."""
-    from sparseattn.ops.triton_launch import _triton_import_error, device_refusal
+def decode_refusal(q: torch.Tensor, kv_dtype: torch.dtype | None = None) -> str | None:
+    """``None`` if the Triton decode kernels can run ``q``'s device/dtype/head_dim, else why not.
+
+    ``kv_dtype``: the cache's storage dtype when it differs from q's (a quantized cache: int8 runs
+    wherever the kernel runs; float8_e4m3fn needs compute capability >= 8.9 on a GPU).
+    """
+    from sparseattn.ops.triton_launch import _capability, _triton_import_error, device_refusal
 
     why = device_refusal(q)
     if why is not None:
@@ -267,6 +349,14 @@ def decode_refusal(q: torch.Tensor) -> str | None:
         return f"dtype {str(q.dtype).replace('torch.', '')} is not supported (float16, bfloat16 or float32)"
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
         return f"head_dim {q.shape[-1]} is not supported (one of {SUPPORTED_HEAD_DIMS})"
+    if kv_dtype is not None and kv_dtype != q.dtype:
+        if kv_dtype not in quantized_kv_dtypes():
+            return f"K/V dtype {_dt(kv_dtype)} is not supported with q {_dt(q)} (int8 or float8_e4m3fn with scales)"
+        if kv_dtype != torch.int8 and q.is_cuda:
+            cap = _capability(q.device)
+            if cap < (8, 9):
+                return (f"float8_e4m3fn K/V need a GPU of compute capability >= 8.9 (Ada/Hopper); {q.device} has "
+                        f"{cap[0]}.{cap[1]} (int8 K/V run there)")
     return _triton_import_error()
 
 
@@ -315,7 +405,8 @@ def _default_config(D: int, block_m: int, interp: bool, paged: bool = False) -> 
 def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor | None,
             page_idx: torch.Tensor | None, page_num: torch.Tensor | None, page_size: int,
             dims: tuple[int, int, int, int, int, int], scale: float, num_splits: int | None,
-            config: dict[str, int] | None, n_virtual: int) -> AttentionState:
+            config: dict[str, int] | None, n_virtual: int, k_scale: torch.Tensor | None = None,
+            v_scale: torch.Tensor | None = None, causal: bool = True) -> AttentionState:
     from sparseattn.ops.triton import decode as kern
     from sparseattn.ops.triton_launch import _LAUNCH_LOCK, interpret_mode
 
@@ -353,12 +444,18 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
     meta: dict[str, Any] = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], SPLIT=num_splits > 1,
                                 HAS_SEQLENS=seqlens is not None, PAGED=paged, PAGE=page_size if paged else 1,
                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    quant = k_scale is not None
+    if quant:
+        meta["HAS_KV_SCALE"] = True  # only when set: the default launch keeps the default kernel's cache key
+    if not causal:
+        meta["CAUSAL"] = False
     if interp and q.dtype == torch.bfloat16:
         meta["DOT_F32"] = True  # the interpreter's bf16 tl.dot is wrong (see triton_launch)
     if q.dtype == torch.float32:
         meta["IEEE"] = True
     args = (
         q, k, v, seqlens if seqlens is not None else lse, pidx, pnum, out, lse, o_part, l_part,
+        k_scale if quant else lse, v_scale if quant else lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -366,6 +463,8 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
         lse.stride(0), lse.stride(1),
         pidx.stride(0) if paged else 0, pidx.stride(1) if paged else 0,
         pnum.stride(0) if paged else 0,
+        *(k_scale.stride() if quant else (0, 0, 0)),  # type: ignore[union-attr]
+        *(v_scale.stride() if quant else (0, 0, 0)),  # type: ignore[union-attr]
         H, G, Lq, N, page_idx.shape[2] if paged else 0, num_splits,
         float(scale) * _LOG2E,
     )
@@ -388,17 +487,31 @@ def _check_num_splits(fn: str, num_splits: Any) -> int | None:
     return num_splits
 
 
-def _use_kernel(fn: str, q: torch.Tensor, backend: str) -> bool:
+def _use_kernel(fn: str, q: torch.Tensor, backend: str, kv_dtype: torch.dtype | None = None) -> bool:
     if backend == "reference":
         return False
-    reason = decode_refusal(q)
+    reason = decode_refusal(q, kv_dtype)
     if reason is None and backend == "auto" and not q.is_cuda:
         return False  # as attention(backend="auto"): CPU tensors take the reference even under the interpreter
     if reason is not None:
         if backend == "triton":
             raise NotImplementedError(f"{fn}: the Triton kernel cannot run these inputs: {reason}")
+        if kv_dtype is not None and kv_dtype != q.dtype and q.is_cuda:
+            # a quantized cache on a GPU the kernel refuses: the reference dequantises the whole cache in
+            # float32 (a full copy) -- correct but slow, so say so (once per reason)
+            _warn_once(f"{fn}: the Triton decode kernel cannot read this quantized cache ({reason}); "
+                       "backend='auto' runs decode_reference, which dequantises the whole cache in PyTorch")
         return False
     return True
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
 def decode_attention(
@@ -413,6 +526,9 @@ def decode_attention(
     backend: str = "auto",
     check_seqlens: bool | None = None,
     config: dict[str, int] | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    causal: bool = True,
 ) -> torch.Tensor | AttentionState:
     """Attention of ``Lq`` new tokens per sequence over that sequence's KV cache (decode step).
 
@@ -437,25 +553,40 @@ def decode_attention(
             ``seqlens`` (free). A CUDA ``seqlens`` is not read on the host: out-of-range values are clamped
             into ``[0, N_max]`` by the kernel.
         config: fixed kernel config ``{"BLOCK_N", "num_warps", "num_stages"}`` (experiments, benchmarks).
+        k_scale, v_scale: a quantized cache: ``k_cache``/``v_cache`` hold int8 or float8_e4m3fn values
+            (both the same format) and these are their float32 per-key, per-KV-head scales
+            ``(B, H_kv, N_max)`` (or ``(B, H_kv, N_max, 1)``, as :func:`sparseattn.state.kv_cache.quantize`
+            returns; any strides), key ``j`` being ``k_cache[..., j, :] * k_scale[..., j]``. The kernel
+            reads the quantized bytes and dequantises in registers (fp32 accumulation); float8 needs
+            compute capability >= 8.9. Both or neither.
+        causal: ``False``: every new token attends all keys ``j < seqlens[b]`` (a segment that lies wholly
+            before the new tokens, e.g. a mixed cache's quantized part, merged with the rest through
+            ``return_lse`` and :func:`sparseattn.state.merge_states`).
 
     Returns:
         ``out`` ``(B, H, Lq, D)`` in q's dtype, or with ``return_lse`` ``AttentionState(out, lse)`` with
         lse ``(B, H, Lq)`` natural-log float32. Rows that attend no key: out 0, lse ``-inf``.
 
     Raises:
-        ValueError: malformed inputs (shapes, dtypes, devices, ``Lq > 64``, seqlens out of range when checked).
-        NotImplementedError: ``backend="triton"`` on inputs the kernel does not support (:func:`decode_refusal`).
+        ValueError: malformed inputs (shapes, dtypes, devices, ``Lq > 64``, seqlens out of range when checked,
+            a quantized cache without scales or with scales of the wrong shape/dtype/device).
+        NotImplementedError: ``backend="triton"`` on inputs the kernel does not support (:func:`decode_refusal`,
+            e.g. float8 K/V below compute capability 8.9).
     """
     fn = "decode_attention"
-    dims, scale = _check_decode(fn, q, k_cache, v_cache, scale)
+    dims, scale = _check_decode(fn, q, k_cache, v_cache, scale, k_scale=k_scale, v_scale=v_scale)
     B, H, Hkv, Lq, N, D = dims
+    ks, vs = _check_kv_scales(fn, q, k_scale, v_scale, B, Hkv, N)
+    _check_bool(fn, "causal", causal)
     seqlens = _check_seqlens(fn, seqlens, B, N, q.device, check_seqlens)
     num_splits = _check_num_splits(fn, num_splits)
     _check_return_lse(fn, return_lse)
-    if _use_kernel(fn, q, _check_backend(fn, backend)):
-        st = _launch(fn, q, k_cache, v_cache, seqlens, None, None, 1, dims, scale, num_splits, config, N)
+    if _use_kernel(fn, q, _check_backend(fn, backend), k_cache.dtype):
+        st = _launch(fn, q, k_cache, v_cache, seqlens, None, None, 1, dims, scale, num_splits, config, N, ks, vs,
+                     causal)
     else:
-        st = decode_reference(q, k_cache, v_cache, seqlens=seqlens, scale=scale)
+        st = decode_reference(q, k_cache, v_cache, seqlens=seqlens, scale=scale, k_scale=ks, v_scale=vs,
+                              causal=causal)
     return st if return_lse else st.out
 
 
@@ -762,6 +893,8 @@ def paged_decode_attention(
     backend: str = "auto",
     check_seqlens: bool | None = None,
     config: dict[str, int] | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | AttentionState:
     """Decode attention over the listed pages only (per sequence and KV head); other keys are never read.
 
@@ -774,14 +907,17 @@ def paged_decode_attention(
         page_indices: ``(B, H_kv, K)`` int32 page indices; the first ``page_counts[b, h]`` are used.
         page_counts: ``(B, H_kv)`` int32, ``0 <= page_counts <= K``.
         page_size: keys per page.
+        k_scale, v_scale: a quantized cache, as :func:`decode_attention` (the scales of the listed pages'
+            keys are gathered per key, like the K/V rows).
         Others: as :func:`decode_attention`.
 
     Returns:
         As :func:`decode_attention`.
     """
     fn = "paged_decode_attention"
-    dims, scale = _check_decode(fn, q, k_cache, v_cache, scale)
+    dims, scale = _check_decode(fn, q, k_cache, v_cache, scale, k_scale=k_scale, v_scale=v_scale)
     B, H, Hkv, Lq, N, D = dims
+    ks, vs = _check_kv_scales(fn, q, k_scale, v_scale, B, Hkv, N)
     _check_page_size(fn, page_size)
     check_tensor(fn, "page_indices", page_indices, ndim=3, shape_desc="(B, H_kv, K)")
     check_tensor(fn, "page_counts", page_counts, ndim=2, shape_desc="(B, H_kv)")
@@ -796,16 +932,17 @@ def paged_decode_attention(
     seqlens = _check_seqlens(fn, seqlens, B, N, q.device, check_seqlens)
     num_splits = _check_num_splits(fn, num_splits)
     _check_return_lse(fn, return_lse)
-    if _use_kernel(fn, q, _check_backend(fn, backend)):
+    if _use_kernel(fn, q, _check_backend(fn, backend), k_cache.dtype):
         pidx = page_indices if page_indices.dtype == torch.int32 and page_indices.stride(-1) == 1 else \
             page_indices.to(torch.int32).contiguous()
         pnum = page_counts if page_counts.dtype == torch.int32 and page_counts.stride(-1) == 1 else \
             page_counts.to(torch.int32).contiguous()
         st = _launch(fn, q, k_cache, v_cache, seqlens, pidx, pnum, page_size, dims, scale, num_splits, config,
-                     page_indices.shape[2] * page_size)
+                     page_indices.shape[2] * page_size, ks, vs)
     else:
         mask = pages_key_mask(page_indices, page_counts, page_size, N)
-        st = decode_reference(q, k_cache, v_cache, seqlens=seqlens, scale=scale, key_mask=mask)
+        st = decode_reference(q, k_cache, v_cache, seqlens=seqlens, scale=scale, key_mask=mask, k_scale=ks,
+                              v_scale=vs)
     return st if return_lse else st.out
 
 
@@ -843,6 +980,11 @@ def sparse_decode_attention(
         ``(result, (page_indices, page_counts))``. Selecting every page gives dense decode.
     """
     fn = "sparse_decode_attention"
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if getattr(t, "dtype", None) in quantized_kv_dtypes():
+            raise fail(fn, name, "holds quantized values (not supported: page summaries need the dequantised keys)",
+                       "a float cache (or paged_decode_attention with k_scale/v_scale on pages chosen by select_pages "
+                       "over summaries of the dequantised keys)", _dt(t))
     dims, scale = _check_decode(fn, q, k_cache, v_cache, scale)
     B, H, Hkv, Lq, N, D = dims
     ps = _check_summaries(fn, summaries, B, Hkv, N, D, q.device, page_size)

@@ -13,7 +13,9 @@ online-softmax state is carried exactly from the quantized segment into the rece
 quantized segment is dequantised: **inside the Triton kernel** (``HAS_KV_SCALE``: int8/fp8 tiles
 converted in registers, the key scale applied to the scores, the value scale folded into P) when the
 kernel runs the layer (CUDA, fp16/bf16, head_dim 64/128/256; fp8 needs sm_89+); otherwise **in PyTorch
-right before the attention call** (:func:`dequantize`, then the PyTorch loop). This needs the model
+right before the attention call** (:func:`dequantize`, then the PyTorch loop). Decode steps (1..64 new
+tokens) instead go to the split-KV decode kernel (``decode_backend``, see :class:`MixedKVCache`): the
+quantized segment with its scales (dequantised in registers) and the recent window, merged exactly. This needs the model
 to use the ``"sparseattn_mixed"`` attention implementation
 (:func:`sparseattn.integrations.mixed_cache_attention.enable_mixed_cache`); with any other
 implementation ``update`` returns the whole dequantised KV (correct attention, no state operator;
@@ -39,6 +41,7 @@ from sparseattn._validation import fail
 __all__ = ["MixedKVCache", "quantize", "dequantize", "model_fingerprint", "QUANT_MODES"]
 
 QUANT_MODES = ("int8", "fp8")
+DECODE_BACKENDS = ("auto", "triton", "off")
 _QMAX = {"int8": 127.0, "fp8": 448.0}
 MIXED_TAG = "_sparseattn_mixed"  # attribute set on the key tensor ``update`` returns in mixed mode
 ATTN_NAME_MIXED = "sparseattn_mixed"
@@ -253,12 +256,23 @@ def _build_classes() -> tuple[type, type]:
                 fingerprint every attention call is checked against).
             window: recent tokens kept unquantized per layer (> 0).
             quant: ``"int8"`` or ``"fp8"`` (e4m3).
+            decode_backend: how decode steps (1..64 new tokens over the cache, no mask or a plain causal
+                one) are attended: ``"auto"`` (default) — the split-KV decode kernel reads the quantized
+                segment (dequantising in registers, ``return_lse``) and the recent window, merged exactly,
+                on CUDA where :func:`sparseattn.ops.decode.decode_refusal` allows (elsewhere the state
+                operator as for prefill; a refusal on CUDA warns once); ``"triton"`` — always the decode
+                kernels for decode steps (the CPU interpreter under ``TRITON_INTERPRET=1``; a refusal
+                raises); ``"off"`` — never (every call through the state operator).
+
+        ``attention_counts`` counts the layer calls per route (``"decode_kernel"``: the decode route;
+        ``"segments"``: the state operator) and ``decode_fallbacks`` the decode steps that did not take the
+        decode route, per reason.
 
         Use with ``model.generate(..., past_key_values=MixedKVCache(model.config, ...))`` after
         :func:`~sparseattn.integrations.mixed_cache_attention.enable_mixed_cache` (model).
         """
 
-        def __init__(self, config: Any, *, window: int = 128, quant: str = "int8") -> None:
+        def __init__(self, config: Any, *, window: int = 128, quant: str = "int8", decode_backend: str = "auto") -> None:
             fn = "MixedKVCache"
             if config is None or not hasattr(config, "num_hidden_layers") and not hasattr(config, "get_text_config"):
                 raise fail(fn, "config", "must be the model's config", "a transformers PretrainedConfig",
@@ -269,6 +283,11 @@ def _build_classes() -> tuple[type, type]:
                 raise fail(fn, "quant", "is unknown", f"one of {QUANT_MODES}", repr(quant))
             if quant == "fp8":
                 _fp8_dtype()
+            if decode_backend not in DECODE_BACKENDS:
+                raise fail(fn, "decode_backend", "is unknown", f"one of {DECODE_BACKENDS}", repr(decode_backend))
+            self.decode_backend = decode_backend
+            self.attention_counts: dict[str, int] = {"decode_kernel": 0, "segments": 0}
+            self.decode_fallbacks: dict[str, int] = {}
             self.fingerprint = model_fingerprint(config)
             self._config = config
             self.window = window

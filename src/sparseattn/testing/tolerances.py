@@ -131,3 +131,10 @@ def quant_accuracy(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 # (reference and Triton interpreter): at most 3e-7. A wrong mask, a missing key or a stale page summary
 # with fewer pages is O(0.1); the sparse test with few pages asserts its error is above this bound.
 DECODE_ROUTE_FP32_LOGIT_REL = 1e-4
+
+# MixedKVCache's decode route (the split-KV decode kernel on the quantized segment and on the recent window,
+# states merged) against the same cache attended by the state operator (decode_backend="off"), logits of a
+# tiny random float32 model (tests/test_decode_quant.py, Triton interpreter): both dequantise the same
+# int8/fp8 values with the same scales; only summation order and the merge differ. Measured: at most 3e-7
+# (int8 and fp8). A dropped segment or a wrong mask is O(0.1).
+MIXED_DECODE_ROUTE_FP32_LOGIT_REL = 1e-4

@@ -24,6 +24,19 @@ reaches the rows of the same tile that do not attend ``j`` (``0 * NaN`` in the P
 exception the prefill kernel documents for its diagonal tile (docs/ARCHITECTURE.md, "Non-finite
 inputs").
 
+``HAS_KV_SCALE`` (quantized cache): K and V hold int8 or float8 e4m3 values with one float32 scale per
+key (``KScale``/``VScale``, ``(B, H_kv, N_max)`` through their strides; the convention of
+``state/kv_cache.quantize`` and the prefill kernel's ``HAS_KV_SCALE``). A K tile is converted to q's
+dtype in registers (exact: int8 and e4m3 values are representable in fp16 and bf16) and its scores are
+multiplied by the keys' scales (``q·(s_j k_j) = s_j (q·k_j)``); the value scales are folded into P
+before P is rounded to q's dtype for the P·V product. The kernel reads the quantized bytes (plus 4
+bytes of scale per key and tensor) and nothing else; no dequantised copy exists. Scale loads are
+masked like the K/V loads (a NaN scale beyond ``seqlen`` is never read). Off (the default) the kernel
+is unchanged apart from the unused pointer/stride parameters.
+
+``CAUSAL=False``: every row attends all keys ``j < seqlen`` (a segment that lies wholly before the new
+tokens, e.g. the quantized part of a mixed cache); the default ``True`` is the bottom-right rule below.
+
 Numerics as in :mod:`sparseattn.ops.triton.block_sparse_fwd`: fp32 accumulation, scores in log2 units
 (``exp2``), natural-log lse at the end; rows that attend no key get out 0 and lse ``-inf``; a row
 that attends keys but whose sum is NaN (non-finite inputs) stays NaN. No atomics: deterministic.
@@ -38,6 +51,7 @@ import triton.language as tl
 @triton.jit(do_not_specialize=["H", "G", "LQ", "N_MAX", "MAX_PAGES", "NUM_SPLITS"])
 def _decode_split_kernel(
     Q, K, V, SeqLens, PageIdx, PageNum, Out, Lse, OPart, LPart,
+    KScale, VScale,  # read only with HAS_KV_SCALE: fp32 per-key scales (B, H_kv, N_max) through the strides below
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -45,6 +59,8 @@ def _decode_split_kernel(
     stride_lb, stride_lh,
     stride_pb, stride_ph,
     stride_nb,
+    stride_ksb, stride_ksh, stride_ksn,
+    stride_vsb, stride_vsh, stride_vsn,
     H, G, LQ, N_MAX, MAX_PAGES, NUM_SPLITS,
     qk_scale,
     HEAD_DIM: tl.constexpr,
@@ -56,6 +72,8 @@ def _decode_split_kernel(
     PAGE: tl.constexpr,
     DOT_F32: tl.constexpr = False,  # interpreter only: widen operands before tl.dot (exact products)
     IEEE: tl.constexpr = False,  # fp32 inputs: full-precision dot (no tf32)
+    HAS_KV_SCALE: tl.constexpr = False,  # K/V hold int8/fp8 values with one fp32 scale per key (dequantised here)
+    CAUSAL: tl.constexpr = True,  # False: every row attends all keys below seqlen (no causal shift)
 ):
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -77,7 +95,10 @@ def _decode_split_kernel(
     tok = offs_r % LQ
     head = off_hk * G + g
     # row attends keys j < lim (bottom-right causal among the LQ new tokens); padded rows attend nothing
-    lim = tl.where(row_ok, seqlen - LQ + tok + 1, 0)
+    if CAUSAL:
+        lim = tl.where(row_ok, seqlen - LQ + tok + 1, 0)
+    else:
+        lim = tl.where(row_ok, seqlen, 0)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
 
@@ -90,6 +111,9 @@ def _decode_split_kernel(
 
     k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
     v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+    if HAS_KV_SCALE:
+        ks_base = KScale + off_b.to(tl.int64) * stride_ksb + off_hk.to(tl.int64) * stride_ksh
+        vs_base = VScale + off_b.to(tl.int64) * stride_vsb + off_hk.to(tl.int64) * stride_vsh
 
     # ---------------------------------------------------------------- this program's range of the (virtual) keys
     if PAGED:
@@ -123,6 +147,9 @@ def _decode_split_kernel(
             k_off = key.to(tl.int64)
             k = tl.load(k_base + k_off[None, :] * stride_kn + offs_d[:, None], mask=key_ok[None, :], other=0.0)
             v = tl.load(v_base + k_off[:, None] * stride_vn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+            if HAS_KV_SCALE:
+                ks = tl.load(ks_base + k_off * stride_ksn, mask=key_ok, other=0.0)
+                vs = tl.load(vs_base + k_off * stride_vsn, mask=key_ok, other=0.0)
         else:
             key = pos
             key_ok = in_rng
@@ -130,12 +157,22 @@ def _decode_split_kernel(
             # V is requested with K (before the Q·K product): both tiles are in flight together, so a
             # program keeps twice the bytes outstanding when the compiler does not pipeline the loop
             v = tl.load(v_lo + (start - lo) * stride_vn, mask=key_ok[:, None], other=0.0)
+            if HAS_KV_SCALE:
+                ks = tl.load(ks_base + pos * stride_ksn, mask=key_ok, other=0.0)
+                vs = tl.load(vs_base + pos * stride_vsn, mask=key_ok, other=0.0)
+        if HAS_KV_SCALE:
+            # int8 (|x| <= 127) and fp8 e4m3 values are exact in fp16 and bf16 (DOT_F32, the interpreter: straight
+            # to fp32, the same values; its int8 -> bf16 conversion is wrong)
+            k = k.to(tl.float32 if DOT_F32 else in_dtype)
+            v = v.to(tl.float32 if DOT_F32 else in_dtype)
         if DOT_F32:
             k = k.to(tl.float32)
         if IEEE:
             qk = tl.dot(q, k, input_precision="ieee")
         else:
             qk = tl.dot(q, k)
+        if HAS_KV_SCALE:  # per-key scale of the quantized K: q·(s_j k_j) = s_j (q·k_j)
+            qk = qk * ks[None, :]
         keep = key_ok[None, :] & (key[None, :] < lim[:, None])
         s = tl.where(keep, qk * qk_scale, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(s, 1))
@@ -145,6 +182,8 @@ def _decode_split_kernel(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
+        if HAS_KV_SCALE:  # per-key scale of the quantized V folded into P: sum_j p_j (s_j v_j)
+            p = p * vs[None, :]
         p = p.to(in_dtype)  # P rounded to the input dtype, as FlashAttention does
         if DOT_F32:
             acc = tl.dot(p.to(tl.float32), v.to(tl.float32), acc)
