@@ -105,7 +105,8 @@ def parse_rows(predictors: str | Sequence[str] | None, patterns: str | Sequence[
 
     Every spec is parsed here (a bad one raises ``ValueError`` before any model loads).
     """
-    from sparseattn.integrations.transformers_patch import pattern_predictor, resolve_predictor
+    from sparseattn.predictors.pattern import pattern_predictor
+    from sparseattn.predictors.resolve import resolve_predictor
 
     preds = _split(predictors) if isinstance(predictors, (str, type(None))) else [s.strip() for s in predictors]
     pats = _split(patterns) if isinstance(patterns, (str, type(None))) else [s.strip() for s in patterns]

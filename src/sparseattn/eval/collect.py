@@ -426,7 +426,7 @@ def validate_predictor(
 
     from sparseattn.eval.end_to_end import _environment, _mean_std
     from sparseattn.eval.metrics import cosine_similarity, max_abs_error
-    from sparseattn.integrations.transformers_patch import describe_predictor, resolve_predictor
+    from sparseattn.predictors.resolve import describe_predictor, resolve_predictor
     from sparseattn.layout.block_layout import causal_block_region
     from sparseattn.ops.attention import attention, select_backend
 

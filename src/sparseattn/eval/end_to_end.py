@@ -320,8 +320,8 @@ def evaluate(
         :class:`EvalResult`.
     """
     from sparseattn.integrations.capture import capture_qkv
-    from sparseattn.integrations.transformers_patch import (attention_layers, describe_predictor, patch_model,
-                                                            pattern_predictor, resolve_predictor)
+    from sparseattn.integrations.transformers_patch import attention_layers, patch_model
+    from sparseattn.predictors.resolve import describe_predictor, select_predictor
 
     fn = "evaluate"
     check_positive_int(fn, "seq_len", seq_len)
@@ -371,17 +371,11 @@ def evaluate(
     if not 1 <= n_score <= seq_len:
         raise fail(fn, "score_last", "is out of range", f"1..{seq_len}", n_score)
 
-    tuned_label = None
+    chosen = select_predictor(predictor=predictor, pattern=pattern, tuned=tuned, model=model, func=fn)
+    pred, tuned_label = chosen.predictor, chosen.tuned_label
     if tuned is not None:
-        from sparseattn.integrations.transformers_patch import tuned_predictor
-
-        if pattern is not None:
-            raise fail(fn, "tuned", "is mutually exclusive with pattern", "tuned alone", "tuned and pattern")
-        pred, tuned_cfg, tuned_label = tuned_predictor(tuned, model)
-        dense_layers = sorted(set(dense_layers) | set(tuned_cfg.meta.get("dense_layers", ())))
+        dense_layers = chosen.dense_layers(dense_layers)
         predictor = None
-    else:
-        pred = pattern_predictor(pattern) if pattern is not None else resolve_predictor(predictor)
     layers = attention_layers(model)
     n_layers = len(layers)
     p_layer = n_layers // 2 if plot_layer is None else int(plot_layer)

@@ -514,7 +514,8 @@ def run_ruler(
 
     from sparseattn.eval.end_to_end import _environment, greedy_generate
     from sparseattn.eval.niah import _sentences
-    from sparseattn.integrations.transformers_patch import describe_predictor, patch_model
+    from sparseattn.integrations.transformers_patch import patch_model
+    from sparseattn.predictors.resolve import describe_predictor, tuned_predictor
 
     fn = "run_ruler"
     task_list = parse_tasks(tasks, fn)
@@ -539,8 +540,6 @@ def run_ruler(
     row_dense = {label: sorted(set(dense_layers)) for label, _ in rows}
     tuned_label = None
     if tuned is not None:
-        from sparseattn.integrations.transformers_patch import tuned_predictor
-
         pred, tcfg, tuned_label = tuned_predictor(tuned, model)
         label = f"tuned {tuned_label}"
         rows.append((label, pred))

@@ -1,8 +1,9 @@
 """Block predictors: decide at run time which key blocks each query block needs.
 
 Built-in predictors register themselves on first use of :func:`make_predictor` /
-:func:`parse_predictor_spec` (``static``, ``oracle``, ``mean_sim``, ``sketch_walk``); importing this
-package stays light.
+:func:`parse_predictor_spec` (``static``, ``oracle``, ``mean_sim``, ``sketch_walk``, ``gate``); importing
+this package stays light. :func:`resolve_predictor` is the one entry point from a user's spec (string,
+dict, JSON, tuned file) to a predictor, the static ``pattern`` predictor included.
 """
 
 from sparseattn.predictors.base import (
@@ -14,6 +15,9 @@ from sparseattn.predictors.base import (
     parse_predictor_spec,
     register_predictor,
 )
+from sparseattn.predictors.pattern import PatternConfig, PatternPredictor, pattern_predictor
+from sparseattn.predictors.resolve import describe_predictor, resolve_predictor, select_predictor, tuned_predictor
 
 __all__ = ["Predictor", "register_predictor", "PREDICTORS", "make_predictor", "parse_predictor_spec",
-           "config_to_json", "config_from_json"]
+           "config_to_json", "config_from_json", "PatternConfig", "PatternPredictor", "pattern_predictor",
+           "resolve_predictor", "select_predictor", "tuned_predictor", "describe_predictor"]

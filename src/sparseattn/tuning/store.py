@@ -277,9 +277,9 @@ def base_config(cfg: TunedConfig) -> Any:
     import dataclasses
 
     from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
-    from sparseattn.predictors.base import parse_predictor_spec
+    from sparseattn.predictors.resolve import resolve_predictor
 
-    default = parse_predictor_spec(DEFAULT_PREDICTOR_SPEC).config
+    default = resolve_predictor(DEFAULT_PREDICTOR_SPEC).config
     fields = {f.name for f in dataclasses.fields(default)}
     over = {k: v for k, v in (cfg.meta.get("predictor") or {}).items() if k in PREDICTOR_KEYS and k in fields}
     try:
