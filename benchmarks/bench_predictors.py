@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from sparseattn.predictors import resolve_predictor  # noqa: E402
+from sparseattn.predictors.resolve import resolve_predictor  # noqa: E402
 from sparseattn.predictors.graphed import GraphedPredictor  # noqa: E402
 from sparseattn.testing import timing  # noqa: E402
 

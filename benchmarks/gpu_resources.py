@@ -58,7 +58,7 @@ except ImportError:  # pragma: no cover - /proc/self/statm is the fallback
 import sparseattn
 from sparseattn.layout.patterns import random_layout, sliding_window_layout
 from sparseattn.ops import triton_launch as tl
-from sparseattn.predictors import resolve_predictor
+from sparseattn.predictors.resolve import resolve_predictor
 
 GPU_LIMIT = 256 * 1024  # bytes of torch.cuda.memory_allocated growth (a leaked 512 B block per call: 450 KiB)
 RSS_LIMIT = 8 * 1024 * 1024  # bytes of host RSS growth

@@ -6,6 +6,9 @@ One error format everywhere::
 
 ``ValueError`` for bad shapes, dtypes, devices or values; ``NotImplementedError`` is raised by the
 dispatchers for valid but unsupported combinations. Nothing here uses ``assert``.
+
+This module is the bottom layer: it imports nothing from ``sparseattn`` (``layout.block_layout``
+imports it; a :class:`~sparseattn.layout.BlockLayout` is recognised by its class marker).
 """
 
 from __future__ import annotations
@@ -114,9 +117,7 @@ def check_layout_for(
     func: str, layout: "BlockLayout", B: int, H: int, Nq: int, Nkv: int, device: torch.device | None = None
 ) -> None:
     """Check that ``layout`` was built for these shapes (never broadcast silently)."""
-    from sparseattn.layout.block_layout import BlockLayout
-
-    if not isinstance(layout, BlockLayout):
+    if getattr(type(layout), "_IS_BLOCK_LAYOUT", False) is not True:  # isinstance(layout, BlockLayout)
         raise fail(func, "layout", "must be a BlockLayout", "BlockLayout", type(layout).__name__)
     if (layout.seqlen_q, layout.seqlen_kv) != (Nq, Nkv):
         raise fail(

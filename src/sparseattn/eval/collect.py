@@ -72,7 +72,7 @@ def collect_qkv(
 
     from sparseattn.eval.texts import documents_for, token_samples
     from sparseattn.integrations.capture import capture_qkv
-    from sparseattn.integrations.transformers_patch import attention_layers
+    from sparseattn.models.layers import attention_layers
 
     fn = "collect_qkv"
     check_positive_int(fn, "samples", samples)

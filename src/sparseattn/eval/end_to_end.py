@@ -240,7 +240,7 @@ def _environment(device: Any) -> dict[str, Any]:
         env["transformers"] = transformers.__version__
     except ImportError:  # pragma: no cover
         pass
-    from sparseattn import __version__
+    from sparseattn._version import __version__
 
     env["sparseattn"] = __version__
     if str(device).startswith("cuda") and torch.cuda.is_available():
@@ -320,7 +320,8 @@ def evaluate(
         :class:`EvalResult`.
     """
     from sparseattn.integrations.capture import capture_qkv
-    from sparseattn.integrations.transformers_patch import attention_layers, patch_model
+    from sparseattn.integrations.transformers_patch import patch_model
+    from sparseattn.models.layers import attention_layers
     from sparseattn.predictors.resolve import describe_predictor, select_predictor
 
     fn = "evaluate"

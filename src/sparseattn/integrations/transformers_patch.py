@@ -48,6 +48,7 @@ import torch
 
 from sparseattn._validation import fail
 from sparseattn.layout.block_layout import BlockLayout
+from sparseattn.models.layers import attention_layers
 # the static pattern predictor and the one predictor-spec resolver live in sparseattn.predictors;
 # re-exported here for existing imports
 from sparseattn.predictors.pattern import PatternConfig, PatternPredictor, pattern_predictor
@@ -177,17 +178,6 @@ def _prefill_mask(sdpa_mask: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # --------------------------------------------------------------------------- helpers
-def attention_layers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
-    """``(layer_idx, module)`` for every attention module of a transformers model, by layer index."""
-    found: dict[int, torch.nn.Module] = {}
-    for _, mod in model.named_modules():
-        idx = getattr(mod, "layer_idx", None)
-        if isinstance(idx, int) and not isinstance(idx, bool) and type(mod).__name__.endswith("Attention") \
-                and hasattr(mod, "config"):
-            found.setdefault(idx, mod)
-    return sorted(found.items())
-
-
 def _is_compiled(model: torch.nn.Module) -> bool:
     if hasattr(model, "_orig_mod"):
         return True

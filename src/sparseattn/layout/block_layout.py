@@ -115,6 +115,9 @@ class BlockLayout:
     #: the full one), so the selected-in-region count is just ``kv_num_blocks`` (one reduction instead
     #: of four element ops); set by predictors that clip to it by construction (fused mean_sim, causal)
     in_region: bool = field(default=False, repr=False, compare=False)
+    # the class marker _validation.check_layout_for recognises (so _validation, the bottom layer, does not
+    # import this module); not a dataclass field
+    _IS_BLOCK_LAYOUT = True
 
     def __post_init__(self) -> None:
         fn = "BlockLayout"

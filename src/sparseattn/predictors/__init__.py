@@ -2,8 +2,9 @@
 
 Built-in predictors register themselves on first use of :func:`make_predictor` /
 :func:`parse_predictor_spec` (``static``, ``oracle``, ``mean_sim``, ``sketch_walk``, ``gate``); importing
-this package stays light. :func:`resolve_predictor` is the one entry point from a user's spec (string,
-dict, JSON, tuned file) to a predictor, the static ``pattern`` predictor included.
+this package stays light. :func:`sparseattn.predictors.resolve.resolve_predictor` is the one entry point
+from a user's spec (string, dict, JSON, tuned file) to a predictor, the static ``pattern`` predictor
+included (not re-exported here: it reaches up to ``tuning`` for tuned files).
 """
 
 from sparseattn.predictors.base import (
@@ -16,8 +17,6 @@ from sparseattn.predictors.base import (
     register_predictor,
 )
 from sparseattn.predictors.pattern import PatternConfig, PatternPredictor, pattern_predictor
-from sparseattn.predictors.resolve import describe_predictor, resolve_predictor, select_predictor, tuned_predictor
 
 __all__ = ["Predictor", "register_predictor", "PREDICTORS", "make_predictor", "parse_predictor_spec",
-           "config_to_json", "config_from_json", "PatternConfig", "PatternPredictor", "pattern_predictor",
-           "resolve_predictor", "select_predictor", "tuned_predictor", "describe_predictor"]
+           "config_to_json", "config_from_json", "PatternConfig", "PatternPredictor", "pattern_predictor"]
