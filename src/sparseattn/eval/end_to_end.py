@@ -177,24 +177,16 @@ class EvalResult:
 
 # --------------------------------------------------------------------------- attention map / random comparison
 def _block_mass(q: torch.Tensor, k: torch.Tensor, head: int, block: int, scale: float | None) -> torch.Tensor:
-    """Softmax probability mass per (query block, key block) of one head, causal. ``[Mb, Nb]`` float32."""
-    H, Hkv = q.shape[1], k.shape[1]
-    qh = q[0, head].double()
-    kh = k[0, head // (H // Hkv)].double()
-    n, nk = qh.shape[0], kh.shape[0]
-    sc = scale if scale is not None else qh.shape[-1] ** -0.5
-    Mb, Nb = -(-n // block), -(-nk // block)
-    mass = torch.zeros(Mb, Nb, dtype=torch.float64)
-    cols = torch.arange(nk)
-    for lo in range(0, n, 512):
-        hi = min(n, lo + 512)
-        s = (qh[lo:hi] @ kh.T) * sc
-        rows = torch.arange(lo, hi)
-        s = s.masked_fill(cols[None, :] > rows[:, None] + (nk - n), -math.inf)
-        p = torch.softmax(s, -1)
-        p = torch.nn.functional.pad(p, (0, Nb * block - nk)).reshape(hi - lo, Nb, block).sum(-1)
-        mass.index_add_(0, rows // block, p)
-    return (mass / mass.sum(-1, keepdim=True).clamp(min=1e-30)).float()
+    """Softmax probability mass per (query block, key block) of one head, causal. ``[Mb, Nb]`` float32.
+
+    :func:`~sparseattn.predictors.oracle.exact_block_mass` in float64 on batch 0, ``head`` (and its KV head).
+    """
+    from sparseattn.predictors.oracle import exact_block_mass
+
+    kv_head = head // (q.shape[1] // k.shape[1])
+    qh = q[:1, head:head + 1].double()
+    kh = k[:1, kv_head:kv_head + 1].double()
+    return exact_block_mass(qh, kh, causal=True, block_m=block, block_n=block, scale=scale)[0, 0].float().cpu()
 
 
 @torch.no_grad()
