@@ -67,11 +67,9 @@ def smooth_qkv(B: int, H: int, Hkv: int, N: int, D: int, seed: int) -> tuple[tor
 
 
 def env_info() -> dict[str, Any]:
-    import triton
+    from sparseattn.eval.env import environment
 
-    return {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(0),
-            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "commit": os.environ.get("SPARSEATTN_COMMIT", "unknown")}
+    return environment("cuda")
 
 
 def make(spec: str) -> Any:

@@ -23,10 +23,8 @@ data-dependent predictor skip blocks.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import json
 import math
-import platform
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -36,6 +34,7 @@ from typing import Any
 import torch
 
 from sparseattn._validation import check_positive_int, fail
+from sparseattn.eval.env import environment
 from sparseattn.eval.defaults import DEFAULT_GEN_TOKENS, DEFAULT_PREDICTOR_SPEC, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, \
     EVAL_THRESHOLDS
 
@@ -222,24 +221,6 @@ def _random_comparison(pred: Any, captured: dict[int, dict[str, torch.Tensor]], 
 
 
 # --------------------------------------------------------------------------- evaluate
-def _environment(device: Any) -> dict[str, Any]:
-    env = {"date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "python": platform.python_version(),
-           "torch": torch.__version__, "platform": platform.platform(), "device": str(device),
-           "cpu_threads": torch.get_num_threads()}
-    try:
-        import transformers
-
-        env["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    from sparseattn._version import __version__
-
-    env["sparseattn"] = __version__
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return env
-
-
 def evaluate(
     model_name: str = "smollm2-135m",
     *,
@@ -558,7 +539,7 @@ def evaluate(
     }
     return EvalResult(config=cfg, samples=per_sample, summary=summary, self_check=self_sum, layers=layer_rows,
                       verdict=verdict, random_comparison=random_cmp, timings=timings,
-                      environment=_environment(dev), attention_map=att_map)
+                      environment=environment(dev), attention_map=att_map)
 
 
 # --------------------------------------------------------------------------- reports

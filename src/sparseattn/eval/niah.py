@@ -177,7 +177,8 @@ def run_niah(
     uses a different seeded key/value (the same for dense and sparse). ``tuned`` (a file from
     ``sparseattn tune`` or a ``TunedConfig``) replaces ``predictor``/``pattern``, checked against the model.
     """
-    from sparseattn.eval.end_to_end import _environment, greedy_generate
+    from sparseattn.eval.end_to_end import greedy_generate
+    from sparseattn.eval.env import environment
     from sparseattn.integrations.transformers_patch import patch_model
     from sparseattn.predictors.resolve import describe_predictor, select_predictor
 
@@ -265,7 +266,7 @@ def run_niah(
            "gen_tokens": gen_tokens, "haystack": haystack, "backend": backend, "seed": seed,
            "needle": _NEEDLE, "question": _TASK.split("\n")[-1], "answer_prefix": _ANSWER_PREFIX}
     return NiahResult(config=cfg, lengths=lengths, depths=depths, grid=grid, cases=cases, summary=summary,
-                      environment=_environment(dev))
+                      environment=environment(dev))
 
 
 def write_niah_report(res: NiahResult, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:

@@ -512,7 +512,8 @@ def run_ruler(
     """
     from tqdm.auto import tqdm
 
-    from sparseattn.eval.end_to_end import _environment, greedy_generate
+    from sparseattn.eval.end_to_end import greedy_generate
+    from sparseattn.eval.env import environment
     from sparseattn.eval.niah import _sentences
     from sparseattn.integrations.transformers_patch import patch_model
     from sparseattn.predictors.resolve import describe_predictor, tuned_predictor
@@ -621,7 +622,7 @@ def run_ruler(
            "haystack": haystack, "backend": backend, "seed": seed, "scoring": "string_match_all (RULER)",
            "task_info": {t: TASK_INFO[t] for t in task_list}}
     return RulerResult(config=cfg, tasks=task_list, lengths=lengths, configs=configs, scores=scores, cases=cases,
-                       summary=summary, environment=_environment(dev))
+                       summary=summary, environment=environment(dev))
 
 
 # --------------------------------------------------------------------------- reports
