@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from typing import Any
@@ -37,18 +36,9 @@ from sparseattn.testing import timing  # noqa: E402
 
 
 def env_info() -> dict[str, Any]:
-    import triton
+    from sparseattn.eval.env import environment
 
-    return {
-        "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "gpu": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
-        "python": platform.python_version(),
-        "commit": os.environ.get("SPARSEATTN_COMMIT", "unknown"),
-    }
+    return environment("cuda")
 
 
 def layout_for(shape: Shape, density: float, device: str):  # noqa: ANN201

@@ -30,7 +30,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -229,7 +228,9 @@ def _fmt_row(r: dict[str, Any]) -> str:
 
 
 def env_info(cpu: bool) -> dict[str, Any]:
-    info: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node()}
+    from sparseattn.eval.env import environment
+
+    info = environment("cpu" if cpu else "cuda")
     if not cpu:
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         info["cuda"] = torch.version.cuda

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from sparseattn.predictors import parse_predictor_spec  # noqa: E402
+from sparseattn.predictors.resolve import resolve_predictor  # noqa: E402
 from sparseattn.predictors.graphed import GraphedPredictor  # noqa: E402
 from sparseattn.testing import timing  # noqa: E402
 
@@ -67,17 +67,15 @@ def smooth_qkv(B: int, H: int, Hkv: int, N: int, D: int, seed: int) -> tuple[tor
 
 
 def env_info() -> dict[str, Any]:
-    import triton
+    from sparseattn.eval.env import environment
 
-    return {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "gpu": torch.cuda.get_device_name(0),
-            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "commit": os.environ.get("SPARSEATTN_COMMIT", "unknown")}
+    return environment("cuda")
 
 
 def make(spec: str) -> Any:
     if spec.startswith("graphed:"):
-        return GraphedPredictor(parse_predictor_spec(spec[len("graphed:"):]))
-    return parse_predictor_spec(spec)
+        return GraphedPredictor(resolve_predictor(spec[len("graphed:"):]))
+    return resolve_predictor(spec)
 
 
 def same_layout(a: Any, b: Any) -> bool:
@@ -90,7 +88,7 @@ def graphed_check(pred: Any, spec: str, q: torch.Tensor, k: torch.Tensor) -> dic
     pred.predict(q, k, causal=True)
     torch.cuda.synchronize()
     out: dict[str, Any] = {"capture_s": time.time() - t, "graphed": bool(pred._entries)}
-    eager = parse_predictor_spec(spec[len("graphed:"):])
+    eager = resolve_predictor(spec[len("graphed:"):])
     ok = same_layout(pred.predict(q, k, causal=True), eager.predict(q, k, causal=True))
     q2, k2 = q.flip(2).contiguous(), k.flip(2).contiguous()
     ok = ok and same_layout(pred.predict(q2, k2, causal=True), eager.predict(q2, k2, causal=True))

@@ -60,17 +60,10 @@ GRANS = ("per_warp", "per_thread", "per_block")
 
 
 def _env() -> dict[str, Any]:
-    import platform
+    from sparseattn.eval.env import environment
 
-    import triton
-
-    info: dict[str, Any] = {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-                            "triton": triton.__version__, "python": platform.python_version(),
-                            "commit": os.environ.get("SPARSEATTN_COMMIT", "unknown")}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["capability"] = list(torch.cuda.get_device_capability(0))
-    else:
+    info = environment()
+    if info["gpu"] is None:
         info["gpu"] = "none (TRITON_INTERPRET=1)"
     return info
 

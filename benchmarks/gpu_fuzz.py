@@ -590,13 +590,9 @@ def main(argv: list[str] | None = None) -> int:
     by_spec = {s["index"]: s for s in specs}
     failures = [{**r, "spec": by_spec[r["index"]], "case": by_spec[r["index"]]["case"]} for r in rows if not r["ok"]]
     n_fail = len(failures) + (0 if big is None or big.get("ok") else 1)
-    env: dict[str, Any] = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if cuda else "cpu"}
-    try:
-        import triton
+    from sparseattn.eval.env import environment
 
-        env["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001
-        pass
+    env = environment("cuda" if cuda else "cpu")
     from sparseattn.ops.triton import configs as _cfgs
 
     summary = {

@@ -82,8 +82,9 @@ def main() -> int:
         print(json.dumps(row), flush=True)
         del q, k, v, out, lse, lay, layout
         torch.cuda.empty_cache()
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    from sparseattn.eval.env import environment
+
+    env = environment("cuda")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_llama_layer.json"), "w") as fh:
         json.dump({"env": env, "shape": {"H": H, "H_kv": HKV, "D": D, "dtype": "bfloat16", "causal": True},

@@ -253,13 +253,10 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_mean_sim_fused: needs a CUDA GPU", file=sys.stderr)
         return 2
-    import triton
-
     reps = max(5, args.reps)
-    result: dict[str, Any] = {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                              "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                              "triton": triton.__version__, "cuda": torch.version.cuda, "parity": [], "launches": None,
-                              "timing": []}
+    from sparseattn.eval.env import environment
+
+    result: dict[str, Any] = {**environment("cuda"), "parity": [], "launches": None, "timing": []}
     failed = False
     t_start = time.time()
     if not args.skip_parity:

@@ -176,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{sorted(set(configs.FAILED_CONFIGS))[:3]}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_parity.json"), "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": results,
+        from sparseattn.eval.env import environment
+
+        json.dump({**environment("cuda"), "results": results,
                    "failed_autotune_configs": configs.FAILED_CONFIGS,
                    "failures": n_fail, "wall_s": time.time() - t0}, f, indent=1, default=str)
     print(f"gpu_parity: {len(results) - n_fail}/{len(results)} cases passed in {time.time() - t0:.0f}s")

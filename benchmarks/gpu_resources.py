@@ -58,7 +58,7 @@ except ImportError:  # pragma: no cover - /proc/self/statm is the fallback
 import sparseattn
 from sparseattn.layout.patterns import random_layout, sliding_window_layout
 from sparseattn.ops import triton_launch as tl
-from sparseattn.predictors import parse_predictor_spec
+from sparseattn.predictors.resolve import resolve_predictor
 
 GPU_LIMIT = 256 * 1024  # bytes of torch.cuda.memory_allocated growth (a leaked 512 B block per call: 450 KiB)
 RSS_LIMIT = 8 * 1024 * 1024  # bytes of host RSS growth
@@ -143,12 +143,12 @@ def repeated_calls(args: argparse.Namespace, dev: torch.device) -> list[dict[str
     # predictors read q/k only; on CPU (interpreter smoke run) they use the same small tensors
     pq, pk = q, k
     for spec in PREDICTOR_SPECS:
-        pred = parse_predictor_spec(spec)
+        pred = resolve_predictor(spec)
         work.append((f"predictor {spec}", (lambda p=pred: p.predict(pq, pk, causal=True)), args.pred_calls))
     if dev.type == "cuda":
         from sparseattn.predictors.graphed import GraphedPredictor
 
-        gp = GraphedPredictor(parse_predictor_spec("mean_sim"))
+        gp = GraphedPredictor(resolve_predictor("mean_sim"))
         work.append(("graphed mean_sim", lambda: gp.predict(pq, pk, causal=True), args.pred_calls))
     for name, fn, n in work:
         t0 = time.time()
@@ -288,11 +288,11 @@ def graphed_threads(args: argparse.Namespace, dev: torch.device) -> list[dict[st
 
     shapes = [(1, 8, 2, 4096, 128), (1, 4, 4, 2048, 128), (2, 8, 8, 1024, 64), (1, 16, 4, 3000, 128)]
     ins = [_qkv(*s, torch.bfloat16, dev, seed=30 + i)[:2] for i, s in enumerate(shapes)]
-    eager = parse_predictor_spec("mean_sim")
+    eager = resolve_predictor("mean_sim")
     want = [eager.predict(q, k, causal=True) for q, k in ins]
     rows = []
     for n_threads, max_graphs in ((2, 64), (4, 64), (3, 2)):
-        gp = GraphedPredictor(parse_predictor_spec("mean_sim"), max_graphs=max_graphs)
+        gp = GraphedPredictor(resolve_predictor("mean_sim"), max_graphs=max_graphs)
         streams = [torch.cuda.Stream(device=dev) for _ in range(n_threads)]
         bad = [0] * n_threads
         sizes: list[int] = []

@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from sparseattn.eval.env import environment
 from sparseattn.layout.patterns import pattern_at_density
 from sparseattn.ops.triton_launch import block_sparse_fwd
 from sparseattn.testing.timing import bench_ms, gpu_qkv, sdpa_runners
@@ -63,7 +64,7 @@ def main() -> int:
                               "best": [(r["config"], round(r["ms"], 4)) for r in ok[:5]]}), flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sweep_configs.json"), "w") as fh:
-        json.dump({"shape": {"H": H, "H_kv": HKV, "D": D}, "gpu": torch.cuda.get_device_name(), "rows": res}, fh, indent=1)
+        json.dump({"shape": {"H": H, "H_kv": HKV, "D": D}, **environment("cuda"), "rows": res}, fh, indent=1)
     return 0
 
 

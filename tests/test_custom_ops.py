@@ -15,7 +15,7 @@ import sparseattn
 from sparseattn import BlockLayout, sliding_window_layout
 from sparseattn.ops import custom_ops
 from sparseattn.ops.custom_ops import attention_op
-from sparseattn.testing.tolerances import ATOL_FLOOR, LSE_ATOL
+from sparseattn.testing.tolerances import ATOL_FLOOR, FP32_RTOL, LSE_ATOL
 
 REF = torch.ops.sparseattn.block_sparse_attention_ref.default
 TRITON = torch.ops.sparseattn.block_sparse_attention_triton.default
@@ -209,8 +209,8 @@ def test_compile_inductor_cpu():
     want = two_layers(*args)
     torch._dynamo.reset()
     got = torch.compile(two_layers, fullgraph=True)(*args)
-    torch.testing.assert_close(got[0], want[0], atol=ATOL_FLOOR[torch.float32], rtol=1e-5)
-    torch.testing.assert_close(got[1], want[1], atol=LSE_ATOL[torch.float32], rtol=1e-5)
+    torch.testing.assert_close(got[0], want[0], atol=ATOL_FLOOR[torch.float32], rtol=FP32_RTOL)
+    torch.testing.assert_close(got[1], want[1], atol=LSE_ATOL[torch.float32], rtol=FP32_RTOL)
 
 
 def test_assume_constant_marker_contract():

@@ -25,7 +25,7 @@ from sparseattn.ops.decode import (
     sparse_decode_attention,
     update_page_summaries,
 )
-from sparseattn.testing.tolerances import DECODE_SPLITS_ATOL, SDPA_FP64_ATOL, check_ratio
+from sparseattn.testing.tolerances import DECODE_SPLITS_ATOL, FP64_ATOL, SDPA_FP64_ATOL, check_ratio
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
@@ -125,7 +125,7 @@ def test_reference_key_mask_restricts_keys(request):
     st = decode_reference(q, k, v, key_mask=mask)
     keys = torch.cat([torch.arange(0, 8), torch.arange(24, 32)])
     want = decode_reference(q, k[:, :, keys], v[:, :, keys])
-    assert torch.allclose(st.out, want.out, atol=1e-12) and torch.allclose(st.lse, want.lse, atol=1e-12)
+    assert torch.allclose(st.out, want.out, atol=FP64_ATOL) and torch.allclose(st.lse, want.lse, atol=FP64_ATOL)
 
 
 # ---------------------------------------------------------------------------------------------- dense kernel

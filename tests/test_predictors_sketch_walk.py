@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparseattn.testing.tolerances import FP32_ATOL, FP32_RTOL, SKETCH_ESTIMATE_ATOL, SKETCH_ESTIMATE_RTOL, SKETCH_EXACT_TOL  # noqa: E402
+
 from sparseattn.layout.block_layout import causal_block_region
 from sparseattn.predictors import make_predictor
 from sparseattn.predictors.sketch_walk import SketchWalkPredictor, srht_sketch
@@ -20,9 +22,9 @@ def test_srht_exact_at_full_width_and_unbiased():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(5, 24, generator=g), torch.randn(5, 24, generator=g)
     sx, sy = srht_sketch(x, 64, seed=3), srht_sketch(y, 64, seed=3)  # D'=32 <= 64: full width, exact
-    torch.testing.assert_close((sx * sy).sum(-1), (x * y).sum(-1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close((sx * sy).sum(-1), (x * y).sum(-1), atol=SKETCH_EXACT_TOL, rtol=SKETCH_EXACT_TOL)
     est = torch.stack([(srht_sketch(x, 8, seed=s) * srht_sketch(y, 8, seed=s)).sum(-1) for s in range(400)]).mean(0)
-    torch.testing.assert_close(est, (x * y).sum(-1), atol=0.6, rtol=0.1)
+    torch.testing.assert_close(est, (x * y).sum(-1), atol=SKETCH_ESTIMATE_ATOL, rtol=SKETCH_ESTIMATE_RTOL)
 
 
 def test_block_matrix_row_stochastic_and_causal():
@@ -39,7 +41,7 @@ def test_walk_is_row_stochastic_and_depth1_first_layer_equals_sketch():
     p = make_predictor("sketch_walk", block_m=32, block_n=32, dense_layers=0)
     for layer in range(3):
         p.predict(q, k, causal=True, layer=layer)
-        torch.testing.assert_close(p.last_scores.sum(-1), torch.ones(1, 1, 16), atol=1e-5, rtol=0)
+        torch.testing.assert_close(p.last_scores.sum(-1), torch.ones(1, 1, 16), atol=FP32_ATOL, rtol=0)
     d1 = make_predictor("sketch_walk", depth=1, block_m=32, block_n=32)
     nowalk = make_predictor("sketch_walk", walk=False, block_m=32, block_n=32)
     a = d1.predict(q, k, causal=True)
@@ -59,10 +61,10 @@ def test_walk_formula_second_layer():
     A = p.block_matrix(q1, k1, causal=True)
     A2, A3 = A @ A, A @ A @ A
     expect = (1 - beta) * (A + beta * A2 + beta ** 2 * A3) + beta ** d * (W0 @ A3)
-    torch.testing.assert_close(p.last_scores[:, 0], expect, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(p.last_scores[:, 0], expect, atol=FP32_ATOL, rtol=FP32_RTOL)
     A0 = p.block_matrix(q0, k0, causal=True)
     first = (1 - beta) / (1 - beta ** d) * (A0 + beta * A0 @ A0 + beta ** 2 * A0 @ A0 @ A0)
-    torch.testing.assert_close(W0, first, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(W0, first, atol=FP32_ATOL, rtol=FP32_RTOL)
 
 
 def test_reset_semantics():
@@ -134,7 +136,7 @@ def test_per_head_walk_row_stochastic_and_heads_differ():
     for layer in range(2):
         lay = p.predict(q, k, causal=True, layer=layer)
         assert p.last_scores.shape == (1, 4, 16, 16)
-        torch.testing.assert_close(p.last_scores.sum(-1), torch.ones(1, 4, 16), atol=1e-5, rtol=0)
+        torch.testing.assert_close(p.last_scores.sum(-1), torch.ones(1, 4, 16), atol=FP32_ATOL, rtol=0)
     shared = make_predictor("sketch_walk", dense_layers=0, top_fraction=0.2).predict(q, k, causal=True, layer=0)
     assert lay.density(causal=True) == pytest.approx(shared.density(causal=True))  # same budget per row
     m = lay.to_dense_mask()[0]

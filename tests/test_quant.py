@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from sparseattn.testing.tolerances import FP32_ATOL, FP32_RTOL, FP32_SCALE_RTOL  # noqa: E402
 import triton
 import triton.language as tl
 
@@ -62,20 +64,20 @@ def test_quantizer_matches_emulation(quant, gran):
     qr = quantize_reference(q, k, v, quant=quant, quant_granularity=gran, k_mean=qq.k_mean)
     # the fused mean equals the PyTorch one up to summation order
     km = quantize_reference(q, k, v, quant=quant, quant_granularity=gran).k_mean
-    assert torch.allclose(qq.k_mean.cpu(), km.cpu(), atol=1e-5)
+    assert torch.allclose(qq.k_mean.cpu(), km.cpu(), atol=FP32_ATOL)
     lim = 0 if DEV == "cpu" else T.QUANT_INT8_MAX_UNIT_DIFF
     assert int((qq.q_int8.int() - qr.q_int8.int()).abs().max()) <= lim
     assert int((qq.k_int8.int() - qr.k_int8.int()).abs().max()) <= lim
-    assert torch.allclose(qq.q_scale, qr.q_scale, rtol=1e-6, atol=0)
-    assert torch.allclose(qq.k_scale, qr.k_scale, rtol=1e-6, atol=0)
-    assert torch.allclose(qq.q_row, qr.q_row, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(qq.q_scale, qr.q_scale, rtol=FP32_SCALE_RTOL, atol=0)
+    assert torch.allclose(qq.k_scale, qr.k_scale, rtol=FP32_SCALE_RTOL, atol=0)
+    assert torch.allclose(qq.q_row, qr.q_row, rtol=FP32_RTOL, atol=FP32_ATOL)
     assert qq.q_int8.abs().max() <= 127 and qq.k_int8.abs().max() <= 127
     # number of scale groups per head
     (qw, qt, _), (kw, kt, _) = Q.GRANULARITIES[gran]
     assert qq.q_scale.shape[-1] == -(-150 // qw) * qt and qq.k_scale.shape[-1] == -(-200 // kw) * kt
     if quant == "int8_fp8":
         assert torch.equal(qq.v[..., :200].float().cpu(), qr.v[..., :200].cpu())
-        assert torch.allclose(qq.v_scale, qr.v_scale, rtol=1e-6, atol=0)
+        assert torch.allclose(qq.v_scale, qr.v_scale, rtol=FP32_SCALE_RTOL, atol=0)
 
 
 @triton.jit

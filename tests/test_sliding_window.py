@@ -25,7 +25,7 @@ import torch
 import sparseattn
 from sparseattn import BlockLayout, attention, reference_attention, sliding_window_band_layout
 from sparseattn.layout.patterns import random_layout
-from sparseattn.testing.tolerances import ATOL_FLOOR, SDPA_FP64_ATOL, check_ratio
+from sparseattn.testing.tolerances import ATOL_FLOOR, FP64_ATOL, SDPA_FP64_ATOL, check_ratio
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
@@ -392,7 +392,7 @@ def test_band_layout_density():
     per_row = lay.kv_num_blocks[0, 0]
     assert int(per_row.max()) <= -(-(W - 1 + b) // b) + 1
     causal_blocks = sum(i + 1 for i in range(N // b))
-    assert abs(lay.density(True) - float(per_row.sum()) / causal_blocks) < 1e-12
+    assert abs(lay.density(True) - float(per_row.sum()) / causal_blocks) < FP64_ATOL
     # query block i (rows 128 i .. 128 i + 127) needs keys 128 i - 511 .. 128 i + 127: blocks i - 4 .. i
     assert per_row.tolist() == [min(i + 1, 5) for i in range(N // b)]
     assert lay.density(True) < 0.3  # against 1.0 for the causal square

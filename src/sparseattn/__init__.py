@@ -31,7 +31,7 @@ from sparseattn.ops.reference import reference_attention
 from sparseattn.state.types import AttentionState
 from sparseattn.state.merge import merge_state, merge_states, segmented_attention
 
-__version__ = "0.1.0"
+from sparseattn._version import __version__
 
 __all__ = [
     "__version__",

@@ -6,10 +6,14 @@ One error format everywhere::
 
 ``ValueError`` for bad shapes, dtypes, devices or values; ``NotImplementedError`` is raised by the
 dispatchers for valid but unsupported combinations. Nothing here uses ``assert``.
+
+This module is the bottom layer: it imports nothing from ``sparseattn`` (``layout.block_layout``
+imports it; a :class:`~sparseattn.layout.BlockLayout` is recognised by its class marker).
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,9 +29,9 @@ def fail(func: str, arg: str, problem: str, expected: Any, got: Any) -> ValueErr
     return ValueError(f"{func}: {arg} {problem}; expected {expected}, got {got}")
 
 
-def check_positive_int(func: str, name: str, value: Any) -> int:
+def check_positive_int(func: str, name: str, value: Any, *, expected: str = "an int > 0") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise fail(func, name, "must be a positive integer", "an int > 0", repr(value))
+        raise fail(func, name, "must be a positive integer", expected, repr(value))
     return value
 
 
@@ -37,15 +41,39 @@ def check_nonneg_int(func: str, name: str, value: Any) -> int:
     return value
 
 
-def check_fraction(func: str, name: str, value: Any, *, low_open: bool = False) -> float:
-    """Check a number in [0, 1] (or (0, 1] with ``low_open``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise fail(func, name, "must be a number", "a float in [0, 1]", repr(value))
+def check_fraction(func: str, name: str, value: Any, *, low_open: bool = False, optional: bool = False) -> float | None:
+    """Check a number in [0, 1] (or (0, 1] with ``low_open``); with ``optional``, ``None`` passes (and is returned)."""
+    if optional and value is None:
+        return None
+    rng = "(0, 1]" if low_open else "[0, 1]"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (optional and value != value):
+        raise fail(func, name, "must be a number or None" if optional else "must be a number", f"a float in {rng}",
+                   repr(value))
     v = float(value)
     if not (0.0 <= v <= 1.0) or (low_open and v == 0.0) or v != v:
-        rng = "(0, 1]" if low_open else "[0, 1]"
         raise fail(func, name, "is out of range", f"a float in {rng}", repr(value))
     return v
+
+
+def check_bool(func: str, name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise fail(func, name, "must be a bool", "True or False", repr(value))
+    return value
+
+
+def check_version(func: str, value: Any, supported: int) -> None:
+    """A config's ``version`` field: exactly ``supported``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value != supported:
+        raise fail(func, "version", "is not supported", supported, repr(value))
+
+
+def check_pv_threshold(func: str, value: Any) -> None:
+    """A config's ``pv_threshold``: ``None`` or a positive finite number (a natural-log gap)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (float(value) > 0) or math.isinf(value):
+        raise fail(func, "pv_threshold", "must be a positive finite number or None", "float > 0 (natural-log gap)",
+                   repr(value))
 
 
 def check_tensor(func: str, name: str, t: Any, *, ndim: int | None = None, shape_desc: str = "") -> torch.Tensor:
@@ -114,9 +142,7 @@ def check_layout_for(
     func: str, layout: "BlockLayout", B: int, H: int, Nq: int, Nkv: int, device: torch.device | None = None
 ) -> None:
     """Check that ``layout`` was built for these shapes (never broadcast silently)."""
-    from sparseattn.layout.block_layout import BlockLayout
-
-    if not isinstance(layout, BlockLayout):
+    if getattr(type(layout), "_IS_BLOCK_LAYOUT", False) is not True:  # isinstance(layout, BlockLayout)
         raise fail(func, "layout", "must be a BlockLayout", "BlockLayout", type(layout).__name__)
     if (layout.seqlen_q, layout.seqlen_kv) != (Nq, Nkv):
         raise fail(

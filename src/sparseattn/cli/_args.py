@@ -161,12 +161,9 @@ def check_spec(predictor: str | None, pattern: str | None, default: str) -> None
         ValueError: an unknown predictor or pattern, an unknown key (the valid keys are listed)
             or a bad value.
     """
-    from sparseattn.integrations.transformers_patch import pattern_predictor, resolve_predictor
+    from sparseattn.predictors.resolve import select_predictor
 
-    if pattern is not None:
-        pattern_predictor(pattern)
-    else:
-        resolve_predictor(predictor or default)
+    select_predictor(predictor=predictor or default, pattern=pattern, func="check_spec")
 
 
 def check_text_source(func: str, text_files: list[str] | None, text_dir: str | None) -> None:

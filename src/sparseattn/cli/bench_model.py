@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
                          f"(max_position_embeddings {limit})")
     dense_layers = list(args.dense_layers)
     if tuned is not None:
-        from sparseattn.integrations.transformers_patch import tuned_predictor
+        from sparseattn.predictors.resolve import tuned_predictor
 
         pred, tcfg, label = tuned_predictor(tuned, model)  # checked against this model
         rows.append(bm.RowSpec(f"tuned {label}", "tuned", label, pred))

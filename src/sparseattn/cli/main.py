@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a bad flag (2, message already printed)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USER_ERROR)
     if args.version:
-        from sparseattn import __version__
+        from sparseattn._version import __version__
 
         print(__version__)
         return 0

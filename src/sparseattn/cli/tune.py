@@ -116,10 +116,10 @@ def run(args: argparse.Namespace) -> int:
     from sparseattn.tuning.store import load_tuned, model_fingerprint, save_tuned
 
     from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
-    from sparseattn.predictors.base import parse_predictor_spec
+    from sparseattn.predictors.resolve import resolve_predictor
 
     # the layer-wide fields (blocks, sink, local, score) of the project default: --compare is then like for like
-    base = parse_predictor_spec(DEFAULT_PREDICTOR_SPEC).config
+    base = resolve_predictor(DEFAULT_PREDICTOR_SPEC).config
     with torch.no_grad():
         cfg = tune_model(model, [t.to(dev) for t in tune_ids], l1=args.l1, pv_l1=args.pv_l1, layer_l1=args.layer_l1,
                          rule=args.rule, dense_layers=tuple(args.dense_layers), base=base, progress=progress,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,11 +309,9 @@ def run_accuracy_suite(cfg: AccuracyConfig, *, progress: bool = True) -> dict[st
         "backends": sorted({r["backend"] for r in rows}),
         "seconds": time.perf_counter() - t_start,
     }
-    env = {
-        "torch": torch.__version__, "python": platform.python_version(), "device": cfg.device,
-        "device_name": torch.cuda.get_device_name(torch.device(cfg.device)) if cfg.device.startswith("cuda") else platform.processor() or platform.machine(),
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    from sparseattn.eval.env import environment
+
+    env = environment(cfg.device)
     return {"config": cfg.to_json(), "environment": env, "cases": rows, "summary": summary}
 
 
@@ -342,7 +339,7 @@ def _fmt(x: Any, spec: str = ".3e") -> str:
 def _markdown(res: dict[str, Any]) -> str:
     cfg, env, rows, s = res["config"], res["environment"], res["cases"], res["summary"]
     L = ["# sparseattn accuracy report", ""]
-    L.append(f"- date (UTC): {env['date_utc']}; torch {env['torch']}; device {env['device']} ({env['device_name']})")
+    L.append(f"- date (UTC): {env['date_utc']}; torch {env['torch']}; device {env['device']} ({env.get('gpu') or env.get('cpu') or env.get('device_name')})")
     L.append(f"- backend requested: `{cfg['backend']}`; backends that ran: {', '.join(s['backends'])}")
     L.append(f"- sweep inputs: {_INPUT_DESC[cfg['inputs']]}; stability cases use random inputs")
     L.append(f"- layouts: `{cfg['pattern']}` pattern at the target density of each sparsity level "

@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -105,7 +103,8 @@ def parse_rows(predictors: str | Sequence[str] | None, patterns: str | Sequence[
 
     Every spec is parsed here (a bad one raises ``ValueError`` before any model loads).
     """
-    from sparseattn.integrations.transformers_patch import pattern_predictor, resolve_predictor
+    from sparseattn.predictors.pattern import pattern_predictor
+    from sparseattn.predictors.resolve import resolve_predictor
 
     preds = _split(predictors) if isinstance(predictors, (str, type(None))) else [s.strip() for s in predictors]
     pats = _split(patterns) if isinstance(patterns, (str, type(None))) else [s.strip() for s in patterns]
@@ -231,37 +230,13 @@ def _input_ids(tokenizer: Any, model: Any, seq_len: int, *, random_ids: bool, te
 
 
 # --------------------------------------------------------------------------- environment
-def _git_commit() -> str:
-    env = os.environ.get("SPARSEATTN_COMMIT")
-    if env:
-        return env
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        if out.returncode == 0 and out.stdout.strip():
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                   text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
-            return out.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
-
-
 def env_info() -> dict[str, Any]:
-    """Date, device, torch / triton / transformers versions, git commit (``$SPARSEATTN_COMMIT`` wins)."""
-    info: dict[str, Any] = {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                            "torch": torch.__version__, "cuda": torch.version.cuda,
-                            "python": platform.python_version(), "commit": _git_commit()}
-    for mod in ("triton", "transformers"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - optional
-            info[mod] = None
-    return info
+    """The run's environment record (:func:`sparseattn.eval.env.environment`; ``$SPARSEATTN_COMMIT`` wins)."""
+    from sparseattn.eval.env import environment
+
+    return environment()
 
 
-# --------------------------------------------------------------------------- timing helpers
 def _sync(cuda: bool) -> None:
     if cuda:
         torch.cuda.synchronize()

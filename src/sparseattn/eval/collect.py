@@ -72,7 +72,7 @@ def collect_qkv(
 
     from sparseattn.eval.texts import documents_for, token_samples
     from sparseattn.integrations.capture import capture_qkv
-    from sparseattn.integrations.transformers_patch import attention_layers
+    from sparseattn.models.layers import attention_layers
 
     fn = "collect_qkv"
     check_positive_int(fn, "samples", samples)
@@ -424,9 +424,10 @@ def validate_predictor(
     """
     from tqdm.auto import tqdm
 
-    from sparseattn.eval.end_to_end import _environment, _mean_std
+    from sparseattn.eval.end_to_end import _mean_std
+    from sparseattn.eval.env import environment
     from sparseattn.eval.metrics import cosine_similarity, max_abs_error
-    from sparseattn.integrations.transformers_patch import describe_predictor, resolve_predictor
+    from sparseattn.predictors.resolve import describe_predictor, resolve_predictor
     from sparseattn.layout.block_layout import causal_block_region
     from sparseattn.ops.attention import attention, select_backend
 
@@ -477,7 +478,7 @@ def validate_predictor(
         by_len[str(n)]["blocks_selected"] = sum(r["blocks_selected"] for r in rs)
         by_len[str(n)]["blocks_total"] = sum(r["blocks_total"] for r in rs)
     return {"predictor": describe_predictor(pred), "target": target, "path": str(path), "found": found, "backend": backend,
-            "repeats": repeats, "records": records, "summary": by_len, "environment": _environment(device)}
+            "repeats": repeats, "records": records, "summary": by_len, "environment": environment(device)}
 
 
 def validation_markdown(res: dict[str, Any]) -> str:

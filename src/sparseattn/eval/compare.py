@@ -45,7 +45,7 @@ import torch
 from sparseattn._validation import fail
 from sparseattn.eval.metrics import cosine_similarity
 from sparseattn.predictors._common import causal_region
-from sparseattn.predictors.base import config_to_json, parse_predictor_spec
+from sparseattn.predictors.base import config_to_json
 from sparseattn.predictors.oracle import exact_block_mass
 
 __all__ = ["compare_predictors", "compare_layouts", "oracle_at_budget", "random_inputs", "safetensors_inputs", "write_report", "resolve",
@@ -54,9 +54,12 @@ __all__ = ["compare_predictors", "compare_layouts", "oracle_at_budget", "random_
 
 
 def resolve(spec_or_predictor: Any) -> Any:
-    """A predictor object, or a spec string (``"mean_sim:cdf_threshold=0.9"``) parsed into one."""
-    if isinstance(spec_or_predictor, str):
-        return parse_predictor_spec(spec_or_predictor)
+    """A predictor object, or a spec (``"mean_sim:cdf_threshold=0.9"``, see
+    :func:`sparseattn.predictors.resolve.resolve_predictor`) resolved into one."""
+    from sparseattn.predictors.resolve import resolve_predictor
+
+    if isinstance(spec_or_predictor, (str, dict)):
+        return resolve_predictor(spec_or_predictor, func="compare_predictors")
     if not hasattr(spec_or_predictor, "predict"):
         raise fail("compare_predictors", "predictor", "must be a spec string or a predictor", "'name:key=value' or object",
                    type(spec_or_predictor).__name__)

@@ -23,10 +23,8 @@ data-dependent predictor skip blocks.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import json
 import math
-import platform
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -36,6 +34,7 @@ from typing import Any
 import torch
 
 from sparseattn._validation import check_positive_int, fail
+from sparseattn.eval.env import environment
 from sparseattn.eval.defaults import DEFAULT_GEN_TOKENS, DEFAULT_PREDICTOR_SPEC, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, \
     EVAL_THRESHOLDS
 
@@ -177,24 +176,16 @@ class EvalResult:
 
 # --------------------------------------------------------------------------- attention map / random comparison
 def _block_mass(q: torch.Tensor, k: torch.Tensor, head: int, block: int, scale: float | None) -> torch.Tensor:
-    """Softmax probability mass per (query block, key block) of one head, causal. ``[Mb, Nb]`` float32."""
-    H, Hkv = q.shape[1], k.shape[1]
-    qh = q[0, head].double()
-    kh = k[0, head // (H // Hkv)].double()
-    n, nk = qh.shape[0], kh.shape[0]
-    sc = scale if scale is not None else qh.shape[-1] ** -0.5
-    Mb, Nb = -(-n // block), -(-nk // block)
-    mass = torch.zeros(Mb, Nb, dtype=torch.float64)
-    cols = torch.arange(nk)
-    for lo in range(0, n, 512):
-        hi = min(n, lo + 512)
-        s = (qh[lo:hi] @ kh.T) * sc
-        rows = torch.arange(lo, hi)
-        s = s.masked_fill(cols[None, :] > rows[:, None] + (nk - n), -math.inf)
-        p = torch.softmax(s, -1)
-        p = torch.nn.functional.pad(p, (0, Nb * block - nk)).reshape(hi - lo, Nb, block).sum(-1)
-        mass.index_add_(0, rows // block, p)
-    return (mass / mass.sum(-1, keepdim=True).clamp(min=1e-30)).float()
+    """Softmax probability mass per (query block, key block) of one head, causal. ``[Mb, Nb]`` float32.
+
+    :func:`~sparseattn.predictors.oracle.exact_block_mass` in float64 on batch 0, ``head`` (and its KV head).
+    """
+    from sparseattn.predictors.oracle import exact_block_mass
+
+    kv_head = head // (q.shape[1] // k.shape[1])
+    qh = q[:1, head:head + 1].double()
+    kh = k[:1, kv_head:kv_head + 1].double()
+    return exact_block_mass(qh, kh, causal=True, block_m=block, block_n=block, scale=scale)[0, 0].float().cpu()
 
 
 @torch.no_grad()
@@ -230,22 +221,211 @@ def _random_comparison(pred: Any, captured: dict[int, dict[str, torch.Tensor]], 
 
 
 # --------------------------------------------------------------------------- evaluate
-def _environment(device: Any) -> dict[str, Any]:
-    env = {"date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "python": platform.python_version(),
-           "torch": torch.__version__, "platform": platform.platform(), "device": str(device),
-           "cpu_threads": torch.get_num_threads()}
-    try:
-        import transformers
+# --------------------------------------------------------------------------- evaluate: the steps
+def _check_arguments(fn: str, seq_len: Any, samples: Any, gen_tokens: Any, timing_repeats: Any,
+                     thresholds: Mapping[str, float] | None) -> dict[str, float]:
+    """Check the plain arguments; returns the thresholds (:data:`EVAL_THRESHOLDS` with ``thresholds`` applied)."""
+    check_positive_int(fn, "seq_len", seq_len)
+    check_positive_int(fn, "samples", samples)
+    if isinstance(gen_tokens, bool) or not isinstance(gen_tokens, int) or gen_tokens < 0:
+        raise fail(fn, "gen_tokens", "must be a non-negative integer", "an int >= 0", repr(gen_tokens))
+    if isinstance(timing_repeats, bool) or not isinstance(timing_repeats, int) or timing_repeats < 0:
+        raise fail(fn, "timing_repeats", "must be a non-negative integer", "an int >= 0 (0: no timing)",
+                   repr(timing_repeats))
+    thr = dict(EVAL_THRESHOLDS)
+    for key, val in (thresholds or {}).items():
+        if key not in thr:
+            raise fail(fn, "thresholds", "has an unknown key", f"keys of {sorted(thr)}", repr(key))
+        thr[key] = float(val)
+    return thr
 
-        env["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    from sparseattn import __version__
 
-    env["sparseattn"] = __version__
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return env
+def _input_samples(fn: str, input_ids: Any, tokenizer: Any, text_files: Any, text_dir: Any, seq_len: int,
+                   samples: int) -> tuple[list[torch.Tensor], list[list[str]], str, int]:
+    """The token samples: ``(ids_list [(1, N)], document names per sample, text source, N)``."""
+    if input_ids is not None:
+        ids_list = [t.reshape(1, -1).to(torch.long) for t in input_ids]
+        if not ids_list:
+            raise fail(fn, "input_ids", "is empty", "at least one sample", "[]")
+        names = [["input_ids"] for _ in ids_list]
+        seq_len = int(ids_list[0].shape[1])
+        if any(int(t.shape[1]) != seq_len for t in ids_list):
+            raise fail(fn, "input_ids", "samples differ in length", f"all {seq_len}", [int(t.shape[1]) for t in ids_list])
+        return ids_list, names, "explicit input_ids", seq_len
+    from sparseattn.eval.texts import documents_for, token_samples
+
+    docs, source = documents_for(text_files, text_dir)
+    ids_list, names = token_samples(docs, tokenizer, seq_len=seq_len, samples=samples)
+    return ids_list, names, source, seq_len
+
+
+@dataclasses.dataclass
+class _Runs:
+    """What the dense/sparse runs over the samples collected (see :func:`_run_samples`)."""
+
+    per_sample: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    densities: dict[int, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
+    modes: dict[int, str] = dataclasses.field(default_factory=dict)
+    backends: dict[int, set[str]] = dataclasses.field(default_factory=dict)
+    sparse_layer_s: dict[int, float] = dataclasses.field(default_factory=dict)
+    random_comparison: dict[str, Any] | None = None
+    attention_map: dict[str, Any] | None = None
+
+
+def _attention_map(pred: Any, handle: Any, captured: dict[int, Any], modes: dict[int, str], p_layer: int,
+                   plot_head: int, scale: float | None) -> dict[str, Any]:
+    """Block mass of the dense run's ``p_layer`` (one head) and the blocks the predictor selects there."""
+    c = captured[p_layer]
+    head = min(plot_head, c["q"].shape[1] - 1)
+    lay = handle.layouts.get(p_layer)
+    pred.reset()
+    if modes.get(p_layer) == "sparse" and hasattr(pred, "predict"):
+        # the predictor on the dense run's q/k of this layer (what it would choose there)
+        # (stateful predictors see this layer without the preceding ones: noted in the report)
+        lay = pred.predict(c["q"], c["k"], causal=True, layer=p_layer)
+    block = lay.block_m if lay is not None else 64
+    mass = _block_mass(c["q"], c["k"], head, block, scale)
+    sel = lay.to_dense_mask()[0, head].float() if lay is not None else None
+    recall = float((mass * sel[: mass.shape[0], : mass.shape[1]]).sum() / mass.sum()) if sel is not None else None
+    return {"layer": p_layer, "head": head, "block": block, "mass": mass, "selected": sel,
+            "mass_recall": recall, "mode": modes.get(p_layer)}
+
+
+def _run_samples(model: Any, ids_list: list[torch.Tensor], names: list[list[str]], tokenizer: Any, pred: Any,
+                 patch_kw: dict[str, Any], *, gen_tokens: int, n_score: int, self_check: bool, compare_random: bool,
+                 p_layer: int, plot_head: int, scale_of: dict[int, Any], seed: int, progress: bool,
+                 seq_len: int) -> _Runs:
+    """Per sample: the dense run (twice with ``self_check``), then the patched sparse run, and their metrics.
+
+    The first sample also captures Q/K/V (of ``p_layer``, or every layer with ``compare_random``) for
+    the attention map and the random-layout comparison.
+    """
+    from tqdm.auto import tqdm
+
+    from sparseattn.integrations.capture import capture_qkv
+    from sparseattn.integrations.transformers_patch import patch_model
+
+    dev = next(model.parameters()).device
+    runs = _Runs()
+    stages = 3 if self_check else 2
+    bar = tqdm(total=len(ids_list) * stages, desc=f"eval {seq_len} tok", disable=not progress, unit="run")
+    with torch.no_grad():
+        for si, ids in enumerate(ids_list):
+            ids = ids.to(dev)
+            rec: dict[str, Any] = {"sample": si, "documents": names[si][:5], "seq_len": int(ids.shape[1])}
+            first = si == 0
+            cap_layers = None if compare_random else [p_layer]
+            if first:
+                with capture_qkv(model, cap_layers) as captured:
+                    dense = greedy_generate(model, ids, gen_tokens=max(gen_tokens, 1), score_last=n_score)
+                captured = dict(captured)
+            else:
+                dense = greedy_generate(model, ids, gen_tokens=max(gen_tokens, 1), score_last=n_score)
+            bar.update(1)
+            if self_check:
+                dense2 = greedy_generate(model, ids, gen_tokens=max(gen_tokens, 1), score_last=n_score)
+                sc = logits_metrics(dense2["logits"], dense["logits"])
+                if gen_tokens:
+                    pl = prefix_agreement(dense2["tokens"], dense["tokens"])
+                    sc.update(gen_prefix_len=pl, gen_prefix_fraction=pl / gen_tokens)
+                rec["self_check"] = sc
+                bar.update(1)
+            handle = patch_model(model, predictor=pred, keep_layouts=first, **patch_kw)
+            try:
+                sparse = greedy_generate(model, ids, gen_tokens=max(gen_tokens, 1), score_last=n_score)
+            finally:
+                handle.unpatch()
+            bar.update(1)
+            for li, dl in handle.densities.items():
+                runs.densities.setdefault(li, []).extend(dl)
+            for li, b in handle.backends_used.items():
+                runs.backends.setdefault(li, set()).update(b)
+            for li, s in handle.timings.items():
+                runs.sparse_layer_s[li] = runs.sparse_layer_s.get(li, 0.0) + s
+            runs.modes = dict(handle.layer_modes)
+            m = logits_metrics(sparse["logits"], dense["logits"])
+            if gen_tokens:
+                pl = prefix_agreement(sparse["tokens"], dense["tokens"])
+                m.update(gen_prefix_len=pl, gen_prefix_fraction=pl / gen_tokens)
+                rec["dense_tokens"] = dense["tokens"][:gen_tokens]
+                rec["sparse_tokens"] = sparse["tokens"][:gen_tokens]
+                if tokenizer is not None:
+                    rec["dense_text"] = tokenizer.decode(dense["tokens"][:gen_tokens])
+                    rec["sparse_text"] = tokenizer.decode(sparse["tokens"][:gen_tokens])
+            rec["metrics"] = m
+            rec["timings"] = {"dense_prefill_s": dense["prefill_s"], "sparse_prefill_s": sparse["prefill_s"],
+                              "dense_decode_s": dense["decode_s"], "sparse_decode_s": sparse["decode_s"],
+                              "dense_peak_mem_bytes": dense["peak_mem_bytes"],
+                              "sparse_peak_mem_bytes": sparse["peak_mem_bytes"]}
+            rec["mean_density"] = float(torch.stack([handle.densities[li][-1].mean() for li in handle.densities]).mean()) \
+                if handle.densities else None
+            if first:
+                if p_layer in captured:
+                    runs.attention_map = _attention_map(pred, handle, captured, runs.modes, p_layer, plot_head,
+                                                        scale_of.get(p_layer))
+                if compare_random and hasattr(pred, "predict"):
+                    runs.random_comparison = _random_comparison(pred, captured, runs.modes, scale_of, seed)
+                del captured
+            runs.per_sample.append(rec)
+    bar.close()
+    return runs
+
+
+def _layer_rows(layers: list[tuple[int, Any]], runs: _Runs) -> dict[str, Any]:
+    """Per layer: its mode, and for sparse layers the mean density (per head too), backends and attention time."""
+    layer_rows: dict[str, Any] = {}
+    for li, _ in layers:
+        mode = runs.modes.get(li, "dense")
+        row: dict[str, Any] = {"mode": mode}
+        if runs.densities.get(li):
+            ph = torch.stack(runs.densities[li]).mean(0)
+            row.update(density=float(ph.mean()), sparsity=1 - float(ph.mean()),
+                       density_per_head=[round(float(x), 6) for x in ph], backends=sorted(runs.backends.get(li, ())),
+                       sparse_attention_s=runs.sparse_layer_s.get(li, 0.0) / len(runs.per_sample))
+        else:
+            row.update(density=1.0 if mode == "dense" else None, sparsity=0.0 if mode == "dense" else None)
+        layer_rows[str(li)] = row
+    return layer_rows
+
+
+def _verdict(summary: dict[str, Any], self_sum: dict[str, Any] | None, thr: dict[str, float]) -> dict[str, Any]:
+    """Each summary metric against its threshold, the self-check, and the overall pass."""
+    checks = {
+        "logits_cosine": ("logits_cosine_min", ">="),
+        "top1_agreement": ("top1_agreement_min", ">="),
+        "top5_overlap": ("top5_overlap_min", ">="),
+        "kl_dense_sparse": ("kl_max", "<="),
+        "gen_prefix_fraction": ("gen_prefix_fraction_min", ">="),
+    }
+    verdict_rows = {}
+    for metric, (tkey, op) in checks.items():
+        if metric not in summary:
+            continue
+        val = summary[metric]["mean"]
+        ok = val >= thr[tkey] if op == ">=" else val <= thr[tkey]
+        verdict_rows[metric] = {"value": val, "threshold": thr[tkey], "op": op, "passed": bool(ok)}
+    self_ok = None
+    if self_sum is not None:
+        self_ok = bool(self_sum["logits_cosine"]["mean"] >= 1 - 1e-9 and self_sum["top1_agreement"]["mean"] == 1.0
+                       and self_sum.get("gen_prefix_fraction", {"mean": 1.0})["mean"] == 1.0)
+    return {"thresholds": thr, "checks": verdict_rows, "self_check_passed": self_ok,
+            "passed": bool(all(r["passed"] for r in verdict_rows.values()) and self_ok is not False)}
+
+
+def _timings(per_sample: list[dict[str, Any]], steady: Any, load_s: float, t_start: float) -> dict[str, Any]:
+    """Mean first-call times and peak memory over the samples, the steady-state prefill, load and total time."""
+    def _avg(key: str) -> float | None:
+        vals = [r["timings"][key] for r in per_sample if r["timings"][key] is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    # the accuracy runs' times are first calls per sample (autotuning, lazy work included): kept as such
+    timings = {f"first_call_{k}": _avg(k) for k in ("dense_prefill_s", "sparse_prefill_s", "dense_decode_s",
+                                                    "sparse_decode_s")}
+    timings.update({k: _avg(k) for k in ("dense_peak_mem_bytes", "sparse_peak_mem_bytes")})
+    timings["steady_prefill"] = steady  # medians after warm-up (None with timing_repeats=0)
+    timings["load_s"] = load_s
+    timings["total_s"] = time.perf_counter() - t_start
+    return timings
 
 
 def evaluate(
@@ -319,23 +499,12 @@ def evaluate(
     Returns:
         :class:`EvalResult`.
     """
-    from sparseattn.integrations.capture import capture_qkv
-    from sparseattn.integrations.transformers_patch import (attention_layers, describe_predictor, patch_model,
-                                                            pattern_predictor, resolve_predictor)
+    from sparseattn.integrations.transformers_patch import patch_model
+    from sparseattn.models.layers import attention_layers
+    from sparseattn.predictors.resolve import describe_predictor, select_predictor
 
     fn = "evaluate"
-    check_positive_int(fn, "seq_len", seq_len)
-    check_positive_int(fn, "samples", samples)
-    if isinstance(gen_tokens, bool) or not isinstance(gen_tokens, int) or gen_tokens < 0:
-        raise fail(fn, "gen_tokens", "must be a non-negative integer", "an int >= 0", repr(gen_tokens))
-    if isinstance(timing_repeats, bool) or not isinstance(timing_repeats, int) or timing_repeats < 0:
-        raise fail(fn, "timing_repeats", "must be a non-negative integer", "an int >= 0 (0: no timing)",
-                   repr(timing_repeats))
-    thr = dict(EVAL_THRESHOLDS)
-    for key, val in (thresholds or {}).items():
-        if key not in thr:
-            raise fail(fn, "thresholds", "has an unknown key", f"keys of {sorted(thr)}", repr(key))
-        thr[key] = float(val)
+    thr = _check_arguments(fn, seq_len, samples, gen_tokens, timing_repeats, thresholds)
 
     t_start = time.perf_counter()
     model_desc = model_name if model is None else str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
@@ -348,21 +517,7 @@ def evaluate(
     dev = next(model.parameters()).device
     load_s = time.perf_counter() - t_start
 
-    if input_ids is not None:
-        ids_list = [t.reshape(1, -1).to(torch.long) for t in input_ids]
-        if not ids_list:
-            raise fail(fn, "input_ids", "is empty", "at least one sample", "[]")
-        names = [["input_ids"] for _ in ids_list]
-        source = "explicit input_ids"
-        seq_len = int(ids_list[0].shape[1])
-        if any(int(t.shape[1]) != seq_len for t in ids_list):
-            raise fail(fn, "input_ids", "samples differ in length", f"all {seq_len}", [int(t.shape[1]) for t in ids_list])
-        samples = len(ids_list)
-    else:
-        from sparseattn.eval.texts import documents_for, token_samples
-
-        docs, source = documents_for(text_files, text_dir)
-        ids_list, names = token_samples(docs, tokenizer, seq_len=seq_len, samples=samples)
+    ids_list, names, source, seq_len = _input_samples(fn, input_ids, tokenizer, text_files, text_dir, seq_len, samples)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and seq_len + gen_tokens > max_pos:
         raise fail(fn, "seq_len", "plus gen_tokens exceeds the model's max_position_embeddings",
@@ -371,17 +526,11 @@ def evaluate(
     if not 1 <= n_score <= seq_len:
         raise fail(fn, "score_last", "is out of range", f"1..{seq_len}", n_score)
 
-    tuned_label = None
+    chosen = select_predictor(predictor=predictor, pattern=pattern, tuned=tuned, model=model, func=fn)
+    pred, tuned_label = chosen.predictor, chosen.tuned_label
     if tuned is not None:
-        from sparseattn.integrations.transformers_patch import tuned_predictor
-
-        if pattern is not None:
-            raise fail(fn, "tuned", "is mutually exclusive with pattern", "tuned alone", "tuned and pattern")
-        pred, tuned_cfg, tuned_label = tuned_predictor(tuned, model)
-        dense_layers = sorted(set(dense_layers) | set(tuned_cfg.meta.get("dense_layers", ())))
+        dense_layers = chosen.dense_layers(dense_layers)
         predictor = None
-    else:
-        pred = pattern_predictor(pattern) if pattern is not None else resolve_predictor(predictor)
     layers = attention_layers(model)
     n_layers = len(layers)
     p_layer = n_layers // 2 if plot_layer is None else int(plot_layer)
@@ -393,90 +542,12 @@ def evaluate(
         patch_model(model, predictor=pred, dense_layers=dense_layers, per_layer=per_layer, per_head=per_head,
                     backend=backend, quant=quant, quant_granularity=quant_granularity).unpatch()
 
-    from tqdm.auto import tqdm
-
-    per_sample: list[dict[str, Any]] = []
-    densities: dict[int, list[torch.Tensor]] = {}
-    modes: dict[int, str] = {}
-    backends: dict[int, set[str]] = {}
-    sparse_layer_s: dict[int, float] = {}
-    random_cmp = None
-    att_map = None
-    stages = 3 if self_check else 2
-    bar = tqdm(total=len(ids_list) * stages, desc=f"eval {seq_len} tok", disable=not progress, unit="run")
-    with torch.no_grad():
-        for si, ids in enumerate(ids_list):
-            ids = ids.to(dev)
-            rec: dict[str, Any] = {"sample": si, "documents": names[si][:5], "seq_len": int(ids.shape[1])}
-            first = si == 0
-            cap_layers = None if compare_random else [p_layer]
-            if first:
-                with capture_qkv(model, cap_layers) as captured:
-                    dense = greedy_generate(model, ids, gen_tokens=max(gen_tokens, 1), score_last=n_score)
-                captured = dict(captured)
-            else:
-                dense = greedy_generate(model, ids, gen_tokens=max(gen_tokens, 1), score_last=n_score)
-            bar.update(1)
-            if self_check:
-                dense2 = greedy_generate(model, ids, gen_tokens=max(gen_tokens, 1), score_last=n_score)
-                sc = logits_metrics(dense2["logits"], dense["logits"])
-                if gen_tokens:
-                    pl = prefix_agreement(dense2["tokens"], dense["tokens"])
-                    sc.update(gen_prefix_len=pl, gen_prefix_fraction=pl / gen_tokens)
-                rec["self_check"] = sc
-                bar.update(1)
-            handle = patch_model(model, predictor=pred, dense_layers=dense_layers, per_layer=per_layer,
-                                 per_head=per_head, backend=backend, keep_layouts=first, quant=quant,
-                                 quant_granularity=quant_granularity)
-            try:
-                sparse = greedy_generate(model, ids, gen_tokens=max(gen_tokens, 1), score_last=n_score)
-            finally:
-                handle.unpatch()
-            bar.update(1)
-            for li, dl in handle.densities.items():
-                densities.setdefault(li, []).extend(dl)
-            for li, b in handle.backends_used.items():
-                backends.setdefault(li, set()).update(b)
-            for li, s in handle.timings.items():
-                sparse_layer_s[li] = sparse_layer_s.get(li, 0.0) + s
-            modes = dict(handle.layer_modes)
-            m = logits_metrics(sparse["logits"], dense["logits"])
-            if gen_tokens:
-                pl = prefix_agreement(sparse["tokens"], dense["tokens"])
-                m.update(gen_prefix_len=pl, gen_prefix_fraction=pl / gen_tokens)
-                rec["dense_tokens"] = dense["tokens"][:gen_tokens]
-                rec["sparse_tokens"] = sparse["tokens"][:gen_tokens]
-                if tokenizer is not None:
-                    rec["dense_text"] = tokenizer.decode(dense["tokens"][:gen_tokens])
-                    rec["sparse_text"] = tokenizer.decode(sparse["tokens"][:gen_tokens])
-            rec["metrics"] = m
-            rec["timings"] = {"dense_prefill_s": dense["prefill_s"], "sparse_prefill_s": sparse["prefill_s"],
-                              "dense_decode_s": dense["decode_s"], "sparse_decode_s": sparse["decode_s"],
-                              "dense_peak_mem_bytes": dense["peak_mem_bytes"],
-                              "sparse_peak_mem_bytes": sparse["peak_mem_bytes"]}
-            rec["mean_density"] = float(torch.stack([handle.densities[li][-1].mean() for li in handle.densities]).mean()) \
-                if handle.densities else None
-            if first:
-                if p_layer in captured:
-                    c = captured[p_layer]
-                    head = min(plot_head, c["q"].shape[1] - 1)
-                    lay = handle.layouts.get(p_layer)
-                    pred.reset()
-                    if modes.get(p_layer) == "sparse" and hasattr(pred, "predict"):
-                        # the predictor on the dense run's q/k of this layer (what it would choose there)
-                        # (stateful predictors see this layer without the preceding ones: noted in the report)
-                        lay = pred.predict(c["q"], c["k"], causal=True, layer=p_layer)
-                    block = lay.block_m if lay is not None else 64
-                    mass = _block_mass(c["q"], c["k"], head, block, scale_of.get(p_layer))
-                    sel = lay.to_dense_mask()[0, head].float() if lay is not None else None
-                    recall = float((mass * sel[: mass.shape[0], : mass.shape[1]]).sum() / mass.sum()) if sel is not None else None
-                    att_map = {"layer": p_layer, "head": head, "block": block, "mass": mass, "selected": sel,
-                               "mass_recall": recall, "mode": modes.get(p_layer)}
-                if compare_random and hasattr(pred, "predict"):
-                    random_cmp = _random_comparison(pred, captured, modes, scale_of, seed)
-                del captured
-            per_sample.append(rec)
-    bar.close()
+    runs = _run_samples(model, ids_list, names, tokenizer, pred, dict(
+        dense_layers=dense_layers, per_layer=per_layer, per_head=per_head, backend=backend, quant=quant,
+        quant_granularity=quant_granularity), gen_tokens=gen_tokens, n_score=n_score, self_check=self_check,
+        compare_random=compare_random, p_layer=p_layer, plot_head=plot_head, scale_of=scale_of, seed=seed,
+        progress=progress, seq_len=seq_len)
+    per_sample = runs.per_sample
 
     steady = None
     if timing_repeats:
@@ -495,53 +566,11 @@ def evaluate(
                for k in _METRICS if any(k in r["metrics"] for r in per_sample)}
     self_sum = ({k: _mean_std([r["self_check"][k] for r in per_sample if k in r["self_check"]])
                  for k in _METRICS if any(k in r["self_check"] for r in per_sample)} if self_check else None)
-    layer_rows: dict[str, Any] = {}
-    for li, _ in layers:
-        mode = modes.get(li, "dense")
-        row: dict[str, Any] = {"mode": mode}
-        if densities.get(li):
-            ph = torch.stack(densities[li]).mean(0)
-            row.update(density=float(ph.mean()), sparsity=1 - float(ph.mean()),
-                       density_per_head=[round(float(x), 6) for x in ph], backends=sorted(backends.get(li, ())),
-                       sparse_attention_s=sparse_layer_s.get(li, 0.0) / len(per_sample))
-        else:
-            row.update(density=1.0 if mode == "dense" else None, sparsity=0.0 if mode == "dense" else None)
-        layer_rows[str(li)] = row
+    layer_rows = _layer_rows(layers, runs)
     dens_all = [r["density"] for r in layer_rows.values() if r["density"] is not None]
     sparse_dens = [r["density"] for r in layer_rows.values() if r["mode"] == "sparse" and r["density"] is not None]
-
-    checks = {
-        "logits_cosine": ("logits_cosine_min", ">="),
-        "top1_agreement": ("top1_agreement_min", ">="),
-        "top5_overlap": ("top5_overlap_min", ">="),
-        "kl_dense_sparse": ("kl_max", "<="),
-        "gen_prefix_fraction": ("gen_prefix_fraction_min", ">="),
-    }
-    verdict_rows = {}
-    for metric, (tkey, op) in checks.items():
-        if metric not in summary:
-            continue
-        val = summary[metric]["mean"]
-        ok = val >= thr[tkey] if op == ">=" else val <= thr[tkey]
-        verdict_rows[metric] = {"value": val, "threshold": thr[tkey], "op": op, "passed": bool(ok)}
-    self_ok = None
-    if self_sum is not None:
-        self_ok = bool(self_sum["logits_cosine"]["mean"] >= 1 - 1e-9 and self_sum["top1_agreement"]["mean"] == 1.0
-                       and self_sum.get("gen_prefix_fraction", {"mean": 1.0})["mean"] == 1.0)
-    verdict = {"thresholds": thr, "checks": verdict_rows, "self_check_passed": self_ok,
-               "passed": bool(all(r["passed"] for r in verdict_rows.values()) and self_ok is not False)}
-
-    def _avg(key: str) -> float | None:
-        vals = [r["timings"][key] for r in per_sample if r["timings"][key] is not None]
-        return sum(vals) / len(vals) if vals else None
-
-    # the accuracy runs' times are first calls per sample (autotuning, lazy work included): kept as such
-    timings = {f"first_call_{k}": _avg(k) for k in ("dense_prefill_s", "sparse_prefill_s", "dense_decode_s",
-                                                    "sparse_decode_s")}
-    timings.update({k: _avg(k) for k in ("dense_peak_mem_bytes", "sparse_peak_mem_bytes")})
-    timings["steady_prefill"] = steady  # medians after warm-up (None with timing_repeats=0)
-    timings["load_s"] = load_s
-    timings["total_s"] = time.perf_counter() - t_start
+    verdict = _verdict(summary, self_sum, thr)
+    timings = _timings(per_sample, steady, load_s, t_start)
     cfg = {
         "model": model_desc,
         "model_class": type(model).__name__,
@@ -570,8 +599,8 @@ def evaluate(
         "mean_density_sparse_layers": sum(sparse_dens) / len(sparse_dens) if sparse_dens else None,
     }
     return EvalResult(config=cfg, samples=per_sample, summary=summary, self_check=self_sum, layers=layer_rows,
-                      verdict=verdict, random_comparison=random_cmp, timings=timings,
-                      environment=_environment(dev), attention_map=att_map)
+                      verdict=verdict, random_comparison=runs.random_comparison, timings=timings,
+                      environment=environment(dev), attention_map=runs.attention_map)
 
 
 # --------------------------------------------------------------------------- reports

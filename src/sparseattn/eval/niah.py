@@ -177,9 +177,10 @@ def run_niah(
     uses a different seeded key/value (the same for dense and sparse). ``tuned`` (a file from
     ``sparseattn tune`` or a ``TunedConfig``) replaces ``predictor``/``pattern``, checked against the model.
     """
-    from sparseattn.eval.end_to_end import _environment, greedy_generate
-    from sparseattn.integrations.transformers_patch import describe_predictor, patch_model, pattern_predictor, \
-        resolve_predictor
+    from sparseattn.eval.end_to_end import greedy_generate
+    from sparseattn.eval.env import environment
+    from sparseattn.integrations.transformers_patch import patch_model
+    from sparseattn.predictors.resolve import describe_predictor, select_predictor
 
     fn = "run_niah"
     lengths = [check_positive_int(fn, "lengths", int(n)) for n in lengths]
@@ -203,17 +204,11 @@ def run_niah(
 
         docs, haystack = documents_for(text_files, text_dir)
         sentences = _sentences(docs)
-    tuned_label = None
+    chosen = select_predictor(predictor=predictor, pattern=pattern, tuned=tuned, model=model, func=fn)
+    pred, tuned_label = chosen.predictor, chosen.tuned_label
     if tuned is not None:
-        from sparseattn.integrations.transformers_patch import tuned_predictor
-
-        if pattern is not None:
-            raise fail(fn, "tuned", "is mutually exclusive with pattern", "tuned alone", "tuned and pattern")
-        pred, tuned_cfg, tuned_label = tuned_predictor(tuned, model)
-        dense_layers = sorted(set(dense_layers) | set(tuned_cfg.meta.get("dense_layers", ())))
+        dense_layers = chosen.dense_layers(dense_layers)
         predictor = f"tuned {tuned_label}"
-    else:
-        pred = pattern_predictor(pattern) if pattern is not None else resolve_predictor(predictor)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and max(lengths) + gen_tokens > max_pos:
         raise fail(fn, "lengths", "exceed the model's max_position_embeddings", f"<= {max_pos - gen_tokens}", max(lengths))
@@ -271,7 +266,7 @@ def run_niah(
            "gen_tokens": gen_tokens, "haystack": haystack, "backend": backend, "seed": seed,
            "needle": _NEEDLE, "question": _TASK.split("\n")[-1], "answer_prefix": _ANSWER_PREFIX}
     return NiahResult(config=cfg, lengths=lengths, depths=depths, grid=grid, cases=cases, summary=summary,
-                      environment=_environment(dev))
+                      environment=environment(dev))
 
 
 def write_niah_report(res: NiahResult, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:

@@ -69,7 +69,8 @@ def steady_prefill_times(model: Any, ids: torch.Tensor, patch_kwargs: Mapping[st
         model(ids, use_cache=False, logits_to_keep=1)
 
     kw = dict(patch_kwargs)
-    from sparseattn.integrations.transformers_patch import pattern_predictor, resolve_predictor
+    from sparseattn.predictors.pattern import pattern_predictor
+    from sparseattn.predictors.resolve import resolve_predictor
 
     if isinstance(kw.get("predictor"), str):
         kw["predictor"] = resolve_predictor(kw["predictor"])

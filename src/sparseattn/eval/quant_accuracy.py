@@ -91,7 +91,7 @@ def captured_quant_accuracy(path: Any, *, modes: Sequence[str] = ("int8", "int8_
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     pred = None
     if predictor is not None:
-        from sparseattn.integrations.transformers_patch import resolve_predictor
+        from sparseattn.predictors.resolve import resolve_predictor
 
         pred = resolve_predictor(predictor)
     rows: list[dict[str, Any]] = []

@@ -512,9 +512,11 @@ def run_ruler(
     """
     from tqdm.auto import tqdm
 
-    from sparseattn.eval.end_to_end import _environment, greedy_generate
+    from sparseattn.eval.end_to_end import greedy_generate
+    from sparseattn.eval.env import environment
     from sparseattn.eval.niah import _sentences
-    from sparseattn.integrations.transformers_patch import describe_predictor, patch_model
+    from sparseattn.integrations.transformers_patch import patch_model
+    from sparseattn.predictors.resolve import describe_predictor, tuned_predictor
 
     fn = "run_ruler"
     task_list = parse_tasks(tasks, fn)
@@ -539,8 +541,6 @@ def run_ruler(
     row_dense = {label: sorted(set(dense_layers)) for label, _ in rows}
     tuned_label = None
     if tuned is not None:
-        from sparseattn.integrations.transformers_patch import tuned_predictor
-
         pred, tcfg, tuned_label = tuned_predictor(tuned, model)
         label = f"tuned {tuned_label}"
         rows.append((label, pred))
@@ -622,7 +622,7 @@ def run_ruler(
            "haystack": haystack, "backend": backend, "seed": seed, "scoring": "string_match_all (RULER)",
            "task_info": {t: TASK_INFO[t] for t in task_list}}
     return RulerResult(config=cfg, tasks=task_list, lengths=lengths, configs=configs, scores=scores, cases=cases,
-                       summary=summary, environment=_environment(dev))
+                       summary=summary, environment=environment(dev))
 
 
 # --------------------------------------------------------------------------- reports

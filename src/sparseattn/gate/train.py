@@ -74,7 +74,7 @@ def collect_training_data(model: torch.nn.Module, input_ids_list: list[torch.Ten
     from tqdm.auto import tqdm
 
     from sparseattn.integrations.capture import capture_qkv
-    from sparseattn.integrations.transformers_patch import attention_layers
+    from sparseattn.models.layers import attention_layers
 
     fn = "collect_training_data"
     if not isinstance(input_ids_list, (list, tuple)) or not input_ids_list \

@@ -37,7 +37,6 @@ into the ``(B, N, H, D)`` tensor transformers expects (no transpose copy).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import sys
 import time
@@ -49,10 +48,15 @@ import torch
 
 from sparseattn._validation import fail
 from sparseattn.layout.block_layout import BlockLayout
+from sparseattn.models.layers import attention_layers
+# the static pattern predictor and the one predictor-spec resolver live in sparseattn.predictors;
+# re-exported here for existing imports
+from sparseattn.predictors.pattern import PatternConfig, PatternPredictor, pattern_predictor
+from sparseattn.predictors.resolve import describe_predictor, resolve_predictor, tuned_predictor
 
 __all__ = ["ATTN_NAME", "ATTN_NAME_EAGER", "PatchHandle", "PatternConfig", "PatternPredictor", "patch_model",
            "unpatch_model", "get_handle", "attention_layers", "resolve_predictor", "register_attention",
-           "tuned_predictor"]
+           "tuned_predictor", "pattern_predictor", "describe_predictor"]
 
 ATTN_NAME = "sparseattn"
 ATTN_NAME_EAGER = "sparseattn_eager"
@@ -82,172 +86,7 @@ _ROUTES = _small_cache("integrations.routes", 256)
 _STATIC_DENSITY = _small_cache("integrations.static_density", 64)
 
 
-# --------------------------------------------------------------------------- static pattern predictor
-@dataclasses.dataclass(frozen=True)
-class PatternConfig:
-    """A named static pattern from :data:`sparseattn.layout.PATTERNS` with its builder arguments.
-
-    Args:
-        name: pattern name (``"sink_window"``, ``"sliding_window"``, ``"strided"``, ...).
-        kwargs: builder arguments as ``((key, value), ...)`` (e.g. ``(("window_blocks", 8),)``).
-        pv_threshold: optional softmax-aware P·V skip passed to the attention call.
-    """
-
-    name: str = "sink_window"
-    kwargs: tuple[tuple[str, Any], ...] = ()
-    pv_threshold: float | None = None
-    version: int = 1
-
-    def __post_init__(self) -> None:
-        from sparseattn.layout.patterns import PATTERNS
-
-        if self.name not in PATTERNS:
-            raise fail("PatternConfig", "name", "is not a known pattern", f"one of {sorted(PATTERNS)}", repr(self.name))
-        for key in dict(self.kwargs):
-            if key in ("batch", "heads", "device", "causal", "seqlen_q", "seqlen_kv"):
-                raise fail("PatternConfig", "kwargs", "sets an argument the predictor fills in itself",
-                           "builder options such as window_blocks, block_m", repr(key))
-
-
-class PatternPredictor:
-    """Predictor returning the same static pattern for every input (causal region only).
-
-    Shapes:
-        ``predict(q (B, H, N_q, D), k (B, H_kv, N_kv, D))`` → layout with ``B`` batch and ``H`` heads.
-    """
-
-    name = "pattern"
-
-    def __init__(self, config: PatternConfig) -> None:
-        from sparseattn._cache import BoundedCache
-
-        self.config = config
-        # the pattern depends only on the shapes: built once per (shape, device), reused by every layer and call
-        self._layouts: BoundedCache[tuple[Any, ...], BlockLayout] = BoundedCache(16)
-
-    def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:
-        key = (q.shape[0], q.shape[1], q.shape[2], k.shape[2], bool(causal), str(q.device))
-        return self._layouts.get_or_build(key, lambda: self._build(q, k, causal))
-
-    def _build(self, q: torch.Tensor, k: torch.Tensor, causal: bool) -> BlockLayout:
-        from sparseattn.layout.patterns import make_pattern
-
-        kw = dict(self.config.kwargs)
-        if self.config.name != "causal":
-            kw["causal"] = causal
-        return make_pattern(self.config.name, q.shape[2], k.shape[2], batch=q.shape[0], heads=q.shape[1],
-                            device=q.device, **kw)
-
-    def reset(self) -> None:
-        return None
-
-    def __repr__(self) -> str:
-        return f"PatternPredictor({self.config.name}, {dict(self.config.kwargs)})"
-
-
-def _parse_kv(text: str, func: str) -> dict[str, Any]:
-    """``"key=value,..."`` → dict; items without ``=`` and repeated keys are refused."""
-    from sparseattn.predictors.base import _parse_items
-
-    return _parse_items(text or "", func)
-
-
-# builder arguments PatternPredictor.predict fills in itself (never part of a pattern spec)
-_FILLED_IN = ("seqlen_q", "seqlen_kv", "batch", "heads", "device", "causal")
-
-
-def pattern_predictor(spec: str | Mapping[str, Any]) -> PatternPredictor:
-    """``"sink_window:sink_blocks=1,window_blocks=8"`` or ``{"name": "sink_window", ...}`` → predictor.
-
-    The keys are checked against the pattern builder's parameters (plus ``pv_threshold``) and the
-    values by building the pattern once on a small shape, so a bad spec fails here, not at the
-    first forward pass.
-    """
-    import inspect
-
-    from sparseattn.layout.patterns import PATTERNS
-
-    fn = "pattern_predictor"
-    if isinstance(spec, Mapping):
-        kw = dict(spec)
-        name = kw.pop("name", None)
-    elif isinstance(spec, str) and spec.strip():
-        name, _, rest = spec.strip().partition(":")
-        name = name.strip()
-        kw = _parse_kv(rest, fn)
-    else:
-        raise fail(fn, "spec", "must be a pattern spec", "'name:key=value,...' or a dict", repr(spec))
-    if not isinstance(name, str) or name not in PATTERNS:
-        raise fail(fn, "name", "is not a known pattern", f"one of {sorted(PATTERNS)}", repr(name))
-    params = inspect.signature(PATTERNS[name]).parameters
-    valid = [n for n, prm in params.items() if prm.kind is inspect.Parameter.KEYWORD_ONLY and n not in _FILLED_IN]
-    valid.append("pv_threshold")
-    for key in kw:
-        if not isinstance(key, str) or key not in valid:
-            raise fail(fn, f"key {key!r}", f"is not a parameter of pattern {name!r}", f"one of {valid}", repr(key))
-    pv = kw.pop("pv_threshold", None)
-    if pv is not None and (isinstance(pv, bool) or not isinstance(pv, (int, float)) or not pv > 0):
-        raise fail(fn, "pv_threshold", "must be a positive number or None", "float > 0 (inf: never skip)", repr(pv))
-    PATTERNS[name](256, 256, **kw)  # value check (the builders raise the project's ValueError)
-    return PatternPredictor(PatternConfig(name=name, kwargs=tuple(sorted(kw.items())), pv_threshold=pv))
-
-
-def resolve_predictor(spec: Any) -> Any:
-    """Turn a predictor spec into a predictor.
-
-    Accepts a predictor object (anything with ``predict`` and ``reset``), a registered predictor
-    spec ``"name:key=value,..."`` (see :func:`sparseattn.predictors.base.parse_predictor_spec`), or
-    the built-in static pattern spec ``"pattern:name=<pattern>,<builder option>=...,pv_threshold=..."``.
-    """
-    if spec is None:
-        return None
-    if hasattr(spec, "predict") and hasattr(spec, "reset"):
-        return spec
-    if not isinstance(spec, str) or not spec.strip():
-        raise fail("resolve_predictor", "spec", "must be a predictor or a spec string", "'name:key=value,...'", repr(spec))
-    name, _, rest = spec.strip().partition(":")
-    from sparseattn.predictors.base import PREDICTORS, _ensure_registered, parse_predictor_spec
-
-    _ensure_registered()
-    if name.strip() == "pattern" and "pattern" not in PREDICTORS:
-        return pattern_predictor(_parse_kv(rest, "resolve_predictor"))
-    return parse_predictor_spec(spec)
-
-
-def describe_predictor(pred: Any) -> dict[str, Any]:
-    """JSON-friendly description of a predictor (name, class and config fields)."""
-    if pred is None:
-        return {"name": "dense"}
-    cfg = getattr(pred, "config", None)
-    if dataclasses.is_dataclass(cfg):
-        fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
-    else:
-        fields = repr(cfg)
-    return {"name": getattr(pred, "name", type(pred).__name__), "class": type(pred).__name__, "config": fields}
-
-
-def tuned_predictor(tuned: Any, model: Any = None) -> tuple[Any, Any, str]:
-    """A tuned file (path) or :class:`~sparseattn.tuning.types.TunedConfig` → ``(predictor, config, label)``.
-
-    A path is read with :func:`sparseattn.tuning.store.load_tuned` (checked against ``model`` when
-    given); an in-memory config is checked against ``model`` too. ``label`` is the file's path or
-    ``"in-memory"``. The predictor is a :class:`~sparseattn.tuning.predictor.TunedMeanSimPredictor`.
-    """
-    from sparseattn.tuning.store import check_tuned_for_model, load_tuned, make_predictor
-    from sparseattn.tuning.types import TunedConfig
-
-    if isinstance(tuned, TunedConfig):
-        if model is not None:
-            check_tuned_for_model(tuned, model, label="tuned (in-memory TunedConfig)", func="patch_model")
-        cfg, label = tuned, "in-memory"
-    elif isinstance(tuned, (str, os.PathLike)) and str(tuned):
-        cfg, label = load_tuned(tuned, model=model), str(tuned)
-    else:
-        raise fail("patch_model", "tuned", "must be a tuned file path or a TunedConfig",
-                   "'tuned.safetensors' or TunedConfig", type(tuned).__name__)
-    return make_predictor(cfg), cfg, label
-
-
+# --------------------------------------------------------------------------- predictors
 def _pv_for(pred: Any, layer: int) -> float | None:
     """The attention call's ``pv_threshold`` for ``layer``: ``pred.pv_threshold_for(layer)`` when the
     predictor has it (tuned predictors), else its config's ``pv_threshold``."""
@@ -339,17 +178,6 @@ def _prefill_mask(sdpa_mask: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # --------------------------------------------------------------------------- helpers
-def attention_layers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
-    """``(layer_idx, module)`` for every attention module of a transformers model, by layer index."""
-    found: dict[int, torch.nn.Module] = {}
-    for _, mod in model.named_modules():
-        idx = getattr(mod, "layer_idx", None)
-        if isinstance(idx, int) and not isinstance(idx, bool) and type(mod).__name__.endswith("Attention") \
-                and hasattr(mod, "config"):
-            found.setdefault(idx, mod)
-    return sorted(found.items())
-
-
 def _is_compiled(model: torch.nn.Module) -> bool:
     if hasattr(model, "_orig_mod"):
         return True

@@ -35,6 +35,25 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def compact_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool block mask ``[B, H, Mb, Nb]`` → ``(kv_num_blocks [B, H, Mb], kv_indices [B, H, Mb, Nb])`` int32.
+
+    Each row lists its selected blocks first in ascending order, then the unselected ones (ascending);
+    linear time (cumsum + scatter, no sort). The one mask → layout compaction
+    (:meth:`BlockLayout.from_dense_mask` checks its input first, the predictors' ``mask_to_layout`` does not).
+    """
+    B, H, Mb, Nb = mask.shape
+    m = mask.to(torch.int32)
+    num = m.sum(-1, dtype=torch.int32)
+    pos_sel = torch.cumsum(m, -1, dtype=torch.int32) - 1
+    pos_uns = num.unsqueeze(-1) + torch.cumsum(1 - m, -1, dtype=torch.int32) - 1
+    pos = torch.where(mask, pos_sel, pos_uns).long()
+    src = torch.arange(Nb, device=mask.device, dtype=torch.int32).expand(B, H, Mb, Nb)
+    idx = torch.empty((B, H, Mb, Nb), dtype=torch.int32, device=mask.device)
+    idx.scatter_(-1, pos, src)
+    return num, idx
+
+
 @functools.lru_cache(maxsize=256)  # pure function of ints, called per layer per forward: a Python loop over Mb
 def region_row_limits(seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int, causal: bool) -> tuple[int, ...]:
     """Per query block, the number of key blocks in its region (a prefix ``[0, lim)`` of the key blocks).
@@ -115,6 +134,9 @@ class BlockLayout:
     #: the full one), so the selected-in-region count is just ``kv_num_blocks`` (one reduction instead
     #: of four element ops); set by predictors that clip to it by construction (fused mean_sim, causal)
     in_region: bool = field(default=False, repr=False, compare=False)
+    # the class marker _validation.check_layout_for recognises (so _validation, the bottom layer, does not
+    # import this module); not a dataclass field
+    _IS_BLOCK_LAYOUT = True
 
     def __post_init__(self) -> None:
         fn = "BlockLayout"
@@ -236,9 +258,7 @@ class BlockLayout:
         if tuple(mask.shape[2:]) != (Mb, Nb):
             raise fail(fn, "mask", "does not match the lengths and block sizes", f"shape [B, H, {Mb}, {Nb}]",
                        f"shape {list(mask.shape)}")
-        num = mask.sum(-1, dtype=torch.int32)
-        # stable sort: selected blocks first (ascending), then the unselected ones (ascending)
-        order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        num, order = compact_mask(mask)
         return cls(num, order, block_m, block_n, seqlen_q, seqlen_kv, validate=False)
 
     def element_mask(self, causal: bool = False) -> torch.Tensor:

@@ -15,52 +15,38 @@ from typing import Any
 import torch
 
 from sparseattn._cache import BoundedCache
-from sparseattn._validation import check_qk_geometry, check_tensor, fail
-from sparseattn.layout.block_layout import BlockLayout, causal_block_region, cdiv
+from sparseattn._validation import (
+    check_bool,
+    check_fraction,
+    check_nonneg_int,
+    check_positive_int,
+    check_pv_threshold,
+    check_qk_geometry,
+    check_tensor,
+    check_version,
+    fail,
+)
+from sparseattn.layout.block_layout import BlockLayout, causal_block_region, cdiv, compact_mask
 
 __all__ = [
     "check_qk", "check_block", "block_minmax", "check_opt_fraction", "check_bool", "check_version", "block_pool", "causal_region",
     "diagonal_blocks", "local_mask", "select_topk", "select_cdf", "mask_to_layout", "dense_predicted_layout",
-    "nonfinite_block_force",
+    "nonfinite_block_force", "check_pv_threshold",
 ]
 
 
 # --------------------------------------------------------------------------- config validation
+# the validators are _validation's (check_bool, check_version, check_pv_threshold re-exported from there);
+# these two only fix the predictors' wording
 def check_block(cls: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise fail(cls, name, "must be a positive integer", "an int > 0 (e.g. 64)", repr(value))
+    check_positive_int(cls, name, value, expected="an int > 0 (e.g. 64)")
 
 
 def check_opt_fraction(cls: str, name: str, value: Any, *, low_open: bool = True) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise fail(cls, name, "must be a number or None", "a float in (0, 1]", repr(value))
-    v = float(value)
-    if not (0.0 < v <= 1.0) if low_open else not (0.0 <= v <= 1.0):
-        raise fail(cls, name, "is out of range", "a float in (0, 1]" if low_open else "a float in [0, 1]", repr(value))
+    check_fraction(cls, name, value, low_open=low_open, optional=True)
 
 
-def check_bool(cls: str, name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise fail(cls, name, "must be a bool", "True or False", repr(value))
-
-
-def check_version(cls: str, value: Any, supported: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value != supported:
-        raise fail(cls, "version", "is not supported", supported, repr(value))
-
-
-def check_nonneg(cls: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise fail(cls, name, "must be a non-negative integer", "an int >= 0", repr(value))
-
-
-def check_pv_threshold(cls: str, value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (float(value) > 0) or math.isinf(value):
-        raise fail(cls, "pv_threshold", "must be a positive finite number or None", "float > 0 (natural-log gap)", repr(value))
+check_nonneg = check_nonneg_int
 
 
 def frozen_replace(config: Any, **changes: Any) -> Any:
@@ -83,6 +69,21 @@ def check_qk(fn: str, q: Any, k: Any, causal: Any) -> tuple[int, int, int, int, 
 
 
 # --------------------------------------------------------------------------- pooling
+def _block_segments(x: torch.Tensor, block: int) -> list[torch.Tensor]:
+    """``x (B, H, N, D)`` as ``(B, H, nblk, size, D)`` views: the full blocks, then the partial last block (if any)."""
+    B, H, N, D = x.shape
+    full = N // block
+    segs = []
+    for start, nblk, size in ((0, full, block), (full * block, 1 if N % block else 0, N % block)):
+        if nblk:
+            segs.append(x[:, :, start:start + nblk * size].reshape(B, H, nblk, size, D))
+    return segs
+
+
+def _cat_blocks(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
 def block_pool(x: torch.Tensor, block: int, *, normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Per-block sums of ``x`` (and of its unit-normalised rows), in one pass over ``x``.
 
@@ -98,14 +99,10 @@ def block_pool(x: torch.Tensor, block: int, *, normalized: bool = False) -> tupl
     Shapes:
         ``nb = ceil(N / block)``.
     """
-    B, H, N, D = x.shape
-    full = N // block
+    N = x.shape[2]
     parts_s: list[torch.Tensor] = []
     parts_u: list[torch.Tensor] = []
-    for start, nblk, size in ((0, full, block), (full * block, 1 if N % block else 0, N % block)):
-        if nblk == 0:
-            continue
-        seg = x[:, :, start:start + nblk * size].reshape(B, H, nblk, size, D)
+    for seg in _block_segments(x, block):
         if normalized:
             ndt = torch.float64 if x.dtype == torch.float64 else torch.float32
             inv = torch.linalg.vector_norm(seg, dim=-1, dtype=ndt).clamp_min(1e-12).reciprocal()
@@ -115,10 +112,8 @@ def block_pool(x: torch.Tensor, block: int, *, normalized: bool = False) -> tupl
             parts_u.append(both[..., 1, :])
         else:
             parts_s.append(seg.sum(dim=3, dtype=torch.float32))
-    sums = parts_s[0] if len(parts_s) == 1 else torch.cat(parts_s, dim=2)
-    unit = None
-    if normalized:
-        unit = parts_u[0] if len(parts_u) == 1 else torch.cat(parts_u, dim=2)
+    sums = _cat_blocks(parts_s)
+    unit = _cat_blocks(parts_u) if normalized else None
     def build() -> torch.Tensor:
         c = torch.full((cdiv(N, block),), float(block), dtype=torch.float32, device=x.device)
         if N % block:
@@ -130,18 +125,9 @@ def block_pool(x: torch.Tensor, block: int, *, normalized: bool = False) -> tupl
 
 def block_minmax(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block, per-coordinate minimum and maximum of ``x`` (one pass each), float32 ``(B, H, nb, D)``."""
-    B, H, N, D = x.shape
-    full = N // block
-    mins: list[torch.Tensor] = []
-    maxs: list[torch.Tensor] = []
-    for start, nblk, size in ((0, full, block), (full * block, 1 if N % block else 0, N % block)):
-        if nblk == 0:
-            continue
-        seg = x[:, :, start:start + nblk * size].reshape(B, H, nblk, size, D)
-        mins.append(seg.amin(dim=3).to(torch.float32))
-        maxs.append(seg.amax(dim=3).to(torch.float32))
-    cat = (lambda t: t[0] if len(t) == 1 else torch.cat(t, dim=2))
-    return cat(mins), cat(maxs)
+    segs = _block_segments(x, block)
+    return (_cat_blocks([s.amin(dim=3).to(torch.float32) for s in segs]),
+            _cat_blocks([s.amax(dim=3).to(torch.float32) for s in segs]))
 
 
 # --------------------------------------------------------------------------- geometry
@@ -273,21 +259,13 @@ def nonfinite_block_force(q_pooled: torch.Tensor, k_pooled: torch.Tensor, region
 # --------------------------------------------------------------------------- mask -> layout
 def mask_to_layout(mask: torch.Tensor, *, block_m: int, block_n: int, seqlen_q: int, seqlen_kv: int,
                    batch: int | None = None, heads: int | None = None) -> BlockLayout:
-    """Bool block mask ``[B', H', Mb, Nb]`` → :class:`BlockLayout` in linear time (no sort).
+    """Bool block mask ``[B', H', Mb, Nb]`` → :class:`BlockLayout` in linear time, unchecked (the hot-path
+    form of :meth:`BlockLayout.from_dense_mask`; same compaction, :func:`~sparseattn.layout.block_layout.compact_mask`).
 
-    Selected blocks come first in ascending order, then the unselected ones (ascending), the same
-    convention as :meth:`BlockLayout.from_dense_mask`. ``batch``/``heads`` expand a mask with
-    ``B' = 1`` / ``H' = 1`` as a stride-0 view.
+    ``batch``/``heads`` expand a mask with ``B' = 1`` / ``H' = 1`` as a stride-0 view.
     """
     B_, H_, Mb, Nb = mask.shape
-    m = mask.to(torch.int32)
-    num = m.sum(-1, dtype=torch.int32)
-    pos_sel = torch.cumsum(m, -1, dtype=torch.int32) - 1
-    pos_uns = num.unsqueeze(-1) + torch.cumsum(1 - m, -1, dtype=torch.int32) - 1
-    pos = torch.where(mask, pos_sel, pos_uns).long()
-    src = torch.arange(Nb, device=mask.device, dtype=torch.int32).expand(B_, H_, Mb, Nb)
-    idx = torch.empty((B_, H_, Mb, Nb), dtype=torch.int32, device=mask.device)
-    idx.scatter_(-1, pos, src)
+    num, idx = compact_mask(mask)
     B = B_ if batch is None else batch
     H = H_ if heads is None else heads
     if (B, H) != (B_, H_):

@@ -138,3 +138,41 @@ DECODE_ROUTE_FP32_LOGIT_REL = 1e-4
 # int8/fp8 values with the same scales; only summation order and the merge differ. Measured: at most 3e-7
 # (int8 and fp8). A dropped segment or a wrong mask is O(0.1).
 MIXED_DECODE_ROUTE_FP32_LOGIT_REL = 1e-4
+
+# --------------------------------------------------------------------------- tests that compare two computations
+# (values as the tests had them inline; named by what they compare)
+# float64 results of the same math in another order (merges, densities, cache-carried states)
+FP64_ATOL = 1e-12
+# float64 lse through a skip path that drops only zero-weight tiles
+FP64_LSE_ATOL = 1e-10
+# float64 fraction computed two ways (a density from counts)
+DENSITY_ATOL = 1e-9
+# float32 results of the same math in another order (scores, sums of probabilities, masked-SDPA paths)
+FP32_ATOL = 1e-5
+FP32_RTOL = 1e-5
+# float32 over a whole layer or a longer reduction (relative error of integration paths, row sums)
+FP32_LOOSE = 1e-4
+# float32 scale factors computed by one formula on two paths
+FP32_SCALE_RTOL = 1e-6
+# float32 row-probability mass compared with a float64 reference
+FP32_PROB_ATOL = 1e-5
+FP32_PROB_RTOL = 1e-4
+# float32 reference vs float64 reference: output (absolute) and lse (relative to max(|lse|, 1))
+REF_FP32_OUT_ATOL = 1e-4
+REF_FP32_LSE_REL = 1e-5
+# float32 probability mass of a test predictor path against an fp64 judge (pooled sums; rtol on mean/similarity)
+FP32_POOL_RTOL = 1e-6
+# fp16/bf16 attention outputs of two implementations (the same inputs; e.g. graphs vs eager, merged vs whole)
+HALF_ATOL = 2e-3
+HALF_RTOL = 2e-3
+# fp16 model-level relative error of two attention implementations (a missing window is O(1))
+HALF_MODEL_REL = 2e-2
+# pv_threshold skip at its documented gap on the device: lse and output error bounds
+PV_SKIP_LSE_ATOL = 1e-2
+PV_SKIP_OUT_ATOL = 2e-2
+# SketchWalk's sketch: an exact inner product (sketch_dim = D) and a random-projection estimate
+SKETCH_EXACT_TOL = 1e-4
+SKETCH_ESTIMATE_ATOL = 0.6
+SKETCH_ESTIMATE_RTOL = 0.1
+# gate predictor scores computed twice (same weights)
+GATE_SCORES_ATOL = 1e-6

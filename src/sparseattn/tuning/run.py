@@ -197,7 +197,7 @@ def plan_tuning(fn: str, model: torch.nn.Module, input_ids_list: Any, *, base: M
 
     Shared by :func:`tune_model` and :func:`~sparseattn.tuning.parallel.tune_model_distributed`.
     """
-    from sparseattn.integrations.transformers_patch import attention_layers
+    from sparseattn.models.layers import attention_layers
 
     base = MeanSimilarityConfig() if base is None else base
     if not isinstance(base, MeanSimilarityConfig):

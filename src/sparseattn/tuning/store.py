@@ -259,7 +259,7 @@ def check_tuned_for_model(cfg: TunedConfig, model: Any, *, label: str = "tuned c
                    "; ".join(f"{k}={want.get(k)!r}" for k in diff), "; ".join(f"{k}={got.get(k)!r}" for k in diff))
     indices = None
     if isinstance(model, torch.nn.Module):
-        from sparseattn.integrations.transformers_patch import attention_layers
+        from sparseattn.models.layers import attention_layers
 
         indices = {i for i, _ in attention_layers(model)} or None
     if indices is None:
@@ -279,7 +279,7 @@ def base_config(cfg: TunedConfig) -> Any:
     from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
     from sparseattn.predictors.base import parse_predictor_spec
 
-    default = parse_predictor_spec(DEFAULT_PREDICTOR_SPEC).config
+    default = parse_predictor_spec(DEFAULT_PREDICTOR_SPEC).config  # the project default, not a user's spec
     fields = {f.name for f in dataclasses.fields(default)}
     over = {k: v for k, v in (cfg.meta.get("predictor") or {}).items() if k in PREDICTOR_KEYS and k in fields}
     try:
