@@ -125,23 +125,28 @@ def _geometry(Nq: int, Nkv: int, bm: int, bn: int, causal: bool, topk: float | N
 
 def _pool_meta(block_m: int, block_n: int, D: int, minmax: bool) -> dict[str, Any]:
     d_pad = max(16, _next_pow2(D))
-    # a [chunk, D_PAD] float32 tile per accumulator (2 for q; 5 for k with min/max): 16 values per thread
-    # and accumulator with 8 warps, reduced over the rows once per block (see ``_pool_block``)
-    chunk = max(1, 4096 // d_pad)
+    # a [chunk, D_PAD] float32 tile per accumulator (2 for q; 5 for k with min/max), reduced over the rows
+    # once per block (see ``_pool_block``). H200, 32K, H=32/H_kv=8/D=128 (benchmarks/profile_predictor.py,
+    # 2026-12-03): 2048 elements with 4 warps 0.232 ms (mean) / 0.337 ms (min/max too); 4096 with 4 warps
+    # 0.259 / 0.437, with 8 warps 0.439 / 0.618; the kernel that reduced over rows in the loop 0.403 / 0.549
+    chunk = max(1, 2048 // d_pad)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "CHUNK_Q": min(_next_pow2(block_m), chunk),
-            "CHUNK_K": min(_next_pow2(block_n), chunk), "D_PAD": d_pad, "MINMAX": minmax, "num_warps": 8}
+            "CHUNK_K": min(_next_pow2(block_n), chunk), "D_PAD": d_pad, "MINMAX": minmax, "num_warps": 4}
 
 
 def _score_meta(B: int, H: int, Mb: int, Nb: int, D: int, score: int) -> dict[str, Any]:
     """Tile of the score GEMM (IEEE float32 ``tl.dot``, CUDA-core FMAs).
 
     ptxas (sm_90, triton 3.9 offline) fits without spills: mean 64 × 64 tiles, 8 warps, 16 coordinates
-    per step (149 registers); minmax/mixed (three accumulators) 32 × 32, 4 warps (152 registers). Short
+    per step (149 registers); minmax/mixed (three accumulators) 32 × 32, 4 warps (152 registers); for long
+    sequences minmax/mixed take 64 × 64 with 4 warps (it may spill, but measured faster, see below). Short
     sequences take 32 × 32 (16 × 16) tiles so that enough programs fill the GPU.
     """
     d_pad = max(16, _next_pow2(D))
     if score == 0 and B * H * cdiv(Mb, 64) * cdiv(Nb, 64) >= 256:
         tile, warps = 64, 8
+    elif B * H * cdiv(Mb, 64) * cdiv(Nb, 64) >= 256:  # minmax/mixed: 64 x 64 with 4 warps measured fastest
+        tile, warps = 64, 4  # (H200, 32K, H=32/D=128: 0.122 ms against 0.136 ms for 32 x 32)
     else:  # a tile is at least 16: tl.dot's minimum
         tile, warps = (32 if max(Mb, Nb) > 16 else 16), 4
     return {"SCORE": score, "BLOCK_QB": tile, "BLOCK_J": tile, "BLOCK_D": 16, "D_PAD": d_pad, "num_warps": warps}
