@@ -62,7 +62,43 @@ ATTN_NAME = "sparseattn"
 ATTN_NAME_EAGER = "sparseattn_eager"
 _HANDLE_ATTR = "_sparseattn_handle"
 _LAYER_ATTR = "_sparseattn_layer"
-_BACKENDS = ("auto", "masked_sdpa", "reference", "triton", "attention")
+
+
+def _integration_backends() -> tuple[str, ...]:
+    """``patch_model(backend=...)`` names: ``"auto"``, the registry's prefill operators listed for the
+    ``"integration"`` entry point (masked-SDPA, reference, Triton), and ``"attention"`` (the attention dispatcher)."""
+    from sparseattn.ops.registry import operators
+
+    names = {op.name for op in operators("prefill", entry_point="integration")}
+    return ("auto", *sorted(names), "attention")
+
+
+def _choose_route(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+                  pv: float | None, window: int | None) -> str:
+    """The operator a sparse call runs on (called once per shape by ``PatchHandle._route``).
+
+    ``"auto"``: the first integration-only operator of the registry (the masked-SDPA path) that is
+    preferred for these inputs and accepts them, else the attention dispatcher's choice among its operators
+    (:func:`sparseattn.ops.attention.select_backend`). A named integration-only operator is taken as given
+    (it reports what it cannot run when it runs); any other name goes through the attention dispatcher.
+    """
+    from sparseattn.ops.registry import operators
+
+    own = [op for op in operators("prefill", entry_point="integration") if "attention" not in op.entry_points]
+    if backend == "auto":
+        for op in own:
+            if (op.preferred is None or op.preferred(q, pv)) and \
+                    op.refusal_fn()(q, k=k, v=v, layout=layout, causal=True, pv_threshold=pv, sliding_window=window) is None:
+                return op.name
+        backend = "attention"
+    if any(op.name == backend for op in own):
+        return backend
+    from sparseattn._validation import check_attention_args
+    from sparseattn.ops.attention import select_backend
+
+    check_attention_args("patch_model", q, k, v, causal=True, layout=layout, scale=None, pv_threshold=pv)
+    return select_backend(q, k, v, layout=layout, causal=True, pv_threshold=pv,
+                          backend="auto" if backend == "attention" else backend, sliding_window=window)
 
 
 def _bands_cache() -> Any:
@@ -828,19 +864,7 @@ class PatchHandle:
         key = _route_key(self.backend, mode, q, k, v, pv, window)
         used = _ROUTES.get(key)
         if used is None:
-            backend = self.backend
-            if backend == "auto":
-                backend = "attention" if (q.is_cuda or pv is not None) else "masked_sdpa"
-            if backend == "masked_sdpa":
-                used = "masked_sdpa"
-            else:
-                from sparseattn._validation import check_attention_args
-                from sparseattn.ops.attention import select_backend
-
-                check_attention_args("patch_model", q, k, v, causal=True, layout=layout, scale=None, pv_threshold=pv)
-                used = select_backend(q, k, v, layout=layout, causal=True, pv_threshold=pv,
-                                      backend="auto" if backend == "attention" else backend,
-                                      sliding_window=window)
+            used = _choose_route(self.backend, q, k, v, layout, pv, window)
             _ROUTES.put(key, used)
         elif (layout.seqlen_q, layout.seqlen_kv, layout.batch, layout.heads) != (q.shape[2], k.shape[2], q.shape[0], q.shape[1]) \
                 or layout.device != q.device:
@@ -1183,8 +1207,8 @@ def patch_model(
     if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
         raise fail(fn, "model", "is not a transformers PreTrainedModel", "a model with set_attn_implementation",
                    type(model).__name__)
-    if backend not in _BACKENDS:
-        raise fail(fn, "backend", "is unknown", f"one of {list(_BACKENDS)}", repr(backend))
+    if backend not in _integration_backends():
+        raise fail(fn, "backend", "is unknown", f"one of {list(_integration_backends())}", repr(backend))
     if predictor is not None and pattern is not None:
         raise fail(fn, "predictor/pattern", "are mutually exclusive", "one of them", "both")
     if tuned is not None and (predictor is not None or pattern is not None):

@@ -22,88 +22,109 @@ A user ``layout`` is intersected with the exact one.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import MutableMapping
+from typing import Any, Callable, Iterator
 
 import torch
 
 from sparseattn._cache import BoundedCache
 from sparseattn._validation import check_attention_args, fail
 from sparseattn.layout.block_layout import BlockLayout
-from sparseattn.ops.reference import reference_attention
+from sparseattn.ops import registry as _registry
 from sparseattn.state.types import AttentionState
 
 __all__ = ["attention", "block_sparse_attention", "band_layout", "BACKENDS", "backend_refusals", "select_backend"]
 
 
-def _reference_refusal(q: torch.Tensor, **_: Any) -> str | None:
-    return None
+class _BackendsView(MutableMapping):  # type: ignore[type-arg]
+    """Compatibility view of the registry: ``name -> (refusal, run)`` of the operators ``attention()`` lists.
 
+    Deprecated: list operators with :func:`sparseattn.ops.registry.operators`. Setting an item registers
+    a prefill operator for the ``"attention"`` entry point (after the built-ins in ``"auto"`` order);
+    deleting one unregisters it.
+    """
 
-def _reference_run(q, k, v, *, causal, layout, scale, pv_threshold, stats, sliding_window=None,  # noqa: ANN001
-                   attn_mask=None, row_bounds=None) -> AttentionState:  # noqa: ANN001
-    return reference_attention(q, k, v, causal=causal, layout=layout, scale=scale, pv_threshold=pv_threshold, stats=stats,
-                               sliding_window=sliding_window, attn_mask=attn_mask, row_bounds=row_bounds)
+    def _ops(self) -> tuple[Any, ...]:
+        return _registry.operators("prefill", entry_point="attention")
 
+    def __getitem__(self, name: str) -> tuple[Callable[..., str | None], Callable[..., AttentionState]]:
+        for op in self._ops():
+            if op.name == name:
+                return op.refusal_fn(), op.run_fn()
+        raise KeyError(name)
 
-def _triton_refusal(q: torch.Tensor, **kw: Any) -> str | None:
-    from sparseattn.ops import triton_launch
+    def __setitem__(self, name: str, pair: tuple[Callable[..., str | None], Callable[..., AttentionState]]) -> None:
+        refusal, run = pair
+        _registry.register_operator(_registry.Operator(name, "prefill", run=run, refusal=refusal,
+                                                       entry_points=("attention",), priority=1000),
+                                    replace=name in self)
 
-    return triton_launch.refusal(q, **kw)
+    def __delitem__(self, name: str) -> None:
+        if name not in self:
+            raise KeyError(name)
+        _registry.unregister_operator(name)
 
+    def __iter__(self) -> Iterator[str]:
+        return iter([op.name for op in self._ops()])
 
-def _triton_run(q, k, v, *, causal, layout, scale, pv_threshold, stats, sliding_window=None,  # noqa: ANN001
-                attn_mask=None, row_bounds=None) -> AttentionState:  # noqa: ANN001
-    from sparseattn.ops import triton_launch
+    def __len__(self) -> int:
+        return len(self._ops())
 
-    return triton_launch.block_sparse_fwd(q, k, v, layout=layout, causal=causal, scale=scale,
-                                          pv_threshold=pv_threshold, stats=stats, sliding_window=sliding_window,
-                                          attn_mask=attn_mask, row_bounds=row_bounds)
+    def __contains__(self, name: object) -> bool:
+        return any(op.name == name for op in self._ops())
+
+    def __repr__(self) -> str:
+        return f"BACKENDS({list(self)})"
 
 
 # name -> (refusal(q, k=, v=, layout=, causal=, pv_threshold=, sliding_window=) -> reason | None,
-#          run(q, k, v, *, causal, layout, scale, pv_threshold, stats, sliding_window))
-BACKENDS: dict[str, tuple[Callable[..., str | None], Callable[..., AttentionState]]] = {
-    "triton": (_triton_refusal, _triton_run),
-    "reference": (_reference_refusal, _reference_run),
-}
-_AUTO_ORDER = ("triton", "reference")
+#          run(q, k, v, *, causal, layout, scale, pv_threshold, stats, sliding_window)): a view of the registry
+BACKENDS = _BackendsView()
+
+
+def _attention_operators() -> tuple[Any, ...]:
+    return _registry.operators("prefill", entry_point="attention")
 
 
 def backend_refusals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: BlockLayout | None = None,
                      causal: bool = False, pv_threshold: float | None = None,
                      sliding_window: int | None = None) -> dict[str, str | None]:
-    """For each backend, ``None`` if it accepts these inputs, else the reason it refuses."""
-    out: dict[str, str | None] = {}
-    for name, (refusal, _) in BACKENDS.items():
-        try:
-            out[name] = refusal(q, k=k, v=v, layout=layout, causal=causal, pv_threshold=pv_threshold,
-                                sliding_window=sliding_window)
-        except Exception as exc:  # a backend that cannot even be imported refuses, with the reason
-            out[name] = f"{type(exc).__name__}: {exc}"
-    return out
+    """For each backend (the registry's prefill operators for ``attention``), ``None`` if it accepts these inputs,
+    else the reason it refuses."""
+    return _registry.operator_refusals(_attention_operators(), q, k=k, v=v, layout=layout, causal=causal,
+                                       pv_threshold=pv_threshold, sliding_window=sliding_window)
 
 
 def select_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: BlockLayout | None = None,
                    causal: bool = False, pv_threshold: float | None = None, backend: str = "auto",
                    func: str = "attention", sliding_window: int | None = None) -> str:
-    """Name of the backend that will run (see module docstring for the rules)."""
-    if backend != "auto" and backend not in BACKENDS:
-        raise fail(func, "backend", "is unknown", f"one of {['auto', *BACKENDS]}", repr(backend))
-    reasons = backend_refusals(q, k, v, layout=layout, causal=causal, pv_threshold=pv_threshold,
-                               sliding_window=sliding_window)
+    """Name of the backend that will run (see module docstring for the rules).
+
+    Lists the registry's prefill operators for the ``"attention"`` entry point in priority order; ``"auto"``
+    takes the first that accepts the inputs and is ``preferred`` for them.
+    """
+    ops = _attention_operators()
+    names = [op.name for op in ops]
+    if backend != "auto" and backend not in names:
+        raise fail(func, "backend", "is unknown", f"one of {['auto', *names]}", repr(backend))
+    reasons = _registry.operator_refusals(ops, q, k=k, v=v, layout=layout, causal=causal, pv_threshold=pv_threshold,
+                                          sliding_window=sliding_window)
     if backend != "auto":
         if reasons[backend] is None:
             return backend
         listing = "; ".join(f"{n}: {r or 'accepts'}" for n, r in reasons.items())
         raise NotImplementedError(f"{func}: backend={backend!r} cannot run these inputs ({listing})")
-    for name in _AUTO_ORDER:
-        if name == "triton" and not q.is_cuda:
-            continue  # on CPU the Triton interpreter (TRITON_INTERPRET=1) is a test vehicle, never the fast path
-        if reasons[name] is None:
-            if name == "reference" and q.is_cuda:
+    refused_fast = None
+    for op in ops:
+        if op.preferred is not None and not op.preferred(q, pv_threshold):
+            continue
+        if reasons[op.name] is None:
+            if op.name == "reference" and refused_fast is not None and q.is_cuda:
                 warnings.warn(f"{func}: using the slow PyTorch reference on CUDA because the Triton kernel refused: "
-                              f"{reasons['triton']}", RuntimeWarning, stacklevel=3)
-            return name
+                              f"{reasons[refused_fast]}", RuntimeWarning, stacklevel=3)
+            return op.name
+        if refused_fast is None:
+            refused_fast = op.name
     listing = "; ".join(f"{n}: {r}" for n, r in reasons.items())
     raise NotImplementedError(f"{func}: no backend accepts these inputs ({listing})")
 
@@ -213,7 +234,7 @@ def attention(
     extra: dict[str, Any] = {} if attn_mask is None else {"attn_mask": attn_mask}  # only then: backends without the keyword keep working
     if bounds is not None:
         extra["row_bounds"] = bounds
-    return BACKENDS[name][1](q, k, v, causal=causal, layout=layout, scale=scale, pv_threshold=pv_threshold, stats=stats,
+    return _registry.get_operator(name).run_fn()(q, k, v, causal=causal, layout=layout, scale=scale, pv_threshold=pv_threshold, stats=stats,
                              sliding_window=sliding_window, **extra)
 
 

@@ -388,18 +388,32 @@ def decode_num_splits(ctas: int, n_keys: int, num_sms: int = 132, *, ctas_per_sm
     return 1  # pragma: no cover
 
 
-def _default_config(D: int, block_m: int, interp: bool, paged: bool = False) -> dict[str, int]:
+def _default_config(D: int, block_m: int, interp: bool, paged: bool = False,
+                    device: str | None = None) -> dict[str, int]:
+    """The fixed launch config: the tuned winner for ``device`` (a device name; ``None``: the shipped file's
+    fallback device) from ``ops/tuned/decode.json`` where one matches, else the heuristic default."""
     if interp:
         return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    if D == 128 and block_m <= 16 and not paged:
-        # the measured winner of bench_decode.py's sweep on the H200 (2026-12-03, H=32, H_kv=8, Lq=1, contexts
-        # 32K/128K, batch 1/8/32): with the heuristic's split count 3-14% faster than (64, 4 warps, 3 stages) in
-        # every row, and within 2% of cuDNN at batch >= 8 (BENCHMARKS.md). Other head dims / tiles / the paged
-        # (sparse) kernel were not swept and keep the previous default.
-        return {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
+    tuned = _tuned_decode_config(D, block_m, paged, device)
+    if tuned is not None:
+        return dict(tuned)
     if D >= 256:
         return {"BLOCK_N": 32, "num_warps": 8 if block_m >= 64 else 4, "num_stages": 3}
     return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+
+
+@functools.lru_cache(maxsize=256)
+def _tuned_decode_config(D: int, block_m: int, paged: bool, device: str | None) -> dict[str, int] | None:
+    """The shipped tuned config (checked as a DecodeLaunchConfig), looked up once per (D, tile, paged, device)."""
+    from sparseattn.ops.launch_configs import DecodeLaunchConfig
+    from sparseattn.ops.registry import tuned_for
+
+    tuned = tuned_for("decode_triton")
+    if tuned is None:
+        return None
+    cfg = tuned.lookup(device if device is not None else (tuned.fallback or ""), head_dim=D, block_m=block_m,
+                       paged=paged)
+    return None if cfg is None else DecodeLaunchConfig.from_dict(cfg).to_dict()
 
 
 def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor | None,
@@ -416,11 +430,21 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
     if B * Hkv > _MAX_GRID_Z:
         raise NotImplementedError(f"{fn}: batch * kv_heads = {B * Hkv} exceeds the launch grid limit {_MAX_GRID_Z}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if config is not None and not isinstance(config, dict):
+        from sparseattn.ops.launch_configs import DecodeLaunchConfig
+
+        if isinstance(config, DecodeLaunchConfig):
+            config = config.to_dict()
     rows = G * Lq
     block_m = min(max(16, 1 << (rows - 1).bit_length()), 64)
     m_tiles = -(-rows // block_m)
     if config is None:
-        cfg = _default_config(D, block_m, interp, paged=page_idx is not None)
+        dev_name = None
+        if q.is_cuda:
+            from sparseattn.ops.registry import device_name
+
+            dev_name = device_name(q.device)
+        cfg = _default_config(D, block_m, interp, paged=page_idx is not None, device=dev_name)
     else:
         if not isinstance(config, dict) or set(config) != _CONFIG_KEYS:
             raise fail(fn, "config", "must name exactly the launch parameters", sorted(_CONFIG_KEYS), repr(config))

@@ -16,7 +16,7 @@ Environment:
 
 Caches and threads (every cache is bounded; see :mod:`sparseattn._cache`):
     ``_TUNED`` — remembered autotune winner per (TMA, head_dim, layout blocks, causal, length bucket,
-    dtype, device string, sliding window on/off; with a carried state or a float mask also those two flags): a :class:`~sparseattn._cache.BoundedCache` of ``_TUNED_MAX`` (256) entries
+    dtype, device *name* (``"NVIDIA H200"``: GPUs of one model share winners), sliding window on/off; with a carried state or a float mask also those two flags): a :class:`~sparseattn._cache.BoundedCache` of ``_TUNED_MAX`` (256) entries
     (an evicted key re-asks Triton's autotuner, whose own per-key cache answers without benchmarking).
     ``_DENSE_BASE`` — the one-row dense layout used for ``layout=None`` (the sliding-window band with
     ``sliding_window``), per (lengths, blocks, causal, window, device string): ``_DENSE_BASE_MAX`` (64) entries. ``_kernels`` / ``_triton_import_error`` /
@@ -48,6 +48,8 @@ from sparseattn._cache import BoundedCache
 from sparseattn._validation import check_attention_args, fail
 from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.layout.patterns import check_row_bounds
+from sparseattn.ops.launch_configs import BlockSparseFwdConfig
+from sparseattn.ops.registry import TunedConfigs, TunedEntry, device_name, tuned_for
 from sparseattn.ops.reference import check_attn_mask, check_raw_state, check_segment
 from sparseattn.state.types import AttentionState, RawState
 
@@ -248,14 +250,17 @@ def _check_out(fn: str, name: str, t: torch.Tensor | None, shape: tuple[int, ...
         raise fail(fn, name, "must have a contiguous last dimension", "stride(-1) == 1", f"stride={t.stride()}")
 
 
-def _note_compiled(kern: Any, cfg: dict[str, Any]) -> None:
-    """Record the compiled kernel's resources (for benchmarks; cheap attribute reads, no sync).
+def _note_compiled(kern: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The compiled kernel's resources (cheap attribute reads, no sync), returned to the launcher's caller.
 
-    The key set is fixed, so one ``dict.update`` replaces the record atomically (a reader never sees it empty).
+    Also copied into the deprecated ``LAST_COMPILED`` view (fixed key set, one ``dict.update``, so a reader
+    never sees it empty); new code passes ``telemetry={}`` to :func:`block_sparse_fwd` instead.
     """
     md = getattr(kern, "metadata", None)
-    LAST_COMPILED.update({"config": dict(cfg), "n_regs": getattr(kern, "n_regs", None),
-                          "n_spills": getattr(kern, "n_spills", None), "shared_bytes": getattr(md, "shared", None)})
+    rec = {"config": dict(cfg), "n_regs": getattr(kern, "n_regs", None),
+           "n_spills": getattr(kern, "n_spills", None), "shared_bytes": getattr(md, "shared", None)}
+    LAST_COMPILED.update(rec)
+    return rec
 
 
 def _remember(key: tuple[Any, ...] | None, tuned: Any) -> None:
@@ -271,10 +276,89 @@ def _remember(key: tuple[Any, ...] | None, tuned: Any) -> None:
     _TUNED.put(key, cfg)
 
 
+# The remembered winners as data: TunedConfigs entries per device name (ops/registry.py), JSON on disk.
+_OPERATOR = "triton"
+_KEY_FIELDS = ("tma", "head_dim", "layout_block_m", "layout_block_n", "causal", "n_ctx_log2", "dtype", "device",
+               "window")
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _key_to_match(key: tuple[Any, ...]) -> tuple[str, dict[str, Any]] | None:
+    """(device name, match facts) of a ``_TUNED`` key; ``None`` for keys that are not launch keys."""
+    if len(key) not in (9, 10, 11, 12) or not isinstance(key[6], torch.dtype):
+        return None
+    m = dict(zip(_KEY_FIELDS, key[:9]))
+    dev = m.pop("device")
+    m["dtype"] = str(m["dtype"]).replace("torch.", "")
+    rest = key[9:]
+    if rest and rest[-1] == "row_bounds":
+        m["row_bounds"] = True
+        rest = rest[:-1]
+    if rest:
+        m["state"], m["float_mask"] = bool(rest[0]), bool(rest[1])
+    return dev, m
+
+
+def _match_to_key(dev: str, m: dict[str, Any]) -> tuple[Any, ...]:
+    key: tuple[Any, ...] = (bool(m["tma"]), int(m["head_dim"]), int(m["layout_block_m"]), int(m["layout_block_n"]),
+                            bool(m["causal"]), int(m["n_ctx_log2"]), _DTYPES[m["dtype"]], dev, bool(m["window"]))
+    if "state" in m:
+        key = (*key, bool(m["state"]), bool(m["float_mask"]))
+    if m.get("row_bounds"):
+        key = (*key, "row_bounds")
+    return key
+
+
+def tuned_configs() -> TunedConfigs:
+    """The autotune winners remembered so far, per device name (save with
+    :func:`sparseattn.ops.registry.save_tuned_configs`)."""
+    devices: dict[str, list[TunedEntry]] = {}
+    for key in _TUNED.keys():
+        cfg = _TUNED.get(key)
+        got = _key_to_match(key) if isinstance(key, tuple) else None
+        if got is not None and cfg is not None:
+            devices.setdefault(got[0], []).append(TunedEntry(got[1], dict(cfg)))
+    return TunedConfigs(_OPERATOR, {d: tuple(e) for d, e in devices.items()})
+
+
+def use_tuned_configs(configs: TunedConfigs) -> int:
+    """Seed the launcher's remembered winners from ``configs`` (e.g. :func:`load_tuned_configs`); returns the count.
+
+    A seeded key launches its config directly (no autotuning) on GPUs of that device name.
+    """
+    fn = "use_tuned_configs"
+    if not isinstance(configs, TunedConfigs):
+        raise fail(fn, "configs", "must be a TunedConfigs", "a TunedConfigs", type(configs).__name__)
+    if configs.operator != _OPERATOR:
+        raise fail(fn, "configs.operator", "is another operator's", repr(_OPERATOR), repr(configs.operator))
+    n = 0
+    for dev, entries in configs.devices.items():
+        for i, e in enumerate(entries):
+            missing = [f for f in _KEY_FIELDS if f != "device" and f not in e.match]
+            if missing or e.match.get("dtype") not in _DTYPES:
+                raise fail(fn, f"configs.devices[{dev!r}][{i}].match", "is not a launch key of this kernel",
+                           f"keys {[f for f in _KEY_FIELDS if f != 'device']} with dtype float16/bfloat16",
+                           repr(e.match))
+            cfg = BlockSparseFwdConfig.from_dict(dict(e.config)).to_dict()  # checked
+            _TUNED.put(_match_to_key(dev, e.match), cfg)
+            n += 1
+    return n
+
+
+@functools.lru_cache(maxsize=64)
+def _seed_shipped(dev_name: str) -> None:
+    """Seed the winners the package ships for this device name (ops/tuned/, once per name; none shipped yet)."""
+    shipped = tuned_for(_OPERATOR)
+    if shipped is not None and dev_name in shipped.devices:
+        use_tuned_configs(TunedConfigs(_OPERATOR, {dev_name: shipped.devices[dev_name]}))
+
+
 def _launch(plain: Any, tuned_plain: Any, tuned_tma: Any, cfg: dict[str, Any] | None, tune_key: tuple[Any, ...] | None,
             args: tuple[Any, ...], meta: dict[str, Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            out: torch.Tensor, B: int, H: int, Nq: int, fn: str) -> None:
-    """Launch the kernel: autotune (``cfg is None``) or the fixed ``cfg``. Called with ``_LAUNCH_LOCK`` held."""
+            out: torch.Tensor, B: int, H: int, Nq: int, fn: str) -> dict[str, Any]:
+    """Launch the kernel: autotune (``cfg is None``) or the fixed ``cfg``. Called with ``_LAUNCH_LOCK`` held.
+
+    Returns the launch telemetry (:func:`_note_compiled`)."""
     if cfg is None:
         grid = lambda META: (-(-Nq // META["BLOCK_M"]), B * H)  # noqa: E731
         ran = False
@@ -284,7 +368,7 @@ def _launch(plain: Any, tuned_plain: Any, tuned_tma: Any, cfg: dict[str, Any] | 
                 kern = tuned_tma[grid](*args, **meta)
                 ran = True
                 _remember(tune_key, tuned_tma)
-                _note_compiled(kern, _TUNED.get(tune_key, {}))
+                rec = _note_compiled(kern, _TUNED.get(tune_key, {}))
             except Exception as exc:  # an older Triton that cannot build descriptors: pointer loads from now on
                 TMA_DISABLED_REASON.append(f"{type(exc).__name__}: {str(exc)[:300]}")
                 warnings.warn(f"{fn}: TMA autotuning failed, using pointer loads: {TMA_DISABLED_REASON[0]}",
@@ -292,7 +376,8 @@ def _launch(plain: Any, tuned_plain: Any, tuned_tma: Any, cfg: dict[str, Any] | 
         if not ran:
             kern = tuned_plain[grid](*args, **meta)
             _remember(tune_key, tuned_plain)
-            _note_compiled(kern, _TUNED.get(tune_key, {}))
+            rec = _note_compiled(kern, _TUNED.get(tune_key, {}))
+        return rec
     else:
         grid = (-(-Nq // cfg["BLOCK_M"]), B * H)
         meta.update({f: bool(cfg[f]) for f in _CONFIG_FLAGS if f in cfg})
@@ -303,7 +388,7 @@ def _launch(plain: Any, tuned_plain: Any, tuned_tma: Any, cfg: dict[str, Any] | 
         opts = {o: int(cfg[o]) for o in _CONFIG_OPTIONS if cfg.get(o) is not None}
         kern = plain[grid](*args, **meta, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
                            num_stages=cfg["num_stages"], **opts)
-        _note_compiled(kern, cfg)
+        return _note_compiled(kern, cfg)
 
 
 def _check_kv_scales(fn: str, q: torch.Tensor, k: Any, v: Any, k_scale: Any,
@@ -350,7 +435,7 @@ def block_sparse_fwd(
     stats: dict[str, Any] | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
-    config: dict[str, int] | None = None,
+    config: "dict[str, int] | BlockSparseFwdConfig | None" = None,
     sliding_window: int | None = None,
     attn_mask: torch.Tensor | None = None,
     state_in: RawState | None = None,
@@ -360,6 +445,7 @@ def block_sparse_fwd(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     row_bounds: Any = None,
+    telemetry: dict[str, Any] | None = None,
 ) -> Any:
     """Block-sparse attention forward on the Triton kernel.
 
@@ -377,7 +463,8 @@ def block_sparse_fwd(
             counted only with ``pv_threshold`` (0 otherwise), exactly as the reference counts them.
         out: optional preallocated output ``(B, H, N_q, D)`` in q's dtype (last dim contiguous).
         lse: optional preallocated ``(B, H, N_q)`` float32 (last dim contiguous).
-        config: fixed launch config ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}``, optionally
+        config: fixed launch config, a :class:`~sparseattn.ops.launch_configs.BlockSparseFwdConfig` or the
+            dict ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}``, optionally
             with the kernel switches ``USE_TMA`` / ``TMA_QO`` / ``PREFETCH`` / ``VEC_COUNT`` (bools), the list
             chunk ``LIST_CHUNK`` (power of two >= 16), the lazy-rescale threshold ``RESCALE_TAU``
             (log2 units, 0 = off; not with ``pv_threshold``) and the compiler option ``maxnreg``
@@ -411,6 +498,10 @@ def block_sparse_fwd(
             ``HAS_WINDOW``). ``layout=None`` runs on the exact layout of the bounds
             (:func:`~sparseattn.layout.patterns.row_bounds_layout`, built per call on the device; the
             public :func:`sparseattn.attention` caches it). Not with ``pv_threshold`` or the state path.
+        telemetry: if given (a dict), filled with this launch's record: ``config`` (the launch parameters
+            used), ``n_regs``, ``n_spills``, ``shared_bytes`` (of the compiled kernel; ``None`` under the
+            interpreter) and ``autotuned`` (the config came from autotuning, now or remembered). The
+            module global ``LAST_COMPILED`` still mirrors the last launch (deprecated; not thread-safe to read).
 
     Returns:
         ``AttentionState(out, lse)``: out ``(B, H, N_q, D)`` in q's dtype; lse ``(B, H, N_q)``
@@ -488,6 +579,8 @@ def block_sparse_fwd(
     pv = pv_threshold is not None
     interp = interpret_mode()
     plain, tuned_plain, tuned_tma = _kernels()
+    if isinstance(config, BlockSparseFwdConfig):
+        config = config.to_dict()
     if config is not None:
         need = {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
         if not isinstance(config, dict) or not (need <= set(config) <= need | _CONFIG_FLAGS | _CONFIG_OPTIONS | _CONFIG_INTS | _CONFIG_FLOATS):
@@ -531,9 +624,12 @@ def block_sparse_fwd(
     num_t, idx_t = layout.kv_num_blocks, layout.kv_indices
     n_ctx_key = int(math.ceil(math.log2(max(Nq, Nkv, 2))))
     tune_key: tuple[Any, ...] | None = None
+    autotuned = cfg is None
     if cfg is None:
         use_tma = not TMA_DISABLED_REASON and _tma_usable(q, k, v, q, out)
-        tune_key = (use_tma, D, layout.block_m, layout.block_n, causal, n_ctx_key, q.dtype, str(q.device),
+        dev_name = device_name(q.device)
+        _seed_shipped(dev_name)
+        tune_key = (use_tma, D, layout.block_m, layout.block_n, causal, n_ctx_key, q.dtype, dev_name,
                     window is not None)
         if has_state or mask_t is not None:  # appended only then: the default path keeps its keys
             tune_key = (*tune_key, has_state, mask_t is not None)
@@ -597,7 +693,11 @@ def block_sparse_fwd(
     with _LAUNCH_LOCK:  # Triton's launch/compile/autotune path is not thread-safe (module docstring)
         if cfg is None:
             cfg = _TUNED.get(tune_key)  # another thread may have tuned this key while we waited for the lock
-        _launch(plain, tuned_plain, tuned_tma, cfg, tune_key, args, meta, q, k, v, out, B, H, Nq, fn)
+        rec = _launch(plain, tuned_plain, tuned_tma, cfg, tune_key, args, meta, q, k, v, out, B, H, Nq, fn)
+    if telemetry is not None:
+        telemetry.clear()
+        telemetry.update(rec)
+        telemetry["autotuned"] = autotuned
 
     if stats is not None:
         if stats_buf is not None:

@@ -1,0 +1,121 @@
+"""Launch parameters of the package's kernels as frozen dataclasses (configuration as data).
+
+Each converts to and from the plain dict its launcher takes (``to_dict`` / ``from_dict``) and to JSON
+(the same dict plus ``version``), so tuned winners are stored as data (``sparseattn/ops/tuned/*.json``,
+:mod:`sparseattn.ops.registry`), never as Python literals. Light: imports nothing but the validator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from sparseattn._validation import fail
+
+__all__ = ["BlockSparseFwdConfig", "DecodeLaunchConfig", "CONFIG_VERSION"]
+
+CONFIG_VERSION = 1
+
+
+def _pow2(fn: str, name: str, val: Any, low: int) -> None:
+    if isinstance(val, bool) or not isinstance(val, int) or val < low or val & (val - 1):
+        raise fail(fn, name, "must be a power of two", f"a power of two >= {low}", repr(val))
+
+
+def _opt_bool(fn: str, name: str, val: Any) -> None:
+    if val is not None and not isinstance(val, bool):
+        raise fail(fn, name, "must be a bool or None", "True, False or None", repr(val))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparseFwdConfig:
+    """One fixed launch of the prefill kernel (:func:`sparseattn.ops.triton_launch.block_sparse_fwd`).
+
+    ``block_m``/``block_n``: kernel tiles (must divide the layout blocks); ``num_warps``/``num_stages``;
+    optional kernel switches (``None`` = the kernel's default): ``use_tma``, ``tma_qo``, ``prefetch``,
+    ``vec_count``; ``list_chunk`` (power of two >= 16); ``rescale_tau`` (log2 units, 0 = off);
+    compiler option ``maxnreg`` (24..255).
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    use_tma: bool | None = None
+    tma_qo: bool | None = None
+    prefetch: bool | None = None
+    vec_count: bool | None = None
+    list_chunk: int | None = None
+    rescale_tau: float | None = None
+    maxnreg: int | None = None
+
+    _KEYS = (("block_m", "BLOCK_M"), ("block_n", "BLOCK_N"), ("num_warps", "num_warps"), ("num_stages", "num_stages"),
+             ("use_tma", "USE_TMA"), ("tma_qo", "TMA_QO"), ("prefetch", "PREFETCH"), ("vec_count", "VEC_COUNT"),
+             ("list_chunk", "LIST_CHUNK"), ("rescale_tau", "RESCALE_TAU"), ("maxnreg", "maxnreg"))
+
+    def __post_init__(self) -> None:
+        fn = "BlockSparseFwdConfig"
+        _pow2(fn, "block_m", self.block_m, 16)
+        _pow2(fn, "block_n", self.block_n, 16)
+        _pow2(fn, "num_warps", self.num_warps, 1)
+        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
+            raise fail(fn, "num_stages", "must be an int in [1, 8]", "1..8", repr(self.num_stages))
+        for name in ("use_tma", "tma_qo", "prefetch", "vec_count"):
+            _opt_bool(fn, name, getattr(self, name))
+        if self.list_chunk is not None:
+            _pow2(fn, "list_chunk", self.list_chunk, 16)
+        tau = self.rescale_tau
+        if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= tau <= 16.0):
+            raise fail(fn, "rescale_tau", "must be a number in [0, 16] (log2 units)", "0..16", repr(tau))
+        nreg = self.maxnreg
+        if nreg is not None and (isinstance(nreg, bool) or not isinstance(nreg, int) or not 24 <= nreg <= 255):
+            raise fail(fn, "maxnreg", "must be an int in [24, 255] or None", "24..255", repr(nreg))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The launcher's dict (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages`` and the set options)."""
+        return {key: getattr(self, f) for f, key in self._KEYS if getattr(self, f) is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BlockSparseFwdConfig":
+        names = dict((key, f) for f, key in cls._KEYS)
+        if not isinstance(d, dict) or set(d) - set(names) or not {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} <= set(d):
+            raise fail("BlockSparseFwdConfig.from_dict", "d", "must name the launch parameters",
+                       f"BLOCK_M, BLOCK_N, num_warps, num_stages and optionally {sorted(set(names) - {'BLOCK_M', 'BLOCK_N', 'num_warps', 'num_stages'})}",
+                       repr(d))
+        return cls(**{names[k]: v for k, v in d.items()})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": CONFIG_VERSION, **self.to_dict()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "BlockSparseFwdConfig":
+        if not isinstance(d, dict) or d.get("version") != CONFIG_VERSION:
+            raise fail("BlockSparseFwdConfig.from_json", "version", "is not supported", CONFIG_VERSION,
+                       repr(d.get("version") if isinstance(d, dict) else d))
+        return cls.from_dict({k: v for k, v in d.items() if k != "version"})
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLaunchConfig:
+    """One fixed launch of the decode kernels (:func:`sparseattn.ops.decode.decode_attention`'s ``config``)."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self) -> None:
+        fn = "DecodeLaunchConfig"
+        _pow2(fn, "block_n", self.block_n, 16)
+        _pow2(fn, "num_warps", self.num_warps, 1)
+        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
+            raise fail(fn, "num_stages", "must be an int in [1, 8]", "1..8", repr(self.num_stages))
+
+    def to_dict(self) -> dict[str, int]:
+        return {"BLOCK_N": self.block_n, "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DecodeLaunchConfig":
+        if not isinstance(d, dict) or set(d) != {"BLOCK_N", "num_warps", "num_stages"}:
+            raise fail("DecodeLaunchConfig.from_dict", "d", "must name exactly the launch parameters",
+                       "['BLOCK_N', 'num_stages', 'num_warps']", repr(d))
+        return cls(d["BLOCK_N"], d["num_warps"], d["num_stages"])
