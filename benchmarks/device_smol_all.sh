@@ -23,18 +23,18 @@ st() { echo "=== $1 $(date -u +%H:%M:%S) (t=$((SECONDS-T0))s)"; }
 st gate
 timeout ${GATE_S:-120} $M train-gate --model $SMOL --text-file "${TRAIN[@]}" --samples 8 --val-samples 1 --seq-len 4096 \
   --steps 300 --d-gate 64 --device cuda --quiet --out $G/smol_gate.safetensors > $G/train.log 2>&1; tail -n 4 $G/train.log
-st sweep
+[ "${SKIP_SWEEP:-0}" = 1 ] || { st sweep
 timeout 90 $M collect --model $SMOL --lengths 4096 --layers $(seq -s, 0 29) --samples 1 --text-file "${HELD[@]}" \
   --device cuda --out $G/qkv4k > $G/collect.log 2>&1 && \
 timeout 120 $M compare --input $G/qkv4k --device cuda --sweep 0.05 0.1 0.2 0.3 0.5 \
   --family 'mean_sim=mean_sim:topk={budget},cdf_threshold=None,sim_threshold=-1,keep_local=1' \
   --family 'sketch_walk=sketch_walk:top_fraction={budget},dense_layers=0' \
-  --family "gate=gate:path=$G/smol_gate.safetensors,topk={budget}" --out $G/sweep4k > $G/sweep.log 2>&1; tail -n 12 $G/sweep.log
+  --family "gate=gate:path=$G/smol_gate.safetensors,topk={budget}" --out $G/sweep4k > $G/sweep.log 2>&1; tail -n 12 $G/sweep.log; }
 st curves
 S=(); for f in 0.1 0.2 0.3 0.5; do S+=("gate:path=$G/smol_gate.safetensors,topk=$f" "mean_sim:topk=$f,cdf_threshold=None,sim_threshold=-1" \
   "oracle:topk=$f,cdf_threshold=None"); done
 S+=("mean_sim:score=mixed,cdf_threshold=0.97,keep_local=8")
-timeout 120 python3 -m sparseattn.eval.predictor_curves --model $SMOL --device cuda --dtype bfloat16 --seq-len 4096 --samples 2 \
+timeout ${CURVES_S:-120} python3 -m sparseattn.eval.predictor_curves --model $SMOL --device cuda --dtype bfloat16 --seq-len 4096 --samples 2 \
   --text-files "${ESSAYS[@]}" --exclude-gate-texts $G/smol_gate.safetensors --out $G/curves --specs "${S[@]}" > $G/curves.log 2>&1
 python3 -m sparseattn.eval.predictor_curves --plot --out $G/curves >> $G/curves.log 2>&1; tail -n 20 $G/curves.log
 st ruler
