@@ -129,9 +129,9 @@ def _pool_meta(block_m: int, block_n: int, D: int, minmax: bool) -> dict[str, An
     # once per block (see ``_pool_block``). H200, 32K, H=32/H_kv=8/D=128 (benchmarks/profile_predictor.py,
     # 2026-12-03): 2048 elements with 4 warps 0.232 ms (mean) / 0.337 ms (min/max too); 4096 with 4 warps
     # 0.259 / 0.437, with 8 warps 0.439 / 0.618; the kernel that reduced over rows in the loop 0.403 / 0.549
-    chunk = max(1, 2048 // d_pad)
+    chunk = max(1, 1024 // d_pad)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "CHUNK_Q": min(_next_pow2(block_m), chunk),
-            "CHUNK_K": min(_next_pow2(block_n), chunk), "D_PAD": d_pad, "MINMAX": minmax, "num_warps": 4}
+            "CHUNK_K": min(_next_pow2(block_n), chunk), "D_PAD": d_pad, "MINMAX": minmax, "num_warps": 2}
 
 
 def _score_meta(B: int, H: int, Mb: int, Nb: int, D: int, score: int) -> dict[str, Any]:
