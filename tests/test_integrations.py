@@ -411,3 +411,51 @@ def test_prefill_mask_skips_only_causal_and_sliding_windows() -> None:
     # a decode step is never touched
     step = dict(common, q_length=1, q_offset=149)
     assert build(mask_function=sliding_window_causal_mask_function(48), local_size=48, **step) is not None
+
+
+def _packed_positions(lengths: list[int]) -> torch.Tensor:
+    return torch.cat([torch.arange(n) for n in lengths])[None]
+
+
+@torch.no_grad()
+def test_packed_sequences_run_exact_document_masks() -> None:
+    """position_ids restarting per sequence (transformers' packing, cache-free): the document mask on our path."""
+    model = _llama()
+    lengths = [70, 1, 52, 80]
+    ids, pos = _ids(sum(lengths)), _packed_positions(lengths)
+    ref = model(ids, position_ids=pos, use_cache=False).logits  # the dense model applies the packed mask itself
+    with patch_model(model, pattern="dense:block_m=32,block_n=32") as h:
+        got = model(ids, position_ids=pos, use_cache=False).logits
+        assert h.counts["prefill_packed"] == 3 and h.counts["prefill_sparse"] == 3
+    torch.testing.assert_close(got, ref, atol=FP32_LOOSE, rtol=FP32_LOOSE)
+    # each sequence alone gives the same logits (no attention across documents)
+    start = 0
+    for n in lengths:
+        alone = model(ids[:, start:start + n], use_cache=False).logits
+        torch.testing.assert_close(got[:, start:start + n], alone, atol=FP32_LOOSE, rtol=FP32_LOOSE)
+        start += n
+
+
+@torch.no_grad()
+def test_packed_sequences_with_a_sparse_pattern_do_not_leak_across_documents() -> None:
+    model = _llama()
+    lengths = [96, 107]
+    ids, pos = _ids(sum(lengths)), _packed_positions(lengths)
+    other = ids.clone()
+    other[:, :96] = (other[:, :96] + 5) % 97  # another first document
+    with patch_model(model, pattern="sink_window:window_blocks=2,block_m=32,block_n=32"):
+        a = model(ids, position_ids=pos, use_cache=False).logits
+        b = model(other, position_ids=pos, use_cache=False).logits
+    torch.testing.assert_close(a[:, 96:], b[:, 96:], atol=0, rtol=0)  # a static layout: the second document is untouched
+    assert not torch.equal(a[:, :96], b[:, :96])
+
+
+@torch.no_grad()
+def test_padding_is_still_refused_with_position_ids() -> None:
+    model = _llama()
+    ids = _ids(40, b=2)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with patch_model(model, pattern="dense"):
+        with pytest.raises(ValueError, match="attention_mask is not plain causal"):
+            model(ids, attention_mask=mask, position_ids=torch.arange(40)[None].expand(2, 40))

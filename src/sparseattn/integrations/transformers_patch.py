@@ -250,6 +250,34 @@ def _window_mask(nq: int, nkv: int, window: int, device: torch.device) -> torch.
     return ((c <= r + off) & (c > r + off - window))[None, None]
 
 
+def _packed_documents(position_ids: Any, B: int, nq: int, nkv: int) -> torch.Tensor | None:
+    """Document ids ``[B, N]`` of a packed prefill from ``position_ids`` (transformers' rule), or None.
+
+    A new document starts wherever the position does not follow the previous one by 1 (as
+    ``transformers.masking_utils.find_packed_sequence_indices`` computes it); device ops only. None
+    when ``position_ids`` is not a ``(B|1, N)`` integer tensor of a cache-free prefill.
+    """
+    if (not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or nq != nkv
+            or position_ids.shape[-1] != nq or position_ids.shape[0] not in (1, B)
+            or position_ids.dtype in (torch.bool,) or position_ids.is_floating_point()):
+        return None
+    first = position_ids[:, :1] - 1
+    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+
+
+def _packed_match(mask: torch.Tensor, docs: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """0-dim bool tensor: ``mask`` equals causal (+ window) attention inside each packed document (no host read)."""
+    nq = docs.shape[-1]
+    m = mask[..., :nq]
+    allowed = m if m.dtype == torch.bool else (m == 0)
+    r = torch.arange(nq, device=m.device)[:, None]
+    c = torch.arange(nq, device=m.device)[None, :]
+    expect = (c <= r) & (docs[:, None, :, None] == docs[:, None, None, :])
+    if window is not None:
+        expect = expect & (c > r - window)
+    return (allowed == expect).all()
+
+
 def masked_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, *,
                           scale: float | None = None, chunk_rows: int = 1024,
                           sliding_window: int | None = None) -> torch.Tensor:
@@ -377,10 +405,11 @@ class PatchHandle:
         self._density_raw: dict[int, list[Any]] = {}
         self.backends_used: dict[int, set[str]] = {}
         self.timings: dict[int, float] = {}
-        # prefill_quant: sparse prefill calls that ran the quantized kernel (also counted in prefill_sparse)
+        # prefill_quant: sparse prefill calls that ran the quantized kernel (also counted in prefill_sparse);
+        # prefill_packed: sparse prefill calls of packed sequences (document masks; also in prefill_sparse)
         self.counts = {"prefill_sparse": 0, "prefill_dense": 0, "decode_dense": 0, "decode_kernel": 0,
                        "decode_sparse": 0, "decode_window": 0,
-                       "prefill_quant": 0}
+                       "prefill_quant": 0, "prefill_packed": 0}
         #: the decode route (``patch_model(decode="kernel"|"sparse")``), None for the model's own dense decode
         self.decode_route: Any = None
         self.decode_fallbacks: dict[str, int] = {}
@@ -558,6 +587,64 @@ class PatchHandle:
             self._mask_refs.append(mask)  # keeps the object alive, so its id is not reused within the forward
         return verdict
 
+    def _packed(self, mask: torch.Tensor, position_ids: Any, B: int, nq: int, nkv: int,
+                window: int | None) -> torch.Tensor | None:
+        """Document ids when ``mask`` is exactly the packed-sequence mask of ``position_ids``, else None.
+
+        One host read per mask object and forward (cached with the causal verdicts); inside a capture or
+        ``torch.compile`` a device-side assertion instead, as for plain causal masks.
+        """
+        docs = _packed_documents(position_ids, B, nq, nkv)
+        if docs is None:
+            return None
+        if _compiling() or (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+            torch._assert_async(_packed_match(mask, docs, window),
+                                "patch_model: the attention mask of a sparse layer is neither plain causal nor the "
+                                "packed-sequence mask of position_ids; sparse prefill supports neither padding nor "
+                                "custom masks")
+            return docs
+        key = ("packed", id(mask), mask.data_ptr(), mask._version, tuple(mask.shape), id(position_ids),
+               position_ids.data_ptr(), position_ids._version, window)
+        verdict = self._mask_verdicts.get(key)
+        if verdict is None:
+            verdict = bool(_packed_match(mask, docs, window))  # the one host read
+            self._mask_verdicts[key] = verdict
+            self._mask_refs.extend((mask, position_ids))
+        return docs if verdict else None
+
+    def _packed_call(self, layer: int, mode: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     kwargs: dict[str, Any], win: int | None, docs: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """Sparse prefill of packed sequences: the layer's layout intersected with the exact document mask."""
+        from sparseattn.ops.attention import attention
+
+        fn = "patch_model"
+        if self.quant is not None:
+            raise NotImplementedError(str(fail(fn, f"quant={self.quant!r}", "cannot run packed sequences (the quantized "
+                                               "kernel has no document masks)", "quant=None", "packed position_ids")))
+        t0 = time.perf_counter()
+        B, H, nq, D = query.shape
+        if mode == "window":
+            layout, pv, static = None, None, True
+        else:
+            pred = self.predictors[layer]
+            layout = self._layout(layer, query, key)
+            pv = _pv_for(pred, layer)
+            static = isinstance(pred, PatternPredictor) and not self.per_head.get(layer)
+        if pv is not None:
+            raise NotImplementedError(f"{fn}: layer {layer} has pv_threshold={pv}, which packed sequences (document "
+                                      "masks) do not support; patch without pv_threshold")
+        backend = {"triton": "triton", "reference": "reference"}.get(self.backend, "auto")
+        out = attention(query, key, value, causal=True, layout=layout, scale=kwargs.get("scaling"), backend=backend,
+                        sliding_window=win, document_ids=docs).out.transpose(1, 2)
+        density = self._density(layout, static, win) if layout is not None else None
+        self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
+        self.counts["prefill_sparse"] += 1
+        self.counts["prefill_packed"] += 1
+        if density is not None:
+            self._density_raw.setdefault(layer, []).append(density)
+        self.backends_used.setdefault(layer, set()).add("packed:" + ("triton" if query.is_cuda else "reference"))
+        return out.contiguous(), None
+
     def _dense_call(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, kwargs: dict[str, Any], window: int | None,
                     counter: str) -> tuple[torch.Tensor, Any]:
@@ -605,8 +692,12 @@ class PatchHandle:
 
         fn = "patch_model"
         if not ok:
+            docs = self._packed(attention_mask, kwargs.get("position_ids"), query.shape[0], nq, nkv, win)
+            if docs is not None:  # packed sequences: exact document masks on the kernel (not graphed)
+                return self._packed_call(layer, mode, query, key, value, kwargs, win, docs)
             raise fail(fn, "attention_mask", "is not plain causal (padding or a custom mask); sparse prefill "
-                       "supports unpadded causal inputs only", "no padding (run one sequence per batch or equal lengths)",
+                       "supports unpadded causal inputs and packed sequences (position_ids restarting per "
+                       "sequence) only", "no padding (run one sequence per batch or equal lengths)",
                        f"a mask of shape {tuple(attention_mask.shape)} with masked-out positions")
         unsupported = None
         if kwargs.get("softcap") is not None:
