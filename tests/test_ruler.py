@@ -174,7 +174,7 @@ def test_continuation_stops_at_the_first_special_token(tok):
 
 
 # --------------------------------------------------------------------------- running
-def test_scores_follow_the_generated_text(tiny, monkeypatch):
+def test_scores_follow_the_generated_text(tiny, monkeypatch, tmp_path):
     """A stand-in generator that answers right on the dense model and wrong once patched: dense scores 1, sparse 0,
     and the sparse configuration still ran its prefill (its density is recorded)."""
     from sparseattn.eval import end_to_end
@@ -183,17 +183,16 @@ def test_scores_follow_the_generated_text(tiny, monkeypatch):
 
     model, tok = load(str(tiny[0]))
     real_generate, real_make = end_to_end.greedy_generate, ruler.make_ruler_sample
-    last: dict = {}
     made: list = []
 
     def make(*a, **kw):
-        last.update(real_make(*a, **kw))
-        made.append(dict(last))
-        return last
+        made.append(real_make(*a, **kw))
+        return made[-1]
 
     def generate(model_, ids, *, gen_tokens, score_last):
         out = real_generate(model_, ids, gen_tokens=1, score_last=score_last)
-        said = ", ".join(last["answers"]) if get_handle(model_) is None else "I do not know"
+        smp = next(m for m in made if torch.equal(m["input_ids"].to(ids.device), ids))  # the prompt being run
+        said = ", ".join(smp["answers"]) if get_handle(model_) is None else "I do not know"
         out["tokens"] = tok(" " + said, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         return out
 
@@ -201,8 +200,12 @@ def test_scores_follow_the_generated_text(tiny, monkeypatch):
     monkeypatch.setattr(end_to_end, "greedy_generate", generate)
     res = ruler.run_ruler("tiny", model=model, tokenizer=tok, predictors=None,
                           patterns="sink_window:sink_blocks=1,window_blocks=2", tasks="niah_single,vt,fwe",
-                          lengths=[1100], samples=2, text_dir=str(tiny[1]), progress=False)
+                          lengths=[1100], samples=2, text_dir=str(tiny[1]), progress=False,
+                          runs_path=tmp_path / "runs.jsonl")
     sparse = "pattern sink_window:sink_blocks=1,window_blocks=2"
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert len(runs) == 2 * 3 * 2 and {r["config"] for r in runs} == {"dense", sparse}  # one line per finished run
+    assert sorted(r["score"] for r in runs) == [0.0] * 6 + [1.0] * 6
     assert res.configs == ["dense", sparse]
     assert res.summary["mean_score"] == {"dense": 1.0, sparse: 0.0}
     assert all(res.scores["dense"][t]["1100"] == 1.0 for t in res.tasks)

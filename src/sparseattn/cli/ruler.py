@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from sparseattn.cli._args import any_int, check_text_source, device, int_list, optional_int_list, positive_int
 
@@ -65,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     res = run_ruler(args.model, predictors=predictors, patterns=args.patterns, tuned=args.tuned,
                     dense_layers=args.dense_layers, tasks=tasks, lengths=args.lengths, samples=args.samples,
                     text_files=args.text_file, text_dir=args.text_dir, gen_tokens=args.gen_tokens, backend=args.backend,
-                    dtype=dtype, device=dev, seed=args.seed, progress=not args.quiet)
+                    dtype=dtype, device=dev, seed=args.seed, progress=not args.quiet,
+                    runs_path=Path(args.out) / "ruler_runs.jsonl")
     paths = write_ruler_report(res, args.out, plots=not args.no_plots)
     print(res.table())
     print("report: " + ", ".join(str(p) for p in paths.values()))

@@ -493,6 +493,7 @@ def run_ruler(
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = True,
+    runs_path: str | Path | None = None,
 ) -> RulerResult:
     """RULER scores of the dense model and of each sparse configuration, per task × length.
 
@@ -509,6 +510,8 @@ def run_ruler(
         text_files / text_dir: the haystack (and ``cwe`` word) source; ``None`` = RULER's filler sentences.
         gen_tokens: greedy tokens for every task (default: :data:`DEFAULT_GEN_TOKENS` per task).
         seed: the prompts depend only on it, the task, the length, the sample index and the tokenizer.
+        runs_path: a JSONL file that gets one line per finished run (configuration × prompt: score,
+            density, output) as soon as it finishes, so an interrupted job keeps its measurements.
     """
     from tqdm.auto import tqdm
 
@@ -562,38 +565,54 @@ def run_ruler(
     if len(set(configs)) != len(configs):
         raise fail(fn, "predictors/patterns", "repeat a configuration", "each spec once", configs)
 
+    # the prompts first (they depend only on the seed, task, length and sample), then one patch per
+    # configuration for all of them: patching per prompt would recapture the layer graphs every time
     cases: list[dict[str, Any]] = []
-    bar = tqdm(total=len(lengths) * len(task_list) * samples * len(configs), desc="ruler", unit="run",
-               disable=not progress)
-    with torch.no_grad():
-        for n in lengths:
-            for task in task_list:
-                for s in range(samples):
-                    bar.set_postfix_str(f"{task} @ {n}", refresh=False)
-                    smp = make_ruler_sample(tokenizer, task, length=n, seed=f"{seed}-{s}", sentences=sentences,
-                                            vocabulary=vocab)
-                    ids = smp["input_ids"].to(dev)
-                    case: dict[str, Any] = {"task": task, "length": n, "sample": s, "prompt_tokens": smp["prompt_tokens"],
-                                            "query": smp["query"], "answers": smp["answers"], "meta": smp["meta"],
-                                            "outputs": {}, "scores": {}, "density": {}, "prefill_s": {}}
-                    for label in configs:
-                        if label == "dense":
-                            out, density = greedy_generate(model, ids, gen_tokens=gen[task], score_last=1), 1.0
-                        else:
-                            pred = dict(rows)[label]
-                            handle = patch_model(model, predictor=pred, dense_layers=row_dense[label], backend=backend)
-                            try:
-                                out = greedy_generate(model, ids, gen_tokens=gen[task], score_last=1)
-                            finally:
-                                handle.unpatch()
-                            density = handle.sparsity_report()["mean_density"]
+    prompts: list[Any] = []
+    for n in lengths:
+        for task in task_list:
+            for s in range(samples):
+                smp = make_ruler_sample(tokenizer, task, length=n, seed=f"{seed}-{s}", sentences=sentences,
+                                        vocabulary=vocab)
+                prompts.append(smp)
+                cases.append({"task": task, "length": n, "sample": s, "prompt_tokens": smp["prompt_tokens"],
+                              "query": smp["query"], "answers": smp["answers"], "meta": smp["meta"],
+                              "outputs": {}, "scores": {}, "density": {}, "prefill_s": {}})
+    runs_fh = None
+    if runs_path is not None:  # one line per finished run, so an interrupted job keeps what it measured
+        Path(runs_path).parent.mkdir(parents=True, exist_ok=True)
+        runs_fh = open(runs_path, "a", encoding="utf-8")
+    bar = tqdm(total=len(cases) * len(configs), desc="ruler", unit="run", disable=not progress)
+    try:
+        with torch.no_grad():
+            for label in configs:
+                handle = None if label == "dense" else patch_model(model, predictor=dict(rows)[label],
+                                                                   dense_layers=row_dense[label], backend=backend)
+                try:
+                    for case, smp in zip(cases, prompts):
+                        bar.set_postfix_str(f"{label[:24]}: {case['task']} @ {case['length']}", refresh=False)
+                        if handle is not None:
+                            handle.reset_stats()
+                        out = greedy_generate(model, smp["input_ids"].to(dev), gen_tokens=gen[case["task"]],
+                                              score_last=1)
+                        density = 1.0 if handle is None else handle.sparsity_report()["mean_density"]
                         text = _continuation(tokenizer, out["tokens"])
                         case["outputs"][label] = text
                         case["scores"][label] = string_match_all(text, smp["answers"])
                         case["density"][label] = density
                         case["prefill_s"][label] = out["prefill_s"]
+                        if runs_fh is not None:
+                            runs_fh.write(json.dumps({"config": label, "task": case["task"], "length": case["length"],
+                                                      "sample": case["sample"], "score": case["scores"][label],
+                                                      "density": density, "output": text}) + "\n")
+                            runs_fh.flush()
                         bar.update(1)
-                    cases.append(case)
+                finally:
+                    if handle is not None:
+                        handle.unpatch()
+    finally:
+        if runs_fh is not None:
+            runs_fh.close()
     bar.close()
 
     def mean(xs: Sequence[float]) -> float:
