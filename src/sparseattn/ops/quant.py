@@ -8,6 +8,7 @@ API:
   in fused Triton kernels on every call (its time is part of the call).
 * :func:`quantize_qkv` — the quantization alone (returns a :class:`QuantizedQKV`).
 * :func:`quant_refusal` — why the quantized kernel cannot run some inputs (``None`` if it can).
+* :func:`quant_choice` — the registry's quantized-prefill operator for some inputs (or the refusal).
 
 Scale granularities (``quant_granularity``), as SageAttention defines them for the MMA fragment
 layout (``m16n8k32`` INT8 MMA; on Hopper a warp owns 16 rows of a 64-row warpgroup tile):
@@ -46,7 +47,7 @@ from sparseattn._validation import check_attention_args, fail
 from sparseattn.layout.block_layout import BlockLayout, cdiv
 from sparseattn.state.types import AttentionState
 
-__all__ = ["quantized_attention", "quantized_prefill", "quantize_qkv", "quant_refusal", "QuantizedQKV", "QUANT_MODES", "GRANULARITIES",
+__all__ = ["quantized_attention", "quantized_prefill", "quantize_qkv", "quant_refusal", "quant_choice", "QuantizedQKV", "QUANT_MODES", "GRANULARITIES",
            "LAST_CONFIG"]
 
 QUANT_MODES = ("int8", "int8_fp8")
@@ -145,6 +146,36 @@ def quant_refusal(q: Any, *, quant: str = "int8", layout: BlockLayout | None = N
     return _triton_import_error()
 
 
+_KERNEL_OP = "quant_triton"  # the built-in quantized operator (ops/_builtin_ops.py): this module's kernel
+
+
+def quant_choice(q: Any, *, quant: str = "int8", layout: BlockLayout | None = None,
+                 names: tuple[str, ...] | None = None) -> tuple[Any, str | None]:
+    """The quantized-prefill operator that runs these inputs, asked of the registry (no error raised).
+
+    Lists the ``"quant_prefill"`` operators of the ``"quant"`` entry point in priority order (only
+    ``names`` if given) and returns ``(operator, None)`` for the first that accepts, else ``(None, the
+    first operator's refusal)`` (:func:`quant_refusal` for the built-in kernel).
+    """
+    from sparseattn.ops.registry import operator_refusals, operators
+
+    first: str | None = None
+    for op in operators("quant_prefill", entry_point="quant"):
+        if names is not None and op.name not in names:
+            continue
+        why = operator_refusals((op,), q, quant=quant, layout=layout)[op.name]
+        if why is None:
+            return op, None
+        if first is None:
+            first = why
+    return None, first if first is not None else "no quantized prefill operator is registered"
+
+
+def _kernel_refusal(q: Any, quant: str, layout: BlockLayout | None = None) -> str | None:
+    """The built-in quantized operator's refusal, from the registry (``quantize_qkv`` runs its kernels only)."""
+    return quant_choice(q, quant=quant, layout=layout, names=(_KERNEL_OP,))[1]
+
+
 def _check_modes(fn: str, quant: Any, granularity: Any) -> None:
     if quant not in QUANT_MODES:
         raise fail(fn, "quant", "is unknown", f"one of {list(QUANT_MODES)}", repr(quant))
@@ -177,7 +208,7 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, quant: st
     _check_modes(fn, quant, quant_granularity)
     (B, H, Hkv, Nq, Nkv, D), sm_scale = check_attention_args(fn, q, k, v, causal=False, layout=None, scale=scale,
                                                               pv_threshold=None)
-    reason = quant_refusal(q, quant=quant)
+    reason = _kernel_refusal(q, quant)
     if reason is not None:
         raise NotImplementedError(f"{fn}: the quantized kernel cannot run these inputs: {reason}")
     return _quantize(q, k, v, quant, quant_granularity, sm_scale, smooth_k)
@@ -479,9 +510,13 @@ def quantized_attention(
                                                               pv_threshold=None)
     if not isinstance(smooth_k, bool):
         raise fail(fn, "smooth_k", "must be a bool", "True or False", repr(smooth_k))
-    reason = quant_refusal(q, quant=quant, layout=layout)
-    if reason is not None:
+    op, reason = quant_choice(q, quant=quant, layout=layout)
+    if op is None:
         raise NotImplementedError(f"{fn}: the quantized kernel cannot run these inputs: {reason}")
+    if op.name != _KERNEL_OP:  # a registered quantized operator: its run function, with this call's arguments
+        return op.run_fn()(q, k, v, layout=layout, causal=causal, scale=scale, quant=quant,
+                           quant_granularity=quant_granularity, topk_indices=topk_indices, block_size=block_size,
+                           smooth_k=smooth_k, return_lse=return_lse, config=config)
     lay = resolve_layout(fn, q, k, layout, topk_indices, block_size, causal)
     qq = _quantize(q, k, v, quant, quant_granularity, sm_scale, smooth_k)
     st = _run_kernel(qq, lay, causal, q.dtype, config)
