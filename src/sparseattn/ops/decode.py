@@ -221,8 +221,15 @@ def _decode_operators(names: tuple[str, ...] | None = None) -> tuple[Any, ...]:
     return ops if names is None else tuple(op for op in ops if op.name in names)
 
 
-def _check_backend(fn: str, backend: Any, names: tuple[str, ...] | None = None) -> str:
-    choices = ["auto"] + [_backend_name(op.name) for op in _decode_operators(names)]
+def _backend_choices(names: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """``"auto"`` and the ``backend=`` names of the registry's decode operators (only ``names`` if given)."""
+    return ("auto",) + tuple(_backend_name(op.name) for op in _decode_operators(names))
+
+
+def _check_backend(fn: str, backend: Any, names: tuple[str, ...] | None = None,
+                   choices: tuple[str, ...] | None = None) -> str:
+    if choices is None:
+        choices = _backend_choices(names)
     if backend not in choices:
         quoted = [repr(c) for c in choices]
         raise fail(fn, "backend", "is not a known backend", ", ".join(quoted[:-1]) + " or " + quoted[-1], repr(backend))
