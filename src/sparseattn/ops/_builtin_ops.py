@@ -129,7 +129,8 @@ def builtin_operators() -> list[Operator]:
                  description="PyTorch decode reference (ops/decode.py: decode_reference)"),
         Operator("quant_triton", "quant_prefill", run="sparseattn.ops.quant:quantized_attention", refusal=quant_refusal,
                  devices=("cuda",), dtypes=_HALF, head_dims=(64, 128, 256), entry_points=("quant",), priority=10,
-                 config_type=BlockSparseFwdConfig, custom_op="sparseattn::quantized_attention_triton",
+                 config_type=BlockSparseFwdConfig, tuned="block_sparse_fwd_quant.json",
+                 custom_op="sparseattn::quantized_attention_triton",
                  description="INT8 Q·Kᵀ / bf16 or FP8 P·V block-sparse prefill (ops/triton/block_sparse_fwd_quant.py)"),
         # the emulation is a test oracle: listed for no dispatcher (quantized_attention never falls back to it),
         # reachable by name (quantized_attention_op(backend="reference"), get_operator("quant_reference"))

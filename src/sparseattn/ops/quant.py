@@ -47,7 +47,8 @@ from sparseattn._validation import check_attention_args, fail
 from sparseattn.layout.block_layout import BlockLayout, cdiv
 from sparseattn.state.types import AttentionState
 
-__all__ = ["quantized_attention", "quantized_prefill", "quantize_qkv", "quant_refusal", "quant_choice", "QuantizedQKV", "QUANT_MODES", "GRANULARITIES",
+__all__ = ["quantized_attention", "quantized_prefill", "quantize_qkv", "quant_refusal", "quant_choice", "tuned_configs",
+           "use_tuned_configs", "QuantizedQKV", "QUANT_MODES", "GRANULARITIES",
            "LAST_CONFIG"]
 
 QUANT_MODES = ("int8", "int8_fp8")
@@ -299,8 +300,13 @@ _TUNE_CANDIDATES: dict[int, list[tuple[int, int, int, int, int | None]]] = {
     256: [(64, 64, 4, 2, None), (128, 64, 8, 2, None), (64, 32, 4, 2, None)],
 }
 _TUNED_MAX = 128
-_TUNED: Any = None  # BoundedCache, built on first use
+_TUNED: Any = None  # BoundedCache keyed by launch facts and the device *name* (as the prefill launcher's)
 TUNE_LOG: list[dict[str, Any]] = []  # per tuned key: every candidate's time (bounded like _TUNED)
+# The remembered winners as data: TunedConfigs entries per device name (ops/registry.py), JSON on disk.
+_KEY_FIELDS = ("head_dim", "layout_block_m", "layout_block_n", "causal", "quant", "granularity", "n_ctx_log2", "dtype",
+               "device")
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
 def _tuned_cache() -> Any:
@@ -310,6 +316,80 @@ def _tuned_cache() -> Any:
 
         _TUNED = BoundedCache(_TUNED_MAX, name="quant._TUNED")
     return _TUNED
+
+
+def _tune_key(D: int, layout: BlockLayout, causal: bool, quant: str, gran: str, n_key: int, dtype: torch.dtype,
+              dev: torch.device) -> tuple[Any, ...]:
+    from sparseattn.ops.registry import device_name
+
+    name = device_name(dev)
+    _seed_shipped(name)
+    return (D, layout.block_m, layout.block_n, causal, quant, gran, n_key, dtype, name)
+
+
+def tuned_configs() -> Any:
+    """The quantized kernel's autotune winners remembered so far, per device name (a
+    :class:`~sparseattn.ops.registry.TunedConfigs` of operator ``"quant_triton"``; save it with
+    :func:`~sparseattn.ops.registry.save_tuned_configs`)."""
+    from sparseattn.ops.registry import TunedConfigs, TunedEntry
+
+    cache = _tuned_cache()
+    devices: dict[str, list[Any]] = {}
+    for key in cache.keys():
+        cfg = cache.get(key)
+        if cfg is None or not isinstance(key, tuple) or len(key) != len(_KEY_FIELDS):
+            continue
+        m = dict(zip(_KEY_FIELDS, key))
+        dev = m.pop("device")
+        m["dtype"] = str(m["dtype"]).replace("torch.", "")
+        devices.setdefault(dev, []).append(TunedEntry(m, dict(cfg)))
+    return TunedConfigs(_KERNEL_OP, {d: tuple(e) for d, e in devices.items()})
+
+
+def use_tuned_configs(configs: Any) -> int:
+    """Seed the quantized kernel's remembered winners from ``configs`` (operator ``"quant_triton"``); returns the count.
+
+    A seeded key launches its config directly (no autotuning) on GPUs of that device name.
+    """
+    from sparseattn.ops.registry import TunedConfigs
+
+    fn = "quant.use_tuned_configs"
+    if not isinstance(configs, TunedConfigs):
+        raise fail(fn, "configs", "must be a TunedConfigs", "a TunedConfigs", type(configs).__name__)
+    if configs.operator != _KERNEL_OP:
+        raise fail(fn, "configs.operator", "is another operator's", repr(_KERNEL_OP), repr(configs.operator))
+    fields = [f for f in _KEY_FIELDS if f != "device"]
+    todo: list[tuple[tuple[Any, ...], dict[str, int]]] = []
+    for dev, entries in configs.devices.items():
+        for i, e in enumerate(entries):
+            m = e.match
+            if sorted(m) != sorted(fields) or m.get("dtype") not in _DTYPES or m.get("quant") not in QUANT_MODES \
+                    or m.get("granularity") not in GRANULARITIES:
+                raise fail(fn, f"configs.devices[{dev!r}][{i}].match", "is not a launch key of the quantized kernel",
+                           f"keys {fields} (dtype float16/bfloat16, quant in {list(QUANT_MODES)})", repr(m))
+            c = e.config
+            ok = set(_CONFIG_KEYS) <= set(c) <= set(_CONFIG_KEYS) | {"maxnreg"} and all(
+                isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in c.values())
+            if not ok or m["layout_block_m"] % c["BLOCK_M"] or m["layout_block_n"] % c["BLOCK_N"]:
+                raise fail(fn, f"configs.devices[{dev!r}][{i}].config", "is not a launch config of the quantized kernel",
+                           f"positive ints {list(_CONFIG_KEYS)} (and maxnreg), tiles dividing the layout blocks", repr(c))
+            key = (int(m["head_dim"]), int(m["layout_block_m"]), int(m["layout_block_n"]), bool(m["causal"]), m["quant"],
+                   m["granularity"], int(m["n_ctx_log2"]), _DTYPES[m["dtype"]], dev)
+            todo.append((key, dict(c)))
+    cache = _tuned_cache()
+    for key, cfg in todo:  # all checked first: a bad entry seeds nothing
+        cache.put(key, cfg)
+    return len(todo)
+
+
+@functools.lru_cache(maxsize=64)
+def _seed_shipped(dev_name: str) -> None:
+    """Seed the winners the package ships for this device name (ops/tuned/, once per name; none shipped yet)."""
+    from sparseattn.ops.registry import TunedConfigs, tuned_for
+
+    shipped = tuned_for(_KERNEL_OP)
+    if shipped is not None and dev_name in shipped.devices:
+        use_tuned_configs(TunedConfigs(_KERNEL_OP, {dev_name: shipped.devices[dev_name]}))
 
 
 def _autotune(key: tuple[Any, ...], D: int, layout: BlockLayout, launch: Any) -> dict[str, int]:
@@ -411,7 +491,7 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
             cfg = default_quant_config(D, layout.block_m, layout.block_n, interpret=interp)
         else:
             n_key = int(math.ceil(math.log2(max(Nq, Nkv, 2))))
-            key = (D, layout.block_m, layout.block_n, causal, qq.quant, qq.granularity, n_key, out_dtype, str(dev))
+            key = _tune_key(D, layout, causal, qq.quant, qq.granularity, n_key, out_dtype, dev)
             cfg = _autotune(key, D, layout, launch)
         launch(cfg)
         LAST_CONFIG.clear()
