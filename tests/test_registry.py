@@ -168,6 +168,31 @@ def test_prefill_tuned_winners_keyed_by_device_name_round_trip(tmp_path):
         tl._TUNED.pop(key, None)
 
 
+def test_quant_tuned_winners_keyed_by_device_name_round_trip(tmp_path):
+    from sparseattn.ops import quant as Q
+
+    key = (128, 128, 128, True, "int8", "per_warp", 14, torch.bfloat16, "NVIDIA H200")
+    cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "maxnreg": 128}
+    cache = Q._tuned_cache()
+    try:
+        cache.put(key, cfg)
+        tc = Q.tuned_configs()
+        assert tc.operator == "quant_triton" and "NVIDIA H200" in tc.devices
+        back = reg.load_tuned_configs(reg.save_tuned_configs(tmp_path / "q.json", tc))
+        cache.pop(key, None)
+        assert Q.use_tuned_configs(back) >= 1
+        assert cache.get(key) == cfg
+        with pytest.raises(ValueError, match=r"quant.use_tuned_configs: configs.operator is another operator's"):
+            Q.use_tuned_configs(reg.TunedConfigs("triton", {}))
+        bad = reg.TunedConfigs("quant_triton", {"G": (reg.TunedEntry({**tc.devices["NVIDIA H200"][0].match},
+                                                                     {"BLOCK_M": 96, "BLOCK_N": 64, "num_warps": 4,
+                                                                      "num_stages": 1}),)})
+        with pytest.raises(ValueError, match=r"config is not a launch config of the quantized kernel"):
+            Q.use_tuned_configs(bad)
+    finally:
+        cache.pop(key, None)
+
+
 def test_config_dataclasses():
     c = BlockSparseFwdConfig(128, 64, 8, 2, use_tma=False, maxnreg=128)
     assert BlockSparseFwdConfig.from_dict(c.to_dict()) == c

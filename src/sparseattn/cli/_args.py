@@ -245,10 +245,10 @@ def check_quant(func: str, quant: str | None, gran: str | None, backend: str, de
                    "auto or triton", backend)
     import torch
 
-    from sparseattn.ops.quant import quant_refusal
+    from sparseattn.ops.quant import quant_choice
 
     probe = torch.empty(1, dtype=dtype, device=device)  # type: ignore[call-overload]
-    reason = quant_refusal(probe, quant=quant)
+    reason = quant_choice(probe, quant=quant, names=("quant_triton",))[1]  # the registry's quantized operator
     if reason is not None:
         raise NotImplementedError(str(fail(func, f"--quant {quant}", f"cannot run here: {reason}",
                                            "a bfloat16/float16 model on CUDA (sm_80+, sm_89+ for int8_fp8) or "

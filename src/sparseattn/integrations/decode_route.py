@@ -242,11 +242,12 @@ class DecodeRoute:
         key = (q.device.type, q.dtype, q.shape[-1], self.config.backend)
         used = self._uses_kernel.get(key)
         if used is None:
-            from sparseattn.ops.decode import decode_refusal
+            from sparseattn.ops.decode import decode_choice
 
-            ok = decode_refusal(q) is None and (self.config.backend == "triton" or
-                                                (self.config.backend == "auto" and q.is_cuda))
-            used = self._uses_kernel[key] = "triton" if ok else "reference"
+            # the registry's choice among the built-in decode operators (the ones decode_attention and
+            # sparse_decode_attention run here): the Triton kernel where it accepts q and is preferred
+            op, _ = decode_choice(q, self.config.backend, names=("decode_triton", "decode_reference"))
+            used = self._uses_kernel[key] = "triton" if op is not None and op.name == "decode_triton" else "reference"
         return used
 
     # ------------------------------------------------------------------ page summaries

@@ -15,7 +15,8 @@ recent window, tagged with its cache layer) and computes attention through the s
 
 **Decode steps** (1..64 new tokens over a non-empty cache, no mask or a plain bottom-right causal one;
 on a sliding-window layer one token) take the decode route instead, where the cache's
-``decode_backend`` allows (``"auto"``: CUDA and :func:`sparseattn.ops.decode.decode_refusal` clear;
+``decode_backend`` allows (``"auto"``: CUDA and the registry choosing the Triton decode operator,
+:func:`sparseattn.ops.decode.decode_choice`, whose refusal is :func:`~sparseattn.ops.decode.decode_refusal`;
 ``"triton"``: always; ``"off"``: never): the quantized segment goes to the split-KV decode kernel
 (:func:`sparseattn.ops.decode.decode_attention` with ``k_scale``/``v_scale``, ``causal=False`` — every
 new token attends every old one — ``return_lse``), which reads the int8/fp8 bytes and dequantises in
@@ -150,7 +151,7 @@ def _decode_step(module: Any, query: torch.Tensor, key: torch.Tensor, value: tor
                  attention_mask: torch.Tensor | None, scaling: float | None, sliding_window: Any,
                  kwargs: dict[str, Any]) -> torch.Tensor | None:
     """The decode route (see the module docstring): ``(B, N_q, H, D)`` output, or ``None`` for the other path."""
-    from sparseattn.ops.decode import MAX_DECODE_QUERIES, decode_attention, decode_refusal
+    from sparseattn.ops.decode import MAX_DECODE_QUERIES, decode_attention, decode_choice
 
     mode = getattr(cache, "decode_backend", "auto") if cache is not None else "auto"
     if mode == "off":
@@ -164,8 +165,9 @@ def _decode_step(module: Any, query: torch.Tensor, key: torch.Tensor, value: tor
     if not forced:
         if not query.is_cuda:
             return None  # "auto" off CUDA: the state operator (its PyTorch loop), as before
-        why = decode_refusal(query, layer.qk.dtype if n_q else None)
-        if why is not None:
+        op, why = decode_choice(query, "auto", layer.qk.dtype if n_q else None,
+                                names=("decode_triton", "decode_reference"))
+        if op is None or op.name != "decode_triton":  # the registry passed the kernel over: why is its refusal
             _decode_fallback(cache, f"kernel refused: {why}", loud)
             return None
     window = sliding_window if isinstance(sliding_window, int) and not isinstance(sliding_window, bool) \

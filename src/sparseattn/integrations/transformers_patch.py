@@ -989,10 +989,11 @@ class PatchHandle:
         self._quant_blocks(layer, layout, q)
         if _ROUTES.get(key) is None:
             from sparseattn._validation import check_attention_args
-            from sparseattn.ops.quant import quant_refusal
+            from sparseattn.ops.quant import quant_choice
 
             check_attention_args("patch_model", q, k, v, causal=True, layout=layout, scale=None, pv_threshold=None)
-            reason = quant_refusal(q, quant=self.quant, layout=layout)
+            # the registry's refusal of the quantized operator this route runs (quantized_prefill: the built-in kernel)
+            reason = quant_choice(q, quant=self.quant, layout=layout, names=("quant_triton",))[1]
             if reason is not None:
                 raise _quant_refused(f"layer {layer}", reason, self.quant, q, layout)
             _ROUTES.put(key, label)
@@ -1110,7 +1111,7 @@ def _quant_refused(where: str, reason: str, quant: str | None, q: Any, layout: B
 def _check_quant(model: torch.nn.Module, layers: list[tuple[int, torch.nn.Module]], predictors: dict[int, Any],
                  modes: dict[int, str], quant: Any, granularity: Any, backend: str, dense_above: Any) -> None:
     """Refuse, at patch time, every ``quant`` combination the quantized route cannot run (no silent fallback)."""
-    from sparseattn.ops.quant import GRANULARITIES, QUANT_MODES, quant_refusal
+    from sparseattn.ops.quant import GRANULARITIES, QUANT_MODES, quant_choice
 
     fn = "patch_model"
     if quant is not None and quant not in QUANT_MODES:
@@ -1149,7 +1150,7 @@ def _check_quant(model: torch.nn.Module, layers: list[tuple[int, torch.nn.Module
             cfg = mod.config
             D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         probe = torch.empty((1, 1, 1, int(D)), dtype=params.dtype, device=params.device)
-        reason = quant_refusal(probe, quant=quant)
+        reason = quant_choice(probe, quant=quant, names=("quant_triton",))[1]
         if reason is not None:
             raise _quant_refused(f"layer {i} of this model", reason, quant, probe)
 

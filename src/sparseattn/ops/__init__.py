@@ -4,7 +4,7 @@ from sparseattn.ops.attention import attention, block_sparse_attention
 from sparseattn.ops.reference import reference_attention
 from sparseattn.state.types import AttentionState
 
-__all__ = ["attention", "attention_op", "block_sparse_attention", "reference_attention", "AttentionState"]
+__all__ = ["attention", "attention_op", "decode_attention_op", "quantized_attention_op", "block_sparse_attention", "reference_attention", "AttentionState"]
 # decode attention (sparseattn.ops.decode, docs/DECODE.md): imported on first use
 _DECODE = ("decode_attention", "sparse_decode_attention", "paged_decode_attention", "page_summaries",
            "update_page_summaries", "select_pages", "decode_reference", "PageSummaries")
@@ -13,10 +13,10 @@ __all__ += list(_DECODE)
 
 def __getattr__(name: str):  # noqa: ANN202
     # attention_op lives in custom_ops, whose import registers the torch.library operators: on first use only
-    if name == "attention_op":
-        from sparseattn.ops.custom_ops import attention_op
+    if name in ("attention_op", "decode_attention_op", "quantized_attention_op"):
+        from sparseattn.ops import custom_ops
 
-        return attention_op
+        return getattr(custom_ops, name)
     if name in _DECODE:
         from sparseattn.ops import decode
 

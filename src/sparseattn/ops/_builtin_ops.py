@@ -91,6 +91,16 @@ def quant_refusal(q: torch.Tensor, **kw: Any) -> str | None:
     return refuse(q, **kw)
 
 
+def quant_reference_run(q, k, v, *, layout=None, causal=False, scale=None, quant="int8",  # noqa: ANN001
+                        quant_granularity="per_warp", smooth_k=True, return_lse=False, **_: Any) -> Any:
+    """``quantized_attention``'s signature over the emulation (``topk_indices`` / ``config`` are not taken)."""
+    from sparseattn.ops.quant_reference import emulated_quantized_attention
+
+    out, lse = emulated_quantized_attention(q, k, v, layout=layout, causal=causal, scale=scale, quant=quant,
+                                            quant_granularity=quant_granularity, smooth_k=smooth_k)
+    return AttentionState(out, lse) if return_lse else out
+
+
 def builtin_operators() -> list[Operator]:
     return [
         Operator("triton", "prefill", run=triton_run, refusal=triton_refusal, devices=("cuda",), dtypes=_HALF,
@@ -111,12 +121,21 @@ def builtin_operators() -> list[Operator]:
         Operator("decode_triton", "decode", run=decode_triton_run, refusal=decode_triton_refusal, devices=("cuda",),
                  dtypes=(torch.float16, torch.bfloat16, torch.float32), head_dims=(64, 128, 256),
                  entry_points=("decode",), priority=10, preferred=_on_cuda, config_type=DecodeLaunchConfig,
-                 tuned="decode.json", description="split-KV Triton decode kernel + exact merge (ops/triton/decode.py)"),
+                 tuned="decode.json", custom_op="sparseattn::decode_attention_triton",
+                 description="split-KV Triton decode kernel + exact merge (ops/triton/decode.py)"),
         Operator("decode_reference", "decode", run=decode_reference_run, refusal=reference_refusal, devices=None,
                  dtypes=None, head_dims=None, entry_points=("decode",), priority=20,
+                 custom_op="sparseattn::decode_attention_ref",
                  description="PyTorch decode reference (ops/decode.py: decode_reference)"),
         Operator("quant_triton", "quant_prefill", run="sparseattn.ops.quant:quantized_attention", refusal=quant_refusal,
                  devices=("cuda",), dtypes=_HALF, head_dims=(64, 128, 256), entry_points=("quant",), priority=10,
-                 config_type=BlockSparseFwdConfig,
+                 config_type=BlockSparseFwdConfig, tuned="block_sparse_fwd_quant.json",
+                 custom_op="sparseattn::quantized_attention_triton",
                  description="INT8 Q·Kᵀ / bf16 or FP8 P·V block-sparse prefill (ops/triton/block_sparse_fwd_quant.py)"),
+        # the emulation is a test oracle: listed for no dispatcher (quantized_attention never falls back to it),
+        # reachable by name (quantized_attention_op(backend="reference"), get_operator("quant_reference"))
+        Operator("quant_reference", "quant_prefill", run=quant_reference_run, refusal=reference_refusal, devices=None,
+                 dtypes=(torch.float16, torch.bfloat16, torch.float32), head_dims=None, entry_points=(), priority=20,
+                 custom_op="sparseattn::quantized_attention_ref",
+                 description="PyTorch emulation of the quantized kernel, same scales and rounding (ops/quant_reference.py)"),
     ]

@@ -42,7 +42,8 @@ from sparseattn.ops.reference import reference_attention
 from sparseattn.state.types import AttentionState
 
 __all__ = ["attention_op", "REF_OP", "TRITON_OP", "PREDICT_OP", "predict_layout_op", "register_predictor_object",
-           "unregister_predictor_object", "predictor_blocks"]
+           "unregister_predictor_object", "predictor_blocks", "decode_attention_op", "DECODE_REF_OP", "DECODE_TRITON_OP",
+           "quantized_attention_op", "QUANT_REF_OP", "QUANT_TRITON_OP"]
 
 REF_OP = "sparseattn::block_sparse_attention_ref"
 TRITON_OP = "sparseattn::block_sparse_attention_triton"
@@ -274,3 +275,233 @@ def predict_layout_op(predictor: Any, q: torch.Tensor, k: torch.Tensor, *, layer
     bm, bn = predictor_blocks(predictor)
     num, idx = torch.ops.sparseattn.predict_layout(q, k, pid, layer, causal)
     return BlockLayout(num, idx, bm, bn, q.shape[2], k.shape[2], validate=False)
+
+
+# --------------------------------------------------------------------------- decode as an operator
+DECODE_REF_OP = "sparseattn::decode_attention_ref"
+DECODE_TRITON_OP = "sparseattn::decode_attention_triton"
+# the scale is resolved by decode_attention_op (a plain float); seqlens/k_scale/v_scale already checked and
+# normalised there (int32 seqlens on q's device; (B, H_kv, N_max) float32 scales)
+_DECODE_SCHEMA = ("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? seqlens, float scale, int? num_splits, "
+                  "Tensor? k_scale, Tensor? v_scale, bool causal) -> (Tensor, Tensor)")
+
+
+def _decode_fake(q: torch.Tensor, lse_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, Lq, D = q.shape
+    return q.new_empty((B, H, Lq, D)), q.new_empty((B, H, Lq), dtype=lse_dtype)
+
+
+@torch.library.custom_op(DECODE_REF_OP, mutates_args=(), schema=_DECODE_SCHEMA)
+def _decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor | None,
+                          scale: float, num_splits: int | None, k_scale: torch.Tensor | None,
+                          v_scale: torch.Tensor | None, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from sparseattn.ops.decode import decode_reference
+
+    st = decode_reference(q, k_cache, v_cache, seqlens=seqlens, scale=scale, k_scale=k_scale, v_scale=v_scale,
+                          causal=causal)
+    return st.out.contiguous(), st.lse.contiguous()  # fresh tensors (the reference never returns its inputs)
+
+
+@_decode_attention_ref.register_fake
+def _(q, k_cache, v_cache, seqlens, scale, num_splits, k_scale, v_scale, causal):  # noqa: ANN001, ANN202
+    return _decode_fake(q, torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+@torch.library.custom_op(DECODE_TRITON_OP, mutates_args=(), schema=_DECODE_SCHEMA)
+def _decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             seqlens: torch.Tensor | None, scale: float, num_splits: int | None,
+                             k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                             causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-KV Triton decode kernel (opaque). Verified on the CPU interpreter only; not yet on a GPU."""
+    from sparseattn.ops.decode import decode_attention
+
+    st = decode_attention(q, k_cache, v_cache, seqlens=seqlens, scale=scale, num_splits=num_splits, return_lse=True,
+                          backend="triton", check_seqlens=False, k_scale=k_scale, v_scale=v_scale, causal=causal)
+    return st.out.contiguous(), st.lse.contiguous()
+
+
+@_decode_attention_triton.register_fake
+def _(q, k_cache, v_cache, seqlens, scale, num_splits, k_scale, v_scale, causal):  # noqa: ANN001, ANN202
+    return _decode_fake(q, torch.float32)  # the kernel takes float16/bfloat16/float32; lse is float32
+
+
+def _stand_in(shape: tuple[int, ...], dt: torch.dtype, device: str) -> torch.Tensor:
+    return torch.empty_strided(shape, (0,) * len(shape), dtype=dt, device=device)
+
+
+@_assume_constant_result
+def _decode_backends() -> tuple[str, ...]:
+    """The decode backend names the op offers (the registry's built-in decode operators), once per compile."""
+    from sparseattn.ops.decode import _BUILTIN_OPS, _backend_choices
+
+    return _backend_choices(_BUILTIN_OPS)
+
+
+@_assume_constant_result
+def _select_decode(backend: str, device: str, dtype: torch.dtype, q_shape: tuple[int, ...],
+                   kv_dtype: torch.dtype) -> str:
+    """The decode operator's name for inputs described by constants (evaluated once per compile, not traced).
+
+    The registry's choice (:func:`~sparseattn.ops.decode.decode_choice`) on a stand-in ``q``; raises the
+    decode functions' ``NotImplementedError`` for a named backend that refuses.
+    """
+    from sparseattn.ops.decode import _BUILTIN_OPS, _choose
+
+    return _choose("decode_attention_op", _stand_in(q_shape, dtype, device), backend, kv_dtype, _BUILTIN_OPS).name
+
+
+def decode_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    causal: bool = True,
+    backend: str = "auto",
+) -> AttentionState:
+    """:func:`~sparseattn.ops.decode.decode_attention` (with ``return_lse=True``) through a registered custom op.
+
+    Same arguments, shape/dtype validation, backend choice (the registry's decode operators: on CPU
+    tensors ``"auto"`` is the reference) and results, traceable by ``torch.compile(fullgraph=True)``:
+    one opaque op per call. ``seqlens`` values are never read on the host (no check, no sync; the kernel
+    clamps them into ``[0, N_max]``). ``config`` is not offered (experiments: call ``decode_attention``).
+
+    Shapes:
+        q ``(B, H, Lq, D)``, k_cache/v_cache ``(B, H_kv, N_max, D)`` → out ``(B, H, Lq, D)`` in q's dtype,
+        lse ``(B, H, Lq)`` float32 (float64 for float64 on the reference).
+    """
+    from sparseattn.ops import decode as dec
+
+    fn = "decode_attention_op"
+    dims, sc = dec._check_decode(fn, q, k_cache, v_cache, scale, k_scale=k_scale, v_scale=v_scale)
+    B, H, Hkv, Lq, N, D = dims
+    ks, vs = dec._check_kv_scales(fn, q, k_scale, v_scale, B, Hkv, N)
+    dec._check_bool(fn, "causal", causal)
+    seqlens = dec._check_seqlens(fn, seqlens, B, N, q.device, False)
+    num_splits = dec._check_num_splits(fn, num_splits)
+    backend = dec._check_backend(fn, backend, choices=_decode_backends())
+    if backend == "reference" or (backend == "auto" and not q.is_cuda):
+        name = dec._REFERENCE_OP  # the reference accepts every valid input; auto on CPU never picks the interpreter
+    else:
+        name = _select_decode(backend, str(q.device), q.dtype, tuple(q.shape), k_cache.dtype)
+    op = torch.ops.sparseattn.decode_attention_triton if name == dec._KERNEL_OP else \
+        torch.ops.sparseattn.decode_attention_ref
+    out, lse = op(q, k_cache, v_cache, seqlens, float(sc), num_splits, ks, vs, bool(causal))
+    return AttentionState(out, lse)
+
+
+# --------------------------------------------------------------------------- quantized prefill as an operator
+QUANT_REF_OP = "sparseattn::quantized_attention_ref"
+QUANT_TRITON_OP = "sparseattn::quantized_attention_triton"
+_QUANT_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? kv_num_blocks, Tensor? kv_indices, SymInt block_m, "
+                 "SymInt block_n, bool causal, float? scale, str quant, str quant_granularity, bool smooth_k) "
+                 "-> (Tensor, Tensor)")
+
+
+@torch.library.custom_op(QUANT_REF_OP, mutates_args=(), schema=_QUANT_SCHEMA)
+def _quantized_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor | None,
+                             kv_indices: torch.Tensor | None, block_m: int, block_n: int, causal: bool,
+                             scale: float | None, quant: str, quant_granularity: str,
+                             smooth_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch emulation of the quantized kernel (same scales and rounding; ops/quant_reference.py)."""
+    from sparseattn.ops.quant_reference import emulated_quantized_attention
+
+    layout = _layout_from(q, k, kv_num_blocks, kv_indices, block_m, block_n)
+    out, lse = emulated_quantized_attention(q, k, v, layout=layout, causal=causal, scale=scale, quant=quant,
+                                            quant_granularity=quant_granularity, smooth_k=smooth_k)
+    return out.contiguous(), lse.to(torch.float32).contiguous()
+
+
+@_quantized_attention_ref.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale, quant, quant_granularity,  # noqa: ANN001
+      smooth_k):  # noqa: ANN001, ANN202
+    return _fake_outputs(q, torch.float32)
+
+
+@torch.library.custom_op(QUANT_TRITON_OP, mutates_args=(), schema=_QUANT_SCHEMA)
+def _quantized_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor | None,
+                                kv_indices: torch.Tensor | None, block_m: int, block_n: int, causal: bool,
+                                scale: float | None, quant: str, quant_granularity: str,
+                                smooth_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quantized Triton kernel (opaque). Verified on the CPU interpreter only; not yet on a GPU."""
+    from sparseattn.ops.quant import quantized_attention
+
+    layout = _layout_from(q, k, kv_num_blocks, kv_indices, block_m, block_n)
+    st = quantized_attention(q, k, v, layout=layout, causal=causal, scale=scale, quant=quant,
+                             quant_granularity=quant_granularity, smooth_k=smooth_k, return_lse=True)
+    return st.out.contiguous(), st.lse.contiguous()
+
+
+@_quantized_attention_triton.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale, quant, quant_granularity,  # noqa: ANN001
+      smooth_k):  # noqa: ANN001, ANN202
+    return _fake_outputs(q, torch.float32)  # float16/bfloat16 inputs only; lse is float32
+
+
+@_assume_constant_result
+def _select_quant(device: str, dtype: torch.dtype, q_shape: tuple[int, ...], blocks: tuple[int, int] | None,
+                  quant: str) -> str | None:
+    """The refusal of the registry's quantized operator for inputs described by constants (once per compile)."""
+    from sparseattn.ops.quant import _KERNEL_OP, quant_choice
+
+    q = _stand_in(q_shape, dtype, device)
+    layout = None
+    if blocks is not None:  # only the block sizes matter to the refusal
+        layout = BlockLayout(_stand_in((q_shape[0], q_shape[1], 1), torch.int32, device),
+                             _stand_in((q_shape[0], q_shape[1], 1, 1), torch.int32, device), blocks[0], blocks[1],
+                             blocks[0], blocks[1], validate=False)
+    return quant_choice(q, quant=quant, layout=layout, names=(_KERNEL_OP,))[1]
+
+
+def quantized_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    layout: BlockLayout | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    quant: str = "int8",
+    quant_granularity: str = "per_warp",
+    smooth_k: bool = True,
+    backend: str = "auto",
+) -> AttentionState:
+    """:func:`~sparseattn.ops.quant.quantized_attention` (``return_lse=True``) through a registered custom op.
+
+    Same validation and refusals (``NotImplementedError`` with the registry operator's reason), traceable
+    by ``torch.compile(fullgraph=True)``. ``backend``: ``"auto"`` / ``"triton"`` (the quantized kernel:
+    CUDA, or the CPU under ``TRITON_INTERPRET=1``) or ``"reference"`` (the PyTorch emulation with the same
+    scales and rounding, :func:`~sparseattn.ops.quant_reference.emulated_quantized_attention`: any device).
+    ``topk_indices`` / ``config`` are not offered (build the layout first).
+
+    Shapes:
+        q ``(B, H, N_q, D)``, k/v ``(B, H_kv, N_kv, D)`` → out ``(B, H, N_q, D)`` in q's dtype, lse ``(B, H, N_q)``
+        float32.
+    """
+    from sparseattn.ops import quant as Q
+
+    fn = "quantized_attention_op"
+    if backend not in ("auto", "triton", "reference"):
+        raise fail(fn, "backend", "is unknown", "one of ['auto', 'triton', 'reference']", repr(backend))
+    Q._check_modes(fn, quant, quant_granularity)
+    check_attention_args(fn, q, k, v, causal=causal, layout=layout, scale=scale, pv_threshold=None)
+    if not isinstance(smooth_k, bool):
+        raise fail(fn, "smooth_k", "must be a bool", "True or False", repr(smooth_k))
+    if backend != "reference":
+        blocks = None if layout is None else (layout.block_m, layout.block_n)
+        reason = _select_quant(str(q.device), q.dtype, tuple(q.shape), blocks, quant)
+        if reason is not None:
+            raise NotImplementedError(f"{fn}: the quantized kernel cannot run these inputs: {reason}")
+    op = torch.ops.sparseattn.quantized_attention_ref if backend == "reference" else \
+        torch.ops.sparseattn.quantized_attention_triton
+    sc = None if scale is None else float(scale)
+    if layout is None:
+        out, lse = op(q, k, v, None, None, 0, 0, causal, sc, quant, quant_granularity, smooth_k)
+    else:
+        out, lse = op(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.block_m, layout.block_n, causal, sc,
+                      quant, quant_granularity, smooth_k)
+    return AttentionState(out, lse)

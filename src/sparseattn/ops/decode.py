@@ -50,6 +50,7 @@ __all__ = [
     "pages_key_mask",
     "decode_reference",
     "decode_refusal",
+    "decode_choice",
     "decode_num_splits",
     "quantized_kv_dtypes",
     "PageSummaries",
@@ -202,10 +203,63 @@ def _check_kv_scales(fn: str, q: torch.Tensor, k_scale: Any, v_scale: Any, B: in
     return out[0], out[1]
 
 
-def _check_backend(fn: str, backend: Any) -> str:
-    if backend not in ("auto", "triton", "reference"):
-        raise fail(fn, "backend", "is not a known backend", "'auto', 'triton' or 'reference'", repr(backend))
+# the built-in decode operators (ops/_builtin_ops.py) and the path of this module that runs each
+_KERNEL_OP, _REFERENCE_OP = "decode_triton", "decode_reference"
+_BUILTIN_OPS = (_KERNEL_OP, _REFERENCE_OP)
+
+
+def _backend_name(op_name: str) -> str:
+    """The ``backend=`` spelling of a decode operator: ``"decode_triton"`` -> ``"triton"``."""
+    return op_name[len("decode_"):] if op_name.startswith("decode_") else op_name
+
+
+def _decode_operators(names: tuple[str, ...] | None = None) -> tuple[Any, ...]:
+    """The registry's decode operators (entry point ``"decode"``) in priority order, optionally only ``names``."""
+    from sparseattn.ops.registry import operators
+
+    ops = operators("decode", entry_point="decode")
+    return ops if names is None else tuple(op for op in ops if op.name in names)
+
+
+def _backend_choices(names: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """``"auto"`` and the ``backend=`` names of the registry's decode operators (only ``names`` if given)."""
+    return ("auto",) + tuple(_backend_name(op.name) for op in _decode_operators(names))
+
+
+def _check_backend(fn: str, backend: Any, names: tuple[str, ...] | None = None,
+                   choices: tuple[str, ...] | None = None) -> str:
+    if choices is None:
+        choices = _backend_choices(names)
+    if backend not in choices:
+        quoted = [repr(c) for c in choices]
+        raise fail(fn, "backend", "is not a known backend", ", ".join(quoted[:-1]) + " or " + quoted[-1], repr(backend))
     return backend
+
+
+def decode_choice(q: torch.Tensor, backend: str = "auto", kv_dtype: torch.dtype | None = None, *,
+                  names: tuple[str, ...] | None = None) -> tuple[Any, str | None]:
+    """The decode operator ``backend`` runs for these inputs, asked of the registry (no warning, no error).
+
+    ``backend="auto"``: the first decode operator (priority order) that accepts the inputs and is preferred
+    for them (the Triton kernel only on CUDA), with the refusal of the first operator it passed over
+    (``None`` if none refused). A named backend (``"triton"``, ``"reference"`` or a registered decode
+    operator's name): ``(operator, None)`` if it accepts, else ``(None, its refusal)``. ``names`` restricts
+    the operators considered (the paged/selection paths run the built-ins only).
+    """
+    from sparseattn.ops.registry import operator_refusals
+
+    first: str | None = None
+    for op in _decode_operators(names):
+        if backend != "auto" and _backend_name(op.name) != backend:
+            continue
+        why = operator_refusals((op,), q, kv_dtype=kv_dtype)[op.name]
+        if backend != "auto":
+            return (op, None) if why is None else (None, why)
+        if why is None and (op.preferred is None or op.preferred(q)):
+            return op, first
+        if first is None:
+            first = why
+    return None, first
 
 
 def _check_bool(fn: str, name: str, value: Any) -> None:
@@ -511,22 +565,21 @@ def _check_num_splits(fn: str, num_splits: Any) -> int | None:
     return num_splits
 
 
-def _use_kernel(fn: str, q: torch.Tensor, backend: str, kv_dtype: torch.dtype | None = None) -> bool:
-    if backend == "reference":
-        return False
-    reason = decode_refusal(q, kv_dtype)
-    if reason is None and backend == "auto" and not q.is_cuda:
-        return False  # as attention(backend="auto"): CPU tensors take the reference even under the interpreter
-    if reason is not None:
-        if backend == "triton":
-            raise NotImplementedError(f"{fn}: the Triton kernel cannot run these inputs: {reason}")
-        if kv_dtype is not None and kv_dtype != q.dtype and q.is_cuda:
-            # a quantized cache on a GPU the kernel refuses: the reference dequantises the whole cache in
-            # float32 (a full copy) -- correct but slow, so say so (once per reason)
-            _warn_once(f"{fn}: the Triton decode kernel cannot read this quantized cache ({reason}); "
-                       "backend='auto' runs decode_reference, which dequantises the whole cache in PyTorch")
-        return False
-    return True
+def _choose(fn: str, q: torch.Tensor, backend: str, kv_dtype: torch.dtype | None = None,
+            names: tuple[str, ...] | None = _BUILTIN_OPS) -> Any:
+    """The decode operator to run (the registry's choice), raising or warning as the decode functions do."""
+    op, reason = decode_choice(q, backend, kv_dtype, names=names)
+    if op is None:
+        if backend == "auto":  # every operator refused or was passed over (only with a custom registry)
+            raise NotImplementedError(f"{fn}: no registered decode operator runs these inputs: {reason}")
+        what = "the Triton kernel" if backend == "triton" else f"the {backend!r} decode operator"
+        raise NotImplementedError(f"{fn}: {what} cannot run these inputs: {reason}")
+    if reason is not None and backend == "auto" and kv_dtype is not None and kv_dtype != q.dtype and q.is_cuda:
+        # a quantized cache on a GPU the kernel refuses: the reference dequantises the whole cache in
+        # float32 (a full copy) -- correct but slow, so say so (once per reason)
+        _warn_once(f"{fn}: the Triton decode kernel cannot read this quantized cache ({reason}); "
+                   "backend='auto' runs decode_reference, which dequantises the whole cache in PyTorch")
+    return op
 
 
 _WARNED: set[str] = set()
@@ -605,7 +658,11 @@ def decode_attention(
     seqlens = _check_seqlens(fn, seqlens, B, N, q.device, check_seqlens)
     num_splits = _check_num_splits(fn, num_splits)
     _check_return_lse(fn, return_lse)
-    if _use_kernel(fn, q, _check_backend(fn, backend), k_cache.dtype):
+    op = _choose(fn, q, _check_backend(fn, backend, None), k_cache.dtype, names=None)
+    if op.name not in _BUILTIN_OPS:  # a registered decode operator: its run function, with this call's arguments
+        return op.run_fn()(q, k_cache, v_cache, seqlens=seqlens, scale=scale, num_splits=num_splits,
+                           return_lse=return_lse, config=config, k_scale=ks, v_scale=vs, causal=causal)
+    if op.name == _KERNEL_OP:
         st = _launch(fn, q, k_cache, v_cache, seqlens, None, None, 1, dims, scale, num_splits, config, N, ks, vs,
                      causal)
     else:
@@ -801,7 +858,7 @@ def select_pages(
     _check_summaries(fn, summaries, B, Hkv, N, D, q.device, None)
     k_int, frac = _resolve_top(fn, top_pages, keep_first, keep_last)
     seqlens = _check_seqlens(fn, seqlens, B, N, q.device, check_seqlens)
-    if _use_kernel(fn, q, _check_backend(fn, backend)):
+    if _choose(fn, q, _check_backend(fn, backend, _BUILTIN_OPS)).name == _KERNEL_OP:
         return _select_kernel(q, summaries, seqlens, k_int, frac, keep_first, keep_last)
     return _select(q, summaries, seqlens, k_int, frac, keep_first, keep_last)
 
@@ -956,7 +1013,7 @@ def paged_decode_attention(
     seqlens = _check_seqlens(fn, seqlens, B, N, q.device, check_seqlens)
     num_splits = _check_num_splits(fn, num_splits)
     _check_return_lse(fn, return_lse)
-    if _use_kernel(fn, q, _check_backend(fn, backend), k_cache.dtype):
+    if _choose(fn, q, _check_backend(fn, backend, _BUILTIN_OPS), k_cache.dtype).name == _KERNEL_OP:
         pidx = page_indices if page_indices.dtype == torch.int32 and page_indices.stride(-1) == 1 else \
             page_indices.to(torch.int32).contiguous()
         pnum = page_counts if page_counts.dtype == torch.int32 and page_counts.stride(-1) == 1 else \
@@ -1016,7 +1073,7 @@ def sparse_decode_attention(
     if not isinstance(return_pages, bool):
         raise fail(fn, "return_pages", "must be a bool", "True or False", repr(return_pages))
     seqlens = _check_seqlens(fn, seqlens, B, N, q.device, check_seqlens)
-    if _use_kernel(fn, q, _check_backend(fn, backend)):
+    if _choose(fn, q, _check_backend(fn, backend, _BUILTIN_OPS)).name == _KERNEL_OP:
         pidx, pnum = _select_kernel(q, summaries, seqlens, k_int, frac, keep_first, keep_last)
     else:
         pidx, pnum = _select(q, summaries, seqlens, k_int, frac, keep_first, keep_last)

@@ -8,6 +8,7 @@ API:
   in fused Triton kernels on every call (its time is part of the call).
 * :func:`quantize_qkv` — the quantization alone (returns a :class:`QuantizedQKV`).
 * :func:`quant_refusal` — why the quantized kernel cannot run some inputs (``None`` if it can).
+* :func:`quant_choice` — the registry's quantized-prefill operator for some inputs (or the refusal).
 
 Scale granularities (``quant_granularity``), as SageAttention defines them for the MMA fragment
 layout (``m16n8k32`` INT8 MMA; on Hopper a warp owns 16 rows of a 64-row warpgroup tile):
@@ -46,7 +47,8 @@ from sparseattn._validation import check_attention_args, fail
 from sparseattn.layout.block_layout import BlockLayout, cdiv
 from sparseattn.state.types import AttentionState
 
-__all__ = ["quantized_attention", "quantized_prefill", "quantize_qkv", "quant_refusal", "QuantizedQKV", "QUANT_MODES", "GRANULARITIES",
+__all__ = ["quantized_attention", "quantized_prefill", "quantize_qkv", "quant_refusal", "quant_choice", "tuned_configs",
+           "use_tuned_configs", "QuantizedQKV", "QUANT_MODES", "GRANULARITIES",
            "LAST_CONFIG"]
 
 QUANT_MODES = ("int8", "int8_fp8")
@@ -145,6 +147,36 @@ def quant_refusal(q: Any, *, quant: str = "int8", layout: BlockLayout | None = N
     return _triton_import_error()
 
 
+_KERNEL_OP = "quant_triton"  # the built-in quantized operator (ops/_builtin_ops.py): this module's kernel
+
+
+def quant_choice(q: Any, *, quant: str = "int8", layout: BlockLayout | None = None,
+                 names: tuple[str, ...] | None = None) -> tuple[Any, str | None]:
+    """The quantized-prefill operator that runs these inputs, asked of the registry (no error raised).
+
+    Lists the ``"quant_prefill"`` operators of the ``"quant"`` entry point in priority order (only
+    ``names`` if given) and returns ``(operator, None)`` for the first that accepts, else ``(None, the
+    first operator's refusal)`` (:func:`quant_refusal` for the built-in kernel).
+    """
+    from sparseattn.ops.registry import operator_refusals, operators
+
+    first: str | None = None
+    for op in operators("quant_prefill", entry_point="quant"):
+        if names is not None and op.name not in names:
+            continue
+        why = operator_refusals((op,), q, quant=quant, layout=layout)[op.name]
+        if why is None:
+            return op, None
+        if first is None:
+            first = why
+    return None, first if first is not None else "no quantized prefill operator is registered"
+
+
+def _kernel_refusal(q: Any, quant: str, layout: BlockLayout | None = None) -> str | None:
+    """The built-in quantized operator's refusal, from the registry (``quantize_qkv`` runs its kernels only)."""
+    return quant_choice(q, quant=quant, layout=layout, names=(_KERNEL_OP,))[1]
+
+
 def _check_modes(fn: str, quant: Any, granularity: Any) -> None:
     if quant not in QUANT_MODES:
         raise fail(fn, "quant", "is unknown", f"one of {list(QUANT_MODES)}", repr(quant))
@@ -177,7 +209,7 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, quant: st
     _check_modes(fn, quant, quant_granularity)
     (B, H, Hkv, Nq, Nkv, D), sm_scale = check_attention_args(fn, q, k, v, causal=False, layout=None, scale=scale,
                                                               pv_threshold=None)
-    reason = quant_refusal(q, quant=quant)
+    reason = _kernel_refusal(q, quant)
     if reason is not None:
         raise NotImplementedError(f"{fn}: the quantized kernel cannot run these inputs: {reason}")
     return _quantize(q, k, v, quant, quant_granularity, sm_scale, smooth_k)
@@ -268,8 +300,13 @@ _TUNE_CANDIDATES: dict[int, list[tuple[int, int, int, int, int | None]]] = {
     256: [(64, 64, 4, 2, None), (128, 64, 8, 2, None), (64, 32, 4, 2, None)],
 }
 _TUNED_MAX = 128
-_TUNED: Any = None  # BoundedCache, built on first use
+_TUNED: Any = None  # BoundedCache keyed by launch facts and the device *name* (as the prefill launcher's)
 TUNE_LOG: list[dict[str, Any]] = []  # per tuned key: every candidate's time (bounded like _TUNED)
+# The remembered winners as data: TunedConfigs entries per device name (ops/registry.py), JSON on disk.
+_KEY_FIELDS = ("head_dim", "layout_block_m", "layout_block_n", "causal", "quant", "granularity", "n_ctx_log2", "dtype",
+               "device")
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
 def _tuned_cache() -> Any:
@@ -279,6 +316,80 @@ def _tuned_cache() -> Any:
 
         _TUNED = BoundedCache(_TUNED_MAX, name="quant._TUNED")
     return _TUNED
+
+
+def _tune_key(D: int, layout: BlockLayout, causal: bool, quant: str, gran: str, n_key: int, dtype: torch.dtype,
+              dev: torch.device) -> tuple[Any, ...]:
+    from sparseattn.ops.registry import device_name
+
+    name = device_name(dev)
+    _seed_shipped(name)
+    return (D, layout.block_m, layout.block_n, causal, quant, gran, n_key, dtype, name)
+
+
+def tuned_configs() -> Any:
+    """The quantized kernel's autotune winners remembered so far, per device name (a
+    :class:`~sparseattn.ops.registry.TunedConfigs` of operator ``"quant_triton"``; save it with
+    :func:`~sparseattn.ops.registry.save_tuned_configs`)."""
+    from sparseattn.ops.registry import TunedConfigs, TunedEntry
+
+    cache = _tuned_cache()
+    devices: dict[str, list[Any]] = {}
+    for key in cache.keys():
+        cfg = cache.get(key)
+        if cfg is None or not isinstance(key, tuple) or len(key) != len(_KEY_FIELDS):
+            continue
+        m = dict(zip(_KEY_FIELDS, key))
+        dev = m.pop("device")
+        m["dtype"] = str(m["dtype"]).replace("torch.", "")
+        devices.setdefault(dev, []).append(TunedEntry(m, dict(cfg)))
+    return TunedConfigs(_KERNEL_OP, {d: tuple(e) for d, e in devices.items()})
+
+
+def use_tuned_configs(configs: Any) -> int:
+    """Seed the quantized kernel's remembered winners from ``configs`` (operator ``"quant_triton"``); returns the count.
+
+    A seeded key launches its config directly (no autotuning) on GPUs of that device name.
+    """
+    from sparseattn.ops.registry import TunedConfigs
+
+    fn = "quant.use_tuned_configs"
+    if not isinstance(configs, TunedConfigs):
+        raise fail(fn, "configs", "must be a TunedConfigs", "a TunedConfigs", type(configs).__name__)
+    if configs.operator != _KERNEL_OP:
+        raise fail(fn, "configs.operator", "is another operator's", repr(_KERNEL_OP), repr(configs.operator))
+    fields = [f for f in _KEY_FIELDS if f != "device"]
+    todo: list[tuple[tuple[Any, ...], dict[str, int]]] = []
+    for dev, entries in configs.devices.items():
+        for i, e in enumerate(entries):
+            m = e.match
+            if sorted(m) != sorted(fields) or m.get("dtype") not in _DTYPES or m.get("quant") not in QUANT_MODES \
+                    or m.get("granularity") not in GRANULARITIES:
+                raise fail(fn, f"configs.devices[{dev!r}][{i}].match", "is not a launch key of the quantized kernel",
+                           f"keys {fields} (dtype float16/bfloat16, quant in {list(QUANT_MODES)})", repr(m))
+            c = e.config
+            ok = set(_CONFIG_KEYS) <= set(c) <= set(_CONFIG_KEYS) | {"maxnreg"} and all(
+                isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in c.values())
+            if not ok or m["layout_block_m"] % c["BLOCK_M"] or m["layout_block_n"] % c["BLOCK_N"]:
+                raise fail(fn, f"configs.devices[{dev!r}][{i}].config", "is not a launch config of the quantized kernel",
+                           f"positive ints {list(_CONFIG_KEYS)} (and maxnreg), tiles dividing the layout blocks", repr(c))
+            key = (int(m["head_dim"]), int(m["layout_block_m"]), int(m["layout_block_n"]), bool(m["causal"]), m["quant"],
+                   m["granularity"], int(m["n_ctx_log2"]), _DTYPES[m["dtype"]], dev)
+            todo.append((key, dict(c)))
+    cache = _tuned_cache()
+    for key, cfg in todo:  # all checked first: a bad entry seeds nothing
+        cache.put(key, cfg)
+    return len(todo)
+
+
+@functools.lru_cache(maxsize=64)
+def _seed_shipped(dev_name: str) -> None:
+    """Seed the winners the package ships for this device name (ops/tuned/, once per name; none shipped yet)."""
+    from sparseattn.ops.registry import TunedConfigs, tuned_for
+
+    shipped = tuned_for(_KERNEL_OP)
+    if shipped is not None and dev_name in shipped.devices:
+        use_tuned_configs(TunedConfigs(_KERNEL_OP, {dev_name: shipped.devices[dev_name]}))
 
 
 def _autotune(key: tuple[Any, ...], D: int, layout: BlockLayout, launch: Any) -> dict[str, int]:
@@ -380,7 +491,7 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
             cfg = default_quant_config(D, layout.block_m, layout.block_n, interpret=interp)
         else:
             n_key = int(math.ceil(math.log2(max(Nq, Nkv, 2))))
-            key = (D, layout.block_m, layout.block_n, causal, qq.quant, qq.granularity, n_key, out_dtype, str(dev))
+            key = _tune_key(D, layout, causal, qq.quant, qq.granularity, n_key, out_dtype, dev)
             cfg = _autotune(key, D, layout, launch)
         launch(cfg)
         LAST_CONFIG.clear()
@@ -479,9 +590,13 @@ def quantized_attention(
                                                               pv_threshold=None)
     if not isinstance(smooth_k, bool):
         raise fail(fn, "smooth_k", "must be a bool", "True or False", repr(smooth_k))
-    reason = quant_refusal(q, quant=quant, layout=layout)
-    if reason is not None:
+    op, reason = quant_choice(q, quant=quant, layout=layout)
+    if op is None:
         raise NotImplementedError(f"{fn}: the quantized kernel cannot run these inputs: {reason}")
+    if op.name != _KERNEL_OP:  # a registered quantized operator: its run function, with this call's arguments
+        return op.run_fn()(q, k, v, layout=layout, causal=causal, scale=scale, quant=quant,
+                           quant_granularity=quant_granularity, topk_indices=topk_indices, block_size=block_size,
+                           smooth_k=smooth_k, return_lse=return_lse, config=config)
     lay = resolve_layout(fn, q, k, layout, topk_indices, block_size, causal)
     qq = _quantize(q, k, v, quant, quant_granularity, sm_scale, smooth_k)
     st = _run_kernel(qq, lay, causal, q.dtype, config)
