@@ -22,8 +22,10 @@ block and top-k count) is built once per geometry by the bounded geometry cache 
 torch path (only where float rounding flips a decision sitting exactly on a threshold), is in the
 docstring of :mod:`sparseattn.ops.triton.mean_sim_predict`.
 
-Launch parameters (tile sizes, warps) are fixed by shape here, not autotuned; they were chosen by
-reasoning about registers and parallelism and have not been tuned on a GPU.
+Launch parameters (tile sizes, warps) are fixed by shape here, not autotuned. The pool kernel's chunk and
+warps and the min/max score tile come from an H200 sweep at 32K (``benchmarks/profile_predictor.py``,
+BENCHMARKS.md, second 2026-12-03 session); the rest were chosen by reasoning about registers and
+parallelism.
 
 Triton is imported lazily (on the first launch), never by ``import sparseattn``. On CPU tensors the
 kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton is imported).
