@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from sparseattn.layout.masks import token_causal_mask
+
 __all__ = ["_causal_equivalent", "_causal_match", "_window_mask", "_packed_documents", "_packed_match"]
 
 
@@ -21,20 +23,13 @@ def _causal_match(mask: torch.Tensor, nq: int, nkv: int, window: int | None = No
     """0-dim bool tensor: ``mask`` equals the plain causal mask (+ window) (no host read)."""
     m = mask[..., :nkv]
     allowed = m if m.dtype == torch.bool else (m == 0)
-    r = torch.arange(nq, device=m.device)[:, None]
-    c = torch.arange(nkv, device=m.device)[None, :]
-    causal = c <= r + (nkv - nq)
-    if window is not None:
-        causal = causal & (c > r + (nkv - nq) - window)
+    causal = token_causal_mask(nq, nkv, window, m.device)
     return (allowed == causal).all()
 
 
 def _window_mask(nq: int, nkv: int, window: int, device: torch.device) -> torch.Tensor:
     """Bool ``(1, 1, N_q, N_kv)`` causal sliding-window mask (for the model's own attention on a window layer)."""
-    r = torch.arange(nq, device=device)[:, None]
-    c = torch.arange(nkv, device=device)[None, :]
-    off = nkv - nq
-    return ((c <= r + off) & (c > r + off - window))[None, None]
+    return token_causal_mask(nq, nkv, window, device)[None, None]
 
 
 def _packed_documents(position_ids: Any, B: int, nq: int, nkv: int) -> torch.Tensor | None:
@@ -57,10 +52,6 @@ def _packed_match(mask: torch.Tensor, docs: torch.Tensor, window: int | None = N
     nq = docs.shape[-1]
     m = mask[..., :nq]
     allowed = m if m.dtype == torch.bool else (m == 0)
-    r = torch.arange(nq, device=m.device)[:, None]
-    c = torch.arange(nq, device=m.device)[None, :]
-    expect = (c <= r) & (docs[:, None, :, None] == docs[:, None, None, :])
-    if window is not None:
-        expect = expect & (c > r - window)
+    expect = token_causal_mask(nq, nq, window, m.device) & (docs[:, None, :, None] == docs[:, None, None, :])
     return (allowed == expect).all()
 

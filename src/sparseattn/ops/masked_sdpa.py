@@ -10,6 +10,7 @@ import warnings
 import torch
 
 from sparseattn.layout.block_layout import BlockLayout
+from sparseattn.layout.masks import causal_window_mask
 
 __all__ = ["masked_sdpa_attention"]
 
@@ -60,9 +61,7 @@ def masked_sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
         rows = torch.arange(r0, r1, device=q.device)
         cols = torch.arange(kbeg, kend, device=q.device)
         em = block_mask[:, :, rows // bm][:, :, :, cols // bn]
-        em = em & (cols[None, :] <= rows[:, None] + off)
-        if sliding_window is not None:
-            em = em & (cols[None, :] > rows[:, None] + off - sliding_window)
+        em = em & causal_window_mask(rows, cols, off, sliding_window)
         o = torch.nn.functional.scaled_dot_product_attention(q[:, :, r0:r1], k[:, :, kbeg:kend], v[:, :, kbeg:kend],
                                                              attn_mask=em, scale=scale, enable_gqa=H != k.shape[1])
         if bool(torch.isnan(o).any()):  # rows with no selected key (SDPA gives NaN there): 0, as the reference
