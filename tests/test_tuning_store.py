@@ -274,19 +274,21 @@ def test_patch_model_with_a_tuned_file(tmp_path, tiny_model):
     # in memory, with a finite per-head pv_threshold: the handle passes pred.pv_threshold_for(layer) on
     cfg = TunedConfig(layers={1: _hp(3, pv=8.0)}, meta=_meta())
     seen = []
-    orig = tp._pv_for
+    from sparseattn.integrations import handle as hd  # the handle's hot path looks _pv_for up in its own module
+
+    orig = hd._pv_for
 
     def spy(pred, layer):
         seen.append((layer, orig(pred, layer)))
         return seen[-1][1]
 
-    tp._pv_for = spy
+    hd._pv_for = spy
     try:
         with tp.patch_model(tiny_model, tuned=cfg) as h, torch.no_grad():
             tiny_model(ids)
             rep = h.sparsity_report()
     finally:
-        tp._pv_for = orig
+        hd._pv_for = orig
     assert rep["tuned"] == "in-memory"
     assert (1, 8.0) in seen and "masked_sdpa" not in rep["layers"]["1"]["backends"]
     assert "tuned" not in tp.patch_model(tiny_model, predictor="mean_sim").sparsity_report()

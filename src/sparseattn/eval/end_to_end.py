@@ -191,7 +191,7 @@ def _block_mass(q: torch.Tensor, k: torch.Tensor, head: int, block: int, scale: 
 @torch.no_grad()
 def _random_comparison(pred: Any, captured: dict[int, dict[str, torch.Tensor]], modes: dict[int, str],
                        scale_of: dict[int, float | None], seed: int) -> dict[str, Any]:
-    from sparseattn.integrations.transformers_patch import masked_sdpa_attention
+    from sparseattn.ops.masked_sdpa import masked_sdpa_attention
     from sparseattn.eval.metrics import cosine_similarity
 
     gen = torch.Generator().manual_seed(seed)

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from sparseattn._validation import fail
-from sparseattn.integrations.transformers_patch import _compiling
+from sparseattn.integrations._tracing import _compiling
 
 __all__ = ["DECODE_MODES", "DECODE_BACKENDS", "DecodeConfig", "DecodeRoute", "make_decode_config", "SUMMARY_ATTR"]
 

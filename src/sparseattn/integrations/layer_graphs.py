@@ -26,7 +26,7 @@ pointers and strides match (then that memory *is* this call's input). A key whos
 moving is re-captured at most :data:`_MAX_DIRECT_TRIES` times, then uses the copy path only.
 :attr:`LayerGraphs.stats` counts direct and copy replays.
 
-**Fast lane.** :class:`FastLane` is what :class:`~sparseattn.integrations.transformers_patch.PatchHandle`
+**Fast lane.** :class:`FastLane` is what :class:`~sparseattn.integrations.handle.PatchHandle`
 keeps per graphed layer so that a repeated call skips the general checks: it compares the call with
 the one it was made for (shapes, dtypes, device, scale, window, no mask, no capture, same predictor,
 no option that needs the host) and replays, or hands the call back to the general path. Captures use

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from sparseattn._validation import fail
+from sparseattn.layout.masks import token_causal_mask
 
 __all__ = ["ATTN_NAME_MIXED", "mixed_attention_forward", "register_mixed_attention", "enable_mixed_cache"]
 
@@ -126,11 +127,7 @@ def _plain_causal(mask: torch.Tensor, nq: int, nkv: int, window: int | None) -> 
         return hit[0]
     m = mask[..., :nkv]
     allowed = m if m.dtype == torch.bool else (m == 0)
-    r = torch.arange(nq, device=m.device)[:, None]
-    c = torch.arange(nkv, device=m.device)[None, :]
-    want = c <= r + (nkv - nq)
-    if window is not None:
-        want = want & (c > r + (nkv - nq) - window)
+    want = token_causal_mask(nq, nkv, window, m.device)
     verdict = bool((allowed == want).all())  # the one host read
     if len(_MASK_VERDICTS) >= _MASK_VERDICTS_MAX:
         _MASK_VERDICTS.clear()

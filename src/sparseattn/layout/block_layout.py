@@ -27,6 +27,7 @@ import torch
 
 from sparseattn._cache import BoundedCache
 from sparseattn._validation import check_positive_int, check_tensor, fail
+from sparseattn.layout.masks import token_causal_mask
 
 __all__ = ["BlockLayout", "causal_block_region", "cdiv", "region_row_limits"]
 
@@ -267,9 +268,7 @@ class BlockLayout:
         m = m.repeat_interleave(self.block_m, dim=2)[:, :, : self.seqlen_q]
         m = m.repeat_interleave(self.block_n, dim=3)[:, :, :, : self.seqlen_kv]
         if causal:
-            r = torch.arange(self.seqlen_q, device=self.device)[:, None]
-            c = torch.arange(self.seqlen_kv, device=self.device)[None, :]
-            m = m & (c <= r + (self.seqlen_kv - self.seqlen_q))
+            m = m & token_causal_mask(self.seqlen_q, self.seqlen_kv, device=self.device)
         return m
 
     # ------------------------------------------------------------------ statistics

@@ -17,6 +17,7 @@ import torch
 
 from sparseattn._validation import check_fraction, check_nonneg_int, check_positive_int, fail
 from sparseattn.layout.block_layout import BlockLayout, causal_block_region, cdiv
+from sparseattn.layout.masks import diagonal_blocks, local_block_mask
 
 __all__ = [
     "dense_layout",
@@ -47,16 +48,6 @@ def _geometry(fn: str, seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int
                       ("batch", batch), ("heads", heads)):
         check_positive_int(fn, name, val)
     return cdiv(seqlen_q, block_m), cdiv(seqlen_kv, block_n)
-
-
-def _diag(seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int) -> torch.Tensor:
-    """Diagonal key block of every query block (may be < 0 when N_q > N_kv and the block sees nothing)."""
-    Mb = cdiv(seqlen_q, block_m)
-    i = torch.arange(Mb)
-    row_last = torch.clamp((i + 1) * block_m, max=seqlen_q) - 1
-    last_key = row_last + (seqlen_kv - seqlen_q)
-    Nb = cdiv(seqlen_kv, block_n)
-    return torch.clamp(torch.div(last_key, block_n, rounding_mode="floor"), max=Nb - 1)
 
 
 def _shared(mask2d: torch.Tensor, seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int, batch: int, heads: int,
@@ -94,11 +85,7 @@ def sliding_window_layout(seqlen_q: int, seqlen_kv: int | None = None, *, window
     seqlen_kv = seqlen_q if seqlen_kv is None else seqlen_kv
     Mb, Nb = _geometry(fn, seqlen_q, seqlen_kv, block_m, block_n, batch, heads)
     check_positive_int(fn, "window_blocks", window_blocks)
-    d = _diag(seqlen_q, seqlen_kv, block_m, block_n)[:, None]
-    j = torch.arange(Nb)[None, :]
-    mask = (j <= d) & (j > d - window_blocks)
-    if not causal:
-        mask = mask | ((j > d) & (j < d + window_blocks))
+    mask = local_block_mask(seqlen_q, seqlen_kv, block_m, block_n, window_blocks, causal)
     return _shared(mask, seqlen_q, seqlen_kv, block_m, block_n, batch, heads, causal, device)
 
 
@@ -479,7 +466,7 @@ def strided_layout(seqlen_q: int, seqlen_kv: int | None = None, *, stride: int =
     Mb, Nb = _geometry(fn, seqlen_q, seqlen_kv, block_m, block_n, batch, heads)
     check_positive_int(fn, "stride", stride)
     check_nonneg_int(fn, "local_blocks", local_blocks)
-    d = _diag(seqlen_q, seqlen_kv, block_m, block_n)[:, None]
+    d = diagonal_blocks(seqlen_q, seqlen_kv, block_m, block_n)[:, None]
     j = torch.arange(Nb)[None, :]
     dist = d - j
     mask = (torch.remainder(dist, stride) == 0) | ((dist >= 0) & (dist < local_blocks))
@@ -496,7 +483,7 @@ def block_diagonal_layout(seqlen_q: int, seqlen_kv: int | None = None, *, group_
     seqlen_kv = seqlen_q if seqlen_kv is None else seqlen_kv
     Mb, Nb = _geometry(fn, seqlen_q, seqlen_kv, block_m, block_n, batch, heads)
     check_positive_int(fn, "group_blocks", group_blocks)
-    d = _diag(seqlen_q, seqlen_kv, block_m, block_n).clamp(min=0)[:, None]
+    d = diagonal_blocks(seqlen_q, seqlen_kv, block_m, block_n).clamp(min=0)[:, None]
     j = torch.arange(Nb)[None, :]
     mask = torch.div(j, group_blocks, rounding_mode="floor") == torch.div(d, group_blocks, rounding_mode="floor")
     return _shared(mask, seqlen_q, seqlen_kv, block_m, block_n, batch, heads, causal, device)
@@ -543,7 +530,7 @@ def random_layout(seqlen_q: int, seqlen_kv: int | None = None, *, density: float
     score = torch.rand(batch, heads, Mb, Nb, generator=gen)
     score = score.masked_fill(~region, -1.0)
     if keep_diagonal:
-        d = _diag(seqlen_q, seqlen_kv, block_m, block_n)
+        d = diagonal_blocks(seqlen_q, seqlen_kv, block_m, block_n)
         rows = torch.arange(Mb)[d >= 0]
         dd = d[d >= 0]
         score[:, :, rows, dd] = torch.where(target[rows] > 0, 2.0, score[:, :, rows, dd])

@@ -114,7 +114,7 @@ def builtin_operators() -> list[Operator]:
                  custom_op="sparseattn::block_sparse_attention_ref",
                  description="PyTorch reference (ops/reference.py): the ground truth, any device, fp64-capable"),
         Operator("masked_sdpa", "prefill",
-                 run="sparseattn.integrations.transformers_patch:masked_sdpa_attention",
+                 run="sparseattn.ops.masked_sdpa:masked_sdpa_attention",
                  refusal=masked_sdpa_refusal, devices=("cpu", "cuda"), dtypes=None, head_dims=None,
                  entry_points=("integration",), priority=5, preferred=_masked_sdpa_preferred,
                  description="causal layout attention as SDPA with the layout's element mask (patch_model's CPU path)"),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from sparseattn.layout.block_layout import BlockLayout, cdiv
+from sparseattn.layout.masks import token_causal_mask
 from sparseattn.ops.quant import _FP8_MAX, _LOG2E, GRANULARITIES, QuantizedQKV
 
 __all__ = ["quantize_reference", "attention_from_quantized", "emulated_quantized_attention", "group_index",
@@ -124,9 +125,7 @@ def _allowed_mask(layout: BlockLayout, causal: bool, device: torch.device) -> to
     cols_b = torch.arange(Nkv, device=device) // layout.block_n
     m = blk[:, :, rows_b][:, :, :, cols_b]
     if causal:
-        off = Nkv - Nq
-        tri = torch.arange(Nkv, device=device)[None, :] <= torch.arange(Nq, device=device)[:, None] + off
-        m = m & tri
+        m = m & token_causal_mask(Nq, Nkv, device=device)
     return m
 
 

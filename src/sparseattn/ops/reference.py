@@ -13,74 +13,13 @@ import torch
 
 from sparseattn._validation import check_attention_args, check_layout_for, check_positive_int, check_qkv, fail
 from sparseattn.layout.block_layout import BlockLayout, causal_block_region
+from sparseattn.layout.masks import causal_window_mask, token_causal_mask
 from sparseattn.layout.patterns import check_row_bounds
+from sparseattn.ops.checks import _check_kv_scales, check_attn_mask, check_raw_state, check_segment
 from sparseattn.state.types import LN2, LOG2E, AttentionState, RawState  # AttentionState re-exported for compatibility
 
 __all__ = ["AttentionState", "RawState", "reference_attention", "reference_attention_carry", "sdpa_reference",
            "check_attn_mask", "check_raw_state", "check_segment"]
-
-
-def check_attn_mask(func: str, attn_mask: Any, B: int, H: int, Nq: int, Nkv: int,
-                    device: torch.device) -> torch.Tensor | None:
-    """Validate an additive float mask ``(B|1, H|1, N_q, N_kv)`` (0 attend, ``-inf`` masked, finite = bias).
-
-    Values are not read (no host sync); NaN / ``+inf`` entries are the caller's responsibility.
-    """
-    if attn_mask is None:
-        return None
-    if not isinstance(attn_mask, torch.Tensor):
-        raise fail(func, "attn_mask", "must be a torch.Tensor or None", "a float tensor (B|1, H|1, N_q, N_kv)",
-                   type(attn_mask).__name__)
-    if not attn_mask.dtype.is_floating_point:
-        raise fail(func, "attn_mask", "must be an additive float mask (0 attend, -inf masked)",
-                   "a floating-point dtype", str(attn_mask.dtype).replace("torch.", ""))
-    shp = tuple(attn_mask.shape)
-    if (attn_mask.dim() != 4 or shp[0] not in (1, B) or shp[1] not in (1, H) or shp[2:] != (Nq, Nkv)):
-        raise fail(func, "attn_mask", "has the wrong shape", f"(B|1, H|1, N_q, N_kv) = ({B}|1, {H}|1, {Nq}, {Nkv})",
-                   f"{shp}")
-    if attn_mask.device != device:
-        raise fail(func, "attn_mask", "is on another device than q", str(device), str(attn_mask.device))
-    return attn_mask
-
-
-def check_segment(func: str, kv_offset: Any, kv_len: Any, Nq: int, Nkv: int) -> tuple[int, int]:
-    """Check a key segment's position; returns ``(kv_len, causal offset of the segment)``.
-
-    The segment holds global keys ``kv_offset .. kv_offset + N_kv - 1`` of a sequence of ``kv_len``
-    keys whose last ``N_q`` positions are the queries: query ``i`` sees local keys ``<= i + OFF`` with
-    ``OFF = kv_len - N_q - kv_offset``.
-    """
-    if isinstance(kv_offset, bool) or not isinstance(kv_offset, int) or kv_offset < 0:
-        raise fail(func, "kv_offset", "must be a non-negative integer", "an int >= 0", repr(kv_offset))
-    if kv_len is None:
-        kv_len = kv_offset + Nkv
-    if isinstance(kv_len, bool) or not isinstance(kv_len, int):
-        raise fail(func, "kv_len", "must be an integer or None", "an int >= kv_offset + N_kv", repr(kv_len))
-    if kv_offset + Nkv > kv_len:
-        raise fail(func, "k", "segment runs past the end of the cache (kv_offset + N_kv > kv_len)",
-                   f"kv_offset + N_kv <= kv_len = {kv_len}", f"kv_offset={kv_offset}, N_kv={Nkv}")
-    return kv_len, kv_len - Nq - kv_offset
-
-
-def check_raw_state(func: str, name: str, state: Any, B: int, H: int, Nq: int, D: int, device: torch.device,
-                    dtype: torch.dtype) -> RawState | None:
-    """Check an incoming :class:`RawState` against the call's shapes, dtype and device (``None`` passes)."""
-    if state is None:
-        return None
-    if isinstance(state, AttentionState) or not (isinstance(state, tuple) and len(state) == 3
-                                                 and all(isinstance(t, torch.Tensor) for t in state)):
-        raise fail(func, name, "must be a RawState (m, l, acc) of tensors", "RawState(m, l, acc)", type(state).__name__)
-    m, l, acc = state
-    want = {"m": (B, H, Nq), "l": (B, H, Nq), "acc": (B, H, Nq, D)}
-    for part, t in (("m", m), ("l", l), ("acc", acc)):
-        if tuple(t.shape) != want[part]:
-            raise fail(func, f"{name}.{part}", "has the wrong shape", want[part], tuple(t.shape))
-        if t.dtype != dtype:
-            raise fail(func, f"{name}.{part}", "has the wrong dtype", str(dtype).replace("torch.", ""),
-                       str(t.dtype).replace("torch.", ""))
-        if t.device != device:
-            raise fail(func, f"{name}.{part}", "is on another device than q", str(device), str(t.device))
-    return RawState(m, l, acc)
 
 
 def _mask5(attn_mask: torch.Tensor, H: int, Hkv: int, dtype: torch.dtype) -> torch.Tensor:
@@ -245,9 +184,7 @@ def reference_attention(
             rb = row_block if ridx is None else row_block[ridx]  # type: ignore[index]
             allowed = sel[:, :, rb].reshape(B, Hkv, G, R, 1)
         if causal:
-            cm = cols[None, :] <= r[:, None] + off  # [R, C]
-            if W is not None:
-                cm = cm & (cols[None, :] > r[:, None] + off - W)
+            cm = causal_window_mask(r, cols, off, W)  # [R, C]
             allowed = cm if allowed is None else (allowed & cm)
         if bounds is not None:
             rl = b_lo if ridx is None else b_lo[:, :, :, ridx]
@@ -358,9 +295,7 @@ def sdpa_reference(
         check_layout_for("sdpa_reference", layout, B, H, Nq, Nkv, q.device)
         mask = layout.element_mask(causal=causal)
     elif causal:
-        r = torch.arange(Nq, device=q.device)[:, None]
-        c = torch.arange(Nkv, device=q.device)[None, :]
-        mask = mask & (c <= r + (Nkv - Nq))
+        mask = mask & token_causal_mask(Nq, Nkv, device=q.device)
     kk = k.repeat_interleave(G, dim=1)
     vv = v.repeat_interleave(G, dim=1)
     sdpa_mask: torch.Tensor = mask
@@ -408,8 +343,6 @@ def reference_attention_carry(
     """
     fn = "reference_attention_carry"
     if k_scale is not None or v_scale is not None:
-        from sparseattn.ops.triton_launch import _check_kv_scales
-
         ks, vs = _check_kv_scales(fn, q, k, v, k_scale, v_scale)
         wide = torch.float64 if q.dtype == torch.float64 else torch.float32
         k = (k.to(wide) * ks.unsqueeze(-1)).to(q.dtype)  # type: ignore[union-attr]
@@ -448,9 +381,7 @@ def reference_attention_carry(
         if block_mask is not None:
             allowed = allowed & block_mask[:, :, :, rows // layout.block_m, start // step].unsqueeze(-1)  # type: ignore[union-attr]
         if causal:
-            allowed = allowed & (cols[None, :] <= rows[:, None] + off)
-            if W is not None:
-                allowed = allowed & (cols[None, :] > rows[:, None] + off - W)
+            allowed = allowed & causal_window_mask(rows, cols, off, W)
         if mask5 is not None:
             mk = mask5[..., start:stop]
             qk = qk + mk * mask_mul

@@ -20,7 +20,7 @@ Caches and threads (every cache is bounded; see :mod:`sparseattn._cache`):
     (an evicted key re-asks Triton's autotuner, whose own per-key cache answers without benchmarking).
     ``_DENSE_BASE`` — the one-row dense layout used for ``layout=None`` (the sliding-window band with
     ``sliding_window``), per (lengths, blocks, causal, window, device string): ``_DENSE_BASE_MAX`` (64) entries. ``_kernels`` / ``_triton_import_error`` /
-    ``_triton_has_descriptors`` take no arguments (one entry each); ``_capability_of`` holds one entry
+    ``_triton_has_descriptors`` take no arguments (one entry each); ``checks._capability_of`` holds one entry
     per GPU index. ``LAST_COMPILED`` is overwritten (not grown) on each launch.
 
     Triton's runtime is not safe under concurrent host threads: its autotuner keeps per-call state
@@ -50,7 +50,9 @@ from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.layout.patterns import check_row_bounds
 from sparseattn.ops.launch_configs import BlockSparseFwdConfig
 from sparseattn.ops.registry import TunedConfigs, TunedEntry, device_name, tuned_for
-from sparseattn.ops.reference import check_attn_mask, check_raw_state, check_segment
+# the shared checks and the cached GPU capability (re-exported: decode and tests look them up here)
+from sparseattn.ops.checks import (_capability, _check_kv_scales, check_attn_mask,
+                                  check_raw_state, check_segment)
 from sparseattn.state.types import AttentionState, RawState
 
 __all__ = ["refusal", "block_sparse_fwd", "interpret_mode", "SUPPORTED_HEAD_DIMS", "SUPPORTED_BLOCK_SIZES"]
@@ -151,16 +153,6 @@ def _kernels() -> tuple[Any, Any, Any]:
                              prune_configs_by={"early_config_prune": configs.prune}, do_bench=configs.safe_bench)(plain)
              for tma in (False, True)]
     return plain, tuned[0], tuned[1]
-
-
-@functools.lru_cache(maxsize=64)  # one entry per GPU index
-def _capability_of(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-def _capability(device: torch.device) -> tuple[int, int]:
-    """Compute capability, looked up once per device (this runs on every call)."""
-    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
@@ -390,37 +382,6 @@ def _launch(plain: Any, tuned_plain: Any, tuned_tma: Any, cfg: dict[str, Any] | 
                            num_stages=cfg["num_stages"], **opts)
         return _note_compiled(kern, cfg)
 
-
-def _check_kv_scales(fn: str, q: torch.Tensor, k: Any, v: Any, k_scale: Any,
-                     v_scale: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Quantized K/V: int8 / float8_e4m3fn values with float32 per-key scales; returns contiguous ``(B, H_kv, N)`` scales."""
-    if k_scale is None and v_scale is None:
-        return None, None
-    if k_scale is None or v_scale is None:
-        raise fail(fn, "k_scale/v_scale", "must be given together (quantized K and V)", "both or neither",
-                   f"k_scale={'set' if k_scale is not None else None}, v_scale={'set' if v_scale is not None else None}")
-    qdt = [torch.int8] + ([torch.float8_e4m3fn] if hasattr(torch, "float8_e4m3fn") else [])
-    out = []
-    for name, t, sc in (("k", k, k_scale), ("v", v, v_scale)):
-        if not isinstance(t, torch.Tensor) or t.dtype not in qdt:
-            raise fail(fn, name, "must hold quantized values with k_scale/v_scale", "int8 or float8_e4m3fn",
-                       getattr(t, "dtype", type(t).__name__))
-        if not isinstance(sc, torch.Tensor) or sc.dtype != torch.float32:
-            raise fail(fn, f"{name}_scale", "must be a float32 tensor", "float32 (B, H_kv, N_kv)",
-                       getattr(sc, "dtype", type(sc).__name__))
-        if t.dim() == 4 and sc.dim() == 4 and sc.shape[-1] == 1:
-            sc = sc.squeeze(-1)
-        if t.dim() != 4 or tuple(sc.shape) != tuple(t.shape[:3]):
-            raise fail(fn, f"{name}_scale", "does not match the quantized tensor (one scale per key and head)",
-                       tuple(t.shape[:3]) if t.dim() == 4 else "(B, H_kv, N_kv)", tuple(sc.shape))
-        if sc.device != q.device:
-            raise fail(fn, f"{name}_scale", "is on another device than q", str(q.device), str(sc.device))
-        out.append(sc.contiguous())
-    if k.dtype != v.dtype:
-        raise fail(fn, "k/v dtypes", "must be equal", "one quantized dtype", f"k={k.dtype}, v={v.dtype}")
-    if k.dtype != torch.int8 and q.is_cuda and _capability(q.device) < (8, 9):
-        raise NotImplementedError(f"{fn}: float8 K/V need a GPU of compute capability >= 8.9")
-    return out[0], out[1]
 
 
 def block_sparse_fwd(

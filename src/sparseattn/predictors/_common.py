@@ -27,6 +27,7 @@ from sparseattn._validation import (
     fail,
 )
 from sparseattn.layout.block_layout import BlockLayout, causal_block_region, cdiv, compact_mask
+from sparseattn.layout.masks import diagonal_blocks, local_block_mask
 
 __all__ = [
     "check_qk", "check_block", "block_minmax", "check_opt_fraction", "check_bool", "check_version", "block_pool", "causal_region",
@@ -165,29 +166,11 @@ def causal_region(seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int, cau
     return cached(("region", seqlen_q, seqlen_kv, block_m, block_n, causal, str(device)), build)
 
 
-def diagonal_blocks(seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int, device: torch.device) -> torch.Tensor:
-    """Key block holding the last key each query block's last row may see (bottom-right aligned), ``[Mb]``.
-
-    Negative when the whole query block sees no key (``N_q > N_kv``).
-    """
-    Mb, Nb = cdiv(seqlen_q, block_m), cdiv(seqlen_kv, block_n)
-    i = torch.arange(Mb, device=device)
-    row_last = torch.clamp((i + 1) * block_m, max=seqlen_q) - 1
-    last_key = row_last + (seqlen_kv - seqlen_q)
-    return torch.clamp(torch.div(last_key, block_n, rounding_mode="floor"), max=Nb - 1)
-
-
 def local_mask(seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int, n_blocks: int, causal: bool,
                device: torch.device) -> torch.Tensor:
     """Bool ``[Mb, Nb]``: the diagonal key block and the ``n_blocks - 1`` before it (and after, if not causal). Cached; do not modify."""
     def build() -> torch.Tensor:
-        Nb = cdiv(seqlen_kv, block_n)
-        d = diagonal_blocks(seqlen_q, seqlen_kv, block_m, block_n, device)[:, None]
-        j = torch.arange(Nb, device=device)[None, :]
-        m = (j <= d) & (j > d - n_blocks)
-        if not causal:
-            m = m | ((j > d) & (j < d + n_blocks))
-        return m
+        return local_block_mask(seqlen_q, seqlen_kv, block_m, block_n, n_blocks, causal, device)
 
     return cached(("local", seqlen_q, seqlen_kv, block_m, block_n, n_blocks, causal, str(device)), build)
 

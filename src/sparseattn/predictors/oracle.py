@@ -22,6 +22,7 @@ import torch
 
 from sparseattn._validation import fail
 from sparseattn.layout.block_layout import BlockLayout, cdiv
+from sparseattn.layout.masks import causal_window_mask
 from sparseattn.predictors._common import (
     block_pool,
     causal_region,
@@ -86,7 +87,7 @@ def exact_block_mass(
         s = torch.einsum("bhgnd,bhcd->bhgnc", qf, kf[:, :, start:stop]) * scale
         if causal:
             cols = torch.arange(start, stop, device=dev)
-            cm = cols[None, :] <= rows[:, None] + off
+            cm = causal_window_mask(rows, cols, off)
             if not bool(cm.any()):
                 return None
             s = s.masked_fill(~cm, -math.inf)

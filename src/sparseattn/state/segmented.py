@@ -109,7 +109,7 @@ def attention_with_state(
     fn = "attention_with_state"
     quantized = k_scale is not None or v_scale is not None
     if quantized:
-        from sparseattn.ops.triton_launch import _check_kv_scales
+        from sparseattn.ops.checks import _check_kv_scales
 
         _check_kv_scales(fn, q, k_seg, v_seg, k_scale, v_scale)
         check_qkv(fn, q, torch.zeros((), dtype=q.dtype, device=k_seg.device).expand(k_seg.shape),

@@ -29,6 +29,7 @@ import torch
 
 from sparseattn._validation import fail
 from sparseattn.layout.block_layout import cdiv
+from sparseattn.layout.masks import causal_window_mask
 from sparseattn.predictors.mean_similarity import MeanSimilarityConfig
 from sparseattn.tuning.predictor import MeanSimStats, mean_sim_stats, select_per_head
 from sparseattn.tuning.types import RULES, HeadParams
@@ -91,7 +92,7 @@ def tile_states(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: i
         rows = torch.arange(r0, r0 + R, device=dev)
         ok = (cols[None, :nkb * bn] < N) & (rows[:, None] < N)
         if causal:
-            ok = ok & (cols[None, :nkb * bn] <= rows[:, None])
+            ok = ok & causal_window_mask(rows, cols[:nkb * bn], 0)
         s.masked_fill_(~ok, -math.inf)
         s5 = s.reshape(Hkv, G, R, nkb, bn)
         smax = s5.amax(-1)  # [Hkv, G, R, nkb]
