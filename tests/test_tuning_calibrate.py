@@ -1,0 +1,169 @@
+"""Model-level calibration of a tuned file (sparseattn.tuning.calibrate): the scale knob, the bisection, the
+end-to-end loop on a tiny random Llama, and bad inputs in the house format."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from sparseattn.tuning.calibrate import Targets, bisect_scale, calibrate_tuned, scale_tuned  # noqa: E402
+
+
+def _model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _ids(n=2, seq=256):
+    return [torch.randint(0, 97, (seq,), generator=torch.Generator().manual_seed(s)) for s in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tuned():
+    from sparseattn.predictors.mean_similarity import MeanSimilarityConfig
+    from sparseattn.tuning import tune_model
+
+    model = _model()
+    cfg = tune_model(model, _ids(), l1=0.2, base=MeanSimilarityConfig(block_m=32, block_n=32, keep_local=1),
+                     progress=False, log=lambda _line: None)
+    return model, cfg
+
+
+def _linear(slope, at0=1.0):
+    """A metric that falls linearly with the scale (monotone), and a record of the scales asked for."""
+    asked = []
+
+    def measure(s):
+        asked.append(s)
+        return {"top1_agreement": at0 - slope * s, "kl_dense_sparse": 0.0, "logits_cosine": 1.0, "sparsity": s / 10}
+
+    return measure, asked
+
+
+def test_bisection_goes_up_from_a_passing_file():
+    measure, asked = _linear(0.02)  # passes while s <= 2.5
+    scale, probes = bisect_scale(measure, Targets(top1=0.95), steps=5)
+    assert asked[:3] == [1.0, 2.0, 4.0]  # probe 1 passes: doubling brackets [2, 4]
+    assert 2.5 - 2.0 / 2 ** 5 <= scale <= 2.5
+    assert [p["scale"] for p in probes] == asked and len(probes) == 3 + 5
+    assert all(p["passed"] == (p["top1_agreement"] >= 0.95) for p in probes)
+    # monotone: every pass lies at or below every fail
+    assert max(p["scale"] for p in probes if p["passed"]) < min(p["scale"] for p in probes if not p["passed"])
+
+
+def test_bisection_goes_down_from_a_failing_file():
+    measure, asked = _linear(0.04, at0=0.96)  # passes while s <= 0.25
+    scale, probes = bisect_scale(measure, Targets(top1=0.95), steps=6)
+    assert asked[:2] == [1.0, 0.0]
+    assert 0.25 - 1.0 / 2 ** 6 <= scale <= 0.25
+    assert next(p for p in probes if p["scale"] == scale)["passed"]
+
+
+def test_bisection_caps_and_gives_up():
+    measure, _ = _linear(0.0)  # always passes: doubling stops at max_scale
+    scale, probes = bisect_scale(measure, Targets(top1=0.5), steps=3, max_scale=4.0)
+    assert scale == 4.0 and [p["scale"] for p in probes] == [1.0, 2.0, 4.0]
+    measure, _ = _linear(0.0, at0=0.5)  # never passes, not even at 0
+    scale, probes = bisect_scale(measure, Targets(top1=0.9), steps=3)
+    assert scale is None and [p["scale"] for p in probes] == [1.0, 0.0]
+
+
+def test_targets_combine_kl_and_cosine():
+    t = Targets(top1=0.9, kl=0.01, cosine=0.999)
+    ok = {"top1_agreement": 0.95, "kl_dense_sparse": 0.005, "logits_cosine": 0.9995}
+    assert t.met(ok)
+    assert not t.met({**ok, "kl_dense_sparse": 0.02})
+    assert not t.met({**ok, "logits_cosine": 0.99})
+
+
+def test_scale_nests_the_selected_blocks(tuned):
+    """A smaller scale keeps a superset of the blocks (sparsity monotone in the scale); 1 is the file itself."""
+    from sparseattn.tuning.predictor import mean_sim_stats, select_per_head
+
+    model, cfg = tuned
+    assert all(torch.equal(scale_tuned(cfg, 1.0).layers[li].cdf_threshold, hp.cdf_threshold)
+               for li, hp in cfg.layers.items())
+    from sparseattn.predictors.mean_similarity import MeanSimilarityConfig
+
+    base = MeanSimilarityConfig(block_m=32, block_n=32, keep_local=1)
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 4, 256, 16, generator=g), torch.randn(1, 2, 256, 16, generator=g)
+    stats = mean_sim_stats(q, k, base, causal=True)
+    prev = None
+    for s in (4.0, 2.0, 1.0, 0.5, 0.25, 0.0):
+        hp = scale_tuned(cfg, s).layers[1]
+        m = select_per_head(stats, torch.nan_to_num(hp.sim_threshold, nan=1.0),
+                            torch.nan_to_num(hp.cdf_threshold, nan=1.0), hp.dense)
+        if prev is not None:
+            assert bool((prev & ~m).sum() == 0), f"scale {s} dropped a block kept at a larger scale"
+        prev = m
+    off = scale_tuned(cfg, 1.0, keep_pv=False)
+    assert all(bool(torch.isinf(hp.pv_threshold[~hp.dense]).all()) for hp in off.layers.values())
+
+
+def test_calibrated_file_meets_the_target_on_the_calibration_samples(tuned):
+    from sparseattn.eval.end_to_end import logits_metrics
+    from sparseattn.integrations.transformers_patch import patch_model
+
+    model, cfg = tuned
+    ids = _ids()
+    lines = []
+    out = calibrate_tuned(model, cfg, ids, target_top1=0.9, steps=3, progress=False, log=lines.append)
+    cal = out.meta["calibration"]
+    assert cal["met"] and len(lines) == len(cal["probes"]) and cal["chosen"]["passed"]
+    assert cal["chosen"]["top1_agreement"] >= 0.9
+    # re-measure the returned file independently: the same numbers, so the target holds on these samples
+    with torch.no_grad():
+        dense = [model(t[None], use_cache=False, logits_to_keep=128).logits[0].float() for t in ids]
+        with patch_model(model, tuned=out):
+            per = [logits_metrics(model(t[None], use_cache=False, logits_to_keep=128).logits[0].float(), d)
+                   for t, d in zip(ids, dense)]
+    top1 = sum(m["top1_agreement"] for m in per) / len(per)
+    assert top1 == cal["chosen"]["top1_agreement"] and top1 >= 0.9  # same inputs, same CPU path: bitwise
+    # the passes all lie at or below the fails (the bracket the bisection kept)
+    passes = [p["scale"] for p in cal["probes"] if p["passed"]]
+    fails = [p["scale"] for p in cal["probes"] if not p["passed"]]
+    assert cal["scale"] == max(passes) and (not fails or max(passes) < min(fails))
+
+
+def test_calibration_survives_save_and_load(tuned, tmp_path):
+    from sparseattn.tuning.store import load_tuned, save_tuned
+
+    model, cfg = tuned
+    out = calibrate_tuned(model, cfg, _ids(1), target_top1=0.5, steps=0, progress=False)
+    back = load_tuned(save_tuned(tmp_path / "c.safetensors", out), model=model)
+    assert back.meta["calibration"]["scale"] == out.meta["calibration"]["scale"]
+    for li, hp in out.layers.items():
+        assert torch.equal(back.layers[li].cdf_threshold, hp.cdf_threshold)
+
+
+@pytest.mark.parametrize("call, pattern", [
+    (lambda m, c: calibrate_tuned(m, c, _ids(1), target_top1=1.5),
+     r"^calibrate_tuned: target_top1 is out of range; expected a finite number in \(0, 1\], got 1\.5$"),
+    (lambda m, c: calibrate_tuned(m, c, _ids(1), target_top1=None),
+     r"^calibrate_tuned: targets are all None; expected at least one of target_top1, target_kl, target_cosine, got None$"),
+    (lambda m, c: calibrate_tuned(m, c, _ids(1), target_top1=None, target_kl=math.inf),
+     r"^calibrate_tuned: target_kl is out of range; expected a finite number > 0, got inf$"),
+    (lambda m, c: calibrate_tuned(m, c, [], target_top1=0.9),
+     r"^calibrate_tuned: input_ids_list must be a non-empty list of 1-D or \(1, N\) token tensors; expected list\[tensor\], got list$"),
+    (lambda m, c: calibrate_tuned(m, "t.safetensors", _ids(1), target_top1=0.9),
+     r"^calibrate_tuned: cfg must be a TunedConfig; expected TunedConfig, got str$"),
+    (lambda m, c: calibrate_tuned(m, c, _ids(1), target_top1=0.9, score_last=0),
+     r"^calibrate_tuned: score_last must be a positive integer or None; expected e\.g\. 2048, got 0$"),
+    (lambda m, c: scale_tuned(c, -1.0),
+     r"^scale_tuned: scale must be a finite number >= 0; expected e\.g\. 0\.5, got -1\.0$"),
+    (lambda m, c: bisect_scale(lambda s: {}, Targets(top1=0.9), steps=-1),
+     r"^bisect_scale: steps must be an integer >= 0; expected e\.g\. 5, got -1$"),
+    (lambda m, c: bisect_scale(lambda s: {}, Targets(top1=0.9), max_scale=0.5),
+     r"^bisect_scale: max_scale must be a finite number >= 1; expected e\.g\. 8, got 0\.5$"),
+])
+def test_bad_inputs(tuned, call, pattern):
+    model, cfg = tuned
+    with pytest.raises(ValueError, match=pattern):
+        call(model, cfg)
