@@ -167,3 +167,47 @@ def test_bad_inputs(tuned, call, pattern):
     model, cfg = tuned
     with pytest.raises(ValueError, match=pattern):
         call(model, cfg)
+
+
+def test_cli_calibrates_and_reports(tmp_path, capsys):
+    """`sparseattn tune --target-top1`: the file holds the chosen scale, the report every probe; --from-file
+    skips the search and gives the same calibration."""
+    import json
+
+    from sparseattn.cli.main import main
+    from sparseattn.testing.bad_inputs import save_tiny_llama
+    from sparseattn.tuning.store import load_tuned
+
+    model_dir = save_tiny_llama(tmp_path / "model", hidden_size=64, intermediate_size=64, heads=4, kv_heads=2,
+                                head_dim=16)
+    common = ["tune", "--model", str(model_dir), "--random-ids", "--seq-len", "256", "--samples", "2", "--l1", "0.2",
+              "--target-top1", "0.9", "--calibrate-samples", "1", "--calibrate-steps", "2", "--no-plot"]
+    out = tmp_path / "t.safetensors"
+    assert main([*common, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "calibrate: scale=1 " in err and ("met;" in err or "NOT met" in err)
+    cal = load_tuned(out).meta["calibration"]
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert rep["meta"]["calibration"]["probes"] == json.loads(json.dumps(cal["probes"]))
+    assert "## Model-level calibration" in out.with_suffix(".md").read_text()
+    again = tmp_path / "again.safetensors"
+    assert main([*common, "--quiet", "--from-file", str(out), "--out", str(again)]) == 0
+    # starting from the calibrated file: its thresholds are the new scale-1 point, which passes
+    cal2 = load_tuned(again).meta["calibration"]
+    if cal["met"]:
+        assert cal2["probes"][0]["passed"] and cal2["probes"][0]["top1_agreement"] == cal["chosen"]["top1_agreement"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--target-top1", "1.5"], "--target-top1"),
+    (["--target-kl", "-1"], "--target-kl"),
+    (["--calibrate-steps", "-2"], "--calibrate-steps"),
+    (["--from-file", "/no/such/t.safetensors"], "--from-file /no/such/t.safetensors does not exist"),
+])
+def test_cli_bad_calibration_arguments(argv, needle, tmp_path, capsys):
+    from sparseattn.cli.main import main
+
+    rc = main(["tune", "--random-ids", *argv, "--out", str(tmp_path / "o.safetensors")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("sparseattn tune: error:"), err
+    assert needle in err, err

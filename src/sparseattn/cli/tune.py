@@ -56,6 +56,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     cal.add_argument("--target-cosine", type=density, default=None, help="logits cosine to reach")
     cal.add_argument("--calibrate-samples", type=positive_int, default=2,
                      help="calibration samples scored per probe (the first ones; default 2)")
+    cal.add_argument("--from-file", metavar="FILE", default=None,
+                     help="skip the per-head search and start from this tuned file (tuned on the same first "
+                          "--samples windows): calibrate and/or --compare only")
     cal.add_argument("--calibrate-steps", type=nonneg_int, default=5, help="bisection steps (default 5)")
     p.add_argument("--out", default="tuned.safetensors", help="the tuned file (default ./tuned.safetensors)")
     p.add_argument("--compare", action="store_true",
@@ -96,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     fn = "tune"
     progress = not args.quiet
     check_text_source(fn, args.text_file, args.text_dir)
+    if args.from_file is not None and not Path(args.from_file).expanduser().is_file():
+        raise fail(fn, f"--from-file {args.from_file}", "does not exist", "a tuned .safetensors file", "no such file")
     out = Path(args.out).expanduser()
     if out.is_dir():
         raise fail(fn, f"--out {out}", "is a directory", "a file path such as tuned.safetensors", "a directory")
@@ -131,10 +136,16 @@ def run(args: argparse.Namespace) -> int:
 
     # the layer-wide fields (blocks, sink, local, score) of the project default: --compare is then like for like
     base = resolve_predictor(DEFAULT_PREDICTOR_SPEC).config
-    with torch.no_grad():
-        cfg = tune_model(model, [t.to(dev) for t in tune_ids], l1=args.l1, pv_l1=args.pv_l1, layer_l1=args.layer_l1,
-                         rule=args.rule, dense_layers=tuple(args.dense_layers), base=base, progress=progress,
-                         log=(lambda line: _log(line, True)) if progress else None)
+    if args.from_file:
+        # no search: calibrate / compare an existing file (its calibration texts must be these first samples)
+        cfg = load_tuned(args.from_file, model=model)
+        cfg.meta.pop("calibration", None)
+        _log(f"per-head search skipped: starting from {args.from_file}", progress)
+    else:
+        with torch.no_grad():
+            cfg = tune_model(model, [t.to(dev) for t in tune_ids], l1=args.l1, pv_l1=args.pv_l1,
+                             layer_l1=args.layer_l1, rule=args.rule, dense_layers=tuple(args.dense_layers), base=base,
+                             progress=progress, log=(lambda line: _log(line, True)) if progress else None)
     calibrating = any(x is not None for x in (args.target_top1, args.target_kl, args.target_cosine))
     if calibrating:
         from sparseattn.tuning.calibrate import calibrate_tuned
