@@ -211,3 +211,52 @@ def test_cli_bad_calibration_arguments(argv, needle, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("sparseattn tune: error:"), err
     assert needle in err, err
+
+
+def test_keep_local_grid_is_sparser_within_budget_and_round_trips(tmp_path):
+    """Per-head keep_local: never less sparse than the layer-wide window, every head still within l1, the
+    predictor selects what the search measured, and the optional tensor survives save / load."""
+    from sparseattn.predictors.mean_similarity import MeanSimilarityConfig
+    from sparseattn.tuning.predictor import TunedMeanSimPredictor, mean_sim_stats, per_head_forced, select_per_head
+    from sparseattn.tuning.search import tune_layer
+    from sparseattn.tuning.store import load_tuned, save_tuned
+    from sparseattn.tuning.types import TunedConfig
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, h, 512, 16, generator=g) for h in (4, 2, 2))
+    base = MeanSimilarityConfig(block_m=32, block_n=32, keep_local=8)
+    plain = tune_layer([(q, k, v)], base=base, l1=0.3)
+    grid = tune_layer([(q, k, v)], base=base, l1=0.3, keep_local_grid=(4, 2, 1, 16))
+    assert plain.keep_local is None and grid.keep_local is not None
+    live = ~grid.dense
+    assert bool((grid.sparsity >= plain.sparsity).all()) and bool((grid.error[live] <= 0.3).all())
+    assert set(grid.keep_local[live].tolist()) <= {8.0, 4.0, 2.0, 1.0}
+    # the predictor's layout equals the search's mask for the stored per-head windows
+    stats = mean_sim_stats(q, k, base)
+    want = select_per_head(stats, torch.nan_to_num(grid.sim_threshold, nan=1.0),
+                           torch.nan_to_num(grid.cdf_threshold, nan=1.0), grid.dense,
+                           per_head_forced(stats, True, grid.local_blocks(8)))
+    got = TunedMeanSimPredictor({0: grid}, base).predict(q, k, layer=0)
+    assert torch.equal(got.to_dense_mask(), want)
+    meta = {"version": 1, "model": "m", "fingerprint": {"num_hidden_layers": 1, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "model_type": "llama"},
+            "predictor": {"block_m": 32, "block_n": 32, "keep_sink": True, "keep_local": 8, "score": "mixed"},
+            "rule": "l1", "budgets": {"l1": 0.3, "pv_l1": None, "layer_l1": ""}, "seq_len": 512, "samples": 1,
+            "dense_layers": [], "seconds": 0.0, "device": "cpu", "created": "now"}
+    back = load_tuned(save_tuned(tmp_path / "kl.safetensors", TunedConfig({0: grid}, meta)))
+    assert torch.equal(torch.nan_to_num(back.layers[0].keep_local), torch.nan_to_num(grid.keep_local))
+
+
+def test_keep_local_bad_inputs():
+    from sparseattn.predictors.mean_similarity import MeanSimilarityConfig
+    from sparseattn.tuning.search import tune_layer
+    from sparseattn.tuning.types import HeadParams
+
+    q, k, v = torch.randn(1, 2, 64, 16), torch.randn(1, 1, 64, 16), torch.randn(1, 1, 64, 16)
+    with pytest.raises(ValueError, match=r"^tune_layer: keep_local_grid must be a sequence of integers >= 1; "
+                                         r"expected e\.g\. \(4, 2, 1\), got \(0,\)$"):
+        tune_layer([(q, k, v)], base=MeanSimilarityConfig(block_m=32, block_n=32), keep_local_grid=(0,))
+    f = torch.zeros(2)
+    with pytest.raises(ValueError, match=r"^HeadParams: keep_local is out of range for a sparse head; "
+                                         r"expected integers >= 1, got \[2\.5, 1\.0\]$"):
+        HeadParams(f + 0.5, f + 0.5, f + 1, torch.zeros(2, dtype=torch.bool), f, f, keep_local=torch.tensor([2.5, 1.0]))

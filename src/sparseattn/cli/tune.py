@@ -42,6 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="budget for adding the P·V skip on top of the block selection (default: no P·V skip)")
     p.add_argument("--layer-l1", type=layer_budgets, default="",
                    help="per-layer budgets overriding --l1, e.g. '0-5:0.04,21-:0.08'")
+    p.add_argument("--keep-local-grid", type=optional_int_list(1, "local block counts"), default=[],
+                   help="per-head local block counts also tried after the sim/cdf search, e.g. 4,2,1 "
+                        "(values below the default predictor's keep_local; default: none, one value per layer)")
     p.add_argument("--rule", default="l1", choices=["l1", "cosine", "rmse"],
                    help="error rule between the sparse and the dense attention output of a head (default l1)")
     p.add_argument("--dense-layers", type=optional_int_list(0, "layer indices"), default=[],
@@ -145,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         with torch.no_grad():
             cfg = tune_model(model, [t.to(dev) for t in tune_ids], l1=args.l1, pv_l1=args.pv_l1,
                              layer_l1=args.layer_l1, rule=args.rule, dense_layers=tuple(args.dense_layers), base=base,
-                             progress=progress, log=(lambda line: _log(line, True)) if progress else None)
+                             progress=progress, log=(lambda line: _log(line, True)) if progress else None,
+                             keep_local_grid=tuple(args.keep_local_grid))
     calibrating = any(x is not None for x in (args.target_top1, args.target_kl, args.target_cosine))
     if calibrating:
         from sparseattn.tuning.calibrate import calibrate_tuned
@@ -181,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": str(dtype).replace("torch.", ""), "text_source": source,
         "arguments": {"samples": args.samples, "seq_len": args.seq_len, "l1": args.l1, "pv_l1": args.pv_l1,
                       "layer_l1": args.layer_l1, "rule": args.rule, "dense_layers": list(args.dense_layers),
+                      "keep_local_grid": list(args.keep_local_grid),
                       "target_top1": args.target_top1, "target_kl": args.target_kl,
                       "target_cosine": args.target_cosine, "calibrate_samples": args.calibrate_samples,
                       "calibrate_steps": args.calibrate_steps},
