@@ -270,7 +270,8 @@ def tune_layer(
         sim_grid: sim_threshold values tried.
         cdf_steps: bisection steps (for cdf, and for pv).
         causal: causal attention (the region the sparsity is counted in).
-        callback: called after each probe with ``{"phase": "prepare"|"cdf"|"pv", "step": int, "total": int}``.
+        callback: called after each probe with ``{"phase": "prepare"|"cdf"|"keep_local"|"pv", "step": int,
+            "total": int}``.
         device: where the search runs (default: the first sample's device); the samples are moved
             there, and the returned HeadParams are on the CPU.
         keep_local_grid: per-head local block counts tried (integers >= 1; values >= ``base.keep_local``
