@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sparseattn.cli._args import (any_int, check_text_source, device, layer_budgets, optional_int_list, positive_float,
-                                  positive_int)
+from sparseattn.cli._args import (any_int, check_text_source, density, device, layer_budgets, nonneg_int,
+                                  optional_int_list, positive_float, positive_int)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -42,10 +42,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="budget for adding the P·V skip on top of the block selection (default: no P·V skip)")
     p.add_argument("--layer-l1", type=layer_budgets, default="",
                    help="per-layer budgets overriding --l1, e.g. '0-5:0.04,21-:0.08'")
+    p.add_argument("--keep-local-grid", type=optional_int_list(1, "local block counts"), default=[],
+                   help="per-head local block counts also tried after the sim/cdf search, e.g. 4,2,1 "
+                        "(values below the default predictor's keep_local; default: none, one value per layer)")
     p.add_argument("--rule", default="l1", choices=["l1", "cosine", "rmse"],
                    help="error rule between the sparse and the dense attention output of a head (default l1)")
     p.add_argument("--dense-layers", type=optional_int_list(0, "layer indices"), default=[],
                    help="comma-separated layers kept dense (not tuned), e.g. 0,1")
+    cal = p.add_argument_group(
+        "model-level calibration", "after the per-head search, bisect one global knob (each sparse head's CDF tail "
+        "1 - cdf scaled by s) for the sparsest setting whose model-level metrics meet the targets on the first "
+        "--calibrate-samples calibration samples (never the --compare ones); each probe is one forward per sample")
+    cal.add_argument("--target-top1", type=density, default=None,
+                     help="top-1 agreement with the dense model to reach, e.g. 0.95 (enables calibration)")
+    cal.add_argument("--target-kl", type=positive_float, default=None, help="KL(dense || sparse) to stay under")
+    cal.add_argument("--target-cosine", type=density, default=None, help="logits cosine to reach")
+    cal.add_argument("--calibrate-samples", type=positive_int, default=2,
+                     help="calibration samples scored per probe (the first ones; default 2)")
+    cal.add_argument("--from-file", metavar="FILE", default=None,
+                     help="skip the per-head search and start from this tuned file (tuned on the same first "
+                          "--samples windows): calibrate and/or --compare only")
+    cal.add_argument("--calibrate-steps", type=nonneg_int, default=5, help="bisection steps (default 5)")
     p.add_argument("--out", default="tuned.safetensors", help="the tuned file (default ./tuned.safetensors)")
     p.add_argument("--compare", action="store_true",
                    help="after tuning, compare the untuned default predictor with the tuned file on held-out samples")
@@ -85,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     fn = "tune"
     progress = not args.quiet
     check_text_source(fn, args.text_file, args.text_dir)
+    if args.from_file is not None and not Path(args.from_file).expanduser().is_file():
+        raise fail(fn, f"--from-file {args.from_file}", "does not exist", "a tuned .safetensors file", "no such file")
     out = Path(args.out).expanduser()
     if out.is_dir():
         raise fail(fn, f"--out {out}", "is a directory", "a file path such as tuned.safetensors", "a directory")
@@ -120,10 +139,33 @@ def run(args: argparse.Namespace) -> int:
 
     # the layer-wide fields (blocks, sink, local, score) of the project default: --compare is then like for like
     base = resolve_predictor(DEFAULT_PREDICTOR_SPEC).config
-    with torch.no_grad():
-        cfg = tune_model(model, [t.to(dev) for t in tune_ids], l1=args.l1, pv_l1=args.pv_l1, layer_l1=args.layer_l1,
-                         rule=args.rule, dense_layers=tuple(args.dense_layers), base=base, progress=progress,
-                         log=(lambda line: _log(line, True)) if progress else None)
+    if args.from_file:
+        # no search: calibrate / compare an existing file (its calibration texts must be these first samples)
+        cfg = load_tuned(args.from_file, model=model)
+        cfg.meta.pop("calibration", None)
+        _log(f"per-head search skipped: starting from {args.from_file}", progress)
+    else:
+        with torch.no_grad():
+            cfg = tune_model(model, [t.to(dev) for t in tune_ids], l1=args.l1, pv_l1=args.pv_l1,
+                             layer_l1=args.layer_l1, rule=args.rule, dense_layers=tuple(args.dense_layers), base=base,
+                             progress=progress, log=(lambda line: _log(line, True)) if progress else None,
+                             keep_local_grid=tuple(args.keep_local_grid))
+    calibrating = any(x is not None for x in (args.target_top1, args.target_kl, args.target_cosine))
+    if calibrating:
+        from sparseattn.tuning.calibrate import calibrate_tuned
+
+        n_cal = min(args.calibrate_samples, len(tune_ids))
+        _log(f"calibrate: {n_cal} calibration samples, targets top1={args.target_top1} kl={args.target_kl} "
+             f"cosine={args.target_cosine}", progress)
+        cfg = calibrate_tuned(model, cfg, [t.to(dev) for t in tune_ids[:n_cal]], target_top1=args.target_top1,
+                              target_kl=args.target_kl, target_cosine=args.target_cosine,
+                              steps=args.calibrate_steps, score_last=args.score_last, backend=args.backend,
+                              dense_layers=tuple(args.dense_layers), progress=progress,
+                              log=lambda line: _log(line, True))
+        cfg.meta["calibration"]["sample_names"] = [", ".join(n) for n in names[:n_cal]]
+        cal = cfg.meta["calibration"]
+        _log(f"calibrate: {'met' if cal['met'] else 'NOT met (even scale 0)'}; scale {cal['scale']:.4g} "
+             f"after {len(cal['probes'])} probes, {cal['seconds']:.1f} s", progress)
     cfg.meta["model"] = args.model
     cfg.meta["fingerprint"] = model_fingerprint(model)  # the exact check load_tuned(model=...) applies
     cfg.meta["samples"] = [", ".join(n) for n in names[:args.samples]]
@@ -142,7 +184,11 @@ def run(args: argparse.Namespace) -> int:
         "tool": "sparseattn tune", "tuned_file": str(path), "model": args.model, "device": dev,
         "dtype": str(dtype).replace("torch.", ""), "text_source": source,
         "arguments": {"samples": args.samples, "seq_len": args.seq_len, "l1": args.l1, "pv_l1": args.pv_l1,
-                      "layer_l1": args.layer_l1, "rule": args.rule, "dense_layers": list(args.dense_layers)},
+                      "layer_l1": args.layer_l1, "rule": args.rule, "dense_layers": list(args.dense_layers),
+                      "keep_local_grid": list(args.keep_local_grid),
+                      "target_top1": args.target_top1, "target_kl": args.target_kl,
+                      "target_cosine": args.target_cosine, "calibrate_samples": args.calibrate_samples,
+                      "calibrate_steps": args.calibrate_steps},
         "calibration_samples": cfg.meta["samples"], "summary": cfg.summary(), "meta": cfg.meta,
         "heads": {str(li): {"sparsity": [round(float(x), 6) for x in hp.sparsity],
                             "error": [round(float(x), 6) for x in hp.error],
@@ -289,6 +335,18 @@ def markdown(rep: dict[str, Any]) -> str:
     for li, r in rep["summary"]["layers"].items():
         out.append(f"| {li} | {r['sparsity']:.3f} | {r['max_error']:.4g} | {r['dense_heads']} |")
     out += ["", f"Mean block sparsity over tuned layers: {_f(rep['summary']['mean_sparsity'], '.3f')}", ""]
+    cal = meta.get("calibration")
+    if cal:
+        out += ["## Model-level calibration (calibration samples)", "",
+                f"Knob: {cal['knob']}. Targets {cal['targets']} on {cal['samples']} calibration samples "
+                f"({'; '.join(cal.get('sample_names') or [])}); chosen scale **{cal['scale']:.4g}** "
+                f"({'met' if cal['met'] else 'not met, even at scale 0'}), {cal['seconds']:.1f} s.", "",
+                "| probe | scale | sparsity | top-1 | KL | cosine | pass | s |", "|---:|---:|---:|---:|---:|---:|---|---:|"]
+        for i, pr in enumerate(cal["probes"]):
+            out.append(f"| {i + 1} | {pr['scale']:.4g} | {_f(pr['sparsity'], '.4f')} | {pr['top1_agreement']:.4f} "
+                       f"| {pr['kl_dense_sparse']:.4g} | {pr['logits_cosine']:.6f} | {'yes' if pr['passed'] else 'no'} "
+                       f"| {pr['seconds']} |")
+        out.append("")
     if rep.get("plot"):
         out += [f"![per-head sparsity]({rep['plot']})", ""]
     elif rep.get("plot_note"):

@@ -27,12 +27,16 @@ _F = ("sim_threshold", "cdf_threshold", "pv_threshold", "sparsity", "error")
 def _to_plain(hp: HeadParams) -> dict[str, list[Any]]:
     d: dict[str, list[Any]] = {f: [float(x) for x in getattr(hp, f)] for f in _F}
     d["dense"] = [bool(x) for x in hp.dense]
+    if hp.keep_local is not None:
+        d["keep_local"] = [float(x) for x in hp.keep_local]
     return d
 
 
 def _from_plain(d: dict[str, list[Any]]) -> HeadParams:
     kw: dict[str, torch.Tensor] = {f: torch.tensor([math.nan if x is None else x for x in d[f]], dtype=torch.float32)
                                    for f in _F}
+    if d.get("keep_local") is not None:
+        kw["keep_local"] = torch.tensor([math.nan if x is None else x for x in d["keep_local"]], dtype=torch.float32)
     return HeadParams(dense=torch.tensor(d["dense"], dtype=torch.bool), **kw)
 
 
@@ -48,6 +52,7 @@ def tune_model_distributed(
     base: MeanSimilarityConfig | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    keep_local_grid: tuple[int, ...] | list[int] = (),
     group: Any = None,
 ) -> TunedConfig:
     """:func:`sparseattn.tuning.run.tune_model` with the layers split across the ranks of ``group``.
@@ -75,7 +80,8 @@ def tune_model_distributed(
     if mine:
         captured = capture_samples(model, list(input_ids_list), mine)
         for li in mine:
-            hp = tune_layer(captured.pop(li), base=base, l1=budgets.get(li, l1), pv_l1=pv_l1, rule=rule)
+            hp = tune_layer(captured.pop(li), base=base, l1=budgets.get(li, l1), pv_l1=pv_l1, rule=rule,
+                            keep_local_grid=tuple(keep_local_grid))
             local[li] = _to_plain(hp)
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, local, group=group)
@@ -93,4 +99,5 @@ def tune_model_distributed(
                       seq_len=seq_len_of(input_ids_list), samples=len(input_ids_list), dense_layers=dense,
                       seconds=time.perf_counter() - t0)
     meta["world_size"] = world
+    meta["keep_local_grid"] = [int(x) for x in keep_local_grid]
     return TunedConfig(layers=out, meta=meta)

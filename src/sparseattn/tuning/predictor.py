@@ -16,15 +16,28 @@ import torch
 
 from sparseattn._validation import fail
 from sparseattn.layout.block_layout import BlockLayout
-from sparseattn.predictors._common import check_qk, dense_predicted_layout, mask_to_layout, select_cdf
+from sparseattn.predictors._common import check_qk, dense_predicted_layout, local_mask, mask_to_layout, select_cdf
 from sparseattn.predictors.mean_similarity import MeanSimilarityConfig, MeanSimStats, mean_sim_stats
 from sparseattn.tuning.types import HeadParams
 
-__all__ = ["MeanSimStats", "mean_sim_stats", "select_per_head", "TunedMeanSimPredictor"]
+__all__ = ["MeanSimStats", "mean_sim_stats", "select_per_head", "per_head_forced", "TunedMeanSimPredictor"]
+
+
+def per_head_forced(stats: MeanSimStats, keep_sink: bool, local_blocks: list[int], causal: bool = True) -> torch.Tensor:
+    """Bool ``[H, Mb, Nb]``: each head's forced blocks (the sink column when ``keep_sink``, and its own
+    ``local_blocks[h]`` local blocks), within the region — the per-head form of ``stats.forced``."""
+    Mb, Nb = stats.region.shape
+    dev = stats.region.device
+    sink = torch.zeros(Mb, Nb, dtype=torch.bool, device=dev)
+    if keep_sink:
+        sink[:, 0] = True
+    masks = {n: (sink | local_mask(stats.seqlen_q, stats.seqlen_kv, stats.block_m, stats.block_n, n, causal, dev))
+             & stats.region for n in sorted(set(local_blocks))}
+    return torch.stack([masks[n] for n in local_blocks])
 
 
 def select_per_head(stats: MeanSimStats, sim_threshold: torch.Tensor, cdf_threshold: torch.Tensor,
-                    dense: torch.Tensor | None = None) -> torch.Tensor:
+                    dense: torch.Tensor | None = None, forced: torch.Tensor | None = None) -> torch.Tensor:
     """Block mask with per-head thresholds (the mean_sim rule; see :mod:`sparseattn.predictors.mean_similarity`).
 
     Args:
@@ -32,6 +45,8 @@ def select_per_head(stats: MeanSimStats, sim_threshold: torch.Tensor, cdf_thresh
         sim_threshold: float ``[H]`` (or ``[S, H]`` for ``S`` settings at once).
         cdf_threshold: float ``[H]`` (or ``[S, H]``) in (0, 1].
         dense: bool ``[H]`` (or ``[S, H]``): heads that keep their whole region; None = none.
+        forced: bool ``[H, Mb, Nb]`` per-head forced blocks (:func:`per_head_forced`) replacing
+            ``stats.forced``; None = ``stats.forced`` for every head.
 
     Returns:
         bool ``[B, H, Mb, Nb]`` (``[S, B, H, Mb, Nb]`` with a leading setting dimension). No host sync.
@@ -45,7 +60,8 @@ def select_per_head(stats: MeanSimStats, sim_threshold: torch.Tensor, cdf_thresh
     mask = select_cdf(p.expand(*lead, B, Hkv, G, Mb, Nb), stats.region, cdf)  # type: ignore[arg-type]
     untrusted_q = ~(stats.q_sim.reshape(B, Hkv, G, Mb, 1) >= sim)
     untrusted_k = ~(stats.k_sim.reshape(B, Hkv, 1, 1, Nb) >= sim)
-    mask = (mask | stats.forced | untrusted_q | untrusted_k) & stats.region
+    f = stats.forced if forced is None else forced.reshape(Hkv, G, Mb, Nb)
+    mask = (mask | f | untrusted_q | untrusted_k) & stats.region
     if dense is not None:
         mask = mask | (dense.reshape(shp) & stats.region)
     return mask.reshape(*lead, B, Hkv * G, Mb, Nb)
@@ -97,7 +113,11 @@ class TunedMeanSimPredictor:
             raise fail(fn, "q", f"has a head count that layer {layer} was not tuned for", f"{hp.heads} heads",
                        f"q.shape={tuple(q.shape)}")
         sim, cdf, dense = self._params(layer, q.device)
-        mask = select_per_head(mean_sim_stats(q, k, cfg, causal=causal), sim, cdf, dense)
+        stats = mean_sim_stats(q, k, cfg, causal=causal)
+        forced = None
+        if hp.keep_local is not None:
+            forced = per_head_forced(stats, cfg.keep_sink, hp.local_blocks(cfg.keep_local), causal)
+        mask = select_per_head(stats, sim, cdf, dense, forced)
         return mask_to_layout(mask, block_m=cfg.block_m, block_n=cfg.block_n, seqlen_q=Nq, seqlen_kv=Nkv)
 
     def pv_threshold_for(self, layer: int | None) -> float | None:

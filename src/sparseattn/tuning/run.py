@@ -93,6 +93,8 @@ def log_lines(layer: int, hp: HeadParams) -> list[str]:
     lines = []
     for h in range(hp.heads):
         tag = " (dense)" if bool(hp.dense[h]) else ""
+        if hp.keep_local is not None and not bool(hp.dense[h]):
+            tag = f", local={int(hp.keep_local[h])}"
         lines.append(f"{layer}.{h}: sim={float(hp.sim_threshold[h]):.3f}, cdf={float(hp.cdf_threshold[h]):.4f}, "
                      f"pv={float(hp.pv_threshold[h]):.3g}, sparsity={float(hp.sparsity[h]):.3f}, "
                      f"error={float(hp.error[h]):.4f}{tag}")
@@ -142,6 +144,7 @@ def tune_model(
     base: MeanSimilarityConfig | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    keep_local_grid: tuple[int, ...] | list[int] = (),
 ) -> TunedConfig:
     """Tune every attention layer of a transformers model under an error budget (see :func:`tune_layer`).
 
@@ -158,6 +161,7 @@ def tune_model(
         base: layer-wide mean_sim choices (default ``MeanSimilarityConfig()``).
         progress: show a progress bar over layers and (when ``log`` is None) print the per-head lines.
         log: receives each per-head line ``layer.head: sim, cdf, pv, sparsity, error``.
+        keep_local_grid: per-head local block counts also tried (see :func:`tune_layer`); empty: none.
 
     Returns:
         :class:`TunedConfig` with the meta documented in :mod:`sparseattn.tuning.types`.
@@ -177,7 +181,7 @@ def tune_model(
     bar = tqdm(todo, desc="tune", unit="layer", disable=not progress, file=sys.stderr)
     for li in bar:
         hp = tune_layer(captured[li], base=base, l1=budgets.get(li, l1), pv_l1=pv_l1, rule=rule,
-                        device=search_device)  # captures wait on the CPU; each layer's search runs on the model's device
+                        device=search_device, keep_local_grid=tuple(keep_local_grid))  # captures wait on the CPU; each layer's search runs on the model's device
         out[li] = hp
         captured.pop(li)
         if emit is not None:
@@ -188,6 +192,7 @@ def tune_model(
     meta = build_meta(model, base, rule=rule, l1=l1, pv_l1=pv_l1, layer_l1=layer_l1,
                       seq_len=seq_len_of(input_ids_list), samples=len(input_ids_list), dense_layers=dense,
                       seconds=time.perf_counter() - t0)
+    meta["keep_local_grid"] = [int(x) for x in keep_local_grid]
     return TunedConfig(layers=out, meta=meta)
 
 

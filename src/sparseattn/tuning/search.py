@@ -31,7 +31,7 @@ from sparseattn._validation import fail
 from sparseattn.layout.block_layout import cdiv
 from sparseattn.layout.masks import causal_window_mask
 from sparseattn.predictors.mean_similarity import MeanSimilarityConfig
-from sparseattn.tuning.predictor import MeanSimStats, mean_sim_stats, select_per_head
+from sparseattn.tuning.predictor import MeanSimStats, mean_sim_stats, per_head_forced, select_per_head
 from sparseattn.tuning.types import RULES, HeadParams
 
 __all__ = ["tune_layer", "TileStates", "tile_states", "tile_attention", "head_errors", "DEFAULT_SIM_GRID"]
@@ -212,8 +212,8 @@ class _Sample:
         self.stats: MeanSimStats = mean_sim_stats(q[None], k[None], base, causal=causal)
         self.available = self.stats.region.sum().to(torch.float32)
 
-    def mask(self, sim: torch.Tensor, cdf: torch.Tensor) -> torch.Tensor:
-        return select_per_head(self.stats, sim, cdf)[0]  # [H, Mb, Nb]
+    def mask(self, sim: torch.Tensor, cdf: torch.Tensor, forced: torch.Tensor | None = None) -> torch.Tensor:
+        return select_per_head(self.stats, sim, cdf, None, forced)[0]  # [H, Mb, Nb]
 
 
 def tune_layer(
@@ -228,6 +228,7 @@ def tune_layer(
     causal: bool = True,
     callback: Callable[[dict[str, Any]], None] | None = None,
     device: str | torch.device | None = None,
+    keep_local_grid: Sequence[int] = (),
 ) -> HeadParams:
     """Tune one layer's per-head mean_sim thresholds under an error budget (SpargeAttn-style).
 
@@ -241,6 +242,11 @@ def tune_layer(
        exactly the blocks of the previous evaluated one gives the same masks, so it is skipped);
     2. keep, per head, the (sim, cdf) with the highest block sparsity (mean over samples of
        ``1 − selected / available`` blocks of the causal region; ties: the lower error);
+    2b. with ``keep_local_grid`` (e.g. ``(4, 2, 1)``), for each value smaller than ``base.keep_local``,
+       keep every sparse head's chosen ``sim_threshold``, replace its local blocks by that many and
+       bisect ``cdf_threshold`` again; a head takes the value when it is sparser within ``l1``
+       (``keep_local`` of the result: per head; heads whose sparsity is set by the forced local
+       window — cdf at the bisection floor — gain most);
     3. with ``pv_l1``, bisect ``pv_threshold`` (natural-log gap, log scale in ``[0.25, 64]``) for the
        smallest value whose error *with* the P·V skip stays ``<= pv_l1`` on every sample; ``inf``
        (off) when even 64 breaks it or ``pv_l1`` is None.
@@ -265,9 +271,12 @@ def tune_layer(
         sim_grid: sim_threshold values tried.
         cdf_steps: bisection steps (for cdf, and for pv).
         causal: causal attention (the region the sparsity is counted in).
-        callback: called after each probe with ``{"phase": "prepare"|"cdf"|"pv", "step": int, "total": int}``.
+        callback: called after each probe with ``{"phase": "prepare"|"cdf"|"keep_local"|"pv", "step": int,
+            "total": int}``.
         device: where the search runs (default: the first sample's device); the samples are moved
             there, and the returned HeadParams are on the CPU.
+        keep_local_grid: per-head local block counts tried (integers >= 1; values >= ``base.keep_local``
+            are ignored); empty: the layer-wide ``base.keep_local`` for every head (``keep_local`` None).
 
     Returns:
         :class:`HeadParams` with ``[H]`` CPU tensors.
@@ -279,11 +288,15 @@ def tune_layer(
     flat = _check(fn, samples, base, l1, pv_l1, rule, sim_grid, cdf_steps, device)
     if not isinstance(causal, bool):
         raise fail(fn, "causal", "must be a bool", "True or False", repr(causal))
+    if not isinstance(keep_local_grid, (list, tuple)) or any(
+            isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in keep_local_grid):
+        raise fail(fn, "keep_local_grid", "must be a sequence of integers >= 1", "e.g. (4, 2, 1)", repr(keep_local_grid))
+    kl_grid = sorted({int(x) for x in keep_local_grid if x < base.keep_local}, reverse=True)
     grid = [float(s) for s in sim_grid]
     H = flat[0][0].shape[0]
     dev = flat[0][0].device
     n_pv = (cdf_steps + 1) if pv_l1 is not None else 0
-    total = len(flat) + len(grid) * (cdf_steps + 1) + n_pv
+    total = len(flat) + (len(grid) + len(kl_grid)) * (cdf_steps + 1) + n_pv
     done = 0
 
     def tick(phase: str) -> None:
@@ -298,12 +311,13 @@ def tune_layer(
         tick("prepare")
 
     def evaluate(sim: torch.Tensor, cdf: torch.Tensor, pv: torch.Tensor | None = None,
-                 masks: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 masks: list[torch.Tensor] | None = None,
+                 forced: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Worst error over the samples and mean sparsity, per head."""
         err = torch.zeros(H, device=dev)
         spars = torch.zeros(H, device=dev)
         for si, smp in enumerate(prepared):
-            m = masks[si] if masks is not None else smp.mask(sim, cdf)
+            m = masks[si] if masks is not None else smp.mask(sim, cdf, None if forced is None else forced[si])
             e = head_errors(tile_attention(smp.tiles, m, pv), smp.tiles.ref, rule)
             err = torch.maximum(err, torch.nan_to_num(e, nan=math.inf))
             spars += 1.0 - m.sum((1, 2)).to(torch.float32) / smp.available
@@ -347,10 +361,36 @@ def tune_layer(
 
     dense = torch.isnan(best_sim)
     sim_f = torch.nan_to_num(best_sim, nan=1.0)
+    best_kl = torch.full((H,), float(base.keep_local), device=dev)
+    for kl in kl_grid:
+        # the chosen sim per head stays; only the local window shrinks and cdf is bisected again
+        forced = [per_head_forced(smp.stats, base.keep_sink, [kl] * H, causal) for smp in prepared]
+        hi = torch.ones(H, device=dev)
+        lo = torch.zeros(H, device=dev)
+        err_hi, sp_hi = evaluate(sim_f, hi, forced=forced)
+        feasible = (err_hi <= l1) & ~dense
+        tick("keep_local")
+        for _ in range(cdf_steps):
+            mid = 0.5 * (lo + hi)
+            err, sp = evaluate(sim_f, mid, forced=forced)
+            ok = err <= l1
+            hi = torch.where(ok, mid, hi)
+            lo = torch.where(ok, lo, mid)
+            err_hi = torch.where(ok, err, err_hi)
+            sp_hi = torch.where(ok, sp, sp_hi)
+            tick("keep_local")
+        better = feasible & (sp_hi > best_sp)
+        best_sp = torch.where(better, sp_hi, best_sp)
+        best_err = torch.where(better, err_hi, best_err)
+        best_cdf = torch.where(better, hi, best_cdf)
+        best_kl = torch.where(better, torch.full_like(best_kl, float(kl)), best_kl)
     cdf_f = torch.nan_to_num(best_cdf, nan=1.0)
+    kl_list = [int(x) for x in best_kl.tolist()]
+    head_forced = [per_head_forced(smp.stats, base.keep_sink, kl_list, causal) for smp in prepared] if kl_grid else None
     pv = torch.full((H,), math.inf, device=dev)
     if pv_l1 is not None:
-        masks = [select_per_head(smp.stats, sim_f, cdf_f, dense)[0] for smp in prepared]
+        masks = [select_per_head(smp.stats, sim_f, cdf_f, dense, None if head_forced is None else head_forced[si])[0]
+                 for si, smp in enumerate(prepared)]
         lo = torch.full((H,), math.log(PV_RANGE[0]), device=dev)
         hi = torch.full((H,), math.log(PV_RANGE[1]), device=dev)
         err_hi, _ = evaluate(sim_f, cdf_f, hi.exp(), masks)
@@ -376,4 +416,5 @@ def tune_layer(
         dense=dense.cpu(),
         sparsity=torch.where(dense, zero, best_sp.clamp_min(0.0)).to("cpu", torch.float32),
         error=torch.where(dense, zero, best_err).to("cpu", torch.float32),
+        keep_local=torch.where(dense, nan, best_kl).to("cpu", torch.float32) if kl_grid else None,
     )

@@ -189,7 +189,7 @@ def load_tuned(path: str | os.PathLike, *, model: Any = None) -> TunedConfig:
         raise fail(fn, f"{label} metadata key {_LAYERS_KEY!r}", "is missing or not a list of layer indices",
                    "e.g. [2, 3, 4]", repr(listed))
     names = (*_FIELDS, "dense")
-    expected_keys = {f"{li}.{n}" for li in listed for n in names}
+    expected_keys = {f"{li}.{n}" for li in listed for n in (*names, "keep_local")}  # keep_local: optional
     extra = sorted(set(tensors) - expected_keys)
     if extra:
         raise fail(fn, label, "holds tensors of no listed layer", f"only layers {listed}", extra[:8])
@@ -200,7 +200,9 @@ def load_tuned(path: str | os.PathLike, *, model: Any = None) -> TunedConfig:
         if missing:
             raise fail(fn, f"{label} layer {li}", f"is missing tensor{'s' if len(missing) > 1 else ''} "
                        f"{', '.join(missing)}", f"tensors {[f'{li}.{n}' for n in names]}", "absent")
-        for n in names:
+        for n in (*names, "keep_local"):
+            if n == "keep_local" and f"{li}.{n}" not in tensors:
+                continue
             t = tensors[f"{li}.{n}"]
             want = torch.bool if n == "dense" else torch.float32
             if t.dtype != want or tuple(t.shape) != (H,):

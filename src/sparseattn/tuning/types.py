@@ -41,6 +41,9 @@ class HeadParams:
         sparsity: float32 in [0, 1]; block sparsity the setting reached on the calibration samples (mean).
         error: float32 >= 0; the worst error under the rule over the calibration samples
             (for ``cosine`` the stored error is ``1 - cosine``).
+        keep_local: optional float32 ``[H]``: per-head local blocks (the diagonal block and the
+            ``keep_local - 1`` before it), an integer >= 1 for sparse heads (NaN for dense ones),
+            replacing the layer-wide ``keep_local`` of the metadata; None: the layer-wide value.
     """
 
     sim_threshold: torch.Tensor
@@ -49,6 +52,7 @@ class HeadParams:
     dense: torch.Tensor
     sparsity: torch.Tensor
     error: torch.Tensor
+    keep_local: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         fn = "HeadParams"
@@ -73,6 +77,14 @@ class HeadParams:
         pv = self.pv_threshold[live]
         if bool((torch.isnan(pv) | (pv <= 0)).any()):
             raise fail(fn, "pv_threshold", "is out of range", "values > 0 (inf: no skip)", pv.tolist())
+        kl = self.keep_local
+        if kl is not None:
+            if not isinstance(kl, torch.Tensor) or tuple(kl.shape) != (H,) or not kl.dtype.is_floating_point:
+                raise fail(fn, "keep_local", "must be a float tensor with one entry per head or None",
+                           f"tensor[{H}] float32", f"{type(kl).__name__} {tuple(getattr(kl, 'shape', ()))}")
+            v = kl[live]
+            if bool((torch.isnan(v) | (v < 1) | (v != torch.round(v)) | torch.isinf(v)).any()):
+                raise fail(fn, "keep_local", "is out of range for a sparse head", "integers >= 1", v.tolist())
 
     @property
     def heads(self) -> int:
@@ -82,13 +94,22 @@ class HeadParams:
         """The safetensors entries of this layer: ``"<layer>.<field>"`` → contiguous CPU tensor."""
         out = {f"{layer}.{name}": getattr(self, name).detach().to("cpu", torch.float32).contiguous() for name in _FIELDS}
         out[f"{layer}.dense"] = self.dense.detach().to("cpu").contiguous()
+        if self.keep_local is not None:
+            out[f"{layer}.keep_local"] = self.keep_local.detach().to("cpu", torch.float32).contiguous()
         return out
 
     @staticmethod
     def from_tensors(layer: int, tensors: dict[str, torch.Tensor]) -> "HeadParams":
         """Inverse of :meth:`tensors` (a missing key raises ``KeyError`` naming it; the store words the error)."""
         kw = {name: tensors[f"{layer}.{name}"] for name in (*_FIELDS, "dense")}
-        return HeadParams(**kw)
+        return HeadParams(**kw, keep_local=tensors.get(f"{layer}.keep_local"))
+
+    def local_blocks(self, default: int) -> list[int]:
+        """Per-head local block counts (``default`` where none is stored, and for dense heads)."""
+        if self.keep_local is None:
+            return [int(default)] * self.heads
+        return [int(default) if (bool(d) or math.isnan(float(v))) else int(v)
+                for v, d in zip(self.keep_local.tolist(), self.dense.tolist())]
 
 
 @dataclass
