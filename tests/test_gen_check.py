@@ -85,6 +85,8 @@ def test_gen_check_random_ids_few_pages_fails(tiny, tmp_path, capsys):
     (["--modes", "sparse_prefill"], "sparse_prefill without a sparse prefill"),
     (["--predictor", "nope:x=1"], "nope"),
     (["--new-tokens", "0"], "--new-tokens: must be a positive integer"),
+    (["--token-budget", "0"], "--token-budget: must be a positive integer"),
+    (["--token-budget", "64", "--top-pages", "0.5"], "not allowed with argument"),
 ])
 def test_gen_check_user_errors(tiny, tmp_path, capsys, argv, needle):
     rc = main(["gen-check", "--model", str(tiny[0]), "--random-ids", "--lengths", "64", "--new-tokens", "4",
@@ -99,3 +101,57 @@ def test_gen_check_missing_text_dir(tiny, tmp_path, capsys):
     rc = main(["gen-check", "--model", str(tiny[0]), "--text-dir", str(tmp_path / "missing"), "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "does not exist" in err
+
+
+def test_teacher_forced_and_token_budget(tiny, tmp_path, capsys):
+    """A 32-key budget (2 pages of 16) on a random model: both metrics reported; the teacher-forced run sees the
+    same inputs as the free run up to the first divergence, so their tokens agree up to and including it."""
+    out = tmp_path / "gc"
+    rc = main(["gen-check", "--model", str(tiny[0]), "--random-ids", "--lengths", "300", "--new-tokens", "10",
+               "--modes", "sparse_decode,kernel_decode", "--token-budget", "32", "--quiet", "--out", str(out)])
+    cap = capsys.readouterr()
+    assert rc == 1, cap.err
+    rep = json.loads((out / "gen_check.json").read_text())
+    assert rep["config"]["top_pages"] == 2 and rep["config"]["token_budget"] == 32
+    assert rep["config"]["teacher_forced"] is True
+    by = {r["mode"]: r for r in rep["rows"]}
+    sp, kd = by["sparse_decode"], by["kernel_decode"]
+    assert kd["first_divergence"] is None and kd["tf_agreement"] == 1.0 and kd["tf_tokens"] == kd["tokens"]
+    f = sp["first_divergence"]
+    assert f is not None and sp["decode"]["top_pages"] == 2
+    assert sp["tf_tokens"][:f + 1] == sp["tokens"][:f + 1]
+    assert sp["tf_tokens"][f] != sp["dense_tokens"][f]
+    expect = sum(a == b for a, b in zip(sp["tf_tokens"], sp["dense_tokens"])) / 10
+    assert sp["tf_agreement"] == expect
+    summ = {s["mode"]: s for s in rep["summary"]}
+    assert summ["sparse_decode"]["tf_agreement"] == expect and summ["kernel_decode"]["tf_agreement"] == 1.0
+    md = (out / "gen_check.md").read_text()
+    assert "teacher-forced" in md and "token budget 32" in md
+
+
+def test_greedy_generate_forced(tiny):
+    """Feeding a run's own tokens back as the forced tokens reproduces them exactly."""
+    from sparseattn.eval.bench_model import load_model
+    from sparseattn.eval.gen_check import _dynamic_cache, greedy_generate
+
+    model, _ = load_model(str(tiny[0]), dtype=torch.float32, device="cpu", need_tokenizer=False)
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3))
+    free, _ = greedy_generate(model, ids, 6, _dynamic_cache(model))
+    forced, _ = greedy_generate(model, ids, 6, _dynamic_cache(model), forced=free)
+    assert forced == free
+    other = [(t + 1) % model.config.vocab_size for t in free]
+    got, _ = greedy_generate(model, ids, 6, _dynamic_cache(model), forced=other)
+    assert got[0] == free[0]  # the first token comes from the prompt alone
+    with pytest.raises(ValueError, match=r"^greedy_generate: forced is too short; expected >= 5 tokens, got 2$"):
+        greedy_generate(model, ids, 6, _dynamic_cache(model), forced=free[:2])
+
+
+def test_gen_check_budget_errors(tiny):
+    from sparseattn.eval.gen_check import run_gen_check
+
+    with pytest.raises(ValueError, match=r"^gen_check: token_budget and top_pages are both given; expected one "):
+        run_gen_check(str(tiny[0]), random_ids=True, lengths=[64], new_tokens=2, top_pages=0.5, token_budget=64)
+    with pytest.raises(ValueError, match=r"^gen_check: token_budget must be a positive integer; .*got 0$"):
+        run_gen_check(str(tiny[0]), random_ids=True, lengths=[64], new_tokens=2, token_budget=0)
+    with pytest.raises(ValueError, match=r"^gen_check: teacher_forced must be a bool"):
+        run_gen_check(str(tiny[0]), random_ids=True, lengths=[64], new_tokens=2, teacher_forced=1)

@@ -56,6 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "attention, then with each of --modes (kernel_decode, sparse_decode: patch_model(decode=...); "
                     "sparse_prefill: --predictor with dense decode; mixed_int8 / mixed_fp8: MixedKVCache); report per "
                     "mode and length the share of positions whose token equals dense's, the first divergence, the "
+                    "teacher-forced agreement (each step fed dense's tokens), the "
                     "KV bytes the mixed cache saves and ms per token; PASS when the mean agreement is >= --target. "
                     "Writes gen_check.json and gen_check.md into --out. See docs/DECODE.md.")
     p.add_argument("--model", default="smollm2-135m",
@@ -70,8 +71,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=positive_int, default=64, help="greedy tokens per prompt (default 64)")
     p.add_argument("--modes", type=_modes, default=",".join(GEN_CHECK_DEFAULT_MODES),
                    help="comma-separated modes (default %(default)s; also sparse_prefill with a predictor)")
-    p.add_argument("--top-pages", type=_top_pages, default=0.1,
-                   help="sparse_decode: pages kept per sequence and KV head, an int or a fraction (default 0.1)")
+    bud = p.add_mutually_exclusive_group()
+    bud.add_argument("--top-pages", type=_top_pages, default=None,
+                     help="sparse_decode: pages kept per sequence and KV head, an int or a fraction (default 0.1)")
+    bud.add_argument("--token-budget", type=positive_int, default=None,
+                     help="sparse_decode: keys kept per sequence and KV head (Quest's fixed budget, e.g. 1024): "
+                          "ceil(budget / page size) pages")
     p.add_argument("--page-size", type=positive_int, default=16, help="sparse_decode: keys per page (default 16)")
     p.add_argument("--mixed-window", type=positive_int, default=128,
                    help="mixed_*: recent tokens kept in the model dtype (default 128)")
@@ -91,6 +96,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model dtype (default float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--seed", type=any_int, default=0, help="seed of --random-ids")
+    p.add_argument("--no-teacher-forced", action="store_true",
+                   help="skip the teacher-forced agreement (a second generation per mode that diverged)")
     p.add_argument("--out", default="sparseattn-gen-check", help="report folder (default ./sparseattn-gen-check)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=run)
@@ -121,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
     res = run_gen_check(args.model, lengths=args.lengths, new_tokens=args.new_tokens, modes=args.modes,
-                        top_pages=args.top_pages, page_size=args.page_size, mixed_window=args.mixed_window,
+                        top_pages=args.top_pages, token_budget=args.token_budget, page_size=args.page_size,
+                        mixed_window=args.mixed_window, teacher_forced=not args.no_teacher_forced,
                         predictor=args.predictor, pattern=args.pattern, tuned=args.tuned,
                         decode_backend=args.decode_backend, decode_layers=args.decode_layers,
                         text_files=args.text_file, text_dir=args.text_dir, random_ids=args.random_ids,

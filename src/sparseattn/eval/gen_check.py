@@ -18,6 +18,16 @@ first position that differs (``None``: identical). Generation is free-running (e
 tokens), so one early divergence usually changes the rest. A mode passes a length when its mean agreement
 over the samples is at least ``target`` (default :data:`~sparseattn.eval.defaults.GEN_CHECK_TARGET`).
 
+A second metric (``teacher_forced=True``, the default): **teacher-forced agreement**, the share of steps whose
+argmax equals the reference's token when the mode is fed the *reference's* tokens (step ``i`` sees the dense
+model's tokens ``0 .. i-1``). It measures each step's decision without the compounding after the first
+divergence; the verdict stays on the free-running agreement (issue 14's metric). A mode whose free-running
+tokens all equal the reference's has fed itself exactly the reference's tokens, so its teacher-forced
+agreement is 1 without a second run.
+
+Sparse-decode budget: ``top_pages`` (an int: pages, a fixed budget; a fraction: of the sequence's pages) or
+``token_budget`` (keys; Quest's fixed token budget, applied as ``ceil(token_budget / page_size)`` pages).
+
 Timing (a bonus): milliseconds per generated token over the decode steps after ``_TIMING_WARMUP`` (one
 host sync before and after the timed steps; the first steps compile kernels and build page summaries).
 """
@@ -78,8 +88,12 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def greedy_generate(model: Any, ids: torch.Tensor, new_tokens: int, cache: Any) -> tuple[list[int], float | None]:
+def greedy_generate(model: Any, ids: torch.Tensor, new_tokens: int, cache: Any,
+                    forced: Sequence[int] | None = None) -> tuple[list[int], float | None]:
     """Greedy tokens after ``ids (1, N)`` with ``cache`` (no EOS stop, no logits processors).
+
+    ``forced``: teacher forcing — step ``i >= 1`` is fed ``forced[i - 1]`` (e.g. the dense model's tokens)
+    instead of the previous step's argmax; the returned tokens are still each step's argmax.
 
     Returns:
         ``(tokens, ms_per_token)``: ``new_tokens`` ints (one host read at the end) and the mean time of the
@@ -88,6 +102,9 @@ def greedy_generate(model: Any, ids: torch.Tensor, new_tokens: int, cache: Any) 
     kw: dict[str, Any] = {_cache_kwarg(model): cache, "use_cache": True}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kw["logits_to_keep"] = 1  # no (N, vocab) logits for the prompt
+    if forced is not None and len(forced) < new_tokens - 1:
+        raise fail("greedy_generate", "forced", "is too short", f">= {new_tokens - 1} tokens", str(len(forced)))
+    fed = None if forced is None else torch.tensor([list(forced)], dtype=ids.dtype, device=ids.device)
     out = model(input_ids=ids, **kw)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     toks = [nxt]
@@ -96,7 +113,7 @@ def greedy_generate(model: Any, ids: torch.Tensor, new_tokens: int, cache: Any) 
         if i == _TIMING_WARMUP:
             _sync(ids.device)
             t0 = time.perf_counter()
-        out = model(input_ids=nxt, **kw)
+        out = model(input_ids=nxt if fed is None else fed[:, i - 1:i], **kw)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         toks.append(nxt)
     ms = None
@@ -120,15 +137,16 @@ class GenCheckResult:
 
     def table(self) -> str:
         """Markdown table of the summary (one row per mode and length)."""
-        head = ["| mode | length | agreement (mean) | min | first divergence | ms/token (mode / dense) | "
-                "KV bytes saved | verdict |", "|---|---|---|---|---|---|---|---|"]
+        head = ["| mode | length | agreement (mean) | min | first divergence | teacher-forced (mean) | "
+                "ms/token (mode / dense) | KV bytes saved | verdict |", "|---|---|---|---|---|---|---|---|---|"]
         lines = []
         for s in self.summary:
             fd = "none" if s["first_divergence"] is None else str(s["first_divergence"])
             ms = "n/a" if s["ms_per_token"] is None else f"{s['ms_per_token']:.2f} / {s['dense_ms_per_token']:.2f}"
             saved = "" if s.get("bytes_saved") is None else f"{s['bytes_saved']:,} ({s['bytes_ratio']:.3f} of fp)"
+            tf = "n/a" if s.get("tf_agreement") is None else f"{s['tf_agreement']:.1%}"
             lines.append(f"| {s['mode']} | {s['length']} | {s['agreement']:.1%} | {s['min_agreement']:.1%} | {fd} | "
-                         f"{ms} | {saved} | {'PASS' if s['passed'] else 'FAIL'} |")
+                         f"{tf} | {ms} | {saved} | {'PASS' if s['passed'] else 'FAIL'} |")
         return "\n".join(head + lines)
 
 
@@ -155,8 +173,8 @@ def _check_modes(modes: Sequence[str], has_predictor: bool) -> list[str]:
 
 def _run_mode(model: Any, mode: str, ids: torch.Tensor, new_tokens: int, *, patch_kw: dict[str, Any],
               top_pages: int | float, page_size: int, mixed_window: int, decode_backend: str,
-              decode_layers: list[int] | None) -> dict[str, Any]:
-    """One generation in ``mode``; the model is left as it was found (unpatched, its own attention)."""
+              decode_layers: list[int] | None, forced: Sequence[int] | None = None) -> dict[str, Any]:
+    """One generation in ``mode`` (teacher-forced with ``forced``); the model is left as it was found."""
     if mode.startswith("mixed_"):
         from sparseattn.integrations.mixed_cache_attention import enable_mixed_cache
         from sparseattn.state.kv_cache import MixedKVCache
@@ -164,7 +182,7 @@ def _run_mode(model: Any, mode: str, ids: torch.Tensor, new_tokens: int, *, patc
         cache = MixedKVCache(model.config, window=mixed_window, quant=mode.split("_", 1)[1])
         prev = enable_mixed_cache(model)
         try:
-            toks, ms = greedy_generate(model, ids, new_tokens, cache)
+            toks, ms = greedy_generate(model, ids, new_tokens, cache, forced)
         finally:
             model.set_attn_implementation(prev)
         rep = cache.memory_report()
@@ -182,7 +200,7 @@ def _run_mode(model: Any, mode: str, ids: torch.Tensor, new_tokens: int, *, patc
         kw.update(decode="sparse", decode_top_pages=top_pages, decode_page_size=page_size,
                   decode_backend=decode_backend, decode_layers=decode_layers)
     with patch_model(model, **kw) as handle:
-        toks, ms = greedy_generate(model, ids, new_tokens, _dynamic_cache(model))
+        toks, ms = greedy_generate(model, ids, new_tokens, _dynamic_cache(model), forced)
         rep = handle.sparsity_report()
     return {"tokens": toks, "ms_per_token": ms, "counts": rep["counts"], "decode": rep["decode"],
             "prefill_density": rep["mean_density"]}
@@ -194,7 +212,8 @@ def run_gen_check(
     lengths: Sequence[int] = (4096, 8192),
     new_tokens: int = 64,
     modes: Sequence[str] = ("sparse_decode", "kernel_decode", "mixed_int8", "mixed_fp8"),
-    top_pages: int | float = 0.1,
+    top_pages: int | float | None = None,
+    token_budget: int | None = None,
     page_size: int = 16,
     mixed_window: int = 128,
     predictor: str | None = None,
@@ -208,6 +227,7 @@ def run_gen_check(
     samples: int = 1,
     seed: int = 0,
     target: float | None = None,
+    teacher_forced: bool = True,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     progress: bool = True,
@@ -217,6 +237,8 @@ def run_gen_check(
     """Generate ``new_tokens`` greedy tokens per prompt dense and in each mode; compare (see the module).
 
     ``model`` / ``tokenizer``: an already loaded model (then ``model_name`` is only a label).
+    ``top_pages`` (default 0.1) or ``token_budget`` (keys, ``ceil(token_budget / page_size)`` pages), not both.
+    ``teacher_forced``: also measure the teacher-forced agreement (a second run per mode that diverged).
 
     Raises:
         ValueError: an unknown mode, ``sparse_prefill`` without a predictor, a bad ``top_pages`` /
@@ -234,6 +256,19 @@ def run_gen_check(
     if isinstance(mixed_window, bool) or not isinstance(mixed_window, int) or mixed_window < 1:
         raise fail(fn, "mixed_window", "must be a positive integer", "an int >= 1 (recent tokens kept)",
                    repr(mixed_window))
+    if token_budget is not None:
+        if top_pages is not None:
+            raise fail(fn, "token_budget", "and top_pages are both given", "one sparse-decode budget",
+                       f"token_budget={token_budget!r}, top_pages={top_pages!r}")
+        if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1:
+            raise fail(fn, "token_budget", "must be a positive integer", "an int >= 1 (keys per KV head, e.g. 1024)",
+                       repr(token_budget))
+        if isinstance(page_size, int) and not isinstance(page_size, bool) and page_size > 0:
+            top_pages = -(-token_budget // page_size)
+    if top_pages is None:
+        top_pages = 0.1
+    if not isinstance(teacher_forced, bool):
+        raise fail(fn, "teacher_forced", "must be a bool", "True or False", repr(teacher_forced))
     DecodeConfig(mode="sparse", top_pages=top_pages, page_size=page_size, backend=decode_backend)  # value checks
     target = GEN_CHECK_TARGET if target is None else float(target)
     if not 0.0 <= target <= 1.0:
@@ -279,16 +314,30 @@ def run_gen_check(
                                 page_size=page_size, mixed_window=mixed_window, decode_backend=decode_backend,
                                 decode_layers=None if decode_layers is None else list(decode_layers))
                 agree, first = token_agreement(ref, res["tokens"])
+                tf_agree: float | None = None
+                tf_tokens: list[int] | None = None
+                if teacher_forced:
+                    if first is None:  # identical tokens: the free run was fed exactly the reference's tokens
+                        tf_agree, tf_tokens = 1.0, list(res["tokens"])
+                    else:
+                        tf = _run_mode(model, mode, ids, new_tokens, patch_kw=patch_kw, top_pages=top_pages,
+                                       page_size=page_size, mixed_window=mixed_window, decode_backend=decode_backend,
+                                       decode_layers=None if decode_layers is None else list(decode_layers),
+                                       forced=ref)
+                        tf_tokens = tf["tokens"]
+                        tf_agree = token_agreement(ref, tf_tokens)[0]
                 row = {"mode": mode, "length": n, "sample": si, "documents": names[si], "agreement": agree,
-                       "first_divergence": first, "ms_per_token": res["ms_per_token"], "dense_ms_per_token": ref_ms,
+                       "first_divergence": first, "tf_agreement": tf_agree, "tf_tokens": tf_tokens,
+                       "ms_per_token": res["ms_per_token"], "dense_ms_per_token": ref_ms,
                        "tokens": res["tokens"], "dense_tokens": ref,
                        **{k: v for k, v in res.items() if k not in ("tokens", "ms_per_token")}}
                 if tokenizer is not None:
                     row["text"] = tokenizer.decode(res["tokens"])
                     row["dense_text"] = tokenizer.decode(ref)
                 rows.append(row)
+                tf_s = "" if tf_agree is None else f", teacher-forced {tf_agree:.1%}"
                 _log(f"length {n} sample {si}: {mode} agreement {agree:.1%} (first divergence "
-                     f"{'none' if first is None else first}) in {time.perf_counter() - t0:.1f} s", progress)
+                     f"{'none' if first is None else first}{tf_s}) in {time.perf_counter() - t0:.1f} s", progress)
             del ids
     summary = []
     for mode in modes:
@@ -301,7 +350,11 @@ def run_gen_check(
             s: dict[str, Any] = {"mode": mode, "length": n, "samples": len(rs), "agreement": sum(ag) / len(ag),
                                  "min_agreement": min(ag), "first_divergence": min(firsts) if firsts else None,
                                  "ms_per_token": sum(ms) / len(ms) if ms else None,
+                                 "tf_agreement": None, "tf_min_agreement": None,
                                  "dense_ms_per_token": sum(dms) / len(dms) if dms else None}
+            tfs = [r["tf_agreement"] for r in rs if r["tf_agreement"] is not None]
+            if tfs:
+                s["tf_agreement"], s["tf_min_agreement"] = sum(tfs) / len(tfs), min(tfs)
             mem = [r["memory"] for r in rs if "memory" in r]
             if mem:
                 s["bytes_saved"] = mem[-1]["bytes_saved"]
@@ -316,7 +369,8 @@ def run_gen_check(
             summary.append(s)
     config = {"model": model_name, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
               "lengths": lengths, "new_tokens": new_tokens, "modes": modes, "samples": samples, "seed": seed,
-              "top_pages": top_pages, "page_size": page_size, "mixed_window": mixed_window,
+              "top_pages": top_pages, "token_budget": token_budget, "page_size": page_size,
+              "mixed_window": mixed_window, "teacher_forced": teacher_forced,
               "decode_backend": decode_backend, "decode_layers": None if decode_layers is None else list(decode_layers),
               "prefill": patch_kw or "dense", "source": source, "target": target,
               "timing": f"ms per generated token over decode steps {_TIMING_WARMUP}..{new_tokens - 1} (free-running)",
@@ -333,8 +387,11 @@ def write_gen_check_report(res: GenCheckResult, out_dir: str | Path) -> dict[str
     c = res.config
     md = ["# sparseattn gen-check: greedy generation vs dense", "",
           f"- model `{c['model']}` ({c['dtype']}, {c['device']}); prompts: {c['source']}; {c['samples']} sample(s) per "
-          f"length; {c['new_tokens']} new tokens, greedy, free-running",
-          f"- prefill: {c['prefill']}; sparse decode: top_pages {c['top_pages']}, page size {c['page_size']}; decode "
+          f"length; {c['new_tokens']} new tokens, greedy, free-running (the verdict); teacher-forced agreement "
+          f"(each step fed the dense tokens): {'measured' if c.get('teacher_forced') else 'not measured'}",
+          f"- prefill: {c['prefill']}; sparse decode: top_pages {c['top_pages']}"
+          f"{'' if c.get('token_budget') is None else ' (token budget ' + str(c['token_budget']) + ')'}, "
+          f"page size {c['page_size']}; decode "
           f"backend {c['decode_backend']}; decode layers {c['decode_layers'] or 'all'}; mixed cache window {c['mixed_window']}",
           f"- target: agreement >= {c['target']:.0%} of positions (mean over samples); overall "
           f"**{'PASS' if res.passed else 'FAIL'}**; run {c['seconds']:.0f} s",
@@ -344,11 +401,13 @@ def write_gen_check_report(res: GenCheckResult, out_dir: str | Path) -> dict[str
         md += ["Decode calls handed to the model's own attention (by reason):", ""]
         md += [f"- {s['mode']} @ {s['length']}: {s['decode_fallbacks']}" for s in fb]
         md.append("")
-    md += ["| mode | length | sample | agreement | first divergence | route counts |", "|---|---|---|---|---|---|"]
+    md += ["| mode | length | sample | agreement | first divergence | teacher-forced | route counts |",
+           "|---|---|---|---|---|---|---|"]
     for r in res.rows:
         counts = r.get("counts")
         cs = "" if counts is None else ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+        tf = "n/a" if r.get("tf_agreement") is None else f"{r['tf_agreement']:.1%}"
         md.append(f"| {r['mode']} | {r['length']} | {r['sample']} | {r['agreement']:.1%} | "
-                  f"{'none' if r['first_divergence'] is None else r['first_divergence']} | {cs} |")
+                  f"{'none' if r['first_divergence'] is None else r['first_divergence']} | {tf} | {cs} |")
     paths["md"].write_text("\n".join(md) + "\n")
     return paths

@@ -157,6 +157,10 @@ class DecodeRoute:
         self._uses_kernel: dict[tuple[Any, ...], str] = {}
         #: summaries of a cache the forward hook could not see (rebuilt every step)
         self._orphans: dict[int, _Summaries] = {}
+        #: analysis hook (e.g. :func:`sparseattn.eval.decode_recall.measure_mass_recall`): when set, called after
+        #: every sparse decode call with ``dict(layer, forward, query, key, scale, pages)`` (``pages``:
+        #: ``(page_indices, page_counts)`` of the selection; tensors as the layer received them)
+        self.observer: Any = None
 
     # ------------------------------------------------------------------ model-level hook
     def on_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -230,9 +234,12 @@ class DecodeRoute:
             summ = self._summaries(handle, layer, key, nq)
             ps = self.config.page_size
             # the last nq keys (this step's tokens) may straddle a page boundary: ceil((nq - 1) / ps) + 1 pages
-            out = sparse_decode_attention(query, key, value, summ, top_pages=self.config.top_pages, keep_first=1,
-                                          keep_last=1 + -(-(nq - 1) // ps), scale=scale, backend=backend)
+            out, pages = sparse_decode_attention(query, key, value, summ, top_pages=self.config.top_pages,
+                                                 keep_first=1, keep_last=1 + -(-(nq - 1) // ps), scale=scale,
+                                                 backend=backend, return_pages=True)
             counter = "decode_sparse"
+            if self.observer is not None:
+                self.observer(dict(layer=layer, forward=self.serial, query=query, key=key, scale=scale, pages=pages))
         handle.counts[counter] += 1
         used = self._backend_used(query)
         handle.decode_backends.setdefault(layer, set()).add(used)
