@@ -38,6 +38,7 @@ def test_json_rows_rounds_ratio_accuracy(result):
         assert r["seq_len"] == N
         assert len(r["dense_rounds_s"]) == len(r["sparse_rounds_s"]) == len(r["ratio_rounds"]) == 2
         assert r["ratio"] == pytest.approx(r["dense_s"] / r["sparse_s"])
+        assert r["ratio_paired"] == pytest.approx(sorted(r["ratio_rounds"])[0] / 2 + sorted(r["ratio_rounds"])[1] / 2)
         assert {"logits_cosine", "top1_agreement", "kl_dense_sparse"} <= set(r["vs_dense"])
         assert r["profile"]["count"] > 0 and r["profile"]["count_kind"].startswith("cpu_ops")
         assert "sparseattn::layer_attention" in r["profile"]["ranges"]
