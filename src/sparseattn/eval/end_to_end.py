@@ -107,12 +107,14 @@ def greedy_generate(model: Any, ids: torch.Tensor, *, gen_tokens: int, score_las
         torch.cuda.synchronize()
     t1 = time.perf_counter()
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    past = out.past_key_values
+    # transformers >= 5.24 names the cache ``cache`` (``past_key_values`` warns there); older ones ``past_key_values``
+    name = "cache" if "cache" in getattr(out, "keys", lambda: ())() or hasattr(type(out), "cache") else "past_key_values"
+    past = getattr(out, name)
     tok = logits[-1].argmax()
     tokens = [int(tok)]
     for _ in range(gen_tokens - 1):
-        o = model(tok.view(1, 1).to(ids.device), past_key_values=past, use_cache=True)
-        past = o.past_key_values
+        o = model(tok.view(1, 1).to(ids.device), use_cache=True, **{name: past})
+        past = getattr(o, name)
         tok = o.logits[0, -1].argmax()
         tokens.append(int(tok))
     if cuda:
