@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import statistics
+from typing import Any
 
 import torch
 
@@ -88,50 +89,44 @@ def main() -> int:
         rows.append(base)
         print(json.dumps(base), flush=True)
         orig_pool = fm._pool_meta
+
+        def variant(kind: str, label: str, attr: str, meta: Any) -> None:
+            """Time ``call`` with ``fm.<attr>`` replaced by ``meta``; record it under ``kind`` = ``label``."""
+            orig = getattr(fm, attr)
+            setattr(fm, attr, meta)
+            try:
+                got = call()
+                same = bool(torch.equal(got.kv_num_blocks, ref.kv_num_blocks) and torch.equal(got.kv_indices, ref.kv_indices))
+                r = {"spec": spec, kind: label, "ms": round(time_ms(call, args.repeats), 4),
+                     "kernels": kernel_times(call), "same_layout": same}
+            except Exception as exc:  # noqa: BLE001 - a variant that does not compile is reported
+                r = {"spec": spec, kind: label, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            finally:
+                setattr(fm, attr, orig)
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+
         for ew in args.pool.split(","):
             elems, warps = (int(x) for x in ew.split(":"))
 
             def pmeta(bm, bn, D, minmax, _e=elems, _w=warps):  # noqa: ANN001
                 m = orig_pool(bm, bn, D, minmax)
                 chunk = max(1, _e // m["D_PAD"])
-                m.update(CHUNK_Q=min(chunk, fm._next_pow2(bm)),
-                         CHUNK_K=min(chunk, fm._next_pow2(bn)), num_warps=_w)
+                m.update(CHUNK_Q=min(chunk, fm._next_pow2(bm)), CHUNK_K=min(chunk, fm._next_pow2(bn)), num_warps=_w)
                 return m
 
-            fm._pool_meta = pmeta
-            try:
-                got = call()
-                same = bool(torch.equal(got.kv_num_blocks, ref.kv_num_blocks) and torch.equal(got.kv_indices, ref.kv_indices))
-                r = {"spec": spec, "pool": ew, "ms": round(time_ms(call, args.repeats), 4),
-                     "kernels": kernel_times(call), "same_layout": same}
-            except Exception as exc:  # noqa: BLE001 - a variant that does not compile is reported
-                r = {"spec": spec, "pool": ew, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-            finally:
-                fm._pool_meta = orig_pool
-            rows.append(r)
-            print(json.dumps(r), flush=True)
+            variant("pool", ew, "_pool_meta", pmeta)
         if "score=m" not in spec:
             continue
         for tw in args.score_tiles.split(","):
             tile, warps = (int(x) for x in tw.split(":"))
 
-            def meta(B, H, Mb, Nb, D, score, _t=tile, _w=warps):  # noqa: ANN001
+            def smeta(B, H, Mb, Nb, D, score, _t=tile, _w=warps):  # noqa: ANN001
                 m = orig_meta(B, H, Mb, Nb, D, score)
                 m.update(BLOCK_QB=_t, BLOCK_J=_t, num_warps=_w)
                 return m
 
-            fm._score_meta = meta
-            try:
-                got = call()
-                same = bool(torch.equal(got.kv_num_blocks, ref.kv_num_blocks) and torch.equal(got.kv_indices, ref.kv_indices))
-                r = {"spec": spec, "score_tile": tw, "ms": round(time_ms(call, args.repeats), 4),
-                     "kernels": kernel_times(call), "same_layout": same}
-            except Exception as exc:  # noqa: BLE001 - a tile that does not compile is reported
-                r = {"spec": spec, "score_tile": tw, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-            finally:
-                fm._score_meta = orig_meta
-            rows.append(r)
-            print(json.dumps(r), flush=True)
+            variant("score_tile", tw, "_score_meta", smeta)
     with open(os.path.join(args.out, "profile_predictor.json"), "w") as fh:
         json.dump(rows, fh, indent=1)
     print("| spec | variant | ms | pool | score | select | same layout |")

@@ -47,7 +47,6 @@ from typing import Any
 import torch
 
 from sparseattn._validation import fail
-from sparseattn.layout.masks import token_causal_mask
 
 __all__ = ["ATTN_NAME_MIXED", "mixed_attention_forward", "register_mixed_attention", "enable_mixed_cache"]
 
@@ -125,10 +124,9 @@ def _plain_causal(mask: torch.Tensor, nq: int, nkv: int, window: int | None) -> 
     hit = _MASK_VERDICTS.get(key)
     if hit is not None and hit[1] is mask:
         return hit[0]
-    m = mask[..., :nkv]
-    allowed = m if m.dtype == torch.bool else (m == 0)
-    want = token_causal_mask(nq, nkv, window, m.device)
-    verdict = bool((allowed == want).all())  # the one host read
+    from sparseattn.integrations.masks import _causal_equivalent
+
+    verdict = _causal_equivalent(mask, nq, nkv, window)  # the one host read
     if len(_MASK_VERDICTS) >= _MASK_VERDICTS_MAX:
         _MASK_VERDICTS.clear()
     _MASK_VERDICTS[key] = (verdict, mask)  # holding the mask keeps its id from being reused while cached

@@ -215,6 +215,16 @@ def row_bounds_layout(row_bounds: RowBounds, seqlen_q: int, seqlen_kv: int | Non
     return BlockLayout(num, idx, block_m, block_n, seqlen_q, seqlen_kv, validate=False)
 
 
+def check_document_ids(func: str, document_ids: Any) -> None:
+    """Raise the house-format error unless ``document_ids`` is an integer tensor (shape is the caller's check)."""
+    if not isinstance(document_ids, torch.Tensor):
+        raise fail(func, "document_ids", "must be a torch.Tensor", "an integer tensor [N_kv] or [B, N_kv]",
+                   type(document_ids).__name__)
+    if document_ids.dtype.is_floating_point or document_ids.dtype == torch.bool or document_ids.is_complex():
+        raise fail(func, "document_ids", "must hold integers", "an integer dtype",
+                   str(document_ids.dtype).replace("torch.", ""))
+
+
 def check_cu_seqlens(func: str, cu_seqlens: Any, seqlen_kv: int) -> tuple[tuple[int, ...], ...]:
     """Host-side ``cu_seqlens`` → one tuple of document boundaries per batch row (a single tuple: shared).
 
@@ -337,11 +347,7 @@ def document_row_bounds(cu_seqlens: Any = None, *, document_ids: torch.Tensor | 
         lo, hi = torch.stack(los), torch.stack(his)
     else:
         ids = document_ids
-        if not isinstance(ids, torch.Tensor):
-            raise fail(fn, "document_ids", "must be a torch.Tensor", "an integer tensor [N_kv] or [B, N_kv]",
-                       type(ids).__name__)
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
-            raise fail(fn, "document_ids", "must hold integers", "an integer dtype", str(ids.dtype).replace("torch.", ""))
+        check_document_ids(fn, ids)
         if ids.dim() == 1:
             ids = ids[None]
         if ids.dim() != 2 or ids.shape[1] == 0:

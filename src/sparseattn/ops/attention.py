@@ -281,6 +281,7 @@ def _exact_mask(fn: str, B: int, H: int, Nq: int, Nkv: int, device: torch.device
     from sparseattn.layout.patterns import (
         RowBounds,
         check_cu_seqlens,
+        check_document_ids,
         check_row_bounds,
         check_prefix_len,
         document_row_bounds,
@@ -350,12 +351,7 @@ def _exact_mask(fn: str, B: int, H: int, Nq: int, Nkv: int, device: torch.device
             spec: Any = [list(r) for r in rows]
         else:
             ids = document_ids
-            if not isinstance(ids, torch.Tensor):
-                raise fail(fn, "document_ids", "must be a torch.Tensor", "an integer tensor [N_kv] or [B, N_kv]",
-                           type(ids).__name__)
-            if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
-                raise fail(fn, "document_ids", "must hold integers", "an integer dtype",
-                           str(ids.dtype).replace("torch.", ""))
+            check_document_ids(fn, ids)
             if ids.device != device:
                 raise fail(fn, "document_ids", "is on another device than q", str(device), str(ids.device))
             if ids.dim() not in (1, 2) or ids.shape[-1] != Nkv or (ids.dim() == 2 and ids.shape[0] not in (1, B)):
