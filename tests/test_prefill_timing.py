@@ -57,3 +57,49 @@ def test_evaluate_reports_steady_state_prefill():
     res0 = evaluate(model=model, input_ids=ids, pattern="sink_window:window_blocks=1", gen_tokens=2, progress=False,
                     timing_repeats=0, self_check=False)
     assert res0.timings["steady_prefill"] is None and "skipped" in res0.table()
+
+
+def test_quiet_gc_collects_disables_and_restores():
+    import gc
+
+    from sparseattn.eval.prefill_timing import quiet_gc
+
+    assert gc.isenabled()
+    with quiet_gc():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with quiet_gc():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # a caller's disabled collector stays disabled
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError):
+        with quiet_gc():
+            raise RuntimeError("boom")
+    assert gc.isenabled()  # restored on error too
+
+
+def test_rounds_swap_which_side_runs_first():
+    from sparseattn.eval.prefill_timing import round_order
+
+    assert [round_order(r) for r in range(4)] == [(0, 1), (1, 0), (0, 1), (1, 0)]
+    model = _tiny_llama()
+    ids = torch.randint(0, 96, (1, 64), generator=torch.Generator().manual_seed(1))
+    from sparseattn.integrations import get_handle
+
+    order: list[str] = []
+
+    def pre_hook(*_):
+        h = get_handle(model)  # patched for the whole timing; the model's own attention on the dense side
+        order.append("sparse" if model.config._attn_implementation == h.impl_name else "dense")
+
+    hook = model.model.register_forward_pre_hook(pre_hook)
+    try:
+        res = steady_prefill_times(model, ids, {"pattern": "sink_window:window_blocks=1"}, repeats=2, warmup=1)
+    finally:
+        hook.remove()
+    # the untimed settling call, then round 0 dense first, round 1 sparse first, round 2 dense first
+    assert order == ["sparse", "dense", "sparse", "sparse", "dense", "dense", "sparse"]
+    assert "garbage collector" in res["method"] and "swapped every round" in res["method"]

@@ -15,16 +15,47 @@ they would in a served model. Patching and unpatching happen outside the timed r
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 from sparseattn._validation import check_positive_int, fail
 
-__all__ = ["steady_prefill_times"]
+__all__ = ["quiet_gc", "round_order", "steady_prefill_times"]
+
+TIMING_RULES = ("Python's garbage collector collected before and disabled during the timed rounds (as timeit "
+                "does), the order of the two sides swapped every round")
+
+
+@contextlib.contextmanager
+def quiet_gc() -> Iterator[None]:
+    """Collect garbage, then keep the cyclic collector off for the block (as :mod:`timeit` does).
+
+    A collection that lands inside one timed forward of a host-bound model adds milliseconds to that
+    side only; which side it hits is chance, so it turns into noise in the dense/sparse ratio.
+    """
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def round_order(r: int) -> tuple[int, int]:
+    """Which side runs first in round ``r``: ``(0, 1)`` (dense first) on even rounds, ``(1, 0)`` on odd ones.
+
+    Swapping the order every round keeps a position effect (the second call of a round finding warmer
+    caches, or a host that slows down mid-round) from landing on one side only.
+    """
+    return (0, 1) if r % 2 == 0 else (1, 0)
 
 
 def _timed(fn: Callable[[], Any], cuda: bool) -> float:
@@ -82,13 +113,22 @@ def steady_prefill_times(model: Any, ids: torch.Tensor, patch_kwargs: Mapping[st
     sparse_s: list[float] = []
     try:
         dense()  # untimed: settles the sparse layers' routes, so the warm-up round(s) capture the layer graphs
-        for r in range(warmup + repeats):
-            with handle.suspended():  # the model's own attention for the dense round
-                td = _timed(dense, cuda)
-            ts = _timed(dense, cuda)  # the same call, now through the patched attention
-            if r >= warmup:
-                dense_s.append(td)
-                sparse_s.append(ts)
+
+        def dense_round() -> float:
+            with handle.suspended():  # the model's own attention for the dense side
+                return _timed(dense, cuda)
+
+        def sparse_round() -> float:
+            return _timed(dense, cuda)  # the same call, now through the patched attention
+
+        with quiet_gc():
+            for r in range(warmup + repeats):
+                times = [0.0, 0.0]
+                for side in round_order(r):
+                    times[side] = (dense_round, sparse_round)[side]()
+                if r >= warmup:
+                    dense_s.append(times[0])
+                    sparse_s.append(times[1])
         status = list(handle.layer_graph_status.values())
     finally:
         handle.unpatch()
@@ -100,6 +140,6 @@ def steady_prefill_times(model: Any, ids: torch.Tensor, patch_kwargs: Mapping[st
         "layer_graphs": graphs,
         "method": (f"median of {repeats} prefill calls after {warmup} warm-up round(s) (the model patched once"
                    f"{'; layer graphs: ' + ', '.join(f'{v} {k}' for k, v in graphs.items()) if graphs else ''}), "
-                   f"dense and sparse alternated, "
+                   f"dense and sparse alternated, {TIMING_RULES}, "
                    f"{'CUDA-synchronised, ' if cuda else ''}{ids.shape[1]} tokens, one process"),
     }
