@@ -192,7 +192,9 @@ def test_scores_follow_the_generated_text(tiny, monkeypatch, tmp_path):
     def generate(model_, ids, *, gen_tokens, score_last):
         out = real_generate(model_, ids, gen_tokens=1, score_last=score_last)
         smp = next(m for m in made if torch.equal(m["input_ids"].to(ids.device), ids))  # the prompt being run
-        said = ", ".join(smp["answers"]) if get_handle(model_) is None else "I do not know"
+        h = get_handle(model_)  # dense runs inside the patched model with its own attention (handle.suspended())
+        dense = h is None or model_.config._attn_implementation != h.impl_name
+        said = ", ".join(smp["answers"]) if dense else "I do not know"
         out["tokens"] = tok(" " + said, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         return out
 
@@ -206,6 +208,7 @@ def test_scores_follow_the_generated_text(tiny, monkeypatch, tmp_path):
     runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert len(runs) == 2 * 3 * 2 and {r["config"] for r in runs} == {"dense", sparse}  # one line per finished run
     assert sorted(r["score"] for r in runs) == [0.0] * 6 + [1.0] * 6
+    assert [r["config"] for r in runs] == ["dense", sparse] * 6  # pairs: an interrupted job keeps both sides
     assert res.configs == ["dense", sparse]
     assert res.summary["mean_score"] == {"dense": 1.0, sparse: 0.0}
     assert all(res.scores["dense"][t]["1100"] == 1.0 for t in res.tasks)

@@ -583,33 +583,40 @@ def run_ruler(
         Path(runs_path).parent.mkdir(parents=True, exist_ok=True)
         runs_fh = open(runs_path, "a", encoding="utf-8")
     bar = tqdm(total=len(cases) * len(configs), desc="ruler", unit="run", disable=not progress)
+
+    def run_one(label: str, case: dict[str, Any], smp: dict[str, Any], handle: Any) -> None:
+        bar.set_postfix_str(f"{label[:24]}: {case['task']} @ {case['length']}", refresh=False)
+        if handle is not None:
+            handle.reset_stats()
+        out = greedy_generate(model, smp["input_ids"].to(dev), gen_tokens=gen[case["task"]], score_last=1)
+        density = 1.0 if handle is None else handle.sparsity_report()["mean_density"]
+        text = _continuation(tokenizer, out["tokens"])
+        case["outputs"][label] = text
+        case["scores"][label] = string_match_all(text, smp["answers"])
+        case["density"][label] = density
+        case["prefill_s"][label] = out["prefill_s"]
+        if runs_fh is not None:
+            runs_fh.write(json.dumps({"config": label, "task": case["task"], "length": case["length"],
+                                      "sample": case["sample"], "score": case["scores"][label],
+                                      "density": density, "output": text}) + "\n")
+            runs_fh.flush()
+        bar.update(1)
+
     try:
         with torch.no_grad():
-            for label in configs:
-                handle = None if label == "dense" else patch_model(model, predictor=dict(rows)[label],
-                                                                   dense_layers=row_dense[label], backend=backend)
+            # one patch per sparse configuration; the dense run of each prompt goes right before the first
+            # sparse run of it (the model's own attention, handle.suspended()), so an interrupted job still
+            # holds dense/sparse pairs
+            for label in configs[1:]:
+                handle = patch_model(model, predictor=dict(rows)[label], dense_layers=row_dense[label], backend=backend)
                 try:
                     for case, smp in zip(cases, prompts):
-                        bar.set_postfix_str(f"{label[:24]}: {case['task']} @ {case['length']}", refresh=False)
-                        if handle is not None:
-                            handle.reset_stats()
-                        out = greedy_generate(model, smp["input_ids"].to(dev), gen_tokens=gen[case["task"]],
-                                              score_last=1)
-                        density = 1.0 if handle is None else handle.sparsity_report()["mean_density"]
-                        text = _continuation(tokenizer, out["tokens"])
-                        case["outputs"][label] = text
-                        case["scores"][label] = string_match_all(text, smp["answers"])
-                        case["density"][label] = density
-                        case["prefill_s"][label] = out["prefill_s"]
-                        if runs_fh is not None:
-                            runs_fh.write(json.dumps({"config": label, "task": case["task"], "length": case["length"],
-                                                      "sample": case["sample"], "score": case["scores"][label],
-                                                      "density": density, "output": text}) + "\n")
-                            runs_fh.flush()
-                        bar.update(1)
+                        if "dense" not in case["scores"]:
+                            with handle.suspended():
+                                run_one("dense", case, smp, None)
+                        run_one(label, case, smp, handle)
                 finally:
-                    if handle is not None:
-                        handle.unpatch()
+                    handle.unpatch()
     finally:
         if runs_fh is not None:
             runs_fh.close()
