@@ -189,7 +189,8 @@ def test_scores_follow_the_generated_text(tiny, monkeypatch, tmp_path):
         made.append(real_make(*a, **kw))
         return made[-1]
 
-    def generate(model_, ids, *, gen_tokens, score_last):
+    def generate(model_, ids, *, gen_tokens, score_last, stop_ids=()):
+        assert tok.eos_token_id in stop_ids  # generation stops where scoring stops reading
         out = real_generate(model_, ids, gen_tokens=1, score_last=score_last)
         smp = next(m for m in made if torch.equal(m["input_ids"].to(ids.device), ids))  # the prompt being run
         h = get_handle(model_)  # dense runs inside the patched model with its own attention (handle.suspended())
@@ -255,3 +256,15 @@ def test_cli_bad_input_is_one_line_exit_2(tiny, tmp_path, capsys, argv, words):
     assert rc == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sparseattn ruler: error: ") and words in lines[0], err
+
+
+def test_greedy_generate_stops_at_a_stop_token(tiny):
+    from sparseattn.eval.end_to_end import greedy_generate
+    from sparseattn.models.loader import load
+
+    model, tok = load(str(tiny[0]))
+    ids = torch.tensor([tok("an orchard of numbers", add_special_tokens=False)["input_ids"]])
+    free = greedy_generate(model, ids, gen_tokens=5, score_last=1)["tokens"]
+    assert len(free) == 5
+    cut = greedy_generate(model, ids, gen_tokens=5, score_last=1, stop_ids={free[1]})["tokens"]
+    assert cut == free[:free.index(free[1]) + 1]  # ends with the first stop token, the steps before unchanged

@@ -27,7 +27,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +89,12 @@ def prefix_agreement(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 @torch.no_grad()
-def greedy_generate(model: Any, ids: torch.Tensor, *, gen_tokens: int, score_last: int) -> dict[str, Any]:
+def greedy_generate(model: Any, ids: torch.Tensor, *, gen_tokens: int, score_last: int,
+                    stop_ids: Collection[int] = ()) -> dict[str, Any]:
     """Prefill ``ids`` (logits of the last ``score_last`` positions kept), then ``gen_tokens`` greedy steps.
+
+    With ``stop_ids`` (e.g. the tokenizer's EOS and other special tokens) generation ends once one of them
+    is produced (the loop reads each token on the host anyway); without them exactly ``gen_tokens``.
 
     Returns:
         ``{"logits": (score_last, V) float32 on CPU, "tokens": [int], "prefill_s", "decode_s",
@@ -113,6 +117,8 @@ def greedy_generate(model: Any, ids: torch.Tensor, *, gen_tokens: int, score_las
     tok = logits[-1].argmax()
     tokens = [int(tok)]
     for _ in range(gen_tokens - 1):
+        if tokens[-1] in stop_ids:
+            break
         o = model(tok.view(1, 1).to(ids.device), use_cache=True, **{name: past})
         past = getattr(o, name)
         tok = o.logits[0, -1].argmax()

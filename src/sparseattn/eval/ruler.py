@@ -423,12 +423,18 @@ def string_match_all(prediction: str, answers: Sequence[str]) -> float:
     return sum(1.0 for a in answers if a.lower() in pred) / len(answers)
 
 
-def _continuation(tokenizer: Any, tokens: Sequence[int]) -> str:
-    """Decode greedy tokens up to the first special token (EOS, end of turn)."""
+def _special_ids(tokenizer: Any) -> frozenset[int]:
+    """The tokenizer's special token ids (EOS, end of turn, ...): where a continuation ends."""
     special = set(getattr(tokenizer, "all_special_ids", None) or ())
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None:
         special.add(eos)
+    return frozenset(special)
+
+
+def _continuation(tokenizer: Any, tokens: Sequence[int]) -> str:
+    """Decode greedy tokens up to the first special token (EOS, end of turn)."""
+    special = _special_ids(tokenizer)
     cut = next((i for i, t in enumerate(tokens) if t in special), len(tokens))
     return tokenizer.decode(list(tokens[:cut]), skip_special_tokens=True).strip()
 
@@ -584,11 +590,15 @@ def run_ruler(
         runs_fh = open(runs_path, "a", encoding="utf-8")
     bar = tqdm(total=len(cases) * len(configs), desc="ruler", unit="run", disable=not progress)
 
+    stops = _special_ids(tokenizer)
+
     def run_one(label: str, case: dict[str, Any], smp: dict[str, Any], handle: Any) -> None:
         bar.set_postfix_str(f"{label[:24]}: {case['task']} @ {case['length']}", refresh=False)
         if handle is not None:
             handle.reset_stats()
-        out = greedy_generate(model, smp["input_ids"].to(dev), gen_tokens=gen[case["task"]], score_last=1)
+        # scoring reads the continuation up to the first special token (``_continuation``): stop there too
+        out = greedy_generate(model, smp["input_ids"].to(dev), gen_tokens=gen[case["task"]], score_last=1,
+                              stop_ids=stops)
         density = 1.0 if handle is None else handle.sparsity_report()["mean_density"]
         text = _continuation(tokenizer, out["tokens"])
         case["outputs"][label] = text
