@@ -232,6 +232,28 @@ def test_tune_model_tiny_llama():
     assert not hasattr(model, "_sparseattn_handle") or model._sparseattn_handle is None
 
 
+def test_tune_model_leaves_sliding_window_layers_to_their_exact_band():
+    """Gemma-3-style models: the window layers run as exact bands whatever the predictor, so the tuner neither
+    tunes them nor marks them dense; the file lists them and a patched model still runs them as windows."""
+    transformers = pytest.importorskip("transformers")
+    from sparseattn.integrations import patch_model
+    from sparseattn.tuning import tune_model
+
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=48,
+                                        layer_types=["sliding_attention", "full_attention"] * 2,
+                                        max_position_embeddings=512)
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    ids = [torch.randint(0, 97, (256,), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    tc = tune_model(model, ids, base=MeanSimilarityConfig(block_m=32, block_n=32), progress=False, log=lambda _: None)
+    assert sorted(tc.layers) == [1, 3] and tc.meta["window_layers"] == [0, 2] and tc.meta["dense_layers"] == []
+    with torch.no_grad(), patch_model(model, tuned=tc) as h:
+        model(ids[0][None])
+        modes = {i: h.sparsity_report()["layers"][str(i)]["mode"] for i in range(4)}
+    assert modes == {0: "window", 1: "sparse", 2: "window", 3: "sparse"}
+
+
 def test_sim_values_that_untrust_nothing_new_are_skipped_exactly(samples, monkeypatch):
     """A sim threshold that untrusts the same blocks as the previous evaluated one is skipped (no probe runs):
     the result equals a search without it, exactly, and the progress still reaches its total."""

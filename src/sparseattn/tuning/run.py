@@ -14,7 +14,7 @@ from sparseattn._validation import fail
 from sparseattn.predictors.mean_similarity import MeanSimilarityConfig
 from sparseattn.tuning.types import RULES, TUNED_VERSION, HeadParams, TunedConfig
 
-__all__ = ["tune_model", "parse_layer_budgets", "capture_samples", "log_lines", "build_meta"]
+__all__ = ["tune_model", "parse_layer_budgets", "capture_samples", "log_lines", "build_meta", "window_layers"]
 
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:(-)\s*(\d*)\s*)?:\s*([^\s,]+)\s*$")
 
@@ -126,6 +126,7 @@ def build_meta(model: torch.nn.Module, base: MeanSimilarityConfig, *, rule: str,
         "seq_len": seq_len,
         "samples": samples,
         "dense_layers": list(dense_layers),
+        "window_layers": window_layers(model),  # exact bands at run time: not tuned, not dense
         "seconds": seconds,
         "device": device,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -149,8 +150,8 @@ def tune_model(
     """Tune every attention layer of a transformers model under an error budget (see :func:`tune_layer`).
 
     The model runs once per calibration sample with every layer captured (post-RoPE q/k/v, CPU
-    float32, all layers held; see :func:`capture_samples`); then each layer not in ``dense_layers`` is
-    tuned with its budget (``layer_l1`` overrides ``l1`` per layer, e.g. ``"0-5:0.04,21-:0.08"``).
+    float32, the layers to tune held; see :func:`capture_samples`); then each layer not in ``dense_layers``
+    and not a sliding-window layer (exact at run time, see :func:`window_layers`) is tuned with its budget (``layer_l1`` overrides ``l1`` per layer, e.g. ``"0-5:0.04,21-:0.08"``).
 
     Args:
         model: a transformers decoder (Llama, Qwen2, ...), unpatched.
@@ -173,7 +174,7 @@ def tune_model(
                                              layer_l1=layer_l1, dense_layers=dense_layers)
     emit = log if log is not None else (print if progress else None)
 
-    captured = capture_samples(model, list(input_ids_list))
+    captured = capture_samples(model, list(input_ids_list), todo)  # only the layers to tune are held
     search_device = next(model.parameters()).device
     from tqdm.auto import tqdm
 
@@ -221,7 +222,19 @@ def plan_tuning(fn: str, model: torch.nn.Module, input_ids_list: Any, *, base: M
     for i in dense:
         if i not in layers:
             raise fail(fn, "dense_layers", "has an unknown layer index", f"ints in 0..{max(layers)}", i)
-    return base, budgets, dense, [li for li in layers if li not in dense]
+    window = set(window_layers(model))  # exact bands at run time: no blocks to choose, nothing to tune
+    return base, budgets, dense, [li for li in layers if li not in dense and li not in window]
+
+
+def window_layers(model: torch.nn.Module) -> list[int]:
+    """The model's sliding-window attention layers (Gemma-2/3, Mistral, Qwen2 with ``use_sliding_window``).
+
+    ``patch_model`` runs them as the exact band of their window whatever the predictor, so a tuned file
+    leaves them out (they are neither tuned nor dense; the file's metadata lists them as ``window_layers``).
+    """
+    from sparseattn.models.layers import attention_layers
+
+    return [i for i, mod in attention_layers(model) if getattr(mod, "sliding_window", None) is not None]
 
 
 def seq_len_of(input_ids_list: Any) -> int | list[int]:

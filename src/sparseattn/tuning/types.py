@@ -118,13 +118,15 @@ class TunedConfig:
 
     Args:
         layers: ``{layer index: HeadParams}`` for every tuned layer (layers absent here are dense
-            or were not tuned; ``meta["dense_layers"]`` lists the ones kept dense on purpose).
+            or were not tuned; ``meta["dense_layers"]`` lists the ones kept dense on purpose,
+            ``meta["window_layers"]`` the sliding-window layers, which run as exact bands).
         meta: JSON-friendly metadata. Keys written by the tuner: ``version`` (int, this module's
             :data:`TUNED_VERSION`), ``model`` (name or path), ``fingerprint`` (``{"num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "head_dim", "model_type"}``), ``predictor``
             (the layer-wide mean_sim fields: ``block_m``, ``block_n``, ``keep_sink``, ``keep_local``,
             ``score``), ``rule``, ``budgets`` (``{"l1": float, "pv_l1": float | None, "layer_l1": str}``),
-            ``seq_len``, ``samples`` (calibration texts: names), ``dense_layers`` (list), ``seconds``
+            ``seq_len``, ``samples`` (calibration texts: names), ``dense_layers`` (list), ``window_layers`` (list; files
+            written before it existed lack it), ``seconds``
             (tuning wall time), ``device``, ``created`` (UTC ISO date).
     """
 
