@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Device jobs of the 2026-12-03 third session, one call = `bash benchmarks/device_s3.sh JOB...`.
+# The model files travel in pieces (../shared/DEVICE.md): copy_s0 / copy_s1 (SmolLM2, .carry/s2/c*) and
+# copy_g0..copy_g4 (Gemma-3-270M, .carry/g/gemma-3-270m-q4_k_m.gguf.d/c*) copy the carried piece into /tmp/m,
+# which a warm machine keeps between calls. Every job has its own time limit; its files land in
+# $OUT/s3/<job>/ and are packed into $OUT/s3_<first job>.tar.gz at the end (the device returns few files).
+# Env: SMOL_SHA, GEMMA_SHA (sha256 of the joined models), RULER_SAMPLES, RULER_GEMMA_SAMPLES.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT="${OUT:-./device_out}"; R="$OUT/s3"; mkdir -p "$R"
+GPIECES=.carry/g/gemma-3-270m-q4_k_m.gguf.d
+SMOL=/tmp/m/s/SmolLM2-135M-Instruct.Q4_1.gguf
+GEMMA=/tmp/m/g/gemma-3-270m-q4_k_m.gguf
+SMOL_SHA="${SMOL_SHA:-b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53}"
+GEMMA_SHA="${GEMMA_SHA:-a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818}"
+if [ -d .carry/whl ] && [ ! -d /tmp/site/gguf ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/whl/*.whl 2>/dev/null
+fi
+export PYTHONPATH="/tmp/site:$PWD/src"
+ESSAYS=.carry/essays; [ -d $ESSAYS ] || ESSAYS=/tmp/m/essays
+[ -d .carry/essays ] && { mkdir -p /tmp/m/essays && cp .carry/essays/* /tmp/m/essays/; }
+M="python3 -m sparseattn.cli.main"
+DEFAULT_PRED="mean_sim:score=mixed,cdf_threshold=0.97,keep_local=8"
+T0=$SECONDS
+st() { echo "=== $1 $(date -u +%H:%M:%S) (t=$((SECONDS-T0))s)"; }
+join() {  # join <dir> <file> <sha>
+  [ -f "$1/$2" ] || cat "$1"/part.* > "$1/$2"
+  echo "$3  $1/$2" | sha256sum -c - >/dev/null || { echo "join: $2 is incomplete"; return 1; }
+}
+run_job() {
+  local job=$1 d="$R/$1"; mkdir -p "$d"; st "$job"
+  case "$job" in
+    copy_s0) mkdir -p /tmp/m/s && cp .carry/s2/c0/* /tmp/m/s/ && ls /tmp/m/s ;;
+    copy_s1) mkdir -p /tmp/m/s && cp .carry/s2/c1/* /tmp/m/s/ && join /tmp/m/s SmolLM2-135M-Instruct.Q4_1.gguf $SMOL_SHA && echo smol ok ;;
+    copy_g[0-4]) mkdir -p /tmp/m/g && cp $GPIECES/c${job#copy_g}/* /tmp/m/g/ && ls /tmp/m/g ;;
+    join_g) join /tmp/m/g gemma-3-270m-q4_k_m.gguf $GEMMA_SHA && echo gemma ok ;;
+    pred)  # issue 10: predictor overhead vs cuDNN, same process (Llama shape, 32K)
+      timeout 100 python3 benchmarks/bench_predictors.py --lengths 32768 --budget-s 80 --out "$d" \
+        --predictors "$DEFAULT_PRED" "mean_sim:cdf_threshold=0.9" > "$d/log" 2>&1; tail -n 6 "$d/log" ;;
+    kern)  # issue 11: GPU parity and the headline attention rows, the folded kernel and the one before, same call
+      timeout 75 python3 benchmarks/gpu_parity.py --budget-s 55 --out "$d" > "$d/parity.log" 2>&1; tail -n 4 "$d/parity.log"
+      for side in new old new; do
+        if [ $side = old ]; then mkdir -p /tmp/old && tar -xzf .carry/old_src.tar.gz -C /tmp/old; PP="/tmp/site:/tmp/old/src"; else PP="$PYTHONPATH"; fi
+        PYTHONPATH="$PP" timeout 100 python3 benchmarks/bench_attention.py --only "Llama-3.1-8B/32K/causal" --repeats 5 \
+          --budget-s 80 --out "$d/$side$SECONDS" > "$d/bench_$side.log" 2>&1
+        echo "--- $side"; grep -E "d=|sdpa" "$d/bench_$side.log" | tail -n 6
+      done ;;
+    smol_eager)  # issue 10: eager whole-model rows, many rounds (GC off, order swapped every round)
+      timeout 200 python3 benchmarks/bench_model.py --model $SMOL --lengths 8192,4096 --text-dir $ESSAYS --repeats 21 \
+        --predictors "$DEFAULT_PRED" --patterns "sink_window:window_blocks=8,block_m=128,block_n=128" --no-plot \
+        --out "$d" > "$d/log" 2>&1; tail -n 12 "$d/log" ;;
+    gtests)  # layer graphs, packed documents and window layers on the GPU
+      timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests -k "layer_graph or packed or document or sliding_window" \
+        > "$d/pytest.log" 2>&1; tail -n 3 "$d/pytest.log" ;;
+    packed)  # issue 10: packed sequences through the real model
+      timeout 100 python3 benchmarks/gpu_packed_model.py --model $SMOL --text-dir $ESSAYS --out "$d" > "$d/log" 2>&1
+      tail -n 5 "$d/log" ;;
+    tune4k)  # issue 13: GPU bf16 tuning with model-level calibration, then NIAH with the file
+      timeout 200 $M tune --model $SMOL --text-dir $ESSAYS --samples 8 --seq-len 4096 --l1 0.06 --keep-local-grid 4,2,1 \
+        --target-top1 0.95 --target-cosine 0.999 --target-kl 0.01 --calibrate-samples 2 --compare --compare-samples 2 \
+        --device cuda --dtype bfloat16 --no-plot --quiet --out "$d/smol4k.safetensors" > "$d/log" 2>&1; tail -n 14 "$d/log"
+      cp "$d/smol4k.safetensors" /tmp/m/smol4k.safetensors 2>/dev/null
+      timeout 150 $M niah --model $SMOL --text-dir $ESSAYS --lengths 4096,8000 --depths 0.1,0.5,0.9 --trials 2 \
+        --tuned "$d/smol4k.safetensors" --device cuda --no-plots --quiet --out "$d/niah" > "$d/niah.log" 2>&1; tail -n 12 "$d/niah.log" ;;
+    tune8k)  # issue 13: the 8K target
+      timeout 260 $M tune --model $SMOL --text-dir $ESSAYS --samples 6 --seq-len 8192 --l1 0.06 --keep-local-grid 4,2,1 \
+        --target-top1 0.95 --target-cosine 0.999 --target-kl 0.01 --calibrate-samples 2 --compare --compare-samples 2 \
+        --device cuda --dtype bfloat16 --no-plot --quiet --out "$d/smol8k.safetensors" > "$d/log" 2>&1; tail -n 14 "$d/log" ;;
+    ruler_smol4k|ruler_smol8k)  # issue 17: RULER on the default model
+      n=4096; [ $job = ruler_smol8k ] && n=8000
+      T="--tuned /tmp/m/smol4k.safetensors"; [ -f /tmp/m/smol4k.safetensors ] || T=""
+      timeout 280 $M ruler --model $SMOL --text-dir $ESSAYS --lengths $n --samples ${RULER_SAMPLES:-5} --device cuda --quiet \
+        --predictors "$DEFAULT_PRED" $T --no-plots --out "$d" > "$d/log" 2>&1; tail -n 22 "$d/log" ;;
+    gemma_tune)  # issue 13: Gemma-3-270M global layers (window layers are exact bands, left out)
+      timeout 240 $M tune --model $GEMMA --text-dir $ESSAYS --samples 4 --seq-len 8192 --l1 0.06 --keep-local-grid 4,2,1 \
+        --target-top1 0.955 --target-cosine 0.999 --calibrate-samples 2 --compare --compare-samples 1 \
+        --device cuda --dtype bfloat16 --no-plot --quiet --out "$d/gemma8k.safetensors" > "$d/log" 2>&1; tail -n 12 "$d/log"
+      cp "$d/gemma8k.safetensors" /tmp/m/gemma8k.safetensors 2>/dev/null ;;
+    gemma_bench)  # issue 13: the tuned file at 8K/16K/32K against the all-blocks floor, same runs
+      timeout 280 python3 benchmarks/bench_model.py --model $GEMMA --lengths 8192,16384,32000 --text-dir $ESSAYS --repeats 5 \
+        --tuned /tmp/m/gemma8k.safetensors --no-profile --no-plot --out "$d" > "$d/log" 2>&1; tail -n 12 "$d/log" ;;
+    ruler_gemma)  # issue 17: RULER on Gemma-3-270M
+      T="--tuned /tmp/m/gemma8k.safetensors"; [ -f /tmp/m/gemma8k.safetensors ] || T=""
+      timeout ${RULER_GEMMA_S:-420} $M ruler --model $GEMMA --text-dir $ESSAYS --lengths ${RULER_GEMMA_LENGTHS:-8192,16384,32000} \
+        --samples ${RULER_GEMMA_SAMPLES:-3} --device cuda --quiet --predictors "$DEFAULT_PRED" $T --no-plots --out "$d" \
+        > "$d/log" 2>&1; tail -n 30 "$d/log" ;;
+    decode_sweep)  # issue 14: INT8/FP8 decode kernel variants
+      timeout 250 python3 benchmarks/decode_int8_sweep.py > "$d/log" 2>&1; tail -n 25 "$d/log"; cp $OUT/decode_int8_sweep.json "$d/" 2>/dev/null ;;
+    *) echo "unknown job $job" ;;
+  esac
+}
+for job in "$@"; do run_job "$job"; done
+tar -C "$OUT" -czf "$OUT/s3_$1.tar.gz" s3 && rm -rf "$R"
+st done
