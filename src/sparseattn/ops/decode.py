@@ -65,6 +65,7 @@ MIN_KEYS_PER_SPLIT = 256  # the heuristic never gives a split fewer keys than th
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Z = 65535
 _CONFIG_KEYS = {"BLOCK_N", "num_warps", "num_stages"}
+_CONFIG_OPTIONAL = {"QK", "PV", "BLOCK_M"}  # quantized-path variants and a row-tile floor (DecodeLaunchConfig)
 
 
 class PageSummaries(NamedTuple):
@@ -443,12 +444,15 @@ def decode_num_splits(ctas: int, n_keys: int, num_sms: int = 132, *, ctas_per_sm
 
 
 def _default_config(D: int, block_m: int, interp: bool, paged: bool = False,
-                    device: str | None = None) -> dict[str, int]:
+                    device: str | None = None, kv: str = "none") -> dict[str, Any]:
     """The fixed launch config: the tuned winner for ``device`` (a device name; ``None``: the shipped file's
-    fallback device) from ``ops/tuned/decode.json`` where one matches, else the heuristic default."""
+    fallback device) from ``ops/tuned/decode.json`` where one matches, else the heuristic default.
+
+    ``kv``: the cache's format, ``"none"`` (q's dtype), ``"int8"`` or ``"fp8"`` -- a tuned entry may match on it
+    (``"match": {"kv": "int8", ...}``) to pick a quantized-path variant; entries without it match every cache."""
     if interp:
         return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    tuned = _tuned_decode_config(D, block_m, paged, device)
+    tuned = _tuned_decode_config(D, block_m, paged, device, kv)
     if tuned is not None:
         return dict(tuned)
     if D >= 256:
@@ -457,8 +461,9 @@ def _default_config(D: int, block_m: int, interp: bool, paged: bool = False,
 
 
 @functools.lru_cache(maxsize=256)
-def _tuned_decode_config(D: int, block_m: int, paged: bool, device: str | None) -> dict[str, int] | None:
-    """The shipped tuned config (checked as a DecodeLaunchConfig), looked up once per (D, tile, paged, device)."""
+def _tuned_decode_config(D: int, block_m: int, paged: bool, device: str | None,
+                         kv: str = "none") -> dict[str, Any] | None:
+    """The shipped tuned config (checked as a DecodeLaunchConfig), looked up once per (D, tile, paged, device, kv)."""
     from sparseattn.ops.launch_configs import DecodeLaunchConfig
     from sparseattn.ops.registry import tuned_for
 
@@ -466,7 +471,7 @@ def _tuned_decode_config(D: int, block_m: int, paged: bool, device: str | None) 
     if tuned is None:
         return None
     cfg = tuned.lookup(device if device is not None else (tuned.fallback or ""), head_dim=D, block_m=block_m,
-                       paged=paged)
+                       paged=paged, kv=kv)
     return None if cfg is None else DecodeLaunchConfig.from_dict(cfg).to_dict()
 
 
@@ -491,21 +496,25 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
             config = config.to_dict()
     rows = G * Lq
     block_m = min(max(16, 1 << (rows - 1).bit_length()), 64)
-    m_tiles = -(-rows // block_m)
+    quant = k_scale is not None
+    kv = "none" if not quant else ("int8" if k.dtype == torch.int8 else "fp8")
     if config is None:
         dev_name = None
         if q.is_cuda:
             from sparseattn.ops.registry import device_name
 
             dev_name = device_name(q.device)
-        cfg = _default_config(D, block_m, interp, paged=page_idx is not None, device=dev_name)
+        cfg = _default_config(D, block_m, interp, paged=page_idx is not None, device=dev_name, kv=kv)
     else:
-        if not isinstance(config, dict) or set(config) != _CONFIG_KEYS:
-            raise fail(fn, "config", "must name exactly the launch parameters", sorted(_CONFIG_KEYS), repr(config))
+        if not isinstance(config, dict) or not _CONFIG_KEYS <= set(config) or set(config) - _CONFIG_KEYS - _CONFIG_OPTIONAL:
+            raise fail(fn, "config", "must name exactly the launch parameters",
+                       f"{sorted(_CONFIG_KEYS)} and optionally {sorted(_CONFIG_OPTIONAL)}", repr(config))
         bn = config["BLOCK_N"]
         if isinstance(bn, bool) or not isinstance(bn, int) or bn < 16 or bn & (bn - 1):
             raise fail(fn, "config", "has a bad BLOCK_N", "a power of two >= 16", repr(bn))
         cfg = dict(config)
+    qk_mode, pv_mode, block_m = _variant_modes(fn, cfg, kv, q.dtype, block_m)
+    m_tiles = -(-rows // block_m)
     if num_splits is None:
         sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else 132
         num_splits = decode_num_splits(B * Hkv * m_tiles, n_virtual, sms)
@@ -522,9 +531,14 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
     meta: dict[str, Any] = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], SPLIT=num_splits > 1,
                                 HAS_SEQLENS=seqlens is not None, PAGED=paged, PAGE=page_size if paged else 1,
                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    quant = k_scale is not None
     if quant:
         meta["HAS_KV_SCALE"] = True  # only when set: the default launch keeps the default kernel's cache key
+        if qk_mode:
+            meta["QK_MODE"] = qk_mode
+        if pv_mode:
+            meta["PV_MODE"] = pv_mode
+        if interp and kv == "fp8" and (qk_mode in (1, 2) or pv_mode == 2):
+            meta["FP8_EXACT"] = True  # the interpreter's fp32 -> e4m3 conversion mis-rounds (see the kernel)
     if not causal:
         meta["CAUSAL"] = False
     if interp and q.dtype == torch.bfloat16:
@@ -555,6 +569,31 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
                 H, Lq, num_splits, HEAD_DIM=D, BLOCK_S=max(2, 1 << (num_splits - 1).bit_length()),
                 num_warps=4, num_stages=1)
     return AttentionState(out, lse)
+
+
+def _variant_modes(fn: str, cfg: dict[str, Any], kv: str, q_dtype: torch.dtype, block_m: int) -> tuple[int, int, int]:
+    """``(QK_MODE, PV_MODE, BLOCK_M)`` of a launch config's optional ``QK`` / ``PV`` / ``BLOCK_M`` entries.
+
+    The variants apply to a quantized cache (``kv`` ``"int8"``/``"fp8"``) read by fp16/bf16 q only; elsewhere
+    (a float cache, float32 q) they are ignored: those launches have nothing to convert or run exact fp32.
+    """
+    from sparseattn.ops.launch_configs import DECODE_PV_VARIANTS, DECODE_QK_VARIANTS
+
+    qk, pv, bm = cfg.get("QK"), cfg.get("PV"), cfg.get("BLOCK_M")
+    if qk is not None and qk not in DECODE_QK_VARIANTS:
+        raise fail(fn, "config", "has an unknown QK variant", f"one of {DECODE_QK_VARIANTS}", repr(qk))
+    if pv is not None and pv not in DECODE_PV_VARIANTS:
+        raise fail(fn, "config", "has an unknown PV variant", f"one of {DECODE_PV_VARIANTS}", repr(pv))
+    if bm is not None:
+        if isinstance(bm, bool) or not isinstance(bm, int) or bm < 16 or bm > 64 or bm & (bm - 1):
+            raise fail(fn, "config", "has a bad BLOCK_M", "a power of two in 16..64", repr(bm))
+        block_m = max(block_m, bm)
+    if kv == "none" or q_dtype not in (torch.float16, torch.bfloat16):
+        return 0, 0, block_m
+    if pv == "fp8" and kv != "fp8":
+        raise fail(fn, "config", "asks for the fp8 P·V variant on an int8 cache", "PV 'dequant' or 'fp16' (or a "
+                   "float8_e4m3fn cache)", repr(pv))
+    return (DECODE_QK_VARIANTS.index(qk) if qk else 0), (DECODE_PV_VARIANTS.index(pv) if pv else 0), block_m
 
 
 def _check_num_splits(fn: str, num_splits: Any) -> int | None:
@@ -629,7 +668,10 @@ def decode_attention(
         check_seqlens: check ``0 <= seqlens <= N_max`` on the host; ``None`` (default) checks only a CPU
             ``seqlens`` (free). A CUDA ``seqlens`` is not read on the host: out-of-range values are clamped
             into ``[0, N_max]`` by the kernel.
-        config: fixed kernel config ``{"BLOCK_N", "num_warps", "num_stages"}`` (experiments, benchmarks).
+        config: fixed kernel config ``{"BLOCK_N", "num_warps", "num_stages"}`` (experiments, benchmarks),
+            optionally with ``"QK"`` / ``"PV"`` (the quantized path's variants, see
+            :class:`sparseattn.ops.launch_configs.DecodeLaunchConfig`; ignored for a float cache or float32
+            q) and ``"BLOCK_M"`` (a floor on the row tile).
         k_scale, v_scale: a quantized cache: ``k_cache``/``v_cache`` hold int8 or float8_e4m3fn values
             (both the same format) and these are their float32 per-key, per-KV-head scales
             ``(B, H_kv, N_max)`` (or ``(B, H_kv, N_max, 1)``, as :func:`sparseattn.state.kv_cache.quantize`

@@ -97,11 +97,23 @@ class BlockSparseFwdConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeLaunchConfig:
-    """One fixed launch of the decode kernels (:func:`sparseattn.ops.decode.decode_attention`'s ``config``)."""
+    """One fixed launch of the decode kernels (:func:`sparseattn.ops.decode.decode_attention`'s ``config``).
+
+    Optional (``None`` = the default path; used only with a quantized cache and fp16/bf16 q): ``qk`` — the
+    Q·Kᵀ variant, one of :data:`DECODE_QK_VARIANTS`; ``pv`` — the P·V variant, one of
+    :data:`DECODE_PV_VARIANTS` (``"fp8"``: float8 caches only); ``block_m`` — the smallest row tile
+    (a power of two in 16..64; the launcher uses at least the rows' own tile).
+    """
 
     block_n: int
     num_warps: int
     num_stages: int
+    qk: str | None = None
+    pv: str | None = None
+    block_m: int | None = None
+
+    _REQUIRED = ("BLOCK_N", "num_warps", "num_stages")
+    _OPTIONAL = (("qk", "QK"), ("pv", "PV"), ("block_m", "BLOCK_M"))
 
     def __post_init__(self) -> None:
         fn = "DecodeLaunchConfig"
@@ -109,13 +121,31 @@ class DecodeLaunchConfig:
         _pow2(fn, "num_warps", self.num_warps, 1)
         if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
             raise fail(fn, "num_stages", "must be an int in [1, 8]", "1..8", repr(self.num_stages))
+        if self.qk is not None and self.qk not in DECODE_QK_VARIANTS:
+            raise fail(fn, "qk", "is not a known Q·K variant", f"None or one of {DECODE_QK_VARIANTS}", repr(self.qk))
+        if self.pv is not None and self.pv not in DECODE_PV_VARIANTS:
+            raise fail(fn, "pv", "is not a known P·V variant", f"None or one of {DECODE_PV_VARIANTS}", repr(self.pv))
+        if self.block_m is not None:
+            _pow2(fn, "block_m", self.block_m, 16)
+            if self.block_m > 64:
+                raise fail(fn, "block_m", "is too large", "a power of two in 16..64", repr(self.block_m))
 
-    def to_dict(self) -> dict[str, int]:
-        return {"BLOCK_N": self.block_n, "num_warps": self.num_warps, "num_stages": self.num_stages}
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"BLOCK_N": self.block_n, "num_warps": self.num_warps, "num_stages": self.num_stages}
+        for f, key in self._OPTIONAL:
+            if getattr(self, f) is not None:
+                d[key] = getattr(self, f)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DecodeLaunchConfig":
-        if not isinstance(d, dict) or set(d) != {"BLOCK_N", "num_warps", "num_stages"}:
+        names = dict((key, f) for f, key in cls._OPTIONAL)
+        if not isinstance(d, dict) or not set(cls._REQUIRED) <= set(d) or set(d) - set(cls._REQUIRED) - set(names):
             raise fail("DecodeLaunchConfig.from_dict", "d", "must name exactly the launch parameters",
-                       "['BLOCK_N', 'num_stages', 'num_warps']", repr(d))
-        return cls(d["BLOCK_N"], d["num_warps"], d["num_stages"])
+                       f"{sorted(cls._REQUIRED)} and optionally {sorted(names)}", repr(d))
+        return cls(d["BLOCK_N"], d["num_warps"], d["num_stages"], **{names[k]: v for k, v in d.items() if k in names})
+
+
+# variants of the quantized decode path (sparseattn.ops.triton.decode: QK_MODE / PV_MODE 0, 1, 2, 3 in this order)
+DECODE_QK_VARIANTS = ("dequant", "q8", "q8x2", "fp16")
+DECODE_PV_VARIANTS = ("dequant", "fp16", "fp8")

@@ -34,6 +34,25 @@ bytes of scale per key and tensor) and nothing else; no dequantised copy exists.
 masked like the K/V loads (a NaN scale beyond ``seqlen`` is never read). Off (the default) the kernel
 is unchanged apart from the unused pointer/stride parameters.
 
+Variants of the quantized path (``HAS_KV_SCALE``; constexprs, chosen per launch config so the fastest can
+be picked by measurement; ``0`` is the path above, the default):
+
+* ``QK_MODE`` — how Q·Kᵀ meets the 8-bit keys. ``1`` ("q8"): each query row is quantized in the kernel
+  to the cache's format (int8: ``round(q / s_q)``, ``s_q = max|q_row| / 127``; e4m3: ``q / s_q`` rounded to
+  e4m3, ``s_q = max|q_row| / 448``) and ``tl.dot`` runs on the 8-bit operands (int8 x int8 -> int32,
+  e4m3 x e4m3 -> fp32): the K tile is never converted; scores = dot * s_q * s_k. Changes the numerics (q
+  carries 8-bit precision). ``2`` ("q8x2"): q and its rounding residual (scaled into the format's range)
+  as two 8-bit dots, combined exactly in int32 (int8) / fp32 (e4m3): q carries ~15 (int8) / ~7 (e4m3)
+  bits, still no K conversion. ``3`` ("fp16"): the K tile is converted to fp16 (exact for int8 and e4m3;
+  the cheaper conversion on NVIDIA GPUs) and q to fp16 after multiplying each row by a power of two that
+  puts its largest |value| in [2**13, 2**14) (exact: no overflow, bf16 values keep every bit unless
+  2**27 times smaller than the row's max). With a non-finite value in a query row, modes 1 and 2 give
+  that row NaN scores (the 8-bit q cannot carry it); mode 3 propagates it as the default does.
+* ``PV_MODE`` — how P·V meets the 8-bit values. ``1`` ("fp16"): V converted to fp16; ``P * s_v`` divided by
+  the tile's largest ``s_v`` (so it lies in [0, 1]) and rounded to fp16 (finer than bf16's P), the
+  product multiplied back by that scale. ``2`` ("fp8", e4m3 cache only): the same normalised P times 256
+  rounded to e4m3 and ``tl.dot`` on e4m3 x e4m3 (no V conversion; P carries 3 mantissa bits).
+
 ``CAUSAL=False``: every row attends all keys ``j < seqlen`` (a segment that lies wholly before the new
 tokens, e.g. the quantized part of a mixed cache); the default ``True`` is the bottom-right rule below.
 
@@ -46,6 +65,18 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _to_e4m3(x, EXACT: tl.constexpr):
+    """fp32 ``x`` (within e4m3's range) to float8 e4m3, round to nearest even. ``EXACT`` (the interpreter,
+    whose conversion mis-rounds values just below a power of two, e.g. 31.97 -> 16): round the fp32 bits to
+    3 mantissa bits first, so the conversion only has exactly representable normal values to convert."""
+    if EXACT:
+        b = x.to(tl.int32, bitcast=True)
+        b = (b + 0x7FFFF + ((b >> 20) & 1)) & -0x100000
+        x = b.to(tl.float32, bitcast=True)
+    return x.to(tl.float8e4nv)
 
 
 @triton.jit(do_not_specialize=["H", "G", "LQ", "N_MAX", "MAX_PAGES", "NUM_SPLITS"])
@@ -74,6 +105,9 @@ def _decode_split_kernel(
     IEEE: tl.constexpr = False,  # fp32 inputs: full-precision dot (no tf32)
     HAS_KV_SCALE: tl.constexpr = False,  # K/V hold int8/fp8 values with one fp32 scale per key (dequantised here)
     CAUSAL: tl.constexpr = True,  # False: every row attends all keys below seqlen (no causal shift)
+    QK_MODE: tl.constexpr = 0,  # HAS_KV_SCALE: 0 dequant K, 1 8-bit q dot, 2 8-bit q + residual dots, 3 fp16 K
+    PV_MODE: tl.constexpr = 0,  # HAS_KV_SCALE: 0 dequant V, 1 fp16 V and normalised fp16 P, 2 e4m3 P x e4m3 V
+    FP8_EXACT: tl.constexpr = False,  # interpreter only: exact rounding to e4m3 (see _to_e4m3)
 ):
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -106,6 +140,39 @@ def _decode_split_kernel(
              + tok[:, None] * stride_qm + offs_d[None, :])
     q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
     in_dtype = q.dtype
+    if HAS_KV_SCALE and QK_MODE != 0:
+        # per-row multiplier of the raw scores: qk_scale / (the row's q scale)
+        row_mul = tl.full([BLOCK_M], 1.0, dtype=tl.float32) * qk_scale
+        qf = q.to(tl.float32)
+        fin = tl.abs(qf) < float("inf")  # False for NaN and +-inf
+        amax = tl.max(tl.where(fin, tl.abs(qf), 0.0), 1)
+        if QK_MODE == 3:
+            # a power of two puts the row's max |q| in [2**13, 2**14): exact, far from fp16's overflow
+            e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+            mul = (tl.minimum(267 - e, 253) << 23).to(tl.float32, bitcast=True)
+            q_lp = (qf * mul[:, None]).to(tl.float16)
+            row_mul = row_mul / mul
+        else:
+            if K.dtype.element_ty == tl.int8:
+                s_q = tl.where(amax > 0, amax / 127.0, 1.0)
+                x = tl.where(fin, qf / s_q[:, None], 0.0)
+                q_lp = tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int8)
+                if QK_MODE == 2:  # residual in [-1/2, 1/2] times 254: q = s_q * (hi + lo / 254) to ~2**-15
+                    r = (x - q_lp.to(tl.float32)) * 254.0
+                    q_lo = tl.where(r >= 0, r + 0.5, r - 0.5).to(tl.int8)
+                    row_mul = row_mul * (s_q / 254.0)
+                else:
+                    row_mul = row_mul * s_q
+            else:
+                s_q = tl.where(amax > 0, amax / 448.0, 1.0)
+                x = tl.where(fin, qf / s_q[:, None], 0.0)
+                q_lp = _to_e4m3(x, FP8_EXACT)
+                if QK_MODE == 2:  # |residual| <= half an e4m3 ulp of 448 = 16: times 16 stays in range
+                    q_lo = _to_e4m3((x - q_lp.to(tl.float32)) * 16.0, FP8_EXACT)
+                row_mul = row_mul * s_q
+            # a non-finite q value cannot be carried by the 8-bit q: the row's scores become NaN
+            row_bad = tl.min(fin.to(tl.int32), 1) == 0
+            row_mul = tl.where(row_bad, float("nan"), row_mul)
     if DOT_F32:
         q = q.to(tl.float32)
 
@@ -160,21 +227,41 @@ def _decode_split_kernel(
             if HAS_KV_SCALE:
                 ks = tl.load(ks_base + pos * stride_ksn, mask=key_ok, other=0.0)
                 vs = tl.load(vs_base + pos * stride_vsn, mask=key_ok, other=0.0)
-        if HAS_KV_SCALE:
-            # int8 (|x| <= 127) and fp8 e4m3 values are exact in fp16 and bf16 (DOT_F32, the interpreter: straight
-            # to fp32, the same values; its int8 -> bf16 conversion is wrong)
-            k = k.to(tl.float32 if DOT_F32 else in_dtype)
-            v = v.to(tl.float32 if DOT_F32 else in_dtype)
-        if DOT_F32:
-            k = k.to(tl.float32)
-        if IEEE:
-            qk = tl.dot(q, k, input_precision="ieee")
+        if HAS_KV_SCALE and QK_MODE == 1:  # 8-bit q x 8-bit K: no conversion of the K tile
+            if K.dtype.element_ty == tl.int8:
+                qk = tl.dot(q_lp, k, out_dtype=tl.int32).to(tl.float32)
+            else:
+                qk = tl.dot(q_lp, k)
+        elif HAS_KV_SCALE and QK_MODE == 2:  # q's residual as a second 8-bit dot
+            if K.dtype.element_ty == tl.int8:  # |hi . k| * 254 + |lo . k| < 2**31 for head_dim <= 256
+                qk = (tl.dot(q_lp, k, out_dtype=tl.int32) * 254 + tl.dot(q_lo, k, out_dtype=tl.int32)).to(tl.float32)
+            else:
+                qk = tl.dot(q_lp, k) + tl.dot(q_lo, k) * 0.0625
+        elif HAS_KV_SCALE and QK_MODE == 3:  # fp16 K (exact) against the power-of-two-scaled fp16 q
+            if DOT_F32:
+                qk = tl.dot(q_lp.to(tl.float32), k.to(tl.float16).to(tl.float32))
+            else:
+                qk = tl.dot(q_lp, k.to(tl.float16))
         else:
-            qk = tl.dot(q, k)
+            if HAS_KV_SCALE:
+                # int8 (|x| <= 127) and fp8 e4m3 values are exact in fp16 and bf16 (DOT_F32, the interpreter:
+                # straight to fp32, the same values; its int8 -> bf16 conversion is wrong)
+                k = k.to(tl.float32 if DOT_F32 else in_dtype)
+                if PV_MODE == 0:  # V converted with K, as before the variants existed
+                    v = v.to(tl.float32 if DOT_F32 else in_dtype)
+            if DOT_F32:
+                k = k.to(tl.float32)
+            if IEEE:
+                qk = tl.dot(q, k, input_precision="ieee")
+            else:
+                qk = tl.dot(q, k)
         if HAS_KV_SCALE:  # per-key scale of the quantized K: q·(s_j k_j) = s_j (q·k_j)
             qk = qk * ks[None, :]
         keep = key_ok[None, :] & (key[None, :] < lim[:, None])
-        s = tl.where(keep, qk * qk_scale, float("-inf"))
+        if HAS_KV_SCALE and QK_MODE != 0:
+            s = tl.where(keep, qk * row_mul[:, None], float("-inf"))
+        else:
+            s = tl.where(keep, qk * qk_scale, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(s, 1))
         # m_safe: a row whose scores so far are all -inf keeps p = 0 instead of exp2(-inf - -inf) = NaN
         m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
@@ -182,15 +269,32 @@ def _decode_split_kernel(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if HAS_KV_SCALE:  # per-key scale of the quantized V folded into P: sum_j p_j (s_j v_j)
-            p = p * vs[None, :]
-        p = p.to(in_dtype)  # P rounded to the input dtype, as FlashAttention does
-        if DOT_F32:
-            acc = tl.dot(p.to(tl.float32), v.to(tl.float32), acc)
-        elif IEEE:
-            acc = tl.dot(p, v, acc, input_precision="ieee")
+        if HAS_KV_SCALE and PV_MODE != 0:
+            # P * s_v divided by the tile's largest s_v lies in [0, 1] (padding keys have s_v = 0); the
+            # product is multiplied back (a NaN s_v still reaches P; tl.max skips it)
+            c = tl.max(vs, 0)
+            c = tl.where(c > 0, c, 1.0)
+            if PV_MODE == 1:
+                p16 = (p * (vs / c)[None, :]).to(tl.float16)
+                if DOT_F32:
+                    acc += tl.dot(p16.to(tl.float32), v.to(tl.float16).to(tl.float32)) * c
+                else:
+                    acc += tl.dot(p16, v.to(tl.float16)) * c
+            else:
+                p8 = _to_e4m3(p * (vs * (256.0 / c))[None, :], FP8_EXACT)
+                acc += tl.dot(p8, v) * (c * 0.00390625)
         else:
-            acc = tl.dot(p, v, acc)
+            if HAS_KV_SCALE:  # per-key scale of the quantized V folded into P: sum_j p_j (s_j v_j)
+                p = p * vs[None, :]
+                if QK_MODE != 0:  # (QK_MODE 0 converted V with K)
+                    v = v.to(tl.float32 if DOT_F32 else in_dtype)
+            p = p.to(in_dtype)  # P rounded to the input dtype, as FlashAttention does
+            if DOT_F32:
+                acc = tl.dot(p.to(tl.float32), v.to(tl.float32), acc)
+            elif IEEE:
+                acc = tl.dot(p, v, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(p, v, acc)
         m_i = m_ij
 
     # ---------------------------------------------------------------- epilogue
