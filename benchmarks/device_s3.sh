@@ -39,7 +39,7 @@ run_job() {
         --predictors "$DEFAULT_PRED" "mean_sim:cdf_threshold=0.9" > "$d/log" 2>&1; tail -n 6 "$d/log" ;;
     kern)  # issue 11: GPU parity and the headline attention rows, the folded kernel and the one before, same call
       timeout 75 python3 benchmarks/gpu_parity.py --budget-s 55 --out "$d" > "$d/parity.log" 2>&1; tail -n 4 "$d/parity.log"
-      for side in new old new; do
+      for side in new old; do
         if [ $side = old ]; then mkdir -p /tmp/old && tar -xzf .carry/old_src.tar.gz -C /tmp/old; PP="/tmp/site:/tmp/old/src"; else PP="$PYTHONPATH"; fi
         PYTHONPATH="$PP" timeout 100 python3 benchmarks/bench_attention.py --only "Llama-3.1-8B/32K/causal" --repeats 5 \
           --budget-s 80 --out "$d/$side$SECONDS" > "$d/bench_$side.log" 2>&1
@@ -85,7 +85,7 @@ run_job() {
         --samples ${RULER_GEMMA_SAMPLES:-3} --device cuda --quiet --predictors "$DEFAULT_PRED" $T --no-plots --out "$d" \
         > "$d/log" 2>&1; tail -n 30 "$d/log" ;;
     decode_sweep)  # issue 14: INT8/FP8 decode kernel variants
-      timeout 250 python3 benchmarks/decode_int8_sweep.py > "$d/log" 2>&1; tail -n 25 "$d/log"; cp $OUT/decode_int8_sweep.json "$d/" 2>/dev/null ;;
+      timeout 250 python3 benchmarks/decode_int8_sweep.py --out "$d" > "$d/log" 2>&1; tail -n 25 "$d/log" ;;
     *) echo "unknown job $job" ;;
   esac
 }
