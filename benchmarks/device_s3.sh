@@ -38,9 +38,10 @@ run_job() {
       timeout 100 python3 benchmarks/bench_predictors.py --lengths 32768 --budget-s 80 --out "$d" \
         --predictors "$DEFAULT_PRED" "mean_sim:cdf_threshold=0.9" > "$d/log" 2>&1; tail -n 6 "$d/log" ;;
     kern)  # issue 11: GPU parity and the headline attention rows, the folded kernel and the one before, same call
-      timeout 75 python3 benchmarks/gpu_parity.py --budget-s 55 --out "$d" > "$d/parity.log" 2>&1; tail -n 4 "$d/parity.log"
+      NEWPP="$PYTHONPATH"; if [ -f .carry/new_src.tar.gz ]; then mkdir -p /tmp/new && tar -xzf .carry/new_src.tar.gz -C /tmp/new; NEWPP="/tmp/site:/tmp/new/src"; fi
+      PYTHONPATH="$NEWPP" timeout 75 python3 benchmarks/gpu_parity.py --budget-s 55 --out "$d" > "$d/parity.log" 2>&1; tail -n 4 "$d/parity.log"
       for side in new old; do
-        if [ $side = old ]; then mkdir -p /tmp/old && tar -xzf .carry/old_src.tar.gz -C /tmp/old; PP="/tmp/site:/tmp/old/src"; else PP="$PYTHONPATH"; fi
+        if [ $side = old ]; then mkdir -p /tmp/old && tar -xzf .carry/old_src.tar.gz -C /tmp/old; PP="/tmp/site:/tmp/old/src"; else PP="$NEWPP"; fi
         PYTHONPATH="$PP" timeout 100 python3 benchmarks/bench_attention.py --only "Llama-3.1-8B/32K/causal" --repeats 5 \
           --budget-s 80 --out "$d/$side$SECONDS" > "$d/bench_$side.log" 2>&1
         echo "--- $side"; grep -E "d=|sdpa" "$d/bench_$side.log" | tail -n 6
