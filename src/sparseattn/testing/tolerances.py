@@ -27,7 +27,7 @@ LSE_ATOL: dict[torch.dtype, float] = {
     torch.float64: 1e-12,
 }
 
-# MixedKVCache (tests/test_kv_cache.py): next-token logits of a tiny random model with its history
+# MixedKVCache (tests/state/test_kv_cache.py): next-token logits of a tiny random model with its history
 # quantized (per-token, per-head scales) vs the same model on the full-precision KV, max abs error
 # relative to max |logit|. Quantization error only (a wrong mask or a dropped segment is O(1)); measured
 # on the CPU (fp32 tiny Llama / Gemma-3, window 16 of 54 tokens): int8 1.2e-3 / 2.8e-3, fp8 e4m3
@@ -126,7 +126,7 @@ def quant_accuracy(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return cos, rel
 
 # patch_model(decode="kernel" | "sparse" with every page) against the unpatched model's own dense decode
-# (tests/test_decode_route.py): logits of each decode step of a tiny random float32 model, max abs error
+# (tests/integrations/test_decode_route.py): logits of each decode step of a tiny random float32 model, max abs error
 # relative to max |logit|. Only summation order differs (split-KV merge, page order); measured on the CPU
 # (reference and Triton interpreter): at most 3e-7. A wrong mask, a missing key or a stale page summary
 # with fewer pages is O(0.1); the sparse test with few pages asserts its error is above this bound.
@@ -134,7 +134,7 @@ DECODE_ROUTE_FP32_LOGIT_REL = 1e-4
 
 # MixedKVCache's decode route (the split-KV decode kernel on the quantized segment and on the recent window,
 # states merged) against the same cache attended by the state operator (decode_backend="off"), logits of a
-# tiny random float32 model (tests/test_decode_quant.py, Triton interpreter): both dequantise the same
+# tiny random float32 model (tests/ops/test_decode_quant.py, Triton interpreter): both dequantise the same
 # int8/fp8 values with the same scales; only summation order and the merge differ. Measured: at most 3e-7
 # (int8 and fp8). A dropped segment or a wrong mask is O(0.1).
 MIXED_DECODE_ROUTE_FP32_LOGIT_REL = 1e-4

@@ -1,7 +1,7 @@
 """Decode attention (``sparseattn.ops.decode``): reference, Triton kernels, Quest-style sparse decode.
 
 The reference is checked against float64 SDPA with an explicit mask; the kernels (under Triton's CPU
-interpreter without CUDA, as in ``tests/test_triton_kernel.py``) against the reference by the ratio
+interpreter without CUDA, as in ``tests/ops/test_block_sparse_triton.py``) against the reference by the ratio
 rule on fresh random inputs; sparse decode against the reference restricted to the selected pages.
 """
 

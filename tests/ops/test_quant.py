@@ -393,7 +393,7 @@ def test_bench_quant_stress_and_table_on_interpreter():
     import os
     import time
 
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_quant.py")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_quant.py")
     spec = importlib.util.spec_from_file_location("bench_quant", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

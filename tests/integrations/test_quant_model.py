@@ -330,7 +330,7 @@ def test_captured_qkv_accuracy(collection):
 
 
 def test_bench_quant_qkv_option(collection, tmp_path, capsys):
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_quant.py")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_quant.py")
     spec = importlib.util.spec_from_file_location("bench_quant_qkv", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -346,7 +346,7 @@ def test_bench_quant_qkv_option(collection, tmp_path, capsys):
 
 
 def test_bench_model_script_takes_the_quant_flags(capsys):
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_model.py")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_model.py")
     spec = importlib.util.spec_from_file_location("bench_model_script", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

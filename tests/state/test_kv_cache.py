@@ -203,7 +203,7 @@ def test_gpu_kernel_dequantises(quant):
     ids, nxt = _ids(300).cuda(), _ids(4, seed=2).cuda()
     ref = model(torch.cat([ids, nxt], 1)).logits[:, -4:].float()
     enable_mixed_cache(model)
-    # a 4-token step is a decode step: by default the decode kernels (tests/test_decode_quant.py); with
+    # a 4-token step is a decode step: by default the decode kernels (tests/ops/test_decode_quant.py); with
     # decode_backend="off" the prefill kernel with the state (HAS_KV_SCALE)
     for decode_backend, where in (("off", "kernel"), ("auto", "decode_kernel")):
         cache = MixedKVCache(model.config, window=64, quant=quant, decode_backend=decode_backend)

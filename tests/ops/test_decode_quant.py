@@ -390,7 +390,7 @@ def test_mixed_cache_decode_route_same_tokens(make, quant):
     from sparseattn.state.kv_cache import MixedKVCache
 
     if ON_GPU:
-        pytest.skip("CPU test (float32 tiny model; the GPU route is covered by tests/test_kv_cache.py)")
+        pytest.skip("CPU test (float32 tiny model; the GPU route is covered by tests/state/test_kv_cache.py)")
     model = make()
     enable_mixed_cache(model)
     ids, nxt = _ids(44), _ids(3, seed=2)
