@@ -176,3 +176,34 @@ SKETCH_ESTIMATE_ATOL = 0.6
 SKETCH_ESTIMATE_RTOL = 0.1
 # gate predictor scores computed twice (same weights)
 GATE_SCORES_ATOL = 1e-6
+
+# ------------------------------------------------------------------ more tolerances the tests had inline (same values)
+# float32 ratio or cosine that is 1 up to rounding (the recall of every block, the cosine of identical outputs)
+FP32_UNIT_ATOL = 1e-6
+# reference_attention in fp16/bf16: the upcast path rounds once at the end, so its max error is at most
+# REF_UPCAST_EPS_FACTOR * eps(dtype) * max|out| + REF_UPCAST_ATOL; the same-dtype path (upcast=False) stays
+# below REF_HALF_SAME_DTYPE_ERR_MAX on the test's unit-scale inputs
+REF_UPCAST_EPS_FACTOR = 2.0
+REF_UPCAST_ATOL = 1e-7
+REF_HALF_SAME_DTYPE_ERR_MAX = 0.1
+# sparse decode page selection in fp16/bf16 against fp32: a page chosen by one side only must sit at the cut,
+# its upper bound within this relative distance (max(1, |cut|)) of the cut's (rounding of the bounds)
+DECODE_PAGE_BOUND_TIE_REL = 0.05
+# page attention mass (float64) computed two ways (eval.decode_recall vs a brute-force loop)
+PAGE_MASS_FP64_ATOL = ATOL_FLOOR[torch.float64] * 1e3
+# attention-mass recall of page selection when each head's mass sits on its own page (sharp scores)
+SHARP_PAGE_RECALL_MIN = 0.999
+# quantized attention with K smoothing: the returned lse (smoothing constant added back) against fp32 attention
+QUANT_SMOOTHING_LSE_ATOL = 0.05
+# tiny random bf16 models with quantized attention (patch_model(quant=...), captured Q/K/V): logits / output
+# cosine against dense above QUANT_TINY_MODEL_COS_MIN, relative L1 of captured-Q/K/V outputs below QUANT_QKV_REL_L1_MAX
+QUANT_TINY_MODEL_COS_MIN = 0.99
+QUANT_QKV_REL_L1_MAX = 0.1
+# the "dense" pattern through the patched model against the unpatched model (float32): logits cosine 1 within this
+DENSE_ROUTE_LOGITS_COS_ATOL = 1e-9
+# sanity floors (not accuracy claims: a wrong mask or wiring is far below them): logits cosine of a tiny random
+# model with a tuned sparse layer against dense; the real default model with a static sparse pattern (logits,
+# and one captured layer's output)
+TINY_SPARSE_LOGITS_COS_MIN = 0.9
+REAL_MODEL_SPARSE_LOGITS_COS_MIN = 0.9
+REAL_MODEL_LAYER_COS_MIN = 0.5
