@@ -345,15 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 
-    meta: dict[str, Any] = {"device": "cpu (interpreter smoke)" if smoke else torch.cuda.get_device_name(),
-                            "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "H": H, "H_kv": Hkv,
-                            "D": D, "Lq": 1, "page_size": page_size, "sparse_fraction": 0.1}
-    try:
-        import triton
+    from sparseattn.eval.env import environment
 
-        meta["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001
-        pass
+    # the one environment record; "device" keeps this report's wording (the GPU's name)
+    meta: dict[str, Any] = {**environment("cpu" if smoke else "cuda"),
+                            "device": "cpu (interpreter smoke)" if smoke else torch.cuda.get_device_name(),
+                            "dtype": str(dtype).replace("torch.", ""), "H": H, "H_kv": Hkv,
+                            "D": D, "Lq": 1, "page_size": page_size, "sparse_fraction": 0.1}
     sms = 132 if smoke else torch.cuda.get_device_properties(0).multi_processor_count
     meta["sms"] = sms
     bw = copy_bandwidth(dev, (1 << 20) if smoke else 4 * GIB, timer)

@@ -8,7 +8,7 @@ OUT="${OUT:-./device_out}"; D="$OUT/diag"; mkdir -p "$D"
 git log --oneline -1 > "$D/commit.txt" 2>/dev/null
 st() { echo "=== $1 $(date -u +%H:%M:%S)"; }
 st tests
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_layer_graphs.py tests/test_decode_quant.py tests/test_document_masks.py tests/test_mean_sim_fused.py} > "$D/pytest.log" 2>&1; tail -n 4 "$D/pytest.log"
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/integrations/test_layer_graphs.py tests/ops/test_decode_quant.py tests/ops/test_document_masks.py tests/predictors/test_fused_mean_sim.py} > "$D/pytest.log" 2>&1; tail -n 4 "$D/pytest.log"
 st predictor
 timeout 60 python3 benchmarks/profile_predictor.py --out "$D" --pool 4096:8,2048:4,4096:4 --score-tiles 64:4,32:4 --repeats 10 \
   --specs "mean_sim:cdf_threshold=0.9;mean_sim:score=mixed,cdf_threshold=0.97,keep_local=8" > "$D/pred.log" 2>&1; tail -n 9 "$D/pred.log"

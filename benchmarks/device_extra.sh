@@ -11,9 +11,9 @@ ls .carry/whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no
 export PYTHONPATH="/tmp/site:$PWD/src"
 [ -f "$SMOL" ] || cat /tmp/m/s/part.* > "$SMOL"
 START=$SECONDS; B=${SESSION_BUDGET:-230}
-timeout $((B - 10)) python3 -m pytest -q -rs -p no:cacheprovider -m "not model" ${PYTEST_FILES:-tests/test_decode.py \
-  tests/test_decode_route.py tests/test_state_kernel.py tests/test_kv_cache.py tests/test_float_mask.py tests/test_state_check.py \
-  tests/test_quant_model.py tests/test_gate.py tests/test_custom_ops.py} > "$OUT/pytest_extra.log" 2>&1 &
+timeout $((B - 10)) python3 -m pytest -q -rs -p no:cacheprovider -m "not model" ${PYTEST_FILES:-tests/ops/test_decode.py \
+  tests/integrations/test_decode_route.py tests/state/test_segmented.py tests/state/test_kv_cache.py tests/ops/test_float_mask.py tests/eval/test_state_check.py \
+  tests/integrations/test_quant_model.py tests/gate/test_gate.py tests/ops/test_custom_ops.py} > "$OUT/pytest_extra.log" 2>&1 &
 PY=$!
 echo "=== gen-check $(date -u +%H:%M:%S)"
 SPARSEATTN_TRITON_AUTOTUNE=0 timeout $((B * 55 / 100)) python3 -m sparseattn.cli.main gen-check --model "$SMOL" --text-dir .carry/essays \

@@ -11,9 +11,9 @@ START=$SECONDS
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/nvidia_smi.txt"
 python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)' | tee -a "$OUT/nvidia_smi.txt"
 echo "=== pytest $(date -u +%H:%M:%S)"
-timeout "${PYTEST_S:-170}" python3 -m pytest -q -rs -p no:cacheprovider -m "not model" ${PYTEST_FILES:-tests/test_layer_graphs.py \
-  tests/test_quant.py tests/test_decode.py tests/test_state_kernel.py tests/test_kv_cache.py tests/test_float_mask.py \
-  tests/test_state_check.py tests/test_gate.py tests/test_custom_ops.py} > "$OUT/pytest.log" 2>&1
+timeout "${PYTEST_S:-170}" python3 -m pytest -q -rs -p no:cacheprovider -m "not model" ${PYTEST_FILES:-tests/integrations/test_layer_graphs.py \
+  tests/ops/test_quant.py tests/ops/test_decode.py tests/state/test_segmented.py tests/state/test_kv_cache.py tests/ops/test_float_mask.py \
+  tests/eval/test_state_check.py tests/gate/test_gate.py tests/ops/test_custom_ops.py} > "$OUT/pytest.log" 2>&1
 echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -30; tail -n 3 "$OUT/pytest.log"
 echo "=== state-check $(date -u +%H:%M:%S)"
 timeout 60 python3 -m sparseattn.cli.main state-check --device cuda --json "$OUT/state_check.json" --markdown "$OUT/state_check.md" \

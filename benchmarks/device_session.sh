@@ -14,7 +14,7 @@ export SMOL_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 START=$SECONDS
 if [ "${LG_TESTS:-1}" = 1 ]; then
   echo "=== layer-graph tests"
-  PYTHONPATH="$PWD/src" timeout 120 python3 -m pytest tests/test_layer_graphs.py -q -p no:cacheprovider 2>&1 | tail -3
+  PYTHONPATH="$PWD/src" timeout 120 python3 -m pytest tests/integrations/test_layer_graphs.py -q -p no:cacheprovider 2>&1 | tail -3
 fi
 STAGES="${STAGES:-smol smol_graphs}" TOTAL_BUDGET="${BENCH_BUDGET:-300}" STAGE_MAX=170 bash benchmarks/device_models.sh 2>&1 | tail -32
 export PYTHONPATH="/tmp/site:$PWD/src"

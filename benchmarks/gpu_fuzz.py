@@ -1,6 +1,6 @@
 """GPU fuzz parity: thousands of random cases, the Triton kernel against the reference (ratio rule).
 
-Cases come from :mod:`sparseattn.testing.fuzz` (the generator behind ``tests/test_fuzz_parity.py``):
+Cases come from :mod:`sparseattn.testing.fuzz` (the generator behind ``tests/ops/test_fuzz_parity.py``):
 N_q / N_kv from 1 to 16K (log-uniform, odd, block edges, tiny, decode-like N_q << N_kv, N_q > N_kv),
 B, H, H_kv with GQA groups 1/2/4/8, head_dim 64/128/256, fp16 and bf16, causal or not, every layout
 pattern and density (local, strided, random, block-diagonal, sink+window, dense, causal,

@@ -342,10 +342,11 @@ def main() -> int:
     elif not tl.interpret_mode():
         print("no CUDA and TRITON_INTERPRET is not set: run with --small (sets it) or TRITON_INTERPRET=1", file=sys.stderr)
         return 2
-    import triton
+    from sparseattn.eval.env import environment
 
-    info = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (Triton interpreter)",
-            "torch": torch.__version__, "triton": triton.__version__, "small": args.small,
+    # the one environment record; "device" keeps this report's wording (the GPU's name)
+    info = {**environment(dev), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (Triton interpreter)",
+            "small": args.small,
             "limits": {"gpu_alloc_growth_B": GPU_LIMIT, "rss_growth_B": RSS_LIMIT, "py_growth_B": PY_LIMIT}}
     print(f"gpu_resources: {info['device']}, torch {info['torch']}, triton {info['triton']}"
           f"{' (--small)' if args.small else ''}", flush=True)

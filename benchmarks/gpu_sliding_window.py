@@ -51,6 +51,14 @@ from sparseattn import attention, reference_attention
 from sparseattn.testing.tolerances import check_ratio
 
 
+def _environment() -> dict:
+    """The one environment record (:func:`sparseattn.eval.env.environment`); "device" keeps this report's
+    wording (the GPU's name)."""
+    from sparseattn.eval.env import environment
+
+    return {**environment("cuda"), "device": torch.cuda.get_device_name()}
+
+
 def window_mask(Nq: int, Nkv: int, W: int, device: str) -> torch.Tensor:
     i = torch.arange(Nq, device=device)[:, None] + (Nkv - Nq)
     j = torch.arange(Nkv, device=device)[None, :]
@@ -266,7 +274,7 @@ def run_documents(args: argparse.Namespace, reps: int, out_dir: Path) -> int:
         rows.append(row)
         print(json.dumps({k_: v_ for k_, v_ in row.items() if k_ != "traceback"}), flush=True)
         torch.cuda.empty_cache()
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "seconds": time.time() - t_start}
+    meta = {**_environment(), "seconds": time.time() - t_start}
     (out_dir / "gpu_documents.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
     def f(x):
@@ -350,13 +358,7 @@ def run_window(args: argparse.Namespace, reps: int, out_dir: Path) -> int:
                     rows.append(row)
                     print(json.dumps({k_: v_ for k_, v_ in row.items() if k_ != "traceback"}), flush=True)
                     torch.cuda.empty_cache()
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "seconds": time.time() - t_start}
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001
-        pass
+    meta = {**_environment(), "seconds": time.time() - t_start}
     (out_dir / "gpu_sliding_window.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
     def f(x):

@@ -9,26 +9,14 @@ integration glue and its accounting.
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparseattn.layout.block_layout import region_row_limits
 from sparseattn.layout.patterns import random_layout
+from sparseattn.testing.harness import CountOps
 
 transformers = pytest.importorskip("transformers")
-
-
-class _CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _tiny_llama() -> torch.nn.Module:
@@ -48,7 +36,7 @@ def test_patched_sparse_prefill_makes_no_host_reads(spec):
     with patch_model(model, predictor=spec, backend="triton") as handle:
         with torch.no_grad():
             model(ids)  # first call: caches, autotuning choices
-        counter = _CountOps()
+        counter = CountOps()
         with counter, torch.no_grad():
             model(ids)
         assert handle.counts["prefill_sparse"] == 4, handle.counts
@@ -92,7 +80,7 @@ def test_in_region_layouts_count_with_one_reduction():
                                           seqlen_kv=300)
     flagged = BlockLayout(clipped.kv_num_blocks, clipped.kv_indices, 64, 64, 300, 300, validate=False, in_region=True)
     assert torch.equal(flagged.selected_in_region(causal=True), clipped.selected_in_region(causal=True))
-    counter = _CountOps()
+    counter = CountOps()
     with counter:
         flagged.selected_in_region(causal=True)
     assert sum(counter.ops.values()) == 1, dict(counter.ops)

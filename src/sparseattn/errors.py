@@ -174,12 +174,22 @@ def load_safetensors_file(func: str, path: str | os.PathLike, what: str = "tenso
     p = check_input_file(func, path, what, expected)
     try:
         return load_file(str(p), device=device)
-    except SafetensorError as exc:
+    except (SafetensorError, OSError) as exc:
+        raise _unreadable(func, what, p, exc, expected) from None
+
+
+def _unreadable(func: str, what: str, p: Path, exc: Exception, expected: str) -> ValueError:
+    """The error for a safetensors file that could not be read (both loaders word it alike)."""
+    from safetensors import SafetensorError
+
+    if isinstance(exc, SafetensorError):
         reason = str(exc).replace("Error while deserializing header: ", "").strip() or type(exc).__name__
-        raise fail(func, f"{what} {p}", f"is not a readable safetensors file ({reason})", expected,
-                   describe_bytes(p)) from None
-    except OSError as exc:
-        raise fail(func, f"{what} {p}", f"cannot be read ({exc.strerror or exc})", expected, type(exc).__name__) from None
+        return fail(func, f"{what} {p}", f"is not a readable safetensors file ({reason})", expected, describe_bytes(p))
+    if isinstance(exc, OSError):
+        return fail(func, f"{what} {p}", f"cannot be read ({exc.strerror or exc})", expected, type(exc).__name__)
+    # a header that parses but describes impossible tensors
+    return fail(func, f"{what} {p}", f"is not a readable safetensors file ({type(exc).__name__}: {exc})", expected,
+                describe_bytes(p))
 
 
 def load_safetensors_with_metadata(func: str, path: str | os.PathLike, what: str = "tensor file", *,
@@ -197,13 +207,22 @@ def load_safetensors_with_metadata(func: str, path: str | os.PathLike, what: str
         with safe_open(str(p), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except SafetensorError as exc:
-        reason = str(exc).replace("Error while deserializing header: ", "").strip() or type(exc).__name__
-        raise fail(func, f"{what} {p}", f"is not a readable safetensors file ({reason})", expected,
-                   describe_bytes(p)) from None
-    except OSError as exc:
-        raise fail(func, f"{what} {p}", f"cannot be read ({exc.strerror or exc})", expected, type(exc).__name__) from None
-    except (RuntimeError, ValueError, TypeError) as exc:  # a header that parses but describes impossible tensors
-        raise fail(func, f"{what} {p}", f"is not a readable safetensors file ({type(exc).__name__}: {exc})", expected,
-                   describe_bytes(p)) from None
+    except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as exc:
+        raise _unreadable(func, what, p, exc, expected) from None
     return tensors, meta
+
+
+def json_metadata(func: str, label: str, header: dict[str, str], key: str, *, kind: str, expected: str) -> Any:
+    """The JSON value stored under ``key`` in a safetensors header (:func:`load_safetensors_with_metadata`).
+
+    Raises:
+        ValueError: ``key`` is missing (``not a sparseattn <kind>?``) or its value is not valid JSON.
+    """
+    if key not in header:
+        raise fail(func, label, f"has no {key!r} metadata (not a sparseattn {kind}?)", expected,
+                   f"metadata keys {sorted(header)}")
+    try:
+        return json.loads(header[key])
+    except json.JSONDecodeError as exc:
+        raise fail(func, f"{label} metadata {key!r}", f"is not valid JSON ({exc.msg} at column {exc.colno})",
+                   "a JSON object", f"{len(header[key])} characters") from None

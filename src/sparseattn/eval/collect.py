@@ -77,12 +77,9 @@ def collect_qkv(
     fn = "collect_qkv"
     check_positive_int(fn, "samples", samples)
     lengths = [check_positive_int(fn, "lengths", int(n)) for n in lengths]
-    if model is None:
-        from sparseattn.models import load
+    from sparseattn.models import model_and_tokenizer
 
-        model, tokenizer = load(model_name, dtype=dtype, device=device)
-    elif tokenizer is None:
-        raise fail(fn, "tokenizer", "is required with a model", "a tokenizer", None)
+    model, tokenizer = model_and_tokenizer(fn, model_name, model, tokenizer, dtype=dtype, device=device)
     all_layers = attention_layers(model)
     n_layers = len(all_layers)
     if layers is None:

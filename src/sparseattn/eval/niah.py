@@ -22,6 +22,7 @@ import torch
 
 from sparseattn._validation import check_positive_int, fail
 from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC, NIAH_DEFAULT_DEPTHS, NIAH_DEFAULT_LENGTHS
+from sparseattn.eval.texts import chat_text, trim_haystack
 
 __all__ = ["NiahResult", "make_niah_prompt", "run_niah", "write_niah_report", "FILLER"]
 
@@ -52,12 +53,7 @@ def _sentences(documents: Iterable[tuple[str, str]] | None) -> list[str]:
 def _chat_parts(tokenizer: Any, key: str) -> tuple[list[int], list[int]]:
     marker = "\u0000CONTEXT\u0000"
     content = _TASK.format(context=marker, key=key)
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
-    else:
-        text = content + "\n"
-    text += _ANSWER_PREFIX.format(key=key)
+    text = chat_text(tokenizer, content) + _ANSWER_PREFIX.format(key=key)
     before, _, after = text.partition(marker)
     pre = tokenizer(before, add_special_tokens=False)["input_ids"]
     post = tokenizer(after, add_special_tokens=False)["input_ids"]
@@ -105,12 +101,7 @@ def make_niah_prompt(tokenizer: Any, *, length: int, depth: float, seed: int = 0
         hay.append(ids)
         total += len(ids)
         i += 1
-    # trim the last sentence so the haystack is exactly the budget
-    extra = total - budget
-    if extra:
-        hay[-1] = hay[-1][: len(hay[-1]) - extra]
-        if not hay[-1]:
-            hay.pop()
+    trim_haystack(hay, total, budget)  # the last sentence cut so the haystack is exactly the budget
     at = round(float(depth) * len(hay))
     before = [t for s in hay[:at] for t in s]
     after = [t for s in hay[at:] for t in s]
@@ -190,12 +181,9 @@ def run_niah(
     if not lengths or not depths:
         raise fail(fn, "lengths/depths", "must be non-empty", "at least one each", (lengths, depths))
     t0 = time.perf_counter()
-    if model is None:
-        from sparseattn.models import load
+    from sparseattn.models import model_and_tokenizer
 
-        model, tokenizer = load(model_name, dtype=dtype, device=device)
-    elif tokenizer is None:
-        raise fail(fn, "tokenizer", "is required with a model", "a tokenizer", None)
+    model, tokenizer = model_and_tokenizer(fn, model_name, model, tokenizer, dtype=dtype, device=device)
     dev = next(model.parameters()).device
     sentences = None
     haystack = "RULER filler"

@@ -42,6 +42,7 @@ import torch
 
 from sparseattn._validation import check_positive_int, fail
 from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
+from sparseattn.eval.texts import chat_text, trim_haystack
 
 __all__ = ["TASKS", "TASK_INFO", "DEFAULT_GEN_TOKENS", "RULER_DEFAULT_LENGTHS", "parse_tasks", "parse_configs", "make_ruler_sample",
            "string_match_all", "RulerResult", "run_ruler", "write_ruler_report", "ruler_heatmap"]
@@ -112,11 +113,7 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 def _frame(tokenizer: Any, template: str, prefix: str) -> tuple[list[int], list[int]]:
     """Token ids before and after the context: chat template (if any) around the task text, then the answer prefix."""
     content = template.replace("{context}", _MARKER)
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
-    else:
-        text = content + "\n"
+    text = chat_text(tokenizer, content)
     text += prefix.lstrip() if text.endswith(("\n", " ")) else prefix
     before, _, after = text.partition(_MARKER)
     pre = _ids(tokenizer, before)
@@ -142,12 +139,7 @@ def _haystack(tokenizer: Any, sentences: Sequence[str], budget: int, rng: random
         i += 1
         if i > 10 * len(sentences) + budget:  # a tokenizer that yields nothing for every sentence
             raise fail("make_ruler_sample", "haystack", "tokenises to no tokens", "text the tokenizer encodes", "nothing")
-    extra = total - budget
-    if extra:
-        hay[-1] = hay[-1][: len(hay[-1]) - extra]
-        if not hay[-1]:
-            hay.pop()
-    return hay
+    return trim_haystack(hay, total, budget)
 
 
 def _insert(hay: list[list[int]], pieces: Sequence[list[int]], rng: random.Random) -> tuple[list[int], list[float]]:
@@ -540,12 +532,9 @@ def run_ruler(
         raise fail(fn, "predictors/patterns/tuned", "give no sparse configuration", "at least one spec or a tuned file",
                    "none")
     t0 = time.perf_counter()
-    if model is None:
-        from sparseattn.models import load
+    from sparseattn.models import model_and_tokenizer
 
-        model, tokenizer = load(model_name, dtype=dtype, device=device)
-    elif tokenizer is None:
-        raise fail(fn, "tokenizer", "is required with a model", "a tokenizer", None)
+    model, tokenizer = model_and_tokenizer(fn, model_name, model, tokenizer, dtype=dtype, device=device)
     dev = next(model.parameters()).device
     row_dense = {label: sorted(set(dense_layers)) for label, _ in rows}
     tuned_label = None

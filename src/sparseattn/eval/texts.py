@@ -23,6 +23,26 @@ __all__ = ["stdlib_documents", "file_documents", "dir_documents", "token_samples
 _SEPARATOR = "\n\n"
 
 
+def chat_text(tokenizer: Any, content: str) -> str:
+    """``content`` as one user turn in the tokenizer's chat template with the generation prompt (plain
+    ``content`` and a newline when the tokenizer has no template)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+    return content + "\n"
+
+
+def trim_haystack(hay: list[list[int]], total: int, budget: int) -> list[list[int]]:
+    """Cut the last of the tokenised sentences ``hay`` (``total`` tokens in all) so they hold exactly ``budget``
+    tokens (dropping it if nothing is left); in place, returns ``hay``."""
+    extra = total - budget
+    if extra:
+        hay[-1] = hay[-1][: len(hay[-1]) - extra]
+        if not hay[-1]:
+            hay.pop()
+    return hay
+
+
 def stdlib_documents() -> Iterator[tuple[str, str]]:
     """The Python standard library's own top-level ``.py`` files, sorted by name (exists on every machine)."""
     root = Path(sysconfig.get_paths()["stdlib"])

@@ -134,19 +134,12 @@ def load_gate(path: str | os.PathLike, *, model: Any = None) -> GateWeights:
     Raises:
         ValueError: ``load_gate: gate file <path> <what is wrong>; expected ..., got ...``.
     """
-    from sparseattn.errors import load_safetensors_with_metadata
+    from sparseattn.errors import json_metadata, load_safetensors_with_metadata
 
     fn = "load_gate"
     tensors, header = load_safetensors_with_metadata(fn, path, "gate file", expected=_EXPECTED)
     label = f"gate file {Path(path).expanduser()}"
-    if META_KEY not in header:
-        raise fail(fn, label, f"has no {META_KEY!r} metadata (not a sparseattn gate file?)", _EXPECTED,
-                   f"metadata keys {sorted(header)}")
-    try:
-        meta = json.loads(header[META_KEY])
-    except json.JSONDecodeError as exc:
-        raise fail(fn, f"{label} metadata {META_KEY!r}", f"is not valid JSON ({exc.msg} at column {exc.colno})",
-                   "a JSON object", f"{len(header[META_KEY])} characters") from None
+    meta = json_metadata(fn, label, header, META_KEY, kind="gate file", expected=_EXPECTED)
     _check_meta(fn, label, meta)
     missing = [n for n in ("wq", "wk") if n not in tensors]
     if missing:

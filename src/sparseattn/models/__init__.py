@@ -10,6 +10,8 @@ from sparseattn.models.loader import (
     default_model_path,
     fetch_default_model,
     load,
+    model_and_tokenizer,
 )
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_INFO", "cache_dir", "default_model_path", "fetch_default_model", "load"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_INFO", "cache_dir", "default_model_path", "fetch_default_model", "load",
+           "model_and_tokenizer"]

@@ -316,3 +316,17 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float3
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def model_and_tokenizer(func: str, name_or_path: str, model: Any, tokenizer: Any, *, dtype: torch.dtype,
+                        device: str | torch.device) -> tuple[Any, Any]:
+    """The caller's ``(model, tokenizer)``, or :func:`load` of ``name_or_path`` when ``model`` is None.
+
+    Raises:
+        ValueError: a model without its tokenizer.
+    """
+    if model is None:
+        return load(name_or_path, dtype=dtype, device=device)
+    if tokenizer is None:
+        raise fail(func, "tokenizer", "is required with a model", "a tokenizer", None)
+    return model, tokenizer

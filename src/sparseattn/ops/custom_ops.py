@@ -108,7 +108,7 @@ def _assume_constant_result(fn: Any) -> Any:
     """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` here.
 
     That import costs about a second and pulls in Triton; the decorator only sets this attribute
-    (torch 2.13; tests/test_custom_ops.py checks that it still does).
+    (torch 2.13; tests/ops/test_custom_ops.py checks that it still does).
     """
     fn._dynamo_marked_constant = True
     return fn

@@ -175,6 +175,23 @@ def local_mask(seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int, n_bloc
     return cached(("local", seqlen_q, seqlen_kv, block_m, block_n, n_blocks, causal, str(device)), build)
 
 
+def forced_blocks(seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int, keep_sink: bool, keep_local: int,
+                  causal: bool, device: torch.device) -> torch.Tensor:
+    """Bool ``[Mb, Nb]``: the blocks a predictor always keeps, within :func:`causal_region`: key block 0 when
+    ``keep_sink``, and the ``keep_local`` local blocks of :func:`local_mask` (none for 0). Cached; do not modify."""
+    def build() -> torch.Tensor:
+        region = causal_region(seqlen_q, seqlen_kv, block_m, block_n, causal, device)
+        f = torch.zeros_like(region)
+        if keep_sink:
+            f[:, 0] = True
+        if keep_local > 0:
+            f |= local_mask(seqlen_q, seqlen_kv, block_m, block_n, keep_local, causal, device)
+        return f & region
+
+    return cached(("forced", seqlen_q, seqlen_kv, block_m, block_n, bool(keep_sink), int(keep_local), causal,
+                   str(device)), build)
+
+
 # --------------------------------------------------------------------------- selection
 def _count(avail: torch.Tensor, fraction: float) -> torch.Tensor:
     k = torch.ceil(avail.to(torch.float64) * fraction - 1e-9).to(torch.long)

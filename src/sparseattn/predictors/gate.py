@@ -48,7 +48,7 @@ from sparseattn.predictors._common import (
     check_qk,
     check_version,
     dense_predicted_layout,
-    local_mask,
+    forced_blocks,
     mask_to_layout,
     select_cdf,
     select_topk,
@@ -235,16 +235,7 @@ class GatePredictor:
             mask = select_topk(p, region, cfg.topk)
         else:
             mask = select_cdf(p, region, float(cfg.cdf_threshold))  # type: ignore[arg-type]
-
-        def build_forced() -> torch.Tensor:
-            f = torch.zeros(Mb, Nb, dtype=torch.bool, device=dev)
-            if cfg.keep_sink:
-                f[:, 0] = True
-            if cfg.keep_local > 0:
-                f |= local_mask(Nq, Nkv, bm, bn, cfg.keep_local, causal, dev)
-            return f & region
-
-        forced = cached(("gate_forced", Nq, Nkv, bm, bn, cfg.keep_sink, cfg.keep_local, causal, str(dev)), build_forced)
+        forced = forced_blocks(Nq, Nkv, bm, bn, cfg.keep_sink, cfg.keep_local, causal, dev)
         bad_q = (~torch.isfinite(q_mean).all(-1)).unsqueeze(-1)  # [B, H, Mb, 1]
         bad_k = (~torch.isfinite(k_feat).all(-1)).repeat_interleave(G, dim=1).unsqueeze(-2)  # [B, H, 1, Nb]
         mask = (mask | forced | bad_q | bad_k) & region

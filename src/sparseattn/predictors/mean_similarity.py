@@ -68,7 +68,7 @@ from sparseattn.predictors._common import (
     check_qk,
     check_version,
     dense_predicted_layout,
-    local_mask,
+    forced_blocks,
     mask_to_layout,
     select_cdf,
     select_topk,
@@ -159,16 +159,7 @@ def mean_sim_stats(q: torch.Tensor, k: torch.Tensor, cfg: "MeanSimilarityConfig"
         s = s.reshape(B, Hkv, G, Mb, Nb).masked_fill(~region, float("-inf"))
         probs.append(torch.softmax(s, dim=-1).masked_fill_(~row_has, 0.0))
     p = probs[0] if len(probs) == 1 else 0.5 * (probs[0] + probs[1])
-
-    def build_forced() -> torch.Tensor:
-        f = torch.zeros(Mb, Nb, dtype=torch.bool, device=dev)
-        if cfg.keep_sink:
-            f[:, 0] = True
-        if cfg.keep_local > 0:
-            f |= local_mask(Nq, Nkv, bm, bn, cfg.keep_local, causal, dev)
-        return f & region
-
-    forced = cached(("msim_forced", Nq, Nkv, bm, bn, cfg.keep_sink, cfg.keep_local, causal, str(dev)), build_forced)
+    forced = forced_blocks(Nq, Nkv, bm, bn, cfg.keep_sink, cfg.keep_local, causal, dev)
     return MeanSimStats(p, q_sim, k_sim, region, forced, bm, bn, Nq, Nkv)
 
 

@@ -1,4 +1,4 @@
-"""Random attention cases and their parity checks, shared by ``tests/test_fuzz_parity.py`` (hypothesis,
+"""Random attention cases and their parity checks, shared by ``tests/ops/test_fuzz_parity.py`` (hypothesis,
 CPU, Triton interpreter) and ``benchmarks/gpu_fuzz.py`` (thousands of cases on a GPU).
 
 A :class:`FuzzCase` is a plain, JSON-round-trippable description of one attention call: shapes

@@ -27,7 +27,7 @@ LSE_ATOL: dict[torch.dtype, float] = {
     torch.float64: 1e-12,
 }
 
-# MixedKVCache (tests/test_kv_cache.py): next-token logits of a tiny random model with its history
+# MixedKVCache (tests/state/test_kv_cache.py): next-token logits of a tiny random model with its history
 # quantized (per-token, per-head scales) vs the same model on the full-precision KV, max abs error
 # relative to max |logit|. Quantization error only (a wrong mask or a dropped segment is O(1)); measured
 # on the CPU (fp32 tiny Llama / Gemma-3, window 16 of 54 tokens): int8 1.2e-3 / 2.8e-3, fp8 e4m3
@@ -126,7 +126,7 @@ def quant_accuracy(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return cos, rel
 
 # patch_model(decode="kernel" | "sparse" with every page) against the unpatched model's own dense decode
-# (tests/test_decode_route.py): logits of each decode step of a tiny random float32 model, max abs error
+# (tests/integrations/test_decode_route.py): logits of each decode step of a tiny random float32 model, max abs error
 # relative to max |logit|. Only summation order differs (split-KV merge, page order); measured on the CPU
 # (reference and Triton interpreter): at most 3e-7. A wrong mask, a missing key or a stale page summary
 # with fewer pages is O(0.1); the sparse test with few pages asserts its error is above this bound.
@@ -134,7 +134,7 @@ DECODE_ROUTE_FP32_LOGIT_REL = 1e-4
 
 # MixedKVCache's decode route (the split-KV decode kernel on the quantized segment and on the recent window,
 # states merged) against the same cache attended by the state operator (decode_backend="off"), logits of a
-# tiny random float32 model (tests/test_decode_quant.py, Triton interpreter): both dequantise the same
+# tiny random float32 model (tests/ops/test_decode_quant.py, Triton interpreter): both dequantise the same
 # int8/fp8 values with the same scales; only summation order and the merge differ. Measured: at most 3e-7
 # (int8 and fp8). A dropped segment or a wrong mask is O(0.1).
 MIXED_DECODE_ROUTE_FP32_LOGIT_REL = 1e-4
@@ -176,3 +176,34 @@ SKETCH_ESTIMATE_ATOL = 0.6
 SKETCH_ESTIMATE_RTOL = 0.1
 # gate predictor scores computed twice (same weights)
 GATE_SCORES_ATOL = 1e-6
+
+# ------------------------------------------------------------------ more tolerances the tests had inline (same values)
+# float32 ratio or cosine that is 1 up to rounding (the recall of every block, the cosine of identical outputs)
+FP32_UNIT_ATOL = 1e-6
+# reference_attention in fp16/bf16: the upcast path rounds once at the end, so its max error is at most
+# REF_UPCAST_EPS_FACTOR * eps(dtype) * max|out| + REF_UPCAST_ATOL; the same-dtype path (upcast=False) stays
+# below REF_HALF_SAME_DTYPE_ERR_MAX on the test's unit-scale inputs
+REF_UPCAST_EPS_FACTOR = 2.0
+REF_UPCAST_ATOL = 1e-7
+REF_HALF_SAME_DTYPE_ERR_MAX = 0.1
+# sparse decode page selection in fp16/bf16 against fp32: a page chosen by one side only must sit at the cut,
+# its upper bound within this relative distance (max(1, |cut|)) of the cut's (rounding of the bounds)
+DECODE_PAGE_BOUND_TIE_REL = 0.05
+# page attention mass (float64) computed two ways (eval.decode_recall vs a brute-force loop)
+PAGE_MASS_FP64_ATOL = ATOL_FLOOR[torch.float64] * 1e3
+# attention-mass recall of page selection when each head's mass sits on its own page (sharp scores)
+SHARP_PAGE_RECALL_MIN = 0.999
+# quantized attention with K smoothing: the returned lse (smoothing constant added back) against fp32 attention
+QUANT_SMOOTHING_LSE_ATOL = 0.05
+# tiny random bf16 models with quantized attention (patch_model(quant=...), captured Q/K/V): logits / output
+# cosine against dense above QUANT_TINY_MODEL_COS_MIN, relative L1 of captured-Q/K/V outputs below QUANT_QKV_REL_L1_MAX
+QUANT_TINY_MODEL_COS_MIN = 0.99
+QUANT_QKV_REL_L1_MAX = 0.1
+# the "dense" pattern through the patched model against the unpatched model (float32): logits cosine 1 within this
+DENSE_ROUTE_LOGITS_COS_ATOL = 1e-9
+# sanity floors (not accuracy claims: a wrong mask or wiring is far below them): logits cosine of a tiny random
+# model with a tuned sparse layer against dense; the real default model with a static sparse pattern (logits,
+# and one captured layer's output)
+TINY_SPARSE_LOGITS_COS_MIN = 0.9
+REAL_MODEL_SPARSE_LOGITS_COS_MIN = 0.9
+REAL_MODEL_LAYER_COS_MIN = 0.5

@@ -16,7 +16,7 @@ import torch
 
 from sparseattn._validation import fail
 from sparseattn.layout.block_layout import BlockLayout
-from sparseattn.predictors._common import check_qk, dense_predicted_layout, local_mask, mask_to_layout, select_cdf
+from sparseattn.predictors._common import check_qk, dense_predicted_layout, forced_blocks, mask_to_layout, select_cdf
 from sparseattn.predictors.mean_similarity import MeanSimilarityConfig, MeanSimStats, mean_sim_stats
 from sparseattn.tuning.types import HeadParams
 
@@ -26,13 +26,8 @@ __all__ = ["MeanSimStats", "mean_sim_stats", "select_per_head", "per_head_forced
 def per_head_forced(stats: MeanSimStats, keep_sink: bool, local_blocks: list[int], causal: bool = True) -> torch.Tensor:
     """Bool ``[H, Mb, Nb]``: each head's forced blocks (the sink column when ``keep_sink``, and its own
     ``local_blocks[h]`` local blocks), within the region — the per-head form of ``stats.forced``."""
-    Mb, Nb = stats.region.shape
-    dev = stats.region.device
-    sink = torch.zeros(Mb, Nb, dtype=torch.bool, device=dev)
-    if keep_sink:
-        sink[:, 0] = True
-    masks = {n: (sink | local_mask(stats.seqlen_q, stats.seqlen_kv, stats.block_m, stats.block_n, n, causal, dev))
-             & stats.region for n in sorted(set(local_blocks))}
+    masks = {n: forced_blocks(stats.seqlen_q, stats.seqlen_kv, stats.block_m, stats.block_n, keep_sink, n, causal,
+                              stats.region.device) for n in sorted(set(local_blocks))}
     return torch.stack([masks[n] for n in local_blocks])
 
 

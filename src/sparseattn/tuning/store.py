@@ -169,20 +169,13 @@ def load_tuned(path: str | os.PathLike, *, model: Any = None) -> TunedConfig:
     Raises:
         ValueError: ``load_tuned: tuned file <path> <what is wrong>; expected ..., got ...``.
     """
-    from sparseattn.errors import load_safetensors_with_metadata
+    from sparseattn.errors import json_metadata, load_safetensors_with_metadata
 
     fn = "load_tuned"
     tensors, header = load_safetensors_with_metadata(fn, path, "tuned file", expected=_EXPECTED)
     p = Path(path).expanduser()
     label = _label(p)
-    if META_KEY not in header:
-        raise fail(fn, label, f"has no {META_KEY!r} metadata (not a sparseattn tuned file?)", _EXPECTED,
-                   f"metadata keys {sorted(header)}")
-    try:
-        meta = json.loads(header[META_KEY])
-    except json.JSONDecodeError as exc:
-        raise fail(fn, f"{label} metadata {META_KEY!r}", f"is not valid JSON ({exc.msg} at column {exc.colno})",
-                   "a JSON object", f"{len(header[META_KEY])} characters") from None
+    meta = json_metadata(fn, label, header, META_KEY, kind="tuned file", expected=_EXPECTED)
     _check_meta(fn, label, meta)
     listed = meta.pop(_LAYERS_KEY, None)
     if not isinstance(listed, list) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in listed):

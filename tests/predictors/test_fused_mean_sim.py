@@ -14,18 +14,16 @@ occur on these seeded inputs.
 
 from __future__ import annotations
 
-import collections
 import warnings
-import zlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.predictors import mean_similarity as ms
 from sparseattn.predictors._common import block_pool, causal_region
 from sparseattn.predictors.mean_similarity import MeanSimilarityConfig, MeanSimilarityPredictor, block_self_similarity
+from sparseattn.testing.harness import CountOps, kernel_unavailable, node_generator
 from sparseattn.testing.tolerances import ATOL_FLOOR, FP32_POOL_RTOL
 
 pytest.importorskip("triton", reason="triton is not installed")
@@ -37,17 +35,9 @@ pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:Runti
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
-
-if not ON_GPU:
-    from sparseattn.ops.triton_launch import interpret_mode
-
-    if not interpret_mode():
-        pytest.skip("no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it before triton is imported)",
-                    allow_module_level=True)
-
-
-def _gen(request) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+if kernel_unavailable() is not None:
+    pytest.skip(kernel_unavailable(), allow_module_level=True)
+_gen = node_generator
 
 
 def _structured(B, H, Hkv, Nq, Nkv, D, gen, dtype=torch.float32):
@@ -304,15 +294,6 @@ def test_select_ties_and_flat_rows(topk):
 
 
 # ------------------------------------------------------------------------------------------ host side
-class _CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
 
 class _FakeKernel:
     """Records launches instead of running (the launcher's own host work is what is measured)."""
@@ -336,7 +317,7 @@ def test_fused_predict_is_three_launches_and_few_host_ops(monkeypatch):
     k = torch.randn(1, 2, 200, 16, device=DEV)
     pred.predict(q, k, causal=True)  # first call builds the cached geometry table
     log.clear()
-    counter = _CountOps()
+    counter = CountOps()
     with counter:
         pred.predict(q, k, causal=True)
     assert len(log) == fm.LAUNCHES_PER_CALL == 3
@@ -352,7 +333,7 @@ def test_fused_predict_makes_no_host_reads(request):
                                    backend="triton")
     q, k = _structured(1, 2, 1, 64, 64, 8, _gen(request))
     pred.predict(q, k, causal=True)
-    counter = _CountOps()
+    counter = CountOps()
     with counter:
         pred.predict(q, k, causal=True)
     assert counter.ops.get("aten._local_scalar_dense.default", 0) == 0, dict(counter.ops)

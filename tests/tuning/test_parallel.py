@@ -12,12 +12,11 @@ import torch.multiprocessing as mp
 
 transformers = pytest.importorskip("transformers")
 
+from sparseattn.testing.models import tiny_llama  # noqa: E402
+
 
 def _model():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(layers=3)
 
 
 def _ids():

@@ -18,16 +18,14 @@ from sparseattn.layout.patterns import random_layout
 from sparseattn.ops.reference import reference_attention_carry
 from sparseattn.state import (AttentionState, RawState, attention_over_segments, attention_with_state,
                               segmented_attention)
+from sparseattn.testing.harness import kernel_unavailable
 from sparseattn.testing.tolerances import LSE_ATOL, MERGE_FP64_ATOL, check_ratio
 
 pytest.importorskip("triton", reason="triton is not installed")
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
-if not ON_GPU:
-    from sparseattn.ops.triton_launch import interpret_mode
-
-    if not interpret_mode():
-        pytest.skip("no CUDA and TRITON_INTERPRET is not set", allow_module_level=True)
+if kernel_unavailable() is not None:
+    pytest.skip(kernel_unavailable(), allow_module_level=True)
 
 CFG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
 

@@ -10,14 +10,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from sparseattn.testing.models import tiny_llama  # noqa: E402
 from sparseattn.tuning.calibrate import Targets, bisect_scale, calibrate_tuned, scale_tuned  # noqa: E402
 
 
 def _model():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama()
 
 
 def _ids(n=2, seq=256):

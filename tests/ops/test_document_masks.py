@@ -17,13 +17,10 @@ Kept small: the interpreter's cost is per operation.
 
 from __future__ import annotations
 
-import collections
 import math
-import zlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparseattn import BlockLayout, attention, reference_attention
 from sparseattn.layout.patterns import (
@@ -34,28 +31,15 @@ from sparseattn.layout.patterns import (
     random_layout,
     row_bounds_layout,
 )
+from sparseattn.testing.harness import CountOps, kernel_unavailable, node_seed
 from sparseattn.testing.tolerances import ATOL_FLOOR, SDPA_FP64_ATOL, check_ratio
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
 
-
-def _kernel_available() -> bool:
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is None:
-        return False
-    from sparseattn.ops.triton_launch import interpret_mode
-
-    return ON_GPU or interpret_mode()
-
-
-needs_kernel = pytest.mark.skipif(not _kernel_available(), reason="Triton kernel unavailable (no CUDA, no TRITON_INTERPRET)")
+needs_kernel = pytest.mark.skipif(kernel_unavailable() is not None, reason=str(kernel_unavailable()))
 C64 = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
-
-
-def _seed(request) -> int:
-    return zlib.crc32(request.node.nodeid.encode())
+_seed = node_seed
 
 
 def _qkv(B, H, Hkv, Nq, Nkv, D, dtype, gen):
@@ -191,19 +175,9 @@ def test_non_contiguous_ids_are_runs():
     assert b.lo.tolist() == [[0, 0, 2, 2, 4, 4]] and b.hi.tolist() == [[1, 1, 3, 3, 5, 5]]
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_layout_from_document_ids_reads_no_value_on_the_host():
     ids = torch.repeat_interleave(torch.arange(5), torch.tensor([100, 1, 50, 300, 61]))[None].expand(2, -1)
-    with _CountOps() as c:
+    with CountOps() as c:
         b = document_row_bounds(document_ids=ids, seqlen_q=400)
         row_bounds_layout(b, 400, 512, block_m=64, block_n=64, heads=4, causal=True)
     assert c.ops["aten._local_scalar_dense.default"] == 0, c.ops
@@ -595,7 +569,7 @@ def test_bad_row_bounds():
     with pytest.raises(ValueError, match="reference_attention: pv_threshold is not supported with row_bounds"):
         reference_attention(q, k, v, row_bounds=(good, good), pv_threshold=1.0,
                             layout=random_layout(64, 64, heads=2, device="cpu"))
-    if _kernel_available():
+    if kernel_unavailable() is None:
         qh, kh, vh = (t.half().to(DEV).repeat(1, 1, 1, 4) for t in (q, k, v))
         with pytest.raises(ValueError, match="block_sparse_fwd: pv_threshold is not supported with row_bounds"):
             block_sparse_fwd(qh, kh, vh, layout=random_layout(64, 64, heads=2, device=DEV),

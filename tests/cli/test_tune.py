@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from sparseattn.cli.main import main  # noqa: E402
+from sparseattn.testing.models import write_word_text  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +21,7 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_tune")
     model_dir = save_tiny_llama(d / "model", hidden_size=64, intermediate_size=64, heads=4, kv_heads=2,
                                 head_dim=16)
-    text = d / "text.txt"
-    words = "the quick brown fox jumps over the lazy dog while seven wizards quietly box jumping frogs".split()
-    g = torch.Generator().manual_seed(1)
-    text.write_text(" ".join(words[int(i)] for i in torch.randint(0, len(words), (2000,), generator=g)))
+    text = write_word_text(d / "text.txt", 2000)
     return model_dir, text
 
 

@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 from sparseattn.integrations.mixed_cache_attention import (ATTN_NAME_MIXED, enable_mixed_cache,  # noqa: E402
                                                            mixed_attention_forward)
 from sparseattn.state.kv_cache import MixedKVCache, dequantize, quantize  # noqa: E402
+from sparseattn.testing.models import tiny_gemma3, tiny_llama  # noqa: E402
 from sparseattn.testing.tolerances import KV_CACHE_FP8_LOGIT_REL, KV_CACHE_INT8_LOGIT_REL  # noqa: E402
 
 _LOGIT_REL = {"int8": KV_CACHE_INT8_LOGIT_REL, "fp8": KV_CACHE_FP8_LOGIT_REL}
@@ -18,19 +19,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:
 
 
 def _llama(seed=0, layers=2):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed=seed, layers=layers)
 
 
 def _gemma3():
-    torch.manual_seed(0)
-    cfg = transformers.Gemma3TextConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=24,
-                                        layer_types=["sliding_attention", "full_attention"] * 2,
-                                        max_position_embeddings=512)
-    return transformers.Gemma3ForCausalLM(cfg).eval()
+    return tiny_gemma3(sliding_window=24)
 
 
 def _ids(n, b=1, seed=1):
@@ -203,7 +196,7 @@ def test_gpu_kernel_dequantises(quant):
     ids, nxt = _ids(300).cuda(), _ids(4, seed=2).cuda()
     ref = model(torch.cat([ids, nxt], 1)).logits[:, -4:].float()
     enable_mixed_cache(model)
-    # a 4-token step is a decode step: by default the decode kernels (tests/test_decode_quant.py); with
+    # a 4-token step is a decode step: by default the decode kernels (tests/ops/test_decode_quant.py); with
     # decode_backend="off" the prefill kernel with the state (HAS_KV_SCALE)
     for decode_backend, where in (("off", "kernel"), ("auto", "decode_kernel")):
         cache = MixedKVCache(model.config, window=64, quant=quant, decode_backend=decode_backend)

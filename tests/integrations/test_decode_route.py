@@ -7,8 +7,6 @@ the PyTorch reference. The cache goes in as ``past_key_values`` (``cache`` only 
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
 
@@ -17,6 +15,8 @@ transformers = pytest.importorskip("transformers")
 from sparseattn.integrations import get_handle, patch_model  # noqa: E402
 from sparseattn.integrations.decode_route import SUMMARY_ATTR  # noqa: E402
 from sparseattn.ops.decode import page_summaries  # noqa: E402
+from sparseattn.testing.harness import CountOps  # noqa: E402
+from sparseattn.testing.models import tiny_gemma3  # noqa: E402
 from sparseattn.testing.tolerances import DECODE_ROUTE_FP32_LOGIT_REL as TOL  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
@@ -34,12 +34,7 @@ def _llama(seed: int = 0):
 
 
 def _gemma3():
-    torch.manual_seed(0)
-    cfg = transformers.Gemma3TextConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=24,
-                                        layer_types=["sliding_attention", "full_attention"] * 2,
-                                        max_position_embeddings=512)
-    return transformers.Gemma3ForCausalLM(cfg).eval().to(DEV)
+    return tiny_gemma3(sliding_window=24).to(DEV)
 
 
 def _ids(n: int, b: int = 1, seed: int = 1) -> torch.Tensor:
@@ -204,17 +199,6 @@ def test_bad_decode_arguments(kwargs, match):
 @pytest.mark.parametrize("mode", ["kernel", "sparse"])
 def test_decode_steps_make_no_host_reads(mode):
     """A decode step of the patched model (Triton kernels, summary update included) reads nothing on the host."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: collections.Counter[str] = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-            self.ops[str(func)] += 1
-            return func(*args, **(kwargs or {}))
-
     model = _llama()
     ids = _ids(150)
     kw = {"decode_top_pages": 0.3} if mode == "sparse" else {}

@@ -17,7 +17,6 @@ Kept small: the interpreter's cost is per operation (about a minute on 2 cores i
 from __future__ import annotations
 
 import math
-import zlib
 
 import pytest
 import torch
@@ -25,27 +24,14 @@ import torch
 import sparseattn
 from sparseattn import BlockLayout, attention, reference_attention, sliding_window_band_layout
 from sparseattn.layout.patterns import random_layout
+from sparseattn.testing.harness import kernel_unavailable, node_seed
 from sparseattn.testing.tolerances import ATOL_FLOOR, FP64_ATOL, SDPA_FP64_ATOL, check_ratio
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
 
-
-def _kernel_available() -> bool:
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is None:
-        return False
-    from sparseattn.ops.triton_launch import interpret_mode
-
-    return ON_GPU or interpret_mode()
-
-
-needs_kernel = pytest.mark.skipif(not _kernel_available(), reason="Triton kernel unavailable (no CUDA, no TRITON_INTERPRET)")
-
-
-def _seed(request) -> int:
-    return zlib.crc32(request.node.nodeid.encode())
+needs_kernel = pytest.mark.skipif(kernel_unavailable() is not None, reason=str(kernel_unavailable()))
+_seed = node_seed
 
 
 def _qkv(B, H, Hkv, Nq, Nkv, D, dtype, gen, spread=1.0):

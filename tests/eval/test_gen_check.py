@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from sparseattn.cli.main import main  # noqa: E402
 from sparseattn.eval.gen_check import token_agreement  # noqa: E402
+from sparseattn.testing.models import write_word_text  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 
@@ -23,10 +24,7 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_gen_check")
     model_dir = save_tiny_llama(d / "model", hidden_size=128, intermediate_size=128, heads=4, kv_heads=2,
                                 head_dim=64)
-    text = d / "text.txt"
-    words = "the quick brown fox jumps over the lazy dog while seven wizards quietly box jumping frogs".split()
-    g = torch.Generator().manual_seed(1)
-    text.write_text(" ".join(words[int(i)] for i in torch.randint(0, len(words), (1000,), generator=g)))
+    text = write_word_text(d / "text.txt", 1000)
     return model_dir, text
 
 

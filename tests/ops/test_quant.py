@@ -192,14 +192,14 @@ def test_smoothing_matters_with_outlier_channels():
     assert cos_s >= T.QUANT_INT8_COS_MIN and rel_s <= T.QUANT_INT8_REL_L1_MAX, (cos_s, rel_s)
     assert rel_n > 3 * rel_s and cos_n < cos_s, (cos_n, rel_n, cos_s, rel_s)
     # the lse gets the smoothing constant back
-    assert float((lse_s - ref.lse).abs().max()) < 0.05
+    assert float((lse_s - ref.lse).abs().max()) < T.QUANT_SMOOTHING_LSE_ATOL
 
 
 def test_kernel_smoothing_lse_correction():
     q, k, v = _qkv(1, 2, 1, 96, 96, 64, seed=8, k_shift=3.0)
     st = Q.quantized_attention(q, k, v, causal=True, return_lse=True)
     ref = reference_attention(q.float(), k.float(), v.float(), causal=True)
-    assert float((st.lse.float().cpu() - ref.lse.cpu()).abs().max()) < 0.05
+    assert float((st.lse.float().cpu() - ref.lse.cpu()).abs().max()) < T.QUANT_SMOOTHING_LSE_ATOL
     assert T.quant_accuracy(st.out, ref.out)[0] >= T.QUANT_INT8_COS_MIN
 
 
@@ -393,7 +393,7 @@ def test_bench_quant_stress_and_table_on_interpreter():
     import os
     import time
 
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_quant.py")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_quant.py")
     spec = importlib.util.spec_from_file_location("bench_quant", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -12,7 +12,6 @@ computes up to summation order). The native bf16 path is covered by ``benchmarks
 from __future__ import annotations
 
 import math
-import zlib
 
 import pytest
 import torch
@@ -20,30 +19,22 @@ import torch
 from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.layout.patterns import causal_layout, dense_layout, random_layout
 from sparseattn.ops.reference import reference_attention
+from sparseattn.testing.harness import kernel_unavailable, node_seed
 from sparseattn.testing.tolerances import check_ratio
 
 pytest.importorskip("triton", reason="triton is not installed")
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
-
-
-if not ON_GPU:
-    from sparseattn.ops.triton_launch import interpret_mode
-
-    if not interpret_mode():
-        pytest.skip("no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it before triton is imported)",
-                    allow_module_level=True)
+if kernel_unavailable() is not None:
+    pytest.skip(kernel_unavailable(), allow_module_level=True)
 
 
 def _fwd(*args, **kwargs):
     from sparseattn.ops.triton_launch import block_sparse_fwd
 
     return block_sparse_fwd(*args, **kwargs)
-
-
-def _seed(request) -> int:
-    return zlib.crc32(request.node.nodeid.encode())
+_seed = node_seed
 
 
 def _qkv(B, H, Hkv, Nq, Nkv, D, dtype, gen, spread=1.0):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import types
-import zlib
 
 import pytest
 import torch
@@ -25,31 +24,16 @@ from sparseattn.ops.decode import (
 )
 from sparseattn.state import merge_states
 from sparseattn.state.kv_cache import quantize
-from sparseattn.testing.tolerances import DECODE_SPLITS_ATOL, MIXED_DECODE_ROUTE_FP32_LOGIT_REL, check_ratio
+from sparseattn.testing.harness import CountOps, kernel_unavailable, node_generator
+from sparseattn.testing.tolerances import DECODE_SPLITS_ATOL, FP64_ATOL, MIXED_DECODE_ROUTE_FP32_LOGIT_REL, check_ratio
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
 FP8_GPU_OK = (not ON_GPU) or torch.cuda.get_device_capability() >= (8, 9)
 
 
-def _kernel_available() -> str | None:
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is None:  # pragma: no cover
-        return "triton is not installed"
-    if not ON_GPU:
-        from sparseattn.ops.triton_launch import interpret_mode
-
-        if not interpret_mode():
-            return "no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it before triton is imported)"
-    return None
-
-
-needs_kernel = pytest.mark.skipif(_kernel_available() is not None, reason=str(_kernel_available()))
-
-
-def _gen(request) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+needs_kernel = pytest.mark.skipif(kernel_unavailable() is not None, reason=str(kernel_unavailable()))
+_gen = node_generator
 
 
 def _skip_fp8(mode):
@@ -107,7 +91,7 @@ def test_reference_noncausal_rows_see_every_key(request):
                                                                                      dtype=torch.float64)
     st = decode_reference(q, k, v, causal=False)
     one = decode_reference(q1, k, v)
-    assert torch.allclose(st.out, one.out.expand_as(st.out), rtol=0, atol=1e-12)
+    assert torch.allclose(st.out, one.out.expand_as(st.out), rtol=0, atol=FP64_ATOL)
 
 
 # ---------------------------------------------------------------------------------------------- kernel
@@ -248,18 +232,6 @@ def test_paged_quantized_matches_restricted_reference(mode, request):
 
 @needs_kernel
 def test_hot_path_reads_nothing_on_the_host(request):
-    import collections
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: collections.Counter[str] = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-            self.ops[str(func)] += 1
-            return func(*args, **(kwargs or {}))
 
     q, kq, vq, ks, vs = _quant_inputs(2, 4, 2, 2, 96, 64, torch.float16, "int8", _gen(request))
     sl = _lens([60, 10])
@@ -390,7 +362,7 @@ def test_mixed_cache_decode_route_same_tokens(make, quant):
     from sparseattn.state.kv_cache import MixedKVCache
 
     if ON_GPU:
-        pytest.skip("CPU test (float32 tiny model; the GPU route is covered by tests/test_kv_cache.py)")
+        pytest.skip("CPU test (float32 tiny model; the GPU route is covered by tests/state/test_kv_cache.py)")
     model = make()
     enable_mixed_cache(model)
     ids, nxt = _ids(44), _ids(3, seed=2)
@@ -448,15 +420,11 @@ def test_mixed_cache_auto_on_cpu_and_padding_fallback():
         MixedKVCache(model.config, decode_backend="cuda")
 
 
-
 @needs_kernel
 @torch.no_grad()
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 def test_mixed_cache_decode_route_reads_nothing_on_the_host(monkeypatch):
     """A one-token decode step's route (both decode calls and the merge) makes no host read."""
-    import collections
-
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from sparseattn.integrations import mixed_cache_attention as mca
     from sparseattn.integrations.mixed_cache_attention import enable_mixed_cache
@@ -464,15 +432,6 @@ def test_mixed_cache_decode_route_reads_nothing_on_the_host(monkeypatch):
 
     if ON_GPU:
         pytest.skip("CPU test")
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: collections.Counter[str] = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-            self.ops[str(func)] += 1
-            return func(*args, **(kwargs or {}))
 
     model = _llama64()
     enable_mixed_cache(model)

@@ -22,6 +22,7 @@ from sparseattn.integrations import (  # noqa: E402
 )
 from sparseattn.layout import random_layout, sink_window_layout  # noqa: E402
 from sparseattn.ops.reference import reference_attention  # noqa: E402
+from sparseattn.testing.models import tiny_gemma3  # noqa: E402
 
 N = 203  # not a block multiple
 
@@ -239,12 +240,7 @@ def _qwen2_sliding():
 
 
 def _gemma3_sliding():
-    torch.manual_seed(0)
-    cfg = transformers.Gemma3TextConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=48,
-                                        layer_types=["sliding_attention", "full_attention"] * 2,
-                                        max_position_embeddings=512)
-    return transformers.Gemma3ForCausalLM(cfg).eval()
+    return tiny_gemma3(sliding_window=48)
 
 
 @torch.no_grad()
