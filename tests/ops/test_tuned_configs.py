@@ -116,6 +116,10 @@ def test_shipped_fixed_entries_seed_no_autotune_winners():
     before_q = len(list(cache.keys()))
     Q._seed_shipped.__wrapped__("NVIDIA H200")
     assert len(list(cache.keys())) == before_q
+    assert reg.shipped_launch_winners("triton", "NVIDIA H200", ["tma", "head_dim", "causal"]) is None
+    assert reg.shipped_launch_winners("quant_triton", "NVIDIA H200", ["head_dim", "quant"]) is None
+    fixed = reg.shipped_launch_winners("triton", "NVIDIA H200", ["head_dim", "layout_block_m"])
+    assert fixed is not None and len(fixed.devices["NVIDIA H200"]) == 12
 
 
 def test_quant_launch_config_dataclass():

@@ -407,15 +407,11 @@ def _seed_shipped(dev_name: str) -> None:
     Only entries keyed by a whole launch key are autotune winners (none shipped yet); the file's entries
     keyed by (head_dim, layout block_m) are the fixed config (:func:`default_quant_config`).
     """
-    from sparseattn.ops.registry import TunedConfigs, tuned_for
+    from sparseattn.ops.registry import shipped_launch_winners
 
-    shipped = tuned_for(_KERNEL_OP)
-    if shipped is None or dev_name not in shipped.devices:
-        return
-    fields = [f for f in _KEY_FIELDS if f != "device"]
-    winners = tuple(e for e in shipped.devices[dev_name] if all(f in e.match for f in fields))
-    if winners:
-        use_tuned_configs(TunedConfigs(_KERNEL_OP, {dev_name: winners}))
+    winners = shipped_launch_winners(_KERNEL_OP, dev_name, [f for f in _KEY_FIELDS if f != "device"])
+    if winners is not None:
+        use_tuned_configs(winners)
 
 
 def _autotune(key: tuple[Any, ...], D: int, layout: BlockLayout, launch: Any) -> tuple[dict[str, int], dict[str, Any] | None]:

@@ -39,6 +39,7 @@ from sparseattn._validation import fail
 
 __all__ = ["Operator", "register_operator", "unregister_operator", "operators", "get_operator", "operator_refusals",
            "KINDS", "TunedEntry", "TunedConfigs", "load_tuned_configs", "save_tuned_configs", "tuned_for", "tuned_config",
+           "shipped_launch_winners",
            "device_name", "TUNED_DIR", "TUNED_VERSION"]
 
 KINDS = ("prefill", "decode", "quant_prefill")
@@ -375,6 +376,18 @@ def tuned_for(operator: str) -> TunedConfigs | None:
     """The shipped tuned configs of a registered operator (read once), ``None`` if it ships none."""
     op = get_operator(operator)
     return None if op.tuned is None else _shipped(op.tuned)
+
+
+def shipped_launch_winners(operator: str, device: str, key_fields: Iterable[str]) -> TunedConfigs | None:
+    """The entries of ``operator``'s shipped file for ``device`` whose match names every one of ``key_fields``
+    (a whole launch key: remembered autotune winners, to seed a launcher's cache), ``None`` if there are none.
+    Entries keyed by fewer facts (a fixed config per shape) are left out."""
+    shipped = tuned_for(operator)
+    if shipped is None or device not in shipped.devices:
+        return None
+    fields = tuple(key_fields)
+    winners = tuple(e for e in shipped.devices[device] if all(f in e.match for f in fields))
+    return TunedConfigs(operator, {device: winners}) if winners else None
 
 
 def tuned_config(operator: str, device: str | None, **facts: Any) -> dict[str, Any] | None:

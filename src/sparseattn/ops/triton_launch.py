@@ -49,7 +49,7 @@ from sparseattn._validation import check_attention_args, fail
 from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.layout.patterns import check_row_bounds
 from sparseattn.ops.launch_configs import BlockSparseFwdConfig
-from sparseattn.ops.registry import TunedConfigs, TunedEntry, device_name, tuned_for
+from sparseattn.ops.registry import TunedConfigs, TunedEntry, device_name, shipped_launch_winners
 # the shared checks and the cached GPU capability (re-exported: decode and tests look them up here)
 from sparseattn.ops.checks import (_capability, _check_kv_scales, check_attn_mask,
                                   check_raw_state, check_segment)
@@ -336,13 +336,9 @@ def _seed_shipped(dev_name: str) -> None:
     Only entries keyed by a whole launch key are autotune winners (none shipped yet); the file's entries
     keyed by (head_dim, layout blocks) are the fixed config (:func:`sparseattn.ops.triton.configs.default_config`).
     """
-    shipped = tuned_for(_OPERATOR)
-    if shipped is None or dev_name not in shipped.devices:
-        return
-    fields = [f for f in _KEY_FIELDS if f != "device"]
-    winners = tuple(e for e in shipped.devices[dev_name] if all(f in e.match for f in fields))
-    if winners:
-        use_tuned_configs(TunedConfigs(_OPERATOR, {dev_name: winners}))
+    winners = shipped_launch_winners(_OPERATOR, dev_name, [f for f in _KEY_FIELDS if f != "device"])
+    if winners is not None:
+        use_tuned_configs(winners)
 
 
 def _launch(plain: Any, tuned_plain: Any, tuned_tma: Any, cfg: dict[str, Any] | None, tune_key: tuple[Any, ...] | None,

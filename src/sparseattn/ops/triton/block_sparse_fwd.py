@@ -13,7 +13,15 @@ load per ``LIST_CHUNK`` entries; or, with ``VEC_COUNT=False``, two binary search
 * masked blocks: crossing the diagonal or the end of the keys — element mask applied;
 * invisible blocks: entirely above the diagonal — never loaded.
 
-Because the indices ascend, the three groups are consecutive ranges of the list.
+Because the indices ascend, the three groups are consecutive ranges of the list. Every range runs the
+one ``@triton.jit`` inner loop :func:`_attn_inner` (as the Triton fused-attention tutorial's
+``_attn_fwd_inner`` with ``STAGE``): ``MASKED=False`` for the full blocks, ``MASKED=True`` (with the
+window / row-bound masks as constexprs) for the masked ranges. Triton inlines the call and drops the
+other ``MASKED`` value's branches, so each range compiles to the loop it had when they were written out
+separately (checked with ``benchmarks/ptx_compare.py``: the same sm_90 PTX, Triton 3.9, up to the
+placement of the accumulator's zero-initialising moves before a lower-edge range). The prologue helpers
+(:func:`_program_ids`, :func:`_row_tile`, :func:`_head_bases`, :func:`_block_list`,
+:func:`_causal_limits`) and :func:`_kv_load` are shared with the quantized kernel.
 
 With ``HAS_WINDOW`` (an exact causal sliding window of ``WINDOW`` keys: row ``r`` attends keys ``j``
 with ``r + OFF - WINDOW < j <= r + OFF``) two more limits split off the front of the list:
@@ -23,8 +31,7 @@ with ``r + OFF - WINDOW < j <= r + OFF``) two more limits split off the front of
   causal, since a narrow window's edge block can also hold the diagonal);
 
 then full, diagonal and invisible blocks as above (a block past the lower-edge range is inside
-every row's window, so those two ranges need no window mask). The lower-edge and diagonal ranges
-share one ``@triton.jit`` loop, :func:`_masked_blocks`. Everything window-related is behind the
+every row's window, so those two ranges need no window mask). Everything window-related is behind the
 ``HAS_WINDOW`` constexpr: with it off the kernel is the window-free one (checked by compiling both
 for sm_90: the same PTX instructions, one of them scheduled one slot apart in some configs). In the
 first lower-edge block, kernel sub-tiles (``BLOCK_N < LAYOUT_BN``) below every row's window are not
