@@ -126,7 +126,8 @@ def _layout(N: int, density: float, B: int, H: int, causal: bool, dev: str, patt
                               heads=H, device=dev)
 
 
-def main_rows(args: argparse.Namespace, cpu: bool, deadline: float) -> list[dict[str, Any]]:
+def main_rows(args: argparse.Namespace, cpu: bool, deadline: float,
+              autotune_log: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from sparseattn.ops.triton_launch import block_sparse_fwd
 
     dev = "cpu" if cpu else "cuda"
@@ -180,8 +181,12 @@ def main_rows(args: argparse.Namespace, cpu: bool, deadline: float) -> list[dict
                         qq = qfn()
                         full = lay if lay is not None else Q.resolve_layout("bench", q, k, None, None, 128, causal)
                         extra["quant_ms"] = _time_ms(qfn, cpu)
-                        extra["kernel_ms"] = _time_ms(lambda: Q.quantized_attention_from(qq, full, causal=causal), cpu)
-                        extra["config"] = dict(Q.LAST_CONFIG)
+                        tele: dict[str, Any] = {}
+                        extra["kernel_ms"] = _time_ms(lambda: Q.quantized_attention_from(qq, full, causal=causal,
+                                                                                         telemetry=tele), cpu)
+                        extra["config"] = dict(tele["config"])
+                        if tele.get("tune") is not None:
+                            autotune_log.append(tele["tune"])
                         del qq
                     except Exception as exc:
                         extra["split_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -228,7 +233,8 @@ def pattern_rows(args: argparse.Namespace, cpu: bool, deadline: float) -> list[d
     return out
 
 
-def stress_rows(n: int, cpu: bool, deadline: float, seed: int = 0) -> list[dict[str, Any]]:
+def stress_rows(n: int, cpu: bool, deadline: float, autotune_log: list[dict[str, Any]] | None = None,
+                seed: int = 0) -> list[dict[str, Any]]:
     """``n`` random shapes: kernel vs the emulation on the kernel's own quantized operands."""
     dev = "cpu" if cpu else "cuda"
     rng = torch.Generator().manual_seed(seed)
@@ -263,11 +269,14 @@ def stress_rows(n: int, cpu: bool, deadline: float, seed: int = 0) -> list[dict[
             v = torch.randn(1, Hkv, Nkv, D, generator=g, device=dev).to(torch.bfloat16)
             lay = random_layout(Nq, Nkv, density=density, seed=i, block_m=bs, block_n=bs, heads=H, causal=causal,
                                 device=dev)
+            tele: dict[str, Any] = {}
             st = Q.quantized_attention(q, k, v, layout=lay, causal=causal, quant=quant, quant_granularity=gran,
-                                       return_lse=True)
+                                       return_lse=True, telemetry=tele)
+            if tele.get("tune") is not None and autotune_log is not None:
+                autotune_log.append(tele["tune"])
             qq = Q.quantize_qkv(q, k, v, quant=quant, quant_granularity=gran)
             eo, el = attention_from_quantized(qq, lay, causal=causal, out_dtype=torch.float32,
-                                              tile_n=Q.LAST_CONFIG["BLOCK_N"])
+                                              tile_n=tele["config"]["BLOCK_N"])
             a, b = st.out.double(), eo.double()
             fin = torch.isfinite(b)
             same_fin = bool(torch.equal(torch.isfinite(a), fin))
@@ -380,13 +389,14 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"env": _env(), "args": vars(args),
                            "note": "ms includes the quantization kernels; quant_ms = quantization alone; kernel_ms = "
                                    "attention on pre-quantized operands; accuracy vs fp32 on the last parity_rows rows"}
-    res["main"] = main_rows(args, cpu, t0 + args.budget_s * 0.65)
+    autotune_log: list[dict[str, Any]] = []  # the tune records the launches returned (telemetry["tune"])
+    res["main"] = main_rows(args, cpu, t0 + args.budget_s * 0.65, autotune_log)
     res["patterns"] = [] if args.no_patterns else pattern_rows(args, cpu, t0 + args.budget_s * (0.85 if args.stress else 1.0))
-    res["stress"] = stress_rows(args.stress, cpu, deadline) if args.stress else []
+    res["stress"] = stress_rows(args.stress, cpu, deadline, autotune_log) if args.stress else []
     if res["stress"]:
         res["stress_summary"] = {"cases": len(res["stress"]), "ok": sum(1 for c in res["stress"] if c.get("ok")),
                                  "skipped": sum(1 for c in res["stress"] if "skipped" in c)}
-    res["autotune"] = list(Q.TUNE_LOG)
+    res["autotune"] = list(autotune_log)
     res["wall_s"] = round(time.time() - t0, 1)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "quant.json")

@@ -92,8 +92,6 @@ def run_shape(name: str, densities: tuple[float, ...], deadline: float, parity_r
               only: set[str] | None) -> dict[str, Any]:
     """Per density: build and parity-check every variant once, then time Flex and all variants in
     ``repeats`` round-robin rounds (cuDNN too on dense rows); ratios are paired within a round."""
-    from sparseattn.ops import triton_launch as tlaunch
-
     shape = next(s for s in SHAPES if s.name == name)
     B, H, Hkv, N, D = shape.batch, shape.heads, shape.kv_heads, shape.seqlen, shape.head_dim
     q, k, v = timing.gpu_qkv(B, H, Hkv, N, N, D, dtype=torch.bfloat16, seed=N + D + H)
@@ -121,10 +119,11 @@ def run_shape(name: str, densities: tuple[float, ...], deadline: float, parity_r
                 ent["skipped"] = "time budget"
                 continue
             try:
-                run = timing.kernel_runner(q, k, v, lay, shape.causal, config=cfg)
+                tele: dict[str, Any] = {}
+                run = timing.kernel_runner(q, k, v, lay, shape.causal, config=cfg, telemetry=tele)
                 o, l = run()
                 torch.cuda.synchronize()
-                ent["compiled"] = dict(tlaunch.LAST_COMPILED)
+                ent["compiled"] = dict(tele)
                 par = timing.tail_parity(q, k, v, lay, shape.causal, o, l, rows=parity_rows)
                 ent["parity"] = {kk: par[kk] for kk in ("ok", "out_err", "out_bound", "lse_err", "lse_bound", "rows_checked")}
                 if not par["ok"]:

@@ -113,9 +113,11 @@ def _kernel_vs_emulation(quant, gran, causal, B, H, Hkv, Nq, Nkv, D, layout_kind
         lay = random_layout(Nq, Nkv, density=0.5, seed=seed, block_m=bs, block_n=bs, batch=B, heads=H, causal=causal,
                             device=DEV)
         lay_emu = lay
-    st = Q.quantized_attention(q, k, v, layout=lay, causal=causal, quant=quant, quant_granularity=gran, return_lse=True)
+    tele: dict = {}
+    st = Q.quantized_attention(q, k, v, layout=lay, causal=causal, quant=quant, quant_granularity=gran, return_lse=True,
+                               telemetry=tele)
     qq = Q.quantize_qkv(q, k, v, quant=quant, quant_granularity=gran)
-    eo, el = attention_from_quantized(qq, lay_emu, causal=causal, out_dtype=q.dtype, tile_n=Q.LAST_CONFIG["BLOCK_N"])
+    eo, el = attention_from_quantized(qq, lay_emu, causal=causal, out_dtype=q.dtype, tile_n=tele["config"]["BLOCK_N"])
     if DEV == "cpu":
         rtol, atol, latol = T.QUANT_PARITY_RTOL, T.QUANT_PARITY_ATOL, T.QUANT_LSE_ATOL
     else:  # GPU: exp2 / the fused mean differ in the last bit (tolerances.py)
@@ -300,7 +302,8 @@ def test_nonfinite_inputs_reach_the_affected_rows(quant, where, val):
     # that entry 0 give the outputs every unaffected element must equal exactly
     q0, k0, v0 = (torch.where(torch.isfinite(t), t, torch.zeros_like(t)) for t in (q2, k2, v2))
     clean = Q.quantized_attention(q0, k0, v0, layout=lay, causal=causal, quant=quant, return_lse=True)
-    st = Q.quantized_attention(q2, k2, v2, layout=lay, causal=causal, quant=quant, return_lse=True)
+    tele: dict = {}
+    st = Q.quantized_attention(q2, k2, v2, layout=lay, causal=causal, quant=quant, return_lse=True, telemetry=tele)
     out = st.out.float().cpu()
     att = _attending(lay, causal).expand(B, H, N, N)
     must = torch.zeros(B, H, N, D, dtype=torch.bool)
@@ -315,7 +318,7 @@ def test_nonfinite_inputs_reach_the_affected_rows(quant, where, val):
     else:
         must[0, :, :, d] = att[0, :, :, j]
         # the kernel's tile exception: rows of the kernel query tile that loads key j's tile
-        tile_m = Q.LAST_CONFIG["BLOCK_M"]
+        tile_m = tele["config"]["BLOCK_M"]
         for h in range(H):
             for r0 in range(0, N, tile_m):
                 if bool(att[0, h, r0:r0 + tile_m, j - j % 64: j - j % 64 + 64].any()):
@@ -374,9 +377,11 @@ def test_nonfinite_set_matches_the_bf16_kernel(where):
     lay = random_layout(N, N, density=0.6, seed=5, block_m=64, block_n=64, batch=B, heads=H, causal=True, device=DEV)
     t = {"q": q, "k": k, "v": v}[where]
     t[0, 0, 150 if where == "q" else 70, 3] = float("nan")
-    ours = ~torch.isfinite(Q.quantized_attention(q, k, v, layout=lay, causal=True, quant="int8").float().cpu())
+    tele: dict = {}
+    ours = ~torch.isfinite(Q.quantized_attention(q, k, v, layout=lay, causal=True, quant="int8",
+                                                 telemetry=tele).float().cpu())
     bf16 = ~torch.isfinite(block_sparse_fwd(q, k, v, layout=lay, causal=True,
-                                            config={"BLOCK_M": Q.LAST_CONFIG["BLOCK_M"], "BLOCK_N": Q.LAST_CONFIG["BLOCK_N"],
+                                            config={"BLOCK_M": tele["config"]["BLOCK_M"], "BLOCK_N": tele["config"]["BLOCK_N"],
                                                     "num_warps": 4, "num_stages": 1}).out.float().cpu())
     assert bool(bf16.any())
     if where == "k":

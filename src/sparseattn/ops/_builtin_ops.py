@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from sparseattn.ops.launch_configs import BlockSparseFwdConfig, DecodeLaunchConfig
+from sparseattn.ops.launch_configs import BlockSparseFwdConfig, DecodeLaunchConfig, QuantLaunchConfig
 from sparseattn.ops.registry import Operator
 from sparseattn.state.types import AttentionState
 
@@ -105,7 +105,7 @@ def builtin_operators() -> list[Operator]:
     return [
         Operator("triton", "prefill", run=triton_run, refusal=triton_refusal, devices=("cuda",), dtypes=_HALF,
                  head_dims=(64, 128, 256), entry_points=("attention", "integration"), priority=10, preferred=_on_cuda,
-                 config_type=BlockSparseFwdConfig, tuned="block_sparse_fwd.json",
+                 config_type=BlockSparseFwdConfig, tuned="prefill.json",
                  custom_op="sparseattn::block_sparse_attention_triton",
                  description="Triton block-sparse prefill kernel (ops/triton/block_sparse_fwd.py, ops/triton_launch.py)"),
         Operator("reference", "prefill", run=reference_run, refusal=reference_refusal, devices=None,
@@ -129,7 +129,7 @@ def builtin_operators() -> list[Operator]:
                  description="PyTorch decode reference (ops/decode.py: decode_reference)"),
         Operator("quant_triton", "quant_prefill", run="sparseattn.ops.quant:quantized_attention", refusal=quant_refusal,
                  devices=("cuda",), dtypes=_HALF, head_dims=(64, 128, 256), entry_points=("quant",), priority=10,
-                 config_type=BlockSparseFwdConfig, tuned="block_sparse_fwd_quant.json",
+                 config_type=QuantLaunchConfig, tuned="quant.json",
                  custom_op="sparseattn::quantized_attention_triton",
                  description="INT8 Q·Kᵀ / bf16 or FP8 P·V block-sparse prefill (ops/triton/block_sparse_fwd_quant.py)"),
         # the emulation is a test oracle: listed for no dispatcher (quantized_attention never falls back to it),

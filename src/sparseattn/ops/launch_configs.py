@@ -12,7 +12,7 @@ from typing import Any
 
 from sparseattn._validation import fail
 
-__all__ = ["BlockSparseFwdConfig", "DecodeLaunchConfig", "CONFIG_VERSION"]
+__all__ = ["BlockSparseFwdConfig", "DecodeLaunchConfig", "QuantLaunchConfig", "CONFIG_VERSION"]
 
 CONFIG_VERSION = 1
 
@@ -27,8 +27,50 @@ def _opt_bool(fn: str, name: str, val: Any) -> None:
         raise fail(fn, name, "must be a bool or None", "True, False or None", repr(val))
 
 
+def _check_tiles(fn: str, cfg: Any) -> None:
+    """The fields every kernel config has: power-of-two tiles and warps, 1..8 stages, optional maxnreg."""
+    _pow2(fn, "block_m", cfg.block_m, 16)
+    _pow2(fn, "block_n", cfg.block_n, 16)
+    _pow2(fn, "num_warps", cfg.num_warps, 1)
+    if isinstance(cfg.num_stages, bool) or not isinstance(cfg.num_stages, int) or not 1 <= cfg.num_stages <= 8:
+        raise fail(fn, "num_stages", "must be an int in [1, 8]", "1..8", repr(cfg.num_stages))
+    nreg = cfg.maxnreg
+    if nreg is not None and (isinstance(nreg, bool) or not isinstance(nreg, int) or not 24 <= nreg <= 255):
+        raise fail(fn, "maxnreg", "must be an int in [24, 255] or None", "24..255", repr(nreg))
+
+
+class _KeyedConfig:
+    """``to_dict`` / ``from_dict`` / JSON of a config dataclass whose fields map to launcher keys (``_KEYS``)."""
+
+    _KEYS: tuple[tuple[str, str], ...] = ()
+    _REQUIRED = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The launcher's dict (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages`` and the set options)."""
+        return {key: getattr(self, f) for f, key in self._KEYS if getattr(self, f) is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        names = dict((key, f) for f, key in cls._KEYS)
+        if not isinstance(d, dict) or set(d) - set(names) or not set(cls._REQUIRED) <= set(d):
+            raise fail(f"{cls.__name__}.from_dict", "d", "must name the launch parameters",
+                       f"BLOCK_M, BLOCK_N, num_warps, num_stages and optionally {sorted(set(names) - set(cls._REQUIRED))}",
+                       repr(d))
+        return cls(**{names[k]: v for k, v in d.items()})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": CONFIG_VERSION, **self.to_dict()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Any:
+        if not isinstance(d, dict) or d.get("version") != CONFIG_VERSION:
+            raise fail(f"{cls.__name__}.from_json", "version", "is not supported", CONFIG_VERSION,
+                       repr(d.get("version") if isinstance(d, dict) else d))
+        return cls.from_dict({k: v for k, v in d.items() if k != "version"})
+
+
 @dataclasses.dataclass(frozen=True)
-class BlockSparseFwdConfig:
+class BlockSparseFwdConfig(_KeyedConfig):
     """One fixed launch of the prefill kernel (:func:`sparseattn.ops.triton_launch.block_sparse_fwd`).
 
     ``block_m``/``block_n``: kernel tiles (must divide the layout blocks); ``num_warps``/``num_stages``;
@@ -55,11 +97,7 @@ class BlockSparseFwdConfig:
 
     def __post_init__(self) -> None:
         fn = "BlockSparseFwdConfig"
-        _pow2(fn, "block_m", self.block_m, 16)
-        _pow2(fn, "block_n", self.block_n, 16)
-        _pow2(fn, "num_warps", self.num_warps, 1)
-        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
-            raise fail(fn, "num_stages", "must be an int in [1, 8]", "1..8", repr(self.num_stages))
+        _check_tiles(fn, self)
         for name in ("use_tma", "tma_qo", "prefetch", "vec_count"):
             _opt_bool(fn, name, getattr(self, name))
         if self.list_chunk is not None:
@@ -67,32 +105,27 @@ class BlockSparseFwdConfig:
         tau = self.rescale_tau
         if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= tau <= 16.0):
             raise fail(fn, "rescale_tau", "must be a number in [0, 16] (log2 units)", "0..16", repr(tau))
-        nreg = self.maxnreg
-        if nreg is not None and (isinstance(nreg, bool) or not isinstance(nreg, int) or not 24 <= nreg <= 255):
-            raise fail(fn, "maxnreg", "must be an int in [24, 255] or None", "24..255", repr(nreg))
 
-    def to_dict(self) -> dict[str, Any]:
-        """The launcher's dict (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages`` and the set options)."""
-        return {key: getattr(self, f) for f, key in self._KEYS if getattr(self, f) is not None}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BlockSparseFwdConfig":
-        names = dict((key, f) for f, key in cls._KEYS)
-        if not isinstance(d, dict) or set(d) - set(names) or not {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} <= set(d):
-            raise fail("BlockSparseFwdConfig.from_dict", "d", "must name the launch parameters",
-                       f"BLOCK_M, BLOCK_N, num_warps, num_stages and optionally {sorted(set(names) - {'BLOCK_M', 'BLOCK_N', 'num_warps', 'num_stages'})}",
-                       repr(d))
-        return cls(**{names[k]: v for k, v in d.items()})
+@dataclasses.dataclass(frozen=True)
+class QuantLaunchConfig(_KeyedConfig):
+    """One fixed launch of the quantized prefill kernel (:func:`sparseattn.ops.quant.quantized_attention`'s ``config``).
 
-    def to_json(self) -> dict[str, Any]:
-        return {"version": CONFIG_VERSION, **self.to_dict()}
+    ``block_m``/``block_n``: kernel tiles (must divide the layout blocks); ``num_warps``/``num_stages``;
+    compiler option ``maxnreg`` (24..255, ``None`` = no cap).
+    """
 
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "BlockSparseFwdConfig":
-        if not isinstance(d, dict) or d.get("version") != CONFIG_VERSION:
-            raise fail("BlockSparseFwdConfig.from_json", "version", "is not supported", CONFIG_VERSION,
-                       repr(d.get("version") if isinstance(d, dict) else d))
-        return cls.from_dict({k: v for k, v in d.items() if k != "version"})
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    maxnreg: int | None = None
+
+    _KEYS = (("block_m", "BLOCK_M"), ("block_n", "BLOCK_N"), ("num_warps", "num_warps"), ("num_stages", "num_stages"),
+             ("maxnreg", "maxnreg"))
+
+    def __post_init__(self) -> None:
+        _check_tiles("QuantLaunchConfig", self)
 
 
 @dataclasses.dataclass(frozen=True)

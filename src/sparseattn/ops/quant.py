@@ -45,11 +45,11 @@ import torch
 
 from sparseattn._validation import check_attention_args, fail
 from sparseattn.layout.block_layout import BlockLayout, cdiv
+from sparseattn.ops.launch_configs import QuantLaunchConfig
 from sparseattn.state.types import AttentionState
 
 __all__ = ["quantized_attention", "quantized_prefill", "quantize_qkv", "quant_refusal", "quant_choice", "tuned_configs",
-           "use_tuned_configs", "QuantizedQKV", "QUANT_MODES", "GRANULARITIES",
-           "LAST_CONFIG"]
+           "use_tuned_configs", "QuantizedQKV", "QUANT_MODES", "GRANULARITIES"]
 
 QUANT_MODES = ("int8", "int8_fp8")
 # name -> ((Q rows per slice W, groups per slice T, consecutive rows per group period S), (same for K))
@@ -64,8 +64,6 @@ _LOG2E = 1.4426950408889634
 _R = 128  # rows per quantization program (a multiple of every group span)
 _FP8_MAX = 448.0
 _MAX_GRID_Y = 65535
-# the launch config of the last call (read by tests and benchmarks; replaced in one update)
-LAST_CONFIG: dict[str, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -280,14 +278,31 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
     return QuantizedQKV(q_int8, q_scale, q_row, k_int8, k_scale, k_mean, vq, v_scale, quant, gran, float(sm_scale), emulated)
 
 
-def default_quant_config(head_dim: int, layout_bm: int, layout_bn: int, *, interpret: bool) -> dict[str, int]:
-    """The fixed launch config of the quantized kernel (tiles nest in the layout blocks)."""
+def default_quant_config(head_dim: int, layout_bm: int, layout_bn: int, *, interpret: bool,
+                         device: str | None = None) -> dict[str, int]:
+    """The fixed launch config of the quantized kernel (tiles nest in the layout blocks).
+
+    On a GPU: the shipped per-device choice for ``(head_dim, layout block_m)`` (``ops/tuned/quant.json``
+    through the registry; ``device`` a device name, ``None`` = the file's fallback device), else a small
+    config that nests in every layout.
+    """
     if interpret:
         return {"BLOCK_M": layout_bm, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
-    if head_dim == 256:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    bm = 128 if layout_bm % 128 == 0 else 64
-    return {"BLOCK_M": bm, "BLOCK_N": 64, "num_warps": 8 if bm == 128 else 4, "num_stages": 2}
+    cfg = _shipped_quant_config(head_dim, layout_bm, layout_bn, device)
+    if cfg is not None:
+        return dict(cfg)
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
+@functools.lru_cache(maxsize=256)
+def _shipped_quant_config(head_dim: int, layout_bm: int, layout_bn: int, device: str | None) -> dict[str, int] | None:
+    """The shipped fixed config (checked as a QuantLaunchConfig), looked up once per (shape, device)."""
+    from sparseattn.ops.registry import tuned_config
+
+    cfg = tuned_config(_KERNEL_OP, device, head_dim=head_dim, layout_block_m=layout_bm, layout_block_n=layout_bn)
+    if cfg is None or layout_bm % cfg["BLOCK_M"] or layout_bn % cfg["BLOCK_N"]:
+        return None
+    return QuantLaunchConfig.from_dict(cfg).to_dict()
 
 
 # Autotune candidates per head_dim (CUDA only): (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg or None).
@@ -301,7 +316,6 @@ _TUNE_CANDIDATES: dict[int, list[tuple[int, int, int, int, int | None]]] = {
 }
 _TUNED_MAX = 128
 _TUNED: Any = None  # BoundedCache keyed by launch facts and the device *name* (as the prefill launcher's)
-TUNE_LOG: list[dict[str, Any]] = []  # per tuned key: every candidate's time (bounded like _TUNED)
 # The remembered winners as data: TunedConfigs entries per device name (ops/registry.py), JSON on disk.
 _KEY_FIELDS = ("head_dim", "layout_block_m", "layout_block_n", "causal", "quant", "granularity", "n_ctx_log2", "dtype",
                "device")
@@ -318,11 +332,15 @@ def _tuned_cache() -> Any:
     return _TUNED
 
 
-def _tune_key(D: int, layout: BlockLayout, causal: bool, quant: str, gran: str, n_key: int, dtype: torch.dtype,
-              dev: torch.device) -> tuple[Any, ...]:
+def _device_name(dev: torch.device) -> str:
     from sparseattn.ops.registry import device_name
 
-    name = device_name(dev)
+    return device_name(dev)
+
+
+def _tune_key(D: int, layout: BlockLayout, causal: bool, quant: str, gran: str, n_key: int, dtype: torch.dtype,
+              dev: torch.device) -> tuple[Any, ...]:
+    name = _device_name(dev)
     _seed_shipped(name)
     return (D, layout.block_m, layout.block_n, causal, quant, gran, n_key, dtype, name)
 
@@ -384,23 +402,33 @@ def use_tuned_configs(configs: Any) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _seed_shipped(dev_name: str) -> None:
-    """Seed the winners the package ships for this device name (ops/tuned/, once per name; none shipped yet)."""
-    from sparseattn.ops.registry import TunedConfigs, tuned_for
+    """Seed the autotune winners the package ships for this device name (ops/tuned/quant.json, once per name).
 
-    shipped = tuned_for(_KERNEL_OP)
-    if shipped is not None and dev_name in shipped.devices:
-        use_tuned_configs(TunedConfigs(_KERNEL_OP, {dev_name: shipped.devices[dev_name]}))
+    Only entries keyed by a whole launch key are autotune winners (none shipped yet); the file's entries
+    keyed by (head_dim, layout block_m) are the fixed config (:func:`default_quant_config`).
+    """
+    from sparseattn.ops.registry import shipped_launch_winners
+
+    winners = shipped_launch_winners(_KERNEL_OP, dev_name, [f for f in _KEY_FIELDS if f != "device"])
+    if winners is not None:
+        use_tuned_configs(winners)
 
 
-def _autotune(key: tuple[Any, ...], D: int, layout: BlockLayout, launch: Any) -> dict[str, int]:
+def _autotune(key: tuple[Any, ...], D: int, layout: BlockLayout, launch: Any) -> tuple[dict[str, int], dict[str, Any] | None]:
+    """The remembered winner of ``key``, else time every candidate that nests in the layout and keep the fastest.
+
+    Returns ``(config, tune record)``; the record (``times_ms`` per candidate, ``errors`` of candidates that
+    failed) only when this call benchmarked, else ``None``.
+    """
     cache = _tuned_cache()
     cfg = cache.get(key)
     if cfg is not None:
-        return cfg
+        return cfg, None
     from triton.testing import do_bench
 
     best: tuple[float, dict[str, int]] | None = None
     times: dict[str, float] = {}
+    errors: list[dict[str, Any]] = []
     for bm, bn, w, st, nreg in _TUNE_CANDIDATES.get(D, _TUNE_CANDIDATES[128]):
         if layout.block_m % bm or layout.block_n % bn:
             continue
@@ -411,16 +439,15 @@ def _autotune(key: tuple[Any, ...], D: int, layout: BlockLayout, launch: Any) ->
             ms = float(do_bench(lambda cand=cand: launch(cand), warmup=5, rep=25, return_mode="median"))
         except Exception as exc:  # a config that does not compile or launch here
             ms = float("inf")
-            TUNE_LOG.append({"key": repr(key), "config": cand, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            errors.append({"config": cand, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
         times[repr(cand)] = ms
         if best is None or ms < best[0]:
             best = (ms, cand)
     if best is None or best[0] == float("inf"):
-        best = (float("nan"), default_quant_config(D, layout.block_m, layout.block_n, interpret=False))
-    del TUNE_LOG[: max(0, len(TUNE_LOG) - _TUNED_MAX)]
-    TUNE_LOG.append({"key": repr(key), "times_ms": times, "chosen": best[1]})
+        best = (float("nan"), default_quant_config(D, layout.block_m, layout.block_n, interpret=False,
+                                                   device=key[-1]))
     cache.put(key, best[1])
-    return best[1]
+    return best[1], {"key": repr(key), "times_ms": times, "errors": errors, "chosen": dict(best[1])}
 
 
 @functools.lru_cache(maxsize=None)
@@ -431,13 +458,18 @@ def _kernel() -> Any:
 
 
 def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: torch.dtype,
-                config: dict[str, int] | None, out: torch.Tensor | None = None) -> AttentionState:
+                config: dict[str, int] | None, out: torch.Tensor | None = None,
+                telemetry: dict[str, Any] | None = None) -> AttentionState:
+    """Launch the quantized kernel; ``telemetry`` (a dict, optional) is filled with the launch record
+    (see :func:`quantized_attention`)."""
     from sparseattn.ops.triton_launch import _LAUNCH_LOCK
 
     B, H, Nq, D = qq.q_int8.shape
     Hkv, Nkv = qq.k_int8.shape[1], qq.k_int8.shape[2]
     dev = qq.q_int8.device
     interp = _interpret()
+    if isinstance(config, QuantLaunchConfig):
+        config = config.to_dict()
     if config is not None:
         need = {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
         if not isinstance(config, dict) or not need <= set(config) <= need | {"maxnreg"}:
@@ -478,24 +510,32 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
         H, H // Hkv, Nq, Nkv, layout.num_kv_blocks,
     )
 
-    def launch(c: dict[str, int]) -> None:
+    def launch(c: dict[str, int]) -> Any:
         opts = {"maxnreg": int(c["maxnreg"])} if c.get("maxnreg") is not None else {}
-        _kernel()[(cdiv(Nq, c["BLOCK_M"]), B * H)](
+        return _kernel()[(cdiv(Nq, c["BLOCK_M"]), B * H)](
             *args, **meta, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], K_SCALAR=(kt == 1 and kw % c["BLOCK_N"] == 0),
             num_warps=c["num_warps"], num_stages=c["num_stages"], **opts)
 
+    tune: dict[str, Any] | None = None
+    autotuned = False
     with _LAUNCH_LOCK:
         if config is not None:
             cfg = dict(config)
         elif interp or os.environ.get("SPARSEATTN_QUANT_AUTOTUNE", "1") == "0":
-            cfg = default_quant_config(D, layout.block_m, layout.block_n, interpret=interp)
+            cfg = default_quant_config(D, layout.block_m, layout.block_n, interpret=interp,
+                                       device=_device_name(dev) if dev.type == "cuda" else None)
         else:
             n_key = int(math.ceil(math.log2(max(Nq, Nkv, 2))))
             key = _tune_key(D, layout, causal, qq.quant, qq.granularity, n_key, out_dtype, dev)
-            cfg = _autotune(key, D, layout, launch)
-        launch(cfg)
-        LAST_CONFIG.clear()
-        LAST_CONFIG.update(cfg)
+            cfg, tune = _autotune(key, D, layout, launch)
+            autotuned = True
+        kern = launch(cfg)
+    if telemetry is not None:  # cheap attribute reads of the compiled kernel (no sync)
+        md = getattr(kern, "metadata", None)
+        telemetry.clear()
+        telemetry.update({"config": dict(cfg), "n_regs": getattr(kern, "n_regs", None),
+                          "n_spills": getattr(kern, "n_spills", None), "shared_bytes": getattr(md, "shared", None),
+                          "autotuned": autotuned, "tune": tune})
     return AttentionState(out, lse)
 
 
@@ -549,7 +589,8 @@ def quantized_attention(
     block_size: int = 128,
     smooth_k: bool = True,
     return_lse: bool = False,
-    config: dict[str, int] | None = None,
+    config: "dict[str, int] | QuantLaunchConfig | None" = None,
+    telemetry: dict[str, Any] | None = None,
 ) -> torch.Tensor | AttentionState:
     """Block-sparse attention with INT8 Q·Kᵀ (and FP8 P·V with ``quant="int8_fp8"``); see the module docstring.
 
@@ -569,7 +610,14 @@ def quantized_attention(
         block_size: the block size of ``topk_indices`` (64 or 128).
         smooth_k: subtract K's per-channel token mean before quantizing (exact; recommended).
         return_lse: also return the natural-log lse.
-        config: fixed launch config ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}`` (tests).
+        config: fixed launch config, a :class:`~sparseattn.ops.launch_configs.QuantLaunchConfig` or the dict
+            ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}`` (optionally ``maxnreg``), instead of the
+            shipped / autotuned choice (tests, experiments).
+        telemetry: if given (a dict), filled with this launch's record: ``config`` (the launch parameters
+            used), ``n_regs``, ``n_spills``, ``shared_bytes`` (of the compiled kernel; ``None`` under the
+            interpreter), ``autotuned`` (the config came from autotuning, now or remembered) and ``tune``
+            (when this call benchmarked the candidates: ``times_ms`` per candidate, ``errors``, ``chosen``;
+            else ``None``). Nothing is kept in module globals.
 
     Returns:
         out ``(B, H, N_q, D)`` in q's dtype, or ``AttentionState(out, lse)`` with ``return_lse``
@@ -596,10 +644,13 @@ def quantized_attention(
     if op.name != _KERNEL_OP:  # a registered quantized operator: its run function, with this call's arguments
         return op.run_fn()(q, k, v, layout=layout, causal=causal, scale=scale, quant=quant,
                            quant_granularity=quant_granularity, topk_indices=topk_indices, block_size=block_size,
-                           smooth_k=smooth_k, return_lse=return_lse, config=config)
+                           smooth_k=smooth_k, return_lse=return_lse, config=config,
+                           **({} if telemetry is None else {"telemetry": telemetry}))
+    if telemetry is not None and not isinstance(telemetry, dict):
+        raise fail(fn, "telemetry", "must be a dict or None", "a dict", type(telemetry).__name__)
     lay = resolve_layout(fn, q, k, layout, topk_indices, block_size, causal)
     qq = _quantize(q, k, v, quant, quant_granularity, sm_scale, smooth_k)
-    st = _run_kernel(qq, lay, causal, q.dtype, config)
+    st = _run_kernel(qq, lay, causal, q.dtype, config, telemetry=telemetry)
     return st if return_lse else st.out
 
 
@@ -618,9 +669,12 @@ def quantized_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
 
 
 def quantized_attention_from(qq: QuantizedQKV, layout: BlockLayout, *, causal: bool = False,
-                             out_dtype: torch.dtype = torch.bfloat16, config: dict[str, int] | None = None) -> AttentionState:
-    """Run the quantized kernel on already quantized operands (tests, benchmarks of the kernel alone)."""
-    return _run_kernel(qq, layout, causal, out_dtype, config)
+                             out_dtype: torch.dtype = torch.bfloat16,
+                             config: "dict[str, int] | QuantLaunchConfig | None" = None,
+                             telemetry: dict[str, Any] | None = None) -> AttentionState:
+    """Run the quantized kernel on already quantized operands (tests, benchmarks of the kernel alone);
+    ``config`` / ``telemetry`` as in :func:`quantized_attention`."""
+    return _run_kernel(qq, layout, causal, out_dtype, config, telemetry=telemetry)
 
 
 def attention_delegate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, layout: BlockLayout | None,

@@ -18,7 +18,8 @@ registering never imports Triton (``import sparseattn`` stays light).
 
 Tuned configs are data: :class:`TunedConfigs` (one operator, entries per device *name* such as
 ``"NVIDIA H200"``), read and written as JSON by :func:`load_tuned_configs` / :func:`save_tuned_configs`
-(never pickle); :func:`tuned_for` reads an operator's shipped file once.
+(never pickle); :func:`tuned_for` reads an operator's shipped file once and :func:`tuned_config` looks a
+launch up in it.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ import torch
 from sparseattn._validation import fail
 
 __all__ = ["Operator", "register_operator", "unregister_operator", "operators", "get_operator", "operator_refusals",
-           "KINDS", "TunedEntry", "TunedConfigs", "load_tuned_configs", "save_tuned_configs", "tuned_for",
+           "KINDS", "TunedEntry", "TunedConfigs", "load_tuned_configs", "save_tuned_configs", "tuned_for", "tuned_config",
+           "shipped_launch_winners",
            "device_name", "TUNED_DIR", "TUNED_VERSION"]
 
 KINDS = ("prefill", "decode", "quant_prefill")
@@ -374,6 +376,32 @@ def tuned_for(operator: str) -> TunedConfigs | None:
     """The shipped tuned configs of a registered operator (read once), ``None`` if it ships none."""
     op = get_operator(operator)
     return None if op.tuned is None else _shipped(op.tuned)
+
+
+def shipped_launch_winners(operator: str, device: str, key_fields: Iterable[str]) -> TunedConfigs | None:
+    """The entries of ``operator``'s shipped file for ``device`` whose match names every one of ``key_fields``
+    (a whole launch key: remembered autotune winners, to seed a launcher's cache), ``None`` if there are none.
+    Entries keyed by fewer facts (a fixed config per shape) are left out."""
+    shipped = tuned_for(operator)
+    if shipped is None or device not in shipped.devices:
+        return None
+    fields = tuple(key_fields)
+    winners = tuple(e for e in shipped.devices[device] if all(f in e.match for f in fields))
+    return TunedConfigs(operator, {device: winners}) if winners else None
+
+
+def tuned_config(operator: str, device: str | None, **facts: Any) -> dict[str, Any] | None:
+    """The shipped config of ``operator`` for ``device`` (a :func:`device_name`; ``None``: the file's fallback
+    device) whose entry matches ``facts``; where none of the device's entries matches, the fallback device's.
+    ``None`` when the operator ships no file or nothing matches."""
+    shipped = tuned_for(operator)
+    if shipped is None:
+        return None
+    fb = shipped.fallback
+    cfg = shipped.lookup(device if device is not None else (fb or ""), **facts)
+    if cfg is None and fb is not None and device != fb:
+        cfg = shipped.lookup(fb, **facts)
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------ built-ins

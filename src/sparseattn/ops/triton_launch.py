@@ -21,7 +21,7 @@ Caches and threads (every cache is bounded; see :mod:`sparseattn._cache`):
     ``_DENSE_BASE`` — the one-row dense layout used for ``layout=None`` (the sliding-window band with
     ``sliding_window``), per (lengths, blocks, causal, window, device string): ``_DENSE_BASE_MAX`` (64) entries. ``_kernels`` / ``_triton_import_error`` /
     ``_triton_has_descriptors`` take no arguments (one entry each); ``checks._capability_of`` holds one entry
-    per GPU index. ``LAST_COMPILED`` is overwritten (not grown) on each launch.
+    per GPU index. A launch's telemetry is returned to the caller (``telemetry={}``), never kept in a global.
 
     Triton's runtime is not safe under concurrent host threads: its autotuner keeps per-call state
     on the shared autotuner object (``nargs``, ``best_config``), a JIT compile on a cache miss is not
@@ -49,7 +49,7 @@ from sparseattn._validation import check_attention_args, fail
 from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.layout.patterns import check_row_bounds
 from sparseattn.ops.launch_configs import BlockSparseFwdConfig
-from sparseattn.ops.registry import TunedConfigs, TunedEntry, device_name, tuned_for
+from sparseattn.ops.registry import TunedConfigs, TunedEntry, device_name, shipped_launch_winners
 # the shared checks and the cached GPU capability (re-exported: decode and tests look them up here)
 from sparseattn.ops.checks import (_capability, _check_kv_scales, check_attn_mask,
                                   check_raw_state, check_segment)
@@ -67,9 +67,6 @@ _CONFIG_OPTIONS = {"maxnreg"}  # optional compiler options a fixed config may se
 _CONFIG_INTS = {"LIST_CHUNK"}  # optional integer kernel parameters a fixed config may override
 _CONFIG_FLOATS = {"RESCALE_TAU"}  # optional float kernel parameters (lazy-rescale threshold, log2 units)
 _MAX_LIST_CHUNK = 1024  # list entries counted per vector load in the kernel's prologue
-# What the last launch compiled (registers, spills, shared memory, warps): read by benchmarks/, never by the library.
-# Always the same four keys, replaced in one dict.update under the launch lock (never grows).
-LAST_COMPILED: dict[str, Any] = {}
 TMA_DISABLED_REASON: list[str] = []  # set once if the TMA candidates cannot run on this install
 
 
@@ -243,16 +240,11 @@ def _check_out(fn: str, name: str, t: torch.Tensor | None, shape: tuple[int, ...
 
 
 def _note_compiled(kern: Any, cfg: dict[str, Any]) -> dict[str, Any]:
-    """The compiled kernel's resources (cheap attribute reads, no sync), returned to the launcher's caller.
-
-    Also copied into the deprecated ``LAST_COMPILED`` view (fixed key set, one ``dict.update``, so a reader
-    never sees it empty); new code passes ``telemetry={}`` to :func:`block_sparse_fwd` instead.
-    """
+    """The compiled kernel's resources (cheap attribute reads, no sync), returned to the launcher's caller
+    (``telemetry={}`` of :func:`block_sparse_fwd`)."""
     md = getattr(kern, "metadata", None)
-    rec = {"config": dict(cfg), "n_regs": getattr(kern, "n_regs", None),
-           "n_spills": getattr(kern, "n_spills", None), "shared_bytes": getattr(md, "shared", None)}
-    LAST_COMPILED.update(rec)
-    return rec
+    return {"config": dict(cfg), "n_regs": getattr(kern, "n_regs", None),
+            "n_spills": getattr(kern, "n_spills", None), "shared_bytes": getattr(md, "shared", None)}
 
 
 def _remember(key: tuple[Any, ...] | None, tuned: Any) -> None:
@@ -339,10 +331,14 @@ def use_tuned_configs(configs: TunedConfigs) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _seed_shipped(dev_name: str) -> None:
-    """Seed the winners the package ships for this device name (ops/tuned/, once per name; none shipped yet)."""
-    shipped = tuned_for(_OPERATOR)
-    if shipped is not None and dev_name in shipped.devices:
-        use_tuned_configs(TunedConfigs(_OPERATOR, {dev_name: shipped.devices[dev_name]}))
+    """Seed the autotune winners the package ships for this device name (ops/tuned/prefill.json, once per name).
+
+    Only entries keyed by a whole launch key are autotune winners (none shipped yet); the file's entries
+    keyed by (head_dim, layout blocks) are the fixed config (:func:`sparseattn.ops.triton.configs.default_config`).
+    """
+    winners = shipped_launch_winners(_OPERATOR, dev_name, [f for f in _KEY_FIELDS if f != "device"])
+    if winners is not None:
+        use_tuned_configs(winners)
 
 
 def _launch(plain: Any, tuned_plain: Any, tuned_tma: Any, cfg: dict[str, Any] | None, tune_key: tuple[Any, ...] | None,
@@ -461,8 +457,8 @@ def block_sparse_fwd(
             public :func:`sparseattn.attention` caches it). Not with ``pv_threshold`` or the state path.
         telemetry: if given (a dict), filled with this launch's record: ``config`` (the launch parameters
             used), ``n_regs``, ``n_spills``, ``shared_bytes`` (of the compiled kernel; ``None`` under the
-            interpreter) and ``autotuned`` (the config came from autotuning, now or remembered). The
-            module global ``LAST_COMPILED`` still mirrors the last launch (deprecated; not thread-safe to read).
+            interpreter) and ``autotuned`` (the config came from autotuning, now or remembered). Nothing is
+            kept in module globals.
 
     Returns:
         ``AttentionState(out, lse)``: out ``(B, H, N_q, D)`` in q's dtype; lse ``(B, H, N_q)``
@@ -575,7 +571,8 @@ def block_sparse_fwd(
                        "sm_90+, 16-byte aligned Q, K, V and out, Triton with tensor descriptors", repr(config))
         cfg: dict[str, int] | None = dict(config)
     elif pv or interp or has_kv_scale or os.environ.get("SPARSEATTN_TRITON_AUTOTUNE", "1") == "0":
-        cfg = cfgs.default_config(D, layout.block_m, layout.block_n, interpret=interp, pv_skip=pv)
+        cfg = cfgs.default_config(D, layout.block_m, layout.block_n, interpret=interp, pv_skip=pv,
+                                  device=device_name(q.device) if q.is_cuda else None)
     else:
         cfg = None  # autotune
 

@@ -13,7 +13,15 @@ load per ``LIST_CHUNK`` entries; or, with ``VEC_COUNT=False``, two binary search
 * masked blocks: crossing the diagonal or the end of the keys — element mask applied;
 * invisible blocks: entirely above the diagonal — never loaded.
 
-Because the indices ascend, the three groups are consecutive ranges of the list.
+Because the indices ascend, the three groups are consecutive ranges of the list. Every range runs the
+one ``@triton.jit`` inner loop :func:`_attn_inner` (as the Triton fused-attention tutorial's
+``_attn_fwd_inner`` with ``STAGE``): ``MASKED=False`` for the full blocks, ``MASKED=True`` (with the
+window / row-bound masks as constexprs) for the masked ranges. Triton inlines the call and drops the
+other ``MASKED`` value's branches, so each range compiles to the loop it had when they were written out
+separately (checked with ``benchmarks/ptx_compare.py``: the same sm_90 PTX, Triton 3.9, up to the
+placement of the accumulator's zero-initialising moves before a lower-edge range). The prologue helpers
+(:func:`_program_ids`, :func:`_row_tile`, :func:`_head_bases`, :func:`_block_list`,
+:func:`_causal_limits`) and :func:`_kv_load` are shared with the quantized kernel.
 
 With ``HAS_WINDOW`` (an exact causal sliding window of ``WINDOW`` keys: row ``r`` attends keys ``j``
 with ``r + OFF - WINDOW < j <= r + OFF``) two more limits split off the front of the list:
@@ -23,8 +31,7 @@ with ``r + OFF - WINDOW < j <= r + OFF``) two more limits split off the front of
   causal, since a narrow window's edge block can also hold the diagonal);
 
 then full, diagonal and invisible blocks as above (a block past the lower-edge range is inside
-every row's window, so those two ranges need no window mask). The lower-edge and diagonal ranges
-share one ``@triton.jit`` loop, :func:`_masked_blocks`. Everything window-related is behind the
+every row's window, so those two ranges need no window mask). Everything window-related is behind the
 ``HAS_WINDOW`` constexpr: with it off the kernel is the window-free one (checked by compiling both
 for sm_90: the same PTX instructions, one of them scheduled one slot apart in some configs). In the
 first lower-edge block, kernel sub-tiles (``BLOCK_N < LAYOUT_BN``) below every row's window are not
@@ -104,6 +111,71 @@ def _lower_bound(idx_row, stride_in, num, limit):
 
 
 @triton.jit
+def _program_ids(H, GROUP, CAUSAL: tl.constexpr):
+    """``(num_m, pid_m, pid_bh, off_b, off_h, off_hk)``: this program's row tile, (batch, head) and kv head (GQA)."""
+    num_m = tl.num_programs(0)
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = num_m - 1 - pid_m  # longest rows first: less tail imbalance
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+    off_hk = off_h // GROUP
+    return num_m, pid_m, pid_bh, off_b, off_h, off_hk
+
+
+@triton.jit
+def _row_tile(pid_m, N_Q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              LAYOUT_BM: tl.constexpr):
+    """``(m0, qb, offs_r, offs_m, offs_n, offs_d, row_ok)``: the tile's first row, layout query block and offsets."""
+    m0 = pid_m * BLOCK_M
+    qb = m0 // LAYOUT_BM
+    offs_r = tl.arange(0, BLOCK_M)
+    offs_m = m0 + offs_r
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N_Q
+    return m0, qb, offs_r, offs_m, offs_n, offs_d, row_ok
+
+
+@triton.jit
+def _head_bases(Q, K, V, off_b, off_h, off_hk, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh):
+    """``(q_base, k_base, v_base)``: the program's head of q and its kv head (GQA) of k and v."""
+    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+    k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+    v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+    return q_base, k_base, v_base
+
+
+@triton.jit
+def _block_list(KvNum, KvIdx, off_b, off_h, qb, stride_nb, stride_nh, stride_nm, stride_ib, stride_ih, stride_im,
+                NUM_KV_BLOCKS):
+    """``(idx_row, num)``: the program's key-block list (a pointer to its first entry) and its length."""
+    idx_row = KvIdx + off_b.to(tl.int64) * stride_ib + off_h.to(tl.int64) * stride_ih + qb.to(tl.int64) * stride_im
+    num = tl.load(KvNum + off_b.to(tl.int64) * stride_nb + off_h.to(tl.int64) * stride_nh + qb * stride_nm)
+    num = tl.minimum(tl.maximum(num, 0), NUM_KV_BLOCKS)
+    return idx_row, num
+
+
+@triton.jit
+def _causal_limits(m0, N_Q, N_KV, NUM_KV_BLOCKS, OFF, BLOCK_M: tl.constexpr, LAYOUT_BN: tl.constexpr,
+                   CAUSAL: tl.constexpr):
+    """``(row_last, full_lim, vis_lim)``: key blocks ``j < full_lim`` need no element mask for any row of
+    the program (in range and, causal, at or below every row's diagonal); blocks ``j >= vis_lim`` are
+    invisible to every row."""
+    row_last = tl.minimum(m0 + BLOCK_M, N_Q) - 1
+    if CAUSAL:
+        full_lim = tl.minimum(tl.maximum(m0 + OFF + 1, 0) // LAYOUT_BN, N_KV // LAYOUT_BN)
+        last_key = row_last + OFF
+        vis_lim = tl.where(last_key >= 0, last_key // LAYOUT_BN + 1, 0)
+        vis_lim = tl.minimum(vis_lim, NUM_KV_BLOCKS)
+    else:
+        full_lim = N_KV // LAYOUT_BN
+        vis_lim = NUM_KV_BLOCKS
+    return row_last, full_lim, vis_lim
+
+
+@triton.jit
 def _pv(p, v, acc, in_dtype: tl.constexpr, DOT_F32: tl.constexpr):
     """``acc + P·V`` with P rounded to the input dtype (as FlashAttention does)."""
     p = p.to(in_dtype)
@@ -113,42 +185,74 @@ def _pv(p, v, acc, in_dtype: tl.constexpr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _pv_scaled(p, v, vs, acc, in_dtype: tl.constexpr, DOT_F32: tl.constexpr):
-    """``acc + (P·diag(vs))·V`` for a quantized V tile (int8/fp8 values, one scale per key)."""
-    return _pv(p * vs[None, :], v.to(in_dtype), acc, in_dtype, DOT_F32)
+def _kv_load(ptrs, col_ok, MASKED: tl.constexpr, KEY_AXIS: tl.constexpr):
+    """Load a K/V tile whose keys run along ``KEY_AXIS``; in a masked range keys with ``col_ok`` False read 0."""
+    if MASKED:
+        if KEY_AXIS == 0:
+            x = tl.load(ptrs, mask=col_ok[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
 
 
 @triton.jit
-def _masked_blocks(
-    e_lo, e_hi, t_skip, q, acc, m_i, l_i, n_skipped,
+def _v_tile_pv(p, acc, v_base, v_desc, vs_base, start_n, cols, col_ok, offs_n, offs_d, stride_vn,
+               in_dtype: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr, HAS_KV_SCALE: tl.constexpr,
+               DOT_F32: tl.constexpr):
+    """Load the V tile at key ``start_n`` and return ``acc + P·V`` (quantized V: ``(P·diag(vs))·V``)."""
+    if USE_TMA:
+        v = v_desc.load([start_n, 0])
+    else:
+        v = _kv_load(v_base + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
+                     col_ok, MASKED, 0)
+    if HAS_KV_SCALE:  # one scale per key, folded into P; the int8/fp8 values are exact in q's dtype
+        if MASKED:
+            vs = tl.load(vs_base + cols, mask=col_ok, other=0.0)
+        else:
+            vs = tl.load(vs_base + start_n + offs_n)
+        acc = _pv(p * vs[None, :], v.to(in_dtype), acc, in_dtype, DOT_F32)
+    else:
+        acc = _pv(p, v, acc, in_dtype, DOT_F32)
+    return acc
+
+
+@triton.jit
+def _attn_inner(
+    t_lo, t_hi, q, m_i, l_i, acc, n_skipped, kb_nx,
     idx_row, stride_in, num, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn,
-    offs_m, offs_n, offs_d, N_Q, N_KV, NUM_KV_BLOCKS, OFF, WINDOW, qk_scale, pv_thr2,
+    offs_m, offs_n, offs_d, row_ok, N_Q, N_KV, NUM_KV_BLOCKS, OFF, WINDOW, qk_scale, pv_thr2,
     mask_base, stride_mm, stride_mn, mask_mul, ks_base, vs_base, row_lo, row_hi,
     in_dtype: tl.constexpr,
     BLOCK_N: tl.constexpr,
     LAYOUT_BN: tl.constexpr,
     SUB: tl.constexpr,
     CAUSAL: tl.constexpr,
-    WIN_MASK: tl.constexpr,
     PV_SKIP: tl.constexpr,
     DOT_F32: tl.constexpr,
     USE_TMA: tl.constexpr,
     PREFETCH: tl.constexpr,
     HAS_FLOAT_MASK: tl.constexpr,
     HAS_KV_SCALE: tl.constexpr,
+    MASKED: tl.constexpr,
+    WIN_MASK: tl.constexpr = False,
     BOUNDS_MASK: tl.constexpr = False,
+    RESCALE_TAU: tl.constexpr = 0.0,
 ):
-    """List entries ``e_lo .. e_hi`` (``SUB`` kernel tiles each) with the element mask; returns the new state.
+    """Kernel tiles ``t_lo .. t_hi`` of the list (``SUB`` per entry) folded into ``(acc, m_i, l_i)``; returns the new state.
 
-    The first ``t_skip`` kernel tiles of entry ``e_lo`` are left out (``0`` for the diagonal range; at
-    the window's lower edge, the sub-tiles below every row's window).
-
-    The mask keeps keys ``< N_KV``, with ``CAUSAL`` keys ``<= row + OFF``, with ``WIN_MASK`` keys
-    ``> row + OFF - WINDOW`` and with ``BOUNDS_MASK`` keys ``row_lo[row] <= j <= row_hi[row]``. Inlined by Triton (a plain ``@triton.jit`` call), so the diagonal range
-    compiles to the same loop as before it was factored out.
+    ``kb_nx``: the list entry of tile ``t_lo`` (read ahead with ``PREFETCH``). ``MASKED=False``: the full
+    blocks (no element mask, no ``-inf`` guard on the scores; lazy rescaling with ``RESCALE_TAU > 0``).
+    ``MASKED=True``: the element mask keeps keys ``< N_KV``, with ``CAUSAL`` keys ``<= row + OFF``, with
+    ``WIN_MASK`` keys ``> row + OFF - WINDOW`` and with ``BOUNDS_MASK`` keys ``row_lo[row] <= j <= row_hi[row]``.
+    A plain ``@triton.jit`` call: Triton inlines it and drops the branches of the other ``MASKED`` value,
+    so each range compiles to the loop it had when the two were written out separately.
     """
-    kb_nx = tl.load(idx_row + e_lo * stride_in, mask=e_hi > e_lo, other=0)
-    for t in range(e_lo * SUB + t_skip, e_hi * SUB):
+    # PREFETCH: the index of the next tile is loaded one iteration ahead and carried, so the K/V
+    # addresses of an iteration do not depend on a load issued in that iteration. Measured on an H100
+    # (benchmarks/kernel_variants.py): dense 32K causal 18.02 -> 17.05 ms; sparse rows within +-1.3%.
+    for t in range(t_lo, t_hi):
         if PREFETCH:
             kb = tl.minimum(tl.maximum(kb_nx, 0), NUM_KV_BLOCKS - 1)
             kb_nx = tl.load(idx_row + tl.minimum((t + 1) // SUB, num - 1) * stride_in)
@@ -157,67 +261,89 @@ def _masked_blocks(
             kb = tl.load(idx_row + j * stride_in)
             kb = tl.minimum(tl.maximum(kb, 0), NUM_KV_BLOCKS - 1)
         start_n = kb * LAYOUT_BN + (t % SUB) * BLOCK_N
-        cols = start_n + offs_n
-        col_ok = cols < N_KV
+        if MASKED:
+            cols = start_n + offs_n
+            col_ok = cols < N_KV
+        else:  # full blocks: no column mask; the columns are formed where a load needs them
+            cols = None
+            col_ok = None
         if USE_TMA:
             k = k_desc.load([start_n, 0]).T
         else:
-            k = tl.load(k_base + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None],
-                        mask=col_ok[None, :], other=0.0)
+            k = _kv_load(k_base + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None],
+                         col_ok, MASKED, 1)
         if HAS_KV_SCALE:
             k = k.to(in_dtype)  # int8 (|x| <= 127) and fp8 e4m3 values are exact in fp16 and bf16
         if DOT_F32:
             k = k.to(tl.float32)
         qk = tl.dot(q, k)
         if HAS_KV_SCALE:  # per-key scale of the quantized K: q·(s_j k_j) = s_j (q·k_j)
-            qk = qk * tl.load(ks_base + cols, mask=col_ok, other=0.0)[None, :]
+            if MASKED:
+                qk = qk * tl.load(ks_base + cols, mask=col_ok, other=0.0)[None, :]
+            else:
+                qk = qk * tl.load(ks_base + start_n + offs_n)[None, :]
         if HAS_FLOAT_MASK:  # additive mask, pre-divided by the score scale (see the kernel)
-            bias = tl.load(mask_base + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn,
-                           mask=(offs_m < N_Q)[:, None] & col_ok[None, :], other=0.0)
+            if MASKED:
+                bias_ok = row_ok[:, None] & col_ok[None, :]
+            else:
+                cols = start_n + offs_n
+                bias_ok = row_ok[:, None]
+            bias = tl.load(mask_base + offs_m[:, None] * stride_mm + cols[None, :] * stride_mn, mask=bias_ok, other=0.0)
             qk = qk + bias.to(tl.float32) * mask_mul
-        keep = col_ok[None, :]
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None] + OFF)
-        if WIN_MASK:
-            keep = keep & (cols[None, :] > offs_m[:, None] + OFF - WINDOW)
-        if BOUNDS_MASK:
-            keep = keep & (cols[None, :] >= row_lo[:, None]) & (cols[None, :] <= row_hi[:, None])
-        s = tl.where(keep, qk * qk_scale, float("-inf"))
-        tile_max = tl.max(s, 1)
+        if MASKED:
+            keep = col_ok[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + OFF)
+            if WIN_MASK:
+                keep = keep & (cols[None, :] > offs_m[:, None] + OFF - WINDOW)
+            if BOUNDS_MASK:
+                keep = keep & (cols[None, :] >= row_lo[:, None]) & (cols[None, :] <= row_hi[:, None])
+            s = tl.where(keep, qk * qk_scale, float("-inf"))
+            tile_max = tl.max(s, 1)
+        else:
+            tile_max = tl.max(qk, 1) * qk_scale
         m_ij = tl.maximum(m_i, tile_max)
-        m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        if RESCALE_TAU > 0.0 and not HAS_FLOAT_MASK and not MASKED:  # (a masked row's -inf max: NaN test)
+            # Lazy rescaling (FlashAttention-4's trick): keep the reference max m_i unless some row's max
+            # grew by more than RESCALE_TAU; then p <= 2**RESCALE_TAU, and (m_i, l_i, acc) stay one
+            # consistent scaled state, so the result is the same function (only rounding differs). Once
+            # the running max settles, most tiles skip the accumulator rescale (BLOCK_M * HEAD_DIM
+            # multiplies) — the branch is uniform over the program.
+            if tl.max(m_ij - m_i, 0) > RESCALE_TAU:
+                alpha = tl.math.exp2(m_i - m_ij)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_ij
+            p = tl.math.exp2(qk * qk_scale - m_i[:, None])
+            l_i = l_i + tl.sum(p, 1)
+            m_ij = m_i
+        else:
+            # m_safe: a row whose scores so far are all -inf (masked, or from infinite inputs) keeps p = 0
+            # instead of exp2(-inf - -inf) = NaN, as the reference does
+            m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+            if not MASKED:
+                s = qk * qk_scale
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
         if PV_SKIP:
-            gap = tile_max - m_safe
+            if MASKED:
+                gap = tile_max - m_safe
+            else:
+                gap = tile_max - m_ij
             skippable = (gap < -pv_thr2) | (offs_m >= N_Q)
             skip = tl.min(skippable.to(tl.int32), 0) == 1
             if skip:
                 n_skipped += 1
             else:
-                if USE_TMA:
-                    v = v_desc.load([start_n, 0])
-                else:
-                    v = tl.load(v_base + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
-                                mask=col_ok[:, None], other=0.0)
-                if HAS_KV_SCALE:
-                    acc = _pv_scaled(p, v, tl.load(vs_base + cols, mask=col_ok, other=0.0), acc, in_dtype, DOT_F32)
-                else:
-                    acc = _pv(p, v, acc, in_dtype, DOT_F32)
+                acc = _v_tile_pv(p, acc, v_base, v_desc, vs_base, start_n, cols, col_ok, offs_n, offs_d, stride_vn,
+                                 in_dtype, MASKED, USE_TMA, HAS_KV_SCALE, DOT_F32)
         else:
-            if USE_TMA:
-                v = v_desc.load([start_n, 0])
-            else:
-                v = tl.load(v_base + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
-                            mask=col_ok[:, None], other=0.0)
-            if HAS_KV_SCALE:
-                acc = _pv_scaled(p, v, tl.load(vs_base + cols, mask=col_ok, other=0.0), acc, in_dtype, DOT_F32)
-            else:
-                acc = _pv(p, v, acc, in_dtype, DOT_F32)
+            acc = _v_tile_pv(p, acc, v_base, v_desc, vs_base, start_n, cols, col_ok, offs_n, offs_d, stride_vn,
+                             in_dtype, MASKED, USE_TMA, HAS_KV_SCALE, DOT_F32)
         m_i = m_ij
-    return acc, m_i, l_i, n_skipped
+    return m_i, l_i, acc, n_skipped
 
 
 @triton.jit(do_not_specialize=["H", "GROUP", "N_Q", "N_KV", "NUM_KV_BLOCKS", "N_CTX_KEY", "WINDOW", "CAUSAL_OFF"])
@@ -267,44 +393,19 @@ def _block_sparse_fwd_kernel(
     tl.static_assert(not (HAS_ROW_BOUNDS and PV_SKIP), "HAS_ROW_BOUNDS does not count PV_SKIP tiles")
     tl.static_assert(not (HAS_ROW_BOUNDS and HAS_STATE), "HAS_ROW_BOUNDS is not carried over key segments")
     SUB: tl.constexpr = LAYOUT_BN // BLOCK_N
-    num_m = tl.num_programs(0)
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = num_m - 1 - pid_m  # longest rows first: less tail imbalance
-    pid_bh = tl.program_id(1)
-    off_b = pid_bh // H
-    off_h = pid_bh % H
-    off_hk = off_h // GROUP
+    num_m, pid_m, pid_bh, off_b, off_h, off_hk = _program_ids(H, GROUP, CAUSAL)
     if HAS_STATE:
         OFF = CAUSAL_OFF  # a key segment: row r sees local keys <= r + OFF (global bottom-right alignment)
     else:
         OFF = N_KV - N_Q  # bottom-right causal alignment: row r sees keys <= r + OFF
+    m0, qb, offs_r, offs_m, offs_n, offs_d, row_ok = _row_tile(pid_m, N_Q, HEAD_DIM, BLOCK_M, BLOCK_N, LAYOUT_BM)
 
-    m0 = pid_m * BLOCK_M
-    qb = m0 // LAYOUT_BM
-    offs_r = tl.arange(0, BLOCK_M)
-    offs_m = m0 + offs_r
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < N_Q
-
-    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
-    v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
-    idx_row = KvIdx + off_b.to(tl.int64) * stride_ib + off_h.to(tl.int64) * stride_ih + qb.to(tl.int64) * stride_im
-    num = tl.load(KvNum + off_b.to(tl.int64) * stride_nb + off_h.to(tl.int64) * stride_nh + qb * stride_nm)
-    num = tl.minimum(tl.maximum(num, 0), NUM_KV_BLOCKS)
-
+    q_base, k_base, v_base = _head_bases(Q, K, V, off_b, off_h, off_hk, stride_qb, stride_qh, stride_kb, stride_kh,
+                                         stride_vb, stride_vh)
+    idx_row, num = _block_list(KvNum, KvIdx, off_b, off_h, qb, stride_nb, stride_nh, stride_nm, stride_ib, stride_ih,
+                               stride_im, NUM_KV_BLOCKS)
     # key blocks j < full_lim need no element mask; blocks j >= vis_lim are invisible to every row
-    row_last = tl.minimum(m0 + BLOCK_M, N_Q) - 1
-    if CAUSAL:
-        full_lim = tl.minimum(tl.maximum(m0 + OFF + 1, 0) // LAYOUT_BN, N_KV // LAYOUT_BN)
-        last_key = row_last + OFF
-        vis_lim = tl.where(last_key >= 0, last_key // LAYOUT_BN + 1, 0)
-        vis_lim = tl.minimum(vis_lim, NUM_KV_BLOCKS)
-    else:
-        full_lim = N_KV // LAYOUT_BN
-        vis_lim = NUM_KV_BLOCKS
+    row_last, full_lim, vis_lim = _causal_limits(m0, N_Q, N_KV, NUM_KV_BLOCKS, OFF, BLOCK_M, LAYOUT_BN, CAUSAL)
     if HAS_WINDOW:
         # blocks j < below_lim end at or below the window start of the program's first row (so of every
         # row); blocks j < edge_lim start at or below the window start of its last row (need the mask)
@@ -328,7 +429,7 @@ def _block_sparse_fwd_kernel(
         full_lim = tl.minimum(full_lim, tl.maximum(hi_min + 1, 0) // LAYOUT_BN)
         vis_lim = tl.minimum(vis_lim, tl.where(hi_max >= 0, hi_max // LAYOUT_BN + 1, 0))
     else:
-        row_lo = offs_m  # placeholders for _masked_blocks' arguments (unused without HAS_ROW_BOUNDS)
+        row_lo = offs_m  # placeholders for _attn_inner's arguments (unused without HAS_ROW_BOUNDS)
         row_hi = offs_m
     if VEC_COUNT:
         # The list is ascending, so "entries < limit" is a count. The first chunk's load does not wait
@@ -372,7 +473,7 @@ def _block_sparse_fwd_kernel(
         v_desc = tl.make_tensor_descriptor(v_base, shape=[N_KV, HEAD_DIM], strides=[stride_vn, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM])
     else:
-        k_desc = k_base  # placeholders for _masked_blocks' arguments (unused without USE_TMA)
+        k_desc = k_base  # placeholders for _attn_inner's arguments (unused without USE_TMA)
         v_desc = v_base
 
     o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
@@ -427,13 +528,14 @@ def _block_sparse_fwd_kernel(
         kb_first = tl.load(idx_row + n_below * stride_in, mask=n_edge > n_below, other=0)
         t_skip = tl.where(kb_first == below_lim, (lo_start - below_lim * LAYOUT_BN) // BLOCK_N, 0)
         t_skip = tl.minimum(tl.maximum(t_skip, 0), SUB - 1)
-        acc, m_i, l_i, n_skipped = _masked_blocks(
-            n_below, n_edge, t_skip, q, acc, m_i, l_i, n_skipped,
+        kb_nx = tl.load(idx_row + n_below * stride_in, mask=n_edge > n_below, other=0)
+        m_i, l_i, acc, n_skipped = _attn_inner(
+            n_below * SUB + t_skip, n_edge * SUB, q, m_i, l_i, acc, n_skipped, kb_nx,
             idx_row, stride_in, num, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn,
-            offs_m, offs_n, offs_d, N_Q, N_KV, NUM_KV_BLOCKS, OFF, WINDOW, qk_scale, pv_thr2,
+            offs_m, offs_n, offs_d, row_ok, N_Q, N_KV, NUM_KV_BLOCKS, OFF, WINDOW, qk_scale, pv_thr2,
             mask_base, stride_mm, stride_mn, mask_mul, ks_base, vs_base, row_lo, row_hi,
-            in_dtype, BLOCK_N, LAYOUT_BN, SUB, CAUSAL, HAS_WINDOW, PV_SKIP, DOT_F32, USE_TMA, PREFETCH, HAS_FLOAT_MASK,
-            HAS_KV_SCALE, HAS_ROW_BOUNDS)
+            in_dtype, BLOCK_N, LAYOUT_BN, SUB, CAUSAL, PV_SKIP, DOT_F32, USE_TMA, PREFETCH, HAS_FLOAT_MASK,
+            HAS_KV_SCALE, MASKED=True, WIN_MASK=HAS_WINDOW, BOUNDS_MASK=HAS_ROW_BOUNDS)
         t_full = n_edge * SUB
         kb_nx = tl.load(idx_row + n_edge * stride_in, mask=n_full > n_edge, other=0)
     else:
@@ -441,92 +543,23 @@ def _block_sparse_fwd_kernel(
         kb_nx = tl.load(idx_row)  # entry 0 always exists (the list width is Nb >= 1); used only if n_full > 0
 
     # ---------------------------------------------------------------- full blocks: no mask
-    n_it = n_full * SUB
-    # PREFETCH: the index of the next tile is loaded one iteration ahead and carried, so the K/V
-    # addresses of an iteration do not depend on a load issued in that iteration. Measured on an H100
-    # (benchmarks/kernel_variants.py): dense 32K causal 18.02 -> 17.05 ms; sparse rows within +-1.3%.
-    for t in range(t_full, n_it):
-        if PREFETCH:
-            kb = tl.minimum(tl.maximum(kb_nx, 0), NUM_KV_BLOCKS - 1)
-            kb_nx = tl.load(idx_row + tl.minimum((t + 1) // SUB, num - 1) * stride_in)
-        else:
-            j = t // SUB
-            kb = tl.load(idx_row + j * stride_in)
-            kb = tl.minimum(tl.maximum(kb, 0), NUM_KV_BLOCKS - 1)
-        start_n = kb * LAYOUT_BN + (t % SUB) * BLOCK_N
-        if USE_TMA:
-            k = k_desc.load([start_n, 0]).T
-        else:
-            k = tl.load(k_base + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None])
-        if HAS_KV_SCALE:
-            k = k.to(in_dtype)
-        if DOT_F32:
-            k = k.to(tl.float32)
-        qk = tl.dot(q, k)
-        if HAS_KV_SCALE:
-            qk = qk * tl.load(ks_base + start_n + offs_n)[None, :]
-        if HAS_FLOAT_MASK:
-            cols_f = start_n + offs_n
-            bias = tl.load(mask_base + offs_m[:, None] * stride_mm + cols_f[None, :] * stride_mn,
-                           mask=row_ok[:, None], other=0.0)
-            qk = qk + bias.to(tl.float32) * mask_mul
-        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        if RESCALE_TAU > 0.0 and not HAS_FLOAT_MASK:  # (a masked row's -inf max would make the lazy test NaN)
-            # Lazy rescaling (FlashAttention-4's trick): keep the reference max m_i unless some row's max
-            # grew by more than RESCALE_TAU; then p <= 2**RESCALE_TAU, and (m_i, l_i, acc) stay one
-            # consistent scaled state, so the result is the same function (only rounding differs). Once
-            # the running max settles, most tiles skip the accumulator rescale (BLOCK_M * HEAD_DIM
-            # multiplies) — the branch is uniform over the program.
-            if tl.max(m_ij - m_i, 0) > RESCALE_TAU:
-                alpha = tl.math.exp2(m_i - m_ij)
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_ij
-            p = tl.math.exp2(qk * qk_scale - m_i[:, None])
-            l_i = l_i + tl.sum(p, 1)
-            m_ij = m_i
-        else:
-            # m_safe: a row whose scores so far are all -inf (only from infinite inputs) keeps p = 0
-            # instead of exp2(-inf - -inf) = NaN, as the reference does
-            m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-            p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-        if PV_SKIP:
-            gap = tl.max(qk, 1) * qk_scale - m_ij
-            skippable = (gap < -pv_thr2) | (offs_m >= N_Q)
-            skip = tl.min(skippable.to(tl.int32), 0) == 1
-            if skip:
-                n_skipped += 1
-            else:
-                if USE_TMA:
-                    v = v_desc.load([start_n, 0])
-                else:
-                    v = tl.load(v_base + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :])
-                if HAS_KV_SCALE:
-                    acc = _pv_scaled(p, v, tl.load(vs_base + start_n + offs_n), acc, in_dtype, DOT_F32)
-                else:
-                    acc = _pv(p, v, acc, in_dtype, DOT_F32)
-        else:
-            if USE_TMA:
-                v = v_desc.load([start_n, 0])
-            else:
-                v = tl.load(v_base + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :])
-            if HAS_KV_SCALE:
-                acc = _pv_scaled(p, v, tl.load(vs_base + start_n + offs_n), acc, in_dtype, DOT_F32)
-            else:
-                acc = _pv(p, v, acc, in_dtype, DOT_F32)
-        m_i = m_ij
+    m_i, l_i, acc, n_skipped = _attn_inner(
+        t_full, n_full * SUB, q, m_i, l_i, acc, n_skipped, kb_nx,
+        idx_row, stride_in, num, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn,
+        offs_m, offs_n, offs_d, row_ok, N_Q, N_KV, NUM_KV_BLOCKS, OFF, WINDOW, qk_scale, pv_thr2,
+        mask_base, stride_mm, stride_mn, mask_mul, ks_base, vs_base, row_lo, row_hi,
+        in_dtype, BLOCK_N, LAYOUT_BN, SUB, CAUSAL, PV_SKIP, DOT_F32, USE_TMA, PREFETCH, HAS_FLOAT_MASK,
+        HAS_KV_SCALE, MASKED=False, RESCALE_TAU=RESCALE_TAU)
 
     # ---------------------------------------------------------------- blocks crossing the diagonal / the end
-    acc, m_i, l_i, n_skipped = _masked_blocks(
-        n_full, n_vis, 0, q, acc, m_i, l_i, n_skipped,
+    kb_nx = tl.load(idx_row + n_full * stride_in, mask=n_vis > n_full, other=0)
+    m_i, l_i, acc, n_skipped = _attn_inner(
+        n_full * SUB, n_vis * SUB, q, m_i, l_i, acc, n_skipped, kb_nx,
         idx_row, stride_in, num, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn,
-        offs_m, offs_n, offs_d, N_Q, N_KV, NUM_KV_BLOCKS, OFF, WINDOW, qk_scale, pv_thr2,
+        offs_m, offs_n, offs_d, row_ok, N_Q, N_KV, NUM_KV_BLOCKS, OFF, WINDOW, qk_scale, pv_thr2,
         mask_base, stride_mm, stride_mn, mask_mul, ks_base, vs_base, row_lo, row_hi,
-        in_dtype, BLOCK_N, LAYOUT_BN, SUB, CAUSAL, False, PV_SKIP, DOT_F32, USE_TMA, PREFETCH, HAS_FLOAT_MASK,
-        HAS_KV_SCALE, HAS_ROW_BOUNDS)
+        in_dtype, BLOCK_N, LAYOUT_BN, SUB, CAUSAL, PV_SKIP, DOT_F32, USE_TMA, PREFETCH, HAS_FLOAT_MASK,
+        HAS_KV_SCALE, MASKED=True, BOUNDS_MASK=HAS_ROW_BOUNDS)
 
     # ---------------------------------------------------------------- epilogue
     # A row attends some key iff its list is non-empty and (causal) the first (smallest) selected block

@@ -32,6 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from sparseattn.ops.triton.block_sparse_fwd import (_block_list, _causal_limits, _head_bases, _kv_load,
+                                                  _program_ids, _row_tile)
 from sparseattn.ops.triton.quantize import e4m3_round
 
 
@@ -55,11 +57,8 @@ def _q_tile(
     start_n = kb * LAYOUT_BN + t_sub * BLOCK_N
     cols = start_n + offs_n
     col_ok = cols < N_KV
-    k_ptr = k_base + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
-    if MASK:
-        k = tl.load(k_ptr, mask=col_ok[None, :], other=0)
-    else:
-        k = tl.load(k_ptr)
+    k = _kv_load(k_base + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None],
+                 col_ok, MASK, 1)
     qk = tl.dot(q, k).to(tl.float32)  # int8 x int8 -> int32: exact
     if K_SCALAR:
         ks = tl.load(ks_base + start_n // KW)
@@ -81,11 +80,7 @@ def _q_tile(
     acc = acc * alpha[:, None]
     if PV_FP8:
         # V stored transposed [D, N]: load a [D, BLOCK_N] tile (tokens contiguous), use its transpose
-        v_ptr = v_base + offs_d[:, None].to(tl.int64) * stride_v2 + cols[None, :]
-        if MASK:
-            vt = tl.load(v_ptr, mask=col_ok[None, :], other=0.0)
-        else:
-            vt = tl.load(v_ptr)
+        vt = _kv_load(v_base + offs_d[:, None].to(tl.int64) * stride_v2 + cols[None, :], col_ok, MASK, 1)
         if FP8_EMU:
             p8 = e4m3_round(p * 448.0)
             acc += tl.dot(p8, tl.trans(vt.to(tl.float32)))
@@ -93,11 +88,8 @@ def _q_tile(
             p8 = (p * 448.0).to(tl.float8e4nv)
             acc += tl.dot(p8, tl.trans(vt))
     else:
-        v_ptr = v_base + start_n.to(tl.int64) * stride_v2 + offs_n[:, None] * stride_v2 + offs_d[None, :]
-        if MASK:
-            v = tl.load(v_ptr, mask=col_ok[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptr)
+        v = _kv_load(v_base + start_n.to(tl.int64) * stride_v2 + offs_n[:, None] * stride_v2 + offs_d[None, :],
+                     col_ok, MASK, 0)
         if DOT_F32:
             # interpreter (bf16 only): its fp32 -> bf16 cast truncates; round to nearest even as GPUs do
             acc = tl.dot(_bf16_rne(p), v.to(tl.float32), acc)
@@ -135,41 +127,16 @@ def _block_sparse_fwd_quant_kernel(
     LIST_CHUNK: tl.constexpr = 64,
 ):
     SUB: tl.constexpr = LAYOUT_BN // BLOCK_N
-    num_m = tl.num_programs(0)
-    pid_m = tl.program_id(0)
-    if CAUSAL:
-        pid_m = num_m - 1 - pid_m  # longest rows first
-    pid_bh = tl.program_id(1)
-    off_b = pid_bh // H
-    off_h = pid_bh % H
-    off_hk = off_h // GROUP
+    num_m, pid_m, pid_bh, off_b, off_h, off_hk = _program_ids(H, GROUP, CAUSAL)
     OFF = N_KV - N_Q
+    m0, qb, offs_r, offs_m, offs_n, offs_d, row_ok = _row_tile(pid_m, N_Q, HEAD_DIM, BLOCK_M, BLOCK_N, LAYOUT_BM)
 
-    m0 = pid_m * BLOCK_M
-    qb = m0 // LAYOUT_BM
-    offs_r = tl.arange(0, BLOCK_M)
-    offs_m = m0 + offs_r
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < N_Q
-
-    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-    k_base = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
-    v_base = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+    q_base, k_base, v_base = _head_bases(Q, K, V, off_b, off_h, off_hk, stride_qb, stride_qh, stride_kb, stride_kh,
+                                         stride_vb, stride_vh)
     ks_base = KScale + off_b.to(tl.int64) * stride_ksb + off_hk.to(tl.int64) * stride_ksh
-    idx_row = KvIdx + off_b.to(tl.int64) * stride_ib + off_h.to(tl.int64) * stride_ih + qb.to(tl.int64) * stride_im
-    num = tl.load(KvNum + off_b.to(tl.int64) * stride_nb + off_h.to(tl.int64) * stride_nh + qb * stride_nm)
-    num = tl.minimum(tl.maximum(num, 0), NUM_KV_BLOCKS)
-
-    row_last = tl.minimum(m0 + BLOCK_M, N_Q) - 1
-    if CAUSAL:
-        full_lim = tl.minimum(tl.maximum(m0 + OFF + 1, 0) // LAYOUT_BN, N_KV // LAYOUT_BN)
-        last_key = row_last + OFF
-        vis_lim = tl.where(last_key >= 0, last_key // LAYOUT_BN + 1, 0)
-        vis_lim = tl.minimum(vis_lim, NUM_KV_BLOCKS)
-    else:
-        full_lim = N_KV // LAYOUT_BN
-        vis_lim = NUM_KV_BLOCKS
+    idx_row, num = _block_list(KvNum, KvIdx, off_b, off_h, qb, stride_nb, stride_nh, stride_nm, stride_ib, stride_ih,
+                               stride_im, NUM_KV_BLOCKS)
+    row_last, full_lim, vis_lim = _causal_limits(m0, N_Q, N_KV, NUM_KV_BLOCKS, OFF, BLOCK_M, LAYOUT_BN, CAUSAL)
     # ascending list: "entries < limit" is a count
     offs_c = tl.arange(0, LIST_CHUNK)
     n_full = num * 0

@@ -1,4 +1,7 @@
-"""Launch configurations for the block-sparse forward kernel (autotuning space and fixed fallbacks).
+"""Launch configurations for the block-sparse forward kernel: the autotuning space and the fixed config.
+
+The fixed config's per-device choices are data, ``ops/tuned/prefill.json`` (operator ``"triton"``),
+read through :mod:`sparseattn.ops.registry`.
 
 Kernel tiles must nest inside layout blocks: ``BLOCK_M`` divides the layout's ``block_m`` and
 ``BLOCK_N`` divides its ``block_n`` (both are 64 or 128), so one program reads one key-block list.
@@ -6,6 +9,7 @@ Kernel tiles must nest inside layout blocks: ``BLOCK_M`` divides the layout's ``
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import triton
@@ -86,10 +90,14 @@ def safe_bench(kernel_call: Any, quantiles: Any = None, **kwargs: Any) -> Any:
 FAILED_CONFIGS: list[str] = []
 
 
-def default_config(head_dim: int, layout_bm: int, layout_bn: int, *, interpret: bool, pv_skip: bool) -> dict[str, Any]:
+def default_config(head_dim: int, layout_bm: int, layout_bn: int, *, interpret: bool, pv_skip: bool,
+                   device: str | None = None) -> dict[str, Any]:
     """A fixed config (no autotuning): for the CPU interpreter, the pv-skip path, or autotune off.
 
-    ``pv_skip`` forces kernel tiles equal to layout tiles (the rule's unit).
+    ``pv_skip`` forces kernel tiles equal to layout tiles (the rule's unit). Otherwise, on a GPU, the
+    shipped per-device choice for ``(head_dim, layout blocks)`` (``ops/tuned/prefill.json`` through the
+    registry; ``device`` is a device name, ``None`` = the file's fallback device), else a small config
+    that nests in every layout.
     """
     if pv_skip:
         bm, bn = layout_bm, layout_bn
@@ -101,10 +109,19 @@ def default_config(head_dim: int, layout_bm: int, layout_bn: int, *, interpret: 
     if interpret:
         # fewest programs and iterations: the interpreter's cost is per operation, not per element
         return {"BLOCK_M": layout_bm, "BLOCK_N": layout_bn, "num_warps": 4, "num_stages": 1}
-    for bm, bn, w, s, use_tma, nreg, extra in _CANDIDATES[head_dim]:
-        if not use_tma and not dict(extra).get("TMA_QO") and layout_bm % bm == 0 and layout_bn % bn == 0:
-            cfg: dict[str, Any] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s, **dict(extra)}
-            if nreg is not None:
-                cfg["maxnreg"] = nreg
-            return cfg
-    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}  # pragma: no cover
+    cfg = shipped_config(head_dim, layout_bm, layout_bn, device)
+    if cfg is not None:
+        return dict(cfg)
+    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}  # nests in 64/128 layout blocks
+
+
+@functools.lru_cache(maxsize=256)
+def shipped_config(head_dim: int, layout_bm: int, layout_bn: int, device: str | None) -> dict[str, Any] | None:
+    """The shipped fixed config (checked as a BlockSparseFwdConfig), looked up once per (shape, device)."""
+    from sparseattn.ops.launch_configs import BlockSparseFwdConfig
+    from sparseattn.ops.registry import tuned_config
+
+    cfg = tuned_config("triton", device, head_dim=head_dim, layout_block_m=layout_bm, layout_block_n=layout_bn)
+    if cfg is None or layout_bm % cfg["BLOCK_M"] or layout_bn % cfg["BLOCK_N"]:
+        return None
+    return BlockSparseFwdConfig.from_dict(cfg).to_dict()

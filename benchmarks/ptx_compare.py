@@ -1,0 +1,319 @@
+"""Compare the sm_90 PTX of the attention kernels at a git revision with the working tree (no GPU needed).
+
+Compiles ``_block_sparse_fwd_kernel`` (and ``_block_sparse_fwd_quant_kernel``) for a set of constexpr
+configurations with the installed Triton (``triton.compile`` of an ``ASTSource`` for
+``GPUTarget("cuda", 90, 64)``; Triton's bundled ``ptxas`` is used only for its final stage) once from
+the sources at ``--before`` and once from the working tree, each in its own process, and prints one row
+per configuration: ``identical`` (the PTX text is the same once comments and debug/line info are
+dropped), ``same multiset`` (the same instructions in another order; register names are numbered per
+kernel by first use, so a moved instruction renames none of the others), or the opcode counts that differ.
+
+The argument signature mimics a real launch: every pointer and every stride divisible by 16 carries the
+``tt.divisibility=16`` attribute the JIT would give it, a stride of 1 is specialised to the constant 1
+(as the JIT does), and the ``do_not_specialize`` arguments stay plain ``i32``.
+
+Usage::
+
+    python benchmarks/ptx_compare.py b809532            # all configurations
+    python benchmarks/ptx_compare.py HEAD~1 --only causal --show-diff
+
+Exit status 0 whether or not the PTX differs (it is a report); 2 when a compile fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> (kernel, constexpr overrides, options). Kernel "fwd": the bf16/fp16 kernel; "quant": the INT8 one.
+_BASE = dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, LAYOUT_BM=128, LAYOUT_BN=128, CAUSAL=True, PV_SKIP=False,
+             LIST_CHUNK=64)
+_OPT = dict(num_warps=8, num_stages=2, maxnreg=128)
+CONFIGS: dict[str, tuple[str, dict, dict, str]] = {
+    "causal d128 bf16": ("fwd", {}, {}, "bf16"),
+    "non-causal d128 bf16": ("fwd", {"CAUSAL": False}, {}, "bf16"),
+    "causal d128 fp16": ("fwd", {}, {}, "fp16"),
+    "causal d64 bf16 (128x128 tiles)": ("fwd", {"HEAD_DIM": 64, "BLOCK_N": 128}, {}, "bf16"),
+    "causal d256 bf16 (no maxnreg)": ("fwd", {"HEAD_DIM": 256}, {"maxnreg": None}, "bf16"),
+    "causal no PREFETCH": ("fwd", {"PREFETCH": False}, {}, "bf16"),
+    "causal binary-search split": ("fwd", {"VEC_COUNT": False}, {}, "bf16"),
+    "causal TMA": ("fwd", {"USE_TMA": True}, {}, "bf16"),
+    "causal TMA+TMA_QO, no PREFETCH": ("fwd", {"USE_TMA": True, "TMA_QO": True, "PREFETCH": False}, {}, "bf16"),
+    "non-causal TMA": ("fwd", {"USE_TMA": True, "CAUSAL": False}, {}, "bf16"),
+    "causal RESCALE_TAU=8": ("fwd", {"RESCALE_TAU": 8.0}, {}, "bf16"),
+    "non-causal RESCALE_TAU=8 TMA": ("fwd", {"RESCALE_TAU": 8.0, "CAUSAL": False, "USE_TMA": True}, {}, "bf16"),
+    "causal PV_SKIP (128x128)": ("fwd", {"PV_SKIP": True, "BLOCK_N": 128}, {"maxnreg": None}, "bf16"),
+    "non-causal PV_SKIP (64x64)": ("fwd", {"PV_SKIP": True, "CAUSAL": False, "BLOCK_M": 64, "BLOCK_N": 64,
+                                           "LAYOUT_BM": 64, "LAYOUT_BN": 64}, {"num_warps": 4, "maxnreg": None}, "bf16"),
+    "causal window": ("fwd", {"HAS_WINDOW": True}, {}, "bf16"),
+    "causal window TMA": ("fwd", {"HAS_WINDOW": True, "USE_TMA": True}, {}, "bf16"),
+    "causal row bounds": ("fwd", {"HAS_ROW_BOUNDS": True}, {}, "bf16"),
+    "non-causal row bounds": ("fwd", {"HAS_ROW_BOUNDS": True, "CAUSAL": False}, {}, "bf16"),
+    "causal float mask": ("fwd", {"HAS_FLOAT_MASK": True}, {}, "bf16"),
+    "non-causal float mask RESCALE_TAU=8": ("fwd", {"HAS_FLOAT_MASK": True, "CAUSAL": False, "RESCALE_TAU": 8.0}, {},
+                                            "bf16"),
+    "causal KV scales int8": ("fwd", {"HAS_KV_SCALE": True}, {}, "bf16"),
+    "causal state": ("fwd", {"HAS_STATE": True}, {}, "bf16"),
+    "quant int8 causal d128": ("quant", {}, {"maxnreg": None}, "bf16"),
+    "quant int8 non-causal d64 per-thread": ("quant", {"HEAD_DIM": 64, "CAUSAL": False, "K_SCALAR": False,
+                                                       "KW": 64, "KT": 4, "KS": 2, "QW": 16, "QT": 8},
+                                             {"maxnreg": None}, "bf16"),
+    "quant int8_fp8 causal d128": ("quant", {"PV_FP8": True}, {"maxnreg": None}, "bf16"),
+}
+
+# example argument values of a launch: B=2, H=8 (GQA 4), N=4096, D from the config, contiguous tensors
+_N, _H, _HKV, _B = 4096, 8, 2, 2
+
+
+def _fwd_args(c: dict, dt: str) -> dict:
+    D = c["HEAD_DIM"]
+    kv = "*i8" if c.get("HAS_KV_SCALE") else f"*{dt}"
+    nb = _N // c["LAYOUT_BN"]
+    mb = _N // c["LAYOUT_BM"]
+    return {
+        "Q": f"*{dt}", "K": kv, "V": kv, "Out": f"*{dt}", "Lse": "*fp32", "KvNum": "*i32", "KvIdx": "*i32",
+        "Stats": "*i32" if c.get("PV_SKIP") else "*fp32",
+        "Mask": "*fp32", "SmIn": "*fp32", "SlIn": "*fp32", "SaccIn": "*fp32", "SmOut": "*fp32", "SlOut": "*fp32",
+        "SaccOut": "*fp32", "KScale": "*fp32", "VScale": "*fp32",
+        "RowLo": "*i32" if c.get("HAS_ROW_BOUNDS") else "*fp32", "RowHi": "*i32" if c.get("HAS_ROW_BOUNDS") else "*fp32",
+        "stride_qb": _H * _N * D, "stride_qh": _N * D, "stride_qm": D,
+        "stride_kb": _HKV * _N * D, "stride_kh": _N * D, "stride_kn": D,
+        "stride_vb": _HKV * _N * D, "stride_vh": _N * D, "stride_vn": D,
+        "stride_ob": _H * _N * D, "stride_oh": _N * D, "stride_om": D,
+        "stride_lb": _H * _N, "stride_lh": _N,
+        "stride_nb": _H * mb, "stride_nh": mb, "stride_nm": 1,
+        "stride_ib": _H * mb * nb, "stride_ih": mb * nb, "stride_im": nb, "stride_in": 1,
+        "stride_mb": 0, "stride_mh": 0, "stride_mm": _N, "stride_mn": 1,
+        "stride_rb": _N,
+        "H": _H, "GROUP": _H // _HKV, "N_Q": _N, "N_KV": _N, "NUM_KV_BLOCKS": nb,
+        "qk_scale": 0.5, "pv_thr2": 0.5, "N_CTX_KEY": 12, "WINDOW": 1024, "CAUSAL_OFF": 0,
+    }
+
+
+def _quant_args(c: dict, dt: str) -> dict:
+    D = c["HEAD_DIM"]
+    nb = _N // c["LAYOUT_BN"]
+    mb = _N // c["LAYOUT_BM"]
+    fp8 = c.get("PV_FP8", False)
+    return {
+        "Q": "*i8", "K": "*i8", "V": "*fp8e4nv" if fp8 else f"*{dt}", "Out": f"*{dt}", "Lse": "*fp32",
+        "QScale": "*fp32", "KScale": "*fp32", "QRow": "*fp32", "VScale": "*fp32", "KvNum": "*i32", "KvIdx": "*i32",
+        "stride_qb": _H * _N * D, "stride_qh": _N * D, "stride_qm": D,
+        "stride_kb": _HKV * _N * D, "stride_kh": _N * D, "stride_kn": D,
+        "stride_vb": _HKV * _N * D, "stride_vh": _N * D, "stride_v2": _N if fp8 else D,
+        "stride_ob": _H * _N * D, "stride_oh": _N * D, "stride_om": D,
+        "stride_lb": _H * _N, "stride_lh": _N,
+        "stride_qsb": _H * (_N // 16), "stride_qsh": _N // 16,
+        "stride_ksb": _HKV * (_N // 64), "stride_ksh": _N // 64,
+        "stride_rb": _H * _N, "stride_rh": _N,
+        "stride_nb": _H * mb, "stride_nh": mb, "stride_nm": 1,
+        "stride_ib": _H * mb * nb, "stride_ih": mb * nb, "stride_im": nb, "stride_in": 1,
+        "H": _H, "GROUP": _H // _HKV, "N_Q": _N, "N_KV": _N, "NUM_KV_BLOCKS": nb,
+    }
+
+
+_QUANT_BASE = dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, LAYOUT_BM=128, LAYOUT_BN=128, CAUSAL=True,
+                   QW=16, QT=1, QS=1, KW=64, KT=1, KS=1, K_SCALAR=True, PV_FP8=False, LIST_CHUNK=64)
+
+
+def _compile_all(names: list[str], out_path: str) -> None:
+    """Worker (run with PYTHONPATH at one revision's ``src``): compile each config, write {name: ptx | error}."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sparseattn.ops.triton import block_sparse_fwd as fwd_mod
+    from sparseattn.ops.triton import block_sparse_fwd_quant as quant_mod
+
+    target = GPUTarget("cuda", 90, 64)
+    res: dict[str, str] = {}
+    for name in names:
+        kind, over, opt_over, dt = CONFIGS[name]
+        if kind == "fwd":
+            fn = fwd_mod._block_sparse_fwd_kernel
+            const = {**_BASE, **over}
+            vals = _fwd_args(const, dt)
+        else:
+            fn = quant_mod._block_sparse_fwd_quant_kernel
+            const = {**_QUANT_BASE, **over}
+            vals = _quant_args(const, dt)
+        no_spec = set(fn.do_not_specialize) | {fn.arg_names[i] for i in getattr(fn, "do_not_specialize", ())
+                                               if isinstance(i, int)}
+        sig: dict[str, str] = {}
+        constexprs: dict[str, object] = {}
+        attrs: dict[tuple[int, ...], list] = {}
+        for i, p in enumerate(fn.params):
+            a = p.name
+            if a in const or p.is_constexpr:
+                sig[a] = "constexpr"
+                constexprs[a] = const[a] if a in const else p.default
+                continue
+            v = vals[a]
+            if isinstance(v, str):
+                sig[a] = v
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif isinstance(v, float):
+                sig[a] = "fp32"
+            elif a in no_spec:
+                sig[a] = "i32"
+            elif v == 1:
+                sig[a] = "constexpr"
+                constexprs[a] = 1
+            else:
+                sig[a] = "i32"
+                if v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        opts = {**_OPT, **opt_over}
+        if opts.get("maxnreg") is None:
+            opts.pop("maxnreg", None)
+        try:
+            k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=target, options=opts)
+            res[name] = k.asm["ptx"]
+        except Exception as exc:  # reported, not fatal: the other configs still compile
+            res[name] = f"!ERROR {type(exc).__name__}: {str(exc)[-3000:]}"
+    Path(out_path).write_text(json.dumps(res))
+
+
+_REG = re.compile(r"%[a-z]+[0-9]+")
+
+
+def normalize(ptx: str, rename_regs: bool = False) -> list[str]:
+    """Instruction/directive lines without comments, ``.loc``/``.file`` line info and DWARF sections."""
+    out: list[str] = []
+    in_debug = False
+    for line in ptx.splitlines():
+        s = line.split("//", 1)[0].strip()
+        if not s:
+            continue
+        if s.startswith(".section") and ".debug" in s:
+            in_debug = True
+            continue
+        if in_debug:
+            if s == "}":
+                in_debug = False
+            continue
+        if s.startswith((".loc", ".file", "$L__", "@@")) and not s.startswith("$L__BB"):
+            continue
+        out.append(s)
+    if rename_regs:
+        names: dict[str, str] = {}
+
+        def sub(m: re.Match) -> str:
+            r = m.group(0)
+            if r not in names:
+                names[r] = f"%r{len(names)}"
+            return names[r]
+
+        out = [_REG.sub(sub, s) for s in out]
+    return out
+
+
+def opcode(line: str) -> str | None:
+    s = line
+    if s.startswith("@"):
+        s = s.split(None, 1)[1] if " " in s else s
+    if s.startswith((".", "}", "{", ")", "(")) or s.endswith(":") or s.endswith(","):
+        return None
+    return s.split()[0].rstrip(";")
+
+
+def opcode_counts(lines: list[str]) -> collections.Counter:
+    return collections.Counter(o for o in (opcode(s) for s in lines) if o is not None)
+
+
+def _moved_lines(a: list[str], b: list[str]) -> tuple[list[str], list[str]]:
+    """The lines of ``a`` that ``b`` drops and the lines ``b`` adds (a line diff)."""
+    import difflib
+
+    gone: list[str] = []
+    came: list[str] = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if tag != "equal":
+            gone.extend(a[i1:i2])
+            came.extend(b[j1:j2])
+    return gone, came
+
+
+def _run_worker(src: Path, names: list[str], out: Path, cache: Path) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(src), TRITON_CACHE_DIR=str(cache), PTX_COMPARE_NAMES=json.dumps(names))
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated (silences its warning)
+    env.pop("TRITON_INTERPRET", None)
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(out)], check=True, env=env)
+    return json.loads(out.read_text())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("before", nargs="?", help="git revision of the 'before' kernels (e.g. b809532)")
+    ap.add_argument("--only", default="", help="run only the configs whose name contains this text")
+    ap.add_argument("--show-diff", action="store_true", help="print a unified diff of differing instruction text")
+    ap.add_argument("--json", help="also write the table as JSON here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        _compile_all(json.loads(os.environ["PTX_COMPARE_NAMES"]), a.worker)
+        return 0
+    if not a.before:
+        ap.error("the 'before' git revision is required")
+    names = [n for n in CONFIGS if a.only in n]
+    with tempfile.TemporaryDirectory(prefix="ptx_compare_") as td:
+        tmp = Path(td)
+        old = tmp / "old"
+        old.mkdir()
+        arch = subprocess.run(["git", "-C", str(ROOT), "archive", a.before, "src"], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(old)], input=arch, check=True)
+        before = _run_worker(old / "src", names, tmp / "before.json", tmp / "cache_before")
+        after = _run_worker(ROOT / "src", names, tmp / "after.json", tmp / "cache_after")
+    rows = []
+    failed = False
+    width = max(len(n) for n in names)
+    print(f"{'config':<{width}}  {'result':<16}  instructions (before -> after), differing opcodes")
+    for n in names:
+        b, f = before[n], after[n]
+        if b.startswith("!ERROR") or f.startswith("!ERROR"):
+            failed = True
+            res = {"config": n, "result": "compile error", "detail": (b if b.startswith("!") else f)[:300]}
+            print(f"{n:<{width}}  compile error     {res['detail']}")
+            rows.append(res)
+            continue
+        nb, nf = normalize(b), normalize(f)
+        cb, cf = opcode_counts(nb), opcode_counts(nf)
+        tb, tf = sum(cb.values()), sum(cf.values())
+        diff = {op: cf[op] - cb[op] for op in sorted(set(cb) | set(cf)) if cf[op] != cb[op]}
+        moved = ""
+        if nb == nf:
+            result = "identical"
+        elif collections.Counter(nb) == collections.Counter(nf):
+            result = "reordered"  # the same lines, register names included: only their order differs
+            gone, came = _moved_lines(nb, nf)
+            moved = f"moved {len(gone)} lines: " + ", ".join(f"{op} x{c}" for op, c in opcode_counts(gone).most_common())
+        elif normalize(b, True) == normalize(f, True):
+            result = "same up to regs"
+        elif sorted(normalize(b, True)) == sorted(normalize(f, True)) or not diff:
+            result = "same multiset"
+        else:
+            result = "differs"
+        detail = ", ".join(f"{op} {d:+d}" for op, d in diff.items()) or moved
+        print(f"{n:<{width}}  {result:<16}  {tb} -> {tf}{'  ' + detail if detail else ''}")
+        rows.append({"config": n, "result": result, "before": tb, "after": tf, "diff": diff, "moved": moved})
+        if a.show_diff and result != "identical":
+            import difflib
+
+            sys.stdout.writelines(difflib.unified_diff([s + "\n" for s in nb], [s + "\n" for s in nf],
+                                                       "before", "after", n=2))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 2 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
