@@ -446,6 +446,40 @@ def test_packed_sequences_with_a_sparse_pattern_do_not_leak_across_documents() -
     assert not torch.equal(a[:, :96], b[:, :96])
 
 
+def test_document_sink_blocks_give_every_document_its_own_sink() -> None:
+    from sparseattn.integrations.masks import document_sink_blocks
+    from sparseattn.layout.patterns import sink_window_layout
+
+    N, bm = 200, 32  # documents [0, 70), [70, 71), [71, 200): the 3rd starts inside block 2
+    docs = torch.tensor([[0] * 70 + [1] + [2] * 129])
+    lay = sink_window_layout(N, sink_blocks=1, window_blocks=1, block_m=bm, block_n=bm, heads=2)
+    got = document_sink_blocks(lay, docs).to_dense_mask()[0, 0]
+    want = lay.to_dense_mask()[0, 0].clone()
+    want[2, 2] = True  # rows 64..95 hold the starts of documents 1 (row 70) and 2 (row 71): both in block 2
+    for qb in range(3, 7):
+        want[qb, 71 // bm] = True  # the rows of document 2 get its first block as their sink
+    assert torch.equal(got, want)
+    assert torch.equal(document_sink_blocks(lay, docs).to_dense_mask()[0, 1], got)  # every head
+    two = document_sink_blocks(lay, torch.cat([docs, torch.zeros_like(docs)]))  # one layout, two rows of documents
+    assert two.kv_indices.shape[0] == 2 and torch.equal(two.to_dense_mask()[1], lay.to_dense_mask()[0])
+
+
+@torch.no_grad()
+def test_packed_documents_keep_their_sink_under_a_sparse_layout() -> None:
+    """A sparse layout's sink is the row's first block; each later document gets its own (document_sink_blocks):
+    with a sink + 1-block window pattern, the last document's logits equal that document run alone with it."""
+    model = _llama()
+    lengths = [96, 107]
+    ids, pos = _ids(sum(lengths)), _packed_positions(lengths)
+    pat = "sink_window:sink_blocks=1,window_blocks=1,block_m=32,block_n=32"
+    with patch_model(model, pattern=pat):
+        packed = model(ids, position_ids=pos, use_cache=False).logits
+        alone = model(ids[:, 96:], use_cache=False).logits
+    # alone, the document's sink is its first block and its window is block-aligned to its own start; packed at
+    # offset 96 = 3 blocks of 32, the blocks line up, so the two runs attend to exactly the same keys
+    torch.testing.assert_close(packed[:, 96:], alone, atol=FP32_LOOSE, rtol=FP32_LOOSE)
+
+
 @torch.no_grad()
 def test_padding_is_still_refused_with_position_ids() -> None:
     model = _llama()

@@ -22,7 +22,7 @@ from sparseattn._validation import fail
 from sparseattn.integrations._tracing import _compiling
 from sparseattn.integrations.hf_attention import _HANDLE_ATTR, _LAYER_ATTR
 from sparseattn.integrations.masks import (_causal_equivalent, _causal_match, _packed_documents, _packed_match,
-                                           _window_mask)
+                                           _window_mask, document_sink_blocks)
 from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.ops.masked_sdpa import masked_sdpa_attention
 from sparseattn.predictors.pattern import PatternPredictor
@@ -373,7 +373,7 @@ class PatchHandle:
             layout, pv, static = None, None, True
         else:
             pred = self.predictors[layer]
-            layout = self._layout(layer, query, key)
+            layout = document_sink_blocks(self._layout(layer, query, key), docs)  # each document keeps its sink
             pv = _pv_for(pred, layer)
             static = isinstance(pred, PatternPredictor) and not self.per_head.get(layer)
         if pv is not None:
