@@ -1,6 +1,13 @@
 """CPU check of document sinks in packed sequences: each document of a packed row against it run alone, with and
-without integrations.masks.document_sink_blocks (the default predictor, SmolLM2, essays in .carry/essays)."""
-import torch, time
+without integrations.masks.document_sink_blocks (the default predictor, SmolLM2).
+
+Usage: ``PYTHONPATH=src python benchmarks/packed_sink_check.py [TEXT_DIR]`` (default ../shared/data/essays).
+"""
+import sys
+import time
+
+import torch
+
 import sparseattn.integrations.handle as H
 from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
 from sparseattn.eval.texts import documents_for, token_samples
@@ -9,7 +16,7 @@ from sparseattn.models import load
 torch.set_grad_enabled(False)
 lengths=[900,400,700,500]
 model, tok = load("smollm2-135m")
-docs,_ = documents_for(None, ".carry/essays")
+docs,_ = documents_for(None, sys.argv[1] if len(sys.argv) > 1 else "../shared/data/essays")
 w,_ = token_samples(docs, tok, seq_len=max(lengths), samples=len(lengths))
 pieces=[x[:, :n] for x,n in zip(w,lengths)]
 ids=torch.cat(pieces,1); pos=torch.cat([torch.arange(n) for n in lengths])[None]
