@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from sparseattn import AttentionState, merge_state, merge_states, reference_attention, segmented_attention
 from sparseattn.ops.reference import sdpa_reference
 from sparseattn.testing.inputs import random_qkv
-from sparseattn.testing.tolerances import HALF_ATOL, MERGE_FP64_ATOL, SDPA_FP64_ATOL
+from sparseattn.testing.tolerances import ATOL_FLOOR, HALF_ATOL, MERGE_FP32_ATOL, MERGE_FP64_ATOL, SDPA_FP64_ATOL
 
 
 def _cuts(n, parts, gen):
@@ -117,3 +117,65 @@ def test_segmented_attention_bad_input():
         segmented_attention(q, [k], [])
     with pytest.raises(ValueError, match=r"segmented_attention\[segment 1\]: k head_dim differs from q"):
         segmented_attention(q, [k, k[..., :2]], [v, v[..., :2]])
+
+
+# --------------------------------------------------------------------------- the Triton merge (kernel vs reference)
+def _states(S, B, H, N, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = [torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(S)]
+    lse = [torch.randn(B, H, N, generator=g) * 4 for _ in range(S)]
+    return out, lse
+
+
+@pytest.mark.parametrize("S", [1, 2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [8, 24, 64])
+def test_triton_merge_matches_the_reference(S, dtype, D):
+    out, lse = _states(S, 2, 3, 37, D, dtype, seed=S * 100 + D)
+    lse[0][0, 1, :5] = -math.inf  # some rows with an empty first state
+    for s in range(S):
+        lse[s][1, 2, 7] = -math.inf  # a row empty in every state: out 0, lse -inf
+        out[s][1, 2, 7] = float("nan")  # ... whatever the dead states' out holds
+    states = list(zip(out, lse))
+    ref = merge_states(states)
+    got = merge_states(states, backend="triton")
+    assert got.out.dtype == ref.out.dtype and got.lse.dtype == ref.lse.dtype == torch.float32
+    # both round the fp32 sum to the output dtype: equal, or one unit apart where the sums straddle a rounding point
+    tol = ATOL_FLOOR[dtype] if dtype != torch.float32 else MERGE_FP32_ATOL
+    torch.testing.assert_close(got.out.float(), ref.out.float(), atol=tol, rtol=0 if dtype == torch.float32 else tol)
+    torch.testing.assert_close(got.lse, ref.lse, atol=MERGE_FP32_ATOL, rtol=0)
+    assert float(got.out[1, 2, 7].abs().max()) == 0.0 and got.lse[1, 2, 7] == -math.inf
+
+
+def test_triton_merge_non_finite_semantics_match_the_reference():
+    out, lse = _states(3, 1, 2, 9, 16, torch.float32, seed=7)
+    lse[1][0, 0, 0] = float("nan")  # NaN lse: out and lse NaN
+    lse[2][0, 0, 1] = math.inf  # +inf lse: out NaN, lse +inf (as logsumexp)
+    out[0][0, 1, 2, 3] = float("nan")  # NaN out of a live state: reaches the merged out
+    lse[1][0, 1, 4] = -math.inf
+    out[1][0, 1, 4] = float("inf")  # inf out of a dead state: ignored
+    states = list(zip(out, lse))
+    ref, got = merge_states(states), merge_states(states, backend="triton")
+    torch.testing.assert_close(got.out, ref.out, atol=MERGE_FP32_ATOL, rtol=0, equal_nan=True)
+    torch.testing.assert_close(got.lse, ref.lse, atol=MERGE_FP32_ATOL, rtol=0, equal_nan=True)
+    assert torch.isnan(got.out[0, 0, 0]).all() and torch.isnan(got.lse[0, 0, 0])
+    assert torch.isnan(got.out[0, 0, 1]).all() and got.lse[0, 0, 1] == math.inf
+    assert torch.isnan(got.out[0, 1, 2, 3]) and torch.isfinite(got.out[0, 1, 2, :3]).all()
+    assert torch.isfinite(got.out[0, 1, 4]).all()
+
+
+def test_triton_merge_of_segments_equals_whole_attention():
+    q, k, v = random_qkv(1, 4, 33, 16, kv_heads=2, seqlen_kv=90, dtype=torch.float32, seed=3)
+    states = [reference_attention(q, k[:, :, a:b], v[:, :, a:b]) for a, b in ((0, 20), (20, 21), (21, 90))]
+    whole = reference_attention(q, k, v)
+    got = merge_states(states, backend="triton")
+    torch.testing.assert_close(got.out, whole.out, atol=MERGE_FP32_ATOL, rtol=0)
+    torch.testing.assert_close(got.lse, whole.lse, atol=MERGE_FP32_ATOL, rtol=0)
+
+
+def test_triton_merge_bad_input():
+    out, lse = _states(2, 1, 1, 4, 8, torch.float64, seed=1)
+    with pytest.raises(ValueError, match=r"^merge_states: states hold float64 tensors"):
+        merge_states(list(zip(out, [t.double() for t in lse])), backend="triton")
+    with pytest.raises(ValueError, match=r"^merge_states: backend is not a merge backend; expected one of \['reference', 'triton'\], got 'cuda'$"):
+        merge_states(list(zip(out, lse)), backend="cuda")

@@ -14,6 +14,7 @@ rows it belongs to.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -21,7 +22,7 @@ import torch
 from sparseattn._validation import check_qkv, fail
 from sparseattn.state.types import AttentionState
 
-__all__ = ["merge_state", "merge_states", "segmented_attention"]
+__all__ = ["MERGE_BACKENDS", "merge_state", "merge_states", "segmented_attention"]
 
 
 def _check_state(fn: str, name: str, s: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,23 +40,35 @@ def _check_state(fn: str, name: str, s: object) -> tuple[torch.Tensor, torch.Ten
     return out, lse
 
 
-def merge_state(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> AttentionState:
+MERGE_BACKENDS = ("reference", "triton")
+
+
+def merge_state(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], *,
+                backend: str = "reference") -> AttentionState:
     """Merge two attention states over disjoint key sets (exact; ``-inf`` lse is the identity).
 
     Shapes:
         out ``(B, H, N, D)``, lse ``(B, H, N)`` natural-log; both states the same shapes.
     """
-    return merge_states([a, b])
+    return merge_states([a, b], backend=backend)
 
 
-def merge_states(states: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> AttentionState:
+def merge_states(states: Sequence[tuple[torch.Tensor, torch.Tensor]], *, backend: str = "reference") -> AttentionState:
     """Merge any number of states over disjoint key sets in one pass (numerically stable).
+
+    Args:
+        states: ``(out, lse)`` pairs of the same rows.
+        backend: ``"reference"`` (PyTorch, any device, float64-capable; the default) or ``"triton"`` (one
+            fused kernel, :mod:`sparseattn.ops.triton.merge`: CUDA, or the CPU interpreter under
+            ``TRITON_INTERPRET=1``; fp32 accumulation, so float64 states are refused).
 
     Returns:
         ``AttentionState(out, lse)``; ``out`` in the first state's dtype, ``lse`` natural-log in
         float32 (float64 if the inputs' lse are float64).
     """
     fn = "merge_states"
+    if backend not in MERGE_BACKENDS:
+        raise fail(fn, "backend", "is not a merge backend", f"one of {list(MERGE_BACKENDS)}", repr(backend))
     if not isinstance(states, (list, tuple)) or len(states) == 0:
         raise fail(fn, "states", "must be a non-empty sequence of (out, lse)", ">= 1 state", repr(type(states).__name__))
     pairs = [_check_state(fn, f"states[{i}]", s) for i, s in enumerate(states)]
@@ -67,6 +80,8 @@ def merge_states(states: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Attenti
         if o.device != out0.device:
             raise fail(fn, f"states[{i}]", "is on another device", str(out0.device), str(o.device))
     acc_dtype = torch.float64 if any(l.dtype == torch.float64 for _, l in pairs) else torch.float32
+    if backend == "triton":
+        return _merge_triton(fn, pairs, acc_dtype)
     lses = torch.stack([l.to(acc_dtype) for _, l in pairs])  # [S, B, H, N]
     lse = torch.logsumexp(lses, dim=0)
     empty = lse == -math.inf  # every state empty: the identity, out 0
@@ -81,6 +96,33 @@ def merge_states(states: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Attenti
     out = torch.where(empty.unsqueeze(-1), torch.zeros_like(out), out)
     lse_dtype = torch.float64 if acc_dtype == torch.float64 else torch.float32
     return AttentionState(out.to(out0.dtype), lse.to(lse_dtype))
+
+
+def _merge_triton(fn: str, pairs: list[tuple[torch.Tensor, torch.Tensor]], acc_dtype: torch.dtype) -> AttentionState:
+    """The fused Triton merge (see :func:`merge_states`); the stacked copies are the kernel's only extra traffic."""
+    out0, lse0 = pairs[0]
+    if acc_dtype == torch.float64 or any(o.dtype == torch.float64 for o, _ in pairs):
+        raise fail(fn, "states", "hold float64 tensors, which the Triton merge (fp32 accumulation) does not take",
+                   "float32/float16/bfloat16 states, or backend='reference'", "float64")
+    if not out0.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise fail(fn, "backend", "'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)",
+                   "CUDA states or backend='reference'", str(out0.device))
+    import triton
+
+    from sparseattn.ops.triton.merge import _merge_states_kernel
+
+    B, H, N, D = out0.shape
+    R, S = B * H * N, len(pairs)
+    O = torch.stack([o.to(out0.dtype).reshape(R, D) for o, _ in pairs])  # [S, R, D]
+    L = torch.stack([l.to(torch.float32).reshape(R) for _, l in pairs])  # [S, R]
+    out = torch.empty(R, D, dtype=out0.dtype, device=out0.device)
+    lse = torch.empty(R, dtype=torch.float32, device=out0.device)
+    if R > 0 and D > 0:
+        block_d = triton.next_power_of_2(D)
+        block_r = max(1, min(64, 4096 // block_d))
+        _merge_states_kernel[(triton.cdiv(R, block_r),)](O, L, out, lse, S, R, D, O.stride(0), O.stride(1), L.stride(0),
+                                                         BLOCK_R=block_r, BLOCK_D=block_d)
+    return AttentionState(out.reshape(B, H, N, D), lse.reshape(B, H, N))
 
 
 def segmented_attention(
