@@ -68,8 +68,10 @@ from sparseattn.ops.decode import (
     decode_attention,
     decode_num_splits,
     decode_reference,
-    page_summaries,
     pages_key_mask,
+)
+from sparseattn.ops.pages import (
+    page_summaries,
     select_pages,
     sparse_decode_attention,
 )

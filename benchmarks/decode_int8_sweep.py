@@ -61,6 +61,8 @@ from sparseattn.ops.decode import (
     decode_attention,
     decode_num_splits,
     decode_reference,
+)
+from sparseattn.ops.pages import (
     page_summaries,
     select_pages,
     sparse_decode_attention,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparseattn.eval.decode_recall import mass_recall, oracle_pages, page_mass
-from sparseattn.ops.decode import page_summaries, select_pages
+from sparseattn.ops.pages import page_summaries, select_pages
 from sparseattn.testing.tolerances import PAGE_MASS_FP64_ATOL, SHARP_PAGE_RECALL_MIN
 
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")

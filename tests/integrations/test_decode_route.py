@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from sparseattn.integrations import get_handle, patch_model  # noqa: E402
 from sparseattn.integrations.decode_route import SUMMARY_ATTR  # noqa: E402
-from sparseattn.ops.decode import page_summaries  # noqa: E402
+from sparseattn.ops.pages import page_summaries  # noqa: E402
 from sparseattn.testing.harness import CountOps  # noqa: E402
 from sparseattn.testing.models import tiny_gemma3  # noqa: E402
 from sparseattn.testing.tolerances import DECODE_ROUTE_FP32_LOGIT_REL as TOL  # noqa: E402

@@ -13,13 +13,15 @@ import pytest
 import torch
 
 from sparseattn.ops.decode import (
-    PageSummaries,
     decode_attention,
     decode_num_splits,
     decode_reference,
-    page_summaries,
     pages_key_mask,
     paged_decode_attention,
+)
+from sparseattn.ops.pages import (
+    page_summaries,
+    PageSummaries,
     select_pages,
     sparse_decode_attention,
     update_page_summaries,

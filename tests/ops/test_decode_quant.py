@@ -19,8 +19,10 @@ from sparseattn.ops.decode import (
     decode_reference,
     pages_key_mask,
     paged_decode_attention,
-    sparse_decode_attention,
+)
+from sparseattn.ops.pages import (
     page_summaries,
+    sparse_decode_attention,
 )
 from sparseattn.state import merge_states
 from sparseattn.state.kv_cache import quantize

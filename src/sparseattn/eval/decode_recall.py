@@ -4,7 +4,7 @@ For a decode step, :func:`page_mass` is each query row's dense softmax mass per 
 :func:`mass_recall` the share of it on a selection's pages (1.0: nothing lost); :func:`oracle_pages` the
 best selection one KV head's group can share at a given page count (the pages with the largest mass summed
 over the group's query heads and rows, the forced sink / local pages included, as
-:func:`sparseattn.ops.decode.select_pages` forces them). :func:`measure_mass_recall` captures real decode
+:func:`sparseattn.ops.pages.select_pages` forces them). :func:`measure_mass_recall` captures real decode
 steps of a model (``patch_model(decode="sparse")`` with every page, i.e. exact dense decode, and the route's
 observer) and reports, per budget, the mean and minimum recall over layers, query heads and steps for the
 Quest selection and for the oracle.
@@ -87,7 +87,7 @@ def measure_mass_recall(model: Any, ids: torch.Tensor, *, steps: Sequence[int] =
     Generates ``max(steps) + 1`` greedy tokens with ``patch_model(decode="sparse", decode_top_pages=1.0)``
     (every page: exact dense decode) and captures, at decode steps ``steps`` (1 = the first step after the
     prefill), every layer's query and keys. For each budget (as ``top_pages``: an int of pages or a fraction)
-    it runs :func:`sparseattn.ops.decode.select_pages` (``keep_first=1, keep_last=1``, the route's choice)
+    it runs :func:`sparseattn.ops.pages.select_pages` (``keep_first=1, keep_last=1``, the route's choice)
     and :func:`oracle_pages` at the same page count.
 
     Returns:
@@ -97,7 +97,7 @@ def measure_mass_recall(model: Any, ids: torch.Tensor, *, steps: Sequence[int] =
     """
     from sparseattn.eval.gen_check import _dynamic_cache, greedy_generate
     from sparseattn.integrations import patch_model
-    from sparseattn.ops.decode import page_summaries, select_pages
+    from sparseattn.ops.pages import page_summaries, select_pages
 
     fn = "measure_mass_recall"
     steps = sorted({int(s) for s in steps})

@@ -7,7 +7,7 @@ model's own dense attention. With ``decode="kernel"`` or ``decode="sparse"`` a d
 
 * ``"kernel"`` — :func:`sparseattn.ops.decode.decode_attention` (split-KV dense decode, GQA packed,
   the layer's ``scaling``); counted as ``decode_kernel``;
-* ``"sparse"`` — :func:`sparseattn.ops.decode.sparse_decode_attention` (Quest: per-page key min/max
+* ``"sparse"`` — :func:`sparseattn.ops.pages.sparse_decode_attention` (Quest: per-page key min/max
   summaries, the ``top_pages`` pages with the highest score bound, the first page and the pages of the
   new tokens always kept); counted as ``decode_sparse``.
 
@@ -29,7 +29,7 @@ refused (``NotImplementedError``): the route keeps per-cache state in Python.
 
 Page summaries (sparse mode) are kept per layer **on the cache object** (attribute
 ``_sparseattn_page_summaries``, so they live and die with the cache) and updated incrementally with
-:func:`sparseattn.ops.decode.update_page_summaries` (the pages the new keys touch, on the device): the
+:func:`sparseattn.ops.pages.update_page_summaries` (the pages the new keys touch, on the device): the
 forward pre-hook records the cache passed to the model (``cache=`` / ``past_key_values=``) and a
 forward serial number; a layer's summaries are updated when the same cache was used by the previous
 forward and the layer's key count grew by exactly this step's tokens, and rebuilt from the whole cache
@@ -229,7 +229,7 @@ class DecodeRoute:
             out = decode_attention(query, key, value, scale=scale, backend=backend)
             counter = "decode_kernel"
         else:
-            from sparseattn.ops.decode import sparse_decode_attention
+            from sparseattn.ops.pages import sparse_decode_attention
 
             summ = self._summaries(handle, layer, key, nq)
             ps = self.config.page_size
@@ -259,8 +259,8 @@ class DecodeRoute:
 
     # ------------------------------------------------------------------ page summaries
     def _summaries(self, handle: Any, layer: int, key: torch.Tensor, nq: int) -> Any:
-        """This layer's :class:`~sparseattn.ops.decode.PageSummaries` of ``key``, updated or rebuilt (see the module)."""
-        from sparseattn.ops.decode import PageSummaries, page_summaries, update_page_summaries
+        """This layer's :class:`~sparseattn.ops.pages.PageSummaries` of ``key``, updated or rebuilt (see the module)."""
+        from sparseattn.ops.pages import PageSummaries, page_summaries, update_page_summaries
 
         ps = self.config.page_size
         B, Hkv, N, D = key.shape

@@ -247,7 +247,7 @@ def patch_model(
         quant_granularity: ``"per_warp"`` (default), ``"per_block"`` or ``"per_thread"`` (docs/QUANT.md).
         decode: how decode steps (``1 <= N_q <= 64`` new tokens over a KV cache) run: ``"dense"`` (default:
             the model's own attention), ``"kernel"`` (:func:`sparseattn.ops.decode.decode_attention`) or
-            ``"sparse"`` (:func:`sparseattn.ops.decode.sparse_decode_attention`, Quest-style pages; page
+            ``"sparse"`` (:func:`sparseattn.ops.pages.sparse_decode_attention`, Quest-style pages; page
             summaries kept on the cache object, updated incrementally). Sliding-window layers get exact dense
             decode; masks other than plain causal (padding), softcapping and attention sinks go to the model's
             attention, counted in ``handle.decode_fallbacks``. See :mod:`sparseattn.integrations.decode_route`.

@@ -5,10 +5,11 @@ from sparseattn.ops.reference import reference_attention
 from sparseattn.state.types import AttentionState
 
 __all__ = ["attention", "attention_op", "decode_attention_op", "quantized_attention_op", "block_sparse_attention", "reference_attention", "AttentionState"]
-# decode attention (sparseattn.ops.decode, docs/DECODE.md): imported on first use
-_DECODE = ("decode_attention", "sparse_decode_attention", "paged_decode_attention", "page_summaries",
-           "update_page_summaries", "select_pages", "decode_reference", "PageSummaries")
-__all__ += list(_DECODE)
+# decode attention (sparseattn.ops.decode) and Quest-style page selection (sparseattn.ops.pages), docs/DECODE.md:
+# imported on first use
+_DECODE = ("decode_attention", "paged_decode_attention", "decode_reference")
+_PAGES = ("sparse_decode_attention", "page_summaries", "update_page_summaries", "select_pages", "PageSummaries")
+__all__ += list(_DECODE) + list(_PAGES)
 
 
 def __getattr__(name: str):  # noqa: ANN202
@@ -21,4 +22,8 @@ def __getattr__(name: str):  # noqa: ANN202
         from sparseattn.ops import decode
 
         return getattr(decode, name)
+    if name in _PAGES:
+        from sparseattn.ops import pages
+
+        return getattr(pages, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
