@@ -140,6 +140,9 @@ def main():
         if not a.skip_configs:
             configs_part(res)
         os.makedirs(a.out, exist_ok=True)
+        from sparseattn.eval.env import environment
+
+        res["environment"] = environment("cuda" if torch.cuda.is_available() else "cpu")
         with open(os.path.join(a.out, "debug_small_shapes.json"), "w") as f:
             json.dump(res, f, indent=1, default=str)
 

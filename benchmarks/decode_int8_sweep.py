@@ -57,6 +57,7 @@ from typing import Any, Callable
 
 import torch
 
+from sparseattn.eval.env import environment
 from sparseattn.ops.decode import (
     decode_attention,
     decode_num_splits,
@@ -288,14 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     tile = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1} if smoke else dict(DEFAULT_TILE)
     grid = [(32, 4, 1), (16, 4, 1)] if smoke else GRID_ORDER
     result: dict[str, Any] = {"device": "cpu (interpreter)" if smoke else torch.cuda.get_device_name(),
-                              "torch": torch.__version__, "H": sw.H, "H_kv": sw.Hkv, "D": sw.D,
+                              "environment": environment(sw.dev), "H": sw.H, "H_kv": sw.Hkv, "D": sw.D,
                               "shapes": [], "screen": [], "grid": [], "sparse": []}
-    try:
-        import triton
-
-        result["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001
-        pass
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     candidates: dict[str, list[dict[str, Any]]] = {"int8": [], "fp8": []}

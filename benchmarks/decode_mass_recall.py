@@ -47,6 +47,7 @@ def main() -> int:
 
     from sparseattn.eval.bench_model import load_model
     from sparseattn.eval.decode_recall import measure_mass_recall
+    from sparseattn.eval.env import environment
     from sparseattn.eval.texts import sample_ids
 
     budgets: list[int | float] = [float(x) if "." in x else int(x) for x in a.budgets.split(",") if x.strip()]
@@ -74,7 +75,7 @@ def main() -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "mass_recall.json").write_text(json.dumps(
             {"config": vars(a) | {"documents": names[0], "source": source, "seconds": time.perf_counter() - t0},
-             "rows": rows}, indent=2))
+             "rows": rows, "environment": environment(a.device)}, indent=2))
         (out / "mass_recall.md").write_text("\n".join(lines) + "\n")
     return 0
 

@@ -30,11 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="int8,int8_fp8")
     args = ap.parse_args(argv)
     from sparseattn.eval.bench_model import build_random_model
+    from sparseattn.eval.env import environment
     from sparseattn.integrations import patch_model
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_random_model("smollm2-135m", layers=args.layers, device=dev, dtype=torch.bfloat16)
     ids = torch.randint(0, model.config.vocab_size, (1, args.length), generator=torch.Generator().manual_seed(0)).to(dev)
+    env = environment(dev)
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a - b).abs().max() / b.abs().max())
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         with patch_model(model, predictor=args.predictor):
             bf16 = model(ids, use_cache=False, logits_to_keep=256).logits.float()
         for mode in [m for m in args.modes.split(",") if m]:
-            rec: dict = {"mode": mode, "length": args.length, "layers": args.layers}
+            rec: dict = {"mode": mode, "length": args.length, "layers": args.layers, "environment": env}
             try:
                 with patch_model(model, predictor=args.predictor, quant=mode) as h:
                     outs, times = [], []

@@ -53,6 +53,7 @@ def main() -> int:
 
     from sparseattn.eval.bench_model import build_random_model
     from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
+    from sparseattn.eval.env import environment
     from sparseattn.integrations.transformers_patch import _attention_forward, patch_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -83,7 +84,7 @@ def main() -> int:
                 rows.append({"row": f"{'ours' if graphs else 'ours_eager'}/{name}", "host_us": round(us, 2),
                              "gpu_us": round(gpu, 2), "layer_graphs": h.sparsity_report().get("layer_graphs")})
     with open(os.path.join(args.out, "layer_call_host.json"), "w") as fh:
-        json.dump({"len": args.len, "arch": args.arch, "rows": rows}, fh, indent=1)
+        json.dump({"len": args.len, "arch": args.arch, "rows": rows, "environment": environment("cuda")}, fh, indent=1)
     print(f"| row ({args.arch}, {args.len} tokens) | host µs per call | GPU µs per call |")
     print("|---|---|---|")
     for r in rows:

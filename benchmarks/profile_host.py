@@ -23,6 +23,7 @@ import time
 import torch
 
 from sparseattn.eval.bench_model import build_random_model
+from sparseattn.eval.env import environment
 from sparseattn.integrations.transformers_patch import patch_model
 
 ROWS = "dense;pattern:sink_window:window_blocks=8,block_m=128,block_n=128;mean_sim:score=mixed,cdf_threshold=0.97,keep_local=8"
@@ -84,7 +85,7 @@ def main() -> int:
         if handle is not None:
             handle.unpatch()
     with open(os.path.join(args.out, "profile_host.json"), "w") as fh:
-        json.dump(results, fh, indent=1)
+        json.dump({"rows": results, "environment": environment("cuda")}, fh, indent=1)
     print("| row | forward ms (median) | host ms until the last launch |")
     print("|---|---|---|")
     for r in results:

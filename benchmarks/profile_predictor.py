@@ -64,6 +64,7 @@ def kernel_times(fn, n: int = 10) -> dict[str, float]:
 
 
 def main() -> int:
+    from sparseattn.eval.env import environment
     from sparseattn.predictors import fused_mean_sim as fm
     from sparseattn.integrations.transformers_patch import resolve_predictor
 
@@ -128,7 +129,7 @@ def main() -> int:
 
             variant("score_tile", tw, "_score_meta", smeta)
     with open(os.path.join(args.out, "profile_predictor.json"), "w") as fh:
-        json.dump(rows, fh, indent=1)
+        json.dump({"rows": rows, "environment": environment("cuda")}, fh, indent=1)
     print("| spec | variant | ms | pool | score | select | same layout |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

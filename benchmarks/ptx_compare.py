@@ -1,6 +1,7 @@
 """Compare the sm_90 PTX of the attention kernels at a git revision with the working tree (no GPU needed).
 
-Compiles ``_block_sparse_fwd_kernel`` (and ``_block_sparse_fwd_quant_kernel``) for a set of constexpr
+Compiles ``_block_sparse_fwd_kernel``, ``_block_sparse_fwd_quant_kernel`` and the decode kernel
+``_decode_split_kernel`` (configs named ``decode ...``) for a set of constexpr
 configurations with the installed Triton (``triton.compile`` of an ``ASTSource`` for
 ``GPUTarget("cuda", 90, 64)``; Triton's bundled ``ptxas`` is used only for its final stage) once from
 the sources at ``--before`` and once from the working tree, each in its own process, and prints one row
@@ -38,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _BASE = dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, LAYOUT_BM=128, LAYOUT_BN=128, CAUSAL=True, PV_SKIP=False,
              LIST_CHUNK=64)
 _OPT = dict(num_warps=8, num_stages=2, maxnreg=128)
+_DEC_OPT = dict(num_warps=4, num_stages=3, maxnreg=None)
 CONFIGS: dict[str, tuple[str, dict, dict, str]] = {
     "causal d128 bf16": ("fwd", {}, {}, "bf16"),
     "non-causal d128 bf16": ("fwd", {"CAUSAL": False}, {}, "bf16"),
@@ -68,6 +70,11 @@ CONFIGS: dict[str, tuple[str, dict, dict, str]] = {
                                                        "KW": 64, "KT": 4, "KS": 2, "QW": 16, "QT": 8},
                                              {"maxnreg": None}, "bf16"),
     "quant int8_fp8 causal d128": ("quant", {"PV_FP8": True}, {"maxnreg": None}, "bf16"),
+    # the split-KV decode kernel (one query token, GQA group of 4 in a 16-row tile), default tile of ops/decode.py
+    "decode bf16 d128 split": ("decode", {}, _DEC_OPT, "bf16"),
+    "decode int8 KV scales d128 split": ("decode", {"HAS_KV_SCALE": True}, _DEC_OPT, "bf16"),
+    "decode int8 KV scales q8 / fp16 P, paged": ("decode", {"HAS_KV_SCALE": True, "QK_MODE": 1, "PV_MODE": 1,
+                                                            "PAGED": True, "PAGE": 16}, _DEC_OPT, "bf16"),
 }
 
 # example argument values of a launch: B=2, H=8 (GQA 4), N=4096, D from the config, contiguous tensors
@@ -125,6 +132,31 @@ _QUANT_BASE = dict(HEAD_DIM=128, BLOCK_M=128, BLOCK_N=64, LAYOUT_BM=128, LAYOUT_
                    QW=16, QT=1, QS=1, KW=64, KT=1, KS=1, K_SCALAR=True, PV_FP8=False, LIST_CHUNK=64)
 
 
+_DECODE_BASE = dict(HEAD_DIM=128, BLOCK_M=16, BLOCK_N=64, SPLIT=True, HAS_SEQLENS=True, PAGED=False, PAGE=1)
+
+
+def _decode_args(c: dict, dt: str) -> dict:
+    D, G = c["HEAD_DIM"], _H // _HKV
+    kv = "*i8" if c.get("HAS_KV_SCALE") else f"*{dt}"
+    pages = _N // c["PAGE"]
+    paged = c.get("PAGED", False)
+    return {
+        "Q": f"*{dt}", "K": kv, "V": kv, "SeqLens": "*i32", "PageIdx": "*i32" if paged else "*fp32",
+        "PageNum": "*i32" if paged else "*fp32", "Out": f"*{dt}", "Lse": "*fp32", "OPart": "*fp32", "LPart": "*fp32",
+        "KScale": "*fp32", "VScale": "*fp32",
+        "stride_qb": _H * D, "stride_qh": D, "stride_qm": D,
+        "stride_kb": _HKV * _N * D, "stride_kh": _N * D, "stride_kn": D,
+        "stride_vb": _HKV * _N * D, "stride_vh": _N * D, "stride_vn": D,
+        "stride_ob": _H * D, "stride_oh": D, "stride_om": D,
+        "stride_lb": _H, "stride_lh": 1,
+        "stride_pb": _HKV * pages if paged else 0, "stride_ph": pages if paged else 0, "stride_nb": _HKV if paged else 0,
+        "stride_ksb": _HKV * _N, "stride_ksh": _N, "stride_ksn": 1,
+        "stride_vsb": _HKV * _N, "stride_vsh": _N, "stride_vsn": 1,
+        "H": _H, "G": G, "LQ": 1, "N_MAX": _N, "MAX_PAGES": pages if paged else 0, "NUM_SPLITS": 8,
+        "qk_scale": 0.1275,
+    }
+
+
 def _compile_all(names: list[str], out_path: str) -> None:
     """Worker (run with PYTHONPATH at one revision's ``src``): compile each config, write {name: ptx | error}."""
     import triton
@@ -142,10 +174,16 @@ def _compile_all(names: list[str], out_path: str) -> None:
             fn = fwd_mod._block_sparse_fwd_kernel
             const = {**_BASE, **over}
             vals = _fwd_args(const, dt)
-        else:
+        elif kind == "quant":
             fn = quant_mod._block_sparse_fwd_quant_kernel
             const = {**_QUANT_BASE, **over}
             vals = _quant_args(const, dt)
+        else:
+            from sparseattn.ops.triton import decode as dec_mod
+
+            fn = dec_mod._decode_split_kernel
+            const = {**_DECODE_BASE, **over}
+            vals = _decode_args(const, dt)
         no_spec = set(fn.do_not_specialize) | {fn.arg_names[i] for i in getattr(fn, "do_not_specialize", ())
                                                if isinstance(i, int)}
         sig: dict[str, str] = {}

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from sparseattn.eval.end_to_end import logits_metrics
+    from sparseattn.eval.env import environment
     from sparseattn.eval.texts import sample_ids
     from sparseattn.integrations.transformers_patch import patch_model
     from sparseattn.models import load
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             rep = h.sparsity_report()
         row = {key: sum(m[key] for m in per) / len(per) for key in per[0]}
         row.update(spec=label, seq_len=args.seq_len, samples=len(ids), texts=names, sparsity=rep["mean_sparsity"],
-                   wall_s=round(time.perf_counter() - t0, 1), device=args.device, dtype=args.dtype)
+                   wall_s=round(time.perf_counter() - t0, 1), device=args.device, dtype=args.dtype,
+                   environment=environment(args.device))
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"{label:<58} sparsity {row['sparsity']:.3f}  top-1 {row['top1_agreement']:.4f}  "

@@ -108,25 +108,37 @@ def check_qkv(
             raise fail(func, f"{name}.dtype", "is not supported", f"one of {names}", str(t.dtype).replace("torch.", ""))
     if not (q.dtype == k.dtype == v.dtype):
         raise fail(func, "q/k/v dtypes", "must all be equal", "one dtype", f"q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    return check_kv_geometry(func, q, k, v)
+
+
+def check_kv_geometry(func: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, k_name: str = "k",
+                      v_name: str = "v") -> tuple[int, int, int, int, int, int]:
+    """One device for q, k and v, ``v`` shaped as ``k``, then :func:`check_qk_geometry`; errors name the
+    tensors ``k_name`` / ``v_name`` (e.g. ``k_cache`` / ``v_cache`` for decode)."""
     if not (q.device == k.device == v.device):
-        raise fail(func, "q/k/v devices", "must all be equal", "one device", f"q={q.device}, k={k.device}, v={v.device}")
+        raise fail(func, f"q/{k_name}/{v_name} devices", "must all be equal", "one device",
+                   f"q={q.device}, {k_name}={k.device}, {v_name}={v.device}")
     if tuple(v.shape) != tuple(k.shape):
-        raise fail(func, "v", "must have the same shape as k", f"v.shape={tuple(k.shape)}", f"v.shape={tuple(v.shape)}")
-    return check_qk_geometry(func, q, k)
+        raise fail(func, v_name, f"must have the same shape as {k_name}", f"{v_name}.shape={tuple(k.shape)}",
+                   f"{v_name}.shape={tuple(v.shape)}")
+    return check_qk_geometry(func, q, k, k_name=k_name)
 
 
-def check_qk_geometry(func: str, q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int, int, int]:
-    """Shape agreement of 4-D ``q (B, H, N_q, D)`` and ``k (B, H_kv, N_kv, D)``; returns ``(B, H, H_kv, N_q, N_kv, D)``."""
+def check_qk_geometry(func: str, q: torch.Tensor, k: torch.Tensor, *,
+                      k_name: str = "k") -> tuple[int, int, int, int, int, int]:
+    """Shape agreement of 4-D ``q (B, H, N_q, D)`` and ``k (B, H_kv, N_kv, D)``; returns ``(B, H, H_kv, N_q, N_kv, D)``.
+    Errors call ``k`` ``k_name``."""
     B, H, Nq, D = q.shape
     Bk, Hkv, Nkv, Dk = k.shape
     if Bk != B:
-        raise fail(func, "k", "batch size differs from q", f"k.shape[0]={B}", f"k.shape[0]={Bk}")
+        raise fail(func, k_name, "batch size differs from q", f"{k_name}.shape[0]={B}", f"{k_name}.shape[0]={Bk}")
     if Dk != D:
-        raise fail(func, "k", "head_dim differs from q", f"k.shape[3]={D}", f"k.shape[3]={Dk}")
+        raise fail(func, k_name, "head_dim differs from q", f"{k_name}.shape[3]={D}", f"{k_name}.shape[3]={Dk}")
     if min(B, H, Nq, D, Hkv, Nkv) <= 0:
-        raise fail(func, "q/k", "has an empty dimension", "all dims > 0", f"q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}")
+        raise fail(func, f"q/{k_name}", "has an empty dimension", "all dims > 0",
+                   f"q.shape={tuple(q.shape)}, {k_name}.shape={tuple(k.shape)}")
     if H % Hkv != 0:
-        raise fail(func, "k", "heads must divide q heads (GQA)", f"H % H_kv == 0 with H={H}", f"H_kv={Hkv}")
+        raise fail(func, k_name, "heads must divide q heads (GQA)", f"H % H_kv == 0 with H={H}", f"H_kv={Hkv}")
     return B, H, Hkv, Nq, Nkv, D
 
 

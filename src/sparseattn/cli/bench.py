@@ -231,7 +231,9 @@ def run(args: argparse.Namespace) -> int:
     print("dense = the same Triton kernel without a layout; SDPA = best of cuDNN/flash; peak = CUDA memory allocated "
           "by one call above what was allocated before it (its out and lse included)")
     if args.json:
+        from sparseattn.eval.env import environment
+
         with open(args.json, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"}, "rows": rows_out}, f, indent=1,
-                      default=str)
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"}, "rows": rows_out,
+                       "environment": environment("cuda")}, f, indent=1, default=str)
     return 0 if ok else 1

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if args.a is None:
         raise fail("compare", "--a", "is required (unless --sweep)", "a predictor spec such as 'mean_sim'", None)
     result = compare_predictors(args.a, args.b, inputs, causal=not args.no_causal, with_output=not args.no_output)
-    paths = write_report(result, args.out, plots=not args.no_plots)
+    paths = write_report(result, args.out, plots=not args.no_plots, device=args.device)
     s = result["summary"]["overall"]
     print(f"A: {result['a']}\nB: {result['b']}")
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()}, indent=1))
@@ -108,7 +108,7 @@ def _run_sweep(args: argparse.Namespace, inputs: Any) -> int:
             raise fail("compare", "--sweep", "has a budget out of range", "fractions in (0, 1]", b)
     result = sweep_predictors(budget_specs(templates, args.sweep), inputs, causal=not args.no_causal,
                               with_output=not args.no_output, progress=True)
-    paths = write_sweep_report(result, args.out, plots=not args.no_plots)
+    paths = write_sweep_report(result, args.out, plots=not args.no_plots, device=args.device)
     for fam, row in result["matched"].items():
         print(f"sparsity {fam}: " + "; ".join(f"{f} recall={m.get('recall')!s:.6} cos={m.get('out_cosine')!s:.6}"
                                              for f, m in row.items()))

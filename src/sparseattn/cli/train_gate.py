@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     ids, val_ids, names = ids[:args.samples], ids[args.samples:], names[:args.samples]
     _log(f"{len(ids)} training + {len(val_ids)} held-out samples x {args.seq_len} tokens from {source}", progress)
 
+    from sparseattn.eval.env import environment
     from sparseattn.gate.store import load_gate, save_gate
     from sparseattn.gate.train import plot_loss, train_gate
 
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"tool": "sparseattn train-gate", "gate_file": str(path), "model": args.model,
                               "device": dev, "text_source": source, "texts": texts, "history": hist,
                               "plot": None if plot_note else str(png), "plot_note": plot_note,
-                              "seconds": time.perf_counter() - t0}
+                              "seconds": time.perf_counter() - t0, "environment": environment(dev)}
     js.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"layers {len(weights.layers)}, d_gate {weights.d_gate}, blocks {weights.block_m}x{weights.block_n}; "
           f"KL {hist['initial_loss']:.4f} (initial, mean_sim-like) -> {hist['final_loss']:.4f} after {args.steps} steps; "

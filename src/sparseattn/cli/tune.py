@@ -163,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
     if args.compare:
         comparison = _compare(model, path, cmp_ids, [", ".join(n) for n in names[args.samples:]], args, dev, progress)
 
+    from sparseattn.eval.env import environment
+
     paths = report_paths(path)
     report = {
         "tool": "sparseattn tune", "tuned_file": str(path), "model": args.model, "device": dev,
@@ -177,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
         "heads": {str(li): {"sparsity": [round(float(x), 6) for x in hp.sparsity],
                             "error": [round(float(x), 6) for x in hp.error],
                             "dense": [bool(x) for x in hp.dense]} for li, hp in sorted(cfg.layers.items())},
-        "compare": comparison, "seconds": time.perf_counter() - t0,
+        "compare": comparison, "seconds": time.perf_counter() - t0, "environment": environment(dev),
     }
     plot_note = None
     if args.no_plot:

@@ -126,6 +126,9 @@ def collect_qkv(
         summary["per_length"][str(n)] = {"folder": ldir.name, "files": len(files),
                                          "bytes": sum(f["bytes"] for f in files)}
     bar.close()
+    from sparseattn.eval.env import environment
+
+    summary["environment"] = environment(dev)
     (out / "collection.json").write_text(json.dumps(summary, indent=2))
     return summary
 

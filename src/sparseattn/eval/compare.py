@@ -334,12 +334,18 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(result: dict[str, Any], out_dir: str | Path, *, plots: bool = True) -> dict[str, str]:
-    """Write ``compare.json``, ``compare.md`` and ``masks_<length>_L<layer>.png`` files; returns their paths."""
+def write_report(result: dict[str, Any], out_dir: str | Path, *, plots: bool = True, device: Any = None) -> dict[str, str]:
+    """Write ``compare.json``, ``compare.md`` and ``masks_<length>_L<layer>.png`` files; returns their paths.
+
+    ``compare.json`` carries the run's ``environment`` record (:func:`sparseattn.eval.env.environment`
+    of ``device``, the device the inputs were on)."""
+    from sparseattn.eval.env import environment
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, str] = {}
     data = {k: v for k, v in result.items() if k != "masks"}
+    data.setdefault("environment", environment(device))
     (out / "compare.json").write_text(json.dumps(data, indent=2))
     paths["json"] = str(out / "compare.json")
     (out / "compare.md").write_text(to_markdown(result))
@@ -523,12 +529,17 @@ def plot_sweep(result: dict[str, Any], path: str | Path, *, title: str = "") -> 
     return p
 
 
-def write_sweep_report(result: dict[str, Any], out_dir: str | Path, *, plots: bool = True, title: str = "") -> dict[str, str]:
-    """Write ``sweep.json``, ``sweep.md`` and ``sweep.png`` (accuracy vs sparsity); returns their paths."""
+def write_sweep_report(result: dict[str, Any], out_dir: str | Path, *, plots: bool = True, title: str = "",
+                       device: Any = None) -> dict[str, str]:
+    """Write ``sweep.json`` (with the ``environment`` record of ``device``), ``sweep.md`` and ``sweep.png``
+    (accuracy vs sparsity); returns their paths."""
+    from sparseattn.eval.env import environment
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": str(out / "sweep.json"), "markdown": str(out / "sweep.md")}
-    (out / "sweep.json").write_text(json.dumps(result, indent=2, default=str))
+    data = {"environment": environment(device), **result}
+    (out / "sweep.json").write_text(json.dumps(data, indent=2, default=str))
     (out / "sweep.md").write_text(sweep_markdown(result))
     if plots:
         paths["png"] = str(plot_sweep(result, out / "sweep.png", title=title))

@@ -125,15 +125,18 @@ def greedy_generate(model: Any, ids: torch.Tensor, new_tokens: int, cache: Any,
 
 @dataclasses.dataclass
 class GenCheckResult:
-    """What :func:`run_gen_check` measured: ``config``, per-sample ``rows``, per (mode, length) ``summary``."""
+    """What :func:`run_gen_check` measured: ``config``, per-sample ``rows``, per (mode, length) ``summary``,
+    and the run's ``environment`` record (:func:`sparseattn.eval.env.environment`)."""
 
     config: dict[str, Any]
     rows: list[dict[str, Any]]
     summary: list[dict[str, Any]]
     passed: bool
+    environment: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config, "summary": self.summary, "rows": self.rows, "passed": self.passed}
+        return {"config": self.config, "summary": self.summary, "rows": self.rows, "passed": self.passed,
+                "environment": self.environment}
 
     def table(self) -> str:
         """Markdown table of the summary (one row per mode and length)."""
@@ -375,7 +378,10 @@ def run_gen_check(
               "prefill": patch_kw or "dense", "source": source, "target": target,
               "timing": f"ms per generated token over decode steps {_TIMING_WARMUP}..{new_tokens - 1} (free-running)",
               "seconds": time.perf_counter() - t_start}
-    return GenCheckResult(config=config, rows=rows, summary=summary, passed=all(s["passed"] for s in summary))
+    from sparseattn.eval.env import environment
+
+    return GenCheckResult(config=config, rows=rows, summary=summary, passed=all(s["passed"] for s in summary),
+                          environment=environment(device))
 
 
 def write_gen_check_report(res: GenCheckResult, out_dir: str | Path) -> dict[str, Path]:

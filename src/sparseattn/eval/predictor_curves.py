@@ -88,11 +88,13 @@ def run_specs(specs: list[str], *, seq_len: int, samples: int, text_files: list[
     import torch
 
     from sparseattn.eval.end_to_end import evaluate
+    from sparseattn.eval.env import environment
     from sparseattn.models import load
 
     torch.manual_seed(0)
     model, tok = load(model_name, dtype=getattr(torch, dtype), device=device)
     out.mkdir(parents=True, exist_ok=True)
+    env = environment(device)
     rows = []
     for spec in specs:
         t0 = time.perf_counter()
@@ -113,7 +115,7 @@ def run_specs(specs: list[str], *, seq_len: int, samples: int, text_files: list[
                                     and row["top1_agreement"] >= TARGETS["top1_agreement"])
         rows.append(row)
         with open(out / f"curve_{seq_len}.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps({**row, "environment": env}) + "\n")
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     return rows
 

@@ -92,7 +92,9 @@ def run_state_check(
     causal: bool = True,
     table_rows: int = 128,
 ) -> dict[str, Any]:
-    """Run the three-way check; returns a JSON-serialisable report (``report["pass"]`` overall)."""
+    """Run the three-way check; returns a JSON-serialisable report (``report["pass"]`` overall, ``report["environment"]``
+    the run's :func:`sparseattn.eval.env.environment` record)."""
+    from sparseattn.eval.env import environment
     from sparseattn.ops.reference import reference_attention_carry, sdpa_reference
     from sparseattn.state.segmented import attention_with_state
 
@@ -178,6 +180,7 @@ def run_state_check(
             report["results"].append({"dtype": dname, "segments": parts, "cuts": cuts, "engine": engine,
                                       "pairs": pairs, "state": seg_stats, "pass": ok, "table": table})
     report["pass"] = all_ok
+    report["environment"] = environment(dev)
     return report
 
 

@@ -1,5 +1,11 @@
 """Attention operators: the reference, the public dispatching launchers, Triton kernels (lazy)."""
 
+# the built-in operator table (ops/_builtin_ops.py, which imports the registry) is handed to the registry here,
+# before any other module of the package runs: the registry itself imports no operator module (no import cycle)
+from sparseattn.ops import _builtin_ops as _builtins
+from sparseattn.ops import registry as _registry
+
+_registry.set_builtin_loader(_builtins.builtin_operators)
 from sparseattn.ops.attention import attention, block_sparse_attention
 from sparseattn.ops.reference import reference_attention
 from sparseattn.state.types import AttentionState

@@ -1,6 +1,8 @@
 """The package's built-in operators: thin adapters over the existing launchers (no kernel code here).
 
-Imported by :mod:`sparseattn.ops.registry` on first use of the registry. Run and refusal functions
+:func:`builtin_operators` is handed to the registry by ``sparseattn/ops/__init__.py``
+(:func:`sparseattn.ops.registry.set_builtin_loader`) and called on the registry's first use; the
+registry never imports this module. Run and refusal functions
 that live in modules importing Triton (or an upper layer) are named as ``"module:function"`` strings
 and resolved on first call, so listing operators imports nothing heavy.
 """

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from sparseattn._validation import check_scale, check_tensor, fail
+from sparseattn._validation import check_kv_geometry, check_scale, check_tensor, fail
 from sparseattn.state.types import AttentionState
 
 __all__ = [
@@ -133,23 +133,7 @@ def _check_decode(fn: str, q: Any, k: Any, v: Any, scale: Any,
     elif not (q.dtype == k.dtype == v.dtype):
         raise fail(fn, "q/k_cache/v_cache dtypes", "must all be equal", "one dtype",
                    f"q={q.dtype}, k_cache={k.dtype}, v_cache={v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise fail(fn, "q/k_cache/v_cache devices", "must all be equal", "one device",
-                   f"q={q.device}, k_cache={k.device}, v_cache={v.device}")
-    if tuple(v.shape) != tuple(k.shape):
-        raise fail(fn, "v_cache", "must have the same shape as k_cache", f"v_cache.shape={tuple(k.shape)}",
-                   f"v_cache.shape={tuple(v.shape)}")
-    B, H, Lq, D = q.shape
-    Bk, Hkv, N, Dk = k.shape
-    if Bk != B:
-        raise fail(fn, "k_cache", "batch size differs from q", f"k_cache.shape[0]={B}", f"k_cache.shape[0]={Bk}")
-    if Dk != D:
-        raise fail(fn, "k_cache", "head_dim differs from q", f"k_cache.shape[3]={D}", f"k_cache.shape[3]={Dk}")
-    if min(B, H, Lq, D, Hkv, N) <= 0:
-        raise fail(fn, "q/k_cache", "has an empty dimension", "all dims > 0",
-                   f"q.shape={tuple(q.shape)}, k_cache.shape={tuple(k.shape)}")
-    if H % Hkv != 0:
-        raise fail(fn, "k_cache", "heads must divide q heads (GQA)", f"H % H_kv == 0 with H={H}", f"H_kv={Hkv}")
+    B, H, Hkv, Lq, N, D = check_kv_geometry(fn, q, k, v, k_name="k_cache", v_name="v_cache")
     if Lq > MAX_DECODE_QUERIES:
         raise fail(fn, "q", "has too many query tokens for decode (use the prefill attention)",
                    f"1 <= Lq = q.shape[2] <= {MAX_DECODE_QUERIES}", f"Lq={Lq}")

@@ -37,7 +37,7 @@ import torch
 
 from sparseattn._validation import fail
 
-__all__ = ["Operator", "register_operator", "unregister_operator", "operators", "get_operator", "operator_refusals",
+__all__ = ["Operator", "register_operator", "unregister_operator", "set_builtin_loader", "operators", "get_operator", "operator_refusals",
            "KINDS", "TunedEntry", "TunedConfigs", "load_tuned_configs", "save_tuned_configs", "tuned_for", "tuned_config",
            "shipped_launch_winners",
            "device_name", "TUNED_DIR", "TUNED_VERSION"]
@@ -137,6 +137,23 @@ _LOCK = threading.Lock()
 _OPERATORS: dict[str, Operator] = {}
 _VERSION = [0]  # bumped on every change: listings are cached per version
 _BUILTINS_DONE = [False]
+# the built-in operator table's loader, installed by sparseattn/ops/__init__.py (which imports both this module
+# and ops/_builtin_ops.py): the registry imports none of the modules whose operators it lists
+_BUILTIN_LOADER: list[Callable[[], Iterable[Operator]] | None] = [None]
+
+
+def set_builtin_loader(loader: Callable[[], Iterable[Operator]]) -> None:
+    """Install the function that returns the built-in operators, called once on the registry's first use.
+
+    ``sparseattn.ops`` (the package, imported before any of its modules) installs
+    :func:`sparseattn.ops._builtin_ops.builtin_operators`; operators registered before the first use of
+    the registry never shadow a built-in name silently (:func:`register_operator` loads the built-ins first).
+    """
+    if not callable(loader):
+        raise fail("set_builtin_loader", "loader", "must be callable", "a function returning Operators",
+                   type(loader).__name__)
+    with _LOCK:
+        _BUILTIN_LOADER[0] = loader
 
 
 def register_operator(op: Operator, *, replace: bool = False) -> Operator:
@@ -409,16 +426,9 @@ def _ensure_builtins() -> None:
     if _BUILTINS_DONE[0]:
         return
     with _LOCK:
-        if _BUILTINS_DONE[0]:
+        if _BUILTINS_DONE[0] or _BUILTIN_LOADER[0] is None:
             return
         _BUILTINS_DONE[0] = True
-        for op in _builtin_operators():
+        for op in _BUILTIN_LOADER[0]():
             _OPERATORS.setdefault(op.name, op)
         _VERSION[0] += 1
-
-
-def _builtin_operators() -> list[Operator]:
-    """The package's own operators: thin adapters over the existing launchers (nothing imported here)."""
-    from sparseattn.ops import _builtin_ops as b
-
-    return b.builtin_operators()

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from sparseattn.ops.triton.block_sparse_fwd import (_block_list, _causal_limits, _head_bases, _kv_load,
                                                   _program_ids, _row_tile)
+from sparseattn.ops.triton.common import online_softmax_update
 from sparseattn.ops.triton.quantize import e4m3_round
 
 
@@ -72,12 +73,7 @@ def _q_tile(
         if CAUSAL:
             keep = keep & (cols[None, :] <= offs_m[:, None] + OFF)
         s = tl.where(keep, s, float("-inf"))
-    m_ij = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
+    p, m_ij, l_i, acc = online_softmax_update(s, m_i, l_i, acc)
     if PV_FP8:
         # V stored transposed [D, N]: load a [D, BLOCK_N] tile (tokens contiguous), use its transpose
         vt = _kv_load(v_base + offs_d[:, None].to(tl.int64) * stride_v2 + cols[None, :], col_ok, MASK, 1)

@@ -66,6 +66,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from sparseattn.ops.triton.common import online_softmax_update
+
 
 @triton.jit
 def _to_e4m3(x, EXACT: tl.constexpr):
@@ -262,13 +264,7 @@ def _decode_split_kernel(
             s = tl.where(keep, qk * row_mul[:, None], float("-inf"))
         else:
             s = tl.where(keep, qk * qk_scale, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(s, 1))
-        # m_safe: a row whose scores so far are all -inf keeps p = 0 instead of exp2(-inf - -inf) = NaN
-        m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        p, m_ij, l_i, acc = online_softmax_update(s, m_i, l_i, acc)  # a row all -inf so far keeps p = 0
         if HAS_KV_SCALE and PV_MODE != 0:
             # P * s_v divided by the tile's largest s_v lies in [0, 1] (padding keys have s_v = 0); the
             # product is multiplied back (a NaN s_v still reaches P; tl.max skips it)
