@@ -153,3 +153,6 @@ def test_gen_check_budget_errors(tiny):
         run_gen_check(str(tiny[0]), random_ids=True, lengths=[64], new_tokens=2, token_budget=0)
     with pytest.raises(ValueError, match=r"^gen_check: teacher_forced must be a bool"):
         run_gen_check(str(tiny[0]), random_ids=True, lengths=[64], new_tokens=2, teacher_forced=1)
+    with pytest.raises(ValueError, match=r"^gen_check: mixed_smooth_keys must be a bool; expected True or False, "
+                                         r"got 'no'$"):
+        run_gen_check(str(tiny[0]), random_ids=True, lengths=[64], new_tokens=2, mixed_smooth_keys="no")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -10,8 +12,11 @@ transformers = pytest.importorskip("transformers")
 from sparseattn.integrations.mixed_cache_attention import (ATTN_NAME_MIXED, enable_mixed_cache,  # noqa: E402
                                                            mixed_attention_forward)
 from sparseattn.state.kv_cache import MixedKVCache, dequantize, quantize  # noqa: E402
+from sparseattn.testing.harness import kernel_unavailable  # noqa: E402
 from sparseattn.testing.models import tiny_gemma3, tiny_llama  # noqa: E402
-from sparseattn.testing.tolerances import KV_CACHE_FP8_LOGIT_REL, KV_CACHE_INT8_LOGIT_REL  # noqa: E402
+from sparseattn.testing.tolerances import (FP32_ATOL, FP32_RTOL, FP64_ATOL, KV_CACHE_FP8_LOGIT_REL,  # noqa: E402
+                                           KV_CACHE_INT8_LOGIT_REL, KV_CACHE_SMOOTHING_MIN_GAIN,
+                                           KV_CACHE_SMOOTHING_NO_OFFSET_MAX, REF_FP32_OUT_ATOL)
 
 _LOGIT_REL = {"int8": KV_CACHE_INT8_LOGIT_REL, "fp8": KV_CACHE_FP8_LOGIT_REL}
 
@@ -208,3 +213,219 @@ def test_gpu_kernel_dequantises(quant):
     gen = model.generate(ids, max_new_tokens=8, do_sample=False,
                          past_key_values=MixedKVCache(model.config, window=64, quant=quant))
     assert gen.shape == (1, 308)
+
+
+# ---------------------------------------------------------------------------------------------- K smoothing
+# The quantized segment stores k - mean (per batch row and KV head, fixed at the layer's first eviction); its
+# lse gets scale·q·mean back before the merge with the recent window (state operator and decode kernel).
+
+
+def _smoothing_inputs(B=2, H=4, Hkv=2, n=200, nq=6, D=64, offset=True, seed=0):
+    """GQA queries/keys/values, batch rows and KV heads with different values; keys with large channel offsets."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, nq, D, generator=g)
+    k = torch.randn(B, Hkv, n + nq, D, generator=g)
+    v = torch.randn(B, Hkv, n + nq, D, generator=g)
+    if offset:
+        k[..., 3] += 50.0  # the issue's outlier channel
+        k[1, :, :, 5] -= 30.0  # another one in batch row 1 only
+        k[:, 1, :, 9] += 20.0  # and on KV head 1
+    return q, k, v
+
+
+def _cache_attention(k, v, q, *, quant="int8", smooth=True, route="off", window=16, mask=None):  # smoothing tests
+    """The prefix, then the last N_q tokens, through one MixedKVCache layer and mixed_attention_forward."""
+    model_cfg = tiny_llama(layers=1).config
+    cache = MixedKVCache(model_cfg, window=window, quant=quant, smooth_keys=smooth, decode_backend=route)
+    layer = cache.layers[0]
+    nq = q.shape[2]
+    layer.update(k[:, :, :-nq], v[:, :, :-nq], mixed=True)
+    kt, vt = layer.update(k[:, :, -nq:], v[:, :, -nq:], mixed=True)
+    module = torch.nn.Module()  # no config: the geometry check is skipped
+    out = mixed_attention_forward(module, q, kt, vt, mask, scaling=None)[0].transpose(1, 2)
+    return out, cache
+
+
+def _float_attention(q, k, v, mask=None):
+    G = q.shape[1] // k.shape[1]
+    nq, n = q.shape[2], k.shape[2]
+    if mask is None:
+        mask = torch.ones(nq, n, dtype=torch.bool).tril(n - nq)
+    return torch.nn.functional.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(G, 1),
+                                                            v.double().repeat_interleave(G, 1), attn_mask=mask)
+
+
+def _rel_err(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+_ROUTES = [pytest.param("off", id="state-operator"),
+           pytest.param("triton", id="decode-kernel",
+                        marks=pytest.mark.skipif(kernel_unavailable() is not None, reason=str(kernel_unavailable())))]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("route", _ROUTES)
+@pytest.mark.parametrize("quant", ["int8", "fp8"])
+def test_smoothing_is_exact_on_the_dequantised_smoothed_keys(route, quant):
+    """(a) With smoothing, the cache's attention equals attention over the true keys it represents: the
+    dequantised smoothed keys plus the mean (and the recent window), GQA and batch 2 — the correction is exact,
+    only the quantization of k - mean remains. Both routes (the decode kernel under the interpreter)."""
+    from sparseattn.integrations import mixed_cache_attention as mca
+
+    q, k, v = _smoothing_inputs()
+    out, cache = _cache_attention(k, v, q, quant=quant, route=route)
+    layer = cache.layers[0]
+    assert mca.LAST_DEQUANT[0] == ("decode_kernel" if route == "triton" else "torch")
+    assert layer.k_mean is not None and layer.k_mean.shape == (2, 2, 1, 64) and layer.n_quant == 200 - 16
+    # the mean is the channel mean of the keys held at the first eviction (the whole prompt here)
+    torch.testing.assert_close(layer.k_mean, k[:, :, :200].mean(2, keepdim=True), rtol=FP32_RTOL, atol=FP32_ATOL)
+    k_true = torch.cat([dequantize(layer.qk, layer.qk_scale, torch.float64) + layer.k_mean.double(),
+                        layer.keys.double()], 2)
+    v_true = torch.cat([dequantize(layer.qv, layer.qv_scale, torch.float64), layer.values.double()], 2)
+    ref = _float_attention(q, k_true, v_true)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=REF_FP32_OUT_ATOL)
+    # the cache's full KV (the fallback path) adds the mean back the same way
+    fk, _ = layer.full_kv()
+    torch.testing.assert_close(fk.double(), k_true, rtol=FP32_RTOL, atol=FP32_ATOL)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("route", _ROUTES)
+@pytest.mark.parametrize("quant", ["int8", "fp8"])
+def test_smoothing_reduces_the_error_of_offset_keys(route, quant):
+    """(b)/(c) Keys with large per-channel offsets (channel 3 += 50, others per batch row / KV head): the
+    per-token absmax scale is set by the offset, so without smoothing the other channels get a coarse step;
+    with it the attention-output error against float attention drops by at least KV_CACHE_SMOOTHING_MIN_GAIN
+    (GQA H=4 over H_kv=2, batch 2, each batch row checked on its own)."""
+    q, k, v = _smoothing_inputs()
+    ref = _float_attention(q, k, v)
+    off, _ = _cache_attention(k, v, q, quant=quant, smooth=False, route=route)
+    on, _ = _cache_attention(k, v, q, quant=quant, smooth=True, route=route)
+    for b in range(2):
+        e_off, e_on = _rel_err(off[b], ref[b]), _rel_err(on[b], ref[b])
+        assert e_off >= KV_CACHE_SMOOTHING_MIN_GAIN[quant] * e_on, (b, e_off, e_on)
+    # without offsets smoothing changes little either way (no regression beyond rounding of the quantization)
+    q, k, v = _smoothing_inputs(offset=False, seed=1)
+    ref = _float_attention(q, k, v)
+    e_off = _rel_err(_cache_attention(k, v, q, quant=quant, smooth=False, route=route)[0], ref)
+    e_on = _rel_err(_cache_attention(k, v, q, quant=quant, smooth=True, route=route)[0], ref)
+    assert e_on <= KV_CACHE_SMOOTHING_NO_OFFSET_MAX * e_off, (e_off, e_on)
+
+
+@torch.no_grad()
+def test_smoothing_state_operator_shift_is_exact_with_masks_and_carried_state():
+    """(a) The lse correction itself, without quantization (float64, lossless): segments stored as k - mean with
+    ``k_means`` give the unsmoothed result (out and lse), with a float mask that masks whole rows (lse -inf
+    stays -inf, out 0), causal + window, GQA, batch 2, and an incoming (out, lse) state."""
+    from sparseattn.state.segmented import attention_over_segments, attention_with_state
+    from sparseattn.state.types import AttentionState
+
+    g = torch.Generator().manual_seed(3)
+    B, H, Hkv, nq, D = 2, 4, 2, 5, 32
+    q = torch.randn(B, H, nq, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, 70, D, generator=g, dtype=torch.float64)
+    k[..., 3] += 40.0
+    v = torch.randn(B, Hkv, 70, D, generator=g, dtype=torch.float64)
+    mu = k[:, :, :40].mean(2, keepdim=True)
+    cuts = [(0, 40), (40, 70)]
+    mask = torch.zeros(B, 1, nq, 70, dtype=torch.float64)
+    mask[:, :, :, 10:13] = -1.5
+    mask[0, :, 1] = -float("inf")  # row 1 of batch row 0 attends nothing at all
+    mask[1, :, 2, :40] = -float("inf")  # row 2 of batch row 1 attends nothing in the smoothed segment
+    masks = [mask[..., a:b] for a, b in cuts]
+    for kw in (dict(causal=False, attn_masks=masks), dict(causal=True, sliding_window=50)):
+        ref = attention_over_segments(q, [k[:, :, a:b] for a, b in cuts], [v[:, :, a:b] for a, b in cuts], **kw)
+        got = attention_over_segments(q, [k[:, :, :40] - mu, k[:, :, 40:]], [v[:, :, a:b] for a, b in cuts],
+                                      k_means=[mu, None], **kw)
+        torch.testing.assert_close(got.out, ref.out, rtol=0, atol=FP64_ATOL)
+        torch.testing.assert_close(got.lse, ref.lse, rtol=0, atol=FP64_ATOL)
+    got = attention_over_segments(q, [k[:, :, :40] - mu, k[:, :, 40:]], [v[:, :, a:b] for a, b in cuts],
+                                  k_means=[mu, None], attn_masks=masks)
+    assert bool(torch.isneginf(got.lse[0, :, 1]).all()) and bool((got.out[0, :, 1] == 0).all())
+    # the smoothed segment last, continuing an incoming (out, lse) state; and a mean of shape (B, H_kv, D)
+    first = attention_with_state(q, k[:, :, :40], v[:, :, :40], kv_len=70)
+    ref = attention_with_state(q, k[:, :, 40:], v[:, :, 40:], state=AttentionState(first.out, first.lse), kv_offset=40)
+    mu2 = k[:, :, 40:].mean(2)
+    got = attention_with_state(q, k[:, :, 40:] - mu2[:, :, None], v[:, :, 40:],
+                               state=AttentionState(first.out, first.lse), kv_offset=40, k_mean=mu2)
+    torch.testing.assert_close(got.out, ref.out, rtol=0, atol=FP64_ATOL)
+    torch.testing.assert_close(got.lse, ref.lse, rtol=0, atol=FP64_ATOL)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("route", _ROUTES)
+def test_smooth_keys_false_is_the_previous_behaviour(route):
+    """(e) smooth_keys=False: no mean, the keys quantized as they are, and the attention bitwise the previous
+    computation (the state operator over the torch-dequantised segment) / the decode route's plain merge."""
+    from sparseattn.ops.decode import decode_attention
+    from sparseattn.state import merge_states
+    from sparseattn.state.segmented import attention_over_segments
+
+    q, k, v = _smoothing_inputs()
+    out, cache = _cache_attention(k, v, q, smooth=False, route=route)
+    layer = cache.layers[0]
+    assert layer.k_mean is None and cache.memory_report()["mean_bytes"] == 0
+    kq, ks = quantize(k[:, :, :200 - 16], "int8")
+    vq, vs = quantize(v[:, :, :200 - 16], "int8")
+    assert torch.equal(layer.qk, kq) and torch.equal(layer.qk_scale, ks)
+    if route == "off":
+        ref = attention_over_segments(q, [dequantize(kq, ks, torch.float32), k[:, :, 200 - 16:]],
+                                      [dequantize(vq, vs, torch.float32), v[:, :, 200 - 16:]], causal=True).out
+    else:
+        a = decode_attention(q, kq, vq, k_scale=ks, v_scale=vs, causal=False, return_lse=True, backend="triton")
+        b = decode_attention(q, k[:, :, 200 - 16:], v[:, :, 200 - 16:], return_lse=True, backend="triton")
+        ref = merge_states([a, b]).out
+    assert torch.equal(out, ref)
+
+
+@torch.no_grad()
+def test_smoothing_bytes_beam_ops_and_model():
+    """The means are counted in memory_report (D float32 per layer, batch row and KV head), follow the batch
+    through the beam helpers, and a tiny model's logits stay within the int8 bound with smoothing on."""
+    q, k, v = _smoothing_inputs()
+    _, cache = _cache_attention(k, v, q)
+    rep = cache.memory_report()
+    assert rep["smooth_keys"] is True and rep["mean_bytes"] == 2 * 2 * 64 * 4
+    assert rep["bytes_used"] == rep["quantized_bytes"] + rep["scale_bytes"] + rep["mean_bytes"] + rep["recent_bytes"]
+    layer = cache.layers[0]
+    mu = layer.k_mean.clone()
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(layer.k_mean, mu.flip(0))
+    layer.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(layer.k_mean, mu[:1]) and layer.qk.shape[0] == 1
+    layer.k_mean = None
+    with pytest.raises(ValueError, match="MixedKVCache: key mean is missing for a smoothed quantized segment"):
+        layer.check_quantized()
+    cache.reset()
+    assert layer.k_mean is None and layer.n_quant == 0
+
+    model = _llama()
+    ids = _ids(48)
+    ref_logits = model(torch.cat([ids, _ids(6, seed=2)], 1)).logits[:, -6:]
+    enable_mixed_cache(model)
+    cache = MixedKVCache(model.config, window=16, smooth_keys=True)
+    assert cache.smooth_keys is True and MixedKVCache(model.config, window=16).smooth_keys is False  # off by default
+    model(ids, past_key_values=cache, use_cache=True)
+    logits = model(_ids(6, seed=2), past_key_values=cache, use_cache=True).logits
+    assert all(layer.k_mean is not None for layer in cache.layers)
+    assert _rel_err(logits, ref_logits) < KV_CACHE_INT8_LOGIT_REL
+
+
+def test_bad_smoothing_arguments():
+    """(f) The project's error format for smooth_keys and k_mean."""
+    from sparseattn.state.segmented import attention_with_state
+
+    cfg = tiny_llama(layers=1).config
+    for bad in (1, "yes", None):
+        with pytest.raises(ValueError, match=r"^MixedKVCache: smooth_keys must be a bool; expected True or False, "
+                                             rf"got {re.escape(repr(bad))}$"):
+            MixedKVCache(cfg, smooth_keys=bad)
+    q, k, v = torch.randn(1, 4, 2, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match=r"^attention_with_state: k_mean does not match q .*got \(1, 2, 15\)$"):
+        attention_with_state(q, k, v, k_mean=torch.zeros(1, 2, 15))
+    with pytest.raises(ValueError, match=r"^attention_with_state: k_mean must be a tensor; .*got float$"):
+        attention_with_state(q, k, v, k_mean=1.0)
+    with pytest.raises(ValueError, match=r"^attention_with_state: k_mean does not match k_seg's KV heads; "
+                                         r"expected 2, got 1$"):
+        attention_with_state(q, k, v, k_mean=torch.zeros(1, 1, 16))

@@ -76,6 +76,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--page-size", type=positive_int, default=16, help="sparse_decode: keys per page (default 16)")
     p.add_argument("--mixed-window", type=positive_int, default=128,
                    help="mixed_*: recent tokens kept in the model dtype (default 128)")
+    p.add_argument("--smooth-keys", action="store_true",
+                   help="mixed_*: K smoothing (quantize k - its channel mean, lse corrected exactly; off by default: "
+                        "it hurt SmolLM2, see docs/STATE.md)")
     sp = p.add_mutually_exclusive_group()
     sp.add_argument("--predictor", default=None,
                     help="sparse prefill for kernel_decode / sparse_decode / sparse_prefill (default: dense prefill)")
@@ -122,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     dev, dtype = device_and_dtype(args)
     res = run_gen_check(args.model, lengths=args.lengths, new_tokens=args.new_tokens, modes=args.modes,
                         top_pages=args.top_pages, token_budget=args.token_budget, page_size=args.page_size,
-                        mixed_window=args.mixed_window, teacher_forced=not args.no_teacher_forced,
+                        mixed_window=args.mixed_window, mixed_smooth_keys=args.smooth_keys,
+                        teacher_forced=not args.no_teacher_forced,
                         predictor=args.predictor, pattern=args.pattern, tuned=args.tuned,
                         decode_backend=args.decode_backend, decode_layers=args.decode_layers,
                         text_files=args.text_file, text_dir=args.text_dir, random_ids=args.random_ids,

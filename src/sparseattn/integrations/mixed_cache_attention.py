@@ -9,8 +9,9 @@ recent window, tagged with its cache layer) and computes attention through the s
 1. the quantized segment (old tokens), attended with ``kv_offset=0``: when the Triton kernel runs the
    layer (CUDA, fp16/bf16 queries, head_dim 64/128/256; fp8 on sm_89+) its int8/fp8 values and scales
    go to the kernel, which **dequantises in registers** (``HAS_KV_SCALE``); otherwise they are
-   **dequantised in PyTorch** to the model dtype right before the PyTorch loop. Its raw state
-   ``(m, l, acc)`` is carried into
+   **dequantised in PyTorch** to the model dtype right before the PyTorch loop. With K smoothing the
+   segment's keys are ``k - μ`` and its ``k_means`` entry (``μ``) makes the state operator add
+   ``scale·q·μ`` back to the segment's state (exact). Its raw state ``(m, l, acc)`` is carried into
 2. the recent segment (model dtype, ``kv_offset = n_quantized``), which finalises ``(out, lse)``.
 
 **Decode steps** (1..64 new tokens over a non-empty cache, no mask or a plain bottom-right causal one;
@@ -20,7 +21,7 @@ on a sliding-window layer one token) take the decode route instead, where the ca
 ``"triton"``: always; ``"off"``: never): the quantized segment goes to the split-KV decode kernel
 (:func:`sparseattn.ops.decode.decode_attention` with ``k_scale``/``v_scale``, ``causal=False`` — every
 new token attends every old one — ``return_lse``), which reads the int8/fp8 bytes and dequantises in
-registers; the recent window goes to the same kernel (bottom-right causal); the two ``(out, lse)`` are
+registers (with K smoothing its lse gets ``scale·q·μ`` added, per query row and head); the recent window goes to the same kernel (bottom-right causal); the two ``(out, lse)`` are
 merged exactly (:func:`sparseattn.state.merge_states`). Prefill and chunked-prefill calls (more than 64
 queries, or no cache yet) keep the state-operator path above. A decode step that cannot take the
 route (a padding mask, a multi-token step on a sliding-window layer that does not cover the cache, the
@@ -95,22 +96,24 @@ def mixed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
             cache.attention_counts["segments"] = cache.attention_counts.get("segments", 0) + 1
         segs = layer.segments(key, value, dequant=not _kernel_runs(query, layer))
     else:
-        segs = [(key, value, None)]
+        segs = [(key, value, None, None)]
     LAST_DEQUANT[0] = (None if len(segs) == 1 else ("torch" if segs[0][2] is None else "kernel"))
-    scales = [sc for _, _, sc in segs]
-    total = sum(int(k.shape[2]) for k, _, _ in segs)
+    scales = [sc for _, _, sc, _ in segs]
+    means = [mu for _, _, _, mu in segs]  # K smoothing: the quantized segment's key mean (its lse is corrected)
+    ks, vs = [k for k, _, _, _ in segs], [v for _, v, _, _ in segs]
+    total = sum(int(k.shape[2]) for k in ks)
     if attention_mask is not None:
         fm = _float_mask(attention_mask, total, query.dtype if query.dtype != torch.float64 else torch.float64)
         masks, pos = [], 0
-        for k, _, _ in segs:
+        for k in ks:
             masks.append(fm[..., pos:pos + int(k.shape[2])])
             pos += int(k.shape[2])
-        res = attention_over_segments(query, [k for k, _, _ in segs], [v for _, v, _ in segs], causal=False,
-                                      attn_masks=masks, scale=scaling, kv_scales=scales)
+        res = attention_over_segments(query, ks, vs, causal=False, attn_masks=masks, scale=scaling, kv_scales=scales,
+                                      k_means=means)
     else:
         window = sliding_window if isinstance(sliding_window, int) and sliding_window > 0 else None
-        res = attention_over_segments(query, [k for k, _, _ in segs], [v for _, v, _ in segs], causal=True,
-                                      scale=scaling, sliding_window=window, kv_scales=scales)
+        res = attention_over_segments(query, ks, vs, causal=True, scale=scaling, sliding_window=window,
+                                      kv_scales=scales, k_means=means)
     return res.out.transpose(1, 2).contiguous(), None
 
 
@@ -187,9 +190,15 @@ def _decode_step(module: Any, query: torch.Tensor, key: torch.Tensor, value: tor
     if n_old > 0:
         layer.check_quantized()
         a = n_q - n_old
-        states.append(decode_attention(query, layer.qk[:, :, a:], layer.qv[:, :, a:], k_scale=layer.qk_scale[:, :, a:],
-                                       v_scale=layer.qv_scale[:, :, a:], scale=scaling, causal=False,
-                                       return_lse=True, backend=backend))
+        st = decode_attention(query, layer.qk[:, :, a:], layer.qv[:, :, a:], k_scale=layer.qk_scale[:, :, a:],
+                              v_scale=layer.qv_scale[:, :, a:], scale=scaling, causal=False,
+                              return_lse=True, backend=backend)
+        if layer.k_mean is not None:  # smoothed keys (k - mean): the segment's lse lacks scale·q·mean
+            from sparseattn.state.segmented import key_mean_lse_shift
+            from sparseattn.state.types import AttentionState
+
+            st = AttentionState(st.out, st.lse + key_mean_lse_shift(query, layer.k_mean, scaling).to(st.lse.dtype))
+        states.append(st)
     states.append(decode_attention(query, rk, rv, scale=scaling, return_lse=True, backend=backend))
     if len(states) == 1:
         out = states[0].out

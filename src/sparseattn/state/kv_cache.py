@@ -6,6 +6,20 @@ Per layer the cache holds two key segments:
   token and KV head: ``scale = max|x| / 127``) or FP8 e4m3 (``scale = max|x| / 448``);
 * **recent** — the last ``window`` tokens (plus the tokens of the current step) in the model's dtype.
 
+**K smoothing** (``smooth_keys=True``; off by default, see below): keys often carry large per-channel offsets (outlier
+channels), which set a per-token absmax scale and leave the other channels a coarse step. At a layer's
+first eviction the cache takes the channel mean ``μ`` of the keys it holds (per batch row and KV head,
+float32 ``(B, H_kv, 1, D)``, kept fixed afterwards) and quantizes ``k - μ`` instead of ``k``. Over that
+segment the scores are ``q·k - q·μ``, a constant per query row, so the segment's normalised output is
+unchanged and only its lse lacks ``scale·q·μ``; the attention adds it back before the exact merge with the
+recent window (the state operator's ``k_means``; the decode route's lse). ``full_kv`` adds ``μ`` back to
+the dequantised keys. Values are not smoothed. ``μ`` costs ``D`` float32 per layer, batch row and KV head
+(``memory_report()["mean_bytes"]``, counted in ``bytes_used``). Off by default: on SmolLM2-135M (CPU,
+fp32, 2048 tokens, int8, window 128) it *doubles* the mean per-layer attention error (4.6e-3 → 8.5e-3,
+worse in 24 of 30 layers) because the attention-sink token, which takes 75–89% of the attention in some
+layers, has small keys far from ``μ``: its quantization error grows about 7×. A simulation that kept the
+sink token in full precision gave 2.4e-3 off and 2.0e-3 on (docs/STATE.md); that is not built yet.
+
 Tokens move from the recent window to the quantized segment at the *start* of the next ``update``
 (so the step that adds a token attends it in full precision). Attention over the cache goes through
 the state operator (:func:`sparseattn.state.segmented.attention_over_segments`) and the raw
@@ -104,10 +118,14 @@ def _build_classes() -> tuple[type, type]:
         is_sliding = False  # every token is kept; a sliding-window layer's window is applied by the attention
         is_croppable = False
 
-        def __init__(self, window: int, quant: str) -> None:
+        def __init__(self, window: int, quant: str, smooth_keys: bool = False) -> None:
             super().__init__()
             self.window = window
             self.quant = quant
+            self.smooth_keys = smooth_keys
+            # K smoothing: the per-(batch, KV head) channel mean of the keys, float32 (B, H_kv, 1, D), fixed at
+            # the first eviction; the quantized segment stores ``k - k_mean`` (None: not smoothed)
+            self.k_mean: torch.Tensor | None = None
             self.qk: torch.Tensor | None = None
             self.qv: torch.Tensor | None = None
             self.qk_scale: torch.Tensor | None = None
@@ -134,6 +152,14 @@ def _build_classes() -> tuple[type, type]:
                     raise fail("MixedKVCache", f"{name} scales", "are missing for a quantized segment (or do not match it)",
                                f"float32 scales of shape {want}",
                                "None" if scales is None else f"shape {tuple(scales.shape)}")
+            if self.k_mean is not None:
+                want = None if self.qk is None else (self.qk.shape[0], self.qk.shape[1], 1, self.qk.shape[3])
+                if want is None or tuple(self.k_mean.shape) != want or self.k_mean.dtype != torch.float32:
+                    raise fail("MixedKVCache", "key mean", "does not match the quantized segment (K smoothing)",
+                               f"float32 of shape {want}", f"{self.k_mean.dtype} of shape {tuple(self.k_mean.shape)}")
+            elif self.smooth_keys and self.qk is not None:
+                raise fail("MixedKVCache", "key mean", "is missing for a smoothed quantized segment",
+                           "a float32 tensor (B, H_kv, 1, D)", "None")
 
         def _evict(self) -> None:
             self.check_quantized()
@@ -141,6 +167,10 @@ def _build_classes() -> tuple[type, type]:
             if over <= 0:
                 return
             old_k, old_v = self.keys[:, :, :over], self.values[:, :, :over]
+            if self.smooth_keys:
+                if self.k_mean is None:  # first eviction: the mean of every key held now (leaving + staying)
+                    self.k_mean = self.keys.to(torch.float32).mean(2, keepdim=True)
+                old_k = old_k.to(torch.float32) - self.k_mean
             dk, sk = quantize(old_k, self.quant)
             dv, sv = quantize(old_v, self.quant)
             if self.qk is None:
@@ -178,31 +208,44 @@ def _build_classes() -> tuple[type, type]:
             return self.n_quant + self.n_recent
 
         def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-            """The whole cache, quantized part dequantised (fallback path, tests)."""
+            """The whole cache, quantized part dequantised (the key mean added back) (fallback path, tests)."""
             if self.n_quant == 0:
                 return self.keys, self.values
-            dk, dv = self.dequantized()
+            dk, dv = self.dequantized(add_mean=True)
             return torch.cat([dk, self.keys], 2), torch.cat([dv, self.values], 2)
 
-        def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-            """The quantized segment dequantised (in PyTorch) to the model dtype."""
-            return (dequantize(self.qk, self.qk_scale, self.keys.dtype),
-                    dequantize(self.qv, self.qv_scale, self.values.dtype))
+        def dequantized(self, *, add_mean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+            """The quantized segment dequantised (in PyTorch) to the model dtype.
+
+            The keys are the smoothed ones (``k - k_mean``) unless ``add_mean`` (then the mean is added back
+            in float32 before the cast).
+            """
+            if add_mean and self.k_mean is not None:
+                self.check_quantized()
+                dk = (dequantize(self.qk, self.qk_scale, torch.float32) + self.k_mean).to(self.keys.dtype)
+            else:
+                dk = dequantize(self.qk, self.qk_scale, self.keys.dtype)
+            return dk, dequantize(self.qv, self.qv_scale, self.values.dtype)
 
         def segments(self, recent_k: torch.Tensor, recent_v: torch.Tensor, *, dequant: bool = True,
-                     ) -> list[tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]:
-            """Key segments in order ``(k, v, scales)``: the old tokens (if any), then the recent window.
+                     ) -> list[tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None,
+                                     torch.Tensor | None]]:
+            """Key segments in order ``(k, v, scales, k_mean)``: the old tokens (if any), then the recent window.
 
             ``dequant=True``: the old tokens dequantised in PyTorch (``scales`` None); ``False``: their
             quantized values with ``(k_scale, v_scale)``, for the kernel to dequantise (``HAS_KV_SCALE``).
+            ``k_mean``: with K smoothing, the old tokens' keys are ``k - k_mean`` (float32 ``(B, H_kv, 1, D)``)
+            and the attention must add ``scale * q·k_mean`` to that segment's lse (the state operator's
+            ``k_means``); ``None`` otherwise (and always for the recent window).
             """
             self.check_quantized()
             if self.n_quant == 0:
-                return [(recent_k, recent_v, None)]
+                return [(recent_k, recent_v, None, None)]
             if dequant:
                 dk, dv = self.dequantized()
-                return [(dk, dv, None), (recent_k, recent_v, None)]
-            return [(self.qk, self.qv, (self.qk_scale, self.qv_scale)), (recent_k, recent_v, None)]  # type: ignore[list-item]
+                return [(dk, dv, None, self.k_mean), (recent_k, recent_v, None, None)]
+            return [(self.qk, self.qv, (self.qk_scale, self.qv_scale), self.k_mean),  # type: ignore[list-item]
+                    (recent_k, recent_v, None, None)]
 
         def bind(self, module: Any) -> None:
             """Tie the layer to the first attention module that reads it (a cache used across models fails)."""
@@ -216,36 +259,37 @@ def _build_classes() -> tuple[type, type]:
 
         # ------------------------------------------------------------------ generate() helpers
         def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-            for name in ("keys", "values", "qk", "qv", "qk_scale", "qv_scale"):
+            for name in ("keys", "values", "qk", "qv", "qk_scale", "qv_scale", "k_mean"):
                 t = getattr(self, name)
                 if t is not None and t.numel() > 0:
                     setattr(self, name, t.index_select(0, beam_idx.to(t.device)))
 
         def batch_repeat_interleave(self, repeats: int) -> None:
-            for name in ("keys", "values", "qk", "qv", "qk_scale", "qv_scale"):
+            for name in ("keys", "values", "qk", "qv", "qk_scale", "qv_scale", "k_mean"):
                 t = getattr(self, name)
                 if t is not None and t.numel() > 0:
                     setattr(self, name, t.repeat_interleave(repeats, dim=0))
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
-            for name in ("keys", "values", "qk", "qv", "qk_scale", "qv_scale"):
+            for name in ("keys", "values", "qk", "qv", "qk_scale", "qv_scale", "k_mean"):
                 t = getattr(self, name)
                 if t is not None and t.numel() > 0:
                     setattr(self, name, t[indices, ...])
 
         def reset(self) -> None:
             super().reset()
-            self.qk = self.qv = self.qk_scale = self.qv_scale = None
+            self.qk = self.qv = self.qk_scale = self.qv_scale = self.k_mean = None
 
         def memory(self) -> dict[str, int]:
             n_q, n_r = self.n_quant, self.n_recent
             quant_bytes = _nbytes(self.qk) + _nbytes(self.qv)
             scale_bytes = _nbytes(self.qk_scale) + _nbytes(self.qv_scale)
+            mean_bytes = _nbytes(self.k_mean)
             recent_bytes = _nbytes(self.keys) + _nbytes(self.values) if n_r else 0
             per_token = (recent_bytes // n_r) if n_r else (0 if self.qk is None else
                                                             2 * self.qk[:, :, :1].numel() * 2)
             return {"quantized_tokens": n_q, "recent_tokens": n_r, "quantized_bytes": quant_bytes,
-                    "scale_bytes": scale_bytes, "recent_bytes": recent_bytes,
+                    "scale_bytes": scale_bytes, "mean_bytes": mean_bytes, "recent_bytes": recent_bytes,
                     "unquantized_bytes": per_token * (n_q + n_r)}
 
     class MixedKVCache(Cache):
@@ -256,6 +300,8 @@ def _build_classes() -> tuple[type, type]:
                 fingerprint every attention call is checked against).
             window: recent tokens kept unquantized per layer (> 0).
             quant: ``"int8"`` or ``"fp8"`` (e4m3).
+            smooth_keys: K smoothing (see the module docstring): quantize ``k - mean`` and correct the
+                segment's lse exactly; ``False`` quantizes the keys as they are (the behaviour before it).
             decode_backend: how decode steps (1..64 new tokens over the cache, no mask or a plain causal
                 one) are attended: ``"auto"`` (default) — the split-KV decode kernel reads the quantized
                 segment (dequantising in registers, ``return_lse``) and the recent window, merged exactly,
@@ -272,7 +318,8 @@ def _build_classes() -> tuple[type, type]:
         :func:`~sparseattn.integrations.mixed_cache_attention.enable_mixed_cache` (model).
         """
 
-        def __init__(self, config: Any, *, window: int = 128, quant: str = "int8", decode_backend: str = "auto") -> None:
+        def __init__(self, config: Any, *, window: int = 128, quant: str = "int8", decode_backend: str = "auto",
+                     smooth_keys: bool = False) -> None:
             fn = "MixedKVCache"
             if config is None or not hasattr(config, "num_hidden_layers") and not hasattr(config, "get_text_config"):
                 raise fail(fn, "config", "must be the model's config", "a transformers PretrainedConfig",
@@ -285,6 +332,9 @@ def _build_classes() -> tuple[type, type]:
                 _fp8_dtype()
             if decode_backend not in DECODE_BACKENDS:
                 raise fail(fn, "decode_backend", "is unknown", f"one of {DECODE_BACKENDS}", repr(decode_backend))
+            if not isinstance(smooth_keys, bool):
+                raise fail(fn, "smooth_keys", "must be a bool", "True or False", repr(smooth_keys))
+            self.smooth_keys = smooth_keys
             self.decode_backend = decode_backend
             self.attention_counts: dict[str, int] = {"decode_kernel": 0, "segments": 0}
             self.decode_fallbacks: dict[str, int] = {}
@@ -295,7 +345,7 @@ def _build_classes() -> tuple[type, type]:
             n_layers = self.fingerprint[1]
             if not isinstance(n_layers, int) or n_layers <= 0:
                 raise fail(fn, "config", "has no num_hidden_layers", "a positive layer count", repr(n_layers))
-            layers = [MixedLayer(window, quant) for _ in range(n_layers)]
+            layers = [MixedLayer(window, quant, smooth_keys) for _ in range(n_layers)]
             for layer in layers:
                 layer._cache = weakref.proxy(self)
             super().__init__(layers=layers)
@@ -329,12 +379,14 @@ def _build_classes() -> tuple[type, type]:
                            f"fingerprint {self.fingerprint}", f"{model_fingerprint(cfg)}")
 
         def memory_report(self) -> dict[str, Any]:
-            """Token counts and bytes: quantized data + scales vs the same tokens in the model dtype."""
+            """Token counts and bytes: quantized data + scales (+ the key means) vs the same tokens in the model dtype."""
             per = [layer.memory() for layer in self.layers]
             tot = {k: sum(p[k] for p in per) for k in per[0]} if per else {}
-            used = tot.get("quantized_bytes", 0) + tot.get("scale_bytes", 0) + tot.get("recent_bytes", 0)
+            used = (tot.get("quantized_bytes", 0) + tot.get("scale_bytes", 0) + tot.get("mean_bytes", 0)
+                    + tot.get("recent_bytes", 0))
             full = tot.get("unquantized_bytes", 0)
-            return {"quant": self.quant, "window": self.window, "layers": len(per), **tot, "bytes_used": used,
+            return {"quant": self.quant, "window": self.window, "smooth_keys": self.smooth_keys, "layers": len(per),
+                    **tot, "bytes_used": used,
                     "bytes_saved": full - used, "ratio": (used / full) if full else math.nan, "per_layer": per}
 
     return MixedLayer, MixedKVCache

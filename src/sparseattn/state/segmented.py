@@ -16,6 +16,16 @@ layout per segment) and get the same result as one call over the whole KV:
 
 On the CPU (or ``backend="reference"``) :func:`sparseattn.ops.reference.reference_attention_carry`
 runs the same loop in PyTorch.
+
+**Smoothed key segments** (``k_mean``): a segment may store its keys minus a per-(batch, KV head)
+channel mean ``μ`` (K smoothing before quantization, as :class:`~sparseattn.state.kv_cache.MixedKVCache`
+does). Its scores are then ``scale·q·(k - μ) = scale·q·k - c`` with ``c = scale·q·μ`` one constant per
+query row and head (query head ``h`` uses KV head ``h // G``), so the segment's normalised output is
+unchanged and only its log-sum-exp is ``c`` too low. :func:`attention_with_state` corrects that exactly:
+the incoming state's ``m`` is lowered by ``c`` (log2 units) before the segment, so the loop combines
+both on the segment's shifted scale, and the outgoing ``m`` / ``lse`` are raised by ``c`` after it. Masks,
+causality and windows act per key, the shift per row, so they commute; a row with no key (``m = -inf``)
+stays ``-inf``. No kernel change: the kernel and the PyTorch loop run on the smoothed keys.
 """
 
 from __future__ import annotations
@@ -26,9 +36,9 @@ from typing import Any, NamedTuple
 import torch
 
 from sparseattn._validation import check_qkv, fail
-from sparseattn.state.types import AttentionState, RawState
+from sparseattn.state.types import LOG2E, AttentionState, RawState
 
-__all__ = ["SegmentOutput", "attention_with_state", "attention_over_segments"]
+__all__ = ["SegmentOutput", "attention_with_state", "attention_over_segments", "key_mean_lse_shift"]
 
 
 class SegmentOutput(NamedTuple):
@@ -62,6 +72,46 @@ def _as_raw(fn: str, state: Any, q: torch.Tensor) -> RawState | None:
                "AttentionState or RawState", type(state).__name__)
 
 
+def key_mean_lse_shift(q: torch.Tensor, k_mean: torch.Tensor, scale: float | None = None, *,
+                       fn: str = "key_mean_lse_shift") -> torch.Tensor:
+    """``scale · q·μ`` per query row and head: what a segment of keys stored as ``k - μ`` lacks in its lse.
+
+    Args:
+        q: ``(B, H, N_q, D)``.
+        k_mean: ``(B, H_kv, D)`` or ``(B, H_kv, 1, D)`` floating point; query head ``h`` uses KV head
+            ``h // (H // H_kv)`` (GQA).
+        scale: the softmax scale the attention uses (default ``D ** -0.5``).
+
+    Returns:
+        ``(B, H, N_q)`` in float32 (float64 for float64 ``q``), natural-log units.
+    """
+    if not isinstance(k_mean, torch.Tensor):
+        raise fail(fn, "k_mean", "must be a tensor", "a float tensor (B, H_kv, D)", type(k_mean).__name__)
+    if q.dim() != 4:
+        raise fail(fn, "q", "has the wrong rank", "4 dims (B, H, N_q, D)", tuple(q.shape))
+    B, H, _, D = q.shape
+    mu = k_mean.squeeze(2) if k_mean.dim() == 4 and k_mean.shape[2] == 1 else k_mean
+    if mu.dim() != 3 or mu.shape[0] != B or mu.shape[2] != D or mu.shape[1] < 1 or H % mu.shape[1] != 0:
+        raise fail(fn, "k_mean", "does not match q (one mean per batch row and KV head)",
+                   f"(B, H_kv, D) or (B, H_kv, 1, D) with B={B}, D={D}, H_kv dividing H={H}", tuple(k_mean.shape))
+    if not mu.dtype.is_floating_point:
+        raise fail(fn, "k_mean", "must be floating point", "float32", mu.dtype)
+    if mu.device != q.device:
+        raise fail(fn, "k_mean", "is on another device than q", str(q.device), str(mu.device))
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if scale is None:
+        scale = D ** -0.5
+    G = H // mu.shape[1]
+    qf = q.to(wide).reshape(B, mu.shape[1], G, q.shape[2], D)
+    c = torch.einsum("bkgnd,bkd->bkgn", qf, mu.to(wide))
+    return (c * scale).reshape(B, H, q.shape[2])
+
+
+def _shift_raw(raw: RawState, c_log2: torch.Tensor) -> RawState:
+    """``m + c`` (log2 units); ``-inf`` stays ``-inf``."""
+    return RawState(raw.m + c_log2.to(raw.m.dtype), raw.l, raw.acc)
+
+
 def attention_with_state(
     q: torch.Tensor,
     k_seg: torch.Tensor,
@@ -79,6 +129,7 @@ def attention_with_state(
     config: dict[str, Any] | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    k_mean: torch.Tensor | None = None,
 ) -> SegmentOutput:
     """Attention of ``q`` over one key segment, continuing ``state``; returns the new state.
 
@@ -102,6 +153,9 @@ def attention_with_state(
         k_scale, v_scale: a quantized segment: ``k_seg``/``v_seg`` hold int8 / float8_e4m3fn values and
             these their float32 per-key scales ``(B, H_kv, N_seg[, 1])``. The Triton kernel dequantises
             them in registers (``HAS_KV_SCALE``); the PyTorch loop dequantises in PyTorch first.
+        k_mean: the segment's keys are stored smoothed, ``k_seg = k - k_mean`` (float, ``(B, H_kv, D)`` or
+            ``(B, H_kv, 1, D)``): the result is attention over the true keys ``k_seg + k_mean``, exact up to
+            rounding (the segment's lse gets ``scale·q·k_mean`` back, see the module docstring).
 
     Returns:
         :class:`SegmentOutput` ``(out, lse, state)``.
@@ -117,6 +171,13 @@ def attention_with_state(
     else:
         check_qkv(fn, q, k_seg, v_seg)
     raw = _as_raw(fn, state, q)
+    shift = None
+    if k_mean is not None:
+        shift = key_mean_lse_shift(q, k_mean, scale, fn=fn)
+        if int(k_mean.shape[1]) != int(k_seg.shape[1]):
+            raise fail(fn, "k_mean", "does not match k_seg's KV heads", int(k_seg.shape[1]), int(k_mean.shape[1]))
+        if raw is not None:
+            raw = _shift_raw(raw, -shift * LOG2E)
     if backend not in ("auto", "triton", "reference"):
         raise fail(fn, "backend", "is unknown", "one of ['auto', 'triton', 'reference']", repr(backend))
     use = backend
@@ -142,7 +203,7 @@ def attention_with_state(
                                    sliding_window=sliding_window, attn_mask=attn_mask, state_in=raw,
                                    return_state=True, kv_offset=kv_offset, kv_len=kv_len, config=config,
                                    k_scale=k_scale, v_scale=v_scale)
-        return SegmentOutput(st.out, st.lse, new)
+        return _unshift(SegmentOutput(st.out, st.lse, new), shift)
     from sparseattn.ops.reference import reference_attention_carry
 
     block_n = layout.block_n if layout is not None else 128
@@ -150,7 +211,14 @@ def attention_with_state(
                                         layout=layout, attn_mask=attn_mask, scale=scale,
                                         sliding_window=sliding_window, block_n=block_n, k_scale=k_scale,
                                         v_scale=v_scale)
-    return SegmentOutput(st.out, st.lse, new)
+    return _unshift(SegmentOutput(st.out, st.lse, new), shift)
+
+
+def _unshift(res: SegmentOutput, shift: torch.Tensor | None) -> SegmentOutput:
+    """Give a smoothed segment's result its lse back (``+ shift``; ``-inf`` rows stay ``-inf``)."""
+    if shift is None:
+        return res
+    return SegmentOutput(res.out, res.lse + shift.to(res.lse.dtype), _shift_raw(res.state, shift * LOG2E))
 
 
 def attention_over_segments(
@@ -168,18 +236,21 @@ def attention_over_segments(
     state: RawState | AttentionState | None = None,
     kv_offset: int = 0,
     kv_scales: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+    k_means: Sequence[torch.Tensor | None] | None = None,
 ) -> SegmentOutput:
     """Carry the state through consecutive segments (``kv_offset`` = position of the first one).
 
     The total length is ``kv_offset + sum of the segment lengths``; ``layouts`` / ``attn_masks`` /
-    ``kv_scales`` (``(k_scale, v_scale)`` of a quantized segment) give one entry (or ``None``) per segment.
+    ``kv_scales`` (``(k_scale, v_scale)`` of a quantized segment) / ``k_means`` (the key mean of a smoothed
+    segment, see :func:`attention_with_state`) give one entry (or ``None``) per segment.
     """
     fn = "attention_over_segments"
     n = len(k_segments)
     if n == 0 or n != len(v_segments):
         raise fail(fn, "k_segments/v_segments", "must be non-empty and of equal length", "equal non-zero counts",
                    f"{len(k_segments)} and {len(v_segments)}")
-    for name, seq in (("layouts", layouts), ("attn_masks", attn_masks), ("kv_scales", kv_scales)):
+    for name, seq in (("layouts", layouts), ("attn_masks", attn_masks), ("kv_scales", kv_scales),
+                      ("k_means", k_means)):
         if seq is not None and len(seq) != n:
             raise fail(fn, name, "must give one entry per segment", n, len(seq))
     total = kv_offset + sum(int(k.shape[2]) for k in k_segments)
@@ -190,6 +261,7 @@ def attention_over_segments(
                                    causal=causal, layout=None if layouts is None else layouts[i],
                                    attn_mask=None if attn_masks is None else attn_masks[i], scale=scale,
                                    sliding_window=sliding_window, backend=backend, config=config,
+                                   k_mean=None if k_means is None else k_means[i],
                                    **_scales(None if kv_scales is None else kv_scales[i]))
         pos += int(k.shape[2])
     return res  # type: ignore[return-value]  # n > 0 (checked above)
