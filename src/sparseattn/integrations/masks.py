@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.layout.masks import token_causal_mask
 
 __all__ = ["_causal_equivalent", "_causal_match", "_window_mask", "_packed_documents", "_packed_match"]
@@ -47,7 +48,7 @@ def _packed_documents(position_ids: Any, B: int, nq: int, nkv: int) -> torch.Ten
     return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
 
 
-def document_sink_blocks(layout: Any, docs: torch.Tensor) -> Any:
+def document_sink_blocks(layout: BlockLayout, docs: torch.Tensor) -> BlockLayout:
     """``layout`` plus, for every query block, the key block holding the first token of each document in it.
 
     A predictor sees a packed row as one sequence: its forced sink is the row's first block, which the
@@ -57,8 +58,6 @@ def document_sink_blocks(layout: Any, docs: torch.Tensor) -> Any:
     block is its sink; adding it keeps the layout inside the causal region (a start is never after its rows).
     Device ops only; the layout's block geometry is kept.
     """
-    from sparseattn.layout.block_layout import BlockLayout
-
     B, N = docs.shape
     bm, bn = layout.block_m, layout.block_n
     mask = layout.to_dense_mask().clone()  # (B or 1, H, Mb, Nb)
