@@ -8,8 +8,9 @@ queries over the float keys (torch SDPA, float64). Prints max |error| / max |ref
 layer for ``smooth_keys=False`` and ``True`` and their ratio.
 
 Usage: ``PYTHONPATH=src python benchmarks/mixed_smoothing_check.py [TEXT_DIR] [--length 2048] [--queries 32]
-[--window 128] [--quant int8] [--route segments|decode]`` (default TEXT_DIR ../shared/data/essays; ``decode``:
-the split-KV decode kernel under TRITON_INTERPRET=1 on the CPU, slow).
+[--window 128] [--quant int8] [--route segments|decode] [--sink-tokens N]`` (default TEXT_DIR ../shared/data/essays;
+``decode``: the split-KV decode kernel under TRITON_INTERPRET=1 on the CPU, slow; ``--sink-tokens``: the cache's
+``sink_tokens``, the first N tokens kept in full precision, default 4 as in the cache).
 """
 import argparse
 import os
@@ -24,6 +25,7 @@ parser.add_argument("--queries", type=int, default=32)
 parser.add_argument("--window", type=int, default=128)
 parser.add_argument("--quant", default="int8", choices=["int8", "fp8"])
 parser.add_argument("--route", default="segments", choices=["segments", "decode"])
+parser.add_argument("--sink-tokens", type=int, default=4)
 args = parser.parse_args()
 if args.route == "decode" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -57,7 +59,8 @@ ALL_MASK_ATTENTION_FUNCTIONS.register("ksm_capture", sdpa_mask)
 model.set_attn_implementation("ksm_capture")
 model(ids, use_cache=False)
 print(f"model + capture: {time.time() - t0:.0f} s; {len(captured)} layers, prompt {args.length} tokens, "
-      f"{args.queries} queries, window {args.window}, {args.quant}, route {args.route}", flush=True)
+      f"{args.queries} queries, window {args.window}, {args.quant}, route {args.route}, "
+      f"sink_tokens {args.sink_tokens}", flush=True)
 
 nq = args.queries
 rows = []
@@ -70,7 +73,7 @@ for i, (module, q, k, v, scaling) in enumerate(captured):
     errs = []
     for smooth in (False, True):
         cache = MixedKVCache(model.config, window=args.window, quant=args.quant, smooth_keys=smooth,
-                             decode_backend="triton" if args.route == "decode" else "off")
+                             sink_tokens=args.sink_tokens, decode_backend="triton" if args.route == "decode" else "off")
         layer = cache.layers[i]
         layer.update(k[:, :, :-nq], v[:, :, :-nq], mixed=True)
         kt, vt = layer.update(k[:, :, -nq:], v[:, :, -nq:], mixed=True)

@@ -85,6 +85,7 @@ def test_gen_check_random_ids_few_pages_fails(tiny, tmp_path, capsys):
     (["--new-tokens", "0"], "--new-tokens: must be a positive integer"),
     (["--token-budget", "0"], "--token-budget: must be a positive integer"),
     (["--token-budget", "64", "--top-pages", "0.5"], "not allowed with argument"),
+    (["--mixed-sink-tokens", "-1"], "--mixed-sink-tokens: must be a non-negative integer"),
 ])
 def test_gen_check_user_errors(tiny, tmp_path, capsys, argv, needle):
     rc = main(["gen-check", "--model", str(tiny[0]), "--random-ids", "--lengths", "64", "--new-tokens", "4",
@@ -156,3 +157,23 @@ def test_gen_check_budget_errors(tiny):
     with pytest.raises(ValueError, match=r"^gen_check: mixed_smooth_keys must be a bool; expected True or False, "
                                          r"got 'no'$"):
         run_gen_check(str(tiny[0]), random_ids=True, lengths=[64], new_tokens=2, mixed_smooth_keys="no")
+
+
+def test_gen_check_mixed_sink_tokens(tiny, tmp_path, capsys):
+    """--mixed-sink-tokens reaches the mixed cache (config, memory report) through run_gen_check."""
+    from sparseattn.eval.gen_check import run_gen_check
+
+    out = tmp_path / "gc"
+    rc = main(["gen-check", "--model", str(tiny[0]), "--random-ids", "--lengths", "64", "--new-tokens", "3",
+               "--modes", "mixed_int8", "--mixed-window", "16", "--mixed-sink-tokens", "4", "--no-teacher-forced",
+               "--quiet", "--out", str(out)])
+    cap = capsys.readouterr()
+    assert rc in (0, 1), cap.err
+    rep = json.loads((out / "gen_check.json").read_text())
+    assert rep["config"]["mixed_sink_tokens"] == 4
+    mem = rep["rows"][0]["memory"]
+    assert mem["sink_tokens_max"] == 4 and mem["sink_bytes"] > 0
+    assert "sink tokens 4" in (out / "gen_check.md").read_text()
+    with pytest.raises(ValueError, match=r"^gen_check: mixed_sink_tokens must be a non-negative integer; expected an "
+                                         r"int >= 0 or None \(the cache's default\), got -2$"):
+        run_gen_check(str(tiny[0]), random_ids=True, lengths=[64], new_tokens=2, mixed_sink_tokens=-2)

@@ -354,11 +354,13 @@ def _rel(a, b):
 @pytest.mark.filterwarnings("ignore:sparseattn_mixed. a decode step did not take:RuntimeWarning")  # gemma's window
 @pytest.mark.parametrize("make", [_llama64, _gemma64], ids=["llama", "gemma3-sliding"])
 @pytest.mark.parametrize("quant", ["int8", "fp8"])
-def test_mixed_cache_decode_route_same_tokens(make, quant):
+@pytest.mark.parametrize("sink", [0, 4], ids=["no-sink", "sink4"])
+def test_mixed_cache_decode_route_same_tokens(make, quant, sink):
     """Greedy generation through the decode route (the decode kernels, interpreter on the CPU) gives the tokens
     of the state-operator path (decode_backend='off', the behaviour before the route existed); the route is
     taken for every decode step; a 3-token step with transformers' causal mask takes it too, logits within
-    MIXED_DECODE_ROUTE_FP32_LOGIT_REL."""
+    MIXED_DECODE_ROUTE_FP32_LOGIT_REL. With ``sink_tokens=4`` the route attends the sink segment too (three
+    states merged)."""
     from sparseattn.integrations import mixed_cache_attention as mca
     from sparseattn.integrations.mixed_cache_attention import enable_mixed_cache
     from sparseattn.state.kv_cache import MixedKVCache
@@ -370,13 +372,14 @@ def test_mixed_cache_decode_route_same_tokens(make, quant):
     ids, nxt = _ids(44), _ids(3, seed=2)
     res = {}
     for be in ("off", "triton"):
-        cache = MixedKVCache(model.config, window=8, quant=quant, decode_backend=be)
+        cache = MixedKVCache(model.config, window=8, quant=quant, decode_backend=be, sink_tokens=sink)
         out = model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=cache)
         steps = dict(cache.attention_counts)
         logits = model(nxt, past_key_values=cache, use_cache=True).logits
         res[be] = (out, logits, steps, dict(cache.attention_counts), dict(cache.decode_fallbacks))
         if be == "triton":
             assert mca.LAST_DEQUANT[0] == "decode_kernel"
+        assert all(layer.n_sink == sink for layer in cache.layers)
     off, on = res["off"], res["triton"]
     assert torch.equal(on[0], off[0])
     n_layers = model.config.num_hidden_layers

@@ -85,8 +85,10 @@ def test_generate_with_quantized_history(make, quant):
         logits = model(_ids(6, seed=2), past_key_values=cache, use_cache=True).logits
     assert c.calls == 2 * len(cache.layers)
     rep = cache.memory_report()
-    # the prefill's 48 tokens: 32 left the window at the second step's update; the 6 new ones are recent
-    assert rep["quantized_tokens"] == 32 * len(cache.layers) and rep["recent_tokens"] == 22 * len(cache.layers)
+    # the prefill's 48 tokens: 32 left the window at the second step's update (the first 4 into the sink segment,
+    # sink_tokens=4 by default, the other 28 quantized); the 6 new ones are recent
+    assert rep["sink_tokens"] == 4 * len(cache.layers) and rep["quantized_tokens"] == 28 * len(cache.layers)
+    assert rep["recent_tokens"] == 22 * len(cache.layers)
     assert rep["bytes_saved"] > 0 and rep["ratio"] < 1.0
     rel = float((logits - ref_logits).abs().max() / ref_logits.abs().max())
     assert rel < _LOGIT_REL[quant], rel
@@ -233,17 +235,19 @@ def _smoothing_inputs(B=2, H=4, Hkv=2, n=200, nq=6, D=64, offset=True, seed=0):
     return q, k, v
 
 
-def _cache_attention(k, v, q, *, quant="int8", smooth=True, route="off", window=16, mask=None):  # smoothing tests
+def _cache_attention(k, v, q, *, quant="int8", smooth=True, route="off", window=16, mask=None, sink=0,
+                     sliding_window=None):  # smoothing / sink tests
     """The prefix, then the last N_q tokens, through one MixedKVCache layer and mixed_attention_forward."""
     model_cfg = tiny_llama(layers=1).config
-    cache = MixedKVCache(model_cfg, window=window, quant=quant, smooth_keys=smooth, decode_backend=route)
+    cache = MixedKVCache(model_cfg, window=window, quant=quant, smooth_keys=smooth, decode_backend=route,
+                         sink_tokens=sink)
     layer = cache.layers[0]
     nq = q.shape[2]
     layer.update(k[:, :, :-nq], v[:, :, :-nq], mixed=True)
     kt, vt = layer.update(k[:, :, -nq:], v[:, :, -nq:], mixed=True)
     module = torch.nn.Module()  # no config: the geometry check is skipped
-    out = mixed_attention_forward(module, q, kt, vt, mask, scaling=None)[0].transpose(1, 2)
-    return out, cache
+    out = mixed_attention_forward(module, q, kt, vt, mask, scaling=None, sliding_window=sliding_window)[0]
+    return out.transpose(1, 2), cache
 
 
 def _float_attention(q, k, v, mask=None):
@@ -429,3 +433,187 @@ def test_bad_smoothing_arguments():
     with pytest.raises(ValueError, match=r"^attention_with_state: k_mean does not match k_seg's KV heads; "
                                          r"expected 2, got 1$"):
         attention_with_state(q, k, v, k_mean=torch.zeros(1, 1, 16))
+
+
+# ---------------------------------------------------------------------------------------------- sink tokens
+# The first ``sink_tokens`` tokens (the attention sink) stay in the model dtype as a third segment (sink,
+# quantized, recent), attended on both routes and merged exactly; K smoothing applies only to the quantized one.
+
+
+def _sink_reference(q, layer, sliding_window=None):
+    """float64 attention over what the layer represents: the exact sink tokens, the dequantised quantized
+    segment (+ its key mean) and the recent window."""
+    ks, vs = [], []
+    if layer.n_sink:
+        ks.append(layer.sk.double())
+        vs.append(layer.sv.double())
+    if layer.n_quant:
+        mu = 0.0 if layer.k_mean is None else layer.k_mean.double()
+        ks.append(dequantize(layer.qk, layer.qk_scale, torch.float64) + mu)
+        vs.append(dequantize(layer.qv, layer.qv_scale, torch.float64))
+    k_true, v_true = torch.cat(ks + [layer.keys.double()], 2), torch.cat(vs + [layer.values.double()], 2)
+    nq, n = q.shape[2], k_true.shape[2]
+    mask = torch.ones(nq, n, dtype=torch.bool).tril(n - nq)
+    if sliding_window is not None:
+        mask &= ~torch.ones(nq, n, dtype=torch.bool).tril(n - nq - sliding_window)
+    return _float_attention(q, k_true, v_true, mask=mask), k_true
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("route", _ROUTES)
+@pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smoothed"])
+@pytest.mark.parametrize("quant", ["int8", "fp8"])
+def test_sink_segment_is_exact(route, smooth, quant):
+    """The sink tokens are kept exactly (never quantized), the quantized segment holds the tokens between them and
+    the recent window, and the attention equals float attention over the exact sink + dequantised old tokens
+    (+ the key mean) + recent window: both routes, GQA (H=4 over H_kv=2), batch 2, with and without smoothing;
+    the key mean leaves the sink tokens out."""
+    from sparseattn.integrations import mixed_cache_attention as mca
+
+    q, k, v = _smoothing_inputs()
+    out, cache = _cache_attention(k, v, q, quant=quant, smooth=smooth, route=route, sink=4)
+    layer = cache.layers[0]
+    assert mca.LAST_DEQUANT[0] == ("decode_kernel" if route == "triton" else "torch")
+    assert (layer.n_sink, layer.n_quant, layer.n_recent) == (4, 200 - 16 - 4, 16 + 6)
+    assert layer.get_seq_length() == 206
+    assert torch.equal(layer.sk, k[:, :, :4]) and torch.equal(layer.sv, v[:, :, :4])
+    if smooth:
+        torch.testing.assert_close(layer.k_mean, k[:, :, 4:200].mean(2, keepdim=True), rtol=FP32_RTOL, atol=FP32_ATOL)
+    else:
+        assert layer.k_mean is None
+    ref, k_true = _sink_reference(q, layer)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=REF_FP32_OUT_ATOL)
+    fk, fv = layer.full_kv()
+    assert torch.equal(fk[:, :, :4], k[:, :, :4]) and torch.equal(fv[:, :, :4], v[:, :, :4])
+    torch.testing.assert_close(fk.double(), k_true, rtol=FP32_RTOL, atol=FP32_ATOL)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("route", _ROUTES)
+@pytest.mark.parametrize("sliding_window", [10, 30, 185, 198, 203])
+def test_sink_segment_with_a_sliding_window(route, sliding_window):
+    """A one-token step on a sliding-window layer: the window may end in the recent, quantized or sink segment
+    (or cover everything); the routes agree with float attention over the represented keys."""
+    q, k, v = _smoothing_inputs(nq=1)
+    out, cache = _cache_attention(k, v, q, smooth=False, route=route, sink=4, sliding_window=sliding_window)
+    layer = cache.layers[0]
+    assert (layer.n_sink, layer.n_quant, layer.n_recent) == (4, 200 - 16 - 4, 17)
+    ref, _ = _sink_reference(q, layer, sliding_window=sliding_window)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=REF_FP32_OUT_ATOL)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("route", _ROUTES)
+@pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smoothed"])
+def test_sink_tokens_zero_is_the_previous_computation(route, smooth):
+    """sink_tokens=0: no sink segment, the same quantized tokens and mean, and the attention bitwise the previous
+    computation (two segments through the state operator / the decode route's two-state merge)."""
+    from sparseattn.ops.decode import decode_attention
+    from sparseattn.state import merge_states
+    from sparseattn.state.segmented import attention_over_segments, key_mean_lse_shift
+    from sparseattn.state.types import AttentionState
+
+    q, k, v = _smoothing_inputs()
+    out, cache = _cache_attention(k, v, q, smooth=smooth, route=route, sink=0)
+    layer = cache.layers[0]
+    assert layer.sk is None and layer.n_sink == 0 and cache.memory_report()["sink_bytes"] == 0
+    mu = k[:, :, :200].to(torch.float32).mean(2, keepdim=True) if smooth else None
+    if smooth:
+        assert torch.equal(layer.k_mean, mu)
+    old = k[:, :, :184] if mu is None else k[:, :, :184].to(torch.float32) - mu
+    kq, ks = quantize(old, "int8")
+    vq, vs = quantize(v[:, :, :184], "int8")
+    assert torch.equal(layer.qk, kq) and torch.equal(layer.qk_scale, ks)
+    if route == "off":
+        ref = attention_over_segments(q, [dequantize(kq, ks, torch.float32), k[:, :, 184:]],
+                                      [dequantize(vq, vs, torch.float32), v[:, :, 184:]], causal=True,
+                                      k_means=[mu, None]).out
+    else:
+        a = decode_attention(q, kq, vq, k_scale=ks, v_scale=vs, causal=False, return_lse=True, backend="triton")
+        if mu is not None:
+            a = AttentionState(a.out, a.lse + key_mean_lse_shift(q, mu, None).to(a.lse.dtype))
+        b = decode_attention(q, k[:, :, 184:], v[:, :, 184:], return_lse=True, backend="triton")
+        ref = merge_states([a, b]).out
+    assert torch.equal(out, ref)
+
+
+@torch.no_grad()
+def test_sink_larger_than_the_tokens_seen():
+    """The sink segment fills from the evictions (until then its tokens are in the recent window): fed in chunks,
+    it holds min(sink_tokens, tokens evicted so far) exact tokens; with a sink larger than the prompt nothing is
+    quantized and the attention is float attention."""
+    g = torch.Generator().manual_seed(5)
+    B, Hkv, D = 2, 2, 64
+    k, v = torch.randn(B, Hkv, 80, D, generator=g), torch.randn(B, Hkv, 80, D, generator=g)
+    cache = MixedKVCache(tiny_llama(layers=1).config, window=16, sink_tokens=30, decode_backend="off")
+    layer = cache.layers[0]
+    seen = 0
+    for step in (10, 10, 7, 20, 1, 32):
+        evicted = max(0, seen - 16)
+        layer.update(k[:, :, seen:seen + step], v[:, :, seen:seen + step], mixed=True)
+        seen += step
+        assert layer.n_sink == min(30, evicted) and layer.n_quant == max(0, evicted - 30), (seen, layer.n_sink)
+        assert layer.get_seq_length() == seen
+        if layer.n_sink:
+            assert torch.equal(layer.sk, k[:, :, :layer.n_sink]) and torch.equal(layer.sv, v[:, :, :layer.n_sink])
+    q = torch.randn(B, 4, 6, D, generator=g)
+    out, cache = _cache_attention(k[:, :, :56], v[:, :, :56], q, sink=100, route="off")
+    layer = cache.layers[0]
+    assert layer.n_quant == 0 and layer.n_sink == 50 - 16 and layer.qk is None
+    ref = _float_attention(q, k[:, :, :56], v[:, :, :56])
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=REF_FP32_OUT_ATOL)
+
+
+@torch.no_grad()
+def test_sink_bytes_beam_ops_and_reset():
+    """memory_report counts the sink tokens as full-precision bytes (in bytes_used and in the unquantized
+    total); the beam helpers move the sink segment with the batch; reset clears it."""
+    q, k, v = _smoothing_inputs()
+    _, cache = _cache_attention(k, v, q, sink=4, smooth=True)
+    rep = cache.memory_report()
+    assert rep["sink_tokens_max"] == 4 and rep["sink_tokens"] == 4 and rep["quantized_tokens"] == 180
+    assert rep["sink_bytes"] == 2 * (2 * 2 * 4 * 64) * 4  # keys + values, B=2, H_kv=2, 4 tokens, D=64, float32
+    assert rep["bytes_used"] == (rep["sink_bytes"] + rep["quantized_bytes"] + rep["scale_bytes"] + rep["mean_bytes"]
+                                 + rep["recent_bytes"])
+    assert rep["unquantized_bytes"] == 2 * (2 * 2 * 206 * 64) * 4
+    layer = cache.layers[0]
+    sk, sv = layer.sk.clone(), layer.sv.clone()
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(layer.sk, sk.flip(0)) and torch.equal(layer.sv, sv.flip(0))
+    layer.batch_repeat_interleave(2)
+    assert layer.sk.shape[0] == 4 and torch.equal(layer.sk[1], sk[1])
+    layer.batch_select_indices(torch.tensor([3]))
+    assert torch.equal(layer.sk, sk[:1]) and layer.qk.shape[0] == 1
+    layer.sv = None
+    with pytest.raises(ValueError, match=r"^MixedKVCache: sink segment is inconsistent"):
+        layer.check_quantized()
+    cache.reset()
+    assert layer.sk is None and layer.sv is None and layer.n_sink == 0 and layer.get_seq_length() == 0
+
+
+@torch.no_grad()
+def test_sink_tokens_in_a_model_and_the_fallback():
+    """A tiny model with sink_tokens: logits within the int8 bound, the sink kept exact, and the fallback path
+    (another attention implementation) returns the full KV with the sink first."""
+    model = _llama()
+    ids = _ids(48)
+    ref_logits = model(torch.cat([ids, _ids(6, seed=2)], 1)).logits[:, -6:]
+    enable_mixed_cache(model)
+    cache = MixedKVCache(model.config, window=16, sink_tokens=4)
+    model(ids, past_key_values=cache, use_cache=True)
+    logits = model(_ids(6, seed=2), past_key_values=cache, use_cache=True).logits
+    assert all(layer.n_sink == 4 and layer.n_quant == 48 - 16 - 4 for layer in cache.layers)
+    assert _rel_err(logits, ref_logits) < KV_CACHE_INT8_LOGIT_REL
+    layer = cache.layers[0]
+    fk, fv = layer.update(layer.keys[:, :, :0], layer.values[:, :, :0], mixed=False)
+    assert fk.shape[2] == 54 and torch.equal(fk[:, :, :4], layer.sk) and torch.equal(fv[:, :, :4], layer.sv)
+
+
+def test_bad_sink_tokens():
+    """The project's error format for sink_tokens (as for window)."""
+    cfg = tiny_llama(layers=1).config
+    for bad in (-1, 1.5, True, "4", None):
+        with pytest.raises(ValueError, match=r"^MixedKVCache: sink_tokens must be a non-negative integer; expected an "
+                                             rf"int >= 0, got {re.escape(repr(bad))}$"):
+            MixedKVCache(cfg, sink_tokens=bad)
+    assert MixedKVCache(cfg, sink_tokens=0).sink_tokens == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from sparseattn.cli._args import (add_model_and_texts, any_int, check_spec, check_text_source, device, device_and_dtype,
-                                  int_list, optional_int_list, positive_int)
+                                  int_list, nonneg_int, optional_int_list, positive_int)
 
 
 def _top_pages(text: str) -> int | float:
@@ -79,6 +79,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--smooth-keys", action="store_true",
                    help="mixed_*: K smoothing (quantize k - its channel mean, lse corrected exactly; off by default: "
                         "it hurt SmolLM2, see docs/STATE.md)")
+    p.add_argument("--mixed-sink-tokens", type=nonneg_int, default=None, metavar="N",
+                   help="mixed_*: the first N tokens (the attention sink) kept in the model dtype, never quantized "
+                        "(default: MixedKVCache's default)")
     sp = p.add_mutually_exclusive_group()
     sp.add_argument("--predictor", default=None,
                     help="sparse prefill for kernel_decode / sparse_decode / sparse_prefill (default: dense prefill)")
@@ -126,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     res = run_gen_check(args.model, lengths=args.lengths, new_tokens=args.new_tokens, modes=args.modes,
                         top_pages=args.top_pages, token_budget=args.token_budget, page_size=args.page_size,
                         mixed_window=args.mixed_window, mixed_smooth_keys=args.smooth_keys,
+                        mixed_sink_tokens=args.mixed_sink_tokens,
                         teacher_forced=not args.no_teacher_forced,
                         predictor=args.predictor, pattern=args.pattern, tuned=args.tuned,
                         decode_backend=args.decode_backend, decode_layers=args.decode_layers,

@@ -177,14 +177,15 @@ def _check_modes(modes: Sequence[str], has_predictor: bool) -> list[str]:
 def _run_mode(model: Any, mode: str, ids: torch.Tensor, new_tokens: int, *, patch_kw: dict[str, Any],
               top_pages: int | float, page_size: int, mixed_window: int, decode_backend: str,
               decode_layers: list[int] | None, forced: Sequence[int] | None = None,
-              mixed_smooth_keys: bool = False) -> dict[str, Any]:
+              mixed_smooth_keys: bool = False, mixed_sink_tokens: int | None = None) -> dict[str, Any]:
     """One generation in ``mode`` (teacher-forced with ``forced``); the model is left as it was found."""
     if mode.startswith("mixed_"):
         from sparseattn.integrations.mixed_cache_attention import enable_mixed_cache
         from sparseattn.state.kv_cache import MixedKVCache
 
         cache = MixedKVCache(model.config, window=mixed_window, quant=mode.split("_", 1)[1],
-                             smooth_keys=mixed_smooth_keys)
+                             smooth_keys=mixed_smooth_keys,
+                             **({} if mixed_sink_tokens is None else {"sink_tokens": mixed_sink_tokens}))
         prev = enable_mixed_cache(model)
         try:
             toks, ms = greedy_generate(model, ids, new_tokens, cache, forced)
@@ -222,6 +223,7 @@ def run_gen_check(
     page_size: int = 16,
     mixed_window: int = 128,
     mixed_smooth_keys: bool = False,
+    mixed_sink_tokens: int | None = None,
     predictor: str | None = None,
     pattern: str | None = None,
     tuned: str | None = None,
@@ -246,7 +248,8 @@ def run_gen_check(
     ``top_pages`` (default 0.1) or ``token_budget`` (keys, ``ceil(token_budget / page_size)`` pages), not both.
     ``teacher_forced``: also measure the teacher-forced agreement (a second run per mode that diverged).
     ``mixed_smooth_keys``: the mixed cache's K smoothing (``MixedKVCache(smooth_keys=...)``; ``False``: the
-    behaviour before it, for comparisons).
+    behaviour before it, for comparisons). ``mixed_sink_tokens``: the mixed cache's ``sink_tokens`` (the first
+    tokens kept in the model dtype); ``None``: the cache's default.
 
     Raises:
         ValueError: an unknown mode, ``sparse_prefill`` without a predictor, a bad ``top_pages`` /
@@ -279,6 +282,16 @@ def run_gen_check(
         raise fail(fn, "teacher_forced", "must be a bool", "True or False", repr(teacher_forced))
     if not isinstance(mixed_smooth_keys, bool):
         raise fail(fn, "mixed_smooth_keys", "must be a bool", "True or False", repr(mixed_smooth_keys))
+    if mixed_sink_tokens is not None and (isinstance(mixed_sink_tokens, bool) or not isinstance(mixed_sink_tokens, int)
+                                          or mixed_sink_tokens < 0):
+        raise fail(fn, "mixed_sink_tokens", "must be a non-negative integer", "an int >= 0 or None (the cache's default)",
+                   repr(mixed_sink_tokens))
+    if mixed_sink_tokens is None:
+        import inspect
+
+        from sparseattn.state.kv_cache import MixedKVCache
+
+        mixed_sink_tokens = inspect.signature(MixedKVCache.__init__).parameters["sink_tokens"].default
     DecodeConfig(mode="sparse", top_pages=top_pages, page_size=page_size, backend=decode_backend)  # value checks
     target = GEN_CHECK_TARGET if target is None else float(target)
     if not 0.0 <= target <= 1.0:
@@ -323,7 +336,7 @@ def run_gen_check(
                 res = _run_mode(model, mode, ids, new_tokens, patch_kw=patch_kw, top_pages=top_pages,
                                 page_size=page_size, mixed_window=mixed_window, decode_backend=decode_backend,
                                 decode_layers=None if decode_layers is None else list(decode_layers),
-                                mixed_smooth_keys=mixed_smooth_keys)
+                                mixed_smooth_keys=mixed_smooth_keys, mixed_sink_tokens=mixed_sink_tokens)
                 agree, first = token_agreement(ref, res["tokens"])
                 tf_agree: float | None = None
                 tf_tokens: list[int] | None = None
@@ -334,7 +347,8 @@ def run_gen_check(
                         tf = _run_mode(model, mode, ids, new_tokens, patch_kw=patch_kw, top_pages=top_pages,
                                        page_size=page_size, mixed_window=mixed_window, decode_backend=decode_backend,
                                        decode_layers=None if decode_layers is None else list(decode_layers),
-                                       forced=ref, mixed_smooth_keys=mixed_smooth_keys)
+                                       forced=ref, mixed_smooth_keys=mixed_smooth_keys,
+                                       mixed_sink_tokens=mixed_sink_tokens)
                         tf_tokens = tf["tokens"]
                         tf_agree = token_agreement(ref, tf_tokens)[0]
                 row = {"mode": mode, "length": n, "sample": si, "documents": names[si], "agreement": agree,
@@ -381,7 +395,8 @@ def run_gen_check(
     config = {"model": model_name, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
               "lengths": lengths, "new_tokens": new_tokens, "modes": modes, "samples": samples, "seed": seed,
               "top_pages": top_pages, "token_budget": token_budget, "page_size": page_size,
-              "mixed_window": mixed_window, "mixed_smooth_keys": mixed_smooth_keys, "teacher_forced": teacher_forced,
+              "mixed_window": mixed_window, "mixed_smooth_keys": mixed_smooth_keys,
+              "mixed_sink_tokens": mixed_sink_tokens, "teacher_forced": teacher_forced,
               "decode_backend": decode_backend, "decode_layers": None if decode_layers is None else list(decode_layers),
               "prefill": patch_kw or "dense", "source": source, "target": target,
               "timing": f"ms per generated token over decode steps {_TIMING_WARMUP}..{new_tokens - 1} (free-running)",
@@ -407,7 +422,8 @@ def write_gen_check_report(res: GenCheckResult, out_dir: str | Path) -> dict[str
           f"{'' if c.get('token_budget') is None else ' (token budget ' + str(c['token_budget']) + ')'}, "
           f"page size {c['page_size']}; decode "
           f"backend {c['decode_backend']}; decode layers {c['decode_layers'] or 'all'}; mixed cache window {c['mixed_window']}"
-          f"{'' if c.get('mixed_smooth_keys', True) else ' (K smoothing off)'}",
+          f"{'' if c.get('mixed_smooth_keys', True) else ' (K smoothing off)'}"
+          f"{'' if c.get('mixed_sink_tokens') is None else ', sink tokens ' + str(c['mixed_sink_tokens'])}",
           f"- target: agreement >= {c['target']:.0%} of positions (mean over samples); overall "
           f"**{'PASS' if res.passed else 'FAIL'}**; run {c['seconds']:.0f} s",
           f"- timing: {c['timing']}", "", res.table(), ""]

@@ -6,13 +6,15 @@ attention layer the function receives the key/value tensors ``MixedKVCache.updat
 recent window, tagged with its cache layer) and computes attention through the state operator
 (:func:`sparseattn.state.segmented.attention_over_segments`):
 
-1. the quantized segment (old tokens), attended with ``kv_offset=0``: when the Triton kernel runs the
+0. the sink segment (the cache's ``sink_tokens`` first tokens, model dtype, ``kv_offset=0``) if it holds any,
+   its raw state carried into
+1. the quantized segment (old tokens), attended with ``kv_offset = n_sink``: when the Triton kernel runs the
    layer (CUDA, fp16/bf16 queries, head_dim 64/128/256; fp8 on sm_89+) its int8/fp8 values and scales
    go to the kernel, which **dequantises in registers** (``HAS_KV_SCALE``); otherwise they are
    **dequantised in PyTorch** to the model dtype right before the PyTorch loop. With K smoothing the
    segment's keys are ``k - μ`` and its ``k_means`` entry (``μ``) makes the state operator add
    ``scale·q·μ`` back to the segment's state (exact). Its raw state ``(m, l, acc)`` is carried into
-2. the recent segment (model dtype, ``kv_offset = n_quantized``), which finalises ``(out, lse)``.
+2. the recent segment (model dtype, ``kv_offset = n_sink + n_quantized``), which finalises ``(out, lse)``.
 
 **Decode steps** (1..64 new tokens over a non-empty cache, no mask or a plain bottom-right causal one;
 on a sliding-window layer one token) take the decode route instead, where the cache's
@@ -21,8 +23,9 @@ on a sliding-window layer one token) take the decode route instead, where the ca
 ``"triton"``: always; ``"off"``: never): the quantized segment goes to the split-KV decode kernel
 (:func:`sparseattn.ops.decode.decode_attention` with ``k_scale``/``v_scale``, ``causal=False`` — every
 new token attends every old one — ``return_lse``), which reads the int8/fp8 bytes and dequantises in
-registers (with K smoothing its lse gets ``scale·q·μ`` added, per query row and head); the recent window goes to the same kernel (bottom-right causal); the two ``(out, lse)`` are
-merged exactly (:func:`sparseattn.state.merge_states`). Prefill and chunked-prefill calls (more than 64
+registers (with K smoothing its lse gets ``scale·q·μ`` added, per query row and head); the sink segment (if
+any) goes to the same kernel (float, ``causal=False``) and the recent window too (bottom-right causal); the
+two or three ``(out, lse)`` are merged exactly (:func:`sparseattn.state.merge_states`). Prefill and chunked-prefill calls (more than 64
 queries, or no cache yet) keep the state-operator path above. A decode step that cannot take the
 route (a padding mask, a multi-token step on a sliding-window layer that does not cover the cache, the
 kernel refusing the inputs on CUDA) is counted per reason in the cache's ``decode_fallbacks`` and,
@@ -97,7 +100,10 @@ def mixed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         segs = layer.segments(key, value, dequant=not _kernel_runs(query, layer))
     else:
         segs = [(key, value, None, None)]
-    LAST_DEQUANT[0] = (None if len(segs) == 1 else ("torch" if segs[0][2] is None else "kernel"))
+    if layer is None or layer.n_quant == 0:
+        LAST_DEQUANT[0] = None
+    else:
+        LAST_DEQUANT[0] = "kernel" if any(sc is not None for _, _, sc, _ in segs) else "torch"
     scales = [sc for _, _, sc, _ in segs]
     means = [mu for _, _, _, mu in segs]  # K smoothing: the quantized segment's key mean (its lse is corrected)
     ks, vs = [k for k, _, _, _ in segs], [v for _, v, _, _ in segs]
@@ -154,8 +160,8 @@ def _decode_step(module: Any, query: torch.Tensor, key: torch.Tensor, value: tor
     mode = getattr(cache, "decode_backend", "auto") if cache is not None else "auto"
     if mode == "off":
         return None
-    nq, n_r, n_q = int(query.shape[2]), int(key.shape[2]), layer.n_quant
-    total = n_q + n_r
+    nq, n_r, n_q, n_s = int(query.shape[2]), int(key.shape[2]), layer.n_quant, layer.n_sink
+    total = n_s + n_q + n_r
     if nq > MAX_DECODE_QUERIES or nq >= total:
         return None  # prefill / chunked prefill (or the first call on an empty cache): the state operator
     forced = mode == "triton"
@@ -185,7 +191,11 @@ def _decode_step(module: Any, query: torch.Tensor, key: torch.Tensor, value: tor
             return None
     backend = "triton" if forced else "auto"
     states = []
-    n_old = n_q if window is None else max(0, window - n_r)  # quantized keys this step attends (the newest ones)
+    n_old = n_q if window is None else min(n_q, max(0, window - n_r))  # quantized keys attended (the newest ones)
+    n_sink = n_s if window is None else min(n_s, max(0, window - n_r - n_q))  # sink keys attended (the newest ones)
+    if n_sink > 0:  # the sink tokens (model dtype): every new token attends them
+        states.append(decode_attention(query, layer.sk[:, :, n_s - n_sink:], layer.sv[:, :, n_s - n_sink:],
+                                       scale=scaling, causal=False, return_lse=True, backend=backend))
     rk, rv = (key, value) if window is None or window >= n_r else (key[:, :, n_r - window:], value[:, :, n_r - window:])
     if n_old > 0:
         layer.check_quantized()

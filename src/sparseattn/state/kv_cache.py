@@ -1,8 +1,10 @@
 """``MixedKVCache``: a transformers ``Cache`` with a recent window in the model dtype and older tokens quantized.
 
-Per layer the cache holds two key segments:
+Per layer the cache holds up to three key segments, in position order:
 
-* **quantized** — every token older than the recent window, as INT8 (symmetric, one float32 scale per
+* **sink** — the first ``sink_tokens`` tokens (default 4; the attention sink), never quantized: in the model's
+  dtype, moved here from the recent window when they leave it;
+* **quantized** — every other token older than the recent window, as INT8 (symmetric, one float32 scale per
   token and KV head: ``scale = max|x| / 127``) or FP8 e4m3 (``scale = max|x| / 448``);
 * **recent** — the last ``window`` tokens (plus the tokens of the current step) in the model's dtype.
 
@@ -18,18 +20,21 @@ the dequantised keys. Values are not smoothed. ``μ`` costs ``D`` float32 per la
 fp32, 2048 tokens, int8, window 128) it *doubles* the mean per-layer attention error (4.6e-3 → 8.5e-3,
 worse in 24 of 30 layers) because the attention-sink token, which takes 75–89% of the attention in some
 layers, has small keys far from ``μ``: its quantization error grows about 7×. A simulation that kept the
-sink token in full precision gave 2.4e-3 off and 2.0e-3 on (docs/STATE.md); that is not built yet.
+sink token in full precision gave 2.4e-3 off and 2.0e-3 on (docs/STATE.md); built as ``sink_tokens`` (measured:
+2.31e-3 off, 1.98e-3 on with ``sink_tokens=4``, now the default). With a sink segment ``μ`` is the mean of the
+non-sink keys held at the first quantization, and the sink keys are stored as they are.
 
 Tokens move from the recent window to the quantized segment at the *start* of the next ``update``
 (so the step that adds a token attends it in full precision). Attention over the cache goes through
 the state operator (:func:`sparseattn.state.segmented.attention_over_segments`) and the raw
-online-softmax state is carried exactly from the quantized segment into the recent one. Where the
+online-softmax state is carried exactly through the segments (sink, quantized, recent). Where the
 quantized segment is dequantised: **inside the Triton kernel** (``HAS_KV_SCALE``: int8/fp8 tiles
 converted in registers, the key scale applied to the scores, the value scale folded into P) when the
 kernel runs the layer (CUDA, fp16/bf16, head_dim 64/128/256; fp8 needs sm_89+); otherwise **in PyTorch
 right before the attention call** (:func:`dequantize`, then the PyTorch loop). Decode steps (1..64 new
 tokens) instead go to the split-KV decode kernel (``decode_backend``, see :class:`MixedKVCache`): the
-quantized segment with its scales (dequantised in registers) and the recent window, merged exactly. This needs the model
+quantized segment with its scales (dequantised in registers), the sink segment and the recent window, merged
+exactly. This needs the model
 to use the ``"sparseattn_mixed"`` attention implementation
 (:func:`sparseattn.integrations.mixed_cache_attention.enable_mixed_cache`); with any other
 implementation ``update`` returns the whole dequantised KV (correct attention, no state operator;
@@ -118,11 +123,16 @@ def _build_classes() -> tuple[type, type]:
         is_sliding = False  # every token is kept; a sliding-window layer's window is applied by the attention
         is_croppable = False
 
-        def __init__(self, window: int, quant: str, smooth_keys: bool = False) -> None:
+        def __init__(self, window: int, quant: str, smooth_keys: bool = False, sink_tokens: int = 0) -> None:
             super().__init__()
             self.window = window
             self.quant = quant
             self.smooth_keys = smooth_keys
+            self.sink_tokens = sink_tokens
+            # the attention-sink segment: the first ``sink_tokens`` tokens, never quantized (model dtype); filled
+            # by the evictions (until then those tokens are still in the recent window)
+            self.sk: torch.Tensor | None = None
+            self.sv: torch.Tensor | None = None
             # K smoothing: the per-(batch, KV head) channel mean of the keys, float32 (B, H_kv, 1, D), fixed at
             # the first eviction; the quantized segment stores ``k - k_mean`` (None: not smoothed)
             self.k_mean: torch.Tensor | None = None
@@ -139,6 +149,10 @@ def _build_classes() -> tuple[type, type]:
             return 0 if self.qk is None else int(self.qk.shape[2])
 
         @property
+        def n_sink(self) -> int:
+            return 0 if self.sk is None else int(self.sk.shape[2])
+
+        @property
         def n_recent(self) -> int:
             return 0 if (not self.is_initialized or self.keys is None or self.keys.numel() == 0) else int(self.keys.shape[2])
 
@@ -152,6 +166,12 @@ def _build_classes() -> tuple[type, type]:
                     raise fail("MixedKVCache", f"{name} scales", "are missing for a quantized segment (or do not match it)",
                                f"float32 scales of shape {want}",
                                "None" if scales is None else f"shape {tuple(scales.shape)}")
+            if (self.sk is None) != (self.sv is None) or (self.sk is not None and (
+                    self.sk.shape != self.sv.shape or self.sk.shape[2] > self.sink_tokens)):  # type: ignore[union-attr]
+                raise fail("MixedKVCache", "sink segment", "is inconsistent (keys and values must match)",
+                           f"keys and values of equal shape with at most {self.sink_tokens} tokens",
+                           f"{None if self.sk is None else tuple(self.sk.shape)} and "
+                           f"{None if self.sv is None else tuple(self.sv.shape)}")
             if self.k_mean is not None:
                 want = None if self.qk is None else (self.qk.shape[0], self.qk.shape[1], 1, self.qk.shape[3])
                 if want is None or tuple(self.k_mean.shape) != want or self.k_mean.dtype != torch.float32:
@@ -166,10 +186,30 @@ def _build_classes() -> tuple[type, type]:
             over = self.n_recent - self.window
             if over <= 0:
                 return
-            old_k, old_v = self.keys[:, :, :over], self.values[:, :, :over]
+            take = min(over, self.sink_tokens - self.n_sink)  # the first tokens leaving go to the sink segment
+            if take > 0:
+                tk, tv = self.keys[:, :, :take], self.values[:, :, :take]
+                if self.sk is None:
+                    self.sk, self.sv = tk.contiguous(), tv.contiguous()
+                else:
+                    self.sk, self.sv = torch.cat([self.sk, tk], 2), torch.cat([self.sv, tv], 2)
+            else:
+                take = 0
+            if take < over:
+                self._quantize_old(take, over)
+            self.keys = self.keys[:, :, over:].contiguous()
+            self.values = self.values[:, :, over:].contiguous()
+
+        def _quantize_old(self, a: int, b: int) -> None:
+            """Quantize the recent window's tokens ``a:b`` (leaving it) onto the quantized segment."""
+            if a == 0:
+                old_k, old_v = self.keys[:, :, :b], self.values[:, :, :b]
+            else:
+                old_k, old_v = self.keys[:, :, a:b], self.values[:, :, a:b]
             if self.smooth_keys:
-                if self.k_mean is None:  # first eviction: the mean of every key held now (leaving + staying)
-                    self.k_mean = self.keys.to(torch.float32).mean(2, keepdim=True)
+                if self.k_mean is None:  # first quantization: the mean of every non-sink key held now (leaving + staying)
+                    held = self.keys if a == 0 else self.keys[:, :, a:]
+                    self.k_mean = held.to(torch.float32).mean(2, keepdim=True)
                 old_k = old_k.to(torch.float32) - self.k_mean
             dk, sk = quantize(old_k, self.quant)
             dv, sv = quantize(old_v, self.quant)
@@ -180,8 +220,6 @@ def _build_classes() -> tuple[type, type]:
                 self.qv = torch.cat([self.qv, dv], 2)
                 self.qk_scale = torch.cat([self.qk_scale, sk], 2)  # type: ignore[list-item]
                 self.qv_scale = torch.cat([self.qv_scale, sv], 2)  # type: ignore[list-item]
-            self.keys = self.keys[:, :, over:].contiguous()
-            self.values = self.values[:, :, over:].contiguous()
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, mixed: bool = False,
                    **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,14 +243,19 @@ def _build_classes() -> tuple[type, type]:
             return self.full_kv()
 
         def get_seq_length(self) -> int:
-            return self.n_quant + self.n_recent
+            return self.n_sink + self.n_quant + self.n_recent
 
         def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-            """The whole cache, quantized part dequantised (the key mean added back) (fallback path, tests)."""
-            if self.n_quant == 0:
+            """The whole cache (sink, quantized part dequantised with the key mean added back, recent) (fallback
+            path, tests)."""
+            ks, vs = ([self.sk], [self.sv]) if self.n_sink else ([], [])
+            if self.n_quant:
+                dk, dv = self.dequantized(add_mean=True)
+                ks.append(dk)
+                vs.append(dv)
+            if not ks:
                 return self.keys, self.values
-            dk, dv = self.dequantized(add_mean=True)
-            return torch.cat([dk, self.keys], 2), torch.cat([dv, self.values], 2)
+            return torch.cat(ks + [self.keys], 2), torch.cat(vs + [self.values], 2)
 
         def dequantized(self, *, add_mean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
             """The quantized segment dequantised (in PyTorch) to the model dtype.
@@ -230,7 +273,8 @@ def _build_classes() -> tuple[type, type]:
         def segments(self, recent_k: torch.Tensor, recent_v: torch.Tensor, *, dequant: bool = True,
                      ) -> list[tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None,
                                      torch.Tensor | None]]:
-            """Key segments in order ``(k, v, scales, k_mean)``: the old tokens (if any), then the recent window.
+            """Key segments in order ``(k, v, scales, k_mean)``: the sink tokens (if any, model dtype), the old
+            tokens (if any), then the recent window.
 
             ``dequant=True``: the old tokens dequantised in PyTorch (``scales`` None); ``False``: their
             quantized values with ``(k_scale, v_scale)``, for the kernel to dequantise (``HAS_KV_SCALE``).
@@ -239,13 +283,14 @@ def _build_classes() -> tuple[type, type]:
             ``k_means``); ``None`` otherwise (and always for the recent window).
             """
             self.check_quantized()
+            segs: list[Any] = [(self.sk, self.sv, None, None)] if self.n_sink else []
             if self.n_quant == 0:
-                return [(recent_k, recent_v, None, None)]
+                return segs + [(recent_k, recent_v, None, None)]
             if dequant:
                 dk, dv = self.dequantized()
-                return [(dk, dv, None, self.k_mean), (recent_k, recent_v, None, None)]
-            return [(self.qk, self.qv, (self.qk_scale, self.qv_scale), self.k_mean),  # type: ignore[list-item]
-                    (recent_k, recent_v, None, None)]
+                return segs + [(dk, dv, None, self.k_mean), (recent_k, recent_v, None, None)]
+            return segs + [(self.qk, self.qv, (self.qk_scale, self.qv_scale), self.k_mean),
+                           (recent_k, recent_v, None, None)]
 
         def bind(self, module: Any) -> None:
             """Tie the layer to the first attention module that reads it (a cache used across models fails)."""
@@ -259,19 +304,19 @@ def _build_classes() -> tuple[type, type]:
 
         # ------------------------------------------------------------------ generate() helpers
         def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-            for name in ("keys", "values", "qk", "qv", "qk_scale", "qv_scale", "k_mean"):
+            for name in ("keys", "values", "sk", "sv", "qk", "qv", "qk_scale", "qv_scale", "k_mean"):
                 t = getattr(self, name)
                 if t is not None and t.numel() > 0:
                     setattr(self, name, t.index_select(0, beam_idx.to(t.device)))
 
         def batch_repeat_interleave(self, repeats: int) -> None:
-            for name in ("keys", "values", "qk", "qv", "qk_scale", "qv_scale", "k_mean"):
+            for name in ("keys", "values", "sk", "sv", "qk", "qv", "qk_scale", "qv_scale", "k_mean"):
                 t = getattr(self, name)
                 if t is not None and t.numel() > 0:
                     setattr(self, name, t.repeat_interleave(repeats, dim=0))
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
-            for name in ("keys", "values", "qk", "qv", "qk_scale", "qv_scale", "k_mean"):
+            for name in ("keys", "values", "sk", "sv", "qk", "qv", "qk_scale", "qv_scale", "k_mean"):
                 t = getattr(self, name)
                 if t is not None and t.numel() > 0:
                     setattr(self, name, t[indices, ...])
@@ -279,18 +324,20 @@ def _build_classes() -> tuple[type, type]:
         def reset(self) -> None:
             super().reset()
             self.qk = self.qv = self.qk_scale = self.qv_scale = self.k_mean = None
+            self.sk = self.sv = None
 
         def memory(self) -> dict[str, int]:
-            n_q, n_r = self.n_quant, self.n_recent
+            n_s, n_q, n_r = self.n_sink, self.n_quant, self.n_recent
+            sink_bytes = _nbytes(self.sk) + _nbytes(self.sv)
             quant_bytes = _nbytes(self.qk) + _nbytes(self.qv)
             scale_bytes = _nbytes(self.qk_scale) + _nbytes(self.qv_scale)
             mean_bytes = _nbytes(self.k_mean)
             recent_bytes = _nbytes(self.keys) + _nbytes(self.values) if n_r else 0
-            per_token = (recent_bytes // n_r) if n_r else (0 if self.qk is None else
-                                                            2 * self.qk[:, :, :1].numel() * 2)
-            return {"quantized_tokens": n_q, "recent_tokens": n_r, "quantized_bytes": quant_bytes,
-                    "scale_bytes": scale_bytes, "mean_bytes": mean_bytes, "recent_bytes": recent_bytes,
-                    "unquantized_bytes": per_token * (n_q + n_r)}
+            per_token = (recent_bytes // n_r) if n_r else (sink_bytes // n_s) if n_s else (
+                0 if self.qk is None else 2 * self.qk[:, :, :1].numel() * 2)
+            return {"sink_tokens": n_s, "quantized_tokens": n_q, "recent_tokens": n_r, "sink_bytes": sink_bytes,
+                    "quantized_bytes": quant_bytes, "scale_bytes": scale_bytes, "mean_bytes": mean_bytes,
+                    "recent_bytes": recent_bytes, "unquantized_bytes": per_token * (n_s + n_q + n_r)}
 
     class MixedKVCache(Cache):
         """KV cache: recent ``window`` tokens in the model dtype, older tokens INT8 or FP8 (see the module docstring).
@@ -302,6 +349,9 @@ def _build_classes() -> tuple[type, type]:
             quant: ``"int8"`` or ``"fp8"`` (e4m3).
             smooth_keys: K smoothing (see the module docstring): quantize ``k - mean`` and correct the
                 segment's lse exactly; ``False`` quantizes the keys as they are (the behaviour before it).
+            sink_tokens: the first tokens of each layer kept in the model dtype, never quantized (a third
+                segment, attended on both routes and merged exactly; >= 0, default 4: on SmolLM2 it halves
+                the mean per-layer attention error, docs/STATE.md); ``0`` is bitwise the behaviour before it.
             decode_backend: how decode steps (1..64 new tokens over the cache, no mask or a plain causal
                 one) are attended: ``"auto"`` (default) — the split-KV decode kernel reads the quantized
                 segment (dequantising in registers, ``return_lse``) and the recent window, merged exactly,
@@ -319,13 +369,15 @@ def _build_classes() -> tuple[type, type]:
         """
 
         def __init__(self, config: Any, *, window: int = 128, quant: str = "int8", decode_backend: str = "auto",
-                     smooth_keys: bool = False) -> None:
+                     smooth_keys: bool = False, sink_tokens: int = 4) -> None:
             fn = "MixedKVCache"
             if config is None or not hasattr(config, "num_hidden_layers") and not hasattr(config, "get_text_config"):
                 raise fail(fn, "config", "must be the model's config", "a transformers PretrainedConfig",
                            type(config).__name__)
             if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
                 raise fail(fn, "window", "must be a positive integer", "an int > 0 (recent tokens kept)", repr(window))
+            if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+                raise fail(fn, "sink_tokens", "must be a non-negative integer", "an int >= 0", repr(sink_tokens))
             if quant not in QUANT_MODES:
                 raise fail(fn, "quant", "is unknown", f"one of {QUANT_MODES}", repr(quant))
             if quant == "fp8":
@@ -335,6 +387,7 @@ def _build_classes() -> tuple[type, type]:
             if not isinstance(smooth_keys, bool):
                 raise fail(fn, "smooth_keys", "must be a bool", "True or False", repr(smooth_keys))
             self.smooth_keys = smooth_keys
+            self.sink_tokens = sink_tokens
             self.decode_backend = decode_backend
             self.attention_counts: dict[str, int] = {"decode_kernel": 0, "segments": 0}
             self.decode_fallbacks: dict[str, int] = {}
@@ -345,7 +398,7 @@ def _build_classes() -> tuple[type, type]:
             n_layers = self.fingerprint[1]
             if not isinstance(n_layers, int) or n_layers <= 0:
                 raise fail(fn, "config", "has no num_hidden_layers", "a positive layer count", repr(n_layers))
-            layers = [MixedLayer(window, quant, smooth_keys) for _ in range(n_layers)]
+            layers = [MixedLayer(window, quant, smooth_keys, sink_tokens) for _ in range(n_layers)]
             for layer in layers:
                 layer._cache = weakref.proxy(self)
             super().__init__(layers=layers)
@@ -382,10 +435,11 @@ def _build_classes() -> tuple[type, type]:
             """Token counts and bytes: quantized data + scales (+ the key means) vs the same tokens in the model dtype."""
             per = [layer.memory() for layer in self.layers]
             tot = {k: sum(p[k] for p in per) for k in per[0]} if per else {}
-            used = (tot.get("quantized_bytes", 0) + tot.get("scale_bytes", 0) + tot.get("mean_bytes", 0)
+            used = (tot.get("sink_bytes", 0) + tot.get("quantized_bytes", 0) + tot.get("scale_bytes", 0) + tot.get("mean_bytes", 0)
                     + tot.get("recent_bytes", 0))
             full = tot.get("unquantized_bytes", 0)
-            return {"quant": self.quant, "window": self.window, "smooth_keys": self.smooth_keys, "layers": len(per),
+            return {"quant": self.quant, "window": self.window, "smooth_keys": self.smooth_keys,
+                    "sink_tokens_max": self.sink_tokens, "layers": len(per),
                     **tot, "bytes_used": used,
                     "bytes_saved": full - used, "ratio": (used / full) if full else math.nan, "per_layer": per}
 
