@@ -25,30 +25,37 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import torch
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def packed_inputs(model, tok, text_dir: str, lengths: list[int], dev: torch.device):
+    """``(ids, position_ids, alone)``: documents of ``lengths`` tokens (a different text each) packed in one row,
+    position_ids restarting per document, and the dense model's logits of each document run alone (float32)."""
+    from sparseattn.eval.texts import documents_for, token_samples
+
+    docs, _ = documents_for(None, text_dir)
+    windows, _ = token_samples(docs, tok, seq_len=max(lengths), samples=len(lengths))
+    pieces = [w[:, :n] for w, n in zip(windows, lengths)]
+    ids = torch.cat(pieces, dim=1).to(dev)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None].to(dev)
+    alone = torch.cat([model(p.to(dev), use_cache=False).logits[0].float() for p in pieces])
+    return ids, pos, alone
 
 
-def _timed(fn) -> float:
-    _sync()
-    t0 = time.perf_counter()
-    fn()
-    _sync()
-    return time.perf_counter() - t0
+def against_alone(logits: torch.Tensor, alone: torch.Tensor, lengths: list[int]) -> dict:
+    """Logits cosine (mean, min) and top-1 agreement of a packed forward against each document run alone."""
+    cos = torch.nn.functional.cosine_similarity(logits, alone, dim=-1)
+    same = (logits.argmax(-1) == alone.argmax(-1)).float()
+    return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "top1": float(same.mean()),
+            "top1_per_doc": [float(x.mean()) for x in same.split(lengths)]}
 
 
 @torch.no_grad()
 def main() -> int:
     from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
     from sparseattn.eval.env import environment
-    from sparseattn.eval.prefill_timing import TIMING_RULES, quiet_gc, round_order
-    from sparseattn.eval.texts import documents_for, token_samples
+    from sparseattn.eval.prefill_timing import TIMING_RULES, paired_rounds
     from sparseattn.integrations.transformers_patch import patch_model
     from sparseattn.models import load
 
@@ -63,20 +70,13 @@ def main() -> int:
     lengths = [int(x) for x in args.lengths.split(",")]
     dev = torch.device(args.device)
     model, tok = load(args.model, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, device=dev)
-    docs, _ = documents_for(None, args.text_dir)
-    windows, _ = token_samples(docs, tok, seq_len=max(lengths), samples=len(lengths))
-    pieces = [w[:, :n] for w, n in zip(windows, lengths)]  # a different text per document
-    ids = torch.cat(pieces, dim=1).to(dev)
-    pos = torch.cat([torch.arange(n) for n in lengths])[None].to(dev)
-    alone = torch.cat([model(p.to(dev), use_cache=False).logits[0].float() for p in pieces])
+    ids, pos, alone = packed_inputs(model, tok, args.text_dir, lengths, dev)
 
     def fwd():
         return model(ids, position_ids=pos, use_cache=False).logits[0].float()
 
     def metrics(logits: torch.Tensor) -> dict:
-        cos = torch.nn.functional.cosine_similarity(logits, alone, dim=-1)
-        return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
-                "top1": float((logits.argmax(-1) == alone.argmax(-1)).float().mean())}
+        return against_alone(logits, alone, lengths)
 
     rows = [{"row": "dense packed", **metrics(fwd())}]
     for name, kw in (("all blocks", {"pattern": "dense"}), ("default", {"predictor": DEFAULT_PREDICTOR_SPEC})):
@@ -85,19 +85,8 @@ def main() -> int:
             fwd()  # settle routes and layer graphs before timing
             counts = dict(h.counts)
             density = h.sparsity_report().get("mean_density")
-            d_s, s_s = [], []
-            with quiet_gc():
-                for r in range(1 + args.repeats):
-                    t = [0.0, 0.0]
-                    for side in round_order(r):
-                        if side == 0:
-                            with h.suspended():
-                                t[0] = _timed(fwd)
-                        else:
-                            t[1] = _timed(fwd)
-                    if r >= 1:
-                        d_s.append(t[0])
-                        s_s.append(t[1])
+            d_s, s_s = paired_rounds(fwd, fwd, repeats=args.repeats, warmup=1, cuda=dev.type == "cuda",
+                                     dense_context=h.suspended)
         d, s = statistics.median(d_s), statistics.median(s_s)
         rows.append({"row": name, **metrics(got), "density": density, "prefill_packed_calls": counts.get("prefill_packed"),
                      "dense_ms": d * 1e3, "sparse_ms": s * 1e3, "ratio": d / s,

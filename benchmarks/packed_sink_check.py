@@ -1,35 +1,50 @@
 """CPU check of document sinks in packed sequences: each document of a packed row against it run alone, with and
-without integrations.masks.document_sink_blocks (the default predictor, SmolLM2).
+without integrations.masks.document_sink_blocks (the default predictor, SmolLM2, float32).
 
 Usage: ``PYTHONPATH=src python benchmarks/packed_sink_check.py [TEXT_DIR]`` (default ../shared/data/essays).
+Packing and the metrics are ``gpu_packed_model.py``'s.
 """
+
+from __future__ import annotations
+
+import os
 import sys
 import time
 
 import torch
 
-import sparseattn.integrations.handle as H
-from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
-from sparseattn.eval.texts import documents_for, token_samples
-from sparseattn.integrations.transformers_patch import patch_model
-from sparseattn.models import load
-torch.set_grad_enabled(False)
-lengths=[900,400,700,500]
-model, tok = load("smollm2-135m")
-docs,_ = documents_for(None, sys.argv[1] if len(sys.argv) > 1 else "../shared/data/essays")
-w,_ = token_samples(docs, tok, seq_len=max(lengths), samples=len(lengths))
-pieces=[x[:, :n] for x,n in zip(w,lengths)]
-ids=torch.cat(pieces,1); pos=torch.cat([torch.arange(n) for n in lengths])[None]
-alone=torch.cat([model(p,use_cache=False).logits[0] for p in pieces])
-real=H.document_sink_blocks
-for name, fn in (("without document sinks", lambda lay, d: lay), ("with document sinks", real)):
-    H.document_sink_blocks = fn
-    t=time.time()
-    with patch_model(model, predictor=DEFAULT_PREDICTOR_SPEC) as h:
-        got=model(ids, position_ids=pos, use_cache=False).logits[0]
-        dens=h.sparsity_report()["mean_density"]
-    cos=torch.nn.functional.cosine_similarity(got, alone, dim=-1)
-    per=[]; s=0
-    for n in lengths:
-        per.append(round(float((got[s:s+n].argmax(-1)==alone[s:s+n].argmax(-1)).float().mean()),4)); s+=n
-    print(f"{name}: density {dens:.3f} top-1 {float((got.argmax(-1)==alone.argmax(-1)).float().mean()):.4f} per doc {per} cos mean {float(cos.mean()):.5f} min {float(cos.min()):.4f} ({time.time()-t:.0f}s)", flush=True)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from gpu_packed_model import against_alone, packed_inputs  # noqa: E402
+
+import sparseattn.integrations.handle as handle_mod  # noqa: E402
+from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC  # noqa: E402
+from sparseattn.integrations.transformers_patch import patch_model  # noqa: E402
+from sparseattn.models import load  # noqa: E402
+
+LENGTHS = [900, 400, 700, 500]
+
+
+@torch.no_grad()
+def main() -> int:
+    text_dir = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/essays"
+    model, tok = load("smollm2-135m")
+    ids, pos, alone = packed_inputs(model, tok, text_dir, LENGTHS, torch.device("cpu"))
+    real = handle_mod.document_sink_blocks
+    try:
+        for name, fn in (("without document sinks", lambda lay, docs: lay), ("with document sinks", real)):
+            handle_mod.document_sink_blocks = fn
+            t = time.time()
+            with patch_model(model, predictor=DEFAULT_PREDICTOR_SPEC) as h:
+                got = model(ids, position_ids=pos, use_cache=False).logits[0].float()
+                dens = h.sparsity_report()["mean_density"]
+            m = against_alone(got, alone, LENGTHS)
+            print(f"{name}: density {dens:.3f} top-1 {m['top1']:.4f} per doc {[round(x, 4) for x in m['top1_per_doc']]} "
+                  f"cos mean {m['cos_mean']:.5f} min {m['cos_min']:.4f} ({time.time() - t:.0f}s)", flush=True)
+    finally:
+        handle_mod.document_sink_blocks = real
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -247,22 +247,9 @@ def _sync(cuda: bool) -> None:
 def _alternating(dense: Callable[[], Any], sparse: Callable[[], Any], *, repeats: int, warmup: int, cuda: bool,
                  seq_len: int, what: str = "torch.compile'd prefill calls") -> dict[str, Any]:
     """The same protocol as ``steady_prefill_times`` for arbitrary callables (compile and graphs modes)."""
-    from sparseattn.eval.prefill_timing import TIMING_RULES, quiet_gc, round_order
+    from sparseattn.eval.prefill_timing import TIMING_RULES, paired_rounds
 
-    d_s: list[float] = []
-    s_s: list[float] = []
-    with quiet_gc():
-        for r in range(warmup + repeats):
-            ts = [0.0, 0.0]
-            for side in round_order(r):
-                _sync(cuda)
-                t0 = time.perf_counter()
-                (dense, sparse)[side]()
-                _sync(cuda)
-                ts[side] = time.perf_counter() - t0
-            if r >= warmup:
-                d_s.append(ts[0])
-                s_s.append(ts[1])
+    d_s, s_s = paired_rounds(dense, sparse, repeats=repeats, warmup=warmup, cuda=cuda)
     d, s = statistics.median(d_s), statistics.median(s_s)
     return {"dense_s": d, "sparse_s": s, "ratio": d / s if s > 0 else None, "dense_rounds_s": d_s,
             "sparse_rounds_s": s_s, "repeats": repeats, "warmup": warmup,

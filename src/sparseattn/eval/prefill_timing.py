@@ -26,7 +26,7 @@ import torch
 
 from sparseattn._validation import check_positive_int, fail
 
-__all__ = ["quiet_gc", "round_order", "steady_prefill_times"]
+__all__ = ["paired_rounds", "quiet_gc", "round_order", "steady_prefill_times"]
 
 TIMING_RULES = ("Python's garbage collector collected before and disabled during the timed rounds (as timeit "
                 "does), the order of the two sides swapped every round")
@@ -66,6 +66,30 @@ def _timed(fn: Callable[[], Any], cuda: bool) -> float:
     if cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def paired_rounds(dense: Callable[[], Any], sparse: Callable[[], Any], *, repeats: int, warmup: int, cuda: bool,
+                  dense_context: Callable[[], Any] = contextlib.nullcontext) -> tuple[list[float], list[float]]:
+    """Seconds of ``dense()`` and ``sparse()`` per timed round: the project's timing protocol for two sides.
+
+    ``warmup`` untimed rounds, then ``repeats`` timed ones; each call synchronised (``cuda``), the order of
+    the two sides swapped every round (:func:`round_order`), the garbage collector off (:func:`quiet_gc`).
+    ``dense_context()`` is entered around each dense call, outside its timed region (e.g. a patched model's
+    ``handle.suspended``).
+    """
+    contexts = (dense_context, contextlib.nullcontext)
+    d_s: list[float] = []
+    s_s: list[float] = []
+    with quiet_gc():
+        for r in range(warmup + repeats):
+            times = [0.0, 0.0]
+            for side in round_order(r):
+                with contexts[side]():
+                    times[side] = _timed((dense, sparse)[side], cuda)
+            if r >= warmup:
+                d_s.append(times[0])
+                s_s.append(times[1])
+    return d_s, s_s
 
 
 @torch.no_grad()
@@ -109,26 +133,12 @@ def steady_prefill_times(model: Any, ids: torch.Tensor, patch_kwargs: Mapping[st
         kw["predictor"] = pattern_predictor(kw.pop("pattern"))
 
     handle = patch_model(model, **kw)  # once: the sparse side is timed in its steady state (caches, layer graphs)
-    dense_s: list[float] = []
-    sparse_s: list[float] = []
     try:
         dense()  # untimed: settles the sparse layers' routes, so the warm-up round(s) capture the layer graphs
 
-        def dense_round() -> float:
-            with handle.suspended():  # the model's own attention for the dense side
-                return _timed(dense, cuda)
-
-        def sparse_round() -> float:
-            return _timed(dense, cuda)  # the same call, now through the patched attention
-
-        with quiet_gc():
-            for r in range(warmup + repeats):
-                times = [0.0, 0.0]
-                for side in round_order(r):
-                    times[side] = (dense_round, sparse_round)[side]()
-                if r >= warmup:
-                    dense_s.append(times[0])
-                    sparse_s.append(times[1])
+        # the dense side: the model's own attention (suspended patch); the sparse side: the same call, patched
+        dense_s, sparse_s = paired_rounds(dense, dense, repeats=repeats, warmup=warmup, cuda=cuda,
+                                          dense_context=handle.suspended)
         status = list(handle.layer_graph_status.values())
     finally:
         handle.unpatch()

@@ -14,7 +14,6 @@ rows it belongs to.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
@@ -104,7 +103,9 @@ def _merge_triton(fn: str, pairs: list[tuple[torch.Tensor, torch.Tensor]], acc_d
     if acc_dtype == torch.float64 or any(o.dtype == torch.float64 for o, _ in pairs):
         raise fail(fn, "states", "hold float64 tensors, which the Triton merge (fp32 accumulation) does not take",
                    "float32/float16/bfloat16 states, or backend='reference'", "float64")
-    if not out0.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    from sparseattn.ops.triton_launch import _LAUNCH_LOCK, interpret_mode
+
+    if not out0.is_cuda and not interpret_mode():
         raise fail(fn, "backend", "'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)",
                    "CUDA states or backend='reference'", str(out0.device))
     import triton
@@ -120,8 +121,9 @@ def _merge_triton(fn: str, pairs: list[tuple[torch.Tensor, torch.Tensor]], acc_d
     if R > 0 and D > 0:
         block_d = triton.next_power_of_2(D)
         block_r = max(1, min(64, 4096 // block_d))
-        _merge_states_kernel[(triton.cdiv(R, block_r),)](O, L, out, lse, S, R, D, O.stride(0), O.stride(1), L.stride(0),
-                                                         BLOCK_R=block_r, BLOCK_D=block_d)
+        with _LAUNCH_LOCK:
+            _merge_states_kernel[(triton.cdiv(R, block_r),)](O, L, out, lse, S, R, D, O.stride(0), O.stride(1),
+                                                             L.stride(0), BLOCK_R=block_r, BLOCK_D=block_d)
     return AttentionState(out.reshape(B, H, N, D), lse.reshape(B, H, N))
 
 
