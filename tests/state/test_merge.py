@@ -15,6 +15,10 @@ from sparseattn.testing.inputs import random_qkv
 from sparseattn.testing.tolerances import ATOL_FLOOR, HALF_ATOL, MERGE_FP32_ATOL, MERGE_FP64_ATOL, SDPA_FP64_ATOL
 
 
+# the Triton merge runs on CUDA when there is one, else under the interpreter (conftest sets TRITON_INTERPRET)
+TDEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _cuts(n, parts, gen):
     inner = torch.randperm(n - 1, generator=gen)[: parts - 1] + 1
     return [0, *sorted(int(x) for x in inner), n]
@@ -122,8 +126,8 @@ def test_segmented_attention_bad_input():
 # --------------------------------------------------------------------------- the Triton merge (kernel vs reference)
 def _states(S, B, H, N, D, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    out = [torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(S)]
-    lse = [torch.randn(B, H, N, generator=g) * 4 for _ in range(S)]
+    out = [torch.randn(B, H, N, D, generator=g).to(dtype).to(TDEV) for _ in range(S)]
+    lse = [(torch.randn(B, H, N, generator=g) * 4).to(TDEV) for _ in range(S)]
     return out, lse
 
 
@@ -165,7 +169,7 @@ def test_triton_merge_non_finite_semantics_match_the_reference():
 
 
 def test_triton_merge_of_segments_equals_whole_attention():
-    q, k, v = random_qkv(1, 4, 33, 16, kv_heads=2, seqlen_kv=90, dtype=torch.float32, seed=3)
+    q, k, v = (t.to(TDEV) for t in random_qkv(1, 4, 33, 16, kv_heads=2, seqlen_kv=90, dtype=torch.float32, seed=3))
     states = [reference_attention(q, k[:, :, a:b], v[:, :, a:b]) for a, b in ((0, 20), (20, 21), (21, 90))]
     whole = reference_attention(q, k, v)
     got = merge_states(states, backend="triton")

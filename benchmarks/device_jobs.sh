@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device jobs of the 2026-12-03 third session, one call = `bash benchmarks/device_s3.sh JOB...`.
+# Named device jobs (2026-12-03 sessions), one call = `bash benchmarks/device_jobs.sh JOB...`.
 # The model files travel in pieces (../shared/DEVICE.md): copy_s0 / copy_s1 (SmolLM2, .carry/s2/c*) and
 # copy_g0..copy_g4 (Gemma-3-270M, .carry/g/gemma-3-270m-q4_k_m.gguf.d/c*) copy the carried piece into /tmp/m,
 # which a warm machine keeps between calls. Every job has its own time limit; its files land in
@@ -85,11 +85,23 @@ run_job() {
       timeout ${RULER_GEMMA_S:-420} $M ruler --model $GEMMA --text-dir $ESSAYS --lengths ${RULER_GEMMA_LENGTHS:-8192,16384,32000} \
         --samples ${RULER_GEMMA_SAMPLES:-3} --device cuda --quiet --predictors "$DEFAULT_PRED" $T --no-plots --out "$d" \
         > "$d/log" 2>&1; tail -n 30 "$d/log" ;;
+    gpu_tests)  # issue 11: the kernel, state, integration and predictor tests on the GPU (real kernels, no interpreter)
+      timeout ${GT_S:-420} python3 -m pytest -q -p no:cacheprovider ${GT_DIRS:-tests/ops tests/state tests/integrations tests/predictors tests/test_nonfinite.py} \
+        > "$d/pytest.log" 2>&1; grep -E "FAILED|ERROR" "$d/pytest.log" | head -n 20; tail -n 3 "$d/pytest.log" ;;
+    probe)  # issue 10: where the eager patched forward spends its host time, per row
+      timeout ${PROBE_S:-200} python3 benchmarks/eager_host_probe.py --model $SMOL --text-dir $ESSAYS --length ${PROBE_LEN:-8192} \
+        --repeats ${PROBE_REPEATS:-11} --out "$d" > "$d/log" 2>&1; tail -n 45 "$d/log" ;;
+    gen_mixed)  # issue 14: greedy agreement with the mixed cache, sink tokens 4 (default) vs 0, SmolLM2 4K/8K
+      for sink in 4 0; do
+        timeout 150 $M gen-check --model $SMOL --text-dir $ESSAYS --lengths 4096,8128 --modes mixed_int8,mixed_fp8 \
+          --mixed-sink-tokens $sink --samples 2 --device cuda --dtype bfloat16 --quiet --out "$d/sink$sink" > "$d/log$sink" 2>&1
+        echo "--- sink $sink"; tail -n 8 "$d/log$sink"
+      done ;;
     decode_sweep)  # issue 14: INT8/FP8 decode kernel variants
       timeout 250 python3 benchmarks/decode_int8_sweep.py --out "$d" > "$d/log" 2>&1; tail -n 25 "$d/log" ;;
     *) echo "unknown job $job" ;;
   esac
 }
 for job in "$@"; do run_job "$job"; done
-tar -C "$OUT" -czf "$OUT/s3_$1.tar.gz" s3 && rm -rf "$R"
+tar -C "$OUT" -czf "$OUT/jobs_$1.tar.gz" s3 && rm -rf "$R"
 st done
