@@ -86,8 +86,8 @@ run_job() {
         --samples ${RULER_GEMMA_SAMPLES:-3} --device cuda --quiet --predictors "$DEFAULT_PRED" $T --no-plots --out "$d" \
         > "$d/log" 2>&1; tail -n 30 "$d/log" ;;
     gpu_tests)  # issue 11: the kernel, state, integration and predictor tests on the GPU (real kernels, no interpreter)
-      timeout ${GT_S:-420} python3 -m pytest -q -p no:cacheprovider ${GT_DIRS:-tests/ops tests/state tests/integrations tests/predictors tests/test_nonfinite.py} \
-        > "$d/pytest.log" 2>&1; grep -E "FAILED|ERROR" "$d/pytest.log" | head -n 20; tail -n 3 "$d/pytest.log" ;;
+      timeout ${GT_S:-420} python3 -m pytest -v -rfE -p no:cacheprovider ${GT_DIRS:-tests/ops tests/state tests/integrations tests/predictors tests/test_nonfinite.py} \
+        > "$d/pytest.log" 2>&1; grep -cE " PASSED" "$d/pytest.log"; grep -E " FAILED| ERROR" "$d/pytest.log" | head -n 20; tail -n 2 "$d/pytest.log" ;;
     probe)  # issue 10: where the eager patched forward spends its host time, per row
       timeout ${PROBE_S:-200} python3 benchmarks/eager_host_probe.py --model $SMOL --text-dir $ESSAYS --length ${PROBE_LEN:-8192} \
         --repeats ${PROBE_REPEATS:-11} --out "$d" > "$d/log" 2>&1; tail -n 45 "$d/log" ;;

@@ -41,6 +41,7 @@ def _per_function(prof: cProfile.Profile, forwards: int) -> dict[str, tuple[floa
     return out
 
 
+@torch.no_grad()  # as bench_model's timing (an inference forward: no autograd graph, steady allocator addresses)
 def main() -> int:
     from sparseattn.eval.bench_model import ALL_BLOCKS_SPEC, _input_ids, load_model
     from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC

@@ -252,8 +252,8 @@ def test_variants_are_ignored_without_a_quantized_cache_or_with_fp32_q(request):
 
 
 def test_bad_variant_configs_raise():
-    q = torch.randn(1, 4, 1, 64).half()
-    kq, ks = quantize(torch.randn(1, 2, 32, 64), "int8")
+    q = torch.randn(1, 4, 1, 64).half().to(DEV)
+    kq, ks = quantize(torch.randn(1, 2, 32, 64).to(DEV), "int8")
     kw = dict(k_scale=ks, v_scale=ks, backend="triton")
     base = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     for extra, msg in (({"QK": "int4"}, "decode_attention: config has an unknown QK variant"),
