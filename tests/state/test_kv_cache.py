@@ -222,6 +222,10 @@ def test_gpu_kernel_dequantises(quant):
 # lse gets scale·q·mean back before the merge with the recent window (state operator and decode kernel).
 
 
+# the kernel route runs on CUDA when there is one (else the interpreter): these tests' tensors live there
+TDEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _smoothing_inputs(B=2, H=4, Hkv=2, n=200, nq=6, D=64, offset=True, seed=0):
     """GQA queries/keys/values, batch rows and KV heads with different values; keys with large channel offsets."""
     g = torch.Generator().manual_seed(seed)
@@ -232,7 +236,7 @@ def _smoothing_inputs(B=2, H=4, Hkv=2, n=200, nq=6, D=64, offset=True, seed=0):
         k[..., 3] += 50.0  # the issue's outlier channel
         k[1, :, :, 5] -= 30.0  # another one in batch row 1 only
         k[:, 1, :, 9] += 20.0  # and on KV head 1
-    return q, k, v
+    return q.to(TDEV), k.to(TDEV), v.to(TDEV)
 
 
 def _cache_attention(k, v, q, *, quant="int8", smooth=True, route="off", window=16, mask=None, sink=0,
@@ -254,7 +258,7 @@ def _float_attention(q, k, v, mask=None):
     G = q.shape[1] // k.shape[1]
     nq, n = q.shape[2], k.shape[2]
     if mask is None:
-        mask = torch.ones(nq, n, dtype=torch.bool).tril(n - nq)
+        mask = torch.ones(nq, n, dtype=torch.bool, device=q.device).tril(n - nq)
     return torch.nn.functional.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(G, 1),
                                                             v.double().repeat_interleave(G, 1), attn_mask=mask)
 
@@ -453,9 +457,9 @@ def _sink_reference(q, layer, sliding_window=None):
         vs.append(dequantize(layer.qv, layer.qv_scale, torch.float64))
     k_true, v_true = torch.cat(ks + [layer.keys.double()], 2), torch.cat(vs + [layer.values.double()], 2)
     nq, n = q.shape[2], k_true.shape[2]
-    mask = torch.ones(nq, n, dtype=torch.bool).tril(n - nq)
+    mask = torch.ones(nq, n, dtype=torch.bool, device=q.device).tril(n - nq)
     if sliding_window is not None:
-        mask &= ~torch.ones(nq, n, dtype=torch.bool).tril(n - nq - sliding_window)
+        mask &= ~torch.ones(nq, n, dtype=torch.bool, device=q.device).tril(n - nq - sliding_window)
     return _float_attention(q, k_true, v_true, mask=mask), k_true
 
 

@@ -323,6 +323,10 @@ def _build_classes() -> tuple[type, type]:
 
         def reset(self) -> None:
             super().reset()
+            # dropped, not zeroed: some transformers versions' DynamicLayer.reset zeroes the recent keys in place,
+            # which would leave their length counted by get_seq_length
+            self.keys = self.values = None
+            self.is_initialized = False
             self.qk = self.qv = self.qk_scale = self.qv_scale = self.k_mean = None
             self.sk = self.sv = None
 
