@@ -133,7 +133,7 @@ class _FakeGraphs:
     def __init__(self) -> None:
         self.fast: dict = {}
         self.replays = 0
-        self.stats = {"direct": 0, "copy": 0, "direct_captures": 0, "direct_failed": 0}
+        self.stats = {"direct": 0, "copy": 0, "direct_captures": 0, "direct_failed": 0, "held": 0}
         self.direct_error = None
         self.calls: list[tuple[int, ...]] = []
 
@@ -164,7 +164,7 @@ def test_fast_lane_is_taken_only_for_the_remembered_call(monkeypatch):
         fake = _FakeGraphs()
         dens = torch.full((4,), 0.5, dtype=torch.float64)
         for layer, (q, k, v, kw) in seen.items():
-            fake.fast[layer] = FastLane(h._fast_check(q, k, v, kw), None, None, None, dens, False, "triton")
+            fake.fast[layer] = FastLane(h._fast_check(q, k, v, kw), None, None, None, dens, None, False, "triton")
         h._layer_graphs = fake
         h.reset_stats()
         model(ids, use_cache=False)
@@ -203,17 +203,28 @@ def test_layer_graphs_direct_and_copy_replays():
     out, _ = lg.run(("L0",), q, k, v, body, "test")
     torch.testing.assert_close(out, expect(), rtol=0, atol=0)
     assert lg.stats["direct_captures"] == 1 and lg.stats["direct"] == 1
+    del out  # the output is the static buffer: a replay overwrites it only when nobody holds it
     q.add_(1.0)  # same storage, new values: the direct graph reads them
     out, _ = lg.run(("L0",), q, k, v, body, "test")
     torch.testing.assert_close(out, expect(), rtol=0, atol=0)
-    assert lg.stats["direct"] == 2 and lg.stats["copy"] == 0
+    assert lg.stats["direct"] == 2 and lg.stats["copy"] == 0 and lg.stats["held"] == 0
+    # a caller that keeps the output (here a view of it): the next call runs eagerly, the held values stay
+    kept = out.reshape(-1)
+    before = kept.clone()
+    del out
+    q2 = q + 5.0
+    out2, _ = lg.run(("L0",), q2, k, v, body, "test")
+    torch.testing.assert_close(out2, (q2 * 2 + k - v).transpose(1, 2), rtol=0, atol=0)
+    assert lg.stats["held"] == 1 and torch.equal(kept, before)
+    del kept, out2
     held = []
     for i in range(_MAX_DIRECT_TRIES + 2):  # new addresses every call: re-captured a few times, then copies
         q, k, v = (torch.randn(1, 2, 64, 16, device="cuda", generator=g) for _ in range(3))
         held.append((q, k, v))  # held, so the next tensors get new addresses
         out, _ = lg.run(("L0",), q, k, v, body, "test")
         torch.testing.assert_close(out, expect(), rtol=0, atol=0)
-    assert lg.stats["direct_captures"] == _MAX_DIRECT_TRIES and lg.stats["copy"] >= 1
+        del out
+    assert lg.stats["direct_captures"] == _MAX_DIRECT_TRIES and lg.stats["copy"] >= 1 and lg.stats["held"] == 1
     side = torch.cuda.Stream()  # a call on another stream waits for the last one's output clone
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -238,3 +249,30 @@ def test_fast_lane_on_the_gpu_equals_eager():
     lg = rep_g["layer_graphs"]
     assert lg["direct"] + lg["copy"] == lg["replays"] == rep_g["_replays"]
     assert rep_g["counts"] == rep_e["counts"]
+
+
+def test_graph_density_accumulator_accounting():
+    """CPU: a graphed predictor layer's counts are summed on the device (DensityAccumulator); the handle counts
+    the calls, reports each call as their mean density and zeroes the sum in reset_stats."""
+    from sparseattn.integrations.layer_graphs import DensityAccumulator
+
+    model = _tiny()
+    with patch_model(model, pattern="sink_window:window_blocks=2") as h:
+        acc = DensityAccumulator()
+        with pytest.raises(RuntimeError, match="^DensityAccumulator.density: no call was counted"):
+            acc.density()
+        acc.add(torch.tensor([[2, 4, 0, 8]]), 8)
+        acc.reset()  # the capture's warm-up run is not a call
+        for counts in ([[2, 4, 0, 8]], [[4, 4, 2, 8]]):
+            acc.add(torch.tensor(counts), 8)
+            h._count_graph_call(1, acc)
+        d = h.densities[1]
+        assert len(d) == 2 and d[0] is d[1] and d[0].dtype == torch.float64
+        torch.testing.assert_close(d[0], torch.tensor([0.375, 0.5, 0.125, 1.0], dtype=torch.float64), rtol=0, atol=0)
+        rep = h.sparsity_report()["layers"]["1"]
+        assert rep["density"] == pytest.approx(0.5) and rep["density_per_head"] == [0.375, 0.5, 0.125, 1.0]
+        h.reset_stats()
+        assert acc.calls == 0 and int(acc.sum.abs().sum()) == 0 and h.densities == {}
+        acc.add(torch.tensor([[8, 8, 8, 8]]), 8)
+        h._count_graph_call(1, acc)
+        assert h.densities[1][0].tolist() == [1.0, 1.0, 1.0, 1.0]

@@ -90,9 +90,12 @@ def _pv_for(pred: Any, layer: int) -> float | None:
 
 
 def _as_density(entry: Any) -> torch.Tensor:
-    """A density entry of :meth:`PatchHandle._density` as the per-head float64 ``[H]`` density."""
+    """A density entry of :meth:`PatchHandle._density` (or a layer graph's accumulator) as the per-head
+    float64 ``[H]`` density."""
     if isinstance(entry, torch.Tensor):
         return entry
+    if hasattr(entry, "density"):  # layer_graphs.DensityAccumulator: the mean over its calls
+        return entry.density()
     counts, avail = entry
     return counts.mean(0, dtype=torch.float64) / avail
 
@@ -236,6 +239,10 @@ class PatchHandle:
 
     def reset_stats(self) -> None:
         """Forget recorded densities, timings, counters, layouts and captures."""
+        for items in self._density_raw.values():
+            for item in items:
+                if hasattr(item, "reset"):  # a layer graph's device-side density sum
+                    item.reset()
         self._density_raw.clear()
         self.backends_used.clear()
         self.timings.clear()
@@ -573,6 +580,9 @@ class PatchHandle:
             self._layout(layer, query, key) if static else None)
 
         quant = self.quant
+        from sparseattn.integrations.layer_graphs import DensityAccumulator
+
+        accum = DensityAccumulator() if fixed is None else None
 
         def body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> Any:
             from sparseattn.ops import triton_launch
@@ -587,10 +597,11 @@ class PatchHandle:
             else:
                 triton_launch.block_sparse_fwd(q, k, v, layout=layout, causal=True, scale=scale, pv_threshold=pv,
                                                out=out.transpose(1, 2), sliding_window=win)
-            if fixed is not None:
-                return None
-            return layout.selected_in_region(causal=True), max(layout.available_blocks(causal=True), 1)
+            if accum is not None:  # the predicted layout's counts, summed on the device (no per-call copy)
+                accum.add(layout.selected_in_region(causal=True), layout.available_blocks(causal=True))
+            return None
 
+        body.accum = accum  # type: ignore[attr-defined] - read by LayerGraphs (warm-up) and the fast lane
         if self._layer_graphs is None:
             from sparseattn.integrations.layer_graphs import LayerGraphs
 
@@ -600,14 +611,17 @@ class PatchHandle:
         if res is None:
             self.layer_graph_status[layer] = "capture failed (see the warning)"
             return None
-        out, extra = res
-        density = self._density(fixed, True, win) if fixed is not None else extra
+        out, _ = res
         self.layer_graph_status[layer] = "graphed"
         self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
         self.counts["prefill_sparse"] += 1
         if quant is not None:
             self.counts["prefill_quant"] += 1
-        self._density_raw.setdefault(layer, []).append(density)
+        used = getattr(self._layer_graphs.last[1].body, "accum", None)  # the accumulator of the graph that ran
+        if used is not None:
+            self._count_graph_call(layer, used)
+        else:
+            self._density_raw.setdefault(layer, []).append(self._density(fixed, True, win))
         self.backends_used.setdefault(layer, set()).add(self._quant_label or "triton")
         return out, None
 
@@ -632,7 +646,8 @@ class PatchHandle:
         if static:
             density = self._density_raw[layer][-1]  # the fixed layout's entry, just recorded by _graphed
         lg.fast[layer] = FastLane(self._fast_check(query, key, value, kwargs), buf, entry, pred, density,
-                                  self.quant is not None, self._quant_label or "triton")
+                                  getattr(entry.body, "accum", None), self.quant is not None,
+                                  self._quant_label or "triton")
 
     def _fast_replay(self, lg: Any, fl: Any, module: torch.nn.Module, layer: int, query: torch.Tensor,
                      key: torch.Tensor, value: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None] | None:
@@ -649,12 +664,15 @@ class PatchHandle:
                 or self._fast_check(query, key, value, kwargs) != fl.check or torch.cuda.is_current_stream_capturing()):
             return None
         t0 = time.perf_counter()
-        out, extra = lg.replay(fl.buf, fl.entry, query, key, value)
+        out, _ = lg.replay(fl.buf, fl.entry, query, key, value)
         self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
         self.counts["prefill_sparse"] += 1
         if fl.quant:
             self.counts["prefill_quant"] += 1
-        self._density_raw.setdefault(layer, []).append(fl.density if fl.density is not None else extra)
+        if fl.accum is not None:
+            self._count_graph_call(layer, fl.accum)
+        else:
+            self._density_raw.setdefault(layer, []).append(fl.density)
         self.backends_used.setdefault(layer, set()).add(fl.backend)
         return out, None
 
@@ -787,8 +805,17 @@ class PatchHandle:
         """``{layer: [float64 tensor[H] per prefill call]}``: block density actually used per head (on the device)."""
         out: dict[int, list[torch.Tensor]] = {}
         for layer, items in self._density_raw.items():
-            out[layer] = [_as_density(x) for x in items]
+            dens: list[torch.Tensor] = []
+            for x in items:  # a layer graph's accumulator stands for its calls: each gets their mean density
+                dens.extend([_as_density(x)] * x.calls if hasattr(x, "calls") else [_as_density(x)])
+            out[layer] = dens
         return out
+
+    def _count_graph_call(self, layer: int, accum: Any) -> None:
+        """Account one graphed call of a predicted layer: its counts are already in ``accum`` (on the device)."""
+        if accum.calls == 0:  # first call since the accumulator was created or reset: it joins the layer's entries
+            self._density_raw.setdefault(layer, []).append(accum)
+        accum.calls += 1
 
     def _density(self, layout: BlockLayout, static: bool, window: int | None) -> Any:
         """This call's density entry: a cached ``[H]`` tensor (static layouts) or raw counts (one reduction)."""

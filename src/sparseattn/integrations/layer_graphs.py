@@ -13,9 +13,14 @@ static input buffers and writes a static output. Every later call:
 
 1. copies ``q``, ``k``, ``v`` into the static buffers (one buffer set per shape, shared by the
    layers of that shape; three device copies, ~25 MB at 8K for SmolLM2, ~10 µs of HBM time);
-2. replays the graph (predictor kernels, attention kernel, density reduction);
-3. returns a clone of the static output ``(B, N, H, D)`` and of the density counts, so results stay
-   valid after the next layer's replay.
+2. replays the graph (predictor kernels, attention kernel, density accounting: a predictor's selected
+   block counts are added on the device to a per-graph sum, :class:`DensityAccumulator`, so nothing is
+   copied or read per call);
+3. returns the static output ``(B, N, H, D)`` itself. It is overwritten by the next replay of a graph of
+   that shape, so a replay first checks that no caller still holds the previous output (the storage's use
+   count, the check torch's own CUDA-graph trees make); if one does, this call runs the body eagerly into
+   a new tensor instead (``stats["held"]``). A model layer hands its attention output to its output
+   projection and drops it, so in a forward every replay finds the buffer free and nothing is cloned.
 
 **Direct replays.** In a steady-state eager forward PyTorch's caching allocator hands each layer the
 same addresses for its ``q``, ``k``, ``v`` call after call. So each key also gets a second graph,
@@ -64,13 +69,53 @@ import torch
 
 from sparseattn._cache import BoundedCache
 
-__all__ = ["LayerGraphs", "FastLane", "DEFAULT_MAX_NUMEL"]
+__all__ = ["LayerGraphs", "FastLane", "DensityAccumulator", "DEFAULT_MAX_NUMEL"]
 
 #: largest ``q.numel()`` graphed by default (above it the GPU time dominates the host work)
 DEFAULT_MAX_NUMEL = 1 << 26
 _MAX_SHAPES = 4  # static buffer sets kept (least recently used shape dropped, with its graphs)
 _MAX_FAILED = 512  # keys remembered as "capture failed"
 _MAX_DIRECT_TRIES = 3  # captures of a key's direct graph (its input addresses moved) before it keeps to copies
+
+
+def _uses(t: torch.Tensor) -> int:
+    """How many references the storage of ``t`` has (tensors and views of it, storage objects)."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+class DensityAccumulator:
+    """A graphed predictor layer's selected-block counts, summed on the device over its calls.
+
+    The layer body calls :meth:`add` with the layout's ``[B, H]`` counts (inside the graph: a replay adds
+    its counts with one small kernel; no clone, no host read). The handle counts the calls (``calls``) and
+    zeroes both in :meth:`reset`; ``density()`` is the mean ``[H]`` density over those calls (a host read
+    only when a report asks for it).
+    """
+
+    __slots__ = ("sum", "avail", "calls")
+
+    def __init__(self) -> None:
+        self.sum: torch.Tensor | None = None
+        self.avail = 1
+        self.calls = 0
+
+    def add(self, counts: torch.Tensor, avail: int) -> None:
+        if self.sum is None:  # the first (eager, uncaptured) run allocates the sum outside any graph pool
+            self.sum = torch.zeros(counts.shape, dtype=torch.int64, device=counts.device)
+            self.avail = max(int(avail), 1)
+        self.sum.add_(counts)
+
+    def reset(self) -> None:
+        """Zero the device sum (stream-ordered after the calls already queued) and the call count."""
+        if self.sum is not None:
+            self.sum.zero_()
+        self.calls = 0
+
+    def density(self) -> torch.Tensor:
+        """Mean per-head ``[H]`` float64 density over the counted calls."""
+        if self.sum is None or self.calls == 0:
+            raise RuntimeError("DensityAccumulator.density: no call was counted")
+        return self.sum.mean(0, dtype=torch.float64) / (self.avail * self.calls)
 
 
 @dataclass
@@ -81,10 +126,12 @@ class _Buffers:
     k: torch.Tensor
     v: torch.Tensor
     out: torch.Tensor  # (B, N, H, D)
+    base_uses: int = 0  # the storage use count of ``out`` when nothing but the buffer holds it
     lock: threading.Lock = field(default_factory=threading.Lock)
     # the stream of the last call; a call on another stream first waits for everything queued on it (the
-    # last output clone included); calls on one stream are ordered by the stream itself
+    # readers of the last output included); calls on one stream are ordered by the stream itself
     stream: Any = None
+    stream_raw: int | None = None  # ``stream.cuda_stream``
     graphs: dict[tuple[Any, ...], "_Entry"] = field(default_factory=dict)  # this shape's graphs, by layer key
 
 
@@ -144,7 +191,8 @@ class FastLane:
     buf: "_Buffers"
     entry: _Entry
     pred: Any  # the layer's predictor object when the graph was made (None for static layouts)
-    density: Any  # the static layout's density entry, or None: the replay's cloned counts
+    density: Any  # the static layout's density entry, or None: the replay's counts go to ``accum``
+    accum: DensityAccumulator | None  # the graph's device-side density sum (predicted layouts)
     quant: bool
     backend: str  # what ran it, for ``PatchHandle.backends_used``
 
@@ -171,7 +219,8 @@ class LayerGraphs:
         self.replays = 0
         #: ``{"direct": replays without input copies, "copy": replays through the static inputs,
         #: "direct_captures": direct graphs captured, "direct_failed": direct captures that failed}``
-        self.stats = {"direct": 0, "copy": 0, "direct_captures": 0, "direct_failed": 0}
+        #: "held": calls run eagerly because a caller still held the buffers' previous output
+        self.stats = {"direct": 0, "copy": 0, "direct_captures": 0, "direct_failed": 0, "held": 0}
         #: ``{layer: FastLane}`` of the last graphed call per layer (see :class:`FastLane`)
         self.fast: dict[int, FastLane] = {}
         self.last: tuple[_Buffers, _Entry] | None = None  # buffers and entry of the last replay
@@ -189,10 +238,10 @@ class LayerGraphs:
         B, H, N, D = q.shape
 
         def build() -> _Buffers:
+            out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
             return _Buffers(torch.empty(q.shape, dtype=q.dtype, device=q.device),
                             torch.empty(k.shape, dtype=k.dtype, device=k.device),
-                            torch.empty(v.shape, dtype=v.dtype, device=v.device),
-                            torch.empty((B, N, H, D), dtype=q.dtype, device=q.device))
+                            torch.empty(v.shape, dtype=v.dtype, device=v.device), out, _uses(out))
 
         return self._buffers.get_or_build(key, build)
 
@@ -203,7 +252,8 @@ class LayerGraphs:
 
         ``body(q, k, v, out)`` writes attention into ``out`` and returns a tensor (or None) that is
         cloned after each replay (tensors, also inside a tuple; other values are returned as they
-        were at capture); it must launch GPU work only (no host reads).
+        were at capture); it must launch GPU work only (no host reads). ``out`` is the static output
+        (see the module docstring, step 3).
         """
         from sparseattn.predictors.graphed import _CAPTURE_LOCK, _end_failed_capture
 
@@ -233,31 +283,44 @@ class LayerGraphs:
 
     def replay(self, buf: _Buffers, entry: _Entry, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """``(out, extra)`` of one replay of ``entry``: its direct graph when q/k/v sit where it reads, else copies."""
+        """``(out, extra)`` of one replay of ``entry``: its direct graph when q/k/v sit where it reads, else copies.
+
+        ``out`` is the static output buffer; if a caller still holds its previous contents the body runs
+        eagerly into a new tensor instead (the graph would overwrite what the caller holds).
+        """
+        if _uses(buf.out) != buf.base_uses:
+            with buf.lock:
+                B, H, N, D = q.shape
+                out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
+                extra = entry.body(q, k, v, out)
+                self.stats["held"] += 1
+            return out, extra
         sig = _sig(q, k, v)
         d = entry.direct
         if (d is None or d.sig != sig) and entry.direct_tries < _MAX_DIRECT_TRIES:
             d = self._capture_direct(buf, entry, q, k, v, sig)  # captures only: nothing runs, no buffer is written
-        stream = torch.cuda.current_stream(q.device)
+        raw = torch._C._cuda_getCurrentRawStream(q.device.index)  # an int: cheaper than a Stream object per call
         with buf.lock:
-            if stream != buf.stream:  # the buffers' last user was another stream: wait for its clone
+            if raw != buf.stream_raw:  # the buffers' last user was another stream: wait for its work
+                stream = torch.cuda.current_stream(q.device)
                 if buf.stream is not None:
                     stream.wait_stream(buf.stream)
-                buf.stream = stream
+                buf.stream, buf.stream_raw = stream, raw
             if d is not None and d.sig == sig:
                 d.graph.replay()
-                extra = _clone(d.extra)
+                extra = None if d.extra is None else _clone(d.extra)
                 self.stats["direct"] += 1
             else:
                 buf.q.copy_(q)
                 buf.k.copy_(k)
                 buf.v.copy_(v)
                 entry.graph.replay()
-                extra = _clone(entry.extra)
+                extra = None if entry.extra is None else _clone(entry.extra)
                 self.stats["copy"] += 1
-            out = buf.out.clone()
         self.replays += 1
-        return out, extra
+        # a new view (its own TensorImpl) rather than ``buf.out``: while the caller holds it, or any view of it,
+        # the storage's use count stays above ``base_uses`` and the next replay knows
+        return buf.out.view(buf.out.shape), extra
 
     def _capture_direct(self, buf: _Buffers, entry: _Entry, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         sig: tuple[Any, ...]) -> _Direct | None:
@@ -291,9 +354,12 @@ class LayerGraphs:
             side.wait_stream(cur)
             with torch.cuda.stream(side):  # compile / autotune / fill caches outside the capture
                 body(buf.q, buf.k, buf.v, buf.out)
+                accum = getattr(body, "accum", None)
+                if accum is not None:  # the warm-up is not a call: its counts are not the caller's
+                    accum.reset()
             cur.wait_stream(side)
             graph, extra = _capture(body, buf.q, buf.k, buf.v, buf.out)
-            buf.stream = cur
+            buf.stream, buf.stream_raw = cur, cur.cuda_stream
         from sparseattn._cache import all_caches
 
         keep: list[Any] = [body]
