@@ -97,6 +97,11 @@ run_job() {
           --mixed-sink-tokens $sink --samples 2 --device cuda --dtype bfloat16 --quiet --out "$d/sink$sink" > "$d/log$sink" 2>&1
         echo "--- sink $sink"; tail -n 8 "$d/log$sink"
       done ;;
+    host_nomodel)  # issue 10: host cost per layer call and eager whole-model rows on SmolLM2's shapes (random weights)
+      timeout 60 python3 benchmarks/layer_call_host.py --out "$d" > "$d/host.log" 2>&1; tail -n 8 "$d/host.log"
+      timeout 100 python3 benchmarks/bench_model.py --arch smollm2-135m --lengths 8192 --random-ids --repeats 21 \
+        --predictors "$DEFAULT_PRED" --patterns "sink_window:window_blocks=8,block_m=128,block_n=128" --no-profile --no-plot \
+        --out "$d" > "$d/log" 2>&1; tail -n 5 "$d/log" ;;
     decode_sweep)  # issue 14: INT8/FP8 decode kernel variants
       timeout 250 python3 benchmarks/decode_int8_sweep.py --out "$d" > "$d/log" 2>&1; tail -n 25 "$d/log" ;;
     *) echo "unknown job $job" ;;
