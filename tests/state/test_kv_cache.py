@@ -79,14 +79,14 @@ def test_generate_with_quantized_history(make, quant):
     ids = _ids(48)
     ref_logits = model(torch.cat([ids, _ids(6, seed=2)], 1)).logits[:, -6:]
     enable_mixed_cache(model)
-    cache = MixedKVCache(model.config, window=16, quant=quant)
+    cache = MixedKVCache(model.config, window=16, quant=quant, sink_tokens=4)
     with _Count() as c:
         model(ids, past_key_values=cache, use_cache=True)
         logits = model(_ids(6, seed=2), past_key_values=cache, use_cache=True).logits
     assert c.calls == 2 * len(cache.layers)
     rep = cache.memory_report()
     # the prefill's 48 tokens: 32 left the window at the second step's update (the first 4 into the sink segment,
-    # sink_tokens=4 by default, the other 28 quantized); the 6 new ones are recent
+    # sink_tokens=4, the other 28 quantized); the 6 new ones are recent
     assert rep["sink_tokens"] == 4 * len(cache.layers) and rep["quantized_tokens"] == 28 * len(cache.layers)
     assert rep["recent_tokens"] == 22 * len(cache.layers)
     assert rep["bytes_saved"] > 0 and rep["ratio"] < 1.0
@@ -414,6 +414,7 @@ def test_smoothing_bytes_beam_ops_and_model():
     enable_mixed_cache(model)
     cache = MixedKVCache(model.config, window=16, smooth_keys=True)
     assert cache.smooth_keys is True and MixedKVCache(model.config, window=16).smooth_keys is False  # off by default
+    assert MixedKVCache(model.config, window=16).sink_tokens == 0  # no sink segment by default (docs/STATE.md: GPU agreement)
     model(ids, past_key_values=cache, use_cache=True)
     logits = model(_ids(6, seed=2), past_key_values=cache, use_cache=True).logits
     assert all(layer.k_mean is not None for layer in cache.layers)

@@ -2,8 +2,8 @@
 
 Per layer the cache holds up to three key segments, in position order:
 
-* **sink** — the first ``sink_tokens`` tokens (default 4; the attention sink), never quantized: in the model's
-  dtype, moved here from the recent window when they leave it;
+* **sink** — the first ``sink_tokens`` tokens (the attention sink; off by default, ``sink_tokens=4`` keeps four),
+  never quantized: in the model's dtype, moved here from the recent window when they leave it;
 * **quantized** — every other token older than the recent window, as INT8 (symmetric, one float32 scale per
   token and KV head: ``scale = max|x| / 127``) or FP8 e4m3 (``scale = max|x| / 448``);
 * **recent** — the last ``window`` tokens (plus the tokens of the current step) in the model's dtype.
@@ -21,7 +21,8 @@ fp32, 2048 tokens, int8, window 128) it *doubles* the mean per-layer attention e
 worse in 24 of 30 layers) because the attention-sink token, which takes 75–89% of the attention in some
 layers, has small keys far from ``μ``: its quantization error grows about 7×. A simulation that kept the
 sink token in full precision gave 2.4e-3 off and 2.0e-3 on (docs/STATE.md); built as ``sink_tokens`` (measured:
-2.31e-3 off, 1.98e-3 on with ``sink_tokens=4``, now the default). With a sink segment ``μ`` is the mean of the
+2.31e-3 off, 1.98e-3 on with ``sink_tokens=4``; it was the default until the GPU's greedy-generation check on
+SmolLM2 in bf16 came out worse with it than without, docs/STATE.md). With a sink segment ``μ`` is the mean of the
 non-sink keys held at the first quantization, and the sink keys are stored as they are.
 
 Tokens move from the recent window to the quantized segment at the *start* of the next ``update``
@@ -354,8 +355,9 @@ def _build_classes() -> tuple[type, type]:
             smooth_keys: K smoothing (see the module docstring): quantize ``k - mean`` and correct the
                 segment's lse exactly; ``False`` quantizes the keys as they are (the behaviour before it).
             sink_tokens: the first tokens of each layer kept in the model dtype, never quantized (a third
-                segment, attended on both routes and merged exactly; >= 0, default 4: on SmolLM2 it halves
-                the mean per-layer attention error, docs/STATE.md); ``0`` is bitwise the behaviour before it.
+                segment, attended on both routes and merged exactly; >= 0, default 0 (none): on SmolLM2 4 halves
+                the per-layer attention error in fp32 on the CPU but lowered greedy agreement on the GPU in bf16,
+                docs/STATE.md); ``0`` is bitwise the behaviour before it.
             decode_backend: how decode steps (1..64 new tokens over the cache, no mask or a plain causal
                 one) are attended: ``"auto"`` (default) — the split-KV decode kernel reads the quantized
                 segment (dequantising in registers, ``return_lse``) and the recent window, merged exactly,
@@ -373,7 +375,7 @@ def _build_classes() -> tuple[type, type]:
         """
 
         def __init__(self, config: Any, *, window: int = 128, quant: str = "int8", decode_backend: str = "auto",
-                     smooth_keys: bool = False, sink_tokens: int = 4) -> None:
+                     smooth_keys: bool = False, sink_tokens: int = 0) -> None:
             fn = "MixedKVCache"
             if config is None or not hasattr(config, "num_hidden_layers") and not hasattr(config, "get_text_config"):
                 raise fail(fn, "config", "must be the model's config", "a transformers PretrainedConfig",
