@@ -181,5 +181,54 @@ def test_triton_merge_bad_input():
     out, lse = _states(2, 1, 1, 4, 8, torch.float64, seed=1)
     with pytest.raises(ValueError, match=r"^merge_states: states hold float64 tensors"):
         merge_states(list(zip(out, [t.double() for t in lse])), backend="triton")
-    with pytest.raises(ValueError, match=r"^merge_states: backend is not a merge backend; expected one of \['reference', 'triton'\], got 'cuda'$"):
+    with pytest.raises(ValueError, match=r"^merge_states: backend is not a merge backend; expected one of \['auto', 'triton', 'reference'\], got 'cuda'$"):
         merge_states(list(zip(out, lse)), backend="cuda")
+
+
+# --------------------------------------------------------------------------- the merge as registered operators
+def test_merge_operators_are_registered_and_dispatched():
+    from sparseattn.ops.registry import get_operator, operators
+    from sparseattn.state.merge import merge_backends
+
+    assert [op.name for op in operators("merge", entry_point="merge")] == ["merge_triton", "merge_reference"]
+    assert merge_backends() == ("auto", "triton", "reference")
+    kernel = get_operator("merge_triton")
+    assert kernel.custom_op == "sparseattn::merge_states_triton" and kernel.describe()["kind"] == "merge"
+    out, lse = _states(3, 2, 3, 11, 16, torch.float32, seed=4)
+    states = list(zip(out, lse))
+    ref = merge_states(states)
+    # auto: the kernel where it is preferred (CUDA), else the reference (the interpreter is never the automatic choice)
+    auto = merge_states(states, backend="auto")
+    if TDEV == "cpu":
+        assert torch.equal(auto.out, ref.out) and torch.equal(auto.lse, ref.lse)
+    else:
+        torch.testing.assert_close(auto.out, merge_states(states, backend="triton").out, rtol=0, atol=0)
+    refused = kernel.refusal_fn()(out[0].double())
+    assert refused == "float64 states (the kernel accumulates in float32)"
+    # float64 states: auto takes the reference (the kernel refuses them)
+    st64 = [(o.double(), l.double()) for o, l in states]
+    assert merge_states(st64, backend="auto").lse.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_merge_custom_ops(backend):
+    """The merge as torch.library ops: opcheck (schema, fake, aot dispatch), equal to merge_states, compiled
+    with fullgraph=True (reference) without a graph break."""
+    from sparseattn.ops.custom_ops import MERGE_REF_OP, MERGE_TRITON_OP, merge_states_op
+
+    out, lse = _states(3, 1, 2, 9, 16, torch.float32, seed=8)
+    op = torch.ops.sparseattn.merge_states_ref if backend == "reference" else torch.ops.sparseattn.merge_states_triton
+    assert {MERGE_REF_OP, MERGE_TRITON_OP} == {"sparseattn::merge_states_ref", "sparseattn::merge_states_triton"}
+    torch.library.opcheck(op, (out, lse))
+    got = merge_states_op(list(zip(out, lse)), backend=backend)
+    ref = merge_states(list(zip(out, lse)), backend=backend)
+    assert torch.equal(got.out, ref.out) and torch.equal(got.lse, ref.lse)
+    if backend == "reference":
+        compiled = torch.compile(lambda o, l: merge_states_op(list(zip(o, l)), backend="reference").out,
+                                 fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(out, lse), ref.out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"^merge_states_op: backend is unknown; expected one of "
+                                         r"\['auto', 'triton', 'reference'\], got 'x'$"):
+        merge_states_op(list(zip(out, lse)), backend="x")
+    with pytest.raises(ValueError, match=r"^merge_states_op: states must be a non-empty sequence"):
+        merge_states_op([], backend=backend)

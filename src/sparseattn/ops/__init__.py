@@ -10,7 +10,7 @@ from sparseattn.ops.attention import attention, block_sparse_attention
 from sparseattn.ops.reference import reference_attention
 from sparseattn.state.types import AttentionState
 
-__all__ = ["attention", "attention_op", "decode_attention_op", "quantized_attention_op", "block_sparse_attention", "reference_attention", "AttentionState"]
+__all__ = ["attention", "attention_op", "decode_attention_op", "quantized_attention_op", "merge_states_op", "block_sparse_attention", "reference_attention", "AttentionState"]
 # decode attention (sparseattn.ops.decode) and Quest-style page selection (sparseattn.ops.pages), docs/DECODE.md:
 # imported on first use
 _DECODE = ("decode_attention", "paged_decode_attention", "decode_reference")
@@ -20,7 +20,7 @@ __all__ += list(_DECODE) + list(_PAGES)
 
 def __getattr__(name: str):  # noqa: ANN202
     # attention_op lives in custom_ops, whose import registers the torch.library operators: on first use only
-    if name in ("attention_op", "decode_attention_op", "quantized_attention_op"):
+    if name in ("attention_op", "decode_attention_op", "quantized_attention_op", "merge_states_op"):
         from sparseattn.ops import custom_ops
 
         return getattr(custom_ops, name)

@@ -103,6 +103,13 @@ def quant_reference_run(q, k, v, *, layout=None, causal=False, scale=None, quant
     return AttentionState(out, lse) if return_lse else out
 
 
+# ------------------------------------------------------------------------- merging attention states
+def merge_triton_refusal(q: torch.Tensor, **kw: Any) -> str | None:
+    from sparseattn.state.merge import merge_triton_refusal as refuse
+
+    return refuse(q, **kw)
+
+
 def builtin_operators() -> list[Operator]:
     return [
         Operator("triton", "prefill", run=triton_run, refusal=triton_refusal, devices=("cuda",), dtypes=_HALF,
@@ -140,4 +147,14 @@ def builtin_operators() -> list[Operator]:
                  dtypes=(torch.float16, torch.bfloat16, torch.float32), head_dims=None, entry_points=(), priority=20,
                  custom_op="sparseattn::quantized_attention_ref",
                  description="PyTorch emulation of the quantized kernel, same scales and rounding (ops/quant_reference.py)"),
+        # run(pairs) -> AttentionState over validated (out, lse) pairs; q in refusal/preferred is the first state's out
+        Operator("merge_triton", "merge", run="sparseattn.state.merge:merge_states_triton", refusal=merge_triton_refusal,
+                 devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32), head_dims=None,
+                 entry_points=("merge",), priority=10, preferred=_on_cuda,
+                 custom_op="sparseattn::merge_states_triton",
+                 description="one fused Triton kernel merging S states, fp32 accumulation (ops/triton/merge.py)"),
+        Operator("merge_reference", "merge", run="sparseattn.state.merge:merge_states_reference",
+                 refusal=reference_refusal, devices=None, dtypes=None, head_dims=None, entry_points=("merge",),
+                 priority=20, custom_op="sparseattn::merge_states_ref",
+                 description="PyTorch merge (state/merge.py), any device, float64-capable"),
     ]

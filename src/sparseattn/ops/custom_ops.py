@@ -11,7 +11,11 @@ few ``torch.library`` registrations, no Triton import):
   inductor on CUDA, the autotuned path). A ``torch.library.triton_op`` version, which would let
   inductor see the kernel, is not done.
 
-Both take only tensors and plain scalars::
+The decode, quantized-prefill and state-merge operators follow below the same way
+(``sparseattn::decode_attention_*``, ``sparseattn::quantized_attention_*``, ``sparseattn::merge_states_*``
+with :func:`decode_attention_op`, :func:`quantized_attention_op`, :func:`merge_states_op`).
+
+The two prefill ops take only tensors and plain scalars::
 
     (q, k, v, kv_num_blocks: Tensor?, kv_indices: Tensor?, block_m: int, block_n: int,
      causal: bool, scale: float?, sliding_window: int? = None) -> (out, lse)
@@ -43,7 +47,8 @@ from sparseattn.state.types import AttentionState
 
 __all__ = ["attention_op", "REF_OP", "TRITON_OP", "PREDICT_OP", "predict_layout_op", "register_predictor_object",
            "unregister_predictor_object", "predictor_blocks", "decode_attention_op", "DECODE_REF_OP", "DECODE_TRITON_OP",
-           "quantized_attention_op", "QUANT_REF_OP", "QUANT_TRITON_OP"]
+           "quantized_attention_op", "QUANT_REF_OP", "QUANT_TRITON_OP", "merge_states_op", "MERGE_REF_OP",
+           "MERGE_TRITON_OP"]
 
 REF_OP = "sparseattn::block_sparse_attention_ref"
 TRITON_OP = "sparseattn::block_sparse_attention_triton"
@@ -504,4 +509,69 @@ def quantized_attention_op(
     else:
         out, lse = op(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.block_m, layout.block_n, causal, sc,
                       quant, quant_granularity, smooth_k)
+    return AttentionState(out, lse)
+
+
+# --------------------------------------------------------------------------- merging states as an operator
+MERGE_REF_OP = "sparseattn::merge_states_ref"
+MERGE_TRITON_OP = "sparseattn::merge_states_triton"
+_MERGE_SCHEMA = "(Tensor[] outs, Tensor[] lses) -> (Tensor, Tensor)"
+
+
+def _merge_fake(outs: list[torch.Tensor], lse_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    o = outs[0]
+    return o.new_empty(o.shape), o.new_empty(o.shape[:3], dtype=lse_dtype)
+
+
+@torch.library.custom_op(MERGE_REF_OP, mutates_args=(), schema=_MERGE_SCHEMA)
+def _merge_states_ref(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    from sparseattn.state.merge import merge_states_reference
+
+    st = merge_states_reference(list(zip(outs, lses)))
+    return st.out.contiguous(), st.lse.contiguous()  # fresh tensors (the merge never returns its inputs)
+
+
+@_merge_states_ref.register_fake
+def _(outs, lses):  # noqa: ANN001, ANN202
+    return _merge_fake(outs, torch.float64 if any(l.dtype == torch.float64 for l in lses) else torch.float32)
+
+
+@torch.library.custom_op(MERGE_TRITON_OP, mutates_args=(), schema=_MERGE_SCHEMA)
+def _merge_states_triton(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    from sparseattn.state.merge import merge_states_triton
+
+    st = merge_states_triton(list(zip(outs, lses)))
+    return st.out.contiguous(), st.lse.contiguous()
+
+
+@_merge_states_triton.register_fake
+def _(outs, lses):  # noqa: ANN001, ANN202
+    return _merge_fake(outs, torch.float32)
+
+
+def merge_states_op(states: Any, *, backend: str = "auto") -> AttentionState:
+    """:func:`~sparseattn.state.merge.merge_states` through a registered custom op (``torch.compile``-traceable).
+
+    Same validation and results; ``backend``: ``"auto"`` (the Triton merge on CUDA, else the reference),
+    ``"triton"`` or ``"reference"``. ``out`` in the first state's dtype, ``lse`` float32 (float64 for float64
+    lse on the reference).
+    """
+    from sparseattn.state.merge import check_states, merge_triton_refusal
+
+    fn = "merge_states_op"
+    if backend not in ("auto", "triton", "reference"):
+        raise fail(fn, "backend", "is unknown", "one of ['auto', 'triton', 'reference']", repr(backend))
+    pairs = check_states(fn, states)
+    outs, lses = [o for o, _ in pairs], [l for _, l in pairs]
+    out0 = outs[0]
+    lse_dtype = torch.float64 if any(l.dtype == torch.float64 for l in lses) else torch.float32
+    name = "reference"
+    if backend == "triton" or (backend == "auto" and out0.is_cuda):
+        reason = merge_triton_refusal(out0, lse_dtype=lse_dtype)
+        if reason is None:
+            name = "triton"
+        elif backend == "triton":
+            raise NotImplementedError(f"{fn}: the Triton merge cannot run these states: {reason}")
+    op = torch.ops.sparseattn.merge_states_triton if name == "triton" else torch.ops.sparseattn.merge_states_ref
+    out, lse = op(outs, lses)
     return AttentionState(out, lse)

@@ -42,8 +42,8 @@ __all__ = ["Operator", "register_operator", "unregister_operator", "set_builtin_
            "shipped_launch_winners",
            "device_name", "TUNED_DIR", "TUNED_VERSION"]
 
-KINDS = ("prefill", "decode", "quant_prefill")
-ENTRY_POINTS = ("attention", "integration", "decode", "quant")
+KINDS = ("prefill", "decode", "quant_prefill", "merge")
+ENTRY_POINTS = ("attention", "integration", "decode", "quant", "merge")
 TUNED_DIR = Path(__file__).with_name("tuned")
 TUNED_VERSION = 1
 
@@ -69,7 +69,8 @@ class Operator:
         devices / dtypes / head_dims: declared capabilities (documentation and quick filters; ``None`` =
             any). ``refusal`` is the authority: it gives the reason for each of them.
         entry_points: the dispatchers that list it (``"attention"``: ``attention(backend=...)``;
-            ``"integration"``: ``patch_model(backend=...)``; ``"decode"``; ``"quant"``).
+            ``"integration"``: ``patch_model(backend=...)``; ``"decode"``; ``"quant"``; ``"merge"``:
+            ``merge_states(backend=...)``).
         priority: order in ``backend="auto"`` (lower first).
         preferred: ``preferred(q, pv_threshold) -> bool``: whether ``"auto"`` may pick it for these inputs
             even though it accepts them (the Triton kernel under the CPU interpreter is a test vehicle,

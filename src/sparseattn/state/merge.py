@@ -21,7 +21,8 @@ import torch
 from sparseattn._validation import check_qkv, fail
 from sparseattn.state.types import AttentionState
 
-__all__ = ["MERGE_BACKENDS", "merge_state", "merge_states", "segmented_attention"]
+__all__ = ["check_states", "merge_backends", "merge_state", "merge_states", "merge_states_reference", "merge_states_triton",
+           "merge_triton_refusal", "segmented_attention"]
 
 
 def _check_state(fn: str, name: str, s: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +40,32 @@ def _check_state(fn: str, name: str, s: object) -> tuple[torch.Tensor, torch.Ten
     return out, lse
 
 
-MERGE_BACKENDS = ("reference", "triton")
+def _merge_operators() -> tuple:
+    """The registry's merge operators (entry point ``"merge"``) in priority order."""
+    from sparseattn.ops.registry import operators
+
+    return operators("merge", entry_point="merge")
+
+
+def _backend_name(op_name: str) -> str:
+    """The ``backend=`` spelling of a merge operator: ``"merge_triton"`` -> ``"triton"``."""
+    return op_name[len("merge_"):] if op_name.startswith("merge_") else op_name
+
+
+def merge_backends() -> tuple[str, ...]:
+    """``backend=`` values of :func:`merge_states`: ``"auto"`` and the registered merge operators' names."""
+    return ("auto",) + tuple(_backend_name(op.name) for op in _merge_operators())
+
+
+def merge_triton_refusal(q: torch.Tensor, *, lse_dtype: torch.dtype | None = None, **_: object) -> str | None:
+    """Why the Triton merge cannot take states whose first ``out`` is ``q`` (None: it can)."""
+    if q.dtype == torch.float64 or lse_dtype == torch.float64:
+        return "float64 states (the kernel accumulates in float32)"
+    from sparseattn.ops.triton_launch import interpret_mode
+
+    if not q.is_cuda and not interpret_mode():
+        return f"states on {q.device} (the kernel needs CUDA, or TRITON_INTERPRET=1 on the CPU)"
+    return None
 
 
 def merge_state(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], *,
@@ -57,17 +83,38 @@ def merge_states(states: Sequence[tuple[torch.Tensor, torch.Tensor]], *, backend
 
     Args:
         states: ``(out, lse)`` pairs of the same rows.
-        backend: ``"reference"`` (PyTorch, any device, float64-capable; the default) or ``"triton"`` (one
-            fused kernel, :mod:`sparseattn.ops.triton.merge`: CUDA, or the CPU interpreter under
-            ``TRITON_INTERPRET=1``; fp32 accumulation, so float64 states are refused).
+        backend: a registered merge operator (``sparseattn.ops.registry``, kind ``"merge"``) by its
+            ``backend=`` name: ``"reference"`` (PyTorch, any device, float64-capable; the default) or
+            ``"triton"`` (one fused kernel, :mod:`sparseattn.ops.triton.merge`: CUDA, or the CPU interpreter
+            under ``TRITON_INTERPRET=1``; fp32 accumulation, so float64 states are refused); or ``"auto"``:
+            the first operator in priority order that takes these states and is preferred for them (the
+            kernel on CUDA, the reference elsewhere). :func:`merge_backends` lists them.
 
     Returns:
         ``AttentionState(out, lse)``; ``out`` in the first state's dtype, ``lse`` natural-log in
         float32 (float64 if the inputs' lse are float64).
     """
     fn = "merge_states"
-    if backend not in MERGE_BACKENDS:
-        raise fail(fn, "backend", "is not a merge backend", f"one of {list(MERGE_BACKENDS)}", repr(backend))
+    if backend != "reference":  # the default needs no registry lookup
+        choices = merge_backends()
+        if backend not in choices:
+            raise fail(fn, "backend", "is not a merge backend", f"one of {list(choices)}", repr(backend))
+    pairs = check_states(fn, states)
+    out0 = pairs[0][0]
+    if backend == "reference":
+        return merge_states_reference(pairs)
+    ops = {_backend_name(op.name): op for op in _merge_operators()}
+    if backend == "auto":  # the first operator (priority order) that takes these states and is preferred for them
+        lse_dtype = torch.float64 if any(l.dtype == torch.float64 for _, l in pairs) else torch.float32
+        for op in ops.values():
+            if op.refusal_fn()(out0, lse_dtype=lse_dtype) is None and (op.preferred is None or op.preferred(out0, None)):
+                return op.run_fn()(pairs)
+        return merge_states_reference(pairs)  # pragma: no cover - the reference is registered and takes everything
+    return ops[backend].run_fn()(pairs)  # a named operator: its own errors if it cannot take these states
+
+
+def check_states(fn: str, states: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``states`` as validated ``(out, lse)`` pairs of one shape and device (``ValueError`` naming ``fn`` else)."""
     if not isinstance(states, (list, tuple)) or len(states) == 0:
         raise fail(fn, "states", "must be a non-empty sequence of (out, lse)", ">= 1 state", repr(type(states).__name__))
     pairs = [_check_state(fn, f"states[{i}]", s) for i, s in enumerate(states)]
@@ -78,9 +125,13 @@ def merge_states(states: Sequence[tuple[torch.Tensor, torch.Tensor]], *, backend
                        f"out {tuple(o.shape)}")
         if o.device != out0.device:
             raise fail(fn, f"states[{i}]", "is on another device", str(out0.device), str(o.device))
+    return pairs
+
+
+def merge_states_reference(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> AttentionState:
+    """The PyTorch merge of validated ``(out, lse)`` pairs (the ``"reference"`` merge operator's run function)."""
+    out0 = pairs[0][0]
     acc_dtype = torch.float64 if any(l.dtype == torch.float64 for _, l in pairs) else torch.float32
-    if backend == "triton":
-        return _merge_triton(fn, pairs, acc_dtype)
     lses = torch.stack([l.to(acc_dtype) for _, l in pairs])  # [S, B, H, N]
     lse = torch.logsumexp(lses, dim=0)
     empty = lse == -math.inf  # every state empty: the identity, out 0
@@ -97,10 +148,12 @@ def merge_states(states: Sequence[tuple[torch.Tensor, torch.Tensor]], *, backend
     return AttentionState(out.to(out0.dtype), lse.to(lse_dtype))
 
 
-def _merge_triton(fn: str, pairs: list[tuple[torch.Tensor, torch.Tensor]], acc_dtype: torch.dtype) -> AttentionState:
-    """The fused Triton merge (see :func:`merge_states`); the stacked copies are the kernel's only extra traffic."""
-    out0, lse0 = pairs[0]
-    if acc_dtype == torch.float64 or any(o.dtype == torch.float64 for o, _ in pairs):
+def merge_states_triton(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> AttentionState:
+    """The fused Triton merge of validated ``(out, lse)`` pairs (the ``"triton"`` merge operator's run function);
+    the stacked copies are the kernel's only extra traffic."""
+    fn = "merge_states"
+    out0 = pairs[0][0]
+    if any(l.dtype == torch.float64 for _, l in pairs) or any(o.dtype == torch.float64 for o, _ in pairs):
         raise fail(fn, "states", "hold float64 tensors, which the Triton merge (fp32 accumulation) does not take",
                    "float32/float16/bfloat16 states, or backend='reference'", "float64")
     from sparseattn.ops.triton_launch import _LAUNCH_LOCK, interpret_mode
