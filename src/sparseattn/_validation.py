@@ -14,6 +14,8 @@ imports it; a :class:`~sparseattn.layout.BlockLayout` is recognised by its class
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -74,6 +76,24 @@ def check_pv_threshold(func: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (float(value) > 0) or math.isinf(value):
         raise fail(func, "pv_threshold", "must be a positive finite number or None", "float > 0 (natural-log gap)",
                    repr(value))
+
+
+def check_file_path(func: str, path: Any, example: str) -> Path:
+    """A file to write: a non-empty ``str`` / ``os.PathLike`` that is not a directory; returns it expanded."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise fail(func, "path", "must be a file path", f"e.g. {example!r}", repr(path))
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise fail(func, f"path {p}", "is a directory", "a file path", "a directory")
+    return p
+
+
+def check_token_ids_list(func: str, input_ids_list: Any) -> None:
+    """A non-empty list (or tuple) of 1-D or ``(1, N)`` token-id tensors."""
+    if not isinstance(input_ids_list, (list, tuple)) or not input_ids_list \
+            or not all(isinstance(t, torch.Tensor) and t.dim() in (1, 2) for t in input_ids_list):
+        raise fail(func, "input_ids_list", "must be a non-empty list of 1-D or (1, N) token tensors", "list[tensor]",
+                   type(input_ids_list).__name__)
 
 
 def check_tensor(func: str, name: str, t: Any, *, ndim: int | None = None, shape_desc: str = "") -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 
 def _err(problem: str, expected: str, text: str) -> argparse.ArgumentTypeError:
@@ -98,24 +98,32 @@ def density(text: str) -> float:
     return val
 
 
+def _parse_list(text: str, expected: str, convert: Callable[[str], Any], kind: str,
+                problem: Callable[[str, Any], str | None]) -> list[Any]:
+    """Comma-separated values (at least one), each ``convert``-ed (else "not ``kind``") and then judged by
+    ``problem(item, value)`` (a message, or None when the value is fine)."""
+    parts = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not parts:
+        raise _err("must not be empty", expected, text)
+    out = []
+    for x in parts:
+        try:
+            val = convert(x)
+        except ValueError:
+            raise _err(f"has a value that is not {kind} ({x!r})", expected, text) from None
+        why = problem(x, val)
+        if why is not None:
+            raise _err(why, expected, text)
+        out.append(val)
+    return out
+
+
 def int_list(minimum: int, what: str = "integers") -> Callable[[str], list[int]]:
     """Comma-separated ints, each >= ``minimum`` (at least one)."""
 
     def conv(text: str) -> list[int]:
-        parts = [x.strip() for x in str(text).split(",") if x.strip()]
-        exp = f"comma-separated {what} >= {minimum}, e.g. {minimum},{minimum + 1}"
-        if not parts:
-            raise _err("must not be empty", exp, text)
-        out = []
-        for x in parts:
-            try:
-                val = int(x)
-            except ValueError:
-                raise _err(f"has a value that is not an integer ({x!r})", exp, text) from None
-            if val < minimum:
-                raise _err(f"has a value below {minimum} ({val})", exp, text)
-            out.append(val)
-        return out
+        return _parse_list(text, f"comma-separated {what} >= {minimum}, e.g. {minimum},{minimum + 1}", int,
+                           "an integer", lambda x, v: f"has a value below {minimum} ({v})" if v < minimum else None)
 
     conv.__name__ = "int_list"
     return conv
@@ -125,20 +133,8 @@ def float_list(low: float, high: float, what: str = "numbers") -> Callable[[str]
     """Comma-separated floats in ``[low, high]`` (at least one)."""
 
     def conv(text: str) -> list[float]:
-        parts = [x.strip() for x in str(text).split(",") if x.strip()]
-        exp = f"comma-separated {what} in [{low:g}, {high:g}]"
-        if not parts:
-            raise _err("must not be empty", exp, text)
-        out = []
-        for x in parts:
-            try:
-                val = float(x)
-            except ValueError:
-                raise _err(f"has a value that is not a number ({x!r})", exp, text) from None
-            if not low <= val <= high:
-                raise _err(f"has a value out of range ({x})", exp, text)
-            out.append(val)
-        return out
+        return _parse_list(text, f"comma-separated {what} in [{low:g}, {high:g}]", float, "a number",
+                           lambda x, v: None if low <= v <= high else f"has a value out of range ({x})")
 
     conv.__name__ = "float_list"
     return conv
@@ -191,6 +187,23 @@ def check_text_source(func: str, text_files: list[str] | None, text_dir: str | N
                        "a directory")
         if not p.is_file() and not [m for m in glob.glob(str(p)) if Path(m).is_file()]:
             raise fail(func, f"--text-file {pat}", "matches no file", "an existing path or glob", "no such file")
+
+
+def check_tuned_file(path: str | None) -> None:
+    """Read a --tuned file before the model loads, so a bad file fails in a second (the check against the
+    model comes later)."""
+    if path is not None:
+        from sparseattn.tuning.store import load_tuned
+
+        load_tuned(path)
+
+
+def check_model_run(func: str, args: argparse.Namespace, default_spec: str) -> None:
+    """``eval`` / ``niah`` before the model loads: the --predictor / --pattern spec, the --tuned file and the
+    text source."""
+    check_spec(args.predictor, args.pattern, default_spec)
+    check_tuned_file(args.tuned)
+    check_text_source(func, args.text_file, args.text_dir)
 
 
 def device(text: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sparseattn.cli._args import (add_model_and_texts, add_quant_arguments, check_quant, check_spec, check_text_source, device,
+from sparseattn.cli._args import (add_model_and_texts, add_quant_arguments, check_model_run, check_quant, device,
                                   device_and_dtype, nonneg_int, optional_int_list, positive_int)
 
 _int_list = optional_int_list(0, "layer indices")
@@ -50,12 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
     from sparseattn.eval.end_to_end import evaluate, write_report
 
-    check_spec(args.predictor, args.pattern, DEFAULT_PREDICTOR_SPEC)
-    if args.tuned is not None:
-        from sparseattn.tuning.store import load_tuned
-
-        load_tuned(args.tuned)  # a bad file fails here, before the model loads (the model check comes later)
-    check_text_source("eval", args.text_file, args.text_dir)
+    check_model_run("eval", args, DEFAULT_PREDICTOR_SPEC)
     device, dtype = device_and_dtype(args, half_with_quant=True)
     gran = check_quant("eval", args.quant, args.quant_gran, args.backend, device, dtype)
     res = evaluate(args.model, predictor=args.predictor or DEFAULT_PREDICTOR_SPEC, pattern=args.pattern,

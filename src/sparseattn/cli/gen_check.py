@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from sparseattn.cli._args import (add_model_and_texts, any_int, check_spec, check_text_source, device, device_and_dtype,
-                                  int_list, nonneg_int, optional_int_list, positive_int)
+from sparseattn.cli._args import (add_model_and_texts, any_int, check_spec, check_text_source, check_tuned_file, device,
+                                  device_and_dtype, int_list, nonneg_int, optional_int_list, positive_int)
 
 
 def _top_pages(text: str) -> int | float:
@@ -114,10 +114,7 @@ def run(args: argparse.Namespace) -> int:
     fn = "gen-check"
     if args.predictor is not None or args.pattern is not None:
         check_spec(args.predictor, args.pattern, args.predictor or "")
-    if args.tuned is not None:
-        from sparseattn.tuning.store import load_tuned
-
-        load_tuned(args.tuned)  # a bad file fails here, before the model loads
+    check_tuned_file(args.tuned)
     if "sparse_prefill" in args.modes and args.predictor is None and args.pattern is None and args.tuned is None:
         raise fail(fn, "--modes", "has sparse_prefill without a sparse prefill", "--predictor, --pattern or --tuned",
                    "none given")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sparseattn.cli._args import any_int, check_spec, check_text_source, device, float_list, int_list, optional_int_list, positive_int
+from sparseattn.cli._args import any_int, check_model_run, device, float_list, int_list, optional_int_list, positive_int
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -45,12 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
     from sparseattn.eval.niah import run_niah, write_niah_report
 
-    check_spec(args.predictor, args.pattern, DEFAULT_PREDICTOR_SPEC)
-    if args.tuned is not None:
-        from sparseattn.tuning.store import load_tuned
-
-        load_tuned(args.tuned)  # a bad file fails here, before the model loads (the model check comes later)
-    check_text_source("niah", args.text_file, args.text_dir)
+    check_model_run("niah", args, DEFAULT_PREDICTOR_SPEC)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     res = run_niah(args.model, predictor=args.predictor or DEFAULT_PREDICTOR_SPEC, pattern=args.pattern,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sparseattn.cli._args import (any_int, check_text_source, device, device_and_dtype, int_list, optional_int_list,
+from sparseattn.cli._args import (any_int, check_text_source, check_tuned_file, device, device_and_dtype, int_list, optional_int_list,
                                   positive_int)
 
 
@@ -55,10 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if predictors is None and args.patterns is None and args.tuned is None:
         predictors = DEFAULT_PREDICTOR_SPEC
     parse_configs(predictors, args.patterns)
-    if args.tuned is not None:
-        from sparseattn.tuning.store import load_tuned
-
-        load_tuned(args.tuned)  # a bad file fails here (the check against the model comes later)
+    check_tuned_file(args.tuned)
     check_text_source("ruler", args.text_file, args.text_dir)
     dev, dtype = device_and_dtype(args)
     res = run_ruler(args.model, predictors=predictors, patterns=args.patterns, tuned=args.tuned,

@@ -259,19 +259,11 @@ def run_niah(
 
 def write_niah_report(res: NiahResult, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
     """Write ``niah.json``, ``niah.md`` and ``niah_heatmap.png`` into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    if plots:
-        from sparseattn.eval.plots import niah_heatmap
+    from sparseattn.eval.plots import niah_heatmap, report_dir
 
-        try:
-            paths["heatmap"] = niah_heatmap(res.grid, res.lengths, res.depths, out / "niah_heatmap.png",
-                                            title=f"NIAH {res.config['model']}: dense vs {res.config['sparse_config']}")
-        except ImportError as exc:
-            import warnings
-
-            warnings.warn(f"write_niah_report: heatmap skipped ({exc})", RuntimeWarning, stacklevel=2)
+    out, paths = report_dir("write_niah_report", out_dir, plots,
+                            lambda d: niah_heatmap(res.grid, res.lengths, res.depths, d / "niah_heatmap.png",
+                                                   title=f"NIAH {res.config['model']}: dense vs {res.config['sparse_config']}"))
     paths["json"] = out / "niah.json"
     paths["json"].write_text(json.dumps(res.to_dict(), indent=2))
     s = res.summary

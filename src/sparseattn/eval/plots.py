@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["layer_sparsity_bars", "attention_map", "niah_heatmap"]
+__all__ = ["layer_sparsity_bars", "attention_map", "niah_heatmap", "save_panels", "report_dir"]
 
 
 def _plt() -> Any:
@@ -98,10 +98,31 @@ def niah_heatmap(grid: Mapping[str, Sequence[Sequence[float]]], lengths: Sequenc
             for j in range(data.shape[1]):
                 ax.text(j, i, f"{data[i, j]:.0%}", ha="center", va="center", fontsize=8)
         ax.set_title(f"{name}: mean {np.nanmean(data):.0%}", fontsize=9)
+    return save_panels(plt, fig, im, axes, path, title, 1.04)
+
+
+def save_panels(plt: Any, fig: Any, im: Any, axes: Any, path: str | Path, title: str, title_y: float) -> Path:
+    """Finish a row of heatmap panels (NIAH, RULER): one colour bar, the title at ``title_y``, saved and closed."""
     fig.colorbar(im, ax=axes[0].tolist(), fraction=0.03)
     if title:
-        fig.suptitle(title, fontsize=10, y=1.04)
+        fig.suptitle(title, fontsize=10, y=title_y)
     p = Path(path)
     fig.savefig(p, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return p
+
+
+def report_dir(func: str, out_dir: str | Path, plots: bool, heatmap: Callable[[Path], Path]) -> tuple[Path, dict[str, Path]]:
+    """A report's folder (created) and its first path: ``{"heatmap": heatmap(folder)}`` with ``plots``, or ``{}``
+    and a ``RuntimeWarning`` ``"<func>: heatmap skipped (...)"`` when matplotlib is missing."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    if plots:
+        try:
+            paths["heatmap"] = heatmap(out)
+        except ImportError as exc:
+            import warnings
+
+            warnings.warn(f"{func}: heatmap skipped ({exc})", RuntimeWarning, stacklevel=3)
+    return out, paths

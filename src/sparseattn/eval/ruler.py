@@ -653,7 +653,7 @@ def run_ruler(
 # --------------------------------------------------------------------------- reports
 def ruler_heatmap(res: RulerResult, path: str | Path, *, title: str = "") -> Path:
     """One panel per configuration (dense first): score per task (rows) × length (columns)."""
-    from sparseattn.eval.plots import _plt
+    from sparseattn.eval.plots import _plt, save_panels
 
     plt = _plt()
     import numpy as np
@@ -674,13 +674,7 @@ def ruler_heatmap(res: RulerResult, path: str | Path, *, title: str = "") -> Pat
         name = c if len(c) <= 34 else c[:31] + "..."
         ax.set_title(f"{name}\nmean {np.nanmean(data):.2f}" + ("" if c == "dense" or sp is None else f", sparsity {sp:.2f}"),
                      fontsize=8)
-    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.03)
-    if title:
-        fig.suptitle(title, fontsize=10, y=1.06)
-    p = Path(path)
-    fig.savefig(p, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return p
+    return save_panels(plt, fig, im, axes, path, title, 1.06)
 
 
 def _cell(s: str) -> str:
@@ -689,16 +683,10 @@ def _cell(s: str) -> str:
 
 def write_ruler_report(res: RulerResult, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
     """Write ``ruler.json``, ``ruler.md`` and ``ruler_heatmap.png`` into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    if plots:
-        try:
-            paths["heatmap"] = ruler_heatmap(res, out / "ruler_heatmap.png", title=f"RULER {res.config['model']}")
-        except ImportError as exc:
-            import warnings
+    from sparseattn.eval.plots import report_dir
 
-            warnings.warn(f"write_ruler_report: heatmap skipped ({exc})", RuntimeWarning, stacklevel=2)
+    out, paths = report_dir("write_ruler_report", out_dir, plots,
+                            lambda d: ruler_heatmap(res, d / "ruler_heatmap.png", title=f"RULER {res.config['model']}"))
     paths["json"] = out / "ruler.json"
     paths["json"].write_text(json.dumps(res.to_dict(), indent=2))
     s, cs = res.summary, res.configs

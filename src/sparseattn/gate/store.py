@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from sparseattn._validation import fail
+from sparseattn._validation import check_file_path, fail
 from sparseattn.gate.model import FEATURES, GateWeights
 
 __all__ = ["META_KEY", "GATE_VERSION", "REQUIRED_META", "save_gate", "load_gate", "check_gate_for_model", "gate_meta"]
@@ -100,11 +100,7 @@ def save_gate(path: str | os.PathLike, weights: GateWeights, meta: dict[str, Any
     fn = "save_gate"
     if not isinstance(weights, GateWeights):
         raise fail(fn, "weights", "must be a GateWeights", "GateWeights", type(weights).__name__)
-    if not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise fail(fn, "path", "must be a file path", "e.g. 'gate.safetensors'", repr(path))
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise fail(fn, f"path {p}", "is a directory", "a file path", "a directory")
+    p = check_file_path(fn, path, "gate.safetensors")
     full = dict(meta if meta is not None else weights.meta)
     full.update(version=GATE_VERSION, layers=list(weights.layers), block_m=int(weights.block_m),
                 block_n=int(weights.block_n), d_gate=weights.d_gate, head_dim=weights.head_dim,

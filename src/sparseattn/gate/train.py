@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from sparseattn._validation import fail
+from sparseattn._validation import check_token_ids_list, fail
 from sparseattn.gate.model import GateWeights, gate_scores, pooled_features
 
 __all__ = ["attention_scale", "layer_training_data", "collect_training_data", "kl_loss", "fit_gate", "train_gate",
@@ -74,16 +74,11 @@ def collect_training_data(model: torch.nn.Module, input_ids_list: list[torch.Ten
     from tqdm.auto import tqdm
 
     from sparseattn.integrations.capture import capture_qkv
-    from sparseattn.models.layers import attention_layers
+    from sparseattn.models.layers import require_attention_layers
 
     fn = "collect_training_data"
-    if not isinstance(input_ids_list, (list, tuple)) or not input_ids_list \
-            or not all(isinstance(t, torch.Tensor) and t.dim() in (1, 2) for t in input_ids_list):
-        raise fail(fn, "input_ids_list", "must be a non-empty list of 1-D or (1, N) token tensors", "list[tensor]",
-                   type(input_ids_list).__name__)
-    all_layers = [i for i, _ in attention_layers(model)]
-    if not all_layers:
-        raise fail(fn, "model", "has no attention layers", "a transformers decoder", type(model).__name__)
+    check_token_ids_list(fn, input_ids_list)
+    all_layers = require_attention_layers(fn, model)
     layers = list(all_layers) if layers is None else sorted({int(x) for x in layers})
     bad = [li for li in layers if li not in all_layers]
     if bad:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["attention_layers"]
+from sparseattn._validation import fail
+
+__all__ = ["attention_layers", "require_attention_layers"]
 
 
 def attention_layers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
@@ -16,3 +18,11 @@ def attention_layers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]
                 and hasattr(mod, "config"):
             found.setdefault(idx, mod)
     return sorted(found.items())
+
+
+def require_attention_layers(func: str, model: torch.nn.Module) -> list[int]:
+    """The attention layer indices of ``model`` (:func:`attention_layers`); ``ValueError`` when it has none."""
+    layers = [i for i, _ in attention_layers(model)]
+    if not layers:
+        raise fail(func, "model", "has no attention layers", "a transformers decoder", type(model).__name__)
+    return layers

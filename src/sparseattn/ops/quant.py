@@ -130,19 +130,10 @@ def quant_refusal(q: Any, *, quant: str = "int8", layout: BlockLayout | None = N
             return "q is on the CPU; the quantized kernel needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)"
     else:
         return f"q is on {q.device}; the quantized kernel needs CUDA tensors"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {str(q.dtype).replace('torch.', '')} is not supported by the quantized kernel (float16 or bfloat16 only)"
-    if q.dim() == 4 and q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        return f"head_dim {q.shape[-1]} is not supported by the quantized kernel (one of {SUPPORTED_HEAD_DIMS})"
-    if layout is not None and isinstance(layout, BlockLayout):
-        for name, val in (("block_m", layout.block_m), ("block_n", layout.block_n)):
-            if val not in SUPPORTED_BLOCK_SIZES:
-                return f"layout {name}={val} is not supported by the quantized kernel (one of {SUPPORTED_BLOCK_SIZES})"
-    if q.dim() == 4 and q.shape[0] * q.shape[1] > _MAX_GRID_Y:
-        return f"batch * heads = {q.shape[0] * q.shape[1]} exceeds the launch grid limit {_MAX_GRID_Y}"
-    from sparseattn.ops.triton_launch import _triton_import_error
+    from sparseattn.ops.triton_launch import support_refusal
 
-    return _triton_import_error()
+    return support_refusal(q, layout, (torch.float16, torch.bfloat16), SUPPORTED_HEAD_DIMS, SUPPORTED_BLOCK_SIZES,
+                           _MAX_GRID_Y, " by the quantized kernel")
 
 
 _KERNEL_OP = "quant_triton"  # the built-in quantized operator (ops/_builtin_ops.py): this module's kernel
@@ -369,13 +360,10 @@ def use_tuned_configs(configs: Any) -> int:
 
     A seeded key launches its config directly (no autotuning) on GPUs of that device name.
     """
-    from sparseattn.ops.registry import TunedConfigs
+    from sparseattn.ops.registry import check_tuned_configs
 
     fn = "quant.use_tuned_configs"
-    if not isinstance(configs, TunedConfigs):
-        raise fail(fn, "configs", "must be a TunedConfigs", "a TunedConfigs", type(configs).__name__)
-    if configs.operator != _KERNEL_OP:
-        raise fail(fn, "configs.operator", "is another operator's", repr(_KERNEL_OP), repr(configs.operator))
+    check_tuned_configs(fn, configs, _KERNEL_OP)
     fields = [f for f in _KEY_FIELDS if f != "device"]
     todo: list[tuple[tuple[Any, ...], dict[str, int]]] = []
     for dev, entries in configs.devices.items():

@@ -39,7 +39,7 @@ from sparseattn._validation import fail
 
 __all__ = ["Operator", "register_operator", "unregister_operator", "set_builtin_loader", "operators", "get_operator", "operator_refusals",
            "KINDS", "TunedEntry", "TunedConfigs", "load_tuned_configs", "save_tuned_configs", "tuned_for", "tuned_config",
-           "shipped_launch_winners",
+           "shipped_launch_winners", "check_tuned_configs",
            "device_name", "TUNED_DIR", "TUNED_VERSION"]
 
 KINDS = ("prefill", "decode", "quant_prefill", "merge")
@@ -373,10 +373,18 @@ def load_tuned_configs(path: str | os.PathLike) -> TunedConfigs:
     return TunedConfigs.from_json(data, func="load_tuned_configs", label=f"tuned-config file {os.fspath(path)}")
 
 
+def check_tuned_configs(func: str, configs: Any, operator: str | None = None) -> TunedConfigs:
+    """``configs`` must be a :class:`TunedConfigs` (of ``operator``, when given)."""
+    if not isinstance(configs, TunedConfigs):
+        raise fail(func, "configs", "must be a TunedConfigs", "a TunedConfigs", type(configs).__name__)
+    if operator is not None and configs.operator != operator:
+        raise fail(func, "configs.operator", "is another operator's", repr(operator), repr(configs.operator))
+    return configs
+
+
 def save_tuned_configs(path: str | os.PathLike, configs: TunedConfigs) -> Path:
     """Write ``configs`` as JSON (validated by a round trip first, so a file written here always loads)."""
-    if not isinstance(configs, TunedConfigs):
-        raise fail("save_tuned_configs", "configs", "must be a TunedConfigs", "a TunedConfigs", type(configs).__name__)
+    check_tuned_configs("save_tuned_configs", configs)
     data = configs.to_json()
     TunedConfigs.from_json(json.loads(json.dumps(data)), func="save_tuned_configs", label="configs")
     p = Path(path)

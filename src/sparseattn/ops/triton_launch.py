@@ -49,7 +49,7 @@ from sparseattn._validation import check_attention_args, fail
 from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.layout.patterns import check_row_bounds
 from sparseattn.ops.launch_configs import BlockSparseFwdConfig
-from sparseattn.ops.registry import TunedConfigs, TunedEntry, device_name, shipped_launch_winners
+from sparseattn.ops.registry import TunedConfigs, TunedEntry, check_tuned_configs, device_name, shipped_launch_winners
 # the shared checks and the cached GPU capability (re-exported: decode and tests look them up here)
 from sparseattn.ops.checks import (_capability, _check_kv_scales, check_attn_mask,
                                   check_raw_state, check_segment)
@@ -122,16 +122,23 @@ def refusal(
     why = device_refusal(q)
     if why is not None:
         return why
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {str(q.dtype).replace('torch.', '')} is not supported (float16 or bfloat16 only)"
-    if q.dim() == 4 and q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        return f"head_dim {q.shape[-1]} is not supported (one of {SUPPORTED_HEAD_DIMS})"
+    return support_refusal(q, layout, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, SUPPORTED_BLOCK_SIZES, _MAX_GRID_Y)
+
+
+def support_refusal(q: torch.Tensor, layout: Any, dtypes: tuple[torch.dtype, ...], head_dims: tuple[int, ...],
+                    block_sizes: tuple[int, ...], max_grid_y: int, by: str = "") -> str | None:
+    """The rest of a prefill kernel's refusal after its device check (:func:`refusal`, the quantized kernel's):
+    dtype, head_dim, layout block sizes, launch grid, Triton; ``by`` names the kernel in the messages."""
+    if q.dtype not in dtypes:
+        return f"dtype {str(q.dtype).replace('torch.', '')} is not supported{by} (float16 or bfloat16 only)"
+    if q.dim() == 4 and q.shape[-1] not in head_dims:
+        return f"head_dim {q.shape[-1]} is not supported{by} (one of {head_dims})"
     if layout is not None and isinstance(layout, BlockLayout):
         for name, val in (("block_m", layout.block_m), ("block_n", layout.block_n)):
-            if val not in SUPPORTED_BLOCK_SIZES:
-                return f"layout {name}={val} is not supported (one of {SUPPORTED_BLOCK_SIZES})"
-    if q.dim() == 4 and q.shape[0] * q.shape[1] > _MAX_GRID_Y:
-        return f"batch * heads = {q.shape[0] * q.shape[1]} exceeds the launch grid limit {_MAX_GRID_Y}"
+            if val not in block_sizes:
+                return f"layout {name}={val} is not supported{by} (one of {block_sizes})"
+    if q.dim() == 4 and q.shape[0] * q.shape[1] > max_grid_y:
+        return f"batch * heads = {q.shape[0] * q.shape[1]} exceeds the launch grid limit {max_grid_y}"
     return _triton_import_error()
 
 
@@ -311,10 +318,7 @@ def use_tuned_configs(configs: TunedConfigs) -> int:
     A seeded key launches its config directly (no autotuning) on GPUs of that device name.
     """
     fn = "use_tuned_configs"
-    if not isinstance(configs, TunedConfigs):
-        raise fail(fn, "configs", "must be a TunedConfigs", "a TunedConfigs", type(configs).__name__)
-    if configs.operator != _OPERATOR:
-        raise fail(fn, "configs.operator", "is another operator's", repr(_OPERATOR), repr(configs.operator))
+    check_tuned_configs(fn, configs, _OPERATOR)
     n = 0
     for dev, entries in configs.devices.items():
         for i, e in enumerate(entries):

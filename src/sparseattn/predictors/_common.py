@@ -32,7 +32,7 @@ from sparseattn.layout.masks import diagonal_blocks, local_block_mask
 __all__ = [
     "check_qk", "check_block", "block_minmax", "check_opt_fraction", "check_bool", "check_version", "block_pool", "causal_region",
     "diagonal_blocks", "local_mask", "select_topk", "select_cdf", "mask_to_layout", "dense_predicted_layout",
-    "nonfinite_block_force", "check_pv_threshold",
+    "nonfinite_block_force", "check_pv_threshold", "check_topk_or_cdf", "config_or_default",
 ]
 
 
@@ -48,6 +48,27 @@ def check_opt_fraction(cls: str, name: str, value: Any, *, low_open: bool = True
 
 
 check_nonneg = check_nonneg_int
+
+
+def check_topk_or_cdf(cls: str, topk: Any, cdf_threshold: Any, *, cdf_first: bool = False) -> None:
+    """Both optional fractions in (0, 1], exactly one of them set (``cdf_first``: checked and named first)."""
+    items = [("topk", topk), ("cdf_threshold", cdf_threshold)]
+    if cdf_first:
+        items.reverse()
+    for name, value in items:
+        check_opt_fraction(cls, name, value)
+    if (topk is None) == (cdf_threshold is None):
+        raise fail(cls, "topk/cdf_threshold", "exactly one must be set", " or ".join(f"{n}=<frac>" for n, _ in items),
+                   ", ".join(f"{n}={v}" for n, v in items))
+
+
+def config_or_default(owner: str, config: Any, config_type: type) -> Any:
+    """A predictor's ``config`` argument: ``config_type()`` for None, else an instance of ``config_type``."""
+    config = config if config is not None else config_type()
+    if not isinstance(config, config_type):
+        name = config_type.__name__
+        raise fail(owner, "config", f"must be {'an' if name[0] in 'AEIOU' else 'a'} {name}", name, type(config).__name__)
+    return config
 
 
 def frozen_replace(config: Any, **changes: Any) -> Any:

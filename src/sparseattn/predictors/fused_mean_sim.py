@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -109,6 +110,21 @@ def fused_refusal(q: Any, k: Any, config: Any) -> str | None:
     if H > _MAX_GRID_YZ or B > _MAX_GRID_YZ:
         return f"batch={B}, heads={H}, kv heads={Hkv} exceed the launch grid limit {_MAX_GRID_YZ}"
     return _triton_import_error()
+
+
+def take_fused(owner: str, backend: str, reason: str | None, warned: set[str], torch_note: str = "") -> bool:
+    """A predictor's path choice from :func:`fused_refusal`'s ``reason``: True (fused) when it is None; else
+    ``NotImplementedError`` for ``backend="triton"``, or False with a ``RuntimeWarning`` once per reason
+    (``warned`` holds the reasons already told; ``torch_note`` describes the torch path)."""
+    if reason is None:
+        return True
+    if backend == "triton":
+        raise NotImplementedError(f"{owner}.predict: backend='triton' cannot run this call: {reason}")
+    if reason not in warned:
+        warned.add(reason)
+        warnings.warn(f"{owner}: using the torch path{torch_note} instead of the fused Triton path: {reason}",
+                      RuntimeWarning, stacklevel=4)
+    return False
 
 
 def _geometry(Nq: int, Nkv: int, bm: int, bn: int, causal: bool, topk: float | None, device: torch.device) -> torch.Tensor:

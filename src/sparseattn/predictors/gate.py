@@ -30,7 +30,6 @@ block sums to the input dtype, as mean_sim's does).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +46,7 @@ from sparseattn.predictors._common import (
     check_pv_threshold,
     check_qk,
     check_version,
+    config_or_default,
     dense_predicted_layout,
     forced_blocks,
     mask_to_layout,
@@ -131,9 +131,7 @@ class GatePredictor:
     def __init__(self, config: GateConfig | None = None, weights: Any = None, backend: str = "auto",
                  model: Any = None) -> None:
         fn = "GatePredictor"
-        self.config = config if config is not None else GateConfig()
-        if not isinstance(self.config, GateConfig):
-            raise fail(fn, "config", "must be a GateConfig", "GateConfig", type(self.config).__name__)
+        self.config = config_or_default(fn, config, GateConfig)
         if not isinstance(backend, str) or backend not in _BACKENDS:
             raise fail(fn, "backend", "is not a known backend", f"one of {list(_BACKENDS)}", repr(backend))
         if weights is None:
@@ -184,20 +182,11 @@ class GatePredictor:
             return False
         from types import SimpleNamespace
 
-        from sparseattn.predictors.fused_mean_sim import fused_refusal
+        from sparseattn.predictors.fused_mean_sim import fused_refusal, take_fused
 
         shim = SimpleNamespace(score="minmax", topk=self.config.topk, cdf_threshold=self.config.cdf_threshold,
                                block_n=self.block_n)
-        reason = fused_refusal(q, k, shim)
-        if reason is None:
-            return True
-        if self.backend == "triton":
-            raise NotImplementedError(f"GatePredictor.predict: backend='triton' cannot run this call: {reason}")
-        if reason not in self._warned:
-            self._warned.add(reason)
-            warnings.warn(f"GatePredictor: using the torch path instead of the fused Triton path: {reason}",
-                          RuntimeWarning, stacklevel=3)
-        return False
+        return take_fused("GatePredictor", self.backend, fused_refusal(q, k, shim), self._warned)
 
     # ------------------------------------------------------------------ predict
     def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:

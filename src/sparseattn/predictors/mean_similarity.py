@@ -48,7 +48,6 @@ except where float rounding flips a decision sitting exactly on a threshold (see
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -63,10 +62,11 @@ from sparseattn.predictors._common import (
     check_block,
     check_bool,
     check_nonneg,
-    check_opt_fraction,
     check_pv_threshold,
     check_qk,
+    check_topk_or_cdf,
     check_version,
+    config_or_default,
     dense_predicted_layout,
     forced_blocks,
     mask_to_layout,
@@ -199,11 +199,7 @@ class MeanSimilarityConfig:
 
     def __post_init__(self) -> None:
         c = "MeanSimilarityConfig"
-        check_opt_fraction(c, "cdf_threshold", self.cdf_threshold)
-        check_opt_fraction(c, "topk", self.topk)
-        if (self.topk is None) == (self.cdf_threshold is None):
-            raise fail(c, "topk/cdf_threshold", "exactly one must be set", "cdf_threshold=<frac> or topk=<frac>",
-                       f"cdf_threshold={self.cdf_threshold}, topk={self.topk}")
+        check_topk_or_cdf(c, self.topk, self.cdf_threshold, cdf_first=True)
         if isinstance(self.sim_threshold, bool) or not isinstance(self.sim_threshold, (int, float)) \
                 or not (-1.0 <= float(self.sim_threshold) <= 2.0):
             raise fail(c, "sim_threshold", "is out of range", "a float in [-1, 2]", repr(self.sim_threshold))
@@ -237,10 +233,7 @@ class MeanSimilarityPredictor:
     name = "mean_sim"
 
     def __init__(self, config: MeanSimilarityConfig | None = None, backend: str = "auto") -> None:
-        self.config = config if config is not None else MeanSimilarityConfig()
-        if not isinstance(self.config, MeanSimilarityConfig):
-            raise fail("MeanSimilarityPredictor", "config", "must be a MeanSimilarityConfig", "MeanSimilarityConfig",
-                       type(self.config).__name__)
+        self.config = config_or_default("MeanSimilarityPredictor", config, MeanSimilarityConfig)
         if not isinstance(backend, str) or backend not in _BACKENDS:
             raise fail("MeanSimilarityPredictor", "backend", "is not a known backend", f"one of {list(_BACKENDS)}",
                        repr(backend))
@@ -253,18 +246,10 @@ class MeanSimilarityPredictor:
         """Whether this call takes the fused Triton path (raises for ``backend="triton"`` when it cannot)."""
         if self.backend == "torch" or (self.backend == "auto" and not _auto_device_ok(q)):
             return False
-        from sparseattn.predictors.fused_mean_sim import fused_refusal
+        from sparseattn.predictors.fused_mean_sim import fused_refusal, take_fused
 
-        reason = fused_refusal(q, k, self.config)
-        if reason is None:
-            return True
-        if self.backend == "triton":
-            raise NotImplementedError(f"MeanSimilarityPredictor.predict: backend='triton' cannot run this call: {reason}")
-        if reason not in self._warned:
-            self._warned.add(reason)
-            warnings.warn(f"MeanSimilarityPredictor: using the torch path (~100 small kernels per call) instead of "
-                          f"the fused Triton path: {reason}", RuntimeWarning, stacklevel=3)
-        return False
+        return take_fused("MeanSimilarityPredictor", self.backend, fused_refusal(q, k, self.config), self._warned,
+                          " (~100 small kernels per call)")
 
     def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:
         fn = "MeanSimilarityPredictor.predict"

@@ -20,16 +20,16 @@ from dataclasses import dataclass
 
 import torch
 
-from sparseattn._validation import fail
 from sparseattn.layout.block_layout import BlockLayout, cdiv
 from sparseattn.layout.masks import causal_window_mask
 from sparseattn.predictors._common import (
     block_pool,
     causal_region,
     check_block,
-    check_opt_fraction,
     check_qk,
+    check_topk_or_cdf,
     check_version,
+    config_or_default,
     mask_to_layout,
     nonfinite_block_force,
     select_cdf,
@@ -153,11 +153,7 @@ class OracleConfig:
 
     def __post_init__(self) -> None:
         c = "OracleConfig"
-        check_opt_fraction(c, "topk", self.topk)
-        check_opt_fraction(c, "cdf_threshold", self.cdf_threshold)
-        if (self.topk is None) == (self.cdf_threshold is None):
-            raise fail(c, "topk/cdf_threshold", "exactly one must be set", "topk=<frac> or cdf_threshold=<frac>",
-                       f"topk={self.topk}, cdf_threshold={self.cdf_threshold}")
+        check_topk_or_cdf(c, self.topk, self.cdf_threshold)
         check_block(c, "block_m", self.block_m)
         check_block(c, "block_n", self.block_n)
         check_version(c, self.version, 1)
@@ -176,9 +172,7 @@ class OraclePredictor:
     name = "oracle"
 
     def __init__(self, config: OracleConfig | None = None) -> None:
-        self.config = config if config is not None else OracleConfig()
-        if not isinstance(self.config, OracleConfig):
-            raise fail("OraclePredictor", "config", "must be an OracleConfig", "OracleConfig", type(self.config).__name__)
+        self.config = config_or_default("OraclePredictor", config, OracleConfig)
         self.last_scores: torch.Tensor | None = None
 
     def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:

@@ -67,6 +67,7 @@ from sparseattn.predictors._common import (
     check_pv_threshold,
     check_qk,
     check_version,
+    config_or_default,
     dense_predicted_layout,
     diagonal_blocks,
     mask_to_layout,
@@ -195,10 +196,7 @@ class SketchWalkPredictor:
     name = "sketch_walk"
 
     def __init__(self, config: SketchWalkConfig | None = None) -> None:
-        self.config = config if config is not None else SketchWalkConfig()
-        if not isinstance(self.config, SketchWalkConfig):
-            raise fail("SketchWalkPredictor", "config", "must be a SketchWalkConfig", "SketchWalkConfig",
-                       type(self.config).__name__)
+        self.config = config_or_default("SketchWalkPredictor", config, SketchWalkConfig)
         self.last_scores: torch.Tensor | None = None
         self._W: torch.Tensor | None = None
         self._geom: tuple[Any, ...] | None = None

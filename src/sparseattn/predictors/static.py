@@ -24,7 +24,7 @@ from sparseattn._cache import BoundedCache
 from sparseattn._validation import fail
 from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.layout.patterns import PATTERNS
-from sparseattn.predictors._common import check_block, check_bool, check_nonneg, check_qk, check_version
+from sparseattn.predictors._common import check_block, check_bool, check_nonneg, check_qk, check_version, config_or_default
 from sparseattn.predictors.base import register_predictor
 
 __all__ = ["StaticConfig", "StaticPredictor"]
@@ -101,9 +101,7 @@ class StaticPredictor:
     name = "static"
 
     def __init__(self, config: StaticConfig | None = None) -> None:
-        self.config = config if config is not None else StaticConfig()
-        if not isinstance(self.config, StaticConfig):
-            raise fail("StaticPredictor", "config", "must be a StaticConfig", "StaticConfig", type(self.config).__name__)
+        self.config = config_or_default("StaticPredictor", config, StaticConfig)
         self.last_scores: torch.Tensor | None = None
         self._cache: BoundedCache[tuple, BlockLayout] = BoundedCache(64)  # per-geometry layouts, thread-safe LRU
 

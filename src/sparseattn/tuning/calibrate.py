@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from sparseattn._validation import fail
+from sparseattn._validation import check_token_ids_list, fail
 from sparseattn.tuning.types import HeadParams, TunedConfig
 
 __all__ = ["scale_tuned", "bisect_scale", "calibrate_tuned", "Targets", "check_targets"]
@@ -172,10 +172,7 @@ def calibrate_tuned(model: torch.nn.Module, cfg: TunedConfig, input_ids_list: Se
     targets = check_targets(fn, target_top1, target_kl, target_cosine)
     if not isinstance(cfg, TunedConfig):
         raise fail(fn, "cfg", "must be a TunedConfig", "TunedConfig", type(cfg).__name__)
-    if not isinstance(input_ids_list, (list, tuple)) or not input_ids_list \
-            or not all(isinstance(t, torch.Tensor) and t.dim() in (1, 2) for t in input_ids_list):
-        raise fail(fn, "input_ids_list", "must be a non-empty list of 1-D or (1, N) token tensors", "list[tensor]",
-                   type(input_ids_list).__name__)
+    check_token_ids_list(fn, input_ids_list)
     if score_last is not None and (isinstance(score_last, bool) or not isinstance(score_last, int) or score_last < 1):
         raise fail(fn, "score_last", "must be a positive integer or None", "e.g. 2048", repr(score_last))
 

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from sparseattn._validation import fail
+from sparseattn._validation import check_token_ids_list, fail
 from sparseattn.predictors.mean_similarity import MeanSimilarityConfig
 from sparseattn.tuning.types import RULES, TUNED_VERSION, HeadParams, TunedConfig
 
@@ -203,20 +203,15 @@ def plan_tuning(fn: str, model: torch.nn.Module, input_ids_list: Any, *, base: M
 
     Shared by :func:`tune_model` and :func:`~sparseattn.tuning.parallel.tune_model_distributed`.
     """
-    from sparseattn.models.layers import attention_layers
+    from sparseattn.models.layers import require_attention_layers
 
     base = MeanSimilarityConfig() if base is None else base
     if not isinstance(base, MeanSimilarityConfig):
         raise fail(fn, "base", "must be a MeanSimilarityConfig or None", "MeanSimilarityConfig", type(base).__name__)
     if rule not in RULES:
         raise fail(fn, "rule", "is not a known error rule", f"one of {list(RULES)}", repr(rule))
-    if not isinstance(input_ids_list, (list, tuple)) or not input_ids_list \
-            or not all(isinstance(t, torch.Tensor) and t.dim() in (1, 2) for t in input_ids_list):
-        raise fail(fn, "input_ids_list", "must be a non-empty list of 1-D or (1, N) token tensors", "list[tensor]",
-                   type(input_ids_list).__name__)
-    layers = [i for i, _ in attention_layers(model)]
-    if not layers:
-        raise fail(fn, "model", "has no attention layers", "a transformers decoder", type(model).__name__)
+    check_token_ids_list(fn, input_ids_list)
+    layers = require_attention_layers(fn, model)
     budgets = parse_layer_budgets(layer_l1, max(layers) + 1)
     dense = sorted({int(i) for i in dense_layers})
     for i in dense:

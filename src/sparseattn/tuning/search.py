@@ -323,6 +323,24 @@ def tune_layer(
             spars += 1.0 - m.sum((1, 2)).to(torch.float32) / smp.available
         return err, spars / len(prepared)
 
+    def bisect(lo: torch.Tensor, hi: torch.Tensor, probe: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+               budget: float, phase: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per head, ``cdf_steps`` bisection steps from ``hi`` towards ``lo`` while ``probe``'s error stays
+        within ``budget``: ``(value, its error, its sparsity, feasible)`` (feasible: ``hi`` itself is within)."""
+        err_hi, sp_hi = probe(hi)
+        feasible = err_hi <= budget
+        tick(phase)
+        for _ in range(cdf_steps):
+            mid = 0.5 * (lo + hi)
+            err, sp = probe(mid)
+            ok = err <= budget
+            hi = torch.where(ok, mid, hi)
+            lo = torch.where(ok, lo, mid)
+            err_hi = torch.where(ok, err, err_hi)
+            sp_hi = torch.where(ok, sp, sp_hi)
+            tick(phase)
+        return hi, err_hi, sp_hi, feasible
+
     best_sp = torch.full((H,), -1.0, device=dev)
     best_err = torch.full((H,), math.inf, device=dev)
     best_sim = torch.full((H,), math.nan, device=dev)
@@ -339,20 +357,8 @@ def tune_layer(
             continue
         last_sig = sig
         sim = torch.full((H,), s, device=dev)
-        hi = torch.ones(H, device=dev)
-        lo = torch.zeros(H, device=dev)
-        err_hi, sp_hi = evaluate(sim, hi)
-        feasible = err_hi <= l1
-        tick("cdf")
-        for _ in range(cdf_steps):
-            mid = 0.5 * (lo + hi)
-            err, sp = evaluate(sim, mid)
-            ok = err <= l1
-            hi = torch.where(ok, mid, hi)
-            lo = torch.where(ok, lo, mid)
-            err_hi = torch.where(ok, err, err_hi)
-            sp_hi = torch.where(ok, sp, sp_hi)
-            tick("cdf")
+        hi, err_hi, sp_hi, feasible = bisect(torch.zeros(H, device=dev), torch.ones(H, device=dev),
+                                             lambda x: evaluate(sim, x), l1, "cdf")
         better = feasible & ((sp_hi > best_sp) | ((sp_hi == best_sp) & (err_hi < best_err)))
         best_sp = torch.where(better, sp_hi, best_sp)
         best_err = torch.where(better, err_hi, best_err)
@@ -365,21 +371,9 @@ def tune_layer(
     for kl in kl_grid:
         # the chosen sim per head stays; only the local window shrinks and cdf is bisected again
         forced = [per_head_forced(smp.stats, base.keep_sink, [kl] * H, causal) for smp in prepared]
-        hi = torch.ones(H, device=dev)
-        lo = torch.zeros(H, device=dev)
-        err_hi, sp_hi = evaluate(sim_f, hi, forced=forced)
-        feasible = (err_hi <= l1) & ~dense
-        tick("keep_local")
-        for _ in range(cdf_steps):
-            mid = 0.5 * (lo + hi)
-            err, sp = evaluate(sim_f, mid, forced=forced)
-            ok = err <= l1
-            hi = torch.where(ok, mid, hi)
-            lo = torch.where(ok, lo, mid)
-            err_hi = torch.where(ok, err, err_hi)
-            sp_hi = torch.where(ok, sp, sp_hi)
-            tick("keep_local")
-        better = feasible & (sp_hi > best_sp)
+        hi, err_hi, sp_hi, feasible = bisect(torch.zeros(H, device=dev), torch.ones(H, device=dev),
+                                             lambda x: evaluate(sim_f, x, forced=forced), l1, "keep_local")
+        better = feasible & ~dense & (sp_hi > best_sp)
         best_sp = torch.where(better, sp_hi, best_sp)
         best_err = torch.where(better, err_hi, best_err)
         best_cdf = torch.where(better, hi, best_cdf)
@@ -391,19 +385,10 @@ def tune_layer(
     if pv_l1 is not None:
         masks = [select_per_head(smp.stats, sim_f, cdf_f, dense, None if head_forced is None else head_forced[si])[0]
                  for si, smp in enumerate(prepared)]
-        lo = torch.full((H,), math.log(PV_RANGE[0]), device=dev)
-        hi = torch.full((H,), math.log(PV_RANGE[1]), device=dev)
-        err_hi, _ = evaluate(sim_f, cdf_f, hi.exp(), masks)
-        feasible = (err_hi <= pv_l1) & ~dense
-        tick("pv")
-        for _ in range(cdf_steps):
-            mid = 0.5 * (lo + hi)
-            err, _ = evaluate(sim_f, cdf_f, mid.exp(), masks)
-            ok = err <= pv_l1
-            hi = torch.where(ok, mid, hi)
-            lo = torch.where(ok, lo, mid)
-            err_hi = torch.where(ok, err, err_hi)
-            tick("pv")
+        hi, err_hi, _, feasible = bisect(torch.full((H,), math.log(PV_RANGE[0]), device=dev),
+                                         torch.full((H,), math.log(PV_RANGE[1]), device=dev),
+                                         lambda x: evaluate(sim_f, cdf_f, x.exp(), masks), pv_l1, "pv")
+        feasible = feasible & ~dense
         pv = torch.where(feasible, hi.exp(), pv)
         best_err = torch.where(feasible, err_hi, best_err)
 

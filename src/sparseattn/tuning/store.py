@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from sparseattn._validation import fail
+from sparseattn._validation import check_file_path, fail
 from sparseattn.tuning.types import _FIELDS, RULES, TUNED_VERSION, HeadParams, TunedConfig
 
 __all__ = ["META_KEY", "FINGERPRINT_KEYS", "PREDICTOR_KEYS", "REQUIRED_META", "save_tuned", "load_tuned",
@@ -112,11 +112,7 @@ def save_tuned(path: str | os.PathLike, cfg: TunedConfig) -> Path:
     fn = "save_tuned"
     if not isinstance(cfg, TunedConfig):
         raise fail(fn, "cfg", "must be a TunedConfig", "TunedConfig", type(cfg).__name__)
-    if not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise fail(fn, "path", "must be a file path", "e.g. 'tuned.safetensors'", repr(path))
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise fail(fn, f"path {p}", "is a directory", "a file path", "a directory")
+    p = check_file_path(fn, path, "tuned.safetensors")
     meta = dict(cfg.meta)
     meta.setdefault("version", TUNED_VERSION)
     if _LAYERS_KEY in meta:
