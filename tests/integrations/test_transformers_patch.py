@@ -424,6 +424,19 @@ def test_packed_sequences_run_exact_document_masks() -> None:
         got = model(ids, position_ids=pos, use_cache=False).logits
         assert h.counts["prefill_packed"] == 3 and h.counts["prefill_sparse"] == 3
     torch.testing.assert_close(got, ref, atol=FP32_LOOSE, rtol=FP32_LOOSE)
+    # the document ids are computed once per forward and shared by its layers (and the exact layout with them)
+    from sparseattn.integrations import handle as handle_mod
+
+    calls = []
+    real = handle_mod._packed_documents
+    with patch_model(model, pattern="dense:block_m=32,block_n=32"), \
+            pytest.MonkeyPatch.context() as mp:
+        mp.setattr(handle_mod, "_packed_documents", lambda *a: calls.append(1) or real(*a))
+        again = model(ids, position_ids=pos, use_cache=False).logits
+        assert len(calls) == 1
+        model(ids, position_ids=pos, use_cache=False)
+        assert len(calls) == 2  # a new forward: new ids
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
     # each sequence alone gives the same logits (no attention across documents)
     start = 0
     for n in lengths:

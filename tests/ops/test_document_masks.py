@@ -576,3 +576,20 @@ def test_bad_row_bounds():
                              row_bounds=(good.to(DEV), good.to(DEV)), pv_threshold=1.0)
         with pytest.raises(ValueError, match="block_sparse_fwd: row_bounds are not supported on the state path"):
             block_sparse_fwd(qh, kh, vh, layout=None, row_bounds=(good.to(DEV), good.to(DEV)), return_state=True)
+
+
+def test_document_ids_layout_is_cached_per_tensor_and_version():
+    """document_ids (a device tensor) builds its exact layout once per tensor object and version: the same ids
+    again reuse it; an in-place change bumps the version and is seen."""
+    from sparseattn import attention
+    from sparseattn.testing.inputs import random_qkv
+
+    q, k, v = random_qkv(1, 2, 100, 16, kv_heads=1, dtype=torch.float32, seed=11)
+    ids = torch.tensor([0] * 40 + [1] * 60)
+    a = attention(q, k, v, causal=True, document_ids=ids, backend="reference")
+    b = attention(q, k, v, causal=True, document_ids=ids, backend="reference")
+    assert torch.equal(a.out, b.out)
+    ids[40:70] = 0  # in place: the first document now ends at 70
+    c = attention(q, k, v, causal=True, document_ids=ids, backend="reference")
+    fresh = attention(q, k, v, causal=True, document_ids=ids.clone(), backend="reference")
+    assert torch.equal(c.out, fresh.out) and not torch.equal(c.out, a.out)

@@ -168,7 +168,7 @@ class PatchHandle:
         self._hook: Any = None
         self.active = True
         # mask verdicts of the current forward (see _mask_ok); routes and static densities are module caches
-        self._mask_verdicts: dict[tuple[Any, ...], bool] = {}
+        self._mask_verdicts: dict[tuple[Any, ...], Any] = {}  # per forward: mask verdicts, packed document ids
         self._mask_refs: list[torch.Tensor] = []
         #: the tuned file the default predictor comes from (``"in-memory"`` for a TunedConfig), else None
         self.tuned: str | None = None
@@ -347,9 +347,18 @@ class PatchHandle:
         One host read per mask object and forward (cached with the causal verdicts); inside a capture or
         ``torch.compile`` a device-side assertion instead, as for plain causal masks.
         """
-        docs = _packed_documents(position_ids, B, nq, nkv)
+        # the document ids of a forward's position_ids: computed once and shared by its layers (the per-forward dict)
+        pkey = None
+        if isinstance(position_ids, torch.Tensor) and not _compiling():
+            pkey = ("docs", id(position_ids), position_ids.data_ptr(), position_ids._version, B, nq, nkv)
+        docs = self._mask_verdicts.get(pkey) if pkey is not None else None
         if docs is None:
-            return None
+            docs = _packed_documents(position_ids, B, nq, nkv)
+            if docs is None:
+                return None
+            if pkey is not None:
+                self._mask_verdicts[pkey] = docs
+                self._mask_refs.append(position_ids)
         if _compiling() or (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
             torch._assert_async(_packed_match(mask, docs, window),
                                 "patch_model: the attention mask of a sparse layer is neither plain causal nor the "

@@ -15,7 +15,9 @@ prefix-LM) run as per-row key intervals (:class:`~sparseattn.layout.patterns.Row
 ``HAS_ROW_BOUNDS``) on their exact block layout. For host specs (``cu_seqlens``, ``prefix_len``) the
 layout and bounds are built once per (spec, lengths, causal, window, blocks, device) and kept in
 ``_EXACT`` (``_EXACT_MAX`` entries; stride 0 over heads, and over batch when the spec is shared);
-``document_ids`` (a device tensor, never read on the host) rebuilds them per call with device ops only.
+``document_ids`` (a device tensor, never read on the host) builds them with device ops only, cached per
+tensor object and version (the entry holds the tensor, so its id is not reused while cached; an in-place
+change bumps the version): the layers of one packed forward share the build.
 A user ``layout`` is intersected with the exact one.
 """
 
@@ -264,7 +266,7 @@ def band_layout(B: int, H: int, Nq: int, Nkv: int, window: int, device: torch.de
 
 
 _EXACT_MAX = 64
-_EXACT: BoundedCache[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, Any]] = BoundedCache(
+_EXACT: BoundedCache[tuple[Any, ...], tuple[Any, ...]] = BoundedCache(
     _EXACT_MAX, name="attention._EXACT")
 
 
@@ -357,16 +359,20 @@ def _exact_mask(fn: str, B: int, H: int, Nq: int, Nkv: int, device: torch.device
             if ids.dim() not in (1, 2) or ids.shape[-1] != Nkv or (ids.dim() == 2 and ids.shape[0] not in (1, B)):
                 raise fail(fn, "document_ids", "has the wrong shape", f"[N_kv] or [B|1, N_kv] = [{B}|1, {Nkv}]",
                            tuple(ids.shape))
-            key = ()  # device values: not cached
+            # device values, never read: cached by the tensor object and its version (the entry keeps the tensor
+            # alive, so no other tensor takes its id while the entry exists; an in-place write bumps _version)
+            key = () if torch.compiler.is_compiling() else (  # traced: no data pointer, built in the graph
+                "docids", id(ids), ids.data_ptr(), ids._version, tuple(ids.shape), Nq, Nkv, run_causal,
+                sliding_window, bm, bn, dev)
             spec = None
 
-        def build() -> tuple[torch.Tensor, torch.Tensor, Any]:
+        def build() -> tuple[Any, ...]:
             b = document_row_bounds(spec, document_ids=document_ids if spec is None else None, seqlen_q=Nq,
                                     seqlen_kv=Nkv, sliding_window=sliding_window, device=dev)
             lay = row_bounds_layout(b, Nq, Nkv, block_m=bm, block_n=bn, heads=1, causal=run_causal)
-            return lay.kv_num_blocks.contiguous(), lay.kv_indices.contiguous(), b
+            return lay.kv_num_blocks.contiguous(), lay.kv_indices.contiguous(), b, document_ids
 
-    num, idx, bounds = _EXACT.get_or_build(key, build) if key else build()
+    num, idx, bounds = (_EXACT.get_or_build(key, build) if key else build())[:3]
     Bb = num.shape[0]
     if Bb == 1 and B > 1:
         num, idx = num.expand(B, 1, -1), idx.expand(B, 1, -1, -1)
