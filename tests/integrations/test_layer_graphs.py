@@ -188,6 +188,7 @@ def test_fast_lane_is_taken_only_for_the_remembered_call(monkeypatch):
 
 
 @cuda
+@torch.no_grad()  # inference: replays hand out the static output (with grad enabled, a copy: checked below)
 def test_layer_graphs_direct_and_copy_replays():
     """The direct graph (no input copies) serves calls whose tensors sit where it was captured; others copy."""
     from sparseattn.integrations.layer_graphs import _MAX_DIRECT_TRIES, LayerGraphs
@@ -217,6 +218,14 @@ def test_layer_graphs_direct_and_copy_replays():
     torch.testing.assert_close(out2, (q2 * 2 + k - v).transpose(1, 2), rtol=0, atol=0)
     assert lg.stats["held"] == 1 and torch.equal(kept, before)
     del kept, out2
+    with torch.enable_grad():  # autograd may keep the output: a copy, never the static buffer
+        out_g, _ = lg.run(("L0",), q, k, v, body, "test")
+    buf = next(iter(lg._buffers.values()))
+    assert out_g.untyped_storage().data_ptr() != buf.out.untyped_storage().data_ptr()
+    torch.testing.assert_close(out_g, expect(), rtol=0, atol=0)
+    out_n, _ = lg.run(("L0",), q, k, v, body, "test")  # held copies do not count: the buffer is free
+    assert out_n.untyped_storage().data_ptr() == buf.out.untyped_storage().data_ptr() and lg.stats["held"] == 1
+    del out_g, out_n
     held = []
     for i in range(_MAX_DIRECT_TRIES + 2):  # new addresses every call: re-captured a few times, then copies
         q, k, v = (torch.randn(1, 2, 64, 16, device="cuda", generator=g) for _ in range(3))

@@ -16,11 +16,13 @@ static input buffers and writes a static output. Every later call:
 2. replays the graph (predictor kernels, attention kernel, density accounting: a predictor's selected
    block counts are added on the device to a per-graph sum, :class:`DensityAccumulator`, so nothing is
    copied or read per call);
-3. returns the static output ``(B, N, H, D)`` itself. It is overwritten by the next replay of a graph of
-   that shape, so a replay first checks that no caller still holds the previous output (the storage's use
-   count, the check torch's own CUDA-graph trees make); if one does, this call runs the body eagerly into
-   a new tensor instead (``stats["held"]``). A model layer hands its attention output to its output
-   projection and drops it, so in a forward every replay finds the buffer free and nothing is cloned.
+3. returns the static output ``(B, N, H, D)`` itself (under ``torch.no_grad`` / inference; with grad
+   enabled, where autograd would keep it as the output projection's saved input, a clone). It is
+   overwritten by the next replay of a graph of that shape, so a replay first checks that no caller still
+   holds the previous output (the storage's use count, the check torch's own CUDA-graph trees make); if one
+   does, this call runs the body eagerly into a new tensor instead (``stats["held"]``). A model layer hands
+   its attention output to its output projection and drops it, so in an inference forward every replay
+   finds the buffer free and nothing is cloned.
 
 **Direct replays.** In a steady-state eager forward PyTorch's caching allocator hands each layer the
 same addresses for its ``q``, ``k``, ``v`` call after call. So each key also gets a second graph,
@@ -317,10 +319,12 @@ class LayerGraphs:
                 entry.graph.replay()
                 extra = None if entry.extra is None else _clone(entry.extra)
                 self.stats["copy"] += 1
+            # with grad enabled autograd may save the output (the projection's input): hand out a copy. Else a new
+            # view (its own TensorImpl) rather than ``buf.out``: while the caller holds it, or any view of it, the
+            # storage's use count stays above ``base_uses`` and the next replay knows
+            out = buf.out.clone() if torch.is_grad_enabled() else buf.out.view(buf.out.shape)
         self.replays += 1
-        # a new view (its own TensorImpl) rather than ``buf.out``: while the caller holds it, or any view of it,
-        # the storage's use count stays above ``base_uses`` and the next replay knows
-        return buf.out.view(buf.out.shape), extra
+        return out, extra
 
     def _capture_direct(self, buf: _Buffers, entry: _Entry, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         sig: tuple[Any, ...]) -> _Direct | None:
