@@ -183,6 +183,7 @@ def test_fused_nonfinite_keeps_what_torch_keeps(request, where, value, spec):
 
 def _launch_pool(q, k, block_m, block_n, minmax):
     """The pooling launch alone (q and k in one grid): q means/sims, k means/sims/min/max (k buffers untransposed)."""
+    from sparseattn.ops.launch_configs import MeanSimLaunchConfig
     from sparseattn.predictors.fused_mean_sim import _kernels, _pool_meta
 
     B, H, Nq, D = q.shape
@@ -195,7 +196,7 @@ def _launch_pool(q, k, block_m, block_n, minmax):
     pool = _kernels()[0]
     pool[(Mb * H + Nb * Hkv, B)](q, k, qm, qsim, km, ksim, kmin, kmax, *q.stride(), *k.stride(), *qm.stride(),
                                  *km.transpose(-1, -2).stride(), *qsim.stride()[:2], *ksim.stride()[:2], Nq, Nkv, Mb, Nb, H, D,
-                                 **_pool_meta(block_m, block_n, D, minmax))
+                                 **_pool_meta(block_m, block_n, D, minmax, MeanSimLaunchConfig()))
     return qm, qsim, km.transpose(-1, -2), ksim, kmin.transpose(-1, -2), kmax.transpose(-1, -2)
 
 
@@ -232,6 +233,7 @@ def test_select_kernel_long_rows(causal, topk, score):
     # 2100 key blocks (a 4096-wide register row): the score and select kernels on given block statistics,
     # against the torch path's scoring and selection code on the same statistics (pooling is too slow here)
     from sparseattn.predictors._common import local_mask, mask_to_layout, select_cdf, select_topk
+    from sparseattn.ops.launch_configs import MeanSimLaunchConfig
     from sparseattn.predictors.fused_mean_sim import _SCORES, _geometry, _kernels, _score_meta, _select_meta
 
     gen = torch.Generator().manual_seed(11)
@@ -266,9 +268,10 @@ def test_select_kernel_long_rows(causal, topk, score):
     num = torch.empty(B, H, Mb, dtype=torch.int32, device=DEV)
     idx = torch.empty(B, H, Mb, Nb, dtype=torch.int32, device=DEV)
     geo = _geometry(Nq, Nkv, bm, bn, causal, topk, q_mean.device)
-    meta = _select_meta(Nb)
+    launch = MeanSimLaunchConfig()
+    meta = _select_meta(Nb, launch)
     assert meta["RPAD"] == 4096
-    sc = _score_meta(B, H, Mb, Nb, D, _SCORES[score])
+    sc = _score_meta(B, H, Mb, Nb, D, _SCORES[score], launch)
     n_jt = -(-Nb // sc["BLOCK_J"])
     _, score_k, select = _kernels()
     kt = [t.transpose(-1, -2).contiguous() for t in (k_mean, k_min, k_max)]
@@ -377,3 +380,27 @@ def test_dense_layers_unchanged_on_fused_backend():
     got = fused.predict(q, k, causal=True, layer=1)
     assert fused.last_scores is None
     assert torch.equal(got.kv_num_blocks, ref.kv_num_blocks) and torch.equal(got.kv_indices, ref.kv_indices)
+
+
+def test_launch_config_is_the_registered_operators_tuned_data():
+    """The fused kernels' launch parameters come from the operator's tuned file (configuration as data): the
+    registry lists mean_sim_fused with its config type and file; the shipped H200 entry is what the kernels
+    were measured with; other devices use it as the fallback; a bad config is refused clearly."""
+    from sparseattn.ops.launch_configs import MeanSimLaunchConfig
+    from sparseattn.ops.registry import get_operator, operators, tuned_config
+    from sparseattn.predictors.fused_mean_sim import OPERATOR, launch_config, operator_refusal, registry_refusal
+
+    op = get_operator(OPERATOR)
+    assert op in operators("predict", entry_point="predict") and op.config_type is MeanSimLaunchConfig
+    assert op.tuned == "mean_sim.json" and op.custom_op == "sparseattn::predict_layout"
+    shipped = MeanSimLaunchConfig.from_dict(tuned_config(OPERATOR, "NVIDIA H200"))
+    assert shipped == MeanSimLaunchConfig(1024, 2, 64, 8, 4, 256)
+    assert launch_config(torch.device("cpu")) == shipped  # no entry for the CPU: the fallback device's
+    assert MeanSimLaunchConfig.from_json(shipped.to_json()) == shipped
+    with pytest.raises(ValueError, match=r"^MeanSimLaunchConfig: score_tile is not a supported tile"):
+        MeanSimLaunchConfig(score_tile=48)
+    with pytest.raises(ValueError, match=r"^MeanSimLaunchConfig.from_dict: d must name exactly the launch parameters"):
+        MeanSimLaunchConfig.from_dict({"POOL_ELEMS": 1024})
+    cfg = MeanSimilarityConfig(score="mean", cdf_threshold=0.9)
+    q = torch.randn(1, 2, 64, 16)
+    assert registry_refusal(q, q, cfg) == operator_refusal(q, k=q, config=cfg)

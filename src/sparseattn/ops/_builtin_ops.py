@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from sparseattn.ops.launch_configs import BlockSparseFwdConfig, DecodeLaunchConfig, QuantLaunchConfig
+from sparseattn.ops.launch_configs import BlockSparseFwdConfig, DecodeLaunchConfig, MeanSimLaunchConfig, QuantLaunchConfig
 from sparseattn.ops.registry import Operator
 from sparseattn.state.types import AttentionState
 
@@ -157,4 +157,12 @@ def builtin_operators() -> list[Operator]:
                  refusal=reference_refusal, devices=None, dtypes=None, head_dims=None, entry_points=("merge",),
                  priority=20, custom_op="sparseattn::merge_states_ref",
                  description="PyTorch merge (state/merge.py), any device, float64-capable"),
+        # run(q, k, config, causal=) -> (layout, p); refusal(q, k=, config=) -> str | None (predictors/fused_mean_sim.py)
+        Operator("mean_sim_fused", "predict", run="sparseattn.predictors.fused_mean_sim:fused_predict",
+                 refusal="sparseattn.predictors.fused_mean_sim:operator_refusal", devices=("cuda",),
+                 dtypes=(torch.float16, torch.bfloat16, torch.float32), head_dims=None, entry_points=("predict",),
+                 priority=10, config_type=MeanSimLaunchConfig, tuned="mean_sim.json",
+                 custom_op="sparseattn::predict_layout",
+                 description="the mean_sim predictor as three fused Triton kernels: pool, score, select "
+                             "(ops/triton/mean_sim_predict.py); its torch path is the reference"),
     ]

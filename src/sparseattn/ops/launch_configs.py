@@ -12,7 +12,7 @@ from typing import Any
 
 from sparseattn._validation import fail
 
-__all__ = ["BlockSparseFwdConfig", "DecodeLaunchConfig", "QuantLaunchConfig", "CONFIG_VERSION"]
+__all__ = ["BlockSparseFwdConfig", "DecodeLaunchConfig", "QuantLaunchConfig", "MeanSimLaunchConfig", "CONFIG_VERSION"]
 
 CONFIG_VERSION = 1
 
@@ -182,3 +182,61 @@ class DecodeLaunchConfig:
 # variants of the quantized decode path (sparseattn.ops.triton.decode: QK_MODE / PV_MODE 0, 1, 2, 3 in this order)
 DECODE_QK_VARIANTS = ("dequant", "q8", "q8x2", "fp16")
 DECODE_PV_VARIANTS = ("dequant", "fp16", "fp8")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanSimLaunchConfig:
+    """Launch parameters of the fused mean_sim predictor's three kernels (``predictors/fused_mean_sim.py``;
+    the gate predictor's pool and select launches too).
+
+    ``pool_elems``: elements of one ``[rows, D_PAD]`` float32 accumulator tile of the pool kernel (rows =
+    ``pool_elems // D_PAD``); ``pool_warps``; ``score_tile``: the score GEMM's square tile where
+    ``B·H·⌈Mb/64⌉·⌈Nb/64⌉ >= 256`` (shorter inputs take 32 or 16 so that enough programs fill the GPU);
+    ``score_warps_mean`` / ``score_warps_minmax``: its warps for the mean score and for the min/max and mixed
+    scores; ``select_cols_per_warp``: the select kernel's row length per warp (warps = ``RPAD / this``,
+    clamped to 1..16). The defaults are the generic choice; measured winners live in
+    ``sparseattn/ops/tuned/mean_sim.json`` (operator ``mean_sim_fused``).
+    """
+
+    pool_elems: int = 1024
+    pool_warps: int = 2
+    score_tile: int = 64
+    score_warps_mean: int = 8
+    score_warps_minmax: int = 4
+    select_cols_per_warp: int = 256
+
+    _KEYS = (("pool_elems", "POOL_ELEMS"), ("pool_warps", "POOL_WARPS"), ("score_tile", "SCORE_TILE"),
+             ("score_warps_mean", "SCORE_WARPS_MEAN"), ("score_warps_minmax", "SCORE_WARPS_MINMAX"),
+             ("select_cols_per_warp", "SELECT_COLS_PER_WARP"))
+
+    def __post_init__(self) -> None:
+        fn = "MeanSimLaunchConfig"
+        _pow2(fn, "pool_elems", self.pool_elems, 16)
+        _pow2(fn, "select_cols_per_warp", self.select_cols_per_warp, 32)
+        for name in ("pool_warps", "score_warps_mean", "score_warps_minmax"):
+            _pow2(fn, name, getattr(self, name), 1)
+            if getattr(self, name) > 16:
+                raise fail(fn, name, "is too large", "a power of two in 1..16", repr(getattr(self, name)))
+        if self.score_tile not in (16, 32, 64, 128):
+            raise fail(fn, "score_tile", "is not a supported tile", "16, 32, 64 or 128", repr(self.score_tile))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, f) for f, key in self._KEYS}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MeanSimLaunchConfig":
+        names = dict((key, f) for f, key in cls._KEYS)
+        if not isinstance(d, dict) or set(d) != set(names):
+            raise fail("MeanSimLaunchConfig.from_dict", "d", "must name exactly the launch parameters",
+                       sorted(names), repr(d))
+        return cls(**{names[k]: v for k, v in d.items()})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": CONFIG_VERSION, **self.to_dict()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "MeanSimLaunchConfig":
+        if not isinstance(d, dict) or d.get("version") != CONFIG_VERSION:
+            raise fail("MeanSimLaunchConfig.from_json", "version", "is not supported", CONFIG_VERSION,
+                       repr(d.get("version") if isinstance(d, dict) else d))
+        return cls.from_dict({k: v for k, v in d.items() if k != "version"})

@@ -42,8 +42,8 @@ __all__ = ["Operator", "register_operator", "unregister_operator", "set_builtin_
            "shipped_launch_winners", "check_tuned_configs",
            "device_name", "TUNED_DIR", "TUNED_VERSION"]
 
-KINDS = ("prefill", "decode", "quant_prefill", "merge")
-ENTRY_POINTS = ("attention", "integration", "decode", "quant", "merge")
+KINDS = ("prefill", "decode", "quant_prefill", "merge", "predict")
+ENTRY_POINTS = ("attention", "integration", "decode", "quant", "merge", "predict")
 TUNED_DIR = Path(__file__).with_name("tuned")
 TUNED_VERSION = 1
 
@@ -70,7 +70,7 @@ class Operator:
             any). ``refusal`` is the authority: it gives the reason for each of them.
         entry_points: the dispatchers that list it (``"attention"``: ``attention(backend=...)``;
             ``"integration"``: ``patch_model(backend=...)``; ``"decode"``; ``"quant"``; ``"merge"``:
-            ``merge_states(backend=...)``).
+            ``merge_states(backend=...)``; ``"predict"``: the predictors' fused path).
         priority: order in ``backend="auto"`` (lower first).
         preferred: ``preferred(q, pv_threshold) -> bool``: whether ``"auto"`` may pick it for these inputs
             even though it accepts them (the Triton kernel under the CPU interpreter is a test vehicle,

@@ -44,12 +44,14 @@ import torch
 from sparseattn.layout.block_layout import BlockLayout, cdiv, region_row_limits
 from sparseattn.predictors._common import _count, cached, diagonal_blocks
 
-__all__ = ["fused_refusal", "fused_predict", "LAUNCHES_PER_CALL", "MAX_KV_BLOCKS", "SUPPORTED_DTYPES"]
+__all__ = ["fused_refusal", "fused_predict", "operator_refusal", "registry_refusal", "launch_config", "OPERATOR",
+           "LAUNCHES_PER_CALL", "MAX_KV_BLOCKS", "SUPPORTED_DTYPES"]
 
 LAUNCHES_PER_CALL = 3
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_KV_BLOCKS = 8192  # the select kernel keeps a row of key blocks in registers (power of two >= Nb)
 _SCORES = {"mean": 0, "minmax": 1, "mixed": 2}
+OPERATOR = "mean_sim_fused"  # its registry entry: capabilities, the launch config type, the tuned file
 _MAX_GRID_YZ = 65535
 
 
@@ -112,6 +114,39 @@ def fused_refusal(q: Any, k: Any, config: Any) -> str | None:
     return _triton_import_error()
 
 
+def operator_refusal(q: Any, *, k: Any = None, config: Any = None, **_: Any) -> str | None:
+    """The registry operator ``mean_sim_fused``'s refusal: :func:`fused_refusal` of ``(q, k, config)``."""
+    return fused_refusal(q, k, config)
+
+
+def registry_refusal(q: Any, k: Any, config: Any) -> str | None:
+    """Why the registered ``mean_sim_fused`` operator refuses this call (the predictors' path choice asks the
+    registry, so a replaced operator's refusal is the one that counts), or None."""
+    from sparseattn.ops.registry import get_operator
+
+    return get_operator(OPERATOR).refusal_fn()(q, k=k, config=config)
+
+
+_LAUNCH: dict[str, Any] = {}  # device name -> MeanSimLaunchConfig (the shipped tuned file, read once per device)
+
+
+def launch_config(device: torch.device) -> Any:
+    """The fused kernels' :class:`~sparseattn.ops.launch_configs.MeanSimLaunchConfig` for ``device``: the tuned
+    file's entry for that GPU (``sparseattn/ops/tuned/mean_sim.json``; other devices use its fallback
+    device's), else the dataclass defaults."""
+    from sparseattn.ops.registry import device_name
+
+    name = device_name(device)
+    cfg = _LAUNCH.get(name)
+    if cfg is None:
+        from sparseattn.ops.launch_configs import MeanSimLaunchConfig
+        from sparseattn.ops.registry import tuned_config
+
+        tuned = tuned_config(OPERATOR, name)
+        cfg = _LAUNCH[name] = MeanSimLaunchConfig() if tuned is None else MeanSimLaunchConfig.from_dict(tuned)
+    return cfg
+
+
 def take_fused(owner: str, backend: str, reason: str | None, warned: set[str], torch_note: str = "") -> bool:
     """A predictor's path choice from :func:`fused_refusal`'s ``reason``: True (fused) when it is None; else
     ``NotImplementedError`` for ``backend="triton"``, or False with a ``RuntimeWarning`` once per reason
@@ -141,18 +176,17 @@ def _geometry(Nq: int, Nkv: int, bm: int, bn: int, causal: bool, topk: float | N
     return cached(("msim_fused_geo", Nq, Nkv, bm, bn, causal, topk, str(device)), build)
 
 
-def _pool_meta(block_m: int, block_n: int, D: int, minmax: bool) -> dict[str, Any]:
+def _pool_meta(block_m: int, block_n: int, D: int, minmax: bool, launch: Any) -> dict[str, Any]:
     d_pad = max(16, _next_pow2(D))
     # a [chunk, D_PAD] float32 tile per accumulator (2 for q; 5 for k with min/max), reduced over the rows
-    # once per block (see ``_pool_block``). H200, 32K, H=32/H_kv=8/D=128 (benchmarks/profile_predictor.py,
-    # 2026-12-03): 2048 elements with 4 warps 0.232 ms (mean) / 0.337 ms (min/max too); 4096 with 4 warps
-    # 0.259 / 0.437, with 8 warps 0.439 / 0.618; the kernel that reduced over rows in the loop 0.403 / 0.549
-    chunk = max(1, 1024 // d_pad)
+    # once per block (see ``_pool_block``); ``launch.pool_elems`` elements per tile (measured: the tuned file)
+    chunk = max(1, launch.pool_elems // d_pad)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "CHUNK_Q": min(_next_pow2(block_m), chunk),
-            "CHUNK_K": min(_next_pow2(block_n), chunk), "D_PAD": d_pad, "MINMAX": minmax, "num_warps": 2}
+            "CHUNK_K": min(_next_pow2(block_n), chunk), "D_PAD": d_pad, "MINMAX": minmax,
+            "num_warps": launch.pool_warps}
 
 
-def _score_meta(B: int, H: int, Mb: int, Nb: int, D: int, score: int) -> dict[str, Any]:
+def _score_meta(B: int, H: int, Mb: int, Nb: int, D: int, score: int, launch: Any) -> dict[str, Any]:
     """Tile of the score GEMM (IEEE float32 ``tl.dot``, CUDA-core FMAs).
 
     ptxas (sm_90, triton 3.9 offline) fits without spills: mean 64 × 64 tiles, 8 warps, 16 coordinates
@@ -161,26 +195,26 @@ def _score_meta(B: int, H: int, Mb: int, Nb: int, D: int, score: int) -> dict[st
     sequences take 32 × 32 (16 × 16) tiles so that enough programs fill the GPU.
     """
     d_pad = max(16, _next_pow2(D))
-    if score == 0 and B * H * cdiv(Mb, 64) * cdiv(Nb, 64) >= 256:
-        tile, warps = 64, 8
-    elif B * H * cdiv(Mb, 64) * cdiv(Nb, 64) >= 256:  # minmax/mixed: 64 x 64 with 4 warps measured fastest
-        tile, warps = 64, 4  # (H200, 32K, H=32/D=128: 0.122 ms against 0.136 ms for 32 x 32)
+    if B * H * cdiv(Mb, 64) * cdiv(Nb, 64) >= 256:  # long inputs: the launch config's tile and warps
+        tile = launch.score_tile
+        warps = launch.score_warps_mean if score == 0 else launch.score_warps_minmax
     else:  # a tile is at least 16: tl.dot's minimum
         tile, warps = (32 if max(Mb, Nb) > 16 else 16), 4
     return {"SCORE": score, "BLOCK_QB": tile, "BLOCK_J": tile, "BLOCK_D": 16, "D_PAD": d_pad, "num_warps": warps}
 
 
-def _select_meta(Nb: int) -> dict[str, int]:
+def _select_meta(Nb: int, launch: Any) -> dict[str, int]:
     """One row per program, ~8 values per thread per row-long tensor.
 
     ptxas (sm_90, triton 3.9 offline): <= 106 registers without spills up to RPAD = 4096; RPAD = 8192
     (16 warps, 128 registers) spills ~250 bytes.
     """
     rpad = max(16, _next_pow2(Nb))
-    return {"RPAD": rpad, "num_warps": max(1, min(16, rpad // 256))}
+    return {"RPAD": rpad, "num_warps": max(1, min(16, rpad // launch.select_cols_per_warp))}
 
 
-def fused_predict(q: torch.Tensor, k: torch.Tensor, config: Any, *, causal: bool) -> tuple[BlockLayout, torch.Tensor]:
+def fused_predict(q: torch.Tensor, k: torch.Tensor, config: Any, *, causal: bool,
+                  launch: Any = None) -> tuple[BlockLayout, torch.Tensor]:
     """Run the fused predictor (three kernel launches; inputs already validated, :func:`fused_refusal` is None).
 
     Args:
@@ -188,6 +222,7 @@ def fused_predict(q: torch.Tensor, k: torch.Tensor, config: Any, *, causal: bool
         k: ``(B, H_kv, N_kv, D)``, ``H % H_kv == 0``, any strides.
         config: a :class:`~sparseattn.predictors.mean_similarity.MeanSimilarityConfig`.
         causal: bottom-right aligned causal block region (else every block is allowed).
+        launch: a :class:`~sparseattn.ops.launch_configs.MeanSimLaunchConfig`; ``None``: :func:`launch_config`.
 
     Returns:
         ``(layout, p)``: the layout (contiguous int32 tensors, selected blocks ascending then the rest
@@ -224,7 +259,9 @@ def fused_predict(q: torch.Tensor, k: torch.Tensor, config: Any, *, causal: bool
     pool, score_k, select = _kernels()
     topk = config.topk is not None
     thr = 0.0 if topk else float(config.cdf_threshold)
-    sc_meta = _score_meta(B, H, Mb, Nb, D, score)
+    if launch is None:
+        launch = launch_config(dev)
+    sc_meta = _score_meta(B, H, Mb, Nb, D, score, launch)
     n_jt = cdiv(Nb, sc_meta["BLOCK_J"])
     qs, ks = q.stride(), k.stride()
     scale = float(D ** -0.5)
@@ -238,7 +275,7 @@ def fused_predict(q: torch.Tensor, k: torch.Tensor, config: Any, *, causal: bool
             qs[0], qs[1], qs[2], qs[3], ks[0], ks[1], ks[2], ks[3],
             H * Mb * D, Mb * D, D, 1, Hkv * D * Nb, D * Nb, 1, Nb,
             H * Mb, Mb, Hkv * Nb, Nb,
-            Nq, Nkv, Mb, Nb, H, D, **_pool_meta(bm, bn, D, minmax))
+            Nq, Nkv, Mb, Nb, H, D, **_pool_meta(bm, bn, D, minmax, launch))
         score_k[(cdiv(Mb, sc_meta["BLOCK_QB"]) * n_jt, H, B)](
             q_mean, k_mean_t, k_min_t, k_max_t, geo, p, idx,
             H, G, Mb, Nb, D, n_jt, scale, **sc_meta)
@@ -246,7 +283,7 @@ def fused_predict(q: torch.Tensor, k: torch.Tensor, config: Any, *, causal: bool
             p, q_sim, k_sim, geo, p, num, idx,
             H, G, Mb, Nb, thr, float(config.sim_threshold), int(config.keep_local),
             TOPK=topk, KEEP_SINK=bool(config.keep_sink), CAUSAL=bool(causal), MIXED=score == 2,
-            **_select_meta(Nb))
+            **_select_meta(Nb, launch))
     # the kernel ANDs with the region: a causal prediction lists only causal-region blocks (one-op accounting)
     layout = BlockLayout(num, idx, bm, bn, Nq, Nkv, validate=False, in_region=bool(causal))
     return layout, p

@@ -182,11 +182,11 @@ class GatePredictor:
             return False
         from types import SimpleNamespace
 
-        from sparseattn.predictors.fused_mean_sim import fused_refusal, take_fused
+        from sparseattn.predictors.fused_mean_sim import registry_refusal, take_fused
 
         shim = SimpleNamespace(score="minmax", topk=self.config.topk, cdf_threshold=self.config.cdf_threshold,
                                block_n=self.block_n)
-        return take_fused("GatePredictor", self.backend, fused_refusal(q, k, shim), self._warned)
+        return take_fused("GatePredictor", self.backend, registry_refusal(q, k, shim), self._warned)
 
     # ------------------------------------------------------------------ predict
     def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:
@@ -243,7 +243,7 @@ def _fused_predict(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk_t: tor
     ``wq`` ``[H_kv, D, d]`` already scaled by ``d^-1/2``; ``wk_t`` ``[H_kv, d, 3D]``. Returns the layout
     and ``P`` ``[B, H, Mb, Nb]`` float32.
     """
-    from sparseattn.predictors.fused_mean_sim import _NullContext, _geometry, _kernels, _pool_meta, _select_meta
+    from sparseattn.predictors.fused_mean_sim import _NullContext, _geometry, _kernels, _pool_meta, _select_meta, launch_config
 
     B, H, Nq, D = (int(s) for s in q.shape)
     Hkv, Nkv = int(k.shape[1]), int(k.shape[2])
@@ -259,6 +259,7 @@ def _fused_predict(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk_t: tor
     num = torch.empty((B, H, Mb), dtype=torch.int32, device=dev)
     idx = torch.empty((B, H, Mb, Nb), dtype=torch.int32, device=dev)
     pool, _, select = _kernels()
+    launch = launch_config(dev)  # the mean_sim_fused operator's launch config: the same pool and select kernels
     qs, ks = q.stride(), k.stride()
     topk = cfg.topk is not None
     thr = 0.0 if topk else float(cfg.cdf_threshold)  # type: ignore[arg-type]
@@ -272,7 +273,7 @@ def _fused_predict(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk_t: tor
             qs[0], qs[1], qs[2], qs[3], ks[0], ks[1], ks[2], ks[3],
             H * Mb * D, Mb * D, D, 1, Hkv * 3 * D * Nb, 3 * D * Nb, 1, Nb,
             H * Mb, Mb, Hkv * Nb, Nb,
-            Nq, Nkv, Mb, Nb, H, D, **_pool_meta(bm, bn, D, True))
+            Nq, Nkv, Mb, Nb, H, D, **_pool_meta(bm, bn, D, True, launch))
     qg = torch.matmul(q_mean.view(B, Hkv, G * Mb, D), wq)  # [B, Hkv, G*Mb, d]
     kg_t = torch.matmul(wk_t, kst.view(B, Hkv, 3 * D, Nb))  # [B, Hkv, d, Nb]
     p = torch.matmul(qg, kg_t).view(B, H, Mb, Nb)  # raw scores; the select kernel overwrites them with P
@@ -283,5 +284,5 @@ def _fused_predict(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk_t: tor
             p, q_sim, k_sim, geo, p, num, idx,
             H, G, Mb, Nb, thr, -2.0, int(cfg.keep_local),
             TOPK=topk, KEEP_SINK=bool(cfg.keep_sink), CAUSAL=bool(causal), MIXED=False,
-            **_select_meta(Nb))
+            **_select_meta(Nb, launch))
     return BlockLayout(num, idx, bm, bn, Nq, Nkv, validate=False, in_region=bool(causal)), p

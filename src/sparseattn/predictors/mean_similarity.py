@@ -246,9 +246,9 @@ class MeanSimilarityPredictor:
         """Whether this call takes the fused Triton path (raises for ``backend="triton"`` when it cannot)."""
         if self.backend == "torch" or (self.backend == "auto" and not _auto_device_ok(q)):
             return False
-        from sparseattn.predictors.fused_mean_sim import fused_refusal, take_fused
+        from sparseattn.predictors.fused_mean_sim import registry_refusal, take_fused
 
-        return take_fused("MeanSimilarityPredictor", self.backend, fused_refusal(q, k, self.config), self._warned,
+        return take_fused("MeanSimilarityPredictor", self.backend, registry_refusal(q, k, self.config), self._warned,
                           " (~100 small kernels per call)")
 
     def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:
@@ -261,9 +261,10 @@ class MeanSimilarityPredictor:
             self.last_scores = None
             return dense_predicted_layout(B, H, Nq, Nkv, cfg.block_m, cfg.block_n, causal, dev)
         if self._fused(q, k):
-            from sparseattn.predictors.fused_mean_sim import fused_predict
+            from sparseattn.predictors.fused_mean_sim import OPERATOR
+            from sparseattn.ops.registry import get_operator
 
-            layout, p_fused = fused_predict(q, k, cfg, causal=causal)
+            layout, p_fused = get_operator(OPERATOR).run_fn()(q, k, cfg, causal=causal)  # the registered kernels
             self.last_scores = p_fused
             self.last_backend = "triton"
             return layout
