@@ -128,3 +128,36 @@ def test_gpu_capture_failure_falls_back_with_warning() -> None:
     assert _same(lay, parse_predictor_spec("mean_sim").predict(q, k, causal=True))
     # the failed capture must not leave the CUDA generators in capture mode
     assert torch.isfinite(torch.randn(8, device="cuda")).all()
+
+
+def test_graph_capabilities_come_from_the_predictor_not_its_name() -> None:
+    """CUDA-graph replays ask the predictor (graph_refusal / graph_layer_key), never branch on its name: SketchWalk
+    refuses stateful (layer-set) calls, mean_sim shares one graph per dense/sparse side, others key by layer; a
+    custom predictor with its own graph_refusal is refused the same way."""
+    from sparseattn.predictors.base import graph_layer_key, graph_refusal
+
+    walk = parse_predictor_spec("sketch_walk")
+    msim = parse_predictor_spec("mean_sim:dense_layers=2,cdf_threshold=0.9")
+    static = parse_predictor_spec("static")
+    assert graph_refusal(walk, None) is None and "walk history" in graph_refusal(walk, 3)
+    assert graph_refusal(msim, 3) is None and graph_refusal(static, 3) is None
+    assert [graph_layer_key(msim, n) for n in (None, 0, 1, 2, 5)] == ["sparse", ("dense", 0), ("dense", 1), "sparse",
+                                                                     "sparse"]
+    assert graph_layer_key(static, 4) == 4 and graph_layer_key(walk, 4) == 4
+
+    class Custom:
+        name = "custom"
+        config = None
+
+        def predict(self, q, k, *, causal=True, layer=None):  # noqa: ANN001, ANN201
+            return static.predict(q, k, causal=causal, layer=layer)
+
+        def reset(self) -> None:
+            pass
+
+        def graph_refusal(self, layer):  # noqa: ANN001, ANN201
+            return "custom state" if layer is not None else None
+
+    g = GraphedPredictor(Custom())
+    assert g._stateful_reason(1) == "custom state" and g._stateful_reason(None) is None
+    assert GraphedPredictor(msim)._layer_key(7) == "sparse"

@@ -548,8 +548,12 @@ class PatchHandle:
             return "keep_layouts keeps every call's layout object"
         if self.per_head.get(layer):
             return "per-head predictor overrides merge layouts on the host"
-        if mode == "sparse" and getattr(self.predictors[layer], "name", None) == "sketch_walk":
-            return "SketchWalk keeps its walk history in Python-side state"
+        if mode == "sparse":  # what the predictor itself says a replay cannot do (predictors/base.py)
+            from sparseattn.predictors.base import graph_refusal
+
+            stateful = graph_refusal(self.predictors[layer], layer)
+            if stateful is not None:
+                return stateful
         from sparseattn.integrations.layer_graphs import DEFAULT_MAX_NUMEL
 
         if query.numel() > DEFAULT_MAX_NUMEL:

@@ -14,6 +14,14 @@ Contract of ``predict``:
 * ``layer`` is the transformer layer index when called from a patched model (``None`` for a
   standalone call). Stateful predictors (SketchWalk) keep per-sequence state across layers and
   clear it in ``reset()``, which the model integration calls before each forward pass.
+
+Optional capabilities (read with :func:`graph_refusal` / :func:`graph_layer_key`, which give the defaults for a
+predictor that does not define them), so that CUDA-graph replays never branch on a predictor's name:
+
+* ``graph_refusal(layer) -> str | None``: why a call with this ``layer`` cannot be replayed from a CUDA graph
+  (state kept in Python that a replay would not update), ``None`` if it can (the default);
+* ``graph_layer_key(layer)``: what the prediction depends on in ``layer``, so calls of equal keys share one
+  graph (default: ``layer`` itself).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from sparseattn._validation import fail
 from sparseattn.layout.block_layout import BlockLayout
 
 __all__ = ["Predictor", "register_predictor", "PREDICTORS", "make_predictor", "parse_predictor_spec",
-           "config_to_json", "config_from_json"]
+           "config_to_json", "config_from_json", "graph_refusal", "graph_layer_key"]
 
 
 @runtime_checkable
@@ -41,6 +49,18 @@ class Predictor(Protocol):
 
     def reset(self) -> None:
         ...
+
+
+def graph_refusal(predictor: Any, layer: int | None) -> str | None:
+    """The predictor's own ``graph_refusal(layer)`` (see the module docstring), ``None`` if it has none."""
+    fn = getattr(predictor, "graph_refusal", None)
+    return None if fn is None else fn(layer)
+
+
+def graph_layer_key(predictor: Any, layer: int | None) -> Any:
+    """The predictor's own ``graph_layer_key(layer)`` (see the module docstring), else ``layer``."""
+    fn = getattr(predictor, "graph_layer_key", None)
+    return layer if fn is None else fn(layer)
 
 
 # name -> (predictor class, config class)

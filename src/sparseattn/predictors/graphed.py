@@ -54,6 +54,7 @@ from sparseattn._cache import BoundedCache
 from sparseattn._validation import fail
 from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.predictors import _common
+from sparseattn.predictors.base import graph_layer_key, graph_refusal
 from sparseattn.predictors._common import check_qk
 
 __all__ = ["GraphedPredictor"]
@@ -160,18 +161,10 @@ class GraphedPredictor:
 
     # ------------------------------------------------------------------ helpers
     def _stateful_reason(self, layer: int | None) -> str | None:
-        if getattr(self.predictor, "name", None) == "sketch_walk" and layer is not None:
-            return ("SketchWalk with layer set keeps the walk history W and the decode query pool across layers "
-                    "in Python-side state, which a replayed CUDA graph would not update; call with layer=None "
-                    "(stateless) or use the eager predictor")
-        return None
+        return graph_refusal(self.predictor, layer)  # the predictor says what a replay cannot do (base.py)
 
     def _layer_key(self, layer: int | None) -> Any:
-        # mean_sim depends on the layer only through ``layer < dense_layers``: two graphs, not one per layer
-        if getattr(self.predictor, "name", None) == "mean_sim":
-            dense = layer is not None and layer < self.predictor.config.dense_layers
-            return ("dense", layer) if dense else "sparse"
-        return layer
+        return graph_layer_key(self.predictor, layer)
 
     def _key(self, q: torch.Tensor, k: torch.Tensor, causal: bool, layer: int | None) -> tuple[Any, ...]:
         return (tuple(q.shape), q.dtype, tuple(k.shape), k.dtype, str(q.device), causal, self._layer_key(layer))

@@ -49,6 +49,7 @@ except where float rounding flips a decision sitting exactly on a threshold (see
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -285,6 +286,11 @@ class MeanSimilarityPredictor:
         self.last_scores = p.reshape(B, H, Mb, Nb)
         return mask_to_layout(mask.reshape(B, H, Mb, Nb), block_m=cfg.block_m, block_n=cfg.block_n,
                               seqlen_q=Nq, seqlen_kv=Nkv)
+
+    def graph_layer_key(self, layer: int | None) -> Any:
+        """The prediction depends on ``layer`` only through ``layer < dense_layers``: two graphs, not one per layer."""
+        dense = layer is not None and layer < self.config.dense_layers
+        return ("dense", layer) if dense else "sparse"
 
     def reset(self) -> None:
         """Stateless: nothing to clear."""

@@ -204,6 +204,14 @@ class SketchWalkPredictor:
         self._pool: dict[int, tuple[torch.Tensor, int]] = {}
 
     # ------------------------------------------------------------------ state
+    def graph_refusal(self, layer: int | None) -> str | None:
+        """Why a call cannot be replayed from a CUDA graph: with ``layer`` set the walk is stateful."""
+        if layer is None:
+            return None
+        return ("SketchWalk with layer set keeps the walk history W and the decode query pool across layers "
+                "in Python-side state, which a replayed CUDA graph would not update; call with layer=None "
+                "(stateless) or use the eager predictor")
+
     def reset(self) -> None:
         """Clear the walk history (call before each forward pass; the decode query pool survives)."""
         self._W = None
