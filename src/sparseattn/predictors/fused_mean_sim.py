@@ -127,24 +127,22 @@ def registry_refusal(q: Any, k: Any, config: Any) -> str | None:
     return get_operator(OPERATOR).refusal_fn()(q, k=k, config=config)
 
 
-_LAUNCH: dict[str, Any] = {}  # device name -> MeanSimLaunchConfig (the shipped tuned file, read once per device)
-
-
 def launch_config(device: torch.device) -> Any:
     """The fused kernels' :class:`~sparseattn.ops.launch_configs.MeanSimLaunchConfig` for ``device``: the tuned
     file's entry for that GPU (``sparseattn/ops/tuned/mean_sim.json``; other devices use its fallback
     device's), else the dataclass defaults."""
     from sparseattn.ops.registry import device_name
 
-    name = device_name(device)
-    cfg = _LAUNCH.get(name)
-    if cfg is None:
-        from sparseattn.ops.launch_configs import MeanSimLaunchConfig
-        from sparseattn.ops.registry import tuned_config
+    return _launch_config_for(device_name(device))
 
-        tuned = tuned_config(OPERATOR, name)
-        cfg = _LAUNCH[name] = MeanSimLaunchConfig() if tuned is None else MeanSimLaunchConfig.from_dict(tuned)
-    return cfg
+
+@functools.lru_cache(maxsize=16)
+def _launch_config_for(name: str) -> Any:  # the shipped file read once per device name
+    from sparseattn.ops.launch_configs import MeanSimLaunchConfig
+    from sparseattn.ops.registry import tuned_config
+
+    tuned = tuned_config(OPERATOR, name)
+    return MeanSimLaunchConfig() if tuned is None else MeanSimLaunchConfig.from_dict(tuned)
 
 
 def take_fused(owner: str, backend: str, reason: str | None, warned: set[str], torch_note: str = "") -> bool:
