@@ -21,6 +21,7 @@ import torch
 from sparseattn._validation import fail
 from sparseattn.integrations._tracing import _compiling
 from sparseattn.integrations.hf_attention import _HANDLE_ATTR, _LAYER_ATTR
+from sparseattn.integrations.layer_graphs import DensityAccumulator
 from sparseattn.integrations.masks import (_causal_equivalent, _causal_match, _packed_documents, _packed_match,
                                            _window_mask, document_sink_blocks)
 from sparseattn.layout.block_layout import BlockLayout
@@ -94,7 +95,7 @@ def _as_density(entry: Any) -> torch.Tensor:
     float64 ``[H]`` density."""
     if isinstance(entry, torch.Tensor):
         return entry
-    if hasattr(entry, "density"):  # layer_graphs.DensityAccumulator: the mean over its calls
+    if isinstance(entry, DensityAccumulator):  # a layer graph's device-side sum: the mean over its calls
         return entry.density()
     counts, avail = entry
     return counts.mean(0, dtype=torch.float64) / avail
@@ -241,7 +242,7 @@ class PatchHandle:
         """Forget recorded densities, timings, counters, layouts and captures."""
         for items in self._density_raw.values():
             for item in items:
-                if hasattr(item, "reset"):  # a layer graph's device-side density sum
+                if isinstance(item, DensityAccumulator):  # a layer graph's device-side density sum
                     item.reset()
         self._density_raw.clear()
         self.backends_used.clear()
@@ -593,8 +594,6 @@ class PatchHandle:
             self._layout(layer, query, key) if static else None)
 
         quant = self.quant
-        from sparseattn.integrations.layer_graphs import DensityAccumulator
-
         accum = DensityAccumulator() if fixed is None else None
 
         def body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> Any:
@@ -820,7 +819,7 @@ class PatchHandle:
         for layer, items in self._density_raw.items():
             dens: list[torch.Tensor] = []
             for x in items:  # a layer graph's accumulator stands for its calls: each gets their mean density
-                dens.extend([_as_density(x)] * x.calls if hasattr(x, "calls") else [_as_density(x)])
+                dens.extend([_as_density(x)] * x.calls if isinstance(x, DensityAccumulator) else [_as_density(x)])
             out[layer] = dens
         return out
 

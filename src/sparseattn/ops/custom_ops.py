@@ -533,7 +533,9 @@ def _merge_states_ref(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tup
 
 @_merge_states_ref.register_fake
 def _(outs, lses):  # noqa: ANN001, ANN202
-    return _merge_fake(outs, torch.float64 if any(l.dtype == torch.float64 for l in lses) else torch.float32)
+    from sparseattn.state.merge import merge_dtype
+
+    return _merge_fake(outs, merge_dtype(lses))
 
 
 @torch.library.custom_op(MERGE_TRITON_OP, mutates_args=(), schema=_MERGE_SCHEMA)
@@ -556,7 +558,7 @@ def merge_states_op(states: Any, *, backend: str = "auto") -> AttentionState:
     ``"triton"`` or ``"reference"``. ``out`` in the first state's dtype, ``lse`` float32 (float64 for float64
     lse on the reference).
     """
-    from sparseattn.state.merge import check_states, merge_triton_refusal
+    from sparseattn.state.merge import check_states, merge_dtype, merge_triton_refusal
 
     fn = "merge_states_op"
     if backend not in ("auto", "triton", "reference"):
@@ -564,7 +566,7 @@ def merge_states_op(states: Any, *, backend: str = "auto") -> AttentionState:
     pairs = check_states(fn, states)
     outs, lses = [o for o, _ in pairs], [l for _, l in pairs]
     out0 = outs[0]
-    lse_dtype = torch.float64 if any(l.dtype == torch.float64 for l in lses) else torch.float32
+    lse_dtype = merge_dtype(lses)
     name = "reference"
     if backend == "triton" or (backend == "auto" and out0.is_cuda):
         reason = merge_triton_refusal(out0, lse_dtype=lse_dtype)

@@ -185,7 +185,7 @@ DECODE_PV_VARIANTS = ("dequant", "fp16", "fp8")
 
 
 @dataclasses.dataclass(frozen=True)
-class MeanSimLaunchConfig:
+class MeanSimLaunchConfig(_KeyedConfig):
     """Launch parameters of the fused mean_sim predictor's three kernels (``predictors/fused_mean_sim.py``;
     the gate predictor's pool and select launches too).
 
@@ -220,23 +220,10 @@ class MeanSimLaunchConfig:
         if self.score_tile not in (16, 32, 64, 128):
             raise fail(fn, "score_tile", "is not a supported tile", "16, 32, 64 or 128", repr(self.score_tile))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {key: getattr(self, f) for f, key in self._KEYS}
-
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MeanSimLaunchConfig":
+    def from_dict(cls, d: dict[str, Any]) -> "MeanSimLaunchConfig":  # every key required (no optional ones)
         names = dict((key, f) for f, key in cls._KEYS)
         if not isinstance(d, dict) or set(d) != set(names):
             raise fail("MeanSimLaunchConfig.from_dict", "d", "must name exactly the launch parameters",
                        sorted(names), repr(d))
         return cls(**{names[k]: v for k, v in d.items()})
-
-    def to_json(self) -> dict[str, Any]:
-        return {"version": CONFIG_VERSION, **self.to_dict()}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "MeanSimLaunchConfig":
-        if not isinstance(d, dict) or d.get("version") != CONFIG_VERSION:
-            raise fail("MeanSimLaunchConfig.from_json", "version", "is not supported", CONFIG_VERSION,
-                       repr(d.get("version") if isinstance(d, dict) else d))
-        return cls.from_dict({k: v for k, v in d.items() if k != "version"})

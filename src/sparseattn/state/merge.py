@@ -21,7 +21,7 @@ import torch
 from sparseattn._validation import check_qkv, fail
 from sparseattn.state.types import AttentionState
 
-__all__ = ["check_states", "merge_backends", "merge_state", "merge_states", "merge_states_reference", "merge_states_triton",
+__all__ = ["check_states", "merge_backends", "merge_dtype", "merge_state", "merge_states", "merge_states_reference", "merge_states_triton",
            "merge_triton_refusal", "segmented_attention"]
 
 
@@ -55,6 +55,11 @@ def _backend_name(op_name: str) -> str:
 def merge_backends() -> tuple[str, ...]:
     """``backend=`` values of :func:`merge_states`: ``"auto"`` and the registered merge operators' names."""
     return ("auto",) + tuple(_backend_name(op.name) for op in _merge_operators())
+
+
+def merge_dtype(lses: Sequence[torch.Tensor]) -> torch.dtype:
+    """The merge's accumulation and lse dtype: float64 if any state's lse is float64, else float32."""
+    return torch.float64 if any(l.dtype == torch.float64 for l in lses) else torch.float32
 
 
 def merge_triton_refusal(q: torch.Tensor, *, lse_dtype: torch.dtype | None = None, **_: object) -> str | None:
@@ -105,7 +110,7 @@ def merge_states(states: Sequence[tuple[torch.Tensor, torch.Tensor]], *, backend
         return merge_states_reference(pairs)
     ops = {_backend_name(op.name): op for op in _merge_operators()}
     if backend == "auto":  # the first operator (priority order) that takes these states and is preferred for them
-        lse_dtype = torch.float64 if any(l.dtype == torch.float64 for _, l in pairs) else torch.float32
+        lse_dtype = merge_dtype([l for _, l in pairs])
         for op in ops.values():
             if op.refusal_fn()(out0, lse_dtype=lse_dtype) is None and (op.preferred is None or op.preferred(out0, None)):
                 return op.run_fn()(pairs)
@@ -131,7 +136,7 @@ def check_states(fn: str, states: object) -> list[tuple[torch.Tensor, torch.Tens
 def merge_states_reference(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> AttentionState:
     """The PyTorch merge of validated ``(out, lse)`` pairs (the ``"reference"`` merge operator's run function)."""
     out0 = pairs[0][0]
-    acc_dtype = torch.float64 if any(l.dtype == torch.float64 for _, l in pairs) else torch.float32
+    acc_dtype = merge_dtype([l for _, l in pairs])
     lses = torch.stack([l.to(acc_dtype) for _, l in pairs])  # [S, B, H, N]
     lse = torch.logsumexp(lses, dim=0)
     empty = lse == -math.inf  # every state empty: the identity, out 0
