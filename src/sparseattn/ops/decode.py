@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from sparseattn._validation import check_kv_geometry, check_scale, check_tensor, fail
+from sparseattn.ops.kernel_args import ordered_args
 from sparseattn.state.types import AttentionState
 
 __all__ = [
@@ -504,21 +505,24 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
         meta["DOT_F32"] = True  # the interpreter's bf16 tl.dot is wrong (see triton_launch)
     if q.dtype == torch.float32:
         meta["IEEE"] = True
-    args = (
-        q, k, v, seqlens if seqlens is not None else lse, pidx, pnum, out, lse, o_part, l_part,
-        k_scale if quant else lse, v_scale if quant else lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
-        pidx.stride(0) if paged else 0, pidx.stride(1) if paged else 0,
-        pnum.stride(0) if paged else 0,
-        *(k_scale.stride() if quant else (0, 0, 0)),  # type: ignore[union-attr]
-        *(v_scale.stride() if quant else (0, 0, 0)),  # type: ignore[union-attr]
-        H, G, Lq, N, page_idx.shape[2] if paged else 0, num_splits,
-        float(scale) * _LOG2E,
-    )
+    ks = k_scale.stride() if quant else (0, 0, 0)  # type: ignore[union-attr]
+    vs = v_scale.stride() if quant else (0, 0, 0)  # type: ignore[union-attr]
+    args = ordered_args(kern._decode_split_kernel, dict(
+        Q=q, K=k, V=v, SeqLens=seqlens if seqlens is not None else lse, PageIdx=pidx, PageNum=pnum,
+        Out=out, Lse=lse, OPart=o_part, LPart=l_part,
+        KScale=k_scale if quant else lse, VScale=v_scale if quant else lse,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
+        stride_lb=lse.stride(0), stride_lh=lse.stride(1),
+        stride_pb=pidx.stride(0) if paged else 0, stride_ph=pidx.stride(1) if paged else 0,
+        stride_nb=pnum.stride(0) if paged else 0,
+        stride_ksb=ks[0], stride_ksh=ks[1], stride_ksn=ks[2],
+        stride_vsb=vs[0], stride_vsh=vs[1], stride_vsn=vs[2],
+        H=H, G=G, LQ=Lq, N_MAX=N, MAX_PAGES=page_idx.shape[2] if paged else 0, NUM_SPLITS=num_splits,
+        qk_scale=float(scale) * _LOG2E,
+    ))
     with _LAUNCH_LOCK:  # Triton's launch path is not thread-safe (see triton_launch)
         kern._decode_split_kernel[(num_splits, m_tiles, B * Hkv)](*args, **meta)
         if num_splits > 1:

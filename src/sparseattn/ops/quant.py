@@ -45,6 +45,7 @@ import torch
 
 from sparseattn._validation import check_attention_args, fail
 from sparseattn.layout.block_layout import BlockLayout, cdiv
+from sparseattn.ops.kernel_args import ordered_args
 from sparseattn.ops.launch_configs import QuantLaunchConfig
 from sparseattn.state.types import AttentionState
 
@@ -483,20 +484,21 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
     meta = dict(HEAD_DIM=D, LAYOUT_BM=layout.block_m, LAYOUT_BN=layout.block_n, CAUSAL=causal, QW=qw, QT=qt, QS=qs_,
                 KW=kw, KT=kt, KS=ks_, PV_FP8=fp8, FP8_EMU=qq.fp8_emulated,
                 DOT_F32=bool(interp and v.dtype == torch.bfloat16 and not fp8), LIST_CHUNK=list_chunk)
-    args = (
-        qq.q_int8, qq.k_int8, v, out, lse, qq.q_scale, qq.k_scale, qq.q_row, vsc, num_t, idx_t,
-        qq.q_int8.stride(0), qq.q_int8.stride(1), qq.q_int8.stride(2),
-        qq.k_int8.stride(0), qq.k_int8.stride(1), qq.k_int8.stride(2),
-        *sv,
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
-        qq.q_scale.stride(0), qq.q_scale.stride(1),
-        qq.k_scale.stride(0), qq.k_scale.stride(1),
-        qq.q_row.stride(0), qq.q_row.stride(1),
-        num_t.stride(0), num_t.stride(1), num_t.stride(2),
-        idx_t.stride(0), idx_t.stride(1), idx_t.stride(2), idx_t.stride(3),
-        H, H // Hkv, Nq, Nkv, layout.num_kv_blocks,
-    )
+    args = ordered_args(_kernel(), dict(
+        Q=qq.q_int8, K=qq.k_int8, V=v, Out=out, Lse=lse, QScale=qq.q_scale, KScale=qq.k_scale, QRow=qq.q_row,
+        VScale=vsc, KvNum=num_t, KvIdx=idx_t,
+        stride_qb=qq.q_int8.stride(0), stride_qh=qq.q_int8.stride(1), stride_qm=qq.q_int8.stride(2),
+        stride_kb=qq.k_int8.stride(0), stride_kh=qq.k_int8.stride(1), stride_kn=qq.k_int8.stride(2),
+        stride_vb=sv[0], stride_vh=sv[1], stride_v2=sv[2],
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
+        stride_lb=lse.stride(0), stride_lh=lse.stride(1),
+        stride_qsb=qq.q_scale.stride(0), stride_qsh=qq.q_scale.stride(1),
+        stride_ksb=qq.k_scale.stride(0), stride_ksh=qq.k_scale.stride(1),
+        stride_rb=qq.q_row.stride(0), stride_rh=qq.q_row.stride(1),
+        stride_nb=num_t.stride(0), stride_nh=num_t.stride(1), stride_nm=num_t.stride(2),
+        stride_ib=idx_t.stride(0), stride_ih=idx_t.stride(1), stride_im=idx_t.stride(2), stride_in=idx_t.stride(3),
+        H=H, GROUP=H // Hkv, N_Q=Nq, N_KV=Nkv, NUM_KV_BLOCKS=layout.num_kv_blocks,
+    ))
 
     def launch(c: dict[str, int]) -> Any:
         opts = {"maxnreg": int(c["maxnreg"])} if c.get("maxnreg") is not None else {}

@@ -48,6 +48,7 @@ from sparseattn._cache import BoundedCache
 from sparseattn._validation import check_attention_args, fail
 from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.layout.patterns import check_row_bounds
+from sparseattn.ops.kernel_args import ordered_args
 from sparseattn.ops.launch_configs import BlockSparseFwdConfig
 from sparseattn.ops.registry import TunedConfigs, TunedEntry, check_tuned_configs, device_name, shipped_launch_winners
 # the shared checks and the cached GPU capability (re-exported: decode and tests look them up here)
@@ -614,26 +615,31 @@ def block_sparse_fwd(
         ms = [0 if mask_t.shape[i] == 1 else mask_t.stride(i) for i in range(4)]
     else:
         ms = [0, 0, 0, 0]
-    args = (
-        q, k, v, out, lse, num_t, idx_t, stats_buf if stats_buf is not None else lse,
-        mask_t if mask_t is not None else lse, *st_ptrs,
-        k_scale if k_scale is not None else lse, v_scale if v_scale is not None else lse,
-        bounds.lo if bounds is not None else lse, bounds.hi if bounds is not None else lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
-        num_t.stride(0), num_t.stride(1), num_t.stride(2),
-        idx_t.stride(0), idx_t.stride(1), idx_t.stride(2), idx_t.stride(3),
-        *ms,
-        0 if bounds is None or bounds.lo.shape[0] == 1 else bounds.lo.stride(0),
-        H, H // Hkv, Nq, Nkv, layout.num_kv_blocks,
-        float(scale) * _LOG2E, float(pv_threshold) * _LOG2E if pv else 0.0,
-        n_ctx_key,
-        0 if window is None else int(window),
-        off if has_state else 0,
+    unused = lse  # a placeholder pointer for buffers the compiled variant never reads
+    st_names = ("SmIn", "SlIn", "SaccIn", "SmOut", "SlOut", "SaccOut")
+    named: dict[str, Any] = dict(
+        Q=q, K=k, V=v, Out=out, Lse=lse, KvNum=num_t, KvIdx=idx_t,
+        Stats=stats_buf if stats_buf is not None else unused,
+        Mask=mask_t if mask_t is not None else unused,
+        **dict(zip(st_names, st_ptrs)),
+        KScale=k_scale if k_scale is not None else unused, VScale=v_scale if v_scale is not None else unused,
+        RowLo=bounds.lo if bounds is not None else unused, RowHi=bounds.hi if bounds is not None else unused,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
+        stride_lb=lse.stride(0), stride_lh=lse.stride(1),
+        stride_nb=num_t.stride(0), stride_nh=num_t.stride(1), stride_nm=num_t.stride(2),
+        stride_ib=idx_t.stride(0), stride_ih=idx_t.stride(1), stride_im=idx_t.stride(2), stride_in=idx_t.stride(3),
+        stride_mb=ms[0], stride_mh=ms[1], stride_mm=ms[2], stride_mn=ms[3],
+        stride_rb=0 if bounds is None or bounds.lo.shape[0] == 1 else bounds.lo.stride(0),
+        H=H, GROUP=H // Hkv, N_Q=Nq, N_KV=Nkv, NUM_KV_BLOCKS=layout.num_kv_blocks,
+        qk_scale=float(scale) * _LOG2E, pv_thr2=float(pv_threshold) * _LOG2E if pv else 0.0,
+        N_CTX_KEY=n_ctx_key,
+        WINDOW=0 if window is None else int(window),
+        CAUSAL_OFF=off if has_state else 0,
     )
+    args = ordered_args(plain, named)
     list_chunk = min(max(16, 1 << (layout.num_kv_blocks - 1).bit_length()), _MAX_LIST_CHUNK)
     meta = dict(HEAD_DIM=D, LAYOUT_BM=layout.block_m, LAYOUT_BN=layout.block_n, CAUSAL=causal, PV_SKIP=pv,
                 LIST_CHUNK=list_chunk)
