@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gpu_packed_model import against_alone, packed_inputs  # noqa: E402
 
-import sparseattn.integrations.handle as handle_mod  # noqa: E402
+import sparseattn.integrations.packed as handle_mod  # noqa: E402 (the module that calls document_sink_blocks)
 from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC  # noqa: E402
 from sparseattn.integrations.transformers_patch import patch_model  # noqa: E402
 from sparseattn.models import load  # noqa: E402

@@ -425,7 +425,7 @@ def test_packed_sequences_run_exact_document_masks() -> None:
         assert h.counts["prefill_packed"] == 3 and h.counts["prefill_sparse"] == 3
     torch.testing.assert_close(got, ref, atol=FP32_LOOSE, rtol=FP32_LOOSE)
     # the document ids are computed once per forward and shared by its layers (and the exact layout with them)
-    from sparseattn.integrations import handle as handle_mod
+    from sparseattn.integrations import packed as handle_mod  # the module whose _packed calls _packed_documents
 
     calls = []
     real = handle_mod._packed_documents

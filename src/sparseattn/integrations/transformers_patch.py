@@ -49,8 +49,9 @@ from sparseattn._validation import fail
 from sparseattn.integrations import hf_attention as _hf_attention
 from sparseattn.integrations._tracing import _compiling
 from sparseattn.integrations.decode_route import DecodeRoute, make_decode_config
-from sparseattn.integrations.handle import (_BANDS, _QUANT_EXPECTED, _ROUTES, _STATIC_DENSITY,
-                                            PatchHandle, _as_density, _bands_cache, _Capture, _choose_route, _pv_for,
+from sparseattn.integrations.accounting import _STATIC_DENSITY, _as_density
+from sparseattn.integrations.handle import PatchHandle, _Capture
+from sparseattn.integrations.routes import (_BANDS, _QUANT_EXPECTED, _ROUTES, _bands_cache, _choose_route, _pv_for,
                                             _quant_refused, _route_key, _small_cache)
 from sparseattn.integrations.hf_attention import (ATTN_NAME, ATTN_NAME_EAGER, _HANDLE_ATTR,
                                                   _LAYER_ATTR, _attention_forward, _is_sliding_window, _prefill_mask,

@@ -1,0 +1,125 @@
+"""Attention masks of a patched layer's prefill: the plain-causal check and packed sequences.
+
+:class:`PackedMixin` gives :class:`~sparseattn.integrations.handle.PatchHandle` ``_mask_ok`` (is the
+model's mask plain causal, with the layer's window: one host read per mask object and forward, a device-side
+assertion inside a capture or ``torch.compile``), ``_packed`` (the document ids when the mask is exactly the
+packed-sequence mask of ``position_ids``) and ``_packed_call`` (sparse prefill of packed sequences: the
+layer's layout intersected with the exact document mask, each document keeping its first block as its sink).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from sparseattn._validation import fail
+from sparseattn.integrations._tracing import _compiling
+from sparseattn.integrations.masks import (_causal_equivalent, _causal_match, _packed_documents, _packed_match,
+                                           document_sink_blocks)
+from sparseattn.integrations.routes import _pv_for
+from sparseattn.predictors.pattern import PatternPredictor
+
+__all__ = ["PackedMixin"]
+
+
+class PackedMixin:
+    """Mask verdicts and packed sequences of :class:`~sparseattn.integrations.handle.PatchHandle`."""
+
+    _mask_verdicts: dict[tuple[Any, ...], Any]
+    _mask_refs: list[torch.Tensor]
+
+    def _mask_ok(self, mask: torch.Tensor, nq: int, nkv: int, window: int | None) -> bool:
+        """Whether ``mask`` is plain causal (+ window); one host read per mask object, cached for the forward."""
+        if _compiling():
+            # dynamo cannot read the mask without breaking the graph (transformers materialises one while tracing,
+            # e.g. for its packed-sequence check): assert on the device instead. A mask that is not plain causal
+            # (+ window) stops the run with a device-side assertion, never a wrong answer.
+            torch._assert_async(_causal_match(mask, nq, nkv, window),
+                                "patch_model: the attention mask of a compiled sparse layer is not plain causal (padding "
+                                "or a custom mask); sparse prefill supports unpadded causal inputs only")
+            return True
+        key = (id(mask), mask.data_ptr(), mask._version, tuple(mask.shape), nq, nkv, window)
+        verdict = self._mask_verdicts.get(key)
+        if verdict is None:
+            if mask.is_cuda and torch.cuda.is_current_stream_capturing():
+                # a capture cannot read the mask (transformers materialises one while capturing, e.g. for its
+                # packed-sequence check): the graph asserts on the device, once per mask object and forward, and
+                # every replay re-checks it; a mask that is not plain causal (+ window) stops the run
+                torch._assert_async(_causal_match(mask, nq, nkv, window),
+                                    "patch_model: the attention mask of a captured sparse layer is not plain causal "
+                                    "(padding or a custom mask); sparse prefill supports unpadded causal inputs only")
+                verdict = True
+            else:
+                verdict = _causal_equivalent(mask, nq, nkv, window)
+            self._mask_verdicts[key] = verdict
+            self._mask_refs.append(mask)  # keeps the object alive, so its id is not reused within the forward
+        return verdict
+
+    def _packed(self, mask: torch.Tensor, position_ids: Any, B: int, nq: int, nkv: int,
+                window: int | None) -> torch.Tensor | None:
+        """Document ids when ``mask`` is exactly the packed-sequence mask of ``position_ids``, else None.
+
+        One host read per mask object and forward (cached with the causal verdicts); inside a capture or
+        ``torch.compile`` a device-side assertion instead, as for plain causal masks.
+        """
+        # the document ids of a forward's position_ids: computed once and shared by its layers (the per-forward dict)
+        pkey = None
+        if isinstance(position_ids, torch.Tensor) and not _compiling():
+            pkey = ("docs", id(position_ids), position_ids.data_ptr(), position_ids._version, B, nq, nkv)
+        docs = self._mask_verdicts.get(pkey) if pkey is not None else None
+        if docs is None:
+            docs = _packed_documents(position_ids, B, nq, nkv)
+            if docs is None:
+                return None
+            if pkey is not None:
+                self._mask_verdicts[pkey] = docs
+                self._mask_refs.append(position_ids)
+        if _compiling() or (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+            torch._assert_async(_packed_match(mask, docs, window),
+                                "patch_model: the attention mask of a sparse layer is neither plain causal nor the "
+                                "packed-sequence mask of position_ids; sparse prefill supports neither padding nor "
+                                "custom masks")
+            return docs
+        key = ("packed", id(mask), mask.data_ptr(), mask._version, tuple(mask.shape), id(position_ids),
+               position_ids.data_ptr(), position_ids._version, window)
+        verdict = self._mask_verdicts.get(key)
+        if verdict is None:
+            verdict = bool(_packed_match(mask, docs, window))  # the one host read
+            self._mask_verdicts[key] = verdict
+            self._mask_refs.extend((mask, position_ids))
+        return docs if verdict else None
+
+    def _packed_call(self, layer: int, mode: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     kwargs: dict[str, Any], win: int | None, docs: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """Sparse prefill of packed sequences: the layer's layout intersected with the exact document mask."""
+        from sparseattn.ops.attention import attention
+
+        fn = "patch_model"
+        if self.quant is not None:
+            raise NotImplementedError(str(fail(fn, f"quant={self.quant!r}", "cannot run packed sequences (the quantized "
+                                               "kernel has no document masks)", "quant=None", "packed position_ids")))
+        t0 = time.perf_counter()
+        B, H, nq, D = query.shape
+        if mode == "window":
+            layout, pv, static = None, None, True
+        else:
+            pred = self.predictors[layer]
+            layout = document_sink_blocks(self._layout(layer, query, key), docs)  # each document keeps its sink
+            pv = _pv_for(pred, layer)
+            static = isinstance(pred, PatternPredictor) and not self.per_head.get(layer)
+        if pv is not None:
+            raise NotImplementedError(f"{fn}: layer {layer} has pv_threshold={pv}, which packed sequences (document "
+                                      "masks) do not support; patch without pv_threshold")
+        backend = {"triton": "triton", "reference": "reference"}.get(self.backend, "auto")
+        out = attention(query, key, value, causal=True, layout=layout, scale=kwargs.get("scaling"), backend=backend,
+                        sliding_window=win, document_ids=docs).out.transpose(1, 2)
+        density = self._density(layout, static, win) if layout is not None else None
+        self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
+        self.counts["prefill_sparse"] += 1
+        self.counts["prefill_packed"] += 1
+        if density is not None:
+            self._density_raw.setdefault(layer, []).append(density)
+        self.backends_used.setdefault(layer, set()).add("packed:" + ("triton" if query.is_cuda else "reference"))
+        return out.contiguous(), None
