@@ -90,7 +90,7 @@ run_job() {
         > "$d/pytest.log" 2>&1; grep -cE " PASSED" "$d/pytest.log"; grep -E " FAILED| ERROR" "$d/pytest.log" | head -n 20; tail -n 2 "$d/pytest.log" ;;
     probe)  # issue 10: where the eager patched forward spends its host time, per row
       timeout ${PROBE_S:-200} python3 benchmarks/eager_host_probe.py --model $SMOL --text-dir $ESSAYS --length ${PROBE_LEN:-8192} \
-        --repeats ${PROBE_REPEATS:-11} --out "$d" > "$d/log" 2>&1; tail -n 45 "$d/log" ;;
+        --repeats ${PROBE_REPEATS:-11} ${PROBE_PACKED:+--packed $PROBE_PACKED} --out "$d" > "$d/log" 2>&1; tail -n 45 "$d/log" ;;
     gen_mixed)  # issue 14: greedy agreement with the mixed cache, sink tokens 4 (default) vs 0, SmolLM2 4K/8K
       for sink in 4 0; do
         timeout 150 $M gen-check --model $SMOL --text-dir $ESSAYS --lengths 4096,8128 --modes mixed_int8,mixed_fp8 \

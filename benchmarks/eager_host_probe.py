@@ -57,6 +57,8 @@ def main() -> int:
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--profile-forwards", type=int, default=5)
+    ap.add_argument("--packed", default=None, metavar="N1,N2,...",
+                    help="pack documents of these token counts into the row (position_ids restarting per document)")
     ap.add_argument("--out", default=os.environ.get("OUT", "eager_host_probe_out"))
     args = ap.parse_args()
 
@@ -64,14 +66,21 @@ def main() -> int:
     ids, source = _input_ids(tok, model, args.length, random_ids=tok is None, text_files=None,
                              text_dir=args.text_dir, seed=0)
     ids = ids.cuda()
+    pos = None
+    if args.packed:
+        lengths = [int(x) for x in args.packed.split(",")]
+        if sum(lengths) != ids.shape[1]:
+            raise SystemExit(f"eager_host_probe: --packed lengths sum to {sum(lengths)}; expected --length {ids.shape[1]}")
+        pos = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
     rows = [("all blocks", pattern_predictor(ALL_BLOCKS_SPEC)),
             ("default", resolve_predictor(DEFAULT_PREDICTOR_SPEC)),
             ("sink_window", pattern_predictor("sink_window:window_blocks=8,block_m=128,block_n=128"))]
 
     def fwd() -> None:
-        model(ids, use_cache=False, logits_to_keep=1)
+        model(ids, position_ids=pos, use_cache=False, logits_to_keep=1)
 
-    res = {"env": environment(), "model": args.model, "input": source, "length": args.length, "rows": []}
+    res = {"env": environment(), "model": args.model, "input": source, "length": args.length, "packed": args.packed,
+           "rows": []}
     for label, pred in rows:
         h = patch_model(model, predictor=pred)
         try:

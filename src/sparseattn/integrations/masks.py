@@ -48,6 +48,23 @@ def _packed_documents(position_ids: Any, B: int, nq: int, nkv: int) -> torch.Ten
     return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
 
 
+def document_sink_mask(docs: torch.Tensor, num_q_blocks: int, num_kv_blocks: int, block_m: int,
+                       block_n: int) -> torch.Tensor:
+    """``[B, 1, Mb, Nb]`` bool: for every query block, the key block holding the first token of each document in it.
+
+    Depends on the documents and the block geometry only, so a packed forward builds it once and every
+    sparse layer ORs it into its predicted layout (:func:`document_sink_blocks`). Device ops only.
+    """
+    B, N = docs.shape
+    pos = torch.arange(N, device=docs.device)
+    new = torch.ones_like(docs, dtype=torch.bool)
+    new[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    start = torch.cummax(torch.where(new, pos, torch.zeros_like(pos)), dim=-1).values  # first token of each row's doc
+    add = torch.zeros(B, num_q_blocks, num_kv_blocks, dtype=torch.bool, device=docs.device)
+    add[torch.arange(B, device=docs.device)[:, None], pos[None, :] // block_m, start // block_n] = True
+    return add[:, None]
+
+
 def document_sink_blocks(layout: BlockLayout, docs: torch.Tensor) -> BlockLayout:
     """``layout`` plus, for every query block, the key block holding the first token of each document in it.
 
@@ -58,19 +75,14 @@ def document_sink_blocks(layout: BlockLayout, docs: torch.Tensor) -> BlockLayout
     block is its sink; adding it keeps the layout inside the causal region (a start is never after its rows).
     Device ops only; the layout's block geometry is kept.
     """
-    B, N = docs.shape
-    bm, bn = layout.block_m, layout.block_n
-    mask = layout.to_dense_mask().clone()  # (B or 1, H, Mb, Nb)
-    pos = torch.arange(N, device=docs.device)
-    new = torch.ones_like(docs, dtype=torch.bool)
-    new[:, 1:] = docs[:, 1:] != docs[:, :-1]
-    start = torch.cummax(torch.where(new, pos, torch.zeros_like(pos)), dim=-1).values  # first token of each row's doc
-    add = torch.zeros(B, mask.shape[-2], mask.shape[-1], dtype=torch.bool, device=docs.device)
-    add[torch.arange(B, device=docs.device)[:, None], pos[None, :] // bm, start // bn] = True
+    B = docs.shape[0]
+    mask = layout.to_dense_mask()  # (B or 1, H, Mb, Nb)
+    add = document_sink_mask(docs, mask.shape[-2], mask.shape[-1], layout.block_m, layout.block_n)
     if mask.shape[0] == 1 and B > 1:  # one layout for the batch, documents per row: one layout per row
-        mask = mask.expand(B, *mask.shape[1:]).clone()
-    mask |= add[:, None]  # (docs of one row broadcast over a batched layout)
-    return BlockLayout.from_dense_mask(mask, block_m=bm, block_n=bn, seqlen_q=layout.seqlen_q, seqlen_kv=layout.seqlen_kv)
+        mask = mask.expand(B, *mask.shape[1:])
+    mask = mask | add  # (docs of one row broadcast over a batched layout)
+    return BlockLayout.from_dense_mask(mask, block_m=layout.block_m, block_n=layout.block_n,
+                                       seqlen_q=layout.seqlen_q, seqlen_kv=layout.seqlen_kv)
 
 
 def _packed_match(mask: torch.Tensor, docs: torch.Tensor, window: int | None = None) -> torch.Tensor:

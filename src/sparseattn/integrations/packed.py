@@ -17,8 +17,8 @@ import torch
 from sparseattn._validation import fail
 from sparseattn.integrations._tracing import _compiling
 from sparseattn.integrations.masks import (_causal_equivalent, _causal_match, _packed_documents, _packed_match,
-                                           document_sink_blocks)
-from sparseattn.integrations.routes import _pv_for
+                                           document_sink_mask)
+from sparseattn.integrations.routes import _ROUTES, _pv_for, _route_key
 from sparseattn.predictors.pattern import PatternPredictor
 
 __all__ = ["PackedMixin"]
@@ -91,10 +91,34 @@ class PackedMixin:
             self._mask_refs.extend((mask, position_ids))
         return docs if verdict else None
 
+    def _packed_prep(self, docs: torch.Tensor, B: int, H: int, nq: int, nkv: int, win: int | None, bm: int, bn: int,
+                     device: torch.device) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """What a packed forward's sparse layers share, built once per forward and block geometry (device ops only):
+        ``(row bounds with the window folded in, the exact document layout [B, H], its dense mask | nothing,
+        each document's sink blocks)`` as ``(bounds, exact layout, exact mask, sink mask)``."""
+        key = ("packed_prep", id(docs), B, H, nq, nkv, win, bm, bn)
+        hit = self._mask_verdicts.get(key)
+        if hit is None:
+            from sparseattn.ops.attention import _exact_mask
+
+            exact, bounds, _, _ = _exact_mask("patch_model", B, H, nq, nkv, device, causal=True, layout=None,
+                                              sliding_window=win, pv_threshold=None, cu_seqlens=None,
+                                              document_ids=docs, prefix_len=None, blocks=(bm, bn))
+            dense = exact.to_dense_mask()[:, :1]  # [B, 1, Mb, Nb]: the same for every head
+            sinks = document_sink_mask(docs, dense.shape[-2], dense.shape[-1], bm, bn) & dense
+            hit = self._mask_verdicts[key] = (bounds, exact, dense, sinks)
+        return hit
+
     def _packed_call(self, layer: int, mode: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      kwargs: dict[str, Any], win: int | None, docs: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """Sparse prefill of packed sequences: the layer's layout intersected with the exact document mask."""
-        from sparseattn.ops.attention import attention
+        """Sparse prefill of packed sequences: the layer's layout intersected with the exact document mask.
+
+        Per call: the prediction, one OR (each document's sink block) and one AND (the document blocks) of block
+        masks, then the kernel with the per-row document bounds. The bounds, the exact document layout and the
+        sink blocks are built once per forward (:meth:`_packed_prep`); a static pattern's final layout too.
+        """
+        from sparseattn.layout.block_layout import BlockLayout
+        from sparseattn.ops.attention import select_backend
 
         fn = "patch_model"
         if self.quant is not None:
@@ -102,24 +126,59 @@ class PackedMixin:
                                                "kernel has no document masks)", "quant=None", "packed position_ids")))
         t0 = time.perf_counter()
         B, H, nq, D = query.shape
+        nkv = key.shape[2]
+        base = None
         if mode == "window":
-            layout, pv, static = None, None, True
+            pv, static, bm, bn = None, True, 128, 128
         else:
             pred = self.predictors[layer]
-            layout = document_sink_blocks(self._layout(layer, query, key), docs)  # each document keeps its sink
             pv = _pv_for(pred, layer)
             static = isinstance(pred, PatternPredictor) and not self.per_head.get(layer)
+            base = self._layout(layer, query, key)
+            bm, bn = base.block_m, base.block_n
         if pv is not None:
             raise NotImplementedError(f"{fn}: layer {layer} has pv_threshold={pv}, which packed sequences (document "
                                       "masks) do not support; patch without pv_threshold")
-        backend = {"triton": "triton", "reference": "reference"}.get(self.backend, "auto")
-        out = attention(query, key, value, causal=True, layout=layout, scale=kwargs.get("scaling"), backend=backend,
-                        sliding_window=win, document_ids=docs).out.transpose(1, 2)
-        density = self._density(layout, static, win) if layout is not None else None
+        bounds, exact, dense, sinks = self._packed_prep(docs, B, H, nq, nkv, win, bm, bn, query.device)
+        if base is None:
+            layout = exact
+        else:
+            lkey = ("packed_layout", id(docs), id(base), B, H, nq, nkv, win)
+            hit = self._mask_verdicts.get(lkey) if static else None
+            if hit is None or hit[0] is not base:
+                mask = (base.to_dense_mask() | sinks) & dense  # each document keeps its sink; only document blocks
+                layout = BlockLayout.from_dense_mask(mask, block_m=bm, block_n=bn, seqlen_q=nq, seqlen_kv=nkv)
+                if static:
+                    self._mask_verdicts[lkey] = (base, layout)
+            else:
+                layout = hit[1]
+        rkey = _route_key(self.backend, "packed", query, key, value, None, win)
+        used = _ROUTES.get(rkey)
+        if used is None:  # once per shape: validated and chosen as attention() would (a warning if it is slow)
+            from sparseattn._validation import check_attention_args
+
+            check_attention_args(fn, query, key, value, causal=True, layout=layout, scale=kwargs.get("scaling"),
+                                 pv_threshold=None)
+            used = select_backend(query, key, value, layout=layout, causal=True, func=fn,
+                                  backend={"triton": "triton", "reference": "reference"}.get(self.backend, "auto"))
+            _ROUTES.put(rkey, used)
+        if used == "triton":
+            from sparseattn.ops import triton_launch
+
+            out = torch.empty((B, nq, H, D), dtype=query.dtype, device=query.device)  # written through a transposed view
+            triton_launch.block_sparse_fwd(query, key, value, layout=layout, causal=True, scale=kwargs.get("scaling"),
+                                           out=out.transpose(1, 2), row_bounds=bounds)
+        else:
+            from sparseattn.ops.registry import get_operator
+
+            out = get_operator(used).run_fn()(query, key, value, causal=True, layout=layout, scale=kwargs.get("scaling"),
+                                              pv_threshold=None, stats=None, sliding_window=None,
+                                              row_bounds=bounds).out.transpose(1, 2)
+        density = self._density(layout, static, win) if base is not None else None
         self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
         self.counts["prefill_sparse"] += 1
         self.counts["prefill_packed"] += 1
         if density is not None:
             self._density_raw.setdefault(layer, []).append(density)
-        self.backends_used.setdefault(layer, set()).add("packed:" + ("triton" if query.is_cuda else "reference"))
-        return out.contiguous(), None
+        self.backends_used.setdefault(layer, set()).add("packed:" + used)
+        return (out if out.is_contiguous() else out.contiguous()), None

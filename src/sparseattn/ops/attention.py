@@ -272,12 +272,13 @@ _EXACT: BoundedCache[tuple[Any, ...], tuple[Any, ...]] = BoundedCache(
 
 def _exact_mask(fn: str, B: int, H: int, Nq: int, Nkv: int, device: torch.device, *, causal: bool,
                 layout: BlockLayout | None, sliding_window: int | None, pv_threshold: float | None, cu_seqlens: Any,
-                document_ids: Any, prefix_len: Any,
-                row_bounds: Any = None) -> tuple[BlockLayout | None, Any, bool, int | None]:
+                document_ids: Any, prefix_len: Any, row_bounds: Any = None,
+                blocks: tuple[int, int] | None = None) -> tuple[BlockLayout | None, Any, bool, int | None]:
     """Check the structured-mask arguments; return ``(layout, row bounds, causal, sliding_window)`` to run.
 
     The returned layout is the exact one (intersected with ``layout`` if given); the window, if any, is
     folded into the bounds (so ``None`` is returned for it); prefix-LM runs ``causal=False`` with bounds.
+    ``blocks`` (block_m, block_n) sets the exact layout's blocks when no ``layout`` is given (default 128).
     """
     from sparseattn._cache import device_key
     from sparseattn.layout.patterns import (
@@ -321,8 +322,8 @@ def _exact_mask(fn: str, B: int, H: int, Nq: int, Nkv: int, device: torch.device
     if Nq > Nkv:
         raise fail(fn, what, "needs N_q <= N_kv (the queries are the last N_q key positions)", f"N_q <= {Nkv}",
                    f"N_q={Nq}")
-    bm = layout.block_m if layout is not None else _BAND_BLOCK
-    bn = layout.block_n if layout is not None else _BAND_BLOCK
+    bm = layout.block_m if layout is not None else (blocks[0] if blocks else _BAND_BLOCK)
+    bn = layout.block_n if layout is not None else (blocks[1] if blocks else _BAND_BLOCK)
     dev = device_key(device)
     if prefix_len is not None:
         if causal is not True:
