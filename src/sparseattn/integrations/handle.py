@@ -103,6 +103,10 @@ class PatchHandle(AccountingMixin, RoutesMixin, PackedMixin, GraphPathMixin):
         # mask verdicts of the current forward (see _mask_ok); routes and static densities are module caches
         self._mask_verdicts: dict[tuple[Any, ...], Any] = {}  # per forward: mask verdicts, packed document ids
         self._mask_refs: list[torch.Tensor] = []
+        # packed sequences (integrations/packed.py): per-geometry static document buffers read by the packed layer
+        # graphs, and each predicted layer's block sizes (so a graphed call need not predict on the host first)
+        self._packed_static: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
+        self._packed_blocks: dict[int, tuple[int, int]] = {}
         #: the tuned file the default predictor comes from (``"in-memory"`` for a TunedConfig), else None
         self.tuned: str | None = None
         #: why layer graphs are off for the whole model (None: on where a layer allows them)
@@ -135,6 +139,7 @@ class PatchHandle(AccountingMixin, RoutesMixin, PackedMixin, GraphPathMixin):
         if self._decode_hook is not None:
             self._decode_hook.remove()
         self._layer_graphs = None  # frees the graphs and their static buffers
+        self._packed_static.clear()
         ops = sys.modules.get("sparseattn.ops.custom_ops")
         if ops is not None:  # predictors registered for the compiled path (predict_layout_op)
             for pred in list(self.predictors.values()):

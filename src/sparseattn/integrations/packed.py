@@ -29,6 +29,8 @@ class PackedMixin:
 
     _mask_verdicts: dict[tuple[Any, ...], Any]
     _mask_refs: list[torch.Tensor]
+    _packed_static: dict[tuple[Any, ...], tuple[torch.Tensor, ...]]
+    _packed_blocks: dict[int, tuple[int, int]]
 
     def _mask_ok(self, mask: torch.Tensor, nq: int, nkv: int, window: int | None) -> bool:
         """Whether ``mask`` is plain causal (+ window); one host read per mask object, cached for the forward."""
@@ -127,18 +129,22 @@ class PackedMixin:
         t0 = time.perf_counter()
         B, H, nq, D = query.shape
         nkv = key.shape[2]
-        base = None
-        if mode == "window":
-            pv, static, bm, bn = None, True, 128, 128
-        else:
-            pred = self.predictors[layer]
-            pv = _pv_for(pred, layer)
-            static = isinstance(pred, PatternPredictor) and not self.per_head.get(layer)
-            base = self._layout(layer, query, key)
-            bm, bn = base.block_m, base.block_n
+        pred = None if mode == "window" else self.predictors[layer]
+        pv = None if pred is None else _pv_for(pred, layer)
         if pv is not None:
             raise NotImplementedError(f"{fn}: layer {layer} has pv_threshold={pv}, which packed sequences (document "
                                       "masks) do not support; patch without pv_threshold")
+        static = pred is None or (isinstance(pred, PatternPredictor) and not self.per_head.get(layer))
+        rkey = _route_key(self.backend, "packed", query, key, value, None, win)
+        blocks = (128, 128) if pred is None else self._packed_blocks.get(layer)
+        if query.is_cuda and blocks is not None and _ROUTES.get(rkey) == "triton":  # route settled by an eager call
+            res = self._graphed_packed(layer, mode, query, key, value, kwargs, win, docs, blocks, static, t0)
+            if res is not None:
+                return res
+        base = None if pred is None else self._layout(layer, query, key)
+        bm, bn = (128, 128) if base is None else (base.block_m, base.block_n)
+        if base is not None:
+            self._packed_blocks[layer] = (bm, bn)  # a later call may be graphed without predicting first
         bounds, exact, dense, sinks = self._packed_prep(docs, B, H, nq, nkv, win, bm, bn, query.device)
         if base is None:
             layout = exact
@@ -152,7 +158,6 @@ class PackedMixin:
                     self._mask_verdicts[lkey] = (base, layout)
             else:
                 layout = hit[1]
-        rkey = _route_key(self.backend, "packed", query, key, value, None, win)
         used = _ROUTES.get(rkey)
         if used is None:  # once per shape: validated and chosen as attention() would (a warning if it is slow)
             from sparseattn._validation import check_attention_args
@@ -182,3 +187,89 @@ class PackedMixin:
             self._density_raw.setdefault(layer, []).append(density)
         self.backends_used.setdefault(layer, set()).add("packed:" + used)
         return (out if out.is_contiguous() else out.contiguous()), None
+
+    def _packed_buffers(self, docs: torch.Tensor, B: int, H: int, nq: int, nkv: int, win: int | None, bm: int,
+                        bn: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Static copies of this forward's :meth:`_packed_prep` tensors (row bounds, document and sink block masks),
+        one set per geometry for the handle's life: the packed layer graphs read them, and each forward copies
+        its documents in once (four small device copies), before the first replay of that geometry."""
+        gkey = (B, H, nq, nkv, win, bm, bn, str(device))
+        bufs = self._packed_static.get(gkey)
+        bounds, _, dense, sinks = self._packed_prep(docs, B, H, nq, nkv, win, bm, bn, device)
+        if bufs is None:
+            bufs = self._packed_static[gkey] = tuple(torch.empty_like(t) for t in (bounds.lo, bounds.hi, dense, sinks))
+        mark = ("packed_copied", id(docs), gkey)
+        if self._mask_verdicts.get(mark) is None:
+            for dst, src in zip(bufs, (bounds.lo, bounds.hi, dense, sinks)):
+                if dst.shape != src.shape:  # e.g. per-batch bounds after shared ones: a new set (old graphs keep theirs)
+                    bufs = self._packed_static[gkey] = tuple(torch.empty_like(t) for t in
+                                                             (bounds.lo, bounds.hi, dense, sinks))
+                    break
+            for dst, src in zip(bufs, (bounds.lo, bounds.hi, dense, sinks)):
+                dst.copy_(src)
+            self._mask_verdicts[mark] = True
+        return bufs
+
+    def _graphed_packed(self, layer: int, mode: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        kwargs: dict[str, Any], win: int | None, docs: torch.Tensor, blocks: tuple[int, int],
+                        static: bool, t0: float) -> tuple[torch.Tensor, None] | None:
+        """A packed layer call replayed from a CUDA graph (None: run it eagerly).
+
+        The graph holds the whole call: the prediction (a static pattern's layout is fixed), the sink OR and the
+        document AND of block masks, the compaction and the kernel with the row bounds, reading the documents
+        from :meth:`_packed_buffers`; the predicted layout's block counts are summed on the device.
+        """
+        from sparseattn.integrations.layer_graphs import DensityAccumulator, LayerGraphs
+        from sparseattn.layout.block_layout import BlockLayout, compact_mask
+        from sparseattn.layout.patterns import RowBounds
+
+        why = self._graph_reason(layer, mode, query)
+        if why is not None:
+            self.layer_graph_status[layer] = why
+            return None
+        B, H, nq, D = query.shape
+        nkv = key.shape[2]
+        bm, bn = blocks
+        lo, hi, dense, sinks = self._packed_buffers(docs, B, H, nq, nkv, win, bm, bn, query.device)
+        pred = self.predictors[layer] if mode != "window" else None
+        fixed = self._layout(layer, query, key) if (static and pred is not None) else None  # a pattern's cached layout
+        scale = kwargs.get("scaling")
+        accum = DensityAccumulator() if pred is not None else None
+
+        def body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> Any:
+            from sparseattn.ops import triton_launch
+
+            if pred is None:  # a window layer: the exact document band (the window is folded into lo)
+                num, idx = compact_mask(dense)
+                Bb = num.shape[0]
+                layout = BlockLayout(num.expand(Bb, H, -1), idx.expand(Bb, H, -1, -1), bm, bn, nq, nkv,
+                                     validate=False)
+            else:
+                lay = fixed if fixed is not None else pred.predict(q, k, causal=True, layer=layer)
+                mask = (lay.to_dense_mask() | sinks) & dense
+                num, idx = compact_mask(mask)
+                layout = BlockLayout(num, idx, bm, bn, nq, nkv, validate=False)
+            triton_launch.block_sparse_fwd(q, k, v, layout=layout, causal=True, scale=scale, out=out.transpose(1, 2),
+                                           row_bounds=RowBounds(lo, hi))
+            if accum is not None:
+                accum.add(layout.selected_in_region(causal=True), layout.available_blocks(causal=True))
+            return None
+
+        body.accum = accum  # type: ignore[attr-defined] - read by LayerGraphs (warm-up)
+        if self._layer_graphs is None:
+            self._layer_graphs = LayerGraphs()
+        gkey = ("packed", layer, mode, win, id(pred), id(fixed), scale, lo.data_ptr(), dense.data_ptr())
+        res = self._layer_graphs.run(gkey, query, key, value, body, f"layer {layer} (packed)")
+        if res is None:
+            self.layer_graph_status[layer] = "capture failed (see the warning)"
+            return None
+        out, _ = res
+        self.layer_graph_status[layer] = "graphed"
+        self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
+        self.counts["prefill_sparse"] += 1
+        self.counts["prefill_packed"] += 1
+        used = getattr(self._layer_graphs.last[1].body, "accum", None)
+        if used is not None:
+            self._count_graph_call(layer, used)
+        self.backends_used.setdefault(layer, set()).add("packed:triton")
+        return out, None

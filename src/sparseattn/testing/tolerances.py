@@ -216,5 +216,9 @@ DENSE_ROUTE_LOGITS_COS_ATOL = 1e-9
 # model with a tuned sparse layer against dense; the real default model with a static sparse pattern (logits,
 # and one captured layer's output)
 TINY_SPARSE_LOGITS_COS_MIN = 0.9
+# a tiny random bf16 model on the GPU, packed documents with every block through the kernel, against each document
+# run alone through the model's own SDPA: minimum per-position logits cosine (bf16 rounding; a document mask that
+# let one document see another's keys falls far below it)
+TINY_BF16_PACKED_LOGITS_COS_MIN = 0.99
 REAL_MODEL_SPARSE_LOGITS_COS_MIN = 0.9
 REAL_MODEL_LAYER_COS_MIN = 0.5
