@@ -53,6 +53,8 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--arch", default=None, help="random weights of this architecture instead of --model "
+                    "(eval/bench_model.RANDOM_ARCHS, e.g. smollm2-135m); random token ids")
     ap.add_argument("--text-dir", default=None)
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=11)
@@ -62,7 +64,12 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "eager_host_probe_out"))
     args = ap.parse_args()
 
-    model, tok = load_model(args.model, dtype=torch.bfloat16, device="cuda")
+    if args.arch:
+        from sparseattn.eval.bench_model import build_random_model
+
+        model, tok = build_random_model(args.arch, device="cuda", dtype=torch.bfloat16), None
+    else:
+        model, tok = load_model(args.model, dtype=torch.bfloat16, device="cuda")
     ids, source = _input_ids(tok, model, args.length, random_ids=tok is None, text_files=None,
                              text_dir=args.text_dir, seed=0)
     ids = ids.cuda()
@@ -79,7 +86,7 @@ def main() -> int:
     def fwd() -> None:
         model(ids, position_ids=pos, use_cache=False, logits_to_keep=1)
 
-    res = {"env": environment(), "model": args.model, "input": source, "length": args.length, "packed": args.packed,
+    res = {"env": environment(), "model": args.arch and f"random {args.arch}" or args.model, "input": source, "length": args.length, "packed": args.packed,
            "rows": []}
     for label, pred in rows:
         h = patch_model(model, predictor=pred)

@@ -361,7 +361,8 @@ def test_user_layout_is_intersected(request):
 
 
 @needs_kernel
-def test_one_document_is_the_causal_kernel_bitwise(request):
+def test_one_document_is_the_causal_kernel_bitwise(request, monkeypatch):
+    monkeypatch.setenv("SPARSEATTN_TRITON_AUTOTUNE", "0")  # one launch config on both sides (see below)
     gen = torch.Generator().manual_seed(_seed(request))
     for Nq, Nkv in ((191, 191), (70, 191)):
         q, k, v = _qkv(2, 4, 2, Nq, Nkv, 64, torch.float16, gen)
@@ -371,7 +372,10 @@ def test_one_document_is_the_causal_kernel_bitwise(request):
 
 
 @needs_kernel
-def test_prefix_zero_is_causal_and_prefix_n_is_full_bitwise(request):
+def test_prefix_zero_is_causal_and_prefix_n_is_full_bitwise(request, monkeypatch):
+    # bitwise only with one launch config on both sides: on a GPU the autotuner tunes the row-bounds key and the
+    # plain key separately and may pick other tiles (another summation order)
+    monkeypatch.setenv("SPARSEATTN_TRITON_AUTOTUNE", "0")
     gen = torch.Generator().manual_seed(_seed(request))
     N = 191
     q, k, v = _qkv(1, 2, 1, N, N, 64, torch.float16, gen)
