@@ -334,3 +334,39 @@ def test_packed_sequences_graphed_equal_eager(window, spec):
         assert h.layer_graph_status == {i: "graphed" for i in sparse}
     cos = torch.nn.functional.cosine_similarity(got[0], alone[0], dim=-1)
     assert float(cos.min()) > TINY_BF16_PACKED_LOGITS_COS_MIN  # bf16 kernel vs the model's own SDPA per document
+
+
+def test_run_layer_graph_accounts_the_call_on_cpu():
+    """The shared accounting of a graphed call (status, counters, the graph's density accumulator), with a stand-in
+    for LayerGraphs (CUDA graphs need a GPU; the GPU tests above run the real thing)."""
+    from types import SimpleNamespace
+
+    from sparseattn.integrations.layer_graphs import DensityAccumulator
+
+    model = _tiny()
+    out = torch.zeros(1, 4, 4, 64)
+    with patch_model(model, pattern="sink_window:window_blocks=2") as h:
+        accum = DensityAccumulator()
+        body = SimpleNamespace(accum=accum)
+
+        class Graphs:
+            last = (None, SimpleNamespace(body=body))
+            fail = False
+
+            def run(self, *a):
+                if self.fail:
+                    return None
+                accum.add(torch.tensor([[1, 2, 3, 4]]), 4)  # what a replay does on the device
+                return out, None
+
+        h._layer_graphs = Graphs()
+        q = torch.zeros(1, 4, 4, 64)
+        for _ in range(2):
+            got, used = h._run_layer_graph(("k",), 1, q, q, q, body, "layer 1", 0.0, ("prefill_sparse", "prefill_packed"))
+            assert got is out and used is accum
+        assert h.layer_graph_status[1] == "graphed" and h.counts["prefill_sparse"] == 2 and h.counts["prefill_packed"] == 2
+        assert accum.calls == 2 and h._density_raw[1] == [accum]  # one entry standing for both calls
+        assert [x.tolist() for x in h.densities[1]] == [[0.25, 0.5, 0.75, 1.0]] * 2  # the mean density, per call
+        h._layer_graphs.fail = True
+        assert h._run_layer_graph(("k",), 2, q, q, q, body, "layer 2", 0.0, ("prefill_sparse",)) is None
+        assert h.layer_graph_status[2] == "capture failed (see the warning)" and h.counts["prefill_sparse"] == 2

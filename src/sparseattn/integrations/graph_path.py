@@ -108,28 +108,43 @@ class GraphPathMixin:
             return None
 
         body.accum = accum  # type: ignore[attr-defined] - read by LayerGraphs (warm-up) and the fast lane
+        gkey = (layer, mode, win, id(pred), scale, pv, self._quant_label)
+        counters = ("prefill_sparse",) if quant is None else ("prefill_sparse", "prefill_quant")
+        res = self._run_layer_graph(gkey, layer, query, key, value, body, f"layer {layer}", t0, counters)
+        if res is None:
+            return None
+        out, used = res
+        if used is None:
+            self._density_raw.setdefault(layer, []).append(self._density(fixed, True, win))
+        self.backends_used.setdefault(layer, set()).add(self._quant_label or "triton")
+        return out, None
+
+    def _run_layer_graph(self, gkey: tuple[Any, ...], layer: int, query: torch.Tensor, key: torch.Tensor,
+                         value: torch.Tensor, body: Any, what: str, t0: float,
+                         counters: tuple[str, ...]) -> tuple[torch.Tensor, Any] | None:
+        """Replay (capturing first if needed) the graph of ``gkey`` running ``body`` and account the call: status,
+        timing, ``counters``, and the predicted layout's device-side density sum (``body.accum``).
+
+        Returns ``(out, the accumulator of the graph that ran or None)``, or None when the capture failed (the
+        call then runs eagerly).
+        """
         if self._layer_graphs is None:
             from sparseattn.integrations.layer_graphs import LayerGraphs
 
             self._layer_graphs = LayerGraphs()
-        gkey = (layer, mode, win, id(pred), scale, pv, self._quant_label)
-        res = self._layer_graphs.run(gkey, query, key, value, body, f"layer {layer}")
+        res = self._layer_graphs.run(gkey, query, key, value, body, what)
         if res is None:
             self.layer_graph_status[layer] = "capture failed (see the warning)"
             return None
         out, _ = res
         self.layer_graph_status[layer] = "graphed"
         self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
-        self.counts["prefill_sparse"] += 1
-        if quant is not None:
-            self.counts["prefill_quant"] += 1
+        for c in counters:
+            self.counts[c] += 1
         used = getattr(self._layer_graphs.last[1].body, "accum", None)  # the accumulator of the graph that ran
         if used is not None:
             self._count_graph_call(layer, used)
-        else:
-            self._density_raw.setdefault(layer, []).append(self._density(fixed, True, win))
-        self.backends_used.setdefault(layer, set()).add(self._quant_label or "triton")
-        return out, None
+        return out, used
 
     def _fast_check(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     kwargs: dict[str, Any]) -> tuple[Any, ...]:

@@ -219,7 +219,7 @@ class PackedMixin:
         document AND of block masks, the compaction and the kernel with the row bounds, reading the documents
         from :meth:`_packed_buffers`; the predicted layout's block counts are summed on the device.
         """
-        from sparseattn.integrations.layer_graphs import DensityAccumulator, LayerGraphs
+        from sparseattn.integrations.layer_graphs import DensityAccumulator
         from sparseattn.layout.block_layout import BlockLayout, compact_mask
         from sparseattn.layout.patterns import RowBounds
 
@@ -256,20 +256,10 @@ class PackedMixin:
             return None
 
         body.accum = accum  # type: ignore[attr-defined] - read by LayerGraphs (warm-up)
-        if self._layer_graphs is None:
-            self._layer_graphs = LayerGraphs()
         gkey = ("packed", layer, mode, win, id(pred), id(fixed), scale, lo.data_ptr(), dense.data_ptr())
-        res = self._layer_graphs.run(gkey, query, key, value, body, f"layer {layer} (packed)")
+        res = self._run_layer_graph(gkey, layer, query, key, value, body, f"layer {layer} (packed)", t0,
+                                    ("prefill_sparse", "prefill_packed"))
         if res is None:
-            self.layer_graph_status[layer] = "capture failed (see the warning)"
             return None
-        out, _ = res
-        self.layer_graph_status[layer] = "graphed"
-        self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
-        self.counts["prefill_sparse"] += 1
-        self.counts["prefill_packed"] += 1
-        used = getattr(self._layer_graphs.last[1].body, "accum", None)
-        if used is not None:
-            self._count_graph_call(layer, used)
         self.backends_used.setdefault(layer, set()).add("packed:triton")
-        return out, None
+        return res[0], None
