@@ -385,6 +385,43 @@ def _launch(plain: Any, tuned_plain: Any, tuned_tma: Any, cfg: dict[str, Any] | 
 
 
 
+def _check_fixed_config(fn: str, config: dict[str, Any], layout: BlockLayout, pv: bool, has_kv_scale: bool,
+                        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> dict[str, Any]:
+    """A caller's fixed launch config, checked against these inputs (tiles vs layout blocks, P·V skip, TMA, quantized
+    K/V); returns a copy to launch with."""
+    need = {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
+    if not isinstance(config, dict) or not (need <= set(config) <= need | _CONFIG_FLAGS | _CONFIG_OPTIONS | _CONFIG_INTS | _CONFIG_FLOATS):
+        raise fail(fn, "config", "must name exactly the launch parameters", sorted(need), repr(config))
+    if layout.block_m % config["BLOCK_M"] or layout.block_n % config["BLOCK_N"]:
+        raise fail(fn, "config", "tiles must divide the layout blocks", f"divisors of ({layout.block_m}, {layout.block_n})",
+                   f"({config['BLOCK_M']}, {config['BLOCK_N']})")
+    if pv and (config["BLOCK_M"], config["BLOCK_N"]) != (layout.block_m, layout.block_n):
+        raise fail(fn, "config", "must use the layout's blocks as tiles with pv_threshold",
+                   f"({layout.block_m}, {layout.block_n})", f"({config['BLOCK_M']}, {config['BLOCK_N']})")
+    nreg = config.get("maxnreg")
+    if nreg is not None and (isinstance(nreg, bool) or not isinstance(nreg, int) or not 24 <= nreg <= 255):
+        raise fail(fn, "config", "has a bad maxnreg", "an int in [24, 255] or None", repr(nreg))
+    chunk = config.get("LIST_CHUNK")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 16 or chunk & (chunk - 1)):
+        raise fail(fn, "config", "has a bad LIST_CHUNK", "a power of two >= 16", repr(chunk))
+    tau = config.get("RESCALE_TAU")
+    if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= tau <= 16.0):
+        raise fail(fn, "config", "has a bad RESCALE_TAU", "a number in [0, 16] (log2 units)", repr(tau))
+    if pv and tau:
+        raise fail(fn, "config", "cannot use RESCALE_TAU with pv_threshold (the skip rule needs the exact running max)",
+                   "RESCALE_TAU=0", repr(tau))
+    if has_kv_scale and (config.get("USE_TMA") or config.get("TMA_QO")):
+        raise fail(fn, "config", "cannot use TMA with quantized K/V (k_scale/v_scale)", "USE_TMA/TMA_QO off",
+                   repr(config))
+    if config.get("USE_TMA") and q.is_cuda and not _tma_usable(q, k, v):
+        raise fail(fn, "config", "asks for TMA loads these inputs cannot use",
+                   "sm_90+, 16-byte aligned K/V, Triton with tensor descriptors", repr(config))
+    if config.get("TMA_QO") and q.is_cuda and not _tma_usable(q, k, v, q, out):
+        raise fail(fn, "config", "asks for TMA Q/O transfers these inputs cannot use",
+                   "sm_90+, 16-byte aligned Q, K, V and out, Triton with tensor descriptors", repr(config))
+    return dict(config)
+
+
 def block_sparse_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -544,37 +581,7 @@ def block_sparse_fwd(
     if isinstance(config, BlockSparseFwdConfig):
         config = config.to_dict()
     if config is not None:
-        need = {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
-        if not isinstance(config, dict) or not (need <= set(config) <= need | _CONFIG_FLAGS | _CONFIG_OPTIONS | _CONFIG_INTS | _CONFIG_FLOATS):
-            raise fail(fn, "config", "must name exactly the launch parameters", sorted(need), repr(config))
-        if layout.block_m % config["BLOCK_M"] or layout.block_n % config["BLOCK_N"]:
-            raise fail(fn, "config", "tiles must divide the layout blocks", f"divisors of ({layout.block_m}, {layout.block_n})",
-                       f"({config['BLOCK_M']}, {config['BLOCK_N']})")
-        if pv and (config["BLOCK_M"], config["BLOCK_N"]) != (layout.block_m, layout.block_n):
-            raise fail(fn, "config", "must use the layout's blocks as tiles with pv_threshold",
-                       f"({layout.block_m}, {layout.block_n})", f"({config['BLOCK_M']}, {config['BLOCK_N']})")
-        nreg = config.get("maxnreg")
-        if nreg is not None and (isinstance(nreg, bool) or not isinstance(nreg, int) or not 24 <= nreg <= 255):
-            raise fail(fn, "config", "has a bad maxnreg", "an int in [24, 255] or None", repr(nreg))
-        chunk = config.get("LIST_CHUNK")
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 16 or chunk & (chunk - 1)):
-            raise fail(fn, "config", "has a bad LIST_CHUNK", "a power of two >= 16", repr(chunk))
-        tau = config.get("RESCALE_TAU")
-        if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= tau <= 16.0):
-            raise fail(fn, "config", "has a bad RESCALE_TAU", "a number in [0, 16] (log2 units)", repr(tau))
-        if pv and tau:
-            raise fail(fn, "config", "cannot use RESCALE_TAU with pv_threshold (the skip rule needs the exact running max)",
-                       "RESCALE_TAU=0", repr(tau))
-        if has_kv_scale and (config.get("USE_TMA") or config.get("TMA_QO")):
-            raise fail(fn, "config", "cannot use TMA with quantized K/V (k_scale/v_scale)", "USE_TMA/TMA_QO off",
-                       repr(config))
-        if config.get("USE_TMA") and q.is_cuda and not _tma_usable(q, k, v):
-            raise fail(fn, "config", "asks for TMA loads these inputs cannot use",
-                       "sm_90+, 16-byte aligned K/V, Triton with tensor descriptors", repr(config))
-        if config.get("TMA_QO") and q.is_cuda and not _tma_usable(q, k, v, q, out):
-            raise fail(fn, "config", "asks for TMA Q/O transfers these inputs cannot use",
-                       "sm_90+, 16-byte aligned Q, K, V and out, Triton with tensor descriptors", repr(config))
-        cfg: dict[str, int] | None = dict(config)
+        cfg: dict[str, int] | None = _check_fixed_config(fn, config, layout, pv, has_kv_scale, q, k, v, out)
     elif pv or interp or has_kv_scale or os.environ.get("SPARSEATTN_TRITON_AUTOTUNE", "1") == "0":
         cfg = cfgs.default_config(D, layout.block_m, layout.block_n, interpret=interp, pv_skip=pv,
                                   device=device_name(q.device) if q.is_cuda else None)
