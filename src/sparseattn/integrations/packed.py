@@ -5,6 +5,8 @@ model's mask plain causal, with the layer's window: one host read per mask objec
 assertion inside a capture or ``torch.compile``), ``_packed`` (the document ids when the mask is exactly the
 packed-sequence mask of ``position_ids``) and ``_packed_call`` (sparse prefill of packed sequences: the
 layer's layout intersected with the exact document mask, each document keeping its first block as its sink).
+From a layer's second packed call on, the whole call is replayed from a layer graph (``_graphed_packed``)
+that reads per-geometry static document buffers (``_packed_buffers``), refreshed once per forward.
 """
 
 from __future__ import annotations
@@ -94,10 +96,10 @@ class PackedMixin:
         return docs if verdict else None
 
     def _packed_prep(self, docs: torch.Tensor, B: int, H: int, nq: int, nkv: int, win: int | None, bm: int, bn: int,
-                     device: torch.device) -> tuple[Any, torch.Tensor, torch.Tensor]:
+                     device: torch.device) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
         """What a packed forward's sparse layers share, built once per forward and block geometry (device ops only):
-        ``(row bounds with the window folded in, the exact document layout [B, H], its dense mask | nothing,
-        each document's sink blocks)`` as ``(bounds, exact layout, exact mask, sink mask)``."""
+        ``(bounds, exact, dense, sinks)`` = the row bounds (the window folded in), the exact document layout
+        ``[B, H]``, its block mask ``[B, 1, Mb, Nb]`` and each document's sink block (inside that mask)."""
         key = ("packed_prep", id(docs), B, H, nq, nkv, win, bm, bn)
         hit = self._mask_verdicts.get(key)
         if hit is None:
@@ -117,7 +119,9 @@ class PackedMixin:
 
         Per call: the prediction, one OR (each document's sink block) and one AND (the document blocks) of block
         masks, then the kernel with the per-row document bounds. The bounds, the exact document layout and the
-        sink blocks are built once per forward (:meth:`_packed_prep`); a static pattern's final layout too.
+        sink blocks are built once per forward (:meth:`_packed_prep`); a static pattern's final layout too. On
+        CUDA, once an eager call has settled the route (Triton) and the layer's block sizes, the call is a layer
+        graph replay (:meth:`_graphed_packed`) where the layer allows graphs.
         """
         from sparseattn.layout.block_layout import BlockLayout
         from sparseattn.ops.attention import select_backend
