@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="round-robin timing rounds per row (medians, paired ratios)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
+    from sparseattn.ops.triton.configs import collect_autotune_failures
+
+    failed_autotune = collect_autotune_failures()  # every autotuned launch of this run appends its failed candidates
     reason = timing.cuda_unavailable_reason()
     if reason:
         print(f"bench_attention: {reason}", file=sys.stderr)
@@ -241,11 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         res["wall_s"] = time.time() - t0
         results.append(res)
         print(f"[{time.time() - t_start:6.1f}s] {shape.name}: sdpa {res['sdpa_best']} ({res['wall_s']:.1f}s)", flush=True)
-    from sparseattn.ops.triton import configs
-
     from sparseattn.ops.triton_launch import TMA_DISABLED_REASON
 
-    info["failed_autotune_configs"] = sorted(set(configs.FAILED_CONFIGS))
+    info["failed_autotune_configs"] = sorted(set(failed_autotune))
     info["tma_disabled"] = TMA_DISABLED_REASON[:1]
     targets = evaluate_targets(results)
     all_ok = all(x["parity"]["ok"] for r in results for x in r["rows"] if "parity" in x)

@@ -592,13 +592,10 @@ def main(argv: list[str] | None = None) -> int:
     from sparseattn.eval.env import environment
 
     env = environment("cuda" if cuda else "cpu")
-    from sparseattn.ops.triton import configs as _cfgs
-
     summary = {
         "env": env, "seed": args.seed, "cases_requested": n_cases, "cases_run": len(rows), "cases_skipped_time": skipped,
         "failures": len(failures), "big_case": big, "fatal": fatal, "workers": workers, "variants": variants,
         "warm": warm_info, "wall_s": time.time() - t_start, "cases_wall_s": t_cases,
-        "failed_autotune_configs": _cfgs.FAILED_CONFIGS,
         "rows": [{kk: r.get(kk) for kk in ("index", "ok", "variant", "case_short", "worst", "out_err", "out_bound",
                                           "lse_err", "lse_bound", "rows_checked", "empty_rows", "wall_s", "kernel_s")}
                  for r in sorted(rows, key=lambda r: r["index"])],

@@ -346,30 +346,44 @@ def _seed_shipped(dev_name: str) -> None:
         use_tuned_configs(winners)
 
 
+def _autotune_launch(tuned_plain: Any, tuned_tma: Any, tune_key: tuple[Any, ...] | None, args: tuple[Any, ...],
+                     meta: dict[str, Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     B: int, H: int, Nq: int, fn: str) -> dict[str, Any]:
+    """The autotuned launch: the TMA candidates where usable (a failure disables them for the process), else
+    pointer loads; the winner is remembered under ``tune_key``."""
+    grid = lambda META: (-(-Nq // META["BLOCK_M"]), B * H)  # noqa: E731
+    ran = False
+    if not TMA_DISABLED_REASON and _tma_usable(q, k, v, q, out):
+        try:
+            _set_tma_allocator(q.device)
+            kern = tuned_tma[grid](*args, **meta)
+            ran = True
+            _remember(tune_key, tuned_tma)
+            rec = _note_compiled(kern, _TUNED.get(tune_key, {}))
+        except Exception as exc:  # an older Triton that cannot build descriptors: pointer loads from now on
+            TMA_DISABLED_REASON.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+            warnings.warn(f"{fn}: TMA autotuning failed, using pointer loads: {TMA_DISABLED_REASON[0]}",
+                          RuntimeWarning, stacklevel=5)
+    if not ran:
+        kern = tuned_plain[grid](*args, **meta)
+        _remember(tune_key, tuned_plain)
+        rec = _note_compiled(kern, _TUNED.get(tune_key, {}))
+    return rec
+
+
 def _launch(plain: Any, tuned_plain: Any, tuned_tma: Any, cfg: dict[str, Any] | None, tune_key: tuple[Any, ...] | None,
             args: tuple[Any, ...], meta: dict[str, Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             out: torch.Tensor, B: int, H: int, Nq: int, fn: str) -> dict[str, Any]:
     """Launch the kernel: autotune (``cfg is None``) or the fixed ``cfg``. Called with ``_LAUNCH_LOCK`` held.
 
-    Returns the launch telemetry (:func:`_note_compiled`)."""
+    Returns the launch telemetry (:func:`_note_compiled`; an autotuned launch adds ``failed_configs``, the
+    candidates that failed to build or run)."""
     if cfg is None:
-        grid = lambda META: (-(-Nq // META["BLOCK_M"]), B * H)  # noqa: E731
-        ran = False
-        if not TMA_DISABLED_REASON and _tma_usable(q, k, v, q, out):
-            try:
-                _set_tma_allocator(q.device)
-                kern = tuned_tma[grid](*args, **meta)
-                ran = True
-                _remember(tune_key, tuned_tma)
-                rec = _note_compiled(kern, _TUNED.get(tune_key, {}))
-            except Exception as exc:  # an older Triton that cannot build descriptors: pointer loads from now on
-                TMA_DISABLED_REASON.append(f"{type(exc).__name__}: {str(exc)[:300]}")
-                warnings.warn(f"{fn}: TMA autotuning failed, using pointer loads: {TMA_DISABLED_REASON[0]}",
-                              RuntimeWarning, stacklevel=4)
-        if not ran:
-            kern = tuned_plain[grid](*args, **meta)
-            _remember(tune_key, tuned_plain)
-            rec = _note_compiled(kern, _TUNED.get(tune_key, {}))
+        from sparseattn.ops.triton.configs import autotune_failures
+
+        with autotune_failures() as failed:
+            rec = _autotune_launch(tuned_plain, tuned_tma, tune_key, args, meta, q, k, v, out, B, H, Nq, fn)
+        rec["failed_configs"] = failed
         return rec
     else:
         grid = (-(-Nq // cfg["BLOCK_M"]), B * H)
@@ -499,7 +513,8 @@ def block_sparse_fwd(
             public :func:`sparseattn.attention` caches it). Not with ``pv_threshold`` or the state path.
         telemetry: if given (a dict), filled with this launch's record: ``config`` (the launch parameters
             used), ``n_regs``, ``n_spills``, ``shared_bytes`` (of the compiled kernel; ``None`` under the
-            interpreter) and ``autotuned`` (the config came from autotuning, now or remembered). Nothing is
+            interpreter) and ``autotuned`` (the config came from autotuning, now or remembered); a launch that
+            autotuned now also ``failed_configs`` (the candidates that failed to build or run). Nothing is
             kept in module globals.
 
     Returns:

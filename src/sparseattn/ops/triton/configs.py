@@ -9,7 +9,10 @@ Kernel tiles must nest inside layout blocks: ``BLOCK_M`` divides the layout's ``
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import triton
@@ -75,19 +78,51 @@ def prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: An
     return kept or [c for c in configs if lbm % c.kwargs["BLOCK_M"] == 0 and lbn % c.kwargs["BLOCK_N"] == 0][:1]
 
 
+# Where safe_bench records the candidates that failed: the list of the current context (the launcher sets one per
+# autotuned launch and returns it as telemetry; a caller may collect across launches with autotune_failures()).
+# Nothing is kept in a module-level list.
+_FAILURES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("sparseattn_autotune_failures",
+                                                                             default=None)
+
+
 def safe_bench(kernel_call: Any, quantiles: Any = None, **kwargs: Any) -> Any:
-    """Autotuning benchmark that scores a config which fails to compile or launch as infinitely slow."""
+    """Autotuning benchmark that scores a config which fails to compile or launch as infinitely slow
+    (the failure is appended to the current :func:`autotune_failures` list, if any)."""
     from triton.testing import do_bench
 
     try:
         return do_bench(kernel_call, quantiles=quantiles, **kwargs)
     except Exception as exc:  # e.g. a TMA config an older Triton cannot lower
-        FAILED_CONFIGS.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+        failures = _FAILURES.get()
+        if failures is not None:
+            failures.append(f"{type(exc).__name__}: {str(exc)[:200]}")
         n = len(quantiles) if quantiles else 1
         return [float("inf")] * n if quantiles else float("inf")
 
 
-FAILED_CONFIGS: list[str] = []
+def collect_autotune_failures() -> list[str]:
+    """From now on in this context (a script's main thread), append failed autotune candidates to the returned list
+    (benchmark scripts report them; :func:`autotune_failures` is the scoped form)."""
+    failures: list[str] = []
+    _FAILURES.set(failures)
+    return failures
+
+
+@contextlib.contextmanager
+def autotune_failures() -> Iterator[list[str]]:
+    """Collect, into the yielded list, the autotune candidates that failed to build or run in this block.
+
+    Nested uses (the launcher opens one per autotuned launch for its telemetry) also report to the outer list.
+    """
+    outer = _FAILURES.get()
+    mine: list[str] = []
+    token = _FAILURES.set(mine)
+    try:
+        yield mine
+    finally:
+        _FAILURES.reset(token)
+        if outer is not None:
+            outer.extend(mine)
 
 
 def default_config(head_dim: int, layout_bm: int, layout_bn: int, *, interpret: bool, pv_skip: bool,
