@@ -502,3 +502,19 @@ def test_padding_is_still_refused_with_position_ids() -> None:
     with patch_model(model, pattern="dense"):
         with pytest.raises(ValueError, match="attention_mask is not plain causal"):
             model(ids, attention_mask=mask, position_ids=torch.arange(40)[None].expand(2, 40))
+
+
+@torch.no_grad()
+def test_packed_sequences_with_sliding_window_layers_stay_exact() -> None:
+    """Packed documents in a model with sliding-window layers (Gemma-3 style): the window layers run the model's own
+    attention with the packed mask, the global layers our document path; each document as if run alone."""
+    model = _gemma3_sliding()  # 4 layers: 0 and 2 slide (window 48), 1 and 3 attend globally
+    lengths = [90, 40, 70]  # documents longer and shorter than the window
+    ids, pos = _ids(sum(lengths)), _packed_positions(lengths)
+    alone = torch.cat([model(ids[:, sum(lengths[:i]):sum(lengths[:i + 1])], use_cache=False).logits
+                       for i in range(len(lengths))], dim=1)
+    with patch_model(model, pattern="dense:block_m=32,block_n=32") as h:
+        got = model(ids, position_ids=pos, use_cache=False).logits
+        assert h.counts["prefill_packed"] == 2 and h.counts["prefill_dense"] == 2  # the two window layers
+        assert h.layer_modes == {0: "window", 1: "sparse", 2: "window", 3: "sparse"}
+    torch.testing.assert_close(got, alone, atol=FP32_LOOSE, rtol=FP32_LOOSE)
