@@ -58,11 +58,13 @@ def test_layer_graphs_off_switches_and_cpu(monkeypatch):
         assert h._layer_graphs is None
 
 
-def _run(model: torch.nn.Module, ids: torch.Tensor, calls: int, **kw) -> tuple[list[torch.Tensor], dict]:
+def _run(model: torch.nn.Module, ids: torch.Tensor, calls: int | list[list[int]], **kw) -> tuple[list[torch.Tensor], dict]:
+    """``calls`` forwards, or one packed forward per document split in ``calls`` (position_ids restarting per document)."""
     outs = []
     with patch_model(model, **kw) as h, torch.no_grad():
-        for _ in range(calls):
-            outs.append(model(ids, use_cache=False).logits.float())
+        for lengths in (calls if isinstance(calls, list) else [None] * calls):
+            pos = None if lengths is None else torch.cat([torch.arange(n) for n in lengths])[None].to(ids.device)
+            outs.append(model(ids, position_ids=pos, use_cache=False).logits.float())
         rep = h.sparsity_report()
         rep["_status"] = dict(h.layer_graph_status)
         rep["_replays"] = 0 if h._layer_graphs is None else h._layer_graphs.replays
@@ -288,18 +290,6 @@ def test_graph_density_accumulator_accounting():
         assert h.densities[1][0].tolist() == [1.0, 1.0, 1.0, 1.0]
 
 
-def _run_packed(model: torch.nn.Module, ids: torch.Tensor, packings: list[list[int]], **kw) -> tuple[list, dict]:
-    outs = []
-    with patch_model(model, **kw) as h, torch.no_grad():
-        for lengths in packings:  # a new document split per forward: the graphs must read this forward's documents
-            pos = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
-            outs.append(model(ids, position_ids=pos, use_cache=False).logits.float())
-        rep = h.sparsity_report()
-        rep["_status"] = dict(h.layer_graph_status)
-        rep["_replays"] = 0 if h._layer_graphs is None else h._layer_graphs.replays
-    return outs, rep
-
-
 @cuda
 @pytest.mark.parametrize("window,spec", [(None, "mean_sim:score=mixed,cdf_threshold=0.9,keep_local=2"),
                                          (None, "pattern:dense:block_m=64,block_n=64"),
@@ -309,8 +299,8 @@ def test_packed_sequences_graphed_equal_eager(window, spec):
     ids = torch.randint(0, 128, (1, 1000), generator=torch.Generator().manual_seed(3)).cuda()
     packings = [[300, 450, 250], [300, 450, 250], [600, 400], [100, 200, 300, 400], [600, 400]]
     kw = {"pattern": spec[len("pattern:"):]} if spec.startswith("pattern:") else {"predictor": spec}
-    eager, rep_e = _run_packed(model, ids, packings, layer_graphs=False, **kw)
-    graphed, rep_g = _run_packed(model, ids, packings, **kw)
+    eager, rep_e = _run(model, ids, packings, layer_graphs=False, **kw)
+    graphed, rep_g = _run(model, ids, packings, **kw)
     # sliding-window layers with a packed mask run the model's own (exact) attention, graphed or not
     sparse = [int(i) for i, e in rep_e["layers"].items() if e["mode"] == "sparse"]
     assert len(sparse) == (1 if window else 3)

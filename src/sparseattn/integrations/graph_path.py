@@ -28,6 +28,7 @@ class GraphPathMixin:
     """CUDA-graph replays of :class:`~sparseattn.integrations.handle.PatchHandle`'s sparse layer calls."""
 
     _layer_graphs: Any
+    _graph_warned: bool
     layer_graph_off: str | None
     layer_graph_status: dict[int, str]
 
@@ -73,13 +74,7 @@ class GraphPathMixin:
             if route not in ("triton", self._quant_label):
                 why = f"backend route {route!r} (only the Triton kernel is graphed)"
         if why is not None:
-            if self.layer_graph_status.get(layer) != why:
-                self.layer_graph_status[layer] = why
-                optional = why.startswith(("dense_above", "keep_layouts", "per-head", "SketchWalk"))
-                if optional and not self._graph_warned:
-                    self._graph_warned = True
-                    warnings.warn(f"patch_model: layer {layer} runs without a CUDA graph ({why}); each sparse layer "
-                                  "then pays its host work per call", UserWarning, stacklevel=5)
+            self._not_graphed(layer, why)
             return None
         static = mode == "window" or (isinstance(pred, PatternPredictor))
         B, H, nq, D = query.shape
@@ -118,6 +113,16 @@ class GraphPathMixin:
             self._density_raw.setdefault(layer, []).append(self._density(fixed, True, win))
         self.backends_used.setdefault(layer, set()).add(self._quant_label or "triton")
         return out, None
+
+    def _not_graphed(self, layer: int, why: str) -> None:
+        """Record why ``layer`` runs without a graph; warn once per handle for reasons the caller chose (options)."""
+        if self.layer_graph_status.get(layer) != why:
+            self.layer_graph_status[layer] = why
+            optional = why.startswith(("dense_above", "keep_layouts", "per-head", "SketchWalk"))
+            if optional and not self._graph_warned:
+                self._graph_warned = True
+                warnings.warn(f"patch_model: layer {layer} runs without a CUDA graph ({why}); each sparse layer "
+                              "then pays its host work per call", UserWarning, stacklevel=6)
 
     def _run_layer_graph(self, gkey: tuple[Any, ...], layer: int, query: torch.Tensor, key: torch.Tensor,
                          value: torch.Tensor, body: Any, what: str, t0: float,

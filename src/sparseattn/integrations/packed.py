@@ -123,7 +123,6 @@ class PackedMixin:
         CUDA, once an eager call has settled the route (Triton) and the layer's block sizes, the call is a layer
         graph replay (:meth:`_graphed_packed`) where the layer allows graphs.
         """
-        from sparseattn.layout.block_layout import BlockLayout
         from sparseattn.ops.attention import select_backend
 
         fn = "patch_model"
@@ -156,8 +155,7 @@ class PackedMixin:
             lkey = ("packed_layout", id(docs), id(base), B, H, nq, nkv, win)
             hit = self._mask_verdicts.get(lkey) if static else None
             if hit is None or hit[0] is not base:
-                mask = (base.to_dense_mask() | sinks) & dense  # each document keeps its sink; only document blocks
-                layout = BlockLayout.from_dense_mask(mask, block_m=bm, block_n=bn, seqlen_q=nq, seqlen_kv=nkv)
+                layout = _document_layout(base, sinks, dense)
                 if static:
                     self._mask_verdicts[lkey] = (base, layout)
             else:
@@ -198,18 +196,15 @@ class PackedMixin:
         one set per geometry for the handle's life: the packed layer graphs read them, and each forward copies
         its documents in once (four small device copies), before the first replay of that geometry."""
         gkey = (B, H, nq, nkv, win, bm, bn, str(device))
-        bufs = self._packed_static.get(gkey)
         bounds, _, dense, sinks = self._packed_prep(docs, B, H, nq, nkv, win, bm, bn, device)
-        if bufs is None:
-            bufs = self._packed_static[gkey] = tuple(torch.empty_like(t) for t in (bounds.lo, bounds.hi, dense, sinks))
+        srcs = (bounds.lo, bounds.hi, dense, sinks)
+        bufs = self._packed_static.get(gkey)
+        if bufs is None or any(d.shape != t.shape for d, t in zip(bufs, srcs)):
+            # a new set (e.g. per-batch bounds after shared ones); graphs of an old set keep theirs alive
+            bufs = self._packed_static[gkey] = tuple(torch.empty_like(t) for t in srcs)
         mark = ("packed_copied", id(docs), gkey)
         if self._mask_verdicts.get(mark) is None:
-            for dst, src in zip(bufs, (bounds.lo, bounds.hi, dense, sinks)):
-                if dst.shape != src.shape:  # e.g. per-batch bounds after shared ones: a new set (old graphs keep theirs)
-                    bufs = self._packed_static[gkey] = tuple(torch.empty_like(t) for t in
-                                                             (bounds.lo, bounds.hi, dense, sinks))
-                    break
-            for dst, src in zip(bufs, (bounds.lo, bounds.hi, dense, sinks)):
+            for dst, src in zip(bufs, srcs):
                 dst.copy_(src)
             self._mask_verdicts[mark] = True
         return bufs
@@ -229,7 +224,7 @@ class PackedMixin:
 
         why = self._graph_reason(layer, mode, query)
         if why is not None:
-            self.layer_graph_status[layer] = why
+            self._not_graphed(layer, why)
             return None
         B, H, nq, D = query.shape
         nkv = key.shape[2]
@@ -249,10 +244,8 @@ class PackedMixin:
                 layout = BlockLayout(num.expand(Bb, H, -1), idx.expand(Bb, H, -1, -1), bm, bn, nq, nkv,
                                      validate=False)
             else:
-                lay = fixed if fixed is not None else pred.predict(q, k, causal=True, layer=layer)
-                mask = (lay.to_dense_mask() | sinks) & dense
-                num, idx = compact_mask(mask)
-                layout = BlockLayout(num, idx, bm, bn, nq, nkv, validate=False)
+                layout = _document_layout(fixed if fixed is not None else pred.predict(q, k, causal=True, layer=layer),
+                                          sinks, dense)
             triton_launch.block_sparse_fwd(q, k, v, layout=layout, causal=True, scale=scale, out=out.transpose(1, 2),
                                            row_bounds=RowBounds(lo, hi))
             if accum is not None:
@@ -267,3 +260,12 @@ class PackedMixin:
             return None
         self.backends_used.setdefault(layer, set()).add("packed:triton")
         return res[0], None
+
+
+def _document_layout(base: Any, sinks: torch.Tensor, dense: torch.Tensor) -> Any:
+    """``base`` plus each document's sink block, restricted to the document blocks (device ops only): the layout a
+    packed sparse layer runs, eager or inside its layer graph."""
+    from sparseattn.layout.block_layout import BlockLayout, compact_mask
+
+    num, idx = compact_mask((base.to_dense_mask() | sinks) & dense)
+    return BlockLayout(num, idx, base.block_m, base.block_n, base.seqlen_q, base.seqlen_kv, validate=False)
