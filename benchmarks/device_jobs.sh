@@ -102,6 +102,29 @@ run_job() {
       timeout 100 python3 benchmarks/bench_model.py --arch smollm2-135m --lengths 8192 --random-ids --repeats 21 \
         --predictors "$DEFAULT_PRED" --patterns "sink_window:window_blocks=8,block_m=128,block_n=128" --no-profile --no-plot \
         --out "$d" > "$d/log" 2>&1; tail -n 5 "$d/log" ;;
+    crossover)  # issue 10 item 5: the measured density crossover per shape (SmolLM2, Gemma global, Llama-8B)
+      cp src/sparseattn/ops/tuned/crossover.json /tmp/m/crossover.json
+      timeout ${CROSS_S:-220} python3 benchmarks/bench_crossover.py --shapes 9,3,64 4,1,256 32,8,128 \
+        --lengths ${CROSS_LENGTHS:-2048 4096 8192 16384 32768} --budget-s ${CROSS_BUDGET:-170} --out "$d" \
+        --merge-into /tmp/m/crossover.json > "$d/log" 2>&1; tail -n 18 "$d/log"; cp /tmp/m/crossover.json "$d/merged.json" ;;
+    auto_nomodel)  # issue 10 item 5: dense_above=auto on random-weight Gemma/SmolLM2 shapes, with and without
+      export SPARSEATTN_CROSSOVER=/tmp/m/crossover.json
+      for arch in gemma3-270m smollm2-135m; do
+        L=8192,32768; [ $arch = smollm2-135m ] && L=8192
+        for da in none auto; do
+          A=""; [ $da = auto ] && A="--dense-above auto"
+          timeout ${AUTO_S:-70} python3 benchmarks/bench_model.py --arch $arch --lengths $L --random-ids --repeats 7 \
+            --predictors "$DEFAULT_PRED" --no-profile --no-plot $A --out "$d/${arch}_$da" > "$d/${arch}_$da.log" 2>&1
+          echo "--- $arch $da"; tail -n 4 "$d/${arch}_$da.log"
+        done
+      done ;;
+    smol_auto)  # issue 10 item 5: real SmolLM2, a dense-ish predictor and the default, with dense_above=auto
+      export SPARSEATTN_CROSSOVER=/tmp/m/crossover.json
+      for md in eager graphs; do
+        timeout ${SMOLAUTO_S:-110} python3 benchmarks/bench_model.py --model $SMOL --lengths 8192,4096 --text-dir $ESSAYS \
+          --repeats 11 --mode $md --predictors "$DEFAULT_PRED;mean_sim:score=mixed,cdf_threshold=0.995,keep_local=8" \
+          --dense-above auto --no-profile --no-plot --out "$d/$md" > "$d/$md.log" 2>&1; echo "--- $md"; tail -n 8 "$d/$md.log"
+      done ;;
     decode_sweep)  # issue 14: INT8/FP8 decode kernel variants
       timeout 250 python3 benchmarks/decode_int8_sweep.py --out "$d" > "$d/log" 2>&1; tail -n 25 "$d/log" ;;
     *) echo "unknown job $job" ;;

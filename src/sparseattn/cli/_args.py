@@ -98,6 +98,13 @@ def density(text: str) -> float:
     return val
 
 
+def dense_above(text: str) -> str | float:
+    """``--dense-above``: ``auto`` (the measured crossover) or a density in (0, 1]."""
+    if text == "auto":
+        return "auto"
+    return density(text)
+
+
 def _parse_list(text: str, expected: str, convert: Callable[[str], Any], kind: str,
                 problem: Callable[[str, Any], str | None]) -> list[Any]:
     """Comma-separated values (at least one), each ``convert``-ed (else "not ``kind``") and then judged by

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from sparseattn.cli._args import (add_quant_arguments, check_quant, device, device_and_dtype, int_list, nonneg_int,
-                                  optional_int_list, positive_int)
+from sparseattn.cli._args import (add_quant_arguments, check_quant, dense_above, device, device_and_dtype, int_list,
+                                  nonneg_int, optional_int_list, positive_int)
 
 _lengths = int_list(1, "token counts")
 _layers = optional_int_list(0, "layer indices")
@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=positive_int, default=1, help="untimed warm-up rounds per row (default 1)")
     p.add_argument("--score-last", type=positive_int, default=512, help="positions whose logits are compared (default 512)")
     p.add_argument("--dense-layers", type=_layers, default=[], help="comma-separated layers kept dense")
+    p.add_argument("--dense-above", type=dense_above, default=None, metavar="auto|DENSITY",
+                   help="sparse rows (not the all-blocks floor): a layer whose density is above this (or, 'auto', "
+                        "above the crossover measured for its shape on this GPU) runs the model's dense attention")
     p.add_argument("--backend", default="auto", choices=["auto", "masked_sdpa", "attention", "reference", "triton"])
     p.add_argument("--mode", default="eager", choices=["eager", "graphs", "compile"],
                    help="eager (default); graphs (each side's whole prefill captured in a CUDA graph and replayed; "
@@ -128,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
                          random_ids=args.random_ids or stack, text_files=args.text_file, text_dir=args.text_dir,
                          repeats=args.repeats, warmup=args.warmup, score_last=args.score_last,
                          dense_layers=dense_layers, backend=args.backend, mode=args.mode,
-                         profile=not args.no_profile, random_weights=stack, seed=args.seed, progress=progress)
+                         profile=not args.no_profile, random_weights=stack, seed=args.seed, progress=progress,
+                         dense_above=args.dense_above)
     paths = bm.write_outputs(res, args.out, plot=not args.no_plot)
     print("report: " + ", ".join(str(p) for p in paths.values()))
     print(bm.table(res))

@@ -396,8 +396,13 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
                 model_name: str = "model", random_ids: bool = False, text_files: Sequence[str] | None = None,
                 text_dir: str | None = None, repeats: int = 5, warmup: int = 1, score_last: int = 512,
                 dense_layers: Sequence[int] = (), backend: str = "auto", mode: str = "eager", profile: bool = True,
-                random_weights: bool = False, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                random_weights: bool = False, seed: int = 0, progress: bool = True,
+                dense_above: float | str | None = None) -> dict[str, Any]:
     """Run the benchmark on an already loaded (unpatched) model; returns the JSON-friendly result.
+
+    ``dense_above`` (``"auto"`` or a density) is passed to ``patch_model`` for every row but the all-blocks
+    row (the noise floor stays every block on the kernel) and the quantized rows (which refuse it); such a
+    row runs one untimed forward first, so its verdicts are measured before its logits and times.
 
     Raises:
         ValueError: a length beyond the model's ``max_position_embeddings``, a bad mode, no rows,
@@ -441,7 +446,7 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
         "tool": "sparseattn.eval.bench_model",
         "env": env_info(), "model": model_name, "random_weights": random_weights, "device": str(device),
         "dtype": str(dtype).replace("torch.", ""), "mode": mode, "backend": backend, "repeats": repeats,
-        "warmup": warmup, "score_last": score_last, "dense_layers": list(dense_layers),
+        "warmup": warmup, "score_last": score_last, "dense_layers": list(dense_layers), "dense_above": dense_above,
         "rows_spec": [{"label": r.label, "kind": r.kind, "spec": r.spec, "quant": r.quant,
                        "quant_granularity": r.quant_granularity} for r in rows],
         "lengths": [], "rows": [], "notes": [],
@@ -490,6 +495,8 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
             kw: dict[str, Any] = {"predictor": row.predictor, "dense_layers": list(dense_layers), "backend": backend}
             if row.quant is not None:
                 kw.update(quant=row.quant, quant_granularity=row.quant_granularity)
+            elif dense_above is not None and row.kind != "all_blocks":
+                kw["dense_above"] = dense_above
             rec: dict[str, Any] = {"seq_len": n, "label": row.label, "kind": row.kind, "spec": row.spec,
                                    "quant": row.quant, "quant_granularity": row.quant_granularity}
             target = model
@@ -498,6 +505,9 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
 
                 target = copy.deepcopy(model)  # its own patched copy: the dense side's compiled graph stays valid
             with patch_model(target, **kw) as h:
+                if "dense_above" in kw:  # measure the layers' densities first: the verdicts hold from the next call
+                    target(ids, use_cache=False, logits_to_keep=1)
+                    _sync(cuda)
                 fwd = torch.compile(target) if mode == "compile" else model
                 if mode == "compile":
                     try:
@@ -518,6 +528,13 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
                 rec["density"] = _mean_sparse_density(rep)
                 rec["backends"] = sorted({b for e in rep["layers"].values() for b in e.get("backends", ())})
                 rec["layer_calls"] = dict(h.counts)
+                if "dense_above" in kw:  # the layers the fallback sent to the model's SDPA in the logits forward
+                    rec["dense_above"] = kw["dense_above"]
+                    rec["dense_fallback_layers"] = sorted(int(i) for i, e in rep["layers"].items()
+                                                          if e.get("dense_fallbacks"))
+                    rec["auto_dense"] = {i: e["auto_dense"] for i, e in rep["layers"].items() if e.get("auto_dense")}
+                    result["notes"].append(f"{row.label} at {n} tokens: dense_above={kw['dense_above']!r}: layers "
+                                           f"{rec['dense_fallback_layers'] or 'none'} ran the model's own attention")
                 if row.quant is not None and h.counts["prefill_quant"] == 0 and h.counts["prefill_sparse"]:
                     raise RuntimeError(f"bench_model: row {row.label!r} ran no quantized call")  # never silently bf16
                 modes = [e["mode"] for e in rep["layers"].values()]

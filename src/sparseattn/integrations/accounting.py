@@ -38,7 +38,8 @@ class AccountingMixin:
     """Densities, counters and the sparsity report of :class:`~sparseattn.integrations.handle.PatchHandle`."""
 
     _density_raw: dict[int, list[Any]]
-    dense_above: float | None
+    dense_above: float | str | None
+    _auto: Any
 
     def reset_stats(self) -> None:
         """Forget recorded densities, timings, counters, layouts and captures."""
@@ -80,11 +81,14 @@ class AccountingMixin:
                 entry["seconds"] = self.timings[idx]
             if self.dense_fallbacks.get(idx):
                 entry["dense_fallbacks"] = self.dense_fallbacks[idx]
+            if self._auto is not None and mode == "sparse":  # dense_above="auto": verdict per call shape
+                entry["auto_dense"] = self._auto_report(idx)
             if idx in self.layer_graph_status:
                 entry["layer_graph"] = self.layer_graph_status[idx]
             layers[str(idx)] = entry
         dens = [e["density"] for e in layers.values() if e["density"] is not None]
         extra = {} if self.tuned is None else {"tuned": self.tuned}
+        extra["dense_above"] = self.dense_above
         extra["quant"] = None if self.quant is None else {"mode": self.quant, "granularity": self.quant_granularity}
         lg = self._layer_graphs
         if lg is not None:  # replays without input copies ("direct") and through the static buffers ("copy")

@@ -38,7 +38,7 @@ class GraphPathMixin:
             return self.layer_graph_off
         if torch.cuda.is_current_stream_capturing():
             return "inside the caller's own CUDA graph capture"
-        if self.dense_above is not None:
+        if isinstance(self.dense_above, float):
             return "dense_above reads each layer's density on the host"
         if self.keep_layouts:
             return "keep_layouts keeps every call's layout object"
@@ -57,11 +57,13 @@ class GraphPathMixin:
         return None
 
     def _graphed(self, module: torch.nn.Module, layer: int, mode: str, query: torch.Tensor, key: torch.Tensor,
-                 value: torch.Tensor, scale: Any, win: int | None, t0: float) -> tuple[torch.Tensor, None] | None:
+                 value: torch.Tensor, scale: Any, win: int | None, t0: float,
+                 measure: Any = None) -> tuple[torch.Tensor, None] | None:
         """The layer's sparse call replayed from a CUDA graph (see :mod:`.layer_graphs`), or None to run it eagerly.
 
         A key is graphed from its second call on: the first runs eagerly and settles the backend route
-        (validation, backend choice); only the Triton route is graphed.
+        (validation, backend choice); only the Triton route is graphed. ``measure``: the layer's
+        ``dense_above="auto"`` state when this call measures its density (:mod:`.auto_dense`).
         """
         why = self._graph_reason(layer, mode, query)
         if why is None:
@@ -111,6 +113,11 @@ class GraphPathMixin:
         out, used = res
         if used is None:
             self._density_raw.setdefault(layer, []).append(self._density(fixed, True, win))
+        if measure is not None:  # dense_above="auto": the graphed calls' mean density since the last measurement
+            if used is not None:
+                measure.measure_accum(used)
+            else:
+                measure.measure_entry(self._density_raw[layer][-1])
         self.backends_used.setdefault(layer, set()).add(self._quant_label or "triton")
         return out, None
 
@@ -158,7 +165,7 @@ class GraphPathMixin:
                 kwargs.get("scaling"), kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux"))
 
     def _remember_fast(self, layer: int, mode: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       kwargs: dict[str, Any]) -> None:
+                       kwargs: dict[str, Any], auto: Any = None) -> None:
         """Keep this graphed call as the layer's fast lane (see :class:`~.layer_graphs.FastLane`)."""
         from sparseattn.integrations.layer_graphs import FastLane
 
@@ -173,7 +180,7 @@ class GraphPathMixin:
             density = self._density_raw[layer][-1]  # the fixed layout's entry, just recorded by _graphed
         lg.fast[layer] = FastLane(self._fast_check(query, key, value, kwargs), buf, entry, pred, density,
                                   getattr(entry.body, "accum", None), self.quant is not None,
-                                  self._quant_label or "triton")
+                                  self._quant_label or "triton", auto)
 
     def _fast_replay(self, lg: Any, fl: Any, module: torch.nn.Module, layer: int, query: torch.Tensor,
                      key: torch.Tensor, value: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None] | None:
@@ -181,13 +188,15 @@ class GraphPathMixin:
 
         Every condition under which the general path would not replay this very graph sends the call
         back to it: another shape/dtype/device/scale/window, softcap or sinks, training mode, an active
-        :meth:`capture`, options that need the host (``dense_above``, ``keep_layouts``, graphs switched
-        off), a replaced predictor, ``torch.compile`` tracing or a caller's own CUDA-graph capture.
+        :meth:`capture`, options that need the host (a ``dense_above`` density, ``keep_layouts``, graphs
+        switched off), a replaced predictor, ``torch.compile`` tracing, a caller's own CUDA-graph capture, or a
+        ``dense_above="auto"`` call that measures or falls back (its state says so; a plain call is counted there).
         """
-        if (_compiling() or module.training or self.capture_layers is not None or self.dense_above is not None
+        if (_compiling() or module.training or self.capture_layers is not None or isinstance(self.dense_above, float)
                 or self.keep_layouts or self.layer_graph_off is not None
                 or (fl.pred is not None and self.predictors.get(layer) is not fl.pred)
-                or self._fast_check(query, key, value, kwargs) != fl.check or torch.cuda.is_current_stream_capturing()):
+                or self._fast_check(query, key, value, kwargs) != fl.check or torch.cuda.is_current_stream_capturing()
+                or (fl.auto is not None and not fl.auto.plain())):
             return None
         t0 = time.perf_counter()
         out, _ = lg.replay(fl.buf, fl.entry, query, key, value)

@@ -22,6 +22,7 @@ from sparseattn._validation import fail
 from sparseattn.integrations._tracing import _compiling
 from sparseattn.integrations.hf_attention import _HANDLE_ATTR, _LAYER_ATTR
 from sparseattn.integrations.accounting import _STATIC_DENSITY, AccountingMixin
+from sparseattn.integrations.auto_dense import DENSE, MEASURE, AutoDenseMixin
 from sparseattn.integrations.graph_path import GraphPathMixin
 from sparseattn.integrations.masks import _window_mask
 from sparseattn.integrations.packed import PackedMixin
@@ -33,7 +34,7 @@ from sparseattn.predictors.pattern import PatternPredictor
 __all__ = ["PatchHandle"]
 
 
-class PatchHandle(AccountingMixin, RoutesMixin, PackedMixin, GraphPathMixin):
+class PatchHandle(AccountingMixin, RoutesMixin, PackedMixin, GraphPathMixin, AutoDenseMixin):
     """State of one patched model; returned by :func:`patch_model`.
 
     Attributes:
@@ -57,7 +58,8 @@ class PatchHandle(AccountingMixin, RoutesMixin, PackedMixin, GraphPathMixin):
             :meth:`capture` is active (prefill calls only; the last one wins).
         layouts: ``{layer: BlockLayout}`` of the last prefill when ``keep_layouts`` is True.
         dense_above: density above which a sparse layer runs the model's dense attention instead
-            (``None``: never); ``dense_fallbacks`` counts those calls per layer.
+            (``None``: never; ``"auto"``: the measured crossover of the layer's shape, see
+            :mod:`sparseattn.integrations.auto_dense`); ``dense_fallbacks`` counts those calls per layer.
         timings: ``{layer: seconds}`` summed over prefill calls (prediction + attention).
 
     Use as a context manager to unpatch on exit.
@@ -76,8 +78,10 @@ class PatchHandle(AccountingMixin, RoutesMixin, PackedMixin, GraphPathMixin):
         self.impl_name = name
         self._dense_fn = dense_fn
         self.keep_layouts = keep_layouts
-        self.dense_above: float | None = None
+        self.dense_above: float | str | None = None
         self.dense_fallbacks: dict[int, int] = {}
+        self._auto: dict[tuple[Any, ...], Any] | None = None  # dense_above="auto": AutoDense per (layer, shape)
+        self._auto_warned: set[str] = set()
         self.capture_layers: set[int] | None = None
         self.capture_device: str | torch.device | None = None
         self.captured: dict[int, dict[str, torch.Tensor]] = {}
@@ -251,16 +255,23 @@ class PatchHandle(AccountingMixin, RoutesMixin, PackedMixin, GraphPathMixin):
             raise NotImplementedError(f"{fn}: layer {layer} uses {unsupported}, which no sparseattn backend "
                                       f"implements; keep it dense with dense_layers=[{layer}, ...]")
 
+        auto = act = None
+        if self._auto is not None and mode == "sparse":  # dense_above="auto": the measured verdict of this layer
+            auto = self._auto_state(layer, query, key)
+            act = auto.action(_compiling() or (query.is_cuda and torch.cuda.is_current_stream_capturing()))
+            if act == DENSE:
+                return self._fallback(module, layer, query, key, value, attention_mask, kwargs, time.perf_counter())
         if _compiling():
             return self._forward_traced(layer, query, key, value, kwargs, mode, win)
         t0 = time.perf_counter()
         scale = kwargs.get("scaling")
         B, H, _, D = query.shape
         if query.is_cuda:
-            res = self._graphed(module, layer, mode, query, key, value, scale, win, t0)
+            res = self._graphed(module, layer, mode, query, key, value, scale, win, t0,
+                                auto if act == MEASURE else None)
             if res is not None:
                 if attention_mask is None:
-                    self._remember_fast(layer, mode, query, key, value, kwargs)
+                    self._remember_fast(layer, mode, query, key, value, kwargs, auto)
                 return res
         if mode == "window":
             layout, pv, static = self._band(B, H, nq, nkv, win, query), None, True
@@ -270,13 +281,10 @@ class PatchHandle(AccountingMixin, RoutesMixin, PackedMixin, GraphPathMixin):
             pv = _pv_for(pred, layer)
             static = isinstance(pred, PatternPredictor) and not self.per_head.get(layer)
         density = self._density(layout, static, win)  # this call's accounting entry, computed once
-        if self.dense_above is not None and mode == "sparse" and self._too_dense(layout, static, density):
-            self.dense_fallbacks[layer] = self.dense_fallbacks.get(layer, 0) + 1
-            self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
-            ones = _STATIC_DENSITY.get_or_build(("ones", H, str(query.device)),
-                                                lambda: (None, torch.ones(H, dtype=torch.float64, device=query.device)))
-            self._density_raw.setdefault(layer, []).append(ones[1])  # the layer ran every block
-            return self._dense_call(module, query, key, value, attention_mask, kwargs, None, "prefill_dense")
+        if act == MEASURE:
+            auto.measure_entry(density)  # type: ignore[union-attr]
+        if isinstance(self.dense_above, float) and mode == "sparse" and self._too_dense(layout, static, density):
+            return self._fallback(module, layer, query, key, value, attention_mask, kwargs, t0)
         used = self._route(mode, query, key, value, layout, pv, win) if self.quant is None else \
             self._quant_route(layer, query, key, value, layout)
         if self.quant is not None:
@@ -311,6 +319,19 @@ class PatchHandle(AccountingMixin, RoutesMixin, PackedMixin, GraphPathMixin):
         if self.keep_layouts:
             self.layouts[layer] = layout
         return (out if out.is_contiguous() else out.contiguous()), None
+
+    def _fallback(self, module: torch.nn.Module, layer: int, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict[str, Any],
+                  t0: float) -> tuple[torch.Tensor, Any]:
+        """A sparse layer's call run by the model's dense attention (``dense_above``), accounted as every block."""
+        self.dense_fallbacks[layer] = self.dense_fallbacks.get(layer, 0) + 1
+        H = query.shape[1]
+        ones = _STATIC_DENSITY.get_or_build(("ones", H, str(query.device)),
+                                            lambda: (None, torch.ones(H, dtype=torch.float64, device=query.device)))
+        self._density_raw.setdefault(layer, []).append(ones[1])  # the layer ran every block
+        res = self._dense_call(module, query, key, value, attention_mask, kwargs, None, "prefill_dense")
+        self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
+        return res
 
     def _forward_traced(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         kwargs: dict[str, Any], mode: str, win: int | None) -> tuple[torch.Tensor, None]:

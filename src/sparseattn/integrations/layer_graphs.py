@@ -197,6 +197,7 @@ class FastLane:
     accum: DensityAccumulator | None  # the graph's device-side density sum (predicted layouts)
     quant: bool
     backend: str  # what ran it, for ``PatchHandle.backends_used``
+    auto: Any = None  # dense_above="auto": the layer's AutoDense state (a call it does not pass leaves the lane)
 
 
 def _clone(x: Any) -> Any:

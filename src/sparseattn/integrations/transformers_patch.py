@@ -188,7 +188,7 @@ def patch_model(
     per_head: Mapping[Any, Any] | None = None,
     backend: str = "auto",
     keep_layouts: bool = False,
-    dense_above: float | None = None,
+    dense_above: float | str | None = None,
     tuned: str | os.PathLike | Any = None,
     layer_graphs: bool | None = None,
     quant: str | None = None,
@@ -222,7 +222,12 @@ def patch_model(
             crossover where the block-sparse kernel stops paying: measure it with ``sparseattn
             bench`` / ``bench-model``, see BENCHMARKS.md). Costs one host read per predicted layer and
             call (static patterns: once), so it cannot be used inside a CUDA graph capture. ``None``
-            (default) never falls back. ``handle.dense_fallbacks`` and the report count the fallbacks.
+            (default) never falls back. ``"auto"``: the crossover measured for the layer's shape on this GPU
+            (``sparseattn/ops/tuned/crossover.json``, ``benchmarks/bench_crossover.py``), decided without a
+            host sync from each layer's measured density, one call late, re-measured every 16 calls; works
+            with layer graphs (:mod:`sparseattn.integrations.auto_dense`). Where no crossover was measured
+            (another GPU, dtype or head_dim; the CPU) the layers stay sparse and a warning says why.
+            ``handle.dense_fallbacks`` and the report count the fallbacks (``auto_dense`` per layer).
         tuned: a per-head tuned file written by ``sparseattn tune`` (path) or a
             :class:`~sparseattn.tuning.types.TunedConfig`: checked against the model (fingerprint and
             layer indices) and used as the default predictor (a
@@ -335,12 +340,16 @@ def patch_model(
     orig = model.config._attn_implementation
     name = ATTN_NAME_EAGER if orig == "eager" else ATTN_NAME
     dense_fn = _dense_function(model, orig, layers)
-    if dense_above is not None and (isinstance(dense_above, bool) or not isinstance(dense_above, (int, float))
-                                    or not 0.0 < float(dense_above) <= 1.0):
-        raise fail(fn, "dense_above", "must be a density in (0, 1] or None", "e.g. 0.8", repr(dense_above))
+    if dense_above is not None and dense_above != "auto" and (
+            isinstance(dense_above, bool) or not isinstance(dense_above, (int, float))
+            or not 0.0 < float(dense_above) <= 1.0):
+        raise fail(fn, "dense_above", "must be a density in (0, 1], 'auto' or None", "e.g. 0.8 or 'auto'",
+                   repr(dense_above))
     _check_quant(model, layers, predictors, modes, quant, quant_granularity, backend, dense_above)
     handle = PatchHandle(model, layers, predictors, heads, modes, backend, orig, name, dense_fn, keep_layouts)
-    handle.dense_above = None if dense_above is None else float(dense_above)
+    handle.dense_above = dense_above if dense_above in (None, "auto") else float(dense_above)  # type: ignore[arg-type]
+    if dense_above == "auto":
+        handle._auto = {}
     handle.quant = quant
     handle.quant_granularity = quant_granularity if quant is not None else None
     handle.tuned = tuned_label
