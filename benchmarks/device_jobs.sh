@@ -109,7 +109,7 @@ run_job() {
         --merge-into /tmp/m/crossover.json > "$d/log" 2>&1; tail -n 18 "$d/log"; cp /tmp/m/crossover.json "$d/merged.json" ;;
     auto_nomodel)  # issue 10 item 5: dense_above=auto on random-weight Gemma/SmolLM2 shapes, with and without
       export SPARSEATTN_CROSSOVER=/tmp/m/crossover.json
-      for arch in gemma3-270m smollm2-135m; do
+      for arch in ${AUTO_ARCHS:-gemma3-270m}; do
         L=8192,32768; [ $arch = smollm2-135m ] && L=8192
         for da in none auto; do
           A=""; [ $da = auto ] && A="--dense-above auto"
