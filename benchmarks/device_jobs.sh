@@ -108,7 +108,7 @@ run_job() {
         --lengths ${CROSS_LENGTHS:-2048 4096 8192 16384 32768} --budget-s ${CROSS_BUDGET:-170} --out "$d" \
         --merge-into /tmp/m/crossover.json > "$d/log" 2>&1; tail -n 18 "$d/log"; cp /tmp/m/crossover.json "$d/merged.json" ;;
     auto_nomodel)  # issue 10 item 5: dense_above=auto on random-weight Gemma/SmolLM2 shapes, with and without
-      export SPARSEATTN_CROSSOVER=/tmp/m/crossover.json
+      [ -n "${CROSS_FILE:-}" ] && export SPARSEATTN_CROSSOVER=$CROSS_FILE
       for arch in ${AUTO_ARCHS:-gemma3-270m}; do
         L=8192,32768; [ $arch = smollm2-135m ] && L=8192
         for da in none auto; do
@@ -119,7 +119,7 @@ run_job() {
         done
       done ;;
     smol_auto)  # issue 10 item 5: real SmolLM2, a dense-ish predictor and the default, with dense_above=auto
-      export SPARSEATTN_CROSSOVER=/tmp/m/crossover.json
+      [ -n "${CROSS_FILE:-}" ] && export SPARSEATTN_CROSSOVER=$CROSS_FILE
       for md in eager graphs; do
         timeout ${SMOLAUTO_S:-110} python3 benchmarks/bench_model.py --model $SMOL --lengths 8192,4096 --text-dir $ESSAYS \
           --repeats 11 --mode $md --predictors "$DEFAULT_PRED;mean_sim:score=mixed,cdf_threshold=0.995,keep_local=8" \
