@@ -110,7 +110,7 @@ run_job() {
     auto_nomodel)  # issue 10 item 5: dense_above=auto on random-weight Gemma/SmolLM2 shapes, with and without
       [ -n "${CROSS_FILE:-}" ] && export SPARSEATTN_CROSSOVER=$CROSS_FILE
       for arch in ${AUTO_ARCHS:-gemma3-270m}; do
-        L=8192,32768; [ $arch = smollm2-135m ] && L=8192
+        L=${AUTO_LENGTHS:-8192,32768}; [ $arch = smollm2-135m ] && L=8192
         for da in none auto; do
           A=""; [ $da = auto ] && A="--dense-above auto"
           timeout ${AUTO_S:-70} python3 benchmarks/bench_model.py --arch $arch --lengths $L --random-ids --repeats 7 \
