@@ -11,8 +11,10 @@ Per (layer, call shape) an :class:`AutoDense` state keeps a verdict, ``"sparse"`
   measurement, from its device-side sum) is copied to pinned host memory with ``non_blocking=True`` behind a
   CUDA event. A later call reads it once the event has completed (``Event.query()``, no wait) and sets the
   verdict: ``dense`` when the density is above the crossover.
-* a ``dense`` verdict skips the predictor and the kernel: the call runs the model's own attention (SDPA), is
-  counted in ``handle.dense_fallbacks`` and accounted as density 1.0. It is re-measured every
+* a ``dense`` verdict skips the predictor and the kernel: the call runs the fastest dense attention, PyTorch's
+  ``scaled_dot_product_attention(is_causal=True, enable_gqa=...)`` (what ``bench_crossover.py`` measures as
+  dense; the model's own ``sdpa`` path adds ``repeat_kv`` copies), replayed from a layer graph like the sparse
+  calls (``PatchHandle._sdpa_fallback``); it is counted in ``handle.dense_fallbacks`` and accounted as density 1.0. It is re-measured every
   :data:`AUTO_RECHECK` calls (one sparse call), so a layer whose inputs become sparser returns to the kernel.
 * so the verdict lags its measurement by at least one call of the layer and shape; the first call of a shape
   always runs sparse.

@@ -260,7 +260,7 @@ class PatchHandle(AccountingMixin, RoutesMixin, PackedMixin, GraphPathMixin, Aut
             auto = self._auto_state(layer, query, key)
             act = auto.action(_compiling() or (query.is_cuda and torch.cuda.is_current_stream_capturing()))
             if act == DENSE:
-                return self._fallback(module, layer, query, key, value, attention_mask, kwargs, time.perf_counter())
+                return self._sdpa_fallback(layer, query, key, value, kwargs, time.perf_counter())
         if _compiling():
             return self._forward_traced(layer, query, key, value, kwargs, mode, win)
         t0 = time.perf_counter()
@@ -332,6 +332,39 @@ class PatchHandle(AccountingMixin, RoutesMixin, PackedMixin, GraphPathMixin, Aut
         res = self._dense_call(module, query, key, value, attention_mask, kwargs, None, "prefill_dense")
         self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
         return res
+
+    def _sdpa_fallback(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       kwargs: dict[str, Any], t0: float) -> tuple[torch.Tensor, None]:
+        """``dense_above="auto"``'s dense call: the fastest dense attention, which the crossover is measured against.
+
+        ``F.scaled_dot_product_attention(is_causal=True, enable_gqa=...)`` on the call's q/k/v (no ``repeat_kv``
+        copies, PyTorch's backend choice: cuDNN / flash on a GPU), replayed from a layer graph where the layer's
+        sparse calls would be (an eager forward is host-bound: the model's own attention call costs more host
+        time than a replay), else run eagerly; exact dense attention either way, accounted as every block.
+        """
+        import torch.nn.functional as F
+
+        self.dense_fallbacks[layer] = self.dense_fallbacks.get(layer, 0) + 1
+        B, H, nq, D = query.shape
+        ones = _STATIC_DENSITY.get_or_build(("ones", H, str(query.device)),
+                                            lambda: (None, torch.ones(H, dtype=torch.float64, device=query.device)))
+        self._density_raw.setdefault(layer, []).append(ones[1])  # the layer ran every block
+        scale = kwargs.get("scaling")
+        gqa = H != key.shape[1]
+
+        def body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+            out.copy_(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa).transpose(1, 2))
+
+        if query.is_cuda and not _compiling() and self._graph_reason(layer, "dense", query) is None:
+            res = self._run_layer_graph((layer, "sdpa", scale, gqa), layer, query, key, value, body,
+                                        f"layer {layer} (dense fallback)", t0, ("prefill_dense",))
+            if res is not None:
+                return res[0], None
+        self.counts["prefill_dense"] += 1
+        out = torch.empty((B, nq, H, D), dtype=query.dtype, device=query.device)
+        body(query, key, value, out)
+        self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
+        return out, None
 
     def _forward_traced(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         kwargs: dict[str, Any], mode: str, win: int | None) -> tuple[torch.Tensor, None]:
