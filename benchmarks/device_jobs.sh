@@ -113,7 +113,8 @@ run_job() {
         L=${AUTO_LENGTHS:-8192,32768}; [ $arch = smollm2-135m ] && L=8192
         for da in none auto; do
           A=""; [ $da = auto ] && A="--dense-above auto"
-          timeout ${AUTO_S:-70} python3 benchmarks/bench_model.py --arch $arch --lengths $L --random-ids --repeats 7 \
+          timeout ${AUTO_S:-70} python3 benchmarks/bench_model.py --arch $arch --lengths $L --random-ids --repeats ${AUTO_REPEATS:-7} \
+            --mode ${AUTO_MODE:-eager} \
             --predictors "$DEFAULT_PRED" --no-profile --no-plot $A --out "$d/${arch}_$da" > "$d/${arch}_$da.log" 2>&1
           echo "--- $arch $da"; tail -n 4 "$d/${arch}_$da.log"
         done

@@ -124,6 +124,8 @@ def test_auto_on_cuda_with_layer_graphs(tmp_path, monkeypatch) -> None:
         outs = [model(ids).logits for _ in range(3)]
         assert h.dense_fallbacks == {0: 3, 1: 3} and h.layer_graph_status == {0: "graphed", 1: "graphed"}
         assert h.counts["prefill_dense"] == 6 and h._layer_graphs.replays >= 4
+        assert all(fl.dense for fl in h._layer_graphs.fast.values()) and len(h._layer_graphs.fast) == 2
+        assert h.sparsity_report()["layers"]["0"]["density"] == 1.0
     for out in outs:
         assert torch.equal(out, outs[0])  # replays of one graph: identical
         assert float((out - ref).abs().max() / ref.abs().max()) <= HALF_MODEL_REL

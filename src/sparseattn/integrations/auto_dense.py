@@ -87,13 +87,15 @@ class AutoDense:
             return DENSE
         return SPARSE
 
-    def plain(self) -> bool:
-        """Whether the next call is a plain sparse one (the fast lane's question; counts it when it is)."""
+    def fast(self, dense: bool) -> bool:
+        """Whether the next call takes the fast lane of a graphed sparse (``dense=False``) or fallback (``True``)
+        call: it does when the call is not a measuring one and the verdict matches; it is then counted here."""
         self.poll()
-        if self.verdict == "dense" or (self.calls % AUTO_RECHECK == 0 and self._event is None
-                                       and self.threshold is not None):
+        if (self.verdict == "dense") != dense or (self.calls % AUTO_RECHECK == 0 and self._event is None
+                                                  and self.threshold is not None):
             return False
         self.calls += 1
+        self.fallbacks += dense
         return True
 
     def _start(self, src: torch.Tensor, read: Any) -> None:

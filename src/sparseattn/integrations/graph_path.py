@@ -165,8 +165,9 @@ class GraphPathMixin:
                 kwargs.get("scaling"), kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux"))
 
     def _remember_fast(self, layer: int, mode: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       kwargs: dict[str, Any], auto: Any = None) -> None:
-        """Keep this graphed call as the layer's fast lane (see :class:`~.layer_graphs.FastLane`)."""
+                       kwargs: dict[str, Any], auto: Any = None, dense_entry: Any = None) -> None:
+        """Keep this graphed call as the layer's fast lane (see :class:`~.layer_graphs.FastLane`); ``dense_entry``
+        (the all-blocks density): the call was a ``dense_above="auto"`` fallback."""
         from sparseattn.integrations.layer_graphs import FastLane
 
         lg = self._layer_graphs
@@ -175,12 +176,12 @@ class GraphPathMixin:
         buf, entry = lg.last
         pred = self.predictors[layer] if mode == "sparse" else None
         static = mode == "window" or isinstance(pred, PatternPredictor)
-        density = None
+        density = dense_entry
         if static:
             density = self._density_raw[layer][-1]  # the fixed layout's entry, just recorded by _graphed
         lg.fast[layer] = FastLane(self._fast_check(query, key, value, kwargs), buf, entry, pred, density,
                                   getattr(entry.body, "accum", None), self.quant is not None,
-                                  self._quant_label or "triton", auto)
+                                  self._quant_label or "triton", auto, dense_entry is not None)
 
     def _fast_replay(self, lg: Any, fl: Any, module: torch.nn.Module, layer: int, query: torch.Tensor,
                      key: torch.Tensor, value: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, None] | None:
@@ -196,11 +197,16 @@ class GraphPathMixin:
                 or self.keep_layouts or self.layer_graph_off is not None
                 or (fl.pred is not None and self.predictors.get(layer) is not fl.pred)
                 or self._fast_check(query, key, value, kwargs) != fl.check or torch.cuda.is_current_stream_capturing()
-                or (fl.auto is not None and not fl.auto.plain())):
+                or (fl.auto is not None and not fl.auto.fast(fl.dense))):
             return None
         t0 = time.perf_counter()
         out, _ = lg.replay(fl.buf, fl.entry, query, key, value)
         self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
+        if fl.dense:  # a dense_above="auto" fallback: dense SDPA replayed, accounted as every block
+            self.counts["prefill_dense"] += 1
+            self.dense_fallbacks[layer] = self.dense_fallbacks.get(layer, 0) + 1
+            self._density_raw.setdefault(layer, []).append(fl.density)
+            return out, None
         self.counts["prefill_sparse"] += 1
         if fl.quant:
             self.counts["prefill_quant"] += 1

@@ -260,7 +260,8 @@ class PatchHandle(AccountingMixin, RoutesMixin, PackedMixin, GraphPathMixin, Aut
             auto = self._auto_state(layer, query, key)
             act = auto.action(_compiling() or (query.is_cuda and torch.cuda.is_current_stream_capturing()))
             if act == DENSE:
-                return self._sdpa_fallback(layer, query, key, value, kwargs, time.perf_counter())
+                return self._sdpa_fallback(layer, query, key, value, kwargs, time.perf_counter(),
+                                           auto if attention_mask is None else None)
         if _compiling():
             return self._forward_traced(layer, query, key, value, kwargs, mode, win)
         t0 = time.perf_counter()
@@ -334,13 +335,14 @@ class PatchHandle(AccountingMixin, RoutesMixin, PackedMixin, GraphPathMixin, Aut
         return res
 
     def _sdpa_fallback(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       kwargs: dict[str, Any], t0: float) -> tuple[torch.Tensor, None]:
+                       kwargs: dict[str, Any], t0: float, lane: Any = None) -> tuple[torch.Tensor, None]:
         """``dense_above="auto"``'s dense call: the fastest dense attention, which the crossover is measured against.
 
         ``F.scaled_dot_product_attention(is_causal=True, enable_gqa=...)`` on the call's q/k/v (no ``repeat_kv``
         copies, PyTorch's backend choice: cuDNN / flash on a GPU), replayed from a layer graph where the layer's
         sparse calls would be (an eager forward is host-bound: the model's own attention call costs more host
         time than a replay), else run eagerly; exact dense attention either way, accounted as every block.
+        ``lane``: the layer's auto state when the call had no mask: a graphed fallback becomes the layer's fast lane.
         """
         import torch.nn.functional as F
 
@@ -359,6 +361,8 @@ class PatchHandle(AccountingMixin, RoutesMixin, PackedMixin, GraphPathMixin, Aut
             res = self._run_layer_graph((layer, "sdpa", scale, gqa), layer, query, key, value, body,
                                         f"layer {layer} (dense fallback)", t0, ("prefill_dense",))
             if res is not None:
+                if lane is not None:
+                    self._remember_fast(layer, "dense", query, key, value, kwargs, lane, ones[1])
                 return res[0], None
         self.counts["prefill_dense"] += 1
         out = torch.empty((B, nq, H, D), dtype=query.dtype, device=query.device)

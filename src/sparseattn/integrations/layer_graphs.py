@@ -198,6 +198,7 @@ class FastLane:
     quant: bool
     backend: str  # what ran it, for ``PatchHandle.backends_used``
     auto: Any = None  # dense_above="auto": the layer's AutoDense state (a call it does not pass leaves the lane)
+    dense: bool = False  # the lane of a dense_above="auto" fallback (SDPA graph), not of a sparse call
 
 
 def _clone(x: Any) -> Any:
