@@ -1,5 +1,5 @@
-"""``patch_model(dense_above="auto")``: a sparse layer runs the model's dense attention where its measured
-density is above the measured crossover, without a host sync.
+"""``patch_model(dense_above="auto")``: a sparse layer runs dense SDPA where its measured density is above the
+crossover measured for its shape, without a host sync.
 
 The crossover is the density at which ``predictor + kernel`` takes as long as the fastest dense attention for
 the layer's shape on this GPU (:mod:`sparseattn.ops.crossover`, measured by ``benchmarks/bench_crossover.py``).
@@ -14,8 +14,8 @@ Per (layer, call shape) an :class:`AutoDense` state keeps a verdict, ``"sparse"`
 * a ``dense`` verdict skips the predictor and the kernel: the call runs the fastest dense attention, PyTorch's
   ``scaled_dot_product_attention(is_causal=True, enable_gqa=...)`` (what ``bench_crossover.py`` measures as
   dense; the model's own ``sdpa`` path adds ``repeat_kv`` copies), replayed from a layer graph like the sparse
-  calls (``PatchHandle._sdpa_fallback``); it is counted in ``handle.dense_fallbacks`` and accounted as density 1.0. It is re-measured every
-  :data:`AUTO_RECHECK` calls (one sparse call), so a layer whose inputs become sparser returns to the kernel.
+  calls (``PatchHandle._sdpa_fallback``); it is counted in ``handle.dense_fallbacks`` and accounted as density
+  1.0. It is re-measured every :data:`AUTO_RECHECK` calls (one sparse call), so a layer whose inputs become sparser returns to the kernel.
 * so the verdict lags its measurement by at least one call of the layer and shape; the first call of a shape
   always runs sparse.
 
@@ -46,7 +46,7 @@ class AutoDense:
     """The fallback verdict of one (layer, call shape) and its pending density measurement."""
 
     __slots__ = ("threshold", "source", "verdict", "calls", "density", "fallbacks", "_event", "_host", "_read",
-                 "_snap", "_base")
+                 "_snap")
 
     def __init__(self, threshold: float | None, source: str) -> None:
         self.threshold = threshold
@@ -55,11 +55,10 @@ class AutoDense:
         self.calls = 0
         self.density: float | None = None  # the last measured density
         self.fallbacks = 0
-        self._event: Any = None  # a measurement in flight: its CUDA event (None on the CPU: read at once)
+        self._event: Any = None  # a measurement in flight: its CUDA event (True on the CPU: already done)
         self._host: torch.Tensor | None = None
         self._read: Any = None  # how the finished host copy becomes a density
         self._snap: tuple[int, int] | None = None  # graphed: (summed block count, calls) of the last snapshot
-        self._base: tuple[int, int] | None = None
 
     def poll(self) -> None:
         """Read a finished measurement (no wait) and update the verdict."""

@@ -321,15 +321,20 @@ class PatchHandle(AccountingMixin, RoutesMixin, PackedMixin, GraphPathMixin, Aut
             self.layouts[layer] = layout
         return (out if out.is_contiguous() else out.contiguous()), None
 
+    def _account_all_blocks(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+        """Count a dense fallback of ``layer`` and record its density as every block; returns that ``[H]`` entry."""
+        self.dense_fallbacks[layer] = self.dense_fallbacks.get(layer, 0) + 1
+        H = query.shape[1]
+        ones = _STATIC_DENSITY.get_or_build(("ones", H, str(query.device)),
+                                            lambda: (None, torch.ones(H, dtype=torch.float64, device=query.device)))[1]
+        self._density_raw.setdefault(layer, []).append(ones)  # the layer ran every block
+        return ones
+
     def _fallback(self, module: torch.nn.Module, layer: int, query: torch.Tensor, key: torch.Tensor,
                   value: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict[str, Any],
                   t0: float) -> tuple[torch.Tensor, Any]:
         """A sparse layer's call run by the model's dense attention (``dense_above``), accounted as every block."""
-        self.dense_fallbacks[layer] = self.dense_fallbacks.get(layer, 0) + 1
-        H = query.shape[1]
-        ones = _STATIC_DENSITY.get_or_build(("ones", H, str(query.device)),
-                                            lambda: (None, torch.ones(H, dtype=torch.float64, device=query.device)))
-        self._density_raw.setdefault(layer, []).append(ones[1])  # the layer ran every block
+        self._account_all_blocks(layer, query)
         res = self._dense_call(module, query, key, value, attention_mask, kwargs, None, "prefill_dense")
         self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
         return res
@@ -346,11 +351,8 @@ class PatchHandle(AccountingMixin, RoutesMixin, PackedMixin, GraphPathMixin, Aut
         """
         import torch.nn.functional as F
 
-        self.dense_fallbacks[layer] = self.dense_fallbacks.get(layer, 0) + 1
+        ones = self._account_all_blocks(layer, query)
         B, H, nq, D = query.shape
-        ones = _STATIC_DENSITY.get_or_build(("ones", H, str(query.device)),
-                                            lambda: (None, torch.ones(H, dtype=torch.float64, device=query.device)))
-        self._density_raw.setdefault(layer, []).append(ones[1])  # the layer ran every block
         scale = kwargs.get("scaling")
         gqa = H != key.shape[1]
 
@@ -362,7 +364,7 @@ class PatchHandle(AccountingMixin, RoutesMixin, PackedMixin, GraphPathMixin, Aut
                                         f"layer {layer} (dense fallback)", t0, ("prefill_dense",))
             if res is not None:
                 if lane is not None:
-                    self._remember_fast(layer, "dense", query, key, value, kwargs, lane, ones[1])
+                    self._remember_fast(layer, "dense", query, key, value, kwargs, lane, ones)
                 return res[0], None
         self.counts["prefill_dense"] += 1
         out = torch.empty((B, nq, H, D), dtype=query.dtype, device=query.device)
