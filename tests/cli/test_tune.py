@@ -98,6 +98,8 @@ def test_eval_and_bench_model_accept_tuned(tiny, tuned, tmp_path, capsys):
     (["bench-model", "--tuned", "x.safetensors", "--patterns", "sink_window"], "mutually exclusive"),
     (["eval", "--tuned", "/no/such/t.safetensors"], "does not exist"),
     (["bench-model", "--tuned", "/no/such/t.safetensors"], "does not exist"),
+    (["bench-model", "--dense-above", "2"], "must be 'auto' or a density"),
+    (["bench-model", "--dense-above", "always"], "must be 'auto' or a density"),
 ])
 def test_user_errors_one_line_exit_2(argv, needle, tmp_path, capsys):
     rc = main([*argv, "--out", str(tmp_path / "o")])
@@ -105,6 +107,12 @@ def test_user_errors_one_line_exit_2(argv, needle, tmp_path, capsys):
     assert rc == 2
     assert len(err.splitlines()) == 1 and err.startswith(f"sparseattn {argv[0]}: error:"), err
     assert needle in err
+
+
+def test_dense_above_argument_accepts_auto_and_densities():
+    from sparseattn.cli._args import dense_above
+
+    assert dense_above("auto") == "auto" and dense_above("0.8") == 0.8
 
 
 def test_tune_user_errors_after_loading(tiny, tmp_path, capsys):

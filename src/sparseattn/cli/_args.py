@@ -102,7 +102,10 @@ def dense_above(text: str) -> str | float:
     """``--dense-above``: ``auto`` (the measured crossover) or a density in (0, 1]."""
     if text == "auto":
         return "auto"
-    return density(text)
+    try:
+        return density(text)
+    except argparse.ArgumentTypeError:
+        raise _err("must be 'auto' or a density", "auto or a float in (0, 1]", text) from None
 
 
 def _parse_list(text: str, expected: str, convert: Callable[[str], Any], kind: str,
