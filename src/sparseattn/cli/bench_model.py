@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense-layers", type=_layers, default=[], help="comma-separated layers kept dense")
     p.add_argument("--dense-above", type=dense_above, default=None, metavar="auto|DENSITY",
                    help="sparse rows (not the all-blocks floor): a layer whose density is above this (or, 'auto', "
-                        "above the crossover measured for its shape on this GPU) runs the model's dense attention")
+                        "above the crossover measured for its shape on this GPU: dense SDPA, no host sync) runs dense attention")
     p.add_argument("--backend", default="auto", choices=["auto", "masked_sdpa", "attention", "reference", "triton"])
     p.add_argument("--mode", default="eager", choices=["eager", "graphs", "compile"],
                    help="eager (default); graphs (each side's whole prefill captured in a CUDA graph and replayed; "

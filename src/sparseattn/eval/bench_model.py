@@ -528,13 +528,13 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
                 rec["density"] = _mean_sparse_density(rep)
                 rec["backends"] = sorted({b for e in rep["layers"].values() for b in e.get("backends", ())})
                 rec["layer_calls"] = dict(h.counts)
-                if "dense_above" in kw:  # the layers the fallback sent to the model's SDPA in the logits forward
+                if "dense_above" in kw:  # the layers the fallback ran dense in the logits forward
                     rec["dense_above"] = kw["dense_above"]
                     rec["dense_fallback_layers"] = sorted(int(i) for i, e in rep["layers"].items()
                                                           if e.get("dense_fallbacks"))
                     rec["auto_dense"] = {i: e["auto_dense"] for i, e in rep["layers"].items() if e.get("auto_dense")}
                     result["notes"].append(f"{row.label} at {n} tokens: dense_above={kw['dense_above']!r}: layers "
-                                           f"{rec['dense_fallback_layers'] or 'none'} ran the model's own attention")
+                                           f"{rec['dense_fallback_layers'] or 'none'} ran dense attention (the fallback)")
                 if row.quant is not None and h.counts["prefill_quant"] == 0 and h.counts["prefill_sparse"]:
                     raise RuntimeError(f"bench_model: row {row.label!r} ran no quantized call")  # never silently bf16
                 modes = [e["mode"] for e in rep["layers"].values()]
