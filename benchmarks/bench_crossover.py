@@ -25,10 +25,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -41,35 +39,16 @@ DENSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 def graph_ms(fn: Callable[[], Any], reps: int) -> tuple[float, str]:
     """GPU milliseconds per call of ``fn``: a CUDA graph of ``reps`` calls, replayed (eager if capture fails)."""
+    from sparseattn.eval.bench_model import _capture_graph
     from sparseattn.testing.timing import bench_ms
 
-    fn()
-    torch.cuda.synchronize()
     try:
-        g = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()  # warm on the capture stream
-            torch.cuda.synchronize()
-            with torch.cuda.graph(g, stream=s):
-                for _ in range(reps):
-                    fn()
-        torch.cuda.current_stream().wait_stream(s)
-        torch.cuda.synchronize()
-        return bench_ms(g.replay) / reps, "graph"
+        replay = _capture_graph(lambda: [fn() for _ in range(reps)])
+        return bench_ms(replay) / reps, "graph"
     except Exception as exc:  # noqa: BLE001 - report and time eagerly
         print(f"  capture failed ({type(exc).__name__}: {str(exc)[:120]}); timing eagerly", flush=True)
         torch.cuda.synchronize()
         return bench_ms(fn), "eager"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - no git on the device copy
-        return os.environ.get("SPARSEATTN_COMMIT", "unknown")
 
 
 def measure(H: int, Hkv: int, D: int, N: int, *, dtype: torch.dtype, predictor: str, reps: int,
@@ -144,15 +123,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(rec)
             print(f"  dense {rec['dense_ms']:.4f} ms, predictor {rec['predictor_ms']:.4f} ms, kernel@1.0 "
                   f"{rec['kernel_ms'][-1]:.4f} ms -> crossover {rec['crossover']}", flush=True)
-    meta = {"date": _dt.date.today().isoformat(), "gpu": dev, "torch": torch.__version__, "commit": git_commit()}
-    try:
-        import triton
+    from sparseattn.eval.env import environment
 
-        meta["triton"] = triton.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    note = (f"benchmarks/bench_crossover.py, {meta['date']}, {dev}, torch {meta['torch']}, triton "
-            f"{meta.get('triton')}, commit {meta['commit']}: CUDA-graph GPU time per call, median")
+    meta = environment()
+    note = (f"benchmarks/bench_crossover.py, {meta['date_utc'][:10]}, {dev}, torch {meta['torch']}, triton "
+            f"{meta['triton']}, commit {meta['commit']}: CUDA-graph GPU time per call, median")
     for r in rows:
         r["note"] = note
     os.makedirs(args.out, exist_ok=True)

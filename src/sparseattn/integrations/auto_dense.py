@@ -72,12 +72,16 @@ class AutoDense:
         self.density = d
         self.verdict = "dense" if (self.threshold is not None and d > self.threshold) else "sparse"
 
+    def _due(self) -> bool:
+        """Whether the next call measures: every :data:`AUTO_RECHECK`-th, when none is in flight and a crossover exists."""
+        return self.calls % AUTO_RECHECK == 0 and self._event is None and self.threshold is not None
+
     def action(self, capturing: bool) -> int:
         """What this call does: :data:`SPARSE`, :data:`MEASURE` (sparse, and measure its density) or :data:`DENSE`."""
         if capturing:  # a caller's CUDA graph or torch.compile: the verdict known now, nothing measured
             return DENSE if self.verdict == "dense" else SPARSE
         self.poll()
-        due = self.calls % AUTO_RECHECK == 0 and self._event is None and self.threshold is not None
+        due = self._due()
         self.calls += 1
         if due:
             return MEASURE
@@ -90,8 +94,7 @@ class AutoDense:
         """Whether the next call takes the fast lane of a graphed sparse (``dense=False``) or fallback (``True``)
         call: it does when the call is not a measuring one and the verdict matches; it is then counted here."""
         self.poll()
-        if (self.verdict == "dense") != dense or (self.calls % AUTO_RECHECK == 0 and self._event is None
-                                                  and self.threshold is not None):
+        if (self.verdict == "dense") != dense or self._due():
             return False
         self.calls += 1
         self.fallbacks += dense

@@ -21,6 +21,7 @@ File format (JSON, version 1)::
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
@@ -159,10 +160,9 @@ def lookup_crossover(device_name: str, *, dtype: str, heads: int, kv_heads: int,
         n, c = rows[0] if seqlen <= rows[0][0] else rows[-1]
         exact = n == seqlen
         return c, f"{what}, N={n}" + ("" if exact else f" (nearest measured length to {seqlen})")
-    for (n0, c0), (n1, c1) in zip(rows, rows[1:]):
-        if n0 <= seqlen <= n1:
-            if n0 == seqlen:
-                return c0, f"{what}, N={n0}"
-            w = (math.log2(seqlen) - math.log2(n0)) / (math.log2(n1) - math.log2(n0))
-            return c0 + w * (c1 - c0), f"{what}, between N={n0} and N={n1}"
-    raise AssertionError("unreachable")  # pragma: no cover - the rows bracket seqlen here
+    i = bisect.bisect_right([n for n, _ in rows], seqlen)  # rows[i - 1][0] <= seqlen < rows[i][0]
+    (n0, c0), (n1, c1) = rows[i - 1], rows[i]
+    if n0 == seqlen:
+        return c0, f"{what}, N={n0}"
+    w = (math.log2(seqlen) - math.log2(n0)) / (math.log2(n1) - math.log2(n0))
+    return c0 + w * (c1 - c0), f"{what}, between N={n0} and N={n1}"
