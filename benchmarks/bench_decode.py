@@ -29,9 +29,10 @@ every sequence the full context (``seqlens`` given, all equal). A combination wh
   compiled once per shape outside the timing; the reason is recorded if it does not run, and shapes
   are skipped once ``--flex-budget-s`` of compile time is spent.
 * ``sparse10``: :func:`sparse_decode_attention` with ``top_pages=0.1`` (page size ``--page-size``),
-  *selection included* (bounds, top-k, sort, kernel); the summaries are built outside the timing (they
+  *selection included* (bounds, top pages, kernel); the summaries are built outside the timing (they
   are maintained incrementally by :func:`update_page_summaries` in a real decode loop).
-  ``select`` times the selection alone (the fused Triton scoring kernel + ``torch.topk``).
+  ``select`` times the selection alone (the Triton scoring kernel + the radix-select pick kernel).
+  ``--page-sizes 16,32,64`` times every page size (``sparse_by_page`` in the JSON, a second table).
 
 Bandwidth: the device's copy bandwidth is measured once (``y.copy_(x)`` on a 4 GiB buffer; bytes read +
 written / time). Each row reports ``kv_gbps`` = bytes of K/V the method must read / time and
@@ -264,6 +265,32 @@ def fp8_refusal(dev: str) -> str | None:
     return None
 
 
+
+def sparse_rows(q, k, v, sl, page_size: int, timer, smoke: bool, copy_gbps: float) -> dict[str, Any]:
+    """Sparse decode at 10% of the pages of ``page_size`` keys: the selection alone, the whole call (selection
+    included) eager and CUDA-graphed, the bytes it must read and their share of the copy bandwidth."""
+    B, Hkv, N, D = k.shape
+    r: dict[str, Any] = {"page_size": page_size}
+    summ = page_summaries(k, page_size, seqlens=sl)
+    r["select"] = timer(lambda: select_pages(q, summ, seqlens=sl, top_pages=0.1, backend="triton"))
+    call = lambda: sparse_decode_attention(q, k, v, summ, seqlens=sl, top_pages=0.1, backend="triton")  # noqa: E731
+    r["sparse10"] = timer(call)
+    if not smoke:
+        try:
+            r["sparse10_graph"] = timer(graphed(call))
+        except Exception as exc:  # noqa: BLE001
+            r["sparse10_graph"] = None
+            r["sparse10_graph_note"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    P = summ.kmin.shape[2]
+    n_sel = min(P, max(math.ceil(0.1 * P), 2))
+    r["sparse_pages_selected"] = n_sel
+    summ_bytes = 2 * summ.kmin.numel() * summ.kmin.element_size()
+    r["sparse_bytes"] = 2 * B * Hkv * n_sel * page_size * D * k.element_size() + summ_bytes
+    gbps = r["sparse_bytes"] / (r["sparse10"] * 1e-3) / 1e9
+    r["sparse10_gbps"] = gbps
+    r["sparse10_pct_copy_bw"] = 100.0 * gbps / copy_gbps
+    return r
+
 def quant_rows(q, k, v, sl, timer, row: dict[str, Any], *, dev: str, smoke: bool, sweep: bool,
                sweep_cfgs: list[dict[str, int]], copy_gbps: float) -> None:
     """``ours_int8`` / ``ours_fp8`` (+ parity at B=1, bytes, %bw, the ratio to ``ours``) into ``row``."""
@@ -286,7 +313,11 @@ def quant_rows(q, k, v, sl, timer, row: dict[str, Any], *, dev: str, smoke: bool
                 ns = row["num_splits"]
                 splits = [1, 2] if smoke else sorted({ns, max(1, ns // 2), min(128, ns * 2)})
                 cfgs = sweep_cfgs if smoke else sweep_cfgs + [{"BLOCK_N": 256, "num_warps": 4, "num_stages": 2},
-                                                              {"BLOCK_N": 256, "num_warps": 8, "num_stages": 2}]
+                                                              {"BLOCK_N": 256, "num_warps": 8, "num_stages": 2},
+                                                              {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+                                                              {"BLOCK_N": 128, "num_warps": 4, "num_stages": 4},
+                                                              {"BLOCK_N": 128, "num_warps": 8, "num_stages": 4},
+                                                              {"BLOCK_N": 64, "num_warps": 4, "num_stages": 5}]
                 for cfg in cfgs:
                     for sp in splits:
                         key = f"n{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}/splits{sp}"
@@ -324,7 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU under TRITON_INTERPRET=1")
     ap.add_argument("--contexts", default="32768,131072")
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--page-size", type=int, default=16, help="page size of the main sparse10 columns")
+    ap.add_argument("--page-sizes", default=None,
+                    help="comma-separated page sizes for the sparse rows (default: --page-size); the first one fills "
+                         "the main sparse10 columns, every one is in the JSON's sparse_by_page")
     ap.add_argument("--mem-limit-gib", type=float, default=64.0, help="skip what needs more device memory than this")
     ap.add_argument("--no-sweep", action="store_true", help="time only the default kernel config")
     ap.add_argument("--no-flex", action="store_true")
@@ -341,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     contexts = [96, 200] if smoke else [int(x) for x in args.contexts.split(",")]
     batches = [1, 2] if smoke else [int(x) for x in args.batches.split(",")]
     page_size = 8 if smoke else args.page_size
+    page_sizes = [page_size] if smoke or not args.page_sizes else [int(x) for x in args.page_sizes.split(",")]
+    page_size = page_sizes[0]
     mem_limit = int(args.mem_limit_gib * GIB)
     timer = _timer(smoke)
     out_dir = Path(args.out)
@@ -420,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
                     if timed:
                         best = min(timed, key=timed.get)  # type: ignore[arg-type]
                         row["ours_best"], row["ours_best_config"] = timed[best], best
+                if not smoke:  # no host sync anywhere: the call can be captured in a CUDA graph
+                    try:
+                        row["ours_graph"] = timer(graphed(lambda: decode_attention(q, k, v, seqlens=sl, backend="triton")))
+                    except Exception as exc:  # noqa: BLE001
+                        row["ours_graph"] = None
+                        row["ours_graph_note"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                 row.update(sdpa_rows(q, k, v, timer, mem_limit, smoke))
                 if smoke or args.no_flex:
                     row["flex"], row["flex_note"] = None, "cpu smoke: not compiled" if smoke else "--no-flex"
@@ -433,33 +475,23 @@ def main(argv: list[str] | None = None) -> int:
                     row["flex_compile_s"] = spent
                     if why:
                         row["flex_note"] = why
-                summ = page_summaries(k, page_size, seqlens=sl)
-                row["select"] = timer(lambda: select_pages(q, summ, seqlens=sl, top_pages=0.1, backend="triton"))
-                row["sparse10"] = timer(lambda: sparse_decode_attention(q, k, v, summ, seqlens=sl, top_pages=0.1,
-                                                                       backend="triton"))
-                if not smoke:  # no host sync anywhere: both calls can be captured in a CUDA graph
-                    for name, call in (("ours", lambda: decode_attention(q, k, v, seqlens=sl, backend="triton")),
-                                       ("sparse10", lambda: sparse_decode_attention(q, k, v, summ, seqlens=sl,
-                                                                                    top_pages=0.1, backend="triton"))):
-                        try:
-                            row[f"{name}_graph"] = timer(graphed(call))
-                        except Exception as exc:  # noqa: BLE001
-                            row[f"{name}_graph"] = None
-                            row[f"{name}_graph_note"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                P = summ.kmin.shape[2]
-                n_sel = min(P, max(math.ceil(0.1 * P), 2))
-                row["sparse_pages_selected"] = n_sel
-                summ_bytes = 2 * summ.kmin.numel() * summ.kmin.element_size()
-                row["sparse_bytes"] = 2 * B * Hkv * n_sel * page_size * D * 2 + summ_bytes
+                by_page: dict[str, Any] = {}
+                for ps in page_sizes:  # the first page size fills the main sparse10 columns
+                    pr = sparse_rows(q, k, v, sl, ps, timer, smoke, copy_gbps)
+                    by_page[str(ps)] = pr
+                    if ps == page_sizes[0]:
+                        row.update({kk: vv for kk, vv in pr.items() if kk != "page_size"})
+                    if isinstance(row.get("ours"), float) and isinstance(pr.get("sparse10"), float):
+                        pr["x_vs_ours"] = row["ours"] / pr["sparse10"]
+                        if isinstance(row.get("ours_graph"), float) and isinstance(pr.get("sparse10_graph"), float):
+                            pr["x_vs_ours_graph"] = row["ours_graph"] / pr["sparse10_graph"]
+                row["sparse_by_page"] = by_page
                 for name in ("ours", "ours_best", "sdpa_best", "flex"):
                     ms = row.get(name)
                     if isinstance(ms, float):
                         gbps = kv_bytes / (ms * 1e-3) / 1e9
                         row[f"{name}_kv_gbps"] = gbps
                         row[f"{name}_pct_copy_bw"] = 100.0 * gbps / copy_gbps
-                gbps = row["sparse_bytes"] / (row["sparse10"] * 1e-3) / 1e9
-                row["sparse10_gbps"] = gbps
-                row["sparse10_pct_copy_bw"] = 100.0 * gbps / copy_gbps
                 q = k = v = summ = None  # free the cache before the next shape
             except Exception as exc:  # noqa: BLE001 - record and keep going
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -507,6 +539,15 @@ def main(argv: list[str] | None = None) -> int:
                     if r.get(n + "_note")})
     for n in notes:
         print(f"- {n[:240]}")
+    print("\nSparse decode at 10% of the pages, selection included, by page size (x = ours / sparse, eager and "
+          "both graphed)\n")
+    print("| ctx | B | page | select | sparse10 | graphed | %bw | x eager | x graphed |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        for ps, pr in (r.get("sparse_by_page") or {}).items():
+            print(f"| {r['context']} | {r['batch']} | {ps} | {f(pr.get('select'))} | {f(pr.get('sparse10'))} "
+                  f"| {f(pr.get('sparse10_graph'))} | {f(pr.get('sparse10_pct_copy_bw'), 0)} | {f(pr.get('x_vs_ours'), 2)} "
+                  f"| {f(pr.get('x_vs_ours_graph'), 2)} |")
     print(f"\n{len(rows)} shapes, {bad} failed, {time.time() - t_start:.0f} s; JSON: {out_dir / 'decode.json'}")
     return 1 if bad else 0
 

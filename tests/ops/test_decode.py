@@ -337,8 +337,7 @@ def test_select_pages_matches_brute_force(backend, request):
                 assert n == want_n
                 sel = pidx[b, hk, :n].tolist()
                 assert len(set(sel)) == n and all(0 <= p < n_pages for p in sel)
-                if backend == "reference":
-                    assert sel == sorted(sel)
+                assert sel == sorted(sel)  # both paths list the selection ascending
                 assert {0, n_pages - 2, n_pages - 1} <= set(sel)
                 qg = q[b, hk * 2:(hk + 1) * 2].reshape(-1, D).double()
                 ub = torch.maximum(qg[:, None] * s.kmin[b, hk].double()[None], qg[:, None] * s.kmax[b, hk].double()[None])
@@ -395,6 +394,42 @@ def test_select_kernel_matches_torch_selection(dtype, Lq, G, top, request):
             cut = rest[n - len(forced) - 1]
             for p in a ^ r:  # in one selection only: a near-tie at the cut (bf16/fp16 rounding of the bounds)
                 assert abs(float(ub[b, h, p]) - cut) <= DECODE_PAGE_BOUND_TIE_REL * max(1.0, abs(cut)), (b, h, sorted(a), sorted(r))
+
+
+@needs_kernel
+@pytest.mark.parametrize("P,block", [(5, 16), (64, 64), (129, 64), (300, 64)])
+def test_page_pick_kernel_matches_stable_brute_force(P, block, request):
+    """The radix-select kernel takes the ``count`` highest scores, ties to the lower page, ascending, padding 0 --
+    with many exact ties, +-inf (forced / invalid pages), +-BIG (NaN / infinite bounds), -0.0 next to +0.0,
+    a count of 0 and of every page, in one block and in several chunks."""
+    from sparseattn.ops.triton import decode as kern
+
+    gen = _gen(request)
+    B, Hkv = 2, 3
+    big = torch.finfo(torch.float32).max
+    score = torch.randint(-4, 4, (B, Hkv, P), generator=gen).float()  # many exact ties
+    score[0, 0, :2] = math.inf
+    score[1, 2, P // 2:] = -math.inf
+    score[0, 1, P // 3] = big
+    score[1, 1, P // 4] = -big
+    score[1, 0] = torch.randn(P, generator=gen)
+    score[0, 2] = torch.where(torch.arange(P) % 3 == 0, 0.0, -0.0)
+    count = torch.randint(0, P + 1, (B, Hkv), generator=gen, dtype=torch.int32)
+    count[0, 0], count[0, 1] = 0, P
+    count[1, 2] = min(int(count[1, 2]), P - P // 2)  # never more than the valid pages
+    K = P
+    score, count = score.to(DEV), count.to(DEV)
+    idx = torch.full((B, Hkv, K), -7, dtype=torch.int32, device=DEV)
+    kern._page_pick_kernel[(B * Hkv,)](score, count, idx, score.stride(0), score.stride(1), score.stride(2),
+                                       count.stride(0), idx.stride(0), idx.stride(1), Hkv, P, K, BLOCK=block,
+                                       ONE_CHUNK=P <= block)
+    idx, score, count = idx.cpu(), score.cpu(), count.cpu()
+    for b in range(B):
+        for h in range(Hkv):
+            c = int(count[b, h])
+            want = sorted(sorted(range(P), key=lambda p: (-float(score[b, h, p]), p))[:c])
+            assert idx[b, h, :c].tolist() == want, (b, h, c)
+            assert idx[b, h, c:].tolist() == [0] * (K - c)
 
 
 # ---------------------------------------------------------------------------------------------- sparse decode

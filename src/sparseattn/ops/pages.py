@@ -7,9 +7,9 @@ Public functions (the dense and paged decode kernels they build on are :mod:`spa
   date as tokens are appended.
 * :func:`select_pages` — per KV head, Quest's upper bound of each page's best score,
   ``sum_d max(q_d * min_d, q_d * max_d)``, maximised over the group's query rows; the top pages plus the
-  first (sink) and last (local) pages. On the device, no host sync (``torch.topk``); the scoring runs as
-  one fused Triton kernel (:func:`sparseattn.ops.triton.decode._page_score_kernel`) where the decode
-  operator choice allows.
+  first (sink) and last (local) pages. On the device, no host sync; where the decode operator choice
+  allows, two Triton kernels: the scoring (:func:`sparseattn.ops.triton.decode._page_score_kernel`) and a
+  radix select of the top pages (:func:`sparseattn.ops.triton.decode._page_pick_kernel`, no sort).
 * :func:`sparse_decode_attention` — :func:`select_pages` then
   :func:`~sparseattn.ops.decode.paged_decode_attention`.
 
@@ -210,13 +210,14 @@ def select_pages(
 
     ``backend``: ``"auto"``/``"triton"`` compute the bounds, masks and counts in one Triton kernel
     (:func:`sparseattn.ops.triton.decode._page_score_kernel`, q's dtype, fp32 accumulation) followed by
-    ``torch.topk``, where :func:`decode_refusal` allows (``"auto"``: CUDA only); ``"reference"`` (and
+    a radix select of the top pages (:func:`sparseattn.ops.triton.decode._page_pick_kernel`; ties go to the
+    lower page), where :func:`decode_refusal` allows (``"auto"``: CUDA only); ``"reference"`` (and
     ``"auto"`` elsewhere) does the same in PyTorch ops (fp32, fp64 for fp64 inputs).
 
     Returns:
         ``(page_indices, page_counts)``: ``(B, H_kv, K)`` int32 page indices whose first
-        ``page_counts[b, h]`` entries are the selection (distinct; forced pages first, then by
-        decreasing bound on the Triton path, ascending on the reference path; the rest is padding), and
+        ``page_counts[b, h]`` entries are the selection (distinct, ascending on both paths; the rest is
+        padding: 0 on the Triton path), and
         ``(B, H_kv)`` int32. ``K`` is fixed by the shapes and ``top_pages`` alone (no host sync).
     """
     fn = "select_pages"
@@ -284,8 +285,13 @@ def _select_kernel(q: torch.Tensor, summaries: PageSummaries, seqlens: torch.Ten
             q.stride(0), q.stride(1), q.stride(2), score.stride(0), score.stride(1), score.stride(2), count.stride(0),
             H, G, Lq, P, P * ps, K, k_int if k_int is not None else 0, num, den, floor, keep_first, keep_last,
             **meta)
-    _, idx = torch.topk(score, K, dim=-1, sorted=True)  # forced (+inf) first, then by bound; padding last
-    return idx.to(torch.int32), count
+        idx = torch.empty((B, Hkv, K), dtype=torch.int32, device=q.device)
+        block = min(max(16, 1 << (P - 1).bit_length()), 64 if interpret_mode() else 4096)
+        kern._page_pick_kernel[(B * Hkv,)](
+            score, count, idx, score.stride(0), score.stride(1), score.stride(2), count.stride(0),
+            idx.stride(0), idx.stride(1), Hkv, P, K, BLOCK=block, ONE_CHUNK=P <= block,
+            num_warps=8 if block >= 2048 else 4, num_stages=1)
+    return idx, count
 
 
 def _select(q: torch.Tensor, summaries: PageSummaries, seqlens: torch.Tensor | None, k_int: int | None,

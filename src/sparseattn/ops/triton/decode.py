@@ -446,3 +446,80 @@ def _page_score_kernel(
         want = tl.maximum(want, FLOOR)
         cnt = tl.minimum(tl.minimum(want, n_valid), K_SEL)
         tl.store(Count + off_b.to(tl.int64) * stride_cb + off_hk, cnt)
+
+
+@triton.jit
+def _order_key(x):
+    """fp32 ``x`` (no NaN) as an int64 in ``[0, 2**32)`` with the same order (``-inf`` lowest, ``+inf`` highest;
+    ``-0.0`` equal to ``+0.0``)."""
+    bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)  # -0.0 ties with +0.0
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
+
+
+@triton.jit(do_not_specialize=["H_KV", "P", "K_SEL"])
+def _page_pick_kernel(
+    Score, Count, Idx,
+    stride_sb, stride_sh, stride_sp,
+    stride_cb,
+    stride_ib, stride_ih,
+    H_KV, P, K_SEL,
+    BLOCK: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+):
+    """The ``Count[b, hkv]`` highest of ``Score[b, hkv, :P]`` (as :func:`_page_score_kernel` writes them: no
+    NaN), their page indices **ascending** in ``Idx[b, hkv, :Count]``; ``Idx[b, hkv, Count:K_SEL]`` = 0.
+
+    One program per (batch, KV head). Radix select on the scores' order-preserving 32-bit keys: the
+    threshold ``T`` is the largest key with ``#(key >= T) >= Count``, found bit by bit from the top
+    (32 counting passes over the row; one load when the row fits one ``BLOCK``). Every key above ``T``
+    is taken, then keys equal to ``T`` by increasing page index until ``Count`` (ties go to the lower
+    page). A cumulative sum of the taken mask gives each page its slot, so the indices come out sorted
+    and no sort runs. Replaces ``torch.topk`` (a sort) on the selection's hot path.
+    """
+    pid = tl.program_id(0)
+    off_b = pid // H_KV
+    off_hk = pid % H_KV
+    s_row = Score + off_b.to(tl.int64) * stride_sb + off_hk.to(tl.int64) * stride_sh
+    i_row = Idx + off_b.to(tl.int64) * stride_ib + off_hk.to(tl.int64) * stride_ih
+    c = tl.load(Count + off_b.to(tl.int64) * stride_cb + off_hk).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+
+    thr = tl.zeros([], dtype=tl.int64)
+    if ONE_CHUNK:
+        key = tl.where(offs < P, _order_key(tl.load(s_row + offs * stride_sp, mask=offs < P, other=0.0)), -1)
+        for i in tl.static_range(32):
+            cand = thr | (1 << (31 - i))
+            n = tl.sum((key >= cand).to(tl.int64), 0)
+            thr = tl.where(n >= c, cand, thr)
+    else:
+        for i in tl.static_range(32):
+            cand = thr | (1 << (31 - i))
+            n = tl.zeros([], dtype=tl.int64)
+            for p0 in range(0, P, BLOCK):
+                pp = p0 + offs
+                key = tl.where(pp < P, _order_key(tl.load(s_row + pp * stride_sp, mask=pp < P, other=0.0)), -1)
+                n += tl.sum((key >= cand).to(tl.int64), 0)
+            thr = tl.where(n >= c, cand, thr)
+
+    # keys above the threshold, then ties in page order
+    above = tl.zeros([], dtype=tl.int64)
+    for p0 in range(0, P, BLOCK):
+        pp = p0 + offs
+        key = tl.where(pp < P, _order_key(tl.load(s_row + pp * stride_sp, mask=pp < P, other=0.0)), -1)
+        above += tl.sum((key > thr).to(tl.int64), 0)
+    ties = c - above
+    slot0 = tl.zeros([], dtype=tl.int64)
+    tie0 = tl.zeros([], dtype=tl.int64)
+    for p0 in range(0, P, BLOCK):
+        pp = p0 + offs
+        key = tl.where(pp < P, _order_key(tl.load(s_row + pp * stride_sp, mask=pp < P, other=0.0)), -1)
+        eq = key == thr
+        tie_rank = tl.cumsum(eq.to(tl.int64), 0) + tie0  # 1-based among the ties so far
+        take = (key > thr) | (eq & (tie_rank <= ties))
+        slot = tl.cumsum(take.to(tl.int64), 0) - 1 + slot0
+        tl.store(i_row + slot, pp, mask=take & (slot < c))
+        slot0 += tl.sum(take.to(tl.int64), 0)
+        tie0 += tl.sum(eq.to(tl.int64), 0)
+    for k0 in range(0, K_SEL, BLOCK):
+        kk = k0 + offs
+        tl.store(i_row + kk, kk * 0, mask=(kk >= c) & (kk < K_SEL))
