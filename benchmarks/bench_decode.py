@@ -242,10 +242,11 @@ def quantize_chunked(x: torch.Tensor, mode: str, chunk: int = 8192) -> tuple[tor
     return data, scales  # type: ignore[return-value]
 
 
-def quant_parity(q, kq, vq, ks, vs, sl) -> dict[str, Any]:
+def quant_parity(q, kq, vq, ks, vs, sl, config: dict[str, Any] | None = None) -> dict[str, Any]:
     rec: dict[str, Any] = {"ok": True}
     try:
-        st = decode_attention(q, kq, vq, seqlens=sl, k_scale=ks, v_scale=vs, return_lse=True, backend="triton")
+        st = decode_attention(q, kq, vq, seqlens=sl, k_scale=ks, v_scale=vs, return_lse=True, backend="triton",
+                              config=config)
         hi = decode_reference(q.float(), kq, vq, seqlens=sl, k_scale=ks, v_scale=vs)
         lo = decode_reference(q, kq, vq, seqlens=sl, k_scale=ks, v_scale=vs, upcast=False)
         check_ratio(st.out, hi.out, lo.out, "out")
@@ -318,9 +319,16 @@ def quant_rows(q, k, v, sl, timer, row: dict[str, Any], *, dev: str, smoke: bool
                                                               {"BLOCK_N": 128, "num_warps": 4, "num_stages": 4},
                                                               {"BLOCK_N": 128, "num_warps": 8, "num_stages": 4},
                                                               {"BLOCK_N": 64, "num_warps": 4, "num_stages": 5}]
+                # the exact fp16 variants (int8 -> fp16 by byte moves on the GPU): docs/DECODE.md "Variants"
+                var_cfgs = sweep_cfgs[:1] if smoke else [{"BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+                                                         {"BLOCK_N": 128, "num_warps": 4, "num_stages": 4}]
+                cfgs = cfgs + [dict(c, QK=qk, PV=pv) for c in var_cfgs
+                               for qk, pv in (("fp16", "fp16"), ("fp16", "dequant"), ("dequant", "fp16"))]
                 for cfg in cfgs:
                     for sp in splits:
                         key = f"n{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}/splits{sp}"
+                        if "QK" in cfg:
+                            key = f"qk={cfg['QK']},pv={cfg['PV']} " + key
                         try:
                             res[key] = timer(lambda cfg=cfg, sp=sp: decode_attention(
                                 q, kq, vq, seqlens=sl, k_scale=ks, v_scale=vs, num_splits=sp, config=cfg,
@@ -332,6 +340,12 @@ def quant_rows(q, k, v, sl, timer, row: dict[str, Any], *, dev: str, smoke: bool
                 if timed:
                     best = min(timed, key=timed.get)  # type: ignore[arg-type]
                     row[f"{name}_best"], row[f"{name}_best_config"] = timed[best], best
+                    # the winner's parity on sequence 0 (the whole context), every batch size
+                    bcfg = next(c for c in cfgs if best.endswith(f"n{c['BLOCK_N']}w{c['num_warps']}s{c['num_stages']}"
+                                                                 f"/splits{best.rsplit('splits', 1)[1]}")
+                                and (("QK" in c) == best.startswith("qk=")) and
+                                (not best.startswith("qk=") or best.startswith(f"qk={c['QK']},pv={c['PV']} ")))
+                    row[f"{name}_best_parity"] = quant_parity(q[:1], kq[:1], vq[:1], ks[:1], vs[:1], sl[:1], bcfg)
             for key in (name, f"{name}_best"):
                 ms = row.get(key)
                 if isinstance(ms, float):

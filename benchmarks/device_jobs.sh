@@ -130,7 +130,7 @@ run_job() {
       timeout 250 python3 benchmarks/decode_int8_sweep.py --out "$d" > "$d/log" 2>&1; tail -n 25 "$d/log" ;;
     decode_bench)  # issue 14: dense/int8/fp8/sparse decode (sparse at page 16/32/64, radix-select pick kernel)
       timeout ${DB_S:-330} python3 benchmarks/bench_decode.py --page-sizes ${DB_PAGES:-16,32,64} --budget-s ${DB_BUDGET:-280} \
-        --flex-budget-s 60 --out "$d" > "$d/log" 2>&1; tail -n 32 "$d/log" ;;
+        --flex-budget-s 60 ${DB_ARGS:-} --out "$d" > "$d/log" 2>&1; tail -n 32 "$d/log" ;;
     *) echo "unknown job $job" ;;
   esac
 }

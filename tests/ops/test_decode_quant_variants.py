@@ -280,3 +280,24 @@ def test_launch_config_round_trip_with_variants():
     assert set(DECODE_PV_VARIANTS) >= {"dequant", "fp16", "fp8"}
     with pytest.raises(ValueError, match="^DecodeLaunchConfig.from_dict: d must name exactly"):
         DecodeLaunchConfig.from_dict({"BLOCK_N": 64, "num_warps": 4})
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the byte-move conversion is inline PTX: CUDA only (the interpreter converts plainly)")
+def test_fast_int8_to_fp16_is_exact_for_every_value():
+    """``_i8_to_f16(x, FAST=True)`` (the QK='fp16' / PV='fp16' int8 path on a GPU) gives bitwise the fp16 value of
+    every int8, in every position of its 4-value register."""
+    import triton
+    import triton.language as tl
+
+    from sparseattn.ops.triton.decode import _i8_to_f16
+
+    @triton.jit
+    def _conv(X, Y, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(Y + offs, _i8_to_f16(tl.load(X + offs), True))
+
+    x = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8)
+    x = torch.cat([x, x.roll(1), x.roll(2), x.roll(3)]).cuda()  # each value at every offset mod 4
+    y = torch.empty(x.shape, dtype=torch.float16, device="cuda")
+    _conv[(1,)](x, y, N=x.numel())
+    assert torch.equal(y.view(torch.int16), x.to(torch.float16).view(torch.int16))

@@ -497,6 +497,8 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
             meta["QK_MODE"] = qk_mode
         if pv_mode:
             meta["PV_MODE"] = pv_mode
+        if not interp and kv == "int8" and (qk_mode == 3 or pv_mode == 1):
+            meta["FAST_I8"] = True  # int8 -> fp16 by byte moves (inline PTX; the interpreter converts plainly)
         if interp and kv == "fp8" and (qk_mode in (1, 2) or pv_mode == 2):
             meta["FP8_EXACT"] = True  # the interpreter's fp32 -> e4m3 conversion mis-rounds (see the kernel)
     if not causal:

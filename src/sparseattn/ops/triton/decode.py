@@ -70,6 +70,30 @@ from sparseattn.ops.triton.common import online_softmax_update
 
 
 @triton.jit
+def _i8_to_f16(x, FAST: tl.constexpr):
+    """int8 ``x`` to fp16 (exact: |x| <= 128). ``FAST`` (a CUDA GPU): four values per 32-bit register with
+    integer byte moves and one packed fp16 subtraction per pair -- ``x ^ 0x80`` is ``x + 128`` as a byte,
+    placed under the exponent of 1024.0 (``0x64``) it reads ``1024 + x + 128`` in fp16, exact, and
+    subtracting 1152.0 leaves ``x`` (the trick of fast int8 GEMM dequantisers) -- instead of one
+    int-to-float conversion per value, a quarter-rate instruction that capped the INT8 decode's bandwidth.
+    Bitwise the same values as ``x.to(tl.float16)`` (tested on the GPU)."""
+    if FAST:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 u, m;
+            xor.b32 u, $2, 0x80808080;
+            prmt.b32 $0, u, 0x64646464, 0x4140;
+            prmt.b32 $1, u, 0x64646464, 0x4342;
+            mov.b32 m, 0x64806480;
+            sub.f16x2 $0, $0, m;
+            sub.f16x2 $1, $1, m;
+            }""",
+            "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        return x.to(tl.float16)
+
+
+@triton.jit
 def _to_e4m3(x, EXACT: tl.constexpr):
     """fp32 ``x`` (within e4m3's range) to float8 e4m3, round to nearest even. ``EXACT`` (the interpreter,
     whose conversion mis-rounds values just below a power of two, e.g. 31.97 -> 16): round the fp32 bits to
@@ -109,6 +133,7 @@ def _decode_split_kernel(
     CAUSAL: tl.constexpr = True,  # False: every row attends all keys below seqlen (no causal shift)
     QK_MODE: tl.constexpr = 0,  # HAS_KV_SCALE: 0 dequant K, 1 8-bit q dot, 2 8-bit q + residual dots, 3 fp16 K
     PV_MODE: tl.constexpr = 0,  # HAS_KV_SCALE: 0 dequant V, 1 fp16 V and normalised fp16 P, 2 e4m3 P x e4m3 V
+    FAST_I8: tl.constexpr = False,  # int8 K/V to fp16 by byte moves (QK_MODE 3 / PV_MODE 1; CUDA only)
     FP8_EXACT: tl.constexpr = False,  # interpreter only: exact rounding to e4m3 (see _to_e4m3)
 ):
     pid_s = tl.program_id(0)
@@ -243,7 +268,7 @@ def _decode_split_kernel(
             if DOT_F32:
                 qk = tl.dot(q_lp.to(tl.float32), k.to(tl.float16).to(tl.float32))
             else:
-                qk = tl.dot(q_lp, k.to(tl.float16))
+                qk = tl.dot(q_lp, _i8_to_f16(k, FAST_I8) if K.dtype.element_ty == tl.int8 else k.to(tl.float16))
         else:
             if HAS_KV_SCALE:
                 # int8 (|x| <= 127) and fp8 e4m3 values are exact in fp16 and bf16 (DOT_F32, the interpreter:
@@ -275,7 +300,7 @@ def _decode_split_kernel(
                 if DOT_F32:
                     acc += tl.dot(p16.to(tl.float32), v.to(tl.float16).to(tl.float32)) * c
                 else:
-                    acc += tl.dot(p16, v.to(tl.float16)) * c
+                    acc += tl.dot(p16, _i8_to_f16(v, FAST_I8) if V.dtype.element_ty == tl.int8 else v.to(tl.float16)) * c
             else:
                 p8 = _to_e4m3(p * (vs * (256.0 / c))[None, :], FP8_EXACT)
                 acc += tl.dot(p8, v) * (c * 0.00390625)
@@ -448,12 +473,39 @@ def _page_score_kernel(
         tl.store(Count + off_b.to(tl.int64) * stride_cb + off_hk, cnt)
 
 
+
 @triton.jit
 def _order_key(x):
-    """fp32 ``x`` (no NaN) as an int64 in ``[0, 2**32)`` with the same order (``-inf`` lowest, ``+inf`` highest;
-    ``-0.0`` equal to ``+0.0``)."""
-    bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)  # -0.0 ties with +0.0
-    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
+    """fp32 ``x`` (no NaN) as a uint32 with the same order (``-inf`` lowest, ``+inf`` highest; ``-0.0`` equal to
+    ``+0.0``): the sign bit flipped for positive values, every bit flipped for negative ones."""
+    bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+    flip = (bits >> 31) | -2147483648  # arithmetic shift: all ones for negative values, else only the sign bit
+    return (bits ^ flip).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _digit_hist(s_row, stride_sp, P, prefix, offs, SHIFT: tl.constexpr, BLOCK: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                key_one):
+    """Histogram (32 bins; bins 0..15 used) of key bits ``SHIFT .. SHIFT + 3`` over the keys whose bits above
+    ``SHIFT + 3`` equal ``prefix``; other keys (and padding) go to bin 16."""
+    if ONE_CHUNK:
+        key = key_one
+        ok = offs < P
+        if SHIFT < 28:
+            ok = ok & ((key >> (SHIFT + 4)) == prefix)
+        dig = tl.where(ok, ((key >> SHIFT) & 15).to(tl.int32), 16)
+        hist = tl.histogram(dig, 32)
+    else:
+        hist = tl.zeros([32], dtype=tl.int32)
+        for p0 in range(0, P, BLOCK):
+            pp = p0 + offs
+            key = _order_key(tl.load(s_row + pp * stride_sp, mask=pp < P, other=0.0))
+            ok = pp < P
+            if SHIFT < 28:
+                ok = ok & ((key >> (SHIFT + 4)) == prefix)
+            dig = tl.where(ok, ((key >> SHIFT) & 15).to(tl.int32), 16)
+            hist += tl.histogram(dig, 32)
+    return hist
 
 
 @triton.jit(do_not_specialize=["H_KV", "P", "K_SEL"])
@@ -469,57 +521,51 @@ def _page_pick_kernel(
     """The ``Count[b, hkv]`` highest of ``Score[b, hkv, :P]`` (as :func:`_page_score_kernel` writes them: no
     NaN), their page indices **ascending** in ``Idx[b, hkv, :Count]``; ``Idx[b, hkv, Count:K_SEL]`` = 0.
 
-    One program per (batch, KV head). Radix select on the scores' order-preserving 32-bit keys: the
-    threshold ``T`` is the largest key with ``#(key >= T) >= Count``, found bit by bit from the top
-    (32 counting passes over the row; one load when the row fits one ``BLOCK``). Every key above ``T``
-    is taken, then keys equal to ``T`` by increasing page index until ``Count`` (ties go to the lower
-    page). A cumulative sum of the taken mask gives each page its slot, so the indices come out sorted
-    and no sort runs. Replaces ``torch.topk`` (a sort) on the selection's hot path.
+    One program per (batch, KV head). Radix select on the scores' order-preserving 32-bit keys, 4 bits per
+    pass (8 passes, each one histogram over the keys that still match the prefix): the threshold ``T`` is
+    the largest key with ``#(key >= T) >= Count``. Every key above ``T`` is taken, then keys equal to ``T``
+    by increasing page index until ``Count`` (ties go to the lower page). A cumulative sum of the taken
+    mask gives each page its slot, so the indices come out sorted and no sort runs. The row is held in
+    registers when it fits one ``BLOCK`` (``ONE_CHUNK``), else re-read per pass (from L2). Replaces
+    ``torch.topk`` (a sort) on the selection's hot path.
     """
     pid = tl.program_id(0)
     off_b = pid // H_KV
     off_hk = pid % H_KV
     s_row = Score + off_b.to(tl.int64) * stride_sb + off_hk.to(tl.int64) * stride_sh
     i_row = Idx + off_b.to(tl.int64) * stride_ib + off_hk.to(tl.int64) * stride_ih
-    c = tl.load(Count + off_b.to(tl.int64) * stride_cb + off_hk).to(tl.int64)
+    c = tl.load(Count + off_b.to(tl.int64) * stride_cb + off_hk)
     offs = tl.arange(0, BLOCK)
+    bins = tl.arange(0, 32)
+    key_one = _order_key(tl.load(s_row + offs * stride_sp, mask=offs < P, other=0.0))
 
-    thr = tl.zeros([], dtype=tl.int64)
-    if ONE_CHUNK:
-        key = tl.where(offs < P, _order_key(tl.load(s_row + offs * stride_sp, mask=offs < P, other=0.0)), -1)
-        for i in tl.static_range(32):
-            cand = thr | (1 << (31 - i))
-            n = tl.sum((key >= cand).to(tl.int64), 0)
-            thr = tl.where(n >= c, cand, thr)
-    else:
-        for i in tl.static_range(32):
-            cand = thr | (1 << (31 - i))
-            n = tl.zeros([], dtype=tl.int64)
-            for p0 in range(0, P, BLOCK):
-                pp = p0 + offs
-                key = tl.where(pp < P, _order_key(tl.load(s_row + pp * stride_sp, mask=pp < P, other=0.0)), -1)
-                n += tl.sum((key >= cand).to(tl.int64), 0)
-            thr = tl.where(n >= c, cand, thr)
+    prefix = tl.zeros([], dtype=tl.uint32)
+    need = c  # keys still to take among those matching the prefix
+    for i in tl.static_range(8):
+        hist = _digit_hist(s_row, stride_sp, P, prefix, offs, 28 - 4 * i, BLOCK, ONE_CHUNK, key_one)
+        h = tl.where(bins < 16, hist, 0)
+        suffix = tl.sum(tl.where(bins[None, :] >= bins[:, None], h[None, :], 0), 1)  # keys with digit >= j
+        d = tl.max(tl.where((suffix >= need) & (bins < 16), bins, 0), 0)
+        s_d = tl.sum(tl.where(bins == d, suffix, 0), 0)
+        h_d = tl.sum(tl.where(bins == d, h, 0), 0)
+        need -= s_d - h_d  # keys with a higher digit are all taken
+        prefix = (prefix << 4) | d.to(tl.uint32)
+    thr = prefix
+    ties = need  # keys equal to the threshold still to take, in page order
 
-    # keys above the threshold, then ties in page order
-    above = tl.zeros([], dtype=tl.int64)
+    slot0 = tl.zeros([], dtype=tl.int32)
+    tie0 = tl.zeros([], dtype=tl.int32)
     for p0 in range(0, P, BLOCK):
         pp = p0 + offs
-        key = tl.where(pp < P, _order_key(tl.load(s_row + pp * stride_sp, mask=pp < P, other=0.0)), -1)
-        above += tl.sum((key > thr).to(tl.int64), 0)
-    ties = c - above
-    slot0 = tl.zeros([], dtype=tl.int64)
-    tie0 = tl.zeros([], dtype=tl.int64)
-    for p0 in range(0, P, BLOCK):
-        pp = p0 + offs
-        key = tl.where(pp < P, _order_key(tl.load(s_row + pp * stride_sp, mask=pp < P, other=0.0)), -1)
-        eq = key == thr
-        tie_rank = tl.cumsum(eq.to(tl.int64), 0) + tie0  # 1-based among the ties so far
-        take = (key > thr) | (eq & (tie_rank <= ties))
-        slot = tl.cumsum(take.to(tl.int64), 0) - 1 + slot0
+        key = _order_key(tl.load(s_row + pp * stride_sp, mask=pp < P, other=0.0))
+        live = pp < P
+        eq = live & (key == thr)
+        tie_rank = tl.cumsum(eq.to(tl.int32), 0) + tie0  # 1-based among the ties so far
+        take = (live & (key > thr)) | (eq & (tie_rank <= ties))
+        slot = tl.cumsum(take.to(tl.int32), 0) - 1 + slot0
         tl.store(i_row + slot, pp, mask=take & (slot < c))
-        slot0 += tl.sum(take.to(tl.int64), 0)
-        tie0 += tl.sum(eq.to(tl.int64), 0)
+        slot0 += tl.sum(take.to(tl.int32), 0)
+        tie0 += tl.sum(eq.to(tl.int32), 0)
     for k0 in range(0, K_SEL, BLOCK):
         kk = k0 + offs
         tl.store(i_row + kk, kk * 0, mask=(kk >= c) & (kk < K_SEL))
