@@ -267,7 +267,8 @@ def fp8_refusal(dev: str) -> str | None:
 
 
 
-def sparse_rows(q, k, v, sl, page_size: int, timer, smoke: bool, copy_gbps: float) -> dict[str, Any]:
+def sparse_rows(q, k, v, sl, page_size: int, timer, smoke: bool, copy_gbps: float,
+                sweep: bool = False) -> dict[str, Any]:
     """Sparse decode at 10% of the pages of ``page_size`` keys: the selection alone, the whole call (selection
     included) eager and CUDA-graphed, the bytes it must read and their share of the copy bandwidth."""
     B, Hkv, N, D = k.shape
@@ -277,11 +278,24 @@ def sparse_rows(q, k, v, sl, page_size: int, timer, smoke: bool, copy_gbps: floa
     call = lambda: sparse_decode_attention(q, k, v, summ, seqlens=sl, top_pages=0.1, backend="triton")  # noqa: E731
     r["sparse10"] = timer(call)
     if not smoke:
-        try:
-            r["sparse10_graph"] = timer(graphed(call))
-        except Exception as exc:  # noqa: BLE001
-            r["sparse10_graph"] = None
-            r["sparse10_graph_note"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        for name, fn in (("sparse10_graph", call), ("select_graph", lambda: select_pages(
+                q, summ, seqlens=sl, top_pages=0.1, backend="triton"))):
+            try:
+                r[name] = timer(graphed(fn))
+            except Exception as exc:  # noqa: BLE001
+                r[name] = None
+                r[f"{name}_note"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if sweep:  # the paged kernel's launch config (not tuned yet): graphed, selection included
+            res: dict[str, Any] = {}
+            for cfg in ({"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}, {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+                        {"BLOCK_N": 32, "num_warps": 4, "num_stages": 4}, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}):
+                key = f"n{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
+                try:
+                    res[key] = timer(graphed(lambda cfg=cfg: sparse_decode_attention(
+                        q, k, v, summ, seqlens=sl, top_pages=0.1, backend="triton", config=cfg)))
+                except Exception as exc:  # noqa: BLE001
+                    res[key] = f"{type(exc).__name__}: {str(exc)[:120]}"
+            r["sparse10_graph_sweep"] = res
     P = summ.kmin.shape[2]
     n_sel = min(P, max(math.ceil(0.1 * P), 2))
     r["sparse_pages_selected"] = n_sel
@@ -375,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                          "the main sparse10 columns, every one is in the JSON's sparse_by_page")
     ap.add_argument("--mem-limit-gib", type=float, default=64.0, help="skip what needs more device memory than this")
     ap.add_argument("--no-sweep", action="store_true", help="time only the default kernel config")
+    ap.add_argument("--sparse-sweep", action="store_true", help="also sweep the paged kernel's launch config (graphed)")
+    ap.add_argument("--only-sparse", action="store_true", help="time only ours (eager, graphed) and the sparse rows")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--flex-budget-s", type=float, default=100.0, help="stop compiling FlexAttention after this")
     ap.add_argument("--budget-s", type=float, default=210.0, help="skip the remaining shapes after this")
@@ -442,56 +458,58 @@ def main(argv: list[str] | None = None) -> int:
                     row["parity"] = parity(q, k, v, sl, page_size)
                 row["num_splits"] = decode_num_splits(B * Hkv, N, sms)
                 row["ours"] = timer(lambda: decode_attention(q, k, v, seqlens=sl, backend="triton"))
-                quant_rows(q, k, v, sl, timer, row, dev=dev, smoke=smoke, sweep=not args.no_sweep,
-                           sweep_cfgs=sweep_cfgs, copy_gbps=copy_gbps)
-                # speculative decoding's verify step: 4 new tokens per sequence (16 rows per KV-head tile)
-                q4 = torch.randn(B, H, 4, D, device=dev, dtype=dtype, generator=g)
-                row["ours_lq4"] = timer(lambda: decode_attention(q4, k, v, seqlens=sl, backend="triton"))
-                q4 = None
-                if B > 1:  # a batch of different lengths, uniform in [N/8, N]: per-sequence splits
-                    sl_var = torch.randint(N // 8, N + 1, (B,), device=dev, generator=g, dtype=torch.int64).to(torch.int32)
-                    row["varlen_kv_bytes"] = int(2 * Hkv * D * 2 * int(sl_var.sum()))
-                    row["ours_varlen"] = timer(lambda: decode_attention(q, k, v, seqlens=sl_var, backend="triton"))
-                    row["ours_varlen_pct_copy_bw"] = 100.0 * row["varlen_kv_bytes"] / (row["ours_varlen"] * 1e-3) / 1e9 / copy_gbps
-                if not args.no_sweep:
-                    sweep = {}
-                    ns = row["num_splits"]
-                    splits = [1, 2] if smoke else sorted({ns, max(1, ns // 2), min(128, ns * 2)})
-                    for cfg in sweep_cfgs:
-                        for s in splits:
-                            key = f"n{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}/splits{s}"
-                            try:
-                                sweep[key] = timer(lambda cfg=cfg, s=s: decode_attention(
-                                    q, k, v, seqlens=sl, num_splits=s, config=cfg, backend="triton"))
-                            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
-                                sweep[key] = f"{type(exc).__name__}: {str(exc)[:120]}"
-                    timed = {kk: vv for kk, vv in sweep.items() if isinstance(vv, float)}
-                    row["sweep"] = sweep
-                    if timed:
-                        best = min(timed, key=timed.get)  # type: ignore[arg-type]
-                        row["ours_best"], row["ours_best_config"] = timed[best], best
+                if not args.only_sparse:
+                    quant_rows(q, k, v, sl, timer, row, dev=dev, smoke=smoke, sweep=not args.no_sweep,
+                               sweep_cfgs=sweep_cfgs, copy_gbps=copy_gbps)
+                    # speculative decoding's verify step: 4 new tokens per sequence (16 rows per KV-head tile)
+                    q4 = torch.randn(B, H, 4, D, device=dev, dtype=dtype, generator=g)
+                    row["ours_lq4"] = timer(lambda: decode_attention(q4, k, v, seqlens=sl, backend="triton"))
+                    q4 = None
+                    if B > 1:  # a batch of different lengths, uniform in [N/8, N]: per-sequence splits
+                        sl_var = torch.randint(N // 8, N + 1, (B,), device=dev, generator=g, dtype=torch.int64).to(torch.int32)
+                        row["varlen_kv_bytes"] = int(2 * Hkv * D * 2 * int(sl_var.sum()))
+                        row["ours_varlen"] = timer(lambda: decode_attention(q, k, v, seqlens=sl_var, backend="triton"))
+                        row["ours_varlen_pct_copy_bw"] = 100.0 * row["varlen_kv_bytes"] / (row["ours_varlen"] * 1e-3) / 1e9 / copy_gbps
+                    if not args.no_sweep:
+                        sweep = {}
+                        ns = row["num_splits"]
+                        splits = [1, 2] if smoke else sorted({ns, max(1, ns // 2), min(128, ns * 2)})
+                        for cfg in sweep_cfgs:
+                            for s in splits:
+                                key = f"n{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}/splits{s}"
+                                try:
+                                    sweep[key] = timer(lambda cfg=cfg, s=s: decode_attention(
+                                        q, k, v, seqlens=sl, num_splits=s, config=cfg, backend="triton"))
+                                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+                                    sweep[key] = f"{type(exc).__name__}: {str(exc)[:120]}"
+                        timed = {kk: vv for kk, vv in sweep.items() if isinstance(vv, float)}
+                        row["sweep"] = sweep
+                        if timed:
+                            best = min(timed, key=timed.get)  # type: ignore[arg-type]
+                            row["ours_best"], row["ours_best_config"] = timed[best], best
                 if not smoke:  # no host sync anywhere: the call can be captured in a CUDA graph
                     try:
                         row["ours_graph"] = timer(graphed(lambda: decode_attention(q, k, v, seqlens=sl, backend="triton")))
                     except Exception as exc:  # noqa: BLE001
                         row["ours_graph"] = None
                         row["ours_graph_note"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                row.update(sdpa_rows(q, k, v, timer, mem_limit, smoke))
-                if smoke or args.no_flex:
-                    row["flex"], row["flex_note"] = None, "cpu smoke: not compiled" if smoke else "--no-flex"
-                elif flex_spent > args.flex_budget_s:
-                    row["flex"] = None
-                    row["flex_note"] = f"skipped: --flex-budget-s {args.flex_budget_s} of compile time spent"
-                else:
-                    ms, why, spent = flex_row(q, k, v, timer)
-                    flex_spent += spent
-                    row["flex"] = ms
-                    row["flex_compile_s"] = spent
-                    if why:
-                        row["flex_note"] = why
+                if not args.only_sparse:
+                    row.update(sdpa_rows(q, k, v, timer, mem_limit, smoke))
+                    if smoke or args.no_flex:
+                        row["flex"], row["flex_note"] = None, "cpu smoke: not compiled" if smoke else "--no-flex"
+                    elif flex_spent > args.flex_budget_s:
+                        row["flex"] = None
+                        row["flex_note"] = f"skipped: --flex-budget-s {args.flex_budget_s} of compile time spent"
+                    else:
+                        ms, why, spent = flex_row(q, k, v, timer)
+                        flex_spent += spent
+                        row["flex"] = ms
+                        row["flex_compile_s"] = spent
+                        if why:
+                            row["flex_note"] = why
                 by_page: dict[str, Any] = {}
                 for ps in page_sizes:  # the first page size fills the main sparse10 columns
-                    pr = sparse_rows(q, k, v, sl, ps, timer, smoke, copy_gbps)
+                    pr = sparse_rows(q, k, v, sl, ps, timer, smoke, copy_gbps, sweep=args.sparse_sweep)
                     by_page[str(ps)] = pr
                     if ps == page_sizes[0]:
                         row.update({kk: vv for kk, vv in pr.items() if kk != "page_size"})
@@ -555,13 +573,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- {n[:240]}")
     print("\nSparse decode at 10% of the pages, selection included, by page size (x = ours / sparse, eager and "
           "both graphed)\n")
-    print("| ctx | B | page | select | sparse10 | graphed | %bw | x eager | x graphed |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| ctx | B | page | select | select graphed | sparse10 | graphed | %bw | x eager | x graphed | best swept graphed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         for ps, pr in (r.get("sparse_by_page") or {}).items():
-            print(f"| {r['context']} | {r['batch']} | {ps} | {f(pr.get('select'))} | {f(pr.get('sparse10'))} "
-                  f"| {f(pr.get('sparse10_graph'))} | {f(pr.get('sparse10_pct_copy_bw'), 0)} | {f(pr.get('x_vs_ours'), 2)} "
-                  f"| {f(pr.get('x_vs_ours_graph'), 2)} |")
+            sw = {kk: vv for kk, vv in (pr.get("sparse10_graph_sweep") or {}).items() if isinstance(vv, float)}
+            bs = min(sw, key=sw.get) if sw else None  # type: ignore[arg-type]
+            print(f"| {r['context']} | {r['batch']} | {ps} | {f(pr.get('select'))} | {f(pr.get('select_graph'))} "
+                  f"| {f(pr.get('sparse10'))} | {f(pr.get('sparse10_graph'))} | {f(pr.get('sparse10_pct_copy_bw'), 0)} "
+                  f"| {f(pr.get('x_vs_ours'), 2)} | {f(pr.get('x_vs_ours_graph'), 2)} "
+                  f"| {f(sw.get(bs)) if bs else '-'} ({bs or '-'}) |")
     print(f"\n{len(rows)} shapes, {bad} failed, {time.time() - t_start:.0f} s; JSON: {out_dir / 'decode.json'}")
     return 1 if bad else 0
 
