@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                         gbps = kv_bytes / (ms * 1e-3) / 1e9
                         row[f"{name}_kv_gbps"] = gbps
                         row[f"{name}_pct_copy_bw"] = 100.0 * gbps / copy_gbps
-                q = k = v = summ = None  # free the cache before the next shape
+                q = k = v = None  # free the cache before the next shape
             except Exception as exc:  # noqa: BLE001 - record and keep going
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 row["traceback"] = traceback.format_exc()[-2000:]
