@@ -473,7 +473,6 @@ def _page_score_kernel(
         tl.store(Count + off_b.to(tl.int64) * stride_cb + off_hk, cnt)
 
 
-
 @triton.jit
 def _order_key(x):
     """fp32 ``x`` (no NaN) as a uint32 with the same order (``-inf`` lowest, ``+inf`` highest; ``-0.0`` equal to
