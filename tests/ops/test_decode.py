@@ -612,12 +612,15 @@ def test_hot_path_reads_nothing_on_the_host(request):
 
 
 def test_default_config_is_the_measured_sweep_winner_only_where_measured():
-    """The H200 sweep's winner is the default for the shape it was measured at (D=128, one row tile of <= 16 rows,
-    dense); other shapes, the paged kernel and the interpreter keep their configs."""
+    """The H200 sweeps' winners are the defaults for the shapes they were measured at (D=128, one row tile of <= 16
+    rows: dense, an int8 cache, the paged kernel); other shapes, the fp8 cache and the interpreter keep their configs."""
     from sparseattn.ops.decode import _default_config
 
     assert _default_config(128, 16, False) == {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
-    assert _default_config(128, 16, False, paged=True) == {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    assert _default_config(128, 16, False, kv="int8") == {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "QK": "fp16"}
+    assert _default_config(128, 16, False, kv="fp8") == {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
+    assert _default_config(128, 16, False, paged=True) == {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    assert _default_config(128, 64, False, paged=True) == {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     assert _default_config(128, 64, False) == {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     assert _default_config(64, 16, False) == {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     assert _default_config(128, 16, True) == {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
