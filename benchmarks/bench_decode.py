@@ -266,7 +266,6 @@ def fp8_refusal(dev: str) -> str | None:
     return None
 
 
-
 def sparse_rows(q, k, v, sl, page_size: int, timer, smoke: bool, copy_gbps: float,
                 sweep: bool = False) -> dict[str, Any]:
     """Sparse decode at 10% of the pages of ``page_size`` keys: the selection alone, the whole call (selection
@@ -285,7 +284,7 @@ def sparse_rows(q, k, v, sl, page_size: int, timer, smoke: bool, copy_gbps: floa
             except Exception as exc:  # noqa: BLE001
                 r[name] = None
                 r[f"{name}_note"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-        if sweep:  # the paged kernel's launch config (not tuned yet): graphed, selection included
+        if sweep:  # the paged kernel's launch config (the tuned default came from this sweep): graphed
             res: dict[str, Any] = {}
             for cfg in ({"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}, {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
                         {"BLOCK_N": 32, "num_warps": 4, "num_stages": 4}, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}):
@@ -305,6 +304,7 @@ def sparse_rows(q, k, v, sl, page_size: int, timer, smoke: bool, copy_gbps: floa
     r["sparse10_gbps"] = gbps
     r["sparse10_pct_copy_bw"] = 100.0 * gbps / copy_gbps
     return r
+
 
 def quant_rows(q, k, v, sl, timer, row: dict[str, Any], *, dev: str, smoke: bool, sweep: bool,
                sweep_cfgs: list[dict[str, int]], copy_gbps: float) -> None:
@@ -338,11 +338,13 @@ def quant_rows(q, k, v, sl, timer, row: dict[str, Any], *, dev: str, smoke: bool
                                                          {"BLOCK_N": 128, "num_warps": 4, "num_stages": 4}]
                 cfgs = cfgs + [dict(c, QK=qk, PV=pv) for c in var_cfgs
                                for qk, pv in (("fp16", "fp16"), ("fp16", "dequant"), ("dequant", "fp16"))]
+                key_cfg: dict[str, dict[str, Any]] = {}
                 for cfg in cfgs:
                     for sp in splits:
                         key = f"n{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}/splits{sp}"
                         if "QK" in cfg:
                             key = f"qk={cfg['QK']},pv={cfg['PV']} " + key
+                        key_cfg[key] = cfg
                         try:
                             res[key] = timer(lambda cfg=cfg, sp=sp: decode_attention(
                                 q, kq, vq, seqlens=sl, k_scale=ks, v_scale=vs, num_splits=sp, config=cfg,
@@ -355,11 +357,8 @@ def quant_rows(q, k, v, sl, timer, row: dict[str, Any], *, dev: str, smoke: bool
                     best = min(timed, key=timed.get)  # type: ignore[arg-type]
                     row[f"{name}_best"], row[f"{name}_best_config"] = timed[best], best
                     # the winner's parity on sequence 0 (the whole context), every batch size
-                    bcfg = next(c for c in cfgs if best.endswith(f"n{c['BLOCK_N']}w{c['num_warps']}s{c['num_stages']}"
-                                                                 f"/splits{best.rsplit('splits', 1)[1]}")
-                                and (("QK" in c) == best.startswith("qk=")) and
-                                (not best.startswith("qk=") or best.startswith(f"qk={c['QK']},pv={c['PV']} ")))
-                    row[f"{name}_best_parity"] = quant_parity(q[:1], kq[:1], vq[:1], ks[:1], vs[:1], sl[:1], bcfg)
+                    row[f"{name}_best_parity"] = quant_parity(q[:1], kq[:1], vq[:1], ks[:1], vs[:1], sl[:1],
+                                                              key_cfg[best])
             for key in (name, f"{name}_best"):
                 ms = row.get(key)
                 if isinstance(ms, float):
