@@ -19,11 +19,9 @@ Usage: ``PYTHONPATH=src python benchmarks/mixed_kv_error_split.py [TEXT_DIR] [--
 import argparse
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from sparseattn.eval.texts import documents_for, token_samples
+from sparseattn.integrations.capture import capture_qkv
 from sparseattn.models import load
 
 
@@ -52,16 +50,11 @@ def main() -> None:
     model.eval()
     docs, _ = documents_for(None, args.text_dir)
     ids = token_samples(docs, tok, seq_len=args.length, samples=1)[0][0]
-    captured = []
-
-    def capture(module, query, key, value, attention_mask, **kw):
-        captured.append((query, key, value, kw.get("scaling")))
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
-
-    AttentionInterface.register("kv_error_capture", capture)
-    ALL_MASK_ATTENTION_FUNCTIONS.register("kv_error_capture", sdpa_mask)
-    model.set_attn_implementation("kv_error_capture")
-    model(ids, use_cache=False)
+    with capture_qkv(model) as qkv:  # post-RoPE q/k/v of every layer (the model runs densely meanwhile)
+        model(ids, use_cache=False)
+    layers = model.model.layers
+    captured = [(qkv[i]["q"], qkv[i]["k"], qkv[i]["v"],
+                 getattr(layers[i].self_attn, "scaling", qkv[i]["q"].shape[-1] ** -0.5)) for i in sorted(qkv)]
 
     ident = lambda x: x  # noqa: E731
     variants = {"base": (quant_token, quant_token), "K_only": (quant_token, ident), "V_only": (ident, quant_token),
