@@ -204,8 +204,7 @@ class GraphPathMixin:
         self.timings[layer] = self.timings.get(layer, 0.0) + time.perf_counter() - t0
         if fl.dense:  # a dense_above="auto" fallback: dense SDPA replayed, accounted as every block
             self.counts["prefill_dense"] += 1
-            self.dense_fallbacks[layer] = self.dense_fallbacks.get(layer, 0) + 1
-            self._density_raw.setdefault(layer, []).append(fl.density)
+            self._account_all_blocks(layer, query, fl.density)
             return out, None
         self.counts["prefill_sparse"] += 1
         if fl.quant:

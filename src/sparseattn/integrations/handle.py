@@ -321,12 +321,14 @@ class PatchHandle(AccountingMixin, RoutesMixin, PackedMixin, GraphPathMixin, Aut
             self.layouts[layer] = layout
         return (out if out.is_contiguous() else out.contiguous()), None
 
-    def _account_all_blocks(self, layer: int, query: torch.Tensor) -> torch.Tensor:
-        """Count a dense fallback of ``layer`` and record its density as every block; returns that ``[H]`` entry."""
+    def _account_all_blocks(self, layer: int, query: torch.Tensor, ones: torch.Tensor | None = None) -> torch.Tensor:
+        """Count a dense fallback of ``layer`` and record its density as every block; returns that ``[H]`` entry
+        (``ones``: the entry already at hand, e.g. a fast lane's)."""
         self.dense_fallbacks[layer] = self.dense_fallbacks.get(layer, 0) + 1
-        H = query.shape[1]
-        ones = _STATIC_DENSITY.get_or_build(("ones", H, str(query.device)),
-                                            lambda: (None, torch.ones(H, dtype=torch.float64, device=query.device)))[1]
+        if ones is None:
+            H = query.shape[1]
+            ones = _STATIC_DENSITY.get_or_build(("ones", H, str(query.device)),
+                                                lambda: (None, torch.ones(H, dtype=torch.float64, device=query.device)))[1]
         self._density_raw.setdefault(layer, []).append(ones)  # the layer ran every block
         return ones
 
