@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Named device jobs (2026-12-03 sessions), one call = `bash benchmarks/device_jobs.sh JOB...`.
 # The model files travel in pieces (../shared/DEVICE.md): copy_s0 / copy_s1 (SmolLM2, .carry/s2/c*) and
-# copy_g0..copy_g4 (Gemma-3-270M, .carry/g/gemma-3-270m-q4_k_m.gguf.d/c*) copy the carried piece into /tmp/m,
+# copy_g0..copy_g5 (Gemma-3-270M in 47 MB pieces, .carry/g/gemma-3-270m-q4_k_m.gguf.d/c*) copy the carried piece into /tmp/m,
 # which a warm machine keeps between calls. Every job has its own time limit; its files land in
 # $OUT/s3/<job>/ and are packed into $OUT/s3_<first job>.tar.gz at the end (the device returns few files).
 # Env: SMOL_SHA, GEMMA_SHA (sha256 of the joined models), RULER_SAMPLES, RULER_GEMMA_SAMPLES.
@@ -32,7 +32,7 @@ run_job() {
   case "$job" in
     copy_s0) mkdir -p /tmp/m/s && cp .carry/s2/c0/* /tmp/m/s/ && ls /tmp/m/s ;;
     copy_s1) mkdir -p /tmp/m/s && cp .carry/s2/c1/* /tmp/m/s/ && join /tmp/m/s SmolLM2-135M-Instruct.Q4_1.gguf $SMOL_SHA && echo smol ok ;;
-    copy_g[0-4]) mkdir -p /tmp/m/g && cp $GPIECES/c${job#copy_g}/* /tmp/m/g/ && ls /tmp/m/g ;;
+    copy_g[0-9]) mkdir -p /tmp/m/g && cp $GPIECES/c${job#copy_g}/* /tmp/m/g/ && ls /tmp/m/g ;;
     join_g) join /tmp/m/g gemma-3-270m-q4_k_m.gguf $GEMMA_SHA && echo gemma ok ;;
     pred)  # issue 10: predictor overhead vs cuDNN, same process (Llama shape, 32K)
       timeout 100 python3 benchmarks/bench_predictors.py --lengths 32768 --budget-s 80 --out "$d" \
@@ -67,11 +67,27 @@ run_job() {
       timeout 260 $M tune --model $SMOL --text-dir $ESSAYS --samples 6 --seq-len 8192 --l1 0.06 --keep-local-grid 4,2,1 \
         --target-top1 0.95 --target-cosine 0.999 --target-kl 0.01 --calibrate-samples 2 --compare --compare-samples 2 \
         --device cuda --dtype bfloat16 --no-plot --quiet --out "$d/smol8k.safetensors" > "$d/log" 2>&1; tail -n 14 "$d/log" ;;
-    ruler_smol4k|ruler_smol8k)  # issue 17: RULER on the default model
+    gate_smol)  # issue 17: the learned gate on the default model (first 15 essays train; RULER's haystack is all essays)
+      mapfile -t ES < <(ls $ESSAYS/*.txt)
+      timeout 120 $M train-gate --model $SMOL --text-file "${ES[@]:0:15}" --samples 8 --val-samples 1 --seq-len 4096 \
+        --steps 300 --d-gate 64 --device cuda --out "$d/smol_gate.safetensors" > "$d/log" 2>&1; tail -n 4 "$d/log"
+      cp "$d/smol_gate.safetensors" /tmp/m/smol_gate.safetensors 2>/dev/null ;;
+    ruler_smol4k|ruler_smol8k)  # issue 17: RULER on the default model, batched prompts, dense vs each predictor
       n=4096; [ $job = ruler_smol8k ] && n=8000
-      T="--tuned /tmp/m/smol4k.safetensors"; [ -f /tmp/m/smol4k.safetensors ] || T=""
-      timeout 280 $M ruler --model $SMOL --text-dir $ESSAYS --lengths $n --samples ${RULER_SAMPLES:-5} --device cuda --quiet \
-        --predictors "$DEFAULT_PRED" $T --no-plots --out "$d" > "$d/log" 2>&1; tail -n 22 "$d/log" ;;
+      P="$DEFAULT_PRED;mean_sim:score=mixed,cdf_threshold=0.99,keep_local=8"
+      [ -f /tmp/m/smol_gate.safetensors ] && P="$P;gate:path=/tmp/m/smol_gate.safetensors,topk=${GATE_TOPK:-0.4},keep_local=4"
+      mapfile -t ES < <(ls $ESSAYS/*.txt)  # haystack: the 10 essays the gate did not train on
+      timeout ${RULER_S:-280} $M ruler --model $SMOL --text-file "${ES[@]:15}" --lengths $n --samples ${RULER_SAMPLES:-24} --device cuda --quiet \
+        --predictors "$P" --batch-size ${RULER_BATCH:-8} --no-plots --out "$d" > "$d/log" 2>&1; tail -n 14 "$d/log" ;;
+    niah_decode_smol|niah_decode_gemma)  # issue 14: NIAH with the decode paths (dense prefill), SmolLM2 4K/8K, Gemma 16K/32K
+      MD=$SMOL; L=4096,8000; [ $job = niah_decode_gemma ] && { MD=$GEMMA; L=16384,32000; }
+      timeout ${NIAHD_S:-150} $M niah --model $MD --text-dir $ESSAYS --lengths $L --depths 0.1,0.5,0.9 --trials 2 \
+        --decode-modes sparse_decode,kernel_decode,mixed_int8,mixed_fp8 --top-pages ${NIAHD_PAGES:-0.5} --device cuda \
+        --no-plots --quiet --out "$d" > "$d/log" 2>&1; tail -n 10 "$d/log" ;;
+    gen_gemma)  # issue 14: greedy agreement of the decode paths on Gemma-3-270M at 16K/32K
+      timeout ${GENG_S:-200} $M gen-check --model $GEMMA --text-dir $ESSAYS --lengths 16384,32000 \
+        --modes sparse_decode,kernel_decode,mixed_int8,mixed_fp8 --top-pages ${GENG_PAGES:-0.5} --samples 2 --device cuda \
+        --dtype bfloat16 --quiet --out "$d" > "$d/log" 2>&1; tail -n 14 "$d/log" ;;
     gemma_tune)  # issue 13: Gemma-3-270M global layers (window layers are exact bands, left out)
       timeout 240 $M tune --model $GEMMA --text-dir $ESSAYS --samples 4 --seq-len 8192 --l1 0.06 --keep-local-grid 4,2,1 \
         --target-top1 0.955 --target-cosine 0.999 --calibrate-samples 2 --compare --compare-samples 1 \
@@ -80,11 +96,11 @@ run_job() {
     gemma_bench)  # issue 13: the tuned file at 8K/16K/32K against the all-blocks floor, same runs
       timeout 280 python3 benchmarks/bench_model.py --model $GEMMA --lengths 8192,16384,32000 --text-dir $ESSAYS --repeats 5 \
         --tuned /tmp/m/gemma8k.safetensors --no-profile --no-plot --out "$d" > "$d/log" 2>&1; tail -n 12 "$d/log" ;;
-    ruler_gemma)  # issue 17: RULER on Gemma-3-270M
+    ruler_gemma)  # issue 17: RULER on Gemma-3-270M, batched prompts
       T="--tuned /tmp/m/gemma8k.safetensors"; [ -f /tmp/m/gemma8k.safetensors ] || T=""
       timeout ${RULER_GEMMA_S:-420} $M ruler --model $GEMMA --text-dir $ESSAYS --lengths ${RULER_GEMMA_LENGTHS:-8192,16384,32000} \
-        --samples ${RULER_GEMMA_SAMPLES:-3} --device cuda --quiet --predictors "$DEFAULT_PRED" $T --no-plots --out "$d" \
-        > "$d/log" 2>&1; tail -n 30 "$d/log" ;;
+        --samples ${RULER_GEMMA_SAMPLES:-3} --device cuda --quiet --batch-size ${RULER_BATCH:-8} \
+        --predictors "${RULER_GEMMA_PRED:-$DEFAULT_PRED}" $T --no-plots --out "$d" > "$d/log" 2>&1; tail -n 30 "$d/log" ;;
     gpu_tests)  # issue 11: the kernel, state, integration and predictor tests on the GPU (real kernels, no interpreter)
       timeout ${GT_S:-420} python3 -m pytest -v -rfE -p no:cacheprovider ${GT_DIRS:-tests/ops tests/state tests/integrations tests/predictors tests/test_nonfinite.py} \
         > "$d/pytest.log" 2>&1; grep -cE " PASSED" "$d/pytest.log"; grep -E " FAILED| ERROR" "$d/pytest.log" | head -n 20; tail -n 2 "$d/pytest.log" ;;

@@ -11,10 +11,24 @@ attention output averaged over the layers, the worst layer, and in how many laye
 * ``K_only`` / ``V_only``: only K / only V quantized (which side dominates);
 * ``K_equalized``: K divided per channel by ``sqrt(max_t |k[t, c]|)`` over the quantized keys before the per-token
   quantization and multiplied back after (a per-channel factor that could be folded into q exactly), V as ``base``;
-* ``K_equalized_full``: the same with ``max_t |k[t, c]|`` itself.
+* ``K_equalized_full``: the same with ``max_t |k[t, c]|`` itself;
+* ``K_channel_gG`` (G = 32, 64, 128): KIVI-style per-channel K quantization: the quantized keys are split, per batch
+  and KV head, into consecutive groups of G tokens (starting at the first quantized position) and each group uses a
+  symmetric per-channel scale ``s_c = max_t |k[t, c]| / 127`` over its own tokens; V per token as ``base``;
+* ``K_channel_asym_gG`` (same G): per-channel asymmetric within each group, zero point ``z_c = (max + min) / 2``
+  and scale ``(max - min) / 2 / 127`` over the group's tokens, round trip ``round((k - z) / s) * s + z`` with the
+  integer clamped to [-127, 127]; V per token;
+* ``K_smooth_token``: the per-channel mean of the quantized keys (over all of them) is subtracted before the
+  per-token quantization and added back after; V per token.
+
+In the grouped variants, quantized keys at the end of the quantized range that do not fill a whole group of G
+tokens are left in full precision (a real cache would keep such a partial group unquantized until it fills). With
+the default window, ``--length`` 2048 or 4096 and no sink tokens the quantized range (1920 / 3968 tokens) is a
+multiple of 128, so no such tail arises there.
 
 Usage: ``PYTHONPATH=src python benchmarks/mixed_kv_error_split.py [TEXT_DIR] [--length 2048] [--queries 32]
-[--window 128] [--sink-tokens 0]`` (the default model; about a minute on 2 CPU cores).
+[--window 128] [--sink-tokens 0]`` (the default model; about 1.5 minutes at 2048 tokens and 2 minutes at
+4096 on 2 CPU cores).
 """
 import argparse
 
@@ -35,6 +49,34 @@ def quant_token(x: torch.Tensor) -> torch.Tensor:
 def quant_equalized(x: torch.Tensor, power: float) -> torch.Tensor:
     m = x.abs().amax(2, keepdim=True).clamp(min=1e-6) ** power
     return quant_token(x / m) * m
+
+
+def quant_channel_grouped(x: torch.Tensor, group: int, asym: bool = False) -> torch.Tensor:
+    """Per-channel INT8 round trip of ``x`` ``(B, H, N, D)`` in consecutive groups of ``group`` tokens.
+
+    Symmetric: ``s_c = max_t |x[t, c]| / 127`` per group; asymmetric: ``z_c = (max + min) / 2``,
+    ``s_c = (max - min) / 2 / 127``. Tokens of a trailing partial group are returned unchanged (full precision).
+    """
+    B, H, N, D = x.shape
+    full = (N // group) * group
+    out = x.clone()
+    if full == 0:
+        return out
+    g = x[:, :, :full].reshape(B, H, full // group, group, D)
+    if asym:
+        hi, lo = g.amax(3, keepdim=True), g.amin(3, keepdim=True)
+        z, s = (hi + lo) / 2, (hi - lo) / 2 / 127
+    else:
+        z, s = torch.zeros_like(g[:, :, :, :1]), g.abs().amax(3, keepdim=True) / 127
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    out[:, :, :full] = (torch.round((g - z) / s).clamp(-127, 127) * s + z).reshape(B, H, full, D)
+    return out
+
+
+def quant_smooth_token(x: torch.Tensor) -> torch.Tensor:
+    """Per-token INT8 round trip of ``x`` minus its per-channel mean over the tokens, the mean added back."""
+    mu = x.mean(2, keepdim=True)
+    return quant_token(x - mu) + mu
 
 
 def main() -> None:
@@ -60,6 +102,11 @@ def main() -> None:
     variants = {"base": (quant_token, quant_token), "K_only": (quant_token, ident), "V_only": (ident, quant_token),
                 "K_equalized": (lambda x: quant_equalized(x, 0.5), quant_token),
                 "K_equalized_full": (lambda x: quant_equalized(x, 1.0), quant_token)}
+    for g in (32, 64, 128):
+        variants[f"K_channel_g{g}"] = (lambda x, g=g: quant_channel_grouped(x, g), quant_token)
+    for g in (32, 64, 128):
+        variants[f"K_channel_asym_g{g}"] = (lambda x, g=g: quant_channel_grouped(x, g, asym=True), quant_token)
+    variants["K_smooth_token"] = (quant_smooth_token, quant_token)
     errs: dict[str, list[float]] = {name: [] for name in variants}
     for q, k, v, scale in captured:
         q, k, v = q.double(), k.double(), v.double()

@@ -268,3 +268,87 @@ def test_greedy_generate_stops_at_a_stop_token(tiny):
     assert len(free) == 5
     cut = greedy_generate(model, ids, gen_tokens=5, score_last=1, stop_ids={free[1]})["tokens"]
     assert cut == free[:free.index(free[1]) + 1]  # ends with the first stop token, the steps before unchanged
+
+
+def test_greedy_generate_batch_matches_one_prompt_at_a_time(tiny):
+    """A batch of equal-length prompts decodes each row as greedy_generate decodes it alone, and a stop token ends
+    only the rows that produced it (each row's tokens end with its first stop token)."""
+    from sparseattn.eval.end_to_end import greedy_generate, greedy_generate_batch
+    from sparseattn.models.loader import load
+
+    model, tok = load(str(tiny[0]))
+    texts = ["an orchard of numbers", "a violin by the shore", "seventeen quiet herons"]
+    rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    n = min(len(r) for r in rows)
+    ids = torch.tensor([r[:n] for r in rows])
+    with torch.no_grad():
+        alone = [greedy_generate(model, ids[i:i + 1], gen_tokens=6, score_last=1)["tokens"] for i in range(3)]
+        batch = greedy_generate_batch(model, ids, gen_tokens=6)
+    assert batch["tokens"] == alone and batch["prefill_s"] >= 0.0
+    stop = alone[0][1]
+    with torch.no_grad():
+        cut = greedy_generate_batch(model, ids, gen_tokens=6, stop_ids={stop})["tokens"]
+    for row, free in zip(cut, alone):
+        assert row == (free[:free.index(stop) + 1] if stop in free else free)
+    with pytest.raises(ValueError, match=r"^greedy_generate_batch: ids must be a non-empty 2-D batch"):
+        greedy_generate_batch(model, ids[0], gen_tokens=2)
+
+
+def test_batched_run_matches_the_unbatched_run(tiny, tmp_path):
+    """batch_size only groups prompts of one task, length and token count: outputs, scores and the sparse
+    configuration's per-prompt records equal the one-at-a-time run's; the paired deltas are in the summary."""
+    from sparseattn.models.loader import load
+
+    model, tok = load(str(tiny[0]))
+    kw = dict(model=model, tokenizer=tok, predictors=None, patterns="sink_window:sink_blocks=1,window_blocks=2",
+              tasks="niah_single,fwe", lengths=[1100], samples=3, text_dir=str(tiny[1]), gen_tokens=4, progress=False)
+    one = ruler.run_ruler("tiny", batch_size=1, **kw)
+    three = ruler.run_ruler("tiny", batch_size=3, runs_path=tmp_path / "runs.jsonl", **kw)
+    assert [c["outputs"] for c in three.cases] == [c["outputs"] for c in one.cases]
+    assert [c["scores"] for c in three.cases] == [c["scores"] for c in one.cases]
+    batches = {c["task"]: c["batch"]["dense"] for c in three.cases}
+    assert batches["niah_single"] == 3  # exactly 1100 tokens each: one batch
+    assert three.config["batch_size"] == 3 and one.config["batch_size"] == 1
+    sparse = three.configs[1]
+    d = three.summary["delta_vs_dense"][sparse]["niah_single"]["1100"]
+    want = sum(c["scores"][sparse] - c["scores"]["dense"] for c in three.cases if c["task"] == "niah_single") / 3
+    assert d["n"] == 3 and d["mean"] == pytest.approx(want) and d["se"] >= 0.0
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert len(runs) == 2 * 2 * 3 and {r["batch"] for r in runs if r["task"] == "niah_single"} == {3}
+    with pytest.raises(ValueError, match=r"^run_ruler: batch_size"):
+        ruler.run_ruler("tiny", batch_size=0, **kw)
+
+
+# --------------------------------------------------------------------------- NIAH with decode paths (issue 14)
+def test_niah_decode_modes_score_each_path(tiny, tmp_path):
+    """``run_niah(decode_modes=...)`` runs each decode path after a dense prefill and scores it like the dense run:
+    the dense decode kernel and sparse decode keeping every page reproduce dense's text (fp32, reference decode);
+    the mixed INT8 cache runs; the report has a row per mode; an unknown mode fails before the model runs."""
+    from sparseattn.eval.niah import run_niah, write_niah_report
+    from sparseattn.models.loader import load
+
+    model, tok = load(str(tiny[0]))
+    kw = dict(model=model, tokenizer=tok, lengths=[1100], depths=[0.5], trials=2, gen_tokens=6, progress=False,
+              text_dir=str(tiny[1]), pattern="sink_window:sink_blocks=1,window_blocks=2")
+    res = run_niah(decode_modes=["kernel_decode", "sparse_decode", "mixed_int8"], top_pages=1.0, page_size=16,
+                   mixed_window=128, **kw)
+    assert res.config["decode_modes"] == ["kernel_decode", "sparse_decode", "mixed_int8"]
+    for c in res.cases:
+        assert set(c["mode_output"]) == {"kernel_decode", "sparse_decode", "mixed_int8"}
+        assert c["mode_output"]["kernel_decode"] == c["dense_output"]
+        assert c["mode_output"]["sparse_decode"] == c["dense_output"]  # every page kept
+        assert all(c["mode_correct"][m] == (c["value"] in c["mode_output"][m]) for m in c["mode_output"])
+    s = res.summary
+    assert s["mode_agreement"]["kernel_decode"] == 1.0 and set(s["mode_accuracy"]) == set(res.config["decode_modes"])
+    md = write_niah_report(res, tmp_path, plots=False)["markdown"].read_text()
+    assert "| mixed_int8 |" in md and "Decode modes" in md
+    assert "decode mode sparse_decode" in res.table()
+    with pytest.raises(ValueError, match=r"^run_niah: decode_modes has an unknown mode 'sparse_prefill'"):
+        run_niah(decode_modes=["sparse_prefill"], **kw)
+
+
+def test_niah_cli_rejects_an_unknown_decode_mode(tiny, tmp_path, capsys):
+    rc = main(["niah", "--model", str(tiny[0]), "--lengths", "1100", "--decode-modes", "kernel_decode,quest",
+               "--quiet", "--no-plots", "--out", str(tmp_path / "n")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--decode-modes has an unknown mode 'quest'" in err[0], err

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from sparseattn._validation import fail
 from sparseattn.cli._args import any_int, check_model_run, device, float_list, int_list, optional_int_list, positive_int
+from sparseattn.cli.gen_check import _top_pages
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +32,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--tuned", default=None, metavar="FILE", help="a per-head tuned file from 'sparseattn tune'")
     p.add_argument("--dense-layers", type=optional_int_list(0, "layer indices"), default="", help="comma-separated layers kept dense")
     p.add_argument("--gen-tokens", type=positive_int, default=12)
+    p.add_argument("--decode-modes", default="", help="comma-separated decode paths also run on every prompt after a dense "
+                   "prefill: sparse_decode, kernel_decode, mixed_int8, mixed_fp8 (see 'sparseattn gen-check')")
+    p.add_argument("--top-pages", type=_top_pages, default=0.1, help="sparse_decode: pages kept per KV head, a fraction "
+                   "(< 1) or a count (default 0.1)")
+    p.add_argument("--page-size", type=positive_int, default=16, help="sparse_decode: keys per page (default 16)")
+    p.add_argument("--mixed-window", type=positive_int, default=128, help="mixed_*: recent tokens kept in the model dtype")
     p.add_argument("--backend", default="auto", choices=["auto", "masked_sdpa", "attention", "reference", "triton"])
     p.add_argument("--device", type=device, default=None)
     p.add_argument("--seed", type=any_int, default=0)
@@ -46,12 +54,21 @@ def run(args: argparse.Namespace) -> int:
     from sparseattn.eval.niah import run_niah, write_niah_report
 
     check_model_run("niah", args, DEFAULT_PREDICTOR_SPEC)
+    from sparseattn.eval.gen_check import GEN_CHECK_MODES
+
+    modes = [m.strip() for m in args.decode_modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in GEN_CHECK_MODES or m == "sparse_prefill"]
+    if bad:
+        raise fail("niah", "--decode-modes", f"has an unknown mode {bad[0]!r}",
+                   "some of kernel_decode, sparse_decode, mixed_int8, mixed_fp8", repr(args.decode_modes))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     res = run_niah(args.model, predictor=args.predictor or DEFAULT_PREDICTOR_SPEC, pattern=args.pattern,
                    dense_layers=args.dense_layers, tuned=args.tuned, lengths=args.lengths, depths=args.depths, trials=args.trials,
                    text_files=args.text_file, text_dir=args.text_dir, gen_tokens=args.gen_tokens,
-                   backend=args.backend, dtype=dtype, device=device, seed=args.seed, progress=not args.quiet)
+                   backend=args.backend, dtype=dtype, device=device, seed=args.seed, progress=not args.quiet,
+                   decode_modes=modes, top_pages=args.top_pages,
+                   page_size=args.page_size, mixed_window=args.mixed_window)
     paths = write_niah_report(res, args.out, plots=not args.no_plots)
     print(res.table())
     print("report: " + ", ".join(str(p) for p in paths.values()))

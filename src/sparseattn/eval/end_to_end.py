@@ -128,6 +128,52 @@ def greedy_generate(model: Any, ids: torch.Tensor, *, gen_tokens: int, score_las
     return {"logits": logits.cpu(), "tokens": tokens, "prefill_s": t1 - t0, "decode_s": t2 - t1, "peak_mem_bytes": peak}
 
 
+def greedy_generate_batch(model: Any, ids: torch.Tensor, *, gen_tokens: int,
+                          stop_ids: Collection[int] = ()) -> dict[str, Any]:
+    """:func:`greedy_generate` for a batch of prompts of one length ``ids`` ``(B, T)`` (no padding, no mask).
+
+    Every row decodes greedily; a row's tokens end with (and include) its first token in ``stop_ids``, like
+    :func:`greedy_generate`'s; the loop ends when every row has stopped or after ``gen_tokens`` tokens. A stopped
+    row keeps being fed its last token so the batch stays rectangular; those tokens are dropped. One host read per
+    step for the whole batch (the loop needs the tokens to know when to stop), so a host-bound decode costs about
+    what one prompt costs.
+
+    Returns:
+        ``{"tokens": [[int]] (one list per row), "prefill_s", "decode_s"}`` (times of the whole batch).
+    """
+    fn = "greedy_generate_batch"
+    if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+        raise fail(fn, "ids", "must be a non-empty 2-D batch of token ids", "shape (B, T)", tuple(ids.shape))
+    check_positive_int(fn, "gen_tokens", gen_tokens)
+    cuda = ids.is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    if cuda:
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    name = "cache" if "cache" in getattr(out, "keys", lambda: ())() or hasattr(type(out), "cache") else "past_key_values"
+    past = getattr(out, name)
+    tok = out.logits[:, -1].argmax(-1)
+    rows: list[list[int]] = [[t] for t in tok.tolist()]
+    stops = frozenset(stop_ids)
+    done = [r[-1] in stops for r in rows]
+    for _ in range(gen_tokens - 1):
+        if all(done):
+            break
+        o = model(tok.view(-1, 1), use_cache=True, **{name: past})
+        past = getattr(o, name)
+        tok = o.logits[:, -1].argmax(-1)
+        for i, t in enumerate(tok.tolist()):
+            if not done[i]:
+                rows[i].append(t)
+                done[i] = t in stops
+    if cuda:
+        torch.cuda.synchronize()
+    return {"tokens": rows, "prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1}
+
+
 def _mean_std(values: Sequence[float]) -> dict[str, float]:
     vals = [float(v) for v in values]
     if not vals:

@@ -138,6 +138,8 @@ class NiahResult:
         lines.append(f"accuracy: dense {s['dense_accuracy']:.1%}, sparse {s['sparse_accuracy']:.1%}; "
                      f"mean sparse density per length: " + ", ".join(
                          f"{n}: {s['sparse_density_by_length'].get(str(n), float('nan')):.3f}" for n in self.lengths))
+        for m, acc in s.get("mode_accuracy", {}).items():
+            lines.append(f"decode mode {m}: accuracy {acc:.1%}, same outcome as dense in {s['mode_agreement'][m]:.1%}")
         return "\n".join(lines)
 
 
@@ -161,19 +163,38 @@ def run_niah(
     seed: int = 0,
     progress: bool = True,
     tuned: Any = None,
+    decode_modes: Sequence[str] = (),
+    top_pages: int | float = 0.1,
+    page_size: int = 16,
+    mixed_window: int = 128,
+    decode_backend: str = "auto",
 ) -> NiahResult:
     """Needle-in-a-haystack accuracy, dense and sparse, for every length × depth (× trials).
 
     The haystack is RULER's filler unless ``text_files`` / ``text_dir`` give real text. Each trial
     uses a different seeded key/value (the same for dense and sparse). ``tuned`` (a file from
     ``sparseattn tune`` or a ``TunedConfig``) replaces ``predictor``/``pattern``, checked against the model.
+
+    ``decode_modes``: decode paths also run on every prompt, each after a dense prefill, scored the same way
+    (``sparse_decode``: Quest-style pages, ``top_pages`` per KV head of ``page_size`` keys; ``kernel_decode``: the
+    dense decode kernel; ``mixed_int8`` / ``mixed_fp8``: :class:`~sparseattn.state.kv_cache.MixedKVCache` with
+    ``mixed_window`` recent tokens in the model dtype) — the generations of :mod:`sparseattn.eval.gen_check`,
+    ``gen_tokens`` greedy tokens without an EOS stop.
     """
     from sparseattn.eval.end_to_end import greedy_generate
     from sparseattn.eval.env import environment
+    from sparseattn.eval.gen_check import _run_mode
     from sparseattn.integrations.transformers_patch import patch_model
     from sparseattn.predictors.resolve import describe_predictor, select_predictor
 
     fn = "run_niah"
+    from sparseattn.eval.gen_check import GEN_CHECK_MODES
+
+    modes = list(dict.fromkeys(decode_modes))
+    for m in modes:
+        if m not in GEN_CHECK_MODES or m == "sparse_prefill":
+            raise fail(fn, "decode_modes", f"has an unknown mode {m!r}",
+                       "some of kernel_decode, sparse_decode, mixed_int8, mixed_fp8", repr(list(decode_modes)))
     lengths = [check_positive_int(fn, "lengths", int(n)) for n in lengths]
     depths = [float(d) for d in depths]
     check_positive_int(fn, "trials", trials)
@@ -220,13 +241,19 @@ def run_niah(
                     finally:
                         handle.unpatch()
                     rep = handle.sparsity_report()
+                    mode_out: dict[str, str] = {}
+                    for m in modes:  # each decode path after a dense prefill (gen_check's runs)
+                        r = _run_mode(model, m, ids, gen_tokens, patch_kw={}, top_pages=top_pages, page_size=page_size,
+                                      mixed_window=mixed_window, decode_backend=decode_backend, decode_layers=None)
+                        mode_out[m] = tokenizer.decode(r["tokens"], skip_special_tokens=True)
                     d_txt = tokenizer.decode(dense["tokens"], skip_special_tokens=True)
                     s_txt = tokenizer.decode(sparse["tokens"], skip_special_tokens=True)
                     cases.append({"length": n, "depth": d, "trial": t, "key": pr["key"], "value": pr["value"],
                                   "needle_token": pr["needle_token"], "dense_output": d_txt, "sparse_output": s_txt,
                                   "dense_correct": pr["value"] in d_txt, "sparse_correct": pr["value"] in s_txt,
                                   "sparse_density": rep["mean_density"], "dense_prefill_s": dense["prefill_s"],
-                                  "sparse_prefill_s": sparse["prefill_s"]})
+                                  "sparse_prefill_s": sparse["prefill_s"],
+                                  "mode_output": mode_out, "mode_correct": {m: pr["value"] in t for m, t in mode_out.items()}})
                     bar.update(1)
     bar.close()
     grid: dict[str, list[list[float]]] = {"dense": [], "sparse": []}
@@ -246,13 +273,18 @@ def run_niah(
         "sparse_accuracy": sum(c["sparse_correct"] for c in cases) / len(cases),
         "agreement": sum(c["dense_correct"] == c["sparse_correct"] for c in cases) / len(cases),
         "sparse_density_by_length": dens_by_len,
+        # per decode mode: accuracy, and the share of cases with dense's outcome
+        "mode_accuracy": {m: sum(c["mode_correct"][m] for c in cases) / len(cases) for m in modes},
+        "mode_agreement": {m: sum(c["mode_correct"][m] == c["dense_correct"] for c in cases) / len(cases) for m in modes},
         "total_s": time.perf_counter() - t0,
     }
     cfg = {"model": model_name, "sparse_config": (pattern if pattern is not None else
                                                  (predictor if isinstance(predictor, str) else describe_predictor(pred)["name"])),
            "predictor": describe_predictor(pred), "tuned": tuned_label, "dense_layers": sorted(dense_layers), "trials": trials,
            "gen_tokens": gen_tokens, "haystack": haystack, "backend": backend, "seed": seed,
-           "needle": _NEEDLE, "question": _TASK.split("\n")[-1], "answer_prefix": _ANSWER_PREFIX}
+           "needle": _NEEDLE, "question": _TASK.split("\n")[-1], "answer_prefix": _ANSWER_PREFIX,
+           "decode_modes": modes, "top_pages": top_pages, "page_size": page_size, "mixed_window": mixed_window,
+           "decode_backend": decode_backend}
     return NiahResult(config=cfg, lengths=lengths, depths=depths, grid=grid, cases=cases, summary=summary,
                       environment=environment(dev))
 
@@ -278,6 +310,20 @@ def write_niah_report(res: NiahResult, out_dir: str | Path, *, plots: bool = Tru
     for di, d in enumerate(res.depths):
         md.append(f"| {d:.0%} | " + " | ".join(f"dense {res.grid['dense'][di][li]:.0%} / sparse {res.grid['sparse'][di][li]:.0%}"
                                                 for li in range(len(res.lengths))) + " |")
+    if s.get("mode_accuracy"):
+        c0 = res.config
+        md += ["", f"Decode modes (dense prefill; sparse_decode {c0['top_pages']} of the {c0['page_size']}-key pages, "
+               f"mixed window {c0['mixed_window']}):", "", "| mode | accuracy | same outcome as dense | "
+               + " | ".join(f"{n}" for n in res.lengths) + " |", "|---|---|---|" + "---|" * len(res.lengths)]
+        for m, acc in s["mode_accuracy"].items():
+            per = [[c["mode_correct"][m] for c in res.cases if c["length"] == n] for n in res.lengths]
+            md.append(f"| {m} | {acc:.1%} | {s['mode_agreement'][m]:.1%} | "
+                      + " | ".join(f"{sum(v) / len(v):.0%}" for v in per) + " |")
+        md += ["", "| length | depth | trial | " + " | ".join(s["mode_accuracy"]) + " |",
+               "|---|---|---|" + "---|" * len(s["mode_accuracy"])]
+        for c in res.cases:
+            md.append(f"| {c['length']} | {c['depth']:.2f} | {c['trial']} | " + " | ".join(
+                f"{'✔' if c['mode_correct'][m] else '✘'} `{_clean(c['mode_output'][m])}`" for m in s["mode_accuracy"]) + " |")
     md += ["", "Mean sparse block density per length: " + ", ".join(f"{k}: {v:.3f}" for k, v in s["sparse_density_by_length"].items()),
            "", "| length | depth | trial | value | dense output | sparse output |", "|---|---|---|---|---|---|"]
     for c in res.cases:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import re
 import string
@@ -492,6 +493,7 @@ def run_ruler(
     seed: int = 0,
     progress: bool = True,
     runs_path: str | Path | None = None,
+    batch_size: int | None = None,
 ) -> RulerResult:
     """RULER scores of the dense model and of each sparse configuration, per task × length.
 
@@ -510,10 +512,15 @@ def run_ruler(
         seed: the prompts depend only on it, the task, the length, the sample index and the tokenizer.
         runs_path: a JSONL file that gets one line per finished run (configuration × prompt: score,
             density, output) as soon as it finishes, so an interrupted job keeps its measurements.
+        batch_size: prompts generated together. Only prompts of the same task, length and token count share
+            a batch (no padding: NIAH and ``vt`` prompts are exactly ``length`` tokens, ``cwe`` / ``fwe`` often
+            differ and then run alone). ``None``: 8 on CUDA (eager decode of a small model is host-bound, so a
+            batch costs about one prompt), 1 on the CPU. A batched prompt's density is its batch's mean, its
+            ``prefill_s`` the batch's prefill time divided by the batch size.
     """
     from tqdm.auto import tqdm
 
-    from sparseattn.eval.end_to_end import greedy_generate
+    from sparseattn.eval import end_to_end
     from sparseattn.eval.env import environment
     from sparseattn.eval.niah import _sentences
     from sparseattn.integrations.transformers_patch import patch_model
@@ -527,6 +534,8 @@ def run_ruler(
     check_positive_int(fn, "samples", samples)
     if gen_tokens is not None:
         check_positive_int(fn, "gen_tokens", gen_tokens)
+    if batch_size is not None:
+        check_positive_int(fn, "batch_size", batch_size)
     rows = parse_configs(predictors, patterns)
     if not rows and tuned is None:
         raise fail(fn, "predictors/patterns/tuned", "give no sparse configuration", "at least one spec or a tuned file",
@@ -581,39 +590,59 @@ def run_ruler(
 
     stops = _special_ids(tokenizer)
 
-    def run_one(label: str, case: dict[str, Any], smp: dict[str, Any], handle: Any) -> None:
-        bar.set_postfix_str(f"{label[:24]}: {case['task']} @ {case['length']}", refresh=False)
-        if handle is not None:
-            handle.reset_stats()
-        # scoring reads the continuation up to the first special token (``_continuation``): stop there too
-        out = greedy_generate(model, smp["input_ids"].to(dev), gen_tokens=gen[case["task"]], score_last=1,
-                              stop_ids=stops)
-        density = 1.0 if handle is None else handle.sparsity_report()["mean_density"]
-        text = _continuation(tokenizer, out["tokens"])
+    if batch_size is None:
+        batch_size = 8 if dev.type == "cuda" else 1
+    groups: dict[tuple[int, str, int], list[int]] = {}  # same length, task and token count: one batch, no padding
+    for i, case in enumerate(cases):
+        groups.setdefault((case["length"], case["task"], case["prompt_tokens"]), []).append(i)
+    batches = [idx[j:j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size)]
+
+    def record(label: str, case: dict[str, Any], tokens: Sequence[int], density: float, prefill_s: float,
+               batch: int) -> None:
+        text = _continuation(tokenizer, tokens)
         case["outputs"][label] = text
-        case["scores"][label] = string_match_all(text, smp["answers"])
+        case["scores"][label] = string_match_all(text, case["answers"])
         case["density"][label] = density
-        case["prefill_s"][label] = out["prefill_s"]
+        case["prefill_s"][label] = prefill_s
+        case.setdefault("batch", {})[label] = batch
         if runs_fh is not None:
             runs_fh.write(json.dumps({"config": label, "task": case["task"], "length": case["length"],
                                       "sample": case["sample"], "score": case["scores"][label],
-                                      "density": density, "output": text}) + "\n")
+                                      "density": density, "batch": batch, "output": text}) + "\n")
             runs_fh.flush()
         bar.update(1)
 
+    def run_batch(label: str, idx: Sequence[int], handle: Any) -> None:
+        first = cases[idx[0]]
+        bar.set_postfix_str(f"{label[:24]}: {first['task']} @ {first['length']} x{len(idx)}", refresh=False)
+        if handle is not None:
+            handle.reset_stats()
+        # scoring reads the continuation up to the first special token (``_continuation``): stop there too
+        if len(idx) == 1:
+            out = end_to_end.greedy_generate(model, prompts[idx[0]]["input_ids"].to(dev), gen_tokens=gen[first["task"]],
+                                             score_last=1, stop_ids=stops)
+            token_rows = [out["tokens"]]
+        else:
+            ids = torch.cat([prompts[i]["input_ids"] for i in idx]).to(dev)
+            out = end_to_end.greedy_generate_batch(model, ids, gen_tokens=gen[first["task"]], stop_ids=stops)
+            token_rows = out["tokens"]
+        density = 1.0 if handle is None else handle.sparsity_report()["mean_density"]
+        for i, tokens in zip(idx, token_rows):
+            record(label, cases[i], tokens, density, out["prefill_s"] / len(idx), len(idx))
+
     try:
         with torch.no_grad():
-            # one patch per sparse configuration; the dense run of each prompt goes right before the first
+            # one patch per sparse configuration; the dense run of each batch goes right before the first
             # sparse run of it (the model's own attention, handle.suspended()), so an interrupted job still
             # holds dense/sparse pairs
             for label in configs[1:]:
                 handle = patch_model(model, predictor=dict(rows)[label], dense_layers=row_dense[label], backend=backend)
                 try:
-                    for case, smp in zip(cases, prompts):
-                        if "dense" not in case["scores"]:
+                    for idx in batches:
+                        if "dense" not in cases[idx[0]]["scores"]:
                             with handle.suspended():
-                                run_one("dense", case, smp, None)
-                        run_one(label, case, smp, handle)
+                                run_batch("dense", idx, None)
+                        run_batch(label, idx, handle)
                 finally:
                     handle.unpatch()
     finally:
@@ -639,15 +668,30 @@ def run_ruler(
                                                                    and k["density"][c] is not None]) else None)
                                    for n in lengths} for c in configs},
         "same_score_as_dense": {c: mean([float(k["scores"][c] == k["scores"]["dense"]) for k in cases]) for c in configs},
+        # paired difference to dense per task and length: mean and its standard error over the prompts
+        "delta_vs_dense": {c: {t: {str(n): _paired(cases, c, t, n) for n in lengths} for t in task_list}
+                           for c in configs[1:]},
         "prefill_s": {c: mean([k["prefill_s"][c] for k in cases]) for c in configs},
         "total_s": time.perf_counter() - t0,
     }
     cfg = {"model": str(model_name), "configs": {label: describe_predictor(p) for label, p in rows}, "tuned": tuned_label,
            "dense_layers": sorted(dense_layers), "tasks": task_list, "samples": samples, "gen_tokens": gen,
+           "batch_size": batch_size,
            "haystack": haystack, "backend": backend, "seed": seed, "scoring": "string_match_all (RULER)",
            "task_info": {t: TASK_INFO[t] for t in task_list}}
     return RulerResult(config=cfg, tasks=task_list, lengths=lengths, configs=configs, scores=scores, cases=cases,
                        summary=summary, environment=environment(dev))
+
+
+def _paired(cases: Sequence[dict[str, Any]], config: str, task: str, length: int) -> dict[str, float]:
+    """Mean of ``score(config) - score(dense)`` over the prompts of one task and length, with its standard error
+    (sample standard deviation / sqrt(n); 0 for one prompt) and n."""
+    d = [k["scores"][config] - k["scores"]["dense"] for k in cases if k["task"] == task and k["length"] == length]
+    if not d:
+        return {"mean": float("nan"), "se": float("nan"), "n": 0}
+    m = sum(d) / len(d)
+    se = math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else 0.0
+    return {"mean": m, "se": se, "n": len(d)}
 
 
 # --------------------------------------------------------------------------- reports
@@ -692,7 +736,8 @@ def write_ruler_report(res: RulerResult, out_dir: str | Path, *, plots: bool = T
     s, cs = res.summary, res.configs
     md = ["# sparseattn ruler: dense vs sparse", "",
           f"- model `{res.config['model']}`; haystack: {res.config['haystack']}; {res.config['samples']} sample(s) per "
-          f"task and length; seed {res.config['seed']}; dense layers {res.config['dense_layers'] or 'none'}",
+          f"task and length; seed {res.config['seed']}; dense layers {res.config['dense_layers'] or 'none'}; "
+          f"batch size {res.config.get('batch_size', 1)} (prompts of one task, length and token count)",
           "- score: RULER's string_match_all, the share of expected answers found (case-insensitive) in the greedy "
           "continuation, averaged over samples (1.00 = all found)",
           f"- run {s['total_s']:.0f} s", "",
@@ -712,6 +757,14 @@ def write_ruler_report(res: RulerResult, out_dir: str | Path, *, plots: bool = T
                   f"{s['same_score_as_dense'][c]:.0%} | {'-' if sp is None else f'{sp:.3f}'} | "
                   + " | ".join("-" if (v := s["sparsity_by_length"][c][str(n)]) is None else f"{v:.3f}" for n in res.lengths)
                   + f" | {s['prefill_s'][c]:.3f} |")
+    md += ["", "Score − dense per task and length, mean ± standard error of the paired difference over the prompts "
+           "(one prompt of n moves a single-answer task by 1/n):", "",
+           "| task | length | n | " + " | ".join(f"`{c}`" for c in cs[1:]) + " |", "|---|---|---|" + "---|" * (len(cs) - 1)]
+    for t in res.tasks:
+        for n in res.lengths:
+            dd = [s["delta_vs_dense"][c][t][str(n)] for c in cs[1:]]
+            md.append(f"| {t} | {n} | {dd[0]['n'] if dd else 0} | "
+                      + " | ".join(f"{d['mean']:+.3f} ± {d['se']:.3f}" for d in dd) + " |")
     md += ["", "Tasks:", ""] + [f"- `{t}`: {TASK_INFO[t]} ({res.config['gen_tokens'][t]} greedy tokens)" for t in res.tasks]
     if "heatmap" in paths:
         md += ["", f"![RULER heatmap]({paths['heatmap'].name})"]
