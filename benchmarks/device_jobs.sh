@@ -86,8 +86,8 @@ run_job() {
         --no-plots --quiet --out "$d" > "$d/log" 2>&1; tail -n 10 "$d/log" ;;
     gen_gemma)  # issue 14: greedy agreement of the decode paths on Gemma-3-270M at 16K/32K
       timeout ${GENG_S:-200} $M gen-check --model $GEMMA --text-dir $ESSAYS --lengths 16384,32000 \
-        --modes sparse_decode,kernel_decode,mixed_int8,mixed_fp8 --top-pages ${GENG_PAGES:-0.5} --samples 2 --device cuda \
-        --dtype bfloat16 --quiet --out "$d" > "$d/log" 2>&1; tail -n 14 "$d/log" ;;
+        --modes sparse_decode,kernel_decode,mixed_int8,mixed_fp8 --top-pages ${GENG_PAGES:-0.5} --samples ${GENG_SAMPLES:-2} \
+        --device cuda --dtype bfloat16 ${GENG_ARGS:-} --out "$d" > "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 24 ;;
     gemma_tune)  # issue 13: Gemma-3-270M global layers (window layers are exact bands, left out)
       timeout 240 $M tune --model $GEMMA --text-dir $ESSAYS --samples 4 --seq-len 8192 --l1 0.06 --keep-local-grid 4,2,1 \
         --target-top1 0.955 --target-cosine 0.999 --calibrate-samples 2 --compare --compare-samples 1 \
@@ -96,6 +96,11 @@ run_job() {
     gemma_bench)  # issue 13: the tuned file at 8K/16K/32K against the all-blocks floor, same runs
       timeout 280 python3 benchmarks/bench_model.py --model $GEMMA --lengths 8192,16384,32000 --text-dir $ESSAYS --repeats 5 \
         --tuned /tmp/m/gemma8k.safetensors --no-profile --no-plot --out "$d" > "$d/log" 2>&1; tail -n 12 "$d/log" ;;
+    gemma_oracle)  # issue 13: can any block selection reach 50% on Gemma's global layers within 2 points of the floor?
+      timeout ${GORC_S:-240} python3 benchmarks/bench_model.py --model $GEMMA --lengths ${GORC_LENGTHS:-8192,16384,32000} \
+        --text-dir $ESSAYS --repeats ${GORC_REPEATS:-3} --no-profile --no-plot --out "$d" --predictors \
+        "${GORC_PRED:-oracle:cdf_threshold=0.99;oracle:cdf_threshold=0.97;oracle:cdf_threshold=0.9;oracle:topk=0.5,cdf_threshold=None;$DEFAULT_PRED}" \
+        > "$d/log" 2>&1; tail -n 24 "$d/log" ;;
     ruler_gemma)  # issue 17: RULER on Gemma-3-270M, batched prompts
       T="--tuned /tmp/m/gemma8k.safetensors"; [ -f /tmp/m/gemma8k.safetensors ] || T=""
       timeout ${RULER_GEMMA_S:-420} $M ruler --model $GEMMA --text-dir $ESSAYS --lengths ${RULER_GEMMA_LENGTHS:-8192,16384,32000} \

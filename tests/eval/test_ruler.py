@@ -352,3 +352,24 @@ def test_niah_cli_rejects_an_unknown_decode_mode(tiny, tmp_path, capsys):
                "--quiet", "--no-plots", "--out", str(tmp_path / "n")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--decode-modes has an unknown mode 'quest'" in err[0], err
+
+
+def test_floor_configuration_is_run_and_compared(tiny, tmp_path):
+    """``floor=True`` adds the all-blocks configuration right after dense; every other sparse configuration gets
+    paired deltas against it; in float32 the default leaves it out."""
+    from sparseattn.models.loader import load
+
+    model, tok = load(str(tiny[0]))
+    kw = dict(model=model, tokenizer=tok, predictors=None, patterns="sink_window:sink_blocks=1,window_blocks=2",
+              tasks="niah_single", lengths=[1100], samples=2, text_dir=str(tiny[1]), gen_tokens=3, progress=False)
+    res = ruler.run_ruler("tiny", floor=True, **kw)
+    sparse = "pattern sink_window:sink_blocks=1,window_blocks=2"
+    assert res.configs == ["dense", ruler.FLOOR_LABEL, sparse] and res.config["floor"] is True
+    assert res.summary["sparsity"][ruler.FLOOR_LABEL] == pytest.approx(0.0)
+    d = res.summary["delta_vs_floor"][sparse]["niah_single"]["1100"]
+    want = sum(c["scores"][sparse] - c["scores"][ruler.FLOOR_LABEL] for c in res.cases) / 2
+    assert set(res.summary["delta_vs_floor"]) == {sparse} and d["n"] == 2 and d["mean"] == pytest.approx(want)
+    md = ruler.write_ruler_report(res, tmp_path, plots=False)["markdown"].read_text()
+    assert f"Score − `{ruler.FLOOR_LABEL}`" in md and "| niah_single | 1100 | " in md
+    off = ruler.run_ruler("tiny", **kw)  # float32 model: no floor by default
+    assert off.configs == ["dense", sparse] and off.summary["delta_vs_floor"] == {}

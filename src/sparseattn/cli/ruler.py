@@ -39,6 +39,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="prompts generated together (same task, length and token count only; no padding). "
                         "Default 8 on CUDA (eager decode is host-bound), 1 on the CPU")
+    p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run every causal block through sparseattn's kernel (the noise floor; scores are compared "
+                        "with it as well as with dense). Default: on in bfloat16/float16, off in float32")
     p.add_argument("--backend", default="auto", choices=["auto", "masked_sdpa", "attention", "reference", "triton"])
     p.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default float32 on CPU, bfloat16 on CUDA")
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
                     dense_layers=args.dense_layers, tasks=tasks, lengths=args.lengths, samples=args.samples,
                     text_files=args.text_file, text_dir=args.text_dir, gen_tokens=args.gen_tokens, backend=args.backend,
                     dtype=dtype, device=dev, seed=args.seed, progress=not args.quiet,
-                    runs_path=Path(args.out) / "ruler_runs.jsonl", batch_size=args.batch_size)
+                    runs_path=Path(args.out) / "ruler_runs.jsonl", batch_size=args.batch_size,
+                    floor=args.floor)
     paths = write_ruler_report(res, args.out, plots=not args.no_plots)
     print(res.table())
     print("report: " + ", ".join(str(p) for p in paths.values()))

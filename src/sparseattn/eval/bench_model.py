@@ -584,8 +584,12 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
             rec["ratio_paired"] = statistics.median(paired) if paired else None
             dense_rounds += t["dense_rounds_s"]
             result["rows"].append(rec)
+            vf = rec.get("vs_all_blocks") or {}
+            # the accuracy in the progress line too, so a job stopped before the report keeps it
             _log(f"  dense {t['dense_s'] * 1e3:.1f} ms, sparse {t['sparse_s'] * 1e3:.1f} ms, ratio {t['ratio']:.3f}, "
-                 f"density {rec['density']}, cosine {rec['vs_dense']['logits_cosine']:.6f}", progress)
+                 f"density {rec['density']}, cosine {rec['vs_dense']['logits_cosine']:.6f}, "
+                 f"top1 {rec['vs_dense']['top1_agreement']:.4f}, KL {rec['vs_dense']['kl_dense_sparse']:.2e}"
+                 + (f", top1 vs all-blocks {vf['top1_agreement']:.4f}" if vf else ""), progress)
         entry["dense_s_all_rounds_median"] = statistics.median(dense_rounds) if dense_rounds else None
         dense_logits = floor_logits = dense_again = dense_replay = None  # free before the next length
         if cuda:

@@ -45,7 +45,7 @@ from sparseattn._validation import check_positive_int, fail
 from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
 from sparseattn.eval.texts import chat_text, trim_haystack
 
-__all__ = ["TASKS", "TASK_INFO", "DEFAULT_GEN_TOKENS", "RULER_DEFAULT_LENGTHS", "parse_tasks", "parse_configs", "make_ruler_sample",
+__all__ = ["TASKS", "TASK_INFO", "DEFAULT_GEN_TOKENS", "RULER_DEFAULT_LENGTHS", "FLOOR_LABEL", "parse_tasks", "parse_configs", "make_ruler_sample",
            "string_match_all", "RulerResult", "run_ruler", "write_ruler_report", "ruler_heatmap"]
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
@@ -66,6 +66,8 @@ DEFAULT_GEN_TOKENS = {"niah_single": 32, "niah_multikey": 32, "niah_multivalue":
                       "vt": 30, "cwe": 120, "fwe": 50}
 
 RULER_DEFAULT_LENGTHS = (1024, 2048)
+
+FLOOR_LABEL = "all blocks (floor)"  # every causal block through sparseattn's kernel: the half-precision noise floor
 
 _NIAH_TEMPLATE = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
                   "I will quiz you about the numbers afterwards.\n{context}\n"
@@ -494,6 +496,7 @@ def run_ruler(
     progress: bool = True,
     runs_path: str | Path | None = None,
     batch_size: int | None = None,
+    floor: bool | None = None,
 ) -> RulerResult:
     """RULER scores of the dense model and of each sparse configuration, per task × length.
 
@@ -517,6 +520,10 @@ def run_ruler(
             differ and then run alone). ``None``: 8 on CUDA (eager decode of a small model is host-bound, so a
             batch costs about one prompt), 1 on the CPU. A batched prompt's density is its batch's mean, its
             ``prefill_s`` the batch's prefill time divided by the batch size.
+        floor: also run the **all-blocks** configuration (every causal block through sparseattn's kernel,
+            :data:`FLOOR_LABEL`): what the kernel's rounding alone changes, the noise floor the sparse
+            configurations are compared with as well as dense (``summary["delta_vs_floor"]``). ``None``: on for
+            half-precision dtypes (where the kernel and the model's attention round differently), off in float32.
     """
     from tqdm.auto import tqdm
 
@@ -545,6 +552,13 @@ def run_ruler(
 
     model, tokenizer = model_and_tokenizer(fn, model_name, model, tokenizer, dtype=dtype, device=device)
     dev = next(model.parameters()).device
+    if floor is None:  # the model's own dtype decides (a model passed in may not be in ``dtype``)
+        floor = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    if floor:
+        from sparseattn.eval.bench_model import ALL_BLOCKS_SPEC
+        from sparseattn.predictors.pattern import pattern_predictor
+
+        rows.insert(0, (FLOOR_LABEL, pattern_predictor(ALL_BLOCKS_SPEC)))
     row_dense = {label: sorted(set(dense_layers)) for label, _ in rows}
     tuned_label = None
     if tuned is not None:
@@ -671,22 +685,24 @@ def run_ruler(
         # paired difference to dense per task and length: mean and its standard error over the prompts
         "delta_vs_dense": {c: {t: {str(n): _paired(cases, c, t, n) for n in lengths} for t in task_list}
                            for c in configs[1:]},
+        "delta_vs_floor": {c: {t: {str(n): _paired(cases, c, t, n, FLOOR_LABEL) for n in lengths} for t in task_list}
+                           for c in configs if floor and c not in ("dense", FLOOR_LABEL)},
         "prefill_s": {c: mean([k["prefill_s"][c] for k in cases]) for c in configs},
         "total_s": time.perf_counter() - t0,
     }
     cfg = {"model": str(model_name), "configs": {label: describe_predictor(p) for label, p in rows}, "tuned": tuned_label,
            "dense_layers": sorted(dense_layers), "tasks": task_list, "samples": samples, "gen_tokens": gen,
-           "batch_size": batch_size,
+           "batch_size": batch_size, "floor": bool(floor),
            "haystack": haystack, "backend": backend, "seed": seed, "scoring": "string_match_all (RULER)",
            "task_info": {t: TASK_INFO[t] for t in task_list}}
     return RulerResult(config=cfg, tasks=task_list, lengths=lengths, configs=configs, scores=scores, cases=cases,
                        summary=summary, environment=environment(dev))
 
 
-def _paired(cases: Sequence[dict[str, Any]], config: str, task: str, length: int) -> dict[str, float]:
-    """Mean of ``score(config) - score(dense)`` over the prompts of one task and length, with its standard error
+def _paired(cases: Sequence[dict[str, Any]], config: str, task: str, length: int, ref: str = "dense") -> dict[str, float]:
+    """Mean of ``score(config) - score(ref)`` over the prompts of one task and length, with its standard error
     (sample standard deviation / sqrt(n); 0 for one prompt) and n."""
-    d = [k["scores"][config] - k["scores"]["dense"] for k in cases if k["task"] == task and k["length"] == length]
+    d = [k["scores"][config] - k["scores"][ref] for k in cases if k["task"] == task and k["length"] == length]
     if not d:
         return {"mean": float("nan"), "se": float("nan"), "n": 0}
     m = sum(d) / len(d)
@@ -765,6 +781,15 @@ def write_ruler_report(res: RulerResult, out_dir: str | Path, *, plots: bool = T
             dd = [s["delta_vs_dense"][c][t][str(n)] for c in cs[1:]]
             md.append(f"| {t} | {n} | {dd[0]['n'] if dd else 0} | "
                       + " | ".join(f"{d['mean']:+.3f} ± {d['se']:.3f}" for d in dd) + " |")
+    if s.get("delta_vs_floor"):
+        fl = [c for c in cs if c in s["delta_vs_floor"]]
+        md += ["", f"Score − `{FLOOR_LABEL}` (every causal block through sparseattn's kernel, same run: what the kernel's "
+               "rounding alone changes), mean ± standard error over the prompts:", "",
+               "| task | length | " + " | ".join(f"`{c}`" for c in fl) + " |", "|---|---|" + "---|" * len(fl)]
+        for t in res.tasks:
+            for n in res.lengths:
+                md.append(f"| {t} | {n} | " + " | ".join(
+                    f"{(d := s['delta_vs_floor'][c][t][str(n)])['mean']:+.3f} ± {d['se']:.3f}" for c in fl) + " |")
     md += ["", "Tasks:", ""] + [f"- `{t}`: {TASK_INFO[t]} ({res.config['gen_tokens'][t]} greedy tokens)" for t in res.tasks]
     if "heatmap" in paths:
         md += ["", f"![RULER heatmap]({paths['heatmap'].name})"]
