@@ -96,6 +96,10 @@ run_job() {
     gemma_bench)  # issue 13: the tuned file at 8K/16K/32K against the all-blocks floor, same runs
       timeout 280 python3 benchmarks/bench_model.py --model $GEMMA --lengths 8192,16384,32000 --text-dir $ESSAYS --repeats 5 \
         --tuned /tmp/m/gemma8k.safetensors --no-profile --no-plot --out "$d" > "$d/log" 2>&1; tail -n 12 "$d/log" ;;
+    decode_parity_gemma)  # issue 14: one decode step per layer, model SDPA / our triton and reference decode vs float64
+      timeout ${DPAR_S:-120} python3 benchmarks/decode_layer_parity.py --model $GEMMA --text-dir $ESSAYS \
+        --length ${DPAR_LEN:-16384} --dtype bfloat16 --backends triton,reference --json "$d/parity.json" > "$d/log" 2>&1
+      grep -v Converting "$d/log" | tail -n 22 ;;
     gemma_oracle)  # issue 13: can any block selection reach 50% on Gemma's global layers within 2 points of the floor?
       timeout ${GORC_S:-240} python3 benchmarks/bench_model.py --model $GEMMA --lengths ${GORC_LENGTHS:-8192,16384,32000} \
         --text-dir $ESSAYS --repeats ${GORC_REPEATS:-3} --no-profile --no-plot --out "$d" --predictors \
