@@ -12,7 +12,7 @@ is the quantized kernels' yardstick "on the same dequantised inputs").
 
 Phases (each prints progress; a time budget, ``--budget-s``, cuts the grid and the remaining shapes short):
 
-1. screen (128K, B=8): every variant -- INT8: ``QK`` in dequant/q8/q8x2/fp16 x ``PV`` in dequant/fp16; FP8: the
+1. screen (128K, B=8): every variant -- INT8: ``QK`` in dequant/q8/q8x2/fp16 x ``PV`` in dequant/fp16/i8x2; FP8: the
    same ``QK`` x ``PV`` in dequant/fp16/fp8 -- at the tuned default tile (BLOCK_N 128, 4 warps, 2 stages).
 2. grid (128K, B=8): the two fastest variants per format that pass parity, and the fastest overall, over
    BLOCK_N 64/128/256 x num_warps 4/8 x num_stages 2/3/4 (promising configs first), plus ``BLOCK_M`` 64 (the
@@ -72,7 +72,7 @@ from sparseattn.state.kv_cache import quantize
 from sparseattn.testing.tolerances import check_ratio, quant_accuracy
 
 QK = ("dequant", "q8", "q8x2", "fp16")
-PV = {"int8": ("dequant", "fp16"), "fp8": ("dequant", "fp16", "fp8")}
+PV = {"int8": ("dequant", "fp16", "i8x2"), "fp8": ("dequant", "fp16", "fp8")}
 DEFAULT_TILE = {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
 GRID_ORDER = [(128, 4, 2), (256, 4, 2), (256, 8, 2), (128, 8, 2), (64, 4, 2), (128, 4, 3), (256, 4, 3),
               (256, 8, 3), (64, 4, 3), (128, 8, 3), (128, 4, 4), (256, 8, 4), (64, 8, 2), (256, 4, 4),

@@ -48,7 +48,8 @@ def _kernel_available() -> str | None:
 
 needs_kernel = pytest.mark.skipif(_kernel_available() is not None, reason=str(_kernel_available()))
 
-EXACT = [("q8x2", "dequant"), ("fp16", "dequant"), ("dequant", "fp16"), ("q8x2", "fp16"), ("fp16", "fp16")]
+EXACT = [("q8x2", "dequant"), ("fp16", "dequant"), ("dequant", "fp16"), ("q8x2", "fp16"), ("fp16", "fp16"),
+         ("dequant", "i8x2"), ("q8x2", "i8x2")]
 LOSSY = [("q8", "dequant", "int8"), ("q8", "fp16", "int8"), ("q8", "dequant", "fp8"), ("q8x2", "fp8", "fp8"),
          ("dequant", "fp8", "fp8"), ("q8x2", "dequant", "fp8")]
 
@@ -57,7 +58,9 @@ def _gen(request) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
-def _skip_fp8(mode):
+def _skip_fp8(mode, pv=None):
+    if mode == "fp8" and pv == "i8x2":
+        pytest.skip("PV='i8x2' is for int8 caches (a float8 cache is refused: test_int8_pv_variant_refuses_a_float8_cache)")
     if mode == "fp8" and not FP8_GPU_OK:
         pytest.skip("float8 K/V need compute capability >= 8.9")
 
@@ -112,7 +115,7 @@ def _case_id(c):
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_exact_variants_match_reference(case, variant, mode, dtype, request):
-    _skip_fp8(mode)
+    _skip_fp8(mode, variant[1])
     if mode == "fp8" and variant[0] == "q8x2" and dtype == torch.float16:
         # two e4m3 dots carry ~8 bits of q: bf16's precision, not fp16's (the lossy test covers it)
         pytest.skip("QK='q8x2' on a float8 cache is exact to bf16 q only")
@@ -150,7 +153,7 @@ def test_lossy_variants_within_quantization_bounds(variant, dtype, request):
 @pytest.mark.parametrize("variant", EXACT + [v[:2] for v in LOSSY if v[2] == "int8"], ids=lambda v: f"qk-{v[0]}_pv-{v[1]}")
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_variant_splits_agree(variant, mode, request):
-    _skip_fp8(mode)
+    _skip_fp8(mode, variant[1])
     q, kq, vq, ks, vs = _quant_inputs(2, 4, 2, 2, 150, 64, torch.float16, mode, _gen(request))
     sl = _lens([150, 61])
     run = [decode_attention(q, kq, vq, k_scale=ks, v_scale=vs, seqlens=sl, num_splits=s, return_lse=True,
@@ -160,12 +163,12 @@ def test_variant_splits_agree(variant, mode, request):
 
 
 @needs_kernel
-@pytest.mark.parametrize("variant", [("q8", "dequant"), ("q8x2", "fp16"), ("fp16", "fp16"), ("q8x2", "fp8")],
-                         ids=lambda v: f"qk-{v[0]}_pv-{v[1]}")
+@pytest.mark.parametrize("variant", [("q8", "dequant"), ("q8x2", "fp16"), ("fp16", "fp16"), ("q8x2", "fp8"),
+                                     ("q8x2", "i8x2")], ids=lambda v: f"qk-{v[0]}_pv-{v[1]}")
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_variant_never_reads_beyond_seqlen(variant, mode, request):
     """NaN/inf scales and extreme or NaN values beyond each sequence's length never reach the output."""
-    _skip_fp8(mode)
+    _skip_fp8(mode, variant[1])
     if variant[1] == "fp8" and mode == "int8":
         pytest.skip("PV='fp8' is for float8 caches")
     q, kq, vq, ks, vs = _quant_inputs(3, 4, 2, 2, 96, 64, torch.bfloat16, mode, _gen(request))
@@ -206,10 +209,11 @@ def test_nonfinite_query_row_is_nan_and_stays_in_its_row(qk, bad, request):
 
 
 @needs_kernel
-@pytest.mark.parametrize("variant", [("q8x2", "fp16"), ("fp16", "dequant")], ids=lambda v: f"qk-{v[0]}_pv-{v[1]}")
+@pytest.mark.parametrize("variant", [("q8x2", "fp16"), ("fp16", "dequant"), ("q8x2", "i8x2")],
+                         ids=lambda v: f"qk-{v[0]}_pv-{v[1]}")
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_paged_variant_matches_restricted_reference(variant, mode, request):
-    _skip_fp8(mode)
+    _skip_fp8(mode, variant[1])
     q, kq, vq, ks, vs = _quant_inputs(2, 4, 2, 2, 120, 64, torch.float16, mode, _gen(request))
     sl = _lens([120, 50])
     ps = 8
@@ -260,6 +264,8 @@ def test_bad_variant_configs_raise():
                        ({"PV": "bf8"}, "decode_attention: config has an unknown PV variant"),
                        ({"BLOCK_M": 24}, "decode_attention: config has a bad BLOCK_M"),
                        ({"PV": "fp8"}, "decode_attention: config asks for the fp8 P·V variant on an int8 cache"),
+                       ({"PV": "i8x2", "BLOCK_N": 16}, "decode_attention: config has a BLOCK_N the int8 P·V variant"),
+                       ({"PV": "i8x2", "BLOCK_N": 512}, "decode_attention: config has a BLOCK_N the int8 P·V variant"),
                        ({"XX": 1}, "decode_attention: config must name exactly the launch parameters")):
         if _kernel_available() is not None and "exactly" not in msg:
             continue
@@ -272,12 +278,35 @@ def test_bad_variant_configs_raise():
             DecodeLaunchConfig(64, 4, 2, **kwargs)
 
 
+def test_int8_pv_variant_refuses_a_float8_cache():
+    q = torch.randn(1, 4, 1, 64).half().to(DEV)
+    kq, ks = quantize(torch.randn(1, 2, 32, 64), "fp8")
+    with pytest.raises(ValueError, match="^decode_attention: config asks for the int8 P·V variant on a float8 cache"):
+        decode_attention(q, kq.to(DEV), kq.to(DEV), k_scale=ks.to(DEV), v_scale=ks.to(DEV), backend="triton",
+                         config=_cfg("dequant", "i8x2"))
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_int8_pv_variant_nonfinite_scale_is_nan_in_the_rows_that_attend_it(bad, request):
+    """A NaN / inf value scale of an attended key makes exactly the rows that attend it NaN (the int8 P cannot
+    carry it; it is not turned into a finite number); the other KV head's rows are unchanged."""
+    q, kq, vq, ks, vs = _quant_inputs(1, 4, 2, 1, 80, 64, torch.bfloat16, "int8", _gen(request))
+    kw = dict(k_scale=ks, num_splits=2, return_lse=True, backend="triton", config=_cfg("q8x2", "i8x2"))
+    clean = decode_attention(q, kq, vq, v_scale=vs, **kw)
+    vs2 = vs.clone()
+    vs2[0, 0, 40] = bad
+    st = decode_attention(q, kq, vq, v_scale=vs2, **kw)
+    assert bool(torch.isnan(st.out[0, :2]).all())  # KV head 0's two query heads attend key 40
+    assert torch.equal(st.out[0, 2:], clean.out[0, 2:]) and torch.equal(st.lse, clean.lse)
+
+
 def test_launch_config_round_trip_with_variants():
     for c in (DecodeLaunchConfig(128, 4, 2), DecodeLaunchConfig(256, 8, 3, qk="q8x2", pv="fp16", block_m=32)):
         assert DecodeLaunchConfig.from_dict(c.to_dict()) == c
     assert DecodeLaunchConfig(128, 4, 2).to_dict() == {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
     assert set(DECODE_QK_VARIANTS) >= {"dequant", "q8", "q8x2", "fp16"}
-    assert set(DECODE_PV_VARIANTS) >= {"dequant", "fp16", "fp8"}
+    assert set(DECODE_PV_VARIANTS) >= {"dequant", "fp16", "fp8", "i8x2"}
     with pytest.raises(ValueError, match="^DecodeLaunchConfig.from_dict: d must name exactly"):
         DecodeLaunchConfig.from_dict({"BLOCK_N": 64, "num_warps": 4})
 

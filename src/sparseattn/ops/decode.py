@@ -555,6 +555,13 @@ def _variant_modes(fn: str, cfg: dict[str, Any], kv: str, q_dtype: torch.dtype, 
         block_m = max(block_m, bm)
     if kv == "none" or q_dtype not in (torch.float16, torch.bfloat16):
         return 0, 0, block_m
+    if pv == "i8x2":
+        if kv != "int8":
+            raise fail(fn, "config", "asks for the int8 P·V variant on a float8 cache", "PV 'dequant', 'fp16' or "
+                       "'fp8' (or an int8 cache)", repr(pv))
+        if not 32 <= cfg["BLOCK_N"] <= 256:
+            raise fail(fn, "config", "has a BLOCK_N the int8 P·V variant cannot use", "BLOCK_N in 32..256 with PV "
+                       "'i8x2'", repr(cfg["BLOCK_N"]))
     if pv == "fp8" and kv != "fp8":
         raise fail(fn, "config", "asks for the fp8 P·V variant on an int8 cache", "PV 'dequant' or 'fp16' (or a "
                    "float8_e4m3fn cache)", repr(pv))

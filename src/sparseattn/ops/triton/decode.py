@@ -51,7 +51,11 @@ be picked by measurement; ``0`` is the path above, the default):
 * ``PV_MODE`` — how P·V meets the 8-bit values. ``1`` ("fp16"): V converted to fp16; ``P * s_v`` divided by
   the tile's largest ``s_v`` (so it lies in [0, 1]) and rounded to fp16 (finer than bf16's P), the
   product multiplied back by that scale. ``2`` ("fp8", e4m3 cache only): the same normalised P times 256
-  rounded to e4m3 and ``tl.dot`` on e4m3 x e4m3 (no V conversion; P carries 3 mantissa bits).
+  rounded to e4m3 and ``tl.dot`` on e4m3 x e4m3 (no V conversion; P carries 3 mantissa bits). ``3`` ("i8x2",
+  int8 cache only): the normalised P times 127 as an int8 ``hi`` (rounded) plus its residual times 254 as an int8
+  ``lo``, two int8 x int8 -> int32 dots combined exactly in int32 (P to 1/64516 of the tile's largest P * s_v,
+  absolute: finer than bf16's P above about 1% of that maximum, coarser below, where the terms are small); no V
+  conversion at all. A non-finite P * s_v makes its row NaN. ``BLOCK_N`` 32..256.
 
 ``CAUSAL=False``: every row attends all keys ``j < seqlen`` (a segment that lies wholly before the new
 tokens, e.g. the quantized part of a mixed cache); the default ``True`` is the bottom-right rule below.
@@ -132,7 +136,8 @@ def _decode_split_kernel(
     HAS_KV_SCALE: tl.constexpr = False,  # K/V hold int8/fp8 values with one fp32 scale per key (dequantised here)
     CAUSAL: tl.constexpr = True,  # False: every row attends all keys below seqlen (no causal shift)
     QK_MODE: tl.constexpr = 0,  # HAS_KV_SCALE: 0 dequant K, 1 8-bit q dot, 2 8-bit q + residual dots, 3 fp16 K
-    PV_MODE: tl.constexpr = 0,  # HAS_KV_SCALE: 0 dequant V, 1 fp16 V and normalised fp16 P, 2 e4m3 P x e4m3 V
+    PV_MODE: tl.constexpr = 0,  # HAS_KV_SCALE: 0 dequant V, 1 fp16 V and normalised fp16 P, 2 e4m3 P x e4m3 V,
+    #                             3 int8 P (hi + residual) x int8 V
     FAST_I8: tl.constexpr = False,  # int8 K/V to fp16 by byte moves (QK_MODE 3 / PV_MODE 1; CUDA only)
     FP8_EXACT: tl.constexpr = False,  # interpreter only: exact rounding to e4m3 (see _to_e4m3)
 ):
@@ -301,9 +306,20 @@ def _decode_split_kernel(
                     acc += tl.dot(p16.to(tl.float32), v.to(tl.float16).to(tl.float32)) * c
                 else:
                     acc += tl.dot(p16, _i8_to_f16(v, FAST_I8) if V.dtype.element_ty == tl.int8 else v.to(tl.float16)) * c
-            else:
+            elif PV_MODE == 2:
                 p8 = _to_e4m3(p * (vs * (256.0 / c))[None, :], FP8_EXACT)
                 acc += tl.dot(p8, v) * (c * 0.00390625)
+            else:  # PV_MODE 3, int8 cache: P * s_v in 127ths as two int8 dots (hi + residual), V never converted
+                x = p * (vs * (127.0 / c))[None, :]  # in [0, 127]; NaN / inf where a scale or P is
+                ok = x < float("inf")  # False for NaN and +inf
+                xs = tl.where(ok, x, 0.0)
+                p_hi = (xs + 0.5).to(tl.int8)  # x >= 0: round half up
+                r = (xs - p_hi.to(tl.float32)) * 254.0  # the residual, in [-127, 127]
+                p_lo = tl.where(r >= 0, r + 0.5, r - 0.5).to(tl.int8)
+                # |hi . v| * 254 + |lo . v| <= 127 * 127 * BLOCK_N * 255 < 2**31 for BLOCK_N <= 256
+                part = (tl.dot(p_hi, v, out_dtype=tl.int32) * 254 + tl.dot(p_lo, v, out_dtype=tl.int32)).to(tl.float32)
+                bad = tl.max(tl.where(ok, 0.0, 1.0), 1) > 0  # a row that met a non-finite P * s_v: NaN
+                acc += tl.where(bad[:, None], float("nan"), part * (c / 32258.0))
         else:
             if HAS_KV_SCALE:  # per-key scale of the quantized V folded into P: sum_j p_j (s_j v_j)
                 p = p * vs[None, :]
