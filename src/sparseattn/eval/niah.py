@@ -183,13 +183,11 @@ def run_niah(
     """
     from sparseattn.eval.end_to_end import greedy_generate
     from sparseattn.eval.env import environment
-    from sparseattn.eval.gen_check import _run_mode
+    from sparseattn.eval.gen_check import GEN_CHECK_MODES, _run_mode
     from sparseattn.integrations.transformers_patch import patch_model
     from sparseattn.predictors.resolve import describe_predictor, select_predictor
 
     fn = "run_niah"
-    from sparseattn.eval.gen_check import GEN_CHECK_MODES
-
     modes = list(dict.fromkeys(decode_modes))
     for m in modes:
         if m not in GEN_CHECK_MODES or m == "sparse_prefill":
