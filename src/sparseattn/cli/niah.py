@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from sparseattn._validation import fail
 from sparseattn.cli._args import any_int, check_model_run, device, float_list, int_list, optional_int_list, positive_int
 from sparseattn.cli.gen_check import _top_pages
 
@@ -51,16 +50,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
-    from sparseattn.eval.niah import run_niah, write_niah_report
+    from sparseattn.eval.niah import check_decode_modes, run_niah, write_niah_report
 
     check_model_run("niah", args, DEFAULT_PREDICTOR_SPEC)
-    from sparseattn.eval.gen_check import GEN_CHECK_MODES
-
-    modes = [m.strip() for m in args.decode_modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in GEN_CHECK_MODES or m == "sparse_prefill"]
-    if bad:
-        raise fail("niah", "--decode-modes", f"has an unknown mode {bad[0]!r}",
-                   "some of kernel_decode, sparse_decode, mixed_int8, mixed_fp8", repr(args.decode_modes))
+    modes = check_decode_modes("niah", "--decode-modes", [m.strip() for m in args.decode_modes.split(",") if m.strip()])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     res = run_niah(args.model, predictor=args.predictor or DEFAULT_PREDICTOR_SPEC, pattern=args.pattern,

@@ -88,6 +88,12 @@ def prefix_agreement(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 @torch.no_grad()
+def _cache_name(out: Any) -> str:
+    """The output's (and the forward's) cache name: transformers >= 5.24 says ``cache`` (``past_key_values`` warns
+    there), older ones ``past_key_values``."""
+    return "cache" if "cache" in getattr(out, "keys", lambda: ())() or hasattr(type(out), "cache") else "past_key_values"
+
+
 def greedy_generate(model: Any, ids: torch.Tensor, *, gen_tokens: int, score_last: int,
                     stop_ids: Collection[int] = ()) -> dict[str, Any]:
     """Prefill ``ids`` (logits of the last ``score_last`` positions kept), then ``gen_tokens`` greedy steps.
@@ -110,8 +116,7 @@ def greedy_generate(model: Any, ids: torch.Tensor, *, gen_tokens: int, score_las
         torch.cuda.synchronize()
     t1 = time.perf_counter()
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    # transformers >= 5.24 names the cache ``cache`` (``past_key_values`` warns there); older ones ``past_key_values``
-    name = "cache" if "cache" in getattr(out, "keys", lambda: ())() or hasattr(type(out), "cache") else "past_key_values"
+    name = _cache_name(out)
     past = getattr(out, name)
     tok = logits[-1].argmax()
     tokens = [int(tok)]
@@ -153,7 +158,7 @@ def greedy_generate_batch(model: Any, ids: torch.Tensor, *, gen_tokens: int,
     if cuda:
         torch.cuda.synchronize()
     t1 = time.perf_counter()
-    name = "cache" if "cache" in getattr(out, "keys", lambda: ())() or hasattr(type(out), "cache") else "past_key_values"
+    name = _cache_name(out)
     past = getattr(out, name)
     tok = out.logits[:, -1].argmax(-1)
     rows: list[list[int]] = [[t] for t in tok.tolist()]

@@ -24,7 +24,7 @@ from sparseattn._validation import check_positive_int, fail
 from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC, NIAH_DEFAULT_DEPTHS, NIAH_DEFAULT_LENGTHS
 from sparseattn.eval.texts import chat_text, trim_haystack
 
-__all__ = ["NiahResult", "make_niah_prompt", "run_niah", "write_niah_report", "FILLER"]
+__all__ = ["NiahResult", "make_niah_prompt", "run_niah", "check_decode_modes", "write_niah_report", "FILLER"]
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 _TASK = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
@@ -143,6 +143,18 @@ class NiahResult:
         return "\n".join(lines)
 
 
+def check_decode_modes(func: str, name: str, modes: Sequence[str]) -> list[str]:
+    """``modes`` without repeats, each a decode path of :mod:`sparseattn.eval.gen_check` (not ``sparse_prefill``,
+    which is the NIAH run's own sparse side); raises the project's error naming ``func`` and ``name`` otherwise."""
+    from sparseattn.eval.gen_check import GEN_CHECK_MODES
+
+    for m in modes:
+        if m not in GEN_CHECK_MODES or m == "sparse_prefill":
+            raise fail(func, name, f"has an unknown mode {m!r}", "some of kernel_decode, sparse_decode, mixed_int8, "
+                       "mixed_fp8", repr(list(modes)))
+    return list(dict.fromkeys(modes))
+
+
 def run_niah(
     model_name: str = "smollm2-135m",
     *,
@@ -183,16 +195,12 @@ def run_niah(
     """
     from sparseattn.eval.end_to_end import greedy_generate
     from sparseattn.eval.env import environment
-    from sparseattn.eval.gen_check import GEN_CHECK_MODES, _run_mode
+    from sparseattn.eval.gen_check import _run_mode
     from sparseattn.integrations.transformers_patch import patch_model
     from sparseattn.predictors.resolve import describe_predictor, select_predictor
 
     fn = "run_niah"
-    modes = list(dict.fromkeys(decode_modes))
-    for m in modes:
-        if m not in GEN_CHECK_MODES or m == "sparse_prefill":
-            raise fail(fn, "decode_modes", f"has an unknown mode {m!r}",
-                       "some of kernel_decode, sparse_decode, mixed_int8, mixed_fp8", repr(list(decode_modes)))
+    modes = check_decode_modes(fn, "decode_modes", decode_modes)
     lengths = [check_positive_int(fn, "lengths", int(n)) for n in lengths]
     depths = [float(d) for d in depths]
     check_positive_int(fn, "trials", trials)
