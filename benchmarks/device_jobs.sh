@@ -85,8 +85,8 @@ run_job() {
         --decode-modes sparse_decode,kernel_decode,mixed_int8,mixed_fp8 --top-pages ${NIAHD_PAGES:-0.5} --device cuda \
         --no-plots --quiet --out "$d" > "$d/log" 2>&1; tail -n 10 "$d/log" ;;
     gen_gemma)  # issue 14: greedy agreement of the decode paths on Gemma-3-270M at 16K/32K
-      timeout ${GENG_S:-200} $M gen-check --model $GEMMA --text-dir $ESSAYS --lengths 16384,32000 \
-        --modes sparse_decode,kernel_decode,mixed_int8,mixed_fp8 --top-pages ${GENG_PAGES:-0.5} --samples ${GENG_SAMPLES:-2} \
+      timeout ${GENG_S:-200} $M gen-check --model $GEMMA --text-dir $ESSAYS --lengths ${GENG_LENGTHS:-16384,32000} \
+        --modes ${GENG_MODES:-sparse_decode,kernel_decode,mixed_int8,mixed_fp8} --top-pages ${GENG_PAGES:-0.5} --samples ${GENG_SAMPLES:-2} \
         --device cuda --dtype bfloat16 ${GENG_ARGS:-} --out "$d" > "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 24 ;;
     gemma_tune)  # issue 13: Gemma-3-270M global layers (window layers are exact bands, left out)
       timeout 240 $M tune --model $GEMMA --text-dir $ESSAYS --samples 4 --seq-len 8192 --l1 0.06 --keep-local-grid 4,2,1 \
