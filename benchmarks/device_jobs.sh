@@ -74,7 +74,7 @@ run_job() {
       cp "$d/smol_gate.safetensors" /tmp/m/smol_gate.safetensors 2>/dev/null ;;
     ruler_smol4k|ruler_smol8k)  # issue 17: RULER on the default model, batched prompts, dense vs each predictor
       n=4096; [ $job = ruler_smol8k ] && n=8000
-      P="$DEFAULT_PRED;mean_sim:score=mixed,cdf_threshold=0.99,keep_local=8"
+      P="${RULER_PRED:-$DEFAULT_PRED;mean_sim:score=mixed,cdf_threshold=0.99,keep_local=8}"
       [ -f /tmp/m/smol_gate.safetensors ] && P="$P;gate:path=/tmp/m/smol_gate.safetensors,topk=${GATE_TOPK:-0.4},keep_local=4"
       mapfile -t ES < <(ls $ESSAYS/*.txt)  # haystack: the 10 essays the gate did not train on
       timeout ${RULER_S:-280} $M ruler --model $SMOL --text-file "${ES[@]:15}" --lengths $n --samples ${RULER_SAMPLES:-24} --device cuda --quiet \

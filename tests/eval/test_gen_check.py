@@ -126,6 +126,19 @@ def test_teacher_forced_and_token_budget(tiny, tmp_path, capsys):
     assert summ["sparse_decode"]["tf_agreement"] == expect and summ["kernel_decode"]["tf_agreement"] == 1.0
     md = (out / "gen_check.md").read_text()
     assert "teacher-forced" in md and "token budget 32" in md
+    # the mismatch bookkeeping: positions, dense's margins there, and kernel_decode's count as the floor
+    miss = [i for i, (a, b) in enumerate(zip(sp["tf_tokens"], sp["dense_tokens"])) if a != b]
+    assert sp["tf_mismatches"] == miss and f in miss and kd["tf_mismatches"] == []
+    assert sp["tf_mismatch_margins"] == [sp["dense_margins"][i] for i in miss]
+    assert len(sp["dense_margins"]) == 10 and all(m >= 0 for m in sp["dense_margins"])
+    s_sp, s_kd = summ["sparse_decode"], summ["kernel_decode"]
+    assert s_sp["tf_mismatches"] == len(miss) and s_sp["tf_steps"] == 10
+    assert s_sp["floor_mode"] == "kernel_decode" and s_sp["floor_tf_mismatches"] == 0 == s_kd["tf_mismatches"]
+    top = max(sp["tf_mismatch_margins"])
+    assert s_sp["tf_mismatch_margin_max"] == top
+    assert s_sp["dense_share_at_or_below"] == sum(m <= top for m in sp["dense_margins"]) / 10
+    assert s_kd["tf_mismatch_margin_max"] is None and s_kd["dense_share_at_or_below"] is None
+    assert f"| {len(miss)} of 10 (0) |" in md and "exact attention through our decode kernel" in md
 
 
 def test_greedy_generate_forced(tiny):
@@ -141,6 +154,14 @@ def test_greedy_generate_forced(tiny):
     other = [(t + 1) % model.config.vocab_size for t in free]
     got, _ = greedy_generate(model, ids, 6, _dynamic_cache(model), forced=other)
     assert got[0] == free[0]  # the first token comes from the prompt alone
+    # margins: each step's top-1 minus top-2 logit, recomputed here from a plain forward of the same tokens
+    toks, _, margins = greedy_generate(model, ids, 6, _dynamic_cache(model), return_margins=True)
+    assert toks == free and len(margins) == 6
+    full = torch.cat([ids, torch.tensor([free[:-1]])], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=full).logits[0, ids.shape[1] - 1:].float()
+    top2 = logits.topk(2, dim=-1).values
+    assert torch.allclose(torch.tensor(margins), top2[:, 0] - top2[:, 1], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match=r"^greedy_generate: forced is too short; expected >= 5 tokens, got 2$"):
         greedy_generate(model, ids, 6, _dynamic_cache(model), forced=free[:2])
 
