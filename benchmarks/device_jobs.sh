@@ -88,6 +88,10 @@ run_job() {
       timeout ${GENG_S:-200} $M gen-check --model $GEMMA --text-dir $ESSAYS --lengths ${GENG_LENGTHS:-16384,32000} \
         --modes ${GENG_MODES:-sparse_decode,kernel_decode,mixed_int8,mixed_fp8} --top-pages ${GENG_PAGES:-0.5} --samples ${GENG_SAMPLES:-2} \
         --device cuda --dtype bfloat16 ${GENG_ARGS:-} --out "$d" > "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 24 ;;
+    gen_smol)  # issue 14: greedy agreement of the decode paths on SmolLM2 at 4K/8K, read against kernel_decode (the floor)
+      timeout ${GENS_S:-240} $M gen-check --model $SMOL --text-dir $ESSAYS --lengths ${GENS_LENGTHS:-4096,8128} \
+        --modes ${GENS_MODES:-kernel_decode,sparse_decode,mixed_int8,mixed_fp8} --top-pages ${GENS_PAGES:-0.5} \
+        --samples ${GENS_SAMPLES:-4} --device cuda --dtype bfloat16 --out "$d" > "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 12 ;;
     gemma_tune)  # issue 13: Gemma-3-270M global layers (window layers are exact bands, left out)
       timeout 240 $M tune --model $GEMMA --text-dir $ESSAYS --samples 4 --seq-len 8192 --l1 0.06 --keep-local-grid 4,2,1 \
         --target-top1 0.955 --target-cosine 0.999 --calibrate-samples 2 --compare --compare-samples 1 \
