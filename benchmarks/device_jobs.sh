@@ -92,6 +92,9 @@ run_job() {
       timeout ${GENS_S:-240} $M gen-check --model $SMOL --text-dir $ESSAYS --lengths ${GENS_LENGTHS:-4096,8128} \
         --modes ${GENS_MODES:-kernel_decode,sparse_decode,mixed_int8,mixed_fp8} --top-pages ${GENS_PAGES:-0.5} \
         --samples ${GENS_SAMPLES:-4} --device cuda --dtype bfloat16 --out "$d" > "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 12 ;;
+    decode_probe)  # issue 14: per decode path, ms per eager decode step, host time (cProfile) and host syncs
+      timeout ${DPROBE_S:-150} python3 benchmarks/decode_host_probe.py --model ${DPROBE_MODEL:-$SMOL} --text-dir $ESSAYS \
+        --length ${DPROBE_LEN:-8128} ${DPROBE_ARGS:-} --out "$d" > "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 80 ;;
     gemma_tune)  # issue 13: Gemma-3-270M global layers (window layers are exact bands, left out)
       timeout 240 $M tune --model $GEMMA --text-dir $ESSAYS --samples 4 --seq-len 8192 --l1 0.06 --keep-local-grid 4,2,1 \
         --target-top1 0.955 --target-cosine 0.999 --calibrate-samples 2 --compare --compare-samples 1 \
