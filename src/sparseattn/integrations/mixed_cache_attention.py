@@ -215,7 +215,7 @@ def _decode_step(module: Any, query: torch.Tensor, key: torch.Tensor, value: tor
     else:
         from sparseattn.state.merge import merge_states
 
-        out = merge_states(states).out
+        out = merge_states(states, backend=backend).out  # "auto": the fused Triton merge on CUDA
     LAST_DEQUANT[0] = "decode_kernel" if n_old > 0 else None
     if cache is not None:
         cache.attention_counts["decode_kernel"] = cache.attention_counts.get("decode_kernel", 0) + 1

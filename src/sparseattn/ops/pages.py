@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from sparseattn._cache import BoundedCache
 from sparseattn._validation import check_tensor, fail
 from sparseattn.ops.decode import (
     _BUILTIN_OPS,
@@ -86,27 +87,39 @@ def page_summaries(k_cache: torch.Tensor, page_size: int, *, seqlens: torch.Tens
     return PageSummaries(kmin, kmax, page_size)
 
 
+# shape-only index tensors of update_page_summaries, per (B, pages touched, page size, device): built once
+_UPDATE_INDEX: BoundedCache[tuple[int, int, int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = \
+    BoundedCache(64, name="pages.update_index")
+
+
+def _update_index(B: int, T: int, ps: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(arange(T) (1, T), arange(ps) (1, 1, ps), arange(B) (B, 1))`` on ``device``, cached by shape."""
+    return _UPDATE_INDEX.get_or_build(
+        (B, T, ps, str(device)),
+        lambda: (torch.arange(T, device=device)[None, :], torch.arange(ps, device=device)[None, None, :],
+                 torch.arange(B, device=device)[:, None]))
+
+
 def _page_minmax(k: torch.Tensor, pos: torch.Tensor, seqlens: torch.Tensor | None,
-                 out_min: torch.Tensor, out_max: torch.Tensor) -> None:
+                 out_min: torch.Tensor, out_max: torch.Tensor, b_index: torch.Tensor | None = None) -> None:
     """Min/max over the keys at ``pos`` ``(B, T, page)``, masked to ``< seqlens`` and ``< N_max``, into ``(B, H_kv, T, D)``.
 
-    A page with no valid key gets 0.
+    A page with no valid key gets 0. ``b_index``: ``arange(B)`` as ``(B, 1)`` (built here if not given). No host
+    sync and no host-to-device copy (the fills are scalars).
     """
     B, Hkv, N, D = k.shape
     valid = pos < N
     if seqlens is not None:
         valid = valid & (pos < seqlens.to(torch.int64)[:, None, None])
-    b = torch.arange(B, device=k.device)[:, None, None]
+    b = (torch.arange(B, device=k.device)[:, None] if b_index is None else b_index)[:, :, None]
     g = k[b, :, pos.clamp(max=N - 1)]  # (B, T, page, H_kv, D)
     g = g.permute(0, 3, 1, 2, 4)  # (B, H_kv, T, page, D)
-    vm = valid[:, None, :, :, None]
-    hi = torch.tensor(math.inf, dtype=k.dtype, device=k.device)
-    mn = torch.where(vm, g, hi).amin(3)
-    mx = torch.where(vm, g, -hi).amax(3)
-    any_valid = valid.any(-1)[:, None, :, None]  # (B, 1, T, 1)
-    zero = torch.zeros((), dtype=k.dtype, device=k.device)
-    out_min.copy_(torch.where(any_valid, mn, zero))
-    out_max.copy_(torch.where(any_valid, mx, zero))
+    invalid = ~valid[:, None, :, :, None]
+    mn = g.masked_fill(invalid, math.inf).amin(3)
+    mx = g.masked_fill(invalid, -math.inf).amax(3)
+    none_valid = ~valid.any(-1)[:, None, :, None]  # (B, 1, T, 1)
+    out_min.copy_(mn.masked_fill_(none_valid, 0))
+    out_max.copy_(mx.masked_fill_(none_valid, 0))
 
 
 def update_page_summaries(summaries: PageSummaries, k_cache: torch.Tensor, old_seqlens: torch.Tensor,
@@ -139,13 +152,13 @@ def update_page_summaries(summaries: PageSummaries, k_cache: torch.Tensor, old_s
     if max_new == 0:
         return summaries
     T = -(-max_new // ps) + 1  # pages a run of max_new keys can touch
+    t_idx, p_idx, b = _update_index(B, T, ps, k_cache.device)
     first = old.to(torch.int64) // ps
-    pid = (first[:, None] + torch.arange(T, device=k_cache.device)[None, :]).clamp(max=P - 1)  # (B, T)
-    pos = pid[:, :, None] * ps + torch.arange(ps, device=k_cache.device)[None, None, :]
+    pid = (first[:, None] + t_idx).clamp(max=P - 1)  # (B, T)
+    pos = pid[:, :, None] * ps + p_idx
     mn = torch.empty((B, Hkv, T, D), dtype=k_cache.dtype, device=k_cache.device)
     mx = torch.empty_like(mn)
-    _page_minmax(k_cache, pos, new, mn, mx)
-    b = torch.arange(B, device=k_cache.device)[:, None]
+    _page_minmax(k_cache, pos, new, mn, mx, b)
     # clamped duplicates of page P-1 carry identical values, so the order of the writes does not matter
     summaries.kmin[b, :, pid] = mn.permute(0, 2, 1, 3)
     summaries.kmax[b, :, pid] = mx.permute(0, 2, 1, 3)
