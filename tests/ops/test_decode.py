@@ -312,6 +312,33 @@ def test_update_page_summaries_is_exact(ps, max_new, request):
     assert torch.equal(s.kmin, want.kmin) and torch.equal(s.kmax, want.kmax)
 
 
+def test_update_page_summaries_makes_no_host_tensors(monkeypatch, request):
+    """The decode route calls update_page_summaries once per layer and step: it must not build a tensor from host
+    values (``torch.tensor(x, device=cuda)`` is a host-to-device copy that synchronised every layer of every step on
+    the GPU), and its shape-only index tensors are built once per shape."""
+    from sparseattn.ops import pages
+
+    gen = _gen(request)
+    k = torch.randn(2, 2, 40, 8, generator=gen).to(torch.float16)
+    old = torch.tensor([30, 31], dtype=torch.int32)
+    s = page_summaries(k, 8, seqlens=old)
+    update_page_summaries(s, k, old, old + 1, max_new=1)  # builds the index tensors of this shape
+
+    def no_host_tensor(*a, **kw):
+        raise AssertionError("torch.tensor called on the decode-time summary update")
+
+    arange = torch.arange
+    calls = []
+    monkeypatch.setattr(torch, "tensor", no_host_tensor)
+    monkeypatch.setattr(torch, "arange", lambda *a, **kw: calls.append(a) or arange(*a, **kw))
+    update_page_summaries(s, k, old + 1, old + 2, max_new=1)
+    monkeypatch.undo()
+    assert calls == []  # the cached index tensors were reused
+    want = page_summaries(k, 8, seqlens=old + 2)
+    assert torch.equal(s.kmin, want.kmin) and torch.equal(s.kmax, want.kmax)
+    assert pages._UPDATE_INDEX.get((2, 2, 8, "cpu")) is not None
+
+
 # ---------------------------------------------------------------------------------------------- page selection
 
 
