@@ -39,6 +39,66 @@ def _brute_mass(q, k, causal, bm, bn):
     return p.reshape(B, H, Mb, bm, Nb, bn).sum((3, 5)) / cnt[:, None]
 
 
+def test_sampled_rows_are_evenly_spaced_and_end_each_block():
+    from sparseattn.predictors.oracle import sampled_rows
+
+    rows = sampled_rows(150, 64, 8, torch.device("cpu")).tolist()
+    assert rows[:8] == [7, 15, 23, 31, 39, 47, 55, 63] and rows[8:16] == [71, 79, 87, 95, 103, 111, 119, 127]
+    assert rows[16:] == [130, 133, 136, 138, 141, 144, 147, 149]  # the last block has 22 rows: 8 of them, 149 last
+    assert sampled_rows(10, 4, 8, torch.device("cpu")).tolist() == list(range(10))  # more samples than rows: all
+    assert sampled_rows(64, 64, 1, torch.device("cpu")).tolist() == [63]
+
+
+@pytest.mark.parametrize("Nq,Nkv,causal,rpb", [(150, 150, True, 5), (70, 201, True, 3), (99, 130, False, 8),
+                                                (40, 40, True, 1)])
+def test_sampled_block_mass_is_the_exact_mass_of_the_sampled_rows(Nq, Nkv, causal, rpb):
+    """Every sampled row's probabilities are exact (float64 brute force over all its keys); a block's estimate is
+    their mean; with every row sampled it is the exact mass, bitwise."""
+    from sparseattn.predictors.oracle import sampled_rows
+
+    q, k, _ = random_qkv(2, 6, Nq, 16, kv_heads=2, seqlen_kv=Nkv, seed=Nq + rpb)
+    bm, bn = 32, 16
+    got = exact_block_mass(q, k, causal=causal, block_m=bm, block_n=bn, chunk_blocks=3, rows_per_block=rpb)
+    B, H, D = 2, 6, 16
+    kk = k.double().repeat_interleave(3, dim=1)
+    s = torch.einsum("bhnd,bhcd->bhnc", q.double(), kk) * D ** -0.5
+    if causal:
+        s = s.masked_fill(torch.arange(Nkv)[None, :] > torch.arange(Nq)[:, None] + Nkv - Nq, -math.inf)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    rows = sampled_rows(Nq, bm, rpb, torch.device("cpu"))
+    Mb, Nb = -(-Nq // bm), -(-Nkv // bn)
+    pc = torch.nn.functional.pad(p[:, :, rows], (0, Nb * bn - Nkv)).reshape(B, H, rows.numel(), Nb, bn).sum(-1)
+    ref = torch.zeros(B, H, Mb, Nb, dtype=torch.float64).index_add_(2, rows // bm, pc)
+    ref = ref / torch.bincount(rows // bm, minlength=Mb).double()[:, None]
+    torch.testing.assert_close(got.double(), ref, atol=FP32_PROB_ATOL, rtol=FP32_PROB_RTOL)
+    full = exact_block_mass(q, k, causal=causal, block_m=bm, block_n=bn, chunk_blocks=3, rows_per_block=bm)
+    assert torch.equal(full, exact_block_mass(q, k, causal=causal, block_m=bm, block_n=bn, chunk_blocks=3))
+
+
+def test_sampled_predictor_forced_blocks_and_oracle_limit():
+    """All rows sampled, no forced blocks: the oracle's layout; the sink and local blocks are always kept; a
+    block holding NaN is kept; a bad config names the field."""
+    q, k, _ = structured_qkv(1, 4, 200, 16, kv_heads=2, seed=4)
+    sampled = make_predictor("sampled", rows_per_block=32, cdf_threshold=0.8, keep_sink=False, keep_local=0,
+                             block_m=32, block_n=32).predict(q, k, causal=True)
+    oracle = make_predictor("oracle", cdf_threshold=0.8, block_m=32, block_n=32).predict(q, k, causal=True)
+    assert torch.equal(sampled.to_dense_mask(), oracle.to_dense_mask())
+    lay = make_predictor("sampled", rows_per_block=2, cdf_threshold=0.3, keep_local=2, block_m=32,
+                         block_n=32).predict(q, k, causal=True)
+    m = lay.to_dense_mask()
+    Mb = m.shape[-2]
+    assert m[..., :, 0].all()  # the sink
+    idx = torch.arange(Mb)
+    assert m[..., idx, idx].all() and m[..., idx[1:], idx[1:] - 1].all()  # the diagonal and the block before it
+    qn = q.clone()
+    qn[0, 1, 70] = float("nan")
+    mn = make_predictor("sampled", rows_per_block=1, cdf_threshold=0.3, block_m=32, block_n=32).predict(
+        qn, k, causal=True).to_dense_mask()
+    assert mn[0, 1, 70 // 32, : 70 // 32 + 1].all()  # the NaN query block keeps every block it may attend
+    with pytest.raises(ValueError, match=r"^SampledMassConfig: rows_per_block"):
+        make_predictor("sampled", rows_per_block=0)
+
+
 @pytest.mark.parametrize("Nq,Nkv,causal", [(150, 150, True), (70, 201, True), (99, 130, False), (40, 40, True)])
 def test_exact_block_mass_matches_brute_force(Nq, Nkv, causal):
     q, k, _ = random_qkv(2, 6, Nq, 16, kv_heads=2, seqlen_kv=Nkv, seed=Nq)

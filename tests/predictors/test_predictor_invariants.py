@@ -27,6 +27,8 @@ SPECS = [
     "static:pattern=sink_window,sink_blocks=1,window_blocks=2",
     "oracle",
     "oracle:topk=0.3,cdf_threshold=None",
+    "sampled",
+    "sampled:rows_per_block=3,topk=0.3,cdf_threshold=None,keep_sink=false,keep_local=0",
     "mean_sim",
     "mean_sim:topk=0.3,cdf_threshold=None,sim_threshold=-1,keep_sink=false,keep_local=0",
     "mean_sim:cdf_threshold=0.5,sim_threshold=-1",
@@ -156,7 +158,7 @@ def test_config_validation(cls, kwargs, msg):
     assert "; expected " in str(exc.value) and ", got " in str(exc.value)
 
 
-@pytest.mark.parametrize("name", ["static", "oracle", "mean_sim", "sketch_walk"])
+@pytest.mark.parametrize("name", ["static", "oracle", "sampled", "mean_sim", "sketch_walk"])
 def test_bad_inputs(name):
     pred = make_predictor(name)
     q = torch.randn(1, 4, 64, 16)

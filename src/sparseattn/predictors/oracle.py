@@ -11,6 +11,15 @@ pass 2 the exact probabilities summed per block — never materialising ``N_q ×
 
 Selecting blocks by this mass (top-k fraction or CDF) is the best any block predictor can do for a
 given density, which is what ``sparseattn compare`` measures other predictors against.
+
+**Sampled mass** (``sampled``): the same exact per-row probabilities, but only for ``rows_per_block`` query rows
+of each query block, evenly spaced and ending at the block's last row (the row that sees the most keys of the
+diagonal block); the block's mass is their average. Every sampled row is exact (its own full softmax over all
+the keys it may attend), so the only error is the sampling of rows; the cost is ``rows_per_block / block_m`` of
+the oracle's (1/8 at 8 of 64 rows). Unlike the oracle it is a usable predictor (an estimate from a fraction of
+the rows, in the spirit of MInference's last-query and XAttention's strided estimates); its layout adds the
+forced sink and local blocks as ``mean_sim`` does. Only a PyTorch path exists (no fused kernel): on the GPU its
+cost is that of the two chunked passes, which ``bench_predictors`` can measure.
 """
 
 from __future__ import annotations
@@ -24,12 +33,16 @@ from sparseattn.layout.block_layout import BlockLayout, cdiv
 from sparseattn.layout.masks import causal_window_mask
 from sparseattn.predictors._common import (
     block_pool,
+    cached,
     causal_region,
     check_block,
+    check_bool,
+    check_nonneg,
     check_qk,
     check_topk_or_cdf,
     check_version,
     config_or_default,
+    forced_blocks,
     mask_to_layout,
     nonfinite_block_force,
     select_cdf,
@@ -37,7 +50,8 @@ from sparseattn.predictors._common import (
 )
 from sparseattn.predictors.base import register_predictor
 
-__all__ = ["OracleConfig", "OraclePredictor", "exact_block_mass"]
+__all__ = ["OracleConfig", "OraclePredictor", "exact_block_mass", "sampled_rows", "SampledMassConfig",
+           "SampledMassPredictor"]
 
 
 def exact_block_mass(
@@ -49,6 +63,7 @@ def exact_block_mass(
     block_n: int = 64,
     scale: float | None = None,
     chunk_blocks: int = 4,
+    rows_per_block: int | None = None,
 ) -> torch.Tensor:
     """Exact block attention mass (see module docstring), computed blockwise.
 
@@ -60,6 +75,8 @@ def exact_block_mass(
         block_n: key columns per block.
         scale: softmax scale (default ``D ** -0.5``).
         chunk_blocks: key blocks per step (memory ``O(H · N_q · chunk_blocks · block_n)``).
+        rows_per_block: average only this many query rows per block (evenly spaced, the block's last row
+            included; :func:`sampled_rows`) instead of all of them; ``None``: every row (the exact mass).
 
     Returns:
         float32 ``[B, H, Mb, Nb]``; each row sums to 1 (0 where the query block sees no key).
@@ -77,9 +94,15 @@ def exact_block_mass(
     G = H // Hkv
     dev = q.device
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qf = q.to(acc).reshape(B, Hkv, G, Nq, D)
+    if rows_per_block is None:
+        rows = torch.arange(Nq, device=dev)
+        qf = q.to(acc).reshape(B, Hkv, G, Nq, D)
+    else:
+        check_block(fn, "rows_per_block", rows_per_block)
+        rows = sampled_rows(Nq, block_m, rows_per_block, dev)
+        qf = q.index_select(2, rows).to(acc).reshape(B, Hkv, G, rows.numel(), D)
+    NR = rows.numel()
     kf = k.to(acc)
-    rows = torch.arange(Nq, device=dev)
     off = Nkv - Nq
     step = block_n * chunk_blocks
 
@@ -94,8 +117,8 @@ def exact_block_mass(
         return s
 
     # pass 1: exact natural-log lse per row (online logsumexp)
-    m = torch.full((B, Hkv, G, Nq), -math.inf, dtype=acc, device=dev)
-    l = torch.zeros((B, Hkv, G, Nq), dtype=acc, device=dev)
+    m = torch.full((B, Hkv, G, NR), -math.inf, dtype=acc, device=dev)
+    l = torch.zeros((B, Hkv, G, NR), dtype=acc, device=dev)
     for start in range(0, Nkv, step):
         s = scores(start, min(start + step, Nkv))
         if s is None:
@@ -123,13 +146,32 @@ def exact_block_mass(
         pad = nblk * block_n - C
         if pad:
             p = torch.nn.functional.pad(p, (0, pad))
-        colsum = p.reshape(B, Hkv, G, Nq, nblk, block_n).sum(-1)  # [B,Hkv,G,Nq,nblk]
+        colsum = p.reshape(B, Hkv, G, NR, nblk, block_n).sum(-1)  # [B,Hkv,G,NR,nblk]
         blk = torch.zeros((B, Hkv, G, Mb, nblk), dtype=acc, device=dev)
         blk.index_add_(3, rowblk, colsum)
         j0 = start // block_n
         mass[..., j0:j0 + nblk] = blk
     mass = mass / counts[:, None]
     return mass.reshape(B, H, Mb, Nb).to(torch.float32)
+
+
+def sampled_rows(seqlen_q: int, block_m: int, rows_per_block: int, device: torch.device) -> torch.Tensor:
+    """The query rows :func:`exact_block_mass` averages with ``rows_per_block``: per query block of length ``L``
+    (``block_m``, or less for the last), ``min(rows_per_block, L)`` rows evenly spaced with the last one at the
+    block's last row, ascending (``int64``; shape-only, cached)."""
+    def build() -> torch.Tensor:
+        Mb = cdiv(seqlen_q, block_m)
+        starts = torch.arange(Mb, device=device) * block_m
+        lens = (seqlen_q - starts).clamp(max=block_m)  # [Mb]
+        n = lens.clamp(max=rows_per_block)
+        j = torch.arange(rows_per_block, device=device)
+        # row j of n: start + L - 1 - floor((n - 1 - j) * L / n), for j < n (evenly spaced, last = L - 1)
+        off = lens[:, None] - 1 - torch.div((n[:, None] - 1 - j[None, :]).clamp(min=0) * lens[:, None], n[:, None],
+                                            rounding_mode="floor")
+        keep = j[None, :] < n[:, None]
+        return (starts[:, None] + off)[keep]
+
+    return cached(("sampled_rows", seqlen_q, block_m, rows_per_block, str(device)), build)
 
 
 @dataclass(frozen=True)
@@ -187,6 +229,73 @@ class OraclePredictor:
             mask = select_cdf(mass, region, float(cfg.cdf_threshold))  # type: ignore[arg-type]
         # blocks holding NaN/inf are kept (their mass is NaN and the selection would drop them)
         mask = mask | nonfinite_block_force(block_pool(q, cfg.block_m)[0], block_pool(k, cfg.block_n)[0], region)
+        self.last_scores = mass
+        return mask_to_layout(mask, block_m=cfg.block_m, block_n=cfg.block_n, seqlen_q=Nq, seqlen_kv=Nkv)
+
+    def reset(self) -> None:
+        """Stateless: nothing to clear."""
+
+
+@dataclass(frozen=True)
+class SampledMassConfig:
+    """Sampled exact mass (module docstring), then top-k fraction or CDF selection per (head, query block).
+
+    Args:
+        rows_per_block: query rows per block whose exact attention is computed (their mean is the estimate).
+        topk / cdf_threshold: as :class:`OracleConfig` (exactly one; default ``cdf=0.95``).
+        keep_sink: always keep key block 0.
+        keep_local: always keep the diagonal block and the ``keep_local - 1`` blocks before it (0: none).
+        block_m / block_n: block sizes.
+        version: config schema version (1).
+    """
+
+    rows_per_block: int = 8
+    topk: float | None = None
+    cdf_threshold: float | None = 0.95
+    keep_sink: bool = True
+    keep_local: int = 1
+    block_m: int = 64
+    block_n: int = 64
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        c = "SampledMassConfig"
+        check_block(c, "rows_per_block", self.rows_per_block)
+        check_topk_or_cdf(c, self.topk, self.cdf_threshold)
+        check_bool(c, "keep_sink", self.keep_sink)
+        check_nonneg(c, "keep_local", self.keep_local)
+        check_block(c, "block_m", self.block_m)
+        check_block(c, "block_n", self.block_n)
+        check_version(c, self.version, 1)
+
+
+@register_predictor("sampled", SampledMassConfig)
+class SampledMassPredictor:
+    """Selects blocks by the exact mass of a few sampled query rows per block (a real predictor; see the module).
+
+    ``last_scores`` holds the sampled block mass ``[B, H, Mb, Nb]`` of the last call.
+    """
+
+    name = "sampled"
+
+    def __init__(self, config: SampledMassConfig | None = None) -> None:
+        self.config = config_or_default("SampledMassPredictor", config, SampledMassConfig)
+        self.last_scores: torch.Tensor | None = None
+
+    def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:
+        fn = "SampledMassPredictor.predict"
+        B, H, _, Nq, Nkv, _ = check_qk(fn, q, k, causal)
+        cfg = self.config
+        mass = exact_block_mass(q, k, causal=causal, block_m=cfg.block_m, block_n=cfg.block_n,
+                                rows_per_block=cfg.rows_per_block)
+        region = causal_region(Nq, Nkv, cfg.block_m, cfg.block_n, causal, q.device)
+        forced = forced_blocks(Nq, Nkv, cfg.block_m, cfg.block_n, cfg.keep_sink, cfg.keep_local, causal, q.device)
+        if cfg.topk is not None:
+            mask = select_topk(mass, region, cfg.topk)
+        else:
+            mask = select_cdf(mass, region, float(cfg.cdf_threshold))  # type: ignore[arg-type]
+        mask = mask | forced | nonfinite_block_force(block_pool(q, cfg.block_m)[0], block_pool(k, cfg.block_n)[0],
+                                                     region)
         self.last_scores = mass
         return mask_to_layout(mask, block_m=cfg.block_m, block_n=cfg.block_n, seqlen_q=Nq, seqlen_kv=Nkv)
 
