@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -174,6 +175,23 @@ def sampled_rows(seqlen_q: int, block_m: int, rows_per_block: int, device: torch
     return cached(("sampled_rows", seqlen_q, block_m, rows_per_block, str(device)), build)
 
 
+def _select_by_mass(mass: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cfg: Any, causal: bool,
+                    forced: torch.Tensor | None = None) -> BlockLayout:
+    """The oracle's and the sampled predictor's layout from their block mass: top-k or CDF per row (``cfg.topk`` /
+    ``cfg.cdf_threshold``), plus ``forced`` blocks and every block holding NaN/inf (its mass is NaN, and the
+    selection would drop it)."""
+    Nq, Nkv = q.shape[2], k.shape[2]
+    region = causal_region(Nq, Nkv, cfg.block_m, cfg.block_n, causal, q.device)
+    if cfg.topk is not None:
+        mask = select_topk(mass, region, cfg.topk)
+    else:
+        mask = select_cdf(mass, region, float(cfg.cdf_threshold))
+    if forced is not None:
+        mask = mask | forced
+    mask = mask | nonfinite_block_force(block_pool(q, cfg.block_m)[0], block_pool(k, cfg.block_n)[0], region)
+    return mask_to_layout(mask, block_m=cfg.block_m, block_n=cfg.block_n, seqlen_q=Nq, seqlen_kv=Nkv)
+
+
 @dataclass(frozen=True)
 class OracleConfig:
     """Exact block mass, then top-k fraction or CDF selection per (head, query block).
@@ -218,19 +236,10 @@ class OraclePredictor:
         self.last_scores: torch.Tensor | None = None
 
     def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:
-        fn = "OraclePredictor.predict"
-        B, H, _, Nq, Nkv, _ = check_qk(fn, q, k, causal)
+        check_qk("OraclePredictor.predict", q, k, causal)
         cfg = self.config
-        mass = exact_block_mass(q, k, causal=causal, block_m=cfg.block_m, block_n=cfg.block_n)
-        region = causal_region(Nq, Nkv, cfg.block_m, cfg.block_n, causal, q.device)
-        if cfg.topk is not None:
-            mask = select_topk(mass, region, cfg.topk)
-        else:
-            mask = select_cdf(mass, region, float(cfg.cdf_threshold))  # type: ignore[arg-type]
-        # blocks holding NaN/inf are kept (their mass is NaN and the selection would drop them)
-        mask = mask | nonfinite_block_force(block_pool(q, cfg.block_m)[0], block_pool(k, cfg.block_n)[0], region)
-        self.last_scores = mass
-        return mask_to_layout(mask, block_m=cfg.block_m, block_n=cfg.block_n, seqlen_q=Nq, seqlen_kv=Nkv)
+        self.last_scores = exact_block_mass(q, k, causal=causal, block_m=cfg.block_m, block_n=cfg.block_n)
+        return _select_by_mass(self.last_scores, q, k, cfg, causal)
 
     def reset(self) -> None:
         """Stateless: nothing to clear."""
@@ -283,21 +292,13 @@ class SampledMassPredictor:
         self.last_scores: torch.Tensor | None = None
 
     def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:
-        fn = "SampledMassPredictor.predict"
-        B, H, _, Nq, Nkv, _ = check_qk(fn, q, k, causal)
+        check_qk("SampledMassPredictor.predict", q, k, causal)
         cfg = self.config
-        mass = exact_block_mass(q, k, causal=causal, block_m=cfg.block_m, block_n=cfg.block_n,
-                                rows_per_block=cfg.rows_per_block)
-        region = causal_region(Nq, Nkv, cfg.block_m, cfg.block_n, causal, q.device)
-        forced = forced_blocks(Nq, Nkv, cfg.block_m, cfg.block_n, cfg.keep_sink, cfg.keep_local, causal, q.device)
-        if cfg.topk is not None:
-            mask = select_topk(mass, region, cfg.topk)
-        else:
-            mask = select_cdf(mass, region, float(cfg.cdf_threshold))  # type: ignore[arg-type]
-        mask = mask | forced | nonfinite_block_force(block_pool(q, cfg.block_m)[0], block_pool(k, cfg.block_n)[0],
-                                                     region)
-        self.last_scores = mass
-        return mask_to_layout(mask, block_m=cfg.block_m, block_n=cfg.block_n, seqlen_q=Nq, seqlen_kv=Nkv)
+        self.last_scores = exact_block_mass(q, k, causal=causal, block_m=cfg.block_m, block_n=cfg.block_n,
+                                            rows_per_block=cfg.rows_per_block)
+        forced = forced_blocks(q.shape[2], k.shape[2], cfg.block_m, cfg.block_n, cfg.keep_sink, cfg.keep_local,
+                               causal, q.device)
+        return _select_by_mass(self.last_scores, q, k, cfg, causal, forced)
 
     def reset(self) -> None:
         """Stateless: nothing to clear."""
