@@ -44,78 +44,61 @@ def probe_mode(model, ids: torch.Tensor, mode: str, *, steps: int, warmup: int, 
                top_pages: float, page_size: int) -> dict:
     from contextlib import nullcontext
 
-    from sparseattn.eval.gen_check import _cache_kwarg, _dynamic_cache
-    from sparseattn.integrations import patch_model
+    from sparseattn.eval.gen_check import _cache_kwarg, _dynamic_cache, decode_mode
 
     dev = ids.device
-    ctx = nullcontext()
-    prev_impl = None
-    if mode.startswith("mixed_"):
-        from sparseattn.integrations.mixed_cache_attention import enable_mixed_cache
-        from sparseattn.state.kv_cache import MixedKVCache
-
-        cache = MixedKVCache(model.config, window=128, quant=mode.split("_", 1)[1])
-        prev_impl = enable_mixed_cache(model)
-    else:
-        cache = _dynamic_cache(model)
-        if mode == "kernel_decode":
-            ctx = patch_model(model, decode="kernel")
-        elif mode == "sparse_decode":
-            ctx = patch_model(model, decode="sparse", decode_top_pages=top_pages, decode_page_size=page_size)
-    kw = {_cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
+    ctx = nullcontext((_dynamic_cache(model), None)) if mode == "dense" else decode_mode(
+        model, mode, top_pages=top_pages, page_size=page_size)
     row: dict = {"mode": mode}
-    try:
-        with ctx:
-            out = model(input_ids=ids, **kw)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            times = []
-            for i in range(steps):
-                _sync(dev)
-                t0 = time.perf_counter()
-                out = model(input_ids=nxt, **kw)
-                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-                _sync(dev)
-                if i >= warmup:
-                    times.append((time.perf_counter() - t0) * 1e3)
-            row["ms_per_step_median"] = statistics.median(times)
-            row["ms_per_step"] = times
-            prof = cProfile.Profile()
+    with ctx as (cache, _handle):
+        kw = {_cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
+        out = model(input_ids=ids, **kw)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        times = []
+        for i in range(steps):
             _sync(dev)
             t0 = time.perf_counter()
-            prof.enable()
-            for _ in range(profile_steps):
-                out = model(input_ids=nxt, **kw)
-                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            prof.disable()
+            out = model(input_ids=nxt, **kw)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             _sync(dev)
-            row["profiled_ms_per_step"] = (time.perf_counter() - t0) * 1e3 / profile_steps
-            st = pstats.Stats(prof)
-            funcs = []
-            for (path, line, name), (_cc, nc, tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
-                funcs.append((tt / profile_steps * 1e3, nc // profile_steps, ct / profile_steps * 1e3,
-                              f"{os.path.basename(path)}:{line}({name})"))
-            funcs.sort(reverse=True)
-            row["host_ms_per_step"] = sum(f[0] for f in funcs)
-            row["top_own_ms"] = [{"fn": f[3], "own_ms": f[0], "calls": f[1], "cum_ms": f[2]} for f in funcs[:25]]
-            if dev.type == "cuda":
-                syncs: dict[str, int] = {}
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    with warnings.catch_warnings(record=True) as caught:
-                        warnings.simplefilter("always")
-                        for _ in range(2):
-                            out = model(input_ids=nxt, **kw)
-                            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-                finally:
-                    torch.cuda.set_sync_debug_mode(0)
-                for w in caught:
-                    if "synchroniz" in str(w.message):
-                        where = f"{os.path.relpath(w.filename)}:{w.lineno}"
-                        syncs[where] = syncs.get(where, 0) + 1
-                row["syncs_per_step"] = {k: v / 2 for k, v in sorted(syncs.items(), key=lambda kv: -kv[1])}
-    finally:
-        if prev_impl is not None:
-            model.set_attn_implementation(prev_impl)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+        row["ms_per_step_median"] = statistics.median(times)
+        row["ms_per_step"] = times
+        prof = cProfile.Profile()
+        _sync(dev)
+        t0 = time.perf_counter()
+        prof.enable()
+        for _ in range(profile_steps):
+            out = model(input_ids=nxt, **kw)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        prof.disable()
+        _sync(dev)
+        row["profiled_ms_per_step"] = (time.perf_counter() - t0) * 1e3 / profile_steps
+        st = pstats.Stats(prof)
+        funcs = []
+        for (path, line, name), (_cc, nc, tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
+            funcs.append((tt / profile_steps * 1e3, nc // profile_steps, ct / profile_steps * 1e3,
+                          f"{os.path.basename(path)}:{line}({name})"))
+        funcs.sort(reverse=True)
+        row["host_ms_per_step"] = sum(f[0] for f in funcs)
+        row["top_own_ms"] = [{"fn": f[3], "own_ms": f[0], "calls": f[1], "cum_ms": f[2]} for f in funcs[:25]]
+        if dev.type == "cuda":
+            syncs: dict[str, int] = {}
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    for _ in range(2):
+                        out = model(input_ids=nxt, **kw)
+                        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            for w in caught:
+                if "synchroniz" in str(w.message):
+                    where = f"{os.path.relpath(w.filename)}:{w.lineno}"
+                    syncs[where] = syncs.get(where, 0) + 1
+            row["syncs_per_step"] = {k: v / 2 for k, v in sorted(syncs.items(), key=lambda kv: -kv[1])}
     return row
 
 

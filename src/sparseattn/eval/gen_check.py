@@ -44,12 +44,13 @@ host sync before and after the timed steps; the first steps compile kernels and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -224,11 +225,14 @@ def _check_modes(modes: Sequence[str], has_predictor: bool) -> list[str]:
     return out
 
 
-def _run_mode(model: Any, mode: str, ids: torch.Tensor, new_tokens: int, *, patch_kw: dict[str, Any],
-              top_pages: int | float, page_size: int, mixed_window: int, decode_backend: str,
-              decode_layers: list[int] | None, forced: Sequence[int] | None = None,
-              mixed_smooth_keys: bool = False, mixed_sink_tokens: int | None = None) -> dict[str, Any]:
-    """One generation in ``mode`` (teacher-forced with ``forced``); the model is left as it was found."""
+@contextlib.contextmanager
+def decode_mode(model: Any, mode: str, *, patch_kw: dict[str, Any] | None = None, top_pages: int | float = 0.1,
+                page_size: int = 16, mixed_window: int = 128, decode_backend: str = "auto",
+                decode_layers: list[int] | None = None, mixed_smooth_keys: bool = False,
+                mixed_sink_tokens: int | None = None) -> Iterator[tuple[Any, Any]]:
+    """The model set up for one of :data:`GEN_CHECK_MODES`: yields ``(cache, handle)``, the cache to generate with
+    and the ``patch_model`` handle (``None`` for the mixed modes, whose cache is also their report). The model is
+    left as it was found on exit. ``patch_kw``: the sparse prefill (``predictor`` / ``pattern`` / ``tuned``)."""
     if mode.startswith("mixed_"):
         from sparseattn.integrations.mixed_cache_attention import enable_mixed_cache
         from sparseattn.state.kv_cache import MixedKVCache
@@ -238,26 +242,36 @@ def _run_mode(model: Any, mode: str, ids: torch.Tensor, new_tokens: int, *, patc
                              **({} if mixed_sink_tokens is None else {"sink_tokens": mixed_sink_tokens}))
         prev = enable_mixed_cache(model)
         try:
-            toks, ms = greedy_generate(model, ids, new_tokens, cache, forced)
+            yield cache, None
         finally:
             model.set_attn_implementation(prev)
-        rep = cache.memory_report()
-        rep.pop("per_layer", None)
-        # layer calls per route (decode steps on the decode kernels, or the state operator) and why a decode
-        # step did not take the decode route
-        return {"tokens": toks, "ms_per_token": ms, "memory": rep, "counts": dict(cache.attention_counts),
-                "mixed_decode_fallbacks": dict(cache.decode_fallbacks)}
+        return
     from sparseattn.integrations import patch_model
 
-    kw = dict(patch_kw)
+    kw = dict(patch_kw or {})
     if mode == "kernel_decode":
         kw.update(decode="kernel", decode_backend=decode_backend, decode_layers=decode_layers)
     elif mode == "sparse_decode":
         kw.update(decode="sparse", decode_top_pages=top_pages, decode_page_size=page_size,
                   decode_backend=decode_backend, decode_layers=decode_layers)
     with patch_model(model, **kw) as handle:
-        toks, ms = greedy_generate(model, ids, new_tokens, _dynamic_cache(model), forced)
-        rep = handle.sparsity_report()
+        yield _dynamic_cache(model), handle
+
+
+def _run_mode(model: Any, mode: str, ids: torch.Tensor, new_tokens: int, *, forced: Sequence[int] | None = None,
+              **opts: Any) -> dict[str, Any]:
+    """One generation in ``mode`` (teacher-forced with ``forced``; ``opts``: :func:`decode_mode`'s)."""
+    with decode_mode(model, mode, **opts) as (cache, handle):
+        toks, ms = greedy_generate(model, ids, new_tokens, cache, forced)
+        if handle is not None:
+            rep = handle.sparsity_report()
+    if handle is None:
+        mem = cache.memory_report()
+        mem.pop("per_layer", None)
+        # layer calls per route (decode steps on the decode kernels, or the state operator) and why a decode
+        # step did not take the decode route
+        return {"tokens": toks, "ms_per_token": ms, "memory": mem, "counts": dict(cache.attention_counts),
+                "mixed_decode_fallbacks": dict(cache.decode_fallbacks)}
     return {"tokens": toks, "ms_per_token": ms, "counts": rep["counts"], "decode": rep["decode"],
             "prefill_density": rep["mean_density"]}
 
