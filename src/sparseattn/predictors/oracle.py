@@ -238,8 +238,9 @@ class OraclePredictor:
     def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:
         check_qk("OraclePredictor.predict", q, k, causal)
         cfg = self.config
-        self.last_scores = exact_block_mass(q, k, causal=causal, block_m=cfg.block_m, block_n=cfg.block_n)
-        return _select_by_mass(self.last_scores, q, k, cfg, causal)
+        mass = exact_block_mass(q, k, causal=causal, block_m=cfg.block_m, block_n=cfg.block_n)
+        self.last_scores = mass  # diagnostics only: a shared instance's other thread may replace it at once
+        return _select_by_mass(mass, q, k, cfg, causal)
 
     def reset(self) -> None:
         """Stateless: nothing to clear."""
@@ -294,11 +295,12 @@ class SampledMassPredictor:
     def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:
         check_qk("SampledMassPredictor.predict", q, k, causal)
         cfg = self.config
-        self.last_scores = exact_block_mass(q, k, causal=causal, block_m=cfg.block_m, block_n=cfg.block_n,
-                                            rows_per_block=cfg.rows_per_block)
+        mass = exact_block_mass(q, k, causal=causal, block_m=cfg.block_m, block_n=cfg.block_n,
+                                rows_per_block=cfg.rows_per_block)
+        self.last_scores = mass  # diagnostics only (as the oracle's)
         forced = forced_blocks(q.shape[2], k.shape[2], cfg.block_m, cfg.block_n, cfg.keep_sink, cfg.keep_local,
                                causal, q.device)
-        return _select_by_mass(self.last_scores, q, k, cfg, causal, forced)
+        return _select_by_mass(mass, q, k, cfg, causal, forced)
 
     def reset(self) -> None:
         """Stateless: nothing to clear."""
