@@ -328,7 +328,8 @@ def test_attention_threads_with_different_shapes(n_threads):
 
 @pytest.mark.parametrize("n_threads", [2, 4])
 @pytest.mark.parametrize("spec", ["mean_sim", "mean_sim:score=mixed,cdf_threshold=0.97,keep_local=8", "sketch_walk",
-                                  "oracle", "sampled:rows_per_block=4,block_m=16,block_n=16", "static:pattern=sink_window,sink_blocks=1,window_blocks=2"])
+                                  "oracle", "sampled:rows_per_block=4,block_m=16,block_n=16",
+                                  "static:pattern=sink_window,sink_blocks=1,window_blocks=2"])
 def test_shared_predictor_threads_with_different_shapes(spec, n_threads):
     pred = parse_predictor_spec(spec)  # one instance shared by every thread
     shapes = THREAD_SHAPES[:n_threads]
