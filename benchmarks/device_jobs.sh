@@ -163,6 +163,18 @@ run_job() {
     decode_bench)  # issue 14: dense/int8/fp8/sparse decode (sparse at page 16/32/64, radix-select pick kernel)
       timeout ${DB_S:-330} python3 benchmarks/bench_decode.py --page-sizes ${DB_PAGES:-16,32,64} --budget-s ${DB_BUDGET:-280} \
         --flex-budget-s 60 ${DB_ARGS:-} --out "$d" > "$d/log" 2>&1; tail -n 32 "$d/log" ;;
+    stage_probe)  # issue 14: sparse decode stage by stage (graphed), pick variants, paged launch sweep
+      timeout ${SP_S:-200} python3 benchmarks/decode_stage_probe.py --batch ${SP_BATCH:-1,8} --pages ${SP_PAGES:-64,32} \
+        --out "$d" > "$d/log" 2>&1; tail -n 12 "$d/log" ;;
+    ncu_decode)  # issue 14: Nsight Compute on the dense decode kernel, bf16 and int8 caches (128K x 8)
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
+      for kind in bf16 int8; do
+        timeout ${NCU_S:-120} $NCU --clock-control none -k regex:_decode_split --launch-skip 1 --launch-count 1 \
+          --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+          --section LaunchStats --section ComputeWorkloadAnalysis --section InstructionStats --section SchedulerStats \
+          python3 benchmarks/decode_stage_probe.py --ncu $kind > "$d/ncu_$kind.txt" 2>&1
+        echo "--- $kind"; grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Stall|Issue Slots Busy|Executed Ipc A|Block Limit" "$d/ncu_$kind.txt" | head -n 20
+      done ;;
     *) echo "unknown job $job" ;;
   esac
 }

@@ -424,8 +424,9 @@ def test_select_kernel_matches_torch_selection(dtype, Lq, G, top, request):
 
 
 @needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("P,block", [(5, 16), (64, 64), (129, 64), (300, 64)])
-def test_page_pick_kernel_matches_stable_brute_force(P, block, request):
+def test_page_pick_kernel_matches_stable_brute_force(P, block, bits, request):
     """The radix-select kernel takes the ``count`` highest scores, ties to the lower page, ascending, padding 0 --
     with many exact ties, +-inf (forced / invalid pages), +-BIG (NaN / infinite bounds), -0.0 next to +0.0,
     a count of 0 and of every page, in one block and in several chunks."""
@@ -449,7 +450,7 @@ def test_page_pick_kernel_matches_stable_brute_force(P, block, request):
     idx = torch.full((B, Hkv, K), -7, dtype=torch.int32, device=DEV)
     kern._page_pick_kernel[(B * Hkv,)](score, count, idx, score.stride(0), score.stride(1), score.stride(2),
                                        count.stride(0), idx.stride(0), idx.stride(1), Hkv, P, K, BLOCK=block,
-                                       ONE_CHUNK=P <= block)
+                                       ONE_CHUNK=P <= block, BITS=bits)
     idx, score, count = idx.cpu(), score.cpu(), count.cpu()
     for b in range(B):
         for h in range(Hkv):

@@ -266,8 +266,15 @@ def _k_sel(P: int, k_int: int | None, frac: float | None, floor: int) -> int:
     return min(P, max(-(-P * num // den), floor))
 
 
+# radix bits per pass of the pick kernel (4: 8 passes of 16 bins, 8: 4 passes of 256 bins); fixed by measurement
+PICK_BITS = 4
+
+
 def _select_kernel(q: torch.Tensor, summaries: PageSummaries, seqlens: torch.Tensor | None, k_int: int | None,
-                   frac: float | None, keep_first: int, keep_last: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   frac: float | None, keep_first: int, keep_last: int, *,
+                   pick_bits: int | None = None, pick_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton selection (scores, then the radix pick). ``pick_bits`` / ``pick_warps``: the pick's radix width
+    and warps (default :data:`PICK_BITS`, 8 warps for rows of >= 2048 pages else 4; for measurements)."""
     from sparseattn.ops.triton import decode as kern
     from sparseattn.ops.triton_launch import _LAUNCH_LOCK, interpret_mode
 
@@ -303,7 +310,8 @@ def _select_kernel(q: torch.Tensor, summaries: PageSummaries, seqlens: torch.Ten
         kern._page_pick_kernel[(B * Hkv,)](
             score, count, idx, score.stride(0), score.stride(1), score.stride(2), count.stride(0),
             idx.stride(0), idx.stride(1), Hkv, P, K, BLOCK=block, ONE_CHUNK=P <= block,
-            num_warps=8 if block >= 2048 else 4, num_stages=1)
+            BITS=PICK_BITS if pick_bits is None else pick_bits,
+            num_warps=(8 if block >= 2048 else 4) if pick_warps is None else pick_warps, num_stages=1)
     return idx, count
 
 

@@ -500,26 +500,27 @@ def _order_key(x):
 
 @triton.jit
 def _digit_hist(s_row, stride_sp, P, prefix, offs, SHIFT: tl.constexpr, BLOCK: tl.constexpr, ONE_CHUNK: tl.constexpr,
-                key_one):
-    """Histogram (32 bins; bins 0..15 used) of key bits ``SHIFT .. SHIFT + 3`` over the keys whose bits above
-    ``SHIFT + 3`` equal ``prefix``; other keys (and padding) go to bin 16."""
+                key_one, BITS: tl.constexpr = 4):
+    """Histogram (``2 ** (BITS + 1)`` bins; bins ``0 .. 2 ** BITS - 1`` used) of key bits ``SHIFT .. SHIFT + BITS - 1``
+    over the keys whose bits above them equal ``prefix``; other keys (and padding) go to bin ``2 ** BITS``."""
+    NB: tl.constexpr = 1 << BITS
     if ONE_CHUNK:
         key = key_one
         ok = offs < P
-        if SHIFT < 28:
-            ok = ok & ((key >> (SHIFT + 4)) == prefix)
-        dig = tl.where(ok, ((key >> SHIFT) & 15).to(tl.int32), 16)
-        hist = tl.histogram(dig, 32)
+        if SHIFT + BITS < 32:
+            ok = ok & ((key >> (SHIFT + BITS)) == prefix)
+        dig = tl.where(ok, ((key >> SHIFT) & (NB - 1)).to(tl.int32), NB)
+        hist = tl.histogram(dig, 2 * NB)
     else:
-        hist = tl.zeros([32], dtype=tl.int32)
+        hist = tl.zeros([2 * NB], dtype=tl.int32)
         for p0 in range(0, P, BLOCK):
             pp = p0 + offs
             key = _order_key(tl.load(s_row + pp * stride_sp, mask=pp < P, other=0.0))
             ok = pp < P
-            if SHIFT < 28:
-                ok = ok & ((key >> (SHIFT + 4)) == prefix)
-            dig = tl.where(ok, ((key >> SHIFT) & 15).to(tl.int32), 16)
-            hist += tl.histogram(dig, 32)
+            if SHIFT + BITS < 32:
+                ok = ok & ((key >> (SHIFT + BITS)) == prefix)
+            dig = tl.where(ok, ((key >> SHIFT) & (NB - 1)).to(tl.int32), NB)
+            hist += tl.histogram(dig, 2 * NB)
     return hist
 
 
@@ -532,12 +533,14 @@ def _page_pick_kernel(
     H_KV, P, K_SEL,
     BLOCK: tl.constexpr,
     ONE_CHUNK: tl.constexpr,
+    BITS: tl.constexpr = 4,
 ):
     """The ``Count[b, hkv]`` highest of ``Score[b, hkv, :P]`` (as :func:`_page_score_kernel` writes them: no
     NaN), their page indices **ascending** in ``Idx[b, hkv, :Count]``; ``Idx[b, hkv, Count:K_SEL]`` = 0.
 
-    One program per (batch, KV head). Radix select on the scores' order-preserving 32-bit keys, 4 bits per
-    pass (8 passes, each one histogram over the keys that still match the prefix): the threshold ``T`` is
+    One program per (batch, KV head). Radix select on the scores' order-preserving 32-bit keys, ``BITS`` (4 or 8)
+    bits per pass (``32 / BITS`` passes, each one histogram over the keys that still match the prefix; the
+    suffix counts by a reversed cumulative sum): the threshold ``T`` is
     the largest key with ``#(key >= T) >= Count``. Every key above ``T`` is taken, then keys equal to ``T``
     by increasing page index until ``Count`` (ties go to the lower page). A cumulative sum of the taken
     mask gives each page its slot, so the indices come out sorted and no sort runs. The row is held in
@@ -551,20 +554,21 @@ def _page_pick_kernel(
     i_row = Idx + off_b.to(tl.int64) * stride_ib + off_hk.to(tl.int64) * stride_ih
     c = tl.load(Count + off_b.to(tl.int64) * stride_cb + off_hk)
     offs = tl.arange(0, BLOCK)
-    bins = tl.arange(0, 32)
+    NB: tl.constexpr = 1 << BITS
+    bins = tl.arange(0, 2 * NB)
     key_one = _order_key(tl.load(s_row + offs * stride_sp, mask=offs < P, other=0.0))
 
     prefix = tl.zeros([], dtype=tl.uint32)
     need = c  # keys still to take among those matching the prefix
-    for i in tl.static_range(8):
-        hist = _digit_hist(s_row, stride_sp, P, prefix, offs, 28 - 4 * i, BLOCK, ONE_CHUNK, key_one)
-        h = tl.where(bins < 16, hist, 0)
-        suffix = tl.sum(tl.where(bins[None, :] >= bins[:, None], h[None, :], 0), 1)  # keys with digit >= j
-        d = tl.max(tl.where((suffix >= need) & (bins < 16), bins, 0), 0)
+    for i in tl.static_range(32 // BITS):
+        hist = _digit_hist(s_row, stride_sp, P, prefix, offs, 32 - BITS * (i + 1), BLOCK, ONE_CHUNK, key_one, BITS)
+        h = tl.where(bins < NB, hist, 0)
+        suffix = tl.cumsum(h, 0, reverse=True)  # keys with digit >= j
+        d = tl.max(tl.where((suffix >= need) & (bins < NB), bins, 0), 0)
         s_d = tl.sum(tl.where(bins == d, suffix, 0), 0)
         h_d = tl.sum(tl.where(bins == d, h, 0), 0)
         need -= s_d - h_d  # keys with a higher digit are all taken
-        prefix = (prefix << 4) | d.to(tl.uint32)
+        prefix = (prefix << BITS) | d.to(tl.uint32)
     thr = prefix
     ties = need  # keys equal to the threshold still to take, in page order
 

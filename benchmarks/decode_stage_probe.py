@@ -1,0 +1,203 @@
+"""Sparse decode on the GPU, stage by stage: where the time of one decode step goes (issue 14, batch 1).
+
+Every stage is captured in its own CUDA graph and timed by replay (:func:`sparseattn.testing.timing.bench_ms`:
+warm-up, then the median), on a bf16 cache of H=32, H_kv=8, D=128 (``--ctx``, ``--batch``):
+
+* ``launch_floor``: a graph of one one-element kernel (what a graph replay costs by itself);
+* ``dense``: :func:`decode_attention` over the whole cache;
+* ``score``: the page-score kernel alone; ``pick/b{bits}w{warps}``: the radix pick alone (its radix width and
+  warps); ``select``: :func:`select_pages` (both);
+* ``paged/n{BLOCK_N}w{warps}s{stages}/splits{S}``: the paged attention over the selected pages (split kernel
+  plus merge), a sweep of launch configs and split counts (``splits0``: the heuristic);
+* ``sparse``: :func:`sparse_decode_attention` (selection included), and ``x = dense / sparse``.
+
+Parity of the sparse result against :func:`decode_reference` over the same pages (ratio rule) is checked before
+timing. Writes ``stage_probe.json`` under ``--out`` and prints a table. ``--ncu KIND`` (``bf16`` / ``int8``)
+instead runs the dense decode kernel twice on a 128K x 8 cache of that kind, for Nsight Compute
+(``ncu -k regex:_decode_split --launch-skip 1 --launch-count 1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from sparseattn.ops import pages as pages_mod  # noqa: E402
+from sparseattn.ops.decode import decode_attention, decode_reference, paged_decode_attention, pages_key_mask  # noqa: E402
+from sparseattn.ops.pages import page_summaries, select_pages, sparse_decode_attention  # noqa: E402
+from sparseattn.testing.tolerances import check_ratio  # noqa: E402
+
+H, HKV, D = 32, 8, 128
+PAGED_CONFIGS = [(64, 4, 2), (32, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 2)]
+SPLITS = [0, 16, 32, 64, 96, 128]
+
+
+def graphed(fn):
+    """``fn`` captured in a CUDA graph (warmed up on a side stream first); returns the replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def timed(fn) -> float:
+    from sparseattn.testing.timing import bench_ms
+
+    return bench_ms(graphed(fn))
+
+
+def ncu_run(kind: str) -> int:
+    from sparseattn.state.kv_cache import quantize
+
+    torch.manual_seed(0)
+    B, N = 8, 131072
+    q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, HKV, N, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    kw: dict[str, Any] = {}
+    if kind == "int8":
+        kq, ks = quantize(k, "int8")
+        vq, vs = quantize(v, "int8")
+        k, v, kw = kq, vq, dict(k_scale=ks, v_scale=vs)
+    for _ in range(2):
+        decode_attention(q, k, v, backend="triton", **kw)
+    torch.cuda.synchronize()
+    print(f"ncu {kind}: two launches done")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--ctx", type=int, default=131072)
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--pages", default="64,32")
+    ap.add_argument("--ncu", choices=["bf16", "int8"])
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("decode_stage_probe: needs a CUDA device", file=sys.stderr)
+        return 2
+    if args.ncu:
+        return ncu_run(args.ncu)
+    from sparseattn.ops.triton import decode as kern
+
+    os.makedirs(args.out, exist_ok=True)
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    one = torch.zeros(1, device="cuda")
+    res["launch_floor"] = timed(lambda: one.add_(1))
+    for B in (int(b) for b in args.batch.split(",")):
+        torch.manual_seed(0)
+        N = args.ctx
+        q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(B, HKV, N, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        sl = torch.full((B,), N, dtype=torch.int32, device="cuda")
+        dense = timed(lambda: decode_attention(q, k, v, seqlens=sl, backend="triton"))
+        for ps in (int(p) for p in args.pages.split(",")):
+            row: dict[str, Any] = {"B": B, "ctx": N, "page": ps, "dense": dense}
+            summ = page_summaries(k, ps, seqlens=sl)
+            sp, (pidx, pnum) = sparse_decode_attention(q, k, v, summ, seqlens=sl, top_pages=0.1, return_lse=True,
+                                                       return_pages=True, backend="triton")
+            mask = pages_key_mask(pidx, pnum, ps, N)
+            hi = decode_reference(q[:1].float(), k[:1].float(), v[:1].float(), seqlens=sl[:1], key_mask=mask[:1])
+            lo = decode_reference(q[:1], k[:1], v[:1], seqlens=sl[:1], key_mask=mask[:1], upcast=False)
+            try:
+                check_ratio(sp.out[:1], hi.out, lo.out, "sparse out")
+                row["parity"] = "ok"
+            except AssertionError as exc:
+                row["parity"] = str(exc)[:200]
+            del hi, lo, mask
+            row["select"] = timed(lambda: select_pages(q, summ, seqlens=sl, top_pages=0.1, backend="triton"))
+            P = summ.kmin.shape[2]
+            K = pidx.shape[2]
+            # the pick alone, on the bounds the selection computes (the reference ops' fp32 bounds)
+            sc = _scores(q, summ, sl)
+            cn = pnum
+            idx = torch.empty((B, HKV, K), dtype=torch.int32, device="cuda")
+            block = min(max(16, 1 << (P - 1).bit_length()), 4096)
+            picks = {}
+            for bits in (4, 8):
+                for warps in (4, 8, 16):
+                    def pick(bits=bits, warps=warps):
+                        kern._page_pick_kernel[(B * HKV,)](
+                            sc, cn, idx, sc.stride(0), sc.stride(1), sc.stride(2), cn.stride(0), idx.stride(0),
+                            idx.stride(1), HKV, P, K, BLOCK=block, ONE_CHUNK=P <= block, BITS=bits,
+                            num_warps=warps, num_stages=1)
+                    try:
+                        picks[f"b{bits}w{warps}"] = timed(pick)
+                    except Exception as exc:  # noqa: BLE001 - e.g. out of resources
+                        picks[f"b{bits}w{warps}"] = f"{type(exc).__name__}: {str(exc)[:100]}"
+            row["pick"] = picks
+            # the pick's answer with each variant must equal the default's (same scores)
+            row["pick_agree"] = {}
+            ref = None
+            for bits in (4, 8):
+                idx.zero_()
+                kern._page_pick_kernel[(B * HKV,)](
+                    sc, cn, idx, sc.stride(0), sc.stride(1), sc.stride(2), cn.stride(0), idx.stride(0),
+                    idx.stride(1), HKV, P, K, BLOCK=block, ONE_CHUNK=P <= block, BITS=bits, num_warps=8, num_stages=1)
+                ref = idx.clone() if bits == 4 else ref
+                row["pick_agree"][f"b{bits}"] = bool(torch.equal(idx, ref))
+            row["select_bits8"] = timed(lambda: pages_mod._select_kernel(q, summ, sl, None, 0.1, 1, 1, pick_bits=8))
+            paged: dict[str, Any] = {}
+            for bn, w, s in PAGED_CONFIGS:
+                for S in SPLITS:
+                    key = f"n{bn}w{w}s{s}/splits{S}"
+                    cfg = {"BLOCK_N": bn, "num_warps": w, "num_stages": s}
+                    try:
+                        paged[key] = timed(lambda cfg=cfg, S=S: paged_decode_attention(
+                            q, k, v, pidx, pnum, page_size=ps, seqlens=sl, num_splits=S or None, config=cfg,
+                            backend="triton", check_seqlens=False))
+                    except Exception as exc:  # noqa: BLE001
+                        paged[key] = f"{type(exc).__name__}: {str(exc)[:100]}"
+            row["paged"] = paged
+            row["paged_default"] = timed(lambda: paged_decode_attention(
+                q, k, v, pidx, pnum, page_size=ps, seqlens=sl, backend="triton", check_seqlens=False))
+            row["sparse"] = timed(lambda: sparse_decode_attention(q, k, v, summ, seqlens=sl, top_pages=0.1,
+                                                                  backend="triton"))
+            row["x"] = dense / row["sparse"]
+            res["rows"].append(row)
+            fl = {kk: vv for kk, vv in paged.items() if isinstance(vv, float)}
+            best = min(fl, key=fl.get) if fl else None
+            pk = {kk: vv for kk, vv in picks.items() if isinstance(vv, float)}
+            print(f"B={B} page={ps} parity={row['parity']} dense {dense:.4f} | select {row['select']:.4f} "
+                  f"(bits8 {row['select_bits8']:.4f}) | picks {json.dumps({a: round(b, 4) for a, b in pk.items()})} "
+                  f"agree {row['pick_agree']} | paged default {row['paged_default']:.4f} best {best} "
+                  f"{fl.get(best, float('nan')):.4f} | sparse {row['sparse']:.4f} x{row['x']:.2f}", flush=True)
+        q = k = v = summ = None  # free the cache before the next batch size
+        torch.cuda.empty_cache()
+    with open(os.path.join(args.out, "stage_probe.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"launch floor (one tiny kernel, graphed): {res['launch_floor']:.4f} ms")
+    return 0
+
+
+def _scores(q: torch.Tensor, summ, sl: torch.Tensor) -> torch.Tensor:
+    """The fp32 page bounds (forced / invalid pages as the score kernel writes them), via the reference ops."""
+    B = q.shape[0]
+    G = H // HKV
+    qg = q.reshape(B, HKV, G, D).float()
+    ub = (qg.clamp(min=0) @ summ.kmax.float().transpose(-1, -2) + qg.clamp(max=0) @ summ.kmin.float().transpose(-1, -2))
+    ub = ub.amax(2)
+    P = ub.shape[-1]
+    n = (sl.to(torch.int64) + summ.page_size - 1) // summ.page_size
+    ids = torch.arange(P, device=q.device)
+    forced = (ids[None, None, :] < 1) | (ids[None, None, :] >= n[:, None, None] - 1)
+    return torch.where(forced, torch.full_like(ub, float("inf")), ub)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
