@@ -53,7 +53,13 @@ def graphed(fn):
     return g.replay
 
 
+SMOKE = False  # --cpu-smoke: every stage runs once on the CPU (Triton interpreter), timings are 0
+
+
 def timed(fn) -> float:
+    if SMOKE:
+        fn()
+        return 0.0
     from sparseattn.testing.timing import bench_ms
 
     return bench_ms(graphed(fn))
@@ -86,8 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--pages", default="64,32")
     ap.add_argument("--ncu", choices=["bf16", "int8"])
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="run every stage once on tiny shapes under TRITON_INTERPRET=1 (checks the script, no timing)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    global SMOKE, PAGED_CONFIGS, SPLITS
+    dev = "cuda"
+    if args.cpu_smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("decode_stage_probe: --cpu-smoke needs TRITON_INTERPRET=1", file=sys.stderr)
+            return 2
+        SMOKE, dev = True, "cpu"
+        PAGED_CONFIGS, SPLITS = PAGED_CONFIGS[:2], [0, 4]
+    elif not torch.cuda.is_available():
         print("decode_stage_probe: needs a CUDA device", file=sys.stderr)
         return 2
     if args.ncu:
@@ -95,16 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     from sparseattn.ops.triton import decode as kern
 
     os.makedirs(args.out, exist_ok=True)
-    res: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
-    one = torch.zeros(1, device="cuda")
+    res: dict[str, Any] = {"device": "cpu-smoke" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "rows": []}
+    one = torch.zeros(1, device=dev)
     res["launch_floor"] = timed(lambda: one.add_(1))
     for B in (int(b) for b in args.batch.split(",")):
         torch.manual_seed(0)
         N = args.ctx
-        q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(B, HKV, N, D, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(B, H, 1, D, device=dev, dtype=torch.bfloat16)
+        k = torch.randn(B, HKV, N, D, device=dev, dtype=torch.bfloat16)
         v = torch.randn_like(k)
-        sl = torch.full((B,), N, dtype=torch.int32, device="cuda")
+        sl = torch.full((B,), N, dtype=torch.int32, device=dev)
         dense = timed(lambda: decode_attention(q, k, v, seqlens=sl, backend="triton"))
         for ps in (int(p) for p in args.pages.split(",")):
             row: dict[str, Any] = {"B": B, "ctx": N, "page": ps, "dense": dense}
@@ -126,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             # the pick alone, on the bounds the selection computes (the reference ops' fp32 bounds)
             sc = _scores(q, summ, sl)
             cn = pnum
-            idx = torch.empty((B, HKV, K), dtype=torch.int32, device="cuda")
-            block = min(max(16, 1 << (P - 1).bit_length()), 4096)
+            idx = torch.empty((B, HKV, K), dtype=torch.int32, device=dev)
+            block = min(max(16, 1 << (P - 1).bit_length()), 64 if SMOKE else 4096)
             picks = {}
             for bits in (4, 8):
                 for warps in (4, 8, 16):
@@ -168,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 q, k, v, pidx, pnum, page_size=ps, seqlens=sl, backend="triton", check_seqlens=False))
             row["sparse"] = timed(lambda: sparse_decode_attention(q, k, v, summ, seqlens=sl, top_pages=0.1,
                                                                   backend="triton"))
-            row["x"] = dense / row["sparse"]
+            row["x"] = dense / row["sparse"] if row["sparse"] > 0 else float("nan")
             res["rows"].append(row)
             fl = {kk: vv for kk, vv in paged.items() if isinstance(vv, float)}
             best = min(fl, key=fl.get) if fl else None
@@ -178,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"agree {row['pick_agree']} | paged default {row['paged_default']:.4f} best {best} "
                   f"{fl.get(best, float('nan')):.4f} | sparse {row['sparse']:.4f} x{row['x']:.2f}", flush=True)
         q = k = v = summ = None  # free the cache before the next batch size
-        torch.cuda.empty_cache()
+        if not SMOKE:
+            torch.cuda.empty_cache()
     with open(os.path.join(args.out, "stage_probe.json"), "w") as f:
         json.dump(res, f, indent=1)
     print(f"launch floor (one tiny kernel, graphed): {res['launch_floor']:.4f} ms")
