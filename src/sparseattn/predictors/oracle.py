@@ -107,14 +107,15 @@ def exact_block_mass(
     off = Nkv - Nq
     step = block_n * chunk_blocks
 
+    last_row = Nq - 1  # the largest row of ``rows`` (the sampled rows include every block's last row)
+
     def scores(start: int, stop: int) -> torch.Tensor | None:
+        if causal and start > last_row + off:  # no row reaches this chunk (host ints: no device sync)
+            return None
         s = torch.einsum("bhgnd,bhcd->bhgnc", qf, kf[:, :, start:stop]) * scale
         if causal:
             cols = torch.arange(start, stop, device=dev)
-            cm = causal_window_mask(rows, cols, off)
-            if not bool(cm.any()):
-                return None
-            s = s.masked_fill(~cm, -math.inf)
+            s = s.masked_fill(~causal_window_mask(rows, cols, off), -math.inf)
         return s
 
     # pass 1: exact natural-log lse per row (online logsumexp)
