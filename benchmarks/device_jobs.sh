@@ -87,11 +87,11 @@ run_job() {
     gen_gemma)  # issue 14: greedy agreement of the decode paths on Gemma-3-270M at 16K/32K
       timeout ${GENG_S:-200} $M gen-check --model $GEMMA --text-dir $ESSAYS --lengths ${GENG_LENGTHS:-16384,32000} \
         --modes ${GENG_MODES:-sparse_decode,kernel_decode,mixed_int8,mixed_fp8} --top-pages ${GENG_PAGES:-0.5} --samples ${GENG_SAMPLES:-2} \
-        --device cuda --dtype bfloat16 ${GENG_ARGS:-} --out "$d" > "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 24 ;;
+        --device cuda --dtype ${GENG_DTYPE:-bfloat16} ${GENG_ARGS:-} --out "$d" > "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 24 ;;
     gen_smol)  # issue 14: greedy agreement of the decode paths on SmolLM2 at 4K/8K, read against kernel_decode (the floor)
       timeout ${GENS_S:-240} $M gen-check --model $SMOL --text-dir $ESSAYS --lengths ${GENS_LENGTHS:-4096,8128} \
         --modes ${GENS_MODES:-kernel_decode,sparse_decode,mixed_int8,mixed_fp8} --top-pages ${GENS_PAGES:-0.5} \
-        --samples ${GENS_SAMPLES:-4} --device cuda --dtype bfloat16 --out "$d" > "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 12 ;;
+        --samples ${GENS_SAMPLES:-4} --device cuda --dtype ${GENS_DTYPE:-bfloat16} --out "$d" > "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 12 ;;
     decode_probe)  # issue 14: per decode path, ms per eager decode step, host time (cProfile) and host syncs
       timeout ${DPROBE_S:-150} python3 benchmarks/decode_host_probe.py --model ${DPROBE_MODEL:-$SMOL} --text-dir $ESSAYS \
         --length ${DPROBE_LEN:-8128} ${DPROBE_ARGS:-} --out "$d" > "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 80 ;;
