@@ -108,27 +108,42 @@ def exact_block_mass(
     step = block_n * chunk_blocks
 
     last_row = Nq - 1  # the largest row of ``rows`` (the sampled rows include every block's last row)
+    # host copy of the (shape-only) rows, to find on the host the first row that reaches a key chunk
+    rows_host = None if rows_per_block is None or not causal else sampled_rows(Nq, block_m, rows_per_block,
+                                                                              torch.device("cpu"))
 
-    def scores(start: int, stop: int) -> torch.Tensor | None:
+    def first_row(start: int) -> int:
+        """Index in ``rows`` of the first row that may attend key ``start`` or later (causal: the rows before it see
+        none of the chunk, so they are left out of its products; exact, as their terms are exp(-inf) = 0)."""
+        if not causal:
+            return 0
+        if rows_host is None:
+            return min(max(start - off, 0), NR)
+        return int(torch.searchsorted(rows_host, start - off))
+
+    def scores(start: int, stop: int) -> tuple[int, torch.Tensor] | None:
         if causal and start > last_row + off:  # no row reaches this chunk (host ints: no device sync)
             return None
-        s = torch.einsum("bhgnd,bhcd->bhgnc", qf, kf[:, :, start:stop]) * scale
+        i0 = first_row(start)
+        s = torch.einsum("bhgnd,bhcd->bhgnc", qf[..., i0:, :], kf[:, :, start:stop]) * scale
         if causal:
             cols = torch.arange(start, stop, device=dev)
-            s = s.masked_fill(~causal_window_mask(rows, cols, off), -math.inf)
-        return s
+            s = s.masked_fill(~causal_window_mask(rows[i0:], cols, off), -math.inf)
+        return i0, s
 
     # pass 1: exact natural-log lse per row (online logsumexp)
     m = torch.full((B, Hkv, G, NR), -math.inf, dtype=acc, device=dev)
     l = torch.zeros((B, Hkv, G, NR), dtype=acc, device=dev)
     for start in range(0, Nkv, step):
-        s = scores(start, min(start + step, Nkv))
-        if s is None:
+        got = scores(start, min(start + step, Nkv))
+        if got is None:
             continue
-        m_new = torch.maximum(m, s.amax(-1))
+        i0, s = got
+        m0, l0 = m[..., i0:], l[..., i0:]
+        m_new = torch.maximum(m0, s.amax(-1))
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        l = l * torch.exp(m - m_safe) + torch.exp(s - m_safe.unsqueeze(-1)).sum(-1)
-        m = m_new
+        l[..., i0:] = l0 * torch.exp(m0 - m_safe) + torch.exp(s - m_safe.unsqueeze(-1)).sum(-1)
+        m[..., i0:] = m_new
     has = l > 0
     lse = torch.where(has, m + torch.log(torch.where(has, l, torch.ones_like(l))), torch.full_like(m, math.inf))
 
@@ -139,18 +154,19 @@ def exact_block_mass(
     mass = torch.zeros((B, Hkv, G, Mb, Nb), dtype=acc, device=dev)
     for start in range(0, Nkv, step):
         stop = min(start + step, Nkv)
-        s = scores(start, stop)
-        if s is None:
+        got = scores(start, stop)
+        if got is None:
             continue
-        p = torch.exp(s - lse.unsqueeze(-1))  # 0 for masked entries and rows without keys (lse=+inf)
+        i0, s = got
+        p = torch.exp(s - lse[..., i0:].unsqueeze(-1))  # 0 for masked entries and rows without keys (lse=+inf)
         C = stop - start
         nblk = cdiv(C, block_n)
         pad = nblk * block_n - C
         if pad:
             p = torch.nn.functional.pad(p, (0, pad))
-        colsum = p.reshape(B, Hkv, G, NR, nblk, block_n).sum(-1)  # [B,Hkv,G,NR,nblk]
+        colsum = p.reshape(B, Hkv, G, NR - i0, nblk, block_n).sum(-1)  # [B,Hkv,G,NR-i0,nblk]
         blk = torch.zeros((B, Hkv, G, Mb, nblk), dtype=acc, device=dev)
-        blk.index_add_(3, rowblk, colsum)
+        blk.index_add_(3, rowblk[i0:], colsum)
         j0 = start // block_n
         mass[..., j0:j0 + nblk] = blk
     mass = mass / counts[:, None]
