@@ -110,16 +110,9 @@ def copy_bandwidth(dev: str, nbytes: int, timer) -> dict[str, Any]:
 
 def graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
     """``fn`` captured in a CUDA graph (warmed up on a side stream first); returns the replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+    from sparseattn.testing.timing import capture_graph
+
+    return capture_graph(fn)
 
 
 def sdpa_rows(q, k, v, timer, mem_limit: int, smoke: bool) -> dict[str, Any]:

@@ -89,16 +89,9 @@ def graphs_part(res):
         try:
             fn()
             torch.cuda.synchronize()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fn()
-                fn()
-            torch.cuda.current_stream().wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, capture_error_mode=mode):
-                fn()
-            g.replay()
+            from sparseattn.testing.timing import capture_graph
+
+            capture_graph(fn, capture_error_mode=mode)()
             torch.cuda.synchronize()
             steps.append({"step": name, "mode": mode, "ok": True})
             print(f"capture {name} ({mode}): ok", flush=True)

@@ -39,20 +39,6 @@ PAGED_CONFIGS = [(64, 4, 2), (32, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 2)]
 SPLITS = [0, 16, 32, 64, 96, 128]
 
 
-def graphed(fn):
-    """``fn`` captured in a CUDA graph (warmed up on a side stream first); returns the replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
-
-
 SMOKE = False  # --cpu-smoke: every stage runs once on the CPU (Triton interpreter), timings are 0
 
 
@@ -60,9 +46,9 @@ def timed(fn) -> float:
     if SMOKE:
         fn()
         return 0.0
-    from sparseattn.testing.timing import bench_ms
+    from sparseattn.testing.timing import bench_ms, capture_graph
 
-    return bench_ms(graphed(fn))
+    return bench_ms(capture_graph(fn))
 
 
 def ncu_run(kind: str) -> int:

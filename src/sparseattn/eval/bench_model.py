@@ -259,17 +259,10 @@ def _alternating(dense: Callable[[], Any], sparse: Callable[[], Any], *, repeats
 
 
 def _capture_graph(call: Callable[[], Any]) -> Callable[[], Any]:
-    """Capture ``call`` (a whole forward) in a CUDA graph after two warm-up calls on a side stream; returns replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call()
-        call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    return graph.replay
+    """Capture ``call`` (a whole forward) in a CUDA graph (:func:`sparseattn.testing.timing.capture_graph`)."""
+    from sparseattn.testing.timing import capture_graph
+
+    return capture_graph(call)
 
 
 # --------------------------------------------------------------------------- profiling

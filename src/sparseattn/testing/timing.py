@@ -67,6 +67,21 @@ def bench_ms(fn: Callable[[], Any], *, warmup_ms: float = 25.0, rep_ms: float = 
         return float(times[len(times) // 2])
 
 
+def capture_graph(fn: Callable[[], Any], *, capture_error_mode: str = "global") -> Callable[[], Any]:
+    """``fn`` captured in a CUDA graph after two warm-up calls on a side stream; returns the graph's replay.
+    ``capture_error_mode``: as :class:`torch.cuda.graph`'s."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode=capture_error_mode):
+        fn()
+    return graph.replay
+
+
 def causal_pairs(seqlen_q: int, seqlen_kv: int) -> int:
     """Allowed (query, key) pairs under bottom-right causal alignment."""
     off = seqlen_kv - seqlen_q
