@@ -94,8 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.ncu:
         return ncu_run(args.ncu)
-    from sparseattn.ops.triton import decode as kern
-
     os.makedirs(args.out, exist_ok=True)
     res: dict[str, Any] = {"device": "cpu-smoke" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__,
                            "rows": []}
@@ -124,36 +122,20 @@ def main(argv: list[str] | None = None) -> int:
                 row["parity"] = str(exc)[:200]
             del hi, lo, mask
             row["select"] = timed(lambda: select_pages(q, summ, seqlens=sl, top_pages=0.1, backend="triton"))
-            P = summ.kmin.shape[2]
-            K = pidx.shape[2]
-            # the pick alone, on the bounds the selection computes (the reference ops' fp32 bounds)
-            sc = _scores(q, summ, sl)
-            cn = pnum
-            idx = torch.empty((B, HKV, K), dtype=torch.int32, device=dev)
-            block = min(max(16, 1 << (P - 1).bit_length()), 64 if SMOKE else 4096)
+            # the pick alone, on the score kernel's own bounds and counts
+            sc, cn, K = pages_mod._score_kernel(q, summ, sl, None, 0.1, 1, 1)
             picks = {}
             for bits in (4, 8):
                 for warps in (4, 8, 16):
-                    def pick(bits=bits, warps=warps):
-                        kern._page_pick_kernel[(B * HKV,)](
-                            sc, cn, idx, sc.stride(0), sc.stride(1), sc.stride(2), cn.stride(0), idx.stride(0),
-                            idx.stride(1), HKV, P, K, BLOCK=block, ONE_CHUNK=P <= block, BITS=bits,
-                            num_warps=warps, num_stages=1)
                     try:
-                        picks[f"b{bits}w{warps}"] = timed(pick)
+                        picks[f"b{bits}w{warps}"] = timed(
+                            lambda bits=bits, warps=warps: pages_mod._pick_kernel(sc, cn, K, bits=bits, warps=warps))
                     except Exception as exc:  # noqa: BLE001 - e.g. out of resources
                         picks[f"b{bits}w{warps}"] = f"{type(exc).__name__}: {str(exc)[:100]}"
             row["pick"] = picks
-            # the pick's answer with each variant must equal the default's (same scores)
-            row["pick_agree"] = {}
-            ref = None
-            for bits in (4, 8):
-                idx.zero_()
-                kern._page_pick_kernel[(B * HKV,)](
-                    sc, cn, idx, sc.stride(0), sc.stride(1), sc.stride(2), cn.stride(0), idx.stride(0),
-                    idx.stride(1), HKV, P, K, BLOCK=block, ONE_CHUNK=P <= block, BITS=bits, num_warps=8, num_stages=1)
-                ref = idx.clone() if bits == 4 else ref
-                row["pick_agree"][f"b{bits}"] = bool(torch.equal(idx, ref))
+            # every radix width must pick what the selection picked (same scores)
+            row["pick_agree"] = {f"b{bits}": bool(torch.equal(pages_mod._pick_kernel(sc, cn, K, bits=bits), pidx))
+                                 for bits in (4, 8)}
             row["select_bits8"] = timed(lambda: pages_mod._select_kernel(q, summ, sl, None, 0.1, 1, 1, pick_bits=8))
             paged: dict[str, Any] = {}
             for bn, w, s in PAGED_CONFIGS:
@@ -187,20 +169,6 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(res, f, indent=1)
     print(f"launch floor (one tiny kernel, graphed): {res['launch_floor']:.4f} ms")
     return 0
-
-
-def _scores(q: torch.Tensor, summ, sl: torch.Tensor) -> torch.Tensor:
-    """The fp32 page bounds (forced / invalid pages as the score kernel writes them), via the reference ops."""
-    B = q.shape[0]
-    G = H // HKV
-    qg = q.reshape(B, HKV, G, D).float()
-    ub = (qg.clamp(min=0) @ summ.kmax.float().transpose(-1, -2) + qg.clamp(max=0) @ summ.kmin.float().transpose(-1, -2))
-    ub = ub.amax(2)
-    P = ub.shape[-1]
-    n = (sl.to(torch.int64) + summ.page_size - 1) // summ.page_size
-    ids = torch.arange(P, device=q.device)
-    forced = (ids[None, None, :] < 1) | (ids[None, None, :] >= n[:, None, None] - 1)
-    return torch.where(forced, torch.full_like(ub, float("inf")), ub)
 
 
 if __name__ == "__main__":

@@ -273,8 +273,16 @@ PICK_BITS = 4
 def _select_kernel(q: torch.Tensor, summaries: PageSummaries, seqlens: torch.Tensor | None, k_int: int | None,
                    frac: float | None, keep_first: int, keep_last: int, *,
                    pick_bits: int | None = None, pick_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton selection (scores, then the radix pick). ``pick_bits`` / ``pick_warps``: the pick's radix width
-    and warps (default :data:`PICK_BITS`, 8 warps for rows of >= 2048 pages else 4; for measurements)."""
+    """The Triton selection: :func:`_score_kernel`, then :func:`_pick_kernel` (``pick_bits`` / ``pick_warps``:
+    its radix width and warps, for measurements)."""
+    score, count, K = _score_kernel(q, summaries, seqlens, k_int, frac, keep_first, keep_last)
+    return _pick_kernel(score, count, K, bits=pick_bits, warps=pick_warps), count
+
+
+def _score_kernel(q: torch.Tensor, summaries: PageSummaries, seqlens: torch.Tensor | None, k_int: int | None,
+                  frac: float | None, keep_first: int, keep_last: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(score (B, H_kv, P) fp32, count (B, H_kv) int32, K)``: the page bounds with forced / invalid pages marked,
+    the pages to keep per row, and the selection's fixed width (``_page_score_kernel``)."""
     from sparseattn.ops.triton import decode as kern
     from sparseattn.ops.triton_launch import _LAUNCH_LOCK, interpret_mode
 
@@ -305,14 +313,26 @@ def _select_kernel(q: torch.Tensor, summaries: PageSummaries, seqlens: torch.Ten
             q.stride(0), q.stride(1), q.stride(2), score.stride(0), score.stride(1), score.stride(2), count.stride(0),
             H, G, Lq, P, P * ps, K, k_int if k_int is not None else 0, num, den, floor, keep_first, keep_last,
             **meta)
-        idx = torch.empty((B, Hkv, K), dtype=torch.int32, device=q.device)
-        block = min(max(16, 1 << (P - 1).bit_length()), 64 if interpret_mode() else 4096)
+    return score, count, K
+
+
+def _pick_kernel(score: torch.Tensor, count: torch.Tensor, K: int, *, bits: int | None = None,
+                 warps: int | None = None) -> torch.Tensor:
+    """``(B, H_kv, K)`` int32: the ``count`` highest pages of ``score`` per row, ascending (``_page_pick_kernel``;
+    ``bits``: default :data:`PICK_BITS`; ``warps``: default 8 for rows of >= 2048 pages, else 4)."""
+    from sparseattn.ops.triton import decode as kern
+    from sparseattn.ops.triton_launch import _LAUNCH_LOCK, interpret_mode
+
+    B, Hkv, P = score.shape
+    idx = torch.empty((B, Hkv, K), dtype=torch.int32, device=score.device)
+    block = min(max(16, 1 << (P - 1).bit_length()), 64 if interpret_mode() else 4096)
+    with _LAUNCH_LOCK:
         kern._page_pick_kernel[(B * Hkv,)](
             score, count, idx, score.stride(0), score.stride(1), score.stride(2), count.stride(0),
             idx.stride(0), idx.stride(1), Hkv, P, K, BLOCK=block, ONE_CHUNK=P <= block,
-            BITS=PICK_BITS if pick_bits is None else pick_bits,
-            num_warps=(8 if block >= 2048 else 4) if pick_warps is None else pick_warps, num_stages=1)
-    return idx, count
+            BITS=PICK_BITS if bits is None else bits,
+            num_warps=(8 if block >= 2048 else 4) if warps is None else warps, num_stages=1)
+    return idx
 
 
 def _select(q: torch.Tensor, summaries: PageSummaries, seqlens: torch.Tensor | None, k_int: int | None,
