@@ -286,6 +286,26 @@ def test_cli_train_gate(tiny, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"gate: {out}" in printed and "held-out KL (1 samples)" in printed
     assert rep["history"]["val_samples"] == 1 and math.isfinite(rep["history"]["val_final_loss"])
+    assert w.bias is not None and w.meta["version"] == 2  # the position bias is on by default
+    assert [s for s, _ in rep["history"]["val_loss"]] == [0]  # --val-every 25 > 5 steps: only the initial point
+    # --keep-best, --val-every, --weight-decay, --no-position-bias
+    out2 = tmp_path / "cli_gate2.safetensors"
+    rc = main(["train-gate", "--model", str(tiny[0]), "--text-dir", str(tiny[1]), "--seq-len", "128", "--samples", "2",
+               "--steps", "6", "--d-gate", "8", "--block-m", "16", "--block-n", "16", "--quiet", "--out", str(out2),
+               "--val-every", "2", "--keep-best", "--weight-decay", "0.5", "--no-position-bias", "--no-plot"])
+    assert rc == 0, capsys.readouterr().err
+    w2 = load_gate(out2)
+    h2 = json.loads(out2.with_suffix(".json").read_text())["history"]
+    assert w2.bias is None and w2.meta["version"] == 1 and [s for s, _ in h2["val_loss"]] == [0, 2, 4, 6]
+    assert h2["best_step"] in (0, 2, 4, 6) and h2["weight_decay"] == 0.5
+    assert f"(weights of step {h2['best_step']}, --keep-best)" in capsys.readouterr().out
+    for bad, words in ((["--keep-best", "--val-samples", "0"], "--keep-best needs held-out samples"),
+                       (["--weight-decay", "-1"], "--weight-decay")):
+        rc = main(["train-gate", "--model", str(tiny[0]), "--random-ids", "--seq-len", "128", "--samples", "1",
+                   "--steps", "1", "--quiet", "--out", str(tmp_path / "x.safetensors"), *bad])
+        assert rc == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
     # the files used for training are dropped by the held-out helper of predictor_curves
     from sparseattn.eval.predictor_curves import held_out_files
 
@@ -445,3 +465,123 @@ def test_training_scores_are_the_predictor_scores():
         pred.predict(q, k, layer=layer)
         p = torch.softmax(s[pos].masked_fill(~region, float("-inf")), -1)
         assert torch.allclose(p, pred.last_scores, atol=GATE_SCORES_ATOL)
+
+
+# --------------------------------------------------------------------------- position bias (version-2 files)
+def _bias_weights(seed: int = 5) -> GateWeights:
+    from sparseattn.gate.model import BIAS_BUCKETS
+
+    w = _weights()
+    g = torch.Generator().manual_seed(seed)
+    w.bias = torch.randn(len(w.layers), H, BIAS_BUCKETS, generator=g)
+    return w
+
+
+def test_bias_buckets_are_sink_then_block_distance():
+    from sparseattn.gate.model import BIAS_BUCKETS, bias_bucket_index, distance_buckets
+
+    d = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 16, 2047, 2048, 10 ** 6])
+    assert distance_buckets(d).tolist() == [0, 1, 2, 3, 4, 4, 5, 5, 6, 6, 7, 8, 21, 22, 22]
+    assert int(distance_buckets(torch.tensor([10 ** 9]))) == BIAS_BUCKETS - 2
+    idx = bias_bucket_index(5 * BLK, 5 * BLK, BLK, BLK)
+    assert idx[:, 0].tolist() == [0] * 5  # key block 0: the sink bucket
+    assert idx[4, 1:].tolist() == [4, 3, 2, 1] and idx[2, 2].item() == 1  # 1 + distance
+    # queries bottom-right aligned with longer keys: 2 query blocks over 5 key blocks sit at key blocks 3 and 4
+    idx2 = bias_bucket_index(2 * BLK, 5 * BLK, BLK, BLK)
+    assert idx2[0, 1:].tolist() == [3, 2, 1, 2] and idx2[1, 1:].tolist() == [4, 3, 2, 1]
+
+
+def test_bias_steers_the_selection():
+    """With zero projections the score is the bias alone: a large bias on one distance selects that block."""
+    w = GateWeights.init([0], HKV, D, 8, block_m=BLK, block_n=BLK, heads=H)
+    w.wq.zero_()
+    w.wk.zero_()
+    w.bias[0, :, 1 + 2] = 10.0  # distance 2
+    q, k = _qk(n=8 * BLK, seed=1)
+    lay = GatePredictor(GateConfig(topk=0.01, keep_sink=False, keep_local=0), weights=w, backend="torch").predict(
+        q, k, layer=0)
+    mask = lay.to_dense_mask()[0]
+    for m in range(3, 8):
+        assert mask[:, m].nonzero()[:, 1].tolist() == [m - 2] * H
+
+
+@pytest.mark.parametrize("kw", [{"topk": 0.3}, {"cdf_threshold": 0.9, "keep_local": 2}])
+def test_fused_path_matches_torch_with_bias(kw):
+    pytest.importorskip("triton")
+    q, k = (t.to(KDEV) for t in _qk(n=150, seed=2))
+    w = _bias_weights()
+    a = GatePredictor(GateConfig(**kw), weights=w, backend="torch")
+    b = GatePredictor(GateConfig(**kw), weights=w, backend="triton")
+    la, lb = a.predict(q, k, layer=1), b.predict(q, k, layer=1)
+    assert b.last_backend == "triton"
+    assert torch.equal(la.kv_num_blocks, lb.kv_num_blocks) and torch.equal(la.kv_indices, lb.kv_indices)
+    assert torch.allclose(a.last_scores, b.last_scores, atol=FP32_ATOL)
+    base = GatePredictor(GateConfig(**kw), weights=_weights(), backend="torch")
+    base.predict(q, k, layer=1)
+    assert not torch.allclose(base.last_scores, a.last_scores, atol=1e-3)  # the bias is applied
+
+
+def test_training_scores_are_the_predictor_scores_with_bias():
+    from sparseattn.gate.model import bias_bucket_index
+
+    q, k = _qk(n=96, seed=7)
+    w = _bias_weights()
+    qf, kf = pooled_features(q, k, BLK, BLK)
+    b = w.bias[:, None][..., bias_bucket_index(96, 96, BLK, BLK)]
+    s = gate_scores(qf[None], kf[None], w.wq[:, None], w.wk[:, None], b)
+    region = causal_region(96, 96, BLK, BLK, True, q.device)
+    for pos, layer in enumerate(w.layers):
+        pred = GatePredictor(GateConfig(topk=0.5), weights=w, backend="torch")
+        pred.predict(q, k, layer=layer)
+        p = torch.softmax(s[pos].masked_fill(~region, float("-inf")), -1)
+        assert torch.allclose(p, pred.last_scores, atol=GATE_SCORES_ATOL)
+    with pytest.raises(ValueError, match="another number of query heads"):
+        GatePredictor(GateConfig(topk=0.5), weights=w).predict(torch.randn(1, 2, 64, D), torch.randn(1, 2, 64, D), layer=0)
+
+
+def test_bias_file_round_trip_and_errors(tmp_path):
+    w = _bias_weights()
+    p = save_gate(tmp_path / "b.safetensors", w)
+    got = load_gate(p)
+    assert got.meta["version"] == 2 and got.meta["num_attention_heads"] == H and torch.equal(got.bias, w.bias)
+    v1 = load_gate(save_gate(tmp_path / "a.safetensors", _weights()))
+    assert v1.meta["version"] == 1 and v1.bias is None
+    meta = dict(got.meta)
+    t = {"wq": got.wq, "wk": got.wk, "bias": got.bias.clone()}
+    cases = [
+        ({"wq": got.wq, "wk": got.wk}, meta, "is missing tensor bias"),
+        (t, dict(meta, version=1), "holds unexpected tensors"),
+        (t, dict(meta, bias_buckets=7), "bias_buckets"),
+        (t, {k: v for k, v in meta.items() if k != "num_attention_heads"}, "num_attention_heads"),
+        (dict(t, bias=t["bias"][:, :2].contiguous()), meta, "tensor 'bias' has the wrong shape"),
+        (dict(t, bias=t["bias"].clone().fill_(float("nan"))), meta, "holds NaN or infinite weights"),
+    ]
+    for i, (tensors, m, words) in enumerate(cases):
+        bad = tmp_path / f"bad{i}.safetensors"
+        _rewrite(bad, tensors, m)
+        with pytest.raises(ValueError, match=words):
+            load_gate(bad)
+
+
+def test_fit_keeps_the_best_held_out_step_and_checks_arguments():
+    from sparseattn.gate.train import fit_gate, layer_training_data
+
+    def data(seed):
+        q, k = _qk(n=128, seed=seed)
+        qf, kf, tg = layer_training_data(q, k, block_m=BLK, block_n=BLK)
+        return {"layers": [0], "kv_heads": HKV, "head_dim": D, "block_m": BLK, "block_n": BLK, "scale": None,
+                "groups": {128: (qf[None], kf[None], tg[None])}}
+
+    tr, va = data(1), data(2)
+    w, h = fit_gate(tr, d_gate=8, steps=20, lr=0.05, progress=False, val_data=va, val_every=2, keep_best=True)
+    assert w.bias is not None and tuple(w.bias.shape) == (1, H, 24) and h["position_bias"]
+    steps, vals = zip(*h["val_loss"])
+    assert steps[0] == 0 and steps[-1] == 20 and len(steps) == 11
+    assert h["best_step"] == steps[vals.index(min(vals))]
+    assert h["val_final_loss"] == pytest.approx(min(vals), rel=1e-5)  # the kept weights are the best step's
+    w2, h2 = fit_gate(tr, d_gate=8, steps=3, progress=False, position_bias=False, weight_decay=1.0)
+    assert w2.bias is None and not h2["position_bias"] and h2["best_step"] is None
+    for kw, words in (({"weight_decay": -1.0}, "weight_decay"), ({"val_every": -1}, "val_every"),
+                      ({"keep_best": True}, "keep_best needs held-out data")):
+        with pytest.raises(ValueError, match=words):
+            fit_gate(tr, d_gate=8, steps=2, progress=False, **kw)

@@ -66,6 +66,17 @@ def positive_float(text: str) -> float:
     return val
 
 
+def nonneg_float(text: str) -> float:
+    """A finite float >= 0 (penalties)."""
+    try:
+        val = float(text)
+    except (ValueError, TypeError):
+        raise _err("must be a number", "a finite float >= 0", text) from None
+    if not (math.isfinite(val) and val >= 0):
+        raise _err("must be a finite number >= 0", "a finite float >= 0", text)
+    return val
+
+
 def layer_budgets(text: str) -> str:
     """``"0-5:0.04,21-:0.08,7:0.1"``: per-layer error budgets (``a-b``, ``a-`` or ``a``, then ``:`` a number > 0).
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sparseattn.cli._args import (add_model_and_texts, any_int, check_out_file, check_text_source, device, device_and_dtype,
-                                  load_model_for, optional_int_list, positive_float, positive_int)
+                                  load_model_for, nonneg_float, optional_int_list, positive_float, positive_int)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +36,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--d-gate", type=positive_int, default=64, help="projection size d_gate (default 64)")
     p.add_argument("--block-m", type=positive_int, default=64, help="query rows per block (default 64)")
     p.add_argument("--block-n", type=positive_int, default=64, help="key columns per block (default 64)")
+    p.add_argument("--no-position-bias", action="store_true",
+                   help="no learned sink / block-distance bias (a version-1 file, as before the bias existed)")
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.0,
+                   help="L2 pull of the projections toward the initial mean_sim-like score (default 0 = off)")
+    p.add_argument("--val-every", type=any_int, default=25,
+                   help="held-out KL every N steps, in the report and the plot (default 25; 0 = before/after only)")
+    p.add_argument("--keep-best", action="store_true",
+                   help="keep the weights of the step with the lowest held-out KL (early stopping; needs --val-samples)")
     p.add_argument("--layers", type=optional_int_list(0, "layer indices"), default=[],
                    help="comma-separated layers to train (default: every attention layer)")
     p.add_argument("--out", default="gate.safetensors", help="the gate file (default ./gate.safetensors)")
@@ -69,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_for(fn, args, dev, dtype, lambda line: _log(line, progress))
     if args.val_samples < 0:
         raise fail(fn, "--val-samples", "must be >= 0", "an int >= 0", args.val_samples)
+    if args.val_every < 0:
+        raise fail(fn, "--val-every", "must be >= 0", "an int >= 0", args.val_every)
+    if args.keep_best and (args.val_samples == 0 or args.val_every == 0):
+        raise fail(fn, "--keep-best", "needs held-out samples evaluated during training",
+                   "--val-samples >= 1 and --val-every >= 1", f"--val-samples {args.val_samples}, --val-every {args.val_every}")
     from sparseattn.eval.texts import sample_ids
 
     ids, names, source = sample_ids(model, tokenizer, seq_len=args.seq_len, samples=args.samples + args.val_samples,
@@ -83,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
 
     weights, hist = train_gate(model, ids, layers=args.layers or None, d_gate=args.d_gate, block_m=args.block_m,
                                block_n=args.block_n, steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed,
-                               progress=progress, val_ids_list=val_ids or None)
+                               progress=progress, val_ids_list=val_ids or None,
+                               position_bias=not args.no_position_bias, weight_decay=args.weight_decay,
+                               val_every=args.val_every if val_ids else 0, keep_best=args.keep_best)
     import os
 
     # absolute paths: held-out evaluation (predictor_curves --exclude-gate-texts) matches files by path
@@ -112,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
           f"KL {hist['initial_loss']:.4f} (initial, mean_sim-like) -> {hist['final_loss']:.4f} after {args.steps} steps; "
           f"capture {hist['capture_seconds']:.1f} s, training {hist['seconds']:.1f} s")
     if "val_final_loss" in hist:
-        print(f"held-out KL ({len(val_ids)} samples): {hist['val_initial_loss']:.4f} -> {hist['val_final_loss']:.4f}")
+        best = f" (weights of step {hist['best_step']}, --keep-best)" if hist.get("best_step") is not None else ""
+        print(f"held-out KL ({len(val_ids)} samples): {hist['val_initial_loss']:.4f} -> {hist['val_final_loss']:.4f}{best}")
     print("gate: " + str(path))
     print("report: " + str(js) + ("" if plot_note else f", {png}"))
     print(f"use: --predictor gate:path={path},topk=0.1")

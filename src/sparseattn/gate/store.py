@@ -1,7 +1,9 @@
 """The gate file: one safetensors file (never pickle) with JSON metadata in its header.
 
 * tensors ``"wq"`` float32 ``[L, H_kv, D, d_gate]`` and ``"wk"`` float32 ``[L, H_kv, 3·D, d_gate]``
-  (see :class:`sparseattn.gate.model.GateWeights`);
+  (see :class:`sparseattn.gate.model.GateWeights`), and in version 2 the position bias ``"bias"``
+  float32 ``[L, H, bias_buckets]`` (metadata ``num_attention_heads`` and ``bias_buckets``); version 1
+  files (no bias) still load;
 * ``__metadata__`` key :data:`META_KEY` (``"sparseattn_gate"``): a JSON object with ``version``
   (:data:`GATE_VERSION`), ``layers`` (model layer indices, one per first-dimension entry),
   ``block_m``, ``block_n``, ``d_gate``, ``head_dim``, ``num_key_value_heads``, ``features``,
@@ -31,7 +33,8 @@ from sparseattn.gate.model import FEATURES, GateWeights
 __all__ = ["META_KEY", "GATE_VERSION", "REQUIRED_META", "save_gate", "load_gate", "check_gate_for_model", "gate_meta"]
 
 META_KEY = "sparseattn_gate"
-GATE_VERSION = 1
+GATE_VERSION = 2  #: written when the gate has a position bias; version 1 (no bias) is written and read as before
+_VERSIONS = (1, 2)
 REQUIRED_META = ("version", "layers", "block_m", "block_n", "d_gate", "head_dim", "num_key_value_heads", "fingerprint")
 _EXPECTED = "a gate .safetensors file written by sparseattn train-gate (save_gate)"
 
@@ -42,9 +45,7 @@ def gate_meta(weights: GateWeights, *, model: Any = None, training: dict[str, An
     from sparseattn.tuning.store import model_fingerprint
 
     meta = dict(weights.meta)
-    meta.update(version=GATE_VERSION, layers=list(weights.layers), block_m=int(weights.block_m),
-                block_n=int(weights.block_n), d_gate=weights.d_gate, head_dim=weights.head_dim,
-                num_key_value_heads=weights.kv_heads, features=FEATURES)
+    meta.update(_shape_meta(weights), features=FEATURES)
     if model is not None:
         meta["fingerprint"] = model_fingerprint(model)
         meta.setdefault("model", model_name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or
@@ -57,13 +58,37 @@ def gate_meta(weights: GateWeights, *, model: Any = None, training: dict[str, An
     return meta
 
 
+def _shape_meta(weights: GateWeights) -> dict[str, Any]:
+    """The metadata fields that follow from the tensors (version 2 and the bias fields only with a bias)."""
+    out: dict[str, Any] = dict(version=1 if weights.bias is None else 2, layers=list(weights.layers),
+                               block_m=int(weights.block_m), block_n=int(weights.block_n), d_gate=weights.d_gate,
+                               head_dim=weights.head_dim, num_key_value_heads=weights.kv_heads)
+    if weights.bias is not None:
+        out.update(num_attention_heads=int(weights.bias.shape[1]), bias_buckets=int(weights.bias.shape[2]))
+    return out
+
+
 def _check_meta(fn: str, label: str, meta: Any) -> None:
     from sparseattn.errors import check_meta_int, check_versioned_meta
+    from sparseattn.gate.model import BIAS_BUCKETS
     from sparseattn.tuning.store import check_fingerprint_meta
 
-    check_versioned_meta(fn, label, meta, GATE_VERSION, "sparseattn train-gate", REQUIRED_META)
+    v = meta.get("version") if isinstance(meta, dict) else None
+    known = not isinstance(v, bool) and v in _VERSIONS
+    check_versioned_meta(fn, label, meta, v if known else GATE_VERSION, "sparseattn train-gate", REQUIRED_META)
     for key in ("block_m", "block_n", "d_gate", "head_dim", "num_key_value_heads"):
         check_meta_int(fn, f"{label} metadata", key, meta[key], minimum=1)
+    if v == 2:
+        from sparseattn.errors import require_keys
+
+        require_keys(fn, meta, ("num_attention_heads", "bias_buckets"), f"{label} metadata")
+        check_meta_int(fn, f"{label} metadata", "num_attention_heads", meta["num_attention_heads"], minimum=1)
+        if meta["num_attention_heads"] % meta["num_key_value_heads"]:
+            raise fail(fn, f"{label} metadata key 'num_attention_heads'", "is not a multiple of num_key_value_heads",
+                       f"a multiple of {meta['num_key_value_heads']}", meta["num_attention_heads"])
+        if isinstance(meta["bias_buckets"], bool) or meta["bias_buckets"] != BIAS_BUCKETS:
+            raise fail(fn, f"{label} metadata key 'bias_buckets'", "is not supported by this sparseattn",
+                       f"{BIAS_BUCKETS} (re-run sparseattn train-gate)", repr(meta["bias_buckets"]))
     layers = meta["layers"]
     if not isinstance(layers, list) or not layers or \
             any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers) or len(set(layers)) != len(layers):
@@ -72,14 +97,25 @@ def _check_meta(fn: str, label: str, meta: Any) -> None:
     check_fingerprint_meta(fn, label, meta)
 
 
-def _check_tensors(fn: str, label: str, wq: Any, wk: Any, meta: dict[str, Any]) -> None:
+_DIMS = {"wq": "layers, num_key_value_heads, head_dim, d_gate", "wk": "layers, num_key_value_heads, 3*head_dim, d_gate",
+         "bias": "layers, num_attention_heads, bias_buckets"}
+
+
+def _tensor_names(meta: dict[str, Any]) -> tuple[str, ...]:
+    return ("wq", "wk", "bias") if meta.get("version") == 2 else ("wq", "wk")
+
+
+def _check_tensors(fn: str, label: str, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
     L, Hkv, D, d = len(meta["layers"]), meta["num_key_value_heads"], meta["head_dim"], meta["d_gate"]
-    for name, t, shape in (("wq", wq, (L, Hkv, D, d)), ("wk", wk, (L, Hkv, 3 * D, d))):
+    shapes = {"wq": (L, Hkv, D, d), "wk": (L, Hkv, 3 * D, d)}
+    if meta.get("version") == 2:
+        shapes["bias"] = (L, meta["num_attention_heads"], meta["bias_buckets"])
+    for name, shape in shapes.items():
+        t = tensors.get(name)
         if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != shape:
             got = f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise fail(fn, f"{label} tensor {name!r}", "has the wrong shape or dtype",
-                       f"{list(shape)} float32 (layers, num_key_value_heads, {'head_dim' if name == 'wq' else '3*head_dim'}, "
-                       "d_gate from the metadata)", got)
+                       f"{list(shape)} float32 ({_DIMS[name]} from the metadata)", got)
         if not bool(torch.isfinite(t).all()):  # load time, not a hot path
             bad = int((~torch.isfinite(t)).sum())
             raise fail(fn, f"{label} tensor {name!r}", "holds NaN or infinite weights", "finite values",
@@ -102,21 +138,26 @@ def save_gate(path: str | os.PathLike, weights: GateWeights, meta: dict[str, Any
         raise fail(fn, "weights", "must be a GateWeights", "GateWeights", type(weights).__name__)
     p = check_file_path(fn, path, "gate.safetensors")
     full = dict(meta if meta is not None else weights.meta)
-    full.update(version=GATE_VERSION, layers=list(weights.layers), block_m=int(weights.block_m),
-                block_n=int(weights.block_n), d_gate=weights.d_gate, head_dim=weights.head_dim,
-                num_key_value_heads=weights.kv_heads)
+    for key in ("num_attention_heads", "bias_buckets"):
+        full.pop(key, None)
+    full.update(_shape_meta(weights))
     full.setdefault("features", FEATURES)
     _check_meta(fn, "weights", full)
-    wq = weights.wq.detach().to("cpu", torch.float32).contiguous()
-    wk = weights.wk.detach().to("cpu", torch.float32).contiguous()
-    _check_tensors(fn, "weights", wq, wk, full)
+    tensors = {"wq": weights.wq.detach().to("cpu", torch.float32).contiguous(),
+               "wk": weights.wk.detach().to("cpu", torch.float32).contiguous()}
+    if weights.bias is not None:
+        if not isinstance(weights.bias, torch.Tensor):
+            raise fail(fn, "weights.bias", "must be a tensor or None", "float32 [layers, heads, buckets]",
+                       type(weights.bias).__name__)
+        tensors["bias"] = weights.bias.detach().to("cpu", torch.float32).contiguous()
+    _check_tensors(fn, "weights", tensors, full)
     try:
         text = json.dumps(full, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise fail(fn, "meta", "is not JSON-serialisable (finite numbers only)", "JSON types", str(exc)) from None
     from sparseattn.tuning.store import write_safetensors_atomic
 
-    return write_safetensors_atomic(p, {"wq": wq, "wk": wk}, {META_KEY: text})
+    return write_safetensors_atomic(p, tensors, {META_KEY: text})
 
 
 def load_gate(path: str | os.PathLike, *, model: Any = None) -> GateWeights:
@@ -137,15 +178,17 @@ def load_gate(path: str | os.PathLike, *, model: Any = None) -> GateWeights:
     label = f"gate file {Path(path).expanduser()}"
     meta = json_metadata(fn, label, header, META_KEY, kind="gate file", expected=_EXPECTED)
     _check_meta(fn, label, meta)
-    missing = [n for n in ("wq", "wk") if n not in tensors]
+    names = _tensor_names(meta)
+    missing = [n for n in names if n not in tensors]
     if missing:
         raise fail(fn, label, f"is missing tensor{'s' if len(missing) > 1 else ''} {', '.join(missing)}",
-                   "tensors ['wk', 'wq']", f"tensors {sorted(tensors)}")
-    extra = sorted(set(tensors) - {"wq", "wk"})
+                   f"tensors {sorted(names)} (version {meta['version']})", f"tensors {sorted(tensors)}")
+    extra = sorted(set(tensors) - set(names))
     if extra:
-        raise fail(fn, label, "holds unexpected tensors", "only 'wq' and 'wk'", extra[:8])
-    _check_tensors(fn, label, tensors["wq"], tensors["wk"], meta)
-    w = GateWeights(list(meta["layers"]), tensors["wq"], tensors["wk"], int(meta["block_m"]), int(meta["block_n"]), meta)
+        raise fail(fn, label, "holds unexpected tensors", f"only {sorted(names)} (version {meta['version']})", extra[:8])
+    _check_tensors(fn, label, tensors, meta)
+    w = GateWeights(list(meta["layers"]), tensors["wq"], tensors["wk"], int(meta["block_m"]), int(meta["block_n"]), meta,
+                    tensors.get("bias"))
     if model is not None:
         check_gate_for_model(w, model, label=label, func=fn)
     return w
@@ -161,6 +204,10 @@ def check_gate_for_model(weights: GateWeights, model: Any, *, label: str = "gate
     if diff:
         raise fail(func, label, f"was trained for another model (fingerprint {', '.join(diff)} differ)",
                    "; ".join(f"{k}={want.get(k)!r}" for k in diff), "; ".join(f"{k}={got.get(k)!r}" for k in diff))
+    heads = weights.heads
+    if heads is not None and got.get("num_attention_heads") not in (None, heads):
+        raise fail(func, label, "was trained for another model (its position bias has another head count)",
+                   f"num_attention_heads={heads}", f"num_attention_heads={got.get('num_attention_heads')!r}")
     n = int(got["num_hidden_layers"] or 0)
     bad = [li for li in weights.layers if li >= n]
     if bad:

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from sparseattn._validation import check_token_ids_list, fail
-from sparseattn.gate.model import GateWeights, gate_scores, pooled_features
+from sparseattn.gate.model import BIAS_BUCKETS, GateWeights, bias_bucket_index, gate_scores, pooled_features
 
 __all__ = ["attention_scale", "layer_training_data", "collect_training_data", "kl_loss", "fit_gate", "train_gate",
            "plot_loss"]
@@ -134,7 +134,8 @@ def kl_loss(scores: torch.Tensor, target: torch.Tensor, region: torch.Tensor, ne
 def fit_gate(data: dict[str, Any], *, d_gate: int = 64, steps: int = 300, lr: float = 3e-3, batch: int = 4,
              seed: int = 0, progress: bool = True, init: GateWeights | None = None,
              on_step: Callable[[int, float], None] | None = None,
-             val_data: dict[str, Any] | None = None) -> tuple[GateWeights, dict[str, Any]]:
+             val_data: dict[str, Any] | None = None, position_bias: bool = True, weight_decay: float = 0.0,
+             val_every: int = 0, keep_best: bool = False) -> tuple[GateWeights, dict[str, Any]]:
     """Fit the gate's projections to the targets of :func:`collect_training_data` (see module docstring).
 
     Args:
@@ -147,6 +148,15 @@ def fit_gate(data: dict[str, Any], *, d_gate: int = 64, steps: int = 300, lr: fl
         init: start from these weights instead of the mean_sim-equivalent initialisation.
         val_data: held-out samples (same layers and blocks) whose loss is reported before and after
             training (``val_initial_loss`` / ``val_final_loss``), never trained on.
+        position_bias: learn the per-head position bias (sink and block-distance buckets,
+            :func:`sparseattn.gate.model.bias_bucket_index`) as well (default True); ignored, and
+            trained, when ``init`` already has one.
+        weight_decay: L2 penalty ``weight_decay · mean((W − W_init)²)`` pulling the projections toward the
+            training-free initial score (0 = off).
+        val_every: also evaluate the held-out loss every this many steps (``val_loss`` in the history;
+            0 = only before and after). Needs ``val_data``.
+        keep_best: return the weights of the evaluated step with the lowest held-out loss (early
+            stopping; ``best_step`` in the history) instead of the last. Needs ``val_data`` and ``val_every``.
 
     Returns:
         ``(weights, history)``; history holds ``loss`` (per step, mean over layers), ``initial_loss`` /
@@ -162,21 +172,41 @@ def fit_gate(data: dict[str, Any], *, d_gate: int = 64, steps: int = 300, lr: fl
             raise fail(fn, name, "must be a positive integer", "an int > 0", repr(v))
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr < math.inf):
         raise fail(fn, "lr", "must be a positive finite number", "e.g. 3e-3", repr(lr))
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not (0 <= weight_decay < math.inf):
+        raise fail(fn, "weight_decay", "must be a finite number >= 0", "e.g. 0 or 1.0", repr(weight_decay))
+    if isinstance(val_every, bool) or not isinstance(val_every, int) or val_every < 0:
+        raise fail(fn, "val_every", "must be an int >= 0", "e.g. 0 or 25", repr(val_every))
+    if keep_best and (val_data is None or val_every == 0):
+        raise fail(fn, "keep_best", "needs held-out data evaluated during training", "val_data and val_every > 0",
+                   f"val_data {'given' if val_data is not None else 'None'}, val_every {val_every}")
     layers, bm, bn = data["layers"], data["block_m"], data["block_n"]
     groups = data["groups"]
-    dev = next(iter(groups.values()))[0].device
+    first = next(iter(groups.values()))
+    dev = first[0].device
+    heads = int(first[0].shape[2])
     w0 = init if init is not None else GateWeights.init(layers, data["kv_heads"], data["head_dim"], d_gate,
-                                                        block_m=bm, block_n=bn, seed=seed)
+                                                        block_m=bm, block_n=bn, seed=seed,
+                                                        heads=heads if position_bias else None)
     wq = torch.nn.Parameter(w0.wq.to(dev, torch.float32).clone())
     wk = torch.nn.Parameter(w0.wk.to(dev, torch.float32).clone())
-    opt = torch.optim.Adam([wq, wk], lr=lr)
+    params = [wq, wk]
+    bias = None
+    if w0.bias is not None:
+        if tuple(w0.bias.shape) != (len(layers), heads, BIAS_BUCKETS):
+            raise fail(fn, "init.bias", "does not match the data", f"[{len(layers)}, {heads}, {BIAS_BUCKETS}]",
+                       list(w0.bias.shape))
+        bias = torch.nn.Parameter(w0.bias.to(dev, torch.float32).clone())
+        params.append(bias)
+    wq0, wk0 = wq.detach().clone(), wk.detach().clone()
+    opt = torch.optim.Adam(params, lr=lr)
+
     def prepare(grp: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, ...]]:
         out = []
         for n, (qf, kf, tg) in grp.items():
             qf, kf, tg = qf.to(dev), kf.to(dev), tg.to(dev)
             region = causal_region(n, n, bm, bn, True, dev)
             neg_ent = torch.where(tg > 0, tg * torch.log(tg.clamp_min(1e-38)), 0.0).sum(-1)
-            out.append((qf, kf, tg, region, neg_ent))
+            out.append((qf, kf, tg, region, neg_ent, bias_bucket_index(n, n, bm, bn, dev)))
         return out
 
     prepared = prepare(groups)
@@ -192,10 +222,11 @@ def fit_gate(data: dict[str, Any], *, d_gate: int = 64, steps: int = 300, lr: fl
         sets = prepared if sets is None else sets
         total = torch.zeros(len(layers), device=dev)
         count = 0
-        for (qf, kf, tg, region, ne), idx in zip(sets, idx_per_group):
+        for (qf, kf, tg, region, ne, bidx), idx in zip(sets, idx_per_group):
             if idx is not None:
                 qf, kf, tg, ne = qf[:, idx], kf[:, idx], tg[:, idx], ne[:, idx]
-            s = gate_scores(qf, kf, wq[:, None], wk[:, None])  # [L, S, H, Mb, Nb]
+            b = None if bias is None else bias[:, None][..., bidx]  # [L, 1, H, Mb, Nb]
+            s = gate_scores(qf, kf, wq[:, None], wk[:, None], b)  # [L, S, H, Mb, Nb]
             kl = kl_loss(s, tg, region, ne)  # [L, S, H, Mb]
             rows = region.any(-1).sum()
             total = total + kl.sum((1, 2, 3)) / (kl.shape[1] * kl.shape[2] * rows)
@@ -207,6 +238,12 @@ def fit_gate(data: dict[str, Any], *, d_gate: int = 64, steps: int = 300, lr: fl
         val_initial = None if val_prepared is None else layer_losses([None] * len(val_prepared), val_prepared)
     g = torch.Generator().manual_seed(seed)
     hist: list[float] = []
+    val_hist: list[tuple[int, float]] = []
+    if val_every and val_initial is not None:
+        val_hist.append((0, float(val_initial.mean())))
+    best: tuple[float, int, list[torch.Tensor]] | None = None
+    if keep_best and val_initial is not None:
+        best = (float(val_initial.mean()), 0, [p.detach().clone() for p in params])
     t0 = time.perf_counter()
     bar = tqdm(range(steps), desc="train-gate", unit="step", disable=not progress, file=sys.stderr)
     for step in bar:
@@ -215,15 +252,30 @@ def fit_gate(data: dict[str, Any], *, d_gate: int = 64, steps: int = 300, lr: fl
             S = qf.shape[1]
             idx.append(None if S <= batch else torch.randperm(S, generator=g)[:batch].to(dev))
         loss = layer_losses(idx).mean()
+        obj = loss
+        if weight_decay:
+            obj = loss + weight_decay * (((wq - wq0) ** 2).mean() + ((wk - wk0) ** 2).mean())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        obj.backward()
         opt.step()
         val = float(loss.detach())  # training loop: one host read per step for the curve is intended
         hist.append(val)
         if on_step is not None:
             on_step(step, val)
-        bar.set_postfix(kl=f"{val:.4f}")
+        if val_every and val_prepared is not None and (step + 1) % val_every == 0:
+            with torch.no_grad():
+                v = float(layer_losses([None] * len(val_prepared), val_prepared).mean())
+            val_hist.append((step + 1, v))
+            if best is not None and v < best[0]:
+                best = (v, step + 1, [p.detach().clone() for p in params])
+            bar.set_postfix(kl=f"{val:.4f}", val=f"{v:.4f}")
+        else:
+            bar.set_postfix(kl=f"{val:.4f}")
     bar.close()
+    if best is not None:
+        with torch.no_grad():
+            for p, b0 in zip(params, best[2]):
+                p.copy_(b0)
     with torch.no_grad():
         final = layer_losses([None] * len(prepared))
         val_final = None if val_prepared is None else layer_losses([None] * len(val_prepared), val_prepared)
@@ -231,8 +283,11 @@ def fit_gate(data: dict[str, Any], *, d_gate: int = 64, steps: int = 300, lr: fl
     if not all(math.isfinite(x) for x in hist):
         raise fail(fn, "training", "diverged (the loss became NaN or infinite)", "a finite loss (try a smaller --lr)",
                    f"losses {hist[-3:]}")
-    weights = GateWeights(list(layers), wq.detach().cpu(), wk.detach().cpu(), bm, bn, {})
+    weights = GateWeights(list(layers), wq.detach().cpu(), wk.detach().cpu(), bm, bn, {},
+                          None if bias is None else bias.detach().cpu())
     history = {"loss": hist, "initial_loss": float(initial.mean()), "final_loss": float(final.mean()),
+               "position_bias": bias is not None, "weight_decay": float(weight_decay), "val_every": val_every,
+               "keep_best": bool(keep_best), "val_loss": val_hist, "best_step": None if best is None else best[1],
                "initial_loss_per_layer": {str(li): float(x) for li, x in zip(layers, initial.cpu())},
                "final_loss_per_layer": {str(li): float(x) for li, x in zip(layers, final.cpu())},
                "seconds": seconds, "steps": steps, "lr": float(lr), "batch": batch, "d_gate": d_gate, "seed": seed}
@@ -245,11 +300,13 @@ def fit_gate(data: dict[str, Any], *, d_gate: int = 64, steps: int = 300, lr: fl
 
 def train_gate(model: torch.nn.Module, input_ids_list: list[torch.Tensor], *, layers: list[int] | None = None,
                d_gate: int = 64, block_m: int = 64, block_n: int = 64, steps: int = 300, lr: float = 3e-3,
-               batch: int = 4, seed: int = 0, progress: bool = True, val_ids_list: list[torch.Tensor] | None = None
+               batch: int = 4, seed: int = 0, progress: bool = True, val_ids_list: list[torch.Tensor] | None = None,
+               position_bias: bool = True, weight_decay: float = 0.0, val_every: int = 0, keep_best: bool = False
                ) -> tuple[GateWeights, dict[str, Any]]:
     """Capture, fit and describe a gate for ``model`` (frozen). Returns ``(weights, history)``; ``weights.meta``
     holds the fingerprint and the training details (save with :func:`sparseattn.gate.store.save_gate`).
-    ``val_ids_list``: held-out samples whose KL is reported before / after training (not trained on)."""
+    ``val_ids_list``: held-out samples whose KL is reported before / after training (not trained on).
+    ``position_bias`` / ``weight_decay`` / ``val_every`` / ``keep_best``: as :func:`fit_gate`."""
     from sparseattn.gate.store import gate_meta
 
     t0 = time.perf_counter()
@@ -272,7 +329,8 @@ def train_gate(model: torch.nn.Module, input_ids_list: list[torch.Tensor], *, la
     capture_s = time.perf_counter() - t0
     with torch.enable_grad():
         weights, hist = fit_gate(data, d_gate=d_gate, steps=steps, lr=lr, batch=batch, seed=seed, progress=progress,
-                                 val_data=val)
+                                 val_data=val, position_bias=position_bias, weight_decay=weight_decay,
+                                 val_every=val_every if val is not None else 0, keep_best=keep_best)
     hist["capture_seconds"] = capture_s
     hist["seq_len"] = sorted(int(n) for n in data["groups"])
     hist["samples"] = len(input_ids_list)
@@ -299,7 +357,12 @@ def plot_loss(history: dict[str, Any], path: Any, *, title: str = "") -> Any:
     ax.plot(range(1, len(history["loss"]) + 1), history["loss"], lw=1.2, label="training batch KL")
     ax.axhline(history["initial_loss"], color="gray", ls="--", lw=0.8, label="initial (mean_sim-like score)")
     ax.axhline(history["final_loss"], color="tab:green", ls=":", lw=0.8, label="final (all training samples)")
-    if history.get("val_final_loss") is not None:
+    if len(history.get("val_loss") or []) > 1:
+        xs, ys = zip(*history["val_loss"])
+        ax.plot(xs, ys, color="tab:red", marker=".", lw=1.0, label=f"held-out KL (initial {ys[0]:.3g})")
+        if history.get("best_step") is not None:
+            ax.axvline(history["best_step"], color="tab:red", ls=":", lw=0.8, label=f"kept: step {history['best_step']}")
+    elif history.get("val_final_loss") is not None:
         ax.axhline(history["val_final_loss"], color="tab:red", ls="-.", lw=0.8,
                    label=f"final, held-out (initial {history['val_initial_loss']:.3g})")
     ax.set_xlabel("step")

@@ -6,11 +6,14 @@ mean of each key block, projected per KV-head group (GQA: the query heads of a g
 head's projections) and compared by a scaled dot product. Over the allowed (causal, block-level)
 key blocks of each row::
 
-    P = softmax(s)          s = (q̄ W_q)·([kmax, kmin, k̄] W_k) / sqrt(d_gate)
+    P = softmax(s)          s = (q̄ W_q)·([kmax, kmin, k̄] W_k) / sqrt(d_gate) + b[head, bucket]
 
 and, like mean_sim, the row keeps the smallest set of key blocks whose cumulative ``P`` reaches
 ``cdf_threshold`` (or the ``ceil(topk · n)`` largest), plus ``keep_sink`` (key block 0) and
-``keep_local`` (the diagonal block and the ``keep_local − 1`` before it). A query or key block
+``keep_local`` (the diagonal block and the ``keep_local − 1`` before it). ``b`` is the gate's
+learned position bias (version-2 files; sink and block-distance buckets,
+:func:`sparseattn.gate.model.bias_bucket_index`), expanded once per layer and shape and cached.
+A query or key block
 holding NaN/inf keeps every block it touches (as mean_sim does), so non-finite values reach exactly
 the outputs dense attention would make non-finite.
 
@@ -153,6 +156,7 @@ class GatePredictor:
         self.last_scores: torch.Tensor | None = None
         self.last_backend: str | None = None
         self._dev_weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._dev_bias: dict[tuple[int, str], torch.Tensor] = {}
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ weights on the device
@@ -167,6 +171,23 @@ class GatePredictor:
             hit = (wq, wk, wk.transpose(-1, -2).contiguous())
             self._dev_weights[key] = hit
         return hit
+
+    def _layer_bias(self, pos: int, nq: int, nkv: int, device: torch.device) -> torch.Tensor | None:
+        """The position bias of stacked position ``pos`` expanded to ``[H, Mb, Nb]`` for an ``nq × nkv`` call (one
+        gather: the per-layer table is copied to the device once, the bucket index is shape-only and cached);
+        None for a gate without a bias."""
+        if self.weights.bias is None:
+            return None
+        dev = str(device)
+        table = self._dev_bias.get((pos, dev))
+        if table is None:
+            table = self.weights.bias[pos].to(device=device, dtype=torch.float32).contiguous()
+            self._dev_bias[(pos, dev)] = table
+        from sparseattn.gate.model import bias_bucket_index
+
+        bm, bn = self.block_m, self.block_n
+        idx = cached(("gate_bias_index", nq, nkv, bm, bn, dev), lambda: bias_bucket_index(nq, nkv, bm, bn, device))
+        return table[:, idx]
 
     def _resolve_layer(self, fn: str, layer: int | None) -> int | None:
         w = self.weights
@@ -197,13 +218,17 @@ class GatePredictor:
         if D != w.head_dim or Hkv != w.kv_heads:
             raise fail(fn, "q/k", "do not match the gate's shape (trained for another model?)",
                        f"head_dim {w.head_dim}, {w.kv_heads} KV heads", f"head_dim {D}, {Hkv} KV heads")
+        if w.heads is not None and H != w.heads:
+            raise fail(fn, "q", "has another number of query heads than the gate's position bias",
+                       f"{w.heads} heads", f"{H} heads")
         pos = self._resolve_layer(fn, layer)
         if pos is None or (layer is not None and layer < cfg.dense_layers):
             self.last_scores = None
             return dense_predicted_layout(B, H, Nq, Nkv, bm, bn, causal, q.device)
         wq, wk, wk_t = self._layer_weights(pos, q.device)
+        bias = self._layer_bias(pos, Nq, Nkv, q.device)
         if self._fused(q, k):
-            layout, p = _fused_predict(q, k, wq, wk_t, cfg, bm, bn, causal=causal)
+            layout, p = _fused_predict(q, k, wq, wk_t, cfg, bm, bn, causal=causal, bias=bias)
             self.last_scores = p
             self.last_backend = "triton"
             return layout
@@ -216,6 +241,8 @@ class GatePredictor:
         qg = torch.matmul(q_mean.reshape(B, Hkv, G * Mb, D), wq)  # d^-1/2 folded into wq
         kg = torch.matmul(k_feat, wk)
         s = torch.matmul(qg, kg.transpose(-1, -2)).reshape(B, H, Mb, Nb)
+        if bias is not None:
+            s = s + bias
         dev = q.device
         region = causal_region(Nq, Nkv, bm, bn, causal, dev)
         row_has = cached(("gate_row_has", Nq, Nkv, bm, bn, causal, str(dev)), lambda: region.any(-1, keepdim=True))
@@ -237,11 +264,12 @@ class GatePredictor:
 
 
 def _fused_predict(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk_t: torch.Tensor, cfg: GateConfig,
-                   bm: int, bn: int, *, causal: bool) -> tuple[BlockLayout, torch.Tensor]:
-    """Pool (one Triton launch), project and score (three batched matmuls), select (one Triton launch).
+                   bm: int, bn: int, *, causal: bool, bias: torch.Tensor | None = None) -> tuple[BlockLayout, torch.Tensor]:
+    """Pool (one Triton launch), project and score (three batched matmuls, + one add with a bias), select
+    (one Triton launch).
 
-    ``wq`` ``[H_kv, D, d]`` already scaled by ``d^-1/2``; ``wk_t`` ``[H_kv, d, 3D]``. Returns the layout
-    and ``P`` ``[B, H, Mb, Nb]`` float32.
+    ``wq`` ``[H_kv, D, d]`` already scaled by ``d^-1/2``; ``wk_t`` ``[H_kv, d, 3D]``; ``bias`` the expanded
+    position bias ``[H, Mb, Nb]`` or None. Returns the layout and ``P`` ``[B, H, Mb, Nb]`` float32.
     """
     from sparseattn.predictors.fused_mean_sim import _NullContext, _geometry, _kernels, _pool_meta, _select_meta, launch_config
 
@@ -277,6 +305,8 @@ def _fused_predict(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk_t: tor
     qg = torch.matmul(q_mean.view(B, Hkv, G * Mb, D), wq)  # [B, Hkv, G*Mb, d]
     kg_t = torch.matmul(wk_t, kst.view(B, Hkv, 3 * D, Nb))  # [B, Hkv, d, Nb]
     p = torch.matmul(qg, kg_t).view(B, H, Mb, Nb)  # raw scores; the select kernel overwrites them with P
+    if bias is not None:
+        p.add_(bias)
     with _LAUNCH_LOCK, guard:
         # sim_threshold -2 < every finite self-similarity: only a block holding NaN/inf (similarity NaN) is
         # "untrusted", i.e. kept wherever it is touched, like the torch path's non-finite rule
