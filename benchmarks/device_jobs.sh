@@ -72,6 +72,18 @@ run_job() {
       timeout 120 $M train-gate --model $SMOL --text-file "${ES[@]:0:15}" --samples 8 --val-samples 1 --seq-len 4096 \
         --steps 300 --d-gate 64 --device cuda --out "$d/smol_gate.safetensors" > "$d/log" 2>&1; tail -n 4 "$d/log"
       cp "$d/smol_gate.safetensors" /tmp/m/smol_gate.safetensors 2>/dev/null ;;
+    gate_v2_smol)  # issue 17: the position-bias gate trained around held-out windows 8-11 (docs/GATE.md), then
+      # top-1 vs sparsity on windows 8-10 in bf16: gate rows, CDF-oracle rows and the all-blocks floor, one run
+      timeout 150 python3 benchmarks/gate_more_text.py capture --model $SMOL --text-dir $ESSAYS --seq-len 4096 --windows 0-7,12-18 \
+        --half-offsets --device cuda --out "$d/data" > "$d/log" 2>&1
+      timeout 120 python3 benchmarks/gate_more_text.py fit --data "$d/data" --train w00-w07,w12-w16,h00-h06,h12-h15 \
+        --val w17,w18 --steps 500 --val-every 50 --device cuda --out "$d/gate_v2.safetensors" 2>/dev/null >> "$d/log"
+      G="$d/gate_v2.safetensors"; rm -rf "$d/data"
+      timeout ${GATEV2_S:-300} python3 benchmarks/tune_frontier.py --model $SMOL --text-dir $ESSAYS --seq-len 4096 --skip 8 \
+        --samples 3 --device cuda --dtype bfloat16 --out "$d/frontier.jsonl" --specs "dense:block_m=128,block_n=128" \
+        "gate:path=$G,cdf_threshold=0.95,keep_local=8" "gate:path=$G,cdf_threshold=0.9,keep_local=8" \
+        "gate:path=$G,cdf_threshold=0.95" "oracle:cdf_threshold=0.97" "oracle:cdf_threshold=0.95" \
+        "oracle:cdf_threshold=0.92" >> "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 10 ;;
     ruler_smol4k|ruler_smol8k)  # issue 17: RULER on the default model, batched prompts, dense vs each predictor
       n=4096; [ $job = ruler_smol8k ] && n=8000
       P="${RULER_PRED:-$DEFAULT_PRED;mean_sim:score=mixed,cdf_threshold=0.99,keep_local=8}"

@@ -92,7 +92,7 @@ def capture(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(folder: Path, keys: list[str]) -> tuple[dict, list[str], dict[str, str]]:
+def _load(folder: Path, keys: list[str], device: str = "cpu") -> tuple[dict, list[str], dict[str, str]]:
     import torch
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -106,7 +106,7 @@ def _load(folder: Path, keys: list[str]) -> tuple[dict, list[str], dict[str, str
         with safe_open(str(p), "pt") as f:
             md = f.metadata()
         docs |= set(json.loads(md["documents"]))
-    qf, kf, tg = (torch.cat([x[n] for x in parts], 1) for n in ("qf", "kf", "tg"))
+    qf, kf, tg = (torch.cat([x[n] for x in parts], 1).to(device) for n in ("qf", "kf", "tg"))
     scale = md["scale"]
     data = {"layers": json.loads(md["layers"]), "kv_heads": int(kf.shape[2]), "head_dim": int(qf.shape[-1]),
             "groups": {int(md["seq_len"]): (qf, kf, tg)}, "block_m": 64, "block_n": 64,
@@ -121,8 +121,8 @@ def fit(args: argparse.Namespace) -> int:
 
     folder = Path(args.data)
     train, val = _names(args.train), _names(args.val)
-    data, docs, md = _load(folder, train)
-    vdata, vdocs, _ = _load(folder, val) if val else (None, [], None)
+    data, docs, md = _load(folder, train, args.device)
+    vdata, vdocs, _ = _load(folder, val, args.device) if val else (None, [], None)
     t0 = time.perf_counter()
     w, h = fit_gate(data, d_gate=args.d_gate, steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed,
                     val_data=vdata, position_bias=not args.no_position_bias, weight_decay=args.weight_decay,
@@ -130,7 +130,7 @@ def fit(args: argparse.Namespace) -> int:
     training = {k: v for k, v in h.items() if k != "loss"}
     training.update(texts=docs, text_source=f"benchmarks/gate_more_text.py windows {','.join(train)}",
                     val_windows=val, val_texts=vdocs, seq_len=[int(md["seq_len"])], samples=len(train),
-                    val_samples=len(val), softmax_scale=data["scale"], device="cpu", dtype="float32",
+                    val_samples=len(val), softmax_scale=data["scale"], device=args.device, dtype="float32",
                     loss_every_10=[round(x, 6) for x in h["loss"][::10]])
     w.meta = gate_meta(w, training=training, model_name=md["model"])
     w.meta["fingerprint"] = json.loads(md["fingerprint"])
@@ -171,10 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--batch", type=int, default=4)
     f.add_argument("--d-gate", type=int, default=64)
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--weight-decay", type=float, default=0.0)
+    f.add_argument("--weight-decay", type=float, default=50.0)
     f.add_argument("--val-every", type=int, default=25)
     f.add_argument("--keep-best", action="store_true")
     f.add_argument("--no-position-bias", action="store_true")
+    f.add_argument("--device", default="cpu", help="where the fit runs (the captured data moves there)")
     f.add_argument("--text-dir", default=None, help="informative only")
     f.add_argument("--out", required=True)
     f.set_defaults(func=fit)

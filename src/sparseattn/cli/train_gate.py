@@ -38,8 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--block-n", type=positive_int, default=64, help="key columns per block (default 64)")
     p.add_argument("--no-position-bias", action="store_true",
                    help="no learned sink / block-distance bias (a version-1 file, as before the bias existed)")
-    p.add_argument("--weight-decay", type=nonneg_float, default=0.0,
-                   help="L2 pull of the projections toward the initial mean_sim-like score (default 0 = off)")
+    p.add_argument("--weight-decay", type=nonneg_float, default=50.0,
+                   help="L2 pull of the projections toward the initial mean_sim-like score (default 50; 0 = off)")
     p.add_argument("--val-every", type=any_int, default=25,
                    help="held-out KL every N steps, in the report and the plot (default 25; 0 = before/after only)")
     p.add_argument("--keep-best", action="store_true",

@@ -31,8 +31,11 @@ import torch
 from sparseattn._validation import check_token_ids_list, fail
 from sparseattn.gate.model import BIAS_BUCKETS, GateWeights, bias_bucket_index, gate_scores, pooled_features
 
-__all__ = ["attention_scale", "layer_training_data", "collect_training_data", "kl_loss", "fit_gate", "train_gate",
-           "plot_loss"]
+#: default L2 pull toward the initial weights (chosen on SmolLM2-135M at 4K; docs/GATE.md "Training on more text")
+DEFAULT_WEIGHT_DECAY = 50.0
+
+__all__ = ["DEFAULT_WEIGHT_DECAY", "attention_scale", "layer_training_data", "collect_training_data", "kl_loss",
+           "fit_gate", "train_gate", "plot_loss"]
 
 
 def attention_scale(model: Any, head_dim: int) -> float:
@@ -134,7 +137,7 @@ def kl_loss(scores: torch.Tensor, target: torch.Tensor, region: torch.Tensor, ne
 def fit_gate(data: dict[str, Any], *, d_gate: int = 64, steps: int = 300, lr: float = 3e-3, batch: int = 4,
              seed: int = 0, progress: bool = True, init: GateWeights | None = None,
              on_step: Callable[[int, float], None] | None = None,
-             val_data: dict[str, Any] | None = None, position_bias: bool = True, weight_decay: float = 0.0,
+             val_data: dict[str, Any] | None = None, position_bias: bool = True, weight_decay: float = DEFAULT_WEIGHT_DECAY,
              val_every: int = 0, keep_best: bool = False) -> tuple[GateWeights, dict[str, Any]]:
     """Fit the gate's projections to the targets of :func:`collect_training_data` (see module docstring).
 
@@ -151,8 +154,9 @@ def fit_gate(data: dict[str, Any], *, d_gate: int = 64, steps: int = 300, lr: fl
         position_bias: learn the per-head position bias (sink and block-distance buckets,
             :func:`sparseattn.gate.model.bias_bucket_index`) as well (default True); ignored, and
             trained, when ``init`` already has one.
-        weight_decay: L2 penalty ``weight_decay · mean((W − W_init)²)`` pulling the projections toward the
-            training-free initial score (0 = off).
+        weight_decay: L2 penalty ``weight_decay · mean((W − W_init)²)`` per projection, pulling it toward the
+            training-free initial score (0 = off; default :data:`DEFAULT_WEIGHT_DECAY`, the best of 0 / 1 / 10 /
+            50 / 200 for held-out KL on SmolLM2-135M at 4K, docs/GATE.md).
         val_every: also evaluate the held-out loss every this many steps (``val_loss`` in the history;
             0 = only before and after). Needs ``val_data``.
         keep_best: return the weights of the evaluated step with the lowest held-out loss (early
@@ -301,7 +305,8 @@ def fit_gate(data: dict[str, Any], *, d_gate: int = 64, steps: int = 300, lr: fl
 def train_gate(model: torch.nn.Module, input_ids_list: list[torch.Tensor], *, layers: list[int] | None = None,
                d_gate: int = 64, block_m: int = 64, block_n: int = 64, steps: int = 300, lr: float = 3e-3,
                batch: int = 4, seed: int = 0, progress: bool = True, val_ids_list: list[torch.Tensor] | None = None,
-               position_bias: bool = True, weight_decay: float = 0.0, val_every: int = 0, keep_best: bool = False
+               position_bias: bool = True, weight_decay: float = DEFAULT_WEIGHT_DECAY, val_every: int = 0,
+               keep_best: bool = False
                ) -> tuple[GateWeights, dict[str, Any]]:
     """Capture, fit and describe a gate for ``model`` (frozen). Returns ``(weights, history)``; ``weights.meta``
     holds the fingerprint and the training details (save with :func:`sparseattn.gate.store.save_gate`).
