@@ -372,6 +372,8 @@ def plot_loss(history: dict[str, Any], path: Any, *, title: str = "") -> Any:
                    label=f"final, held-out (initial {history['val_initial_loss']:.3g})")
     ax.set_xlabel("step")
     ax.set_ylabel("KL(target || gate), nats per query block")
+    if min(history["loss"] + [history["final_loss"]]) > 0:
+        ax.set_yscale("log")  # the initial KL is ~50x the trained one; linear would flatten the curves
     ax.set_title(title or "block gate training", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
