@@ -1,20 +1,21 @@
-"""Train the block gate on more text than ``train-gate``'s first N windows, keeping chosen windows held out.
+"""Train the block gate on the windows around held-out ones, with one capture shared by many fits.
 
-``sparseattn train-gate`` trains on the first ``--samples`` windows of a text source. For a held-out
-evaluation on windows in the middle of the source (``benchmarks/tune_frontier.py --skip S --samples n``
-scores windows ``S … S+n−1``), this script trains on the windows *around* them, and on half-offset
-windows (starting half a window later) inside the training regions, so a small corpus gives about twice
-the training windows. Two steps, so variants of the fit reuse one capture:
+For a held-out evaluation on windows in the middle of a text source (``benchmarks/tune_frontier.py --skip S
+--samples n`` scores windows ``S … S+n−1``), train on the windows *around* them and on the half-offset windows
+(starting half a window later) inside the training regions, so a small corpus gives about twice the training
+windows. ``sparseattn train-gate --windows 0-7,12-16 --val-windows 17,18 --half-offsets`` does the same in one
+command; this script splits capture and fit so that fit variants (weight decay, steps, bias on/off) reuse one
+capture:
 
     PYTHONPATH=src python benchmarks/gate_more_text.py capture --text-dir ../shared/data/essays \\
         --seq-len 4096 --windows 0-7,12-18 --half-offsets --out runs/gate_data
-    PYTHONPATH=src python benchmarks/gate_more_text.py fit --data runs/gate_data --text-dir ../shared/data/essays \\
-        --train w00-w07,w12-w16,h00-h06,h12-h16 --val w17,w18 --steps 500 --weight-decay 10 --out gate.safetensors
+    PYTHONPATH=src python benchmarks/gate_more_text.py fit --data runs/gate_data \\
+        --train w00-w07,w12-w16,h00-h06,h12-h15 --val w17,w18 --steps 500 --weight-decay 50 --out gate.safetensors
 
 ``capture`` writes one safetensors file per window (``wNN`` = window NN, ``hNN`` = the window starting half a
-window after window NN's start; NN < the last index of its region), each holding the gate features and the
-exact block-mass target of every layer (:func:`sparseattn.gate.train.collect_training_data`) and, in its
-metadata, the documents the window spans. It skips windows already written (resumable). ``fit`` runs
+window after window NN's start, as :func:`sparseattn.eval.texts.pick_windows` builds them), each holding the gate
+features and the exact block-mass target of every layer (:func:`sparseattn.gate.train.collect_training_data`)
+and, in its metadata, the documents the window spans. It skips windows already written (resumable). ``fit`` runs
 :func:`sparseattn.gate.train.fit_gate` on the named windows and writes the gate file (with the training
 documents in its metadata, so ``--exclude-gate-texts`` works), ``<out>.json`` and ``<out>.loss.png``.
 """
@@ -53,7 +54,7 @@ def capture(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from sparseattn.eval.texts import documents_for, token_samples
+    from sparseattn.eval.texts import documents_for, pick_windows, token_samples
     from sparseattn.gate.train import collect_training_data
     from sparseattn.models import load
     from sparseattn.tuning.store import model_fingerprint
@@ -64,16 +65,9 @@ def capture(args: argparse.Namespace) -> int:
     want = _ranges(args.windows)
     docs, _ = documents_for(None, args.text_dir)
     ids, names = token_samples(docs, tok, seq_len=args.seq_len, samples=max(want) + 1)
-    bos = int(ids[0][0, 0])
-    body = args.seq_len - 1
-    stream = torch.cat([x[0, 1:] for x in ids])
-    wins: dict[str, tuple[torch.Tensor, list[str]]] = {f"w{i:02d}": (ids[i], names[i]) for i in want}
-    if args.half_offsets:
-        for i in want:
-            if i + 1 in want:  # the half-offset window lies inside one training region
-                lo = i * body + body // 2
-                wins[f"h{i:02d}"] = (torch.cat([torch.tensor([bos]), stream[lo:lo + body]])[None],
-                                     sorted(set(names[i]) | set(names[i + 1])))
+    bos = getattr(tok, "bos_token_id", None) is not None
+    picked, picked_names, labels = pick_windows(ids, names, want, half_offsets=args.half_offsets, bos=bos)
+    wins = {lab: (t, n) for lab, t, n in zip(labels, picked, picked_names)}
     fp = json.dumps(model_fingerprint(model))
     for key, (t, docs_of) in wins.items():
         p = out / f"{key}.safetensors"

@@ -585,3 +585,58 @@ def test_fit_keeps_the_best_held_out_step_and_checks_arguments():
                       ({"keep_best": True}, "keep_best needs held-out data")):
         with pytest.raises(ValueError, match=words):
             fit_gate(tr, d_gate=8, steps=2, progress=False, **kw)
+
+
+# --------------------------------------------------------------------------- training windows
+def test_pick_windows_half_offsets_lie_inside_their_two_windows():
+    from sparseattn.eval.texts import pick_windows
+
+    stream = torch.arange(100, 100 + 4 * 6)  # 4 windows of BOS + 6 body tokens
+    ids = [torch.cat([torch.tensor([1]), stream[i * 6:(i + 1) * 6]])[None] for i in range(4)]
+    names = [[f"d{i}"] for i in range(4)]
+    out, nm, labels = pick_windows(ids, names, [0, 1, 3], half_offsets=True)
+    assert labels == ["w00", "w01", "w03", "h00"]  # 1 -> 2 and 3 -> 4 are not both chosen
+    assert torch.equal(out[3][0], torch.cat([torch.tensor([1]), stream[3:9]])) and nm[3] == ["d0", "d1"]
+    assert all(o.shape == (1, 7) for o in out)
+    out2, _, lab2 = pick_windows(ids, names, [2, 3], half_offsets=True, bos=False)  # no BOS: offset on the raw rows
+    assert lab2 == ["w02", "w03", "h02"] and torch.equal(out2[2][0], torch.cat([ids[2][0, 3:], ids[3][0, :3]]))
+    for bad, words in (([4], "must be window indices"), ([], "must be window indices"), ([1, 1], "repeat a window")):
+        with pytest.raises(ValueError, match=words):
+            pick_windows(ids, names, bad)
+
+
+@pytest.mark.parametrize("text, want", [("0-3,7", [0, 1, 2, 3, 7]), ("12", [12]), ("5-5,1", [5, 1])])
+def test_index_ranges(text, want):
+    from sparseattn.cli._args import index_ranges
+
+    assert index_ranges(text) == want
+
+
+@pytest.mark.parametrize("text", ["3-1", "1,1", "a", "1-", "-2", ""])
+def test_index_ranges_rejects(text):
+    import argparse
+
+    from sparseattn.cli._args import index_ranges
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        index_ranges(text)
+
+
+def test_cli_train_gate_windows(tiny, tmp_path, capsys):
+    from sparseattn.cli.main import main
+
+    out = tmp_path / "win_gate.safetensors"
+    base = ["train-gate", "--model", str(tiny[0]), "--text-dir", str(tiny[1]), "--seq-len", "128", "--steps", "3",
+            "--d-gate", "8", "--block-m", "16", "--block-n", "16", "--quiet", "--no-plot"]
+    rc = main(base + ["--windows", "0-1,4", "--val-windows", "2", "--half-offsets", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    t = load_gate(out).meta["training"]
+    assert t["windows"] == ["w00", "w01", "w04", "h00"] and t["val_windows"] == ["w02"]
+    assert t["samples"] == 4 and t["val_samples"] == 1
+    capsys.readouterr()
+    for extra, words in ((["--windows", "0-2", "--samples", "3"], "--samples cannot be combined with --windows"),
+                         (["--windows", "0-2", "--val-windows", "2"], "--val-windows overlap the training windows")):
+        rc = main(base + extra + ["--out", str(tmp_path / "x.safetensors")])
+        assert rc == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err

@@ -161,6 +161,21 @@ def float_list(low: float, high: float, what: str = "numbers") -> Callable[[str]
     return conv
 
 
+def index_ranges(text: str) -> list[int]:
+    """``"0-7,12,14-16"`` -> ``[0, ..., 7, 12, 14, 15, 16]``: non-negative indices and inclusive ranges, in the
+    order given (duplicates refused)."""
+    exp = "comma-separated indices or ranges a-b (a <= b), e.g. '0-7,12-16'"
+    out: list[int] = []
+    for item in [x.strip() for x in str(text).split(",")]:
+        lo, dash, hi = item.partition("-")
+        if not lo.strip().isdigit() or (dash and not hi.strip().isdigit()) or (dash and int(hi) < int(lo)):
+            raise _err("is not a list of indices", exp, text)
+        out.extend(range(int(lo), int(hi if dash else lo) + 1))
+    if len(set(out)) != len(out):
+        raise _err("repeats an index", exp, text)
+    return out
+
+
 def optional_int_list(minimum: int, what: str = "integers") -> Callable[[str], list[int]]:
     """Like :func:`int_list` but an empty string gives ``[]`` (e.g. ``--dense-layers ''``)."""
     inner = int_list(minimum, what)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from sparseattn.cli._args import (add_model_and_texts, any_int, check_out_file, check_text_source, device, device_and_dtype,
-                                  load_model_for, nonneg_float, optional_int_list, positive_float, positive_int)
+                                  index_ranges, load_model_for, nonneg_float, optional_int_list, positive_float,
+                                  positive_int)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,9 +27,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "+ JSON metadata, no pickle), <out>.loss.png and <out>.json. Use it as "
                     "--predictor gate:path=<out>,topk=0.1. See docs/GATE.md.")
     add_model_and_texts(p, text_dir_help="a folder of .txt/.md files", random_ids_help="random token ids (smoke tests only)")
-    p.add_argument("--samples", type=positive_int, default=8, help="training samples (default 8)")
+    p.add_argument("--samples", type=positive_int, default=None,
+                   help="training samples: the first N windows of the text (default 8; not with --windows)")
     p.add_argument("--val-samples", type=any_int, default=1,
                    help="held-out samples after the training ones: their KL is reported before/after (default 1; 0 = none)")
+    p.add_argument("--windows", type=index_ranges, default=None,
+                   help="train on these windows of --seq-len tokens of the text instead, e.g. 0-7,12-16 (leaving "
+                        "windows 8-11 for a held-out evaluation)")
+    p.add_argument("--val-windows", type=index_ranges, default=None,
+                   help="held-out windows, e.g. 17,18 (default: the --val-samples windows after the last training one)")
+    p.add_argument("--half-offsets", action="store_true",
+                   help="also train on the windows starting half a window after each training window whose successor "
+                        "is a training window too (about twice the windows from the same text)")
     p.add_argument("--seq-len", type=positive_int, default=4096, help="tokens per sample (default 4096)")
     p.add_argument("--steps", type=positive_int, default=300, help="Adam steps (default 300)")
     p.add_argument("--lr", type=positive_float, default=3e-3, help="learning rate (default 3e-3)")
@@ -73,22 +83,39 @@ def run(args: argparse.Namespace) -> int:
     out = check_out_file(fn, args.out, "gate.safetensors", (".json", ".png"))
     dev, dtype = device_and_dtype(args)
 
-    t0 = time.perf_counter()
-    model, tokenizer = load_model_for(fn, args, dev, dtype, lambda line: _log(line, progress))
+    if args.windows is not None and args.samples is not None:
+        raise fail(fn, "--samples", "cannot be combined with --windows", "one of --samples N or --windows LIST",
+                   f"--samples {args.samples} --windows {','.join(map(str, args.windows))}")
     if args.val_samples < 0:
         raise fail(fn, "--val-samples", "must be >= 0", "an int >= 0", args.val_samples)
+    train_idx = args.windows if args.windows is not None else list(range(args.samples or 8))
+    last = max(train_idx)
+    val_idx = args.val_windows if args.val_windows is not None else list(range(last + 1, last + 1 + args.val_samples))
+    clash = sorted(set(val_idx) & set(train_idx))  # a half-offset window lies inside two training windows
+    if clash:
+        raise fail(fn, "--val-windows", "overlap the training windows", "held-out windows that are not training windows",
+                   clash)
     if args.val_every < 0:
         raise fail(fn, "--val-every", "must be >= 0", "an int >= 0", args.val_every)
-    if args.keep_best and (args.val_samples == 0 or args.val_every == 0):
+    if args.keep_best and (not val_idx or args.val_every == 0):
         raise fail(fn, "--keep-best", "needs held-out samples evaluated during training",
-                   "--val-samples >= 1 and --val-every >= 1", f"--val-samples {args.val_samples}, --val-every {args.val_every}")
-    from sparseattn.eval.texts import sample_ids
+                   "--val-samples >= 1 (or --val-windows) and --val-every >= 1",
+                   f"{len(val_idx)} held-out windows, --val-every {args.val_every}")
 
-    ids, names, source = sample_ids(model, tokenizer, seq_len=args.seq_len, samples=args.samples + args.val_samples,
-                                      text_files=args.text_file, text_dir=args.text_dir,
-                                      random_ids=args.random_ids, seed=args.seed)
-    ids, val_ids, names = ids[:args.samples], ids[args.samples:], names[:args.samples]
-    _log(f"{len(ids)} training + {len(val_ids)} held-out samples x {args.seq_len} tokens from {source}", progress)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model_for(fn, args, dev, dtype, lambda line: _log(line, progress))
+    from sparseattn.eval.texts import pick_windows, sample_ids
+
+    n = max(train_idx + val_idx) + 1
+    all_ids, all_names, source = sample_ids(model, tokenizer, seq_len=args.seq_len, samples=n,
+                                            text_files=args.text_file, text_dir=args.text_dir,
+                                            random_ids=args.random_ids, seed=args.seed)
+    has_bos = not args.random_ids and tokenizer is not None and getattr(tokenizer, "bos_token_id", None) is not None
+    ids, names, labels = pick_windows(all_ids, all_names, train_idx, half_offsets=args.half_offsets, bos=has_bos)
+    val_ids = [all_ids[i] for i in val_idx]
+    _log(f"{len(ids)} training + {len(val_ids)} held-out samples x {args.seq_len} tokens from {source}"
+         + (f" (windows {' '.join(labels)}; held out {' '.join(f'w{i:02d}' for i in val_idx)})"
+            if args.windows is not None or args.val_windows is not None or args.half_offsets else ""), progress)
 
     from sparseattn.eval.env import environment
     from sparseattn.gate.store import load_gate, save_gate
@@ -105,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
     texts = sorted({os.path.abspath(n) if os.path.isfile(n) else n for group in names for n in group})
     weights.meta["model"] = args.model
     weights.meta["training"].update(texts=texts, text_source=source, dtype=str(dtype).replace("torch.", ""),
-                                    total_seconds=time.perf_counter() - t0)
+                                    total_seconds=time.perf_counter() - t0, windows=labels,
+                                    val_windows=[f"w{i:02d}" for i in val_idx])
     path = save_gate(out, weights)
     load_gate(path, model=model)  # what every later user reads: checked now
     stem = out.with_suffix("") if out.suffix else out

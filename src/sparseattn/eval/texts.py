@@ -144,6 +144,51 @@ def token_samples(documents: Iterable[tuple[str, str]], tokenizer: Any, *, seq_l
     return ids, names
 
 
+def pick_windows(ids: Sequence[torch.Tensor], names: Sequence[list[str]], indices: Sequence[int], *,
+                 half_offsets: bool = False, bos: bool = True) -> tuple[list[torch.Tensor], list[list[str]], list[str]]:
+    """Windows ``indices`` of consecutive windows ``ids`` (from :func:`token_samples` / :func:`sample_ids`), and
+    with ``half_offsets`` also, for every ``i`` with ``i + 1`` in ``indices``, the window that starts half a
+    window after window ``i`` (it lies inside windows ``i`` and ``i + 1``, so it adds no text outside them).
+
+    More training windows from a small corpus without touching held-out windows (``train-gate --windows``).
+    ``bos``: each window starts with a BOS token that is not part of the text stream (as :func:`token_samples`
+    writes them when the tokenizer has one); the half-offset windows get it too.
+
+    Returns:
+        ``(ids, names, labels)``: the selected windows first in ``indices`` order (labels ``wNN``), then the
+        half-offset ones (``hNN``, named by both windows' documents).
+
+    Raises:
+        ValueError: an index outside ``ids``, a repeated index, or windows of different lengths.
+    """
+    fn = "pick_windows"
+    n = len(ids)
+    bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
+    if bad or not indices:
+        raise fail(fn, "indices", "must be window indices", f"a non-empty list of ints in 0..{n - 1}", list(indices))
+    if len(set(indices)) != len(indices):
+        raise fail(fn, "indices", "repeat a window", "distinct indices", list(indices))
+    lens = {int(t.shape[-1]) for t in ids}
+    if len(lens) != 1:
+        raise fail(fn, "ids", "are windows of different lengths", "equal-length windows", sorted(lens))
+    out = [ids[i] for i in indices]
+    out_names = [list(names[i]) for i in indices]
+    labels = [f"w{i:02d}" for i in indices]
+    if half_offsets:
+        b = 1 if bos else 0
+        body = lens.pop() - b
+        chosen = set(indices)
+        for i in indices:
+            if i + 1 not in chosen:
+                continue
+            lo = body // 2
+            row = torch.cat([ids[i][0, b + lo:], ids[i + 1][0, b:b + lo]])
+            out.append(torch.cat([ids[i][0, :b], row])[None])
+            out_names.append(sorted(set(names[i]) | set(names[i + 1])))
+            labels.append(f"h{i:02d}")
+    return out, out_names, labels
+
+
 def sample_ids(model: Any, tokenizer: Any, *, seq_len: int, samples: int, text_files: Sequence[str] | None = None,
                text_dir: str | None = None, random_ids: bool = False, seed: int = 0) -> tuple[list[Any], list[list[str]], str]:
     """``samples`` token-id windows of ``seq_len`` for calibration / training commands (``tune``, ``train-gate``).
