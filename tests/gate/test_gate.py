@@ -31,6 +31,15 @@ def _weights(d_gate: int = 8, noise: float = 0.2, layers=(0, 1)) -> GateWeights:
     return w
 
 
+def _bias_weights(seed: int = 5) -> GateWeights:
+    from sparseattn.gate.model import BIAS_BUCKETS
+
+    w = _weights()
+    g = torch.Generator().manual_seed(seed)
+    w.bias = torch.randn(len(w.layers), H, BIAS_BUCKETS, generator=g)
+    return w
+
+
 # the Triton paths run where the kernels do: CUDA when the machine has it, else the CPU interpreter
 KDEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -110,17 +119,22 @@ def test_initial_gate_equals_mean_sim_mean_score():
     assert torch.equal(lg.to_dense_mask(), lm.to_dense_mask())
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("kw", [{"topk": 0.3}, {"cdf_threshold": 0.9, "keep_local": 2}])
-def test_fused_path_matches_torch(kw):
+def test_fused_path_matches_torch(kw, bias):
     pytest.importorskip("triton")
     q, k = (t.to(KDEV) for t in _qk(n=150, seed=2))  # partial last block
-    w = _weights()
+    w = _bias_weights() if bias else _weights()
     a = GatePredictor(GateConfig(**kw), weights=w, backend="torch")
     b = GatePredictor(GateConfig(**kw), weights=w, backend="triton")
-    la, lb = a.predict(q, k, layer=0), b.predict(q, k, layer=0)
+    la, lb = a.predict(q, k, layer=1), b.predict(q, k, layer=1)
     assert b.last_backend == "triton"
     assert torch.equal(la.kv_num_blocks, lb.kv_num_blocks) and torch.equal(la.kv_indices, lb.kv_indices)
     assert torch.allclose(a.last_scores, b.last_scores, atol=FP32_ATOL)
+    if bias:  # the bias is applied
+        base = GatePredictor(GateConfig(**kw), weights=_weights(), backend="torch")
+        base.predict(q, k, layer=1)
+        assert not torch.allclose(base.last_scores, a.last_scores, atol=1e-3)
 
 
 def test_nonfinite_block_keeps_its_row():
@@ -453,30 +467,28 @@ def test_model_level_curves_plot_gate_and_oracle_families(tmp_path):
     assert "`gate:path=g.safetensors,topk=0.1`" in markdown(got)
 
 
-def test_training_scores_are_the_predictor_scores():
+@pytest.mark.parametrize("bias", [False, True])
+def test_training_scores_are_the_predictor_scores(bias):
     """The trainer's differentiable score (stacked layers) is the predictor's score for each layer."""
+    from sparseattn.gate.model import bias_bucket_index
+
     q, k = _qk(n=96, seed=7)
-    w = _weights()
+    w = _bias_weights() if bias else _weights()
     qf, kf = pooled_features(q, k, BLK, BLK)
-    s = gate_scores(qf[None], kf[None], w.wq[:, None], w.wk[:, None])  # [L, B, H, Mb, Nb]
+    b = w.bias[:, None][..., bias_bucket_index(96, 96, BLK, BLK)] if bias else None
+    s = gate_scores(qf[None], kf[None], w.wq[:, None], w.wk[:, None], b)  # [L, B, H, Mb, Nb]
     region = causal_region(96, 96, BLK, BLK, True, q.device)
     for pos, layer in enumerate(w.layers):
         pred = GatePredictor(GateConfig(topk=0.5), weights=w, backend="torch")
         pred.predict(q, k, layer=layer)
         p = torch.softmax(s[pos].masked_fill(~region, float("-inf")), -1)
         assert torch.allclose(p, pred.last_scores, atol=GATE_SCORES_ATOL)
+    if bias:
+        with pytest.raises(ValueError, match="another number of query heads"):
+            pred.predict(torch.randn(1, 2, 64, D), torch.randn(1, 2, 64, D), layer=0)
 
 
 # --------------------------------------------------------------------------- position bias (version-2 files)
-def _bias_weights(seed: int = 5) -> GateWeights:
-    from sparseattn.gate.model import BIAS_BUCKETS
-
-    w = _weights()
-    g = torch.Generator().manual_seed(seed)
-    w.bias = torch.randn(len(w.layers), H, BIAS_BUCKETS, generator=g)
-    return w
-
-
 def test_bias_buckets_are_sink_then_block_distance():
     from sparseattn.gate.model import BIAS_BUCKETS, bias_bucket_index, distance_buckets
 
@@ -503,40 +515,6 @@ def test_bias_steers_the_selection():
     mask = lay.to_dense_mask()[0]
     for m in range(3, 8):
         assert mask[:, m].nonzero()[:, 1].tolist() == [m - 2] * H
-
-
-@pytest.mark.parametrize("kw", [{"topk": 0.3}, {"cdf_threshold": 0.9, "keep_local": 2}])
-def test_fused_path_matches_torch_with_bias(kw):
-    pytest.importorskip("triton")
-    q, k = (t.to(KDEV) for t in _qk(n=150, seed=2))
-    w = _bias_weights()
-    a = GatePredictor(GateConfig(**kw), weights=w, backend="torch")
-    b = GatePredictor(GateConfig(**kw), weights=w, backend="triton")
-    la, lb = a.predict(q, k, layer=1), b.predict(q, k, layer=1)
-    assert b.last_backend == "triton"
-    assert torch.equal(la.kv_num_blocks, lb.kv_num_blocks) and torch.equal(la.kv_indices, lb.kv_indices)
-    assert torch.allclose(a.last_scores, b.last_scores, atol=FP32_ATOL)
-    base = GatePredictor(GateConfig(**kw), weights=_weights(), backend="torch")
-    base.predict(q, k, layer=1)
-    assert not torch.allclose(base.last_scores, a.last_scores, atol=1e-3)  # the bias is applied
-
-
-def test_training_scores_are_the_predictor_scores_with_bias():
-    from sparseattn.gate.model import bias_bucket_index
-
-    q, k = _qk(n=96, seed=7)
-    w = _bias_weights()
-    qf, kf = pooled_features(q, k, BLK, BLK)
-    b = w.bias[:, None][..., bias_bucket_index(96, 96, BLK, BLK)]
-    s = gate_scores(qf[None], kf[None], w.wq[:, None], w.wk[:, None], b)
-    region = causal_region(96, 96, BLK, BLK, True, q.device)
-    for pos, layer in enumerate(w.layers):
-        pred = GatePredictor(GateConfig(topk=0.5), weights=w, backend="torch")
-        pred.predict(q, k, layer=layer)
-        p = torch.softmax(s[pos].masked_fill(~region, float("-inf")), -1)
-        assert torch.allclose(p, pred.last_scores, atol=GATE_SCORES_ATOL)
-    with pytest.raises(ValueError, match="another number of query heads"):
-        GatePredictor(GateConfig(topk=0.5), weights=w).predict(torch.randn(1, 2, 64, D), torch.randn(1, 2, 64, D), layer=0)
 
 
 def test_bias_file_round_trip_and_errors(tmp_path):
