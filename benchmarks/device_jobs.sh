@@ -80,8 +80,8 @@ run_job() {
         --val w17,w18 --steps 500 --val-every 50 --device cuda --out "$d/gate_v2.safetensors" 2>/dev/null >> "$d/log"
       G="$d/gate_v2.safetensors"; rm -rf "$d/data"
       timeout ${GATEV2_S:-300} python3 benchmarks/tune_frontier.py --model $SMOL --text-dir $ESSAYS --seq-len 4096 --skip 8 \
-        --samples 3 --device cuda --dtype bfloat16 --out "$d/frontier.jsonl" --specs "dense:block_m=128,block_n=128" \
-        "gate:path=$G,cdf_threshold=0.95,keep_local=8" "gate:path=$G,cdf_threshold=0.9,keep_local=8" \
+        --samples 3 --device cuda --dtype bfloat16 --out "$d/frontier.jsonl" --patterns "dense:block_m=128,block_n=128" \
+        --specs "gate:path=$G,cdf_threshold=0.95,keep_local=8" "gate:path=$G,cdf_threshold=0.9,keep_local=8" \
         "gate:path=$G,cdf_threshold=0.95" "oracle:cdf_threshold=0.97" "oracle:cdf_threshold=0.95" \
         "oracle:cdf_threshold=0.92" >> "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 10 ;;
     ruler_smol4k|ruler_smol8k)  # issue 17: RULER on the default model, batched prompts, dense vs each predictor

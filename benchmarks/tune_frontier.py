@@ -9,6 +9,9 @@ uses the first 8 × 4096 tokens, so ``--skip`` 8 at 4096 or 16 at 2048 stays off
         --skip 16 --samples 1 --specs 'oracle:topk=0.4,cdf_threshold=None' --tuned t.safetensors \
         --tuned-scales 1,0.5 --out frontier.jsonl
 
+``--patterns SPEC ...`` adds rows patched with a pattern instead of a predictor (``dense:block_m=128,block_n=128``:
+every block through our kernel, the bf16 noise floor; the floor row is first).
+
 ``--tuned-scales a,b``: the tuned file with every sparse head's ``1 − cdf_threshold`` multiplied by
 the scale (:func:`sparseattn.tuning.calibrate.scale_tuned`; 1 = the file as written).
 """
@@ -30,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--skip", type=int, default=16, help="windows skipped (the calibration ones)")
     ap.add_argument("--samples", type=int, default=1, help="held-out windows scored")
-    ap.add_argument("--specs", nargs="*", default=[])
+    ap.add_argument("--specs", nargs="*", default=[], help="predictor specs, one row each")
+    ap.add_argument("--patterns", nargs="*", default=[],
+                    help="pattern specs, one row each; 'dense:block_m=128,block_n=128' is the all-blocks floor (bf16)")
     ap.add_argument("--tuned", default=None)
     ap.add_argument("--tuned-scales", default="1")
     ap.add_argument("--pv", choices=["file", "off"], default="file", help="tuned: keep the file's P·V skip or drop it")
@@ -59,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         dense = [logits(t) for t in ids]
     print(f"dense: {time.perf_counter() - t0:.1f} s for {len(ids)} windows ({names})", file=sys.stderr, flush=True)
 
-    runs: list[tuple[str, dict]] = [(s, {"predictor": s}) for s in args.specs]
+    runs: list[tuple[str, dict]] = [(f"pattern={p}", {"pattern": p}) for p in args.patterns]
+    runs += [(s, {"predictor": s}) for s in args.specs]
     if args.tuned:
         from sparseattn.tuning.calibrate import scale_tuned
         from sparseattn.tuning.store import load_tuned
