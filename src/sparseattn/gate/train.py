@@ -152,10 +152,10 @@ def fit_gate(data: dict[str, Any], *, d_gate: int = 64, steps: int = 300, lr: fl
         val_data: held-out samples (same layers and blocks) whose loss is reported before and after
             training (``val_initial_loss`` / ``val_final_loss``), never trained on.
         position_bias: learn the per-head position bias (sink and block-distance buckets,
-            :func:`sparseattn.gate.model.bias_bucket_index`) as well (default True); ignored, and
-            trained, when ``init`` already has one.
+            :func:`sparseattn.gate.model.bias_bucket_index`) as well (default True). With ``init`` it is
+            ignored: the bias is trained exactly when ``init`` has one.
         weight_decay: L2 penalty ``weight_decay · mean((W − W_init)²)`` per projection, pulling it toward the
-            training-free initial score (0 = off; default :data:`DEFAULT_WEIGHT_DECAY`, the best of 0 / 1 / 10 /
+            starting weights (the training-free score unless ``init`` is given; 0 = off; default :data:`DEFAULT_WEIGHT_DECAY`, the best of 0 / 1 / 10 /
             50 / 200 for held-out KL on SmolLM2-135M at 4K, docs/GATE.md).
         val_every: also evaluate the held-out loss every this many steps (``val_loss`` in the history;
             0 = only before and after). Needs ``val_data``.

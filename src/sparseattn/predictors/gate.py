@@ -12,10 +12,10 @@ and, like mean_sim, the row keeps the smallest set of key blocks whose cumulativ
 ``cdf_threshold`` (or the ``ceil(topk · n)`` largest), plus ``keep_sink`` (key block 0) and
 ``keep_local`` (the diagonal block and the ``keep_local − 1`` before it). ``b`` is the gate's
 learned position bias (version-2 files; sink and block-distance buckets,
-:func:`sparseattn.gate.model.bias_bucket_index`), expanded once per layer and shape and cached.
-A query or key block
-holding NaN/inf keeps every block it touches (as mean_sim does), so non-finite values reach exactly
-the outputs dense attention would make non-finite.
+:func:`sparseattn.gate.model.bias_bucket_index`): one gather per call from the layer's table (copied
+to the device once) with a cached shape-only bucket index. A query or key block holding NaN/inf keeps
+every block it touches (as mean_sim does), so non-finite values reach exactly the outputs dense
+attention would make non-finite.
 
 Spec: ``gate:path=gate.safetensors,topk=0.1`` or ``gate:path=gate.safetensors,cdf_threshold=0.95``
 (exactly one of ``topk`` / ``cdf_threshold``; neither means ``cdf_threshold=0.95``). The block
