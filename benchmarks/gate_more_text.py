@@ -30,14 +30,6 @@ import time
 from pathlib import Path
 
 
-def _ranges(text: str) -> list[int]:
-    out: list[int] = []
-    for part in [p for p in text.split(",") if p]:
-        lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
 def _names(text: str) -> list[str]:
     """``w00-w07,h03`` -> ['w00', ..., 'w07', 'h03']."""
     out: list[str] = []
@@ -54,6 +46,7 @@ def capture(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
 
+    from sparseattn.cli._args import index_ranges
     from sparseattn.eval.texts import documents_for, pick_windows, token_samples
     from sparseattn.gate.train import collect_training_data
     from sparseattn.models import load
@@ -62,7 +55,7 @@ def capture(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load(args.model, dtype=torch.float32, device=args.device)
-    want = _ranges(args.windows)
+    want = index_ranges(args.windows)
     docs, _ = documents_for(None, args.text_dir)
     ids, names = token_samples(docs, tok, seq_len=args.seq_len, samples=max(want) + 1)
     bos = getattr(tok, "bos_token_id", None) is not None

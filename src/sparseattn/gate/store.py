@@ -86,6 +86,11 @@ def _check_meta(fn: str, label: str, meta: Any) -> None:
         if meta["num_attention_heads"] % meta["num_key_value_heads"]:
             raise fail(fn, f"{label} metadata key 'num_attention_heads'", "is not a multiple of num_key_value_heads",
                        f"a multiple of {meta['num_key_value_heads']}", meta["num_attention_heads"])
+        fp = meta.get("fingerprint")
+        fp_heads = fp.get("num_attention_heads") if isinstance(fp, dict) else None
+        if fp_heads is not None and fp_heads != meta["num_attention_heads"]:
+            raise fail(fn, f"{label} metadata key 'num_attention_heads'", "disagrees with the model fingerprint",
+                       f"{fp_heads} (the fingerprint's)", meta["num_attention_heads"])
         if isinstance(meta["bias_buckets"], bool) or meta["bias_buckets"] != BIAS_BUCKETS:
             raise fail(fn, f"{label} metadata key 'bias_buckets'", "is not supported by this sparseattn",
                        f"{BIAS_BUCKETS} (re-run sparseattn train-gate)", repr(meta["bias_buckets"]))
@@ -204,10 +209,6 @@ def check_gate_for_model(weights: GateWeights, model: Any, *, label: str = "gate
     if diff:
         raise fail(func, label, f"was trained for another model (fingerprint {', '.join(diff)} differ)",
                    "; ".join(f"{k}={want.get(k)!r}" for k in diff), "; ".join(f"{k}={got.get(k)!r}" for k in diff))
-    heads = weights.heads
-    if heads is not None and got.get("num_attention_heads") not in (None, heads):
-        raise fail(func, label, "was trained for another model (its position bias has another head count)",
-                   f"num_attention_heads={heads}", f"num_attention_heads={got.get('num_attention_heads')!r}")
     n = int(got["num_hidden_layers"] or 0)
     bad = [li for li in weights.layers if li >= n]
     if bad:
