@@ -1,4 +1,4 @@
-"""``sparseattn tune``: per-(layer, head) mean_sim parameters under an error budget (see docs/TUNING.md).
+"""``sparseattn tune``: per-(layer, head) mean_sim (or learned-gate) parameters under an error budget (docs/TUNING.md).
 
 Runs :func:`sparseattn.tuning.run.tune_model` on ``--samples`` calibration samples, writes the tuned
 file (:func:`sparseattn.tuning.store.save_tuned`), reads it back with the model check, and writes a
@@ -6,6 +6,8 @@ report next to it: ``<out>.md``, ``<out>.json`` and ``<out>.heads.png`` (per-lay
 sparsity; skipped with a note when matplotlib is missing). ``--compare`` then runs the untuned
 default predictor and the tuned file on ``--compare-samples`` further samples (never the calibration
 ones) and reports sparsity, logits cosine, top-1 agreement and KL against the dense model for both.
+``--gate FILE`` tunes the learned gate's per-head CDF threshold (and local window) instead of mean_sim's
+thresholds; the tuned file embeds the gate, and ``--compare`` adds the untuned gate as a row.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from typing import Any
 from sparseattn.cli._args import (add_model_and_texts, any_int, check_out_file, check_text_source, density, device,
                                   device_and_dtype, layer_budgets, load_model_for, nonneg_int, optional_int_list,
                                   positive_float, positive_int)
+
+
+#: the layer-wide local window of a gate tuning run unless --keep-local says otherwise (docs/GATE.md: the v2 gate's
+#: frontier is closest to the oracle with 4 local blocks)
+GATE_KEEP_LOCAL = 4
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -45,6 +52,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="error rule between the sparse and the dense attention output of a head (default l1)")
     p.add_argument("--dense-layers", type=optional_int_list(0, "layer indices"), default=[],
                    help="comma-separated layers kept dense (not tuned), e.g. 0,1")
+    p.add_argument("--gate", metavar="FILE", default=None,
+                   help="tune a learned gate (a file from sparseattn train-gate) instead of mean_sim: per head its CDF "
+                        "threshold (and with --keep-local-grid its local window); the tuned file embeds the gate")
+    p.add_argument("--keep-local", type=positive_int, default=None,
+                   help="layer-wide local blocks (the diagonal block and the N-1 before it) every head keeps; "
+                        f"default: the default predictor's for mean_sim, {GATE_KEEP_LOCAL} with --gate")
     cal = p.add_argument_group(
         "model-level calibration", "after the per-head search, bisect one global knob (each sparse head's CDF tail "
         "1 - cdf scaled by s) for the sparsest setting whose model-level metrics meet the targets on the first "
@@ -100,6 +113,17 @@ def run(args: argparse.Namespace) -> int:
     check_text_source(fn, args.text_file, args.text_dir)
     if args.from_file is not None and not Path(args.from_file).expanduser().is_file():
         raise fail(fn, f"--from-file {args.from_file}", "does not exist", "a tuned .safetensors file", "no such file")
+    if args.gate is not None and args.from_file is not None:
+        raise fail(fn, "--gate", "cannot be combined with --from-file (the tuned file already holds its gate)",
+                   "--gate FILE or --from-file FILE", "both")
+    gate = None
+    if args.gate is not None:
+        from sparseattn.gate.store import load_gate
+
+        if not Path(args.gate).expanduser().is_file():
+            raise fail(fn, f"--gate {args.gate}", "does not exist", "a gate .safetensors file from sparseattn train-gate",
+                       "no such file")
+        gate = load_gate(args.gate)  # a bad file fails here, before the model loads
     out = check_out_file(fn, args.out, "tuned.safetensors", (".md", ".json", ".png"))
     dev, dtype = device_and_dtype(args)
 
@@ -121,8 +145,18 @@ def run(args: argparse.Namespace) -> int:
     from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
     from sparseattn.predictors.resolve import resolve_predictor
 
+    import dataclasses
+
     # the layer-wide fields (blocks, sink, local, score) of the project default: --compare is then like for like
     base = resolve_predictor(DEFAULT_PREDICTOR_SPEC).config
+    if gate is not None:
+        from sparseattn.gate.store import check_gate_for_model
+
+        check_gate_for_model(gate, model, label=f"gate file {args.gate}", func=fn)
+        base = dataclasses.replace(base, block_m=gate.block_m, block_n=gate.block_n,
+                                   keep_local=args.keep_local or GATE_KEEP_LOCAL)
+    elif args.keep_local is not None:
+        base = dataclasses.replace(base, keep_local=args.keep_local)
     if args.from_file:
         # no search: calibrate / compare an existing file (its calibration texts must be these first samples)
         cfg = load_tuned(args.from_file, model=model)
@@ -133,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
             cfg = tune_model(model, [t.to(dev) for t in tune_ids], l1=args.l1, pv_l1=args.pv_l1,
                              layer_l1=args.layer_l1, rule=args.rule, dense_layers=tuple(args.dense_layers), base=base,
                              progress=progress, log=(lambda line: _log(line, True)) if progress else None,
-                             keep_local_grid=tuple(args.keep_local_grid))
+                             keep_local_grid=tuple(args.keep_local_grid), gate=gate)
     calibrating = any(x is not None for x in (args.target_top1, args.target_kl, args.target_cosine))
     if calibrating:
         from sparseattn.tuning.calibrate import calibrate_tuned
@@ -161,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
 
     comparison = None
     if args.compare:
-        comparison = _compare(model, path, cmp_ids, [", ".join(n) for n in names[args.samples:]], args, dev, progress)
+        comparison = _compare(model, path, cmp_ids, [", ".join(n) for n in names[args.samples:]], args, dev, progress,
+                              untuned=_untuned_spec(cfg) if args.gate else None)
 
     from sparseattn.eval.env import environment
 
@@ -171,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": str(dtype).replace("torch.", ""), "text_source": source,
         "arguments": {"samples": args.samples, "seq_len": args.seq_len, "l1": args.l1, "pv_l1": args.pv_l1,
                       "layer_l1": args.layer_l1, "rule": args.rule, "dense_layers": list(args.dense_layers),
-                      "keep_local_grid": list(args.keep_local_grid),
+                      "keep_local_grid": list(args.keep_local_grid), "gate": args.gate, "keep_local": args.keep_local,
                       "target_top1": args.target_top1, "target_kl": args.target_kl,
                       "target_cosine": args.target_cosine, "calibrate_samples": args.calibrate_samples,
                       "calibrate_steps": args.calibrate_steps},
@@ -199,9 +234,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _untuned_spec(cfg: Any) -> str | None:
+    """For a gate-tuned file: the untuned gate's spec fields (the gate's default CDF with the file's sink and
+    local window); None for mean_sim."""
+    if cfg.gate is None:
+        return None
+    from sparseattn.predictors.gate import DEFAULT_CDF
+
+    pr = cfg.meta["predictor"]
+    return f"cdf_threshold={DEFAULT_CDF},keep_local={int(pr['keep_local'])},keep_sink={bool(pr['keep_sink'])}"
+
+
 def _compare(model: Any, path: Path, ids_list: list[Any], names: list[str], args: argparse.Namespace, dev: str,
-             progress: bool) -> dict[str, Any]:
-    """Dense vs the untuned default predictor vs the tuned file on held-out samples (same settings otherwise)."""
+             progress: bool, untuned: str | None = None) -> dict[str, Any]:
+    """Dense vs the untuned default predictor vs the tuned file on held-out samples (same settings otherwise);
+    ``untuned`` (a gate-tuned file): the untuned gate's spec fields, one more row (``gate``) between them."""
     import torch
 
     from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
@@ -217,8 +264,11 @@ def _compare(model: Any, path: Path, ids_list: list[Any], names: list[str], args
     _log(f"compare: dense logits on {len(ids_list)} held-out samples", progress)
     with torch.no_grad():
         dense = [logits(t.to(dev)) for t in ids_list]
-        sides = {"default": {"spec": DEFAULT_PREDICTOR_SPEC, "kw": {"predictor": DEFAULT_PREDICTOR_SPEC}},
-                 "tuned": {"spec": str(path), "kw": {"tuned": path}}}
+        sides: dict[str, Any] = {"default": {"spec": DEFAULT_PREDICTOR_SPEC, "kw": {"predictor": DEFAULT_PREDICTOR_SPEC}}}
+        if untuned is not None:
+            spec = f"gate:path={args.gate},{untuned}"
+            sides["gate"] = {"spec": spec, "kw": {"predictor": spec}}
+        sides["tuned"] = {"spec": str(path), "kw": {"tuned": path}}
         res: dict[str, Any] = {"samples": names, "scored_positions": k, "backend": args.backend,
                                "dense_layers": list(args.dense_layers), "rows": {}}
         for side, d in sides.items():

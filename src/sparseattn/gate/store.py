@@ -30,7 +30,8 @@ import torch
 from sparseattn._validation import check_file_path, fail
 from sparseattn.gate.model import FEATURES, GateWeights
 
-__all__ = ["META_KEY", "GATE_VERSION", "REQUIRED_META", "save_gate", "load_gate", "check_gate_for_model", "gate_meta"]
+__all__ = ["META_KEY", "GATE_VERSION", "REQUIRED_META", "save_gate", "load_gate", "check_gate_for_model", "gate_meta",
+           "gate_from_tensors", "gate_payload"]
 
 META_KEY = "sparseattn_gate"
 GATE_VERSION = 2  #: written when the gate has a position bias; version 1 (no bias) is written and read as before
@@ -142,20 +143,7 @@ def save_gate(path: str | os.PathLike, weights: GateWeights, meta: dict[str, Any
     if not isinstance(weights, GateWeights):
         raise fail(fn, "weights", "must be a GateWeights", "GateWeights", type(weights).__name__)
     p = check_file_path(fn, path, "gate.safetensors")
-    full = dict(meta if meta is not None else weights.meta)
-    for key in ("num_attention_heads", "bias_buckets"):
-        full.pop(key, None)
-    full.update(_shape_meta(weights))
-    full.setdefault("features", FEATURES)
-    _check_meta(fn, "weights", full)
-    tensors = {"wq": weights.wq.detach().to("cpu", torch.float32).contiguous(),
-               "wk": weights.wk.detach().to("cpu", torch.float32).contiguous()}
-    if weights.bias is not None:
-        if not isinstance(weights.bias, torch.Tensor):
-            raise fail(fn, "weights.bias", "must be a tensor or None", "float32 [layers, heads, buckets]",
-                       type(weights.bias).__name__)
-        tensors["bias"] = weights.bias.detach().to("cpu", torch.float32).contiguous()
-    _check_tensors(fn, "weights", tensors, full)
+    tensors, full = gate_payload(fn, weights, meta)
     try:
         text = json.dumps(full, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -182,6 +170,16 @@ def load_gate(path: str | os.PathLike, *, model: Any = None) -> GateWeights:
     tensors, header = load_safetensors_with_metadata(fn, path, "gate file", expected=_EXPECTED)
     label = f"gate file {Path(path).expanduser()}"
     meta = json_metadata(fn, label, header, META_KEY, kind="gate file", expected=_EXPECTED)
+    w = gate_from_tensors(fn, label, tensors, meta)
+    if model is not None:
+        check_gate_for_model(w, model, label=label, func=fn)
+    return w
+
+
+def gate_from_tensors(fn: str, label: str, tensors: dict[str, Any], meta: Any) -> GateWeights:
+    """Check a gate's metadata and tensors (exactly ``wq``, ``wk`` and, in version 2, ``bias``) and build its
+    :class:`GateWeights`; ``label`` names the source in errors. Used by :func:`load_gate` and by tuned files that
+    embed the gate they were tuned over (:mod:`sparseattn.tuning.store`)."""
     _check_meta(fn, label, meta)
     names = _tensor_names(meta)
     missing = [n for n in names if n not in tensors]
@@ -192,11 +190,30 @@ def load_gate(path: str | os.PathLike, *, model: Any = None) -> GateWeights:
     if extra:
         raise fail(fn, label, "holds unexpected tensors", f"only {sorted(names)} (version {meta['version']})", extra[:8])
     _check_tensors(fn, label, tensors, meta)
-    w = GateWeights(list(meta["layers"]), tensors["wq"], tensors["wk"], int(meta["block_m"]), int(meta["block_n"]), meta,
-                    tensors.get("bias"))
-    if model is not None:
-        check_gate_for_model(w, model, label=label, func=fn)
-    return w
+    return GateWeights(list(meta["layers"]), tensors["wq"], tensors["wk"], int(meta["block_m"]), int(meta["block_n"]),
+                       meta, tensors.get("bias"))
+
+
+def gate_payload(fn: str, weights: Any, meta: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The checked ``(tensors, metadata)`` a stored gate consists of (:func:`save_gate`; tuned files embed the same):
+    ``meta`` (default ``weights.meta``) completed from the weights (layers, block sizes, sizes, ``version``)."""
+    if not isinstance(weights, GateWeights):
+        raise fail(fn, "weights", "must be a GateWeights", "GateWeights", type(weights).__name__)
+    full = dict(meta if meta is not None else weights.meta)
+    for key in ("num_attention_heads", "bias_buckets"):
+        full.pop(key, None)
+    full.update(_shape_meta(weights))
+    full.setdefault("features", FEATURES)
+    _check_meta(fn, "weights", full)
+    tensors = {"wq": weights.wq.detach().to("cpu", torch.float32).contiguous(),
+               "wk": weights.wk.detach().to("cpu", torch.float32).contiguous()}
+    if weights.bias is not None:
+        if not isinstance(weights.bias, torch.Tensor):
+            raise fail(fn, "weights.bias", "must be a tensor or None", "float32 [layers, heads, buckets]",
+                       type(weights.bias).__name__)
+        tensors["bias"] = weights.bias.detach().to("cpu", torch.float32).contiguous()
+    _check_tensors(fn, "weights", tensors, full)
+    return tensors, full
 
 
 def check_gate_for_model(weights: GateWeights, model: Any, *, label: str = "gate", func: str = "check_gate_for_model") -> None:

@@ -209,18 +209,63 @@ class GatePredictor:
                                block_n=self.block_n)
         return take_fused("GatePredictor", self.backend, registry_refusal(q, k, shim), self._warned)
 
-    # ------------------------------------------------------------------ predict
-    def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:
-        fn = "GatePredictor.predict"
+    def _check_shapes(self, fn: str, q: torch.Tensor, k: torch.Tensor, causal: bool) -> tuple[int, ...]:
+        """``check_qk`` plus the gate's own shape: head_dim, KV heads and (with a position bias) query heads."""
         B, H, Hkv, Nq, Nkv, D = check_qk(fn, q, k, causal)
-        cfg, w = self.config, self.weights
-        bm, bn = self.block_m, self.block_n
+        w = self.weights
         if D != w.head_dim or Hkv != w.kv_heads:
             raise fail(fn, "q/k", "do not match the gate's shape (trained for another model?)",
                        f"head_dim {w.head_dim}, {w.kv_heads} KV heads", f"head_dim {D}, {Hkv} KV heads")
         if w.heads is not None and H != w.heads:
             raise fail(fn, "q", "has another number of query heads than the gate's position bias",
                        f"{w.heads} heads", f"{H} heads")
+        return B, H, Hkv, Nq, Nkv, D
+
+    def _probs(self, q: torch.Tensor, k: torch.Tensor, pos: int, bias: torch.Tensor | None, causal: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Torch path of the block distribution: ``(P [B, H, Mb, Nb], bad_q [B, H, Mb], bad_k [B, H_kv, Nb],
+        region [Mb, Nb])``; ``bad_*``: the block's pooled features hold NaN/inf."""
+        from sparseattn.gate.model import pooled_features
+
+        B, H, Nq, D = q.shape
+        Hkv, Nkv = k.shape[1], k.shape[2]
+        G = H // Hkv
+        bm, bn = self.block_m, self.block_n
+        wq, wk, _ = self._layer_weights(pos, q.device)
+        q_mean, k_feat = pooled_features(q, k, bm, bn)
+        Mb, Nb = q_mean.shape[2], k_feat.shape[2]
+        qg = torch.matmul(q_mean.reshape(B, Hkv, G * Mb, D), wq)  # d^-1/2 folded into wq
+        kg = torch.matmul(k_feat, wk)
+        s = torch.matmul(qg, kg.transpose(-1, -2)).reshape(B, H, Mb, Nb)
+        if bias is not None:
+            s = s + bias
+        dev = q.device
+        region = causal_region(Nq, Nkv, bm, bn, causal, dev)
+        row_has = cached(("gate_row_has", Nq, Nkv, bm, bn, causal, str(dev)), lambda: region.any(-1, keepdim=True))
+        p = torch.softmax(s.masked_fill(~region, float("-inf")), dim=-1).masked_fill_(~row_has, 0.0)
+        return p, ~torch.isfinite(q_mean).all(-1), ~torch.isfinite(k_feat).all(-1), region
+
+    def block_probs(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The gate's block distribution without a selection (torch path; the per-head tuner's input).
+
+        Returns ``(P [B, H, Mb, Nb] float32, bad_q [B, H, Mb], bad_k [B, H_kv, Nb], region [Mb, Nb])`` (``bad_*``:
+        blocks whose pooled features hold NaN/inf, which every selection must keep), or None for a layer the
+        gate holds no weights for (or below ``config.dense_layers``): that layer is dense.
+        """
+        fn = "GatePredictor.block_probs"
+        _B, H, _Hkv, Nq, Nkv, _D = self._check_shapes(fn, q, k, causal)
+        pos = self._resolve_layer(fn, layer)
+        if pos is None or (layer is not None and layer < self.config.dense_layers):
+            return None
+        return self._probs(q, k, pos, self._layer_bias(pos, Nq, Nkv, q.device), causal)
+
+    # ------------------------------------------------------------------ predict
+    def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:
+        fn = "GatePredictor.predict"
+        B, H, Hkv, Nq, Nkv, _D = self._check_shapes(fn, q, k, causal)
+        cfg = self.config
+        bm, bn = self.block_m, self.block_n
         pos = self._resolve_layer(fn, layer)
         if pos is None or (layer is not None and layer < cfg.dense_layers):
             self.last_scores = None
@@ -233,28 +278,14 @@ class GatePredictor:
             self.last_backend = "triton"
             return layout
         self.last_backend = "torch"
-        from sparseattn.gate.model import pooled_features
-
-        G = H // Hkv
-        q_mean, k_feat = pooled_features(q, k, bm, bn)
-        Mb, Nb = q_mean.shape[2], k_feat.shape[2]
-        qg = torch.matmul(q_mean.reshape(B, Hkv, G * Mb, D), wq)  # d^-1/2 folded into wq
-        kg = torch.matmul(k_feat, wk)
-        s = torch.matmul(qg, kg.transpose(-1, -2)).reshape(B, H, Mb, Nb)
-        if bias is not None:
-            s = s + bias
-        dev = q.device
-        region = causal_region(Nq, Nkv, bm, bn, causal, dev)
-        row_has = cached(("gate_row_has", Nq, Nkv, bm, bn, causal, str(dev)), lambda: region.any(-1, keepdim=True))
-        p = torch.softmax(s.masked_fill(~region, float("-inf")), dim=-1).masked_fill_(~row_has, 0.0)
+        p, bad_q, bad_k, region = self._probs(q, k, pos, bias, causal)
         if cfg.topk is not None:
             mask = select_topk(p, region, cfg.topk)
         else:
             mask = select_cdf(p, region, float(cfg.cdf_threshold))  # type: ignore[arg-type]
-        forced = forced_blocks(Nq, Nkv, bm, bn, cfg.keep_sink, cfg.keep_local, causal, dev)
-        bad_q = (~torch.isfinite(q_mean).all(-1)).unsqueeze(-1)  # [B, H, Mb, 1]
-        bad_k = (~torch.isfinite(k_feat).all(-1)).repeat_interleave(G, dim=1).unsqueeze(-2)  # [B, H, 1, Nb]
-        mask = (mask | forced | bad_q | bad_k) & region
+        forced = forced_blocks(Nq, Nkv, bm, bn, cfg.keep_sink, cfg.keep_local, causal, q.device)
+        G = H // Hkv
+        mask = (mask | forced | bad_q.unsqueeze(-1) | bad_k.repeat_interleave(G, dim=1).unsqueeze(-2)) & region
         self.last_scores = p
         lay = mask_to_layout(mask, block_m=bm, block_n=bn, seqlen_q=Nq, seqlen_kv=Nkv)
         return BlockLayout(lay.kv_num_blocks, lay.kv_indices, bm, bn, Nq, Nkv, validate=False, in_region=bool(causal))

@@ -87,7 +87,7 @@ def scale_tuned(cfg: TunedConfig, scale: float, *, keep_pv: bool = True) -> Tune
         pv = hp.pv_threshold if keep_pv else torch.where(live, torch.full_like(hp.pv_threshold, math.inf), hp.pv_threshold)
         layers[li] = dataclasses.replace(hp, cdf_threshold=torch.where(live, cdf, hp.cdf_threshold).to(torch.float32),
                                          pv_threshold=pv)
-    return TunedConfig(layers=layers, meta=dict(cfg.meta))
+    return TunedConfig(layers=layers, meta=dict(cfg.meta), gate=cfg.gate)
 
 
 def bisect_scale(measure: Callable[[float], dict[str, Any]], targets: Targets, *, steps: int = 5,

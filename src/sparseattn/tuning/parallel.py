@@ -53,19 +53,22 @@ def tune_model_distributed(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     keep_local_grid: tuple[int, ...] | list[int] = (),
+    gate: Any = None,
     group: Any = None,
 ) -> TunedConfig:
     """:func:`sparseattn.tuning.run.tune_model` with the layers split across the ranks of ``group``.
 
-    Must be called by every rank of an initialised process group with the same arguments. Logs (the
-    per-head lines) are emitted by rank 0 only, for every layer, after the gather.
+    Must be called by every rank of an initialised process group with the same arguments (``gate``: the same
+    GateWeights on every rank, as for :func:`~sparseattn.tuning.run.tune_model`). Logs (the per-head lines) are
+    emitted by rank 0 only, for every layer, after the gather.
 
     Returns:
         The same :class:`TunedConfig` on every rank (``meta["world_size"]`` added).
     """
     import torch.distributed as dist
 
-    from sparseattn.tuning.run import build_meta, capture_samples, log_lines, plan_tuning, seq_len_of
+    from sparseattn.tuning.run import (build_meta, capture_samples, gate_predictor_for, gate_search_args, log_lines,
+                                       plan_tuning, seq_len_of, with_gate)
     from sparseattn.tuning.search import tune_layer
 
     fn = "tune_model_distributed"
@@ -74,6 +77,7 @@ def tune_model_distributed(
     t0 = time.perf_counter()
     base, budgets, dense, todo = plan_tuning(fn, model, input_ids_list, base=base, rule=rule, layer_l1=layer_l1,
                                              dense_layers=dense_layers)
+    gate_pred = gate_predictor_for(fn, gate, base, todo)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     mine = todo[rank::world]
     local: dict[int, dict[str, list[Any]]] = {}
@@ -81,7 +85,7 @@ def tune_model_distributed(
         captured = capture_samples(model, list(input_ids_list), mine)
         for li in mine:
             hp = tune_layer(captured.pop(li), base=base, l1=budgets.get(li, l1), pv_l1=pv_l1, rule=rule,
-                            keep_local_grid=tuple(keep_local_grid))
+                            keep_local_grid=tuple(keep_local_grid), **gate_search_args(gate_pred, li))
             local[li] = _to_plain(hp)
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, local, group=group)
@@ -100,4 +104,4 @@ def tune_model_distributed(
                       seconds=time.perf_counter() - t0)
     meta["world_size"] = world
     meta["keep_local_grid"] = [int(x) for x in keep_local_grid]
-    return TunedConfig(layers=out, meta=meta)
+    return with_gate(TunedConfig(layers=out, meta=meta), gate)

@@ -1,4 +1,4 @@
-"""Apply a tuning result: mean_sim prediction with per-head thresholds.
+"""Apply a tuning result: mean_sim (or learned-gate) prediction with per-head thresholds.
 
 :func:`~sparseattn.predictors.mean_similarity.mean_sim_stats` (shared with the predictor's torch
 path) computes everything of the mean_sim prediction that does not depend on the thresholds (pooled q/k, block self-similarity, the compressed attention ``P``, the causal region and
@@ -6,11 +6,17 @@ the forced sink/local blocks); :func:`select_per_head` turns it into a block mas
 ``sim_threshold`` / ``cdf_threshold`` per query head (tensors ``[H]`` broadcast over blocks). The
 search (:mod:`sparseattn.tuning.search`) and :class:`TunedMeanSimPredictor` call the same two
 functions, so tuning and inference select identical blocks.
+
+A file tuned over a learned gate (``sparseattn tune --gate FILE``) uses the same selection on the gate's block
+distribution: :func:`gate_stats` puts the gate's ``P`` where mean_sim's compressed attention goes, every block
+trusted (``sim_threshold`` -1) except those whose pooled features hold NaN/inf, which are kept as the gate keeps
+them; :class:`TunedGatePredictor` applies such a file.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -20,7 +26,8 @@ from sparseattn.predictors._common import check_qk, dense_predicted_layout, forc
 from sparseattn.predictors.mean_similarity import MeanSimilarityConfig, MeanSimStats, mean_sim_stats
 from sparseattn.tuning.types import HeadParams
 
-__all__ = ["MeanSimStats", "mean_sim_stats", "select_per_head", "per_head_forced", "TunedMeanSimPredictor"]
+__all__ = ["MeanSimStats", "mean_sim_stats", "select_per_head", "per_head_forced", "gate_stats",
+           "TunedMeanSimPredictor", "TunedGatePredictor"]
 
 
 def per_head_forced(stats: MeanSimStats, keep_sink: bool, local_blocks: list[int], causal: bool = True) -> torch.Tensor:
@@ -62,22 +69,36 @@ def select_per_head(stats: MeanSimStats, sim_threshold: torch.Tensor, cdf_thresh
     return mask.reshape(*lead, B, Hkv * G, Mb, Nb)
 
 
-class TunedMeanSimPredictor:
-    """mean_sim with per-(layer, head) thresholds from a tuning run.
+def gate_stats(gate: Any, q: torch.Tensor, k: torch.Tensor, base: MeanSimilarityConfig, *, causal: bool = True,
+               layer: int | None = None) -> MeanSimStats | None:
+    """The threshold-independent part of a learned-gate prediction in :class:`MeanSimStats` form.
 
-    Args:
-        layers: ``{layer: HeadParams}``; a layer absent here (or ``layer=None``) predicts every allowed block.
-        base: layer-wide choices (``block_m``, ``block_n``, ``keep_sink``, ``keep_local``, ``score``);
-            its thresholds are not used. ``config`` is this object.
-
-    Shapes:
-        q ``(B, H, N_q, D)``, k ``(B, H_kv, N_kv, D)`` → layout ``[B, H]`` (``H`` must equal the tuned heads).
+    ``probs`` is the gate's block distribution (:meth:`~sparseattn.predictors.gate.GatePredictor.block_probs`),
+    ``q_sim`` / ``k_sim`` are 1 (every block trusted at ``sim_threshold`` -1) and NaN for blocks whose pooled
+    features hold NaN/inf (never trusted, so kept: the gate's own non-finite rule); the forced blocks are
+    ``base``'s sink and local window. None when the gate holds no weights for ``layer``.
     """
+    out = gate.block_probs(q, k, causal=causal, layer=layer)
+    if out is None:
+        return None
+    p, bad_q, bad_k, region = out
+    B, H, Mb, Nb = p.shape
+    Hkv = k.shape[1]
+    one = torch.ones((), dtype=torch.float32, device=p.device)
+    nan = torch.full((), float("nan"), dtype=torch.float32, device=p.device)
+    Nq, Nkv = q.shape[2], k.shape[2]
+    forced = forced_blocks(Nq, Nkv, base.block_m, base.block_n, base.keep_sink, base.keep_local, causal, p.device)
+    return MeanSimStats(p.reshape(B, Hkv, H // Hkv, Mb, Nb), torch.where(bad_q, nan, one), torch.where(bad_k, nan, one),
+                        region, forced, base.block_m, base.block_n, Nq, Nkv)
 
-    name = "tuned_mean_sim"
+
+class _TunedBase:
+    """Per-head thresholds applied to a predictor's threshold-independent stats (see the subclasses)."""
+
+    name = "tuned"
 
     def __init__(self, layers: dict[int, HeadParams], base: MeanSimilarityConfig) -> None:
-        fn = "TunedMeanSimPredictor"
+        fn = type(self).__name__
         if not isinstance(base, MeanSimilarityConfig):
             raise fail(fn, "base", "must be a MeanSimilarityConfig", "MeanSimilarityConfig", type(base).__name__)
         if not isinstance(layers, dict) or not all(isinstance(v, HeadParams) for v in layers.values()):
@@ -97,8 +118,11 @@ class TunedMeanSimPredictor:
             self._dev[key] = hit
         return hit
 
+    def _stats(self, q: torch.Tensor, k: torch.Tensor, causal: bool, layer: int) -> MeanSimStats | None:
+        raise NotImplementedError
+
     def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:
-        fn = "TunedMeanSimPredictor.predict"
+        fn = f"{type(self).__name__}.predict"
         B, H, _Hkv, Nq, Nkv, _D = check_qk(fn, q, k, causal)
         cfg = self.config
         if layer is None or layer not in self.layers:
@@ -108,7 +132,9 @@ class TunedMeanSimPredictor:
             raise fail(fn, "q", f"has a head count that layer {layer} was not tuned for", f"{hp.heads} heads",
                        f"q.shape={tuple(q.shape)}")
         sim, cdf, dense = self._params(layer, q.device)
-        stats = mean_sim_stats(q, k, cfg, causal=causal)
+        stats = self._stats(q, k, causal, layer)
+        if stats is None:  # pragma: no cover - load_tuned checks that the gate covers every tuned layer
+            raise fail(fn, "layer", "has tuned thresholds but no predictor weights", "a layer the gate holds", layer)
         forced = None
         if hp.keep_local is not None:
             forced = per_head_forced(stats, cfg.keep_sink, hp.local_blocks(cfg.keep_local), causal)
@@ -135,5 +161,62 @@ class TunedMeanSimPredictor:
         (clearing them here would copy host→device on every forward, which a CUDA graph capture forbids)."""
         return None
 
+
+class TunedMeanSimPredictor(_TunedBase):
+    """mean_sim with per-(layer, head) thresholds from a tuning run.
+
+    Args:
+        layers: ``{layer: HeadParams}``; a layer absent here (or ``layer=None``) predicts every allowed block.
+        base: layer-wide choices (``block_m``, ``block_n``, ``keep_sink``, ``keep_local``, ``score``);
+            its thresholds are not used. ``config`` is this object.
+
+    Shapes:
+        q ``(B, H, N_q, D)``, k ``(B, H_kv, N_kv, D)`` → layout ``[B, H]`` (``H`` must equal the tuned heads).
+    """
+
+    name = "tuned_mean_sim"
+
+    def _stats(self, q: torch.Tensor, k: torch.Tensor, causal: bool, layer: int) -> MeanSimStats | None:
+        return mean_sim_stats(q, k, self.config, causal=causal)
+
     def __repr__(self) -> str:
         return f"TunedMeanSimPredictor(layers={sorted(self.layers)}, base={self.config!r})"
+
+
+class TunedGatePredictor(_TunedBase):
+    """A learned gate with per-(layer, head) CDF thresholds (and local windows) from a tuning run over it.
+
+    Args:
+        layers: ``{layer: HeadParams}`` (``sim_threshold`` -1: every block trusted); a layer absent here predicts
+            every allowed block.
+        base: layer-wide choices (``block_m`` / ``block_n`` = the gate's, ``keep_sink``, ``keep_local``).
+        gate: the :class:`~sparseattn.gate.model.GateWeights` the file was tuned over (a tuned file embeds them).
+
+    Shapes:
+        q ``(B, H, N_q, D)``, k ``(B, H_kv, N_kv, D)`` → layout ``[B, H]``.
+    """
+
+    name = "tuned_gate"
+
+    def __init__(self, layers: dict[int, HeadParams], base: MeanSimilarityConfig, gate: Any) -> None:
+        super().__init__(layers, base)
+        from sparseattn.gate.model import GateWeights
+        from sparseattn.predictors.gate import GateConfig, GatePredictor
+
+        fn = "TunedGatePredictor"
+        if not isinstance(gate, GateWeights):
+            raise fail(fn, "gate", "must be GateWeights", "GateWeights", type(gate).__name__)
+        if (gate.block_m, gate.block_n) != (base.block_m, base.block_n):
+            raise fail(fn, "base", "has other block sizes than the gate", f"{gate.block_m}x{gate.block_n}",
+                       f"{base.block_m}x{base.block_n}")
+        missing = sorted(li for li in self.layers if gate.index(li) is None)
+        if missing:
+            raise fail(fn, "layers", "name layers the gate holds no weights for", f"layers of {gate.layers}", missing)
+        self.gate = GatePredictor(GateConfig(keep_sink=base.keep_sink, keep_local=base.keep_local), weights=gate,
+                                  backend="torch")
+
+    def _stats(self, q: torch.Tensor, k: torch.Tensor, causal: bool, layer: int) -> MeanSimStats | None:
+        return gate_stats(self.gate, q, k, self.config, causal=causal, layer=layer)
+
+    def __repr__(self) -> str:
+        return f"TunedGatePredictor(layers={sorted(self.layers)}, base={self.config!r}, gate_layers={self.gate.weights.layers})"

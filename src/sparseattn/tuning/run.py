@@ -146,6 +146,7 @@ def tune_model(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     keep_local_grid: tuple[int, ...] | list[int] = (),
+    gate: Any = None,
 ) -> TunedConfig:
     """Tune every attention layer of a transformers model under an error budget (see :func:`tune_layer`).
 
@@ -163,6 +164,10 @@ def tune_model(
         progress: show a progress bar over layers and (when ``log`` is None) print the per-head lines.
         log: receives each per-head line ``layer.head: sim, cdf, pv, sparsity, error``.
         keep_local_grid: per-head local block counts also tried (see :func:`tune_layer`); empty: none.
+        gate: :class:`~sparseattn.gate.model.GateWeights` of a learned gate (``sparseattn train-gate``) to tune
+            instead of mean_sim: per head the CDF threshold (and local window) over the gate's block distribution
+            (:func:`~sparseattn.tuning.predictor.gate_stats`); ``base``'s block sizes must be the gate's and the
+            gate must hold weights for every layer to tune. The result embeds the gate (``TunedConfig.gate``).
 
     Returns:
         :class:`TunedConfig` with the meta documented in :mod:`sparseattn.tuning.types`.
@@ -174,6 +179,7 @@ def tune_model(
                                              layer_l1=layer_l1, dense_layers=dense_layers)
     emit = log if log is not None else (print if progress else None)
 
+    gate_pred = gate_predictor_for("tune_model", gate, base, todo)
     captured = capture_samples(model, list(input_ids_list), todo)  # only the layers to tune are held
     search_device = next(model.parameters()).device
     from tqdm.auto import tqdm
@@ -182,7 +188,8 @@ def tune_model(
     bar = tqdm(todo, desc="tune", unit="layer", disable=not progress, file=sys.stderr)
     for li in bar:
         hp = tune_layer(captured[li], base=base, l1=budgets.get(li, l1), pv_l1=pv_l1, rule=rule,
-                        device=search_device, keep_local_grid=tuple(keep_local_grid))  # captures wait on the CPU; each layer's search runs on the model's device
+                        device=search_device, keep_local_grid=tuple(keep_local_grid),
+                        **gate_search_args(gate_pred, li))  # captures wait on the CPU; each layer's search runs on the model's device
         out[li] = hp
         captured.pop(li)
         if emit is not None:
@@ -194,7 +201,50 @@ def tune_model(
                       seq_len=seq_len_of(input_ids_list), samples=len(input_ids_list), dense_layers=dense,
                       seconds=time.perf_counter() - t0)
     meta["keep_local_grid"] = [int(x) for x in keep_local_grid]
-    return TunedConfig(layers=out, meta=meta)
+    return with_gate(TunedConfig(layers=out, meta=meta), gate)
+
+
+def gate_predictor_for(fn: str, gate: Any, base: MeanSimilarityConfig, todo: list[int]) -> Any:
+    """Check a gate to tune over (None: mean_sim) and return a torch-path
+    :class:`~sparseattn.predictors.gate.GatePredictor` on it (None without a gate)."""
+    if gate is None:
+        return None
+    from sparseattn.gate.model import GateWeights
+    from sparseattn.predictors.gate import GateConfig, GatePredictor
+
+    if not isinstance(gate, GateWeights):
+        raise fail(fn, "gate", "must be GateWeights (sparseattn.gate.store.load_gate) or None", "GateWeights",
+                   type(gate).__name__)
+    if (gate.block_m, gate.block_n) != (base.block_m, base.block_n):
+        raise fail(fn, "base", "has other block sizes than the gate", f"block_m={gate.block_m}, block_n={gate.block_n}",
+                   f"block_m={base.block_m}, block_n={base.block_n}")
+    missing = [li for li in todo if gate.index(li) is None]
+    if missing:
+        raise fail(fn, "gate", "holds no weights for layers to tune", "a gate trained on every tuned layer (or those "
+                   "layers in dense_layers)", missing)
+    return GatePredictor(GateConfig(), weights=gate, backend="torch")
+
+
+def gate_search_args(gate_pred: Any, layer: int) -> dict[str, Any]:
+    """:func:`tune_layer` keywords for one layer: none for mean_sim; the gate's stats and ``sim_grid=(-1,)``."""
+    if gate_pred is None:
+        return {}
+    from functools import partial
+
+    from sparseattn.tuning.predictor import gate_stats
+
+    return {"stats_fn": partial(gate_stats, gate_pred, layer=layer), "sim_grid": (-1.0,)}
+
+
+def with_gate(cfg: TunedConfig, gate: Any) -> TunedConfig:
+    """``cfg`` with the gate embedded and the metadata saying so (``predictor.name`` ``"gate"``; unchanged without)."""
+    if gate is None:
+        return cfg
+    import dataclasses
+
+    meta = dict(cfg.meta)
+    meta["predictor"] = dict(meta["predictor"], name="gate", score="gate")
+    return dataclasses.replace(cfg, meta=meta, gate=gate)
 
 
 def plan_tuning(fn: str, model: torch.nn.Module, input_ids_list: Any, *, base: MeanSimilarityConfig | None, rule: str,

@@ -40,6 +40,9 @@ __all__ = ["tune_layer", "TileStates", "tile_states", "tile_attention", "head_er
 DEFAULT_SIM_GRID = (-1.0, 0.0, 0.2, 0.4, 0.6, 0.8)
 #: the P·V gap (natural log) is bisected on a log scale between these
 PV_RANGE = (0.25, 64.0)
+#: ``stats_fn(q, k, base, causal=...)`` → :class:`MeanSimStats`: the predictor whose thresholds are searched
+#: (default :func:`mean_sim_stats`; a learned gate: :func:`sparseattn.tuning.predictor.gate_stats` bound to its layer)
+StatsFn = Callable[..., MeanSimStats]
 
 
 class TileStates:
@@ -207,9 +210,11 @@ def _check(fn: str, samples: Any, base: Any, l1: Any, pv_l1: Any, rule: Any, sim
 class _Sample:
     """Everything a probe needs of one sample, computed once: tile states, the dense reference, pooled q/k."""
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: MeanSimilarityConfig, causal: bool) -> None:
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, base: MeanSimilarityConfig, causal: bool,
+                 stats_fn: StatsFn | None = None) -> None:
         self.tiles = tile_states(q, k, v, block_m=base.block_m, block_n=base.block_n, causal=causal)
-        self.stats: MeanSimStats = mean_sim_stats(q[None], k[None], base, causal=causal)
+        fn = mean_sim_stats if stats_fn is None else stats_fn
+        self.stats: MeanSimStats = fn(q[None], k[None], base, causal=causal)
         self.available = self.stats.region.sum().to(torch.float32)
 
     def mask(self, sim: torch.Tensor, cdf: torch.Tensor, forced: torch.Tensor | None = None) -> torch.Tensor:
@@ -229,6 +234,7 @@ def tune_layer(
     callback: Callable[[dict[str, Any]], None] | None = None,
     device: str | torch.device | None = None,
     keep_local_grid: Sequence[int] = (),
+    stats_fn: StatsFn | None = None,
 ) -> HeadParams:
     """Tune one layer's per-head mean_sim thresholds under an error budget (SpargeAttn-style).
 
@@ -277,6 +283,10 @@ def tune_layer(
             there, and the returned HeadParams are on the CPU.
         keep_local_grid: per-head local block counts tried (integers >= 1; values >= ``base.keep_local``
             are ignored); empty: the layer-wide ``base.keep_local`` for every head (``keep_local`` None).
+        stats_fn: the threshold-independent part of the prediction, ``stats_fn(q, k, base, causal=...)`` →
+            :class:`MeanSimStats` (default :func:`mean_sim_stats`). A learned gate passes
+            :func:`~sparseattn.tuning.predictor.gate_stats` bound to its layer, with ``sim_grid=(-1.0,)`` (the gate
+            has no self-similarity rule: only its non-finite blocks are untrusted).
 
     Returns:
         :class:`HeadParams` with ``[H]`` CPU tensors.
@@ -291,6 +301,9 @@ def tune_layer(
     if not isinstance(keep_local_grid, (list, tuple)) or any(
             isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in keep_local_grid):
         raise fail(fn, "keep_local_grid", "must be a sequence of integers >= 1", "e.g. (4, 2, 1)", repr(keep_local_grid))
+    if stats_fn is not None and not callable(stats_fn):
+        raise fail(fn, "stats_fn", "must be callable or None", "stats_fn(q, k, base, causal=...) -> MeanSimStats",
+                   type(stats_fn).__name__)
     kl_grid = sorted({int(x) for x in keep_local_grid if x < base.keep_local}, reverse=True)
     grid = [float(s) for s in sim_grid]
     H = flat[0][0].shape[0]
@@ -307,7 +320,7 @@ def tune_layer(
 
     prepared: list[_Sample] = []
     for q, k, v in flat:
-        prepared.append(_Sample(q, k, v, base, causal))
+        prepared.append(_Sample(q, k, v, base, causal, stats_fn))
         tick("prepare")
 
     def evaluate(sim: torch.Tensor, cdf: torch.Tensor, pv: torch.Tensor | None = None,

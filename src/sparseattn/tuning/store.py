@@ -7,6 +7,10 @@ Layout of a file written by :func:`save_tuned`:
 * the header's ``__metadata__`` holds one key, :data:`META_KEY` (``"sparseattn_tuned"``), whose value
   is a JSON object: :attr:`TunedConfig.meta` plus ``"tuned_layers"`` (the sorted layer indices the
   file holds, so a missing layer is detected).
+* a file tuned over a learned gate (``sparseattn tune --gate``) embeds that gate: tensors ``"gate.wq"``,
+  ``"gate.wk"`` (and ``"gate.bias"``) as a gate file holds them (:mod:`sparseattn.gate.store`), metadata
+  ``predictor.name`` ``"gate"`` and ``gate`` (the gate's own metadata, checked as :func:`~sparseattn.gate.store.load_gate`
+  checks it). The file is then self-contained: the gate file it was tuned over is not needed to load it.
 
 :func:`load_tuned` checks everything it reads and raises a ``ValueError`` in the project's format
 naming the file and the field: a missing, empty, truncated or corrupt file, missing metadata, a
@@ -29,7 +33,7 @@ import torch
 from sparseattn._validation import check_file_path, fail
 from sparseattn.tuning.types import _FIELDS, RULES, TUNED_VERSION, HeadParams, TunedConfig
 
-__all__ = ["META_KEY", "FINGERPRINT_KEYS", "PREDICTOR_KEYS", "REQUIRED_META", "save_tuned", "load_tuned",
+__all__ = ["META_KEY", "FINGERPRINT_KEYS", "PREDICTOR_KEYS", "PREDICTOR_NAMES", "REQUIRED_META", "save_tuned", "load_tuned",
            "model_fingerprint", "check_tuned_for_model", "base_config", "make_predictor"]
 
 #: the one ``__metadata__`` key of a tuned file (its value is a JSON object)
@@ -40,6 +44,8 @@ PREDICTOR_KEYS = ("block_m", "block_n", "keep_sink", "keep_local", "score")
 #: metadata keys a tuned file must have (the others of :class:`TunedConfig` are informative)
 REQUIRED_META = ("version", "fingerprint", "predictor", "rule", "budgets", "dense_layers")
 _EXPECTED = "a tuned-parameter .safetensors file written by sparseattn tune (save_tuned)"
+_GATE_PREFIX = "gate."
+PREDICTOR_NAMES = ("mean_sim", "gate")  #: ``predictor.name`` values (absent: mean_sim, the files before the gate)
 
 
 def _label(path: Path | str) -> str:
@@ -72,6 +78,7 @@ def _check_meta(fn: str, label: str, meta: Any) -> None:
         raise fail(fn, f"{label} metadata key 'predictor'", "must be a JSON object", f"keys {list(PREDICTOR_KEYS)}",
                    type(pr).__name__)
     require_keys(fn, pr, PREDICTOR_KEYS, f"{label} metadata 'predictor'")
+    _predictor_name(fn, label, meta)
     if meta["rule"] not in RULES:
         raise fail(fn, f"{label} metadata key 'rule'", "is unknown", f"one of {list(RULES)}", repr(meta["rule"]))
     dl = meta["dense_layers"]
@@ -91,6 +98,34 @@ def _check_layers_against_fp(fn: str, label: str, layers: dict[int, HeadParams],
         if hp.heads != n_heads:
             raise fail(fn, f"{label} layer {li}", "has the wrong number of heads",
                        f"{n_heads} (fingerprint num_attention_heads)", hp.heads)
+
+
+def _predictor_name(fn: str, label: str, meta: dict[str, Any]) -> str:
+    """``meta["predictor"]["name"]`` (default ``"mean_sim"``), checked against :data:`PREDICTOR_NAMES`."""
+    pr = meta.get("predictor")
+    name = pr.get("name", "mean_sim") if isinstance(pr, dict) else "mean_sim"
+    if name not in PREDICTOR_NAMES:
+        raise fail(fn, f"{label} metadata 'predictor' key 'name'", "is not a tunable predictor",
+                   f"one of {list(PREDICTOR_NAMES)}", repr(name))
+    return name
+
+
+def gate_for_layers(fn: str, label: str, gate: Any, layers: dict[int, HeadParams], meta: dict[str, Any]) -> None:
+    """An embedded gate must fit the tuned file: the same block sizes and model shape, weights for every tuned layer."""
+    if gate is None:
+        return
+    pr, fp = meta["predictor"], meta["fingerprint"]
+    if (gate.block_m, gate.block_n) != (pr["block_m"], pr["block_n"]):
+        raise fail(fn, f"{label} embedded gate", "has other block sizes than the tuned predictor",
+                   f"block_m={pr['block_m']}, block_n={pr['block_n']}", f"block_m={gate.block_m}, block_n={gate.block_n}")
+    if (gate.kv_heads, gate.head_dim) != (fp["num_key_value_heads"], fp["head_dim"]) or \
+            (gate.heads is not None and gate.heads != fp["num_attention_heads"]):
+        raise fail(fn, f"{label} embedded gate", "was trained for another model shape than the fingerprint's",
+                   f"{fp['num_key_value_heads']} KV heads, head_dim {fp['head_dim']}, {fp['num_attention_heads']} heads",
+                   f"{gate.kv_heads} KV heads, head_dim {gate.head_dim}, {gate.heads} heads")
+    missing = sorted(li for li in layers if gate.index(li) is None)
+    if missing:
+        raise fail(fn, f"{label} embedded gate", "holds no weights for tuned layers", f"layers {sorted(layers)}", missing)
 
 
 # --------------------------------------------------------------------------- save
@@ -124,8 +159,19 @@ def save_tuned(path: str | os.PathLike, cfg: TunedConfig) -> Path:
         if not isinstance(hp, HeadParams):
             raise fail(fn, f"cfg.layers[{li}]", "must be a HeadParams", "HeadParams", type(hp).__name__)
         tensors.update(hp.tensors(li))
+    if cfg.gate is not None:
+        from sparseattn.gate.store import gate_payload
+
+        gt, gmeta = gate_payload(fn, cfg.gate)
+        tensors.update({f"{_GATE_PREFIX}{k}": v for k, v in gt.items()})
+        meta["gate"] = gmeta
+        meta["predictor"] = dict(meta.get("predictor") or {}, name="gate", score="gate")
+    elif _predictor_name(fn, "cfg", meta) == "gate":
+        raise fail(fn, "cfg.gate", "is None but the metadata names the gate predictor", "the GateWeights tuned over",
+                   None)
     _check_meta(fn, "cfg", meta)
     _check_layers_against_fp(fn, "cfg", cfg.layers, meta)
+    gate_for_layers(fn, "cfg", cfg.gate, cfg.layers, meta)
     try:
         text = json.dumps(dict(meta, **{_LAYERS_KEY: sorted(cfg.layers)}), sort_keys=True)
     except (TypeError, ValueError) as exc:
@@ -179,6 +225,16 @@ def load_tuned(path: str | os.PathLike, *, model: Any = None) -> TunedConfig:
                    "e.g. [2, 3, 4]", repr(listed))
     names = (*_FIELDS, "dense")
     expected_keys = {f"{li}.{n}" for li in listed for n in (*names, "keep_local")}  # keep_local: optional
+    gate = None
+    if _predictor_name(fn, label, meta) == "gate":
+        from sparseattn.gate.store import gate_from_tensors
+
+        if not isinstance(meta.get("gate"), dict):
+            raise fail(fn, f"{label} metadata key 'gate'", "is missing or not a JSON object (the file names the gate "
+                       "predictor)", "the embedded gate's metadata", type(meta.get("gate")).__name__)
+        gt = {k[len(_GATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(_GATE_PREFIX)}
+        gate = gate_from_tensors(fn, f"{label} (embedded gate)", gt, meta["gate"])
+        expected_keys |= {f"{_GATE_PREFIX}{k}" for k in gt}
     extra = sorted(set(tensors) - expected_keys)
     if extra:
         raise fail(fn, label, "holds tensors of no listed layer", f"only layers {listed}", extra[:8])
@@ -204,7 +260,8 @@ def load_tuned(path: str | os.PathLike, *, model: Any = None) -> TunedConfig:
             raise fail(fn, f"{label} layer {li}", f"holds invalid parameters ({exc})",
                        "valid per-head parameters", "see above") from None
     _check_layers_against_fp(fn, label, layers, meta)
-    cfg = TunedConfig(layers=layers, meta=meta)
+    gate_for_layers(fn, label, gate, layers, meta)
+    cfg = TunedConfig(layers=layers, meta=meta, gate=gate)
     if model is not None:
         check_tuned_for_model(cfg, model, label=label, func=fn)
     return cfg
@@ -273,6 +330,8 @@ def base_config(cfg: TunedConfig) -> Any:
     default = parse_predictor_spec(DEFAULT_PREDICTOR_SPEC).config  # the project default, not a user's spec
     fields = {f.name for f in dataclasses.fields(default)}
     over = {k: v for k, v in (cfg.meta.get("predictor") or {}).items() if k in PREDICTOR_KEYS and k in fields}
+    if (cfg.meta.get("predictor") or {}).get("name") == "gate":
+        over.pop("score", None)  # the gate's scores replace mean_sim's; block sizes, sink and local still apply
     try:
         return dataclasses.replace(default, pv_threshold=None, dense_layers=0, **over)
     except (TypeError, ValueError) as exc:
@@ -281,8 +340,11 @@ def base_config(cfg: TunedConfig) -> Any:
 
 
 def make_predictor(cfg: TunedConfig) -> Any:
-    """A :class:`~sparseattn.tuning.predictor.TunedMeanSimPredictor` applying ``cfg``."""
-    from sparseattn.tuning.predictor import TunedMeanSimPredictor
+    """The predictor applying ``cfg``: :class:`~sparseattn.tuning.predictor.TunedGatePredictor` for a file tuned
+    over a gate, else :class:`~sparseattn.tuning.predictor.TunedMeanSimPredictor`."""
+    from sparseattn.tuning.predictor import TunedGatePredictor, TunedMeanSimPredictor
 
+    if cfg.gate is not None:
+        return TunedGatePredictor(dict(cfg.layers), base_config(cfg), cfg.gate)
     return TunedMeanSimPredictor(dict(cfg.layers), base_config(cfg))
 

@@ -127,11 +127,15 @@ class TunedConfig:
             ``score``), ``rule``, ``budgets`` (``{"l1": float, "pv_l1": float | None, "layer_l1": str}``),
             ``seq_len``, ``samples`` (calibration texts: names), ``dense_layers`` (list), ``window_layers`` (list; files
             written before it existed lack it), ``seconds``
-            (tuning wall time), ``device``, ``created`` (UTC ISO date).
+            (tuning wall time), ``device``, ``created`` (UTC ISO date). A file tuned over a learned gate has
+            ``predictor["name"] == "gate"`` (and ``score`` ``"gate"``) and ``gate`` (the gate file's metadata).
+        gate: the :class:`~sparseattn.gate.model.GateWeights` a gate-tuned file was tuned over (embedded in the
+            file), or None for mean_sim.
     """
 
     layers: dict[int, HeadParams]
     meta: dict[str, Any] = field(default_factory=dict)
+    gate: Any = None
 
     def summary(self) -> dict[str, Any]:
         """Per-layer mean sparsity and worst error, and the overall mean sparsity (JSON-friendly)."""
