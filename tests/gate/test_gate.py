@@ -557,6 +557,13 @@ def test_fit_keeps_the_best_held_out_step_and_checks_arguments():
     assert steps[0] == 0 and steps[-1] == 20 and len(steps) == 11
     assert h["best_step"] == steps[vals.index(min(vals))]
     assert h["val_final_loss"] == pytest.approx(min(vals), rel=1e-5)  # the kept weights are the best step's
+    # distance buckets past the training length take the farthest trained bucket's value (not the initial 0)
+    from sparseattn.gate.model import bias_bucket_index
+
+    last = int(bias_bucket_index(128, 128, BLK, BLK).max())
+    assert h["bias_buckets_trained"] == last + 1 < 24
+    assert bool((w.bias[..., last] != 0).all())
+    assert torch.equal(w.bias[..., last + 1:], w.bias[..., last:last + 1].expand(-1, -1, 24 - last - 1))
     w2, h2 = fit_gate(tr, d_gate=8, steps=3, progress=False, position_bias=False, weight_decay=1.0)
     assert w2.bias is None and not h2["position_bias"] and h2["best_step"] is None
     for kw, words in (({"weight_decay": -1.0}, "weight_decay"), ({"val_every": -1}, "val_every"),

@@ -69,6 +69,20 @@ def bias_bucket_index(nq: int, nkv: int, block_m: int, block_n: int, device: Any
     return idx.to(device) if device is not None else idx
 
 
+def extend_bias(bias: torch.Tensor, last: int) -> torch.Tensor:
+    """``bias`` ``[..., BIAS_BUCKETS]`` with every bucket after ``last`` set to bucket ``last``'s value.
+
+    Training sees the distance buckets up to the longest training sequence only; the later ones would keep their
+    initial value (0) and, next to a learned negative far-distance bias, make the farthest blocks of a longer prompt
+    look *more* likely than nearer ones. Carrying the farthest trained bucket forward keeps the bias monotone past
+    the training length. Returns a new tensor (``bias`` is not modified).
+    """
+    out = bias.clone()
+    if last + 1 < out.shape[-1]:
+        out[..., last + 1:] = out[..., last:last + 1]
+    return out
+
+
 @dataclass
 class GateWeights:
     """Projections of every trained layer, stacked.

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from sparseattn._validation import check_token_ids_list, fail
-from sparseattn.gate.model import BIAS_BUCKETS, GateWeights, bias_bucket_index, gate_scores, pooled_features
+from sparseattn.gate.model import BIAS_BUCKETS, GateWeights, bias_bucket_index, extend_bias, gate_scores, pooled_features
 
 #: default L2 pull toward the initial weights (chosen on SmolLM2-135M at 4K; docs/GATE.md "Training on more text")
 DEFAULT_WEIGHT_DECAY = 50.0
@@ -287,11 +287,15 @@ def fit_gate(data: dict[str, Any], *, d_gate: int = 64, steps: int = 300, lr: fl
     if not all(math.isfinite(x) for x in hist):
         raise fail(fn, "training", "diverged (the loss became NaN or infinite)", "a finite loss (try a smaller --lr)",
                    f"losses {hist[-3:]}")
+    # the farthest distance bucket the training data reached (its region's largest bucket index): later buckets
+    # got no gradient and take its value (extend_bias), so prompts longer than the training ones stay monotone
+    last = max(int(b[r].max()) for *_, r, _ne, b in prepared)
     weights = GateWeights(list(layers), wq.detach().cpu(), wk.detach().cpu(), bm, bn, {},
-                          None if bias is None else bias.detach().cpu())
+                          None if bias is None else extend_bias(bias.detach().cpu(), last))
     history = {"loss": hist, "initial_loss": float(initial.mean()), "final_loss": float(final.mean()),
                "position_bias": bias is not None, "weight_decay": float(weight_decay), "val_every": val_every,
                "keep_best": bool(keep_best), "val_loss": val_hist, "best_step": None if best is None else best[1],
+               "bias_buckets_trained": last + 1 if bias is not None else None,
                "initial_loss_per_layer": {str(li): float(x) for li, x in zip(layers, initial.cpu())},
                "final_loss_per_layer": {str(li): float(x) for li, x in zip(layers, final.cpu())},
                "seconds": seconds, "steps": steps, "lr": float(lr), "batch": batch, "d_gate": d_gate, "seed": seed}
