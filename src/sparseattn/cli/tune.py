@@ -39,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                            "not for real tuning)")
     p.add_argument("--samples", type=positive_int, default=8, help="calibration samples (default 8)")
     p.add_argument("--seq-len", type=positive_int, default=4096, help="tokens per sample (default 4096)")
-    p.add_argument("--l1", type=positive_float, default=0.06,
+    p.add_argument("--l1", type=positive_float, default=None,
                    help="error budget per head under --rule (default 0.06: relative L1 of the attention output)")
     p.add_argument("--pv-l1", type=positive_float, default=None,
                    help="budget for adding the P·V skip on top of the block selection (default: no P·V skip)")
@@ -58,6 +58,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-local", type=positive_int, default=None,
                    help="layer-wide local blocks (the diagonal block and the N-1 before it) every head keeps; "
                         f"default: the default predictor's for mean_sim, {GATE_KEEP_LOCAL} with --gate")
+    al = p.add_argument_group(
+        "per-layer allocation", "instead of the per-head search: one CDF threshold per layer, chosen from each layer's "
+        "model-level KL sensitivity (one forward per layer with only that layer sparse) and its sparsity / missed-mass "
+        "curves, under a predicted KL budget (docs/TUNING.md)")
+    al.add_argument("--allocate", action="store_true", help="allocate per-layer thresholds (needs --kl-budget)")
+    al.add_argument("--kl-budget", type=positive_float, default=None,
+                    help="predicted total KL(dense || sparse) of the logits, e.g. 0.006")
+    al.add_argument("--probe-cdf", type=density, default=None,
+                    help="threshold of the sensitivity forwards (default 0.85; must be a grid value)")
+    al.add_argument("--sensitivity-samples", type=positive_int, default=1,
+                    help="calibration samples the sensitivity forwards run on (the first ones; default 1)")
     cal = p.add_argument_group(
         "model-level calibration", "after the per-head search, bisect one global knob (each sparse head's CDF tail "
         "1 - cdf scaled by s) for the sparsest setting whose model-level metrics meet the targets on the first "
@@ -116,6 +127,19 @@ def run(args: argparse.Namespace) -> int:
     if args.gate is not None and args.from_file is not None:
         raise fail(fn, "--gate", "cannot be combined with --from-file (the tuned file already holds its gate)",
                    "--gate FILE or --from-file FILE", "both")
+    if args.allocate:
+        if args.kl_budget is None:
+            raise fail(fn, "--allocate", "needs --kl-budget", "--allocate --kl-budget F (e.g. 0.006)", "no budget")
+        for flag, given in (("--l1", args.l1 is not None), ("--pv-l1", args.pv_l1 is not None),
+                            ("--layer-l1", bool(args.layer_l1)), ("--keep-local-grid", bool(args.keep_local_grid)),
+                            ("--rule", args.rule != "l1"), ("--from-file", args.from_file is not None)):
+            if given:
+                raise fail(fn, flag, "does not apply to --allocate (the per-head search's option)",
+                           "--allocate --kl-budget F [--probe-cdf C] [--sensitivity-samples N]", flag)
+    elif args.kl_budget is not None or args.probe_cdf is not None:
+        raise fail(fn, "--kl-budget/--probe-cdf", "need --allocate", "--allocate --kl-budget F", "no --allocate")
+    if args.l1 is None:
+        args.l1 = 0.06
     gate = None
     if args.gate is not None:
         from sparseattn.gate.store import load_gate
@@ -163,11 +187,22 @@ def run(args: argparse.Namespace) -> int:
         cfg.meta.pop("calibration", None)
         _log(f"per-head search skipped: starting from {args.from_file}", progress)
     else:
-        with torch.no_grad():
-            cfg = tune_model(model, [t.to(dev) for t in tune_ids], l1=args.l1, pv_l1=args.pv_l1,
-                             layer_l1=args.layer_l1, rule=args.rule, dense_layers=tuple(args.dense_layers), base=base,
-                             progress=progress, log=(lambda line: _log(line, True)) if progress else None,
-                             keep_local_grid=tuple(args.keep_local_grid), gate=gate)
+        if args.allocate:
+            from sparseattn.tuning.allocate import DEFAULT_PROBE, allocate_model
+
+            cfg = allocate_model(model, [t.to(dev) for t in tune_ids], kl_budget=args.kl_budget, base=base, gate=gate,
+                                 probe=DEFAULT_PROBE if args.probe_cdf is None else args.probe_cdf,
+                                 sensitivity_samples=min(args.sensitivity_samples, len(tune_ids)),
+                                 score_last=args.score_last, dense_layers=tuple(args.dense_layers),
+                                 backend=args.backend, progress=progress,
+                                 log=(lambda line: _log(line, True)) if progress else None)
+        else:
+            with torch.no_grad():
+                cfg = tune_model(model, [t.to(dev) for t in tune_ids], l1=args.l1, pv_l1=args.pv_l1,
+                                 layer_l1=args.layer_l1, rule=args.rule, dense_layers=tuple(args.dense_layers),
+                                 base=base, progress=progress,
+                                 log=(lambda line: _log(line, True)) if progress else None,
+                                 keep_local_grid=tuple(args.keep_local_grid), gate=gate)
     calibrating = any(x is not None for x in (args.target_top1, args.target_kl, args.target_cosine))
     if calibrating:
         from sparseattn.tuning.calibrate import calibrate_tuned
@@ -207,6 +242,8 @@ def run(args: argparse.Namespace) -> int:
         "arguments": {"samples": args.samples, "seq_len": args.seq_len, "l1": args.l1, "pv_l1": args.pv_l1,
                       "layer_l1": args.layer_l1, "rule": args.rule, "dense_layers": list(args.dense_layers),
                       "keep_local_grid": list(args.keep_local_grid), "gate": args.gate, "keep_local": args.keep_local,
+                      "allocate": args.allocate, "kl_budget": args.kl_budget, "probe_cdf": args.probe_cdf,
+                      "sensitivity_samples": args.sensitivity_samples,
                       "target_top1": args.target_top1, "target_kl": args.target_kl,
                       "target_cosine": args.target_cosine, "calibrate_samples": args.calibrate_samples,
                       "calibrate_steps": args.calibrate_steps},
@@ -221,7 +258,8 @@ def run(args: argparse.Namespace) -> int:
         plot_note = "heatmap skipped (--no-plot)"
     else:
         try:
-            heatmap(cfg, paths["png"], title=f"{args.model}: tuned block sparsity per head ({args.rule} <= {args.l1:g})")
+            what = f"KL budget {args.kl_budget:g}, per layer" if args.allocate else f"{args.rule} <= {args.l1:g}"
+            heatmap(cfg, paths["png"], title=f"{args.model}: tuned block sparsity per head ({what})")
         except ImportError as exc:
             plot_note = f"heatmap skipped: {exc}"
     report["plot"] = None if plot_note else paths["png"].name
@@ -359,8 +397,11 @@ def markdown(rep: dict[str, Any]) -> str:
     meta = rep["meta"]
     out = [f"# sparseattn tune: {rep['model']}", "",
            f"- tuned file: `{rep['tuned_file']}` (load with `patch_model(model, tuned=...)` or `--tuned`)",
-           f"- rule `{a['rule']}`, budget l1 = {a['l1']:g}" + (f", pv_l1 = {a['pv_l1']:g}" if a['pv_l1'] else "")
-           + (f", per layer `{a['layer_l1']}`" if a['layer_l1'] else ""),
+           (f"- per-layer allocation: predicted KL budget {a['kl_budget']:g}, probe cdf "
+            f"{meta['allocation']['probe']:g}, {a['sensitivity_samples']} sensitivity sample(s); per-layer error = the "
+            "layer's predicted KL share" if a.get("allocate") else
+            f"- rule `{a['rule']}`, budget l1 = {a['l1']:g}" + (f", pv_l1 = {a['pv_l1']:g}" if a['pv_l1'] else "")
+            + (f", per layer `{a['layer_l1']}`" if a['layer_l1'] else "")),
            f"- {a['samples']} calibration samples × {a['seq_len']} tokens from {rep['text_source']}",
            f"- dense layers (not tuned): {a['dense_layers'] or 'none'}",
            f"- device {rep['device']}, dtype {rep['dtype']}, tuning time {_f(meta.get('seconds'), '.1f')} s, "

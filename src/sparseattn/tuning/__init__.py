@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["tune_layer", "tune_model", "TunedMeanSimPredictor", "parse_layer_budgets", "tune_model_distributed"]
+__all__ = ["tune_layer", "tune_model", "TunedMeanSimPredictor", "TunedGatePredictor", "parse_layer_budgets",
+           "tune_model_distributed", "allocate_model"]
 
 _WHERE = {
     "tune_layer": "sparseattn.tuning.search",
@@ -15,6 +16,8 @@ _WHERE = {
     "parse_layer_budgets": "sparseattn.tuning.run",
     "TunedMeanSimPredictor": "sparseattn.tuning.predictor",
     "tune_model_distributed": "sparseattn.tuning.parallel",
+    "TunedGatePredictor": "sparseattn.tuning.predictor",
+    "allocate_model": "sparseattn.tuning.allocate",
 }
 
 

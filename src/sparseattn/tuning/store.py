@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from sparseattn._validation import check_file_path, fail
-from sparseattn.tuning.types import _FIELDS, RULES, TUNED_VERSION, HeadParams, TunedConfig
+from sparseattn.tuning.types import _FIELDS, ALLOCATION_RULE, RULES, TUNED_VERSION, HeadParams, TunedConfig
 
 __all__ = ["META_KEY", "FINGERPRINT_KEYS", "PREDICTOR_KEYS", "PREDICTOR_NAMES", "REQUIRED_META", "save_tuned", "load_tuned",
            "model_fingerprint", "check_tuned_for_model", "base_config", "make_predictor"]
@@ -79,8 +79,9 @@ def _check_meta(fn: str, label: str, meta: Any) -> None:
                    type(pr).__name__)
     require_keys(fn, pr, PREDICTOR_KEYS, f"{label} metadata 'predictor'")
     _predictor_name(fn, label, meta)
-    if meta["rule"] not in RULES:
-        raise fail(fn, f"{label} metadata key 'rule'", "is unknown", f"one of {list(RULES)}", repr(meta["rule"]))
+    if meta["rule"] not in (*RULES, ALLOCATION_RULE):
+        raise fail(fn, f"{label} metadata key 'rule'", "is unknown", f"one of {[*RULES, ALLOCATION_RULE]}",
+                   repr(meta["rule"]))
     dl = meta["dense_layers"]
     if not isinstance(dl, list) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in dl):
         raise fail(fn, f"{label} metadata key 'dense_layers'", "must be a list of layer indices", "e.g. [0, 1]",

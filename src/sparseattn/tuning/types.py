@@ -21,11 +21,14 @@ import torch
 
 from sparseattn._validation import fail
 
-__all__ = ["TUNED_VERSION", "RULES", "HeadParams", "TunedConfig"]
+__all__ = ["TUNED_VERSION", "RULES", "ALLOCATION_RULE", "HeadParams", "TunedConfig"]
 
 TUNED_VERSION = 1
 #: error rules between the sparse and the dense (fp32 reference) attention output of one head
 RULES = ("l1", "cosine", "rmse")
+#: the ``rule`` of a file from :mod:`sparseattn.tuning.allocate` (per-layer thresholds by model-level KL sensitivity;
+#: ``error`` holds each layer's predicted KL share, ``budgets`` ``{"kl": float}``)
+ALLOCATION_RULE = "layer_kl"
 _FIELDS = ("sim_threshold", "cdf_threshold", "pv_threshold", "sparsity", "error")
 
 
