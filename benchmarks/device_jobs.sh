@@ -67,6 +67,20 @@ run_job() {
       timeout 260 $M tune --model $SMOL --text-dir $ESSAYS --samples 6 --seq-len 8192 --l1 0.06 --keep-local-grid 4,2,1 \
         --target-top1 0.95 --target-cosine 0.999 --target-kl 0.01 --calibrate-samples 2 --compare --compare-samples 2 \
         --device cuda --dtype bfloat16 --no-plot --quiet --out "$d/smol8k.safetensors" > "$d/log" 2>&1; tail -n 14 "$d/log" ;;
+    alloc4k|alloc8k)  # issue 13: per-layer allocation by KL sensitivity (docs/TUNING.md), mean_sim, calibrated to top-1
+      # 95% in bf16 on 2 calibration windows, compared on held-out windows; with ALLOC_GATE=<gate file> over that gate
+      n=4096; s=8; [ $job = alloc8k ] && { n=8192; s=4; }
+      G=""; [ -n "${ALLOC_GATE:-}" ] && G="--gate $ALLOC_GATE"
+      timeout ${ALLOC_S:-240} $M tune --model $SMOL --text-dir $ESSAYS --samples $s --seq-len $n $G --allocate \
+        --kl-budget ${ALLOC_KL:-0.006} --sensitivity-samples 2 --target-top1 0.95 --target-cosine 0.999 --target-kl 0.01 \
+        --calibrate-samples 2 --compare --compare-samples 2 --device cuda --dtype bfloat16 --no-plot --quiet \
+        --out "$d/alloc$n.safetensors" > "$d/log" 2>&1; tail -n 14 "$d/log"
+      cp "$d/alloc$n.safetensors" /tmp/m/alloc$n.safetensors 2>/dev/null ;;
+    gemma_alloc)  # issue 13: the allocation on Gemma-3-270M's 3 global layers (3 sensitivity forwards per sample)
+      timeout ${ALLOC_S:-240} $M tune --model $GEMMA --text-dir $ESSAYS --samples 4 --seq-len 8192 --allocate \
+        --kl-budget ${ALLOC_KL:-0.004} --sensitivity-samples 2 --target-top1 0.955 --target-cosine 0.999 --calibrate-samples 2 \
+        --compare --compare-samples 1 --device cuda --dtype bfloat16 --no-plot --quiet --out "$d/gemma_alloc.safetensors" \
+        > "$d/log" 2>&1; tail -n 12 "$d/log" ;;
     gate_smol)  # issue 17: the learned gate on the default model (first 15 essays train; RULER's haystack is all essays)
       mapfile -t ES < <(ls $ESSAYS/*.txt)
       timeout 120 $M train-gate --model $SMOL --text-file "${ES[@]:0:15}" --samples 8 --val-samples 1 --seq-len 4096 \

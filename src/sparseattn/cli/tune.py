@@ -29,10 +29,13 @@ GATE_KEEP_LOCAL = 4
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "tune", help="tune mean_sim per (layer, head) under an error budget; writes a .safetensors file + report",
+        "tune", help="tune mean_sim (or a learned gate) per head under an error budget, or per layer by KL "
+                     "sensitivity (--allocate); writes a .safetensors file + report",
         description="Search, per layer and head, the sparsest mean_sim setting (sim/cdf thresholds, optional P·V "
                     "skip) whose attention output stays within the error budget on calibration samples; heads no "
-                    "setting keeps under the budget stay dense. Writes --out (safetensors, no pickle) and "
+                    "setting keeps under the budget stay dense. --gate FILE searches a learned gate instead; "
+                    "--allocate --kl-budget F gives each layer one threshold by its model-level KL sensitivity. "
+                    "Writes --out (safetensors, no pickle) and "
                     "<out>.md / <out>.json / <out>.heads.png. Use the file with patch_model(tuned=...) or "
                     "--tuned of eval, niah and bench-model. See docs/TUNING.md.")
     add_model_and_texts(p, random_ids_help="random token ids instead of text (no tokenizer needed; for smoke tests, "
@@ -113,6 +116,7 @@ def report_paths(out: Path) -> dict[str, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
     import time
 
     import torch
@@ -168,8 +172,6 @@ def run(args: argparse.Namespace) -> int:
 
     from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
     from sparseattn.predictors.resolve import resolve_predictor
-
-    import dataclasses
 
     # the layer-wide fields (blocks, sink, local, score) of the project default: --compare is then like for like
     base = resolve_predictor(DEFAULT_PREDICTOR_SPEC).config
