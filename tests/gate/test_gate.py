@@ -564,6 +564,13 @@ def test_fit_keeps_the_best_held_out_step_and_checks_arguments():
     assert h["bias_buckets_trained"] == last + 1 < 24
     assert bool((w.bias[..., last] != 0).all())
     assert torch.equal(w.bias[..., last + 1:], w.bias[..., last:last + 1].expand(-1, -1, 24 - last - 1))
+    # fine-tuning a gate that already has values there (trained on longer prompts) keeps them
+    import dataclasses
+
+    longer = dataclasses.replace(w, bias=w.bias.clone())
+    longer.bias[..., last + 1:] = 0.25
+    w3, _ = fit_gate(tr, d_gate=8, steps=2, progress=False, init=longer)
+    assert bool((w3.bias[..., last + 1:] == 0.25).all())
     w2, h2 = fit_gate(tr, d_gate=8, steps=3, progress=False, position_bias=False, weight_decay=1.0)
     assert w2.bias is None and not h2["position_bias"] and h2["best_step"] is None
     for kw, words in (({"weight_decay": -1.0}, "weight_decay"), ({"val_every": -1}, "val_every"),

@@ -288,10 +288,13 @@ def fit_gate(data: dict[str, Any], *, d_gate: int = 64, steps: int = 300, lr: fl
         raise fail(fn, "training", "diverged (the loss became NaN or infinite)", "a finite loss (try a smaller --lr)",
                    f"losses {hist[-3:]}")
     # the farthest distance bucket the training data reached (its region's largest bucket index): later buckets
-    # got no gradient and take its value (extend_bias), so prompts longer than the training ones stay monotone
+    # got no gradient and take its value (extend_bias), so prompts longer than the training ones stay monotone --
+    # unless an ``init`` gate brought values for them (trained on longer prompts before), which are kept
     last = max(int(b[r].max()) for *_, r, _ne, b in prepared)
-    weights = GateWeights(list(layers), wq.detach().cpu(), wk.detach().cpu(), bm, bn, {},
-                          None if bias is None else extend_bias(bias.detach().cpu(), last))
+    out_bias = None if bias is None else bias.detach().cpu()
+    if out_bias is not None and (init is None or not bool(w0.bias[..., last + 1:].any())):
+        out_bias = extend_bias(out_bias, last)
+    weights = GateWeights(list(layers), wq.detach().cpu(), wk.detach().cpu(), bm, bn, {}, out_bias)
     history = {"loss": hist, "initial_loss": float(initial.mean()), "final_loss": float(final.mean()),
                "position_bias": bias is not None, "weight_decay": float(weight_decay), "val_every": val_every,
                "keep_best": bool(keep_best), "val_loss": val_hist, "best_step": None if best is None else best[1],

@@ -11,6 +11,8 @@ Layout of a file written by :func:`save_tuned`:
   ``"gate.wk"`` (and ``"gate.bias"``) as a gate file holds them (:mod:`sparseattn.gate.store`), metadata
   ``predictor.name`` ``"gate"`` and ``gate`` (the gate's own metadata, checked as :func:`~sparseattn.gate.store.load_gate`
   checks it). The file is then self-contained: the gate file it was tuned over is not needed to load it.
+* ``rule`` is one of the search's error rules, or ``"layer_kl"`` for a file from ``sparseattn tune --allocate``
+  (:mod:`sparseattn.tuning.allocate`: one threshold per layer; its ``error`` is the layer's predicted KL share).
 
 :func:`load_tuned` checks everything it reads and raises a ``ValueError`` in the project's format
 naming the file and the field: a missing, empty, truncated or corrupt file, missing metadata, a
