@@ -25,7 +25,8 @@ from typing import Any
 from sparseattn._validation import fail
 
 __all__ = ["UserError", "FetchError", "check_input_file", "read_json_file", "load_safetensors_file", "describe_bytes",
-           "require_keys", "check_versioned_meta", "check_meta_int", "check_meta_number", "load_safetensors_with_metadata"]
+           "require_keys", "check_versioned_meta", "check_meta_int", "check_meta_number", "load_safetensors_with_metadata",
+           "FINGERPRINT_KEYS", "model_fingerprint", "check_fingerprint_meta", "write_safetensors_atomic"]
 
 
 class UserError(Exception):
@@ -226,3 +227,57 @@ def json_metadata(func: str, label: str, header: dict[str, str], key: str, *, ki
     except json.JSONDecodeError as exc:
         raise fail(func, f"{label} metadata {key!r}", f"is not valid JSON ({exc.msg} at column {exc.colno})",
                    "a JSON object", f"{len(header[key])} characters") from None
+
+
+# --------------------------------------------------------------------------- model files (tuned and gate stores)
+#: the model shape a tuned or gate file is bound to (:func:`model_fingerprint`)
+FINGERPRINT_KEYS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "model_type")
+
+
+def model_fingerprint(model: Any) -> dict[str, Any]:
+    """``{num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, model_type}`` of a model / config.
+
+    ``num_key_value_heads`` defaults to the attention heads and ``head_dim`` to
+    ``hidden_size // num_attention_heads`` when the config does not set them.
+    """
+    conf = getattr(model, "config", model)
+    get_text = getattr(conf, "get_text_config", None)
+    if callable(get_text):
+        try:
+            conf = get_text()
+        except TypeError:  # pragma: no cover - older transformers signature
+            pass
+    heads = getattr(conf, "num_attention_heads", None)
+    kv = getattr(conf, "num_key_value_heads", None) or heads
+    hd = getattr(conf, "head_dim", None)
+    if hd is None and heads:
+        hidden = getattr(conf, "hidden_size", None)
+        hd = hidden // heads if hidden else None
+    return {"num_hidden_layers": getattr(conf, "num_hidden_layers", None), "num_attention_heads": heads,
+            "num_key_value_heads": kv, "head_dim": hd, "model_type": getattr(conf, "model_type", None)}
+
+
+def check_fingerprint_meta(fn: str, label: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """The metadata's ``fingerprint`` object (tuned and gate files): a JSON object with every fingerprint key."""
+    fp = meta["fingerprint"]
+    if not isinstance(fp, dict):
+        raise fail(fn, f"{label} metadata key 'fingerprint'", "must be a JSON object", f"keys {list(FINGERPRINT_KEYS)}",
+                   type(fp).__name__)
+    require_keys(fn, fp, FINGERPRINT_KEYS, f"{label} metadata 'fingerprint'")
+    return fp
+
+
+def write_safetensors_atomic(p: Path, tensors: dict[str, Any], metadata: dict[str, str]) -> Path:
+    """Write ``tensors`` + string ``metadata`` to ``p`` through a temporary file and ``os.replace`` (a reader never
+    sees a half-written file); the temporary file is removed on failure. Used by the tuned and the gate stores."""
+    from safetensors.torch import save_file
+
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, p)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return p

@@ -7,7 +7,7 @@
 * ``__metadata__`` key :data:`META_KEY` (``"sparseattn_gate"``): a JSON object with ``version``
   (:data:`GATE_VERSION`), ``layers`` (model layer indices, one per first-dimension entry),
   ``block_m``, ``block_n``, ``d_gate``, ``head_dim``, ``num_key_value_heads``, ``features``,
-  ``fingerprint`` (as :func:`sparseattn.tuning.store.model_fingerprint` computes it) and the
+  ``fingerprint`` (as :func:`sparseattn.errors.model_fingerprint` computes it) and the
   informative ``model``, ``training`` (texts, steps, learning rate, losses, seconds, device) and
   ``created``.
 
@@ -43,7 +43,7 @@ _EXPECTED = "a gate .safetensors file written by sparseattn train-gate (save_gat
 def gate_meta(weights: GateWeights, *, model: Any = None, training: dict[str, Any] | None = None,
               model_name: str | None = None) -> dict[str, Any]:
     """The metadata :func:`save_gate` writes for ``weights`` (fingerprint from ``model`` when given)."""
-    from sparseattn.tuning.store import model_fingerprint
+    from sparseattn.errors import model_fingerprint
 
     meta = dict(weights.meta)
     meta.update(_shape_meta(weights), features=FEATURES)
@@ -72,7 +72,7 @@ def _shape_meta(weights: GateWeights) -> dict[str, Any]:
 def _check_meta(fn: str, label: str, meta: Any) -> None:
     from sparseattn.errors import check_meta_int, check_versioned_meta
     from sparseattn.gate.model import BIAS_BUCKETS
-    from sparseattn.tuning.store import check_fingerprint_meta
+    from sparseattn.errors import check_fingerprint_meta
 
     v = meta.get("version") if isinstance(meta, dict) else None
     known = not isinstance(v, bool) and v in _VERSIONS
@@ -148,7 +148,7 @@ def save_gate(path: str | os.PathLike, weights: GateWeights, meta: dict[str, Any
         text = json.dumps(full, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise fail(fn, "meta", "is not JSON-serialisable (finite numbers only)", "JSON types", str(exc)) from None
-    from sparseattn.tuning.store import write_safetensors_atomic
+    from sparseattn.errors import write_safetensors_atomic
 
     return write_safetensors_atomic(p, tensors, {META_KEY: text})
 
@@ -218,7 +218,7 @@ def gate_payload(fn: str, weights: Any, meta: dict[str, Any] | None = None) -> t
 
 def check_gate_for_model(weights: GateWeights, model: Any, *, label: str = "gate", func: str = "check_gate_for_model") -> None:
     """Raise unless the gate was trained for a model of this shape (fingerprint equal, its layers present)."""
-    from sparseattn.tuning.store import FINGERPRINT_KEYS, model_fingerprint
+    from sparseattn.errors import FINGERPRINT_KEYS, model_fingerprint
 
     got = model_fingerprint(model)
     want = weights.meta.get("fingerprint") or {}

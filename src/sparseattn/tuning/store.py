@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from sparseattn._validation import check_file_path, fail
+from sparseattn.errors import FINGERPRINT_KEYS, check_fingerprint_meta, model_fingerprint, write_safetensors_atomic
 from sparseattn.tuning.types import _FIELDS, ALLOCATION_RULE, RULES, TUNED_VERSION, HeadParams, TunedConfig
 
 __all__ = ["META_KEY", "FINGERPRINT_KEYS", "PREDICTOR_KEYS", "PREDICTOR_NAMES", "REQUIRED_META", "save_tuned", "load_tuned",
@@ -41,7 +42,6 @@ __all__ = ["META_KEY", "FINGERPRINT_KEYS", "PREDICTOR_KEYS", "PREDICTOR_NAMES", 
 #: the one ``__metadata__`` key of a tuned file (its value is a JSON object)
 META_KEY = "sparseattn_tuned"
 _LAYERS_KEY = "tuned_layers"
-FINGERPRINT_KEYS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "model_type")
 PREDICTOR_KEYS = ("block_m", "block_n", "keep_sink", "keep_local", "score")
 #: metadata keys a tuned file must have (the others of :class:`TunedConfig` are informative)
 REQUIRED_META = ("version", "fingerprint", "predictor", "rule", "budgets", "dense_layers")
@@ -55,18 +55,6 @@ def _label(path: Path | str) -> str:
 
 
 # --------------------------------------------------------------------------- metadata checks
-def check_fingerprint_meta(fn: str, label: str, meta: dict[str, Any]) -> dict[str, Any]:
-    """The metadata's ``fingerprint`` object (tuned and gate files): a JSON object with every fingerprint key."""
-    from sparseattn.errors import require_keys
-
-    fp = meta["fingerprint"]
-    if not isinstance(fp, dict):
-        raise fail(fn, f"{label} metadata key 'fingerprint'", "must be a JSON object", f"keys {list(FINGERPRINT_KEYS)}",
-                   type(fp).__name__)
-    require_keys(fn, fp, FINGERPRINT_KEYS, f"{label} metadata 'fingerprint'")
-    return fp
-
-
 def _check_meta(fn: str, label: str, meta: Any) -> None:
     """Version, required keys and the types of the fields the predictor relies on."""
     from sparseattn.errors import check_meta_int, check_versioned_meta, require_keys
@@ -183,22 +171,6 @@ def save_tuned(path: str | os.PathLike, cfg: TunedConfig) -> Path:
     return write_safetensors_atomic(p, tensors, {META_KEY: text})
 
 
-def write_safetensors_atomic(p: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Write ``tensors`` + string ``metadata`` to ``p`` through a temporary file and ``os.replace`` (a reader never
-    sees a half-written file); the temporary file is removed on failure. Used by the tuned and the gate stores."""
-    from safetensors.torch import save_file
-
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return p
-
-
 # --------------------------------------------------------------------------- load
 def load_tuned(path: str | os.PathLike, *, model: Any = None) -> TunedConfig:
     """Read a file written by :func:`save_tuned`, checking everything (see module docstring).
@@ -271,29 +243,6 @@ def load_tuned(path: str | os.PathLike, *, model: Any = None) -> TunedConfig:
 
 
 # --------------------------------------------------------------------------- model checks
-def model_fingerprint(model: Any) -> dict[str, Any]:
-    """``{num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, model_type}`` of a model / config.
-
-    ``num_key_value_heads`` defaults to the attention heads and ``head_dim`` to
-    ``hidden_size // num_attention_heads`` when the config does not set them.
-    """
-    conf = getattr(model, "config", model)
-    get_text = getattr(conf, "get_text_config", None)
-    if callable(get_text):
-        try:
-            conf = get_text()
-        except TypeError:  # pragma: no cover - older transformers signature
-            pass
-    heads = getattr(conf, "num_attention_heads", None)
-    kv = getattr(conf, "num_key_value_heads", None) or heads
-    hd = getattr(conf, "head_dim", None)
-    if hd is None and heads:
-        hidden = getattr(conf, "hidden_size", None)
-        hd = hidden // heads if hidden else None
-    return {"num_hidden_layers": getattr(conf, "num_hidden_layers", None), "num_attention_heads": heads,
-            "num_key_value_heads": kv, "head_dim": hd, "model_type": getattr(conf, "model_type", None)}
-
-
 def check_tuned_for_model(cfg: TunedConfig, model: Any, *, label: str = "tuned config",
                           func: str = "check_tuned_for_model") -> None:
     """Raise unless ``cfg`` was tuned for a model of this shape (fingerprint equal, every layer present).
