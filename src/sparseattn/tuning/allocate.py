@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from sparseattn._validation import fail
+from sparseattn.errors import model_fingerprint
 from sparseattn.predictors.mean_similarity import MeanSimilarityConfig, mean_sim_stats
 from sparseattn.tuning.types import ALLOCATION_RULE, HeadParams, TunedConfig
 
@@ -40,6 +41,14 @@ __all__ = ["DEFAULT_GRID", "DEFAULT_PROBE", "layer_curves", "layer_sensitivity",
 DEFAULT_GRID = (0.995, 0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.9, 0.88, 0.85, 0.8, 0.75, 0.7)
 #: the threshold every head of the probed layer gets in the sensitivity forward
 DEFAULT_PROBE = 0.85
+
+
+def _check_probe_budget(fn: str, grid: list[float], probe: float, kl_budget: Any) -> None:
+    """``probe`` is a grid value and ``kl_budget`` a positive finite number (shared by the two entry points)."""
+    if float(probe) not in grid:
+        raise fail(fn, "probe", "is not a value of the grid", f"one of {grid}", probe)
+    if not (isinstance(kl_budget, (int, float)) and not isinstance(kl_budget, bool) and 0 < kl_budget < math.inf):
+        raise fail(fn, "kl_budget", "must be a positive finite number", "e.g. 0.006", repr(kl_budget))
 
 
 def _head_params(H: int, cdf: float, sim: float, sparsity: float = 0.0, error: float = 0.0) -> HeadParams:
@@ -62,15 +71,15 @@ def layer_curves(samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     from sparseattn.predictors.oracle import exact_block_mass
     from sparseattn.tuning.predictor import select_per_head
 
-    S = len(grid)
+    S, H, dev = len(grid), samples[0][0].shape[1], samples[0][0].device
     sp = torch.zeros(S)
     miss = torch.zeros(S)
+    cdf = torch.tensor([float(c) for c in grid], dtype=torch.float32, device=dev)[:, None].expand(S, H)
+    sims = torch.full((S, H), float(sim), device=dev)
     for q, k, _v in samples:
         q32, k32 = q.to(torch.float32), k.to(torch.float32)
         stats = stats_fn(q32, k32, base, causal=True)
-        H = q.shape[1]
-        cdf = torch.tensor([float(c) for c in grid], dtype=torch.float32, device=q.device)[:, None].expand(S, H)
-        masks = select_per_head(stats, torch.full((S, H), float(sim), device=q.device), cdf)  # [S, 1, H, Mb, Nb]
+        masks = select_per_head(stats, sims, cdf)  # [S, 1, H, Mb, Nb]
         mass = exact_block_mass(q32, k32, causal=True, block_m=base.block_m, block_n=base.block_n, scale=scale)
         rows = stats.region.any(-1)  # [Mb]
         avail = stats.region.sum().to(torch.float32) * H
@@ -125,10 +134,7 @@ def allocate(kl_probe: dict[int, float], curves: dict[int, tuple[list[float], li
     """
     fn = "allocate"
     grid = [float(c) for c in grid]
-    if float(probe) not in grid:
-        raise fail(fn, "probe", "is not a value of the grid", f"one of {grid}", probe)
-    if not (isinstance(kl_budget, (int, float)) and not isinstance(kl_budget, bool) and 0 < kl_budget < math.inf):
-        raise fail(fn, "kl_budget", "must be a positive finite number", "e.g. 0.006", repr(kl_budget))
+    _check_probe_budget(fn, grid, probe, kl_budget)
     if set(kl_probe) != set(curves):
         raise fail(fn, "curves", "must cover exactly the probed layers", sorted(kl_probe), sorted(curves))
     ip = grid.index(float(probe))
@@ -202,12 +208,9 @@ def allocate_model(
     grid = [float(c) for c in grid]
     if not grid or any(not 0.0 < c <= 1.0 for c in grid) or len(set(grid)) != len(grid):
         raise fail(fn, "grid", "must be distinct thresholds in (0, 1]", "e.g. (0.99, 0.95, 0.9)", grid)
-    if float(probe) not in grid:
-        raise fail(fn, "probe", "is not a value of the grid", f"one of {grid}", probe)
+    _check_probe_budget(fn, grid, probe, kl_budget)
     if isinstance(sensitivity_samples, bool) or not isinstance(sensitivity_samples, int) or sensitivity_samples < 1:
         raise fail(fn, "sensitivity_samples", "must be a positive integer", "an int >= 1", repr(sensitivity_samples))
-    if not (isinstance(kl_budget, (int, float)) and not isinstance(kl_budget, bool) and 0 < kl_budget < math.inf):
-        raise fail(fn, "kl_budget", "must be a positive finite number", "e.g. 0.006", repr(kl_budget))
     base, _budgets, dense, todo = plan_tuning(fn, model, input_ids_list, base=base, rule="l1", layer_l1="",
                                               dense_layers=dense_layers)
     gate_pred = gate_predictor_for(fn, gate, base, todo)
@@ -216,12 +219,11 @@ def allocate_model(
     ids = [t if t.dim() == 2 else t[None] for t in input_ids_list]
     n = int(ids[0].shape[-1])
     k = min(n, score_last or max(1, n // 2))
-    cfg_heads = int(getattr(model.config, "num_attention_heads"))
-    from sparseattn.tuning.store import model_fingerprint
-
+    fp = model_fingerprint(model)
+    cfg_heads = int(fp["num_attention_heads"])
     meta0 = build_meta(model, base, rule=ALLOCATION_RULE, l1=kl_budget, pv_l1=None, layer_l1="",
                        seq_len=seq_len_of(ids), samples=len(ids), dense_layers=dense, seconds=0.0)
-    meta0["fingerprint"] = model_fingerprint(model)
+    meta0["fingerprint"] = fp
     meta0["budgets"] = {"kl": float(kl_budget)}
 
     def cfg_for(layers: dict[int, HeadParams]) -> TunedConfig:
@@ -230,13 +232,17 @@ def allocate_model(
     # 1. curves from the captures (cheap: the predictor's stats and the exact block mass per layer and sample)
     from tqdm.auto import tqdm
 
+    from sparseattn.gate.train import attention_scale
+
     captured = capture_samples(model, ids, todo)
+    dev = next(model.parameters()).device
+    scale = attention_scale(model, int(fp["head_dim"]))
     curves: dict[int, tuple[list[float], list[float]]] = {}
     bar = tqdm(todo, desc="curves", unit="layer", disable=not progress, file=sys.stderr)
     for li in bar:
         stats_fn = gate_search_args(gate_pred, li).get("stats_fn", mean_sim_stats)
-        curves[li] = layer_curves([tuple(t.to(next(model.parameters()).device) for t in s) for s in captured.pop(li)],
-                                  stats_fn, base, grid, sim=sim, scale=_softmax_scale(model))
+        curves[li] = layer_curves([tuple(t.to(dev) for t in smp) for smp in captured.pop(li)], stats_fn, base, grid,
+                                  sim=sim, scale=scale)
     bar.close()
     # 2. sensitivity: one forward per layer and sensitivity sample
     sens = layer_sensitivity(model, ids[:sensitivity_samples], todo,
@@ -260,12 +266,3 @@ def allocate_model(
                              "sparsity": curves[li][0], "miss": curves[li][1]} for li in todo}}
     return cfg
 
-
-def _softmax_scale(model: torch.nn.Module) -> float | None:
-    """The model's attention scale (``query_pre_attn_scalar`` models differ from ``head_dim^-1/2``)."""
-    from sparseattn.gate.train import attention_scale
-
-    cfg = model.config
-    heads = int(getattr(cfg, "num_attention_heads"))
-    head_dim = getattr(cfg, "head_dim", None) or int(cfg.hidden_size) // heads
-    return attention_scale(model, int(head_dim))
