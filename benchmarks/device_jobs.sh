@@ -201,6 +201,48 @@ run_job() {
           python3 benchmarks/decode_stage_probe.py --ncu $kind > "$d/ncu_$kind.txt" 2>&1
         echo "--- $kind"; grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Stall|Issue Slots Busy|Executed Ipc A|Block Limit" "$d/ncu_$kind.txt" | head -n 20
       done ;;
+    s13_alloc)  # issue 13: the 8K allocation over the bias-extended gate, fp32 (masked SDPA: the targets as stated)
+      # and bf16 (read against the all-blocks floor); 8K windows 0-3 tune (2 calibrate), 4-5 (4K windows 8-11) held out
+      G=${ALLOC_GATE:-.carry/gate_v2x.safetensors}
+      for dt in float32 bfloat16; do
+        B=""; [ $dt = float32 ] && B="--backend masked_sdpa"
+        timeout ${S13_S:-200} $M tune --model $SMOL --text-dir $ESSAYS --samples 4 --seq-len 8192 --gate $G --allocate \
+          --kl-budget ${ALLOC_KL:-0.006} --sensitivity-samples 2 --target-top1 ${S13_TOP1:-0.955} --target-cosine 0.999 \
+          --target-kl 0.01 --calibrate-samples 2 --compare --compare-samples 2 --device cuda --dtype $dt $B --no-plot \
+          --out "$d/a8_$dt.safetensors" > "$d/log_$dt" 2>&1; echo "--- $dt"; grep -v Converting "$d/log_$dt" | tail -n 9
+        cp "$d/a8_$dt.safetensors" /tmp/m/ 2>/dev/null
+      done ;;
+    s13_eval)  # issue 13: held-out 8K windows 4-5: floor, default curve, the allocated files; NIAH; whole-model speed
+      for dt in bfloat16 float32; do
+        B=auto; [ $dt = float32 ] && B=masked_sdpa
+        timeout ${S13E_S:-100} python3 benchmarks/tune_frontier.py --model $SMOL --text-dir $ESSAYS --seq-len 8192 --skip 4 \
+          --samples 2 --device cuda --dtype $dt --backend $B --out "$d/frontier_$dt.jsonl" \
+          $( [ $dt = bfloat16 ] && echo --patterns dense:block_m=128,block_n=128 ) --specs "$DEFAULT_PRED" \
+          "mean_sim:score=mixed,cdf_threshold=0.98,keep_local=8" "mean_sim:score=mixed,cdf_threshold=0.99,keep_local=8" \
+          "mean_sim:score=mixed,cdf_threshold=0.995,keep_local=8" > "$d/frontier_$dt.log" 2>&1
+        for f in /tmp/m/a8_*.safetensors; do
+          timeout 60 python3 benchmarks/tune_frontier.py --model $SMOL --text-dir $ESSAYS --seq-len 8192 --skip 4 --samples 2 \
+            --device cuda --dtype $dt --backend $B --tuned $f --tuned-scales 1,0.8 --out "$d/frontier_$dt.jsonl" >> "$d/frontier_$dt.log" 2>&1
+        done
+        echo "--- frontier $dt"; grep -v Converting "$d/frontier_$dt.log" | grep -iE "top1|sparsity" | tail -n 12
+      done
+      F=/tmp/m/a8_bfloat16.safetensors
+      timeout 150 $M niah --model $SMOL --text-dir $ESSAYS --lengths 4096,8000 --depths 0.1,0.5,0.9 --trials 2 \
+        --tuned $F --device cuda --no-plots --quiet --out "$d/niah" > "$d/niah.log" 2>&1; tail -n 8 "$d/niah.log"
+      timeout 90 python3 benchmarks/bench_model.py --model $SMOL --lengths 8192 --text-dir $ESSAYS --repeats 7 --tuned $F \
+        --no-profile --no-plot --out "$d/speed" > "$d/speed.log" 2>&1; tail -n 6 "$d/speed.log" ;;
+    s13_gemma)  # issue 13: Gemma global layers: the allocation, the exact-mass oracle with top-1, the file at 8K-32K
+      timeout ${S13G_S:-150} $M tune --model $GEMMA --text-dir $ESSAYS --samples 4 --seq-len 8192 --allocate \
+        --kl-budget ${ALLOC_KL:-0.004} --sensitivity-samples 2 --target-top1 ${S13G_TOP1:-0.96} --target-cosine 0.999 \
+        --calibrate-samples 2 --compare --compare-samples 1 --device cuda --dtype bfloat16 --no-plot \
+        --out "$d/gemma_alloc.safetensors" > "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 8
+      timeout ${S13GB_S:-150} python3 benchmarks/bench_model.py --model $GEMMA --lengths 8192,16384,32000 --text-dir $ESSAYS \
+        --repeats 3 --tuned "$d/gemma_alloc.safetensors" --no-profile --no-plot --out "$d/bench" > "$d/bench.log" 2>&1
+      tail -n 8 "$d/bench.log"
+      timeout ${S13GO_S:-200} python3 benchmarks/bench_model.py --model $GEMMA --lengths 8192,16384,32000 --text-dir $ESSAYS \
+        --repeats 3 --no-profile --no-plot --out "$d/oracle" --predictors \
+        "oracle:cdf_threshold=0.97;oracle:cdf_threshold=0.9;oracle:topk=0.5,cdf_threshold=None;$DEFAULT_PRED" \
+        > "$d/oracle.log" 2>&1; tail -n 16 "$d/oracle.log" ;;
     *) echo "unknown job $job" ;;
   esac
 }
