@@ -212,6 +212,14 @@ run_job() {
           --out "$d/a8_$dt.safetensors" > "$d/log_$dt" 2>&1; echo "--- $dt"; grep -v Converting "$d/log_$dt" | tail -n 9
         cp "$d/a8_$dt.safetensors" /tmp/m/ 2>/dev/null
       done ;;
+    s13_gate8k)  # issue 13: a gate trained at 8K (8K windows 0-3 and 6-8 with half offsets, window 9 validates; 4-5 never
+      # seen), then the 8K allocation over it in fp32 (masked SDPA) and bf16, compared on windows 4-5
+      timeout 120 python3 benchmarks/gate_more_text.py capture --model $SMOL --text-dir $ESSAYS --seq-len 8192 --windows 0-3,6-9 \
+        --half-offsets --device cuda --out /tmp/m/g8data > "$d/log" 2>&1
+      timeout 150 python3 benchmarks/gate_more_text.py fit --data /tmp/m/g8data --train w00-w03,w06-w08,h00-h02,h06-h07 --val w09 \
+        --steps 500 --val-every 50 --device cuda --out "$d/gate8k.safetensors" >> "$d/log" 2>&1; tail -n 3 "$d/log"
+      cp "$d/gate8k.safetensors" /tmp/m/ && ALLOC_GATE=/tmp/m/gate8k.safetensors S13_S=150 run_job s13_alloc
+      mv "$R/s13_alloc" "$d/alloc" ;;
     s13_eval)  # issue 13: held-out 8K windows 4-5: floor, default curve, the allocated files; NIAH; whole-model speed
       for dt in bfloat16 float32; do
         B=auto; [ $dt = float32 ] && B=masked_sdpa

@@ -245,9 +245,16 @@ def allocate_model(
                                   sim=sim, scale=scale)
     bar.close()
     # 2. sensitivity: one forward per layer and sensitivity sample
-    sens = layer_sensitivity(model, ids[:sensitivity_samples], todo,
-                             lambda li: cfg_for({li: _head_params(cfg_heads, probe, sim)}), score_last=k,
-                             backend=backend, progress=progress)
+    # every other layer keeps the model's own attention (dense_layers), not the all-blocks sparse path: the forward
+    # costs one dense forward plus one layer, and in bf16 the KL is this layer's alone, not the rounding floor of
+    # every other layer's kernel call as well
+    def probe_cfg(li: int) -> TunedConfig:
+        one = cfg_for({li: _head_params(cfg_heads, probe, sim)})
+        one.meta["dense_layers"] = sorted((set(dense) | set(todo)) - {li})
+        return one
+
+    sens = layer_sensitivity(model, ids[:sensitivity_samples], todo, probe_cfg, score_last=k, backend=backend,
+                             progress=progress)
     # 3. allocate
     cdf, kl_pred, total, spars = allocate(sens, curves, grid, probe, float(kl_budget))
     layers = {li: _head_params(cfg_heads, cdf[li], sim, curves[li][0][grid.index(cdf[li])], kl_pred[li]) for li in todo}
