@@ -152,7 +152,40 @@ def test_sensitivity_forwards_run_only_the_probed_layer_through_sparseattn(monke
     for layers, _, h in seen:  # the handle's report: the probed layer sparse, every other one the model's own attention
         modes = {int(li): r["mode"] for li, r in h.sparsity_report()["layers"].items()}
         assert modes == {li: "sparse" if li in layers else "dense" for li in range(3)}
-        assert h.counts["prefill_sparse"] == 1 and h.counts["prefill_dense"] == 2
+        # the layers before the probed one are replayed from the dense forward, not run: only those after it run dense
+        assert h.counts["prefill_sparse"] == 1 and h.counts["prefill_dense"] == 2 - layers[0]
+    assert not any("forward" in mod.__dict__ for mod in model.model.layers)  # the replay is undone
+
+
+def test_sensitivity_replay_equals_whole_forwards_and_warns_without_decoder_layers(monkeypatch):
+    import sparseattn.models.layers as ml
+    from sparseattn.testing.models import tiny_llama
+    from sparseattn.tuning.allocate import _head_params, layer_sensitivity
+    from sparseattn.tuning.run import build_meta
+    from sparseattn.tuning.store import model_fingerprint
+    from sparseattn.tuning.types import ALLOCATION_RULE, TunedConfig
+
+    model = tiny_llama(layers=4)
+    h = model.config.num_attention_heads
+    ids = [torch.randint(0, 97, (192,), generator=torch.Generator().manual_seed(s)) for s in (5, 6)]
+
+    base = MeanSimilarityConfig(block_m=32, block_n=32, keep_local=1)
+    meta = build_meta(model, base, rule=ALLOCATION_RULE, l1=1e-3, pv_l1=None, layer_l1="", seq_len=192, samples=2,
+                      dense_layers=[], seconds=0.0)
+    meta["fingerprint"] = model_fingerprint(model)
+
+    def cfg(li):
+        return TunedConfig(layers={li: _head_params(h, 0.6, -1.0)},
+                           meta=dict(meta, dense_layers=[j for j in range(4) if j != li]))
+
+    kw = dict(score_last=96, progress=False)
+    replayed = layer_sensitivity(model, ids, [0, 1, 3], cfg, **kw)
+    monkeypatch.setattr(ml, "decoder_layers", lambda m: {})
+    with pytest.warns(UserWarning, match="^layer_sensitivity: the decoder layers of this model were not found"):
+        whole = layer_sensitivity(model, ids, [0, 1, 3], cfg, **kw)
+    assert set(replayed) == {0, 1, 3} and all(v > 0 for v in whole.values())
+    for li in whole:
+        assert replayed[li] == pytest.approx(whole[li], rel=1e-6, abs=1e-12)
 
 
 def test_cli_tune_allocate(tmp_path, capsys):

@@ -6,7 +6,7 @@ import torch
 
 from sparseattn._validation import fail
 
-__all__ = ["attention_layers", "require_attention_layers"]
+__all__ = ["attention_layers", "decoder_layers", "require_attention_layers"]
 
 
 def attention_layers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
@@ -26,3 +26,25 @@ def require_attention_layers(func: str, model: torch.nn.Module) -> list[int]:
     if not layers:
         raise fail(func, "model", "has no attention layers", "a transformers decoder", type(model).__name__)
     return layers
+
+
+def decoder_layers(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """``{layer_idx: decoder layer}``: the direct parent of each attention module of :func:`attention_layers`.
+
+    Empty when a parent is missing or shared, or when the parents do not appear in the model's module order by
+    layer index (so a caller cannot assume that layer ``i`` runs before layer ``i + 1``).
+    """
+    attn = dict(attention_layers(model))
+    owner = {id(m): i for i, m in attn.items()}
+    found: dict[int, torch.nn.Module] = {}
+    order: list[int] = []
+    for _, mod in model.named_modules():
+        for child in mod.children():
+            i = owner.get(id(child))
+            if i is not None and i not in found:
+                found[i] = mod
+                order.append(i)
+    if not attn or sorted(found) != sorted(attn) or order != sorted(order) \
+            or len({id(m) for m in found.values()}) != len(found):
+        return {}
+    return dict(sorted(found.items()))

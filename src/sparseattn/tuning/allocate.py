@@ -23,10 +23,12 @@ by one factor) and every ``--tuned`` option apply to it. Works for mean_sim (the
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
-from typing import Any, Callable, Sequence
+import warnings
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -89,31 +91,88 @@ def layer_curves(samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     return (sp / len(samples)).tolist(), (miss / len(samples)).tolist()
 
 
+def _clone(out: Any) -> Any:
+    """A decoder layer's output with every tensor cloned (a later layer may work in place on its input)."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, out)
+
+
+@contextlib.contextmanager
+def _replayed(decoders: dict[int, torch.nn.Module], upto: int, outputs: dict[int, Any]) -> Iterator[None]:
+    """Decoder layers ``< upto`` return their recorded dense outputs instead of running (the instance's own
+    ``forward`` attribute, if any, is put back afterwards)."""
+    saved: dict[int, Any] = {}
+    try:
+        for j, mod in decoders.items():
+            if j < upto:
+                saved[j] = mod.__dict__.get("forward", _UNSET)
+                mod.forward = (lambda *_a, _o=outputs[j], **_k: _clone(_o))  # type: ignore[method-assign]
+        yield
+    finally:
+        for j, prev in saved.items():
+            mod = decoders[j]
+            if prev is _UNSET:
+                del mod.forward
+            else:
+                mod.forward = prev  # type: ignore[method-assign]
+
+
+_UNSET = object()
+
+
 def layer_sensitivity(model: torch.nn.Module, ids_list: list[torch.Tensor], layers: list[int],
                       cfg_for_layer: Callable[[int], TunedConfig], *, score_last: int, backend: str = "auto",
                       progress: bool = True) -> dict[int, float]:
     """``{layer: KL(dense ‖ only this layer sparse)}``, the mean over ``ids_list`` (logits of the last
-    ``score_last`` positions; one forward per layer and sample, dense logits once)."""
+    ``score_last`` positions; one forward per layer and sample, dense logits once).
+
+    The layers before the probed one are dense in a sensitivity forward, so they are not run again: the dense
+    forward records every decoder layer's output and the probe forward replays them (exact; on SmolLM2 about half
+    the work). A model whose decoder layers cannot be found (:func:`~sparseattn.models.layers.decoder_layers`) runs
+    every forward whole, with a warning.
+    """
     from tqdm.auto import tqdm
 
     from sparseattn.eval.end_to_end import logits_metrics
     from sparseattn.integrations.transformers_patch import patch_model
+    from sparseattn.models.layers import decoder_layers
 
     dev = next(model.parameters()).device
+    decoders = decoder_layers(model)
+    if not decoders:
+        warnings.warn("layer_sensitivity: the decoder layers of this model were not found in layer order; every "
+                      "sensitivity forward runs the whole model (the dense prefix is not replayed)", stacklevel=2)
 
     def logits(ids: torch.Tensor) -> torch.Tensor:
         return model(ids.to(dev), use_cache=False, logits_to_keep=score_last).logits[0, -score_last:].float()
 
+    def recorder(store: dict[int, Any], j: int) -> Callable[..., None]:
+        def hook(_mod: torch.nn.Module, _args: Any, output: Any) -> None:
+            store[j] = _clone(output)
+        return hook
+
     out: dict[int, float] = {}
     with torch.no_grad():
-        refs = [logits(t if t.dim() == 2 else t[None]) for t in ids_list]
+        ids = [t if t.dim() == 2 else t[None] for t in ids_list]
+        refs, recorded = [], []
+        for t in ids:
+            store: dict[int, Any] = {}
+            hooks = [mod.register_forward_hook(recorder(store, j)) for j, mod in decoders.items()]
+            try:
+                refs.append(logits(t))
+            finally:
+                for h in hooks:
+                    h.remove()
+            recorded.append(store)
         bar = tqdm(layers, desc="sensitivity", unit="layer", disable=not progress, file=sys.stderr)
         for li in bar:
             kl = 0.0
             with patch_model(model, tuned=cfg_for_layer(li), backend=backend):
-                for t, ref in zip(ids_list, refs):
-                    kl += logits_metrics(logits(t if t.dim() == 2 else t[None]), ref)["kl_dense_sparse"]
-            out[li] = kl / len(ids_list)
+                for t, ref, store in zip(ids, refs, recorded):
+                    with _replayed(decoders, li, store):
+                        kl += logits_metrics(logits(t), ref)["kl_dense_sparse"]
+            out[li] = kl / len(ids)
             bar.set_postfix(layer=li, kl=f"{out[li]:.2e}")
         bar.close()
     return out
