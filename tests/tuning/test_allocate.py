@@ -131,7 +131,7 @@ def test_allocate_model_with_a_gate_round_trips_and_measures_what_it_says(tmp_pa
 def test_sensitivity_forwards_run_only_the_probed_layer_through_sparseattn(monkeypatch):
     """Every other layer keeps the model's own attention in a sensitivity forward: in bf16 the all-blocks kernel of 29
     other layers would add their rounding floor to each layer's KL (measured on the H200: 2.0e-3 for SmolLM2's layer 0
-    against 7.1e-5 in fp32), and on the CPU their masked-SDPA path cost 2.5x a dense forward."""
+    against 7.1e-5 in fp32), and on the CPU they ran through the masked-SDPA path for nothing."""
     import sparseattn.integrations.transformers_patch as tp
     from sparseattn.testing.models import tiny_llama
     from sparseattn.tuning import allocate_model

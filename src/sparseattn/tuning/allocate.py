@@ -304,9 +304,9 @@ def allocate_model(
                                   sim=sim, scale=scale)
     bar.close()
     # 2. sensitivity: one forward per layer and sensitivity sample
-    # every other layer keeps the model's own attention (dense_layers), not the all-blocks sparse path: the forward
-    # costs one dense forward plus one layer, and in bf16 the KL is this layer's alone, not the rounding floor of
-    # every other layer's kernel call as well
+    # every other layer keeps the model's own attention (dense_layers), not the all-blocks sparse path: in bf16 the KL
+    # is then this layer's alone, not also the rounding floor of every other layer's kernel call (and the layers
+    # before it are replayed by layer_sensitivity, not run)
     def probe_cfg(li: int) -> TunedConfig:
         one = cfg_for({li: _head_params(cfg_heads, probe, sim)})
         one.meta["dense_layers"] = sorted((set(dense) | set(todo)) - {li})
