@@ -130,6 +130,43 @@ def _model_gate(model, layers=(0, 1)):
     return g
 
 
+def _uniform(cdf, local=None, heads=H):
+    from sparseattn.tuning.allocate import _head_params
+
+    import dataclasses
+
+    hp = _head_params(heads, cdf, -1.0)
+    return hp if local is None else dataclasses.replace(hp, keep_local=torch.tensor(local, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_layers_with_one_threshold_go_through_the_gate_predictor(backend):
+    """What --allocate writes (one CDF threshold and local window per layer) is predicted by a GatePredictor at that
+    threshold (its fused path on CUDA); the layouts equal the per-head path's, NaN blocks included."""
+    import dataclasses
+
+    if backend == "triton":
+        pytest.importorskip("triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gate = _gate(layers=(0, 1, 2, 3))
+    layers = {0: _uniform(0.9), 1: _uniform(0.7, [3, 3, 3, 3]), 2: _uniform(0.9, [1, 2, 1, 1]), 3: _uniform(0.8)}
+    layers[3] = dataclasses.replace(layers[3], cdf_threshold=torch.tensor([0.8, 0.6, 0.8, 0.8]))  # per-head: the per-head path
+    pred = TunedGatePredictor(layers, _base(2), gate, backend=backend)
+    assert sorted(pred.uniform) == [0, 1] and pred.uniform[0].config.keep_local == 2 \
+        and pred.uniform[1].config.keep_local == 3 and pred.uniform[1].config.cdf_threshold == pytest.approx(0.7)
+    q, k, _ = _samples(1)[0]
+    q, k = q[..., :N - 37, :].clone().to(dev), k[..., :N - 37, :].clone().to(dev)  # a partial last block
+    q[0, 1, 70] = float("nan")
+    for li in range(4):
+        got = pred.predict(q, k, layer=li)
+        want = super(TunedGatePredictor, pred).predict(q, k, layer=li)  # the per-head path
+        assert torch.equal(got.to_dense_mask(), want.to_dense_mask()), li
+        if li in pred.uniform:
+            assert pred.uniform[li].last_backend == backend
+    with pytest.raises(ValueError, match="^TunedGatePredictor.predict: q has a head count that layer 0 was not tuned"):
+        pred.predict(q[:, :2], k, layer=0)
+
+
 @pytest.fixture(scope="module")
 def tuned_file(tmp_path_factory):
     from sparseattn.tuning import tune_model

@@ -183,6 +183,21 @@ class TunedMeanSimPredictor(_TunedBase):
         return f"TunedMeanSimPredictor(layers={sorted(self.layers)}, base={self.config!r})"
 
 
+def _uniform_gate_key(hp: HeadParams, keep_local: int) -> tuple[float, int] | None:
+    """``(cdf, keep_local)`` when every head of ``hp`` is sparse with the same finite CDF threshold in (0, 1], every
+    block trusted (``sim_threshold`` -1) and the same local window; else None."""
+    cdf = hp.cdf_threshold
+    if bool(hp.dense.any()) or not bool((hp.sim_threshold == -1.0).all()) or not bool((cdf == cdf[0]).all()):
+        return None
+    c = float(cdf[0])
+    if not 0.0 < c <= 1.0:
+        return None
+    local = hp.local_blocks(keep_local)
+    if len(set(local)) != 1:
+        return None
+    return c, local[0]
+
+
 class TunedGatePredictor(_TunedBase):
     """A learned gate with per-(layer, head) CDF thresholds (and local windows) from a tuning run over it.
 
@@ -198,7 +213,8 @@ class TunedGatePredictor(_TunedBase):
 
     name = "tuned_gate"
 
-    def __init__(self, layers: dict[int, HeadParams], base: MeanSimilarityConfig, gate: Any) -> None:
+    def __init__(self, layers: dict[int, HeadParams], base: MeanSimilarityConfig, gate: Any,
+                 backend: str = "auto") -> None:
         super().__init__(layers, base)
         from sparseattn.gate.model import GateWeights
         from sparseattn.predictors.gate import GateConfig, GatePredictor
@@ -214,6 +230,27 @@ class TunedGatePredictor(_TunedBase):
             raise fail(fn, "layers", "name layers the gate holds no weights for", f"layers of {gate.layers}", missing)
         self.gate = GatePredictor(GateConfig(keep_sink=base.keep_sink, keep_local=base.keep_local), weights=gate,
                                   backend="torch")
+        # layers whose heads share one CDF threshold and local window (what --allocate writes) select exactly what the
+        # gate itself selects at that threshold: they go through a GatePredictor, whose fused path runs on CUDA
+        self.uniform: dict[int, Any] = {}
+        by_cfg: dict[tuple[float, int], Any] = {}
+        for li, hp in self.layers.items():
+            key = _uniform_gate_key(hp, base.keep_local)
+            if key is not None:
+                if key not in by_cfg:
+                    by_cfg[key] = GatePredictor(GateConfig(cdf_threshold=key[0], keep_sink=base.keep_sink,
+                                                           keep_local=key[1]), weights=gate, backend=backend)
+                self.uniform[li] = by_cfg[key]
+
+    def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:
+        one = self.uniform.get(layer) if layer is not None else None
+        if one is None:
+            return super().predict(q, k, causal=causal, layer=layer)
+        hp = self.layers[layer]  # type: ignore[index]
+        if q.dim() == 4 and q.shape[1] != hp.heads:
+            raise fail(f"{type(self).__name__}.predict", "q", f"has a head count that layer {layer} was not tuned for",
+                       f"{hp.heads} heads", f"q.shape={tuple(q.shape)}")
+        return one.predict(q, k, causal=causal, layer=layer)
 
     def _stats(self, q: torch.Tensor, k: torch.Tensor, causal: bool, layer: int) -> MeanSimStats | None:
         return gate_stats(self.gate, q, k, self.config, causal=causal, layer=layer)
