@@ -70,9 +70,8 @@ def _shape_meta(weights: GateWeights) -> dict[str, Any]:
 
 
 def _check_meta(fn: str, label: str, meta: Any) -> None:
-    from sparseattn.errors import check_meta_int, check_versioned_meta
+    from sparseattn.errors import check_fingerprint_meta, check_meta_int, check_versioned_meta
     from sparseattn.gate.model import BIAS_BUCKETS
-    from sparseattn.errors import check_fingerprint_meta
 
     v = meta.get("version") if isinstance(meta, dict) else None
     known = not isinstance(v, bool) and v in _VERSIONS

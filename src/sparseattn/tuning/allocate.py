@@ -98,16 +98,22 @@ def _clone(out: Any) -> Any:
     return tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, out)
 
 
+_UNSET = object()
+
+
 @contextlib.contextmanager
 def _replayed(decoders: dict[int, torch.nn.Module], upto: int, outputs: dict[int, Any]) -> Iterator[None]:
     """Decoder layers ``< upto`` return their recorded dense outputs instead of running (the instance's own
-    ``forward`` attribute, if any, is put back afterwards)."""
+    ``forward`` attribute, if any, is put back afterwards). Only the last of them feeds a running layer, so only its
+    output is cloned; the others go to the next replayed layer, which ignores its input."""
     saved: dict[int, Any] = {}
+    last = max((j for j in decoders if j < upto), default=None)
     try:
         for j, mod in decoders.items():
             if j < upto:
                 saved[j] = mod.__dict__.get("forward", _UNSET)
-                mod.forward = (lambda *_a, _o=outputs[j], **_k: _clone(_o))  # type: ignore[method-assign]
+                mod.forward = ((lambda *_a, _o=outputs[j], **_k: _clone(_o)) if j == last  # type: ignore[method-assign]
+                               else (lambda *_a, _o=outputs[j], **_k: _o))
         yield
     finally:
         for j, prev in saved.items():
@@ -116,9 +122,6 @@ def _replayed(decoders: dict[int, torch.nn.Module], upto: int, outputs: dict[int
                 del mod.forward
             else:
                 mod.forward = prev  # type: ignore[method-assign]
-
-
-_UNSET = object()
 
 
 def layer_sensitivity(model: torch.nn.Module, ids_list: list[torch.Tensor], layers: list[int],

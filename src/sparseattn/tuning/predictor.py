@@ -92,6 +92,12 @@ def gate_stats(gate: Any, q: torch.Tensor, k: torch.Tensor, base: MeanSimilarity
                         region, forced, base.block_m, base.block_n, Nq, Nkv)
 
 
+def _check_heads(fn: str, hp: HeadParams, q: torch.Tensor, layer: int) -> None:
+    if q.shape[1] != hp.heads:
+        raise fail(fn, "q", f"has a head count that layer {layer} was not tuned for", f"{hp.heads} heads",
+                   f"q.shape={tuple(q.shape)}")
+
+
 class _TunedBase:
     """Per-head thresholds applied to a predictor's threshold-independent stats (see the subclasses)."""
 
@@ -128,9 +134,7 @@ class _TunedBase:
         if layer is None or layer not in self.layers:
             return dense_predicted_layout(B, H, Nq, Nkv, cfg.block_m, cfg.block_n, causal, q.device)
         hp = self.layers[layer]
-        if hp.heads != H:
-            raise fail(fn, "q", f"has a head count that layer {layer} was not tuned for", f"{hp.heads} heads",
-                       f"q.shape={tuple(q.shape)}")
+        _check_heads(fn, hp, q, layer)
         sim, cdf, dense = self._params(layer, q.device)
         stats = self._stats(q, k, causal, layer)
         if stats is None:  # pragma: no cover - load_tuned checks that the gate covers every tuned layer
@@ -246,10 +250,8 @@ class TunedGatePredictor(_TunedBase):
         one = self.uniform.get(layer) if layer is not None else None
         if one is None:
             return super().predict(q, k, causal=causal, layer=layer)
-        hp = self.layers[layer]  # type: ignore[index]
-        if q.dim() == 4 and q.shape[1] != hp.heads:
-            raise fail(f"{type(self).__name__}.predict", "q", f"has a head count that layer {layer} was not tuned for",
-                       f"{hp.heads} heads", f"q.shape={tuple(q.shape)}")
+        if q.dim() == 4:  # other shapes: the gate's own check names them
+            _check_heads(f"{type(self).__name__}.predict", self.layers[layer], q, layer)  # type: ignore[index]
         return one.predict(q, k, causal=causal, layer=layer)
 
     def _stats(self, q: torch.Tensor, k: torch.Tensor, causal: bool, layer: int) -> MeanSimStats | None:
