@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--positions", type=int, default=None,
+                    help="scored positions per window, the last ones (default: half the window; fewer bound the logits' "
+                         "memory on a large vocabulary, e.g. Gemma-3's 262K)")
     ap.add_argument("--out", default="frontier.jsonl")
     args = ap.parse_args(argv)
 
@@ -54,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     ids, names, _ = sample_ids(model, tok, seq_len=args.seq_len, samples=args.skip + args.samples, text_dir=args.text_dir)
     ids, names = ids[args.skip:], names[args.skip:]
-    k = args.seq_len // 2
+    k = args.seq_len // 2 if args.positions is None else args.positions
+    if not 0 < k <= args.seq_len:
+        ap.error(f"--positions must be in [1, --seq-len]; got {k}")
 
     def logits(t: torch.Tensor) -> torch.Tensor:
         return model(t.to(args.device), use_cache=False, logits_to_keep=k).logits[0, -k:].float()
@@ -81,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                 per.append(logits_metrics(logits(t), ref))
             rep = h.sparsity_report()
         row = {key: sum(m[key] for m in per) / len(per) for key in per[0]}
+        sparse_layers = {i: e["sparsity"] for i, e in rep["layers"].items() if e["mode"] == "sparse"}
         row.update(spec=label, seq_len=args.seq_len, samples=len(ids), texts=names, sparsity=rep["mean_sparsity"],
+                   positions=k, sparse_layer_sparsity=sparse_layers,
                    wall_s=round(time.perf_counter() - t0, 1), device=args.device, dtype=args.dtype,
                    environment=environment(args.device))
         with open(args.out, "a") as f:

@@ -373,3 +373,47 @@ def test_floor_configuration_is_run_and_compared(tiny, tmp_path):
     assert f"Score − `{ruler.FLOOR_LABEL}`" in md and "| niah_single | 1100 | " in md
     off = ruler.run_ruler("tiny", **kw)  # float32 model: no floor by default
     assert off.configs == ["dense", sparse] and off.summary["delta_vs_floor"] == {}
+
+
+def test_dense_tails_run_each_configuration_once_per_tail(tiny, tmp_path, monkeypatch):
+    """``dense_tails=(0, 64)`` runs every sparse configuration twice (the second labelled ``+ dense tail 64``, patched
+    with ``dense_tail=64``), the floor once; the tail row is denser; bad tails fail before the model runs."""
+    from sparseattn.integrations import transformers_patch
+    from sparseattn.models.loader import load
+
+    model, tok = load(str(tiny[0]))
+    seen: list = []
+    real = transformers_patch.patch_model
+
+    def spy(*a, **kw):
+        seen.append(kw.get("dense_tail"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(transformers_patch, "patch_model", spy)
+    kw = dict(model=model, tokenizer=tok, predictors=None, patterns="sink_window:sink_blocks=1,window_blocks=2",
+              tasks="niah_single", lengths=[1100], samples=1, text_dir=str(tiny[1]), gen_tokens=2, progress=False)
+    res = ruler.run_ruler("tiny", floor=True, dense_tails=(0, 64), **kw)
+    sparse = "pattern sink_window:sink_blocks=1,window_blocks=2"
+    assert res.configs == ["dense", ruler.FLOOR_LABEL, sparse, f"{sparse} + dense tail 64"]
+    assert seen == [0, 0, 64] and res.config["dense_tails"] == {f"{sparse} + dense tail 64": 64}
+    assert res.summary["density"][f"{sparse} + dense tail 64"] > res.summary["density"][sparse]
+    for bad in [(), (0, 0), (-1,)]:
+        with pytest.raises(ValueError, match=r"^run_ruler: dense_tail"):
+            ruler.run_ruler("tiny", dense_tails=bad, **kw)
+    assert len(seen) == 3  # nothing ran for the bad tails
+
+
+def test_niah_dense_tail_is_applied_and_checked(tiny, tmp_path, capsys):
+    from sparseattn.eval.niah import run_niah
+    from sparseattn.models.loader import load
+
+    model, tok = load(str(tiny[0]))
+    kw = dict(model=model, tokenizer=tok, lengths=[1100], depths=[0.5], trials=1, gen_tokens=2, progress=False,
+              text_dir=str(tiny[1]), pattern="sink_window:sink_blocks=1,window_blocks=2")
+    plain, tail = run_niah(**kw), run_niah(dense_tail=128, **kw)
+    assert (plain.config["dense_tail"], tail.config["dense_tail"]) == (0, 128)
+    assert tail.cases[0]["sparse_density"] > plain.cases[0]["sparse_density"]
+    rc = main(["niah", "--model", str(tiny[0]), "--lengths", "1100", "--dense-tail", "-3", "--quiet", "--no-plots",
+               "--out", str(tmp_path / "n")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "run_niah: dense_tail must be a non-negative int" in err[0], err

@@ -30,6 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--pattern", default=None, help="static pattern 'name:key=value,...'")
     sp.add_argument("--tuned", default=None, metavar="FILE", help="a per-head tuned file from 'sparseattn tune'")
     p.add_argument("--dense-layers", type=optional_int_list(0, "layer indices"), default="", help="comma-separated layers kept dense")
+    p.add_argument("--dense-tail", type=any_int, default=0, metavar="N",
+                   help="the sparse prefill keeps the last N prompt tokens on every causal block (default 0; docs/RULER.md)")
     p.add_argument("--gen-tokens", type=positive_int, default=12)
     p.add_argument("--decode-modes", default="", help="comma-separated decode paths also run on every prompt after a dense "
                    "prefill: sparse_decode, kernel_decode, mixed_int8, mixed_fp8 (see 'sparseattn gen-check')")
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                    text_files=args.text_file, text_dir=args.text_dir, gen_tokens=args.gen_tokens,
                    backend=args.backend, dtype=dtype, device=device, seed=args.seed, progress=not args.quiet,
                    decode_modes=modes, top_pages=args.top_pages,
-                   page_size=args.page_size, mixed_window=args.mixed_window)
+                   page_size=args.page_size, mixed_window=args.mixed_window, dense_tail=args.dense_tail)
     paths = write_niah_report(res, args.out, plots=not args.no_plots)
     print(res.table())
     print("report: " + ", ".join(str(p) for p in paths.values()))

@@ -34,6 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--text-dir", metavar="DIR", help="haystack and word source: a folder of .txt/.md files (e.g. ../shared/data/essays)")
     src.add_argument("--text-file", nargs="+", metavar="PATH", help="haystack from these files (globs allowed)")
     p.add_argument("--dense-layers", type=optional_int_list(0, "layer indices"), default=[], help="comma-separated layers kept dense")
+    p.add_argument("--dense-tails", type=int_list(0, "query tokens"), default=[0],
+                   help="comma-separated dense query tails: each sparse configuration runs once per value with the "
+                        "last N prompt tokens on every causal block (e.g. 0,128; default 0 = as given; docs/RULER.md)")
     p.add_argument("--gen-tokens", type=positive_int, default=None,
                    help="greedy tokens for every task (default per task: niah 32-64, vt 30, cwe 120, fwe 50)")
     p.add_argument("--batch-size", type=positive_int, default=None,
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                     text_files=args.text_file, text_dir=args.text_dir, gen_tokens=args.gen_tokens, backend=args.backend,
                     dtype=dtype, device=dev, seed=args.seed, progress=not args.quiet,
                     runs_path=Path(args.out) / "ruler_runs.jsonl", batch_size=args.batch_size,
-                    floor=args.floor)
+                    floor=args.floor, dense_tails=args.dense_tails)
     paths = write_ruler_report(res, args.out, plots=not args.no_plots)
     print(res.table())
     print("report: " + ", ".join(str(p) for p in paths.values()))

@@ -180,6 +180,7 @@ def run_niah(
     page_size: int = 16,
     mixed_window: int = 128,
     decode_backend: str = "auto",
+    dense_tail: int = 0,
 ) -> NiahResult:
     """Needle-in-a-haystack accuracy, dense and sparse, for every length × depth (× trials).
 
@@ -192,15 +193,20 @@ def run_niah(
     dense decode kernel; ``mixed_int8`` / ``mixed_fp8``: :class:`~sparseattn.state.kv_cache.MixedKVCache` with
     ``mixed_window`` recent tokens in the model dtype) — the generations of :mod:`sparseattn.eval.gen_check`,
     ``gen_tokens`` greedy tokens without an EOS stop.
+
+    ``dense_tail``: the sparse prefill keeps the last ``dense_tail`` prompt tokens on every causal block
+    (``patch_model(dense_tail=...)``; 0 = off).
     """
     from sparseattn.eval.end_to_end import greedy_generate
     from sparseattn.eval.env import environment
     from sparseattn.eval.gen_check import _run_mode
     from sparseattn.integrations.transformers_patch import patch_model
     from sparseattn.predictors.resolve import describe_predictor, select_predictor
+    from sparseattn.predictors.tail import check_dense_tail
 
     fn = "run_niah"
     modes = check_decode_modes(fn, "decode_modes", decode_modes)
+    check_dense_tail(fn, dense_tail)
     lengths = [check_positive_int(fn, "lengths", int(n)) for n in lengths]
     depths = [float(d) for d in depths]
     check_positive_int(fn, "trials", trials)
@@ -241,7 +247,8 @@ def run_niah(
                                           sentences=sentences)
                     ids = pr["input_ids"].to(dev)
                     dense = greedy_generate(model, ids, gen_tokens=gen_tokens, score_last=1)
-                    handle = patch_model(model, predictor=pred, dense_layers=dense_layers, backend=backend)
+                    handle = patch_model(model, predictor=pred, dense_layers=dense_layers, backend=backend,
+                                         dense_tail=dense_tail)
                     try:
                         sparse = greedy_generate(model, ids, gen_tokens=gen_tokens, score_last=1)
                     finally:
@@ -286,7 +293,7 @@ def run_niah(
     }
     cfg = {"model": model_name, "sparse_config": (pattern if pattern is not None else
                                                  (predictor if isinstance(predictor, str) else describe_predictor(pred)["name"])),
-           "predictor": describe_predictor(pred), "tuned": tuned_label, "dense_layers": sorted(dense_layers), "trials": trials,
+           "predictor": describe_predictor(pred), "tuned": tuned_label, "dense_layers": sorted(dense_layers), "dense_tail": dense_tail, "trials": trials,
            "gen_tokens": gen_tokens, "haystack": haystack, "backend": backend, "seed": seed,
            "needle": _NEEDLE, "question": _TASK.split("\n")[-1], "answer_prefix": _ANSWER_PREFIX,
            "decode_modes": modes, "top_pages": top_pages, "page_size": page_size, "mixed_window": mixed_window,
@@ -307,7 +314,9 @@ def write_niah_report(res: NiahResult, out_dir: str | Path, *, plots: bool = Tru
     s = res.summary
     md = ["# sparseattn niah: dense vs sparse", "",
           f"- model `{res.config['model']}`; sparse `{res.config['sparse_config']}`; dense layers "
-          f"{res.config['dense_layers'] or 'none'}; haystack: {res.config['haystack']}; {res.config['trials']} trial(s) per cell",
+          f"{res.config['dense_layers'] or 'none'}"
+          + (f"; dense query tail {res.config['dense_tail']} tokens" if res.config.get("dense_tail") else "")
+          + f"; haystack: {res.config['haystack']}; {res.config['trials']} trial(s) per cell",
           f"- needle: \"{res.config['needle']}\"; scored by substring match of the value in {res.config['gen_tokens']} greedy tokens",
           f"- accuracy: dense **{s['dense_accuracy']:.1%}**, sparse **{s['sparse_accuracy']:.1%}**, same outcome in "
           f"{s['agreement']:.1%} of cases; run {s['total_s']:.0f} s", "",

@@ -44,6 +44,7 @@ import torch
 from sparseattn._validation import check_positive_int, fail
 from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
 from sparseattn.eval.texts import chat_text, trim_haystack
+from sparseattn.predictors.tail import check_dense_tail
 
 __all__ = ["TASKS", "TASK_INFO", "DEFAULT_GEN_TOKENS", "RULER_DEFAULT_LENGTHS", "FLOOR_LABEL", "parse_tasks", "parse_configs", "make_ruler_sample",
            "string_match_all", "RulerResult", "run_ruler", "write_ruler_report", "ruler_heatmap"]
@@ -497,6 +498,7 @@ def run_ruler(
     runs_path: str | Path | None = None,
     batch_size: int | None = None,
     floor: bool | None = None,
+    dense_tails: Sequence[int] = (0,),
 ) -> RulerResult:
     """RULER scores of the dense model and of each sparse configuration, per task × length.
 
@@ -524,6 +526,9 @@ def run_ruler(
             :data:`FLOOR_LABEL`): what the kernel's rounding alone changes, the noise floor the sparse
             configurations are compared with as well as dense (``summary["delta_vs_floor"]``). ``None``: on for
             half-precision dtypes (where the kernel and the model's attention round differently), off in float32.
+        dense_tails: each sparse configuration (the floor aside) runs once per value, with
+            ``patch_model(dense_tail=value)``: the last ``value`` prompt tokens attend every causal block
+            (labelled ``"<config> + dense tail <value>"``; 0 = the configuration as given).
     """
     from tqdm.auto import tqdm
 
@@ -544,6 +549,9 @@ def run_ruler(
     if batch_size is not None:
         check_positive_int(fn, "batch_size", batch_size)
     rows = parse_configs(predictors, patterns)
+    tails = [check_dense_tail(fn, t) for t in dense_tails]
+    if not tails or len(set(tails)) != len(tails):
+        raise fail(fn, "dense_tails", "must be distinct and non-empty", "e.g. (0,) or (0, 128)", list(dense_tails))
     if not rows and tuned is None:
         raise fail(fn, "predictors/patterns/tuned", "give no sparse configuration", "at least one spec or a tuned file",
                    "none")
@@ -566,6 +574,13 @@ def run_ruler(
         label = f"tuned {tuned_label}"
         rows.append((label, pred))
         row_dense[label] = sorted(set(dense_layers) | set(tcfg.meta.get("dense_layers", ())))
+    row_tail = {label: 0 for label, _ in rows}
+    base_rows, rows = rows, []
+    for label, pred in base_rows:  # one configuration per (configuration, dense tail); the floor keeps all blocks
+        for t in ([0] if label == FLOOR_LABEL else tails):
+            lt = label if t == 0 else f"{label} + dense tail {t}"
+            rows.append((lt, pred))
+            row_dense[lt], row_tail[lt] = row_dense[label], t
     gen = {t: gen_tokens or DEFAULT_GEN_TOKENS[t] for t in task_list}
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and max(lengths) + max(gen.values()) > max_pos:
@@ -650,7 +665,8 @@ def run_ruler(
             # sparse run of it (the model's own attention, handle.suspended()), so an interrupted job still
             # holds dense/sparse pairs
             for label in configs[1:]:
-                handle = patch_model(model, predictor=dict(rows)[label], dense_layers=row_dense[label], backend=backend)
+                handle = patch_model(model, predictor=dict(rows)[label], dense_layers=row_dense[label], backend=backend,
+                                     dense_tail=row_tail[label])
                 try:
                     for idx in batches:
                         if "dense" not in cases[idx[0]]["scores"]:
@@ -692,7 +708,7 @@ def run_ruler(
     }
     cfg = {"model": str(model_name), "configs": {label: describe_predictor(p) for label, p in rows}, "tuned": tuned_label,
            "dense_layers": sorted(dense_layers), "tasks": task_list, "samples": samples, "gen_tokens": gen,
-           "batch_size": batch_size, "floor": bool(floor),
+           "batch_size": batch_size, "floor": bool(floor), "dense_tails": {c: t for c, t in row_tail.items() if t},
            "haystack": haystack, "backend": backend, "seed": seed, "scoring": "string_match_all (RULER)",
            "task_info": {t: TASK_INFO[t] for t in task_list}}
     return RulerResult(config=cfg, tasks=task_list, lengths=lengths, configs=configs, scores=scores, cases=cases,

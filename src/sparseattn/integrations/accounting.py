@@ -39,6 +39,7 @@ class AccountingMixin:
 
     _density_raw: dict[int, list[Any]]
     dense_above: float | str | None
+    dense_tail: int
     _auto: Any
 
     def reset_stats(self) -> None:
@@ -89,6 +90,7 @@ class AccountingMixin:
         dens = [e["density"] for e in layers.values() if e["density"] is not None]
         extra = {} if self.tuned is None else {"tuned": self.tuned}
         extra["dense_above"] = self.dense_above
+        extra["dense_tail"] = self.dense_tail
         extra["quant"] = None if self.quant is None else {"mode": self.quant, "granularity": self.quant_granularity}
         lg = self._layer_graphs
         if lg is not None:  # replays without input copies ("direct") and through the static buffers ("copy")

@@ -113,6 +113,8 @@ class PatchHandle(AccountingMixin, RoutesMixin, PackedMixin, GraphPathMixin, Aut
         self._packed_blocks: dict[int, tuple[int, int]] = {}
         #: the tuned file the default predictor comes from (``"in-memory"`` for a TunedConfig), else None
         self.tuned: str | None = None
+        #: query tokens at the end of each prefill call kept on every causal block (patch_model(dense_tail=...))
+        self.dense_tail = 0
         #: why layer graphs are off for the whole model (None: on where a layer allows them)
         self.layer_graph_off: str | None = None
         #: ``{layer: "graphed" | reason}`` for the sparse CUDA calls seen so far

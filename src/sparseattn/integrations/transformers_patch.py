@@ -63,6 +63,7 @@ from sparseattn.ops.masked_sdpa import masked_sdpa_attention
 # the static pattern predictor and the one predictor-spec resolver live in sparseattn.predictors;
 # re-exported here for existing imports
 from sparseattn.predictors.pattern import PatternConfig, PatternPredictor, pattern_predictor
+from sparseattn.predictors.tail import DenseTailPredictor, check_dense_tail
 from sparseattn.predictors.resolve import describe_predictor, resolve_predictor, tuned_predictor
 
 __all__ = ["ATTN_NAME", "ATTN_NAME_EAGER", "PatchHandle", "PatternConfig", "PatternPredictor", "patch_model",
@@ -198,6 +199,7 @@ def patch_model(
     decode_page_size: int | None = None,
     decode_backend: str = "auto",
     decode_layers: Iterable[int] | None = None,
+    dense_tail: int = 0,
 ) -> PatchHandle:
     """Route a transformers model's prefill attention through sparseattn.
 
@@ -264,6 +266,12 @@ def patch_model(
             ``"triton"`` or ``"reference"``.
         decode_layers: layers that take the decode route (default: all); the others decode with the model's
             attention. Independent of ``dense_layers`` (which is about prefill).
+        dense_tail: query tokens at the end of every prefill call that attend every causal block in every
+            sparse layer, whatever the predictor chose (each layer's and head's predictor is wrapped in a
+            :class:`~sparseattn.predictors.tail.DenseTailPredictor`). For prompts that end in a question:
+            the first generated token and the keys/values the decode steps read last are then exact. Costs
+            about ``dense_tail / seqlen`` of the causal blocks; counted in the sparsity report. ``0``
+            (default): off. Window layers (exact bands) are not affected.
 
     Returns:
         A :class:`PatchHandle`; ``handle.unpatch()`` (or ``with patch_model(...)``) restores the model.
@@ -298,6 +306,7 @@ def patch_model(
                    type(model).__name__)
     indices = {i for i, _ in layers}
     decode_cfg = make_decode_config(decode, decode_top_pages, decode_page_size, decode_backend, decode_layers, indices)
+    dense_tail = check_dense_tail(fn, dense_tail)
     tuned_label = None
     if tuned is not None:
         default, tuned_cfg, tuned_label = tuned_predictor(tuned, model)
@@ -346,6 +355,14 @@ def patch_model(
         raise fail(fn, "dense_above", "must be a density in (0, 1], 'auto' or None", "e.g. 0.8 or 'auto'",
                    repr(dense_above))
     _check_quant(model, layers, predictors, modes, quant, quant_granularity, backend, dense_above)
+    if dense_tail:  # one wrapper per predictor object, so layers sharing a predictor still share one
+        wrapped: dict[int, Any] = {}
+
+        def tail(p: Any) -> Any:
+            return None if p is None else wrapped.setdefault(id(p), DenseTailPredictor(p, dense_tail))
+
+        predictors = {i: (tail(p) if modes[i] == "sparse" else p) for i, p in predictors.items()}
+        heads = {li: {hi: tail(p) for hi, p in hs.items()} for li, hs in heads.items()}
     handle = PatchHandle(model, layers, predictors, heads, modes, backend, orig, name, dense_fn, keep_layouts)
     handle.dense_above = dense_above if dense_above in (None, "auto") else float(dense_above)  # type: ignore[arg-type]
     if dense_above == "auto":
@@ -353,6 +370,7 @@ def patch_model(
     handle.quant = quant
     handle.quant_granularity = quant_granularity if quant is not None else None
     handle.tuned = tuned_label
+    handle.dense_tail = dense_tail
     if layer_graphs is not None and not isinstance(layer_graphs, bool):
         raise fail(fn, "layer_graphs", "must be a bool or None", "True, False or None", repr(layer_graphs))
     if layer_graphs is False:

@@ -77,6 +77,8 @@ def region_row_limits(seqlen_q: int, seqlen_kv: int, block_m: int, block_n: int,
 # per (geometry, causal, device): the region limits as an int32 device tensor [Mb, 1] and the list positions
 # [Nb] (shape-only data, built once)
 _LIMITS: BoundedCache[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = BoundedCache(256, name="block_layout._LIMITS")
+# per (query blocks, first dense-tail block, device): the rows ``with_dense_tail`` replaces, bool [Mb]
+_TAIL_ROWS: BoundedCache[tuple[Any, ...], torch.Tensor] = BoundedCache(256, name="block_layout._TAIL_ROWS")
 
 
 def causal_block_region(
@@ -291,13 +293,9 @@ class BlockLayout:
             return torch.zeros(self.batch, self.heads, dtype=torch.float64)
         return (mask.sum(dim=(-1, -2)).to(torch.float64) / avail).cpu()
 
-    def selected_in_region(self, causal: bool = False) -> torch.Tensor:
-        """Selected blocks inside the (causal) region per (batch, head), int64 ``[B, H]`` on the layout's
-        device, with **no host synchronisation** (for accounting in hot paths; read it when reporting).
-
-        The region of each query block is a prefix of the key blocks (:func:`region_row_limits`) and a
-        row's indices ascend, so this counts the live entries below that limit.
-        """
+    def _limits(self, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached shape-only device data: the region limit of each query block, int32 ``[Mb, 1]``, and the
+        list positions ``0 .. Nb-1``, int32 ``[Nb]`` (built once per geometry and device)."""
         Nb = self.kv_indices.shape[-1]
         key = (self.seqlen_q, self.seqlen_kv, self.block_m, self.block_n, Nb, bool(causal), str(self.device))
 
@@ -306,9 +304,47 @@ class BlockLayout:
             return (torch.tensor(lims, dtype=torch.int32, device=self.device)[:, None],
                     torch.arange(Nb, device=self.device, dtype=torch.int32))
 
+        return _LIMITS.get_or_build(key, build)
+
+    def with_dense_tail(self, rows: int, causal: bool = True) -> "BlockLayout":
+        """This layout with every query block that holds one of the last ``rows`` query tokens set to its
+        whole (causal) region; the other blocks are unchanged.
+
+        For prompts that end in a question (retrieval, RULER, chat): the last positions' attention decides
+        the first generated token, and their keys/values are what the decode steps read last. The cost is
+        about ``rows / seqlen_q`` of the causal blocks. No host synchronisation: two ``torch.where`` over
+        cached shape-only tensors (the result is a new layout; shared or expanded inputs are not written).
+
+        Args:
+            rows: query tokens at the end that attend every block of their region (0 returns ``self``).
+            causal: the region is the bottom-right causal one (as the layout's consumer applies it) or,
+                with ``False``, every key block.
+        """
+        fn = "BlockLayout.with_dense_tail"
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise fail(fn, "rows", "must be a non-negative int", "an int >= 0", repr(rows))
+        if rows == 0:
+            return self
+        Mb = self.kv_num_blocks.shape[-1]
+        first = max(0, (self.seqlen_q - rows) // self.block_m)
+        lim, pos = self._limits(causal)
+        sel = _TAIL_ROWS.get_or_build((Mb, first, str(self.device)),
+                                      lambda: (torch.arange(Mb, device=self.device) >= first))
+        num = torch.where(sel, lim[:, 0], self.kv_num_blocks)
+        idx = torch.where(sel[:, None], pos, self.kv_indices)
+        return BlockLayout(num, idx, self.block_m, self.block_n, self.seqlen_q, self.seqlen_kv, validate=False,
+                           in_region=self.in_region and bool(causal))
+
+    def selected_in_region(self, causal: bool = False) -> torch.Tensor:
+        """Selected blocks inside the (causal) region per (batch, head), int64 ``[B, H]`` on the layout's
+        device, with **no host synchronisation** (for accounting in hot paths; read it when reporting).
+
+        The region of each query block is a prefix of the key blocks (:func:`region_row_limits`) and a
+        row's indices ascend, so this counts the live entries below that limit.
+        """
         if self.in_region:  # every selected block is in the (causal, hence also the full) region
             return self.kv_num_blocks.sum(-1, dtype=torch.int64)
-        lim, pos = _LIMITS.get_or_build(key, build)
+        lim, pos = self._limits(causal)
         live = (pos < self.kv_num_blocks.unsqueeze(-1)) & (self.kv_indices < lim)
         return live.sum(dim=(-1, -2))
 
