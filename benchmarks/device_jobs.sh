@@ -252,6 +252,37 @@ run_job() {
         --repeats 3 --no-profile --no-plot --out "$d/oracle" --predictors \
         "oracle:cdf_threshold=0.97;oracle:cdf_threshold=0.9;oracle:topk=0.5,cdf_threshold=None;$DEFAULT_PRED" \
         > "$d/oracle.log" 2>&1; tail -n 16 "$d/oracle.log" ;;
+    s14_ruler)  # issue 17: RULER in float32 (masked SDPA: no bf16 rounding floor to read against), each sparse row with
+      # and without a dense query tail of 128 tokens; S14_LEN 4096 (default) or 8000, S14_TUNED a tuned file as one more row
+      n=${S14_LEN:-4096}; T=""; [ -n "${S14_TUNED:-}" ] && [ -f "${S14_TUNED}" ] && T="--tuned ${S14_TUNED}"
+      timeout ${S14R_S:-540} $M ruler --model $SMOL --text-dir $ESSAYS --lengths $n --samples ${S14R_SAMPLES:-24} \
+        --predictors "${S14_PRED:-$DEFAULT_PRED;mean_sim:score=mixed,cdf_threshold=0.95,keep_local=8}" $T \
+        --dense-tails ${S14_TAILS:-0,128} --device cuda --dtype float32 --backend masked_sdpa --batch-size 8 --no-plots \
+        --quiet --out "$d" > "$d/log" 2>&1; tail -n 40 "$d/log" ;;
+    s14_ruler_gemma)  # issue 17: RULER on Gemma-3-270M (bf16 with the all-blocks floor), the default with and without the
+      # dense tail; S14G_TUNED: a tuned file for its global layers as one more row
+      T=""; [ -n "${S14G_TUNED:-}" ] && [ -f "${S14G_TUNED}" ] && T="--tuned ${S14G_TUNED}"
+      timeout ${S14G_S:-540} $M ruler --model $GEMMA --text-dir $ESSAYS --lengths ${S14G_LENGTHS:-8192,16384,32000} \
+        --samples ${S14G_SAMPLES:-8} --predictors "${S14G_PRED:-$DEFAULT_PRED}" $T --dense-tails 0,128 --device cuda \
+        --batch-size 8 --no-plots --quiet --out "$d" > "$d/log" 2>&1; tail -n 40 "$d/log" ;;
+    s14_gemma_gate)  # issue 17: the Gemma gate (trained on the CPU, fourteenth session; /tmp/m/gemma_gate8k.safetensors)
+      # against the default and the exact-mass oracle on held-out 8K windows 4-5, bf16 with the floor, 512 positions each
+      G=/tmp/m/gemma_gate8k.safetensors
+      timeout ${S14GG_S:-300} python3 benchmarks/tune_frontier.py --model $GEMMA --text-dir $ESSAYS --seq-len 8192 --skip 4 \
+        --samples 2 --positions 512 --device cuda --dtype bfloat16 --patterns dense:block_m=128,block_n=128 \
+        --specs "$DEFAULT_PRED" "gate:path=$G,cdf_threshold=0.95,keep_local=4" "gate:path=$G,cdf_threshold=0.9,keep_local=4" \
+        "gate:path=$G,cdf_threshold=0.8,keep_local=4" "oracle:cdf_threshold=0.97" "oracle:cdf_threshold=0.9" \
+        --out "$d/frontier.jsonl" > "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 10 ;;
+    s14_speed)  # the product number: whole-model prefill, SmolLM2 8K, dense vs the default vs the 8K allocation file (its
+      # layers take the gate's fused path since 54df47d, never timed), eager and graphed
+      F=${S14_SPEED_TUNED:-/tmp/m/alloc8k_gate8k_fp32.safetensors}
+      for mode in eager graphs; do  # --tuned excludes --predictors: the default is its own run (each has its dense side)
+        timeout ${S14S_S:-120} python3 benchmarks/bench_model.py --model $SMOL --lengths 8192 --text-dir $ESSAYS --repeats 11 \
+          --mode $mode --tuned $F --no-profile --no-plot --out "$d/tuned_$mode" > "$d/tuned_$mode.log" 2>&1
+        timeout ${S14S_S:-120} python3 benchmarks/bench_model.py --model $SMOL --lengths 8192 --text-dir $ESSAYS --repeats 11 \
+          --mode $mode --predictors "$DEFAULT_PRED" --no-profile --no-plot --out "$d/default_$mode" > "$d/default_$mode.log" 2>&1
+        tail -n 5 "$d/tuned_$mode.log" "$d/default_$mode.log"
+      done ;;
     *) echo "unknown job $job" ;;
   esac
 }

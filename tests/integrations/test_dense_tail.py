@@ -148,3 +148,23 @@ def test_patch_model_rejects_a_bad_dense_tail() -> None:
     with pytest.raises(ValueError, match=r"patch_model: dense_tail must be a non-negative int"):
         patch_model(model, predictor="mean_sim", dense_tail=-4)
     assert model.config._attn_implementation == "sdpa"  # nothing patched
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: the Triton kernel and layer graphs")
+@torch.no_grad()
+def test_dense_tail_on_cuda_matches_the_all_blocks_rows() -> None:
+    """bf16 on the GPU (layer graphs on): in a one-layer model the tail rows equal the all-blocks kernel's rows."""
+    from sparseattn.integrations import patch_model
+
+    model = _llama(layers=1).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 97, (1, 1000), generator=torch.Generator().manual_seed(2)).cuda()
+    spec = "sink_window:sink_blocks=1,window_blocks=1,block_m=64,block_n=64"
+    with patch_model(model, pattern="dense:block_m=64,block_n=64") as h:
+        full = model(ids).logits.float()
+    for _ in range(2):  # the second call replays the layer graph
+        with patch_model(model, pattern=spec, dense_tail=100) as h:
+            tail = model(ids).logits.float()
+            rep = h.sparsity_report()
+    first = (1000 - 100) // 64 * 64
+    torch.testing.assert_close(tail[0, first:], full[0, first:], rtol=0, atol=2e-2)
+    assert rep["dense_tail"] == 100 and rep["layers"]["0"]["density"] < 0.5
