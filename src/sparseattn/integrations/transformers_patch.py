@@ -63,8 +63,8 @@ from sparseattn.ops.masked_sdpa import masked_sdpa_attention
 # the static pattern predictor and the one predictor-spec resolver live in sparseattn.predictors;
 # re-exported here for existing imports
 from sparseattn.predictors.pattern import PatternConfig, PatternPredictor, pattern_predictor
-from sparseattn.predictors.tail import DenseTailPredictor, check_dense_tail
 from sparseattn.predictors.resolve import describe_predictor, resolve_predictor, tuned_predictor
+from sparseattn.predictors.tail import DenseTailPredictor, check_dense_tail
 
 __all__ = ["ATTN_NAME", "ATTN_NAME_EAGER", "PatchHandle", "PatternConfig", "PatternPredictor", "patch_model",
            "unpatch_model", "get_handle", "attention_layers", "resolve_predictor", "register_attention",
@@ -359,7 +359,9 @@ def patch_model(
         wrapped: dict[int, Any] = {}
 
         def tail(p: Any) -> Any:
-            return None if p is None else wrapped.setdefault(id(p), DenseTailPredictor(p, dense_tail))
+            if p is not None and id(p) not in wrapped:
+                wrapped[id(p)] = DenseTailPredictor(p, dense_tail)
+            return None if p is None else wrapped[id(p)]
 
         predictors = {i: (tail(p) if modes[i] == "sparse" else p) for i, p in predictors.items()}
         heads = {li: {hi: tail(p) for hi, p in hs.items()} for li, hs in heads.items()}
