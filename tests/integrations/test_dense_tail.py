@@ -62,7 +62,7 @@ def test_with_dense_tail_rejects_bad_rows(rows) -> None:
     lay, _ = _random_layout(64, 64, 32, 32)
     with pytest.raises(ValueError, match=r"BlockLayout.with_dense_tail: rows must be a non-negative int"):
         lay.with_dense_tail(rows)
-    with pytest.raises(ValueError, match=r"DenseTailPredictor: dense_tail must be a non-negative int"):
+    with pytest.raises(ValueError, match=r"DenseTailPredictor: rows must be a non-negative int"):
         DenseTailPredictor(object(), rows)
 
 
