@@ -417,3 +417,11 @@ def test_niah_dense_tail_is_applied_and_checked(tiny, tmp_path, capsys):
                "--out", str(tmp_path / "n")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "run_niah: dense_tail must be a non-negative int" in err[0], err
+
+
+def test_console_table_keeps_the_dense_tail_visible():
+    short = ruler._short_label
+    assert short("mean_sim:score=mixed,cdf_threshold=0.97,keep_local=8 + dense tail 128", 30) == \
+        "mean_sim:score=mixed, +tail128"
+    assert short("mean_sim:score=mixed,cdf_threshold=0.97,keep_local=8", 30) == "mean_sim:score=mixed,cdf_thres"
+    assert short("dense", 30) == "dense"

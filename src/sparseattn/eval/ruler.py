@@ -456,7 +456,7 @@ class RulerResult:
         w = min(30, max(12, *(len(c) for c in self.configs))) + 2  # long specs are cut here (ruler.md has them whole)
         lines = [f"sparseattn ruler: {self.config['model']} | {self.config['samples']} sample(s) per task and length | "
                  f"haystack: {self.config['haystack']}",
-                 "task".ljust(18) + "length".rjust(8) + "".join(c[: w - 2].rjust(w) for c in self.configs)]
+                 "task".ljust(18) + "length".rjust(8) + "".join(_short_label(c, w - 2).rjust(w) for c in self.configs)]
         for t in self.tasks:
             for n in self.lengths:
                 lines.append(t.ljust(18) + str(n).rjust(8)
@@ -466,6 +466,17 @@ class RulerResult:
         lines.append("sparsity".ljust(26) + "".join(
             ("-" if s["sparsity"][c] is None else f"{s['sparsity'][c]:.3f}").rjust(w) for c in self.configs))
         return "\n".join(lines)
+
+
+def _short_label(label: str, width: int) -> str:
+    """``label`` cut to ``width`` for the console table, keeping a dense-tail suffix visible (``… +tail128``)."""
+    if len(label) <= width:
+        return label
+    base, sep, tail = label.rpartition(" + dense tail ")
+    if sep:
+        suffix = f" +tail{tail}"
+        return base[: max(0, width - len(suffix))] + suffix
+    return label[:width]
 
 
 def parse_configs(predictors: str | Sequence[str] | None, patterns: str | Sequence[str] | None) -> list[tuple[str, Any]]:
