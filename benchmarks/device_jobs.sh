@@ -254,6 +254,7 @@ run_job() {
         > "$d/oracle.log" 2>&1; tail -n 16 "$d/oracle.log" ;;
     s14_ruler)  # issue 17: RULER in float32 (masked SDPA: no bf16 rounding floor to read against), each sparse row with
       # and without a dense query tail of 128 tokens; S14_LEN 4096 (default) or 8000, S14_TUNED a tuned file as one more row
+      # (the essays haystack includes text a tuned file's gate trained on; say so when reading that row)
       n=${S14_LEN:-4096}; T=""; [ -n "${S14_TUNED:-}" ] && [ -f "${S14_TUNED}" ] && T="--tuned ${S14_TUNED}"
       timeout ${S14R_S:-540} $M ruler --model $SMOL --text-dir $ESSAYS --lengths $n --samples ${S14R_SAMPLES:-24} \
         --predictors "${S14_PRED:-$DEFAULT_PRED;mean_sim:score=mixed,cdf_threshold=0.95,keep_local=8}" $T \
