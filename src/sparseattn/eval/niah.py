@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sparseattn._validation import check_positive_int, fail
+from sparseattn._validation import check_nonneg_int, check_positive_int, fail
 from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC, NIAH_DEFAULT_DEPTHS, NIAH_DEFAULT_LENGTHS
 from sparseattn.eval.texts import chat_text, trim_haystack
 
@@ -202,11 +202,10 @@ def run_niah(
     from sparseattn.eval.gen_check import _run_mode
     from sparseattn.integrations.transformers_patch import patch_model
     from sparseattn.predictors.resolve import describe_predictor, select_predictor
-    from sparseattn.predictors.tail import check_dense_tail
 
     fn = "run_niah"
     modes = check_decode_modes(fn, "decode_modes", decode_modes)
-    check_dense_tail(fn, dense_tail)
+    check_nonneg_int(fn, "dense_tail", dense_tail)
     lengths = [check_positive_int(fn, "lengths", int(n)) for n in lengths]
     depths = [float(d) for d in depths]
     check_positive_int(fn, "trials", trials)

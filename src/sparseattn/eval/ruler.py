@@ -41,10 +41,9 @@ from typing import Any
 
 import torch
 
-from sparseattn._validation import check_positive_int, fail
+from sparseattn._validation import check_nonneg_int, check_positive_int, fail
 from sparseattn.eval.defaults import DEFAULT_PREDICTOR_SPEC
 from sparseattn.eval.texts import chat_text, trim_haystack
-from sparseattn.predictors.tail import check_dense_tail
 
 __all__ = ["TASKS", "TASK_INFO", "DEFAULT_GEN_TOKENS", "RULER_DEFAULT_LENGTHS", "FLOOR_LABEL", "parse_tasks", "parse_configs", "make_ruler_sample",
            "string_match_all", "RulerResult", "run_ruler", "write_ruler_report", "ruler_heatmap"]
@@ -560,7 +559,7 @@ def run_ruler(
     if batch_size is not None:
         check_positive_int(fn, "batch_size", batch_size)
     rows = parse_configs(predictors, patterns)
-    tails = [check_dense_tail(fn, t) for t in dense_tails]
+    tails = [check_nonneg_int(fn, "dense_tail", t) for t in dense_tails]
     if not tails or len(set(tails)) != len(tails):
         raise fail(fn, "dense_tails", "must be distinct and non-empty", "e.g. (0,) or (0, 128)", list(dense_tails))
     if not rows and tuned is None:
@@ -585,7 +584,7 @@ def run_ruler(
         label = f"tuned {tuned_label}"
         rows.append((label, pred))
         row_dense[label] = sorted(set(dense_layers) | set(tcfg.meta.get("dense_layers", ())))
-    row_tail = {label: 0 for label, _ in rows}
+    row_tail: dict[str, int] = {}
     base_rows, rows = rows, []
     for label, pred in base_rows:  # one configuration per (configuration, dense tail); the floor keeps all blocks
         for t in ([0] if label == FLOOR_LABEL else tails):

@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 import torch
 
-from sparseattn._validation import fail
+from sparseattn._validation import check_nonneg_int, fail
 # the module's parts live by job in sparseattn.integrations.{hf_attention, masks, handle, _tracing} and
 # sparseattn.ops.masked_sdpa; their names are re-exported here for existing imports
 from sparseattn.integrations import hf_attention as _hf_attention
@@ -64,7 +64,7 @@ from sparseattn.ops.masked_sdpa import masked_sdpa_attention
 # re-exported here for existing imports
 from sparseattn.predictors.pattern import PatternConfig, PatternPredictor, pattern_predictor
 from sparseattn.predictors.resolve import describe_predictor, resolve_predictor, tuned_predictor
-from sparseattn.predictors.tail import DenseTailPredictor, check_dense_tail
+from sparseattn.predictors.tail import DenseTailPredictor
 
 __all__ = ["ATTN_NAME", "ATTN_NAME_EAGER", "PatchHandle", "PatternConfig", "PatternPredictor", "patch_model",
            "unpatch_model", "get_handle", "attention_layers", "resolve_predictor", "register_attention",
@@ -306,7 +306,7 @@ def patch_model(
                    type(model).__name__)
     indices = {i for i, _ in layers}
     decode_cfg = make_decode_config(decode, decode_top_pages, decode_page_size, decode_backend, decode_layers, indices)
-    dense_tail = check_dense_tail(fn, dense_tail)
+    dense_tail = check_nonneg_int(fn, "dense_tail", dense_tail)
     tuned_label = None
     if tuned is not None:
         default, tuned_cfg, tuned_label = tuned_predictor(tuned, model)

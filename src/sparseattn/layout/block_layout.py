@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from sparseattn._cache import BoundedCache
-from sparseattn._validation import check_positive_int, check_tensor, fail
+from sparseattn._validation import check_nonneg_int, check_positive_int, check_tensor, fail
 from sparseattn.layout.masks import token_causal_mask
 
 __all__ = ["BlockLayout", "causal_block_region", "cdiv", "region_row_limits"]
@@ -320,10 +320,7 @@ class BlockLayout:
             causal: the region is the bottom-right causal one (as the layout's consumer applies it) or,
                 with ``False``, every key block.
         """
-        fn = "BlockLayout.with_dense_tail"
-        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
-            raise fail(fn, "rows", "must be a non-negative int", "an int >= 0", repr(rows))
-        if rows == 0:
+        if check_nonneg_int("BlockLayout.with_dense_tail", "rows", rows) == 0:
             return self
         Mb = self.kv_num_blocks.shape[-1]
         first = max(0, (self.seqlen_q - rows) // self.block_m)

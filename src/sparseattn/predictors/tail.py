@@ -13,18 +13,11 @@ from typing import Any
 
 import torch
 
-from sparseattn._validation import fail
+from sparseattn._validation import check_nonneg_int, fail
 from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.predictors.base import graph_layer_key, graph_refusal
 
-__all__ = ["DenseTailPredictor", "check_dense_tail"]
-
-
-def check_dense_tail(fn: str, rows: Any, name: str = "dense_tail") -> int:
-    """``rows`` as a non-negative int (``fn: <name> must be ...`` error otherwise)."""
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
-        raise fail(fn, name, "must be a non-negative int (query tokens)", "an int >= 0, e.g. 128", repr(rows))
-    return rows
+__all__ = ["DenseTailPredictor"]
 
 
 class DenseTailPredictor:
@@ -39,7 +32,7 @@ class DenseTailPredictor:
             raise fail("DenseTailPredictor", "inner", "is already a DenseTailPredictor", "a predictor",
                        f"DenseTailPredictor(rows={inner.rows})")
         self.inner = inner
-        self.rows = check_dense_tail("DenseTailPredictor", rows, "rows")
+        self.rows = check_nonneg_int("DenseTailPredictor", "rows", rows)
 
     def __getattr__(self, name: str) -> Any:  # only reached for attributes this wrapper does not define
         if name == "inner":  # not set yet (copy / unpickle): no recursion through self.inner
