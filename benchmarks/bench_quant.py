@@ -4,10 +4,11 @@ Main table (H200 default: 32K causal, H=32, H_kv=8, D=128, bf16 inputs, random l
 diagonal, 128x128 blocks):
 
 * ``sdpa_cudnn`` dense bf16; ``bf16`` our kernel dense and at density 0.1;
-* ``int8`` / ``int8_fp8`` x ``per_warp`` / ``per_thread`` / ``per_block`` x dense / density 0.1, timed
+* ``int8`` / ``int8_fp8`` x ``per_warp`` / ``per_thread`` / ``per_block`` / ``per_token`` x dense / density 0.1, timed
   end to end through :func:`sparseattn.ops.quant.quantized_attention` — **the quantization kernels
   are inside the timed call** — plus the quantization alone (``quant_ms``) and the attention kernel
-  alone on pre-quantized operands (``kernel_ms``);
+  alone on pre-quantized operands (``kernel_ms``); every row smooths Q and K (the default) except
+  ``int8/per_warp/no_smooth_q`` and ``int8_fp8/per_warp/no_smooth_q``, the cost of Q smoothing in the same run;
 * accuracy of every row: cosine and relative L1 against fp32 attention on the last ``--parity-rows``
   query rows (which see every key), and peak extra memory of one call.
 
@@ -27,7 +28,8 @@ root, one ``len<N>`` folder or one ``.safetensors``; :mod:`sparseattn.eval.quant
 and layer, cosine / relative L1 of bf16 attention and of every ``--qkv-modes`` x ``--qkv-grans``
 quantized row against fp32 attention, dense causal or with ``--qkv-predictor``'s layout, and whether
 the target (cos >= 0.9995, rel L1 <= 0.02) holds. Writes ``quant_qkv.json`` / ``quant_qkv.md``; exit
-status 0 (the verdict is in the files). On a CPU add ``--cpu-smoke`` (TRITON_INTERPRET=1).
+status 0 (the verdict is in the files). On a CPU add ``--cpu-smoke`` (TRITON_INTERPRET=1) or, at real lengths,
+``--qkv-emulate`` (the emulation). ``--qkv-smooth-q both`` adds every quantized row without Q smoothing.
 
 Usage (GPU): ``PYTHONPATH=src python3 benchmarks/bench_quant.py --out $OUT [--stress 40] [--budget-s 220]``
 and ``PYTHONPATH=src python3 benchmarks/bench_quant.py --qkv qkv/ --qkv-grans per_warp,per_thread --out $OUT``
@@ -56,7 +58,7 @@ from sparseattn.ops.quant_reference import attention_from_quantized  # noqa: E40
 from sparseattn.ops.reference import reference_attention  # noqa: E402
 from sparseattn.testing import tolerances as T  # noqa: E402
 
-GRANS = ("per_warp", "per_thread", "per_block")
+GRANS = ("per_warp", "per_thread", "per_block", "per_token")
 
 
 def _env() -> dict[str, Any]:
@@ -168,16 +170,20 @@ def main_rows(args: argparse.Namespace, cpu: bool, deadline: float,
             rows.append({"row": "sdpa_cudnn_bf16", "density": 1.0, "error": str(run)})
     for d in (1.0, 0.1):
         add("bf16", d, lambda d=d: block_sparse_fwd(q, k, v, layout=layouts[d], causal=causal))
-    for gran in GRANS:  # priority order: per_warp first (the budget may cut the tail)
+    # priority order: per_warp first (the budget may cut the tail), then per_warp without Q smoothing (its cost)
+    variants = [(GRANS[0], True), (GRANS[0], False)] + [(g, True) for g in GRANS[1:]]
+    for gran, sq in variants:
         for quant in ("int8", "int8_fp8"):
             for d in (1.0, 0.1):
                 lay = layouts[d]
-                fn = (lambda d=d, quant=quant, gran=gran:
-                      Q.quantized_attention(q, k, v, layout=layouts[d], causal=causal, quant=quant, quant_granularity=gran))
+                fn = (lambda d=d, quant=quant, gran=gran, sq=sq:
+                      Q.quantized_attention(q, k, v, layout=layouts[d], causal=causal, quant=quant, quant_granularity=gran,
+                                            smooth_q=sq))
                 extra: dict[str, Any] = {}
                 if time.time() < deadline:
                     try:
-                        qfn = lambda quant=quant, gran=gran: Q.quantize_qkv(q, k, v, quant=quant, quant_granularity=gran)  # noqa: E731
+                        qfn = lambda quant=quant, gran=gran, sq=sq: Q.quantize_qkv(  # noqa: E731
+                            q, k, v, quant=quant, quant_granularity=gran, smooth_q=sq)
                         qq = qfn()
                         full = lay if lay is not None else Q.resolve_layout("bench", q, k, None, None, 128, causal)
                         extra["quant_ms"] = _time_ms(qfn, cpu)
@@ -190,7 +196,7 @@ def main_rows(args: argparse.Namespace, cpu: bool, deadline: float,
                         del qq
                     except Exception as exc:
                         extra["split_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                add(f"{quant}/{gran}", d, fn, extra)
+                add(f"{quant}/{gran}" + ("" if sq else "/no_smooth_q"), d, fn, extra)
     return rows
 
 
@@ -323,8 +329,10 @@ def qkv_main(args: argparse.Namespace) -> int:
     """``--qkv``: accuracy on captured Q/K/V (one line on a user error, exit 2)."""
     from sparseattn.eval.quant_accuracy import captured_quant_accuracy, quant_accuracy_table
 
-    if not args.cpu_smoke and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        print("bench_quant.py: error: --qkv needs a CUDA GPU, or --cpu-smoke (TRITON_INTERPRET=1) on the CPU",
+    if (not args.cpu_smoke and not args.qkv_emulate and not torch.cuda.is_available()
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        print("bench_quant.py: error: --qkv needs a CUDA GPU, --qkv-emulate, or --cpu-smoke (TRITON_INTERPRET=1) on "
+              "the CPU",
               file=sys.stderr)
         return 2
     try:
@@ -332,7 +340,10 @@ def qkv_main(args: argparse.Namespace) -> int:
             args.qkv, modes=[m.strip() for m in args.qkv_modes.split(",") if m.strip()],
             granularities=[g.strip() for g in args.qkv_grans.split(",") if g.strip()],
             layers=_csv(args.qkv_layers, int, "--qkv-layers"), lengths=_csv(args.qkv_lengths, int, "--qkv-lengths"),
-            predictor=args.qkv_predictor, dtype=getattr(torch, args.qkv_dtype), progress=True)
+            predictor=args.qkv_predictor, dtype=getattr(torch, args.qkv_dtype), progress=True,
+            smooth_q={"on": (True,), "off": (False,), "both": (True, False)}[args.qkv_smooth_q],
+            backend="emulation" if args.qkv_emulate else "kernel",
+            device="cpu" if args.qkv_emulate and not torch.cuda.is_available() else None)
     except (ValueError, NotImplementedError) as exc:
         print(f"bench_quant.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
@@ -373,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qkv-predictor", default=None, metavar="SPEC",
                     help="predictor spec whose layout every row uses (default: dense causal)")
     ap.add_argument("--qkv-dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    ap.add_argument("--qkv-smooth-q", default="on", choices=("on", "off", "both"),
+                    help="quantized rows with Q smoothing (on, the default), without it (off) or both")
+    ap.add_argument("--qkv-emulate", action="store_true",
+                    help="--qkv through the PyTorch emulation (same scales and rounding as the kernel) instead of the "
+                         "kernel: runs on a CPU at real lengths")
     args = ap.parse_args(argv)
     if args.qkv is not None:
         return qkv_main(args)

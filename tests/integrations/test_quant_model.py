@@ -327,6 +327,31 @@ def test_captured_qkv_accuracy(collection):
         captured_quant_accuracy(collection, modes=("int4",))
     with pytest.raises(ValueError, match=r"select nothing"):
         captured_quant_accuracy(collection, layers=[7])
+    with pytest.raises(ValueError, match=r"^captured_quant_accuracy: backend is unknown"):
+        captured_quant_accuracy(collection, backend="numpy")
+    with pytest.raises(ValueError, match=r"^captured_quant_accuracy: smooth_q must be a non-empty sequence of bools"):
+        captured_quant_accuracy(collection, smooth_q=())
+
+
+def test_captured_qkv_accuracy_emulation_and_smooth_q(collection):
+    """The emulation backend gives the kernel's numbers (same scales and rounding); smooth_q=(True, False) adds a
+    labelled row per quantized configuration."""
+    from sparseattn.eval.quant_accuracy import captured_quant_accuracy, quant_accuracy_table
+
+    kw = dict(modes=("int8",), granularities=("per_warp", "per_token"), smooth_q=(True, False))
+    kern = captured_quant_accuracy(collection, **kw)
+    emu = captured_quant_accuracy(collection, backend="emulation", **kw)
+    assert emu["backend"] == "emulation" and kern["backend"] == "kernel"
+    assert len(kern["rows"]) == len(emu["rows"]) == 2 * (1 + 2 * 2)
+    for a, b in zip(kern["rows"], emu["rows"]):
+        assert (a["layer"], a["method"], a["granularity"], a["smooth_q"]) == (b["layer"], b["method"], b["granularity"],
+                                                                              b["smooth_q"])
+        # up to the output's rounding: the interpreter's bf16 cast truncates, the emulation rounds to nearest
+        # (one bf16 ulp, 2**-8 relative, at most)
+        assert a["rel_l1"] == pytest.approx(b["rel_l1"], abs=2 ** -8)
+    assert set(kern["summary"]) == {"bf16", "int8 per_warp", "int8 per_warp no_smooth_q", "int8 per_token",
+                                    "int8 per_token no_smooth_q"}
+    assert "per_warp no_smooth_q" in quant_accuracy_table(kern)
 
 
 def test_bench_quant_qkv_option(collection, tmp_path, capsys):

@@ -28,7 +28,7 @@ from sparseattn.testing import tolerances as T
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 MODES = ("int8", "int8_fp8")
-GRANS = ("per_block", "per_warp", "per_thread")
+GRANS = ("per_block", "per_warp", "per_thread", "per_token")
 
 
 def _qkv(B, H, Hkv, Nq, Nkv, D, seed=0, dtype=torch.bfloat16, k_shift=0.0):
@@ -58,13 +58,22 @@ def _close(kern: torch.Tensor, emu: torch.Tensor, rtol: float, atol: float, what
 
 @pytest.mark.parametrize("quant", MODES)
 @pytest.mark.parametrize("gran", GRANS)
-def test_quantizer_matches_emulation(quant, gran):
-    q, k, v = _qkv(1, 4, 2, 150, 200, 64, seed=1)
+@pytest.mark.parametrize("shift", [0.0, 30.0])
+def test_quantizer_matches_emulation(quant, gran, shift):
+    # shift: a large common offset of Q and K (the means smoothing removes); the lengths leave partial groups,
+    # whose rows past the end must not reach a group's max once the mean is subtracted
+    q, k, v = _qkv(1, 4, 2, 150, 200, 64, seed=1, k_shift=shift)
+    q = (q.float() + shift / 2).to(q.dtype)
     qq = Q.quantize_qkv(q, k, v, quant=quant, quant_granularity=gran)
-    qr = quantize_reference(q, k, v, quant=quant, quant_granularity=gran, k_mean=qq.k_mean)
-    # the fused mean equals the PyTorch one up to summation order
-    km = quantize_reference(q, k, v, quant=quant, quant_granularity=gran).k_mean
-    assert torch.allclose(qq.k_mean.cpu(), km.cpu(), atol=FP32_ATOL)
+    qr = quantize_reference(q, k, v, quant=quant, quant_granularity=gran, k_mean=qq.k_mean, q_mean=qq.q_mean)
+    # the fused means equal the PyTorch ones up to summation order
+    pr = quantize_reference(q, k, v, quant=quant, quant_granularity=gran)
+    assert torch.allclose(qq.k_mean.cpu(), pr.k_mean.cpu(), atol=FP32_ATOL, rtol=FP32_RTOL)
+    assert torch.allclose(qq.q_mean.cpu(), pr.q_mean.cpu(), atol=FP32_ATOL, rtol=FP32_RTOL)
+    # the Q-smoothing term: mean_tokens(q) . (k - mean_tokens(k)) per query head and key, log2 units
+    assert qq.k_bias.shape == (1, 4, 200) and qr.k_bias.shape == (1, 4, 200)
+    bias_tol = FP32_RTOL * float(qr.k_bias.abs().max()) + FP32_ATOL
+    assert float((qq.k_bias - qr.k_bias).abs().max()) <= bias_tol
     lim = 0 if DEV == "cpu" else T.QUANT_INT8_MAX_UNIT_DIFF
     assert int((qq.q_int8.int() - qr.q_int8.int()).abs().max()) <= lim
     assert int((qq.k_int8.int() - qr.k_int8.int()).abs().max()) <= lim
@@ -197,6 +206,43 @@ def test_smoothing_matters_with_outlier_channels():
     assert float((lse_s - ref.lse).abs().max()) < T.QUANT_SMOOTHING_LSE_ATOL
 
 
+def test_q_smoothing_matters_with_outlier_channels():
+    """Q channels with a large common offset (real Q has them too): without Q smoothing the per-group INT8
+    scale of Q is set by the offset; with it the scores are those of the unsmoothed Q, at a finer step."""
+    q, k, v = (t.cpu() for t in _qkv(1, 2, 1, 512, 512, 128, seed=11))
+    qf = q.float()
+    qf[..., :4] += 40.0
+    q = qf.bfloat16()
+    ref = reference_attention(q.float(), k.float(), v.float(), causal=True)
+    o_s, lse_s = emulated_quantized_attention(q, k, v, causal=True, quant_granularity="per_warp", smooth_q=True)
+    o_n, lse_n = emulated_quantized_attention(q, k, v, causal=True, quant_granularity="per_warp", smooth_q=False)
+    cos_s, rel_s = T.quant_accuracy(o_s, ref.out)
+    cos_n, rel_n = T.quant_accuracy(o_n, ref.out)
+    assert cos_s >= T.QUANT_INT8_COS_MIN and rel_s <= T.QUANT_INT8_REL_L1_MAX, (cos_s, rel_s)
+    assert rel_n > 2 * rel_s and cos_n < cos_s, (cos_n, rel_n, cos_s, rel_s)
+    # the lse is that of the unsmoothed scores either way
+    assert float((lse_s - ref.lse).abs().max()) < T.QUANT_SMOOTHING_LSE_ATOL
+    # the kernel agrees with the emulation on its own operands, with and without Q smoothing
+    for sq in (True, False):
+        st = Q.quantized_attention(q.to(DEV), k.to(DEV), v.to(DEV), causal=True, smooth_q=sq, return_lse=True)
+        assert (Q.quantize_qkv(q.to(DEV), k.to(DEV), v.to(DEV), smooth_q=sq).k_bias is None) == (not sq)
+        assert T.quant_accuracy(st.out, ref.out)[1] <= (1.5 * rel_s if sq else 1.5 * rel_n)
+
+
+def test_per_token_scales_beat_per_warp_on_uneven_rows():
+    """Query rows whose norms differ by 30x inside one 16-row group and keys likewise: a per-token scale keeps
+    every row's resolution, a shared one is set by the largest row."""
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (t.cpu() for t in _qkv(1, 2, 1, 512, 512, 64, seed=12))
+    rs = torch.where(torch.rand(1, 1, 512, 1, generator=g) < 0.2, 3.0, 0.1)
+    ks = torch.where(torch.rand(1, 1, 512, 1, generator=g) < 0.2, 3.0, 0.1)
+    q, k = (q.float() * rs).bfloat16(), (k.float() * ks).bfloat16()
+    ref = reference_attention(q.float(), k.float(), v.float(), causal=True).out
+    rel = {gran: T.quant_accuracy(emulated_quantized_attention(q, k, v, causal=True, quant_granularity=gran)[0],
+                                  ref)[1] for gran in ("per_warp", "per_token")}
+    assert rel["per_token"] < 0.6 * rel["per_warp"], rel
+
+
 def test_kernel_smoothing_lse_correction():
     q, k, v = _qkv(1, 2, 1, 96, 96, 64, seed=8, k_shift=3.0)
     st = Q.quantized_attention(q, k, v, causal=True, return_lse=True)
@@ -249,7 +295,11 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"quantized_attention: quant is unknown; expected one of"):
         Q.quantized_attention(q, k, v, quant="int4")
     with pytest.raises(ValueError, match=r"quant_granularity is unknown"):
-        Q.quantized_attention(q, k, v, quant_granularity="per_token")
+        Q.quantized_attention(q, k, v, quant_granularity="per_channel")
+    with pytest.raises(ValueError, match=r"quantized_attention: smooth_q must be a bool; expected True or False, got 1"):
+        Q.quantized_attention(q, k, v, smooth_q=1)
+    with pytest.raises(ValueError, match=r"quantize_qkv: smooth_k must be a bool"):
+        Q.quantize_qkv(q, k, v, smooth_k="yes")
     with pytest.raises(NotImplementedError, match="dtype float32 is not supported"):
         Q.quantized_attention(q.float(), k.float(), v.float())
     q96, k96, v96 = _qkv(1, 2, 1, 64, 64, 96)

@@ -260,7 +260,7 @@ def device(text: str) -> str:
 
 
 QUANT_CHOICES = ("int8", "int8_fp8")
-QUANT_GRAN_CHOICES = ("per_warp", "per_block", "per_thread")
+QUANT_GRAN_CHOICES = ("per_warp", "per_block", "per_thread", "per_token")
 
 
 def add_quant_arguments(p: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ import json
 import sys
 from typing import Any
 
-from sparseattn.cli._args import any_int, nonneg_int, positive_int
+from sparseattn.cli._args import QUANT_GRAN_CHOICES, any_int, nonneg_int, positive_int
 
 PATTERN_CHOICES = ("random", "local", "strided", "block_diagonal", "sink_window")
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
@@ -71,7 +71,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--quant", choices=("int8", "int8_fp8"), default=None,
                    help="also time quantized attention (INT8 Q·K^T; int8_fp8: FP8 P·V, sm_89+) with each layout, "
                         "quantization included, with its cosine / relative L1 against fp32 (docs/QUANT.md)")
-    p.add_argument("--quant-gran", choices=("per_warp", "per_block", "per_thread"), default="per_warp",
+    p.add_argument("--quant-gran", choices=QUANT_GRAN_CHOICES, default="per_warp",
                    help="scale granularity of --quant (default per_warp)")
     p.set_defaults(func=run)
 

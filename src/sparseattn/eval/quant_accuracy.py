@@ -47,18 +47,24 @@ def captured_quant_accuracy(path: Any, *, modes: Sequence[str] = ("int8", "int8_
                             granularities: Sequence[str] = ("per_warp",), layers: Sequence[int] | None = None,
                             lengths: Sequence[int] | None = None, predictor: Any = None,
                             dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,
-                            progress: bool = False) -> dict[str, Any]:
+                            progress: bool = False, smooth_q: Sequence[bool] = (True,),
+                            backend: str = "kernel") -> dict[str, Any]:
     """Quantized attention vs fp32 attention on every captured (file, layer); see the module docstring.
 
     Args:
         path: a collection root, a ``len<N>`` folder or one ``sample<i>.safetensors`` (``sparseattn collect``).
         modes: quantization modes (``"int8"``, ``"int8_fp8"``).
-        granularities: scale granularities (``"per_warp"``, ``"per_block"``, ``"per_thread"``).
+        granularities: scale granularities (``"per_warp"``, ``"per_block"``, ``"per_thread"``, ``"per_token"``).
         layers, lengths: restrict to these layer indices / sequence lengths (default: all in the collection).
         predictor: ``None`` (dense causal) or a predictor / spec: its layout on the ``dtype`` q/k is used by
             the reference, the bf16 row and the quantized rows alike.
         dtype: the kernels' input dtype (``bfloat16`` or ``float16``).
-        device: default CUDA when available, else the CPU (needs ``TRITON_INTERPRET=1``).
+        device: default CUDA when available, else the CPU (needs ``TRITON_INTERPRET=1`` with ``backend="kernel"``).
+        smooth_q: one quantized row per value (``(True, False)``: with and without Q smoothing; rows without it
+            are labelled ``no_smooth_q``).
+        backend: ``"kernel"`` (:func:`~sparseattn.ops.quant.quantized_attention`) or ``"emulation"`` (the PyTorch
+            emulation with the same scales and rounding, :mod:`sparseattn.ops.quant_reference`; any device, and
+            the practical choice on a CPU at real lengths).
 
     Returns:
         ``{"rows": [...], "summary": {label: {"min_cos", "max_rel_l1", "passed", "n"}}, "passed", "targets", ...}``.
@@ -71,6 +77,7 @@ def captured_quant_accuracy(path: Any, *, modes: Sequence[str] = ("int8", "int8_
     from sparseattn.eval.collect import iter_collected
     from sparseattn.ops.attention import attention
     from sparseattn.ops.quant import GRANULARITIES, QUANT_MODES, quantized_attention
+    from sparseattn.ops.quant_reference import emulated_quantized_attention
     from sparseattn.ops.reference import reference_attention
     from sparseattn.testing.tolerances import quant_accuracy
 
@@ -86,6 +93,12 @@ def captured_quant_accuracy(path: Any, *, modes: Sequence[str] = ("int8", "int8_
     for g in granularities:
         if g not in GRANULARITIES:
             raise fail(fn, "granularities", "has an unknown granularity", f"some of {list(GRANULARITIES)}", repr(g))
+    smooth_q = list(smooth_q)
+    if not smooth_q or any(not isinstance(b, bool) for b in smooth_q):
+        raise fail(fn, "smooth_q", "must be a non-empty sequence of bools", "e.g. (True,) or (True, False)",
+                   repr(smooth_q))
+    if backend not in ("kernel", "emulation"):
+        raise fail(fn, "backend", "is unknown", "'kernel' or 'emulation'", repr(backend))
     if dtype not in (torch.bfloat16, torch.float16):
         raise fail(fn, "dtype", "is not supported by the quantized kernel", "torch.bfloat16 or torch.float16", str(dtype))
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -108,30 +121,35 @@ def captured_quant_accuracy(path: Any, *, modes: Sequence[str] = ("int8", "int8_
         base = {"file": item["file"], "sample": item["sample"], "seq_len": item["seq_len"], "layer": item["layer"],
                 "heads": int(q32.shape[1]), "kv_heads": int(k32.shape[1]), "head_dim": int(q32.shape[3]),
                 "scale": scale, "density": None if layout is None else float(layout.density(causal=True))}
-        outs: list[tuple[str, str | None, torch.Tensor]] = [
-            ("bf16" if dtype == torch.bfloat16 else "fp16", None,
+        outs: list[tuple[str, str | None, bool | None, torch.Tensor]] = [
+            ("bf16" if dtype == torch.bfloat16 else "fp16", None, None,
              attention(qb, kb, vb, causal=True, layout=layout, scale=scale).out)]
         for m in modes:
             for g in granularities:
-                outs.append((m, g, quantized_attention(qb, kb, vb, layout=layout, causal=True, scale=scale, quant=m,
-                                                       quant_granularity=g)))
-        for method, gran, out in outs:
+                for sq in smooth_q:
+                    if backend == "kernel":
+                        out = quantized_attention(qb, kb, vb, layout=layout, causal=True, scale=scale, quant=m,
+                                                  quant_granularity=g, smooth_q=sq)
+                    else:
+                        out = emulated_quantized_attention(qb, kb, vb, layout=layout, causal=True, scale=scale,
+                                                           quant=m, quant_granularity=g, smooth_q=sq)[0]
+                    outs.append((m, g, sq, out))
+        for method, gran, sq, out in outs:
             cos, rel = quant_accuracy(out, ref)
             tgt = QUANT_TARGETS.get(method)
-            rows.append({**base, "method": method, "granularity": gran, "cos": cos, "rel_l1": rel,
+            rows.append({**base, "method": method, "granularity": gran, "smooth_q": sq, "cos": cos, "rel_l1": rel,
                          "passed": None if tgt is None else bool(cos >= tgt[0] and rel <= tgt[1])})
         if progress:
             print(f"[quant-qkv] {item['file']} layer {item['layer']}: " + ", ".join(
-                f"{r['method']}{'/' + r['granularity'] if r['granularity'] else ''} cos {r['cos']:.6f} rel {r['rel_l1']:.4f}"
-                for r in rows[-len(outs):]), flush=True)
+                f"{_label(r)} cos {r['cos']:.6f} rel {r['rel_l1']:.4f}" for r in rows[-len(outs):]), flush=True)
     if not rows:
         raise fail(fn, "layers/lengths", "select nothing in the collection", "layers and lengths it holds",
                    f"layers={list(layers) if layers is not None else None}, "
                    f"lengths={list(lengths) if lengths is not None else None}")
     summary: dict[str, Any] = {}
     for r in rows:
-        label = r["method"] + (f" {r['granularity']}" if r["granularity"] else "")
-        s = summary.setdefault(label, {"method": r["method"], "granularity": r["granularity"], "n": 0,
+        s = summary.setdefault(_label(r), {"method": r["method"], "granularity": r["granularity"],
+                                           "smooth_q": r["smooth_q"], "n": 0,
                                        "min_cos": 1.0, "max_rel_l1": 0.0, "passed": None})
         s["n"] += 1
         s["min_cos"] = min(s["min_cos"], r["cos"])
@@ -141,19 +159,27 @@ def captured_quant_accuracy(path: Any, *, modes: Sequence[str] = ("int8", "int8_
     quant_rows = [r for r in rows if r["passed"] is not None]
     return {"tool": "sparseattn.eval.quant_accuracy", "path": str(path), "device": str(dev),
             "dtype": str(dtype).replace("torch.", ""), "layout": "dense causal" if pred is None else repr(pred),
+            "backend": backend,
             "targets": {m: {"cos_min": c, "rel_l1_max": r} for m, (c, r) in QUANT_TARGETS.items()},
             "rows": rows, "summary": summary, "passed": all(r["passed"] for r in quant_rows),
             "wall_s": round(time.perf_counter() - t0, 2)}
 
 
+def _label(r: dict[str, Any]) -> str:
+    """``"int8 per_warp"``, ``"int8 per_warp no_smooth_q"``, ``"bf16"``."""
+    return r["method"] + (f" {r['granularity']}" if r["granularity"] else "") + (
+        " no_smooth_q" if r.get("smooth_q") is False else "")
+
+
 def quant_accuracy_table(res: dict[str, Any]) -> str:
     """Markdown: one line per (length, layer, method), then the summary per method."""
     lines = [f"Quantized attention vs fp32 attention on captured Q/K/V ({res['path']}; {res['layout']}; "
-             f"{res['dtype']} inputs; {res['device']})", "",
+             f"{res['dtype']} inputs; {res['device']}; {res.get('backend', 'kernel')})", "",
              "| len | sample | layer | method | granularity | cos | rel L1 | target |", "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         ok = "-" if r["passed"] is None else ("pass" if r["passed"] else "FAIL")
-        lines.append(f"| {r['seq_len']} | {r['sample']} | {r['layer']} | {r['method']} | {r['granularity'] or '-'} | "
+        gran = (r["granularity"] or "-") + (" no_smooth_q" if r.get("smooth_q") is False else "")
+        lines.append(f"| {r['seq_len']} | {r['sample']} | {r['layer']} | {r['method']} | {gran} | "
                      f"{r['cos']:.6f} | {r['rel_l1']:.4f} | {ok} |")
     lines += ["", "| method | layers x samples | min cos | max rel L1 | target |", "|---|---|---|---|---|"]
     for label, s in res["summary"].items():

@@ -252,7 +252,7 @@ def patch_model(
             ``torch.compile``). Dense layers and decode steps keep the model's own attention.
             ``handle.quant`` and ``sparsity_report()["quant"]`` record it; the layers' backend is
             ``"quant:<mode>:<granularity>"`` and ``handle.counts["prefill_quant"]`` counts the calls.
-        quant_granularity: ``"per_warp"`` (default), ``"per_block"`` or ``"per_thread"`` (docs/QUANT.md).
+        quant_granularity: ``"per_warp"`` (default), ``"per_block"``, ``"per_thread"`` or ``"per_token"`` (docs/QUANT.md).
         decode: how decode steps (``1 <= N_q <= 64`` new tokens over a KV cache) run: ``"dense"`` (default:
             the model's own attention), ``"kernel"`` (:func:`sparseattn.ops.decode.decode_attention`) or
             ``"sparse"`` (:func:`sparseattn.ops.pages.sparse_decode_attention`, Quest-style pages; page

@@ -172,7 +172,7 @@ def attention(
             :func:`sparseattn.ops.quant.quantized_attention` instead (INT8 Q·Kᵀ; FP8 P·V on sm_89+;
             docs/QUANT.md). Not combinable with ``pv_threshold``, ``sliding_window``, ``attn_mask``,
             ``stats`` or ``backend="reference"``.
-        quant_granularity: scale groups for ``quant``: ``"per_warp"``, ``"per_block"`` or ``"per_thread"``.
+        quant_granularity: scale groups for ``quant``: ``"per_warp"``, ``"per_block"``, ``"per_thread"`` or ``"per_token"``.
         cu_seqlens: packed documents (exact document mask): boundaries ``[0, n_1, n_1 + n_2, ..., N_kv]``
             as host ints (a list, or a CPU int tensor), shared by the batch, or one such list per batch
             row (document counts may differ). Query ``i`` (position ``i + N_kv - N_q``) attends only keys

@@ -20,7 +20,13 @@ granularity    Q: one scale per                                       K: one sca
 ``per_warp``   16 consecutive rows (one warp's rows)                  64 consecutive keys
 ``per_thread`` rows ``r`` of one 16-row slice with equal ``r % 8``    keys ``c`` of one 64-key block with equal
                (8 groups of 2 rows: what one thread's fragment holds) ``(c % 8) // 2`` (4 groups of 16 keys)
+``per_token``  row (query token)                                      key
 =============  =====================================================  ==============================================
+
+``per_token`` is not one of SageAttention's (its CUDA kernels keep one scale per MMA fragment). The Triton
+kernel gathers a Q scale per row for every granularity, and a K scale per key of a tile for ``per_thread``, so
+per-token scales take the same loads as ``per_thread`` and ``N`` floats per head for each of Q and K. It is the
+finest, and the most accurate on real Q/K/V (docs/QUANT.md); its GPU speed is not measured yet.
 
 Groups are counted from row / key 0 of each head and never cross a 64-key layout block. K is
 smoothed first (``smooth_k=True``): the per-channel mean of K over all tokens of each (batch, kv
@@ -58,6 +64,7 @@ GRANULARITIES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "per_block": ((128, 1, 1), (64, 1, 1)),
     "per_warp": ((16, 1, 1), (64, 1, 1)),
     "per_thread": ((16, 8, 1), (64, 4, 2)),
+    "per_token": ((1, 1, 1), (1, 1, 1)),
 }
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_BLOCK_SIZES = (64, 128)
@@ -78,7 +85,10 @@ class QuantizedQKV:
         for a group holding a non-finite entry); k_mean ``(B, H_kv, D)`` float32 (zeros without
         smoothing); v: the input V (``quant="int8"``) or e4m3 values stored transposed ``(B, H_kv, D,
         N_pad)`` (float8_e4m3fn; bfloat16 holding e4m3 values when ``fp8_emulated``); v_scale
-        ``(B, H_kv, D)`` float32 per-channel scale (``amax_d / 448``) or ``None``.
+        ``(B, H_kv, D)`` float32 per-channel scale (``amax_d / 448``) or ``None``; q_mean ``(B, H, D)``
+        float32, the per-channel token mean of Q subtracted before quantizing (``None`` without Q smoothing);
+        k_bias ``(B, H, N_kv)`` float32, ``sm_scale * log2(e) * q_mean · (k - k_mean)`` per query head and key,
+        added to every score of that key (``None`` without Q smoothing).
     """
 
     q_int8: torch.Tensor
@@ -93,6 +103,8 @@ class QuantizedQKV:
     granularity: str
     sm_scale: float
     fp8_emulated: bool
+    q_mean: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
 
 
 def _interpret() -> bool:
@@ -182,31 +194,41 @@ def _fp8_storage(device: torch.device) -> tuple[torch.dtype, bool]:
 
 
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, quant: str = "int8",
-                 quant_granularity: str = "per_warp", scale: float | None = None, smooth_k: bool = True) -> QuantizedQKV:
-    """Quantize ``q``, ``k`` (smoothed) and, for ``"int8_fp8"``, ``v`` with the fused Triton kernels.
+                 quant_granularity: str = "per_warp", scale: float | None = None, smooth_k: bool = True,
+                 smooth_q: bool = True) -> QuantizedQKV:
+    """Quantize ``q``, ``k`` (both smoothed) and, for ``"int8_fp8"``, ``v`` with the fused Triton kernels.
 
     Args:
         q: ``(B, H, N_q, D)`` bf16/fp16; k, v: ``(B, H_kv, N_kv, D)``.
         quant: ``"int8"`` or ``"int8_fp8"``.
-        quant_granularity: ``"per_block"``, ``"per_warp"`` or ``"per_thread"`` (module docstring).
+        quant_granularity: ``"per_block"``, ``"per_warp"``, ``"per_thread"`` or ``"per_token"`` (module docstring).
         scale: softmax scale (default ``D ** -0.5``), folded into the Q scales.
         smooth_k: subtract the per-channel token mean of K before quantizing.
+        smooth_q: subtract the per-channel token mean of Q (per query head) before quantizing; its product
+            with every (smoothed) key is computed in fp32 (``k_bias``) and added to that key's scores.
 
     Returns:
         :class:`QuantizedQKV`.
     """
     fn = "quantize_qkv"
     _check_modes(fn, quant, quant_granularity)
+    _check_smoothing(fn, smooth_k, smooth_q)
     (B, H, Hkv, Nq, Nkv, D), sm_scale = check_attention_args(fn, q, k, v, causal=False, layout=None, scale=scale,
                                                               pv_threshold=None)
     reason = _kernel_refusal(q, quant)
     if reason is not None:
         raise NotImplementedError(f"{fn}: the quantized kernel cannot run these inputs: {reason}")
-    return _quantize(q, k, v, quant, quant_granularity, sm_scale, smooth_k)
+    return _quantize(q, k, v, quant, quant_granularity, sm_scale, smooth_k, smooth_q)
+
+
+def _check_smoothing(fn: str, smooth_k: Any, smooth_q: Any) -> None:
+    for name, val in (("smooth_k", smooth_k), ("smooth_q", smooth_q)):
+        if not isinstance(val, bool):
+            raise fail(fn, name, "must be a bool", "True or False", repr(val))
 
 
 def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gran: str, sm_scale: float,
-              smooth_k: bool) -> QuantizedQKV:
+              smooth_k: bool, smooth_q: bool = True) -> QuantizedQKV:
     from sparseattn.ops.triton import quantize as kq
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -230,28 +252,42 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
         k_mean = (ksum.sum(1) / Nkv).view(B, Hkv, D)
     else:
         k_mean = torch.zeros((B, Hkv, D), dtype=torch.float32, device=dev)
+    mult = float(sm_scale) * _LOG2E
+    q_mean = k_bias = None
+    if smooth_q:  # per-channel token mean of the finite entries of Q, per query head (the K statistics kernel on Q)
+        nq_chunks = cdiv(Nq, _R)
+        qsum = torch.empty((B * H, nq_chunks, D), dtype=torch.float32, device=dev)
+        kq._kv_stats_kernel[(nq_chunks, B * H)](
+            q, q, qsum, qsum, q.stride(0), q.stride(1), q.stride(2), q.stride(0), q.stride(1), q.stride(2),
+            H, Nq, nq_chunks, HEAD_DIM=D, R=_R, NEED_K=True, NEED_V=False)
+        q_mean = (qsum.sum(1) / Nq).view(B, H, D)
+        k_bias = torch.empty((B, H, Nkv), dtype=torch.float32, device=dev)
 
-    # K
+    # K (with Q smoothing, also k_bias = mult * q_mean . (k - k_mean) for each query head of the KV head)
     nkg = cdiv(Nkv, kw) * kt
     k_int8 = torch.empty((B, Hkv, Nkv, D), dtype=torch.int8, device=dev)
     k_scale = torch.empty((B, Hkv, nkg), dtype=torch.float32, device=dev)
+    qm_t = q_mean if q_mean is not None else k_mean
+    kb_t = k_bias if k_bias is not None else k_scale
     kq._quant_rows_kernel[(n_chunks, B * Hkv)](
-        k, k_int8, k_scale, k_mean, k_scale,
+        k, k_int8, k_scale, k_mean, k_scale, qm_t, kb_t,
         k.stride(0), k.stride(1), k.stride(2), k_int8.stride(0), k_int8.stride(1), k_int8.stride(2),
         k_scale.stride(0), k_scale.stride(1), k_mean.stride(0), k_mean.stride(1), k_scale.stride(0), k_scale.stride(1),
-        Hkv, 1, Nkv, nkg, 1.0,
-        HEAD_DIM=D, R=_R, W=kw, T=kt, S=ks_, IS_Q=False, HAS_MEAN=smooth_k)
+        qm_t.stride(0), qm_t.stride(1), kb_t.stride(0), kb_t.stride(1),
+        Hkv, 1, H // Hkv, Nkv, nkg, 1.0, mult,
+        HEAD_DIM=D, R=_R, W=kw, T=kt, S=ks_, IS_Q=False, HAS_MEAN=smooth_k, HAS_QMEAN=smooth_q)
     # Q
     nqg = cdiv(Nq, qw) * qt
     q_int8 = torch.empty((B, H, Nq, D), dtype=torch.int8, device=dev)
     q_scale = torch.empty((B, H, nqg), dtype=torch.float32, device=dev)
     q_row = torch.empty((B, H, Nq), dtype=torch.float32, device=dev)
     kq._quant_rows_kernel[(cdiv(Nq, _R), B * H)](
-        q, q_int8, q_scale, k_mean, q_row,
+        q, q_int8, q_scale, k_mean, q_row, qm_t, q_row,
         q.stride(0), q.stride(1), q.stride(2), q_int8.stride(0), q_int8.stride(1), q_int8.stride(2),
         q_scale.stride(0), q_scale.stride(1), k_mean.stride(0), k_mean.stride(1), q_row.stride(0), q_row.stride(1),
-        H, H // Hkv, Nq, nqg, float(sm_scale) * _LOG2E,
-        HEAD_DIM=D, R=_R, W=qw, T=qt, S=qs_, IS_Q=True, HAS_MEAN=smooth_k)
+        qm_t.stride(0), qm_t.stride(1), q_row.stride(0), q_row.stride(1),
+        H, H // Hkv, 1, Nq, nqg, mult, 1.0,
+        HEAD_DIM=D, R=_R, W=qw, T=qt, S=qs_, IS_Q=True, HAS_MEAN=smooth_k, HAS_QMEAN=smooth_q)
     # V
     v_scale = None
     emulated = False
@@ -267,7 +303,8 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
         kq._quant_v_fp8_kernel[(n_chunks, B * Hkv)](
             v, vq, inv, v.stride(0), v.stride(1), v.stride(2), vq.stride(0), vq.stride(1), vq.stride(2),
             Hkv, Nkv, HEAD_DIM=D, R=_R, FP8_EMU=emulated)
-    return QuantizedQKV(q_int8, q_scale, q_row, k_int8, k_scale, k_mean, vq, v_scale, quant, gran, float(sm_scale), emulated)
+    return QuantizedQKV(q_int8, q_scale, q_row, k_int8, k_scale, k_mean, vq, v_scale, quant, gran, float(sm_scale), emulated,
+                        q_mean, k_bias)
 
 
 def default_quant_config(head_dim: int, layout_bm: int, layout_bn: int, *, interpret: bool,
@@ -483,10 +520,12 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
     list_chunk = min(max(16, 1 << (layout.num_kv_blocks - 1).bit_length()), 1024)
     meta = dict(HEAD_DIM=D, LAYOUT_BM=layout.block_m, LAYOUT_BN=layout.block_n, CAUSAL=causal, QW=qw, QT=qt, QS=qs_,
                 KW=kw, KT=kt, KS=ks_, PV_FP8=fp8, FP8_EMU=qq.fp8_emulated,
-                DOT_F32=bool(interp and v.dtype == torch.bfloat16 and not fp8), LIST_CHUNK=list_chunk)
+                DOT_F32=bool(interp and v.dtype == torch.bfloat16 and not fp8), LIST_CHUNK=list_chunk,
+                HAS_KBIAS=qq.k_bias is not None)
+    kbias = qq.k_bias if qq.k_bias is not None else lse  # unused without Q smoothing
     args = ordered_args(_kernel(), dict(
         Q=qq.q_int8, K=qq.k_int8, V=v, Out=out, Lse=lse, QScale=qq.q_scale, KScale=qq.k_scale, QRow=qq.q_row,
-        VScale=vsc, KvNum=num_t, KvIdx=idx_t,
+        VScale=vsc, KvNum=num_t, KvIdx=idx_t, KBias=kbias,
         stride_qb=qq.q_int8.stride(0), stride_qh=qq.q_int8.stride(1), stride_qm=qq.q_int8.stride(2),
         stride_kb=qq.k_int8.stride(0), stride_kh=qq.k_int8.stride(1), stride_kn=qq.k_int8.stride(2),
         stride_vb=sv[0], stride_vh=sv[1], stride_v2=sv[2],
@@ -495,6 +534,7 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
         stride_qsb=qq.q_scale.stride(0), stride_qsh=qq.q_scale.stride(1),
         stride_ksb=qq.k_scale.stride(0), stride_ksh=qq.k_scale.stride(1),
         stride_rb=qq.q_row.stride(0), stride_rh=qq.q_row.stride(1),
+        stride_kbb=kbias.stride(0), stride_kbh=kbias.stride(1),
         stride_nb=num_t.stride(0), stride_nh=num_t.stride(1), stride_nm=num_t.stride(2),
         stride_ib=idx_t.stride(0), stride_ih=idx_t.stride(1), stride_im=idx_t.stride(2), stride_in=idx_t.stride(3),
         H=H, GROUP=H // Hkv, N_Q=Nq, N_KV=Nkv, NUM_KV_BLOCKS=layout.num_kv_blocks,
@@ -581,6 +621,7 @@ def quantized_attention(
     return_lse: bool = False,
     config: "dict[str, int] | QuantLaunchConfig | None" = None,
     telemetry: dict[str, Any] | None = None,
+    smooth_q: bool = True,
 ) -> torch.Tensor | AttentionState:
     """Block-sparse attention with INT8 Q·Kᵀ (and FP8 P·V with ``quant="int8_fp8"``); see the module docstring.
 
@@ -593,12 +634,15 @@ def quantized_attention(
         causal: bottom-right aligned causal mask (query ``i`` sees keys ``<= i + N_kv - N_q``).
         scale: softmax scale, default ``D ** -0.5``.
         quant: ``"int8"`` or ``"int8_fp8"``.
-        quant_granularity: ``"per_block"``, ``"per_warp"`` (default) or ``"per_thread"``.
+        quant_granularity: ``"per_block"``, ``"per_warp"`` (default), ``"per_thread"`` or ``"per_token"``.
         topk_indices: instead of ``layout``: integer ``[B, H, ceil(N_q / block_size), top_k]`` key-block
             indices (any order, ``-1`` = none), converted by
             :func:`~sparseattn.layout.convert.layout_from_topk`; out-of-range entries are an error.
         block_size: the block size of ``topk_indices`` (64 or 128).
         smooth_k: subtract K's per-channel token mean before quantizing (exact; recommended).
+        smooth_q: subtract Q's per-channel token mean (per query head) before quantizing and add the mean's
+            fp32 product with each key to that key's scores (exact up to fp32 rounding; recommended: it
+            shrinks the INT8 error on real Q/K/V, docs/QUANT.md).
         return_lse: also return the natural-log lse.
         config: fixed launch config, a :class:`~sparseattn.ops.launch_configs.QuantLaunchConfig` or the dict
             ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}`` (optionally ``maxnreg``), instead of the
@@ -626,20 +670,19 @@ def quantized_attention(
     _check_modes(fn, quant, quant_granularity)
     (B, H, Hkv, Nq, Nkv, D), sm_scale = check_attention_args(fn, q, k, v, causal=causal, layout=layout, scale=scale,
                                                               pv_threshold=None)
-    if not isinstance(smooth_k, bool):
-        raise fail(fn, "smooth_k", "must be a bool", "True or False", repr(smooth_k))
+    _check_smoothing(fn, smooth_k, smooth_q)
     op, reason = quant_choice(q, quant=quant, layout=layout)
     if op is None:
         raise NotImplementedError(f"{fn}: the quantized kernel cannot run these inputs: {reason}")
     if op.name != _KERNEL_OP:  # a registered quantized operator: its run function, with this call's arguments
         return op.run_fn()(q, k, v, layout=layout, causal=causal, scale=scale, quant=quant,
                            quant_granularity=quant_granularity, topk_indices=topk_indices, block_size=block_size,
-                           smooth_k=smooth_k, return_lse=return_lse, config=config,
+                           smooth_k=smooth_k, smooth_q=smooth_q, return_lse=return_lse, config=config,
                            **({} if telemetry is None else {"telemetry": telemetry}))
     if telemetry is not None and not isinstance(telemetry, dict):
         raise fail(fn, "telemetry", "must be a dict or None", "a dict", type(telemetry).__name__)
     lay = resolve_layout(fn, q, k, layout, topk_indices, block_size, causal)
-    qq = _quantize(q, k, v, quant, quant_granularity, sm_scale, smooth_k)
+    qq = _quantize(q, k, v, quant, quant_granularity, sm_scale, smooth_k, smooth_q)
     st = _run_kernel(qq, lay, causal, q.dtype, config, telemetry=telemetry)
     return st if return_lse else st.out
 
@@ -650,11 +693,11 @@ def quantized_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
 
     The caller validated the inputs once per shape (:func:`quantized_attention` does the same checks)
     and guarantees ``out`` is ``(B, H, N_q, D)`` in q's dtype with unit last stride (e.g. a transposed
-    view of the ``(B, N, H, D)`` tensor transformers expects). Causal, K smoothed, natural-log lse dropped.
+    view of the ``(B, N, H, D)`` tensor transformers expects). Causal, K and Q smoothed, natural-log lse dropped.
     No host reads: it can be captured in a CUDA graph once the launch config is chosen.
     """
     sm_scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
-    qq = _quantize(q, k, v, quant, quant_granularity, sm_scale, True)
+    qq = _quantize(q, k, v, quant, quant_granularity, sm_scale, True, True)
     _run_kernel(qq, layout, True, q.dtype, None, out=out)
 
 

@@ -69,13 +69,17 @@ def _quant_rows(x: torch.Tensor, gran: tuple[int, int, int], mult: float, nan_gr
 
 def quantize_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, quant: str = "int8",
                        quant_granularity: str = "per_warp", scale: float | None = None, smooth_k: bool = True,
-                       k_mean: torch.Tensor | None = None) -> QuantizedQKV:
+                       k_mean: torch.Tensor | None = None, smooth_q: bool = True,
+                       q_mean: torch.Tensor | None = None) -> QuantizedQKV:
     """The kernels' quantization in PyTorch (see the module docstring).
 
     Args:
         k_mean: use this smoothing mean ``(B, H_kv, D)`` float32 instead of computing one (the
             kernel sums per 128-token chunk, so its mean can differ in the last bit; passing the
             kernel's mean makes the quantized values comparable bit for bit).
+        smooth_q: quantize ``q - mean_tokens(q)`` (per query head) and return ``k_bias``, the mean's
+            product with every smoothed key (``sm_scale * log2(e)`` folded in).
+        q_mean: use this Q mean ``(B, H, D)`` float32 instead of computing one (as ``k_mean``).
     """
     B, H, Nq, D = q.shape
     Hkv, Nkv = k.shape[1], k.shape[2]
@@ -91,7 +95,25 @@ def quantize_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, qua
         k_mean = torch.zeros((B, Hkv, D), dtype=torch.float32, device=k.device)
     k_int8, k_scale, _, _ = _quant_rows(kf - k_mean[:, :, None, :] if smooth_k else kf, kg, 1.0, True)
     mult = float(torch.tensor(sm_scale * _LOG2E, dtype=torch.float32))
-    q_int8, q_scale, qf, bad_row = _quant_rows(q.float(), qg, mult, False)
+    qf = q.float()
+    q_fin = qf.abs() < float("inf")
+    k_bias = None
+    if smooth_q:
+        if q_mean is None:
+            q_mean = torch.where(q_fin, qf, torch.zeros((), device=q.device)).sum(2) / Nq
+        q_mean = q_mean.float()
+        ks_f = kf - k_mean[:, :, None, :] if smooth_k else kf
+        ks_f = torch.where(ks_f.abs() < float("inf"), ks_f, torch.zeros((), device=k.device))
+        # the kernel's sum over D of (finite smoothed k) * q_mean, times sm_scale * log2(e)
+        k_bias = (ks_f.repeat_interleave(H // Hkv, dim=1) * q_mean[:, :, None, :]).sum(-1) * torch.tensor(
+            mult, dtype=torch.float32)
+        q_int8, q_scale, _, bad_row = _quant_rows(torch.where(q_fin, qf - q_mean[:, :, None, :], torch.zeros(
+            (), device=q.device)), qg, mult, False)
+        bad_row = (~q_fin).any(-1)
+    else:
+        q_mean = None
+        q_int8, q_scale, _, bad_row = _quant_rows(qf, qg, mult, False)
+    qf = torch.where(q_fin, qf, torch.zeros((), device=q.device))
     if smooth_k:
         km_h = k_mean.repeat_interleave(H // Hkv, dim=1)
         corr_mult = torch.tensor(mult, dtype=torch.float32) * torch.tensor(_LN2, dtype=torch.float32)
@@ -114,7 +136,7 @@ def quantize_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, qua
         v_out[..., :Nkv] = v8.transpose(2, 3)
         v_scale = amax / torch.full_like(amax, _FP8_MAX)
     return QuantizedQKV(q_int8, q_scale, q_row, k_int8, k_scale, k_mean, v_out, v_scale, quant, quant_granularity,
-                        sm_scale, False)
+                        sm_scale, False, q_mean, k_bias)
 
 
 def _allowed_mask(layout: BlockLayout, causal: bool, device: torch.device) -> torch.Tensor:
@@ -155,6 +177,7 @@ def attention_from_quantized(qq: QuantizedQKV, layout: BlockLayout, *, causal: b
     ki = qq.k_int8.float().repeat_interleave(grp, dim=1)
     qs_row = qq.q_scale[:, :, group_index(Nq, qw, qt, qs_, dev)]  # (B, H, Nq)
     ks_col = qq.k_scale.repeat_interleave(grp, dim=1)[:, :, group_index(Nkv, kw, kt, ks_, dev)]  # (B, H, Nkv)
+    kbias = qq.k_bias  # (B, H, Nkv) or None
     if fp8:
         vv = qq.v[..., :Nkv].float().transpose(2, 3).repeat_interleave(grp, dim=1)  # (B, H, Nkv, D) e4m3 values
     else:
@@ -173,6 +196,8 @@ def attention_from_quantized(qq: QuantizedQKV, layout: BlockLayout, *, causal: b
             s = qk * (qs_row[..., None] * ks[:, :, None, :])
         else:
             s = qk * qs_row[..., None] * ks[:, :, None, :]
+        if kbias is not None:
+            s = s + kbias[:, :, None, c0:c1]
         s = torch.where(allowed[..., c0:c1], s, torch.full_like(s, float("-inf")))
         m_new = torch.maximum(m, s.amax(-1))
         m_safe = torch.where(m_new == float("-inf"), torch.zeros_like(m_new), m_new)
@@ -200,7 +225,7 @@ def attention_from_quantized(qq: QuantizedQKV, layout: BlockLayout, *, causal: b
 def emulated_quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: BlockLayout | None = None,
                                  causal: bool = False, scale: float | None = None, quant: str = "int8",
                                  quant_granularity: str = "per_warp", smooth_k: bool = True,
-                                 tile_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                                 tile_n: int = 64, smooth_q: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize_reference` then :func:`attention_from_quantized` (``layout=None``: dense)."""
     if layout is None:
         from sparseattn.layout.patterns import dense_layout
@@ -209,5 +234,6 @@ def emulated_quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         base = dense_layout(q.shape[2], k.shape[2], block_m=128, block_n=128, causal=causal, device=q.device)
         layout = BlockLayout(base.kv_num_blocks[:1, :1].expand(B, H, -1), base.kv_indices[:1, :1].expand(B, H, -1, -1),
                              128, 128, q.shape[2], k.shape[2], validate=False)
-    qq = quantize_reference(q, k, v, quant=quant, quant_granularity=quant_granularity, scale=scale, smooth_k=smooth_k)
+    qq = quantize_reference(q, k, v, quant=quant, quant_granularity=quant_granularity, scale=scale, smooth_k=smooth_k,
+                            smooth_q=smooth_q)
     return attention_from_quantized(qq, layout, causal=causal, out_dtype=q.dtype, tile_n=tile_n)

@@ -18,7 +18,9 @@ attend nothing get out 0 / lse ``-inf``), with quantized operands:
   accumulates in reduced precision), and the output is multiplied by ``v_scale[d] / 448`` at the end.
   ``FP8_EMU`` (interpreter only) rounds to e4m3 in fp32 arithmetic and multiplies in fp32.
 * The K smoothing (``K - mean_tokens(K)``) is exact for the output; the lse gets ``QRow[row] =
-  sm_scale * q_row · mean`` added back. ``QRow`` is NaN for a row of ``q`` with a non-finite entry:
+  sm_scale * q_row · mean`` added back. With Q smoothing (``HAS_KBIAS``) Q holds ``q - mean_tokens(q)`` and
+  every score gets its key's ``KBias`` (``mean_tokens(q) · (k - mean_tokens(k))`` in fp32, log2 units) added
+  before the mask, so the scores are those of the unsmoothed Q. ``QRow`` is NaN for a row of ``q`` with a non-finite entry:
   such a row's out and lse become NaN (when it attends any key).
 
 Non-finite ``k``: the K group's scale is NaN (set by the quantizer), so every row attending *any* key
@@ -49,10 +51,11 @@ def _bf16_rne(x):
 @triton.jit
 def _q_tile(
     q, qs, acc, m_i, l_i, kb, t_sub,
-    k_base, v_base, ks_base, stride_kn, stride_v2,
+    k_base, v_base, ks_base, kb_base, stride_kn, stride_v2,
     offs_m, offs_n, offs_d, N_KV, OFF,
     BLOCK_N: tl.constexpr, LAYOUT_BN: tl.constexpr, KW: tl.constexpr, KT: tl.constexpr, KS: tl.constexpr,
     K_SCALAR: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, FP8_EMU: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_KBIAS: tl.constexpr,
 ):
     """One kernel tile of keys: online-softmax update of ``(acc, m_i, l_i)``."""
     start_n = kb * LAYOUT_BN + t_sub * BLOCK_N
@@ -68,6 +71,8 @@ def _q_tile(
         kg = (cols // KW) * KT + (cols % (KT * KS)) // KS
         ks = tl.load(ks_base + kg, mask=col_ok, other=0.0)
         s = qk * qs[:, None] * ks[None, :]
+    if HAS_KBIAS:  # Q smoothing: mean_tokens(q) . k of each key, fp32 (log2 units)
+        s = s + tl.load(kb_base + cols, mask=col_ok, other=0.0)[None, :]
     if MASK:
         keep = col_ok[None, :]
         if CAUSAL:
@@ -96,7 +101,7 @@ def _q_tile(
 
 @triton.jit(do_not_specialize=["H", "GROUP", "N_Q", "N_KV", "NUM_KV_BLOCKS"])
 def _block_sparse_fwd_quant_kernel(
-    Q, K, V, Out, Lse, QScale, KScale, QRow, VScale, KvNum, KvIdx,
+    Q, K, V, Out, Lse, QScale, KScale, QRow, VScale, KvNum, KvIdx, KBias,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_v2,
@@ -105,6 +110,7 @@ def _block_sparse_fwd_quant_kernel(
     stride_qsb, stride_qsh,
     stride_ksb, stride_ksh,
     stride_rb, stride_rh,
+    stride_kbb, stride_kbh,
     stride_nb, stride_nh, stride_nm,
     stride_ib, stride_ih, stride_im, stride_in,
     H, GROUP, N_Q, N_KV, NUM_KV_BLOCKS,
@@ -121,6 +127,7 @@ def _block_sparse_fwd_quant_kernel(
     FP8_EMU: tl.constexpr = False,  # interpreter: e4m3 rounding in fp32 arithmetic
     DOT_F32: tl.constexpr = False,  # interpreter: widen bf16 P·V operands (its bf16 dot is wrong)
     LIST_CHUNK: tl.constexpr = 64,
+    HAS_KBIAS: tl.constexpr = False,  # Q smoothing's per-key score term (KBias, per query head)
 ):
     SUB: tl.constexpr = LAYOUT_BN // BLOCK_N
     num_m, pid_m, pid_bh, off_b, off_h, off_hk = _program_ids(H, GROUP, CAUSAL)
@@ -130,6 +137,7 @@ def _block_sparse_fwd_quant_kernel(
     q_base, k_base, v_base = _head_bases(Q, K, V, off_b, off_h, off_hk, stride_qb, stride_qh, stride_kb, stride_kh,
                                          stride_vb, stride_vh)
     ks_base = KScale + off_b.to(tl.int64) * stride_ksb + off_hk.to(tl.int64) * stride_ksh
+    kb_base = KBias + off_b.to(tl.int64) * stride_kbb + off_h.to(tl.int64) * stride_kbh
     idx_row, num = _block_list(KvNum, KvIdx, off_b, off_h, qb, stride_nb, stride_nh, stride_nm, stride_ib, stride_ih,
                                stride_im, NUM_KV_BLOCKS)
     row_last, full_lim, vis_lim = _causal_limits(m0, N_Q, N_KV, NUM_KV_BLOCKS, OFF, BLOCK_M, LAYOUT_BN, CAUSAL)
@@ -157,16 +165,16 @@ def _block_sparse_fwd_quant_kernel(
     for t in range(0, n_full * SUB):
         kb = tl.load(idx_row + (t // SUB) * stride_in)
         kb = tl.minimum(tl.maximum(kb, 0), NUM_KV_BLOCKS - 1)
-        acc, m_i, l_i = _q_tile(q, qs, acc, m_i, l_i, kb, t % SUB, k_base, v_base, ks_base, stride_kn, stride_v2,
-                                offs_m, offs_n, offs_d, N_KV, OFF, BLOCK_N, LAYOUT_BN, KW, KT, KS, K_SCALAR,
-                                False, CAUSAL, PV_FP8, FP8_EMU, DOT_F32)
+        acc, m_i, l_i = _q_tile(q, qs, acc, m_i, l_i, kb, t % SUB, k_base, v_base, ks_base, kb_base, stride_kn,
+                                stride_v2, offs_m, offs_n, offs_d, N_KV, OFF, BLOCK_N, LAYOUT_BN, KW, KT, KS, K_SCALAR,
+                                False, CAUSAL, PV_FP8, FP8_EMU, DOT_F32, HAS_KBIAS)
     # blocks crossing the diagonal / the end of the keys
     for t in range(n_full * SUB, n_vis * SUB):
         kb = tl.load(idx_row + (t // SUB) * stride_in)
         kb = tl.minimum(tl.maximum(kb, 0), NUM_KV_BLOCKS - 1)
-        acc, m_i, l_i = _q_tile(q, qs, acc, m_i, l_i, kb, t % SUB, k_base, v_base, ks_base, stride_kn, stride_v2,
-                                offs_m, offs_n, offs_d, N_KV, OFF, BLOCK_N, LAYOUT_BN, KW, KT, KS, K_SCALAR,
-                                True, CAUSAL, PV_FP8, FP8_EMU, DOT_F32)
+        acc, m_i, l_i = _q_tile(q, qs, acc, m_i, l_i, kb, t % SUB, k_base, v_base, ks_base, kb_base, stride_kn,
+                                stride_v2, offs_m, offs_n, offs_d, N_KV, OFF, BLOCK_N, LAYOUT_BN, KW, KT, KS, K_SCALAR,
+                                True, CAUSAL, PV_FP8, FP8_EMU, DOT_F32, HAS_KBIAS)
 
     # epilogue (as the bf16 kernel): a row attends a key iff its list is non-empty and (causal) the
     # first selected block starts at or below its last visible key

@@ -6,10 +6,13 @@ Three kernels, all reading the bf16/fp16 inputs once:
   the *finite* entries of K per channel (for the smoothing mean) and, for the FP8 P·V path, the max
   of ``|v|`` over the finite entries of V per channel. Partial results per chunk; the launcher adds
   them up (deterministic, no atomics).
-* :func:`_quant_rows_kernel` — INT8 quantization of Q or (smoothed) K with one scale per *group* of
-  rows (see :mod:`sparseattn.ops.quant` for the groups: block, warp, thread). ``R`` rows of one head
-  are loaded as a ``[G, M, D]`` tile whose first axis *is* the group (rows gathered by index), so a
-  group's max is a plain reduction and interleaved (per-thread) groups need no reshape.
+* :func:`_quant_rows_kernel` — INT8 quantization of (smoothed) Q or (smoothed) K with one scale per *group*
+  of rows (see :mod:`sparseattn.ops.quant` for the groups: block, warp, thread, token). ``R`` rows of one
+  head are loaded as a ``[G, M, D]`` tile whose first axis *is* the group (rows gathered by index), so a
+  group's max is a plain reduction and interleaved (per-thread) groups need no reshape. With Q smoothing
+  (``HAS_QMEAN``) the K launch also writes, per key and query head of the KV head, the fp32 product of
+  Q's token mean with the smoothed key (``k_bias``, in the scores' log2 units), and the Q launch
+  quantizes ``q - mean``. The means come from :func:`_kv_stats_kernel` (run on Q as well).
 * :func:`_quant_v_fp8_kernel` — V scaled per channel into FP8 e4m3, stored transposed
   (``[D, N_pad]`` per head, tokens contiguous: the K-major B operand FP8 MMAs want).
 
@@ -87,13 +90,15 @@ def _kv_stats_kernel(
 
 @triton.jit
 def _quant_rows_kernel(
-    X, Xq, Scale, Mean, RowOut,
+    X, Xq, Scale, Mean, RowOut, QMean, KBias,
     stride_xb, stride_xh, stride_xn,
     stride_ob, stride_oh, stride_on,
     stride_sb, stride_sh,
     stride_mb, stride_mh,
     stride_rb, stride_rh,
-    H, GROUP, N, N_GROUPS, out_mult,
+    stride_qmb, stride_qmh,
+    stride_kbb, stride_kbh,
+    H, GROUP, GROUP_Q, N, N_GROUPS, out_mult, bias_mult,
     HEAD_DIM: tl.constexpr,
     R: tl.constexpr,  # rows per program (a multiple of W)
     W: tl.constexpr,  # rows per slice (block / warp)
@@ -101,6 +106,7 @@ def _quant_rows_kernel(
     S: tl.constexpr,  # consecutive rows of one group within a period of T * S rows
     IS_Q: tl.constexpr,  # Q: write RowOut = sm_scale * q.mean (NaN for a non-finite row); K: subtract Mean
     HAS_MEAN: tl.constexpr,
+    HAS_QMEAN: tl.constexpr = False,  # Q smoothing: Q quantizes q - QMean[h]; K writes KBias for its GROUP_Q heads
 ):
     """INT8 per-group quantization of ``R`` rows of one head of ``X`` (see the module docstring)."""
     G: tl.constexpr = (R // W) * T  # groups in this program
@@ -127,12 +133,24 @@ def _quant_rows_kernel(
         if not IS_Q:
             x = x - mean[None, None, :]
     fin = tl.abs(x) < float("inf")
-    xf = tl.where(fin, x, 0.0)
+    # rows past N (loaded as 0, then shifted by a mean) must not reach a group's max
+    xf = tl.where(fin & ok[:, :, None], x, 0.0)
     bad_row = tl.sum((~fin).to(tl.int32), 2) > 0  # [G, M]
-    amax = tl.max(tl.max(tl.abs(xf), 2), 1)  # [G]
+    xs = xf  # what is quantized
+    if HAS_QMEAN:
+        if IS_Q:  # Q smoothing: quantize q - mean_tokens(q) (non-finite entries stay 0; their row is flagged)
+            qm = tl.load(QMean + b.to(tl.int64) * stride_qmb + h.to(tl.int64) * stride_qmh + offs_d)
+            xs = tl.where(fin & ok[:, :, None], x - qm[None, None, :], 0.0)
+        else:  # the smoothed Q's mean times each (smoothed) key, for every query head of this KV head
+            for gq in range(0, GROUP_Q):
+                hq = h * GROUP_Q + gq
+                qm = tl.load(QMean + b.to(tl.int64) * stride_qmb + hq.to(tl.int64) * stride_qmh + offs_d)
+                kbias = tl.sum(xf * qm[None, None, :], 2) * bias_mult
+                tl.store(KBias + b.to(tl.int64) * stride_kbb + hq.to(tl.int64) * stride_kbh + rows, kbias, mask=ok)
+    amax = tl.max(tl.max(tl.abs(xs), 2), 1)  # [G]
     amax = tl.where(amax > 0.0, amax, 1.0)
     inv = tl.math.div_rn(tl.full([G], 127.0, tl.float32), amax)
-    y = xf * inv[:, None, None]
+    y = xs * inv[:, None, None]
     y = y + tl.where(y >= 0.0, 0.5, -0.5)
     y = tl.minimum(tl.maximum(y, -127.0), 127.0)
     xq = y.to(tl.int8)  # truncation toward zero
