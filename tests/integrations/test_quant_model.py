@@ -368,6 +368,14 @@ def test_bench_quant_qkv_option(collection, tmp_path, capsys):
     rc = mod.main(["--qkv", str(tmp_path / "missing"), "--out", str(tmp_path)] + smoke)
     err = capsys.readouterr().err
     assert rc == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+    # the emulation at real lengths on a CPU, with and without Q smoothing
+    rc = mod.main(["--qkv", str(collection), "--qkv-modes", "int8", "--qkv-layers", "0", "--qkv-emulate",
+                   "--qkv-smooth-q", "both", "--out", str(tmp_path / "emu")])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "emu" / "quant_qkv.json").read_text())
+    assert res["backend"] == "emulation"
+    assert [(r["method"], r["smooth_q"]) for r in res["rows"]] == [("bf16", None), ("int8", True), ("int8", False)]
+    assert "per_warp no_smooth_q" in (tmp_path / "emu" / "quant_qkv.md").read_text()
 
 
 def test_bench_model_script_takes_the_quant_flags(capsys):
@@ -381,3 +389,43 @@ def test_bench_model_script_takes_the_quant_flags(capsys):
     with pytest.raises(SystemExit) as exc:
         mod.main(["--quant", "fp4"])
     assert exc.value.code == 2
+
+
+def test_quant_model_emulated_script(tmp_path, capsys):
+    """benchmarks/quant_model_emulated.py: every attention layer of a tiny Llama through the quantized emulation."""
+    pytest.importorskip("transformers")
+    from sparseattn.testing.bad_inputs import save_tiny_llama
+
+    import transformers
+
+    model_dir = save_tiny_llama(tmp_path / "model", hidden_size=128, intermediate_size=64, heads=2, kv_heads=1,
+                                head_dim=64)
+    # sharper attention than a random init gives (its scores are all near 0), so quantizing Q/K shows in the logits
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir))
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    m.save_pretrained(str(model_dir))
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    g = torch.Generator().manual_seed(3)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
+    (texts / "a.txt").write_text(" ".join(words[int(j)] for j in torch.randint(0, len(words), (400,), generator=g)))
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "quant_model_emulated.py")
+    spec = importlib.util.spec_from_file_location("quant_model_emulated", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "out"
+    rc = mod.main(["--model", str(model_dir), "--text-dir", str(texts), "--seq-len", "96", "--positions", "32",
+                   "--configs", "int8/per_warp,int8/per_warp/no_smooth_q", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "quant_model.json").read_text())
+    assert list(res["rows"]) == ["bf16", "int8/per_warp", "int8/per_warp/no_smooth_q"]
+    for row in res["rows"].values():
+        assert row["positions"] == 32 and 0.0 <= row["top1"] <= 1.0 and row["kl"] >= 0.0
+    # quantization changes the logits more than bf16 rounding alone (the rows really ran the emulation)
+    assert res["rows"]["int8/per_warp/no_smooth_q"]["kl"] > res["rows"]["bf16"]["kl"]
+    assert "| int8/per_warp |" in capsys.readouterr().out
+    assert mod.main(["--configs", "int4/per_warp", "--out", str(out)]) == 2
+    assert "not mode/granularity" in capsys.readouterr().err
