@@ -7,8 +7,9 @@ diagonal, 128x128 blocks):
 * ``int8`` / ``int8_fp8`` x ``per_warp`` / ``per_thread`` / ``per_block`` / ``per_token`` x dense / density 0.1, timed
   end to end through :func:`sparseattn.ops.quant.quantized_attention` — **the quantization kernels
   are inside the timed call** — plus the quantization alone (``quant_ms``) and the attention kernel
-  alone on pre-quantized operands (``kernel_ms``); every row smooths Q and K (the default) except
-  ``int8/per_warp/no_smooth_q`` and ``int8_fp8/per_warp/no_smooth_q``, the cost of Q smoothing in the same run;
+  alone on pre-quantized operands (``kernel_ms``); every row smooths Q and K and balances their channels (the
+  defaults) except ``int8/per_warp/k_smoothing_only`` and ``int8_fp8/per_warp/k_smoothing_only`` (the kernel before
+  2026-12-05), which give the cost of both in the same run;
 * accuracy of every row: cosine and relative L1 against fp32 attention on the last ``--parity-rows``
   query rows (which see every key), and peak extra memory of one call.
 
@@ -29,7 +30,8 @@ and layer, cosine / relative L1 of bf16 attention and of every ``--qkv-modes`` x
 quantized row against fp32 attention, dense causal or with ``--qkv-predictor``'s layout, and whether
 the target (cos >= 0.9995, rel L1 <= 0.02) holds. Writes ``quant_qkv.json`` / ``quant_qkv.md``; exit
 status 0 (the verdict is in the files). On a CPU add ``--cpu-smoke`` (TRITON_INTERPRET=1) or, at real lengths,
-``--qkv-emulate`` (the emulation). ``--qkv-smooth-q both`` adds every quantized row without Q smoothing.
+``--qkv-emulate`` (the emulation). ``--qkv-smooth-q both`` / ``--qkv-balance both`` add every quantized row without
+Q smoothing / without Q/K balancing.
 
 Usage (GPU): ``PYTHONPATH=src python3 benchmarks/bench_quant.py --out $OUT [--stress 40] [--budget-s 220]``
 and ``PYTHONPATH=src python3 benchmarks/bench_quant.py --qkv qkv/ --qkv-grans per_warp,per_thread --out $OUT``
@@ -170,7 +172,8 @@ def main_rows(args: argparse.Namespace, cpu: bool, deadline: float,
             rows.append({"row": "sdpa_cudnn_bf16", "density": 1.0, "error": str(run)})
     for d in (1.0, 0.1):
         add("bf16", d, lambda d=d: block_sparse_fwd(q, k, v, layout=layouts[d], causal=causal))
-    # priority order: per_warp first (the budget may cut the tail), then per_warp without Q smoothing (its cost)
+    # priority order: per_warp first (the budget may cut the tail), then per_warp with K smoothing only (no Q smoothing,
+    # no Q/K balancing: the kernel before 2026-12-05, so the two rows give their cost in one run)
     variants = [(GRANS[0], True), (GRANS[0], False)] + [(g, True) for g in GRANS[1:]]
     for gran, sq in variants:
         for quant in ("int8", "int8_fp8"):
@@ -178,12 +181,12 @@ def main_rows(args: argparse.Namespace, cpu: bool, deadline: float,
                 lay = layouts[d]
                 fn = (lambda d=d, quant=quant, gran=gran, sq=sq:
                       Q.quantized_attention(q, k, v, layout=layouts[d], causal=causal, quant=quant, quant_granularity=gran,
-                                            smooth_q=sq))
+                                            smooth_q=sq, balance_qk=sq))
                 extra: dict[str, Any] = {}
                 if time.time() < deadline:
                     try:
                         qfn = lambda quant=quant, gran=gran, sq=sq: Q.quantize_qkv(  # noqa: E731
-                            q, k, v, quant=quant, quant_granularity=gran, smooth_q=sq)
+                            q, k, v, quant=quant, quant_granularity=gran, smooth_q=sq, balance_qk=sq)
                         qq = qfn()
                         full = lay if lay is not None else Q.resolve_layout("bench", q, k, None, None, 128, causal)
                         extra["quant_ms"] = _time_ms(qfn, cpu)
@@ -196,7 +199,7 @@ def main_rows(args: argparse.Namespace, cpu: bool, deadline: float,
                         del qq
                     except Exception as exc:
                         extra["split_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                add(f"{quant}/{gran}" + ("" if sq else "/no_smooth_q"), d, fn, extra)
+                add(f"{quant}/{gran}" + ("" if sq else "/k_smoothing_only"), d, fn, extra)
     return rows
 
 
@@ -342,6 +345,7 @@ def qkv_main(args: argparse.Namespace) -> int:
             layers=_csv(args.qkv_layers, int, "--qkv-layers"), lengths=_csv(args.qkv_lengths, int, "--qkv-lengths"),
             predictor=args.qkv_predictor, dtype=getattr(torch, args.qkv_dtype), progress=True,
             smooth_q={"on": (True,), "off": (False,), "both": (True, False)}[args.qkv_smooth_q],
+            balance_qk={"on": (True,), "off": (False,), "both": (True, False)}[args.qkv_balance],
             backend="emulation" if args.qkv_emulate else "kernel",
             device="cpu" if args.qkv_emulate and not torch.cuda.is_available() else None)
     except (ValueError, NotImplementedError) as exc:
@@ -386,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qkv-dtype", default="bfloat16", choices=("bfloat16", "float16"))
     ap.add_argument("--qkv-smooth-q", default="on", choices=("on", "off", "both"),
                     help="quantized rows with Q smoothing (on, the default), without it (off) or both")
+    ap.add_argument("--qkv-balance", default="on", choices=("on", "off", "both"),
+                    help="quantized rows with per-channel Q/K balancing (on, the default), without it (off) or both")
     ap.add_argument("--qkv-emulate", action="store_true",
                     help="--qkv through the PyTorch emulation (same scales and rounding as the kernel) instead of the "
                          "kernel: runs on a CPU at real lengths")

@@ -284,16 +284,17 @@ run_job() {
           --mode $mode --predictors "$DEFAULT_PRED" --no-profile --no-plot --out "$d/default_$mode" > "$d/default_$mode.log" 2>&1
         tail -n 5 "$d/tuned_$mode.log" "$d/default_$mode.log"
       done ;;
-    s15_quant)  # issue 15: Q smoothing (on by default since the fifteenth session) and per_token scales, never run on a
-      # GPU: kernel-vs-emulation parity, the 32K speed table (per_warp with and without Q smoothing, same run), then the
-      # captured SmolLM2 Q/K/V at 4K (dense causal) for every granularity; needs SmolLM2 staged (copy_s0, copy_s1)
+    s15_quant)  # issue 15: Q smoothing, Q/K channel balancing (both on by default since the fifteenth session) and
+      # per_token scales, never run on a GPU: kernel-vs-emulation parity, the 32K speed table (per_warp with and without
+      # them, same run), then the captured SmolLM2 Q/K/V at 4K (dense causal) for every granularity with and without
+      # balancing; needs SmolLM2 staged (copy_s0, copy_s1); Gemma (staged) as S15_MODEL=$GEMMA with layers 0,5,11,17
       timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_quant.py > "$d/pytest.log" 2>&1; tail -n 3 "$d/pytest.log"
       timeout 260 python3 benchmarks/bench_quant.py --no-patterns --stress 20 --budget-s 200 --out "$d" > "$d/bench.log" 2>&1
       tail -n 24 "$d/bench.log"
-      timeout 60 $M collect --model $SMOL --layers 5,10,15,20,25,29 --lengths 4096 --samples 1 --text-dir $ESSAYS \
-        --device cuda --out /tmp/m/qkv --quiet > "$d/collect.log" 2>&1
-      timeout 90 python3 benchmarks/bench_quant.py --qkv /tmp/m/qkv --qkv-grans per_warp,per_thread,per_token \
-        --out "$d" > "$d/qkv.log" 2>&1; tail -n 12 "$d/qkv.log" ;;
+      timeout 60 $M collect --model ${S15_MODEL:-$SMOL} --layers ${S15_LAYERS:-5,10,15,20,25,29} --lengths 4096 \
+        --samples 1 --text-dir $ESSAYS --device cuda --out /tmp/m/qkv_s15 --quiet > "$d/collect.log" 2>&1
+      timeout 90 python3 benchmarks/bench_quant.py --qkv /tmp/m/qkv_s15 --qkv-grans per_warp,per_thread,per_token \
+        --qkv-balance both --out "$d" > "$d/qkv.log" 2>&1; tail -n 16 "$d/qkv.log" ;;
     *) echo "unknown job $job" ;;
   esac
 }

@@ -5,7 +5,7 @@ Every attention layer of the model runs, in turn:
 * ``dense``: the model's own fp32 attention (the reference);
 * ``bf16``: q/k/v rounded to bfloat16, exact attention in fp32, output rounded to bfloat16 (what the bf16
   kernel's inputs and output alone cost: the floor the quantized rows sit on);
-* one row per ``--configs`` entry ``mode/granularity[/no_smooth_q]``: the emulation of the quantized kernel
+* one row per ``--configs`` entry ``mode/granularity[/no_smooth_q][/no_balance]``: the emulation of the quantized kernel
   (:func:`sparseattn.ops.quant_reference.emulated_quantized_attention`: the kernel's scales, rounding and tile
   order) on the bfloat16 q/k/v, dense causal.
 
@@ -44,23 +44,25 @@ def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch
         q, k, v = (t.to(torch.bfloat16).float() for t in (query, key, value))
         out = reference_attention(q, k, v, causal=True, scale=scaling).out.to(torch.bfloat16)
     else:
-        quant, gran, smooth_q = mode
+        quant, gran, smooth_q, balance_qk = mode
         q, k, v = (t.to(torch.bfloat16) for t in (query, key, value))
         out = emulated_quantized_attention(q, k, v, causal=True, scale=scaling, quant=quant, quant_granularity=gran,
-                                           smooth_q=smooth_q)[0]
+                                           smooth_q=smooth_q, balance_qk=balance_qk)[0]
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
-def _parse_config(text: str) -> tuple[str, str, bool]:
+def _parse_config(text: str) -> tuple[str, str, bool, bool]:
     from sparseattn.ops.quant import GRANULARITIES, QUANT_MODES
 
     parts = text.split("/")
-    ok = len(parts) in (2, 3) and parts[0] in QUANT_MODES and parts[1] in GRANULARITIES and (
-        len(parts) == 2 or parts[2] == "no_smooth_q")
+    flags = parts[2:]
+    ok = len(parts) >= 2 and parts[0] in QUANT_MODES and parts[1] in GRANULARITIES and len(set(flags)) == len(flags) \
+        and all(f in ("no_smooth_q", "no_balance") for f in flags)
     if not ok:
-        raise ValueError(f"quant_model_emulated.py: --configs entry {text!r} is not mode/granularity[/no_smooth_q]; "
-                         f"expected e.g. int8/per_warp or int8/per_token/no_smooth_q")
-    return parts[0], parts[1], len(parts) == 2
+        raise ValueError(f"quant_model_emulated.py: --configs entry {text!r} is not "
+                         f"mode/granularity[/no_smooth_q][/no_balance]; expected e.g. int8/per_warp or "
+                         f"int8/per_token/no_smooth_q/no_balance")
+    return parts[0], parts[1], "no_smooth_q" not in flags, "no_balance" not in flags
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--positions", type=int, default=1024, help="last positions of each window scored")
-    ap.add_argument("--configs", default="int8/per_warp/no_smooth_q,int8/per_warp,int8/per_token",
-                    help="comma-separated mode/granularity[/no_smooth_q]")
+    ap.add_argument("--configs", default="int8/per_warp/no_smooth_q/no_balance,int8/per_warp,int8/per_token",
+                    help="comma-separated mode/granularity[/no_smooth_q][/no_balance]")
     ap.add_argument("--out", default=".")
     args = ap.parse_args(argv)
     try:
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load(args.model, dtype=torch.float32, device="cpu")
     ids, names, source = sample_ids(model, tok, seq_len=args.seq_len, samples=args.samples, text_dir=args.text_dir)
     rows: dict[str, dict[str, Any]] = {}
-    labels = ["bf16"] + ["/".join([c[0], c[1]] + ([] if c[2] else ["no_smooth_q"])) for c in configs]
+    labels = ["bf16"] + ["/".join([c[0], c[1]] + ([] if c[2] else ["no_smooth_q"]) + ([] if c[3] else ["no_balance"]))
+                         for c in configs]
     modes: list[Any] = ["bf16"] + configs
     P = min(args.positions, args.seq_len - 1)
     for w, x in enumerate(ids):

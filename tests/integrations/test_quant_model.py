@@ -418,14 +418,16 @@ def test_quant_model_emulated_script(tmp_path, capsys):
     spec.loader.exec_module(mod)
     out = tmp_path / "out"
     rc = mod.main(["--model", str(model_dir), "--text-dir", str(texts), "--seq-len", "96", "--positions", "32",
-                   "--configs", "int8/per_warp,int8/per_warp/no_smooth_q", "--out", str(out)])
+                   "--configs", "int8/per_warp,int8/per_warp/no_smooth_q/no_balance", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "quant_model.json").read_text())
-    assert list(res["rows"]) == ["bf16", "int8/per_warp", "int8/per_warp/no_smooth_q"]
+    assert list(res["rows"]) == ["bf16", "int8/per_warp", "int8/per_warp/no_smooth_q/no_balance"]
     for row in res["rows"].values():
         assert row["positions"] == 32 and 0.0 <= row["top1"] <= 1.0 and row["kl"] >= 0.0
     # quantization changes the logits more than bf16 rounding alone (the rows really ran the emulation)
-    assert res["rows"]["int8/per_warp/no_smooth_q"]["kl"] > res["rows"]["bf16"]["kl"]
+    assert res["rows"]["int8/per_warp/no_smooth_q/no_balance"]["kl"] > res["rows"]["bf16"]["kl"]
     assert "| int8/per_warp |" in capsys.readouterr().out
     assert mod.main(["--configs", "int4/per_warp", "--out", str(out)]) == 2
+    assert "not mode/granularity" in capsys.readouterr().err
+    assert mod.main(["--configs", "int8/per_warp/no_balance/no_balance", "--out", str(out)]) == 2
     assert "not mode/granularity" in capsys.readouterr().err

@@ -74,6 +74,8 @@ def test_quantizer_matches_emulation(quant, gran, shift):
     assert qq.k_bias.shape == (1, 4, 200) and qr.k_bias.shape == (1, 4, 200)
     bias_tol = FP32_RTOL * float(qr.k_bias.abs().max()) + FP32_ATOL
     assert float((qq.k_bias - qr.k_bias).abs().max()) <= bias_tol
+    # the Q/K balancing factors come from exact channel max / min: equal given the same means
+    assert qq.qk_alpha.shape == (1, 2, 64) and torch.equal(qq.qk_alpha, qr.qk_alpha)
     lim = 0 if DEV == "cpu" else T.QUANT_INT8_MAX_UNIT_DIFF
     assert int((qq.q_int8.int() - qr.q_int8.int()).abs().max()) <= lim
     assert int((qq.k_int8.int() - qr.k_int8.int()).abs().max()) <= lim
@@ -229,6 +231,39 @@ def test_q_smoothing_matters_with_outlier_channels():
         assert T.quant_accuracy(st.out, ref.out)[1] <= (1.5 * rel_s if sq else 1.5 * rel_n)
 
 
+def test_qk_balancing_matters_with_wide_key_channels():
+    """A few K channels with a 30x wider spread than the rest (Gemma-3's global layers have such keys; smoothing
+    removes offsets, not spread): without balancing they set every key's INT8 step; alpha = sqrt(max|q| / max|k|)
+    per channel moves half of that range into Q, exactly for Q·Kᵀ."""
+    q, k, v = (t.cpu() for t in _qkv(1, 2, 1, 512, 512, 64, seed=13))
+    kf = k.float()
+    kf[..., :3] *= 30.0
+    k = kf.bfloat16()
+    q = (q.float() * 0.3).bfloat16()
+    ref = reference_attention(q.float(), k.float(), v.float(), causal=True)
+    o_b, lse_b = emulated_quantized_attention(q, k, v, causal=True, quant_granularity="per_warp", balance_qk=True)
+    o_n, _ = emulated_quantized_attention(q, k, v, causal=True, quant_granularity="per_warp", balance_qk=False)
+    cos_b, rel_b = T.quant_accuracy(o_b, ref.out)
+    cos_n, rel_n = T.quant_accuracy(o_n, ref.out)
+    assert cos_b >= T.QUANT_INT8_COS_MIN and rel_b <= T.QUANT_INT8_REL_L1_MAX, (cos_b, rel_b)
+    assert rel_n > 2 * rel_b and cos_n < cos_b, (cos_n, rel_n, cos_b, rel_b)
+    assert float((lse_b - ref.lse).abs().max()) < T.QUANT_SMOOTHING_LSE_ATOL
+    # the kernel on its own operands, with and without balancing
+    for bal in (True, False):
+        st = Q.quantized_attention(q.to(DEV), k.to(DEV), v.to(DEV), causal=True, balance_qk=bal, return_lse=True)
+        assert (Q.quantize_qkv(q.to(DEV), k.to(DEV), v.to(DEV), balance_qk=bal).qk_alpha is None) == (not bal)
+        assert T.quant_accuracy(st.out, ref.out)[1] <= 1.5 * (rel_b if bal else rel_n)
+
+
+def test_balance_scales_guards():
+    qr = torch.tensor([[[4.0, 0.0, float("inf"), 1.0], [9.0, 2.0, 1.0, 1.0]]])  # (B=1, H=2, D=4), one KV head
+    kr = torch.tensor([[[1.0, 3.0, 2.0, 0.0]]])
+    inv, alpha = Q.balance_scales(qr, kr)
+    # channel 0: sqrt(max(4, 9) / 1) = 3; 1: sqrt(2 / 3); 2: q range not finite -> 1; 3: k range 0 -> 1
+    assert torch.allclose(alpha, torch.tensor([[[3.0, (2 / 3) ** 0.5, 1.0, 1.0]]]))
+    assert torch.allclose(inv * alpha, torch.ones_like(alpha))
+
+
 def test_per_token_scales_beat_per_warp_on_uneven_rows():
     """Query rows whose norms differ by 30x inside one 16-row group and keys likewise: a per-token scale keeps
     every row's resolution, a shared one is set by the largest row."""
@@ -300,6 +335,8 @@ def test_bad_arguments():
         Q.quantized_attention(q, k, v, smooth_q=1)
     with pytest.raises(ValueError, match=r"quantize_qkv: smooth_k must be a bool"):
         Q.quantize_qkv(q, k, v, smooth_k="yes")
+    with pytest.raises(ValueError, match=r"quantized_attention: balance_qk must be a bool"):
+        Q.quantized_attention(q, k, v, balance_qk=None)
     with pytest.raises(NotImplementedError, match="dtype float32 is not supported"):
         Q.quantized_attention(q.float(), k.float(), v.float())
     q96, k96, v96 = _qkv(1, 2, 1, 64, 64, 96)

@@ -48,7 +48,7 @@ def captured_quant_accuracy(path: Any, *, modes: Sequence[str] = ("int8", "int8_
                             lengths: Sequence[int] | None = None, predictor: Any = None,
                             dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,
                             progress: bool = False, smooth_q: Sequence[bool] = (True,),
-                            backend: str = "kernel") -> dict[str, Any]:
+                            backend: str = "kernel", balance_qk: Sequence[bool] = (True,)) -> dict[str, Any]:
     """Quantized attention vs fp32 attention on every captured (file, layer); see the module docstring.
 
     Args:
@@ -62,6 +62,7 @@ def captured_quant_accuracy(path: Any, *, modes: Sequence[str] = ("int8", "int8_
         device: default CUDA when available, else the CPU (needs ``TRITON_INTERPRET=1`` with ``backend="kernel"``).
         smooth_q: one quantized row per value (``(True, False)``: with and without Q smoothing; rows without it
             are labelled ``no_smooth_q``).
+        balance_qk: likewise for the per-channel Q/K balancing (rows without it are labelled ``no_balance``).
         backend: ``"kernel"`` (:func:`~sparseattn.ops.quant.quantized_attention`) or ``"emulation"`` (the PyTorch
             emulation with the same scales and rounding, :mod:`sparseattn.ops.quant_reference`; any device, and
             the practical choice on a CPU at real lengths).
@@ -93,10 +94,10 @@ def captured_quant_accuracy(path: Any, *, modes: Sequence[str] = ("int8", "int8_
     for g in granularities:
         if g not in GRANULARITIES:
             raise fail(fn, "granularities", "has an unknown granularity", f"some of {list(GRANULARITIES)}", repr(g))
-    smooth_q = list(smooth_q)
-    if not smooth_q or any(not isinstance(b, bool) for b in smooth_q):
-        raise fail(fn, "smooth_q", "must be a non-empty sequence of bools", "e.g. (True,) or (True, False)",
-                   repr(smooth_q))
+    smooth_q, balance_qk = list(smooth_q), list(balance_qk)
+    for name, vals in (("smooth_q", smooth_q), ("balance_qk", balance_qk)):
+        if not vals or any(not isinstance(b, bool) for b in vals):
+            raise fail(fn, name, "must be a non-empty sequence of bools", "e.g. (True,) or (True, False)", repr(vals))
     if backend not in ("kernel", "emulation"):
         raise fail(fn, "backend", "is unknown", "'kernel' or 'emulation'", repr(backend))
     if dtype not in (torch.bfloat16, torch.float16):
@@ -121,23 +122,23 @@ def captured_quant_accuracy(path: Any, *, modes: Sequence[str] = ("int8", "int8_
         base = {"file": item["file"], "sample": item["sample"], "seq_len": item["seq_len"], "layer": item["layer"],
                 "heads": int(q32.shape[1]), "kv_heads": int(k32.shape[1]), "head_dim": int(q32.shape[3]),
                 "scale": scale, "density": None if layout is None else float(layout.density(causal=True))}
-        outs: list[tuple[str, str | None, bool | None, torch.Tensor]] = [
-            ("bf16" if dtype == torch.bfloat16 else "fp16", None, None,
+        outs: list[tuple[str, str | None, bool | None, bool | None, torch.Tensor]] = [
+            ("bf16" if dtype == torch.bfloat16 else "fp16", None, None, None,
              attention(qb, kb, vb, causal=True, layout=layout, scale=scale).out)]
         for m in modes:
             for g in granularities:
                 for sq in smooth_q:
-                    if backend == "kernel":
-                        out = quantized_attention(qb, kb, vb, layout=layout, causal=True, scale=scale, quant=m,
-                                                  quant_granularity=g, smooth_q=sq)
-                    else:
-                        out = emulated_quantized_attention(qb, kb, vb, layout=layout, causal=True, scale=scale,
-                                                           quant=m, quant_granularity=g, smooth_q=sq)[0]
-                    outs.append((m, g, sq, out))
-        for method, gran, sq, out in outs:
+                    for bal in balance_qk:
+                        kw = dict(layout=layout, causal=True, scale=scale, quant=m, quant_granularity=g, smooth_q=sq,
+                                  balance_qk=bal)
+                        out = quantized_attention(qb, kb, vb, **kw) if backend == "kernel" else \
+                            emulated_quantized_attention(qb, kb, vb, **kw)[0]
+                        outs.append((m, g, sq, bal, out))
+        for method, gran, sq, bal, out in outs:
             cos, rel = quant_accuracy(out, ref)
             tgt = QUANT_TARGETS.get(method)
-            rows.append({**base, "method": method, "granularity": gran, "smooth_q": sq, "cos": cos, "rel_l1": rel,
+            rows.append({**base, "method": method, "granularity": gran, "smooth_q": sq, "balance_qk": bal,
+                         "cos": cos, "rel_l1": rel,
                          "passed": None if tgt is None else bool(cos >= tgt[0] and rel <= tgt[1])})
         if progress:
             print(f"[quant-qkv] {item['file']} layer {item['layer']}: " + ", ".join(
@@ -149,7 +150,7 @@ def captured_quant_accuracy(path: Any, *, modes: Sequence[str] = ("int8", "int8_
     summary: dict[str, Any] = {}
     for r in rows:
         s = summary.setdefault(_label(r), {"method": r["method"], "granularity": r["granularity"],
-                                           "smooth_q": r["smooth_q"], "n": 0,
+                                           "smooth_q": r["smooth_q"], "balance_qk": r["balance_qk"], "n": 0,
                                        "min_cos": 1.0, "max_rel_l1": 0.0, "passed": None})
         s["n"] += 1
         s["min_cos"] = min(s["min_cos"], r["cos"])
@@ -166,9 +167,9 @@ def captured_quant_accuracy(path: Any, *, modes: Sequence[str] = ("int8", "int8_
 
 
 def _label(r: dict[str, Any]) -> str:
-    """``"int8 per_warp"``, ``"int8 per_warp no_smooth_q"``, ``"bf16"``."""
+    """``"int8 per_warp"``, ``"int8 per_warp no_smooth_q no_balance"``, ``"bf16"``."""
     return r["method"] + (f" {r['granularity']}" if r["granularity"] else "") + (
-        " no_smooth_q" if r.get("smooth_q") is False else "")
+        " no_smooth_q" if r.get("smooth_q") is False else "") + (" no_balance" if r.get("balance_qk") is False else "")
 
 
 def quant_accuracy_table(res: dict[str, Any]) -> str:
@@ -178,7 +179,8 @@ def quant_accuracy_table(res: dict[str, Any]) -> str:
              "| len | sample | layer | method | granularity | cos | rel L1 | target |", "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         ok = "-" if r["passed"] is None else ("pass" if r["passed"] else "FAIL")
-        gran = (r["granularity"] or "-") + (" no_smooth_q" if r.get("smooth_q") is False else "")
+        gran = (r["granularity"] or "-") + (" no_smooth_q" if r.get("smooth_q") is False else "") + (
+            " no_balance" if r.get("balance_qk") is False else "")
         lines.append(f"| {r['seq_len']} | {r['sample']} | {r['layer']} | {r['method']} | {gran} | "
                      f"{r['cos']:.6f} | {r['rel_l1']:.4f} | {ok} |")
     lines += ["", "| method | layers x samples | min cos | max rel L1 | target |", "|---|---|---|---|---|"]

@@ -404,7 +404,7 @@ QUANT_REF_OP = "sparseattn::quantized_attention_ref"
 QUANT_TRITON_OP = "sparseattn::quantized_attention_triton"
 _QUANT_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? kv_num_blocks, Tensor? kv_indices, SymInt block_m, "
                  "SymInt block_n, bool causal, float? scale, str quant, str quant_granularity, bool smooth_k, "
-                 "bool smooth_q=True) "
+                 "bool smooth_q=True, bool balance_qk=True) "
                  "-> (Tensor, Tensor)")
 
 
@@ -412,20 +412,20 @@ _QUANT_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? kv_num_blocks, Tensor? 
 def _quantized_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor | None,
                              kv_indices: torch.Tensor | None, block_m: int, block_n: int, causal: bool,
                              scale: float | None, quant: str, quant_granularity: str,
-                             smooth_k: bool, smooth_q: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                             smooth_k: bool, smooth_q: bool = True, balance_qk: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The PyTorch emulation of the quantized kernel (same scales and rounding; ops/quant_reference.py)."""
     from sparseattn.ops.quant_reference import emulated_quantized_attention
 
     layout = _layout_from(q, k, kv_num_blocks, kv_indices, block_m, block_n)
     out, lse = emulated_quantized_attention(q, k, v, layout=layout, causal=causal, scale=scale, quant=quant,
                                             quant_granularity=quant_granularity, smooth_k=smooth_k,
-                                            smooth_q=smooth_q)
+                                            smooth_q=smooth_q, balance_qk=balance_qk)
     return out.contiguous(), lse.to(torch.float32).contiguous()
 
 
 @_quantized_attention_ref.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale, quant, quant_granularity,  # noqa: ANN001
-      smooth_k, smooth_q=True):  # noqa: ANN001, ANN202
+      smooth_k, smooth_q=True, balance_qk=True):  # noqa: ANN001, ANN202
     return _fake_outputs(q, torch.float32)
 
 
@@ -433,20 +433,20 @@ def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale, quant
 def _quantized_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor | None,
                                 kv_indices: torch.Tensor | None, block_m: int, block_n: int, causal: bool,
                                 scale: float | None, quant: str, quant_granularity: str,
-                                smooth_k: bool, smooth_q: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                                smooth_k: bool, smooth_q: bool = True, balance_qk: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The quantized Triton kernel (opaque). Verified on the CPU interpreter only; not yet on a GPU."""
     from sparseattn.ops.quant import quantized_attention
 
     layout = _layout_from(q, k, kv_num_blocks, kv_indices, block_m, block_n)
     st = quantized_attention(q, k, v, layout=layout, causal=causal, scale=scale, quant=quant,
                              quant_granularity=quant_granularity, smooth_k=smooth_k, smooth_q=smooth_q,
-                             return_lse=True)
+                             balance_qk=balance_qk, return_lse=True)
     return st.out.contiguous(), st.lse.contiguous()
 
 
 @_quantized_attention_triton.register_fake
 def _(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale, quant, quant_granularity,  # noqa: ANN001
-      smooth_k, smooth_q=True):  # noqa: ANN001, ANN202
+      smooth_k, smooth_q=True, balance_qk=True):  # noqa: ANN001, ANN202
     return _fake_outputs(q, torch.float32)  # float16/bfloat16 inputs only; lse is float32
 
 
@@ -478,6 +478,7 @@ def quantized_attention_op(
     smooth_k: bool = True,
     backend: str = "auto",
     smooth_q: bool = True,
+    balance_qk: bool = True,
 ) -> AttentionState:
     """:func:`~sparseattn.ops.quant.quantized_attention` (``return_lse=True``) through a registered custom op.
 
@@ -498,7 +499,7 @@ def quantized_attention_op(
         raise fail(fn, "backend", "is unknown", "one of ['auto', 'triton', 'reference']", repr(backend))
     Q._check_modes(fn, quant, quant_granularity)
     check_attention_args(fn, q, k, v, causal=causal, layout=layout, scale=scale, pv_threshold=None)
-    Q._check_smoothing(fn, smooth_k, smooth_q)
+    Q._check_smoothing(fn, smooth_k, smooth_q, balance_qk)
     if backend != "reference":
         blocks = None if layout is None else (layout.block_m, layout.block_n)
         reason = _select_quant(str(q.device), q.dtype, tuple(q.shape), blocks, quant)
@@ -508,10 +509,11 @@ def quantized_attention_op(
         torch.ops.sparseattn.quantized_attention_triton
     sc = None if scale is None else float(scale)
     if layout is None:
-        out, lse = op(q, k, v, None, None, 0, 0, causal, sc, quant, quant_granularity, smooth_k, smooth_q)
+        out, lse = op(q, k, v, None, None, 0, 0, causal, sc, quant, quant_granularity, smooth_k, smooth_q,
+                      balance_qk)
     else:
         out, lse = op(q, k, v, layout.kv_num_blocks, layout.kv_indices, layout.block_m, layout.block_n, causal, sc,
-                      quant, quant_granularity, smooth_k, smooth_q)
+                      quant, quant_granularity, smooth_k, smooth_q, balance_qk)
     return AttentionState(out, lse)
 
 

@@ -88,7 +88,8 @@ class QuantizedQKV:
         ``(B, H_kv, D)`` float32 per-channel scale (``amax_d / 448``) or ``None``; q_mean ``(B, H, D)``
         float32, the per-channel token mean of Q subtracted before quantizing (``None`` without Q smoothing);
         k_bias ``(B, H, N_kv)`` float32, ``sm_scale * log2(e) * q_mean · (k - k_mean)`` per query head and key,
-        added to every score of that key (``None`` without Q smoothing).
+        added to every score of that key (``None`` without Q smoothing); qk_alpha ``(B, H_kv, D)`` float32, the
+        per-channel balancing factor (Q quantized as ``q / alpha``, K as ``k * alpha``; ``None`` without it).
     """
 
     q_int8: torch.Tensor
@@ -105,6 +106,7 @@ class QuantizedQKV:
     fp8_emulated: bool
     q_mean: torch.Tensor | None = None
     k_bias: torch.Tensor | None = None
+    qk_alpha: torch.Tensor | None = None
 
 
 def _interpret() -> bool:
@@ -195,7 +197,7 @@ def _fp8_storage(device: torch.device) -> tuple[torch.dtype, bool]:
 
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, quant: str = "int8",
                  quant_granularity: str = "per_warp", scale: float | None = None, smooth_k: bool = True,
-                 smooth_q: bool = True) -> QuantizedQKV:
+                 smooth_q: bool = True, balance_qk: bool = True) -> QuantizedQKV:
     """Quantize ``q``, ``k`` (both smoothed) and, for ``"int8_fp8"``, ``v`` with the fused Triton kernels.
 
     Args:
@@ -206,29 +208,59 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, quant: st
         smooth_k: subtract the per-channel token mean of K before quantizing.
         smooth_q: subtract the per-channel token mean of Q (per query head) before quantizing; its product
             with every (smoothed) key is computed in fp32 (``k_bias``) and added to that key's scores.
+        balance_qk: quantize ``q / alpha`` and ``k * alpha`` per channel (:func:`balance_scales`; exact for Q·Kᵀ).
 
     Returns:
         :class:`QuantizedQKV`.
     """
     fn = "quantize_qkv"
     _check_modes(fn, quant, quant_granularity)
-    _check_smoothing(fn, smooth_k, smooth_q)
+    _check_smoothing(fn, smooth_k, smooth_q, balance_qk)
     (B, H, Hkv, Nq, Nkv, D), sm_scale = check_attention_args(fn, q, k, v, causal=False, layout=None, scale=scale,
                                                               pv_threshold=None)
     reason = _kernel_refusal(q, quant)
     if reason is not None:
         raise NotImplementedError(f"{fn}: the quantized kernel cannot run these inputs: {reason}")
-    return _quantize(q, k, v, quant, quant_granularity, sm_scale, smooth_k, smooth_q)
+    return _quantize(q, k, v, quant, quant_granularity, sm_scale, smooth_k, smooth_q, balance_qk)
 
 
-def _check_smoothing(fn: str, smooth_k: Any, smooth_q: Any) -> None:
-    for name, val in (("smooth_k", smooth_k), ("smooth_q", smooth_q)):
+def _check_smoothing(fn: str, smooth_k: Any, smooth_q: Any, balance_qk: Any = True) -> None:
+    for name, val in (("smooth_k", smooth_k), ("smooth_q", smooth_q), ("balance_qk", balance_qk)):
         if not isinstance(val, bool):
             raise fail(fn, name, "must be a bool", "True or False", repr(val))
 
 
+def _range(xmax: torch.Tensor, xmin: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
+    """Per-channel ``max |x - mean|`` (``max |x|`` without a mean) from the channel max and min (``-inf`` if none)."""
+    if mean is None:
+        return torch.maximum(xmax, -xmin)
+    return torch.maximum(xmax - mean, mean - xmin)
+
+
+def balance_scales(q_range: torch.Tensor, k_range: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel Q/K balancing (SmoothQuant's migration, strength 1/2, applied to Q·Kᵀ): ``alpha_d =
+    sqrt(max|q_d| / max|k_d|)``, ``q_d / alpha_d`` and ``k_d * alpha_d`` are quantized, so their product is
+    unchanged and both carry the same range per channel.
+
+    Args:
+        q_range: ``(B, H, D)`` float32, the (smoothed) query range per head and channel; the KV head's
+            ``alpha`` uses the largest over its query heads.
+        k_range: ``(B, H_kv, D)`` float32, the (smoothed) key range.
+
+    Returns:
+        ``(1 / alpha, alpha)``, both ``(B, H_kv, D)`` float32; ``alpha = 1`` where a range is 0 or not finite.
+    """
+    B, H, D = q_range.shape
+    Hkv = k_range.shape[1]
+    qr = q_range.reshape(B, Hkv, H // Hkv, D).amax(2)
+    ok = (qr > 0) & (k_range > 0) & torch.isfinite(qr) & torch.isfinite(k_range)
+    one = torch.ones_like(qr)
+    alpha = torch.where(ok, torch.sqrt(torch.where(ok, qr, one) / torch.where(ok, k_range, one)), one)
+    return one / alpha, alpha
+
+
 def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gran: str, sm_scale: float,
-              smooth_k: bool, smooth_q: bool = True) -> QuantizedQKV:
+              smooth_k: bool, smooth_q: bool = True, balance_qk: bool = True) -> QuantizedQKV:
     from sparseattn.ops.triton import quantize as kq
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -239,29 +271,42 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
     (qw, qt, qs_), (kw, kt, ks_) = GRANULARITIES[gran]
     n_chunks = cdiv(Nkv, _R)
 
-    ksum = vmax = None
-    if smooth_k or fp8:
-        ksum = torch.empty((B * Hkv, n_chunks, D), dtype=torch.float32, device=dev) if smooth_k else None
-        vmax = torch.empty((B * Hkv, n_chunks, D), dtype=torch.float32, device=dev) if fp8 else None
+    ksum = vmax = kmax = kmin = None
+    need_k = smooth_k or balance_qk
+    if need_k or fp8:
+        f32 = dict(dtype=torch.float32, device=dev)
+        ksum = torch.empty((B * Hkv, n_chunks, D), **f32) if need_k else None
+        vmax = torch.empty((B * Hkv, n_chunks, D), **f32) if fp8 else None
+        if balance_qk:
+            kmax, kmin = torch.empty((B * Hkv, n_chunks, D), **f32), torch.empty((B * Hkv, n_chunks, D), **f32)
         dummy = ksum if ksum is not None else vmax
         kq._kv_stats_kernel[(n_chunks, B * Hkv)](
             k, v, ksum if ksum is not None else dummy, vmax if vmax is not None else dummy,
+            kmax if kmax is not None else dummy, kmin if kmin is not None else dummy,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            Hkv, Nkv, n_chunks, HEAD_DIM=D, R=_R, NEED_K=smooth_k, NEED_V=fp8)
+            Hkv, Nkv, n_chunks, HEAD_DIM=D, R=_R, NEED_K=need_k, NEED_V=fp8, NEED_RANGE=balance_qk)
     if smooth_k:
         k_mean = (ksum.sum(1) / Nkv).view(B, Hkv, D)
     else:
         k_mean = torch.zeros((B, Hkv, D), dtype=torch.float32, device=dev)
     mult = float(sm_scale) * _LOG2E
     q_mean = k_bias = None
-    if smooth_q:  # per-channel token mean of the finite entries of Q, per query head (the K statistics kernel on Q)
+    ch_q = ch_k = None
+    if smooth_q or balance_qk:  # per-channel statistics of the finite entries of Q per query head (the same kernel)
         nq_chunks = cdiv(Nq, _R)
         qsum = torch.empty((B * H, nq_chunks, D), dtype=torch.float32, device=dev)
+        qmax = torch.empty((B * H, nq_chunks, D), dtype=torch.float32, device=dev) if balance_qk else qsum
+        qmin = torch.empty((B * H, nq_chunks, D), dtype=torch.float32, device=dev) if balance_qk else qsum
         kq._kv_stats_kernel[(nq_chunks, B * H)](
-            q, q, qsum, qsum, q.stride(0), q.stride(1), q.stride(2), q.stride(0), q.stride(1), q.stride(2),
-            H, Nq, nq_chunks, HEAD_DIM=D, R=_R, NEED_K=True, NEED_V=False)
-        q_mean = (qsum.sum(1) / Nq).view(B, H, D)
-        k_bias = torch.empty((B, H, Nkv), dtype=torch.float32, device=dev)
+            q, q, qsum, qsum, qmax, qmin, q.stride(0), q.stride(1), q.stride(2), q.stride(0), q.stride(1), q.stride(2),
+            H, Nq, nq_chunks, HEAD_DIM=D, R=_R, NEED_K=True, NEED_V=False, NEED_RANGE=balance_qk)
+        if smooth_q:
+            q_mean = (qsum.sum(1) / Nq).view(B, H, D)
+            k_bias = torch.empty((B, H, Nkv), dtype=torch.float32, device=dev)
+        if balance_qk:
+            q_range = _range(qmax.amax(1).view(B, H, D), qmin.amin(1).view(B, H, D), q_mean)
+            k_range = _range(kmax.amax(1).view(B, Hkv, D), kmin.amin(1).view(B, Hkv, D), k_mean if smooth_k else None)
+            ch_q, ch_k = balance_scales(q_range, k_range)
 
     # K (with Q smoothing, also k_bias = mult * q_mean . (k - k_mean) for each query head of the KV head)
     nkg = cdiv(Nkv, kw) * kt
@@ -269,25 +314,27 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
     k_scale = torch.empty((B, Hkv, nkg), dtype=torch.float32, device=dev)
     qm_t = q_mean if q_mean is not None else k_mean
     kb_t = k_bias if k_bias is not None else k_scale
+    chk_t = ch_k if ch_k is not None else k_mean
+    chq_t = ch_q if ch_q is not None else k_mean
     kq._quant_rows_kernel[(n_chunks, B * Hkv)](
-        k, k_int8, k_scale, k_mean, k_scale, qm_t, kb_t,
+        k, k_int8, k_scale, k_mean, k_scale, qm_t, kb_t, chk_t,
         k.stride(0), k.stride(1), k.stride(2), k_int8.stride(0), k_int8.stride(1), k_int8.stride(2),
         k_scale.stride(0), k_scale.stride(1), k_mean.stride(0), k_mean.stride(1), k_scale.stride(0), k_scale.stride(1),
-        qm_t.stride(0), qm_t.stride(1), kb_t.stride(0), kb_t.stride(1),
+        qm_t.stride(0), qm_t.stride(1), kb_t.stride(0), kb_t.stride(1), chk_t.stride(0), chk_t.stride(1),
         Hkv, 1, H // Hkv, Nkv, nkg, 1.0, mult,
-        HEAD_DIM=D, R=_R, W=kw, T=kt, S=ks_, IS_Q=False, HAS_MEAN=smooth_k, HAS_QMEAN=smooth_q)
+        HEAD_DIM=D, R=_R, W=kw, T=kt, S=ks_, IS_Q=False, HAS_MEAN=smooth_k, HAS_QMEAN=smooth_q, HAS_CH=balance_qk)
     # Q
     nqg = cdiv(Nq, qw) * qt
     q_int8 = torch.empty((B, H, Nq, D), dtype=torch.int8, device=dev)
     q_scale = torch.empty((B, H, nqg), dtype=torch.float32, device=dev)
     q_row = torch.empty((B, H, Nq), dtype=torch.float32, device=dev)
     kq._quant_rows_kernel[(cdiv(Nq, _R), B * H)](
-        q, q_int8, q_scale, k_mean, q_row, qm_t, q_row,
+        q, q_int8, q_scale, k_mean, q_row, qm_t, q_row, chq_t,
         q.stride(0), q.stride(1), q.stride(2), q_int8.stride(0), q_int8.stride(1), q_int8.stride(2),
         q_scale.stride(0), q_scale.stride(1), k_mean.stride(0), k_mean.stride(1), q_row.stride(0), q_row.stride(1),
-        qm_t.stride(0), qm_t.stride(1), q_row.stride(0), q_row.stride(1),
+        qm_t.stride(0), qm_t.stride(1), q_row.stride(0), q_row.stride(1), chq_t.stride(0), chq_t.stride(1),
         H, H // Hkv, 1, Nq, nqg, mult, 1.0,
-        HEAD_DIM=D, R=_R, W=qw, T=qt, S=qs_, IS_Q=True, HAS_MEAN=smooth_k, HAS_QMEAN=smooth_q)
+        HEAD_DIM=D, R=_R, W=qw, T=qt, S=qs_, IS_Q=True, HAS_MEAN=smooth_k, HAS_QMEAN=smooth_q, HAS_CH=balance_qk)
     # V
     v_scale = None
     emulated = False
@@ -304,7 +351,7 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
             v, vq, inv, v.stride(0), v.stride(1), v.stride(2), vq.stride(0), vq.stride(1), vq.stride(2),
             Hkv, Nkv, HEAD_DIM=D, R=_R, FP8_EMU=emulated)
     return QuantizedQKV(q_int8, q_scale, q_row, k_int8, k_scale, k_mean, vq, v_scale, quant, gran, float(sm_scale), emulated,
-                        q_mean, k_bias)
+                        q_mean, k_bias, ch_k)
 
 
 def default_quant_config(head_dim: int, layout_bm: int, layout_bn: int, *, interpret: bool,
@@ -622,6 +669,7 @@ def quantized_attention(
     config: "dict[str, int] | QuantLaunchConfig | None" = None,
     telemetry: dict[str, Any] | None = None,
     smooth_q: bool = True,
+    balance_qk: bool = True,
 ) -> torch.Tensor | AttentionState:
     """Block-sparse attention with INT8 Q·Kᵀ (and FP8 P·V with ``quant="int8_fp8"``); see the module docstring.
 
@@ -643,6 +691,9 @@ def quantized_attention(
         smooth_q: subtract Q's per-channel token mean (per query head) before quantizing and add the mean's
             fp32 product with each key to that key's scores (exact up to fp32 rounding; recommended: it
             shrinks the INT8 error on real Q/K/V, docs/QUANT.md).
+        balance_qk: per-channel Q/K balancing before quantizing: ``q / alpha`` and ``k * alpha`` with ``alpha =
+            sqrt(max|q| / max|k|)`` per channel (exact for Q·Kᵀ; recommended: keys with a few huge channels, as
+            Gemma-3 has, otherwise set the INT8 step of every other channel; docs/QUANT.md).
         return_lse: also return the natural-log lse.
         config: fixed launch config, a :class:`~sparseattn.ops.launch_configs.QuantLaunchConfig` or the dict
             ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}`` (optionally ``maxnreg``), instead of the
@@ -670,19 +721,20 @@ def quantized_attention(
     _check_modes(fn, quant, quant_granularity)
     (B, H, Hkv, Nq, Nkv, D), sm_scale = check_attention_args(fn, q, k, v, causal=causal, layout=layout, scale=scale,
                                                               pv_threshold=None)
-    _check_smoothing(fn, smooth_k, smooth_q)
+    _check_smoothing(fn, smooth_k, smooth_q, balance_qk)
     op, reason = quant_choice(q, quant=quant, layout=layout)
     if op is None:
         raise NotImplementedError(f"{fn}: the quantized kernel cannot run these inputs: {reason}")
     if op.name != _KERNEL_OP:  # a registered quantized operator: its run function, with this call's arguments
         return op.run_fn()(q, k, v, layout=layout, causal=causal, scale=scale, quant=quant,
                            quant_granularity=quant_granularity, topk_indices=topk_indices, block_size=block_size,
-                           smooth_k=smooth_k, smooth_q=smooth_q, return_lse=return_lse, config=config,
+                           smooth_k=smooth_k, smooth_q=smooth_q, balance_qk=balance_qk, return_lse=return_lse,
+                           config=config,
                            **({} if telemetry is None else {"telemetry": telemetry}))
     if telemetry is not None and not isinstance(telemetry, dict):
         raise fail(fn, "telemetry", "must be a dict or None", "a dict", type(telemetry).__name__)
     lay = resolve_layout(fn, q, k, layout, topk_indices, block_size, causal)
-    qq = _quantize(q, k, v, quant, quant_granularity, sm_scale, smooth_k, smooth_q)
+    qq = _quantize(q, k, v, quant, quant_granularity, sm_scale, smooth_k, smooth_q, balance_qk)
     st = _run_kernel(qq, lay, causal, q.dtype, config, telemetry=telemetry)
     return st if return_lse else st.out
 
@@ -693,11 +745,12 @@ def quantized_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
 
     The caller validated the inputs once per shape (:func:`quantized_attention` does the same checks)
     and guarantees ``out`` is ``(B, H, N_q, D)`` in q's dtype with unit last stride (e.g. a transposed
-    view of the ``(B, N, H, D)`` tensor transformers expects). Causal, K and Q smoothed, natural-log lse dropped.
+    view of the ``(B, N, H, D)`` tensor transformers expects). Causal, K and Q smoothed and balanced, natural-log lse
+    dropped.
     No host reads: it can be captured in a CUDA graph once the launch config is chosen.
     """
     sm_scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
-    qq = _quantize(q, k, v, quant, quant_granularity, sm_scale, True, True)
+    qq = _quantize(q, k, v, quant, quant_granularity, sm_scale, True, True, True)
     _run_kernel(qq, layout, True, q.dtype, None, out=out)
 
 

@@ -23,7 +23,7 @@ import torch
 
 from sparseattn.layout.block_layout import BlockLayout, cdiv
 from sparseattn.layout.masks import token_causal_mask
-from sparseattn.ops.quant import _FP8_MAX, _LOG2E, GRANULARITIES, QuantizedQKV
+from sparseattn.ops.quant import _FP8_MAX, _LOG2E, GRANULARITIES, QuantizedQKV, balance_scales
 
 __all__ = ["quantize_reference", "attention_from_quantized", "emulated_quantized_attention", "group_index",
            "e4m3_round_reference"]
@@ -70,7 +70,7 @@ def _quant_rows(x: torch.Tensor, gran: tuple[int, int, int], mult: float, nan_gr
 def quantize_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, quant: str = "int8",
                        quant_granularity: str = "per_warp", scale: float | None = None, smooth_k: bool = True,
                        k_mean: torch.Tensor | None = None, smooth_q: bool = True,
-                       q_mean: torch.Tensor | None = None) -> QuantizedQKV:
+                       q_mean: torch.Tensor | None = None, balance_qk: bool = True) -> QuantizedQKV:
     """The kernels' quantization in PyTorch (see the module docstring).
 
     Args:
@@ -80,6 +80,8 @@ def quantize_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, qua
         smooth_q: quantize ``q - mean_tokens(q)`` (per query head) and return ``k_bias``, the mean's
             product with every smoothed key (``sm_scale * log2(e)`` folded in).
         q_mean: use this Q mean ``(B, H, D)`` float32 instead of computing one (as ``k_mean``).
+        balance_qk: quantize ``q / alpha`` and ``k * alpha`` per channel, ``alpha`` from
+            :func:`~sparseattn.ops.quant.balance_scales` on the (smoothed) ranges of the finite entries.
     """
     B, H, Nq, D = q.shape
     Hkv, Nkv = k.shape[1], k.shape[2]
@@ -93,26 +95,36 @@ def quantize_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, qua
         k_mean = k_mean.float()
     else:
         k_mean = torch.zeros((B, Hkv, D), dtype=torch.float32, device=k.device)
-    k_int8, k_scale, _, _ = _quant_rows(kf - k_mean[:, :, None, :] if smooth_k else kf, kg, 1.0, True)
+    ks_src = kf - k_mean[:, :, None, :] if smooth_k else kf
     mult = float(torch.tensor(sm_scale * _LOG2E, dtype=torch.float32))
     qf = q.float()
     q_fin = qf.abs() < float("inf")
+    if smooth_q and q_mean is None:
+        q_mean = torch.where(q_fin, qf, torch.zeros((), device=q.device)).sum(2) / Nq
+    qs_src = torch.where(q_fin, qf - q_mean.float()[:, :, None, :], torch.zeros((), device=q.device)) if smooth_q \
+        else qf
+    ch_q = ch_k = None
+    if balance_qk:
+        zero = torch.zeros((), device=q.device)
+        q_range = torch.where(q_fin, qs_src.abs(), zero).amax(2)
+        k_range = torch.where(ks_src.abs() < float("inf"), ks_src.abs(), zero).amax(2)
+        ch_q, ch_k = balance_scales(q_range, k_range)
+    k_int8, k_scale, _, _ = _quant_rows(ks_src * ch_k[:, :, None, :] if balance_qk else ks_src, kg, 1.0, True)
     k_bias = None
     if smooth_q:
-        if q_mean is None:
-            q_mean = torch.where(q_fin, qf, torch.zeros((), device=q.device)).sum(2) / Nq
         q_mean = q_mean.float()
         ks_f = kf - k_mean[:, :, None, :] if smooth_k else kf
         ks_f = torch.where(ks_f.abs() < float("inf"), ks_f, torch.zeros((), device=k.device))
         # the kernel's sum over D of (finite smoothed k) * q_mean, times sm_scale * log2(e)
         k_bias = (ks_f.repeat_interleave(H // Hkv, dim=1) * q_mean[:, :, None, :]).sum(-1) * torch.tensor(
             mult, dtype=torch.float32)
-        q_int8, q_scale, _, bad_row = _quant_rows(torch.where(q_fin, qf - q_mean[:, :, None, :], torch.zeros(
-            (), device=q.device)), qg, mult, False)
-        bad_row = (~q_fin).any(-1)
     else:
         q_mean = None
-        q_int8, q_scale, _, bad_row = _quant_rows(qf, qg, mult, False)
+    if balance_qk:  # non-finite entries of q are 0 in what is quantized (their row is flagged below)
+        qs_src = torch.where(q_fin, qs_src, torch.zeros((), device=q.device)) * ch_q.repeat_interleave(
+            H // Hkv, dim=1)[:, :, None, :]
+    q_int8, q_scale, _, _ = _quant_rows(qs_src, qg, mult, False)
+    bad_row = (~q_fin).any(-1)
     qf = torch.where(q_fin, qf, torch.zeros((), device=q.device))
     if smooth_k:
         km_h = k_mean.repeat_interleave(H // Hkv, dim=1)
@@ -136,7 +148,7 @@ def quantize_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, qua
         v_out[..., :Nkv] = v8.transpose(2, 3)
         v_scale = amax / torch.full_like(amax, _FP8_MAX)
     return QuantizedQKV(q_int8, q_scale, q_row, k_int8, k_scale, k_mean, v_out, v_scale, quant, quant_granularity,
-                        sm_scale, False, q_mean, k_bias)
+                        sm_scale, False, q_mean, k_bias, ch_k)
 
 
 def _allowed_mask(layout: BlockLayout, causal: bool, device: torch.device) -> torch.Tensor:
@@ -225,7 +237,8 @@ def attention_from_quantized(qq: QuantizedQKV, layout: BlockLayout, *, causal: b
 def emulated_quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: BlockLayout | None = None,
                                  causal: bool = False, scale: float | None = None, quant: str = "int8",
                                  quant_granularity: str = "per_warp", smooth_k: bool = True,
-                                 tile_n: int = 64, smooth_q: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                                 tile_n: int = 64, smooth_q: bool = True,
+                                 balance_qk: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize_reference` then :func:`attention_from_quantized` (``layout=None``: dense)."""
     if layout is None:
         from sparseattn.layout.patterns import dense_layout
@@ -235,5 +248,5 @@ def emulated_quantized_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         layout = BlockLayout(base.kv_num_blocks[:1, :1].expand(B, H, -1), base.kv_indices[:1, :1].expand(B, H, -1, -1),
                              128, 128, q.shape[2], k.shape[2], validate=False)
     qq = quantize_reference(q, k, v, quant=quant, quant_granularity=quant_granularity, scale=scale, smooth_k=smooth_k,
-                            smooth_q=smooth_q)
+                            smooth_q=smooth_q, balance_qk=balance_qk)
     return attention_from_quantized(qq, layout, causal=causal, out_dtype=q.dtype, tile_n=tile_n)

@@ -61,13 +61,15 @@ def e4m3_round(x):
 
 @triton.jit
 def _kv_stats_kernel(
-    K, V, KSum, VMax,
+    K, V, KSum, VMax, KMax, KMin,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     HKV, N, N_CHUNKS,
     HEAD_DIM: tl.constexpr, R: tl.constexpr, NEED_K: tl.constexpr, NEED_V: tl.constexpr,
+    NEED_RANGE: tl.constexpr = False,
 ):
-    """Partial per-channel sums of finite K and max |finite V| over ``R`` tokens: ``[B*HKV, N_CHUNKS, D]``."""
+    """Partial per-channel sums of finite K and max |finite V| over ``R`` tokens: ``[B*HKV, N_CHUNKS, D]``; with
+    ``NEED_RANGE`` also the max and min of the finite K entries (``-inf`` / ``+inf`` where a chunk has none)."""
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -81,6 +83,10 @@ def _kv_stats_kernel(
                     + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
         fin = tl.abs(k) < float("inf")  # False for NaN and +-inf
         tl.store(KSum + out_off, tl.sum(tl.where(fin, k, 0.0), 0))
+        if NEED_RANGE:
+            live = fin & ok
+            tl.store(KMax + out_off, tl.max(tl.where(live, k, float("-inf")), 0))
+            tl.store(KMin + out_off, tl.min(tl.where(live, k, float("inf")), 0))
     if NEED_V:
         v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + rows[:, None].to(tl.int64) * stride_vn
                     + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
@@ -90,7 +96,7 @@ def _kv_stats_kernel(
 
 @triton.jit
 def _quant_rows_kernel(
-    X, Xq, Scale, Mean, RowOut, QMean, KBias,
+    X, Xq, Scale, Mean, RowOut, QMean, KBias, ChScale,
     stride_xb, stride_xh, stride_xn,
     stride_ob, stride_oh, stride_on,
     stride_sb, stride_sh,
@@ -98,6 +104,7 @@ def _quant_rows_kernel(
     stride_rb, stride_rh,
     stride_qmb, stride_qmh,
     stride_kbb, stride_kbh,
+    stride_cb, stride_ch,
     H, GROUP, GROUP_Q, N, N_GROUPS, out_mult, bias_mult,
     HEAD_DIM: tl.constexpr,
     R: tl.constexpr,  # rows per program (a multiple of W)
@@ -107,6 +114,7 @@ def _quant_rows_kernel(
     IS_Q: tl.constexpr,  # Q: write RowOut = sm_scale * q.mean (NaN for a non-finite row); K: subtract Mean
     HAS_MEAN: tl.constexpr,
     HAS_QMEAN: tl.constexpr = False,  # Q smoothing: Q quantizes q - QMean[h]; K writes KBias for its GROUP_Q heads
+    HAS_CH: tl.constexpr = False,  # Q/K channel balancing: multiply what is quantized by ChScale[b, h // GROUP, :]
 ):
     """INT8 per-group quantization of ``R`` rows of one head of ``X`` (see the module docstring)."""
     G: tl.constexpr = (R // W) * T  # groups in this program
@@ -147,6 +155,9 @@ def _quant_rows_kernel(
                 qm = tl.load(QMean + b.to(tl.int64) * stride_qmb + hq.to(tl.int64) * stride_qmh + offs_d)
                 kbias = tl.sum(xf * qm[None, None, :], 2) * bias_mult
                 tl.store(KBias + b.to(tl.int64) * stride_kbb + hq.to(tl.int64) * stride_kbh + rows, kbias, mask=ok)
+    if HAS_CH:  # Q: 1 / alpha, K: alpha per channel (exact for q . k); kbias and the lse term use unscaled values
+        chs = tl.load(ChScale + b.to(tl.int64) * stride_cb + (h // GROUP).to(tl.int64) * stride_ch + offs_d)
+        xs = xs * chs[None, None, :]
     amax = tl.max(tl.max(tl.abs(xs), 2), 1)  # [G]
     amax = tl.where(amax > 0.0, amax, 1.0)
     inv = tl.math.div_rn(tl.full([G], 127.0, tl.float32), amax)
