@@ -32,7 +32,12 @@ Groups are counted from row / key 0 of each head and never cross a 64-key layout
 smoothed first (``smooth_k=True``): the per-channel mean of K over all tokens of each (batch, kv
 head) is subtracted before quantizing. That is exact for the output (a per-row constant
 ``q·mean`` shifts every score of a row; softmax is shift-invariant) and the returned lse gets the
-constant back, computed from the unquantized ``q``.
+constant back, computed from the unquantized ``q``. Q is smoothed too (``smooth_q=True``): its per-channel
+token mean (per query head) is subtracted, and the mean's fp32 product with every smoothed key (``k_bias``)
+is added to that key's scores in the kernel, so the scores are the unsmoothed ones. Then the channels are
+balanced (``balance_qk=True``): ``q / alpha`` and ``k * alpha`` are quantized with ``alpha =
+sqrt(max|q| / max|k|)`` per channel and KV head (:func:`balance_scales`), which leaves ``q·k`` unchanged and
+gives both the same range per channel.
 
 Numerics and non-finite inputs: see :mod:`sparseattn.ops.triton.quantize` and
 :mod:`sparseattn.ops.triton.block_sparse_fwd_quant`; the PyTorch emulation with the same scales and

@@ -12,7 +12,9 @@ Three kernels, all reading the bf16/fp16 inputs once:
   group's max is a plain reduction and interleaved (per-thread) groups need no reshape. With Q smoothing
   (``HAS_QMEAN``) the K launch also writes, per key and query head of the KV head, the fp32 product of
   Q's token mean with the smoothed key (``k_bias``, in the scores' log2 units), and the Q launch
-  quantizes ``q - mean``. The means come from :func:`_kv_stats_kernel` (run on Q as well).
+  quantizes ``q - mean``. With Q/K balancing (``HAS_CH``) both launches multiply what they quantize by a
+  per-channel factor (``1 / alpha`` for Q, ``alpha`` for K). The means, and the channel max / min the
+  factors come from, are :func:`_kv_stats_kernel`'s (run on Q as well).
 * :func:`_quant_v_fp8_kernel` — V scaled per channel into FP8 e4m3, stored transposed
   (``[D, N_pad]`` per head, tokens contiguous: the K-major B operand FP8 MMAs want).
 
