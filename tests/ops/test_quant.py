@@ -208,6 +208,23 @@ def test_smoothing_matters_with_outlier_channels():
     assert float((lse_s - ref.lse).abs().max()) < T.QUANT_SMOOTHING_LSE_ATOL
 
 
+def _option_matters(q, k, v, option, factor=2.0):
+    """``option`` (a bool argument of the quantizer) on vs off on these inputs: on meets the INT8 bounds, off is
+    ``factor`` times worse; the lse is the unquantized one; the kernel matches the emulation's accuracy both ways."""
+    ref = reference_attention(q.float(), k.float(), v.float(), causal=True)
+    rel = {}
+    for on in (True, False):
+        o, lse = emulated_quantized_attention(q, k, v, causal=True, quant_granularity="per_warp", **{option: on})
+        cos, rel[on] = T.quant_accuracy(o, ref.out)
+        if on:
+            assert cos >= T.QUANT_INT8_COS_MIN and rel[on] <= T.QUANT_INT8_REL_L1_MAX, (option, cos, rel[on])
+            assert float((lse - ref.lse).abs().max()) < T.QUANT_SMOOTHING_LSE_ATOL
+    assert rel[False] > factor * rel[True], (option, rel)
+    for on in (True, False):
+        st = Q.quantized_attention(q.to(DEV), k.to(DEV), v.to(DEV), causal=True, return_lse=True, **{option: on})
+        assert T.quant_accuracy(st.out, ref.out)[1] <= 1.5 * rel[on], (option, on)
+
+
 def test_q_smoothing_matters_with_outlier_channels():
     """Q channels with a large common offset (real Q has them too): without Q smoothing the per-group INT8
     scale of Q is set by the offset; with it the scores are those of the unsmoothed Q, at a finer step."""
@@ -215,20 +232,9 @@ def test_q_smoothing_matters_with_outlier_channels():
     qf = q.float()
     qf[..., :4] += 40.0
     q = qf.bfloat16()
-    ref = reference_attention(q.float(), k.float(), v.float(), causal=True)
-    o_s, lse_s = emulated_quantized_attention(q, k, v, causal=True, quant_granularity="per_warp", smooth_q=True)
-    o_n, lse_n = emulated_quantized_attention(q, k, v, causal=True, quant_granularity="per_warp", smooth_q=False)
-    cos_s, rel_s = T.quant_accuracy(o_s, ref.out)
-    cos_n, rel_n = T.quant_accuracy(o_n, ref.out)
-    assert cos_s >= T.QUANT_INT8_COS_MIN and rel_s <= T.QUANT_INT8_REL_L1_MAX, (cos_s, rel_s)
-    assert rel_n > 2 * rel_s and cos_n < cos_s, (cos_n, rel_n, cos_s, rel_s)
-    # the lse is that of the unsmoothed scores either way
-    assert float((lse_s - ref.lse).abs().max()) < T.QUANT_SMOOTHING_LSE_ATOL
-    # the kernel agrees with the emulation on its own operands, with and without Q smoothing
+    _option_matters(q, k, v, "smooth_q")
     for sq in (True, False):
-        st = Q.quantized_attention(q.to(DEV), k.to(DEV), v.to(DEV), causal=True, smooth_q=sq, return_lse=True)
         assert (Q.quantize_qkv(q.to(DEV), k.to(DEV), v.to(DEV), smooth_q=sq).k_bias is None) == (not sq)
-        assert T.quant_accuracy(st.out, ref.out)[1] <= (1.5 * rel_s if sq else 1.5 * rel_n)
 
 
 def test_qk_balancing_matters_with_wide_key_channels():
@@ -240,19 +246,9 @@ def test_qk_balancing_matters_with_wide_key_channels():
     kf[..., :3] *= 30.0
     k = kf.bfloat16()
     q = (q.float() * 0.3).bfloat16()
-    ref = reference_attention(q.float(), k.float(), v.float(), causal=True)
-    o_b, lse_b = emulated_quantized_attention(q, k, v, causal=True, quant_granularity="per_warp", balance_qk=True)
-    o_n, _ = emulated_quantized_attention(q, k, v, causal=True, quant_granularity="per_warp", balance_qk=False)
-    cos_b, rel_b = T.quant_accuracy(o_b, ref.out)
-    cos_n, rel_n = T.quant_accuracy(o_n, ref.out)
-    assert cos_b >= T.QUANT_INT8_COS_MIN and rel_b <= T.QUANT_INT8_REL_L1_MAX, (cos_b, rel_b)
-    assert rel_n > 2 * rel_b and cos_n < cos_b, (cos_n, rel_n, cos_b, rel_b)
-    assert float((lse_b - ref.lse).abs().max()) < T.QUANT_SMOOTHING_LSE_ATOL
-    # the kernel on its own operands, with and without balancing
+    _option_matters(q, k, v, "balance_qk")
     for bal in (True, False):
-        st = Q.quantized_attention(q.to(DEV), k.to(DEV), v.to(DEV), causal=True, balance_qk=bal, return_lse=True)
         assert (Q.quantize_qkv(q.to(DEV), k.to(DEV), v.to(DEV), balance_qk=bal).qk_alpha is None) == (not bal)
-        assert T.quant_accuracy(st.out, ref.out)[1] <= 1.5 * (rel_b if bal else rel_n)
 
 
 def test_balance_scales_guards():
