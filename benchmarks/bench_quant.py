@@ -61,6 +61,7 @@ from sparseattn.ops.reference import reference_attention  # noqa: E402
 from sparseattn.testing import tolerances as T  # noqa: E402
 
 GRANS = ("per_warp", "per_thread", "per_block", "per_token")
+_ON_OFF = {"on": (True,), "off": (False,), "both": (True, False)}  # --qkv-smooth-q / --qkv-balance
 
 
 def _env() -> dict[str, Any]:
@@ -344,8 +345,7 @@ def qkv_main(args: argparse.Namespace) -> int:
             granularities=[g.strip() for g in args.qkv_grans.split(",") if g.strip()],
             layers=_csv(args.qkv_layers, int, "--qkv-layers"), lengths=_csv(args.qkv_lengths, int, "--qkv-lengths"),
             predictor=args.qkv_predictor, dtype=getattr(torch, args.qkv_dtype), progress=True,
-            smooth_q={"on": (True,), "off": (False,), "both": (True, False)}[args.qkv_smooth_q],
-            balance_qk={"on": (True,), "off": (False,), "both": (True, False)}[args.qkv_balance],
+            smooth_q=_ON_OFF[args.qkv_smooth_q], balance_qk=_ON_OFF[args.qkv_balance],
             backend="emulation" if args.qkv_emulate else "kernel",
             device="cpu" if args.qkv_emulate and not torch.cuda.is_available() else None)
     except (ValueError, NotImplementedError) as exc:
@@ -388,9 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qkv-predictor", default=None, metavar="SPEC",
                     help="predictor spec whose layout every row uses (default: dense causal)")
     ap.add_argument("--qkv-dtype", default="bfloat16", choices=("bfloat16", "float16"))
-    ap.add_argument("--qkv-smooth-q", default="on", choices=("on", "off", "both"),
+    ap.add_argument("--qkv-smooth-q", default="on", choices=tuple(_ON_OFF),
                     help="quantized rows with Q smoothing (on, the default), without it (off) or both")
-    ap.add_argument("--qkv-balance", default="on", choices=("on", "off", "both"),
+    ap.add_argument("--qkv-balance", default="on", choices=tuple(_ON_OFF),
                     help="quantized rows with per-channel Q/K balancing (on, the default), without it (off) or both")
     ap.add_argument("--qkv-emulate", action="store_true",
                     help="--qkv through the PyTorch emulation (same scales and rounding as the kernel) instead of the "

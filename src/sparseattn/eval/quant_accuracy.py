@@ -166,10 +166,14 @@ def captured_quant_accuracy(path: Any, *, modes: Sequence[str] = ("int8", "int8_
             "wall_s": round(time.perf_counter() - t0, 2)}
 
 
+def _options(r: dict[str, Any]) -> str:
+    """The switched-off quantizer options of a row: ``""``, ``" no_smooth_q"``, ``" no_smooth_q no_balance"``."""
+    return (" no_smooth_q" if r.get("smooth_q") is False else "") + (" no_balance" if r.get("balance_qk") is False else "")
+
+
 def _label(r: dict[str, Any]) -> str:
     """``"int8 per_warp"``, ``"int8 per_warp no_smooth_q no_balance"``, ``"bf16"``."""
-    return r["method"] + (f" {r['granularity']}" if r["granularity"] else "") + (
-        " no_smooth_q" if r.get("smooth_q") is False else "") + (" no_balance" if r.get("balance_qk") is False else "")
+    return r["method"] + (f" {r['granularity']}" if r["granularity"] else "") + _options(r)
 
 
 def quant_accuracy_table(res: dict[str, Any]) -> str:
@@ -179,8 +183,7 @@ def quant_accuracy_table(res: dict[str, Any]) -> str:
              "| len | sample | layer | method | granularity | cos | rel L1 | target |", "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         ok = "-" if r["passed"] is None else ("pass" if r["passed"] else "FAIL")
-        gran = (r["granularity"] or "-") + (" no_smooth_q" if r.get("smooth_q") is False else "") + (
-            " no_balance" if r.get("balance_qk") is False else "")
+        gran = (r["granularity"] or "-") + _options(r)
         lines.append(f"| {r['seq_len']} | {r['sample']} | {r['layer']} | {r['method']} | {gran} | "
                      f"{r['cos']:.6f} | {r['rel_l1']:.4f} | {ok} |")
     lines += ["", "| method | layers x samples | min cos | max rel L1 | target |", "|---|---|---|---|---|"]

@@ -95,37 +95,34 @@ def quantize_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, qua
         k_mean = k_mean.float()
     else:
         k_mean = torch.zeros((B, Hkv, D), dtype=torch.float32, device=k.device)
-    ks_src = kf - k_mean[:, :, None, :] if smooth_k else kf
+    zero = torch.zeros((), device=q.device)
+    ks_src = kf - k_mean[:, :, None, :] if smooth_k else kf  # what K quantizes (non-finite entries flag their group)
+    ks_fin = torch.where(ks_src.abs() < float("inf"), ks_src, zero)
     mult = float(torch.tensor(sm_scale * _LOG2E, dtype=torch.float32))
     qf = q.float()
     q_fin = qf.abs() < float("inf")
-    if smooth_q and q_mean is None:
-        q_mean = torch.where(q_fin, qf, torch.zeros((), device=q.device)).sum(2) / Nq
-    qs_src = torch.where(q_fin, qf - q_mean.float()[:, :, None, :], torch.zeros((), device=q.device)) if smooth_q \
-        else qf
-    ch_q = ch_k = None
+    bad_row = (~q_fin).any(-1)
+    qf = torch.where(q_fin, qf, zero)  # non-finite entries count as 0; their row is flagged by bad_row
+    if smooth_q:
+        if q_mean is None:
+            q_mean = qf.sum(2) / Nq
+        q_mean = q_mean.float()
+    qs_src = torch.where(q_fin, qf - q_mean[:, :, None, :], zero) if smooth_q else qf  # what Q quantizes
     if balance_qk:
-        zero = torch.zeros((), device=q.device)
-        q_range = torch.where(q_fin, qs_src.abs(), zero).amax(2)
-        k_range = torch.where(ks_src.abs() < float("inf"), ks_src.abs(), zero).amax(2)
-        ch_q, ch_k = balance_scales(q_range, k_range)
-    k_int8, k_scale, _, _ = _quant_rows(ks_src * ch_k[:, :, None, :] if balance_qk else ks_src, kg, 1.0, True)
+        ch_q, ch_k = balance_scales(qs_src.abs().amax(2), ks_fin.abs().amax(2))
+        ks_src = ks_src * ch_k[:, :, None, :]
+        qs_src = qs_src * ch_q.repeat_interleave(H // Hkv, dim=1)[:, :, None, :]
+    else:
+        ch_k = None
+    k_int8, k_scale, _, _ = _quant_rows(ks_src, kg, 1.0, True)
+    q_int8, q_scale, _, _ = _quant_rows(qs_src, qg, mult, False)
     k_bias = None
     if smooth_q:
-        q_mean = q_mean.float()
-        ks_f = kf - k_mean[:, :, None, :] if smooth_k else kf
-        ks_f = torch.where(ks_f.abs() < float("inf"), ks_f, torch.zeros((), device=k.device))
         # the kernel's sum over D of (finite smoothed k) * q_mean, times sm_scale * log2(e)
-        k_bias = (ks_f.repeat_interleave(H // Hkv, dim=1) * q_mean[:, :, None, :]).sum(-1) * torch.tensor(
+        k_bias = (ks_fin.repeat_interleave(H // Hkv, dim=1) * q_mean[:, :, None, :]).sum(-1) * torch.tensor(
             mult, dtype=torch.float32)
     else:
         q_mean = None
-    if balance_qk:  # non-finite entries of q are 0 in what is quantized (their row is flagged below)
-        qs_src = torch.where(q_fin, qs_src, torch.zeros((), device=q.device)) * ch_q.repeat_interleave(
-            H // Hkv, dim=1)[:, :, None, :]
-    q_int8, q_scale, _, _ = _quant_rows(qs_src, qg, mult, False)
-    bad_row = (~q_fin).any(-1)
-    qf = torch.where(q_fin, qf, torch.zeros((), device=q.device))
     if smooth_k:
         km_h = k_mean.repeat_interleave(H // Hkv, dim=1)
         corr_mult = torch.tensor(mult, dtype=torch.float32) * torch.tensor(_LN2, dtype=torch.float32)
