@@ -10,8 +10,11 @@ Every attention layer of the model runs, in turn:
   order) on the bfloat16 q/k/v, dense causal.
 
 For each row: top-1 agreement of the next-token prediction with ``dense`` over the last ``--positions``
-positions of every window, the mean KL(dense || row) there, and the cosine of the logits. This is the
-quantization alone (no sparsity); the GPU rows with a predictor are in BENCHMARKS.md (``bench_model.py --quant``).
+positions of every window, the mean KL(dense || row) there, and the cosine of the logits. Without ``--predictor``
+this is the quantization alone (dense causal). With ``--predictor SPEC`` every layer's block layout comes from that
+predictor on the bfloat16 q/k (the layout the bf16 path would use), one more row ``sparse bf16`` runs exact attention
+on that layout (the sparsity alone), and every quantized row runs on it: the issue's "quantized + sparse" end to end,
+read against fp32 dense. The GPU rows are in BENCHMARKS.md (``bench_model.py --quant``).
 
 Usage: ``python benchmarks/quant_model_emulated.py --model smollm2-135m --text-dir ../shared/data/essays
 --seq-len 4096 --samples 2 --out DIR`` (about a minute per quantized forward of SmolLM2 at 4K on two cores).
@@ -40,14 +43,25 @@ def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch
     from sparseattn.ops.reference import reference_attention
 
     mode = _STATE["mode"]
+    pred = _STATE.get("predictor")
+    layout = None
+    if pred is not None and mode != "bf16":
+        qb, kb = query.to(torch.bfloat16), key.to(torch.bfloat16)
+        layout = pred.predict(qb, kb, causal=True, layer=getattr(module, "layer_idx", None))
+        _STATE["density"].append(float(layout.density(causal=True)))
     if mode == "bf16":
         q, k, v = (t.to(torch.bfloat16).float() for t in (query, key, value))
         out = reference_attention(q, k, v, causal=True, scale=scaling).out.to(torch.bfloat16)
+    elif mode == "sparse_bf16":  # exact attention on the layout (masked SDPA computes the reference's function)
+        from sparseattn.ops.masked_sdpa import masked_sdpa_attention
+
+        q, k, v = (t.to(torch.bfloat16).float() for t in (query, key, value))
+        out = masked_sdpa_attention(q, k, v, layout, scale=scaling).to(torch.bfloat16)
     else:
         quant, gran, smooth_q, balance_qk = mode
         q, k, v = (t.to(torch.bfloat16) for t in (query, key, value))
-        out = emulated_quantized_attention(q, k, v, causal=True, scale=scaling, quant=quant, quant_granularity=gran,
-                                           smooth_q=smooth_q, balance_qk=balance_qk)[0]
+        out = emulated_quantized_attention(q, k, v, layout=layout, causal=True, scale=scaling, quant=quant,
+                                           quant_granularity=gran, smooth_q=smooth_q, balance_qk=balance_qk)[0]
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -74,9 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--positions", type=int, default=1024, help="last positions of each window scored")
     ap.add_argument("--configs", default="int8/per_warp/no_smooth_q/no_balance,int8/per_warp,int8/per_token",
                     help="comma-separated mode/granularity[/no_smooth_q][/no_balance]")
+    ap.add_argument("--predictor", default=None, metavar="SPEC",
+                    help="block predictor for every layer (e.g. mean_sim:score=mixed,cdf_threshold=0.97,keep_local=8); "
+                         "default: dense causal")
     ap.add_argument("--out", default=".")
     args = ap.parse_args(argv)
     try:
+        if args.predictor is not None:
+            from sparseattn.predictors.base import parse_predictor_spec
+
+            _STATE["predictor"] = parse_predictor_spec(args.predictor)
         configs = [_parse_config(c.strip()) for c in args.configs.split(",") if c.strip()]
         if args.seq_len < 2 or args.samples < 1 or args.positions < 1:
             raise ValueError("quant_model_emulated.py: --seq-len, --samples and --positions must be positive; "
@@ -93,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load(args.model, dtype=torch.float32, device="cpu")
     ids, names, source = sample_ids(model, tok, seq_len=args.seq_len, samples=args.samples, text_dir=args.text_dir)
     rows: dict[str, dict[str, Any]] = {}
-    labels = ["bf16"] + ["/".join([c[0], c[1]] + ([] if c[2] else ["no_smooth_q"]) + ([] if c[3] else ["no_balance"]))
+    sparse = ["sparse_bf16"] if args.predictor is not None else []
+    labels = ["bf16"] + sparse + ["/".join([c[0], c[1]] + ([] if c[2] else ["no_smooth_q"]) + ([] if c[3] else ["no_balance"]))
                          for c in configs]
-    modes: list[Any] = ["bf16"] + configs
+    modes: list[Any] = ["bf16"] + sparse + configs
     P = min(args.positions, args.seq_len - 1)
     for w, x in enumerate(ids):
         t0 = time.perf_counter()
@@ -107,10 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         for label, mode in zip(labels, modes):
             t0 = time.perf_counter()
             _STATE["mode"] = mode
+            _STATE["density"] = []
             with torch.no_grad():
                 lg = model(x).logits[0, -P:].double()
             lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(lg, -1)
-            r = rows.setdefault(label, {"agree": 0, "n": 0, "kl_sum": 0.0, "cos": []})
+            r = rows.setdefault(label, {"agree": 0, "n": 0, "kl_sum": 0.0, "cos": [], "density": []})
+            if _STATE["density"]:
+                r["density"].append(sum(_STATE["density"]) / len(_STATE["density"]))
             r["agree"] += int((ref.argmax(-1) == lg.argmax(-1)).sum())
             r["n"] += P
             r["kl_sum"] += float((lp.exp() * (lp - lq)).sum(-1).sum())
@@ -119,16 +144,18 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     model.set_attn_implementation("sdpa")
     table = {k: {"top1": v["agree"] / v["n"], "kl": v["kl_sum"] / v["n"], "logits_cos_min": min(v["cos"]),
-                 "positions": v["n"]} for k, v in rows.items()}
+                 "positions": v["n"],
+                 "block_density": sum(v["density"]) / len(v["density"]) if v["density"] else 1.0}
+             for k, v in rows.items()}
     res = {"tool": "benchmarks/quant_model_emulated.py", "model": args.model, "source": source, "windows": names,
-           "seq_len": args.seq_len, "positions_per_window": P, "rows": table,
+           "seq_len": args.seq_len, "positions_per_window": P, "predictor": args.predictor, "rows": table,
            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "quant_model.json"), "w") as fh:
         json.dump(res, fh, indent=1)
-    print("\n| attention | top-1 vs dense fp32 | KL | min logits cosine |\n|---|---:|---:|---:|")
+    print("\n| attention | block density | top-1 vs dense fp32 | KL | min logits cosine |\n|---|---:|---:|---:|---:|")
     for k, v in table.items():
-        print(f"| {k} | {100 * v['top1']:.2f}% | {v['kl']:.5f} | {v['logits_cos_min']:.6f} |")
+        print(f"| {k} | {v['block_density']:.3f} | {100 * v['top1']:.2f}% | {v['kl']:.5f} | {v['logits_cos_min']:.6f} |")
     return 0
 
 

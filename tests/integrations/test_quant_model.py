@@ -427,6 +427,24 @@ def test_quant_model_emulated_script(tmp_path, capsys):
     # quantization changes the logits more than bf16 rounding alone (the rows really ran the emulation)
     assert res["rows"]["int8/per_warp/no_smooth_q/no_balance"]["kl"] > res["rows"]["bf16"]["kl"]
     assert "| int8/per_warp |" in capsys.readouterr().out
+    assert res["predictor"] is None and all(r["block_density"] == 1.0 for r in res["rows"].values())
+    # --predictor: a sparse layout in every layer, the sparsity alone as its own row, the quantized rows on it
+    rc = mod.main(["--model", str(model_dir), "--text-dir", str(texts), "--seq-len", "256", "--positions", "32",
+                   "--configs", "int8/per_warp", "--predictor",
+                   "static:pattern=sink_window,window_blocks=1,sink_blocks=1,block_m=64,block_n=64",
+                   "--out", str(out / "sparse")])
+    assert rc == 0, capsys.readouterr().err
+    sp = json.loads((out / "sparse" / "quant_model.json").read_text())
+    assert list(sp["rows"]) == ["bf16", "sparse_bf16", "int8/per_warp"]
+    # 4 query blocks of 64: a causal block row keeps the sink and the diagonal, so 7 of the 10 causal blocks
+    assert sp["rows"]["bf16"]["block_density"] == 1.0
+    assert sp["rows"]["sparse_bf16"]["block_density"] == pytest.approx(0.7)
+    assert sp["rows"]["int8/per_warp"]["block_density"] == pytest.approx(0.7)
+    # skipping blocks costs more than bf16 rounding (the layout really reached the attention)
+    assert sp["rows"]["sparse_bf16"]["kl"] > sp["rows"]["bf16"]["kl"]
+    assert "| sparse_bf16 | 0.700 |" in capsys.readouterr().out
+    assert mod.main(["--predictor", "nope:x=1", "--out", str(out)]) == 2
+    assert "not a registered predictor" in capsys.readouterr().err
     assert mod.main(["--configs", "int4/per_warp", "--out", str(out)]) == 2
     assert "not mode/granularity" in capsys.readouterr().err
     assert mod.main(["--configs", "int8/per_warp/no_balance/no_balance", "--out", str(out)]) == 2
