@@ -262,9 +262,11 @@ run_job() {
         --quiet --out "$d" > "$d/log" 2>&1; tail -n 40 "$d/log" ;;
     s14_ruler_gemma)  # issue 17: RULER on Gemma-3-270M (bf16 with the all-blocks floor), the default with and without the
       # dense tail; S14G_TUNED: a tuned file for its global layers as one more row
+      # S14G_FP32=1: float32 through masked SDPA (no rounding floor, as s14_ruler; no all-blocks row needed)
       T=""; [ -n "${S14G_TUNED:-}" ] && [ -f "${S14G_TUNED}" ] && T="--tuned ${S14G_TUNED}"
+      DT=""; [ -n "${S14G_FP32:-}" ] && DT="--dtype float32 --backend masked_sdpa"
       timeout ${S14G_S:-540} $M ruler --model $GEMMA --text-dir $ESSAYS --lengths ${S14G_LENGTHS:-8192,16384,32000} \
-        --samples ${S14G_SAMPLES:-8} --predictors "${S14G_PRED:-$DEFAULT_PRED}" $T --dense-tails ${S14G_TAILS:-0,128} --device cuda \
+        --samples ${S14G_SAMPLES:-8} --predictors "${S14G_PRED:-$DEFAULT_PRED}" $T --dense-tails ${S14G_TAILS:-0,128} $DT --device cuda \
         --batch-size 8 --no-plots --quiet --out "$d" > "$d/log" 2>&1; tail -n 40 "$d/log" ;;
     s14_gemma_gate)  # issue 17: the Gemma gate (trained on the CPU, fourteenth session; /tmp/m/gemma_gate8k.safetensors)
       # against the default and the exact-mass oracle on held-out 8K windows 4-5, bf16 with the floor, 512 positions each
