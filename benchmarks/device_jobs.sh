@@ -290,13 +290,22 @@ run_job() {
       # per_token scales, never run on a GPU: kernel-vs-emulation parity, the 32K speed table (per_warp with and without
       # them, same run), then the captured SmolLM2 Q/K/V at 4K (dense causal) for every granularity with and without
       # balancing; needs SmolLM2 staged (copy_s0, copy_s1); Gemma (staged) as S15_MODEL=$GEMMA with layers 0,5,11,17
-      timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_quant.py > "$d/pytest.log" 2>&1; tail -n 3 "$d/pytest.log"
-      timeout 260 python3 benchmarks/bench_quant.py --no-patterns --stress 20 --budget-s 200 --out "$d" > "$d/bench.log" 2>&1
-      tail -n 24 "$d/bench.log"
+      run_job s15_kernel; run_job s15_qkv ;;
+    s15_kernel)  # the model-free half of s15_quant: GPU parity tests and the 32K speed table
+      timeout ${S15K_TEST_S:-150} python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_quant.py > "$d/pytest.log" 2>&1
+      tail -n 3 "$d/pytest.log"
+      timeout ${S15K_BENCH_S:-260} python3 benchmarks/bench_quant.py --no-patterns --stress 20 --budget-s ${S15K_BUDGET:-200} \
+        --out "$d" > "$d/bench.log" 2>&1; tail -n 24 "$d/bench.log" ;;
+    s15_qkv)  # the model half of s15_quant: captured Q/K/V at 4K through the kernel
       timeout 60 $M collect --model ${S15_MODEL:-$SMOL} --layers ${S15_LAYERS:-5,10,15,20,25,29} --lengths 4096 \
         --samples 1 --text-dir $ESSAYS --device cuda --out /tmp/m/qkv_s15 --quiet > "$d/collect.log" 2>&1
       timeout 90 python3 benchmarks/bench_quant.py --qkv /tmp/m/qkv_s15 --qkv-grans per_warp,per_thread,per_token \
         --qkv-balance both --out "$d" > "$d/qkv.log" 2>&1; tail -n 16 "$d/qkv.log" ;;
+    s16_e2e)  # issue 15: SmolLM2 end to end, the default predictor in bf16 and its int8 per_warp twin (Q smoothing and
+      # balancing on), top-1 / KL vs dense and vs the all-blocks floor, 4K and 8K, eager
+      timeout ${S16E_S:-200} python3 benchmarks/bench_model.py --model $SMOL --lengths ${S16E_LENGTHS:-4096,8192} \
+        --text-dir $ESSAYS --repeats 5 --predictors "$DEFAULT_PRED" --quant int8 --quant-gran per_warp --no-profile \
+        --no-plot --out "$d" > "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 14 ;;
     *) echo "unknown job $job" ;;
   esac
 }
