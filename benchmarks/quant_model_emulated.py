@@ -94,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=".")
     args = ap.parse_args(argv)
     try:
-        if args.predictor is not None:
-            from sparseattn.predictors.base import parse_predictor_spec
+        from sparseattn.predictors.base import parse_predictor_spec
 
-            _STATE["predictor"] = parse_predictor_spec(args.predictor)
+        # set on every call (None without --predictor): a second main() in one process must not keep the first's
+        _STATE["predictor"] = None if args.predictor is None else parse_predictor_spec(args.predictor)
         configs = [_parse_config(c.strip()) for c in args.configs.split(",") if c.strip()]
         if args.seq_len < 2 or args.samples < 1 or args.positions < 1:
             raise ValueError("quant_model_emulated.py: --seq-len, --samples and --positions must be positive; "

@@ -434,7 +434,7 @@ def _quantized_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                                 kv_indices: torch.Tensor | None, block_m: int, block_n: int, causal: bool,
                                 scale: float | None, quant: str, quant_granularity: str,
                                 smooth_k: bool, smooth_q: bool = True, balance_qk: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """The quantized Triton kernel (opaque). Verified on the CPU interpreter only; not yet on a GPU."""
+    """The quantized Triton kernel (opaque): :func:`~sparseattn.ops.quant.quantized_attention` with the lse."""
     from sparseattn.ops.quant import quantized_attention
 
     layout = _layout_from(q, k, kv_num_blocks, kv_indices, block_m, block_n)

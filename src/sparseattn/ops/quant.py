@@ -310,7 +310,7 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
             k_bias = torch.empty((B, H, Nkv), dtype=torch.float32, device=dev)
         if balance_qk:
             q_range = _range(qmax.amax(1).view(B, H, D), qmin.amin(1).view(B, H, D), q_mean)
-            k_range = _range(kmax.amax(1).view(B, Hkv, D), kmin.amin(1).view(B, Hkv, D), k_mean if smooth_k else None)
+            k_range = _range(kmax.amax(1).view(B, Hkv, D), kmin.amin(1).view(B, Hkv, D), k_mean)  # zeros if unsmoothed
             ch_q, ch_k = balance_scales(q_range, k_range)
 
     # K (with Q smoothing, also k_bias = mult * q_mean . (k - k_mean) for each query head of the KV head)
