@@ -168,6 +168,41 @@ def test_empty_rows_are_zero_with_minus_inf_lse():
     assert T.quant_accuracy(st.out[:, :, 64:], ref.out[:, :, 64:])[0] > T.QUANT_INT8_COS_MIN
 
 
+@pytest.mark.parametrize("quant", MODES)
+@pytest.mark.parametrize("gran", ["per_warp", "per_thread"])
+@pytest.mark.parametrize("flags", [{"USE_TMA": True}, {"PREFETCH": True}, {"USE_TMA": True, "PREFETCH": True}])
+@pytest.mark.parametrize("bn", [64, 32])
+def test_tma_and_prefetch_switches_change_no_bit(quant, gran, flags, bn):
+    """USE_TMA (K/V through tensor descriptors) and PREFETCH (next list entry read ahead) are load paths only:
+    the same bits as the plain loads, on odd lengths (rows/keys past the end), GQA, 2 kernel tiles per layout block
+    (bn 32), an empty query block and Q smoothing's key bias (on by default)."""
+    B, H, Hkv, Nq, Nkv, D = 1, 4, 2, 257, 330, 64
+    q, k, v = _qkv(B, H, Hkv, Nq, Nkv, D, seed=7)
+    lay = random_layout(Nq, Nkv, density=0.7, seed=7, block_m=64, block_n=64, batch=B, heads=H, causal=True, device=DEV)
+    assert int(lay.kv_num_blocks.max()) >= 4  # several full blocks in a row: a read-ahead slip changes the output
+    num = lay.kv_num_blocks.clone()
+    num[0, 1, 4] = 0  # query block 4 of head 1 attends nothing: out 0, lse -inf
+    lay = BlockLayout(num, lay.kv_indices, 64, 64, Nq, Nkv)
+    base = {"BLOCK_M": 64, "BLOCK_N": bn, "num_warps": 4, "num_stages": 1}
+    ref = Q.quantized_attention(q, k, v, layout=lay, causal=True, quant=quant, quant_granularity=gran, return_lse=True,
+                                config=base)
+    got = Q.quantized_attention(q, k, v, layout=lay, causal=True, quant=quant, quant_granularity=gran, return_lse=True,
+                                config={**base, **flags})
+    assert bool((ref.lse[0, 1, 256:] == float("-inf")).all()) and bool(torch.isfinite(ref.lse[0, 0]).all())
+    assert torch.equal(got.out, ref.out) and torch.equal(got.lse, ref.lse)
+
+
+def test_launch_config_switches_are_checked():
+    q, k, v = _qkv(1, 2, 1, 64, 64, 64)
+    base = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+    with pytest.raises(ValueError, match=r"quantized_attention: config has a bad USE_TMA; expected True or False, got 1"):
+        Q.quantized_attention(q, k, v, config={**base, "USE_TMA": 1})
+    with pytest.raises(ValueError, match=r"quantized_attention: config has a bad maxnreg; expected an int in \[24, 255\]"):
+        Q.quantized_attention(q, k, v, config={**base, "maxnreg": 8})
+    with pytest.raises(ValueError, match=r"quantized_attention: config must name exactly the launch parameters"):
+        Q.quantized_attention(q, k, v, config={**base, "TMA_QO": True})
+
+
 # ---------------------------------------------------------------- emulation vs fp32 attention (cost of quantization)
 
 

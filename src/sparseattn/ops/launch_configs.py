@@ -112,20 +112,26 @@ class QuantLaunchConfig(_KeyedConfig):
     """One fixed launch of the quantized prefill kernel (:func:`sparseattn.ops.quant.quantized_attention`'s ``config``).
 
     ``block_m``/``block_n``: kernel tiles (must divide the layout blocks); ``num_warps``/``num_stages``;
-    compiler option ``maxnreg`` (24..255, ``None`` = no cap).
+    optional kernel switches (``None`` = off): ``use_tma`` (K/V tiles through Hopper tensor descriptors;
+    CUDA sm_90+ only) and ``prefetch`` (the next key-block index read one iteration ahead); compiler
+    option ``maxnreg`` (24..255, ``None`` = no cap).
     """
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    use_tma: bool | None = None
+    prefetch: bool | None = None
     maxnreg: int | None = None
 
     _KEYS = (("block_m", "BLOCK_M"), ("block_n", "BLOCK_N"), ("num_warps", "num_warps"), ("num_stages", "num_stages"),
-             ("maxnreg", "maxnreg"))
+             ("use_tma", "USE_TMA"), ("prefetch", "PREFETCH"), ("maxnreg", "maxnreg"))
 
     def __post_init__(self) -> None:
         _check_tiles("QuantLaunchConfig", self)
+        for name in ("use_tma", "prefetch"):
+            _opt_bool("QuantLaunchConfig", name, getattr(self, name))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,6 +49,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -389,11 +390,17 @@ def _shipped_quant_config(head_dim: int, layout_bm: int, layout_bn: int, device:
 # Autotune candidates per head_dim (CUDA only): (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg or None).
 # The first call of a key (head_dim, layout blocks, causal, quant, granularity, length bucket, dtype,
 # device) times each candidate that nests in the layout blocks (do_bench) and keeps the fastest;
-# SPARSEATTN_QUANT_AUTOTUNE=0 uses default_quant_config instead.
+# SPARSEATTN_QUANT_AUTOTUNE=0 uses default_quant_config instead. Where the inputs can use tensor
+# descriptors (sm_90+), _TMA_CANDIDATES are timed too, with USE_TMA and PREFETCH on.
 _TUNE_CANDIDATES: dict[int, list[tuple[int, int, int, int, int | None]]] = {
     64: [(128, 64, 8, 2, None), (128, 64, 8, 2, 128), (128, 128, 8, 2, None), (64, 64, 4, 3, None)],
     128: [(128, 64, 8, 2, None), (128, 64, 8, 2, 128), (128, 128, 8, 2, None), (64, 64, 4, 3, None)],
     256: [(64, 64, 4, 2, None), (128, 64, 8, 2, None), (64, 32, 4, 2, None)],
+}
+_TMA_CANDIDATES: dict[int, list[tuple[int, int, int, int, int | None]]] = {
+    64: [(128, 64, 8, 2, 128), (128, 128, 8, 2, None)],
+    128: [(128, 64, 8, 2, 128), (128, 64, 8, 2, None), (128, 128, 8, 2, None)],
+    256: [(64, 64, 4, 2, None)],
 }
 _TUNED_MAX = 128
 _TUNED: Any = None  # BoundedCache keyed by launch facts and the device *name* (as the prefill launcher's)
@@ -402,6 +409,8 @@ _KEY_FIELDS = ("head_dim", "layout_block_m", "layout_block_n", "causal", "quant"
                "device")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+_NO_TMA_WARNED: list[bool] = []  # the TMA-less launch of a remembered TMA winner warns once per process
+_CONFIG_OPTIONAL = ("USE_TMA", "PREFETCH", "maxnreg")  # kernel switches (bools) and the compiler's register cap
 
 
 def _tuned_cache() -> Any:
@@ -464,11 +473,13 @@ def use_tuned_configs(configs: Any) -> int:
                 raise fail(fn, f"configs.devices[{dev!r}][{i}].match", "is not a launch key of the quantized kernel",
                            f"keys {fields} (dtype float16/bfloat16, quant in {list(QUANT_MODES)})", repr(m))
             c = e.config
-            ok = set(_CONFIG_KEYS) <= set(c) <= set(_CONFIG_KEYS) | {"maxnreg"} and all(
-                isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in c.values())
+            ok = set(_CONFIG_KEYS) <= set(c) <= set(_CONFIG_KEYS) | set(_CONFIG_OPTIONAL) and all(
+                isinstance(x, bool) if f in ("USE_TMA", "PREFETCH") else (isinstance(x, int) and not isinstance(x, bool)
+                                                                          and x > 0) for f, x in c.items())
             if not ok or m["layout_block_m"] % c["BLOCK_M"] or m["layout_block_n"] % c["BLOCK_N"]:
                 raise fail(fn, f"configs.devices[{dev!r}][{i}].config", "is not a launch config of the quantized kernel",
-                           f"positive ints {list(_CONFIG_KEYS)} (and maxnreg), tiles dividing the layout blocks", repr(c))
+                           f"positive ints {list(_CONFIG_KEYS)} (and maxnreg; bools USE_TMA, PREFETCH), tiles dividing the "
+                           "layout blocks", repr(c))
             key = (int(m["head_dim"]), int(m["layout_block_m"]), int(m["layout_block_n"]), bool(m["causal"]), m["quant"],
                    m["granularity"], int(m["n_ctx_log2"]), _DTYPES[m["dtype"]], dev)
             todo.append((key, dict(c)))
@@ -492,7 +503,8 @@ def _seed_shipped(dev_name: str) -> None:
         use_tuned_configs(winners)
 
 
-def _autotune(key: tuple[Any, ...], D: int, layout: BlockLayout, launch: Any) -> tuple[dict[str, int], dict[str, Any] | None]:
+def _autotune(key: tuple[Any, ...], D: int, layout: BlockLayout, launch: Any,
+              tma: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The remembered winner of ``key``, else time every candidate that nests in the layout and keep the fastest.
 
     Returns ``(config, tune record)``; the record (``times_ms`` per candidate, ``errors`` of candidates that
@@ -504,13 +516,18 @@ def _autotune(key: tuple[Any, ...], D: int, layout: BlockLayout, launch: Any) ->
         return cfg, None
     from triton.testing import do_bench
 
-    best: tuple[float, dict[str, int]] | None = None
+    best: tuple[float, dict[str, Any]] | None = None
     times: dict[str, float] = {}
     errors: list[dict[str, Any]] = []
-    for bm, bn, w, st, nreg in _TUNE_CANDIDATES.get(D, _TUNE_CANDIDATES[128]):
+    cands = [(c, False) for c in _TUNE_CANDIDATES.get(D, _TUNE_CANDIDATES[128])]
+    if tma:
+        cands += [(c, True) for c in _TMA_CANDIDATES.get(D, _TMA_CANDIDATES[128])]
+    for (bm, bn, w, st, nreg), with_tma in cands:
         if layout.block_m % bm or layout.block_n % bn:
             continue
-        cand: dict[str, int] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+        cand: dict[str, Any] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
+        if with_tma:
+            cand.update(USE_TMA=True, PREFETCH=True)
         if nreg is not None:
             cand["maxnreg"] = nreg
         try:
@@ -550,12 +567,22 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
         config = config.to_dict()
     if config is not None:
         need = {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
-        if not isinstance(config, dict) or not need <= set(config) <= need | {"maxnreg"}:
+        if not isinstance(config, dict) or not need <= set(config) <= need | set(_CONFIG_OPTIONAL):
             raise fail("quantized_attention", "config", "must name exactly the launch parameters",
-                       sorted(need) + ["(maxnreg)"], repr(config))
+                       sorted(need) + [f"({o})" for o in _CONFIG_OPTIONAL], repr(config))
         if layout.block_m % config["BLOCK_M"] or layout.block_n % config["BLOCK_N"]:
             raise fail("quantized_attention", "config", "tiles must divide the layout blocks",
                        f"divisors of ({layout.block_m}, {layout.block_n})", f"({config['BLOCK_M']}, {config['BLOCK_N']})")
+        for f in ("USE_TMA", "PREFETCH"):
+            if f in config and not isinstance(config[f], bool):
+                raise fail("quantized_attention", "config", f"has a bad {f}", "True or False", repr(config[f]))
+        nreg = config.get("maxnreg")
+        if nreg is not None and (isinstance(nreg, bool) or not isinstance(nreg, int) or not 24 <= nreg <= 255):
+            raise fail("quantized_attention", "config", "has a bad maxnreg", "an int in [24, 255] or None", repr(nreg))
+        if config.get("USE_TMA") and not _quant_tma_usable(qq):
+            raise fail("quantized_attention", "config", "asks for TMA loads these inputs cannot use",
+                       "CUDA sm_90+ (or the interpreter), 16-byte aligned K/V rows and heads, Triton with tensor "
+                       "descriptors", repr(config))
     (qw, qt, qs_), (kw, kt, ks_) = GRANULARITIES[qq.granularity]
     fp8 = qq.quant == "int8_fp8"
     if out is None:
@@ -594,9 +621,14 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
 
     def launch(c: dict[str, int]) -> Any:
         opts = {"maxnreg": int(c["maxnreg"])} if c.get("maxnreg") is not None else {}
+        flags = {f: bool(c[f]) for f in ("USE_TMA", "PREFETCH") if c.get(f) is not None}
+        if flags.get("USE_TMA") and dev.type == "cuda":
+            from sparseattn.ops.triton_launch import _set_tma_allocator
+
+            _set_tma_allocator(dev)
         return _kernel()[(cdiv(Nq, c["BLOCK_M"]), B * H)](
-            *args, **meta, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], K_SCALAR=(kt == 1 and kw % c["BLOCK_N"] == 0),
-            num_warps=c["num_warps"], num_stages=c["num_stages"], **opts)
+            *args, **meta, **flags, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
+            K_SCALAR=(kt == 1 and kw % c["BLOCK_N"] == 0), num_warps=c["num_warps"], num_stages=c["num_stages"], **opts)
 
     tune: dict[str, Any] | None = None
     autotuned = False
@@ -609,8 +641,16 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
         else:
             n_key = int(math.ceil(math.log2(max(Nq, Nkv, 2))))
             key = _tune_key(D, layout, causal, qq.quant, qq.granularity, n_key, out_dtype, dev)
-            cfg, tune = _autotune(key, D, layout, launch)
+            tma = _quant_tma_usable(qq)
+            cfg, tune = _autotune(key, D, layout, launch, tma)
             autotuned = True
+            if cfg.get("USE_TMA") and not tma:  # a winner remembered for inputs that could use descriptors
+                cfg = {f: x for f, x in cfg.items() if f != "USE_TMA"}
+                if not _NO_TMA_WARNED:
+                    _NO_TMA_WARNED.append(True)
+                    warnings.warn("quantized_attention: the remembered launch config uses TMA loads, which these inputs "
+                                  "cannot (CUDA sm_90+, 16-byte aligned K/V rows and heads, SPARSEATTN_TRITON_TMA unset); "
+                                  "using pointer loads", RuntimeWarning, stacklevel=3)
         kern = launch(cfg)
     if telemetry is not None:  # cheap attribute reads of the compiled kernel (no sync)
         md = getattr(kern, "metadata", None)
@@ -619,6 +659,26 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
                           "n_spills": getattr(kern, "n_spills", None), "shared_bytes": getattr(md, "shared", None),
                           "autotuned": autotuned, "tune": tune})
     return AttentionState(out, lse)
+
+
+def _quant_tma_usable(qq: QuantizedQKV) -> bool:
+    """K/V tiles through tensor descriptors: the interpreter, or CUDA sm_90+ with a Triton that has them, and 16-byte
+    aligned K/V rows and heads (``SPARSEATTN_TRITON_TMA=0`` turns them off on a GPU, as for the bf16 kernel)."""
+    from sparseattn.ops.triton_launch import _triton_has_descriptors
+
+    if not _triton_has_descriptors():
+        return False
+    if not _interpret():
+        if qq.k_int8.device.type != "cuda" or os.environ.get("SPARSEATTN_TRITON_TMA", "1") == "0":
+            return False
+        d = qq.k_int8.device
+        if _capability_of(d.index if d.index is not None else torch.cuda.current_device())[0] < 9:
+            return False
+    for t in (qq.k_int8, qq.v):
+        es = t.element_size()
+        if t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:3]):
+            return False
+    return True
 
 
 def _dense(B: int, H: int, Nq: int, Nkv: int, causal: bool, device: torch.device) -> BlockLayout:

@@ -51,18 +51,23 @@ def _bf16_rne(x):
 @triton.jit
 def _q_tile(
     q, qs, acc, m_i, l_i, kb, t_sub,
-    k_base, v_base, ks_base, kb_base, stride_kn, stride_v2,
+    k_base, v_base, k_desc, v_desc, ks_base, kb_base, stride_kn, stride_v2,
     offs_m, offs_n, offs_d, N_KV, OFF,
     BLOCK_N: tl.constexpr, LAYOUT_BN: tl.constexpr, KW: tl.constexpr, KT: tl.constexpr, KS: tl.constexpr,
     K_SCALAR: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, FP8_EMU: tl.constexpr, DOT_F32: tl.constexpr,
-    HAS_KBIAS: tl.constexpr,
+    HAS_KBIAS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """One kernel tile of keys: online-softmax update of ``(acc, m_i, l_i)``."""
     start_n = kb * LAYOUT_BN + t_sub * BLOCK_N
     cols = start_n + offs_n
     col_ok = cols < N_KV
-    k = _kv_load(k_base + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None],
-                 col_ok, MASK, 1)
+    if HAS_KBIAS:  # issued before the K load and the MMA so its latency hides behind them
+        kbias = tl.load(kb_base + cols, mask=col_ok, other=0.0)
+    if USE_TMA:  # rows past N_KV come back zero-filled (their scores are masked below)
+        k = k_desc.load([start_n, 0]).T
+    else:
+        k = _kv_load(k_base + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None],
+                     col_ok, MASK, 1)
     qk = tl.dot(q, k).to(tl.float32)  # int8 x int8 -> int32: exact
     if K_SCALAR:
         ks = tl.load(ks_base + start_n // KW)
@@ -72,7 +77,7 @@ def _q_tile(
         ks = tl.load(ks_base + kg, mask=col_ok, other=0.0)
         s = qk * qs[:, None] * ks[None, :]
     if HAS_KBIAS:  # Q smoothing: mean_tokens(q) . k of each key, fp32 (log2 units)
-        s = s + tl.load(kb_base + cols, mask=col_ok, other=0.0)[None, :]
+        s = s + kbias[None, :]
     if MASK:
         keep = col_ok[None, :]
         if CAUSAL:
@@ -81,7 +86,10 @@ def _q_tile(
     p, m_ij, l_i, acc = online_softmax_update(s, m_i, l_i, acc)
     if PV_FP8:
         # V stored transposed [D, N]: load a [D, BLOCK_N] tile (tokens contiguous), use its transpose
-        vt = _kv_load(v_base + offs_d[:, None].to(tl.int64) * stride_v2 + cols[None, :], col_ok, MASK, 1)
+        if USE_TMA:
+            vt = v_desc.load([0, start_n])
+        else:
+            vt = _kv_load(v_base + offs_d[:, None].to(tl.int64) * stride_v2 + cols[None, :], col_ok, MASK, 1)
         if FP8_EMU:
             p8 = e4m3_round(p * 448.0)
             acc += tl.dot(p8, tl.trans(vt.to(tl.float32)))
@@ -89,8 +97,11 @@ def _q_tile(
             p8 = (p * 448.0).to(tl.float8e4nv)
             acc += tl.dot(p8, tl.trans(vt))
     else:
-        v = _kv_load(v_base + start_n.to(tl.int64) * stride_v2 + offs_n[:, None] * stride_v2 + offs_d[None, :],
-                     col_ok, MASK, 0)
+        if USE_TMA:
+            v = v_desc.load([start_n, 0])
+        else:
+            v = _kv_load(v_base + start_n.to(tl.int64) * stride_v2 + offs_n[:, None] * stride_v2 + offs_d[None, :],
+                         col_ok, MASK, 0)
         if DOT_F32:
             # interpreter (bf16 only): its fp32 -> bf16 cast truncates; round to nearest even as GPUs do
             acc = tl.dot(_bf16_rne(p), v.to(tl.float32), acc)
@@ -128,6 +139,8 @@ def _block_sparse_fwd_quant_kernel(
     DOT_F32: tl.constexpr = False,  # interpreter: widen bf16 P·V operands (its bf16 dot is wrong)
     LIST_CHUNK: tl.constexpr = 64,
     HAS_KBIAS: tl.constexpr = False,  # Q smoothing's per-key score term (KBias, per query head)
+    USE_TMA: tl.constexpr = False,  # K/V tiles through device-side tensor descriptors (Hopper TMA)
+    PREFETCH: tl.constexpr = False,  # read the next tile's key-block index one iteration ahead
 ):
     SUB: tl.constexpr = LAYOUT_BN // BLOCK_N
     num_m, pid_m, pid_bh, off_b, off_h, off_hk = _program_ids(H, GROUP, CAUSAL)
@@ -161,20 +174,44 @@ def _block_sparse_fwd_quant_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # full blocks: no element mask
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[N_KV, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        if PV_FP8:  # V stored transposed [D, N_pad]
+            v_desc = tl.make_tensor_descriptor(v_base, shape=[HEAD_DIM, N_KV], strides=[stride_v2, 1],
+                                               block_shape=[HEAD_DIM, BLOCK_N])
+        else:
+            v_desc = tl.make_tensor_descriptor(v_base, shape=[N_KV, HEAD_DIM], strides=[stride_v2, 1],
+                                               block_shape=[BLOCK_N, HEAD_DIM])
+    else:
+        k_desc = k_base  # placeholders (unused without USE_TMA)
+        v_desc = v_base
+
+    # full blocks: no element mask. PREFETCH carries the next tile's list entry (kb_nx) so the K/V
+    # addresses of an iteration do not wait on a load issued in that iteration (as the bf16 kernel).
+    kb_nx = tl.load(idx_row)  # entry 0 always exists (the list width is >= 1); used only if n_full > 0
     for t in range(0, n_full * SUB):
-        kb = tl.load(idx_row + (t // SUB) * stride_in)
-        kb = tl.minimum(tl.maximum(kb, 0), NUM_KV_BLOCKS - 1)
-        acc, m_i, l_i = _q_tile(q, qs, acc, m_i, l_i, kb, t % SUB, k_base, v_base, ks_base, kb_base, stride_kn,
-                                stride_v2, offs_m, offs_n, offs_d, N_KV, OFF, BLOCK_N, LAYOUT_BN, KW, KT, KS, K_SCALAR,
-                                False, CAUSAL, PV_FP8, FP8_EMU, DOT_F32, HAS_KBIAS)
+        if PREFETCH:
+            kb = tl.minimum(tl.maximum(kb_nx, 0), NUM_KV_BLOCKS - 1)
+            kb_nx = tl.load(idx_row + tl.minimum((t + 1) // SUB, num - 1) * stride_in)
+        else:
+            kb = tl.load(idx_row + (t // SUB) * stride_in)
+            kb = tl.minimum(tl.maximum(kb, 0), NUM_KV_BLOCKS - 1)
+        acc, m_i, l_i = _q_tile(q, qs, acc, m_i, l_i, kb, t % SUB, k_base, v_base, k_desc, v_desc, ks_base, kb_base,
+                                stride_kn, stride_v2, offs_m, offs_n, offs_d, N_KV, OFF, BLOCK_N, LAYOUT_BN, KW, KT, KS,
+                                K_SCALAR, False, CAUSAL, PV_FP8, FP8_EMU, DOT_F32, HAS_KBIAS, USE_TMA)
     # blocks crossing the diagonal / the end of the keys
+    kb_nx = tl.load(idx_row + n_full * stride_in, mask=n_vis > n_full, other=0)
     for t in range(n_full * SUB, n_vis * SUB):
-        kb = tl.load(idx_row + (t // SUB) * stride_in)
-        kb = tl.minimum(tl.maximum(kb, 0), NUM_KV_BLOCKS - 1)
-        acc, m_i, l_i = _q_tile(q, qs, acc, m_i, l_i, kb, t % SUB, k_base, v_base, ks_base, kb_base, stride_kn,
-                                stride_v2, offs_m, offs_n, offs_d, N_KV, OFF, BLOCK_N, LAYOUT_BN, KW, KT, KS, K_SCALAR,
-                                True, CAUSAL, PV_FP8, FP8_EMU, DOT_F32, HAS_KBIAS)
+        if PREFETCH:
+            kb = tl.minimum(tl.maximum(kb_nx, 0), NUM_KV_BLOCKS - 1)
+            kb_nx = tl.load(idx_row + tl.minimum((t + 1) // SUB, num - 1) * stride_in)
+        else:
+            kb = tl.load(idx_row + (t // SUB) * stride_in)
+            kb = tl.minimum(tl.maximum(kb, 0), NUM_KV_BLOCKS - 1)
+        acc, m_i, l_i = _q_tile(q, qs, acc, m_i, l_i, kb, t % SUB, k_base, v_base, k_desc, v_desc, ks_base, kb_base,
+                                stride_kn, stride_v2, offs_m, offs_n, offs_d, N_KV, OFF, BLOCK_N, LAYOUT_BN, KW, KT, KS,
+                                K_SCALAR, True, CAUSAL, PV_FP8, FP8_EMU, DOT_F32, HAS_KBIAS, USE_TMA)
 
     # epilogue (as the bf16 kernel): a row attends a key iff its list is non-empty and (causal) the
     # first selected block starts at or below its last visible key
