@@ -5,8 +5,9 @@ The quantized prefill kernel (:mod:`sparseattn.ops.triton.block_sparse_fwd_quant
 32K causal, H=32, H_kv=8, D=128 by default, dense and at density 0.1 (random 128x128 layouts keeping the
 diagonal, as ``bench_quant.py``). Operand sets: ``int8`` per_warp with the default options (Q smoothing: the
 per-key score bias), ``int8`` per_warp with K smoothing only (no bias), ``int8_fp8`` per_warp default.
-Variants are fixed launch configs with the kernel switches ``USE_TMA`` (K/V tiles through tensor
-descriptors) and ``PREFETCH`` (next key-block index read one iteration ahead); ``auto`` is the autotuned
+Variants are fixed launch configs with the kernel switches
+``USE_TMA`` (K/V tiles through tensor descriptors), ``TMA_QO`` (Q load and output store through them too)
+and ``PREFETCH`` (next key-block index read one iteration ahead); ``auto`` is the autotuned
 launch. Each variant's output is compared with the ``base`` variant (same tiles: bitwise expected) and its
 accuracy against fp32 attention on the last ``--parity-rows`` query rows is recorded; compiled registers /
 spills / shared memory come from the launch telemetry. Timing: ``--repeats`` round-robin rounds of
@@ -44,6 +45,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "pf": _cfg(128, 64, 8, 2, PREFETCH=True, maxnreg=128),
     "tma": _cfg(128, 64, 8, 2, USE_TMA=True, maxnreg=128),
     "tma-pf": _cfg(128, 64, 8, 2, USE_TMA=True, PREFETCH=True, maxnreg=128),
+    "tma-pf-qo": _cfg(128, 64, 8, 2, USE_TMA=True, PREFETCH=True, TMA_QO=True, maxnreg=128),
     "tma-pf-nocap": _cfg(128, 64, 8, 2, USE_TMA=True, PREFETCH=True),
     "tma-pf-s3": _cfg(128, 64, 8, 3, USE_TMA=True, PREFETCH=True, maxnreg=128),
     "tma-pf-128x128": _cfg(128, 128, 8, 2, USE_TMA=True, PREFETCH=True),

@@ -170,10 +170,12 @@ def test_empty_rows_are_zero_with_minus_inf_lse():
 
 @pytest.mark.parametrize("quant", MODES)
 @pytest.mark.parametrize("gran", ["per_warp", "per_thread"])
-@pytest.mark.parametrize("flags", [{"USE_TMA": True}, {"PREFETCH": True}, {"USE_TMA": True, "PREFETCH": True}])
+@pytest.mark.parametrize("flags", [{"USE_TMA": True}, {"PREFETCH": True}, {"USE_TMA": True, "PREFETCH": True},
+                                   {"USE_TMA": True, "PREFETCH": True, "TMA_QO": True}])
 @pytest.mark.parametrize("bn", [64, 32])
 def test_tma_and_prefetch_switches_change_no_bit(quant, gran, flags, bn):
-    """USE_TMA (K/V through tensor descriptors) and PREFETCH (next list entry read ahead) are load paths only:
+    """USE_TMA (K/V through tensor descriptors), TMA_QO (Q and out too) and PREFETCH (next list entry read ahead) are
+    load paths only:
     the same bits as the plain loads, on odd lengths (rows/keys past the end), GQA, 2 kernel tiles per layout block
     (bn 32), an empty query block and Q smoothing's key bias (on by default)."""
     B, H, Hkv, Nq, Nkv, D = 1, 4, 2, 257, 330, 64
@@ -200,7 +202,9 @@ def test_launch_config_switches_are_checked():
     with pytest.raises(ValueError, match=r"quantized_attention: config has a bad maxnreg; expected an int in \[24, 255\]"):
         Q.quantized_attention(q, k, v, config={**base, "maxnreg": 8})
     with pytest.raises(ValueError, match=r"quantized_attention: config must name exactly the launch parameters"):
-        Q.quantized_attention(q, k, v, config={**base, "TMA_QO": True})
+        Q.quantized_attention(q, k, v, config={**base, "VEC_COUNT": True})
+    with pytest.raises(ValueError, match=r"quantized_attention: config has a bad TMA_QO; expected True or False"):
+        Q.quantized_attention(q, k, v, config={**base, "TMA_QO": "yes"})
 
 
 # ---------------------------------------------------------------- emulation vs fp32 attention (cost of quantization)

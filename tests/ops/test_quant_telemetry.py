@@ -95,3 +95,29 @@ def test_autotune_returns_its_record_instead_of_logging(monkeypatch):
         assert again == cfg and rec2 is None and len(launched) == len(cands)  # remembered: not re-timed
     finally:
         cache.pop(key, None)
+
+
+def test_autotune_times_the_tma_candidates_only_where_usable(monkeypatch):
+    """With ``tma`` the candidates add the TMA launches (USE_TMA, each with its PREFETCH choice); a TMA winner is kept."""
+    pytest.importorskip("triton")
+    import triton.testing
+
+    from sparseattn.layout.patterns import dense_layout
+    from sparseattn.ops import quant as Q
+
+    plain = [c for c in Q._TUNE_CANDIDATES[128] if 128 % c[0] == 0 and 128 % c[1] == 0]
+    tma = [c for c in Q._TMA_CANDIDATES[128] if 128 % c[0] == 0 and 128 % c[1] == 0]
+    times = iter([5.0] * len(plain) + [4.0, 1.0] + [6.0] * (len(tma) - 2))
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), next(times))[1])
+    launched: list[dict] = []
+    lay = dense_layout(256, 256, block_m=128, block_n=128)
+    key = ("test_quant_telemetry_tma", 128, 128, True, "int8", "per_warp", 8, torch.bfloat16, "NVIDIA H200")
+    cache = Q._tuned_cache()
+    try:
+        cfg, rec = Q._autotune(key, 128, lay, launched.append, tma=True)
+        assert len(launched) == len(plain) + len(tma) == len(rec["times_ms"])
+        assert not any("USE_TMA" in c for c in launched[:len(plain)])
+        assert all(c["USE_TMA"] is True and c["PREFETCH"] is t[5] for c, t in zip(launched[len(plain):], tma))
+        assert cfg == launched[len(plain) + 1] and cfg["USE_TMA"] is True
+    finally:
+        cache.pop(key, None)

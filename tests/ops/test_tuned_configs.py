@@ -131,7 +131,7 @@ def test_quant_launch_config_dataclass():
                                          r">= 16, got 48"):
         QuantLaunchConfig(128, 48, 8, 2)
     with pytest.raises(ValueError, match=r"QuantLaunchConfig.from_dict: d must name the launch parameters"):
-        QuantLaunchConfig.from_dict({"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "TMA_QO": True})
+        QuantLaunchConfig.from_dict({"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "VEC_COUNT": True})
     t = QuantLaunchConfig.from_dict({"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "USE_TMA": True,
                                      "PREFETCH": False})
     assert t.use_tma is True and t.prefetch is False and t.to_dict()["PREFETCH"] is False

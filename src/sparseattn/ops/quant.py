@@ -391,16 +391,20 @@ def _shipped_quant_config(head_dim: int, layout_bm: int, layout_bn: int, device:
 # The first call of a key (head_dim, layout blocks, causal, quant, granularity, length bucket, dtype,
 # device) times each candidate that nests in the layout blocks (do_bench) and keeps the fastest;
 # SPARSEATTN_QUANT_AUTOTUNE=0 uses default_quant_config instead. Where the inputs can use tensor
-# descriptors (sm_90+), _TMA_CANDIDATES are timed too, with USE_TMA and PREFETCH on.
+# descriptors (sm_90+), _TMA_CANDIDATES are timed too: (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg, PREFETCH),
+# all with USE_TMA. Measured on an H100 (2026-12-05, benchmarks/quant_kernel_variants.py, 32K causal, D=128): TMA
+# loads take the default int8 launch from 20.9 to 18.1 ms; PREFETCH slows it (19.3 ms, and int8_fp8 too), so only
+# the 128x128 tile keeps a PREFETCH twin; 128x128 with TMA is the int8_fp8 winner (35.0 -> 21.0 ms).
 _TUNE_CANDIDATES: dict[int, list[tuple[int, int, int, int, int | None]]] = {
     64: [(128, 64, 8, 2, None), (128, 64, 8, 2, 128), (128, 128, 8, 2, None), (64, 64, 4, 3, None)],
     128: [(128, 64, 8, 2, None), (128, 64, 8, 2, 128), (128, 128, 8, 2, None), (64, 64, 4, 3, None)],
     256: [(64, 64, 4, 2, None), (128, 64, 8, 2, None), (64, 32, 4, 2, None)],
 }
-_TMA_CANDIDATES: dict[int, list[tuple[int, int, int, int, int | None]]] = {
-    64: [(128, 64, 8, 2, 128), (128, 128, 8, 2, None)],
-    128: [(128, 64, 8, 2, 128), (128, 64, 8, 2, None), (128, 128, 8, 2, None)],
-    256: [(64, 64, 4, 2, None)],
+_TMA_CANDIDATES: dict[int, list[tuple[int, int, int, int, int | None, bool]]] = {
+    64: [(128, 64, 8, 2, 128, False), (128, 128, 8, 2, None, False), (128, 128, 8, 2, None, True)],
+    128: [(128, 64, 8, 2, 128, False), (128, 64, 8, 3, 128, False), (128, 128, 8, 2, None, False),
+          (128, 128, 8, 2, None, True)],
+    256: [(64, 64, 4, 2, None, False)],
 }
 _TUNED_MAX = 128
 _TUNED: Any = None  # BoundedCache keyed by launch facts and the device *name* (as the prefill launcher's)
@@ -410,7 +414,8 @@ _KEY_FIELDS = ("head_dim", "layout_block_m", "layout_block_n", "causal", "quant"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 _NO_TMA_WARNED: list[bool] = []  # the TMA-less launch of a remembered TMA winner warns once per process
-_CONFIG_OPTIONAL = ("USE_TMA", "PREFETCH", "maxnreg")  # kernel switches (bools) and the compiler's register cap
+_SWITCHES = ("USE_TMA", "PREFETCH", "TMA_QO")  # the kernel's boolean load-path switches
+_CONFIG_OPTIONAL = _SWITCHES + ("maxnreg",)  # and the compiler's register cap
 
 
 def _tuned_cache() -> Any:
@@ -474,11 +479,11 @@ def use_tuned_configs(configs: Any) -> int:
                            f"keys {fields} (dtype float16/bfloat16, quant in {list(QUANT_MODES)})", repr(m))
             c = e.config
             ok = set(_CONFIG_KEYS) <= set(c) <= set(_CONFIG_KEYS) | set(_CONFIG_OPTIONAL) and all(
-                isinstance(x, bool) if f in ("USE_TMA", "PREFETCH") else (isinstance(x, int) and not isinstance(x, bool)
+                isinstance(x, bool) if f in _SWITCHES else (isinstance(x, int) and not isinstance(x, bool)
                                                                           and x > 0) for f, x in c.items())
             if not ok or m["layout_block_m"] % c["BLOCK_M"] or m["layout_block_n"] % c["BLOCK_N"]:
                 raise fail(fn, f"configs.devices[{dev!r}][{i}].config", "is not a launch config of the quantized kernel",
-                           f"positive ints {list(_CONFIG_KEYS)} (and maxnreg; bools USE_TMA, PREFETCH), tiles dividing the "
+                           f"positive ints {list(_CONFIG_KEYS)} (and maxnreg; bools USE_TMA, PREFETCH, TMA_QO), tiles dividing the "
                            "layout blocks", repr(c))
             key = (int(m["head_dim"]), int(m["layout_block_m"]), int(m["layout_block_n"]), bool(m["causal"]), m["quant"],
                    m["granularity"], int(m["n_ctx_log2"]), _DTYPES[m["dtype"]], dev)
@@ -519,15 +524,14 @@ def _autotune(key: tuple[Any, ...], D: int, layout: BlockLayout, launch: Any,
     best: tuple[float, dict[str, Any]] | None = None
     times: dict[str, float] = {}
     errors: list[dict[str, Any]] = []
-    cands = [(c, False) for c in _TUNE_CANDIDATES.get(D, _TUNE_CANDIDATES[128])]
+    cands: list[tuple[tuple[int, int, int, int, int | None], dict[str, bool]]] = [
+        (c, {}) for c in _TUNE_CANDIDATES.get(D, _TUNE_CANDIDATES[128])]
     if tma:
-        cands += [(c, True) for c in _TMA_CANDIDATES.get(D, _TMA_CANDIDATES[128])]
-    for (bm, bn, w, st, nreg), with_tma in cands:
+        cands += [(c[:5], {"USE_TMA": True, "PREFETCH": c[5]}) for c in _TMA_CANDIDATES.get(D, _TMA_CANDIDATES[128])]
+    for (bm, bn, w, st, nreg), flags in cands:
         if layout.block_m % bm or layout.block_n % bn:
             continue
-        cand: dict[str, Any] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
-        if with_tma:
-            cand.update(USE_TMA=True, PREFETCH=True)
+        cand: dict[str, Any] = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st, **flags}
         if nreg is not None:
             cand["maxnreg"] = nreg
         try:
@@ -573,7 +577,7 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
         if layout.block_m % config["BLOCK_M"] or layout.block_n % config["BLOCK_N"]:
             raise fail("quantized_attention", "config", "tiles must divide the layout blocks",
                        f"divisors of ({layout.block_m}, {layout.block_n})", f"({config['BLOCK_M']}, {config['BLOCK_N']})")
-        for f in ("USE_TMA", "PREFETCH"):
+        for f in _SWITCHES:
             if f in config and not isinstance(config[f], bool):
                 raise fail("quantized_attention", "config", f"has a bad {f}", "True or False", repr(config[f]))
         nreg = config.get("maxnreg")
@@ -587,6 +591,10 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
     fp8 = qq.quant == "int8_fp8"
     if out is None:
         out = torch.empty((B, H, Nq, D), dtype=out_dtype, device=dev)
+    if config is not None and config.get("TMA_QO") and not _quant_tma_usable(qq, qq.q_int8, out):
+        raise fail("quantized_attention", "config", "asks for TMA Q/O transfers these inputs cannot use",
+                   "CUDA sm_90+ (or the interpreter), 16-byte aligned Q, K, V and out rows and heads, Triton with tensor "
+                   "descriptors", repr(config))
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=dev)
     v = qq.v
     if fp8:
@@ -621,8 +629,8 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
 
     def launch(c: dict[str, int]) -> Any:
         opts = {"maxnreg": int(c["maxnreg"])} if c.get("maxnreg") is not None else {}
-        flags = {f: bool(c[f]) for f in ("USE_TMA", "PREFETCH") if c.get(f) is not None}
-        if flags.get("USE_TMA") and dev.type == "cuda":
+        flags = {f: bool(c[f]) for f in _SWITCHES if c.get(f) is not None}
+        if (flags.get("USE_TMA") or flags.get("TMA_QO")) and dev.type == "cuda":
             from sparseattn.ops.triton_launch import _set_tma_allocator
 
             _set_tma_allocator(dev)
@@ -644,13 +652,16 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
             tma = _quant_tma_usable(qq)
             cfg, tune = _autotune(key, D, layout, launch, tma)
             autotuned = True
-            if cfg.get("USE_TMA") and not tma:  # a winner remembered for inputs that could use descriptors
-                cfg = {f: x for f, x in cfg.items() if f != "USE_TMA"}
+            drop = {"USE_TMA"} if not tma and cfg.get("USE_TMA") else set()
+            if cfg.get("TMA_QO") and not _quant_tma_usable(qq, qq.q_int8, out):  # a seeded winner may set it
+                drop.add("TMA_QO")
+            if drop:  # a winner remembered for inputs that could use descriptors
+                cfg = {f: x for f, x in cfg.items() if f not in drop}
                 if not _NO_TMA_WARNED:
                     _NO_TMA_WARNED.append(True)
-                    warnings.warn("quantized_attention: the remembered launch config uses TMA loads, which these inputs "
-                                  "cannot (CUDA sm_90+, 16-byte aligned K/V rows and heads, SPARSEATTN_TRITON_TMA unset); "
-                                  "using pointer loads", RuntimeWarning, stacklevel=3)
+                    warnings.warn(f"quantized_attention: the remembered launch config uses TMA transfers ({sorted(drop)}) "
+                                  "these inputs cannot use (CUDA sm_90+, 16-byte aligned Q/K/V/out rows and heads, "
+                                  "SPARSEATTN_TRITON_TMA unset); using pointer loads there", RuntimeWarning, stacklevel=3)
         kern = launch(cfg)
     if telemetry is not None:  # cheap attribute reads of the compiled kernel (no sync)
         md = getattr(kern, "metadata", None)
@@ -661,9 +672,10 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
     return AttentionState(out, lse)
 
 
-def _quant_tma_usable(qq: QuantizedQKV) -> bool:
+def _quant_tma_usable(qq: QuantizedQKV, *more: torch.Tensor) -> bool:
     """K/V tiles through tensor descriptors: the interpreter, or CUDA sm_90+ with a Triton that has them, and 16-byte
-    aligned K/V rows and heads (``SPARSEATTN_TRITON_TMA=0`` turns them off on a GPU, as for the bf16 kernel)."""
+    aligned K/V (and ``more``) rows and heads (``SPARSEATTN_TRITON_TMA=0`` turns them off on a GPU, as for the bf16
+    kernel)."""
     from sparseattn.ops.triton_launch import _triton_has_descriptors
 
     if not _triton_has_descriptors():
@@ -674,7 +686,7 @@ def _quant_tma_usable(qq: QuantizedQKV) -> bool:
         d = qq.k_int8.device
         if _capability_of(d.index if d.index is not None else torch.cuda.current_device())[0] < 9:
             return False
-    for t in (qq.k_int8, qq.v):
+    for t in (qq.k_int8, qq.v, *more):
         es = t.element_size()
         if t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:3]):
             return False

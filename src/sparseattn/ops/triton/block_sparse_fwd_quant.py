@@ -141,6 +141,7 @@ def _block_sparse_fwd_quant_kernel(
     HAS_KBIAS: tl.constexpr = False,  # Q smoothing's per-key score term (KBias, per query head)
     USE_TMA: tl.constexpr = False,  # K/V tiles through device-side tensor descriptors (Hopper TMA)
     PREFETCH: tl.constexpr = False,  # read the next tile's key-block index one iteration ahead
+    TMA_QO: tl.constexpr = False,  # Q load and O store through tensor descriptors too (fewer address registers)
 ):
     SUB: tl.constexpr = LAYOUT_BN // BLOCK_N
     num_m, pid_m, pid_bh, off_b, off_h, off_hk = _program_ids(H, GROUP, CAUSAL)
@@ -165,8 +166,13 @@ def _block_sparse_fwd_quant_kernel(
         n_full += tl.sum((live & (ent < full_lim)).to(tl.int32), 0)
         n_vis += tl.sum((live & (ent < vis_lim)).to(tl.int32), 0)
 
-    q = tl.load(q_base + m0.to(tl.int64) * stride_qm + offs_r[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None],
-                other=0)
+    if TMA_QO:  # rows past N_Q are zero-filled on load and clipped on store by the copy engine
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[N_Q, HEAD_DIM], strides=[stride_qm, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+        q = q_desc.load([m0, 0])
+    else:
+        q = tl.load(q_base + m0.to(tl.int64) * stride_qm + offs_r[:, None] * stride_qm + offs_d[None, :],
+                    mask=row_ok[:, None], other=0)
     qg = (offs_m // QW) * QT + (offs_m % (QT * QS)) // QS
     qs = tl.load(QScale + off_b.to(tl.int64) * stride_qsb + off_h.to(tl.int64) * stride_qsh + qg, mask=row_ok, other=0.0)
 
@@ -228,7 +234,12 @@ def _block_sparse_fwd_quant_kernel(
     out = tl.where(has[:, None], out + qrow[:, None] * 0.0, 0.0)  # NaN rows of q stay NaN
     lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453 + qrow, float("-inf"))
     o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
-    tl.store(o_base + m0.to(tl.int64) * stride_om + offs_r[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None])
+    if TMA_QO:
+        o_desc = tl.make_tensor_descriptor(o_base, shape=[N_Q, HEAD_DIM], strides=[stride_om, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+        o_desc.store([m0, 0], out.to(Out.dtype.element_ty))
+    else:
+        tl.store(o_base + m0.to(tl.int64) * stride_om + offs_r[:, None] * stride_om + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     l_base = Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh
     tl.store(l_base + offs_m, lse, mask=row_ok)
