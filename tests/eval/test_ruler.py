@@ -319,6 +319,32 @@ def test_batched_run_matches_the_unbatched_run(tiny, tmp_path):
         ruler.run_ruler("tiny", batch_size=0, **kw)
 
 
+def test_a_batch_out_of_gpu_memory_is_rerun_as_halves(tiny, monkeypatch):
+    """A batch the GPU cannot hold (a 16K Gemma batch of 8 on an 80 GB card) is run again as halves, with one
+    warning; the outputs equal the one-at-a-time run's (simulated: batches of more than one prompt raise OOM)."""
+    from sparseattn.eval import end_to_end
+    from sparseattn.models.loader import load
+
+    model, tok = load(str(tiny[0]))
+    kw = dict(model=model, tokenizer=tok, predictors=None, patterns="sink_window:sink_blocks=1,window_blocks=2",
+              tasks="niah_single", lengths=[1100], samples=3, text_dir=str(tiny[1]), gen_tokens=4, progress=False)
+    one = ruler.run_ruler("tiny", batch_size=1, **kw)
+    real = end_to_end.greedy_generate_batch
+    sizes: list[int] = []
+
+    def fake(model, ids, **k):
+        sizes.append(ids.shape[0])
+        if ids.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, ids, **k)
+
+    monkeypatch.setattr(end_to_end, "greedy_generate_batch", fake)
+    with pytest.warns(RuntimeWarning, match=r"run_ruler: a batch of 3 prompts of 1100 tokens ran out of GPU memory"):
+        three = ruler.run_ruler("tiny", batch_size=3, **kw)
+    assert [c["outputs"] for c in three.cases] == [c["outputs"] for c in one.cases]
+    assert sizes.count(3) == 2 and sizes.count(2) == 2  # dense and sparse: 3 -> (1, 2 -> (1, 1))
+
+
 # --------------------------------------------------------------------------- NIAH with decode paths (issue 14)
 def test_niah_decode_modes_score_each_path(tiny, tmp_path):
     """``run_niah(decode_modes=...)`` runs each decode path after a dense prefill and scores it like the dense run:

@@ -35,6 +35,7 @@ import random
 import re
 import string
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -531,7 +532,8 @@ def run_ruler(
             a batch (no padding: NIAH and ``vt`` prompts are exactly ``length`` tokens, ``cwe`` / ``fwe`` often
             differ and then run alone). ``None``: 8 on CUDA (eager decode of a small model is host-bound, so a
             batch costs about one prompt), 1 on the CPU. A batched prompt's density is its batch's mean, its
-            ``prefill_s`` the batch's prefill time divided by the batch size.
+            ``prefill_s`` the batch's prefill time divided by the batch size. A batch that runs out of GPU
+            memory is run again as two halves (down to single prompts), with one warning.
         floor: also run the **all-blocks** configuration (every causal block through sparseattn's kernel,
             :data:`FLOOR_LABEL`): what the kernel's rounding alone changes, the noise floor the sparse
             configurations are compared with as well as dense (``summary["delta_vs_floor"]``). ``None``: on for
@@ -651,7 +653,27 @@ def run_ruler(
             runs_fh.flush()
         bar.update(1)
 
+    oom_warned: list[bool] = []
+
     def run_batch(label: str, idx: Sequence[int], handle: Any) -> None:
+        """One batch; a batch the GPU has no memory for is run again as two halves (down to one prompt)."""
+        if len(idx) == 1:
+            return run_one_batch(label, idx, handle)
+        try:
+            return run_one_batch(label, idx, handle)
+        except torch.cuda.OutOfMemoryError:
+            pass  # retried below, outside the handler (the failed batch's tensors are freed first)
+        torch.cuda.empty_cache()
+        if not oom_warned:
+            oom_warned.append(True)
+            warnings.warn(f"{fn}: a batch of {len(idx)} prompts of {cases[idx[0]]['length']} tokens ran out of GPU "
+                          "memory; running such batches as halves (pass a smaller batch_size to avoid the retries)",
+                          RuntimeWarning, stacklevel=2)
+        half = len(idx) // 2
+        run_batch(label, idx[:half], handle)
+        run_batch(label, idx[half:], handle)
+
+    def run_one_batch(label: str, idx: Sequence[int], handle: Any) -> None:
         first = cases[idx[0]]
         bar.set_postfix_str(f"{label[:24]}: {first['task']} @ {first['length']} x{len(idx)}", refresh=False)
         if handle is not None:
