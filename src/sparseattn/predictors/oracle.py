@@ -150,7 +150,9 @@ def exact_block_mass(
     # pass 2: exact probabilities summed per (query block, key block)
     Mb, Nb = cdiv(Nq, block_m), cdiv(Nkv, block_n)
     rowblk = rows // block_m
-    counts = torch.bincount(rowblk, minlength=Mb).to(acc)
+    # rows per query block, without bincount (on CUDA it reads its output size back to the host: a sync that also
+    # breaks CUDA-graph capture of a patched layer)
+    counts = torch.zeros(Mb, dtype=acc, device=dev).index_add_(0, rowblk, torch.ones(NR, dtype=acc, device=dev))
     mass = torch.zeros((B, Hkv, G, Mb, Nb), dtype=acc, device=dev)
     for start in range(0, Nkv, step):
         stop = min(start + step, Nkv)
