@@ -172,7 +172,8 @@ def test_quant_tuned_winners_keyed_by_device_name_round_trip(tmp_path):
     from sparseattn.ops import quant as Q
 
     key = (128, 128, 128, True, "int8", "per_warp", 14, torch.bfloat16, "NVIDIA H200")
-    cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "maxnreg": 128}
+    cfg = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "USE_TMA": True, "PREFETCH": False,
+           "maxnreg": 128}
     cache = Q._tuned_cache()
     try:
         cache.put(key, cfg)
@@ -189,6 +190,10 @@ def test_quant_tuned_winners_keyed_by_device_name_round_trip(tmp_path):
                                                                       "num_stages": 1}),)})
         with pytest.raises(ValueError, match=r"config is not a launch config of the quantized kernel"):
             Q.use_tuned_configs(bad)
+        flag = reg.TunedConfigs("quant_triton", {"G": (reg.TunedEntry({**tc.devices["NVIDIA H200"][0].match},
+                                                                      {**cfg, "USE_TMA": 1}),)})
+        with pytest.raises(ValueError, match=r"config is not a launch config of the quantized kernel"):
+            Q.use_tuned_configs(flag)  # a switch must be a bool
     finally:
         cache.pop(key, None)
 

@@ -479,12 +479,12 @@ def use_tuned_configs(configs: Any) -> int:
                            f"keys {fields} (dtype float16/bfloat16, quant in {list(QUANT_MODES)})", repr(m))
             c = e.config
             ok = set(_CONFIG_KEYS) <= set(c) <= set(_CONFIG_KEYS) | set(_CONFIG_OPTIONAL) and all(
-                isinstance(x, bool) if f in _SWITCHES else (isinstance(x, int) and not isinstance(x, bool)
-                                                                          and x > 0) for f, x in c.items())
+                isinstance(x, bool) if f in _SWITCHES else (isinstance(x, int) and not isinstance(x, bool) and x > 0)
+                for f, x in c.items())
             if not ok or m["layout_block_m"] % c["BLOCK_M"] or m["layout_block_n"] % c["BLOCK_N"]:
                 raise fail(fn, f"configs.devices[{dev!r}][{i}].config", "is not a launch config of the quantized kernel",
-                           f"positive ints {list(_CONFIG_KEYS)} (and maxnreg; bools USE_TMA, PREFETCH, TMA_QO), tiles dividing the "
-                           "layout blocks", repr(c))
+                           f"positive ints {list(_CONFIG_KEYS)} (and maxnreg; bools {list(_SWITCHES)}), tiles "
+                           "dividing the layout blocks", repr(c))
             key = (int(m["head_dim"]), int(m["layout_block_m"]), int(m["layout_block_n"]), bool(m["causal"]), m["quant"],
                    m["granularity"], int(m["n_ctx_log2"]), _DTYPES[m["dtype"]], dev)
             todo.append((key, dict(c)))

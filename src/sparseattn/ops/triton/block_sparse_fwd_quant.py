@@ -23,6 +23,11 @@ attend nothing get out 0 / lse ``-inf``), with quantized operands:
   before the mask, so the scores are those of the unsmoothed Q. ``QRow`` is NaN for a row of ``q`` with a non-finite entry:
   such a row's out and lse become NaN (when it attends any key).
 
+Load paths (compile-time switches, the same bits either way): ``USE_TMA`` reads the K/V tiles through Hopper tensor
+descriptors (rows past the end come back zero-filled and are masked like the pointer loads'), ``TMA_QO`` the Q tile
+and the output store too, ``PREFETCH`` reads the next tile's key-block index one iteration ahead. Measured on an
+H100 (BENCHMARKS.md, 2026-12-05): ``USE_TMA`` helps, the other two do not.
+
 Non-finite ``k``: the K group's scale is NaN (set by the quantizer), so every row attending *any* key
 of that group (<= 64 keys inside one layout block) is NaN — the rows attending the key itself plus, on
 the causal diagonal, rows of the group that precede it (the same shape as the bf16 kernel's ``v``
