@@ -315,7 +315,52 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float3
             tutils.enable_progress_bar()
     model.to(device)
     model.eval()
+    bad = tokenizer_check(tokenizer)
+    if bad is not None:
+        warnings.warn(f"{fn}: the tokenizer of {what} looks wrong: {bad}", RuntimeWarning, stacklevel=2)
     return model, tokenizer
+
+
+# Common English words: a tokenizer whose vocabulary holds one of them whole (SentencePiece "▁word" or byte-level
+# BPE "Ġword") produces that single token for it inside a sentence, when it is built right.
+_PROBE_WORDS = ("startup", "funded", "wrote", "something", "because", "different", "people", "important", "company",
+                "problem", "together", "example")
+
+
+def tokenizer_check(tokenizer: Any) -> str | None:
+    """Why ``tokenizer`` looks wrongly built (``None`` when it looks right or cannot be judged).
+
+    The check: common words that the vocabulary holds as one token (``"▁startup"`` / ``"Ġstartup"``) must come out
+    as that one token inside a sentence. A GGUF tokenizer converted into the wrong model type (transformers 5.17 turns
+    Gemma-3's into a Unigram model: ``startup`` -> ``▁st art up``, about 1.8x the tokens of transformers 5.25) fails
+    it; results measured with such a tokenizer are not comparable with a correct one's. Judged only when at least 3
+    probe words are whole in the vocabulary; fails when half of those or more are split.
+    """
+    try:
+        vocab = tokenizer.get_vocab()
+        ids = tokenizer("We " + " ".join(_PROBE_WORDS), add_special_tokens=False)["input_ids"]
+        pieces = set(tokenizer.convert_ids_to_tokens(ids))
+    except Exception:  # not a transformers tokenizer: nothing to judge
+        return None
+    whole = [(w, m + w) for w in _PROBE_WORDS for m in ("\u2581", "\u0120") if m + w in vocab]
+    if len(whole) < 3:
+        return None
+    split = [w for w, tokn in whole if tokn not in pieces]
+    if 2 * len(split) < len(whole):
+        return None
+    return (f"it splits {len(split)} of {len(whole)} common words its vocabulary holds whole (e.g. {split[0]!r}); "
+            f"transformers {_transformers_version()} probably converted this tokenizer into the wrong model type "
+            "(transformers 5.17 does so for Gemma-3 GGUF files; 5.25 does not), so texts take more tokens than the "
+            "model was trained with and results are not comparable with a correct tokenizer's")
+
+
+def _transformers_version() -> str:
+    try:
+        import transformers
+
+        return str(transformers.__version__)
+    except Exception:  # pragma: no cover - load() needs transformers anyway
+        return "?"
 
 
 def model_and_tokenizer(func: str, name_or_path: str, model: Any, tokenizer: Any, *, dtype: torch.dtype,
