@@ -23,6 +23,10 @@ M="python3 -m sparseattn.cli.main"
 DEFAULT_PRED="mean_sim:score=mixed,cdf_threshold=0.97,keep_local=8"
 T0=$SECONDS
 st() { echo "=== $1 $(date -u +%H:%M:%S) (t=$((SECONDS-T0))s)"; }
+# Gemma-3's GGUF tokenizer is built wrongly by transformers < 5.25 (a Unigram model: ~1.8x the tokens; docs/RULER.md):
+# a right one, saved here with save_pretrained (`copy_gtok`, .carry/gemma_tok), is used by every Gemma command.
+gem() { if [ -d /tmp/m/gemma_tok ]; then SPARSEATTN_TOKENIZER=/tmp/m/gemma_tok "$@"; else "$@"; fi; }
+gem_if_md() { if [ "${MD:-}" = "$GEMMA" ]; then gem "$@"; else "$@"; fi; }
 join() {  # join <dir> <file> <sha>
   [ -f "$1/$2" ] || cat "$1"/part.* > "$1/$2"
   echo "$3  $1/$2" | sha256sum -c - >/dev/null || { echo "join: $2 is incomplete"; return 1; }
@@ -34,6 +38,7 @@ run_job() {
     copy_s1) mkdir -p /tmp/m/s && cp .carry/s2/c1/* /tmp/m/s/ && join /tmp/m/s SmolLM2-135M-Instruct.Q4_1.gguf $SMOL_SHA && echo smol ok ;;
     copy_g[0-9]) mkdir -p /tmp/m/g && cp $GPIECES/c${job#copy_g}/* /tmp/m/g/ && ls /tmp/m/g ;;
     join_g) join /tmp/m/g gemma-3-270m-q4_k_m.gguf $GEMMA_SHA && echo gemma ok ;;
+    copy_gtok) mkdir -p /tmp/m/gemma_tok && cp .carry/gemma_tok/* /tmp/m/gemma_tok/ && ls /tmp/m/gemma_tok ;;
     pred)  # issue 10: predictor overhead vs cuDNN, same process (Llama shape, 32K)
       timeout 100 python3 benchmarks/bench_predictors.py --lengths 32768 --budget-s 80 --out "$d" \
         --predictors "$DEFAULT_PRED" "mean_sim:cdf_threshold=0.9" > "$d/log" 2>&1; tail -n 6 "$d/log" ;;
@@ -77,7 +82,7 @@ run_job() {
         --out "$d/alloc$n.safetensors" > "$d/log" 2>&1; tail -n 14 "$d/log"
       cp "$d/alloc$n.safetensors" /tmp/m/alloc$n.safetensors 2>/dev/null ;;
     gemma_alloc)  # issue 13: the allocation on Gemma-3-270M's 3 global layers (3 sensitivity forwards per sample)
-      timeout ${ALLOC_S:-240} $M tune --model $GEMMA --text-dir $ESSAYS --samples 4 --seq-len 8192 --allocate \
+      gem timeout ${ALLOC_S:-240} $M tune --model $GEMMA --text-dir $ESSAYS --samples 4 --seq-len 8192 --allocate \
         --kl-budget ${ALLOC_KL:-0.004} --sensitivity-samples 2 --target-top1 0.955 --target-cosine 0.999 --calibrate-samples 2 \
         --compare --compare-samples 1 --device cuda --dtype bfloat16 --no-plot --quiet --out "$d/gemma_alloc.safetensors" \
         > "$d/log" 2>&1; tail -n 12 "$d/log" ;;
@@ -107,11 +112,11 @@ run_job() {
         --predictors "$P" --batch-size ${RULER_BATCH:-8} --no-plots --out "$d" > "$d/log" 2>&1; tail -n 14 "$d/log" ;;
     niah_decode_smol|niah_decode_gemma)  # issue 14: NIAH with the decode paths (dense prefill), SmolLM2 4K/8K, Gemma 16K/32K
       MD=$SMOL; L=4096,8000; [ $job = niah_decode_gemma ] && { MD=$GEMMA; L=16384,32000; }
-      timeout ${NIAHD_S:-150} $M niah --model $MD --text-dir $ESSAYS --lengths $L --depths 0.1,0.5,0.9 --trials 2 \
+      gem_if_md timeout ${NIAHD_S:-150} $M niah --model $MD --text-dir $ESSAYS --lengths $L --depths 0.1,0.5,0.9 --trials 2 \
         --decode-modes sparse_decode,kernel_decode,mixed_int8,mixed_fp8 --top-pages ${NIAHD_PAGES:-0.5} --device cuda \
         --no-plots --quiet --out "$d" > "$d/log" 2>&1; tail -n 10 "$d/log" ;;
     gen_gemma)  # issue 14: greedy agreement of the decode paths on Gemma-3-270M at 16K/32K
-      timeout ${GENG_S:-200} $M gen-check --model $GEMMA --text-dir $ESSAYS --lengths ${GENG_LENGTHS:-16384,32000} \
+      gem timeout ${GENG_S:-200} $M gen-check --model $GEMMA --text-dir $ESSAYS --lengths ${GENG_LENGTHS:-16384,32000} \
         --modes ${GENG_MODES:-sparse_decode,kernel_decode,mixed_int8,mixed_fp8} --top-pages ${GENG_PAGES:-0.5} --samples ${GENG_SAMPLES:-2} \
         --device cuda --dtype ${GENG_DTYPE:-bfloat16} ${GENG_ARGS:-} --out "$d" > "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 24 ;;
     gen_smol)  # issue 14: greedy agreement of the decode paths on SmolLM2 at 4K/8K, read against kernel_decode (the floor)
@@ -122,25 +127,25 @@ run_job() {
       timeout ${DPROBE_S:-150} python3 benchmarks/decode_host_probe.py --model ${DPROBE_MODEL:-$SMOL} --text-dir $ESSAYS \
         --length ${DPROBE_LEN:-8128} ${DPROBE_ARGS:-} --out "$d" > "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 80 ;;
     gemma_tune)  # issue 13: Gemma-3-270M global layers (window layers are exact bands, left out)
-      timeout 240 $M tune --model $GEMMA --text-dir $ESSAYS --samples 4 --seq-len 8192 --l1 0.06 --keep-local-grid 4,2,1 \
+      gem timeout 240 $M tune --model $GEMMA --text-dir $ESSAYS --samples 4 --seq-len 8192 --l1 0.06 --keep-local-grid 4,2,1 \
         --target-top1 0.955 --target-cosine 0.999 --calibrate-samples 2 --compare --compare-samples 1 \
         --device cuda --dtype bfloat16 --no-plot --quiet --out "$d/gemma8k.safetensors" > "$d/log" 2>&1; tail -n 12 "$d/log"
       cp "$d/gemma8k.safetensors" /tmp/m/gemma8k.safetensors 2>/dev/null ;;
     gemma_bench)  # issue 13: the tuned file at 8K/16K/32K against the all-blocks floor, same runs
-      timeout 280 python3 benchmarks/bench_model.py --model $GEMMA --lengths 8192,16384,32000 --text-dir $ESSAYS --repeats 5 \
+      gem timeout 280 python3 benchmarks/bench_model.py --model $GEMMA --lengths 8192,16384,32000 --text-dir $ESSAYS --repeats 5 \
         --tuned /tmp/m/gemma8k.safetensors --no-profile --no-plot --out "$d" > "$d/log" 2>&1; tail -n 12 "$d/log" ;;
     decode_parity_gemma)  # issue 14: one decode step per layer, model SDPA / our triton and reference decode vs float64
-      timeout ${DPAR_S:-120} python3 benchmarks/decode_layer_parity.py --model $GEMMA --text-dir $ESSAYS \
+      gem timeout ${DPAR_S:-120} python3 benchmarks/decode_layer_parity.py --model $GEMMA --text-dir $ESSAYS \
         --length ${DPAR_LEN:-16384} --dtype bfloat16 --backends triton,reference --json "$d/parity.json" > "$d/log" 2>&1
       grep -v Converting "$d/log" | tail -n 22 ;;
     gemma_oracle)  # issue 13: can any block selection reach 50% on Gemma's global layers within 2 points of the floor?
-      timeout ${GORC_S:-240} python3 benchmarks/bench_model.py --model $GEMMA --lengths ${GORC_LENGTHS:-8192,16384,32000} \
+      gem timeout ${GORC_S:-240} python3 benchmarks/bench_model.py --model $GEMMA --lengths ${GORC_LENGTHS:-8192,16384,32000} \
         --text-dir $ESSAYS --repeats ${GORC_REPEATS:-3} --no-profile --no-plot --out "$d" --predictors \
         "${GORC_PRED:-oracle:cdf_threshold=0.99;oracle:cdf_threshold=0.97;oracle:cdf_threshold=0.9;oracle:topk=0.5,cdf_threshold=None;$DEFAULT_PRED}" \
         > "$d/log" 2>&1; tail -n 24 "$d/log" ;;
     ruler_gemma)  # issue 17: RULER on Gemma-3-270M, batched prompts
       T="--tuned /tmp/m/gemma8k.safetensors"; [ -f /tmp/m/gemma8k.safetensors ] || T=""
-      timeout ${RULER_GEMMA_S:-420} $M ruler --model $GEMMA --text-dir $ESSAYS --lengths ${RULER_GEMMA_LENGTHS:-8192,16384,32000} \
+      gem timeout ${RULER_GEMMA_S:-420} $M ruler --model $GEMMA --text-dir $ESSAYS --lengths ${RULER_GEMMA_LENGTHS:-8192,16384,32000} \
         --samples ${RULER_GEMMA_SAMPLES:-3} --device cuda --quiet --batch-size ${RULER_BATCH:-8} \
         --predictors "${RULER_GEMMA_PRED:-$DEFAULT_PRED}" $T --no-plots --out "$d" > "$d/log" 2>&1; tail -n 30 "$d/log" ;;
     gpu_tests)  # issue 11: the kernel, state, integration and predictor tests on the GPU (real kernels, no interpreter)
@@ -241,14 +246,14 @@ run_job() {
         --no-profile --no-plot --out "$d/speed" > "$d/speed.log" 2>&1; tail -n 6 "$d/speed.log" ;;
     s13_gemma)  # issue 13: Gemma global layers: the allocation, the exact-mass oracle with top-1, the file at 8K-32K
       # (2026-12-05: 140 s ended the allocation during its first sensitivity forwards, cold Triton compiles likely)
-      timeout ${S13G_S:-300} $M tune --model $GEMMA --text-dir $ESSAYS --samples 4 --seq-len 8192 --allocate \
+      gem timeout ${S13G_S:-300} $M tune --model $GEMMA --text-dir $ESSAYS --samples 4 --seq-len 8192 --allocate \
         --kl-budget ${ALLOC_KL:-0.004} --sensitivity-samples 2 --target-top1 ${S13G_TOP1:-0.96} --target-cosine 0.999 \
         --calibrate-samples 2 --compare --compare-samples 1 --device cuda --dtype bfloat16 --no-plot \
         --out "$d/gemma_alloc.safetensors" > "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 8
-      timeout ${S13GB_S:-150} python3 benchmarks/bench_model.py --model $GEMMA --lengths 8192,16384,32000 --text-dir $ESSAYS \
+      gem timeout ${S13GB_S:-150} python3 benchmarks/bench_model.py --model $GEMMA --lengths 8192,16384,32000 --text-dir $ESSAYS \
         --repeats 3 --tuned "$d/gemma_alloc.safetensors" --no-profile --no-plot --out "$d/bench" > "$d/bench.log" 2>&1
       tail -n 8 "$d/bench.log"
-      timeout ${S13GO_S:-200} python3 benchmarks/bench_model.py --model $GEMMA --lengths 8192,16384,32000 --text-dir $ESSAYS \
+      gem timeout ${S13GO_S:-200} python3 benchmarks/bench_model.py --model $GEMMA --lengths 8192,16384,32000 --text-dir $ESSAYS \
         --repeats 3 --no-profile --no-plot --out "$d/oracle" --predictors \
         "oracle:cdf_threshold=0.97;oracle:cdf_threshold=0.9;oracle:topk=0.5,cdf_threshold=None;$DEFAULT_PRED" \
         > "$d/oracle.log" 2>&1; tail -n 16 "$d/oracle.log" ;;
@@ -265,13 +270,13 @@ run_job() {
       # S14G_FP32=1: float32 through masked SDPA (no rounding floor, as s14_ruler; no all-blocks row needed)
       T=""; [ -n "${S14G_TUNED:-}" ] && [ -f "${S14G_TUNED}" ] && T="--tuned ${S14G_TUNED}"
       DT=""; [ -n "${S14G_FP32:-}" ] && DT="--dtype float32 --backend masked_sdpa"
-      timeout ${S14G_S:-540} $M ruler --model $GEMMA --text-dir $ESSAYS --lengths ${S14G_LENGTHS:-8192,16384,32000} \
+      gem timeout ${S14G_S:-540} $M ruler --model $GEMMA --text-dir $ESSAYS --lengths ${S14G_LENGTHS:-8192,16384,32000} \
         --samples ${S14G_SAMPLES:-8} --predictors "${S14G_PRED:-$DEFAULT_PRED}" $T --dense-tails ${S14G_TAILS:-0,128} $DT --device cuda \
         --batch-size 8 --no-plots --quiet --out "$d" > "$d/log" 2>&1; tail -n 40 "$d/log" ;;
     s14_gemma_gate)  # issue 17: the Gemma gate (trained on the CPU, fourteenth session; /tmp/m/gemma_gate8k.safetensors)
       # against the default and the exact-mass oracle on held-out 8K windows 4-5, bf16 with the floor, 512 positions each
       G=/tmp/m/gemma_gate8k.safetensors
-      timeout ${S14GG_S:-300} python3 benchmarks/tune_frontier.py --model $GEMMA --text-dir $ESSAYS --seq-len 8192 --skip 4 \
+      gem timeout ${S14GG_S:-300} python3 benchmarks/tune_frontier.py --model $GEMMA --text-dir $ESSAYS --seq-len 8192 --skip 4 \
         --samples 2 --positions 512 --device cuda --dtype bfloat16 --patterns dense:block_m=128,block_n=128 \
         --specs "$DEFAULT_PRED" "gate:path=$G,cdf_threshold=0.95,keep_local=4" "gate:path=$G,cdf_threshold=0.9,keep_local=4" \
         "gate:path=$G,cdf_threshold=0.8,keep_local=4" "oracle:cdf_threshold=0.97" "oracle:cdf_threshold=0.9" \
@@ -303,7 +308,7 @@ run_job() {
       timeout ${S17Q_TEST_S:-90} python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_quant.py -k "switch" \
         > "$d/pytest.log" 2>&1; tail -n 3 "$d/pytest.log" ;;
     s15_qkv)  # the model half of s15_quant: captured Q/K/V at 4K through the kernel
-      timeout 60 $M collect --model ${S15_MODEL:-$SMOL} --layers ${S15_LAYERS:-5,10,15,20,25,29} --lengths 4096 \
+      MD=${S15_MODEL:-$SMOL}; gem_if_md timeout 60 $M collect --model $MD --layers ${S15_LAYERS:-5,10,15,20,25,29} --lengths 4096 \
         --samples 1 --text-dir $ESSAYS --device cuda --out /tmp/m/qkv_s15 --quiet > "$d/collect.log" 2>&1
       timeout 90 python3 benchmarks/bench_quant.py --qkv /tmp/m/qkv_s15 --qkv-grans per_warp,per_thread,per_token \
         --qkv-balance both --out "$d" > "$d/qkv.log" 2>&1; tail -n 16 "$d/qkv.log" ;;

@@ -230,7 +230,8 @@ def _check_model_dir(fn: str, d: Path) -> None:
 
 
 def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu", attn_implementation: str = "sdpa") -> tuple[Any, Any]:
+         device: str | torch.device = "cpu", attn_implementation: str = "sdpa",
+         tokenizer: str | os.PathLike | None = None) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer.
 
     Args:
@@ -240,6 +241,10 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float3
         device: where the model goes.
         attn_implementation: the model's own attention (``"sdpa"`` or ``"eager"``); patching
             with :func:`sparseattn.integrations.patch_model` switches it and restores it.
+        tokenizer: a tokenizer folder (as ``save_pretrained`` writes it) to use instead of the model's own;
+            default: the ``SPARSEATTN_TOKENIZER`` environment variable, else the model's. For a GGUF whose tokenizer
+            this transformers version builds wrongly (:func:`tokenizer_check`; Gemma-3 with transformers 5.17): save
+            the tokenizer where it is built right and point here. Its vocabulary must fit the model's embeddings.
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode.
@@ -278,6 +283,7 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float3
                    "no such file or folder")
     else:
         directory = name
+    tok_dir = _tokenizer_override(fn, tokenizer)
     transformers = _require_transformers()
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     tok_kwargs: dict[str, Any] = {}
@@ -299,7 +305,10 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float3
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **tok_kwargs)
+            if tok_dir is None:
+                tok = transformers.AutoTokenizer.from_pretrained(directory, **tok_kwargs)
+            else:
+                tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
             model = transformers.AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     except (ValueError, KeyError, IndexError, EOFError, struct.error, OSError) as exc:
         # a file that passed the checks above but that transformers cannot turn into a model
@@ -313,12 +322,33 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float3
         tlog.setLevel(old)
         if bars:
             tutils.enable_progress_bar()
+    if tok_dir is not None:
+        rows = model.get_input_embeddings().weight.shape[0]
+        if len(tok) > rows:
+            raise fail(fn, f"tokenizer {tok_dir}", "has a vocabulary larger than the model's embeddings",
+                       f"at most {rows} tokens (the tokenizer of {what})", len(tok))
     model.to(device)
     model.eval()
-    bad = tokenizer_check(tokenizer)
+    bad = tokenizer_check(tok)
     if bad is not None:
-        warnings.warn(f"{fn}: the tokenizer of {what} looks wrong: {bad}", RuntimeWarning, stacklevel=2)
-    return model, tokenizer
+        src = what if tok_dir is None else f"tokenizer {tok_dir}"
+        warnings.warn(f"{fn}: the tokenizer of {src} looks wrong: {bad}; pass a right one with tokenizer= or "
+                      "SPARSEATTN_TOKENIZER (a save_pretrained folder)", RuntimeWarning, stacklevel=2)
+    return model, tok
+
+
+def _tokenizer_override(fn: str, tokenizer: str | os.PathLike | None) -> Path | None:
+    """The tokenizer folder to load instead of the model's (argument, else ``SPARSEATTN_TOKENIZER``), checked."""
+    src = tokenizer if tokenizer is not None else (os.environ.get("SPARSEATTN_TOKENIZER") or None)
+    if src is None:
+        return None
+    name = "tokenizer" if tokenizer is not None else "SPARSEATTN_TOKENIZER"
+    d = Path(str(src)).expanduser()
+    if not d.is_dir() or not ((d / "tokenizer.json").is_file() or (d / "tokenizer_config.json").is_file()):
+        raise fail(fn, name, "is not a tokenizer folder",
+                   "a folder written by save_pretrained (tokenizer.json / tokenizer_config.json)",
+                   f"{d} ({'a folder without them' if d.is_dir() else 'not a folder'})")
+    return d
 
 
 # Common English words: a tokenizer whose vocabulary holds one of them whole (SentencePiece "▁word" or byte-level
