@@ -115,6 +115,33 @@ def _q_tile(
     return acc, m_ij, l_i
 
 
+@triton.jit
+def _q_tiles(
+    t_lo, t_hi, kb_nx, idx_row, stride_in, num, NUM_KV_BLOCKS, q, qs, acc, m_i, l_i,
+    k_base, v_base, k_desc, v_desc, ks_base, kb_base, stride_kn, stride_v2, offs_m, offs_n, offs_d, N_KV, OFF,
+    SUB: tl.constexpr, BLOCK_N: tl.constexpr, LAYOUT_BN: tl.constexpr, KW: tl.constexpr, KT: tl.constexpr,
+    KS: tl.constexpr, K_SCALAR: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PV_FP8: tl.constexpr,
+    FP8_EMU: tl.constexpr, DOT_F32: tl.constexpr, HAS_KBIAS: tl.constexpr, USE_TMA: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """Kernel tiles ``t_lo .. t_hi`` of the list (``SUB`` per entry) folded into ``(acc, m_i, l_i)``.
+
+    ``kb_nx``: the list entry of tile ``t_lo``. With ``PREFETCH`` it is carried one iteration ahead, so the K/V
+    addresses of an iteration do not wait on a load issued in that iteration (as the bf16 kernel; measured slower
+    here on an H100, so off by default). Triton inlines this call: each ``MASK`` value compiles to its own loop.
+    """
+    for t in range(t_lo, t_hi):
+        if PREFETCH:
+            kb = tl.minimum(tl.maximum(kb_nx, 0), NUM_KV_BLOCKS - 1)
+            kb_nx = tl.load(idx_row + tl.minimum((t + 1) // SUB, num - 1) * stride_in)
+        else:
+            kb = tl.load(idx_row + (t // SUB) * stride_in)
+            kb = tl.minimum(tl.maximum(kb, 0), NUM_KV_BLOCKS - 1)
+        acc, m_i, l_i = _q_tile(q, qs, acc, m_i, l_i, kb, t % SUB, k_base, v_base, k_desc, v_desc, ks_base, kb_base,
+                                stride_kn, stride_v2, offs_m, offs_n, offs_d, N_KV, OFF, BLOCK_N, LAYOUT_BN, KW, KT, KS,
+                                K_SCALAR, MASK, CAUSAL, PV_FP8, FP8_EMU, DOT_F32, HAS_KBIAS, USE_TMA)
+    return acc, m_i, l_i
+
+
 @triton.jit(do_not_specialize=["H", "GROUP", "N_Q", "N_KV", "NUM_KV_BLOCKS"])
 def _block_sparse_fwd_quant_kernel(
     Q, K, V, Out, Lse, QScale, KScale, QRow, VScale, KvNum, KvIdx, KBias,
@@ -198,31 +225,17 @@ def _block_sparse_fwd_quant_kernel(
         k_desc = k_base  # placeholders (unused without USE_TMA)
         v_desc = v_base
 
-    # full blocks: no element mask. PREFETCH carries the next tile's list entry (kb_nx) so the K/V
-    # addresses of an iteration do not wait on a load issued in that iteration (as the bf16 kernel).
+    # full blocks (no element mask), then the blocks crossing the diagonal / the end of the keys
     kb_nx = tl.load(idx_row)  # entry 0 always exists (the list width is >= 1); used only if n_full > 0
-    for t in range(0, n_full * SUB):
-        if PREFETCH:
-            kb = tl.minimum(tl.maximum(kb_nx, 0), NUM_KV_BLOCKS - 1)
-            kb_nx = tl.load(idx_row + tl.minimum((t + 1) // SUB, num - 1) * stride_in)
-        else:
-            kb = tl.load(idx_row + (t // SUB) * stride_in)
-            kb = tl.minimum(tl.maximum(kb, 0), NUM_KV_BLOCKS - 1)
-        acc, m_i, l_i = _q_tile(q, qs, acc, m_i, l_i, kb, t % SUB, k_base, v_base, k_desc, v_desc, ks_base, kb_base,
-                                stride_kn, stride_v2, offs_m, offs_n, offs_d, N_KV, OFF, BLOCK_N, LAYOUT_BN, KW, KT, KS,
-                                K_SCALAR, False, CAUSAL, PV_FP8, FP8_EMU, DOT_F32, HAS_KBIAS, USE_TMA)
-    # blocks crossing the diagonal / the end of the keys
+    acc, m_i, l_i = _q_tiles(0, n_full * SUB, kb_nx, idx_row, stride_in, num, NUM_KV_BLOCKS, q, qs, acc, m_i, l_i,
+                             k_base, v_base, k_desc, v_desc, ks_base, kb_base, stride_kn, stride_v2, offs_m, offs_n,
+                             offs_d, N_KV, OFF, SUB, BLOCK_N, LAYOUT_BN, KW, KT, KS, K_SCALAR, False, CAUSAL, PV_FP8,
+                             FP8_EMU, DOT_F32, HAS_KBIAS, USE_TMA, PREFETCH)
     kb_nx = tl.load(idx_row + n_full * stride_in, mask=n_vis > n_full, other=0)
-    for t in range(n_full * SUB, n_vis * SUB):
-        if PREFETCH:
-            kb = tl.minimum(tl.maximum(kb_nx, 0), NUM_KV_BLOCKS - 1)
-            kb_nx = tl.load(idx_row + tl.minimum((t + 1) // SUB, num - 1) * stride_in)
-        else:
-            kb = tl.load(idx_row + (t // SUB) * stride_in)
-            kb = tl.minimum(tl.maximum(kb, 0), NUM_KV_BLOCKS - 1)
-        acc, m_i, l_i = _q_tile(q, qs, acc, m_i, l_i, kb, t % SUB, k_base, v_base, k_desc, v_desc, ks_base, kb_base,
-                                stride_kn, stride_v2, offs_m, offs_n, offs_d, N_KV, OFF, BLOCK_N, LAYOUT_BN, KW, KT, KS,
-                                K_SCALAR, True, CAUSAL, PV_FP8, FP8_EMU, DOT_F32, HAS_KBIAS, USE_TMA)
+    acc, m_i, l_i = _q_tiles(n_full * SUB, n_vis * SUB, kb_nx, idx_row, stride_in, num, NUM_KV_BLOCKS, q, qs, acc, m_i,
+                             l_i, k_base, v_base, k_desc, v_desc, ks_base, kb_base, stride_kn, stride_v2, offs_m, offs_n,
+                             offs_d, N_KV, OFF, SUB, BLOCK_N, LAYOUT_BN, KW, KT, KS, K_SCALAR, True, CAUSAL, PV_FP8,
+                             FP8_EMU, DOT_F32, HAS_KBIAS, USE_TMA, PREFETCH)
 
     # epilogue (as the bf16 kernel): a row attends a key iff its list is non-empty and (causal) the
     # first selected block starts at or below its last visible key
