@@ -394,7 +394,7 @@ def _shipped_quant_config(head_dim: int, layout_bm: int, layout_bn: int, device:
 # descriptors (sm_90+), _TMA_CANDIDATES are timed too: (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg, PREFETCH),
 # all with USE_TMA. Measured on an H100 (2026-12-05, benchmarks/quant_kernel_variants.py, 32K causal, D=128): TMA
 # loads take the default int8 launch from 20.9 to 18.1 ms; PREFETCH slows it (19.3 ms, and int8_fp8 too), so only
-# the 128x128 tile keeps a PREFETCH twin; 128x128 with TMA is the int8_fp8 winner (35.0 -> 21.0 ms).
+# the 128x128 tile keeps a PREFETCH twin; 128x128 with TMA is the int8_fp8 winner (21.0 ms; 35.0 for 128x64 pointers).
 _TUNE_CANDIDATES: dict[int, list[tuple[int, int, int, int, int | None]]] = {
     64: [(128, 64, 8, 2, None), (128, 64, 8, 2, 128), (128, 128, 8, 2, None), (64, 64, 4, 3, None)],
     128: [(128, 64, 8, 2, None), (128, 64, 8, 2, 128), (128, 128, 8, 2, None), (64, 64, 4, 3, None)],
