@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from bench_quant import _Ref, _env, _layout  # noqa: E402
+from kernel_variants import _median  # noqa: E402
 
 from sparseattn.ops import quant as Q  # noqa: E402
 
@@ -56,12 +57,6 @@ OPERANDS = {  # name: (quant, smooth_q, balance_qk)
     "int8_k_only": ("int8", False, False),
     "int8_fp8_default": ("int8_fp8", True, True),
 }
-
-
-def _median(xs: list[float]) -> float:
-    ys = sorted(xs)
-    n = len(ys)
-    return ys[n // 2] if n % 2 else 0.5 * (ys[n // 2 - 1] + ys[n // 2])
 
 
 def main(argv: list[str] | None = None) -> int:
