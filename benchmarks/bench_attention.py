@@ -115,10 +115,7 @@ def bench_shape(shape: Shape, deadline: float, parity_rows: int, repeats: int = 
             runners["flex"] = frun
         if density >= 1.0 and res["sdpa_best"]:
             runners["sdpa"] = sdpa[res["sdpa_best"]["backend"]]
-        rounds: dict[str, list[float]] = {n: [] for n in runners}
-        for _ in range(max(1, repeats)):
-            for n, fn in runners.items():
-                rounds[n].append(timing.bench_ms(fn))
+        rounds = timing.round_robin_ms(runners, max(1, repeats))
         row["ms_rounds"] = rounds["ours"]
         row["ms"] = _median(rounds["ours"])
         if "flex" in rounds:

@@ -132,12 +132,7 @@ def run_shape(name: str, densities: tuple[float, ...], deadline: float, parity_r
                 del o, l
             except Exception as exc:  # a variant that fails to compile or launch is reported, not fatal
                 ent["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
-        rounds: dict[str, list[float]] = {n: [] for n in runners}
-        for _ in range(repeats):
-            if time.time() > deadline and rounds.get("flex"):
-                break
-            for n, fn in runners.items():
-                rounds[n].append(timing.bench_ms(fn))
+        rounds = timing.round_robin_ms(runners, repeats, stop=lambda r: time.time() > deadline and bool(r.get("flex")))
         row["flex_ms_rounds"] = rounds.get("flex", [])
         row["flex_ms"] = _median(rounds["flex"]) if rounds.get("flex") else None
         row["cudnn_ms_rounds"] = rounds.get("cudnn", [])

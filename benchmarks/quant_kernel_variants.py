@@ -136,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"density": d, "name": name, **{kk: x for kk, x in ent.items() if kk != "tune"}},
                                  default=str), flush=True)
             del qq
-        rounds: dict[str, list[float]] = {n: [] for n in runners}
-        for _ in range(args.repeats):
-            for n, fn in runners.items():
-                rounds[n].append(timing.bench_ms(fn))
+        rounds = timing.round_robin_ms(runners, args.repeats)
         row["bf16_ms_rounds"] = rounds["bf16"]
         row["bf16_ms"] = _median(rounds["bf16"])
         if "cudnn" in rounds:

@@ -121,3 +121,17 @@ def test_autotune_times_the_tma_candidates_only_where_usable(monkeypatch):
         assert cfg == launched[len(plain) + 1] and cfg["USE_TMA"] is True
     finally:
         cache.pop(key, None)
+
+
+def test_round_robin_times_every_runner_each_round_and_stops_early(monkeypatch):
+    """benchmarks' shared round-robin: one bench_ms per runner per round, in order; ``stop`` ends it before a round."""
+    from sparseattn.testing import timing
+
+    calls: list[str] = []
+    monkeypatch.setattr(timing, "bench_ms", lambda fn: float(len(calls.append(fn()) or calls)))
+    runners = {"a": lambda: "a", "b": lambda: "b"}
+    rounds = timing.round_robin_ms(runners, 3)
+    assert calls == ["a", "b"] * 3 and rounds == {"a": [1.0, 3.0, 5.0], "b": [2.0, 4.0, 6.0]}
+    calls.clear()
+    rounds = timing.round_robin_ms(runners, 5, stop=lambda r: len(r["a"]) >= 2)
+    assert calls == ["a", "b"] * 2 and len(rounds["b"]) == 2

@@ -50,6 +50,7 @@ import functools
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -509,8 +510,10 @@ def _seed_shipped(dev_name: str) -> None:
 
 
 def _autotune(key: tuple[Any, ...], D: int, layout: BlockLayout, launch: Any,
-              tma: bool = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
+              tma: bool | Callable[[], bool] = False) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The remembered winner of ``key``, else time every candidate that nests in the layout and keep the fastest.
+
+    ``tma``: whether the TMA candidates are timed too (a callable is asked only when this call benchmarks).
 
     Returns ``(config, tune record)``; the record (``times_ms`` per candidate, ``errors`` of candidates that
     failed) only when this call benchmarked, else ``None``.
@@ -526,7 +529,7 @@ def _autotune(key: tuple[Any, ...], D: int, layout: BlockLayout, launch: Any,
     errors: list[dict[str, Any]] = []
     cands: list[tuple[tuple[int, int, int, int, int | None], dict[str, bool]]] = [
         (c, {}) for c in _TUNE_CANDIDATES.get(D, _TUNE_CANDIDATES[128])]
-    if tma:
+    if tma() if callable(tma) else tma:
         cands += [(c[:5], {"USE_TMA": True, "PREFETCH": c[5]}) for c in _TMA_CANDIDATES.get(D, _TMA_CANDIDATES[128])]
     for (bm, bn, w, st, nreg), flags in cands:
         if layout.block_m % bm or layout.block_n % bn:
@@ -629,7 +632,7 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
 
     def launch(c: dict[str, int]) -> Any:
         opts = {"maxnreg": int(c["maxnreg"])} if c.get("maxnreg") is not None else {}
-        flags = {f: bool(c[f]) for f in _SWITCHES if c.get(f) is not None}
+        flags = {f: c[f] for f in _SWITCHES if f in c}  # Python bools, checked where the config came in
         if (flags.get("USE_TMA") or flags.get("TMA_QO")) and dev.type == "cuda":
             from sparseattn.ops.triton_launch import _set_tma_allocator
 
@@ -649,10 +652,9 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
         else:
             n_key = int(math.ceil(math.log2(max(Nq, Nkv, 2))))
             key = _tune_key(D, layout, causal, qq.quant, qq.granularity, n_key, out_dtype, dev)
-            tma = _quant_tma_usable(qq)
-            cfg, tune = _autotune(key, D, layout, launch, tma)
+            cfg, tune = _autotune(key, D, layout, launch, lambda: _quant_tma_usable(qq))
             autotuned = True
-            drop = {"USE_TMA"} if not tma and cfg.get("USE_TMA") else set()
+            drop = {"USE_TMA"} if cfg.get("USE_TMA") and not _quant_tma_usable(qq) else set()
             if cfg.get("TMA_QO") and not _quant_tma_usable(qq, qq.q_int8, out):  # a seeded winner may set it
                 drop.add("TMA_QO")
             if drop:  # a winner remembered for inputs that could use descriptors

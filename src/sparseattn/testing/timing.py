@@ -19,6 +19,7 @@ from sparseattn.layout.block_layout import BlockLayout
 __all__ = [
     "cuda_unavailable_reason",
     "bench_ms",
+    "round_robin_ms",
     "attention_flops",
     "causal_pairs",
     "gpu_qkv",
@@ -65,6 +66,19 @@ def bench_ms(fn: Callable[[], Any], *, warmup_ms: float = 25.0, rep_ms: float = 
             times.append(start.elapsed_time(end))
         times.sort()
         return float(times[len(times) // 2])
+
+
+def round_robin_ms(runners: dict[str, Callable[[], Any]], repeats: int,
+                   stop: Callable[[dict[str, list[float]]], bool] | None = None) -> dict[str, list[float]]:
+    """``repeats`` rounds of :func:`bench_ms` over every runner in turn (ratios paired within a round: device
+    drift between rounds cancels out); ``stop(rounds so far)``, checked before each round, ends early."""
+    rounds: dict[str, list[float]] = {n: [] for n in runners}
+    for _ in range(repeats):
+        if stop is not None and stop(rounds):
+            break
+        for n, fn in runners.items():
+            rounds[n].append(bench_ms(fn))
+    return rounds
 
 
 def capture_graph(fn: Callable[[], Any], *, capture_error_mode: str = "global") -> Callable[[], Any]:
