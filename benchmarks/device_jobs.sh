@@ -39,6 +39,13 @@ run_job() {
     copy_g[0-9]) mkdir -p /tmp/m/g && cp $GPIECES/c${job#copy_g}/* /tmp/m/g/ && ls /tmp/m/g ;;
     join_g) join /tmp/m/g gemma-3-270m-q4_k_m.gguf $GEMMA_SHA && echo gemma ok ;;
     copy_gtok) mkdir -p /tmp/m/gemma_tok && cp .carry/gemma_tok/* /tmp/m/gemma_tok/ && ls /tmp/m/gemma_tok ;;
+    gtok_check)  # the carried Gemma tokenizer on this machine's transformers: the essay's token count (1108 with the
+      # right BPE tokenizer, about 2000 with 5.17's own), a probe word, BOS, and load()'s warning if any
+      gem python3 -W always -c "
+import transformers; from sparseattn.models.loader import load, tokenizer_check
+m, t = load('$GEMMA'); ids = t(open('$ESSAYS/founders.txt').read())['input_ids']
+print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tokens | BOS first:', ids[0] == t.bos_token_id,
+      '| startup ->', t.tokenize(' startup'), '| check:', tokenizer_check(t))" 2>&1 | grep -v Converting | tail -n 6 ;;
     pred)  # issue 10: predictor overhead vs cuDNN, same process (Llama shape, 32K)
       timeout 100 python3 benchmarks/bench_predictors.py --lengths 32768 --budget-s 80 --out "$d" \
         --predictors "$DEFAULT_PRED" "mean_sim:cdf_threshold=0.9" > "$d/log" 2>&1; tail -n 6 "$d/log" ;;
@@ -267,12 +274,13 @@ run_job() {
         --quiet --out "$d" > "$d/log" 2>&1; tail -n 40 "$d/log" ;;
     s14_ruler_gemma)  # issue 17: RULER on Gemma-3-270M (bf16 with the all-blocks floor), the default with and without the
       # dense tail; S14G_TUNED: a tuned file for its global layers as one more row
-      # S14G_FP32=1: float32 through masked SDPA (no rounding floor, as s14_ruler; no all-blocks row needed)
+      # S14G_FP32=1: float32 through masked SDPA (no rounding floor, as s14_ruler; no all-blocks row needed);
+      # S14G_BS: prompts per batch (8; 2 at 16K and 1 at 32K fit an 80 GB card in float32)
       T=""; [ -n "${S14G_TUNED:-}" ] && [ -f "${S14G_TUNED}" ] && T="--tuned ${S14G_TUNED}"
       DT=""; [ -n "${S14G_FP32:-}" ] && DT="--dtype float32 --backend masked_sdpa"
       gem timeout ${S14G_S:-540} $M ruler --model $GEMMA --text-dir $ESSAYS --lengths ${S14G_LENGTHS:-8192,16384,32000} \
         --samples ${S14G_SAMPLES:-8} --predictors "${S14G_PRED:-$DEFAULT_PRED}" $T --dense-tails ${S14G_TAILS:-0,128} $DT --device cuda \
-        --batch-size 8 --no-plots --quiet --out "$d" > "$d/log" 2>&1; tail -n 40 "$d/log" ;;
+        --batch-size ${S14G_BS:-8} --no-plots --quiet --out "$d" > "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 40 ;;
     s14_gemma_gate)  # issue 17: the Gemma gate (trained on the CPU, fourteenth session; /tmp/m/gemma_gate8k.safetensors)
       # against the default and the exact-mass oracle on held-out 8K windows 4-5, bf16 with the floor, 512 positions each
       G=/tmp/m/gemma_gate8k.safetensors

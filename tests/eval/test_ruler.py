@@ -237,8 +237,13 @@ def test_cli_end_to_end_report(tiny, tmp_path, capsys):
         for t in TASKS:
             assert 0.0 <= res["scores"][name][t]["1024"] <= 1.0
     assert 0.0 < res["summary"]["sparsity"][configs[2]] < 1.0
+    # a Llama has no window layers: the predicted layers are all layers
+    for name in configs:
+        assert res["summary"]["sparsity_predicted_layers"][name] == pytest.approx(res["summary"]["sparsity"][name])
+        assert all(c["density_predicted"][name] == pytest.approx(c["density"][name]) for c in res["cases"])
     md = (out / "ruler.md").read_text()
     assert "| cwe | 1024 |" in md and "block sparsity" in md and all(f"`{n}`" in md for n in configs)
+    assert "sparsity, predicted layers" in md
     assert (out / "ruler_heatmap.png").is_file() or "heatmap skipped" in cap.err
     assert "report:" in cap.out and "mean" in cap.out
 

@@ -518,3 +518,25 @@ def test_packed_sequences_with_sliding_window_layers_stay_exact() -> None:
         assert h.counts["prefill_packed"] == 2 and h.counts["prefill_dense"] == 2  # the two window layers
         assert h.layer_modes == {0: "window", 1: "sparse", 2: "window", 3: "sparse"}
     torch.testing.assert_close(got, alone, atol=FP32_LOOSE, rtol=FP32_LOOSE)
+
+
+@torch.no_grad()
+def test_predicted_layer_density_leaves_out_window_layers() -> None:
+    """``mean_density_predicted`` averages only the layers whose blocks the predictor chose: on a model with
+    sliding-window layers their exact bands must not make the predictor look sparser than it is."""
+    model = tiny_gemma3(sliding_window=24)
+    with patch_model(model, pattern="dense:block_m=32,block_n=32", backend="masked_sdpa") as h:
+        model(_ids(160))
+        rep = h.sparsity_report()
+    modes = {k: v["mode"] for k, v in rep["layers"].items()}
+    assert modes == {"0": "window", "1": "sparse", "2": "window", "3": "sparse"}
+    assert rep["mean_density_predicted"] == pytest.approx(1.0)  # every causal block of the full-attention layers
+    window = [rep["layers"][k]["density"] for k in ("0", "2")]
+    assert max(window) < 1.0  # exact bands
+    assert rep["mean_density"] == pytest.approx((2.0 + sum(window)) / 4)  # they pull the all-layer mean down
+    with patch_model(model, pattern="sink_window:window_blocks=1,block_m=32,block_n=32", backend="masked_sdpa") as h:
+        model(_ids(160))
+        rep = h.sparsity_report()
+    full = [rep["layers"][k]["density"] for k in ("1", "3")]
+    assert rep["mean_density_predicted"] == pytest.approx(sum(full) / 2)
+    assert rep["mean_density_predicted"] < 1.0

@@ -622,7 +622,8 @@ def run_ruler(
                 prompts.append(smp)
                 cases.append({"task": task, "length": n, "sample": s, "prompt_tokens": smp["prompt_tokens"],
                               "query": smp["query"], "answers": smp["answers"], "meta": smp["meta"],
-                              "outputs": {}, "scores": {}, "density": {}, "prefill_s": {}})
+                              "outputs": {}, "scores": {}, "density": {}, "density_predicted": {},
+                              "prefill_s": {}})
     runs_fh = None
     if runs_path is not None:  # one line per finished run, so an interrupted job keeps what it measured
         Path(runs_path).parent.mkdir(parents=True, exist_ok=True)
@@ -639,17 +640,19 @@ def run_ruler(
     batches = [idx[j:j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size)]
 
     def record(label: str, case: dict[str, Any], tokens: Sequence[int], density: float, prefill_s: float,
-               batch: int) -> None:
+               batch: int, density_predicted: float | None) -> None:
         text = _continuation(tokenizer, tokens)
         case["outputs"][label] = text
         case["scores"][label] = string_match_all(text, case["answers"])
         case["density"][label] = density
+        case["density_predicted"][label] = density_predicted
         case["prefill_s"][label] = prefill_s
         case.setdefault("batch", {})[label] = batch
         if runs_fh is not None:
             runs_fh.write(json.dumps({"config": label, "task": case["task"], "length": case["length"],
                                       "sample": case["sample"], "score": case["scores"][label],
-                                      "density": density, "batch": batch, "output": text}) + "\n")
+                                      "density": density, "density_predicted": density_predicted, "batch": batch,
+                                      "output": text}) + "\n")
             runs_fh.flush()
         bar.update(1)
 
@@ -687,9 +690,11 @@ def run_ruler(
             ids = torch.cat([prompts[i]["input_ids"] for i in idx]).to(dev)
             out = end_to_end.greedy_generate_batch(model, ids, gen_tokens=gen[first["task"]], stop_ids=stops)
             token_rows = out["tokens"]
-        density = 1.0 if handle is None else handle.sparsity_report()["mean_density"]
+        rep = None if handle is None else handle.sparsity_report()
+        density = 1.0 if rep is None else rep["mean_density"]
+        dens_pred = 1.0 if rep is None else rep["mean_density_predicted"]
         for i, tokens in zip(idx, token_rows):
-            record(label, cases[i], tokens, density, out["prefill_s"] / len(idx), len(idx))
+            record(label, cases[i], tokens, density, out["prefill_s"] / len(idx), len(idx), dens_pred)
 
     try:
         with torch.no_grad():
@@ -726,6 +731,14 @@ def run_ruler(
                                for c in configs},
         "density": {c: (mean(dens[c]) if dens[c] else None) for c in configs},
         "sparsity": {c: (1.0 - mean(dens[c]) if dens[c] else None) for c in configs},
+        # the layers a predictor chose blocks in (exact window bands and dense layers left out)
+        "sparsity_predicted_layers": {c: (1.0 - mean(v) if (v := [k["density_predicted"][c] for k in cases
+                                                                  if k["density_predicted"].get(c) is not None]) else None)
+                                      for c in configs},
+        "sparsity_predicted_layers_by_length": {
+            c: {str(n): (1.0 - mean(v) if (v := [k["density_predicted"][c] for k in cases if k["length"] == n
+                                                 and k["density_predicted"].get(c) is not None]) else None)
+                for n in lengths} for c in configs},
         "sparsity_by_length": {c: {str(n): (1.0 - mean(v) if (v := [k["density"][c] for k in cases if k["length"] == n
                                                                    and k["density"][c] is not None]) else None)
                                    for n in lengths} for c in configs},
@@ -813,14 +826,23 @@ def write_ruler_report(res: RulerResult, out_dir: str | Path, *, plots: bool = T
         md.append(f"| **mean** | {n} | " + " | ".join(f"**{s['mean_score_by_length'][c][str(n)]:.3f}**" for c in cs) + " |")
     md.append("| **mean** | all | " + " | ".join(f"**{s['mean_score'][c]:.3f}**" for c in cs) + " |")
     md += ["", "| configuration | mean score | score − dense | same score as dense | block sparsity | "
-           + " | ".join(f"sparsity @ {n}" for n in res.lengths) + " | mean prefill s |",
-           "|---|---|---|---|---|" + "---|" * len(res.lengths) + "---|"]
+           + " | ".join(f"sparsity @ {n}" for n in res.lengths) + " | sparsity, predicted layers | "
+           + " | ".join(f"predicted @ {n}" for n in res.lengths) + " | mean prefill s |",
+           "|---|---|---|---|---|" + "---|" * (2 * len(res.lengths) + 1) + "---|"]
+
+    def f3(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    spl = s.get("sparsity_predicted_layers", {})
+    spl_n = s.get("sparsity_predicted_layers_by_length", {})
     for c in cs:
-        sp = s["sparsity"][c]
         md.append(f"| `{c}` | {s['mean_score'][c]:.3f} | {s['mean_score'][c] - s['mean_score']['dense']:+.3f} | "
-                  f"{s['same_score_as_dense'][c]:.0%} | {'-' if sp is None else f'{sp:.3f}'} | "
-                  + " | ".join("-" if (v := s["sparsity_by_length"][c][str(n)]) is None else f"{v:.3f}" for n in res.lengths)
+                  f"{s['same_score_as_dense'][c]:.0%} | {f3(s['sparsity'][c])} | "
+                  + " | ".join(f3(s["sparsity_by_length"][c][str(n)]) for n in res.lengths)
+                  + f" | {f3(spl.get(c))} | " + " | ".join(f3(spl_n.get(c, {}).get(str(n))) for n in res.lengths)
                   + f" | {s['prefill_s'][c]:.3f} |")
+    md += ["", "Block sparsity is over every attention layer (a model's exact sliding-window bands included); "
+           "*predicted layers* counts only the layers whose blocks the configuration chose."]
     md += ["", "Score − dense per task and length, mean ± standard error of the paired difference over the prompts "
            "(one prompt of n moves a single-answer task by 1/n):", "",
            "| task | length | n | " + " | ".join(f"`{c}`" for c in cs[1:]) + " |", "|---|---|---|" + "---|" * (len(cs) - 1)]

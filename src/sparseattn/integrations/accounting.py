@@ -88,6 +88,9 @@ class AccountingMixin:
                 entry["layer_graph"] = self.layer_graph_status[idx]
             layers[str(idx)] = entry
         dens = [e["density"] for e in layers.values() if e["density"] is not None]
+        # the layers whose blocks a predictor (or pattern / tuned entry) chose: exact window bands and dense layers
+        # left out, so a model with sliding-window layers does not read as sparser than its predictor makes it
+        pred = [e["density"] for e in layers.values() if e["mode"] == "sparse" and e["density"] is not None]
         extra = {} if self.tuned is None else {"tuned": self.tuned}
         extra["dense_above"] = self.dense_above
         extra["dense_tail"] = self.dense_tail
@@ -100,6 +103,7 @@ class AccountingMixin:
             "layers": layers,
             "mean_density": (sum(dens) / len(dens)) if dens else None,
             "mean_sparsity": (1.0 - sum(dens) / len(dens)) if dens else None,
+            "mean_density_predicted": (sum(pred) / len(pred)) if pred else None,
             "counts": dict(self.counts),
             "backend": self.backend,
             "attn_implementation": self.impl_name,
