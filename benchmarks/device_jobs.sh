@@ -275,12 +275,20 @@ print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tok
     s14_ruler_gemma)  # issue 17: RULER on Gemma-3-270M (bf16 with the all-blocks floor), the default with and without the
       # dense tail; S14G_TUNED: a tuned file for its global layers as one more row
       # S14G_FP32=1: float32 through masked SDPA (no rounding floor, as s14_ruler; no all-blocks row needed);
-      # S14G_BS: prompts per batch (8; 2 at 16K and 1 at 32K fit an 80 GB card in float32)
+      # S14G_BS: prompts per batch (8; 2 at 16K and 1 at 32K fit an 80 GB card in float32); S14G_TEXT: the haystack folder
       T=""; [ -n "${S14G_TUNED:-}" ] && [ -f "${S14G_TUNED}" ] && T="--tuned ${S14G_TUNED}"
       DT=""; [ -n "${S14G_FP32:-}" ] && DT="--dtype float32 --backend masked_sdpa"
-      gem timeout ${S14G_S:-540} $M ruler --model $GEMMA --text-dir $ESSAYS --lengths ${S14G_LENGTHS:-8192,16384,32000} \
+      gem timeout ${S14G_S:-540} $M ruler --model $GEMMA --text-dir ${S14G_TEXT:-$ESSAYS} --lengths ${S14G_LENGTHS:-8192,16384,32000} \
         --samples ${S14G_SAMPLES:-8} --predictors "${S14G_PRED:-$DEFAULT_PRED}" $T --dense-tails ${S14G_TAILS:-0,128} $DT --device cuda \
         --batch-size ${S14G_BS:-8} --no-plots --quiet --out "$d" > "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 40 ;;
+    s18_gate_gemma)  # issue 17: the Gemma gate trained on the device (global layers 5/11/17, 8K, the right tokenizer) on
+      # the first 15 essays (windows 0-4 with half offsets, window 5 validates); the other 10 go to /tmp/m/essays_ho,
+      # the held-out haystack of s14_ruler_gemma with S14G_TEXT=/tmp/m/essays_ho
+      mapfile -t ES < <(ls $ESSAYS/*.txt); mkdir -p /tmp/m/essays_ho && cp "${ES[@]:15}" /tmp/m/essays_ho/
+      gem timeout ${S18G_S:-300} $M train-gate --model $GEMMA --text-file "${ES[@]:0:15}" --seq-len 8192 --windows 0-4 \
+        --half-offsets --val-windows 5 --layers 5,11,17 --steps 500 --val-every 50 --device cuda --dtype float32 \
+        --out "$d/gemma_gate8k.safetensors" > "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 6
+      cp "$d/gemma_gate8k.safetensors" "$d/gemma_gate8k.json" /tmp/m/ 2>/dev/null; ls /tmp/m/essays_ho | wc -l ;;
     s14_gemma_gate)  # issue 17: the Gemma gate (trained on the CPU, fourteenth session; /tmp/m/gemma_gate8k.safetensors)
       # against the default and the exact-mass oracle on held-out 8K windows 4-5, bf16 with the floor, 512 positions each
       G=/tmp/m/gemma_gate8k.safetensors
