@@ -39,6 +39,13 @@ run_job() {
     copy_g[0-9]) mkdir -p /tmp/m/g && cp $GPIECES/c${job#copy_g}/* /tmp/m/g/ && ls /tmp/m/g ;;
     join_g) join /tmp/m/g gemma-3-270m-q4_k_m.gguf $GEMMA_SHA && echo gemma ok ;;
     copy_gtok) mkdir -p /tmp/m/gemma_tok && cp .carry/gemma_tok/* /tmp/m/gemma_tok/ && ls /tmp/m/gemma_tok ;;
+    gtok_folder)  # the carried Gemma tokenizer folder alone (no model staged): this machine's transformers reads it and
+      # gives the essay's 1108 tokens (5.17's own GGUF conversion gives about 2000), BOS first, '▁startup' whole
+      python3 -c "
+import transformers, tokenizers; t = transformers.AutoTokenizer.from_pretrained('.carry/gemma_tok')
+ids = t(open('$ESSAYS/founders.txt').read())['input_ids']
+print('transformers', transformers.__version__, 'tokenizers', tokenizers.__version__, '|', type(t).__name__, len(t),
+      '| founders.txt', len(ids), 'tokens | BOS first:', ids[0] == t.bos_token_id, '| startup ->', t.tokenize(' startup'))" 2>&1 | tail -n 4 ;;
     gtok_check)  # the carried Gemma tokenizer on this machine's transformers: the essay's token count (1108 with the
       # right BPE tokenizer, about 2000 with 5.17's own), a probe word, BOS, and load()'s warning if any
       gem python3 -W always -c "

@@ -245,7 +245,7 @@ def test_cli_end_to_end_report(tiny, tmp_path, capsys):
     assert "| cwe | 1024 |" in md and "block sparsity" in md and all(f"`{n}`" in md for n in configs)
     assert "sparsity, predicted layers" in md
     assert (out / "ruler_heatmap.png").is_file() or "heatmap skipped" in cap.err
-    assert "report:" in cap.out and "mean" in cap.out
+    assert "report:" in cap.out and "mean" in cap.out and "sparsity, predicted layers" in cap.out
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -465,6 +465,9 @@ class RulerResult:
         lines.append("mean".ljust(26) + "".join(f"{s['mean_score'][c]:.3f}".rjust(w) for c in self.configs))
         lines.append("sparsity".ljust(26) + "".join(
             ("-" if s["sparsity"][c] is None else f"{s['sparsity'][c]:.3f}").rjust(w) for c in self.configs))
+        spl = s.get("sparsity_predicted_layers", {})
+        lines.append("sparsity, predicted layers".ljust(26) + "".join(
+            ("-" if spl.get(c) is None else f"{spl[c]:.3f}").rjust(w) for c in self.configs))
         return "\n".join(lines)
 
 
