@@ -296,6 +296,18 @@ print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tok
         --half-offsets --val-windows 5 --layers 5,11,17 --steps 500 --val-every 50 --device cuda --dtype float32 \
         --out "$d/gemma_gate8k.safetensors" > "$d/log" 2>&1; grep -v Converting "$d/log" | tail -n 6
       cp "$d/gemma_gate8k.safetensors" "$d/gemma_gate8k.json" /tmp/m/ 2>/dev/null; ls /tmp/m/essays_ho | wc -l ;;
+    s18_ruler_gemma)  # issue 17: RULER on Gemma-3-270M with the right tokenizer (copy_gtok first; refuses without it),
+      # float32 through masked SDPA, dense vs the default and vs mean_sim with sim_threshold=0 at cdf 0.9 (about 55% of
+      # the global layers' blocks skipped at 8K; the default skips about 16%), both with a dense tail of 128.
+      # S18R_LENGTHS (default "8192 16384 32000"), S18R_SAMPLES (8), S18R_S (seconds per length, 280)
+      [ -d /tmp/m/gemma_tok ] || { echo "s18_ruler_gemma: /tmp/m/gemma_tok is missing (run copy_gtok first)"; return; }
+      for n in ${S18R_LENGTHS:-8192 16384 32000}; do
+        bs=8; [ "$n" -gt 8192 ] && bs=2; [ "$n" -gt 16384 ] && bs=1
+        gem timeout ${S18R_S:-280} $M ruler --model $GEMMA --text-dir $ESSAYS --lengths $n --samples ${S18R_SAMPLES:-8} \
+          --predictors "$DEFAULT_PRED;mean_sim:score=mixed,cdf_threshold=0.9,keep_local=8,sim_threshold=0" \
+          --dense-tails 128 --dtype float32 --backend masked_sdpa --device cuda --batch-size $bs --no-plots --quiet \
+          --out "$d/len$n" > "$d/len$n.log" 2>&1; grep -v Converting "$d/len$n.log" | tail -n 14
+      done ;;
     s14_gemma_gate)  # issue 17: the Gemma gate (trained on the CPU, fourteenth session; /tmp/m/gemma_gate8k.safetensors)
       # against the default and the exact-mass oracle on held-out 8K windows 4-5, bf16 with the floor, 512 positions each
       G=/tmp/m/gemma_gate8k.safetensors
