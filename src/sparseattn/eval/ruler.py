@@ -726,6 +726,12 @@ def run_ruler(
     scores = {c: {t: {str(n): mean([k["scores"][c] for k in cases if k["task"] == t and k["length"] == n])
                       for n in lengths} for t in task_list} for c in configs}
     dens = {c: [k["density"][c] for k in cases if k["density"][c] is not None] for c in configs}
+
+    def sparsity(c: str, n: int | None = None, key: str = "density") -> float | None:
+        """1 - the mean of the cases' ``key`` for configuration ``c`` (of length ``n`` if given); None if none ran."""
+        v = [k[key][c] for k in cases if (n is None or k["length"] == n) and k[key].get(c) is not None]
+        return 1.0 - mean(v) if v else None
+
     summary = {
         "mean_score": {c: mean([k["scores"][c] for k in cases]) for c in configs},
         "mean_score_by_length": {c: {str(n): mean([k["scores"][c] for k in cases if k["length"] == n]) for n in lengths}
@@ -733,18 +739,12 @@ def run_ruler(
         "mean_score_by_task": {c: {t: mean([k["scores"][c] for k in cases if k["task"] == t]) for t in task_list}
                                for c in configs},
         "density": {c: (mean(dens[c]) if dens[c] else None) for c in configs},
-        "sparsity": {c: (1.0 - mean(dens[c]) if dens[c] else None) for c in configs},
+        "sparsity": {c: sparsity(c) for c in configs},
+        "sparsity_by_length": {c: {str(n): sparsity(c, n) for n in lengths} for c in configs},
         # the layers a predictor chose blocks in (exact window bands and dense layers left out)
-        "sparsity_predicted_layers": {c: (1.0 - mean(v) if (v := [k["density_predicted"][c] for k in cases
-                                                                  if k["density_predicted"].get(c) is not None]) else None)
-                                      for c in configs},
-        "sparsity_predicted_layers_by_length": {
-            c: {str(n): (1.0 - mean(v) if (v := [k["density_predicted"][c] for k in cases if k["length"] == n
-                                                 and k["density_predicted"].get(c) is not None]) else None)
-                for n in lengths} for c in configs},
-        "sparsity_by_length": {c: {str(n): (1.0 - mean(v) if (v := [k["density"][c] for k in cases if k["length"] == n
-                                                                   and k["density"][c] is not None]) else None)
-                                   for n in lengths} for c in configs},
+        "sparsity_predicted_layers": {c: sparsity(c, key="density_predicted") for c in configs},
+        "sparsity_predicted_layers_by_length": {c: {str(n): sparsity(c, n, "density_predicted") for n in lengths}
+                                                for c in configs},
         "same_score_as_dense": {c: mean([float(k["scores"][c] == k["scores"]["dense"]) for k in cases]) for c in configs},
         # paired difference to dense per task and length: mean and its standard error over the prompts
         "delta_vs_dense": {c: {t: {str(n): _paired(cases, c, t, n) for n in lengths} for t in task_list}
