@@ -38,7 +38,10 @@ run_job() {
     copy_s1) mkdir -p /tmp/m/s && cp .carry/s2/c1/* /tmp/m/s/ && join /tmp/m/s SmolLM2-135M-Instruct.Q4_1.gguf $SMOL_SHA && echo smol ok ;;
     copy_g[0-9]) mkdir -p /tmp/m/g && cp $GPIECES/c${job#copy_g}/* /tmp/m/g/ && ls /tmp/m/g ;;
     join_g) join /tmp/m/g gemma-3-270m-q4_k_m.gguf $GEMMA_SHA && echo gemma ok ;;
-    copy_gtok) mkdir -p /tmp/m/gemma_tok && cp .carry/gemma_tok/* /tmp/m/gemma_tok/ && ls /tmp/m/gemma_tok ;;
+    copy_gtok)  # the tokenizer folder, or its tar.xz (3.5 MB instead of 32 MB: it travels with the last model piece)
+      mkdir -p /tmp/m/gemma_tok
+      if [ -f .carry/gtok.tar.xz ]; then tar -xJf .carry/gtok.tar.xz -C /tmp/m; else cp .carry/gemma_tok/* /tmp/m/gemma_tok/; fi
+      ls /tmp/m/gemma_tok ;;
     gtok_folder)  # the carried Gemma tokenizer folder alone (no model staged): this machine's transformers reads it and
       # gives the essay's 1108 tokens (5.17's own GGUF conversion gives about 2000), BOS first, '▁startup' whole
       python3 -c "
@@ -299,12 +302,13 @@ print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tok
     s18_ruler_gemma)  # issue 17: RULER on Gemma-3-270M with the right tokenizer (copy_gtok first; refuses without it),
       # float32 through masked SDPA, dense vs the default and vs mean_sim with sim_threshold=0 at cdf 0.9 (about 55% of
       # the global layers' blocks skipped at 8K; the default skips about 16%), both with a dense tail of 128.
-      # S18R_LENGTHS (default "8192 16384 32000"), S18R_SAMPLES (8), S18R_S (seconds per length, 280)
+      # S18R_LENGTHS (default "8192 16384 32000"), S18R_SAMPLES (8), S18R_S (seconds per length, 280), S18R_BS (prompts
+      # per batch at every length; default 8 / 2 / 1 by length), S18R_PRED (the ';'-separated predictors; default both)
       [ -d /tmp/m/gemma_tok ] || { echo "s18_ruler_gemma: /tmp/m/gemma_tok is missing (run copy_gtok first)"; return; }
       for n in ${S18R_LENGTHS:-8192 16384 32000}; do
-        bs=8; [ "$n" -gt 8192 ] && bs=2; [ "$n" -gt 16384 ] && bs=1
+        bs=8; [ "$n" -gt 8192 ] && bs=2; [ "$n" -gt 16384 ] && bs=1; bs=${S18R_BS:-$bs}
         gem timeout ${S18R_S:-280} $M ruler --model $GEMMA --text-dir $ESSAYS --lengths $n --samples ${S18R_SAMPLES:-8} \
-          --predictors "$DEFAULT_PRED;mean_sim:score=mixed,cdf_threshold=0.9,keep_local=8,sim_threshold=0" \
+          --predictors "${S18R_PRED:-$DEFAULT_PRED;mean_sim:score=mixed,cdf_threshold=0.9,keep_local=8,sim_threshold=0}" \
           --dense-tails 128 --dtype float32 --backend masked_sdpa --device cuda --batch-size $bs --no-plots --quiet \
           --out "$d/len$n" > "$d/len$n.log" 2>&1; grep -v Converting "$d/len$n.log" | tail -n 14
       done ;;
