@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Named device jobs (2026-12-03 sessions), one call = `bash benchmarks/device_jobs.sh JOB...`.
 # The model files travel in pieces (../shared/DEVICE.md): copy_s0 / copy_s1 (SmolLM2, .carry/s2/c*) and
-# copy_g0..copy_g5 (Gemma-3-270M in 47 MB pieces, .carry/g/gemma-3-270m-q4_k_m.gguf.d/c*) copy the carried piece into /tmp/m,
-# which a warm machine keeps between calls. Every job has its own time limit; its files land in
+# copy_g0..copy_g5 (Gemma-3-270M in 41 MiB pieces, .carry/g/gemma-3-270m-q4_k_m.gguf.d/c*) copy the carried piece into /tmp/m,
+# which a warm machine keeps between calls. The right Gemma tokenizer travels as .carry/gtok.tar.xz (made with
+# `tar -C .carry -cJf .carry/gtok.tar.xz gemma_tok`; 3.5 MB) beside c5 (copy_gtok). Every job has its own time limit; its files land in
 # $OUT/s3/<job>/ and are packed into $OUT/s3_<first job>.tar.gz at the end (the device returns few files).
 # Env: SMOL_SHA, GEMMA_SHA (sha256 of the joined models), RULER_SAMPLES, RULER_GEMMA_SAMPLES.
 set -uo pipefail
