@@ -313,6 +313,31 @@ print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tok
           --dense-tails 128 --dtype float32 --backend masked_sdpa --device cuda --batch-size $bs --no-plots --quiet \
           --out "$d/len$n" > "$d/len$n.log" 2>&1; grep -v Converting "$d/len$n.log" | tail -n 14
       done ;;
+    s19_gemma_alloc)  # issue 17: a per-layer allocation on Gemma's global layers (nineteenth session: the two 16K
+      # niah_multikey prompts mean_sim loses at cdf 0.9 come back with layer 5 dense; the exact-mass oracle keeps them at
+      # the same sparsity), float32, at S19A_LEN (16384) tokens, then the file through RULER: the 16K multikey prompts
+      # (seed 0 x 8, seed 1 x 16) beside mean_sim cdf 0.9 sim_threshold=0, then every task at S19A_RULER_LENGTHS.
+      # Read the file's sparsity over the predicted layers in the RULER rows (>= 50% is the target's condition).
+      [ -d /tmp/m/gemma_tok ] || { echo "s19_gemma_alloc: /tmp/m/gemma_tok is missing (run copy_gtok first)"; return; }
+      S0="mean_sim:score=mixed,cdf_threshold=0.9,keep_local=8,sim_threshold=0"
+      gem timeout ${S19A_S:-300} $M tune --model $GEMMA --text-dir $ESSAYS --samples ${S19A_SAMPLES:-2} --seq-len ${S19A_LEN:-16384} \
+        --allocate --kl-budget ${S19A_KL:-0.01} --sensitivity-samples 1 --target-top1 ${S19A_TOP1:-0.95} --target-cosine 0.999 \
+        --calibrate-samples 1 --device cuda --dtype float32 --backend masked_sdpa --no-plot --quiet \
+        --out "$d/gemma_alloc16k.safetensors" > "$d/tune.log" 2>&1; grep -v Converting "$d/tune.log" | tail -n 12
+      [ -f "$d/gemma_alloc16k.safetensors" ] || { echo "s19_gemma_alloc: no tuned file (tune.log above)"; return; }
+      for sd in 0:8 1:16; do
+        gem timeout ${S19A_MK_S:-150} $M ruler --model $GEMMA --text-dir $ESSAYS --lengths 16384 --tasks niah_multikey \
+          --samples ${sd#*:} --seed ${sd%:*} --predictors "$S0" --tuned "$d/gemma_alloc16k.safetensors" --dense-tails 128 \
+          --dtype float32 --backend masked_sdpa --device cuda --batch-size 4 --no-plots --quiet --out "$d/mk16_seed${sd%:*}" \
+          > "$d/mk16_seed${sd%:*}.log" 2>&1; grep -v Converting "$d/mk16_seed${sd%:*}.log" | tail -n 6
+      done
+      for n in ${S19A_RULER_LENGTHS:-}; do
+        bs=8; [ "$n" -gt 8192 ] && bs=4; [ "$n" -gt 16384 ] && bs=1
+        gem timeout ${S19A_R_S:-280} $M ruler --model $GEMMA --text-dir $ESSAYS --lengths $n --samples 8 \
+          --predictors "$S0" --tuned "$d/gemma_alloc16k.safetensors" --dense-tails 128 --dtype float32 --backend masked_sdpa \
+          --device cuda --batch-size $bs --no-plots --quiet --out "$d/len$n" > "$d/len$n.log" 2>&1
+        grep -v Converting "$d/len$n.log" | tail -n 14
+      done ;;
     s14_gemma_gate)  # issue 17: the Gemma gate (trained on the CPU, fourteenth session; /tmp/m/gemma_gate8k.safetensors)
       # against the default and the exact-mass oracle on held-out 8K windows 4-5, bf16 with the floor, 512 positions each
       G=/tmp/m/gemma_gate8k.safetensors
