@@ -5,7 +5,7 @@ position's argmax equals dense's token, the first position that does not, and th
 CPU float32 through masked SDPA, as the GPU run.
 
     SPARSEATTN_TOKENIZER=.carry/gemma_tok PYTHONPATH=src python benchmarks/results/cpu_20261206_s19/probe_multikey16k.py \
-        MODEL.gguf ESSAYS_DIR SAMPLES SPEC [SPEC ...]     # SPEC: 'dense', or 'predictor spec|dense_tail[|dense layers]'
+        MODEL.gguf ESSAYS_DIR SAMPLES SPEC [SPEC ...]     # SPEC: 'dense', or 'predictor spec|dense_tail[|dense layers[|L=spec&L=spec...]]' (the last: per-layer predictors)
 """
 import sys
 import time
@@ -40,13 +40,15 @@ with torch.no_grad():
         for spec in sys.argv[4:]:
             t = time.time()
             pred, _, rest = spec.partition("|")
-            tail, _, dl = rest.partition("|")
+            tail, _, rest = rest.partition("|")
+            dl, _, pl = rest.partition("|")
+            per_layer = {int(a): b for a, _, b in (x.partition("=") for x in pl.split("&") if x)} or None
             if pred == "dense":
                 lg = model(full, logits_to_keep=N + 1).logits[0, :-1].float()
                 sp = 0.0
             else:
                 with patch_model(model, predictor=pred, backend="masked_sdpa", dense_tail=int(tail or 0),
-                                 dense_layers=[int(x) for x in dl.split(",") if x]) as h:
+                                 dense_layers=[int(x) for x in dl.split(",") if x], per_layer=per_layer) as h:
                     lg = model(full, logits_to_keep=N + 1).logits[0, :-1].float()
                     sp = 1 - h.sparsity_report()["mean_density_predicted"]
             tgt = torch.tensor(cont)
