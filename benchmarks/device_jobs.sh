@@ -28,6 +28,15 @@ st() { echo "=== $1 $(date -u +%H:%M:%S) (t=$((SECONDS-T0))s)"; }
 # a right one, saved here with save_pretrained (`copy_gtok`, .carry/gemma_tok), is used by every Gemma command.
 gem() { if [ -d /tmp/m/gemma_tok ]; then SPARSEATTN_TOKENIZER=/tmp/m/gemma_tok "$@"; else "$@"; fi; }
 gem_if_md() { if [ "${MD:-}" = "$GEMMA" ]; then gem "$@"; else "$@"; fi; }
+# Gemma RULER in float32 through masked SDPA with a dense tail of 128 (s18_ruler_gemma, s19_gemma_alloc), right tokenizer
+# required: gruler_f32 <out dir> <seconds> <lines of the log to print> <ruler arguments...>
+GEMMA_SIM0="mean_sim:score=mixed,cdf_threshold=0.9,keep_local=8,sim_threshold=0"  # ~55% of the global layers at 8K
+need_gtok() { [ -d /tmp/m/gemma_tok ] || { echo "$1: /tmp/m/gemma_tok is missing (run copy_gtok first)"; return 1; }; }
+gruler_f32() {
+  local out=$1 secs=$2 lines=$3; shift 3
+  gem timeout "$secs" $M ruler --model $GEMMA --text-dir $ESSAYS --dense-tails 128 --dtype float32 --backend masked_sdpa \
+    --device cuda --no-plots --quiet --out "$out" "$@" > "$out.log" 2>&1; grep -v Converting "$out.log" | tail -n "$lines"
+}
 join() {  # join <dir> <file> <sha>
   [ -f "$1/$2" ] || cat "$1"/part.* > "$1/$2"
   echo "$3  $1/$2" | sha256sum -c - >/dev/null || { echo "join: $2 is incomplete"; return 1; }
@@ -305,38 +314,31 @@ print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tok
       # the global layers' blocks skipped at 8K; the default skips about 16%), both with a dense tail of 128.
       # S18R_LENGTHS (default "8192 16384 32000"), S18R_SAMPLES (8), S18R_S (seconds per length, 280), S18R_BS (prompts
       # per batch at every length; default 8 / 2 / 1 by length), S18R_PRED (the ';'-separated predictors; default both)
-      [ -d /tmp/m/gemma_tok ] || { echo "s18_ruler_gemma: /tmp/m/gemma_tok is missing (run copy_gtok first)"; return; }
+      need_gtok s18_ruler_gemma || return
       for n in ${S18R_LENGTHS:-8192 16384 32000}; do
         bs=8; [ "$n" -gt 8192 ] && bs=2; [ "$n" -gt 16384 ] && bs=1; bs=${S18R_BS:-$bs}
-        gem timeout ${S18R_S:-280} $M ruler --model $GEMMA --text-dir $ESSAYS --lengths $n --samples ${S18R_SAMPLES:-8} \
-          --predictors "${S18R_PRED:-$DEFAULT_PRED;mean_sim:score=mixed,cdf_threshold=0.9,keep_local=8,sim_threshold=0}" \
-          --dense-tails 128 --dtype float32 --backend masked_sdpa --device cuda --batch-size $bs --no-plots --quiet \
-          --out "$d/len$n" > "$d/len$n.log" 2>&1; grep -v Converting "$d/len$n.log" | tail -n 14
+        gruler_f32 "$d/len$n" ${S18R_S:-280} 14 --lengths $n --samples ${S18R_SAMPLES:-8} --batch-size $bs \
+          --predictors "${S18R_PRED:-$DEFAULT_PRED;$GEMMA_SIM0}"
       done ;;
     s19_gemma_alloc)  # issue 17: a per-layer allocation on Gemma's global layers (nineteenth session: the two 16K
       # niah_multikey prompts mean_sim loses at cdf 0.9 come back with layer 5 dense; the exact-mass oracle keeps them at
       # the same sparsity), float32, at S19A_LEN (16384) tokens, then the file through RULER: the 16K multikey prompts
       # (seed 0 x 8, seed 1 x 16) beside mean_sim cdf 0.9 sim_threshold=0, then every task at S19A_RULER_LENGTHS.
       # Read the file's sparsity over the predicted layers in the RULER rows (>= 50% is the target's condition).
-      [ -d /tmp/m/gemma_tok ] || { echo "s19_gemma_alloc: /tmp/m/gemma_tok is missing (run copy_gtok first)"; return; }
-      S0="mean_sim:score=mixed,cdf_threshold=0.9,keep_local=8,sim_threshold=0"
+      need_gtok s19_gemma_alloc || return
       gem timeout ${S19A_S:-300} $M tune --model $GEMMA --text-dir $ESSAYS --samples ${S19A_SAMPLES:-2} --seq-len ${S19A_LEN:-16384} \
         --allocate --kl-budget ${S19A_KL:-0.01} --sensitivity-samples 1 --target-top1 ${S19A_TOP1:-0.95} --target-cosine 0.999 \
         --calibrate-samples 1 --device cuda --dtype float32 --backend masked_sdpa --no-plot --quiet \
         --out "$d/gemma_alloc16k.safetensors" > "$d/tune.log" 2>&1; grep -v Converting "$d/tune.log" | tail -n 12
       [ -f "$d/gemma_alloc16k.safetensors" ] || { echo "s19_gemma_alloc: no tuned file (tune.log above)"; return; }
       for sd in 0:8 1:16; do
-        gem timeout ${S19A_MK_S:-150} $M ruler --model $GEMMA --text-dir $ESSAYS --lengths 16384 --tasks niah_multikey \
-          --samples ${sd#*:} --seed ${sd%:*} --predictors "$S0" --tuned "$d/gemma_alloc16k.safetensors" --dense-tails 128 \
-          --dtype float32 --backend masked_sdpa --device cuda --batch-size 4 --no-plots --quiet --out "$d/mk16_seed${sd%:*}" \
-          > "$d/mk16_seed${sd%:*}.log" 2>&1; grep -v Converting "$d/mk16_seed${sd%:*}.log" | tail -n 6
+        gruler_f32 "$d/mk16_seed${sd%:*}" ${S19A_MK_S:-150} 6 --lengths 16384 --tasks niah_multikey --samples ${sd#*:} \
+          --seed ${sd%:*} --predictors "$GEMMA_SIM0" --tuned "$d/gemma_alloc16k.safetensors" --batch-size 4
       done
       for n in ${S19A_RULER_LENGTHS:-}; do
         bs=8; [ "$n" -gt 8192 ] && bs=4; [ "$n" -gt 16384 ] && bs=1
-        gem timeout ${S19A_R_S:-280} $M ruler --model $GEMMA --text-dir $ESSAYS --lengths $n --samples 8 \
-          --predictors "$S0" --tuned "$d/gemma_alloc16k.safetensors" --dense-tails 128 --dtype float32 --backend masked_sdpa \
-          --device cuda --batch-size $bs --no-plots --quiet --out "$d/len$n" > "$d/len$n.log" 2>&1
-        grep -v Converting "$d/len$n.log" | tail -n 14
+        gruler_f32 "$d/len$n" ${S19A_R_S:-280} 14 --lengths $n --samples 8 --predictors "$GEMMA_SIM0" \
+          --tuned "$d/gemma_alloc16k.safetensors" --batch-size $bs
       done ;;
     s14_gemma_gate)  # issue 17: the Gemma gate (trained on the CPU, fourteenth session; /tmp/m/gemma_gate8k.safetensors)
       # against the default and the exact-mass oracle on held-out 8K windows 4-5, bf16 with the floor, 512 positions each
