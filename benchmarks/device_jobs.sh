@@ -31,6 +31,7 @@ gem_if_md() { if [ "${MD:-}" = "$GEMMA" ]; then gem "$@"; else "$@"; fi; }
 # Gemma RULER in float32 through masked SDPA with a dense tail of 128 (s18_ruler_gemma, s19_gemma_alloc), right tokenizer
 # required: gruler_f32 <out dir> <seconds> <lines of the log to print> <ruler arguments...>
 GEMMA_SIM0="mean_sim:score=mixed,cdf_threshold=0.9,keep_local=8,sim_threshold=0"  # ~55% of the global layers at 8K
+GEMMA_SAMP="sampled:rows_per_block=8,cdf_threshold=0.9,keep_local=8"  # exact mass of 8 rows per block (twentieth session)
 need_gtok() { [ -d /tmp/m/gemma_tok ] || { echo "$1: /tmp/m/gemma_tok is missing (run copy_gtok first)"; return 1; }; }
 gruler_f32() {
   local out=$1 secs=$2 lines=$3; shift 3
@@ -313,12 +314,13 @@ print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tok
       # float32 through masked SDPA, dense vs the default and vs mean_sim with sim_threshold=0 at cdf 0.9 (about 55% of
       # the global layers' blocks skipped at 8K; the default skips about 16%), both with a dense tail of 128.
       # S18R_LENGTHS (default "8192 16384 32000"), S18R_SAMPLES (8), S18R_S (seconds per length, 280), S18R_BS (prompts
-      # per batch at every length; default 8 / 2 / 1 by length), S18R_PRED (the ';'-separated predictors; default both)
+      # per batch at every length; default 8 / 2 / 1 by length), S18R_PRED (the ';'-separated predictors; default both),
+      # S18R_EXTRA (more ruler arguments, e.g. "--tasks niah_multikey --seed 1"), S18R_TAG (a suffix for the run folders)
       need_gtok s18_ruler_gemma || return
       for n in ${S18R_LENGTHS:-8192 16384 32000}; do
         bs=8; [ "$n" -gt 8192 ] && bs=2; [ "$n" -gt 16384 ] && bs=1; bs=${S18R_BS:-$bs}
-        gruler_f32 "$d/len$n" ${S18R_S:-280} 14 --lengths $n --samples ${S18R_SAMPLES:-8} --batch-size $bs \
-          --predictors "${S18R_PRED:-$DEFAULT_PRED;$GEMMA_SIM0}"
+        gruler_f32 "$d/len$n${S18R_TAG:-}" ${S18R_S:-280} 14 --lengths $n --samples ${S18R_SAMPLES:-8} --batch-size $bs \
+          --predictors "${S18R_PRED:-$DEFAULT_PRED;$GEMMA_SIM0}" ${S18R_EXTRA:-}
       done ;;
     s19_gemma_alloc)  # issue 17: a per-layer allocation on Gemma's global layers (nineteenth session: the two 16K
       # niah_multikey prompts mean_sim loses at cdf 0.9 come back with layer 5 dense; the exact-mass oracle keeps them at
