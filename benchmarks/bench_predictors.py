@@ -1,7 +1,7 @@
 """Predictor overhead benchmark: predictor alone, predictor + Triton kernel, vs SDPA dense.
 
-One device call. Shapes: Llama-3.1-8B attention (B=1, H=32, H_kv=8, D=128, bf16, causal) at
-8K/16K/32K/64K tokens. Inputs are synthetic and *smooth* (a per-head random walk along the sequence
+One device call. Shapes: Llama-3.1-8B attention (B=1, H=32, H_kv=8, D=128, bf16, causal; ``--shape`` for
+others) at 8K/16K/32K/64K tokens. Inputs are synthetic and *smooth* (a per-head random walk along the sequence
 plus Gaussian noise, generated on the GPU, seeded) so that blocks are self-similar as in real
 models and the predictors return sparse layouts; the density each predictor reached is reported
 with its time. For each (length, predictor):
@@ -115,7 +115,17 @@ def main() -> int:
     ap.add_argument("--predictors", nargs="+", default=PREDICTORS)
     ap.add_argument("--budget-s", type=float, default=480.0)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--shape", default="32,8,128",
+                    help="heads,kv_heads,head_dim (default Llama-3.1-8B's 32,8,128; Gemma-3-270M's global layers: 4,1,256)")
     args = ap.parse_args()
+    try:
+        H, Hkv, D = (int(x) for x in args.shape.split(","))
+    except ValueError:
+        print(f"bench_predictors: --shape must be three integers heads,kv_heads,head_dim; got {args.shape!r}")
+        return 2
+    if H < 1 or Hkv < 1 or H % Hkv:
+        print(f"bench_predictors: --shape heads must be a positive multiple of kv_heads; got {args.shape!r}")
+        return 2
     reason = timing.cuda_unavailable_reason()
     if reason:
         print(f"bench_predictors: {reason}")
@@ -123,7 +133,7 @@ def main() -> int:
     from sparseattn.ops.triton_launch import refusal
 
     t0 = time.time()
-    B, H, Hkv, D = 1, 32, 8, 128
+    B = 1
     info = env_info()
     results: dict[str, Any] = {"env": info, "shape": {"batch": B, "heads": H, "kv_heads": Hkv, "head_dim": D,
                                                       "dtype": "bfloat16", "causal": True}, "rows": [], "skipped": []}
