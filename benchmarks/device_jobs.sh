@@ -68,10 +68,13 @@ m, t = load('$GEMMA'); ids = t(open('$ESSAYS/founders.txt').read())['input_ids']
 print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tokens | BOS first:', ids[0] == t.bos_token_id,
       '| startup ->', t.tokenize(' startup'), '| check:', tokenizer_check(t))" 2>&1 | grep -v Converting | tail -n 6 ;;
     s20_pred_gemma)  # issue 17: predictor cost at Gemma-3-270M's global-layer shape (H=4, H_kv=1, D=256), bf16, beside
-      # cuDNN/flash dense in the same process: mean_sim at cdf 0.9 vs the sampled exact mass (8 and 16 rows per block)
+      # cuDNN/flash dense in the same process: mean_sim at cdf 0.9 vs the sampled exact mass (8 and 16 rows per block;
+      # the one-launch Triton mass), then the sampled-mass kernel's tests on the GPU
       timeout ${S20P_S:-150} python3 benchmarks/bench_predictors.py --shape 4,1,256 --lengths ${S20P_LENGTHS:-16384 32768} \
         --budget-s ${S20P_BUDGET:-120} --out "$d" --predictors "$GEMMA_SIM0" "$GEMMA_SAMP" \
-        "sampled:rows_per_block=16,cdf_threshold=0.9,keep_local=8" > "$d/log" 2>&1; tail -n 8 "$d/log" ;;
+        "sampled:rows_per_block=16,cdf_threshold=0.9,keep_local=8" > "$d/log" 2>&1; tail -n 8 "$d/log"
+      timeout 120 python3 -m pytest -q -p no:cacheprovider tests/predictors/test_fused_sampled.py > "$d/pytest.log" 2>&1
+      tail -n 2 "$d/pytest.log" ;;
     pred)  # issue 10: predictor overhead vs cuDNN, same process (Llama shape, 32K)
       timeout 100 python3 benchmarks/bench_predictors.py --lengths 32768 --budget-s 80 --out "$d" \
         --predictors "$DEFAULT_PRED" "mean_sim:cdf_threshold=0.9" > "$d/log" 2>&1; tail -n 6 "$d/log" ;;

@@ -18,8 +18,11 @@ diagonal block); the block's mass is their average. Every sampled row is exact (
 the keys it may attend), so the only error is the sampling of rows; the cost is ``rows_per_block / block_m`` of
 the oracle's (1/8 at 8 of 64 rows). Unlike the oracle it is a usable predictor (an estimate from a fraction of
 the rows, in the spirit of MInference's last-query and XAttention's strided estimates); its layout adds the
-forced sink and local blocks as ``mean_sim`` does. Only a PyTorch path exists (no fused kernel): on the GPU its
-cost is that of the two chunked passes, which ``bench_predictors`` can measure.
+forced sink and local blocks as ``mean_sim`` does. Two paths compute its mass: the PyTorch function below (two
+chunked passes in a Python loop over key chunks) and one Triton launch
+(:mod:`sparseattn.predictors.fused_sampled`), which ``SampledMassPredictor(backend="auto")`` takes for CUDA
+tensors when it supports the call (else the PyTorch path with a warning once per reason); ``bench_predictors``
+measures both.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 
 import torch
 
+from sparseattn._validation import fail
 from sparseattn.layout.block_layout import BlockLayout, cdiv
 from sparseattn.layout.masks import causal_window_mask
 from sparseattn.predictors._common import (
@@ -53,6 +57,8 @@ from sparseattn.predictors.base import register_predictor
 
 __all__ = ["OracleConfig", "OraclePredictor", "exact_block_mass", "sampled_rows", "SampledMassConfig",
            "SampledMassPredictor"]
+
+_BACKENDS = ("auto", "torch", "triton")
 
 
 def exact_block_mass(
@@ -303,19 +309,51 @@ class SampledMassPredictor:
     """Selects blocks by the exact mass of a few sampled query rows per block (a real predictor; see the module).
 
     ``last_scores`` holds the sampled block mass ``[B, H, Mb, Nb]`` of the last call.
+
+    Args:
+        config: the prediction parameters (default ``SampledMassConfig()``).
+        backend: ``"auto"`` (the one-launch Triton mass for CUDA tensors when it supports the call, else the
+            PyTorch passes; a CUDA fallback warns once per reason), ``"torch"`` or ``"triton"`` (the kernel, or
+            ``NotImplementedError`` with the reason; runs on CPU under ``TRITON_INTERPRET=1``).
     """
 
     name = "sampled"
 
-    def __init__(self, config: SampledMassConfig | None = None) -> None:
+    def __init__(self, config: SampledMassConfig | None = None, backend: str = "auto") -> None:
         self.config = config_or_default("SampledMassPredictor", config, SampledMassConfig)
+        if not isinstance(backend, str) or backend not in _BACKENDS:
+            raise fail("SampledMassPredictor", "backend", "is not a known backend", f"one of {list(_BACKENDS)}",
+                       repr(backend))
+        self.backend = backend
         self.last_scores: torch.Tensor | None = None
+        self.last_backend: str | None = None  # "torch" or "triton": the path the last predict() took
+        self._warned: set[str] = set()
+
+    def _fused(self, q: torch.Tensor, k: torch.Tensor) -> bool:
+        """Whether this call takes the one-launch Triton mass (raises for ``backend="triton"`` when it cannot)."""
+        if self.backend == "torch" or (self.backend == "auto" and not q.is_cuda):
+            return False
+        from sparseattn.predictors.fused_mean_sim import take_fused
+        from sparseattn.predictors.fused_sampled import sampled_mass_refusal
+
+        cfg = self.config
+        why = sampled_mass_refusal(q, k, block_m=cfg.block_m, block_n=cfg.block_n, rows_per_block=cfg.rows_per_block)
+        return take_fused("SampledMassPredictor", self.backend, why, self._warned,
+                          " (a Python loop over key chunks, ~2000 small kernels per call at 32K)")
 
     def predict(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True, layer: int | None = None) -> BlockLayout:
         check_qk("SampledMassPredictor.predict", q, k, causal)
         cfg = self.config
-        mass = exact_block_mass(q, k, causal=causal, block_m=cfg.block_m, block_n=cfg.block_n,
-                                rows_per_block=cfg.rows_per_block)
+        if self._fused(q, k):
+            from sparseattn.predictors.fused_sampled import sampled_block_mass
+
+            mass = sampled_block_mass(q, k, causal=causal, block_m=cfg.block_m, block_n=cfg.block_n,
+                                      rows_per_block=cfg.rows_per_block)
+            self.last_backend = "triton"
+        else:
+            mass = exact_block_mass(q, k, causal=causal, block_m=cfg.block_m, block_n=cfg.block_n,
+                                    rows_per_block=cfg.rows_per_block)
+            self.last_backend = "torch"
         self.last_scores = mass  # diagnostics only (as the oracle's)
         forced = forced_blocks(q.shape[2], k.shape[2], cfg.block_m, cfg.block_n, cfg.keep_sink, cfg.keep_local,
                                causal, q.device)

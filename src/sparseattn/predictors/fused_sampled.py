@@ -1,0 +1,141 @@
+"""Launcher of the sampled exact block mass in one Triton launch (:mod:`sparseattn.ops.triton.sampled_mass`).
+
+The PyTorch :func:`~sparseattn.predictors.oracle.exact_block_mass` walks the keys in chunks of 256 in a Python
+loop, twice (``2 · N_kv / 256`` iterations of several small ops each: about 2000 launches per layer at 32K). This
+path computes the same ``[B, H, Mb, Nb]`` float32 mass in one launch (plus the zeroed output), one program per
+(query block, batch × KV head), every query head of the KV head in the same tile (K read once per KV head). No
+host synchronisation; the sampled-row table is shape-only and cached.
+
+It computes the same quantity as the PyTorch function up to float rounding (base-2 exponentials, tensor-core
+products in the input dtype for fp16/bf16); the tests compare the two on fresh random inputs under
+``TRITON_INTERPRET=1``. The selection after it (CDF or top-k) is :func:`~sparseattn.predictors.oracle._select_by_mass`,
+shared with the PyTorch path.
+
+Triton is imported lazily (first launch), never by ``import sparseattn``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+
+from sparseattn.layout.block_layout import cdiv
+from sparseattn.predictors._common import cached
+from sparseattn.predictors.fused_mean_sim import _interpret_mode, _triton_import_error
+
+__all__ = ["sampled_mass_refusal", "sampled_block_mass", "MAX_PACKED_ROWS", "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_PACKED_ROWS = 256  # query heads per KV head x rows_per_block, in one tile
+MAX_HEAD_DIM = 256
+_MAX_GRID_YZ = 65535
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel() -> Any:
+    from sparseattn.ops.triton.sampled_mass import _sampled_mass_kernel
+
+    return _sampled_mass_kernel
+
+
+def sampled_mass_refusal(q: Any, k: Any, *, block_m: int, block_n: int, rows_per_block: int) -> str | None:
+    """``None`` if :func:`sampled_block_mass` can run on ``(q, k)``, else the reason it cannot (support only: shapes
+    are validated by the caller)."""
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            return f"{name} is not a 4-d torch.Tensor"
+        if t.dtype not in SUPPORTED_DTYPES:
+            return f"{name}.dtype={str(t.dtype).replace('torch.', '')} is not supported (float16, bfloat16 or float32)"
+    if q.device.type == "cpu":
+        if not _interpret_mode():
+            return "q is on the CPU; the Triton sampled-mass kernel needs CUDA tensors (or TRITON_INTERPRET=1)"
+    elif q.device.type != "cuda":
+        return f"q is on {q.device}; the Triton sampled-mass kernel needs CUDA tensors"
+    if block_n < 16 or block_n & (block_n - 1):
+        return f"block_n={block_n} is not a power of two >= 16 (the kernel's key tile is one key block)"
+    D = int(q.shape[-1])
+    if D > MAX_HEAD_DIM:
+        return f"head_dim={D} exceeds the kernel's {MAX_HEAD_DIM}"
+    G = int(q.shape[1]) // max(int(k.shape[1]), 1)
+    rows = min(rows_per_block, block_m)
+    if G * rows > MAX_PACKED_ROWS:
+        return (f"{G} query heads per KV head x {rows} rows per block = {G * rows} rows exceed the kernel's tile of "
+                f"{MAX_PACKED_ROWS}")
+    if int(q.shape[0]) * int(k.shape[1]) > _MAX_GRID_YZ:
+        return f"batch x kv heads = {int(q.shape[0]) * int(k.shape[1])} exceeds the launch grid limit {_MAX_GRID_YZ}"
+    return _triton_import_error()
+
+
+def _row_table(Nq: int, block_m: int, rows_per_block: int, device: torch.device) -> torch.Tensor:
+    """int32 ``[Mb, R]``: the sampled query rows of each query block (``sampled_rows``), -1 where a short last
+    block has fewer (shape-only, cached)."""
+    from sparseattn.predictors.oracle import sampled_rows
+
+    R = min(rows_per_block, block_m)
+
+    def build() -> torch.Tensor:
+        Mb = cdiv(Nq, block_m)
+        rows = sampled_rows(Nq, block_m, rows_per_block, device)
+        blk = torch.div(rows, block_m, rounding_mode="floor")
+        first = torch.zeros(Mb + 1, dtype=torch.int64, device=device)
+        first[1:] = torch.cumsum(torch.zeros(Mb, dtype=torch.int64, device=device).index_add_(
+            0, blk, torch.ones_like(blk)), 0)
+        slot = torch.arange(rows.numel(), device=device) - first[blk]
+        table = torch.full((Mb, R), -1, dtype=torch.int32, device=device)
+        table[blk, slot] = rows.to(torch.int32)
+        return table
+
+    return cached(("sampled_mass_rows", Nq, block_m, R, str(device)), build)
+
+
+def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, *, causal: bool, block_m: int, block_n: int,
+                       rows_per_block: int, scale: float | None = None) -> torch.Tensor:
+    """:func:`~sparseattn.predictors.oracle.exact_block_mass` with ``rows_per_block`` in one Triton launch.
+
+    Args:
+        q: ``(B, H, N_q, D)`` fp16/bf16/fp32, CUDA (or CPU under ``TRITON_INTERPRET=1``).
+        k: ``(B, H_kv, N_kv, D)``, same dtype, ``H % H_kv == 0``.
+        causal: bottom-right aligned causal mask.
+        block_m / block_n: block sizes (``block_n`` a power of two ≥ 16).
+        rows_per_block: query rows sampled per block (evenly spaced, the last row included).
+        scale: softmax scale (default ``D ** -0.5``).
+
+    Returns:
+        float32 ``[B, H, Mb, Nb]``, each row summing to 1 (0 where the query block sees no key).
+
+    Raises:
+        NotImplementedError: the kernel cannot run this call (:func:`sampled_mass_refusal`'s reason).
+    """
+    why = sampled_mass_refusal(q, k, block_m=block_m, block_n=block_n, rows_per_block=rows_per_block)
+    if why is not None:
+        raise NotImplementedError(f"sampled_block_mass: {why}")
+    B, H, Nq, D = (int(x) for x in q.shape)
+    Hkv, Nkv = int(k.shape[1]), int(k.shape[2])
+    G = H // Hkv
+    R = min(rows_per_block, block_m)
+    Mb, Nb = cdiv(Nq, block_m), cdiv(Nkv, block_n)
+    if scale is None:
+        scale = D ** -0.5
+    rows = _row_table(Nq, block_m, rows_per_block, q.device)
+    mass = torch.zeros((B, H, Mb, Nb), dtype=torch.float32, device=q.device)
+    if Mb == 0 or Nb == 0:
+        return mass
+    widen = q.device.type == "cpu" and q.dtype == torch.bfloat16  # the interpreter's bf16 tl.dot is wrong
+    RG = max(16, _next_pow2(G * R))
+    DP = max(16, _next_pow2(D))
+    _kernel()[(Mb, B * Hkv)](
+        q, k, rows, mass,
+        *q.stride(), *k.stride(), *mass.stride(),
+        Nq, Nkv, Hkv, Nkv - Nq, float(scale) * math.log2(math.e),
+        G=G, R=R, RG=RG, GP=max(2, _next_pow2(G)), D=D, DP=DP, BLOCK_M=block_m, BLOCK_N=block_n,
+        CAUSAL=bool(causal), IEEE=widen or q.dtype == torch.float32, WIDEN=widen,
+        num_warps=4 if RG * DP <= 64 * 128 else 8,
+    )
+    return mass
