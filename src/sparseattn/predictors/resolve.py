@@ -9,6 +9,8 @@ the benchmarks) goes through :func:`resolve_predictor`; :func:`select_predictor`
 * ``"pattern:name=<pattern>,<builder option>=...,pv_threshold=..."``: a static
   :class:`~sparseattn.predictors.pattern.PatternPredictor`;
 * ``"tuned:path=FILE"`` or a :class:`~sparseattn.tuning.types.TunedConfig`: the tuned mean_sim predictor;
+* ``"union:<spec>+<spec>[+...]"``: a :class:`~sparseattn.predictors.union.UnionPredictor` keeping the blocks any
+  member keeps (members are any of these specs without ``+`` in them);
 * a dict ``{"name": <predictor>, <field>: value, ...}`` (for ``"pattern"``, ``"pattern"`` names the
   static pattern), or its JSON text;
 * the JSON of a config (:func:`~sparseattn.predictors.base.config_to_json`, ``{"type": "<Name>Config", ...}``).
@@ -68,6 +70,10 @@ def resolve_predictor(spec: Any, *, func: str = "resolve_predictor") -> Any:
         return pattern_predictor(_parse_items(rest, func))  # its "name" key is the pattern's
     if name == "tuned" and "tuned" not in PREDICTORS:
         return _tuned_from_items(_parse_items(rest, func), func)
+    if name == "union" and "union" not in PREDICTORS:
+        from sparseattn.predictors.union import parse_union_spec
+
+        return parse_union_spec(rest, func)
     return parse_predictor_spec(spec)
 
 
