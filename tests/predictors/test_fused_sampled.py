@@ -107,6 +107,10 @@ def test_refusal_reasons_and_backend_errors():
         pred.predict(q, k, causal=True)
     with pytest.raises(NotImplementedError, match="sampled_block_mass: block_n=48"):
         sampled_block_mass(q, k, causal=True, block_m=64, block_n=48, rows_per_block=8)
+    with pytest.raises(ValueError, match="sampled_block_mass"):
+        sampled_block_mass(q, k[:, :, :, :8], causal=True, block_m=64, block_n=64, rows_per_block=8)
+    with pytest.raises(ValueError, match="sampled_block_mass: rows_per_block"):
+        sampled_block_mass(q, k, causal=True, block_m=64, block_n=64, rows_per_block=0)
     with pytest.raises(ValueError, match="SampledMassPredictor: backend is not a known backend"):
         SampledMassPredictor(backend="cuda")
 

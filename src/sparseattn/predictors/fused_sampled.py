@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from sparseattn.layout.block_layout import cdiv
-from sparseattn.predictors._common import cached
+from sparseattn.predictors._common import cached, check_block, check_qk
 from sparseattn.predictors.fused_mean_sim import _interpret_mode, _triton_import_error
 
 __all__ = ["sampled_mass_refusal", "sampled_block_mass", "MAX_PACKED_ROWS", "SUPPORTED_DTYPES"]
@@ -111,8 +111,12 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, *, causal: bool, block_
         float32 ``[B, H, Mb, Nb]``, each row summing to 1 (0 where the query block sees no key).
 
     Raises:
+        ValueError: malformed q/k (shapes, dtypes, devices, GQA ratio) or block sizes, as the PyTorch function.
         NotImplementedError: the kernel cannot run this call (:func:`sampled_mass_refusal`'s reason).
     """
+    check_qk("sampled_block_mass", q, k, causal)
+    for name, val in (("block_m", block_m), ("block_n", block_n), ("rows_per_block", rows_per_block)):
+        check_block("sampled_block_mass", name, val)
     why = sampled_mass_refusal(q, k, block_m=block_m, block_n=block_n, rows_per_block=rows_per_block)
     if why is not None:
         raise NotImplementedError(f"sampled_block_mass: {why}")
