@@ -32,7 +32,7 @@ from sparseattn.layout.masks import diagonal_blocks, local_block_mask
 __all__ = [
     "check_qk", "check_block", "block_minmax", "check_opt_fraction", "check_bool", "check_version", "block_pool", "causal_region",
     "diagonal_blocks", "local_mask", "select_topk", "select_cdf", "mask_to_layout", "dense_predicted_layout",
-    "nonfinite_block_force", "check_pv_threshold", "check_topk_or_cdf", "config_or_default",
+    "nonfinite_block_force", "check_pv_threshold", "check_topk_or_cdf", "config_or_default", "sampled_rows",
 ]
 
 
@@ -301,3 +301,22 @@ def dense_predicted_layout(B: int, H: int, seqlen_q: int, seqlen_kv: int, block_
     region = causal_region(seqlen_q, seqlen_kv, block_m, block_n, causal, device)
     return mask_to_layout(region[None, None], block_m=block_m, block_n=block_n, seqlen_q=seqlen_q,
                           seqlen_kv=seqlen_kv, batch=B, heads=H)
+
+
+def sampled_rows(seqlen_q: int, block_m: int, rows_per_block: int, device: torch.device) -> torch.Tensor:
+    """The query rows :func:`exact_block_mass` averages with ``rows_per_block``: per query block of length ``L``
+    (``block_m``, or less for the last), ``min(rows_per_block, L)`` rows evenly spaced with the last one at the
+    block's last row, ascending (``int64``; shape-only, cached)."""
+    def build() -> torch.Tensor:
+        Mb = cdiv(seqlen_q, block_m)
+        starts = torch.arange(Mb, device=device) * block_m
+        lens = (seqlen_q - starts).clamp(max=block_m)  # [Mb]
+        n = lens.clamp(max=rows_per_block)
+        j = torch.arange(rows_per_block, device=device)
+        # row j of n: start + L - 1 - floor((n - 1 - j) * L / n), for j < n (evenly spaced, last = L - 1)
+        off = lens[:, None] - 1 - torch.div((n[:, None] - 1 - j[None, :]).clamp(min=0) * lens[:, None], n[:, None],
+                                            rounding_mode="floor")
+        keep = j[None, :] < n[:, None]
+        return (starts[:, None] + off)[keep]
+
+    return cached(("sampled_rows", seqlen_q, block_m, rows_per_block, str(device)), build)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from sparseattn.layout.block_layout import cdiv
-from sparseattn.predictors._common import cached, check_block, check_qk
+from sparseattn.predictors._common import cached, check_block, check_qk, sampled_rows
 from sparseattn.predictors.fused_mean_sim import _interpret_mode, _triton_import_error
 
 __all__ = ["sampled_mass_refusal", "sampled_block_mass", "MAX_PACKED_ROWS", "SUPPORTED_DTYPES"]
@@ -76,8 +76,6 @@ def sampled_mass_refusal(q: Any, k: Any, *, block_m: int, block_n: int, rows_per
 def _row_table(Nq: int, block_m: int, rows_per_block: int, device: torch.device) -> torch.Tensor:
     """int32 ``[Mb, R]``: the sampled query rows of each query block (``sampled_rows``), -1 where a short last
     block has fewer (shape-only, cached)."""
-    from sparseattn.predictors.oracle import sampled_rows
-
     R = min(rows_per_block, block_m)
 
     def build() -> torch.Tensor:

@@ -50,6 +50,7 @@ from sparseattn.predictors._common import (
     forced_blocks,
     mask_to_layout,
     nonfinite_block_force,
+    sampled_rows,
     select_cdf,
     select_topk,
 )
@@ -179,25 +180,6 @@ def exact_block_mass(
         mass[..., j0:j0 + nblk] = blk
     mass = mass / counts[:, None]
     return mass.reshape(B, H, Mb, Nb).to(torch.float32)
-
-
-def sampled_rows(seqlen_q: int, block_m: int, rows_per_block: int, device: torch.device) -> torch.Tensor:
-    """The query rows :func:`exact_block_mass` averages with ``rows_per_block``: per query block of length ``L``
-    (``block_m``, or less for the last), ``min(rows_per_block, L)`` rows evenly spaced with the last one at the
-    block's last row, ascending (``int64``; shape-only, cached)."""
-    def build() -> torch.Tensor:
-        Mb = cdiv(seqlen_q, block_m)
-        starts = torch.arange(Mb, device=device) * block_m
-        lens = (seqlen_q - starts).clamp(max=block_m)  # [Mb]
-        n = lens.clamp(max=rows_per_block)
-        j = torch.arange(rows_per_block, device=device)
-        # row j of n: start + L - 1 - floor((n - 1 - j) * L / n), for j < n (evenly spaced, last = L - 1)
-        off = lens[:, None] - 1 - torch.div((n[:, None] - 1 - j[None, :]).clamp(min=0) * lens[:, None], n[:, None],
-                                            rounding_mode="floor")
-        keep = j[None, :] < n[:, None]
-        return (starts[:, None] + off)[keep]
-
-    return cached(("sampled_rows", seqlen_q, block_m, rows_per_block, str(device)), build)
 
 
 def _select_by_mass(mass: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cfg: Any, causal: bool,

@@ -71,9 +71,10 @@ def resolve_predictor(spec: Any, *, func: str = "resolve_predictor") -> Any:
     if name == "tuned" and "tuned" not in PREDICTORS:
         return _tuned_from_items(_parse_items(rest, func), func)
     if name == "union" and "union" not in PREDICTORS:
-        from sparseattn.predictors.union import parse_union_spec
+        from sparseattn.predictors.union import UnionPredictor, split_union_spec
 
-        return parse_union_spec(rest, func)
+        parts = split_union_spec(rest, func)
+        return UnionPredictor([resolve_predictor(p, func=func) for p in parts], specs=parts)
     return parse_predictor_spec(spec)
 
 

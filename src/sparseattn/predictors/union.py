@@ -21,7 +21,7 @@ from sparseattn._validation import fail
 from sparseattn.layout.block_layout import BlockLayout
 from sparseattn.predictors._common import mask_to_layout
 
-__all__ = ["UnionConfig", "UnionPredictor", "parse_union_spec"]
+__all__ = ["UnionConfig", "UnionPredictor", "split_union_spec"]
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,11 @@ class UnionPredictor:
             m.reset()
 
 
-def parse_union_spec(rest: str, func: str) -> UnionPredictor:
-    """``union:<spec>+<spec>...`` (``rest`` is the text after ``union:``) → :class:`UnionPredictor`."""
-    from sparseattn.predictors.resolve import resolve_predictor
-
+def split_union_spec(rest: str, func: str) -> list[str]:
+    """The member specs of ``union:<spec>+<spec>...`` (``rest`` is the text after ``union:``); the resolver turns each
+    into a predictor (this module does not import it: no import cycle)."""
     parts = [p.strip() for p in rest.split("+")]
     if len(parts) < 2 or any(not p for p in parts):
         raise fail(func, "union spec", "must join two or more predictor specs with '+'",
                    "'union:<spec>+<spec>'", repr("union:" + rest))
-    return UnionPredictor([resolve_predictor(p, func=func) for p in parts], specs=parts)
+    return parts
