@@ -44,7 +44,7 @@ import torch
 from sparseattn.layout.block_layout import BlockLayout, cdiv, region_row_limits
 from sparseattn.predictors._common import _count, cached, diagonal_blocks
 
-__all__ = ["fused_refusal", "fused_predict", "operator_refusal", "registry_refusal", "launch_config", "OPERATOR",
+__all__ = ["fused_refusal", "qk_tensor_refusal", "fused_predict", "operator_refusal", "registry_refusal", "launch_config", "OPERATOR",
            "LAUNCHES_PER_CALL", "MAX_KV_BLOCKS", "SUPPORTED_DTYPES"]
 
 LAUNCHES_PER_CALL = 3
@@ -81,6 +81,23 @@ def _kernels() -> tuple[Any, Any, Any]:
     return mod._block_pool_kernel, mod._score_kernel, mod._select_kernel
 
 
+def qk_tensor_refusal(q: Any, k: Any, what: str) -> str | None:
+    """Why a Triton predictor path (``what``, for the message) cannot take ``q``/``k`` as tensors: not 4-d tensors,
+    a dtype other than fp16/bf16/fp32, or a device other than CUDA (the CPU only under ``TRITON_INTERPRET=1``); or
+    None."""
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            return f"{name} is not a 4-d torch.Tensor"
+        if t.dtype not in SUPPORTED_DTYPES:
+            return f"{name}.dtype={str(t.dtype).replace('torch.', '')} is not supported (float16, bfloat16 or float32)"
+    if q.device.type == "cpu":
+        if not _interpret_mode():
+            return f"q is on the CPU; {what} needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter)"
+    elif q.device.type != "cuda":
+        return f"q is on {q.device}; {what} needs CUDA tensors"
+    return None
+
+
 def fused_refusal(q: Any, k: Any, config: Any) -> str | None:
     """``None`` if the fused path can run ``predict(q, k)`` with ``config``, else the reason it cannot.
 
@@ -94,16 +111,9 @@ def fused_refusal(q: Any, k: Any, config: Any) -> str | None:
         return f"score={score!r} is not supported by the fused Triton path (only {sorted(_SCORES)})"
     if getattr(config, "topk", None) is None and getattr(config, "cdf_threshold", None) is None:
         return "neither topk nor cdf_threshold is set"
-    for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            return f"{name} is not a 4-d torch.Tensor"
-        if t.dtype not in SUPPORTED_DTYPES:
-            return f"{name}.dtype={str(t.dtype).replace('torch.', '')} is not supported (float16, bfloat16 or float32)"
-    if q.device.type == "cpu":
-        if not _interpret_mode():
-            return "q is on the CPU; the fused Triton path needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter)"
-    elif q.device.type != "cuda":
-        return f"q is on {q.device}; the fused Triton path needs CUDA tensors"
+    why = qk_tensor_refusal(q, k, "the fused Triton path")
+    if why is not None:
+        return why
     nb = cdiv(int(k.shape[2]), int(config.block_n))
     if nb > MAX_KV_BLOCKS:
         return (f"{nb} key blocks (N_kv={int(k.shape[2])}, block_n={config.block_n}) exceed the fused kernel's row "

@@ -24,11 +24,10 @@ import torch
 
 from sparseattn.layout.block_layout import cdiv
 from sparseattn.predictors._common import cached, check_block, check_qk, sampled_rows
-from sparseattn.predictors.fused_mean_sim import _interpret_mode, _triton_import_error
+from sparseattn.predictors.fused_mean_sim import SUPPORTED_DTYPES, _triton_import_error, qk_tensor_refusal
 
 __all__ = ["sampled_mass_refusal", "sampled_block_mass", "MAX_PACKED_ROWS", "SUPPORTED_DTYPES"]
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_PACKED_ROWS = 256  # query heads per KV head x rows_per_block, in one tile
 MAX_HEAD_DIM = 256
 _MAX_GRID_YZ = 65535
@@ -48,16 +47,9 @@ def _kernel() -> Any:
 def sampled_mass_refusal(q: Any, k: Any, *, block_m: int, block_n: int, rows_per_block: int) -> str | None:
     """``None`` if :func:`sampled_block_mass` can run on ``(q, k)``, else the reason it cannot (support only: shapes
     are validated by the caller)."""
-    for name, t in (("q", q), ("k", k)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            return f"{name} is not a 4-d torch.Tensor"
-        if t.dtype not in SUPPORTED_DTYPES:
-            return f"{name}.dtype={str(t.dtype).replace('torch.', '')} is not supported (float16, bfloat16 or float32)"
-    if q.device.type == "cpu":
-        if not _interpret_mode():
-            return "q is on the CPU; the Triton sampled-mass kernel needs CUDA tensors (or TRITON_INTERPRET=1)"
-    elif q.device.type != "cuda":
-        return f"q is on {q.device}; the Triton sampled-mass kernel needs CUDA tensors"
+    why = qk_tensor_refusal(q, k, "the Triton sampled-mass kernel")
+    if why is not None:
+        return why
     if block_n < 16 or block_n & (block_n - 1):
         return f"block_n={block_n} is not a power of two >= 16 (the kernel's key tile is one key block)"
     D = int(q.shape[-1])

@@ -22,6 +22,24 @@ import triton.language as tl
 
 
 @triton.jit
+def _block_scores(q, K_head, skn, skd, cols, d, row, valid, Nkv, D: tl.constexpr, off, scale_log2,
+                  CAUSAL: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr):
+    """Base-2 scores ``[RG, BLOCK_N]`` of the packed rows against one key block, -inf where not allowed."""
+    k = tl.load(K_head + cols[:, None] * skn + d[None, :] * skd, mask=(cols[:, None] < Nkv) & (d[None, :] < D),
+                other=0.0)
+    if WIDEN:
+        k = k.to(tl.float32)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+    else:
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+    ok = valid[:, None] & (cols[None, :] < Nkv)
+    if CAUSAL:
+        ok = ok & (cols[None, :] <= row[:, None] + off)
+    return tl.where(ok, s, float("-inf"))
+
+
+@triton.jit
 def _sampled_mass_kernel(
     Q, K, ROWS, MASS,
     sqb, sqh, sqn, sqd,
@@ -61,19 +79,8 @@ def _sampled_mass_kernel(
     m = tl.full([RG], float("-inf"), tl.float32)
     l = tl.zeros([RG], tl.float32)
     for j in range(0, n_blocks):
-        cols = j * BLOCK_N + cols0
-        k = tl.load(K + b * skb + hk * skh + cols[:, None] * skn + d[None, :] * skd,
-                    mask=(cols[:, None] < Nkv) & (d[None, :] < D), other=0.0)
-        if WIDEN:
-            k = k.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale_log2
-        ok = valid[:, None] & (cols[None, :] < Nkv)
-        if CAUSAL:
-            ok = ok & (cols[None, :] <= row[:, None] + off)
-        s = tl.where(ok, s, float("-inf"))
+        s = _block_scores(q, K + b * skb + hk * skh, skn, skd, j * BLOCK_N + cols0, d, row, valid, Nkv, D, off,
+                          scale_log2, CAUSAL, IEEE, WIDEN)
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
@@ -88,19 +95,9 @@ def _sampled_mass_kernel(
     onehot = tl.where((g[:, None] == gg[None, :]) & (t[:, None] < G * R), 1.0, 0.0)  # [RG, GP]
     out_head = hk * G + gg
     for j in range(0, n_blocks):
-        cols = j * BLOCK_N + cols0
-        k = tl.load(K + b * skb + hk * skh + cols[:, None] * skn + d[None, :] * skd,
-                    mask=(cols[:, None] < Nkv) & (d[None, :] < D), other=0.0)
-        if WIDEN:
-            k = k.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale_log2
-        ok = valid[:, None] & (cols[None, :] < Nkv)
-        if CAUSAL:
-            ok = ok & (cols[None, :] <= row[:, None] + off)
-        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        s = _block_scores(q, K + b * skb + hk * skh, skn, skd, j * BLOCK_N + cols0, d, row, valid, Nkv, D, off,
+                          scale_log2, CAUSAL, IEEE, WIDEN)
+        p = tl.exp2(s - lse[:, None])  # 0 where masked (s = -inf) and in rows without keys (lse = +inf)
         per_row = tl.sum(p, 1)  # [RG]
         per_head = tl.sum(per_row[:, None] * onehot, 0) * inv  # [GP]
         tl.store(MASS + b * smb + out_head * smh + i * smm + j * smn, per_head, mask=gg < G)
