@@ -44,8 +44,8 @@ import torch
 from sparseattn.layout.block_layout import BlockLayout, cdiv, region_row_limits
 from sparseattn.predictors._common import _count, cached, diagonal_blocks
 
-__all__ = ["fused_refusal", "qk_tensor_refusal", "fused_predict", "operator_refusal", "registry_refusal", "launch_config", "OPERATOR",
-           "LAUNCHES_PER_CALL", "MAX_KV_BLOCKS", "SUPPORTED_DTYPES"]
+__all__ = ["fused_refusal", "qk_tensor_refusal", "fused_predict", "operator_refusal", "registry_refusal",
+           "launch_config", "OPERATOR", "LAUNCHES_PER_CALL", "MAX_KV_BLOCKS", "SUPPORTED_DTYPES"]
 
 LAUNCHES_PER_CALL = 3
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
