@@ -1,4 +1,4 @@
-"""``union:<spec>+<spec>``: the union of the members' block masks, through the resolver and a patched model's path."""
+"""``union:<spec>+<spec>``: the union of the members' block masks, built through the resolver; spec and layout errors."""
 
 from __future__ import annotations
 

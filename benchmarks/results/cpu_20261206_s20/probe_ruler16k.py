@@ -1,11 +1,12 @@
-"""A Gemma-3-270M RULER prompt at 16K (TASK, seed 0, SAMPLES), teacher-forced (the twentieth session's copy of
-../cpu_20261206_s19/probe_multikey16k.py with the task as an argument and dense's top-2 margin per position): on dense's own continuation (its first 10
-tokens, which hold the right answer), per configuration: block sparsity over the predicted layers, whether every
-position's argmax equals dense's token, the first position that does not, and the answer's summed log-probability.
-CPU float32 through masked SDPA, as the GPU run.
+"""A Gemma-3-270M RULER prompt at 16K (TASK, seed 0, SAMPLES), teacher-forced on dense's own continuation (its first
+10 tokens), per configuration: block sparsity over the predicted layers, whether every position's argmax equals
+dense's token, the first position that does not, and the continuation's summed log-probability; a 'dense' SPEC also
+prints dense's top-2 tokens per position (how close its choices were). CPU float32 through masked SDPA, as the GPU
+runs. ../cpu_20261206_s19/probe_multikey16k.py runs it with TASK = niah_multikey.
 
-    SPARSEATTN_TOKENIZER=.carry/gemma_tok PYTHONPATH=src python benchmarks/results/cpu_20261206_s19/probe_ruler16k.py \
-        TASK MODEL.gguf ESSAYS_DIR SAMPLES SPEC [SPEC ...]     # SPEC: 'dense', or 'predictor spec|dense_tail[|dense layers[|L=spec&L=spec...]]' (the last: per-layer predictors)
+    SPARSEATTN_TOKENIZER=.carry/gemma_tok PYTHONPATH=src python benchmarks/results/cpu_20261206_s20/probe_ruler16k.py \
+        TASK MODEL.gguf ESSAYS_DIR SAMPLES SPEC [SPEC ...]
+    # SPEC: 'dense', or 'predictor spec|dense_tail[|dense layers[|L=spec&L=spec...]]' (the last: per-layer predictors)
 """
 import sys
 import time

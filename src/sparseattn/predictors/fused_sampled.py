@@ -24,17 +24,18 @@ import torch
 
 from sparseattn.layout.block_layout import cdiv
 from sparseattn.predictors._common import cached, check_block, check_qk, sampled_rows
-from sparseattn.predictors.fused_mean_sim import SUPPORTED_DTYPES, _triton_import_error, qk_tensor_refusal
+from sparseattn.predictors.fused_mean_sim import (
+    _MAX_GRID_YZ,
+    SUPPORTED_DTYPES,
+    _next_pow2,
+    _triton_import_error,
+    qk_tensor_refusal,
+)
 
 __all__ = ["sampled_mass_refusal", "sampled_block_mass", "MAX_PACKED_ROWS", "SUPPORTED_DTYPES"]
 
 MAX_PACKED_ROWS = 256  # query heads per KV head x rows_per_block, in one tile
 MAX_HEAD_DIM = 256
-_MAX_GRID_YZ = 65535
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 @functools.lru_cache(maxsize=None)

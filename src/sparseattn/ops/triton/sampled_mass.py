@@ -76,10 +76,11 @@ def _sampled_mass_kernel(
     n_blocks = tl.cdiv(n_keys, BLOCK_N)
 
     cols0 = tl.arange(0, BLOCK_N)
+    K_head = K + b * skb + hk * skh  # this program's KV head
     m = tl.full([RG], float("-inf"), tl.float32)
     l = tl.zeros([RG], tl.float32)
     for j in range(0, n_blocks):
-        s = _block_scores(q, K + b * skb + hk * skh, skn, skd, j * BLOCK_N + cols0, d, row, valid, Nkv, D, off,
+        s = _block_scores(q, K_head, skn, skd, j * BLOCK_N + cols0, d, row, valid, Nkv, D, off,
                           scale_log2, CAUSAL, IEEE, WIDEN)
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -95,7 +96,7 @@ def _sampled_mass_kernel(
     onehot = tl.where((g[:, None] == gg[None, :]) & (t[:, None] < G * R), 1.0, 0.0)  # [RG, GP]
     out_head = hk * G + gg
     for j in range(0, n_blocks):
-        s = _block_scores(q, K + b * skb + hk * skh, skn, skd, j * BLOCK_N + cols0, d, row, valid, Nkv, D, off,
+        s = _block_scores(q, K_head, skn, skd, j * BLOCK_N + cols0, d, row, valid, Nkv, D, off,
                           scale_log2, CAUSAL, IEEE, WIDEN)
         p = tl.exp2(s - lse[:, None])  # 0 where masked (s = -inf) and in rows without keys (lse = +inf)
         per_row = tl.sum(p, 1)  # [RG]
