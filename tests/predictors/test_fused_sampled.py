@@ -122,3 +122,27 @@ def test_auto_backend_on_cpu_tensors_takes_the_torch_path_silently():
         warnings.simplefilter("error")
         pred.predict(q.cpu(), k.cpu(), causal=True)
     assert pred.last_backend == "torch"
+
+
+def test_shared_memory_plan_steps_down_then_refuses():
+    from sparseattn.predictors.fused_sampled import smem_stages
+
+    # Gemma-3's global layers in float32 with 32 rows per block: 3 stages need 262 KB (the H100 refused it at
+    # launch, 232448 bytes), 2 stages fit; in bf16 3 stages fit
+    assert smem_stages(128, 256, 64, 4, 232448) == 2
+    assert smem_stages(128, 256, 64, 2, 232448) == 3
+    assert smem_stages(256, 256, 64, 4, 232448) is None  # 8 heads x 32 rows in float32: no depth fits
+    assert smem_stages(256, 256, 64, 4, None) == 3  # the interpreter has no limit
+
+
+def test_refusal_names_the_shared_memory_shortfall(monkeypatch):
+    import sparseattn.predictors.fused_sampled as fs
+
+    q, k = _qk(1, 4, 1, 64, 64, 256, seed=3)
+    monkeypatch.setattr(fs, "_device_smem_limit", lambda t: 100_000)
+    why = sampled_mass_refusal(q, k, block_m=64, block_n=64, rows_per_block=32)
+    assert why is not None and "shared memory" in why and "100000 bytes" in why
+    assert sampled_mass_refusal(q, k, block_m=64, block_n=64, rows_per_block=4) is None  # a 16-row tile fits
+    pred = SampledMassPredictor(SampledMassConfig(rows_per_block=32), backend="triton")
+    with pytest.raises(NotImplementedError, match="shared memory"):
+        pred.predict(q, k, causal=True)

@@ -36,6 +36,42 @@ __all__ = ["sampled_mass_refusal", "sampled_block_mass", "MAX_PACKED_ROWS", "SUP
 
 MAX_PACKED_ROWS = 256  # query heads per KV head x rows_per_block, in one tile
 MAX_HEAD_DIM = 256
+_SMEM_SLACK = 1024  # bytes for the kernel's small buffers beside its Q and K tiles
+
+
+def _tiles(q: torch.Tensor, k: torch.Tensor, rows_per_block: int, block_m: int) -> tuple[int, int, int]:
+    """``(G, RG, DP)``: query heads per KV head, the packed row tile and the padded head dim of the launch."""
+    G = int(q.shape[1]) // max(int(k.shape[1]), 1)
+    return G, max(16, _next_pow2(G * min(rows_per_block, block_m))), max(16, _next_pow2(int(q.shape[-1])))
+
+
+def smem_stages(rg: int, dp: int, block_n: int, itemsize: int, limit: int | None) -> int | None:
+    """The software-pipelining depth (``num_stages``) whose shared memory fits ``limit`` bytes, or None.
+
+    The kernel keeps its ``rg x dp`` query tile and ``num_stages - 1`` key tiles of ``block_n x dp`` in shared memory
+    (at least one); 3 stages when they fit, else 2. ``limit=None`` (the interpreter) asks for 3. Example: Gemma-3's
+    global layers in float32 with 32 rows per block (4 heads x 32 rows x 256 dims, 64-key blocks) need 262 KB with 3
+    stages, over an H100's 227 KB, and 197 KB with 2.
+    """
+    for stages in (3, 2):
+        need = (rg * dp + max(1, stages - 1) * block_n * dp) * itemsize + _SMEM_SLACK
+        if limit is None or need <= limit:
+            return stages
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_limit(device_index: int) -> int:
+    """Shared memory one program may use on this CUDA device, as Triton checks it at launch."""
+    from triton.runtime import driver
+
+    return int(driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+
+
+def _device_smem_limit(q: torch.Tensor) -> int | None:
+    if q.device.type != "cuda":
+        return None  # the interpreter has no shared memory
+    return _smem_limit(q.device.index if q.device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,14 +92,21 @@ def sampled_mass_refusal(q: Any, k: Any, *, block_m: int, block_n: int, rows_per
     D = int(q.shape[-1])
     if D > MAX_HEAD_DIM:
         return f"head_dim={D} exceeds the kernel's {MAX_HEAD_DIM}"
-    G = int(q.shape[1]) // max(int(k.shape[1]), 1)
+    G, RG, DP = _tiles(q, k, rows_per_block, block_m)
     rows = min(rows_per_block, block_m)
     if G * rows > MAX_PACKED_ROWS:
         return (f"{G} query heads per KV head x {rows} rows per block = {G * rows} rows exceed the kernel's tile of "
                 f"{MAX_PACKED_ROWS}")
     if int(q.shape[0]) * int(k.shape[1]) > _MAX_GRID_YZ:
         return f"batch x kv heads = {int(q.shape[0]) * int(k.shape[1])} exceeds the launch grid limit {_MAX_GRID_YZ}"
-    return _triton_import_error()
+    why = _triton_import_error()
+    if why is not None:
+        return why
+    limit = _device_smem_limit(q)
+    if smem_stages(RG, DP, block_n, q.element_size(), limit) is None:
+        return (f"a {RG}-row x {DP} query tile ({G} heads x {rows} rows, {q.dtype}) and a {block_n}-key tile need "
+                f"more shared memory than the device's {limit} bytes (fewer rows_per_block or a 16-bit dtype fit)")
+    return None
 
 
 def _row_table(Nq: int, block_m: int, rows_per_block: int, device: torch.device) -> torch.Tensor:
@@ -123,14 +166,14 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, *, causal: bool, block_
     if Mb == 0 or Nb == 0:
         return mass
     widen = q.device.type == "cpu" and q.dtype == torch.bfloat16  # the interpreter's bf16 tl.dot is wrong
-    RG = max(16, _next_pow2(G * R))
-    DP = max(16, _next_pow2(D))
+    _, RG, DP = _tiles(q, k, rows_per_block, block_m)
+    stages = smem_stages(RG, DP, block_n, q.element_size(), _device_smem_limit(q))
     _kernel()[(Mb, B * Hkv)](
         q, k, rows, mass,
         *q.stride(), *k.stride(), *mass.stride(),
         Nq, Nkv, Hkv, Nkv - Nq, float(scale) * math.log2(math.e),
         G=G, R=R, RG=RG, GP=max(2, _next_pow2(G)), D=D, DP=DP, BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=bool(causal), IEEE=widen or q.dtype == torch.float32, WIDEN=widen,
-        num_warps=4 if RG * DP <= 64 * 128 else 8,
+        num_warps=4 if RG * DP <= 64 * 128 else 8, num_stages=stages,
     )
     return mass
