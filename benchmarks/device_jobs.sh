@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Named device jobs (2026-12-03 sessions), one call = `bash benchmarks/device_jobs.sh JOB...`.
-# The model files travel in pieces (../shared/DEVICE.md): copy_s0 / copy_s1 (SmolLM2, .carry/s2/c*) and
+# The model files travel in pieces (../shared/DEVICE.md): copy_s0 / copy_s1 (SmolLM2, .carry/s2/c*; or copy_sa, copy_sb,
+# copy_s1 where c0 and the tree pass 64 MiB) and
 # copy_g0..copy_g5 (Gemma-3-270M in 41 MiB pieces, .carry/g/gemma-3-270m-q4_k_m.gguf.d/c*) copy the carried piece into /tmp/m,
 # which a warm machine keeps between calls. The right Gemma tokenizer travels as .carry/gtok.tar.xz (made with
 # `tar -C .carry -cJf .carry/gtok.tar.xz gemma_tok`; 3.5 MB) beside c5 (copy_gtok). Every job has its own time limit; its files land in
@@ -47,6 +48,9 @@ run_job() {
   case "$job" in
     copy_s0) mkdir -p /tmp/m/s && cp .carry/s2/c0/* /tmp/m/s/ && ls /tmp/m/s ;;
     copy_s1) mkdir -p /tmp/m/s && cp .carry/s2/c1/* /tmp/m/s/ && join /tmp/m/s SmolLM2-135M-Instruct.Q4_1.gguf $SMOL_SHA && echo smol ok ;;
+    copy_sa|copy_sb)  # SmolLM2's first piece in two halves (c0's 57 MB and the tree pass the 64 MiB carry limit):
+      # head -c 29360128 c0/part.00 > xa/part.00a, the rest > xb/part.00b; copy_s1 then joins part.00a part.00b part.01
+      mkdir -p /tmp/m/s && cp .carry/s2/x${job#copy_s}/* /tmp/m/s/ && ls /tmp/m/s ;;
     copy_g[0-9]) mkdir -p /tmp/m/g && cp $GPIECES/c${job#copy_g}/* /tmp/m/g/ && ls /tmp/m/g ;;
     join_g) join /tmp/m/g gemma-3-270m-q4_k_m.gguf $GEMMA_SHA && echo gemma ok ;;
     copy_gtok)  # the tokenizer folder, or its tar.xz (3.5 MB instead of 32 MB: it travels with the last model piece)
