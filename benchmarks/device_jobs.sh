@@ -79,6 +79,13 @@ print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tok
         "sampled:rows_per_block=16,cdf_threshold=0.9,keep_local=8" > "$d/log" 2>&1; tail -n 8 "$d/log"
       timeout 120 python3 -m pytest -q -p no:cacheprovider tests/predictors/test_fused_sampled.py > "$d/pytest.log" 2>&1
       tail -n 2 "$d/pytest.log" ;;
+    s21_sampled_split)  # issue 17: the sampled mass's split method (twenty-first session, never run on a GPU before): its
+      # GPU tests (split and walk against the float64 PyTorch mass), then split vs walk beside cuDNN (Gemma's global-layer
+      # shape and the Llama shape, 16K/32K, 8/16/32 rows, bf16 and float32)
+      timeout ${S21S_TEST_S:-120} python3 -m pytest -q -p no:cacheprovider tests/predictors/test_fused_sampled.py > "$d/pytest.log" 2>&1
+      tail -n 2 "$d/pytest.log"
+      timeout ${S21S_S:-200} python3 benchmarks/bench_sampled_mass.py --out "$d" --budget-s ${S21S_BUDGET:-160} \
+        --lengths ${S21S_LENGTHS:-16384 32768} > "$d/log" 2>&1; tail -n 26 "$d/log" ;;
     pred)  # issue 10: predictor overhead vs cuDNN, same process (Llama shape, 32K)
       timeout 100 python3 benchmarks/bench_predictors.py --lengths 32768 --budget-s 80 --out "$d" \
         --predictors "$DEFAULT_PRED" "mean_sim:cdf_threshold=0.9" > "$d/log" 2>&1; tail -n 6 "$d/log" ;;

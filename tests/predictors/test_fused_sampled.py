@@ -43,10 +43,11 @@ def _qk(B, H, Hkv, Nq, Nkv, D, seed, dtype=torch.float32):
     (1, 2, 1, 100, 40, 16, 64, True, 64, 32),     # N_kv < N_q: the first rows see no key; every row sampled
     (1, 2, 1, 70, 70, 24, 1, True, 64, 16),       # one row per block; D not a power of two
 ])
-def test_kernel_matches_the_pytorch_sampled_mass(B, H, Hkv, Nq, Nkv, D, rpb, causal, bm, bn):
+@pytest.mark.parametrize("method", ["split", "walk"])
+def test_kernel_matches_the_pytorch_sampled_mass(B, H, Hkv, Nq, Nkv, D, rpb, causal, bm, bn, method):
     q, k = _qk(B, H, Hkv, Nq, Nkv, D, seed=Nq * 7 + D)
     ref = exact_block_mass(q.double(), k.double(), causal=causal, block_m=bm, block_n=bn, rows_per_block=rpb)
-    got = sampled_block_mass(q, k, causal=causal, block_m=bm, block_n=bn, rows_per_block=rpb)
+    got = sampled_block_mass(q, k, causal=causal, block_m=bm, block_n=bn, rows_per_block=rpb, method=method)
     assert got.dtype == torch.float32 and got.shape == ref.shape
     torch.testing.assert_close(got.cpu(), ref.float().cpu(), atol=2e-6, rtol=1e-5)
     sums = got.sum(-1)
@@ -57,13 +58,14 @@ def test_kernel_matches_the_pytorch_sampled_mass(B, H, Hkv, Nq, Nkv, D, rpb, cau
 def test_half_inputs_match_the_float32_reference(dtype):
     q, k = _qk(1, 4, 1, 150, 150, 64, seed=3, dtype=dtype)
     ref = exact_block_mass(q.float(), k.float(), causal=True, block_m=64, block_n=64, rows_per_block=8)
-    got = sampled_block_mass(q, k, causal=True, block_m=64, block_n=64, rows_per_block=8)
+    got = sampled_block_mass(q, k, causal=True, block_m=64, block_n=64, rows_per_block=8, method="split")
     torch.testing.assert_close(got.cpu(), ref.cpu(), atol=1e-5, rtol=1e-4)
 
 
-def test_rows_without_keys_have_zero_mass():
+@pytest.mark.parametrize("method", ["split", "walk"])
+def test_rows_without_keys_have_zero_mass(method):
     q, k = _qk(1, 2, 1, 128, 32, 16, seed=5)  # bottom-right causal: rows 0..95 see no key
-    got = sampled_block_mass(q, k, causal=True, block_m=32, block_n=32, rows_per_block=4)
+    got = sampled_block_mass(q, k, causal=True, block_m=32, block_n=32, rows_per_block=4, method=method)
     assert torch.equal(got[:, :, :3].cpu(), torch.zeros_like(got[:, :, :3]).cpu())
     assert torch.allclose(got[:, :, 3].sum(-1).cpu(), torch.ones(1, 2))
 
@@ -111,6 +113,8 @@ def test_refusal_reasons_and_backend_errors():
         sampled_block_mass(q, k[:, :, :, :8], causal=True, block_m=64, block_n=64, rows_per_block=8)
     with pytest.raises(ValueError, match="sampled_block_mass: rows_per_block"):
         sampled_block_mass(q, k, causal=True, block_m=64, block_n=64, rows_per_block=0)
+    with pytest.raises(ValueError, match="sampled_block_mass: method is not known"):
+        sampled_block_mass(q, k, causal=True, block_m=64, block_n=64, rows_per_block=8, method="fast")
     with pytest.raises(ValueError, match="SampledMassPredictor: backend is not a known backend"):
         SampledMassPredictor(backend="cuda")
 
@@ -146,3 +150,27 @@ def test_refusal_names_the_shared_memory_shortfall(monkeypatch):
     pred = SampledMassPredictor(SampledMassConfig(rows_per_block=32), backend="triton")
     with pytest.raises(NotImplementedError, match="shared memory"):
         pred.predict(q, k, causal=True)
+
+
+def test_split_chunks_cover_every_key_block():
+    from sparseattn.predictors.fused_sampled import split_chunks
+
+    for nb in [1, 2, 3, 4, 5, 7, 16, 63, 64, 65, 255, 256, 2048]:
+        n, ch = split_chunks(nb)
+        assert 1 <= n <= 16 and n * ch >= nb and (n - 1) * ch < nb  # every chunk non-empty, all blocks covered
+        assert ch >= min(4, nb)
+
+
+def test_split_with_many_chunks_matches_the_walk():
+    # 40 key blocks of 16: 10 chunks of 4, causal with N_kv > N_q, GQA 3:1, a NaN key in block 17
+    q, k = _qk(1, 6, 2, 500, 640, 16, seed=17)
+    k[0, 1, 17 * 16 + 5, 2] = float("nan")
+    kw = dict(causal=True, block_m=32, block_n=16, rows_per_block=4)
+    a = sampled_block_mass(q, k, method="split", **kw)
+    b = sampled_block_mass(q, k, method="walk", **kw)
+    assert torch.equal(torch.isnan(a), torch.isnan(b))
+    # KV head 1's query heads (3..5) get NaN mass for key block 17 from query block 4 on (bottom-right causal: block
+    # 3's last row sees keys up to 32 * 3 + 31 + 140 = 267 < 272); KV head 0's heads never
+    assert bool(torch.isnan(a[0, 3:, 4:, 17]).all()) and not bool(torch.isnan(a[0, 3:, :4]).any())
+    assert not bool(torch.isnan(a[0, :3]).any())
+    torch.testing.assert_close(torch.nan_to_num(a).cpu(), torch.nan_to_num(b).cpu(), atol=2e-6, rtol=1e-5)

@@ -1,13 +1,15 @@
-"""Launcher of the sampled exact block mass in one Triton launch (:mod:`sparseattn.ops.triton.sampled_mass`).
+"""Launcher of the sampled exact block mass on the GPU (:mod:`sparseattn.ops.triton.sampled_mass`).
 
 The PyTorch :func:`~sparseattn.predictors.oracle.exact_block_mass` walks the keys in chunks of 256 in a Python
 loop, twice (``2 · N_kv / 256`` iterations of several small ops each: about 2000 launches per layer at 32K). This
-path computes the same ``[B, H, Mb, Nb]`` float32 mass in one launch (plus the zeroed output), one program per
-(query block, batch × KV head), every query head of the KV head in the same tile (K read once per KV head). No
-host synchronisation; the sampled-row table is shape-only and cached.
+path computes the same ``[B, H, Mb, Nb]`` float32 mass in two launches (``method="split"``, the default: the key
+blocks of each query block split into up to 16 chunks, partial log-sum-exps first, then the mass) or one
+(``method="walk"``: one program per query block and KV head walks all its key blocks twice), plus the zeroed
+output; every query head of a KV head sits in the same tile (K read once per KV head and chunk). No host
+synchronisation; the sampled-row table is shape-only and cached.
 
 It computes the same quantity as the PyTorch function up to float rounding (base-2 exponentials, tensor-core
-products in the input dtype for fp16/bf16); the tests compare the two on fresh random inputs under
+products in the input dtype for fp16/bf16); the tests compare both methods with it on fresh random inputs under
 ``TRITON_INTERPRET=1``. The selection after it (CDF or top-k) is :func:`~sparseattn.predictors.oracle._select_by_mass`,
 shared with the PyTorch path.
 
@@ -32,7 +34,8 @@ from sparseattn.predictors.fused_mean_sim import (
     qk_tensor_refusal,
 )
 
-__all__ = ["sampled_mass_refusal", "sampled_block_mass", "MAX_PACKED_ROWS", "SUPPORTED_DTYPES"]
+__all__ = ["sampled_mass_refusal", "sampled_block_mass", "split_chunks", "MAX_PACKED_ROWS", "METHODS",
+           "SUPPORTED_DTYPES"]
 
 MAX_PACKED_ROWS = 256  # query heads per KV head x rows_per_block, in one tile
 MAX_HEAD_DIM = 256
@@ -79,6 +82,25 @@ def _kernel() -> Any:
     from sparseattn.ops.triton.sampled_mass import _sampled_mass_kernel
 
     return _sampled_mass_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _split_kernels() -> tuple[Any, Any]:
+    from sparseattn.ops.triton.sampled_mass import _sampled_lse_split_kernel, _sampled_mass_split_kernel
+
+    return _sampled_lse_split_kernel, _sampled_mass_split_kernel
+
+
+METHODS = ("split", "walk")
+MAX_CHUNKS = 16  # key-block chunks per query block in the split method
+
+
+def split_chunks(Nb: int, max_chunks: int = MAX_CHUNKS) -> tuple[int, int]:
+    """``(chunks, blocks per chunk)`` of the split method: up to ``max_chunks`` chunks of at least 4 key blocks
+    (fewer, longer chunks where there are few key blocks), covering all ``Nb``."""
+    n = max(1, min(max_chunks, Nb // 4))
+    ch = -(-Nb // n)
+    return -(-Nb // ch), ch
 
 
 def sampled_mass_refusal(q: Any, k: Any, *, block_m: int, block_n: int, rows_per_block: int) -> str | None:
@@ -130,8 +152,15 @@ def _row_table(Nq: int, block_m: int, rows_per_block: int, device: torch.device)
 
 
 def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, *, causal: bool, block_m: int, block_n: int,
-                       rows_per_block: int, scale: float | None = None) -> torch.Tensor:
-    """:func:`~sparseattn.predictors.oracle.exact_block_mass` with ``rows_per_block`` in one Triton launch.
+                       rows_per_block: int, scale: float | None = None, method: str = "split") -> torch.Tensor:
+    """:func:`~sparseattn.predictors.oracle.exact_block_mass` with ``rows_per_block`` in one or two Triton launches.
+
+    ``method="split"`` (default) splits each query block's key blocks into up to 16 chunks: a first launch stores
+    every chunk's running maximum and sum per sampled row, a second merges them into the row's log-sum-exp and
+    writes its chunk's mass (two launches, ``Mb x chunks x B·H_kv`` programs, a scratch of ``2 · B·H_kv · Mb ·
+    chunks · rows`` floats). ``method="walk"`` is one launch of ``Mb x B·H_kv`` programs, each walking all its key
+    blocks twice (few programs at one KV head: slower on a large GPU). Both compute the same values up to the
+    order of float additions.
 
     Args:
         q: ``(B, H, N_q, D)`` fp16/bf16/fp32, CUDA (or CPU under ``TRITON_INTERPRET=1``).
@@ -140,15 +169,19 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, *, causal: bool, block_
         block_m / block_n: block sizes (``block_n`` a power of two ≥ 16).
         rows_per_block: query rows sampled per block (evenly spaced, the last row included).
         scale: softmax scale (default ``D ** -0.5``).
+        method: ``"split"`` or ``"walk"`` (above).
 
     Returns:
         float32 ``[B, H, Mb, Nb]``, each row summing to 1 (0 where the query block sees no key).
 
     Raises:
-        ValueError: malformed q/k (shapes, dtypes, devices, GQA ratio) or block sizes, as the PyTorch function.
+        ValueError: malformed q/k (shapes, dtypes, devices, GQA ratio) or block sizes, as the PyTorch function; an
+            unknown ``method``.
         NotImplementedError: the kernel cannot run this call (:func:`sampled_mass_refusal`'s reason).
     """
     check_qk("sampled_block_mass", q, k, causal)
+    if method not in METHODS:
+        raise ValueError(f"sampled_block_mass: method is not known; expected one of {list(METHODS)}, got {method!r}")
     for name, val in (("block_m", block_m), ("block_n", block_n), ("rows_per_block", rows_per_block)):
         check_block("sampled_block_mass", name, val)
     why = sampled_mass_refusal(q, k, block_m=block_m, block_n=block_n, rows_per_block=rows_per_block)
@@ -168,12 +201,23 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, *, causal: bool, block_
     widen = q.device.type == "cpu" and q.dtype == torch.bfloat16  # the interpreter's bf16 tl.dot is wrong
     _, RG, DP = _tiles(q, k, rows_per_block, block_m)
     stages = smem_stages(RG, DP, block_n, q.element_size(), _device_smem_limit(q))
-    _kernel()[(Mb, B * Hkv)](
-        q, k, rows, mass,
-        *q.stride(), *k.stride(), *mass.stride(),
-        Nq, Nkv, Hkv, Nkv - Nq, float(scale) * math.log2(math.e),
-        G=G, R=R, RG=RG, GP=max(2, _next_pow2(G)), D=D, DP=DP, BLOCK_M=block_m, BLOCK_N=block_n,
-        CAUSAL=bool(causal), IEEE=widen or q.dtype == torch.float32, WIDEN=widen,
-        num_warps=4 if RG * DP <= 64 * 128 else 8, num_stages=stages,
-    )
+    consts = dict(G=G, R=R, RG=RG, D=D, DP=DP, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
+                  IEEE=widen or q.dtype == torch.float32, WIDEN=widen,
+                  num_warps=4 if RG * DP <= 64 * 128 else 8, num_stages=stages)
+    scale_log2 = float(scale) * math.log2(math.e)
+    if method == "walk":
+        _kernel()[(Mb, B * Hkv)](
+            q, k, rows, mass, *q.stride(), *k.stride(), *mass.stride(),
+            Nq, Nkv, Hkv, Nkv - Nq, scale_log2, GP=max(2, _next_pow2(G)), **consts)
+        return mass
+    nch, ch = split_chunks(Nb)
+    pm = torch.empty((B * Hkv, Mb, nch, RG), dtype=torch.float32, device=q.device)
+    pl = torch.empty_like(pm)
+    lse_kernel, mass_kernel = _split_kernels()
+    grid = (Mb, nch, B * Hkv)
+    lse_kernel[grid](q, k, rows, pm, pl, *q.stride(), *k.stride(), Nq, Nkv, Hkv, Nkv - Nq, scale_log2, ch, nch,
+                     **consts)
+    mass_kernel[grid](q, k, rows, pm, pl, mass, *q.stride(), *k.stride(), *mass.stride(),
+                      Nq, Nkv, Hkv, Nkv - Nq, scale_log2, ch, nch,
+                      GP=max(2, _next_pow2(G)), NCHP=max(2, _next_pow2(nch)), **consts)
     return mass

@@ -19,7 +19,7 @@ the keys it may attend), so the only error is the sampling of rows; the cost is 
 the oracle's (1/8 at 8 of 64 rows). Unlike the oracle it is a usable predictor (an estimate from a fraction of
 the rows, in the spirit of MInference's last-query and XAttention's strided estimates); its layout adds the
 forced sink and local blocks as ``mean_sim`` does. Two paths compute its mass: the PyTorch function below (two
-chunked passes in a Python loop over key chunks) and one Triton launch
+chunked passes in a Python loop over key chunks) and two Triton launches over key-block chunks
 (:mod:`sparseattn.predictors.fused_sampled`), which ``SampledMassPredictor(backend="auto")`` takes for CUDA
 tensors when it supports the call (else the PyTorch path with a warning once per reason); ``bench_predictors``
 measures both.
@@ -294,7 +294,7 @@ class SampledMassPredictor:
 
     Args:
         config: the prediction parameters (default ``SampledMassConfig()``).
-        backend: ``"auto"`` (the one-launch Triton mass for CUDA tensors when it supports the call, else the
+        backend: ``"auto"`` (the Triton mass for CUDA tensors when it supports the call, else the
             PyTorch passes; a CUDA fallback warns once per reason), ``"torch"`` or ``"triton"`` (the kernel, or
             ``NotImplementedError`` with the reason; runs on CPU under ``TRITON_INTERPRET=1``).
     """
