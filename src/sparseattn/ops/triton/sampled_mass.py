@@ -45,71 +45,6 @@ def _block_scores(q, K_head, skn, skd, cols, d, row, valid, Nkv, D: tl.constexpr
 
 
 @triton.jit
-def _sampled_mass_kernel(
-    Q, K, ROWS, MASS,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    smb, smh, smm, smn,
-    Nq, Nkv, Hkv, off, scale_log2,
-    G: tl.constexpr, R: tl.constexpr, RG: tl.constexpr, GP: tl.constexpr,
-    D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr,
-):
-    i = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hkv
-    hk = bh % Hkv
-
-    t = tl.arange(0, RG)  # packed row: head g = t // R, sample s = t % R
-    g = t // R
-    s_idx = t % R
-    row = tl.load(ROWS + i * R + s_idx, mask=t < G * R, other=-1)  # query position, -1 = no row
-    valid = (t < G * R) & (row >= 0)
-    d = tl.arange(0, DP)
-    head = hk * G + g
-    q = tl.load(Q + b * sqb + head[:, None] * sqh + row[:, None] * sqn + d[None, :] * sqd,
-                mask=valid[:, None] & (d[None, :] < D), other=0.0)
-    if WIDEN:  # the CPU interpreter's bf16 tl.dot is wrong: widen to fp32 (exact for bf16 values)
-        q = q.to(tl.float32)
-
-    # the key blocks this query block may attend (causal: up to its last row's limit)
-    if CAUSAL:
-        last_row = tl.minimum(i * BLOCK_M + BLOCK_M - 1, Nq - 1)
-        n_keys = tl.minimum(tl.maximum(last_row + off + 1, 0), Nkv)
-    else:
-        n_keys = Nkv
-    n_blocks = tl.cdiv(n_keys, BLOCK_N)
-
-    cols0 = tl.arange(0, BLOCK_N)
-    K_head = K + b * skb + hk * skh  # this program's KV head
-    m = tl.full([RG], float("-inf"), tl.float32)
-    l = tl.zeros([RG], tl.float32)
-    for j in range(0, n_blocks):
-        s = _block_scores(q, K_head, skn, skd, j * BLOCK_N + cols0, d, row, valid, Nkv, D, off,
-                          scale_log2, CAUSAL, IEEE, WIDEN)
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-        m = m_new
-    has = l > 0
-    lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("inf"))
-
-    # rows sampled in this query block (the same count for every head)
-    n_rows = tl.sum(tl.where(valid & (g == 0), 1.0, 0.0), 0)
-    inv = 1.0 / tl.maximum(n_rows, 1.0)
-    gg = tl.arange(0, GP)
-    onehot = tl.where((g[:, None] == gg[None, :]) & (t[:, None] < G * R), 1.0, 0.0)  # [RG, GP]
-    out_head = hk * G + gg
-    for j in range(0, n_blocks):
-        s = _block_scores(q, K_head, skn, skd, j * BLOCK_N + cols0, d, row, valid, Nkv, D, off,
-                          scale_log2, CAUSAL, IEEE, WIDEN)
-        p = tl.exp2(s - lse[:, None])  # 0 where masked (s = -inf) and in rows without keys (lse = +inf)
-        per_row = tl.sum(p, 1)  # [RG]
-        per_head = tl.sum(per_row[:, None] * onehot, 0) * inv  # [GP]
-        tl.store(MASS + b * smb + out_head * smh + i * smm + j * smn, per_head, mask=gg < G)
-
-
-@triton.jit
 def _load_rows(Q, ROWS, b, hk, i, sqb, sqh, sqn, sqd, G: tl.constexpr, R: tl.constexpr, RG: tl.constexpr,
                D: tl.constexpr, DP: tl.constexpr, WIDEN: tl.constexpr):
     """The packed sampled rows of query block ``i`` for KV head ``hk``: ``(q [RG, DP], row, valid, g, t, d)``."""
@@ -137,6 +72,76 @@ def _key_blocks(i, Nq, Nkv, off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, C
 
 
 @triton.jit
+def _max_and_sum(q, K_head, skn, skd, j0, j1, d, row, valid, Nkv, D: tl.constexpr, off, scale_log2,
+                 RG: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+                 WIDEN: tl.constexpr):
+    """Every packed row's running maximum and sum of ``exp2`` over key blocks ``j0 .. j1 - 1`` (``-inf`` / 0 when
+    the range is empty)."""
+    cols0 = tl.arange(0, BLOCK_N)
+    m = tl.full([RG], float("-inf"), tl.float32)
+    l = tl.zeros([RG], tl.float32)
+    for j in range(j0, j1):
+        s = _block_scores(q, K_head, skn, skd, j * BLOCK_N + cols0, d, row, valid, Nkv, D, off,
+                          scale_log2, CAUSAL, IEEE, WIDEN)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        m = m_new
+    return m, l
+
+
+@triton.jit
+def _write_mass(q, K_head, skn, skd, MASS_row, smh, smn, j0, j1, lse, d, row, valid, g, t, hk, Nkv,
+                D: tl.constexpr, off, scale_log2, G: tl.constexpr, R: tl.constexpr, GP: tl.constexpr,
+                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr):
+    """``mass[b, h, i, j]`` for key blocks ``j0 .. j1 - 1``: ``exp2(s − lse)`` summed over each block's columns and
+    each head's rows, divided by the rows sampled in the query block (``MASS_row`` points at ``mass[b, 0, i, 0]``)."""
+    n_rows = tl.sum(tl.where(valid & (g == 0), 1.0, 0.0), 0)  # the same count for every head
+    inv = 1.0 / tl.maximum(n_rows, 1.0)
+    gg = tl.arange(0, GP)
+    onehot = tl.where((g[:, None] == gg[None, :]) & (t[:, None] < G * R), 1.0, 0.0)  # [RG, GP]
+    cols0 = tl.arange(0, BLOCK_N)
+    for j in range(j0, j1):
+        s = _block_scores(q, K_head, skn, skd, j * BLOCK_N + cols0, d, row, valid, Nkv, D, off,
+                          scale_log2, CAUSAL, IEEE, WIDEN)
+        p = tl.exp2(s - lse[:, None])  # 0 where masked (s = -inf) and in rows without keys (lse = +inf)
+        per_head = tl.sum(tl.sum(p, 1)[:, None] * onehot, 0) * inv  # [GP]
+        tl.store(MASS_row + (hk * G + gg) * smh + j * smn, per_head, mask=gg < G)
+
+
+@triton.jit
+def _lse(m, l):
+    """Base-2 log-sum-exp from a running maximum and sum; ``+inf`` for rows without any allowed key."""
+    has = l > 0
+    return tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("inf"))
+
+
+@triton.jit
+def _sampled_mass_kernel(
+    Q, K, ROWS, MASS,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    smb, smh, smm, smn,
+    Nq, Nkv, Hkv, off, scale_log2,
+    G: tl.constexpr, R: tl.constexpr, RG: tl.constexpr, GP: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr,
+):
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hkv
+    hk = bh % Hkv
+    q, row, valid, g, t, d = _load_rows(Q, ROWS, b, hk, i, sqb, sqh, sqn, sqd, G, R, RG, D, DP, WIDEN)
+    n_blocks = _key_blocks(i, Nq, Nkv, off, BLOCK_M, BLOCK_N, CAUSAL)
+
+    K_head = K + b * skb + hk * skh  # this program's KV head
+    m, l = _max_and_sum(q, K_head, skn, skd, 0, n_blocks, d, row, valid, Nkv, D, off, scale_log2,
+                        RG, BLOCK_N, CAUSAL, IEEE, WIDEN)
+    _write_mass(q, K_head, skn, skd, MASS + b * smb + i * smm, smh, smn, 0, n_blocks, _lse(m, l), d, row, valid,
+                g, t, hk, Nkv, D, off, scale_log2, G, R, GP, BLOCK_N, CAUSAL, IEEE, WIDEN)
+
+
+@triton.jit
 def _sampled_lse_split_kernel(
     Q, K, ROWS, PM, PL,
     sqb, sqh, sqn, sqd,
@@ -157,18 +162,8 @@ def _sampled_lse_split_kernel(
     q, row, valid, g, t, d = _load_rows(Q, ROWS, b, hk, i, sqb, sqh, sqn, sqd, G, R, RG, D, DP, WIDEN)
     n_blocks = _key_blocks(i, Nq, Nkv, off, BLOCK_M, BLOCK_N, CAUSAL)
     j0 = c * CH
-    j1 = tl.minimum(j0 + CH, n_blocks)
-    cols0 = tl.arange(0, BLOCK_N)
-    K_head = K + b * skb + hk * skh
-    m = tl.full([RG], float("-inf"), tl.float32)
-    l = tl.zeros([RG], tl.float32)
-    for j in range(j0, j1):
-        s = _block_scores(q, K_head, skn, skd, j * BLOCK_N + cols0, d, row, valid, Nkv, D, off,
-                          scale_log2, CAUSAL, IEEE, WIDEN)
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-        m = m_new
+    m, l = _max_and_sum(q, K + b * skb + hk * skh, skn, skd, j0, tl.minimum(j0 + CH, n_blocks), d, row, valid, Nkv,
+                        D, off, scale_log2, RG, BLOCK_N, CAUSAL, IEEE, WIDEN)
     base = ((bh * tl.num_programs(0) + i) * NCH + c) * RG + t
     tl.store(PM + base, m)
     tl.store(PL + base, l)
@@ -205,18 +200,5 @@ def _sampled_mass_split_kernel(
         m = tl.max(pm, 0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         l = tl.sum(pl * tl.exp2(pm - m_safe[None, :]), 0)
-        has = l > 0
-        lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("inf"))
-        n_rows = tl.sum(tl.where(valid & (g == 0), 1.0, 0.0), 0)
-        inv = 1.0 / tl.maximum(n_rows, 1.0)
-        gg = tl.arange(0, GP)
-        onehot = tl.where((g[:, None] == gg[None, :]) & (t[:, None] < G * R), 1.0, 0.0)  # [RG, GP]
-        out_head = hk * G + gg
-        cols0 = tl.arange(0, BLOCK_N)
-        K_head = K + b * skb + hk * skh
-        for j in range(j0, j1):
-            s = _block_scores(q, K_head, skn, skd, j * BLOCK_N + cols0, d, row, valid, Nkv, D, off,
-                              scale_log2, CAUSAL, IEEE, WIDEN)
-            p = tl.exp2(s - lse[:, None])
-            per_head = tl.sum(tl.sum(p, 1)[:, None] * onehot, 0) * inv
-            tl.store(MASS + b * smb + out_head * smh + i * smm + j * smn, per_head, mask=gg < G)
+        _write_mass(q, K + b * skb + hk * skh, skn, skd, MASS + b * smb + i * smm, smh, smn, j0, j1, _lse(m, l), d,
+                    row, valid, g, t, hk, Nkv, D, off, scale_log2, G, R, GP, BLOCK_N, CAUSAL, IEEE, WIDEN)
