@@ -39,3 +39,14 @@ def test_objects_none_and_errors() -> None:
         resolve_predictor("tuned:file=x")
     with pytest.raises(ValueError, match=r"t: tuned is mutually exclusive with pattern"):
         select_predictor(pattern="local", tuned="x.safetensors", func="t")
+
+
+def test_topk_alone_in_a_spec_selects_by_topk() -> None:
+    from sparseattn.predictors.base import make_predictor, parse_predictor_spec
+
+    for name in ("sampled", "oracle", "mean_sim"):
+        pred = parse_predictor_spec(f"{name}:topk=0.2")
+        assert pred.config.topk == 0.2 and pred.config.cdf_threshold is None, name
+        assert make_predictor(name).config.cdf_threshold is not None  # the default selection is unchanged
+    with pytest.raises(ValueError, match="topk/cdf_threshold exactly one must be set"):
+        make_predictor("sampled", topk=0.2, cdf_threshold=0.9)  # naming both is still an error

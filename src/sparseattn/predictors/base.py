@@ -98,6 +98,10 @@ def _config_keys(cfg_cls: type) -> list[str]:
 def make_predictor(name: str, **kwargs: Any):
     """Build a registered predictor from its name and config fields.
 
+    Where a config selects by ``topk`` or ``cdf_threshold`` (exactly one) and defaults the latter, naming ``topk``
+    alone selects by top-k: ``make_predictor("sampled", topk=0.2)`` is ``cdf_threshold=None, topk=0.2``. Naming both
+    is still an error.
+
     Raises:
         ValueError: an unknown name, a key that is not a field of the predictor's config (the
             message lists the valid keys), or a value the config rejects.
@@ -112,6 +116,8 @@ def make_predictor(name: str, **kwargs: Any):
         for key in kwargs:
             if key not in valid:
                 raise fail(fn, f"key {key!r}", f"is not a parameter of {name}", f"one of {valid}", repr(key))
+        if kwargs.get("topk") is not None and "cdf_threshold" not in kwargs and "cdf_threshold" in valid:
+            kwargs = {**kwargs, "cdf_threshold": None}
     try:
         cfg = cfg_cls(**kwargs)
     except TypeError as exc:  # a config that compares or converts a value of the wrong type
