@@ -1,4 +1,5 @@
-"""A Gemma-3-270M RULER prompt at 16K (TASK, seed 0, SAMPLES), teacher-forced on dense's own continuation (its first
+"""A Gemma-3-270M RULER prompt at 16K (TASK, seed 0, SAMPLES; another length or model: RULER_LENGTH=4096 and any
+MODEL), teacher-forced on dense's own continuation (its first
 10 tokens), per configuration: block sparsity over the predicted layers, whether every position's argmax equals
 dense's token, the first position that does not, and the continuation's summed log-probability; a 'dense' SPEC also
 prints dense's top-2 tokens per position (how close its choices were). CPU float32 through masked SDPA, as the GPU
@@ -8,6 +9,7 @@ runs. ../cpu_20261206_s19/probe_multikey16k.py runs it with TASK = niah_multikey
         TASK MODEL.gguf ESSAYS_DIR SAMPLES SPEC [SPEC ...]
     # SPEC: 'dense', or 'predictor spec|dense_tail[|dense layers[|L=spec&L=spec...]]' (the last: per-layer predictors)
 """
+import os
 import sys
 import time
 
@@ -24,9 +26,10 @@ model, tok = load(sys.argv[1])
 docs = list(documents_for(None, sys.argv[2])[0])
 sents, vocab = _sentences(docs), _vocabulary(text for _, text in docs)
 N = 10
+LENGTH = int(os.environ.get("RULER_LENGTH", "16384"))
 with torch.no_grad():
     for s in [int(x) for x in sys.argv[3].split(",")]:
-        smp = make_ruler_sample(tok, TASK, length=16384, seed=f"0-{s}", sentences=sents, vocabulary=vocab)
+        smp = make_ruler_sample(tok, TASK, length=LENGTH, seed=f"0-{s}", sentences=sents, vocabulary=vocab)
         ids = smp["input_ids"]
         # dense's own continuation (greedy, N tokens), then one forward over prompt + continuation per configuration
         cont = []
