@@ -9,7 +9,8 @@ the configuration predicted (runs older than that field: the block sparsity over
 SmolLM2, whose every layer is predicted).
 
 Writes `docs/ruler_summary.md` (one table per family) and `docs/ruler_summary.png` (one heatmap panel per family:
-cells coloured by the difference, red below −2 points, grey where nothing was run).
+cells coloured by the difference from −10 (red) to +10 points (green), the value in bold where it is below −2, grey
+where nothing was run).
 
 Usage: python benchmarks/ruler_summary.py [--out-dir docs]
 """

@@ -54,11 +54,12 @@ def test_kernel_matches_the_pytorch_sampled_mass(B, H, Hkv, Nq, Nkv, D, rpb, cau
     assert torch.all((sums - 1).abs() < 1e-5) or causal and Nkv < Nq  # rows with keys sum to 1
 
 
+@pytest.mark.parametrize("method", ["split", "walk"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_match_the_float32_reference(dtype):
+def test_half_inputs_match_the_float32_reference(dtype, method):
     q, k = _qk(1, 4, 1, 150, 150, 64, seed=3, dtype=dtype)
     ref = exact_block_mass(q.float(), k.float(), causal=True, block_m=64, block_n=64, rows_per_block=8)
-    got = sampled_block_mass(q, k, causal=True, block_m=64, block_n=64, rows_per_block=8, method="split")
+    got = sampled_block_mass(q, k, causal=True, block_m=64, block_n=64, rows_per_block=8, method=method)
     torch.testing.assert_close(got.cpu(), ref.cpu(), atol=1e-5, rtol=1e-4)
 
 
