@@ -93,7 +93,8 @@ def main() -> None:
           "Points = mean over prompts of (sparse score − dense score) × 100, paired on the same prompts; n = prompts; "
           "sparsity = block sparsity over the layers the configuration predicted (Gemma: its 3 global layers). "
           "Float32 (CPU or GPU masked SDPA), dense tail 128, essays haystack. Target: every cell ≥ −2 points at ≥ 50% "
-          "sparsity. \"not run\": no recorded prompt pairs for that cell (the 32K `sampled` run stopped at its time limit "
+          "sparsity. \"not run\": no recorded prompt pairs for that cell (SmolLM2 8K never ran with `sampled`; the Gemma 32K "
+          "`sampled` run stopped at its time limit "
           "after vt). Details: [RULER.md](RULER.md).", "", "![RULER summary](ruler_summary.png)"]
     for name, c in fams.items():
         md += ["", f"## {name}", "", "| task | " + " | ".join(f"{m} {n}" for m, n in COLUMNS) + " |",
