@@ -18,6 +18,9 @@ Usage::
     python benchmarks/ptx_compare.py b809532            # all configurations
     python benchmarks/ptx_compare.py HEAD~1 --only causal --show-diff
 
+``--resources`` also prints each side's ``REG / STACK / SHARED / LOCAL`` from Triton's bundled ``cuobjdump``
+(a stack under a register cap means spills).
+
 Exit status 0 whether or not the PTX differs (it is a report); 2 when a compile fails.
 """
 
@@ -70,6 +73,10 @@ CONFIGS: dict[str, tuple[str, dict, dict, str]] = {
                                                        "KW": 64, "KT": 4, "KS": 2, "QW": 16, "QT": 8},
                                              {"maxnreg": None}, "bf16"),
     "quant int8_fp8 causal d128": ("quant", {"PV_FP8": True}, {"maxnreg": None}, "bf16"),
+    # the autotuned int8 launch (128x64, 8 warps, maxnreg 128) without and with Q smoothing's per-key bias
+    "quant int8 causal d128 maxnreg128": ("quant", {}, {}, "bf16"),
+    "quant int8 causal d128 maxnreg128 KBIAS": ("quant", {"HAS_KBIAS": True}, {}, "bf16"),
+    "quant int8 causal d128 maxnreg128 KBIAS TMA": ("quant", {"HAS_KBIAS": True, "USE_TMA": True}, {}, "bf16"),
     # the split-KV decode kernel (one query token, GQA group of 4 in a 16-row tile), default tile of ops/decode.py
     "decode bf16 d128 split": ("decode", {}, _DEC_OPT, "bf16"),
     "decode int8 KV scales d128 split": ("decode", {"HAS_KV_SCALE": True}, _DEC_OPT, "bf16"),
@@ -122,6 +129,7 @@ def _quant_args(c: dict, dt: str) -> dict:
         "stride_qsb": _H * (_N // 16), "stride_qsh": _N // 16,
         "stride_ksb": _HKV * (_N // 64), "stride_ksh": _N // 64,
         "stride_rb": _H * _N, "stride_rh": _N,
+        "KBias": "*fp32", "stride_kbb": _H * _N, "stride_kbh": _N,
         "stride_nb": _H * mb, "stride_nh": mb, "stride_nm": 1,
         "stride_ib": _H * mb * nb, "stride_ih": mb * nb, "stride_im": nb, "stride_in": 1,
         "H": _H, "GROUP": _H // _HKV, "N_Q": _N, "N_KV": _N, "NUM_KV_BLOCKS": nb,
@@ -216,9 +224,25 @@ def _compile_all(names: list[str], out_path: str) -> None:
         try:
             k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=target, options=opts)
             res[name] = k.asm["ptx"]
+            if os.environ.get("PTX_COMPARE_RESOURCES"):
+                res[name + "#res"] = _resource_usage(k.asm["cubin"])
         except Exception as exc:  # reported, not fatal: the other configs still compile
             res[name] = f"!ERROR {type(exc).__name__}: {str(exc)[-3000:]}"
     Path(out_path).write_text(json.dumps(res))
+
+
+def _resource_usage(cubin: bytes) -> str:
+    """``REG:.. STACK:.. SHARED:.. LOCAL:..`` of the kernel, from Triton's bundled ``cuobjdump --dump-resource-usage``
+    (STACK / LOCAL above 0 under a register cap mean spills)."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", out)
+    return m.group(0) if m else out.strip()[-200:]
 
 
 _REG = re.compile(r"%[a-z]+[0-9]+")
@@ -295,6 +319,8 @@ def main() -> int:
     ap.add_argument("--only", default="", help="run only the configs whose name contains this text")
     ap.add_argument("--show-diff", action="store_true", help="print a unified diff of differing instruction text")
     ap.add_argument("--json", help="also write the table as JSON here")
+    ap.add_argument("--resources", action="store_true",
+                    help="also print each side's registers / stack (spills) / shared memory (cuobjdump of the cubin)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -302,6 +328,8 @@ def main() -> int:
         return 0
     if not a.before:
         ap.error("the 'before' git revision is required")
+    if a.resources:
+        os.environ["PTX_COMPARE_RESOURCES"] = "1"  # the workers inherit it
     names = [n for n in CONFIGS if a.only in n]
     with tempfile.TemporaryDirectory(prefix="ptx_compare_") as td:
         tmp = Path(td)
@@ -343,6 +371,9 @@ def main() -> int:
         detail = ", ".join(f"{op} {d:+d}" for op, d in diff.items()) or moved
         print(f"{n:<{width}}  {result:<16}  {tb} -> {tf}{'  ' + detail if detail else ''}")
         rows.append({"config": n, "result": result, "before": tb, "after": tf, "diff": diff, "moved": moved})
+        if a.resources:
+            rows[-1].update(resources_before=before.get(n + "#res"), resources_after=after.get(n + "#res"))
+            print(f"{'':<{width}}  resources: {before.get(n + '#res')} -> {after.get(n + '#res')}")
         if a.show_diff and result != "identical":
             import difflib
 

@@ -321,6 +321,28 @@ def test_kernel_smoothing_lse_correction():
     assert T.quant_accuracy(st.out, ref.out)[0] >= T.QUANT_INT8_COS_MIN
 
 
+def test_k_bias_rows_are_padded_for_the_unmasked_bias_load():
+    # the kernel loads Q smoothing's bias tiles without a mask: quantize_qkv pads the rows, and a k_bias the launcher
+    # cannot read that far (here an unpadded contiguous copy, as a user might build) is copied into a padded one
+    import dataclasses
+
+    q, k, v = _qkv(1, 4, 2, 130, 201, 64, seed=12)
+    qq = Q.quantize_qkv(q, k, v, quant="int8", quant_granularity="per_warp")
+    kb = qq.k_bias
+    assert kb.shape == (1, 4, 201) and kb.stride(1) == 256 and kb.stride(2) == 1
+    assert Q._kbias_for_launch(kb, 256) is kb
+    tight = kb.contiguous()
+    assert tight.stride(1) == 201
+    padded = Q._kbias_for_launch(tight, 256)
+    assert padded is not tight and padded.shape == (1, 4, 256) and torch.equal(padded[..., :201], tight)
+    assert torch.equal(padded[..., 201:], torch.zeros_like(padded[..., 201:]))
+    lay = random_layout(130, 201, density=0.5, seed=12, block_m=64, block_n=64, batch=1, heads=4, causal=True,
+                        device=DEV)
+    a = Q.quantized_attention_from(qq, lay, causal=True, out_dtype=q.dtype)
+    b = Q.quantized_attention_from(dataclasses.replace(qq, k_bias=tight), lay, causal=True, out_dtype=q.dtype)
+    assert torch.equal(a.out, b.out) and torch.equal(a.lse, b.lse)
+
+
 # ---------------------------------------------------------------- top-k input, attention() delegate, errors
 
 

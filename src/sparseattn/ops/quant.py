@@ -78,6 +78,7 @@ SUPPORTED_BLOCK_SIZES = (64, 128)
 _LOG2E = 1.4426950408889634
 _R = 128  # rows per quantization program (a multiple of every group span)
 _FP8_MAX = 448.0
+_KBIAS_PAD = 256  # k_bias rows are allocated to a multiple of this many keys (the largest usual layout block)
 _MAX_GRID_Y = 65535
 
 
@@ -309,7 +310,12 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
             H, Nq, nq_chunks, HEAD_DIM=D, R=_R, NEED_K=True, NEED_V=False, NEED_RANGE=balance_qk)
         if smooth_q:
             q_mean = (qsum.sum(1) / Nq).view(B, H, D)
-            k_bias = torch.empty((B, H, Nkv), dtype=torch.float32, device=dev)
+            # rows padded to a multiple of _KBIAS_PAD keys: the kernel reads bias tiles without a mask (_kbias_for_launch)
+            kb_cols = cdiv(Nkv, _KBIAS_PAD) * _KBIAS_PAD
+            k_bias = torch.empty((B, H, kb_cols), dtype=torch.float32, device=dev)
+            if kb_cols > Nkv:
+                k_bias[..., Nkv:].zero_()
+            k_bias = k_bias[..., :Nkv]
         if balance_qk:
             q_range = _range(qmax.amax(1).view(B, H, D), qmin.amin(1).view(B, H, D), q_mean)
             k_range = _range(kmax.amax(1).view(B, Hkv, D), kmin.amin(1).view(B, Hkv, D), k_mean)  # zeros if unsmoothed
@@ -559,6 +565,21 @@ def _kernel() -> Any:
     return mod._block_sparse_fwd_quant_kernel
 
 
+def _kbias_for_launch(k_bias: torch.Tensor, cols: int) -> torch.Tensor:
+    """``k_bias`` as the kernel reads it: every ``(b, h)`` row readable for ``cols`` keys from its start, unit key
+    stride. The kernel loads bias tiles without a mask, up to the layout's rounded key count. ``quantize_qkv``
+    allocates the rows padded, so this returns its tensor unchanged; any other tensor (a user's, or a
+    layout with larger blocks than the padding) is copied into a padded one. Reads only shapes and strides: no sync.
+    """
+    B, H, N = k_bias.shape
+    end = k_bias.storage_offset() + (B - 1) * k_bias.stride(0) + (H - 1) * k_bias.stride(1) + cols
+    if k_bias.stride(2) == 1 and end <= k_bias.untyped_storage().nbytes() // k_bias.element_size():
+        return k_bias
+    padded = torch.zeros((B, H, max(cols, N)), dtype=k_bias.dtype, device=k_bias.device)
+    padded[..., :N] = k_bias
+    return padded
+
+
 def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: torch.dtype,
                 config: dict[str, int] | None, out: torch.Tensor | None = None,
                 telemetry: dict[str, Any] | None = None) -> AttentionState:
@@ -612,7 +633,8 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
                 KW=kw, KT=kt, KS=ks_, PV_FP8=fp8, FP8_EMU=qq.fp8_emulated,
                 DOT_F32=bool(interp and v.dtype == torch.bfloat16 and not fp8), LIST_CHUNK=list_chunk,
                 HAS_KBIAS=qq.k_bias is not None)
-    kbias = qq.k_bias if qq.k_bias is not None else lse  # unused without Q smoothing
+    kbias = (_kbias_for_launch(qq.k_bias, layout.num_kv_blocks * layout.block_n) if qq.k_bias is not None
+             else lse)  # lse: unused without Q smoothing
     args = ordered_args(_kernel(), dict(
         Q=qq.q_int8, K=qq.k_int8, V=v, Out=out, Lse=lse, QScale=qq.q_scale, KScale=qq.k_scale, QRow=qq.q_row,
         VScale=vsc, KvNum=num_t, KvIdx=idx_t, KBias=kbias,
