@@ -82,6 +82,10 @@ CONFIGS: dict[str, tuple[str, dict, dict, str]] = {
     "decode int8 KV scales d128 split": ("decode", {"HAS_KV_SCALE": True}, _DEC_OPT, "bf16"),
     "decode int8 KV scales q8 / fp16 P, paged": ("decode", {"HAS_KV_SCALE": True, "QK_MODE": 1, "PV_MODE": 1,
                                                             "PAGED": True, "PAGE": 16}, _DEC_OPT, "bf16"),
+    # the tuned defaults of ops/tuned/decode.json (H200, D=128, row tile <= 16, not paged): bf16 and the int8 cache
+    "decode bf16 d128 tuned (128 keys, 2 stages)": ("decode", {"BLOCK_N": 128}, {**_DEC_OPT, "num_stages": 2}, "bf16"),
+    "decode int8 d128 tuned (fp16 K by byte moves, 128 keys, 3 stages)": (
+        "decode", {"HAS_KV_SCALE": True, "QK_MODE": 3, "FAST_I8": True, "BLOCK_N": 128}, _DEC_OPT, "bf16"),
 }
 
 # example argument values of a launch: B=2, H=8 (GQA 4), N=4096, D from the config, contiguous tensors
