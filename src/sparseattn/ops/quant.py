@@ -78,7 +78,7 @@ SUPPORTED_BLOCK_SIZES = (64, 128)
 _LOG2E = 1.4426950408889634
 _R = 128  # rows per quantization program (a multiple of every group span)
 _FP8_MAX = 448.0
-_KBIAS_PAD = 256  # k_bias rows are allocated to a multiple of this many keys (the largest usual layout block)
+_KBIAS_PAD = 256  # k_bias rows are allocated to a multiple of this many keys (covers every SUPPORTED_BLOCK_SIZES block)
 _MAX_GRID_Y = 65535
 
 

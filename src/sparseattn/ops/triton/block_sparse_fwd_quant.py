@@ -68,7 +68,7 @@ def _q_tile(
     col_ok = cols < N_KV
     if HAS_KBIAS:  # issued before the K load and the MMA so its latency hides behind them
         # unmasked: the launcher makes every KBias row readable up to the layout's rounded key count, and columns
-        # past N_KV sit in MASK tiles (their scores become -inf below). The masked load cost 300 PTX instructions
+        # past N_KV sit in MASK tiles (their scores become -inf below). The masked load cost ~300 PTX instructions
         # of selects and per-element copies, and register spills (benchmarks/ptx_compare.py --resources)
         kbias = tl.load(kb_base + cols)
     if USE_TMA:  # rows past N_KV come back zero-filled (their scores are masked below)
