@@ -310,7 +310,7 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
             H, Nq, nq_chunks, HEAD_DIM=D, R=_R, NEED_K=True, NEED_V=False, NEED_RANGE=balance_qk)
         if smooth_q:
             q_mean = (qsum.sum(1) / Nq).view(B, H, D)
-            # rows padded to a multiple of _KBIAS_PAD keys: the kernel reads bias tiles without a mask (_kbias_for_launch)
+            # rows padded to a multiple of _KBIAS_PAD keys: the kernel reads bias tiles unmasked (_kbias_for_launch)
             kb_cols = cdiv(Nkv, _KBIAS_PAD) * _KBIAS_PAD
             k_bias = torch.empty((B, H, kb_cols), dtype=torch.float32, device=dev)
             if kb_cols > Nkv:

@@ -4,8 +4,9 @@ The PyTorch :func:`~sparseattn.predictors.oracle.exact_block_mass` walks the key
 loop, twice (``2 · N_kv / 256`` iterations of several small ops each: about 2000 launches per layer at 32K). This
 path computes the same ``[B, H, Mb, Nb]`` float32 mass in one launch (``method="walk"``, the default: one program
 per query block and KV head walks all its key blocks twice) or two (``method="split"``: the key blocks of each
-query block split into up to 16 chunks, partial log-sum-exps first, then the mass), plus the zeroed output; every query head of a KV head sits in the same tile (K read once per KV head and chunk). No host
-synchronisation; the sampled-row table is shape-only and cached.
+query block split into up to 16 chunks, partial log-sum-exps first, then the mass), plus the zeroed output; every
+query head of a KV head sits in the same tile (K read once per KV head and chunk). No host synchronisation; the
+sampled-row table is shape-only and cached.
 
 It computes the same quantity as the PyTorch function up to float rounding (base-2 exponentials, tensor-core
 products in the input dtype for fp16/bf16); the tests compare both methods with it on fresh random inputs under
@@ -33,8 +34,8 @@ from sparseattn.predictors.fused_mean_sim import (
     qk_tensor_refusal,
 )
 
-__all__ = ["sampled_mass_refusal", "sampled_block_mass", "split_chunks", "MAX_PACKED_ROWS", "METHODS",
-           "SUPPORTED_DTYPES"]
+__all__ = ["sampled_mass_refusal", "sampled_block_mass", "launch_sampled_mass", "split_chunks", "MAX_PACKED_ROWS",
+           "METHODS", "SUPPORTED_DTYPES"]
 
 MAX_PACKED_ROWS = 256  # query heads per KV head x rows_per_block, in one tile
 MAX_HEAD_DIM = 256
@@ -186,6 +187,15 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, *, causal: bool, block_
     why = sampled_mass_refusal(q, k, block_m=block_m, block_n=block_n, rows_per_block=rows_per_block)
     if why is not None:
         raise NotImplementedError(f"sampled_block_mass: {why}")
+    return launch_sampled_mass(q, k, causal=causal, block_m=block_m, block_n=block_n, rows_per_block=rows_per_block,
+                               scale=scale, method=method)
+
+
+def launch_sampled_mass(q: torch.Tensor, k: torch.Tensor, *, causal: bool, block_m: int, block_n: int,
+                        rows_per_block: int, scale: float | None = None, method: str = "walk") -> torch.Tensor:
+    """:func:`sampled_block_mass` without its checks, for a caller that has validated ``q``, ``k``, ``causal`` and
+    the block sizes and found :func:`sampled_mass_refusal` ``None`` (``SampledMassPredictor``: once per call, not
+    twice)."""
     B, H, Nq, D = (int(x) for x in q.shape)
     Hkv, Nkv = int(k.shape[1]), int(k.shape[2])
     G = H // Hkv
@@ -200,7 +210,7 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, *, causal: bool, block_
     widen = q.device.type == "cpu" and q.dtype == torch.bfloat16  # the interpreter's bf16 tl.dot is wrong
     _, RG, DP = _tiles(q, k, rows_per_block, block_m)
     stages = smem_stages(RG, DP, block_n, q.element_size(), _device_smem_limit(q))
-    consts = dict(G=G, R=R, RG=RG, D=D, DP=DP, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
+    consts = dict(G=G, R=R, RG=RG, D=D, DP=DP, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal,
                   IEEE=widen or q.dtype == torch.float32, WIDEN=widen,
                   num_warps=4 if RG * DP <= 64 * 128 else 8, num_stages=stages)
     scale_log2 = float(scale) * math.log2(math.e)

@@ -20,9 +20,9 @@ the oracle's (1/8 at 8 of 64 rows). Unlike the oracle it is a usable predictor (
 the rows, in the spirit of MInference's last-query and XAttention's strided estimates); its layout adds the
 forced sink and local blocks as ``mean_sim`` does. Two paths compute its mass: the PyTorch function below (two
 chunked passes in a Python loop over key chunks) and one Triton launch
-(:mod:`sparseattn.predictors.fused_sampled`; a two-launch split method there is not yet the predictor's), which ``SampledMassPredictor(backend="auto")`` takes for CUDA
-tensors when it supports the call (else the PyTorch path with a warning once per reason); ``bench_predictors``
-measures both.
+(:mod:`sparseattn.predictors.fused_sampled`; a two-launch split method there is not yet the predictor's), which
+``SampledMassPredictor(backend="auto")`` takes for CUDA tensors when it supports the call (else the PyTorch path
+with a warning once per reason); ``bench_predictors`` measures both.
 """
 
 from __future__ import annotations
@@ -327,10 +327,11 @@ class SampledMassPredictor:
         check_qk("SampledMassPredictor.predict", q, k, causal)
         cfg = self.config
         if self._fused(q, k):
-            from sparseattn.predictors.fused_sampled import sampled_block_mass
+            from sparseattn.predictors.fused_sampled import launch_sampled_mass
 
-            mass = sampled_block_mass(q, k, causal=causal, block_m=cfg.block_m, block_n=cfg.block_n,
-                                      rows_per_block=cfg.rows_per_block)
+            # checked above (check_qk) and in _fused (the refusal); the config validated its block sizes
+            mass = launch_sampled_mass(q, k, causal=causal, block_m=cfg.block_m, block_n=cfg.block_n,
+                                       rows_per_block=cfg.rows_per_block)
             self.last_backend = "triton"
         else:
             mass = exact_block_mass(q, k, causal=causal, block_m=cfg.block_m, block_n=cfg.block_n,
