@@ -2,9 +2,9 @@
 
 The PyTorch :func:`~sparseattn.predictors.oracle.exact_block_mass` walks the keys in chunks of 256 in a Python
 loop, twice (``2 · N_kv / 256`` iterations of several small ops each: about 2000 launches per layer at 32K). This
-path computes the same ``[B, H, Mb, Nb]`` float32 mass in one launch (``method="walk"``, the default: one program
-per query block and KV head walks all its key blocks twice) or two (``method="split"``: the key blocks of each
-query block split into up to 16 chunks, partial log-sum-exps first, then the mass), plus the zeroed output; every
+path computes the same ``[B, H, Mb, Nb]`` float32 mass in two launches (``method="split"``, the default: the key
+blocks of each query block split into up to 16 chunks, partial log-sum-exps first, then the mass) or one
+(``method="walk"``: one program per query block and KV head walks all its key blocks twice), plus the zeroed output; every
 query head of a KV head sits in the same tile (K read once per KV head and chunk). No host synchronisation; the
 sampled-row table is shape-only and cached.
 
@@ -152,15 +152,17 @@ def _row_table(Nq: int, block_m: int, rows_per_block: int, device: torch.device)
 
 
 def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, *, causal: bool, block_m: int, block_n: int,
-                       rows_per_block: int, scale: float | None = None, method: str = "walk") -> torch.Tensor:
+                       rows_per_block: int, scale: float | None = None, method: str = "split") -> torch.Tensor:
     """:func:`~sparseattn.predictors.oracle.exact_block_mass` with ``rows_per_block`` in one or two Triton launches.
 
-    ``method="walk"`` (default; the path measured on the GPU) is one launch of ``Mb x B·H_kv`` programs, each
-    walking all its key blocks twice. ``method="split"`` splits each query block's key blocks into up to 16 chunks:
-    a first launch stores every chunk's running maximum and sum per sampled row, a second merges them into the
-    row's log-sum-exp and writes its chunk's mass (two launches, ``Mb x chunks x B·H_kv`` programs, a scratch of
-    ``2 · B·H_kv · Mb · chunks · rows`` floats): more programs where one KV head gives few, tested under the
-    interpreter and not yet on a GPU. Both compute the same values up to the order of float additions.
+    ``method="split"`` (default) splits each query block's key blocks into up to 16 chunks: a first launch stores
+    every chunk's running maximum and sum per sampled row, a second merges them into the row's log-sum-exp and
+    writes its chunk's mass (two launches, ``Mb x chunks x B·H_kv`` programs, a scratch of
+    ``2 · B·H_kv · Mb · chunks · rows`` floats): more programs where one KV head gives few. ``method="walk"`` is one
+    launch of ``Mb x B·H_kv`` programs, each walking all its key blocks twice. On an H100 at Gemma-3-270M's
+    global-layer shape (16K) the split took 1.25-2.57x less time than the walk in every row measured (8/16/32 rows,
+    bf16 and float32; BENCHMARKS.md, twenty-second session). Both compute the same values up to the order of float
+    additions.
 
     Args:
         q: ``(B, H, N_q, D)`` fp16/bf16/fp32, CUDA (or CPU under ``TRITON_INTERPRET=1``).
@@ -192,7 +194,7 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, *, causal: bool, block_
 
 
 def launch_sampled_mass(q: torch.Tensor, k: torch.Tensor, *, causal: bool, block_m: int, block_n: int,
-                        rows_per_block: int, scale: float | None = None, method: str = "walk") -> torch.Tensor:
+                        rows_per_block: int, scale: float | None = None, method: str = "split") -> torch.Tensor:
     """:func:`sampled_block_mass` without its checks, for a caller that has validated ``q``, ``k``, ``causal`` and
     the block sizes and found :func:`sampled_mass_refusal` ``None`` (``SampledMassPredictor``: once per call, not
     twice)."""
