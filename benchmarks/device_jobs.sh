@@ -86,6 +86,12 @@ print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tok
       tail -n 2 "$d/pytest.log"
       timeout ${S21S_S:-200} python3 benchmarks/bench_sampled_mass.py --out "$d" --budget-s ${S21S_BUDGET:-160} \
         --lengths ${S21S_LENGTHS:-16384 32768} > "$d/log" 2>&1; tail -n 26 "$d/log" ;;
+    s22_full_tiles)  # issue 14: the decode kernel's FULL_TILES launch (no element masks on its loads) against the
+      # tuned default, bf16 and int8 caches: its GPU tests (bit for bit against the masked launch), then the timing
+      timeout ${S22F_TEST_S:-80} python3 -m pytest -q -p no:cacheprovider tests/ops/test_decode_full_tiles.py > "$d/pytest.log" 2>&1
+      tail -n 2 "$d/pytest.log"
+      timeout ${S22F_S:-110} python3 benchmarks/decode_full_tiles.py --out "$d" --budget-s ${S22F_BUDGET:-80} > "$d/log" 2>&1
+      tail -n 16 "$d/log" ;;
     pred)  # issue 10: predictor overhead vs cuDNN, same process (Llama shape, 32K)
       timeout 100 python3 benchmarks/bench_predictors.py --lengths 32768 --budget-s 80 --out "$d" \
         --predictors "$DEFAULT_PRED" "mean_sim:cdf_threshold=0.9" > "$d/log" 2>&1; tail -n 6 "$d/log" ;;

@@ -86,6 +86,12 @@ CONFIGS: dict[str, tuple[str, dict, dict, str]] = {
     "decode bf16 d128 tuned (128 keys, 2 stages)": ("decode", {"BLOCK_N": 128}, {**_DEC_OPT, "num_stages": 2}, "bf16"),
     "decode int8 d128 tuned (fp16 K by byte moves, 128 keys, 3 stages)": (
         "decode", {"HAS_KV_SCALE": True, "QK_MODE": 3, "FAST_I8": True, "BLOCK_N": 128}, _DEC_OPT, "bf16"),
+    # the same with FULL_TILES: whole tiles in an unmasked loop, the rest masked
+    "decode bf16 d128 tuned FULL_TILES": ("decode", {"BLOCK_N": 128, "FULL_TILES": True},
+                                          {**_DEC_OPT, "num_stages": 2}, "bf16"),
+    "decode int8 d128 tuned FULL_TILES": (
+        "decode", {"HAS_KV_SCALE": True, "QK_MODE": 3, "FAST_I8": True, "BLOCK_N": 128, "FULL_TILES": True}, _DEC_OPT,
+        "bf16"),
 }
 
 # example argument values of a launch: B=2, H=8 (GQA 4), N=4096, D from the config, contiguous tensors

@@ -55,7 +55,8 @@ MIN_KEYS_PER_SPLIT = 256  # the heuristic never gives a split fewer keys than th
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Z = 65535
 _CONFIG_KEYS = {"BLOCK_N", "num_warps", "num_stages"}
-_CONFIG_OPTIONAL = {"QK", "PV", "BLOCK_M"}  # quantized-path variants and a row-tile floor (DecodeLaunchConfig)
+_CONFIG_OPTIONAL = {"QK", "PV", "BLOCK_M", "FULL_TILES"}  # quantized-path variants, a row-tile floor, the
+# unmasked loop over whole tiles (DecodeLaunchConfig)
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -503,6 +504,8 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
             meta["FP8_EXACT"] = True  # the interpreter's fp32 -> e4m3 conversion mis-rounds (see the kernel)
     if not causal:
         meta["CAUSAL"] = False
+    if cfg.get("FULL_TILES") and page_idx is None:
+        meta["FULL_TILES"] = True  # only when set (the default launch keeps its kernel); the paged walk gathers keys
     if interp and q.dtype == torch.bfloat16:
         meta["DOT_F32"] = True  # the interpreter's bf16 tl.dot is wrong (see triton_launch)
     if q.dtype == torch.float32:
@@ -545,6 +548,8 @@ def _variant_modes(fn: str, cfg: dict[str, Any], kv: str, q_dtype: torch.dtype, 
     from sparseattn.ops.launch_configs import DECODE_PV_VARIANTS, DECODE_QK_VARIANTS
 
     qk, pv, bm = cfg.get("QK"), cfg.get("PV"), cfg.get("BLOCK_M")
+    if "FULL_TILES" in cfg and not isinstance(cfg["FULL_TILES"], bool):
+        raise fail(fn, "config", "has a bad FULL_TILES", "True or False", repr(cfg["FULL_TILES"]))
     if qk is not None and qk not in DECODE_QK_VARIANTS:
         raise fail(fn, "config", "has an unknown QK variant", f"one of {DECODE_QK_VARIANTS}", repr(qk))
     if pv is not None and pv not in DECODE_PV_VARIANTS:

@@ -143,7 +143,9 @@ class DecodeLaunchConfig:
     Q·Kᵀ variant, one of :data:`DECODE_QK_VARIANTS`; ``pv`` — the P·V variant, one of
     :data:`DECODE_PV_VARIANTS` (``"fp8"``: float8 caches only; ``"i8x2"``: int8 caches only, ``BLOCK_N``
     32..256); ``block_m`` — the smallest row tile (a power of two in 16..64; the launcher uses at least the rows'
-    own tile).
+    own tile); ``full_tiles`` — ``True``: the dense (not paged) kernel walks the tiles every query row attends in a
+    loop without element masks and only the rest (a range's partial last tile, the last ``Lq - 1`` keys) masked;
+    the same output bit for bit, fewer instructions.
     """
 
     block_n: int
@@ -152,9 +154,10 @@ class DecodeLaunchConfig:
     qk: str | None = None
     pv: str | None = None
     block_m: int | None = None
+    full_tiles: bool | None = None
 
     _REQUIRED = ("BLOCK_N", "num_warps", "num_stages")
-    _OPTIONAL = (("qk", "QK"), ("pv", "PV"), ("block_m", "BLOCK_M"))
+    _OPTIONAL = (("qk", "QK"), ("pv", "PV"), ("block_m", "BLOCK_M"), ("full_tiles", "FULL_TILES"))
 
     def __post_init__(self) -> None:
         fn = "DecodeLaunchConfig"
@@ -170,6 +173,7 @@ class DecodeLaunchConfig:
             _pow2(fn, "block_m", self.block_m, 16)
             if self.block_m > 64:
                 raise fail(fn, "block_m", "is too large", "a power of two in 16..64", repr(self.block_m))
+        _opt_bool(fn, "full_tiles", self.full_tiles)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"BLOCK_N": self.block_n, "num_warps": self.num_warps, "num_stages": self.num_stages}

@@ -109,6 +109,93 @@ def _to_e4m3(x, EXACT: tl.constexpr):
     return x.to(tl.float8e4nv)
 
 
+@triton.jit
+def _attend_tile(q, q_lp, q_lo, row_mul, k, v, ks, vs, key, key_ok, lim, m_i, l_i, acc, qk_scale,
+                 in_dtype: tl.constexpr, MASKED: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
+                 HAS_KV_SCALE: tl.constexpr, QK_MODE: tl.constexpr, PV_MODE: tl.constexpr, FAST_I8: tl.constexpr,
+                 FP8_EXACT: tl.constexpr):
+    """One K/V tile into the running state ``(m_i, l_i, acc)`` of :func:`_decode_split_kernel`: the scores in the
+    launch's Q·K mode, the online softmax, the P·V product in its P·V mode. ``MASKED``: scores of keys outside
+    ``key_ok`` or at/after a row's limit ``lim`` become ``-inf``; ``False`` for a tile whose every key every real
+    row attends (the full tiles of ``FULL_TILES``). ``q_lp`` / ``q_lo`` / ``row_mul``: the 8-bit query and its
+    scale (``QK_MODE != 0``; placeholders otherwise). ``in_dtype``: q's dtype before any widening (``DOT_F32``)."""
+    if HAS_KV_SCALE and QK_MODE == 1:  # 8-bit q x 8-bit K: no conversion of the K tile
+        if k.dtype == tl.int8:
+            qk = tl.dot(q_lp, k, out_dtype=tl.int32).to(tl.float32)
+        else:
+            qk = tl.dot(q_lp, k)
+    elif HAS_KV_SCALE and QK_MODE == 2:  # q's residual as a second 8-bit dot
+        if k.dtype == tl.int8:  # |hi . k| * 254 + |lo . k| < 2**31 for head_dim <= 256
+            qk = (tl.dot(q_lp, k, out_dtype=tl.int32) * 254 + tl.dot(q_lo, k, out_dtype=tl.int32)).to(tl.float32)
+        else:
+            qk = tl.dot(q_lp, k) + tl.dot(q_lo, k) * 0.0625
+    elif HAS_KV_SCALE and QK_MODE == 3:  # fp16 K (exact) against the power-of-two-scaled fp16 q
+        if DOT_F32:
+            qk = tl.dot(q_lp.to(tl.float32), k.to(tl.float16).to(tl.float32))
+        else:
+            qk = tl.dot(q_lp, _i8_to_f16(k, FAST_I8) if k.dtype == tl.int8 else k.to(tl.float16))
+    else:
+        if HAS_KV_SCALE:
+            # int8 (|x| <= 127) and fp8 e4m3 values are exact in fp16 and bf16 (DOT_F32, the interpreter:
+            # straight to fp32, the same values; its int8 -> bf16 conversion is wrong)
+            k = k.to(tl.float32 if DOT_F32 else in_dtype)
+            if PV_MODE == 0:  # V converted with K, as before the variants existed
+                v = v.to(tl.float32 if DOT_F32 else in_dtype)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        if IEEE:
+            qk = tl.dot(q, k, input_precision="ieee")
+        else:
+            qk = tl.dot(q, k)
+    if HAS_KV_SCALE:  # per-key scale of the quantized K: q·(s_j k_j) = s_j (q·k_j)
+        qk = qk * ks[None, :]
+    if HAS_KV_SCALE and QK_MODE != 0:
+        s = qk * row_mul[:, None]
+    else:
+        s = qk * qk_scale
+    if MASKED:  # not MASKED: every key of the tile lies below every real row's limit
+        s = tl.where(key_ok[None, :] & (key[None, :] < lim[:, None]), s, float("-inf"))
+    p, m_ij, l_i, acc = online_softmax_update(s, m_i, l_i, acc)  # a row all -inf so far keeps p = 0
+    if HAS_KV_SCALE and PV_MODE != 0:
+        # P * s_v divided by the tile's largest s_v lies in [0, 1] (padding keys have s_v = 0); the
+        # product is multiplied back (a NaN s_v still reaches P; tl.max skips it)
+        c = tl.max(vs, 0)
+        c = tl.where(c > 0, c, 1.0)
+        if PV_MODE == 1:
+            p16 = (p * (vs / c)[None, :]).to(tl.float16)
+            if DOT_F32:
+                acc += tl.dot(p16.to(tl.float32), v.to(tl.float16).to(tl.float32)) * c
+            else:
+                acc += tl.dot(p16, _i8_to_f16(v, FAST_I8) if v.dtype == tl.int8 else v.to(tl.float16)) * c
+        elif PV_MODE == 2:
+            p8 = _to_e4m3(p * (vs * (256.0 / c))[None, :], FP8_EXACT)
+            acc += tl.dot(p8, v) * (c * 0.00390625)
+        else:  # PV_MODE 3, int8 cache: P * s_v in 127ths as two int8 dots (hi + residual), V never converted
+            x = p * (vs * (127.0 / c))[None, :]  # in [0, 127]; NaN / inf where a scale or P is
+            ok = x < float("inf")  # False for NaN and +inf
+            xs = tl.where(ok, x, 0.0)
+            p_hi = (xs + 0.5).to(tl.int8)  # x >= 0: round half up
+            r = (xs - p_hi.to(tl.float32)) * 254.0  # the residual, in [-127, 127]
+            p_lo = tl.where(r >= 0, r + 0.5, r - 0.5).to(tl.int8)
+            # |hi . v| * 254 + |lo . v| <= 127 * 127 * BLOCK_N * 255 < 2**31 for BLOCK_N <= 256
+            part = (tl.dot(p_hi, v, out_dtype=tl.int32) * 254 + tl.dot(p_lo, v, out_dtype=tl.int32)).to(tl.float32)
+            bad = tl.max(tl.where(ok, 0.0, 1.0), 1) > 0  # a row that met a non-finite P * s_v: NaN
+            acc += tl.where(bad[:, None], float("nan"), part * (c / 32258.0))
+    else:
+        if HAS_KV_SCALE:  # per-key scale of the quantized V folded into P: sum_j p_j (s_j v_j)
+            p = p * vs[None, :]
+            if QK_MODE != 0:  # (QK_MODE 0 converted V with K)
+                v = v.to(tl.float32 if DOT_F32 else in_dtype)
+        p = p.to(in_dtype)  # P rounded to the input dtype, as FlashAttention does
+        if DOT_F32:
+            acc = tl.dot(p.to(tl.float32), v.to(tl.float32), acc)
+        elif IEEE:
+            acc = tl.dot(p, v, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p, v, acc)
+    return m_ij, l_i, acc
+
+
 @triton.jit(do_not_specialize=["H", "G", "LQ", "N_MAX", "MAX_PAGES", "NUM_SPLITS"])
 def _decode_split_kernel(
     Q, K, V, SeqLens, PageIdx, PageNum, Out, Lse, OPart, LPart,
@@ -140,6 +227,7 @@ def _decode_split_kernel(
     #                             3 int8 P (hi + residual) x int8 V
     FAST_I8: tl.constexpr = False,  # int8 K/V to fp16 by byte moves (QK_MODE 3 / PV_MODE 1; CUDA only)
     FP8_EXACT: tl.constexpr = False,  # interpreter only: exact rounding to e4m3 (see _to_e4m3)
+    FULL_TILES: tl.constexpr = False,  # not PAGED: a loop over the tiles every row attends whole, without masks
 ):
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -172,6 +260,9 @@ def _decode_split_kernel(
              + tok[:, None] * stride_qm + offs_d[None, :])
     q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
     in_dtype = q.dtype
+    q_lp = q  # placeholders: the 8-bit query, its residual and scale exist only with HAS_KV_SCALE and QK_MODE != 0
+    q_lo = q
+    row_mul = qk_scale
     if HAS_KV_SCALE and QK_MODE != 0:
         # per-row multiplier of the raw scores: qk_scale / (the row's q scale)
         row_mul = tl.full([BLOCK_M], 1.0, dtype=tl.float32) * qk_scale
@@ -252,87 +343,29 @@ def _decode_split_kernel(
         else:
             key = pos
             key_ok = in_rng
-            k = tl.load(k_lo + (start - lo) * stride_kn, mask=key_ok[None, :], other=0.0)
-            # V is requested with K (before the Q·K product): both tiles are in flight together, so a
-            # program keeps twice the bytes outstanding when the compiler does not pipeline the loop
-            v = tl.load(v_lo + (start - lo) * stride_vn, mask=key_ok[:, None], other=0.0)
-            if HAS_KV_SCALE:
-                ks = tl.load(ks_base + pos * stride_ksn, mask=key_ok, other=0.0)
-                vs = tl.load(vs_base + pos * stride_vsn, mask=key_ok, other=0.0)
-        if HAS_KV_SCALE and QK_MODE == 1:  # 8-bit q x 8-bit K: no conversion of the K tile
-            if K.dtype.element_ty == tl.int8:
-                qk = tl.dot(q_lp, k, out_dtype=tl.int32).to(tl.float32)
+            if FULL_TILES:
+                # no load masks: columns past the range read the range's last key again (a real key of this
+                # sequence; its score is masked to -inf below, so its P is 0)
+                dn = tl.minimum(offs_n, hi - 1 - start) - offs_n  # 0 but in a range's partial last tile
+                k = tl.load(k_lo + (start - lo) * stride_kn + dn[None, :] * stride_kn)
+                v = tl.load(v_lo + (start - lo) * stride_vn + dn[:, None] * stride_vn)
+                if HAS_KV_SCALE:
+                    ks = tl.load(ks_base + (pos + dn) * stride_ksn)
+                    vs = tl.load(vs_base + (pos + dn) * stride_vsn)
             else:
-                qk = tl.dot(q_lp, k)
-        elif HAS_KV_SCALE and QK_MODE == 2:  # q's residual as a second 8-bit dot
-            if K.dtype.element_ty == tl.int8:  # |hi . k| * 254 + |lo . k| < 2**31 for head_dim <= 256
-                qk = (tl.dot(q_lp, k, out_dtype=tl.int32) * 254 + tl.dot(q_lo, k, out_dtype=tl.int32)).to(tl.float32)
-            else:
-                qk = tl.dot(q_lp, k) + tl.dot(q_lo, k) * 0.0625
-        elif HAS_KV_SCALE and QK_MODE == 3:  # fp16 K (exact) against the power-of-two-scaled fp16 q
-            if DOT_F32:
-                qk = tl.dot(q_lp.to(tl.float32), k.to(tl.float16).to(tl.float32))
-            else:
-                qk = tl.dot(q_lp, _i8_to_f16(k, FAST_I8) if K.dtype.element_ty == tl.int8 else k.to(tl.float16))
-        else:
-            if HAS_KV_SCALE:
-                # int8 (|x| <= 127) and fp8 e4m3 values are exact in fp16 and bf16 (DOT_F32, the interpreter:
-                # straight to fp32, the same values; its int8 -> bf16 conversion is wrong)
-                k = k.to(tl.float32 if DOT_F32 else in_dtype)
-                if PV_MODE == 0:  # V converted with K, as before the variants existed
-                    v = v.to(tl.float32 if DOT_F32 else in_dtype)
-            if DOT_F32:
-                k = k.to(tl.float32)
-            if IEEE:
-                qk = tl.dot(q, k, input_precision="ieee")
-            else:
-                qk = tl.dot(q, k)
-        if HAS_KV_SCALE:  # per-key scale of the quantized K: q·(s_j k_j) = s_j (q·k_j)
-            qk = qk * ks[None, :]
-        keep = key_ok[None, :] & (key[None, :] < lim[:, None])
-        if HAS_KV_SCALE and QK_MODE != 0:
-            s = tl.where(keep, qk * row_mul[:, None], float("-inf"))
-        else:
-            s = tl.where(keep, qk * qk_scale, float("-inf"))
-        p, m_ij, l_i, acc = online_softmax_update(s, m_i, l_i, acc)  # a row all -inf so far keeps p = 0
-        if HAS_KV_SCALE and PV_MODE != 0:
-            # P * s_v divided by the tile's largest s_v lies in [0, 1] (padding keys have s_v = 0); the
-            # product is multiplied back (a NaN s_v still reaches P; tl.max skips it)
-            c = tl.max(vs, 0)
-            c = tl.where(c > 0, c, 1.0)
-            if PV_MODE == 1:
-                p16 = (p * (vs / c)[None, :]).to(tl.float16)
-                if DOT_F32:
-                    acc += tl.dot(p16.to(tl.float32), v.to(tl.float16).to(tl.float32)) * c
-                else:
-                    acc += tl.dot(p16, _i8_to_f16(v, FAST_I8) if V.dtype.element_ty == tl.int8 else v.to(tl.float16)) * c
-            elif PV_MODE == 2:
-                p8 = _to_e4m3(p * (vs * (256.0 / c))[None, :], FP8_EXACT)
-                acc += tl.dot(p8, v) * (c * 0.00390625)
-            else:  # PV_MODE 3, int8 cache: P * s_v in 127ths as two int8 dots (hi + residual), V never converted
-                x = p * (vs * (127.0 / c))[None, :]  # in [0, 127]; NaN / inf where a scale or P is
-                ok = x < float("inf")  # False for NaN and +inf
-                xs = tl.where(ok, x, 0.0)
-                p_hi = (xs + 0.5).to(tl.int8)  # x >= 0: round half up
-                r = (xs - p_hi.to(tl.float32)) * 254.0  # the residual, in [-127, 127]
-                p_lo = tl.where(r >= 0, r + 0.5, r - 0.5).to(tl.int8)
-                # |hi . v| * 254 + |lo . v| <= 127 * 127 * BLOCK_N * 255 < 2**31 for BLOCK_N <= 256
-                part = (tl.dot(p_hi, v, out_dtype=tl.int32) * 254 + tl.dot(p_lo, v, out_dtype=tl.int32)).to(tl.float32)
-                bad = tl.max(tl.where(ok, 0.0, 1.0), 1) > 0  # a row that met a non-finite P * s_v: NaN
-                acc += tl.where(bad[:, None], float("nan"), part * (c / 32258.0))
-        else:
-            if HAS_KV_SCALE:  # per-key scale of the quantized V folded into P: sum_j p_j (s_j v_j)
-                p = p * vs[None, :]
-                if QK_MODE != 0:  # (QK_MODE 0 converted V with K)
-                    v = v.to(tl.float32 if DOT_F32 else in_dtype)
-            p = p.to(in_dtype)  # P rounded to the input dtype, as FlashAttention does
-            if DOT_F32:
-                acc = tl.dot(p.to(tl.float32), v.to(tl.float32), acc)
-            elif IEEE:
-                acc = tl.dot(p, v, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(p, v, acc)
-        m_i = m_ij
+                k = tl.load(k_lo + (start - lo) * stride_kn, mask=key_ok[None, :], other=0.0)
+                # V is requested with K (before the Q·K product): both tiles are in flight together, so a
+                # program keeps twice the bytes outstanding when the compiler does not pipeline the loop
+                v = tl.load(v_lo + (start - lo) * stride_vn, mask=key_ok[:, None], other=0.0)
+                if HAS_KV_SCALE:
+                    ks = tl.load(ks_base + pos * stride_ksn, mask=key_ok, other=0.0)
+                    vs = tl.load(vs_base + pos * stride_vsn, mask=key_ok, other=0.0)
+        if not HAS_KV_SCALE:
+            ks = pos  # unused placeholders
+            vs = pos
+        m_i, l_i, acc = _attend_tile(q, q_lp, q_lo, row_mul, k, v, ks, vs, key, key_ok, lim, m_i, l_i, acc,
+                                     qk_scale, in_dtype, True, DOT_F32, IEEE, HAS_KV_SCALE, QK_MODE, PV_MODE,
+                                     FAST_I8, FP8_EXACT)
 
     # ---------------------------------------------------------------- epilogue
     # a row attends some key of this range iff the range's smallest key is below its limit (exact: the

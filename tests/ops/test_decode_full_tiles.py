@@ -1,0 +1,200 @@
+"""The decode kernel's unmasked loop over whole tiles (launch-config ``FULL_TILES``; issue 14).
+
+With ``FULL_TILES`` the dense (not paged) split kernel walks the tiles every query row attends without element
+masks, and only the rest (a range's partial last tile, the tiles holding the last ``Lq - 1`` keys) through the
+masked loop. Both loops run the same per-tile code (``_attend_tile``), so the output must equal the masked launch's
+bit for bit on every input, garbage beyond the lengths included. Under Triton's CPU interpreter without CUDA.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from sparseattn.ops.decode import decode_attention, decode_reference, paged_decode_attention
+from sparseattn.ops.launch_configs import DecodeLaunchConfig
+from sparseattn.state.kv_cache import quantize
+from sparseattn.testing.tolerances import check_ratio
+
+ON_GPU = torch.cuda.is_available()
+DEV = "cuda" if ON_GPU else "cpu"
+FP8_OK = (not ON_GPU) or torch.cuda.get_device_capability() >= (8, 9)
+
+
+def _kernel_available() -> str | None:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:  # pragma: no cover
+        return "triton is not installed"
+    if not ON_GPU:
+        from sparseattn.ops.triton_launch import interpret_mode
+
+        if not interpret_mode():
+            return "no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it before triton is imported)"
+    return None
+
+
+needs_kernel = pytest.mark.skipif(_kernel_available() is not None, reason=str(_kernel_available()))
+
+
+def _gen(request) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def _cfg(full: bool, **kw):
+    return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "FULL_TILES": full, **kw}
+
+
+def _same(a, b):
+    """Bit for bit, NaN where NaN."""
+    assert a.out.dtype == b.out.dtype
+    assert torch.equal(torch.isnan(a.out), torch.isnan(b.out))
+    assert torch.equal(torch.nan_to_num(a.out), torch.nan_to_num(b.out))
+    assert torch.equal(torch.nan_to_num(a.lse), torch.nan_to_num(b.lse))
+
+
+CASES = [
+    # B, H, Hkv, Lq, N, D, lens, splits, causal
+    (2, 8, 2, 1, 130, 64, [130, 37], 3, True),  # GQA 4, different lengths, splits with partial last tiles
+    (3, 4, 1, 4, 161, 64, [0, 1, 161], 2, True),  # empty / one-key sequences, Lq 4: the last 3 keys masked
+    (2, 8, 2, 4, 96, 128, [96, 64], 1, False),  # D 128, one split, non-causal, lengths on tile boundaries
+    (1, 2, 2, 3, 200, 64, None, 4, True),  # no seqlens, MHA, Lq 3
+]
+
+
+def _case_id(c):
+    return f"B{c[0]}H{c[1]}kv{c[2]}Lq{c[3]}N{c[4]}D{c[5]}s{c[7]}{'' if c[8] else '-noncausal'}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+def test_full_tiles_equal_the_masked_launch_and_pass_the_reference(case, dtype, request):
+    B, H, Hkv, Lq, N, D, lens, splits, causal = case
+    g = _gen(request)
+    q = torch.randn(B, H, Lq, D, generator=g).to(dtype).to(DEV)
+    k = torch.randn(B, Hkv, N, D, generator=g).to(dtype).to(DEV)
+    v = torch.randn(B, Hkv, N, D, generator=g).to(dtype).to(DEV)
+    sl = None if lens is None else torch.tensor(lens, dtype=torch.int32, device=DEV)
+    kw = dict(seqlens=sl, num_splits=splits, causal=causal, return_lse=True, backend="triton")
+    masked = decode_attention(q, k, v, config=_cfg(False), **kw)
+    full = decode_attention(q, k, v, config=_cfg(True), **kw)
+    _same(full, masked)
+    hd = torch.float32 if ON_GPU else torch.float64
+    hi = decode_reference(q.to(hd), k.to(hd), v.to(hd), seqlens=sl, causal=causal)
+    lo = decode_reference(q, k, v, seqlens=sl, causal=causal, upcast=False)
+    check_ratio(full.out, hi.out, lo.out, "out")
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", [(None, None), ("fp16", "dequant"), ("fp16", "fp16"), ("q8x2", "i8x2"),
+                                     ("q8", "dequant"), ("q8x2", "fp8")], ids=lambda v: f"qk-{v[0]}_pv-{v[1]}")
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_full_tiles_equal_the_masked_launch_on_quantized_caches(variant, mode, request):
+    qk, pv = variant
+    if mode == "fp8" and not FP8_OK:
+        pytest.skip("float8 K/V need compute capability >= 8.9")
+    if (mode == "fp8" and pv == "i8x2") or (mode == "int8" and pv == "fp8"):
+        pytest.skip(f"PV={pv!r} is for {'int8' if pv == 'i8x2' else 'float8'} caches")
+    g = _gen(request)
+    q = torch.randn(3, 8, 2, 64, generator=g).to(torch.bfloat16).to(DEV)
+    kq, ks = quantize(torch.randn(3, 2, 150, 64, generator=g) * 1.5, mode)
+    vq, vs = quantize(torch.randn(3, 2, 150, 64, generator=g) + 0.5, mode)
+    kq, ks, vq, vs = (t.to(DEV) for t in (kq, ks, vq, vs))
+    extra = {k: v for k, v in (("QK", qk), ("PV", pv)) if v is not None}
+    sl = torch.tensor([150, 0, 97], dtype=torch.int32, device=DEV)
+    kw = dict(k_scale=ks, v_scale=vs, seqlens=sl, num_splits=2, return_lse=True, backend="triton")
+    masked = decode_attention(q, kq, vq, config=_cfg(False, **extra), **kw)
+    full = decode_attention(q, kq, vq, config=_cfg(True, **extra), **kw)
+    _same(full, masked)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", [None, "int8"])
+def test_full_tiles_never_read_beyond_seqlen_and_keep_nan_inside(mode, request):
+    """Garbage (NaN, extremes, NaN scales) beyond each length never reaches the output; a NaN key inside a
+    full tile makes its KV group's rows NaN, as in the masked launch."""
+    g = _gen(request)
+    lens = [0, 33, 96, 70]
+    q = torch.randn(4, 4, 2, 64, generator=g).to(torch.float16).to(DEV)
+    k = torch.randn(4, 2, 96, 64, generator=g)
+    v = torch.randn(4, 2, 96, 64, generator=g)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    if mode is None:
+        k, v = k.to(torch.float16).to(DEV), v.to(torch.float16).to(DEV)
+        ks = vs = None
+    else:
+        (k, ks), (v, vs) = quantize(k, mode), quantize(v, mode)
+        k, ks, v, vs = (t.to(DEV) for t in (k, ks, v, vs))
+    kw = dict(k_scale=ks, v_scale=vs, seqlens=sl, num_splits=3, return_lse=True, backend="triton",
+              config=_cfg(True))
+    clean = decode_attention(q, k, v, **kw)
+    k2, v2 = k.clone(), v.clone()
+    ks2 = None if ks is None else ks.clone()
+    vs2 = None if vs is None else vs.clone()
+    for b, n in enumerate(lens):
+        if mode is None:
+            k2[b, :, n:] = float("nan")
+            v2[b, :, n:] = float("inf")
+        else:
+            k2[b, :, n:] = -128
+            v2[b, :, n:] = 127
+            ks2[b, :, n:] = float("nan")
+            vs2[b, :, n:] = float("inf")
+    dirty = decode_attention(q, k2, v2, **dict(kw, k_scale=ks2, v_scale=vs2))
+    assert torch.equal(dirty.out, clean.out) and torch.equal(dirty.lse, clean.lse)
+    assert not bool(torch.isnan(dirty.out).any())
+    # a NaN key at position 5 of sequence 2 (inside its first full tile): that KV head's rows are NaN
+    k3 = k.clone()
+    if mode is None:
+        k3[2, 1, 5] = float("nan")
+    else:
+        ks3 = ks.clone()
+        ks3[2, 1, 5] = float("nan")
+        kw = dict(kw, k_scale=ks3)
+    full = decode_attention(q, k3, v, **kw)
+    masked = decode_attention(q, k3, v, **dict(kw, config=_cfg(False)))
+    _same(full, masked)
+    assert bool(torch.isnan(full.out[2, 2:]).all()) and not bool(torch.isnan(full.out[2, :2]).any())
+
+
+@needs_kernel
+def test_full_tiles_leave_the_paged_kernel_as_it_is(request):
+    g = _gen(request)
+    q = torch.randn(2, 4, 1, 64, generator=g).to(torch.float16).to(DEV)
+    k = torch.randn(2, 2, 120, 64, generator=g).to(torch.float16).to(DEV)
+    v = torch.randn(2, 2, 120, 64, generator=g).to(torch.float16).to(DEV)
+    pidx = torch.tensor([[[14, 0, 3, 7], [1, 2, 14, 9]], [[6, 0, 2, 1], [3, 4, 5, 6]]], dtype=torch.int32,
+                        device=DEV)
+    pnum = torch.tensor([[4, 3], [2, 4]], dtype=torch.int32, device=DEV)
+    sl = torch.tensor([120, 50], dtype=torch.int32, device=DEV)
+    kw = dict(page_size=8, seqlens=sl, num_splits=2, return_lse=True, backend="triton")
+    _same(paged_decode_attention(q, k, v, pidx, pnum, config=_cfg(True), **kw),
+          paged_decode_attention(q, k, v, pidx, pnum, config=_cfg(False), **kw))
+
+
+@needs_kernel
+def test_full_tiles_config_round_trip_and_bad_values():
+    c = DecodeLaunchConfig(128, 4, 3, full_tiles=True)
+    assert c.to_dict() == {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "FULL_TILES": True}
+    assert DecodeLaunchConfig.from_dict(c.to_dict()) == c
+    assert "FULL_TILES" not in DecodeLaunchConfig(128, 4, 3).to_dict()
+    with pytest.raises(ValueError, match="DecodeLaunchConfig: full_tiles must be a bool or None"):
+        DecodeLaunchConfig(128, 4, 3, full_tiles=1)
+    q = torch.zeros(1, 2, 1, 64, device=DEV)
+    k = torch.zeros(1, 2, 40, 64, device=DEV)
+    with pytest.raises(ValueError, match="decode_attention: config has a bad FULL_TILES"):
+        decode_attention(q, k, k, backend="triton", config=_cfg("yes"))
+
+
+def test_the_h100_int8_entry_takes_full_tiles_and_the_others_do_not():
+    """The shipped tuned file: FULL_TILES where it was measured faster (the H100's int8 cache) and nowhere else."""
+    from sparseattn.ops.decode import _default_config
+
+    h100 = _default_config(128, 16, False, device="NVIDIA H100 80GB HBM3", kv="int8")
+    assert h100.get("FULL_TILES") is True and h100["QK"] == "fp16"
+    assert "FULL_TILES" not in _default_config(128, 16, False, device="NVIDIA H200", kv="int8")
+    assert "FULL_TILES" not in _default_config(128, 16, False, device="NVIDIA H100 80GB HBM3")
+    assert "FULL_TILES" not in _default_config(128, 16, False, paged=True, device="NVIDIA H100 80GB HBM3", kv="int8")
