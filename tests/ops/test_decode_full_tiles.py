@@ -1,9 +1,9 @@
 """The decode kernel's unmasked loop over whole tiles (launch-config ``FULL_TILES``; issue 14).
 
-With ``FULL_TILES`` the dense (not paged) split kernel walks the tiles every query row attends without element
-masks, and only the rest (a range's partial last tile, the tiles holding the last ``Lq - 1`` keys) through the
-masked loop. Both loops run the same per-tile code (``_attend_tile``), so the output must equal the masked launch's
-bit for bit on every input, garbage beyond the lengths included. Under Triton's CPU interpreter without CUDA.
+With ``FULL_TILES`` the dense (not paged) split kernel loads K, V and their scales without element masks: in a
+range's partial last tile the columns past the range re-read the range's last key, and their scores stay masked.
+So the output must equal the masked launch's bit for bit on every input, garbage beyond the lengths included.
+Under Triton's CPU interpreter without CUDA.
 """
 
 from __future__ import annotations

@@ -55,8 +55,8 @@ MIN_KEYS_PER_SPLIT = 256  # the heuristic never gives a split fewer keys than th
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Z = 65535
 _CONFIG_KEYS = {"BLOCK_N", "num_warps", "num_stages"}
-_CONFIG_OPTIONAL = {"QK", "PV", "BLOCK_M", "FULL_TILES"}  # quantized-path variants, a row-tile floor, the
-# unmasked loop over whole tiles (DecodeLaunchConfig)
+_CONFIG_OPTIONAL = {"QK", "PV", "BLOCK_M", "FULL_TILES"}  # quantized-path variants, a row-tile floor, loads
+# without element masks (DecodeLaunchConfig)
 
 
 # ---------------------------------------------------------------------------------------------- validation

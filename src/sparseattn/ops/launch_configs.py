@@ -143,9 +143,9 @@ class DecodeLaunchConfig:
     Q·Kᵀ variant, one of :data:`DECODE_QK_VARIANTS`; ``pv`` — the P·V variant, one of
     :data:`DECODE_PV_VARIANTS` (``"fp8"``: float8 caches only; ``"i8x2"``: int8 caches only, ``BLOCK_N``
     32..256); ``block_m`` — the smallest row tile (a power of two in 16..64; the launcher uses at least the rows'
-    own tile); ``full_tiles`` — ``True``: the dense (not paged) kernel walks the tiles every query row attends in a
-    loop without element masks and only the rest (a range's partial last tile, the last ``Lq - 1`` keys) masked;
-    the same output bit for bit, fewer instructions.
+    own tile); ``full_tiles`` — ``True``: the dense (not paged) kernel loads K, V and their scales without element
+    masks (past a range's end it re-reads the range's last key, whose scores stay masked): the same output bit for
+    bit, fewer instructions.
     """
 
     block_n: int

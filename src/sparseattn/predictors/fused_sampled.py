@@ -1,12 +1,12 @@
 """Launcher of the sampled exact block mass on the GPU (:mod:`sparseattn.ops.triton.sampled_mass`).
 
-The PyTorch :func:`~sparseattn.predictors.oracle.exact_block_mass` walks the keys in chunks of 256 in a Python
-loop, twice (``2 · N_kv / 256`` iterations of several small ops each: about 2000 launches per layer at 32K). This
-path computes the same ``[B, H, Mb, Nb]`` float32 mass in two launches (``method="split"``, the default: the key
-blocks of each query block split into up to 16 chunks, partial log-sum-exps first, then the mass) or one
-(``method="walk"``: one program per query block and KV head walks all its key blocks twice), plus the zeroed output; every
-query head of a KV head sits in the same tile (K read once per KV head and chunk). No host synchronisation; the
-sampled-row table is shape-only and cached.
+The PyTorch :func:`~sparseattn.predictors.oracle.exact_block_mass` walks the keys in chunks of 256 in a Python loop,
+twice (``2 · N_kv / 256`` iterations of several small ops each: about 2000 launches per layer at 32K). This path
+computes the same ``[B, H, Mb, Nb]`` float32 mass in two launches (``method="split"``, the default: the key blocks
+of each query block split into up to 16 chunks, partial log-sum-exps first, then the mass) or one
+(``method="walk"``: one program per query block and KV head walks all its key blocks twice), plus the zeroed output;
+every query head of a KV head sits in the same tile (K read once per KV head and chunk). No host synchronisation;
+the sampled-row table is shape-only and cached.
 
 It computes the same quantity as the PyTorch function up to float rounding (base-2 exponentials, tensor-core
 products in the input dtype for fp16/bf16); the tests compare both methods with it on fresh random inputs under
@@ -157,11 +157,11 @@ def sampled_block_mass(q: torch.Tensor, k: torch.Tensor, *, causal: bool, block_
 
     ``method="split"`` (default) splits each query block's key blocks into up to 16 chunks: a first launch stores
     every chunk's running maximum and sum per sampled row, a second merges them into the row's log-sum-exp and
-    writes its chunk's mass (two launches, ``Mb x chunks x B·H_kv`` programs, a scratch of
-    ``2 · B·H_kv · Mb · chunks · rows`` floats): more programs where one KV head gives few. ``method="walk"`` is one
-    launch of ``Mb x B·H_kv`` programs, each walking all its key blocks twice. On an H100 at Gemma-3-270M's
-    global-layer shape (16K) the split took 1.25-2.57x less time than the walk in every row measured (8/16/32 rows,
-    bf16 and float32; BENCHMARKS.md, twenty-second session). Both compute the same values up to the order of float
+    writes its chunk's mass (two launches, ``Mb x chunks x B·H_kv`` programs, a scratch of ``2 · B·H_kv · Mb ·
+    chunks · rows`` floats): more programs where one KV head gives few. ``method="walk"`` is one launch of ``Mb
+    x B·H_kv`` programs, each walking all its key blocks twice. On an H100 at Gemma-3-270M's global-layer shape
+    (16K) the split took 1.25-2.57x less time than the walk in every row measured (8/16/32 rows, bf16 and
+    float32; BENCHMARKS.md, twenty-second session). Both compute the same values up to the order of float
     additions.
 
     Args:

@@ -29,10 +29,12 @@ key (``KScale``/``VScale``, ``(B, H_kv, N_max)`` through their strides; the conv
 ``state/kv_cache.quantize`` and the prefill kernel's ``HAS_KV_SCALE``). A K tile is converted to q's
 dtype in registers (exact: int8 and e4m3 values are representable in fp16 and bf16) and its scores are
 multiplied by the keys' scales (``q·(s_j k_j) = s_j (q·k_j)``); the value scales are folded into P
-before P is rounded to q's dtype for the P·V product. The kernel reads the quantized bytes (plus 4
-bytes of scale per key and tensor) and nothing else; no dequantised copy exists. Scale loads are
-masked like the K/V loads (a NaN scale beyond ``seqlen`` is never read). Off (the default) the kernel
-is unchanged apart from the unused pointer/stride parameters.
+before P is rounded to q's dtype for the P·V product. The kernel reads the quantized bytes (plus 4 bytes
+of scale per key and tensor) and nothing else; no dequantised copy exists. Scale loads are masked like
+the K/V loads (a NaN scale beyond ``seqlen`` is never read). ``FULL_TILES`` (not paged) drops the load
+masks: in a range's partial last tile the columns past the range read the range's last key again (a key
+below ``seqlen``), and their scores are masked as before, so the output is the same bit for bit. With
+``HAS_KV_SCALE`` off (the default) the kernel is unchanged apart from the unused pointer/stride parameters.
 
 Variants of the quantized path (``HAS_KV_SCALE``; constexprs, chosen per launch config so the fastest can
 be picked by measurement; ``0`` is the path above, the default):
@@ -111,13 +113,11 @@ def _to_e4m3(x, EXACT: tl.constexpr):
 
 @triton.jit
 def _attend_tile(q, q_lp, q_lo, row_mul, k, v, ks, vs, key, key_ok, lim, m_i, l_i, acc, qk_scale,
-                 in_dtype: tl.constexpr, MASKED: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr,
-                 HAS_KV_SCALE: tl.constexpr, QK_MODE: tl.constexpr, PV_MODE: tl.constexpr, FAST_I8: tl.constexpr,
-                 FP8_EXACT: tl.constexpr):
-    """One K/V tile into the running state ``(m_i, l_i, acc)`` of :func:`_decode_split_kernel`: the scores in the
-    launch's Q·K mode, the online softmax, the P·V product in its P·V mode. ``MASKED``: scores of keys outside
-    ``key_ok`` or at/after a row's limit ``lim`` become ``-inf``; ``False`` for a tile whose every key every real
-    row attends (the full tiles of ``FULL_TILES``). ``q_lp`` / ``q_lo`` / ``row_mul``: the 8-bit query and its
+                 in_dtype: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, HAS_KV_SCALE: tl.constexpr,
+                 QK_MODE: tl.constexpr, PV_MODE: tl.constexpr, FAST_I8: tl.constexpr, FP8_EXACT: tl.constexpr):
+    """One loaded K/V tile into the running state ``(m_i, l_i, acc)`` of :func:`_decode_split_kernel`: the scores
+    in the launch's Q·K mode, masked to ``-inf`` for keys outside ``key_ok`` or at/after a row's limit ``lim``, the
+    online softmax, the P·V product in its P·V mode. ``q_lp`` / ``q_lo`` / ``row_mul``: the 8-bit query and its
     scale (``QK_MODE != 0``; placeholders otherwise). ``in_dtype``: q's dtype before any widening (``DOT_F32``)."""
     if HAS_KV_SCALE and QK_MODE == 1:  # 8-bit q x 8-bit K: no conversion of the K tile
         if k.dtype == tl.int8:
@@ -149,12 +149,11 @@ def _attend_tile(q, q_lp, q_lo, row_mul, k, v, ks, vs, key, key_ok, lim, m_i, l_
             qk = tl.dot(q, k)
     if HAS_KV_SCALE:  # per-key scale of the quantized K: q·(s_j k_j) = s_j (q·k_j)
         qk = qk * ks[None, :]
+    keep = key_ok[None, :] & (key[None, :] < lim[:, None])
     if HAS_KV_SCALE and QK_MODE != 0:
-        s = qk * row_mul[:, None]
+        s = tl.where(keep, qk * row_mul[:, None], float("-inf"))
     else:
-        s = qk * qk_scale
-    if MASKED:  # not MASKED: every key of the tile lies below every real row's limit
-        s = tl.where(key_ok[None, :] & (key[None, :] < lim[:, None]), s, float("-inf"))
+        s = tl.where(keep, qk * qk_scale, float("-inf"))
     p, m_ij, l_i, acc = online_softmax_update(s, m_i, l_i, acc)  # a row all -inf so far keeps p = 0
     if HAS_KV_SCALE and PV_MODE != 0:
         # P * s_v divided by the tile's largest s_v lies in [0, 1] (padding keys have s_v = 0); the
@@ -227,7 +226,7 @@ def _decode_split_kernel(
     #                             3 int8 P (hi + residual) x int8 V
     FAST_I8: tl.constexpr = False,  # int8 K/V to fp16 by byte moves (QK_MODE 3 / PV_MODE 1; CUDA only)
     FP8_EXACT: tl.constexpr = False,  # interpreter only: exact rounding to e4m3 (see _to_e4m3)
-    FULL_TILES: tl.constexpr = False,  # not PAGED: a loop over the tiles every row attends whole, without masks
+    FULL_TILES: tl.constexpr = False,  # not PAGED: K/V/scale loads without element masks (see the loop)
 ):
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -364,8 +363,8 @@ def _decode_split_kernel(
             ks = pos  # unused placeholders
             vs = pos
         m_i, l_i, acc = _attend_tile(q, q_lp, q_lo, row_mul, k, v, ks, vs, key, key_ok, lim, m_i, l_i, acc,
-                                     qk_scale, in_dtype, True, DOT_F32, IEEE, HAS_KV_SCALE, QK_MODE, PV_MODE,
-                                     FAST_I8, FP8_EXACT)
+                                     qk_scale, in_dtype, DOT_F32, IEEE, HAS_KV_SCALE, QK_MODE, PV_MODE, FAST_I8,
+                                     FP8_EXACT)
 
     # ---------------------------------------------------------------- epilogue
     # a row attends some key of this range iff the range's smallest key is below its limit (exact: the
