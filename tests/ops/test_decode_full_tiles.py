@@ -8,39 +8,19 @@ Under Triton's CPU interpreter without CUDA.
 
 from __future__ import annotations
 
-import zlib
-
 import pytest
 import torch
 
 from sparseattn.ops.decode import decode_attention, decode_reference, paged_decode_attention
 from sparseattn.ops.launch_configs import DecodeLaunchConfig
 from sparseattn.state.kv_cache import quantize
+from sparseattn.testing.harness import kernel_unavailable, node_generator
 from sparseattn.testing.tolerances import check_ratio
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
 FP8_OK = (not ON_GPU) or torch.cuda.get_device_capability() >= (8, 9)
-
-
-def _kernel_available() -> str | None:
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is None:  # pragma: no cover
-        return "triton is not installed"
-    if not ON_GPU:
-        from sparseattn.ops.triton_launch import interpret_mode
-
-        if not interpret_mode():
-            return "no CUDA and TRITON_INTERPRET is not set (tests/conftest.py sets it before triton is imported)"
-    return None
-
-
-needs_kernel = pytest.mark.skipif(_kernel_available() is not None, reason=str(_kernel_available()))
-
-
-def _gen(request) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+needs_kernel = pytest.mark.skipif(kernel_unavailable() is not None, reason=str(kernel_unavailable()))
 
 
 def _cfg(full: bool, **kw):
@@ -73,7 +53,7 @@ def _case_id(c):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 def test_full_tiles_equal_the_masked_launch_and_pass_the_reference(case, dtype, request):
     B, H, Hkv, Lq, N, D, lens, splits, causal = case
-    g = _gen(request)
+    g = node_generator(request)
     q = torch.randn(B, H, Lq, D, generator=g).to(dtype).to(DEV)
     k = torch.randn(B, Hkv, N, D, generator=g).to(dtype).to(DEV)
     v = torch.randn(B, Hkv, N, D, generator=g).to(dtype).to(DEV)
@@ -98,7 +78,7 @@ def test_full_tiles_equal_the_masked_launch_on_quantized_caches(variant, mode, r
         pytest.skip("float8 K/V need compute capability >= 8.9")
     if (mode == "fp8" and pv == "i8x2") or (mode == "int8" and pv == "fp8"):
         pytest.skip(f"PV={pv!r} is for {'int8' if pv == 'i8x2' else 'float8'} caches")
-    g = _gen(request)
+    g = node_generator(request)
     q = torch.randn(3, 8, 2, 64, generator=g).to(torch.bfloat16).to(DEV)
     kq, ks = quantize(torch.randn(3, 2, 150, 64, generator=g) * 1.5, mode)
     vq, vs = quantize(torch.randn(3, 2, 150, 64, generator=g) + 0.5, mode)
@@ -116,7 +96,7 @@ def test_full_tiles_equal_the_masked_launch_on_quantized_caches(variant, mode, r
 def test_full_tiles_never_read_beyond_seqlen_and_keep_nan_inside(mode, request):
     """Garbage (NaN, extremes, NaN scales) beyond each length never reaches the output; a NaN key inside a
     full tile makes its KV group's rows NaN, as in the masked launch."""
-    g = _gen(request)
+    g = node_generator(request)
     lens = [0, 33, 96, 70]
     q = torch.randn(4, 4, 2, 64, generator=g).to(torch.float16).to(DEV)
     k = torch.randn(4, 2, 96, 64, generator=g)
@@ -162,7 +142,7 @@ def test_full_tiles_never_read_beyond_seqlen_and_keep_nan_inside(mode, request):
 
 @needs_kernel
 def test_full_tiles_leave_the_paged_kernel_as_it_is(request):
-    g = _gen(request)
+    g = node_generator(request)
     q = torch.randn(2, 4, 1, 64, generator=g).to(torch.float16).to(DEV)
     k = torch.randn(2, 2, 120, 64, generator=g).to(torch.float16).to(DEV)
     v = torch.randn(2, 2, 120, 64, generator=g).to(torch.float16).to(DEV)
