@@ -50,6 +50,10 @@ FAMILIES = {
         ("Gemma-3-270M", "h100_20261206_s22/len32000_r32c93_cwe_fwe/ruler_runs.jsonl", 0, SAMPLED32, None),
         ("SmolLM2-135M", "h100_20261206_s22/smol8k_r32c93/ruler_runs.jsonl", 0, SAMPLED32, None),
     ],
+    # twenty-second session: the union of both scores, a single-configuration candidate (CPU, SmolLM2 4K only)
+    "union of mean_sim (cdf 0.9, sim_threshold 0) and sampled 32 rows (cdf 0.93), tail 128": [
+        ("SmolLM2-135M", "cpu_20261206_s22/ruler_smol4k_union_r32/ruler_runs.jsonl", 0, "union:", None),
+    ],
     # twenty-second session: does a higher cdf save mean_sim's two lost Gemma 16K multikey prompts? (one column)
     "mean_sim (Gemma: cdf 0.95, sim_threshold 0), tail 128": [
         ("Gemma-3-270M", "h100_20261206_s22/len16384_ms095/ruler_runs.jsonl", 0, MEAN_SIM_GEMMA95, None),
