@@ -21,31 +21,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
+from bench_decode import copy_bandwidth, quantize_chunked  # noqa: E402  (this folder: the script's own)
+
 from sparseattn.ops.decode import decode_attention  # noqa: E402
-from sparseattn.state.kv_cache import quantize  # noqa: E402
 from sparseattn.testing.timing import bench_ms  # noqa: E402
 
 CFG = {"bf16": {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2},
        "int8": {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "QK": "fp16"}}
-
-
-def quantize_chunked(x: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 :func:`quantize` over key chunks (bounded fp32 temporaries); scales ``(B, H_kv, N)``."""
-    B, Hkv, N, D = x.shape
-    data = torch.empty((B, Hkv, N, D), dtype=torch.int8, device=x.device)
-    scales = torch.empty((B, Hkv, N), dtype=torch.float32, device=x.device)
-    for a in range(0, N, chunk):
-        d, sc = quantize(x[:, :, a:a + chunk], "int8")
-        data[:, :, a:a + chunk] = d
-        scales[:, :, a:a + chunk] = sc.reshape(B, Hkv, -1)
-    return data, scales
-
-
-def copy_gbps() -> float:
-    x = torch.empty(1 << 29, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    ms = bench_ms(lambda: y.copy_(x))
-    return 2 * x.numel() / (ms * 1e-3) / 1e9
 
 
 def main() -> None:
@@ -59,7 +41,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("decode_full_tiles: needs a CUDA device")
     t0 = time.time()
-    bw = copy_gbps()
+    bw = copy_bandwidth("cuda", 1 << 29, bench_ms)["gbps_read_plus_write"]
     H, Hkv, D = 32, 8, 128
     rows = []
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  copy {bw:.0f} GB/s", flush=True)
@@ -77,8 +59,8 @@ def main() -> None:
             v = torch.randn(B, Hkv, n, D, device="cuda", dtype=torch.bfloat16, generator=g)
             sl = torch.full((B,), n - 3, dtype=torch.int32, device="cuda")  # a partial last tile
             caches = {"bf16": (k, v, None, None)}
-            kq, ks = quantize_chunked(k)
-            vq, vs = quantize_chunked(v)
+            kq, ks = quantize_chunked(k, "int8")
+            vq, vs = quantize_chunked(v, "int8")
             caches["int8"] = (kq, vq, ks, vs)
             del k, v
             for kv, (kc, vc, ksc, vsc) in caches.items():

@@ -19,10 +19,10 @@ the keys it may attend), so the only error is the sampling of rows; the cost is 
 the oracle's (1/8 at 8 of 64 rows). Unlike the oracle it is a usable predictor (an estimate from a fraction of
 the rows, in the spirit of MInference's last-query and XAttention's strided estimates); its layout adds the
 forced sink and local blocks as ``mean_sim`` does. Two paths compute its mass: the PyTorch function below (two
-chunked passes in a Python loop over key chunks) and one Triton launch
-(:mod:`sparseattn.predictors.fused_sampled`; a two-launch split method there is not yet the predictor's), which
-``SampledMassPredictor(backend="auto")`` takes for CUDA tensors when it supports the call (else the PyTorch path
-with a warning once per reason); ``bench_predictors`` measures both.
+chunked passes in a Python loop over key chunks) and the Triton mass (:mod:`sparseattn.predictors.fused_sampled`:
+two launches over key-block chunks, its default ``method="split"``), which ``SampledMassPredictor(backend="auto")``
+takes for CUDA tensors when it supports the call (else the PyTorch path with a warning once per reason);
+``bench_predictors`` measures both.
 """
 
 from __future__ import annotations
