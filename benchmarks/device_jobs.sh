@@ -311,13 +311,14 @@ print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tok
         "oracle:cdf_threshold=0.97;oracle:cdf_threshold=0.9;oracle:topk=0.5,cdf_threshold=None;$DEFAULT_PRED" \
         > "$d/oracle.log" 2>&1; tail -n 16 "$d/oracle.log" ;;
     s14_ruler)  # issue 17: RULER in float32 (masked SDPA: no bf16 rounding floor to read against), each sparse row with
-      # and without a dense query tail of 128 tokens; S14_LEN 4096 (default) or 8000, S14_TUNED a tuned file as one more row
+      # and without a dense query tail of 128 tokens; S14_LEN 4096 (default) or 8000, S14_TUNED a tuned file as one more row,
+      # S14R_EXTRA more ruler arguments (e.g. "--seed 1")
       # (the essays haystack includes text a tuned file's gate trained on; say so when reading that row)
       n=${S14_LEN:-4096}; T=""; [ -n "${S14_TUNED:-}" ] && [ -f "${S14_TUNED}" ] && T="--tuned ${S14_TUNED}"
       timeout ${S14R_S:-540} $M ruler --model $SMOL --text-dir $ESSAYS --lengths $n --samples ${S14R_SAMPLES:-24} \
         --predictors "${S14_PRED:-$DEFAULT_PRED;mean_sim:score=mixed,cdf_threshold=0.95,keep_local=8}" $T \
         --dense-tails ${S14_TAILS:-0,128} --device cuda --dtype float32 --backend masked_sdpa --batch-size 8 --no-plots \
-        --quiet --out "$d" > "$d/log" 2>&1; tail -n 40 "$d/log" ;;
+        ${S14R_EXTRA:-} --quiet --out "$d" > "$d/log" 2>&1; tail -n 40 "$d/log" ;;
     s14_ruler_gemma)  # issue 17: RULER on Gemma-3-270M (bf16 with the all-blocks floor), the default with and without the
       # dense tail; S14G_TUNED: a tuned file for its global layers as one more row
       # S14G_FP32=1: float32 through masked SDPA (no rounding floor, as s14_ruler; no all-blocks row needed);
