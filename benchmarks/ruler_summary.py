@@ -9,8 +9,8 @@ the configuration predicted (runs older than that field: the block sparsity over
 SmolLM2, whose every layer is predicted).
 
 Writes `docs/ruler_summary.md` (one table per family) and `docs/ruler_summary.png` (one heatmap panel per family:
-cells coloured by the difference from −10 (red) to +10 points (green), the value in bold where it is below −2, grey
-where nothing was run).
+cells coloured by the difference from −10 (red) to +10 points (green), the value in bold where it is below −2 or the
+sparsity below 50%, grey where nothing was run).
 
 Usage: python benchmarks/ruler_summary.py [--out-dir docs]
 """
@@ -57,6 +57,15 @@ FAMILIES = {
     # twenty-second session: does a higher cdf save mean_sim's two lost Gemma 16K multikey prompts? (one column)
     "mean_sim (Gemma: cdf 0.95, sim_threshold 0), tail 128": [
         ("Gemma-3-270M", "h100_20261206_s22/len16384_ms095/ruler_runs.jsonl", 0, MEAN_SIM_GEMMA95, None),
+    ],
+    # twenty-third session: sampled 32 rows on SmolLM2 4K at higher cdfs (one column each; 10 prompts per task, GPU)
+    "sampled, 32 rows (SmolLM2: cdf 0.95), keep_local 8, tail 128": [
+        ("SmolLM2-135M", "h100_20261206_s23/smol4k_r32c95c96/ruler_runs.jsonl", 0,
+         "sampled:rows_per_block=32,cdf_threshold=0.95,", None),
+    ],
+    "sampled, 32 rows (SmolLM2: cdf 0.96), keep_local 8, tail 128": [
+        ("SmolLM2-135M", "h100_20261206_s23/smol4k_r32c95c96/ruler_runs.jsonl", 0,
+         "sampled:rows_per_block=32,cdf_threshold=0.96,", None),
     ],
 }
 # the lengths the issue names for each model (a column is drawn, grey if not run)
@@ -112,7 +121,8 @@ def main() -> None:
             row = []
             for m, n in COLUMNS:
                 v = c.get((m, n, task))
-                row.append("not run" if v is None else f"{v[0]:+.1f} (n={v[1]}, {100 * v[2]:.0f}%)")
+                row.append("not run" if v is None else f"{v[0]:+.1f} (n={v[1]}, {100 * v[2]:.0f}%"
+                           + (", **below 50%**)" if v[2] < 0.5 else ")"))
             md.append(f"| {task} | " + " | ".join(row) + " |")
     (out / "ruler_summary.md").write_text("\n".join(md) + "\n")
 
@@ -121,8 +131,12 @@ def main() -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(fams), figsize=(6.2 * len(fams), 4.6), squeeze=False)
-    for ax, (name, c) in zip(axes[0], fams.items()):
+    ncols = min(3, len(fams))
+    nrows = -(-len(fams) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 4.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(fams):]:
+        ax.axis("off")
+    for ax, (name, c) in zip(axes.flat, fams.items()):
         grid = np.full((len(TASKS), len(COLUMNS)), np.nan)
         for i, task in enumerate(TASKS):
             for j, (m, n) in enumerate(COLUMNS):
@@ -136,7 +150,9 @@ def main() -> None:
             for j, (m, n) in enumerate(COLUMNS):
                 v = c.get((m, n, task))
                 txt = "not run" if v is None else f"{v[0]:+.1f}\nn={v[1]}, {100 * v[2]:.0f}%"
-                bad = v is not None and v[0] < -2.0
+                if v is not None and v[2] < 0.5:
+                    txt += " (<50%)"
+                bad = v is not None and (v[0] < -2.0 or v[2] < 0.5)
                 ax.text(j, i, txt, ha="center", va="center", fontsize=7, fontweight="bold" if bad else "normal")
         ax.set_xticks(range(len(COLUMNS)), [f"{m.split('-')[0]}\n{n}" for m, n in COLUMNS], fontsize=8)
         ax.set_yticks(range(len(TASKS)), TASKS, fontsize=8)
