@@ -43,6 +43,7 @@ __all__ = [
     "decode_refusal",
     "decode_choice",
     "decode_num_splits",
+    "decode_num_splits_filled",
     "quantized_kv_dtypes",
     "MAX_DECODE_QUERIES",
 ]
@@ -55,8 +56,8 @@ MIN_KEYS_PER_SPLIT = 256  # the heuristic never gives a split fewer keys than th
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Z = 65535
 _CONFIG_KEYS = {"BLOCK_N", "num_warps", "num_stages"}
-_CONFIG_OPTIONAL = {"QK", "PV", "BLOCK_M", "FULL_TILES"}  # quantized-path variants, a row-tile floor, loads
-# without element masks (DecodeLaunchConfig)
+_CONFIG_OPTIONAL = {"QK", "PV", "BLOCK_M", "FULL_TILES", "CTAS_PER_SM"}  # quantized-path variants, a row-tile
+# floor, loads without element masks, the split count's programs per SM (DecodeLaunchConfig)
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -404,6 +405,22 @@ def decode_num_splits(ctas: int, n_keys: int, num_sms: int = 132, *, ctas_per_sm
     return 1  # pragma: no cover
 
 
+def decode_num_splits_filled(ctas: int, n_keys: int, num_sms: int, ctas_per_sm: int) -> int:
+    """Key splits that fill the GPU with ``ctas_per_sm`` programs per SM, rounded down, at small batches.
+
+    With fewer programs than SMs (``ctas < num_sms``): ``floor(ctas_per_sm * num_sms / ctas)``, at least 1, never
+    giving a split fewer than ``MIN_KEYS_PER_SPLIT`` keys nor more than ``MAX_SPLITS`` splits. With at least one
+    program per SM already, :func:`decode_num_splits` (the wave heuristic: its extra splits also even out
+    sequences of different lengths). The rule of a launch config with ``CTAS_PER_SM`` (a tuned entry measured on
+    its device: on an H100 the int8 cache was fastest at two programs per SM, 1.06-1.14x
+    :func:`decode_num_splits`'s split count at batch 1-4; ``benchmarks/decode_splits_sweep.py``).
+    """
+    if ctas >= num_sms:
+        return decode_num_splits(ctas, n_keys, num_sms)
+    cap = max(1, min(MAX_SPLITS, -(-n_keys // MIN_KEYS_PER_SPLIT)))
+    return max(1, min(cap, (ctas_per_sm * num_sms) // max(1, ctas)))
+
+
 def _default_config(D: int, block_m: int, interp: bool, paged: bool = False,
                     device: str | None = None, kv: str = "none") -> dict[str, Any]:
     """The fixed launch config: the tuned winner for ``device`` (a device name; ``None``: the shipped file's
@@ -478,7 +495,9 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
     m_tiles = -(-rows // block_m)
     if num_splits is None:
         sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else 132
-        num_splits = decode_num_splits(B * Hkv * m_tiles, n_virtual, sms)
+        per_sm = cfg.get("CTAS_PER_SM")
+        num_splits = (decode_num_splits(B * Hkv * m_tiles, n_virtual, sms) if per_sm is None else
+                      decode_num_splits_filled(B * Hkv * m_tiles, n_virtual, sms, per_sm))
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if num_splits > 1:
@@ -550,6 +569,9 @@ def _variant_modes(fn: str, cfg: dict[str, Any], kv: str, q_dtype: torch.dtype, 
     qk, pv, bm = cfg.get("QK"), cfg.get("PV"), cfg.get("BLOCK_M")
     if "FULL_TILES" in cfg and not isinstance(cfg["FULL_TILES"], bool):
         raise fail(fn, "config", "has a bad FULL_TILES", "True or False", repr(cfg["FULL_TILES"]))
+    per_sm = cfg.get("CTAS_PER_SM")
+    if "CTAS_PER_SM" in cfg and (isinstance(per_sm, bool) or not isinstance(per_sm, int) or not 1 <= per_sm <= 16):
+        raise fail(fn, "config", "has a bad CTAS_PER_SM", "an int in 1..16", repr(per_sm))
     if qk is not None and qk not in DECODE_QK_VARIANTS:
         raise fail(fn, "config", "has an unknown QK variant", f"one of {DECODE_QK_VARIANTS}", repr(qk))
     if pv is not None and pv not in DECODE_PV_VARIANTS:

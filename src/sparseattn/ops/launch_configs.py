@@ -145,7 +145,9 @@ class DecodeLaunchConfig:
     32..256); ``block_m`` — the smallest row tile (a power of two in 16..64; the launcher uses at least the rows'
     own tile); ``full_tiles`` — ``True``: the dense (not paged) kernel loads K, V and their scales without element
     masks (past a range's end it re-reads the range's last key, whose scores stay masked): the same output bit for
-    bit, fewer instructions.
+    bit, fewer instructions; ``ctas_per_sm`` — the split count of a launch without ``num_splits`` fills the GPU
+    with this many programs per SM (:func:`sparseattn.ops.decode.decode_num_splits_filled`, an int in 1..16;
+    ``None``: the wave heuristic :func:`sparseattn.ops.decode.decode_num_splits`).
     """
 
     block_n: int
@@ -155,9 +157,11 @@ class DecodeLaunchConfig:
     pv: str | None = None
     block_m: int | None = None
     full_tiles: bool | None = None
+    ctas_per_sm: int | None = None
 
     _REQUIRED = ("BLOCK_N", "num_warps", "num_stages")
-    _OPTIONAL = (("qk", "QK"), ("pv", "PV"), ("block_m", "BLOCK_M"), ("full_tiles", "FULL_TILES"))
+    _OPTIONAL = (("qk", "QK"), ("pv", "PV"), ("block_m", "BLOCK_M"), ("full_tiles", "FULL_TILES"),
+                 ("ctas_per_sm", "CTAS_PER_SM"))
 
     def __post_init__(self) -> None:
         fn = "DecodeLaunchConfig"
@@ -174,6 +178,9 @@ class DecodeLaunchConfig:
             if self.block_m > 64:
                 raise fail(fn, "block_m", "is too large", "a power of two in 16..64", repr(self.block_m))
         _opt_bool(fn, "full_tiles", self.full_tiles)
+        c = self.ctas_per_sm
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 16):
+            raise fail(fn, "ctas_per_sm", "must be None or an int in 1..16", "None or 1..16", repr(c))
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"BLOCK_N": self.block_n, "num_warps": self.num_warps, "num_stages": self.num_stages}
