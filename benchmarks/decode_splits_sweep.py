@@ -4,15 +4,17 @@ At batch 1 a decode step has only ``B * H_kv`` = 8 (batch, KV head) programs, so
 :func:`sparseattn.ops.decode.decode_num_splits` decide how full the GPU is. The heuristic assumes 4 resident
 programs per SM for every cache format; this sweep measures whether that holds for the bf16 and the int8 cache.
 
-Per (context, batch, cache): the launcher's default (tuned config, heuristic splits) and every (config, splits)
-pair of the grid, each captured in a CUDA graph and timed by replay (``bench_ms``: warm-up, median), rounds
-alternated. The fastest pair's output is checked against :func:`decode_reference` on sequence 0 (the ratio rule
-of :mod:`sparseattn.testing.tolerances`). ``%bw``: the K/V (and scale) bytes read per second over the device's
-copy bandwidth (read + written bytes of a 512 MiB copy, same process). bf16 q, H=32, H_kv=8, D=128, one new
-token, every sequence the full context; the int8 cache is the bf16 one quantized per token
-(:func:`bench_decode.quantize_chunked`).
+Per (context, batch, cache): the launcher's default (its tuned config and split rule: ``CTAS_PER_SM`` where the
+config has it), the same config under the wave heuristic (``wave-heuristic``: without ``CTAS_PER_SM``) and every
+(config, splits) pair of the grid (``--configs``, ``--splits``), each captured in a CUDA graph and timed by replay
+(``bench_ms``: warm-up, median), rounds alternated. The fastest pair's output is checked against
+:func:`decode_reference` on sequence 0 (the ratio rule of :mod:`sparseattn.testing.tolerances`). ``%bw``: the K/V
+(and scale) bytes read per second over the device's copy bandwidth (read + written bytes of a 512 MiB copy, same
+process). bf16 q, H=32, H_kv=8, D=128, one new token, every sequence the full context; the int8 cache is the bf16
+one quantized per token (:func:`bench_decode.quantize_chunked`).
 
     python benchmarks/decode_splits_sweep.py --out DIR [--contexts 32768 131072] [--batches 1 2 4] [--budget-s 150]
+        [--splits 16 32 33] [--configs n128w4s3f]
     TRITON_INTERPRET=1 python benchmarks/decode_splits_sweep.py --cpu-smoke   # tiny shapes, no timing
 """
 
@@ -79,7 +81,9 @@ def main() -> int:
             return 2
         dev, contexts, batches, splits, rounds = "cuda", a.contexts, a.batches, a.splits, a.rounds
         configs = {kv: [(cn, c) for cn, c in cs if a.configs is None or cn in a.configs] for kv, cs in CONFIGS.items()}
-    assert max(splits) <= MAX_SPLITS
+    if not splits or min(splits) < 1 or max(splits) > MAX_SPLITS:
+        print(f"decode_splits_sweep: --splits must be ints in 1..{MAX_SPLITS}; got {splits}", file=sys.stderr)
+        return 2
     t0 = time.time()
     if smoke:
         bw, timed = float("nan"), (lambda fn: (fn(), 0.0)[1])
@@ -117,7 +121,8 @@ def main() -> int:
                 heur = decode_num_splits(B * HKV, n, sms)
                 # the launcher's default (tuned config and its split rule) and the same config under the wave
                 # heuristic (without CTAS_PER_SM), then the grid
-                tuned = _default_config(D, 16, smoke, device=None if smoke else name, kv="int8" if ksc is not None else "none")
+                tuned = _default_config(D, 16, smoke, device=None if smoke else name,
+                                        kv="int8" if ksc is not None else "none")
                 old = {kk: vv for kk, vv in tuned.items() if kk != "CTAS_PER_SM"}
                 keys = [("default", None, None), ("wave-heuristic", old, None)] + [
                     (f"{cn}/S{S}", c, S) for cn, c in configs[kv] for S in splits]
@@ -152,7 +157,8 @@ def main() -> int:
                                  wave_heuristic_ms=med.get("wave-heuristic"), default_ms=med.get("default"),
                                  best=best, best_ms=ok[best], best_pct_copy_bw=pct, parity=parity, ms=ms))
                 d, hm = med.get("default", float("nan")), med.get("wave-heuristic", float("nan"))
-                print(f"{n:>7} {B:>3} {kv:>5} {heur:>6} {hm:>8.4f} {dflt:>5} {d:>10.4f} {(hm / d) if d else float('nan'):>8.3f} "
+                ratio = (hm / d) if d else float("nan")
+                print(f"{n:>7} {B:>3} {kv:>5} {heur:>6} {hm:>8.4f} {dflt:>5} {d:>10.4f} {ratio:>8.3f} "
                       f"{best:>18} {ok[best]:>8.4f} {(d / ok[best]) if ok[best] else float('nan'):>8.3f} {pct:>8.0f} "
                       f"{parity}", flush=True)
             del caches, kq, vq, k, v

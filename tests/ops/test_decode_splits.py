@@ -2,8 +2,9 @@
 
 A config with ``CTAS_PER_SM = r`` splits the keys so that ``floor(r * SMs / programs)`` splits fill the GPU with
 ``r`` programs per SM where there are fewer programs than SMs (:func:`decode_num_splits_filled`); with more, and
-without it, the wave heuristic (:func:`decode_num_splits`) stays. The launch must be the explicit ``num_splits`` launch of that count, bit for bit,
-and pass the reference. Under Triton's CPU interpreter without CUDA (the launcher then assumes 132 SMs).
+without it, the wave heuristic (:func:`decode_num_splits`) stays. The launch must be the explicit ``num_splits``
+launch of that count, bit for bit, and pass the reference. Under Triton's CPU interpreter without CUDA (the launcher
+then assumes 132 SMs).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ H100 = "NVIDIA H100 80GB HBM3"
 
 
 def test_filled_split_count():
-    # batch 1 / 2 / 4 / 8 x 8 KV heads on 132 SMs: one program per SM (the H100's bf16 entry), two (int8)
+    # batch 1 / 2 / 4 / 8 x 8 KV heads on 132 SMs: one program per SM, two (the H100's int8 entry)
     assert [decode_num_splits_filled(8 * b, 131072, 132, 1) for b in (1, 2, 4, 8)] == [16, 8, 4, 2]
     assert [decode_num_splits_filled(8 * b, 131072, 132, 2) for b in (1, 2, 4, 8)] == [33, 16, 8, 4]
     assert decode_num_splits_filled(16 * 8, 131072, 132, 1) == 1  # batch 16: one program per SM already
@@ -94,3 +95,23 @@ def test_shipped_entries_take_ctas_per_sm_only_where_measured():
     assert "CTAS_PER_SM" not in _default_config(128, 16, False, paged=True, device=H100)
     for kv in ("none", "int8"):
         assert "CTAS_PER_SM" not in _default_config(128, 16, False, device="NVIDIA H200", kv=kv)
+
+
+def test_the_sweep_script_runs_on_the_interpreter(tmp_path):
+    """benchmarks/decode_splits_sweep.py --cpu-smoke: every row (default, wave heuristic, grid) runs and passes parity."""
+    if ON_GPU:
+        pytest.skip("the GPU runs the real sweep")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.path.join(root, "src"))
+    res = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "decode_splits_sweep.py"), "--cpu-smoke",
+                          "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads((tmp_path / "decode_splits_sweep.json").read_text())["rows"]
+    assert {r["kv"] for r in rows} == {"bf16", "int8"}
+    for r in rows:
+        assert r["parity"] == "ok" and {"default", "wave-heuristic"} <= set(r["ms"]) and len(r["ms"]) >= 4, r
