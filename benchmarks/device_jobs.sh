@@ -247,6 +247,11 @@ print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tok
     decode_bench)  # issue 14: dense/int8/fp8/sparse decode (sparse at page 16/32/64, radix-select pick kernel)
       timeout ${DB_S:-330} python3 benchmarks/bench_decode.py --page-sizes ${DB_PAGES:-16,32,64} --budget-s ${DB_BUDGET:-280} \
         --flex-budget-s 60 ${DB_ARGS:-} --out "$d" > "$d/log" 2>&1; tail -n 32 "$d/log" ;;
+    splits_sweep)  # issue 14: decode split counts x launch configs at small batches (graphed), the launcher's default
+      # against the wave heuristic; SS_BATCHES (1 2 4 8), SS_SPLITS / SS_CONFIGS (the script's grid), SS_BUDGET (150)
+      timeout ${SS_S:-240} python3 benchmarks/decode_splits_sweep.py --out "$d" --contexts 131072 32768 \
+        --batches ${SS_BATCHES:-1 2 4 8} ${SS_SPLITS:+--splits $SS_SPLITS} ${SS_CONFIGS:+--configs $SS_CONFIGS} \
+        --budget-s ${SS_BUDGET:-150} > "$d/log" 2>&1; grep -v "^  n" "$d/log" | tail -n 24 ;;
     stage_probe)  # issue 14: sparse decode stage by stage (graphed), pick variants, paged launch sweep
       timeout ${SP_S:-200} python3 benchmarks/decode_stage_probe.py --batch ${SP_BATCH:-1,8} --pages ${SP_PAGES:-64,32} \
         --out "$d" > "$d/log" 2>&1; tail -n 12 "$d/log" ;;
