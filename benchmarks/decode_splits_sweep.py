@@ -34,10 +34,10 @@ from bench_decode import copy_bandwidth, quantize_chunked  # noqa: E402  (this f
 
 from sparseattn.ops.decode import (  # noqa: E402
     MAX_SPLITS,
+    _config_num_splits,
     _default_config,
     decode_attention,
     decode_num_splits,
-    decode_num_splits_filled,
     decode_reference,
 )
 from sparseattn.testing.tolerances import check_ratio  # noqa: E402
@@ -100,6 +100,7 @@ def main() -> int:
           f"{'best':>18} {'best ms':>8} {'def/best':>8} {'best %bw':>8} parity", flush=True)
     rows = []
     stop = False
+    sms = 132 if smoke else torch.cuda.get_device_properties(0).multi_processor_count
     for n in contexts:
         for B in batches:
             if stop or time.time() - t0 > a.budget_s:
@@ -117,7 +118,6 @@ def main() -> int:
                 def run(cfg=None, S=None, kc=kc, vc=vc, ksc=ksc, vsc=vsc):
                     return decode_attention(q, kc, vc, k_scale=ksc, v_scale=vsc, backend="triton", config=cfg,
                                             num_splits=S, return_lse=True)
-                sms = 132 if smoke else torch.cuda.get_device_properties(0).multi_processor_count
                 heur = decode_num_splits(B * HKV, n, sms)
                 # the launcher's default (tuned config and its split rule) and the same config under the wave
                 # heuristic (without CTAS_PER_SM), then the grid
@@ -151,8 +151,7 @@ def main() -> int:
                     parity = str(exc)[:160]
                 nbytes = kc.numel() * kc.element_size() * 2 + (0 if ksc is None else 2 * ksc.numel() * 4)
                 pct = 100.0 * nbytes / (ok[best] * 1e-3) / 1e9 / bw if not smoke else float("nan")
-                per_sm = tuned.get("CTAS_PER_SM")
-                dflt = heur if per_sm is None else decode_num_splits_filled(B * HKV, n, sms, per_sm)
+                dflt = _config_num_splits(tuned, B * HKV, n, sms)  # the launcher's own rule
                 rows.append(dict(ctx=n, B=B, kv=kv, heuristic_splits=heur, default_splits=dflt, default_config=tuned,
                                  wave_heuristic_ms=med.get("wave-heuristic"), default_ms=med.get("default"),
                                  best=best, best_ms=ok[best], best_pct_copy_bw=pct, parity=parity, ms=ms))

@@ -421,6 +421,15 @@ def decode_num_splits_filled(ctas: int, n_keys: int, num_sms: int, ctas_per_sm: 
     return max(1, min(cap, (ctas_per_sm * num_sms) // max(1, ctas)))
 
 
+def _config_num_splits(cfg: dict[str, Any], ctas: int, n_keys: int, num_sms: int) -> int:
+    """The launcher's split count for launch config ``cfg`` when ``num_splits`` is not given: the wave heuristic, or
+    :func:`decode_num_splits_filled` where the config sets ``CTAS_PER_SM``."""
+    per_sm = cfg.get("CTAS_PER_SM")
+    if per_sm is None:
+        return decode_num_splits(ctas, n_keys, num_sms)
+    return decode_num_splits_filled(ctas, n_keys, num_sms, per_sm)
+
+
 def _default_config(D: int, block_m: int, interp: bool, paged: bool = False,
                     device: str | None = None, kv: str = "none") -> dict[str, Any]:
     """The fixed launch config: the tuned winner for ``device`` (a device name; ``None``: the shipped file's
@@ -495,9 +504,7 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
     m_tiles = -(-rows // block_m)
     if num_splits is None:
         sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else 132
-        per_sm = cfg.get("CTAS_PER_SM")
-        num_splits = (decode_num_splits(B * Hkv * m_tiles, n_virtual, sms) if per_sm is None else
-                      decode_num_splits_filled(B * Hkv * m_tiles, n_virtual, sms, per_sm))
+        num_splits = _config_num_splits(cfg, B * Hkv * m_tiles, n_virtual, sms)
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if num_splits > 1:
