@@ -175,9 +175,10 @@ def main_rows(args: argparse.Namespace, cpu: bool, deadline: float,
         add("bf16", d, lambda d=d: block_sparse_fwd(q, k, v, layout=layouts[d], causal=causal))
     # priority order: per_warp first (the budget may cut the tail), then per_warp with K smoothing only (no Q smoothing,
     # no Q/K balancing: the kernel before 2026-12-05, so the two rows give their cost in one run)
-    variants = [(GRANS[0], True), (GRANS[0], False)] + [(g, True) for g in GRANS[1:]]
+    grans = [g for g in GRANS if g in args.grans.split(",")]
+    variants = [(grans[0], True), (grans[0], False)] + [(g, True) for g in grans[1:]] if grans else []
     for gran, sq in variants:
-        for quant in ("int8", "int8_fp8"):
+        for quant in args.modes.split(","):
             for d in (1.0, 0.1):
                 lay = layouts[d]
                 fn = (lambda d=d, quant=quant, gran=gran, sq=sq:
@@ -377,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-dim", type=int, default=128, choices=(64, 128, 256))
     ap.add_argument("--pattern-heads", type=int, default=8, help="query heads of the pattern sweep")
     ap.add_argument("--parity-rows", type=int, default=512)
+    ap.add_argument("--modes", default="int8,int8_fp8",
+                    help="comma-separated quant modes of the main table (default int8,int8_fp8; also int8_int8)")
+    ap.add_argument("--grans", default=",".join(GRANS), help="comma-separated granularities of the main table")
     ap.add_argument("--no-patterns", action="store_true")
     ap.add_argument("--qkv", default=None, metavar="PATH",
                     help="accuracy on Q/K/V captured by 'sparseattn collect' (root, len<N> folder or .safetensors) "

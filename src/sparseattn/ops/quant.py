@@ -65,7 +65,8 @@ from sparseattn.state.types import AttentionState
 __all__ = ["quantized_attention", "quantized_prefill", "quantize_qkv", "quant_refusal", "quant_choice", "tuned_configs",
            "use_tuned_configs", "QuantizedQKV", "QUANT_MODES", "GRANULARITIES"]
 
-QUANT_MODES = ("int8", "int8_fp8")
+QUANT_MODES = ("int8", "int8_fp8", "int8_int8")
+_V8_MODES = ("int8_fp8", "int8_int8")  # V quantized per channel and stored transposed [D, N_pad]
 # name -> ((Q rows per slice W, groups per slice T, consecutive rows per group period S), (same for K))
 GRANULARITIES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "per_block": ((128, 1, 1), (64, 1, 1)),
@@ -78,6 +79,7 @@ SUPPORTED_BLOCK_SIZES = (64, 128)
 _LOG2E = 1.4426950408889634
 _R = 128  # rows per quantization program (a multiple of every group span)
 _FP8_MAX = 448.0
+_INT8_MAX = 127.0
 _KBIAS_PAD = 256  # k_bias rows are allocated to a multiple of this many keys (covers every SUPPORTED_BLOCK_SIZES block)
 _MAX_GRID_Y = 65535
 
@@ -275,7 +277,8 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
     B, H, Nq, D = q.shape
     Hkv, Nkv = k.shape[1], k.shape[2]
     dev = q.device
-    fp8 = quant == "int8_fp8"
+    fp8 = quant == "int8_fp8"  # V quantized per channel, transposed
+    int8v = quant == "int8_int8"
     (qw, qt, qs_), (kw, kt, ks_) = GRANULARITIES[gran]
     n_chunks = cdiv(Nkv, _R)
 
@@ -352,7 +355,14 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
     v_scale = None
     emulated = False
     vq = v
-    if fp8:
+    if int8v:  # per token (scales folded into P by the kernel), transposed like FP8's V
+        n_pad = cdiv(Nkv, _KBIAS_PAD) * _KBIAS_PAD  # the kernel reads the scales unmasked up to its last tile
+        vq = torch.zeros((B, Hkv, D, n_pad), dtype=torch.int8, device=dev)
+        v_scale = torch.zeros((B, Hkv, n_pad), dtype=torch.float32, device=dev)  # padding tokens: scale 0
+        kq._quant_v_fp8_kernel[(n_chunks, B * Hkv)](
+            v, vq, v_scale, v.stride(0), v.stride(1), v.stride(2), vq.stride(0), vq.stride(1), vq.stride(2),
+            Hkv, Nkv, HEAD_DIM=D, R=_R, FP8_EMU=False, INT8=True, stride_sn=n_pad)
+    elif fp8:
         amax = vmax.amax(1)  # (B*Hkv, D), finite entries only
         amax = torch.where(amax > 0, amax, torch.ones_like(amax))
         v_scale = (amax / _FP8_MAX).view(B, Hkv, D)
@@ -612,7 +622,7 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
                        "CUDA sm_90+ (or the interpreter), 16-byte aligned K/V rows and heads, Triton with tensor "
                        "descriptors", repr(config))
     (qw, qt, qs_), (kw, kt, ks_) = GRANULARITIES[qq.granularity]
-    fp8 = qq.quant == "int8_fp8"
+    fp8 = qq.quant in _V8_MODES
     if out is None:
         out = torch.empty((B, H, Nq, D), dtype=out_dtype, device=dev)
     if config is not None and config.get("TMA_QO") and not _quant_tma_usable(qq, qq.q_int8, out):
@@ -623,14 +633,17 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
     v = qq.v
     if fp8:
         sv = (v.stride(0), v.stride(1), v.stride(2))  # [B, Hkv, D, N_pad]: the D stride
-        vsc = (qq.v_scale / _FP8_MAX).reshape(B * Hkv, D).contiguous()
+        if qq.quant == "int8_int8":
+            vsc = qq.v_scale.reshape(B * Hkv, -1)  # per-token scales (B * H_kv, N_pad), folded into P in the kernel
+        else:  # the kernel's output carries P's factor 448 and V's per-channel code
+            vsc = (qq.v_scale / _FP8_MAX).reshape(B * Hkv, D).contiguous()
     else:
         sv = (v.stride(0), v.stride(1), v.stride(2))  # [B, Hkv, N, D]: the token stride
         vsc = lse  # unused
     num_t, idx_t = layout.kv_num_blocks, layout.kv_indices
     list_chunk = min(max(16, 1 << (layout.num_kv_blocks - 1).bit_length()), 1024)
     meta = dict(HEAD_DIM=D, LAYOUT_BM=layout.block_m, LAYOUT_BN=layout.block_n, CAUSAL=causal, QW=qw, QT=qt, QS=qs_,
-                KW=kw, KT=kt, KS=ks_, PV_FP8=fp8, FP8_EMU=qq.fp8_emulated,
+                KW=kw, KT=kt, KS=ks_, PV_FP8=fp8, FP8_EMU=qq.fp8_emulated, PV_INT8=qq.quant == "int8_int8",
                 DOT_F32=bool(interp and v.dtype == torch.bfloat16 and not fp8), LIST_CHUNK=list_chunk,
                 HAS_KBIAS=qq.k_bias is not None)
     kbias = (_kbias_for_launch(qq.k_bias, layout.num_kv_blocks * layout.block_n) if qq.k_bias is not None
