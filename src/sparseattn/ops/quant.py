@@ -3,7 +3,8 @@
 API:
 
 * :func:`quantized_attention` — ``quant="int8"`` (INT8 Q·Kᵀ, P·V in the input dtype) or
-  ``"int8_fp8"`` (INT8 Q·Kᵀ, FP8 e4m3 P·V, sm_89+), any :class:`~sparseattn.layout.BlockLayout` or
+  ``"int8_fp8"`` (INT8 Q·Kᵀ, FP8 e4m3 P·V, sm_89+) or ``"int8_int8"`` (INT8 Q·Kᵀ and INT8 P·V: per-token V
+  scales folded into P, P scaled per tile row; docs/QUANT.md), any :class:`~sparseattn.layout.BlockLayout` or
   top-k indices ``[B, H, q_blocks, top_k]``, bottom-right causal, GQA. Quantization runs on the GPU
   in fused Triton kernels on every call (its time is part of the call).
 * :func:`quantize_qkv` — the quantization alone (returns a :class:`QuantizedQKV`).
@@ -66,7 +67,7 @@ __all__ = ["quantized_attention", "quantized_prefill", "quantize_qkv", "quant_re
            "use_tuned_configs", "QuantizedQKV", "QUANT_MODES", "GRANULARITIES"]
 
 QUANT_MODES = ("int8", "int8_fp8", "int8_int8")
-_V8_MODES = ("int8_fp8", "int8_int8")  # V quantized per channel and stored transposed [D, N_pad]
+_V8_MODES = ("int8_fp8", "int8_int8")  # V quantized to 8 bits and stored transposed [D, N_pad]
 # name -> ((Q rows per slice W, groups per slice T, consecutive rows per group period S), (same for K))
 GRANULARITIES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "per_block": ((128, 1, 1), (64, 1, 1)),
@@ -94,8 +95,10 @@ class QuantizedQKV:
         k_int8 ``(B, H_kv, N_kv, D)`` int8 of the smoothed K; k_scale ``(B, H_kv, G_k)`` float32 (NaN
         for a group holding a non-finite entry); k_mean ``(B, H_kv, D)`` float32 (zeros without
         smoothing); v: the input V (``quant="int8"``) or e4m3 values stored transposed ``(B, H_kv, D,
-        N_pad)`` (float8_e4m3fn; bfloat16 holding e4m3 values when ``fp8_emulated``); v_scale
-        ``(B, H_kv, D)`` float32 per-channel scale (``amax_d / 448``) or ``None``; q_mean ``(B, H, D)``
+        N_pad)`` (float8_e4m3fn; bfloat16 holding e4m3 values when ``fp8_emulated``), or int8 values stored so
+        (``"int8_int8"``, ``N_pad`` a multiple of 256); v_scale ``(B, H_kv, D)`` float32 per-channel scale
+        (``amax_d / 448``), ``(B, H_kv, N_pad)`` per-token scales (``amax_n / 127``, NaN for a non-finite token,
+        0 for padding; ``"int8_int8"``) or ``None``; q_mean ``(B, H, D)``
         float32, the per-channel token mean of Q subtracted before quantizing (``None`` without Q smoothing);
         k_bias ``(B, H, N_kv)`` float32, ``sm_scale * log2(e) * q_mean · (k - k_mean)`` per query head and key,
         added to every score of that key (``None`` without Q smoothing); qk_alpha ``(B, H_kv, D)`` float32, the
@@ -795,7 +798,7 @@ def quantized_attention(
             ``topk_indices``) = dense.
         causal: bottom-right aligned causal mask (query ``i`` sees keys ``<= i + N_kv - N_q``).
         scale: softmax scale, default ``D ** -0.5``.
-        quant: ``"int8"`` or ``"int8_fp8"``.
+        quant: ``"int8"``, ``"int8_fp8"`` or ``"int8_int8"``.
         quant_granularity: ``"per_block"``, ``"per_warp"`` (default), ``"per_thread"`` or ``"per_token"``.
         topk_indices: instead of ``layout``: integer ``[B, H, ceil(N_q / block_size), top_k]`` key-block
             indices (any order, ``-1`` = none), converted by
