@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pattern-heads", type=int, default=8, help="query heads of the pattern sweep")
     ap.add_argument("--parity-rows", type=int, default=512)
     ap.add_argument("--modes", default="int8,int8_fp8",
-                    help="comma-separated quant modes of the main table (default int8,int8_fp8; also int8_int8)")
+                    help="comma-separated quant modes of the main table (default int8,int8_fp8)")
     ap.add_argument("--grans", default=",".join(GRANS), help="comma-separated granularities of the main table")
     ap.add_argument("--no-patterns", action="store_true")
     ap.add_argument("--qkv", default=None, metavar="PATH",

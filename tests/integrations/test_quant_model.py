@@ -60,8 +60,7 @@ def model_and_ref():
 
 # ---------------------------------------------------------------- patch_model(quant=...)
 @torch.no_grad()
-@pytest.mark.parametrize("quant,gran", [("int8", "per_warp"), ("int8", "per_thread"), ("int8_fp8", "per_block"),
-                                        ("int8_int8", "per_warp")])
+@pytest.mark.parametrize("quant,gran", [("int8", "per_warp"), ("int8", "per_thread"), ("int8_fp8", "per_block")])
 def test_quantized_model_close_to_unquantized_and_the_quant_kernel_ran(model_and_ref, monkeypatch, quant, gran):
     model, ids, ref, dense = model_and_ref
     calls = []
@@ -138,7 +137,7 @@ def _unpatched(model) -> None:
 
 
 @pytest.mark.parametrize("kwargs,err,match", [
-    (dict(quant="int4"), ValueError, r"^patch_model: quant is unknown; expected None or one of \['int8', 'int8_fp8', 'int8_int8'\], got 'int4'$"),
+    (dict(quant="int4"), ValueError, r"^patch_model: quant is unknown; expected None or one of \['int8', 'int8_fp8'\], got 'int4'$"),
     (dict(quant="int8", quant_granularity="per_head"), ValueError, r"^patch_model: quant_granularity is unknown;"),
     (dict(quant="int8", backend="masked_sdpa"), ValueError, r"^patch_model: backend cannot run quant='int8'.*got 'masked_sdpa'$"),
     (dict(quant="int8", dense_above=0.5), ValueError, r"^patch_model: dense_above cannot be combined with quant='int8'"),

@@ -259,7 +259,7 @@ def device(text: str) -> str:
     return str(text)
 
 
-QUANT_CHOICES = ("int8", "int8_fp8", "int8_int8")
+QUANT_CHOICES = ("int8", "int8_fp8")
 QUANT_GRAN_CHOICES = ("per_warp", "per_block", "per_thread", "per_token")
 
 
@@ -267,7 +267,7 @@ def add_quant_arguments(p: argparse.ArgumentParser) -> None:
     """``--quant`` and ``--quant-gran`` (``sparseattn eval``, ``bench-model``; docs/QUANT.md)."""
     p.add_argument("--quant", default=None, choices=QUANT_CHOICES,
                    help="run the sparse layers on the quantized kernel: int8 (INT8 Q·Kᵀ, P·V in the model dtype) or "
-                        "int8_fp8 (FP8 P·V, sm_89+) or int8_int8 (INT8 P·V); quantization is inside every call. Needs a bfloat16/float16 "
+                        "int8_fp8 (FP8 P·V, sm_89+); quantization is inside every call. Needs a bfloat16/float16 "
                         "model on CUDA (or TRITON_INTERPRET=1 on the CPU)")
     p.add_argument("--quant-gran", default=None, choices=QUANT_GRAN_CHOICES,
                    help="scale granularity of --quant (default per_warp)")

@@ -68,8 +68,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--parity-rows", type=positive_int, default=512, help="query rows checked against the reference")
     p.add_argument("--seed", type=any_int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--quant", choices=("int8", "int8_fp8", "int8_int8"), default=None,
-                   help="also time quantized attention (INT8 Q·K^T; int8_fp8: FP8 P·V, sm_89+; int8_int8: INT8 P·V) with each layout, "
+    p.add_argument("--quant", choices=("int8", "int8_fp8"), default=None,
+                   help="also time quantized attention (INT8 Q·K^T; int8_fp8: FP8 P·V, sm_89+) with each layout, "
                         "quantization included, with its cosine / relative L1 against fp32 (docs/QUANT.md)")
     p.add_argument("--quant-gran", choices=QUANT_GRAN_CHOICES, default="per_warp",
                    help="scale granularity of --quant (default per_warp)")

@@ -35,8 +35,7 @@ def _targets() -> dict[str, tuple[float, float]]:
     from sparseattn.testing import tolerances as T
 
     return {"int8": (T.QUANT_INT8_COS_MIN, T.QUANT_INT8_REL_L1_MAX),
-            "int8_fp8": (T.QUANT_FP8_COS_MIN, T.QUANT_FP8_REL_L1_MAX),
-            "int8_int8": (T.QUANT_INT8_COS_MIN, T.QUANT_INT8_REL_L1_MAX)}
+            "int8_fp8": (T.QUANT_FP8_COS_MIN, T.QUANT_FP8_REL_L1_MAX)}
 
 
 #: ``{mode: (cosine minimum, relative L1 maximum)}`` on real captured Q/K/V

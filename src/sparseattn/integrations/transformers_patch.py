@@ -242,7 +242,7 @@ def patch_model(
             :mod:`sparseattn.integrations.layer_graphs` for what is not graphed and why). ``None``
             (default): on unless the environment sets ``SPARSEATTN_LAYER_GRAPHS=0``; ``False``: off.
             ``handle.layer_graph_status`` says per layer ``"graphed"`` or the reason it is not.
-        quant: ``None`` (default), ``"int8"``, ``"int8_fp8"`` or ``"int8_int8"``: the sparse prefill layers run
+        quant: ``None`` (default), ``"int8"`` or ``"int8_fp8"``: the sparse prefill layers run
             :func:`sparseattn.ops.quant.quantized_prefill` (INT8 Q·Kᵀ, P·V in the model dtype or FP8;
             quantization included in every call) with the predicted layout. There is no fallback to the
             bf16 kernel: what it cannot run is refused at patch time (backend other than ``"auto"`` /

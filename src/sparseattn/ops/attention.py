@@ -168,7 +168,7 @@ def attention(
         attn_mask: additive float mask ``(B|1, H|1, N_q, N_kv)`` (0 = attend, ``-inf`` = masked,
             finite = bias), combined with ``layout``/``causal``/``sliding_window``; a row whose keys are
             all ``-inf`` is empty (out 0, lse -inf). The Triton kernel loads it per tile (``HAS_FLOAT_MASK``).
-        quant: ``None`` (exact kernels), or ``"int8"`` / ``"int8_fp8"`` / ``"int8_int8"``: run
+        quant: ``None`` (exact kernels), or ``"int8"`` / ``"int8_fp8"``: run
             :func:`sparseattn.ops.quant.quantized_attention` instead (INT8 Q·Kᵀ; FP8 P·V on sm_89+;
             docs/QUANT.md). Not combinable with ``pv_threshold``, ``sliding_window``, ``attn_mask``,
             ``stats`` or ``backend="reference"``.

@@ -3,8 +3,7 @@
 API:
 
 * :func:`quantized_attention` — ``quant="int8"`` (INT8 Q·Kᵀ, P·V in the input dtype) or
-  ``"int8_fp8"`` (INT8 Q·Kᵀ, FP8 e4m3 P·V, sm_89+) or ``"int8_int8"`` (INT8 Q·Kᵀ and INT8 P·V: per-token V
-  scales folded into P, P scaled per tile row; docs/QUANT.md), any :class:`~sparseattn.layout.BlockLayout` or
+  ``"int8_fp8"`` (INT8 Q·Kᵀ, FP8 e4m3 P·V, sm_89+), any :class:`~sparseattn.layout.BlockLayout` or
   top-k indices ``[B, H, q_blocks, top_k]``, bottom-right causal, GQA. Quantization runs on the GPU
   in fused Triton kernels on every call (its time is part of the call).
 * :func:`quantize_qkv` — the quantization alone (returns a :class:`QuantizedQKV`).
@@ -66,8 +65,7 @@ from sparseattn.state.types import AttentionState
 __all__ = ["quantized_attention", "quantized_prefill", "quantize_qkv", "quant_refusal", "quant_choice", "tuned_configs",
            "use_tuned_configs", "QuantizedQKV", "QUANT_MODES", "GRANULARITIES"]
 
-QUANT_MODES = ("int8", "int8_fp8", "int8_int8")
-_V8_MODES = ("int8_fp8", "int8_int8")  # V quantized to 8 bits and stored transposed [D, N_pad]
+QUANT_MODES = ("int8", "int8_fp8")
 # name -> ((Q rows per slice W, groups per slice T, consecutive rows per group period S), (same for K))
 GRANULARITIES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "per_block": ((128, 1, 1), (64, 1, 1)),
@@ -80,7 +78,6 @@ SUPPORTED_BLOCK_SIZES = (64, 128)
 _LOG2E = 1.4426950408889634
 _R = 128  # rows per quantization program (a multiple of every group span)
 _FP8_MAX = 448.0
-_INT8_MAX = 127.0
 _KBIAS_PAD = 256  # k_bias rows are allocated to a multiple of this many keys (covers every SUPPORTED_BLOCK_SIZES block)
 _MAX_GRID_Y = 65535
 
@@ -95,10 +92,8 @@ class QuantizedQKV:
         k_int8 ``(B, H_kv, N_kv, D)`` int8 of the smoothed K; k_scale ``(B, H_kv, G_k)`` float32 (NaN
         for a group holding a non-finite entry); k_mean ``(B, H_kv, D)`` float32 (zeros without
         smoothing); v: the input V (``quant="int8"``) or e4m3 values stored transposed ``(B, H_kv, D,
-        N_pad)`` (float8_e4m3fn; bfloat16 holding e4m3 values when ``fp8_emulated``), or int8 values stored so
-        (``"int8_int8"``, ``N_pad`` a multiple of 256); v_scale ``(B, H_kv, D)`` float32 per-channel scale
-        (``amax_d / 448``), ``(B, H_kv, N_pad)`` per-token scales (``amax_n / 127``, NaN for a non-finite token,
-        0 for padding; ``"int8_int8"``) or ``None``; q_mean ``(B, H, D)``
+        N_pad)`` (float8_e4m3fn; bfloat16 holding e4m3 values when ``fp8_emulated``); v_scale
+        ``(B, H_kv, D)`` float32 per-channel scale (``amax_d / 448``) or ``None``; q_mean ``(B, H, D)``
         float32, the per-channel token mean of Q subtracted before quantizing (``None`` without Q smoothing);
         k_bias ``(B, H, N_kv)`` float32, ``sm_scale * log2(e) * q_mean · (k - k_mean)`` per query head and key,
         added to every score of that key (``None`` without Q smoothing); qk_alpha ``(B, H_kv, D)`` float32, the
@@ -280,8 +275,7 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
     B, H, Nq, D = q.shape
     Hkv, Nkv = k.shape[1], k.shape[2]
     dev = q.device
-    fp8 = quant == "int8_fp8"  # V quantized per channel, transposed
-    int8v = quant == "int8_int8"
+    fp8 = quant == "int8_fp8"
     (qw, qt, qs_), (kw, kt, ks_) = GRANULARITIES[gran]
     n_chunks = cdiv(Nkv, _R)
 
@@ -358,14 +352,7 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
     v_scale = None
     emulated = False
     vq = v
-    if int8v:  # per token (scales folded into P by the kernel), transposed like FP8's V
-        n_pad = cdiv(Nkv, _KBIAS_PAD) * _KBIAS_PAD  # the kernel reads the scales unmasked up to its last tile
-        vq = torch.zeros((B, Hkv, D, n_pad), dtype=torch.int8, device=dev)
-        v_scale = torch.zeros((B, Hkv, n_pad), dtype=torch.float32, device=dev)  # padding tokens: scale 0
-        kq._quant_v_fp8_kernel[(n_chunks, B * Hkv)](
-            v, vq, v_scale, v.stride(0), v.stride(1), v.stride(2), vq.stride(0), vq.stride(1), vq.stride(2),
-            Hkv, Nkv, HEAD_DIM=D, R=_R, FP8_EMU=False, INT8=True, stride_sn=n_pad)
-    elif fp8:
+    if fp8:
         amax = vmax.amax(1)  # (B*Hkv, D), finite entries only
         amax = torch.where(amax > 0, amax, torch.ones_like(amax))
         v_scale = (amax / _FP8_MAX).view(B, Hkv, D)
@@ -625,7 +612,7 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
                        "CUDA sm_90+ (or the interpreter), 16-byte aligned K/V rows and heads, Triton with tensor "
                        "descriptors", repr(config))
     (qw, qt, qs_), (kw, kt, ks_) = GRANULARITIES[qq.granularity]
-    fp8 = qq.quant in _V8_MODES
+    fp8 = qq.quant == "int8_fp8"
     if out is None:
         out = torch.empty((B, H, Nq, D), dtype=out_dtype, device=dev)
     if config is not None and config.get("TMA_QO") and not _quant_tma_usable(qq, qq.q_int8, out):
@@ -636,17 +623,14 @@ def _run_kernel(qq: QuantizedQKV, layout: BlockLayout, causal: bool, out_dtype: 
     v = qq.v
     if fp8:
         sv = (v.stride(0), v.stride(1), v.stride(2))  # [B, Hkv, D, N_pad]: the D stride
-        if qq.quant == "int8_int8":
-            vsc = qq.v_scale.reshape(B * Hkv, -1)  # per-token scales (B * H_kv, N_pad), folded into P in the kernel
-        else:  # the kernel's output carries P's factor 448 and V's per-channel code
-            vsc = (qq.v_scale / _FP8_MAX).reshape(B * Hkv, D).contiguous()
+        vsc = (qq.v_scale / _FP8_MAX).reshape(B * Hkv, D).contiguous()
     else:
         sv = (v.stride(0), v.stride(1), v.stride(2))  # [B, Hkv, N, D]: the token stride
         vsc = lse  # unused
     num_t, idx_t = layout.kv_num_blocks, layout.kv_indices
     list_chunk = min(max(16, 1 << (layout.num_kv_blocks - 1).bit_length()), 1024)
     meta = dict(HEAD_DIM=D, LAYOUT_BM=layout.block_m, LAYOUT_BN=layout.block_n, CAUSAL=causal, QW=qw, QT=qt, QS=qs_,
-                KW=kw, KT=kt, KS=ks_, PV_FP8=fp8, FP8_EMU=qq.fp8_emulated, PV_INT8=qq.quant == "int8_int8",
+                KW=kw, KT=kt, KS=ks_, PV_FP8=fp8, FP8_EMU=qq.fp8_emulated,
                 DOT_F32=bool(interp and v.dtype == torch.bfloat16 and not fp8), LIST_CHUNK=list_chunk,
                 HAS_KBIAS=qq.k_bias is not None)
     kbias = (_kbias_for_launch(qq.k_bias, layout.num_kv_blocks * layout.block_n) if qq.k_bias is not None
@@ -798,7 +782,7 @@ def quantized_attention(
             ``topk_indices``) = dense.
         causal: bottom-right aligned causal mask (query ``i`` sees keys ``<= i + N_kv - N_q``).
         scale: softmax scale, default ``D ** -0.5``.
-        quant: ``"int8"``, ``"int8_fp8"`` or ``"int8_int8"``.
+        quant: ``"int8"`` or ``"int8_fp8"``.
         quant_granularity: ``"per_block"``, ``"per_warp"`` (default), ``"per_thread"`` or ``"per_token"``.
         topk_indices: instead of ``layout``: integer ``[B, H, ceil(N_q / block_size), top_k]`` key-block
             indices (any order, ``-1`` = none), converted by

@@ -23,7 +23,7 @@ import torch
 
 from sparseattn.layout.block_layout import BlockLayout, cdiv
 from sparseattn.layout.masks import token_causal_mask
-from sparseattn.ops.quant import _FP8_MAX, _INT8_MAX, _LOG2E, GRANULARITIES, QuantizedQKV, balance_scales
+from sparseattn.ops.quant import _FP8_MAX, _LOG2E, GRANULARITIES, QuantizedQKV, balance_scales
 
 __all__ = ["quantize_reference", "attention_from_quantized", "emulated_quantized_attention", "group_index",
            "e4m3_round_reference"]
@@ -131,20 +131,6 @@ def quantize_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, qua
         q_row = torch.zeros((B, H, Nq), dtype=torch.float32, device=q.device)
     q_row = torch.where(bad_row, torch.full_like(q_row, float("nan")), q_row)
     v_out, v_scale = v, None
-    if quant == "int8_int8":  # per token: scale amax_n / 127 (NaN for a non-finite token), transposed int8 values
-        vf = v.float()
-        fin = vf.abs() < float("inf")
-        amax = torch.where(fin, vf.abs(), torch.zeros((), device=v.device)).amax(3)  # (B, Hkv, Nkv)
-        amax = torch.where(amax > 0, amax, torch.ones_like(amax))
-        inv = torch.full_like(amax, _INT8_MAX) / amax
-        y = torch.where(fin, vf * inv[..., None], torch.zeros((), device=v.device))
-        y = torch.trunc(y + torch.where(y >= 0, 0.5, -0.5)).clamp(-_INT8_MAX, _INT8_MAX)
-        n_pad = cdiv(Nkv, 256) * 256
-        v_out = torch.zeros((B, Hkv, D, n_pad), dtype=torch.int8, device=v.device)
-        v_out[..., :Nkv] = y.transpose(2, 3).to(torch.int8)
-        v_scale = torch.zeros((B, Hkv, n_pad), dtype=torch.float32, device=v.device)
-        v_scale[..., :Nkv] = torch.where(fin.all(-1), amax / torch.full_like(amax, _INT8_MAX),
-                                         torch.full_like(amax, float("nan")))
     if quant == "int8_fp8":
         vf = v.float()
         fin = vf.abs() < float("inf")
@@ -196,16 +182,13 @@ def attention_from_quantized(qq: QuantizedQKV, layout: BlockLayout, *, causal: b
     if k_scalar is None:
         k_scalar = kt == 1 and kw % tile_n == 0
     fp8 = qq.quant == "int8_fp8"
-    i8v = qq.quant == "int8_int8"
     qi = qq.q_int8.float()
     ki = qq.k_int8.float().repeat_interleave(grp, dim=1)
     qs_row = qq.q_scale[:, :, group_index(Nq, qw, qt, qs_, dev)]  # (B, H, Nq)
     ks_col = qq.k_scale.repeat_interleave(grp, dim=1)[:, :, group_index(Nkv, kw, kt, ks_, dev)]  # (B, H, Nkv)
     kbias = qq.k_bias  # (B, H, Nkv) or None
-    if fp8 or i8v:  # (B, H, Nkv, D) e4m3 / int8 values
-        vv = qq.v[..., :Nkv].float().transpose(2, 3).repeat_interleave(grp, dim=1)
-        if i8v:
-            vsc_t = qq.v_scale[..., :Nkv].repeat_interleave(grp, dim=1)  # (B, H, Nkv)
+    if fp8:
+        vv = qq.v[..., :Nkv].float().transpose(2, 3).repeat_interleave(grp, dim=1)  # (B, H, Nkv, D) e4m3 values
     else:
         vv = qq.v.repeat_interleave(grp, dim=1)
         pdt = v_dtype or vv.dtype
@@ -231,15 +214,7 @@ def attention_from_quantized(qq: QuantizedQKV, layout: BlockLayout, *, causal: b
         alpha = torch.exp2(m - m_safe)
         l = l * alpha + p.sum(-1)
         acc = acc * alpha[..., None]
-        if i8v:  # P times V's per-token scales, scaled per row of the tile to a largest value of 127, rounded
-            # half up; exact int products
-            p = p * vsc_t[:, :, None, c0:c1]
-            pmax = p.amax(-1)
-            inv = torch.where(pmax > 0, torch.full_like(pmax, _INT8_MAX) / pmax, torch.zeros_like(pmax))
-            p8 = torch.floor(p * inv[..., None] + 0.5)
-            w = pmax * torch.tensor(1.0 / _INT8_MAX, dtype=torch.float32)
-            acc = acc + (p8 @ vv[:, :, c0:c1]) * w[..., None]
-        elif fp8:
+        if fp8:
             p8 = e4m3_round_reference(p * _FP8_MAX)
             acc = acc + p8 @ vv[:, :, c0:c1]
         else:

@@ -56,11 +56,11 @@ def _bf16_rne(x):
 @triton.jit
 def _q_tile(
     q, qs, acc, m_i, l_i, kb, t_sub,
-    k_base, v_base, k_desc, v_desc, ks_base, kb_base, vs_base, stride_kn, stride_v2,
+    k_base, v_base, k_desc, v_desc, ks_base, kb_base, stride_kn, stride_v2,
     offs_m, offs_n, offs_d, N_KV, OFF,
     BLOCK_N: tl.constexpr, LAYOUT_BN: tl.constexpr, KW: tl.constexpr, KT: tl.constexpr, KS: tl.constexpr,
     K_SCALAR: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, FP8_EMU: tl.constexpr, DOT_F32: tl.constexpr,
-    HAS_KBIAS: tl.constexpr, USE_TMA: tl.constexpr, PV_INT8: tl.constexpr = False,
+    HAS_KBIAS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """One kernel tile of keys: online-softmax update of ``(acc, m_i, l_i)``."""
     start_n = kb * LAYOUT_BN + t_sub * BLOCK_N
@@ -86,12 +86,6 @@ def _q_tile(
         s = qk * qs[:, None] * ks[None, :]
     if HAS_KBIAS:  # Q smoothing: mean_tokens(q) . k of each key, fp32 (log2 units)
         s = s + kbias[None, :]
-    if PV_INT8:
-        # per-token V scales (padding tokens 0). A token whose V holds a non-finite entry has a NaN scale: adding
-        # 0 * scale to its scores makes the rows that attend it NaN (row sum and lse), before the mask, so rows
-        # that do not attend it are untouched (int8 cannot carry the NaN itself, and tl.max skips NaN)
-        vs = tl.load(vs_base + cols)
-        s = s + (vs * 0.0)[None, :]
     if MASK:
         keep = col_ok[None, :]
         if CAUSAL:
@@ -104,16 +98,7 @@ def _q_tile(
             vt = v_desc.load([0, start_n])
         else:
             vt = _kv_load(v_base + offs_d[:, None].to(tl.int64) * stride_v2 + cols[None, :], col_ok, MASK, 1)
-        if PV_INT8:
-            # INT8 P·V: V int8 per token (transposed like FP8's), its scales folded into P; P·scale scaled per row
-            # of this tile so its largest value is 127, rounded half up (>= 0); int32 products, one fp32 multiply
-            # per row to undo the scale
-            p = p * vs[None, :]
-            pmax = tl.max(p, 1)
-            inv = tl.where(pmax > 0, tl.math.div_rn(tl.full(pmax.shape, 127.0, tl.float32), pmax), 0.0)
-            p8 = (p * inv[:, None] + 0.5).to(tl.int8)
-            acc += tl.dot(p8, tl.trans(vt)).to(tl.float32) * (pmax * (1.0 / 127.0))[:, None]
-        elif FP8_EMU:
+        if FP8_EMU:
             p8 = e4m3_round(p * 448.0)
             acc += tl.dot(p8, tl.trans(vt.to(tl.float32)))
         else:
@@ -136,11 +121,10 @@ def _q_tile(
 @triton.jit
 def _q_tiles(
     t_lo, t_hi, kb_nx, idx_row, stride_in, num, NUM_KV_BLOCKS, q, qs, acc, m_i, l_i,
-    k_base, v_base, k_desc, v_desc, ks_base, kb_base, vs_base, stride_kn, stride_v2, offs_m, offs_n, offs_d, N_KV, OFF,
+    k_base, v_base, k_desc, v_desc, ks_base, kb_base, stride_kn, stride_v2, offs_m, offs_n, offs_d, N_KV, OFF,
     SUB: tl.constexpr, BLOCK_N: tl.constexpr, LAYOUT_BN: tl.constexpr, KW: tl.constexpr, KT: tl.constexpr,
     KS: tl.constexpr, K_SCALAR: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PV_FP8: tl.constexpr,
     FP8_EMU: tl.constexpr, DOT_F32: tl.constexpr, HAS_KBIAS: tl.constexpr, USE_TMA: tl.constexpr, PREFETCH: tl.constexpr,
-    PV_INT8: tl.constexpr = False,
 ):
     """Kernel tiles ``t_lo .. t_hi`` of the list (``SUB`` per entry) folded into ``(acc, m_i, l_i)``.
 
@@ -156,8 +140,8 @@ def _q_tiles(
             kb = tl.load(idx_row + (t // SUB) * stride_in)
             kb = tl.minimum(tl.maximum(kb, 0), NUM_KV_BLOCKS - 1)
         acc, m_i, l_i = _q_tile(q, qs, acc, m_i, l_i, kb, t % SUB, k_base, v_base, k_desc, v_desc, ks_base, kb_base,
-                                vs_base, stride_kn, stride_v2, offs_m, offs_n, offs_d, N_KV, OFF, BLOCK_N, LAYOUT_BN, KW, KT, KS,
-                                K_SCALAR, MASK, CAUSAL, PV_FP8, FP8_EMU, DOT_F32, HAS_KBIAS, USE_TMA, PV_INT8)
+                                stride_kn, stride_v2, offs_m, offs_n, offs_d, N_KV, OFF, BLOCK_N, LAYOUT_BN, KW, KT, KS,
+                                K_SCALAR, MASK, CAUSAL, PV_FP8, FP8_EMU, DOT_F32, HAS_KBIAS, USE_TMA)
     return acc, m_i, l_i
 
 
@@ -193,7 +177,6 @@ def _block_sparse_fwd_quant_kernel(
     USE_TMA: tl.constexpr = False,  # K/V tiles through device-side tensor descriptors (Hopper TMA)
     PREFETCH: tl.constexpr = False,  # read the next tile's key-block index one iteration ahead
     TMA_QO: tl.constexpr = False,  # Q load and O store through tensor descriptors too (fewer address registers)
-    PV_INT8: tl.constexpr = False,  # with PV_FP8's transposed V: V holds int8 values, P·V runs in INT8
 ):
     SUB: tl.constexpr = LAYOUT_BN // BLOCK_N
     num_m, pid_m, pid_bh, off_b, off_h, off_hk = _program_ids(H, GROUP, CAUSAL)
@@ -204,7 +187,6 @@ def _block_sparse_fwd_quant_kernel(
                                          stride_vb, stride_vh)
     ks_base = KScale + off_b.to(tl.int64) * stride_ksb + off_hk.to(tl.int64) * stride_ksh
     kb_base = KBias + off_b.to(tl.int64) * stride_kbb + off_h.to(tl.int64) * stride_kbh
-    vs_base = VScale + (pid_bh // GROUP).to(tl.int64) * stride_v2  # PV_INT8: per-token V scales, rows of N_pad
     idx_row, num = _block_list(KvNum, KvIdx, off_b, off_h, qb, stride_nb, stride_nh, stride_nm, stride_ib, stride_ih,
                                stride_im, NUM_KV_BLOCKS)
     row_last, full_lim, vis_lim = _causal_limits(m0, N_Q, N_KV, NUM_KV_BLOCKS, OFF, BLOCK_M, LAYOUT_BN, CAUSAL)
@@ -249,14 +231,14 @@ def _block_sparse_fwd_quant_kernel(
     # full blocks (no element mask), then the blocks crossing the diagonal / the end of the keys
     kb_nx = tl.load(idx_row)  # entry 0 always exists (the list width is >= 1); used only if n_full > 0
     acc, m_i, l_i = _q_tiles(0, n_full * SUB, kb_nx, idx_row, stride_in, num, NUM_KV_BLOCKS, q, qs, acc, m_i, l_i,
-                             k_base, v_base, k_desc, v_desc, ks_base, kb_base, vs_base, stride_kn, stride_v2, offs_m, offs_n,
+                             k_base, v_base, k_desc, v_desc, ks_base, kb_base, stride_kn, stride_v2, offs_m, offs_n,
                              offs_d, N_KV, OFF, SUB, BLOCK_N, LAYOUT_BN, KW, KT, KS, K_SCALAR, False, CAUSAL, PV_FP8,
-                             FP8_EMU, DOT_F32, HAS_KBIAS, USE_TMA, PREFETCH, PV_INT8)
+                             FP8_EMU, DOT_F32, HAS_KBIAS, USE_TMA, PREFETCH)
     kb_nx = tl.load(idx_row + n_full * stride_in, mask=n_vis > n_full, other=0)
     acc, m_i, l_i = _q_tiles(n_full * SUB, n_vis * SUB, kb_nx, idx_row, stride_in, num, NUM_KV_BLOCKS, q, qs, acc, m_i,
-                             l_i, k_base, v_base, k_desc, v_desc, ks_base, kb_base, vs_base, stride_kn, stride_v2, offs_m, offs_n,
+                             l_i, k_base, v_base, k_desc, v_desc, ks_base, kb_base, stride_kn, stride_v2, offs_m, offs_n,
                              offs_d, N_KV, OFF, SUB, BLOCK_N, LAYOUT_BN, KW, KT, KS, K_SCALAR, True, CAUSAL, PV_FP8,
-                             FP8_EMU, DOT_F32, HAS_KBIAS, USE_TMA, PREFETCH, PV_INT8)
+                             FP8_EMU, DOT_F32, HAS_KBIAS, USE_TMA, PREFETCH)
 
     # epilogue (as the bf16 kernel): a row attends a key iff its list is non-empty and (causal) the
     # first selected block starts at or below its last visible key
@@ -266,7 +248,7 @@ def _block_sparse_fwd_quant_kernel(
         has = has & (first_kb * LAYOUT_BN <= offs_m + OFF)
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
-    if PV_FP8 and not PV_INT8:
+    if PV_FP8:
         vsc = tl.load(VScale + pid_bh.to(tl.int64) // GROUP * HEAD_DIM + offs_d)  # v_scale[d] / 448, per kv head
         out = out * vsc[None, :]
     qrow = tl.load(QRow + off_b.to(tl.int64) * stride_rb + off_h.to(tl.int64) * stride_rh + offs_m, mask=row_ok, other=0.0)

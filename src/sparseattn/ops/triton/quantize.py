@@ -192,13 +192,9 @@ def _quant_v_fp8_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_od,
     HKV, N,
-    HEAD_DIM: tl.constexpr, R: tl.constexpr, FP8_EMU: tl.constexpr, INT8: tl.constexpr = False, stride_sn=0,
+    HEAD_DIM: tl.constexpr, R: tl.constexpr, FP8_EMU: tl.constexpr,
 ):
-    """``Vq[b, h, d, n] = e4m3(v[b, h, n, d] * inv_d)`` (NaN for a non-finite entry), transposed store.
-
-    ``INT8``: per token instead: ``Vq[b, h, d, n]`` = int8 of ``v * 127 / amax_n`` (round half away from zero), and
-    ``VScaleInv`` receives the scales ``amax_n / 127`` (``(B * H_kv, stride_sn)`` fp32; NaN for a token holding a
-    non-finite entry, stored as 0)."""
+    """``Vq[b, h, d, n] = e4m3(v[b, h, n, d] * inv_d)`` (NaN for a non-finite entry), transposed store."""
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -208,28 +204,13 @@ def _quant_v_fp8_kernel(
     ok = rows[:, None] < N
     v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + rows[:, None].to(tl.int64) * stride_vn
                 + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-    if INT8:
-        # per token: amax over the row's finite entries, 127 / amax (IEEE division); a row holding a non-finite
-        # entry gets a NaN scale (every row attending it becomes NaN; int8 has no NaN)
-        fin = tl.abs(v) < float("inf")
-        amax = tl.max(tl.where(fin, tl.abs(v), 0.0), 1)
-        amax = tl.where(amax > 0, amax, 1.0)
-        inv_t = tl.math.div_rn(tl.full([R], 127.0, tl.float32), amax)
-        y = tl.where(fin, v * inv_t[:, None], 0.0)
-        y = tl.minimum(tl.maximum(y + tl.where(y >= 0, 0.5, -0.5), -127.0), 127.0)
-        tl.store(Vq + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_d[None, :].to(tl.int64) * stride_od
-                 + rows[:, None], y.to(tl.int8), mask=ok)  # fp32 -> int8 truncates toward zero
-        bad = tl.min(fin.to(tl.int32), 1) == 0
-        sc = tl.where(bad, float("nan"), tl.math.div_rn(amax, tl.full([R], 127.0, tl.float32)))
-        tl.store(VScaleInv + pid_bh.to(tl.int64) * stride_sn + rows, sc, mask=rows < N)
+    inv = tl.load(VScaleInv + pid_bh.to(tl.int64) * HEAD_DIM + offs_d)
+    y = v * inv[None, :]
+    y = tl.where(tl.abs(v) < float("inf"), y, float("nan"))
+    if FP8_EMU:
+        yq = e4m3_round(y)
     else:
-        inv = tl.load(VScaleInv + pid_bh.to(tl.int64) * HEAD_DIM + offs_d)
-        y = v * inv[None, :]
-        y = tl.where(tl.abs(v) < float("inf"), y, float("nan"))
-        if FP8_EMU:
-            yq = e4m3_round(y)
-        else:
-            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-            yq = tl.where(tl.abs(v) < float("inf"), y, float("nan"))  # min/max may drop a NaN: set it again
-        tl.store(Vq + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_d[None, :].to(tl.int64) * stride_od
-                 + rows[:, None], yq.to(Vq.dtype.element_ty), mask=ok)
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        yq = tl.where(tl.abs(v) < float("inf"), y, float("nan"))  # min/max may drop a NaN: set it again
+    tl.store(Vq + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_d[None, :].to(tl.int64) * stride_od
+             + rows[:, None], yq.to(Vq.dtype.element_ty), mask=ok)
