@@ -5,7 +5,8 @@ Two views of the same calls (H=32, H_kv=8, D=128, bf16 cache of ``--ctx`` keys, 
 * **kernels**: ``torch.profiler`` (CUPTI) device time of every kernel of a dense decode call
   (:func:`decode_attention`) and of a sparse one (:func:`sparse_decode_attention`, ``--top-pages`` of
   ``--page``-key pages, selection included), ``--reps`` eager calls each after a warm-up: the mean per call of each
-  kernel name, their sum, and the wall span of one call on the device (first kernel start to last kernel end).
+  kernel name, their sum, and the span of one eager call on the device (first kernel start to last kernel end:
+  host launch gaps included, so for a call of several small kernels it measures the host, not the GPU).
 * **layers**: ``--layers`` L independent caches (one per "layer", so no call finds the previous call's bytes in L2),
   one CUDA graph holding the L calls in a row, timed by replay (:func:`~sparseattn.testing.timing.bench_ms`); the
   per-call time is the replay divided by L. Next to it, the one-call graph of the same call (what
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("dense", "sparse"):
         p = res[name]["profile"]
         ker = ", ".join(f"{k[:40]} {v:.1f}" for k, v in sorted(p["kernels_us"].items(), key=lambda kv: -kv[1]))
-        print(f"{name}: kernels (us/call) {ker} | sum {p['sum_us']:.1f} us, span {p['span_us_median']:.1f} us | "
+        print(f"{name}: kernels (us/call) {ker} | sum {p['sum_us']:.1f} us, eager span {p['span_us_median']:.1f} us | "
               f"graph one call {res[name]['graph_one_call_ms'] * 1e3:.1f} us, per call in {L} layers "
               f"{res[name]['graph_per_call_in_layers_ms'] * 1e3:.1f} us")
     x1 = res["dense"]["graph_one_call_ms"] / res["sparse"]["graph_one_call_ms"]
