@@ -12,8 +12,9 @@ Two views of the same calls (H=32, H_kv=8, D=128, bf16 cache of ``--ctx`` keys, 
   per-call time is the replay divided by L. Next to it, the one-call graph of the same call (what
   ``decode_stage_probe.py`` and ``bench_decode.py`` report, one graph launch included).
 
-Writes ``b1_profile.json`` under ``--out`` and prints a table. ``--cpu-smoke`` runs the calls once on tiny shapes
-under ``TRITON_INTERPRET=1`` (no profiler, no timing).
+Parity of both calls against :func:`decode_reference` (ratio rule, the sparse one over its selected pages) is checked
+first. Writes ``b1_profile.json`` under ``--out`` and prints a table. ``--cpu-smoke`` runs the parity checks on tiny
+shapes under ``TRITON_INTERPRET=1`` (no profiler, no timing).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from sparseattn.ops.decode import decode_attention  # noqa: E402
+from sparseattn.ops.decode import decode_attention, decode_reference, pages_key_mask  # noqa: E402
 from sparseattn.ops.pages import page_summaries, sparse_decode_attention  # noqa: E402
+from sparseattn.testing.tolerances import check_ratio  # noqa: E402
 
 H, HKV, D = 32, 8, 128
 
@@ -98,11 +100,21 @@ def main(argv: list[str] | None = None) -> int:
 
     res: dict[str, Any] = {"device": "cpu-smoke" if smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
                            "ctx": N, "batch": B, "page": ps, "top_pages": args.top_pages, "layers": L}
+    # parity before timing (ratio rule against the fp32 reference over the same keys), first and last layer
+    for i in (0, L - 1):
+        out = dense(i)
+        hi = decode_reference(q.float(), ks[i].float(), vs[i].float(), seqlens=sl)
+        lo = decode_reference(q, ks[i], vs[i], seqlens=sl, upcast=False)
+        check_ratio(out, hi.out, lo.out, f"dense out, layer {i}")
+        sp, (pidx, pnum) = sparse_decode_attention(q, ks[i], vs[i], summ[i], seqlens=sl, top_pages=args.top_pages,
+                                                   return_pages=True, backend="triton")
+        mask = pages_key_mask(pidx, pnum, ps, N)
+        hi = decode_reference(q.float(), ks[i].float(), vs[i].float(), seqlens=sl, key_mask=mask)
+        lo = decode_reference(q, ks[i], vs[i], seqlens=sl, key_mask=mask, upcast=False)
+        check_ratio(sp, hi.out, lo.out, f"sparse out, layer {i}")
+    res["parity"] = "ok"
     if smoke:
-        for f in (dense, sparse):
-            f(0)
-            f(L - 1)
-        print("decode_b1_profile: cpu smoke ok")
+        print("decode_b1_profile: cpu smoke ok (parity ok)")
         return 0
     from sparseattn.testing.timing import bench_ms, capture_graph
 

@@ -115,3 +115,20 @@ def test_the_sweep_script_runs_on_the_interpreter(tmp_path):
     assert {r["kv"] for r in rows} == {"bf16", "int8"}
     for r in rows:
         assert r["parity"] == "ok" and {"default", "wave-heuristic"} <= set(r["ms"]) and len(r["ms"]) >= 4, r
+
+
+def test_the_b1_profile_script_runs_on_the_interpreter():
+    """benchmarks/decode_b1_profile.py --cpu-smoke: its dense and sparse calls pass parity on two layers' caches."""
+    if ON_GPU:
+        pytest.skip("the GPU runs the real profile")
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.path.join(root, "src"))
+    res = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "decode_b1_profile.py"), "--cpu-smoke"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "parity ok" in res.stdout
+
