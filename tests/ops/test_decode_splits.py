@@ -97,19 +97,25 @@ def test_shipped_entries_take_ctas_per_sm_only_where_measured():
         assert "CTAS_PER_SM" not in _default_config(128, 16, False, device="NVIDIA H200", kv=kv)
 
 
-def test_the_sweep_script_runs_on_the_interpreter(tmp_path):
-    """benchmarks/decode_splits_sweep.py --cpu-smoke: every row (default, wave heuristic, grid) runs and passes parity."""
-    if ON_GPU:
-        pytest.skip("the GPU runs the real sweep")
-    import json
+def _run_script(name: str, *args: str):
+    """``benchmarks/<name> --cpu-smoke *args`` under the interpreter (a subprocess; the repository's ``src`` first)."""
     import os
     import subprocess
     import sys
 
     root = os.path.join(os.path.dirname(__file__), "..", "..")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.path.join(root, "src"))
-    res = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "decode_splits_sweep.py"), "--cpu-smoke",
-                          "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, os.path.join(root, "benchmarks", name), "--cpu-smoke", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_sweep_script_runs_on_the_interpreter(tmp_path):
+    """benchmarks/decode_splits_sweep.py --cpu-smoke: every row (default, wave heuristic, grid) runs and passes parity."""
+    if ON_GPU:
+        pytest.skip("the GPU runs the real sweep")
+    import json
+
+    res = _run_script("decode_splits_sweep.py", "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads((tmp_path / "decode_splits_sweep.json").read_text())["rows"]
     assert {r["kv"] for r in rows} == {"bf16", "int8"}
@@ -121,14 +127,6 @@ def test_the_b1_profile_script_runs_on_the_interpreter():
     """benchmarks/decode_b1_profile.py --cpu-smoke: its dense and sparse calls pass parity on two layers' caches."""
     if ON_GPU:
         pytest.skip("the GPU runs the real profile")
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.join(os.path.dirname(__file__), "..", "..")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.path.join(root, "src"))
-    res = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "decode_b1_profile.py"), "--cpu-smoke"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = _run_script("decode_b1_profile.py")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "parity ok" in res.stdout
-
