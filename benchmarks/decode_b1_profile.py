@@ -14,7 +14,9 @@ Two views of the same calls (H=32, H_kv=8, D=128, bf16 cache of ``--ctx`` keys, 
 
 ``--variants``: the launch variants to time, comma-separated: ``base`` (the separate merge and pick kernels),
 ``merge`` (the split kernel merges its splits: ``FUSED_MERGE``), ``select`` (the pick runs in the scoring launch:
-``_select_kernel(fused=True)``), ``both``; ``both_w4`` is ``both`` with 4 warps in the fused selection. Each sparse
+``_select_kernel(fused=True)``), ``both``; ``both_w4`` is ``both`` with 4 warps in the fused selection,
+``both_p32`` / ``both_p16`` with 32 / 16 pages per scoring program (64 by default), ``both_gather`` with the paged
+kernel's per-key gather instead of its page tiles (``decode.PAGE_TILES`` off). Each sparse
 variant calls the selection and :func:`paged_decode_attention` as :func:`sparse_decode_attention` does (the default
 launch config of the paged kernel, plus the variant's switch); each dense variant is :func:`decode_attention` with
 the default config (plus ``FUSED_MERGE``). Every variant's selection must equal ``base``'s exactly.
@@ -37,6 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
+from sparseattn.ops import decode as decode_mod  # noqa: E402
 from sparseattn.ops import pages as pages_mod  # noqa: E402
 from sparseattn.ops.decode import (  # noqa: E402
     _default_config, decode_attention, decode_reference, pages_key_mask, paged_decode_attention)
@@ -44,9 +47,13 @@ from sparseattn.ops.pages import page_summaries  # noqa: E402
 from sparseattn.testing.tolerances import check_ratio  # noqa: E402
 
 H, HKV, D = 32, 8, 128
-# variant -> (FUSED_MERGE, fused selection, warps of the fused selection or None for the default)
-VARIANTS = {"base": (False, False, None), "merge": (True, False, None), "select": (False, True, None),
-            "both": (True, True, None), "both_w4": (True, True, 4)}
+# variant -> (FUSED_MERGE, fused selection, warps of the fused selection or None, pages per scoring program or None,
+# PAGE_TILES)
+VARIANTS = {"base": (False, False, None, None, True), "merge": (True, False, None, None, True),
+            "select": (False, True, None, None, True), "both": (True, True, None, None, True),
+            "both_w4": (True, True, 4, None, True), "both_p32": (True, True, None, 32, True),
+            "both_p16": (True, True, None, 16, True), "both_gather": (True, True, None, None, False),
+            "base_gather": (False, False, None, None, False)}
 
 
 def kernel_profile(fn: Callable[[], Any], reps: int) -> dict[str, Any]:
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg_paged = _default_config(D, block_m, interp, paged=True, device=dev_name)
 
     def calls(variant: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
-        merge, fsel, warps = VARIANTS[variant]
+        merge, fsel, warps, pblock, ptiles = VARIANTS[variant]
         cd = {**cfg_dense, "FUSED_MERGE": True} if merge else cfg_dense
         cp = {**cfg_paged, "FUSED_MERGE": True} if merge else cfg_paged
 
@@ -132,9 +139,13 @@ def main(argv: list[str] | None = None) -> int:
 
         def sparse(i: int = 0, pages: bool = False) -> Any:
             pidx, pnum = pages_mod._select_kernel(q, summ[i], sl, None, args.top_pages, 1, 1, fused=fsel,
-                                                  pick_warps=warps)
-            out = paged_decode_attention(q, ks[i], vs[i], pidx, pnum, page_size=ps, seqlens=sl, backend="triton",
-                                         check_seqlens=False, config=cp)
+                                                  pick_warps=warps, score_block=pblock)
+            decode_mod.PAGE_TILES = ptiles  # read at launch (graph capture keeps the launched kernel)
+            try:
+                out = paged_decode_attention(q, ks[i], vs[i], pidx, pnum, page_size=ps, seqlens=sl, backend="triton",
+                                             check_seqlens=False, config=cp)
+            finally:
+                decode_mod.PAGE_TILES = True
             return (out, (pidx, pnum)) if pages else out
 
         return dense, sparse
@@ -170,10 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from sparseattn.testing.timing import bench_ms, capture_graph
 
+    dense_done: set[bool] = set()  # dense calls differ only by FUSED_MERGE: timed once each (as base / merge)
     for variant in variants:
         for kind, f in zip(("dense", "sparse"), calls(variant)):
-            if kind == "dense" and VARIANTS[variant][0] == VARIANTS["base"][0] and variant != "base":
-                continue  # the same dense call as base
+            if kind == "dense":
+                if VARIANTS[variant][0] in dense_done:
+                    continue
+                dense_done.add(VARIANTS[variant][0])
             prof = kernel_profile(f, args.reps)
             one = bench_ms(capture_graph(f))
             seq = bench_ms(capture_graph(lambda f=f: [f(i) for i in range(L)])) / L

@@ -149,3 +149,30 @@ def test_fused_merge_config_is_checked():
         DecodeLaunchConfig(32, 4, 1, fused_merge="yes")  # type: ignore[arg-type]
     c = DecodeLaunchConfig(64, 4, 3, fused_merge=True)
     assert c.to_dict()["FUSED_MERGE"] is True and DecodeLaunchConfig.from_dict(c.to_dict()) == c
+
+
+@needs_kernel
+@pytest.mark.parametrize("ps,quant", [(32, False), (64, False), (64, True)])
+def test_page_tiles_walk_is_the_per_key_gather(ps, quant, monkeypatch, request):
+    # page_size % BLOCK_N == 0: the paged kernel loads one page index per tile (PAGE_TILES); the keys, tiles and
+    # their order are those of the per-key gather, so the output is the same bit for bit
+    g = node_generator(request)
+    B, H, Hkv, D = 2, 8, 2, 64
+    N = 6 * ps + 5
+    q, k, v = _inputs(g, B, H, Hkv, N, D)
+    sl = torch.tensor([N, 3 * ps + 7], dtype=torch.int32, device=DEV)
+    pidx = torch.tensor([[[0, 2, 5, 6], [1, 3, 4, 6]], [[0, 1, 3, 0], [2, 3, 0, 0]]], dtype=torch.int32, device=DEV)
+    pnum = torch.tensor([[4, 4], [3, 2]], dtype=torch.int32, device=DEV)
+    kw: dict = {}
+    if quant:
+        from sparseattn.state.kv_cache import quantize
+
+        k, ksc = quantize(k, "int8")
+        v, vsc = quantize(v, "int8")
+        kw = dict(k_scale=ksc, v_scale=vsc)
+    outs = []
+    for tiles in (True, False):
+        monkeypatch.setattr(decode_mod, "PAGE_TILES", tiles)
+        outs.append(paged_decode_attention(q, k, v, pidx, pnum, page_size=ps, seqlens=sl, backend="triton",
+                                           num_splits=3, config=CFG, return_lse=True, **kw))
+    assert torch.equal(outs[0].out, outs[1].out) and torch.equal(outs[0].lse, outs[1].lse)

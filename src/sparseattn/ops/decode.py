@@ -54,6 +54,10 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SPLITS = 128
 MIN_KEYS_PER_SPLIT = 256  # the heuristic never gives a split fewer keys than this (per sequence)
 _LOG2E = 1.4426950408889634
+# the paged kernel's walk when a page holds whole tiles (page_size % BLOCK_N == 0): one page index per tile and
+# contiguous tile addresses (PAGE_TILES) instead of a page index and a 64-bit address per key; the same keys in the
+# same tiles and order, so the same output bit for bit (tested). A switch for measurements (decode_b1_profile.py)
+PAGE_TILES = True
 _MAX_GRID_Z = 65535
 _CONFIG_KEYS = {"BLOCK_N", "num_warps", "num_stages"}
 _CONFIG_OPTIONAL = {"QK", "PV", "BLOCK_M", "FULL_TILES", "CTAS_PER_SM", "FUSED_MERGE"}  # quantized-path variants, a
@@ -541,6 +545,8 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
             meta["FP8_EXACT"] = True  # the interpreter's fp32 -> e4m3 conversion mis-rounds (see the kernel)
     if not causal:
         meta["CAUSAL"] = False
+    if paged and PAGE_TILES and page_size % cfg["BLOCK_N"] == 0:
+        meta["PAGE_TILES"] = True  # the same keys in the same tiles, one page index load per tile
     if fused_merge:
         meta["FUSED_MERGE"] = True  # only when set (the default launch keeps its kernel)
         meta["BLOCK_S"] = max(2, 1 << (num_splits - 1).bit_length())

@@ -276,14 +276,16 @@ FUSED_SELECT = False
 def _select_kernel(q: torch.Tensor, summaries: PageSummaries, seqlens: torch.Tensor | None, k_int: int | None,
                    frac: float | None, keep_first: int, keep_last: int, *,
                    pick_bits: int | None = None, pick_warps: int | None = None,
-                   fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   fused: bool | None = None, score_block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton selection: :func:`_score_kernel`, then :func:`_pick_kernel` (``pick_bits`` / ``pick_warps``:
-    its radix width and warps, for measurements); ``fused`` (default :data:`FUSED_SELECT`): both in one launch."""
+    its radix width and warps, ``score_block``: pages per scoring program; for measurements); ``fused`` (default
+    :data:`FUSED_SELECT`): both in one launch."""
     if fused if fused is not None else FUSED_SELECT:
         score, count, K, idx = _score_kernel(q, summaries, seqlens, k_int, frac, keep_first, keep_last,
-                                             fuse_pick=True, pick_bits=pick_bits, pick_warps=pick_warps)
+                                             fuse_pick=True, pick_bits=pick_bits, pick_warps=pick_warps,
+                                             block_p=score_block)
         return idx, count  # type: ignore[return-value]
-    score, count, K = _score_kernel(q, summaries, seqlens, k_int, frac, keep_first, keep_last)
+    score, count, K = _score_kernel(q, summaries, seqlens, k_int, frac, keep_first, keep_last, block_p=score_block)
     return _pick_kernel(score, count, K, bits=pick_bits, warps=pick_warps), count
 
 
@@ -297,10 +299,11 @@ def _pick_launch(P: int, bits: int | None, warps: int | None) -> tuple[int, int,
 
 def _score_kernel(q: torch.Tensor, summaries: PageSummaries, seqlens: torch.Tensor | None, k_int: int | None,
                   frac: float | None, keep_first: int, keep_last: int, *, fuse_pick: bool = False,
-                  pick_bits: int | None = None, pick_warps: int | None = None) -> Any:
+                  pick_bits: int | None = None, pick_warps: int | None = None, block_p: int | None = None) -> Any:
     """``(score (B, H_kv, P) fp32, count (B, H_kv) int32, K)``: the page bounds with forced / invalid pages marked,
     the pages to keep per row, and the selection's fixed width (``_page_score_kernel``). ``fuse_pick``: the
-    kernel also picks (``FUSE_PICK``), and the selection ``(B, H_kv, K)`` int32 is returned fourth."""
+    kernel also picks (``FUSE_PICK``), and the selection ``(B, H_kv, K)`` int32 is returned fourth. ``block_p``:
+    pages per scoring program (a power of two >= 16; default 64, 32 under the interpreter)."""
     from sparseattn.ops import decode as decode_mod
     from sparseattn.ops.triton import decode as kern
     from sparseattn.ops.triton_launch import _LAUNCH_LOCK, interpret_mode
@@ -319,7 +322,8 @@ def _score_kernel(q: torch.Tensor, summaries: PageSummaries, seqlens: torch.Tens
     count = torch.empty((B, Hkv), dtype=torch.int32, device=q.device)
     rows = G * Lq
     block_r = min(max(16, 1 << (rows - 1).bit_length()), 64)
-    block_p = 32 if interpret_mode() else 64
+    if block_p is None:
+        block_p = 32 if interpret_mode() else 64
     meta: dict[str, Any] = dict(PAGE=ps, HEAD_DIM=D, BLOCK_R=block_r, BLOCK_P=block_p, HAS_SEQLENS=seqlens is not None,
                                 num_warps=4, num_stages=1)
     if interpret_mode() and q.dtype == torch.bfloat16:

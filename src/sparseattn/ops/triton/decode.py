@@ -231,6 +231,7 @@ def _decode_split_kernel(
     FAST_I8: tl.constexpr = False,  # int8 K/V to fp16 by byte moves (QK_MODE 3 / PV_MODE 1; CUDA only)
     FP8_EXACT: tl.constexpr = False,  # interpreter only: exact rounding to e4m3 (see _to_e4m3)
     FULL_TILES: tl.constexpr = False,  # not PAGED: K/V/scale loads without element masks (see the loop)
+    PAGE_TILES: tl.constexpr = False,  # PAGED with PAGE % BLOCK_N == 0: one page index per tile (same keys, order)
     FUSED_MERGE: tl.constexpr = False,  # SPLIT: the last program of a row tile to finish merges the tile's rows
     BLOCK_S: tl.constexpr = 2,  # FUSED_MERGE: power of two >= NUM_SPLITS
 ):
@@ -333,7 +334,22 @@ def _decode_split_kernel(
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         in_rng = pos < hi
-        if PAGED:
+        if PAGED and PAGE_TILES:
+            # every tile lies in one page (PAGE % BLOCK_N == 0 and ranges start on tile boundaries): one page index
+            # per tile, the tile's keys contiguous from a 64-bit row base plus loop-invariant 32-bit offsets
+            pg = tl.load(idx_row + start // PAGE)  # start < hi <= n_pages * PAGE: a listed page
+            key0 = pg * PAGE + start % PAGE
+            key = key0 + offs_n
+            key_ok = in_rng & (key >= 0) & (key < seqlen)
+            first_key = tl.minimum(first_key, tl.min(tl.where(key_ok, key, N_MAX), 0))
+            k = tl.load(k_base + key0.to(tl.int64) * stride_kn + (offs_n[None, :] * stride_kn + offs_d[:, None]),
+                        mask=key_ok[None, :], other=0.0)
+            v = tl.load(v_base + key0.to(tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :]),
+                        mask=key_ok[:, None], other=0.0)
+            if HAS_KV_SCALE:
+                ks = tl.load(ks_base + key.to(tl.int64) * stride_ksn, mask=key_ok, other=0.0)
+                vs = tl.load(vs_base + key.to(tl.int64) * stride_vsn, mask=key_ok, other=0.0)
+        elif PAGED:
             ent = pos // PAGE
             pg = tl.load(idx_row + ent, mask=in_rng, other=0)
             key = pg * PAGE + pos % PAGE
