@@ -12,16 +12,7 @@ Two views of the same calls (H=32, H_kv=8, D=128, bf16 cache of ``--ctx`` keys, 
   per-call time is the replay divided by L. Next to it, the one-call graph of the same call (what
   ``decode_stage_probe.py`` and ``bench_decode.py`` report, one graph launch included).
 
-``--variants``: the launch variants to time, comma-separated: ``base`` (the separate merge and pick kernels),
-``merge`` (the split kernel merges its splits: ``FUSED_MERGE``), ``select`` (the pick runs in the scoring launch:
-``_select_kernel(fused=True)``), ``both``; ``both_w4`` is ``both`` with 4 warps in the fused selection,
-``both_p32`` / ``both_p16`` with 32 / 16 pages per scoring program (64 by default), ``both_gather`` with the paged
-kernel's per-key gather instead of its page tiles (``decode.PAGE_TILES`` off). Each sparse
-variant calls the selection and :func:`paged_decode_attention` as :func:`sparse_decode_attention` does (the default
-launch config of the paged kernel, plus the variant's switch); each dense variant is :func:`decode_attention` with
-the default config (plus ``FUSED_MERGE``). Every variant's selection must equal ``base``'s exactly.
-
-Parity of every call against :func:`decode_reference` (ratio rule, the sparse one over its selected pages) is checked
+Parity of both calls against :func:`decode_reference` (ratio rule, the sparse one over its selected pages) is checked
 first. Writes ``b1_profile.json`` under ``--out`` and prints a table. ``--cpu-smoke`` runs the parity checks on tiny
 shapes under ``TRITON_INTERPRET=1`` (no profiler, no timing).
 """
@@ -39,21 +30,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from sparseattn.ops import decode as decode_mod  # noqa: E402
-from sparseattn.ops import pages as pages_mod  # noqa: E402
-from sparseattn.ops.decode import (  # noqa: E402
-    _default_config, decode_attention, decode_reference, pages_key_mask, paged_decode_attention)
-from sparseattn.ops.pages import page_summaries  # noqa: E402
+from sparseattn.ops.decode import decode_attention, decode_reference, pages_key_mask  # noqa: E402
+from sparseattn.ops.pages import page_summaries, sparse_decode_attention  # noqa: E402
 from sparseattn.testing.tolerances import check_ratio  # noqa: E402
 
 H, HKV, D = 32, 8, 128
-# variant -> (FUSED_MERGE, fused selection, warps of the fused selection or None, pages per scoring program or None,
-# PAGE_TILES)
-VARIANTS = {"base": (False, False, None, None, True), "merge": (True, False, None, None, True),
-            "select": (False, True, None, None, True), "both": (True, True, None, None, True),
-            "both_w4": (True, True, 4, None, True), "both_p32": (True, True, None, 32, True),
-            "both_p16": (True, True, None, 16, True), "both_gather": (True, True, None, None, False),
-            "base_gather": (False, False, None, None, False)}
 
 
 def kernel_profile(fn: Callable[[], Any], reps: int) -> dict[str, Any]:
@@ -89,17 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-pages", type=float, default=0.1)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--variants", default="base")
     ap.add_argument("--cpu-smoke", action="store_true")
     args = ap.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad or not variants:
-        print(f"decode_b1_profile: --variants has an unknown name; expected names from {sorted(VARIANTS)}, "
-              f"got {args.variants!r}", file=sys.stderr)
-        return 2
-    if "base" not in variants:
-        variants.insert(0, "base")
     smoke = args.cpu_smoke
     if smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -119,98 +91,56 @@ def main(argv: list[str] | None = None) -> int:
     sl = torch.full((B,), N, dtype=torch.int32, device=dev)
     summ = [page_summaries(k, ps, seqlens=sl) for k in ks]
 
-    interp = smoke
-    block_m = 16  # G * Lq = 4 rows: the launcher's row tile
-    dev_name = None
-    if not smoke:
-        from sparseattn.ops.registry import device_name
+    def dense(i: int = 0) -> Any:
+        return decode_attention(q, ks[i], vs[i], seqlens=sl, backend="triton")
 
-        dev_name = device_name(q.device)
-    cfg_dense = _default_config(D, block_m, interp, paged=False, device=dev_name)
-    cfg_paged = _default_config(D, block_m, interp, paged=True, device=dev_name)
-
-    def calls(variant: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
-        merge, fsel, warps, pblock, ptiles = VARIANTS[variant]
-        cd = {**cfg_dense, "FUSED_MERGE": True} if merge else cfg_dense
-        cp = {**cfg_paged, "FUSED_MERGE": True} if merge else cfg_paged
-
-        def dense(i: int = 0) -> Any:
-            return decode_attention(q, ks[i], vs[i], seqlens=sl, backend="triton", config=cd)
-
-        def sparse(i: int = 0, pages: bool = False) -> Any:
-            pidx, pnum = pages_mod._select_kernel(q, summ[i], sl, None, args.top_pages, 1, 1, fused=fsel,
-                                                  pick_warps=warps, score_block=pblock)
-            decode_mod.PAGE_TILES = ptiles  # read at launch (graph capture keeps the launched kernel)
-            try:
-                out = paged_decode_attention(q, ks[i], vs[i], pidx, pnum, page_size=ps, seqlens=sl, backend="triton",
-                                             check_seqlens=False, config=cp)
-            finally:
-                decode_mod.PAGE_TILES = True
-            return (out, (pidx, pnum)) if pages else out
-
-        return dense, sparse
+    def sparse(i: int = 0) -> Any:
+        return sparse_decode_attention(q, ks[i], vs[i], summ[i], seqlens=sl, top_pages=args.top_pages,
+                                       backend="triton")
 
     res: dict[str, Any] = {"device": "cpu-smoke" if smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
-                           "ctx": N, "batch": B, "page": ps, "top_pages": args.top_pages, "layers": L,
-                           "config_dense": cfg_dense, "config_paged": cfg_paged, "variants": variants}
+                           "ctx": N, "batch": B, "page": ps, "top_pages": args.top_pages, "layers": L}
     # parity before timing (ratio rule against the fp32 reference over the same keys), first and last layer, the
-    # first sequence (the fp32 reference of a whole 128K x 32 batch would not fit); every variant's selection equals
-    # base's
+    # first sequence (the fp32 reference of a whole 128K x 32 batch would not fit)
     for i in (0, L - 1):
         k1, v1 = ks[i][:1], vs[i][:1]
-        hi_d = decode_reference(q[:1].float(), k1.float(), v1.float(), seqlens=sl[:1])
-        lo_d = decode_reference(q[:1], k1, v1, seqlens=sl[:1], upcast=False)
-        base_pages = None
-        for variant in variants:
-            dense, sparse = calls(variant)
-            check_ratio(dense(i)[:1], hi_d.out, lo_d.out, f"dense out, layer {i}, {variant}")
-            sp, (pidx, pnum) = sparse(i, pages=True)
-            if base_pages is None:
-                base_pages = (pidx, pnum)
-            elif not (torch.equal(pidx, base_pages[0]) and torch.equal(pnum, base_pages[1])):
-                raise AssertionError(f"decode_b1_profile: variant {variant} selected other pages than base (layer {i})")
-            mask = pages_key_mask(pidx, pnum, ps, N)[:1]
-            hi = decode_reference(q[:1].float(), k1.float(), v1.float(), seqlens=sl[:1], key_mask=mask)
-            lo = decode_reference(q[:1], k1, v1, seqlens=sl[:1], key_mask=mask, upcast=False)
-            check_ratio(sp[:1], hi.out, lo.out, f"sparse out, layer {i}, {variant}")
-            del hi, lo, mask
-        del hi_d, lo_d
+        out = dense(i)
+        hi = decode_reference(q[:1].float(), k1.float(), v1.float(), seqlens=sl[:1])
+        lo = decode_reference(q[:1], k1, v1, seqlens=sl[:1], upcast=False)
+        check_ratio(out[:1], hi.out, lo.out, f"dense out, layer {i}")
+        sp, (pidx, pnum) = sparse_decode_attention(q, ks[i], vs[i], summ[i], seqlens=sl, top_pages=args.top_pages,
+                                                   return_pages=True, backend="triton")
+        mask = pages_key_mask(pidx, pnum, ps, N)[:1]
+        hi = decode_reference(q[:1].float(), k1.float(), v1.float(), seqlens=sl[:1], key_mask=mask)
+        lo = decode_reference(q[:1], k1, v1, seqlens=sl[:1], key_mask=mask, upcast=False)
+        check_ratio(sp[:1], hi.out, lo.out, f"sparse out, layer {i}")
+        del hi, lo, mask
     res["parity"] = "ok"
     if smoke:
-        print(f"decode_b1_profile: cpu smoke ok (parity ok, variants {','.join(variants)})")
+        print("decode_b1_profile: cpu smoke ok (parity ok)")
         return 0
     from sparseattn.testing.timing import bench_ms, capture_graph
 
-    dense_done: set[bool] = set()  # dense calls differ only by FUSED_MERGE: timed once each (as base / merge)
-    for variant in variants:
-        for kind, f in zip(("dense", "sparse"), calls(variant)):
-            if kind == "dense":
-                if VARIANTS[variant][0] in dense_done:
-                    continue
-                dense_done.add(VARIANTS[variant][0])
-            prof = kernel_profile(f, args.reps)
-            one = bench_ms(capture_graph(f))
-            seq = bench_ms(capture_graph(lambda f=f: [f(i) for i in range(L)])) / L
-            res[f"{kind}_{variant}"] = {"profile": prof, "graph_one_call_ms": one, "graph_per_call_in_layers_ms": seq}
+    for name, f in (("dense", dense), ("sparse", sparse)):
+        prof = kernel_profile(f, args.reps)
+        one = bench_ms(capture_graph(f))
+        seq = bench_ms(capture_graph(lambda f=f: [f(i) for i in range(L)])) / L
+        res[name] = {"profile": prof, "graph_one_call_ms": one, "graph_per_call_in_layers_ms": seq}
     one_floor = torch.zeros(1, device=dev)
     res["launch_floor_ms"] = bench_ms(capture_graph(lambda: one_floor.add_(1)))
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"b1_profile_b{B}.json"), "w") as fh:
+    with open(os.path.join(args.out, "b1_profile.json"), "w") as fh:
         json.dump(res, fh, indent=1)
-    names = [k for k in res if k.startswith(("dense_", "sparse_"))]
-    for name in names:
+    for name in ("dense", "sparse"):
         p = res[name]["profile"]
-        ker = ", ".join(f"{k[:28]} {v:.1f}" for k, v in sorted(p["kernels_us"].items(), key=lambda kv: -kv[1]))
-        print(f"B={B} {name}: kernels (us/call) {ker} | sum {p['sum_us']:.1f} us | graph one call "
-              f"{res[name]['graph_one_call_ms'] * 1e3:.1f} us, per call in {L} layers "
+        ker = ", ".join(f"{k[:40]} {v:.1f}" for k, v in sorted(p["kernels_us"].items(), key=lambda kv: -kv[1]))
+        print(f"{name}: kernels (us/call) {ker} | sum {p['sum_us']:.1f} us, eager span {p['span_us_median']:.1f} us | "
+              f"graph one call {res[name]['graph_one_call_ms'] * 1e3:.1f} us, per call in {L} layers "
               f"{res[name]['graph_per_call_in_layers_ms'] * 1e3:.1f} us")
-    d1 = res["dense_base"]["graph_one_call_ms"]
-    dl = res["dense_base"]["graph_per_call_in_layers_ms"]
-    for name in names:
-        if name.startswith("sparse_"):
-            print(f"B={B} dense_base / {name}: one-call graphs {d1 / res[name]['graph_one_call_ms']:.2f}x, in {L} layers "
-                  f"{dl / res[name]['graph_per_call_in_layers_ms']:.2f}x")
-    print(f"launch floor {res['launch_floor_ms'] * 1e3:.1f} us")
+    x1 = res["dense"]["graph_one_call_ms"] / res["sparse"]["graph_one_call_ms"]
+    xl = res["dense"]["graph_per_call_in_layers_ms"] / res["sparse"]["graph_per_call_in_layers_ms"]
+    print(f"dense / sparse: one-call graphs {x1:.2f}x, in {L} layers {xl:.2f}x | launch floor "
+          f"{res['launch_floor_ms'] * 1e3:.1f} us")
     return 0
 
 

@@ -54,15 +54,10 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_SPLITS = 128
 MIN_KEYS_PER_SPLIT = 256  # the heuristic never gives a split fewer keys than this (per sequence)
 _LOG2E = 1.4426950408889634
-# the paged kernel's walk when a page holds whole tiles (page_size % BLOCK_N == 0): one page index per tile and
-# contiguous tile addresses (PAGE_TILES) instead of a page index and a 64-bit address per key; the same keys in the
-# same tiles and order, so the same output bit for bit (tested). A switch for measurements (decode_b1_profile.py)
-PAGE_TILES = True
 _MAX_GRID_Z = 65535
 _CONFIG_KEYS = {"BLOCK_N", "num_warps", "num_stages"}
-_CONFIG_OPTIONAL = {"QK", "PV", "BLOCK_M", "FULL_TILES", "CTAS_PER_SM", "FUSED_MERGE"}  # quantized-path variants, a
-# row-tile floor, loads without element masks, the split count's programs per SM, the merge in the split kernel
-# (DecodeLaunchConfig)
+_CONFIG_OPTIONAL = {"QK", "PV", "BLOCK_M", "FULL_TILES", "CTAS_PER_SM"}  # quantized-path variants, a row-tile
+# floor, loads without element masks, the split count's programs per SM (DecodeLaunchConfig)
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -467,12 +462,6 @@ def _tuned_decode_config(D: int, block_m: int, paged: bool, device: str | None,
     return None if cfg is None else DecodeLaunchConfig.from_dict(cfg).to_dict()
 
 
-def _arrival_counters(n: int, device: torch.device) -> torch.Tensor:
-    """``n`` int32 zeros: the arrival counters of a fused launch (``FUSED_MERGE``, the fused page pick), one per call
-    so that launches on different streams never share one; the kernels leave them at zero."""
-    return torch.zeros(n, dtype=torch.int32, device=device)
-
-
 def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor | None,
             page_idx: torch.Tensor | None, page_num: torch.Tensor | None, page_size: int,
             dims: tuple[int, int, int, int, int, int], scale: float, num_splits: int | None,
@@ -526,10 +515,6 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
     paged = page_idx is not None
     pidx = page_idx if paged else lse
     pnum = page_num if paged else lse
-    fused_merge = bool(cfg.get("FUSED_MERGE")) and num_splits > 1
-    # FUSED_MERGE: one arrival counter per (sequence, KV head, row tile), zero at launch (the kernel leaves it zero;
-    # allocated per call so that launches on different streams never share one)
-    lock = _arrival_counters(B * Hkv * m_tiles, q.device) if fused_merge else lse
     meta: dict[str, Any] = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], SPLIT=num_splits > 1,
                                 HAS_SEQLENS=seqlens is not None, PAGED=paged, PAGE=page_size if paged else 1,
                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -545,11 +530,6 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
             meta["FP8_EXACT"] = True  # the interpreter's fp32 -> e4m3 conversion mis-rounds (see the kernel)
     if not causal:
         meta["CAUSAL"] = False
-    if paged and PAGE_TILES and page_size % cfg["BLOCK_N"] == 0:
-        meta["PAGE_TILES"] = True  # the same keys in the same tiles, one page index load per tile
-    if fused_merge:
-        meta["FUSED_MERGE"] = True  # only when set (the default launch keeps its kernel)
-        meta["BLOCK_S"] = max(2, 1 << (num_splits - 1).bit_length())
     if cfg.get("FULL_TILES") and page_idx is None:
         meta["FULL_TILES"] = True  # only when set (the default launch keeps its kernel); the paged walk gathers keys
     if interp and q.dtype == torch.bfloat16:
@@ -561,7 +541,7 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
     args = ordered_args(kern._decode_split_kernel, dict(
         Q=q, K=k, V=v, SeqLens=seqlens if seqlens is not None else lse, PageIdx=pidx, PageNum=pnum,
         Out=out, Lse=lse, OPart=o_part, LPart=l_part,
-        KScale=k_scale if quant else lse, VScale=v_scale if quant else lse, Lock=lock,
+        KScale=k_scale if quant else lse, VScale=v_scale if quant else lse,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
@@ -576,7 +556,7 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
     ))
     with _LAUNCH_LOCK:  # Triton's launch path is not thread-safe (see triton_launch)
         kern._decode_split_kernel[(num_splits, m_tiles, B * Hkv)](*args, **meta)
-        if num_splits > 1 and not fused_merge:
+        if num_splits > 1:
             kern._decode_merge_kernel[(B * H * Lq,)](
                 o_part, l_part, out, lse,
                 out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
@@ -594,9 +574,8 @@ def _variant_modes(fn: str, cfg: dict[str, Any], kv: str, q_dtype: torch.dtype, 
     from sparseattn.ops.launch_configs import DECODE_PV_VARIANTS, DECODE_QK_VARIANTS
 
     qk, pv, bm = cfg.get("QK"), cfg.get("PV"), cfg.get("BLOCK_M")
-    for key in ("FULL_TILES", "FUSED_MERGE"):
-        if key in cfg and not isinstance(cfg[key], bool):
-            raise fail(fn, "config", f"has a bad {key}", "True or False", repr(cfg[key]))
+    if "FULL_TILES" in cfg and not isinstance(cfg["FULL_TILES"], bool):
+        raise fail(fn, "config", "has a bad FULL_TILES", "True or False", repr(cfg["FULL_TILES"]))
     per_sm = cfg.get("CTAS_PER_SM")
     if "CTAS_PER_SM" in cfg and (isinstance(per_sm, bool) or not isinstance(per_sm, int) or not 1 <= per_sm <= 16):
         raise fail(fn, "config", "has a bad CTAS_PER_SM", "an int in 1..16", repr(per_sm))

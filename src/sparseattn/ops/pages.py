@@ -268,43 +268,21 @@ def _k_sel(P: int, k_int: int | None, frac: float | None, floor: int) -> int:
 
 # radix bits per pass of the pick kernel (4: 8 passes of 16 bins, 8: 4 passes of 256 bins); fixed by measurement
 PICK_BITS = 4
-# the pick in the scoring launch (the last scoring program of a row picks its pages): one launch instead of two,
-# the same selection. Off until measured faster on a GPU (benchmarks/decode_b1_profile.py --variants)
-FUSED_SELECT = False
 
 
 def _select_kernel(q: torch.Tensor, summaries: PageSummaries, seqlens: torch.Tensor | None, k_int: int | None,
                    frac: float | None, keep_first: int, keep_last: int, *,
-                   pick_bits: int | None = None, pick_warps: int | None = None,
-                   fused: bool | None = None, score_block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   pick_bits: int | None = None, pick_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton selection: :func:`_score_kernel`, then :func:`_pick_kernel` (``pick_bits`` / ``pick_warps``:
-    its radix width and warps, ``score_block``: pages per scoring program; for measurements); ``fused`` (default
-    :data:`FUSED_SELECT`): both in one launch."""
-    if fused if fused is not None else FUSED_SELECT:
-        score, count, K, idx = _score_kernel(q, summaries, seqlens, k_int, frac, keep_first, keep_last,
-                                             fuse_pick=True, pick_bits=pick_bits, pick_warps=pick_warps,
-                                             block_p=score_block)
-        return idx, count  # type: ignore[return-value]
-    score, count, K = _score_kernel(q, summaries, seqlens, k_int, frac, keep_first, keep_last, block_p=score_block)
+    its radix width and warps, for measurements)."""
+    score, count, K = _score_kernel(q, summaries, seqlens, k_int, frac, keep_first, keep_last)
     return _pick_kernel(score, count, K, bits=pick_bits, warps=pick_warps), count
 
 
-def _pick_launch(P: int, bits: int | None, warps: int | None) -> tuple[int, int, int]:
-    """``(BLOCK, BITS, num_warps)`` of the pick over rows of ``P`` scores (the pick kernel's, or the fused one's)."""
-    from sparseattn.ops.triton_launch import interpret_mode
-
-    block = min(max(16, 1 << (P - 1).bit_length()), 64 if interpret_mode() else 4096)
-    return block, PICK_BITS if bits is None else bits, (8 if block >= 2048 else 4) if warps is None else warps
-
-
 def _score_kernel(q: torch.Tensor, summaries: PageSummaries, seqlens: torch.Tensor | None, k_int: int | None,
-                  frac: float | None, keep_first: int, keep_last: int, *, fuse_pick: bool = False,
-                  pick_bits: int | None = None, pick_warps: int | None = None, block_p: int | None = None) -> Any:
+                  frac: float | None, keep_first: int, keep_last: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(score (B, H_kv, P) fp32, count (B, H_kv) int32, K)``: the page bounds with forced / invalid pages marked,
-    the pages to keep per row, and the selection's fixed width (``_page_score_kernel``). ``fuse_pick``: the
-    kernel also picks (``FUSE_PICK``), and the selection ``(B, H_kv, K)`` int32 is returned fourth. ``block_p``:
-    pages per scoring program (a power of two >= 16; default 64, 32 under the interpreter)."""
-    from sparseattn.ops import decode as decode_mod
+    the pages to keep per row, and the selection's fixed width (``_page_score_kernel``)."""
     from sparseattn.ops.triton import decode as kern
     from sparseattn.ops.triton_launch import _LAUNCH_LOCK, interpret_mode
 
@@ -322,31 +300,20 @@ def _score_kernel(q: torch.Tensor, summaries: PageSummaries, seqlens: torch.Tens
     count = torch.empty((B, Hkv), dtype=torch.int32, device=q.device)
     rows = G * Lq
     block_r = min(max(16, 1 << (rows - 1).bit_length()), 64)
-    if block_p is None:
-        block_p = 32 if interpret_mode() else 64
+    block_p = 32 if interpret_mode() else 64
     meta: dict[str, Any] = dict(PAGE=ps, HEAD_DIM=D, BLOCK_R=block_r, BLOCK_P=block_p, HAS_SEQLENS=seqlens is not None,
                                 num_warps=4, num_stages=1)
     if interpret_mode() and q.dtype == torch.bfloat16:
         meta["DOT_F32"] = True
     if q.dtype == torch.float32:
         meta["IEEE"] = True
-    if fuse_pick:
-        idx = torch.empty((B, Hkv, K), dtype=torch.int32, device=q.device)
-        # one arrival counter per row, zero at launch (left zero by the kernel; per call, so that launches on
-        # different streams never share one)
-        lock = decode_mod._arrival_counters(B * Hkv, q.device)
-        block, bits, warps = _pick_launch(P, pick_bits, pick_warps)
-        meta.update(FUSE_PICK=True, PICK_BLOCK=block, PICK_ONE_CHUNK=P <= block, PICK_BITS=bits, num_warps=warps)
-    else:
-        idx, lock = count, count  # unused
     with _LAUNCH_LOCK:
         kern._page_score_kernel[(-(-P // block_p), B * Hkv)](
-            q, kmin, kmax, seqlens if seqlens is not None else count, score, count, idx, lock,
+            q, kmin, kmax, seqlens if seqlens is not None else count, score, count,
             q.stride(0), q.stride(1), q.stride(2), score.stride(0), score.stride(1), score.stride(2), count.stride(0),
-            idx.stride(0) if fuse_pick else 0, idx.stride(1) if fuse_pick else 0,
             H, G, Lq, P, P * ps, K, k_int if k_int is not None else 0, num, den, floor, keep_first, keep_last,
             **meta)
-    return (score, count, K, idx) if fuse_pick else (score, count, K)
+    return score, count, K
 
 
 def _pick_kernel(score: torch.Tensor, count: torch.Tensor, K: int, *, bits: int | None = None,
@@ -354,16 +321,17 @@ def _pick_kernel(score: torch.Tensor, count: torch.Tensor, K: int, *, bits: int 
     """``(B, H_kv, K)`` int32: the ``count`` highest pages of ``score`` per row, ascending (``_page_pick_kernel``;
     ``bits``: default :data:`PICK_BITS`; ``warps``: default 8 for rows of >= 2048 pages, else 4)."""
     from sparseattn.ops.triton import decode as kern
-    from sparseattn.ops.triton_launch import _LAUNCH_LOCK
+    from sparseattn.ops.triton_launch import _LAUNCH_LOCK, interpret_mode
 
     B, Hkv, P = score.shape
     idx = torch.empty((B, Hkv, K), dtype=torch.int32, device=score.device)
-    block, bits, warps = _pick_launch(P, bits, warps)
+    block = min(max(16, 1 << (P - 1).bit_length()), 64 if interpret_mode() else 4096)
     with _LAUNCH_LOCK:
         kern._page_pick_kernel[(B * Hkv,)](
             score, count, idx, score.stride(0), score.stride(1), score.stride(2), count.stride(0),
-            idx.stride(0), idx.stride(1), Hkv, P, K, BLOCK=block, ONE_CHUNK=P <= block, BITS=bits,
-            num_warps=warps, num_stages=1)
+            idx.stride(0), idx.stride(1), Hkv, P, K, BLOCK=block, ONE_CHUNK=P <= block,
+            BITS=PICK_BITS if bits is None else bits,
+            num_warps=(8 if block >= 2048 else 4) if warps is None else warps, num_stages=1)
     return idx
 
 

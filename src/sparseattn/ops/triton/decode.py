@@ -64,10 +64,7 @@ tokens, e.g. the quantized part of a mixed cache); the default ``True`` is the b
 
 Numerics as in :mod:`sparseattn.ops.triton.block_sparse_fwd`: fp32 accumulation, scores in log2 units
 (``exp2``), natural-log lse at the end; rows that attend no key get out 0 and lse ``-inf``; a row
-that attends keys but whose sum is NaN (non-finite inputs) stays NaN. Deterministic: without ``FUSED_MERGE`` no
-atomics; with it (``SPLIT`` launches; :func:`_merge_row`) one arrival counter per (sequence, KV head, row tile)
-decides only *which* program merges the tile's rows after the others have written their partial states, and the
-merge itself reads them in split order, so the output does not depend on the arrival order.
+that attends keys but whose sum is NaN (non-finite inputs) stays NaN. No atomics: deterministic.
 """
 
 from __future__ import annotations
@@ -202,7 +199,6 @@ def _attend_tile(q, q_lp, q_lo, row_mul, k, v, ks, vs, key, key_ok, lim, m_i, l_
 def _decode_split_kernel(
     Q, K, V, SeqLens, PageIdx, PageNum, Out, Lse, OPart, LPart,
     KScale, VScale,  # read only with HAS_KV_SCALE: fp32 per-key scales (B, H_kv, N_max) through the strides below
-    Lock,  # FUSED_MERGE: int32 arrival counters, one per (batch, KV head, row tile), zero at launch; left zero
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -231,9 +227,6 @@ def _decode_split_kernel(
     FAST_I8: tl.constexpr = False,  # int8 K/V to fp16 by byte moves (QK_MODE 3 / PV_MODE 1; CUDA only)
     FP8_EXACT: tl.constexpr = False,  # interpreter only: exact rounding to e4m3 (see _to_e4m3)
     FULL_TILES: tl.constexpr = False,  # not PAGED: K/V/scale loads without element masks (see the loop)
-    PAGE_TILES: tl.constexpr = False,  # PAGED with PAGE % BLOCK_N == 0: one page index per tile (same keys, order)
-    FUSED_MERGE: tl.constexpr = False,  # SPLIT: the last program of a row tile to finish merges the tile's rows
-    BLOCK_S: tl.constexpr = 2,  # FUSED_MERGE: power of two >= NUM_SPLITS
 ):
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -334,22 +327,7 @@ def _decode_split_kernel(
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         in_rng = pos < hi
-        if PAGED and PAGE_TILES:
-            # every tile lies in one page (PAGE % BLOCK_N == 0 and ranges start on tile boundaries): one page index
-            # per tile, the tile's keys contiguous from a 64-bit row base plus loop-invariant 32-bit offsets
-            pg = tl.load(idx_row + start // PAGE)  # start < hi <= n_pages * PAGE: a listed page
-            key0 = pg * PAGE + start % PAGE
-            key = key0 + offs_n
-            key_ok = in_rng & (key >= 0) & (key < seqlen)
-            first_key = tl.minimum(first_key, tl.min(tl.where(key_ok, key, N_MAX), 0))
-            k = tl.load(k_base + key0.to(tl.int64) * stride_kn + (offs_n[None, :] * stride_kn + offs_d[:, None]),
-                        mask=key_ok[None, :], other=0.0)
-            v = tl.load(v_base + key0.to(tl.int64) * stride_vn + (offs_n[:, None] * stride_vn + offs_d[None, :]),
-                        mask=key_ok[:, None], other=0.0)
-            if HAS_KV_SCALE:
-                ks = tl.load(ks_base + key.to(tl.int64) * stride_ksn, mask=key_ok, other=0.0)
-                vs = tl.load(vs_base + key.to(tl.int64) * stride_vsn, mask=key_ok, other=0.0)
-        elif PAGED:
+        if PAGED:
             ent = pos // PAGE
             pg = tl.load(idx_row + ent, mask=in_rng, other=0)
             key = pg * PAGE + pos % PAGE
@@ -409,53 +387,37 @@ def _decode_split_kernel(
         flat = ((off_b * H + head).to(tl.int64) * LQ + tok) * NUM_SPLITS + pid_s
         tl.store(OPart + flat[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
         tl.store(LPart + flat, lse, mask=row_ok)
-        if FUSED_MERGE:
-            # every thread's partial stores are issued before the arrival is counted (bar.sync), and the counter
-            # is acquire-release at GPU scope: the program that sees NUM_SPLITS - 1 arrivals before its own sees
-            # every other program's partials (read through L2, .cg). It merges the tile's rows exactly as
-            # _decode_merge_kernel does and leaves the counter at 0 for the next launch.
-            tl.debug_barrier()
-            lock = Lock + pid_bk.to(tl.int64) * tl.num_programs(1) + pid_m
-            arrived = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
-            if arrived == NUM_SPLITS - 1:
-                tl.debug_barrier()
-                r_hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, G * LQ)
-                for r in range(pid_m * BLOCK_M, r_hi):
-                    h_r = off_hk * G + r // LQ
-                    t_r = r % LQ
-                    _merge_row(OPart, LPart, Out, Lse, ((off_b * H + h_r).to(tl.int64) * LQ + t_r),
-                               off_b.to(tl.int64), h_r.to(tl.int64), t_r.to(tl.int64),
-                               stride_ob, stride_oh, stride_om, stride_lb, stride_lh, NUM_SPLITS, HEAD_DIM, BLOCK_S,
-                               True)
-                tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")
 
 
-@triton.jit
-def _merge_row(OPart, LPart, Out, Lse, row, off_b, off_h, tok,
-               stride_ob, stride_oh, stride_om, stride_lb, stride_lh, NUM_SPLITS,
-               HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, CG: tl.constexpr):
-    """Exact merge of the ``NUM_SPLITS`` partial states of one flat (batch, head, token) ``row`` into ``Out`` / ``Lse``.
+@triton.jit(do_not_specialize=["H", "LQ", "NUM_SPLITS"])
+def _decode_merge_kernel(
+    OPart, LPart, Out, Lse,
+    stride_ob, stride_oh, stride_om,
+    stride_lb, stride_lh,
+    H, LQ, NUM_SPLITS,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Exact merge of the ``NUM_SPLITS`` partial states of one (batch, head, token) row.
 
     ``lse = logsumexp_s lse_s``, ``out = sum_s exp(lse_s - lse) * out_s``. A split with lse ``-inf``
     (no key) has weight 0 (its out is 0 by construction); every split ``-inf`` gives out 0 and lse
-    ``-inf``; a NaN lse or out makes the row NaN. ``CG``: read the partials through L2 only (``.cg``: they
-    were written by other programs of the same launch).
+    ``-inf``; a NaN lse or out makes the row NaN.
     """
+    row = tl.program_id(0).to(tl.int64)  # flat (b, h, token)
+    tok = row % LQ
+    bh = row // LQ
+    off_h = bh % H
+    off_b = bh // H
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
     s_ok = offs_s < NUM_SPLITS
-    if CG:
-        lse_s = tl.load(LPart + row * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-        o = tl.load(OPart + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None],
-                    other=0.0, cache_modifier=".cg")
-    else:
-        lse_s = tl.load(LPart + row * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
-        o = tl.load(OPart + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None],
-                    other=0.0)
+    lse_s = tl.load(LPart + row * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
     m = tl.max(lse_s, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse_s - m_safe)
     w = tl.where(lse_s == float("-inf"), 0.0, w)
+    o = tl.load(OPart + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None], other=0.0)
     num = tl.sum(w[:, None] * o, 0)
     den = tl.sum(w, 0)
     empty = m == float("-inf")
@@ -471,32 +433,13 @@ def _merge_row(OPart, LPart, Out, Lse, row, off_b, off_h, tok,
     tl.store(Lse + off_b * stride_lb + off_h * stride_lh + tok, lse)
 
 
-@triton.jit(do_not_specialize=["H", "LQ", "NUM_SPLITS"])
-def _decode_merge_kernel(
-    OPart, LPart, Out, Lse,
-    stride_ob, stride_oh, stride_om,
-    stride_lb, stride_lh,
-    H, LQ, NUM_SPLITS,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    """Exact merge (:func:`_merge_row`) of the ``NUM_SPLITS`` partial states of one (batch, head, token) row."""
-    row = tl.program_id(0).to(tl.int64)  # flat (b, h, token)
-    tok = row % LQ
-    bh = row // LQ
-    _merge_row(OPart, LPart, Out, Lse, row, bh // H, bh % H, tok, stride_ob, stride_oh, stride_om, stride_lb, stride_lh,
-               NUM_SPLITS, HEAD_DIM, BLOCK_S, False)
-
-
 @triton.jit(do_not_specialize=["H", "G", "LQ", "P", "N_MAX", "K_SEL", "K_INT", "FRAC_NUM", "FRAC_DEN", "FLOOR",
                                "KEEP_FIRST", "KEEP_LAST"])
 def _page_score_kernel(
     Q, KMin, KMax, SeqLens, Score, Count,
-    Idx, Lock,  # FUSE_PICK only: the selection (B, H_kv, K_SEL) int32 and one int32 arrival counter per row (zero)
     stride_qb, stride_qh, stride_qm,
     stride_sb, stride_sh, stride_sp,
     stride_cb,
-    stride_ib, stride_ih,
     H, G, LQ, P, N_MAX, K_SEL, K_INT, FRAC_NUM, FRAC_DEN, FLOOR, KEEP_FIRST, KEEP_LAST,
     PAGE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -505,10 +448,6 @@ def _page_score_kernel(
     HAS_SEQLENS: tl.constexpr,
     DOT_F32: tl.constexpr = False,
     IEEE: tl.constexpr = False,
-    FUSE_PICK: tl.constexpr = False,  # the last program of a row to finish runs the pick (_pick_row) on the row
-    PICK_BLOCK: tl.constexpr = 16,
-    PICK_ONE_CHUNK: tl.constexpr = True,
-    PICK_BITS: tl.constexpr = 4,
 ):
     """Quest page scores of one (batch, KV head) for ``BLOCK_P`` pages, and (program 0) the page count.
 
@@ -519,11 +458,6 @@ def _page_score_kernel(
     sequence ``-inf``. ``Count[b, hkv]`` = pages to keep: ``K_INT`` if > 0, else
     ``ceil(n * FRAC_NUM / FRAC_DEN)``, at least ``FLOOR``, at most ``n`` valid pages and ``K_SEL``.
     Summaries are contiguous ``(B, H_kv, P, HEAD_DIM)``.
-
-    ``FUSE_PICK``: the selection in the same launch. Each program counts its arrival on its row's ``Lock``
-    (acquire-release, GPU scope, after a barrier that orders its score stores); the program that arrives last
-    has every score of the row visible and runs :func:`_pick_row` on it (what :func:`_page_pick_kernel` runs,
-    the scores read through L2), then puts the counter back to 0. One launch instead of two, the same ``Idx``.
     """
     pid_p = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -576,24 +510,15 @@ def _page_score_kernel(
     forced = valid & ((offs_p < KEEP_FIRST) | (offs_p >= n_valid - KEEP_LAST))
     score = tl.where(forced, float("inf"), score)
     score = tl.where(valid, score, float("-inf"))
-    s_row = Score + off_b.to(tl.int64) * stride_sb + off_hk.to(tl.int64) * stride_sh
-    tl.store(s_row + offs_p * stride_sp, score, mask=p_ok)
-    if K_INT > 0:
-        want = n_valid * 0 + K_INT
-    else:
-        want = ((n_valid.to(tl.int64) * FRAC_NUM + FRAC_DEN - 1) // FRAC_DEN).to(tl.int32)
-    want = tl.maximum(want, FLOOR)
-    cnt = tl.minimum(tl.minimum(want, n_valid), K_SEL)
+    tl.store(Score + off_b.to(tl.int64) * stride_sb + off_hk * stride_sh + offs_p * stride_sp, score, mask=p_ok)
     if pid_p == 0:
+        if K_INT > 0:
+            want = n_valid * 0 + K_INT
+        else:
+            want = ((n_valid.to(tl.int64) * FRAC_NUM + FRAC_DEN - 1) // FRAC_DEN).to(tl.int32)
+        want = tl.maximum(want, FLOOR)
+        cnt = tl.minimum(tl.minimum(want, n_valid), K_SEL)
         tl.store(Count + off_b.to(tl.int64) * stride_cb + off_hk, cnt)
-    if FUSE_PICK:
-        tl.debug_barrier()  # every thread's score stores issued before the arrival is counted
-        arrived = tl.atomic_add(Lock + pid_bk, 1, sem="acq_rel", scope="gpu")
-        if arrived == tl.num_programs(0) - 1:
-            tl.debug_barrier()
-            i_row = Idx + off_b.to(tl.int64) * stride_ib + off_hk.to(tl.int64) * stride_ih
-            _pick_row(s_row, i_row, cnt, stride_sp, P, K_SEL, PICK_BLOCK, PICK_ONE_CHUNK, PICK_BITS, True)
-            tl.atomic_xchg(Lock + pid_bk, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -606,17 +531,8 @@ def _order_key(x):
 
 
 @triton.jit
-def _load_scores(s_row, pp, stride_sp, P, CG: tl.constexpr):
-    """``s_row[pp]`` for ``pp < P`` (0 beyond); ``CG``: through L2 only (written by other programs of the launch)."""
-    if CG:
-        return tl.load(s_row + pp * stride_sp, mask=pp < P, other=0.0, cache_modifier=".cg")
-    else:
-        return tl.load(s_row + pp * stride_sp, mask=pp < P, other=0.0)
-
-
-@triton.jit
 def _digit_hist(s_row, stride_sp, P, prefix, offs, SHIFT: tl.constexpr, BLOCK: tl.constexpr, ONE_CHUNK: tl.constexpr,
-                key_one, BITS: tl.constexpr = 4, CG: tl.constexpr = False):
+                key_one, BITS: tl.constexpr = 4):
     """Histogram (``2 ** (BITS + 1)`` bins; bins ``0 .. 2 ** BITS - 1`` used) of key bits ``SHIFT .. SHIFT + BITS - 1``
     over the keys whose bits above them equal ``prefix``; other keys (and padding) go to bin ``2 ** BITS``."""
     NB: tl.constexpr = 1 << BITS
@@ -631,58 +547,13 @@ def _digit_hist(s_row, stride_sp, P, prefix, offs, SHIFT: tl.constexpr, BLOCK: t
         hist = tl.zeros([2 * NB], dtype=tl.int32)
         for p0 in range(0, P, BLOCK):
             pp = p0 + offs
-            key = _order_key(_load_scores(s_row, pp, stride_sp, P, CG))
+            key = _order_key(tl.load(s_row + pp * stride_sp, mask=pp < P, other=0.0))
             ok = pp < P
             if SHIFT + BITS < 32:
                 ok = ok & ((key >> (SHIFT + BITS)) == prefix)
             dig = tl.where(ok, ((key >> SHIFT) & (NB - 1)).to(tl.int32), NB)
             hist += tl.histogram(dig, 2 * NB)
     return hist
-
-
-@triton.jit
-def _pick_row(s_row, i_row, c, stride_sp, P, K_SEL, BLOCK: tl.constexpr, ONE_CHUNK: tl.constexpr, BITS: tl.constexpr,
-              CG: tl.constexpr):
-    """The ``c`` highest of the scores ``s_row[:P]`` (no NaN), their page indices ascending in ``i_row[:c]``, zeros
-    in ``i_row[c:K_SEL]`` (see :func:`_page_pick_kernel`). ``CG``: read the scores through L2 only."""
-    offs = tl.arange(0, BLOCK)
-    NB: tl.constexpr = 1 << BITS
-    bins = tl.arange(0, 2 * NB)
-    key_one = _order_key(_load_scores(s_row, offs, stride_sp, P, CG))
-
-    prefix = tl.zeros([], dtype=tl.uint32)
-    need = c  # keys still to take among those matching the prefix
-    for i in tl.static_range(32 // BITS):
-        hist = _digit_hist(s_row, stride_sp, P, prefix, offs, 32 - BITS * (i + 1), BLOCK, ONE_CHUNK, key_one, BITS, CG)
-        h = tl.where(bins < NB, hist, 0)
-        suffix = tl.cumsum(h, 0, reverse=True)  # keys with digit >= j
-        d = tl.max(tl.where((suffix >= need) & (bins < NB), bins, 0), 0)
-        s_d = tl.sum(tl.where(bins == d, suffix, 0), 0)
-        h_d = tl.sum(tl.where(bins == d, h, 0), 0)
-        need -= s_d - h_d  # keys with a higher digit are all taken
-        prefix = (prefix << BITS) | d.to(tl.uint32)
-    thr = prefix
-    ties = need  # keys equal to the threshold still to take, in page order
-
-    slot0 = tl.zeros([], dtype=tl.int32)
-    tie0 = tl.zeros([], dtype=tl.int32)
-    for p0 in range(0, P, BLOCK):
-        pp = p0 + offs
-        if ONE_CHUNK:
-            key = key_one
-        else:
-            key = _order_key(_load_scores(s_row, pp, stride_sp, P, CG))
-        live = pp < P
-        eq = live & (key == thr)
-        tie_rank = tl.cumsum(eq.to(tl.int32), 0) + tie0  # 1-based among the ties so far
-        take = (live & (key > thr)) | (eq & (tie_rank <= ties))
-        slot = tl.cumsum(take.to(tl.int32), 0) - 1 + slot0
-        tl.store(i_row + slot, pp, mask=take & (slot < c))
-        slot0 += tl.sum(take.to(tl.int32), 0)
-        tie0 += tl.sum(eq.to(tl.int32), 0)
-    for k0 in range(0, K_SEL, BLOCK):
-        kk = k0 + offs
-        tl.store(i_row + kk, kk * 0, mask=(kk >= c) & (kk < K_SEL))
 
 
 @triton.jit(do_not_specialize=["H_KV", "P", "K_SEL"])
@@ -714,4 +585,38 @@ def _page_pick_kernel(
     s_row = Score + off_b.to(tl.int64) * stride_sb + off_hk.to(tl.int64) * stride_sh
     i_row = Idx + off_b.to(tl.int64) * stride_ib + off_hk.to(tl.int64) * stride_ih
     c = tl.load(Count + off_b.to(tl.int64) * stride_cb + off_hk)
-    _pick_row(s_row, i_row, c, stride_sp, P, K_SEL, BLOCK, ONE_CHUNK, BITS, False)
+    offs = tl.arange(0, BLOCK)
+    NB: tl.constexpr = 1 << BITS
+    bins = tl.arange(0, 2 * NB)
+    key_one = _order_key(tl.load(s_row + offs * stride_sp, mask=offs < P, other=0.0))
+
+    prefix = tl.zeros([], dtype=tl.uint32)
+    need = c  # keys still to take among those matching the prefix
+    for i in tl.static_range(32 // BITS):
+        hist = _digit_hist(s_row, stride_sp, P, prefix, offs, 32 - BITS * (i + 1), BLOCK, ONE_CHUNK, key_one, BITS)
+        h = tl.where(bins < NB, hist, 0)
+        suffix = tl.cumsum(h, 0, reverse=True)  # keys with digit >= j
+        d = tl.max(tl.where((suffix >= need) & (bins < NB), bins, 0), 0)
+        s_d = tl.sum(tl.where(bins == d, suffix, 0), 0)
+        h_d = tl.sum(tl.where(bins == d, h, 0), 0)
+        need -= s_d - h_d  # keys with a higher digit are all taken
+        prefix = (prefix << BITS) | d.to(tl.uint32)
+    thr = prefix
+    ties = need  # keys equal to the threshold still to take, in page order
+
+    slot0 = tl.zeros([], dtype=tl.int32)
+    tie0 = tl.zeros([], dtype=tl.int32)
+    for p0 in range(0, P, BLOCK):
+        pp = p0 + offs
+        key = _order_key(tl.load(s_row + pp * stride_sp, mask=pp < P, other=0.0))
+        live = pp < P
+        eq = live & (key == thr)
+        tie_rank = tl.cumsum(eq.to(tl.int32), 0) + tie0  # 1-based among the ties so far
+        take = (live & (key > thr)) | (eq & (tie_rank <= ties))
+        slot = tl.cumsum(take.to(tl.int32), 0) - 1 + slot0
+        tl.store(i_row + slot, pp, mask=take & (slot < c))
+        slot0 += tl.sum(take.to(tl.int32), 0)
+        tie0 += tl.sum(eq.to(tl.int32), 0)
+    for k0 in range(0, K_SEL, BLOCK):
+        kk = k0 + offs
+        tl.store(i_row + kk, kk * 0, mask=(kk >= c) & (kk < K_SEL))
