@@ -78,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--pages", default="64,32")
     ap.add_argument("--ncu", choices=["bf16", "int8"])
-    ap.add_argument("--no-paged", action="store_true", help="skip the paged kernel's config sweep")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="run every stage once on tiny shapes under TRITON_INTERPRET=1 (checks the script, no timing)")
     args = ap.parse_args(argv)
@@ -126,21 +125,20 @@ def main(argv: list[str] | None = None) -> int:
             # the pick alone, on the score kernel's own bounds and counts
             sc, cn, K = pages_mod._score_kernel(q, summ, sl, None, 0.1, 1, 1)
             picks = {}
-            algos = [("b4", 4, False), ("b8", 8, False), ("iv", 4, True)]  # radix 4 / 8 bits, interval search
-            for name, bits, iv in algos:
+            for bits in (4, 8):
                 for warps in (4, 8, 16):
                     try:
-                        picks[f"{name}w{warps}"] = timed(lambda bits=bits, warps=warps, iv=iv: pages_mod._pick_kernel(
-                            sc, cn, K, bits=bits, warps=warps, interval=iv))
+                        picks[f"b{bits}w{warps}"] = timed(
+                            lambda bits=bits, warps=warps: pages_mod._pick_kernel(sc, cn, K, bits=bits, warps=warps))
                     except Exception as exc:  # noqa: BLE001 - e.g. out of resources
-                        picks[f"{name}w{warps}"] = f"{type(exc).__name__}: {str(exc)[:100]}"
+                        picks[f"b{bits}w{warps}"] = f"{type(exc).__name__}: {str(exc)[:100]}"
             row["pick"] = picks
-            # every pick must pick what the selection picked (same scores)
-            row["pick_agree"] = {name: bool(torch.equal(pages_mod._pick_kernel(sc, cn, K, bits=bits, interval=iv), pidx))
-                                 for name, bits, iv in algos}
+            # every radix width must pick what the selection picked (same scores)
+            row["pick_agree"] = {f"b{bits}": bool(torch.equal(pages_mod._pick_kernel(sc, cn, K, bits=bits), pidx))
+                                 for bits in (4, 8)}
             row["select_bits8"] = timed(lambda: pages_mod._select_kernel(q, summ, sl, None, 0.1, 1, 1, pick_bits=8))
             paged: dict[str, Any] = {}
-            for bn, w, s in ([] if args.no_paged else PAGED_CONFIGS):
+            for bn, w, s in PAGED_CONFIGS:
                 for S in SPLITS:
                     key = f"n{bn}w{w}s{s}/splits{S}"
                     cfg = {"BLOCK_N": bn, "num_warps": w, "num_stages": s}

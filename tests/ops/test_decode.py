@@ -423,17 +423,13 @@ def test_select_kernel_matches_torch_selection(dtype, Lq, G, top, request):
                 assert abs(float(ub[b, h, p]) - cut) <= DECODE_PAGE_BOUND_TIE_REL * max(1.0, abs(cut)), (b, h, sorted(a), sorted(r))
 
 
-_PICK_CASES = [(P, block, bits, False) for bits in (4, 8) for P, block in ((5, 16), (64, 64), (129, 64), (300, 64))]
-_PICK_CASES += [(5, 16, 4, True), (64, 64, 4, True), (37, 64, 4, True)]  # the interval search: one-block rows only
-
-
 @needs_kernel
-@pytest.mark.parametrize("P,block,bits,interval", _PICK_CASES)
-def test_page_pick_kernel_matches_stable_brute_force(P, block, bits, interval, request):
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("P,block", [(5, 16), (64, 64), (129, 64), (300, 64)])
+def test_page_pick_kernel_matches_stable_brute_force(P, block, bits, request):
     """The radix-select kernel takes the ``count`` highest scores, ties to the lower page, ascending, padding 0 --
     with many exact ties, +-inf (forced / invalid pages), +-BIG (NaN / infinite bounds), -0.0 next to +0.0,
-    a count of 0 and of every page, in one block and in several chunks; ``interval``: the same with the threshold
-    found by interval search (``INTERVAL``)."""
+    a count of 0 and of every page, in one block and in several chunks."""
     from sparseattn.ops.triton import decode as kern
 
     gen = _gen(request)
@@ -454,7 +450,7 @@ def test_page_pick_kernel_matches_stable_brute_force(P, block, bits, interval, r
     idx = torch.full((B, Hkv, K), -7, dtype=torch.int32, device=DEV)
     kern._page_pick_kernel[(B * Hkv,)](score, count, idx, score.stride(0), score.stride(1), score.stride(2),
                                        count.stride(0), idx.stride(0), idx.stride(1), Hkv, P, K, BLOCK=block,
-                                       ONE_CHUNK=P <= block, BITS=bits, INTERVAL=interval)
+                                       ONE_CHUNK=P <= block, BITS=bits)
     idx, score, count = idx.cpu(), score.cpu(), count.cpu()
     for b in range(B):
         for h in range(Hkv):

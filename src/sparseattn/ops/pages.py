@@ -268,9 +268,6 @@ def _k_sel(P: int, k_int: int | None, frac: float | None, floor: int) -> int:
 
 # radix bits per pass of the pick kernel (4: 8 passes of 16 bins, 8: 4 passes of 256 bins); fixed by measurement
 PICK_BITS = 4
-# the pick's threshold by interval search (rows that fit one block) instead of radix passes: the same selection;
-# chosen by measurement (benchmarks/decode_stage_probe.py)
-PICK_INTERVAL = False
 
 
 def _select_kernel(q: torch.Tensor, summaries: PageSummaries, seqlens: torch.Tensor | None, k_int: int | None,
@@ -320,10 +317,9 @@ def _score_kernel(q: torch.Tensor, summaries: PageSummaries, seqlens: torch.Tens
 
 
 def _pick_kernel(score: torch.Tensor, count: torch.Tensor, K: int, *, bits: int | None = None,
-                 warps: int | None = None, interval: bool | None = None) -> torch.Tensor:
+                 warps: int | None = None) -> torch.Tensor:
     """``(B, H_kv, K)`` int32: the ``count`` highest pages of ``score`` per row, ascending (``_page_pick_kernel``;
-    ``bits``: default :data:`PICK_BITS`; ``warps``: default 8 for rows of >= 2048 pages, else 4; ``interval``:
-    default :data:`PICK_INTERVAL`, used where a row fits one block)."""
+    ``bits``: default :data:`PICK_BITS`; ``warps``: default 8 for rows of >= 2048 pages, else 4)."""
     from sparseattn.ops.triton import decode as kern
     from sparseattn.ops.triton_launch import _LAUNCH_LOCK, interpret_mode
 
@@ -335,7 +331,6 @@ def _pick_kernel(score: torch.Tensor, count: torch.Tensor, K: int, *, bits: int 
             score, count, idx, score.stride(0), score.stride(1), score.stride(2), count.stride(0),
             idx.stride(0), idx.stride(1), Hkv, P, K, BLOCK=block, ONE_CHUNK=P <= block,
             BITS=PICK_BITS if bits is None else bits,
-            INTERVAL=(PICK_INTERVAL if interval is None else interval) and P <= block,
             num_warps=(8 if block >= 2048 else 4) if warps is None else warps, num_stages=1)
     return idx
 

@@ -566,7 +566,6 @@ def _page_pick_kernel(
     BLOCK: tl.constexpr,
     ONE_CHUNK: tl.constexpr,
     BITS: tl.constexpr = 4,
-    INTERVAL: tl.constexpr = False,  # ONE_CHUNK only: the threshold by interval search instead of radix passes
 ):
     """The ``Count[b, hkv]`` highest of ``Score[b, hkv, :P]`` (as :func:`_page_score_kernel` writes them: no
     NaN), their page indices **ascending** in ``Idx[b, hkv, :Count]``; ``Idx[b, hkv, Count:K_SEL]`` = 0.
@@ -579,13 +578,6 @@ def _page_pick_kernel(
     mask gives each page its slot, so the indices come out sorted and no sort runs. The row is held in
     registers when it fits one ``BLOCK`` (``ONE_CHUNK``), else re-read per pass (from L2). Replaces
     ``torch.topk`` (a sort) on the selection's hot path.
-
-    ``INTERVAL`` (``ONE_CHUNK`` rows): the same threshold found by narrowing a key interval instead of fixed radix
-    digits. The interval starts at the row's smallest and largest keys; each round counts the keys at or above 16
-    evenly spaced cut points (one compare-and-sum over the row), keeps the sub-interval that holds the ``Count``-th
-    largest key, and snaps both ends to the smallest and largest key inside it. The span shrinks at least 16-fold per
-    round (so at most 8 rounds for 32-bit keys) and, with the snapping, usually collapses onto one key after two or
-    three, where the radix select always makes 8 passes. Same ``T``, same ties, same output.
     """
     pid = tl.program_id(0)
     off_b = pid // H_KV
@@ -598,39 +590,19 @@ def _page_pick_kernel(
     bins = tl.arange(0, 2 * NB)
     key_one = _order_key(tl.load(s_row + offs * stride_sp, mask=offs < P, other=0.0))
 
-    if INTERVAL:
-        NT: tl.constexpr = 16
-        live1 = offs < P
-        k64 = key_one.to(tl.int64)  # zero-extended: the order is kept
-        lo = tl.min(tl.where(live1, k64, 1 << 40), 0)
-        hi = tl.max(tl.where(live1, k64, -1), 0)
-        jv = tl.arange(0, NT).to(tl.int64)
-        while lo < hi:  # invariant: lo <= T <= hi, both keys of the row
-            cut = lo + ((hi - lo) * jv + NT - 1) // NT  # cut 0 = lo
-            ge = tl.sum(((k64[:, None] >= cut[None, :]) & live1[:, None]).to(tl.int32), 0)  # non-increasing
-            jj = tl.max(tl.where(ge >= c, jv, 0), 0)  # cut 0 always qualifies (#(key >= lo) >= c)
-            new_lo = tl.sum(tl.where(jv == jj, cut, 0), 0)
-            new_hi = tl.where(jj + 1 < NT, tl.sum(tl.where(jv == jj + 1, cut, 0), 0) - 1, hi)
-            inside = live1 & (k64 >= new_lo) & (k64 <= new_hi)
-            lo = tl.min(tl.where(inside, k64, 1 << 40), 0)
-            hi = tl.max(tl.where(inside, k64, -1), 0)
-        thr = lo.to(tl.uint32)
-        ties = c - tl.sum((live1 & (k64 > lo)).to(tl.int32), 0)
-    else:
-        prefix = tl.zeros([], dtype=tl.uint32)
-        need = c  # keys still to take among those matching the prefix
-        for i in tl.static_range(32 // BITS):
-            hist = _digit_hist(s_row, stride_sp, P, prefix, offs, 32 - BITS * (i + 1), BLOCK, ONE_CHUNK, key_one,
-                               BITS)
-            h = tl.where(bins < NB, hist, 0)
-            suffix = tl.cumsum(h, 0, reverse=True)  # keys with digit >= j
-            d = tl.max(tl.where((suffix >= need) & (bins < NB), bins, 0), 0)
-            s_d = tl.sum(tl.where(bins == d, suffix, 0), 0)
-            h_d = tl.sum(tl.where(bins == d, h, 0), 0)
-            need -= s_d - h_d  # keys with a higher digit are all taken
-            prefix = (prefix << BITS) | d.to(tl.uint32)
-        thr = prefix
-        ties = need  # keys equal to the threshold still to take, in page order
+    prefix = tl.zeros([], dtype=tl.uint32)
+    need = c  # keys still to take among those matching the prefix
+    for i in tl.static_range(32 // BITS):
+        hist = _digit_hist(s_row, stride_sp, P, prefix, offs, 32 - BITS * (i + 1), BLOCK, ONE_CHUNK, key_one, BITS)
+        h = tl.where(bins < NB, hist, 0)
+        suffix = tl.cumsum(h, 0, reverse=True)  # keys with digit >= j
+        d = tl.max(tl.where((suffix >= need) & (bins < NB), bins, 0), 0)
+        s_d = tl.sum(tl.where(bins == d, suffix, 0), 0)
+        h_d = tl.sum(tl.where(bins == d, h, 0), 0)
+        need -= s_d - h_d  # keys with a higher digit are all taken
+        prefix = (prefix << BITS) | d.to(tl.uint32)
+    thr = prefix
+    ties = need  # keys equal to the threshold still to take, in page order
 
     slot0 = tl.zeros([], dtype=tl.int32)
     tie0 = tl.zeros([], dtype=tl.int32)
