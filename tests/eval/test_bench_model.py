@@ -112,3 +112,19 @@ def test_profile_counts_kernels_not_range_annotations():
           SimpleNamespace(name="sparseattn::layer_attention", device_type=DeviceType.CPU),
           SimpleNamespace(name="void at::native::elementwise_kernel", device_type=DeviceType.CUDA)]
     assert [e.name for e in bm._device_kernels(ev)] == ["_block_sparse_fwd_kernel", "void at::native::elementwise_kernel"]
+
+
+def test_short_text_fails_before_timing(tmp_path, capsys):
+    """A text too short for the last length is refused before the first length is measured."""
+    from sparseattn.testing.bad_inputs import save_tiny_llama
+
+    model_dir = save_tiny_llama(tmp_path / "model", hidden_size=64, intermediate_size=64, heads=4, kv_heads=2,
+                                head_dim=16)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 10)  # ~450 byte tokens
+    capsys.readouterr()
+    rc = main(["bench-model", "--model", str(model_dir), "--text-file", str(text), "--lengths", "64,500",
+               "--repeats", "1", "--no-profile", "--no-plot", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "too few tokens" in err, err
+    assert "dense reference logits" not in err  # no length was measured

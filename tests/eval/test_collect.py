@@ -137,3 +137,19 @@ def test_bad_paths_are_one_line_exit_2(collection, tmp_path, capsys, command):
             assert "neither a synthetic kind nor an existing path" in err
         else:
             assert words in err, (path, err)
+
+
+def test_short_text_fails_before_capturing(tmp_path, capsys):
+    """A text too short for the last length is refused before the first length is captured (nothing written)."""
+    from sparseattn.testing.bad_inputs import save_tiny_llama
+
+    model_dir = save_tiny_llama(tmp_path / "model", hidden_size=64, intermediate_size=64, heads=4, kv_heads=2,
+                                head_dim=16)
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 10)  # ~450 byte tokens
+    root = tmp_path / "qkv"
+    rc = main(["collect", "--model", str(model_dir), "--text-file", str(text), "--lengths", "64,400", "--samples", "2",
+               "--quiet", "--out", str(root)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "too few tokens" in err, err
+    assert not (root / "len64").exists()

@@ -96,6 +96,16 @@ def test_gen_check_user_errors(tiny, tmp_path, capsys, argv, needle):
     assert len(lines) == 1 and needle in lines[0], err
 
 
+def test_gen_check_short_source_fails_before_generating(tiny, tmp_path, capsys):
+    """A text too short for the last length is refused before any length is generated (not after the first)."""
+    model_dir, text = tiny
+    rc = main(["gen-check", "--model", str(model_dir), "--text-file", str(text), "--lengths", "64,500",
+               "--samples", "40", "--new-tokens", "4", "--modes", "kernel_decode", "--out", str(tmp_path / "gc")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "too few tokens" in err, err
+    assert "dense 4 tokens" not in err  # no generation ran
+
+
 def test_gen_check_missing_text_dir(tiny, tmp_path, capsys):
     rc = main(["gen-check", "--model", str(tiny[0]), "--text-dir", str(tmp_path / "missing"), "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()

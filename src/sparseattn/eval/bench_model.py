@@ -461,9 +461,11 @@ def bench_model(model: Any, rows: Sequence[RowSpec], lengths: Sequence[int], *, 
                                "model per row (torch._dynamo.explain)")
         compiled_dense = torch.compile(model)
 
+    # every length's input first: a text too short for a later length fails before any timing runs
+    inputs = {n: _input_ids(tokenizer, model, n, random_ids=random_ids, text_files=text_files, text_dir=text_dir,
+                            seed=seed) for n in lengths}
     for n in lengths:
-        ids, source = _input_ids(tokenizer, model, n, random_ids=random_ids, text_files=text_files,
-                                 text_dir=text_dir, seed=seed)
+        ids, source = inputs[n]
         ids = ids.to(device)
         k = min(score_last, n)
         entry: dict[str, Any] = {"seq_len": n, "input": source, "scored_positions": k}

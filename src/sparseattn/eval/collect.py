@@ -97,9 +97,13 @@ def collect_qkv(
     summary: dict[str, Any] = {"model": model_desc, "created": _now(), "layers": layers, "lengths": lengths,
                                "samples": samples, "save_dtype": str(save_dtype).replace("torch.", ""), "per_length": {}}
     bar = tqdm(total=len(lengths) * samples, desc="collect", unit="sample", disable=not progress)
+    # every length's prompts first: a text too short for a later length fails before anything is captured
+    prompts = {}
     for n in lengths:
-        docs, source = documents_for(text_files, text_dir)
-        ids_list, names = token_samples(docs, tokenizer, seq_len=n, samples=samples)
+        docs, source = documents_for(text_files, text_dir)  # an iterator: a fresh one per length
+        prompts[n] = token_samples(docs, tokenizer, seq_len=n, samples=samples)
+    for n in lengths:
+        ids_list, names = prompts[n]
         ldir = out / f"len{n}"
         ldir.mkdir(exist_ok=True)
         files = []

@@ -387,9 +387,13 @@ def run_gen_check(
     dev = torch.device(device)
     rows: list[dict[str, Any]] = []
     source = None
+    # every length's prompts first: a source too short for a later length fails before any generation runs
+    prompts = []
     for n in lengths:
         ids_list, names, source = sample_ids(model, tokenizer, seq_len=n, samples=samples, text_files=text_files,
                                              text_dir=text_dir, random_ids=random_ids or tokenizer is None, seed=seed)
+        prompts.append((n, ids_list, names))
+    for n, ids_list, names in prompts:
         for si, ids in enumerate(ids_list):
             ids = ids.to(dev)
             t0 = time.perf_counter()
