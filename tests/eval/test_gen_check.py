@@ -208,3 +208,35 @@ def test_gen_check_mixed_sink_tokens(tiny, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"^gen_check: mixed_sink_tokens must be a non-negative integer; expected an "
                                          r"int >= 0 or None \(the cache's default\), got -2$"):
         run_gen_check(str(tiny[0]), random_ids=True, lengths=[64], new_tokens=2, mixed_sink_tokens=-2)
+
+
+def test_gen_check_sparse_spec(tiny, tmp_path, capsys):
+    """sparse_spec: plain sparse decode at 2 pages changes the tokens, its speculative use gives dense's tokens; the
+    report says how many drafts were accepted, and no teacher-forced run is made for it."""
+    out = tmp_path / "gc"
+    rc = main(["gen-check", "--model", str(tiny[0]), "--random-ids", "--lengths", "200", "--new-tokens", "10",
+               "--modes", "sparse_decode,sparse_spec", "--top-pages", "2", "--draft-tokens", "3",
+               "--decode-backend", "reference", "--quiet", "--out", str(out)])
+    cap = capsys.readouterr()
+    rep = json.loads((out / "gen_check.json").read_text())
+    by = {r["mode"]: r for r in rep["rows"]}
+    sp, spec = by["sparse_decode"], by["sparse_spec"]
+    assert sp["agreement"] < 1.0 and rc == 1 and "verdict: FAIL" in cap.out  # plain sparse decode misses
+    assert spec["agreement"] == 1.0 and spec["tokens"] == spec["dense_tokens"] and spec["tf_agreement"] == 1.0
+    x = spec["speculative"]
+    assert x["draft_tokens"] == 3 and 0 <= x["accepted"] < x["drafted"] and x["rounds"] >= 3
+    assert spec["counts"]["decode_verify"] == 2 * x["rounds"] and spec["counts"]["decode_sparse"] == 2 * x["drafted"]
+    summ = {s["mode"]: s for s in rep["summary"]}
+    assert summ["sparse_spec"]["passed"] is True and summ["sparse_spec"]["speculative"]["drafted"] == x["drafted"]
+    assert rep["config"]["draft_tokens"] == 3
+    md = (out / "gen_check.md").read_text()
+    assert f"- 200: {x['accepted']} of {x['drafted']} drafts accepted" in md
+
+
+@pytest.mark.parametrize("value", ["0", "64"])
+def test_gen_check_bad_draft_tokens(tiny, tmp_path, capsys, value):
+    rc = main(["gen-check", "--model", str(tiny[0]), "--random-ids", "--lengths", "64", "--new-tokens", "2",
+               "--modes", "sparse_spec", "--draft-tokens", value, "--quiet", "--out", str(tmp_path / "gc")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "draft-tokens" in err[0] or "draft_tokens" in err[0]

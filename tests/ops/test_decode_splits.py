@@ -130,3 +130,12 @@ def test_the_b1_profile_script_runs_on_the_interpreter():
     res = _run_script("decode_b1_profile.py")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "parity ok" in res.stdout
+
+
+def test_the_speculative_attention_script_runs_on_the_interpreter():
+    """benchmarks/spec_decode_attn.py --cpu-smoke: its exact (1 and g + 1 queries) and sparse calls pass parity."""
+    if ON_GPU:
+        pytest.skip("the GPU runs the real script")
+    res = _run_script("spec_decode_attn.py")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "parity ok" in res.stdout

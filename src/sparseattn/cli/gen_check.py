@@ -55,6 +55,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "gen-check", help="greedy generation: sparse/kernel decode and the mixed-precision KV cache vs dense",
         description="Generate --new-tokens greedy tokens from prompts of --lengths tokens with the model's own dense "
                     "attention, then with each of --modes (kernel_decode, sparse_decode: patch_model(decode=...); "
+                    "sparse_spec: sparse decode drafting --draft-tokens tokens per round for one exact check step, "
+                    "lossless speculative decoding; "
                     "sparse_prefill: --predictor with dense decode; mixed_int8 / mixed_fp8: MixedKVCache); report per "
                     "mode and length the share of positions whose token equals dense's, the first divergence, the "
                     "teacher-forced agreement (each step fed dense's tokens), the "
@@ -91,6 +93,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="decode kernels: auto (Triton on CUDA, else the PyTorch reference), triton or reference")
     p.add_argument("--decode-layers", type=optional_int_list(0, "layer indices"), default=None,
                    help="layers that take the decode route (default: all)")
+    p.add_argument("--draft-tokens", type=positive_int, default=4,
+                   help="sparse_spec: sparse draft steps per round, 1..63 (default 4)")
     p.add_argument("--samples", type=positive_int, default=1, help="prompts per length (default 1)")
     p.add_argument("--target", type=_share, default=GEN_CHECK_TARGET,
                    help=f"PASS threshold on the mean agreement (default {GEN_CHECK_TARGET})")
@@ -130,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
                         teacher_forced=not args.no_teacher_forced,
                         predictor=args.predictor, pattern=args.pattern, tuned=args.tuned,
                         decode_backend=args.decode_backend, decode_layers=args.decode_layers,
-                        text_files=args.text_file, text_dir=args.text_dir, random_ids=args.random_ids,
+                        draft_tokens=args.draft_tokens, text_files=args.text_file, text_dir=args.text_dir, random_ids=args.random_ids,
                         samples=args.samples, seed=args.seed, target=args.target, dtype=dtype, device=dev,
                         progress=not args.quiet)
     paths = write_gen_check_report(res, out)

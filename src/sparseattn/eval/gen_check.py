@@ -6,6 +6,10 @@ generated greedily for ``new_tokens`` tokens by the unpatched model (its own att
 
 * ``kernel_decode`` — ``patch_model(decode="kernel")``: decode steps on sparseattn's dense decode kernel;
 * ``sparse_decode`` — ``patch_model(decode="sparse", decode_top_pages=..., decode_page_size=...)``: Quest-style;
+* ``sparse_spec`` — sparse decode as the draft of lossless speculative decoding
+  (:func:`~sparseattn.integrations.speculative.speculative_generate`, ``draft_tokens`` per round, one exact
+  step checks them): the tokens are dense greedy decoding's by construction; the rows add how many drafts were
+  accepted (no teacher-forced run: it has no meaning there);
 * ``sparse_prefill`` — ``patch_model(predictor=...)`` with the model's dense decode (needs a predictor);
 * ``mixed_int8`` / ``mixed_fp8`` — :class:`~sparseattn.state.kv_cache.MixedKVCache` (recent ``window`` tokens
   in the model dtype, the rest INT8 / FP8) with ``enable_mixed_cache`` (prefill dense: the cache quantizes
@@ -57,11 +61,13 @@ from typing import Any
 import torch
 
 from sparseattn._validation import fail
+from sparseattn.integrations.speculative import cache_kwarg as _cache_kwarg
+from sparseattn.integrations.speculative import dynamic_cache as _dynamic_cache
 
 __all__ = ["GEN_CHECK_MODES", "GenCheckResult", "run_gen_check", "write_gen_check_report", "greedy_generate",
            "token_agreement"]
 
-GEN_CHECK_MODES = ("kernel_decode", "sparse_decode", "sparse_prefill", "mixed_int8", "mixed_fp8")
+GEN_CHECK_MODES = ("kernel_decode", "sparse_decode", "sparse_spec", "sparse_prefill", "mixed_int8", "mixed_fp8")
 FLOOR_MODE = "kernel_decode"  # exact attention through our decode kernel: with dense prefill, the rounding floor
 _TIMING_WARMUP = 8
 
@@ -74,24 +80,6 @@ def token_agreement(ref: Sequence[int], got: Sequence[int]) -> tuple[float, int 
     same = [i < len(got) and got[i] == ref[i] for i in range(n)]
     first = next((i for i, s in enumerate(same) if not s), None)
     return sum(same) / n, first
-
-
-def _cache_kwarg(model: Any) -> str:
-    """The model forward's cache argument: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover - unusual wrappers
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _dynamic_cache(model: Any) -> Any:
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # pragma: no cover - older transformers
-        return DynamicCache()
 
 
 def _sync(device: torch.device) -> None:
@@ -251,7 +239,7 @@ def decode_mode(model: Any, mode: str, *, patch_kw: dict[str, Any] | None = None
     kw = dict(patch_kw or {})
     if mode == "kernel_decode":
         kw.update(decode="kernel", decode_backend=decode_backend, decode_layers=decode_layers)
-    elif mode == "sparse_decode":
+    elif mode in ("sparse_decode", "sparse_spec"):
         kw.update(decode="sparse", decode_top_pages=top_pages, decode_page_size=page_size,
                   decode_backend=decode_backend, decode_layers=decode_layers)
     with patch_model(model, **kw) as handle:
@@ -259,10 +247,20 @@ def decode_mode(model: Any, mode: str, *, patch_kw: dict[str, Any] | None = None
 
 
 def _run_mode(model: Any, mode: str, ids: torch.Tensor, new_tokens: int, *, forced: Sequence[int] | None = None,
-              **opts: Any) -> dict[str, Any]:
+              draft_tokens: int = 4, **opts: Any) -> dict[str, Any]:
     """One generation in ``mode`` (teacher-forced with ``forced``; ``opts``: :func:`decode_mode`'s)."""
+    spec = None
     with decode_mode(model, mode, **opts) as (cache, handle):
-        toks, ms = greedy_generate(model, ids, new_tokens, cache, forced)
+        if mode == "sparse_spec":
+            from sparseattn.integrations.speculative import speculative_generate
+
+            r = speculative_generate(model, ids, new_tokens, draft_tokens=draft_tokens, cache=cache,
+                                     time_after=_TIMING_WARMUP if new_tokens > _TIMING_WARMUP else None)
+            toks, ms = r.tokens, r.ms_per_token
+            spec = {"draft_tokens": draft_tokens, "rounds": r.rounds, "drafted": r.drafted, "accepted": r.accepted,
+                    "acceptance": r.acceptance, "tokens_per_round": r.tokens_per_round}
+        else:
+            toks, ms = greedy_generate(model, ids, new_tokens, cache, forced)
         if handle is not None:
             rep = handle.sparsity_report()
     if handle is None:
@@ -272,8 +270,11 @@ def _run_mode(model: Any, mode: str, ids: torch.Tensor, new_tokens: int, *, forc
         # step did not take the decode route
         return {"tokens": toks, "ms_per_token": ms, "memory": mem, "counts": dict(cache.attention_counts),
                 "mixed_decode_fallbacks": dict(cache.decode_fallbacks)}
-    return {"tokens": toks, "ms_per_token": ms, "counts": rep["counts"], "decode": rep["decode"],
-            "prefill_density": rep["mean_density"]}
+    res = {"tokens": toks, "ms_per_token": ms, "counts": rep["counts"], "decode": rep["decode"],
+           "prefill_density": rep["mean_density"]}
+    if spec is not None:
+        res["speculative"] = spec
+    return res
 
 
 def run_gen_check(
@@ -293,6 +294,7 @@ def run_gen_check(
     tuned: str | None = None,
     decode_backend: str = "auto",
     decode_layers: Sequence[int] | None = None,
+    draft_tokens: int = 4,
     text_files: Sequence[str] | None = None,
     text_dir: str | None = None,
     random_ids: bool = False,
@@ -310,7 +312,8 @@ def run_gen_check(
 
     ``model`` / ``tokenizer``: an already loaded model (then ``model_name`` is only a label).
     ``top_pages`` (default 0.1) or ``token_budget`` (keys, ``ceil(token_budget / page_size)`` pages), not both.
-    ``teacher_forced``: also measure the teacher-forced agreement (a second run per mode that diverged).
+    ``teacher_forced``: also measure the teacher-forced agreement (a second run per mode that diverged;
+    never for ``sparse_spec``). ``draft_tokens``: ``sparse_spec``'s sparse steps per round.
     ``mixed_smooth_keys``: the mixed cache's K smoothing (``MixedKVCache(smooth_keys=...)``; ``False``: the
     behaviour before it, for comparisons). ``mixed_sink_tokens``: the mixed cache's ``sink_tokens`` (the first
     tokens kept in the model dtype); ``None``: the cache's default.
@@ -357,6 +360,12 @@ def run_gen_check(
 
         mixed_sink_tokens = inspect.signature(MixedKVCache.__init__).parameters["sink_tokens"].default
     DecodeConfig(mode="sparse", top_pages=top_pages, page_size=page_size, backend=decode_backend)  # value checks
+    from sparseattn.ops.decode import MAX_DECODE_QUERIES
+
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or \
+            not 1 <= draft_tokens <= MAX_DECODE_QUERIES - 1:
+        raise fail(fn, "draft_tokens", "is out of range (the exact step checks draft_tokens + 1 tokens at once)",
+                   f"an int in [1, {MAX_DECODE_QUERIES - 1}]", repr(draft_tokens))
     target = GEN_CHECK_TARGET if target is None else float(target)
     if not 0.0 <= target <= 1.0:
         raise fail(fn, "target", "is out of range", "a share in [0, 1]", repr(target))
@@ -405,11 +414,12 @@ def run_gen_check(
                 res = _run_mode(model, mode, ids, new_tokens, patch_kw=patch_kw, top_pages=top_pages,
                                 page_size=page_size, mixed_window=mixed_window, decode_backend=decode_backend,
                                 decode_layers=None if decode_layers is None else list(decode_layers),
-                                mixed_smooth_keys=mixed_smooth_keys, mixed_sink_tokens=mixed_sink_tokens)
+                                mixed_smooth_keys=mixed_smooth_keys, mixed_sink_tokens=mixed_sink_tokens,
+                                draft_tokens=draft_tokens)
                 agree, first = token_agreement(ref, res["tokens"])
                 tf_agree: float | None = None
                 tf_tokens: list[int] | None = None
-                if teacher_forced:
+                if teacher_forced and (first is None or mode != "sparse_spec"):
                     if first is None:  # identical tokens: the free run was fed exactly the reference's tokens
                         tf_agree, tf_tokens = 1.0, list(res["tokens"])
                     else:
@@ -464,6 +474,14 @@ def run_gen_check(
                     fb[k] = fb.get(k, 0) + v
             if fb:
                 s["decode_fallbacks"] = fb
+            sp = [r["speculative"] for r in rs if "speculative" in r]
+            if sp:
+                drafted = sum(x["drafted"] for x in sp)
+                s["speculative"] = {"draft_tokens": sp[0]["draft_tokens"], "drafted": drafted,
+                                    "accepted": sum(x["accepted"] for x in sp),
+                                    "acceptance": sum(x["accepted"] for x in sp) / drafted if drafted else None,
+                                    "tokens_per_round": (sum(len(r["tokens"]) - 1 for r in rs)
+                                                         / max(1, sum(x["rounds"] for x in sp)))}
             s["passed"] = s["agreement"] >= target
             summary.append(s)
     floor_mode = FLOOR_MODE if (FLOOR_MODE in modes and not patch_kw) else None
@@ -477,6 +495,7 @@ def run_gen_check(
               "mixed_window": mixed_window, "mixed_smooth_keys": mixed_smooth_keys,
               "mixed_sink_tokens": mixed_sink_tokens, "teacher_forced": teacher_forced,
               "decode_backend": decode_backend, "decode_layers": None if decode_layers is None else list(decode_layers),
+              "draft_tokens": draft_tokens,
               "prefill": patch_kw or "dense", "source": source, "target": target,
               "timing": f"ms per generated token over decode steps {_TIMING_WARMUP}..{new_tokens - 1} (free-running)",
               "seconds": time.perf_counter() - t_start}
@@ -512,6 +531,15 @@ def write_gen_check_report(res: GenCheckResult, out_dir: str | Path) -> dict[str
              f" ({res.summary[0]['floor_mode']}: exact attention through our decode kernel, dense prefill)")
           + "; the margin column is dense's top-1 minus top-2 logit at the mismatched steps (its largest) and the "
           "share of dense's own steps with a margin at or below it", "", res.table(), ""]
+    sp = [s for s in res.summary if s.get("speculative")]
+    if sp:
+        md += ["Speculative decoding (`sparse_spec`: sparse decode drafts, one exact step checks them):", ""]
+        for s in sp:
+            x = s["speculative"]
+            acc = "n/a" if x["acceptance"] is None else f"{x['acceptance']:.1%}"
+            md.append(f"- {s['length']}: {x['accepted']} of {x['drafted']} drafts accepted ({acc}), "
+                      f"{x['tokens_per_round']:.2f} tokens per round of {x['draft_tokens']} drafts + 1 exact step")
+        md.append("")
     fb = [s for s in res.summary if s.get("decode_fallbacks")]
     if fb:
         md += ["Decode calls handed to the model's own attention (by reason):", ""]

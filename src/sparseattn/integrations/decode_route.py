@@ -161,6 +161,10 @@ class DecodeRoute:
         #: every sparse decode call with ``dict(layer, forward, query, key, scale, pages)`` (``pages``:
         #: ``(page_indices, page_counts)`` of the selection; tensors as the layer received them)
         self.observer: Any = None
+        #: verification steps of speculative decoding (:mod:`sparseattn.integrations.speculative`): while True a
+        #: sparse route runs the exact dense decode kernel (counted as ``decode_verify``) and keeps the page summaries
+        #: current, so the draft steps after it update them incrementally
+        self.exact = False
 
     # ------------------------------------------------------------------ model-level hook
     def on_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -223,11 +227,14 @@ class DecodeRoute:
             v = value if win is None else value[:, :, nkv - win:]
             out = decode_attention(query, k, v, scale=scale, backend=backend)
             counter = "decode_window"
-        elif self.config.mode == "kernel":
+        elif self.config.mode == "kernel" or self.exact:
             from sparseattn.ops.decode import decode_attention
 
             out = decode_attention(query, key, value, scale=scale, backend=backend)
             counter = "decode_kernel"
+            if self.config.mode == "sparse":  # a verification step: exact, the summaries kept current for the drafts
+                self._summaries(handle, layer, key, nq)
+                counter = "decode_verify"
         else:
             from sparseattn.ops.pages import sparse_decode_attention
 
@@ -244,6 +251,31 @@ class DecodeRoute:
         used = self._backend_used(query)
         handle.decode_backends.setdefault(layer, set()).add(used)
         return out.transpose(1, 2).contiguous(), None
+
+    def note_crop(self, cache: Any, length: int) -> None:
+        """``cache`` was cropped to its first ``length`` keys (every layer the route serves) between two forwards.
+
+        The kept summaries of those layers stay valid for every page below the one holding key ``length``: they are
+        cut to ``ceil(length / page_size)`` pages and marked as describing ``length`` keys, so the next forward that
+        appends its tokens recomputes the page they start in (and the pages after it) from the cache and reuses the
+        rest, instead of rebuilding everything. Call it only for a crop (keys below ``length`` unchanged); a cache
+        changed otherwise must not be noted (its summaries are then rebuilt). Host-side bookkeeping only.
+        """
+        from sparseattn.ops.pages import PageSummaries
+
+        fn = "DecodeRoute.note_crop"
+        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+            raise fail(fn, "length", "must be a non-negative integer", "the cache's key count after the crop",
+                       repr(length))
+        store = getattr(cache, SUMMARY_ATTR, None)
+        if not isinstance(store, dict):
+            return
+        ps = self.config.page_size
+        pages = -(-length // ps)
+        for st in store.values():
+            if st.owner == id(self) and st.n > length:
+                st.summ = PageSummaries(st.summ.kmin[:, :, :pages], st.summ.kmax[:, :, :pages], ps)
+                st.n = length
 
     def _backend_used(self, q: torch.Tensor) -> str:
         key = (q.device.type, q.dtype, q.shape[-1], self.config.backend)

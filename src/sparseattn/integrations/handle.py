@@ -46,8 +46,9 @@ class PatchHandle(AccountingMixin, RoutesMixin, PackedMixin, GraphPathMixin, Aut
             on the model's device: recorded without a host sync, read by :meth:`sparsity_report`.
         backends_used: ``{layer: set of backend names that ran the sparse prefill}``.
         counts: number of ``prefill_sparse``, ``prefill_dense``, ``decode_dense`` (the model's own attention),
-            ``decode_kernel``, ``decode_sparse`` and ``decode_window`` (a sliding-window layer's exact dense
-            decode on sparseattn's kernel) layer calls.
+            ``decode_kernel``, ``decode_sparse``, ``decode_window`` (a sliding-window layer's exact dense
+            decode on sparseattn's kernel) and ``decode_verify`` (a sparse route's exact verification step of
+            speculative decoding) layer calls.
         decode_fallbacks: ``{reason: count}`` of decode calls a ``decode="kernel"/"sparse"`` route handed to the
             model's own attention (``"attention_mask"``, ``"sliding_window"``, ``"softcap"``, ...; see
             :mod:`sparseattn.integrations.decode_route`).
@@ -94,7 +95,7 @@ class PatchHandle(AccountingMixin, RoutesMixin, PackedMixin, GraphPathMixin, Aut
         # prefill_quant: sparse prefill calls that ran the quantized kernel (also counted in prefill_sparse);
         # prefill_packed: sparse prefill calls of packed sequences (document masks; also in prefill_sparse)
         self.counts = {"prefill_sparse": 0, "prefill_dense": 0, "decode_dense": 0, "decode_kernel": 0,
-                       "decode_sparse": 0, "decode_window": 0,
+                       "decode_sparse": 0, "decode_window": 0, "decode_verify": 0,
                        "prefill_quant": 0, "prefill_packed": 0}
         #: the decode route (``patch_model(decode="kernel"|"sparse")``), None for the model's own dense decode
         self.decode_route: Any = None

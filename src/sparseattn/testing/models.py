@@ -28,14 +28,15 @@ def tiny_llama(*, seed: int = 0, layers: int = 2, **config: Any) -> torch.nn.Mod
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
 
 
-def tiny_gemma3(*, sliding_window: int = 24, seed: int = 0) -> torch.nn.Module:
+def tiny_gemma3(*, sliding_window: int = 24, seed: int = 0, head_dim: int = 16) -> torch.nn.Module:
     """A random ``Gemma3ForCausalLM`` in eval mode: 4 layers alternating sliding-window (``sliding_window``
-    tokens) and full attention, hidden 64, 4 heads over 2 KV heads of 16, vocab 97, 512 positions."""
+    tokens) and full attention, hidden 64, 4 heads over 2 KV heads of ``head_dim`` (16; the Triton decode kernels
+    need 64, 128 or 256), vocab 97, 512 positions."""
     import transformers
 
     torch.manual_seed(seed)
     cfg = transformers.Gemma3TextConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
                                         sliding_window=sliding_window,
                                         layer_types=["sliding_attention", "full_attention"] * 2,
                                         max_position_embeddings=512)

@@ -1,0 +1,216 @@
+"""Lossless speculative decoding with sparse decode as the draft (self-speculation).
+
+Sparse decode (``patch_model(..., decode="sparse")``, Quest's page selection) reads a fraction of the KV cache
+per step, but its greedy tokens drift from dense ones: one near-tie flipped in a long generation and the rest
+diverges (docs/DECODE.md). :func:`speculative_generate` keeps sparse decode's cheap steps and dense decode's
+tokens: the same model drafts ``draft_tokens`` greedy tokens with sparse decode, then **one** forward of the
+draft (its ``draft_tokens + 1`` tokens as one multi-token decode step, exact attention through the dense
+decode kernel) checks them; the longest prefix the exact model would have produced is kept, plus the exact
+model's own next token, and the cache is cropped back to those. Every emitted token is the exact model's
+greedy choice given the tokens before it, so the output is dense greedy decoding's, whatever the sparse
+budget; the budget only changes how many drafts are accepted.
+
+Cost per round: ``draft_tokens`` sparse steps plus one exact step of ``draft_tokens + 1`` queries (decode is
+memory-bound: about one dense step's K/V reads), for ``accepted + 1`` tokens. It pays where attention over a
+long cache dominates a step (long contexts, large batches, large models on the GPU); for a small model whose
+eager decode step is host-bound it costs more forwards than it saves (measured: docs/DECODE.md).
+
+Cache handling: the rounds crop the cache (``Cache.crop(-n)``; sliding-window layers record their past with
+``activate_past_recording`` so they can be cropped) and tell the decode route (:meth:`DecodeRoute.note_crop`)
+so the page summaries are updated, not rebuilt. One host read per round (how many drafts were accepted: the
+crop needs it); none inside a step.
+
+Exactness holds as far as the exact step computes what one-token dense decode computes: in float32 the
+multi-token step and single steps agree to rounding (~1e-6); in bfloat16, as any change of kernel does, they
+can differ at near-ties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+from typing import Any
+
+import torch
+
+from sparseattn._validation import fail
+
+__all__ = ["SpeculativeResult", "speculative_generate", "cache_kwarg", "dynamic_cache"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeResult:
+    """What :func:`speculative_generate` produced.
+
+    Attributes:
+        tokens: the ``new_tokens`` greedy tokens (ints).
+        rounds: draft-and-verify rounds run (the first token comes from the prefill, outside any round).
+        drafted: draft tokens proposed by sparse decode, over all rounds.
+        accepted: draft tokens the exact step confirmed.
+        ms_per_token: with ``time_after=n``: wall time per token of the rounds that started after ``n`` tokens
+            (synchronised at both ends; ``None`` otherwise or when no round started there).
+    """
+
+    tokens: list[int]
+    rounds: int
+    drafted: int
+    accepted: int
+    ms_per_token: float | None = None
+
+    @property
+    def acceptance(self) -> float | None:
+        """``accepted / drafted`` (``None`` when nothing was drafted)."""
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def tokens_per_round(self) -> float | None:
+        """Tokens emitted per round (accepted drafts + the exact step's own token); ``None`` without rounds."""
+        return (len(self.tokens) - 1) / self.rounds if self.rounds else None
+
+
+def cache_kwarg(model: Any) -> str:
+    """The model forward's cache argument: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - unusual wrappers
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def dynamic_cache(model: Any) -> Any:
+    """A fresh ``transformers.DynamicCache`` for ``model`` (sliding-window layers where its config has them)."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # pragma: no cover - older transformers
+        return DynamicCache()
+
+
+def _check(model: Any, input_ids: Any, new_tokens: Any, draft_tokens: Any, cache: Any) -> Any:
+    from sparseattn.integrations import get_handle
+    from sparseattn.ops.decode import MAX_DECODE_QUERIES
+
+    fn = "speculative_generate"
+    handle = get_handle(model)
+    route = None if handle is None else handle.decode_route
+    if route is None or route.config.mode != "sparse":
+        got = "an unpatched model" if handle is None else \
+            f"decode={'dense' if route is None else route.config.mode!r}"
+        raise fail(fn, "model", "has no sparse decode route", "a model inside patch_model(model, decode='sparse', ...)",
+                   got)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype.is_floating_point \
+            or input_ids.dtype == torch.bool:
+        got = type(input_ids).__name__ if not isinstance(input_ids, torch.Tensor) else \
+            f"{tuple(input_ids.shape)} {input_ids.dtype}"
+        raise fail(fn, "input_ids", "must be a 2-D integer tensor", "(1, N) token ids", got)
+    if input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
+        raise fail(fn, "input_ids", "must hold one non-empty sequence (batch 1: the rounds crop per sequence)",
+                   "shape (1, N) with N >= 1", str(tuple(input_ids.shape)))
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+        raise fail(fn, "new_tokens", "must be a positive integer", "an int >= 1", repr(new_tokens))
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or \
+            not 1 <= draft_tokens <= MAX_DECODE_QUERIES - 1:
+        raise fail(fn, "draft_tokens", "is out of range (the exact step checks draft_tokens + 1 tokens at once)",
+                   f"an int in [1, {MAX_DECODE_QUERIES - 1}]", repr(draft_tokens))
+    if cache is not None and not callable(getattr(cache, "crop", None)):
+        raise fail(fn, "cache", "cannot be cropped (the rounds drop rejected drafts)",
+                   "a transformers DynamicCache (or None: a fresh one)", type(cache).__name__)
+    if cache is not None and cache.get_seq_length() != 0:
+        raise fail(fn, "cache", "is not empty (the prompt is prefilled into it)", "an empty cache",
+                   f"{cache.get_seq_length()} cached tokens")
+    return route
+
+
+def _crop(cache: Any, route: Any, remove: int, length: int) -> None:
+    if remove:
+        cache.crop(-remove)
+    if cache.get_seq_length() != length:  # host ints only; a cache whose crop does something else is refused
+        raise RuntimeError(f"speculative_generate: the cache holds {cache.get_seq_length()} tokens after a crop; "
+                           f"expected {length} ({type(cache).__name__}.crop does not remove the last tokens)")
+    route.note_crop(cache, length)
+
+
+@torch.no_grad()
+def speculative_generate(model: Any, input_ids: torch.Tensor, new_tokens: int, *, draft_tokens: int = 4,
+                         cache: Any = None, time_after: int | None = None) -> SpeculativeResult:
+    """Greedy generation that equals dense greedy decoding, drafted by sparse decode (see the module).
+
+    Args:
+        model: a causal LM inside ``patch_model(model, decode="sparse", ...)`` (its page budget, page size,
+            backend and layers are the draft's); prefill runs as the patch says (sparse prefill included).
+        input_ids: ``(1, N)`` prompt ids (batch 1).
+        new_tokens: tokens to generate (no EOS stop).
+        draft_tokens: sparse steps per round (``1 .. 63``); the exact step checks ``draft_tokens + 1`` tokens.
+        cache: an empty, croppable cache (default: a fresh ``DynamicCache``); left holding prompt + tokens
+            except the last one.
+        time_after: time the rounds that start once this many tokens exist (``ms_per_token``; two syncs).
+
+    Returns:
+        :class:`SpeculativeResult` (tokens, rounds, drafted, accepted).
+    """
+    route = _check(model, input_ids, new_tokens, draft_tokens, cache)
+    if time_after is not None and (isinstance(time_after, bool) or not isinstance(time_after, int) or time_after < 1):
+        raise fail("speculative_generate", "time_after", "must be a positive integer or None",
+                   "tokens before the timed rounds, e.g. 8", repr(time_after))
+    if cache is None:
+        cache = dynamic_cache(model)
+    if callable(getattr(cache, "activate_past_recording", None)):
+        cache.activate_past_recording()  # sliding-window layers keep what a crop needs
+    kw: dict[str, Any] = {cache_kwarg(model): cache, "use_cache": True}
+    keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+    if keep_arg:
+        kw["logits_to_keep"] = 1
+    out = model(input_ids=input_ids, **kw)
+    last = out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1): emitted, not yet in the cache
+    length = input_ids.shape[1]
+    _crop(cache, route, 0, length)  # crop(0): sliding layers back to their window after the prefill
+    emitted = [last]
+    count, rounds, drafted, accepted = 1, 0, 0, 0
+    t0, timed_from = None, 0
+    while count < new_tokens:
+        if time_after is not None and t0 is None and count >= time_after:
+            _sync(input_ids.device)
+            t0, timed_from = time.perf_counter(), count
+        g = min(draft_tokens, new_tokens - count - 1)  # a round emits at most g + 1 tokens
+        drafts = []
+        x = last
+        for _ in range(g):
+            x = model(input_ids=x, **kw).logits[:, -1].argmax(-1, keepdim=True)
+            drafts.append(x)
+        _crop(cache, route, g, length)
+        feed = torch.cat([last, *drafts], dim=1)  # (1, g + 1)
+        if keep_arg:
+            kw["logits_to_keep"] = g + 1
+        route.exact = True
+        try:
+            logits = model(input_ids=feed, **kw).logits
+        finally:
+            route.exact = False
+            if keep_arg:
+                kw["logits_to_keep"] = 1
+        target = logits[0, -(g + 1):].argmax(-1)  # target[i]: the exact next token after feed[0, i]
+        j = 0
+        if g:
+            ok = (feed[0, 1:] == target[:g]).to(torch.int64).cumprod(0)
+            j = int(ok.sum())  # the round's one host read
+        emitted.append(target[: j + 1][None])
+        length += j + 1
+        _crop(cache, route, g - j, length)
+        last = target[j: j + 1][None]
+        count += j + 1
+        rounds += 1
+        drafted += g
+        accepted += j
+    ms = None
+    if t0 is not None:
+        _sync(input_ids.device)
+        ms = (time.perf_counter() - t0) * 1e3 / (count - timed_from)
+    tokens = [int(t) for t in torch.cat(emitted, dim=1)[0, :new_tokens].tolist()]
+    return SpeculativeResult(tokens=tokens, rounds=rounds, drafted=drafted, accepted=accepted, ms_per_token=ms)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
