@@ -145,7 +145,7 @@ def test_bad_inputs():
             with pytest.raises(ValueError, match=r"^speculative_generate: draft_tokens is out of range .*"
                                                  r"expected an int in \[1, 63\]"):
                 speculative_generate(model, ids, 4, draft_tokens=d)
-        with pytest.raises(ValueError, match=r"cache cannot be cropped .* got object$"):
+        with pytest.raises(ValueError, match=r"cache has no per-layer storage to roll back .* got object$"):
             speculative_generate(model, ids, 4, cache=object())
         full = dynamic_cache(model)
         with torch.no_grad():

@@ -15,10 +15,15 @@ memory-bound: about one dense step's K/V reads), for ``accepted + 1`` tokens. It
 long cache dominates a step (long contexts, large batches, large models on the GPU); for a small model whose
 eager decode step is host-bound it costs more forwards than it saves (measured: docs/DECODE.md).
 
-Cache handling: the rounds crop the cache (``Cache.crop(-n)``; sliding-window layers record their past with
-``activate_past_recording`` so they can be cropped) and tell the decode route (:meth:`DecodeRoute.note_crop`)
-so the page summaries are updated, not rebuilt. One host read per round (how many drafts were accepted: the
-crop needs it); none inside a step.
+Cache handling: a ``transformers`` ``DynamicCache`` (its ``DynamicLayer`` / ``DynamicSlidingWindowLayer``
+layers, whose updates concatenate into new tensors). Before the drafts each layer's key/value tensors (and a
+sliding layer's token count) are kept by reference; after them they are put back, so the exact step appends
+to the cache as it was; after the exact step the rejected drafts' entries are dropped (a full layer's last
+entries; a sliding layer is rebuilt from the kept tensors plus the accepted new entries, cut to its window).
+The cache therefore stays in the state one-token decoding would leave it (no past recording, masks as usual),
+and the decode route is told of each rollback (:meth:`DecodeRoute.note_crop`) so the page summaries are
+updated, not rebuilt. One host read per round (how many drafts were accepted: the rollback needs it); none
+inside a step.
 
 Exactness holds as far as the exact step computes what one-token dense decode computes: in float32 the
 multi-token step and single steps agree to rounding (~1e-6); in bfloat16, as any change of kernel does, they
@@ -106,7 +111,7 @@ def _check(model: Any, input_ids: Any, new_tokens: Any, draft_tokens: Any, cache
             f"{tuple(input_ids.shape)} {input_ids.dtype}"
         raise fail(fn, "input_ids", "must be a 2-D integer tensor", "(1, N) token ids", got)
     if input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
-        raise fail(fn, "input_ids", "must hold one non-empty sequence (batch 1: the rounds crop per sequence)",
+        raise fail(fn, "input_ids", "must hold one non-empty sequence (batch 1: the rounds roll back per sequence)",
                    "shape (1, N) with N >= 1", str(tuple(input_ids.shape)))
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
         raise fail(fn, "new_tokens", "must be a positive integer", "an int >= 1", repr(new_tokens))
@@ -114,8 +119,8 @@ def _check(model: Any, input_ids: Any, new_tokens: Any, draft_tokens: Any, cache
             not 1 <= draft_tokens <= MAX_DECODE_QUERIES - 1:
         raise fail(fn, "draft_tokens", "is out of range (the exact step checks draft_tokens + 1 tokens at once)",
                    f"an int in [1, {MAX_DECODE_QUERIES - 1}]", repr(draft_tokens))
-    if cache is not None and not callable(getattr(cache, "crop", None)):
-        raise fail(fn, "cache", "cannot be cropped (the rounds drop rejected drafts)",
+    if cache is not None and not isinstance(getattr(cache, "layers", None), list):
+        raise fail(fn, "cache", "has no per-layer storage to roll back (the rounds drop rejected drafts)",
                    "a transformers DynamicCache (or None: a fresh one)", type(cache).__name__)
     if cache is not None and cache.get_seq_length() != 0:
         raise fail(fn, "cache", "is not empty (the prompt is prefilled into it)", "an empty cache",
@@ -123,13 +128,55 @@ def _check(model: Any, input_ids: Any, new_tokens: Any, draft_tokens: Any, cache
     return route
 
 
-def _crop(cache: Any, route: Any, remove: int, length: int) -> None:
-    if remove:
-        cache.crop(-remove)
-    if cache.get_seq_length() != length:  # host ints only; a cache whose crop does something else is refused
-        raise RuntimeError(f"speculative_generate: the cache holds {cache.get_seq_length()} tokens after a crop; "
-                           f"expected {length} ({type(cache).__name__}.crop does not remove the last tokens)")
-    route.note_crop(cache, length)
+def _layer_kinds(cache: Any) -> list[bool]:
+    """Per cache layer: True for a sliding-window layer; refuses layer types the rollback does not know."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    kinds = []
+    for layer in cache.layers:
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            raise fail("speculative_generate", "cache", "holds a layer type the rollback does not know",
+                       "DynamicLayer / DynamicSlidingWindowLayer layers (a transformers DynamicCache)",
+                       type(layer).__name__)
+        kinds.append(type(layer) is DynamicSlidingWindowLayer)
+    return kinds
+
+
+def _snapshot(cache: Any) -> list[tuple[Any, Any, Any]]:
+    return [(layer.keys, layer.values, getattr(layer, "cumulative_length", None)) for layer in cache.layers]
+
+
+def _restore(cache: Any, snap: list[tuple[Any, Any, Any]]) -> None:
+    for layer, (k, v, n) in zip(cache.layers, snap):
+        layer.keys, layer.values = k, v
+        if n is not None:
+            layer.cumulative_length = n
+
+
+def _drop_rejected(cache: Any, snap: list[tuple[Any, Any, Any]], sliding: list[bool], fed: int, keep: int) -> None:
+    """After an exact step of ``fed`` tokens over the cache ``snap`` describes, keep only its first ``keep``."""
+    if keep == fed:
+        return
+    for layer, (k0, v0, n0), slid in zip(cache.layers, snap, sliding):
+        if not slid:
+            layer.keys = layer.keys[..., : layer.keys.shape[-2] - (fed - keep), :]
+            layer.values = layer.values[..., : layer.values.shape[-2] - (fed - keep), :]
+            continue
+        w = layer.sliding_window - 1  # what a sliding layer stores (transformers: the last window - 1 entries)
+        if layer.keys.shape[-2] < fed:
+            raise RuntimeError(f"speculative_generate: a sliding-window layer keeps {layer.keys.shape[-2]} entries, "
+                               f"fewer than the {fed} tokens of an exact step; use draft_tokens < {w}")
+        nk = layer.keys[..., layer.keys.shape[-2] - fed:, :][..., :keep, :]
+        nv = layer.values[..., layer.values.shape[-2] - fed:, :][..., :keep, :]
+        layer.keys = torch.cat([k0, nk], dim=-2)[..., -w:, :]
+        layer.values = torch.cat([v0, nv], dim=-2)[..., -w:, :]
+        layer.cumulative_length = n0 + keep
+
+
+def _check_length(cache: Any, length: int) -> None:
+    if cache.get_seq_length() != length:  # host ints only
+        raise RuntimeError(f"speculative_generate: the cache holds {cache.get_seq_length()} tokens after a rollback; "
+                           f"expected {length}")
 
 
 @torch.no_grad()
@@ -143,8 +190,7 @@ def speculative_generate(model: Any, input_ids: torch.Tensor, new_tokens: int, *
         input_ids: ``(1, N)`` prompt ids (batch 1).
         new_tokens: tokens to generate (no EOS stop).
         draft_tokens: sparse steps per round (``1 .. 63``); the exact step checks ``draft_tokens + 1`` tokens.
-        cache: an empty, croppable cache (default: a fresh ``DynamicCache``); left holding prompt + tokens
-            except the last one.
+        cache: an empty ``DynamicCache`` (default: a fresh one); left holding prompt + tokens except the last.
         time_after: time the rounds that start once this many tokens exist (``ms_per_token``; two syncs).
 
     Returns:
@@ -156,8 +202,6 @@ def speculative_generate(model: Any, input_ids: torch.Tensor, new_tokens: int, *
                    "tokens before the timed rounds, e.g. 8", repr(time_after))
     if cache is None:
         cache = dynamic_cache(model)
-    if callable(getattr(cache, "activate_past_recording", None)):
-        cache.activate_past_recording()  # sliding-window layers keep what a crop needs
     kw: dict[str, Any] = {cache_kwarg(model): cache, "use_cache": True}
     keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
     if keep_arg:
@@ -165,7 +209,8 @@ def speculative_generate(model: Any, input_ids: torch.Tensor, new_tokens: int, *
     out = model(input_ids=input_ids, **kw)
     last = out.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1): emitted, not yet in the cache
     length = input_ids.shape[1]
-    _crop(cache, route, 0, length)  # crop(0): sliding layers back to their window after the prefill
+    sliding = _layer_kinds(cache)
+    _check_length(cache, length)
     emitted = [last]
     count, rounds, drafted, accepted = 1, 0, 0, 0
     t0, timed_from = None, 0
@@ -176,10 +221,13 @@ def speculative_generate(model: Any, input_ids: torch.Tensor, new_tokens: int, *
         g = min(draft_tokens, new_tokens - count - 1)  # a round emits at most g + 1 tokens
         drafts = []
         x = last
+        snap = _snapshot(cache)
         for _ in range(g):
             x = model(input_ids=x, **kw).logits[:, -1].argmax(-1, keepdim=True)
             drafts.append(x)
-        _crop(cache, route, g, length)
+        if g:
+            _restore(cache, snap)
+            route.note_crop(cache, length)
         feed = torch.cat([last, *drafts], dim=1)  # (1, g + 1)
         if keep_arg:
             kw["logits_to_keep"] = g + 1
@@ -196,8 +244,10 @@ def speculative_generate(model: Any, input_ids: torch.Tensor, new_tokens: int, *
             ok = (feed[0, 1:] == target[:g]).to(torch.int64).cumprod(0)
             j = int(ok.sum())  # the round's one host read
         emitted.append(target[: j + 1][None])
+        _drop_rejected(cache, snap, sliding, g + 1, j + 1)
         length += j + 1
-        _crop(cache, route, g - j, length)
+        _check_length(cache, length)
+        route.note_crop(cache, length)
         last = target[j: j + 1][None]
         count += j + 1
         rounds += 1
