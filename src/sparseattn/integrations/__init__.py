@@ -18,7 +18,8 @@ from sparseattn.integrations.transformers_patch import (
     unpatch_model,
 )
 from sparseattn.integrations.capture import capture_qkv
+from sparseattn.integrations.speculative import SpeculativeResult, speculative_generate
 
-__all__ = ["ATTN_NAME", "PatchHandle", "PatternConfig", "PatternPredictor", "attention_layers", "capture_qkv",
-           "describe_predictor", "get_handle", "masked_sdpa_attention", "patch_model", "pattern_predictor",
-           "resolve_predictor", "unpatch_model"]
+__all__ = ["ATTN_NAME", "PatchHandle", "PatternConfig", "PatternPredictor", "SpeculativeResult", "attention_layers",
+           "capture_qkv", "describe_predictor", "get_handle", "masked_sdpa_attention", "patch_model", "pattern_predictor",
+           "resolve_predictor", "speculative_generate", "unpatch_model"]

@@ -94,7 +94,7 @@ def dynamic_cache(model: Any) -> Any:
 
 
 def _check(model: Any, input_ids: Any, new_tokens: Any, draft_tokens: Any, cache: Any) -> Any:
-    from sparseattn.integrations import get_handle
+    from sparseattn.integrations.transformers_patch import get_handle
     from sparseattn.ops.decode import MAX_DECODE_QUERIES
 
     fn = "speculative_generate"
