@@ -134,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
                         teacher_forced=not args.no_teacher_forced,
                         predictor=args.predictor, pattern=args.pattern, tuned=args.tuned,
                         decode_backend=args.decode_backend, decode_layers=args.decode_layers,
-                        draft_tokens=args.draft_tokens, text_files=args.text_file, text_dir=args.text_dir, random_ids=args.random_ids,
+                        draft_tokens=args.draft_tokens, text_files=args.text_file, text_dir=args.text_dir,
+                        random_ids=args.random_ids,
                         samples=args.samples, seed=args.seed, target=args.target, dtype=dtype, device=dev,
                         progress=not args.quiet)
     paths = write_gen_check_report(res, out)

@@ -419,7 +419,7 @@ def run_gen_check(
                 agree, first = token_agreement(ref, res["tokens"])
                 tf_agree: float | None = None
                 tf_tokens: list[int] | None = None
-                if teacher_forced and (first is None or mode != "sparse_spec"):
+                if teacher_forced and mode != "sparse_spec":  # speculation's tokens are the exact step's: no forcing
                     if first is None:  # identical tokens: the free run was fed exactly the reference's tokens
                         tf_agree, tf_tokens = 1.0, list(res["tokens"])
                     else:
