@@ -127,8 +127,9 @@ def test_note_crop_keeps_summaries_exact():
 def test_bad_inputs():
     model = _llama()
     ids = _ids(50)
-    with pytest.raises(ValueError, match=r"^speculative_generate: model has no sparse decode route; expected a model "
-                                         r"inside patch_model\(model, decode='sparse', \.\.\.\), got an unpatched model$"):
+    with pytest.raises(ValueError, match=r"^speculative_generate: model has no sparse decode route; expected a "
+                                         r"model inside patch_model\(model, decode='sparse', \.\.\.\), "
+                                         r"got an unpatched model$"):
         speculative_generate(model, ids, 4)
     with patch_model(model, decode="kernel"):
         with pytest.raises(ValueError, match=r"no sparse decode route; .* got decode='kernel'$"):
