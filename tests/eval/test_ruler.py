@@ -378,6 +378,20 @@ def test_niah_decode_modes_score_each_path(tiny, tmp_path):
         run_niah(decode_modes=["sparse_prefill"], **kw)
 
 
+def test_niah_sparse_spec_gives_dense_text(tiny):
+    """sparse_spec in NIAH: 2 pages per KV head draft, the exact step keeps dense's text on every case."""
+    from sparseattn.eval.niah import run_niah
+    from sparseattn.models.loader import load
+
+    model, tok = load(str(tiny[0]))
+    res = run_niah(model=model, tokenizer=tok, lengths=[1100], depths=[0.5], trials=2, gen_tokens=8, progress=False,
+                   text_dir=str(tiny[1]), decode_modes=["sparse_spec"], top_pages=2, page_size=16,
+                   pattern="sink_window:sink_blocks=1,window_blocks=2")
+    for c in res.cases:
+        assert c["mode_output"]["sparse_spec"] == c["dense_output"]
+    assert res.summary["mode_agreement"]["sparse_spec"] == 1.0
+
+
 def test_niah_cli_rejects_an_unknown_decode_mode(tiny, tmp_path, capsys):
     rc = main(["niah", "--model", str(tiny[0]), "--lengths", "1100", "--decode-modes", "kernel_decode,quest",
                "--quiet", "--no-plots", "--out", str(tmp_path / "n")])

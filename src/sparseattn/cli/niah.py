@@ -34,7 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="the sparse prefill keeps the last N prompt tokens on every causal block (default 0; docs/RULER.md)")
     p.add_argument("--gen-tokens", type=positive_int, default=12)
     p.add_argument("--decode-modes", default="", help="comma-separated decode paths also run on every prompt after a dense "
-                   "prefill: sparse_decode, kernel_decode, mixed_int8, mixed_fp8 (see 'sparseattn gen-check')")
+                   "prefill: sparse_decode, sparse_spec (sparse drafts, 4 per round, checked by an exact step), kernel_decode, "
+                   "mixed_int8, mixed_fp8 (see 'sparseattn gen-check')")
     p.add_argument("--top-pages", type=_top_pages, default=0.1, help="sparse_decode: pages kept per KV head, a fraction "
                    "(< 1) or a count (default 0.1)")
     p.add_argument("--page-size", type=positive_int, default=16, help="sparse_decode: keys per page (default 16)")
