@@ -6,7 +6,7 @@ diverges (docs/DECODE.md). :func:`speculative_generate` keeps sparse decode's ch
 tokens: the same model drafts ``draft_tokens`` greedy tokens with sparse decode, then **one** forward of the
 draft (its ``draft_tokens + 1`` tokens as one multi-token decode step, exact attention through the dense
 decode kernel) checks them; the longest prefix the exact model would have produced is kept, plus the exact
-model's own next token, and the cache is cropped back to those. Every emitted token is the exact model's
+model's own next token, and the cache is rolled back to those. Every emitted token is the exact model's
 greedy choice given the tokens before it, so the output is dense greedy decoding's, whatever the sparse
 budget; the budget only changes how many drafts are accepted.
 
