@@ -155,3 +155,23 @@ def test_bad_inputs():
             speculative_generate(model, ids, 4, cache=full)
         with pytest.raises(ValueError, match=r"time_after must be a positive integer or None"):
             speculative_generate(model, ids, 4, time_after=0)
+
+
+def test_with_sparse_prefill_a_layer_subset_and_a_cache_without_config():
+    """The prefill may be sparse too (the tokens are then those of greedy decoding after that prefill); layers left
+    out of the route draft exactly; a DynamicCache built without the model's config (layers made on first use)."""
+    model = _llama()
+    ids = _ids(200)
+    pattern = "sink_window:sink_blocks=1,window_blocks=1"
+    with patch_model(model, pattern=pattern, decode="sparse", decode_top_pages=2, decode_backend="reference",
+                     decode_layers=[1]) as h:
+        ref, _ = greedy_generate(model, ids, NEW, transformers.DynamicCache())  # sparse prefill, sparse decode...
+        h.decode_route.exact = True  # ...made exact: the reference for this prefill
+        ref, _ = greedy_generate(model, ids, NEW, transformers.DynamicCache())
+        h.decode_route.exact = False
+        before = dict(h.counts)
+        r = speculative_generate(model, ids, NEW, draft_tokens=3, cache=transformers.DynamicCache())
+    assert r.tokens == ref
+    delta = {k: h.counts[k] - before[k] for k in h.counts}
+    assert delta["prefill_sparse"] == 2 and delta["decode_sparse"] == r.drafted  # layer 1 only
+    assert delta["decode_verify"] == r.rounds and delta["decode_dense"] == r.drafted + r.rounds  # layer 0: the model's
