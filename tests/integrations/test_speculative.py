@@ -175,3 +175,21 @@ def test_with_sparse_prefill_a_layer_subset_and_a_cache_without_config():
     delta = {k: h.counts[k] - before[k] for k in h.counts}
     assert delta["prefill_sparse"] == 2 and delta["decode_sparse"] == r.drafted  # layer 1 only
     assert delta["decode_verify"] == r.rounds and delta["decode_dense"] == r.drafted + r.rounds  # layer 0: the model's
+
+
+def test_eos_stops_after_the_first_eos_token():
+    model = _llama()
+    ids = _ids(200)
+    ref, _ = greedy_generate(model, ids, NEW, dynamic_cache(model))
+    p = 5
+    eos = ref[p]
+    first = ref.index(eos)
+    with patch_model(model, decode="sparse", decode_top_pages=2, decode_backend="reference"):
+        r = speculative_generate(model, ids, NEW, draft_tokens=3, eos_token_id=eos)
+        assert r.tokens == ref[: first + 1]
+        r2 = speculative_generate(model, ids, NEW, draft_tokens=3, eos_token_id=[96, ref[0]])
+        assert r2.tokens == ref[:1] and r2.rounds == 0  # the prefill's token already ends it
+        for bad in (True, -1, [], [1.5], "2"):
+            with pytest.raises(ValueError, match=r"^speculative_generate: eos_token_id must be a token id or a "
+                                                 r"non-empty list of them"):
+                speculative_generate(model, ids, NEW, eos_token_id=bad)

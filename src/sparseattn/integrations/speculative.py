@@ -22,8 +22,8 @@ to the cache as it was; after the exact step the rejected drafts' entries are dr
 entries; a sliding layer is rebuilt from the kept tensors plus the accepted new entries, cut to its window).
 The cache therefore stays in the state one-token decoding would leave it (no past recording, masks as usual),
 and the decode route is told of each rollback (:meth:`DecodeRoute.note_crop`) so the page summaries are
-updated, not rebuilt. One host read per round (how many drafts were accepted: the rollback needs it); none
-inside a step.
+updated, not rebuilt. One host read per round (how many drafts were accepted, with the exact tokens: the rollback
+needs the count) and one after the prefill; none inside a step. ``eos_token_id`` stops after an end token.
 
 Exactness holds as far as the exact step computes what one-token dense decode computes: in float32 the
 multi-token step and single steps agree to rounding (~1e-6); in bfloat16, as any change of kernel does, they
@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -49,7 +50,7 @@ class SpeculativeResult:
     """What :func:`speculative_generate` produced.
 
     Attributes:
-        tokens: the ``new_tokens`` greedy tokens (ints).
+        tokens: the greedy tokens (ints): ``new_tokens`` of them, fewer when an ``eos_token_id`` stopped it.
         rounds: draft-and-verify rounds run (the first token comes from the prefill, outside any round).
         drafted: draft tokens proposed by sparse decode, over all rounds.
         accepted: draft tokens the exact step confirmed.
@@ -181,14 +182,16 @@ def _check_length(cache: Any, length: int) -> None:
 
 @torch.no_grad()
 def speculative_generate(model: Any, input_ids: torch.Tensor, new_tokens: int, *, draft_tokens: int = 4,
-                         cache: Any = None, time_after: int | None = None) -> SpeculativeResult:
+                         cache: Any = None, eos_token_id: int | Sequence[int] | None = None,
+                         time_after: int | None = None) -> SpeculativeResult:
     """Greedy generation that equals dense greedy decoding, drafted by sparse decode (see the module).
 
     Args:
         model: a causal LM inside ``patch_model(model, decode="sparse", ...)`` (its page budget, page size,
             backend and layers are the draft's); prefill runs as the patch says (sparse prefill included).
         input_ids: ``(1, N)`` prompt ids (batch 1).
-        new_tokens: tokens to generate (no EOS stop).
+        new_tokens: tokens to generate at most.
+        eos_token_id: stop after the first emitted token among these ids (it is included); ``None``: no stop.
         draft_tokens: sparse steps per round (``1 .. 63``); the exact step checks ``draft_tokens + 1`` tokens.
         cache: an empty ``DynamicCache`` (default: a fresh one); left holding prompt + tokens except the last.
         time_after: time the rounds that start once this many tokens exist (``ms_per_token``; two syncs).
@@ -197,6 +200,7 @@ def speculative_generate(model: Any, input_ids: torch.Tensor, new_tokens: int, *
         :class:`SpeculativeResult` (tokens, rounds, drafted, accepted).
     """
     route = _check(model, input_ids, new_tokens, draft_tokens, cache)
+    eos = _check_eos(eos_token_id)
     if time_after is not None and (isinstance(time_after, bool) or not isinstance(time_after, int) or time_after < 1):
         raise fail("speculative_generate", "time_after", "must be a positive integer or None",
                    "tokens before the timed rounds, e.g. 8", repr(time_after))
@@ -211,10 +215,11 @@ def speculative_generate(model: Any, input_ids: torch.Tensor, new_tokens: int, *
     length = input_ids.shape[1]
     sliding = _layer_kinds(cache)
     _check_length(cache, length)
-    emitted = [last]
+    tokens = [int(last)]  # host copies of the emitted tokens: one read here, then one per round
     count, rounds, drafted, accepted = 1, 0, 0, 0
     t0, timed_from = None, 0
-    while count < new_tokens:
+    stop = tokens[0] in eos
+    while count < new_tokens and not stop:
         if time_after is not None and t0 is None and count >= time_after:
             _sync(input_ids.device)
             t0, timed_from = time.perf_counter(), count
@@ -239,11 +244,13 @@ def speculative_generate(model: Any, input_ids: torch.Tensor, new_tokens: int, *
             if keep_arg:
                 kw["logits_to_keep"] = 1
         target = logits[0, -(g + 1):].argmax(-1)  # target[i]: the exact next token after feed[0, i]
-        j = 0
-        if g:
-            ok = (feed[0, 1:] == target[:g]).to(torch.int64).cumprod(0)
-            j = int(ok.sum())  # the round's one host read
-        emitted.append(target[: j + 1][None])
+        ok = (feed[0, 1:] == target[:g]).to(target.dtype).cumprod(0).sum().view(1)
+        got = torch.cat([ok, target]).tolist()  # the round's one host read: accepted count and the exact tokens
+        j, new = got[0], got[1: got[0] + 2]
+        hit = next((i for i, t in enumerate(new) if t in eos), None)
+        if hit is not None:
+            new, stop = new[: hit + 1], True
+        tokens.extend(new)
         _drop_rejected(cache, snap, sliding, g + 1, j + 1)
         length += j + 1
         _check_length(cache, length)
@@ -257,8 +264,19 @@ def speculative_generate(model: Any, input_ids: torch.Tensor, new_tokens: int, *
     if t0 is not None:
         _sync(input_ids.device)
         ms = (time.perf_counter() - t0) * 1e3 / (count - timed_from)
-    tokens = [int(t) for t in torch.cat(emitted, dim=1)[0, :new_tokens].tolist()]
+    tokens = tokens[:new_tokens]
     return SpeculativeResult(tokens=tokens, rounds=rounds, drafted=drafted, accepted=accepted, ms_per_token=ms)
+
+
+def _check_eos(eos_token_id: Any) -> frozenset[int]:
+    if eos_token_id is None:
+        return frozenset()
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+    if isinstance(eos_token_id, bool) or not isinstance(ids, (list, tuple, set, frozenset)) or not ids or \
+            any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+        raise fail("speculative_generate", "eos_token_id", "must be a token id or a non-empty list of them",
+                   "an int >= 0, a list of such ints, or None", repr(eos_token_id))
+    return frozenset(ids)
 
 
 def _sync(device: torch.device) -> None:
