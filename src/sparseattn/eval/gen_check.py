@@ -62,6 +62,8 @@ import torch
 
 from sparseattn._validation import fail
 from sparseattn.integrations.speculative import cache_kwarg as _cache_kwarg
+from sparseattn.integrations.speculative import check_draft_tokens
+from sparseattn.integrations.speculative import cuda_sync as _sync
 from sparseattn.integrations.speculative import dynamic_cache as _dynamic_cache
 
 __all__ = ["GEN_CHECK_MODES", "GenCheckResult", "run_gen_check", "write_gen_check_report", "greedy_generate",
@@ -80,11 +82,6 @@ def token_agreement(ref: Sequence[int], got: Sequence[int]) -> tuple[float, int 
     same = [i < len(got) and got[i] == ref[i] for i in range(n)]
     first = next((i for i, s in enumerate(same) if not s), None)
     return sum(same) / n, first
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -360,12 +357,7 @@ def run_gen_check(
 
         mixed_sink_tokens = inspect.signature(MixedKVCache.__init__).parameters["sink_tokens"].default
     DecodeConfig(mode="sparse", top_pages=top_pages, page_size=page_size, backend=decode_backend)  # value checks
-    from sparseattn.ops.decode import MAX_DECODE_QUERIES
-
-    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or \
-            not 1 <= draft_tokens <= MAX_DECODE_QUERIES - 1:
-        raise fail(fn, "draft_tokens", "is out of range (the exact step checks draft_tokens + 1 tokens at once)",
-                   f"an int in [1, {MAX_DECODE_QUERIES - 1}]", repr(draft_tokens))
+    check_draft_tokens(fn, draft_tokens)
     target = GEN_CHECK_TARGET if target is None else float(target)
     if not 0.0 <= target <= 1.0:
         raise fail(fn, "target", "is out of range", "a share in [0, 1]", repr(target))

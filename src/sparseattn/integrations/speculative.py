@@ -42,7 +42,8 @@ import torch
 
 from sparseattn._validation import fail
 
-__all__ = ["SpeculativeResult", "speculative_generate", "cache_kwarg", "dynamic_cache"]
+__all__ = ["SpeculativeResult", "speculative_generate", "cache_kwarg", "check_draft_tokens", "cuda_sync",
+           "dynamic_cache"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +95,19 @@ def dynamic_cache(model: Any) -> Any:
         return DynamicCache()
 
 
+def check_draft_tokens(fn: str, draft_tokens: Any) -> int:
+    """``draft_tokens`` checked: an int in ``[1, MAX_DECODE_QUERIES - 1]`` (the exact step takes one more query)."""
+    from sparseattn.ops.decode import MAX_DECODE_QUERIES
+
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or \
+            not 1 <= draft_tokens <= MAX_DECODE_QUERIES - 1:
+        raise fail(fn, "draft_tokens", "is out of range (the exact step checks draft_tokens + 1 tokens at once)",
+                   f"an int in [1, {MAX_DECODE_QUERIES - 1}]", repr(draft_tokens))
+    return draft_tokens
+
+
 def _check(model: Any, input_ids: Any, new_tokens: Any, draft_tokens: Any, cache: Any) -> Any:
     from sparseattn.integrations.transformers_patch import get_handle
-    from sparseattn.ops.decode import MAX_DECODE_QUERIES
 
     fn = "speculative_generate"
     handle = get_handle(model)
@@ -116,10 +127,7 @@ def _check(model: Any, input_ids: Any, new_tokens: Any, draft_tokens: Any, cache
                    "shape (1, N) with N >= 1", str(tuple(input_ids.shape)))
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
         raise fail(fn, "new_tokens", "must be a positive integer", "an int >= 1", repr(new_tokens))
-    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or \
-            not 1 <= draft_tokens <= MAX_DECODE_QUERIES - 1:
-        raise fail(fn, "draft_tokens", "is out of range (the exact step checks draft_tokens + 1 tokens at once)",
-                   f"an int in [1, {MAX_DECODE_QUERIES - 1}]", repr(draft_tokens))
+    check_draft_tokens(fn, draft_tokens)
     if cache is not None and not isinstance(getattr(cache, "layers", None), list):
         raise fail(fn, "cache", "has no per-layer storage to roll back (the rounds drop rejected drafts)",
                    "a transformers DynamicCache (or None: a fresh one)", type(cache).__name__)
@@ -221,7 +229,7 @@ def speculative_generate(model: Any, input_ids: torch.Tensor, new_tokens: int, *
     stop = tokens[0] in eos
     while count < new_tokens and not stop:
         if time_after is not None and t0 is None and count >= time_after:
-            _sync(input_ids.device)
+            cuda_sync(input_ids.device)
             t0, timed_from = time.perf_counter(), count
         g = min(draft_tokens, new_tokens - count - 1)  # a round emits at most g + 1 tokens
         drafts = []
@@ -262,7 +270,7 @@ def speculative_generate(model: Any, input_ids: torch.Tensor, new_tokens: int, *
         accepted += j
     ms = None
     if t0 is not None:
-        _sync(input_ids.device)
+        cuda_sync(input_ids.device)
         ms = (time.perf_counter() - t0) * 1e3 / (count - timed_from)
     tokens = tokens[:new_tokens]
     return SpeculativeResult(tokens=tokens, rounds=rounds, drafted=drafted, accepted=accepted, ms_per_token=ms)
@@ -279,6 +287,7 @@ def _check_eos(eos_token_id: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _sync(device: torch.device) -> None:
+def cuda_sync(device: torch.device) -> None:
+    """Synchronise ``device`` when it is a CUDA device (timing boundaries only)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
