@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
 from typing import Any
 
@@ -57,8 +56,8 @@ MIN_KEYS_PER_SPLIT = 256  # the heuristic never gives a split fewer keys than th
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Z = 65535
 _CONFIG_KEYS = {"BLOCK_N", "num_warps", "num_stages"}
-_CONFIG_OPTIONAL = {"QK", "PV", "BLOCK_M", "FULL_TILES", "CTAS_PER_SM", "TMA"}  # quantized-path variants, a row-tile
-# floor, loads without element masks, the split count's programs per SM, descriptor loads (DecodeLaunchConfig)
+_CONFIG_OPTIONAL = {"QK", "PV", "BLOCK_M", "FULL_TILES", "CTAS_PER_SM"}  # quantized-path variants, a row-tile
+# floor, loads without element masks, the split count's programs per SM (DecodeLaunchConfig)
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -533,18 +532,6 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
         meta["CAUSAL"] = False
     if cfg.get("FULL_TILES") and page_idx is None:
         meta["FULL_TILES"] = True  # only when set (the default launch keeps its kernel); the paged walk gathers keys
-    if cfg.get("TMA"):
-        why = decode_tma_refusal(q, k, v, page_size if paged else None, cfg["BLOCK_N"])
-        if why is None:
-            meta["USE_TMA"] = True  # only when set (the default launch keeps its kernel)
-            if q.is_cuda:
-                from sparseattn.ops.triton_launch import _set_tma_allocator
-
-                _set_tma_allocator(q.device)
-        elif config is not None:
-            raise NotImplementedError(f"{fn}: config asks for TMA loads, which this call cannot use: {why}")
-        else:
-            _warn_tma_once(fn, why)
     if interp and q.dtype == torch.bfloat16:
         meta["DOT_F32"] = True  # the interpreter's bf16 tl.dot is wrong (see triton_launch)
     if q.dtype == torch.float32:
@@ -578,45 +565,6 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
     return AttentionState(out, lse)
 
 
-def decode_tma_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, page_size: int | None,
-                       block_n: int) -> str | None:
-    """Why the decode kernel cannot read these K/V tiles through tensor descriptors (``None``: it can).
-
-    Needs Triton's device-side descriptors, and on a GPU sm_90+ with ``SPARSEATTN_TRITON_TMA`` not ``0``; K/V with
-    16-byte aligned bases and batch / head / key strides; for the paged kernel a page size that is a multiple of
-    ``BLOCK_N`` (a tile must lie inside one page). The interpreter runs them (tests)."""
-    from sparseattn.ops.triton_launch import _capability, _triton_has_descriptors, interpret_mode
-
-    if not _triton_has_descriptors():
-        return "this Triton has no device-side tensor descriptors"
-    if not interpret_mode():
-        if not q.is_cuda:
-            return "descriptors run on CUDA devices (or the interpreter)"
-        if os.environ.get("SPARSEATTN_TRITON_TMA", "1") == "0":
-            return "SPARSEATTN_TRITON_TMA=0"
-        if _capability(q.device)[0] < 9:
-            return f"the GPU is sm_{''.join(map(str, _capability(q.device)))}; descriptors need sm_90+"
-    for name, t in (("k_cache", k), ("v_cache", v)):
-        es = t.element_size()
-        if t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:3]):
-            return f"{name} has a base or a batch/head/key stride that is not 16-byte aligned"
-    if page_size is not None and page_size % block_n:
-        return f"page_size {page_size} is not a multiple of BLOCK_N {block_n}"
-    return None
-
-
-_TMA_WARNED: set[str] = set()
-
-
-def _warn_tma_once(fn: str, why: str) -> None:
-    """A tuned config's TMA launch that this call cannot use: pointer loads instead, said once per reason."""
-    if why in _TMA_WARNED:
-        return
-    _TMA_WARNED.add(why)
-    warnings.warn(f"{fn}: the tuned launch reads K/V through TMA descriptors, which this call cannot use ({why}); "
-                  "pointer loads instead (same output, maybe slower)", RuntimeWarning, stacklevel=4)
-
-
 def _variant_modes(fn: str, cfg: dict[str, Any], kv: str, q_dtype: torch.dtype, block_m: int) -> tuple[int, int, int]:
     """``(QK_MODE, PV_MODE, BLOCK_M)`` of a launch config's optional ``QK`` / ``PV`` / ``BLOCK_M`` entries.
 
@@ -626,9 +574,8 @@ def _variant_modes(fn: str, cfg: dict[str, Any], kv: str, q_dtype: torch.dtype, 
     from sparseattn.ops.launch_configs import DECODE_PV_VARIANTS, DECODE_QK_VARIANTS
 
     qk, pv, bm = cfg.get("QK"), cfg.get("PV"), cfg.get("BLOCK_M")
-    for flag in ("FULL_TILES", "TMA"):
-        if flag in cfg and not isinstance(cfg[flag], bool):
-            raise fail(fn, "config", f"has a bad {flag}", "True or False", repr(cfg[flag]))
+    if "FULL_TILES" in cfg and not isinstance(cfg["FULL_TILES"], bool):
+        raise fail(fn, "config", "has a bad FULL_TILES", "True or False", repr(cfg["FULL_TILES"]))
     per_sm = cfg.get("CTAS_PER_SM")
     if "CTAS_PER_SM" in cfg and (isinstance(per_sm, bool) or not isinstance(per_sm, int) or not 1 <= per_sm <= 16):
         raise fail(fn, "config", "has a bad CTAS_PER_SM", "an int in 1..16", repr(per_sm))

@@ -147,9 +147,7 @@ class DecodeLaunchConfig:
     masks (past a range's end it re-reads the range's last key, whose scores stay masked): the same output bit for
     bit, fewer instructions; ``ctas_per_sm`` — the split count of a launch without ``num_splits`` fills the GPU
     with this many programs per SM (:func:`sparseattn.ops.decode.decode_num_splits_filled`, an int in 1..16;
-    ``None``: the wave heuristic :func:`sparseattn.ops.decode.decode_num_splits`); ``tma`` — ``True``: K/V tiles
-    through device-side tensor descriptors (Hopper TMA; sm_90+, 16-byte aligned K/V; the paged kernel needs page
-    sizes that are multiples of ``BLOCK_N``): the same output bit for bit.
+    ``None``: the wave heuristic :func:`sparseattn.ops.decode.decode_num_splits`).
     """
 
     block_n: int
@@ -160,11 +158,10 @@ class DecodeLaunchConfig:
     block_m: int | None = None
     full_tiles: bool | None = None
     ctas_per_sm: int | None = None
-    tma: bool | None = None
 
     _REQUIRED = ("BLOCK_N", "num_warps", "num_stages")
     _OPTIONAL = (("qk", "QK"), ("pv", "PV"), ("block_m", "BLOCK_M"), ("full_tiles", "FULL_TILES"),
-                 ("ctas_per_sm", "CTAS_PER_SM"), ("tma", "TMA"))
+                 ("ctas_per_sm", "CTAS_PER_SM"))
 
     def __post_init__(self) -> None:
         fn = "DecodeLaunchConfig"
@@ -181,7 +178,6 @@ class DecodeLaunchConfig:
             if self.block_m > 64:
                 raise fail(fn, "block_m", "is too large", "a power of two in 16..64", repr(self.block_m))
         _opt_bool(fn, "full_tiles", self.full_tiles)
-        _opt_bool(fn, "tma", self.tma)
         c = self.ctas_per_sm
         if c is not None and (isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 16):
             raise fail(fn, "ctas_per_sm", "must be None or an int in 1..16", "None or 1..16", repr(c))

@@ -227,7 +227,6 @@ def _decode_split_kernel(
     FAST_I8: tl.constexpr = False,  # int8 K/V to fp16 by byte moves (QK_MODE 3 / PV_MODE 1; CUDA only)
     FP8_EXACT: tl.constexpr = False,  # interpreter only: exact rounding to e4m3 (see _to_e4m3)
     FULL_TILES: tl.constexpr = False,  # not PAGED: K/V/scale loads without element masks (see the loop)
-    USE_TMA: tl.constexpr = False,  # K/V tiles through device-side tensor descriptors (PAGED: PAGE % BLOCK_N == 0)
 ):
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -320,15 +319,6 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if USE_TMA:
-        # the descriptors end at the sequence's length: rows at or past it (and rows at negative coordinates)
-        # come back zero-filled, as the masked pointer loads fill them, and are never read from memory
-        tl.static_assert(not PAGED or PAGE % BLOCK_N == 0, "USE_TMA with PAGED needs PAGE % BLOCK_N == 0")
-        n_rows = tl.maximum(seqlen, 1)  # a descriptor needs a positive extent; seqlen == 0 reads no tile
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[n_rows, HEAD_DIM], strides=[stride_kn, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[n_rows, HEAD_DIM], strides=[stride_vn, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
     first_key = N_MAX  # smallest key this program reads (PAGED: decides which rows attend anything)
     if not PAGED:  # row pointers of the range's first tile (64-bit base); tiles add a 32-bit offset
         k_lo = k_base + lo.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
@@ -337,22 +327,7 @@ def _decode_split_kernel(
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         in_rng = pos < hi
-        if PAGED and USE_TMA:
-            # the tile lies inside one page: one index load, one box of BLOCK_N consecutive keys
-            pg = tl.load(idx_row + start // PAGE)
-            key0 = pg * PAGE + start % PAGE
-            key = key0 + offs_n
-            key_ok = in_rng & (key >= 0) & (key < seqlen)
-            first_key = tl.minimum(first_key, tl.min(tl.where(key_ok, key, N_MAX), 0))
-            # an invalid page (negative, or at / past the length) is a box wholly outside the descriptor
-            row0 = tl.where((key0 >= 0) & (key0 < seqlen), key0, -BLOCK_N)
-            k = k_desc.load([row0, 0]).T
-            v = v_desc.load([row0, 0])
-            if HAS_KV_SCALE:
-                k_off = key.to(tl.int64)
-                ks = tl.load(ks_base + k_off * stride_ksn, mask=key_ok, other=0.0)
-                vs = tl.load(vs_base + k_off * stride_vsn, mask=key_ok, other=0.0)
-        elif PAGED:
+        if PAGED:
             ent = pos // PAGE
             pg = tl.load(idx_row + ent, mask=in_rng, other=0)
             key = pg * PAGE + pos % PAGE
@@ -367,13 +342,7 @@ def _decode_split_kernel(
         else:
             key = pos
             key_ok = in_rng
-            if USE_TMA:  # ranges are whole tiles but for the sequence's last: rows past seqlen come back zero
-                k = k_desc.load([start, 0]).T
-                v = v_desc.load([start, 0])
-                if HAS_KV_SCALE:
-                    ks = tl.load(ks_base + pos * stride_ksn, mask=key_ok, other=0.0)
-                    vs = tl.load(vs_base + pos * stride_vsn, mask=key_ok, other=0.0)
-            elif FULL_TILES:
+            if FULL_TILES:
                 # no load masks: columns past the range read the range's last key again (a real key of this
                 # sequence; its score is masked to -inf below, so its P is 0)
                 dn = tl.minimum(offs_n, hi - 1 - start) - offs_n  # 0 but in a range's partial last tile
