@@ -171,12 +171,14 @@ def test_full_tiles_config_round_trip_and_bad_values():
         decode_attention(q, k, k, backend="triton", config=_cfg("yes"))
 
 
-def test_the_h100_int8_entry_takes_full_tiles_and_the_others_do_not():
-    """The shipped tuned file: FULL_TILES where it was measured faster (the H100's int8 cache) and nowhere else."""
+def test_the_int8_entries_take_full_tiles_and_the_others_do_not():
+    """The shipped tuned file: FULL_TILES where it was measured faster (the int8 cache on the H100 and, since the
+    twenty-seventh session, on the H200) and nowhere else."""
     from sparseattn.ops.decode import _default_config
 
-    h100 = _default_config(128, 16, False, device="NVIDIA H100 80GB HBM3", kv="int8")
-    assert h100.get("FULL_TILES") is True and h100["QK"] == "fp16"
-    assert "FULL_TILES" not in _default_config(128, 16, False, device="NVIDIA H200", kv="int8")
+    for dev in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):
+        cfg = _default_config(128, 16, False, device=dev, kv="int8")
+        assert cfg.get("FULL_TILES") is True and cfg["QK"] == "fp16"
+    assert "FULL_TILES" not in _default_config(128, 16, False, device="NVIDIA H200")
     assert "FULL_TILES" not in _default_config(128, 16, False, device="NVIDIA H100 80GB HBM3")
     assert "FULL_TILES" not in _default_config(128, 16, False, paged=True, device="NVIDIA H100 80GB HBM3", kv="int8")

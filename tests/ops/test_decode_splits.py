@@ -89,12 +89,39 @@ def test_config_round_trip():
 
 
 def test_shipped_entries_take_ctas_per_sm_only_where_measured():
-    """The H100's dense int8 entry (2); not its bf16 (no clear gain) or paged entries, not the H200 (not measured)."""
+    """The H100's dense int8 entry (2); not its bf16 (no clear gain) or paged entries. The H200: only its small-batch
+    entries (at most 16 programs before splitting, i.e. batch 1-2 with 8 KV heads; measured there), both caches."""
     assert _default_config(128, 16, False, device=H100, kv="int8").get("CTAS_PER_SM") == 2
     assert "CTAS_PER_SM" not in _default_config(128, 16, False, device=H100)
     assert "CTAS_PER_SM" not in _default_config(128, 16, False, paged=True, device=H100)
     for kv in ("none", "int8"):
         assert "CTAS_PER_SM" not in _default_config(128, 16, False, device="NVIDIA H200", kv=kv)
+        for programs in (8, 16):
+            assert _default_config(128, 16, False, device="NVIDIA H200", kv=kv, programs=programs)["CTAS_PER_SM"] == 2
+        assert "CTAS_PER_SM" not in _default_config(128, 16, False, device="NVIDIA H200", kv=kv, programs=32)
+        assert "CTAS_PER_SM" not in _default_config(128, 16, False, paged=True, device="NVIDIA H200", kv=kv,
+                                                    programs=8)
+    small = _default_config(128, 16, False, device="NVIDIA H200", kv="int8", programs=8)
+    assert small["FULL_TILES"] is True and small["QK"] == "fp16"
+
+
+@needs_kernel
+def test_the_launcher_passes_the_program_count_to_the_tuned_lookup(monkeypatch):
+    """The default launch looks the config up with its programs before splitting (batch x KV heads x row tiles)."""
+    import sparseattn.ops.decode as dec
+
+    seen = []
+    real = dec._default_config
+
+    def spy(*a, **kw):
+        seen.append(kw.get("programs"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(dec, "_default_config", spy)
+    q = torch.randn(3, 8, 1, 64, device=DEV)
+    k = torch.randn(3, 2, 40, 64, device=DEV)
+    decode_attention(q, k, k, backend="triton")
+    assert seen == [3 * 2 * 1]
 
 
 def _run_script(name: str, *args: str):

@@ -461,15 +461,17 @@ def _config_num_splits(cfg: dict[str, Any], ctas: int, n_keys: int, num_sms: int
 
 
 def _default_config(D: int, block_m: int, interp: bool, paged: bool = False,
-                    device: str | None = None, kv: str = "none") -> dict[str, Any]:
+                    device: str | None = None, kv: str = "none", programs: int | None = None) -> dict[str, Any]:
     """The fixed launch config: the tuned winner for ``device`` (a device name; ``None``: the shipped file's
     fallback device) from ``ops/tuned/decode.json`` where one matches, else the heuristic default.
 
     ``kv``: the cache's format, ``"none"`` (q's dtype), ``"int8"`` or ``"fp8"`` -- a tuned entry may match on it
-    (``"match": {"kv": "int8", ...}``) to pick a quantized-path variant; entries without it match every cache."""
+    (``"match": {"kv": "int8", ...}``) to pick a quantized-path variant; entries without it match every cache.
+    ``programs``: the launch's programs before splitting (batch x KV heads x row tiles) -- an entry may match on it
+    (``"programs": {"max": 16}``: small batches); with ``None`` such entries never match."""
     if interp:
         return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    tuned = _tuned_decode_config(D, block_m, paged, device, kv)
+    tuned = _tuned_decode_config(D, block_m, paged, device, kv, programs)
     if tuned is not None:
         return dict(tuned)
     if D >= 256:
@@ -479,16 +481,19 @@ def _default_config(D: int, block_m: int, interp: bool, paged: bool = False,
 
 @functools.lru_cache(maxsize=256)
 def _tuned_decode_config(D: int, block_m: int, paged: bool, device: str | None,
-                         kv: str = "none") -> dict[str, Any] | None:
-    """The shipped tuned config (checked as a DecodeLaunchConfig), looked up once per (D, tile, paged, device, kv)."""
+                         kv: str = "none", programs: int | None = None) -> dict[str, Any] | None:
+    """The shipped tuned config (checked as a DecodeLaunchConfig), looked up once per (D, tile, paged, device, kv,
+    programs)."""
     from sparseattn.ops.launch_configs import DecodeLaunchConfig
     from sparseattn.ops.registry import tuned_for
 
     tuned = tuned_for("decode_triton")
     if tuned is None:
         return None
-    cfg = tuned.lookup(device if device is not None else (tuned.fallback or ""), head_dim=D, block_m=block_m,
-                       paged=paged, kv=kv)
+    facts: dict[str, Any] = dict(head_dim=D, block_m=block_m, paged=paged, kv=kv)
+    if programs is not None:
+        facts["programs"] = programs
+    cfg = tuned.lookup(device if device is not None else (tuned.fallback or ""), **facts)
     return None if cfg is None else DecodeLaunchConfig.from_dict(cfg).to_dict()
 
 
@@ -521,7 +526,8 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
             from sparseattn.ops.registry import device_name
 
             dev_name = device_name(q.device)
-        cfg = _default_config(D, block_m, interp, paged=page_idx is not None, device=dev_name, kv=kv)
+        cfg = _default_config(D, block_m, interp, paged=page_idx is not None, device=dev_name, kv=kv,
+                              programs=B * Hkv * -(-rows // block_m))
     else:
         if not isinstance(config, dict) or not _CONFIG_KEYS <= set(config) or set(config) - _CONFIG_KEYS - _CONFIG_OPTIONAL:
             raise fail(fn, "config", "must name exactly the launch parameters",
