@@ -92,13 +92,6 @@ print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tok
       tail -n 2 "$d/pytest.log"
       timeout ${S22F_S:-110} python3 benchmarks/decode_full_tiles.py --out "$d" --budget-s ${S22F_BUDGET:-80} > "$d/log" 2>&1
       tail -n 16 "$d/log" ;;
-    s27_pdl)  # issue 14: programmatic dependent launch of the decode kernels (ops.decode.PDL_LAUNCH): its GPU tests
-      # (bit for bit against the plain launches), then dense / int8 / sparse decode with and without it beside cuDNN
-      timeout ${S27P_TEST_S:-120} python3 -m pytest -q -p no:cacheprovider tests/ops/test_decode_pdl.py > "$d/pytest.log" 2>&1
-      tail -n 3 "$d/pytest.log"
-      timeout ${S27P_S:-330} python3 benchmarks/decode_pdl.py --out "$d" --budget-s ${S27P_BUDGET:-260} \
-        ${S27P_ARGS:-} > "$d/log" 2>&1
-      tail -n ${S27P_LINES:-16} "$d/log" ;;
     pred)  # issue 10: predictor overhead vs cuDNN, same process (Llama shape, 32K)
       timeout 100 python3 benchmarks/bench_predictors.py --lengths 32768 --budget-s 80 --out "$d" \
         --predictors "$DEFAULT_PRED" "mean_sim:cdf_threshold=0.9" > "$d/log" 2>&1; tail -n 6 "$d/log" ;;

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
 from typing import Any
 
@@ -56,10 +55,6 @@ MAX_SPLITS = 128
 MIN_KEYS_PER_SPLIT = 256  # the heuristic never gives a split fewer keys than this (per sequence)
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Z = 65535
-# Programmatic dependent launch of the decode kernels (split, merge, page score, page pick; sm_90+): each kernel lets
-# the next one launch at its start and waits for the previous one before any memory access. Off unless
-# SPARSEATTN_DECODE_PDL=1 (or this flag set): measured in docs/DECODE.md ("Programmatic dependent launch").
-PDL_LAUNCH: bool = os.environ.get("SPARSEATTN_DECODE_PDL", "0") == "1"
 _CONFIG_KEYS = {"BLOCK_N", "num_warps", "num_stages"}
 _CONFIG_OPTIONAL = {"QK", "PV", "BLOCK_M", "FULL_TILES", "CTAS_PER_SM"}  # quantized-path variants, a row-tile
 # floor, loads without element masks, the split count's programs per SM (DecodeLaunchConfig)
@@ -387,31 +382,6 @@ def _num_sms(index: int) -> int:
     return int(torch.cuda.get_device_properties(index).multi_processor_count)
 
 
-@functools.lru_cache(maxsize=16)
-def _pdl_capable(index: int) -> bool:
-    from sparseattn.ops.triton_launch import _capability
-
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-        from triton.language.extra.cuda import gdc_wait  # noqa: F401
-    except ImportError:
-        return False
-    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}) and \
-        _capability(torch.device("cuda", index))[0] >= 9
-
-
-def pdl_meta(device: torch.device) -> dict[str, Any]:
-    """Launch keywords for a decode-path kernel: ``PDL`` and ``launch_pdl`` where :data:`PDL_LAUNCH` is on and the
-    GPU and Triton support it (never under the interpreter), else nothing."""
-    if not PDL_LAUNCH or device.type != "cuda":
-        return {}
-    from sparseattn.ops.triton_launch import interpret_mode
-
-    if interpret_mode() or not _pdl_capable(device.index if device.index is not None else torch.cuda.current_device()):
-        return {}
-    return {"PDL": True, "launch_pdl": True}
-
-
 def decode_num_splits(ctas: int, n_keys: int, num_sms: int = 132, *, ctas_per_sm: int = 4) -> int:
     """Key splits per sequence so that ``ctas * splits`` programs fill the GPU (flash-decoding heuristic).
 
@@ -590,15 +560,14 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
         H=H, G=G, LQ=Lq, N_MAX=N, MAX_PAGES=page_idx.shape[2] if paged else 0, NUM_SPLITS=num_splits,
         qk_scale=float(scale) * _LOG2E,
     ))
-    pdl = pdl_meta(q.device)
     with _LAUNCH_LOCK:  # Triton's launch path is not thread-safe (see triton_launch)
-        kern._decode_split_kernel[(num_splits, m_tiles, B * Hkv)](*args, **meta, **pdl)
+        kern._decode_split_kernel[(num_splits, m_tiles, B * Hkv)](*args, **meta)
         if num_splits > 1:
             kern._decode_merge_kernel[(B * H * Lq,)](
                 o_part, l_part, out, lse,
                 out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
                 H, Lq, num_splits, HEAD_DIM=D, BLOCK_S=max(2, 1 << (num_splits - 1).bit_length()),
-                num_warps=4, num_stages=1, **pdl)
+                num_warps=4, num_stages=1)
     return AttentionState(out, lse)
 
 

@@ -307,9 +307,6 @@ def _score_kernel(q: torch.Tensor, summaries: PageSummaries, seqlens: torch.Tens
         meta["DOT_F32"] = True
     if q.dtype == torch.float32:
         meta["IEEE"] = True
-    from sparseattn.ops.decode import pdl_meta
-
-    meta.update(pdl_meta(q.device))
     with _LAUNCH_LOCK:
         kern._page_score_kernel[(-(-P // block_p), B * Hkv)](
             q, kmin, kmax, seqlens if seqlens is not None else count, score, count,
@@ -323,7 +320,6 @@ def _pick_kernel(score: torch.Tensor, count: torch.Tensor, K: int, *, bits: int 
                  warps: int | None = None) -> torch.Tensor:
     """``(B, H_kv, K)`` int32: the ``count`` highest pages of ``score`` per row, ascending (``_page_pick_kernel``;
     ``bits``: default :data:`PICK_BITS`; ``warps``: default 8 for rows of >= 2048 pages, else 4)."""
-    from sparseattn.ops.decode import pdl_meta
     from sparseattn.ops.triton import decode as kern
     from sparseattn.ops.triton_launch import _LAUNCH_LOCK, interpret_mode
 
@@ -335,7 +331,7 @@ def _pick_kernel(score: torch.Tensor, count: torch.Tensor, K: int, *, bits: int 
             score, count, idx, score.stride(0), score.stride(1), score.stride(2), count.stride(0),
             idx.stride(0), idx.stride(1), Hkv, P, K, BLOCK=block, ONE_CHUNK=P <= block,
             BITS=PICK_BITS if bits is None else bits,
-            num_warps=(8 if block >= 2048 else 4) if warps is None else warps, num_stages=1, **pdl_meta(score.device))
+            num_warps=(8 if block >= 2048 else 4) if warps is None else warps, num_stages=1)
     return idx
 
 

@@ -74,28 +74,6 @@ import triton.language as tl
 
 from sparseattn.ops.triton.common import online_softmax_update
 
-try:  # grid dependency control (programmatic dependent launch, sm_90+): Triton >= 3.3
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - every Triton this project supports has them; PDL stays off without
-    @triton.jit
-    def gdc_launch_dependents():
-        pass
-
-    @triton.jit
-    def gdc_wait():
-        pass
-
-
-@triton.jit
-def _pdl_enter(PDL: tl.constexpr):
-    """With ``PDL`` (the kernel launched with ``launch_pdl``): let the next kernel of the stream launch now (its
-    programs wait in their own ``_pdl_enter``), then wait until the previous kernel has finished and its writes are
-    visible. Called first in a kernel, before any load or store, so the order of memory effects is the plain
-    launch's; what is gained is the launch latency between kernels."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-
 
 @triton.jit
 def _i8_to_f16(x, FAST: tl.constexpr):
@@ -249,9 +227,7 @@ def _decode_split_kernel(
     FAST_I8: tl.constexpr = False,  # int8 K/V to fp16 by byte moves (QK_MODE 3 / PV_MODE 1; CUDA only)
     FP8_EXACT: tl.constexpr = False,  # interpreter only: exact rounding to e4m3 (see _to_e4m3)
     FULL_TILES: tl.constexpr = False,  # not PAGED: K/V/scale loads without element masks (see the loop)
-    PDL: tl.constexpr = False,  # launched with launch_pdl (see _pdl_enter)
 ):
-    _pdl_enter(PDL)
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_bk = tl.program_id(2)
@@ -421,7 +397,6 @@ def _decode_merge_kernel(
     H, LQ, NUM_SPLITS,
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,
-    PDL: tl.constexpr = False,
 ):
     """Exact merge of the ``NUM_SPLITS`` partial states of one (batch, head, token) row.
 
@@ -429,7 +404,6 @@ def _decode_merge_kernel(
     (no key) has weight 0 (its out is 0 by construction); every split ``-inf`` gives out 0 and lse
     ``-inf``; a NaN lse or out makes the row NaN.
     """
-    _pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)  # flat (b, h, token)
     tok = row % LQ
     bh = row // LQ
@@ -474,7 +448,6 @@ def _page_score_kernel(
     HAS_SEQLENS: tl.constexpr,
     DOT_F32: tl.constexpr = False,
     IEEE: tl.constexpr = False,
-    PDL: tl.constexpr = False,
 ):
     """Quest page scores of one (batch, KV head) for ``BLOCK_P`` pages, and (program 0) the page count.
 
@@ -486,7 +459,6 @@ def _page_score_kernel(
     ``ceil(n * FRAC_NUM / FRAC_DEN)``, at least ``FLOOR``, at most ``n`` valid pages and ``K_SEL``.
     Summaries are contiguous ``(B, H_kv, P, HEAD_DIM)``.
     """
-    _pdl_enter(PDL)
     pid_p = tl.program_id(0)
     pid_bk = tl.program_id(1)
     H_KV = H // G
@@ -594,7 +566,6 @@ def _page_pick_kernel(
     BLOCK: tl.constexpr,
     ONE_CHUNK: tl.constexpr,
     BITS: tl.constexpr = 4,
-    PDL: tl.constexpr = False,
 ):
     """The ``Count[b, hkv]`` highest of ``Score[b, hkv, :P]`` (as :func:`_page_score_kernel` writes them: no
     NaN), their page indices **ascending** in ``Idx[b, hkv, :Count]``; ``Idx[b, hkv, Count:K_SEL]`` = 0.
@@ -608,7 +579,6 @@ def _page_pick_kernel(
     registers when it fits one ``BLOCK`` (``ONE_CHUNK``), else re-read per pass (from L2). Replaces
     ``torch.topk`` (a sort) on the selection's hot path.
     """
-    _pdl_enter(PDL)
     pid = tl.program_id(0)
     off_b = pid // H_KV
     off_hk = pid % H_KV
