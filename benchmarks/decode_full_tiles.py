@@ -1,8 +1,8 @@
 """The decode kernel's ``FULL_TILES`` launch (no element masks on the K/V/scale loads; issue 14) against the tuned
 default launch, same process, same inputs.
 
-bf16 and int8 caches (the tuned configs of ``ops/tuned/decode.json``: 128 keys, 4 warps, 2 / 3 stages, int8 with
-``QK="fp16"``), H=32, H_kv=8, D=128, one new token, contexts and batches from the arguments. Per row: both
+bf16 and int8 caches (the general configs of ``ops/tuned/decode.json`` without ``FULL_TILES``: 128 keys, 4 warps,
+2 / 3 stages, int8 with ``QK="fp16"``), H=32, H_kv=8, D=128, one new token, contexts and batches from the arguments. Per row: both
 launches' medians (``bench_ms``, rounds alternated), whether the outputs are equal bit for bit, and the K/V bytes
 read per second against the device's copy bandwidth. Prints a table; writes ``decode_full_tiles.json`` under --out.
 
