@@ -645,7 +645,8 @@ def test_default_config_is_the_measured_sweep_winner_only_where_measured():
     from sparseattn.ops.decode import _default_config
 
     assert _default_config(128, 16, False) == {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
-    assert _default_config(128, 16, False, kv="int8") == {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "QK": "fp16"}
+    assert _default_config(128, 16, False, kv="int8") == {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "QK": "fp16",
+                                                          "FULL_TILES": True}
     assert _default_config(128, 16, False, kv="fp8") == {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
     assert _default_config(128, 16, False, paged=True) == {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
     assert _default_config(128, 64, False, paged=True) == {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
