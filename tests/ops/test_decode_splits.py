@@ -150,19 +150,12 @@ def test_the_sweep_script_runs_on_the_interpreter(tmp_path):
         assert r["parity"] == "ok" and {"default", "wave-heuristic"} <= set(r["ms"]) and len(r["ms"]) >= 4, r
 
 
-def test_the_b1_profile_script_runs_on_the_interpreter():
-    """benchmarks/decode_b1_profile.py --cpu-smoke: its dense and sparse calls pass parity on two layers' caches."""
-    if ON_GPU:
-        pytest.skip("the GPU runs the real profile")
-    res = _run_script("decode_b1_profile.py")
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "parity ok" in res.stdout
-
-
-def test_the_speculative_attention_script_runs_on_the_interpreter():
-    """benchmarks/spec_decode_attn.py --cpu-smoke: its exact (1 and g + 1 queries) and sparse calls pass parity."""
+@pytest.mark.parametrize("script", ["decode_b1_profile.py", "spec_decode_attn.py"])
+def test_the_parity_scripts_run_on_the_interpreter(script):
+    """benchmarks/<script> --cpu-smoke: decode_b1_profile.py's dense and sparse calls on two layers' caches and
+    spec_decode_attn.py's exact (1 and g + 1 queries) and sparse calls pass parity."""
     if ON_GPU:
         pytest.skip("the GPU runs the real script")
-    res = _run_script("spec_decode_attn.py")
+    res = _run_script(script)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "parity ok" in res.stdout
