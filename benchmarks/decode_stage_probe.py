@@ -13,7 +13,7 @@ warm-up, then the median), on a bf16 cache of H=32, H_kv=8, D=128 (``--ctx``, ``
 
 Parity of the sparse result against :func:`decode_reference` over the same pages (ratio rule) is checked before
 timing. Writes ``stage_probe.json`` under ``--out`` and prints a table. ``--ncu KIND`` (``bf16`` / ``int8``)
-instead runs the dense decode kernel twice on a 128K x 8 cache of that kind, for Nsight Compute
+instead runs the dense decode kernel twice on a cache of that kind (``--ctx``, the first ``--batch``), for Nsight Compute
 (``ncu -k regex:_decode_split --launch-skip 1 --launch-count 1``).
 """
 
@@ -51,11 +51,11 @@ def timed(fn) -> float:
     return bench_ms(capture_graph(fn))
 
 
-def ncu_run(kind: str) -> int:
+def ncu_run(kind: str, batch: int = 8, ctx: int = 131072) -> int:
     from sparseattn.state.kv_cache import quantize
 
     torch.manual_seed(0)
-    B, N = 8, 131072
+    B, N = batch, ctx
     q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(B, HKV, N, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
@@ -67,7 +67,7 @@ def ncu_run(kind: str) -> int:
     for _ in range(2):
         decode_attention(q, k, v, backend="triton", **kw)
     torch.cuda.synchronize()
-    print(f"ncu {kind}: two launches done")
+    print(f"ncu {kind} {B}x{N}: two launches done")
     return 0
 
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--ctx", type=int, default=131072)
-    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--batch", default="1,8", help="batch sizes (--ncu: the first; give it alone, e.g. 8)")
     ap.add_argument("--pages", default="64,32")
     ap.add_argument("--ncu", choices=["bf16", "int8"])
     ap.add_argument("--cpu-smoke", action="store_true",
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print("decode_stage_probe: needs a CUDA device", file=sys.stderr)
         return 2
     if args.ncu:
-        return ncu_run(args.ncu)
+        return ncu_run(args.ncu, int(args.batch.split(",")[0]), args.ctx)
     os.makedirs(args.out, exist_ok=True)
     res: dict[str, Any] = {"device": "cpu-smoke" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__,
                            "rows": []}

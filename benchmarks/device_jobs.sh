@@ -255,14 +255,21 @@ print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tok
     stage_probe)  # issue 14: sparse decode stage by stage (graphed), pick variants, paged launch sweep
       timeout ${SP_S:-200} python3 benchmarks/decode_stage_probe.py --batch ${SP_BATCH:-1,8} --pages ${SP_PAGES:-64,32} \
         --out "$d" > "$d/log" 2>&1; tail -n 12 "$d/log" ;;
-    ncu_decode)  # issue 14: Nsight Compute on the dense decode kernel, bf16 and int8 caches (128K x 8)
+    ncu_decode)  # issue 14: Nsight Compute on the dense decode split kernel (the launcher's default config), bf16 and
+      # int8 caches; NCU_CASES "kind:batch:ctx ..." (default 128K x 8 and 32K x 1 of each); full set with SASS-level
+      # stall samples: the report, its raw and source pages as CSV, and benchmarks/ncu_summary.py's digest
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
-      for kind in bf16 int8; do
-        timeout ${NCU_S:-120} $NCU --clock-control none -k regex:_decode_split --launch-skip 1 --launch-count 1 \
-          --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
-          --section LaunchStats --section ComputeWorkloadAnalysis --section InstructionStats --section SchedulerStats \
-          python3 benchmarks/decode_stage_probe.py --ncu $kind > "$d/ncu_$kind.txt" 2>&1
-        echo "--- $kind"; grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Stall|Issue Slots Busy|Executed Ipc A|Block Limit" "$d/ncu_$kind.txt" | head -n 20
+      for case in ${NCU_CASES:-int8:8:131072 bf16:8:131072 int8:1:32768 bf16:1:32768}; do
+        IFS=: read -r kind b ctx <<< "$case"; n="${kind}_b${b}_${ctx}"
+        timeout ${NCU_S:-150} $NCU --clock-control none -k regex:_decode_split --launch-skip 1 --launch-count 1 \
+          --set full --import-source yes -f -o "$d/$n" \
+          python3 benchmarks/decode_stage_probe.py --ncu $kind --batch $b --ctx $ctx > "$d/ncu_$n.txt" 2>&1
+        $NCU -i "$d/$n.ncu-rep" --page details > "$d/details_$n.txt" 2>&1
+        $NCU -i "$d/$n.ncu-rep" --page raw --csv > "$d/raw_$n.csv" 2>&1
+        $NCU -i "$d/$n.ncu-rep" --page source --csv --print-source sass > "$d/source_$n.csv" 2>&1
+        echo "--- $n"; grep -E "^ +(Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per Thread|Issue Slots Busy|Executed Ipc Active|Block Limit Shared Mem|Dynamic Shared Memory Per Block|Grid Size)" "$d/details_$n.txt" | head -n 14
+        python3 benchmarks/ncu_summary.py --raw "$d/raw_$n.csv" --source "$d/source_$n.csv" --top 14 2>&1 | head -n 40
+        rm -f "$d/$n.ncu-rep"
       done ;;
     s13_alloc)  # issue 13: the 8K allocation over the bias-extended gate, fp32 (masked SDPA: the targets as stated)
       # and bf16 (read against the all-blocks floor); 8K windows 0-3 tune (2 calibrate), 4-5 (4K windows 8-11) held out
