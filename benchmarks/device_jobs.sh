@@ -252,6 +252,9 @@ print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tok
       timeout ${SS_S:-240} python3 benchmarks/decode_splits_sweep.py --out "$d" --contexts 131072 32768 \
         --batches ${SS_BATCHES:-1 2 4 8} ${SS_SPLITS:+--splits $SS_SPLITS} ${SS_CONFIGS:+--configs $SS_CONFIGS} \
         --budget-s ${SS_BUDGET:-150} > "$d/log" 2>&1; grep -v "^  n" "$d/log" | tail -n 24 ;;
+    vkeys)  # issue 14: keys-contiguous V (V_KEYS) against the plain layout, bf16 and int8 caches, graphed, with cuDNN
+      timeout ${VK_S:-300} python3 benchmarks/decode_vkeys.py --out "$d" --budget-s ${VK_BUDGET:-240} \
+        ${VK_ARGS:-} > "$d/log" 2>&1; tail -n 70 "$d/log" ;;
     stage_probe)  # issue 14: sparse decode stage by stage (graphed), pick variants, paged launch sweep
       timeout ${SP_S:-200} python3 benchmarks/decode_stage_probe.py --batch ${SP_BATCH:-1,8} --pages ${SP_PAGES:-64,32} \
         --out "$d" > "$d/log" 2>&1; tail -n 12 "$d/log" ;;

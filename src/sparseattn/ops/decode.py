@@ -480,7 +480,11 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
     interp = interpret_mode()
     if B * Hkv > _MAX_GRID_Z:
         raise NotImplementedError(f"{fn}: batch * kv_heads = {B * Hkv} exceeds the launch grid limit {_MAX_GRID_Z}")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    # V may be stored keys-contiguous (a (B, H_kv, D, N) buffer viewed as (B, H_kv, N, D)): read as it is (V_KEYS)
+    v_keys = v.stride(-1) != 1 and v.stride(-2) == 1 and D > 1
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    if not v_keys and v.stride(-1) != 1:
+        v = v.contiguous()
     if config is not None and not isinstance(config, dict):
         from sparseattn.ops.launch_configs import DecodeLaunchConfig
 
@@ -536,7 +540,9 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
             meta["FP8_EXACT"] = True  # the interpreter's fp32 -> e4m3 conversion mis-rounds (see the kernel)
     if not causal:
         meta["CAUSAL"] = False
-    if cfg.get("FULL_TILES") and page_idx is None:
+    if v_keys:
+        meta["V_KEYS"] = True  # only when set: the default launch keeps its kernel
+    if cfg.get("FULL_TILES") and page_idx is None and not v_keys:  # (V_KEYS walks whole tiles unmasked anyway)
         meta["FULL_TILES"] = True  # only when set (the default launch keeps its kernel); the paged walk gathers keys
     if interp and q.dtype == torch.bfloat16:
         meta["DOT_F32"] = True  # the interpreter's bf16 tl.dot is wrong (see triton_launch)
@@ -550,7 +556,7 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
         KScale=k_scale if quant else lse, VScale=v_scale if quant else lse,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
-        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(3) if v_keys else v.stride(2),
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
         stride_lb=lse.stride(0), stride_lh=lse.stride(1),
         stride_pb=pidx.stride(0) if paged else 0, stride_ph=pidx.stride(1) if paged else 0,

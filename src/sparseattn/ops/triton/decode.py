@@ -227,6 +227,7 @@ def _decode_split_kernel(
     FAST_I8: tl.constexpr = False,  # int8 K/V to fp16 by byte moves (QK_MODE 3 / PV_MODE 1; CUDA only)
     FP8_EXACT: tl.constexpr = False,  # interpreter only: exact rounding to e4m3 (see _to_e4m3)
     FULL_TILES: tl.constexpr = False,  # not PAGED: K/V/scale loads without element masks (see the loop)
+    V_KEYS: tl.constexpr = False,  # V stored keys-contiguous: ``stride_vn`` is then the stride of head_dim (see below)
 ):
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -322,9 +323,48 @@ def _decode_split_kernel(
     first_key = N_MAX  # smallest key this program reads (PAGED: decides which rows attend anything)
     if not PAGED:  # row pointers of the range's first tile (64-bit base); tiles add a 32-bit offset
         k_lo = k_base + lo.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
-        v_lo = v_base + lo.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
+        if V_KEYS:  # lo is a multiple of BLOCK_N (chunk is): whole tiles start 16-byte aligned along the keys
+            v_lo = v_base + tl.multiple_of(lo, 16).to(tl.int64) + offs_n[:, None] + offs_d[None, :] * stride_vn
+        else:
+            v_lo = v_base + lo.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
 
-    for start in range(lo, hi, BLOCK_N):
+    if V_KEYS and not PAGED:
+        # keys-contiguous V (the P·V operand then needs no byte-wise transpose of an 8-bit tile): the range's whole
+        # tiles without load masks, so every K/V/scale load is a vector load, then its partial last tile masked
+        n_whole = tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+        for t0 in range(0, n_whole, BLOCK_N):
+            t0 = tl.multiple_of(t0, BLOCK_N)
+            pos = lo + t0 + offs_n
+            k = tl.load(k_lo + t0 * stride_kn)
+            v = tl.load(v_lo + t0)
+            if HAS_KV_SCALE:
+                ks = tl.load(ks_base + pos * stride_ksn)
+                vs = tl.load(vs_base + pos * stride_vsn)
+            else:
+                ks = pos  # unused placeholders
+                vs = pos
+            m_i, l_i, acc = _attend_tile(q, q_lp, q_lo, row_mul, k, v, ks, vs, pos, pos < hi, lim, m_i, l_i, acc,
+                                         qk_scale, in_dtype, DOT_F32, IEEE, HAS_KV_SCALE, QK_MODE, PV_MODE, FAST_I8,
+                                         FP8_EXACT)
+        if lo + n_whole < hi:
+            pos = lo + n_whole + offs_n
+            key_ok = pos < hi
+            k = tl.load(k_lo + n_whole * stride_kn, mask=key_ok[None, :], other=0.0)
+            v = tl.load(v_lo + n_whole, mask=key_ok[:, None], other=0.0)
+            if HAS_KV_SCALE:
+                ks = tl.load(ks_base + pos * stride_ksn, mask=key_ok, other=0.0)
+                vs = tl.load(vs_base + pos * stride_vsn, mask=key_ok, other=0.0)
+            else:
+                ks = pos
+                vs = pos
+            m_i, l_i, acc = _attend_tile(q, q_lp, q_lo, row_mul, k, v, ks, vs, pos, key_ok, lim, m_i, l_i, acc,
+                                         qk_scale, in_dtype, DOT_F32, IEEE, HAS_KV_SCALE, QK_MODE, PV_MODE, FAST_I8,
+                                         FP8_EXACT)
+        loop_hi = lo  # the loop below has nothing left to do
+    else:
+        loop_hi = hi
+
+    for start in range(lo, loop_hi, BLOCK_N):
         pos = start + offs_n
         in_rng = pos < hi
         if PAGED:
@@ -335,7 +375,10 @@ def _decode_split_kernel(
             first_key = tl.minimum(first_key, tl.min(tl.where(key_ok, key, N_MAX), 0))
             k_off = key.to(tl.int64)
             k = tl.load(k_base + k_off[None, :] * stride_kn + offs_d[:, None], mask=key_ok[None, :], other=0.0)
-            v = tl.load(v_base + k_off[:, None] * stride_vn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+            if V_KEYS:
+                v = tl.load(v_base + k_off[:, None] + offs_d[None, :] * stride_vn, mask=key_ok[:, None], other=0.0)
+            else:
+                v = tl.load(v_base + k_off[:, None] * stride_vn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
             if HAS_KV_SCALE:
                 ks = tl.load(ks_base + k_off * stride_ksn, mask=key_ok, other=0.0)
                 vs = tl.load(vs_base + k_off * stride_vsn, mask=key_ok, other=0.0)
