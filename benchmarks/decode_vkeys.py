@@ -119,8 +119,9 @@ def one_shape(n: int, B: int, bw: float, dev: str | None, rounds: int) -> dict:
     best8 = min((t, nm) for nm, t in med.items() if nm.startswith("int8"))
     row = dict(ctx=n, B=B, ms=med, rounds=ms, pct_copy_bw=pct, equal=equal, parity=parity,
                int8_config=cfg8, best_int8=best8[1], int8_best_vs_bf16=med["bf16"] / best8[0],
-               int8_default_vs_bf16=med["bf16"] / med["int8"], bf16_vs_cudnn=med["cudnn"] / med["bf16"],
-               bf16_vk_vs_cudnn=med["cudnn"] / med["bf16_vk"])
+               int8_default_vs_bf16=med["bf16"] / med["int8"],
+               bf16_vs_cudnn=med["cudnn"] / med["bf16"] if "cudnn" in med else None,
+               bf16_vk_vs_cudnn=med["cudnn"] / med["bf16_vk"] if "cudnn" in med else None)
     print(f"--- ctx {n} B {B}  equal {equal}  parity {sorted(set(parity.values()))}", flush=True)
     for nm in names:
         print(f"  {nm:<22s} {med[nm] * 1e3:9.1f} us  {pct[nm]:5.0f}% copy bw", flush=True)
