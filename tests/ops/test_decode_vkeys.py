@@ -1,0 +1,163 @@
+"""Keys-contiguous V caches in the decode kernel (``V_KEYS``; issue 14).
+
+A V cache whose keys are contiguous -- a ``(B, H_kv, D, N)`` buffer viewed as ``(B, H_kv, N, D)``, so
+``v.stride(-2) == 1`` -- is read as it is (no copy): the dense walk takes the range's whole tiles without load masks
+and its partial last tile masked; the paged walk gathers keys along the contiguous axis. The output must equal the
+plain layout's bit for bit on every input (same launch config), garbage beyond the lengths included. Under Triton's
+CPU interpreter without CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparseattn.ops.decode import decode_attention, decode_reference, paged_decode_attention
+from sparseattn.state.kv_cache import quantize
+from sparseattn.testing.harness import kernel_unavailable, node_generator
+from sparseattn.testing.tolerances import check_ratio
+
+ON_GPU = torch.cuda.is_available()
+DEV = "cuda" if ON_GPU else "cpu"
+FP8_OK = (not ON_GPU) or torch.cuda.get_device_capability() >= (8, 9)
+needs_kernel = pytest.mark.skipif(kernel_unavailable() is not None, reason=str(kernel_unavailable()))
+
+
+def keys_contiguous(x: torch.Tensor) -> torch.Tensor:
+    y = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert y.stride(-2) == 1 and y.stride(-1) == x.shape[-2] and torch.equal(y, x)
+    return y
+
+
+def _cfg(**kw):
+    return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1, **kw}
+
+
+def _same(a, b):
+    """Bit for bit, NaN where NaN."""
+    assert a.out.dtype == b.out.dtype
+    assert torch.equal(torch.isnan(a.out), torch.isnan(b.out))
+    assert torch.equal(torch.nan_to_num(a.out), torch.nan_to_num(b.out))
+    assert torch.equal(torch.nan_to_num(a.lse), torch.nan_to_num(b.lse))
+
+
+CASES = [
+    # B, H, Hkv, Lq, N, D, lens, splits, causal
+    (2, 8, 2, 1, 130, 64, [130, 37], 3, True),  # GQA 4, different lengths, splits with partial last tiles
+    (3, 4, 1, 4, 161, 64, [0, 1, 161], 2, True),  # empty / one-key sequences, Lq 4
+    (2, 8, 2, 4, 96, 128, [96, 64], 1, False),  # D 128, one split, non-causal, lengths on tile boundaries
+    (1, 2, 2, 3, 200, 64, None, 4, True),  # no seqlens, MHA, Lq 3
+]
+
+
+def _case_id(c):
+    return f"B{c[0]}H{c[1]}kv{c[2]}Lq{c[3]}N{c[4]}D{c[5]}s{c[7]}{'' if c[8] else '-noncausal'}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_keys_contiguous_v_equals_the_plain_layout_and_passes_the_reference(case, dtype, request):
+    B, H, Hkv, Lq, N, D, lens, splits, causal = case
+    g = node_generator(request)
+    q = torch.randn(B, H, Lq, D, generator=g).to(dtype).to(DEV)
+    k = torch.randn(B, Hkv, N, D, generator=g).to(dtype).to(DEV)
+    v = torch.randn(B, Hkv, N, D, generator=g).to(dtype).to(DEV)
+    sl = None if lens is None else torch.tensor(lens, dtype=torch.int32, device=DEV)
+    kw = dict(seqlens=sl, num_splits=splits, causal=causal, return_lse=True, backend="triton", config=_cfg())
+    plain = decode_attention(q, k, v, **kw)
+    vk = decode_attention(q, k, keys_contiguous(v), **kw)
+    _same(vk, plain)
+    hd = torch.float32 if ON_GPU else torch.float64
+    hi = decode_reference(q.to(hd), k.to(hd), v.to(hd), seqlens=sl, causal=causal)
+    lo = decode_reference(q, k, v, seqlens=sl, causal=causal, upcast=False)
+    check_ratio(vk.out, hi.out, lo.out, "out")
+
+
+_VARIANTS = [(None, None), ("fp16", "dequant"), ("fp16", "fp16"), ("q8x2", "i8x2"), ("q8x2", "fp8")]
+_QUANT_CASES = [(mode, v) for mode in ("int8", "fp8") for v in _VARIANTS
+                if not ((mode == "fp8" and v[1] == "i8x2") or (mode == "int8" and v[1] == "fp8"))]
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode,variant", _QUANT_CASES, ids=[f"{m}-qk-{v[0]}_pv-{v[1]}" for m, v in _QUANT_CASES])
+def test_keys_contiguous_v_on_quantized_caches(variant, mode, request):
+    qk, pv = variant
+    if mode == "fp8" and not FP8_OK:
+        pytest.skip("float8 K/V need compute capability >= 8.9")
+    g = node_generator(request)
+    q = torch.randn(3, 8, 2, 64, generator=g).to(torch.bfloat16).to(DEV)
+    kq, ks = quantize(torch.randn(3, 2, 150, 64, generator=g) * 1.5, mode)
+    vq, vs = quantize(torch.randn(3, 2, 150, 64, generator=g) + 0.5, mode)
+    kq, ks, vq, vs = (t.to(DEV) for t in (kq, ks, vq, vs))
+    extra = {k: v for k, v in (("QK", qk), ("PV", pv)) if v is not None}
+    sl = torch.tensor([150, 0, 97], dtype=torch.int32, device=DEV)
+    kw = dict(k_scale=ks, v_scale=vs, seqlens=sl, num_splits=2, return_lse=True, backend="triton",
+              config=_cfg(**extra))
+    _same(decode_attention(q, kq, keys_contiguous(vq), **kw), decode_attention(q, kq, vq, **kw))
+    # FULL_TILES in the config changes nothing for a keys-contiguous V (it walks whole tiles unmasked anyway)
+    _same(decode_attention(q, kq, keys_contiguous(vq), **dict(kw, config=_cfg(FULL_TILES=True, **extra))),
+          decode_attention(q, kq, vq, **kw))
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", [None, "int8"])
+def test_keys_contiguous_v_never_reads_beyond_seqlen(mode, request):
+    """Garbage (NaN, inf, extremes, NaN scales) beyond each length never reaches the output; a NaN value inside a
+    whole tile makes its KV group's rows NaN, as with the plain layout."""
+    g = node_generator(request)
+    lens = [0, 33, 96, 70]
+    q = torch.randn(4, 4, 2, 64, generator=g).to(torch.float16).to(DEV)
+    k = torch.randn(4, 2, 96, 64, generator=g)
+    v = torch.randn(4, 2, 96, 64, generator=g)
+    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    if mode is None:
+        k, v = k.to(torch.float16).to(DEV), v.to(torch.float16).to(DEV)
+        ks = vs = None
+    else:
+        (k, ks), (v, vs) = quantize(k, mode), quantize(v, mode)
+        k, ks, v, vs = (t.to(DEV) for t in (k, ks, v, vs))
+    kw = dict(k_scale=ks, v_scale=vs, seqlens=sl, num_splits=3, return_lse=True, backend="triton", config=_cfg())
+    clean = decode_attention(q, k, v, **kw)
+    v2 = keys_contiguous(v)
+    k2 = k.clone()
+    vs2 = None if vs is None else vs.clone()
+    for b, n in enumerate(lens):
+        v2[b, :, n:] = float("nan") if mode is None else 127
+        k2[b, :, n:] = float("inf") if mode is None else -128
+        if vs2 is not None:
+            vs2[b, :, n:] = float("nan")
+    dirty = decode_attention(q, k2, v2, **dict(kw, v_scale=vs2))
+    _same(dirty, clean)
+    assert not bool(torch.isnan(dirty.out).any())
+    v3 = keys_contiguous(v)
+    v3[2, 1, 5] = float("nan") if mode is None else v3[2, 1, 5]
+    if mode is not None:
+        vs3 = vs.clone()
+        vs3[2, 1, 5] = float("nan")
+        kw = dict(kw, v_scale=vs3)
+    _same(decode_attention(q, k, v3, **kw), decode_attention(q, k, v3.contiguous(), **kw))
+    assert bool(torch.isnan(decode_attention(q, k, v3, **kw).out[2, 2:]).all())
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", [None, "int8"])
+def test_keys_contiguous_v_in_the_paged_walk(mode, request):
+    g = node_generator(request)
+    q = torch.randn(2, 4, 1, 64, generator=g).to(torch.bfloat16).to(DEV)
+    k = torch.randn(2, 2, 120, 64, generator=g)
+    v = torch.randn(2, 2, 120, 64, generator=g)
+    if mode is None:
+        k, v = k.to(torch.bfloat16).to(DEV), v.to(torch.bfloat16).to(DEV)
+        extra = {}
+    else:
+        (k, ks), (v, vs) = quantize(k, mode), quantize(v, mode)
+        k, ks, v, vs = (t.to(DEV) for t in (k, ks, v, vs))
+        extra = dict(k_scale=ks, v_scale=vs)
+    pidx = torch.tensor([[[14, 0, 3, 7], [1, 2, 14, 9]], [[6, 0, 2, 1], [3, 4, 5, 6]]], dtype=torch.int32,
+                        device=DEV)
+    pnum = torch.tensor([[4, 3], [2, 4]], dtype=torch.int32, device=DEV)
+    sl = torch.tensor([120, 50], dtype=torch.int32, device=DEV)
+    kw = dict(page_size=8, seqlens=sl, num_splits=2, return_lse=True, backend="triton", config=_cfg(), **extra)
+    _same(paged_decode_attention(q, k, keys_contiguous(v), pidx, pnum, **kw),
+          paged_decode_attention(q, k, v, pidx, pnum, **kw))
