@@ -40,6 +40,7 @@ VARIANTS = {  # name -> config changes on top of the default int8 config
     "q8x2_i8x2": {"QK": "q8x2", "PV": "i8x2"},
     "fp16_pvfp16": {"QK": "fp16", "PV": "fp16"},
     "fp16_s4": {"QK": "fp16", "num_stages": 4},
+    "q8x2": {"QK": "q8x2"},
 }
 
 
