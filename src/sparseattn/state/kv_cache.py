@@ -58,7 +58,7 @@ import torch
 
 from sparseattn._validation import fail
 
-__all__ = ["MixedKVCache", "quantize", "dequantize", "model_fingerprint", "QUANT_MODES"]
+__all__ = ["MixedKVCache", "quantize", "dequantize", "keys_contiguous", "model_fingerprint", "QUANT_MODES"]
 
 QUANT_MODES = ("int8", "fp8")
 DECODE_BACKENDS = ("auto", "triton", "off")
@@ -85,6 +85,15 @@ def quantize(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     if mode == "int8":
         return torch.round(y).clamp_(-127, 127).to(torch.int8), scale
     return y.clamp_(-448.0, 448.0).to(_fp8_dtype()), scale
+
+
+def keys_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., N, D) with its keys contiguous: a (..., D, N) buffer viewed as (..., N, D) (``x`` itself when it is
+    one already). The decode kernel reads a V cache stored this way without transposing 8-bit tiles byte by byte
+    (:func:`sparseattn.ops.decode.decode_attention`); the values are the same."""
+    if x.dim() >= 2 and x.stride(-2) == 1 and x.shape[-1] > 1:
+        return x
+    return x.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
 def dequantize(data: torch.Tensor | None, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -218,11 +227,14 @@ def _build_classes() -> tuple[type, type]:
             else:
                 dk, sk = quantize(old_k, self.quant)
                 dv, sv = quantize(old_v, self.quant)
+            # the quantized values are stored keys-contiguous (a (B, H_kv, D, N) buffer seen as (B, H_kv, N, D)): the
+            # decode kernel reads an 8-bit V that way without byte-wise transposes (ops/decode.py, V_KEYS)
             if self.qk is None:
-                self.qk, self.qv, self.qk_scale, self.qv_scale = dk, dv, sk, sv
+                self.qk, self.qk_scale, self.qv_scale = dk, sk, sv
+                self.qv = keys_contiguous(dv)
             else:
                 self.qk = torch.cat([self.qk, dk], 2)
-                self.qv = torch.cat([self.qv, dv], 2)
+                self.qv = torch.cat([self.qv.transpose(-1, -2), dv.transpose(-1, -2)], 3).transpose(-1, -2)
                 self.qk_scale = torch.cat([self.qk_scale, sk], 2)  # type: ignore[list-item]
                 self.qv_scale = torch.cat([self.qv_scale, sv], 2)  # type: ignore[list-item]
 
@@ -312,19 +324,22 @@ def _build_classes() -> tuple[type, type]:
             for name in ("keys", "values", "sk", "sv", "qk", "qv", "qk_scale", "qv_scale", "k_mean"):
                 t = getattr(self, name)
                 if t is not None and t.numel() > 0:
-                    setattr(self, name, t.index_select(0, beam_idx.to(t.device)))
+                    t = t.index_select(0, beam_idx.to(t.device))
+                    setattr(self, name, keys_contiguous(t) if name == "qv" else t)
 
         def batch_repeat_interleave(self, repeats: int) -> None:
             for name in ("keys", "values", "sk", "sv", "qk", "qv", "qk_scale", "qv_scale", "k_mean"):
                 t = getattr(self, name)
                 if t is not None and t.numel() > 0:
-                    setattr(self, name, t.repeat_interleave(repeats, dim=0))
+                    t = t.repeat_interleave(repeats, dim=0)
+                    setattr(self, name, keys_contiguous(t) if name == "qv" else t)
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
             for name in ("keys", "values", "sk", "sv", "qk", "qv", "qk_scale", "qv_scale", "k_mean"):
                 t = getattr(self, name)
                 if t is not None and t.numel() > 0:
-                    setattr(self, name, t[indices, ...])
+                    t = t[indices, ...]
+                    setattr(self, name, keys_contiguous(t) if name == "qv" else t)
 
         def reset(self) -> None:
             super().reset()
