@@ -12,7 +12,8 @@ warm-up, then the median), on a bf16 cache of H=32, H_kv=8, D=128 (``--ctx``, ``
 * ``sparse``: :func:`sparse_decode_attention` (selection included), and ``x = dense / sparse``.
 
 Parity of the sparse result against :func:`decode_reference` over the same pages (ratio rule) is checked before
-timing. Writes ``stage_probe.json`` under ``--out`` and prints a table. ``--ncu KIND`` (``bf16`` / ``int8``)
+timing. Writes ``stage_probe.json`` under ``--out`` and prints a table. ``--ncu KIND`` (``bf16`` / ``int8`` /
+``int8vk``: keys-contiguous V)
 instead runs the dense decode kernel twice on a cache of that kind (``--ctx``, the first ``--batch``), for Nsight Compute
 (``ncu -k regex:_decode_split --launch-skip 1 --launch-count 1``).
 """
@@ -60,9 +61,13 @@ def ncu_run(kind: str, batch: int = 8, ctx: int = 131072) -> int:
     k = torch.randn(B, HKV, N, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     kw: dict[str, Any] = {}
-    if kind == "int8":
+    if kind in ("int8", "int8vk"):
         kq, ks = quantize(k, "int8")
         vq, vs = quantize(v, "int8")
+        if kind == "int8vk":  # V stored keys-contiguous, as MixedKVCache keeps it (V_KEYS)
+            from sparseattn.state.kv_cache import keys_contiguous
+
+            vq = keys_contiguous(vq)
         k, v, kw = kq, vq, dict(k_scale=ks, v_scale=vs)
     for _ in range(2):
         decode_attention(q, k, v, backend="triton", **kw)
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctx", type=int, default=131072)
     ap.add_argument("--batch", default="1,8", help="batch sizes (--ncu: the first; give it alone, e.g. 8)")
     ap.add_argument("--pages", default="64,32")
-    ap.add_argument("--ncu", choices=["bf16", "int8"])
+    ap.add_argument("--ncu", choices=["bf16", "int8", "int8vk"])
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="run every stage once on tiny shapes under TRITON_INTERPRET=1 (checks the script, no timing)")
     args = ap.parse_args(argv)

@@ -262,7 +262,7 @@ print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tok
       # int8 caches; NCU_CASES "kind:batch:ctx ..." (default 128K x 8 and 32K x 1 of each); full set with SASS-level
       # stall samples: the report, its raw and source pages as CSV, and benchmarks/ncu_summary.py's digest
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
-      for case in ${NCU_CASES:-int8:8:131072 bf16:8:131072 int8:1:32768 bf16:1:32768}; do
+      for case in ${NCU_CASES:-int8:8:131072 int8vk:8:131072 bf16:8:131072 bf16:1:32768}; do
         IFS=: read -r kind b ctx <<< "$case"; n="${kind}_b${b}_${ctx}"
         timeout ${NCU_S:-150} $NCU --clock-control none -k regex:_decode_split --launch-skip 1 --launch-count 1 \
           --set full --import-source yes -f -o "$d/$n" \
