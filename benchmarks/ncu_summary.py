@@ -50,6 +50,8 @@ def stall_reasons(path: str) -> list[tuple[str, float]]:
 
 def hot_instructions(path: str, top: int) -> tuple[list[tuple[float, str, str]], dict[str, float], float]:
     rows = _rows(path)
+    start = next((i for i, r in enumerate(rows) if r and r[0] == "Address"), 0)  # after a "Kernel Name" preamble
+    rows = rows[start:]
     if len(rows) < 2:
         return [], {}, 0.0
     head = rows[0]
