@@ -15,8 +15,8 @@ every sequence the full context (``seqlens`` given, all equal). A combination wh
   ``[N/8, N]``, with its own ``%`` of copy bandwidth over the bytes those lengths need). With ``--sweep`` (default on) a few fixed kernel configs and split
   counts are timed too and the best is recorded next to the default.
 * ``ours_int8`` / ``ours_fp8``: the same call on the cache quantized per token and KV head
-  (:func:`sparseattn.state.kv_cache.quantize`, done once outside the timing, in chunks; V stored keys-contiguous
-  as :class:`~sparseattn.state.kv_cache.MixedKVCache` keeps it, ``--quant-v-layout plain`` for the plain layout) with
+  (:func:`sparseattn.state.kv_cache.quantize`, done once outside the timing, in chunks; ``--quant-v-layout keys``
+  stores V keys-contiguous, the kernel's ``V_KEYS`` walk) with
   ``k_scale``/``v_scale``: the kernel reads the int8 / float8 e4m3 bytes and the fp32 scales and
   dequantises in registers (issue 14's target: INT8 >= 1.7x faster than bf16 at 128K). Bytes read =
   quantized K+V + scales; ``x_int8`` = ``ours / ours_int8``. ``ours_fp8`` only where the GPU has FP8
@@ -300,7 +300,7 @@ def sparse_rows(q, k, v, sl, page_size: int, timer, smoke: bool, copy_gbps: floa
     return r
 
 
-V_LAYOUT = "keys"  # --quant-v-layout: how the quantized V cache is stored ("keys": keys-contiguous; "plain")
+V_LAYOUT = "plain"  # --quant-v-layout: how the quantized V cache is stored ("plain": [keys, head_dim]; "keys")
 
 
 def quant_rows(q, k, v, sl, timer, row: dict[str, Any], *, dev: str, smoke: bool, sweep: bool,
@@ -316,7 +316,7 @@ def quant_rows(q, k, v, sl, timer, row: dict[str, Any], *, dev: str, smoke: bool
         try:
             kq, ks = quantize_chunked(k, mode)
             vq, vs = quantize_chunked(v, mode)
-            if V_LAYOUT == "keys":  # the layout MixedKVCache stores its quantized values in (the kernel's V_KEYS walk)
+            if V_LAYOUT == "keys":  # keys-contiguous V (the kernel's V_KEYS walk; docs/DECODE.md)
                 from sparseattn.state.kv_cache import keys_contiguous
 
                 vq = keys_contiguous(vq)
@@ -395,9 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparse-sweep", action="store_true", help="also sweep the paged kernel's launch config (graphed)")
     ap.add_argument("--only-sparse", action="store_true", help="time only ours (eager, graphed) and the sparse rows")
     ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--quant-v-layout", choices=["keys", "plain"], default="keys",
-                    help="the quantized V cache's storage: keys-contiguous as MixedKVCache keeps it (default) or "
-                         "plain (B, H_kv, N, D)")
+    ap.add_argument("--quant-v-layout", choices=["plain", "keys"], default="plain",
+                    help="the quantized V cache's storage: plain (B, H_kv, N, D), as MixedKVCache keeps it "
+                         "(default), or keys-contiguous (the kernel's V_KEYS walk)")
     ap.add_argument("--flex-budget-s", type=float, default=100.0, help="stop compiling FlexAttention after this")
     ap.add_argument("--budget-s", type=float, default=210.0, help="skip the remaining shapes after this")
     args = ap.parse_args(argv)

@@ -227,14 +227,13 @@ def _build_classes() -> tuple[type, type]:
             else:
                 dk, sk = quantize(old_k, self.quant)
                 dv, sv = quantize(old_v, self.quant)
-            # the quantized values are stored keys-contiguous (a (B, H_kv, D, N) buffer seen as (B, H_kv, N, D)): the
-            # decode kernel reads an 8-bit V that way without byte-wise transposes (ops/decode.py, V_KEYS)
+            # the values stay [keys, head_dim] (a keys-contiguous V, the kernel's V_KEYS walk, was 1.5-3% slower on
+            # an H100: docs/DECODE.md "Keys-contiguous V on the GPU")
             if self.qk is None:
-                self.qk, self.qk_scale, self.qv_scale = dk, sk, sv
-                self.qv = keys_contiguous(dv)
+                self.qk, self.qv, self.qk_scale, self.qv_scale = dk, dv, sk, sv
             else:
                 self.qk = torch.cat([self.qk, dk], 2)
-                self.qv = torch.cat([self.qv.transpose(-1, -2), dv.transpose(-1, -2)], 3).transpose(-1, -2)
+                self.qv = torch.cat([self.qv, dv], 2)
                 self.qk_scale = torch.cat([self.qk_scale, sk], 2)  # type: ignore[list-item]
                 self.qv_scale = torch.cat([self.qv_scale, sv], 2)  # type: ignore[list-item]
 
@@ -324,22 +323,19 @@ def _build_classes() -> tuple[type, type]:
             for name in ("keys", "values", "sk", "sv", "qk", "qv", "qk_scale", "qv_scale", "k_mean"):
                 t = getattr(self, name)
                 if t is not None and t.numel() > 0:
-                    t = t.index_select(0, beam_idx.to(t.device))
-                    setattr(self, name, keys_contiguous(t) if name == "qv" else t)
+                    setattr(self, name, t.index_select(0, beam_idx.to(t.device)))
 
         def batch_repeat_interleave(self, repeats: int) -> None:
             for name in ("keys", "values", "sk", "sv", "qk", "qv", "qk_scale", "qv_scale", "k_mean"):
                 t = getattr(self, name)
                 if t is not None and t.numel() > 0:
-                    t = t.repeat_interleave(repeats, dim=0)
-                    setattr(self, name, keys_contiguous(t) if name == "qv" else t)
+                    setattr(self, name, t.repeat_interleave(repeats, dim=0))
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
             for name in ("keys", "values", "sk", "sv", "qk", "qv", "qk_scale", "qv_scale", "k_mean"):
                 t = getattr(self, name)
                 if t is not None and t.numel() > 0:
-                    t = t[indices, ...]
-                    setattr(self, name, keys_contiguous(t) if name == "qv" else t)
+                    setattr(self, name, t[indices, ...])
 
         def reset(self) -> None:
             super().reset()
