@@ -92,6 +92,10 @@ CONFIGS: dict[str, tuple[str, dict, dict, str]] = {
     "decode int8 d128 tuned FULL_TILES": (
         "decode", {"HAS_KV_SCALE": True, "QK_MODE": 3, "FAST_I8": True, "BLOCK_N": 128, "FULL_TILES": True}, _DEC_OPT,
         "bf16"),
+    # keys-contiguous V (the V_KEYS walk: whole tiles unmasked, then the partial tile), bf16 and the int8 config
+    "decode bf16 d128 tuned V_KEYS": ("decode", {"BLOCK_N": 128, "V_KEYS": True}, {**_DEC_OPT, "num_stages": 2}, "bf16"),
+    "decode int8 d128 tuned V_KEYS": (
+        "decode", {"HAS_KV_SCALE": True, "QK_MODE": 3, "FAST_I8": True, "BLOCK_N": 128, "V_KEYS": True}, _DEC_OPT, "bf16"),
 }
 
 # example argument values of a launch: B=2, H=8 (GQA 4), N=4096, D from the config, contiguous tensors

@@ -195,6 +195,36 @@ def _attend_tile(q, q_lp, q_lo, row_mul, k, v, ks, vs, key, key_ok, lim, m_i, l_
     return m_ij, l_i, acc
 
 
+@triton.jit
+def _vkeys_tile(q, q_lp, q_lo, row_mul, k_lo, v_lo, ks_base, vs_base, t0, lo, hi, offs_n, stride_kn, stride_ksn,
+                stride_vsn, lim, m_i, l_i, acc, qk_scale, in_dtype: tl.constexpr, DOT_F32: tl.constexpr,
+                IEEE: tl.constexpr, HAS_KV_SCALE: tl.constexpr, QK_MODE: tl.constexpr, PV_MODE: tl.constexpr,
+                FAST_I8: tl.constexpr, FP8_EXACT: tl.constexpr, MASKED: tl.constexpr):
+    """The ``V_KEYS`` walk's tile at offset ``t0`` of the range ``[lo, hi)`` (V keys-contiguous: ``v_lo`` steps one
+    element per key): loaded without element masks for a whole tile, with them for the range's partial last tile
+    (``MASKED``), then :func:`_attend_tile`."""
+    pos = lo + t0 + offs_n
+    key_ok = pos < hi
+    if MASKED:
+        k = tl.load(k_lo + t0 * stride_kn, mask=key_ok[None, :], other=0.0)
+        v = tl.load(v_lo + t0, mask=key_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_lo + t0 * stride_kn)
+        v = tl.load(v_lo + t0)
+    if HAS_KV_SCALE:
+        if MASKED:
+            ks = tl.load(ks_base + pos * stride_ksn, mask=key_ok, other=0.0)
+            vs = tl.load(vs_base + pos * stride_vsn, mask=key_ok, other=0.0)
+        else:
+            ks = tl.load(ks_base + pos * stride_ksn)
+            vs = tl.load(vs_base + pos * stride_vsn)
+    else:
+        ks = pos  # unused placeholders
+        vs = pos
+    return _attend_tile(q, q_lp, q_lo, row_mul, k, v, ks, vs, pos, key_ok, lim, m_i, l_i, acc, qk_scale, in_dtype,
+                        DOT_F32, IEEE, HAS_KV_SCALE, QK_MODE, PV_MODE, FAST_I8, FP8_EXACT)
+
+
 @triton.jit(do_not_specialize=["H", "G", "LQ", "N_MAX", "MAX_PAGES", "NUM_SPLITS"])
 def _decode_split_kernel(
     Q, K, V, SeqLens, PageIdx, PageNum, Out, Lse, OPart, LPart,
@@ -304,6 +334,9 @@ def _decode_split_kernel(
     if HAS_KV_SCALE:
         ks_base = KScale + off_b.to(tl.int64) * stride_ksb + off_hk.to(tl.int64) * stride_ksh
         vs_base = VScale + off_b.to(tl.int64) * stride_vsb + off_hk.to(tl.int64) * stride_vsh
+    else:  # placeholders, never loaded from
+        ks_base = KScale
+        vs_base = VScale
 
     # ---------------------------------------------------------------- this program's range of the (virtual) keys
     if PAGED:
@@ -334,32 +367,13 @@ def _decode_split_kernel(
         n_whole = tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
         for t0 in range(0, n_whole, BLOCK_N):
             t0 = tl.multiple_of(t0, BLOCK_N)
-            pos = lo + t0 + offs_n
-            k = tl.load(k_lo + t0 * stride_kn)
-            v = tl.load(v_lo + t0)
-            if HAS_KV_SCALE:
-                ks = tl.load(ks_base + pos * stride_ksn)
-                vs = tl.load(vs_base + pos * stride_vsn)
-            else:
-                ks = pos  # unused placeholders
-                vs = pos
-            m_i, l_i, acc = _attend_tile(q, q_lp, q_lo, row_mul, k, v, ks, vs, pos, pos < hi, lim, m_i, l_i, acc,
-                                         qk_scale, in_dtype, DOT_F32, IEEE, HAS_KV_SCALE, QK_MODE, PV_MODE, FAST_I8,
-                                         FP8_EXACT)
+            m_i, l_i, acc = _vkeys_tile(q, q_lp, q_lo, row_mul, k_lo, v_lo, ks_base, vs_base, t0, lo, hi, offs_n,
+                                        stride_kn, stride_ksn, stride_vsn, lim, m_i, l_i, acc, qk_scale, in_dtype,
+                                        DOT_F32, IEEE, HAS_KV_SCALE, QK_MODE, PV_MODE, FAST_I8, FP8_EXACT, False)
         if lo + n_whole < hi:
-            pos = lo + n_whole + offs_n
-            key_ok = pos < hi
-            k = tl.load(k_lo + n_whole * stride_kn, mask=key_ok[None, :], other=0.0)
-            v = tl.load(v_lo + n_whole, mask=key_ok[:, None], other=0.0)
-            if HAS_KV_SCALE:
-                ks = tl.load(ks_base + pos * stride_ksn, mask=key_ok, other=0.0)
-                vs = tl.load(vs_base + pos * stride_vsn, mask=key_ok, other=0.0)
-            else:
-                ks = pos
-                vs = pos
-            m_i, l_i, acc = _attend_tile(q, q_lp, q_lo, row_mul, k, v, ks, vs, pos, key_ok, lim, m_i, l_i, acc,
-                                         qk_scale, in_dtype, DOT_F32, IEEE, HAS_KV_SCALE, QK_MODE, PV_MODE, FAST_I8,
-                                         FP8_EXACT)
+            m_i, l_i, acc = _vkeys_tile(q, q_lp, q_lo, row_mul, k_lo, v_lo, ks_base, vs_base, n_whole, lo, hi, offs_n,
+                                        stride_kn, stride_ksn, stride_vsn, lim, m_i, l_i, acc, qk_scale, in_dtype,
+                                        DOT_F32, IEEE, HAS_KV_SCALE, QK_MODE, PV_MODE, FAST_I8, FP8_EXACT, True)
         loop_hi = lo  # the loop below has nothing left to do
     else:
         loop_hi = hi
