@@ -10,6 +10,8 @@ alternated, medians:
 * ``bf16`` / ``bf16_vk``: the bf16 cache, plain and keys-contiguous V, the launcher's default config;
 * ``int8`` / ``int8_vk``: the int8 cache (per-token scales), plain and keys-contiguous V, default config;
 * ``int8_vk_<variant>``: keys-contiguous V with other quantized-path variants (``QK``/``PV`` of the launch config);
+* ``int8_fp16w`` / ``int8_q8x2_fp16w``: the plain layout with ``PV="fp16w"`` (V loaded as int32 words and converted
+  to fp16 in registers), with ``QK="fp16"`` / ``"q8x2"``;
 * ``cudnn``: ``scaled_dot_product_attention`` on the bf16 cache (cuDNN backend, GQA).
 
 Outputs: plain vs keys-contiguous with the same config must be equal bit for bit (``equal``, the whole batch); every
@@ -45,6 +47,12 @@ VARIANTS = {  # name -> config changes on top of the default int8 config
 }
 
 
+PLAIN_VARIANTS = {  # name -> config changes on top of the default int8 config, plain V layout
+    "fp16w": {"QK": "fp16", "PV": "fp16w"},
+    "q8x2_fp16w": {"QK": "q8x2", "PV": "fp16w"},
+}
+
+
 def keys_contiguous(x: torch.Tensor) -> torch.Tensor:
     """``x`` (B, H_kv, N, D) copied into a (B, H_kv, D, N) buffer and viewed back as (B, H_kv, N, D)."""
     return x.transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -75,6 +83,10 @@ def one_shape(n: int, B: int, bw: float, dev: str | None, rounds: int) -> dict:
     vk8 = keys_contiguous(vq)
     calls["int8_vk"] = lambda: decode_attention(q, kq, vk8, k_scale=ks, v_scale=vs, seqlens=sl,
                                                 backend="triton")
+    for name, ch in PLAIN_VARIANTS.items():  # the plain layout with V read as int32 words (PV="fp16w")
+        cfg = dict(cfg8, **ch)
+        calls[f"int8_{name}"] = (lambda cfg=cfg: decode_attention(
+            q, kq, vq, k_scale=ks, v_scale=vs, seqlens=sl, backend="triton", config=cfg))
     for name, ch in VARIANTS.items():
         cfg = {kk: vv for kk, vv in dict(cfg8, **ch).items()}
         calls[f"int8_vk_{name}"] = (lambda cfg=cfg: decode_attention(

@@ -49,7 +49,7 @@ def _kernel_available() -> str | None:
 needs_kernel = pytest.mark.skipif(_kernel_available() is not None, reason=str(_kernel_available()))
 
 EXACT = [("q8x2", "dequant"), ("fp16", "dequant"), ("dequant", "fp16"), ("q8x2", "fp16"), ("fp16", "fp16"),
-         ("dequant", "i8x2"), ("q8x2", "i8x2")]
+         ("dequant", "i8x2"), ("q8x2", "i8x2"), ("fp16", "fp16w")]
 LOSSY = [("q8", "dequant", "int8"), ("q8", "fp16", "int8"), ("q8", "dequant", "fp8"), ("q8x2", "fp8", "fp8"),
          ("dequant", "fp8", "fp8"), ("q8x2", "dequant", "fp8")]
 
@@ -59,8 +59,8 @@ def _gen(request) -> torch.Generator:
 
 
 def _skip_fp8(mode, pv=None):
-    if mode == "fp8" and pv == "i8x2":
-        pytest.skip("PV='i8x2' is for int8 caches (a float8 cache is refused: test_int8_pv_variant_refuses_a_float8_cache)")
+    if mode == "fp8" and pv in ("i8x2", "fp16w"):
+        pytest.skip(f"PV={pv!r} is for int8 caches (a float8 cache is refused: test_int8_pv_variant_refuses_a_float8_cache)")
     if mode == "fp8" and not FP8_GPU_OK:
         pytest.skip("float8 K/V need compute capability >= 8.9")
 
@@ -306,7 +306,7 @@ def test_launch_config_round_trip_with_variants():
         assert DecodeLaunchConfig.from_dict(c.to_dict()) == c
     assert DecodeLaunchConfig(128, 4, 2).to_dict() == {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
     assert set(DECODE_QK_VARIANTS) >= {"dequant", "q8", "q8x2", "fp16"}
-    assert set(DECODE_PV_VARIANTS) >= {"dequant", "fp16", "fp8", "i8x2"}
+    assert set(DECODE_PV_VARIANTS) >= {"dequant", "fp16", "fp8", "i8x2", "fp16w"}
     with pytest.raises(ValueError, match="^DecodeLaunchConfig.from_dict: d must name exactly"):
         DecodeLaunchConfig.from_dict({"BLOCK_N": 64, "num_warps": 4})
 
@@ -330,3 +330,53 @@ def test_fast_int8_to_fp16_is_exact_for_every_value():
     y = torch.empty(x.shape, dtype=torch.float16, device="cuda")
     _conv[(1,)](x, y, N=x.numel())
     assert torch.equal(y.view(torch.int16), x.to(torch.float16).view(torch.int16))
+
+
+@needs_kernel
+@pytest.mark.parametrize("qk", ["dequant", "fp16", "q8x2"])
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_word_loaded_v_equals_the_fp16_variant(qk, paged, request):
+    """PV='fp16w' (V loaded as int32 words and converted to fp16 in registers) computes what PV='fp16' computes:
+    the same output bit for bit, dense and paged, with garbage beyond the lengths never read."""
+    g = _gen(request)
+    q, kq, vq, ks, vs = _quant_inputs(3, 8, 2, 2, 150, 64, torch.bfloat16, "int8", g)
+    sl = _lens([150, 0, 97])
+    vq2 = vq.clone()
+    vq2[2, :, 97:] = 127
+    vs2 = vs.clone()
+    vs2[2, :, 97:] = float("nan")
+    if paged:
+        from sparseattn.ops.decode import paged_decode_attention
+
+        pidx = torch.tensor([[[0, 7, 3, 9], [8, 1, 2, 0]], [[0, 1, 2, 3], [4, 5, 6, 7]], [[6, 0, 5, 2], [1, 3, 4, 0]]],
+                            dtype=torch.int32, device=DEV)
+        pnum = torch.tensor([[4, 3], [2, 0], [4, 2]], dtype=torch.int32, device=DEV)
+
+        def run(v, vsc, pv):
+            return paged_decode_attention(q, kq, v, pidx, pnum, page_size=16, seqlens=sl, k_scale=ks, v_scale=vsc,
+                                          num_splits=2, return_lse=True, backend="triton", config=_cfg(qk, pv))
+    else:
+        def run(v, vsc, pv):
+            return decode_attention(q, kq, v, k_scale=ks, v_scale=vsc, seqlens=sl, num_splits=3, return_lse=True,
+                                    backend="triton", config=_cfg(qk, pv))
+    a, b = run(vq, vs, "fp16"), run(vq2, vs2, "fp16w")
+    assert torch.equal(a.out, b.out) and torch.equal(torch.nan_to_num(a.lse), torch.nan_to_num(b.lse))
+    assert not bool(torch.isnan(b.out).any())
+
+
+@needs_kernel
+def test_word_loaded_v_refusals(request):
+    q, kq, vq, ks, vs = _quant_inputs(1, 4, 1, 1, 64, 64, torch.bfloat16, "int8", _gen(request))
+    kw = dict(k_scale=ks, v_scale=vs, backend="triton", config=_cfg("fp16", "fp16w"))
+    with pytest.raises(ValueError, match="decode_attention: config asks for the int8-word P·V variant on a float8"):
+        qf, kf, vf, ksf, vsf = _quant_inputs(1, 4, 1, 1, 64, 64, torch.bfloat16, "fp8", _gen(request))
+        decode_attention(qf, kf, vf, k_scale=ksf, v_scale=vsf, backend="triton", config=_cfg("fp16", "fp16w"))
+    from sparseattn.state.kv_cache import keys_contiguous
+
+    with pytest.raises(ValueError, match="decode_attention: config asks for the int8-word P·V variant on a keys-cont"):
+        decode_attention(q, kq, keys_contiguous(vq), **kw)
+    buf = torch.zeros(1, 1, 64 * 64 + 1, dtype=torch.int8, device=DEV)
+    odd = buf[0, 0, 1:].view(1, 1, 64, 64)  # one byte off a 4-byte boundary
+    odd.copy_(vq)
+    with pytest.raises(ValueError, match="decode_attention: config asks for the int8-word P·V variant on a V cache not"):
+        decode_attention(q, kq, odd, **kw)

@@ -534,12 +534,20 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
             meta["QK_MODE"] = qk_mode
         if pv_mode:
             meta["PV_MODE"] = pv_mode
-        if not interp and kv == "int8" and (qk_mode == 3 or pv_mode == 1):
+        if not interp and kv == "int8" and (qk_mode == 3 or pv_mode in (1, 4)):
             meta["FAST_I8"] = True  # int8 -> fp16 by byte moves (inline PTX; the interpreter converts plainly)
         if interp and kv == "fp8" and (qk_mode in (1, 2) or pv_mode == 2):
             meta["FP8_EXACT"] = True  # the interpreter's fp32 -> e4m3 conversion mis-rounds (see the kernel)
     if not causal:
         meta["CAUSAL"] = False
+    if pv_mode == 4:  # "fp16w": V read as int32 words (the plain layout, 4-byte aligned)
+        if v_keys:
+            raise fail(fn, "config", "asks for the int8-word P·V variant on a keys-contiguous V",
+                       "PV 'fp16w' with V stored [keys, head_dim] (or another PV variant)", f"V strides {v.stride()}")
+        if v.data_ptr() % 4 or any(st % 4 for st in v.stride()[:3]):
+            raise fail(fn, "config", "asks for the int8-word P·V variant on a V cache not aligned to 4 bytes",
+                       "a data pointer and batch / head / key strides divisible by 4",
+                       f"pointer offset {v.data_ptr() % 4}, strides {v.stride()}")
     if v_keys:
         meta["V_KEYS"] = True  # only when set: the default launch keeps its kernel
     if cfg.get("FULL_TILES") and page_idx is None and not v_keys:  # (V_KEYS walks whole tiles unmasked anyway)
@@ -608,6 +616,9 @@ def _variant_modes(fn: str, cfg: dict[str, Any], kv: str, q_dtype: torch.dtype, 
         if not 32 <= cfg["BLOCK_N"] <= 256:
             raise fail(fn, "config", "has a BLOCK_N the int8 P·V variant cannot use", "BLOCK_N in 32..256 with PV "
                        "'i8x2'", repr(cfg["BLOCK_N"]))
+    if pv == "fp16w" and kv != "int8":
+        raise fail(fn, "config", "asks for the int8-word P·V variant on a float8 cache", "PV 'dequant', 'fp16' or "
+                   "'fp8' (or an int8 cache)", repr(pv))
     if pv == "fp8" and kv != "fp8":
         raise fail(fn, "config", "asks for the fp8 P·V variant on an int8 cache", "PV 'dequant' or 'fp16' (or a "
                    "float8_e4m3fn cache)", repr(pv))

@@ -57,7 +57,11 @@ be picked by measurement; ``0`` is the path above, the default):
   int8 cache only): the normalised P times 127 as an int8 ``hi`` (rounded) plus its residual times 254 as an int8
   ``lo``, two int8 x int8 -> int32 dots combined exactly in int32 (P to 1/64516 of the tile's largest P * s_v,
   absolute: finer than bf16's P above about 1% of that maximum, coarser below, where the terms are small); no V
-  conversion at all. A non-finite P * s_v makes its row NaN. ``BLOCK_N`` 32..256.
+  conversion at all. A non-finite P * s_v makes its row NaN. ``BLOCK_N`` 32..256. ``4`` ("fp16w", int8 cache stored
+  ``[keys, head_dim]``): the arithmetic of ``1``, but V is loaded as int32 words of four values and converted to
+  fp16 in registers (:func:`_words_to_f16`) before the compiler stages it for the product, so the operand reaches
+  the tensor cores through a transposing 16-bit shared-memory load; an int8 V tile taken to the operand directly
+  is gathered from shared memory one byte per instruction (the ``[keys, head_dim]`` tile must be transposed).
 
 ``CAUSAL=False``: every row attends all keys ``j < seqlen`` (a segment that lies wholly before the new
 tokens, e.g. the quantized part of a mixed cache); the default ``True`` is the bottom-right rule below.
@@ -97,6 +101,33 @@ def _i8_to_f16(x, FAST: tl.constexpr):
             "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
     else:
         return x.to(tl.float16)
+
+
+@triton.jit
+def _words_to_f16(w, FAST: tl.constexpr):
+    """int32 words holding four int8 values each (byte 0 the lowest column) -> fp16 ``[rows, 4 * cols]``, exact.
+    ``FAST`` (a CUDA GPU): byte moves as in :func:`_i8_to_f16`; else shifts and plain conversions."""
+    if FAST:
+        a, b, c, d = tl.inline_asm_elementwise(
+            """{
+            .reg .b32 u, m, lo, hi;
+            xor.b32 u, $4, 0x80808080;
+            prmt.b32 lo, u, 0x64646464, 0x4140;
+            prmt.b32 hi, u, 0x64646464, 0x4342;
+            mov.b32 m, 0x64806480;
+            sub.f16x2 lo, lo, m;
+            sub.f16x2 hi, hi, m;
+            mov.b32 {$0, $1}, lo;
+            mov.b32 {$2, $3}, hi;
+            }""",
+            "=h,=h,=h,=h,r", [w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)
+    else:
+        a = ((w << 24) >> 24).to(tl.float16)
+        b = ((w << 16) >> 24).to(tl.float16)
+        c = ((w << 8) >> 24).to(tl.float16)
+        d = (w >> 24).to(tl.float16)
+    x = tl.join(tl.join(a, c), tl.join(b, d))  # join appends its axis: [.., j, i] = (a, c)[j] if i == 0 else (b, d)[j]
+    return tl.reshape(x, [w.shape[0], w.shape[1] * 4])
 
 
 @triton.jit
@@ -160,7 +191,10 @@ def _attend_tile(q, q_lp, q_lo, row_mul, k, v, ks, vs, key, key_ok, lim, m_i, l_
         # product is multiplied back (a NaN s_v still reaches P; tl.max skips it)
         c = tl.max(vs, 0)
         c = tl.where(c > 0, c, 1.0)
-        if PV_MODE == 1:
+        if PV_MODE == 4:  # V converted to fp16 at the load (from int32 words, in registers)
+            p16 = (p * (vs / c)[None, :]).to(tl.float16)
+            acc += tl.dot(p16, v) * c
+        elif PV_MODE == 1:
             p16 = (p * (vs / c)[None, :]).to(tl.float16)
             if DOT_F32:
                 acc += tl.dot(p16.to(tl.float32), v.to(tl.float16).to(tl.float32)) * c
@@ -253,7 +287,7 @@ def _decode_split_kernel(
     CAUSAL: tl.constexpr = True,  # False: every row attends all keys below seqlen (no causal shift)
     QK_MODE: tl.constexpr = 0,  # HAS_KV_SCALE: 0 dequant K, 1 8-bit q dot, 2 8-bit q + residual dots, 3 fp16 K
     PV_MODE: tl.constexpr = 0,  # HAS_KV_SCALE: 0 dequant V, 1 fp16 V and normalised fp16 P, 2 e4m3 P x e4m3 V,
-    #                             3 int8 P (hi + residual) x int8 V
+    #                             3 int8 P (hi + residual) x int8 V, 4 as 1 with V loaded as int32 words (int8, plain)
     FAST_I8: tl.constexpr = False,  # int8 K/V to fp16 by byte moves (QK_MODE 3 / PV_MODE 1; CUDA only)
     FP8_EXACT: tl.constexpr = False,  # interpreter only: exact rounding to e4m3 (see _to_e4m3)
     FULL_TILES: tl.constexpr = False,  # not PAGED: K/V/scale loads without element masks (see the loop)
@@ -360,6 +394,9 @@ def _decode_split_kernel(
             v_lo = v_base + tl.multiple_of(lo, 16).to(tl.int64) + offs_n[:, None] + offs_d[None, :] * stride_vn
         else:
             v_lo = v_base + lo.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
+        if PV_MODE == 4:  # V as int32 words of four int8 values (head_dim / 4 per key)
+            vw_lo = (v_base.to(tl.pointer_type(tl.int32)) + lo.to(tl.int64) * (stride_vn // 4)
+                     + offs_n[:, None] * (stride_vn // 4) + tl.arange(0, HEAD_DIM // 4)[None, :])
 
     if V_KEYS and not PAGED:
         # keys-contiguous V (the P·V operand then needs no byte-wise transpose of an 8-bit tile): the range's whole
@@ -389,7 +426,11 @@ def _decode_split_kernel(
             first_key = tl.minimum(first_key, tl.min(tl.where(key_ok, key, N_MAX), 0))
             k_off = key.to(tl.int64)
             k = tl.load(k_base + k_off[None, :] * stride_kn + offs_d[:, None], mask=key_ok[None, :], other=0.0)
-            if V_KEYS:
+            if PV_MODE == 4:  # int32 words of four int8 values, converted to fp16 in registers
+                vw = tl.load(v_base.to(tl.pointer_type(tl.int32)) + k_off[:, None] * (stride_vn // 4)
+                             + tl.arange(0, HEAD_DIM // 4)[None, :], mask=key_ok[:, None], other=0)
+                v = _words_to_f16(vw, FAST_I8)
+            elif V_KEYS:
                 v = tl.load(v_base + k_off[:, None] + offs_d[None, :] * stride_vn, mask=key_ok[:, None], other=0.0)
             else:
                 v = tl.load(v_base + k_off[:, None] * stride_vn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
@@ -404,15 +445,23 @@ def _decode_split_kernel(
                 # sequence; its score is masked to -inf below, so its P is 0)
                 dn = tl.minimum(offs_n, hi - 1 - start) - offs_n  # 0 but in a range's partial last tile
                 k = tl.load(k_lo + (start - lo) * stride_kn + dn[None, :] * stride_kn)
-                v = tl.load(v_lo + (start - lo) * stride_vn + dn[:, None] * stride_vn)
+                if PV_MODE == 4:
+                    v = _words_to_f16(tl.load(vw_lo + (start - lo + dn[:, None]) * (stride_vn // 4)), FAST_I8)
+                else:
+                    v = tl.load(v_lo + (start - lo) * stride_vn + dn[:, None] * stride_vn)
                 if HAS_KV_SCALE:
                     ks = tl.load(ks_base + (pos + dn) * stride_ksn)
                     vs = tl.load(vs_base + (pos + dn) * stride_vsn)
             else:
                 k = tl.load(k_lo + (start - lo) * stride_kn, mask=key_ok[None, :], other=0.0)
+                if PV_MODE == 4:
+                    vw = tl.load(vw_lo + (start - lo) * (stride_vn // 4), mask=key_ok[:, None], other=0)
                 # V is requested with K (before the Q·K product): both tiles are in flight together, so a
                 # program keeps twice the bytes outstanding when the compiler does not pipeline the loop
-                v = tl.load(v_lo + (start - lo) * stride_vn, mask=key_ok[:, None], other=0.0)
+                if PV_MODE == 4:
+                    v = _words_to_f16(vw, FAST_I8)
+                else:
+                    v = tl.load(v_lo + (start - lo) * stride_vn, mask=key_ok[:, None], other=0.0)
                 if HAS_KV_SCALE:
                     ks = tl.load(ks_base + pos * stride_ksn, mask=key_ok, other=0.0)
                     vs = tl.load(vs_base + pos * stride_vsn, mask=key_ok, other=0.0)
