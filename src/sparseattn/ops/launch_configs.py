@@ -142,10 +142,11 @@ class DecodeLaunchConfig:
     Optional (``None`` = the default path; used only with a quantized cache and fp16/bf16 q): ``qk`` — the
     Q·Kᵀ variant, one of :data:`DECODE_QK_VARIANTS`; ``pv`` — the P·V variant, one of
     :data:`DECODE_PV_VARIANTS` (``"fp8"``: float8 caches only; ``"i8x2"``: int8 caches only, ``BLOCK_N``
-    32..256; ``"fp16w"``: int8 caches stored ``[keys, head_dim]`` only, V read as 4-byte words); ``block_m`` — the smallest row tile (a power of two in 16..64; the launcher uses at least the rows'
-    own tile); ``full_tiles`` — ``True``: the dense (not paged) kernel loads K, V and their scales without element
-    masks (past a range's end it re-reads the range's last key, whose scores stay masked): the same output bit for
-    bit, fewer instructions; ``ctas_per_sm`` — the split count of a launch without ``num_splits`` fills the GPU
+    32..256; ``"fp16w"``: int8 caches stored ``[keys, head_dim]`` only, V read as 4-byte words); ``block_m`` —
+    the smallest row tile (a power of two in 16..64; the launcher uses at least the rows' own tile);
+    ``full_tiles`` — ``True``: the dense (not paged) kernel loads K, V and their scales without element masks
+    (past a range's end it re-reads the range's last key, whose scores stay masked): the same output bit for bit,
+    fewer instructions; ``ctas_per_sm`` — the split count of a launch without ``num_splits`` fills the GPU
     with this many programs per SM (:func:`sparseattn.ops.decode.decode_num_splits_filled`, an int in 1..16;
     ``None``: the wave heuristic :func:`sparseattn.ops.decode.decode_num_splits`).
     """
@@ -198,7 +199,7 @@ class DecodeLaunchConfig:
         return cls(d["BLOCK_N"], d["num_warps"], d["num_stages"], **{names[k]: v for k, v in d.items() if k in names})
 
 
-# variants of the quantized decode path (sparseattn.ops.triton.decode: QK_MODE / PV_MODE 0, 1, 2, 3 in this order)
+# variants of the quantized decode path (sparseattn.ops.triton.decode: QK_MODE / PV_MODE 0, 1, 2, ... in this order)
 DECODE_QK_VARIANTS = ("dequant", "q8", "q8x2", "fp16")
 DECODE_PV_VARIANTS = ("dequant", "fp16", "fp8", "i8x2", "fp16w")
 

@@ -227,8 +227,8 @@ def _build_classes() -> tuple[type, type]:
             else:
                 dk, sk = quantize(old_k, self.quant)
                 dv, sv = quantize(old_v, self.quant)
-            # the values stay [keys, head_dim] (a keys-contiguous V, the kernel's V_KEYS walk, was 1.5-3% slower on
-            # an H100: docs/DECODE.md "Keys-contiguous V on the GPU")
+            # the values stay [keys, head_dim] (a keys-contiguous V, the kernel's V_KEYS walk, was 2-3% slower on an
+            # H100: docs/DECODE.md "Keys-contiguous V on the GPU")
             if self.qk is None:
                 self.qk, self.qv, self.qk_scale, self.qv_scale = dk, dv, sk, sv
             else:
