@@ -13,8 +13,8 @@ warm-up, then the median), on a bf16 cache of H=32, H_kv=8, D=128 (``--ctx``, ``
 
 Parity of the sparse result against :func:`decode_reference` over the same pages (ratio rule) is checked before
 timing. Writes ``stage_probe.json`` under ``--out`` and prints a table. ``--ncu KIND`` (``bf16`` / ``int8`` /
-``int8vk``: keys-contiguous V)
-instead runs the dense decode kernel twice on a cache of that kind (``--ctx``, the first ``--batch``), for Nsight Compute
+``int8vk``: keys-contiguous V) instead runs the dense decode kernel twice on a cache of that kind (``--ctx``, the
+first ``--batch``), for Nsight Compute
 (``ncu -k regex:_decode_split --launch-skip 1 --launch-count 1``).
 """
 
@@ -64,7 +64,7 @@ def ncu_run(kind: str, batch: int = 8, ctx: int = 131072) -> int:
     if kind in ("int8", "int8vk"):
         kq, ks = quantize(k, "int8")
         vq, vs = quantize(v, "int8")
-        if kind == "int8vk":  # V stored keys-contiguous, as MixedKVCache keeps it (V_KEYS)
+        if kind == "int8vk":  # V stored keys-contiguous (the kernel's V_KEYS walk)
             from sparseattn.state.kv_cache import keys_contiguous
 
             vq = keys_contiguous(vq)

@@ -252,14 +252,15 @@ print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tok
       timeout ${SS_S:-240} python3 benchmarks/decode_splits_sweep.py --out "$d" --contexts 131072 32768 \
         --batches ${SS_BATCHES:-1 2 4 8} ${SS_SPLITS:+--splits $SS_SPLITS} ${SS_CONFIGS:+--configs $SS_CONFIGS} \
         --budget-s ${SS_BUDGET:-150} > "$d/log" 2>&1; grep -v "^  n" "$d/log" | tail -n 24 ;;
-    vkeys)  # issue 14: keys-contiguous V (V_KEYS) against the plain layout, bf16 and int8 caches, graphed, with cuDNN
+    vkeys)  # issue 14: keys-contiguous V (V_KEYS) and PV="fp16w" against the plain default, bf16 and int8, graphed, cuDNN
       timeout ${VK_S:-300} python3 benchmarks/decode_vkeys.py --out "$d" --budget-s ${VK_BUDGET:-240} \
         ${VK_ARGS:-} > "$d/log" 2>&1; tail -n 70 "$d/log" ;;
     stage_probe)  # issue 14: sparse decode stage by stage (graphed), pick variants, paged launch sweep
       timeout ${SP_S:-200} python3 benchmarks/decode_stage_probe.py --batch ${SP_BATCH:-1,8} --pages ${SP_PAGES:-64,32} \
         --out "$d" > "$d/log" 2>&1; tail -n 12 "$d/log" ;;
     ncu_decode)  # issue 14: Nsight Compute on the dense decode split kernel (the launcher's default config), bf16 and
-      # int8 caches; NCU_CASES "kind:batch:ctx ..." (default 128K x 8 and 32K x 1 of each); full set with SASS-level
+      # int8 caches; NCU_CASES "kind:batch:ctx ..." (kind bf16 / int8 / int8vk = keys-contiguous V; default: the three
+      # at 128K x 8 and bf16 at 32K x 1); full set with SASS-level
       # stall samples: the report, its raw and source pages as CSV, and benchmarks/ncu_summary.py's digest
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
       for case in ${NCU_CASES:-int8:8:131072 int8vk:8:131072 bf16:8:131072 bf16:1:32768}; do
