@@ -96,6 +96,13 @@ CONFIGS: dict[str, tuple[str, dict, dict, str]] = {
     "decode bf16 d128 tuned V_KEYS": ("decode", {"BLOCK_N": 128, "V_KEYS": True}, {**_DEC_OPT, "num_stages": 2}, "bf16"),
     "decode int8 d128 tuned V_KEYS": (
         "decode", {"HAS_KV_SCALE": True, "QK_MODE": 3, "FAST_I8": True, "BLOCK_N": 128, "V_KEYS": True}, _DEC_OPT, "bf16"),
+    # PV="fp16w": V read as int32 words, converted to fp16 in registers (plain layout), with QK fp16 / q8x2
+    "decode int8 d128 fp16w FULL_TILES": (
+        "decode", {"HAS_KV_SCALE": True, "QK_MODE": 3, "PV_MODE": 4, "FAST_I8": True, "BLOCK_N": 128,
+                   "FULL_TILES": True}, _DEC_OPT, "bf16"),
+    "decode int8 d128 q8x2 fp16w FULL_TILES": (
+        "decode", {"HAS_KV_SCALE": True, "QK_MODE": 2, "PV_MODE": 4, "FAST_I8": True, "BLOCK_N": 128,
+                   "FULL_TILES": True}, _DEC_OPT, "bf16"),
 }
 
 # example argument values of a launch: B=2, H=8 (GQA 4), N=4096, D from the config, contiguous tensors
