@@ -335,13 +335,15 @@ def quant_rows(q, k, v, sl, timer, row: dict[str, Any], *, dev: str, smoke: bool
                                                               {"BLOCK_N": 128, "num_warps": 4, "num_stages": 4},
                                                               {"BLOCK_N": 128, "num_warps": 8, "num_stages": 4},
                                                               {"BLOCK_N": 64, "num_warps": 4, "num_stages": 5}]
-                # the exact variants: fp16 (int8 -> fp16 by byte moves on the GPU) and i8x2 (no conversion: int8 P
-                # hi + residual against int8 V, q8x2's two int8 Q·K dots): docs/DECODE.md "Variants"
+                # the exact variants: fp16 (int8 -> fp16 by byte moves on the GPU), i8x2 (no conversion: int8 P
+                # hi + residual against int8 V, q8x2's two int8 Q·K dots) and fp16w (V read as int32 words and
+                # converted in registers; the plain layout only): docs/DECODE.md "Variants"
                 var_cfgs = sweep_cfgs[:1] if smoke else [{"BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
                                                          {"BLOCK_N": 128, "num_warps": 4, "num_stages": 4}]
                 cfgs = cfgs + [dict(c, QK=qk, PV=pv) for c in var_cfgs
                                for qk, pv in (("fp16", "fp16"), ("fp16", "dequant"), ("dequant", "fp16"),
-                                              ("q8x2", "i8x2"), ("fp16", "i8x2"))]
+                                              ("q8x2", "i8x2"), ("fp16", "i8x2"), ("fp16", "fp16w"),
+                                              ("q8x2", "fp16w"))]
                 key_cfg: dict[str, dict[str, Any]] = {}
                 for cfg in cfgs:
                     for sp in splits:
