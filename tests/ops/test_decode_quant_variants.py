@@ -60,7 +60,8 @@ def _gen(request) -> torch.Generator:
 
 def _skip_fp8(mode, pv=None):
     if mode == "fp8" and pv in ("i8x2", "fp16w"):
-        pytest.skip(f"PV={pv!r} is for int8 caches (a float8 cache is refused: test_int8_pv_variant_refuses_a_float8_cache)")
+        pytest.skip(f"PV={pv!r} is for int8 caches (a float8 cache is refused: test_int8_pv_variant_refuses_a_float8_cache, "
+                    "test_word_loaded_v_refusals)")
     if mode == "fp8" and not FP8_GPU_OK:
         pytest.skip("float8 K/V need compute capability >= 8.9")
 
