@@ -60,8 +60,8 @@ def _gen(request) -> torch.Generator:
 
 def _skip_fp8(mode, pv=None):
     if mode == "fp8" and pv in ("i8x2", "fp16w"):
-        pytest.skip(f"PV={pv!r} is for int8 caches (a float8 cache is refused: test_int8_pv_variant_refuses_a_float8_cache, "
-                    "test_word_loaded_v_refusals)")
+        pytest.skip(f"PV={pv!r} is for int8 caches (a float8 cache is refused: "
+                    "test_int8_pv_variant_refuses_a_float8_cache, test_word_loaded_v_refusals)")
     if mode == "fp8" and not FP8_GPU_OK:
         pytest.skip("float8 K/V need compute capability >= 8.9")
 
@@ -379,5 +379,6 @@ def test_word_loaded_v_refusals(request):
     buf = torch.zeros(1, 1, 64 * 64 + 1, dtype=torch.int8, device=DEV)
     odd = buf[0, 0, 1:].view(1, 1, 64, 64)  # one byte off a 4-byte boundary
     odd.copy_(vq)
-    with pytest.raises(ValueError, match="decode_attention: config asks for the int8-word P·V variant on a V cache not"):
+    with pytest.raises(ValueError, match="decode_attention: config asks for the int8-word P·V variant on a V cache "
+                                         "not aligned"):
         decode_attention(q, kq, odd, **kw)
