@@ -179,7 +179,8 @@ def main() -> None:
                   indent=1)
     print("summary (ctx, B, int8 default / bf16, int8 best / bf16, best)")
     for r in rows:
-        print(f"  {r['ctx']:>7} {r['B']:>3} {r['int8_default_vs_bf16']:.2f}x {r['int8_best_vs_bf16']:.2f}x {r['best_int8']}")
+        print(f"  {r['ctx']:>7} {r['B']:>3} {r['int8_default_vs_bf16']:.2f}x {r['int8_best_vs_bf16']:.2f}x "
+              f"{r['best_int8']}")
 
 
 if __name__ == "__main__":

@@ -422,7 +422,7 @@ def test_smoothing_bytes_beam_ops_and_model():
 
 
 def test_keys_contiguous_helper():
-    """keys_contiguous: the same values in a (..., D, N) buffer viewed as (..., N, D); a tensor already so is returned."""
+    """keys_contiguous: the same values in a (..., D, N) buffer viewed as (..., N, D); such a tensor comes back as is."""
     from sparseattn.state.kv_cache import keys_contiguous
 
     x = torch.randn(2, 3, 5, 4)
