@@ -68,10 +68,11 @@ def test_full_tiles_equal_the_masked_launch_and_pass_the_reference(case, dtype, 
     check_ratio(full.out, hi.out, lo.out, "out")
 
 
-_VARIANTS = [(None, None), ("fp16", "dequant"), ("fp16", "fp16"), ("q8x2", "i8x2"), ("q8", "dequant"), ("q8x2", "fp8")]
-# every variant on the cache formats it exists for (PV="i8x2": int8 caches only; PV="fp8": float8 only)
+_VARIANTS = [(None, None), ("fp16", "dequant"), ("fp16", "fp16"), ("q8x2", "i8x2"), ("q8", "dequant"), ("q8x2", "fp8"),
+             ("fp16", "fp16w")]
+# every variant on the cache formats it exists for (PV="i8x2", "fp16w": int8 caches only; PV="fp8": float8 only)
 _QUANT_CASES = [(mode, v) for mode in ("int8", "fp8") for v in _VARIANTS
-                if not ((mode == "fp8" and v[1] == "i8x2") or (mode == "int8" and v[1] == "fp8"))]
+                if not ((mode == "fp8" and v[1] in ("i8x2", "fp16w")) or (mode == "int8" and v[1] == "fp8"))]
 
 
 @needs_kernel
