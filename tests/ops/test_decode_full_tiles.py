@@ -14,7 +14,8 @@ import torch
 from sparseattn.ops.decode import decode_attention, decode_reference, paged_decode_attention
 from sparseattn.ops.launch_configs import DecodeLaunchConfig
 from sparseattn.state.kv_cache import quantize
-from sparseattn.testing.harness import kernel_unavailable, node_generator
+from sparseattn.testing.harness import (DECODE_LAYOUT_CASES, assert_same_state, decode_case_id, decode_tail_inputs,
+                                        kernel_unavailable, node_generator)
 from sparseattn.testing.tolerances import check_ratio
 
 ON_GPU = torch.cuda.is_available()
@@ -27,25 +28,9 @@ def _cfg(full: bool, **kw):
     return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "FULL_TILES": full, **kw}
 
 
-def _same(a, b):
-    """Bit for bit, NaN where NaN."""
-    assert a.out.dtype == b.out.dtype
-    assert torch.equal(torch.isnan(a.out), torch.isnan(b.out))
-    assert torch.equal(torch.nan_to_num(a.out), torch.nan_to_num(b.out))
-    assert torch.equal(torch.nan_to_num(a.lse), torch.nan_to_num(b.lse))
-
-
-CASES = [
-    # B, H, Hkv, Lq, N, D, lens, splits, causal
-    (2, 8, 2, 1, 130, 64, [130, 37], 3, True),  # GQA 4, different lengths, splits with partial last tiles
-    (3, 4, 1, 4, 161, 64, [0, 1, 161], 2, True),  # empty / one-key sequences, Lq 4: the last 3 keys masked
-    (2, 8, 2, 4, 96, 128, [96, 64], 1, False),  # D 128, one split, non-causal, lengths on tile boundaries
-    (1, 2, 2, 3, 200, 64, None, 4, True),  # no seqlens, MHA, Lq 3
-]
-
-
-def _case_id(c):
-    return f"B{c[0]}H{c[1]}kv{c[2]}Lq{c[3]}N{c[4]}D{c[5]}s{c[7]}{'' if c[8] else '-noncausal'}"
+_same = assert_same_state
+CASES = DECODE_LAYOUT_CASES
+_case_id = decode_case_id
 
 
 @needs_kernel
@@ -99,18 +84,7 @@ def test_full_tiles_equal_the_masked_launch_on_quantized_caches(variant, mode, r
 def test_full_tiles_never_read_beyond_seqlen_and_keep_nan_inside(mode, request):
     """Garbage (NaN, extremes, NaN scales) beyond each length never reaches the output; a NaN key inside a
     full tile makes its KV group's rows NaN, as in the masked launch."""
-    g = node_generator(request)
-    lens = [0, 33, 96, 70]
-    q = torch.randn(4, 4, 2, 64, generator=g).to(torch.float16).to(DEV)
-    k = torch.randn(4, 2, 96, 64, generator=g)
-    v = torch.randn(4, 2, 96, 64, generator=g)
-    sl = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    if mode is None:
-        k, v = k.to(torch.float16).to(DEV), v.to(torch.float16).to(DEV)
-        ks = vs = None
-    else:
-        (k, ks), (v, vs) = quantize(k, mode), quantize(v, mode)
-        k, ks, v, vs = (t.to(DEV) for t in (k, ks, v, vs))
+    q, k, v, ks, vs, sl, lens = decode_tail_inputs(node_generator(request), mode, DEV)
     kw = dict(k_scale=ks, v_scale=vs, seqlens=sl, num_splits=3, return_lse=True, backend="triton",
               config=_cfg(True))
     clean = decode_attention(q, k, v, **kw)

@@ -1,5 +1,6 @@
 """Scaffolding shared by the test files (not used by the library): whether the Triton kernels can run
-here, per-test seeds, and an operator counter for the "reads no tensor value on the host" checks."""
+here, per-test seeds, an operator counter for the "reads no tensor value on the host" checks, and the decode
+kernel's layout tests' shared cases (launch variants that must equal another launch bit for bit)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,46 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["CountOps", "kernel_unavailable", "node_generator", "node_seed"]
+__all__ = ["CountOps", "DECODE_LAYOUT_CASES", "assert_same_state", "decode_case_id", "decode_tail_inputs",
+           "kernel_unavailable", "node_generator", "node_seed"]
+
+# decode shapes for the bit-for-bit launch comparisons: B, H, Hkv, Lq, N, D, lens, splits, causal
+DECODE_LAYOUT_CASES = [
+    (2, 8, 2, 1, 130, 64, [130, 37], 3, True),  # GQA 4, different lengths, splits with partial last tiles
+    (3, 4, 1, 4, 161, 64, [0, 1, 161], 2, True),  # empty / one-key sequences, Lq 4: the last 3 keys masked
+    (2, 8, 2, 4, 96, 128, [96, 64], 1, False),  # D 128, one split, non-causal, lengths on tile boundaries
+    (1, 2, 2, 3, 200, 64, None, 4, True),  # no seqlens, MHA, Lq 3
+]
+
+
+def decode_case_id(c: tuple) -> str:
+    """A test id for a :data:`DECODE_LAYOUT_CASES` entry."""
+    return f"B{c[0]}H{c[1]}kv{c[2]}Lq{c[3]}N{c[4]}D{c[5]}s{c[7]}{'' if c[8] else '-noncausal'}"
+
+
+def assert_same_state(a: Any, b: Any) -> None:
+    """Two ``AttentionState`` results equal bit for bit, NaN where NaN."""
+    assert a.out.dtype == b.out.dtype
+    assert torch.equal(torch.isnan(a.out), torch.isnan(b.out))
+    assert torch.equal(torch.nan_to_num(a.out), torch.nan_to_num(b.out))
+    assert torch.equal(torch.nan_to_num(a.lse), torch.nan_to_num(b.lse))
+
+
+def decode_tail_inputs(g: torch.Generator, mode: str | None, dev: str) -> tuple[Any, ...]:
+    """``(q, k, v, k_scale, v_scale, seqlens, lens)`` for the "never reads beyond the lengths" decode tests: fp16 q of
+    (4, 4, 2, 64) over a cache of 96 keys with lengths 0, 33, 96, 70; ``mode`` ``None`` (an fp16 cache, scales
+    ``None``) or a quantized format (:func:`sparseattn.state.kv_cache.quantize`)."""
+    lens = [0, 33, 96, 70]
+    q = torch.randn(4, 4, 2, 64, generator=g).to(torch.float16).to(dev)
+    k = torch.randn(4, 2, 96, 64, generator=g)
+    v = torch.randn(4, 2, 96, 64, generator=g)
+    sl = torch.tensor(lens, dtype=torch.int32, device=dev)
+    if mode is None:
+        return q, k.to(torch.float16).to(dev), v.to(torch.float16).to(dev), None, None, sl, lens
+    from sparseattn.state.kv_cache import quantize
+
+    (k, ks), (v, vs) = quantize(k, mode), quantize(v, mode)
+    return q, k.to(dev), v.to(dev), ks.to(dev), vs.to(dev), sl, lens
 
 
 def kernel_unavailable() -> str | None:
