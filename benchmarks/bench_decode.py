@@ -300,12 +300,10 @@ def sparse_rows(q, k, v, sl, page_size: int, timer, smoke: bool, copy_gbps: floa
     return r
 
 
-V_LAYOUT = "plain"  # --quant-v-layout: how the quantized V cache is stored ("plain": [keys, head_dim]; "keys")
-
-
 def quant_rows(q, k, v, sl, timer, row: dict[str, Any], *, dev: str, smoke: bool, sweep: bool,
-               sweep_cfgs: list[dict[str, int]], copy_gbps: float) -> None:
-    """``ours_int8`` / ``ours_fp8`` (+ parity at B=1, bytes, %bw, the ratio to ``ours``) into ``row``."""
+               sweep_cfgs: list[dict[str, int]], copy_gbps: float, v_layout: str = "plain") -> None:
+    """``ours_int8`` / ``ours_fp8`` (+ parity at B=1, bytes, %bw, the ratio to ``ours``) into ``row``; ``v_layout``:
+    how the quantized V is stored (``"plain"``: [keys, head_dim]; ``"keys"``: keys-contiguous)."""
     B, Hkv, N, D = k.shape
     for mode in ("int8", "fp8"):
         name = f"ours_{mode}"
@@ -316,11 +314,11 @@ def quant_rows(q, k, v, sl, timer, row: dict[str, Any], *, dev: str, smoke: bool
         try:
             kq, ks = quantize_chunked(k, mode)
             vq, vs = quantize_chunked(v, mode)
-            if V_LAYOUT == "keys":  # keys-contiguous V (the kernel's V_KEYS walk; docs/DECODE.md)
+            if v_layout == "keys":  # keys-contiguous V (the kernel's V_KEYS walk; docs/DECODE.md)
                 from sparseattn.state.kv_cache import keys_contiguous
 
                 vq = keys_contiguous(vq)
-            row[f"{name}_v_layout"] = V_LAYOUT
+            row[f"{name}_v_layout"] = v_layout
             if B == 1:
                 row[f"{name}_parity"] = quant_parity(q, kq, vq, ks, vs, sl)
             row[f"{name}_bytes"] = 2 * kq.numel() * kq.element_size() + 2 * ks.numel() * ks.element_size()
@@ -403,8 +401,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flex-budget-s", type=float, default=100.0, help="stop compiling FlexAttention after this")
     ap.add_argument("--budget-s", type=float, default=210.0, help="skip the remaining shapes after this")
     args = ap.parse_args(argv)
-    global V_LAYOUT
-    V_LAYOUT = args.quant_v_layout
     smoke = args.cpu_smoke
     if not smoke and not torch.cuda.is_available():
         print("bench_decode: needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
@@ -470,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["ours"] = timer(lambda: decode_attention(q, k, v, seqlens=sl, backend="triton"))
                 if not args.only_sparse:
                     quant_rows(q, k, v, sl, timer, row, dev=dev, smoke=smoke, sweep=not args.no_sweep,
-                               sweep_cfgs=sweep_cfgs, copy_gbps=copy_gbps)
+                               sweep_cfgs=sweep_cfgs, copy_gbps=copy_gbps, v_layout=args.quant_v_layout)
                     # speculative decoding's verify step: 4 new tokens per sequence (16 rows per KV-head tile)
                     q4 = torch.randn(B, H, 4, D, device=dev, dtype=dtype, generator=g)
                     row["ours_lq4"] = timer(lambda: decode_attention(q4, k, v, seqlens=sl, backend="triton"))

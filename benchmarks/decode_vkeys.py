@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from bench_decode import copy_bandwidth, quantize_chunked  # noqa: E402  (this folder: the script's own)
 
 from sparseattn.ops.decode import _default_config, decode_attention, decode_reference  # noqa: E402
+from sparseattn.state.kv_cache import keys_contiguous  # noqa: E402
 from sparseattn.testing.timing import bench_ms, capture_graph  # noqa: E402
 
 H, HKV, D = 32, 8, 128
@@ -51,11 +52,6 @@ PLAIN_VARIANTS = {  # name -> config changes on top of the default int8 config, 
     "fp16w": {"QK": "fp16", "PV": "fp16w"},
     "q8x2_fp16w": {"QK": "q8x2", "PV": "fp16w"},
 }
-
-
-def keys_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, H_kv, N, D) copied into a (B, H_kv, D, N) buffer and viewed back as (B, H_kv, N, D)."""
-    return x.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
 def one_shape(n: int, B: int, bw: float, dev: str | None, rounds: int) -> dict:

@@ -13,9 +13,8 @@ import torch
 
 from sparseattn.ops.decode import decode_attention, decode_reference, paged_decode_attention
 from sparseattn.ops.launch_configs import DecodeLaunchConfig
-from sparseattn.state.kv_cache import quantize
-from sparseattn.testing.harness import (DECODE_LAYOUT_CASES, assert_same_state, decode_case_id, decode_tail_inputs,
-                                        kernel_unavailable, node_generator)
+from sparseattn.testing.harness import (DECODE_LAYOUT_CASES, assert_same_state, decode_case_id, decode_quant_inputs,
+                                        decode_tail_inputs, kernel_unavailable, node_generator)
 from sparseattn.testing.tolerances import check_ratio
 
 ON_GPU = torch.cuda.is_available()
@@ -66,13 +65,8 @@ def test_full_tiles_equal_the_masked_launch_on_quantized_caches(variant, mode, r
     qk, pv = variant
     if mode == "fp8" and not FP8_OK:
         pytest.skip("float8 K/V need compute capability >= 8.9")
-    g = node_generator(request)
-    q = torch.randn(3, 8, 2, 64, generator=g).to(torch.bfloat16).to(DEV)
-    kq, ks = quantize(torch.randn(3, 2, 150, 64, generator=g) * 1.5, mode)
-    vq, vs = quantize(torch.randn(3, 2, 150, 64, generator=g) + 0.5, mode)
-    kq, ks, vq, vs = (t.to(DEV) for t in (kq, ks, vq, vs))
+    q, kq, vq, ks, vs, sl = decode_quant_inputs(node_generator(request), mode, DEV)
     extra = {k: v for k, v in (("QK", qk), ("PV", pv)) if v is not None}
-    sl = torch.tensor([150, 0, 97], dtype=torch.int32, device=DEV)
     kw = dict(k_scale=ks, v_scale=vs, seqlens=sl, num_splits=2, return_lse=True, backend="triton")
     masked = decode_attention(q, kq, vq, config=_cfg(False, **extra), **kw)
     full = decode_attention(q, kq, vq, config=_cfg(True, **extra), **kw)

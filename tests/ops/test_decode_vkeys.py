@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from sparseattn.ops.decode import decode_attention, decode_reference, paged_decode_attention
+from sparseattn.state import kv_cache
 from sparseattn.state.kv_cache import quantize
-from sparseattn.testing.harness import (DECODE_LAYOUT_CASES, assert_same_state, decode_case_id, decode_tail_inputs,
-                                        kernel_unavailable, node_generator)
+from sparseattn.testing.harness import (DECODE_LAYOUT_CASES, assert_same_state, decode_case_id, decode_quant_inputs,
+                                        decode_tail_inputs, kernel_unavailable, node_generator)
 from sparseattn.testing.tolerances import check_ratio
 
 ON_GPU = torch.cuda.is_available()
@@ -25,7 +26,8 @@ needs_kernel = pytest.mark.skipif(kernel_unavailable() is not None, reason=str(k
 
 
 def keys_contiguous(x: torch.Tensor) -> torch.Tensor:
-    y = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    """The library's keys_contiguous, checked: keys contiguous, the same values."""
+    y = kv_cache.keys_contiguous(x)
     assert y.stride(-2) == 1 and y.stride(-1) == x.shape[-2] and torch.equal(y, x)
     return y
 
@@ -70,13 +72,8 @@ def test_keys_contiguous_v_on_quantized_caches(variant, mode, request):
     qk, pv = variant
     if mode == "fp8" and not FP8_OK:
         pytest.skip("float8 K/V need compute capability >= 8.9")
-    g = node_generator(request)
-    q = torch.randn(3, 8, 2, 64, generator=g).to(torch.bfloat16).to(DEV)
-    kq, ks = quantize(torch.randn(3, 2, 150, 64, generator=g) * 1.5, mode)
-    vq, vs = quantize(torch.randn(3, 2, 150, 64, generator=g) + 0.5, mode)
-    kq, ks, vq, vs = (t.to(DEV) for t in (kq, ks, vq, vs))
+    q, kq, vq, ks, vs, sl = decode_quant_inputs(node_generator(request), mode, DEV)
     extra = {k: v for k, v in (("QK", qk), ("PV", pv)) if v is not None}
-    sl = torch.tensor([150, 0, 97], dtype=torch.int32, device=DEV)
     kw = dict(k_scale=ks, v_scale=vs, seqlens=sl, num_splits=2, return_lse=True, backend="triton",
               config=_cfg(**extra))
     _same(decode_attention(q, kq, keys_contiguous(vq), **kw), decode_attention(q, kq, vq, **kw))

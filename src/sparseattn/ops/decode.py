@@ -481,7 +481,7 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
     if B * Hkv > _MAX_GRID_Z:
         raise NotImplementedError(f"{fn}: batch * kv_heads = {B * Hkv} exceeds the launch grid limit {_MAX_GRID_Z}")
     # V may be stored keys-contiguous (a (B, H_kv, D, N) buffer viewed as (B, H_kv, N, D)): read as it is (V_KEYS)
-    v_keys = v.stride(-1) != 1 and v.stride(-2) == 1 and D > 1
+    v_keys = v.stride(-1) != 1 and v.stride(-2) == 1
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
     if not v_keys and v.stride(-1) != 1:
         v = v.contiguous()

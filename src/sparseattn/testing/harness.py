@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["CountOps", "DECODE_LAYOUT_CASES", "assert_same_state", "decode_case_id", "decode_tail_inputs",
-           "kernel_unavailable", "node_generator", "node_seed"]
+__all__ = ["CountOps", "DECODE_LAYOUT_CASES", "assert_same_state", "decode_case_id", "decode_quant_inputs",
+           "decode_tail_inputs", "kernel_unavailable", "node_generator", "node_seed"]
 
 # decode shapes for the bit-for-bit launch comparisons: B, H, Hkv, Lq, N, D, lens, splits, causal
 DECODE_LAYOUT_CASES = [
@@ -34,6 +34,19 @@ def assert_same_state(a: Any, b: Any) -> None:
     assert torch.equal(torch.isnan(a.out), torch.isnan(b.out))
     assert torch.equal(torch.nan_to_num(a.out), torch.nan_to_num(b.out))
     assert torch.equal(torch.nan_to_num(a.lse), torch.nan_to_num(b.lse))
+
+
+def decode_quant_inputs(g: torch.Generator, mode: str, dev: str) -> tuple[Any, ...]:
+    """``(q, k, v, k_scale, v_scale, seqlens)`` for the decode layout tests on a quantized cache: bf16 q of
+    (3, 8, 2, 64) over 150 keys in ``mode`` (:func:`sparseattn.state.kv_cache.quantize`; keys scaled by 1.5, values
+    shifted by 0.5), lengths 150, 0, 97."""
+    from sparseattn.state.kv_cache import quantize
+
+    q = torch.randn(3, 8, 2, 64, generator=g).to(torch.bfloat16).to(dev)
+    kq, ks = quantize(torch.randn(3, 2, 150, 64, generator=g) * 1.5, mode)
+    vq, vs = quantize(torch.randn(3, 2, 150, 64, generator=g) + 0.5, mode)
+    sl = torch.tensor([150, 0, 97], dtype=torch.int32, device=dev)
+    return q, kq.to(dev), vq.to(dev), ks.to(dev), vs.to(dev), sl
 
 
 def decode_tail_inputs(g: torch.Generator, mode: str | None, dev: str) -> tuple[Any, ...]:

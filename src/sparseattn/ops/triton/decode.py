@@ -191,12 +191,11 @@ def _attend_tile(q, q_lp, q_lo, row_mul, k, v, ks, vs, key, key_ok, lim, m_i, l_
         # product is multiplied back (a NaN s_v still reaches P; tl.max skips it)
         c = tl.max(vs, 0)
         c = tl.where(c > 0, c, 1.0)
-        if PV_MODE == 4:  # V converted to fp16 at the load (from int32 words, in registers)
+        if PV_MODE == 1 or PV_MODE == 4:
             p16 = (p * (vs / c)[None, :]).to(tl.float16)
-            acc += tl.dot(p16, v) * c
-        elif PV_MODE == 1:
-            p16 = (p * (vs / c)[None, :]).to(tl.float16)
-            if DOT_F32:
+            if PV_MODE == 4:  # V already fp16 (converted from int32 words at the load, in registers)
+                acc += tl.dot(p16, v) * c
+            elif DOT_F32:
                 acc += tl.dot(p16.to(tl.float32), v.to(tl.float16).to(tl.float32)) * c
             else:
                 acc += tl.dot(p16, _i8_to_f16(v, FAST_I8) if v.dtype == tl.int8 else v.to(tl.float16)) * c
@@ -454,12 +453,11 @@ def _decode_split_kernel(
                     vs = tl.load(vs_base + (pos + dn) * stride_vsn)
             else:
                 k = tl.load(k_lo + (start - lo) * stride_kn, mask=key_ok[None, :], other=0.0)
-                if PV_MODE == 4:
-                    vw = tl.load(vw_lo + (start - lo) * (stride_vn // 4), mask=key_ok[:, None], other=0)
                 # V is requested with K (before the Q·K product): both tiles are in flight together, so a
                 # program keeps twice the bytes outstanding when the compiler does not pipeline the loop
                 if PV_MODE == 4:
-                    v = _words_to_f16(vw, FAST_I8)
+                    v = _words_to_f16(tl.load(vw_lo + (start - lo) * (stride_vn // 4), mask=key_ok[:, None], other=0),
+                                      FAST_I8)
                 else:
                     v = tl.load(v_lo + (start - lo) * stride_vn, mask=key_ok[:, None], other=0.0)
                 if HAS_KV_SCALE:
