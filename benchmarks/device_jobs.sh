@@ -412,11 +412,12 @@ print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tok
       tail -n 3 "$d/pytest.log"
       timeout ${S15K_BENCH_S:-260} python3 benchmarks/bench_quant.py --no-patterns --stress 20 --budget-s ${S15K_BUDGET:-200} \
         --out "$d" > "$d/bench.log" 2>&1; tail -n 24 "$d/bench.log" ;;
-    s17_qvar)  # issue 15: quantized-kernel load paths (TMA, PREFETCH) and configs, 32K, beside our bf16 and cuDNN;
+    s17_qvar)  # issue 15: quantized-kernel switches (TMA, PREFETCH, I2F_ADD) and configs, 32K, beside our bf16 and cuDNN
+      # (S17Q_ARGS: more quant_kernel_variants.py options, e.g. --variants / --operands);
       # then the new switches' GPU parity tests (bitwise vs plain loads)
       timeout ${S17Q_S:-330} python3 benchmarks/quant_kernel_variants.py --budget-s ${S17Q_BUDGET:-240} \
-        --repeats ${S17Q_REPEATS:-5} --out "$d" > "$d/variants.log" 2>&1; tail -n 32 "$d/variants.log"
-      timeout ${S17Q_TEST_S:-90} python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_quant.py -k "switch" \
+        --repeats ${S17Q_REPEATS:-5} --out "$d" ${S17Q_ARGS:-} > "$d/variants.log" 2>&1; tail -n 32 "$d/variants.log"
+      timeout ${S17Q_TEST_S:-90} python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_quant.py -k "switch or i2f" \
         > "$d/pytest.log" 2>&1; tail -n 3 "$d/pytest.log" ;;
     s15_qkv)  # the model half of s15_quant: captured Q/K/V at 4K through the kernel
       MD=${S15_MODEL:-$SMOL}; gem_if_md timeout 60 $M collect --model $MD --layers ${S15_LAYERS:-5,10,15,20,25,29} --lengths 4096 \
