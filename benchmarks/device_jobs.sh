@@ -419,6 +419,20 @@ print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tok
         --repeats ${S17Q_REPEATS:-5} --out "$d" ${S17Q_ARGS:-} > "$d/variants.log" 2>&1; tail -n 32 "$d/variants.log"
       timeout ${S17Q_TEST_S:-90} python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_quant.py -k "switch or i2f" \
         > "$d/pytest.log" 2>&1; tail -n 3 "$d/pytest.log" ;;
+    ncu_quant)  # issue 15: Nsight Compute on the quantized prefill kernel, pipe utilisation and stall samples per
+      # fixed config (NCU_QCASES "variant:operands:seqlen ...", variants of quant_kernel_variants.py)
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
+      for case in ${NCU_QCASES:-tma:int8_default:8192 tma-i2f:int8_default:8192}; do
+        IFS=: read -r var ops n <<< "$case"; tag="${var}_${ops}_${n}"
+        timeout ${NCU_S:-150} $NCU --clock-control none -k regex:_block_sparse_fwd_quant --launch-skip 1 --launch-count 1 \
+          --set full --import-source yes -f -o "$d/$tag" \
+          python3 benchmarks/quant_ncu_probe.py --variant $var --operands $ops --seqlen $n > "$d/ncu_$tag.txt" 2>&1
+        $NCU -i "$d/$tag.ncu-rep" --page raw --csv > "$d/raw_$tag.csv" 2>&1
+        $NCU -i "$d/$tag.ncu-rep" --page source --csv --print-source sass > "$d/source_$tag.csv" 2>&1
+        echo "--- $tag"; python3 benchmarks/ncu_summary.py --raw "$d/raw_$tag.csv" --pipes --source "$d/source_$tag.csv" \
+          --top 8 2>&1 | head -n 40
+        rm -f "$d/$tag.ncu-rep"
+      done ;;
     s15_qkv)  # the model half of s15_quant: captured Q/K/V at 4K through the kernel
       MD=${S15_MODEL:-$SMOL}; gem_if_md timeout 60 $M collect --model $MD --layers ${S15_LAYERS:-5,10,15,20,25,29} --lengths 4096 \
         --samples 1 --text-dir $ESSAYS --device cuda --out /tmp/m/qkv_s15 --quiet > "$d/collect.log" 2>&1

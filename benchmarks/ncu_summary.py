@@ -6,7 +6,10 @@ ncu_decode``): ``--raw`` (``--page raw``: one row per profiled kernel, one colum
 
 * the stall reasons (``smsp__average_warps_issue_stalled_<reason>_per_issue_active``: warps stalled on that reason
   per issued instruction), largest first;
-* the ``--top`` instructions by stall samples, with their share of all samples, and the samples per opcode.
+* the ``--top`` instructions by stall samples, with their share of all samples, and the samples per opcode;
+* with ``--pipes``: each pipeline's issue utilisation (``sm__inst_executed_pipe_<pipe>.avg.pct_of_peak_sustained_active``;
+  ``xu`` is the unit of ``exp2`` and, per Nsight Compute's pipeline notes, of int <-> float conversions), largest
+  first, and the duration.
 
     python3 benchmarks/ncu_summary.py --raw raw.csv --source source.csv --top 30
 """
@@ -48,6 +51,26 @@ def stall_reasons(path: str) -> list[tuple[str, float]]:
     return sorted(out, key=lambda t: -t[1])
 
 
+def pipe_utilisation(path: str) -> list[tuple[str, float]]:
+    """``(pipe, % of peak issue rate while active)`` of the last profiled kernel in a raw page, largest first, with
+    ``("duration_us", ...)`` first when the page has ``gpu__time_duration.sum``."""
+    rows = _rows(path)
+    if len(rows) < 2:
+        return []
+    head, units, last = rows[0], rows[1], rows[-1]
+    pat = re.compile(r"sm__inst_executed_pipe_(\w+?)\.avg\.pct_of_peak_sustained_active$")
+    out, dur = [], []
+    for name, unit, val in zip(head, units, last):
+        v = _num(val)
+        m = pat.match(name)
+        if m and v is not None:
+            out.append((m.group(1), v))
+        elif name == "gpu__time_duration.sum" and v is not None:
+            dur.append(("duration_us", v / 1000.0 if unit.strip() in ("nsecond", "ns") else
+                        v * 1000.0 if unit.strip() in ("msecond", "ms") else v))
+    return dur + sorted(out, key=lambda t: -t[1])
+
+
 def hot_instructions(path: str, top: int) -> tuple[list[tuple[float, str, str]], dict[str, float], float]:
     rows = _rows(path)
     start = next((i for i, r in enumerate(rows) if r and r[0] == "Address"), 0)  # after a "Kernel Name" preamble
@@ -84,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--raw", help="ncu --page raw --csv output")
     ap.add_argument("--source", help="ncu --page source --print-source sass --csv output")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--pipes", action="store_true", help="with --raw: pipeline utilisation and duration")
     a = ap.parse_args(argv)
+    if a.raw and a.pipes:
+        print("pipe utilisation (% of peak issue rate, active cycles)")
+        for name, v in pipe_utilisation(a.raw)[:14]:
+            print(f"  {name:<28s} {v:9.2f}")
     if a.raw:
         reasons = stall_reasons(a.raw)
         tot = sum(v for _, v in reasons)
