@@ -58,10 +58,10 @@ def _i32_to_f32_add(x):
     """int32 ``x`` with ``|x| <= 2**22`` as fp32, exactly, without a conversion instruction.
 
     ``x + 0x4B400000`` read as fp32 is ``1.5 * 2**23 + x`` (its mantissa holds ``x``; exact while the sum stays in
-    ``[2**23, 2**24]``), and subtracting ``1.5 * 2**23`` is exact too. One integer add and one float add instead of
-    ``cvt.rn.f32.s32``, which on sm_80/sm_90 issues through the same 16-per-cycle unit as ``exp2`` (the softmax's
-    bottleneck). Q·Kᵀ of int8 operands clamped to +-127 stays within the bound up to head_dim 256
-    (``256 * 127**2 < 2**22``).
+    ``[2**23, 2**24]``), and subtracting ``1.5 * 2**23`` is exact too. The integer add folds into the MMA (its
+    accumulator starts at the constant), leaving one float add per score instead of ``cvt.rn.f32.s32``
+    (``I2FP.F32.S32``), which Nsight Compute's pipeline notes place on the XU, the unit that also runs the softmax's
+    ``exp2``. Any int8 operands stay within the bound up to head_dim 256 (``256 * 128**2 == 2**22``).
     """
     return (x + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
