@@ -243,6 +243,14 @@ def test_launch_config_switches_are_checked():
         Q.quantized_attention(q, k, v, config={**base, "VEC_COUNT": True})
     with pytest.raises(ValueError, match=r"quantized_attention: config has a bad TMA_QO; expected True or False"):
         Q.quantized_attention(q, k, v, config={**base, "TMA_QO": "yes"})
+    with pytest.raises(ValueError, match=r"quantized_attention: config has a bad I2F_ADD; expected True or False"):
+        Q.quantized_attention(q, k, v, config={**base, "I2F_ADD": 1})
+    from sparseattn.ops.launch_configs import QuantLaunchConfig
+
+    cfg = QuantLaunchConfig(64, 64, 4, 1, i2f_add=True)
+    assert cfg.to_dict() == {**base, "I2F_ADD": True} and QuantLaunchConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"QuantLaunchConfig: i2f_add"):
+        QuantLaunchConfig(64, 64, 4, 1, i2f_add=1)
 
 
 # ---------------------------------------------------------------- emulation vs fp32 attention (cost of quantization)
