@@ -412,17 +412,17 @@ print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tok
       tail -n 3 "$d/pytest.log"
       timeout ${S15K_BENCH_S:-260} python3 benchmarks/bench_quant.py --no-patterns --stress 20 --budget-s ${S15K_BUDGET:-200} \
         --out "$d" > "$d/bench.log" 2>&1; tail -n 24 "$d/bench.log" ;;
-    s17_qvar)  # issue 15: quantized-kernel switches (TMA, PREFETCH, I2F_ADD) and configs, 32K, beside our bf16 and cuDNN
+    s17_qvar)  # issue 15: quantized-kernel load paths (TMA, PREFETCH) and configs, 32K, beside our bf16 and cuDNN
       # (S17Q_ARGS: more quant_kernel_variants.py options, e.g. --variants / --operands);
       # then the new switches' GPU parity tests (bitwise vs plain loads)
       timeout ${S17Q_S:-330} python3 benchmarks/quant_kernel_variants.py --budget-s ${S17Q_BUDGET:-240} \
         --repeats ${S17Q_REPEATS:-5} --out "$d" ${S17Q_ARGS:-} > "$d/variants.log" 2>&1; tail -n 32 "$d/variants.log"
-      timeout ${S17Q_TEST_S:-90} python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_quant.py -k "switch or i2f" \
+      timeout ${S17Q_TEST_S:-90} python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_quant.py -k "switch" \
         > "$d/pytest.log" 2>&1; tail -n 3 "$d/pytest.log" ;;
     ncu_quant)  # issue 15: Nsight Compute on the quantized prefill kernel, pipe utilisation and stall samples per
       # fixed config (NCU_QCASES "variant:operands:seqlen ...", variants of quant_kernel_variants.py)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
-      for case in ${NCU_QCASES:-tma:int8_default:8192 tma-i2f:int8_default:8192}; do
+      for case in ${NCU_QCASES:-tma:int8_default:8192 tma:int8_k_only:8192}; do
         IFS=: read -r var ops n <<< "$case"; tag="${var}_${ops}_${n}"
         timeout ${NCU_S:-150} $NCU --clock-control none -k regex:_block_sparse_fwd_quant --launch-skip 1 --launch-count 1 \
           --set full --import-source yes -f -o "$d/$tag" \

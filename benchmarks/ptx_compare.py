@@ -77,10 +77,6 @@ CONFIGS: dict[str, tuple[str, dict, dict, str]] = {
     "quant int8 causal d128 maxnreg128": ("quant", {}, {}, "bf16"),
     "quant int8 causal d128 maxnreg128 KBIAS": ("quant", {"HAS_KBIAS": True}, {}, "bf16"),
     "quant int8 causal d128 maxnreg128 KBIAS TMA": ("quant", {"HAS_KBIAS": True, "USE_TMA": True}, {}, "bf16"),
-    # Q·Kᵀ's int32 -> fp32 by integer add + float subtract (no I2F instructions in the loop)
-    "quant int8 causal d128 maxnreg128 KBIAS TMA I2F_ADD": ("quant", {"HAS_KBIAS": True, "USE_TMA": True,
-                                                                      "I2F_ADD": True}, {}, "bf16"),
-    "quant int8 causal d128 maxnreg128 I2F_ADD": ("quant", {"I2F_ADD": True}, {}, "bf16"),
     # the split-KV decode kernel (one query token, GQA group of 4 in a 16-row tile), default tile of ops/decode.py
     "decode bf16 d128 split": ("decode", {}, _DEC_OPT, "bf16"),
     "decode int8 KV scales d128 split": ("decode", {"HAS_KV_SCALE": True}, _DEC_OPT, "bf16"),

@@ -7,8 +7,7 @@ diagonal, as ``bench_quant.py``). Operand sets: ``int8`` per_warp with the defau
 per-key score bias), ``int8`` per_warp with K smoothing only (no bias), ``int8_fp8`` per_warp default.
 Variants are fixed launch configs with the kernel switches
 ``USE_TMA`` (K/V tiles through tensor descriptors), ``TMA_QO`` (Q load and output store through them too)
-and ``PREFETCH`` (next key-block index read one iteration ahead), and ``I2F_ADD`` (Q·Kᵀ's int32 products to fp32
-without conversion instructions); ``auto`` is the autotuned
+and ``PREFETCH`` (next key-block index read one iteration ahead); ``auto`` is the autotuned
 launch. Each variant's output is compared with the ``base`` variant (same tiles: bitwise expected) and its
 accuracy against fp32 attention on the last ``--parity-rows`` query rows is recorded; compiled registers /
 spills / shared memory come from the launch telemetry. Timing: ``--repeats`` round-robin rounds of
@@ -51,12 +50,6 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "tma-pf-nocap": _cfg(128, 64, 8, 2, USE_TMA=True, PREFETCH=True),
     "tma-pf-s3": _cfg(128, 64, 8, 3, USE_TMA=True, PREFETCH=True, maxnreg=128),
     "tma-pf-128x128": _cfg(128, 128, 8, 2, USE_TMA=True, PREFETCH=True),
-    # I2F_ADD: Q·Kᵀ's int32 -> fp32 without conversion instructions (an integer add folded into the MMA's
-    # accumulator and a float subtract; the same bits)
-    "tma-i2f": _cfg(128, 64, 8, 2, USE_TMA=True, maxnreg=128, I2F_ADD=True),
-    "tma-s3-i2f": _cfg(128, 64, 8, 3, USE_TMA=True, maxnreg=128, I2F_ADD=True),
-    "tma-128x128": _cfg(128, 128, 8, 2, USE_TMA=True),
-    "tma-128x128-i2f": _cfg(128, 128, 8, 2, USE_TMA=True, I2F_ADD=True),
     "auto": None,
 }
 OPERANDS = {  # name: (quant, smooth_q, balance_qk)

@@ -4,7 +4,7 @@ Quantizes Gaussian Q/K/V (causal, dense layout) once, then launches the quantize
 config of :data:`quant_kernel_variants.VARIANTS` (the first launch compiles; profile the second with ``ncu
 --launch-skip 1 --launch-count 1 -k regex:_block_sparse_fwd_quant``). No timing: Nsight Compute measures.
 
-    PYTHONPATH=src python3 benchmarks/quant_ncu_probe.py --variant tma-i2f --operands int8_default --seqlen 8192
+    PYTHONPATH=src python3 benchmarks/quant_ncu_probe.py --variant tma --operands int8_default --seqlen 8192
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from sparseattn.ops import quant as Q
 from sparseattn.ops.quant_reference import (attention_from_quantized, e4m3_round_reference, emulated_quantized_attention,
                                             quantize_reference)
 from sparseattn.ops.reference import reference_attention
-from sparseattn.ops.triton.block_sparse_fwd_quant import _i32_to_f32_add
 from sparseattn.ops.triton.quantize import e4m3_round
 from sparseattn.testing import tolerances as T
 
@@ -172,12 +171,11 @@ def test_empty_rows_are_zero_with_minus_inf_lse():
 @pytest.mark.parametrize("quant", MODES)
 @pytest.mark.parametrize("gran", ["per_warp", "per_thread"])
 @pytest.mark.parametrize("flags", [{"USE_TMA": True}, {"PREFETCH": True}, {"USE_TMA": True, "PREFETCH": True},
-                                   {"USE_TMA": True, "PREFETCH": True, "TMA_QO": True}, {"I2F_ADD": True},
-                                   {"USE_TMA": True, "I2F_ADD": True}])
+                                   {"USE_TMA": True, "PREFETCH": True, "TMA_QO": True}])
 @pytest.mark.parametrize("bn", [64, 32])
 def test_tma_and_prefetch_switches_change_no_bit(quant, gran, flags, bn):
     """USE_TMA (K/V through tensor descriptors), TMA_QO (Q and out too) and PREFETCH (next list entry read ahead) are
-    load paths only, I2F_ADD an exact conversion of Q·Kᵀ's int32 products:
+    load paths only:
     the same bits as the plain loads, on odd lengths (rows/keys past the end), GQA, 2 kernel tiles per layout block
     (bn 32), an empty query block and Q smoothing's key bias (on by default)."""
     B, H, Hkv, Nq, Nkv, D = 1, 4, 2, 257, 330, 64
@@ -196,42 +194,6 @@ def test_tma_and_prefetch_switches_change_no_bit(quant, gran, flags, bn):
     assert torch.equal(got.out, ref.out) and torch.equal(got.lse, ref.lse)
 
 
-@triton.jit
-def _i2f_add_kernel(X, Y, N: tl.constexpr):
-    i = tl.arange(0, N)
-    tl.store(Y + i, _i32_to_f32_add(tl.load(X + i)))
-
-
-def test_i2f_add_is_exact_over_its_range():
-    """``_i32_to_f32_add`` equals the conversion on every int32 a head_dim-256 int8 product can reach (|x| <= 2**22),
-    its ends included."""
-    lim = 2 ** 22
-    g = torch.Generator().manual_seed(3)
-    x = torch.cat([torch.tensor([0, 1, -1, lim, -lim, lim - 1, -lim + 1, 256 * 127 * 127, -256 * 127 * 127]),
-                   torch.randint(-lim, lim + 1, (4096 - 9,), generator=g)]).to(torch.int32).to(DEV)
-    y = torch.empty(4096, dtype=torch.float32, device=DEV)
-    _i2f_add_kernel[(1,)](x, y, N=4096)
-    assert torch.equal(y, x.to(torch.float32))
-
-
-def test_i2f_add_at_the_largest_products():
-    """Head_dim 256 with every quantized Q and K entry at +-127 (signs alternating over tokens, so smoothing keeps
-    them): the products reach +-256 * 127**2, and I2F_ADD gives the default launch's bits."""
-    B, H, Hkv, N, D = 1, 2, 1, 128, 256
-    sign = torch.where(torch.arange(N) % 2 == 0, 1.0, -1.0)[None, None, :, None]
-    q = (sign * torch.ones(B, H, N, D)).to(torch.bfloat16)
-    k = (sign * torch.ones(B, Hkv, N, D)).to(torch.bfloat16)
-    v = torch.randn(B, Hkv, N, D, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    q, k, v = (t.to(DEV) for t in (q, k, v))
-    qq = Q.quantize_qkv(q, k, v, quant="int8", quant_granularity="per_warp")
-    assert int(qq.q_int8.abs().min()) == 127 and int(qq.k_int8.abs().min()) == 127
-    base = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
-    lay = Q.resolve_layout("test", q, k, None, None, 64, True)
-    ref = Q.quantized_attention_from(qq, lay, causal=True, config=base)
-    got = Q.quantized_attention_from(qq, lay, causal=True, config={**base, "I2F_ADD": True})
-    assert torch.equal(got.out, ref.out) and torch.equal(got.lse, ref.lse)
-
-
 def test_launch_config_switches_are_checked():
     q, k, v = _qkv(1, 2, 1, 64, 64, 64)
     base = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
@@ -243,14 +205,6 @@ def test_launch_config_switches_are_checked():
         Q.quantized_attention(q, k, v, config={**base, "VEC_COUNT": True})
     with pytest.raises(ValueError, match=r"quantized_attention: config has a bad TMA_QO; expected True or False"):
         Q.quantized_attention(q, k, v, config={**base, "TMA_QO": "yes"})
-    with pytest.raises(ValueError, match=r"quantized_attention: config has a bad I2F_ADD; expected True or False"):
-        Q.quantized_attention(q, k, v, config={**base, "I2F_ADD": 1})
-    from sparseattn.ops.launch_configs import QuantLaunchConfig
-
-    cfg = QuantLaunchConfig(64, 64, 4, 1, i2f_add=True)
-    assert cfg.to_dict() == {**base, "I2F_ADD": True} and QuantLaunchConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match=r"QuantLaunchConfig: i2f_add"):
-        QuantLaunchConfig(64, 64, 4, 1, i2f_add=1)
 
 
 # ---------------------------------------------------------------- emulation vs fp32 attention (cost of quantization)

@@ -114,9 +114,7 @@ class QuantLaunchConfig(_KeyedConfig):
     ``block_m``/``block_n``: kernel tiles (must divide the layout blocks); ``num_warps``/``num_stages``;
     optional kernel switches (``None`` = off): ``use_tma`` (K/V tiles through Hopper tensor descriptors;
     CUDA sm_90+ only), ``tma_qo`` (Q load and output store through them too) and ``prefetch`` (the next
-    key-block index read one iteration ahead), ``i2f_add`` (Q·Kᵀ's int32 products converted to fp32 by an integer
-    add and a float subtract instead of a conversion instruction; the same bits); compiler option ``maxnreg``
-    (24..255, ``None`` = no cap).
+    key-block index read one iteration ahead); compiler option ``maxnreg`` (24..255, ``None`` = no cap).
     """
 
     block_m: int
@@ -127,15 +125,13 @@ class QuantLaunchConfig(_KeyedConfig):
     prefetch: bool | None = None
     tma_qo: bool | None = None
     maxnreg: int | None = None
-    i2f_add: bool | None = None
 
     _KEYS = (("block_m", "BLOCK_M"), ("block_n", "BLOCK_N"), ("num_warps", "num_warps"), ("num_stages", "num_stages"),
-             ("use_tma", "USE_TMA"), ("prefetch", "PREFETCH"), ("tma_qo", "TMA_QO"), ("maxnreg", "maxnreg"),
-             ("i2f_add", "I2F_ADD"))
+             ("use_tma", "USE_TMA"), ("prefetch", "PREFETCH"), ("tma_qo", "TMA_QO"), ("maxnreg", "maxnreg"))
 
     def __post_init__(self) -> None:
         _check_tiles("QuantLaunchConfig", self)
-        for name in ("use_tma", "prefetch", "tma_qo", "i2f_add"):
+        for name in ("use_tma", "prefetch", "tma_qo"):
             _opt_bool("QuantLaunchConfig", name, getattr(self, name))
 
 

@@ -421,7 +421,7 @@ _KEY_FIELDS = ("head_dim", "layout_block_m", "layout_block_n", "causal", "quant"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 _NO_TMA_WARNED: list[bool] = []  # the TMA-less launch of a remembered TMA winner warns once per process
-_SWITCHES = ("USE_TMA", "PREFETCH", "TMA_QO", "I2F_ADD")  # the kernel's boolean switches (load paths, conversion)
+_SWITCHES = ("USE_TMA", "PREFETCH", "TMA_QO")  # the kernel's boolean load-path switches
 _CONFIG_OPTIONAL = _SWITCHES + ("maxnreg",)  # and the compiler's register cap
 
 

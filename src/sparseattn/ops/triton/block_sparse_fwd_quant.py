@@ -54,26 +54,13 @@ def _bf16_rne(x):
 
 
 @triton.jit
-def _i32_to_f32_add(x):
-    """int32 ``x`` with ``|x| <= 2**22`` as fp32, exactly, without a conversion instruction.
-
-    ``x + 0x4B400000`` read as fp32 is ``1.5 * 2**23 + x`` (its mantissa holds ``x``; exact while the sum stays in
-    ``[2**23, 2**24]``), and subtracting ``1.5 * 2**23`` is exact too. The integer add folds into the MMA (its
-    accumulator starts at the constant), leaving one float add per score instead of ``cvt.rn.f32.s32``
-    (``I2FP.F32.S32``), which Nsight Compute's pipeline notes place on the XU, the unit that also runs the softmax's
-    ``exp2``. Any int8 operands stay within the bound up to head_dim 256 (``256 * 128**2 == 2**22``).
-    """
-    return (x + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-
-
-@triton.jit
 def _q_tile(
     q, qs, acc, m_i, l_i, kb, t_sub,
     k_base, v_base, k_desc, v_desc, ks_base, kb_base, stride_kn, stride_v2,
     offs_m, offs_n, offs_d, N_KV, OFF,
     BLOCK_N: tl.constexpr, LAYOUT_BN: tl.constexpr, KW: tl.constexpr, KT: tl.constexpr, KS: tl.constexpr,
     K_SCALAR: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PV_FP8: tl.constexpr, FP8_EMU: tl.constexpr, DOT_F32: tl.constexpr,
-    HAS_KBIAS: tl.constexpr, USE_TMA: tl.constexpr, I2F_ADD: tl.constexpr,
+    HAS_KBIAS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """One kernel tile of keys: online-softmax update of ``(acc, m_i, l_i)``."""
     start_n = kb * LAYOUT_BN + t_sub * BLOCK_N
@@ -89,10 +76,7 @@ def _q_tile(
     else:
         k = _kv_load(k_base + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None],
                      col_ok, MASK, 1)
-    if I2F_ADD:
-        qk = _i32_to_f32_add(tl.dot(q, k))  # int8 x int8 -> int32: exact; to fp32 without I2F instructions
-    else:
-        qk = tl.dot(q, k).to(tl.float32)  # int8 x int8 -> int32: exact
+    qk = tl.dot(q, k).to(tl.float32)  # int8 x int8 -> int32: exact
     if K_SCALAR:
         ks = tl.load(ks_base + start_n // KW)
         s = qk * (qs * ks)[:, None]
@@ -141,7 +125,6 @@ def _q_tiles(
     SUB: tl.constexpr, BLOCK_N: tl.constexpr, LAYOUT_BN: tl.constexpr, KW: tl.constexpr, KT: tl.constexpr,
     KS: tl.constexpr, K_SCALAR: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PV_FP8: tl.constexpr,
     FP8_EMU: tl.constexpr, DOT_F32: tl.constexpr, HAS_KBIAS: tl.constexpr, USE_TMA: tl.constexpr, PREFETCH: tl.constexpr,
-    I2F_ADD: tl.constexpr,
 ):
     """Kernel tiles ``t_lo .. t_hi`` of the list (``SUB`` per entry) folded into ``(acc, m_i, l_i)``.
 
@@ -158,7 +141,7 @@ def _q_tiles(
             kb = tl.minimum(tl.maximum(kb, 0), NUM_KV_BLOCKS - 1)
         acc, m_i, l_i = _q_tile(q, qs, acc, m_i, l_i, kb, t % SUB, k_base, v_base, k_desc, v_desc, ks_base, kb_base,
                                 stride_kn, stride_v2, offs_m, offs_n, offs_d, N_KV, OFF, BLOCK_N, LAYOUT_BN, KW, KT, KS,
-                                K_SCALAR, MASK, CAUSAL, PV_FP8, FP8_EMU, DOT_F32, HAS_KBIAS, USE_TMA, I2F_ADD)
+                                K_SCALAR, MASK, CAUSAL, PV_FP8, FP8_EMU, DOT_F32, HAS_KBIAS, USE_TMA)
     return acc, m_i, l_i
 
 
@@ -194,7 +177,6 @@ def _block_sparse_fwd_quant_kernel(
     USE_TMA: tl.constexpr = False,  # K/V tiles through device-side tensor descriptors (Hopper TMA)
     PREFETCH: tl.constexpr = False,  # read the next tile's key-block index one iteration ahead
     TMA_QO: tl.constexpr = False,  # Q load and O store through tensor descriptors too (fewer address registers)
-    I2F_ADD: tl.constexpr = False,  # Q·Kᵀ's int32 -> fp32 by an integer add and a float subtract (_i32_to_f32_add)
 ):
     SUB: tl.constexpr = LAYOUT_BN // BLOCK_N
     num_m, pid_m, pid_bh, off_b, off_h, off_hk = _program_ids(H, GROUP, CAUSAL)
@@ -251,12 +233,12 @@ def _block_sparse_fwd_quant_kernel(
     acc, m_i, l_i = _q_tiles(0, n_full * SUB, kb_nx, idx_row, stride_in, num, NUM_KV_BLOCKS, q, qs, acc, m_i, l_i,
                              k_base, v_base, k_desc, v_desc, ks_base, kb_base, stride_kn, stride_v2, offs_m, offs_n,
                              offs_d, N_KV, OFF, SUB, BLOCK_N, LAYOUT_BN, KW, KT, KS, K_SCALAR, False, CAUSAL, PV_FP8,
-                             FP8_EMU, DOT_F32, HAS_KBIAS, USE_TMA, PREFETCH, I2F_ADD)
+                             FP8_EMU, DOT_F32, HAS_KBIAS, USE_TMA, PREFETCH)
     kb_nx = tl.load(idx_row + n_full * stride_in, mask=n_vis > n_full, other=0)
     acc, m_i, l_i = _q_tiles(n_full * SUB, n_vis * SUB, kb_nx, idx_row, stride_in, num, NUM_KV_BLOCKS, q, qs, acc, m_i,
                              l_i, k_base, v_base, k_desc, v_desc, ks_base, kb_base, stride_kn, stride_v2, offs_m, offs_n,
                              offs_d, N_KV, OFF, SUB, BLOCK_N, LAYOUT_BN, KW, KT, KS, K_SCALAR, True, CAUSAL, PV_FP8,
-                             FP8_EMU, DOT_F32, HAS_KBIAS, USE_TMA, PREFETCH, I2F_ADD)
+                             FP8_EMU, DOT_F32, HAS_KBIAS, USE_TMA, PREFETCH)
 
     # epilogue (as the bf16 kernel): a row attends a key iff its list is non-empty and (causal) the
     # first selected block starts at or below its last visible key
