@@ -7,9 +7,9 @@ ncu_decode``): ``--raw`` (``--page raw``: one row per profiled kernel, one colum
 * the stall reasons (``smsp__average_warps_issue_stalled_<reason>_per_issue_active``: warps stalled on that reason
   per issued instruction), largest first;
 * the ``--top`` instructions by stall samples, with their share of all samples, and the samples per opcode;
-* with ``--pipes``: each pipeline's issue utilisation (``sm__inst_executed_pipe_<pipe>.avg.pct_of_peak_sustained_active``;
-  ``xu`` is the unit of ``exp2`` and, per Nsight Compute's pipeline notes, of int <-> float conversions), largest
-  first, and the duration.
+* with ``--pipes``: each pipeline's issue utilisation
+  (``sm__inst_executed_pipe_<pipe>.avg.pct_of_peak_sustained_active``; ``xu`` runs ``exp2``), largest first, and the
+  duration.
 
     python3 benchmarks/ncu_summary.py --raw raw.csv --source source.csv --top 30
 """

@@ -101,10 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args(argv)
     if a.n % a.block:
-        print(f"xu_probe: --n must be a multiple of --block; expected a multiple of {a.block}, got {a.n}", file=sys.stderr)
+        print(f"xu_probe: --n must be a multiple of --block; expected a multiple of {a.block}, got {a.n}",
+              file=sys.stderr)
         return 2
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        print("xu_probe: no CUDA device (TRITON_INTERPRET=1 runs it on the CPU, for a smoke test only)", file=sys.stderr)
+        print("xu_probe: no CUDA device (TRITON_INTERPRET=1 runs it on the CPU, for a smoke test only)",
+              file=sys.stderr)
         return 2
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     res = run(a.n, a.iters, a.block, a.warps, a.repeats, dev)
