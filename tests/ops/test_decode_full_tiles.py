@@ -27,13 +27,10 @@ def _cfg(full: bool, **kw):
     return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "FULL_TILES": full, **kw}
 
 
-_same = assert_same_state
-CASES = DECODE_LAYOUT_CASES
-_case_id = decode_case_id
 
 
 @needs_kernel
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", DECODE_LAYOUT_CASES, ids=decode_case_id)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 def test_full_tiles_equal_the_masked_launch_and_pass_the_reference(case, dtype, request):
     B, H, Hkv, Lq, N, D, lens, splits, causal = case
@@ -45,7 +42,7 @@ def test_full_tiles_equal_the_masked_launch_and_pass_the_reference(case, dtype, 
     kw = dict(seqlens=sl, num_splits=splits, causal=causal, return_lse=True, backend="triton")
     masked = decode_attention(q, k, v, config=_cfg(False), **kw)
     full = decode_attention(q, k, v, config=_cfg(True), **kw)
-    _same(full, masked)
+    assert_same_state(full, masked)
     hd = torch.float32 if ON_GPU else torch.float64
     hi = decode_reference(q.to(hd), k.to(hd), v.to(hd), seqlens=sl, causal=causal)
     lo = decode_reference(q, k, v, seqlens=sl, causal=causal, upcast=False)
@@ -70,7 +67,7 @@ def test_full_tiles_equal_the_masked_launch_on_quantized_caches(variant, mode, r
     kw = dict(k_scale=ks, v_scale=vs, seqlens=sl, num_splits=2, return_lse=True, backend="triton")
     masked = decode_attention(q, kq, vq, config=_cfg(False, **extra), **kw)
     full = decode_attention(q, kq, vq, config=_cfg(True, **extra), **kw)
-    _same(full, masked)
+    assert_same_state(full, masked)
 
 
 @needs_kernel
@@ -107,7 +104,7 @@ def test_full_tiles_never_read_beyond_seqlen_and_keep_nan_inside(mode, request):
         kw = dict(kw, k_scale=ks3)
     full = decode_attention(q, k3, v, **kw)
     masked = decode_attention(q, k3, v, **dict(kw, config=_cfg(False)))
-    _same(full, masked)
+    assert_same_state(full, masked)
     assert bool(torch.isnan(full.out[2, 2:]).all()) and not bool(torch.isnan(full.out[2, :2]).any())
 
 
@@ -122,7 +119,7 @@ def test_full_tiles_leave_the_paged_kernel_as_it_is(request):
     pnum = torch.tensor([[4, 3], [2, 4]], dtype=torch.int32, device=DEV)
     sl = torch.tensor([120, 50], dtype=torch.int32, device=DEV)
     kw = dict(page_size=8, seqlens=sl, num_splits=2, return_lse=True, backend="triton")
-    _same(paged_decode_attention(q, k, v, pidx, pnum, config=_cfg(True), **kw),
+    assert_same_state(paged_decode_attention(q, k, v, pidx, pnum, config=_cfg(True), **kw),
           paged_decode_attention(q, k, v, pidx, pnum, config=_cfg(False), **kw))
 
 

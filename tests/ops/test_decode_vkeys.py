@@ -36,13 +36,10 @@ def _cfg(**kw):
     return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 1, **kw}
 
 
-_same = assert_same_state
-CASES = DECODE_LAYOUT_CASES
-_case_id = decode_case_id
 
 
 @needs_kernel
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", DECODE_LAYOUT_CASES, ids=decode_case_id)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_keys_contiguous_v_equals_the_plain_layout_and_passes_the_reference(case, dtype, request):
     B, H, Hkv, Lq, N, D, lens, splits, causal = case
@@ -54,7 +51,7 @@ def test_keys_contiguous_v_equals_the_plain_layout_and_passes_the_reference(case
     kw = dict(seqlens=sl, num_splits=splits, causal=causal, return_lse=True, backend="triton", config=_cfg())
     plain = decode_attention(q, k, v, **kw)
     vk = decode_attention(q, k, keys_contiguous(v), **kw)
-    _same(vk, plain)
+    assert_same_state(vk, plain)
     hd = torch.float32 if ON_GPU else torch.float64
     hi = decode_reference(q.to(hd), k.to(hd), v.to(hd), seqlens=sl, causal=causal)
     lo = decode_reference(q, k, v, seqlens=sl, causal=causal, upcast=False)
@@ -76,9 +73,9 @@ def test_keys_contiguous_v_on_quantized_caches(variant, mode, request):
     extra = {k: v for k, v in (("QK", qk), ("PV", pv)) if v is not None}
     kw = dict(k_scale=ks, v_scale=vs, seqlens=sl, num_splits=2, return_lse=True, backend="triton",
               config=_cfg(**extra))
-    _same(decode_attention(q, kq, keys_contiguous(vq), **kw), decode_attention(q, kq, vq, **kw))
+    assert_same_state(decode_attention(q, kq, keys_contiguous(vq), **kw), decode_attention(q, kq, vq, **kw))
     # FULL_TILES in the config changes nothing for a keys-contiguous V (it walks whole tiles unmasked anyway)
-    _same(decode_attention(q, kq, keys_contiguous(vq), **dict(kw, config=_cfg(FULL_TILES=True, **extra))),
+    assert_same_state(decode_attention(q, kq, keys_contiguous(vq), **dict(kw, config=_cfg(FULL_TILES=True, **extra))),
           decode_attention(q, kq, vq, **kw))
 
 
@@ -99,7 +96,7 @@ def test_keys_contiguous_v_never_reads_beyond_seqlen(mode, request):
         if vs2 is not None:
             vs2[b, :, n:] = float("nan")
     dirty = decode_attention(q, k2, v2, **dict(kw, v_scale=vs2))
-    _same(dirty, clean)
+    assert_same_state(dirty, clean)
     assert not bool(torch.isnan(dirty.out).any())
     v3 = keys_contiguous(v)
     v3[2, 1, 5] = float("nan") if mode is None else v3[2, 1, 5]
@@ -107,7 +104,7 @@ def test_keys_contiguous_v_never_reads_beyond_seqlen(mode, request):
         vs3 = vs.clone()
         vs3[2, 1, 5] = float("nan")
         kw = dict(kw, v_scale=vs3)
-    _same(decode_attention(q, k, v3, **kw), decode_attention(q, k, v3.contiguous(), **kw))
+    assert_same_state(decode_attention(q, k, v3, **kw), decode_attention(q, k, v3.contiguous(), **kw))
     assert bool(torch.isnan(decode_attention(q, k, v3, **kw).out[2, 2:]).all())
 
 
@@ -130,5 +127,5 @@ def test_keys_contiguous_v_in_the_paged_walk(mode, request):
     pnum = torch.tensor([[4, 3], [2, 4]], dtype=torch.int32, device=DEV)
     sl = torch.tensor([120, 50], dtype=torch.int32, device=DEV)
     kw = dict(page_size=8, seqlens=sl, num_splits=2, return_lse=True, backend="triton", config=_cfg(), **extra)
-    _same(paged_decode_attention(q, k, keys_contiguous(v), pidx, pnum, **kw),
+    assert_same_state(paged_decode_attention(q, k, keys_contiguous(v), pidx, pnum, **kw),
           paged_decode_attention(q, k, v, pidx, pnum, **kw))

@@ -1,13 +1,12 @@
-"""The measurement helpers of the twenty-ninth session run here: ``benchmarks/xu_probe.py`` under the interpreter
-(its modes agree bit for bit; its timing is meaningless on the CPU) and ``benchmarks/ncu_summary.py``'s pipe table on
-a small raw page shaped like Nsight Compute's CSV."""
+"""The measurement helpers of the twenty-ninth session run here: ``benchmarks/xu_probe.py`` (its modes agree bit
+for bit; on the CPU under the interpreter, where its timing is meaningless) and ``benchmarks/ncu_summary.py``'s pipe
+table on a small raw page shaped like Nsight Compute's CSV."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 
-import pytest
 import torch
 
 _BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
@@ -21,11 +20,11 @@ def _load(name: str):
 
 
 def test_xu_probe_modes_agree_bit_for_bit(monkeypatch):
-    if torch.cuda.is_available():
-        pytest.skip("the GPU runs the real probe")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     mod = _load("xu_probe")
-    res = mod.run(n=256, iters=3, block=128, warps=4, repeats=1, device="cpu")
+    res = mod.run(n=256, iters=3, block=128, warps=4, repeats=1, device=dev)
     assert res["same_bits"] == {"cvt_vs_add": True, "exp_cvt_vs_exp_add": True}
     assert set(res["ms"]) == set(mod.MODES)
 
