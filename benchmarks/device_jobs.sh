@@ -433,6 +433,8 @@ print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tok
           --top 8 2>&1 | head -n 40
         rm -f "$d/$tag.ncu-rep"
       done ;;
+    quant_profile)  # issue 15: the quantization's host vs device time, per kernel, and the whole call eager vs graphed
+      timeout ${QP_S:-200} python3 benchmarks/quant_profile.py --out "$d" ${QP_ARGS:-} > "$d/log" 2>&1; tail -n 60 "$d/log" ;;
     s15_qkv)  # the model half of s15_quant: captured Q/K/V at 4K through the kernel
       MD=${S15_MODEL:-$SMOL}; gem_if_md timeout 60 $M collect --model $MD --layers ${S15_LAYERS:-5,10,15,20,25,29} --lengths 4096 \
         --samples 1 --text-dir $ESSAYS --device cuda --out /tmp/m/qkv_s15 --quiet > "$d/collect.log" 2>&1

@@ -299,6 +299,48 @@ def test_balance_scales_guards():
     assert torch.allclose(inv * alpha, torch.ones_like(alpha))
 
 
+@pytest.mark.parametrize("smooth_k,smooth_q,balance", [(True, True, True), (True, False, True), (False, True, False),
+                                                       (False, False, True), (True, False, False)])
+def test_stats_finishing_kernel_matches_torch_bit_for_bit(smooth_k, smooth_q, balance):
+    """``_qk_finalize_kernel`` against the PyTorch arithmetic it replaced (chunk sums over tokens, ranges from the
+    channel max / min, :func:`balance_scales`) on partials with channels that have no finite entry, a zero range
+    and huge values; 37 chunks (more than one step of the kernel's chunk loop), GQA group 3, two sequences."""
+    from sparseattn.ops.triton import quantize as kq
+
+    B, Hkv, G, D, NCK, NCQ, nkv, nq = 2, 2, 3, 64, 37, 5, 4700, 600
+    gen = torch.Generator().manual_seed(3)
+
+    def parts(rows, nc):
+        s = torch.randn(rows, nc, D, generator=gen) * 50
+        mx = torch.rand(rows, nc, D, generator=gen) * 3
+        mn = -torch.rand(rows, nc, D, generator=gen) * 3
+        mx[:, :, 0], mn[:, :, 0] = float("-inf"), float("inf")  # channel 0: no finite entry anywhere
+        mx[:, :, 1], mn[:, :, 1], s[:, :, 1] = 0.0, 0.0, 0.0  # channel 1: all zero (range 0)
+        mx[:, :, 2] = mx[:, :, 2] * 1e30  # channel 2: huge values
+        return s, mx, mn
+
+    ks, kmx, kmn = parts(B * Hkv, NCK)
+    qs, qmx, qmn = parts(B * Hkv * G, NCQ)
+    out = [torch.full((B, n, D), float("nan")) for n in (Hkv, Hkv * G, Hkv, Hkv)]
+    kq._qk_finalize_kernel[(B * Hkv,)](ks.to(DEV), kmx.to(DEV), kmn.to(DEV), qs.to(DEV), qmx.to(DEV), qmn.to(DEV),
+                                       *(o := [t.to(DEV) for t in out]), G, NCK, NCQ, nkv, nq, HEAD_DIM=D, CH=32,
+                                       SMOOTH_K=smooth_k, SMOOTH_Q=smooth_q, BALANCE=balance)
+    k_mean, q_mean, ch_q, ch_k = (t.cpu() for t in o)
+    exp_k = (ks.double().sum(1) / nkv).float().view(B, Hkv, D) if smooth_k else torch.zeros(B, Hkv, D)
+    # the kernel sums the chunks in its own order: equal to float64's sum within fp32 rounding
+    assert torch.allclose(k_mean, exp_k, rtol=1e-6, atol=1e-6)
+    if smooth_q:
+        assert torch.allclose(q_mean, (qs.double().sum(1) / nq).float().view(B, Hkv * G, D), rtol=1e-6, atol=1e-6)
+    if balance:  # given the kernel's means, the factors are balance_scales' bits
+        qr = Q._range(qmx.amax(1).view(B, Hkv * G, D), qmn.amin(1).view(B, Hkv * G, D), q_mean if smooth_q else None)
+        kr = Q._range(kmx.amax(1).view(B, Hkv, D), kmn.amin(1).view(B, Hkv, D), k_mean if smooth_k else None)
+        inv, alpha = Q.balance_scales(qr, kr)
+        assert torch.equal(ch_k, alpha) and torch.equal(ch_q, inv)
+        assert bool((alpha[..., :2] == 1).all())  # no finite entry / zero range: no balancing
+    else:
+        assert bool(ch_k.isnan().all()) and bool(ch_q.isnan().all())  # not written
+
+
 def test_per_token_scales_beat_per_warp_on_uneven_rows():
     """Query rows whose norms differ by 30x inside one 16-row group and keys likewise: a per-token scale keeps
     every row's resolution, a shared one is set by the largest row."""

@@ -78,6 +78,7 @@ SUPPORTED_BLOCK_SIZES = (64, 128)
 _LOG2E = 1.4426950408889634
 _R = 128  # rows per quantization program (a multiple of every group span)
 _FP8_MAX = 448.0
+_FIN_CHUNKS = 32  # chunk partials per step of the statistics' finishing kernel
 _KBIAS_PAD = 256  # k_bias rows are allocated to a multiple of this many keys (covers every SUPPORTED_BLOCK_SIZES block)
 _MAX_GRID_Y = 65535
 
@@ -263,7 +264,10 @@ def balance_scales(q_range: torch.Tensor, k_range: torch.Tensor) -> tuple[torch.
     qr = q_range.reshape(B, Hkv, H // Hkv, D).amax(2)
     ok = (qr > 0) & (k_range > 0) & torch.isfinite(qr) & torch.isfinite(k_range)
     one = torch.ones_like(qr)
-    alpha = torch.where(ok, torch.sqrt(torch.where(ok, qr, one) / torch.where(ok, k_range, one)), one)
+    # the square root of the fp32 quotient, correctly rounded as the kernel's sqrt_rn (some CPU builds of torch.sqrt
+    # on float32 are not; float64 then one rounding to float32 is)
+    ratio = torch.where(ok, qr, one) / torch.where(ok, k_range, one)
+    alpha = torch.where(ok, torch.sqrt(ratio.double()).float(), one)
     return one / alpha, alpha
 
 
@@ -279,10 +283,11 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
     (qw, qt, qs_), (kw, kt, ks_) = GRANULARITIES[gran]
     n_chunks = cdiv(Nkv, _R)
 
+    f32 = dict(dtype=torch.float32, device=dev)
     ksum = vmax = kmax = kmin = None
     need_k = smooth_k or balance_qk
+    need_q = smooth_q or balance_qk
     if need_k or fp8:
-        f32 = dict(dtype=torch.float32, device=dev)
         ksum = torch.empty((B * Hkv, n_chunks, D), **f32) if need_k else None
         vmax = torch.empty((B * Hkv, n_chunks, D), **f32) if fp8 else None
         if balance_qk:
@@ -293,33 +298,39 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
             kmax if kmax is not None else dummy, kmin if kmin is not None else dummy,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             Hkv, Nkv, n_chunks, HEAD_DIM=D, R=_R, NEED_K=need_k, NEED_V=fp8, NEED_RANGE=balance_qk)
-    if smooth_k:
-        k_mean = (ksum.sum(1) / Nkv).view(B, Hkv, D)
-    else:
-        k_mean = torch.zeros((B, Hkv, D), dtype=torch.float32, device=dev)
+    # written by the finishing kernel below when it runs (zeros without K smoothing)
+    k_mean = torch.empty((B, Hkv, D), **f32) if (need_k or need_q) else torch.zeros((B, Hkv, D), **f32)
     mult = float(sm_scale) * _LOG2E
     q_mean = k_bias = None
     ch_q = ch_k = None
-    if smooth_q or balance_qk:  # per-channel statistics of the finite entries of Q per query head (the same kernel)
-        nq_chunks = cdiv(Nq, _R)
-        qsum = torch.empty((B * H, nq_chunks, D), dtype=torch.float32, device=dev)
-        qmax = torch.empty((B * H, nq_chunks, D), dtype=torch.float32, device=dev) if balance_qk else qsum
-        qmin = torch.empty((B * H, nq_chunks, D), dtype=torch.float32, device=dev) if balance_qk else qsum
+    nq_chunks = cdiv(Nq, _R)
+    qsum = qmax = qmin = None
+    if need_q:  # per-channel statistics of the finite entries of Q per query head (the same kernel)
+        qsum = torch.empty((B * H, nq_chunks, D), **f32)
+        qmax = torch.empty((B * H, nq_chunks, D), **f32) if balance_qk else qsum
+        qmin = torch.empty((B * H, nq_chunks, D), **f32) if balance_qk else qsum
         kq._kv_stats_kernel[(nq_chunks, B * H)](
             q, q, qsum, qsum, qmax, qmin, q.stride(0), q.stride(1), q.stride(2), q.stride(0), q.stride(1), q.stride(2),
             H, Nq, nq_chunks, HEAD_DIM=D, R=_R, NEED_K=True, NEED_V=False, NEED_RANGE=balance_qk)
         if smooth_q:
-            q_mean = (qsum.sum(1) / Nq).view(B, H, D)
+            q_mean = torch.empty((B, H, D), **f32)
             # rows padded to a multiple of _KBIAS_PAD keys: the kernel reads bias tiles unmasked (_kbias_for_launch)
             kb_cols = cdiv(Nkv, _KBIAS_PAD) * _KBIAS_PAD
-            k_bias = torch.empty((B, H, kb_cols), dtype=torch.float32, device=dev)
+            k_bias = torch.empty((B, H, kb_cols), **f32)
             if kb_cols > Nkv:
                 k_bias[..., Nkv:].zero_()
             k_bias = k_bias[..., :Nkv]
         if balance_qk:
-            q_range = _range(qmax.amax(1).view(B, H, D), qmin.amin(1).view(B, H, D), q_mean)
-            k_range = _range(kmax.amax(1).view(B, Hkv, D), kmin.amin(1).view(B, Hkv, D), k_mean)  # zeros if unsmoothed
-            ch_q, ch_k = balance_scales(q_range, k_range)
+            ch_q, ch_k = torch.empty((B, Hkv, D), **f32), torch.empty((B, Hkv, D), **f32)
+    if need_k or need_q:
+        # means, ranges and balancing factors from the chunk partials, one launch (balance_scales' arithmetic)
+        kq._qk_finalize_kernel[(B * Hkv,)](
+            ksum if ksum is not None else k_mean, kmax if kmax is not None else k_mean,
+            kmin if kmin is not None else k_mean, qsum if qsum is not None else k_mean,
+            qmax if qmax is not None else k_mean, qmin if qmin is not None else k_mean, k_mean,
+            q_mean if q_mean is not None else k_mean, ch_q if ch_q is not None else k_mean,
+            ch_k if ch_k is not None else k_mean, H // Hkv, n_chunks if need_k else 0, nq_chunks if need_q else 0,
+            Nkv, Nq, HEAD_DIM=D, CH=_FIN_CHUNKS, SMOOTH_K=smooth_k, SMOOTH_Q=smooth_q, BALANCE=balance_qk)
 
     # K (with Q smoothing, also k_bias = mult * q_mean . (k - k_mean) for each query head of the KV head)
     nkg = cdiv(Nkv, kw) * kt

@@ -1,11 +1,14 @@
 """Triton quantization kernels for :mod:`sparseattn.ops.quant` (``@triton.jit`` code only).
 
-Three kernels, all reading the bf16/fp16 inputs once:
+Four kernels; the three that read the bf16/fp16 inputs read them once:
 
 * :func:`_kv_stats_kernel` — per chunk of ``R`` tokens of one (batch, kv head): the sum over tokens of
   the *finite* entries of K per channel (for the smoothing mean) and, for the FP8 P·V path, the max
   of ``|v|`` over the finite entries of V per channel. Partial results per chunk; the launcher adds
   them up (deterministic, no atomics).
+* :func:`_qk_finalize_kernel` — one program per (batch, kv head) finishes what the chunks left: K's and Q's means,
+  and the Q/K balancing factors from the channel ranges (:func:`sparseattn.ops.quant.balance_scales`'s arithmetic,
+  with IEEE division and square root), in one launch instead of a few dozen small PyTorch operations.
 * :func:`_quant_rows_kernel` — INT8 quantization of (smoothed) Q or (smoothed) K with one scale per *group*
   of rows (see :mod:`sparseattn.ops.quant` for the groups: block, warp, thread, token). ``R`` rows of one
   head are loaded as a ``[G, M, D]`` tile whose first axis *is* the group (rows gathered by index), so a
@@ -94,6 +97,81 @@ def _kv_stats_kernel(
                     + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
         av = tl.abs(v)
         tl.store(VMax + out_off, tl.max(tl.where(av < float("inf"), av, 0.0), 0))
+
+
+@triton.jit
+def _qk_finalize_kernel(
+    KSum, KMax, KMin, QSum, QMax, QMin, KMean, QMean, ChQ, ChK,
+    GROUP, NC_K, NC_Q, n_kv, n_q,
+    HEAD_DIM: tl.constexpr, CH: tl.constexpr,
+    SMOOTH_K: tl.constexpr, SMOOTH_Q: tl.constexpr, BALANCE: tl.constexpr,
+):
+    """Per (batch, kv head): the statistics :func:`_kv_stats_kernel` left per chunk, finished in one launch.
+
+    ``KMean = sum(KSum) / n_kv`` (zeros without ``SMOOTH_K``), ``QMean[h] = sum(QSum[h]) / n_q`` for the ``GROUP`` query
+    heads of this KV head (``SMOOTH_Q``), and with ``BALANCE`` the channel factors of
+    :func:`sparseattn.ops.quant.balance_scales` from the (smoothed) ranges ``max(max - mean, mean - min)``:
+    ``alpha = sqrt_rn(div_rn(max_h qrange_h, krange))`` where both ranges are finite and positive, else 1;
+    ``ChQ = div_rn(1, alpha)``, ``ChK = alpha`` (IEEE division and square root: the same bits as the PyTorch ops).
+    Chunk partials are ``[rows, NC, HEAD_DIM]`` float32, rows ``b * H_kv + h`` for K and ``b * H + h`` for Q.
+    """
+    pid = tl.program_id(0)  # b * H_kv + h
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_c = tl.arange(0, CH)
+    base_k = pid.to(tl.int64) * NC_K * HEAD_DIM
+    ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    kmax = tl.full([HEAD_DIM], float("-inf"), tl.float32)
+    kmin = tl.full([HEAD_DIM], float("inf"), tl.float32)
+    for c0 in range(0, NC_K, CH):
+        ok = (c0 + offs_c)[:, None] < NC_K
+        off = base_k + (c0 + offs_c)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+        if SMOOTH_K:
+            ksum += tl.sum(tl.load(KSum + off, mask=ok, other=0.0), 0)
+        if BALANCE:
+            kmax = tl.maximum(kmax, tl.max(tl.load(KMax + off, mask=ok, other=float("-inf")), 0))
+            kmin = tl.minimum(kmin, tl.min(tl.load(KMin + off, mask=ok, other=float("inf")), 0))
+    inf = float("inf")
+    if SMOOTH_K:
+        kmean = tl.math.div_rn(ksum, tl.full([HEAD_DIM], 1.0, tl.float32) * n_kv)
+    else:
+        kmean = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    tl.store(KMean + pid.to(tl.int64) * HEAD_DIM + offs_d, kmean)
+    # a sum that overflowed makes a mean infinite: PyTorch's ranges are then NaN, which its isfinite test refuses;
+    # tl.maximum may drop a NaN, so the finite means are required explicitly
+    means_ok = tl.abs(kmean) < inf
+    qr = tl.full([HEAD_DIM], float("-inf"), tl.float32)
+    for g in range(0, GROUP):
+        hq = pid * GROUP + g  # = b * H + h_kv * GROUP + g
+        base_q = hq.to(tl.int64) * NC_Q * HEAD_DIM
+        qsum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        qmax = tl.full([HEAD_DIM], float("-inf"), tl.float32)
+        qmin = tl.full([HEAD_DIM], float("inf"), tl.float32)
+        for c0 in range(0, NC_Q, CH):
+            ok = (c0 + offs_c)[:, None] < NC_Q
+            off = base_q + (c0 + offs_c)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+            if SMOOTH_Q:
+                qsum += tl.sum(tl.load(QSum + off, mask=ok, other=0.0), 0)
+            if BALANCE:
+                qmax = tl.maximum(qmax, tl.max(tl.load(QMax + off, mask=ok, other=float("-inf")), 0))
+                qmin = tl.minimum(qmin, tl.min(tl.load(QMin + off, mask=ok, other=float("inf")), 0))
+        if SMOOTH_Q:
+            qmean = tl.math.div_rn(qsum, tl.full([HEAD_DIM], 1.0, tl.float32) * n_q)
+            tl.store(QMean + hq.to(tl.int64) * HEAD_DIM + offs_d, qmean)
+            means_ok = means_ok & (tl.abs(qmean) < inf)
+            qr_h = tl.maximum(qmax - qmean, qmean - qmin)
+        else:
+            qr_h = tl.maximum(qmax, -qmin)
+        qr = tl.maximum(qr, qr_h)
+    if BALANCE:
+        if SMOOTH_K:
+            kr = tl.maximum(kmax - kmean, kmean - kmin)
+        else:
+            kr = tl.maximum(kmax, -kmin)
+        ok = means_ok & (qr > 0.0) & (kr > 0.0) & (tl.abs(qr) < inf) & (tl.abs(kr) < inf)
+        one = tl.full([HEAD_DIM], 1.0, tl.float32)
+        alpha = tl.where(ok, tl.math.sqrt_rn(tl.math.div_rn(tl.where(ok, qr, one), tl.where(ok, kr, one))), one)
+        tl.store(ChQ + pid.to(tl.int64) * HEAD_DIM + offs_d, tl.math.div_rn(one, alpha))
+        tl.store(ChK + pid.to(tl.int64) * HEAD_DIM + offs_d, alpha)
 
 
 @triton.jit

@@ -1,0 +1,138 @@
+"""Where the quantized prefill's quantization time goes: host (Python, launches) or device (the kernels).
+
+Issue 15 counts the fused quantization of Q/K/V in every benchmark. ``bench_quant.py`` reported 0.6-0.7 ms for it at
+every shape from 4K to 32K (H=32, H_kv=8, D=128; BENCHMARKS.md, H200), which reads as a host-bound call. This script
+separates the two, per option set (the defaults; K smoothing only), same process:
+
+* ``host_us``: Python time of one eager ``quantize_qkv`` call (``perf_counter`` over ``--calls`` calls issued back to
+  back, no synchronisation inside the loop; the GPU queue is drained before and after);
+* ``eager_ms``: ``bench_ms`` of the eager call (CUDA events, median) -- what ``bench_quant.py`` reports as ``quant_ms``;
+* ``graph_ms``: ``bench_ms`` of the same call replayed from a CUDA graph (device time, no host work);
+* per-kernel device time (``torch.profiler``, CUDA activity, mean over ``--calls`` calls), largest first;
+* the whole ``quantized_attention`` call at density 1.0 and 0.1, eager and graphed (a graph capture that fails means a
+  host synchronisation inside the call; the error is printed).
+
+    PYTHONPATH=src python3 benchmarks/quant_profile.py --seqlens 4096 32768 --out /tmp/qp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from sparseattn.layout.patterns import random_layout  # noqa: E402
+from sparseattn.ops import quant as Q  # noqa: E402
+from sparseattn.testing.timing import bench_ms, capture_graph  # noqa: E402
+
+OPTIONS = {"default": (True, True), "k_only": (False, False)}  # (smooth_q, balance_qk); K smoothing always on
+
+
+def host_us(fn: Callable[[], Any], calls: int) -> float:
+    """Mean Python time of one call, ``calls`` issued back to back (the queue drained before and after)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def kernel_times(fn: Callable[[], Any], calls: int) -> list[tuple[str, float, int]]:
+    """(kernel name, mean device µs per call, launches per call) from ``torch.profiler``, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        dev = getattr(ev, "device_time_total", None)
+        if dev is None:
+            dev = getattr(ev, "cuda_time_total", 0.0)
+        if dev and ev.count:
+            rows.append((ev.key[:70], dev / calls, round(ev.count / calls)))
+    rows.sort(key=lambda r: -r[1])
+    return rows
+
+
+def timed(name: str, fn: Callable[[], Any], calls: int) -> dict[str, Any]:
+    rec: dict[str, Any] = {"row": name}
+    fn()
+    rec["host_us"] = round(host_us(fn, calls), 1)
+    rec["eager_ms"] = round(bench_ms(fn), 4)
+    try:
+        rec["graph_ms"] = round(bench_ms(capture_graph(fn)), 4)
+    except Exception as exc:  # a capture error means a host read inside the call
+        rec["graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return rec
+
+
+def run_seqlen(N: int, a: argparse.Namespace) -> list[dict[str, Any]]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, H, Hkv, D = 1, a.heads, a.kv_heads, a.head_dim
+    q, k, v = (torch.randn(B, h, N, D, generator=g, device="cuda").to(torch.bfloat16) for h in (H, Hkv, Hkv))
+    lays = {1.0: None, 0.1: random_layout(N, N, density=0.1, seed=1234, block_m=128, block_n=128, batch=B,
+                                          heads=H, causal=True, device="cuda")}
+    rows: list[dict[str, Any]] = []
+    for opt, (sq, bal) in OPTIONS.items():
+        def quant(sq: bool = sq, bal: bool = bal) -> Any:
+            return Q.quantize_qkv(q, k, v, smooth_q=sq, balance_qk=bal)
+
+        rec = timed("quantize_qkv", quant, a.calls)
+        rec.update(seqlen=N, options=opt, kernels=kernel_times(quant, a.calls))
+        rows.append(rec)
+        print(json.dumps({kk: vv for kk, vv in rec.items() if kk != "kernels"}), flush=True)
+        for name, us, n in rec["kernels"][:12]:
+            print(f"    {us:9.1f} us  x{n}  {name}", flush=True)
+        for dens, lay in lays.items():
+            def attn(lay: Any = lay, sq: bool = sq, bal: bool = bal) -> Any:
+                return Q.quantized_attention(q, k, v, layout=lay, causal=True, smooth_q=sq, balance_qk=bal)
+
+            rec = timed("quantized_attention", attn, max(3, a.calls // 4))
+            rec.update(seqlen=N, options=opt, density=dens)
+            rows.append(rec)
+            print(json.dumps(rec), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seqlens", nargs="+", type=int, default=[4096, 32768])
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("quant_profile: no CUDA device", file=sys.stderr)
+        return 2
+    os.makedirs(a.out, exist_ok=True)
+    print(f"quant_profile: {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    rows: list[dict[str, Any]] = []
+    for N in a.seqlens:
+        rows += run_seqlen(N, a)
+        torch.cuda.empty_cache()
+    with open(os.path.join(a.out, "quant_profile.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    print("| seqlen | options | call | density | host µs | eager ms | graph ms |")
+    print("|---:|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['seqlen']} | {r['options']} | {r['row']} | {r.get('density', '-')} | {r['host_us']} | "
+              f"{r['eager_ms']} | {r.get('graph_ms', r.get('graph_error', '-'))} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
