@@ -100,6 +100,36 @@ def _kv_stats_kernel(
 
 
 @triton.jit
+def _chunk_stats(Sum, Max, Min, row, NC, HEAD_DIM: tl.constexpr, CH: tl.constexpr, NEED_SUM: tl.constexpr,
+                 NEED_RANGE: tl.constexpr):
+    """Per channel over the ``NC`` chunk partials of one row of ``[rows, NC, HEAD_DIM]``: the sum (``NEED_SUM``)
+    and the max / min (``NEED_RANGE``; ``-inf`` / ``+inf`` where no chunk has a finite entry)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_c = tl.arange(0, CH)
+    base = row.to(tl.int64) * NC * HEAD_DIM
+    tot = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    mx = tl.full([HEAD_DIM], float("-inf"), tl.float32)
+    mn = tl.full([HEAD_DIM], float("inf"), tl.float32)
+    for c0 in range(0, NC, CH):
+        ok = (c0 + offs_c)[:, None] < NC
+        off = base + (c0 + offs_c)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+        if NEED_SUM:
+            tot += tl.sum(tl.load(Sum + off, mask=ok, other=0.0), 0)
+        if NEED_RANGE:
+            mx = tl.maximum(mx, tl.max(tl.load(Max + off, mask=ok, other=float("-inf")), 0))
+            mn = tl.minimum(mn, tl.min(tl.load(Min + off, mask=ok, other=float("inf")), 0))
+    return tot, mx, mn
+
+
+@triton.jit
+def _channel_range(mx, mn, mean, SMOOTH: tl.constexpr):
+    """``max |x - mean|`` over the finite entries from their max and min (``max |x|`` without smoothing)."""
+    if SMOOTH:
+        return tl.maximum(mx - mean, mean - mn)
+    return tl.maximum(mx, -mn)
+
+
+@triton.jit
 def _qk_finalize_kernel(
     KSum, KMax, KMin, QSum, QMax, QMin, KMean, QMean, ChQ, ChK,
     GROUP, NC_K, NC_Q, n_kv, n_q,
@@ -117,24 +147,10 @@ def _qk_finalize_kernel(
     """
     pid = tl.program_id(0)  # b * H_kv + h
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_c = tl.arange(0, CH)
-    base_k = pid.to(tl.int64) * NC_K * HEAD_DIM
-    ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    kmax = tl.full([HEAD_DIM], float("-inf"), tl.float32)
-    kmin = tl.full([HEAD_DIM], float("inf"), tl.float32)
-    for c0 in range(0, NC_K, CH):
-        ok = (c0 + offs_c)[:, None] < NC_K
-        off = base_k + (c0 + offs_c)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
-        if SMOOTH_K:
-            ksum += tl.sum(tl.load(KSum + off, mask=ok, other=0.0), 0)
-        if BALANCE:
-            kmax = tl.maximum(kmax, tl.max(tl.load(KMax + off, mask=ok, other=float("-inf")), 0))
-            kmin = tl.minimum(kmin, tl.min(tl.load(KMin + off, mask=ok, other=float("inf")), 0))
     inf = float("inf")
-    if SMOOTH_K:
-        kmean = tl.math.div_rn(ksum, tl.full([HEAD_DIM], 1.0, tl.float32) * n_kv)
-    else:
-        kmean = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    one = tl.full([HEAD_DIM], 1.0, tl.float32)
+    ksum, kmax, kmin = _chunk_stats(KSum, KMax, KMin, pid, NC_K, HEAD_DIM, CH, SMOOTH_K, BALANCE)
+    kmean = tl.math.div_rn(ksum, one * n_kv) if SMOOTH_K else tl.zeros([HEAD_DIM], dtype=tl.float32)
     tl.store(KMean + pid.to(tl.int64) * HEAD_DIM + offs_d, kmean)
     # a sum that overflowed makes a mean infinite: PyTorch's ranges are then NaN, which its isfinite test refuses;
     # tl.maximum may drop a NaN, so the finite means are required explicitly
@@ -142,33 +158,15 @@ def _qk_finalize_kernel(
     qr = tl.full([HEAD_DIM], float("-inf"), tl.float32)
     for g in range(0, GROUP):
         hq = pid * GROUP + g  # = b * H + h_kv * GROUP + g
-        base_q = hq.to(tl.int64) * NC_Q * HEAD_DIM
-        qsum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        qmax = tl.full([HEAD_DIM], float("-inf"), tl.float32)
-        qmin = tl.full([HEAD_DIM], float("inf"), tl.float32)
-        for c0 in range(0, NC_Q, CH):
-            ok = (c0 + offs_c)[:, None] < NC_Q
-            off = base_q + (c0 + offs_c)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
-            if SMOOTH_Q:
-                qsum += tl.sum(tl.load(QSum + off, mask=ok, other=0.0), 0)
-            if BALANCE:
-                qmax = tl.maximum(qmax, tl.max(tl.load(QMax + off, mask=ok, other=float("-inf")), 0))
-                qmin = tl.minimum(qmin, tl.min(tl.load(QMin + off, mask=ok, other=float("inf")), 0))
+        qsum, qmax, qmin = _chunk_stats(QSum, QMax, QMin, hq, NC_Q, HEAD_DIM, CH, SMOOTH_Q, BALANCE)
+        qmean = tl.math.div_rn(qsum, one * n_q)
         if SMOOTH_Q:
-            qmean = tl.math.div_rn(qsum, tl.full([HEAD_DIM], 1.0, tl.float32) * n_q)
             tl.store(QMean + hq.to(tl.int64) * HEAD_DIM + offs_d, qmean)
             means_ok = means_ok & (tl.abs(qmean) < inf)
-            qr_h = tl.maximum(qmax - qmean, qmean - qmin)
-        else:
-            qr_h = tl.maximum(qmax, -qmin)
-        qr = tl.maximum(qr, qr_h)
+        qr = tl.maximum(qr, _channel_range(qmax, qmin, qmean, SMOOTH_Q))
     if BALANCE:
-        if SMOOTH_K:
-            kr = tl.maximum(kmax - kmean, kmean - kmin)
-        else:
-            kr = tl.maximum(kmax, -kmin)
+        kr = _channel_range(kmax, kmin, kmean, SMOOTH_K)
         ok = means_ok & (qr > 0.0) & (kr > 0.0) & (tl.abs(qr) < inf) & (tl.abs(kr) < inf)
-        one = tl.full([HEAD_DIM], 1.0, tl.float32)
         alpha = tl.where(ok, tl.math.sqrt_rn(tl.math.div_rn(tl.where(ok, qr, one), tl.where(ok, kr, one))), one)
         tl.store(ChQ + pid.to(tl.int64) * HEAD_DIM + offs_d, tl.math.div_rn(one, alpha))
         tl.store(ChK + pid.to(tl.int64) * HEAD_DIM + offs_d, alpha)
