@@ -1,6 +1,7 @@
-"""The measurement helpers of the twenty-ninth session run here: ``benchmarks/xu_probe.py`` (its modes agree bit
-for bit; on the CPU under the interpreter, where its timing is meaningless) and ``benchmarks/ncu_summary.py``'s pipe
-table on a small raw page shaped like Nsight Compute's CSV."""
+"""The measurement helpers of the twenty-ninth and thirtieth sessions run here: ``benchmarks/xu_probe.py`` (its modes
+agree bit for bit; on the CPU under the interpreter, where its timing is meaningless), ``benchmarks/ncu_summary.py``'s
+pipe table on a small raw page shaped like Nsight Compute's CSV, and ``benchmarks/quant_profile.py`` (a tiny run on a
+GPU, its refusal without one)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,20 @@ def test_ncu_summary_pipe_table(tmp_path):
                    '"0","1,161.95","28.81","27.36","x"\n')
     rows = mod.pipe_utilisation(str(raw))
     assert rows == [("duration_us", 1161.95), ("xu", 28.81), ("alu", 27.36)]
+
+
+def test_quant_profile_runs_or_names_why_not(tmp_path, capsys):
+    """``benchmarks/quant_profile.py`` (thirtieth session): on a GPU a tiny run writes every row with its eager and
+    graphed times; without one it refuses with exit status 2 and says why."""
+    mod = _load("quant_profile")
+    argv = ["--seqlens", "256", "--heads", "2", "--kv-heads", "1", "--calls", "2", "--out", str(tmp_path)]
+    if not torch.cuda.is_available():
+        assert mod.main(argv) == 2
+        assert "quant_profile: no CUDA device" in capsys.readouterr().err
+        return
+    assert mod.main(argv) == 0
+    import json
+
+    rows = json.load(open(tmp_path / "quant_profile.json"))["rows"]
+    assert len(rows) == 2 * 3  # (quantize_qkv + the call at two densities) x two option sets
+    assert all(r["eager_ms"] > 0 and r["host_us"] > 0 and ("graph_ms" in r or "graph_error" in r) for r in rows)
