@@ -91,6 +91,35 @@ def test_quantizer_matches_emulation(quant, gran, shift):
         assert torch.allclose(qq.v_scale, qr.v_scale, rtol=FP32_SCALE_RTOL, atol=0)
 
 
+@pytest.mark.parametrize("quant", MODES)
+def test_quantizer_statistics_over_several_tiles_per_program(quant, monkeypatch):
+    """Past ``_STATS_CHUNKS`` tiles of ``_R`` rows the statistics kernel reads several tiles per program (``STEPS``):
+    with small caps, 3 tiles per program here (one partial chunk at the end of each length), the means, factors,
+    INT8 values and FP8 V equal the emulation's given the kernel's means, as with one tile per program."""
+    monkeypatch.setattr(Q, "_STATS_CHUNKS", 2)
+    monkeypatch.setattr(Q, "_STATS_MIN_PROGRAMS", 1)
+    assert Q._stats_steps(6, 2) == 3 and Q._stats_steps(6, 1) == 3
+    q, k, v = _qkv(1, 2, 1, 700, 650, 64, seed=4, k_shift=5.0)  # 6 and 6 tiles of 128 rows -> 2 partials of 3
+    qq = Q.quantize_qkv(q, k, v, quant=quant)
+    qr = quantize_reference(q, k, v, quant=quant, k_mean=qq.k_mean, q_mean=qq.q_mean)
+    pr = quantize_reference(q, k, v, quant=quant)
+    assert torch.allclose(qq.k_mean.cpu(), pr.k_mean.cpu(), atol=FP32_ATOL, rtol=FP32_RTOL)
+    assert torch.allclose(qq.q_mean.cpu(), pr.q_mean.cpu(), atol=FP32_ATOL, rtol=FP32_RTOL)
+    assert torch.equal(qq.qk_alpha, qr.qk_alpha)
+    lim = 0 if DEV == "cpu" else T.QUANT_INT8_MAX_UNIT_DIFF
+    assert int((qq.q_int8.int() - qr.q_int8.int()).abs().max()) <= lim
+    assert int((qq.k_int8.int() - qr.k_int8.int()).abs().max()) <= lim
+    if quant == "int8_fp8":
+        assert torch.allclose(qq.v_scale, qr.v_scale, rtol=FP32_SCALE_RTOL, atol=0)
+        assert torch.equal(qq.v[..., :650].float().cpu(), qr.v[..., :650].cpu())
+
+
+def test_stats_steps_rule():
+    # short inputs: one tile per program; long ones: at most _STATS_CHUNKS partials, at least _STATS_MIN_PROGRAMS
+    assert Q._stats_steps(32, 8) == 1 and Q._stats_steps(1, 1) == 1
+    assert Q._stats_steps(256, 32) == 8 and Q._stats_steps(256, 8) == 4 and Q._stats_steps(1024, 8) == 16
+
+
 @triton.jit
 def _e4m3_kernel(X, Y, N: tl.constexpr):
     o = tl.arange(0, N)

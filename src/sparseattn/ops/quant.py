@@ -79,6 +79,8 @@ _LOG2E = 1.4426950408889634
 _R = 128  # rows per quantization program (a multiple of every group span)
 _FP8_MAX = 448.0
 _FIN_CHUNKS = 32  # chunk partials per step of the statistics' finishing kernel
+_STATS_CHUNKS = 32  # at most this many statistics partials per row: longer inputs give each program more R-row tiles
+_STATS_MIN_PROGRAMS = 512  # ... unless that leaves the statistics launch with fewer programs than this
 _KBIAS_PAD = 256  # k_bias rows are allocated to a multiple of this many keys (covers every SUPPORTED_BLOCK_SIZES block)
 _MAX_GRID_Y = 65535
 
@@ -271,6 +273,14 @@ def balance_scales(q_range: torch.Tensor, k_range: torch.Tensor) -> tuple[torch.
     return one / alpha, alpha
 
 
+def _stats_steps(n_tiles: int, rows: int) -> int:
+    """R-row tiles per program of the statistics kernel for ``rows`` (batch, head) rows of ``n_tiles`` tiles: enough
+    that a row leaves at most ``_STATS_CHUNKS`` partials for the finishing kernel (whose few programs read them all;
+    with one tile per program it took 252 µs at 32K on an H100), but never so many that the launch has fewer than
+    ``_STATS_MIN_PROGRAMS`` programs."""
+    return max(1, min(cdiv(n_tiles, _STATS_CHUNKS), (n_tiles * rows) // _STATS_MIN_PROGRAMS))
+
+
 def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gran: str, sm_scale: float,
               smooth_k: bool, smooth_q: bool = True, balance_qk: bool = True) -> QuantizedQKV:
     from sparseattn.ops.triton import quantize as kq
@@ -281,29 +291,32 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
     dev = q.device
     fp8 = quant == "int8_fp8"
     (qw, qt, qs_), (kw, kt, ks_) = GRANULARITIES[gran]
-    n_chunks = cdiv(Nkv, _R)
+    n_chunks = cdiv(Nkv, _R)  # R-row tiles of the quantization kernels
+    k_steps = _stats_steps(n_chunks, B * Hkv)
+    nk_stats = cdiv(n_chunks, k_steps)
 
     f32 = dict(dtype=torch.float32, device=dev)
     ksum = vmax = kmax = kmin = None
     need_k = smooth_k or balance_qk
     need_q = smooth_q or balance_qk
     if need_k or fp8:
-        ksum = torch.empty((B * Hkv, n_chunks, D), **f32) if need_k else None
-        vmax = torch.empty((B * Hkv, n_chunks, D), **f32) if fp8 else None
+        ksum = torch.empty((B * Hkv, nk_stats, D), **f32) if need_k else None
+        vmax = torch.empty((B * Hkv, nk_stats, D), **f32) if fp8 else None
         if balance_qk:
-            kmax, kmin = torch.empty((B * Hkv, n_chunks, D), **f32), torch.empty((B * Hkv, n_chunks, D), **f32)
+            kmax, kmin = torch.empty((B * Hkv, nk_stats, D), **f32), torch.empty((B * Hkv, nk_stats, D), **f32)
         dummy = ksum if ksum is not None else vmax
-        kq._kv_stats_kernel[(n_chunks, B * Hkv)](
+        kq._kv_stats_kernel[(nk_stats, B * Hkv)](
             k, v, ksum if ksum is not None else dummy, vmax if vmax is not None else dummy,
             kmax if kmax is not None else dummy, kmin if kmin is not None else dummy,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            Hkv, Nkv, n_chunks, HEAD_DIM=D, R=_R, NEED_K=need_k, NEED_V=fp8, NEED_RANGE=balance_qk)
+            Hkv, Nkv, nk_stats, k_steps, HEAD_DIM=D, R=_R, NEED_K=need_k, NEED_V=fp8, NEED_RANGE=balance_qk)
     # written by the finishing kernel below when it runs (zeros without K smoothing)
     k_mean = torch.empty((B, Hkv, D), **f32) if (need_k or need_q) else torch.zeros((B, Hkv, D), **f32)
     mult = float(sm_scale) * _LOG2E
     q_mean = k_bias = None
     ch_q = ch_k = None
-    nq_chunks = cdiv(Nq, _R)
+    q_steps = _stats_steps(cdiv(Nq, _R), B * H)
+    nq_chunks = cdiv(cdiv(Nq, _R), q_steps)
     qsum = qmax = qmin = None
     if need_q:  # per-channel statistics of the finite entries of Q per query head (the same kernel)
         qsum = torch.empty((B * H, nq_chunks, D), **f32)
@@ -311,7 +324,7 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
         qmin = torch.empty((B * H, nq_chunks, D), **f32) if balance_qk else qsum
         kq._kv_stats_kernel[(nq_chunks, B * H)](
             q, q, qsum, qsum, qmax, qmin, q.stride(0), q.stride(1), q.stride(2), q.stride(0), q.stride(1), q.stride(2),
-            H, Nq, nq_chunks, HEAD_DIM=D, R=_R, NEED_K=True, NEED_V=False, NEED_RANGE=balance_qk)
+            H, Nq, nq_chunks, q_steps, HEAD_DIM=D, R=_R, NEED_K=True, NEED_V=False, NEED_RANGE=balance_qk)
         if smooth_q:
             q_mean = torch.empty((B, H, D), **f32)
             # rows padded to a multiple of _KBIAS_PAD keys: the kernel reads bias tiles unmasked (_kbias_for_launch)
@@ -329,7 +342,7 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
             kmin if kmin is not None else k_mean, qsum if qsum is not None else k_mean,
             qmax if qmax is not None else k_mean, qmin if qmin is not None else k_mean, k_mean,
             q_mean if q_mean is not None else k_mean, ch_q if ch_q is not None else k_mean,
-            ch_k if ch_k is not None else k_mean, H // Hkv, n_chunks if need_k else 0, nq_chunks if need_q else 0,
+            ch_k if ch_k is not None else k_mean, H // Hkv, nk_stats if need_k else 0, nq_chunks if need_q else 0,
             Nkv, Nq, HEAD_DIM=D, CH=_FIN_CHUNKS, SMOOTH_K=smooth_k, SMOOTH_Q=smooth_q, BALANCE=balance_qk)
 
     # K (with Q smoothing, also k_bias = mult * q_mean . (k - k_mean) for each query head of the KV head)

@@ -2,7 +2,7 @@
 
 Four kernels; the three that read the bf16/fp16 inputs read them once:
 
-* :func:`_kv_stats_kernel` — per chunk of ``R`` tokens of one (batch, kv head): the sum over tokens of
+* :func:`_kv_stats_kernel` — per chunk of ``STEPS * R`` tokens of one (batch, kv head): the sum over tokens of
   the *finite* entries of K per channel (for the smoothing mean) and, for the FP8 P·V path, the max
   of ``|v|`` over the finite entries of V per channel. Partial results per chunk; the launcher adds
   them up (deterministic, no atomics).
@@ -69,34 +69,49 @@ def _kv_stats_kernel(
     K, V, KSum, VMax, KMax, KMin,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    HKV, N, N_CHUNKS,
+    HKV, N, N_CHUNKS, STEPS,
     HEAD_DIM: tl.constexpr, R: tl.constexpr, NEED_K: tl.constexpr, NEED_V: tl.constexpr,
     NEED_RANGE: tl.constexpr = False,
 ):
-    """Partial per-channel sums of finite K and max |finite V| over ``R`` tokens: ``[B*HKV, N_CHUNKS, D]``; with
-    ``NEED_RANGE`` also the max and min of the finite K entries (``-inf`` / ``+inf`` where a chunk has none)."""
+    """Partial per-channel sums of finite K and max |finite V| over ``STEPS * R`` tokens (``STEPS`` tiles of ``R``
+    rows, one after the other): ``[B*HKV, N_CHUNKS, D]``; with ``NEED_RANGE`` also the max and min of the finite K
+    entries (``-inf`` / ``+inf`` where a chunk has none)."""
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     h = pid_bh % HKV
-    rows = pid_c * R + tl.arange(0, R)
     offs_d = tl.arange(0, HEAD_DIM)
-    ok = rows[:, None] < N
     out_off = (pid_bh.to(tl.int64) * N_CHUNKS + pid_c) * HEAD_DIM + offs_d
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    kmax = tl.full([HEAD_DIM], float("-inf"), tl.float32)
+    kmin = tl.full([HEAD_DIM], float("inf"), tl.float32)
+    vmax = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for step in range(0, STEPS):
+        rows = (pid_c * STEPS + step) * R + tl.arange(0, R)
+        ok = rows[:, None] < N
+        if NEED_K:
+            k = tl.load(k_base + rows[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=ok,
+                        other=0.0).to(tl.float32)
+            fin = tl.abs(k) < float("inf")  # False for NaN and +-inf
+            ksum += tl.sum(tl.where(fin, k, 0.0), 0)
+            if NEED_RANGE:
+                live = fin & ok
+                kmax = tl.maximum(kmax, tl.max(tl.where(live, k, float("-inf")), 0))
+                kmin = tl.minimum(kmin, tl.min(tl.where(live, k, float("inf")), 0))
+        if NEED_V:
+            v = tl.load(v_base + rows[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=ok,
+                        other=0.0).to(tl.float32)
+            av = tl.abs(v)
+            vmax = tl.maximum(vmax, tl.max(tl.where(av < float("inf"), av, 0.0), 0))
     if NEED_K:
-        k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + rows[:, None].to(tl.int64) * stride_kn
-                    + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-        fin = tl.abs(k) < float("inf")  # False for NaN and +-inf
-        tl.store(KSum + out_off, tl.sum(tl.where(fin, k, 0.0), 0))
+        tl.store(KSum + out_off, ksum)
         if NEED_RANGE:
-            live = fin & ok
-            tl.store(KMax + out_off, tl.max(tl.where(live, k, float("-inf")), 0))
-            tl.store(KMin + out_off, tl.min(tl.where(live, k, float("inf")), 0))
+            tl.store(KMax + out_off, kmax)
+            tl.store(KMin + out_off, kmin)
     if NEED_V:
-        v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + rows[:, None].to(tl.int64) * stride_vn
-                    + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-        av = tl.abs(v)
-        tl.store(VMax + out_off, tl.max(tl.where(av < float("inf"), av, 0.0), 0))
+        tl.store(VMax + out_off, vmax)
 
 
 @triton.jit
