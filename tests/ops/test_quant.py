@@ -333,7 +333,8 @@ def test_balance_scales_guards():
 def test_stats_finishing_kernel_matches_torch_bit_for_bit(smooth_k, smooth_q, balance):
     """``_qk_finalize_kernel`` against the PyTorch arithmetic it replaced (chunk sums over tokens, ranges from the
     channel max / min, :func:`balance_scales`) on partials with channels that have no finite entry, a zero range
-    and huge values; 37 chunks (more than one step of the kernel's chunk loop), GQA group 3, two sequences."""
+    and huge values; 37 chunks (more than one step of the kernel's chunk loop), 4 programs of 16 channels per row,
+    GQA group 3, two sequences."""
     from sparseattn.ops.triton import quantize as kq
 
     B, Hkv, G, D, NCK, NCQ, nkv, nq = 2, 2, 3, 64, 37, 5, 4700, 600
@@ -351,9 +352,10 @@ def test_stats_finishing_kernel_matches_torch_bit_for_bit(smooth_k, smooth_q, ba
     ks, kmx, kmn = parts(B * Hkv, NCK)
     qs, qmx, qmn = parts(B * Hkv * G, NCQ)
     out = [torch.full((B, n, D), float("nan")) for n in (Hkv, Hkv * G, Hkv, Hkv)]
-    kq._qk_finalize_kernel[(B * Hkv,)](ks.to(DEV), kmx.to(DEV), kmn.to(DEV), qs.to(DEV), qmx.to(DEV), qmn.to(DEV),
-                                       *(o := [t.to(DEV) for t in out]), G, NCK, NCQ, nkv, nq, HEAD_DIM=D, CH=32,
-                                       SMOOTH_K=smooth_k, SMOOTH_Q=smooth_q, BALANCE=balance)
+    kq._qk_finalize_kernel[(B * Hkv, D // 16)](ks.to(DEV), kmx.to(DEV), kmn.to(DEV), qs.to(DEV), qmx.to(DEV),
+                                               qmn.to(DEV), *(o := [t.to(DEV) for t in out]), G, NCK, NCQ, nkv, nq,
+                                               HEAD_DIM=D, DB=16, CH=32, SMOOTH_K=smooth_k, SMOOTH_Q=smooth_q,
+                                               BALANCE=balance)
     k_mean, q_mean, ch_q, ch_k = (t.cpu() for t in o)
     exp_k = (ks.double().sum(1) / nkv).float().view(B, Hkv, D) if smooth_k else torch.zeros(B, Hkv, D)
     # the kernel sums the chunks in its own order: equal to float64's sum within fp32 rounding

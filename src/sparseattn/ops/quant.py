@@ -78,7 +78,8 @@ SUPPORTED_BLOCK_SIZES = (64, 128)
 _LOG2E = 1.4426950408889634
 _R = 128  # rows per quantization program (a multiple of every group span)
 _FP8_MAX = 448.0
-_FIN_CHUNKS = 32  # chunk partials per step of the statistics' finishing kernel
+_FIN_CHUNKS = 64  # chunk partials per step of the statistics' finishing kernel (one step for most shapes)
+_FIN_DB = 32  # channels per program of the finishing kernel (HEAD_DIM // _FIN_DB programs per (batch, kv head))
 _STATS_CHUNKS = 32  # at most this many statistics partials per row: longer inputs give each program more R-row tiles
 _STATS_MIN_PROGRAMS = 512  # ... unless that leaves the statistics launch with fewer programs than this
 _KBIAS_PAD = 256  # k_bias rows are allocated to a multiple of this many keys (covers every SUPPORTED_BLOCK_SIZES block)
@@ -337,13 +338,13 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
             ch_q, ch_k = torch.empty((B, Hkv, D), **f32), torch.empty((B, Hkv, D), **f32)
     if need_k or need_q:
         # means, ranges and balancing factors from the chunk partials, one launch (balance_scales' arithmetic)
-        kq._qk_finalize_kernel[(B * Hkv,)](
+        kq._qk_finalize_kernel[(B * Hkv, D // _FIN_DB)](
             ksum if ksum is not None else k_mean, kmax if kmax is not None else k_mean,
             kmin if kmin is not None else k_mean, qsum if qsum is not None else k_mean,
             qmax if qmax is not None else k_mean, qmin if qmin is not None else k_mean, k_mean,
             q_mean if q_mean is not None else k_mean, ch_q if ch_q is not None else k_mean,
             ch_k if ch_k is not None else k_mean, H // Hkv, nk_stats if need_k else 0, nq_chunks if need_q else 0,
-            Nkv, Nq, HEAD_DIM=D, CH=_FIN_CHUNKS, SMOOTH_K=smooth_k, SMOOTH_Q=smooth_q, BALANCE=balance_qk)
+            Nkv, Nq, HEAD_DIM=D, DB=_FIN_DB, CH=_FIN_CHUNKS, SMOOTH_K=smooth_k, SMOOTH_Q=smooth_q, BALANCE=balance_qk)
 
     # K (with Q smoothing, also k_bias = mult * q_mean . (k - k_mean) for each query head of the KV head)
     nkg = cdiv(Nkv, kw) * kt

@@ -115,16 +115,16 @@ def _kv_stats_kernel(
 
 
 @triton.jit
-def _chunk_stats(Sum, Max, Min, row, NC, HEAD_DIM: tl.constexpr, CH: tl.constexpr, NEED_SUM: tl.constexpr,
-                 NEED_RANGE: tl.constexpr):
-    """Per channel over the ``NC`` chunk partials of one row of ``[rows, NC, HEAD_DIM]``: the sum (``NEED_SUM``)
-    and the max / min (``NEED_RANGE``; ``-inf`` / ``+inf`` where no chunk has a finite entry)."""
-    offs_d = tl.arange(0, HEAD_DIM)
+def _chunk_stats(Sum, Max, Min, row, NC, offs_d, HEAD_DIM: tl.constexpr, DB: tl.constexpr, CH: tl.constexpr,
+                 NEED_SUM: tl.constexpr, NEED_RANGE: tl.constexpr):
+    """Per channel ``offs_d`` (``DB`` of them) over the ``NC`` chunk partials of one row of ``[rows, NC, HEAD_DIM]``:
+    the sum (``NEED_SUM``) and the max / min (``NEED_RANGE``; ``-inf`` / ``+inf`` where no chunk has a finite
+    entry)."""
     offs_c = tl.arange(0, CH)
     base = row.to(tl.int64) * NC * HEAD_DIM
-    tot = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    mx = tl.full([HEAD_DIM], float("-inf"), tl.float32)
-    mn = tl.full([HEAD_DIM], float("inf"), tl.float32)
+    tot = tl.zeros([DB], dtype=tl.float32)
+    mx = tl.full([DB], float("-inf"), tl.float32)
+    mn = tl.full([DB], float("inf"), tl.float32)
     for c0 in range(0, NC, CH):
         ok = (c0 + offs_c)[:, None] < NC
         off = base + (c0 + offs_c)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
@@ -148,7 +148,7 @@ def _channel_range(mx, mn, mean, SMOOTH: tl.constexpr):
 def _qk_finalize_kernel(
     KSum, KMax, KMin, QSum, QMax, QMin, KMean, QMean, ChQ, ChK,
     GROUP, NC_K, NC_Q, n_kv, n_q,
-    HEAD_DIM: tl.constexpr, CH: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DB: tl.constexpr, CH: tl.constexpr,
     SMOOTH_K: tl.constexpr, SMOOTH_Q: tl.constexpr, BALANCE: tl.constexpr,
 ):
     """Per (batch, kv head): the statistics :func:`_kv_stats_kernel` left per chunk, finished in one launch.
@@ -158,22 +158,23 @@ def _qk_finalize_kernel(
     :func:`sparseattn.ops.quant.balance_scales` from the (smoothed) ranges ``max(max - mean, mean - min)``:
     ``alpha = sqrt_rn(div_rn(max_h qrange_h, krange))`` where both ranges are finite and positive, else 1;
     ``ChQ = div_rn(1, alpha)``, ``ChK = alpha`` (IEEE division and square root: the same bits as the PyTorch ops).
-    Chunk partials are ``[rows, NC, HEAD_DIM]`` float32, rows ``b * H_kv + h`` for K and ``b * H + h`` for Q.
+    Chunk partials are ``[rows, NC, HEAD_DIM]`` float32, rows ``b * H_kv + h`` for K and ``b * H + h`` for Q. Grid
+    ``(B * H_kv, HEAD_DIM // DB)``: each program finishes ``DB`` channels.
     """
     pid = tl.program_id(0)  # b * H_kv + h
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.program_id(1) * DB + tl.arange(0, DB)
     inf = float("inf")
-    one = tl.full([HEAD_DIM], 1.0, tl.float32)
-    ksum, kmax, kmin = _chunk_stats(KSum, KMax, KMin, pid, NC_K, HEAD_DIM, CH, SMOOTH_K, BALANCE)
-    kmean = tl.math.div_rn(ksum, one * n_kv) if SMOOTH_K else tl.zeros([HEAD_DIM], dtype=tl.float32)
+    one = tl.full([DB], 1.0, tl.float32)
+    ksum, kmax, kmin = _chunk_stats(KSum, KMax, KMin, pid, NC_K, offs_d, HEAD_DIM, DB, CH, SMOOTH_K, BALANCE)
+    kmean = tl.math.div_rn(ksum, one * n_kv) if SMOOTH_K else tl.zeros([DB], dtype=tl.float32)
     tl.store(KMean + pid.to(tl.int64) * HEAD_DIM + offs_d, kmean)
     # a sum that overflowed makes a mean infinite: PyTorch's ranges are then NaN, which its isfinite test refuses;
     # tl.maximum may drop a NaN, so the finite means are required explicitly
     means_ok = tl.abs(kmean) < inf
-    qr = tl.full([HEAD_DIM], float("-inf"), tl.float32)
+    qr = tl.full([DB], float("-inf"), tl.float32)
     for g in range(0, GROUP):
         hq = pid * GROUP + g  # = b * H + h_kv * GROUP + g
-        qsum, qmax, qmin = _chunk_stats(QSum, QMax, QMin, hq, NC_Q, HEAD_DIM, CH, SMOOTH_Q, BALANCE)
+        qsum, qmax, qmin = _chunk_stats(QSum, QMax, QMin, hq, NC_Q, offs_d, HEAD_DIM, DB, CH, SMOOTH_Q, BALANCE)
         qmean = tl.math.div_rn(qsum, one * n_q)
         if SMOOTH_Q:
             tl.store(QMean + hq.to(tl.int64) * HEAD_DIM + offs_d, qmean)
