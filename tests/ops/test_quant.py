@@ -362,9 +362,12 @@ def test_stats_finishing_kernel_matches_torch_bit_for_bit(smooth_k, smooth_q, ba
     assert torch.allclose(k_mean, exp_k, rtol=1e-6, atol=1e-6)
     if smooth_q:
         assert torch.allclose(q_mean, (qs.double().sum(1) / nq).float().view(B, Hkv * G, D), rtol=1e-6, atol=1e-6)
-    if balance:  # given the kernel's means, the factors are balance_scales' bits
-        qr = Q._range(qmx.amax(1).view(B, Hkv * G, D), qmn.amin(1).view(B, Hkv * G, D), q_mean if smooth_q else None)
-        kr = Q._range(kmx.amax(1).view(B, Hkv, D), kmn.amin(1).view(B, Hkv, D), k_mean if smooth_k else None)
+    if balance:  # given the kernel's means, the factors are balance_scales' bits on the ranges max |x - mean|
+        def rng(mx, mn, mean):
+            return torch.maximum(mx - mean, mean - mn) if mean is not None else torch.maximum(mx, -mn)
+
+        qr = rng(qmx.amax(1).view(B, Hkv * G, D), qmn.amin(1).view(B, Hkv * G, D), q_mean if smooth_q else None)
+        kr = rng(kmx.amax(1).view(B, Hkv, D), kmn.amin(1).view(B, Hkv, D), k_mean if smooth_k else None)
         inv, alpha = Q.balance_scales(qr, kr)
         assert torch.equal(ch_k, alpha) and torch.equal(ch_q, inv)
         assert bool((alpha[..., :2] == 1).all())  # no finite entry / zero range: no balancing

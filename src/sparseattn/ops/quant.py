@@ -242,13 +242,6 @@ def _check_smoothing(fn: str, smooth_k: Any, smooth_q: Any, balance_qk: Any = Tr
             raise fail(fn, name, "must be a bool", "True or False", repr(val))
 
 
-def _range(xmax: torch.Tensor, xmin: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
-    """Per-channel ``max |x - mean|`` (``max |x|`` without a mean) from the channel max and min (``-inf`` if none)."""
-    if mean is None:
-        return torch.maximum(xmax, -xmin)
-    return torch.maximum(xmax - mean, mean - xmin)
-
-
 def balance_scales(q_range: torch.Tensor, k_range: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel Q/K balancing (SmoothQuant's migration, strength 1/2, applied to Q·Kᵀ): ``alpha_d =
     sqrt(max|q_d| / max|k_d|)``, ``q_d / alpha_d`` and ``k_d * alpha_d`` are quantized, so their product is

@@ -4,11 +4,11 @@ Four kernels; the three that read the bf16/fp16 inputs read them once:
 
 * :func:`_kv_stats_kernel` — per chunk of ``STEPS * R`` tokens of one (batch, kv head): the sum over tokens of
   the *finite* entries of K per channel (for the smoothing mean) and, for the FP8 P·V path, the max
-  of ``|v|`` over the finite entries of V per channel. Partial results per chunk; the launcher adds
-  them up (deterministic, no atomics).
-* :func:`_qk_finalize_kernel` — one program per (batch, kv head) finishes what the chunks left: K's and Q's means,
-  and the Q/K balancing factors from the channel ranges (:func:`sparseattn.ops.quant.balance_scales`'s arithmetic,
-  with IEEE division and square root), in one launch instead of a few dozen small PyTorch operations.
+  of ``|v|`` over the finite entries of V per channel. Partial results per chunk, added up by the next kernel
+  (deterministic, no atomics); long inputs give each program several ``R``-row tiles (``STEPS``).
+* :func:`_qk_finalize_kernel` — one program per (batch, kv head) and 32 channels finishes what the chunks left: K's
+  and Q's means, and the Q/K balancing factors from the channel ranges (:func:`sparseattn.ops.quant.balance_scales`'s
+  arithmetic, with IEEE division and square root), in one launch instead of a few dozen small PyTorch operations.
 * :func:`_quant_rows_kernel` — INT8 quantization of (smoothed) Q or (smoothed) K with one scale per *group*
   of rows (see :mod:`sparseattn.ops.quant` for the groups: block, warp, thread, token). ``R`` rows of one
   head are loaded as a ``[G, M, D]`` tile whose first axis *is* the group (rows gathered by index), so a
