@@ -21,29 +21,19 @@ import argparse
 import json
 import os
 import sys
-import time
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from kernel_variants import host_us_per_call  # noqa: E402
+
 from sparseattn.layout.patterns import random_layout  # noqa: E402
 from sparseattn.ops import quant as Q  # noqa: E402
 from sparseattn.testing.timing import bench_ms, capture_graph  # noqa: E402
 
 OPTIONS = {"default": (True, True), "k_only": (False, False)}  # (smooth_q, balance_qk); K smoothing always on
-
-
-def host_us(fn: Callable[[], Any], calls: int) -> float:
-    """Mean Python time of one call, ``calls`` issued back to back (the queue drained before and after)."""
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / calls * 1e6
 
 
 def kernel_times(fn: Callable[[], Any], calls: int) -> list[tuple[str, float, int]]:
@@ -69,7 +59,7 @@ def kernel_times(fn: Callable[[], Any], calls: int) -> list[tuple[str, float, in
 def timed(name: str, fn: Callable[[], Any], calls: int) -> dict[str, Any]:
     rec: dict[str, Any] = {"row": name}
     fn()
-    rec["host_us"] = round(host_us(fn, calls), 1)
+    rec["host_us"] = round(host_us_per_call(fn, calls), 1)
     rec["eager_ms"] = round(bench_ms(fn), 4)
     try:
         rec["graph_ms"] = round(bench_ms(capture_graph(fn)), 4)
