@@ -56,15 +56,6 @@ VARIANTS: dict[int, dict[str, dict[str, Any] | None]] = {
         "p128x64w8s2-r128": _cfg(128, 64, 8, 2, maxnreg=128),
         "p64x64w4s3": _cfg(64, 64, 4, 3),                                     # short rows (8K, 5%)
         "t128x64w8s2-qo-nopf": _cfg(128, 64, 8, 2, USE_TMA=True, TMA_QO=True, PREFETCH=False),  # no cap: 1/SM
-        # PV_LAG: each P·V issued after the next tile's Q·Kᵀ, so it runs under that tile's softmax (offline
-        # Triton 3.9 compile for sm_90a: 208 regs with TMA, 234 with pointers, no spills: 1/SM)
-        "t128x64w8s2-lag": _cfg(128, 64, 8, 2, USE_TMA=True, PV_LAG=True),
-        "t128x64w8s3-lag": _cfg(128, 64, 8, 3, USE_TMA=True, PV_LAG=True),
-        "t128x64w8s2-qo-lag": _cfg(128, 64, 8, 2, USE_TMA=True, TMA_QO=True, PV_LAG=True),
-        "p128x64w8s2-lag": _cfg(128, 64, 8, 2, PV_LAG=True),
-        "t128x64w8s2-r128-qo-lag": _cfg(128, 64, 8, 2, USE_TMA=True, TMA_QO=True, maxnreg=128, PV_LAG=True),  # spills
-        "t128x32w8s2-r128-qo-lag": _cfg(128, 32, 8, 2, USE_TMA=True, TMA_QO=True, maxnreg=128, PV_LAG=True),
-        "t128x32w8s2-r128-qo": _cfg(128, 32, 8, 2, USE_TMA=True, TMA_QO=True, maxnreg=128),
     },
     64: {
         "auto": None,

@@ -346,72 +346,6 @@ def _attn_inner(
     return m_i, l_i, acc, n_skipped
 
 
-@triton.jit
-def _full_tile_qk(t, q, kb_nx, idx_row, stride_in, num, k_base, k_desc, stride_kn, offs_n, offs_d, NUM_KV_BLOCKS,
-                  BLOCK_N: tl.constexpr, LAYOUT_BN: tl.constexpr, SUB: tl.constexpr, DOT_F32: tl.constexpr,
-                  USE_TMA: tl.constexpr, PREFETCH: tl.constexpr):
-    """Tile ``t`` of the full range: ``(start_n, q·kᵀ, kb_nx)`` (the index handling of :func:`_attn_inner`)."""
-    if PREFETCH:
-        kb = tl.minimum(tl.maximum(kb_nx, 0), NUM_KV_BLOCKS - 1)
-        kb_nx = tl.load(idx_row + tl.minimum((t + 1) // SUB, num - 1) * stride_in)
-    else:
-        kb = tl.load(idx_row + (t // SUB) * stride_in)
-        kb = tl.minimum(tl.maximum(kb, 0), NUM_KV_BLOCKS - 1)
-    start_n = kb * LAYOUT_BN + (t % SUB) * BLOCK_N
-    if USE_TMA:
-        k = k_desc.load([start_n, 0]).T
-    else:
-        k = tl.load(k_base + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None])
-    if DOT_F32:
-        k = k.to(tl.float32)
-    return start_n, tl.dot(q, k), kb_nx
-
-
-@triton.jit
-def _full_tile_softmax(qk, m_i, l_i, qk_scale):
-    """The unmasked loop's online softmax of one tile: ``(p, alpha, m_i, l_i)`` (as :func:`_attn_inner`)."""
-    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    m_safe = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-    p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    return p, alpha, m_ij, l_i
-
-
-@triton.jit
-def _attn_full_lag(
-    t_lo, t_hi, q, m_i, l_i, acc, kb_nx, idx_row, stride_in, num, k_base, v_base, k_desc, v_desc, stride_kn,
-    stride_vn, offs_n, offs_d, NUM_KV_BLOCKS, qk_scale,
-    in_dtype: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAYOUT_BN: tl.constexpr,
-    SUB: tl.constexpr, DOT_F32: tl.constexpr, USE_TMA: tl.constexpr, PREFETCH: tl.constexpr,
-):
-    """The full range with P·V one tile behind (``PV_LAG``): each iteration issues tile ``t``'s Q·Kᵀ, then tile
-    ``t - 1``'s P·V, then tile ``t``'s softmax, so the P·V matmul can run while the softmax does (FlashAttention-3's
-    intra-warpgroup overlap). The accumulator sees the same operations in the same order as in :func:`_attn_inner`
-    (rescale by tile ``t``'s alpha, then add tile ``t``'s P·V), so the result is the same bit for bit."""
-    p_pend = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    alpha_pend = tl.full([BLOCK_M], 1.0, tl.float32)
-    start_pend = t_lo * 0
-    if t_lo < t_hi:
-        start_pend, qk, kb_nx = _full_tile_qk(t_lo, q, kb_nx, idx_row, stride_in, num, k_base, k_desc, stride_kn,
-                                              offs_n, offs_d, NUM_KV_BLOCKS, BLOCK_N, LAYOUT_BN, SUB, DOT_F32,
-                                              USE_TMA, PREFETCH)
-        p_pend, alpha_pend, m_i, l_i = _full_tile_softmax(qk, m_i, l_i, qk_scale)
-    for t in range(t_lo + 1, t_hi):
-        start_n, qk, kb_nx = _full_tile_qk(t, q, kb_nx, idx_row, stride_in, num, k_base, k_desc, stride_kn, offs_n,
-                                           offs_d, NUM_KV_BLOCKS, BLOCK_N, LAYOUT_BN, SUB, DOT_F32, USE_TMA, PREFETCH)
-        acc = acc * alpha_pend[:, None]
-        acc = _v_tile_pv(p_pend, acc, v_base, v_desc, v_base, start_pend, None, None, offs_n, offs_d, stride_vn,
-                         in_dtype, False, USE_TMA, False, DOT_F32)
-        p_pend, alpha_pend, m_i, l_i = _full_tile_softmax(qk, m_i, l_i, qk_scale)
-        start_pend = start_n
-    if t_lo < t_hi:
-        acc = acc * alpha_pend[:, None]
-        acc = _v_tile_pv(p_pend, acc, v_base, v_desc, v_base, start_pend, None, None, offs_n, offs_d, stride_vn,
-                         in_dtype, False, USE_TMA, False, DOT_F32)
-    return m_i, l_i, acc
-
-
 @triton.jit(do_not_specialize=["H", "GROUP", "N_Q", "N_KV", "NUM_KV_BLOCKS", "N_CTX_KEY", "WINDOW", "CAUSAL_OFF"])
 def _block_sparse_fwd_kernel(
     Q, K, V, Out, Lse, KvNum, KvIdx, Stats,
@@ -451,7 +385,6 @@ def _block_sparse_fwd_kernel(
     HAS_FLOAT_MASK: tl.constexpr = False,  # additive float mask, loaded per tile through strides
     HAS_KV_SCALE: tl.constexpr = False,  # K/V hold int8/fp8 values with one fp32 scale per key (dequantised here)
     HAS_ROW_BOUNDS: tl.constexpr = False,  # row r attends keys RowLo[r] <= j <= RowHi[r] only (see the module docstring)
-    PV_LAG: tl.constexpr = False,  # full range: P·V one tile behind Q·Kᵀ (see _attn_full_lag)
 ):
     tl.static_assert(not (PV_SKIP and RESCALE_TAU > 0.0), "PV_SKIP needs the exact running max (RESCALE_TAU = 0)")
     tl.static_assert(not HAS_WINDOW or CAUSAL, "HAS_WINDOW needs CAUSAL")
@@ -459,8 +392,6 @@ def _block_sparse_fwd_kernel(
     tl.static_assert(not (HAS_ROW_BOUNDS and HAS_WINDOW), "HAS_ROW_BOUNDS: fold the window into RowLo instead")
     tl.static_assert(not (HAS_ROW_BOUNDS and PV_SKIP), "HAS_ROW_BOUNDS does not count PV_SKIP tiles")
     tl.static_assert(not (HAS_ROW_BOUNDS and HAS_STATE), "HAS_ROW_BOUNDS is not carried over key segments")
-    tl.static_assert(not PV_LAG or not (PV_SKIP or HAS_FLOAT_MASK or HAS_KV_SCALE or RESCALE_TAU > 0.0),
-                     "PV_LAG: not with PV_SKIP, HAS_FLOAT_MASK, HAS_KV_SCALE or RESCALE_TAU")
     SUB: tl.constexpr = LAYOUT_BN // BLOCK_N
     num_m, pid_m, pid_bh, off_b, off_h, off_hk = _program_ids(H, GROUP, CAUSAL)
     if HAS_STATE:
@@ -612,19 +543,13 @@ def _block_sparse_fwd_kernel(
         kb_nx = tl.load(idx_row)  # entry 0 always exists (the list width is Nb >= 1); used only if n_full > 0
 
     # ---------------------------------------------------------------- full blocks: no mask
-    if PV_LAG:
-        m_i, l_i, acc = _attn_full_lag(
-            t_full, n_full * SUB, q, m_i, l_i, acc, kb_nx, idx_row, stride_in, num, k_base, v_base, k_desc, v_desc,
-            stride_kn, stride_vn, offs_n, offs_d, NUM_KV_BLOCKS, qk_scale,
-            in_dtype, BLOCK_M, BLOCK_N, LAYOUT_BN, SUB, DOT_F32, USE_TMA, PREFETCH)
-    else:
-        m_i, l_i, acc, n_skipped = _attn_inner(
-            t_full, n_full * SUB, q, m_i, l_i, acc, n_skipped, kb_nx,
-            idx_row, stride_in, num, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn,
-            offs_m, offs_n, offs_d, row_ok, N_Q, N_KV, NUM_KV_BLOCKS, OFF, WINDOW, qk_scale, pv_thr2,
-            mask_base, stride_mm, stride_mn, mask_mul, ks_base, vs_base, row_lo, row_hi,
-            in_dtype, BLOCK_N, LAYOUT_BN, SUB, CAUSAL, PV_SKIP, DOT_F32, USE_TMA, PREFETCH, HAS_FLOAT_MASK,
-            HAS_KV_SCALE, MASKED=False, RESCALE_TAU=RESCALE_TAU)
+    m_i, l_i, acc, n_skipped = _attn_inner(
+        t_full, n_full * SUB, q, m_i, l_i, acc, n_skipped, kb_nx,
+        idx_row, stride_in, num, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn,
+        offs_m, offs_n, offs_d, row_ok, N_Q, N_KV, NUM_KV_BLOCKS, OFF, WINDOW, qk_scale, pv_thr2,
+        mask_base, stride_mm, stride_mn, mask_mul, ks_base, vs_base, row_lo, row_hi,
+        in_dtype, BLOCK_N, LAYOUT_BN, SUB, CAUSAL, PV_SKIP, DOT_F32, USE_TMA, PREFETCH, HAS_FLOAT_MASK,
+        HAS_KV_SCALE, MASKED=False, RESCALE_TAU=RESCALE_TAU)
 
     # ---------------------------------------------------------------- blocks crossing the diagonal / the end
     kb_nx = tl.load(idx_row + n_full * stride_in, mask=n_vis > n_full, other=0)
