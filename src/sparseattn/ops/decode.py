@@ -56,9 +56,8 @@ MIN_KEYS_PER_SPLIT = 256  # the heuristic never gives a split fewer keys than th
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Z = 65535
 _CONFIG_KEYS = {"BLOCK_N", "num_warps", "num_stages"}
-_CONFIG_OPTIONAL = {"QK", "PV", "BLOCK_M", "FULL_TILES", "CTAS_PER_SM", "EVICT"}  # quantized-path variants, a
-# row-tile floor, loads without element masks, the split count's programs per SM, the K/V loads' L2 eviction policy
-_EVICT_POLICIES = ("", "evict_first", "evict_last")
+_CONFIG_OPTIONAL = {"QK", "PV", "BLOCK_M", "FULL_TILES", "CTAS_PER_SM"}  # quantized-path variants, a row-tile
+# floor, loads without element masks, the split count's programs per SM (DecodeLaunchConfig)
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -425,8 +424,6 @@ def decode_num_splits_filled(ctas: int, n_keys: int, num_sms: int, ctas_per_sm: 
 def _config_num_splits(cfg: dict[str, Any], ctas: int, n_keys: int, num_sms: int) -> int:
     """The launcher's split count for launch config ``cfg`` when ``num_splits`` is not given: the wave heuristic, or
     :func:`decode_num_splits_filled` where the config sets ``CTAS_PER_SM``."""
-    if "EVICT" in cfg and cfg["EVICT"] not in _EVICT_POLICIES:
-        raise fail(fn, "config", "has an unknown EVICT policy", f"one of {_EVICT_POLICIES}", repr(cfg["EVICT"]))
     per_sm = cfg.get("CTAS_PER_SM")
     if per_sm is None:
         return decode_num_splits(ctas, n_keys, num_sms)
@@ -553,8 +550,6 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
                        f"pointer offset {v.data_ptr() % 4}, strides {v.stride()}")
     if v_keys:
         meta["V_KEYS"] = True  # only when set: the default launch keeps its kernel
-    if cfg.get("EVICT") and page_idx is None and not v_keys:  # the plain walk's K/V tile loads only
-        meta["EVICT"] = cfg["EVICT"]  # only when set (the default launch keeps its kernel)
     if cfg.get("FULL_TILES") and page_idx is None and not v_keys:  # (V_KEYS walks whole tiles unmasked anyway)
         meta["FULL_TILES"] = True  # only when set (the default launch keeps its kernel); the paged walk gathers keys
     if interp and q.dtype == torch.bfloat16:
@@ -601,8 +596,6 @@ def _variant_modes(fn: str, cfg: dict[str, Any], kv: str, q_dtype: torch.dtype, 
     qk, pv, bm = cfg.get("QK"), cfg.get("PV"), cfg.get("BLOCK_M")
     if "FULL_TILES" in cfg and not isinstance(cfg["FULL_TILES"], bool):
         raise fail(fn, "config", "has a bad FULL_TILES", "True or False", repr(cfg["FULL_TILES"]))
-    if "EVICT" in cfg and cfg["EVICT"] not in _EVICT_POLICIES:
-        raise fail(fn, "config", "has an unknown EVICT policy", f"one of {_EVICT_POLICIES}", repr(cfg["EVICT"]))
     per_sm = cfg.get("CTAS_PER_SM")
     if "CTAS_PER_SM" in cfg and (isinstance(per_sm, bool) or not isinstance(per_sm, int) or not 1 <= per_sm <= 16):
         raise fail(fn, "config", "has a bad CTAS_PER_SM", "an int in 1..16", repr(per_sm))

@@ -291,7 +291,6 @@ def _decode_split_kernel(
     FP8_EXACT: tl.constexpr = False,  # interpreter only: exact rounding to e4m3 (see _to_e4m3)
     FULL_TILES: tl.constexpr = False,  # not PAGED: K/V/scale loads without element masks (see the loop)
     V_KEYS: tl.constexpr = False,  # V stored keys-contiguous: ``stride_vn`` is then the stride of head_dim (see below)
-    EVICT: tl.constexpr = "",  # not PAGED: L2 eviction policy of the K/V tile loads ("", "evict_first", "evict_last")
 ):
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -444,24 +443,23 @@ def _decode_split_kernel(
                 # no load masks: columns past the range read the range's last key again (a real key of this
                 # sequence; its score is masked to -inf below, so its P is 0)
                 dn = tl.minimum(offs_n, hi - 1 - start) - offs_n  # 0 but in a range's partial last tile
-                k = tl.load(k_lo + (start - lo) * stride_kn + dn[None, :] * stride_kn, eviction_policy=EVICT)
+                k = tl.load(k_lo + (start - lo) * stride_kn + dn[None, :] * stride_kn)
                 if PV_MODE == 4:
                     v = _words_to_f16(tl.load(vw_lo + (start - lo + dn[:, None]) * (stride_vn // 4)), FAST_I8)
                 else:
-                    v = tl.load(v_lo + (start - lo) * stride_vn + dn[:, None] * stride_vn, eviction_policy=EVICT)
+                    v = tl.load(v_lo + (start - lo) * stride_vn + dn[:, None] * stride_vn)
                 if HAS_KV_SCALE:
                     ks = tl.load(ks_base + (pos + dn) * stride_ksn)
                     vs = tl.load(vs_base + (pos + dn) * stride_vsn)
             else:
-                k = tl.load(k_lo + (start - lo) * stride_kn, mask=key_ok[None, :], other=0.0, eviction_policy=EVICT)
+                k = tl.load(k_lo + (start - lo) * stride_kn, mask=key_ok[None, :], other=0.0)
                 # V is requested with K (before the Q·K product): both tiles are in flight together, so a
                 # program keeps twice the bytes outstanding when the compiler does not pipeline the loop
                 if PV_MODE == 4:
                     v = _words_to_f16(tl.load(vw_lo + (start - lo) * (stride_vn // 4), mask=key_ok[:, None], other=0),
                                       FAST_I8)
                 else:
-                    v = tl.load(v_lo + (start - lo) * stride_vn, mask=key_ok[:, None], other=0.0,
-                                eviction_policy=EVICT)
+                    v = tl.load(v_lo + (start - lo) * stride_vn, mask=key_ok[:, None], other=0.0)
                 if HAS_KV_SCALE:
                     ks = tl.load(ks_base + pos * stride_ksn, mask=key_ok, other=0.0)
                     vs = tl.load(vs_base + pos * stride_vsn, mask=key_ok, other=0.0)
