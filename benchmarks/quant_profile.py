@@ -18,6 +18,7 @@ separates the two, per option set (the defaults; K smoothing only), same process
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -96,6 +97,36 @@ def run_seqlen(N: int, a: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def warps_sweep(N: int, pairs: list[str], a: argparse.Namespace) -> list[dict[str, Any]]:
+    """``quantize_qkv`` (default options) graphed, per (statistics warps, quantization warps) pair, same inputs;
+    every pair's outputs must equal the first pair's bit for bit (the warps change no arithmetic)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, H, Hkv, D = 1, a.heads, a.kv_heads, a.head_dim
+    q, k, v = (torch.randn(B, h, N, D, generator=g, device="cuda").to(torch.bfloat16) for h in (H, Hkv, Hkv))
+    saved = (Q._STATS_WARPS, Q._ROWS_WARPS)
+    rows, first = [], None
+    try:
+        for pair in pairs:
+            Q._STATS_WARPS, Q._ROWS_WARPS = (int(x) for x in pair.split(":"))
+
+            def quant() -> Any:
+                return Q.quantize_qkv(q, k, v)
+
+            out = quant()
+            ts = [t for t in (getattr(out, f.name) for f in dataclasses.fields(out)) if isinstance(t, torch.Tensor)]
+            same = None if first is None else all(torch.equal(x, y) for x, y in zip(first, ts))
+            first = first or ts
+            rec = {"row": "quantize_qkv", "seqlen": N, "warps": pair, "equal_to_first": same,
+                   "graph_ms": round(bench_ms(capture_graph(quant)), 4),
+                   "kernels": kernel_times(quant, a.calls)}
+            rows.append(rec)
+            ks = ", ".join(f"{nm.split('(')[0][:24]} {us:.1f}" for nm, us, _ in rec["kernels"][:4])
+            print(f"warps {pair:>6}  graph {rec['graph_ms']:.4f} ms  equal {same}  | {ks}", flush=True)
+    finally:
+        Q._STATS_WARPS, Q._ROWS_WARPS = saved
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seqlens", nargs="+", type=int, default=[4096, 32768])
@@ -104,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--warps", nargs="+", default=None, metavar="S:R",
+                    help="instead of the profile: time quantize_qkv per (statistics, quantization) num_warps pair")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("quant_profile: no CUDA device", file=sys.stderr)
@@ -111,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(a.out, exist_ok=True)
     print(f"quant_profile: {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     rows: list[dict[str, Any]] = []
+    if a.warps:
+        for N in a.seqlens:
+            rows += warps_sweep(N, a.warps, a)
+        with open(os.path.join(a.out, "quant_warps.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+        return 0
     for N in a.seqlens:
         rows += run_seqlen(N, a)
         torch.cuda.empty_cache()

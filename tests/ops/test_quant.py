@@ -93,13 +93,15 @@ def test_quantizer_matches_emulation(quant, gran, shift):
 
 @pytest.mark.parametrize("quant", MODES)
 def test_quantizer_statistics_over_several_tiles_per_program(quant, monkeypatch):
-    """Past ``_STATS_CHUNKS`` tiles of ``_R`` rows the statistics kernel reads several tiles per program (``STEPS``):
-    with small caps, 3 tiles per program here (one partial chunk at the end of each length), the means, factors,
-    INT8 values and FP8 V equal the emulation's given the kernel's means, as with one tile per program."""
+    """Past ``_STATS_CHUNKS`` tiles of ``_STATS_R`` rows the statistics kernel reads several tiles per program
+    (``STEPS``): with small caps, 11 tiles of 32 rows per program here (2 partials per row, the last one partial at
+    each length), the means, factors, INT8 values and FP8 V equal the emulation's given the kernel's means, as with
+    one tile per program."""
     monkeypatch.setattr(Q, "_STATS_CHUNKS", 2)
     monkeypatch.setattr(Q, "_STATS_MIN_PROGRAMS", 1)
-    assert Q._stats_steps(6, 2) == 3 and Q._stats_steps(6, 1) == 3
-    q, k, v = _qkv(1, 2, 1, 700, 650, 64, seed=4, k_shift=5.0)  # 6 and 6 tiles of 128 rows -> 2 partials of 3
+    assert Q._stats_steps(6, 2) == 3 and Q._stats_steps(22, 2) == 11 and Q._stats_steps(21, 1) == 11
+    assert Q._STATS_R == 32
+    q, k, v = _qkv(1, 2, 1, 700, 650, 64, seed=4, k_shift=5.0)  # 22 and 21 tiles of 32 rows -> 2 partials of 11
     qq = Q.quantize_qkv(q, k, v, quant=quant)
     qr = quantize_reference(q, k, v, quant=quant, k_mean=qq.k_mean, q_mean=qq.q_mean)
     pr = quantize_reference(q, k, v, quant=quant)

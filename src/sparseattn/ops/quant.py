@@ -82,6 +82,9 @@ _FIN_CHUNKS = 64  # chunk partials per step of the statistics' finishing kernel 
 _FIN_DB = 32  # channels per program of the finishing kernel (HEAD_DIM // _FIN_DB programs per (batch, kv head))
 _STATS_CHUNKS = 32  # at most this many statistics partials per row: longer inputs give each program more R-row tiles
 _STATS_MIN_PROGRAMS = 512  # ... unless that leaves the statistics launch with fewer programs than this
+_STATS_R = 32  # rows per tile of the statistics kernel (its [R, D] accumulators stay in registers)
+_STATS_WARPS = 4  # num_warps of the statistics launches (_kv_stats_kernel)
+_ROWS_WARPS = 8  # num_warps of the INT8 quantization launches (_quant_rows_kernel; 4 warps: 1.35x its time at 32K)
 _KBIAS_PAD = 256  # k_bias rows are allocated to a multiple of this many keys (covers every SUPPORTED_BLOCK_SIZES block)
 _MAX_GRID_Y = 65535
 
@@ -268,8 +271,8 @@ def balance_scales(q_range: torch.Tensor, k_range: torch.Tensor) -> tuple[torch.
 
 
 def _stats_steps(n_tiles: int, rows: int) -> int:
-    """R-row tiles per program of the statistics kernel for ``rows`` (batch, head) rows of ``n_tiles`` tiles: enough
-    that a row leaves at most ``_STATS_CHUNKS`` partials for the finishing kernel (whose few programs read them all;
+    """``_STATS_R``-row tiles per program of the statistics kernel for ``rows`` (batch, head) rows of ``n_tiles``
+    tiles: enough that a row leaves at most ``_STATS_CHUNKS`` partials for the finishing kernel (whose few programs read them all;
     with one tile per program it took 252 µs at 32K on an H100), but never so many that the launch has fewer than
     ``_STATS_MIN_PROGRAMS`` programs."""
     return max(1, min(cdiv(n_tiles, _STATS_CHUNKS), (n_tiles * rows) // _STATS_MIN_PROGRAMS))
@@ -286,8 +289,8 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
     fp8 = quant == "int8_fp8"
     (qw, qt, qs_), (kw, kt, ks_) = GRANULARITIES[gran]
     n_chunks = cdiv(Nkv, _R)  # R-row tiles of the quantization kernels
-    k_steps = _stats_steps(n_chunks, B * Hkv)
-    nk_stats = cdiv(n_chunks, k_steps)
+    k_steps = _stats_steps(cdiv(Nkv, _STATS_R), B * Hkv)  # _STATS_R-row tiles of the statistics kernel
+    nk_stats = cdiv(cdiv(Nkv, _STATS_R), k_steps)
 
     f32 = dict(dtype=torch.float32, device=dev)
     ksum = vmax = kmax = kmin = None
@@ -303,14 +306,15 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
             k, v, ksum if ksum is not None else dummy, vmax if vmax is not None else dummy,
             kmax if kmax is not None else dummy, kmin if kmin is not None else dummy,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            Hkv, Nkv, nk_stats, k_steps, HEAD_DIM=D, R=_R, NEED_K=need_k, NEED_V=fp8, NEED_RANGE=balance_qk)
+            Hkv, Nkv, nk_stats, k_steps, HEAD_DIM=D, R=_STATS_R, NEED_K=need_k, NEED_V=fp8, NEED_RANGE=balance_qk,
+            num_warps=_STATS_WARPS)
     # written by the finishing kernel below when it runs (zeros without K smoothing)
     k_mean = torch.empty((B, Hkv, D), **f32) if (need_k or need_q) else torch.zeros((B, Hkv, D), **f32)
     mult = float(sm_scale) * _LOG2E
     q_mean = k_bias = None
     ch_q = ch_k = None
-    q_steps = _stats_steps(cdiv(Nq, _R), B * H)
-    nq_chunks = cdiv(cdiv(Nq, _R), q_steps)
+    q_steps = _stats_steps(cdiv(Nq, _STATS_R), B * H)
+    nq_chunks = cdiv(cdiv(Nq, _STATS_R), q_steps)
     qsum = qmax = qmin = None
     if need_q:  # per-channel statistics of the finite entries of Q per query head (the same kernel)
         qsum = torch.empty((B * H, nq_chunks, D), **f32)
@@ -318,7 +322,8 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
         qmin = torch.empty((B * H, nq_chunks, D), **f32) if balance_qk else qsum
         kq._kv_stats_kernel[(nq_chunks, B * H)](
             q, q, qsum, qsum, qmax, qmin, q.stride(0), q.stride(1), q.stride(2), q.stride(0), q.stride(1), q.stride(2),
-            H, Nq, nq_chunks, q_steps, HEAD_DIM=D, R=_R, NEED_K=True, NEED_V=False, NEED_RANGE=balance_qk)
+            H, Nq, nq_chunks, q_steps, HEAD_DIM=D, R=_STATS_R, NEED_K=True, NEED_V=False, NEED_RANGE=balance_qk,
+            num_warps=_STATS_WARPS)
         if smooth_q:
             q_mean = torch.empty((B, H, D), **f32)
             # rows padded to a multiple of _KBIAS_PAD keys: the kernel reads bias tiles unmasked (_kbias_for_launch)
@@ -353,7 +358,8 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
         k_scale.stride(0), k_scale.stride(1), k_mean.stride(0), k_mean.stride(1), k_scale.stride(0), k_scale.stride(1),
         qm_t.stride(0), qm_t.stride(1), kb_t.stride(0), kb_t.stride(1), chk_t.stride(0), chk_t.stride(1),
         Hkv, 1, H // Hkv, Nkv, nkg, 1.0, mult,
-        HEAD_DIM=D, R=_R, W=kw, T=kt, S=ks_, IS_Q=False, HAS_MEAN=smooth_k, HAS_QMEAN=smooth_q, HAS_CH=balance_qk)
+        HEAD_DIM=D, R=_R, W=kw, T=kt, S=ks_, IS_Q=False, HAS_MEAN=smooth_k, HAS_QMEAN=smooth_q, HAS_CH=balance_qk,
+        num_warps=_ROWS_WARPS)
     # Q
     nqg = cdiv(Nq, qw) * qt
     q_int8 = torch.empty((B, H, Nq, D), dtype=torch.int8, device=dev)
@@ -365,7 +371,8 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
         q_scale.stride(0), q_scale.stride(1), k_mean.stride(0), k_mean.stride(1), q_row.stride(0), q_row.stride(1),
         qm_t.stride(0), qm_t.stride(1), q_row.stride(0), q_row.stride(1), chq_t.stride(0), chq_t.stride(1),
         H, H // Hkv, 1, Nq, nqg, mult, 1.0,
-        HEAD_DIM=D, R=_R, W=qw, T=qt, S=qs_, IS_Q=True, HAS_MEAN=smooth_k, HAS_QMEAN=smooth_q, HAS_CH=balance_qk)
+        HEAD_DIM=D, R=_R, W=qw, T=qt, S=qs_, IS_Q=True, HAS_MEAN=smooth_k, HAS_QMEAN=smooth_q, HAS_CH=balance_qk,
+        num_warps=_ROWS_WARPS)
     # V
     v_scale = None
     emulated = False

@@ -75,7 +75,9 @@ def _kv_stats_kernel(
 ):
     """Partial per-channel sums of finite K and max |finite V| over ``STEPS * R`` tokens (``STEPS`` tiles of ``R``
     rows, one after the other): ``[B*HKV, N_CHUNKS, D]``; with ``NEED_RANGE`` also the max and min of the finite K
-    entries (``-inf`` / ``+inf`` where a chunk has none)."""
+    entries (``-inf`` / ``+inf`` where a chunk has none). The tiles are folded element-wise into ``[R, D]``
+    accumulators and reduced over the rows once at the end: a reduction per tile (across warps, through shared
+    memory) made the kernel run at about 40% of an H100's bandwidth."""
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -84,10 +86,10 @@ def _kv_stats_kernel(
     out_off = (pid_bh.to(tl.int64) * N_CHUNKS + pid_c) * HEAD_DIM + offs_d
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    kmax = tl.full([HEAD_DIM], float("-inf"), tl.float32)
-    kmin = tl.full([HEAD_DIM], float("inf"), tl.float32)
-    vmax = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    ksum = tl.zeros([R, HEAD_DIM], dtype=tl.float32)
+    kmax = tl.full([R, HEAD_DIM], float("-inf"), tl.float32)
+    kmin = tl.full([R, HEAD_DIM], float("inf"), tl.float32)
+    vmax = tl.zeros([R, HEAD_DIM], dtype=tl.float32)
     for step in range(0, STEPS):
         rows = (pid_c * STEPS + step) * R + tl.arange(0, R)
         ok = rows[:, None] < N
@@ -95,23 +97,23 @@ def _kv_stats_kernel(
             k = tl.load(k_base + rows[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=ok,
                         other=0.0).to(tl.float32)
             fin = tl.abs(k) < float("inf")  # False for NaN and +-inf
-            ksum += tl.sum(tl.where(fin, k, 0.0), 0)
+            ksum += tl.where(fin, k, 0.0)
             if NEED_RANGE:
                 live = fin & ok
-                kmax = tl.maximum(kmax, tl.max(tl.where(live, k, float("-inf")), 0))
-                kmin = tl.minimum(kmin, tl.min(tl.where(live, k, float("inf")), 0))
+                kmax = tl.maximum(kmax, tl.where(live, k, float("-inf")))
+                kmin = tl.minimum(kmin, tl.where(live, k, float("inf")))
         if NEED_V:
             v = tl.load(v_base + rows[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=ok,
                         other=0.0).to(tl.float32)
             av = tl.abs(v)
-            vmax = tl.maximum(vmax, tl.max(tl.where(av < float("inf"), av, 0.0), 0))
+            vmax = tl.maximum(vmax, tl.where(av < float("inf"), av, 0.0))
     if NEED_K:
-        tl.store(KSum + out_off, ksum)
+        tl.store(KSum + out_off, tl.sum(ksum, 0))
         if NEED_RANGE:
-            tl.store(KMax + out_off, kmax)
-            tl.store(KMin + out_off, kmin)
+            tl.store(KMax + out_off, tl.max(kmax, 0))
+            tl.store(KMin + out_off, tl.min(kmin, 0))
     if NEED_V:
-        tl.store(VMax + out_off, vmax)
+        tl.store(VMax + out_off, tl.max(vmax, 0))
 
 
 @triton.jit
