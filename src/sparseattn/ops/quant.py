@@ -272,9 +272,9 @@ def balance_scales(q_range: torch.Tensor, k_range: torch.Tensor) -> tuple[torch.
 
 def _stats_steps(n_tiles: int, rows: int) -> int:
     """``_STATS_R``-row tiles per program of the statistics kernel for ``rows`` (batch, head) rows of ``n_tiles``
-    tiles: enough that a row leaves at most ``_STATS_CHUNKS`` partials for the finishing kernel (whose few programs read them all;
-    with one tile per program it took 252 µs at 32K on an H100), but never so many that the launch has fewer than
-    ``_STATS_MIN_PROGRAMS`` programs."""
+    tiles: enough that a row leaves at most ``_STATS_CHUNKS`` partials for the finishing kernel (whose few programs
+    read them all; with one tile per program it took 252 µs at 32K on an H100), but never so many that the launch has
+    fewer than ``_STATS_MIN_PROGRAMS`` programs."""
     return max(1, min(cdiv(n_tiles, _STATS_CHUNKS), (n_tiles * rows) // _STATS_MIN_PROGRAMS))
 
 
