@@ -100,7 +100,7 @@ def test_quantizer_statistics_over_several_tiles_per_program(quant, monkeypatch)
     monkeypatch.setattr(Q, "_STATS_CHUNKS", 2)
     monkeypatch.setattr(Q, "_STATS_MIN_PROGRAMS", 1)
     assert Q._stats_steps(6, 2) == 3 and Q._stats_steps(22, 2) == 11 and Q._stats_steps(21, 1) == 11
-    assert Q._STATS_R == 32
+    assert Q._stats_rows(64) == 32 and Q._stats_rows(128) == 32 and Q._stats_rows(256) == 16
     q, k, v = _qkv(1, 2, 1, 700, 650, 64, seed=4, k_shift=5.0)  # 22 and 21 tiles of 32 rows -> 2 partials of 11
     qq = Q.quantize_qkv(q, k, v, quant=quant)
     qr = quantize_reference(q, k, v, quant=quant, k_mean=qq.k_mean, q_mean=qq.q_mean)

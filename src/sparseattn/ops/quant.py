@@ -82,7 +82,8 @@ _FIN_CHUNKS = 64  # chunk partials per step of the statistics' finishing kernel 
 _FIN_DB = 32  # channels per program of the finishing kernel (HEAD_DIM // _FIN_DB programs per (batch, kv head))
 _STATS_CHUNKS = 32  # at most this many statistics partials per row: longer inputs give each program more R-row tiles
 _STATS_MIN_PROGRAMS = 512  # ... unless that leaves the statistics launch with fewer programs than this
-_STATS_R = 32  # rows per tile of the statistics kernel (its [R, D] accumulators stay in registers)
+_STATS_R = 32  # rows per tile of the statistics kernel up to head_dim 128 (its [R, D] accumulators stay in
+# registers; head_dim 256 takes half as many rows, the same registers: _stats_rows)
 _STATS_WARPS = 4  # num_warps of the statistics launches (_kv_stats_kernel)
 _ROWS_WARPS = 8  # num_warps of the INT8 quantization launches (_quant_rows_kernel; 4 warps: 1.35x its time at 32K)
 _KBIAS_PAD = 256  # k_bias rows are allocated to a multiple of this many keys (covers every SUPPORTED_BLOCK_SIZES block)
@@ -270,8 +271,14 @@ def balance_scales(q_range: torch.Tensor, k_range: torch.Tensor) -> tuple[torch.
     return one / alpha, alpha
 
 
+def _stats_rows(head_dim: int) -> int:
+    """Rows per tile of the statistics kernel: ``_STATS_R``, halved for head_dim 256 so that its three ``[rows, D]``
+    register accumulators hold as many values per thread as at head_dim 128 (measured at 128 only)."""
+    return _STATS_R * 128 // max(head_dim, 128)
+
+
 def _stats_steps(n_tiles: int, rows: int) -> int:
-    """``_STATS_R``-row tiles per program of the statistics kernel for ``rows`` (batch, head) rows of ``n_tiles``
+    """Row tiles (:func:`_stats_rows`) per program of the statistics kernel for ``rows`` (batch, head) rows of ``n_tiles``
     tiles: enough that a row leaves at most ``_STATS_CHUNKS`` partials for the finishing kernel (whose few programs
     read them all; with one tile per program it took 252 µs at 32K on an H100), but never so many that the launch has
     fewer than ``_STATS_MIN_PROGRAMS`` programs."""
@@ -289,8 +296,9 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
     fp8 = quant == "int8_fp8"
     (qw, qt, qs_), (kw, kt, ks_) = GRANULARITIES[gran]
     n_chunks = cdiv(Nkv, _R)  # R-row tiles of the quantization kernels
-    k_steps = _stats_steps(cdiv(Nkv, _STATS_R), B * Hkv)  # _STATS_R-row tiles of the statistics kernel
-    nk_stats = cdiv(cdiv(Nkv, _STATS_R), k_steps)
+    rs = _stats_rows(D)  # rows per tile of the statistics kernel
+    k_steps = _stats_steps(cdiv(Nkv, rs), B * Hkv)
+    nk_stats = cdiv(cdiv(Nkv, rs), k_steps)
 
     f32 = dict(dtype=torch.float32, device=dev)
     ksum = vmax = kmax = kmin = None
@@ -306,15 +314,15 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
             k, v, ksum if ksum is not None else dummy, vmax if vmax is not None else dummy,
             kmax if kmax is not None else dummy, kmin if kmin is not None else dummy,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            Hkv, Nkv, nk_stats, k_steps, HEAD_DIM=D, R=_STATS_R, NEED_K=need_k, NEED_V=fp8, NEED_RANGE=balance_qk,
+            Hkv, Nkv, nk_stats, k_steps, HEAD_DIM=D, R=rs, NEED_K=need_k, NEED_V=fp8, NEED_RANGE=balance_qk,
             num_warps=_STATS_WARPS)
     # written by the finishing kernel below when it runs (zeros without K smoothing)
     k_mean = torch.empty((B, Hkv, D), **f32) if (need_k or need_q) else torch.zeros((B, Hkv, D), **f32)
     mult = float(sm_scale) * _LOG2E
     q_mean = k_bias = None
     ch_q = ch_k = None
-    q_steps = _stats_steps(cdiv(Nq, _STATS_R), B * H)
-    nq_chunks = cdiv(cdiv(Nq, _STATS_R), q_steps)
+    q_steps = _stats_steps(cdiv(Nq, rs), B * H)
+    nq_chunks = cdiv(cdiv(Nq, rs), q_steps)
     qsum = qmax = qmin = None
     if need_q:  # per-channel statistics of the finite entries of Q per query head (the same kernel)
         qsum = torch.empty((B * H, nq_chunks, D), **f32)
@@ -322,7 +330,7 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
         qmin = torch.empty((B * H, nq_chunks, D), **f32) if balance_qk else qsum
         kq._kv_stats_kernel[(nq_chunks, B * H)](
             q, q, qsum, qsum, qmax, qmin, q.stride(0), q.stride(1), q.stride(2), q.stride(0), q.stride(1), q.stride(2),
-            H, Nq, nq_chunks, q_steps, HEAD_DIM=D, R=_STATS_R, NEED_K=True, NEED_V=False, NEED_RANGE=balance_qk,
+            H, Nq, nq_chunks, q_steps, HEAD_DIM=D, R=rs, NEED_K=True, NEED_V=False, NEED_RANGE=balance_qk,
             num_warps=_STATS_WARPS)
         if smooth_q:
             q_mean = torch.empty((B, H, D), **f32)
