@@ -91,6 +91,31 @@ def test_quantizer_matches_emulation(quant, gran, shift):
         assert torch.allclose(qq.v_scale, qr.v_scale, rtol=FP32_SCALE_RTOL, atol=0)
 
 
+@pytest.mark.parametrize("gran", GRANS)
+def test_quantizer_matches_emulation_head_dim_256(gran):
+    """At head_dim 256 the quantization programs take 64 rows where the granularity's row slice allows (all but
+    per_block Q, which keeps 128) and the statistics tiles 16 rows: several programs and partial last groups here,
+    the INT8 values, scales and lse terms equal the emulation's given the kernel's means."""
+    (qw, qt, _), (kw, kt, _) = Q.GRANULARITIES[gran]
+    assert Q._rows_per_program(256, qw) == (128 if qw == 128 else 64) and Q._rows_per_program(256, kw) == 64
+    assert Q._rows_per_program(128, qw) == 128 and Q._stats_rows(256) == 16
+    q, k, v = _qkv(1, 2, 1, 150, 200, 256, seed=6, k_shift=30.0)
+    qq = Q.quantize_qkv(q, k, v, quant="int8", quant_granularity=gran)
+    qr = quantize_reference(q, k, v, quant="int8", quant_granularity=gran, k_mean=qq.k_mean, q_mean=qq.q_mean)
+    pr = quantize_reference(q, k, v, quant="int8", quant_granularity=gran)
+    assert torch.allclose(qq.k_mean.cpu(), pr.k_mean.cpu(), atol=FP32_ATOL, rtol=FP32_RTOL)
+    assert torch.equal(qq.qk_alpha, qr.qk_alpha)
+    lim = 0 if DEV == "cpu" else T.QUANT_INT8_MAX_UNIT_DIFF
+    assert int((qq.q_int8.int() - qr.q_int8.int()).abs().max()) <= lim
+    assert int((qq.k_int8.int() - qr.k_int8.int()).abs().max()) <= lim
+    assert qq.q_scale.shape[-1] == -(-150 // qw) * qt and qq.k_scale.shape[-1] == -(-200 // kw) * kt
+    assert torch.allclose(qq.q_scale, qr.q_scale, rtol=FP32_SCALE_RTOL, atol=0)
+    assert torch.allclose(qq.k_scale, qr.k_scale, rtol=FP32_SCALE_RTOL, atol=0)
+    assert torch.allclose(qq.q_row, qr.q_row, rtol=FP32_RTOL, atol=FP32_ATOL)
+    bias_tol = FP32_RTOL * float(qr.k_bias.abs().max()) + FP32_ATOL
+    assert float((qq.k_bias - qr.k_bias).abs().max()) <= bias_tol
+
+
 @pytest.mark.parametrize("quant", MODES)
 def test_quantizer_statistics_over_several_tiles_per_program(quant, monkeypatch):
     """Past ``_STATS_CHUNKS`` tiles of ``_STATS_R`` rows the statistics kernel reads several tiles per program

@@ -271,6 +271,13 @@ def balance_scales(q_range: torch.Tensor, k_range: torch.Tensor) -> tuple[torch.
     return one / alpha, alpha
 
 
+def _rows_per_program(head_dim: int, slice_rows: int) -> int:
+    """Rows per program of the INT8 quantization launches: ``_R`` (128), or 64 at head_dim 256 where the
+    granularity's row slice divides 64 (all but ``per_block`` Q). Compiled offline for sm_90a (ptxas 13.4, 8 warps),
+    128 rows at head_dim 256 spill 1.3-1.4 KB per thread (K and Q); 64 rows spill 0 / 8 bytes. Not timed on a GPU."""
+    return 64 if head_dim >= 256 and 64 % slice_rows == 0 else _R
+
+
 def _stats_rows(head_dim: int) -> int:
     """Rows per tile of the statistics kernel: ``_STATS_R``, halved for head_dim 256 so that its three ``[rows, D]``
     register accumulators hold as many values per thread as at head_dim 128 (measured at 128 only)."""
@@ -295,7 +302,7 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
     dev = q.device
     fp8 = quant == "int8_fp8"
     (qw, qt, qs_), (kw, kt, ks_) = GRANULARITIES[gran]
-    n_chunks = cdiv(Nkv, _R)  # R-row tiles of the quantization kernels
+    n_chunks = cdiv(Nkv, _R)  # R-row tiles of the FP8 V kernel
     rs = _stats_rows(D)  # rows per tile of the statistics kernel
     k_steps = _stats_steps(cdiv(Nkv, rs), B * Hkv)
     nk_stats = cdiv(cdiv(Nkv, rs), k_steps)
@@ -360,26 +367,28 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
     kb_t = k_bias if k_bias is not None else k_scale
     chk_t = ch_k if ch_k is not None else k_mean
     chq_t = ch_q if ch_q is not None else k_mean
-    kq._quant_rows_kernel[(n_chunks, B * Hkv)](
+    rk = _rows_per_program(D, kw)
+    kq._quant_rows_kernel[(cdiv(Nkv, rk), B * Hkv)](
         k, k_int8, k_scale, k_mean, k_scale, qm_t, kb_t, chk_t,
         k.stride(0), k.stride(1), k.stride(2), k_int8.stride(0), k_int8.stride(1), k_int8.stride(2),
         k_scale.stride(0), k_scale.stride(1), k_mean.stride(0), k_mean.stride(1), k_scale.stride(0), k_scale.stride(1),
         qm_t.stride(0), qm_t.stride(1), kb_t.stride(0), kb_t.stride(1), chk_t.stride(0), chk_t.stride(1),
         Hkv, 1, H // Hkv, Nkv, nkg, 1.0, mult,
-        HEAD_DIM=D, R=_R, W=kw, T=kt, S=ks_, IS_Q=False, HAS_MEAN=smooth_k, HAS_QMEAN=smooth_q, HAS_CH=balance_qk,
+        HEAD_DIM=D, R=rk, W=kw, T=kt, S=ks_, IS_Q=False, HAS_MEAN=smooth_k, HAS_QMEAN=smooth_q, HAS_CH=balance_qk,
         num_warps=_ROWS_WARPS)
     # Q
     nqg = cdiv(Nq, qw) * qt
     q_int8 = torch.empty((B, H, Nq, D), dtype=torch.int8, device=dev)
     q_scale = torch.empty((B, H, nqg), dtype=torch.float32, device=dev)
     q_row = torch.empty((B, H, Nq), dtype=torch.float32, device=dev)
-    kq._quant_rows_kernel[(cdiv(Nq, _R), B * H)](
+    rq = _rows_per_program(D, qw)
+    kq._quant_rows_kernel[(cdiv(Nq, rq), B * H)](
         q, q_int8, q_scale, k_mean, q_row, qm_t, q_row, chq_t,
         q.stride(0), q.stride(1), q.stride(2), q_int8.stride(0), q_int8.stride(1), q_int8.stride(2),
         q_scale.stride(0), q_scale.stride(1), k_mean.stride(0), k_mean.stride(1), q_row.stride(0), q_row.stride(1),
         qm_t.stride(0), qm_t.stride(1), q_row.stride(0), q_row.stride(1), chq_t.stride(0), chq_t.stride(1),
         H, H // Hkv, 1, Nq, nqg, mult, 1.0,
-        HEAD_DIM=D, R=_R, W=qw, T=qt, S=qs_, IS_Q=True, HAS_MEAN=smooth_k, HAS_QMEAN=smooth_q, HAS_CH=balance_qk,
+        HEAD_DIM=D, R=rq, W=qw, T=qt, S=qs_, IS_Q=True, HAS_MEAN=smooth_k, HAS_QMEAN=smooth_q, HAS_CH=balance_qk,
         num_warps=_ROWS_WARPS)
     # V
     v_scale = None
