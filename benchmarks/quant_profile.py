@@ -13,6 +13,10 @@ separates the two, per option set (the defaults; K smoothing only), same process
   host synchronisation inside the call; the error is printed).
 
     PYTHONPATH=src python3 benchmarks/quant_profile.py --seqlens 4096 32768 --out /tmp/qp
+
+``--warps 4:8 8:8 ...`` times instead the default ``quantize_qkv`` graphed per (statistics, quantization) ``num_warps``
+pair (``ops.quant._STATS_WARPS`` / ``_ROWS_WARPS``), with its per-kernel device times and whether every output equals
+the first pair's bit for bit (``quant_warps.json``).
 """
 
 from __future__ import annotations
