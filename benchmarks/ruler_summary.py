@@ -67,6 +67,11 @@ FAMILIES = {
         ("SmolLM2-135M", "h100_20261206_s23/smol4k_r32c95c96/ruler_runs.jsonl", 0,
          "sampled:rows_per_block=32,cdf_threshold=0.96,", None),
     ],
+    # thirty-first session: a fixed budget instead of a cdf (one configuration for every model and length; CPU)
+    "sampled, 32 rows, top-k 0.35 of each row's blocks, keep_local 8, tail 128": [
+        ("SmolLM2-135M", "cpu_20261207_s31/ruler_smol4k_r32_topk035/ruler_runs.jsonl", 0,
+         "sampled:rows_per_block=32,topk=0.35,", None),
+    ],
 }
 # the lengths the issue names for each model (a column is drawn, grey if not run)
 COLUMNS = [("SmolLM2-135M", 4096), ("SmolLM2-135M", 8000), ("Gemma-3-270M", 8192), ("Gemma-3-270M", 16384),
