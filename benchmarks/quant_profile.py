@@ -73,12 +73,17 @@ def timed(name: str, fn: Callable[[], Any], calls: int) -> dict[str, Any]:
     return rec
 
 
-def run_seqlen(N: int, a: argparse.Namespace) -> list[dict[str, Any]]:
+def inputs(N: int, a: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded bf16 q, k, v of one sequence of ``N`` tokens at the script's head counts and head_dim."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    B, H, Hkv, D = 1, a.heads, a.kv_heads, a.head_dim
-    q, k, v = (torch.randn(B, h, N, D, generator=g, device="cuda").to(torch.bfloat16) for h in (H, Hkv, Hkv))
-    lays = {1.0: None, 0.1: random_layout(N, N, density=0.1, seed=1234, block_m=128, block_n=128, batch=B,
-                                          heads=H, causal=True, device="cuda")}
+    return tuple(torch.randn(1, h, N, a.head_dim, generator=g, device="cuda").to(torch.bfloat16)  # type: ignore[return-value]
+                 for h in (a.heads, a.kv_heads, a.kv_heads))
+
+
+def run_seqlen(N: int, a: argparse.Namespace) -> list[dict[str, Any]]:
+    q, k, v = inputs(N, a)
+    lays = {1.0: None, 0.1: random_layout(N, N, density=0.1, seed=1234, block_m=128, block_n=128, batch=1,
+                                          heads=a.heads, causal=True, device="cuda")}
     rows: list[dict[str, Any]] = []
     for opt, (sq, bal) in OPTIONS.items():
         def quant(sq: bool = sq, bal: bool = bal) -> Any:
@@ -104,9 +109,7 @@ def run_seqlen(N: int, a: argparse.Namespace) -> list[dict[str, Any]]:
 def warps_sweep(N: int, pairs: list[str], a: argparse.Namespace) -> list[dict[str, Any]]:
     """``quantize_qkv`` (default options) graphed, per (statistics warps, quantization warps) pair, same inputs;
     every pair's outputs must equal the first pair's bit for bit (the warps change no arithmetic)."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    B, H, Hkv, D = 1, a.heads, a.kv_heads, a.head_dim
-    q, k, v = (torch.randn(B, h, N, D, generator=g, device="cuda").to(torch.bfloat16) for h in (H, Hkv, Hkv))
+    q, k, v = inputs(N, a)
     saved = (Q._STATS_WARPS, Q._ROWS_WARPS)
     rows, first = [], None
     try:
