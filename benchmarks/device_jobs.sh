@@ -438,11 +438,13 @@ print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tok
     quant_d256)  # issue 15: the quantization at Gemma-3's global-layer shape (H=4, H_kv=1, D=256; 16-row statistics
       # tiles and 64-row quantization programs since 06261fe, unmeasured), alternated with the tree carried as
       # .carry/src_base when there is one (e.g. `git archive b6520fe src | tar -x -C .carry/src_base`)
-      for t in base new base new; do
-        if [ $t = base ]; then [ -d .carry/src_base/src ] || continue; P=$PWD/.carry/src_base/src; else P=$PWD/src; fi
-        PYTHONPATH=/tmp/site:$P timeout ${QD_S:-90} python3 benchmarks/quant_profile.py --seqlens 32768 8192 --heads 4 \
-          --kv-heads 1 --head-dim 256 --calls 10 --out "$d/$t" > "$d/$t.log" 2>&1
-        echo "== $t"; grep "^| [38]" "$d/$t.log"
+      # (QD_ARGS replaces the shape, e.g. "--seqlens 32768 4096" for the default H=32, H_kv=8, D=128; rounds are kept
+      # apart as base1 new1 base2 new2)
+      for t in base1 new1 base2 new2; do
+        if [ ${t%?} = base ]; then [ -d .carry/src_base/src ] || continue; P=$PWD/.carry/src_base/src; else P=$PWD/src; fi
+        PYTHONPATH=/tmp/site:$P timeout ${QD_S:-90} python3 benchmarks/quant_profile.py \
+          ${QD_ARGS:---seqlens 32768 8192 --heads 4 --kv-heads 1 --head-dim 256} --calls 10 --out "$d/$t" > "$d/$t.log" 2>&1
+        echo "== $t"; grep "^| [0-9]" "$d/$t.log"
       done ;;
     s15_qkv)  # the model half of s15_quant: captured Q/K/V at 4K through the kernel
       MD=${S15_MODEL:-$SMOL}; gem_if_md timeout 60 $M collect --model $MD --layers ${S15_LAYERS:-5,10,15,20,25,29} --lengths 4096 \

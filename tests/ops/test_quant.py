@@ -153,6 +153,20 @@ def _e4m3_kernel(X, Y, N: tl.constexpr):
     tl.store(Y + o, e4m3_round(tl.load(X + o)))
 
 
+def test_finalize_channels_rule():
+    """The finishing launch keeps 32 channels per program where that gives ``_FIN_MIN_PROGRAMS`` programs, narrows to
+    16 / 8 otherwise (one KV head of head_dim 256: 32 programs of 8), and always covers every channel."""
+    assert Q._finalize_channels(64, 128) == 32  # B=8, H_kv=8: 256 programs
+    assert Q._finalize_channels(16, 128) == 16  # 128 programs of 16
+    assert Q._finalize_channels(8, 128) == 8  # B=1, H_kv=8: 128 programs of 8
+    assert Q._finalize_channels(1, 256) == 8  # Gemma-3's global layers
+    for rows in (1, 2, 3, 8, 16, 31, 32, 64, 1000):
+        for d in (64, 128, 256):
+            db = Q._finalize_channels(rows, d)
+            assert d % db == 0 and Q._FIN_TILE % db == 0
+            assert db == 8 or rows * (d // db) >= Q._FIN_MIN_PROGRAMS
+
+
 def test_e4m3_emulated_rounding_matches_torch():
     """The interpreter's fp32 e4m3 rounding (quantize.e4m3_round) is torch's float8_e4m3fn rounding."""
     g = torch.Generator().manual_seed(3)
@@ -355,16 +369,20 @@ def test_balance_scales_guards():
     assert torch.allclose(inv * alpha, torch.ones_like(alpha))
 
 
-@pytest.mark.parametrize("smooth_k,smooth_q,balance", [(True, True, True), (True, False, True), (False, True, False),
-                                                       (False, False, True), (True, False, False)])
-def test_stats_finishing_kernel_matches_torch_bit_for_bit(smooth_k, smooth_q, balance):
+@pytest.mark.parametrize("smooth_k,smooth_q,balance,db,ch", [
+    (True, True, True, 16, 32), (True, False, True, 16, 32), (False, True, False, 16, 32), (False, False, True, 16, 32),
+    (True, False, False, 16, 32),
+    # the launch shapes Q._finalize_channels picks (CH = _FIN_TILE // DB): 8 channels x 256 chunks, 32 x 64
+    (True, True, True, 8, 256), (True, True, True, 32, 64)])
+def test_stats_finishing_kernel_matches_torch_bit_for_bit(smooth_k, smooth_q, balance, db, ch):
     """``_qk_finalize_kernel`` against the PyTorch arithmetic it replaced (chunk sums over tokens, ranges from the
     channel max / min, :func:`balance_scales`) on partials with channels that have no finite entry, a zero range
-    and huge values; 37 chunks (more than one step of the kernel's chunk loop), 4 programs of 16 channels per row,
-    GQA group 3, two sequences."""
+    and huge values; more chunks than one step of the kernel's chunk loop takes (37 for K with 32 per step, 300 with
+    256 or 64), ``D // db`` programs of ``db`` channels per row, GQA group 3, two sequences."""
     from sparseattn.ops.triton import quantize as kq
 
-    B, Hkv, G, D, NCK, NCQ, nkv, nq = 2, 2, 3, 64, 37, 5, 4700, 600
+    B, Hkv, G, D, NCQ, nkv, nq = 2, 2, 3, 64, 5, 4700, 600
+    NCK = 37 if ch == 32 else 300
     gen = torch.Generator().manual_seed(3)
 
     def parts(rows, nc):
@@ -379,9 +397,9 @@ def test_stats_finishing_kernel_matches_torch_bit_for_bit(smooth_k, smooth_q, ba
     ks, kmx, kmn = parts(B * Hkv, NCK)
     qs, qmx, qmn = parts(B * Hkv * G, NCQ)
     out = [torch.full((B, n, D), float("nan")) for n in (Hkv, Hkv * G, Hkv, Hkv)]
-    kq._qk_finalize_kernel[(B * Hkv, D // 16)](ks.to(DEV), kmx.to(DEV), kmn.to(DEV), qs.to(DEV), qmx.to(DEV),
+    kq._qk_finalize_kernel[(B * Hkv, D // db)](ks.to(DEV), kmx.to(DEV), kmn.to(DEV), qs.to(DEV), qmx.to(DEV),
                                                qmn.to(DEV), *(o := [t.to(DEV) for t in out]), G, NCK, NCQ, nkv, nq,
-                                               HEAD_DIM=D, DB=16, CH=32, SMOOTH_K=smooth_k, SMOOTH_Q=smooth_q,
+                                               HEAD_DIM=D, DB=db, CH=ch, SMOOTH_K=smooth_k, SMOOTH_Q=smooth_q,
                                                BALANCE=balance)
     k_mean, q_mean, ch_q, ch_k = (t.cpu() for t in o)
     exp_k = (ks.double().sum(1) / nkv).float().view(B, Hkv, D) if smooth_k else torch.zeros(B, Hkv, D)

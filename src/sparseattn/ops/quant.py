@@ -78,8 +78,8 @@ SUPPORTED_BLOCK_SIZES = (64, 128)
 _LOG2E = 1.4426950408889634
 _R = 128  # rows per quantization program (a multiple of every group span)
 _FP8_MAX = 448.0
-_FIN_CHUNKS = 64  # chunk partials per step of the statistics' finishing kernel (one step for most shapes)
-_FIN_DB = 32  # channels per program of the finishing kernel (HEAD_DIM // _FIN_DB programs per (batch, kv head))
+_FIN_TILE = 2048  # partial values per load of the statistics' finishing kernel ([chunks, channels] per step)
+_FIN_MIN_PROGRAMS = 128  # the finishing launch narrows its channels per program (32 -> 16 -> 8) to reach this many
 _STATS_CHUNKS = 32  # at most this many statistics partials per row: longer inputs give each program more R-row tiles
 _STATS_MIN_PROGRAMS = 512  # ... unless that leaves the statistics launch with fewer programs than this
 _STATS_R = 32  # rows per tile of the statistics kernel up to head_dim 128 (its [R, D] accumulators stay in
@@ -292,6 +292,17 @@ def _stats_steps(n_tiles: int, rows: int) -> int:
     return max(1, min(cdiv(n_tiles, _STATS_CHUNKS), (n_tiles * rows) // _STATS_MIN_PROGRAMS))
 
 
+def _finalize_channels(rows: int, head_dim: int) -> int:
+    """Channels per program of the statistics' finishing kernel for ``rows`` (batch, kv head) rows: 32, or 16 / 8
+    where 32 would leave the launch with fewer than ``_FIN_MIN_PROGRAMS`` programs (Gemma-3's global layers, one KV
+    head: 8 programs of 32 channels took 34 µs at 32K on an H100, each walking 512 + 4 x 128 partials in steps of 64).
+    Each step loads ``_FIN_TILE // channels`` partials, so a narrower program also takes fewer steps."""
+    for db in (32, 16):
+        if rows * (head_dim // db) >= _FIN_MIN_PROGRAMS:
+            return db
+    return 8
+
+
 def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gran: str, sm_scale: float,
               smooth_k: bool, smooth_q: bool = True, balance_qk: bool = True) -> QuantizedQKV:
     from sparseattn.ops.triton import quantize as kq
@@ -351,13 +362,14 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
             ch_q, ch_k = torch.empty((B, Hkv, D), **f32), torch.empty((B, Hkv, D), **f32)
     if need_k or need_q:
         # means, ranges and balancing factors from the chunk partials, one launch (balance_scales' arithmetic)
-        kq._qk_finalize_kernel[(B * Hkv, D // _FIN_DB)](
+        fin_db = _finalize_channels(B * Hkv, D)
+        kq._qk_finalize_kernel[(B * Hkv, D // fin_db)](
             ksum if ksum is not None else k_mean, kmax if kmax is not None else k_mean,
             kmin if kmin is not None else k_mean, qsum if qsum is not None else k_mean,
             qmax if qmax is not None else k_mean, qmin if qmin is not None else k_mean, k_mean,
             q_mean if q_mean is not None else k_mean, ch_q if ch_q is not None else k_mean,
             ch_k if ch_k is not None else k_mean, H // Hkv, nk_stats if need_k else 0, nq_chunks if need_q else 0,
-            Nkv, Nq, HEAD_DIM=D, DB=_FIN_DB, CH=_FIN_CHUNKS, SMOOTH_K=smooth_k, SMOOTH_Q=smooth_q, BALANCE=balance_qk)
+            Nkv, Nq, HEAD_DIM=D, DB=fin_db, CH=_FIN_TILE // fin_db, SMOOTH_K=smooth_k, SMOOTH_Q=smooth_q, BALANCE=balance_qk)
 
     # K (with Q smoothing, also k_bias = mult * q_mean . (k - k_mean) for each query head of the KV head)
     nkg = cdiv(Nkv, kw) * kt
