@@ -470,3 +470,26 @@ def test_console_table_keeps_the_dense_tail_visible():
         "mean_sim:score=mixed, +tail128"
     assert short("mean_sim:score=mixed,cdf_threshold=0.97,keep_local=8", 30) == "mean_sim:score=mixed,cdf_thres"
     assert short("dense", 30) == "dense"
+
+
+def test_ruler_power_simulation_bounds():
+    """``benchmarks/ruler_power.py``'s pass probability: 1 when no prompt ever changes, 0 when every prompt loses,
+    and for an unbiased predictor that flips often it rises with the prompt count (the docs' argument)."""
+    import importlib.util
+    import os
+
+    import numpy as np
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "ruler_power.py")
+    spec = importlib.util.spec_from_file_location("ruler_power", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(0)
+    tasks = mod.rs.TASKS
+    assert mod.CELLS == 35
+    assert mod.p_pass({t: [0.0] * 10 for t in tasks}, 10, 200, rng, unbiased=True) == 1.0
+    assert mod.p_pass({t: [-1.0] * 10 for t in tasks}, 10, 200, rng, unbiased=False) == 0.0
+    flips = {t: [0.0] * 98 + [1.0, -1.0] for t in tasks}  # 2% of prompts change, balanced
+    few = mod.p_pass(flips, 10, 2000, rng, unbiased=True)
+    many = mod.p_pass(flips, 1000, 2000, rng, unbiased=True)
+    assert few < 0.05 and many > 0.9

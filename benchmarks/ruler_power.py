@@ -1,0 +1,172 @@
+"""How many RULER prompts issue 17's target needs: per-prompt flips of the recorded runs, and the chance that a
+predictor as good as dense in expectation passes "within 2 points of dense on every task and length" at N prompts
+per cell.
+
+Reads the same per-prompt rows as `ruler_summary.py` (its `FAMILIES`: float32 runs with the dense tail, paired with
+dense on the same prompts). Per prompt, d = sparse score − dense score (scores in [0, 1]). Reported:
+
+* how often a prompt's score changes at all (d ≠ 0), is lost (d < 0) or gained (d > 0), per task and per family;
+* the standard deviation of d, which sets the noise of a cell's mean: SD(d) / sqrt(N);
+* a Monte Carlo estimate of P(pass): each of the 35 cells (7 tasks × SmolLM2 4K/8K × Gemma-3 8K/16K/32K) draws N
+  per-prompt differences from that task's recorded differences, and the target passes when every cell's mean is
+  ≥ −2 points. Two models of the predictor: **unbiased** (the recorded |d| with a random sign: flips as often as the
+  recorded predictors do, but gains and losses balance exactly) and **as recorded** (the recorded d, bias included);
+* the prompts, generations and device time that N implies, from measured seconds per generation.
+
+Writes `docs/ruler_power.md` and `docs/ruler_power.png` (P(pass) against N for both models).
+
+Usage: python benchmarks/ruler_power.py [--out-dir docs] [--reps 20000] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("ruler_summary", HERE / "ruler_summary.py")
+rs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rs)
+
+NS = [6, 10, 25, 50, 100, 250, 500, 1000, 2000]
+CELLS = len(rs.TASKS) * len(rs.COLUMNS)  # 35
+MARGIN = 0.02  # "within 2 points"
+# seconds per generation measured on one H100 in float32 through masked SDPA (model load included; the runs'
+# READMEs): SmolLM2 4K 196 s / 210 generations (h100_20261206_s23), SmolLM2 8K 287 s / 140 (h100_20261206_s22),
+# Gemma-3 16K 239 s / 140 (s22, batch 5), Gemma-3 32K 421 s / 32 (s22, batch 1)
+SEC_PER_GEN = {("SmolLM2-135M", 4096): 196 / 210, ("SmolLM2-135M", 8000): 287 / 140,
+               ("Gemma-3-270M", 8192): 239 / 140, ("Gemma-3-270M", 16384): 239 / 140,
+               ("Gemma-3-270M", 32000): 421 / 32}
+
+
+def pairs() -> dict:
+    """``{family: {(model, length, task): [d, ...]}}`` — every recorded (dense, sparse) pair, as ruler_summary pairs
+    them (a prompt run twice for one family counts once, the later file winning)."""
+    out: dict = {}
+    for name, entries in rs.FAMILIES.items():
+        dense: dict = {}
+        sparse: dict = {}
+        for model, rel, seed, prefix, tasks in entries:
+            path = rs.R / rel
+            if not path.exists():
+                continue
+            for line in path.read_text().splitlines():
+                if not line.strip():
+                    continue
+                r = rs.json.loads(line)
+                if tasks is not None and r["task"] not in tasks:
+                    continue
+                key = (model, r["length"], seed, r["task"], r["sample"])
+                if r["config"] == "dense":
+                    dense[key] = r["score"]
+                elif r["config"].startswith(prefix):
+                    sparse[key] = r["score"]
+        cells: dict = defaultdict(list)
+        for key in sorted(set(dense) & set(sparse)):
+            model, length, _, task, _ = key
+            cells[(model, length, task)].append(sparse[key] - dense[key])
+        out[name] = cells
+    return out
+
+
+def p_pass(per_task: dict, n: int, reps: int, rng: np.random.Generator, unbiased: bool) -> float:
+    """P(every one of the 35 cells has mean d ≥ −MARGIN) when each cell draws ``n`` prompts from its task's pool."""
+    ok = np.ones(reps, dtype=bool)
+    for task in rs.TASKS:
+        pool = np.asarray(per_task.get(task, [0.0]), dtype=np.float64)
+        for _ in rs.COLUMNS:
+            draw = rng.choice(np.abs(pool) if unbiased else pool, size=(reps, n))
+            if unbiased:
+                draw = draw * rng.choice([-1.0, 1.0], size=(reps, n))
+            ok &= draw.mean(1) >= -MARGIN - 1e-12
+    return float(ok.mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out-dir", default=str(HERE.parent / "docs"))
+    ap.add_argument("--reps", type=int, default=20000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.reps < 100:
+        raise SystemExit(f"ruler_power: --reps is too small; expected >= 100, got {args.reps}")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fams = pairs()
+    per_task: dict = defaultdict(list)
+    md = ["# RULER: how many prompts the 2-point target needs (generated by `benchmarks/ruler_power.py`)", "",
+          "Per prompt d = sparse score − dense score, paired on the same prompt, from every float32 run with the dense "
+          "tail that [ruler_summary.md](ruler_summary.md) draws (its families). A cell is one task at one model "
+          f"length; the target needs all {CELLS} cells ≥ −2 points. Details: [RULER.md](RULER.md).", "",
+          "## How often a prompt changes", "",
+          "| family | prompts | changed | lost | gained | mean d (points) | SD of d (points) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    allv: list = []
+    for name, cells in fams.items():
+        v = np.array([d for ds in cells.values() for d in ds])
+        if v.size == 0:
+            continue
+        allv.extend(v.tolist())
+        for (_, _, task), ds in cells.items():
+            per_task[task].extend(ds)
+        md.append(f"| {name} | {v.size} | {100 * (v != 0).mean():.1f}% | {100 * (v < 0).mean():.1f}% | "
+                  f"{100 * (v > 0).mean():.1f}% | {100 * v.mean():+.2f} | {100 * v.std(ddof=1):.1f} |")
+    a = np.array(allv)
+    md.append(f"| **all** | {a.size} | {100 * (a != 0).mean():.1f}% | {100 * (a < 0).mean():.1f}% | "
+              f"{100 * (a > 0).mean():.1f}% | {100 * a.mean():+.2f} | {100 * a.std(ddof=1):.1f} |")
+    md += ["", "Per task (all families pooled; the pools the simulation draws from):", "",
+           "| task | prompts | changed | lost | gained | mean d (points) | SD of d (points) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for task in rs.TASKS:
+        v = np.array(per_task.get(task, []))
+        if v.size == 0:
+            md.append(f"| {task} | 0 | – | – | – | – | – |")
+            continue
+        md.append(f"| {task} | {v.size} | {100 * (v != 0).mean():.1f}% | {100 * (v < 0).mean():.1f}% | "
+                  f"{100 * (v > 0).mean():.1f}% | {100 * v.mean():+.2f} | {100 * v.std(ddof=1):.1f} |")
+
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    for n in NS:
+        pu = p_pass(per_task, n, args.reps, rng, unbiased=True)
+        pr = p_pass(per_task, n, args.reps, rng, unbiased=False)
+        gens = CELLS // len(rs.COLUMNS) * n * 2  # per column: 7 tasks x n prompts x (dense + one configuration)
+        secs = sum(gens * s for s in SEC_PER_GEN.values())
+        rows.append((n, pu, pr, gens * len(rs.COLUMNS), secs))
+        print(f"N={n:5d}  P(pass) unbiased {pu:.4f}  as recorded {pr:.4f}  generations {gens * len(rs.COLUMNS)}  "
+              f"~{secs / 3600:.1f} device-hours", flush=True)
+    md += ["", "## The chance of passing at N prompts per cell", "",
+           f"Monte Carlo, {args.reps} repetitions, seed {args.seed}. *Unbiased*: a predictor that changes prompts as "
+           "often as the recorded ones but gains exactly as much as it loses (the recorded |d| with a random sign). "
+           "*As recorded*: the recorded d, the recorded predictors' own average loss or gain included. Generations: "
+           "7 tasks × 5 lengths × N prompts × 2 (dense and one configuration). Device time from the measured float32 "
+           "seconds per generation on one H100 (SmolLM2 4K 0.93 s, 8K 2.05 s, Gemma-3 8K/16K 1.7 s, 32K 13.2 s; model "
+           "loads included).", "",
+           "| prompts per cell | P(pass), unbiased | P(pass), as recorded | generations | device time (H100, float32) |",
+           "|---:|---:|---:|---:|---:|"]
+    for n, pu, pr, g, secs in rows:
+        md.append(f"| {n} | {pu:.3f} | {pr:.3f} | {g} | {secs / 3600:.1f} h |")
+    (out / "ruler_power.md").write_text("\n".join(md) + "\n")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.semilogx([r[0] for r in rows], [r[1] for r in rows], "o-", label="unbiased (flips balance)")
+    ax.semilogx([r[0] for r in rows], [r[2] for r in rows], "s--", label="as recorded")
+    ax.set_xlabel("prompts per cell (35 cells)")
+    ax.set_ylabel("P(every cell ≥ −2 points)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title("RULER target: chance of passing by prompt count")
+    fig.tight_layout()
+    fig.savefig(out / "ruler_power.png", dpi=120)
+    print(f"wrote {out / 'ruler_power.md'} and {out / 'ruler_power.png'}")
+
+
+if __name__ == "__main__":
+    main()
