@@ -44,33 +44,10 @@ SEC_PER_GEN = {("SmolLM2-135M", 4096): 196 / 210, ("SmolLM2-135M", 8000): 287 / 
 
 
 def pairs() -> dict:
-    """``{family: {(model, length, task): [d, ...]}}`` — every recorded (dense, sparse) pair, as ruler_summary pairs
-    them (a prompt run twice for one family counts once, the later file winning)."""
-    out: dict = {}
-    for name, entries in rs.FAMILIES.items():
-        dense: dict = {}
-        sparse: dict = {}
-        for model, rel, seed, prefix, tasks in entries:
-            path = rs.R / rel
-            if not path.exists():
-                continue
-            for line in path.read_text().splitlines():
-                if not line.strip():
-                    continue
-                r = rs.json.loads(line)
-                if tasks is not None and r["task"] not in tasks:
-                    continue
-                key = (model, r["length"], seed, r["task"], r["sample"])
-                if r["config"] == "dense":
-                    dense[key] = r["score"]
-                elif r["config"].startswith(prefix):
-                    sparse[key] = r["score"]
-        cells: dict = defaultdict(list)
-        for key in sorted(set(dense) & set(sparse)):
-            model, length, _, task, _ = key
-            cells[(model, length, task)].append(sparse[key] - dense[key])
-        out[name] = cells
-    return out
+    """``{family: {(model, length, task): [d, ...]}}`` — every recorded (dense, sparse) pair, paired as
+    ``ruler_summary.py`` pairs them."""
+    return {name: {k: [d for d, _ in v] for k, v in rs.prompt_pairs(entries).items()}
+            for name, entries in rs.FAMILIES.items()}
 
 
 def p_pass(per_task: dict, n: int, reps: int, rng: np.random.Generator, unbiased: bool) -> float:

@@ -78,8 +78,9 @@ COLUMNS = [("SmolLM2-135M", 4096), ("SmolLM2-135M", 8000), ("Gemma-3-270M", 8192
            ("Gemma-3-270M", 32000)]
 
 
-def cells(entries: list) -> dict:
-    """``{(model, length, task): (points, prompts, sparsity)}`` for one family."""
+def prompt_pairs(entries: list) -> dict:
+    """``{(model, length, task): [(sparse score − dense score, sparsity), ...]}``, one pair per prompt, for one
+    family (scores in [0, 1])."""
     dense: dict = {}
     sparse: dict = {}
     for model, rel, seed, prefix, tasks in entries:
@@ -103,6 +104,12 @@ def cells(entries: list) -> dict:
         model, length, _, task, _ = key
         out[(model, length, task)].append((sparse[key]["score"] - dense[key]["score"],
                                            1.0 - sparse[key].get("density_predicted", sparse[key]["density"])))
+    return out
+
+
+def cells(entries: list) -> dict:
+    """``{(model, length, task): (points, prompts, sparsity)}`` for one family."""
+    out = prompt_pairs(entries)
     return {k: (100.0 * sum(d for d, _ in v) / len(v), len(v), sum(s for _, s in v) / len(v)) for k, v in out.items()}
 
 
