@@ -154,17 +154,19 @@ def _e4m3_kernel(X, Y, N: tl.constexpr):
 
 
 def test_finalize_channels_rule():
-    """The finishing launch keeps 32 channels per program where that gives ``_FIN_MIN_PROGRAMS`` programs, narrows to
-    16 / 8 otherwise (one KV head of head_dim 256: 32 programs of 8), and always covers every channel."""
-    assert Q._finalize_channels(64, 128) == 32  # B=8, H_kv=8: 256 programs
-    assert Q._finalize_channels(16, 128) == 16  # 128 programs of 16
-    assert Q._finalize_channels(8, 128) == 8  # B=1, H_kv=8: 128 programs of 8
-    assert Q._finalize_channels(1, 256) == 8  # Gemma-3's global layers
-    for rows in (1, 2, 3, 8, 16, 31, 32, 64, 1000):
-        for d in (64, 128, 256):
-            db = Q._finalize_channels(rows, d)
-            assert d % db == 0 and Q._FIN_TILE % db == 0
-            assert db == 8 or rows * (d // db) >= Q._FIN_MIN_PROGRAMS
+    """The finishing launch keeps 32 channels per program unless a narrower program takes fewer serial steps over the
+    chunk partials (``_FIN_TILE // channels`` per step), and always covers every channel."""
+    assert Q._finalize_channels(64, 32, 4) == 32  # Llama shape at 32K: one step per row either way
+    assert Q._finalize_channels(512, 128, 4) == 8  # Gemma-3's global layers at 32K: 16 steps -> 6
+    assert Q._finalize_channels(100, 0, 4) == 16  # K only: 2 steps of 64 -> 1 of 128
+    assert Q._finalize_channels(0, 0, 1) == 32
+    for nk in (0, 1, 63, 64, 65, 200, 512, 4096):
+        for nq in (0, 1, 64, 300):
+            for g in (1, 3, 8):
+                db = Q._finalize_channels(nk, nq, g)
+                assert db in (8, 16, 32) and Q._FIN_TILE % db == 0 and 64 % db == 0
+                steps = {d: -(-nk // (Q._FIN_TILE // d)) + g * -(-nq // (Q._FIN_TILE // d)) for d in (8, 16, 32)}
+                assert steps[db] == min(steps.values()) and all(steps[d] > steps[db] for d in (8, 16, 32) if d > db)
 
 
 def test_e4m3_emulated_rounding_matches_torch():
@@ -372,7 +374,7 @@ def test_balance_scales_guards():
 @pytest.mark.parametrize("smooth_k,smooth_q,balance,db,ch", [
     (True, True, True, 16, 32), (True, False, True, 16, 32), (False, True, False, 16, 32), (False, False, True, 16, 32),
     (True, False, False, 16, 32),
-    # the launch shapes Q._finalize_channels picks (CH = _FIN_TILE // DB): 8 channels x 256 chunks, 32 x 64
+    # launch shapes Q._finalize_channels picks (CH = _FIN_TILE // DB): 8 channels x 256 chunks, 32 x 64
     (True, True, True, 8, 256), (True, True, True, 32, 64)])
 def test_stats_finishing_kernel_matches_torch_bit_for_bit(smooth_k, smooth_q, balance, db, ch):
     """``_qk_finalize_kernel`` against the PyTorch arithmetic it replaced (chunk sums over tokens, ranges from the

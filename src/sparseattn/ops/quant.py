@@ -79,7 +79,6 @@ _LOG2E = 1.4426950408889634
 _R = 128  # rows per quantization program (a multiple of every group span)
 _FP8_MAX = 448.0
 _FIN_TILE = 2048  # partial values per load of the statistics' finishing kernel ([chunks, channels] per step)
-_FIN_MIN_PROGRAMS = 128  # the finishing launch narrows its channels per program (32 -> 16 -> 8) to reach this many
 _STATS_CHUNKS = 32  # at most this many statistics partials per row: longer inputs give each program more R-row tiles
 _STATS_MIN_PROGRAMS = 512  # ... unless that leaves the statistics launch with fewer programs than this
 _STATS_R = 32  # rows per tile of the statistics kernel up to head_dim 128 (its [R, D] accumulators stay in
@@ -292,15 +291,21 @@ def _stats_steps(n_tiles: int, rows: int) -> int:
     return max(1, min(cdiv(n_tiles, _STATS_CHUNKS), (n_tiles * rows) // _STATS_MIN_PROGRAMS))
 
 
-def _finalize_channels(rows: int, head_dim: int) -> int:
-    """Channels per program of the statistics' finishing kernel for ``rows`` (batch, kv head) rows: 32, or 16 / 8
-    where 32 would leave the launch with fewer than ``_FIN_MIN_PROGRAMS`` programs (Gemma-3's global layers, one KV
-    head: 8 programs of 32 channels took 34 µs at 32K on an H100, each walking 512 + 4 x 128 partials in steps of 64).
-    Each step loads ``_FIN_TILE // channels`` partials, so a narrower program also takes fewer steps."""
-    for db in (32, 16):
-        if rows * (head_dim // db) >= _FIN_MIN_PROGRAMS:
-            return db
-    return 8
+def _finalize_channels(nc_k: int, nc_q: int, group: int) -> int:
+    """Channels per program of the statistics' finishing kernel: 32, or 16 / 8 where that takes fewer serial steps.
+
+    A program walks K's ``nc_k`` chunk partials and then, for each of the ``group`` query heads of its KV head, Q's
+    ``nc_q``, loading ``_FIN_TILE // channels`` partials per step. Narrower programs take fewer, wider steps (and
+    there are more of them). Measured on an H100 (thirty-second session): Gemma-3's global layers (one KV head,
+    head_dim 256, 512 + 4 x 128 partials at 32K) 33 -> 14.5 µs with 8 channels; the Llama shape at 32K (64 + 4 x 32
+    partials, one step each either way) 13.0 µs with 32 channels, 13.7 with 8 — so the width narrows only when that
+    saves steps."""
+    def steps(db: int) -> int:
+        ch = _FIN_TILE // db
+        return cdiv(nc_k, ch) + group * cdiv(nc_q, ch)
+
+    best = min(steps(db) for db in (32, 16, 8))
+    return next(db for db in (32, 16, 8) if steps(db) == best)
 
 
 def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gran: str, sm_scale: float,
@@ -362,7 +367,7 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
             ch_q, ch_k = torch.empty((B, Hkv, D), **f32), torch.empty((B, Hkv, D), **f32)
     if need_k or need_q:
         # means, ranges and balancing factors from the chunk partials, one launch (balance_scales' arithmetic)
-        fin_db = _finalize_channels(B * Hkv, D)
+        fin_db = _finalize_channels(nk_stats if need_k else 0, nq_chunks if need_q else 0, H // Hkv)
         kq._qk_finalize_kernel[(B * Hkv, D // fin_db)](
             ksum if ksum is not None else k_mean, kmax if kmax is not None else k_mean,
             kmin if kmin is not None else k_mean, qsum if qsum is not None else k_mean,

@@ -6,7 +6,7 @@ Four kernels; the three that read the bf16/fp16 inputs read them once:
   the *finite* entries of K per channel (for the smoothing mean) and, for the FP8 P·V path, the max
   of ``|v|`` over the finite entries of V per channel. Partial results per chunk, added up by the next kernel
   (deterministic, no atomics); long inputs give each program several ``R``-row tiles (``STEPS``).
-* :func:`_qk_finalize_kernel` — one program per (batch, kv head) and 32, 16 or 8 channels (by grid size) finishes what the chunks left: K's
+* :func:`_qk_finalize_kernel` — one program per (batch, kv head) and 32, 16 or 8 channels finishes what the chunks left: K's
   and Q's means, and the Q/K balancing factors from the channel ranges (:func:`sparseattn.ops.quant.balance_scales`'s
   arithmetic, with IEEE division and square root), in one launch instead of a few dozen small PyTorch operations.
 * :func:`_quant_rows_kernel` — INT8 quantization of (smoothed) Q or (smoothed) K with one scale per *group*
