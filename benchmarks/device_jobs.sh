@@ -435,8 +435,8 @@ print('transformers', transformers.__version__, '| founders.txt', len(ids), 'tok
       done ;;
     quant_profile)  # issue 15: the quantization's host vs device time, per kernel, and the whole call eager vs graphed
       timeout ${QP_S:-200} python3 benchmarks/quant_profile.py --out "$d" ${QP_ARGS:-} > "$d/log" 2>&1; tail -n 60 "$d/log" ;;
-    quant_d256)  # issue 15: the quantization at Gemma-3's global-layer shape (H=4, H_kv=1, D=256; 16-row statistics
-      # tiles and 64-row quantization programs since 06261fe, unmeasured), alternated with the tree carried as
+    quant_d256)  # issue 15: the quantization at Gemma-3's global-layer shape (H=4, H_kv=1, D=256; timed in the
+      # thirty-second session: BENCHMARKS.md), alternated with the tree carried as
       # .carry/src_base when there is one (e.g. `git archive b6520fe src | tar -x -C .carry/src_base`)
       # (QD_ARGS replaces the shape, e.g. "--seqlens 32768 4096" for the default H=32, H_kv=8, D=128; rounds are kept
       # apart as base1 new1 base2 new2)

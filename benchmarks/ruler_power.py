@@ -64,6 +64,15 @@ def p_pass(per_task: dict, n: int, reps: int, rng: np.random.Generator, unbiased
     return float(ok.mean())
 
 
+def change_row(label: str, ds: list) -> str:
+    """One markdown row: how many of the prompt differences ``ds`` are non-zero, negative, positive; their mean and SD."""
+    v = np.asarray(ds, dtype=np.float64)
+    if v.size == 0:
+        return f"| {label} | 0 | – | – | – | – | – |"
+    return (f"| {label} | {v.size} | {100 * (v != 0).mean():.1f}% | {100 * (v < 0).mean():.1f}% | "
+            f"{100 * (v > 0).mean():.1f}% | {100 * v.mean():+.2f} | {100 * v.std(ddof=1):.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out-dir", default=str(HERE.parent / "docs"))
@@ -84,26 +93,17 @@ def main() -> None:
           "| family | prompts | changed | lost | gained | mean d (points) | SD of d (points) |", "|---|---:|---:|---:|---:|---:|---:|"]
     allv: list = []
     for name, cells in fams.items():
-        v = np.array([d for ds in cells.values() for d in ds])
-        if v.size == 0:
+        v = [d for ds in cells.values() for d in ds]
+        if not v:
             continue
-        allv.extend(v.tolist())
+        allv.extend(v)
         for (_, _, task), ds in cells.items():
             per_task[task].extend(ds)
-        md.append(f"| {name} | {v.size} | {100 * (v != 0).mean():.1f}% | {100 * (v < 0).mean():.1f}% | "
-                  f"{100 * (v > 0).mean():.1f}% | {100 * v.mean():+.2f} | {100 * v.std(ddof=1):.1f} |")
-    a = np.array(allv)
-    md.append(f"| **all** | {a.size} | {100 * (a != 0).mean():.1f}% | {100 * (a < 0).mean():.1f}% | "
-              f"{100 * (a > 0).mean():.1f}% | {100 * a.mean():+.2f} | {100 * a.std(ddof=1):.1f} |")
+        md.append(change_row(name, v))
+    md.append(change_row("**all**", allv))
     md += ["", "Per task (all families pooled; the pools the simulation draws from):", "",
            "| task | prompts | changed | lost | gained | mean d (points) | SD of d (points) |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for task in rs.TASKS:
-        v = np.array(per_task.get(task, []))
-        if v.size == 0:
-            md.append(f"| {task} | 0 | – | – | – | – | – |")
-            continue
-        md.append(f"| {task} | {v.size} | {100 * (v != 0).mean():.1f}% | {100 * (v < 0).mean():.1f}% | "
-                  f"{100 * (v > 0).mean():.1f}% | {100 * v.mean():+.2f} | {100 * v.std(ddof=1):.1f} |")
+    md += [change_row(task, per_task.get(task, [])) for task in rs.TASKS]
 
     rng = np.random.default_rng(args.seed)
     rows = []

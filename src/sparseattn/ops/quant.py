@@ -273,13 +273,15 @@ def balance_scales(q_range: torch.Tensor, k_range: torch.Tensor) -> tuple[torch.
 def _rows_per_program(head_dim: int, slice_rows: int) -> int:
     """Rows per program of the INT8 quantization launches: ``_R`` (128), or 64 at head_dim 256 where the
     granularity's row slice divides 64 (all but ``per_block`` Q). Compiled offline for sm_90a (ptxas 13.4, 8 warps),
-    128 rows at head_dim 256 spill 1.3-1.4 KB per thread (K and Q); 64 rows spill 0 / 8 bytes. Not timed on a GPU."""
+    128 rows at head_dim 256 spill 1.3-1.4 KB per thread (K and Q); 64 rows spill 0 / 8 bytes. On an H100 (thirty-second
+    session, Gemma-3's global-layer shape at 32K) the quantization kernels took 88.8 µs against 108.7 with 128 rows."""
     return 64 if head_dim >= 256 and 64 % slice_rows == 0 else _R
 
 
 def _stats_rows(head_dim: int) -> int:
     """Rows per tile of the statistics kernel: ``_STATS_R``, halved for head_dim 256 so that its three ``[rows, D]``
-    register accumulators hold as many values per thread as at head_dim 128 (measured at 128 only)."""
+    register accumulators hold as many values per thread as at head_dim 128 (on an H100 at head_dim 256 and 32K:
+    68.5 µs against 78.3 with 32 rows, thirty-second session)."""
     return _STATS_R * 128 // max(head_dim, 128)
 
 
@@ -304,8 +306,7 @@ def _finalize_channels(nc_k: int, nc_q: int, group: int) -> int:
         ch = _FIN_TILE // db
         return cdiv(nc_k, ch) + group * cdiv(nc_q, ch)
 
-    best = min(steps(db) for db in (32, 16, 8))
-    return next(db for db in (32, 16, 8) if steps(db) == best)
+    return min((32, 16, 8), key=steps)  # the widest of the fewest steps (min keeps the first)
 
 
 def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gran: str, sm_scale: float,
@@ -367,13 +368,14 @@ def _quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, gra
             ch_q, ch_k = torch.empty((B, Hkv, D), **f32), torch.empty((B, Hkv, D), **f32)
     if need_k or need_q:
         # means, ranges and balancing factors from the chunk partials, one launch (balance_scales' arithmetic)
-        fin_db = _finalize_channels(nk_stats if need_k else 0, nq_chunks if need_q else 0, H // Hkv)
+        nc_k, nc_q = (nk_stats if need_k else 0), (nq_chunks if need_q else 0)
+        fin_db = _finalize_channels(nc_k, nc_q, H // Hkv)
         kq._qk_finalize_kernel[(B * Hkv, D // fin_db)](
             ksum if ksum is not None else k_mean, kmax if kmax is not None else k_mean,
             kmin if kmin is not None else k_mean, qsum if qsum is not None else k_mean,
             qmax if qmax is not None else k_mean, qmin if qmin is not None else k_mean, k_mean,
             q_mean if q_mean is not None else k_mean, ch_q if ch_q is not None else k_mean,
-            ch_k if ch_k is not None else k_mean, H // Hkv, nk_stats if need_k else 0, nq_chunks if need_q else 0,
+            ch_k if ch_k is not None else k_mean, H // Hkv, nc_k, nc_q,
             Nkv, Nq, HEAD_DIM=D, DB=fin_db, CH=_FIN_TILE // fin_db, SMOOTH_K=smooth_k, SMOOTH_Q=smooth_q, BALANCE=balance_qk)
 
     # K (with Q smoothing, also k_bias = mult * q_mean . (k - k_mean) for each query head of the KV head)
