@@ -10,11 +10,13 @@ alternated, medians:
 * ``bf16`` / ``bf16_vk``: the bf16 cache, plain and keys-contiguous V, the launcher's default config;
 * ``int8`` / ``int8_vk``: the int8 cache (per-token scales), plain and keys-contiguous V, default config;
 * ``int8_vk_<variant>``: keys-contiguous V with other quantized-path variants (``QK``/``PV`` of the launch config);
+* ``bf16_vt`` / ``int8_vt`` / ``int8_vt_<variant>``: V tile-blocked (``tile_blocked``: each 128-key tile's V one
+  contiguous ``[D, 128]`` block, keys contiguous inside it: no byte transposes and the plain layout's DRAM locality);
 * ``int8_fp16w`` / ``int8_q8x2_fp16w``: the plain layout with ``PV="fp16w"`` (V loaded as int32 words and converted
   to fp16 in registers), with ``QK="fp16"`` / ``"q8x2"``;
 * ``cudnn``: ``scaled_dot_product_attention`` on the bf16 cache (cuDNN backend, GQA).
 
-Outputs: plain vs keys-contiguous with the same config must be equal bit for bit (``equal``, the whole batch); every
+Outputs: plain vs keys-contiguous and tile-blocked with the same config must be equal bit for bit (``equal``, the whole batch); every
 variant is checked against :func:`decode_reference` by the ratio rule on the first sequence (the reference
 dequantises / upcasts the whole cache it is given). Prints a table; writes ``decode_vkeys.json`` under --out.
 
@@ -36,7 +38,7 @@ import torch  # noqa: E402
 from bench_decode import copy_bandwidth, quantize_chunked  # noqa: E402  (this folder: the script's own)
 
 from sparseattn.ops.decode import _default_config, decode_attention, decode_reference  # noqa: E402
-from sparseattn.state.kv_cache import keys_contiguous  # noqa: E402
+from sparseattn.state.kv_cache import keys_contiguous, tile_blocked  # noqa: E402
 from sparseattn.testing.timing import bench_ms, capture_graph  # noqa: E402
 
 H, HKV, D = 32, 8, 128
@@ -45,6 +47,12 @@ VARIANTS = {  # name -> config changes on top of the default int8 config
     "fp16_pvfp16": {"QK": "fp16", "PV": "fp16"},
     "fp16_s4": {"QK": "fp16", "num_stages": 4},
     "q8x2": {"QK": "q8x2"},
+}
+
+
+TILED_VARIANTS = {  # name -> config changes on top of the default int8 config, tile-blocked V
+    "q8x2": {"QK": "q8x2"},
+    "q8x2_i8x2": {"QK": "q8x2", "PV": "i8x2"},
 }
 
 
@@ -79,6 +87,15 @@ def one_shape(n: int, B: int, bw: float, dev: str | None, rounds: int) -> dict:
     vk8 = keys_contiguous(vq)
     calls["int8_vk"] = lambda: decode_attention(q, kq, vk8, k_scale=ks, v_scale=vs, seqlens=sl,
                                                 backend="triton")
+    # tile-blocked V: 128-key tiles, each one contiguous [D, 128] block (the launch's BLOCK_N is the tile)
+    vt_bf = tile_blocked(v, cfg8["BLOCK_N"])
+    calls["bf16_vt"] = lambda: decode_attention(q, k, vt_bf, seqlens=sl, backend="triton")
+    vt8 = tile_blocked(vq, cfg8["BLOCK_N"])
+    calls["int8_vt"] = lambda: decode_attention(q, kq, vt8, k_scale=ks, v_scale=vs, seqlens=sl, backend="triton")
+    for name, ch in TILED_VARIANTS.items():
+        cfg = dict(cfg8, **ch)
+        calls[f"int8_vt_{name}"] = (lambda cfg=cfg: decode_attention(
+            q, kq, vt8, k_scale=ks, v_scale=vs, seqlens=sl, backend="triton", config=cfg))
     for name, ch in PLAIN_VARIANTS.items():  # the plain layout with V read as int32 words (PV="fp16w")
         cfg = dict(cfg8, **ch)
         calls[f"int8_{name}"] = (lambda cfg=cfg: decode_attention(
@@ -99,7 +116,9 @@ def one_shape(n: int, B: int, bw: float, dev: str | None, rounds: int) -> dict:
     # parity: plain vs keys-contiguous bit for bit; every row against the reference (ratio rule)
     outs = {nm: fn() for nm, fn in calls.items()}
     equal = {"bf16": bool(torch.equal(outs["bf16"], outs["bf16_vk"])),
-             "int8": bool(torch.equal(outs["int8"], outs["int8_vk"]))}
+             "int8": bool(torch.equal(outs["int8"], outs["int8_vk"])),
+             "bf16_vt": bool(torch.equal(outs["bf16"], outs["bf16_vt"])),
+             "int8_vt": bool(torch.equal(outs["int8"], outs["int8_vt"]))}
     refs = {}
     # the reference on the first sequence only (memory: it dequantises / upcasts the whole cache it is given)
     one = {"bf16": (k[:1], v[:1], {}), "int8": (kq[:1], vq[:1], dict(k_scale=ks[:1], v_scale=vs[:1]))}
@@ -162,7 +181,9 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  copy {bw:.0f} GB/s", flush=True)
     for n in a.contexts:
         for B in a.batches:
-            if B * HKV * n * D * 2 * 2 * 2 > 60 * 2**30:
+            if B * HKV * n * D * 12 > 0.75 * torch.cuda.get_device_properties(0).total_memory:
+                print(f"ctx {n} B {B}: skipped (its caches, 12 bytes per element, need more than 75% of the GPU)",
+                      flush=True)
                 continue
             if time.time() - t0 > a.budget_s:
                 print("budget reached", flush=True)

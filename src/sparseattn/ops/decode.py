@@ -274,7 +274,9 @@ def decode_reference(
     Args:
         q: ``(B, H, Lq, D)``, ``1 <= Lq <= 64``.
         k_cache: ``(B, H_kv, N_max, D)``, ``H % H_kv == 0``.
-        v_cache: same shape as ``k_cache``.
+        v_cache: same shape as ``k_cache``; or tile-blocked, ``(B, H_kv, N_max / T, D, T)`` with ``T`` a power of
+            two in [16, 256] dividing ``N_max`` (:func:`sparseattn.state.kv_cache.tile_blocked`): the kernel reads
+            its ``[D, T]`` tiles as they are (no transpose of an 8-bit V tile; ``BLOCK_N = T``).
         seqlens: ``(B,)`` int valid lengths (``None``: every sequence is ``N_max`` long).
         scale: softmax scale, default ``D ** -0.5``.
         key_mask: optional ``(B, H_kv, N_max)`` bool: only these keys may be attended (sparse decode's
@@ -480,8 +482,10 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
     interp = interpret_mode()
     if B * Hkv > _MAX_GRID_Z:
         raise NotImplementedError(f"{fn}: batch * kv_heads = {B * Hkv} exceeds the launch grid limit {_MAX_GRID_Z}")
-    # V may be stored keys-contiguous (a (B, H_kv, D, N) buffer viewed as (B, H_kv, N, D)): read as it is (V_KEYS)
-    v_keys = v.stride(-1) != 1 and v.stride(-2) == 1
+    # V may be stored keys-contiguous (a (B, H_kv, D, N) buffer viewed as (B, H_kv, N, D)) or tile-blocked
+    # ((B, H_kv, N / T, D, T), checked by _tile_blocked_v): read as it is (V_KEYS)
+    v_tile = v.shape[-1] if v.dim() == 5 else 0
+    v_keys = v_tile > 0 or (v.stride(-1) != 1 and v.stride(-2) == 1)
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
     if not v_keys and v.stride(-1) != 1:
         v = v.contiguous()
@@ -510,6 +514,12 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
         if isinstance(bn, bool) or not isinstance(bn, int) or bn < 16 or bn & (bn - 1):
             raise fail(fn, "config", "has a bad BLOCK_N", "a power of two >= 16", repr(bn))
         cfg = dict(config)
+    if v_tile:
+        if config is None:
+            cfg["BLOCK_N"] = v_tile  # the kernel walks the cache's tiles
+        elif cfg["BLOCK_N"] != v_tile:
+            raise fail(fn, "config", "has a BLOCK_N other than the tile-blocked V cache's tile",
+                       f"BLOCK_N = {v_tile}", f"BLOCK_N = {cfg['BLOCK_N']}")
     qk_mode, pv_mode, block_m = _variant_modes(fn, cfg, kv, q.dtype, block_m)
     m_tiles = -(-rows // block_m)
     if num_splits is None:
@@ -550,6 +560,8 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
                        f"pointer offset {v.data_ptr() % 4}, strides {v.stride()}")
     if v_keys:
         meta["V_KEYS"] = True  # only when set: the default launch keeps its kernel
+    if v_tile:
+        meta["V_STEP"] = D
     if cfg.get("FULL_TILES") and page_idx is None and not v_keys:  # (V_KEYS walks whole tiles unmasked anyway)
         meta["FULL_TILES"] = True  # only when set (the default launch keeps its kernel); the paged walk gathers keys
     if interp and q.dtype == torch.bfloat16:
@@ -564,7 +576,7 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
         KScale=k_scale if quant else lse, VScale=v_scale if quant else lse,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
-        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(3) if v_keys else v.stride(2),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v_tile if v_tile else (v.stride(3) if v_keys else v.stride(2)),
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
         stride_lb=lse.stride(0), stride_lh=lse.stride(1),
         stride_pb=pidx.stride(0) if paged else 0, stride_ph=pidx.stride(1) if paged else 0,
@@ -659,6 +671,36 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
+def _tile_blocked_v(fn: str, k: Any, v: Any) -> int:
+    """The tile ``T`` of a tile-blocked V cache (a 5-D ``(B, H_kv, N_max / T, D, T)`` tensor, as
+    :func:`sparseattn.state.kv_cache.tile_blocked` makes it), checked against ``k``; 0 for any other ``v`` (which
+    :func:`_check_decode` checks)."""
+    if not isinstance(v, torch.Tensor) or v.dim() != 5 or not isinstance(k, torch.Tensor) or k.dim() != 4:
+        return 0
+    B, Hkv, N, D = k.shape
+    T = v.shape[-1]
+    if T < 16 or T > 256 or T & (T - 1):
+        raise fail(fn, "v_cache", "is tile-blocked with an unsupported tile (its last dim)",
+                   "a power of two in [16, 256]", f"shape {tuple(v.shape)}")
+    if N % T or tuple(v.shape) != (B, Hkv, N // T, D, T):
+        raise fail(fn, "v_cache", "does not match k_cache as a tile-blocked V",
+                   f"(B, H_kv, N_max / T, D, T) with N_max a multiple of T = {(B, Hkv, N // T, D, T)}",
+                   f"shape {tuple(v.shape)} for k_cache {tuple(k.shape)}")
+    if v.stride(-1) != 1 or v.stride(-2) != T or v.stride(-3) != T * D:
+        raise fail(fn, "v_cache", "is tile-blocked with tiles that are not contiguous",
+                   f"strides (..., {T * D}, {T}, 1) in the last three dims", f"strides {v.stride()}")
+    if v.dtype != k.dtype or v.device != k.device:
+        raise fail(fn, "v_cache", "differs from k_cache in dtype or device", f"{_dt(k)} on {k.device}",
+                   f"{_dt(v)} on {v.device}")
+    return T
+
+
+def from_tile_blocked(v: torch.Tensor) -> torch.Tensor:
+    """A tile-blocked V ``(B, H_kv, N / T, D, T)`` as ``(B, H_kv, N, D)`` (a copy)."""
+    B, Hkv, nt, D, T = v.shape
+    return v.transpose(-1, -2).reshape(B, Hkv, nt * T, D)
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -684,7 +726,9 @@ def decode_attention(
     Args:
         q: ``(B, H, Lq, D)``, ``1 <= Lq <= 64``; float16/bfloat16 (float32 too; float64 reference only).
         k_cache: ``(B, H_kv, N_max, D)``, same dtype and device as ``q``; only the last dim need be contiguous.
-        v_cache: same shape as ``k_cache``.
+        v_cache: same shape as ``k_cache``; or tile-blocked, ``(B, H_kv, N_max / T, D, T)`` with ``T`` a power of
+            two in [16, 256] dividing ``N_max`` (:func:`sparseattn.state.kv_cache.tile_blocked`): the kernel reads
+            its ``[D, T]`` tiles as they are (no transpose of an 8-bit V tile; ``BLOCK_N = T``).
         seqlens: ``(B,)`` int32 valid lengths on q's device (int64 is converted); ``None`` = all ``N_max``.
             Keys at or beyond ``seqlens[b]`` are never read.
         scale: softmax scale, default ``D ** -0.5``.
@@ -722,7 +766,10 @@ def decode_attention(
             e.g. float8 K/V below compute capability 8.9).
     """
     fn = "decode_attention"
-    dims, scale = _check_decode(fn, q, k_cache, v_cache, scale, k_scale=k_scale, v_scale=v_scale)
+    v_tile = _tile_blocked_v(fn, k_cache, v_cache)
+    # a tile-blocked V has k_cache's dtype and device (checked): k_cache stands in for it in the checks below
+    dims, scale = _check_decode(fn, q, k_cache, k_cache if v_tile else v_cache, scale, k_scale=k_scale,
+                                v_scale=v_scale)
     B, H, Hkv, Lq, N, D = dims
     ks, vs = _check_kv_scales(fn, q, k_scale, v_scale, B, Hkv, N)
     _check_bool(fn, "causal", causal)
@@ -730,6 +777,8 @@ def decode_attention(
     num_splits = _check_num_splits(fn, num_splits)
     _check_return_lse(fn, return_lse)
     op = _choose(fn, q, _check_backend(fn, backend, None), k_cache.dtype, names=None)
+    if v_tile and op.name != _KERNEL_OP:  # the reference and registered operators take V as (B, H_kv, N_max, D)
+        v_cache = from_tile_blocked(v_cache)
     if op.name not in _BUILTIN_OPS:  # a registered decode operator: its run function, with this call's arguments
         return op.run_fn()(q, k_cache, v_cache, seqlens=seqlens, scale=scale, num_splits=num_splits,
                            return_lse=return_lse, config=config, k_scale=ks, v_scale=vs, causal=causal)

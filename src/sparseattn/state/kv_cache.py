@@ -58,7 +58,7 @@ import torch
 
 from sparseattn._validation import fail
 
-__all__ = ["MixedKVCache", "quantize", "dequantize", "keys_contiguous", "model_fingerprint", "QUANT_MODES"]
+__all__ = ["MixedKVCache", "quantize", "dequantize", "keys_contiguous", "tile_blocked", "model_fingerprint", "QUANT_MODES"]
 
 QUANT_MODES = ("int8", "fp8")
 DECODE_BACKENDS = ("auto", "triton", "off")
@@ -94,6 +94,24 @@ def keys_contiguous(x: torch.Tensor) -> torch.Tensor:
     if x.dim() >= 2 and x.stride(-2) == 1 and x.shape[-1] > 1:
         return x
     return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def tile_blocked(x: torch.Tensor, tile: int = 128) -> torch.Tensor:
+    """``x`` (..., N, D) as ``tile``-key blocks with their keys contiguous: (..., N / tile, D, tile), a copy
+    (``N`` must be a multiple of ``tile``). The decode kernel reads a V cache stored this way tile by tile
+    (:func:`sparseattn.ops.decode.decode_attention`, ``BLOCK_N = tile``) without transposing 8-bit tiles byte by byte,
+    and each tile's V is one contiguous block of memory (a keys-contiguous ``(..., D, N)`` buffer spreads it over
+    ``D`` rows ``N`` elements apart); :func:`sparseattn.ops.decode.from_tile_blocked` undoes it."""
+    fn = "tile_blocked"
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise fail(fn, "x", "must be a tensor (..., N, D)", "a tensor of at least 2 dims", type(x).__name__
+                   if not isinstance(x, torch.Tensor) else f"shape {tuple(x.shape)}")
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 16 or tile > 256 or tile & (tile - 1):
+        raise fail(fn, "tile", "must be a power of two in [16, 256]", "16, 32, 64, 128 or 256", repr(tile))
+    n, d = x.shape[-2:]
+    if n % tile:
+        raise fail(fn, "x", "has a key count that is not a multiple of the tile", f"N % {tile} == 0", f"N = {n}")
+    return x.reshape(*x.shape[:-2], n // tile, tile, d).transpose(-1, -2).contiguous()
 
 
 def dequantize(data: torch.Tensor | None, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

@@ -232,18 +232,18 @@ def _attend_tile(q, q_lp, q_lo, row_mul, k, v, ks, vs, key, key_ok, lim, m_i, l_
 def _vkeys_tile(q, q_lp, q_lo, row_mul, k_lo, v_lo, ks_base, vs_base, t0, lo, hi, offs_n, stride_kn, stride_ksn,
                 stride_vsn, lim, m_i, l_i, acc, qk_scale, in_dtype: tl.constexpr, DOT_F32: tl.constexpr,
                 IEEE: tl.constexpr, HAS_KV_SCALE: tl.constexpr, QK_MODE: tl.constexpr, PV_MODE: tl.constexpr,
-                FAST_I8: tl.constexpr, FP8_EXACT: tl.constexpr, MASKED: tl.constexpr):
-    """The ``V_KEYS`` walk's tile at offset ``t0`` of the range ``[lo, hi)`` (V keys-contiguous: ``v_lo`` steps one
-    element per key): loaded without element masks for a whole tile, with them for the range's partial last tile
-    (``MASKED``), then :func:`_attend_tile`."""
+                FAST_I8: tl.constexpr, FP8_EXACT: tl.constexpr, MASKED: tl.constexpr, V_STEP: tl.constexpr):
+    """The ``V_KEYS`` walk's tile at offset ``t0`` of the range ``[lo, hi)`` (V keys-contiguous: ``v_lo`` steps
+    ``V_STEP`` elements per key of ``t0``, 1 for a ``(D, N)`` buffer, ``HEAD_DIM`` for a tile-blocked V): loaded without element masks for a whole tile, with them
+    for the range's partial last tile (``MASKED``), then :func:`_attend_tile`."""
     pos = lo + t0 + offs_n
     key_ok = pos < hi
     if MASKED:
         k = tl.load(k_lo + t0 * stride_kn, mask=key_ok[None, :], other=0.0)
-        v = tl.load(v_lo + t0, mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_lo + t0 * V_STEP, mask=key_ok[:, None], other=0.0)
     else:
         k = tl.load(k_lo + t0 * stride_kn)
-        v = tl.load(v_lo + t0)
+        v = tl.load(v_lo + t0 * V_STEP)
     if HAS_KV_SCALE:
         if MASKED:
             ks = tl.load(ks_base + pos * stride_ksn, mask=key_ok, other=0.0)
@@ -291,6 +291,7 @@ def _decode_split_kernel(
     FP8_EXACT: tl.constexpr = False,  # interpreter only: exact rounding to e4m3 (see _to_e4m3)
     FULL_TILES: tl.constexpr = False,  # not PAGED: K/V/scale loads without element masks (see the loop)
     V_KEYS: tl.constexpr = False,  # V stored keys-contiguous: ``stride_vn`` is then the stride of head_dim (see below)
+    V_STEP: tl.constexpr = 1,  # V_KEYS, not PAGED: HEAD_DIM for a tile-blocked V (see below), else 1
 ):
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -389,8 +390,11 @@ def _decode_split_kernel(
     first_key = N_MAX  # smallest key this program reads (PAGED: decides which rows attend anything)
     if not PAGED:  # row pointers of the range's first tile (64-bit base); tiles add a 32-bit offset
         k_lo = k_base + lo.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
-        if V_KEYS:  # lo is a multiple of BLOCK_N (chunk is): whole tiles start 16-byte aligned along the keys
-            v_lo = v_base + tl.multiple_of(lo, 16).to(tl.int64) + offs_n[:, None] + offs_d[None, :] * stride_vn
+        if V_KEYS:  # lo is a multiple of BLOCK_N (chunk is): whole tiles start 16-byte aligned along the keys.
+            # Key lo + j, dim d at lo * V_STEP + j + d * stride_vn: a (D, N) buffer (V_STEP 1, stride_vn N) or a
+            # tile-blocked V, [HEAD_DIM, BLOCK_N] blocks one after another (V_STEP HEAD_DIM, stride_vn BLOCK_N)
+            v_lo = (v_base + tl.multiple_of(lo, 16).to(tl.int64) * V_STEP + offs_n[:, None]
+                    + offs_d[None, :] * stride_vn)
         else:
             v_lo = v_base + lo.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
         if PV_MODE == 4:  # V as int32 words of four int8 values (head_dim / 4 per key)
@@ -405,11 +409,11 @@ def _decode_split_kernel(
             t0 = tl.multiple_of(t0, BLOCK_N)
             m_i, l_i, acc = _vkeys_tile(q, q_lp, q_lo, row_mul, k_lo, v_lo, ks_base, vs_base, t0, lo, hi, offs_n,
                                         stride_kn, stride_ksn, stride_vsn, lim, m_i, l_i, acc, qk_scale, in_dtype,
-                                        DOT_F32, IEEE, HAS_KV_SCALE, QK_MODE, PV_MODE, FAST_I8, FP8_EXACT, False)
+                                        DOT_F32, IEEE, HAS_KV_SCALE, QK_MODE, PV_MODE, FAST_I8, FP8_EXACT, False, V_STEP)
         if lo + n_whole < hi:
             m_i, l_i, acc = _vkeys_tile(q, q_lp, q_lo, row_mul, k_lo, v_lo, ks_base, vs_base, n_whole, lo, hi, offs_n,
                                         stride_kn, stride_ksn, stride_vsn, lim, m_i, l_i, acc, qk_scale, in_dtype,
-                                        DOT_F32, IEEE, HAS_KV_SCALE, QK_MODE, PV_MODE, FAST_I8, FP8_EXACT, True)
+                                        DOT_F32, IEEE, HAS_KV_SCALE, QK_MODE, PV_MODE, FAST_I8, FP8_EXACT, True, V_STEP)
         loop_hi = lo  # the loop below has nothing left to do
     else:
         loop_hi = hi
