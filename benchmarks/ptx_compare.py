@@ -19,7 +19,8 @@ Usage::
     python benchmarks/ptx_compare.py HEAD~1 --only causal --show-diff
 
 ``--resources`` also prints each side's ``REG / STACK / SHARED / LOCAL`` from Triton's bundled ``cuobjdump``
-(a stack under a register cap means spills).
+(a stack under a register cap means spills) and ``LOOP:n``, the instruction count of the kernel's largest SASS loop
+with its most frequent opcodes (per thread and iteration: one K/V tile in the decode kernel).
 
 Exit status 0 whether or not the PTX differs (it is a report); 2 when a compile fails.
 """
@@ -96,6 +97,12 @@ CONFIGS: dict[str, tuple[str, dict, dict, str]] = {
     "decode bf16 d128 tuned V_KEYS": ("decode", {"BLOCK_N": 128, "V_KEYS": True}, {**_DEC_OPT, "num_stages": 2}, "bf16"),
     "decode int8 d128 tuned V_KEYS": (
         "decode", {"HAS_KV_SCALE": True, "QK_MODE": 3, "FAST_I8": True, "BLOCK_N": 128, "V_KEYS": True}, _DEC_OPT, "bf16"),
+    # tile-blocked V ((B, H_kv, N / 128, D, 128)): the V_KEYS walk with V_STEP = D
+    "decode bf16 d128 tuned tile-blocked V": ("decode", {"BLOCK_N": 128, "V_KEYS": True, "V_STEP": 128},
+                                              {**_DEC_OPT, "num_stages": 2}, "bf16"),
+    "decode int8 d128 tuned tile-blocked V": (
+        "decode", {"HAS_KV_SCALE": True, "QK_MODE": 3, "FAST_I8": True, "BLOCK_N": 128, "V_KEYS": True, "V_STEP": 128},
+        _DEC_OPT, "bf16"),
     # PV="fp16w": V read as int32 words, converted to fp16 in registers (plain layout), with QK fp16 / q8x2
     "decode int8 d128 fp16w FULL_TILES": (
         "decode", {"HAS_KV_SCALE": True, "QK_MODE": 3, "PV_MODE": 4, "FAST_I8": True, "BLOCK_N": 128,
@@ -263,7 +270,37 @@ def _resource_usage(cubin: bytes) -> str:
         f.flush()
         out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     m = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", out)
-    return m.group(0) if m else out.strip()[-200:]
+    return (m.group(0) if m else out.strip()[-200:]) + _sass_loop(cubin, tool)
+
+
+def _sass_loop(cubin: bytes, tool: Path) -> str:
+    """`` LOOP:n (OP:c, ...)``: the instruction count of the kernel's largest SASS loop (the span from a backward
+    branch's target to the branch) and its most frequent opcodes -- per-thread work per iteration (per K/V tile in
+    the decode kernel); empty if the kernel has no loop."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(tool), "--dump-sass", f.name], capture_output=True, text=True).stdout
+    lines = sass.splitlines()
+    at = {}
+    for i, line in enumerate(lines):
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/", line)
+        if m:
+            at[int(m.group(1), 16)] = i
+    best: list[str] = []
+    for i, line in enumerate(lines):
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/.*\bBRA\s+0x([0-9a-f]+)", line)
+        if m and int(m.group(2), 16) < int(m.group(1), 16) and int(m.group(2), 16) in at:
+            body = [x for x in lines[at[int(m.group(2), 16)]:i + 1] if re.match(r"\s+/\*[0-9a-f]{4,}\*/", x)]
+            best = max(best, body, key=len)
+    if not best:
+        return ""
+    ops: collections.Counter = collections.Counter()
+    for x in best:
+        m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", x)
+        if m:
+            ops[m.group(1)] += 1
+    return f" LOOP:{len(best)} ({', '.join(f'{o}:{c}' for o, c in ops.most_common(8))})"
 
 
 _REG = re.compile(r"%[a-z]+[0-9]+")
