@@ -274,9 +274,7 @@ def decode_reference(
     Args:
         q: ``(B, H, Lq, D)``, ``1 <= Lq <= 64``.
         k_cache: ``(B, H_kv, N_max, D)``, ``H % H_kv == 0``.
-        v_cache: same shape as ``k_cache``; or tile-blocked, ``(B, H_kv, N_max / T, D, T)`` with ``T`` a power of
-            two in [16, 256] dividing ``N_max`` (:func:`sparseattn.state.kv_cache.tile_blocked`): the kernel reads
-            its ``[D, T]`` tiles as they are (no transpose of an 8-bit V tile; ``BLOCK_N = T``).
+        v_cache: same shape as ``k_cache``.
         seqlens: ``(B,)`` int valid lengths (``None``: every sequence is ``N_max`` long).
         scale: softmax scale, default ``D ** -0.5``.
         key_mask: optional ``(B, H_kv, N_max)`` bool: only these keys may be attended (sparse decode's
@@ -576,7 +574,8 @@ def _launch(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
         KScale=k_scale if quant else lse, VScale=v_scale if quant else lse,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
-        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v_tile if v_tile else (v.stride(3) if v_keys else v.stride(2)),
+        stride_vb=v.stride(0), stride_vh=v.stride(1),
+        stride_vn=v_tile if v_tile else (v.stride(3) if v_keys else v.stride(2)),
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
         stride_lb=lse.stride(0), stride_lh=lse.stride(1),
         stride_pb=pidx.stride(0) if paged else 0, stride_ph=pidx.stride(1) if paged else 0,

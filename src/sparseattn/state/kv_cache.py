@@ -58,7 +58,8 @@ import torch
 
 from sparseattn._validation import fail
 
-__all__ = ["MixedKVCache", "quantize", "dequantize", "keys_contiguous", "tile_blocked", "model_fingerprint", "QUANT_MODES"]
+__all__ = ["MixedKVCache", "quantize", "dequantize", "keys_contiguous", "tile_blocked", "model_fingerprint",
+           "QUANT_MODES"]
 
 QUANT_MODES = ("int8", "fp8")
 DECODE_BACKENDS = ("auto", "triton", "off")

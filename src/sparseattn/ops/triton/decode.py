@@ -234,8 +234,9 @@ def _vkeys_tile(q, q_lp, q_lo, row_mul, k_lo, v_lo, ks_base, vs_base, t0, lo, hi
                 IEEE: tl.constexpr, HAS_KV_SCALE: tl.constexpr, QK_MODE: tl.constexpr, PV_MODE: tl.constexpr,
                 FAST_I8: tl.constexpr, FP8_EXACT: tl.constexpr, MASKED: tl.constexpr, V_STEP: tl.constexpr):
     """The ``V_KEYS`` walk's tile at offset ``t0`` of the range ``[lo, hi)`` (V keys-contiguous: ``v_lo`` steps
-    ``V_STEP`` elements per key of ``t0``, 1 for a ``(D, N)`` buffer, ``HEAD_DIM`` for a tile-blocked V): loaded without element masks for a whole tile, with them
-    for the range's partial last tile (``MASKED``), then :func:`_attend_tile`."""
+    ``V_STEP`` elements per key of ``t0``, 1 for a ``(D, N)`` buffer, ``HEAD_DIM`` for a tile-blocked V): loaded
+    without element masks for a whole tile, with them for the range's partial last tile (``MASKED``), then
+    :func:`_attend_tile`."""
     pos = lo + t0 + offs_n
     key_ok = pos < hi
     if MASKED:
