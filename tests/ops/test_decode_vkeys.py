@@ -3,8 +3,9 @@
 A V cache whose keys are contiguous -- a ``(B, H_kv, D, N)`` buffer viewed as ``(B, H_kv, N, D)``, so
 ``v.stride(-2) == 1`` -- is read as it is (no copy): the dense walk takes the range's whole tiles without load masks
 and its partial last tile masked; the paged walk gathers keys along the contiguous axis. The output must equal the
-plain layout's bit for bit on every input (same launch config), garbage beyond the lengths included. Under Triton's
-CPU interpreter without CUDA.
+plain layout's bit for bit on every input (same launch config), garbage beyond the lengths included. So must a
+tile-blocked V (``kv_cache.tile_blocked``: ``(B, H_kv, N / T, D, T)``, read by the same walk tile by tile). Under
+Triton's CPU interpreter without CUDA.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ _QUANT_CASES = [(mode, v) for mode in ("int8", "fp8") for v in _VARIANTS
 
 @needs_kernel
 @pytest.mark.parametrize("mode,variant", _QUANT_CASES, ids=[f"{m}-qk-{v[0]}_pv-{v[1]}" for m, v in _QUANT_CASES])
-def test_keys_contiguous_v_on_quantized_caches(variant, mode, request):
+def test_keys_contiguous_and_tile_blocked_v_on_quantized_caches(variant, mode, request):
     qk, pv = variant
     if mode == "fp8" and not FP8_OK:
         pytest.skip("float8 K/V need compute capability >= 8.9")
@@ -77,6 +78,11 @@ def test_keys_contiguous_v_on_quantized_caches(variant, mode, request):
     # FULL_TILES in the config changes nothing for a keys-contiguous V (it walks whole tiles unmasked anyway)
     assert_same_state(decode_attention(q, kq, keys_contiguous(vq), **dict(kw, config=_cfg(FULL_TILES=True, **extra))),
           decode_attention(q, kq, vq, **kw))
+    # tile-blocked V (below), the cache padded to whole tiles: 150 -> 160 keys, beyond every length
+    kq, vq = _pad_keys(kq, 32), _pad_keys(vq, 32)
+    ks, vs = (_pad_keys(t.reshape(*t.shape[:3], 1), 32, 1.0) for t in (ks, vs))
+    kw = dict(kw, k_scale=ks, v_scale=vs)
+    assert_same_state(decode_attention(q, kq, tile_blocked(vq, 32), **kw), decode_attention(q, kq, vq, **kw))
 
 
 @needs_kernel
@@ -179,21 +185,6 @@ def test_tile_blocked_v_equals_the_plain_layout_and_passes_the_reference(case, d
     hi = decode_reference(q.to(hd), k.to(hd), v.to(hd), seqlens=sl, causal=causal)
     lo = decode_reference(q, k, v, seqlens=sl, causal=causal, upcast=False)
     check_ratio(plain.out, hi.out, lo.out, "out")
-
-
-@needs_kernel
-@pytest.mark.parametrize("mode,variant", _QUANT_CASES, ids=[f"{m}-qk-{v[0]}_pv-{v[1]}" for m, v in _QUANT_CASES])
-def test_tile_blocked_v_on_quantized_caches(variant, mode, request):
-    qk, pv = variant
-    if mode == "fp8" and not FP8_OK:
-        pytest.skip("float8 K/V need compute capability >= 8.9")
-    q, kq, vq, ks, vs, sl = decode_quant_inputs(node_generator(request), mode, DEV)
-    kq, vq = _pad_keys(kq, 32), _pad_keys(vq, 32)  # 150 -> 160 keys, beyond every length
-    ks, vs = (_pad_keys(s.reshape(*s.shape[:3], 1), 32, 1.0) for s in (ks, vs))
-    extra = {k: v for k, v in (("QK", qk), ("PV", pv)) if v is not None}
-    kw = dict(k_scale=ks, v_scale=vs, seqlens=sl, num_splits=2, return_lse=True, backend="triton",
-              config=_cfg(**extra))
-    assert_same_state(decode_attention(q, kq, tile_blocked(vq, 32), **kw), decode_attention(q, kq, vq, **kw))
 
 
 @needs_kernel
