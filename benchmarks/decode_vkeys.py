@@ -16,9 +16,9 @@ alternated, medians:
   to fp16 in registers), with ``QK="fp16"`` / ``"q8x2"``;
 * ``cudnn``: ``scaled_dot_product_attention`` on the bf16 cache (cuDNN backend, GQA).
 
-Outputs: plain vs keys-contiguous and tile-blocked with the same config must be equal bit for bit (``equal``, the whole batch); every
-variant is checked against :func:`decode_reference` by the ratio rule on the first sequence (the reference
-dequantises / upcasts the whole cache it is given). Prints a table; writes ``decode_vkeys.json`` under --out.
+Outputs: plain vs keys-contiguous and tile-blocked with the same config must be equal bit for bit (``equal``, the
+whole batch); every variant is checked against :func:`decode_reference` by the ratio rule on the first sequence (the
+reference dequantises / upcasts the whole cache it is given). Prints a table; writes ``decode_vkeys.json`` under --out.
 
     python benchmarks/decode_vkeys.py --out DIR [--contexts 131072 32768] [--batches 1 8 32]
 """
@@ -113,7 +113,7 @@ def one_shape(n: int, B: int, bw: float, dev: str | None, rounds: int) -> dict:
         calls["cudnn"] = cudnn
     except Exception as exc:  # noqa: BLE001 - cuDNN refuses this shape: the row goes without it
         print(f"  cudnn refused: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
-    # parity: plain vs keys-contiguous bit for bit; every row against the reference (ratio rule)
+    # parity: plain vs keys-contiguous / tile-blocked bit for bit; every row against the reference (ratio rule)
     outs = {nm: fn() for nm, fn in calls.items()}
     equal = {"bf16": bool(torch.equal(outs["bf16"], outs["bf16_vk"])),
              "int8": bool(torch.equal(outs["int8"], outs["int8_vk"])),

@@ -216,6 +216,6 @@ def test_tile_blocked_v_bad_input():
     if kernel_unavailable() is None:
         with pytest.raises(ValueError, match="decode_attention: config has a BLOCK_N other than the tile-blocked"):
             decode_attention(q.to(DEV), k.to(DEV), vt.to(DEV), backend="triton", config=_cfg(BLOCK_N=64))
-    with pytest.raises(ValueError, match="paged_decode_attention"):
+    with pytest.raises(ValueError, match="paged_decode_attention: v_cache has the wrong rank"):  # dense walk only
         paged_decode_attention(q, k, vt, torch.zeros(1, 2, 1, dtype=torch.int32),
                                torch.ones(1, 2, dtype=torch.int32), page_size=32, backend="reference")
