@@ -261,7 +261,7 @@ def _compile_all(names: list[str], out_path: str) -> None:
 
 def _resource_usage(cubin: bytes) -> str:
     """``REG:.. STACK:.. SHARED:.. LOCAL:..`` of the kernel, from Triton's bundled ``cuobjdump --dump-resource-usage``
-    (STACK / LOCAL above 0 under a register cap mean spills)."""
+    (STACK / LOCAL above 0 under a register cap mean spills), then its largest SASS loop (:func:`_sass_loop`)."""
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -269,18 +269,15 @@ def _resource_usage(cubin: bytes) -> str:
         f.write(cubin)
         f.flush()
         out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", out)
-    return (m.group(0) if m else out.strip()[-200:]) + _sass_loop(cubin, tool)
-
-
-def _sass_loop(cubin: bytes, tool: Path) -> str:
-    """`` LOOP:n (OP:c, ...)``: the instruction count of the kernel's largest SASS loop (the span from a backward
-    branch's target to the branch) and its most frequent opcodes -- per-thread work per iteration (per K/V tile in
-    the decode kernel); empty if the kernel has no loop."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
         sass = subprocess.run([str(tool), "--dump-sass", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", out)
+    return (m.group(0) if m else out.strip()[-200:]) + _sass_loop(sass)
+
+
+def _sass_loop(sass: str) -> str:
+    """`` LOOP:n (OP:c, ...)``: the instruction count of the largest loop in ``sass`` (``cuobjdump --dump-sass``; the
+    span from a backward branch's target to the branch) and its most frequent opcodes -- per-thread work per iteration
+    (per K/V tile in the decode kernel); empty if the kernel has no loop."""
     lines = sass.splitlines()
     at = {}
     for i, line in enumerate(lines):
